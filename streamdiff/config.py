@@ -1,0 +1,382 @@
+"""The configuration schema: frozen dataclasses, YAML loading, presets and `--set` overrides.
+
+Owns: every tunable of the system, its type, its default and its allowed range.
+Does not own: what the values do (each layer reads its own section) and never imports torch.
+
+A config file is YAML with the same nesting as `Config`. It may start with `preset: NAME`
+(one of `configs/*.yaml`); its own keys then override the preset's. `--set a.b=v` overrides
+are parsed with YAML scalar rules and type-checked against the field they name. Unknown keys
+and bad values raise `ConfigError` with the dotted path of the offending key.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong. The message names the dotted key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The DiT architecture (diffusers `WanTransformer3DModel` config names in brackets)."""
+
+    num_heads: int = 2  # [num_attention_heads]
+    head_dim: int = 32  # [attention_head_dim]
+    ffn_dim: int = 128
+    num_layers: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 32  # 4096 for umT5-XXL
+    freq_dim: int = 256
+    eps: float = 1e-6
+    cross_attn_norm: bool = True
+    rope_max_seq_len: int = 1024
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attention_backend: Literal["auto", "torch", "xformers", "triton"] = "auto"
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """diffusers `AutoencoderKLWan`. The real Wan2.1 VAE has base_dim 96."""
+
+    base_dim: int = 8
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 1
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Prompt encoder. `umt5`: transformers UMT5EncoderModel + tokenizer from local folders.
+    `tiny`: a small built-in hashing encoder for the tiny preset (random weights, no files)."""
+
+    kind: Literal["tiny", "umt5"] = "tiny"
+    max_length: int = 512
+    device: Literal["same", "cpu"] = "same"  # "cpu" keeps umT5 off the GPU (24 GB cards)
+    offload_after_encode: bool = False  # move the encoder to CPU between prompts
+    cache_size: int = 64  # prompts whose embeddings are kept
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """Where weights come from. Paths are local; nothing is ever downloaded.
+
+    format: `random` (seeded init, tests and benchmarks), `diffusers` (a folder with
+    transformer/ vae/ text_encoder/ tokenizer/ or a transformer folder alone), `wan`
+    (an original Wan single .safetensors/.pth file), `sdv2` (a StreamDiffusionV2 model.pt).
+    """
+
+    format: Literal["random", "diffusers", "wan", "sdv2"] = "random"
+    transformer: str = ""
+    vae: str = ""  # diffusers vae/ folder or an original Wan2.1_VAE.pth / .safetensors
+    text_encoder: str = ""  # transformers folder of UMT5EncoderModel
+    tokenizer: str = ""  # transformers tokenizer folder (defaults to text_encoder's)
+    min_match: float = 0.99  # refuse a checkpoint matching fewer keys than this share
+    seed: int = 0  # for format=random
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The rolling KV cache: `window` latent frames, the first `sinks` of them kept forever."""
+
+    window: int = 6
+    sinks: int = 3
+    adaptive_sink_refresh: bool = False
+    refresh_threshold: float = 0.2
+    max_streams: int = 4  # KV pool capacity in streams (each holds steps lanes x window slots)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Flow-matching sampler for video-to-video."""
+
+    steps: int = 2  # denoise steps 1..4 (the timestep lists are fixed by the model)
+    shift: float = 8.0
+    num_train_timesteps: int = 1000
+    noise_strength: float = 0.8  # s; the model is told t = 1000*s - 100
+    motion_aware: bool = True
+    seed: int = 0
+    first_chunk_latents: int = 2  # latent frames in a stream's first chunk
+    chunk_latents: int = 1  # latent frames per chunk after the first
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    width: int = 256
+    height: int = 256
+    fps: float = 30.0
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of cross-field rules (types are checked while parsing)
+# ---------------------------------------------------------------------------------------------
+
+_RANGES: dict[str, tuple[float, float]] = {
+    "model.num_heads": (1, 256),
+    "model.head_dim": (8, 256),
+    "model.num_layers": (1, 256),
+    "cache.window": (1, 64),
+    "cache.sinks": (0, 63),
+    "cache.refresh_threshold": (-1.0, 1.0),
+    "cache.max_streams": (1, 1024),
+    "sampling.steps": (1, 4),
+    "sampling.noise_strength": (0.1, 1.0),
+    "sampling.first_chunk_latents": (1, 8),
+    "sampling.chunk_latents": (1, 8),
+    "video.width": (16, 8192),
+    "video.height": (16, 8192),
+    "video.fps": (1, 240),
+    "weights.min_match": (0.0, 1.0),
+}
+
+
+def validate(cfg: Config) -> None:
+    for dotted, (lo, hi) in _RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if not lo <= value <= hi:
+            raise ConfigError(f"{dotted}={value!r} is out of range [{lo}, {hi}]")
+    if cfg.model.head_dim % 2:
+        raise ConfigError(f"model.head_dim={cfg.model.head_dim} must be even (RoPE pairs)")
+    if cfg.cache.sinks >= cfg.cache.window:
+        raise ConfigError(f"cache.sinks={cfg.cache.sinks} must be smaller than cache.window={cfg.cache.window}")
+    ring = cfg.cache.window - cfg.cache.sinks
+    if cfg.sampling.chunk_latents > ring:
+        raise ConfigError(
+            f"sampling.chunk_latents={cfg.sampling.chunk_latents} must fit the ring "
+            f"(cache.window - cache.sinks = {ring})"
+        )
+    if cfg.sampling.first_chunk_latents > cfg.cache.window:
+        raise ConfigError(f"sampling.first_chunk_latents must be at most cache.window={cfg.cache.window}")
+    for name in ("width", "height"):
+        if getattr(cfg.video, name) % 16:
+            raise ConfigError(f"video.{name}={getattr(cfg.video, name)} must be a multiple of 16 (VAE 8x, patch 2x)")
+    if len(cfg.vae.temperal_downsample) != len(cfg.vae.dim_mult) - 1:
+        raise ConfigError("vae.temperal_downsample needs one entry fewer than vae.dim_mult")
+    if cfg.weights.format != "random" and not cfg.weights.transformer:
+        raise ConfigError(f"weights.transformer must name a path when weights.format={cfg.weights.format!r}")
+    if cfg.text.kind == "umt5" and not cfg.weights.text_encoder:
+        raise ConfigError("weights.text_encoder must name a folder when text.kind='umt5'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: plain data (dicts from YAML, strings from --set) -> typed dataclasses
+# ---------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{path}={value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        for arg in get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}={value!r} has the wrong type (expected {tp})")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}={value!r} must be a list")
+        (item_tp, _ellipsis) = get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return _build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}={value!r} must be a string")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def _resolve(data: dict, seen: tuple[str, ...] = ()) -> dict:
+    """Expand `preset: NAME` chains into one plain dict."""
+    preset = data.pop("preset", None)
+    if preset is None:
+        return data
+    if preset in seen:
+        raise ConfigError(f"preset cycle: {' -> '.join(seen + (preset,))}")
+    path = CONFIG_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {preset!r} (known: {', '.join(known)})")
+    return _merge(_resolve(_read_yaml(path), seen + (preset,)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=v` -> (["a", "b"], v) with v parsed as a YAML scalar/list."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: cannot parse value ({exc})") from exc
+    return parts, value
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a config from a preset name (`tiny`), a YAML path, or None (defaults = tiny).
+
+    `overrides` are `section.key=value` strings applied last.
+    """
+    if source is None:
+        data: dict = {}
+    else:
+        path = Path(source)
+        if path.suffix in (".yaml", ".yml") or path.exists():
+            data = _read_yaml(path)
+        else:
+            data = {"preset": str(source)}
+    data = _resolve(dict(data))
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return _build(Config, data)
+
+
+def with_overrides(cfg: Config, **sections: dict) -> Config:
+    """Return a copy of `cfg` with some fields of some sections replaced (type-checked)."""
+    data = to_dict(cfg)
+    for section, values in sections.items():
+        if section not in data or not isinstance(data[section], dict):
+            raise ConfigError(f"unknown config section {section!r}")
+        data[section] = _merge(data[section], values)
+    return _build(Config, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    def conv(v: Any) -> Any:
+        if is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+__all__ = [
+    "CacheConfig",
+    "Config",
+    "ConfigError",
+    "ModelConfig",
+    "RuntimeConfig",
+    "SamplingConfig",
+    "TextConfig",
+    "VAEConfig",
+    "VideoConfig",
+    "WeightsConfig",
+    "load_config",
+    "parse_override",
+    "to_dict",
+    "with_overrides",
+]

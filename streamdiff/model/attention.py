@@ -1,0 +1,82 @@
+"""The attention switch: torch SDPA | xformers | triton, chosen by config and availability.
+
+Owns: the choice of backend and the three calls the model makes per layer — write the chunk's
+K/V into the pool, attend over a row's slots, cross-attend to the prompt. CPU always has the
+torch path. Does not own: the ops themselves (streamdiff.kernels holds the torch oracles and the
+Triton kernels side by side).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from streamdiff.cache.kv_cache import AttnBatch
+from streamdiff.kernels import triton_available
+from streamdiff.kernels.cache_write import cache_write_ref, rope_angles_ref
+from streamdiff.kernels.sink_window_attention import sink_window_attention_ref
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "xformers", "triton")
+
+rope_angles = rope_angles_ref
+
+
+def resolve_backend(requested: str, device: torch.device | str) -> str:
+    """`auto` -> triton on CUDA when Triton works, else xformers on CUDA when installed, else torch.
+    An explicit backend that cannot run here is an error, not a silent fallback."""
+    on_cuda = torch.device(device).type == "cuda"
+    has_xformers = importlib.util.find_spec("xformers") is not None
+    if requested == "auto":
+        if on_cuda and triton_available():
+            return "triton"
+        if on_cuda and has_xformers:
+            return "xformers"
+        return "torch"
+    if requested == "torch":
+        return "torch"
+    if requested == "xformers":
+        if not (on_cuda and has_xformers):
+            raise ValueError("model.attention_backend=xformers needs CUDA and the xformers package (pip install '.[gpu]')")
+        return "xformers"
+    if requested == "triton":
+        if not triton_available():
+            raise ValueError("model.attention_backend=triton needs Triton and CUDA (or TRITON_INTERPRET=1 for tests)")
+        return "triton"
+    raise ValueError(f"unknown attention backend {requested!r} (known: auto, {', '.join(BACKENDS)})")
+
+
+class Attention:
+    def __init__(self, backend: str = "torch"):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}")
+        self.backend = backend
+        if backend == "triton":
+            from streamdiff.kernels.cache_write import cache_write
+            from streamdiff.kernels.sink_window_attention import sink_window_attention
+
+            self._write, self._attend = cache_write, sink_window_attention
+        else:
+            self._write, self._attend = cache_write_ref, sink_window_attention_ref
+
+    def write(self, k, v, k_pool, v_pool, batch: AttnBatch, freqs_cos, freqs_sin, split, grid) -> None:
+        """k, v [B, F*T, H, D] -> pool slots batch.write_slots, RoPE applied to k."""
+        self._write(k, v, k_pool, v_pool, batch.write_slots, batch.write_pos, freqs_cos, freqs_sin, split, grid)
+
+    def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        """q [B, N, H, D] attends to every slot of its row -> [B, N, H, D]."""
+        return self._attend(q, k_pool, v_pool, batch.slot_table, batch.slot_count)
+
+    def cross(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, N, H, D], prompt k/v [B, L, H, D] -> [B, N, H, D]. No mask (Wan attends to the
+        zero-padded text positions too)."""
+        if self.backend == "xformers":
+            import xformers.ops as xops
+
+            return xops.memory_efficient_attention(q, k.to(q.dtype), v.to(q.dtype))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2))
+        return out.transpose(1, 2)

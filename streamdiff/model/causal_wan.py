@@ -1,0 +1,265 @@
+"""The block-causal Wan2.1 DiT with a rolling sink + ring KV cache.
+
+Owns: the network (diffusers `WanTransformer3DModel` modules and parameter names, so its
+weights load directly) and its own loop over the blocks: per-frame timestep modulation, RoPE
+at absolute frame indices, K/V written into a KV pool slot per latent frame, attention over the
+slots of each batch row, cross-attention against cached prompt K/V. Any block range [i, j)
+runs on its own (pipeline stages hold only theirs).
+Does not own: which slots a chunk uses (cache/slots.py), sampling (sampling/), loading
+weights (loading.py) or the attention kernels (model/attention.py picks one).
+
+One forward = one chunk of F latent frames for each of B rows (a row is one lane of one stream).
+Shapes: x [B, 16, F, H/8, W/8] -> tokens [B, F*T, dim] with T = (H/16)*(W/16) per latent frame.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import (
+    WanRotaryPosEmbed,
+    WanTimeTextImageEmbedding,
+    WanTransformerBlock,
+)
+
+from streamdiff.cache.kv_cache import AttnBatch, KVPool, refresh_sinks_
+from streamdiff.config import ModelConfig
+from streamdiff.model.attention import Attention, rope_angles
+from streamdiff.kernels.cache_write import apply_rope_ref
+
+PATCH = (1, 2, 2)
+# Modules diffusers keeps in fp32 when the rest runs in bf16 (its `_keep_in_fp32_modules`).
+FP32_MODULES = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+
+CrossKV = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (k, v) each [B, L, H, D]
+
+
+class CausalWanModel(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        block_range: tuple[int, int] | None = None,
+        has_embed: bool = True,
+        has_head: bool = True,
+        attention: Attention | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        start, end = block_range if block_range is not None else (0, cfg.num_layers)
+        if not 0 <= start < end <= cfg.num_layers:
+            raise ValueError(f"block range [{start}, {end}) is outside 0..{cfg.num_layers}")
+        self.block_range = (start, end)
+        self.has_embed = has_embed
+        self.has_head = has_head
+        self.attention = attention or Attention("torch")
+
+        # 1. Position and condition embeddings (every stage needs the timestep modulation).
+        self.rope = WanRotaryPosEmbed(cfg.head_dim, PATCH, cfg.rope_max_seq_len)
+        if has_embed:
+            self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=PATCH, stride=PATCH)
+        self.condition_embedder = WanTimeTextImageEmbedding(
+            dim=dim, time_freq_dim=cfg.freq_dim, time_proj_dim=dim * 6, text_embed_dim=cfg.text_dim
+        )
+        # 2. The blocks of this range, named blocks.{i} as in diffusers.
+        self.blocks = nn.ModuleDict(
+            {
+                str(i): WanTransformerBlock(
+                    dim, cfg.ffn_dim, cfg.num_heads, "rms_norm_across_heads", cfg.cross_attn_norm, cfg.eps, None
+                )
+                for i in range(start, end)
+            }
+        )
+        # 3. Output head.
+        if has_head:
+            self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+            self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(PATCH))
+            self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return list(range(*self.block_range))
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        return (self.rope.t_dim, self.rope.h_dim, self.rope.w_dim)
+
+    def cast_(self, dtype: torch.dtype) -> "CausalWanModel":
+        """Cast to `dtype`, keeping the modules diffusers keeps in fp32 in fp32."""
+        self.to(dtype)
+        for name, module in self.named_modules():
+            if name.split(".")[-1] in FP32_MODULES:
+                module.float()
+        for name, param in self.named_parameters():
+            if name.split(".")[-1] in FP32_MODULES:
+                param.data = param.data.float()
+        self._rope_tables = None
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for n, p in self.named_parameters() if "blocks" in n and p.ndim == 2)
+
+    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 copies of the RoPE cos/sin tables [P, D] (the kernels read fp32)."""
+        cos = self.rope.freqs_cos
+        if self._rope_tables is None or self._rope_tables[0].device != cos.device:
+            self._rope_tables = (cos.float().contiguous(), self.rope.freqs_sin.float().contiguous())
+        return self._rope_tables
+
+    # ------------------------------------------------------------------ prompt K/V cache
+
+    @torch.no_grad()
+    def prompt_kv(self, text_states: torch.Tensor) -> CrossKV:
+        """Cross-attention K/V of this range's blocks for one prompt: text [1, L, text_dim]."""
+        ctx = self.condition_embedder.text_embedder(text_states.to(self.dtype))  # [1, L, dim]
+        out: CrossKV = {}
+        for layer, block in self._blocks():
+            attn = block.attn2
+            k = attn.norm_k(attn.to_k(ctx)).unflatten(2, (attn.heads, -1))  # [1, L, H, D]
+            v = attn.to_v(ctx).unflatten(2, (attn.heads, -1))  # [1, L, H, D]
+            out[layer] = (k, v)
+        return out
+
+    @staticmethod
+    def stack_prompt_kv(rows: list[CrossKV]) -> CrossKV:
+        """One CrossKV per batch row -> batched; rows sharing one prompt are expanded, not copied."""
+        if all(r is rows[0] for r in rows):
+            return {layer: (k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1)) for layer, (k, v) in rows[0].items()}
+        return {layer: (torch.cat([r[layer][0] for r in rows]), torch.cat([r[layer][1] for r in rows])) for layer in rows[0]}
+
+    # ------------------------------------------------------------------ forward pieces
+
+    def _blocks(self):
+        return ((int(name), block) for name, block in self.blocks.items())
+
+    def time_embedding(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timestep [B, F] -> temb [B, F, dim] and the block modulation input [B, F, 6, dim]."""
+        ce = self.condition_embedder
+        batch, frames = timestep.shape
+        t = ce.timesteps_proj(timestep.flatten()).unflatten(0, (batch, frames))  # [B, F, freq]
+        t = t.to(next(ce.time_embedder.parameters()).dtype)
+        temb = ce.time_embedder(t).to(self.dtype)  # [B, F, dim]
+        tproj = ce.time_proj(ce.act_fn(temb)).unflatten(2, (6, -1))  # [B, F, 6, dim]
+        return temb, tproj
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, F, h, w] -> tokens [B, F*T, dim]."""
+        return self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).contiguous()
+
+    def run_blocks(
+        self,
+        hidden: torch.Tensor,
+        tproj: torch.Tensor,
+        cross_kv: CrossKV,
+        batch: AttnBatch,
+        pool: KVPool,
+        grid: tuple[int, int],
+        refresh_threshold: float | None = None,
+    ) -> torch.Tensor:
+        """Run this model's blocks over hidden [B, F*T, dim]; writes this chunk's K/V into the pool."""
+        freqs_cos, freqs_sin = self.rope_tables()
+        cos_q, sin_q = rope_angles(freqs_cos, freqs_sin, self.rope_split, batch.write_pos, grid)  # [B, F*T, D]
+        for layer, block in self._blocks():
+            hidden = self._block(block, layer, hidden, tproj, cross_kv[layer], batch, pool, grid, (cos_q, sin_q))
+            if refresh_threshold is not None:
+                refresh_sinks_(*pool.layer(layer), batch, refresh_threshold)
+        return hidden
+
+    def head(self, hidden: torch.Tensor, temb: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+        """Tokens [B, F*T, dim] -> flow prediction [B, C, F, h, w]."""
+        frames, height, width = latent_shape
+        batch = hidden.shape[0]
+        pph, ppw = height // PATCH[1], width // PATCH[2]
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)  # [B, F, 1, dim] each
+        h = hidden.view(batch, frames, pph * ppw, -1)  # [B, F, T, dim]
+        h = (self.norm_out(h.float()) * (1 + scale) + shift).type_as(hidden)
+        h = self.proj_out(h)  # [B, F, T, C*4]
+        h = h.reshape(batch, frames, pph, ppw, PATCH[0], PATCH[1], PATCH[2], -1)
+        return h.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)  # [B, C, F, h, w]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        cross_kv: CrossKV,
+        batch: AttnBatch,
+        pool: KVPool,
+        refresh_threshold: float | None = None,
+    ) -> torch.Tensor:
+        """Full model (embed + all blocks + head) on one chunk per row: x [B, C, F, h, w],
+        timestep [B, F] -> flow [B, C, F, h, w] (fp32)."""
+        if not (self.has_embed and self.has_head):
+            raise RuntimeError("forward() needs the embeddings and the head; a stage calls run_blocks()")
+        _, _, frames, height, width = x.shape
+        grid = (height // PATCH[1], width // PATCH[2])
+        temb, tproj = self.time_embedding(timestep)
+        hidden = self.embed(x)
+        hidden = self.run_blocks(hidden, tproj, cross_kv, batch, pool, grid, refresh_threshold)
+        return self.head(hidden, temb, (frames, height, width)).float()
+
+    # ------------------------------------------------------------------ one block
+
+    def _block(
+        self,
+        block: WanTransformerBlock,
+        layer: int,
+        x: torch.Tensor,
+        tproj: torch.Tensor,
+        cross_kv: tuple[torch.Tensor, torch.Tensor],
+        batch: AttnBatch,
+        pool: KVPool,
+        grid: tuple[int, int],
+        rope_q: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """diffusers' WanTransformerBlock.forward with per-frame modulation, cached self-attention
+        and cached cross-attention K/V. Same operations in the same precision."""
+        b, n, dim = x.shape
+        frames = batch.num_frames
+        mod = (block.scale_shift_table.unsqueeze(0) + tproj.float()).unsqueeze(3)  # [B, F, 6, 1, dim]
+        shift, scale, gate, c_shift, c_scale, c_gate = mod.unbind(2)  # [B, F, 1, dim] each
+        xs = x.view(b, frames, n // frames, dim)  # [B, F, T, dim]
+
+        # 1. Self-attention over the cache (this chunk's K/V written first).
+        h = (block.norm1(xs.float()) * (1 + scale) + shift).type_as(x).view(b, n, dim)
+        attn_out = self._self_attention(block.attn1, layer, h, batch, pool, grid, rope_q)  # [B, N, dim]
+        xs = (xs.float() + attn_out.view_as(xs) * gate).type_as(x)
+
+        # 2. Cross-attention to the prompt.
+        h = block.norm2(xs.float()).type_as(x).view(b, n, dim)
+        attn2 = block.attn2
+        q = attn2.norm_q(attn2.to_q(h)).unflatten(2, (attn2.heads, -1))  # [B, N, H, D]
+        out = self.attention.cross(q, *cross_kv).flatten(2).type_as(q)  # [B, N, H*D]
+        xs = xs + attn2.to_out[0](out).view_as(xs)
+
+        # 3. Feed-forward.
+        h = (block.norm3(xs.float()) * (1 + c_scale) + c_shift).type_as(x)
+        ff = block.ffn(h)
+        xs = (xs.float() + ff.float() * c_gate).type_as(x)
+        return xs.view(b, n, dim)
+
+    def _self_attention(
+        self,
+        attn: nn.Module,
+        layer: int,
+        h: torch.Tensor,
+        batch: AttnBatch,
+        pool: KVPool,
+        grid: tuple[int, int],
+        rope_q: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))  # [B, N, H, D]
+        k = attn.norm_k(attn.to_k(h)).unflatten(2, (attn.heads, -1))  # [B, N, H, D]
+        v = attn.to_v(h).unflatten(2, (attn.heads, -1))  # [B, N, H, D]
+        q = apply_rope_ref(q, *rope_q)
+        k_pool, v_pool = pool.layer(layer)
+        freqs_cos, freqs_sin = self.rope_tables()
+        self.attention.write(k, v, k_pool, v_pool, batch, freqs_cos, freqs_sin, self.rope_split, grid)
+        out = self.attention.attend(q, k_pool, v_pool, batch)  # [B, N, H, D]
+        return attn.to_out[0](out.flatten(2).type_as(q))

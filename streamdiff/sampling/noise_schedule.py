@@ -1,0 +1,68 @@
+"""Flow-matching noise schedule for streaming video-to-video.
+
+Owns: the timestep lists for 1-4 denoise steps, the mapping timestep -> sigma on the shifted
+training grid, noising (x_t = (1 - sigma) x0 + sigma eps) and the flow -> x0 conversion.
+Does not own: which lane holds which chunk (pipeline) or the motion controller (motion.py).
+
+The model predicts the flow v = eps - x0, so x0 = x_t - sigma * v. Sigmas live on the grid of
+the shifted schedule used in training (shift 8, 1000 steps): sigma(t) is the grid sigma whose
+timestep is nearest to t, i.e. sigma ~= t / 1000 (StreamDiffusionV2 does not warp the
+denoising steps). The first lane's timestep follows the input's noise strength s:
+t = int(1000 s) - 100; later lanes use the fixed list.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Denoise-step timesteps per step count (DESIGN §2). The first entry is the nominal first-lane
+# timestep for the default strength 0.8; the motion controller replaces it per chunk.
+TIMESTEP_LISTS: dict[int, tuple[int, ...]] = {
+    1: (700,),
+    2: (700, 500),
+    3: (700, 500, 400),
+    4: (700, 500, 400, 200),
+}
+
+
+def timesteps_for(steps: int) -> tuple[int, ...]:
+    if steps not in TIMESTEP_LISTS:
+        raise ValueError(f"steps={steps} is not supported (allowed: 1-4)")
+    return TIMESTEP_LISTS[steps]
+
+
+def strength_to_timestep(strength: float) -> int:
+    """The timestep the model is told for an input noised with strength s: int(1000 s) - 100."""
+    return int(1000 * strength) - 100
+
+
+class FlowMatchSchedule:
+    """The shifted flow-matching grid: sigma_i = shift*s / (1 + (shift-1)*s), s = 1 .. 1/N."""
+
+    def __init__(self, shift: float = 8.0, num_train_timesteps: int = 1000):
+        self.shift = shift
+        self.num_train_timesteps = num_train_timesteps
+        base = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float64)[:-1]  # [N]
+        self.sigmas = shift * base / (1 + (shift - 1) * base)  # [N] descending, in (0, 1]
+        self.timesteps = self.sigmas * num_train_timesteps  # [N]
+
+    def sigma(self, t: float) -> float:
+        """Sigma of the grid timestep nearest to t."""
+        index = int(torch.argmin((self.timesteps - float(t)).abs()))
+        return float(self.sigmas[index])
+
+    @staticmethod
+    def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        return (1.0 - sigma) * x0 + sigma * noise
+
+    @staticmethod
+    def flow_to_x0(x_t: torch.Tensor, flow: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """x0 = x_t - sigma * v, computed in fp32 and returned in x_t's dtype."""
+        return (x_t.float() - sigma * flow.float()).to(x_t.dtype)
+
+
+def chunk_noise(shape: tuple[int, ...], seed: int, chunk_index: int, lane: int, device, dtype) -> torch.Tensor:
+    """Gaussian noise that depends only on (seed, chunk, lane), so that batching order,
+    other streams and the stream-batch lag never change a stream's result."""
+    gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + chunk_index * 17 + lane) % (2**63))
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
