@@ -102,8 +102,8 @@ class LaneWindow:
         # 2. Choose the window entries: empty sinks first, then the ring, oldest first.
         entries: list[int] = []
         for _ in range(n):
-            empty_sink = next((i for i in range(self.sinks) if self.positions[i] is None), None)
-            if empty_sink is not None and empty_sink not in entries:
+            empty_sink = next((i for i in range(self.sinks) if self.positions[i] is None and i not in entries), None)
+            if empty_sink is not None:
                 entries.append(empty_sink)
                 continue
             if self.ring == 0:

@@ -1,0 +1,65 @@
+"""Slot bookkeeping: sinks written once, ring overwritten oldest first, re-base, pool accounting."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamdiff.cache.slots import LaneWindow, PoolFullError, SlotTable
+
+
+def test_sinks_fill_first_then_ring_overwrites_oldest():
+    lane = LaneWindow(slots=[10, 11, 12, 13, 14, 15], sinks=3, rope_len=1024)
+    first = lane.plan(2)
+    assert first.write_slots == [10, 11] and first.write_pos == [0, 1]
+    assert sorted(first.attend_slots) == [10, 11]
+    written = [lane.plan(1).write_slots[0] for _ in range(7)]
+    # frame 2 -> last sink, frames 3..5 -> ring, then the ring wraps over frames 3, 4, 5, 6
+    assert written == [12, 13, 14, 15, 13, 14, 15]
+    assert lane.positions == [0, 1, 2, 6, 7, 8]
+    assert lane.sink_slots() == [10, 11, 12]
+
+
+def test_attend_set_is_sinks_plus_last_ring_frames():
+    lane = LaneWindow(slots=list(range(5)), sinks=2, rope_len=1024)
+    lane.plan(2)
+    for _ in range(9):
+        plan = lane.plan(1)
+    stored = dict(zip(lane.slots, lane.positions))
+    assert sorted(stored[s] for s in plan.attend_slots) == [0, 1, 8, 9, 10]
+
+
+def test_chunk_larger_than_ring_is_refused():
+    lane = LaneWindow(slots=list(range(4)), sinks=3, rope_len=1024)
+    lane.plan(3)
+    with pytest.raises(ValueError, match="ring"):
+        lane.plan(2)
+
+
+def test_rebase_shifts_every_position_by_the_same_delta():
+    lane = LaneWindow(slots=list(range(6)), sinks=3, rope_len=10)
+    lane.plan(2)
+    for _ in range(7):  # frames 2..8
+        lane.plan(1)
+    before = list(lane.positions)
+    plan = lane.plan(1)  # frame 9 fits (9 + 1 <= 10)
+    assert plan.rebase_delta == 0
+    plan = lane.plan(1)  # frame 10 would leave the table
+    assert plan.rebase_delta == 10 - 6
+    assert plan.write_pos == [6]  # the next frame lands at index `window`
+    assert sorted(plan.rebase_slots) == list(range(6))
+    # relative distances between everything stored are unchanged
+    assert lane.positions[:3] == [p - 4 for p in before[:3]]
+
+
+def test_pool_release_returns_to_full_after_many_cycles():
+    table = SlotTable(num_slots=48, window=6, sinks=3, rope_len=1024)
+    for i in range(100):
+        table.add_stream(i, lanes=4)
+        table.add_stream(f"x{i}", lanes=2)
+        table.remove_stream(i)
+        table.remove_stream(f"x{i}")
+    assert table.free_slots == 48 and not table.streams
+    for i in range(2):
+        table.add_stream(i, lanes=4)
+    with pytest.raises(PoolFullError, match="need 24 slots, 0 of 48 free"):
+        table.add_stream("late", lanes=4)

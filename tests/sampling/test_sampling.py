@@ -1,0 +1,72 @@
+"""Noise schedule and motion controller against the DESIGN formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamdiff.sampling.motion import MotionController, motion_distance
+from streamdiff.sampling.noise_schedule import (
+    FlowMatchSchedule,
+    chunk_noise,
+    strength_to_timestep,
+    timesteps_for,
+)
+
+
+def test_timestep_lists_and_strength_convention():
+    assert [timesteps_for(n) for n in (1, 2, 3, 4)] == [(700,), (700, 500), (700, 500, 400), (700, 500, 400, 200)]
+    with pytest.raises(ValueError, match="1-4"):
+        timesteps_for(5)
+    assert strength_to_timestep(0.8) == 700
+    assert strength_to_timestep(0.75) == 650
+
+
+def test_sigma_is_the_shifted_grid_value_nearest_t_over_1000():
+    sched = FlowMatchSchedule(shift=8.0, num_train_timesteps=1000)
+    # grid: sigma = 8 s / (1 + 7 s), s = 1 - i/1000
+    s = 1 - torch.arange(1000, dtype=torch.float64) / 1000
+    grid = 8 * s / (1 + 7 * s)
+    for t in (700, 500, 400, 200, 650):
+        expected = float(grid[torch.argmin((grid * 1000 - t).abs())])
+        assert sched.sigma(t) == pytest.approx(expected, abs=1e-12)
+        assert sched.sigma(t) == pytest.approx(t / 1000, abs=3e-3)  # the grid is fine near these t
+
+
+def test_noising_and_flow_to_x0_invert_each_other():
+    x0 = torch.randn(1, 16, 1, 4, 4)
+    eps = torch.randn_like(x0)
+    sigma = 0.63
+    xt = FlowMatchSchedule.add_noise(x0, eps, sigma)
+    torch.testing.assert_close(xt, 0.37 * x0 + 0.63 * eps)
+    flow = eps - x0  # what a perfect model predicts
+    torch.testing.assert_close(FlowMatchSchedule.flow_to_x0(xt, flow, sigma), x0, atol=1e-6, rtol=0)
+
+
+def test_chunk_noise_depends_only_on_seed_chunk_and_lane():
+    a = chunk_noise((2, 3), seed=5, chunk_index=7, lane=1, device="cpu", dtype=torch.float32)
+    torch.randn(100)  # global RNG use must not matter
+    b = chunk_noise((2, 3), seed=5, chunk_index=7, lane=1, device="cpu", dtype=torch.float32)
+    c = chunk_noise((2, 3), seed=5, chunk_index=7, lane=2, device="cpu", dtype=torch.float32)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_motion_distance_formula():
+    prev = torch.zeros(1, 3, 1, 4, 4)
+    frames = torch.stack([torch.full((3, 4, 4), 0.05), torch.full((3, 4, 4), 0.15)], dim=1)[None]  # [1,3,2,4,4]
+    # diffs: 0.05 then 0.10 -> RMS per frame 0.05, 0.10 -> max 0.10 / 0.2 = 0.5
+    assert motion_distance(frames, prev) == pytest.approx(0.5)
+    big = torch.stack([torch.full((3, 4, 4), 1.0)], dim=1)[None]
+    assert motion_distance(big, prev) == 1.0  # clamped
+
+
+def test_motion_controller_recurrence_and_off_switch():
+    ctl = MotionController(base_strength=0.8, enabled=True)
+    still = torch.zeros(1, 3, 4, 4, 4)
+    assert ctl.update(still) == pytest.approx(0.9 * 0.8 + 0.1 * 0.8)
+    moving = torch.ones(1, 3, 4, 4, 4)  # jump from 0 to 1 -> d = 1 (clamped)
+    s = ctl.update(moving)
+    assert s == pytest.approx(0.9 * (0.8 - 0.1) + 0.1 * 0.8)
+    assert ctl.update(moving) == pytest.approx(0.9 * 0.8 + 0.1 * s)  # no motion inside or across
+    off = MotionController(0.6, enabled=False)
+    assert off.update(moving) == 0.6
