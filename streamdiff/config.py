@@ -11,6 +11,7 @@ and bad values raise `ConfigError` with the dotted path of the offending key.
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -19,7 +20,14 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _config_dir() -> Path:
+    """Presets live in the project's configs/ folder; an installed copy (Docker) sets
+    STREAMDIFF_CONFIG_DIR."""
+    env = os.environ.get("STREAMDIFF_CONFIG_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 class ConfigError(ValueError):
@@ -242,6 +250,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}={value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}={value!r} must be a number")
         return float(value)

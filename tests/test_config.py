@@ -1,0 +1,69 @@
+"""Config schema: presets, YAML files, --set overrides, clear errors naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from streamdiff.config import ConfigError, load_config, to_dict, with_overrides
+
+
+def test_presets_carry_the_model_facts():
+    tiny = load_config("tiny")
+    assert (tiny.model.dim, tiny.model.num_layers, tiny.weights.format) == (64, 2, "random")
+    small = load_config("wan-1.3b")
+    assert (small.model.num_heads, small.model.head_dim, small.model.ffn_dim, small.model.num_layers) == (12, 128, 8960, 30)
+    big = load_config("wan-14b")  # inherits from wan-1.3b and overrides the architecture
+    assert (big.model.dim, big.model.ffn_dim, big.model.num_layers, big.model.text_dim) == (5120, 13824, 40, 4096)
+    assert (big.cache.window, big.cache.sinks) == (6, 3)
+
+
+def test_yaml_file_with_preset_and_overrides(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("preset: tiny\nsampling: {steps: 3}\nvideo: {width: 320}\n")
+    cfg = load_config(path, ["cache.window=8", "sampling.motion_aware=false", "model.eps=1e-5"])
+    assert cfg.sampling.steps == 3 and cfg.video.width == 320 and cfg.video.height == 256
+    assert cfg.cache.window == 8 and cfg.sampling.motion_aware is False and cfg.model.eps == 1e-5
+    assert isinstance(cfg.vae.dim_mult, tuple)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sampling.steps = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sampling.steps=5", "sampling.steps=5 is out of range"),
+        ("sampling.stepz=2", "unknown config key 'sampling.stepz'"),
+        ("nosuch.key=1", "unknown config key 'nosuch'"),
+        ("sampling.steps=two", "sampling.steps='two' must be an integer"),
+        ("sampling.motion_aware=maybe", "sampling.motion_aware='maybe' must be true or false"),
+        ("model.attention_backend=cudnn", "not one of"),
+        ("video.width=250", "video.width=250 must be a multiple of 16"),
+        ("cache.sinks=6", "cache.sinks=6 must be smaller than cache.window=6"),
+        ("weights.format=diffusers", "weights.transformer must name a path"),
+        ("sampling.steps", "must look like section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config("tiny", [override])
+
+
+def test_unknown_preset_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'huge'.*tiny"):
+        load_config("huge")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_with_overrides_round_trip():
+    cfg = load_config("tiny")
+    other = with_overrides(cfg, sampling={"steps": 4})
+    assert other.sampling.steps == 4 and cfg.sampling.steps == 2
+    assert load_config(None) == cfg  # defaults are the tiny preset
+    assert to_dict(other)["sampling"]["steps"] == 4
