@@ -78,11 +78,11 @@ class AttnBatch:
     write_pos: torch.Tensor  # [B, F] int64
     slot_table: torch.Tensor  # [B, M] int32, -1 past slot_count
     slot_count: torch.Tensor  # [B] int32
-    sink_slots: list[list[int]]  # per row, for the adaptive sink refresh
+    refresh_sinks: list[list[int]]  # per row: sinks the adaptive refresh may replace
     num_frames: int
 
     @staticmethod
-    def from_plans(plans: list[WritePlan], sink_slots: list[list[int]], device: torch.device | str) -> "AttnBatch":
+    def from_plans(plans: list[WritePlan], device: torch.device | str) -> "AttnBatch":
         num_frames = len(plans[0].write_slots)
         if any(len(p.write_slots) != num_frames for p in plans):
             raise ValueError("all rows of one forward must write the same number of latent frames")
@@ -93,7 +93,7 @@ class AttnBatch:
             write_pos=torch.tensor([p.write_pos for p in plans], dtype=torch.int64, device=device),
             slot_table=torch.tensor(table, dtype=torch.int32, device=device),
             slot_count=torch.tensor([len(p.attend_slots) for p in plans], dtype=torch.int32, device=device),
-            sink_slots=sink_slots,
+            refresh_sinks=[p.refresh_sinks for p in plans],
             num_frames=num_frames,
         )
 
@@ -109,7 +109,7 @@ def refresh_sinks_(
     the least similar sink takes the chunk's last latent frame (K already carries its RoPE).
     Returns, per row, the replaced sink slot or -1."""
     replaced = []
-    for row, sinks in enumerate(batch.sink_slots):
+    for row, sinks in enumerate(batch.refresh_sinks):
         if not sinks:
             replaced.append(-1)
             continue

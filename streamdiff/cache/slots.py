@@ -55,6 +55,7 @@ class WritePlan:
     attend_slots: list[int]  # every valid slot after the write (sinks, ring, the chunk)
     rebase_delta: int = 0  # >0: rotate the lane's stored keys by -delta before writing
     rebase_slots: list[int] = field(default_factory=list)  # the slots that rebase touches
+    refresh_sinks: list[int] = field(default_factory=list)  # sinks the adaptive refresh may replace
 
 
 @dataclass
@@ -99,7 +100,10 @@ class LaneWindow:
             touched = [s for s, p in zip(self.slots, self.positions) if p is not None]
             self.positions = [None if p is None else p - delta for p in self.positions]
             self.next_frame -= delta
-        # 2. Choose the window entries: empty sinks first, then the ring, oldest first.
+        # 2. Choose the window entries: empty sinks first, then the ring, oldest first. Only a
+        #    chunk that goes to the ring (all sinks full) may refresh a sink.
+        sinks_full = all(p is not None for p in self.positions[: self.sinks])
+        refresh = list(self.slots[: self.sinks]) if sinks_full else []
         entries: list[int] = []
         for _ in range(n):
             empty_sink = next((i for i in range(self.sinks) if self.positions[i] is None and i not in entries), None)
@@ -120,7 +124,7 @@ class LaneWindow:
             write_pos.append(self.next_frame)
             self.next_frame += 1
         attend = [s for s, p in zip(self.slots, self.positions) if p is not None]
-        return WritePlan([self.slots[e] for e in entries], write_pos, attend, delta, touched)
+        return WritePlan([self.slots[e] for e in entries], write_pos, attend, delta, touched, refresh)
 
 
 @dataclass

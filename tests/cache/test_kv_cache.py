@@ -27,8 +27,11 @@ def test_rebase_rotation_equals_writing_at_the_shifted_index():
 
 
 def _batch(write_slots, sinks):
-    plan = WritePlan(write_slots=write_slots, write_pos=list(range(len(write_slots))), attend_slots=write_slots + sinks)
-    return AttnBatch.from_plans([plan], [sinks], "cpu")
+    plan = WritePlan(
+        write_slots=write_slots, write_pos=list(range(len(write_slots))), attend_slots=write_slots + sinks,
+        refresh_sinks=sinks,
+    )
+    return AttnBatch.from_plans([plan], "cpu")
 
 
 def test_sink_refresh_replaces_the_least_similar_sink_below_threshold():

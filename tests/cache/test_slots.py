@@ -19,6 +19,13 @@ def test_sinks_fill_first_then_ring_overwrites_oldest():
     assert lane.sink_slots() == [10, 11, 12]
 
 
+def test_only_ring_writes_may_refresh_sinks():
+    lane = LaneWindow(slots=[10, 11, 12, 13, 14, 15], sinks=3, rope_len=1024)
+    assert lane.plan(2).refresh_sinks == []  # filling sinks
+    assert lane.plan(1).refresh_sinks == []  # the last sink
+    assert lane.plan(1).refresh_sinks == [10, 11, 12]  # first ring write
+
+
 def test_attend_set_is_sinks_plus_last_ring_frames():
     lane = LaneWindow(slots=list(range(5)), sinks=2, rope_len=1024)
     lane.plan(2)

@@ -74,7 +74,7 @@ def run_streaming(model, chunks, timesteps, text, window=6, sinks=3, rope_len=10
         if plan.rebase_delta:
             cos, sin = model.rope_tables()
             pool.rebase_(plan.rebase_slots, plan.rebase_delta, cos, sin, model.rope.t_dim)
-        batch = AttnBatch.from_plans([plan], [lane.sink_slots()], "cpu")
+        batch = AttnBatch.from_plans([plan], "cpu")
         tt = torch.full((1, x.shape[2]), float(t))
         outs.append(model(x, tt, cross, batch, pool))
     return outs
@@ -145,7 +145,7 @@ def test_block_range_stages_compose_to_the_full_model():
     table = SlotTable(6, 6, 3, 1024)
     table.add_stream("s", 1)
     plan = table.lane("s", 0).plan(2)
-    batch = AttnBatch.from_plans([plan], [[]], "cpu")
+    batch = AttnBatch.from_plans([plan], "cpu")
     t = torch.full((1, 2), 600.0)
     pool0 = KVPool(first.layer_ids, 6, TOKENS, cfg.num_heads, cfg.head_dim, torch.float32, "cpu")
     pool1 = KVPool(last.layer_ids, 6, TOKENS, cfg.num_heads, cfg.head_dim, torch.float32, "cpu")
@@ -174,7 +174,7 @@ def test_rows_of_different_streams_in_one_batch_match_separate_runs():
 
     def step(sids, xs):
         plans = [table.lane(s, 0).plan(xs[0].shape[2]) for s in sids]
-        batch = AttnBatch.from_plans(plans, [table.lane(s, 0).sink_slots() for s in sids], "cpu")
+        batch = AttnBatch.from_plans(plans, "cpu")
         kv = model.stack_prompt_kv([cross[s] for s in sids])
         t = torch.full((len(sids), xs[0].shape[2]), 500.0)
         return model(torch.cat(xs), t, kv, batch, pool).split(1)
