@@ -1,0 +1,91 @@
+"""uint8 <-> tensor conversion, resizing and the synthetic clip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streamdiff.pipeline.frames import frames_to_tensor, resize_frame, synthetic_clip, tensor_to_frames
+
+
+def _all_values_clip() -> np.ndarray:
+    values = np.arange(256, dtype=np.uint8)
+    frames = np.stack([np.roll(values, s).reshape(16, 16) for s in range(6)])  # [6, 16, 16]
+    return np.stack([frames, 255 - frames, frames[::-1]], axis=-1)  # [6, 16, 16, 3]
+
+
+def test_uint8_round_trip_is_exact_for_every_value():
+    clip = _all_values_clip()
+    x = frames_to_tensor(clip)
+    assert x.shape == (1, 3, 6, 16, 16) and x.dtype == torch.float32
+    assert x.min() == -1.0 and x.max() == 1.0
+    back = tensor_to_frames(x)
+    assert back.dtype == np.uint8
+    np.testing.assert_array_equal(back, clip)
+    np.testing.assert_array_equal(tensor_to_frames(x.to(torch.bfloat16)), tensor_to_frames(x.to(torch.bfloat16)[0]))
+
+
+def test_layout_and_value_mapping():
+    clip = np.zeros((2, 4, 5, 3), dtype=np.uint8)
+    clip[1, 2, 3] = (255, 0, 51)
+    x = frames_to_tensor(clip)
+    assert x[0, :, 1, 2, 3].tolist() == pytest.approx([1.0, -1.0, 51 / 127.5 - 1])
+    assert (x[0, :, 0] == -1).all()
+    # A single frame and a list of frames give the same tensor as the stacked array.
+    torch.testing.assert_close(frames_to_tensor(clip[1]), x[:, :, 1:2])
+    torch.testing.assert_close(frames_to_tensor(list(clip)), x)
+
+
+def test_tensor_to_frames_rounds_and_clamps():
+    x = torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0, 3.0]).view(1, 1, 1, 1, 6).expand(1, 3, 1, 1, 6)
+    out = tensor_to_frames(x)[0, 0, :, 0]
+    assert out.tolist() == [0, 0, 128, 255, 255, 255]  # 127.5 rounds half to even -> 128
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="uint8"):
+        frames_to_tensor(np.zeros((1, 4, 4, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="\\[n, H, W, 3\\]"):
+        frames_to_tensor(np.zeros((1, 4, 4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match="same shape"):
+        frames_to_tensor([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 6, 3), np.uint8)])
+    with pytest.raises(ValueError, match="batch 1"):
+        tensor_to_frames(torch.zeros(2, 3, 1, 4, 4))
+
+
+def test_synthetic_clip_is_deterministic_and_moves():
+    clip = synthetic_clip(12, 64, 48, seed=0)
+    assert clip.shape == (12, 48, 64, 3) and clip.dtype == np.uint8
+    np.testing.assert_array_equal(clip, synthetic_clip(12, 64, 48, seed=0))
+    assert not np.array_equal(clip, synthetic_clip(12, 64, 48, seed=1))
+    # Every consecutive pair of frames differs noticeably (motion), and the frames are not flat.
+    diffs = np.abs(np.diff(clip.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))  # [11]
+    assert (diffs > 1.0).all()
+    assert clip.reshape(12, -1, 3).std(axis=1).min() > 10
+    # A longer clip starts with the same frames (frames depend only on their index).
+    np.testing.assert_array_equal(synthetic_clip(20, 64, 48, seed=0)[:12], clip)
+
+
+def test_resize_frame():
+    frame = synthetic_clip(1, 64, 48)[0]
+    assert resize_frame(frame, 64, 48) is frame
+    # A constant frame stays constant at any size.
+    flat = np.full((30, 50, 3), (10, 200, 77), dtype=np.uint8)
+    for w, h in ((16, 16), (100, 60), (7, 33)):
+        out = resize_frame(flat, w, h)
+        assert out.shape == (h, w, 3) and out.dtype == np.uint8
+        assert (out == np.array([10, 200, 77], np.uint8)).all()
+    # keep_aspect crops the centre: a wide frame with red side bands becomes all green when squared.
+    wide = np.zeros((32, 96, 3), dtype=np.uint8)
+    wide[:, :32] = (255, 0, 0)
+    wide[:, 32:64] = (0, 255, 0)
+    wide[:, 64:] = (255, 0, 0)
+    square = resize_frame(wide, 16, 16, keep_aspect=True)
+    assert (square == np.array([0, 255, 0], np.uint8)).all()
+    stretched = resize_frame(wide, 16, 16)
+    assert (stretched[:, 0] == np.array([255, 0, 0], np.uint8)).all()
+    # Downscaling a horizontal ramp keeps it monotonic and in range.
+    ramp = np.broadcast_to(np.linspace(0, 255, 64).astype(np.uint8)[None, :, None], (8, 64, 3)).copy()
+    small = resize_frame(ramp, 16, 4)[0, :, 0].astype(int)
+    assert (np.diff(small) > 0).all() and small[0] < 20 and small[-1] > 235
