@@ -66,9 +66,9 @@ class ModelConfig:
 class VAEConfig:
     """diffusers `AutoencoderKLWan`. The real Wan2.1 VAE has base_dim 96."""
 
-    base_dim: int = 8
+    base_dim: int = 4
     z_dim: int = 16
-    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    dim_mult: tuple[int, ...] = (1, 1, 2, 2)
     num_res_blocks: int = 1
     temperal_downsample: tuple[bool, ...] = (False, True, True)
 
