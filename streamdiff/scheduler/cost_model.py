@@ -1,0 +1,189 @@
+"""Step-time prediction for the frame scheduler: ms of one engine step from its batch shape.
+
+Owns: the law `step_ms ~ base_ms + ms_per_row * rows + ms_per_ktoken * tokens / 1000`, its
+online fit from measured steps (windowed least squares, pulled gently toward a prior) and the
+safety margin added to every prediction the scheduler decides with.
+Does not own: measuring (the executor times the step and reports `StepResult.step_ms`), what a
+row or token is (the scheduler counts them), or which streams to batch. Pure Python, no torch.
+
+Two models share one protocol (`predict_ms`, `observe`):
+- `FixedCostModel`: a known law that never learns (tests, benchmarks, a pinned calibration).
+- `OnlineCostModel`: starts from a conservative prior (prior law x (1 + prior_margin)) and,
+  once `min_samples` steps were measured, predicts the fitted law x (1 + margin), where the
+  margin is a high quantile (default p95) of the relative residuals of the recent window.
+
+Why a prior pull: when every stream has the same frame size, tokens = rows x constant, so rows
+and tokens are collinear and plain least squares is singular. A weak ridge term toward the
+prior (`prior_strength`, a small fraction of one sample in scaled units) splits the cost between
+the two as the prior does in that one direction, while the data decide all they can see.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class LinearLaw:
+    """step_ms = base_ms + ms_per_row * rows + ms_per_ktoken * tokens / 1000."""
+
+    base_ms: float
+    ms_per_row: float
+    ms_per_ktoken: float
+
+    def predict_ms(self, rows: int, tokens: int) -> float:
+        return self.base_ms + self.ms_per_row * rows + self.ms_per_ktoken * tokens / 1000.0
+
+    def as_list(self) -> list[float]:
+        return [self.base_ms, self.ms_per_row, self.ms_per_ktoken]
+
+
+class StepCostModel(Protocol):
+    """What the scheduler needs from a cost model."""
+
+    def predict_ms(self, rows: int, tokens: int) -> float:
+        """Conservative (margin included) step time for a batch of `rows` rows, `tokens` tokens."""
+
+    def observe(self, rows: int, tokens: int, step_ms: float) -> None:
+        """Learn from one measured step."""
+
+
+class FixedCostModel:
+    """A known law plus a fixed relative margin; `observe` only counts. `law` may be replaced
+    (tests use that to simulate a GPU that slows down after streams were admitted)."""
+
+    def __init__(self, law: LinearLaw, margin: float = 0.0):
+        self.law = law
+        self.margin = margin
+        self.samples = 0
+
+    def predict_ms(self, rows: int, tokens: int) -> float:
+        return max(0.0, self.law.predict_ms(rows, tokens)) * (1.0 + self.margin)
+
+    def observe(self, rows: int, tokens: int, step_ms: float) -> None:
+        self.samples += 1
+
+
+# A deliberately pessimistic default prior (roughly a 1.3B DiT step at 512x512 on a mid-range
+# GPU). The engine should pass its own prior or `observe` a few profile steps before admitting.
+DEFAULT_PRIOR = LinearLaw(base_ms=30.0, ms_per_row=4.0, ms_per_ktoken=8.0)
+
+
+class OnlineCostModel:
+    """Windowed, prior-regularised least squares over (1, rows, ktokens) -> step_ms."""
+
+    def __init__(
+        self,
+        prior: LinearLaw = DEFAULT_PRIOR,
+        window: int = 128,
+        min_samples: int = 8,
+        prior_margin: float = 0.25,
+        quantile: float = 0.95,
+        min_margin: float = 0.05,
+        prior_strength: float = 1e-3,
+    ):
+        if window < 3 or min_samples < 1 or not 0.0 < quantile <= 1.0 or not prior_strength > 0:
+            raise ValueError("window >= 3, min_samples >= 1, 0 < quantile <= 1, prior_strength > 0")
+        self.prior = prior
+        self.min_samples = min_samples
+        self.prior_margin = prior_margin
+        self.quantile = quantile
+        self.min_margin = min_margin
+        self.prior_strength = prior_strength
+        self._window: deque[tuple[int, int, float]] = deque(maxlen=window)  # (rows, tokens, step_ms)
+        self._fit = prior
+        self._margin = prior_margin
+
+    # -- what the scheduler calls --------------------------------------------------------
+
+    @property
+    def samples(self) -> int:
+        return len(self._window)
+
+    @property
+    def calibrated(self) -> bool:
+        return len(self._window) >= self.min_samples
+
+    @property
+    def law(self) -> LinearLaw:
+        """The fitted law (the prior until the first sample)."""
+        return self._fit
+
+    @property
+    def margin(self) -> float:
+        """Relative margin added to predictions now."""
+        return self._margin if self.calibrated else self.prior_margin
+
+    def mean_ms(self, rows: int, tokens: int) -> float:
+        """The fitted law without margin (the prior before `min_samples`)."""
+        law = self._fit if self.calibrated else self.prior
+        return max(0.0, law.predict_ms(rows, tokens))
+
+    def predict_ms(self, rows: int, tokens: int) -> float:
+        if not self.calibrated:
+            # Few samples: never below the prior, and never below what was already seen.
+            mean_ms = max(self.prior.predict_ms(rows, tokens), self._fit.predict_ms(rows, tokens))
+            return max(0.0, mean_ms) * (1.0 + self.prior_margin)
+        return self.mean_ms(rows, tokens) * (1.0 + self._margin)
+
+    def observe(self, rows: int, tokens: int, step_ms: float) -> None:
+        if step_ms < 0 or rows <= 0:
+            return
+        self._window.append((rows, tokens, float(step_ms)))
+        self._refit()
+
+    # -- fitting -------------------------------------------------------------------------
+
+    def _refit(self) -> None:
+        samples = self._window
+        # 1. Scale features to about [0, 1] so the prior pull weighs each coefficient alike.
+        scale = [1.0, float(max(1, max(r for r, _, _ in samples))),
+                 max(1e-3, max(t for _, t, _ in samples) / 1000.0)]
+        prior_scaled = [p * s for p, s in zip(self.prior.as_list(), scale)]
+        # 2. Normal equations (Z^T Z + lam I) theta = Z^T y + lam theta_prior, in scaled units.
+        lam = self.prior_strength
+        gram = [[lam if i == j else 0.0 for j in range(3)] for i in range(3)]
+        rhs = [lam * p for p in prior_scaled]
+        for rows, tokens, step_ms in samples:
+            z = (1.0, rows / scale[1], tokens / 1000.0 / scale[2])
+            for i in range(3):
+                rhs[i] += z[i] * step_ms
+                for j in range(3):
+                    gram[i][j] += z[i] * z[j]
+        theta_scaled = _solve3(gram, rhs)
+        theta = [t / s for t, s in zip(theta_scaled, scale)]
+        self._fit = LinearLaw(*theta)
+        # 3. Margin: a high quantile of the relative residuals (how much slower steps ran).
+        rel = sorted(
+            (step_ms - m) / m
+            for rows, tokens, step_ms in samples
+            if (m := self._fit.predict_ms(rows, tokens)) > 1e-9
+        )
+        if rel:
+            k = min(len(rel) - 1, int(self.quantile * len(rel)))
+            self._margin = max(self.min_margin, rel[k])
+        else:
+            self._margin = self.prior_margin
+
+
+def _solve3(a: list[list[float]], b: list[float]) -> list[float]:
+    """Solve a 3x3 system by Gaussian elimination with partial pivoting (a, b are copied)."""
+    m = [row[:] + [rhs] for row, rhs in zip(a, b)]
+    n = 3
+    # 1. Forward elimination.
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12:
+            raise ZeroDivisionError("singular 3x3 system")
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            for c in range(col, n + 1):
+                m[r][c] -= f * m[col][c]
+    # 2. Back substitution.
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
+    return x

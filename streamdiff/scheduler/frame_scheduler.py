@@ -1,0 +1,386 @@
+"""The frame scheduler: which streams' chunks one engine step batches, and who may join.
+
+Owns: admission (SLO and KV-pool capacity), the per-stream input-frame bookkeeping (ids and
+arrival times only, newest kept, oldest dropped under overload), the choice of chunks for each
+step (earliest deadline first, fair share, cost-model-bounded), the stream-batch lag bookkeeping
+(which input frames' output leaves at each step), deadline-miss accounting, and the counter of
+free KV-pool stream slots.
+Does not own: pixels or tensors (the engine keeps frame buffers keyed by frame id and frees the
+ids this scheduler reports as dropped), KV slots themselves (cache/), running the step
+(engine/ Executor), or the diffusion timesteps (sampling/). CPU integers and floats only; this
+package never imports torch.
+
+The loop the engine runs:
+    ids_to_free = sched.push_frame(stream_id, frame_id, now)   # per input frame
+    plan = sched.schedule(now)                                  # None: nothing ready
+    result = executor.execute(plan)                             # -> StepResult
+    sched.update(plan, result)
+
+Deadline: a frame meets it when the step that outputs it ends within `deadline_ms` of the
+frame's arrival. With `lanes` denoise steps a chunk's output leaves `lanes - 1` chunks later
+(the stream-batch lag), except the first chunk (prepared directly), so the step that must hurry
+for a stream is the one that outputs its oldest chunk still in the lag.
+
+Policy, per step: (1) ready chunks are ordered by due time plus a fair-share handicap (a stream
+k chunks ahead of the least-served ready stream is treated as due k of its chunk periods later;
+without it, drop-to-newest lets a stream whose frames arrive a millisecond later starve);
+(2) on-time chunks join in that order while the predicted step still ends before every joined
+chunk's due time; (3) late chunks (they miss even alone, or did not fit) then join in the same
+order while they push no on-time chunk past its due time - all of them when none is on time.
+The scheduler is work-conserving: any ready chunk means a plan.
+
+Admission: with every stream batched in one step (unprepared ones with their first chunk),
+the step must fit in the shortest chunk period, and gathering + lag + two steps (the one
+running when a chunk gets ready, then its own) must fit in every deadline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from streamdiff.scheduler.cost_model import OnlineCostModel, StepCostModel
+from streamdiff.scheduler.types import (
+    Admission,
+    PlannedChunk,
+    StepPlan,
+    StepResult,
+    StreamSLO,
+    StreamStats,
+    frames_for_latents,
+)
+
+FAIR_LAG_CHUNKS = 2  # a stream idle for a while is owed at most this many chunks of priority
+
+
+@dataclass(eq=False, slots=True)
+class _Stream:
+    """Everything the scheduler knows about one stream (integers, floats, ids)."""
+
+    stream_id: str
+    slo: StreamSLO
+    tokens_per_frame: int
+    lanes: int
+    first_latents: int
+    chunk_latents: int
+    order: int  # admission order, the last tiebreak
+    vt_s: float  # fair-share clock: advances by (frames planned / target_fps)
+    pending: deque = field(default_factory=deque)  # (frame_id, arrival_s), oldest first
+    lag: deque = field(default_factory=deque)  # arrival times of planned chunks not yet output
+    prepared: bool = False  # its first chunk has been planned
+    in_plans: int = 0  # its chunks in plans not yet updated
+    last_step: int = -1
+    removed: bool = False
+    pushed: int = 0
+    dropped: int = 0
+    consumed: int = 0
+    chunks_planned: int = 0
+    chunks_done: int = 0
+    output_frames: int = 0
+    deadline_misses: int = 0
+    last_latency_ms: float = 0.0
+    max_latency_ms: float = 0.0
+
+    @property
+    def need_frames(self) -> int:
+        """Input frames the next chunk consumes (5 for a 2-latent first chunk, then 4)."""
+        if self.prepared:
+            return frames_for_latents(self.chunk_latents, first=False)
+        return frames_for_latents(self.first_latents, first=True)
+
+    @property
+    def next_latents(self) -> int:
+        return self.chunk_latents if self.prepared else self.first_latents
+
+    @property
+    def chunk_period_ms(self) -> float:
+        """How often a steady chunk must be produced to sustain target_fps."""
+        return 1000.0 * frames_for_latents(self.chunk_latents, first=False) / self.slo.target_fps
+
+    def floor_ms(self) -> float:
+        """Latency no scheduler can avoid: gathering a chunk plus the stream-batch lag (the
+        oldest frame of chunk k is output once the newest frame of chunk k + lanes - 1 is in)."""
+        steady = frames_for_latents(self.chunk_latents, first=False)
+        first = frames_for_latents(self.first_latents, first=True)
+        frames = max(self.lanes * steady - 1, first - 1)
+        return 1000.0 * frames / self.slo.target_fps
+
+
+@dataclass(slots=True)
+class _Candidate:
+    """A ready chunk while one `schedule` call decides."""
+
+    stream: _Stream
+    rows: int
+    tokens: int
+    due_s: float
+    key: tuple = ()
+    chosen: bool = False
+
+
+class FrameScheduler:
+    """SLO-aware, earliest-deadline-first batching of ready chunks (see the module docstring).
+
+    max_streams: KV-pool capacity in streams (`cache.max_streams`).
+    max_extra_frames: input frames a stream may hold beyond what its next chunk needs; older
+        ones are dropped (the default 3 absorbs one step of jitter without dropping).
+    max_chunks_in_flight: chunks of one stream allowed in plans not yet updated (1 for a local
+        executor; the number of pipeline stages for Ray).
+    """
+
+    def __init__(
+        self,
+        cost_model: StepCostModel | None = None,
+        max_streams: int = 4,
+        max_extra_frames: int = 3,
+        max_chunks_in_flight: int = 1,
+    ):
+        if max_streams < 1 or max_extra_frames < 0 or max_chunks_in_flight < 1:
+            raise ValueError("max_streams >= 1, max_extra_frames >= 0, max_chunks_in_flight >= 1")
+        self.cost_model: StepCostModel = cost_model if cost_model is not None else OnlineCostModel()
+        self.max_streams = max_streams
+        self.max_extra_frames = max_extra_frames
+        self.max_chunks_in_flight = max_chunks_in_flight
+        self.free_stream_slots = max_streams
+        self.last_decision_us = 0.0  # wall time of the last schedule() call
+        self._streams: dict[str, _Stream] = {}
+        self._open: dict[int, list[tuple[_Stream, tuple[float, ...]]]] = {}  # step_id -> (stream, emitted arrivals)
+        self._next_step_id = 0
+        self._next_order = 0
+
+    # -- streams -------------------------------------------------------------------------
+
+    @property
+    def stream_ids(self) -> list[str]:
+        return list(self._streams)
+
+    def add_stream(
+        self,
+        stream_id: str,
+        slo: StreamSLO,
+        tokens_per_frame: int,
+        lanes: int,
+        now: float,
+        *,
+        first_chunk_latents: int = 2,
+        chunk_latents: int = 1,
+    ) -> Admission:
+        """Admit the stream if every admitted stream, it included, still meets its SLO with all
+        of them batched in one step, and a KV-pool stream slot is free; otherwise refuse and say
+        which SLO would break. `now` is accepted for symmetry (admission is time-independent)."""
+        if stream_id in self._streams:
+            return self._refuse(stream_id, f"stream {stream_id!r} is already admitted")
+        if self.free_stream_slots <= 0:
+            return self._refuse(
+                stream_id,
+                f"KV pool full: all {self.max_streams} stream slots in use (cache.max_streams)",
+            )
+        if tokens_per_frame < 1 or lanes < 1 or first_chunk_latents < 1 or chunk_latents < 1:
+            return self._refuse(stream_id, "tokens_per_frame, lanes and chunk latents must be >= 1")
+        vt_s = min((s.vt_s for s in self._streams.values()), default=0.0)
+        new = _Stream(stream_id, slo, tokens_per_frame, lanes, first_chunk_latents, chunk_latents,
+                      order=self._next_order, vt_s=vt_s)
+        ok, reason, step_ms = self._check_slos([new, *self._streams.values()])
+        if not ok:
+            return self._refuse(stream_id, reason, step_ms)
+        self._streams[stream_id] = new
+        self._next_order += 1
+        self.free_stream_slots -= 1
+        return Admission(stream_id, True, reason, step_ms, self.free_stream_slots)
+
+    def remove_stream(self, stream_id: str) -> list[int]:
+        """Forget the stream and free its KV-pool slot. Returns the ids of its pending input
+        frames (the engine frees their buffers). Unknown ids are ignored (returns [])."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return []
+        stream.removed = True  # plans in flight still name it; update() skips it
+        self.free_stream_slots += 1
+        frame_ids = [frame_id for frame_id, _ in stream.pending]
+        stream.pending.clear()
+        return frame_ids
+
+    def push_frame(self, stream_id: str, frame_id: int, now: float) -> list[int]:
+        """Record an input frame's arrival. Keeps only the newest `need + max_extra_frames`
+        pending frames; returns the ids dropped now (oldest first) so the engine frees them."""
+        stream = self._streams[stream_id]
+        stream.pushed += 1
+        stream.pending.append((frame_id, now))
+        dropped: list[int] = []
+        keep = stream.need_frames + self.max_extra_frames
+        while len(stream.pending) > keep:
+            dropped.append(stream.pending.popleft()[0])
+        stream.dropped += len(dropped)
+        return dropped
+
+    def pending_frame_ids(self, stream_id: str) -> list[int]:
+        return [frame_id for frame_id, _ in self._streams[stream_id].pending]
+
+    # -- one step ------------------------------------------------------------------------
+
+    def schedule(self, now: float) -> StepPlan | None:
+        """Choose the chunks of the next step, or None if no stream has a chunk ready."""
+        t0 = time.perf_counter()
+        candidates = self._ready(now)
+        if not candidates:
+            self.last_decision_us = (time.perf_counter() - t0) * 1e6
+            return None
+        # 1. Fair share: a stream ahead of the least-served ready one (in its own chunk
+        #    periods) is treated as if its deadline were that much later; one that idled is
+        #    owed at most FAIR_LAG_CHUNKS chunks.
+        vt_max = max(c.stream.vt_s for c in candidates)
+        for c in candidates:
+            floor_s = vt_max - FAIR_LAG_CHUNKS * c.stream.chunk_period_ms / 1000.0
+            c.stream.vt_s = max(c.stream.vt_s, floor_s)
+        vt_min = min(c.stream.vt_s for c in candidates)
+        for c in candidates:
+            s = c.stream
+            c.key = (c.due_s + (s.vt_s - vt_min), s.vt_s, s.last_step, s.order)
+        candidates.sort(key=lambda c: c.key)
+        # 2. On time first: earliest deadline first, add a chunk while the predicted step still
+        #    ends before its due time and before every chunk already in.
+        chosen: list[_Candidate] = []
+        rows = tokens = 0
+        min_due_s = math.inf
+        for c in candidates:
+            end_s = now + self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens) / 1000.0
+            if end_s <= min(min_due_s, c.due_s):
+                c.chosen = True
+                chosen.append(c)
+                rows, tokens, min_due_s = rows + c.rows, tokens + c.tokens, min(min_due_s, c.due_s)
+        # 3. Then the late ones (they miss even alone, or did not fit), same order, as long as
+        #    no on-time chunk is pushed past its due time. With no on-time chunk, all go.
+        for c in (c for c in candidates if not c.chosen):
+            end_s = now + self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens) / 1000.0
+            if end_s <= min_due_s:
+                chosen.append(c)
+                rows, tokens = rows + c.rows, tokens + c.tokens
+        chosen.sort(key=lambda c: c.due_s)
+        plan = self._commit(chosen, now, rows, tokens)
+        self.last_decision_us = (time.perf_counter() - t0) * 1e6
+        return plan
+
+    def update(self, plan: StepPlan, result: StepResult) -> None:
+        """Account a finished step: teach the cost model, count chunks done, output frames and
+        deadline misses. Streams removed meanwhile are skipped."""
+        if result.step_id != plan.step_id:
+            raise ValueError(f"StepResult {result.step_id} does not belong to StepPlan {plan.step_id}")
+        opened = self._open.pop(plan.step_id, None)
+        if opened is None:
+            raise KeyError(f"step {plan.step_id} is unknown or was already updated")
+        end_s = result.end_s if result.end_s is not None else plan.start_s + result.step_ms / 1000.0
+        self.cost_model.observe(plan.rows, plan.tokens, result.step_ms)
+        for stream, emitted_arrivals_s in opened:
+            # 1. Release the stream's in-flight count, even if it was removed meanwhile.
+            stream.in_plans -= 1
+            if stream.removed:
+                continue
+            stream.chunks_done += 1
+            # 2. Latency of each frame whose output left the engine at the end of this step.
+            if emitted_arrivals_s:
+                latencies_ms = [(end_s - a) * 1000.0 for a in emitted_arrivals_s]
+                stream.output_frames += len(latencies_ms)
+                stream.deadline_misses += sum(1 for ms in latencies_ms if ms > stream.slo.deadline_ms)
+                stream.last_latency_ms = max(latencies_ms)
+                stream.max_latency_ms = max(stream.max_latency_ms, stream.last_latency_ms)
+
+    # -- stats ---------------------------------------------------------------------------
+
+    def stats(self, stream_id: str) -> StreamStats:
+        s = self._streams[stream_id]
+        return StreamStats(
+            stream_id=s.stream_id, pushed_frames=s.pushed, dropped_frames=s.dropped,
+            consumed_frames=s.consumed, waiting_frames=len(s.pending),
+            chunks_planned=s.chunks_planned, chunks_done=s.chunks_done,
+            output_frames=s.output_frames, deadline_misses=s.deadline_misses,
+            last_latency_ms=s.last_latency_ms, max_latency_ms=s.max_latency_ms,
+        )
+
+    def all_stats(self) -> dict[str, StreamStats]:
+        return {stream_id: self.stats(stream_id) for stream_id in self._streams}
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _refuse(self, stream_id: str, reason: str, step_ms: float = 0.0) -> Admission:
+        return Admission(stream_id, False, reason, step_ms, self.free_stream_slots)
+
+    def _check_slos(self, streams: list[_Stream]) -> tuple[bool, str, float]:
+        """All `streams` in one step (unprepared ones with their bigger first chunk) must (1) fit
+        in the fastest chunk period and (2) keep gathering + lag + two steps (the one running
+        when a chunk gets ready, then its own) within every deadline. streams[0] is the newcomer."""
+        rows = sum(s.lanes for s in streams)
+        tokens = sum(s.lanes * s.next_latents * s.tokens_per_frame for s in streams)
+        step_ms = self.cost_model.predict_ms(rows, tokens)
+        newcomer = streams[0].stream_id
+        batch = f"{len(streams)} stream{'s' if len(streams) > 1 else ''} ({rows} rows, {tokens} tokens)"
+        for s in streams:
+            who = "it" if s.stream_id == newcomer else f"stream {s.stream_id!r}"
+            slo = f"{who} ({s.slo.describe()})"
+            if step_ms > s.chunk_period_ms:
+                return False, (
+                    f"{slo} would fall below its target fps: it needs a chunk every "
+                    f"{s.chunk_period_ms:.1f} ms but a step batching {batch} is predicted at "
+                    f"{step_ms:.1f} ms"
+                ), step_ms
+            need_ms = s.floor_ms() + 2.0 * step_ms
+            if need_ms > s.slo.deadline_ms:
+                return False, (
+                    f"{slo} would miss its deadline: {s.floor_ms():.1f} ms to gather frames at "
+                    f"{s.slo.target_fps:g} fps with {s.lanes} lane{'s' if s.lanes > 1 else ''} "
+                    f"(stream-batch lag included) + 2 x {step_ms:.1f} ms steps ({batch}) = "
+                    f"{need_ms:.1f} ms > {s.slo.deadline_ms:g} ms"
+                ), step_ms
+        return True, f"admitted: a step batching {batch} is predicted at {step_ms:.1f} ms", step_ms
+
+    def _ready(self, now: float) -> list[_Candidate]:
+        """Streams with a full chunk pending and room for one more chunk in flight."""
+        out = []
+        for s in self._streams.values():
+            need = s.need_frames
+            if len(s.pending) < need or s.in_plans >= self.max_chunks_in_flight:
+                continue
+            # The step must end in time for the chunk it outputs: this one if it leaves at once,
+            # else the oldest chunk in the lag if this step pushes it out, else this one (warm-up).
+            if s.prepared and s.lanes > 1 and len(s.lag) >= s.lanes - 1:
+                oldest_arrival_s = s.lag[0][0][0]  # (arrivals_s, frame_ids) of its oldest chunk
+            else:
+                oldest_arrival_s = s.pending[0][1]
+            due_s = oldest_arrival_s + s.slo.deadline_ms / 1000.0
+            out.append(_Candidate(s, s.lanes, s.lanes * s.next_latents * s.tokens_per_frame, due_s))
+        return out
+
+    def _commit(self, chosen: list[_Candidate], now: float, rows: int, tokens: int) -> StepPlan:
+        """Take the chosen chunks' frames out of pending and build the plan."""
+        step_id = self._next_step_id
+        self._next_step_id += 1
+        chunks: list[PlannedChunk] = []
+        opened: list[tuple[_Stream, tuple[float, ...]]] = []
+        for c in chosen:
+            s = c.stream
+            # 1. Consume the oldest `need` pending frames (the newest kept under overload).
+            taken = [s.pending.popleft() for _ in range(s.need_frames)]
+            frame_ids = tuple(frame_id for frame_id, _ in taken)
+            arrivals_s = tuple(arrival_s for _, arrival_s in taken)
+            first, latents = not s.prepared, s.next_latents
+            # 2. Stream-batch lag: the first chunk (and every chunk with one lane) leaves now;
+            #    later ones enter the lag and push out the one `lanes - 1` chunks older.
+            if first or s.lanes == 1:
+                emitted_ids, emitted_arrivals = frame_ids, arrivals_s
+            else:
+                s.lag.append((arrivals_s, frame_ids))
+                emitted_arrivals, emitted_ids = s.lag.popleft() if len(s.lag) > s.lanes - 1 else ((), ())
+            # 3. Bookkeeping: fair-share clock, counters, in-flight count.
+            s.prepared = True
+            s.vt_s += len(frame_ids) / s.slo.target_fps
+            s.last_step = step_id
+            s.in_plans += 1
+            s.consumed += len(frame_ids)
+            s.chunks_planned += 1
+            chunks.append(PlannedChunk(s.stream_id, frame_ids, s.lanes, first, latents, c.tokens,
+                                       c.due_s, emitted_ids))
+            opened.append((s, emitted_arrivals))
+        self._open[step_id] = opened
+        predicted_ms = self.cost_model.predict_ms(rows, tokens)
+        return StepPlan(step_id, now, tuple(chunks), rows, tokens, predicted_ms)

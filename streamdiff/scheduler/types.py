@@ -1,0 +1,130 @@
+"""The scheduler's value types: what a stream asks for, what one step runs, what it measured.
+
+Owns: `StreamSLO` (a stream's service objective), `StepPlan` / `PlannedChunk` (the scheduler's
+decision for one engine step), `StepResult` (what the executor measured), `Admission` (the
+answer to `add_stream`) and `StreamStats` (per-stream counters).
+Does not own: any decision (frame_scheduler.py), step-time prediction (cost_model.py), frame
+pixels or tensors. Everything here is plain integers, floats, strings and tuples; no torch.
+
+Clock: every `*_s` time is seconds on the caller's monotonic clock (`time.monotonic()` in the
+engine, a plain float in tests); durations are `*_ms`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VAE_TIME_STRIDE = 4  # video frames per latent frame (the very first latent frame is 1 frame)
+
+
+def frames_for_latents(latents: int, first: bool) -> int:
+    """Video frames that make `latents` latent frames: 4 each, except the stream's very first
+    latent frame, which is 1 frame (so a 2-latent first chunk needs 5 frames)."""
+    if first:
+        return 1 + VAE_TIME_STRIDE * (latents - 1)
+    return VAE_TIME_STRIDE * latents
+
+
+@dataclass(frozen=True)
+class StreamSLO:
+    """A stream's service objective.
+
+    target_fps: output frames per second the stream must sustain (input is gathered at this
+        rate too; faster input is dropped down to the newest frames).
+    deadline_ms: the longest a frame may take from its arrival at the engine to the end of the
+        step that outputs it (frame gathering and stream-batch lag included).
+    """
+
+    target_fps: float
+    deadline_ms: float
+
+    def __post_init__(self) -> None:
+        if not self.target_fps > 0:
+            raise ValueError(f"target_fps must be > 0, got {self.target_fps!r}")
+        if not self.deadline_ms > 0:
+            raise ValueError(f"deadline_ms must be > 0, got {self.deadline_ms!r}")
+
+    def describe(self) -> str:
+        return f"{self.target_fps:g} fps, {self.deadline_ms:g} ms deadline"
+
+
+@dataclass(frozen=True)
+class PlannedChunk:
+    """One stream's part of a step: one chunk, `lanes` batch rows (one per denoise step)."""
+
+    stream_id: str
+    frame_ids: tuple[int, ...]  # input frames consumed, oldest first (5 for a first chunk, else 4)
+    lanes: int  # batch rows this stream contributes (= its denoise steps)
+    first: bool  # the stream's first chunk: prepared directly, its output leaves this step
+    latents: int  # latent frames in the chunk (2 for a first chunk, else 1)
+    tokens: int  # query tokens of all its rows: lanes * latents * tokens_per_frame
+    due_s: float  # the step must end by this time for this stream to meet its deadline
+    emit_frame_ids: tuple[int, ...]  # input frames whose output leaves the engine at this step's end
+
+    @property
+    def rows(self) -> int:
+        return self.lanes
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One engine step: a single batched forward over the chunks listed, earliest due first."""
+
+    step_id: int
+    start_s: float  # `now` when the plan was made
+    chunks: tuple[PlannedChunk, ...]
+    rows: int  # total batch rows
+    tokens: int  # total query tokens
+    predicted_ms: float  # the cost model's (conservative) step time for this batch
+
+    @property
+    def stream_ids(self) -> tuple[str, ...]:
+        return tuple(c.stream_id for c in self.chunks)
+
+    @property
+    def predicted_end_s(self) -> float:
+        return self.start_s + self.predicted_ms / 1000.0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the executor measured for one StepPlan.
+
+    step_ms: wall time of the step (the cost model learns from it).
+    end_s: clock time at the end of the step; None means start_s + step_ms.
+    """
+
+    step_id: int
+    step_ms: float
+    end_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The answer to `add_stream`. Truthy when admitted; `reason` says why not (or the margin)."""
+
+    stream_id: str
+    admitted: bool
+    reason: str
+    predicted_step_ms: float = 0.0  # step time with every admitted stream batched together
+    free_stream_slots: int = 0  # KV-pool stream slots left after this decision
+
+    def __bool__(self) -> bool:
+        return self.admitted
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """Per-stream counters (a snapshot)."""
+
+    stream_id: str
+    pushed_frames: int
+    dropped_frames: int  # input frames dropped to keep only the newest (overload)
+    consumed_frames: int  # input frames put into a planned chunk
+    waiting_frames: int  # input frames pending now
+    chunks_planned: int
+    chunks_done: int  # planned chunks whose step finished
+    output_frames: int  # frames whose output left the engine
+    deadline_misses: int  # output frames later than arrival + deadline
+    last_latency_ms: float  # arrival -> output of the oldest frame of the last output chunk
+    max_latency_ms: float

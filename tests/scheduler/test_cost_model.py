@@ -1,0 +1,87 @@
+"""The step cost model: a conservative prior first, then an online fit of a linear law."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from streamdiff.scheduler import FixedCostModel, LinearLaw, OnlineCostModel
+
+TRUE_LAW = LinearLaw(base_ms=12.0, ms_per_row=3.0, ms_per_ktoken=2.5)
+
+
+def _noisy_samples(n: int, seed: int, law: LinearLaw = TRUE_LAW, noise_ms: float = 1.0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        rows = rng.randint(1, 32)
+        tokens = rows * rng.choice([256, 1024, 1560, 4096])  # mixed frame sizes: not collinear
+        yield rows, tokens, law.predict_ms(rows, tokens) + rng.gauss(0.0, noise_ms)
+
+
+def test_converges_to_known_linear_law_from_noisy_samples():
+    model = OnlineCostModel(prior=LinearLaw(50.0, 10.0, 10.0), window=256)
+    for rows, tokens, step_ms in _noisy_samples(256, seed=0):
+        model.observe(rows, tokens, step_ms)
+    fit = model.law
+    assert fit.base_ms == pytest.approx(TRUE_LAW.base_ms, abs=1.0)
+    assert fit.ms_per_row == pytest.approx(TRUE_LAW.ms_per_row, abs=0.15)
+    assert fit.ms_per_ktoken == pytest.approx(TRUE_LAW.ms_per_ktoken, abs=0.05)
+    # The margin is a high quantile of residuals: fresh samples from the same law fall under
+    # the conservative prediction about 95% of the time, and the margin stays small.
+    fresh = list(_noisy_samples(2000, seed=1))
+    covered = sum(step_ms <= model.predict_ms(rows, tokens) for rows, tokens, step_ms in fresh)
+    assert covered / len(fresh) >= 0.88
+    assert 0.0 < model.margin < 0.2
+    assert model.mean_ms(8, 8192) == pytest.approx(TRUE_LAW.predict_ms(8, 8192), rel=0.02)
+
+
+def test_prior_is_conservative_before_enough_samples():
+    prior = LinearLaw(40.0, 5.0, 5.0)
+    model = OnlineCostModel(prior=prior, min_samples=8, prior_margin=0.25)
+    assert not model.calibrated
+    assert model.predict_ms(4, 4096) == pytest.approx(prior.predict_ms(4, 4096) * 1.25)
+    # A few fast samples do not pull the prediction below the prior yet ...
+    for rows, tokens, step_ms in _noisy_samples(7, seed=2):
+        model.observe(rows, tokens, step_ms)
+    assert model.predict_ms(4, 4096) >= prior.predict_ms(4, 4096) * 1.25
+    # ... enough of them do.
+    for rows, tokens, step_ms in _noisy_samples(40, seed=3):
+        model.observe(rows, tokens, step_ms)
+    assert model.calibrated
+    assert model.predict_ms(4, 4096) < prior.predict_ms(4, 4096)
+
+
+def test_collinear_rows_and_tokens_still_predict_the_seen_line():
+    # Every stream at 512x512: tokens = 1024 * rows, so rows and tokens cannot be told apart.
+    model = OnlineCostModel(prior=LinearLaw(30.0, 4.0, 8.0))
+    rng = random.Random(4)
+    for _ in range(100):
+        rows = rng.randint(1, 16)
+        model.observe(rows, 1024 * rows, TRUE_LAW.predict_ms(rows, 1024 * rows) + rng.gauss(0, 0.5))
+    for rows in (1, 4, 16):
+        assert model.mean_ms(rows, 1024 * rows) == pytest.approx(TRUE_LAW.predict_ms(rows, 1024 * rows), rel=0.05)
+
+
+def test_window_follows_a_drifting_gpu():
+    model = OnlineCostModel(prior=TRUE_LAW, window=64)
+    for rows, tokens, step_ms in _noisy_samples(64, seed=5):
+        model.observe(rows, tokens, step_ms)
+    slower = LinearLaw(24.0, 6.0, 5.0)  # the GPU got twice as slow (thermal, a neighbour)
+    for rows, tokens, step_ms in _noisy_samples(64, seed=6, law=slower):
+        model.observe(rows, tokens, step_ms)
+    assert model.mean_ms(8, 8192) == pytest.approx(slower.predict_ms(8, 8192), rel=0.05)
+
+
+def test_fixed_cost_model_never_learns():
+    model = FixedCostModel(LinearLaw(10.0, 1.0, 0.0), margin=0.1)
+    model.observe(4, 100, 999.0)
+    assert model.samples == 1
+    assert model.predict_ms(4, 100) == pytest.approx(14.0 * 1.1)
+
+
+def test_bad_samples_are_ignored():
+    model = OnlineCostModel()
+    model.observe(0, 0, 10.0)
+    model.observe(2, 100, -1.0)
+    assert model.samples == 0

@@ -1,0 +1,109 @@
+"""Admission: a stream joins only if every admitted SLO still holds and a KV slot is free."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from streamdiff.scheduler import FixedCostModel, FrameScheduler, LinearLaw, StreamSLO
+
+# 40 ms per step plus 10 ms per row: 1 stream of 1 lane = 50 ms, 4 streams = 80 ms.
+COST = LinearLaw(base_ms=40.0, ms_per_row=10.0, ms_per_ktoken=0.0)
+
+
+def _sched(max_streams: int = 8, law: LinearLaw = COST) -> FrameScheduler:
+    return FrameScheduler(FixedCostModel(law), max_streams=max_streams)
+
+
+def test_admits_while_slos_hold_and_reports_the_predicted_step():
+    sched = _sched()
+    slo = StreamSLO(target_fps=30.0, deadline_ms=300.0)
+    for i in range(4):
+        adm = sched.add_stream(f"s{i}", slo, tokens_per_frame=1024, lanes=1, now=0.0)
+        assert adm, adm.reason
+        assert adm.predicted_step_ms == pytest.approx(40.0 + 10.0 * (i + 1))
+    assert sched.free_stream_slots == 4
+    assert sched.stream_ids == ["s0", "s1", "s2", "s3"]
+
+
+def test_refuses_a_newcomer_whose_own_deadline_cannot_hold():
+    sched = _sched()
+    # 30 fps, 1 lane: 133 ms to gather the 5 frames of the first chunk (4 frame intervals)
+    # + 2 x 50 ms steps = 233 ms > 150 ms.
+    adm = sched.add_stream("cam", StreamSLO(30.0, 150.0), tokens_per_frame=1024, lanes=1, now=0.0)
+    assert not adm
+    assert "it (30 fps, 150 ms deadline) would miss its deadline" in adm.reason
+    assert sched.free_stream_slots == 8 and sched.stream_ids == []
+
+
+def test_stream_batch_lag_counts_against_the_deadline():
+    sched = _sched()
+    slo = StreamSLO(30.0, 300.0)
+    assert sched.add_stream("one-lane", slo, tokens_per_frame=1024, lanes=1, now=0.0)
+    # Four lanes: output lags three chunks, 15 frames at 30 fps = 500 ms before any step runs.
+    adm = sched.add_stream("four-lanes", slo, tokens_per_frame=1024, lanes=4, now=0.0)
+    assert not adm
+    assert "4 lanes" in adm.reason and "500.0 ms to gather" in adm.reason
+
+
+def test_refusal_names_the_existing_stream_whose_slo_would_break():
+    sched = _sched()
+    assert sched.add_stream("tight", StreamSLO(30.0, 300.0), tokens_per_frame=1024, lanes=1, now=0.0)
+    # Alone: 133 + 2 x 50 = 233 ms <= 300. With a stream of 2 lanes the step is 70 ms:
+    # 133 + 140 = 273 <= 300 still; 3 more lanes make it 100 ms: 133 + 200 = 333 > 300.
+    assert sched.add_stream("ok", StreamSLO(10.0, 2000.0), tokens_per_frame=1024, lanes=2, now=0.0)
+    adm = sched.add_stream("greedy", StreamSLO(5.0, 5000.0), tokens_per_frame=1024, lanes=3, now=0.0)
+    assert not adm
+    assert "stream 'tight' (30 fps, 300 ms deadline) would miss its deadline" in adm.reason
+    assert sched.stream_ids == ["tight", "ok"]
+
+
+def test_refuses_when_a_step_is_longer_than_the_chunk_period():
+    # 60 fps wants a chunk every 66.7 ms; the deadline is generous, the step (80 ms) is not.
+    sched = _sched(law=LinearLaw(70.0, 10.0, 0.0))
+    adm = sched.add_stream("fast", StreamSLO(60.0, 5000.0), tokens_per_frame=1024, lanes=1, now=0.0)
+    assert not adm
+    assert "(60 fps, 5000 ms deadline) would fall below its target fps" in adm.reason
+    assert "66.7 ms" in adm.reason
+
+
+def test_kv_pool_capacity_refuses_and_removal_gives_slots_back():
+    sched = _sched(max_streams=3)
+    slo = StreamSLO(15.0, 1000.0)
+    for i in range(3):
+        assert sched.add_stream(f"s{i}", slo, tokens_per_frame=256, lanes=2, now=0.0)
+    assert sched.free_stream_slots == 0
+    adm = sched.add_stream("s3", slo, tokens_per_frame=256, lanes=2, now=0.0)
+    assert not adm and "KV pool full" in adm.reason and "3 stream slots" in adm.reason
+    # Streams end: the free count goes back to full, and a newcomer fits again.
+    sched.remove_stream("s1")
+    assert sched.free_stream_slots == 1
+    assert sched.add_stream("s3", slo, tokens_per_frame=256, lanes=2, now=1.0)
+    for stream_id in list(sched.stream_ids):
+        sched.remove_stream(stream_id)
+    assert sched.free_stream_slots == 3 and sched.stream_ids == []
+    assert sched.remove_stream("never-added") == []
+    assert sched.free_stream_slots == 3
+
+
+def test_duplicate_ids_and_bad_slos_are_refused():
+    sched = _sched()
+    assert sched.add_stream("a", StreamSLO(15.0, 1000.0), tokens_per_frame=256, lanes=1, now=0.0)
+    adm = sched.add_stream("a", StreamSLO(15.0, 1000.0), tokens_per_frame=256, lanes=1, now=0.0)
+    assert not adm and "already admitted" in adm.reason
+    assert not sched.add_stream("b", StreamSLO(15.0, 1000.0), tokens_per_frame=0, lanes=1, now=0.0)
+    with pytest.raises(ValueError):
+        StreamSLO(0.0, 100.0)
+    with pytest.raises(ValueError):
+        StreamSLO(30.0, -1.0)
+
+
+def test_scheduler_package_never_imports_torch():
+    code = (
+        "import sys, streamdiff.scheduler, streamdiff.scheduler.frame_scheduler, "
+        "streamdiff.scheduler.cost_model, streamdiff.scheduler.types; "
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
