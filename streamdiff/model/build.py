@@ -1,0 +1,81 @@
+"""Build the model components a pipeline, engine or stage needs, from a Config.
+
+Owns: device / dtype resolution, building the DiT (whole or a block range), the streaming VAE
+and the prompt encoder, and loading their weights (or seeded random init for `format: random`).
+Does not own: the formats themselves (loading.py), or any per-stream state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from streamdiff.config import Config
+from streamdiff.model.attention import Attention, resolve_backend
+from streamdiff.model.causal_wan import CausalWanModel
+from streamdiff.model.loading import load_into, load_vae, random_init_, read_transformer_state_dict
+from streamdiff.model.text import PromptEncoder, build_prompt_encoder
+from streamdiff.model.vae import StreamingVAE, build_vae
+from streamdiff.sampling.noise_schedule import FlowMatchSchedule
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device=cuda but no CUDA device is available (use --set runtime.device=cpu)")
+    return torch.device(name)
+
+
+def build_transformer(
+    cfg: Config,
+    device: torch.device,
+    block_range: tuple[int, int] | None = None,
+    has_embed: bool = True,
+    has_head: bool = True,
+) -> CausalWanModel:
+    """The DiT (or the part of it a stage holds) with its weights, on `device`, in eval mode."""
+    backend = resolve_backend(cfg.model.attention_backend, device)
+    model = CausalWanModel(cfg.model, block_range, has_embed, has_head, Attention(backend))
+    if cfg.weights.format == "random":
+        random_init_(model, cfg.weights.seed)
+    else:
+        state = read_transformer_state_dict(cfg.weights.format, cfg.weights.transformer)
+        report = load_into(model, state, min_match=cfg.weights.min_match, what="transformer")
+        log.info("%s", report)
+    model.cast_(DTYPES[cfg.model.dtype]).to(device).eval().requires_grad_(False)
+    return model
+
+
+@dataclass
+class Components:
+    cfg: Config
+    device: torch.device
+    dtype: torch.dtype
+    model: CausalWanModel
+    vae: StreamingVAE
+    text: PromptEncoder
+    schedule: FlowMatchSchedule
+
+
+def build_components(cfg: Config, device: torch.device | str | None = None) -> Components:
+    device = resolve_device(cfg.runtime.device) if device is None else torch.device(device)
+    dtype = DTYPES[cfg.model.dtype]
+    model = build_transformer(cfg, device)
+    if cfg.weights.vae:
+        vae_module = load_vae(cfg.weights.vae)
+    else:
+        if cfg.weights.format != "random":
+            raise ValueError("weights.vae must name the Wan VAE (a diffusers vae/ folder or Wan2.1_VAE.pth)")
+        torch.manual_seed(cfg.weights.seed)  # diffusers' default init, made repeatable
+        vae_module = build_vae(cfg.vae)
+    vae_module = vae_module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    text = build_prompt_encoder(cfg.text, cfg.weights, cfg.model.text_dim, device, dtype)
+    schedule = FlowMatchSchedule(cfg.sampling.shift, cfg.sampling.num_train_timesteps)
+    return Components(cfg, device, dtype, model, StreamingVAE(vae_module), text, schedule)

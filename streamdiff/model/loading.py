@@ -1,0 +1,470 @@
+"""Weight loading: checkpoint formats -> diffusers names -> a module (whole model or a stage).
+
+Owns: reading the transformer weights of a diffusers folder (single or sharded safetensors),
+an original Wan single file or folder (`.safetensors` / `.pth`, optional
+`model.diffusion_model.` prefix) and a StreamDiffusionV2 / CausVid `model.pt`; renaming them
+to diffusers' `WanTransformer3DModel` names with diffusers' own converters; loading any of them
+into a module whose names are a subset of diffusers' (a pipeline stage holds `blocks.{i}` of its
+range only) with a match report that refuses a checkpoint below `min_match`; reading the Wan
+VAE (diffusers `vae/` folder or original `Wan2.1_VAE.pth`); seeded random init (`format: random`).
+Does not own: building the modules (causal_wan.py, vae.py, build.py), devices, or dtype policy
+beyond casting each loaded tensor to the dtype of the tensor it replaces. Never downloads.
+
+Tensors are read lazily: a `StateDict` maps names to the place a tensor lives (an mmapped
+safetensors file or an mmapped torch file), so a stage reads only the tensors it holds and
+loading copies one tensor at a time into the module's existing storage.
+
+SDV2 checkpoints: `{"generator": ..., "generator_ema": ...}`. StreamDiffusionV2's inference
+(`load_generator_state_dict`, `SingleGPUInferencePipeline.load_model`) takes `generator` first,
+then `generator_ema`, then `state_dict`; `prefer="generator"` reproduces it, and
+`prefer="generator_ema"` picks the EMA weights when a file holds both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from diffusers.loaders.single_file_utils import (
+    convert_wan_transformer_to_diffusers,
+    convert_wan_vae_to_diffusers,
+)
+from safetensors import safe_open
+
+log = logging.getLogger(__name__)
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+SDV2_WRAPPERS = ("generator", "generator_ema", "state_dict", "model", "module")
+# Infixes of training wrappers (torch.compile, FSDP, activation checkpointing), removed anywhere.
+WRAPPER_INFIXES = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+LEADING_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "module.")
+# Top-level groups of the DiT that a stage may leave out (embeddings / head), besides blocks.
+STAGE_GROUPS = ("patch_embedding", "condition_embedder", "norm_out", "proj_out", "scale_shift_table")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_INDEX = re.compile(r"\.\d+(?=\.|$)")
+MAX_KINDS = 10
+
+
+class WeightsMismatchError(ValueError):
+    """A checkpoint does not fit the module; `.report` says how (None for shape mismatches)."""
+
+    def __init__(self, message: str, report: "LoadReport | None" = None):
+        super().__init__(message)
+        self.report = report
+
+
+# ---------------------------------------------------------------------------------------------
+# A lazily read state dict
+# ---------------------------------------------------------------------------------------------
+
+
+class _Safetensors:
+    def __init__(self, path: Path):
+        self.handle = safe_open(str(path), framework="pt", device="cpu")  # mmapped, read on get
+
+    def keys(self) -> list[str]:
+        return list(self.handle.keys())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.handle.get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.handle.get_slice(key).get_shape())
+
+
+class _Tensors:
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def keys(self) -> list[str]:
+        return [k for k, v in self.tensors.items() if isinstance(v, torch.Tensor)]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+
+class StateDict(Mapping[str, torch.Tensor]):
+    """Read-only name -> tensor mapping; a tensor is read from its file when indexed.
+
+    `config` is the folder's config.json (None when there is none), `source` names the file(s).
+    """
+
+    def __init__(self, entries: dict[str, tuple[Any, str]], source: str, config: dict | None = None):
+        self._entries = entries  # name -> (reader, name inside the reader)
+        self.source = source
+        self.config = config
+
+    @classmethod
+    def of(cls, reader: Any, source: str, config: dict | None = None) -> "StateDict":
+        return cls({k: (reader, k) for k in reader.keys()}, source, config)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        reader, inner = self._entries[key]
+        return reader.get(inner)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        reader, inner = self._entries[key]
+        return reader.shape(inner)
+
+    def renamed(self, new_to_old: Mapping[str, str]) -> "StateDict":
+        return StateDict({new: self._entries[old] for new, old in new_to_old.items()}, self.source, self.config)
+
+
+def _rename_with(state: StateDict, convert: Callable[[dict], dict], what: str) -> StateDict:
+    """Apply a diffusers key converter to the names only: it moves values without looking at
+    them, so we feed it name -> name and get new name -> old name back."""
+    converted = convert({k: k for k in state})
+    if len(converted) != len(state) or not all(isinstance(v, str) for v in converted.values()):
+        raise WeightsMismatchError(f"{what}: renaming {state.source} did not map names one to one")
+    return state.renamed(converted)
+
+
+def _strip_wrappers(state: StateDict) -> StateDict:
+    new_to_old = {}
+    for old in state:
+        new = old
+        for infix in WRAPPER_INFIXES:
+            new = new.replace(infix, "")
+        while prefix := next((p for p in LEADING_PREFIXES if new.startswith(p)), None):
+            new = new[len(prefix):]
+        if new in new_to_old:
+            raise WeightsMismatchError(f"{state.source}: {old!r} and {new_to_old[new]!r} both become {new!r}")
+        new_to_old[new] = old
+    return state.renamed(new_to_old)
+
+
+def _has_original_wan_names(keys: list[str]) -> bool:
+    diffusers = any(k.startswith("condition_embedder.") or ".attn1." in k for k in keys)
+    original = any(k.startswith(("text_embedding.", "time_embedding.", "head.")) or ".self_attn." in k for k in keys)
+    return original and not diffusers
+
+
+def _to_diffusers_transformer_names(state: StateDict) -> StateDict:
+    """Original Wan names -> diffusers names (diffusers' converter); diffusers names pass through.
+    The converter is not idempotent (it swaps norm2/norm3), hence the check."""
+    if not _has_original_wan_names(list(state)):
+        return state
+    if any("motion_encoder" in k or "face_adapter" in k for k in state):  # converters that touch values
+        tensors = convert_wan_transformer_to_diffusers({k: state[k] for k in state})
+        return StateDict.of(_Tensors(tensors), state.source, state.config)
+    return _rename_with(state, convert_wan_transformer_to_diffusers, "transformer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Containers: files and folders
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    """torch.load on CPU, weights only (mmapped when the file format allows it)."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # legacy (non-zip) files cannot be mmapped
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            raise ValueError(f"{path}: not loadable with weights_only=True ({exc}); pass trust_pickle=True "
+                             "only if you trust this file") from exc
+        log.warning("%s holds more than tensors (weights_only=True failed: %s); loading it with full "
+                    "pickle, which runs code from the file: use only files you trust", path, str(exc).splitlines()[0])
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _unwrap(obj: Any, wrappers: tuple[str, ...], path: Path) -> tuple[Mapping, str]:
+    """Descend through {wrapper: {...}} nesting (first wrapper in `wrappers` order that holds a
+    dict) to the dict of tensors; returns it and the path taken, e.g. "['generator']"."""
+    chosen = []
+    for _ in range(4):
+        key = next((k for k in wrappers if isinstance(obj, Mapping) and isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            break
+        chosen.append(key)
+        obj = obj[key]
+    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        top = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+        raise ValueError(f"{path}: found no dict of tensors under any of {wrappers} (top level: {top})")
+    return obj, "".join(f"[{k!r}]" for k in chosen)
+
+
+def _read_file(path: Path, trust_pickle: bool = True) -> StateDict:
+    if path.suffix == ".safetensors":
+        return StateDict.of(_Safetensors(path), str(path))
+    if path.suffix in TORCH_SUFFIXES:
+        obj, where = _unwrap(_torch_load(path, trust_pickle), ("state_dict", "model", "module"), path)
+        return StateDict.of(_Tensors(obj), f"{path}{where}")
+    raise ValueError(f"{path}: unknown weights file type (expected .safetensors or one of {TORCH_SUFFIXES})")
+
+
+def _require(path: str | Path, expected: str) -> Path:
+    if not str(path):
+        raise FileNotFoundError(f"no path given: expected {expected}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist: expected {expected}")
+    return p
+
+
+def _read_folder(folder: Path, expected: str) -> StateDict:
+    """A diffusers model folder: config.json + single or sharded safetensors (or a .bin)."""
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    index_path = folder / DIFFUSERS_INDEX
+    if index_path.is_file():
+        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+        readers = {}
+        for name in sorted(set(weight_map.values())):
+            readers[name] = _Safetensors(_require(folder / name, f"a shard listed in {index_path}"))
+        entries = {key: (readers[name], key) for key, name in weight_map.items()}
+        return StateDict(entries, f"{folder} ({len(readers)} shards)", config)
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("diffusion_pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no {DIFFUSERS_WEIGHTS} (or sharded *.safetensors with "
+                                f"{DIFFUSERS_INDEX}): expected {expected}")
+    parts = [_read_file(f) for f in files]
+    entries = {k: v for part in parts for k, v in part._entries.items()}
+    return StateDict(entries, ", ".join(part.source for part in parts), config)
+
+
+def read_transformer_state_dict(
+    fmt: Literal["diffusers", "wan", "sdv2"],
+    path: str | Path,
+    *,
+    prefer: Literal["generator", "generator_ema"] = "generator",
+    trust_pickle: bool = True,
+) -> StateDict:
+    """The DiT weights at `path` in diffusers `WanTransformer3DModel` names (read lazily).
+
+    diffusers: a pipeline folder with transformer/, or the transformer folder itself.
+    wan: an original Wan file (.safetensors / .pth / .pt, `model.diffusion_model.` allowed) or
+    an original Wan folder of safetensors. sdv2: a StreamDiffusionV2 / CausVid model.pt.
+    `result.config` is the folder's config.json (diffusers / wan folders) for architecture checks.
+    """
+    if fmt == "diffusers":
+        p = _require(path, "a diffusers folder with transformer/ or a transformer folder (config.json + safetensors)")
+        if not p.is_dir():
+            raise FileNotFoundError(f"{p} is not a folder: format=diffusers expects a folder (use format=wan for a file)")
+        folder = p / "transformer" if (p / "transformer").is_dir() else p
+        state = _read_folder(folder, "diffusers transformer weights")
+    elif fmt == "wan":
+        p = _require(path, "an original Wan .safetensors/.pth file or folder")
+        state = _read_folder(p, "original Wan weights") if p.is_dir() else _read_file(p, trust_pickle)
+    elif fmt == "sdv2":
+        p = _require(path, "a StreamDiffusionV2 model.pt (or the folder holding it)")
+        if p.is_dir():
+            p = _require(p / "model.pt", "model.pt inside the StreamDiffusionV2 checkpoint folder")
+        state = _read_sdv2(p, prefer, trust_pickle)
+    else:
+        raise ValueError(f"weights.format={fmt!r} has no transformer file to read (diffusers, wan or sdv2)")
+    return _to_diffusers_transformer_names(_strip_wrappers(state))
+
+
+def _read_sdv2(path: Path, prefer: str, trust_pickle: bool) -> StateDict:
+    if prefer not in ("generator", "generator_ema"):
+        raise ValueError(f"prefer={prefer!r}: expected 'generator' or 'generator_ema'")
+    other = "generator_ema" if prefer == "generator" else "generator"
+    order = (prefer, other) + tuple(k for k in SDV2_WRAPPERS if k not in (prefer, other))
+    obj, where = _unwrap(_torch_load(path, trust_pickle), order, path)
+    log.info("sdv2: using %s%s", path, where)
+    return StateDict.of(_Tensors(obj), f"{path}{where}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading into a module
+# ---------------------------------------------------------------------------------------------
+
+
+def key_kinds(keys: list[str], limit: int = MAX_KINDS) -> list[str]:
+    """Group names by collapsing indices: `blocks.*.attn1.norm_q.weight (30 keys)`."""
+    counts = Counter(_INDEX.sub(".*", k) for k in keys)
+    kinds = [f"{kind} ({n} key{'s' if n > 1 else ''})" for kind, n in counts.most_common()]
+    return kinds[:limit] + ([f"... {len(kinds) - limit} more kinds"] if len(kinds) > limit else [])
+
+
+@dataclass
+class LoadReport:
+    what: str
+    matched: int
+    expected: int
+    n_missing: int = 0
+    n_unexpected: int = 0
+    missing: list[str] = field(default_factory=list)  # kinds, see key_kinds
+    unexpected: list[str] = field(default_factory=list)
+    skipped_for_stage: int = 0  # checkpoint keys of blocks / embeddings this module does not hold
+    source: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.matched / self.expected if self.expected else 1.0
+
+    def __str__(self) -> str:
+        line = (f"{self.what}: {self.matched}/{self.expected} keys matched ({100 * self.ratio:.1f}%), "
+                f"{self.n_unexpected} unexpected")
+        return line + (f", {self.skipped_for_stage} for other stages" if self.skipped_for_stage else "")
+
+    def details(self) -> str:
+        parts = [str(self)]
+        if self.n_missing:
+            parts.append(f"missing {self.n_missing}: " + ", ".join(self.missing))
+        if self.n_unexpected:
+            parts.append(f"unexpected {self.n_unexpected}: " + ", ".join(self.unexpected))
+        return "; ".join(parts)
+
+
+def _total_blocks(module: nn.Module) -> int | None:
+    for holder in (getattr(module, "cfg", None), getattr(module, "config", None)):
+        n = getattr(holder, "num_layers", None)
+        if isinstance(n, int):
+            return n
+    return None
+
+
+@torch.no_grad()
+def load_into(
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    min_match: float = 0.99,
+    what: str = "transformer",
+    num_blocks: int | None = None,
+) -> LoadReport:
+    """Copy `state` into `module` in place (each tensor cast to the dtype it replaces).
+
+    Keys of blocks the module does not hold (and of embeddings / head it leaves out) are for
+    other stages. `num_blocks` (default: the module's `cfg.num_layers` / `config.num_layers`)
+    makes block indices beyond the model unexpected rather than "other stage".
+    Raises WeightsMismatchError (a ValueError) below `min_match` or on any shape mismatch;
+    nothing is copied then.
+    """
+    # 1. The module's persistent tensors and which blocks / groups it holds.
+    targets = module.state_dict()  # name -> detached tensor sharing the module's storage
+    held_blocks = {int(m.group(1)) for k in targets if (m := _BLOCK.match(k))}
+    held_groups = {k.split(".", 1)[0] for k in targets}
+    num_blocks = num_blocks if num_blocks is not None else _total_blocks(module)
+
+    def for_other_stage(key: str) -> bool:
+        if m := _BLOCK.match(key):
+            i = int(m.group(1))
+            return i not in held_blocks and (num_blocks is None or i < num_blocks)
+        group = key.split(".", 1)[0]
+        return group in STAGE_GROUPS and group not in held_groups
+
+    # 2. Sort the checkpoint's keys.
+    matched, unexpected, skipped = [], [], 0
+    for key in state:
+        if key in targets:
+            matched.append(key)
+        elif for_other_stage(key):
+            skipped += 1
+        else:
+            unexpected.append(key)
+    matched_set = set(matched)
+    missing = [k for k in targets if k not in matched_set]
+    report = LoadReport(what, len(matched), len(targets), len(missing), len(unexpected), key_kinds(missing),
+                        key_kinds(unexpected), skipped, str(getattr(state, "source", "")))
+
+    # 3. Refuse a checkpoint that does not fit.
+    if report.ratio < min_match:
+        raise WeightsMismatchError(
+            f"{report.details()} — below min_match={min_match} (from {report.source or 'a state dict'}); "
+            "is this the right format and model size?", report)
+    shape_of = state.shape if isinstance(state, StateDict) else (lambda k: tuple(state[k].shape))
+    bad = [(k, shape_of(k), tuple(targets[k].shape)) for k in matched if shape_of(k) != tuple(targets[k].shape)]
+    if bad:
+        lines = "; ".join(f"{k}: checkpoint {src} vs model {dst}" for k, src, dst in bad[:MAX_KINDS])
+        more = f" (and {len(bad) - MAX_KINDS} more)" if len(bad) > MAX_KINDS else ""
+        raise WeightsMismatchError(f"{what}: {len(bad)} shape mismatch(es): {lines}{more}")
+
+    # 4. Copy one tensor at a time into the existing storage.
+    for key in matched:
+        targets[key].copy_(state[key])
+    if missing:
+        log.warning("%s left at init: %s", what, ", ".join(report.missing))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------------------------
+
+
+def load_vae(path: str | Path, config: dict | None = None, min_match: float = 0.99):
+    """The Wan VAE (`AutoencoderKLWan`, fp32, CPU, eval) from a diffusers vae/ folder (or the
+    pipeline folder above it) or an original Wan2.1_VAE .pth / .safetensors. For an original file
+    `config` gives the architecture (default: diffusers' defaults, the real Wan2.1 VAE).
+
+    Folder weights go through `load_into` too (rather than from_pretrained) so the same match
+    report and min_match apply. diffusers' converter assumes num_res_blocks=2 (the real VAE)."""
+    from diffusers import AutoencoderKLWan
+
+    p = _require(path, "a diffusers vae/ folder or an original Wan2.1_VAE.pth / .safetensors")
+    if p.is_dir():
+        folder = p / "vae" if (p / "vae").is_dir() else p
+        state = _read_folder(folder, "diffusers VAE weights")
+        if state.config is None:
+            raise FileNotFoundError(f"{folder} has no config.json: expected a diffusers vae/ folder")
+        vae = AutoencoderKLWan.from_config(state.config)
+    else:
+        state = _strip_wrappers(_read_file(p))
+        if any(k.startswith(("encoder.conv1.", "encoder.downsamples.", "decoder.upsamples.")) for k in state):
+            state = _rename_with(state, convert_wan_vae_to_diffusers, "vae")
+        vae = AutoencoderKLWan(**(config or {}))
+    report = load_into(vae, state, min_match=min_match, what="vae")
+    log.info("%s", report)
+    return vae.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded random init (format: random)
+# ---------------------------------------------------------------------------------------------
+
+
+def _param_seed(seed: int, name: str) -> int:
+    # 32 bits: torch's CPU generator (mt19937) ignores the high half of a 64-bit seed.
+    return zlib.crc32(f"{seed}/{name}".encode())
+
+
+def _random_values(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "scale_shift_table":  # AdaLN tables: diffusers' randn / sqrt(dim)
+        return noise / shape[-1] ** 0.5
+    if leaf == "gamma" or (leaf == "weight" and len(shape) == 1):  # norm scales around 1
+        return 1.0 + 0.02 * noise
+    if leaf == "weight" and len(shape) >= 2:  # Linear / Conv: fan-in scaled
+        fan_in = max(1, torch.Size(shape[1:]).numel())
+        return noise / fan_in**0.5
+    return 0.02 * noise  # biases and anything else: small, not zero
+
+
+@torch.no_grad()
+def random_init_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Deterministic init in place. Each parameter's values depend only on (seed, its name,
+    its shape), drawn on CPU in fp32: a stage holding blocks 10..19 gets exactly the tensors
+    the whole model would, on any device or dtype."""
+    for name, param in module.named_parameters():
+        gen = torch.Generator().manual_seed(_param_seed(seed, name))
+        param.copy_(_random_values(name, tuple(param.shape), gen))
+    return module

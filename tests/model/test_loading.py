@@ -1,0 +1,355 @@
+"""Weight loading: every format, saved here from tiny random-init diffusers models, must give the
+same outputs as the model it was saved from (exact equality: the same fp32 tensors are copied).
+
+The original-name state dicts are made with inverse mappings written here (mirroring diffusers'
+rename tables); the VAE inverse is checked by a round trip through diffusers' own converter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+from safetensors.torch import save_file
+
+from streamdiff.config import ModelConfig
+from streamdiff.model.causal_wan import CausalWanModel
+from streamdiff.model.loading import (
+    WeightsMismatchError,
+    load_into,
+    load_vae,
+    random_init_,
+    read_transformer_state_dict,
+)
+
+TINY = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, text_dim=32, in_channels=16,
+            out_channels=16, freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+
+# diffusers name piece -> original Wan name piece, applied in order (inverse of diffusers' table).
+TO_WAN = [
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn1", "self_attn"),
+    ("attn2", "cross_attn"),
+    (".to_out.0.", ".o."),
+    (".to_q.", ".q."),
+    (".to_k.", ".k."),
+    (".to_v.", ".v."),
+    ("ffn.net.0.proj", "ffn.0"),
+    ("ffn.net.2", "ffn.2"),
+    ("norm2", "norm3"),  # diffusers' norm2 (cross-attn, affine) is Wan's norm3
+    ("proj_out", "head.head"),
+    ("scale_shift_table", "modulation"),
+]
+
+
+def to_wan_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        new = "head.modulation" if key == "scale_shift_table" else key
+        for a, b in TO_WAN:
+            new = new.replace(a, b)
+        out[new] = value
+    return out
+
+
+def tiny_model(seed: int) -> WanTransformer3DModel:
+    return random_init_(WanTransformer3DModel(**TINY), seed).eval()
+
+
+def fresh_model() -> WanTransformer3DModel:
+    torch.manual_seed(123)
+    return WanTransformer3DModel(**TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 16, 2, 8, 8, generator=g)  # [B, C, F, h, w]
+    text = torch.randn(1, 8, 32, generator=g)  # [B, L, text_dim]
+    return x, torch.tensor([700]), text
+
+
+def run(model: WanTransformer3DModel, inputs) -> torch.Tensor:
+    x, t, text = inputs
+    with torch.no_grad():
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """The tiny model saved in every format; returns (model, its diffusers state dict, root)."""
+    root = tmp_path_factory.mktemp("weights")
+    model = tiny_model(seed=1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(root / "pipe" / "transformer")
+    model.save_pretrained(root / "sharded", max_shard_size="20KB")
+    wan = to_wan_names(state)
+    save_file({"model.diffusion_model." + k: v for k, v in wan.items()}, root / "wan.safetensors")
+    torch.save(wan, root / "wan.pth")
+    (root / "wan_folder").mkdir()
+    save_file(wan, root / "wan_folder" / "diffusion_pytorch_model.safetensors")
+    gen = {"model." + k: v for k, v in wan.items()}
+    torch.save({"generator": gen, "step": 100}, root / "sdv2_gen.pt")
+    torch.save({"generator_ema": gen}, root / "sdv2_ema.pt")
+    torch.save({"state_dict": {"model._orig_mod." + k: v for k, v in wan.items()}}, root / "sdv2_sd.pt")
+    return model, state, root
+
+
+def test_inverse_mapping_looks_like_wan(source):
+    wan = to_wan_names(source[1])
+    for key in ("head.modulation", "head.head.weight", "blocks.0.modulation", "blocks.1.norm3.weight",
+                "blocks.0.self_attn.o.weight", "blocks.0.cross_attn.norm_k.weight", "blocks.0.ffn.0.weight",
+                "time_projection.1.bias", "text_embedding.2.weight", "patch_embedding.weight"):
+        assert key in wan, key
+    assert not any("norm2" in k or "attn1" in k or "condition_embedder" in k for k in wan)
+
+
+@pytest.mark.parametrize(
+    "fmt, rel",
+    [("diffusers", "pipe"), ("diffusers", "pipe/transformer"), ("diffusers", "sharded"), ("wan", "wan.safetensors"),
+     ("wan", "wan.pth"), ("wan", "wan_folder"), ("sdv2", "sdv2_gen.pt"), ("sdv2", "sdv2_ema.pt"),
+     ("sdv2", "sdv2_sd.pt")],
+)
+def test_format_loads_to_identical_outputs(source, inputs, fmt, rel):
+    model, state, root = source
+    loaded = fresh_model()
+    assert not torch.equal(run(loaded, inputs), run(model, inputs))
+    sd = read_transformer_state_dict(fmt, root / rel)
+    assert set(sd) == set(state)
+    report = load_into(loaded, sd)
+    assert (report.matched, report.expected, report.n_unexpected, report.skipped_for_stage) == (69, 69, 0, 0)
+    assert str(report) == "transformer: 69/69 keys matched (100.0%), 0 unexpected"
+    assert torch.equal(run(loaded, inputs), run(model, inputs))
+
+
+def test_diffusers_folder_offers_config_and_shards(source):
+    _, _, root = source
+    assert len(list((root / "sharded").glob("*.safetensors"))) > 1
+    sd = read_transformer_state_dict("diffusers", root / "pipe")
+    assert sd.config["num_layers"] == 2 and sd.config["_class_name"] == "WanTransformer3DModel"
+
+
+def test_sdv2_prefers_generator_and_can_pick_ema(tmp_path, source, inputs):
+    model, state, _ = source
+    other = to_wan_names({k: v + 1 for k, v in state.items()})
+    wan = to_wan_names(state)
+    path = tmp_path / "model.pt"
+    torch.save({"generator": {"model." + k: v for k, v in wan.items()},
+                "generator_ema": {"model." + k: v for k, v in other.items()}}, path)
+    default, ema = fresh_model(), fresh_model()
+    load_into(default, read_transformer_state_dict("sdv2", tmp_path))  # the folder holding model.pt
+    load_into(ema, read_transformer_state_dict("sdv2", path, prefer="generator_ema"))
+    assert torch.equal(run(default, inputs), run(model, inputs))
+    assert torch.equal(ema.proj_out.bias, state["proj_out.bias"] + 1)
+
+
+class _NotATensor:  # makes weights_only=True refuse the file
+    pass
+
+
+def test_sdv2_pickle_fallback(tmp_path, source, caplog):
+    wan = to_wan_names(source[1])
+    path = tmp_path / "model.pt"
+    torch.save({"generator": {"model." + k: v for k, v in wan.items()}, "extra": _NotATensor()}, path)
+    with pytest.raises(ValueError, match="weights_only"):
+        read_transformer_state_dict("sdv2", path, trust_pickle=False)
+    with caplog.at_level(logging.WARNING):
+        sd = read_transformer_state_dict("sdv2", path)
+    assert "trust" in caplog.text and set(sd) == set(source[1])
+
+
+def test_missing_keys_refused_with_counts_and_kinds(tmp_path, source):
+    _, state, _ = source
+    dropped = {k: v for k, v in state.items() if not re.search(r"attn1\.norm_[qk]\.weight", k)}
+    assert len(dropped) == 65  # 4 of 69 (5.8%) dropped
+    save_file(dropped, tmp_path / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(dict(TINY)))
+    sd = read_transformer_state_dict("diffusers", tmp_path)
+    model = fresh_model()
+    before = model.proj_out.weight.clone()
+    with pytest.raises(WeightsMismatchError) as err:
+        load_into(model, sd)
+    msg = str(err.value)
+    assert "65/69" in msg and "missing 4" in msg
+    assert "blocks.*.attn1.norm_q.weight (2 keys)" in msg and "blocks.*.attn1.norm_k.weight (2 keys)" in msg
+    assert isinstance(err.value, ValueError) and err.value.report.n_missing == 4
+    assert torch.equal(model.proj_out.weight, before)  # nothing copied
+    report = load_into(model, sd, min_match=0.9)  # allowed when asked for
+    assert report.matched == 65
+    assert sorted(report.missing) == ["blocks.*.attn1.norm_k.weight (2 keys)", "blocks.*.attn1.norm_q.weight (2 keys)"]
+    assert torch.equal(model.proj_out.weight, state["proj_out.weight"])
+
+
+def test_unexpected_keys_reported(source):
+    _, state, _ = source
+    extra = dict(state)
+    extra["blocks.0.attn1.extra.weight"] = torch.ones(3)
+    extra["blocks.1.attn1.extra.weight"] = torch.ones(3)
+    extra["blocks.7.attn1.to_q.weight"] = torch.ones(3)  # beyond num_layers=2: not another stage's
+    extra["img_emb.proj.0.weight"] = torch.ones(3)
+    report = load_into(fresh_model(), extra)
+    assert report.matched == 69 and report.n_unexpected == 4 and report.skipped_for_stage == 0
+    assert "blocks.*.attn1.extra.weight (2 keys)" in report.unexpected
+    assert "blocks.*.attn1.to_q.weight (1 key)" in report.unexpected
+    assert str(report) == "transformer: 69/69 keys matched (100.0%), 4 unexpected"
+
+
+def test_shape_mismatch_names_key_and_shapes(source):
+    _, state, _ = source
+    bad = dict(state)
+    bad["blocks.1.ffn.net.0.proj.weight"] = torch.zeros(96, 64)
+    model = fresh_model()
+    before = model.patch_embedding.weight.clone()
+    with pytest.raises(ValueError, match=r"blocks\.1\.ffn\.net\.0\.proj\.weight: checkpoint \(96, 64\) vs model \(128, 64\)"):
+        load_into(model, bad)
+    assert torch.equal(model.patch_embedding.weight, before)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "wan", "sdv2"])
+def test_missing_path_raises_file_not_found(tmp_path, fmt):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope"))):
+        read_transformer_state_dict(fmt, tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="expected"):
+        read_transformer_state_dict(fmt, "")
+
+
+def test_empty_diffusers_folder_names_expected_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
+        read_transformer_state_dict("diffusers", tmp_path)
+
+
+def test_stage_loads_its_blocks_only(source):
+    _, state, root = source
+    sd = read_transformer_state_dict("diffusers", root / "sharded")
+    stage = CausalWanModel(ModelConfig(), block_range=(1, 2), has_embed=False, has_head=False)
+    report = load_into(stage, sd)
+    n_block = sum(k.startswith("blocks.0.") for k in state)
+    assert report.matched == report.expected == len(stage.state_dict())
+    assert report.n_unexpected == 0 and report.n_missing == 0
+    assert report.skipped_for_stage == n_block + 5  # block 0, patch_embedding (2), proj_out (2), scale_shift_table
+    assert str(report).endswith(f"0 unexpected, {n_block + 5} for other stages")
+    for name, tensor in stage.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    full = CausalWanModel(ModelConfig())
+    assert load_into(full, sd).matched == len(state)  # our DiT carries diffusers' names exactly
+
+
+def test_dtype_cast_on_load(source):
+    _, state, _ = source
+    model = fresh_model().to(torch.bfloat16)
+    load_into(model, state)
+    assert model.proj_out.weight.dtype == torch.bfloat16
+    assert torch.equal(model.proj_out.weight, state["proj_out.weight"].to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------------------------
+
+
+def _decode(vae: AutoencoderKLWan, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return vae(x, sample_posterior=False).sample
+
+
+def test_vae_diffusers_folder(tmp_path):
+    vae = random_init_(AutoencoderKLWan(base_dim=8, num_res_blocks=1), seed=3).eval()
+    vae.save_pretrained(tmp_path / "vae")
+    x = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1  # [B, 3, T, H, W]
+    for path in (tmp_path, tmp_path / "vae"):
+        loaded = load_vae(path)
+        assert torch.equal(_decode(loaded, x), _decode(vae, x))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_vae(tmp_path / "nope")
+
+
+def _resnet_to_wan(rest: str) -> str:
+    for a, b in (("norm1.gamma", "residual.0.gamma"), ("conv1.", "residual.2."), ("norm2.gamma", "residual.3.gamma"),
+                 ("conv2.", "residual.6."), ("conv_shortcut.", "shortcut.")):
+        if rest.startswith(a):
+            return b + rest[len(a):]
+    return rest
+
+
+def vae_to_wan_name(key: str) -> str:
+    """diffusers AutoencoderKLWan name -> original Wan VAE name (num_res_blocks=2)."""
+    for a, b in (("quant_conv.", "conv1."), ("post_quant_conv.", "conv2."), ("encoder.conv_in.", "encoder.conv1."),
+                 ("decoder.conv_in.", "decoder.conv1."), ("encoder.norm_out.", "encoder.head.0."),
+                 ("decoder.norm_out.", "decoder.head.0."), ("encoder.conv_out.", "encoder.head.2."),
+                 ("decoder.conv_out.", "decoder.head.2.")):
+        if key.startswith(a):
+            return b + key[len(a):]
+    if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", key):
+        return f"{m[1]}.middle.1.{m[2]}"
+    if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.*)", key):
+        return f"{m[1]}.middle.{2 * int(m[2])}.{_resnet_to_wan(m[3])}"
+    if m := re.match(r"encoder\.down_blocks\.(\d+)\.(.*)", key):
+        return f"encoder.downsamples.{m[1]}.{_resnet_to_wan(m[2])}"
+    if m := re.match(r"decoder\.up_blocks\.(\d)\.resnets\.(\d)\.(.*)", key):
+        return f"decoder.upsamples.{4 * int(m[1]) + int(m[2])}.{_resnet_to_wan(m[3])}"
+    if m := re.match(r"decoder\.up_blocks\.(\d)\.upsamplers\.0\.(.*)", key):
+        return f"decoder.upsamples.{4 * int(m[1]) + 3}.{m[2]}"
+    raise AssertionError(f"no original name for {key}")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_vae_original_file(tmp_path, suffix):
+    config = dict(base_dim=4, num_res_blocks=2)  # diffusers' converter knows the real layout only
+    vae = random_init_(AutoencoderKLWan(**config), seed=4).eval()
+    state = vae.state_dict()
+    wan = {vae_to_wan_name(k): v for k, v in state.items()}
+    # The inverse is right iff diffusers' own converter maps it back onto every name.
+    assert convert_wan_vae_to_diffusers({k: k for k in wan}) == {k: vae_to_wan_name(k) for k in state}
+    path = tmp_path / f"Wan2.1_VAE{suffix}"
+    if suffix == ".pth":
+        torch.save(wan, path)
+    else:
+        save_file({k: v.contiguous() for k, v in wan.items()}, path)
+    loaded = load_vae(path, config=config)
+    x = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1  # [B, 3, T, H, W]
+    assert torch.equal(_decode(loaded, x), _decode(vae, x))
+
+
+def test_vae_original_file_with_wrong_architecture_is_refused(tmp_path):
+    vae = random_init_(AutoencoderKLWan(base_dim=4, num_res_blocks=2), seed=4)
+    torch.save({vae_to_wan_name(k): v for k, v in vae.state_dict().items()}, tmp_path / "vae.pth")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_vae(tmp_path / "vae.pth", config=dict(base_dim=8, num_res_blocks=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded random init
+# ---------------------------------------------------------------------------------------------
+
+
+def test_random_init_is_seeded_by_name(inputs):
+    a, b, c = tiny_model(5), tiny_model(5), tiny_model(6)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), name
+        assert not torch.equal(pa, pc), name
+        assert pa.abs().min() > 0 or pa.numel() > 1000, name  # biases too are non-zero
+    out, out_other = run(a, inputs), run(c, inputs)
+    assert torch.isfinite(out).all() and 0.1 < out.std() < 100
+    assert (out - out_other).abs().mean() > 0.1 * out.abs().mean()
+
+
+def test_random_init_same_tensors_for_any_block_range():
+    cfg = ModelConfig(num_layers=4)
+    full = random_init_(CausalWanModel(cfg), seed=9)
+    stage = random_init_(CausalWanModel(cfg, block_range=(2, 4), has_embed=False, has_head=False), seed=9)
+    diffusers_model = random_init_(WanTransformer3DModel(**{**TINY, "num_layers": 4}), seed=9)
+    full_params = dict(full.named_parameters())
+    for name, p in stage.named_parameters():
+        assert torch.equal(p, full_params[name]), name
+    for name, p in diffusers_model.named_parameters():
+        assert torch.equal(p, full_params[name]), name
+    assert not torch.equal(full_params["blocks.2.attn1.to_q.weight"], full_params["blocks.3.attn1.to_q.weight"])

@@ -1,0 +1,103 @@
+"""`streamdiff render` end to end, in a subprocess as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+
+from streamdiff.client.video_io import VideoWriter
+from streamdiff.pipeline.frames import synthetic_clip
+
+SMALL = ["--set", "runtime.device=cpu"]
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "streamdiff.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def read_back(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        return frames, float(stream.average_rate)
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    """50 frames of moving shapes at 64x48, 24 fps (50 = 5 + 11*4 + 1: a trailing partial chunk)."""
+    path = tmp_path_factory.mktemp("in") / "clip.mp4"
+    with VideoWriter(path, 64, 48, 24.0) as writer:
+        writer.write(synthetic_clip(50, 64, 48, seed=3))
+    return path
+
+
+def test_render_keeps_frame_count_size_and_rate(clip_file, tmp_path):
+    out = tmp_path / "out.mp4"
+    result = run_cli("render", "--input", str(clip_file), "--prompt", "oil painting", "--output", str(out), "-q", *SMALL)
+    assert result.returncode == 0, result.stderr
+    frames, fps = read_back(out)
+    assert len(frames) == 50
+    assert frames[0].shape == (48, 64, 3)
+    assert fps == pytest.approx(24.0)
+    assert np.std(frames[10]) > 1.0
+
+
+def test_render_resizes_on_the_way_in(clip_file, tmp_path):
+    out = tmp_path / "small.mp4"
+    result = run_cli(
+        "render", "--input", str(clip_file), "--prompt", "x", "--output", str(out), "--size", "32x32", "--steps", "1",
+        *SMALL,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote 50 frames 32x32" in result.stdout
+    frames, _ = read_back(out)
+    assert len(frames) == 50 and frames[0].shape == (32, 32, 3)
+
+
+def test_render_synthetic_input(tmp_path):
+    out = tmp_path / "syn.mp4"
+    result = run_cli("render", "--input", "synthetic", "--frames", "13", "--prompt", "x", "--output", str(out),
+                     "--size", "48x32", *SMALL)
+    assert result.returncode == 0, result.stderr
+    assert len(read_back(out)[0]) == 13
+
+
+@pytest.mark.parametrize(
+    ("make_input", "message"),
+    [
+        (lambda d: d / "missing.mp4", "input not found"),
+        (lambda d: (d / "notes.txt").write_text("hello") and d / "notes.txt", "is not a video PyAV can read"),
+    ],
+)
+def test_bad_inputs_fail_with_one_line(tmp_path, make_input, message):
+    path = make_input(tmp_path)
+    result = run_cli("render", "--input", str(path), "--prompt", "x", "--output", str(tmp_path / "o.mp4"), *SMALL)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_size_the_vae_cannot_take_fails_cleanly(tmp_path):
+    odd = tmp_path / "odd.mp4"
+    with VideoWriter(odd, 72, 40, 10.0) as writer:
+        writer.write(synthetic_clip(6, 72, 40))
+    result = run_cli("render", "--input", str(odd), "--prompt", "x", "--output", str(tmp_path / "o.mp4"), *SMALL)
+    assert result.returncode == 2
+    assert "72x40" in result.stderr and "--size 64x32" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_override_fails_cleanly(clip_file, tmp_path):
+    result = run_cli("render", "--input", str(clip_file), "--prompt", "x", "--output", str(tmp_path / "o.mp4"),
+                     "--set", "cache.windw=4")
+    assert result.returncode == 2
+    assert "unknown config key 'cache.windw'" in result.stderr
+    assert "Traceback" not in result.stderr
