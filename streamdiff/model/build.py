@@ -68,13 +68,12 @@ def build_components(cfg: Config, device: torch.device | str | None = None) -> C
     device = resolve_device(cfg.runtime.device) if device is None else torch.device(device)
     dtype = DTYPES[cfg.model.dtype]
     model = build_transformer(cfg, device)
-    if cfg.weights.vae:
+    if cfg.weights.format == "random":  # the configured architectures, random weights (tests, bench)
+        vae_module = build_vae(cfg.vae, seed=cfg.weights.seed)
+    elif cfg.weights.vae:
         vae_module = load_vae(cfg.weights.vae)
     else:
-        if cfg.weights.format != "random":
-            raise ValueError("weights.vae must name the Wan VAE (a diffusers vae/ folder or Wan2.1_VAE.pth)")
-        torch.manual_seed(cfg.weights.seed)  # diffusers' default init, made repeatable
-        vae_module = build_vae(cfg.vae)
+        raise ValueError("weights.vae must name the Wan VAE (a diffusers vae/ folder or Wan2.1_VAE.pth)")
     vae_module = vae_module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     text = build_prompt_encoder(cfg.text, cfg.weights, cfg.model.text_dim, device, dtype)
     schedule = FlowMatchSchedule(cfg.sampling.shift, cfg.sampling.num_train_timesteps)
