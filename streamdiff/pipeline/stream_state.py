@@ -1,0 +1,258 @@
+"""One stream's state and the per-chunk math, shared by StreamPipeline and the engine.
+
+Owns: everything one stream carries from chunk to chunk — its VAE caches, motion controller,
+the lanes in flight (stream batch), the chunk counter, its prompt (cross-attention K/V, with an
+optional linear blend over a few chunks), seed, denoise steps and its lanes in a `SlotTable` —
+and the per-chunk steps, in order:
+  1. `encode(frames)`: VAE-encode, motion-aware strength, noise -> the chunk's lane-0 `Lane`;
+  2. rows: `enter(lane)` (stream batch: lanes shift, one `Row` per occupied lane) or
+     `start_sequential(lane)` (a first chunk, or every chunk without stream batch: the denoise
+     steps one after another, one `Row` at a time, next one in `state.sequential`);
+  3. `forward_rows(model, pool, rows)`: one DiT forward over rows of ANY streams that write the
+     same number of latent frames (plans their slots, re-bases, stacks prompt K/V);
+  4. `apply_flow(row, flow)`: x0 = x - sigma v, then re-noise into the next lane, or finish;
+  5. `decode(x0)` -> uint8 frames.
+Does not own: the KV pool tensors and the slot table (the caller's: StreamPipeline has one for
+its stream, the engine's ModelRunner one for all streams), batching policy, frame buffering.
+
+StreamPipeline runs these steps for its single stream; the engine's ModelRunner runs them for
+many streams at once, putting the rows of all streams into one forward. Keeping the math here
+is what makes "engine with N streams == N pipelines" hold by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from streamdiff.cache.kv_cache import AttnBatch, KVPool
+from streamdiff.cache.slots import SlotTable
+from streamdiff.model.build import Components
+from streamdiff.model.causal_wan import CausalWanModel, CrossKV
+from streamdiff.pipeline.frames import frames_to_tensor, tensor_to_frames
+from streamdiff.sampling.motion import MotionController
+from streamdiff.sampling.noise_schedule import chunk_noise, strength_to_timestep, timesteps_for
+
+VAE_TIME_STRIDE = 4  # video frames per latent frame (the stream's very first latent: 1 frame)
+
+
+@dataclass
+class Lane:
+    """A chunk in flight: its latent at the noise level of timestep `t`. `tag` rides along
+    untouched (the engine puts the chunk's input frame ids / pts there)."""
+
+    x: torch.Tensor  # [1, 16, F, h, w]
+    t: int
+    chunk: int
+    tag: object = None
+
+
+@dataclass
+class Row:
+    """One batch row of a forward: stream `state`, lane index `j` (= denoise step), its chunk."""
+
+    state: "StreamState"
+    j: int
+    lane: Lane
+    sequential: bool = False  # True: the chunk runs its steps one after another (prepare)
+
+
+class StreamState:
+    """Per-stream state over a shared `SlotTable` (see the module docstring).
+
+    The stream's lanes are allocated in `slots` under `stream_id` on construction and given
+    back by `release()`. `prompt_kv` turns a prompt into cross-attention K/V (default: encode
+    with `comps.text` and project with the model); the engine passes a shared cache.
+    """
+
+    def __init__(
+        self,
+        comps: Components,
+        stream_id: object,
+        slots: SlotTable,
+        prompt: str,
+        steps: int | None = None,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        noise_strength: float | None = None,
+        motion_aware: bool | None = None,
+        prompt_kv: Callable[[str], CrossKV] | None = None,
+    ):
+        cfg = comps.cfg
+        self.comps = comps
+        self.model: CausalWanModel = comps.model
+        self.stream_id = stream_id
+        self.slots = slots
+        self.steps = steps or cfg.sampling.steps
+        self.timesteps = timesteps_for(self.steps)
+        self.seed = cfg.sampling.seed if seed is None else seed
+        self.width = width or cfg.video.width
+        self.height = height or cfg.video.height
+        if self.width % 16 or self.height % 16:
+            raise ValueError(f"frame size {self.width}x{self.height} must be a multiple of 16 in both sides")
+        self.first_latents = cfg.sampling.first_chunk_latents
+        self.chunk_latents = cfg.sampling.chunk_latents
+        self._prompt_kv = prompt_kv or self._encode_prompt_kv
+        # 1. Lanes in the slot table (one window per denoise step), VAE caches, motion.
+        slots.add_stream(stream_id, self.steps)
+        self.vae_state = comps.vae.new_state()
+        strength = cfg.sampling.noise_strength if noise_strength is None else noise_strength
+        aware = cfg.sampling.motion_aware if motion_aware is None else motion_aware
+        self.motion = MotionController(strength, aware)
+        self.lanes: list[Lane | None] = [None] * self.steps
+        self.sequential: Row | None = None  # the next row of a chunk denoised step by step
+        self.chunk_index = 0
+        # 2. Prompt: current cross K/V, and the blend in progress (embeddings, chunks left).
+        self.prompt = prompt
+        self.cross_kv: CrossKV = self._prompt_kv(prompt)
+        self._blend: tuple[torch.Tensor, torch.Tensor, int, int] | None = None  # (from, to, done, total)
+        self._emb: torch.Tensor | None = None  # text embeddings of the current K/V when blending
+
+    # ------------------------------------------------------------------ controls
+
+    def _encode_prompt_kv(self, prompt: str) -> CrossKV:
+        return self.model.prompt_kv(self.comps.text.encode(prompt))
+
+    def set_prompt(self, prompt: str, blend_chunks: int = 0) -> None:
+        """Swap the cross-attention K/V now (blend_chunks=0), or blend the text embeddings
+        linearly from the current ones to the new prompt's over the next `blend_chunks` chunks
+        (chunk i of k uses (1 - i/k)·old + (i/k)·new). Caches and lanes carry on."""
+        if blend_chunks <= 0:
+            self.prompt, self._blend, self._emb = prompt, None, None
+            self.cross_kv = self._prompt_kv(prompt)
+            return
+        text = self.comps.text
+        start = self._emb if self._emb is not None else text.encode(self.prompt)  # [1, L, D]
+        self.prompt = prompt
+        self._blend = (start, text.encode(prompt), 0, int(blend_chunks))
+
+    def _advance_blend(self) -> None:
+        if self._blend is None:
+            return
+        start, target, done, total = self._blend
+        done += 1
+        if done >= total:
+            self._blend, self._emb = None, None
+            self.cross_kv = self._prompt_kv(self.prompt)
+            return
+        alpha = done / total
+        self._emb = (1.0 - alpha) * start + alpha * target  # [1, L, D]
+        self.cross_kv = self.model.prompt_kv(self._emb)
+        self._blend = (start, target, done, total)
+
+    @property
+    def frames_needed(self) -> int:
+        """Video frames the next chunk takes: 1 + 4 (F-1) for the first chunk (5), then 4 F."""
+        if self.chunk_index == 0:
+            return 1 + VAE_TIME_STRIDE * (self.first_latents - 1)
+        return VAE_TIME_STRIDE * self.chunk_latents
+
+    @property
+    def in_flight(self) -> bool:
+        """True while a chunk sits in a lane (its output has not left yet)."""
+        return self.sequential is not None or any(lane is not None for lane in self.lanes)
+
+    def release(self) -> list[int]:
+        """Give the stream's lanes back to the slot table and drop every cached tensor.
+        Returns the pool slots it held (the owner of the pool may clear them)."""
+        entry = self.slots.streams.get(self.stream_id)
+        held = entry.all_slots() if entry is not None else []
+        self.slots.remove_stream(self.stream_id)
+        self.vae_state.reset()
+        self.motion.reset()
+        self.lanes = [None] * self.steps
+        self.sequential = None
+        self._blend = self._emb = None
+        return held
+
+    # ------------------------------------------------------------------ per-chunk steps
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray, tag: object = None) -> Lane:
+        """Step 1: frames [n, H, W, 3] uint8 -> the chunk's noised latent at its first timestep."""
+        comps = self.comps
+        self._advance_blend()
+        pixels = frames_to_tensor(frames).to(comps.device, comps.dtype)  # [1, 3, n, H, W]
+        latents = comps.vae.encode_chunk(pixels, self.vae_state)  # [1, 16, F, h, w]
+        strength = self.motion.update(pixels.float())
+        t0 = strength_to_timestep(strength)
+        noise = chunk_noise(tuple(latents.shape), self.seed, self.chunk_index, 0, comps.device, latents.dtype)
+        x = comps.schedule.add_noise(latents, noise, strength)  # [1, 16, F, h, w]
+        lane = Lane(x, t0, self.chunk_index, tag)
+        self.chunk_index += 1
+        return lane
+
+    def start_sequential(self, lane: Lane) -> Row:
+        """Step 2 (prepare): the chunk runs every denoise step in turn; this is its first row."""
+        self.sequential = Row(self, 0, lane, sequential=True)
+        return self.sequential
+
+    def enter(self, incoming: Lane | None) -> list[Row]:
+        """Step 2 (stream batch): `incoming` (or nothing, when draining) enters lane 0, every
+        other chunk moves one lane on; returns one row per occupied lane."""
+        self.lanes = [incoming] + self.lanes[:-1]
+        return [Row(self, j, lane) for j, lane in enumerate(self.lanes) if lane is not None]
+
+    def apply_flow(self, row: Row, flow: torch.Tensor) -> torch.Tensor | None:
+        """Step 4: x0 from the row's flow. At the last step the chunk is done: returns x0 [1, 16,
+        F, h, w]. Otherwise x0 is re-noised to the next timestep, kept in the next lane (or in
+        `self.sequential`), and None is returned."""
+        schedule = self.comps.schedule
+        lane = row.lane
+        x0 = schedule.flow_to_x0(lane.x, flow, schedule.sigma(lane.t))
+        last = row.j == self.steps - 1
+        nxt = None
+        if not last:
+            t = self.timesteps[row.j + 1]
+            nxt = Lane(self._renoise(x0, lane.chunk, row.j + 1, t), t, lane.chunk, lane.tag)
+        if row.sequential:
+            self.sequential = None if last else Row(self, row.j + 1, nxt, sequential=True)
+        else:
+            self.lanes[row.j] = nxt
+        return x0 if last else None
+
+    def _renoise(self, x0: torch.Tensor, chunk: int, lane: int, t: int) -> torch.Tensor:
+        noise = chunk_noise(tuple(x0.shape), self.seed, chunk, lane, x0.device, x0.dtype)
+        return self.comps.schedule.add_noise(x0, noise, self.comps.schedule.sigma(t))
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> np.ndarray:
+        """Step 5: a finished chunk's x0 -> uint8 frames [n, H, W, 3]."""
+        pixels = self.comps.vae.decode_chunk(x0, self.vae_state)  # [1, 3, n, H, W]
+        return tensor_to_frames(pixels)
+
+
+@torch.no_grad()
+def forward_rows(
+    model: CausalWanModel, pool: KVPool, rows: list[Row], refresh_threshold: float | None = None
+) -> list[torch.Tensor]:
+    """Step 3: one DiT forward over `rows` (any streams, any lanes; all write the same number of
+    latent frames) -> one flow [1, 16, F, h, w] per row. Commits the rows' slot plans."""
+    num_frames = rows[0].lane.x.shape[2]
+    device = pool.k.device
+    # 1. Slot plans per row (re-basing RoPE indices of a lane that would leave the table).
+    plans = [row.state.slots.lane(row.state.stream_id, row.j).plan(num_frames) for row in rows]
+    for plan in plans:
+        if plan.rebase_delta:
+            freqs_cos, freqs_sin = model.rope_tables()
+            pool.rebase_(plan.rebase_slots, plan.rebase_delta, freqs_cos, freqs_sin, model.rope.t_dim)
+    batch = AttnBatch.from_plans(plans, device)
+    # 2. Stack latents, per-row timesteps and per-row prompt K/V; run the model.
+    x = torch.cat([row.lane.x for row in rows])  # [B, 16, F, h, w]
+    timestep = torch.tensor([[row.lane.t] * num_frames for row in rows], device=device, dtype=torch.float32)  # [B, F]
+    cross = model.stack_prompt_kv([row.state.cross_kv for row in rows])
+    flow = model(x, timestep, cross, batch, pool, refresh_threshold)  # [B, 16, F, h, w]
+    return list(flow.split(1))
+
+
+def refresh_threshold(comps: Components) -> float | None:
+    """The adaptive sink refresh threshold the config asks for, or None when it is off."""
+    cc = comps.cfg.cache
+    return cc.refresh_threshold if cc.adaptive_sink_refresh else None
+
+
+__all__ = ["Lane", "Row", "StreamState", "forward_rows", "refresh_threshold"]
