@@ -18,6 +18,13 @@ from __future__ import annotations
 
 import torch
 
+from streamdiff.kernels import index_checks_enabled, load_triton
+
+triton = tl = None  # bound by _kernel() on the first launch: importing this file never imports triton
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
 
 def rope_angles_ref(
     freqs_cos: torch.Tensor,
@@ -73,3 +80,185 @@ def cache_write_ref(
     flat = slots.reshape(-1).long()
     k_pool[flat] = k_rot.reshape(batch * num_frames, tokens, *k.shape[2:]).to(k_pool.dtype)
     v_pool[flat] = v.reshape(batch * num_frames, tokens, *v.shape[2:]).to(v_pool.dtype)
+
+
+# ---------------------------------------------------------------------------------- Triton kernel
+
+def _cache_write_program(
+    k_ptr, v_ptr, kp_ptr, vp_ptr, slots_ptr, pos_ptr, cos_ptr, sin_ptr,
+    num_pool_slots,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_kps, stride_kpt, stride_kph, stride_kpd,
+    stride_vps, stride_vpt, stride_vph, stride_vpd,
+    stride_sb, stride_sf, stride_pb, stride_pf,
+    stride_cp, stride_cd, stride_snp, stride_snd,
+    FRAMES: tl.constexpr, TOKENS: tl.constexpr, PPW: tl.constexpr, HEAD_DIM: tl.constexpr,
+    T_DIM: tl.constexpr, H_DIM: tl.constexpr,  # RoPE column blocks: [0, T_DIM) time, then height, then width
+    BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,  # tokens per program, pow2 >= HEAD_DIM / 2
+):
+    """Body of `_cache_write_kernel` (@triton.jit is applied in `_kernel()`).
+
+    Grid (cdiv(T, BLOCK_T), B * F, H): one program = BLOCK_T tokens of one head of one latent
+    frame (row b, frame f); heads are in the grid so that even one row fills the GPU.
+
+    1. look up the frame's pool slot and RoPE frame index; 2. per token and rotation pair,
+    the RoPE table row (time: frame index, height: token row, width: token column);
+    3. rotate K's interleaved pairs in fp32 and store into the slot; copy V."""
+    pid_t = tl.program_id(0)
+    pid_bf = tl.program_id(1)
+    head = tl.program_id(2)
+    row = pid_bf // FRAMES
+    frame = pid_bf % FRAMES
+
+    # 1. where this frame goes, and its RoPE time index
+    slot = tl.load(slots_ptr + row * stride_sb + frame * stride_sf).to(tl.int64)
+    pos = tl.load(pos_ptr + row * stride_pb + frame * stride_pf).to(tl.int64)
+    slot_ok = (slot >= 0) & (slot < num_pool_slots)
+    n_valid = tl.where(slot_ok, TOKENS, 0)  # a bad slot writes nothing
+    slot = tl.minimum(tl.maximum(slot, 0), num_pool_slots - 1)
+
+    # 2. RoPE angles of each (token, pair): cos at the pair's even column, sin at its odd one
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] token index inside the frame
+    offs_p = tl.arange(0, BLOCK_HALF)  # [BP] pair index
+    col = 2 * offs_p  # even column of each pair
+    mask = (offs_t < n_valid)[:, None] & (col < HEAD_DIM)[None, :]  # [BT, BP]
+    tok_h = (offs_t // PPW)[:, None]
+    tok_w = (offs_t % PPW)[:, None]
+    table_row = tl.where(col[None, :] < T_DIM, pos, tl.where(col[None, :] < T_DIM + H_DIM, tok_h, tok_w))  # [BT, BP]
+    cos = tl.load(cos_ptr + table_row * stride_cp + col[None, :] * stride_cd, mask=mask, other=1.0)
+    sin = tl.load(sin_ptr + table_row * stride_snp + (col[None, :] + 1) * stride_snd, mask=mask, other=0.0)
+
+    # 3. rotate K, copy V (token n of frame f is row f * TOKENS + n of the chunk)
+    n = frame * TOKENS + offs_t[:, None]  # [BT, 1]
+    k_src = k_ptr + row.to(tl.int64) * stride_kb + head * stride_kh + n * stride_kn
+    x1 = tl.load(k_src + col[None, :] * stride_kd, mask=mask, other=0.0)
+    x2 = tl.load(k_src + (col[None, :] + 1) * stride_kd, mask=mask, other=0.0)
+    x1f = x1.to(tl.float32)
+    x2f = x2.to(tl.float32)
+    y1 = (x1f * cos - x2f * sin).to(x1.dtype).to(kp_ptr.dtype.element_ty)  # rounded like the ref
+    y2 = (x1f * sin + x2f * cos).to(x1.dtype).to(kp_ptr.dtype.element_ty)
+    k_dst = kp_ptr + slot * stride_kps + head * stride_kph + offs_t[:, None] * stride_kpt
+    tl.store(k_dst + col[None, :] * stride_kpd, y1, mask=mask)
+    tl.store(k_dst + (col[None, :] + 1) * stride_kpd, y2, mask=mask)
+
+    offs_d = tl.arange(0, 2 * BLOCK_HALF)  # [BD]
+    mask_v = (offs_t < n_valid)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    v_src = v_ptr + row.to(tl.int64) * stride_vb + head * stride_vh + n * stride_vn + offs_d[None, :] * stride_vd
+    v_dst = (vp_ptr + slot * stride_vps + head * stride_vph
+             + offs_t[:, None] * stride_vpt + offs_d[None, :] * stride_vpd)
+    tl.store(v_dst, tl.load(v_src, mask=mask_v, other=0.0).to(vp_ptr.dtype.element_ty), mask=mask_v)
+
+
+def _kernel():
+    """`_cache_write_kernel`: @triton.jit applied on first use, so that importing this file
+    (the model imports the `_ref` ops) neither imports triton nor fixes TRITON_INTERPRET."""
+    global triton, tl, _cache_write_kernel
+    if "_cache_write_kernel" not in globals():
+        triton, tl = load_triton()
+        _cache_write_kernel = triton.jit(_cache_write_program)
+    return _cache_write_kernel
+
+
+def __getattr__(name: str):
+    if name == "_cache_write_kernel":  # `from ... import _cache_write_kernel`
+        return _kernel()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------------------- launcher
+
+
+def _check_call(k, v, k_pool, v_pool, slots, frame_pos, freqs_cos, freqs_sin, split, grid) -> None:
+    """Shapes, dtypes and devices (always); slot / position values (see `index_checks_enabled`)."""
+    if k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"k and v must both be [B, F*T, H, D]; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k_pool.dim() != 4 or v_pool.shape != k_pool.shape:
+        raise ValueError(f"k_pool and v_pool must both be [S, T, H, D]; got {tuple(k_pool.shape)}, {tuple(v_pool.shape)}")
+    if k.shape[2] != k_pool.shape[2]:
+        raise ValueError(f"head count mismatch: k has {k.shape[2]} heads, the pool {k_pool.shape[2]}")
+    if k.shape[3] != k_pool.shape[3]:
+        raise ValueError(f"head dim mismatch: k has head dim {k.shape[3]}, the pool {k_pool.shape[3]}")
+    head_dim = k.shape[3]
+    if head_dim % 2 or not 2 <= head_dim <= 256:
+        raise ValueError(f"head dim {head_dim} not supported (even, 2..256)")
+    if k.dtype not in DTYPES or v.dtype != k.dtype:
+        raise ValueError(f"k / v dtype must be one float16 / bfloat16 / float32; got {k.dtype} / {v.dtype}")
+    if k_pool.dtype not in DTYPES or v_pool.dtype != k_pool.dtype:
+        raise ValueError(f"pool dtype must be one float16 / bfloat16 / float32; got {k_pool.dtype} / {v_pool.dtype}")
+    if len(grid) != 2 or grid[0] < 1 or grid[1] < 1 or grid[0] * grid[1] != k_pool.shape[1]:
+        raise ValueError(f"grid {tuple(grid)} must multiply to the pool's tokens per slot T={k_pool.shape[1]}")
+    if slots.dim() != 2 or slots.shape[0] != k.shape[0] or frame_pos.shape != slots.shape:
+        raise ValueError(f"slots and frame_pos must both be [B={k.shape[0]}, F]; got {tuple(slots.shape)}, {tuple(frame_pos.shape)}")
+    if slots.dtype not in INDEX_DTYPES or frame_pos.dtype not in INDEX_DTYPES:
+        raise ValueError(f"slots / frame_pos must be int32 or int64; got {slots.dtype} / {frame_pos.dtype}")
+    if k.shape[1] != slots.shape[1] * k_pool.shape[1]:
+        raise ValueError(f"k has {k.shape[1]} tokens per row; F={slots.shape[1]} frames of T={k_pool.shape[1]} make "
+                         f"{slots.shape[1] * k_pool.shape[1]}")
+    if freqs_cos.dim() != 2 or freqs_sin.shape != freqs_cos.shape or freqs_cos.shape[1] != head_dim:
+        raise ValueError(f"freqs_cos / freqs_sin must both be [P, D={head_dim}]; got "
+                         f"{tuple(freqs_cos.shape)}, {tuple(freqs_sin.shape)}")
+    if freqs_cos.dtype != torch.float32 or freqs_sin.dtype != torch.float32:
+        raise ValueError(f"freqs_cos / freqs_sin must be float32; got {freqs_cos.dtype} / {freqs_sin.dtype}")
+    if len(split) != 3 or sum(split) != head_dim or any(s < 0 or s % 2 for s in split):
+        raise ValueError(f"split {tuple(split)} must be three even sizes summing to the head dim {head_dim}")
+    table_len = freqs_cos.shape[0]
+    if max(grid) > table_len:
+        raise ValueError(f"grid {tuple(grid)} exceeds the RoPE table length {table_len}")
+    devices = {t.device for t in (k, v, k_pool, v_pool, slots, frame_pos, freqs_cos, freqs_sin)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device; got {sorted(str(d) for d in devices)}")
+    if not index_checks_enabled(k.device.type) or slots.numel() == 0:
+        return
+    num_slots = k_pool.shape[0]
+    if bool((slots < 0).any()) or bool((slots >= num_slots).any()):
+        raise ValueError(f"slot index out of range: pool has {num_slots} slots, slots are {slots.tolist()}")
+    if slots.unique().numel() != slots.numel():
+        raise ValueError(f"slots written twice in one call: {slots.tolist()}")
+    if bool((frame_pos < 0).any()) or bool((frame_pos >= table_len).any()):
+        raise ValueError(f"frame_pos out of range of the RoPE table (length {table_len}): {frame_pos.tolist()}")
+
+
+def cache_write(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slots: torch.Tensor,
+    frame_pos: torch.Tensor,
+    freqs_cos: torch.Tensor,
+    freqs_sin: torch.Tensor,
+    split: tuple[int, int, int],
+    grid: tuple[int, int],
+    *,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+) -> None:
+    """Triton path of `cache_write_ref` (same arguments and result), in place on the pools.
+
+    k, v, the pools and the tables may have any strides. block_t (tokens per program, a power
+    of two) and num_warps override the defaults. Raises ValueError on a malformed call."""
+    _check_call(k, v, k_pool, v_pool, slots, frame_pos, freqs_cos, freqs_sin, split, grid)
+    kernel = _kernel()
+    if k.device.type != "cuda" and type(kernel).__name__ != "InterpretedFunction":
+        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1, set before triton is imported")
+    if block_t is not None and (block_t < 1 or block_t & (block_t - 1)):
+        raise ValueError(f"block_t={block_t} must be a power of two")
+    batch, num_frames = slots.shape
+    _, tokens, heads, head_dim = k_pool.shape
+    if batch * num_frames == 0:
+        return
+    # GPU: 64 tokens x one head (16 KiB of bf16 K+V at D=128) per program, heads in the grid so
+    # even one row fills the SMs. Interpreter: 16 tokens, so tiny frames span several programs.
+    block_t = block_t or (64 if k.device.type == "cuda" else 16)
+    launch = (triton.cdiv(tokens, block_t), batch * num_frames, heads)
+    kernel[launch](
+        k, v, k_pool, v_pool, slots, frame_pos, freqs_cos, freqs_sin,
+        k_pool.shape[0],
+        *k.stride(), *v.stride(), *k_pool.stride(), *v_pool.stride(),
+        *slots.stride(), *frame_pos.stride(), *freqs_cos.stride(), *freqs_sin.stride(),
+        FRAMES=num_frames, TOKENS=tokens, PPW=grid[1], HEAD_DIM=head_dim,
+        T_DIM=split[0], H_DIM=split[1],
+        BLOCK_T=block_t, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+        num_warps=num_warps or 4,
+    )

@@ -20,6 +20,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from streamdiff.kernels import index_checks_enabled, load_triton
+
+triton = tl = None  # bound by _kernel() on the first launch: importing this file never imports triton
+
+LOG2E = 1.4426950408889634
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
 
 def sink_window_attention_ref(
     q: torch.Tensor,
@@ -47,3 +55,240 @@ def sink_window_attention_ref(
         q.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2), attn_mask=mask, scale=scale
     )  # [B, H, N, D]
     return out.transpose(1, 2).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------- Triton kernel
+
+
+def _sink_window_attention_program(
+    q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, count_ptr,
+    qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
+    n_q, num_pool_slots, max_slots,
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    stride_ks, stride_kt, stride_kh, stride_kd,
+    stride_vs, stride_vt, stride_vh, stride_vd,
+    stride_ob, stride_on, stride_oh, stride_od,
+    stride_tb, stride_tm, stride_cb,
+    HEADS: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_T: tl.constexpr, EVEN_D: tl.constexpr,  # TOKENS % BLOCK_N == 0, HEAD_DIM == BLOCK_D
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Body of `_sink_window_attention_kernel` (@triton.jit is applied in `_kernel()`).
+
+    Grid (cdiv(N, BLOCK_M), B * H): one program = BLOCK_M queries of one (row, head), against
+    every slot of the row; the query blocks of one (row, head) run side by side and share its
+    K/V through L2.
+
+    1. load the query block once; 2. for each slot of the row's table, for each block of
+    BLOCK_N tokens of that slot: scores, online-softmax update, accumulate P·V (fp32);
+    3. normalise and store. K/V are read in place from the pool at the table's slot."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    row = pid_bh // HEADS
+    head = pid_bh % HEADS
+
+    # 1. the query block
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_n = tl.arange(0, BLOCK_N)  # [BN]
+    offs_d = tl.arange(0, BLOCK_D)  # [BD]
+    mask_d = offs_d < HEAD_DIM
+    q_ptrs = (q_ptr + row.to(tl.int64) * stride_qb + head * stride_qh
+              + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=(offs_m < n_q)[:, None] & mask_d[None, :], other=0.0)  # [BM, BD]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (base-2 logits)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running numerator
+
+    # 2. the row's slots, in table order (the order does not change the result)
+    count = tl.minimum(tl.load(count_ptr + row * stride_cb), max_slots)  # never past the table row
+    for j in range(0, count):
+        slot = tl.load(table_ptr + row * stride_tb + j * stride_tm).to(tl.int64)
+        slot = tl.minimum(tl.maximum(slot, 0), num_pool_slots - 1)  # memory safety only
+        k_base = k_ptr + slot * stride_ks + head * stride_kh
+        v_base = v_ptr + slot * stride_vs + head * stride_vh
+        for start in range(0, TOKENS, BLOCK_N):
+            offs_t = start + offs_n  # [BN] token index inside the slot
+            k_ptrs = k_base + offs_t[None, :] * stride_kt + offs_d[:, None] * stride_kd  # K^T [BD, BN]
+            v_ptrs = v_base + offs_t[:, None] * stride_vt + offs_d[None, :] * stride_vd  # [BN, BD]
+            if EVEN_T and EVEN_D:
+                k_t = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                in_t = offs_t < TOKENS
+                k_t = tl.load(k_ptrs, mask=mask_d[:, None] & in_t[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=in_t[:, None] & mask_d[None, :], other=0.0)
+            s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale  # [BM, BN] fp32
+            if not EVEN_T:
+                s = tl.where((offs_t < TOKENS)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # [BM]
+            alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated so far
+            p = tl.exp2(s - m_new[:, None])  # [BM, BN]
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)  # [BM, BD]
+            m_i = m_new
+
+    # 3. normalise (an empty row gives zeros, not NaN) and store
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
+    o_ptrs = (o_ptr + row.to(tl.int64) * stride_ob + head * stride_oh
+              + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m < n_q)[:, None] & mask_d[None, :])
+
+
+def _kernel():
+    """`_sink_window_attention_kernel`: @triton.jit applied on first use, so that importing this
+    file (the model imports the `_ref` op) neither imports triton nor fixes TRITON_INTERPRET."""
+    global triton, tl, _sink_window_attention_kernel
+    if "_sink_window_attention_kernel" not in globals():
+        triton, tl = load_triton()
+        _sink_window_attention_kernel = triton.jit(_sink_window_attention_program)
+    return _sink_window_attention_kernel
+
+
+def __getattr__(name: str):
+    if name == "_sink_window_attention_kernel":  # `from ... import _sink_window_attention_kernel`
+        return _kernel()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------------------- launcher
+
+
+def _interpreting(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def _launch_configs(q: torch.Tensor, heads: int) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, best first.
+
+    GPU: the usual flash-attention tile, 128 queries x 64 pool tokens, 8 warps (4 up to head
+    dim 64), 3 stages of K/V prefetch (64 KiB of shared memory at head dim 128 in bf16, so it
+    also fits consumer cards). 64-query tiles when 128-query tiles would not fill the SMs once
+    (few rows, short chunks: 1 row x 12 heads x 1560 tokens is 156 programs on 132 SMs).
+    Later entries are smaller fallbacks, tried when a compile runs out of resources.
+    Interpreter: 16 x 16, the smallest tile the compiled tl.dot accepts, so tiny test shapes
+    still cross block and slot boundaries."""
+    if q.device.type != "cuda":
+        return [(16, 16, 4, 1)]
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return gpu_configs(q.shape[3], triton.cdiv(q.shape[1], 128) * q.shape[0] * heads, sms)
+
+
+def gpu_configs(head_dim: int, programs_at_128: int, sms: int) -> list[tuple[int, int, int, int]]:
+    """The GPU candidates of `_launch_configs` (device-free, so tests can compile each one)."""
+    configs = []
+    if programs_at_128 >= sms:
+        configs.append((128, 64, 8 if head_dim > 64 else 4, 3))
+    configs += [(64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
+    return configs
+
+
+_CONFIG_CACHE: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def _check_call(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_table: torch.Tensor, slot_count: torch.Tensor
+) -> None:
+    """Shapes, dtypes and devices (always); slot values (see `index_checks_enabled`)."""
+    if q.dim() != 4 or k_pool.dim() != 4 or v_pool.dim() != 4:
+        raise ValueError(f"q must be [B, N, H, D] and pools [S, T, H, D]; got q {tuple(q.shape)}, "
+                         f"k_pool {tuple(k_pool.shape)}, v_pool {tuple(v_pool.shape)}")
+    if k_pool.shape != v_pool.shape:
+        raise ValueError(f"k_pool {tuple(k_pool.shape)} and v_pool {tuple(v_pool.shape)} differ in shape")
+    if q.shape[2] != k_pool.shape[2]:
+        raise ValueError(f"head count mismatch: q has {q.shape[2]} heads, the pool {k_pool.shape[2]}")
+    if q.shape[3] != k_pool.shape[3]:
+        raise ValueError(f"head dim mismatch: q has head dim {q.shape[3]}, the pool {k_pool.shape[3]}")
+    if not 1 <= q.shape[3] <= 256:
+        raise ValueError(f"head dim {q.shape[3]} not supported (1..256)")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"q dtype {q.dtype} not supported (float16, bfloat16, float32)")
+    if k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+        raise ValueError(f"dtype mismatch: q {q.dtype}, k_pool {k_pool.dtype}, v_pool {v_pool.dtype} (must be equal)")
+    batch = q.shape[0]
+    if slot_table.dim() != 2 or slot_table.shape[0] != batch or slot_table.shape[1] < 1:
+        raise ValueError(f"slot_table must be [B={batch}, M>=1]; got {tuple(slot_table.shape)}")
+    if slot_count.dim() != 1 or slot_count.shape[0] != batch:
+        raise ValueError(f"slot_count must be [B={batch}]; got {tuple(slot_count.shape)}")
+    if slot_table.dtype not in INDEX_DTYPES or slot_count.dtype not in INDEX_DTYPES:
+        raise ValueError(f"slot_table / slot_count must be int32 or int64; got {slot_table.dtype} / {slot_count.dtype}")
+    devices = {t.device for t in (q, k_pool, v_pool, slot_table, slot_count)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device; got {sorted(str(d) for d in devices)}")
+    if not index_checks_enabled(q.device.type) or batch == 0:
+        return
+    num_slots, max_slots = k_pool.shape[0], slot_table.shape[1]
+    count = slot_count.long()
+    if bool((count < 1).any()) or bool((count > max_slots).any()):
+        raise ValueError(f"slot_count must lie in [1, M={max_slots}]; got {slot_count.tolist()}")
+    valid = torch.arange(max_slots, device=q.device)[None, :] < count[:, None]  # [B, M]
+    used = slot_table[valid]
+    if bool((used < 0).any()) or bool((used >= num_slots).any()):
+        bad = used[(used < 0) | (used >= num_slots)].unique().tolist()
+        raise ValueError(f"slot index out of range: pool has {num_slots} slots, slot_table uses {bad}")
+
+
+def sink_window_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slot_table: torch.Tensor,
+    slot_count: torch.Tensor,
+    scale: float | None = None,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Triton path of `sink_window_attention_ref`: q [B, N, H, D] -> out [B, N, H, D] (q's dtype).
+
+    q may have any strides; the pools are read in place (any strides). The keyword-only
+    block_* / num_* arguments override the tile choice (tests, bench sweeps); block sizes must
+    be powers of two >= 16. Raises ValueError on a malformed call."""
+    _check_call(q, k_pool, v_pool, slot_table, slot_count)
+    kernel = _kernel()
+    if q.device.type != "cuda" and not _interpreting(kernel):
+        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1, set before triton is imported")
+    for name, size in (("block_m", block_m), ("block_n", block_n)):
+        if size is not None and (size < 16 or size & (size - 1)):
+            raise ValueError(f"{name}={size} must be a power of two >= 16")
+    batch, n_q, heads, head_dim = q.shape
+    num_slots, tokens = k_pool.shape[:2]
+    out = torch.empty((batch, n_q, heads, head_dim), dtype=q.dtype, device=q.device)  # [B, N, H, D]
+    if out.numel() == 0:
+        return out
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+    key = (q.device, q.dtype, heads, head_dim, tokens, triton.cdiv(n_q, 128) * batch)
+    configs = [_CONFIG_CACHE[key]] if key in _CONFIG_CACHE else _launch_configs(q, heads)
+    override = bool(block_m or block_n or num_warps or num_stages)
+    if override:
+        bm, bn, nw, ns = configs[0]
+        configs = [(block_m or bm, block_n or bn, num_warps or nw, num_stages or ns)]
+    for i, (bm, bn, nw, ns) in enumerate(configs):
+        grid = (triton.cdiv(n_q, bm), batch * heads)
+        try:
+            kernel[grid](
+                q, k_pool, v_pool, out, slot_table, slot_count,
+                scale * LOG2E, n_q, num_slots, slot_table.shape[1],
+                *q.stride(), *k_pool.stride(), *v_pool.stride(), *out.stride(),
+                *slot_table.stride(), slot_count.stride(0),
+                HEADS=heads, TOKENS=tokens, HEAD_DIM=head_dim,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
+                EVEN_T=tokens % bn == 0, EVEN_D=head_dim == block_d, INPUT_PRECISION=precision,
+                num_warps=nw, num_stages=ns,
+            )
+        except triton.runtime.errors.OutOfResources:
+            if i == len(configs) - 1:
+                raise
+            continue
+        if not override:
+            _CONFIG_CACHE[key] = (bm, bn, nw, ns)  # the first config that compiled
+        return out
+    raise AssertionError("unreachable")

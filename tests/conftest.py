@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# Triton fixes its interpreter mode when first imported (diffusers imports it through
+# torch._dynamo during collection), so on machines without CUDA set it before anything else.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from streamdiff.config import load_config
 
