@@ -4,7 +4,8 @@ Owns: everything one stream carries from chunk to chunk — its VAE caches, moti
 the lanes in flight (stream batch), the chunk counter, its prompt (cross-attention K/V, with an
 optional linear blend over a few chunks), seed, denoise steps and its lanes in a `SlotTable` —
 and the per-chunk steps, in order:
-  1. `encode(frames)`: VAE-encode, motion-aware strength, noise -> the chunk's lane-0 `Lane`;
+  1. `encode(frames)`: VAE-encode, motion-aware strength, noise -> the chunk's lane-0 `Lane`
+     (split as `pixels` -> VAE -> `start_chunk` for callers that batch the VAE);
   2. rows: `enter(lane)` (stream batch: lanes shift, one `Row` per occupied lane) or
      `start_sequential(lane)` (a first chunk, or every chunk without stream batch: the denoise
      steps one after another, one `Row` at a time, next one in `state.sequential`);
@@ -97,8 +98,13 @@ class StreamState:
         self.first_latents = cfg.sampling.first_chunk_latents
         self.chunk_latents = cfg.sampling.chunk_latents
         self._prompt_kv = prompt_kv or self._encode_prompt_kv
-        # 1. Lanes in the slot table (one window per denoise step), VAE caches, motion.
-        slots.add_stream(stream_id, self.steps)
+        # 1. Prompt: current cross K/V, and the blend in progress (embeddings, chunks done/total).
+        self.prompt = prompt
+        self.cross_kv: CrossKV = self._prompt_kv(prompt)
+        self._blend: tuple[torch.Tensor, torch.Tensor, int, int] | None = None  # (from, to, done, total)
+        self._emb: torch.Tensor | None = None  # text embeddings of the current K/V when blending
+        # 2. VAE caches, motion, lanes; last, the stream's lanes in the slot table (one window
+        #    per denoise step), so that nothing is left allocated if an earlier step fails.
         self.vae_state = comps.vae.new_state()
         strength = cfg.sampling.noise_strength if noise_strength is None else noise_strength
         aware = cfg.sampling.motion_aware if motion_aware is None else motion_aware
@@ -106,11 +112,7 @@ class StreamState:
         self.lanes: list[Lane | None] = [None] * self.steps
         self.sequential: Row | None = None  # the next row of a chunk denoised step by step
         self.chunk_index = 0
-        # 2. Prompt: current cross K/V, and the blend in progress (embeddings, chunks left).
-        self.prompt = prompt
-        self.cross_kv: CrossKV = self._prompt_kv(prompt)
-        self._blend: tuple[torch.Tensor, torch.Tensor, int, int] | None = None  # (from, to, done, total)
-        self._emb: torch.Tensor | None = None  # text embeddings of the current K/V when blending
+        slots.add_stream(stream_id, self.steps)
 
     # ------------------------------------------------------------------ controls
 
@@ -126,7 +128,14 @@ class StreamState:
             self.cross_kv = self._prompt_kv(prompt)
             return
         text = self.comps.text
-        start = self._emb if self._emb is not None else text.encode(self.prompt)  # [1, L, D]
+        # Blend from what conditions the stream now: a blend's current mix, its start if it has
+        # not advanced yet, else the current prompt.
+        if self._emb is not None:
+            start = self._emb  # [1, L, D]
+        elif self._blend is not None:
+            start = self._blend[0]
+        else:
+            start = text.encode(self.prompt)
         self.prompt = prompt
         self._blend = (start, text.encode(prompt), 0, int(blend_chunks))
 
@@ -173,11 +182,20 @@ class StreamState:
 
     @torch.no_grad()
     def encode(self, frames: np.ndarray, tag: object = None) -> Lane:
-        """Step 1: frames [n, H, W, 3] uint8 -> the chunk's noised latent at its first timestep."""
+        """Step 1: frames [n, H, W, 3] uint8 -> the chunk's noised latent at its first timestep.
+        (= `pixels`, then the VAE, then `start_chunk`; the engine runs the VAE of several
+        streams in one call between the two.)"""
+        pixels = self.pixels(frames)  # [1, 3, n, H, W]
+        return self.start_chunk(pixels, self.comps.vae.encode_chunk(pixels, self.vae_state), tag)
+
+    def pixels(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames [n, H, W, 3] -> [1, 3, n, H, W] in [-1, 1] on the model's device/dtype."""
+        return frames_to_tensor(frames).to(self.comps.device, self.comps.dtype)
+
+    def start_chunk(self, pixels: torch.Tensor, latents: torch.Tensor, tag: object = None) -> Lane:
+        """The chunk's VAE latents [1, 16, F, h, w] -> noised with the motion-aware strength."""
         comps = self.comps
         self._advance_blend()
-        pixels = frames_to_tensor(frames).to(comps.device, comps.dtype)  # [1, 3, n, H, W]
-        latents = comps.vae.encode_chunk(pixels, self.vae_state)  # [1, 16, F, h, w]
         strength = self.motion.update(pixels.float())
         t0 = strength_to_timestep(strength)
         noise = chunk_noise(tuple(latents.shape), self.seed, self.chunk_index, 0, comps.device, latents.dtype)

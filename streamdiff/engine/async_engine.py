@@ -1,0 +1,359 @@
+"""AsyncEngine: the asyncio handle to an EngineCore running in one background thread.
+
+Owns: the engine loop thread (the only thread that touches the core, the executor and the
+model; torch releases the GIL while it computes), the thread-safe inbox that carries control
+commands and input frames into it, the per-stream bounded output queues on the asyncio side,
+start (with warm-up) and a clean stop.
+Does not own: scheduling, model work or metrics (core, executor, metrics) and no networking
+(the server uses this API).
+
+Inbox: commands (add / update / remove / stats) run in the loop thread between steps, in the
+order they were sent, and resolve a future the caller awaits. Input frames wait per stream in
+a bounded deque (`inbox_frames`, newest kept; overflow counts as dropped input), so a slow step
+never lets input pile up. Loop: apply commands -> hand frames to the core -> one `core.step()`
+-> post the step's output frames to the event loop; with nothing to do it sleeps on the inbox.
+
+Outputs: `next_frame(stream_id)` returns `OutputFrame`s in order: the frame, the input frame id
+and pts it was made from, arrival and output times (engine clock, `time.monotonic`). A queue
+holds at most `output_queue_frames`; when full the oldest frame is dropped (counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from streamdiff.config import Config
+from streamdiff.engine.core import EngineCore
+from streamdiff.engine.executor import Executor, LocalExecutor
+from streamdiff.engine.types import OutputFrame, StreamClosedError, StreamParams, validate_changes
+from streamdiff.scheduler import Admission, StreamSLO
+
+log = logging.getLogger(__name__)
+
+
+class _Inbox:
+    """Commands and input frames for the loop thread (thread-safe)."""
+
+    def __init__(self, frames_per_stream: int):
+        self.frames_per_stream = frames_per_stream
+        self._cond = threading.Condition()
+        self._commands: deque[tuple[Callable[[EngineCore], object], concurrent.futures.Future]] = deque()
+        self._frames: dict[str, deque] = {}
+        self._overflow: dict[str, int] = {}
+
+    def command(self, fn: Callable[[EngineCore], object]) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._commands.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def frame(self, stream_id: str, item: tuple) -> None:
+        with self._cond:
+            queue = self._frames.setdefault(stream_id, deque())
+            queue.append(item)
+            if len(queue) > self.frames_per_stream:
+                queue.popleft()
+                self._overflow[stream_id] = self._overflow.get(stream_id, 0) + 1
+            self._cond.notify()
+
+    def forget(self, stream_id: str) -> None:
+        with self._cond:
+            self._frames.pop(stream_id, None)
+            self._overflow.pop(stream_id, None)
+
+    def take(self, timeout: float) -> tuple[list, dict[str, deque], dict[str, int]]:
+        """Everything queued now; waits up to `timeout` s if nothing is."""
+        with self._cond:
+            if not self._commands and not self._frames and timeout > 0:
+                self._cond.wait(timeout)
+            commands, frames, overflow = list(self._commands), self._frames, self._overflow
+            self._commands.clear()
+            self._frames, self._overflow = {}, {}
+            return commands, frames, overflow
+
+    def fail_all(self, exc: BaseException) -> None:
+        with self._cond:
+            for _, future in self._commands:
+                if not future.done():
+                    future.set_exception(exc)
+            self._commands.clear()
+            self._frames.clear()
+
+
+class _OutputQueue:
+    """One stream's output frames on the asyncio side: bounded, drop-oldest, closable."""
+
+    def __init__(self, maxlen: int):
+        self.items: deque[OutputFrame] = deque()
+        self.maxlen = maxlen
+        self.closed: BaseException | None = None
+        self.event = asyncio.Event()
+
+    def put(self, item: OutputFrame) -> bool:
+        """Append; returns True if the oldest frame had to be dropped."""
+        dropped = len(self.items) >= self.maxlen
+        if dropped:
+            self.items.popleft()
+        self.items.append(item)
+        self.event.set()
+        return dropped
+
+    def close(self, exc: BaseException) -> None:
+        self.closed = exc
+        self.event.set()
+
+    async def get(self) -> OutputFrame:
+        while True:
+            if self.items:
+                return self.items.popleft()
+            if self.closed is not None:
+                raise self.closed
+            self.event.clear()
+            await self.event.wait()
+
+
+class AsyncEngine:
+    """asyncio API over an EngineCore in a background thread (see the module docstring).
+
+    executor: defaults to a LocalExecutor built from `cfg` in `start()`. Extra keyword
+    arguments go to EngineCore (scheduler, clock, max_extra_frames, ...).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        executor: Executor | None = None,
+        *,
+        warmup: bool = True,
+        inbox_frames: int = 8,
+        output_queue_frames: int = 64,
+        idle_wait_s: float = 0.05,
+        **core_kwargs,
+    ):
+        self.cfg = cfg
+        self.executor = executor
+        self.warmup = warmup
+        self.output_queue_frames = output_queue_frames
+        self.idle_wait_s = idle_wait_s
+        self._core_kwargs = dict(core_kwargs, output_queue_frames=output_queue_frames)
+        self._inbox = _Inbox(inbox_frames)
+        self._outputs: dict[str, _OutputQueue] = {}
+        self._core: EngineCore | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._error: BaseException | None = None
+        self.warmup_ms: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Build the executor if needed, warm up (one dummy prepare + stream-batch steps at the
+        configured size), then start the loop thread."""
+        if self._thread is not None:
+            raise RuntimeError("AsyncEngine already started")
+        self._loop = asyncio.get_running_loop()
+        if self.executor is None:
+            self.executor = await asyncio.to_thread(LocalExecutor.from_config, self.cfg)
+        core = EngineCore(self.cfg, self.executor, **self._core_kwargs)
+        if self.warmup:
+            self.warmup_ms = await asyncio.to_thread(core.warmup)
+        self._core = core
+        self._thread = threading.Thread(target=self._run, name="streamdiff-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop the loop after the step in progress, remove every stream, shut the executor
+        down and join the thread. Waiting `next_frame` calls raise StreamClosedError."""
+        if self._thread is None:
+            return
+        self._stopping = True
+        self._inbox.command(lambda core: None)  # wake the loop
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        for queue in self._outputs.values():
+            queue.close(StreamClosedError("engine stopped"))
+        self._outputs.clear()
+
+    async def __aenter__(self) -> "AsyncEngine":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ streams
+
+    async def add_stream(
+        self,
+        stream_id: str,
+        prompt: str,
+        *,
+        slo: StreamSLO | None = None,
+        target_fps: float | None = None,
+        deadline_ms: float | None = None,
+        **params: object,
+    ) -> Admission:
+        """Ask to serve a stream. `params`: steps, seed, noise_strength, motion_aware,
+        prompt_blend_chunks (defaults from the config). SLO: `slo`, or target_fps (default
+        video.fps) and deadline_ms (default 1000). Returns the Admission (falsy if refused)."""
+        full = StreamParams.defaults(self.cfg, prompt).with_changes({"prompt": prompt, **params})
+        if slo is None:
+            default = StreamSLO(self.cfg.video.fps, 1000.0)
+            slo = StreamSLO(target_fps or default.target_fps, deadline_ms or default.deadline_ms)
+        if stream_id in self._outputs:
+            raise KeyError(f"stream {stream_id!r} already exists")
+        self._outputs[stream_id] = _OutputQueue(self.output_queue_frames)
+        try:
+            admission = await self._call(lambda core: core.add_stream(stream_id, full, slo))
+        except BaseException:
+            self._outputs.pop(stream_id, None)
+            raise
+        if not admission:
+            self._outputs.pop(stream_id, None)
+        return admission
+
+    def push_frame(self, stream_id: str, frame: np.ndarray, pts: object = None) -> None:
+        """Hand over one input frame [H, W, 3] uint8 (do not modify it afterwards). Never
+        blocks; under overload older frames are dropped (newest kept)."""
+        self._check_running()
+        if stream_id not in self._outputs:
+            raise KeyError(f"unknown stream {stream_id!r}")
+        h, w = self.cfg.video.height, self.cfg.video.width
+        if not isinstance(frame, np.ndarray) or frame.shape != (h, w, 3) or frame.dtype != np.uint8:
+            got = f"{frame.dtype} {list(frame.shape)}" if isinstance(frame, np.ndarray) else type(frame).__name__
+            raise ValueError(f"frame must be uint8 [{h}, {w}, 3], got {got}")
+        self._inbox.frame(stream_id, (frame, pts, self._core.clock()))
+
+    async def next_frame(self, stream_id: str, timeout: float | None = None) -> OutputFrame:
+        """The stream's next output frame (waits for it). Raises StreamClosedError when the
+        stream is removed or the engine stops, asyncio.TimeoutError after `timeout` s."""
+        queue = self._outputs.get(stream_id)
+        if queue is None:
+            raise KeyError(f"unknown stream {stream_id!r}")
+        if timeout is None:
+            return await queue.get()
+        return await asyncio.wait_for(queue.get(), timeout)
+
+    async def update_params(self, stream_id: str, **changes: object) -> StreamParams:
+        """Change live parameters: prompt, prompt_blend_chunks, steps (1-4, re-prepares the
+        stream), seed, noise_strength (0.1-1.0), motion_aware. ValueError names a bad field and
+        its range; returns the stream's new parameters."""
+        changes = validate_changes(changes)
+        if stream_id not in self._outputs:
+            raise KeyError(f"unknown stream {stream_id!r}")
+        return await self._call(lambda core: core.update_params(stream_id, **changes))
+
+    async def remove_stream(self, stream_id: str) -> bool:
+        """Stop serving the stream and free everything it holds. False if unknown."""
+        queue = self._outputs.pop(stream_id, None)
+        if queue is None:
+            return False
+        queue.close(StreamClosedError(f"stream {stream_id!r} was removed"))
+        self._inbox.forget(stream_id)
+        return await self._call(lambda core: core.remove_stream(stream_id))
+
+    async def params(self, stream_id: str) -> StreamParams:
+        return await self._call(lambda core: core.params(stream_id))
+
+    async def stats(self) -> dict:
+        """Bookkeeping sizes from the loop thread (streams, waiting frames, pool slots, ...)."""
+        return await self._call(lambda core: core.stats())
+
+    def metrics(self) -> dict:
+        """The metrics snapshot (thread-safe; see streamdiff.metrics)."""
+        if self._core is None:
+            return {}
+        return self._core.metrics.snapshot()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _check_running(self) -> None:
+        if self._error is not None:
+            raise RuntimeError("the engine loop failed") from self._error
+        if self._thread is None or self._stopping:
+            raise RuntimeError("AsyncEngine is not running (call await start())")
+
+    async def _call(self, fn: Callable[[EngineCore], object]):
+        self._check_running()
+        return await asyncio.wrap_future(self._inbox.command(fn))
+
+    def _run(self) -> None:
+        """The loop thread: commands -> frames -> one step -> outputs to the event loop."""
+        core = self._core
+        busy = False
+        try:
+            while True:
+                # 1. Control commands, in order.
+                commands, frames, overflow = self._inbox.take(0.0 if busy else self.idle_wait_s)
+                for fn, future in commands:
+                    if not future.set_running_or_notify_cancel():
+                        continue
+                    try:
+                        future.set_result(fn(core))
+                    except BaseException as exc:  # reported to the caller, the loop goes on
+                        future.set_exception(exc)
+                if self._stopping:
+                    break
+                # 2. Input frames (streams removed meanwhile are skipped).
+                known = set(core.stream_ids)
+                for stream_id, items in frames.items():
+                    if stream_id not in known:
+                        continue
+                    for frame, pts, arrival_s in items:
+                        core.push_frame(stream_id, frame, pts, now=arrival_s)
+                    core.metrics.frames_dropped(stream_id, overflow.get(stream_id, 0), "input")
+                # 3. One step, then hand its outputs to the event loop.
+                report = core.step()
+                busy = report is not None
+                if report is not None and report.delivered:
+                    batch = {sid: core.pop_outputs(sid) for sid in report.delivered}
+                    self._post(self._deliver, batch)
+        except BaseException as exc:  # pragma: no cover - surfaced to every waiter
+            log.exception("engine loop failed")
+            self._error = exc
+            self._inbox.fail_all(exc)
+            self._post(self._fail, exc)
+        finally:
+            for stream_id in core.stream_ids:
+                try:
+                    core.remove_stream(stream_id)
+                except Exception:  # pragma: no cover
+                    log.exception("removing stream %r at stop", stream_id)
+            self._inbox.fail_all(StreamClosedError("engine stopped"))
+            core.executor.shutdown()
+
+    def _post(self, fn, arg) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, arg)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
+
+    def _deliver(self, batch: dict[str, list[OutputFrame]]) -> None:
+        for stream_id, frames in batch.items():
+            queue = self._outputs.get(stream_id)
+            if queue is None:
+                continue
+            dropped = sum(queue.put(frame) for frame in frames)
+            self._core.metrics.frames_dropped(stream_id, dropped, "output")
+
+    def _fail(self, exc: BaseException) -> None:
+        for queue in self._outputs.values():
+            closed = StreamClosedError("the engine loop failed")
+            closed.__cause__ = exc
+            queue.close(closed)
+
+
+__all__ = ["AsyncEngine"]

@@ -1,0 +1,339 @@
+"""EngineCore: one engine step at a time — schedule -> execute -> update — for many streams.
+
+Owns: the streams the engine serves (their live parameters and SLOs), the input frame buffers
+(payloads keyed by frame id; the scheduler decides which ids to keep, and the core frees the
+ones it drops at once), the bounded per-stream output queues, live parameter changes applied
+between steps, warm-up, and the metrics of all of it.
+Does not own: which chunks a step batches (FrameScheduler), the model (the Executor), threads
+or asyncio (async_engine.py). No torch here: a fake executor drives it in tests.
+
+Threading: not thread-safe; one thread owns it (AsyncEngine's loop thread, or a test).
+
+One `step(now)`:
+  1. plan = scheduler.schedule(now)              (None: no stream has a full chunk)
+  2. take the planned frames out of the buffers  -> ChunkInput per stream
+  3. result = executor.execute(plan, inputs)     (measured step_ms, output frames)
+  4. scheduler.update(plan, result)              (cost model, lag and deadline bookkeeping)
+  5. output frames -> the streams' output queues; metrics.
+
+Live changes (`update_params`): prompt, prompt blend, seed, noise strength and the motion
+controller go straight to the executor (they take effect at the stream's next chunk). A new
+step count changes the stream's lanes, so the stream is re-admitted to the scheduler with the
+new lane count and re-prepared: the chunks in flight (steps - 1 chunks of lag) are dropped
+(counted as dropped frames, cause "restart"), its KV lanes, VAE caches and motion state are
+reset, and its next chunk is a first chunk again (5 frames); frames already waiting are kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from streamdiff.config import Config
+from streamdiff.engine.executor import Executor
+from streamdiff.engine.types import (
+    ChunkInput,
+    EngineStepResult,
+    FrameMeta,
+    OutputFrame,
+    StreamParams,
+    validate_changes,
+)
+from streamdiff.metrics import EngineMetrics
+from streamdiff.scheduler import (
+    Admission,
+    FixedCostModel,
+    FrameScheduler,
+    LinearLaw,
+    OnlineCostModel,
+    StepPlan,
+    StreamSLO,
+)
+
+DEFAULT_DEADLINE_MS = 1000.0
+WARMUP_STREAM = "__warmup__"
+
+
+class AdmissionRefused(ValueError):
+    """A live change (a larger step count) would break an SLO; nothing was changed."""
+
+
+@dataclass(eq=False)
+class _Stream:
+    params: StreamParams
+    slo: StreamSLO
+    outputs: deque
+    frames: dict[int, tuple[np.ndarray, FrameMeta]] = field(default_factory=dict)  # input buffers
+    consumed: int = 0  # frames handed to the executor since the last (re)prepare
+    emitted: int = 0  # frames output since the last (re)prepare
+    out_index: int = 0  # frames output ever
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one `step` did: the plan, the executor's result, frames delivered per stream."""
+
+    plan: StepPlan
+    result: EngineStepResult
+    delivered: dict[str, int]
+
+
+class EngineCore:
+    def __init__(
+        self,
+        cfg: Config,
+        executor: Executor,
+        *,
+        scheduler: FrameScheduler | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        output_queue_frames: int = 64,
+        max_extra_frames: int = 3,
+        metrics: EngineMetrics | None = None,
+    ):
+        if output_queue_frames < 1:
+            raise ValueError(f"output_queue_frames={output_queue_frames} must be >= 1")
+        self.cfg = cfg
+        self.executor = executor
+        self.clock = clock
+        self.width, self.height = cfg.video.width, cfg.video.height
+        self.tokens_per_frame = (self.height // 16) * (self.width // 16)
+        self.scheduler = scheduler or FrameScheduler(
+            OnlineCostModel(), max_streams=cfg.cache.max_streams, max_extra_frames=max_extra_frames
+        )
+        self.output_queue_frames = output_queue_frames
+        self.metrics = metrics or EngineMetrics()
+        self._streams: dict[str, _Stream] = {}
+        self._next_frame_id = 0
+
+    # ------------------------------------------------------------------ streams
+
+    @property
+    def stream_ids(self) -> list[str]:
+        return list(self._streams)
+
+    def default_slo(self) -> StreamSLO:
+        return StreamSLO(self.cfg.video.fps, DEFAULT_DEADLINE_MS)
+
+    def add_stream(self, stream_id: str, params: StreamParams, slo: StreamSLO | None = None,
+                   now: float | None = None) -> Admission:
+        """Admit a stream (the scheduler checks every SLO and the KV pool) and create its
+        model-side state. Returns the Admission; a refused stream leaves no trace."""
+        if not isinstance(stream_id, str) or not stream_id:
+            raise ValueError(f"stream_id must be a non-empty string, got {stream_id!r}")
+        validate_changes(asdict(params))
+        slo = slo or self.default_slo()
+        now = self.clock() if now is None else now
+        if stream_id in self._streams:
+            return Admission(stream_id, False, f"stream {stream_id!r} is already admitted", 0.0,
+                             self.scheduler.free_stream_slots)
+        admission = self._admit(stream_id, slo, params.steps, now)
+        if not admission:
+            return admission
+        try:
+            self.executor.add_stream(stream_id, params)
+        except BaseException:
+            self.scheduler.remove_stream(stream_id)
+            raise
+        self._streams[stream_id] = _Stream(params, slo, deque(maxlen=self.output_queue_frames))
+        self.metrics.stream_added(stream_id, now, slo.deadline_ms)
+        return admission
+
+    def _admit(self, stream_id: str, slo: StreamSLO, steps: int, now: float) -> Admission:
+        s = self.cfg.sampling
+        return self.scheduler.add_stream(
+            stream_id, slo, self.tokens_per_frame, steps, now,
+            first_chunk_latents=s.first_chunk_latents, chunk_latents=s.chunk_latents,
+        )
+
+    def remove_stream(self, stream_id: str) -> bool:
+        """Forget the stream: scheduler entry, input buffers, output queue, model-side state
+        (KV slots back to the pool, VAE caches dropped) and its metrics. False if unknown."""
+        entry = self._streams.pop(stream_id, None)
+        if entry is None:
+            return False
+        self.scheduler.remove_stream(stream_id)
+        entry.frames.clear()
+        entry.outputs.clear()
+        self.executor.remove_stream(stream_id)
+        self.metrics.stream_removed(stream_id)
+        return True
+
+    def params(self, stream_id: str) -> StreamParams:
+        return self._streams[stream_id].params
+
+    def update_params(self, stream_id: str, now: float | None = None, **changes: object) -> StreamParams:
+        """Apply live changes (validated; ValueError names the field and its range). See the
+        module docstring for what each does. Returns the stream's new parameters."""
+        changes = validate_changes(changes)
+        entry = self._streams[stream_id]
+        new = entry.params.with_changes(changes)
+        if new.steps != entry.params.steps:
+            self._restart(stream_id, entry, new, self.clock() if now is None else now)
+        if changes:
+            self.executor.update_stream(stream_id, changes)
+        entry.params = new
+        return new
+
+    def _restart(self, stream_id: str, entry: _Stream, new: StreamParams, now: float) -> None:
+        """Re-admit with the new lane count (or keep the old one and refuse), keeping waiting frames."""
+        waiting = self.scheduler.remove_stream(stream_id)
+        admission = self._admit(stream_id, entry.slo, new.steps, now)
+        if not admission:
+            if not self._admit(stream_id, entry.slo, entry.params.steps, now):
+                self.remove_stream(stream_id)
+                raise RuntimeError(f"stream {stream_id!r} could not be re-admitted and was removed: {admission.reason}")
+            self._repush(stream_id, entry, waiting)
+            raise AdmissionRefused(f"steps={new.steps} refused for stream {stream_id!r}: {admission.reason}")
+        self._repush(stream_id, entry, waiting)
+        self.metrics.frames_dropped(stream_id, entry.consumed - entry.emitted, "restart")
+        entry.consumed = entry.emitted = 0
+
+    def _repush(self, stream_id: str, entry: _Stream, frame_ids: list[int]) -> None:
+        for frame_id in frame_ids:
+            dropped = self.scheduler.push_frame(stream_id, frame_id, entry.frames[frame_id][1].arrival_s)
+            self._free(stream_id, entry, dropped)
+
+    # ------------------------------------------------------------------ frames in
+
+    def push_frame(self, stream_id: str, frame: np.ndarray, pts: object = None, now: float | None = None) -> int:
+        """Hand the engine one input frame [H, W, 3] uint8 (kept by reference: do not modify it
+        afterwards). Older waiting frames may be dropped. Returns the frame id."""
+        entry = self._streams[stream_id]
+        if not isinstance(frame, np.ndarray) or frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
+            got = f"{frame.dtype} {list(frame.shape)}" if isinstance(frame, np.ndarray) else type(frame).__name__
+            raise ValueError(f"frame must be uint8 [{self.height}, {self.width}, 3], got {got}")
+        now = self.clock() if now is None else now
+        frame_id = self._next_frame_id
+        self._next_frame_id += 1
+        entry.frames[frame_id] = (frame, FrameMeta(frame_id, pts, now))
+        self.metrics.frame_in(stream_id)
+        self._free(stream_id, entry, self.scheduler.push_frame(stream_id, frame_id, now))
+        return frame_id
+
+    def _free(self, stream_id: str, entry: _Stream, frame_ids: list[int]) -> None:
+        for frame_id in frame_ids:
+            del entry.frames[frame_id]
+        self.metrics.frames_dropped(stream_id, len(frame_ids), "input")
+
+    def waiting_frames(self, stream_id: str | None = None) -> int:
+        """Input frame payloads held (one stream, or all)."""
+        if stream_id is not None:
+            return len(self._streams[stream_id].frames)
+        return sum(len(e.frames) for e in self._streams.values())
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self, now: float | None = None) -> StepReport | None:
+        """Run one engine step (see the module docstring); None when nothing is ready."""
+        now = self.clock() if now is None else now
+        # 1. Decide.
+        plan = self.scheduler.schedule(now)
+        if plan is None:
+            return None
+        # 2. Gather the planned frames; their buffers leave the core now.
+        inputs: dict[str, ChunkInput] = {}
+        for chunk in plan.chunks:
+            entry = self._streams[chunk.stream_id]
+            taken = [entry.frames.pop(frame_id) for frame_id in chunk.frame_ids]
+            inputs[chunk.stream_id] = ChunkInput(np.stack([f for f, _ in taken]), tuple(m for _, m in taken))
+            entry.consumed += len(taken)
+        # 3. Execute (on failure, close the plan so the scheduler stays consistent).
+        t0 = self.clock()
+        try:
+            result = self.executor.execute(plan, inputs)
+        except BaseException:
+            self.scheduler.update(plan, EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock()))
+            raise
+        end_s = result.end_s if result.end_s is not None else self.clock()
+        result = replace(result, end_s=end_s)
+        # 4. Account.
+        self.scheduler.update(plan, result)
+        # 5. Deliver.
+        delivered: dict[str, int] = {}
+        for stream_id, out in result.outputs.items():
+            entry = self._streams.get(stream_id)
+            if entry is None:
+                continue
+            latencies_ms = []
+            for frame, meta in zip(out.frames, out.metas):
+                if len(entry.outputs) == entry.outputs.maxlen:
+                    self.metrics.frames_dropped(stream_id, 1, "output")
+                item = OutputFrame(stream_id, frame, meta.frame_id, meta.pts, meta.arrival_s, end_s, entry.out_index)
+                entry.outputs.append(item)
+                entry.out_index += 1
+                latencies_ms.append(item.latency_ms)
+            entry.emitted += len(latencies_ms)
+            delivered[stream_id] = len(latencies_ms)
+            self.metrics.frames_out(stream_id, end_s, latencies_ms)
+        self.metrics.step(plan.rows, len(plan.chunks), result.step_ms, self.scheduler.last_decision_us,
+                          result.forwards)
+        return StepReport(plan, result, delivered)
+
+    # ------------------------------------------------------------------ frames out
+
+    def pop_outputs(self, stream_id: str, limit: int | None = None) -> list[OutputFrame]:
+        """Take up to `limit` (default all) output frames of the stream, oldest first."""
+        queue = self._streams[stream_id].outputs
+        n = len(queue) if limit is None else min(limit, len(queue))
+        return [queue.popleft() for _ in range(n)]
+
+    def output_frames_waiting(self, stream_id: str) -> int:
+        return len(self._streams[stream_id].outputs)
+
+    # ------------------------------------------------------------------ warm-up, stats
+
+    def warmup(self, steps: int | None = None, seed: int = 0) -> float:
+        """Run a dummy stream at the configured frame size through a prepare and `steps`
+        stream-batch steps, twice: the first pass makes weights, kernels and buffers resident
+        (its first-call times are not shown to the cost model), the second is measured by the
+        scheduler's cost model like any step. Returns the warm-up time in ms. Call before any
+        stream is added; the engine's metrics start afresh afterwards."""
+        if self._streams:
+            raise RuntimeError("warmup() must run before any stream is added")
+        t0 = time.perf_counter()
+        params = StreamParams.defaults(self.cfg, prompt="warm-up")
+        params = replace(params, steps=steps or params.steps)
+        measured = self.scheduler
+        try:
+            self.scheduler = FrameScheduler(FixedCostModel(LinearLaw(0.0, 0.0, 0.0)), max_streams=1)
+            self._dummy_stream(params, seed)
+            self.scheduler = measured
+            self._dummy_stream(params, seed)
+        finally:
+            self.scheduler = measured
+        warmup_ms = (time.perf_counter() - t0) * 1000.0
+        self.metrics = EngineMetrics()
+        self.metrics.warmup_ms = warmup_ms
+        return warmup_ms
+
+    def _dummy_stream(self, params: StreamParams, seed: int) -> None:
+        admission = self.add_stream(WARMUP_STREAM, params, StreamSLO(1e-3, 1e12))
+        if not admission:
+            raise RuntimeError(f"warm-up stream refused: {admission.reason}")
+        rng = np.random.default_rng(seed)
+        try:
+            for chunk in range(1 + params.steps):  # the prepare, then until the first lag output
+                for _ in range(5 if chunk == 0 else 4):
+                    self.push_frame(WARMUP_STREAM, rng.integers(0, 256, (self.height, self.width, 3), np.uint8))
+                if self.step() is None:
+                    raise RuntimeError("warm-up step was not scheduled")
+        finally:
+            self.remove_stream(WARMUP_STREAM)
+
+    def stats(self) -> dict:
+        """Bookkeeping sizes (for leak checks and /healthz-style reporting)."""
+        return {
+            "streams": len(self._streams),
+            "waiting_frames": self.waiting_frames(),
+            "output_frames": sum(len(e.outputs) for e in self._streams.values()),
+            "scheduler_streams": len(self.scheduler.stream_ids),
+            "scheduler_free_stream_slots": self.scheduler.free_stream_slots,
+            "executor": self.executor.resources(),
+        }
+
+
+__all__ = ["AdmissionRefused", "DEFAULT_DEADLINE_MS", "EngineCore", "StepReport", "WARMUP_STREAM"]

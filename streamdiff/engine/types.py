@@ -1,0 +1,154 @@
+"""The engine's value types and parameter validation (no torch).
+
+Owns: `StreamParams` (what a stream may set live, with allowed ranges and the validation that
+names the field), `FrameMeta` (an input frame's id, pts and arrival), `ChunkInput` (what the
+core hands the executor per planned chunk), `StreamOutput` / `EngineStepResult` (what the
+executor hands back), `OutputFrame` (what a caller of `next_frame` gets).
+Does not own: scheduling types (streamdiff.scheduler.types: `StepPlan`, `StepResult`, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+
+from streamdiff.config import Config
+from streamdiff.scheduler.types import StepResult
+
+MAX_SEED = 2**63 - 1
+MAX_BLEND_CHUNKS = 64
+
+# field -> (kind, low, high); the text of every ValueError comes from here.
+PARAM_RANGES: dict[str, tuple[type, float, float]] = {
+    "steps": (int, 1, 4),
+    "seed": (int, 0, MAX_SEED),
+    "noise_strength": (float, 0.1, 1.0),
+    "prompt_blend_chunks": (int, 0, MAX_BLEND_CHUNKS),
+}
+
+
+class StreamClosedError(RuntimeError):
+    """The stream was removed (or the engine stopped) while waiting for its frames."""
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    """A stream's live parameters.
+
+    prompt: the text prompt. prompt_blend_chunks: a prompt change blends the text embeddings
+    linearly over this many chunks (0: switch at the next chunk). steps: denoise steps 1-4
+    (a change re-prepares the stream). seed: noise seed. noise_strength: s0 of the motion
+    controller (0.1-1.0). motion_aware: the motion controller on/off (off: s = s0).
+    """
+
+    prompt: str
+    steps: int
+    seed: int
+    noise_strength: float
+    motion_aware: bool
+    prompt_blend_chunks: int = 0
+
+    @staticmethod
+    def defaults(cfg: Config, prompt: str = "") -> "StreamParams":
+        s = cfg.sampling
+        return StreamParams(prompt, s.steps, s.seed, s.noise_strength, s.motion_aware, 0)
+
+    def with_changes(self, changes: Mapping[str, object]) -> "StreamParams":
+        return replace(self, **validate_changes(changes))
+
+
+PARAM_NAMES = tuple(f.name for f in fields(StreamParams))
+
+
+def validate_changes(changes: Mapping[str, object]) -> dict[str, object]:
+    """Check live parameter changes; returns them normalised (ints as int, strength as float).
+    Raises ValueError naming the field and its allowed range / type."""
+    out: dict[str, object] = {}
+    for name, value in changes.items():
+        if name not in PARAM_NAMES:
+            raise ValueError(f"unknown stream parameter {name!r} (known: {', '.join(PARAM_NAMES)})")
+        if name == "prompt":
+            if not isinstance(value, str):
+                raise ValueError(f"prompt must be a string, got {type(value).__name__}")
+            out[name] = value
+        elif name == "motion_aware":
+            if not isinstance(value, bool):
+                raise ValueError(f"motion_aware must be true or false, got {value!r}")
+            out[name] = value
+        else:
+            kind, lo, hi = PARAM_RANGES[name]
+            ok_type = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+            if isinstance(value, bool) or not ok_type:
+                what = "a number" if kind is float else "an integer"
+                raise ValueError(f"{name} must be {what} in [{lo:g}, {hi:g}], got {value!r}")
+            if not lo <= value <= hi:
+                raise ValueError(f"{name}={value!r} is out of range: allowed [{lo:g}, {hi:g}]")
+            out[name] = kind(value)
+    return out
+
+
+@dataclass(frozen=True)
+class FrameMeta:
+    """An input frame: engine-wide id, the caller's pts, arrival time on the engine clock."""
+
+    frame_id: int
+    pts: object
+    arrival_s: float
+
+
+@dataclass(frozen=True)
+class ChunkInput:
+    """One planned chunk's frames [n, H, W, 3] uint8 and their metadata (same order)."""
+
+    frames: np.ndarray
+    metas: tuple[FrameMeta, ...]
+
+
+@dataclass(frozen=True)
+class StreamOutput:
+    """Frames a stream finished in one step [m, H, W, 3] uint8, one input FrameMeta per frame."""
+
+    frames: np.ndarray
+    metas: tuple[FrameMeta, ...]
+
+
+@dataclass(frozen=True)
+class EngineStepResult(StepResult):
+    """The scheduler's StepResult plus what the executor produced: per-stream output frames
+    and the number of DiT forwards the step ran (1, plus one per denoise step of prepares)."""
+
+    outputs: Mapping[str, StreamOutput] = field(default_factory=dict)
+    forwards: int = 0
+
+
+@dataclass(frozen=True)
+class OutputFrame:
+    """One output frame and where it came from (for latency measurement)."""
+
+    stream_id: str
+    frame: np.ndarray  # [H, W, 3] uint8
+    frame_id: int  # the input frame it was made from
+    pts: object  # that input frame's pts, as pushed
+    arrival_s: float  # when that input frame reached the engine (engine clock)
+    output_s: float  # end of the step that produced it (engine clock)
+    index: int  # output frames of this stream before this one
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.output_s - self.arrival_s) * 1000.0
+
+
+__all__ = [
+    "ChunkInput",
+    "EngineStepResult",
+    "FrameMeta",
+    "OutputFrame",
+    "PARAM_NAMES",
+    "PARAM_RANGES",
+    "StreamClosedError",
+    "StreamOutput",
+    "StreamParams",
+    "validate_changes",
+]

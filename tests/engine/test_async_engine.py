@@ -1,0 +1,171 @@
+"""AsyncEngine: the asyncio handle over the engine thread (pytest-asyncio is not used: each test
+runs its own `asyncio.run`)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from engine_helpers import FakeClock, FakeExecutor, max_abs_diff
+from streamdiff.engine import AsyncEngine, LocalExecutor, StreamClosedError
+from streamdiff.pipeline.frames import synthetic_clip
+from streamdiff.pipeline.stream_pipeline import StreamPipeline
+
+
+def engine_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "streamdiff-engine"]
+
+
+async def wait_consumed(engine: AsyncEngine) -> None:
+    """Until the engine thread has taken every pushed frame into a chunk."""
+    for _ in range(2000):
+        if (await engine.stats())["waiting_frames"] == 0:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("frames were never consumed")
+
+
+def test_push_next_frame_round_trip_equals_the_pipeline(comps, cfg):
+    """Two streams through the real model: frames pushed chunk by chunk come back from
+    next_frame with the pts they went in with, equal to StreamPipeline's (<= 1 grey level)."""
+    from streamdiff.engine.model_runner import ModelRunner
+
+    clips = {"one": synthetic_clip(17, 64, 48, seed=1), "two": synthetic_clip(17, 64, 48, seed=2)}
+    steps = {"one": 1, "two": 2}
+
+    async def main():
+        engine = AsyncEngine(cfg, LocalExecutor(ModelRunner(comps)))
+        await engine.start()
+        assert engine.warmup_ms is not None and engine.warmup_ms > 0
+        for sid in clips:
+            admission = await engine.add_stream(sid, f"prompt {sid}", steps=steps[sid], seed=7,
+                                                target_fps=7.5, deadline_ms=60_000)
+            assert admission, admission.reason
+        got = {sid: [] for sid in clips}
+        pos = 0
+        while pos < 17:
+            n = 5 if pos == 0 else 4
+            for sid in clips:
+                for i in range(pos, pos + n):
+                    engine.push_frame(sid, clips[sid][i], pts=1000 + i)
+            pos += n
+            await wait_consumed(engine)
+        expected = {sid: 17 - 4 * (steps[sid] - 1) for sid in clips}
+        for sid in clips:
+            for _ in range(expected[sid]):
+                got[sid].append(await engine.next_frame(sid, timeout=60))
+        snap = engine.metrics()
+        await engine.stop()
+        return got, snap
+
+    got, snap = asyncio.run(main())
+    for sid, clip in clips.items():
+        ref = StreamPipeline(comps, f"prompt {sid}", steps=steps[sid], seed=7).push(clip)
+        assert [o.pts for o in got[sid]] == [1000 + i for i in range(len(ref))]
+        assert max_abs_diff(np.stack([o.frame for o in got[sid]]), ref) <= 1
+        assert all(o.output_s >= o.arrival_s for o in got[sid])
+        s = snap["streams"][sid]
+        assert s["frames_out"] == len(ref) and s["time_to_first_frame_ms"] > 0
+    assert snap["warmup_ms"] > 0 and snap["steps"] >= 4
+    assert not engine_threads()
+
+
+def fake_engine(cfg, **kw) -> AsyncEngine:
+    clock = FakeClock()
+    return AsyncEngine(cfg, FakeExecutor(clock, step_ms=1.0), warmup=False, **kw)
+
+
+@pytest.mark.parametrize(
+    "changes, field, allowed",
+    [
+        ({"steps": 0}, "steps", "[1, 4]"),
+        ({"steps": 5}, "steps", "[1, 4]"),
+        ({"steps": 2.5}, "steps", "[1, 4]"),
+        ({"noise_strength": 1.5}, "noise_strength", "[0.1, 1]"),
+        ({"noise_strength": 0.0}, "noise_strength", "[0.1, 1]"),
+        ({"seed": -1}, "seed", "[0, "),
+        ({"prompt_blend_chunks": 100}, "prompt_blend_chunks", "[0, 64]"),
+        ({"motion_aware": "yes"}, "motion_aware", "true or false"),
+        ({"prompt": 3}, "prompt", "string"),
+        ({"guidance": 3}, "guidance", "known: prompt"),
+    ],
+)
+def test_update_params_rejects_bad_values_naming_field_and_range(cfg, changes, field, allowed):
+    async def main():
+        async with fake_engine(cfg) as engine:
+            assert await engine.add_stream("s", "a cat")
+            with pytest.raises(ValueError) as info:
+                await engine.update_params("s", **changes)
+            good = await engine.update_params("s", steps=3, noise_strength=0.5, motion_aware=False, seed=9)
+            return str(info.value), good, await engine.params("s")
+
+    message, good, now = asyncio.run(main())
+    assert field in message and allowed in message
+    assert good == now and (now.steps, now.noise_strength, now.motion_aware, now.seed) == (3, 0.5, False, 9)
+
+
+def test_bad_add_and_push_are_refused(cfg):
+    async def main():
+        async with fake_engine(cfg) as engine:
+            with pytest.raises(ValueError, match="steps"):
+                await engine.add_stream("s", "a cat", steps=9)
+            assert await engine.add_stream("s", "a cat")
+            with pytest.raises(KeyError):
+                await engine.add_stream("s", "again")
+            with pytest.raises(ValueError, match=r"uint8 \[48, 64, 3\]"):
+                engine.push_frame("s", np.zeros((48, 64), np.uint8))
+            with pytest.raises(KeyError):
+                engine.push_frame("nobody", np.zeros((48, 64, 3), np.uint8))
+            refused = [await engine.add_stream(f"x{i}", "p") for i in range(cfg.cache.max_streams)]
+            assert [bool(a) for a in refused] == [True] * (cfg.cache.max_streams - 1) + [False]
+            assert "KV pool full" in refused[-1].reason
+
+    asyncio.run(main())
+
+
+def test_remove_wakes_the_reader_and_stop_joins_the_thread(cfg):
+    async def main():
+        engine = fake_engine(cfg)
+        await engine.start()
+        assert engine.running and len(engine_threads()) == 1
+        assert await engine.add_stream("s", "a cat", steps=1)
+        frame = np.zeros((48, 64, 3), np.uint8)
+        for i in range(5):
+            engine.push_frame("s", frame, pts=i)
+        got = [await engine.next_frame("s", timeout=10) for _ in range(5)]
+        assert [o.pts for o in got] == [0, 1, 2, 3, 4]
+        assert len({o.frame_id for o in got}) == 5
+        waiter = asyncio.create_task(engine.next_frame("s"))  # nothing more is coming
+        await asyncio.sleep(0.02)
+        assert not waiter.done()
+        assert await engine.remove_stream("s")
+        with pytest.raises(StreamClosedError):
+            await waiter
+        assert (await engine.stats())["streams"] == 0
+        assert await engine.remove_stream("s") is False
+        await engine.stop()
+        assert not engine.running
+        with pytest.raises(RuntimeError):
+            engine.push_frame("s", frame)
+        await engine.stop()  # idempotent
+
+    asyncio.run(main())
+    assert not engine_threads()
+
+
+def test_stop_releases_a_waiting_reader(cfg):
+    async def main():
+        engine = fake_engine(cfg)
+        await engine.start()
+        assert await engine.add_stream("s", "a cat")
+        waiter = asyncio.create_task(engine.next_frame("s"))
+        await asyncio.sleep(0.02)
+        await engine.stop()
+        with pytest.raises(StreamClosedError):
+            await waiter
+
+    asyncio.run(main())
+    assert not engine_threads()

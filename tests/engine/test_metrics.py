@@ -1,0 +1,57 @@
+"""The metric primitives compute what their names say."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from streamdiff.metrics import EngineMetrics, Histogram, RateMeter
+
+
+def test_histogram_quantiles_buckets_and_window():
+    h = Histogram(window=100, buckets=(10, 50, 100))
+    for v in range(1, 101):  # 1..100
+        h.observe(v)
+    assert h.quantile(0.5) == pytest.approx(50.5)
+    assert h.quantile(0.9) == pytest.approx(90.1)
+    assert h.quantile(0.99) == pytest.approx(99.01)
+    snap = h.snapshot()
+    assert snap["count"] == 100 and snap["sum"] == 5050 and snap["min"] == 1 and snap["max"] == 100
+    assert snap["buckets"] == [(10, 10), (50, 50), (100, 100)]
+    for _ in range(100):  # the window forgets, the totals do not
+        h.observe(1000)
+    assert h.quantile(0.5) == 1000 and h.count == 200 and h.max == 1000
+    assert math.isnan(Histogram().quantile(0.5))
+
+
+def test_rate_meter_counts_over_its_window():
+    r = RateMeter(window_s=2.0)
+    for i in range(10):
+        r.add(i * 0.5, 4)  # 4 frames every 0.5 s = 8 fps
+    assert r.rate() == pytest.approx(8.0)
+    assert len(r.events) == 5  # only the last 2 s are kept
+
+
+def test_stream_metrics_latency_jitter_ttff_and_drops():
+    m = EngineMetrics()
+    m.stream_added("s", now_s=10.0, deadline_ms=150.0)
+    m.frames_out("s", 10.4, [100.0, 120.0])  # first output 400 ms after add
+    m.frames_out("s", 10.6, [140.0, 160.0])  # one over the deadline
+    m.frames_out("s", 10.8, [100.0])
+    m.frames_dropped("s", 3, "input")
+    m.frames_dropped("s", 1, "output")
+    m.step(rows=5, streams=2, step_ms=40.0, decision_us=12.0, forwards=2)
+    snap = m.snapshot()
+    s = snap["streams"]["s"]
+    assert s["time_to_first_frame_ms"] == pytest.approx(400.0)
+    assert s["deadline_misses"] == 1 and s["frames_out"] == 5
+    assert s["jitter_ms"] == pytest.approx(0.0, abs=1e-9)  # outputs every 200 ms exactly
+    assert s["latency_ms"]["p50"] == pytest.approx(120.0)
+    assert s["dropped_frames"] == 4 and s["dropped_by_cause"]["input"] == 3
+    assert snap["step_rows"]["max"] == 5 and snap["forwards"] == 2 and snap["last_step"]["streams"] == 2
+    m.frames_out("s", 11.3, [100.0])  # a 500 ms gap: the cadence is no longer regular
+    assert m.snapshot()["streams"]["s"]["jitter_ms"] > 100
+    m.stream_removed("s")
+    totals = m.snapshot()["totals"]
+    assert m.snapshot()["streams"] == {} and totals["frames_out"] == 6 and totals["streams_removed"] == 1
