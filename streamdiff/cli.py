@@ -1,4 +1,5 @@
-"""The `streamdiff` command line: render (offline, one stream through StreamPipeline).
+"""The `streamdiff` command line: render (offline, one stream through StreamPipeline), serve
+(the WebRTC gateway) and control (change a live stream's parameters).
 
 Owns: argument parsing, turning known failures into one-line errors (exit 2, no traceback),
 and the progress display. Does not own: any model or serving logic.
@@ -96,6 +97,31 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from streamdiff.server.app import ServerSettings, serve
+
+    cfg = load_config(args.config, list(args.set or []))
+    settings = ServerSettings(
+        token=args.token, max_sessions=args.max_sessions, target_fps=args.target_fps,
+        deadline_ms=args.deadline_ms, bitrate_bps=int(args.bitrate_kbps * 1000), ice_loopback=args.ice_loopback,
+    )
+    serve(cfg, host=args.host, port=args.port, settings=settings)
+    return 0
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from streamdiff.client.control import run
+
+    params = {k: v for k, v in (("prompt", args.prompt), ("steps", args.steps), ("noise", args.noise),
+                                ("seed", args.seed), ("motion", args.motion)) if v is not None}
+    if not params:
+        raise CliError("nothing to change: give --prompt, --steps, --noise, --seed or --motion")
+    try:
+        return run(args.url, args.session, params, args.token)
+    except OSError as exc:
+        raise CliError(f"cannot reach {args.url}: {exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamdiff", description="Real-time streaming video diffusion")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -112,6 +138,30 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. cache.window=8")
     render.add_argument("-q", "--quiet", action="store_true")
     render.set_defaults(func=cmd_render)
+
+    serve = sub.add_parser("serve", help="run the WebRTC gateway (browser, WHIP/WHEP for OBS, control, metrics)")
+    serve.add_argument("--config", default="tiny", help="preset name (tiny, wan-1.3b, wan-14b) or a YAML file")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on session and control routes")
+    serve.add_argument("--max-sessions", type=int, help="stream limit (default cache.max_streams)")
+    serve.add_argument("--target-fps", type=float, help="per-stream SLO for admission (default video.fps)")
+    serve.add_argument("--deadline-ms", type=float, default=1000.0, help="per-frame deadline for admission")
+    serve.add_argument("--bitrate-kbps", type=float, default=4000, help="fixed video encoder bitrate")
+    serve.add_argument("--ice-loopback", action="store_true", help="also offer 127.0.0.1 ICE candidates")
+    serve.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. video.width=320")
+    serve.set_defaults(func=cmd_serve)
+
+    control = sub.add_parser("control", help="change a live stream's prompt / steps / noise / seed")
+    control.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    control.add_argument("--session", required=True, help="session id, or the WHIP stream key of an OBS stream")
+    control.add_argument("--token")
+    control.add_argument("--prompt")
+    control.add_argument("--steps", type=int, choices=[1, 2, 3, 4])
+    control.add_argument("--noise", type=float, help="noise strength 0.1-1.0")
+    control.add_argument("--seed", type=int)
+    control.add_argument("--motion", type=lambda v: v.lower() in ("1", "true", "on", "yes"), help="motion-aware noise on/off")
+    control.set_defaults(func=cmd_control)
     return parser
 
 

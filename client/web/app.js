@@ -1,0 +1,139 @@
+// StreamDiff browser client (no build step): webcam -> POST /offer -> processed video back,
+// control and stats over /ws. A `?token=...` in the page URL is sent as the Bearer token.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const token = new URLSearchParams(location.search).get("token");
+let pc = null, ws = null, camera = null, sessionId = null, fpsTimer = null;
+
+function say(text, isError = false) {
+  $("message").textContent = text;
+  $("message").className = isError ? "error" : "";
+}
+
+function params() {
+  return {
+    prompt: $("prompt").value,
+    steps: parseInt($("steps").value, 10),
+    noise: parseFloat($("noise").value),
+    seed: parseInt($("seed").value, 10),
+    motion: $("motion").checked,
+  };
+}
+
+function waitGathering(peer) {
+  if (peer.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const check = () => {
+      if (peer.iceGatheringState === "complete") {
+        peer.removeEventListener("icegatheringstatechange", check);
+        resolve();
+      }
+    };
+    peer.addEventListener("icegatheringstatechange", check);
+    setTimeout(resolve, 3000); // send what we have
+  });
+}
+
+async function start() {
+  $("start").disabled = true;
+  say("asking for the camera…");
+  try {
+    camera = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
+  } catch (err) {
+    say(`The camera was refused or is missing (${err.name}). Allow camera access for this page and try again.`, true);
+    $("start").disabled = false;
+    return;
+  }
+  $("local").srcObject = camera;
+  pc = new RTCPeerConnection({ iceServers: [] });
+  camera.getTracks().forEach((t) => pc.addTrack(t, camera));
+  pc.addEventListener("track", (ev) => { $("output").srcObject = ev.streams[0] || new MediaStream([ev.track]); });
+  pc.addEventListener("connectionstatechange", () => {
+    if (pc && (pc.connectionState === "failed" || pc.connectionState === "disconnected")) {
+      say(`connection ${pc.connectionState}`, true);
+    }
+  });
+  await pc.setLocalDescription(await pc.createOffer());
+  await waitGathering(pc);
+  say("connecting…");
+  const headers = { "Content-Type": "application/json" };
+  if (token) headers.Authorization = `Bearer ${token}`;
+  let resp;
+  try {
+    resp = await fetch("/offer", { method: "POST", headers, body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer", ...params() }) });
+  } catch (err) {
+    say(`cannot reach the server: ${err}`, true);
+    return stop();
+  }
+  const body = await resp.json().catch(() => ({}));
+  if (resp.status === 503) {
+    const retry = resp.headers.get("Retry-After");
+    say(`The server is full (${body.error || "no free stream slot"}). Try again${retry ? ` in ${retry} s` : " later"}.`, true);
+    return stop();
+  }
+  if (!resp.ok) {
+    say(`The server refused the session: ${body.error || resp.status}`, true);
+    return stop();
+  }
+  sessionId = body.session;
+  await pc.setRemoteDescription({ type: "answer", sdp: body.sdp });
+  openControl();
+  startFpsMeter();
+  $("stop").disabled = false;
+  $("apply").disabled = false;
+  say(`streaming (session ${sessionId}); the first frames take a moment`);
+}
+
+function openControl() {
+  const q = new URLSearchParams({ session: sessionId });
+  if (token) q.set("token", token);
+  ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws?${q}`);
+  ws.onmessage = (ev) => {
+    const msg = JSON.parse(ev.data);
+    if (msg.type === "stats") {
+      $("overlay").dataset.latency = msg.latency_ms == null ? "–" : `${Math.round(msg.latency_ms)} ms`;
+    } else if (msg.type === "error") {
+      say(`control: ${msg.error}`, true);
+    } else if (msg.type === "params") {
+      say(`applied: ${msg.params.prompt} · steps ${msg.params.steps} · noise ${msg.params.noise} · seed ${msg.params.seed}`);
+    } else if (msg.type === "closed") {
+      say("the session ended", true);
+    }
+  };
+}
+
+function startFpsMeter() {
+  let last = null;
+  fpsTimer = setInterval(async () => {
+    if (!pc) return;
+    const stats = await pc.getStats();
+    stats.forEach((r) => {
+      if (r.type === "inbound-rtp" && r.kind === "video") {
+        const fps = last ? (r.framesDecoded - last.frames) / ((r.timestamp - last.t) / 1000) : 0;
+        last = { frames: r.framesDecoded, t: r.timestamp };
+        $("overlay").textContent = `${fps.toFixed(1)} fps · latency ${$("overlay").dataset.latency || "–"}`;
+      }
+    });
+  }, 1000);
+}
+
+function stop() {
+  if (fpsTimer) clearInterval(fpsTimer);
+  if (ws) ws.close();
+  if (pc) pc.close(); // the server frees the session when the peer closes
+  if (camera) camera.getTracks().forEach((t) => t.stop());
+  pc = ws = camera = sessionId = fpsTimer = null;
+  $("start").disabled = false;
+  $("stop").disabled = true;
+  $("apply").disabled = true;
+}
+
+$("start").onclick = start;
+$("stop").onclick = () => { stop(); say("stopped"); };
+$("apply").onclick = () => {
+  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "params", ...params() }));
+};
+$("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter") $("apply").click(); });
+$("fullscreen").onclick = () => $("outpane").requestFullscreen();
+window.addEventListener("beforeunload", stop);

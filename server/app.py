@@ -1,0 +1,416 @@
+"""The aiohttp gateway: browser offers, WHIP ingest, WHEP playback, control, health, metrics.
+
+Owns: routes and their HTTP semantics (status codes, CORS, Bearer auth, content types),
+`ServerSettings`, building the app around an AsyncEngine (`build_app`) and running it
+(`serve`). Does not own: session bookkeeping (server.sessions) or media (server.webrtc).
+
+Routes:
+  GET  /, /viewer.html, /app.js          static client (client/web)
+  POST /offer                            JSON {sdp, type, prompt?} -> {sdp, type, session}
+  POST /whip/{key}                       application/sdp -> 201 + Location /whip/{key}/{session}
+  DELETE|PATCH|OPTIONS /whip/{key}/{id}  end (200) | trickle (405) | CORS
+  POST /whep/{key}, DELETE|PATCH /whep/{key}/{id}   the same for playback of stream `key`
+  GET  /ws?session=ID                    control WebSocket (params in, stats out each second)
+  PATCH /sessions/{id}/params            JSON params (id: session id or stream key)
+  GET  /sessions, /healthz, /metrics
+Auth: with a token set, every session and control route needs `Authorization: Bearer T`
+(`?token=T` is accepted too: browsers cannot set headers on WebSockets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import WSMsgType, web
+from aiortc import RTCSessionDescription
+
+from streamdiff.server.prom import exposition
+from streamdiff.server.sessions import ServerFull, SessionManager, to_engine_params
+from streamdiff.server.webrtc import (
+    CodecError,
+    InputReader,
+    OutputTrack,
+    SdpError,
+    check_offer_sdp,
+    configure_bitrates,
+    drain_track,
+    enable_loopback_candidates,
+    require_h264,
+    wait_ice_gathering,
+)
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "client" / "web"
+if not WEB_DIR.is_dir():  # installed layout: streamdiff/server next to streamdiff/client
+    import streamdiff.client
+
+    WEB_DIR = Path(streamdiff.client.__file__).resolve().parent / "web"
+
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+    "Access-Control-Expose-Headers": "Location, Retry-After, X-Session-Id",
+}
+ENGINE_KEY = web.AppKey("engine", object)
+SESSIONS_KEY = web.AppKey("sessions", SessionManager)
+SETTINGS_KEY = web.AppKey("settings", object)
+
+
+@dataclass
+class ServerSettings:
+    token: str | None = None
+    max_sessions: int | None = None  # default: the engine's cache.max_streams
+    target_fps: float | None = None  # stream SLO; default video.fps
+    deadline_ms: float = 1000.0
+    output_fps: float | None = None  # output track pacing; default target_fps
+    bitrate_bps: int = 4_000_000
+    ice_loopback: bool = False
+    retry_after_s: int = 10
+    connect_timeout_s: float = 30.0  # a peer that has not connected by then is freed
+
+
+def _error(status: int, text: str, **headers) -> web.Response:
+    return web.Response(status=status, text=text + "\n", headers={**CORS, **headers})
+
+
+def _authorized(request: web.Request) -> bool:
+    token = request.app[SETTINGS_KEY].token
+    if not token:
+        return True
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer ") and header[7:].strip() == token:
+        return True
+    return request.query.get("token") == token
+
+
+def _unauthorized() -> web.Response:
+    return _error(401, "missing or wrong Bearer token (Authorization: Bearer <token>)",
+                  **{"WWW-Authenticate": 'Bearer realm="streamdiff"'})
+
+
+def _full(exc: ServerFull, settings: ServerSettings) -> web.Response:
+    return _error(503, str(exc), **{"Retry-After": str(settings.retry_after_s)})
+
+
+async def _answer(session) -> str:
+    answer = await session.pc.createAnswer()
+    await session.pc.setLocalDescription(answer)
+    await wait_ice_gathering(session.pc)
+    return session.pc.localDescription.sdp
+
+
+def _wire_input(session, sessions: SessionManager, settings: ServerSettings) -> None:
+    cfg = sessions.engine.cfg
+
+    @session.pc.on("track")
+    def _on_track(track) -> None:
+        if track.kind == "video" and session.reader is None:
+            session.reader = InputReader(track, sessions.engine, session.id, cfg.video.width, cfg.video.height)
+        else:
+            session.tasks.append(asyncio.create_task(drain_track(track), name=f"drain-{session.id}"))
+
+
+def _output_track(session, source, settings: ServerSettings, cfg) -> OutputTrack:
+    session.slot = source.fanout.subscribe()
+    return OutputTrack(session.slot, settings.output_fps or settings.target_fps or cfg.video.fps)
+
+
+# ---------------------------------------------------------------------- browser
+
+
+async def offer(request: web.Request) -> web.Response:
+    sessions, settings = request.app[SESSIONS_KEY], request.app[SETTINGS_KEY]
+    if not _authorized(request):
+        return _unauthorized()
+    try:
+        body = await request.json()
+        sdp, kind = body["sdp"], body.get("type", "offer")
+        prompt = str(body.get("prompt") or "")
+        params = to_engine_params({k: v for k, v in body.items() if k not in ("sdp", "type", "prompt")})
+        if kind != "offer" or not isinstance(sdp, str):
+            raise SdpError("type must be 'offer' and sdp a string")
+        check_offer_sdp(sdp)
+    except (ValueError, KeyError, TypeError) as exc:
+        return web.json_response({"error": f"bad offer: {exc}"}, status=400)
+    try:
+        session = await sessions.open("browser", None, prompt, **params)
+    except ServerFull as exc:
+        return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": str(settings.retry_after_s)})
+    except ValueError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    try:
+        _wire_input(session, sessions, settings)
+        await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        session.pc.addTrack(_output_track(session, session, settings, sessions.engine.cfg))
+        answer_sdp = await _answer(session)
+    except Exception as exc:
+        await sessions.close(session.id)
+        return web.json_response({"error": f"could not negotiate: {exc}"}, status=400)
+    return web.json_response({"sdp": answer_sdp, "type": "answer", "session": session.id})
+
+
+# ---------------------------------------------------------------------- WHIP / WHEP
+
+
+async def _read_sdp_offer(request: web.Request) -> str:
+    if request.content_type != "application/sdp":
+        raise web.HTTPUnsupportedMediaType(text="Content-Type must be application/sdp\n", headers=CORS)
+    return await request.text()
+
+
+async def whip_post(request: web.Request) -> web.Response:
+    sessions, settings = request.app[SESSIONS_KEY], request.app[SETTINGS_KEY]
+    key = request.match_info["key"]
+    if not _authorized(request):
+        return _unauthorized()
+    sdp = await _read_sdp_offer(request)
+    try:
+        check_offer_sdp(sdp)
+        require_h264(sdp)
+    except SdpError as exc:
+        return _error(400, str(exc))
+    except CodecError as exc:
+        return _error(406, str(exc))
+    if sessions.publisher(key) is not None:
+        return _error(409, f"stream key {key!r} is already being published")
+    try:
+        session = await sessions.open("whip", key)
+    except ServerFull as exc:
+        return _full(exc, settings)
+    try:
+        _wire_input(session, sessions, settings)
+        await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        answer_sdp = await _answer(session)
+    except Exception as exc:
+        await sessions.close(session.id)
+        return _error(400, f"could not negotiate the offer: {exc}")
+    return _sdp_created(f"/whip/{key}/{session.id}", answer_sdp, session.id)
+
+
+async def whep_post(request: web.Request) -> web.Response:
+    sessions, settings = request.app[SESSIONS_KEY], request.app[SETTINGS_KEY]
+    key = request.match_info["key"]
+    if not _authorized(request):
+        return _unauthorized()
+    sdp = await _read_sdp_offer(request)
+    try:
+        check_offer_sdp(sdp)
+    except (SdpError, CodecError) as exc:
+        return _error(400, str(exc))
+    source = sessions.publisher(key) or sessions.get(key)
+    if source is None or source.fanout is None:
+        return _error(404, f"no stream {key!r} is live (start publishing first; viewers retry by themselves)")
+    try:
+        session = await sessions.open("whep", key)
+    except ServerFull as exc:
+        return _full(exc, settings)
+    try:
+        session.source = source
+        _wire_input(session, sessions, settings)  # a viewer's own tracks (if any) are drained
+        await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        session.pc.addTrack(_output_track(session, source, settings, sessions.engine.cfg))
+        answer_sdp = await _answer(session)
+    except Exception as exc:
+        await sessions.close(session.id)
+        return _error(400, f"could not negotiate the offer: {exc}")
+    return _sdp_created(f"/whep/{key}/{session.id}", answer_sdp, session.id)
+
+
+def _sdp_created(location: str, sdp: str, session_id: str) -> web.Response:
+    return web.Response(status=201, text=sdp, content_type="application/sdp",
+                        headers={**CORS, "Location": location, "X-Session-Id": session_id})
+
+
+async def resource_delete(request: web.Request) -> web.Response:
+    sessions = request.app[SESSIONS_KEY]
+    if not _authorized(request):
+        return _unauthorized()
+    session = sessions.sessions.get(request.match_info["id"])
+    if session is None or session.stream_key != request.match_info["key"]:
+        return _error(404, "no such session")
+    await sessions.close(session.id)
+    return _error(200, "session ended")
+
+
+async def resource_patch(request: web.Request) -> web.Response:
+    return _error(405, "trickle ICE and ICE restarts are not supported: send one offer with all "
+                  "candidates (OBS does this by default)", Allow="DELETE, OPTIONS")
+
+
+async def options(request: web.Request) -> web.Response:
+    return web.Response(status=204, headers={**CORS, "Accept-Post": "application/sdp"})
+
+
+# ---------------------------------------------------------------------- control
+
+
+async def params_patch(request: web.Request) -> web.Response:
+    sessions = request.app[SESSIONS_KEY]
+    if not _authorized(request):
+        return _unauthorized()
+    try:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+        params = await sessions.update_params(request.match_info["id"], body)
+    except KeyError:
+        return web.json_response({"error": "no such session"}, status=404)
+    except (ValueError, TypeError) as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    return web.json_response({"ok": True, "params": params})
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    sessions = request.app[SESSIONS_KEY]
+    if not _authorized(request):
+        return _unauthorized()
+    key = request.query.get("session", "")
+    if sessions.get(key) is None:
+        return web.json_response({"error": f"no such session {key!r}"}, status=404)
+    ws = web.WebSocketResponse(heartbeat=20)
+    await ws.prepare(request)
+
+    async def push_stats() -> None:
+        while not ws.closed:
+            session = sessions.get(key)
+            if session is None:
+                await ws.send_json({"type": "closed"})
+                await ws.close()
+                return
+            await ws.send_json({"type": "stats", **session.stats()})
+            await asyncio.sleep(1.0)
+
+    stats_task = asyncio.create_task(push_stats())
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            await ws.send_json(await _control_message(sessions, key, msg.data))
+    finally:
+        stats_task.cancel()
+    return ws
+
+
+async def _control_message(sessions: SessionManager, key: str, text: str) -> dict:
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return {"type": "error", "error": "not JSON"}
+    if not isinstance(message, dict):
+        return {"type": "error", "error": "a message must be a JSON object with a 'type'"}
+    if message.get("type") == "ping":
+        return {"type": "pong"}
+    if message.get("type") != "params":
+        return {"type": "error", "error": f"unknown message type {message.get('type')!r} (known: params, ping)"}
+    try:
+        return {"type": "params", "params": await sessions.update_params(key, message)}
+    except KeyError:
+        return {"type": "error", "error": "the session has ended"}
+    except (ValueError, TypeError) as exc:
+        return {"type": "error", "error": str(exc)}
+
+
+# ---------------------------------------------------------------------- ops
+
+
+async def healthz(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    ok = engine.running
+    return web.json_response({"ok": ok, **request.app[SESSIONS_KEY].snapshot()}, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = exposition(request.app[ENGINE_KEY], request.app[SESSIONS_KEY])
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return _unauthorized()
+    return web.json_response([s.stats() for s in request.app[SESSIONS_KEY].sessions.values()])
+
+
+def _static(name: str):
+    async def handler(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(WEB_DIR / name)
+
+    return handler
+
+
+# ---------------------------------------------------------------------- app
+
+
+def build_app(engine, settings: ServerSettings | None = None, *, own_engine: bool = True) -> web.Application:
+    """The gateway around `engine` (an AsyncEngine). With `own_engine`, the app starts the
+    engine on startup and stops it on cleanup; every peer is closed on shutdown either way."""
+    settings = settings or ServerSettings()
+    cfg = engine.cfg
+    configure_bitrates(settings.bitrate_bps)
+    if settings.ice_loopback:
+        enable_loopback_candidates(True)
+    app = web.Application()
+    app[ENGINE_KEY] = engine
+    app[SETTINGS_KEY] = settings
+    app[SESSIONS_KEY] = SessionManager(
+        engine,
+        max_sessions=settings.max_sessions or cfg.cache.max_streams,
+        target_fps=settings.target_fps or cfg.video.fps,
+        deadline_ms=settings.deadline_ms,
+        connect_timeout_s=settings.connect_timeout_s,
+    )
+
+    async def on_startup(app: web.Application) -> None:
+        if own_engine and not engine.running:
+            await engine.start()
+
+    async def on_shutdown(app: web.Application) -> None:
+        await app[SESSIONS_KEY].close_all()
+
+    async def on_cleanup(app: web.Application) -> None:
+        if own_engine:
+            await engine.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    r = app.router
+    r.add_get("/", _static("index.html"))
+    r.add_get("/index.html", _static("index.html"))
+    r.add_get("/viewer.html", _static("viewer.html"))
+    r.add_get("/app.js", _static("app.js"))
+    r.add_post("/offer", offer)
+    for kind, post in (("whip", whip_post), ("whep", whep_post)):
+        r.add_post(f"/{kind}/{{key}}", post)
+        r.add_route("OPTIONS", f"/{kind}/{{key}}", options)
+        r.add_delete(f"/{kind}/{{key}}/{{id}}", resource_delete)
+        r.add_patch(f"/{kind}/{{key}}/{{id}}", resource_patch)
+        r.add_route("OPTIONS", f"/{kind}/{{key}}/{{id}}", options)
+    r.add_get("/ws", websocket)
+    r.add_patch("/sessions/{id}/params", params_patch)
+    r.add_route("OPTIONS", "/sessions/{id}/params", options)
+    r.add_get("/sessions", list_sessions)
+    r.add_get("/healthz", healthz)
+    r.add_get("/metrics", metrics)
+    return app
+
+
+def serve(cfg, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None) -> None:
+    """Build the engine from `cfg` and run the gateway until interrupted."""
+    from streamdiff.engine import AsyncEngine
+
+    settings = settings or ServerSettings()
+    app = build_app(AsyncEngine(cfg), settings)
+    shown = f"http://{host}:{port}/"
+    token_hint = f"?token={settings.token}" if settings.token else ""
+
+    def announce(_app=None) -> None:
+        print(f"StreamDiff serving on {shown}{token_hint}  (OBS: WHIP {shown}whip/<key>, viewer {shown}viewer.html?key=<key>)",
+              flush=True)
+
+    web.run_app(app, host=host, port=port, print=lambda *_: announce())

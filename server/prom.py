@@ -1,0 +1,81 @@
+"""Prometheus exposition of the engine's metrics snapshot and the gateway's session counts.
+
+Owns: a prometheus-client Collector that reads `engine.metrics()` (streamdiff.metrics) and
+`SessionManager.snapshot()` at scrape time. Does not own: measuring anything.
+"""
+
+from __future__ import annotations
+
+import math
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+PREFIX = "streamdiff"
+
+
+def _num(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return None if math.isnan(value) else float(value)
+
+
+def _histogram(name: str, doc: str, snap: dict, labels: dict[str, str]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=list(labels))
+    buckets = [(str(le), float(n)) for le, n in snap["buckets"]] + [("+Inf", float(snap["count"]))]
+    family.add_metric(list(labels.values()), buckets, float(snap["sum"]))
+    return family
+
+
+class EngineCollector:
+    def __init__(self, engine, sessions):
+        self.engine = engine
+        self.sessions = sessions
+
+    def collect(self):
+        snap = self.engine.metrics() or {}
+        # 1. Gateway.
+        gw = self.sessions.snapshot()
+        for key in ("sessions", "streams", "max_sessions"):
+            g = GaugeMetricFamily(f"{PREFIX}_gateway_{key}", f"gateway {key}")
+            g.add_metric([], gw[key])
+            yield g
+        if not snap:
+            return
+        # 2. Engine totals and steps.
+        for key, value in snap.get("totals", {}).items():
+            c = CounterMetricFamily(f"{PREFIX}_{key}", f"engine total {key}")
+            c.add_metric([], float(value))
+            yield c
+        for key in ("steps", "forwards"):
+            c = CounterMetricFamily(f"{PREFIX}_{key}", f"engine {key}")
+            c.add_metric([], float(snap.get(key, 0)))
+            yield c
+        for key, unit in (("step_ms", "step time (ms)"), ("step_rows", "rows per step"),
+                          ("step_streams", "streams per step"), ("decision_us", "scheduler decision (us)")):
+            if key in snap:
+                yield _histogram(f"{PREFIX}_{key}", unit, snap[key], {})
+        # 3. Per stream.
+        streams = snap.get("streams", {})
+        gauges = {key: GaugeMetricFamily(f"{PREFIX}_stream_{key}", f"per-stream {key}", labels=["stream"])
+                  for key in ("fps", "jitter_ms", "time_to_first_frame_ms", "frames_in", "frames_out",
+                              "dropped_frames", "deadline_misses")}
+        latency = HistogramMetricFamily(f"{PREFIX}_stream_latency_ms", "input arrival to output (ms)",
+                                        labels=["stream"])
+        for sid, s in streams.items():
+            for key, family in gauges.items():
+                value = _num(s.get(key))
+                if value is not None:
+                    family.add_metric([sid], value)
+            hist = s.get("latency_hist")
+            if hist:
+                buckets = [(str(le), float(n)) for le, n in hist["buckets"]] + [("+Inf", float(hist["count"]))]
+                latency.add_metric([sid], buckets, float(hist["sum"]))
+        yield from gauges.values()
+        yield latency
+
+
+def exposition(engine, sessions) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(engine, sessions))
+    return generate_latest(registry)

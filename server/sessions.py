@@ -1,0 +1,217 @@
+"""Gateway sessions: one aiortc peer per session, its engine stream and its tasks.
+
+Owns: the `Session` record (id, kind, stream key, peer, input reader, output fan-out, tasks),
+`SessionManager` (session limit, admission through the engine, lookup by id or stream key,
+closing a session when its peer fails or vanishes, closing everything at shutdown) and the
+mapping from control messages (`prompt`, `steps`, `noise`, `seed`, `motion`) to engine
+parameters. Does not own: HTTP (server.app) or media details (server.webrtc).
+
+Kinds: "browser" (POST /offer: input and output on one peer), "whip" (publish only: input),
+"whep" (play only: subscribes to another session's output; holds no engine stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from aiortc import RTCConfiguration, RTCPeerConnection
+
+from streamdiff.server.webrtc import FanOut, InputReader, NewestSlot, cancel_tasks
+
+log = logging.getLogger(__name__)
+
+# control message field -> engine parameter
+PARAM_ALIASES = {
+    "prompt": "prompt",
+    "steps": "steps",
+    "noise": "noise_strength",
+    "noise_strength": "noise_strength",
+    "seed": "seed",
+    "motion": "motion_aware",
+    "motion_aware": "motion_aware",
+    "blend": "prompt_blend_chunks",
+}
+
+
+def to_engine_params(message: dict) -> dict:
+    """Control fields -> engine parameter names; ValueError on an unknown field."""
+    out = {}
+    for key, value in message.items():
+        if key == "type":
+            continue
+        if key not in PARAM_ALIASES:
+            raise ValueError(f"unknown parameter {key!r} (known: {', '.join(sorted(PARAM_ALIASES))})")
+        out[PARAM_ALIASES[key]] = value
+    return out
+
+
+class ServerFull(Exception):
+    """No room for another stream (session limit or engine admission); HTTP 503."""
+
+    def __init__(self, reason: str, retry_after_s: int = 5):
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class Session:
+    id: str
+    kind: str  # "browser" | "whip" | "whep"
+    stream_key: str
+    pc: RTCPeerConnection
+    prompt: str = ""
+    has_stream: bool = False  # owns an engine stream (browser, whip)
+    reader: InputReader | None = None
+    fanout: FanOut | None = None
+    slot: NewestSlot | None = None  # the subscription a whep/browser output track reads
+    source: "Session | None" = None  # whep: the session it plays
+    tasks: list = field(default_factory=list)
+    created_s: float = field(default_factory=time.monotonic)
+    closed: bool = False
+
+    def stats(self) -> dict:
+        out = {"session": self.id, "kind": self.kind, "stream_key": self.stream_key,
+               "state": self.pc.connectionState, "uptime_s": round(time.monotonic() - self.created_s, 1)}
+        if self.reader is not None:
+            out.update(frames_in=self.reader.frames_in, frames_pushed=self.reader.frames_pushed)
+        if self.fanout is not None:
+            out.update(frames_out=self.fanout.frames_out, latency_ms=self.fanout.last_latency_ms)
+        return out
+
+
+class SessionManager:
+    """Every live session; the only place that creates or frees engine streams."""
+
+    def __init__(self, engine, *, max_sessions: int, target_fps: float, deadline_ms: float,
+                 ice_servers: list | None = None, connect_timeout_s: float = 30.0):
+        self.engine = engine
+        self.max_sessions = max_sessions
+        self.target_fps = target_fps
+        self.deadline_ms = deadline_ms
+        self.ice_servers = list(ice_servers or [])
+        self.connect_timeout_s = connect_timeout_s
+        self.sessions: dict[str, Session] = {}
+
+    # ------------------------------------------------------------------ lookup
+
+    @property
+    def stream_count(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.has_stream)
+
+    def get(self, key: str) -> Session | None:
+        """By session id, else the stream-owning session with that stream key."""
+        session = self.sessions.get(key)
+        if session is not None:
+            return session
+        for session in self.sessions.values():
+            if session.has_stream and session.stream_key == key:
+                return session
+        return None
+
+    def publisher(self, stream_key: str) -> Session | None:
+        for session in self.sessions.values():
+            if session.has_stream and session.stream_key == stream_key and not session.closed:
+                return session
+        return None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def new_peer(self) -> RTCPeerConnection:
+        return RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
+
+    async def open(self, kind: str, stream_key: str | None, prompt: str = "", **params) -> Session:
+        """Create a session and its peer; stream kinds ask the engine for admission first.
+        Raises ServerFull (503) when the limit is reached or the engine refuses."""
+        session_id = uuid.uuid4().hex[:16]
+        owns_stream = kind in ("browser", "whip")
+        if owns_stream and self.stream_count >= self.max_sessions:
+            raise ServerFull(f"server full: {self.max_sessions} streams already running")
+        if owns_stream:
+            admission = await self.engine.add_stream(
+                session_id, prompt, target_fps=self.target_fps, deadline_ms=self.deadline_ms, **params
+            )
+            if not admission:
+                raise ServerFull(f"server full: {admission.reason}")
+        pc = self.new_peer()
+        session = Session(session_id, kind, stream_key or session_id, pc, prompt=prompt, has_stream=owns_stream)
+        self.sessions[session_id] = session
+        if owns_stream:
+            session.fanout = FanOut(self.engine, session_id)
+
+        @pc.on("connectionstatechange")
+        async def _state() -> None:
+            log.info("session %s (%s): %s", session_id, kind, pc.connectionState)
+            if pc.connectionState in ("failed", "closed"):
+                await self.close(session_id)
+
+        session.tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session_id}"))
+        return session
+
+    async def _watchdog(self, session: Session) -> None:
+        """A peer that answers but never connects (closed tab, blocked UDP) is freed after
+        `connect_timeout_s`; one that connected is freed by its state change."""
+        await asyncio.sleep(self.connect_timeout_s)
+        if session.pc.connectionState != "connected":
+            log.info("session %s never connected; closing it", session.id)
+            await self.close(session.id)
+
+    async def close(self, session_id: str) -> bool:
+        """Free everything a session holds: tasks, input reader, subscribers, engine stream,
+        peer. Idempotent; False if unknown."""
+        session = self.sessions.pop(session_id, None)
+        if session is None or session.closed:
+            return False
+        session.closed = True
+        # 1. Stop reading input and any helper tasks.
+        if session.reader is not None:
+            await session.reader.close()
+        await cancel_tasks(session.tasks)
+        # 2. Leave the source's fan-out (whep) / stop our own fan-out and its viewers.
+        if session.source is not None and session.source.fanout is not None and session.slot is not None:
+            session.source.fanout.unsubscribe(session.slot)
+        if session.fanout is not None:
+            await session.fanout.close()
+        # 3. The engine stream.
+        if session.has_stream:
+            try:
+                await self.engine.remove_stream(session_id)
+            except Exception:  # engine stopped meanwhile
+                log.debug("remove_stream %s failed", session_id, exc_info=True)
+        # 4. The peer (its connectionstatechange re-enters close(), which returns False).
+        await session.pc.close()
+        return True
+
+    async def close_all(self) -> None:
+        for session_id in list(self.sessions):
+            await self.close(session_id)
+
+    async def update_params(self, key: str, message: dict) -> dict:
+        """Apply control fields to the session's stream (or, for whep, its source's)."""
+        session = self.get(key)
+        if session is None:
+            raise KeyError(key)
+        target = session.source if session.kind == "whep" else session
+        if target is None or not target.has_stream:
+            raise KeyError(key)
+        params = await self.engine.update_params(target.id, **to_engine_params(message))
+        return {"prompt": params.prompt, "steps": params.steps, "noise": params.noise_strength,
+                "seed": params.seed, "motion": params.motion_aware}
+
+    def snapshot(self) -> dict:
+        return {
+            "sessions": len(self.sessions),
+            "streams": self.stream_count,
+            "max_sessions": self.max_sessions,
+            "tasks": sum(sum(not t.done() for t in s.tasks) for s in self.sessions.values()),
+        }
+
+
+async def wait_closed(manager: SessionManager, session_id: str, timeout_s: float = 10.0) -> None:
+    """Test/ops helper: wait until a session is gone."""
+    deadline = time.monotonic() + timeout_s
+    while session_id in manager.sessions and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)

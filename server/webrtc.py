@@ -1,0 +1,322 @@
+"""WebRTC plumbing for the gateway: tracks, input readers, SDP checks, aiortc/aioice settings.
+
+Owns: `OutputTrack` (an aiortc video track that plays a stream's output with pts from a
+monotonic 90 kHz clock, paced evenly), `FanOut` (one task per stream pulling the engine's
+output and handing the newest frame to every subscribed track), `InputReader` (drains a
+remote video track, keeps only the newest frame, pushes it to the engine), `drain_track`
+(discards audio), SDP checks (malformed, H.264 present), `wait_ice_gathering`, and the two
+process-wide aiortc settings: encoder bitrates and loopback ICE candidates.
+Does not own: HTTP, sessions or auth (server.app, server.sessions), any engine logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import time
+
+import numpy as np
+from aiortc import MediaStreamTrack, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError
+from av import VideoFrame
+
+log = logging.getLogger(__name__)
+
+VIDEO_CLOCK_HZ = 90_000
+VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_HZ)
+
+
+# ---------------------------------------------------------------------- process-wide settings
+
+
+def configure_bitrates(bitrate_bps: int) -> None:
+    """Pin aiortc's H.264 and VP8 encoder bitrates (default, min and max) to `bitrate_bps`.
+
+    aiortc starts at 1 Mbps (H.264) / 0.5 Mbps (VP8), re-creates the encoder whenever the
+    congestion controller moves the target by more than 10%, and caps at 3 / 1.5 Mbps; noisy
+    diffusion output needs more and must not stall on encoder restarts, so the target is fixed.
+    """
+    from aiortc.codecs import h264, vpx
+
+    for mod in (h264, vpx):
+        mod.DEFAULT_BITRATE = mod.MIN_BITRATE = mod.MAX_BITRATE = int(bitrate_bps)
+
+
+_original_host_addresses = None
+
+
+def enable_loopback_candidates(enabled: bool = True) -> None:
+    """Make aioice offer 127.0.0.1 as a host candidate (it leaves loopback out by default).
+
+    Needed on a host whose only usable interface is loopback (tests, sandboxes) and for a
+    browser on the same machine when other interfaces are firewalled. Process-wide.
+    """
+    global _original_host_addresses
+    import aioice.ice
+
+    if _original_host_addresses is None:
+        _original_host_addresses = aioice.ice.get_host_addresses
+    if not enabled:
+        aioice.ice.get_host_addresses = _original_host_addresses
+        return
+    original = _original_host_addresses
+
+    def with_loopback(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        addresses = original(use_ipv4=use_ipv4, use_ipv6=use_ipv6)
+        if use_ipv4 and "127.0.0.1" not in addresses:
+            addresses.insert(0, "127.0.0.1")
+        return addresses
+
+    aioice.ice.get_host_addresses = with_loopback
+
+
+# ---------------------------------------------------------------------- SDP
+
+
+class SdpError(ValueError):
+    """The offer is not SDP we can use (HTTP 400)."""
+
+
+class CodecError(ValueError):
+    """The offer has no codec we can take (HTTP 406)."""
+
+
+H264_HINT = (
+    "the offer has no H.264 video: StreamDiff's WHIP endpoint takes H.264 only. In OBS open "
+    "Settings -> Output (Output Mode: Advanced) -> Streaming and pick an H.264 video encoder "
+    "(x264, NVENC H.264, QuickSync H.264 or Apple VT H.264), not AV1 or HEVC."
+)
+
+
+def check_offer_sdp(sdp: str, *, need_video: bool = True) -> list[str]:
+    """Basic shape checks before aiortc parses the SDP; returns the m-line kinds."""
+    lines = [line.strip() for line in sdp.strip().splitlines()]
+    if not lines or lines[0] != "v=0":
+        raise SdpError("malformed SDP: it must start with 'v=0'")
+    kinds = [line[2:].split(" ", 1)[0] for line in lines if line.startswith("m=")]
+    if not kinds:
+        raise SdpError("malformed SDP: no media section ('m=' line)")
+    if need_video and "video" not in kinds:
+        raise CodecError("the offer has no video media section")
+    return kinds
+
+
+def video_codecs(sdp: str) -> set[str]:
+    """Codec names (upper case) offered in the video m-sections."""
+    names: set[str] = set()
+    in_video = False
+    for line in sdp.splitlines():
+        line = line.strip()
+        if line.startswith("m="):
+            in_video = line.startswith("m=video")
+        elif in_video and line.startswith("a=rtpmap:"):
+            parts = line.split(" ", 1)
+            if len(parts) == 2:
+                names.add(parts[1].split("/", 1)[0].upper())
+    return names
+
+
+def require_h264(sdp: str) -> None:
+    if "H264" not in video_codecs(sdp):
+        raise CodecError(H264_HINT)
+
+
+async def wait_ice_gathering(pc: RTCPeerConnection, timeout_s: float = 10.0) -> None:
+    """No trickle: wait until every local candidate is in the local description."""
+    if pc.iceGatheringState == "complete":
+        return
+    done = asyncio.Event()
+
+    @pc.on("icegatheringstatechange")
+    def _changed() -> None:
+        if pc.iceGatheringState == "complete":
+            done.set()
+
+    if pc.iceGatheringState != "complete":
+        await asyncio.wait_for(done.wait(), timeout_s)
+
+
+# ---------------------------------------------------------------------- output
+
+
+class NewestSlot:
+    """A one-frame mailbox: put replaces, get waits for a frame newer than the last one read."""
+
+    def __init__(self) -> None:
+        self.frame: np.ndarray | None = None
+        self.closed = False
+        self._event = asyncio.Event()
+
+    def put(self, frame: np.ndarray) -> None:
+        self.frame = frame
+        self._event.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._event.set()
+
+    async def get(self) -> np.ndarray:
+        while True:
+            if self.closed:
+                raise MediaStreamError("stream ended")
+            if self._event.is_set() and self.frame is not None:
+                self._event.clear()
+                return self.frame
+            self._event.clear()
+            await self._event.wait()
+
+
+class FanOut:
+    """Pulls one engine stream's output frames and hands each to every subscriber slot."""
+
+    def __init__(self, engine, stream_id: str):
+        self.engine = engine
+        self.stream_id = stream_id
+        self.slots: set[NewestSlot] = set()
+        self.frames_out = 0
+        self.last_latency_ms: float | None = None
+        self.task = asyncio.create_task(self._run(), name=f"fanout-{stream_id}")
+
+    def subscribe(self) -> NewestSlot:
+        slot = NewestSlot()
+        self.slots.add(slot)
+        return slot
+
+    def unsubscribe(self, slot: NewestSlot) -> None:
+        self.slots.discard(slot)
+        slot.close()
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                out = await self.engine.next_frame(self.stream_id)
+                self.frames_out += 1
+                self.last_latency_ms = out.latency_ms
+                for slot in list(self.slots):
+                    slot.put(out.frame)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # StreamClosedError / KeyError: the stream is gone
+            log.debug("fan-out %s ended: %s", self.stream_id, exc)
+        finally:
+            for slot in list(self.slots):
+                slot.close()
+
+    async def close(self) -> None:
+        self.task.cancel()
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            pass
+        for slot in list(self.slots):
+            slot.close()
+
+
+class OutputTrack(MediaStreamTrack):
+    """Plays a NewestSlot as a video track: at most `fps` frames a second, evenly spaced,
+    pts = 90 kHz ticks of `time.monotonic()` since the track's first frame."""
+
+    kind = "video"
+
+    def __init__(self, slot: NewestSlot, fps: float):
+        super().__init__()
+        self.slot = slot
+        self.period_s = 1.0 / max(fps, 1e-3)
+        self._start_s: float | None = None
+        self._next_s = 0.0
+
+    async def recv(self) -> VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError("track ended")
+        # 1. Pace: never send faster than one frame per period.
+        now = time.monotonic()
+        if now < self._next_s:
+            await asyncio.sleep(self._next_s - now)
+        # 2. The newest output frame (waits for one newer than the last sent).
+        try:
+            pixels = await self.slot.get()
+        except MediaStreamError:
+            self.stop()
+            raise
+        now = time.monotonic()
+        if self._start_s is None:
+            self._start_s = now
+        self._next_s = max(self._next_s + self.period_s, now)
+        # 3. Wrap with a monotonic-clock pts.
+        frame = VideoFrame.from_ndarray(pixels, format="rgb24")
+        frame.pts = int(round((now - self._start_s) * VIDEO_CLOCK_HZ))
+        frame.time_base = VIDEO_TIME_BASE
+        return frame
+
+
+# ---------------------------------------------------------------------- input
+
+
+class InputReader:
+    """Drains a remote video track; the pusher side hands only the newest frame, resized to
+    the engine's size, to `engine.push_frame`. Two tasks so a slow push never backs up recv."""
+
+    def __init__(self, track: MediaStreamTrack, engine, stream_id: str, width: int, height: int):
+        self.track, self.engine, self.stream_id = track, engine, stream_id
+        self.width, self.height = width, height
+        self.latest: VideoFrame | None = None
+        self.frames_in = 0
+        self.frames_pushed = 0
+        self._ready = asyncio.Event()
+        self.tasks = [
+            asyncio.create_task(self._read(), name=f"read-{stream_id}"),
+            asyncio.create_task(self._push(), name=f"push-{stream_id}"),
+        ]
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                self.latest = await self.track.recv()
+                self.frames_in += 1
+                self._ready.set()
+        except MediaStreamError:
+            pass
+        finally:
+            self._ready.set()
+
+    async def _push(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            frame, self.latest = self.latest, None
+            if frame is None:
+                if self.tasks[0].done():
+                    return
+                continue
+            pixels = frame.to_ndarray(format="rgb24", width=self.width, height=self.height)  # [H, W, 3]
+            try:
+                self.engine.push_frame(self.stream_id, pixels, frame.pts)
+            except (KeyError, RuntimeError):
+                return  # the stream was removed or the engine stopped
+            self.frames_pushed += 1
+            await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        await cancel_tasks(self.tasks)
+
+
+async def drain_track(track: MediaStreamTrack) -> None:
+    """Receive and discard (OBS's Opus audio): an unread remote track queues without bound."""
+    try:
+        while True:
+            await track.recv()
+    except MediaStreamError:
+        pass
+
+
+async def cancel_tasks(tasks) -> None:
+    """Cancel and await `tasks` (the calling task, if among them, is left to finish)."""
+    tasks = [task for task in tasks if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass

@@ -1,0 +1,143 @@
+"""Test helpers for the gateway: a real server on 127.0.0.1 (ephemeral port) around a tiny
+engine, and in-process aiortc clients (browser-like, OBS-like WHIP publisher, WHEP viewer)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import time
+
+import numpy as np
+from aiohttp import web
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from av import AudioFrame, VideoFrame
+
+from streamdiff.config import load_config
+from streamdiff.engine import AsyncEngine
+from streamdiff.pipeline.frames import synthetic_clip
+from streamdiff.server.app import SESSIONS_KEY, ServerSettings, build_app
+
+WIDTH, HEIGHT = 64, 48
+TOKEN = "s3cret"
+
+
+def tiny_config(max_streams: int = 2):
+    return load_config("tiny", [f"video.width={WIDTH}", f"video.height={HEIGHT}", f"cache.max_streams={max_streams}"])
+
+
+@contextlib.asynccontextmanager
+async def running_server(token: str | None = TOKEN, max_streams: int = 2, **settings):
+    """Yields (base_url, app). Very loose CPU SLO (0.05 fps, 600 s deadline; warm-up timings on a busy CPU are noisy) so the engine admits streams."""
+    engine = AsyncEngine(tiny_config(max_streams))
+    app = build_app(engine, ServerSettings(token=token, target_fps=0.05, deadline_ms=600_000.0, output_fps=15.0,
+                                           ice_loopback=True, **settings))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        await runner.cleanup()
+
+
+def auth(token: str | None = TOKEN) -> dict:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+class SyntheticVideo(MediaStreamTrack):
+    """Synthetic moving shapes at `fps`, pts on a 90 kHz clock."""
+
+    kind = "video"
+
+    def __init__(self, fps: float = 15.0, width: int = WIDTH, height: int = HEIGHT):
+        super().__init__()
+        self.clip = synthetic_clip(30, width, height)
+        self.period_s, self.n, self.start = 1.0 / fps, 0, None
+
+    async def recv(self) -> VideoFrame:
+        if self.start is None:
+            self.start = time.monotonic()
+        wait = self.start + self.n * self.period_s - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        frame = VideoFrame.from_ndarray(self.clip[self.n % len(self.clip)], format="rgb24")
+        frame.pts, frame.time_base = int(self.n * self.period_s * 90_000), fractions.Fraction(1, 90_000)
+        self.n += 1
+        return frame
+
+
+class Silence(MediaStreamTrack):
+    kind = "audio"
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    async def recv(self) -> AudioFrame:
+        await asyncio.sleep(0.02)
+        frame = AudioFrame.from_ndarray(np.zeros((1, 960), dtype=np.int16), format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = 48_000, self.n * 960, fractions.Fraction(1, 48_000)
+        self.n += 1
+        return frame
+
+
+class Collector:
+    """Receives frames from a remote video track into a list of (pts, array)."""
+
+    def __init__(self):
+        self.frames: list[tuple[int, np.ndarray]] = []
+        self.task = None
+        self.enough = asyncio.Event()
+        self.want = 0
+
+    def attach(self, track, want: int) -> None:
+        self.want = want
+        self.task = asyncio.create_task(self._run(track))
+
+    async def _run(self, track) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                frame = await track.recv()
+                self.frames.append((frame.pts, frame.to_ndarray(format="rgb24")))
+                if len(self.frames) >= self.want:
+                    self.enough.set()
+
+
+def h264_only(transceiver) -> None:
+    codecs = [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType in ("video/H264", "video/rtx")]
+    transceiver.setCodecPreferences(codecs)
+
+
+async def obs_like_offer() -> tuple[RTCPeerConnection, str]:
+    """A WHIP publisher shaped like OBS: sendonly H.264 video + Opus audio, no trickle."""
+    pc = RTCPeerConnection()
+    video = pc.addTransceiver(SyntheticVideo(), direction="sendonly")
+    h264_only(video)
+    pc.addTransceiver(Silence(), direction="sendonly")
+    await pc.setLocalDescription(await pc.createOffer())  # aiortc gathers all candidates here
+    return pc, pc.localDescription.sdp
+
+
+async def viewer_offer() -> tuple[RTCPeerConnection, str, Collector]:
+    pc = RTCPeerConnection()
+    collector = Collector()
+    pc.addTransceiver("video", direction="recvonly")
+
+    @pc.on("track")
+    def _track(track):
+        if track.kind == "video":
+            collector.attach(track, want=6)
+
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp, collector
+
+
+async def answer(pc: RTCPeerConnection, sdp: str) -> None:
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+
+def sessions_of(app):
+    return app[SESSIONS_KEY]

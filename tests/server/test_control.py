@@ -1,0 +1,39 @@
+"""`streamdiff control` and client.control against a live server (websockets package)."""
+
+import asyncio
+
+import aiohttp
+
+from gateway_helpers import TOKEN, auth, obs_like_offer, running_server, sessions_of
+from streamdiff import cli
+from streamdiff.client.control import send_params, ws_url
+from streamdiff.server.app import ENGINE_KEY
+
+
+def test_ws_url():
+    assert ws_url("http://h:8000", "abc") == "ws://h:8000/ws?session=abc"
+    assert ws_url("https://h/x", "abc", "t") == "wss://h/ws?session=abc&token=t"
+
+
+def test_control_cli_changes_params():
+    async def run():
+        async with running_server() as (url, app):
+            pub, offer = await obs_like_offer()
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{url}/whip/cam", data=offer,
+                                     headers={**auth(), "Content-Type": "application/sdp"}) as resp:
+                    assert resp.status == 201
+            reply = await send_params(url, "cam", {"prompt": "ink sketch", "steps": 3}, token=TOKEN)
+            assert reply["type"] == "params" and reply["params"]["steps"] == 3
+            code = await asyncio.to_thread(cli.main, ["control", "--url", url, "--session", "cam", "--token", TOKEN,
+                                                      "--prompt", "watercolor", "--seed", "5"])
+            assert code == 0
+            publisher = sessions_of(app).publisher("cam")
+            params = await app[ENGINE_KEY].params(publisher.id)
+            assert (params.prompt, params.seed, params.steps) == ("watercolor", 5, 3)
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{url}/sessions", headers=auth()) as resp:
+                    assert [s["stream_key"] for s in await resp.json()] == ["cam"]
+            await pub.close()
+
+    asyncio.run(run())

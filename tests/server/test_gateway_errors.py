@@ -1,0 +1,111 @@
+"""Gateway failure paths: auth, content type, malformed SDP, no H.264, server full, /ws garbage."""
+
+import asyncio
+
+import aiohttp
+
+from gateway_helpers import answer, auth, obs_like_offer, running_server, sessions_of
+
+SDP = {"Content-Type": "application/sdp"}
+VP8_ONLY_SDP = """v=0
+o=- 1 1 IN IP4 127.0.0.1
+s=-
+t=0 0
+m=video 9 UDP/TLS/RTP/SAVPF 96
+c=IN IP4 0.0.0.0
+a=sendonly
+a=mid:0
+a=rtpmap:96 VP8/90000
+a=ice-ufrag:abcd
+a=ice-pwd:abcdefghijklmnopqrstuvwx
+a=fingerprint:sha-256 00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF
+a=setup:actpass
+"""
+
+
+async def _errors():
+    # Server admits only one stream: the engine's KV pool has 1 stream slot, the gateway limit is higher,
+    # so the 503 below comes from the engine refusing admission.
+    async with running_server(max_streams=1, max_sessions=4) as (url, app):
+        async with aiohttp.ClientSession() as http:
+            pub, offer = await obs_like_offer()
+            async with http.post(f"{url}/whip/k", data=offer, headers={**SDP, **auth("wrong")}) as resp:
+                assert resp.status == 401
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+            async with http.post(f"{url}/whip/k", data=offer, headers=SDP) as resp:
+                assert resp.status == 401
+            async with http.post(f"{url}/whip/k", data=offer, headers={**auth(), "Content-Type": "text/plain"}) as resp:
+                assert resp.status == 415
+            async with http.post(f"{url}/whip/k", data="hello there", headers={**SDP, **auth()}) as resp:
+                assert resp.status == 400 and "malformed SDP" in await resp.text()
+            async with http.post(f"{url}/whip/k", data=VP8_ONLY_SDP, headers={**SDP, **auth()}) as resp:
+                assert resp.status == 406
+                assert "H.264" in (text := await resp.text()) and "OBS" in text
+            async with http.post(f"{url}/offer", json={"sdp": "garbage", "type": "offer"}, headers=auth()) as resp:
+                assert resp.status == 400
+            async with http.post(f"{url}/whep/nobody", data=offer, headers={**SDP, **auth()}) as resp:
+                assert resp.status == 404
+            # the one admitted stream
+            async with http.post(f"{url}/whip/k", data=offer, headers={**SDP, **auth()}) as resp:
+                assert resp.status == 201, await resp.text()
+                session_id = resp.headers["X-Session-Id"]
+                await answer(pub, await resp.text())
+            # full: a second publisher is refused with Retry-After
+            pub2, offer2 = await obs_like_offer()
+            async with http.post(f"{url}/whip/other", data=offer2, headers={**SDP, **auth()}) as resp:
+                assert resp.status == 503
+                assert int(resp.headers["Retry-After"]) > 0
+            async with http.post(f"{url}/whip/k", data=offer2, headers={**SDP, **auth()}) as resp:
+                assert resp.status == 409  # same key published twice
+            assert len(sessions_of(app).sessions) == 1
+            # /ws: garbage gets an error reply and the socket stays up
+            async with http.ws_connect(f"{url}/ws?session={session_id}", headers=auth()) as ws:
+                replies = []
+
+                async def reply():
+                    while True:
+                        msg = await ws.receive_json(timeout=30)
+                        if msg["type"] != "stats":
+                            return msg
+                        replies.append(msg)
+
+                await ws.send_str("{not json")
+                assert (await reply())["type"] == "error"
+                await ws.send_json({"type": "launch"})
+                assert "unknown message type" in (await reply())["error"]
+                await ws.send_json({"type": "params", "steps": "many"})
+                assert "steps" in (await reply())["error"]
+                await ws.send_json({"type": "params", "colour": 3})
+                assert "colour" in (await reply())["error"]
+                await ws.send_json({"type": "params", "prompt": "a fox", "noise": 0.5, "seed": 7, "motion": False})
+                msg = await reply()
+                assert msg["type"] == "params" and msg["params"]["prompt"] == "a fox" and msg["params"]["seed"] == 7
+                assert not ws.closed
+            async with http.get(f"{url}/ws?session={session_id}&token=wrong") as resp:
+                assert resp.status == 401
+        await pub.close()
+        await pub2.close()
+
+
+def test_error_paths():
+    asyncio.run(_errors())
+
+
+def test_ws_unknown_session_and_auth():
+    async def run():
+        async with running_server() as (url, app):
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{url}/ws?session=nope", headers=auth()) as resp:
+                    assert resp.status == 404
+                async with http.get(f"{url}/ws?session=nope") as resp:
+                    assert resp.status == 401
+                async with http.get(f"{url}/healthz") as resp:
+                    assert resp.status == 200 and (await resp.json())["ok"]
+                for page, marker in (("/", "app.js"), ("/viewer.html", "/whep/"), ("/app.js", "/offer")):
+                    async with http.get(f"{url}{page}") as resp:
+                        assert resp.status == 200 and marker in await resp.text()
+                async with http.get(f"{url}/metrics") as resp:
+                    assert resp.status == 200
+                    assert "streamdiff_gateway_sessions" in await resp.text()
+
+    asyncio.run(run())

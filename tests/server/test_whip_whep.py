@@ -1,0 +1,71 @@
+"""OBS-shaped WHIP publisher, a WHEP viewer of its output, control over REST, DELETE."""
+
+import asyncio
+
+import aiohttp
+
+from streamdiff.server.app import ENGINE_KEY
+
+from gateway_helpers import HEIGHT, WIDTH, answer, auth, obs_like_offer, running_server, sessions_of, viewer_offer
+
+
+async def _whip_whep():
+    async with running_server() as (url, app):
+        sessions = sessions_of(app)
+        async with aiohttp.ClientSession() as http:
+            # 1. OPTIONS advertises SDP and CORS.
+            async with http.options(f"{url}/whip/studio") as resp:
+                assert resp.status == 204
+                assert resp.headers["Accept-Post"] == "application/sdp"
+                assert resp.headers["Access-Control-Allow-Origin"] == "*"
+            # 2. Publish like OBS.
+            pub, offer = await obs_like_offer()
+            async with http.post(f"{url}/whip/studio", data=offer,
+                                 headers={**auth(), "Content-Type": "application/sdp"}) as resp:
+                assert resp.status == 201, await resp.text()
+                location = resp.headers["Location"]
+                assert resp.content_type == "application/sdp"
+                answer_sdp = await resp.text()
+            assert location.startswith("/whip/studio/")
+            assert "a=candidate:" in answer_sdp  # no trickle: candidates are in the answer
+            assert answer_sdp.count("m=") == 2 and "opus" in answer_sdp.lower() and "H264" in answer_sdp
+            await answer(pub, answer_sdp)
+            publisher = sessions.publisher("studio")
+            # 3. A viewer plays the stream's output.
+            view, voffer, collector = await viewer_offer()
+            async with http.post(f"{url}/whep/studio", data=voffer,
+                                 headers={**auth(), "Content-Type": "application/sdp"}) as resp:
+                assert resp.status == 201, await resp.text()
+                view_location = resp.headers["Location"]
+                await answer(view, await resp.text())
+            await asyncio.wait_for(collector.enough.wait(), 120)
+            assert publisher.reader.frames_pushed > 0
+            # 4. Control the OBS-fed stream by its key.
+            async with http.patch(f"{url}/sessions/studio/params", json={"prompt": "oil painting", "steps": 1},
+                                  headers=auth()) as resp:
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["params"]["steps"] == 1
+            async with http.patch(f"{url}/sessions/studio/params", json={"steps": 9}, headers=auth()) as resp:
+                assert resp.status == 400 and "steps" in (await resp.json())["error"]
+            # 5. Trickle is refused clearly; DELETE ends viewer and publisher.
+            async with http.patch(f"{url}{location}", headers=auth()) as resp:
+                assert resp.status == 405 and "trickle" in await resp.text()
+            async with http.delete(f"{url}{view_location}", headers=auth()) as resp:
+                assert resp.status == 200
+            async with http.delete(f"{url}{location}", headers=auth()) as resp:
+                assert resp.status == 200
+            async with http.delete(f"{url}{location}", headers=auth()) as resp:
+                assert resp.status == 404
+            assert sessions.sessions == {}
+            assert (await app[ENGINE_KEY].stats())["streams"] == 0
+        await pub.close()
+        await view.close()
+        return collector.frames
+
+
+def test_whip_publish_whep_view_delete():
+    frames = asyncio.run(_whip_whep())
+    assert len(frames) >= 6
+    assert all(px.shape == (HEIGHT, WIDTH, 3) for _, px in frames)
+    pts = [p for p, _ in frames]
+    assert all(b > a for a, b in zip(pts, pts[1:]))
