@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test clean
+.PHONY: setup run render test clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The tiny model on CPU runs at a few frames per second, so streams are admitted at a CPU-sized
+# service level; on a GPU with a real config use the defaults (video.fps, 1000 ms).
+RUN_ARGS ?= --config tiny --target-fps 4 --deadline-ms 4000
+
 run: $(STAMP)
+	$(VENV)/bin/streamdiff serve $(RUN_ARGS)
+
+render: $(STAMP)
 	$(VENV)/bin/streamdiff render --config tiny --input synthetic --prompt "a watercolor painting" --output out/render.mp4
 
 test: $(STAMP)
