@@ -74,7 +74,9 @@ def build_components(cfg: Config, device: torch.device | str | None = None) -> C
         vae_module = load_vae(cfg.weights.vae)
     else:
         raise ValueError("weights.vae must name the Wan VAE (a diffusers vae/ folder or Wan2.1_VAE.pth)")
-    vae_module = vae_module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if next(vae_module.parameters()).dtype != dtype:  # diffusers warns on every dtype cast, even a no-op
+        vae_module = vae_module.to(dtype=dtype)
+    vae_module = vae_module.to(device=device).eval().requires_grad_(False)
     text = build_prompt_encoder(cfg.text, cfg.weights, cfg.model.text_dim, device, dtype)
     schedule = FlowMatchSchedule(cfg.sampling.shift, cfg.sampling.num_train_timesteps)
     return Components(cfg, device, dtype, model, StreamingVAE(vae_module), text, schedule)
