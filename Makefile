@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 # The tiny model on CPU runs at a few frames per second, so streams are admitted at a CPU-sized
 # service level; on a GPU with a real config use the defaults (video.fps, 1000 ms).
-RUN_ARGS ?= --config tiny --target-fps 4 --deadline-ms 4000
+RUN_ARGS ?= --config tiny --target-fps 2 --deadline-ms 8000
 
 run: $(STAMP)
 	$(VENV)/bin/streamdiff serve $(RUN_ARGS)

@@ -68,7 +68,7 @@ class ServerSettings:
     max_sessions: int | None = None  # default: the engine's cache.max_streams
     target_fps: float | None = None  # stream SLO; default video.fps
     deadline_ms: float = 1000.0
-    output_fps: float | None = None  # output track pacing; default target_fps
+    output_fps: float | None = None  # cap on output pacing; default video.fps (never the admission floor)
     bitrate_bps: int = 4_000_000
     ice_loopback: bool = False
     retry_after_s: int = 10
@@ -118,7 +118,7 @@ def _wire_input(session, sessions: SessionManager, settings: ServerSettings) -> 
 
 def _output_track(session, source, settings: ServerSettings, cfg) -> OutputTrack:
     session.slot = source.fanout.subscribe()
-    return OutputTrack(session.slot, settings.output_fps or settings.target_fps or cfg.video.fps)
+    return OutputTrack(session.slot, settings.output_fps or cfg.video.fps)
 
 
 # ---------------------------------------------------------------------- browser

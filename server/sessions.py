@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from aiortc import RTCConfiguration, RTCPeerConnection
 
-from streamdiff.server.webrtc import FanOut, InputReader, NewestSlot, cancel_tasks
+from streamdiff.server.webrtc import FanOut, InputReader, FrameQueue, cancel_tasks
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Session:
     has_stream: bool = False  # owns an engine stream (browser, whip)
     reader: InputReader | None = None
     fanout: FanOut | None = None
-    slot: NewestSlot | None = None  # the subscription a whep/browser output track reads
+    slot: FrameQueue | None = None  # the subscription a whep/browser output track reads
     source: "Session | None" = None  # whep: the session it plays
     tasks: list = field(default_factory=list)
     created_s: float = field(default_factory=time.monotonic)

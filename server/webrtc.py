@@ -12,6 +12,7 @@ Does not own: HTTP, sessions or auth (server.app, server.sessions), any engine l
 from __future__ import annotations
 
 import asyncio
+import collections
 import fractions
 import logging
 import time
@@ -140,29 +141,41 @@ async def wait_ice_gathering(pc: RTCPeerConnection, timeout_s: float = 10.0) -> 
 # ---------------------------------------------------------------------- output
 
 
-class NewestSlot:
-    """A one-frame mailbox: put replaces, get waits for a frame newer than the last one read."""
+class FrameQueue:
+    """A viewer's output mailbox: a short FIFO, so the frames of a chunk burst are all shown;
+    when full, the oldest frame is dropped (latency stays bounded). Remembers when frames came,
+    so the output track can pace at the rate they are produced."""
 
-    def __init__(self) -> None:
-        self.frame: np.ndarray | None = None
+    def __init__(self, maxlen: int = 8) -> None:
+        self.frames: collections.deque[np.ndarray] = collections.deque(maxlen=maxlen)
+        self.arrivals_s: collections.deque[float] = collections.deque(maxlen=33)
+        self.dropped = 0
         self.closed = False
         self._event = asyncio.Event()
 
     def put(self, frame: np.ndarray) -> None:
-        self.frame = frame
+        if len(self.frames) == self.frames.maxlen:
+            self.dropped += 1
+        self.frames.append(frame)
+        self.arrivals_s.append(time.monotonic())
         self._event.set()
 
     def close(self) -> None:
         self.closed = True
         self._event.set()
 
+    def production_fps(self) -> float | None:
+        """Frames per second over the recent arrivals (None until there are two bursts)."""
+        if len(self.arrivals_s) < 2 or self.arrivals_s[-1] - self.arrivals_s[0] <= 0:
+            return None
+        return (len(self.arrivals_s) - 1) / (self.arrivals_s[-1] - self.arrivals_s[0])
+
     async def get(self) -> np.ndarray:
         while True:
             if self.closed:
                 raise MediaStreamError("stream ended")
-            if self._event.is_set() and self.frame is not None:
-                self._event.clear()
-                return self.frame
+            if self.frames:
+                return self.frames.popleft()
             self._event.clear()
             await self._event.wait()
 
@@ -173,17 +186,17 @@ class FanOut:
     def __init__(self, engine, stream_id: str):
         self.engine = engine
         self.stream_id = stream_id
-        self.slots: set[NewestSlot] = set()
+        self.slots: set[FrameQueue] = set()
         self.frames_out = 0
         self.last_latency_ms: float | None = None
         self.task = asyncio.create_task(self._run(), name=f"fanout-{stream_id}")
 
-    def subscribe(self) -> NewestSlot:
-        slot = NewestSlot()
+    def subscribe(self) -> FrameQueue:
+        slot = FrameQueue()
         self.slots.add(slot)
         return slot
 
-    def unsubscribe(self, slot: NewestSlot) -> None:
+    def unsubscribe(self, slot: FrameQueue) -> None:
         self.slots.discard(slot)
         slot.close()
 
@@ -214,26 +227,34 @@ class FanOut:
 
 
 class OutputTrack(MediaStreamTrack):
-    """Plays a NewestSlot as a video track: at most `fps` frames a second, evenly spaced,
-    pts = 90 kHz ticks of `time.monotonic()` since the track's first frame."""
+    """Plays a FrameQueue as a video track. The engine delivers a chunk's frames in a burst;
+    the track spreads them evenly at the rate frames are produced (never above `max_fps`), and
+    catches up when frames pile up. pts = 90 kHz ticks of `time.monotonic()` since the first."""
 
     kind = "video"
 
-    def __init__(self, slot: NewestSlot, fps: float):
+    def __init__(self, slot: FrameQueue, max_fps: float):
         super().__init__()
         self.slot = slot
-        self.period_s = 1.0 / max(fps, 1e-3)
+        self.min_period_s = 1.0 / max(max_fps, 1e-3)
         self._start_s: float | None = None
         self._next_s = 0.0
+
+    def _period_s(self) -> float:
+        fps = self.slot.production_fps()
+        period = self.min_period_s if fps is None else max(self.min_period_s, 1.0 / fps)
+        if len(self.slot.frames) > self.slot.frames.maxlen // 2:  # behind: catch up
+            period = self.min_period_s
+        return period
 
     async def recv(self) -> VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError("track ended")
-        # 1. Pace: never send faster than one frame per period.
+        # 1. Pace: the next frame leaves one period after the last one.
         now = time.monotonic()
         if now < self._next_s:
             await asyncio.sleep(self._next_s - now)
-        # 2. The newest output frame (waits for one newer than the last sent).
+        # 2. The next output frame, oldest first.
         try:
             pixels = await self.slot.get()
         except MediaStreamError:
@@ -242,7 +263,7 @@ class OutputTrack(MediaStreamTrack):
         now = time.monotonic()
         if self._start_s is None:
             self._start_s = now
-        self._next_s = max(self._next_s + self.period_s, now)
+        self._next_s = max(self._next_s, now) + self._period_s()
         # 3. Wrap with a monotonic-clock pts.
         frame = VideoFrame.from_ndarray(pixels, format="rgb24")
         frame.pts = int(round((now - self._start_s) * VIDEO_CLOCK_HZ))
