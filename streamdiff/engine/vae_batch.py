@@ -45,56 +45,51 @@ def _groups(keys: list[tuple]) -> list[list[int]]:
     return list(groups.values())
 
 
-@torch.no_grad()
-def encode_many(vae: StreamingVAE, items: list[tuple[torch.Tensor, VAEStreamState]]) -> list[torch.Tensor]:
-    """frames [1, 3, n, H, W] per stream (with its state) -> normalized latents [1, z, F, h, w]
-    per stream, in the same order; streams at the same point share one encoder call."""
-    keys = [(s.encoded_frames == 0, tuple(x.shape), _layout(s.enc_cache)) for x, s in items]
+_COUNTERS = ("encoded_frames", "encoded_latents", "decoded_latents", "decoded_frames")
+
+
+def _run_grouped(vae: StreamingVAE, items: list[tuple[torch.Tensor, VAEStreamState]], cache_attr: str, call, is_first):
+    """Run `call(x, state)` (encode_chunk or decode_chunk) for every (x, state), one call per
+    group of streams at the same point, on a scratch state holding their stacked caches."""
+    keys = [(is_first(s), tuple(x.shape), _layout(getattr(s, cache_attr))) for x, s in items]
     out: list[torch.Tensor | None] = [None] * len(items)
     for group in _groups(keys):
         if len(group) == 1:
             x, state = items[group[0]]
-            out[group[0]] = vae.encode_chunk(x, state)
+            out[group[0]] = call(x, state)
             continue
+        # 1. A scratch state: the stacked caches, the counters of the group (they decide the
+        #    first-call switches, equal within a group).
         states = [items[i][1] for i in group]
         scratch = vae.new_state()
-        scratch.enc_cache = _stack([s.enc_cache for s in states])
-        scratch.encoded_frames = states[0].encoded_frames  # 0 or not: the first-call switch
-        latents = vae.encode_chunk(torch.cat([items[i][0] for i in group]), scratch)  # [G, z, F, h, w]
-        for state, cache, lat in zip(states, _unstack(scratch.enc_cache, len(group)), latents.split(1)):
-            state.enc_cache = cache
-            state.encoded_frames += items[group[0]][0].shape[2]
-            state.encoded_latents += lat.shape[2]
-            state.device = lat.device
-        for i, lat in zip(group, latents.split(1)):
-            out[i] = lat
+        setattr(scratch, cache_attr, _stack([getattr(s, cache_attr) for s in states]))
+        for name in _COUNTERS:
+            setattr(scratch, name, getattr(states[0], name))
+        before = {name: getattr(scratch, name) for name in _COUNTERS}
+        # 2. One call for the group; 3. caches and counter advances back to each stream.
+        result = call(torch.cat([items[i][0] for i in group]), scratch)  # [G, C, n, H, W]
+        for state, cache in zip(states, _unstack(getattr(scratch, cache_attr), len(group))):
+            setattr(state, cache_attr, cache)
+            for name in _COUNTERS:
+                setattr(state, name, getattr(state, name) + getattr(scratch, name) - before[name])
+            state.device = result.device
+        for i, part in zip(group, result.split(1)):
+            out[i] = part
     return out
+
+
+@torch.no_grad()
+def encode_many(vae: StreamingVAE, items: list[tuple[torch.Tensor, VAEStreamState]]) -> list[torch.Tensor]:
+    """frames [1, 3, n, H, W] per stream (with its state) -> normalized latents [1, z, F, h, w]
+    per stream, in the same order; streams at the same point share one encoder call."""
+    return _run_grouped(vae, items, "enc_cache", vae.encode_chunk, lambda s: s.encoded_frames == 0)
 
 
 @torch.no_grad()
 def decode_many(vae: StreamingVAE, items: list[tuple[torch.Tensor, VAEStreamState]]) -> list[torch.Tensor]:
     """normalized latents [1, z, m, h, w] per stream -> frames [1, 3, n, H, W] per stream, in
     the same order; streams at the same point share one decoder call per latent frame."""
-    keys = [(s.decoded_latents == 0, tuple(z.shape), _layout(s.dec_cache)) for z, s in items]
-    out: list[torch.Tensor | None] = [None] * len(items)
-    for group in _groups(keys):
-        if len(group) == 1:
-            z, state = items[group[0]]
-            out[group[0]] = vae.decode_chunk(z, state)
-            continue
-        states = [items[i][1] for i in group]
-        scratch = vae.new_state()
-        scratch.dec_cache = _stack([s.dec_cache for s in states])
-        scratch.decoded_latents = states[0].decoded_latents  # 0 or not: the first-latent switch
-        frames = vae.decode_chunk(torch.cat([items[i][0] for i in group]), scratch)  # [G, 3, n, H, W]
-        for state, cache in zip(states, _unstack(scratch.dec_cache, len(group))):
-            state.dec_cache = cache
-            state.decoded_latents += items[group[0]][0].shape[2]
-            state.decoded_frames += frames.shape[2]
-            state.device = frames.device
-        for i, f in zip(group, frames.split(1)):
-            out[i] = f
-    return out
+    return _run_grouped(vae, items, "dec_cache", vae.decode_chunk, lambda s: s.decoded_latents == 0)
 
 
 __all__ = ["decode_many", "encode_many"]

@@ -25,10 +25,7 @@ from streamdiff.model.build import Components
 from streamdiff.model.causal_wan import CausalWanModel
 from streamdiff.pipeline.stream_state import Lane, Row, StreamState, forward_rows, refresh_threshold
 
-FIRST_CHUNK_FRAMES = 5  # 1 + 4: the first latent frame is one video frame
-CHUNK_FRAMES = 4
-
-__all__ = ["CHUNK_FRAMES", "FIRST_CHUNK_FRAMES", "Lane", "StreamPipeline"]
+__all__ = ["Lane", "StreamPipeline"]
 
 
 class StreamPipeline:
@@ -73,18 +70,12 @@ class StreamPipeline:
     def lag_chunks(self) -> int:
         return self.steps - 1 if self.stream_batch else 0
 
-    # The stream's state, read through (kept for callers of the pre-refactor attributes).
+    # The stream's state, read through.
     steps = property(lambda self: self.state.steps)
-    seed = property(lambda self: self.state.seed)
     width = property(lambda self: self.state.width)
     height = property(lambda self: self.state.height)
     prompt = property(lambda self: self.state.prompt)
     motion = property(lambda self: self.state.motion)
-    lanes = property(lambda self: self.state.lanes)
-    chunk_index = property(lambda self: self.state.chunk_index)
-    timesteps = property(lambda self: self.state.timesteps)
-    vae_state = property(lambda self: self.state.vae_state)
-    cross_kv = property(lambda self: self.state.cross_kv)
 
     # ------------------------------------------------------------------ frames in, frames out
 
