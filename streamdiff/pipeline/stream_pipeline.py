@@ -44,9 +44,7 @@ class StreamPipeline:
         self.model: CausalWanModel = comps.model
         self.stream_batch = stream_batch
         self.refresh = refresh_threshold(comps)
-        width, height = width or cfg.video.width, height or cfg.video.height
-        if width % 16 or height % 16:
-            raise ValueError(f"frame size {width}x{height} must be a multiple of 16 in both sides")
+        width, height = width or cfg.video.width, height or cfg.video.height  # StreamState checks them
         steps = steps or cfg.sampling.steps
 
         # 1. This stream's own KV pool (one window per lane) and slot table; then its state.
