@@ -141,6 +141,20 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Pipeline stages over Ray (streamdiff/parallel). num_stages 1 = the local executor."""
+
+    num_stages: int = 1
+    ray_address: str = ""  # "" starts a local Ray instance; "auto" or "HOST:PORT" joins a cluster
+    partition: tuple[int, ...] = ()  # blocks per stage; () = from measured cost
+    rebalance: bool = True  # re-measure while serving and move blocks when stages drift apart
+    rebalance_threshold: float = 1.25  # slowest / fastest stage time that counts as imbalance
+    rebalance_after_steps: int = 50  # ... when it persists this many consecutive steps
+    transport: Literal["auto", "nccl", "cpu"] = "auto"  # auto: NCCL between GPU actors
+    step_timeout_s: float = 30.0  # a step not back by then counts as a failed stage
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -151,6 +165,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -176,6 +191,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "video.height": (16, 8192),
     "video.fps": (1, 240),
     "weights.min_match": (0.0, 1.0),
+    "parallel.num_stages": (1, 64),
+    "parallel.rebalance_threshold": (1.0, 100.0),
+    "parallel.rebalance_after_steps": (1, 1_000_000),
+    "parallel.step_timeout_s": (0.1, 3600.0),
 }
 
 
@@ -204,6 +223,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("vae.temperal_downsample needs one entry fewer than vae.dim_mult")
     if cfg.weights.format != "random" and not cfg.weights.transformer:
         raise ConfigError(f"weights.transformer must name a path when weights.format={cfg.weights.format!r}")
+    par = cfg.parallel
+    if par.num_stages > cfg.model.num_layers:
+        raise ConfigError(f"parallel.num_stages={par.num_stages} exceeds model.num_layers={cfg.model.num_layers}")
+    if par.partition and (len(par.partition) != par.num_stages or min(par.partition) < 1
+                          or sum(par.partition) != cfg.model.num_layers):
+        raise ConfigError(f"parallel.partition={list(par.partition)} must give each of the {par.num_stages} "
+                          f"stages at least one block, {cfg.model.num_layers} blocks in all")
     if cfg.text.kind == "umt5" and not cfg.weights.text_encoder:
         raise ConfigError("weights.text_encoder must name a folder when text.kind='umt5'")
 

@@ -37,6 +37,35 @@ class KVPool:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, T, H, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, T, H, D]
 
+    def remove_layers(self, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take layers out of the pool (a pipeline stage handing blocks to a neighbour):
+        returns their K and V [n, S, T, H, D] in the order given."""
+        index = [self._index[layer] for layer in layers]
+        keep = [i for i, layer in enumerate(self.layers) if layer not in set(layers)]
+        k, v = self.k[index].clone(), self.v[index].clone()
+        self.k, self.v = self.k[keep].contiguous(), self.v[keep].contiguous()
+        self._set_layers([self.layers[i] for i in keep])
+        return k, v
+
+    def add_layers(self, layers: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put layers into the pool (from a neighbour stage), K and V [n, S, T, H, D]."""
+        if set(layers) & set(self.layers) or k.shape[1:] != self.k.shape[1:]:
+            raise ValueError(f"cannot add layers {layers} of shape {tuple(k.shape)} to a pool of layers "
+                             f"{self.layers} with slots {tuple(self.k.shape[1:])}")
+        order = sorted(self.layers + list(layers))
+        src = {layer: (self.k, i) for i, layer in enumerate(self.layers)}
+        src.update({layer: (k, i) for i, layer in enumerate(layers)})
+        src_v = {layer: (self.v, i) for i, layer in enumerate(self.layers)}
+        src_v.update({layer: (v, i) for i, layer in enumerate(layers)})
+        dev, dtype = self.k.device, self.k.dtype
+        self.k = torch.stack([src[layer][0][src[layer][1]].to(dev, dtype) for layer in order])
+        self.v = torch.stack([src_v[layer][0][src_v[layer][1]].to(dev, dtype) for layer in order])
+        self._set_layers(order)
+
+    def _set_layers(self, layers: list[int]) -> None:
+        self.layers = list(layers)
+        self._index = {layer: i for i, layer in enumerate(self.layers)}
+
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = self._index[layer]
         return self.k[i], self.v[i]

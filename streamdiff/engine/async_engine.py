@@ -162,7 +162,7 @@ class AsyncEngine:
             raise RuntimeError("AsyncEngine already started")
         self._loop = asyncio.get_running_loop()
         if self.executor is None:
-            self.executor = await asyncio.to_thread(LocalExecutor.from_config, self.cfg)
+            self.executor = await asyncio.to_thread(build_executor, self.cfg)
         core = EngineCore(self.cfg, self.executor, **self._core_kwargs)
         if self.warmup:
             self.warmup_ms = await asyncio.to_thread(core.warmup)
@@ -315,9 +315,14 @@ class AsyncEngine:
                     for frame, pts, arrival_s in items:
                         core.push_frame(stream_id, frame, pts, now=arrival_s)
                     core.metrics.frames_dropped(stream_id, overflow.get(stream_id, 0), "input")
-                # 3. One step, then hand its outputs to the event loop.
+                # 3. One step, then hand its outputs (and streams it had to close) to the event loop.
                 report = core.step()
                 busy = report is not None
+                closed = core.take_closed()
+                if closed:
+                    for stream_id in closed:
+                        self._inbox.forget(stream_id)
+                    self._post(self._close_streams, closed)
                 if report is not None and report.delivered:
                     batch = {sid: core.pop_outputs(sid) for sid in report.delivered}
                     self._post(self._deliver, batch)
@@ -349,6 +354,12 @@ class AsyncEngine:
             dropped = sum(queue.put(frame) for frame in frames)
             self._core.metrics.frames_dropped(stream_id, dropped, "output")
 
+    def _close_streams(self, closed: dict[str, str]) -> None:
+        for stream_id, reason in closed.items():
+            queue = self._outputs.pop(stream_id, None)
+            if queue is not None:
+                queue.close(StreamClosedError(f"stream {stream_id!r} was closed: {reason}"))
+
     def _fail(self, exc: BaseException) -> None:
         for queue in self._outputs.values():
             closed = StreamClosedError("the engine loop failed")
@@ -356,4 +367,13 @@ class AsyncEngine:
             queue.close(closed)
 
 
-__all__ = ["AsyncEngine"]
+def build_executor(cfg: Config) -> Executor:
+    """The executor the config asks for: local, or `parallel.num_stages` Ray pipeline stages."""
+    if cfg.parallel.num_stages > 1 or cfg.parallel.ray_address:
+        from streamdiff.parallel.ray_executor import ray_executor
+
+        return ray_executor(cfg)
+    return LocalExecutor.from_config(cfg)
+
+
+__all__ = ["AsyncEngine", "build_executor"]

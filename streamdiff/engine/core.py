@@ -41,6 +41,7 @@ from streamdiff.engine.types import (
     FrameMeta,
     OutputFrame,
     StreamParams,
+    StreamsLost,
     validate_changes,
 )
 from streamdiff.metrics import EngineMetrics
@@ -108,6 +109,8 @@ class EngineCore:
         self.metrics = metrics or EngineMetrics()
         self._streams: dict[str, _Stream] = {}
         self._next_frame_id = 0
+        self.closed: dict[str, str] = {}  # stream -> reason, for streams the engine closed itself
+        self.restarted: dict[str, str] = {}  # stream -> reason of its last restart after a failure
 
     # ------------------------------------------------------------------ streams
 
@@ -192,6 +195,28 @@ class EngineCore:
         self.metrics.frames_dropped(stream_id, entry.consumed - entry.emitted, "restart")
         entry.consumed = entry.emitted = 0
 
+    def _lost(self, lost: StreamsLost, now: float) -> None:
+        """The executor lost these streams' model state: restart them like a step-count change
+        (their chunks in flight are dropped, next chunk is a first chunk), or close them."""
+        for stream_id in lost.stream_ids:
+            entry = self._streams.get(stream_id)
+            if entry is None:
+                continue
+            if lost.resumed:
+                try:
+                    self._restart(stream_id, entry, entry.params, now)
+                    self.restarted[stream_id] = lost.reason
+                    continue
+                except (AdmissionRefused, RuntimeError):
+                    pass
+            self.remove_stream(stream_id)
+            self.closed[stream_id] = lost.reason
+
+    def take_closed(self) -> dict[str, str]:
+        """Streams the engine closed on its own since the last call, with the reason."""
+        closed, self.closed = self.closed, {}
+        return closed
+
     def _repush(self, stream_id: str, entry: _Stream, frame_ids: list[int]) -> None:
         for frame_id in frame_ids:
             dropped = self.scheduler.push_frame(stream_id, frame_id, entry.frames[frame_id][1].arrival_s)
@@ -241,10 +266,16 @@ class EngineCore:
             taken = [entry.frames.pop(frame_id) for frame_id in chunk.frame_ids]
             inputs[chunk.stream_id] = ChunkInput(np.stack([f for f, _ in taken]), tuple(m for _, m in taken))
             entry.consumed += len(taken)
-        # 3. Execute (on failure, close the plan so the scheduler stays consistent).
+        # 3. Execute (on failure, close the plan so the scheduler stays consistent; streams an
+        #    executor lost are re-prepared on its rebuilt state, or closed with the reason).
         t0 = self.clock()
         try:
             result = self.executor.execute(plan, inputs)
+        except StreamsLost as lost:
+            failed = EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock())
+            self.scheduler.update(plan, failed)
+            self._lost(lost, self.clock())
+            return StepReport(plan, failed, {})
         except BaseException:
             self.scheduler.update(plan, EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock()))
             raise

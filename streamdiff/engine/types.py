@@ -33,6 +33,18 @@ class StreamClosedError(RuntimeError):
     """The stream was removed (or the engine stopped) while waiting for its frames."""
 
 
+class StreamsLost(RuntimeError):
+    """An executor lost the model-side state of streams (a pipeline stage died). `resumed`:
+    the executor re-created them with a fresh cache (the engine re-prepares them); otherwise
+    the engine closes them with `reason`."""
+
+    def __init__(self, stream_ids: list[str], reason: str, resumed: bool):
+        super().__init__(reason)
+        self.stream_ids = list(stream_ids)
+        self.reason = reason
+        self.resumed = resumed
+
+
 @dataclass(frozen=True)
 class StreamParams:
     """A stream's live parameters.
@@ -148,6 +160,7 @@ __all__ = [
     "PARAM_NAMES",
     "PARAM_RANGES",
     "StreamClosedError",
+    "StreamsLost",
     "StreamOutput",
     "StreamParams",
     "validate_changes",

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from streamdiff.cache.kv_cache import AttnBatch, KVPool
-from streamdiff.cache.slots import SlotTable
+from streamdiff.cache.slots import SlotTable, WritePlan
 from streamdiff.model.build import Components
 from streamdiff.model.causal_wan import CausalWanModel, CrossKV
 from streamdiff.pipeline.frames import frames_to_tensor, tensor_to_frames
@@ -101,6 +101,11 @@ class StreamState:
         # 1. Prompt: current cross K/V, and the blend in progress (embeddings, chunks done/total).
         self.prompt = prompt
         self.cross_kv: CrossKV = self._prompt_kv(prompt)
+        # What conditions the rows now, for pipeline stages that project their own prompt K/V:
+        # ("prompt", text) for a plain prompt, ("blend", stream, n) with `cond_emb` for a mix.
+        self.cond_key: tuple = ("prompt", prompt)
+        self.cond_emb: torch.Tensor | None = None
+        self._blend_serial = 0
         self._blend: tuple[torch.Tensor, torch.Tensor, int, int] | None = None  # (from, to, done, total)
         self._emb: torch.Tensor | None = None  # text embeddings of the current K/V when blending
         # 2. VAE caches, motion, lanes; last, the stream's lanes in the slot table (one window
@@ -126,6 +131,7 @@ class StreamState:
         if blend_chunks <= 0:
             self.prompt, self._blend, self._emb = prompt, None, None
             self.cross_kv = self._prompt_kv(prompt)
+            self.cond_key, self.cond_emb = ("prompt", prompt), None
             return
         text = self.comps.text
         # Blend from what conditions the stream now: a blend's current mix, its start if it has
@@ -147,10 +153,13 @@ class StreamState:
         if done >= total:
             self._blend, self._emb = None, None
             self.cross_kv = self._prompt_kv(self.prompt)
+            self.cond_key, self.cond_emb = ("prompt", self.prompt), None
             return
         alpha = done / total
         self._emb = (1.0 - alpha) * start + alpha * target  # [1, L, D]
         self.cross_kv = self.model.prompt_kv(self._emb)
+        self._blend_serial += 1
+        self.cond_key, self.cond_emb = ("blend", self.stream_id, self._blend_serial), self._emb
         self._blend = (start, target, done, total)
 
     @property
@@ -253,18 +262,33 @@ def forward_rows(
     num_frames = rows[0].lane.x.shape[2]
     device = pool.k.device
     # 1. Slot plans per row (re-basing RoPE indices of a lane that would leave the table).
-    plans = [row.state.slots.lane(row.state.stream_id, row.j).plan(num_frames) for row in rows]
+    plans = plan_rows(rows)
+    apply_rebases(model, pool, plans)
+    batch = AttnBatch.from_plans(plans, device)
+    # 2. Stack latents, per-row timesteps and per-row prompt K/V; run the model.
+    x = torch.cat([row.lane.x for row in rows])  # [B, 16, F, h, w]
+    timestep = row_timesteps([row.lane.t for row in rows], num_frames, device)  # [B, F]
+    cross = model.stack_prompt_kv([row.state.cross_kv for row in rows])
+    flow = model(x, timestep, cross, batch, pool, refresh_threshold)  # [B, 16, F, h, w]
+    return list(flow.split(1))
+
+
+def plan_rows(rows: list[Row]) -> list[WritePlan]:
+    """Commit each row's slot plan for its chunk (one plan per row, in row order)."""
+    return [row.state.slots.lane(row.state.stream_id, row.j).plan(row.lane.x.shape[2]) for row in rows]
+
+
+def apply_rebases(model: CausalWanModel, pool: KVPool, plans: list[WritePlan]) -> None:
+    """Rotate the stored keys of every plan that re-bases its lane (on this pool's layers)."""
     for plan in plans:
         if plan.rebase_delta:
             freqs_cos, freqs_sin = model.rope_tables()
             pool.rebase_(plan.rebase_slots, plan.rebase_delta, freqs_cos, freqs_sin, model.rope.t_dim)
-    batch = AttnBatch.from_plans(plans, device)
-    # 2. Stack latents, per-row timesteps and per-row prompt K/V; run the model.
-    x = torch.cat([row.lane.x for row in rows])  # [B, 16, F, h, w]
-    timestep = torch.tensor([[row.lane.t] * num_frames for row in rows], device=device, dtype=torch.float32)  # [B, F]
-    cross = model.stack_prompt_kv([row.state.cross_kv for row in rows])
-    flow = model(x, timestep, cross, batch, pool, refresh_threshold)  # [B, 16, F, h, w]
-    return list(flow.split(1))
+
+
+def row_timesteps(timesteps: list[int], num_frames: int, device) -> torch.Tensor:
+    """Per-row timesteps -> [B, F] float32 (every frame of a row at its lane's timestep)."""
+    return torch.tensor([[t] * num_frames for t in timesteps], device=device, dtype=torch.float32)
 
 
 def refresh_threshold(comps: Components) -> float | None:
@@ -273,4 +297,4 @@ def refresh_threshold(comps: Components) -> float | None:
     return cc.refresh_threshold if cc.adaptive_sink_refresh else None
 
 
-__all__ = ["Lane", "Row", "StreamState", "forward_rows", "refresh_threshold"]
+__all__ = ["Lane", "Row", "StreamState", "apply_rebases", "forward_rows", "plan_rows", "refresh_threshold", "row_timesteps"]

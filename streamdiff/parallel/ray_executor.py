@@ -1,0 +1,196 @@
+"""RayExecutor: pipeline stages as Ray actors, each forward one Ray Compiled Graph execution.
+
+Owns: joining or starting Ray (`parallel.ray_address`: "" starts a local instance, "auto" or
+HOST:PORT joins a cluster made with `ray start --head` / `ray start --address`), one actor per
+stage (`num_gpus=1` where the cluster has a GPU per stage, CPU actors otherwise) that builds
+ONLY its blocks, pool, and VAE half / prompt encoder (stage.py), the compiled graph
+input -> stage 0 -> ... -> stage S-1 -> output (NCCL between GPU actors, Ray's shared-memory
+channels between CPU actors), up to S executions in flight, and the fault path: a dead or hung
+actor is found by ping, replaced by a fresh one with the same block range, and the graph is
+compiled again. This is the only module that imports ray.
+Does not own: what a step does (executor.py: `StagedExecutor` drives a `Stages` transport;
+this module provides `RayStages`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from dataclasses import replace
+
+import numpy as np
+import ray
+from ray.dag import InputNode
+
+from streamdiff.config import Config
+from streamdiff.parallel.executor import StagedExecutor, StageFailure
+from streamdiff.parallel.partition import even_split, ranges
+from streamdiff.engine.types import ChunkInput, StreamOutput
+from streamdiff.parallel.stage import Hop, StageInput, StageSpec, StageWorker, StepOut
+
+log = logging.getLogger(__name__)
+PING_TIMEOUT_S = 5.0
+ENV_PASSED = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES_OVERRIDE", "STREAMDIFF_CONFIG_DIR")
+
+
+def connect(address: str, num_stages: int) -> None:
+    """Use the Ray instance this process already has, join `address`, or start a local one."""
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ENV_PASSED if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+    else:
+        cpus = max(os.cpu_count() or 1, num_stages + 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, logging_level=logging.WARNING)
+
+
+class RayStages:
+    """The `Stages` transport over Ray actors and one compiled graph."""
+
+    def __init__(self, cfg: Config, counts: list[int], timeout_s: float | None = None):
+        connect(cfg.parallel.ray_address, len(counts))
+        self.cfg = cfg
+        self.timeout_s = timeout_s or cfg.parallel.step_timeout_s
+        self.specs = [StageSpec(k, len(counts), r) for k, r in enumerate(ranges(counts))]
+        gpus = ray.cluster_resources().get("GPU", 0)
+        self.on_gpu = cfg.runtime.device != "cpu" and gpus >= len(counts)
+        if cfg.runtime.device == "cuda" and not self.on_gpu:
+            raise RuntimeError(f"runtime.device=cuda but the Ray cluster has {gpus:g} GPUs for {len(counts)} stages")
+        transport = cfg.parallel.transport
+        self.nccl = self.on_gpu and transport in ("auto", "nccl")
+        if transport == "nccl" and not self.on_gpu:
+            raise RuntimeError("parallel.transport=nccl needs one GPU per stage in the Ray cluster")
+        self.actors = [self._spawn(spec) for spec in self.specs]
+        self._wait_ready(self.actors)
+        self.dag = None
+        self._compile()
+
+    # -------------------------------------------------------------- actors and graph
+
+    def _spawn(self, spec: StageSpec):
+        threads = max(1, (os.cpu_count() or 1) // len(self.specs))
+        options = {"num_gpus": 1} if self.on_gpu else {"num_cpus": 1}
+        actor_cls = ray.remote(StageActor).options(**options, max_restarts=0)
+        return actor_cls.remote(self.cfg, spec, "cuda" if self.on_gpu else "cpu", threads)
+
+    def _wait_ready(self, actors) -> None:
+        try:
+            ray.get([a.ping.remote() for a in actors], timeout=max(self.timeout_s, 300.0))
+        except Exception as exc:
+            raise StageFailure(f"stage actors did not start: {exc}") from exc
+
+    def _compile(self) -> None:
+        with InputNode() as inp:
+            node = inp
+            for k, actor in enumerate(self.actors):
+                node = actor.run.bind(node)
+                if self.nccl and k < len(self.actors) - 1:
+                    node = node.with_tensor_transport(transport="nccl")
+        self.dag = node.experimental_compile(_max_inflight_executions=max(2, len(self.actors)))
+
+    def _teardown(self) -> None:
+        if self.dag is not None:
+            try:
+                self.dag.teardown()
+            except Exception:  # a dead actor makes teardown complain; the graph is gone anyway
+                log.debug("compiled graph teardown", exc_info=True)
+            self.dag = None
+
+    # -------------------------------------------------------------- Stages protocol
+
+    def submit(self, msg: StageInput) -> object:
+        try:
+            return self.dag.execute(msg)
+        except Exception as exc:
+            raise StageFailure(f"submitting step {msg.step_id}: {type(exc).__name__}: {exc}") from exc
+
+    def get(self, handle: object) -> StepOut:
+        try:
+            out = ray.get(handle, timeout=self.timeout_s)
+        except Exception as exc:
+            raise StageFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        return own(out)
+
+    def call(self, index: int, method: str, *args) -> object:
+        try:
+            return ray.get(getattr(self.actors[index], method).remote(*args), timeout=self.timeout_s)
+        except ray.exceptions.RayTaskError as exc:  # the stage raised: re-raise its error
+            raise exc.as_instanceof_cause() from None
+        except Exception as exc:
+            raise StageFailure(f"stage {index} {method}: {type(exc).__name__}") from exc
+
+    def recover(self) -> str:
+        """Replace dead or unresponsive actors (same block ranges) and compile the graph again."""
+        self._teardown()
+        dead = []
+        for k, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.ping.remote(), timeout=PING_TIMEOUT_S)
+            except Exception:
+                dead.append(k)
+        for k in dead:
+            try:
+                ray.kill(self.actors[k])
+            except Exception:
+                pass
+            self.actors[k] = self._spawn(self.specs[k])
+        self._wait_ready([self.actors[k] for k in dead])
+        self._compile()
+        return f"stage{'s' if len(dead) != 1 else ''} {dead} replaced" if dead else "no stage died; graph rebuilt"
+
+    def actor(self, index: int):
+        return self.actors[index]
+
+    def shutdown(self) -> None:
+        self._teardown()
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+        self.actors = []
+
+
+def own(msg):
+    """A copy of a message's arrays and tensors. Values read from a compiled-graph channel may
+    be zero-copy views of its shared buffer, and a view kept past the next read (a VAE cache
+    holding input frames, an output frame waiting in a queue) blocks the writer for good."""
+    if isinstance(msg, StepOut):
+        finished = {sid: StreamOutput(np.array(o.frames), o.metas) for sid, o in msg.finished.items()}
+        flows = None if msg.flows is None else msg.flows.clone()
+        return replace(msg, finished=finished, flows=flows)
+    if isinstance(msg, StageInput):
+        chunks = {sid: ChunkInput(np.array(c.frames), c.metas) for sid, c in msg.chunks.items()}
+        return replace(msg, chunks=chunks, flows=[(key, f.clone()) for key, f in msg.flows])
+    if isinstance(msg, Hop) and msg.hidden is not None and msg.hidden.device.type == "cpu":
+        return replace(msg, hidden=msg.hidden.clone(), x=msg.x.clone(),
+                       embs={k: e.clone() for k, e in msg.embs.items()})
+    return msg
+
+
+class StageActor(StageWorker):
+    """A StageWorker with its torch thread count set for the host it shares; it owns every
+    value it reads from the graph (see `own`)."""
+
+    def __init__(self, cfg: Config, spec: StageSpec, device: str, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        super().__init__(cfg, spec, device)
+
+    def run(self, msg):
+        return super().run(own(msg))
+
+
+def ray_executor(cfg: Config, clock=time.monotonic) -> StagedExecutor:
+    """The engine's executor for `parallel.num_stages` stages on Ray."""
+    par = cfg.parallel
+    counts = list(par.partition) or even_split(cfg.model.num_layers, par.num_stages)
+    return StagedExecutor(cfg, RayStages(cfg, counts), clock)
+
+
+__all__ = ["RayStages", "StageActor", "connect", "ray_executor"]

@@ -1,0 +1,71 @@
+"""The block partitioner: balanced splits, block moves between neighbours, the rebalancer."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from streamdiff.parallel.partition import Rebalancer, StageSample, balance, even_split, moves, ranges, stage_times
+
+
+def brute_force(num_blocks, fixed, per_block):
+    best = None
+    for cut in itertools.combinations(range(1, num_blocks), len(fixed) - 1):
+        bounds = (0,) + cut + (num_blocks,)
+        counts = [b - a for a, b in zip(bounds, bounds[1:])]
+        t = max(stage_times(counts, fixed, per_block))
+        best = t if best is None else min(best, t)
+    return best
+
+
+@pytest.mark.parametrize("fixed,per_block,blocks", [
+    ([5.0, 0.0, 7.0], [1.0, 1.0, 1.0], 12),
+    ([0.0, 0.0], [1.0, 3.0], 9),
+    ([20.0, 1.0, 1.0, 15.0], [2.0, 2.0, 5.0, 2.0], 30),
+    ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 3),
+])
+def test_balance_is_optimal(fixed, per_block, blocks):
+    counts = balance(blocks, fixed, per_block)
+    assert sum(counts) == blocks and min(counts) >= 1
+    assert max(stage_times(counts, fixed, per_block)) == pytest.approx(brute_force(blocks, fixed, per_block))
+
+
+def test_even_split_and_ranges():
+    assert even_split(30, 4) == [8, 8, 7, 7]
+    assert ranges([8, 8, 7, 7]) == [(0, 8), (8, 16), (16, 23), (23, 30)]
+    with pytest.raises(ValueError):
+        even_split(2, 3)
+
+
+@pytest.mark.parametrize("current,target", [([2, 2], [1, 3]), ([1, 2, 1], [2, 1, 1]), ([1, 1, 6], [4, 3, 1]),
+                                            ([6, 1, 1], [1, 1, 6])])
+def test_moves_reach_target_keeping_every_stage(current, target):
+    counts = list(current)
+    bounds = ranges(counts)
+    for layer, src, dst in moves(current, target):
+        assert abs(src - dst) == 1
+        start, end = bounds[src]
+        assert layer in (start, end - 1)  # from the edge that touches the neighbour
+        assert layer == (end - 1 if dst > src else start)
+        counts[src] -= 1
+        counts[dst] += 1
+        assert min(counts) >= 1
+        bounds = ranges(counts)
+    assert counts == target
+
+
+def test_rebalancer_needs_a_persistent_imbalance():
+    reb = Rebalancer([2, 2], threshold=1.25, after_steps=3, smoothing=1.0)
+    slow = [StageSample(10.0, 10.0, 2), StageSample(40.0, 40.0, 2)]  # stage 1's blocks 4x slower
+    even = [StageSample(10.0, 10.0, 2), StageSample(10.5, 10.5, 2)]
+    reb.observe(slow)
+    reb.observe(slow)
+    assert reb.proposal() is None  # not for long enough
+    reb.observe(even)  # the streak breaks
+    assert reb.imbalanced_steps == 0 and reb.proposal() is None
+    for _ in range(3):
+        reb.observe(slow)
+    assert reb.proposal() == [3, 1]
+    reb.reset([3, 1])
+    assert reb.proposal() is None

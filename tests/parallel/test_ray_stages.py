@@ -1,0 +1,97 @@
+"""Pipeline stages as Ray actors (CPU actors, Ray Compiled Graph over shared-memory channels,
+one local Ray instance for the module): same frames as the LocalExecutor (TOL grey levels,
+see stage_helpers.py), each actor holds only its blocks, a slow stage loses blocks, and a
+killed actor is replaced while its streams resume."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from engine_helpers import RELAXED, Feeder, max_abs_diff, params  # noqa: E402
+from stage_helpers import SPECS, TOL, core_for, reference, run_streams  # noqa: E402
+from streamdiff.config import with_overrides  # noqa: E402
+from streamdiff.parallel.executor import StagedExecutor  # noqa: E402
+from streamdiff.parallel.ray_executor import RayStages  # noqa: E402
+from streamdiff.pipeline.frames import synthetic_clip  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ref(cfg4, comps4):
+    return reference(cfg4, comps4)
+
+
+@pytest.mark.parametrize("counts", [[2, 2], [1, 2, 1]])
+def test_ray_stages_equal_local(cfg4, comps4, ref, counts):
+    stages = RayStages(cfg4, counts)
+    executor = StagedExecutor(cfg4, stages)
+    try:
+        got = run_streams(cfg4, executor)
+        for sid in SPECS:
+            assert got[sid].shape == ref[sid].shape and max_abs_diff(got[sid], ref[sid]) <= TOL, sid
+        # Each actor holds only its own blocks (and the first / last their VAE half's module).
+        full = dict(comps4.model.named_parameters())
+        for k, (start, end) in enumerate(r.block_range for r in stages.specs):
+            info = stages.call(k, "info")
+            assert info["block_range"] == (start, end)
+            assert info["block_params"] == sum(p.numel() for n, p in full.items()
+                                               if n.startswith("blocks.") and start <= int(n.split(".")[1]) < end)
+            assert {int(n.split(".")[1]) for n in info["param_names"] if n.startswith("blocks.")} == set(range(start, end))
+    finally:
+        executor.shutdown()
+
+
+def test_ray_slow_stage_loses_blocks(cfg4, ref):
+    cfg = with_overrides(cfg4, parallel={"rebalance": True, "rebalance_after_steps": 3, "rebalance_threshold": 1.5})
+    stages = RayStages(cfg, [2, 2])
+    executor = StagedExecutor(cfg, stages)
+    try:
+        stages.call(1, "set_slowdown", 40.0)
+        got = run_streams(cfg, executor)
+        assert executor.rebalances and executor.counts[1] < 2
+        assert stages.call(1, "info")["block_range"] == stages.specs[1].block_range
+        for sid in SPECS:
+            assert max_abs_diff(got[sid], ref[sid]) <= TOL, sid
+    finally:
+        executor.shutdown()
+
+
+def test_killed_stage_is_replaced_and_streams_resume(cfg4):
+    stages = RayStages(cfg4, [2, 2])
+    executor = StagedExecutor(cfg4, stages)
+    try:
+        core, clock = core_for(cfg4, executor)
+        assert core.add_stream("a", params(cfg4, "x", steps=2), RELAXED)
+        feeder = Feeder(core, clock, {"a": synthetic_clip(80, 64, 48)})
+        for _ in range(3):
+            feeder.round()
+        before = len(feeder.outputs["a"])
+        old = stages.actors[1]
+        ray.kill(old)
+        t0 = time.monotonic()
+        resumed_s = None
+        while time.monotonic() - t0 < 15.0 and resumed_s is None:
+            feeder.round()
+            if len(feeder.outputs["a"]) > before and "a" in core.restarted:
+                resumed_s = time.monotonic() - t0
+        assert resumed_s is not None, "the stream did not resume within 15 s"
+        assert "fresh cache" in core.restarted["a"] and "[1] replaced" in core.restarted["a"]
+        assert stages.actors[1] is not old
+        # A new stream works on the rebuilt pipeline.
+        assert core.add_stream("n", params(cfg4, "y", steps=1), RELAXED)
+        feeder.clips["n"], feeder.pos["n"], feeder.outputs["n"] = synthetic_clip(20, 64, 48, seed=5), 0, []
+        for _ in range(2):
+            feeder.round(["n"])
+        assert len(feeder.outputs["n"]) == 9
+    finally:
+        executor.shutdown()

@@ -1,0 +1,147 @@
+"""Pipeline stages in one process == the LocalExecutor (the Ray transport runs the same
+messages; test_ray_stages.py repeats the key cases over actors).
+
+Tolerance: TOL grey levels (stage_helpers.py). The stages run the same blocks on the same slot
+plans and the first stage runs the same StreamState code; the VAE batches streams per forward
+instead of per step, which only changes float rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine_helpers import max_abs_diff, params
+from stage_helpers import SPECS, TOL, core_for, reference, run_streams
+from streamdiff.config import with_overrides
+from streamdiff.engine.types import StreamClosedError, StreamsLost
+from streamdiff.parallel.executor import InProcessStages, StagedExecutor, StageFailure
+
+
+@pytest.fixture(scope="module")
+def ref(cfg4, comps4):
+    return reference(cfg4, comps4)
+
+
+def assert_equal(got, ref):
+    for sid in SPECS:
+        assert got[sid].shape == ref[sid].shape and len(got[sid]) > 10, sid
+        assert max_abs_diff(got[sid], ref[sid]) <= TOL, sid
+
+
+@pytest.mark.parametrize("counts", [[2, 2], [1, 2, 1], [1, 1, 1, 1]])
+def test_stages_equal_local(cfg4, ref, counts):
+    assert_equal(run_streams(cfg4, StagedExecutor(cfg4, InProcessStages(cfg4, counts, "cpu"))), ref)
+
+
+def test_each_stage_holds_only_its_blocks(cfg4, comps4):
+    stages = InProcessStages(cfg4, [1, 2, 1], "cpu")
+    full = dict(comps4.model.named_parameters())
+    for worker, (start, end) in zip(stages.workers, [(0, 1), (1, 3), (3, 4)]):
+        info = worker.info()
+        blocks = {n for n in info["param_names"] if n.startswith("blocks.")}
+        assert {int(n.split(".")[1]) for n in blocks} == set(range(start, end))
+        assert info["block_params"] == sum(p.numel() for n, p in full.items()
+                                           if n.startswith("blocks.") and start <= int(n.split(".")[1]) < end)
+        assert ("patch_embedding.weight" in info["param_names"]) == (start == 0)
+        assert ("proj_out.weight" in info["param_names"]) == (end == 4)
+        assert info["pool_layers"] == list(range(start, end))
+        assert info["has_text"] == (start == 0) and info["has_vae"] == (start == 0 or end == 4)
+
+
+def test_moving_blocks_mid_stream_keeps_outputs(cfg4, ref):
+    """Blocks (weights, K/V, prompt K/V) move between stages while streams are mid-flight."""
+    splits = {3: [1, 3], 5: [3, 1], 6: [2, 2]}
+
+    def between(r, core, executor):
+        if r in splits:
+            executor.repartition(splits[r])
+            assert executor.counts == splits[r]
+
+    executor = StagedExecutor(cfg4, InProcessStages(cfg4, [2, 2], "cpu"))
+    assert_equal(run_streams(cfg4, executor, between=between), ref)
+    assert [after for _, after in executor.rebalances] == [[1, 3], [3, 1], [2, 2]]
+
+
+def test_a_slow_stage_loses_blocks(cfg4, ref):
+    """Stage 1's blocks made 40 ms slower each (a slower device): the partitioner moves
+    blocks off it, outputs stay equal."""
+    cfg = with_overrides(cfg4, parallel={"rebalance": True, "rebalance_after_steps": 3, "rebalance_threshold": 1.5})
+    stages = InProcessStages(cfg, [2, 2], "cpu")
+    stages.workers[1].set_slowdown(40.0)
+    executor = StagedExecutor(cfg, stages)
+    assert_equal(run_streams(cfg, executor), ref)
+    assert executor.rebalances and executor.counts[1] < 2
+    assert executor.rebalances[0][0] == [2, 2]
+
+
+class FailingStages(InProcessStages):
+    """In-process stages whose next step fails once; `recover` rebuilds or gives up."""
+
+    def __init__(self, *args, rebuild: bool):
+        super().__init__(*args)
+        self.fail, self.rebuild = False, rebuild
+
+    def get(self, handle):
+        if self.fail:
+            self.fail = False
+            raise StageFailure("stage 1 died")
+        return handle
+
+    def recover(self):
+        if not self.rebuild:
+            raise RuntimeError("no GPU left for stage 1")
+        return "stage [1] replaced"
+
+
+@pytest.mark.parametrize("rebuild", [True, False])
+def test_failed_stage_resumes_or_closes_streams(cfg4, rebuild):
+    from engine_helpers import RELAXED, Feeder
+    from streamdiff.pipeline.frames import synthetic_clip
+
+    stages = FailingStages(cfg4, [2, 2], "cpu", rebuild=rebuild)
+    core, clock = core_for(cfg4, StagedExecutor(cfg4, stages))
+    assert core.add_stream("a", params(cfg4, "x", steps=2), RELAXED)
+    feeder = Feeder(core, clock, {"a": synthetic_clip(60, 64, 48)})
+    for _ in range(3):
+        feeder.round()
+    before = len(feeder.outputs["a"])
+    stages.fail = True
+    feeder.round()
+    if rebuild:
+        assert "fresh cache" in core.restarted["a"] and "a" in core.stream_ids
+        for _ in range(3):
+            feeder.round()
+        assert len(feeder.outputs["a"]) > before  # re-prepared (5 frames) and serving again
+        assert core.take_closed() == {}
+    else:
+        assert core.stream_ids == [] and "could not be rebuilt" in core.take_closed()["a"]
+    # A new stream works on the (rebuilt or surviving) pipeline either way.
+    assert core.add_stream("n", params(cfg4, "y", steps=1), RELAXED)
+    feeder.clips["n"], feeder.pos["n"], feeder.outputs["n"] = synthetic_clip(20, 64, 48, seed=5), 0, []
+    for _ in range(2):
+        feeder.round(["n"])
+    assert len(feeder.outputs["n"]) == 9
+
+
+def test_streams_lost_reaches_async_waiters():
+    """An engine-closed stream's next_frame raises StreamClosedError with the reason."""
+    import asyncio
+
+    from streamdiff.engine import AsyncEngine
+    from streamdiff.engine.core import EngineCore
+
+    async def main():
+        engine = AsyncEngine.__new__(AsyncEngine)
+        engine._outputs = {}
+        from streamdiff.engine.async_engine import _OutputQueue
+
+        engine._outputs["a"] = _OutputQueue(4)
+        waiter = asyncio.ensure_future(engine._outputs["a"].get())
+        await asyncio.sleep(0)
+        engine._close_streams({"a": "pipeline stage failed"})
+        with pytest.raises(StreamClosedError, match="pipeline stage failed"):
+            await waiter
+        assert "a" not in engine._outputs
+
+    asyncio.run(main())
+    assert issubclass(StreamsLost, RuntimeError) and EngineCore
