@@ -150,6 +150,7 @@ class ParallelConfig:
     rebalance: bool = True  # re-measure while serving and move blocks when stages drift apart
     rebalance_threshold: float = 1.25  # slowest / fastest stage time that counts as imbalance
     rebalance_after_steps: int = 50  # ... when it persists this many consecutive steps
+    micro_batches: int = 0  # a step's stream-batch rows in this many forwards in flight; 0 = one per stage
     transport: Literal["auto", "nccl", "cpu"] = "auto"  # auto: NCCL between GPU actors
     step_timeout_s: float = 30.0  # a step not back by then counts as a failed stage
 
@@ -192,6 +193,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "video.fps": (1, 240),
     "weights.min_match": (0.0, 1.0),
     "parallel.num_stages": (1, 64),
+    "parallel.micro_batches": (0, 64),
     "parallel.rebalance_threshold": (1.0, 100.0),
     "parallel.rebalance_after_steps": (1, 1_000_000),
     "parallel.step_timeout_s": (0.1, 3600.0),

@@ -149,8 +149,9 @@ class StagedExecutor:
         t0 = time.perf_counter()
         chunks = {c.stream_id: inputs[c.stream_id] for c in plan.chunks if c.stream_id in self.params}
         preparing = any(c.first for c in plan.chunks if c.stream_id in self.params)
+        steady_rows = sum(c.lanes for c in plan.chunks if not c.first and c.stream_id in self.params)
         try:
-            outs = self._forwards(plan.step_id, chunks, preparing)
+            outs = self._forwards(plan.step_id, chunks, preparing, self.micro_batches(steady_rows))
         except StageFailure as exc:
             raise self._recover(exc) from exc
         # 1. Collect finished frames; every forward's flows go to the first stage next time.
@@ -162,17 +163,31 @@ class StagedExecutor:
         step_ms = (time.perf_counter() - t0) * 1000.0
         return EngineStepResult(plan.step_id, step_ms, self.clock(), outputs=outputs, forwards=forwards)
 
-    def _forwards(self, step_id: int, chunks: dict[str, ChunkInput], preparing: bool) -> list[StepOut]:
-        """The step's forwards: steady rows (with every new chunk's encode), and when first
-        chunks are in the plan their denoise steps, each needing the previous one's flows."""
-        # 1. The steady forward and the first prepare forward are independent: both in flight,
-        #    one stage apart. Results are taken in submission order (Ray counts an unread
-        #    result as in flight).
-        steady = self.stages.submit(StageInput(step_id, 0, "steady", chunks, self._take_flows()))
-        prepare = self.stages.submit(StageInput(step_id, 1, "prepare")) if preparing else None
-        first = self.stages.get(steady)
-        self._flows.append((first.key, first.flows))
-        outs = [first]
+    def micro_batches(self, steady_rows: int) -> int:
+        """Micro-batches for a step's stream-batch rows: `parallel.micro_batches` (0: one per
+        stage), at most one per row; 1 on a single stage."""
+        if self.num_stages == 1 or steady_rows <= 1:
+            return 1
+        want = self.cfg.parallel.micro_batches or self.num_stages
+        return max(1, min(want, steady_rows))
+
+    def _forwards(self, step_id: int, chunks: dict[str, ChunkInput], preparing: bool, groups: int) -> list[StepOut]:
+        """The step's forwards: the steady rows (the new chunks' encode rides on the first) in
+        `groups` micro-batches, and when first chunks are in the plan their denoise steps, each
+        needing the previous one's flows."""
+        # 1. Rows of one step are independent: the micro-batches and the first prepare forward
+        #    are all in flight, a stage apart. Results are taken in submission order (Ray
+        #    counts an unread result as in flight).
+        flows = self._take_flows()
+        handles = [self.stages.submit(StageInput(step_id, g, "steady", chunks if g == 0 else {},
+                                                 flows if g == 0 else [], group=g, groups=groups))
+                   for g in range(groups)]
+        prepare = self.stages.submit(StageInput(step_id, groups, "prepare")) if preparing else None
+        outs = []
+        for handle in handles:
+            out = self.stages.get(handle)
+            self._flows.append((out.key, out.flows))
+            outs.append(out)
         if prepare is None:
             return outs
         # 2. Later denoise steps of the first chunks, each after the previous one's flows.
@@ -193,11 +208,14 @@ class StagedExecutor:
     # -------------------------------------------------------------- balance
 
     def _observe(self, outs: list[StepOut]) -> None:
-        main = next((out for out in outs if out.rows), None)
-        if main is None or len(main.stage_ms) != self.num_stages:
+        """Each stage's time over the step's forwards that carried rows -> the rebalancer."""
+        ran = [out.stage_ms for out in outs if out.rows and len(out.stage_ms) == self.num_stages]
+        if not ran:
             return
-        self.last_stage_ms = [s["total"] for s in main.stage_ms]
-        self.rebalancer.observe([StageSample(s["total"], s["blocks"], int(s["num_blocks"])) for s in main.stage_ms])
+        samples = [StageSample(sum(f[k]["total"] for f in ran), sum(f[k]["blocks"] for f in ran),
+                               int(ran[0][k]["num_blocks"])) for k in range(self.num_stages)]
+        self.last_stage_ms = [s.total_ms for s in samples]
+        self.rebalancer.observe(samples)
         if self.rebalance_enabled and (target := self.rebalancer.proposal()) is not None:
             self.repartition(target)
 

@@ -90,7 +90,9 @@ class RayStages:
                 node = actor.run.bind(node)
                 if self.nccl and k < len(self.actors) - 1:
                     node = node.with_tensor_transport(transport="nccl")
-        self.dag = node.experimental_compile(_max_inflight_executions=max(2, len(self.actors)))
+        # A step keeps its micro-batches and one prepare forward in flight.
+        in_flight = max(self.cfg.parallel.micro_batches, len(self.actors)) + 1
+        self.dag = node.experimental_compile(_max_inflight_executions=in_flight)
 
     def _teardown(self) -> None:
         if self.dag is not None:

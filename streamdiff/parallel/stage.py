@@ -92,7 +92,8 @@ class StageInput:
     kind: str  # "steady" | "prepare"
     chunks: dict[str, ChunkInput] = field(default_factory=dict)
     flows: list[tuple[tuple[int, int], torch.Tensor]] = field(default_factory=list)  # ((step, part), [B,...])
-    profile: bool = False
+    group: int = 0  # steady forwards: this micro-batch of the step's rows ...
+    groups: int = 1  # ... out of this many (contiguous, near-equal shares)
 
 
 @dataclass
@@ -118,6 +119,17 @@ class StepOut:
     flows: torch.Tensor | None  # [B, 16, F, h, w] fp32, CPU
     finished: dict[str, StreamOutput]
     stage_ms: list[dict[str, float]]
+
+
+def split_rows(rows: list, groups: int) -> list[list]:
+    """`rows` in `groups` contiguous parts whose sizes differ by at most one."""
+    base, extra = divmod(len(rows), groups)
+    out, start = [], 0
+    for g in range(groups):
+        size = base + (1 if g < extra else 0)
+        out.append(rows[start : start + size])
+        start += size
+    return out
 
 
 # ---------------------------------------------------------------------------------- the stage
@@ -156,6 +168,7 @@ class StageWorker:
             self._sent: dict[str, tuple] = {}  # stream -> condition key later stages have
             self._open: dict[tuple[int, int], list[Row]] = {}  # forwards whose flows are out
             self._steady: list[Row] = []
+            self._groups: list[list[Row]] = []  # the step's steady rows split into micro-batches
             self._preparing: list[StreamState] = []
         if spec.last:
             self._decode_states: dict = {}
@@ -366,7 +379,9 @@ class StageWorker:
                 self._steady.extend(state.enter(lane))
         # 3. This forward's rows.
         if msg.kind == "steady":
-            rows, self._steady = self._steady, []
+            if msg.group == 0:
+                self._groups, self._steady = split_rows(self._steady, msg.groups), []
+            rows = self._groups[msg.group] if msg.group < len(self._groups) else []
         else:
             self._preparing = [s for s in self._preparing if s.sequential is not None]
             rows = [s.sequential for s in self._preparing]

@@ -1,0 +1,71 @@
+"""Per-hop latency of the stage transport: what one stage-to-stage message costs.
+
+Owns: a micro-benchmark of Ray Compiled Graph channels between trivial actors that forward a
+payload of a given size (a step's hidden states) - no model, so the number is the transport
+alone. Does not own: the stages themselves (stage.py) or the projection that uses the number
+(simulate.py).
+
+Method: chains of 1 and S pass-through actors; per hop = (median round trip of the S chain -
+median round trip of the 1 chain) / (S - 1), so the driver's own submit/get cost cancels.
+CPU actors use Ray's shared-memory channels; with `nccl` on GPU actors, NCCL.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import ray
+import torch
+from ray.dag import InputNode
+
+from streamdiff.parallel.ray_executor import connect
+
+
+class _Forward:
+    def run(self, payload):
+        return payload.clone() if isinstance(payload, torch.Tensor) else payload
+
+
+def _chain_ms(length: int, payload: torch.Tensor, repeats: int, gpu: bool) -> float:
+    options = {"num_gpus": 1} if gpu else {"num_cpus": 0}
+    actors = [ray.remote(_Forward).options(**options).remote() for _ in range(length)]
+    with InputNode() as inp:
+        node = inp
+        for k, actor in enumerate(actors):
+            node = actor.run.bind(node)
+            if gpu and k < length - 1:
+                node = node.with_tensor_transport(transport="nccl")
+    dag = node.experimental_compile()
+    try:
+        for _ in range(3):  # warm the channels
+            ray.get(dag.execute(payload))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            ray.get(dag.execute(payload))
+            times.append((time.perf_counter() - t0) * 1000.0)
+        return statistics.median(times)
+    finally:
+        dag.teardown()
+        for actor in actors:
+            ray.kill(actor)
+
+
+def measure_hop_ms(payload_bytes: int, num_stages: int = 3, repeats: int = 30, gpu: bool = False,
+                   address: str = "") -> dict:
+    """Per-hop latency for a payload of `payload_bytes` (fp16/bf16 hidden states)."""
+    if num_stages < 2:
+        raise ValueError("a hop needs at least two stages")
+    connect(address, num_stages)
+    payload = torch.zeros(max(payload_bytes // 2, 1), dtype=torch.float16)
+    if gpu:
+        payload = payload.cuda()
+    one = _chain_ms(1, payload, repeats, gpu)
+    many = _chain_ms(num_stages, payload, repeats, gpu)
+    return {"payload_bytes": payload_bytes, "stages": num_stages, "chain_1_ms": one,
+            f"chain_{num_stages}_ms": many, "hop_ms": max(many - one, 0.0) / (num_stages - 1),
+            "transport": "nccl" if gpu else "shared-memory channels (CPU)"}
+
+
+__all__ = ["measure_hop_ms"]
