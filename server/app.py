@@ -6,8 +6,9 @@ Owns: routes and their HTTP semantics (status codes, CORS, Bearer auth, content 
 
 Routes:
   GET  /, /viewer.html, /app.js          static client (client/web)
-  POST /offer                            JSON {sdp, type, prompt?} -> {sdp, type, session}
+  POST /offer                            JSON {sdp, type, prompt?, stamp?} -> {sdp, type, session}
   POST /whip/{key}                       application/sdp -> 201 + Location /whip/{key}/{session}
+                                         (`?stamp=1` on /offer and /whip: frame-id stamps, see sessions)
   DELETE|PATCH|OPTIONS /whip/{key}/{id}  end (200) | trickle (405) | CORS
   POST /whep/{key}, DELETE|PATCH /whep/{key}/{id}   the same for playback of stream `key`
   GET  /ws?session=ID                    control WebSocket (params in, stats out each second)
@@ -29,7 +30,7 @@ from aiohttp import WSMsgType, web
 from aiortc import RTCSessionDescription
 
 from streamdiff.server.prom import exposition
-from streamdiff.server.sessions import ServerFull, SessionManager, to_engine_params
+from streamdiff.server.sessions import ServerFull, SessionManager, parse_flag, to_engine_params
 from streamdiff.server.webrtc import (
     CodecError,
     InputReader,
@@ -111,7 +112,8 @@ def _wire_input(session, sessions: SessionManager, settings: ServerSettings) -> 
     @session.pc.on("track")
     def _on_track(track) -> None:
         if track.kind == "video" and session.reader is None:
-            session.reader = InputReader(track, sessions.engine, session.id, cfg.video.width, cfg.video.height)
+            session.reader = InputReader(track, sessions.engine, session.id, cfg.video.width, cfg.video.height,
+                                         stamp=session.stamp)
         else:
             session.tasks.append(asyncio.create_task(drain_track(track), name=f"drain-{session.id}"))
 
@@ -132,14 +134,15 @@ async def offer(request: web.Request) -> web.Response:
         body = await request.json()
         sdp, kind = body["sdp"], body.get("type", "offer")
         prompt = str(body.get("prompt") or "")
-        params = to_engine_params({k: v for k, v in body.items() if k not in ("sdp", "type", "prompt")})
+        stamp = parse_flag(body.get("stamp", request.query.get("stamp")))
+        params = to_engine_params({k: v for k, v in body.items() if k not in ("sdp", "type", "prompt", "stamp")})
         if kind != "offer" or not isinstance(sdp, str):
             raise SdpError("type must be 'offer' and sdp a string")
         check_offer_sdp(sdp)
     except (ValueError, KeyError, TypeError) as exc:
         return web.json_response({"error": f"bad offer: {exc}"}, status=400)
     try:
-        session = await sessions.open("browser", None, prompt, **params)
+        session = await sessions.open("browser", None, prompt, stamp=stamp, **params)
     except ServerFull as exc:
         return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": str(settings.retry_after_s)})
     except ValueError as exc:
@@ -171,16 +174,17 @@ async def whip_post(request: web.Request) -> web.Response:
         return _unauthorized()
     sdp = await _read_sdp_offer(request)
     try:
+        stamp = parse_flag(request.query.get("stamp"))
         check_offer_sdp(sdp)
         require_h264(sdp)
-    except SdpError as exc:
-        return _error(400, str(exc))
     except CodecError as exc:
         return _error(406, str(exc))
+    except ValueError as exc:  # SdpError or a bad ?stamp=
+        return _error(400, str(exc))
     if sessions.publisher(key) is not None:
         return _error(409, f"stream key {key!r} is already being published")
     try:
-        session = await sessions.open("whip", key)
+        session = await sessions.open("whip", key, stamp=stamp)
     except ServerFull as exc:
         return _full(exc, settings)
     try:

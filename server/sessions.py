@@ -8,6 +8,8 @@ parameters. Does not own: HTTP (server.app) or media details (server.webrtc).
 
 Kinds: "browser" (POST /offer: input and output on one peer), "whip" (publish only: input),
 "whep" (play only: subscribes to another session's output; holds no engine stream).
+Option `stamp` (browser and whip): the frame-id stamp of the end-to-end benchmark is read from
+each input frame and drawn into the output frame made from it (server.webrtc, streamdiff.stamp).
 """
 
 from __future__ import annotations
@@ -49,6 +51,18 @@ def to_engine_params(message: dict) -> dict:
     return out
 
 
+def parse_flag(value: object, name: str = "stamp") -> bool:
+    """A boolean session option from JSON (true/false) or a query string (1/0, true/false,
+    on/off, yes/no); None is False. ValueError names the option otherwise."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "on", "yes", "0", "false", "off", "no", ""):
+        return value.strip().lower() in ("1", "true", "on", "yes")
+    raise ValueError(f"{name} must be true or false (or 1/0), got {value!r}")
+
+
 class ServerFull(Exception):
     """No room for another stream (session limit or engine admission); HTTP 503."""
 
@@ -65,6 +79,7 @@ class Session:
     pc: RTCPeerConnection
     prompt: str = ""
     has_stream: bool = False  # owns an engine stream (browser, whip)
+    stamp: bool = False  # read input frame ids and draw them into the output (benchmark)
     reader: InputReader | None = None
     fanout: FanOut | None = None
     slot: FrameQueue | None = None  # the subscription a whep/browser output track reads
@@ -76,6 +91,8 @@ class Session:
     def stats(self) -> dict:
         out = {"session": self.id, "kind": self.kind, "stream_key": self.stream_key,
                "state": self.pc.connectionState, "uptime_s": round(time.monotonic() - self.created_s, 1)}
+        if self.stamp:
+            out["stamp"] = True
         if self.reader is not None:
             out.update(frames_in=self.reader.frames_in, frames_pushed=self.reader.frames_pushed)
         if self.fanout is not None:
@@ -123,8 +140,10 @@ class SessionManager:
     def new_peer(self) -> RTCPeerConnection:
         return RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
 
-    async def open(self, kind: str, stream_key: str | None, prompt: str = "", **params) -> Session:
+    async def open(self, kind: str, stream_key: str | None, prompt: str = "", *, stamp: bool = False,
+                   **params) -> Session:
         """Create a session and its peer; stream kinds ask the engine for admission first.
+        `stamp`: the session carries frame-id stamps through (stream kinds only).
         Raises ServerFull (503) when the limit is reached or the engine refuses."""
         session_id = uuid.uuid4().hex[:16]
         owns_stream = kind in ("browser", "whip")
@@ -137,10 +156,11 @@ class SessionManager:
             if not admission:
                 raise ServerFull(f"server full: {admission.reason}")
         pc = self.new_peer()
-        session = Session(session_id, kind, stream_key or session_id, pc, prompt=prompt, has_stream=owns_stream)
+        session = Session(session_id, kind, stream_key or session_id, pc, prompt=prompt, has_stream=owns_stream,
+                          stamp=stamp and owns_stream)
         self.sessions[session_id] = session
         if owns_stream:
-            session.fanout = FanOut(self.engine, session_id)
+            session.fanout = FanOut(self.engine, session_id, stamp=session.stamp)
 
         @pc.on("connectionstatechange")
         async def _state() -> None:
@@ -202,11 +222,15 @@ class SessionManager:
                 "seed": params.seed, "motion": params.motion_aware}
 
     def snapshot(self) -> dict:
+        """Counts for /healthz and /metrics, and the engine's frame size and rate (clients such
+        as the benchmark send frames at that size)."""
+        video = self.engine.cfg.video
         return {
             "sessions": len(self.sessions),
             "streams": self.stream_count,
             "max_sessions": self.max_sessions,
             "tasks": sum(sum(not t.done() for t in s.tasks) for s in self.sessions.values()),
+            "video": {"width": video.width, "height": video.height, "fps": video.fps},
         }
 
 

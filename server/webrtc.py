@@ -6,6 +6,10 @@ output and handing the newest frame to every subscribed track), `InputReader` (d
 remote video track, keeps only the newest frame, pushes it to the engine), `drain_track`
 (discards audio), SDP checks (malformed, H.264 present), `wait_ice_gathering`, and the two
 process-wide aiortc settings: encoder bitrates and loopback ICE candidates.
+Stamped sessions (the benchmark's frame ids, streamdiff.stamp): the InputReader reads the id
+drawn into each input frame and pushes `Stamped(pts, stamp_id)` as the frame's pts, which the
+engine hands back on the OutputFrame made from it; the FanOut draws that id into the output
+frame. The model never sees the id as data, so any model works; unstamped sessions are untouched.
 Does not own: HTTP, sessions or auth (server.app, server.sessions), any engine logic.
 """
 
@@ -16,11 +20,14 @@ import collections
 import fractions
 import logging
 import time
+from typing import NamedTuple
 
 import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
+
+from streamdiff.stamp import decode_id, encode_id
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +148,14 @@ async def wait_ice_gathering(pc: RTCPeerConnection, timeout_s: float = 10.0) -> 
 # ---------------------------------------------------------------------- output
 
 
+class Stamped(NamedTuple):
+    """The pts a stamped session pushes: the input frame's own pts and the id read from its
+    pixels (None when the frame carried no readable code)."""
+
+    pts: object
+    stamp_id: int | None
+
+
 class FrameQueue:
     """A viewer's output mailbox: a short FIFO, so the frames of a chunk burst are all shown;
     when full, the oldest frame is dropped (latency stays bounded). Remembers when frames came,
@@ -181,11 +196,14 @@ class FrameQueue:
 
 
 class FanOut:
-    """Pulls one engine stream's output frames and hands each to every subscriber slot."""
+    """Pulls one engine stream's output frames and hands each to every subscriber slot.
+    With `stamp`, each output frame gets the id of the input frame it was made from drawn in
+    (a copy; frames whose input had no readable id go out as they are)."""
 
-    def __init__(self, engine, stream_id: str):
+    def __init__(self, engine, stream_id: str, *, stamp: bool = False):
         self.engine = engine
         self.stream_id = stream_id
+        self.stamp = stamp
         self.slots: set[FrameQueue] = set()
         self.frames_out = 0
         self.last_latency_ms: float | None = None
@@ -206,8 +224,11 @@ class FanOut:
                 out = await self.engine.next_frame(self.stream_id)
                 self.frames_out += 1
                 self.last_latency_ms = out.latency_ms
+                frame = out.frame
+                if self.stamp and isinstance(out.pts, Stamped) and out.pts.stamp_id is not None:
+                    frame = encode_id(frame, out.pts.stamp_id)
                 for slot in list(self.slots):
-                    slot.put(out.frame)
+                    slot.put(frame)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # StreamClosedError / KeyError: the stream is gone
@@ -276,14 +297,18 @@ class OutputTrack(MediaStreamTrack):
 
 class InputReader:
     """Drains a remote video track; the pusher side hands only the newest frame, resized to
-    the engine's size, to `engine.push_frame`. Two tasks so a slow push never backs up recv."""
+    the engine's size, to `engine.push_frame`. Two tasks so a slow push never backs up recv.
+    With `stamp`, the pts pushed is `Stamped(frame.pts, id read from the pixels)`."""
 
-    def __init__(self, track: MediaStreamTrack, engine, stream_id: str, width: int, height: int):
+    def __init__(self, track: MediaStreamTrack, engine, stream_id: str, width: int, height: int,
+                 *, stamp: bool = False):
         self.track, self.engine, self.stream_id = track, engine, stream_id
         self.width, self.height = width, height
+        self.stamp = stamp
         self.latest: VideoFrame | None = None
         self.frames_in = 0
         self.frames_pushed = 0
+        self.stamps_unread = 0  # stamped session: pushed frames without a readable id
         self._ready = asyncio.Event()
         self.tasks = [
             asyncio.create_task(self._read(), name=f"read-{stream_id}"),
@@ -311,8 +336,12 @@ class InputReader:
                     return
                 continue
             pixels = frame.to_ndarray(format="rgb24", width=self.width, height=self.height)  # [H, W, 3]
+            pts = frame.pts
+            if self.stamp:
+                pts = Stamped(frame.pts, decode_id(pixels))
+                self.stamps_unread += pts.stamp_id is None
             try:
-                self.engine.push_frame(self.stream_id, pixels, frame.pts)
+                self.engine.push_frame(self.stream_id, pixels, pts)
             except (KeyError, RuntimeError):
                 return  # the stream was removed or the engine stopped
             self.frames_pushed += 1

@@ -1,0 +1,405 @@
+"""End-to-end mode of `streamdiff bench` (`--url`): N WebRTC clients against a running server.
+
+Owns: the load generator. Each session is an aiortc peer that POSTs /offer (the browser
+client's JSON, with `"stamp": true`), sends a synthetic clip at a fixed rate with each frame's
+id drawn into its pixels (streamdiff.stamp), reads the frames that come back and the ids the
+server drew into them, and so measures glass-to-glass latency per frame through any model:
+from the moment a frame is handed to the sender's encoder to the moment its output frame
+leaves the receiver's decoder (one clock: both ends are this process). At the end it reads the
+server's own per-stream numbers from GET /metrics (before closing the sessions, which drops
+them) and reports both. `run_e2e` (async) returns the report; `run_from_args` is what the CLI
+calls. Does not own: the definitions of the reported numbers, the table, JSON and plot
+(streamdiff.benchreport), the stamp code (streamdiff.stamp), argument parsing (streamdiff.cli).
+
+Definitions specific to this mode:
+- ids are 0, 1, 2, ... per session; the stamp carries them modulo 2**20 and the reader unwraps
+  a read id to the newest id sent with those low bits (a frame is never 2**20 frames late).
+  Output comes back in input order, so an id not above the last one read is refused (counted
+  as unreadable, like frames without a readable code).
+- dropped: ids sent but never returned, counting only ids up to the newest id returned (ids
+  after it may still be in flight: the tail is left out).
+- freezes: gaps between received frames over 3 periods of the input frame rate.
+- time to first frame: from POST /offer to the first frame received.
+- The sender paces like a camera: frame n leaves at start + n / fps; when the sender falls more
+  than a period behind, the schedule restarts from now (frames are skipped, never bursted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import ipaddress
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+import numpy as np
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from av import VideoFrame
+
+from streamdiff import benchreport
+from streamdiff.pipeline.frames import synthetic_clip
+from streamdiff.server.webrtc import configure_bitrates, enable_loopback_candidates
+from streamdiff.stamp import ID_MODULO, decode_id, encode_id
+
+DEFAULT_SIZE = (256, 256)  # when the server does not say its frame size
+DEFAULT_FPS = 15.0
+CLIENT_BITRATE_BPS = 2_000_000  # the clients' encoder bitrate, pinned (see server.webrtc)
+CLIP_FRAMES = 60
+CONNECT_TIMEOUT_S = 20.0
+VIDEO_CLOCK_HZ = 90_000
+
+TABLE_COLUMNS = [
+    ("name", "session"), ("frames", "frames"), ("fps", "fps"), ("p50", "p50 ms"), ("p90", "p90 ms"),
+    ("p99", "p99 ms"), ("max", "max ms"), ("freezes", "freezes"), ("misses", "misses"),
+    ("dropped_pct", "dropped %"), ("ttff_ms", "first frame ms"), ("server_ms", "server mean ms"),
+]
+
+
+class BenchError(Exception):
+    """A user-facing failure (server unreachable, session refused): one line, no traceback."""
+
+
+@dataclass
+class SessionRecord:
+    """What one session measured. Times are `time.monotonic()` seconds."""
+
+    index: int
+    session_id: str | None = None
+    offer_s: float = math.nan
+    sent_s: list[float] = field(default_factory=list)  # [id] -> when it went to the encoder
+    received: list[tuple[float, int]] = field(default_factory=list)  # (arrival, id) read back
+    arrivals_s: list[float] = field(default_factory=list)  # every received frame
+    unreadable: int = 0
+    tasks: list = field(default_factory=list)
+
+    def unwrap(self, low: int) -> int | None:
+        """The newest id sent whose low 20 bits are `low`; None if it is not a plausible
+        next output (not sent, or not after the last id read)."""
+        last = len(self.sent_s) - 1
+        full = last - ((last - low) % ID_MODULO)
+        newest_read = self.received[-1][1] if self.received else -1
+        return full if newest_read < full <= last else None
+
+
+class StampedClip(MediaStreamTrack):
+    """The synthetic clip at `fps`, every frame stamped with its id (0, 1, 2, ...)."""
+
+    kind = "video"
+
+    def __init__(self, clip: np.ndarray, fps: float, record: SessionRecord):
+        super().__init__()
+        self.clip, self.period_s, self.record = clip, 1.0 / fps, record
+        self._start_s: float | None = None
+        self._n = 0  # frames since the schedule (re)started
+
+    async def recv(self) -> VideoFrame:
+        # 1. Pace like a camera; when more than a period late, restart the schedule from now.
+        now = time.monotonic()
+        if self._start_s is None or now - (self._start_s + self._n * self.period_s) > self.period_s:
+            self._start_s, self._n = now, 0
+        wait_s = self._start_s + self._n * self.period_s - now
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        self._n += 1
+        # 2. Stamp the next id into a copy of the clip frame; note when it leaves.
+        frame_id = len(self.record.sent_s)
+        pixels = encode_id(self.clip[frame_id % len(self.clip)], frame_id)  # [H, W, 3]
+        frame = VideoFrame.from_ndarray(pixels, format="rgb24")
+        sent_s = time.monotonic()
+        frame.pts = int(round(sent_s * VIDEO_CLOCK_HZ))
+        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_HZ)
+        self.record.sent_s.append(sent_s)
+        return frame
+
+
+async def _receive(track: MediaStreamTrack, record: SessionRecord) -> None:
+    """Read the returned frames: arrival time, then the id drawn into them."""
+    with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
+        while True:
+            frame = await track.recv()
+            arrival_s = time.monotonic()
+            record.arrivals_s.append(arrival_s)
+            low = decode_id(frame.to_ndarray(format="rgb24"))
+            full = None if low is None else record.unwrap(low)
+            if full is None:
+                record.unreadable += 1
+            else:
+                record.received.append((arrival_s, full))
+
+
+# ---------------------------------------------------------------------- talking to the server
+
+
+def _headers(token: str | None) -> dict:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _probe(http: aiohttp.ClientSession, url: str) -> dict:
+    """GET /healthz: reachable and running; returns its body (it names the frame size)."""
+    try:
+        async with http.get(f"{url}/healthz") as resp:
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        raise BenchError(f"cannot reach a StreamDiff server at {url}: {exc or type(exc).__name__}") from None
+    if resp.status != 200 or not isinstance(body, dict) or not body.get("ok"):
+        raise BenchError(f"the server at {url} is not ready (/healthz answered {resp.status}: {body})")
+    return body
+
+
+async def _open_session(http: aiohttp.ClientSession, url: str, record: SessionRecord, clip: np.ndarray,
+                        fps: float, prompt: str, token: str | None) -> RTCPeerConnection:
+    """One peer: offer with `stamp`, answer, wait until connected."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: host candidates only
+    pc.addTrack(StampedClip(clip, fps, record))
+
+    @pc.on("track")
+    def _on_track(track) -> None:
+        if track.kind == "video":
+            record.tasks.append(asyncio.create_task(_receive(track, record)))
+
+    name = f"session {record.index + 1}"
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        record.offer_s = time.monotonic()
+        offer = {"sdp": pc.localDescription.sdp, "type": "offer", "prompt": prompt, "stamp": True}
+        async with http.post(f"{url}/offer", json=offer, headers=_headers(token)) as resp:
+            text = await resp.text()
+            status, retry = resp.status, resp.headers.get("Retry-After")
+        if status != 200:
+            try:
+                reason = json.loads(text).get("error", text)
+            except (ValueError, AttributeError):
+                reason = text.strip()
+            hint = f" (retry after {retry} s)" if retry else ""
+            if status == 401:
+                hint = " (pass the server's token with --token)"
+            raise BenchError(f"the server refused {name}: HTTP {status}: {reason}{hint}")
+        body = json.loads(text)
+        record.session_id = body.get("session")
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type="answer"))
+        # Wait for ICE + DTLS.
+        deadline_s = time.monotonic() + CONNECT_TIMEOUT_S
+        while pc.connectionState != "connected":
+            if pc.connectionState in ("failed", "closed") or time.monotonic() > deadline_s:
+                raise BenchError(f"{name}: the WebRTC connection did not come up ({pc.connectionState}); "
+                                 "for a server on this machine start it with --ice-loopback")
+            await asyncio.sleep(0.02)
+    except BaseException:
+        await pc.close()
+        raise
+    return pc
+
+
+async def _server_metrics(http: aiohttp.ClientSession, url: str, token: str | None) -> dict[str, dict]:
+    """Per stream (session id) from GET /metrics: the engine's own latency mean (arrival at the
+    engine to the end of the step), frames out, fps, drops. {} if unavailable."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        async with http.get(f"{url}/metrics", headers=_headers(token)) as resp:
+            text = await resp.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return {}
+    out: dict[str, dict] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            sid = sample.labels.get("stream")
+            if sid is not None and sample.name.startswith("streamdiff_stream_"):
+                out.setdefault(sid, {})[sample.name[len("streamdiff_stream_"):]] = sample.value
+    return {
+        sid: {"latency_mean_ms": v["latency_ms_sum"] / v["latency_ms_count"] if v.get("latency_ms_count") else None,
+              "frames_out": v.get("frames_out"), "fps": v.get("fps"), "dropped_frames": v.get("dropped_frames"),
+              "deadline_misses": v.get("deadline_misses")}
+        for sid, v in out.items()
+    }
+
+
+# ---------------------------------------------------------------------- measuring
+
+
+async def _measure(records: list[SessionRecord], duration_s: float, progress: bool) -> None:
+    """Wait `duration_s`, showing frames, fps and median latency so far."""
+    from tqdm import tqdm
+
+    start_s = time.monotonic()
+    with tqdm(total=round(duration_s, 1), unit="s", desc="bench", disable=not progress,
+              bar_format="{desc}: {n:.0f}/{total:.0f} s |{bar}| {postfix}") as bar:
+        while (elapsed_s := time.monotonic() - start_s) < duration_s:
+            await asyncio.sleep(min(0.5, duration_s - elapsed_s))
+            bar.n = min(time.monotonic() - start_s, duration_s)
+            lat = [1000 * (t - r.sent_s[i]) for r in records for t, i in r.received[-50:]]
+            fps = sum(benchreport.fps(r.arrivals_s[-30:]) for r in records)
+            p50 = benchreport.quantile(lat, 0.5)
+            bar.set_postfix_str(f"frames {sum(len(r.arrivals_s) for r in records)}, {fps:.1f} fps, "
+                                f"latency p50 {'-' if math.isnan(p50) else f'{p50:.0f} ms'}")
+
+
+def session_report(record: SessionRecord, fps_in: float, deadline_ms: float, t0_s: float, server: dict | None) -> dict:
+    """One session's numbers (see the module docstring and streamdiff.benchreport)."""
+    latency_ms = [1000.0 * (t - record.sent_s[i]) for t, i in record.received]
+    newest = record.received[-1][1] if record.received else -1
+    returned = len({i for _, i in record.received})
+    dropped = newest + 1 - returned
+    first = record.arrivals_s[0] if record.arrivals_s else None
+    return {
+        "session": record.index + 1,
+        "session_id": record.session_id,
+        "frames_sent": len(record.sent_s),
+        "frames_received": len(record.arrivals_s),
+        "frames_read": len(record.received),
+        "unreadable": record.unreadable,
+        "in_flight": len(record.sent_s) - (newest + 1),
+        "fps": benchreport.fps(record.arrivals_s),
+        "jitter_ms": benchreport.jitter_ms(record.arrivals_s),
+        "freezes": benchreport.freezes(record.arrivals_s, 1.0 / fps_in),
+        "latency_ms": benchreport.latency_summary(latency_ms, deadline_ms),
+        "ids_considered": newest + 1,
+        "dropped": dropped,
+        "dropped_share": dropped / (newest + 1) if newest >= 0 else math.nan,
+        "time_to_first_frame_ms": None if first is None else 1000.0 * (first - record.offer_s),
+        "server": server,
+        "samples": {"ids": [i for _, i in record.received], "latency_ms": latency_ms,
+                    "times_s": [t - t0_s for t, _ in record.received]},
+    }
+
+
+def aggregate_report(sessions: list[dict], fps_in: float, deadline_ms: float) -> dict:
+    """All sessions together: latencies pooled, fps summed, drops and freezes summed."""
+    latency_ms = [v for s in sessions for v in s["samples"]["latency_ms"]]
+    considered = sum(s["ids_considered"] for s in sessions)
+    dropped = sum(s["dropped"] for s in sessions)
+    ttff = [s["time_to_first_frame_ms"] for s in sessions if s["time_to_first_frame_ms"] is not None]
+    servers = [s["server"] for s in sessions if s["server"] and s["server"].get("latency_mean_ms") is not None]
+    server_n = sum(sv["frames_out"] or 0 for sv in servers)
+    return {
+        "frames_received": sum(s["frames_received"] for s in sessions),
+        "fps": sum(s["fps"] for s in sessions),
+        "freezes": sum(s["freezes"] for s in sessions),
+        "latency_ms": benchreport.latency_summary(latency_ms, deadline_ms),
+        "dropped": dropped,
+        "dropped_share": dropped / considered if considered else math.nan,
+        "time_to_first_frame_ms": max(ttff) if ttff else None,
+        "server_latency_mean_ms": (sum(sv["latency_mean_ms"] * (sv["frames_out"] or 0) for sv in servers) / server_n
+                                   if server_n else None),
+    }
+
+
+def _row(name: str, s: dict, server_ms: float | None) -> dict:
+    lat = s["latency_ms"]
+    return {"name": name, "frames": s.get("frames_read", lat["count"]), "fps": s["fps"], "p50": lat["p50"],
+            "p90": lat["p90"], "p99": lat["p99"], "max": lat["max"], "freezes": s["freezes"],
+            "misses": lat["deadline_misses"], "dropped_pct": 100.0 * s["dropped_share"],
+            "ttff_ms": s["time_to_first_frame_ms"], "server_ms": server_ms}
+
+
+def format_report(report: dict) -> str:
+    """The table printed at the end: one row per session and an aggregate row."""
+    rows = [_row(str(s["session"]), s, (s["server"] or {}).get("latency_mean_ms")) for s in report["sessions"]]
+    rows.append(_row("all", report["aggregate"], report["aggregate"]["server_latency_mean_ms"]))
+    head = (f"{report['url']}: {len(report['sessions'])} session(s), {report['width']}x{report['height']} "
+            f"at {report['fps_in']:g} fps in, {report['duration_s']:g} s, deadline {report['deadline_ms']:g} ms\n"
+            "latency: glass to glass (sender's encoder in -> receiver's decoder out); "
+            "server mean: the engine's own (arrival -> end of step)\n")
+    return head + benchreport.format_table(rows, TABLE_COLUMNS)
+
+
+async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps: float = DEFAULT_FPS,
+                  size: tuple[int, int] | None = None, prompt: str = "", token: str | None = None,
+                  deadline_ms: float = 1000.0, json_path: str | None = None, plot_path: str | None = None,
+                  progress: bool = True, bitrate_bps: int | None = CLIENT_BITRATE_BPS,
+                  command: str | None = None) -> dict:
+    """Run `sessions` stamped sessions against the server at `url` for `duration_s` and return
+    the report (also written to `json_path`, plotted to `plot_path`). `size` (width, height):
+    default the server's frame size from /healthz, else 256x256. `bitrate_bps` pins this
+    process's encoders (None: leave aiortc's settings alone). Raises BenchError."""
+    if sessions < 1 or duration_s <= 0 or fps <= 0:
+        raise BenchError(f"need sessions >= 1, duration > 0 and fps > 0 (got {sessions}, {duration_s}, {fps})")
+    url = url.rstrip("/")
+    if _is_loopback(url):
+        enable_loopback_candidates(True)  # aioice leaves 127.0.0.1 out; the server side needs --ice-loopback
+    if bitrate_bps:
+        configure_bitrates(bitrate_bps)
+    records = [SessionRecord(i) for i in range(sessions)]
+    pcs: list[RTCPeerConnection] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        # 1. Ask the server: running? which frame size?
+        health = await _probe(http, url)
+        video = health.get("video") or {}
+        width, height = size or (video.get("width"), video.get("height"))
+        if not width or not height:
+            width, height = DEFAULT_SIZE
+        clip = synthetic_clip(CLIP_FRAMES, width, height)  # [n, H, W, 3]
+        try:
+            # 2. Open the sessions one by one (the server admits each on its own).
+            for record in records:
+                pcs.append(await _open_session(http, url, record, clip, fps, prompt, token))
+            # 3. Measure, then read the server's own numbers while the streams still exist.
+            t0_s = time.monotonic()
+            await _measure(records, duration_s, progress)
+            server = await _server_metrics(http, url, token)
+        finally:
+            # 4. Close every peer (the server frees a session when its peer closes).
+            for pc in pcs:
+                await pc.close()
+            for record in records:
+                for task in record.tasks:
+                    task.cancel()
+                await asyncio.gather(*record.tasks, return_exceptions=True)
+    per_session = [session_report(r, fps, deadline_ms, t0_s, server.get(r.session_id)) for r in records]
+    report = {
+        "mode": "end-to-end", "command": command, "url": url, "width": width, "height": height, "fps_in": fps, "duration_s": duration_s,
+        "deadline_ms": deadline_ms, "prompt": prompt, "sessions": per_session,
+        "aggregate": aggregate_report(per_session, fps, deadline_ms),
+    }
+    if json_path:
+        benchreport.write_json(report, json_path)
+    if plot_path:
+        series = {f"session {s['session']}": s["samples"] for s in per_session}
+        benchreport.plot(series, plot_path, title=f"streamdiff bench {url}: {sessions} session(s)")
+    return report
+
+
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise BenchError(f"--size {text!r} must look like 256x256") from None
+    return width, height
+
+
+def run_from_args(args) -> int:
+    """`streamdiff bench --url ...`: run, print the table (and where files went); 0 or BenchError."""
+    quiet = bool(getattr(args, "quiet", False))
+    report = asyncio.run(run_e2e(
+        args.url, int(getattr(args, "sessions", 1) or 1), float(getattr(args, "duration", 30.0) or 30.0),
+        fps=float(getattr(args, "fps", None) or DEFAULT_FPS), size=_parse_size(getattr(args, "size", None)),
+        prompt=getattr(args, "prompt", None) or "", token=getattr(args, "token", None),
+        deadline_ms=float(getattr(args, "deadline_ms", None) or 1000.0), json_path=getattr(args, "json", None),
+        plot_path=getattr(args, "plot", None), progress=not quiet, command=getattr(args, "command_line", None),
+    ))
+    print(format_report(report))
+    for what, path in (("report", getattr(args, "json", None)), ("plot", getattr(args, "plot", None))):
+        if path and not quiet:
+            print(f"{what} written to {path}")
+    return 0
+
+
+__all__ = ["BenchError", "format_report", "run_e2e", "run_from_args"]

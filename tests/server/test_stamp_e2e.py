@@ -1,0 +1,188 @@
+"""Frame-id stamps through the gateway: the id read from an input frame is drawn into the tiny
+model's output frame made from it, and `streamdiff bench --url` (client/bench.py) measures
+glass-to-glass latencies that agree with the server's own metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import statistics
+
+import aiohttp
+import numpy as np
+import pytest
+from aiortc import MediaStreamTrack
+from av import VideoFrame
+
+from gateway_helpers import HEIGHT, TOKEN, WIDTH, auth, obs_like_offer, running_server, sessions_of, tiny_config
+from streamdiff.client.bench import BenchError, run_e2e
+from streamdiff.engine import AsyncEngine
+from streamdiff.pipeline.frames import synthetic_clip
+from streamdiff.server.app import ENGINE_KEY
+from streamdiff.server.sessions import wait_closed
+from streamdiff.server.webrtc import FanOut, InputReader, Stamped
+from streamdiff.stamp import ID_MODULO, decode_id, encode_id, stamp_height
+
+# The client's latency also holds what the engine does not see: VP8 encode, loopback RTP and
+# decode both ways (the smallest per-frame extra measured at 64x48 on 2 CPUs: ~140 ms) and the
+# output pacing, which shows a chunk's 4 frames one period of the 15 fps output cap apart,
+# behind at most FrameQueue.maxlen = 8 queued frames (<= 8 x 67 = 533 ms). That bounds the
+# extra to ~700 ms; measured: median 290-390 ms, max 610 ms, and the means differ by 300-390 ms.
+# MARGIN_MS = 1000 leaves room for a busy shared CPU (it passed repeatedly at load average 5).
+MARGIN_MS = 1000.0
+
+
+class KnownFrames(MediaStreamTrack):
+    """Frames at 15 fps with pts = index and `ids[index]` drawn in; the next frame is handed out
+    only after the reader pushed the previous one, so the reader never skips one (the engine
+    may still drop stale frames: the test follows each output's pts, not its position)."""
+
+    kind = "video"
+
+    def __init__(self, clip: np.ndarray, ids: list[int]):
+        super().__init__()
+        self.clip, self.ids, self.n = clip, ids, 0
+        self.reader: InputReader | None = None
+
+    async def recv(self) -> VideoFrame:
+        await asyncio.sleep(1 / 15)
+        while self.reader is None or self.reader.frames_pushed < self.n:
+            await asyncio.sleep(0.002)
+        if self.n == len(self.ids):
+            await asyncio.Event().wait()  # no more frames: hold, like an idle camera
+        frame = VideoFrame.from_ndarray(encode_id(self.clip[self.n], self.ids[self.n]), format="rgb24")
+        frame.pts, frame.time_base = self.n, fractions.Fraction(1, 15)
+        self.n += 1
+        return frame
+
+
+async def _through_the_tiny_model(n_in: int = 150, n_out: int = 12):
+    engine = AsyncEngine(tiny_config(max_streams=2))
+    await engine.start()
+    pulled: dict[str, list] = {"stamped": [], "plain": []}  # OutputFrames, in the order FanOut took them
+    original = engine.next_frame
+
+    async def spy(stream_id, timeout=None):
+        out = await original(stream_id, timeout)
+        pulled[stream_id].append(out)
+        return out
+
+    engine.next_frame = spy
+    clip = synthetic_clip(n_in, WIDTH, HEIGHT, seed=3)
+    ids = [(1 + 40503 * i) % ID_MODULO for i in range(n_in)]  # arbitrary, well spread
+    parts, delivered = [], {}
+    try:
+        for sid in pulled:
+            admission = await engine.add_stream(sid, "a cat", target_fps=0.05, deadline_ms=600_000.0)
+            assert admission, admission.reason
+            stamp = sid == "stamped"
+            fanout = FanOut(engine, sid, stamp=stamp)
+            slot = fanout.subscribe()
+            track = KnownFrames(clip, ids)
+            track.reader = InputReader(track, engine, sid, WIDTH, HEIGHT, stamp=stamp)
+            parts.append((fanout, track.reader, slot, sid))
+
+        async def take(slot) -> list[np.ndarray]:
+            return [await asyncio.wait_for(slot.get(), 60) for _ in range(n_out)]
+
+        taken = await asyncio.gather(*(take(slot) for _, _, slot, _ in parts))
+        for (_, _, slot, sid), frames in zip(parts, taken):
+            delivered[sid] = frames
+            assert slot.dropped == 0  # so the i-th delivered frame is the i-th pulled
+    finally:
+        for fanout, reader, _, _ in parts:
+            await reader.close()
+            await fanout.close()
+        await engine.stop()
+    return clip, ids, pulled, delivered
+
+
+def test_stamped_output_carries_the_id_of_its_input_frame():
+    clip, ids, pulled, delivered = asyncio.run(_through_the_tiny_model())
+    strip = stamp_height(HEIGHT)
+    # 1. Stamped: the i-th delivered frame came from the input frame whose pts the engine kept
+    #    on its OutputFrame (pts travels as metadata, the id as pixels): the ids agree.
+    for out, pixels in zip(pulled["stamped"], delivered["stamped"]):
+        assert isinstance(out.pts, Stamped)
+        index = out.pts.pts
+        assert out.pts.stamp_id == ids[index]  # read from the input pixels
+        assert decode_id(pixels) == ids[index]  # drawn into the output pixels
+        # the rest of the picture is the model's output, untouched
+        assert np.array_equal(pixels[strip:], out.frame[strip:])
+        # the model changed the picture: its output is not the input frame
+        assert np.abs(out.frame[strip:].astype(int) - clip[index][strip:]).mean() > 10
+        # and does not carry the input's code through: the server must draw it
+        assert decode_id(out.frame) is None
+    indices = [out.pts.pts for out in pulled["stamped"]]
+    assert indices == sorted(indices) and len(set(indices)) > 4
+    # 2. Unstamped: frames are delivered as the engine made them, pts is the plain pts.
+    for out, pixels in zip(pulled["plain"], delivered["plain"]):
+        assert isinstance(out.pts, int) and not isinstance(out.pts, Stamped)
+        assert pixels is out.frame and decode_id(pixels) is None
+
+
+async def _bench_against_test_server():
+    async with running_server() as (url, app):
+        engine, sessions = app[ENGINE_KEY], sessions_of(app)
+        async with aiohttp.ClientSession() as http:
+            # 1. The option: a bad value is refused; `?stamp=1` on WHIP marks the session.
+            async with http.post(f"{url}/offer", json={"sdp": "v=0", "type": "offer", "stamp": "maybe"},
+                                 headers=auth()) as resp:
+                assert resp.status == 400 and "stamp" in (await resp.json())["error"]
+            pc, sdp = await obs_like_offer()
+            async with http.post(f"{url}/whip/cam?stamp=1", data=sdp,
+                                 headers={**auth(), "Content-Type": "application/sdp"}) as resp:
+                assert resp.status == 201, await resp.text()
+                whip_id = resp.headers["X-Session-Id"]
+            assert sessions.get(whip_id).stamp and sessions.get(whip_id).fanout.stamp
+            async with http.delete(f"{url}/whip/cam/{whip_id}", headers=auth()) as resp:
+                assert resp.status == 200
+            await pc.close()
+            await wait_closed(sessions, whip_id)
+        # 2. The benchmark refuses to run without the token, with the server's reason.
+        with pytest.raises(BenchError, match="HTTP 401.*--token"):
+            await run_e2e(url, sessions=1, duration_s=1.0, token="wrong", progress=False, bitrate_bps=None)
+        assert sessions.sessions == {}
+        # 3. The benchmark, with every output frame the server delivered logged by stamp id.
+        served: dict[str, dict[int, float]] = {}  # session -> stamp id -> server latency (ms)
+        original = engine.next_frame
+
+        async def spy(stream_id, timeout=None):
+            out = await original(stream_id, timeout)
+            if isinstance(out.pts, Stamped) and out.pts.stamp_id is not None:
+                served.setdefault(stream_id, {})[out.pts.stamp_id] = out.latency_ms
+            return out
+
+        engine.next_frame = spy
+        report = await run_e2e(url, sessions=2, duration_s=6.0, fps=15.0, token=TOKEN, prompt="a cat",
+                               progress=False, bitrate_bps=None)
+    return report, served
+
+
+def test_bench_latencies_match_the_server_metrics():
+    report, served = asyncio.run(_bench_against_test_server())
+    assert (report["width"], report["height"]) == (WIDTH, HEIGHT)  # the size came from /healthz
+    assert len(report["sessions"]) == 2
+    for s in report["sessions"]:
+        ids, client_ms = s["samples"]["ids"], s["samples"]["latency_ms"]
+        assert s["frames_read"] >= 12 and s["unreadable"] == 0, s
+        # 1. Per frame: every id read back is one the server drew for this session, and the
+        #    client's latency contains the server's (same clock) plus a bounded gateway share.
+        server_ms = served[s["session_id"]]
+        assert set(ids) <= set(server_ms)
+        overhead = [c - server_ms[i] for i, c in zip(ids, client_ms)]
+        assert min(overhead) > 0
+        assert statistics.median(overhead) < MARGIN_MS
+        # 2. The report against the server's own metrics (GET /metrics, scraped by the bench
+        #    before the sessions closed): the same frames counted, the same inequality.
+        server = s["server"]
+        assert server["frames_out"] >= s["frames_read"]
+        assert 0 < s["latency_ms"]["mean"] - server["latency_mean_ms"] < MARGIN_MS
+        assert s["latency_ms"]["p50"] > 0 and s["latency_ms"]["max"] >= s["latency_ms"]["p99"]
+    agg = report["aggregate"]
+    assert agg["latency_ms"]["count"] == sum(s["frames_read"] for s in report["sessions"])
+
+
+def test_bench_says_when_the_server_is_unreachable():
+    with pytest.raises(BenchError, match="cannot reach a StreamDiff server at http://127.0.0.1:9"):
+        asyncio.run(run_e2e("http://127.0.0.1:9", sessions=1, duration_s=1.0, progress=False, bitrate_bps=None))
