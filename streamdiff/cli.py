@@ -1,5 +1,7 @@
 """The `streamdiff` command line: render (offline, one stream through StreamPipeline), serve
-(the WebRTC gateway) and control (change a live stream's parameters).
+(the WebRTC gateway), control (change a live stream's parameters) and bench (model mode:
+the engine on synthetic clips, engine/bench_model.py; end-to-end mode with --url: a running
+server, client/bench.py).
 
 Owns: argument parsing, turning known failures into one-line errors (exit 2, no traceback),
 and the progress display. Does not own: any model or serving logic.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 
@@ -100,7 +103,12 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from streamdiff.server.app import ServerSettings, serve
 
-    cfg = load_config(args.config, list(args.set or []))
+    overrides = list(args.set or [])
+    if args.stages is not None:
+        overrides.append(f"parallel.num_stages={args.stages}")
+    if args.ray_address:
+        overrides.append(f"parallel.ray_address={args.ray_address}")
+    cfg = load_config(args.config, overrides)
     settings = ServerSettings(
         token=args.token, max_sessions=args.max_sessions, target_fps=args.target_fps,
         deadline_ms=args.deadline_ms, bitrate_bps=int(args.bitrate_kbps * 1000), ice_loopback=args.ice_loopback,
@@ -120,6 +128,129 @@ def cmd_control(args: argparse.Namespace) -> int:
         return run(args.url, args.session, params, args.token)
     except OSError as exc:
         raise CliError(f"cannot reach {args.url}: {exc}") from None
+
+
+def _parse_int_list(flag: str, text: str, lo: int, hi: int) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        example = f"{lo},{min(lo + 1, hi)}"
+        raise CliError(f"{flag} {text!r} must be a comma-separated list of integers, e.g. {flag} {example}") from None
+    bad = [v for v in values if not lo <= v <= hi]
+    if bad:
+        raise CliError(f"{flag} {text!r}: {bad[0]} is out of range [{lo}, {hi}]")
+    return values
+
+
+def _parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for item in text.split(","):
+        size = _parse_size(item.strip())
+        if size is None or min(size) < 16 or size[0] % 16 or size[1] % 16:
+            raise CliError(f"--resolution {item!r}: width and height must be multiples of 16 "
+                           f"(VAE 8x, patch 2x), e.g. --resolution 512x512,832x480")
+        out.append(size)
+    return tuple(out)
+
+
+# Flags of one bench mode only (default None / False: not given).
+BENCH_MODEL_ONLY = ("config", "set", "steps", "resolution", "streams", "random_weights", "dtype", "peak_tflops",
+                    "simulate", "hop_ms")
+BENCH_E2E_ONLY = ("token", "fps", "size")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.duration <= 0:
+        raise CliError(f"--duration {args.duration:g} must be > 0 seconds")
+    if args.deadline_ms <= 0:
+        raise CliError(f"--deadline-ms {args.deadline_ms:g} must be > 0")
+
+    def given(names: tuple[str, ...]) -> list[str]:
+        return [name for name in names if getattr(args, name) not in (None, False)]
+
+    # 1. End-to-end mode: a running server, measured by the client load generator.
+    if args.url:
+        if extra := given(BENCH_MODEL_ONLY):
+            raise CliError(f"--{extra[0].replace('_', '-')} is a model-mode flag; end-to-end mode (--url) "
+                           f"measures whatever the server runs")
+        from streamdiff.client import bench as e2e
+
+        try:
+            return e2e.run_from_args(args)
+        except getattr(e2e, "BenchError", ()) as exc:  # server unreachable, session refused, ...
+            raise CliError(str(exc)) from None
+
+    if extra := given(BENCH_E2E_ONLY):
+        hint = " (model mode takes --resolution)" if extra[0] == "size" else ""
+        raise CliError(f"--{extra[0]} applies to end-to-end mode only (with --url){hint}")
+    if args.simulate:
+        return _bench_simulate(args)
+    # 2. Model mode: check the flags, run every combination in this process, report.
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise CliError(f"--peak-tflops {args.peak_tflops:g} must be > 0")
+    steps = _parse_int_list("--steps", args.steps, 1, 4) if args.steps else None
+    resolutions = _parse_resolutions(args.resolution) if args.resolution else None
+    streams = _parse_int_list("--streams", args.streams or "1", 1, 64)
+    from streamdiff import benchreport
+    from streamdiff.engine.bench_model import (
+        TABLE_COLUMNS, ModelBenchSettings, plot_series, report_rows, run_model_bench,
+    )
+
+    settings = ModelBenchSettings(
+        config=args.config or "tiny", overrides=tuple(args.set or ()), steps=steps, resolutions=resolutions,
+        streams=streams, random_weights=args.random_weights, dtype=args.dtype, duration_s=args.duration,
+        deadline_ms=args.deadline_ms, peak_tflops=args.peak_tflops, prompt=args.prompt, quiet=args.quiet,
+        command=args.command_line,
+    )
+    report = run_model_bench(settings)
+    print(f"streamdiff bench, model mode: {report['config']} ({report['weights']} weights, {report['dtype']}, "
+          f"attention {report['attention_backend']}) on {report['device']}, torch {report['torch_version']}; "
+          f"{settings.duration_s:g} s per combination, deadline {settings.deadline_ms:g} ms")
+    print(benchreport.format_table(report_rows(report), TABLE_COLUMNS))
+    if args.json:
+        print(f"wrote {benchreport.write_json(report, args.json)}")
+    if args.plot:
+        print(f"wrote {benchreport.plot(plot_series(report), args.plot, title=report['command'])}")
+    return 0
+
+
+def _bench_simulate(args: argparse.Namespace) -> int:
+    """3. Scaling projection: measure one device, project 1..N pipeline stages (docs/scaling.md)."""
+    from streamdiff import benchreport
+    from streamdiff.engine.bench_model import ModelBenchSettings, bench_config
+    from streamdiff.parallel.simulate import simulate
+
+    overrides = list(args.set or ())
+    if args.resolution:
+        (width, height), *more = _parse_resolutions(args.resolution)
+        if more:
+            raise CliError("--simulate takes one --resolution")
+        overrides += [f"video.width={width}", f"video.height={height}"]
+    if args.steps:
+        steps, *more = _parse_int_list("--steps", args.steps, 1, 4)
+        if more:
+            raise CliError("--simulate takes one --steps value")
+        overrides.append(f"sampling.steps={steps}")
+    streams, *more = _parse_int_list("--streams", args.streams or "1", 1, 64)
+    if more:
+        raise CliError("--simulate takes one --streams value")
+    stages = list(_parse_int_list("--stages", args.stages, 1, 64))
+    cfg = bench_config(ModelBenchSettings(config=args.config or "tiny", overrides=tuple(overrides),
+                                          random_weights=args.random_weights, dtype=args.dtype))
+    report = simulate(cfg, stages, streams, args.hop_ms)
+    report["command"] = args.command_line
+    m, hop = report["measured"], report["hop"]
+    print(f"measured on {m['device']}: {cfg.name} {report['resolution']}, {report['steps']} steps, {streams} "
+          f"stream(s): step {m['step_ms']:.1f} ms = encode {m['encode_ms']:.1f} + DiT {m['dit_ms']:.1f} "
+          f"({m['dit_ms'] / cfg.model.num_layers:.2f} per block) + decode {m['decode_ms']:.1f}; "
+          f"hop {hop['hop_ms']:.2f} ms ({hop['source']})")
+    columns = [("stages", "stages"), ("partition", "blocks per stage"), ("stage_ms", "stage ms"),
+               ("micro_batches", "micro-batches"), ("step_ms", "step ms"), ("fps", "fps"), ("speedup", "speed-up"),
+               ("max_block_weights_gb_per_gpu", "block weights GB/GPU"), ("max_kv_gb_per_gpu", "KV GB/GPU")]
+    print(benchreport.format_table(report["projection"], columns))
+    if args.json:
+        print(f"wrote {benchreport.write_json(report, args.json)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--deadline-ms", type=float, default=1000.0, help="per-frame deadline for admission")
     serve.add_argument("--bitrate-kbps", type=float, default=4000, help="fixed video encoder bitrate")
     serve.add_argument("--ice-loopback", action="store_true", help="also offer 127.0.0.1 ICE candidates")
+    serve.add_argument("--stages", type=int, help="pipeline stages over Ray actors (parallel.num_stages)")
+    serve.add_argument("--ray-address", help="join a Ray cluster ('auto' after `ray start`, or HOST:PORT)")
     serve.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. video.width=320")
     serve.set_defaults(func=cmd_serve)
 
@@ -162,11 +295,47 @@ def build_parser() -> argparse.ArgumentParser:
     control.add_argument("--seed", type=int)
     control.add_argument("--motion", type=lambda v: v.lower() in ("1", "true", "on", "yes"), help="motion-aware noise on/off")
     control.set_defaults(func=cmd_control)
+    bench = sub.add_parser(
+        "bench", help="measure fps, latency, jitter, memory and MFU: the model (default) or a server (--url)",
+        description="Model mode (default): the engine and the model on synthetic clips in this process, no "
+                    "network, for every combination of --steps x --resolution x --streams. End-to-end mode "
+                    "(--url): sessions against a running `streamdiff serve`.")
+    shared = bench.add_argument_group("both modes")
+    shared.add_argument("--duration", type=float, default=10.0, help="measured seconds (per combination in model mode)")
+    shared.add_argument("--deadline-ms", type=float, default=1000.0, help="per-frame deadline for the miss rate")
+    shared.add_argument("--prompt", default="a watercolor painting")
+    shared.add_argument("--json", metavar="OUT", help="write every number, the command and the device to OUT")
+    shared.add_argument("--plot", metavar="OUT.png", help="latency CDF and fps over time (matplotlib)")
+    shared.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    model = bench.add_argument_group("model mode")
+    model.add_argument("--config", help="preset name (tiny, wan-1.3b, wan-14b) or a YAML file (default tiny)")
+    model.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. cache.window=8")
+    model.add_argument("--steps", metavar="LIST", help="denoise steps to measure, e.g. 1,2,3,4 (default: the config's)")
+    model.add_argument("--resolution", metavar="LIST",
+                       help="frame sizes WxH, e.g. 512x512,832x480 (default: the config's)")
+    model.add_argument("--streams", metavar="LIST", help="stream counts, e.g. 1,2,4 (default 1)")
+    model.add_argument("--random-weights", action="store_true",
+                       help="random weights for the configured architecture (no checkpoint needed)")
+    model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override model.dtype")
+    model.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs, none on CPU)")
+    sim = bench.add_argument_group("scaling projection")
+    sim.add_argument("--simulate", action="store_true",
+                     help="measure one device, project 1..N pipeline stages (uses --config/--set/--streams)")
+    sim.add_argument("--stages", default="1,2,4,8", metavar="LIST", help="stage counts to project")
+    sim.add_argument("--hop-ms", type=float, help="per-hop transport latency (default: measured with Ray here)")
+    e2e = bench.add_argument_group("end-to-end mode")
+    e2e.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8000 (selects end-to-end mode)")
+    e2e.add_argument("--sessions", type=int, default=1, help="concurrent sessions")
+    e2e.add_argument("--token", help="bearer token of the server")
+    e2e.add_argument("--fps", type=float, help="input frame rate sent per session")
+    e2e.add_argument("--size", help="input frame size WxH, e.g. 256x256")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["streamdiff", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

@@ -1,4 +1,6 @@
-"""Engine benchmark: prints numbers, asserts nothing.
+"""Engine benchmark: prints numbers, asserts nothing. The user-facing benchmark is
+`streamdiff bench` (model mode: engine/bench_model.py); this script keeps the scheduler
+decision time and the engine-versus-StreamPipeline comparison of docs/benchmarks.md.
 
     python -m streamdiff.engine.bench [--config tiny] [--set k=v ...] [--streams 1,2,4]
                                       [--chunks 6] [--repeats 3] [--decision-streams 64]

@@ -1,0 +1,170 @@
+"""`streamdiff bench` model mode on the tiny preset, through the CLI entry point in-process.
+
+One short run (steps 1,2 x streams 1,2 at 64x48, 2 s each) writes the JSON and the plot that
+most tests read; a second, shorter one checks the deadline and the MFU arithmetic. Values are
+checked for consistency with each other and with the FLOP count, never against timings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from streamdiff.cli import main
+from streamdiff.config import load_config
+from streamdiff.engine.bench_device import peak_tflops_for
+from streamdiff.engine.bench_model import ModelBenchSettings, bench_config
+from streamdiff.model.flops import dit_flops_per_step
+
+DURATION_S = 2.0
+BASE = ["bench", "--resolution", "64x48", "--set", "runtime.device=cpu", "-q"]
+
+
+def strict_json(path):
+    def no_constants(name):
+        raise AssertionError(f"non-strict JSON constant {name}")
+
+    return json.loads(path.read_text(), parse_constant=no_constants)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-CPU machine two OpenMP threads stall each other for
+    seconds, which only makes the test slow (nothing here depends on speed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("bench")
+    argv = [*BASE, "--steps", "1,2", "--streams", "1,2", "--duration", str(DURATION_S), "--deadline-ms", "1e9",
+            "--json", str(out / "r.json"), "--plot", str(out / "r.png")]
+    assert main(argv) == 0
+    return strict_json(out / "r.json"), out
+
+
+def test_every_combination_is_reported(run):
+    report, _ = run
+    assert sorted((r["steps"], r["streams"]) for r in report["results"]) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert {r["resolution"] for r in report["results"]} == {"64x48"}
+
+
+def test_run_facts(run):
+    report, _ = run
+    assert report["mode"] == "model" and report["config"] == "tiny" and report["weights"] == "random"
+    assert report["command"].startswith("streamdiff bench --resolution 64x48")
+    assert "--steps 1,2" in report["command"]
+    assert report["torch_version"] == torch.__version__
+    assert report["device_type"] == "cpu" and report["device"].startswith("CPU")
+    assert report["peak_tflops"] is None and report["duration_s"] == DURATION_S
+
+
+def test_throughput_is_consistent_with_frames_and_window(run):
+    for r in run[0]["results"]:
+        assert r["fps"] > 0
+        assert r["window_s"] >= DURATION_S
+        assert r["fps"] == pytest.approx(r["output_frames"] / r["window_s"])
+        # every measured step outputs one 4-frame chunk per stream (throughput feeding)
+        assert r["output_frames"] == 4 * r["streams"] * r["measured_steps"]
+        assert r["fps_per_stream"] * r["streams"] == pytest.approx(r["fps"])
+        assert sum(r["fps_streams"]) == pytest.approx(r["fps"])
+        assert len(r["series"]["times_s"]) == r["output_frames"]
+
+
+def test_latency_quantiles_and_counts(run):
+    for r in run[0]["results"]:
+        chunk, frame = r["chunk_latency_ms"], r["frame_latency_ms"]
+        assert chunk["count"] == r["streams"] * r["measured_steps"]
+        assert frame["count"] == r["output_frames"]
+        for s in (chunk, frame):
+            assert 0 < s["p50"] <= s["p90"] <= s["p99"] <= s["max"]
+        # a chunk's frames are pushed together: the frame latencies sit on the chunk latencies
+        assert frame["p50"] == pytest.approx(chunk["p50"], rel=0.05)
+        # the chunk passes `steps` engine steps before it leaves
+        assert chunk["p50"] > (r["steps"] - 1) * min(r["step_ms"]["dit"], r["step_ms"]["total"])
+
+
+def test_ttff_jitter_memory_and_deadline(run):
+    for r in run[0]["results"]:
+        assert r["ttff_s"] > 0 and len(r["ttff_streams_s"]) == r["streams"]
+        assert r["ttff_max_s"] == max(r["ttff_streams_s"])
+        assert r["jitter_ms"] >= 0 and math.isfinite(r["jitter_ms"])
+        assert r["peak_memory_mb"] > 0
+        assert r["peak_memory_kind"] in ("cpu_peak_rss_since_reset", "cpu_process_lifetime_peak_rss")
+        assert r["deadline_ms"] == 1e9 and r["deadline_miss_rate"] == 0.0 and r["deadline_misses"] == 0
+
+
+def test_flops_and_step_split(run):
+    cfg = load_config("tiny")
+    for r in run[0]["results"]:
+        rows = r["streams"] * r["steps"]
+        assert r["rows_per_forward"] == rows
+        assert r["dit_flops_per_step"] == dit_flops_per_step(cfg, rows, 1, 64, 48, cfg.cache.window)
+        assert r["dit_tflops_per_s"] > 0
+        assert r["mfu"] is None and r["mfu_wall"] is None  # CPU, no --peak-tflops
+        split = r["step_ms"]
+        assert set(split) == {"total", "encode", "dit", "decode"}
+        assert all(v > 0 for v in split.values())
+
+
+def test_plot_is_a_png(run):
+    png = (run[1] / "r.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_tiny_deadline_misses_everything_and_peak_gives_mfu(tmp_path, capsys):
+    out = tmp_path / "d.json"
+    argv = [*BASE, "--steps", "1", "--duration", "0.5", "--deadline-ms", "0.001", "--peak-tflops", "0.5",
+            "--json", str(out)]
+    assert main(argv) == 0
+    (r,) = strict_json(out)["results"]
+    assert r["deadline_miss_rate"] == 1.0 and r["deadline_misses"] == r["output_frames"] > 0
+    assert r["chunk_latency_ms"]["deadline_miss_rate"] == 1.0
+    assert r["mfu"] == pytest.approx(r["dit_tflops_per_s"] / 0.5)
+    assert 0 < r["mfu_wall"] < r["mfu"]  # the window also holds the VAE
+    table = capsys.readouterr().out
+    assert "64x48" in table and "MFU %" in table
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--resolution", "500x500"], "multiples of 16"),
+        (["--steps", "5"], "out of range [1, 4]"),
+        (["--steps", "one"], "comma-separated list of integers"),
+        (["--streams", "0"], "out of range"),
+        (["--duration", "0"], "--duration"),
+        (["--config", "wan-1.3b"], "--random-weights"),
+        (["--size", "64x64"], "end-to-end mode only"),
+        (["--url", "http://127.0.0.1:9", "--steps", "1"], "model-mode flag"),
+    ],
+)
+def test_bad_flags_fail_with_one_line(argv, message, capsys):
+    assert main(["bench", *argv, "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("streamdiff: error:") and message in err
+    assert len(err.splitlines()) == 1
+
+
+def test_random_weights_forces_random_init_of_the_configured_architecture():
+    cfg = bench_config(ModelBenchSettings(config="wan-1.3b", random_weights=True, dtype="float32"))
+    assert cfg.weights.format == "random" and cfg.text.kind == "tiny"
+    assert (cfg.model.num_layers, cfg.model.dim, cfg.model.text_dim, cfg.text.max_length) == (30, 1536, 4096, 512)
+    assert cfg.model.dtype == "float32"
+    with pytest.raises(FileNotFoundError, match="weights.transformer"):
+        bench_config(ModelBenchSettings(config="wan-1.3b"))
+
+
+def test_peak_table_lookup():
+    assert peak_tflops_for("NVIDIA H100 80GB HBM3", "cuda", None)[0] == 989.0
+    assert peak_tflops_for("NVIDIA H100 PCIe", "cuda", None)[0] == 756.0
+    assert peak_tflops_for("NVIDIA H200", "cuda", None)[0] == 989.0
+    assert peak_tflops_for("NVIDIA A100-SXM4-80GB", "cuda", None)[0] == 312.0
+    assert peak_tflops_for("NVIDIA GeForce RTX 4090", "cuda", None)[0] is None
+    assert peak_tflops_for("anything", "cpu", 2.5) == (2.5, "--peak-tflops")

@@ -1,0 +1,90 @@
+"""streamdiff.benchreport (shared by both bench modes) on hand-made series."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import numpy as np
+import pytest
+
+from streamdiff import benchreport as br
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100])
+def test_quantiles_match_numpy_linear(n):
+    samples = list(np.random.default_rng(n).exponential(50.0, size=n))
+    for q in (0.0, 0.5, 0.9, 0.99, 1.0):
+        assert br.quantile(samples, q) == pytest.approx(float(np.percentile(samples, 100 * q)))
+    assert math.isnan(br.quantile([], 0.5))
+
+
+def test_latency_summary_counts_misses_strictly_above_the_deadline():
+    lat = [10.0, 20.0, 30.0, 40.0, 50.0]
+    s = br.latency_summary(lat, deadline_ms=30.0)
+    assert (s["count"], s["mean"], s["p50"], s["max"]) == (5, 30.0, 30.0, 50.0)
+    assert s["deadline_misses"] == 2 and s["deadline_miss_rate"] == pytest.approx(0.4)
+    assert "deadline_misses" not in br.latency_summary(lat)
+    empty = br.latency_summary([], deadline_ms=1.0)
+    assert empty["count"] == 0 and math.isnan(empty["p99"]) and empty["deadline_miss_rate"] == 0.0
+
+
+def test_bursts_merge_into_one_arrival():
+    # chunks of 4 frames leaving together every 0.1 s, then every 0.2 s
+    times = [t for t in (0.0, 0.1, 0.2, 0.4, 0.6) for _ in range(4)]
+    assert br.arrival_gaps_s(times) == pytest.approx([0.1, 0.1, 0.2, 0.2])
+    assert br.jitter_ms(times) == pytest.approx(1000 * statistics.stdev([0.1, 0.1, 0.2, 0.2]))
+    regular = [t for t in np.arange(10) * 0.1 for _ in range(4)]
+    assert br.jitter_ms(regular) == pytest.approx(0.0, abs=1e-9)
+    assert br.jitter_ms([0.0, 0.1]) == 0.0  # one gap: no spread
+
+
+def test_freezes_count_gaps_longer_than_three_periods():
+    period = 1 / 30
+    times = [i * period for i in range(10)]  # regular
+    times += [times[-1] + 3.5 * period]  # a freeze (> 3 periods)
+    times += [times[-1] + 2.9 * period]  # not a freeze
+    times += [times[-1] + 10 * period] * 3  # a freeze, then a burst of 3 (one arrival)
+    assert br.freezes(times, period) == 2
+    assert br.FREEZE_PERIODS == 3.0
+
+
+def test_fps_and_fps_series():
+    times = [i * 0.05 for i in range(41)]  # 20 fps over 2 s
+    assert br.fps(times) == pytest.approx(20.0)
+    assert br.fps([1.0]) == 0.0 and br.fps([1.0, 1.0]) == 0.0
+    series = br.fps_series(times, bin_s=1.0)
+    assert [t for t, _ in series] == [0.0, 1.0, 2.0]
+    assert [v for _, v in series] == pytest.approx([20.0, 20.0, 1.0])
+    assert br.fps_series([]) == []
+
+
+def test_format_table_aligns_and_shows_missing_values():
+    rows = [{"a": 1.234, "b": "x"}, {"a": math.nan, "b": None}, {"a": 10.0}]
+    text = br.format_table(rows, [("a", "A"), ("b", "B col")])
+    lines = text.splitlines()
+    assert lines[0].split() == ["A", "B", "col"]
+    assert lines[2].split() == ["1.23", "x"] and lines[3].split() == ["-", "-"] and lines[4].split() == ["10.00", "-"]
+    assert len({len(line) for line in lines}) == 1  # every line padded to the same width
+
+
+def test_write_json_is_strict(tmp_path):
+    report = {"a": math.nan, "b": [1.0, math.inf, (2, -math.inf)], "c": {"d": 0.5, 3: "k"}}
+    path = br.write_json(report, tmp_path / "sub" / "r.json")
+
+    def reject(name):
+        raise AssertionError(name)
+
+    data = json.loads(path.read_text(), parse_constant=reject)
+    assert data == {"a": None, "b": [1.0, None, [2, None]], "c": {"d": 0.5, "3": "k"}}
+
+
+def test_plot_writes_a_png(tmp_path):
+    series = {
+        "one": {"latency_ms": [10.0, 12.0, 30.0], "times_s": [0.0, 0.5, 1.2, 2.5]},
+        "empty": {"latency_ms": [], "times_s": []},
+    }
+    path = br.plot(series, tmp_path / "p" / "plot.png", title="t")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
