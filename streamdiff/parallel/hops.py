@@ -21,6 +21,8 @@ from ray.dag import InputNode
 
 from streamdiff.parallel.ray_executor import connect
 
+GET_TIMEOUT_S = 60.0
+
 
 class _Forward:
     def run(self, payload):
@@ -39,20 +41,18 @@ def _chain_ms(length: int, payload: torch.Tensor, repeats: int, gpu: bool) -> fl
     dag = node.experimental_compile()
     try:
         for _ in range(3):  # warm the channels
-            ray.get(dag.execute(payload))
+            ray.get(dag.execute(payload), timeout=GET_TIMEOUT_S)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            ray.get(dag.execute(payload))
+            ray.get(dag.execute(payload), timeout=GET_TIMEOUT_S)
             times.append((time.perf_counter() - t0) * 1000.0)
         return statistics.median(times)
     finally:
-        dag.teardown()
-        for actor in actors:
-            ray.kill(actor)
+        dag.teardown(kill_actors=True)
 
 
-def measure_hop_ms(payload_bytes: int, num_stages: int = 3, repeats: int = 30, gpu: bool = False,
+def measure_hop_ms(payload_bytes: int, num_stages: int = 3, repeats: int = 5, gpu: bool = False,
                    address: str = "") -> dict:
     """Per-hop latency for a payload of `payload_bytes` (fp16/bf16 hidden states)."""
     if num_stages < 2:
@@ -66,6 +66,31 @@ def measure_hop_ms(payload_bytes: int, num_stages: int = 3, repeats: int = 30, g
     return {"payload_bytes": payload_bytes, "stages": num_stages, "chain_1_ms": one,
             f"chain_{num_stages}_ms": many, "hop_ms": max(many - one, 0.0) / (num_stages - 1),
             "transport": "nccl" if gpu else "shared-memory channels (CPU)"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m streamdiff.parallel.hops [--bytes N ...] [--stages 3] [--repeats 5] [--gpu]
+
+    Keep runs short on CPU: with Ray 2.60, multi-MB payloads through CPU channels have hung
+    after 10-15 executions of one graph in this micro-benchmark (the get then times out after
+    60 s); 5 repeats per chain, one payload per run, have been reliable."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bytes", type=int, nargs="+", default=[4_792_320],
+                        help="payloads (default: 1.3B 480p hidden states of one row in bf16)")
+    parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--gpu", action="store_true", help="GPU actors with NCCL (one GPU per stage)")
+    args = parser.parse_args(argv)
+    for size in args.bytes:
+        r = measure_hop_ms(size, args.stages, args.repeats, args.gpu)
+        print(f"{size / 1e6:8.3f} MB: {r['hop_ms']:7.2f} ms per hop ({r['transport']}; chain of 1: "
+              f"{r['chain_1_ms']:.2f} ms, chain of {args.stages}: {r[f'chain_{args.stages}_ms']:.2f} ms)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
 
 
 __all__ = ["measure_hop_ms"]

@@ -95,3 +95,29 @@ def test_killed_stage_is_replaced_and_streams_resume(cfg4):
         assert len(feeder.outputs["n"]) == 9
     finally:
         executor.shutdown()
+
+
+def test_async_engine_serves_over_ray_stages(cfg4):
+    """`parallel.num_stages=2` is all it takes: AsyncEngine builds the Ray executor, warms up
+    through the stages and serves a stream."""
+    import asyncio
+
+    from streamdiff.engine import AsyncEngine
+    from streamdiff.engine.async_engine import build_executor
+
+    cfg = with_overrides(cfg4, parallel={"num_stages": 2})
+
+    async def main():
+        engine = AsyncEngine(cfg, build_executor(cfg))
+        await engine.start()
+        try:
+            assert type(engine.executor).__name__ == "StagedExecutor" and engine.executor.num_stages == 2
+            assert await engine.add_stream("s", "a stream", slo=RELAXED, steps=2)
+            for frame in synthetic_clip(13, 64, 48):
+                engine.push_frame("s", frame)
+            outs = [await engine.next_frame("s", timeout=60) for _ in range(5)]
+            assert [o.frame.shape for o in outs] == [(48, 64, 3)] * 5 and outs[0].frame_id < outs[-1].frame_id
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
