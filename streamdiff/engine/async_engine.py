@@ -370,9 +370,9 @@ class AsyncEngine:
 def build_executor(cfg: Config) -> Executor:
     """The executor the config asks for: local, or `parallel.num_stages` Ray pipeline stages."""
     if cfg.parallel.num_stages > 1 or cfg.parallel.ray_address:
-        from streamdiff.parallel.ray_executor import ray_executor
+        from streamdiff.parallel.ray_executor import RayExecutor
 
-        return ray_executor(cfg)
+        return RayExecutor(cfg)
     return LocalExecutor.from_config(cfg)
 
 

@@ -28,7 +28,8 @@ from streamdiff.config import Config
 from streamdiff.parallel.executor import StagedExecutor, StageFailure
 from streamdiff.parallel.partition import even_split, ranges
 from streamdiff.engine.types import ChunkInput, StreamOutput
-from streamdiff.parallel.stage import Hop, StageInput, StageSpec, StageWorker, StepOut
+from streamdiff.parallel.messages import Hop, StageInput, StageSpec, StepOut
+from streamdiff.parallel.stage import StageWorker
 
 log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 5.0
@@ -188,11 +189,14 @@ class StageActor(StageWorker):
         return super().run(own(msg))
 
 
-def ray_executor(cfg: Config, clock=time.monotonic) -> StagedExecutor:
-    """The engine's executor for `parallel.num_stages` stages on Ray."""
-    par = cfg.parallel
-    counts = list(par.partition) or even_split(cfg.model.num_layers, par.num_stages)
-    return StagedExecutor(cfg, RayStages(cfg, counts), clock)
+class RayExecutor(StagedExecutor):
+    """The engine's Executor for `parallel.num_stages` stages on Ray: the split from
+    `parallel.partition` (or even), re-balanced from measurements while serving."""
+
+    def __init__(self, cfg: Config, clock=time.monotonic):
+        par = cfg.parallel
+        counts = list(par.partition) or even_split(cfg.model.num_layers, par.num_stages)
+        super().__init__(cfg, RayStages(cfg, counts), clock)
 
 
-__all__ = ["RayStages", "StageActor", "connect", "ray_executor"]
+__all__ = ["RayExecutor", "RayStages", "StageActor", "connect"]

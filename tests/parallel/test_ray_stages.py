@@ -111,7 +111,7 @@ def test_async_engine_serves_over_ray_stages(cfg4):
         engine = AsyncEngine(cfg, build_executor(cfg))
         await engine.start()
         try:
-            assert type(engine.executor).__name__ == "StagedExecutor" and engine.executor.num_stages == 2
+            assert isinstance(engine.executor, StagedExecutor) and engine.executor.num_stages == 2
             assert await engine.add_stream("s", "a stream", slo=RELAXED, steps=2)
             for frame in synthetic_clip(13, 64, 48):
                 engine.push_frame("s", frame)

@@ -7,7 +7,6 @@ instead of per step, which only changes float rounding."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from engine_helpers import max_abs_diff, params
