@@ -43,7 +43,7 @@ from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
 from streamdiff import benchreport
-from streamdiff.pipeline.frames import synthetic_clip
+from streamdiff.pipeline.frames import parse_size, synthetic_clip
 from streamdiff.server.webrtc import configure_bitrates, enable_loopback_candidates
 from streamdiff.stamp import ID_MODULO, decode_id, encode_id
 
@@ -379,10 +379,9 @@ def _parse_size(text: str | None) -> tuple[int, int] | None:
     if not text:
         return None
     try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise BenchError(f"--size {text!r} must look like 256x256") from None
-    return width, height
+        return parse_size(text)
+    except ValueError as exc:
+        raise BenchError(f"--size {exc}") from None
 
 
 def run_from_args(args) -> int:

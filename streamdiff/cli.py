@@ -24,14 +24,15 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit code 2."""
 
 
-def _parse_size(text: str | None) -> tuple[int, int] | None:
+def _parse_size(text: str | None, flag: str = "--size") -> tuple[int, int] | None:
+    from streamdiff.pipeline.frames import parse_size
+
     if text is None:
         return None
     try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise CliError(f"--size {text!r} must look like 512x512") from None
-    return width, height
+        return parse_size(text)
+    except ValueError as exc:
+        raise CliError(f"{flag} {exc}") from None
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -145,7 +146,7 @@ def _parse_int_list(flag: str, text: str, lo: int, hi: int) -> tuple[int, ...]:
 def _parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
     out = []
     for item in text.split(","):
-        size = _parse_size(item.strip())
+        size = _parse_size(item.strip(), "--resolution")
         if size is None or min(size) < 16 or size[0] % 16 or size[1] % 16:
             raise CliError(f"--resolution {item!r}: width and height must be multiples of 16 "
                            f"(VAE 8x, patch 2x), e.g. --resolution 512x512,832x480")

@@ -96,11 +96,7 @@ class ModelRunner:
             self.pool.clear_slots(state.release())
             self.streams[stream_id] = self._new_state(stream_id, params)
             return
-        if "prompt" in changes:
-            state.set_prompt(params.prompt, params.prompt_blend_chunks)
-        state.seed = params.seed
-        state.motion.base_strength = params.noise_strength
-        state.motion.enabled = params.motion_aware
+        state.apply_live(params, "prompt" in changes)
 
     def _new_state(self, stream_id: str, params: StreamParams) -> StreamState:
         return StreamState(

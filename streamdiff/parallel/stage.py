@@ -193,12 +193,7 @@ class StageWorker:
     def update_stream(self, stream_id: str, params: StreamParams, changes: dict) -> None:
         if not self.spec.first:
             return
-        state = self.streams[stream_id]
-        if "prompt" in changes:
-            state.set_prompt(params.prompt, params.prompt_blend_chunks)
-        state.seed = params.seed
-        state.motion.base_strength = params.noise_strength
-        state.motion.enabled = params.motion_aware
+        self.streams[stream_id].apply_live(params, "prompt" in changes)
 
     def _new_state(self, stream_id: str, params: StreamParams) -> StreamState:
         return StreamState(self, stream_id, self.slots, params.prompt, params.steps, params.seed, self.width,

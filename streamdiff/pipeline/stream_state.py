@@ -145,6 +145,15 @@ class StreamState:
         self.prompt = prompt
         self._blend = (start, text.encode(prompt), 0, int(blend_chunks))
 
+    def apply_live(self, params, prompt_changed: bool) -> None:
+        """A stream's live parameters (prompt, prompt_blend_chunks, seed, noise_strength,
+        motion_aware attributes) from its next chunk on; lanes and caches carry on."""
+        if prompt_changed:
+            self.set_prompt(params.prompt, params.prompt_blend_chunks)
+        self.seed = params.seed
+        self.motion.base_strength = params.noise_strength
+        self.motion.enabled = params.motion_aware
+
     def _advance_blend(self) -> None:
         if self._blend is None:
             return

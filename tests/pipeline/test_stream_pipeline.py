@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from streamdiff.config import with_overrides
 from streamdiff.model.build import build_components
