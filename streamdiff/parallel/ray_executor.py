@@ -33,6 +33,8 @@ from streamdiff.parallel.stage import StageWorker
 
 log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 5.0
+FIRST_STEPS_TIMEOUT_S = 300.0  # the first forwards load kernels (Triton JIT, cuDNN autotune)
+FIRST_STEPS = 20
 ENV_PASSED = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES_OVERRIDE", "STREAMDIFF_CONFIG_DIR")
 
 
@@ -66,6 +68,7 @@ class RayStages:
         if transport == "nccl" and not self.on_gpu:
             raise RuntimeError("parallel.transport=nccl needs one GPU per stage in the Ray cluster")
         self.actors = [self._spawn(spec) for spec in self.specs]
+        self._gets = 0
         self._wait_ready(self.actors)
         self.dag = None
         self._compile()
@@ -112,8 +115,10 @@ class RayStages:
             raise StageFailure(f"submitting step {msg.step_id}: {type(exc).__name__}: {exc}") from exc
 
     def get(self, handle: object) -> StepOut:
+        self._gets += 1
+        timeout_s = self.timeout_s if self._gets > FIRST_STEPS else max(self.timeout_s, FIRST_STEPS_TIMEOUT_S)
         try:
-            out = ray.get(handle, timeout=self.timeout_s)
+            out = ray.get(handle, timeout=timeout_s)
         except Exception as exc:
             raise StageFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         return own(out)
@@ -143,6 +148,7 @@ class RayStages:
             self.actors[k] = self._spawn(self.specs[k])
         self._wait_ready([self.actors[k] for k in dead])
         self._compile()
+        self._gets = 0  # replaced actors warm up again
         return f"stage{'s' if len(dead) != 1 else ''} {dead} replaced" if dead else "no stage died; graph rebuilt"
 
     def actor(self, index: int):
