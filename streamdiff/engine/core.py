@@ -163,6 +163,7 @@ class EngineCore:
         entry.outputs.clear()
         self.executor.remove_stream(stream_id)
         self.metrics.stream_removed(stream_id)
+        self.restarted.pop(stream_id, None)
         return True
 
     def params(self, stream_id: str) -> StreamParams:

@@ -12,7 +12,7 @@ import pytest
 from engine_helpers import max_abs_diff, params
 from stage_helpers import SPECS, TOL, core_for, reference, run_streams
 from streamdiff.config import with_overrides
-from streamdiff.engine.types import StreamClosedError, StreamsLost
+from streamdiff.engine.types import StreamClosedError
 from streamdiff.parallel.executor import InProcessStages, StagedExecutor, StageFailure
 
 
@@ -122,25 +122,34 @@ def test_failed_stage_resumes_or_closes_streams(cfg4, rebuild):
     assert len(feeder.outputs["n"]) == 9
 
 
-def test_streams_lost_reaches_async_waiters():
-    """An engine-closed stream's next_frame raises StreamClosedError with the reason."""
+def test_closed_stream_reaches_async_waiters(cfg4):
+    """Through AsyncEngine: a stage fails and cannot be rebuilt; the stream's waiting
+    next_frame raises StreamClosedError carrying the reason, and the engine keeps running."""
     import asyncio
 
+    from engine_helpers import RELAXED
     from streamdiff.engine import AsyncEngine
-    from streamdiff.engine.core import EngineCore
+    from streamdiff.pipeline.frames import synthetic_clip
+
+    stages = FailingStages(cfg4, [2, 2], "cpu", rebuild=False)
 
     async def main():
-        engine = AsyncEngine.__new__(AsyncEngine)
-        engine._outputs = {}
-        from streamdiff.engine.async_engine import _OutputQueue
-
-        engine._outputs["a"] = _OutputQueue(4)
-        waiter = asyncio.ensure_future(engine._outputs["a"].get())
-        await asyncio.sleep(0)
-        engine._close_streams({"a": "pipeline stage failed"})
-        with pytest.raises(StreamClosedError, match="pipeline stage failed"):
-            await waiter
-        assert "a" not in engine._outputs
+        engine = AsyncEngine(cfg4, StagedExecutor(cfg4, stages))
+        await engine.start()
+        try:
+            assert await engine.add_stream("a", "x", slo=RELAXED, steps=1)
+            clip = synthetic_clip(40, 64, 48)
+            for frame in clip[:5]:
+                engine.push_frame("a", frame)
+            await engine.next_frame("a", timeout=60)  # served before the failure
+            stages.fail = True
+            for frame in clip[5:13]:
+                engine.push_frame("a", frame)
+            with pytest.raises(StreamClosedError, match="could not be rebuilt"):
+                for _ in range(20):
+                    await engine.next_frame("a", timeout=60)
+            assert (await engine.stats())["streams"] == 0
+        finally:
+            await engine.stop()
 
     asyncio.run(main())
-    assert issubclass(StreamsLost, RuntimeError) and EngineCore
