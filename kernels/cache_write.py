@@ -129,25 +129,26 @@ def _cache_write_program(
     cos = tl.load(cos_ptr + table_row * stride_cp + col[None, :] * stride_cd, mask=mask, other=1.0)
     sin = tl.load(sin_ptr + table_row * stride_snp + (col[None, :] + 1) * stride_snd, mask=mask, other=0.0)
 
-    # 3. rotate K, copy V (token n of frame f is row f * TOKENS + n of the chunk)
-    n = frame * TOKENS + offs_t[:, None]  # [BT, 1]
-    k_src = k_ptr + row.to(tl.int64) * stride_kb + head * stride_kh + n * stride_kn
-    x1 = tl.load(k_src + col[None, :] * stride_kd, mask=mask, other=0.0)
-    x2 = tl.load(k_src + (col[None, :] + 1) * stride_kd, mask=mask, other=0.0)
-    x1f = x1.to(tl.float32)
-    x2f = x2.to(tl.float32)
-    y1 = (x1f * cos - x2f * sin).to(x1.dtype).to(kp_ptr.dtype.element_ty)  # rounded like the ref
-    y2 = (x1f * sin + x2f * cos).to(x1.dtype).to(kp_ptr.dtype.element_ty)
-    k_dst = kp_ptr + slot * stride_kps + head * stride_kph + offs_t[:, None] * stride_kpt
-    tl.store(k_dst + col[None, :] * stride_kpd, y1, mask=mask)
-    tl.store(k_dst + (col[None, :] + 1) * stride_kpd, y2, mask=mask)
-
+    # 3. rotate K, copy V (token n of frame f is row f * TOKENS + n of the chunk). Whole rows
+    # of K are read and written (contiguous, so 16-byte accesses) and split into pairs in
+    # registers, rather than read as two strided halves.
     offs_d = tl.arange(0, 2 * BLOCK_HALF)  # [BD]
-    mask_v = (offs_t < n_valid)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    mask_d = (offs_t < n_valid)[:, None] & (offs_d < HEAD_DIM)[None, :]  # [BT, BD]
+    n = frame * TOKENS + offs_t[:, None]  # [BT, 1]
+    k_src = k_ptr + row.to(tl.int64) * stride_kb + head * stride_kh + n * stride_kn + offs_d[None, :] * stride_kd
+    x = tl.load(k_src, mask=mask_d, other=0.0)  # [BT, BD]
+    x1, x2 = tl.split(tl.reshape(x.to(tl.float32), [BLOCK_T, BLOCK_HALF, 2]))  # [BT, BP] each
+    y1 = x1 * cos - x2 * sin
+    y2 = x1 * sin + x2 * cos
+    y = tl.reshape(tl.join(y1, y2), [BLOCK_T, 2 * BLOCK_HALF])  # [BT, BD], pairs interleaved again
+    k_dst = (kp_ptr + slot * stride_kps + head * stride_kph
+             + offs_t[:, None] * stride_kpt + offs_d[None, :] * stride_kpd)
+    tl.store(k_dst, y.to(x.dtype).to(kp_ptr.dtype.element_ty), mask=mask_d)  # rounded like the ref
+
     v_src = v_ptr + row.to(tl.int64) * stride_vb + head * stride_vh + n * stride_vn + offs_d[None, :] * stride_vd
     v_dst = (vp_ptr + slot * stride_vps + head * stride_vph
              + offs_t[:, None] * stride_vpt + offs_d[None, :] * stride_vpd)
-    tl.store(v_dst, tl.load(v_src, mask=mask_v, other=0.0).to(vp_ptr.dtype.element_ty), mask=mask_v)
+    tl.store(v_dst, tl.load(v_src, mask=mask_d, other=0.0).to(vp_ptr.dtype.element_ty), mask=mask_d)
 
 
 def _kernel():
@@ -219,6 +220,24 @@ def _check_call(k, v, k_pool, v_pool, slots, frame_pos, freqs_cos, freqs_sin, sp
         raise ValueError(f"frame_pos out of range of the RoPE table (length {table_len}): {frame_pos.tolist()}")
 
 
+def kernel_args(k, v, k_pool, v_pool, slots, frame_pos, freqs_cos, freqs_sin, split, grid) -> tuple[tuple, dict]:
+    """The kernel's runtime arguments and its constexprs other than the tile (BLOCK_T): what the
+    launcher passes, and what `streamdiff.kernels.aot` compiles (from meta tensors)."""
+    num_frames = slots.shape[1]
+    tokens, head_dim = k_pool.shape[1], k_pool.shape[3]
+    args = (
+        k, v, k_pool, v_pool, slots, frame_pos, freqs_cos, freqs_sin,
+        k_pool.shape[0],
+        *k.stride(), *v.stride(), *k_pool.stride(), *v_pool.stride(),
+        *slots.stride(), *frame_pos.stride(), *freqs_cos.stride(), *freqs_sin.stride(),
+    )
+    constexprs = dict(
+        FRAMES=num_frames, TOKENS=tokens, PPW=grid[1], HEAD_DIM=head_dim, T_DIM=split[0], H_DIM=split[1],
+        BLOCK_HALF=1 << (head_dim // 2 - 1).bit_length(),  # next power of two >= D/2
+    )
+    return args, constexprs
+
+
 def cache_write(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -252,13 +271,5 @@ def cache_write(
     # even one row fills the SMs. Interpreter: 16 tokens, so tiny frames span several programs.
     block_t = block_t or (64 if k.device.type == "cuda" else 16)
     launch = (triton.cdiv(tokens, block_t), batch * num_frames, heads)
-    kernel[launch](
-        k, v, k_pool, v_pool, slots, frame_pos, freqs_cos, freqs_sin,
-        k_pool.shape[0],
-        *k.stride(), *v.stride(), *k_pool.stride(), *v_pool.stride(),
-        *slots.stride(), *frame_pos.stride(), *freqs_cos.stride(), *freqs_sin.stride(),
-        FRAMES=num_frames, TOKENS=tokens, PPW=grid[1], HEAD_DIM=head_dim,
-        T_DIM=split[0], H_DIM=split[1],
-        BLOCK_T=block_t, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
-        num_warps=num_warps or 4,
-    )
+    args, constexprs = kernel_args(k, v, k_pool, v_pool, slots, frame_pos, freqs_cos, freqs_sin, split, grid)
+    kernel[launch](*args, **constexprs, BLOCK_T=block_t, num_warps=num_warps or 4)

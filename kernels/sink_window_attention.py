@@ -60,6 +60,53 @@ def sink_window_attention_ref(
 # ---------------------------------------------------------------------------------- Triton kernel
 
 
+def _attend_block(
+    acc, m_i, l_i, q, k_base, v_base, table_row, kb, total, num_pool_slots, qk_scale,
+    stride_ks, stride_kt, stride_kd, stride_vs, stride_vt, stride_vd, stride_tm,
+    TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_KEYS: tl.constexpr, EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One block of BLOCK_N keys of the row's window: scores, online-softmax update, P·V.
+
+    The window is the row's slots laid end to end (slot_count · TOKENS keys); key i of it is
+    token i % TOKENS of slot table[i // TOKENS]. When BLOCK_N divides TOKENS a block lies in one
+    slot (one table entry, one base offset); otherwise each key looks up its own slot, so a
+    block may span two slots and only the window's last block is partial (MASK_KEYS)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_k = kb * BLOCK_N + offs_n  # [BN] key index in the window
+    if TOKENS % BLOCK_N == 0:
+        slot = tl.load(table_row + (kb * BLOCK_N // TOKENS) * stride_tm).to(tl.int64)  # scalar
+        token = (kb * BLOCK_N) % TOKENS + offs_n  # [BN]
+    else:
+        in_window = offs_k < total
+        slot = tl.load(table_row + (offs_k // TOKENS) * stride_tm, mask=in_window, other=0).to(tl.int64)  # [BN]
+        token = offs_k % TOKENS  # [BN]
+    slot = tl.minimum(tl.maximum(slot, 0), num_pool_slots - 1)  # memory safety only
+    k_rows = slot * stride_ks + token * stride_kt  # [BN] (or scalar + [BN])
+    v_rows = slot * stride_vs + token * stride_vt
+    k_ptrs = k_base + k_rows[None, :] + offs_d[:, None] * stride_kd  # K^T [BD, BN]
+    v_ptrs = v_base + v_rows[:, None] + offs_d[None, :] * stride_vd  # [BN, BD]
+    if MASK_KEYS or not EVEN_D:
+        key_ok = offs_k < total
+        d_ok = offs_d < HEAD_DIM
+        k_t = tl.load(k_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        k_t = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale  # [BM, BN] fp32, base-2 logits
+    if MASK_KEYS:
+        s = tl.where((offs_k < total)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # [BM]
+    alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated so far
+    p = tl.exp2(s - m_new[:, None])  # [BM, BN]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)  # [BM, BD]
+    return acc, m_new, l_i
+
+
 def _sink_window_attention_program(
     q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, count_ptr,
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
@@ -71,18 +118,19 @@ def _sink_window_attention_program(
     stride_tb, stride_tm, stride_cb,
     HEADS: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_T: tl.constexpr, EVEN_D: tl.constexpr,  # TOKENS % BLOCK_N == 0, HEAD_DIM == BLOCK_D
+    EVEN_D: tl.constexpr,  # HEAD_DIM == BLOCK_D
     INPUT_PRECISION: tl.constexpr,
 ):
     """Body of `_sink_window_attention_kernel` (@triton.jit is applied in `_kernel()`).
 
     Grid (cdiv(N, BLOCK_M), B * H): one program = BLOCK_M queries of one (row, head), against
-    every slot of the row; the query blocks of one (row, head) run side by side and share its
+    the row's whole window; the query blocks of one (row, head) run side by side and share its
     K/V through L2.
 
-    1. load the query block once; 2. for each slot of the row's table, for each block of
-    BLOCK_N tokens of that slot: scores, online-softmax update, accumulate P·V (fp32);
-    3. normalise and store. K/V are read in place from the pool at the table's slot."""
+    1. load the query block once; 2. walk the window (the row's slots end to end, in table
+    order, which does not change the result) in blocks of BLOCK_N keys: full blocks in one
+    loop without masks, which the compiler software-pipelines, then the partial last block;
+    3. normalise and store. K/V are read in place from the pool at the table's slots."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     row = pid_bh // HEADS
@@ -90,7 +138,6 @@ def _sink_window_attention_program(
 
     # 1. the query block
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    offs_n = tl.arange(0, BLOCK_N)  # [BN]
     offs_d = tl.arange(0, BLOCK_D)  # [BD]
     mask_d = offs_d < HEAD_DIM
     q_ptrs = (q_ptr + row.to(tl.int64) * stride_qb + head * stride_qh
@@ -101,34 +148,22 @@ def _sink_window_attention_program(
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running numerator
 
-    # 2. the row's slots, in table order (the order does not change the result)
+    # 2. the window: count slots of TOKENS keys
     count = tl.minimum(tl.load(count_ptr + row * stride_cb), max_slots)  # never past the table row
-    for j in range(0, count):
-        slot = tl.load(table_ptr + row * stride_tb + j * stride_tm).to(tl.int64)
-        slot = tl.minimum(tl.maximum(slot, 0), num_pool_slots - 1)  # memory safety only
-        k_base = k_ptr + slot * stride_ks + head * stride_kh
-        v_base = v_ptr + slot * stride_vs + head * stride_vh
-        for start in range(0, TOKENS, BLOCK_N):
-            offs_t = start + offs_n  # [BN] token index inside the slot
-            k_ptrs = k_base + offs_t[None, :] * stride_kt + offs_d[:, None] * stride_kd  # K^T [BD, BN]
-            v_ptrs = v_base + offs_t[:, None] * stride_vt + offs_d[None, :] * stride_vd  # [BN, BD]
-            if EVEN_T and EVEN_D:
-                k_t = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
-            else:
-                in_t = offs_t < TOKENS
-                k_t = tl.load(k_ptrs, mask=mask_d[:, None] & in_t[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=in_t[:, None] & mask_d[None, :], other=0.0)
-            s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale  # [BM, BN] fp32
-            if not EVEN_T:
-                s = tl.where((offs_t < TOKENS)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # [BM]
-            alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated so far
-            p = tl.exp2(s - m_new[:, None])  # [BM, BN]
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)  # [BM, BD]
-            m_i = m_new
+    total = count * TOKENS
+    table_row = table_ptr + row * stride_tb
+    k_base = k_ptr + head * stride_kh
+    v_base = v_ptr + head * stride_vh
+    for kb in range(0, total // BLOCK_N):
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, k_base, v_base, table_row, kb, total, num_pool_slots, qk_scale,
+            stride_ks, stride_kt, stride_kd, stride_vs, stride_vt, stride_vd, stride_tm,
+            TOKENS, HEAD_DIM, BLOCK_N, BLOCK_D, False, EVEN_D, INPUT_PRECISION)
+    if total % BLOCK_N != 0:
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, k_base, v_base, table_row, total // BLOCK_N, total, num_pool_slots, qk_scale,
+            stride_ks, stride_kt, stride_kd, stride_vs, stride_vt, stride_vd, stride_tm,
+            TOKENS, HEAD_DIM, BLOCK_N, BLOCK_D, True, EVEN_D, INPUT_PRECISION)
 
     # 3. normalise (an empty row gives zeros, not NaN) and store
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
@@ -140,10 +175,12 @@ def _sink_window_attention_program(
 
 def _kernel():
     """`_sink_window_attention_kernel`: @triton.jit applied on first use, so that importing this
-    file (the model imports the `_ref` op) neither imports triton nor fixes TRITON_INTERPRET."""
-    global triton, tl, _sink_window_attention_kernel
+    file (the model imports the `_ref` op) neither imports triton nor fixes TRITON_INTERPRET.
+    The helper is jitted first: the kernel finds it among this module's globals when compiled."""
+    global triton, tl, _attend_block, _sink_window_attention_kernel
     if "_sink_window_attention_kernel" not in globals():
         triton, tl = load_triton()
+        _attend_block = triton.jit(_attend_block)
         _sink_window_attention_kernel = triton.jit(_sink_window_attention_program)
     return _sink_window_attention_kernel
 
@@ -165,10 +202,11 @@ def _launch_configs(q: torch.Tensor, heads: int) -> list[tuple[int, int, int, in
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, best first.
 
     GPU: the usual flash-attention tile, 128 queries x 64 pool tokens, 8 warps (4 up to head
-    dim 64), 3 stages of K/V prefetch (64 KiB of shared memory at head dim 128 in bf16, so it
-    also fits consumer cards). 64-query tiles when 128-query tiles would not fill the SMs once
-    (few rows, short chunks: 1 row x 12 heads x 1560 tokens is 156 programs on 132 SMs).
-    Later entries are smaller fallbacks, tried when a compile runs out of resources.
+    dim 64), 3 stages of K/V prefetch. At head dim 128 in bf16 it takes 96 KiB of shared memory
+    on sm_90 and 64 KiB on sm_80 (`python -m streamdiff.kernels.aot`), so two programs share an
+    H100 SM and consumer cards (99 KiB) still fit it. 64-query tiles when 128-query tiles would
+    not fill the SMs once (few rows, short chunks). Later entries are smaller fallbacks, tried
+    when a compile runs out of resources.
     Interpreter: 16 x 16, the smallest tile the compiled tl.dot accepts, so tiny test shapes
     still cross block and slot boundaries."""
     if q.device.type != "cuda":
@@ -231,6 +269,34 @@ def _check_call(
         raise ValueError(f"slot index out of range: pool has {num_slots} slots, slot_table uses {bad}")
 
 
+def kernel_args(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slot_table: torch.Tensor,
+    slot_count: torch.Tensor,
+    out: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[tuple, dict]:
+    """The kernel's runtime arguments and its constexprs other than the tile (BLOCK_M, BLOCK_N):
+    what the launcher passes, and what `streamdiff.kernels.aot` compiles (from meta tensors)."""
+    _, n_q, heads, head_dim = q.shape
+    num_slots, tokens = k_pool.shape[:2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    block_d = max(16, 1 << (head_dim - 1).bit_length())  # next power of two
+    args = (
+        q, k_pool, v_pool, out, slot_table, slot_count,
+        scale * LOG2E, n_q, num_slots, slot_table.shape[1],
+        *q.stride(), *k_pool.stride(), *v_pool.stride(), *out.stride(),
+        *slot_table.stride(), slot_count.stride(0),
+    )
+    constexprs = dict(
+        HEADS=heads, TOKENS=tokens, HEAD_DIM=head_dim, BLOCK_D=block_d, EVEN_D=head_dim == block_d,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
+    )
+    return args, constexprs
+
+
 def sink_window_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -257,13 +323,11 @@ def sink_window_attention(
         if size is not None and (size < 16 or size & (size - 1)):
             raise ValueError(f"{name}={size} must be a power of two >= 16")
     batch, n_q, heads, head_dim = q.shape
-    num_slots, tokens = k_pool.shape[:2]
+    tokens = k_pool.shape[1]
     out = torch.empty((batch, n_q, heads, head_dim), dtype=q.dtype, device=q.device)  # [B, N, H, D]
     if out.numel() == 0:
         return out
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+    args, constexprs = kernel_args(q, k_pool, v_pool, slot_table, slot_count, out, scale)
 
     key = (q.device, q.dtype, heads, head_dim, tokens, triton.cdiv(n_q, 128) * batch)
     configs = [_CONFIG_CACHE[key]] if key in _CONFIG_CACHE else _launch_configs(q, heads)
@@ -274,16 +338,7 @@ def sink_window_attention(
     for i, (bm, bn, nw, ns) in enumerate(configs):
         grid = (triton.cdiv(n_q, bm), batch * heads)
         try:
-            kernel[grid](
-                q, k_pool, v_pool, out, slot_table, slot_count,
-                scale * LOG2E, n_q, num_slots, slot_table.shape[1],
-                *q.stride(), *k_pool.stride(), *v_pool.stride(), *out.stride(),
-                *slot_table.stride(), slot_count.stride(0),
-                HEADS=heads, TOKENS=tokens, HEAD_DIM=head_dim,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-                EVEN_T=tokens % bn == 0, EVEN_D=head_dim == block_d, INPUT_PRECISION=precision,
-                num_warps=nw, num_stages=ns,
-            )
+            kernel[grid](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
         except triton.runtime.errors.OutOfResources:
             if i == len(configs) - 1:
                 raise

@@ -51,67 +51,18 @@ def compiled_gpu() -> None:
 
 
 @pytest.fixture(scope="session")
-def aot():
-    """`aot_compile_many`, or a skip where Triton's NVIDIA backend or its bundled ptxas is missing."""
-    if not aot_available():
-        pytest.skip("Triton's NVIDIA backend / ptxas is not available: cannot compile without a GPU")
-    return aot_compile_many
+def aot_reports() -> list[dict]:
+    """`python -m streamdiff.kernels.aot --json -`: every kernel compiled for sm_90 and sm_80 at
+    model shapes, with its resources and SASS counts; a skip where Triton's NVIDIA backend or
+    its bundled ptxas / cuobjdump is missing. Runs in a subprocess without TRITON_INTERPRET:
+    the interpreter patches triton.language in this one."""
+    from streamdiff.kernels import aot
 
-
-_AOT_SCRIPT = r"""
-import importlib, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-spec = json.loads(sys.stdin.read())
-fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
-results = []
-for case in spec["cases"]:
-    signature = {}
-    for name in fn.arg_names:
-        if name in case["constexprs"]:
-            signature[name] = "constexpr"
-        elif name in case["pointers"]:
-            signature[name] = case["pointers"][name]
-        else:
-            signature[name] = "fp32" if name in case["floats"] else "i32"
-    try:
-        source = ASTSource(fn, signature, case["constexprs"])
-        target = GPUTarget("cuda", case["capability"], 32)
-        compiled = triton.compile(source, target=target, options=case["options"])
-        results.append({"shared": compiled.metadata.shared})
-    except Exception as exc:  # reported per case by the test
-        results.append({"error": f"{type(exc).__name__}: {exc}"})
-print(json.dumps(results))
-"""
-
-
-def aot_compile_many(module: str, kernel: str, cases: list[dict]) -> list[dict]:
-    """Compile `module.kernel` for NVIDIA targets without a GPU (Triton's bundled ptxas).
-
-    Each case: pointers {arg: '*bf16'}, floats [arg], constexprs {arg: value} (integer args
-    equal to 1, i.e. unit strides, are listed there as the launcher's specialisation would make
-    them), capability (80, 90), options (num_warps, num_stages); other args are i32. Runs in a
-    subprocess without TRITON_INTERPRET: the interpreter patches triton.language in this one.
-    Returns per case {"shared": bytes of shared memory} or {"error": message}."""
+    if not aot.available():
+        pytest.skip("Triton's NVIDIA backend / ptxas / cuobjdump is not available: cannot compile without a GPU")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    spec = json.dumps({"module": module, "kernel": kernel, "cases": cases})
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], input=spec, capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "streamdiff.kernels.aot", "--json", "-"],
+                          capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
-        raise RuntimeError(f"AOT compile subprocess failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"streamdiff.kernels.aot failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def aot_available() -> bool:
-    if not HAS_TRITON:
-        return False
-    import triton.backends
-
-    if "nvidia" not in getattr(triton.backends, "backends", {}):
-        return False
-    if os.environ.get("TRITON_PTXAS_PATH"):
-        return True
-    nvidia_dir = os.path.dirname(importlib.util.find_spec("triton.backends.nvidia").origin)
-    return os.path.exists(os.path.join(nvidia_dir, "bin", "ptxas"))
