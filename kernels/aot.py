@@ -50,7 +50,7 @@ class Report:
     config: dict
     shared: int = 0  # bytes of shared memory per block
     registers: int = 0  # per thread
-    local: int = 0  # bytes of local memory per thread (spills)
+    local: int = 0  # bytes of local memory per thread: the stack frame (spills) and local arrays
     sass: dict = field(default_factory=dict)  # instruction counts, see the module docstring
     error: str | None = None
 
@@ -141,8 +141,9 @@ def compile_report(kernel: str, case: str, fn, args: tuple, constexprs: dict, ca
         tool = os.path.join(_tools_dir(), "cuobjdump")
         sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-    found = dict(re.findall(r"\b(REG|LOCAL):(\d+)", usage))
-    report.registers, report.local = int(found.get("REG", 0)), int(found.get("LOCAL", 0))
+    found = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
+    report.registers = found.get("REG", 0)
+    report.local = found.get("STACK", 0) + found.get("LOCAL", 0)
     report.sass = sass_counts(sass)
     return report
 
