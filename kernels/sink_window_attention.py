@@ -203,9 +203,9 @@ def _launch_configs(q: torch.Tensor, heads: int) -> list[tuple[int, int, int, in
 
     GPU: the usual flash-attention tile, 128 queries x 64 pool tokens, 8 warps (4 up to head
     dim 64), 3 stages of K/V prefetch. At head dim 128 in bf16 it takes 96 KiB of shared memory
-    on sm_90 and 64 KiB on sm_80 (`python -m streamdiff.kernels.aot`), so two programs share an
-    H100 SM and consumer cards (99 KiB) still fit it. 64-query tiles when 128-query tiles would
-    not fill the SMs once (few rows, short chunks). Later entries are smaller fallbacks, tried
+    on sm_90 and 64 KiB on sm_80 (`python -m streamdiff.kernels.aot`), so consumer cards
+    (99 KiB) still fit it; its registers allow one program per SM. 64-query tiles when
+    128-query tiles would not fill the SMs once (few rows, short chunks). Later entries are smaller fallbacks, tried
     when a compile runs out of resources.
     Interpreter: 16 x 16, the smallest tile the compiled tl.dot accepts, so tiny test shapes
     still cross block and slot boundaries."""
