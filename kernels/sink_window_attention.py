@@ -149,7 +149,7 @@ def _sink_window_attention_program(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running numerator
 
     # 2. the window: count slots of TOKENS keys
-    count = tl.minimum(tl.load(count_ptr + row * stride_cb), max_slots)  # never past the table row
+    count = tl.minimum(tl.maximum(tl.load(count_ptr + row * stride_cb), 0), max_slots)  # inside the table row
     total = count * TOKENS
     table_row = table_ptr + row * stride_tb
     k_base = k_ptr + head * stride_kh

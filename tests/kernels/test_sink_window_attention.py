@@ -193,6 +193,10 @@ def test_bad_slot_with_checks_off_stays_inside_the_pool(device, monkeypatch):
     out = sink_window_attention(q, k_pool, v_pool, table[:, :1], torch.tensor([5], dtype=torch.int32, device=device))
     ref = sink_window_attention_ref(q, k_pool, v_pool, table[:, :1], torch.tensor([1], dtype=torch.int32, device=device))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # a count of zero or below attends to nothing: zeros, not NaN
+    for bad in (0, -1):
+        out = sink_window_attention(q, k_pool, v_pool, table, torch.tensor([bad], dtype=torch.int32, device=device))
+        assert torch.equal(out, torch.zeros_like(out)), bad
 
 
 # ------------------------------------------------------------------ compiled (GPU) and AOT
