@@ -79,8 +79,11 @@ def _attend_block(
         slot = tl.load(table_row + (kb * BLOCK_N // TOKENS) * stride_tm).to(tl.int64)  # scalar
         token = (kb * BLOCK_N) % TOKENS + offs_n  # [BN]
     else:
-        in_window = offs_k < total
-        slot = tl.load(table_row + (offs_k // TOKENS) * stride_tm, mask=in_window, other=0).to(tl.int64)  # [BN]
+        entry = table_row + (offs_k // TOKENS) * stride_tm  # [BN] each key's table entry
+        if MASK_KEYS:
+            slot = tl.load(entry, mask=offs_k < total, other=0).to(tl.int64)
+        else:  # a full block lies inside the window
+            slot = tl.load(entry).to(tl.int64)
         token = offs_k % TOKENS  # [BN]
     slot = tl.minimum(tl.maximum(slot, 0), num_pool_slots - 1)  # memory safety only
     k_rows = slot * stride_ks + token * stride_kt  # [BN] (or scalar + [BN])
