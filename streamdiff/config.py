@@ -71,6 +71,9 @@ class VAEConfig:
     dim_mult: tuple[int, ...] = (1, 1, 2, 2)
     num_res_blocks: int = 1
     temperal_downsample: tuple[bool, ...] = (False, True, True)
+    # False (StreamDiffusionV2's default): encode returns the raw posterior mean while decode
+    # still un-normalizes (z * std + mean). True: encode normalizes too, (mu - mean) / std.
+    normalize_latents: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,12 +108,18 @@ class WeightsConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The rolling KV cache: `window` latent frames, the first `sinks` of them kept forever."""
+    """The sink + ring KV cache: `window` latent frames per lane, the first `sinks` of them sinks.
+
+    `policy`: `sdv2` reproduces StreamDiffusionV2 (per-layer slot queues, RoPE restart at
+    `rebase_frame`), `rolling` is our own (docs/architecture.md lists the differences).
+    `refresh_threshold`: the adaptive sink refresh fires when a sink's mean K/V cosine
+    similarity to the new chunk is below it; -1 turns the refresh off (as the reference)."""
 
     window: int = 6
     sinks: int = 3
-    adaptive_sink_refresh: bool = False
+    policy: Literal["sdv2", "rolling"] = "sdv2"
     refresh_threshold: float = 0.2
+    rebase_frame: int = 50  # sdv2: a chunk starting at this RoPE index restarts at window - 1
     max_streams: int = 4  # KV pool capacity in streams (each holds steps lanes x window slots)
 
 
@@ -183,6 +192,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "cache.window": (1, 64),
     "cache.sinks": (0, 63),
     "cache.refresh_threshold": (-1.0, 1.0),
+    "cache.rebase_frame": (2, 1_000_000),
     "cache.max_streams": (1, 1024),
     "sampling.steps": (1, 4),
     "sampling.noise_strength": (0.1, 1.0),
@@ -218,6 +228,13 @@ def validate(cfg: Config) -> None:
         )
     if cfg.sampling.first_chunk_latents > cfg.cache.window:
         raise ConfigError(f"sampling.first_chunk_latents must be at most cache.window={cfg.cache.window}")
+    if cfg.cache.policy == "sdv2":
+        if cfg.sampling.chunk_latents != 1:
+            raise ConfigError("cache.policy=sdv2 streams one latent frame per chunk: set sampling.chunk_latents=1 "
+                              "or cache.policy=rolling")
+        if not cfg.cache.window <= cfg.cache.rebase_frame < cfg.model.rope_max_seq_len:
+            raise ConfigError(f"cache.rebase_frame={cfg.cache.rebase_frame} must lie in [cache.window, "
+                              f"model.rope_max_seq_len={cfg.model.rope_max_seq_len})")
     for name in ("width", "height"):
         if getattr(cfg.video, name) % 16:
             raise ConfigError(f"video.{name}={getattr(cfg.video, name)} must be a multiple of 16 (VAE 8x, patch 2x)")

@@ -1,9 +1,14 @@
-"""The KV pool: preallocated K/V tensors for a range of DiT layers, addressed by slot.
+"""The KV pool: preallocated K/V tensors for a range of DiT layers, addressed by slot, and the
+per-layer cache state that depends on their contents.
 
-Owns: the tensors ([S, T, H, D] per layer, one slot = one latent frame of T tokens), the
-per-forward attention metadata built from slot plans (`AttnBatch`), the re-base rotation and
-the adaptive sink refresh. Does not own: slot bookkeeping (slots.py) or the attention math
-(kernels / model.attention).
+Owns: the tensors ([S, T, H, D] per layer, one slot = one latent frame of T tokens); per layer
+and lane, the `sdv2` slot queue (a stack of pending sink refreshes at its front, a rotation of
+the lane's ring order behind them); per layer and slot, the stream frame index it holds; the
+per-forward attention metadata built from slot plans (`AttnBatch`); the re-base rotation; the
+adaptive sink refresh of both policies. Everything here that depends on tensor values is
+decided with tensor ops on the tensors' device: no value ever travels to the host in a step.
+Does not own: host-side slot bookkeeping (slots.py) or the attention math (kernels /
+model.attention).
 
 A pipeline stage holding layers [i, j) creates a pool for exactly those layers.
 """
@@ -28,43 +33,64 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        window: int = 6,
     ):
+        if num_slots % window:
+            raise ValueError(f"a pool of {num_slots} slots does not split into lanes of {window}")
         self.layers = list(layers)
         self._index = {layer: i for i, layer in enumerate(self.layers)}
         self.num_slots = num_slots
+        self.window = window
         self.tokens_per_slot = tokens_per_slot
-        shape = (len(self.layers), num_slots, tokens_per_slot, heads, head_dim)
+        n, lanes = len(self.layers), num_slots // window
+        shape = (n, num_slots, tokens_per_slot, heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, T, H, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, T, H, D]
+        # sdv2 queues: Q = reversed(q_stack[:q_len]) + ring_order rotated by q_rot.
+        self.q_stack = torch.zeros(n, lanes, window, dtype=torch.int64, device=device)  # [L, G, W] entries
+        self.q_len = torch.zeros(n, lanes, dtype=torch.int64, device=device)  # [L, G]
+        self.q_rot = torch.zeros(n, lanes, dtype=torch.int64, device=device)  # [L, G]
+        self.frames = torch.full((n, num_slots), -1, dtype=torch.int64, device=device)  # [L, S] frame held
 
-    def remove_layers(self, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    _PER_LAYER = ("k", "v", "q_stack", "q_len", "q_rot", "frames")
+
+    def remove_layers(self, layers: list[int]) -> dict[str, torch.Tensor]:
         """Take layers out of the pool (a pipeline stage handing blocks to a neighbour):
-        returns their K and V [n, S, T, H, D] in the order given."""
+        returns their per-layer tensors (K and V [n, S, T, H, D], queues, frames) in the order given."""
         index = [self._index[layer] for layer in layers]
         keep = [i for i, layer in enumerate(self.layers) if layer not in set(layers)]
-        k, v = self.k[index].clone(), self.v[index].clone()
-        self.k, self.v = self.k[keep].contiguous(), self.v[keep].contiguous()
+        taken = {}
+        for name in self._PER_LAYER:
+            tensor = getattr(self, name)
+            taken[name] = tensor[index].clone()
+            setattr(self, name, tensor[keep].contiguous())
         self._set_layers([self.layers[i] for i in keep])
-        return k, v
+        return taken
 
-    def add_layers(self, layers: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Put layers into the pool (from a neighbour stage), K and V [n, S, T, H, D]."""
-        if set(layers) & set(self.layers) or k.shape[1:] != self.k.shape[1:]:
-            raise ValueError(f"cannot add layers {layers} of shape {tuple(k.shape)} to a pool of layers "
+    def add_layers(self, layers: list[int], state: dict[str, torch.Tensor]) -> None:
+        """Put layers into the pool (from a neighbour stage's `remove_layers`)."""
+        if set(layers) & set(self.layers) or state["k"].shape[1:] != self.k.shape[1:]:
+            raise ValueError(f"cannot add layers {layers} of shape {tuple(state['k'].shape)} to a pool of layers "
                              f"{self.layers} with slots {tuple(self.k.shape[1:])}")
         order = sorted(self.layers + list(layers))
-        src = {layer: (self.k, i) for i, layer in enumerate(self.layers)}
-        src.update({layer: (k, i) for i, layer in enumerate(layers)})
-        src_v = {layer: (self.v, i) for i, layer in enumerate(self.layers)}
-        src_v.update({layer: (v, i) for i, layer in enumerate(layers)})
-        dev, dtype = self.k.device, self.k.dtype
-        self.k = torch.stack([src[layer][0][src[layer][1]].to(dev, dtype) for layer in order])
-        self.v = torch.stack([src_v[layer][0][src_v[layer][1]].to(dev, dtype) for layer in order])
+        for name in self._PER_LAYER:
+            mine = getattr(self, name)
+            src = {layer: (mine, i) for i, layer in enumerate(self.layers)}
+            src.update({layer: (state[name], i) for i, layer in enumerate(layers)})
+            setattr(self, name, torch.stack([src[layer][0][src[layer][1]].to(mine.device, mine.dtype)
+                                             for layer in order]))
         self._set_layers(order)
 
     def _set_layers(self, layers: list[int]) -> None:
         self.layers = list(layers)
         self._index = {layer: i for i, layer in enumerate(self.layers)}
+
+    def layer_index(self, layer: int) -> int:
+        return self._index[layer]
+
+    def record_frames(self, layer: int, slots: torch.Tensor, frames: torch.Tensor) -> None:
+        """Remember which stream frame each written slot now holds (slots, frames [B, F])."""
+        self.frames[self._index[layer]][slots.flatten()] = frames.flatten()
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = self._index[layer]
@@ -74,11 +100,36 @@ class KVPool:
         return 2 * self.k.numel() * self.k.element_size()
 
     def clear_slots(self, slots: list[int]) -> None:
-        """Zero slots (a stream leaving), so stale K/V can never leak into another stream."""
+        """Zero slots (a stream leaving) and reset the queues of their lanes, so nothing of a
+        stream can leak into the next one that gets these lanes."""
         if slots:
             index = torch.tensor(slots, device=self.k.device)
             self.k[:, index] = 0
             self.v[:, index] = 0
+            self.frames[:, index] = -1
+            lanes = torch.tensor(sorted({s // self.window for s in slots}), device=self.k.device)
+            self.q_stack[:, lanes] = 0
+            self.q_len[:, lanes] = 0
+            self.q_rot[:, lanes] = 0
+
+    def clear(self) -> None:
+        """Everything back to the empty state (after a failed step)."""
+        for name in self._PER_LAYER:
+            getattr(self, name).zero_()
+        self.frames.fill_(-1)
+
+    def held_frames(self, layer: int, slots: list[int]) -> list[int | None]:
+        """The stream frame index each of `slots` holds in `layer` (None: never written). Reads
+        the device: for tests and inspection, never in a step."""
+        held = self.frames[self._index[layer], torch.tensor(slots, device=self.k.device)].tolist()
+        return [None if f < 0 else f for f in held]
+
+    def queue(self, layer: int, lane: int, ring_order: list[int]) -> list[int]:
+        """The sdv2 queue of `lane` in `layer`, front first, as window entries (inspection only)."""
+        i = self._index[layer]
+        pending = self.q_stack[i, lane, : int(self.q_len[i, lane])].tolist()
+        rot = int(self.q_rot[i, lane]) % max(len(ring_order), 1)
+        return pending[::-1] + ring_order[rot:] + ring_order[:rot]
 
     @torch.no_grad()
     def rebase_(self, slots: list[int], delta: int, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor, t_dim: int) -> None:
@@ -101,59 +152,131 @@ class KVPool:
 class AttnBatch:
     """Everything the attention of one batched forward needs, shared by all layers.
 
-    Rows are (stream, lane) pairs; every row writes F latent frames."""
+    Rows are (stream, lane) pairs; every row writes F latent frames. Under `sdv2`, rows whose
+    window is full get their write slot per layer on the device (`choose_writes`)."""
 
-    write_slots: torch.Tensor  # [B, F] int32
-    write_pos: torch.Tensor  # [B, F] int64
+    write_slots: torch.Tensor  # [B, F] int64, -1 where each layer chooses on the device
+    write_pos: torch.Tensor  # [B, F] int64 RoPE index
     slot_table: torch.Tensor  # [B, M] int32, -1 past slot_count
     slot_count: torch.Tensor  # [B] int32
-    refresh_sinks: list[list[int]]  # per row: sinks the adaptive refresh may replace
     num_frames: int
+    frames: torch.Tensor  # [B, F] int64 stream frame index of each written frame
+    lane: torch.Tensor  # [B] int64 lane id
+    sink_slots: torch.Tensor  # [B, sinks] int64 pool slots of the row's sinks
+    refresh: torch.Tensor  # [B] bool: the row runs the sink-refresh test
+    device_choice: torch.Tensor  # [B] bool: sdv2, full window
+    ring_order: torch.Tensor  # [B, W] int64 window entries (padded with 0)
+    ring_len: torch.Tensor  # [B] int64
+    threshold: float = -1.0
+    window: int = 6
+    any_refresh: bool = False  # host-side summaries, so layers skip work without reading the device
+    any_choice: bool = False
+    swap_refresh: bool = False  # rolling: refresh by swapping after attention
 
     @staticmethod
-    def from_plans(plans: list[WritePlan], device: torch.device | str) -> "AttnBatch":
+    def from_plans(plans: list[WritePlan], device: torch.device | str, window: int, threshold: float = -1.0,
+                   policy: str = "sdv2") -> "AttnBatch":
         num_frames = len(plans[0].write_slots)
         if any(len(p.write_slots) != num_frames for p in plans):
             raise ValueError("all rows of one forward must write the same number of latent frames")
         width = max(len(p.attend_slots) for p in plans)
         table = [p.attend_slots + [-1] * (width - len(p.attend_slots)) for p in plans]
+        sinks = max(len(p.sink_slots) for p in plans)
+        refresh = [p.refresh and threshold > -1 and len(p.sink_slots) == sinks > 0 for p in plans]
+
+        def tensor(rows, dtype=torch.int64):
+            return torch.tensor(rows, dtype=dtype, device=device)
+
         return AttnBatch(
-            write_slots=torch.tensor([p.write_slots for p in plans], dtype=torch.int32, device=device),
-            write_pos=torch.tensor([p.write_pos for p in plans], dtype=torch.int64, device=device),
-            slot_table=torch.tensor(table, dtype=torch.int32, device=device),
-            slot_count=torch.tensor([len(p.attend_slots) for p in plans], dtype=torch.int32, device=device),
-            refresh_sinks=[p.refresh_sinks for p in plans],
+            write_slots=tensor([p.write_slots for p in plans]),
+            write_pos=tensor([p.write_pos for p in plans]),
+            slot_table=tensor(table, torch.int32),
+            slot_count=tensor([len(p.attend_slots) for p in plans], torch.int32),
             num_frames=num_frames,
+            frames=tensor([p.frames or [-1] * num_frames for p in plans]),
+            lane=tensor([p.lane for p in plans]),
+            sink_slots=tensor([p.sink_slots + [p.sink_slots[0] if p.sink_slots else 0] * (sinks - len(p.sink_slots))
+                               for p in plans]) if sinks else tensor([[0]] * len(plans)),
+            refresh=tensor(refresh, torch.bool),
+            device_choice=tensor([p.device_choice for p in plans], torch.bool),
+            ring_order=tensor([p.ring_order + [0] * (window - len(p.ring_order)) for p in plans]),
+            ring_len=tensor([max(len(p.ring_order), 1) for p in plans]),
+            threshold=threshold,
+            window=window,
+            any_refresh=any(refresh),
+            any_choice=any(p.device_choice for p in plans),
+            swap_refresh=policy == "rolling" and any(refresh),
         )
 
 
-@torch.no_grad()
-def refresh_sinks_(
-    k_pool: torch.Tensor, v_pool: torch.Tensor, batch: AttnBatch, threshold: float
-) -> list[int]:
-    """Adaptive sink refresh for one layer.
+def sink_similarity(k_pool: torch.Tensor, v_pool: torch.Tensor, sink_slots: torch.Tensor, k_new: torch.Tensor,
+                    v_new: torch.Tensor) -> torch.Tensor:
+    """a_s = (cos(mean K of sink s, mean k_new) + cos(mean V of sink s, mean v_new)) / 2 per row.
 
-    For each row: cosine similarity between the mean K and mean V of the chunk just written
-    and of each sink, averaged over K and V. If the lowest similarity is below `threshold`,
-    the least similar sink takes the chunk's last latent frame (K already carries its RoPE).
-    Returns, per row, the replaced sink slot or -1."""
-    replaced = []
-    for row, sinks in enumerate(batch.refresh_sinks):
-        if not sinks:
-            replaced.append(-1)
-            continue
-        chunk = batch.write_slots[row].long()
-        sink_index = torch.tensor(sinks, device=k_pool.device)
-        k_new = k_pool[chunk].float().mean(dim=(0, 1)).flatten()  # [H*D]
-        v_new = v_pool[chunk].float().mean(dim=(0, 1)).flatten()
-        k_sink = k_pool[sink_index].float().mean(dim=1).flatten(1)  # [n_sinks, H*D]
-        v_sink = v_pool[sink_index].float().mean(dim=1).flatten(1)
-        sim = 0.5 * (F.cosine_similarity(k_sink, k_new[None], dim=-1) + F.cosine_similarity(v_sink, v_new[None], dim=-1))
-        worst = int(torch.argmin(sim))
-        if float(sim[worst]) < threshold:
-            k_pool[sinks[worst]] = k_pool[chunk[-1]]
-            v_pool[sinks[worst]] = v_pool[chunk[-1]]
-            replaced.append(sinks[worst])
-        else:
-            replaced.append(-1)
-    return replaced
+    Means are over a slot's tokens (k_new, v_new [B, N, H, D]: over the chunk's tokens); the
+    cosine is over the flattened heads x head dim. A never-written sink is all zeros and gets 0
+    (torch's cosine_similarity clamps the norms). -> [B, sinks] fp32."""
+    k_sink = k_pool[sink_slots].float().mean(dim=2).flatten(2)  # [B, s, H*D]
+    v_sink = v_pool[sink_slots].float().mean(dim=2).flatten(2)  # [B, s, H*D]
+    k_mean = k_new.float().mean(dim=1).flatten(1)[:, None]  # [B, 1, H*D]
+    v_mean = v_new.float().mean(dim=1).flatten(1)[:, None]  # [B, 1, H*D]
+    return 0.5 * (F.cosine_similarity(k_sink, k_mean, dim=-1) + F.cosine_similarity(v_sink, v_mean, dim=-1))
+
+
+def refresh_decision(batch: AttnBatch, sim: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fires [B] bool, least similar sink [B] as a window entry) for the rows' refresh test."""
+    if sim is None:
+        zeros = torch.zeros_like(batch.lane)
+        return zeros.bool(), zeros
+    low, worst = sim.min(dim=-1)  # [B], [B] (first minimum, as torch.argmin)
+    return batch.refresh & (low < batch.threshold), worst
+
+
+@torch.no_grad()
+def choose_writes(pool: KVPool, layer: int, batch: AttnBatch, sim: torch.Tensor | None) -> torch.Tensor:
+    """sdv2, one layer: the write slots [B, F] of this chunk, and the layer's queues updated.
+
+    Per row (StreamDiffusionV2's order): if the refresh fires, the least similar sink goes to
+    the front of Q; a full window then pops Q's front as its target (a ring entry goes back to
+    Q's end, a sink does not). A refresh pushed and popped in the same chunk leaves Q as it was;
+    one pushed while the window fills waits at Q's front. All on the device (torch.where)."""
+    i = pool.layer_index(layer)
+    stack, qlen, rot = pool.q_stack[i], pool.q_len[i], pool.q_rot[i]  # [G, W], [G], [G]
+    g = batch.lane  # [B]
+    fires, worst = refresh_decision(batch, sim)
+    plen, r = qlen[g], rot[g]  # [B]
+    choice = batch.device_choice
+    # 1. Filling rows: a refresh only queues the sink at Q's front.
+    push = fires & ~choice
+    at = plen.clamp(max=pool.window - 1)
+    stack[g, at] = torch.where(push, worst, stack[g, at])
+    new_len = plen + push.long()
+    # 2. Full rows: the refreshed sink, else the front of Q (pending sinks, then the ring).
+    top = stack[g, (plen - 1).clamp(min=0)]
+    ring_front = batch.ring_order.gather(1, (r % batch.ring_len)[:, None])[:, 0]
+    target = torch.where(fires, worst, torch.where(plen > 0, top, ring_front))  # [B] window entry
+    popped = choice & ~fires
+    new_len = torch.where(popped & (plen > 0), plen - 1, new_len)
+    qlen[g] = new_len
+    rot[g] = torch.where(popped & (plen == 0), (r + 1) % batch.ring_len, r)
+    chosen = (g * pool.window + target)[:, None]  # [B, 1]
+    return torch.where(choice[:, None], chosen, batch.write_slots)
+
+
+@torch.no_grad()
+def swap_refresh_(pool: KVPool, layer: int, batch: AttnBatch, written: torch.Tensor) -> None:
+    """rolling, one layer, after attention: where a row's least similar sink is below the
+    threshold, that sink and the chunk's last frame (slot written[:, -1]) swap places, so the
+    new frame becomes a sink and the old sink frame lives on in the ring until it is evicted.
+    Each frame stays in exactly one slot."""
+    k_pool, v_pool = pool.layer(layer)
+    i = pool.layer_index(layer)
+    chunk = written.long()  # [B, F]
+    sim = sink_similarity(k_pool, v_pool, batch.sink_slots, k_pool[chunk].flatten(1, 2), v_pool[chunk].flatten(1, 2))
+    fires, worst = refresh_decision(batch, sim)
+    sink = batch.sink_slots.gather(1, worst[:, None])[:, 0]  # [B]
+    last = chunk[:, -1]  # [B]
+    dst = torch.cat([sink, last])  # [2B]
+    src = torch.cat([torch.where(fires, last, sink), torch.where(fires, sink, last)])  # [2B]
+    for tensor in (k_pool, v_pool, pool.frames[i]):
+        tensor[dst] = tensor[src]

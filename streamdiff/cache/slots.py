@@ -1,79 +1,102 @@
-"""Slot bookkeeping for the rolling sink + ring KV cache (CPU, integers only, no torch).
+"""Slot bookkeeping for the sink + ring KV cache (CPU, integers only, no torch).
 
-Owns: which pool slot each latent frame of each stream-lane lives in, which slots a chunk
-attends to, the RoPE frame index stored with each slot, and when to re-base frame indices.
-Does not own: the K/V tensors (kv_cache.py) or the sink-refresh decision (made per layer on
-tensors, it copies data between slots and never changes this table).
+Owns: which pool slots each lane of each stream owns, which slots a chunk writes and attends
+to when that is known on the host, the RoPE frame index of each write, the stream frame index
+of each write, and the two cache policies' host-side rules.
+Does not own: the K/V tensors and the per-layer state that depends on them (kv_cache.py: the
+sink-refresh decision and, under `sdv2`, each layer's slot queue), or the attention math.
 
-Words: a stream has `lanes` (one per denoise step); each lane has a window of `window` slots,
-the first `sinks` of which are written once (the stream's first latent frames) and kept; the
-other `window - sinks` form a ring overwritten in place, oldest first.
+Words: a stream has `lanes` (one per denoise step); a lane owns `window` contiguous pool slots
+(lane g holds slots g*window .. g*window + window - 1); the first `sinks` entries of a window
+are sinks, the others the ring. A window entry is a slot's position inside its lane (0..W-1).
 
-Frame indices: keys are stored with RoPE at their frame index. Indices grow with the stream;
-before a write would leave the RoPE table (`rope_len` positions), the lane is re-based: every
-stored index drops by the same delta (so the next frame lands at index `window`) and the
-stored keys are rotated by -delta. Relative distances, and so attention scores, are unchanged.
+Two policies (cache.policy):
+
+* `sdv2` (default) — StreamDiffusionV2's rules. Every layer keeps its own queue Q of window
+  entries. While the window fills, writes go to the next free entries and ring entries are
+  queued by the reference's look-ahead rule; once every entry has been written, each chunk
+  (one latent frame) takes the front of its layer's Q (a ring entry goes back to Q's end) or,
+  when the adaptive refresh fires in that layer, the least similar sink. The host knows the
+  filling writes and the queue's ring order; the per-layer choice happens on the device
+  (kv_cache.choose_writes), so `WritePlan.write_slots` is -1 for those rows. RoPE: chunk
+  starts count stream frames; a streamed chunk starting at `rebase_frame` or later restarts
+  at `window - 1`. Keys are never re-rotated.
+* `rolling` — our own rules: sinks are the first frames written, the ring is overwritten
+  oldest first (the same slot in every layer), the refresh swaps a sink with the frame just
+  written after attention, and keys are re-rotated when the RoPE table would run out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from streamdiff.config import CacheConfig
+
+POLICIES = ("sdv2", "rolling")
+
 
 class PoolFullError(RuntimeError):
-    """No free slots left in the KV pool for another stream."""
+    """No free lanes left in the KV pool for another stream."""
 
 
-class SlotAllocator:
-    """A free list over pool slot indices 0..num_slots-1."""
+class LaneAllocator:
+    """A free list over the pool's lanes (blocks of `window` contiguous slots)."""
 
-    def __init__(self, num_slots: int):
+    def __init__(self, num_slots: int, window: int):
+        if num_slots % window:
+            raise ValueError(f"a pool of {num_slots} slots does not split into lanes of {window}")
         self.num_slots = num_slots
-        self._free = list(range(num_slots - 1, -1, -1))
+        self.window = window
+        self.num_lanes = num_slots // window
+        self._free = list(range(self.num_lanes - 1, -1, -1))
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        """Free slots (whole lanes)."""
+        return len(self._free) * self.window
 
-    def alloc(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise PoolFullError(f"KV pool full: need {count} slots, {len(self._free)} of {self.num_slots} free")
-        return [self._free.pop() for _ in range(count)]
+    def alloc(self, lanes: int) -> list[int]:
+        if lanes > len(self._free):
+            raise PoolFullError(f"KV pool full: need {lanes * self.window} slots, {self.free} of "
+                                f"{self.num_slots} free")
+        return [self._free.pop() for _ in range(lanes)]
 
-    def release(self, slots: list[int]) -> None:
-        self._free.extend(reversed(slots))
-        if len(self._free) > self.num_slots:
-            raise RuntimeError("slot released twice")
+    def release(self, lanes: list[int]) -> None:
+        if set(lanes) & set(self._free) or len(self._free) + len(lanes) > self.num_lanes:
+            raise RuntimeError("lane released twice")
+        self._free.extend(reversed(lanes))
 
 
 @dataclass
 class WritePlan:
     """Where one lane writes a chunk of `n` latent frames and what it then attends to."""
 
-    write_slots: list[int]  # pool slot per chunk frame
+    write_slots: list[int]  # pool slot per chunk frame; -1: each layer chooses on the device
     write_pos: list[int]  # RoPE frame index per chunk frame
-    attend_slots: list[int]  # every valid slot after the write (sinks, ring, the chunk)
-    rebase_delta: int = 0  # >0: rotate the lane's stored keys by -delta before writing
-    rebase_slots: list[int] = field(default_factory=list)  # the slots that rebase touches
-    refresh_sinks: list[int] = field(default_factory=list)  # sinks the adaptive refresh may replace
+    attend_slots: list[int]  # every slot the chunk attends to (written ones, the chunk's own included)
+    lane: int = 0  # lane id: the lane's slots are lane*window ... lane*window + window - 1
+    frames: list[int] = field(default_factory=list)  # stream frame index per chunk frame
+    rebase_delta: int = 0  # rolling: >0 rotates the lane's stored keys by -delta before writing
+    rebase_slots: list[int] = field(default_factory=list)  # rolling: the slots that rebase touches
+    refresh: bool = False  # this row runs the adaptive sink-refresh test
+    device_choice: bool = False  # sdv2, full window: each layer picks its write slot from its queue
+    sink_slots: list[int] = field(default_factory=list)  # pool slots of the lane's sinks
+    ring_order: list[int] = field(default_factory=list)  # sdv2: the ring part of Q (window entries)
 
 
-@dataclass
-class LaneWindow:
-    """One lane of one stream: `window` pool slots, `sinks` of them kept forever."""
+class _Lane:
+    """What both policies share: the lane's slots and its frame counter."""
 
-    slots: list[int]
-    sinks: int
-    rope_len: int
-    positions: list[int | None] = field(default_factory=list)  # frame index per window entry
-    next_frame: int = 0  # frame index the next latent frame gets
-    ring_next: int = 0  # ring entry to overwrite next (oldest)
-
-    def __post_init__(self) -> None:
-        if not self.positions:
-            self.positions = [None] * len(self.slots)
-        if len(self.slots) + 1 > self.rope_len:
-            raise ValueError(f"RoPE table of {self.rope_len} frames is too short for a window of {len(self.slots)}")
+    def __init__(self, lane: int, slots: list[int], sinks: int, rope_len: int, refresh: bool):
+        if not 0 <= sinks < len(slots):
+            raise ValueError(f"{sinks} sinks do not fit a window of {len(slots)}")
+        self.lane = lane
+        self.slots = list(slots)
+        self.sinks = sinks
+        self.rope_len = rope_len
+        self.refresh = refresh
+        self.frame = 0  # stream frame index of the next latent frame
+        self.chunks = 0  # chunks planned so far
 
     @property
     def window(self) -> int:
@@ -82,6 +105,77 @@ class LaneWindow:
     @property
     def ring(self) -> int:
         return self.window - self.sinks
+
+    def _frames(self, n: int) -> list[int]:
+        frames = list(range(self.frame, self.frame + n))
+        self.frame += n
+        self.chunks += 1
+        return frames
+
+
+class Sdv2Lane(_Lane):
+    """StreamDiffusionV2's host-side rules for one lane (see the module docstring)."""
+
+    def __init__(self, lane: int, slots: list[int], sinks: int, rope_len: int, refresh: bool = True,
+                 rebase_frame: int = 50):
+        super().__init__(lane, slots, sinks, rope_len, refresh)
+        if not self.window <= rebase_frame <= rope_len - 1:
+            raise ValueError(f"cache.rebase_frame={rebase_frame} must lie in [window={self.window}, "
+                             f"RoPE table length - 1 = {rope_len - 1}]")
+        self.rebase_frame = rebase_frame
+        self.filled = 0  # window entries written at least once
+        self.next_pos = 0  # RoPE index of the next latent frame
+        self.ring_order: list[int] = []  # the ring entries of Q, in queue order (before any rotation)
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.window
+
+    def plan(self, n: int) -> WritePlan:
+        """Plan a chunk of `n` latent frames and commit it to the bookkeeping."""
+        # 1. RoPE start: a streamed chunk that starts at rebase_frame or later restarts at W - 1.
+        if self.chunks > 0 and self.next_pos >= self.rebase_frame:
+            self.next_pos = self.window - 1
+        if self.next_pos + n > self.rope_len:
+            raise ValueError(f"a chunk of {n} latent frames at RoPE index {self.next_pos} leaves the table "
+                             f"of {self.rope_len}")
+        write_pos = list(range(self.next_pos, self.next_pos + n))
+        self.next_pos += n
+        refresh = self.refresh and n == 1
+        sink_slots = self.slots[: self.sinks]
+        # 2. Filling: the next free entries; queue the look-ahead ring entry e - 1.
+        if not self.full:
+            if self.filled + n > self.window:
+                raise ValueError(f"a chunk of {n} latent frames does not fit the {self.window - self.filled} "
+                                 f"free entries of the window")
+            entries = list(range(self.filled, self.filled + n))
+            self.filled += n
+            ahead = self.filled + n - 1  # e - 1, e = one past the last entry written + n
+            if self.sinks <= ahead < self.window and (not self.ring_order or self.ring_order[-1] != ahead):
+                self.ring_order.append(ahead)
+            return WritePlan([self.slots[e] for e in entries], write_pos, self.slots[: self.filled], self.lane,
+                             self._frames(n), refresh=refresh, sink_slots=sink_slots,
+                             ring_order=list(self.ring_order))
+        # 3. Full: each layer takes the front of its queue (or a refreshed sink) on the device.
+        if n != 1:
+            raise ValueError(f"cache.policy=sdv2 writes one latent frame per chunk once the window is full, got {n}")
+        if not self.ring_order:
+            raise ValueError("cache.policy=sdv2: no ring entry was queued while the window filled "
+                             "(window, sinks and first chunk size leave the queue empty)")
+        return WritePlan([-1], write_pos, list(self.slots), self.lane, self._frames(n), refresh=refresh,
+                         device_choice=True, sink_slots=sink_slots, ring_order=list(self.ring_order))
+
+
+class RollingLane(_Lane):
+    """Our own rules for one lane: sinks written once, ring overwritten oldest first."""
+
+    def __init__(self, lane: int, slots: list[int], sinks: int, rope_len: int, refresh: bool = False):
+        super().__init__(lane, slots, sinks, rope_len, refresh)
+        if self.window + 1 > rope_len:
+            raise ValueError(f"RoPE table of {rope_len} frames is too short for a window of {self.window}")
+        self.positions: list[int | None] = [None] * self.window  # RoPE index stored per entry
+        self.next_pos = 0
+        self.ring_next = 0  # ring entry to overwrite next (oldest)
 
     @property
     def filled(self) -> int:
@@ -95,15 +189,14 @@ class LaneWindow:
         # 1. Re-base when the chunk would run past the RoPE table.
         delta = 0
         touched: list[int] = []
-        if self.next_frame + n > self.rope_len:
-            delta = self.next_frame - self.window
+        if self.next_pos + n > self.rope_len:
+            delta = self.next_pos - self.window
             touched = [s for s, p in zip(self.slots, self.positions) if p is not None]
             self.positions = [None if p is None else p - delta for p in self.positions]
-            self.next_frame -= delta
+            self.next_pos -= delta
         # 2. Choose the window entries: empty sinks first, then the ring, oldest first. Only a
         #    chunk that goes to the ring (all sinks full) may refresh a sink.
         sinks_full = all(p is not None for p in self.positions[: self.sinks])
-        refresh = list(self.slots[: self.sinks]) if sinks_full else []
         entries: list[int] = []
         for _ in range(n):
             empty_sink = next((i for i in range(self.sinks) if self.positions[i] is None and i not in entries), None)
@@ -120,49 +213,67 @@ class LaneWindow:
         # 3. Commit positions.
         write_pos = []
         for entry in entries:
-            self.positions[entry] = self.next_frame
-            write_pos.append(self.next_frame)
-            self.next_frame += 1
+            self.positions[entry] = self.next_pos
+            write_pos.append(self.next_pos)
+            self.next_pos += 1
         attend = [s for s, p in zip(self.slots, self.positions) if p is not None]
-        return WritePlan([self.slots[e] for e in entries], write_pos, attend, delta, touched, refresh)
+        refresh = self.refresh and sinks_full and self.sinks > 0
+        return WritePlan([self.slots[e] for e in entries], write_pos, attend, self.lane, self._frames(n),
+                         delta, touched, refresh=refresh, sink_slots=self.slots[: self.sinks])
+
+
+Lane = Sdv2Lane | RollingLane
 
 
 @dataclass
 class StreamSlots:
     """All lanes of one stream."""
 
-    lanes: list[LaneWindow]
+    lanes: list[Lane]
 
     def all_slots(self) -> list[int]:
         return [s for lane in self.lanes for s in lane.slots]
 
 
 class SlotTable:
-    """Per-stream slot tables over one shared pool."""
+    """Per-stream lanes over one shared pool, under one cache policy."""
 
-    def __init__(self, num_slots: int, window: int, sinks: int, rope_len: int):
-        self.allocator = SlotAllocator(num_slots)
+    def __init__(self, num_slots: int, window: int, sinks: int, rope_len: int, policy: str = "sdv2",
+                 refresh: bool = True, rebase_frame: int = 50):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {policy!r} (known: {', '.join(POLICIES)})")
+        self.allocator = LaneAllocator(num_slots, window)
         self.window = window
         self.sinks = sinks
         self.rope_len = rope_len
+        self.policy = policy
+        self.refresh = refresh
+        self.rebase_frame = rebase_frame
         self.streams: dict[object, StreamSlots] = {}
+
+    @classmethod
+    def from_config(cls, num_slots: int, cache: CacheConfig, rope_len: int) -> "SlotTable":
+        return cls(num_slots, cache.window, cache.sinks, rope_len, cache.policy, cache.refresh_threshold > -1,
+                   cache.rebase_frame)
+
+    def _new_lane(self, lane: int) -> Lane:
+        slots = list(range(lane * self.window, (lane + 1) * self.window))
+        if self.policy == "sdv2":
+            return Sdv2Lane(lane, slots, self.sinks, self.rope_len, self.refresh, self.rebase_frame)
+        return RollingLane(lane, slots, self.sinks, self.rope_len, self.refresh)
 
     def add_stream(self, stream_id: object, lanes: int) -> StreamSlots:
         if stream_id in self.streams:
             raise KeyError(f"stream {stream_id!r} already has slots")
-        slots = self.allocator.alloc(lanes * self.window)
-        windows = [
-            LaneWindow(slots[i * self.window : (i + 1) * self.window], self.sinks, self.rope_len) for i in range(lanes)
-        ]
-        self.streams[stream_id] = StreamSlots(windows)
+        self.streams[stream_id] = StreamSlots([self._new_lane(g) for g in self.allocator.alloc(lanes)])
         return self.streams[stream_id]
 
     def remove_stream(self, stream_id: object) -> None:
         entry = self.streams.pop(stream_id, None)
         if entry is not None:
-            self.allocator.release(entry.all_slots())
+            self.allocator.release([lane.lane for lane in entry.lanes])
 
-    def lane(self, stream_id: object, lane: int) -> LaneWindow:
+    def lane(self, stream_id: object, lane: int) -> Lane:
         return self.streams[stream_id].lanes[lane]
 
     @property

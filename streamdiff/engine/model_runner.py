@@ -28,14 +28,13 @@ import time
 
 import torch
 
-from streamdiff.cache.kv_cache import KVPool
 from streamdiff.cache.slots import SlotTable
 from streamdiff.engine.types import ChunkInput, StreamOutput, StreamParams, validate_changes
 from streamdiff.engine.vae_batch import decode_many, encode_many
 from streamdiff.model.build import Components
 from streamdiff.model.causal_wan import CrossKV
 from streamdiff.pipeline.frames import tensor_to_frames
-from streamdiff.pipeline.stream_state import Row, StreamState, forward_rows, refresh_threshold
+from streamdiff.pipeline.stream_state import Row, StreamState, forward_rows, new_pool
 from streamdiff.scheduler.types import StepPlan
 
 MAX_LANES = 4  # denoise steps 1..4: a stream may switch to 4 live, so the pool reserves 4 lanes
@@ -50,14 +49,10 @@ class ModelRunner:
         self.width, self.height = cfg.video.width, cfg.video.height
         self.tokens_per_frame = (self.height // 16) * (self.width // 16)
         self.max_streams = max_streams or cfg.cache.max_streams
-        self.refresh = refresh_threshold(comps)
         # 1. One pool and one slot table for every stream and lane of this process.
         num_slots = self.max_streams * MAX_LANES * cfg.cache.window
-        self.pool = KVPool(
-            self.model.layer_ids, num_slots, self.tokens_per_frame, cfg.model.num_heads, cfg.model.head_dim,
-            comps.dtype, comps.device,
-        )
-        self.slots = SlotTable(num_slots, cfg.cache.window, cfg.cache.sinks, cfg.model.rope_max_seq_len)
+        self.pool = new_pool(self.model, num_slots, self.tokens_per_frame, cfg, comps.dtype, comps.device)
+        self.slots = SlotTable.from_config(num_slots, cfg.cache, cfg.model.rope_max_seq_len)
         # 2. Per-stream state and parameters; prompt K/V shared by prompt text (LRU).
         self.streams: dict[str, StreamState] = {}
         self.params: dict[str, StreamParams] = {}
@@ -150,7 +145,7 @@ class ModelRunner:
         marks.append(("encode", self._mark()))
 
         def run(rows: list[Row]) -> None:
-            for row, flow in zip(rows, forward_rows(self.model, self.pool, rows, self.refresh)):
+            for row, flow in zip(rows, forward_rows(self.model, self.pool, rows, self.comps.cfg.cache)):
                 x0 = row.state.apply_flow(row, flow)
                 if x0 is not None:
                     if row.state.stream_id in finished:

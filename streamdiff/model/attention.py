@@ -63,9 +63,9 @@ class Attention:
         else:
             self._write, self._attend = cache_write_ref, sink_window_attention_ref
 
-    def write(self, k, v, k_pool, v_pool, batch: AttnBatch, freqs_cos, freqs_sin, split, grid) -> None:
-        """k, v [B, F*T, H, D] -> pool slots batch.write_slots, RoPE applied to k."""
-        self._write(k, v, k_pool, v_pool, batch.write_slots, batch.write_pos, freqs_cos, freqs_sin, split, grid)
+    def write(self, k, v, k_pool, v_pool, write_slots, write_pos, freqs_cos, freqs_sin, split, grid) -> None:
+        """k, v [B, F*T, H, D] -> pool slots write_slots [B, F] at RoPE indices write_pos [B, F]."""
+        self._write(k, v, k_pool, v_pool, write_slots, write_pos, freqs_cos, freqs_sin, split, grid)
 
     def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
         """q [B, N, H, D] attends to every slot of its row -> [B, N, H, D]."""

@@ -79,4 +79,4 @@ def build_components(cfg: Config, device: torch.device | str | None = None) -> C
     vae_module = vae_module.to(device=device).eval().requires_grad_(False)
     text = build_prompt_encoder(cfg.text, cfg.weights, cfg.model.text_dim, device, dtype)
     schedule = FlowMatchSchedule(cfg.sampling.shift, cfg.sampling.num_train_timesteps)
-    return Components(cfg, device, dtype, model, StreamingVAE(vae_module), text, schedule)
+    return Components(cfg, device, dtype, model, StreamingVAE(vae_module, cfg.vae.normalize_latents), text, schedule)

@@ -25,7 +25,7 @@ from diffusers.models.transformers.transformer_wan import (
     WanTransformerBlock,
 )
 
-from streamdiff.cache.kv_cache import AttnBatch, KVPool, refresh_sinks_
+from streamdiff.cache.kv_cache import AttnBatch, KVPool, choose_writes, sink_similarity, swap_refresh_
 from streamdiff.config import ModelConfig
 from streamdiff.model.attention import Attention, rope_angles
 from streamdiff.kernels.cache_write import apply_rope_ref
@@ -161,15 +161,13 @@ class CausalWanModel(nn.Module):
         batch: AttnBatch,
         pool: KVPool,
         grid: tuple[int, int],
-        refresh_threshold: float | None = None,
     ) -> torch.Tensor:
-        """Run this model's blocks over hidden [B, F*T, dim]; writes this chunk's K/V into the pool."""
+        """Run this model's blocks over hidden [B, F*T, dim]; writes this chunk's K/V into the pool
+        (the cache policy's per-layer slot choice and sink refresh travel in `batch`)."""
         freqs_cos, freqs_sin = self.rope_tables()
         cos_q, sin_q = rope_angles(freqs_cos, freqs_sin, self.rope_split, batch.write_pos, grid)  # [B, F*T, D]
         for layer, block in self._blocks():
             hidden = self._block(block, layer, hidden, tproj, cross_kv[layer], batch, pool, grid, (cos_q, sin_q))
-            if refresh_threshold is not None:
-                refresh_sinks_(*pool.layer(layer), batch, refresh_threshold)
         return hidden
 
     def head(self, hidden: torch.Tensor, temb: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -191,7 +189,6 @@ class CausalWanModel(nn.Module):
         cross_kv: CrossKV,
         batch: AttnBatch,
         pool: KVPool,
-        refresh_threshold: float | None = None,
     ) -> torch.Tensor:
         """Full model (embed + all blocks + head) on one chunk per row: x [B, C, F, h, w],
         timestep [B, F] -> flow [B, C, F, h, w] (fp32)."""
@@ -201,7 +198,7 @@ class CausalWanModel(nn.Module):
         grid = (height // PATCH[1], width // PATCH[2])
         temb, tproj = self.time_embedding(timestep)
         hidden = self.embed(x)
-        hidden = self.run_blocks(hidden, tproj, cross_kv, batch, pool, grid, refresh_threshold)
+        hidden = self.run_blocks(hidden, tproj, cross_kv, batch, pool, grid)
         return self.head(hidden, temb, (frames, height, width)).float()
 
     # ------------------------------------------------------------------ one block
@@ -257,9 +254,23 @@ class CausalWanModel(nn.Module):
         q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))  # [B, N, H, D]
         k = attn.norm_k(attn.to_k(h)).unflatten(2, (attn.heads, -1))  # [B, N, H, D]
         v = attn.to_v(h).unflatten(2, (attn.heads, -1))  # [B, N, H, D]
-        q = apply_rope_ref(q, *rope_q)
         k_pool, v_pool = pool.layer(layer)
+        # 1. Where this layer writes: the plan's slots, or (sdv2, full window) its queue's choice,
+        #    after the sink-refresh test against the cache as it is before the write.
+        write_slots = batch.write_slots
+        if batch.any_choice or (batch.any_refresh and not batch.swap_refresh):
+            sim = None
+            if batch.any_refresh and not batch.swap_refresh:
+                sim = sink_similarity(k_pool, v_pool, batch.sink_slots, apply_rope_ref(k, *rope_q), v)  # [B, sinks]
+            write_slots = choose_writes(pool, layer, batch, sim)  # [B, F]
+        # 2. Write (RoPE fused), attend to every held slot of the row.
+        q = apply_rope_ref(q, *rope_q)
         freqs_cos, freqs_sin = self.rope_tables()
-        self.attention.write(k, v, k_pool, v_pool, batch, freqs_cos, freqs_sin, self.rope_split, grid)
+        self.attention.write(k, v, k_pool, v_pool, write_slots, batch.write_pos, freqs_cos, freqs_sin,
+                             self.rope_split, grid)
+        pool.record_frames(layer, write_slots, batch.frames)
         out = self.attention.attend(q, k_pool, v_pool, batch)  # [B, N, H, D]
+        # 3. rolling: the refresh swaps a sink with the frame just written, for later chunks.
+        if batch.swap_refresh:
+            swap_refresh_(pool, layer, batch, write_slots)
         return attn.to_out[0](out.flatten(2).type_as(q))

@@ -103,18 +103,22 @@ class VAEStreamState:
 class StreamingVAE:
     """Chunk-by-chunk encode/decode of `AutoencoderKLWan` with per-stream caches.
 
-    Latents in and out are NORMALIZED: `(mu - latents_mean) / latents_std`, the space the DiT
-    works in. Frames in and out are in [-1, 1]. Inputs of another floating dtype are cast to
+    Latent scaling (`vae.normalize_latents`): decode always un-normalizes (`z * latents_std +
+    latents_mean`); encode returns the raw posterior mean by default, as StreamDiffusionV2's
+    streaming encoder does (`stream_encode(is_scale=False)`), or the normalized
+    `(mu - latents_mean) / latents_std` with `normalize_latents=True` (its later
+    `--normalize_latents`, both ways). Frames in and out are in [-1, 1]. Inputs of another floating dtype are cast to
     the module's dtype; outputs are in the module's dtype on the module's device.
     """
 
-    def __init__(self, vae: AutoencoderKLWan):
+    def __init__(self, vae: AutoencoderKLWan, normalize_latents: bool = False):
         if getattr(vae.config, "patch_size", None) is not None:
             raise ValueError(
                 f"AutoencoderKLWan with patch_size={vae.config.patch_size} (the Wan2.2 VAE) is not supported; "
                 "StreamDiff uses the Wan2.1 VAE (patch_size None)"
             )
         self.vae = vae.eval()
+        self.normalize_latents = normalize_latents
         self.z_dim = int(vae.config.z_dim)
         self.in_channels = int(vae.config.in_channels)
         self.latents_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32)  # [z_dim]
@@ -161,7 +165,8 @@ class StreamingVAE:
 
     @torch.no_grad()
     def encode_chunk(self, frames: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
-        """frames [B, 3, n, H, W] in [-1, 1] -> normalized latents [B, z_dim, n_latent, H/8, W/8].
+        """frames [B, 3, n, H, W] in [-1, 1] -> latents [B, z_dim, n_latent, H/8, W/8] (normalized
+        only with `normalize_latents`).
 
         A stream's first call takes 1 + 4k frames (n_latent = 1 + k); later calls 4k frames
         (n_latent = k). Uses the posterior mean (no sampling).
@@ -198,10 +203,11 @@ class StreamingVAE:
             outs.append(self.vae.quant_conv(enc))  # [B, 2z, 1, h, w]  (1x1x1 conv, no temporal state)
         moments = torch.cat(outs, dim=2)  # [B, 2z, n_latent, h, w]
 
-        # 3. Keep the posterior mean and normalize it.
-        mu = moments[:, : self.z_dim]  # [B, z, n_latent, h, w]
-        mean, std = self._latent_stats(mu.device, mu.dtype)
-        latents = (mu - mean) / std  # [B, z, n_latent, h, w]
+        # 3. Keep the posterior mean (normalized only when asked: see the class docstring).
+        latents = moments[:, : self.z_dim]  # [B, z, n_latent, h, w]
+        if self.normalize_latents:
+            mean, std = self._latent_stats(latents.device, latents.dtype)
+            latents = (latents - mean) / std
         state.encoded_frames += n
         state.encoded_latents += latents.shape[2]
         return latents

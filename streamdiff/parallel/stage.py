@@ -30,7 +30,6 @@ from collections import OrderedDict
 
 import torch
 
-from streamdiff.cache.kv_cache import AttnBatch, KVPool
 from streamdiff.cache.slots import SlotTable
 from streamdiff.config import Config
 from streamdiff.engine.model_runner import MAX_LANES
@@ -46,8 +45,9 @@ from streamdiff.pipeline.stream_state import (
     Row,
     StreamState,
     apply_rebases,
+    attn_batch,
+    new_pool,
     plan_rows,
-    refresh_threshold,
     row_timesteps,
 )
 from streamdiff.sampling.noise_schedule import FlowMatchSchedule
@@ -71,10 +71,8 @@ class StageWorker:
         self.num_slots = self.max_streams * MAX_LANES * cfg.cache.window
         # 1. This stage's part of the DiT and a pool for exactly its layers.
         self.model = build_stage_model(cfg, spec, self.device)
-        self.pool = KVPool(self.model.layer_ids, self.num_slots, self.tokens_per_frame, cfg.model.num_heads,
-                           cfg.model.head_dim, self.dtype, self.device)
+        self.pool = new_pool(self.model, self.num_slots, self.tokens_per_frame, cfg, self.dtype, self.device)
         self.schedule = FlowMatchSchedule(cfg.sampling.shift, cfg.sampling.num_train_timesteps)
-        self.refresh = refresh_threshold(self)
         # 2. Prompt K/V of this stage's layers: per stream (key, kv), shared between streams by key.
         self._cond: dict[str, tuple[tuple, CrossKV]] = {}
         self._kv_by_key: dict[tuple, tuple[CrossKV, int]] = {}
@@ -82,7 +80,7 @@ class StageWorker:
         self.vae = self._build_vae() if (spec.first or spec.last) else None
         if spec.first:
             self.text = build_prompt_encoder(cfg.text, cfg.weights, cfg.model.text_dim, self.device, self.dtype)
-            self.slots = SlotTable(self.num_slots, cfg.cache.window, cfg.cache.sinks, cfg.model.rope_max_seq_len)
+            self.slots = SlotTable.from_config(self.num_slots, cfg.cache, cfg.model.rope_max_seq_len)
             self.streams: dict[str, StreamState] = {}
             self._prompts: OrderedDict[str, tuple[CrossKV, torch.Tensor]] = OrderedDict()
             self._sent: dict[str, tuple] = {}  # stream -> condition key later stages have
@@ -106,7 +104,7 @@ class StageWorker:
             module = load_vae(cfg.weights.vae)
         if next(module.parameters()).dtype != self.dtype:
             module = module.to(dtype=self.dtype)
-        return StreamingVAE(module.to(device=self.device).eval().requires_grad_(False))
+        return StreamingVAE(module.to(device=self.device).eval().requires_grad_(False), cfg.vae.normalize_latents)
 
     def info(self) -> dict:
         """What this stage holds (tests count parameters; the executor logs it)."""
@@ -158,8 +156,7 @@ class StageWorker:
 
     def clear_all(self) -> None:
         """After a failed step: zero the pool and forget forwards in flight (streams are gone)."""
-        self.pool.k.zero_()
-        self.pool.v.zero_()
+        self.pool.clear()
         if self.spec.first:
             self._open.clear()
             self._steady, self._preparing = [], []
@@ -334,8 +331,8 @@ class StageWorker:
         frames, h, w = hop.latent_shape
         timestep = row_timesteps([m.t for m in hop.rows], frames, self.device)  # [B, F]
         _, tproj = self.model.time_embedding(timestep)
-        batch = AttnBatch.from_plans(hop.plans, self.device)
-        return self.model.run_blocks(hop.hidden, tproj, cross, batch, self.pool, (h // 2, w // 2), self.refresh)
+        batch = attn_batch(hop.plans, self.pool, self.cfg.cache)
+        return self.model.run_blocks(hop.hidden, tproj, cross, batch, self.pool, (h // 2, w // 2))
 
     def _last(self, hop: Hop) -> StepOut:
         if hop.hidden is None:
@@ -375,7 +372,7 @@ class StageWorker:
         if not layers or not (layers[0] == start or layers[-1] == end - 1) or len(layers) >= end - start:
             raise ValueError(f"stage {self.spec.index} holds [{start}, {end}): cannot give {layers}")
         state = {f"blocks.{i}.{k}": v.cpu() for i in layers for k, v in self.model.blocks[str(i)].state_dict().items()}
-        k, v = self.pool.remove_layers(layers)
+        pool_state = {name: t.cpu() for name, t in self.pool.remove_layers(layers).items()}
         cond: dict[tuple, dict[int, tuple]] = {}
         for key, kv in self._cross_kvs():
             cond[key] = {i: (kv[i][0].cpu(), kv[i][1].cpu()) for i in layers}
@@ -384,7 +381,7 @@ class StageWorker:
         for i in layers:
             del self.model.blocks[str(i)]
         self.model.block_range = (layers[-1] + 1, end) if layers[0] == start else (start, layers[0])
-        return {"layers": layers, "state": state, "k": k.cpu(), "v": v.cpu(), "cond": cond}
+        return {"layers": layers, "state": state, "pool": pool_state, "cond": cond}
 
     def take_blocks(self, package: dict) -> None:
         """Receive blocks from a neighbour (the other half of `give_blocks`)."""
@@ -398,7 +395,7 @@ class StageWorker:
         merged = {**{name: blk for name, blk in self.model.blocks.items()}, **dict(donor.blocks.items())}
         self.model.blocks = torch.nn.ModuleDict({str(i): merged[str(i)] for i in sorted(int(n) for n in merged)})
         self.model.block_range = (min(start, layers[0]), max(end, layers[-1] + 1))
-        self.pool.add_layers(layers, package["k"], package["v"])
+        self.pool.add_layers(layers, package["pool"])
         for key, kv in self._cross_kvs():
             moved = package["cond"].get(key)
             if moved is None:  # a condition no row has carried downstream yet: project it here

@@ -19,11 +19,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from streamdiff.cache.kv_cache import KVPool
 from streamdiff.cache.slots import SlotTable
 from streamdiff.model.build import Components
 from streamdiff.model.causal_wan import CausalWanModel
-from streamdiff.pipeline.stream_state import Lane, Row, StreamState, forward_rows, refresh_threshold
+from streamdiff.pipeline.stream_state import Lane, Row, StreamState, forward_rows, new_pool
 
 __all__ = ["Lane", "StreamPipeline"]
 
@@ -43,17 +42,13 @@ class StreamPipeline:
         self.comps = comps
         self.model: CausalWanModel = comps.model
         self.stream_batch = stream_batch
-        self.refresh = refresh_threshold(comps)
         width, height = width or cfg.video.width, height or cfg.video.height  # StreamState checks them
         steps = steps or cfg.sampling.steps
 
         # 1. This stream's own KV pool (one window per lane) and slot table; then its state.
         num_slots = steps * cfg.cache.window
-        self.pool = KVPool(
-            self.model.layer_ids, num_slots, (height // 16) * (width // 16), cfg.model.num_heads,
-            cfg.model.head_dim, comps.dtype, comps.device,
-        )
-        self.slots = SlotTable(num_slots, cfg.cache.window, cfg.cache.sinks, cfg.model.rope_max_seq_len)
+        self.pool = new_pool(self.model, num_slots, (height // 16) * (width // 16), cfg, comps.dtype, comps.device)
+        self.slots = SlotTable.from_config(num_slots, cfg.cache, cfg.model.rope_max_seq_len)
         self.state = StreamState(comps, 0, self.slots, prompt, steps, seed, width, height)
         self._pending: list[np.ndarray] = []
         self._trim_last = 0  # padded frames to drop from the final chunk's output
@@ -145,4 +140,4 @@ class StreamPipeline:
 
     def _forward(self, rows: list[Row]) -> list[torch.Tensor]:
         """One DiT forward over this stream's rows -> flow per row."""
-        return forward_rows(self.model, self.pool, rows, self.refresh)
+        return forward_rows(self.model, self.pool, rows, self.comps.cfg.cache)

@@ -31,6 +31,7 @@ import torch
 
 from streamdiff.cache.kv_cache import AttnBatch, KVPool
 from streamdiff.cache.slots import SlotTable, WritePlan
+from streamdiff.config import CacheConfig, Config
 from streamdiff.model.build import Components
 from streamdiff.model.causal_wan import CausalWanModel, CrossKV
 from streamdiff.pipeline.frames import frames_to_tensor, tensor_to_frames
@@ -263,23 +264,28 @@ class StreamState:
 
 
 @torch.no_grad()
-def forward_rows(
-    model: CausalWanModel, pool: KVPool, rows: list[Row], refresh_threshold: float | None = None
-) -> list[torch.Tensor]:
+def forward_rows(model: CausalWanModel, pool: KVPool, rows: list[Row], cache: CacheConfig) -> list[torch.Tensor]:
     """Step 3: one DiT forward over `rows` (any streams, any lanes; all write the same number of
     latent frames) -> one flow [1, 16, F, h, w] per row. Commits the rows' slot plans."""
     num_frames = rows[0].lane.x.shape[2]
-    device = pool.k.device
-    # 1. Slot plans per row (re-basing RoPE indices of a lane that would leave the table).
     plans = plan_rows(rows)
-    apply_rebases(model, pool, plans)
-    batch = AttnBatch.from_plans(plans, device)
-    # 2. Stack latents, per-row timesteps and per-row prompt K/V; run the model.
     x = torch.cat([row.lane.x for row in rows])  # [B, 16, F, h, w]
-    timestep = row_timesteps([row.lane.t for row in rows], num_frames, device)  # [B, F]
+    timestep = row_timesteps([row.lane.t for row in rows], num_frames, pool.k.device)  # [B, F]
     cross = model.stack_prompt_kv([row.state.cross_kv for row in rows])
-    flow = model(x, timestep, cross, batch, pool, refresh_threshold)  # [B, 16, F, h, w]
-    return list(flow.split(1))
+    return list(forward_plans(model, pool, plans, x, timestep, cross, cache).split(1))
+
+
+def forward_plans(model: CausalWanModel, pool: KVPool, plans: list[WritePlan], x: torch.Tensor,
+                  timestep: torch.Tensor, cross: CrossKV, cache: CacheConfig) -> torch.Tensor:
+    """One full-model forward over committed slot plans: re-bases, attention metadata, the DiT.
+    x [B, 16, F, h, w], timestep [B, F] -> flow [B, 16, F, h, w] (fp32)."""
+    apply_rebases(model, pool, plans)
+    return model(x, timestep, cross, attn_batch(plans, pool, cache), pool)
+
+
+def attn_batch(plans: list[WritePlan], pool: KVPool, cache: CacheConfig) -> AttnBatch:
+    """The per-forward attention metadata of `plans` under the configured cache policy."""
+    return AttnBatch.from_plans(plans, pool.k.device, pool.window, cache.refresh_threshold, cache.policy)
 
 
 def plan_rows(rows: list[Row]) -> list[WritePlan]:
@@ -288,7 +294,7 @@ def plan_rows(rows: list[Row]) -> list[WritePlan]:
 
 
 def apply_rebases(model: CausalWanModel, pool: KVPool, plans: list[WritePlan]) -> None:
-    """Rotate the stored keys of every plan that re-bases its lane (on this pool's layers)."""
+    """Rotate the stored keys of every plan that re-bases its lane (rolling policy; this pool's layers)."""
     for plan in plans:
         if plan.rebase_delta:
             freqs_cos, freqs_sin = model.rope_tables()
@@ -300,10 +306,11 @@ def row_timesteps(timesteps: list[int], num_frames: int, device) -> torch.Tensor
     return torch.tensor([[t] * num_frames for t in timesteps], device=device, dtype=torch.float32)
 
 
-def refresh_threshold(comps: Components) -> float | None:
-    """The adaptive sink refresh threshold the config asks for, or None when it is off."""
-    cc = comps.cfg.cache
-    return cc.refresh_threshold if cc.adaptive_sink_refresh else None
+def new_pool(model: CausalWanModel, num_slots: int, tokens_per_slot: int, cfg: Config, dtype, device) -> KVPool:
+    """A KV pool for the model's layers, in lanes of `cache.window` slots."""
+    return KVPool(model.layer_ids, num_slots, tokens_per_slot, cfg.model.num_heads, cfg.model.head_dim, dtype,
+                  device, cfg.cache.window)
 
 
-__all__ = ["Lane", "Row", "StreamState", "apply_rebases", "forward_rows", "plan_rows", "refresh_threshold", "row_timesteps"]
+__all__ = ["Lane", "Row", "StreamState", "apply_rebases", "attn_batch", "forward_plans", "forward_rows", "new_pool",
+           "plan_rows", "row_timesteps"]

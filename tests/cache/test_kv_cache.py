@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from streamdiff.cache.kv_cache import AttnBatch, KVPool, refresh_sinks_
+from streamdiff.cache.kv_cache import AttnBatch, KVPool, sink_similarity, swap_refresh_
 from streamdiff.cache.slots import WritePlan
 from streamdiff.kernels.cache_write import cache_write_ref
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
@@ -16,8 +16,8 @@ def test_rebase_rotation_equals_writing_at_the_shifted_index():
     split = (rope.t_dim, rope.h_dim, rope.w_dim)
     k = torch.randn(1, 12, 2, 32)
     v = torch.randn(1, 12, 2, 32)
-    a = KVPool([0], 4, 12, 2, 32, torch.float32, "cpu")
-    b = KVPool([0], 4, 12, 2, 32, torch.float32, "cpu")
+    a = KVPool([0], 4, 12, 2, 32, torch.float32, "cpu", window=4)
+    b = KVPool([0], 4, 12, 2, 32, torch.float32, "cpu", window=4)
     cache_write_ref(k, v, *a.layer(0), torch.tensor([[2]]), torch.tensor([[40]]), cos, sin, split, (3, 4))
     cache_write_ref(k, v, *b.layer(0), torch.tensor([[2]]), torch.tensor([[40 - 33]]), cos, sin, split, (3, 4))
     assert not torch.allclose(a.k, b.k)
@@ -26,34 +26,50 @@ def test_rebase_rotation_equals_writing_at_the_shifted_index():
     torch.testing.assert_close(a.v, b.v)
 
 
-def _batch(write_slots, sinks):
-    plan = WritePlan(
-        write_slots=write_slots, write_pos=list(range(len(write_slots))), attend_slots=write_slots + sinks,
-        refresh_sinks=sinks,
-    )
-    return AttnBatch.from_plans([plan], "cpu")
-
-
-def test_sink_refresh_replaces_the_least_similar_sink_below_threshold():
-    k = torch.zeros(5, 4, 1, 8)
-    v = torch.zeros(5, 4, 1, 8)
+def test_rolling_refresh_swaps_so_each_frame_is_held_once():
+    """rolling: the least similar sink below the threshold swaps places with the frame just
+    written; nothing is held twice, and similar sinks leave the pool unchanged."""
+    pool = KVPool([0], 6, 4, 1, 8, torch.float32, "cpu", window=6)
+    k, v = pool.layer(0)
     base = torch.randn(8)
-    for slot, sign in ((0, 1.0), (1, 1.0), (2, -1.0)):  # sink 2 points the other way
+    for slot, sign in ((0, 1.0), (1, 1.0), (2, -1.0), (3, 0.5)):  # sink 2 points the other way
         k[slot] = sign * base + 0.01 * torch.randn(4, 1, 8)
         v[slot] = sign * base + 0.01 * torch.randn(4, 1, 8)
-    k[4] = base
-    v[4] = base
-    batch = _batch([4], [0, 1, 2])
-    assert refresh_sinks_(k, v, batch, threshold=0.2) == [2]
-    torch.testing.assert_close(k[2], k[4])
-    # now every sink is similar: nothing changes
+    k[4], v[4] = base, base
+    pool.frames[0, :5] = torch.tensor([0, 1, 2, 3, 4])
+    plan = WritePlan([4], [4], [0, 1, 2, 3, 4], lane=0, frames=[4], refresh=True, sink_slots=[0, 1, 2])
+    batch = AttnBatch.from_plans([plan], "cpu", 6, 0.2, "rolling")
+    old_sink = k[2].clone()
+    swap_refresh_(pool, 0, batch, batch.write_slots)
+    torch.testing.assert_close(k[2], base.expand(4, 1, 8))
+    torch.testing.assert_close(k[4], old_sink)  # the old sink frame lives on in the ring slot
+    assert pool.held_frames(0, [0, 1, 2, 3, 4]) == [0, 1, 4, 3, 2]
+    k[4], v[4] = base, base  # the next frame written there: every sink is similar now
     before = k.clone()
-    assert refresh_sinks_(k, v, batch, threshold=0.2) == [-1]
+    swap_refresh_(pool, 0, batch, batch.write_slots)
     assert torch.equal(k, before)
 
 
+def test_sink_similarity_gives_zero_for_an_empty_sink():
+    k_pool = torch.zeros(3, 4, 1, 8)
+    v_pool = torch.zeros(3, 4, 1, 8)
+    k_pool[0] = v_pool[0] = torch.ones(4, 1, 8)
+    new = torch.ones(1, 4, 1, 8)
+    sim = sink_similarity(k_pool, v_pool, torch.tensor([[0, 1]]), new, new)
+    torch.testing.assert_close(sim, torch.tensor([[1.0, 0.0]]))
+
+
+def test_clear_slots_resets_the_lanes_queues_and_frames():
+    pool = KVPool([0, 1], 12, 1, 1, 2, torch.float32, "cpu", window=6)
+    pool.q_len[:, 1] = 2
+    pool.q_rot[:, 1] = 1
+    pool.frames[:, 6:] = 5
+    pool.clear_slots(list(range(6, 12)))
+    assert pool.q_len.abs().sum() == 0 and pool.q_rot.abs().sum() == 0 and (pool.frames == -1).all()
+
+
 def test_clear_slots_zeroes_only_those_slots():
-    pool = KVPool([3, 4], 6, 2, 1, 4, torch.float32, "cpu")
+    pool = KVPool([3, 4], 6, 2, 1, 4, torch.float32, "cpu", window=6)
     pool.k.normal_()
     pool.v.normal_()
     pool.clear_slots([1, 4])

@@ -1,33 +1,35 @@
-"""Slot bookkeeping: sinks written once, ring overwritten oldest first, re-base, pool accounting."""
+"""Slot bookkeeping of the `rolling` policy (sinks written once, ring overwritten oldest first,
+re-base) and pool accounting. The `sdv2` policy: test_sdv2_policy.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from streamdiff.cache.slots import LaneWindow, PoolFullError, SlotTable
+from streamdiff.cache.slots import PoolFullError, RollingLane, SlotTable
 
 
 def test_sinks_fill_first_then_ring_overwrites_oldest():
-    lane = LaneWindow(slots=[10, 11, 12, 13, 14, 15], sinks=3, rope_len=1024)
+    lane = RollingLane(1, [6, 7, 8, 9, 10, 11], sinks=3, rope_len=1024, refresh=True)
     first = lane.plan(2)
-    assert first.write_slots == [10, 11] and first.write_pos == [0, 1]
-    assert sorted(first.attend_slots) == [10, 11]
+    assert first.write_slots == [6, 7] and first.write_pos == [0, 1]
+    assert sorted(first.attend_slots) == [6, 7]
     written = [lane.plan(1).write_slots[0] for _ in range(7)]
     # frame 2 -> last sink, frames 3..5 -> ring, then the ring wraps over frames 3, 4, 5, 6
-    assert written == [12, 13, 14, 15, 13, 14, 15]
+    assert written == [8, 9, 10, 11, 9, 10, 11]
     assert lane.positions == [0, 1, 2, 6, 7, 8]
-    assert lane.sink_slots() == [10, 11, 12]
+    assert lane.sink_slots() == [6, 7, 8]
 
 
 def test_only_ring_writes_may_refresh_sinks():
-    lane = LaneWindow(slots=[10, 11, 12, 13, 14, 15], sinks=3, rope_len=1024)
-    assert lane.plan(2).refresh_sinks == []  # filling sinks
-    assert lane.plan(1).refresh_sinks == []  # the last sink
-    assert lane.plan(1).refresh_sinks == [10, 11, 12]  # first ring write
+    lane = RollingLane(1, [6, 7, 8, 9, 10, 11], sinks=3, rope_len=1024, refresh=True)
+    assert not lane.plan(2).refresh  # filling sinks
+    assert not lane.plan(1).refresh  # the last sink
+    plan = lane.plan(1)  # first ring write
+    assert plan.refresh and plan.sink_slots == [6, 7, 8]
 
 
 def test_attend_set_is_sinks_plus_last_ring_frames():
-    lane = LaneWindow(slots=list(range(5)), sinks=2, rope_len=1024)
+    lane = RollingLane(0, list(range(5)), sinks=2, rope_len=1024)
     lane.plan(2)
     for _ in range(9):
         plan = lane.plan(1)
@@ -36,14 +38,14 @@ def test_attend_set_is_sinks_plus_last_ring_frames():
 
 
 def test_chunk_larger_than_ring_is_refused():
-    lane = LaneWindow(slots=list(range(4)), sinks=3, rope_len=1024)
+    lane = RollingLane(0, list(range(4)), sinks=3, rope_len=1024)
     lane.plan(3)
     with pytest.raises(ValueError, match="ring"):
         lane.plan(2)
 
 
 def test_rebase_shifts_every_position_by_the_same_delta():
-    lane = LaneWindow(slots=list(range(6)), sinks=3, rope_len=10)
+    lane = RollingLane(0, list(range(6)), sinks=3, rope_len=10)
     lane.plan(2)
     for _ in range(7):  # frames 2..8
         lane.plan(1)
@@ -60,12 +62,17 @@ def test_rebase_shifts_every_position_by_the_same_delta():
 
 def test_pool_release_returns_to_full_after_many_cycles():
     table = SlotTable(num_slots=48, window=6, sinks=3, rope_len=1024)
+    lanes_seen = set()
     for i in range(100):
         table.add_stream(i, lanes=4)
         table.add_stream(f"x{i}", lanes=2)
+        for lane in table.streams[i].lanes + table.streams[f"x{i}"].lanes:
+            # a lane is `window` contiguous slots starting at lane * window
+            assert lane.slots == list(range(lane.lane * 6, lane.lane * 6 + 6))
+            lanes_seen.add(lane.lane)
         table.remove_stream(i)
         table.remove_stream(f"x{i}")
-    assert table.free_slots == 48 and not table.streams
+    assert table.free_slots == 48 and not table.streams and lanes_seen <= set(range(8))
     for i in range(2):
         table.add_stream(i, lanes=4)
     with pytest.raises(PoolFullError, match="need 24 slots, 0 of 48 free"):

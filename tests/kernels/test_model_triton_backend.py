@@ -25,12 +25,12 @@ def stream(model: CausalWanModel, chunks: list[torch.Tensor], text: torch.Tensor
     cfg = model.cfg
     table = SlotTable(12, 6, 3, 1024)
     table.add_stream("s", 2)
-    pool = KVPool(model.layer_ids, 12, TOKENS, cfg.num_heads, cfg.head_dim, torch.float32, "cpu")
+    pool = KVPool(model.layer_ids, 12, TOKENS, cfg.num_heads, cfg.head_dim, torch.float32, "cpu", 6)
     cross = model.stack_prompt_kv([model.prompt_kv(text)] * 2)
     outs = []
     for i, x in enumerate(chunks):
         plans = [table.lane("s", lane).plan(x.shape[2]) for lane in (0, 1)]
-        batch = AttnBatch.from_plans(plans, "cpu")
+        batch = AttnBatch.from_plans(plans, "cpu", 6)
         t = torch.tensor([[700.0 - 10 * i] * x.shape[2], [500.0] * x.shape[2]])
         outs.append(model(torch.cat([x, x.flip(-1)]), t, cross, batch, pool))
     return torch.cat(outs, dim=2)

@@ -63,9 +63,9 @@ def sink_ring_mask(chunk_of_frame: list[int], chunk_end: list[int], sinks: int, 
 def run_streaming(model, chunks, timesteps, text, window=6, sinks=3, rope_len=1024):
     """Feed chunks [1, 16, F, 8, 12] one by one through one lane; returns the outputs."""
     cfg = model.cfg
-    table = SlotTable(window, window, sinks, rope_len)
+    table = SlotTable(window, window, sinks, rope_len, policy="rolling", refresh=False)
     table.add_stream("s", 1)
-    pool = KVPool(model.layer_ids, window, TOKENS, cfg.num_heads, cfg.head_dim, torch.float32, "cpu")
+    pool = KVPool(model.layer_ids, window, TOKENS, cfg.num_heads, cfg.head_dim, torch.float32, "cpu", window)
     cross = model.prompt_kv(text)
     outs = []
     for x, t in zip(chunks, timesteps):
@@ -74,7 +74,7 @@ def run_streaming(model, chunks, timesteps, text, window=6, sinks=3, rope_len=10
         if plan.rebase_delta:
             cos, sin = model.rope_tables()
             pool.rebase_(plan.rebase_slots, plan.rebase_delta, cos, sin, model.rope.t_dim)
-        batch = AttnBatch.from_plans([plan], "cpu")
+        batch = AttnBatch.from_plans([plan], "cpu", 6, policy="rolling")
         tt = torch.full((1, x.shape[2]), float(t))
         outs.append(model(x, tt, cross, batch, pool))
     return outs
@@ -142,13 +142,13 @@ def test_block_range_stages_compose_to_the_full_model():
     text = torch.randn(1, 7, cfg.text_dim)
     (expected,) = run_streaming(full, [x], [600], text)
 
-    table = SlotTable(6, 6, 3, 1024)
+    table = SlotTable(6, 6, 3, 1024, policy="rolling", refresh=False)
     table.add_stream("s", 1)
     plan = table.lane("s", 0).plan(2)
-    batch = AttnBatch.from_plans([plan], "cpu")
+    batch = AttnBatch.from_plans([plan], "cpu", 6, policy="rolling")
     t = torch.full((1, 2), 600.0)
-    pool0 = KVPool(first.layer_ids, 6, TOKENS, cfg.num_heads, cfg.head_dim, torch.float32, "cpu")
-    pool1 = KVPool(last.layer_ids, 6, TOKENS, cfg.num_heads, cfg.head_dim, torch.float32, "cpu")
+    pool0 = KVPool(first.layer_ids, 6, TOKENS, cfg.num_heads, cfg.head_dim, torch.float32, "cpu", 6)
+    pool1 = KVPool(last.layer_ids, 6, TOKENS, cfg.num_heads, cfg.head_dim, torch.float32, "cpu", 6)
     temb, tproj = first.time_embedding(t)
     hidden = first.run_blocks(first.embed(x), tproj, first.prompt_kv(text), batch, pool0, GRID)
     temb, tproj = last.time_embedding(t)
@@ -166,15 +166,15 @@ def test_rows_of_different_streams_in_one_batch_match_separate_runs():
     clips = [[torch.randn(1, 16, 2, 8, 12)] + [torch.randn(1, 16, 1, 8, 12) for _ in range(n)] for n in (5, 2)]
     alone = [run_streaming(model, clip, [500] * len(clip), text) for clip, text in zip(clips, texts)]
 
-    table = SlotTable(12, 6, 3, 1024)
-    pool = KVPool(model.layer_ids, 12, TOKENS, cfg.num_heads, cfg.head_dim, torch.float32, "cpu")
+    table = SlotTable(12, 6, 3, 1024, policy="rolling", refresh=False)
+    pool = KVPool(model.layer_ids, 12, TOKENS, cfg.num_heads, cfg.head_dim, torch.float32, "cpu", 6)
     for sid in (0, 1):
         table.add_stream(sid, 1)
     cross = [model.prompt_kv(t) for t in texts]
 
     def step(sids, xs):
         plans = [table.lane(s, 0).plan(xs[0].shape[2]) for s in sids]
-        batch = AttnBatch.from_plans(plans, "cpu")
+        batch = AttnBatch.from_plans(plans, "cpu", 6, policy="rolling")
         kv = model.stack_prompt_kv([cross[s] for s in sids])
         t = torch.full((len(sids), xs[0].shape[2]), 500.0)
         return model(torch.cat(xs), t, kv, batch, pool).split(1)

@@ -43,8 +43,8 @@ def measured_flops(cfg, model, rows: int, frames: int, filled: list[int]) -> tup
         for _ in range(n):
             table.lane("s", j).plan(1)
     plans = [table.lane("s", j).plan(frames) for j in range(rows)]
-    batch = AttnBatch.from_plans(plans, "cpu")
-    pool = KVPool(model.layer_ids, rows * WINDOW, TOKENS, cfg.model.num_heads, cfg.model.head_dim, torch.float32, "cpu")
+    batch = AttnBatch.from_plans(plans, "cpu", 6)
+    pool = KVPool(model.layer_ids, rows * WINDOW, TOKENS, cfg.model.num_heads, cfg.model.head_dim, torch.float32, "cpu", 6)
     text = torch.randn(1, cfg.text.max_length, cfg.model.text_dim)
     cross = model.stack_prompt_kv([model.prompt_kv(text) for _ in range(rows)])  # per prompt: not counted
     x = torch.randn(rows, 16, frames, LATENT_H, LATENT_W)

@@ -18,7 +18,7 @@ H, W = 32, 48
 
 @pytest.fixture(scope="module")
 def svae() -> StreamingVAE:
-    return StreamingVAE(build_vae(load_config("tiny").vae, seed=0))
+    return StreamingVAE(build_vae(load_config("tiny").vae, seed=0), normalize_latents=True)
 
 
 def _clip(n: int, seed: int, b: int = 1) -> torch.Tensor:
@@ -190,3 +190,20 @@ def test_build_vae_seed_is_repeatable_and_leaves_global_rng_alone():
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert any(not torch.equal(pa[k], pc[k]) for k in pa)
     assert a.config.base_dim == cfg.base_dim and a.config.num_res_blocks == cfg.num_res_blocks
+
+
+def test_default_latent_scaling_is_the_references_raw_encode_and_unnormalizing_decode(svae):
+    """vae.normalize_latents=false (StreamDiffusionV2's default): encode gives the raw posterior
+    mean, decode still applies z * std + mean; true normalizes both ways."""
+    raw = StreamingVAE(svae.vae, normalize_latents=False)
+    assert (svae.latents_std != 1).any()  # the real Wan statistics, so the two modes differ
+    x = _clip(5, seed=4)
+    got = raw.encode_chunk(x, raw.new_state())
+    with torch.no_grad():
+        mu = svae.vae.encode(x).latent_dist.mean
+    torch.testing.assert_close(got, mu, atol=ATOL, rtol=0)
+    normalized = svae.encode_chunk(x, svae.new_state())
+    torch.testing.assert_close(normalized, _normalize(svae, mu), atol=ATOL, rtol=0)
+    # decode is the same in both modes: it un-normalizes what it is given
+    torch.testing.assert_close(raw.decode_chunk(normalized, raw.new_state()),
+                               svae.decode_chunk(normalized, svae.new_state()), atol=ATOL, rtol=0)
