@@ -8,7 +8,7 @@ exactly the code every production path calls: `SlotTable`, `KVPool`, `forward_pl
 For checking the model against another implementation (recorded outputs of StreamDiffusionV2,
 say) and for anyone who wants the streaming DiT without the video pipeline:
 
-    stream = LatentStream(model, cfg.cache)          # or LatentStream(model, cfg)
+    stream = LatentStream(model, cfg.cache)          # or LatentStream.from_config(cfg): loads the DiT
     flow = stream.step(latents, timesteps, prompt_embeds)
         # latents [1, 16, F, h, w] (F = 2 for the first chunk, then 1 under `sdv2`),
         # timesteps: a number, or one per latent frame ([F] or [1, F]),
@@ -45,6 +45,14 @@ class LatentStream:
         self._latent_hw: tuple[int, int] | None = None
         self._prompt: tuple[torch.Tensor, CrossKV] | None = None
         self.chunks = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config, device: str | torch.device = "cpu") -> "LatentStream":
+        """Build the DiT the config names (its loader: SDV2 `model.pt`, diffusers, Wan, random)
+        and stream it under the config's cache settings."""
+        from streamdiff.model.build import build_transformer
+
+        return cls(build_transformer(cfg, torch.device(device)), cfg.cache)
 
     @property
     def device(self) -> torch.device:
