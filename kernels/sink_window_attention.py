@@ -36,8 +36,11 @@ def sink_window_attention_ref(
     slot_table: torch.Tensor,
     slot_count: torch.Tensor,
     scale: float | None = None,
+    all_valid: bool | None = None,
 ) -> torch.Tensor:
-    """Torch oracle and CPU path: gather each row's slots, mask the padding, run SDPA."""
+    """Torch oracle and CPU path: gather each row's slots, mask the padding, run SDPA.
+    `all_valid`: the caller knows (on the host) whether every row fills the table, so no mask
+    is needed; None looks at slot_count (a host read of a device value)."""
     batch, n_q, heads, head_dim = q.shape
     max_slots = slot_table.shape[1]
     tokens = k_pool.shape[1]
@@ -47,7 +50,7 @@ def sink_window_attention_ref(
     k = k_pool[index].reshape(batch, max_slots * tokens, heads, head_dim)  # [B, M*T, H, D]
     v = v_pool[index].reshape(batch, max_slots * tokens, heads, head_dim)
     out_dtype = q.dtype
-    if bool(valid.all()):
+    if all_valid if all_valid is not None else bool(valid.all()):
         mask = None
     else:
         mask = valid[:, None, None, :].repeat_interleave(tokens, dim=-1)  # [B, 1, 1, M*T]

@@ -172,41 +172,86 @@ class AttnBatch:
     any_refresh: bool = False  # host-side summaries, so layers skip work without reading the device
     any_choice: bool = False
     swap_refresh: bool = False  # rolling: refresh by swapping after attention
+    table_full: bool = False  # every row attends to all M table entries (no padding)
 
     @staticmethod
     def from_plans(plans: list[WritePlan], device: torch.device | str, window: int, threshold: float = -1.0,
                    policy: str = "sdv2") -> "AttnBatch":
+        """Pack the rows' plans into one int64 table on the host, copy it to the device in one
+        transfer (through a reused pinned buffer on CUDA), and slice the fields out there."""
         num_frames = len(plans[0].write_slots)
         if any(len(p.write_slots) != num_frames for p in plans):
             raise ValueError("all rows of one forward must write the same number of latent frames")
         width = max(len(p.attend_slots) for p in plans)
-        table = [p.attend_slots + [-1] * (width - len(p.attend_slots)) for p in plans]
-        sinks = max(len(p.sink_slots) for p in plans)
-        refresh = [p.refresh and threshold > -1 and len(p.sink_slots) == sinks > 0 for p in plans]
-
-        def tensor(rows, dtype=torch.int64):
-            return torch.tensor(rows, dtype=dtype, device=device)
-
+        sinks = max(max(len(p.sink_slots) for p in plans), 1)
+        refresh = [p.refresh and threshold > -1 and len(p.sink_slots) == sinks for p in plans]
+        # 1. One row of integers per plan: the fields side by side, padded to fixed widths.
+        widths = {"write_slots": num_frames, "write_pos": num_frames, "slot_table": width, "slot_count": 1,
+                  "frames": num_frames, "lane": 1, "sink_slots": sinks, "refresh": 1, "device_choice": 1,
+                  "ring_order": window, "ring_len": 1}
+        rows = []
+        for p, fires in zip(plans, refresh):
+            sink_row = p.sink_slots + [p.sink_slots[0] if p.sink_slots else 0] * (sinks - len(p.sink_slots))
+            rows.append(p.write_slots + p.write_pos + p.attend_slots + [-1] * (width - len(p.attend_slots))
+                        + [len(p.attend_slots)] + (p.frames or [-1] * num_frames) + [p.lane] + sink_row
+                        + [int(fires), int(p.device_choice)] + p.ring_order + [0] * (window - len(p.ring_order))
+                        + [max(len(p.ring_order), 1)])
+        table = STAGING.to_device(torch.tensor(rows, dtype=torch.int64), torch.device(device))  # [B, K]
+        # 2. The fields as contiguous device tensors (device-side slicing: no host involvement).
+        fields, at = {}, 0
+        for name, n in widths.items():
+            fields[name] = table[:, at : at + n].contiguous()
+            at += n
         return AttnBatch(
-            write_slots=tensor([p.write_slots for p in plans]),
-            write_pos=tensor([p.write_pos for p in plans]),
-            slot_table=tensor(table, torch.int32),
-            slot_count=tensor([len(p.attend_slots) for p in plans], torch.int32),
+            write_slots=fields["write_slots"],
+            write_pos=fields["write_pos"],
+            slot_table=fields["slot_table"].to(torch.int32),
+            slot_count=fields["slot_count"][:, 0].to(torch.int32),
             num_frames=num_frames,
-            frames=tensor([p.frames or [-1] * num_frames for p in plans]),
-            lane=tensor([p.lane for p in plans]),
-            sink_slots=tensor([p.sink_slots + [p.sink_slots[0] if p.sink_slots else 0] * (sinks - len(p.sink_slots))
-                               for p in plans]) if sinks else tensor([[0]] * len(plans)),
-            refresh=tensor(refresh, torch.bool),
-            device_choice=tensor([p.device_choice for p in plans], torch.bool),
-            ring_order=tensor([p.ring_order + [0] * (window - len(p.ring_order)) for p in plans]),
-            ring_len=tensor([max(len(p.ring_order), 1) for p in plans]),
+            frames=fields["frames"],
+            lane=fields["lane"][:, 0],
+            sink_slots=fields["sink_slots"],
+            refresh=fields["refresh"][:, 0].bool(),
+            device_choice=fields["device_choice"][:, 0].bool(),
+            ring_order=fields["ring_order"],
+            ring_len=fields["ring_len"][:, 0],
             threshold=threshold,
             window=window,
             any_refresh=any(refresh),
             any_choice=any(p.device_choice for p in plans),
             swap_refresh=policy == "rolling" and any(refresh),
+            table_full=all(len(p.attend_slots) == width for p in plans),
         )
+
+
+class HostStaging:
+    """Small host -> device copies through pinned buffers that are reused round-robin (CUDA);
+    on a CPU device the host tensor is used as it is. Before a buffer is refilled, the copy that
+    last read it must be done: an event wait that never blocks in practice (4 buffers, one
+    forward apart) and reads nothing back from the device."""
+
+    def __init__(self, buffers: int = 4):
+        self._ring: list[tuple[torch.Tensor, object] | None] = [None] * buffers
+        self._next = 0
+
+    def to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if device.type != "cuda":
+            return host.to(device)
+        i, self._next = self._next, (self._next + 1) % len(self._ring)
+        entry = self._ring[i]
+        if entry is None or entry[0].numel() < host.numel():
+            entry = (torch.empty(max(host.numel(), 4096), dtype=host.dtype, pin_memory=True), torch.cuda.Event())
+            self._ring[i] = entry
+        buf, done = entry
+        done.synchronize()
+        staged = buf[: host.numel()].view(host.shape)
+        staged.copy_(host)
+        out = staged.to(device, non_blocking=True)
+        done.record()
+        return out
+
+
+STAGING = HostStaging()
 
 
 def sink_similarity(k_pool: torch.Tensor, v_pool: torch.Tensor, sink_slots: torch.Tensor, k_new: torch.Tensor,

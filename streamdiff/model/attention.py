@@ -69,7 +69,9 @@ class Attention:
 
     def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
         """q [B, N, H, D] attends to every slot of its row -> [B, N, H, D]."""
-        return self._attend(q, k_pool, v_pool, batch.slot_table, batch.slot_count)
+        if self.backend == "triton":
+            return self._attend(q, k_pool, v_pool, batch.slot_table, batch.slot_count)
+        return self._attend(q, k_pool, v_pool, batch.slot_table, batch.slot_count, all_valid=batch.table_full)
 
     def cross(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [B, N, H, D], prompt k/v [B, L, H, D] -> [B, N, H, D]. No mask (Wan attends to the

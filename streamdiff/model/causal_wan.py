@@ -79,6 +79,7 @@ class CausalWanModel(nn.Module):
             self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(PATCH))
             self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._dtype: torch.dtype | None = None
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -100,11 +101,21 @@ class CausalWanModel(nn.Module):
             if name.split(".")[-1] in FP32_MODULES:
                 param.data = param.data.float()
         self._rope_tables = None
+        self._dtype = None
         return self
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(p.dtype for n, p in self.named_parameters() if "blocks" in n and p.ndim == 2)
+        """The blocks' compute dtype (cached: it is read several times per forward; any
+        `.to()` / `cast_` goes through `_apply`, which forgets it)."""
+        if self._dtype is None:
+            self._dtype = next(p.dtype for n, p in self.named_parameters() if "blocks" in n and p.ndim == 2)
+        return self._dtype
+
+    def _apply(self, fn, recurse=True):
+        self._dtype = None
+        self._rope_tables = None
+        return super()._apply(fn, recurse)
 
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 copies of the RoPE cos/sin tables [P, D] (the kernels read fp32)."""

@@ -47,7 +47,7 @@ class Lane:
     untouched (the engine puts the chunk's input frame ids / pts there)."""
 
     x: torch.Tensor  # [1, 16, F, h, w]
-    t: int
+    t: int | torch.Tensor  # a motion-aware first lane keeps its timestep on the device (0-dim int64)
     chunk: int
     tag: object = None
 
@@ -301,9 +301,13 @@ def apply_rebases(model: CausalWanModel, pool: KVPool, plans: list[WritePlan]) -
             pool.rebase_(plan.rebase_slots, plan.rebase_delta, freqs_cos, freqs_sin, model.rope.t_dim)
 
 
-def row_timesteps(timesteps: list[int], num_frames: int, device) -> torch.Tensor:
-    """Per-row timesteps -> [B, F] float32 (every frame of a row at its lane's timestep)."""
-    return torch.tensor([[t] * num_frames for t in timesteps], device=device, dtype=torch.float32)
+def row_timesteps(timesteps: list, num_frames: int, device) -> torch.Tensor:
+    """Per-row timesteps (ints, or 0-dim tensors for motion-aware first lanes, which stay on the
+    device) -> [B, F] float32 (every frame of a row at its lane's timestep)."""
+    if all(not isinstance(t, torch.Tensor) for t in timesteps):
+        return torch.tensor([[t] * num_frames for t in timesteps], device=device, dtype=torch.float32)
+    column = torch.stack([torch.as_tensor(t, dtype=torch.float32, device=device).reshape(()) for t in timesteps])
+    return column[:, None].expand(-1, num_frames).contiguous()  # [B, F]
 
 
 def new_pool(model: CausalWanModel, num_slots: int, tokens_per_slot: int, cfg: Config, dtype, device) -> KVPool:

@@ -31,8 +31,11 @@ def timesteps_for(steps: int) -> tuple[int, ...]:
     return TIMESTEP_LISTS[steps]
 
 
-def strength_to_timestep(strength: float) -> int:
-    """The timestep the model is told for an input noised with strength s: int(1000 s) - 100."""
+def strength_to_timestep(strength: float | torch.Tensor) -> int | torch.Tensor:
+    """The timestep the model is told for an input noised with strength s: int(1000 s) - 100.
+    A tensor strength gives a 0-dim int64 tensor on its device (no host read)."""
+    if isinstance(strength, torch.Tensor):
+        return (1000 * strength).floor().long() - 100
     return int(1000 * strength) - 100
 
 
@@ -45,9 +48,22 @@ class FlowMatchSchedule:
         base = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float64)[:-1]  # [N]
         self.sigmas = shift * base / (1 + (shift - 1) * base)  # [N] descending, in (0, 1]
         self.timesteps = self.sigmas * num_train_timesteps  # [N]
+        # sigma of the nearest grid timestep for every integer t in [0, N]: a lookup, not a search
+        nearest = (self.timesteps[None, :] - torch.arange(num_train_timesteps + 1, dtype=torch.float64)[:, None])
+        self.sigma_table = self.sigmas[nearest.abs().argmin(dim=1)]  # [N + 1] float64
+        self._table_list = self.sigma_table.tolist()
+        self._device_tables: dict[torch.device, torch.Tensor] = {}
 
-    def sigma(self, t: float) -> float:
-        """Sigma of the grid timestep nearest to t."""
+    def sigma(self, t: float | torch.Tensor) -> float | torch.Tensor:
+        """Sigma of the grid timestep nearest to t. Integer t (every timestep the sampler uses)
+        is a table lookup; a tensor t (the motion-aware first lane) is looked up on its device."""
+        if isinstance(t, torch.Tensor):
+            table = self._device_tables.get(t.device)
+            if table is None:
+                table = self._device_tables[t.device] = self.sigma_table.to(t.device)
+            return table.take(t.long().clamp(0, self.num_train_timesteps))  # take: an index tensor, no host read
+        if float(t).is_integer() and 0 <= t <= self.num_train_timesteps:
+            return self._table_list[int(t)]
         index = int(torch.argmin((self.timesteps - float(t)).abs()))
         return float(self.sigmas[index])
 

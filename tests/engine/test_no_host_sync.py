@@ -1,0 +1,47 @@
+"""A steady-state engine step reads nothing back from the device: run it under a dispatch mode
+that fails on `aten._local_scalar_dense` (what `.item()`, `float()`, `int()` and `bool()` of a
+tensor call). On CPU every tensor counts, so this is stricter than a GPU run would be."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from engine_helpers import FakeClock, Feeder, RELAXED, model_core, params
+from streamdiff.pipeline.frames import synthetic_clip
+
+
+class NoScalarReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+            raise AssertionError("a device value was read on the host (aten._local_scalar_dense) in a steady step")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("threshold", [0.85])
+def test_steady_engine_steps_make_no_host_reads(comps, cfg, threshold):
+    from streamdiff.config import with_overrides
+
+    cfg2 = with_overrides(cfg, cache={"refresh_threshold": threshold})
+    comps2 = type(comps)(**{**comps.__dict__, "cfg": cfg2})
+    clock = FakeClock()
+    core = model_core(comps2, clock)
+    clips = {sid: synthetic_clip(61, 64, 48, seed=i) for i, sid in enumerate(("a", "b", "c"))}
+    for sid, steps in (("a", 2), ("b", 1), ("c", 3)):
+        assert core.add_stream(sid, params(cfg2, sid, steps=steps), RELAXED)
+    feeder = Feeder(core, clock, clips)
+    for _ in range(8):  # warm: prepares, filling windows, the first full-window refreshes
+        feeder.round()
+    steady = len(feeder.reports)
+    with NoScalarReads():
+        for _ in range(4):
+            feeder.round()
+    assert len(feeder.reports) > steady  # steps really ran inside the mode
+    got = {sid: len(feeder.frames(sid)) for sid in clips}
+    assert all(n > 0 for n in got.values())
