@@ -146,7 +146,14 @@ class VideoConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
+    """Where and how the DiT runs. `compile`: torch.compile(fullgraph) of the forward, one graph
+    per row-count bucket (rows padded up to the next entry of `row_buckets`); `cuda_graphs`:
+    capture that forward per bucket as CUDA graphs and replay them (CUDA only)."""
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    cuda_graphs: bool = False
+    row_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -249,6 +256,10 @@ def validate(cfg: Config) -> None:
                           or sum(par.partition) != cfg.model.num_layers):
         raise ConfigError(f"parallel.partition={list(par.partition)} must give each of the {par.num_stages} "
                           f"stages at least one block, {cfg.model.num_layers} blocks in all")
+    if cfg.runtime.compile and cfg.runtime.cuda_graphs:
+        raise ConfigError("runtime.compile and runtime.cuda_graphs are alternatives: set one")
+    if not cfg.runtime.row_buckets or min(cfg.runtime.row_buckets) < 1:
+        raise ConfigError(f"runtime.row_buckets={list(cfg.runtime.row_buckets)} must list row counts >= 1")
     if cfg.text.kind == "umt5" and not cfg.weights.text_encoder:
         raise ConfigError("weights.text_encoder must name a folder when text.kind='umt5'")
 

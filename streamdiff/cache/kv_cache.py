@@ -34,9 +34,14 @@ class KVPool:
         dtype: torch.dtype,
         device: torch.device | str,
         window: int = 6,
+        scratch: bool = False,
     ):
+        """`scratch`: one more lane after the `num_slots` ones, which no stream ever holds: the
+        padding rows of a bucketed (compiled / graphed) forward write and read there."""
         if num_slots % window:
             raise ValueError(f"a pool of {num_slots} slots does not split into lanes of {window}")
+        self.scratch_lane = num_slots // window if scratch else None
+        num_slots += window if scratch else 0
         self.layers = list(layers)
         self._index = {layer: i for i, layer in enumerate(self.layers)}
         self.num_slots = num_slots
@@ -52,7 +57,7 @@ class KVPool:
         self.q_rot = torch.zeros(n, lanes, dtype=torch.int64, device=device)  # [L, G]
         self.frames = torch.full((n, num_slots), -1, dtype=torch.int64, device=device)  # [L, S] frame held
 
-    _PER_LAYER = ("k", "v", "q_stack", "q_len", "q_rot", "frames")
+    STATE = ("k", "v", "q_stack", "q_len", "q_rot", "frames")
 
     def remove_layers(self, layers: list[int]) -> dict[str, torch.Tensor]:
         """Take layers out of the pool (a pipeline stage handing blocks to a neighbour):
@@ -60,7 +65,7 @@ class KVPool:
         index = [self._index[layer] for layer in layers]
         keep = [i for i, layer in enumerate(self.layers) if layer not in set(layers)]
         taken = {}
-        for name in self._PER_LAYER:
+        for name in self.STATE:
             tensor = getattr(self, name)
             taken[name] = tensor[index].clone()
             setattr(self, name, tensor[keep].contiguous())
@@ -73,7 +78,7 @@ class KVPool:
             raise ValueError(f"cannot add layers {layers} of shape {tuple(state['k'].shape)} to a pool of layers "
                              f"{self.layers} with slots {tuple(self.k.shape[1:])}")
         order = sorted(self.layers + list(layers))
-        for name in self._PER_LAYER:
+        for name in self.STATE:
             mine = getattr(self, name)
             src = {layer: (mine, i) for i, layer in enumerate(self.layers)}
             src.update({layer: (state[name], i) for i, layer in enumerate(layers)})
@@ -84,6 +89,12 @@ class KVPool:
     def _set_layers(self, layers: list[int]) -> None:
         self.layers = list(layers)
         self._index = {layer: i for i, layer in enumerate(self.layers)}
+
+    def scratch_plan(self, n: int, sinks: int) -> WritePlan:
+        """A padding row: writes `n` frames into the scratch lane, attends to it, never refreshes."""
+        base = self.scratch_lane * self.window
+        return WritePlan(list(range(base, base + n)), list(range(n)), [base], self.scratch_lane, [-1] * n,
+                         sink_slots=[base + i for i in range(sinks)])
 
     def layer_index(self, layer: int) -> int:
         return self._index[layer]
@@ -114,7 +125,7 @@ class KVPool:
 
     def clear(self) -> None:
         """Everything back to the empty state (after a failed step)."""
-        for name in self._PER_LAYER:
+        for name in self.STATE:
             getattr(self, name).zero_()
         self.frames.fill_(-1)
 
@@ -176,13 +187,15 @@ class AttnBatch:
 
     @staticmethod
     def from_plans(plans: list[WritePlan], device: torch.device | str, window: int, threshold: float = -1.0,
-                   policy: str = "sdv2") -> "AttnBatch":
+                   policy: str = "sdv2", static: bool = False) -> "AttnBatch":
         """Pack the rows' plans into one int64 table on the host, copy it to the device in one
-        transfer (through a reused pinned buffer on CUDA), and slice the fields out there."""
+        transfer (through a reused pinned buffer on CUDA), and slice the fields out there.
+        `static` (compiled / graphed forwards): the slot table is always `window` wide and the
+        per-layer branches always run (masked per row), so one graph serves every fill level."""
         num_frames = len(plans[0].write_slots)
         if any(len(p.write_slots) != num_frames for p in plans):
             raise ValueError("all rows of one forward must write the same number of latent frames")
-        width = max(len(p.attend_slots) for p in plans)
+        width = window if static else max(len(p.attend_slots) for p in plans)
         sinks = max(max(len(p.sink_slots) for p in plans), 1)
         refresh = [p.refresh and threshold > -1 and len(p.sink_slots) == sinks for p in plans]
         # 1. One row of integers per plan: the fields side by side, padded to fixed widths.
@@ -217,10 +230,10 @@ class AttnBatch:
             ring_len=fields["ring_len"][:, 0],
             threshold=threshold,
             window=window,
-            any_refresh=any(refresh),
-            any_choice=any(p.device_choice for p in plans),
-            swap_refresh=policy == "rolling" and any(refresh),
-            table_full=all(len(p.attend_slots) == width for p in plans),
+            any_refresh=(threshold > -1) if static else any(refresh),
+            any_choice=(policy == "sdv2") if static else any(p.device_choice for p in plans),
+            swap_refresh=policy == "rolling" and ((threshold > -1) if static else any(refresh)),
+            table_full=False if static else all(len(p.attend_slots) == width for p in plans),
         )
 
 

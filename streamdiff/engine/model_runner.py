@@ -145,7 +145,7 @@ class ModelRunner:
         marks.append(("encode", self._mark()))
 
         def run(rows: list[Row]) -> None:
-            for row, flow in zip(rows, forward_rows(self.model, self.pool, rows, self.comps.cfg.cache)):
+            for row, flow in zip(rows, forward_rows(self.model, self.pool, rows, self.comps.cfg.cache, self.comps.step)):
                 x0 = row.state.apply_flow(row, flow)
                 if x0 is not None:
                     if row.state.stream_id in finished:

@@ -14,6 +14,7 @@ import torch
 
 from streamdiff.config import Config
 from streamdiff.model.attention import Attention, resolve_backend
+from streamdiff.model.dit_step import DiTStep
 from streamdiff.model.causal_wan import CausalWanModel
 from streamdiff.model.loading import load_into, load_vae, random_init_, read_transformer_state_dict
 from streamdiff.model.text import PromptEncoder, build_prompt_encoder
@@ -62,6 +63,7 @@ class Components:
     vae: StreamingVAE
     text: PromptEncoder
     schedule: FlowMatchSchedule
+    step: DiTStep | None = None  # how full-model forwards run (runtime.compile / cuda_graphs); None: eager
 
 
 def build_components(cfg: Config, device: torch.device | str | None = None) -> Components:
@@ -79,4 +81,11 @@ def build_components(cfg: Config, device: torch.device | str | None = None) -> C
     vae_module = vae_module.to(device=device).eval().requires_grad_(False)
     text = build_prompt_encoder(cfg.text, cfg.weights, cfg.model.text_dim, device, dtype)
     schedule = FlowMatchSchedule(cfg.sampling.shift, cfg.sampling.num_train_timesteps)
-    return Components(cfg, device, dtype, model, StreamingVAE(vae_module, cfg.vae.normalize_latents), text, schedule)
+    return Components(cfg, device, dtype, model, StreamingVAE(vae_module, cfg.vae.normalize_latents), text, schedule,
+                      dit_step(cfg, model))
+
+
+def dit_step(cfg: Config, model: CausalWanModel) -> DiTStep:
+    """The DiT step mode the runtime config asks for."""
+    mode = "compiled" if cfg.runtime.compile else "cuda_graphs" if cfg.runtime.cuda_graphs else "eager"
+    return DiTStep(model, mode, cfg.runtime.row_buckets)

@@ -140,4 +140,4 @@ class StreamPipeline:
 
     def _forward(self, rows: list[Row]) -> list[torch.Tensor]:
         """One DiT forward over this stream's rows -> flow per row."""
-        return forward_rows(self.model, self.pool, rows, self.comps.cfg.cache)
+        return forward_rows(self.model, self.pool, rows, self.comps.cfg.cache, self.comps.step)

@@ -34,6 +34,7 @@ from streamdiff.cache.slots import SlotTable, WritePlan
 from streamdiff.config import CacheConfig, Config
 from streamdiff.model.build import Components
 from streamdiff.model.causal_wan import CausalWanModel, CrossKV
+from streamdiff.model.dit_step import DiTStep
 from streamdiff.pipeline.frames import frames_to_tensor, tensor_to_frames
 from streamdiff.sampling.motion import MotionController
 from streamdiff.sampling.noise_schedule import chunk_noise, strength_to_timestep, timesteps_for
@@ -264,7 +265,8 @@ class StreamState:
 
 
 @torch.no_grad()
-def forward_rows(model: CausalWanModel, pool: KVPool, rows: list[Row], cache: CacheConfig) -> list[torch.Tensor]:
+def forward_rows(model: CausalWanModel, pool: KVPool, rows: list[Row], cache: CacheConfig,
+                 step: DiTStep | None = None) -> list[torch.Tensor]:
     """Step 3: one DiT forward over `rows` (any streams, any lanes; all write the same number of
     latent frames) -> one flow [1, 16, F, h, w] per row. Commits the rows' slot plans."""
     num_frames = rows[0].lane.x.shape[2]
@@ -272,20 +274,39 @@ def forward_rows(model: CausalWanModel, pool: KVPool, rows: list[Row], cache: Ca
     x = torch.cat([row.lane.x for row in rows])  # [B, 16, F, h, w]
     timestep = row_timesteps([row.lane.t for row in rows], num_frames, pool.k.device)  # [B, F]
     cross = model.stack_prompt_kv([row.state.cross_kv for row in rows])
-    return list(forward_plans(model, pool, plans, x, timestep, cross, cache).split(1))
+    return list(forward_plans(model, pool, plans, x, timestep, cross, cache, step).split(1))
 
 
 def forward_plans(model: CausalWanModel, pool: KVPool, plans: list[WritePlan], x: torch.Tensor,
-                  timestep: torch.Tensor, cross: CrossKV, cache: CacheConfig) -> torch.Tensor:
+                  timestep: torch.Tensor, cross: CrossKV, cache: CacheConfig,
+                  step: DiTStep | None = None) -> torch.Tensor:
     """One full-model forward over committed slot plans: re-bases, attention metadata, the DiT.
-    x [B, 16, F, h, w], timestep [B, F] -> flow [B, 16, F, h, w] (fp32)."""
+    x [B, 16, F, h, w], timestep [B, F] -> flow [B, 16, F, h, w] (fp32).
+
+    With a compiled / graphed `step`, the rows are padded to the step's bucket with rows of the
+    pool's scratch lane (zeros in, output dropped), so every row count up to a bucket runs the
+    same graph."""
     apply_rebases(model, pool, plans)
-    return model(x, timestep, cross, attn_batch(plans, pool, cache), pool)
+    if step is None or not step.pads:
+        return model(x, timestep, cross, attn_batch(plans, pool, cache), pool)
+    if pool.scratch_lane is None:
+        raise ValueError("a compiled or graphed DiT step needs a KV pool with a scratch lane (new_pool does this)")
+    rows, pad = len(plans), step.bucket(len(plans)) - len(plans)
+    plans = plans + [pool.scratch_plan(x.shape[2], cache.sinks)] * pad
+    x = _pad_rows(x, pad)  # [bucket, 16, F, h, w]
+    timestep = _pad_rows(timestep, pad)  # [bucket, F]
+    cross = {layer: (_pad_rows(k, pad), _pad_rows(v, pad)) for layer, (k, v) in cross.items()}
+    return step(x, timestep, cross, attn_batch(plans, pool, cache, static=True), pool)[:rows]
 
 
-def attn_batch(plans: list[WritePlan], pool: KVPool, cache: CacheConfig) -> AttnBatch:
+def _pad_rows(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """Append `pad` rows (copies of row 0; contiguous, so strides never differ between calls)."""
+    return torch.cat([t] + [t[:1]] * pad).contiguous() if pad else t.contiguous()
+
+
+def attn_batch(plans: list[WritePlan], pool: KVPool, cache: CacheConfig, static: bool = False) -> AttnBatch:
     """The per-forward attention metadata of `plans` under the configured cache policy."""
-    return AttnBatch.from_plans(plans, pool.k.device, pool.window, cache.refresh_threshold, cache.policy)
+    return AttnBatch.from_plans(plans, pool.k.device, pool.window, cache.refresh_threshold, cache.policy, static)
 
 
 def plan_rows(rows: list[Row]) -> list[WritePlan]:
@@ -311,9 +332,11 @@ def row_timesteps(timesteps: list, num_frames: int, device) -> torch.Tensor:
 
 
 def new_pool(model: CausalWanModel, num_slots: int, tokens_per_slot: int, cfg: Config, dtype, device) -> KVPool:
-    """A KV pool for the model's layers, in lanes of `cache.window` slots."""
+    """A KV pool for the model's layers, in lanes of `cache.window` slots (plus the scratch lane
+    padded rows use, when the runtime compiles or graphs the DiT step)."""
+    scratch = cfg.runtime.compile or cfg.runtime.cuda_graphs
     return KVPool(model.layer_ids, num_slots, tokens_per_slot, cfg.model.num_heads, cfg.model.head_dim, dtype,
-                  device, cfg.cache.window)
+                  device, cfg.cache.window, scratch)
 
 
 __all__ = ["Lane", "Row", "StreamState", "apply_rebases", "attn_batch", "forward_plans", "forward_rows", "new_pool",

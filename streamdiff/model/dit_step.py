@@ -1,0 +1,112 @@
+"""DiTStep: how one full-model DiT forward runs — eager, compiled, or as replayed CUDA graphs.
+
+Owns: the row-count buckets (a forward's rows are padded up to the next bucket so that a
+compiled graph or a captured CUDA graph serves every count up to it), the compiled callable
+(`torch.compile(fullgraph=True, dynamic=False)`: one graph per bucket and chunk size, no graph
+breaks), and, for `cuda_graphs`, one `torch.cuda.CUDAGraph` per input signature captured over
+static input buffers and replayed after copying the step's inputs into them.
+Does not own: padding the rows' slot plans (pipeline/stream_state.py pads with the pool's
+scratch lane, which no stream ever holds), the model, or the pool.
+
+Why the pool needs no static copy: its tensors are allocated once and updated in place, so a
+captured graph reads and writes the same memory on every replay. Anything that reallocates
+them (a pipeline stage moving layers) must call `reset()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import torch
+
+from streamdiff.cache.kv_cache import AttnBatch, KVPool
+
+STEP_MODES = ("eager", "compiled", "cuda_graphs")
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class DiTStep:
+    def __init__(self, model: torch.nn.Module, mode: str = "eager", buckets: tuple[int, ...] = DEFAULT_BUCKETS):
+        if mode not in STEP_MODES:
+            raise ValueError(f"unknown DiT step mode {mode!r} (known: {', '.join(STEP_MODES)})")
+        if mode == "cuda_graphs" and next(model.parameters()).device.type != "cuda":
+            raise ValueError("runtime.cuda_graphs needs the model on a CUDA device")
+        self.model = model
+        self.mode = mode
+        self.buckets = tuple(sorted(buckets))
+        self._compiled = None
+        if mode == "compiled":
+            self._compiled = torch.compile(model.forward, fullgraph=True, dynamic=False)
+        self._graphs: dict[tuple, _Captured] = {}
+
+    @property
+    def pads(self) -> bool:
+        """Rows are padded to buckets (and the attention metadata kept at fixed widths)."""
+        return self.mode != "eager"
+
+    def bucket(self, rows: int) -> int:
+        return next((b for b in self.buckets if b >= rows), rows)
+
+    def reset(self) -> None:
+        """Forget captured graphs (after the pool's tensors were reallocated)."""
+        self._graphs.clear()
+
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, cross: dict, batch: AttnBatch,
+                 pool: KVPool) -> torch.Tensor:
+        if self.mode == "eager":
+            return self.model(x, timestep, cross, batch, pool)
+        if self.mode == "compiled":
+            return self._compiled(x, timestep, cross, batch, pool)
+        key = _signature(x, timestep, cross, batch)
+        captured = self._graphs.get(key)
+        if captured is None:
+            captured = self._graphs[key] = _Captured(self.model, x, timestep, cross, batch, pool)
+        return captured.replay(x, timestep, cross, batch)
+
+
+def _signature(x, timestep, cross, batch: AttnBatch) -> tuple:
+    flags = tuple(getattr(batch, f.name) for f in fields(batch) if not isinstance(getattr(batch, f.name), torch.Tensor))
+    tensors = tuple(tuple(getattr(batch, f.name).shape) for f in fields(batch)
+                    if isinstance(getattr(batch, f.name), torch.Tensor))
+    first = next(iter(cross.values()))[0]
+    return (tuple(x.shape), x.dtype, tuple(timestep.shape), tuple(first.shape), flags, tensors)
+
+
+class _Captured:
+    """One CUDA graph of the forward over static inputs (same shapes, flags, pool)."""
+
+    def __init__(self, model, x, timestep, cross, batch: AttnBatch, pool: KVPool):
+        self.model, self.pool = model, pool
+        self.x, self.timestep = x.clone(), timestep.clone()
+        self.cross = {layer: (k.contiguous().clone(), v.contiguous().clone()) for layer, (k, v) in cross.items()}
+        self.batch = AttnBatch(**{f.name: (v.clone() if isinstance(v := getattr(batch, f.name), torch.Tensor) else v)
+                                  for f in fields(batch)})
+        # Warm up on a side stream (allocator and kernel selection), then capture. The warm-up
+        # forward changes the pool as a real step would, so it runs on copies of the pool state.
+        saved = {name: getattr(pool, name).clone() for name in pool.STATE}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(self.x, self.timestep, self.cross, self.batch, pool)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = model(self.x, self.timestep, self.cross, self.batch, pool)
+        for name, tensor in saved.items():  # capture does not run kernels; undo the warm-up
+            getattr(pool, name).copy_(tensor)
+
+    def replay(self, x, timestep, cross, batch: AttnBatch) -> torch.Tensor:
+        self.x.copy_(x)
+        self.timestep.copy_(timestep)
+        for layer, (k, v) in cross.items():
+            self.cross[layer][0].copy_(k)
+            self.cross[layer][1].copy_(v)
+        for f in fields(batch):
+            value = getattr(batch, f.name)
+            if isinstance(value, torch.Tensor):
+                getattr(self.batch, f.name).copy_(value)
+        self.graph.replay()
+        return self.out.clone()
+
+
+__all__ = ["DEFAULT_BUCKETS", "STEP_MODES", "DiTStep"]
