@@ -169,6 +169,9 @@ class ParallelConfig:
     micro_batches: int = 0  # a step's stream-batch rows in this many forwards in flight; 0 = one per stage
     transport: Literal["auto", "nccl", "cpu"] = "auto"  # auto: NCCL between GPU actors
     step_timeout_s: float = 30.0  # a step not back by then counts as a failed stage
+    # Lane stride D: lane j of a stream's p-th forward holds chunk p - j*D (same frames as D = 1,
+    # (steps-1)(D-1) chunks later). 0 = automatic: 1 while plans do not overlap.
+    lane_stride: int = 0
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "parallel.rebalance_threshold": (1.0, 100.0),
     "parallel.rebalance_after_steps": (1, 1_000_000),
     "parallel.step_timeout_s": (0.1, 3600.0),
+    "parallel.lane_stride": (0, 16),
 }
 
 

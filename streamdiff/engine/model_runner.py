@@ -34,7 +34,7 @@ from streamdiff.engine.vae_batch import decode_many, encode_many
 from streamdiff.model.build import Components
 from streamdiff.model.causal_wan import CrossKV
 from streamdiff.pipeline.frames import tensor_to_frames
-from streamdiff.pipeline.stream_state import Row, StreamState, forward_rows, new_pool
+from streamdiff.pipeline.stream_state import Row, StreamState, forward_rows, lane_stride, new_pool
 from streamdiff.scheduler.types import StepPlan
 
 MAX_LANES = 4  # denoise steps 1..4: a stream may switch to 4 live, so the pool reserves 4 lanes
@@ -96,7 +96,7 @@ class ModelRunner:
     def _new_state(self, stream_id: str, params: StreamParams) -> StreamState:
         return StreamState(
             self.comps, stream_id, self.slots, params.prompt, params.steps, params.seed, self.width, self.height,
-            params.noise_strength, params.motion_aware, prompt_kv=self._prompt_kv,
+            params.noise_strength, params.motion_aware, prompt_kv=self._prompt_kv, stride=lane_stride(self.comps.cfg),
         )
 
     def _prompt_kv(self, prompt: str) -> CrossKV:

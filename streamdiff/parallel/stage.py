@@ -48,11 +48,36 @@ from streamdiff.pipeline.stream_state import (
     attn_batch,
     new_pool,
     plan_rows,
+    lane_stride,
     row_timesteps,
 )
 from streamdiff.sampling.noise_schedule import FlowMatchSchedule
 
 # ---------------------------------------------------------------------------------- the stage
+
+
+class CondLRU:
+    """The condition keys a later stage holds for one stream, most recent last. The first stage
+    keeps a mirror fed the same rows in the same order, so it knows without asking which keys
+    still need their text embedding sent downstream."""
+
+    CAPACITY = 8  # > the chunks of one stream in flight (lanes x stride) for any sane setting
+
+    def __init__(self):
+        self.keys: list[tuple] = []
+        self.evicted: list[tuple] = []
+
+    def use(self, key: tuple) -> bool:
+        """Mark `key` used; True if it was held already. Keys pushed out land in `evicted`."""
+        self.evicted = []
+        if key in self.keys:
+            self.keys.remove(key)
+            self.keys.append(key)
+            return True
+        self.keys.append(key)
+        while len(self.keys) > self.CAPACITY:
+            self.evicted.append(self.keys.pop(0))
+        return False
 
 
 def build_stage_model(cfg: Config, spec: StageSpec, device: torch.device) -> CausalWanModel:
@@ -74,7 +99,7 @@ class StageWorker:
         self.pool = new_pool(self.model, self.num_slots, self.tokens_per_frame, cfg, self.dtype, self.device)
         self.schedule = FlowMatchSchedule(cfg.sampling.shift, cfg.sampling.num_train_timesteps)
         # 2. Prompt K/V of this stage's layers: per stream (key, kv), shared between streams by key.
-        self._cond: dict[str, tuple[tuple, CrossKV]] = {}
+        self._cond: dict[str, CondLRU] = {}  # later stages: each stream's recent condition keys
         self._kv_by_key: dict[tuple, tuple[CrossKV, int]] = {}
         # 3. First stage: streams, slot table, prompt encoder, VAE encode. Last: VAE decode.
         self.vae = self._build_vae() if (spec.first or spec.last) else None
@@ -83,7 +108,7 @@ class StageWorker:
             self.slots = SlotTable.from_config(self.num_slots, cfg.cache, cfg.model.rope_max_seq_len)
             self.streams: dict[str, StreamState] = {}
             self._prompts: OrderedDict[str, tuple[CrossKV, torch.Tensor]] = OrderedDict()
-            self._sent: dict[str, tuple] = {}  # stream -> condition key later stages have
+            self._sent: dict[str, CondLRU] = {}  # stream -> the condition keys later stages hold
             self._open: dict[tuple[int, int], list[Row]] = {}  # forwards whose flows are out
             self._steady: list[Row] = []
             self._groups: list[list[Row]] = []  # the step's steady rows split into micro-batches
@@ -194,7 +219,8 @@ class StageWorker:
 
     def _new_state(self, stream_id: str, params: StreamParams) -> StreamState:
         return StreamState(self, stream_id, self.slots, params.prompt, params.steps, params.seed, self.width,
-                           self.height, params.noise_strength, params.motion_aware, prompt_kv=self._prompt_kv)
+                           self.height, params.noise_strength, params.motion_aware, prompt_kv=self._prompt_kv,
+                           stride=lane_stride(self.cfg))
 
     def _prompt_kv(self, prompt: str) -> CrossKV:
         return self._prompt_entry(prompt)[0]
@@ -212,20 +238,27 @@ class StageWorker:
         return entry
 
     def _release_cond(self, stream_id: str) -> None:
-        old = self._cond.pop(stream_id, None)
-        if old is not None and not self.spec.first:
-            kv, refs = self._kv_by_key[old[0]]
-            if refs <= 1:
-                del self._kv_by_key[old[0]]
-            else:
-                self._kv_by_key[old[0]] = (kv, refs - 1)
+        lru = self._cond.pop(stream_id, None)
+        if lru is not None and not self.spec.first:
+            for key in lru.keys:
+                self._unref(key)
+
+    def _unref(self, key: tuple) -> None:
+        kv, refs = self._kv_by_key[key]
+        if refs <= 1:
+            del self._kv_by_key[key]
+        else:
+            self._kv_by_key[key] = (kv, refs - 1)
 
     def _cond_kv(self, stream_id: str, key: tuple, embs: dict[tuple, torch.Tensor]) -> CrossKV:
-        """A later stage's prompt K/V for the stream's condition `key` (projected once per key)."""
-        have = self._cond.get(stream_id)
-        if have is not None and have[0] == key:
-            return have[1]
-        self._release_cond(stream_id)
+        """A later stage's prompt K/V for a row's condition `key` (projected once per key; each
+        stream keeps its few most recent conditions, since rows of one stream carry the
+        condition their chunk entered with)."""
+        lru = self._cond.setdefault(stream_id, CondLRU())
+        if lru.use(key):
+            return self._kv_by_key[key][0]
+        for old in lru.evicted:
+            self._unref(old)
         entry = self._kv_by_key.get(key)
         if entry is None:
             if key not in embs:
@@ -233,7 +266,6 @@ class StageWorker:
                                    f"of stream {stream_id!r}")
             entry = (self.model.prompt_kv(embs[key].to(self.device)), 0)
         self._kv_by_key[key] = (entry[0], entry[1] + 1)
-        self._cond[stream_id] = (key, entry[0])
         return entry[0]
 
     # -------------------------------------------------------------- one forward
@@ -306,18 +338,19 @@ class StageWorker:
         apply_rebases(self.model, self.pool, plans)
         metas, embs = [], {}
         for row in rows:
-            state = row.state
+            state, lane = row.state, row.lane
             finishes = row.j == state.steps - 1
-            metas.append(RowMeta(state.stream_id, row.j, row.lane.t, finishes, state.cond_key,
-                                 row.lane.tag if finishes else None))
-            if self._sent.get(state.stream_id) != state.cond_key:
-                embs[state.cond_key] = (state.cond_emb if state.cond_emb is not None
-                                        else self._prompt_entry(state.cond_key[1])[1])
-                self._sent[state.stream_id] = state.cond_key
+            metas.append(RowMeta(state.stream_id, row.j, lane.t, finishes, lane.cond_key,
+                                 lane.tag if finishes else None))
+            # Later stages keep each stream's recent conditions (CondLRU, same rule on every
+            # stage, fed rows in the same order): send an embedding only when they lack it.
+            if not self._sent.setdefault(state.stream_id, CondLRU()).use(lane.cond_key):
+                embs[lane.cond_key] = (lane.cond_emb if lane.cond_emb is not None
+                                       else self._prompt_entry(lane.cond_key[1])[1])
         x = torch.cat([row.lane.x for row in rows])  # [B, 16, F, h, w]
         hidden = self.model.embed(x)  # [B, F*T, dim]
         hop = Hop(key, metas, hidden, x, tuple(x.shape[2:]), plans, embs, [])
-        return hop, self.model.stack_prompt_kv([row.state.cross_kv for row in rows])
+        return hop, self.model.stack_prompt_kv([row.lane.cross_kv for row in rows])
 
     def _middle(self, hop: Hop) -> tuple[Hop, CrossKV | None]:
         if hop.hidden is None:
@@ -410,8 +443,11 @@ class StageWorker:
         if key[0] == "prompt":
             return self._prompt_entry(key[1])[1]
         for state in self.streams.values():
-            if state.cond_key == key:
-                return state.cond_emb
+            lanes = [lane for lane in state.pipe if lane is not None]
+            lanes += [state.sequential.lane] if state.sequential is not None else []
+            for cond_key, emb in [(state.cond_key, state.cond_emb)] + [(l.cond_key, l.cond_emb) for l in lanes]:
+                if cond_key == key:
+                    return emb
         raise KeyError(f"no embedding for condition {key!r}")
 
     def _cross_kvs(self):
@@ -420,6 +456,10 @@ class StageWorker:
         if self.spec.first:
             for state in self.streams.values():
                 seen.setdefault(id(state.cross_kv), (state.cond_key, state.cross_kv))
+                in_flight = [lane for lane in state.pipe if lane is not None]
+                in_flight += [state.sequential.lane] if state.sequential is not None else []
+                for lane in in_flight:  # chunks keep the condition they entered with
+                    seen.setdefault(id(lane.cross_kv), (lane.cond_key, lane.cross_kv))
             for prompt, (kv, _) in self._prompts.items():
                 seen.setdefault(id(kv), (("prompt", prompt), kv))
         for key, (kv, _) in self._kv_by_key.items():

@@ -22,7 +22,7 @@ import torch
 from streamdiff.cache.slots import SlotTable
 from streamdiff.model.build import Components
 from streamdiff.model.causal_wan import CausalWanModel
-from streamdiff.pipeline.stream_state import Lane, Row, StreamState, forward_rows, new_pool
+from streamdiff.pipeline.stream_state import Lane, Row, StreamState, forward_rows, lane_stride, new_pool
 
 __all__ = ["Lane", "StreamPipeline"]
 
@@ -37,6 +37,7 @@ class StreamPipeline:
         width: int | None = None,
         height: int | None = None,
         stream_batch: bool = True,
+        stride: int | None = None,
     ):
         cfg = comps.cfg
         self.comps = comps
@@ -49,7 +50,8 @@ class StreamPipeline:
         num_slots = steps * cfg.cache.window
         self.pool = new_pool(self.model, num_slots, (height // 16) * (width // 16), cfg, comps.dtype, comps.device)
         self.slots = SlotTable.from_config(num_slots, cfg.cache, cfg.model.rope_max_seq_len)
-        self.state = StreamState(comps, 0, self.slots, prompt, steps, seed, width, height)
+        stride = lane_stride(cfg) if stride is None else stride
+        self.state = StreamState(comps, 0, self.slots, prompt, steps, seed, width, height, stride=stride)
         self._pending: list[np.ndarray] = []
         self._trim_last = 0  # padded frames to drop from the final chunk's output
 
@@ -61,7 +63,7 @@ class StreamPipeline:
 
     @property
     def lag_chunks(self) -> int:
-        return self.steps - 1 if self.stream_batch else 0
+        return (self.steps - 1) * self.state.stride if self.stream_batch else 0
 
     # The stream's state, read through.
     steps = property(lambda self: self.state.steps)

@@ -24,7 +24,7 @@ is what makes "engine with N streams == N pipelines" hold by construction.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -45,12 +45,18 @@ VAE_TIME_STRIDE = 4  # video frames per latent frame (the stream's very first la
 @dataclass
 class Lane:
     """A chunk in flight: its latent at the noise level of timestep `t`. `tag` rides along
-    untouched (the engine puts the chunk's input frame ids / pts there)."""
+    untouched (the engine puts the chunk's input frame ids / pts there). The live parameters
+    the chunk entered with stay attached to it until it leaves: its prompt (cross-attention
+    K/V, and for pipeline stages the condition key and blend embedding) and its seed."""
 
     x: torch.Tensor  # [1, 16, F, h, w]
     t: int | torch.Tensor  # a motion-aware first lane keeps its timestep on the device (0-dim int64)
     chunk: int
     tag: object = None
+    cross_kv: CrossKV | None = None
+    cond_key: tuple = ()
+    cond_emb: torch.Tensor | None = None
+    seed: int = 0
 
 
 @dataclass
@@ -84,6 +90,7 @@ class StreamState:
         noise_strength: float | None = None,
         motion_aware: bool | None = None,
         prompt_kv: Callable[[str], CrossKV] | None = None,
+        stride: int = 1,
     ):
         cfg = comps.cfg
         self.comps = comps
@@ -116,7 +123,10 @@ class StreamState:
         strength = cfg.sampling.noise_strength if noise_strength is None else noise_strength
         aware = cfg.sampling.motion_aware if motion_aware is None else motion_aware
         self.motion = MotionController(strength, aware)
-        self.lanes: list[Lane | None] = [None] * self.steps
+        if stride < 1:
+            raise ValueError(f"lane stride must be >= 1, got {stride}")
+        self.stride = stride
+        self.pipe: list[Lane | None] = [None] * ((self.steps - 1) * stride + 1)  # position i: entered i forwards ago
         self.sequential: Row | None = None  # the next row of a chunk denoised step by step
         self.chunk_index = 0
         slots.add_stream(stream_id, self.steps)
@@ -183,7 +193,7 @@ class StreamState:
     @property
     def in_flight(self) -> bool:
         """True while a chunk sits in a lane (its output has not left yet)."""
-        return self.sequential is not None or any(lane is not None for lane in self.lanes)
+        return self.sequential is not None or any(lane is not None for lane in self.pipe)
 
     def release(self) -> list[int]:
         """Give the stream's lanes back to the slot table and drop every cached tensor.
@@ -193,7 +203,7 @@ class StreamState:
         self.slots.remove_stream(self.stream_id)
         self.vae_state.reset()
         self.motion.reset()
-        self.lanes = [None] * self.steps
+        self.pipe = [None] * len(self.pipe)
         self.sequential = None
         self._blend = self._emb = None
         return held
@@ -220,7 +230,7 @@ class StreamState:
         t0 = strength_to_timestep(strength)
         noise = chunk_noise(tuple(latents.shape), self.seed, self.chunk_index, 0, comps.device, latents.dtype)
         x = comps.schedule.add_noise(latents, noise, strength)  # [1, 16, F, h, w]
-        lane = Lane(x, t0, self.chunk_index, tag)
+        lane = Lane(x, t0, self.chunk_index, tag, self.cross_kv, self.cond_key, self.cond_emb, self.seed)
         self.chunk_index += 1
         return lane
 
@@ -231,9 +241,16 @@ class StreamState:
 
     def enter(self, incoming: Lane | None) -> list[Row]:
         """Step 2 (stream batch): `incoming` (or nothing, when draining) enters lane 0, every
-        other chunk moves one lane on; returns one row per occupied lane."""
-        self.lanes = [incoming] + self.lanes[:-1]
-        return [Row(self, j, lane) for j, lane in enumerate(self.lanes) if lane is not None]
+        other chunk moves one position on; returns one row per lane whose position is occupied.
+
+        Lane stride D: lane j of the p-th forward holds the chunk that entered j·D forwards
+        earlier (position j·D of `self.pipe`); between its lanes a chunk waits D - 1 forwards
+        (on pipeline stages: while its previous forward is still in flight). Every KV lane still
+        sees its chunks in order, and each chunk keeps its own noise, prompt and seed, so the
+        frames are those of stride 1, (steps - 1)(D - 1) chunks later."""
+        self.pipe = [incoming] + self.pipe[:-1]
+        return [Row(self, j, self.pipe[j * self.stride]) for j in range(self.steps)
+                if self.pipe[j * self.stride] is not None]
 
     def apply_flow(self, row: Row, flow: torch.Tensor) -> torch.Tensor | None:
         """Step 4: x0 from the row's flow. At the last step the chunk is done: returns x0 [1, 16,
@@ -246,15 +263,15 @@ class StreamState:
         nxt = None
         if not last:
             t = self.timesteps[row.j + 1]
-            nxt = Lane(self._renoise(x0, lane.chunk, row.j + 1, t), t, lane.chunk, lane.tag)
+            nxt = replace(lane, x=self._renoise(x0, lane.chunk, row.j + 1, t, lane.seed), t=t)
         if row.sequential:
             self.sequential = None if last else Row(self, row.j + 1, nxt, sequential=True)
         else:
-            self.lanes[row.j] = nxt
+            self.pipe[row.j * self.stride] = nxt
         return x0 if last else None
 
-    def _renoise(self, x0: torch.Tensor, chunk: int, lane: int, t: int) -> torch.Tensor:
-        noise = chunk_noise(tuple(x0.shape), self.seed, chunk, lane, x0.device, x0.dtype)
+    def _renoise(self, x0: torch.Tensor, chunk: int, lane: int, t: int, seed: int) -> torch.Tensor:
+        noise = chunk_noise(tuple(x0.shape), seed, chunk, lane, x0.device, x0.dtype)
         return self.comps.schedule.add_noise(x0, noise, self.comps.schedule.sigma(t))
 
     @torch.no_grad()
@@ -273,7 +290,7 @@ def forward_rows(model: CausalWanModel, pool: KVPool, rows: list[Row], cache: Ca
     plans = plan_rows(rows)
     x = torch.cat([row.lane.x for row in rows])  # [B, 16, F, h, w]
     timestep = row_timesteps([row.lane.t for row in rows], num_frames, pool.k.device)  # [B, F]
-    cross = model.stack_prompt_kv([row.state.cross_kv for row in rows])
+    cross = model.stack_prompt_kv([row.lane.cross_kv for row in rows])
     return list(forward_plans(model, pool, plans, x, timestep, cross, cache, step).split(1))
 
 
@@ -331,6 +348,12 @@ def row_timesteps(timesteps: list, num_frames: int, device) -> torch.Tensor:
     return column[:, None].expand(-1, num_frames).contiguous()  # [B, F]
 
 
+def lane_stride(cfg: Config) -> int:
+    """The lane stride D of a stream (`parallel.lane_stride`; 0 = automatic, which is 1 while
+    one plan is in flight at a time: a larger D then only adds latency)."""
+    return cfg.parallel.lane_stride or 1
+
+
 def new_pool(model: CausalWanModel, num_slots: int, tokens_per_slot: int, cfg: Config, dtype, device) -> KVPool:
     """A KV pool for the model's layers, in lanes of `cache.window` slots (plus the scratch lane
     padded rows use, when the runtime compiles or graphs the DiT step)."""
@@ -339,5 +362,5 @@ def new_pool(model: CausalWanModel, num_slots: int, tokens_per_slot: int, cfg: C
                   device, cfg.cache.window, scratch)
 
 
-__all__ = ["Lane", "Row", "StreamState", "apply_rebases", "attn_batch", "forward_plans", "forward_rows", "new_pool",
+__all__ = ["Lane", "Row", "StreamState", "apply_rebases", "attn_batch", "lane_stride", "forward_plans", "forward_rows", "new_pool",
            "plan_rows", "row_timesteps"]
