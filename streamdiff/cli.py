@@ -1,6 +1,6 @@
 """The `streamdiff` command line: render (offline, one stream through StreamPipeline), serve
 (the WebRTC gateway), control (change a live stream's parameters) and bench (model mode:
-the engine on synthetic clips, engine/bench_model.py; end-to-end mode with --url: a running
+the engine on synthetic clips, bench/model.py; end-to-end mode with --url: a running
 server, client/bench.py).
 
 Owns: argument parsing, turning known failures into one-line errors (exit 2, no traceback),
@@ -192,8 +192,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     steps = _parse_int_list("--steps", args.steps, 1, 4) if args.steps else None
     resolutions = _parse_resolutions(args.resolution) if args.resolution else None
     streams = _parse_int_list("--streams", args.streams or "1", 1, 64)
-    from streamdiff import benchreport
-    from streamdiff.engine.bench_model import (
+    from streamdiff.bench import report as benchreport
+    from streamdiff.bench.model import (
         TABLE_COLUMNS, ModelBenchSettings, plot_series, report_rows, run_model_bench,
     )
 
@@ -217,9 +217,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_simulate(args: argparse.Namespace) -> int:
     """3. Scaling projection: measure one device, project 1..N pipeline stages (docs/scaling.md)."""
-    from streamdiff import benchreport
-    from streamdiff.engine.bench_model import ModelBenchSettings, bench_config
-    from streamdiff.parallel.simulate import simulate
+    from streamdiff.bench import report as benchreport
+    from streamdiff.bench.model import ModelBenchSettings, bench_config
+    from streamdiff.bench.simulate import simulate
 
     overrides = list(args.set or ())
     if args.resolution:

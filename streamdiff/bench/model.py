@@ -2,9 +2,9 @@
 
 Owns: running EngineCore + LocalExecutor(ModelRunner) for every combination of denoise steps x
 frame size x stream count, what is measured per combination, and the report dict (the CLI
-prints the table, writes the JSON and the plot with streamdiff.benchreport).
+prints the table, writes the JSON and the plot with streamdiff.bench.report).
 Does not own: argument parsing (cli.py), the definitions shared with the end-to-end mode
-(quantiles, jitter, JSON, plot: benchreport.py), the FLOP count (model/flops.py).
+(quantiles, jitter, JSON, plot: bench/report.py), the FLOP count (model/flops.py).
 
 Input feeding (throughput mode, the only mode): before every engine step, each stream that has
 no frames waiting gets one full chunk of fresh synthetic frames (5 for its first chunk, then 4),
@@ -43,7 +43,7 @@ Per combination (definitions):
   resource.getrusage. `peak_memory_kind` says which.
 - DiT TFLOP/s: analytic DiT FLOPs of the measured steps (model/flops.py) / time spent in the
   DiT phase; MFU = that / the device's dense bf16 peak (`mfu_wall`: over the whole window,
-  VAE included). Peak: bench_device.PEAK_BF16_TFLOPS by device name, or `peak_tflops`; None
+  VAE included). Peak: device.PEAK_BF16_TFLOPS by device name, or `peak_tflops`; None
   on CPU.
 - step split: median ms of VAE encode / DiT / VAE decode (ModelRunner.last_phase_ms).
 """
@@ -58,9 +58,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from streamdiff import benchreport
+from streamdiff.bench import report as benchreport
 from streamdiff.config import Config, load_config, with_overrides
-from streamdiff.engine.bench_device import device_name, peak_tflops_for, read_peak_memory_mb, reset_peak_memory
+from streamdiff.bench.device import device_name, peak_tflops_for, read_peak_memory_mb, reset_peak_memory
 
 STEADY_WARMUP_MAX_STEPS = 200
 
