@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 import time
@@ -156,11 +157,12 @@ def _parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
 
 # Flags of one bench mode only (default None / False: not given).
 BENCH_MODEL_ONLY = ("config", "set", "steps", "resolution", "streams", "random_weights", "dtype", "peak_tflops",
-                    "simulate", "hop_ms")
+                    "simulate", "hop_ms", "compile", "cuda_graphs")
 BENCH_E2E_ONLY = ("token", "fps", "size")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet torch.profiler (host_ms_per_step); before torch loads
     if args.duration <= 0:
         raise CliError(f"--duration {args.duration:g} must be > 0 seconds")
     if args.deadline_ms <= 0:
@@ -185,6 +187,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         hint = " (model mode takes --resolution)" if extra[0] == "size" else ""
         raise CliError(f"--{extra[0]} applies to end-to-end mode only (with --url){hint}")
     if args.simulate:
+        if args.compile or args.cuda_graphs:
+            raise CliError("--simulate measures eager steps; --compile / --cuda-graphs apply to model mode")
         return _bench_simulate(args)
     # 2. Model mode: check the flags, run every combination in this process, report.
     if args.peak_tflops is not None and args.peak_tflops <= 0:
@@ -193,6 +197,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     resolutions = _parse_resolutions(args.resolution) if args.resolution else None
     streams = _parse_int_list("--streams", args.streams or "1", 1, 64)
     from streamdiff.bench import report as benchreport
+    from streamdiff.bench.modes import modes_from_flags
     from streamdiff.bench.model import (
         TABLE_COLUMNS, ModelBenchSettings, plot_series, report_rows, run_model_bench,
     )
@@ -201,9 +206,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config=args.config or "tiny", overrides=tuple(args.set or ()), steps=steps, resolutions=resolutions,
         streams=streams, random_weights=args.random_weights, dtype=args.dtype, duration_s=args.duration,
         deadline_ms=args.deadline_ms, peak_tflops=args.peak_tflops, prompt=args.prompt, quiet=args.quiet,
-        command=args.command_line,
+        command=args.command_line, modes=modes_from_flags(args.compile, args.cuda_graphs),
     )
-    report = run_model_bench(settings)
+    try:
+        report = run_model_bench(settings)
+    except ValueError as exc:  # e.g. --cuda-graphs without CUDA
+        raise CliError(str(exc)) from None
     print(f"streamdiff bench, model mode: {report['config']} ({report['weights']} weights, {report['dtype']}, "
           f"attention {report['attention_backend']}) on {report['device']}, torch {report['torch_version']}; "
           f"{settings.duration_s:g} s per combination, deadline {settings.deadline_ms:g} ms")
@@ -319,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random weights for the configured architecture (no checkpoint needed)")
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override model.dtype")
     model.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs, none on CPU)")
+    model.add_argument("--compile", action="store_true",
+                       help="also run every combination with the DiT forward under torch.compile (side by side)")
+    model.add_argument("--cuda-graphs", action="store_true",
+                       help="also run every combination compiled with CUDA graphs (CUDA only)")
     sim = bench.add_argument_group("scaling projection")
     sim.add_argument("--simulate", action="store_true",
                      help="measure one device, project 1..N pipeline stages (uses --config/--set/--streams)")
