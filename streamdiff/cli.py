@@ -262,6 +262,34 @@ def _bench_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """streamdiff plan: the memory plan of a config from a meta-device build (engine/memory_plan.py)."""
+    from streamdiff.engine.memory_plan import GiB, format_plan, parse_bytes, plan_memory, write_plan_json
+
+    try:
+        sizes = [parse_bytes(x) for x in args.gpu_mem.split(",")] if args.gpu_mem else []
+    except ValueError as exc:
+        raise CliError(f"--gpu-mem {exc}") from None
+    if not sizes:
+        import torch
+
+        sizes = [torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 24 * GiB]
+    width = height = None
+    if args.resolution:
+        (width, height), *more = _parse_resolutions(args.resolution)
+        if more:
+            raise CliError("--resolution takes one WxH")
+    if args.steps is not None and not 1 <= args.steps <= 4:
+        raise CliError(f"--steps {args.steps} must be 1-4")
+    cfg = load_config(args.config, args.set or [])
+    plan = plan_memory(cfg, args.device, width, height, args.steps)
+    for size in sizes:
+        print(format_plan(plan, size))
+    if args.json:
+        print(f"wrote {write_plan_json(plan, sizes[0], args.json)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamdiff", description="Real-time streaming video diffusion")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -343,6 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--fps", type=float, help="input frame rate sent per session")
     e2e.add_argument("--size", help="input frame size WxH, e.g. 256x256")
     bench.set_defaults(func=cmd_bench)
+
+    plan = sub.add_parser("plan", help="memory plan: weights, KV pool, VAE caches, activations, streams that fit",
+                          description="Counts every byte a serving process holds on the device from a meta-device "
+                                      "build (nothing allocated, no weights read) and how many streams fit.")
+    plan.add_argument("--config", default="tiny", help="preset name (tiny, wan-1.3b, wan-14b) or a YAML file")
+    plan.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. text.device=cpu")
+    plan.add_argument("--gpu-mem", metavar="SIZE[,SIZE]",
+                      help="device memory, e.g. 24GiB or 16GiB,24GiB,80GiB (default: this GPU's, else 24GiB)")
+    plan.add_argument("--resolution", metavar="WxH", help="frame size (default: the config's)")
+    plan.add_argument("--steps", type=int, help="denoise steps 1-4 (default: the config's)")
+    plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                      help="plan for this device type's kernels (default cuda)")
+    plan.add_argument("--json", metavar="OUT", help="write the plan (bytes) to OUT")
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 
