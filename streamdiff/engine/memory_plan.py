@@ -14,7 +14,7 @@ running the real code) on the `meta` device, so nothing is allocated and no weig
 - activations: the peak of live tensors while one steady DiT forward (rows = streams x steps)
   and one VAE encode + decode run on meta tensors, measured with a dispatch-mode tracker, as an
   affine law in rows (two runs). The attention op is replaced by its memory on the device:
-  the Triton/xformers kernels read the pool in place (an output only); the torch path gathers
+  the Triton kernels read the pool in place (an output only); the torch path gathers
   each row's window (a copy). SDPA itself (self and cross) is a fused kernel on CUDA and CPU
   (an output, no score matrix).
 - reserve: CUDA context and allocator slack (default 1 GiB), not a tensor.
