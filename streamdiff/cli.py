@@ -290,6 +290,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    """streamdiff gpu-check: the gpu tests, the kernel bench and the model bench in one budget (bench/gpu_check.py)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet torch.profiler (host_ms_per_step); before torch loads
+    from pathlib import Path
+
+    from streamdiff.bench.gpu_check import CudaParts, format_dry_run, plan_parts, run_check
+
+    if args.budget_s <= 0 or args.duration <= 0:
+        raise CliError("--budget-s and --duration must be > 0 seconds")
+    parts = plan_parts(args.duration)
+    if args.dry_run:
+        print(format_dry_run(parts, args.budget_s))
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CliError("gpu-check needs a CUDA GPU and there is none here (--dry-run prints the plan)")
+    out = Path(args.out)
+    execute = CudaParts(args.config, args.duration, out, tuple(args.set or ()))
+    header = dict(execute.header(), command=args.command_line)
+    report = run_check(parts, args.budget_s, out, execute, header)
+    done = sum(e.get("status") == "ok" for e in report["parts"])
+    print(f"gpu-check: {done}/{len(parts)} parts ok in {report['elapsed_s']:.0f} s; wrote {out / 'gpu-check.json'} "
+          f"and {out / 'gpu-check.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamdiff", description="Real-time streaming video diffusion")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -385,6 +412,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="plan for this device type's kernels (default cuda)")
     plan.add_argument("--json", metavar="OUT", help="write the plan (bytes) to OUT")
     plan.set_defaults(func=cmd_plan)
+
+    check = sub.add_parser("gpu-check", help="on a CUDA GPU: gpu tests, kernel bench, model bench (1.3B), one budget",
+                           description="Runs, most important first and within --budget-s: streamdiff bench with the "
+                                       "1.3B random-weight architecture (512x512 and 832x480, steps 1-4, 1 and 4 "
+                                       "streams, eager / compiled / CUDA graphs), the gpu-marked tests and the "
+                                       "kernel bench; writes gpu-check.json and gpu-check.md (with "
+                                       "StreamDiffusionV2's figures beside ours).")
+    check.add_argument("--out", default="out/gpu-check", help="output folder (default out/gpu-check)")
+    check.add_argument("--budget-s", type=float, default=600.0, help="stop starting parts past this (default 600)")
+    check.add_argument("--duration", type=float, default=5.0, help="measured seconds per bench combination")
+    check.add_argument("--config", default="wan-1.3b", help="architecture to bench with random weights")
+    check.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    check.add_argument("--dry-run", action="store_true", help="print the parts, their estimates and what fits; run nothing")
+    check.set_defaults(func=cmd_gpu_check)
     return parser
 
 
