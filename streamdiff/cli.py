@@ -1,7 +1,8 @@
 """The `streamdiff` command line: render (offline, one stream through StreamPipeline), serve
 (the WebRTC gateway), control (change a live stream's parameters) and bench (model mode:
 the engine on synthetic clips, bench/model.py; end-to-end mode with --url: a running
-server, client/bench.py).
+server, client/bench.py), plan (memory plan, engine/memory_plan.py) and gpu-check (every GPU
+measurement in one budget, bench/gpu_check.py).
 
 Owns: argument parsing, turning known failures into one-line errors (exit 2, no traceback),
 and the progress display. Does not own: any model or serving logic.
