@@ -162,7 +162,7 @@ def markdown(report: dict) -> str:
              f"{report.get('elapsed_s', 0):.0f} s used. Command: `{report.get('command', 'streamdiff gpu-check')}`",
              "",
              "| size | steps | streams | mode | fps | fps/stream | SDV2 1×H100, 1 stream | ttff s | chunk p50 ms "
-             "| MFU % | host ms/step | peak GiB | graph breaks / recompiles | compile s |",
+             "| MFU % | host ms/step | peak GiB (plan) | graph breaks / recompiles | compile s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in report["parts"]:
         if e["kind"] != "bench" or e.get("status") == "skipped":
@@ -176,10 +176,11 @@ def markdown(report: dict) -> str:
             continue
         c = r.get("compile") or {}
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}"
+        plan = f" ({r['planned_peak_mb'] / 1024:.1f})" if r.get("planned_peak_mb") else ""
         lines.append(
             f"{head} {r['fps']:.2f} | {r['fps_per_stream']:.2f} | {sdv2_cell} | {r['ttff_s']:.2f} | "
             f"{r['chunk_latency_ms']['p50']:.1f} | {mfu} | {r['host_ms_per_step']:.2f} | "
-            f"{r['peak_memory_mb'] / 1024:.1f} | {c.get('graph_breaks', '-')} / {c.get('recompiles', '-')} | "
+            f"{r['peak_memory_mb'] / 1024:.1f}{plan} | {c.get('graph_breaks', '-')} / {c.get('recompiles', '-')} | "
             f"{c.get('compile_s', '-')} |")
     others = [e for e in report["parts"] if e["kind"] != "bench" and e.get("status") != "skipped"]
     for e in others:
@@ -205,6 +206,7 @@ class CudaParts:
                                            duration_s=duration_s, quiet=True, command="streamdiff gpu-check")
         self.out_dir = out_dir
         self.comps = self.cfg = self.peak = None
+        self._plans: dict = {}
 
     def header(self) -> dict:
         import platform
@@ -247,7 +249,20 @@ class CudaParts:
         result = run_combination(self.comps, self.cfg, part.steps, part.width, part.height, part.streams,
                                  self.settings, self.peak, None, part.mode)
         result.pop("series", None)
+        if part.steps == 1 and self.comps.device.type == "cuda":  # the memory planner beside the measured peak
+            result["planned_peak_mb"] = self._planned_mb(part)
         return {"status": "ok", "result": result}
+
+    def _planned_mb(self, part: Part) -> float:
+        """streamdiff plan's device bytes for this combination, without the CUDA-context reserve
+        (max_memory_allocated counts tensors only) and the text-embedding cache."""
+        from streamdiff.engine.memory_plan import plan_memory
+
+        key = (part.width, part.height, part.steps)
+        if key not in self._plans:
+            self._plans[key] = plan_memory(self.cfg, "cuda", *key)
+        plan = self._plans[key]
+        return (plan.total(part.streams) - plan.reserve - plan.text_cache) / 2**20
 
     def _subprocess(self, argv: list[str], log_name: str, left_s: float) -> dict:
         log = self.out_dir / log_name

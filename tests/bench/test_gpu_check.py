@@ -53,7 +53,7 @@ class FakeClock:
 
 def _result(fps):
     return {"fps": fps, "fps_per_stream": fps, "ttff_s": 0.4, "chunk_latency_ms": {"p50": 150.0}, "mfu": 0.3,
-            "host_ms_per_step": 1.5, "peak_memory_mb": 10240.0,
+            "host_ms_per_step": 1.5, "peak_memory_mb": 10240.0, "planned_peak_mb": 9216.0,
             "compile": {"graph_breaks": 0, "recompiles": 0, "compile_s": 42.0}}
 
 
@@ -86,6 +86,7 @@ def test_runner_keeps_to_the_budget_and_reports(tmp_path):
     md = (tmp_path / "gpu-check.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| 512x512 | 1 | 1 | eager |"))
     assert "| 30.00 |" in row and "| 26.21 |" in row  # ours beside StreamDiffusionV2's
+    assert "| 10.0 (9.0) |" in row  # measured peak beside the memory plan
     assert "| 832x480 | 1 | 1 | eager | 20.00 | 20.00 | 20.47 |" in md
     assert "pytest crashed" in md and "Not run (budget)" in md
 
