@@ -20,7 +20,8 @@ running the real code) on the `meta` device, so nothing is allocated and no weig
 - reserve: CUDA context and allocator slack (default 1 GiB), not a tensor.
 Does not own: the allocations themselves (ModelRunner, KVPool, StreamingVAE) or admission.
 
-Fit: device = reserve + weights on the device + text embeddings + streams x (KV pool of a
+Fit: device = reserve + weights on the device (an offloaded prompt encoder counts: it must fit
+while it encodes) + text embeddings + streams x (KV pool of a
 stream + VAE caches + prompt K/V) + 4 spare prompt K/V + activations(streams). `max_streams`
 uses the pool as ModelRunner allocates it (MAX_LANES lanes a stream); `max_streams_steps_lanes`
 the pool if it held only `steps` lanes.
