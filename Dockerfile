@@ -1,4 +1,4 @@
-# GPU image: CUDA runtime, torch for CUDA, StreamDiff with the [gpu] extra (xformers, flash-attn).
+# GPU image: CUDA runtime, torch for CUDA, StreamDiff with the [gpu] extra (flash-attn, the kernel bench's baseline).
 # Weights are not baked in: mount them at /models and point a config at them, e.g.
 #   docker run --gpus all -v $PWD/models:/models:ro streamdiff \
 #     render --config /app/configs/wan-1.3b.yaml --input /models/in.mp4 --prompt "..." --output /tmp/out.mp4

@@ -9,7 +9,7 @@ leaves the receiver's decoder (one clock: both ends are this process). At the en
 server's own per-stream numbers from GET /metrics (before closing the sessions, which drops
 them) and reports both. `run_e2e` (async) returns the report; `run_from_args` is what the CLI
 calls. Does not own: the definitions of the reported numbers, the table, JSON and plot
-(streamdiff.benchreport), the stamp code (streamdiff.stamp), argument parsing (streamdiff.cli).
+(streamdiff.bench.report), the stamp code (streamdiff.stamp), argument parsing (streamdiff.cli).
 
 Definitions specific to this mode:
 - ids are 0, 1, 2, ... per session; the stamp carries them modulo 2**20 and the reader unwraps
@@ -42,7 +42,7 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
-from streamdiff import benchreport
+from streamdiff.bench import report as benchreport
 from streamdiff.pipeline.frames import parse_size, synthetic_clip
 from streamdiff.server.webrtc import configure_bitrates, enable_loopback_candidates
 from streamdiff.stamp import ID_MODULO, decode_id, encode_id
@@ -251,7 +251,7 @@ async def _measure(records: list[SessionRecord], duration_s: float, progress: bo
 
 
 def session_report(record: SessionRecord, fps_in: float, deadline_ms: float, t0_s: float, server: dict | None) -> dict:
-    """One session's numbers (see the module docstring and streamdiff.benchreport)."""
+    """One session's numbers (see the module docstring and streamdiff.bench.report)."""
     latency_ms = [1000.0 * (t - record.sent_s[i]) for t, i in record.received]
     newest = record.received[-1][1] if record.received else -1
     returned = len({i for _, i in record.received})

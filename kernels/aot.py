@@ -16,7 +16,7 @@ counts of the SASS instructions that decide speed:
   LDL/STL local-memory loads / stores: registers spilled
   LDG.128 / STG.128 / LDG / STG  16-byte global accesses, and all global accesses
 Uses the ptxas and cuobjdump that ship inside Triton's NVIDIA backend; needs no GPU and no
-CUDA driver. Does not own: timings (`streamdiff.kernels.bench`, GPU only) or correctness
+CUDA driver. Does not own: timings (`streamdiff.bench.kernels`, GPU only) or correctness
 (tests/kernels). Run it where TRITON_INTERPRET is unset: the interpreter replaces
 triton.language in its process.
 """

@@ -1,7 +1,8 @@
 """The `streamdiff` command line: render (offline, one stream through StreamPipeline), serve
 (the WebRTC gateway), control (change a live stream's parameters) and bench (model mode:
-the engine on synthetic clips, engine/bench_model.py; end-to-end mode with --url: a running
-server, client/bench.py).
+the engine on synthetic clips, bench/model.py; end-to-end mode with --url: a running
+server, client/bench.py), plan (memory plan, engine/memory_plan.py) and gpu-check (every GPU
+measurement in one budget, bench/gpu_check.py).
 
 Owns: argument parsing, turning known failures into one-line errors (exit 2, no traceback),
 and the progress display. Does not own: any model or serving logic.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 import time
@@ -156,11 +158,12 @@ def _parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
 
 # Flags of one bench mode only (default None / False: not given).
 BENCH_MODEL_ONLY = ("config", "set", "steps", "resolution", "streams", "random_weights", "dtype", "peak_tflops",
-                    "simulate", "hop_ms")
+                    "simulate", "hop_ms", "compile", "cuda_graphs")
 BENCH_E2E_ONLY = ("token", "fps", "size")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet torch.profiler (host_ms_per_step); before torch loads
     if args.duration <= 0:
         raise CliError(f"--duration {args.duration:g} must be > 0 seconds")
     if args.deadline_ms <= 0:
@@ -185,6 +188,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         hint = " (model mode takes --resolution)" if extra[0] == "size" else ""
         raise CliError(f"--{extra[0]} applies to end-to-end mode only (with --url){hint}")
     if args.simulate:
+        if args.compile or args.cuda_graphs:
+            raise CliError("--simulate measures eager steps; --compile / --cuda-graphs apply to model mode")
         return _bench_simulate(args)
     # 2. Model mode: check the flags, run every combination in this process, report.
     if args.peak_tflops is not None and args.peak_tflops <= 0:
@@ -192,8 +197,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     steps = _parse_int_list("--steps", args.steps, 1, 4) if args.steps else None
     resolutions = _parse_resolutions(args.resolution) if args.resolution else None
     streams = _parse_int_list("--streams", args.streams or "1", 1, 64)
-    from streamdiff import benchreport
-    from streamdiff.engine.bench_model import (
+    from streamdiff.bench import report as benchreport
+    from streamdiff.bench.modes import modes_from_flags
+    from streamdiff.bench.model import (
         TABLE_COLUMNS, ModelBenchSettings, plot_series, report_rows, run_model_bench,
     )
 
@@ -201,9 +207,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config=args.config or "tiny", overrides=tuple(args.set or ()), steps=steps, resolutions=resolutions,
         streams=streams, random_weights=args.random_weights, dtype=args.dtype, duration_s=args.duration,
         deadline_ms=args.deadline_ms, peak_tflops=args.peak_tflops, prompt=args.prompt, quiet=args.quiet,
-        command=args.command_line,
+        command=args.command_line, modes=modes_from_flags(args.compile, args.cuda_graphs),
     )
-    report = run_model_bench(settings)
+    try:
+        report = run_model_bench(settings)
+    except ValueError as exc:  # e.g. --cuda-graphs without CUDA
+        raise CliError(str(exc)) from None
     print(f"streamdiff bench, model mode: {report['config']} ({report['weights']} weights, {report['dtype']}, "
           f"attention {report['attention_backend']}) on {report['device']}, torch {report['torch_version']}; "
           f"{settings.duration_s:g} s per combination, deadline {settings.deadline_ms:g} ms")
@@ -217,9 +226,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_simulate(args: argparse.Namespace) -> int:
     """3. Scaling projection: measure one device, project 1..N pipeline stages (docs/scaling.md)."""
-    from streamdiff import benchreport
-    from streamdiff.engine.bench_model import ModelBenchSettings, bench_config
-    from streamdiff.parallel.simulate import simulate
+    from streamdiff.bench import report as benchreport
+    from streamdiff.bench.model import ModelBenchSettings, bench_config
+    from streamdiff.bench.simulate import simulate
 
     overrides = list(args.set or ())
     if args.resolution:
@@ -251,6 +260,61 @@ def _bench_simulate(args: argparse.Namespace) -> int:
     print(benchreport.format_table(report["projection"], columns))
     if args.json:
         print(f"wrote {benchreport.write_json(report, args.json)}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """streamdiff plan: the memory plan of a config from a meta-device build (engine/memory_plan.py)."""
+    from streamdiff.engine.memory_plan import GiB, format_plan, parse_bytes, plan_memory, write_plan_json
+
+    try:
+        sizes = [parse_bytes(x) for x in args.gpu_mem.split(",")] if args.gpu_mem else []
+    except ValueError as exc:
+        raise CliError(f"--gpu-mem {exc}") from None
+    if not sizes:
+        import torch
+
+        sizes = [torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 24 * GiB]
+    width = height = None
+    if args.resolution:
+        (width, height), *more = _parse_resolutions(args.resolution)
+        if more:
+            raise CliError("--resolution takes one WxH")
+    if args.steps is not None and not 1 <= args.steps <= 4:
+        raise CliError(f"--steps {args.steps} must be 1-4")
+    cfg = load_config(args.config, args.set or [])
+    plan = plan_memory(cfg, args.device, width, height, args.steps)
+    for size in sizes:
+        print(format_plan(plan, size))
+    if args.json:
+        print(f"wrote {write_plan_json(plan, sizes[0], args.json)}")
+    return 0
+
+
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    """streamdiff gpu-check: the gpu tests, the kernel bench and the model bench in one budget (bench/gpu_check.py)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet torch.profiler (host_ms_per_step); before torch loads
+    from pathlib import Path
+
+    from streamdiff.bench.gpu_check import CudaParts, format_dry_run, plan_parts, run_check
+
+    if args.budget_s <= 0 or args.duration <= 0:
+        raise CliError("--budget-s and --duration must be > 0 seconds")
+    parts = plan_parts(args.duration)
+    if args.dry_run:
+        print(format_dry_run(parts, args.budget_s))
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CliError("gpu-check needs a CUDA GPU and there is none here (--dry-run prints the plan)")
+    out = Path(args.out)
+    execute = CudaParts(args.config, args.duration, out, tuple(args.set or ()))
+    header = dict(execute.header(), command=args.command_line)
+    report = run_check(parts, args.budget_s, out, execute, header)
+    done = sum(e.get("status") == "ok" for e in report["parts"])
+    print(f"gpu-check: {done}/{len(parts)} parts ok in {report['elapsed_s']:.0f} s; wrote {out / 'gpu-check.json'} "
+          f"and {out / 'gpu-check.md'}")
     return 0
 
 
@@ -319,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random weights for the configured architecture (no checkpoint needed)")
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override model.dtype")
     model.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs, none on CPU)")
+    model.add_argument("--compile", action="store_true",
+                       help="also run every combination with the DiT forward under torch.compile (side by side)")
+    model.add_argument("--cuda-graphs", action="store_true",
+                       help="also run every combination compiled with CUDA graphs (CUDA only)")
     sim = bench.add_argument_group("scaling projection")
     sim.add_argument("--simulate", action="store_true",
                      help="measure one device, project 1..N pipeline stages (uses --config/--set/--streams)")
@@ -331,6 +399,34 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--fps", type=float, help="input frame rate sent per session")
     e2e.add_argument("--size", help="input frame size WxH, e.g. 256x256")
     bench.set_defaults(func=cmd_bench)
+
+    plan = sub.add_parser("plan", help="memory plan: weights, KV pool, VAE caches, activations, streams that fit",
+                          description="Counts every byte a serving process holds on the device from a meta-device "
+                                      "build (nothing allocated, no weights read) and how many streams fit.")
+    plan.add_argument("--config", default="tiny", help="preset name (tiny, wan-1.3b, wan-14b) or a YAML file")
+    plan.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. text.device=cpu")
+    plan.add_argument("--gpu-mem", metavar="SIZE[,SIZE]",
+                      help="device memory, e.g. 24GiB or 16GiB,24GiB,80GiB (default: this GPU's, else 24GiB)")
+    plan.add_argument("--resolution", metavar="WxH", help="frame size (default: the config's)")
+    plan.add_argument("--steps", type=int, help="denoise steps 1-4 (default: the config's)")
+    plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                      help="plan for this device type's kernels (default cuda)")
+    plan.add_argument("--json", metavar="OUT", help="write the plan (bytes) to OUT")
+    plan.set_defaults(func=cmd_plan)
+
+    check = sub.add_parser("gpu-check", help="on a CUDA GPU: gpu tests, kernel bench, model bench (1.3B), one budget",
+                           description="Runs, most important first and within --budget-s: streamdiff bench with the "
+                                       "1.3B random-weight architecture (512x512 and 832x480, steps 1-4, 1 and 4 "
+                                       "streams, eager / compiled / CUDA graphs), the gpu-marked tests and the "
+                                       "kernel bench; writes gpu-check.json and gpu-check.md (with "
+                                       "StreamDiffusionV2's figures beside ours).")
+    check.add_argument("--out", default="out/gpu-check", help="output folder (default out/gpu-check)")
+    check.add_argument("--budget-s", type=float, default=600.0, help="stop starting parts past this (default 600)")
+    check.add_argument("--duration", type=float, default=5.0, help="measured seconds per bench combination")
+    check.add_argument("--config", default="wan-1.3b", help="architecture to bench with random weights")
+    check.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    check.add_argument("--dry-run", action="store_true", help="print the parts, their estimates and what fits; run nothing")
+    check.set_defaults(func=cmd_gpu_check)
     return parser
 
 

@@ -55,7 +55,7 @@ class ModelConfig:
     cross_attn_norm: bool = True
     rope_max_seq_len: int = 1024
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attention_backend: Literal["auto", "torch", "xformers", "triton"] = "auto"
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"  # no xformers: see docs/architecture.md
 
     @property
     def dim(self) -> int:

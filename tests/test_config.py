@@ -39,6 +39,7 @@ def test_yaml_file_with_preset_and_overrides(tmp_path):
         ("sampling.steps=two", "sampling.steps='two' must be an integer"),
         ("sampling.motion_aware=maybe", "sampling.motion_aware='maybe' must be true or false"),
         ("model.attention_backend=cudnn", "not one of"),
+        ("model.attention_backend=xformers", "not one of"),  # dropped: it replaced cross-attention only
         ("video.width=250", "video.width=250 must be a multiple of 16"),
         ("cache.sinks=6", "cache.sinks=6 must be smaller than cache.window=6"),
         ("weights.format=diffusers", "weights.transformer must name a path"),

@@ -1,4 +1,4 @@
-"""The attention switch: torch SDPA | xformers | triton, chosen by config and availability.
+"""The attention switch: torch SDPA | triton, chosen by config and availability.
 
 Owns: the choice of backend and the three calls the model makes per layer — write the chunk's
 K/V into the pool, attend over a row's slots, cross-attend to the prompt. CPU always has the
@@ -8,7 +8,6 @@ Triton kernels side by side).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import torch
@@ -21,28 +20,19 @@ from streamdiff.kernels.sink_window_attention import sink_window_attention_ref
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "xformers", "triton")
+BACKENDS = ("torch", "triton")  # fastest last; `auto` takes the fastest that runs here
 
 rope_angles = rope_angles_ref
 
 
 def resolve_backend(requested: str, device: torch.device | str) -> str:
-    """`auto` -> triton on CUDA when Triton works, else xformers on CUDA when installed, else torch.
+    """`auto` -> triton on CUDA when Triton works (the cache kernels read K/V in place), else torch.
     An explicit backend that cannot run here is an error, not a silent fallback."""
     on_cuda = torch.device(device).type == "cuda"
-    has_xformers = importlib.util.find_spec("xformers") is not None
     if requested == "auto":
-        if on_cuda and triton_available():
-            return "triton"
-        if on_cuda and has_xformers:
-            return "xformers"
-        return "torch"
+        return "triton" if on_cuda and triton_available() else "torch"
     if requested == "torch":
         return "torch"
-    if requested == "xformers":
-        if not (on_cuda and has_xformers):
-            raise ValueError("model.attention_backend=xformers needs CUDA and the xformers package (pip install '.[gpu]')")
-        return "xformers"
     if requested == "triton":
         if not triton_available():
             raise ValueError("model.attention_backend=triton needs Triton and CUDA (or TRITON_INTERPRET=1 for tests)")
@@ -76,9 +66,5 @@ class Attention:
     def cross(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [B, N, H, D], prompt k/v [B, L, H, D] -> [B, N, H, D]. No mask (Wan attends to the
         zero-padded text positions too)."""
-        if self.backend == "xformers":
-            import xformers.ops as xops
-
-            return xops.memory_efficient_attention(q, k.to(q.dtype), v.to(q.dtype))
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2))
         return out.transpose(1, 2)

@@ -49,3 +49,17 @@ def test_triton_backend_equals_torch_backend_over_a_rolling_stream():
     got = stream(triton_model, chunks, text)
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_auto_takes_the_fastest_backend_that_runs(monkeypatch):
+    import streamdiff.model.attention as attention
+
+    monkeypatch.setattr(attention, "triton_available", lambda: True)
+    assert resolve_backend("auto", "cuda") == "triton"
+    assert resolve_backend("auto", "cpu") == "torch"  # Triton's interpreter is a test tool, not fast
+    monkeypatch.setattr(attention, "triton_available", lambda: False)
+    assert resolve_backend("auto", "cuda") == "torch"
+    with pytest.raises(ValueError, match="unknown attention backend 'xformers'"):
+        resolve_backend("xformers", "cuda")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        Attention("xformers")

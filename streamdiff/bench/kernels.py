@@ -1,4 +1,4 @@
-"""Benchmark of the KV-cache kernels at Wan 1.3B shapes: `python -m streamdiff.kernels.bench`.
+"""Benchmark of the KV-cache kernels at Wan 1.3B shapes: `python -m streamdiff.bench.kernels`.
 
 Owns: timing sink_window_attention against the ways one would do it without the kernel, and
 cache_write against its torch ref. Does not own: correctness (tests/kernels) or the end-to-end
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
-        print("streamdiff.kernels.bench times CUDA kernels and needs a CUDA GPU; none here, nothing to time.")
+        print("streamdiff.bench.kernels times CUDA kernels and needs a CUDA GPU; none here, nothing to time.")
         return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1 is set: the kernels would run in the interpreter; unset it to benchmark.")

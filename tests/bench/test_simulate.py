@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from streamdiff.config import load_config
-from streamdiff.parallel.simulate import kv_bytes_per_layer, project
+from streamdiff.bench.simulate import kv_bytes_per_layer, project
 
 MEASURED = {"streams": 1, "encode_ms": 6.0, "dit_ms": 30.0, "decode_ms": 9.0, "rows": 4, "frames_per_step": 4,
             "block_params": 1000, "bytes_per_param": 2}

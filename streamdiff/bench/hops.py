@@ -2,7 +2,7 @@
 
 Owns: a micro-benchmark of Ray Compiled Graph channels between trivial actors that forward a
 payload of a given size (a step's hidden states) - no model, so the number is the transport
-alone. Does not own: the stages themselves (stage.py) or the projection that uses the number
+alone. Does not own: the stages themselves (parallel/stage.py) or the projection that uses the number
 (simulate.py).
 
 Method: chains of 1 and S pass-through actors; per hop = (median round trip of the S chain -
@@ -69,7 +69,7 @@ def measure_hop_ms(payload_bytes: int, num_stages: int = 3, repeats: int = 5, gp
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m streamdiff.parallel.hops [--bytes N ...] [--stages 3] [--repeats 5] [--gpu]
+    """python -m streamdiff.bench.hops [--bytes N ...] [--stages 3] [--repeats 5] [--gpu]
 
     Keep runs short on CPU: with Ray 2.60, multi-MB payloads through CPU channels have hung
     after 10-15 executions of one graph in this micro-benchmark (the get then times out after

@@ -7,7 +7,7 @@ encode on the first stage and the decode on the last), the per-stage times, the 
 the step's rows in micro-batches, fps, and weights / KV cache per GPU. The per-hop latency is
 measured (hops.py, Ray channels on this host) or given. No GPU needed: the projection is only
 as good as the device it measured on, and says so.
-Does not own: running stages (executor.py) or the single-device benchmark (engine/bench_model.py).
+Does not own: running stages (parallel/executor.py) or the single-device benchmark (bench/model.py).
 
 Projection (S stages, m micro-batches of the step's rows, hop h ms):
   stage k time t_k = fixed_k + n_k * per_block   (fixed: encode on 0, decode on S-1)
@@ -29,7 +29,7 @@ SDV2_FOUR_H100_FPS = {"wan-1.3b": 64.52, "wan-14b": 58.28}
 
 def measure_step(cfg: Config, streams: int, chunks: int = 4, repeats: int = 3) -> dict:
     """Median phase times (ms) of a steady engine step batching `streams` streams."""
-    from streamdiff.engine.bench import engine_fps
+    from streamdiff.bench.engine import engine_fps
     from streamdiff.model.build import build_components
 
     comps = build_components(cfg)
@@ -94,7 +94,7 @@ def simulate(cfg: Config, stage_counts: list[int], streams: int, hop_ms: float |
     measured = measure_step(cfg, streams)
     hop = {"hop_ms": hop_ms, "source": "given"}
     if hop_ms is None:
-        from streamdiff.parallel.hops import measure_hop_ms
+        from streamdiff.bench.hops import measure_hop_ms
 
         tokens = (cfg.video.height // 16) * (cfg.video.width // 16)
         payload = measured["rows"] * cfg.sampling.chunk_latents * tokens * cfg.model.dim * 2

@@ -1,4 +1,4 @@
-"""streamdiff.benchreport (shared by both bench modes) on hand-made series."""
+"""streamdiff.bench.report (shared by both bench modes) on hand-made series."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from streamdiff import benchreport as br
+from streamdiff.bench import report as br
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 100])

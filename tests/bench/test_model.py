@@ -15,8 +15,8 @@ import torch
 
 from streamdiff.cli import main
 from streamdiff.config import load_config
-from streamdiff.engine.bench_device import peak_tflops_for
-from streamdiff.engine.bench_model import ModelBenchSettings, bench_config
+from streamdiff.bench.device import peak_tflops_for
+from streamdiff.bench.model import ModelBenchSettings, bench_config
 from streamdiff.model.flops import dit_flops_per_step
 
 DURATION_S = 2.0

@@ -1,4 +1,4 @@
-"""What `streamdiff bench` reports, shared by its model mode (engine/bench.py) and its
+"""What `streamdiff bench` reports, shared by its model mode (bench/model.py) and its
 end-to-end mode (client/bench.py): summaries of measured series, the table printed at the end,
 the JSON file and the plot.
 

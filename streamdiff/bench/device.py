@@ -2,7 +2,7 @@
 memory around a measurement.
 
 Owns: the table of dense bf16 peaks and how peak memory is measured on CUDA and on CPU.
-Does not own: any measurement loop (bench_model.py).
+Does not own: any measurement loop (model.py).
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated after torch.cuda.reset_peak_memory_stats
 (tensors only: weights, KV pool, activations; not the allocator's cached blocks). On CPU, the

@@ -2,9 +2,9 @@
 
 Owns: running EngineCore + LocalExecutor(ModelRunner) for every combination of denoise steps x
 frame size x stream count, what is measured per combination, and the report dict (the CLI
-prints the table, writes the JSON and the plot with streamdiff.benchreport).
+prints the table, writes the JSON and the plot with streamdiff.bench.report).
 Does not own: argument parsing (cli.py), the definitions shared with the end-to-end mode
-(quantiles, jitter, JSON, plot: benchreport.py), the FLOP count (model/flops.py).
+(quantiles, jitter, JSON, plot: bench/report.py), the FLOP count (model/flops.py).
 
 Input feeding (throughput mode, the only mode): before every engine step, each stream that has
 no frames waiting gets one full chunk of fresh synthetic frames (5 for its first chunk, then 4),
@@ -43,9 +43,12 @@ Per combination (definitions):
   resource.getrusage. `peak_memory_kind` says which.
 - DiT TFLOP/s: analytic DiT FLOPs of the measured steps (model/flops.py) / time spent in the
   DiT phase; MFU = that / the device's dense bf16 peak (`mfu_wall`: over the whole window,
-  VAE included). Peak: bench_device.PEAK_BF16_TFLOPS by device name, or `peak_tflops`; None
+  VAE included). Peak: device.PEAK_BF16_TFLOPS by device name, or `peak_tflops`; None
   on CPU.
 - step split: median ms of VAE encode / DiT / VAE decode (ModelRunner.last_phase_ms).
+- mode (`modes`): eager, compiled (torch.compile of the DiT forward) or graphs (compiled with
+  CUDA graphs); every combination runs in every mode asked, side by side. `compile` and
+  `host_ms_per_step`: see bench/modes.py.
 """
 
 from __future__ import annotations
@@ -58,9 +61,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from streamdiff import benchreport
+from streamdiff.bench import modes as step_modes
+from streamdiff.bench import report as benchreport
 from streamdiff.config import Config, load_config, with_overrides
-from streamdiff.engine.bench_device import device_name, peak_tflops_for, read_peak_memory_mb, reset_peak_memory
+from streamdiff.bench.device import device_name, peak_tflops_for, read_peak_memory_mb, reset_peak_memory
 
 STEADY_WARMUP_MAX_STEPS = 200
 
@@ -80,6 +84,7 @@ class ModelBenchSettings:
     prompt: str = "a watercolor painting"
     quiet: bool = False
     command: str = ""
+    modes: tuple[str, ...] = ("eager",)  # step modes (bench/modes.py), each combination in each
 
 
 def bench_config(settings: ModelBenchSettings) -> Config:
@@ -154,8 +159,8 @@ def _first_frames(core, runner, feeder: _Feeder, cfg: Config, prompt: str) -> li
 
 
 def run_combination(comps, cfg: Config, steps: int, width: int, height: int, streams: int,
-                    settings: ModelBenchSettings, peak_tflops: float | None, bar=None) -> dict:
-    """Measure one (steps, frame size, streams) combination (module docstring, steps 1-4)."""
+                    settings: ModelBenchSettings, peak_tflops: float | None, bar=None, mode: str = "eager") -> dict:
+    """Measure one (steps, frame size, streams, mode) combination (module docstring, steps 1-4)."""
     from streamdiff.engine.core import EngineCore
     from streamdiff.engine.executor import LocalExecutor
     from streamdiff.engine.model_runner import ModelRunner
@@ -163,6 +168,7 @@ def run_combination(comps, cfg: Config, steps: int, width: int, height: int, str
     from streamdiff.scheduler import FixedCostModel, FrameScheduler, LinearLaw
 
     clock = time.monotonic
+    compile_start = step_modes.enter_mode(comps.model, mode)
     # 1. Engine over the shared components, warmed up at this size and step count.
     cfg_c = with_overrides(cfg, video={"width": width, "height": height}, sampling={"steps": steps})
     comps_c = replace(comps, cfg=cfg_c)
@@ -205,6 +211,7 @@ def run_combination(comps, cfg: Config, steps: int, width: int, height: int, str
     step_ms: list[float] = []
     rows: list[int] = []
     dit_flops = 0
+    compile_before = step_modes.compile_stats()
     if bar is not None:
         bar.set_postfix_str("measuring")
     start_s = clock()
@@ -233,6 +240,16 @@ def run_combination(comps, cfg: Config, steps: int, width: int, height: int, str
             bar.update(min(end_s - start_s, settings.duration_s) - bar.n)
     window_s = end_s - start_s
     peak_mb = read_peak_memory_mb(comps.device, memory_kind)
+    compile_info = step_modes.compile_report(mode, compile_start, compile_before, step_modes.compile_stats())
+
+    def steady_step() -> None:
+        feeder.feed(runner.frames_needed)
+        core.step()
+        for sid in sids:
+            core.pop_outputs(sid)
+
+    host_ms = step_modes.host_ms_per_step(steady_step, comps.device)
+    step_modes.set_step_mode(comps.model, "eager")
     core.executor.shutdown()
     del core, runner, feeder
     gc.collect()
@@ -248,7 +265,7 @@ def run_combination(comps, cfg: Config, steps: int, width: int, height: int, str
     frame_summary = benchreport.latency_summary(frame_lat_ms, settings.deadline_ms)
     jitters = [benchreport.jitter_ms(times_s[sid]) for sid in sids]
     return {
-        "steps": steps, "width": width, "height": height, "resolution": f"{width}x{height}", "streams": streams,
+        "mode": mode, "steps": steps, "width": width, "height": height, "resolution": f"{width}x{height}", "streams": streams,
         "tokens_per_frame": tokens, "rows_per_forward": max(rows), "measured_steps": len(step_ms),
         "window_s": window_s, "output_frames": frames,
         "fps": frames / window_s, "fps_per_stream": frames / window_s / streams,
@@ -267,6 +284,8 @@ def run_combination(comps, cfg: Config, steps: int, width: int, height: int, str
         "dit_tflops_per_s": dit_tflops,
         "mfu": dit_tflops / peak_tflops if dit_tflops is not None and peak_tflops else None,
         "mfu_wall": dit_flops / window_s / 1e12 / peak_tflops if peak_tflops else None,
+        "host_ms_per_step": host_ms,
+        "compile": compile_info,
         "series": {"times_s": sorted(t for v in times_s.values() for t in v), "chunk_latency_ms": chunk_lat_ms},
     }
 
@@ -292,15 +311,18 @@ def run_model_bench(settings: ModelBenchSettings) -> dict:
     build_s = time.perf_counter() - t0
     name = device_name(comps.device)
     peak, peak_source = peak_tflops_for(name, comps.device.type, settings.peak_tflops)
+    step_modes.check_modes(settings.modes, comps.device)
     results = []
     for width, height in resolutions:
         for steps in steps_list:
             for streams in settings.streams:
-                desc = f"{cfg.name} {width}x{height} steps {steps} streams {streams}"
-                with tqdm(total=settings.duration_s, desc=desc, unit="s", disable=settings.quiet,
-                          bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s{postfix}") as bar:
-                    bar.set_postfix_str("warm-up")
-                    results.append(run_combination(comps, cfg, steps, width, height, streams, settings, peak, bar))
+                for mode in settings.modes:
+                    desc = f"{cfg.name} {width}x{height} steps {steps} streams {streams} {mode}"
+                    with tqdm(total=settings.duration_s, desc=desc, unit="s", disable=settings.quiet,
+                              bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s{postfix}") as bar:
+                        bar.set_postfix_str("warm-up" if mode == "eager" else "compile + warm-up")
+                        results.append(run_combination(comps, cfg, steps, width, height, streams, settings, peak,
+                                                       bar, mode))
     return {
         "mode": "model",
         "command": settings.command,
@@ -320,6 +342,7 @@ def run_model_bench(settings: ModelBenchSettings) -> dict:
         "peak_tflops_source": peak_source,
         "duration_s": settings.duration_s,
         "deadline_ms": settings.deadline_ms,
+        "modes": list(settings.modes),
         "build_s": build_s,
         "feeding": "throughput: every stream gets a full chunk of fresh frames right before every step, "
                    "arrival = push time; every step batches every stream",
@@ -339,11 +362,11 @@ def _git_commit() -> str | None:
 
 
 TABLE_COLUMNS = (
-    ("resolution", "size"), ("steps", "steps"), ("streams", "streams"), ("fps", "fps"),
+    ("resolution", "size"), ("steps", "steps"), ("streams", "streams"), ("mode", "mode"), ("fps", "fps"),
     ("fps_per_stream", "fps/stream"), ("ttff_s", "ttff s"), ("p50", "chunk p50 ms"), ("p90", "p90 ms"),
     ("p99", "p99 ms"), ("jitter_ms", "jitter ms"), ("deadline_miss_rate", "miss rate"),
     ("peak_memory_mb", "peak MiB"), ("dit_tflops", "DiT TFLOP/s"), ("mfu_pct", "MFU %"),
-    ("split", "enc/DiT/dec ms"),
+    ("split", "enc/DiT/dec ms"), ("host_ms_per_step", "host ms"), ("breaks", "breaks/recomp"),
 )
 
 
@@ -357,13 +380,14 @@ def report_rows(report: dict) -> list[dict]:
             "mfu_pct": None if r["mfu"] is None else 100.0 * r["mfu"],
             "dit_tflops": None if r["dit_tflops_per_s"] is None else f"{r['dit_tflops_per_s']:.3g}",
             "split": "/".join(f"{ms.get(k, math.nan):.1f}" for k in ("encode", "dit", "decode")),
+            "breaks": None if r["compile"] is None else f"{r['compile']['graph_breaks']}/{r['compile']['recompiles']}",
         })
     return rows
 
 
 def plot_series(report: dict) -> dict:
     """benchreport.plot series: one per combination (chunk latency CDF, output fps over time)."""
-    return {f"{r['resolution']} s{r['steps']} x{r['streams']}": {"latency_ms": r["series"]["chunk_latency_ms"],
+    return {f"{r['resolution']} s{r['steps']} x{r['streams']}" + ("" if r["mode"] == "eager" else f" {r['mode']}"): {"latency_ms": r["series"]["chunk_latency_ms"],
                                                                   "times_s": r["series"]["times_s"]}
             for r in report["results"]}
 

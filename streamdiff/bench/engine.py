@@ -1,8 +1,8 @@
 """Engine benchmark: prints numbers, asserts nothing. The user-facing benchmark is
-`streamdiff bench` (model mode: engine/bench_model.py); this script keeps the scheduler
+`streamdiff bench` (model mode: bench/model.py); this script keeps the scheduler
 decision time and the engine-versus-StreamPipeline comparison of docs/benchmarks.md.
 
-    python -m streamdiff.engine.bench [--config tiny] [--set k=v ...] [--streams 1,2,4]
+    python -m streamdiff.bench.engine [--config tiny] [--set k=v ...] [--streams 1,2,4]
                                       [--chunks 6] [--repeats 3] [--decision-streams 64]
 
 1. Scheduler decision time inside the engine core with `--decision-streams` streams (1-4

@@ -1,0 +1,398 @@
+"""Memory plan of a config on one device: what `streamdiff plan` prints, from a meta-device build.
+
+Owns: the byte counts of everything a serving process holds on the device, and how many
+streams fit a given device memory. Every count comes from building the real modules (or
+running the real code) on the `meta` device, so nothing is allocated and no weights are read:
+- weights: the DiT (whole, and per pipeline stage), the Wan VAE, the prompt encoder (umT5 from
+  its folder's config.json, or umT5-XXL's architecture when the folder is absent);
+- KV pool: one lane = every layer's K and V for `cache.window` slots of T tokens; a stream
+  holds MAX_LANES lanes in ModelRunner's pool (the lanes its steps use, in `kv_needed`);
+- prompt K/V: cross-attention K/V of one prompt (ModelRunner keeps streams + 4 of them);
+- text embeddings: the prompt encoder's cache (`text.cache_size` prompts);
+- VAE caches: a stream's causal-conv caches after its first and a steady chunk (real
+  StreamingVAE calls on meta tensors);
+- activations: the peak of live tensors while one steady DiT forward (rows = streams x steps)
+  and one VAE encode + decode run on meta tensors, measured with a dispatch-mode tracker, as an
+  affine law in rows (two runs). The attention op is replaced by its memory on the device:
+  the Triton kernels read the pool in place (an output only); the torch path gathers
+  each row's window (a copy). SDPA itself (self and cross) is a fused kernel on CUDA and CPU
+  (an output, no score matrix).
+- reserve: CUDA context and allocator slack (default 1 GiB), not a tensor.
+Does not own: the allocations themselves (ModelRunner, KVPool, StreamingVAE) or admission.
+
+Fit: device = reserve + weights on the device (an offloaded prompt encoder counts: it must fit
+while it encodes) + text embeddings + streams x (KV pool of a
+stream + VAE caches + prompt K/V) + 4 spare prompt K/V + activations(streams). `max_streams`
+uses the pool as ModelRunner allocates it (MAX_LANES lanes a stream); `max_streams_steps_lanes`
+the pool if it held only `steps` lanes.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from streamdiff.config import Config, with_overrides
+
+GiB = 2**30
+DEFAULT_RESERVE_BYTES = GiB
+SPARE_PROMPTS = 4  # ModelRunner keeps max_streams + 4 prompts' K/V
+# umT5-XXL encoder (Wan's text encoder), used when weights.text_encoder has no config.json.
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storages alive now minus at entry (`current`) and its maximum (`peak`).
+    Storages made inside the mode count when made; `existing` (tensors made before: weights,
+    pool, caches, inputs) count only when freed (a replaced cache), and an in-place op or a
+    view returning their storage is not new memory."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self._seen = WeakIdKeyDictionary()
+        for t in existing:
+            st = t.untyped_storage()
+            if st not in self._seen:
+                self._seen[st] = True
+                weakref.finalize(st, self._free, st.nbytes())
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if st not in self._seen:
+                    self._seen[st] = True
+                    nbytes = st.nbytes()
+                    self.current += nbytes
+                    weakref.finalize(st, self._free, nbytes)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+@dataclass
+class MemoryPlan:
+    config: str
+    device_type: str
+    resolution: str
+    steps: int
+    dtype: str
+    attention_backend: str
+    tokens_per_frame: int
+    dit_weights: int
+    stage_weights: list[int]  # per pipeline stage: its blocks + the parts it holds
+    stage_blocks: list[int]
+    vae_weights: int
+    text_weights: int
+    text_placement: str  # "device", "cpu" or "offloaded" (on the device only while encoding)
+    kv_lane: int
+    kv_stream: int  # MAX_LANES lanes, as ModelRunner allocates
+    kv_needed: int  # `steps` lanes
+    prompt_kv: int
+    text_cache: int
+    vae_cache_stream: int
+    act_dit_fixed: int
+    act_dit_row: int
+    act_vae_fixed: int
+    act_vae_stream: int
+    reserve: int = DEFAULT_RESERVE_BYTES
+    notes: list[str] = field(default_factory=list)
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def weights_on_device(self) -> int:
+        text = self.text_weights if self.text_placement != "cpu" else 0
+        return self.dit_weights + self.vae_weights + text
+
+    def activations(self, streams: int) -> int:
+        dit = self.act_dit_fixed + self.act_dit_row * streams * self.steps
+        vae = self.act_vae_fixed + self.act_vae_stream * streams
+        return max(dit, vae)  # the phases run one after another
+
+    def per_stream(self, lanes_needed_only: bool = False) -> int:
+        kv = self.kv_needed if lanes_needed_only else self.kv_stream
+        return kv + self.vae_cache_stream + self.prompt_kv
+
+    def total(self, streams: int, lanes_needed_only: bool = False) -> int:
+        return (self.reserve + self.weights_on_device + self.text_cache + SPARE_PROMPTS * self.prompt_kv
+                + streams * self.per_stream(lanes_needed_only) + self.activations(streams))
+
+    def max_streams(self, device_bytes: int, lanes_needed_only: bool = False) -> int:
+        """The most streams whose total fits `device_bytes` (total grows with streams)."""
+        lo, hi = 0, 1
+        while self.total(hi, lanes_needed_only) <= device_bytes and hi < 2**30:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:  # total(lo) fits (or lo == 0), total(hi) does not
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.total(mid, lanes_needed_only) <= device_bytes else (lo, mid)
+        return lo
+
+    def to_dict(self, device_bytes: int | None = None) -> dict:
+        out = asdict(self)
+        out.update(weights_on_device=self.weights_on_device, per_stream=self.per_stream(),
+                   activations_1=self.activations(1))
+        if device_bytes is not None:
+            out.update(device_bytes=device_bytes, max_streams=self.max_streams(device_bytes),
+                       max_streams_steps_lanes=self.max_streams(device_bytes, True))
+        return out
+
+
+# ---------------------------------------------------------------------------------- building
+
+
+def plan_memory(cfg: Config, device_type: str = "cuda", width: int | None = None, height: int | None = None,
+                steps: int | None = None, reserve: int = DEFAULT_RESERVE_BYTES) -> MemoryPlan:
+    """The plan of `cfg` at width x height and `steps` on a `device_type` device (no allocation)."""
+    from streamdiff.engine.model_runner import MAX_LANES
+    from streamdiff.model.build import DTYPES
+    from streamdiff.model.causal_wan import CausalWanModel
+
+    width, height = width or cfg.video.width, height or cfg.video.height
+    steps = steps or cfg.sampling.steps
+    cfg = with_overrides(cfg, video={"width": width, "height": height}, sampling={"steps": steps})
+    dtype = DTYPES[cfg.model.dtype]
+    m = cfg.model
+    tokens = (height // 16) * (width // 16)
+    backend = _planned_backend(cfg, device_type)
+    notes = []
+
+    # 1. Weights (meta builds), per stage too.
+    with torch.device("meta"):
+        model = CausalWanModel(m, None, True, True, _PlanAttention(backend, device_type)).cast_(dtype).eval()
+    dit = module_bytes(model)
+    stage_blocks, stage_weights = _stages(cfg, model)
+    vae = _meta_vae(cfg, dtype)
+    text_weights, text_note = _text_weights(cfg, dtype)
+    if text_note:
+        notes.append(text_note)
+    placement = "cpu" if cfg.text.device == "cpu" or cfg.text.kind == "tiny" else (
+        "offloaded" if cfg.text.offload_after_encode else "device")  # the tiny encoder's tables stay on the CPU
+
+    # 2. KV pool, prompt K/V, text cache.
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    kv_lane = 2 * m.num_layers * cfg.cache.window * tokens * m.num_heads * m.head_dim * itemsize
+    text_states = torch.zeros(1, cfg.text.max_length, m.text_dim, dtype=dtype, device="meta")
+    with torch.no_grad():
+        cross = model.prompt_kv(text_states)
+    prompt_kv = sum(k.nbytes + v.nbytes for k, v in cross.values())
+    text_cache = cfg.text.cache_size * cfg.text.max_length * m.text_dim * itemsize
+
+    # 3. Activations: one steady DiT forward at 1 and 2 rows; VAE at 1 and 2 streams.
+    d1, d2 = (_dit_peak(cfg, model, cross, rows, tokens, dtype) for rows in (1, 2))
+    (v1, cache1), (v2, _) = (_vae_peak(vae, cfg, b, width, height) for b in (1, 2))
+    return MemoryPlan(
+        config=cfg.name, device_type=device_type, resolution=f"{width}x{height}", steps=steps, dtype=cfg.model.dtype,
+        attention_backend=backend, tokens_per_frame=tokens, dit_weights=dit, stage_weights=stage_weights,
+        stage_blocks=stage_blocks, vae_weights=module_bytes(vae.vae), text_weights=text_weights,
+        text_placement=placement, kv_lane=kv_lane, kv_stream=MAX_LANES * kv_lane, kv_needed=steps * kv_lane,
+        prompt_kv=prompt_kv, text_cache=text_cache, vae_cache_stream=cache1,
+        act_dit_fixed=max(2 * d1 - d2, 0), act_dit_row=d2 - d1, act_vae_fixed=max(2 * v1 - v2, 0),
+        act_vae_stream=v2 - v1, reserve=reserve, notes=notes)
+
+
+def _planned_backend(cfg: Config, device_type: str) -> str:
+    requested = cfg.model.attention_backend
+    if requested == "auto":
+        return "triton" if device_type == "cuda" else "torch"
+    return requested
+
+
+class _PlanAttention:
+    """The attention calls of the model with their device memory, runnable on meta tensors."""
+
+    def __init__(self, backend: str, device_type: str):
+        from streamdiff.kernels.cache_write import cache_write_ref
+
+        self.backend, self.device_type, self._write = backend, device_type, cache_write_ref
+
+    def write(self, k, v, k_pool, v_pool, batch, freqs_cos, freqs_sin, split, grid) -> None:
+        self._write(k, v, k_pool, v_pool, batch.write_slots, batch.write_pos, freqs_cos, freqs_sin, split, grid)
+
+    def attend(self, q, k_pool, v_pool, batch):
+        if self.backend != "torch":
+            return torch.empty_like(q)  # the kernels read the pool in place  # [B, N, H, D]
+        b, _, heads, head_dim = q.shape
+        index = batch.slot_table.long()  # steady state: every slot valid
+        k = k_pool[index].reshape(b, -1, heads, head_dim)  # [B, M*T, H, D]
+        v = v_pool[index].reshape(b, -1, heads, head_dim)
+        return self._sdpa(q, k, v)
+
+    def cross(self, q, k, v):
+        return self._sdpa(q, k.to(q.dtype), v.to(q.dtype))
+
+    def _sdpa(self, q, k, v):
+        # SDPA without a mask runs a fused kernel on CUDA and on CPU (flash): no score matrix,
+        # an output only. (On meta it would run the math decomposition instead.)
+        return torch.empty_like(q)  # [B, N, H, D]
+
+
+def _stages(cfg: Config, model) -> tuple[list[int], list[int]]:
+    from streamdiff.parallel.partition import balance
+
+    layers, n = cfg.model.num_layers, max(cfg.parallel.num_stages, 1)
+    counts = list(cfg.parallel.partition) or balance(layers, [0.0] * n, [1.0] * n)
+    per_block = module_bytes(model.blocks["0"])
+    shared = module_bytes(model.condition_embedder) + module_bytes(model.rope)
+    embed = module_bytes(model.patch_embedding)
+    head = module_bytes(model) - module_bytes(model.blocks) - shared - embed
+    weights = [c * per_block + shared + (embed if k == 0 else 0) + (head if k == len(counts) - 1 else 0)
+               for k, c in enumerate(counts)]
+    return counts, weights
+
+
+def _meta_vae(cfg: Config, dtype: torch.dtype):
+    from streamdiff.model.vae import StreamingVAE, build_vae
+
+    with torch.device("meta"):
+        module = build_vae(cfg.vae)
+    for t in [*module.parameters(), *module.buffers()]:  # (module.to(dtype) makes diffusers warn)
+        t.data = t.data.to(dtype)
+    return StreamingVAE(module)
+
+
+def _text_weights(cfg: Config, dtype: torch.dtype) -> tuple[int, str]:
+    if cfg.text.kind == "tiny":
+        from streamdiff.model.text import TinyPromptEncoder
+
+        enc = TinyPromptEncoder(cfg.model.text_dim, max_length=cfg.text.max_length, seed=cfg.weights.seed)
+        return sum(t.nbytes for t in vars(enc).values() if isinstance(t, torch.Tensor)), ""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    folder = Path(cfg.weights.text_encoder).expanduser() if cfg.weights.text_encoder else None
+    if folder is not None and (folder / "config.json").exists():
+        conf, note = UMT5Config.from_pretrained(folder), ""
+    else:
+        conf, note = UMT5Config(**UMT5_XXL), "text encoder: umT5-XXL architecture assumed (no config.json found)"
+    with torch.device("meta"):
+        enc = UMT5EncoderModel(conf)
+    text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype  # fp16 requests run umT5 in bf16
+    return sum(p.numel() for p in enc.parameters()) * torch.empty((), dtype=text_dtype).element_size(), note
+
+
+def _dit_peak(cfg: Config, model, cross, rows: int, tokens: int, dtype: torch.dtype) -> int:
+    """Peak live bytes of one steady forward of `rows` rows (full windows), outputs included."""
+    from streamdiff.cache.kv_cache import AttnBatch, KVPool
+    from streamdiff.cache.slots import SlotTable
+
+    m, window, frames = cfg.model, cfg.cache.window, cfg.sampling.chunk_latents
+    slots = SlotTable(rows * window, window, cfg.cache.sinks, m.rope_max_seq_len)
+    for r in range(rows):
+        slots.add_stream(r, 1)
+        for _ in range(window):  # fill the lane: the measured forward attends to a full window
+            slots.lane(r, 0).plan(frames)
+    plans = [slots.lane(r, 0).plan(frames) for r in range(rows)]
+    pool = KVPool(model.layer_ids, rows * window, tokens, m.num_heads, m.head_dim, dtype, "meta")
+    h, w = cfg.video.height // 8, cfg.video.width // 8
+    x = torch.zeros(rows, m.in_channels, frames, h, w, dtype=dtype, device="meta")  # [B, 16, F, h, w]
+    timestep = torch.zeros(rows, frames, device="meta")  # [B, F]
+    batch = AttnBatch.from_plans(plans, "meta")
+    stacked = model.stack_prompt_kv([cross] * rows)
+    existing = [*model.parameters(), *model.buffers(), *model.rope_tables(), pool.k, pool.v, x, timestep,
+                *[t for kv in stacked.values() for t in kv], *[t for t in vars(batch).values() if isinstance(t, torch.Tensor)]]
+    with torch.no_grad(), LiveBytes(existing) as live:
+        out = model(x, timestep, stacked, batch, pool, None)
+        del out
+    return live.peak
+
+
+def _vae_peak(vae, cfg: Config, streams: int, width: int, height: int) -> tuple[int, int]:
+    """(peak live bytes of a steady encode + decode of `streams` streams, cache bytes of one stream)."""
+    state = vae.new_state()
+    dtype = vae.dtype
+    first = torch.zeros(streams, 3, 5, height, width, dtype=dtype, device="meta")
+    with torch.no_grad():
+        lat = vae.encode_chunk(first, state)
+        vae.decode_chunk(lat, state)
+        chunk = torch.zeros(streams, 3, 4, height, width, dtype=dtype, device="meta")
+
+        def existing(*inputs):
+            cached = [t for t in state.enc_cache + state.dec_cache if isinstance(t, torch.Tensor)]
+            return [*vae.vae.parameters(), *vae.vae.buffers(), *cached, *inputs]
+
+        with LiveBytes(existing(chunk)) as live:
+            lat = vae.encode_chunk(chunk, state)
+            enc_peak = live.peak
+        with LiveBytes(existing(lat)) as live:
+            out = vae.decode_chunk(lat, state)
+            dec_peak = live.peak
+            del out
+    return max(enc_peak, dec_peak), state.cache_bytes() // streams
+
+
+# ---------------------------------------------------------------------------------- printing
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '24GB' (taken as GiB, as cards are sold), '80G', '16384MiB', '1e9' -> bytes."""
+    t = text.strip().lower().replace(" ", "")
+    units = {"gib": GiB, "gb": GiB, "g": GiB, "mib": 2**20, "mb": 2**20, "m": 2**20, "b": 1}
+    for suffix, scale in units.items():
+        if t.endswith(suffix):
+            try:
+                return int(float(t[: -len(suffix)]) * scale)
+            except ValueError:
+                break
+    try:
+        return int(float(t))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a memory size (e.g. 24GiB, 16384MiB)") from None
+
+
+def format_plan(plan: MemoryPlan, device_bytes: int) -> str:
+    def g(n: int) -> str:
+        return f"{n / GiB:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+    lines = [f"memory plan: {plan.config} at {plan.resolution}, {plan.steps} step(s), {plan.dtype}, "
+             f"attention {plan.attention_backend}, {plan.tokens_per_frame} tokens per latent frame, "
+             f"device {device_bytes / GiB:.1f} GiB ({plan.device_type})",
+             f"  weights: DiT {g(plan.dit_weights)}  VAE {g(plan.vae_weights)}  "
+             f"prompt encoder {g(plan.text_weights)} ({plan.text_placement})"]
+    if len(plan.stage_blocks) > 1:
+        for k, (n, b) in enumerate(zip(plan.stage_blocks, plan.stage_weights)):
+            lines.append(f"    stage {k}: {n} blocks, {g(b)} of DiT weights, KV {g(plan.kv_stream * n // sum(plan.stage_blocks))} per stream")
+    lines += [
+        f"  KV pool: {g(plan.kv_lane)} per lane; {g(plan.kv_stream)} per stream (4 lanes allocated), "
+        f"{g(plan.kv_needed)} for {plan.steps} lane(s)",
+        f"  per stream: VAE caches {g(plan.vae_cache_stream)}, prompt K/V {g(plan.prompt_kv)}",
+        f"  activations: {g(plan.activations(1))} at 1 stream (+{g(plan.act_dit_row * plan.steps)} DiT per stream)",
+        f"  fixed: reserve {g(plan.reserve)}, text embedding cache {g(plan.text_cache)}, "
+        f"{SPARE_PROMPTS} spare prompt K/V {g(SPARE_PROMPTS * plan.prompt_kv)}",
+    ]
+    n, n_steps = plan.max_streams(device_bytes), plan.max_streams(device_bytes, True)
+    if n:
+        lines.append(f"  fits: {n} stream(s) ({g(plan.total(n))} used); {n_steps} if the pool held only "
+                     f"{plan.steps} lane(s) a stream")
+    else:
+        lines.append(f"  fits: no stream (1 stream needs {g(plan.total(1))}; {n_steps} with {plan.steps}-lane pools)")
+    if len(plan.stage_blocks) > 1:
+        lines.append("  note: the fit above is for the whole model on one device; a stage holds its blocks' "
+                     "weights and KV only (lines above)")
+    lines += [f"  note: {note}" for note in plan.notes]
+    return "\n".join(lines)
+
+
+def write_plan_json(plan: MemoryPlan, device_bytes: int, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan.to_dict(device_bytes), indent=2))
+    return path
+
+
+__all__ = ["LiveBytes", "MemoryPlan", "format_plan", "module_bytes", "parse_bytes", "plan_memory", "write_plan_json"]

@@ -1,0 +1,122 @@
+"""`streamdiff gpu-check` on CPU: the dry-run plan, the refusal without CUDA, and the budgeted
+runner and its report driven by a fake executor and a fake clock."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from streamdiff.bench.gpu_check import EST_BUILD_S, Part, markdown, plan_parts, run_check, schedule
+from streamdiff.cli import main
+
+
+def test_parts_cover_the_matrix_headline_first():
+    parts = plan_parts(5.0)
+    bench = [(p.width, p.height, p.steps, p.streams, p.mode) for p in parts if p.kind == "bench"]
+    assert len(bench) == len(set(bench)) == 2 * 4 * 2 * 3  # sizes x steps x streams x modes, each once
+    assert bench[0] == (512, 512, 1, 1, "eager")
+    assert [p.kind for p in parts].count("tests") == 1 and [p.kind for p in parts].count("kernels") == 1
+    assert parts[1].kind == "tests"  # correctness right after the headline number
+    firsts = {m: next(i for i, b in enumerate(bench) if b[4] == m) for m in ("eager", "compiled", "graphs")}
+    assert firsts["eager"] < firsts["compiled"] < firsts["graphs"]
+
+
+def test_dry_run_prints_estimates_within_the_budget(capsys):
+    assert main(["gpu-check", "--dry-run", "--budget-s", "600"]) == 0
+    out = capsys.readouterr().out
+    assert "bench 512x512 steps 1 streams 1 eager" in out.splitlines()[1]
+    times = [float(t) for t in re.findall(r"at\s+(\d+) s", out)]
+    assert times == sorted(times) and 0 < times[-1] <= 600
+    assert "skipped (budget)" in out
+    scheduled = schedule(plan_parts(5.0), 600)
+    assert len(times) == sum(fits for _, fits in scheduled)
+
+
+def test_without_cuda_it_refuses_in_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["gpu-check", "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("streamdiff: error:") and "CUDA" in err and "\n" not in err
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _result(fps):
+    return {"fps": fps, "fps_per_stream": fps, "ttff_s": 0.4, "chunk_latency_ms": {"p50": 150.0}, "mfu": 0.3,
+            "host_ms_per_step": 1.5, "peak_memory_mb": 10240.0, "planned_peak_mb": 9216.0,
+            "compile": {"graph_breaks": 0, "recompiles": 0, "compile_s": 42.0}}
+
+
+def test_runner_keeps_to_the_budget_and_reports(tmp_path):
+    clock = FakeClock()
+    parts = [Part("bench", 20, 512, 512, 1, 1, "eager"), Part("tests", 100), Part("bench", 140, 512, 512, 1, 1, "compiled"),
+             Part("bench", 20, 832, 480, 1, 1, "eager"), Part("bench", 20, 832, 480, 2, 1, "eager"),
+             Part("bench", 140, 832, 480, 1, 1, "compiled")]
+    ran = []
+
+    def execute(part, left_s):
+        ran.append(part.name)
+        clock.now += {"tests": 130, "bench": 30 if part.mode == "eager" else 150}[part.kind] + (
+            EST_BUILD_S if len(ran) == 1 else 0)
+        if part.kind == "tests":
+            raise RuntimeError("pytest crashed")
+        return {"status": "ok", "result": _result(30.0 if part.width == 512 else 20.0)}
+
+    budget = EST_BUILD_S + 20 + 100 + 140 + 20  # by the estimates, the first compiled part would fit
+    report = run_check(parts, budget, tmp_path, execute, {"config": "wan-1.3b", "device": "NVIDIA H100"}, clock,
+                       progress=lambda _: None)
+    status = [e["status"] for e in report["parts"]]
+    assert status[:2] == ["ok", "failed"] and "pytest crashed" in report["parts"][1]["error"]
+    # The tests ran 30 s over their estimate: the compiled part no longer fits, the shorter
+    # eager parts after it still do, the last compiled part does not.
+    assert status[2:] == ["skipped", "ok", "ok", "skipped"]
+    assert len(ran) == 4 and report["parts"][2]["reason"].startswith("budget")
+    on_disk = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert on_disk["parts"] == json.loads(json.dumps(report["parts"]))
+    md = (tmp_path / "gpu-check.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| 512x512 | 1 | 1 | eager |"))
+    assert "| 30.00 |" in row and "| 26.21 |" in row  # ours beside StreamDiffusionV2's
+    assert "| 10.0 (9.0) |" in row  # measured peak beside the memory plan
+    assert "| 832x480 | 1 | 1 | eager | 20.00 | 20.00 | 20.47 |" in md
+    assert "pytest crashed" in md and "Not run (budget)" in md
+
+
+def test_markdown_names_failures_and_leaves_sdv2_out_for_several_streams():
+    report = {"budget_s": 600, "parts": [
+        {"part": "x", "kind": "bench", "width": 512, "height": 512, "steps": 1, "streams": 4, "mode": "graphs",
+         "status": "failed", "error": "RuntimeError: capture failed"},
+        {"part": "y", "kind": "bench", "width": 512, "height": 512, "steps": 1, "streams": 4, "mode": "eager",
+         "status": "ok", "result": dict(_result(60.0), compile=None, mfu=None)}]}
+    md = markdown(report)
+    assert "| 512x512 | 1 | 4 | graphs | failed: RuntimeError: capture failed" in md
+    assert "| 512x512 | 1 | 4 | eager | 60.00 | 60.00 | - |" in md
+
+
+def test_cuda_parts_run_a_bench_part_and_a_subprocess_part(tmp_path):
+    """The executor behind a real check, on the CPU with the tiny preset (no CUDA needed by it)."""
+    from streamdiff.bench.gpu_check import CudaParts
+
+    execute = CudaParts("tiny", 0.3, tmp_path, ("runtime.device=cpu",))
+    header = execute.header()
+    assert header["sdv2_one_h100_fps"]["512x512"][1] == 26.21
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = execute(Part("bench", 1, 64, 48, 1, 1, "eager"), 100.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert out["status"] == "ok" and out["result"]["output_frames"] > 0 and "series" not in out["result"]
+    if torch.cuda.is_available():
+        return  # the kernel bench would run for real
+    kernels = execute(Part("kernels", 1), 100.0)  # no CUDA here: the kernel bench says so and exits 0
+    assert (tmp_path / "kernels.log").exists() and kernels["returncode"] == 0

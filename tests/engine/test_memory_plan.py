@@ -1,0 +1,142 @@
+"""`streamdiff plan` against what a real CPU run allocates (tiny model, 64x48, 2 steps).
+
+The plan is built on the meta device; the real side builds the components on the CPU, runs a
+stream through StreamPipeline to a steady state, and reads the bytes of the tensors it holds.
+Weights, KV pool, prompt K/V, VAE caches: exact. Activations: the live-tensor peak of one
+real steady chunk (encode, one forward of 2 rows, decode) against the plan's, same tracker.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+from streamdiff.cli import main
+from streamdiff.config import load_config
+from streamdiff.engine.memory_plan import GiB, LiveBytes, module_bytes, parse_bytes, plan_memory
+from streamdiff.engine.model_runner import MAX_LANES
+from streamdiff.model.build import build_components
+from streamdiff.pipeline.frames import synthetic_clip
+from streamdiff.pipeline.stream_pipeline import StreamPipeline
+
+OVERRIDES = ["video.width=64", "video.height=48", "runtime.device=cpu", "sampling.steps=2",
+             "model.attention_backend=torch"]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("tiny", OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def plan(cfg):
+    return plan_memory(cfg, "cpu")
+
+
+@pytest.fixture(scope="module")
+def steady(cfg):
+    """A real stream at steady state (every lane's window full), and the peak of one more chunk."""
+    comps = build_components(cfg)
+    pipe = StreamPipeline(comps, "a watercolor painting")
+    clip = synthetic_clip(48, 64, 48, seed=0)
+    pipe.push(clip[:5])
+    for i in range(cfg.cache.window + 2):  # first chunk, then enough chunks to fill every window
+        pipe.push(clip[5 + 4 * (i % 8): 9 + 4 * (i % 8)])
+    assert all(pipe.slots.lane(0, j).filled == cfg.cache.window for j in range(2))
+    peaks = {}
+    forward = comps.model.forward
+
+    def measured_forward(*args, **kwargs):  # the DiT forward alone, inside the chunk
+        inner = _tracker()
+        with inner:
+            out = forward(*args, **kwargs)
+        peaks["dit"] = inner.peak
+        return out
+
+    comps.model.forward = measured_forward
+    live = _tracker()
+    with torch.no_grad(), live:
+        pipe.push(clip[9:13])
+    del comps.model.forward
+    return comps, pipe, live.peak, peaks["dit"]
+
+
+def _tracker() -> LiveBytes:
+    """Live-bytes tracker from now on: every tensor alive now is 'existing' (no list kept alive,
+    so tensors replaced inside, like the VAE caches, are seen freed)."""
+    gc.collect()
+    return LiveBytes([o for o in gc.get_objects() if isinstance(o, torch.Tensor)])
+
+
+def test_weights_are_what_the_built_modules_hold(plan, steady):
+    comps, *_ = steady
+    assert plan.dit_weights == module_bytes(comps.model)
+    assert plan.vae_weights == module_bytes(comps.vae.vae)
+    assert plan.text_weights == sum(t.nbytes for t in vars(comps.text).values() if isinstance(t, torch.Tensor))
+    assert plan.text_placement == "cpu"  # the tiny encoder's tables stay on the CPU
+    assert sum(plan.stage_weights) == plan.dit_weights and plan.stage_blocks == [2]
+
+
+def test_kv_pool_prompt_kv_and_vae_caches_are_exact(cfg, plan, steady):
+    comps, pipe, *_ = steady
+    assert pipe.pool.k.nbytes + pipe.pool.v.nbytes == plan.kv_needed == 2 * plan.kv_lane  # a lane per step
+    assert plan.kv_stream == MAX_LANES * plan.kv_lane
+    assert plan.prompt_kv == sum(k.nbytes + v.nbytes for k, v in pipe.state.cross_kv.values())
+    assert plan.vae_cache_stream == pipe.state.vae_state.cache_bytes()
+
+
+def test_engine_pool_matches_the_plan(cfg, plan, steady):
+    from streamdiff.engine.model_runner import ModelRunner
+
+    comps, *_ = steady
+    runner = ModelRunner(comps, max_streams=3)
+    assert runner.pool.k.nbytes + runner.pool.v.nbytes == 3 * plan.kv_stream
+
+
+def test_activation_peak_of_a_real_steady_chunk(plan, steady):
+    *_, chunk_peak, dit_peak = steady
+    planned_dit = plan.act_dit_fixed + plan.act_dit_row * 2  # one forward of 2 rows (2 steps, 1 stream)
+    assert abs(planned_dit - dit_peak) <= 0.02 * dit_peak, (planned_dit, dit_peak)
+    # The whole chunk (encode, forward, decode, frame conversion): at this size the VAE dominates.
+    assert 0.9 * chunk_peak <= plan.activations(1) <= 1.1 * chunk_peak, (plan.activations(1), chunk_peak)
+
+
+def test_split_stages_hold_their_blocks(cfg):
+    two = plan_memory(load_config("tiny", [*OVERRIDES, "model.num_layers=4", "parallel.num_stages=2"]), "cpu")
+    one = plan_memory(load_config("tiny", [*OVERRIDES, "model.num_layers=4"]), "cpu")
+    assert two.stage_blocks == [2, 2] and one.stage_blocks == [4]
+    assert two.stage_weights[0] + two.stage_weights[1] > one.dit_weights  # both stages keep the condition embedder
+    assert max(two.stage_weights) < one.dit_weights
+
+
+def test_fit_arithmetic(plan):
+    n = plan.max_streams(2 * GiB)
+    assert plan.total(n) <= 2 * GiB < plan.total(n + 1)
+    assert plan.max_streams(plan.total(1) - 1) == 0
+    assert plan.max_streams(plan.total(3), lanes_needed_only=True) >= 3
+
+
+def test_wan_1_3b_weights_from_the_meta_build():
+    p = plan_memory(load_config("wan-1.3b"), "cuda", steps=1)
+    assert 1.40e9 < p.dit_weights / 2 < 1.45e9  # ~1.42B parameters in bf16
+    assert p.kv_lane == 2 * 30 * 6 * 1024 * 12 * 128 * 2
+    assert 5.6e9 < p.text_weights / 2 < 5.8e9  # umT5-XXL encoder in bf16
+
+
+@pytest.mark.parametrize("text,value", [("24GiB", 24 * GiB), ("80G", 80 * GiB), ("16384MiB", 16 * GiB), ("1e9", 10**9)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+def test_cli_plan_prints_and_refuses_bad_sizes(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--config", "tiny", "--set", "video.width=64", "--set", "video.height=48", "--device", "cpu",
+                 "--gpu-mem", "1GiB,2GiB", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("memory plan: tiny at 64x48") == 2 and "fits:" in text
+    assert out.exists()
+    assert main(["plan", "--gpu-mem", "lots"]) == 2
+    assert "--gpu-mem" in capsys.readouterr().err
