@@ -168,7 +168,7 @@ def run_combination(comps, cfg: Config, steps: int, width: int, height: int, str
     from streamdiff.scheduler import FixedCostModel, FrameScheduler, LinearLaw
 
     clock = time.monotonic
-    compile_start = step_modes.enter_mode(comps.model, mode)
+    compile_start = step_modes.enter_mode(comps, mode)
     # 1. Engine over the shared components, warmed up at this size and step count.
     cfg_c = with_overrides(cfg, video={"width": width, "height": height}, sampling={"steps": steps})
     comps_c = replace(comps, cfg=cfg_c)
@@ -249,7 +249,7 @@ def run_combination(comps, cfg: Config, steps: int, width: int, height: int, str
             core.pop_outputs(sid)
 
     host_ms = step_modes.host_ms_per_step(steady_step, comps.device)
-    step_modes.set_step_mode(comps.model, "eager")
+    step_modes.enter_mode(comps, "eager")
     core.executor.shutdown()
     del core, runner, feeder
     gc.collect()

@@ -1,8 +1,10 @@
 """Step modes of `streamdiff bench` (eager / compiled / CUDA graphs) and the host time of a step.
 
 Owns: which modes the flags ask for, switching the shared model between them for one
-combination (streamdiff.model.compiled does the switch), the `compile` numbers of a combination,
-and `host_ms_per_step`. Does not own: the measurement loop (model.py) or how a mode compiles.
+combination, the `compile` numbers of a combination,
+and `host_ms_per_step`. Does not own: the measurement loop (model.py) or how a mode compiles
+(streamdiff.model.dit_step.DiTStep: the same step object `runtime.compile` /
+`runtime.cuda_graphs` give a server, rows padded to buckets).
 
 compile (per combination, modes other than eager): `graph_breaks`, graph breaks traced while
 this combination ran (warm-up included; 0 is the target); `recompiles`, graphs compiled during
@@ -28,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from streamdiff.model.compiled import STEP_MODES, CompileStats, compile_stats, graph_break_reasons, set_step_mode
+from streamdiff.model.dit_step import STEP_MODES, CompileStats, DiTStep, compile_stats, graph_break_reasons
 
 HOST_PROFILED_STEPS = 3
 
@@ -46,11 +48,12 @@ def check_modes(modes: tuple[str, ...], device: torch.device) -> None:
         raise ValueError(f"--cuda-graphs needs a CUDA device (this run is on {device.type})")
 
 
-def enter_mode(model: torch.nn.Module, mode: str) -> CompileStats:
-    """Switch the model to `mode` for one combination; returns the stats snapshot to diff against."""
+def enter_mode(comps, mode: str) -> CompileStats:
+    """Give the components the DiT step of `mode` for one combination (runners built after this
+    pad rows into the scratch lane it needs); returns the stats snapshot to diff against."""
     if mode != "eager":
         torch._dynamo.reset()
-    set_step_mode(model, mode)
+    comps.step = DiTStep(comps.model, mode, comps.cfg.runtime.row_buckets)
     return compile_stats()
 
 

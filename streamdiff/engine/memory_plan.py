@@ -222,8 +222,8 @@ class _PlanAttention:
 
         self.backend, self.device_type, self._write = backend, device_type, cache_write_ref
 
-    def write(self, k, v, k_pool, v_pool, batch, freqs_cos, freqs_sin, split, grid) -> None:
-        self._write(k, v, k_pool, v_pool, batch.write_slots, batch.write_pos, freqs_cos, freqs_sin, split, grid)
+    def write(self, k, v, k_pool, v_pool, write_slots, write_pos, freqs_cos, freqs_sin, split, grid) -> None:
+        self._write(k, v, k_pool, v_pool, write_slots, write_pos, freqs_cos, freqs_sin, split, grid)
 
     def attend(self, q, k_pool, v_pool, batch):
         if self.backend != "torch":
@@ -292,22 +292,23 @@ def _dit_peak(cfg: Config, model, cross, rows: int, tokens: int, dtype: torch.dt
     from streamdiff.cache.slots import SlotTable
 
     m, window, frames = cfg.model, cfg.cache.window, cfg.sampling.chunk_latents
-    slots = SlotTable(rows * window, window, cfg.cache.sinks, m.rope_max_seq_len)
+    slots = SlotTable.from_config(rows * window, cfg.cache, m.rope_max_seq_len)
     for r in range(rows):
         slots.add_stream(r, 1)
-        for _ in range(window):  # fill the lane: the measured forward attends to a full window
+        slots.lane(r, 0).plan(cfg.sampling.first_chunk_latents)
+        while not slots.lane(r, 0).filled == window:  # the measured forward attends to a full window
             slots.lane(r, 0).plan(frames)
     plans = [slots.lane(r, 0).plan(frames) for r in range(rows)]
-    pool = KVPool(model.layer_ids, rows * window, tokens, m.num_heads, m.head_dim, dtype, "meta")
+    pool = KVPool(model.layer_ids, rows * window, tokens, m.num_heads, m.head_dim, dtype, "meta", window)
     h, w = cfg.video.height // 8, cfg.video.width // 8
     x = torch.zeros(rows, m.in_channels, frames, h, w, dtype=dtype, device="meta")  # [B, 16, F, h, w]
     timestep = torch.zeros(rows, frames, device="meta")  # [B, F]
-    batch = AttnBatch.from_plans(plans, "meta")
+    batch = AttnBatch.from_plans(plans, "meta", window, cfg.cache.refresh_threshold, cfg.cache.policy)
     stacked = model.stack_prompt_kv([cross] * rows)
-    existing = [*model.parameters(), *model.buffers(), *model.rope_tables(), pool.k, pool.v, x, timestep,
+    existing = [*model.parameters(), *model.buffers(), *model.rope_tables(), *(getattr(pool, n) for n in pool.STATE), x, timestep,
                 *[t for kv in stacked.values() for t in kv], *[t for t in vars(batch).values() if isinstance(t, torch.Tensor)]]
     with torch.no_grad(), LiveBytes(existing) as live:
-        out = model(x, timestep, stacked, batch, pool, None)
+        out = model(x, timestep, stacked, batch, pool)
         del out
     return live.peak
 

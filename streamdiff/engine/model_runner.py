@@ -51,7 +51,7 @@ class ModelRunner:
         self.max_streams = max_streams or cfg.cache.max_streams
         # 1. One pool and one slot table for every stream and lane of this process.
         num_slots = self.max_streams * MAX_LANES * cfg.cache.window
-        self.pool = new_pool(self.model, num_slots, self.tokens_per_frame, cfg, comps.dtype, comps.device)
+        self.pool = new_pool(self.model, num_slots, self.tokens_per_frame, cfg, comps.dtype, comps.device, comps.step)
         self.slots = SlotTable.from_config(num_slots, cfg.cache, cfg.model.rope_max_seq_len)
         # 2. Per-stream state and parameters; prompt K/V shared by prompt text (LRU).
         self.streams: dict[str, StreamState] = {}

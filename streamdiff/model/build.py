@@ -87,5 +87,5 @@ def build_components(cfg: Config, device: torch.device | str | None = None) -> C
 
 def dit_step(cfg: Config, model: CausalWanModel) -> DiTStep:
     """The DiT step mode the runtime config asks for."""
-    mode = "compiled" if cfg.runtime.compile else "cuda_graphs" if cfg.runtime.cuda_graphs else "eager"
+    mode = "compiled" if cfg.runtime.compile else "graphs" if cfg.runtime.cuda_graphs else "eager"
     return DiTStep(model, mode, cfg.runtime.row_buckets)

@@ -1,4 +1,5 @@
-"""DiTStep: how one full-model DiT forward runs — eager, compiled, or as replayed CUDA graphs.
+"""DiTStep: how one full-model DiT forward runs — eager, compiled, or as replayed CUDA graphs —
+and what torch._dynamo reports about it.
 
 Owns: the row-count buckets (a forward's rows are padded up to the next bucket so that a
 compiled graph or a captured CUDA graph serves every count up to it), the compiled callable
@@ -15,13 +16,13 @@ them (a pipeline stage moving layers) must call `reset()`.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import torch
 
 from streamdiff.cache.kv_cache import AttnBatch, KVPool
 
-STEP_MODES = ("eager", "compiled", "cuda_graphs")
+STEP_MODES = ("eager", "compiled", "graphs")
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -29,8 +30,8 @@ class DiTStep:
     def __init__(self, model: torch.nn.Module, mode: str = "eager", buckets: tuple[int, ...] = DEFAULT_BUCKETS):
         if mode not in STEP_MODES:
             raise ValueError(f"unknown DiT step mode {mode!r} (known: {', '.join(STEP_MODES)})")
-        if mode == "cuda_graphs" and next(model.parameters()).device.type != "cuda":
-            raise ValueError("runtime.cuda_graphs needs the model on a CUDA device")
+        if mode == "graphs" and next(model.parameters()).device.type != "cuda":
+            raise ValueError("step mode 'graphs' (runtime.cuda_graphs) needs the model on a CUDA device")
         self.model = model
         self.mode = mode
         self.buckets = tuple(sorted(buckets))
@@ -109,4 +110,36 @@ class _Captured:
         return self.out.clone()
 
 
-__all__ = ["DEFAULT_BUCKETS", "STEP_MODES", "DiTStep"]
+@dataclass(frozen=True)
+class CompileStats:
+    """Cumulative torch._dynamo / inductor counts of this process (subtract two snapshots)."""
+
+    graph_breaks: int  # graph-break events while tracing (each one splits a graph)
+    graphs: int  # graphs compiled (a recompilation adds one)
+    compile_s: float  # seconds dynamo spent compiling frames (tracing + inductor)
+    cudagraph_skips: int  # graphs inductor ran without CUDA graphs
+
+    def __sub__(self, other: CompileStats) -> CompileStats:
+        return CompileStats(self.graph_breaks - other.graph_breaks, self.graphs - other.graphs,
+                            self.compile_s - other.compile_s, self.cudagraph_skips - other.cudagraph_skips)
+
+
+def compile_stats() -> CompileStats:
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    return CompileStats(
+        graph_breaks=sum(counters["graph_break"].values()),
+        graphs=counters["stats"]["unique_graphs"],
+        compile_s=sum(compilation_time_metrics.get("_compile.compile_inner", [])),
+        cudagraph_skips=sum(counters["inductor"].get(k, 0) for k in ("cudagraph_skips",)),
+    )
+
+
+def graph_break_reasons(limit: int = 5) -> list[str]:
+    """The most frequent graph-break reasons so far (for a report; empty when none)."""
+    from torch._dynamo.utils import counters
+
+    return [f"{n}x {reason.splitlines()[0][:200]}" for reason, n in counters["graph_break"].most_common(limit)]
+
+
+__all__ = ["DEFAULT_BUCKETS", "STEP_MODES", "CompileStats", "DiTStep", "compile_stats", "graph_break_reasons"]

@@ -48,7 +48,8 @@ class StreamPipeline:
 
         # 1. This stream's own KV pool (one window per lane) and slot table; then its state.
         num_slots = steps * cfg.cache.window
-        self.pool = new_pool(self.model, num_slots, (height // 16) * (width // 16), cfg, comps.dtype, comps.device)
+        self.pool = new_pool(self.model, num_slots, (height // 16) * (width // 16), cfg, comps.dtype, comps.device,
+                             comps.step)
         self.slots = SlotTable.from_config(num_slots, cfg.cache, cfg.model.rope_max_seq_len)
         stride = lane_stride(cfg) if stride is None else stride
         self.state = StreamState(comps, 0, self.slots, prompt, steps, seed, width, height, stride=stride)

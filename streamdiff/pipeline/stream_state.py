@@ -354,10 +354,11 @@ def lane_stride(cfg: Config) -> int:
     return cfg.parallel.lane_stride or 1
 
 
-def new_pool(model: CausalWanModel, num_slots: int, tokens_per_slot: int, cfg: Config, dtype, device) -> KVPool:
+def new_pool(model: CausalWanModel, num_slots: int, tokens_per_slot: int, cfg: Config, dtype, device,
+             step: DiTStep | None = None) -> KVPool:
     """A KV pool for the model's layers, in lanes of `cache.window` slots (plus the scratch lane
-    padded rows use, when the runtime compiles or graphs the DiT step)."""
-    scratch = cfg.runtime.compile or cfg.runtime.cuda_graphs
+    padded rows use, when `step` compiles or graphs the DiT forward)."""
+    scratch = step is not None and step.pads
     return KVPool(model.layer_ids, num_slots, tokens_per_slot, cfg.model.num_heads, cfg.model.head_dim, dtype,
                   device, cfg.cache.window, scratch)
 

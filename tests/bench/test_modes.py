@@ -11,7 +11,7 @@ import torch
 
 from streamdiff.bench.modes import check_modes, device_busy_ms, host_ms_per_step, modes_from_flags
 from streamdiff.cli import main
-from streamdiff.model.compiled import CompileStats, set_step_mode
+from streamdiff.model.dit_step import CompileStats, DiTStep
 
 ONE_LAYER = ["--resolution", "64x48", "--set", "runtime.device=cpu", "--set", "model.num_layers=1", "--steps", "1",
              "--streams", "1", "-q"]
@@ -69,14 +69,14 @@ def test_modes_from_flags_and_checks():
         check_modes(("fast",), torch.device("cpu"))
 
 
-def test_set_step_mode_switches_and_undoes(tiny_cfg):
+def test_step_modes_and_stats_arithmetic():
     model = torch.nn.Linear(4, 4)
-    set_step_mode(model, "compiled")
-    assert model._compiled_call_impl is not None
-    set_step_mode(model, "eager")
-    assert model._compiled_call_impl is None
+    assert DiTStep(model, "compiled").pads and not DiTStep(model, "eager").pads
+    assert DiTStep(model, "compiled", (1, 4, 16)).bucket(5) == 16 and DiTStep(model, "eager", (2,)).bucket(3) == 3
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
-        set_step_mode(model, "graphs")
+        DiTStep(model, "graphs")
+    with pytest.raises(ValueError, match="unknown DiT step mode"):
+        DiTStep(model, "fast")
     assert CompileStats(3, 5, 2.0, 1) - CompileStats(1, 2, 0.5, 1) == CompileStats(2, 3, 1.5, 0)
 
 
