@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
-from av import VideoFrame
+from av import AudioFrame, VideoFrame
 
 from streamdiff.stamp import decode_id, encode_id
 
@@ -128,6 +128,80 @@ def video_codecs(sdp: str) -> set[str]:
 def require_h264(sdp: str) -> None:
     if "H264" not in video_codecs(sdp):
         raise CodecError(H264_HINT)
+
+
+SIMULCAST_HINT = (
+    "the offer sends {n} simulcast layers (OBS: Settings -> Stream -> Total Layers = {n}); StreamDiff "
+    "takes one layer only (aiortc cannot receive simulcast): set Total Layers to 1"
+)
+
+
+def simulcast_rids(sdp: str) -> list[str]:
+    """The send rids (simulcast layers) of the video section; [] for a plain offer."""
+    rids, in_video = [], False
+    for line in sdp.splitlines():
+        line = line.strip()
+        if line.startswith("m="):
+            in_video = line.startswith("m=video")
+        elif in_video and line.startswith("a=rid:"):
+            parts = line[6:].split()
+            if len(parts) >= 2 and parts[1] == "send":
+                rids.append(parts[0])
+    return rids
+
+
+def accept_simulcast(offer_sdp: str) -> tuple[str, list[str]]:
+    """A one-layer simulcast offer becomes a plain one for aiortc (its rid and simulcast lines
+    removed; `answer_simulcast` adds the matching recv lines to the answer). Several layers are
+    refused with SdpError naming the OBS setting."""
+    rids = simulcast_rids(offer_sdp)
+    if len(rids) > 1:
+        raise SdpError(SIMULCAST_HINT.format(n=len(rids)))
+    if not rids:
+        return offer_sdp, []
+    eol = "\r\n" if "\r\n" in offer_sdp else "\n"
+    kept = [line for line in offer_sdp.splitlines()
+            if not line.strip().startswith(("a=rid:", "a=simulcast:"))]
+    return eol.join(kept) + eol, rids
+
+
+def answer_simulcast(answer_sdp: str, rids: list[str]) -> str:
+    """Accept every offered layer in the answer's video section (`a=rid:X recv`, `a=simulcast:recv`)."""
+    if not rids:
+        return answer_sdp
+    eol = "\r\n" if "\r\n" in answer_sdp else "\n"
+    out, in_video = [], False
+    for line in answer_sdp.splitlines():
+        if line.startswith("m="):
+            if in_video:
+                out += [f"a=rid:{rid} recv" for rid in rids] + [f"a=simulcast:recv {';'.join(rids)}"]
+            in_video = line.startswith("m=video")
+        out.append(line)
+    if in_video:
+        out += [f"a=rid:{rid} recv" for rid in rids] + [f"a=simulcast:recv {';'.join(rids)}"]
+    return eol.join(out) + eol
+
+
+def prefer_h264(pc: RTCPeerConnection) -> None:
+    """Put H.264 (and its retransmission codec) first in every video transceiver's negotiated
+    codecs, after setRemoteDescription: the answer then leads with H.264 and the sender uses it.
+    WHEP players (OBS's WHEP source among them) expect H.264."""
+    for transceiver in pc.getTransceivers():
+        codecs = getattr(transceiver, "_codecs", None)
+        if transceiver.kind != "video" or not codecs:
+            continue
+        h264_pts = {c.payloadType for c in codecs if c.mimeType.lower() == "video/h264"}
+        if not h264_pts:
+            continue
+
+        def rank(codec) -> int:
+            if codec.payloadType in h264_pts:
+                return 0
+            if codec.mimeType.lower() == "video/rtx" and codec.parameters.get("apt") in h264_pts:
+                return 1
+            return 2
+
+        transceiver._codecs = sorted(codecs, key=rank)
 
 
 async def wait_ice_gathering(pc: RTCPeerConnection, timeout_s: float = 10.0) -> None:
@@ -349,6 +423,32 @@ class InputReader:
 
     async def close(self) -> None:
         await cancel_tasks(self.tasks)
+
+
+class SilenceTrack(MediaStreamTrack):
+    """Opus-ready silence (48 kHz mono, 20 ms frames) for WHEP answers: players expect audio."""
+
+    kind = "audio"
+    SAMPLES = 960
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._n = 0
+        self._start_s: float | None = None
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError("track ended")
+        if self._start_s is None:
+            self._start_s = time.monotonic()
+        wait_s = self._start_s + self._n * self.SAMPLES / 48_000 - time.monotonic()
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        frame = AudioFrame.from_ndarray(np.zeros((1, self.SAMPLES), dtype=np.int16), format="s16", layout="mono")
+        frame.sample_rate = 48_000
+        frame.pts, frame.time_base = self._n * self.SAMPLES, fractions.Fraction(1, 48_000)
+        self._n += 1
+        return frame
 
 
 async def drain_track(track: MediaStreamTrack) -> None:

@@ -277,8 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on session and control routes")
     serve.add_argument("--max-sessions", type=int, help="stream limit (default cache.max_streams)")
-    serve.add_argument("--target-fps", type=float, help="per-stream SLO for admission (default video.fps)")
-    serve.add_argument("--deadline-ms", type=float, default=1000.0, help="per-frame deadline for admission")
+    serve.add_argument("--target-fps", type=float,
+                       help="per-stream service level for admission (default: the config's slo, else video.fps)")
+    serve.add_argument("--deadline-ms", type=float,
+                       help="per-frame deadline for admission (default: the config's slo.deadline_ms)")
     serve.add_argument("--bitrate-kbps", type=float, default=4000, help="fixed video encoder bitrate")
     serve.add_argument("--ice-loopback", action="store_true", help="also offer 127.0.0.1 ICE candidates")
     serve.add_argument("--stages", type=int, help="pipeline stages over Ray actors (parallel.num_stages)")

@@ -136,6 +136,16 @@ class VideoConfig:
 
 
 @dataclass(frozen=True)
+class SLOConfig:
+    """The service level a stream is admitted for, unless the server is told otherwise
+    (`serve --target-fps/--deadline-ms`). Presets carry their device's own: a CPU preset asks
+    for a few fps, a GPU preset for video.fps. target_fps 0 means video.fps."""
+
+    target_fps: float = 0.0
+    deadline_ms: float = 1000.0
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -165,6 +175,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -191,6 +202,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "video.width": (16, 8192),
     "video.height": (16, 8192),
     "video.fps": (1, 240),
+    "slo.target_fps": (0, 240),
+    "slo.deadline_ms": (1, 3_600_000),
     "weights.min_match": (0.0, 1.0),
     "parallel.num_stages": (1, 64),
     "parallel.micro_batches": (0, 64),
@@ -411,6 +424,7 @@ __all__ = [
     "ConfigError",
     "ModelConfig",
     "RuntimeConfig",
+    "SLOConfig",
     "SamplingConfig",
     "TextConfig",
     "VAEConfig",
