@@ -232,6 +232,8 @@ class SessionManager:
             session.source.fanout.unsubscribe(session.slot)
         if session.fanout is not None:
             await session.fanout.close()
+            for viewer in [v for v in self.sessions.values() if v.source is session]:
+                await self.close(viewer.id, f"its source {session.stream_key} ended")
         # 3. The engine stream.
         if session.has_stream:
             try:

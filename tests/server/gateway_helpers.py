@@ -27,11 +27,11 @@ def tiny_config(max_streams: int = 2):
 
 
 @contextlib.asynccontextmanager
-async def running_server(token: str | None = TOKEN, max_streams: int = 2, **settings):
+async def running_server(token: str | None = TOKEN, max_streams: int = 2, config=None, **settings):
     """Yields (base_url, app). Very loose CPU SLO (0.05 fps, 600 s deadline; warm-up timings on a
     busy CPU are noisy) so the engine admits several streams; `target_fps=None, deadline_ms=None`
     gives the preset's own service level."""
-    engine = AsyncEngine(tiny_config(max_streams))
+    engine = AsyncEngine(config if config is not None else tiny_config(max_streams))
     settings = {"target_fps": 0.05, "deadline_ms": 600_000.0, "output_fps": 15.0, **settings}
     app = build_app(engine, ServerSettings(token=token, ice_loopback=True, **settings))
     runner = app_runner(app)
