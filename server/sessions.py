@@ -174,7 +174,8 @@ class SessionManager:
         if owns_stream and self.stream_count >= self.max_sessions:
             events.info("refused %s session (stream key %s): %d of %d streams already running (--max-sessions)",
                         kind, stream_key or "-", self.stream_count, self.max_sessions)
-            raise ServerFull(f"busy: {self.max_sessions} streams already running (--max-sessions)")
+            n = self.max_sessions
+            raise ServerFull(f"busy: {n} stream{'s' if n != 1 else ''} already running (--max-sessions)")
         if owns_stream:
             admission = await self.engine.add_stream(
                 session_id, prompt, target_fps=self.target_fps, deadline_ms=self.deadline_ms, **params

@@ -16,6 +16,7 @@ import sys
 import time
 
 from streamdiff.config import ConfigError, load_config
+from streamdiff.preflight import check_device, check_output_path, check_weight_paths
 
 SYNTHETIC = "synthetic"  # --input synthetic: the built-in clip of moving shapes
 
@@ -36,6 +37,16 @@ def _parse_size(text: str | None, flag: str = "--size") -> tuple[int, int] | Non
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    # 0. Errors that need no model come first, before torch is imported: output type, paths,
+    #    then the device.
+    check_output_path(args.output)
+    overrides = list(args.set or [])
+    if args.steps is not None:
+        overrides.append(f"sampling.steps={args.steps}")
+    cfg = load_config(args.config, overrides)
+    check_weight_paths(cfg)
+    check_device(cfg)
+
     from tqdm import tqdm
 
     from streamdiff.client.video_io import VideoInputError, VideoWriter, probe, read_frames
@@ -43,10 +54,6 @@ def cmd_render(args: argparse.Namespace) -> int:
     from streamdiff.pipeline.frames import synthetic_clip
     from streamdiff.pipeline.stream_pipeline import StreamPipeline
 
-    overrides = list(args.set or [])
-    if args.steps is not None:
-        overrides.append(f"sampling.steps={args.steps}")
-    cfg = load_config(args.config, overrides)
     size = _parse_size(args.size)
 
     # 1. Open the input (or make the synthetic clip) and settle the processing size.
@@ -102,14 +109,17 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from streamdiff.server.app import ServerSettings, serve
-
     overrides = list(args.set or [])
     if args.stages is not None:
         overrides.append(f"parallel.num_stages={args.stages}")
     if args.ray_address:
         overrides.append(f"parallel.ray_address={args.ray_address}")
     cfg = load_config(args.config, overrides)
+    check_weight_paths(cfg)  # before torch
+    check_device(cfg)
+
+    from streamdiff.server.app import ServerSettings, serve
+
     settings = ServerSettings(
         token=args.token, max_sessions=args.max_sessions, target_fps=args.target_fps,
         deadline_ms=args.deadline_ms, bitrate_bps=int(args.bitrate_kbps * 1000), ice_loopback=args.ice_loopback,

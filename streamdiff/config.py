@@ -101,6 +101,7 @@ class WeightsConfig:
     tokenizer: str = ""  # transformers tokenizer folder (defaults to text_encoder's)
     min_match: float = 0.99  # refuse a checkpoint matching fewer keys than this share
     seed: int = 0  # for format=random
+    trust_pickle: bool = False  # allow full unpickling of a .pt that weights_only=True refuses (runs its code)
 
 
 @dataclass(frozen=True)

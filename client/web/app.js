@@ -98,7 +98,7 @@ function expectText() {
 function retryLater(seconds, reason) {
   let left = Math.max(1, seconds);
   const tick = () => {
-    say(`The server is busy (${reason}). Retrying in ${left} s…`, true);
+    say(`The server is busy: ${reason.replace(/^busy: /, "")}. Retrying in ${left} s…`, true);
     if (left-- <= 0) {
       retryTimer = null;
       start();
