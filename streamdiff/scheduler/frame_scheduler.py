@@ -207,7 +207,10 @@ class FrameScheduler:
         own = self._breaks(new, step_ms, batch, newcomer=True)
         new.best_effort = own is not None
         new.promised_step_ms = max(step_ms, new.slo_step_ms()) if new.best_effort else new.slo_step_ms()
-        fps, latency_ms = self._expect(new, step_ms, input_fps or slo.target_fps)
+        new.prepared = True  # what it can expect is its steady state, after the first chunk
+        steady_ms, _ = self._batch(streams)
+        new.prepared = False
+        fps, latency_ms = self._expect(new, steady_ms, input_fps or slo.target_fps)
         if new.best_effort:
             reason = f"admitted best effort ({own}); expect about {fps:.1f} fps and {latency_ms:.0f} ms latency"
         else:
