@@ -271,6 +271,7 @@ class SessionManager:
             "max_sessions": self.max_sessions,
             "tasks": sum(sum(not t.done() for t in s.tasks) for s in self.sessions.values()),
             "video": {"width": video.width, "height": video.height, "fps": video.fps},
+            "slo": {"target_fps": self.target_fps, "deadline_ms": self.deadline_ms},
         }
 
 

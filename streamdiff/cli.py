@@ -173,7 +173,7 @@ BENCH_E2E_ONLY = ("token", "fps", "size")
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.duration <= 0:
         raise CliError(f"--duration {args.duration:g} must be > 0 seconds")
-    if args.deadline_ms <= 0:
+    if args.deadline_ms is not None and args.deadline_ms <= 0:
         raise CliError(f"--deadline-ms {args.deadline_ms:g} must be > 0")
 
     def given(names: tuple[str, ...]) -> list[str]:
@@ -199,6 +199,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # 2. Model mode: check the flags, run every combination in this process, report.
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise CliError(f"--peak-tflops {args.peak_tflops:g} must be > 0")
+    if args.deadline_ms is None:  # the config's service level, so the miss rate means something there
+        args.deadline_ms = bench_deadline_ms(args.config or "tiny", args.set or ())
     steps = _parse_int_list("--steps", args.steps, 1, 4) if args.steps else None
     resolutions = _parse_resolutions(args.resolution) if args.resolution else None
     streams = _parse_int_list("--streams", args.streams or "1", 1, 64)
@@ -221,8 +223,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(f"wrote {benchreport.write_json(report, args.json)}")
     if args.plot:
-        print(f"wrote {benchreport.plot(plot_series(report), args.plot, title=report['command'])}")
+        print(f"wrote {benchreport.plot(plot_series(report), args.plot, title=report['command'], deadline_ms=settings.deadline_ms)}")
     return 0
+
+
+def bench_deadline_ms(config: str, overrides) -> float:
+    """The default deadline of `streamdiff bench`: the config's service level."""
+    return load_config(config, list(overrides)).slo.deadline_ms
 
 
 def _bench_simulate(args: argparse.Namespace) -> int:
@@ -315,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(--url): sessions against a running `streamdiff serve`.")
     shared = bench.add_argument_group("both modes")
     shared.add_argument("--duration", type=float, default=10.0, help="measured seconds (per combination in model mode)")
-    shared.add_argument("--deadline-ms", type=float, default=1000.0, help="per-frame deadline for the miss rate")
+    shared.add_argument("--deadline-ms", type=float,
+                        help="per-frame deadline for the miss rate (default: the config's slo.deadline_ms; "
+                             "with --url the server's)")
     shared.add_argument("--prompt", default="a watercolor painting")
     shared.add_argument("--json", metavar="OUT", help="write every number, the command and the device to OUT")
     shared.add_argument("--plot", metavar="OUT.png", help="latency CDF and fps over time (matplotlib)")
