@@ -23,43 +23,47 @@ sessions only to an authorised scrape. Bodies, keys and timeouts: server.http.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from aiortc import RTCSessionDescription
 
+from streamdiff.server.control import params_patch, websocket
 from streamdiff.server.http import (
     CORS,
+    ENGINE_KEY,
+    SESSIONS_KEY,
+    SETTINGS_KEY,
     authorized,
     check_prompt,
     check_stream_key,
     error,
-    parse_json,
     read_json_object,
     read_text,
     unauthorized,
 )
 from streamdiff.server.prom import exposition
 from streamdiff.server.sessions import ServerFull, SessionManager, enable_event_log, parse_flag, to_engine_params
-from streamdiff.server.webrtc import (
+from streamdiff.server.sdp import (
     CodecError,
-    InputReader,
-    OutputTrack,
     SdpError,
-    SilenceTrack,
     accept_simulcast,
     answer_simulcast,
     check_offer_sdp,
-    configure_bitrates,
-    drain_track,
-    enable_loopback_candidates,
     prefer_h264,
     require_h264,
     wait_ice_gathering,
+)
+from streamdiff.server.webrtc import (
+    InputReader,
+    OutputTrack,
+    SilenceTrack,
+    configure_bitrates,
+    drain_track,
+    enable_loopback_candidates,
 )
 
 log = logging.getLogger(__name__)
@@ -70,9 +74,6 @@ if not WEB_DIR.is_dir():  # installed layout: streamdiff/server next to streamdi
 
     WEB_DIR = Path(streamdiff.client.__file__).resolve().parent / "web"
 
-ENGINE_KEY = web.AppKey("engine", object)
-SESSIONS_KEY = web.AppKey("sessions", SessionManager)
-SETTINGS_KEY = web.AppKey("settings", object)
 
 
 @dataclass
@@ -286,92 +287,6 @@ async def resource_patch(request: web.Request) -> web.Response:
 
 async def options(request: web.Request) -> web.Response:
     return web.Response(status=204, headers={**CORS, "Accept-Post": "application/sdp"})
-
-
-# ---------------------------------------------------------------------- control
-
-
-async def params_patch(request: web.Request) -> web.Response:
-    sessions = request.app[SESSIONS_KEY]
-    if not _authorized(request):
-        return _unauthorized()
-    body = await read_json_object(request, request.app[SETTINGS_KEY].body_timeout_s)
-    try:
-        params = await sessions.update_params(request.match_info["id"], body)
-    except KeyError:
-        return web.json_response({"error": "no such session"}, status=404)
-    except (ValueError, TypeError) as exc:
-        return web.json_response({"error": str(exc)}, status=400)
-    return web.json_response({"ok": True, "params": params})
-
-
-async def websocket(request: web.Request) -> web.StreamResponse:
-    sessions = request.app[SESSIONS_KEY]
-    if not _authorized(request):
-        return _unauthorized()
-    key = request.query.get("session", "")
-    if sessions.get(key) is None:
-        return web.json_response({"error": f"no such session {key!r}"}, status=404)
-    ws = web.WebSocketResponse(heartbeat=10, max_msg_size=64 * 1024)
-    await ws.prepare(request)
-    owner = sessions.get(key)
-    owner.control_sockets += 1
-
-    async def push_stats() -> None:
-        while not ws.closed:
-            session = sessions.get(key)
-            if session is None:
-                await ws.send_json({"type": "closed"})
-                await ws.close()
-                return
-            await ws.send_json({"type": "stats", **session.stats()})
-            await asyncio.sleep(1.0)
-
-    stats_task = asyncio.create_task(push_stats())
-    try:
-        async for msg in ws:
-            if msg.type == WSMsgType.BINARY:
-                await ws.send_json({"type": "error", "error": "binary messages are not accepted: send JSON text"})
-            elif msg.type == WSMsgType.TEXT:
-                await ws.send_json(await _control_message(sessions, key, msg.data))
-    except (ConnectionError, asyncio.CancelledError):
-        pass
-    finally:
-        stats_task.cancel()
-        owner.control_sockets -= 1
-        if owner.kind == "browser" and owner.control_sockets == 0 and not owner.closed:
-            grace_s = request.app[SETTINGS_KEY].control_grace_s
-            owner.tasks.append(asyncio.create_task(_free_orphan(sessions, owner, grace_s)))
-    return ws
-
-
-async def _free_orphan(sessions: SessionManager, session, grace_s: float) -> None:
-    """A browser page keeps its control socket open while it lives; a tab that crashed or was
-    killed drops it, and its stream is freed after `grace_s` unless a socket came back."""
-    await asyncio.sleep(grace_s)
-    if session.control_sockets == 0 and not session.closed:
-        await sessions.close(session.id, "the page's control socket closed (tab closed or crashed)")
-
-
-async def _control_message(sessions: SessionManager, key: str, text: str) -> dict:
-    try:
-        message = parse_json(text)
-    except ValueError as exc:
-        return {"type": "error", "error": str(exc)}
-    if not isinstance(message, dict):
-        return {"type": "error", "error": "a message must be a JSON object with a 'type'"}
-    if message.get("type") == "ping":
-        return {"type": "pong"}
-    if message.get("type") != "params":
-        return {"type": "error", "error": f"unknown message type {message.get('type')!r} (known: params, ping)"}
-    try:
-        if "prompt" in message:
-            check_prompt(message["prompt"])
-        return {"type": "params", "params": await sessions.update_params(key, message)}
-    except KeyError:
-        return {"type": "error", "error": "the session has ended"}
-    except (ValueError, TypeError) as exc:
-        return {"type": "error", "error": str(exc)}
 
 
 # ---------------------------------------------------------------------- ops

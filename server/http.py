@@ -23,6 +23,9 @@ CORS = {
     "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
     "Access-Control-Expose-Headers": "Location, Retry-After, X-Session-Id, X-StreamDiff-Expect",
 }
+ENGINE_KEY = web.AppKey("engine", object)  # the AsyncEngine
+SESSIONS_KEY = web.AppKey("sessions", object)  # the SessionManager
+SETTINGS_KEY = web.AppKey("settings", object)  # the ServerSettings
 MAX_BODY_BYTES = 128 * 1024  # an SDP offer is a few kB; a JSON control message far less
 MAX_JSON_DEPTH = 16
 MAX_PROMPT_CHARS = 1000

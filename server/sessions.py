@@ -107,7 +107,7 @@ class Session:
     created_s: float = field(default_factory=time.monotonic)
     closed: bool = False
     expect: dict | None = None  # stream kinds: the fps and latency it was told to expect
-    control_sockets: int = 0  # open /ws connections (a browser page holds one while it lives)
+    control_sockets: int = 0  # open /ws connections of the page that owns it (`?owner=1`)
 
     def stats(self) -> dict:
         out = {"session": self.id, "kind": self.kind, "stream_key": self.stream_key,

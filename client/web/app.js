@@ -113,7 +113,9 @@ function retryLater(seconds, reason) {
 $("output").addEventListener("playing", () => { if (pc) say(""); });
 
 function openControl() {
-  const q = new URLSearchParams({ session: sessionId });
+  // owner=1: this page holds the socket while it lives; if it drops (tab closed or crashed),
+  // the server frees the stream within seconds.
+  const q = new URLSearchParams({ session: sessionId, owner: "1" });
   if (token) q.set("token", token);
   ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws?${q}`);
   ws.onmessage = (ev) => {

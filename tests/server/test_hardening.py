@@ -8,7 +8,6 @@ import hmac
 import logging
 
 import aiohttp
-import pytest
 
 from gateway_helpers import TOKEN, answer, auth, obs_like_offer, running_server, sessions_of
 
