@@ -22,6 +22,11 @@ step count changes the stream's lanes, so the stream is re-admitted to the sched
 new lane count and re-prepared: the chunks in flight (steps - 1 chunks of lag) are dropped
 (counted as dropped frames, cause "restart"), its KV lanes, VAE caches and motion state are
 reset, and its next chunk is a first chunk again (5 frames); frames already waiting are kept.
+
+Admission (FrameScheduler.add_stream): an empty engine always admits (best effort when its own
+SLO cannot hold); a refusal protects a running stream and its reason ends with what would
+help. A refusal also asks for `measure()` (the AsyncEngine loop runs it once no stream is
+left): the cost model forgets its samples and the dummy stream is measured again.
 """
 
 from __future__ import annotations
