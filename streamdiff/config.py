@@ -142,8 +142,8 @@ class SLOConfig:
     (`serve --target-fps/--deadline-ms`). Presets carry their device's own: a CPU preset asks
     for a few fps, a GPU preset for video.fps. target_fps 0 means video.fps."""
 
-    target_fps: float = 0.0
-    deadline_ms: float = 1000.0
+    target_fps: float = 2.0  # the defaults are the tiny preset's (a CPU); GPU presets set their own
+    deadline_ms: float = 8000.0
 
 
 @dataclass(frozen=True)
