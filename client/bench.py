@@ -321,12 +321,13 @@ def format_report(report: dict) -> str:
 
 async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps: float = DEFAULT_FPS,
                   size: tuple[int, int] | None = None, prompt: str = "", token: str | None = None,
-                  deadline_ms: float = 1000.0, json_path: str | None = None, plot_path: str | None = None,
+                  deadline_ms: float | None = None, json_path: str | None = None, plot_path: str | None = None,
                   progress: bool = True, bitrate_bps: int | None = CLIENT_BITRATE_BPS,
                   command: str | None = None) -> dict:
     """Run `sessions` stamped sessions against the server at `url` for `duration_s` and return
     the report (also written to `json_path`, plotted to `plot_path`). `size` (width, height):
-    default the server's frame size from /healthz, else 256x256. `bitrate_bps` pins this
+    default the server's frame size from /healthz, else 256x256. `deadline_ms`: default the
+    server's service level (/healthz `slo`), else 1000 ms. `bitrate_bps` pins this
     process's encoders (None: leave aiortc's settings alone). Raises BenchError."""
     if sessions < 1 or duration_s <= 0 or fps <= 0:
         raise BenchError(f"need sessions >= 1, duration > 0 and fps > 0 (got {sessions}, {duration_s}, {fps})")
@@ -342,6 +343,8 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
         health = await _probe(http, url)
         video = health.get("video") or {}
         width, height = size or (video.get("width"), video.get("height"))
+        if deadline_ms is None:
+            deadline_ms = float((health.get("slo") or {}).get("deadline_ms") or 1000.0)
         if not width or not height:
             width, height = DEFAULT_SIZE
         clip = synthetic_clip(CLIP_FRAMES, width, height)  # [n, H, W, 3]
@@ -371,7 +374,8 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
         benchreport.write_json(report, json_path)
     if plot_path:
         series = {f"session {s['session']}": s["samples"] for s in per_session}
-        benchreport.plot(series, plot_path, title=f"streamdiff bench {url}: {sessions} session(s)")
+        benchreport.plot(series, plot_path, title=f"streamdiff bench {url}: {sessions} session(s)",
+                         deadline_ms=deadline_ms)
     return report
 
 
@@ -391,7 +395,7 @@ def run_from_args(args) -> int:
         args.url, int(getattr(args, "sessions", 1) or 1), float(getattr(args, "duration", 30.0) or 30.0),
         fps=float(getattr(args, "fps", None) or DEFAULT_FPS), size=_parse_size(getattr(args, "size", None)),
         prompt=getattr(args, "prompt", None) or "", token=getattr(args, "token", None),
-        deadline_ms=float(getattr(args, "deadline_ms", None) or 1000.0), json_path=getattr(args, "json", None),
+        deadline_ms=getattr(args, "deadline_ms", None), json_path=getattr(args, "json", None),
         plot_path=getattr(args, "plot", None), progress=not quiet, command=getattr(args, "command_line", None),
     ))
     print(format_report(report))

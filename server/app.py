@@ -14,34 +14,56 @@ Routes:
   GET  /ws?session=ID                    control WebSocket (params in, stats out each second)
   PATCH /sessions/{id}/params            JSON params (id: session id or stream key)
   GET  /sessions, /healthz, /metrics
+  HEAD /whep/{key}                       200, Content-Type application/sdp (WHEP draft 04)
 Auth: with a token set, every session and control route needs `Authorization: Bearer T`
-(`?token=T` is accepted too: browsers cannot set headers on WebSockets).
+(`?token=T` is accepted too: browsers cannot set headers on WebSockets); /metrics names
+sessions only to an authorised scrape. Bodies, keys and timeouts: server.http.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from aiortc import RTCSessionDescription
 
+from streamdiff.server.control import params_patch, websocket
+from streamdiff.server.http import (
+    CORS,
+    ENGINE_KEY,
+    SESSIONS_KEY,
+    SETTINGS_KEY,
+    authorized,
+    check_prompt,
+    check_stream_key,
+    error,
+    read_json_object,
+    read_text,
+    unauthorized,
+)
 from streamdiff.server.prom import exposition
-from streamdiff.server.sessions import ServerFull, SessionManager, parse_flag, to_engine_params
-from streamdiff.server.webrtc import (
+from streamdiff.server.sessions import ServerFull, SessionManager, enable_event_log, parse_flag, to_engine_params
+from streamdiff.server.sdp import (
     CodecError,
+    SdpError,
+    accept_simulcast,
+    answer_simulcast,
+    check_offer_sdp,
+    prefer_h264,
+    require_h264,
+    wait_ice_gathering,
+)
+from streamdiff.server.webrtc import (
     InputReader,
     OutputTrack,
-    SdpError,
-    check_offer_sdp,
+    SilenceTrack,
     configure_bitrates,
     drain_track,
     enable_loopback_candidates,
-    require_h264,
-    wait_ice_gathering,
 )
 
 log = logging.getLogger(__name__)
@@ -52,51 +74,39 @@ if not WEB_DIR.is_dir():  # installed layout: streamdiff/server next to streamdi
 
     WEB_DIR = Path(streamdiff.client.__file__).resolve().parent / "web"
 
-CORS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
-    "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
-    "Access-Control-Expose-Headers": "Location, Retry-After, X-Session-Id",
-}
-ENGINE_KEY = web.AppKey("engine", object)
-SESSIONS_KEY = web.AppKey("sessions", SessionManager)
-SETTINGS_KEY = web.AppKey("settings", object)
 
 
 @dataclass
 class ServerSettings:
     token: str | None = None
     max_sessions: int | None = None  # default: the engine's cache.max_streams
-    target_fps: float | None = None  # stream SLO; default video.fps
-    deadline_ms: float = 1000.0
+    target_fps: float | None = None  # stream SLO; default the config's slo (else video.fps)
+    deadline_ms: float | None = None  # default the config's slo.deadline_ms
     output_fps: float | None = None  # cap on output pacing; default video.fps (never the admission floor)
     bitrate_bps: int = 4_000_000
     ice_loopback: bool = False
     retry_after_s: int = 10
     connect_timeout_s: float = 30.0  # a peer that has not connected by then is freed
+    header_timeout_s: float = 10.0  # a connection whose request headers are not in by then is closed
+    body_timeout_s: float = 10.0  # a request body not in by then gets 408
+    control_grace_s: float = 3.0  # a page whose control socket closed (crashed tab) is freed after this
 
 
-def _error(status: int, text: str, **headers) -> web.Response:
-    return web.Response(status=status, text=text + "\n", headers={**CORS, **headers})
+_error = error
+_unauthorized = unauthorized
 
 
 def _authorized(request: web.Request) -> bool:
-    token = request.app[SETTINGS_KEY].token
-    if not token:
-        return True
-    header = request.headers.get("Authorization", "")
-    if header.startswith("Bearer ") and header[7:].strip() == token:
-        return True
-    return request.query.get("token") == token
-
-
-def _unauthorized() -> web.Response:
-    return _error(401, "missing or wrong Bearer token (Authorization: Bearer <token>)",
-                  **{"WWW-Authenticate": 'Bearer realm="streamdiff"'})
+    return authorized(request, request.app[SETTINGS_KEY].token)
 
 
 def _full(exc: ServerFull, settings: ServerSettings) -> web.Response:
     return _error(503, str(exc), **{"Retry-After": str(settings.retry_after_s)})
+
+
+def _expect_header(session) -> dict:
+    e = session.expect
+    return {"X-StreamDiff-Expect": f"fps={e['fps']}; latency_ms={e['latency_ms']}; best_effort={str(e['best_effort']).lower()}"} if e else {}
 
 
 async def _answer(session) -> str:
@@ -130,32 +140,36 @@ async def offer(request: web.Request) -> web.Response:
     sessions, settings = request.app[SESSIONS_KEY], request.app[SETTINGS_KEY]
     if not _authorized(request):
         return _unauthorized()
+    body = await read_json_object(request, settings.body_timeout_s)
     try:
-        body = await request.json()
-        sdp, kind = body["sdp"], body.get("type", "offer")
-        prompt = str(body.get("prompt") or "")
-        stamp = parse_flag(body.get("stamp", request.query.get("stamp")))
-        params = to_engine_params({k: v for k, v in body.items() if k not in ("sdp", "type", "prompt", "stamp")})
+        sdp, kind = body.get("sdp"), body.get("type", "offer")
         if kind != "offer" or not isinstance(sdp, str):
             raise SdpError("type must be 'offer' and sdp a string")
+        prompt = check_prompt(body.get("prompt") or "")
+        stamp = parse_flag(body.get("stamp", request.query.get("stamp")))
+        params = to_engine_params({k: v for k, v in body.items() if k not in ("sdp", "type", "prompt", "stamp")})
         check_offer_sdp(sdp)
-    except (ValueError, KeyError, TypeError) as exc:
+        sdp, _ = accept_simulcast(sdp)
+    except (ValueError, TypeError) as exc:  # our own checks: plain messages
         return web.json_response({"error": f"bad offer: {exc}"}, status=400)
     try:
         session = await sessions.open("browser", None, prompt, stamp=stamp, **params)
     except ServerFull as exc:
         return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": str(settings.retry_after_s)})
-    except ValueError as exc:
+    except ValueError as exc:  # a parameter out of range (the engine names it)
         return web.json_response({"error": str(exc)}, status=400)
     try:
         _wire_input(session, sessions, settings)
         await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         session.pc.addTrack(_output_track(session, session, settings, sessions.engine.cfg))
         answer_sdp = await _answer(session)
-    except Exception as exc:
-        await sessions.close(session.id)
-        return web.json_response({"error": f"could not negotiate: {exc}"}, status=400)
-    return web.json_response({"sdp": answer_sdp, "type": "answer", "session": session.id})
+    except Exception:
+        log.info("negotiating browser session %s failed", session.id, exc_info=True)
+        await sessions.close(session.id, "could not negotiate the offer")
+        return web.json_response({"error": "could not negotiate the offer (the server log has the details)"},
+                                 status=400)
+    return web.json_response({"sdp": answer_sdp, "type": "answer", "session": session.id,
+                              "expect": session.expect})
 
 
 # ---------------------------------------------------------------------- WHIP / WHEP
@@ -164,12 +178,12 @@ async def offer(request: web.Request) -> web.Response:
 async def _read_sdp_offer(request: web.Request) -> str:
     if request.content_type != "application/sdp":
         raise web.HTTPUnsupportedMediaType(text="Content-Type must be application/sdp\n", headers=CORS)
-    return await request.text()
+    return await read_text(request, request.app[SETTINGS_KEY].body_timeout_s)
 
 
 async def whip_post(request: web.Request) -> web.Response:
     sessions, settings = request.app[SESSIONS_KEY], request.app[SETTINGS_KEY]
-    key = request.match_info["key"]
+    key = check_stream_key(request.match_info["key"])
     if not _authorized(request):
         return _unauthorized()
     sdp = await _read_sdp_offer(request)
@@ -177,6 +191,7 @@ async def whip_post(request: web.Request) -> web.Response:
         stamp = parse_flag(request.query.get("stamp"))
         check_offer_sdp(sdp)
         require_h264(sdp)
+        sdp, rids = accept_simulcast(sdp)
     except CodecError as exc:
         return _error(406, str(exc))
     except ValueError as exc:  # SdpError or a bad ?stamp=
@@ -190,21 +205,22 @@ async def whip_post(request: web.Request) -> web.Response:
     try:
         _wire_input(session, sessions, settings)
         await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        answer_sdp = await _answer(session)
-    except Exception as exc:
-        await sessions.close(session.id)
-        return _error(400, f"could not negotiate the offer: {exc}")
-    return _sdp_created(f"/whip/{key}/{session.id}", answer_sdp, session.id)
+        answer_sdp = answer_simulcast(await _answer(session), rids)
+    except Exception:
+        log.info("negotiating WHIP session %s failed", session.id, exc_info=True)
+        await sessions.close(session.id, "could not negotiate the offer")
+        return _error(400, "could not negotiate the offer (the server log has the details)")
+    return _sdp_created(f"/whip/{key}/{session.id}", answer_sdp, session.id, _expect_header(session))
 
 
 async def whep_post(request: web.Request) -> web.Response:
     sessions, settings = request.app[SESSIONS_KEY], request.app[SETTINGS_KEY]
-    key = request.match_info["key"]
+    key = check_stream_key(request.match_info["key"])
     if not _authorized(request):
         return _unauthorized()
     sdp = await _read_sdp_offer(request)
     try:
-        check_offer_sdp(sdp)
+        kinds = check_offer_sdp(sdp)
     except (SdpError, CodecError) as exc:
         return _error(400, str(exc))
     source = sessions.publisher(key) or sessions.get(key)
@@ -219,105 +235,58 @@ async def whep_post(request: web.Request) -> web.Response:
         _wire_input(session, sessions, settings)  # a viewer's own tracks (if any) are drained
         await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         session.pc.addTrack(_output_track(session, source, settings, sessions.engine.cfg))
+        if "audio" in kinds:  # WHEP players expect audio too: silence
+            session.pc.addTrack(SilenceTrack())
+        prefer_h264(session.pc)
         answer_sdp = await _answer(session)
-    except Exception as exc:
-        await sessions.close(session.id)
-        return _error(400, f"could not negotiate the offer: {exc}")
+    except Exception:
+        log.info("negotiating WHEP session %s failed", session.id, exc_info=True)
+        await sessions.close(session.id, "could not negotiate the offer")
+        return _error(400, "could not negotiate the offer (the server log has the details)")
     return _sdp_created(f"/whep/{key}/{session.id}", answer_sdp, session.id)
 
 
-def _sdp_created(location: str, sdp: str, session_id: str) -> web.Response:
+async def whep_head(request: web.Request) -> web.Response:
+    """WHEP draft 04: HEAD on the endpoint answers 200 with the offer's content type."""
+    return web.Response(status=200, headers={**CORS, "Content-Type": "application/sdp"})
+
+
+def _sdp_created(location: str, sdp: str, session_id: str, extra: dict | None = None) -> web.Response:
     return web.Response(status=201, text=sdp, content_type="application/sdp",
-                        headers={**CORS, "Location": location, "X-Session-Id": session_id})
+                        headers={**CORS, "Location": location, "X-Session-Id": session_id, **(extra or {})})
+
+
+def _resource(request: web.Request):
+    """The session a /whip|whep/{key}/{id} URL names, of that kind and key; None otherwise."""
+    kind = request.path.split("/", 2)[1]
+    session = request.app[SESSIONS_KEY].sessions.get(request.match_info["id"])
+    if session is None or session.kind != kind or session.stream_key != request.match_info["key"]:
+        return None
+    return session
 
 
 async def resource_delete(request: web.Request) -> web.Response:
     sessions = request.app[SESSIONS_KEY]
     if not _authorized(request):
         return _unauthorized()
-    session = sessions.sessions.get(request.match_info["id"])
-    if session is None or session.stream_key != request.match_info["key"]:
+    session = _resource(request)
+    if session is None:
         return _error(404, "no such session")
-    await sessions.close(session.id)
+    await sessions.close(session.id, f"{session.kind.upper()} DELETE")
     return _error(200, "session ended")
 
 
 async def resource_patch(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return _unauthorized()
+    if _resource(request) is None:
+        return _error(404, "no such session")
     return _error(405, "trickle ICE and ICE restarts are not supported: send one offer with all "
                   "candidates (OBS does this by default)", Allow="DELETE, OPTIONS")
 
 
 async def options(request: web.Request) -> web.Response:
     return web.Response(status=204, headers={**CORS, "Accept-Post": "application/sdp"})
-
-
-# ---------------------------------------------------------------------- control
-
-
-async def params_patch(request: web.Request) -> web.Response:
-    sessions = request.app[SESSIONS_KEY]
-    if not _authorized(request):
-        return _unauthorized()
-    try:
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise ValueError("the body must be a JSON object")
-        params = await sessions.update_params(request.match_info["id"], body)
-    except KeyError:
-        return web.json_response({"error": "no such session"}, status=404)
-    except (ValueError, TypeError) as exc:
-        return web.json_response({"error": str(exc)}, status=400)
-    return web.json_response({"ok": True, "params": params})
-
-
-async def websocket(request: web.Request) -> web.StreamResponse:
-    sessions = request.app[SESSIONS_KEY]
-    if not _authorized(request):
-        return _unauthorized()
-    key = request.query.get("session", "")
-    if sessions.get(key) is None:
-        return web.json_response({"error": f"no such session {key!r}"}, status=404)
-    ws = web.WebSocketResponse(heartbeat=20)
-    await ws.prepare(request)
-
-    async def push_stats() -> None:
-        while not ws.closed:
-            session = sessions.get(key)
-            if session is None:
-                await ws.send_json({"type": "closed"})
-                await ws.close()
-                return
-            await ws.send_json({"type": "stats", **session.stats()})
-            await asyncio.sleep(1.0)
-
-    stats_task = asyncio.create_task(push_stats())
-    try:
-        async for msg in ws:
-            if msg.type != WSMsgType.TEXT:
-                continue
-            await ws.send_json(await _control_message(sessions, key, msg.data))
-    finally:
-        stats_task.cancel()
-    return ws
-
-
-async def _control_message(sessions: SessionManager, key: str, text: str) -> dict:
-    try:
-        message = json.loads(text)
-    except ValueError:
-        return {"type": "error", "error": "not JSON"}
-    if not isinstance(message, dict):
-        return {"type": "error", "error": "a message must be a JSON object with a 'type'"}
-    if message.get("type") == "ping":
-        return {"type": "pong"}
-    if message.get("type") != "params":
-        return {"type": "error", "error": f"unknown message type {message.get('type')!r} (known: params, ping)"}
-    try:
-        return {"type": "params", "params": await sessions.update_params(key, message)}
-    except KeyError:
-        return {"type": "error", "error": "the session has ended"}
-    except (ValueError, TypeError) as exc:
-        return {"type": "error", "error": str(exc)}
 
 
 # ---------------------------------------------------------------------- ops
@@ -330,7 +299,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = exposition(request.app[ENGINE_KEY], request.app[SESSIONS_KEY])
+    body = exposition(request.app[ENGINE_KEY], request.app[SESSIONS_KEY], per_stream=_authorized(request))
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -358,14 +327,14 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
     configure_bitrates(settings.bitrate_bps)
     if settings.ice_loopback:
         enable_loopback_candidates(True)
-    app = web.Application()
+    app = web.Application(client_max_size=256 * 1024)
     app[ENGINE_KEY] = engine
     app[SETTINGS_KEY] = settings
     app[SESSIONS_KEY] = SessionManager(
         engine,
         max_sessions=settings.max_sessions or cfg.cache.max_streams,
-        target_fps=settings.target_fps or cfg.video.fps,
-        deadline_ms=settings.deadline_ms,
+        target_fps=settings.target_fps or cfg.slo.target_fps or cfg.video.fps,
+        deadline_ms=settings.deadline_ms or cfg.slo.deadline_ms,
         connect_timeout_s=settings.connect_timeout_s,
     )
 
@@ -391,6 +360,8 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
     r.add_post("/offer", offer)
     for kind, post in (("whip", whip_post), ("whep", whep_post)):
         r.add_post(f"/{kind}/{{key}}", post)
+        if kind == "whep":
+            r.add_route("HEAD", f"/{kind}/{{key}}", whep_head)
         r.add_route("OPTIONS", f"/{kind}/{{key}}", options)
         r.add_delete(f"/{kind}/{{key}}/{{id}}", resource_delete)
         r.add_patch(f"/{kind}/{{key}}/{{id}}", resource_patch)
@@ -404,17 +375,41 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
     return app
 
 
+def app_runner(app: web.Application) -> web.AppRunner:
+    """An AppRunner with the settings' header timeout (aiohttp closes a connection whose request
+    headers are not complete within its keep-alive timeout)."""
+    return web.AppRunner(app, keepalive_timeout=app[SETTINGS_KEY].header_timeout_s)
+
+
+def startup_lines(cfg, settings: ServerSettings, host: str, port: int, expect: tuple[float, float, float]) -> list[str]:
+    """What `serve` prints once the engine is warm: where to go, the service level, and what one
+    stream can expect from the measured step."""
+    step_ms, fps, latency_ms = expect
+    shown = f"http://{host}:{port}/"
+    token = f"token={settings.token}" if settings.token else ""
+    target = settings.target_fps or cfg.slo.target_fps or cfg.video.fps
+    deadline = settings.deadline_ms or cfg.slo.deadline_ms
+    return [
+        f"StreamDiff serving {cfg.name} on {shown}{'?' + token if token else ''}",
+        f"  measured step {step_ms:.0f} ms: one stream can expect about {fps:.1f} fps and {latency_ms:.0f} ms latency "
+        f"(service level {target:g} fps, {deadline:g} ms; a first stream is always admitted)",
+        f"  OBS: WHIP {shown}whip/<key>{'  (Bearer token ' + settings.token + ')' if settings.token else ''}; "
+        f"viewer {shown}viewer.html?key=<key>{'&' + token if token else ''}",
+    ]
+
+
 def serve(cfg, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None) -> None:
     """Build the engine from `cfg` and run the gateway until interrupted."""
     from streamdiff.engine import AsyncEngine
 
     settings = settings or ServerSettings()
-    app = build_app(AsyncEngine(cfg), settings)
-    shown = f"http://{host}:{port}/"
-    token_hint = f"?token={settings.token}" if settings.token else ""
+    enable_event_log(sys.stderr)
+    engine = AsyncEngine(cfg)
+    app = build_app(engine, settings)
 
-    def announce(_app=None) -> None:
-        print(f"StreamDiff serving on {shown}{token_hint}  (OBS: WHIP {shown}whip/<key>, viewer {shown}viewer.html?key=<key>)",
-              flush=True)
+    async def report(_app: web.Application) -> None:  # after build_app's start-up: the engine is warm
+        expect = await engine.expect()
+        print("\n".join(startup_lines(cfg, settings, host, port, expect)), flush=True)
 
-    web.run_app(app, host=host, port=port, print=lambda *_: announce())
+    app.on_startup.append(report)
+    web.run_app(app, host=host, port=port, print=None, keepalive_timeout=settings.header_timeout_s)

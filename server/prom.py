@@ -28,9 +28,13 @@ def _histogram(name: str, doc: str, snap: dict, labels: dict[str, str]) -> Histo
 
 
 class EngineCollector:
-    def __init__(self, engine, sessions):
+    """per_stream: include the per-stream families (labelled with session ids: only for an
+    authorised scrape)."""
+
+    def __init__(self, engine, sessions, per_stream: bool = True):
         self.engine = engine
         self.sessions = sessions
+        self.per_stream = per_stream
 
     def collect(self):
         snap = self.engine.metrics() or {}
@@ -55,7 +59,9 @@ class EngineCollector:
                           ("step_streams", "streams per step"), ("decision_us", "scheduler decision (us)")):
             if key in snap:
                 yield _histogram(f"{PREFIX}_{key}", unit, snap[key], {})
-        # 3. Per stream.
+        # 3. Per stream (their labels are session ids: authorised scrapes only).
+        if not self.per_stream:
+            return
         streams = snap.get("streams", {})
         gauges = {key: GaugeMetricFamily(f"{PREFIX}_stream_{key}", f"per-stream {key}", labels=["stream"])
                   for key in ("fps", "jitter_ms", "time_to_first_frame_ms", "frames_in", "frames_out",
@@ -75,7 +81,7 @@ class EngineCollector:
         yield latency
 
 
-def exposition(engine, sessions) -> bytes:
+def exposition(engine, sessions, per_stream: bool = True) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EngineCollector(engine, sessions))
+    registry.register(EngineCollector(engine, sessions, per_stream))
     return generate_latest(registry)

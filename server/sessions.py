@@ -25,6 +25,19 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from streamdiff.server.webrtc import FanOut, InputReader, FrameQueue, cancel_tasks
 
 log = logging.getLogger(__name__)
+# One line per session start, end and refusal. `enable_event_log` (called by `serve`) shows them
+# on the console without -v.
+events = logging.getLogger("streamdiff.events")
+
+
+def enable_event_log(stream=None) -> logging.Handler:
+    """Print session events to `stream` (default stderr) at INFO, whatever the root level."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    events.addHandler(handler)
+    events.setLevel(logging.INFO)
+    events.propagate = False
+    return handler
 
 # control message field -> engine parameter
 PARAM_ALIASES = {
@@ -71,6 +84,12 @@ class ServerFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+def expectation(admission) -> dict:
+    """What an admitted stream can expect, for the answer to the client."""
+    return {"fps": round(admission.expected_fps, 2), "latency_ms": round(admission.expected_latency_ms),
+            "best_effort": admission.best_effort}
+
+
 @dataclass
 class Session:
     id: str
@@ -87,6 +106,8 @@ class Session:
     tasks: list = field(default_factory=list)
     created_s: float = field(default_factory=time.monotonic)
     closed: bool = False
+    expect: dict | None = None  # stream kinds: the fps and latency it was told to expect
+    control_sockets: int = 0  # open /ws connections of the page that owns it (`?owner=1`)
 
     def stats(self) -> dict:
         out = {"session": self.id, "kind": self.kind, "stream_key": self.stream_key,
@@ -97,6 +118,8 @@ class Session:
             out.update(frames_in=self.reader.frames_in, frames_pushed=self.reader.frames_pushed)
         if self.fanout is not None:
             out.update(frames_out=self.fanout.frames_out, latency_ms=self.fanout.last_latency_ms)
+        if self.expect is not None:
+            out["expect"] = self.expect
         return out
 
 
@@ -147,17 +170,30 @@ class SessionManager:
         Raises ServerFull (503) when the limit is reached or the engine refuses."""
         session_id = uuid.uuid4().hex[:16]
         owns_stream = kind in ("browser", "whip")
+        admission = None
         if owns_stream and self.stream_count >= self.max_sessions:
-            raise ServerFull(f"server full: {self.max_sessions} streams already running")
+            events.info("refused %s session (stream key %s): %d of %d streams already running (--max-sessions)",
+                        kind, stream_key or "-", self.stream_count, self.max_sessions)
+            n = self.max_sessions
+            raise ServerFull(f"busy: {n} stream{'s' if n != 1 else ''} already running (--max-sessions)")
         if owns_stream:
             admission = await self.engine.add_stream(
                 session_id, prompt, target_fps=self.target_fps, deadline_ms=self.deadline_ms, **params
             )
             if not admission:
-                raise ServerFull(f"server full: {admission.reason}")
+                events.info("refused %s session (stream key %s): %s", kind, stream_key or "-", admission.reason)
+                raise ServerFull(f"busy: {admission.reason}")
         pc = self.new_peer()
         session = Session(session_id, kind, stream_key or session_id, pc, prompt=prompt, has_stream=owns_stream,
                           stamp=stamp and owns_stream)
+        if admission is not None:
+            session.expect = expectation(admission)
+            how = "best effort" if admission.best_effort else f"at {self.target_fps:g} fps / {self.deadline_ms:g} ms"
+            events.info("session %s (%s%s) started, admitted %s: expect about %.1f fps and %.0f ms latency",
+                        session_id, kind, f", key {stream_key}" if stream_key else "", how,
+                        admission.expected_fps, admission.expected_latency_ms)
+        else:
+            events.info("session %s (%s, key %s) started", session_id, kind, stream_key)
         self.sessions[session_id] = session
         if owns_stream:
             session.fanout = FanOut(self.engine, session_id, stamp=session.stamp)
@@ -166,7 +202,7 @@ class SessionManager:
         async def _state() -> None:
             log.info("session %s (%s): %s", session_id, kind, pc.connectionState)
             if pc.connectionState in ("failed", "closed"):
-                await self.close(session_id)
+                await self.close(session_id, f"peer connection {pc.connectionState}")
 
         session.tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session_id}"))
         return session
@@ -176,16 +212,18 @@ class SessionManager:
         `connect_timeout_s`; one that connected is freed by its state change."""
         await asyncio.sleep(self.connect_timeout_s)
         if session.pc.connectionState != "connected":
-            log.info("session %s never connected; closing it", session.id)
-            await self.close(session.id)
+            await self.close(session.id, f"never connected within {self.connect_timeout_s:g} s")
 
-    async def close(self, session_id: str) -> bool:
+    async def close(self, session_id: str, reason: str = "closed") -> bool:
         """Free everything a session holds: tasks, input reader, subscribers, engine stream,
-        peer. Idempotent; False if unknown."""
+        peer. Idempotent; False if unknown. `reason` goes to the console line."""
         session = self.sessions.pop(session_id, None)
         if session is None or session.closed:
             return False
         session.closed = True
+        frames = f", {session.fanout.frames_out} frames out" if session.fanout is not None else ""
+        events.info("session %s (%s) ended after %.0f s%s: %s", session_id, session.kind,
+                    time.monotonic() - session.created_s, frames, reason)
         # 1. Stop reading input and any helper tasks.
         if session.reader is not None:
             await session.reader.close()
@@ -195,6 +233,8 @@ class SessionManager:
             session.source.fanout.unsubscribe(session.slot)
         if session.fanout is not None:
             await session.fanout.close()
+            for viewer in [v for v in self.sessions.values() if v.source is session]:
+                await self.close(viewer.id, f"its source {session.stream_key} ended")
         # 3. The engine stream.
         if session.has_stream:
             try:
@@ -205,9 +245,9 @@ class SessionManager:
         await session.pc.close()
         return True
 
-    async def close_all(self) -> None:
+    async def close_all(self, reason: str = "server shutting down") -> None:
         for session_id in list(self.sessions):
-            await self.close(session_id)
+            await self.close(session_id, reason)
 
     async def update_params(self, key: str, message: dict) -> dict:
         """Apply control fields to the session's stream (or, for whep, its source's)."""
@@ -231,6 +271,7 @@ class SessionManager:
             "max_sessions": self.max_sessions,
             "tasks": sum(sum(not t.done() for t in s.tasks) for s in self.sessions.values()),
             "video": {"width": video.width, "height": video.height, "fps": video.fps},
+            "slo": {"target_fps": self.target_fps, "deadline_ms": self.deadline_ms},
         }
 
 

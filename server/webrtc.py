@@ -3,9 +3,9 @@
 Owns: `OutputTrack` (an aiortc video track that plays a stream's output with pts from a
 monotonic 90 kHz clock, paced evenly), `FanOut` (one task per stream pulling the engine's
 output and handing the newest frame to every subscribed track), `InputReader` (drains a
-remote video track, keeps only the newest frame, pushes it to the engine), `drain_track`
-(discards audio), SDP checks (malformed, H.264 present), `wait_ice_gathering`, and the two
-process-wide aiortc settings: encoder bitrates and loopback ICE candidates.
+remote video track, keeps only the newest frame, pushes it to the engine), `SilenceTrack`
+(Opus silence for WHEP players), `drain_track` (discards audio), and the two process-wide
+aiortc settings: encoder bitrates and loopback ICE candidates. SDP checks: server.sdp.
 Stamped sessions (the benchmark's frame ids, streamdiff.stamp): the InputReader reads the id
 drawn into each input frame and pushes `Stamped(pts, stamp_id)` as the frame's pts, which the
 engine hands back on the OutputFrame made from it; the FanOut draws that id into the output
@@ -23,9 +23,9 @@ import time
 from typing import NamedTuple
 
 import numpy as np
-from aiortc import MediaStreamTrack, RTCPeerConnection
+from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
-from av import VideoFrame
+from av import AudioFrame, VideoFrame
 
 from streamdiff.stamp import decode_id, encode_id
 
@@ -77,72 +77,6 @@ def enable_loopback_candidates(enabled: bool = True) -> None:
         return addresses
 
     aioice.ice.get_host_addresses = with_loopback
-
-
-# ---------------------------------------------------------------------- SDP
-
-
-class SdpError(ValueError):
-    """The offer is not SDP we can use (HTTP 400)."""
-
-
-class CodecError(ValueError):
-    """The offer has no codec we can take (HTTP 406)."""
-
-
-H264_HINT = (
-    "the offer has no H.264 video: StreamDiff's WHIP endpoint takes H.264 only. In OBS open "
-    "Settings -> Output (Output Mode: Advanced) -> Streaming and pick an H.264 video encoder "
-    "(x264, NVENC H.264, QuickSync H.264 or Apple VT H.264), not AV1 or HEVC."
-)
-
-
-def check_offer_sdp(sdp: str, *, need_video: bool = True) -> list[str]:
-    """Basic shape checks before aiortc parses the SDP; returns the m-line kinds."""
-    lines = [line.strip() for line in sdp.strip().splitlines()]
-    if not lines or lines[0] != "v=0":
-        raise SdpError("malformed SDP: it must start with 'v=0'")
-    kinds = [line[2:].split(" ", 1)[0] for line in lines if line.startswith("m=")]
-    if not kinds:
-        raise SdpError("malformed SDP: no media section ('m=' line)")
-    if need_video and "video" not in kinds:
-        raise CodecError("the offer has no video media section")
-    return kinds
-
-
-def video_codecs(sdp: str) -> set[str]:
-    """Codec names (upper case) offered in the video m-sections."""
-    names: set[str] = set()
-    in_video = False
-    for line in sdp.splitlines():
-        line = line.strip()
-        if line.startswith("m="):
-            in_video = line.startswith("m=video")
-        elif in_video and line.startswith("a=rtpmap:"):
-            parts = line.split(" ", 1)
-            if len(parts) == 2:
-                names.add(parts[1].split("/", 1)[0].upper())
-    return names
-
-
-def require_h264(sdp: str) -> None:
-    if "H264" not in video_codecs(sdp):
-        raise CodecError(H264_HINT)
-
-
-async def wait_ice_gathering(pc: RTCPeerConnection, timeout_s: float = 10.0) -> None:
-    """No trickle: wait until every local candidate is in the local description."""
-    if pc.iceGatheringState == "complete":
-        return
-    done = asyncio.Event()
-
-    @pc.on("icegatheringstatechange")
-    def _changed() -> None:
-        if pc.iceGatheringState == "complete":
-            done.set()
-
-    if pc.iceGatheringState != "complete":
-        await asyncio.wait_for(done.wait(), timeout_s)
 
 
 # ---------------------------------------------------------------------- output
@@ -349,6 +283,32 @@ class InputReader:
 
     async def close(self) -> None:
         await cancel_tasks(self.tasks)
+
+
+class SilenceTrack(MediaStreamTrack):
+    """Opus-ready silence (48 kHz mono, 20 ms frames) for WHEP answers: players expect audio."""
+
+    kind = "audio"
+    SAMPLES = 960
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._n = 0
+        self._start_s: float | None = None
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError("track ended")
+        if self._start_s is None:
+            self._start_s = time.monotonic()
+        wait_s = self._start_s + self._n * self.SAMPLES / 48_000 - time.monotonic()
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        frame = AudioFrame.from_ndarray(np.zeros((1, self.SAMPLES), dtype=np.int16), format="s16", layout="mono")
+        frame.sample_rate = 48_000
+        frame.pts, frame.time_base = self._n * self.SAMPLES, fractions.Fraction(1, 48_000)
+        self._n += 1
+        return frame
 
 
 async def drain_track(track: MediaStreamTrack) -> None:

@@ -18,6 +18,7 @@ import sys
 import time
 
 from streamdiff.config import ConfigError, load_config
+from streamdiff.preflight import check_device, check_output_path, check_weight_paths
 
 SYNTHETIC = "synthetic"  # --input synthetic: the built-in clip of moving shapes
 
@@ -38,6 +39,16 @@ def _parse_size(text: str | None, flag: str = "--size") -> tuple[int, int] | Non
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    # 0. Errors that need no model come first, before torch is imported: output type, paths,
+    #    then the device.
+    check_output_path(args.output)
+    overrides = list(args.set or [])
+    if args.steps is not None:
+        overrides.append(f"sampling.steps={args.steps}")
+    cfg = load_config(args.config, overrides)
+    check_weight_paths(cfg)
+    check_device(cfg)
+
     from tqdm import tqdm
 
     from streamdiff.client.video_io import VideoInputError, VideoWriter, probe, read_frames
@@ -45,10 +56,6 @@ def cmd_render(args: argparse.Namespace) -> int:
     from streamdiff.pipeline.frames import synthetic_clip
     from streamdiff.pipeline.stream_pipeline import StreamPipeline
 
-    overrides = list(args.set or [])
-    if args.steps is not None:
-        overrides.append(f"sampling.steps={args.steps}")
-    cfg = load_config(args.config, overrides)
     size = _parse_size(args.size)
 
     # 1. Open the input (or make the synthetic clip) and settle the processing size.
@@ -104,14 +111,17 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from streamdiff.server.app import ServerSettings, serve
-
     overrides = list(args.set or [])
     if args.stages is not None:
         overrides.append(f"parallel.num_stages={args.stages}")
     if args.ray_address:
         overrides.append(f"parallel.ray_address={args.ray_address}")
     cfg = load_config(args.config, overrides)
+    check_weight_paths(cfg)  # before torch
+    check_device(cfg)
+
+    from streamdiff.server.app import ServerSettings, serve
+
     settings = ServerSettings(
         token=args.token, max_sessions=args.max_sessions, target_fps=args.target_fps,
         deadline_ms=args.deadline_ms, bitrate_bps=int(args.bitrate_kbps * 1000), ice_loopback=args.ice_loopback,
@@ -166,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet torch.profiler (host_ms_per_step); before torch loads
     if args.duration <= 0:
         raise CliError(f"--duration {args.duration:g} must be > 0 seconds")
-    if args.deadline_ms <= 0:
+    if args.deadline_ms is not None and args.deadline_ms <= 0:
         raise CliError(f"--deadline-ms {args.deadline_ms:g} must be > 0")
 
     def given(names: tuple[str, ...]) -> list[str]:
@@ -194,6 +204,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # 2. Model mode: check the flags, run every combination in this process, report.
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise CliError(f"--peak-tflops {args.peak_tflops:g} must be > 0")
+    if args.deadline_ms is None:  # the config's service level, so the miss rate means something there
+        args.deadline_ms = bench_deadline_ms(args.config or "tiny", args.set or ())
     steps = _parse_int_list("--steps", args.steps, 1, 4) if args.steps else None
     resolutions = _parse_resolutions(args.resolution) if args.resolution else None
     streams = _parse_int_list("--streams", args.streams or "1", 1, 64)
@@ -220,8 +232,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(f"wrote {benchreport.write_json(report, args.json)}")
     if args.plot:
-        print(f"wrote {benchreport.plot(plot_series(report), args.plot, title=report['command'])}")
+        print(f"wrote {benchreport.plot(plot_series(report), args.plot, title=report['command'], deadline_ms=settings.deadline_ms)}")
     return 0
+
+
+def bench_deadline_ms(config: str, overrides) -> float:
+    """The default deadline of `streamdiff bench`: the config's service level."""
+    return load_config(config, list(overrides)).slo.deadline_ms
 
 
 def _bench_simulate(args: argparse.Namespace) -> int:
@@ -341,8 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on session and control routes")
     serve.add_argument("--max-sessions", type=int, help="stream limit (default cache.max_streams)")
-    serve.add_argument("--target-fps", type=float, help="per-stream SLO for admission (default video.fps)")
-    serve.add_argument("--deadline-ms", type=float, default=1000.0, help="per-frame deadline for admission")
+    serve.add_argument("--target-fps", type=float,
+                       help="per-stream service level for admission (default: the config's slo, else video.fps)")
+    serve.add_argument("--deadline-ms", type=float,
+                       help="per-frame deadline for admission (default: the config's slo.deadline_ms)")
     serve.add_argument("--bitrate-kbps", type=float, default=4000, help="fixed video encoder bitrate")
     serve.add_argument("--ice-loopback", action="store_true", help="also offer 127.0.0.1 ICE candidates")
     serve.add_argument("--stages", type=int, help="pipeline stages over Ray actors (parallel.num_stages)")
@@ -367,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(--url): sessions against a running `streamdiff serve`.")
     shared = bench.add_argument_group("both modes")
     shared.add_argument("--duration", type=float, default=10.0, help="measured seconds (per combination in model mode)")
-    shared.add_argument("--deadline-ms", type=float, default=1000.0, help="per-frame deadline for the miss rate")
+    shared.add_argument("--deadline-ms", type=float,
+                        help="per-frame deadline for the miss rate (default: the config's slo.deadline_ms; "
+                             "with --url the server's)")
     shared.add_argument("--prompt", default="a watercolor painting")
     shared.add_argument("--json", metavar="OUT", help="write every number, the command and the device to OUT")
     shared.add_argument("--plot", metavar="OUT.png", help="latency CDF and fps over time (matplotlib)")

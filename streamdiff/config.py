@@ -104,6 +104,7 @@ class WeightsConfig:
     tokenizer: str = ""  # transformers tokenizer folder (defaults to text_encoder's)
     min_match: float = 0.99  # refuse a checkpoint matching fewer keys than this share
     seed: int = 0  # for format=random
+    trust_pickle: bool = False  # allow full unpickling of a .pt that weights_only=True refuses (runs its code)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,16 @@ class VideoConfig:
     width: int = 256
     height: int = 256
     fps: float = 30.0
+
+
+@dataclass(frozen=True)
+class SLOConfig:
+    """The service level a stream is admitted for, unless the server is told otherwise
+    (`serve --target-fps/--deadline-ms`). Presets carry their device's own: a CPU preset asks
+    for a few fps, a GPU preset for video.fps. target_fps 0 means video.fps."""
+
+    target_fps: float = 2.0  # the defaults are the tiny preset's (a CPU); GPU presets set their own
+    deadline_ms: float = 8000.0
 
 
 @dataclass(frozen=True)
@@ -184,6 +195,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -211,6 +223,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "video.width": (16, 8192),
     "video.height": (16, 8192),
     "video.fps": (1, 240),
+    "slo.target_fps": (0, 240),
+    "slo.deadline_ms": (1, 3_600_000),
     "weights.min_match": (0.0, 1.0),
     "parallel.num_stages": (1, 64),
     "parallel.micro_batches": (0, 64),
@@ -443,6 +457,7 @@ __all__ = [
     "ConfigError",
     "ModelConfig",
     "RuntimeConfig",
+    "SLOConfig",
     "SamplingConfig",
     "TextConfig",
     "VAEConfig",

@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const token = new URLSearchParams(location.search).get("token");
-let pc = null, ws = null, camera = null, sessionId = null, fpsTimer = null;
+let pc = null, ws = null, camera = null, sessionId = null, fpsTimer = null, retryTimer = null, expect = null;
 
 function say(text, isError = false) {
   $("message").textContent = text;
@@ -37,15 +37,17 @@ function waitGathering(peer) {
 
 async function start() {
   $("start").disabled = true;
-  say("asking for the camera…");
-  try {
-    camera = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
-  } catch (err) {
-    say(`The camera was refused or is missing (${err.name}). Allow camera access for this page and try again.`, true);
-    $("start").disabled = false;
-    return;
+  $("stop").disabled = false;
+  if (!camera) {
+    say("asking for the camera…");
+    try {
+      camera = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
+    } catch (err) {
+      say(`The camera was refused or is missing (${err.name}). Allow camera access for this page and try again.`, true);
+      return stop();
+    }
+    $("local").srcObject = camera;
   }
-  $("local").srcObject = camera;
   pc = new RTCPeerConnection({ iceServers: [] });
   camera.getTracks().forEach((t) => pc.addTrack(t, camera));
   pc.addEventListener("track", (ev) => { $("output").srcObject = ev.streams[0] || new MediaStream([ev.track]); });
@@ -66,27 +68,54 @@ async function start() {
     say(`cannot reach the server: ${err}`, true);
     return stop();
   }
+  if (!pc) return; // stopped meanwhile
   const body = await resp.json().catch(() => ({}));
   if (resp.status === 503) {
-    const retry = resp.headers.get("Retry-After");
-    say(`The server is full (${body.error || "no free stream slot"}). Try again${retry ? ` in ${retry} s` : " later"}.`, true);
-    return stop();
+    pc.close();
+    pc = null;
+    return retryLater(parseInt(resp.headers.get("Retry-After") || "10", 10), body.error || "no free stream slot");
   }
   if (!resp.ok) {
     say(`The server refused the session: ${body.error || resp.status}`, true);
     return stop();
   }
   sessionId = body.session;
+  expect = body.expect || null;
   await pc.setRemoteDescription({ type: "answer", sdp: body.sdp });
   openControl();
   startFpsMeter();
-  $("stop").disabled = false;
   $("apply").disabled = false;
-  say(`streaming (session ${sessionId}); the first frames take a moment`);
+  say(`streaming; the first frames take a moment${expectText()}`);
 }
 
+function expectText() {
+  if (!expect) return "";
+  const how = expect.best_effort ? " (best effort: this machine cannot reach the service level)" : "";
+  return ` · expect about ${expect.fps} fps and ${(expect.latency_ms / 1000).toFixed(1)} s latency${how}`;
+}
+
+// A refused user waits and is retried automatically, with a countdown.
+function retryLater(seconds, reason) {
+  let left = Math.max(1, seconds);
+  const tick = () => {
+    say(`The server is busy: ${reason.replace(/^busy: /, "")}. Retrying in ${left} s…`, true);
+    if (left-- <= 0) {
+      retryTimer = null;
+      start();
+      return;
+    }
+    retryTimer = setTimeout(tick, 1000);
+  };
+  tick();
+}
+
+// The status line clears once processed frames play.
+$("output").addEventListener("playing", () => { if (pc) say(""); });
+
 function openControl() {
-  const q = new URLSearchParams({ session: sessionId });
+  // owner=1: this page holds the socket while it lives; if it drops (tab closed or crashed),
+  // the server frees the stream within seconds.
+  const q = new URLSearchParams({ session: sessionId, owner: "1" });
   if (token) q.set("token", token);
   ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws?${q}`);
   ws.onmessage = (ev) => {
@@ -120,10 +149,14 @@ function startFpsMeter() {
 
 function stop() {
   if (fpsTimer) clearInterval(fpsTimer);
+  if (retryTimer) clearTimeout(retryTimer);
   if (ws) ws.close();
   if (pc) pc.close(); // the server frees the session when the peer closes
   if (camera) camera.getTracks().forEach((t) => t.stop());
-  pc = ws = camera = sessionId = fpsTimer = null;
+  pc = ws = camera = sessionId = fpsTimer = retryTimer = expect = null;
+  $("output").srcObject = null;
+  $("overlay").textContent = "–";
+  delete $("overlay").dataset.latency;
   $("start").disabled = false;
   $("stop").disabled = true;
   $("apply").disabled = true;

@@ -12,6 +12,9 @@ Definitions (the same in both modes):
   counting only gaps between bursts (a chunk's frames leaving in one burst are one arrival).
 - freezes: gaps between consecutive output arrivals longer than 3 frame periods.
 - fps: output frames / (last output - first output) of the measured window.
+- fps over time (the plot): chunk-level rates, each burst's frames over the time since the
+  previous burst, drawn at the burst; 1-second bins would swing (8 -> 0 -> 4) whenever chunks
+  of a few frames arrive less than once a second.
 - deadline_miss_rate: share of output frames whose latency exceeds the deadline.
 No numpy or matplotlib at import time (matplotlib only inside `plot`).
 """
@@ -100,6 +103,21 @@ def fps_series(times_s: Sequence[float], bin_s: float = 1.0) -> list[tuple[float
     return [(k * bin_s, counts.get(k, 0) / bin_s) for k in range(max(counts) + 1)]
 
 
+def chunk_fps_series(times_s: Sequence[float]) -> list[tuple[float, float]]:
+    """(time since the first output, fps) per output burst after the first: the burst's frames
+    over the gap since the previous burst (arrivals closer than BURST_GAP_S are one burst)."""
+    bursts: list[list[float]] = []
+    for t in sorted(times_s):
+        if bursts and t - bursts[-1][-1] <= BURST_GAP_S:
+            bursts[-1].append(t)
+        else:
+            bursts.append([t])
+    if not bursts:
+        return []
+    t0 = bursts[0][0]
+    return [(cur[0] - t0, len(cur) / (cur[0] - prev[0])) for prev, cur in zip(bursts, bursts[1:])]
+
+
 def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[tuple[str, str]]) -> str:
     """A plain-text table: `columns` are (key in the row, header); floats with 2 decimals."""
 
@@ -134,9 +152,11 @@ def write_json(report: Mapping[str, object], path: str | Path) -> Path:
     return path
 
 
-def plot(series: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, title: str = "") -> Path:
-    """Latency CDF (left) and fps over time (right), one line per series.
-    `series[name]` has "latency_ms" (samples) and "times_s" (output arrival times)."""
+def plot(series: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, title: str = "",
+         deadline_ms: float | None = None) -> Path:
+    """Latency CDF (left, with the deadline drawn) and fps over time from chunk-level rates
+    (right), one line per series. `series[name]` has "latency_ms" (samples) and "times_s"
+    (output arrival times)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,14 +167,16 @@ def plot(series: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, 
         lat = sorted(s.get("latency_ms", ()))
         if lat:
             ax_cdf.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], label=name)
-        pts = fps_series(s.get("times_s", ()))
+        pts = chunk_fps_series(s.get("times_s", ()))
         if pts:
-            ax_fps.step([t for t, _ in pts], [v for _, v in pts], where="post", label=name)
+            ax_fps.plot([t for t, _ in pts], [v for _, v in pts], marker=".", label=name)
+    if deadline_ms is not None:
+        ax_cdf.axvline(deadline_ms, color="red", linestyle="--", label=f"deadline {deadline_ms:g} ms")
     ax_cdf.set(xlabel="latency (ms)", ylabel="share of frames", title="latency CDF")
-    ax_fps.set(xlabel="time (s)", ylabel="fps (1 s bins)", title="delivered fps")
+    ax_fps.set(xlabel="time (s)", ylabel="fps (per chunk)", title="delivered fps")
     for ax in (ax_cdf, ax_fps):
         ax.grid(alpha=0.3)
-        if series:
+        if series or deadline_ms is not None:
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
@@ -169,6 +191,7 @@ def plot(series: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, 
 __all__ = [
     "FREEZE_PERIODS",
     "arrival_gaps_s",
+    "chunk_fps_series",
     "format_table",
     "fps",
     "fps_series",

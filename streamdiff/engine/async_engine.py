@@ -11,7 +11,8 @@ Inbox: commands (add / update / remove / stats) run in the loop thread between s
 order they were sent, and resolve a future the caller awaits. Input frames wait per stream in
 a bounded deque (`inbox_frames`, newest kept; overflow counts as dropped input), so a slow step
 never lets input pile up. Loop: apply commands -> hand frames to the core -> one `core.step()`
--> post the step's output frames to the event loop; with nothing to do it sleeps on the inbox.
+-> post the step's output frames to the event loop; with nothing to do it sleeps on the inbox
+(after a refusal, once no stream runs, it first re-measures the step: EngineCore.measure).
 
 Outputs: `next_frame(stream_id)` returns `OutputFrame`s in order: the frame, the input frame id
 and pts it was made from, arrival and output times (engine clock, `time.monotonic`). A queue
@@ -207,11 +208,12 @@ class AsyncEngine:
         **params: object,
     ) -> Admission:
         """Ask to serve a stream. `params`: steps, seed, noise_strength, motion_aware,
-        prompt_blend_chunks (defaults from the config). SLO: `slo`, or target_fps (default
-        video.fps) and deadline_ms (default 1000). Returns the Admission (falsy if refused)."""
+        prompt_blend_chunks (defaults from the config). SLO: `slo`, or target_fps and
+        deadline_ms (defaults: the config's `slo:`, target fps 0 meaning video.fps). Returns the
+        Admission (falsy if refused; it says what the stream can expect when admitted)."""
         full = StreamParams.defaults(self.cfg, prompt).with_changes({"prompt": prompt, **params})
         if slo is None:
-            default = StreamSLO(self.cfg.video.fps, 1000.0)
+            default = StreamSLO(self.cfg.slo.target_fps or self.cfg.video.fps, self.cfg.slo.deadline_ms)
             slo = StreamSLO(target_fps or default.target_fps, deadline_ms or default.deadline_ms)
         if stream_id in self._outputs:
             raise KeyError(f"stream {stream_id!r} already exists")
@@ -272,6 +274,10 @@ class AsyncEngine:
         """Bookkeeping sizes from the loop thread (streams, waiting frames, pool slots, ...)."""
         return await self._call(lambda core: core.stats())
 
+    async def expect(self, steps: int | None = None) -> tuple[float, float, float]:
+        """(step ms, fps, latency ms) one more stream could expect now."""
+        return await self._call(lambda core: core.expect(steps))
+
     def metrics(self) -> dict:
         """The metrics snapshot (thread-safe; see streamdiff.metrics)."""
         if self._core is None:
@@ -318,6 +324,8 @@ class AsyncEngine:
                 # 3. One step, then hand its outputs (and streams it had to close) to the event loop.
                 report = core.step()
                 busy = report is not None
+                if not busy and core.wants_measure and not core.stream_ids:
+                    core.measure()  # a refusal on stale numbers: measure again now that it is idle
                 closed = core.take_closed()
                 if closed:
                     for stream_id in closed:

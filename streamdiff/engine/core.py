@@ -22,6 +22,11 @@ step count changes the stream's lanes, so the stream is re-admitted to the sched
 new lane count and re-prepared: the chunks in flight (steps - 1 chunks of lag) are dropped
 (counted as dropped frames, cause "restart"), its KV lanes, VAE caches and motion state are
 reset, and its next chunk is a first chunk again (5 frames); frames already waiting are kept.
+
+Admission (FrameScheduler.add_stream): an empty engine always admits (best effort when its own
+SLO cannot hold); a refusal protects a running stream and its reason ends with what would
+help. A refusal also asks for `measure()` (the AsyncEngine loop runs it once no stream is
+left): the cost model forgets its samples and the dummy stream is measured again.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ from streamdiff.scheduler import (
 
 DEFAULT_DEADLINE_MS = 1000.0
 WARMUP_STREAM = "__warmup__"
+REFUSAL_HINT = ("what would help: fewer denoise steps, a smaller frame size (video.width/height), "
+                "another GPU, or a lower service level (serve --target-fps/--deadline-ms, or slo: in the config)")
+POOL_HINT = "what would help: a larger cache.max_streams, or another GPU"
 
 
 class AdmissionRefused(ValueError):
@@ -110,6 +118,7 @@ class EngineCore:
         self._streams: dict[str, _Stream] = {}
         self._next_frame_id = 0
         self.closed: dict[str, str] = {}  # stream -> reason, for streams the engine closed itself
+        self.wants_measure = False  # a stream was refused: re-measure the step once the engine is idle
         self.restarted: dict[str, str] = {}  # stream -> reason of its last restart after a failure
 
     # ------------------------------------------------------------------ streams
@@ -119,7 +128,9 @@ class EngineCore:
         return list(self._streams)
 
     def default_slo(self) -> StreamSLO:
-        return StreamSLO(self.cfg.video.fps, DEFAULT_DEADLINE_MS)
+        """The config's service level (`slo:`; target fps 0 means video.fps)."""
+        slo = self.cfg.slo
+        return StreamSLO(slo.target_fps or self.cfg.video.fps, slo.deadline_ms)
 
     def add_stream(self, stream_id: str, params: StreamParams, slo: StreamSLO | None = None,
                    now: float | None = None) -> Admission:
@@ -135,7 +146,9 @@ class EngineCore:
                              self.scheduler.free_stream_slots)
         admission = self._admit(stream_id, slo, params.steps, now)
         if not admission:
-            return admission
+            self.wants_measure = True
+            hint = POOL_HINT if "KV pool full" in admission.reason else REFUSAL_HINT
+            return replace(admission, reason=f"{admission.reason}; {hint}")
         try:
             self.executor.add_stream(stream_id, params)
         except BaseException:
@@ -150,7 +163,15 @@ class EngineCore:
         return self.scheduler.add_stream(
             stream_id, slo, self.tokens_per_frame, steps, now,
             first_chunk_latents=s.first_chunk_latents, chunk_latents=s.chunk_latents,
+            input_fps=self.cfg.video.fps,
         )
+
+    def expect(self, steps: int | None = None) -> tuple[float, float, float]:
+        """(step ms, fps, latency ms) one more stream could expect now (the cost model's view)."""
+        s = self.cfg.sampling
+        return self.scheduler.estimate(self.tokens_per_frame, steps or s.steps,
+                                       first_chunk_latents=s.first_chunk_latents,
+                                       chunk_latents=s.chunk_latents, input_fps=self.cfg.video.fps)
 
     def remove_stream(self, stream_id: str) -> bool:
         """Forget the stream: scheduler entry, input buffers, output queue, model-side state
@@ -337,10 +358,30 @@ class EngineCore:
             self._dummy_stream(params, seed)
         finally:
             self.scheduler = measured
+        mark = getattr(self.scheduler.cost_model, "mark_provisional", None)
+        if mark is not None:  # serving steps replace the warm-up's (a busy start is not for ever)
+            mark()
         warmup_ms = (time.perf_counter() - t0) * 1000.0
         self.metrics = EngineMetrics()
         self.metrics.warmup_ms = warmup_ms
         return warmup_ms
+
+    def measure(self, seed: int = 0) -> bool:
+        """Re-measure the step on an idle engine (after a refusal): forget the cost model's
+        samples and run the dummy stream once, measured. False (nothing done) while streams run."""
+        self.wants_measure = False
+        if self._streams:
+            return False
+        reset = getattr(self.scheduler.cost_model, "reset", None)
+        if reset is not None:
+            reset()
+        metrics, self.metrics = self.metrics, EngineMetrics()  # the dummy stream is not served
+        params = StreamParams.defaults(self.cfg, prompt="warm-up")
+        try:
+            self._dummy_stream(params, seed)
+        finally:
+            self.metrics = metrics
+        return True
 
     def _dummy_stream(self, params: StreamParams, seed: int) -> None:
         admission = self.add_stream(WARMUP_STREAM, params, StreamSLO(1e-3, 1e12))

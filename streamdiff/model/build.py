@@ -47,7 +47,8 @@ def build_transformer(
     if cfg.weights.format == "random":
         random_init_(model, cfg.weights.seed)
     else:
-        state = read_transformer_state_dict(cfg.weights.format, cfg.weights.transformer)
+        state = read_transformer_state_dict(cfg.weights.format, cfg.weights.transformer,
+                                            trust_pickle=cfg.weights.trust_pickle)
         report = load_into(model, state, min_match=cfg.weights.min_match, what="transformer")
         log.info("%s", report)
     model.cast_(DTYPES[cfg.model.dtype]).to(device).eval().requires_grad_(False)

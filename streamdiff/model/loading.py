@@ -41,6 +41,8 @@ from diffusers.loaders.single_file_utils import (
 )
 from safetensors import safe_open
 
+from streamdiff.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -176,6 +178,10 @@ def _to_diffusers_transformer_names(state: StateDict) -> StateDict:
 # ---------------------------------------------------------------------------------------------
 
 
+class UntrustedPickleError(ConfigError):
+    """A .pt file needs full unpickling (it carries objects, not only tensors) and was not trusted."""
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     """torch.load on CPU, weights only (mmapped when the file format allows it)."""
     try:
@@ -187,8 +193,10 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trust_pickle:
-            raise ValueError(f"{path}: not loadable with weights_only=True ({exc}); pass trust_pickle=True "
-                             "only if you trust this file") from exc
+            raise UntrustedPickleError(
+                f"{path} holds more than tensors and cannot be read with weights_only=True; full unpickling "
+                f"runs code from the file: set weights.trust_pickle: true (--set weights.trust_pickle=true) "
+                f"only if you trust it") from None
         log.warning("%s holds more than tensors (weights_only=True failed: %s); loading it with full "
                     "pickle, which runs code from the file: use only files you trust", path, str(exc).splitlines()[0])
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -210,7 +218,7 @@ def _unwrap(obj: Any, wrappers: tuple[str, ...], path: Path) -> tuple[Mapping, s
     return obj, "".join(f"[{k!r}]" for k in chosen)
 
 
-def _read_file(path: Path, trust_pickle: bool = True) -> StateDict:
+def _read_file(path: Path, trust_pickle: bool = False) -> StateDict:
     if path.suffix == ".safetensors":
         return StateDict.of(_Safetensors(path), str(path))
     if path.suffix in TORCH_SUFFIXES:
@@ -254,7 +262,7 @@ def read_transformer_state_dict(
     path: str | Path,
     *,
     prefer: Literal["generator", "generator_ema"] = "generator",
-    trust_pickle: bool = True,
+    trust_pickle: bool = False,
 ) -> StateDict:
     """The DiT weights at `path` in diffusers `WanTransformer3DModel` names (read lazily).
 
@@ -262,6 +270,8 @@ def read_transformer_state_dict(
     wan: an original Wan file (.safetensors / .pth / .pt, `model.diffusion_model.` allowed) or
     an original Wan folder of safetensors. sdv2: a StreamDiffusionV2 / CausVid model.pt.
     `result.config` is the folder's config.json (diffusers / wan folders) for architecture checks.
+    `.pt`/`.pth` files are read with weights_only=True; one that needs full unpickling is refused
+    (UntrustedPickleError) unless `trust_pickle` (config `weights.trust_pickle`).
     """
     if fmt == "diffusers":
         p = _require(path, "a diffusers folder with transformer/ or a transformer folder (config.json + safetensors)")

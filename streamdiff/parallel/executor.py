@@ -129,7 +129,9 @@ class StagedExecutor:
         for k in range(1, self.num_stages):
             self.stages.call(k, "remove_stream", stream_id)
             self.stages.call(k, "clear_slots", held)
-
+        idle = getattr(self.stages, "idle", None)
+        if not self.params and idle is not None:
+            idle()  # nothing flows until the next stream: let the transport rest
     def update_stream(self, stream_id: str, changes: Mapping[str, object]) -> None:
         changes = validate_changes(changes)
         old = self.params[stream_id]

@@ -20,9 +20,15 @@ import time
 
 from dataclasses import replace
 
-import numpy as np
-import ray
-from ray.dag import InputNode
+# Before ray is imported: no native stack dump when the server is stopped with SIGTERM (Ray's
+# C++ failure-signal handler would print one and kill the driver before it cleans up), and no
+# usage-stats notice.
+os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+from ray.dag import InputNode  # noqa: E402
 
 from streamdiff.config import Config
 from streamdiff.parallel.executor import StagedExecutor, StageFailure
@@ -38,24 +44,28 @@ FIRST_STEPS = 20
 ENV_PASSED = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES_OVERRIDE", "STREAMDIFF_CONFIG_DIR")
 
 
-def connect(address: str, num_stages: int) -> None:
-    """Use the Ray instance this process already has, join `address`, or start a local one."""
+def connect(address: str, num_stages: int) -> bool:
+    """Use the Ray instance this process already has, join `address`, or start a local one
+    (True: this call started it, so shutting down may stop it). Ray's start-up notices are not
+    shown (ERROR level only; the actors' own logs stay in Ray's session folder)."""
     if ray.is_initialized():
-        return
-    env = {k: os.environ[k] for k in ENV_PASSED if k in os.environ}
+        return False
+    env = {k: os.environ[k] for k in (*ENV_PASSED, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER") if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
-    else:
-        cpus = max(os.cpu_count() or 1, num_stages + 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, logging_level=logging.WARNING)
+        ray.init(address=address, runtime_env=runtime_env, **quiet)
+        return False
+    cpus = max(os.cpu_count() or 1, num_stages + 1)
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, **quiet)
+    return True
 
 
 class RayStages:
     """The `Stages` transport over Ray actors and one compiled graph."""
 
     def __init__(self, cfg: Config, counts: list[int], timeout_s: float | None = None):
-        connect(cfg.parallel.ray_address, len(counts))
+        self.started_ray = connect(cfg.parallel.ray_address, len(counts))
         self.cfg = cfg
         self.timeout_s = timeout_s or cfg.parallel.step_timeout_s
         self.specs = [StageSpec(k, len(counts), r) for k, r in enumerate(ranges(counts))]
@@ -108,8 +118,16 @@ class RayStages:
 
     # -------------------------------------------------------------- Stages protocol
 
+    def idle(self) -> None:
+        """No stream is left: tear the compiled graph down. Its actors' read loops poll their
+        channels and would keep a core busy each while nothing flows; the next submit
+        compiles it again."""
+        self._teardown()
+
     def submit(self, msg: StageInput) -> object:
         try:
+            if self.dag is None:
+                self._compile()
             return self.dag.execute(msg)
         except Exception as exc:
             raise StageFailure(f"submitting step {msg.step_id}: {type(exc).__name__}: {exc}") from exc
@@ -162,6 +180,8 @@ class RayStages:
             except Exception:
                 pass
         self.actors = []
+        if self.started_ray:  # the local instance this process started: leave no Ray process behind
+            ray.shutdown()
 
 
 def own(msg):

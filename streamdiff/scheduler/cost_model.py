@@ -12,6 +12,11 @@ Two models share one protocol (`predict_ms`, `observe`):
   once `min_samples` steps were measured, predicts the fitted law x (1 + margin), where the
   margin is a high quantile (default p95) of the relative residuals of the recent window.
 
+Provisional samples: steps measured at warm-up (often on a busy machine) are marked with
+`mark_provisional()` and dropped as soon as `min_samples` steps measured while serving replace
+them; `reset()` forgets everything (the engine re-measures on an idle engine after a refusal).
+So predictions follow the step times observed now, not a busy start.
+
 Why a prior pull: when every stream has the same frame size, tokens = rows x constant, so rows
 and tokens are collinear and plain least squares is singular. A weak ridge term toward the
 prior (`prior_strength`, a small fraction of one sample in scaled units) splits the cost between
@@ -95,6 +100,7 @@ class OnlineCostModel:
         self._window: deque[tuple[int, int, float]] = deque(maxlen=window)  # (rows, tokens, step_ms)
         self._fit = prior
         self._margin = prior_margin
+        self._provisional = 0  # the oldest samples in the window that newer ones will replace
 
     # -- what the scheduler calls --------------------------------------------------------
 
@@ -132,7 +138,22 @@ class OnlineCostModel:
         if step_ms < 0 or rows <= 0:
             return
         self._window.append((rows, tokens, float(step_ms)))
+        self._provisional = min(self._provisional, len(self._window) - 1)  # the window may have rolled
+        if self._provisional and len(self._window) - self._provisional >= self.min_samples:
+            for _ in range(self._provisional):
+                self._window.popleft()
+            self._provisional = 0
         self._refit()
+
+    def mark_provisional(self) -> None:
+        """The samples so far (warm-up) are dropped once `min_samples` newer ones are in."""
+        self._provisional = len(self._window)
+
+    def reset(self) -> None:
+        """Forget every sample: predictions fall back to the prior until new steps are observed."""
+        self._window.clear()
+        self._provisional = 0
+        self._fit, self._margin = self.prior, self.prior_margin
 
     # -- fitting -------------------------------------------------------------------------
 

@@ -30,8 +30,12 @@ order while they push no on-time chunk past its due time - all of them when none
 The scheduler is work-conserving: any ready chunk means a plan.
 
 Admission: with every stream batched in one step (unprepared ones with their first chunk),
-the step must fit in the shortest chunk period, and gathering + lag + two steps (the one
-running when a chunk gets ready, then its own) must fit in every deadline.
+the predicted step must stay within what every RUNNING stream was promised: for a stream whose
+SLO held at admission, its chunk period and (deadline - gathering - lag) / 2 (two steps: the one
+running when a chunk gets ready, then its own); for a stream admitted best effort, the step
+predicted when it joined. A refusal therefore only ever protects a stream already inside. The
+newcomer's own SLO decides only how it is admitted: with the SLO, or best effort (an empty
+server always admits its first stream) with the fps and latency it can expect.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class _Stream:
     deadline_misses: int = 0
     last_latency_ms: float = 0.0
     max_latency_ms: float = 0.0
+    best_effort: bool = False  # admitted although its own SLO could not hold
+    promised_step_ms: float = math.inf  # the longest step it was promised at admission
 
     @property
     def need_frames(self) -> int:
@@ -106,6 +112,11 @@ class _Stream:
         first = frames_for_latents(self.first_latents, first=True)
         frames = max(self.lanes * steady - 1, first - 1)
         return 1000.0 * frames / self.slo.target_fps
+
+    def slo_step_ms(self) -> float:
+        """The longest step that keeps its SLO: one chunk per chunk period, and gathering + lag
+        + two steps within the deadline."""
+        return min(self.chunk_period_ms, (self.slo.deadline_ms - self.floor_ms()) / 2.0)
 
 
 @dataclass(slots=True)
@@ -166,10 +177,13 @@ class FrameScheduler:
         *,
         first_chunk_latents: int = 2,
         chunk_latents: int = 1,
+        input_fps: float | None = None,
     ) -> Admission:
-        """Admit the stream if every admitted stream, it included, still meets its SLO with all
-        of them batched in one step, and a KV-pool stream slot is free; otherwise refuse and say
-        which SLO would break. `now` is accepted for symmetry (admission is time-independent)."""
+        """Admit the stream unless, batched with it, a running stream would get less than it was
+        promised (see the module docstring) or no KV-pool stream slot is free. A newcomer whose
+        own SLO cannot hold is admitted best effort; the Admission says what it can expect
+        (`input_fps`, default its target fps, caps the expected fps). `now` is accepted for
+        symmetry (admission is time-independent)."""
         if stream_id in self._streams:
             return self._refuse(stream_id, f"stream {stream_id!r} is already admitted")
         if self.free_stream_slots <= 0:
@@ -182,13 +196,38 @@ class FrameScheduler:
         vt_s = min((s.vt_s for s in self._streams.values()), default=0.0)
         new = _Stream(stream_id, slo, tokens_per_frame, lanes, first_chunk_latents, chunk_latents,
                       order=self._next_order, vt_s=vt_s)
-        ok, reason, step_ms = self._check_slos([new, *self._streams.values()])
-        if not ok:
-            return self._refuse(stream_id, reason, step_ms)
+        streams = [new, *self._streams.values()]
+        step_ms, batch = self._batch(streams)
+        # 1. Every running stream keeps what it was promised; else refuse (someone is inside).
+        for s in streams[1:]:
+            broken = self._breaks(s, step_ms, batch, newcomer=False)
+            if broken:
+                return self._refuse(stream_id, broken, step_ms)
+        # 2. The newcomer: with its SLO, or best effort with what it can expect.
+        own = self._breaks(new, step_ms, batch, newcomer=True)
+        new.best_effort = own is not None
+        new.promised_step_ms = max(step_ms, new.slo_step_ms()) if new.best_effort else new.slo_step_ms()
+        new.prepared = True  # what it can expect is its steady state, after the first chunk
+        steady_ms, _ = self._batch(streams)
+        new.prepared = False
+        fps, latency_ms = self._expect(new, steady_ms, input_fps or slo.target_fps)
+        if new.best_effort:
+            reason = f"admitted best effort ({own}); expect about {fps:.1f} fps and {latency_ms:.0f} ms latency"
+        else:
+            reason = f"admitted: a step batching {batch} is predicted at {step_ms:.1f} ms"
         self._streams[stream_id] = new
         self._next_order += 1
         self.free_stream_slots -= 1
-        return Admission(stream_id, True, reason, step_ms, self.free_stream_slots)
+        return Admission(stream_id, True, reason, step_ms, self.free_stream_slots, new.best_effort, fps, latency_ms)
+
+    def estimate(self, tokens_per_frame: int, lanes: int, *, first_chunk_latents: int = 2,
+                 chunk_latents: int = 1, input_fps: float = 30.0) -> tuple[float, float, float]:
+        """(step ms, fps, latency ms) a stream joining now could expect, admitting nothing."""
+        probe = _Stream("?", StreamSLO(input_fps, 1e9), tokens_per_frame, lanes, first_chunk_latents,
+                        chunk_latents, order=-1, vt_s=0.0)
+        probe.prepared = True  # the steady state, not the first chunk
+        step_ms, _ = self._batch([probe, *self._streams.values()])
+        return (step_ms, *self._expect(probe, step_ms, input_fps))
 
     def remove_stream(self, stream_id: str) -> list[int]:
         """Forget the stream and free its KV-pool slot. Returns the ids of its pending input
@@ -306,33 +345,45 @@ class FrameScheduler:
     def _refuse(self, stream_id: str, reason: str, step_ms: float = 0.0) -> Admission:
         return Admission(stream_id, False, reason, step_ms, self.free_stream_slots)
 
-    def _check_slos(self, streams: list[_Stream]) -> tuple[bool, str, float]:
-        """All `streams` in one step (unprepared ones with their bigger first chunk) must (1) fit
-        in the fastest chunk period and (2) keep gathering + lag + two steps (the one running
-        when a chunk gets ready, then its own) within every deadline. streams[0] is the newcomer."""
+    def _batch(self, streams: list[_Stream]) -> tuple[float, str]:
+        """Predicted ms of one step batching all `streams` (unprepared ones with their bigger
+        first chunk), and its description."""
         rows = sum(s.lanes for s in streams)
         tokens = sum(s.lanes * s.next_latents * s.tokens_per_frame for s in streams)
-        step_ms = self.cost_model.predict_ms(rows, tokens)
-        newcomer = streams[0].stream_id
-        batch = f"{len(streams)} stream{'s' if len(streams) > 1 else ''} ({rows} rows, {tokens} tokens)"
-        for s in streams:
-            who = "it" if s.stream_id == newcomer else f"stream {s.stream_id!r}"
-            slo = f"{who} ({s.slo.describe()})"
-            if step_ms > s.chunk_period_ms:
-                return False, (
-                    f"{slo} would fall below its target fps: it needs a chunk every "
-                    f"{s.chunk_period_ms:.1f} ms but a step batching {batch} is predicted at "
-                    f"{step_ms:.1f} ms"
-                ), step_ms
-            need_ms = s.floor_ms() + 2.0 * step_ms
-            if need_ms > s.slo.deadline_ms:
-                return False, (
-                    f"{slo} would miss its deadline: {s.floor_ms():.1f} ms to gather frames at "
+        n = len(streams)
+        return self.cost_model.predict_ms(rows, tokens), f"{n} stream{'s' if n > 1 else ''} ({rows} rows, {tokens} tokens)"
+
+    @staticmethod
+    def _expect(s: _Stream, step_ms: float, input_fps: float) -> tuple[float, float]:
+        """(fps, latency ms) a stream can expect with steps of `step_ms`: a chunk per step at
+        most, input at `input_fps` at most; latency = gathering a chunk + the stream-batch lag
+        (lanes - 1 chunk periods) + the step it waits for + its own."""
+        steady = frames_for_latents(s.chunk_latents, first=False)
+        fps = min(input_fps, 1000.0 * steady / max(step_ms, 1e-6))
+        period_ms = max(1000.0 * steady / input_fps, step_ms)
+        latency_ms = 1000.0 * (steady - 1) / input_fps + (s.lanes - 1) * period_ms + 2.0 * step_ms
+        return fps, latency_ms
+
+    def _breaks(self, s: _Stream, step_ms: float, batch: str, *, newcomer: bool) -> str | None:
+        """Why a step of `step_ms` breaks what stream `s` is owed (its SLO, or for a running
+        best-effort stream the step it was promised); None if it does not."""
+        who = "it" if newcomer else f"stream {s.stream_id!r}"
+        if not newcomer and s.best_effort:
+            if step_ms > s.promised_step_ms:
+                return (f"{who}, admitted best effort with steps of {s.promised_step_ms:.1f} ms, would slow "
+                        f"down: a step batching {batch} is predicted at {step_ms:.1f} ms")
+            return None
+        slo = f"{who} ({s.slo.describe()})"
+        if step_ms > s.chunk_period_ms:
+            return (f"{slo} would fall below its target fps: it needs a chunk every "
+                    f"{s.chunk_period_ms:.1f} ms but a step batching {batch} is predicted at {step_ms:.1f} ms")
+        need_ms = s.floor_ms() + 2.0 * step_ms
+        if need_ms > s.slo.deadline_ms:
+            return (f"{slo} would miss its deadline: {s.floor_ms():.1f} ms to gather frames at "
                     f"{s.slo.target_fps:g} fps with {s.lanes} lane{'s' if s.lanes > 1 else ''} "
                     f"(stream-batch lag included) + 2 x {step_ms:.1f} ms steps ({batch}) = "
-                    f"{need_ms:.1f} ms > {s.slo.deadline_ms:g} ms"
-                ), step_ms
-        return True, f"admitted: a step batching {batch} is predicted at {step_ms:.1f} ms", step_ms
+                    f"{need_ms:.1f} ms > {s.slo.deadline_ms:g} ms")
+        return None
 
     def _ready(self, now: float) -> list[_Candidate]:
         """Streams with a full chunk pending and room for one more chunk in flight."""

@@ -108,6 +108,9 @@ class Admission:
     reason: str
     predicted_step_ms: float = 0.0  # step time with every admitted stream batched together
     free_stream_slots: int = 0  # KV-pool stream slots left after this decision
+    best_effort: bool = False  # admitted although its own SLO cannot hold (it breaks no other stream)
+    expected_fps: float = 0.0  # output frames per second it can expect (throughput, capped at input fps)
+    expected_latency_ms: float = 0.0  # about how long a frame takes from arrival to output
 
     def __bool__(self) -> bool:
         return self.admitted

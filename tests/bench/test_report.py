@@ -88,3 +88,31 @@ def test_plot_writes_a_png(tmp_path):
     path = br.plot(series, tmp_path / "p" / "plot.png", title="t")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_fps_over_time_is_chunk_level_not_one_second_bins():
+    # 4-frame chunks every 0.6 s (a CPU): 1-second bins swing between 8 and 4 fps...
+    times = [k * 0.6 + i * 1e-4 for k in range(10) for i in range(4)]
+    bins = [v for _, v in br.fps_series(times)]
+    assert max(bins) - min(bins) >= 4.0
+    # ...the chunk-level rate is the steady 6.67 fps the viewer sees.
+    rates = br.chunk_fps_series(times)
+    assert len(rates) == 9 and all(abs(v - 4 / 0.6) < 1e-2 for _, v in rates)
+    assert rates[0][0] == 0.6 and br.chunk_fps_series([]) == []
+
+
+def test_plot_draws_the_deadline_and_the_default_deadline_is_the_configs(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from streamdiff.cli import bench_deadline_ms
+
+    seen = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (seen.append(fig), real_close(fig)))
+    series = {"a": {"latency_ms": [100.0, 9000.0], "times_s": [0.0, 0.5, 1.0]}}
+    br.plot(series, tmp_path / "plot.png", deadline_ms=8000.0)
+    cdf = seen[0].axes[0]
+    assert any(list(line.get_xdata()) == [8000.0, 8000.0] for line in cdf.get_lines())
+    assert "deadline 8000 ms" in [t.get_text() for t in cdf.get_legend().get_texts()]
+    assert bench_deadline_ms("tiny", ()) == 8000.0  # the CPU preset's service level
+    assert bench_deadline_ms("tiny", ["slo.deadline_ms=500"]) == 500.0

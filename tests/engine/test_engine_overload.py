@@ -103,15 +103,16 @@ def test_a_steps_change_the_slo_cannot_take_is_refused_and_nothing_changes(cfg):
     sched = FrameScheduler(FixedCostModel(LinearLaw(0.0, 40.0, 0.0)), max_streams=4)  # 40 ms per row
     core = EngineCore(cfg, FakeExecutor(clock, step_ms=40.0), scheduler=sched, clock=clock)
     assert core.add_stream("s", params(cfg, "x", steps=1), StreamSLO(FPS, 1000.0))
+    assert core.add_stream("o", params(cfg, "y", steps=1), StreamSLO(FPS, 1000.0))  # the one a change could break
     frame = np.zeros((H, W, 3), np.uint8)
     for i in range(7):
         core.push_frame("s", frame, pts=i)
     core.step()  # the first chunk (5 frames); 2 frames wait
-    assert core.update_params("s", steps=3).steps == 3  # 3 rows x 40 ms fits a 133 ms chunk period
+    assert core.update_params("s", steps=2).steps == 2  # 3 rows x 40 ms fits a 133 ms chunk period
     assert core.waiting_frames("s") == 2 and sched.pending_frame_ids("s") == [5, 6]  # kept
-    with pytest.raises(AdmissionRefused, match="steps=4 refused.*target fps"):
-        core.update_params("s", steps=4)  # 4 rows: 160 ms > 133 ms
-    assert core.params("s").steps == 3 and core.executor.streams["s"].steps == 3
+    with pytest.raises(AdmissionRefused, match="steps=3 refused.*stream 'o'.*target fps"):
+        core.update_params("s", steps=3)  # 4 rows: 160 ms > 133 ms for the other stream
+    assert core.params("s").steps == 2 and core.executor.streams["s"].steps == 2
     assert sched.pending_frame_ids("s") == [5, 6]
     for i in range(7, 10):
         core.push_frame("s", frame, pts=i)

@@ -156,14 +156,15 @@ class _NotATensor:  # makes weights_only=True refuse the file
     pass
 
 
-def test_sdv2_pickle_fallback(tmp_path, source, caplog):
+def test_sdv2_pickle_is_refused_by_default_and_loads_only_when_trusted(tmp_path, source, caplog):
     wan = to_wan_names(source[1])
     path = tmp_path / "model.pt"
     torch.save({"generator": {"model." + k: v for k, v in wan.items()}, "extra": _NotATensor()}, path)
-    with pytest.raises(ValueError, match="weights_only"):
-        read_transformer_state_dict("sdv2", path, trust_pickle=False)
+    with pytest.raises(ValueError, match=r"weights\.trust_pickle: true") as err:
+        read_transformer_state_dict("sdv2", path)  # the default runs no code from the file
+    assert "\n" not in str(err.value)
     with caplog.at_level(logging.WARNING):
-        sd = read_transformer_state_dict("sdv2", path)
+        sd = read_transformer_state_dict("sdv2", path, trust_pickle=True)
     assert "trust" in caplog.text and set(sd) == set(source[1])
 
 

@@ -97,9 +97,18 @@ def test_killed_stage_is_replaced_and_streams_resume(cfg4):
         executor.shutdown()
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    import os
+
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_async_engine_serves_over_ray_stages(cfg4):
     """`parallel.num_stages=2` is all it takes: AsyncEngine builds the Ray executor, warms up
-    through the stages and serves a stream."""
+    through the stages and serves a stream. Once no stream is left the stage actors rest: no
+    compiled graph polls its channels (issue 16, item 9: each used to keep ~65 % of a core)."""
     import asyncio
 
     from streamdiff.engine import AsyncEngine
@@ -117,6 +126,20 @@ def test_async_engine_serves_over_ray_stages(cfg4):
                 engine.push_frame("s", frame)
             outs = [await engine.next_frame("s", timeout=60) for _ in range(5)]
             assert [o.frame.shape for o in outs] == [(48, 64, 3)] * 5 and outs[0].frame_id < outs[-1].frame_id
+            # Idle: no stream left, the graph is torn down and the actors use (almost) no CPU.
+            await engine.remove_stream("s")
+            stages = engine.executor.stages
+            assert stages.dag is None
+            pids = [ray.get(a.__ray_call__.remote(lambda self: __import__("os").getpid())) for a in stages.actors]
+            before = [_cpu_s(pid) for pid in pids]
+            await asyncio.sleep(3.0)
+            used = [_cpu_s(pid) - b for pid, b in zip(pids, before)]
+            assert max(used) < 0.3, f"idle stage actors used {used} CPU seconds in 3 s"
+            # A new stream compiles the graph again and is served.
+            assert await engine.add_stream("t", "again", slo=RELAXED, steps=1)
+            for frame in synthetic_clip(9, 64, 48):
+                engine.push_frame("t", frame)
+            assert (await engine.next_frame("t", timeout=120)).frame.shape == (48, 64, 3)
         finally:
             await engine.stop()
 

@@ -28,24 +28,45 @@ def test_admits_while_slos_hold_and_reports_the_predicted_step():
     assert sched.stream_ids == ["s0", "s1", "s2", "s3"]
 
 
-def test_refuses_a_newcomer_whose_own_deadline_cannot_hold():
+def test_a_newcomer_whose_own_deadline_cannot_hold_is_admitted_best_effort_and_told_what_to_expect():
     sched = _sched()
     # 30 fps, 1 lane: 133 ms to gather the 5 frames of the first chunk (4 frame intervals)
-    # + 2 x 50 ms steps = 233 ms > 150 ms.
+    # + 2 x 50 ms steps = 233 ms > 150 ms: its own SLO cannot hold, but nobody else is inside.
     adm = sched.add_stream("cam", StreamSLO(30.0, 150.0), tokens_per_frame=1024, lanes=1, now=0.0)
-    assert not adm
+    assert adm and adm.best_effort
     assert "it (30 fps, 150 ms deadline) would miss its deadline" in adm.reason
-    assert sched.free_stream_slots == 8 and sched.stream_ids == []
+    # 50 ms steps, 4 frames a chunk: 80 fps of throughput, capped at the 30 fps it gets as input;
+    # latency = 3 frame intervals (100 ms) + 2 steps (100 ms).
+    assert adm.expected_fps == pytest.approx(30.0) and adm.expected_latency_ms == pytest.approx(200.0)
+    assert sched.stream_ids == ["cam"]
+
+
+def test_an_empty_server_admits_its_first_stream_whatever_the_prediction():
+    # The case: a busy warm-up made the model predict 2158 ms for a 2 fps / 8000 ms SLO.
+    sched = _sched(law=LinearLaw(1958.0, 100.0, 0.0))  # 2 rows: 2158 ms
+    adm = sched.add_stream("first", StreamSLO(2.0, 8000.0), tokens_per_frame=16, lanes=2, now=0.0)
+    assert adm and adm.best_effort
+    assert adm.expected_fps == pytest.approx(4000.0 / 2158.0)
+    # A second stream would slow the one inside below what it was promised: refused, and the
+    # reason names the running stream (nobody is refused by an empty server).
+    adm2 = sched.add_stream("second", StreamSLO(2.0, 8000.0), tokens_per_frame=16, lanes=2, now=0.0)
+    assert not adm2 and "stream 'first', admitted best effort" in adm2.reason
+    # The model learns the real step (faster): the second one fits within the first's promise.
+    sched.cost_model.law = LinearLaw(200.0, 100.0, 0.0)  # 2 streams x 2 rows: 600 ms
+    assert sched.add_stream("second", StreamSLO(2.0, 8000.0), tokens_per_frame=16, lanes=2, now=0.0)
 
 
 def test_stream_batch_lag_counts_against_the_deadline():
     sched = _sched()
     slo = StreamSLO(30.0, 300.0)
-    assert sched.add_stream("one-lane", slo, tokens_per_frame=1024, lanes=1, now=0.0)
-    # Four lanes: output lags three chunks, 15 frames at 30 fps = 500 ms before any step runs.
+    # Four lanes: output lags three chunks, 15 frames at 30 fps = 500 ms before any step runs:
+    # its SLO cannot hold (it is admitted best effort, and the reason says why).
     adm = sched.add_stream("four-lanes", slo, tokens_per_frame=1024, lanes=4, now=0.0)
-    assert not adm
+    assert adm and adm.best_effort
     assert "4 lanes" in adm.reason and "500.0 ms to gather" in adm.reason
+    # It was promised 80 ms steps (40 + 4 x 10); another lane makes them 90 ms: refused.
+    adm = sched.add_stream("one-lane", slo, tokens_per_frame=1024, lanes=1, now=0.0)
+    assert not adm and "stream 'four-lanes', admitted best effort with steps of 80.0 ms" in adm.reason
 
 
 def test_refusal_names_the_existing_stream_whose_slo_would_break():
@@ -62,10 +83,11 @@ def test_refusal_names_the_existing_stream_whose_slo_would_break():
 
 def test_refuses_when_a_step_is_longer_than_the_chunk_period():
     # 60 fps wants a chunk every 66.7 ms; the deadline is generous, the step (80 ms) is not.
-    sched = _sched(law=LinearLaw(70.0, 10.0, 0.0))
-    adm = sched.add_stream("fast", StreamSLO(60.0, 5000.0), tokens_per_frame=1024, lanes=1, now=0.0)
+    sched = _sched(law=LinearLaw(50.0, 10.0, 0.0))
+    assert not sched.add_stream("fast", StreamSLO(60.0, 5000.0), tokens_per_frame=1024, lanes=1, now=0.0).best_effort
+    adm = sched.add_stream("late", StreamSLO(1.0, 50000.0), tokens_per_frame=1024, lanes=1, now=0.0)
     assert not adm
-    assert "(60 fps, 5000 ms deadline) would fall below its target fps" in adm.reason
+    assert "stream 'fast' (60 fps, 5000 ms deadline) would fall below its target fps" in adm.reason
     assert "66.7 ms" in adm.reason
 
 

@@ -16,7 +16,7 @@ from av import AudioFrame, VideoFrame
 from streamdiff.config import load_config
 from streamdiff.engine import AsyncEngine
 from streamdiff.pipeline.frames import synthetic_clip
-from streamdiff.server.app import SESSIONS_KEY, ServerSettings, build_app
+from streamdiff.server.app import SESSIONS_KEY, ServerSettings, app_runner, build_app
 
 WIDTH, HEIGHT = 64, 48
 TOKEN = "s3cret"
@@ -27,12 +27,14 @@ def tiny_config(max_streams: int = 2):
 
 
 @contextlib.asynccontextmanager
-async def running_server(token: str | None = TOKEN, max_streams: int = 2, **settings):
-    """Yields (base_url, app). Very loose CPU SLO (0.05 fps, 600 s deadline; warm-up timings on a busy CPU are noisy) so the engine admits streams."""
-    engine = AsyncEngine(tiny_config(max_streams))
-    app = build_app(engine, ServerSettings(token=token, target_fps=0.05, deadline_ms=600_000.0, output_fps=15.0,
-                                           ice_loopback=True, **settings))
-    runner = web.AppRunner(app)
+async def running_server(token: str | None = TOKEN, max_streams: int = 2, config=None, **settings):
+    """Yields (base_url, app). Very loose CPU SLO (0.05 fps, 600 s deadline; warm-up timings on a
+    busy CPU are noisy) so the engine admits several streams; `target_fps=None, deadline_ms=None`
+    gives the preset's own service level."""
+    engine = AsyncEngine(config if config is not None else tiny_config(max_streams))
+    settings = {"target_fps": 0.05, "deadline_ms": 600_000.0, "output_fps": 15.0, **settings}
+    app = build_app(engine, ServerSettings(token=token, ice_loopback=True, **settings))
+    runner = app_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

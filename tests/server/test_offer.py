@@ -50,3 +50,36 @@ def test_offer_frames_flow_with_increasing_pts():
     assert all(b > a for a, b in zip(pts, pts[1:])), pts
     # the engine's output is not the (uniform) black frame aiortc sends before media flows
     assert any(px.std() > 0 for _, px in frames)
+
+
+async def _orphans():
+    async with running_server(control_grace_s=0.5) as (url, app):
+        sessions = sessions_of(app)
+        pc = RTCPeerConnection()
+        pc.addTrack(SyntheticVideo())
+        await pc.setLocalDescription(await pc.createOffer())
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"},
+                                 headers=auth()) as resp:
+                body = await resp.json()
+                assert resp.status == 200 and body["expect"]["fps"] > 0, body
+            await answer(pc, body["sdp"])
+            sid = body["session"]
+            # Another controller (`streamdiff control`) comes and goes: the stream stays.
+            async with http.ws_connect(f"{url}/ws?session={sid}", headers=auth()) as ws:
+                await ws.send_json({"type": "ping"})
+            await asyncio.sleep(1.5)
+            assert sid in sessions.sessions
+            # The page's own socket drops (its tab crashed; the peer never closes): freed.
+            ws = await http.ws_connect(f"{url}/ws?session={sid}&owner=1", headers=auth())
+            await ws.close()
+            for _ in range(100):
+                if sid not in sessions.sessions:
+                    break
+                await asyncio.sleep(0.1)
+            assert sid not in sessions.sessions
+        await pc.close()
+
+
+def test_a_page_whose_control_socket_drops_is_freed_and_other_controllers_do_not_count():
+    asyncio.run(_orphans())

@@ -1,0 +1,117 @@
+"""Live control of a stream: `PATCH /sessions/{id}/params` and the `/ws` WebSocket (params in,
+stats out each second), and freeing a browser page's session when its control socket drops.
+
+Owns: those two handlers and the control message format ({"type": "params" | "ping", ...}).
+Does not own: what the fields mean (server.sessions maps them to engine parameters) or routing
+(server.app).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import WSMsgType, web
+
+from streamdiff.server.http import (
+    SESSIONS_KEY,
+    SETTINGS_KEY,
+    authorized,
+    check_prompt,
+    parse_json,
+    read_json_object,
+    unauthorized,
+)
+from streamdiff.server.sessions import SessionManager
+
+
+def _authorized(request: web.Request) -> bool:
+    return authorized(request, request.app[SETTINGS_KEY].token)
+
+
+_unauthorized = unauthorized
+
+
+async def params_patch(request: web.Request) -> web.Response:
+    sessions = request.app[SESSIONS_KEY]
+    if not _authorized(request):
+        return _unauthorized()
+    body = await read_json_object(request, request.app[SETTINGS_KEY].body_timeout_s)
+    try:
+        params = await sessions.update_params(request.match_info["id"], body)
+    except KeyError:
+        return web.json_response({"error": "no such session"}, status=404)
+    except (ValueError, TypeError) as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    return web.json_response({"ok": True, "params": params})
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    sessions = request.app[SESSIONS_KEY]
+    if not _authorized(request):
+        return _unauthorized()
+    key = request.query.get("session", "")
+    if sessions.get(key) is None:
+        return web.json_response({"error": f"no such session {key!r}"}, status=404)
+    ws = web.WebSocketResponse(heartbeat=10, max_msg_size=64 * 1024)
+    await ws.prepare(request)
+    owner = sessions.get(key)
+    # `owner=1`: the page that made the session holds this socket for its lifetime (other
+    # controllers, e.g. `streamdiff control`, come and go without it).
+    owns = request.query.get("owner") in ("1", "true")
+    owner.control_sockets += owns
+
+    async def push_stats() -> None:
+        while not ws.closed:
+            session = sessions.get(key)
+            if session is None:
+                await ws.send_json({"type": "closed"})
+                await ws.close()
+                return
+            await ws.send_json({"type": "stats", **session.stats()})
+            await asyncio.sleep(1.0)
+
+    stats_task = asyncio.create_task(push_stats())
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY:
+                await ws.send_json({"type": "error", "error": "binary messages are not accepted: send JSON text"})
+            elif msg.type == WSMsgType.TEXT:
+                await ws.send_json(await _control_message(sessions, key, msg.data))
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        stats_task.cancel()
+        owner.control_sockets -= owns
+        if owns and owner.kind == "browser" and owner.control_sockets == 0 and not owner.closed:
+            grace_s = request.app[SETTINGS_KEY].control_grace_s
+            owner.tasks.append(asyncio.create_task(_free_orphan(sessions, owner, grace_s)))
+    return ws
+
+
+async def _free_orphan(sessions: SessionManager, session, grace_s: float) -> None:
+    """A browser page keeps its control socket open while it lives; a tab that crashed or was
+    killed drops it, and its stream is freed after `grace_s` unless a socket came back."""
+    await asyncio.sleep(grace_s)
+    if session.control_sockets == 0 and not session.closed:
+        await sessions.close(session.id, "the page's control socket closed (tab closed or crashed)")
+
+
+async def _control_message(sessions: SessionManager, key: str, text: str) -> dict:
+    try:
+        message = parse_json(text)
+    except ValueError as exc:
+        return {"type": "error", "error": str(exc)}
+    if not isinstance(message, dict):
+        return {"type": "error", "error": "a message must be a JSON object with a 'type'"}
+    if message.get("type") == "ping":
+        return {"type": "pong"}
+    if message.get("type") != "params":
+        return {"type": "error", "error": f"unknown message type {message.get('type')!r} (known: params, ping)"}
+    try:
+        if "prompt" in message:
+            check_prompt(message["prompt"])
+        return {"type": "params", "params": await sessions.update_params(key, message)}
+    except KeyError:
+        return {"type": "error", "error": "the session has ended"}
+    except (ValueError, TypeError) as exc:
+        return {"type": "error", "error": str(exc)}

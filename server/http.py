@@ -1,0 +1,139 @@
+"""HTTP hygiene for the gateway: bounded, timed, strictly decoded request bodies, auth, stream
+keys and error responses that never carry Python exception text.
+
+Owns: reading a body (size cap, read timeout, UTF-8 only, charset parameter checked),
+parsing JSON (depth and size capped), the Bearer-token check (constant-time, scheme matched
+case-insensitively), the stream-key rule, and the CORS error response. Every refusal here is
+an aiohttp HTTP exception (a 4xx response), never a logged crash.
+Does not own: routes or what a body means (server.app), sessions (server.sessions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+
+from aiohttp import web
+
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+    "Access-Control-Expose-Headers": "Location, Retry-After, X-Session-Id, X-StreamDiff-Expect",
+}
+ENGINE_KEY = web.AppKey("engine", object)  # the AsyncEngine
+SESSIONS_KEY = web.AppKey("sessions", object)  # the SessionManager
+SETTINGS_KEY = web.AppKey("settings", object)  # the ServerSettings
+MAX_BODY_BYTES = 128 * 1024  # an SDP offer is a few kB; a JSON control message far less
+MAX_JSON_DEPTH = 16
+MAX_PROMPT_CHARS = 1000
+STREAM_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+UTF8_NAMES = {"utf-8", "utf8", "us-ascii", "ascii"}
+
+
+def error(status: int, text: str, **headers) -> web.Response:
+    return web.Response(status=status, text=text + "\n", headers={**CORS, **headers})
+
+
+def _raise(cls: type[web.HTTPException], text: str) -> None:
+    raise cls(text=text + "\n", headers=CORS)
+
+
+def check_stream_key(key: str) -> str:
+    """Stream keys are 1-64 letters, digits, '-' and '_' (checked before anything is made)."""
+    if not STREAM_KEY.fullmatch(key):
+        _raise(web.HTTPBadRequest, "a stream key is 1-64 characters: letters, digits, '-' and '_'")
+    return key
+
+
+async def read_text(request: web.Request, timeout_s: float, limit: int = MAX_BODY_BYTES) -> str:
+    """The body as text: at most `limit` bytes, read within `timeout_s`, UTF-8 only."""
+    charset = (request.charset or "utf-8").lower()
+    if charset not in UTF8_NAMES:
+        _raise(web.HTTPUnsupportedMediaType, f"charset {charset[:40]!r} is not supported: send UTF-8")
+    if request.content_length is not None and request.content_length > limit:
+        _too_large(limit, request.content_length)
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while chunk := await request.content.read(16384):
+                size += len(chunk)
+                if size > limit:
+                    _too_large(limit, size)
+                chunks.append(chunk)
+    except TimeoutError:
+        _raise(web.HTTPRequestTimeout, f"the body did not arrive within {timeout_s:g} s")
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError:
+        _raise(web.HTTPBadRequest, "the body is not valid UTF-8")
+
+
+def _too_large(limit: int, size: int) -> None:
+    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size, headers=CORS,
+                                        text=f"the body is larger than {limit} bytes\n")
+
+
+def _depth_ok(value: object, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > limit:
+                return False
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def parse_json(text: str) -> object:
+    """JSON with at most MAX_JSON_DEPTH levels; ValueError with a plain message otherwise."""
+    if text.count("[") + text.count("{") > 10_000:  # cheap guard before the recursive parser
+        raise ValueError("the JSON is nested too deeply")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+    except ValueError:
+        raise ValueError("the body is not valid JSON") from None
+    if not _depth_ok(value, MAX_JSON_DEPTH):
+        raise ValueError(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+async def read_json_object(request: web.Request, timeout_s: float) -> dict:
+    """A JSON object body (400 with a plain message otherwise)."""
+    try:
+        value = parse_json(await read_text(request, timeout_s))
+    except ValueError as exc:
+        _raise(web.HTTPBadRequest, str(exc))
+    if not isinstance(value, dict):
+        _raise(web.HTTPBadRequest, "the body must be a JSON object")
+    return value
+
+
+def authorized(request: web.Request, token: str | None) -> bool:
+    """`Authorization: Bearer T` (scheme in any case) or `?token=T`, compared in constant time."""
+    if not token:
+        return True
+    expected = token.encode()
+    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected):
+        return True
+    query = request.query.get("token")
+    return query is not None and hmac.compare_digest(query.encode(), expected)
+
+
+def unauthorized() -> web.Response:
+    return error(401, "missing or wrong Bearer token (Authorization: Bearer <token>)",
+                 **{"WWW-Authenticate": 'Bearer realm="streamdiff"'})
+
+
+def check_prompt(prompt: object) -> str:
+    if not isinstance(prompt, str):
+        raise ValueError("prompt must be a string")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS}")
+    return prompt

@@ -1,0 +1,151 @@
+"""SDP for the gateway: checks before aiortc parses an offer, H.264 preference, simulcast
+offers and ICE gathering.
+
+Owns: `check_offer_sdp` (malformed, video present), `require_h264` (OBS's encoders), the
+simulcast rules (one layer accepted, several refused: aiortc cannot receive simulcast),
+`prefer_h264` for WHEP answers, and `wait_ice_gathering` (no trickle: candidates go in the
+answer). Does not own: HTTP (server.app) or media tracks (server.webrtc).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiortc import RTCPeerConnection
+
+
+class SdpError(ValueError):
+    """The offer is not SDP we can use (HTTP 400)."""
+
+
+class CodecError(ValueError):
+    """The offer has no codec we can take (HTTP 406)."""
+
+
+H264_HINT = (
+    "the offer has no H.264 video: StreamDiff's WHIP endpoint takes H.264 only. In OBS open "
+    "Settings -> Output (Output Mode: Advanced) -> Streaming and pick an H.264 video encoder "
+    "(x264, NVENC H.264, QuickSync H.264 or Apple VT H.264), not AV1 or HEVC."
+)
+
+
+def check_offer_sdp(sdp: str, *, need_video: bool = True) -> list[str]:
+    """Basic shape checks before aiortc parses the SDP; returns the m-line kinds."""
+    lines = [line.strip() for line in sdp.strip().splitlines()]
+    if not lines or lines[0] != "v=0":
+        raise SdpError("malformed SDP: it must start with 'v=0'")
+    kinds = [line[2:].split(" ", 1)[0] for line in lines if line.startswith("m=")]
+    if not kinds:
+        raise SdpError("malformed SDP: no media section ('m=' line)")
+    if need_video and "video" not in kinds:
+        raise CodecError("the offer has no video media section")
+    return kinds
+
+
+def video_codecs(sdp: str) -> set[str]:
+    """Codec names (upper case) offered in the video m-sections."""
+    names: set[str] = set()
+    in_video = False
+    for line in sdp.splitlines():
+        line = line.strip()
+        if line.startswith("m="):
+            in_video = line.startswith("m=video")
+        elif in_video and line.startswith("a=rtpmap:"):
+            parts = line.split(" ", 1)
+            if len(parts) == 2:
+                names.add(parts[1].split("/", 1)[0].upper())
+    return names
+
+
+def require_h264(sdp: str) -> None:
+    if "H264" not in video_codecs(sdp):
+        raise CodecError(H264_HINT)
+
+
+SIMULCAST_HINT = (
+    "the offer sends {n} simulcast layers (OBS: Settings -> Stream -> Total Layers = {n}); StreamDiff "
+    "takes one layer only (aiortc cannot receive simulcast): set Total Layers to 1"
+)
+
+
+def simulcast_rids(sdp: str) -> list[str]:
+    """The send rids (simulcast layers) of the video section; [] for a plain offer."""
+    rids, in_video = [], False
+    for line in sdp.splitlines():
+        line = line.strip()
+        if line.startswith("m="):
+            in_video = line.startswith("m=video")
+        elif in_video and line.startswith("a=rid:"):
+            parts = line[6:].split()
+            if len(parts) >= 2 and parts[1] == "send":
+                rids.append(parts[0])
+    return rids
+
+
+def accept_simulcast(offer_sdp: str) -> tuple[str, list[str]]:
+    """A one-layer simulcast offer becomes a plain one for aiortc (its rid and simulcast lines
+    removed; `answer_simulcast` adds the matching recv lines to the answer). Several layers are
+    refused with SdpError naming the OBS setting."""
+    rids = simulcast_rids(offer_sdp)
+    if len(rids) > 1:
+        raise SdpError(SIMULCAST_HINT.format(n=len(rids)))
+    if not rids:
+        return offer_sdp, []
+    eol = "\r\n" if "\r\n" in offer_sdp else "\n"
+    kept = [line for line in offer_sdp.splitlines()
+            if not line.strip().startswith(("a=rid:", "a=simulcast:"))]
+    return eol.join(kept) + eol, rids
+
+
+def answer_simulcast(answer_sdp: str, rids: list[str]) -> str:
+    """Accept every offered layer in the answer's video section (`a=rid:X recv`, `a=simulcast:recv`)."""
+    if not rids:
+        return answer_sdp
+    eol = "\r\n" if "\r\n" in answer_sdp else "\n"
+    out, in_video = [], False
+    for line in answer_sdp.splitlines():
+        if line.startswith("m="):
+            if in_video:
+                out += [f"a=rid:{rid} recv" for rid in rids] + [f"a=simulcast:recv {';'.join(rids)}"]
+            in_video = line.startswith("m=video")
+        out.append(line)
+    if in_video:
+        out += [f"a=rid:{rid} recv" for rid in rids] + [f"a=simulcast:recv {';'.join(rids)}"]
+    return eol.join(out) + eol
+
+
+def prefer_h264(pc: RTCPeerConnection) -> None:
+    """Put H.264 (and its retransmission codec) first in every video transceiver's negotiated
+    codecs, after setRemoteDescription: the answer then leads with H.264 and the sender uses it.
+    WHEP players (OBS's WHEP source among them) expect H.264."""
+    for transceiver in pc.getTransceivers():
+        codecs = getattr(transceiver, "_codecs", None)
+        if transceiver.kind != "video" or not codecs:
+            continue
+        h264_pts = {c.payloadType for c in codecs if c.mimeType.lower() == "video/h264"}
+        if not h264_pts:
+            continue
+
+        def rank(codec) -> int:
+            if codec.payloadType in h264_pts:
+                return 0
+            if codec.mimeType.lower() == "video/rtx" and codec.parameters.get("apt") in h264_pts:
+                return 1
+            return 2
+
+        transceiver._codecs = sorted(codecs, key=rank)
+
+
+async def wait_ice_gathering(pc: RTCPeerConnection, timeout_s: float = 10.0) -> None:
+    """No trickle: wait until every local candidate is in the local description."""
+    if pc.iceGatheringState == "complete":
+        return
+    done = asyncio.Event()
+
+    @pc.on("icegatheringstatechange")
+    def _changed() -> None:
+        if pc.iceGatheringState == "complete":
+            done.set()
+
+    if pc.iceGatheringState != "complete":
+        await asyncio.wait_for(done.wait(), timeout_s)

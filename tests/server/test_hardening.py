@@ -1,0 +1,130 @@
+"""Hostile and sloppy clients (issue 16, item 8): every bad input gets a 4xx or a clean
+WebSocket error, error bodies carry no Python exception text, nothing is logged as a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+
+import aiohttp
+
+from gateway_helpers import TOKEN, answer, auth, obs_like_offer, running_server, sessions_of
+
+SDP = {"Content-Type": "application/sdp"}
+JSON = {"Content-Type": "application/json"}
+
+
+async def _raw(port: int, data: bytes, wait_s: float = 6.0) -> bytes:
+    """Send `data` on a raw connection and read until the server closes it (or `wait_s`)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    got = b""
+    try:
+        async with asyncio.timeout(wait_s):
+            while chunk := await reader.read(4096):
+                got += chunk
+    except TimeoutError:
+        got += b"<still open>"
+    writer.close()
+    return got
+
+
+async def _hostile(caplog):
+    async with running_server(header_timeout_s=1.0, body_timeout_s=1.0) as (url, app):
+        port = int(url.rsplit(":", 1)[1])
+        sessions = sessions_of(app)
+        async with aiohttp.ClientSession() as http:
+            # 1. Bodies that are not UTF-8, unknown charsets, deep and huge JSON, on every body route.
+            for path, ctype in (("/offer", "application/json"), ("/whip/k", "application/sdp"),
+                                ("/whep/k", "application/sdp"), ("/sessions/k/params", "application/json")):
+                method = http.patch if path.startswith("/sessions") else http.post
+                async with method(f"{url}{path}", data=b"\xff\xfe{\x80", headers={**auth(), "Content-Type": ctype}) as r:
+                    assert r.status == 400 and "UTF-8" in await r.text(), path
+                async with method(f"{url}{path}", data=b"{}", headers={**auth(), "Content-Type": f"{ctype}; charset=klingon"}) as r:
+                    assert r.status == 415 and "charset" in await r.text(), path
+                async with method(f"{url}{path}", data=b"[" * 300_000, headers={**auth(), "Content-Type": ctype}) as r:
+                    assert r.status in (400, 413), path
+            for depth in (50, 5000):
+                async with http.post(f"{url}/offer", data="[" * depth + "]" * depth, headers={**auth(), **JSON}) as r:
+                    assert r.status == 400 and "nested" in await r.text()
+            async with http.post(f"{url}/offer", data=b"not json", headers={**auth(), **JSON}) as r:
+                text = await r.text()
+                assert r.status == 400 and "not valid JSON" in text and "Expecting value" not in text
+            # 2. Stream keys: letters, digits, - and _, 1-64 characters, checked before anything is made.
+            pub, offer = await obs_like_offer()
+            for key in ("bad%20key", "a" * 65, "%C3%A9t%C3%A9", "x.y"):
+                async with http.post(f"{url}/whip/{key}", data=offer, headers={**auth(), **SDP}) as r:
+                    assert r.status == 400 and "stream key" in await r.text(), key
+            assert sessions.sessions == {}
+            # 3. Prompt length is capped.
+            async with http.post(f"{url}/offer", json={"sdp": offer, "type": "offer", "prompt": "x" * 5000},
+                                 headers=auth()) as r:
+                assert r.status == 400 and "at most 1000" in await r.text()
+            # 4. Negotiation failures do not leak exception text.
+            broken = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 H264/90000\r\n"
+            async with http.post(f"{url}/whip/k", data=broken, headers={**auth(), **SDP}) as r:
+                text = await r.text()
+                assert r.status == 400 and text.strip() == "could not negotiate the offer (the server log has the details)"
+            assert sessions.sessions == {}
+            # 5. Bearer in any case; the comparison is constant-time.
+            calls = []
+            real = hmac.compare_digest
+
+            def spy(a, b):
+                calls.append(1)
+                return real(a, b)
+
+            hmac.compare_digest = spy
+            try:
+                async with http.post(f"{url}/whip/k", data=offer,
+                                     headers={"Authorization": f"bearer {TOKEN}", **SDP}) as r:
+                    assert r.status == 201, await r.text()
+                    location, session_id = r.headers["Location"], r.headers["X-Session-Id"]
+                    await answer(pub, await r.text())
+            finally:
+                hmac.compare_digest = real
+            assert calls
+            # 6. A WHIP session URL under /whep (and the other way round) is 404, and stays alive.
+            async with http.delete(f"{url}/whep/k/{session_id}", headers=auth()) as r:
+                assert r.status == 404
+            async with http.patch(f"{url}/whep/k/{session_id}", headers=auth()) as r:
+                assert r.status == 404
+            assert session_id in sessions.sessions
+            # 7. WebSocket: binary frames and long prompts get error messages; the socket stays up.
+            async with http.ws_connect(f"{url}/ws?session={session_id}", headers=auth()) as ws:
+                async def reply():
+                    while (msg := await ws.receive_json(timeout=30))["type"] == "stats":
+                        pass
+                    return msg
+
+                await ws.send_bytes(b"\x00\x01binary")
+                assert "binary" in (await reply())["error"]
+                await ws.send_json({"type": "params", "prompt": "y" * 5000})
+                assert "at most 1000" in (await reply())["error"]
+                await ws.send_str("[" * 5000 + "]" * 5000)
+                assert "nested" in (await reply())["error"]
+                assert not ws.closed
+            # 8. /metrics names sessions only to an authorised scrape.
+            async with http.get(f"{url}/metrics") as r:
+                assert r.status == 200 and session_id not in await r.text()
+            async with http.get(f"{url}/metrics", headers=auth()) as r:
+                assert session_id in await r.text()
+            async with http.delete(f"{url}{location}", headers=auth()) as r:
+                assert r.status == 200
+        await pub.close()
+        # 9. Slow clients: headers not complete in time -> closed; a body not in time -> 408.
+        got = await _raw(port, b"POST /offer HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+        assert b"<still open>" not in got
+        got = await _raw(port, b"POST /offer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                               b"Content-Length: 1000\r\n\r\n{\"sdp\":")
+        assert got.startswith(b"HTTP/1.1 408"), got[:80]
+
+
+def test_hostile_inputs_get_4xx_and_nothing_crashes(caplog):
+    caplog.set_level(logging.ERROR)
+    asyncio.run(_hostile(caplog))
+    crashes = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not crashes, [r.getMessage() for r in crashes]

@@ -1,0 +1,99 @@
+"""What OBS 30-32 and WHEP players really do (issue 16, items 3, 5-7): simulcast offers, WHEP
+HEAD, H.264 + Opus in the WHEP answer, the docs that match, and the console lines."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import re
+from pathlib import Path
+
+import aiohttp
+from aiortc import RTCPeerConnection
+
+from gateway_helpers import answer, auth, obs_like_offer, running_server, sessions_of
+from streamdiff.server.sessions import enable_event_log, events
+
+SDP = {"Content-Type": "application/sdp"}
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "obs.md"
+
+
+def _with_layers(offer: str, n: int) -> str:
+    """OBS 32.1 with Total Layers = n: one `a=rid:X send` per layer and `a=simulcast:send`."""
+    lines, out, in_video = offer.splitlines(), [], False
+    for line in lines:
+        if line.startswith("m=") and in_video:
+            out += [f"a=rid:{i} send" for i in range(n)] + ["a=simulcast:send " + ";".join(map(str, range(n)))]
+        in_video = line.startswith("m=video") if line.startswith("m=") else in_video
+        out.append(line)
+    return "\r\n".join(out) + "\r\n"
+
+
+def _video_section(sdp: str) -> str:
+    return sdp.split("m=video", 1)[1].split("\r\nm=", 1)[0]
+
+
+async def _obs():
+    async with running_server(max_streams=1, max_sessions=1) as (url, app):
+        async with aiohttp.ClientSession() as http:
+            # 1. Three layers: refused with a clear 400 naming the OBS setting; nothing made.
+            pub, offer = await obs_like_offer()
+            async with http.post(f"{url}/whip/cam", data=_with_layers(offer, 3), headers={**SDP, **auth()}) as r:
+                text = await r.text()
+                assert r.status == 400 and "Total Layers" in text and "simulcast" in text, text
+            assert sessions_of(app).sessions == {}
+            # 2. One layer: accepted, and the answer accepts that layer.
+            async with http.post(f"{url}/whip/cam", data=_with_layers(offer, 1), headers={**SDP, **auth()}) as r:
+                assert r.status == 201, await r.text()
+                answer_sdp, location = await r.text(), r.headers["Location"]
+                assert "X-StreamDiff-Expect" in r.headers
+            video = _video_section(answer_sdp)
+            assert "a=rid:0 recv" in video and "a=simulcast:recv 0" in video
+            await answer(pub, answer_sdp)
+            # 3. WHEP: HEAD, and an answer with H.264 first and Opus audio.
+            async with http.head(f"{url}/whep/cam", headers=auth()) as r:
+                assert r.status == 200 and r.headers["Content-Type"].startswith("application/sdp")
+            view = RTCPeerConnection()
+            view.addTransceiver("video", direction="recvonly")  # offers VP8 first, then H.264
+            view.addTransceiver("audio", direction="recvonly")
+            await view.setLocalDescription(await view.createOffer())
+            async with http.post(f"{url}/whep/cam", data=view.localDescription.sdp, headers={**SDP, **auth()}) as r:
+                assert r.status == 201, await r.text()
+                whep_answer = await r.text()
+            video = _video_section(whep_answer)
+            first_pt = video.split("\r\n", 1)[0].split()[3]
+            assert re.search(rf"a=rtpmap:{first_pt} H264/90000", video), video
+            audio = whep_answer.split("m=audio", 1)[1]
+            assert "opus/48000" in audio.lower() and ("a=sendonly" in audio or "a=sendrecv" in audio)
+            # 4. A second publisher is refused (503) and the console says why.
+            pub2, offer2 = await obs_like_offer()
+            async with http.post(f"{url}/whip/other", data=offer2, headers={**SDP, **auth()}) as r:
+                assert r.status == 503
+            async with http.delete(f"{url}{location}", headers=auth()) as r:
+                assert r.status == 200
+        for pc in (pub, pub2, view):
+            await pc.close()
+
+
+def test_simulcast_whep_and_the_console_lines():
+    logging.getLogger().setLevel(logging.WARNING)  # as without -v
+    out = io.StringIO()
+    handler = enable_event_log(out)
+    try:
+        asyncio.run(_obs())
+    finally:
+        events.removeHandler(handler)
+    lines = out.getvalue().splitlines()
+    assert any(re.search(r"session \w+ \(whip, key cam\) started, admitted .* expect about [\d.]+ fps", l) for l in lines), lines
+    assert any("refused whip session (stream key other)" in l and "--max-sessions" in l for l in lines), lines
+    assert any(re.search(r"session \w+ \(whip\) ended after \d+ s.*: WHIP DELETE", l) for l in lines), lines
+    assert any(re.search(r"session \w+ \(whep\) ended", l) for l in lines), lines
+
+
+def test_obs_docs_match_what_obs_does():
+    text = DOCS.read_text()
+    assert "discard the body" in text and "OBS log" in text and "server console" in text
+    assert "OBS does not read `Retry-After`" in text
+    assert "may retry" not in text  # the old claim that OBS honours Retry-After
+    assert "**Total Layers**" in text and "**1**" in text

@@ -1,0 +1,48 @@
+"""CLI errors a user meets first (issue 16, item 10): one line, exit 2, paths checked before the
+device, and errors that need no model reported before torch is imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import json, sys
+from streamdiff.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "torch": "torch" in sys.modules}))
+"""
+
+
+def run(*args: str) -> tuple[dict, str]:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=300, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr.strip()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["render", "--input", "synthetic", "--prompt", "p", "--output", "out.xyz"], ["unknown video file type", ".mp4"]),
+    (["render", "--input", "synthetic", "--prompt", "p", "--output", "o.mp4", "--set", "weights.format=sdv2",
+      "--set", "weights.transformer=/nowhere/model.pt"], ["weights.transformer=/nowhere/model.pt does not exist"]),
+    # a GPU preset whose files are missing: the paths are reported, not the missing GPU
+    (["serve", "--config", "wan-1.3b"], ["does not exist", "weights.transformer"]),
+])
+def test_errors_that_need_no_model_come_before_torch(args, words):
+    out, err = run(*args)
+    assert out == {"rc": 2, "torch": False}, err
+    assert len(err.splitlines()) == 1 and err.startswith("streamdiff: error:"), err
+    for word in words:
+        assert word in err
+
+
+def test_a_gpu_config_without_a_gpu_is_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out, err = run("serve", "--config", "tiny", "--set", "runtime.device=cuda")
+    assert out["rc"] == 2 and len(err.splitlines()) == 1 and "runtime.device=cpu" in err, err

@@ -1,0 +1,56 @@
+"""Packaging a newcomer meets (issue 16, items 11-12): building the package prints no setuptools
+deprecation banners, and the Dockerfile is one a stock Docker host builds and runs (read here:
+no Docker on the test machines)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_building_the_wheel_prints_no_setuptools_warnings(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("streamdiff", "kernels", "server", "client"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "wheel"
+    out.mkdir()
+    code = f"from setuptools import build_meta as b; print(b.build_wheel({str(out)!r}))"
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=src, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONWARNINGS="default"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = done.stdout + done.stderr
+    for banner in ("SetuptoolsDeprecationWarning", "is absent from the `packages`", "_Warning"):
+        assert banner not in log, log[-3000:]
+    wheel = next(out.glob("*.whl"))
+    listing = subprocess.run([sys.executable, "-m", "zipfile", "-l", str(wheel)], capture_output=True, text=True).stdout
+    assert "streamdiff/client/web/viewer.html" in listing and "streamdiff/client/web/app.js" in listing
+
+
+def test_dockerfile_builds_without_nvcc_and_serves():
+    docker = (ROOT / "Dockerfile").read_text()
+    make = (ROOT / "Makefile").read_text()
+    torch_pin = re.search(r"torch==([\d.]+)", make).group(1)
+    assert f"TORCH_VERSION={torch_pin}" in docker  # the torch the Makefile pins
+    base = re.search(r"^FROM (\S+)", docker, re.M).group(1)
+    installs = " ".join(re.findall(r"pip install [^\n]*", docker))
+    if "runtime" in base:  # no nvcc there: nothing may be built from CUDA sources
+        assert "flash-attn" not in installs and "[gpu]" not in installs
+    assert re.search(r"^EXPOSE 8000$", docker, re.M)
+    assert re.search(r'^CMD \["serve"', docker, re.M)
+    health = re.search(r"^HEALTHCHECK.*\n.*", docker, re.M).group(0)
+    assert "/healthz" in health and ":8000" in health
+
+
+def test_readme_says_how_to_change_the_port_and_how_long_the_first_run_takes():
+    readme = (ROOT / "README.md").read_text()
+    assert "RUN_ARGS" in readme and "--port" in readme
+    assert re.search(r"first `make run`[^\n]*(minute|seconds)", readme)
