@@ -354,3 +354,27 @@ def test_random_init_same_tensors_for_any_block_range():
     for name, p in diffusers_model.named_parameters():
         assert torch.equal(p, full_params[name]), name
     assert not torch.equal(full_params["blocks.2.attn1.to_q.weight"], full_params["blocks.3.attn1.to_q.weight"])
+
+
+def test_latent_stream_from_an_sdv2_checkpoint(source):
+    """The replay route: the project's SDV2 loader feeding LatentStream gives what the same
+    weights give when put into the model directly, chunk after chunk (default sdv2 policy)."""
+    from streamdiff.config import load_config
+    from streamdiff.model.causal_wan import CausalWanModel
+    from streamdiff.pipeline import LatentStream
+
+    _, state, root = source
+    overrides = ["model.num_heads=2", "model.head_dim=32", "model.ffn_dim=128", "model.num_layers=2",
+                 "model.text_dim=32", "weights.format=sdv2", f"weights.transformer={root / 'sdv2_gen.pt'}",
+                 "runtime.device=cpu"]
+    cfg = load_config("tiny", overrides)
+    loaded = LatentStream.from_config(cfg)
+    direct_model = CausalWanModel(cfg.model).eval()
+    direct_model.load_state_dict(state, strict=True)
+    direct = LatentStream(direct_model, cfg.cache)
+    g = torch.Generator().manual_seed(9)
+    text = torch.randn(1, 8, 32, generator=g)
+    for c in range(8):
+        x = torch.randn(1, 16, 2 if c == 0 else 1, 8, 8, generator=g)
+        torch.testing.assert_close(loaded.step(x, 700 - 20 * c, text), direct.step(x, 700 - 20 * c, text))
+    assert loaded.held_frames() == direct.held_frames()
