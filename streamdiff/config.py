@@ -71,6 +71,12 @@ class VAEConfig:
     dim_mult: tuple[int, ...] = (1, 1, 2, 2)
     num_res_blocks: int = 1
     temperal_downsample: tuple[bool, ...] = (False, True, True)
+    # TAEHV (model/taehv.py): `kind: taehv` encodes and decodes with it; `decoder: taehv` keeps
+    # the Wan encoder and decodes with TAEHV. Widths (64, 64, 64) / (256, 128, 64, 64) are taew2_1.pth.
+    kind: Literal["wan", "taehv"] = "wan"
+    decoder: Literal["same", "taehv"] = "same"
+    taehv_encoder_widths: tuple[int, ...] = (64, 64, 64)
+    taehv_decoder_widths: tuple[int, ...] = (256, 128, 64, 64)
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ class TextConfig:
     """Prompt encoder. `umt5`: transformers UMT5EncoderModel + tokenizer from local folders.
     `tiny`: a small built-in hashing encoder for the tiny preset (random weights, no files)."""
 
-    kind: Literal["tiny", "umt5"] = "tiny"
+    kind: Literal["tiny", "umt5", "styles"] = "tiny"  # styles: the demo's nine prompts (model/style_prompts.py)
     max_length: int = 512
     device: Literal["same", "cpu"] = "same"  # "cpu" keeps umT5 off the GPU (24 GB cards)
     offload_after_encode: bool = False  # move the encoder to CPU between prompts
@@ -96,7 +102,8 @@ class WeightsConfig:
 
     format: Literal["random", "diffusers", "wan", "sdv2"] = "random"
     transformer: str = ""
-    vae: str = ""  # diffusers vae/ folder or an original Wan2.1_VAE.pth / .safetensors
+    vae: str = ""  # diffusers vae/ folder or an original Wan2.1_VAE.pth / .safetensors (vae.kind=taehv: taew2_1.pth)
+    taehv: str = ""  # the TAEHV file (taew2_1.pth / .safetensors) when vae.decoder=taehv
     text_encoder: str = ""  # transformers folder of UMT5EncoderModel
     tokenizer: str = ""  # transformers tokenizer folder (defaults to text_encoder's)
     min_match: float = 0.99  # refuse a checkpoint matching fewer keys than this share
@@ -221,6 +228,11 @@ def validate(cfg: Config) -> None:
     for name in ("width", "height"):
         if getattr(cfg.video, name) % 16:
             raise ConfigError(f"video.{name}={getattr(cfg.video, name)} must be a multiple of 16 (VAE 8x, patch 2x)")
+    enc_w, dec_w = cfg.vae.taehv_encoder_widths, cfg.vae.taehv_decoder_widths
+    if len(enc_w) != 3 or len(dec_w) != 4 or min(enc_w + dec_w) < 1:
+        raise ConfigError("vae.taehv_encoder_widths needs 3 and vae.taehv_decoder_widths 4 positive widths")
+    if cfg.vae.kind == "taehv" and cfg.vae.decoder == "taehv":
+        raise ConfigError("vae.decoder=taehv is for the Wan encoder; with vae.kind=taehv TAEHV already decodes")
     if len(cfg.vae.temperal_downsample) != len(cfg.vae.dim_mult) - 1:
         raise ConfigError("vae.temperal_downsample needs one entry fewer than vae.dim_mult")
     if cfg.weights.format != "random" and not cfg.weights.transformer:
