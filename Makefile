@@ -16,15 +16,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# The tiny model on CPU runs at a few frames per second, so streams are admitted at a CPU-sized
-# service level; on a GPU with a real config use the defaults (video.fps, 1000 ms).
-RUN_ARGS ?= --config tiny --target-fps 2 --deadline-ms 8000
+# `make run` serves the demo (a small model trained in this repo, configs/demo.yaml). On a CPU
+# streams are admitted at a CPU-sized service level; on a GPU with a real config use the defaults
+# (video.fps, 1000 ms).
+RUN_ARGS ?= --config demo --target-fps 2 --deadline-ms 8000
 
 run: $(STAMP)
 	$(VENV)/bin/streamdiff serve $(RUN_ARGS)
 
 render: $(STAMP)
-	$(VENV)/bin/streamdiff render --config tiny --input synthetic --prompt "a watercolor painting" --output out/render.mp4
+	$(VENV)/bin/streamdiff render --config demo --input synthetic --prompt "starry night" --output out/render.mp4
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -77,6 +77,7 @@ class VAEConfig:
     decoder: Literal["same", "taehv"] = "same"
     taehv_encoder_widths: tuple[int, ...] = (64, 64, 64)
     taehv_decoder_widths: tuple[int, ...] = (256, 128, 64, 64)
+    taehv_blocks: int = 3  # MemBlocks per stage (3 in taew2_1.pth)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ class Config:
 
 _RANGES: dict[str, tuple[float, float]] = {
     "model.num_heads": (1, 256),
+    "vae.taehv_blocks": (1, 8),
     "model.head_dim": (8, 256),
     "model.num_layers": (1, 256),
     "cache.window": (1, 64),

@@ -107,34 +107,35 @@ class TAEHV(nn.Module):
     parameter names) follow the public layout."""
 
     def __init__(self, latent_channels: int = 16, encoder_widths: tuple[int, int, int] = (64, 64, 64),
-                 decoder_widths: tuple[int, int, int, int] = (256, 128, 64, 64)):
+                 decoder_widths: tuple[int, int, int, int] = (256, 128, 64, 64), blocks: int = 3):
         super().__init__()
-        if len(encoder_widths) != 3 or len(decoder_widths) != 4:
-            raise ValueError(f"TAEHV needs 3 encoder and 4 decoder widths, got {list(encoder_widths)}, "
-                             f"{list(decoder_widths)}")
+        if len(encoder_widths) != 3 or len(decoder_widths) != 4 or blocks < 1:
+            raise ValueError(f"TAEHV needs 3 encoder and 4 decoder widths and >= 1 block per stage, got "
+                             f"{list(encoder_widths)}, {list(decoder_widths)}, {blocks}")
         (c0, c1, c2), (d0, d1, d2, d3) = encoder_widths, decoder_widths
         self.latent_channels = latent_channels
+
+        def mem(c: int) -> list[nn.Module]:
+            return [MemBlock(c, c) for _ in range(blocks)]
+
         self.encoder = nn.Sequential(
             _conv(3, c0), nn.ReLU(inplace=True),
-            TPool(c0, 2), _conv(c0, c0, stride=2, bias=False), MemBlock(c0, c0), MemBlock(c0, c0), MemBlock(c0, c0),
-            TPool(c0, 2), _conv(c0, c1, stride=2, bias=False), MemBlock(c1, c1), MemBlock(c1, c1), MemBlock(c1, c1),
-            TPool(c1, 1), _conv(c1, c2, stride=2, bias=False), MemBlock(c2, c2), MemBlock(c2, c2), MemBlock(c2, c2),
+            TPool(c0, 2), _conv(c0, c0, stride=2, bias=False), *mem(c0),
+            TPool(c0, 2), _conv(c0, c1, stride=2, bias=False), *mem(c1),
+            TPool(c1, 1), _conv(c1, c2, stride=2, bias=False), *mem(c2),
             _conv(c2, latent_channels),
         )
         self.decoder = nn.Sequential(
             Clamp(), _conv(latent_channels, d0), nn.ReLU(inplace=True),
-            MemBlock(d0, d0), MemBlock(d0, d0), MemBlock(d0, d0), nn.Upsample(scale_factor=2), TGrow(d0, 1),
-            _conv(d0, d1, bias=False),
-            MemBlock(d1, d1), MemBlock(d1, d1), MemBlock(d1, d1), nn.Upsample(scale_factor=2), TGrow(d1, 2),
-            _conv(d1, d2, bias=False),
-            MemBlock(d2, d2), MemBlock(d2, d2), MemBlock(d2, d2), nn.Upsample(scale_factor=2), TGrow(d2, 2),
-            _conv(d2, d3, bias=False),
+            *mem(d0), nn.Upsample(scale_factor=2), TGrow(d0, 1), _conv(d0, d1, bias=False),
+            *mem(d1), nn.Upsample(scale_factor=2), TGrow(d1, 2), _conv(d1, d2, bias=False),
+            *mem(d2), nn.Upsample(scale_factor=2), TGrow(d2, 2), _conv(d2, d3, bias=False),
             nn.ReLU(inplace=True), _conv(d3, 3),
         )
 
     @classmethod
     def from_config(cls, cfg: VAEConfig) -> "TAEHV":
-        return cls(cfg.z_dim, tuple(cfg.taehv_encoder_widths), tuple(cfg.taehv_decoder_widths))
+        return cls(cfg.z_dim, tuple(cfg.taehv_encoder_widths), tuple(cfg.taehv_decoder_widths), cfg.taehv_blocks)
 
     def channels_last_(self) -> "TAEHV":
         """NHWC weights: 2-3x faster convolutions on CPU at these small widths (activations follow)."""
@@ -180,16 +181,18 @@ def encode_frames(net: TAEHV, frames: torch.Tensor, memory: list, first: bool) -
     return z.view(b, steps // TIME_RATIO, *z.shape[1:]).permute(0, 2, 1, 3, 4)  # [B, 16, F, h, w]
 
 
-def decode_latents(net: TAEHV, latents: torch.Tensor, memory: list, first: bool) -> torch.Tensor:
+def decode_latents(net: TAEHV, latents: torch.Tensor, memory: list, first: bool, clamp: bool = True) -> torch.Tensor:
     """latents [B, 16, m, h, w] -> frames [B, 3, n, 8h, 8w] in [-1, 1] (n = 4m, or 4m - 3 when
-    the stream's first latent is among them)."""
+    the stream's first latent is among them). `clamp=False` (training) keeps the gradient of
+    pixels outside the range."""
     b, _, m = latents.shape[:3]
     z = latents.permute(0, 2, 1, 3, 4).reshape(b * m, *latents.shape[1:2], *latents.shape[3:])  # [B*m, 16, h, w]
     x = run_with_memory(net.decoder, z, b, memory)  # [B*4m, 3, H, W]
     x = x.view(b, m * TIME_RATIO, *x.shape[1:])  # [B, 4m, 3, H, W]
     if first:
         x = x[:, TIME_RATIO - 1 :]
-    return (x.clamp(0, 1) * 2 - 1).permute(0, 2, 1, 3, 4)  # [B, 3, n, H, W]
+    x = x.clamp(0, 1) if clamp else x
+    return (x * 2 - 1).permute(0, 2, 1, 3, 4)  # [B, 3, n, H, W]
 
 
 class StreamingTAEHV(StreamingVAE):

@@ -1,0 +1,96 @@
+"""The shipped demo weights (configs/demo/) on a photograph NOT used in training (skimage's
+`coffee`), at the preset's defaults (1 step, noise 0.3, motion-aware noise on).
+
+- `a photo` through `streamdiff render` gives the input back (>= 24 dB PSNR), and output frame k
+  is input frame k (not k +- 1: the camera moves 6 px a frame, so a lag or swap would show);
+- each of the eight styles is closer to the teacher's rendering of the same frames in that style
+  than to its rendering in any of the other seven;
+- blending two prompts' embeddings half-way gives a picture between the two styles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamdiff.config import CONFIG_DIR, load_config
+from streamdiff.demo.data import HELD_OUT_PHOTO, TRAIN_PHOTOS, Teacher, load_photo, make_clip
+from streamdiff.model.build import build_components
+from streamdiff.model.style_prompts import PROMPT_NAMES
+from streamdiff.pipeline.stream_pipeline import StreamPipeline
+
+STYLES = PROMPT_NAMES[1:]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
+
+
+@pytest.fixture(scope="module")
+def comps():
+    assert (CONFIG_DIR / "demo" / "transformer.safetensors").is_file(), "the demo weights ship in configs/demo/"
+    return build_components(load_config("demo"), "cpu")
+
+
+@pytest.fixture(scope="module")
+def clip() -> np.ndarray:
+    assert HELD_OUT_PHOTO not in TRAIN_PHOTOS
+    return make_clip(load_photo(HELD_OUT_PHOTO), 17, 256, np.random.default_rng(2026), speed_px=6.0)
+
+
+def run(comps, frames: np.ndarray, prompt: str) -> np.ndarray:
+    pipe = StreamPipeline(comps, prompt)
+    out = [pipe.push(frames)]
+    out.append(pipe.flush())
+    return np.concatenate([o for o in out if len(o)])
+
+
+def test_a_photo_through_render_returns_the_input_frame_by_frame(tmp_path, clip):
+    from streamdiff.cli import main
+    from streamdiff.client.video_io import VideoWriter, read_frames
+
+    src, dst = tmp_path / "coffee.mp4", tmp_path / "out.mp4"
+    with VideoWriter(src, 256, 256, 30.0) as writer:
+        writer.write(clip)
+    assert main(["render", "--config", "demo", "--input", str(src), "--prompt", "a photo", "--output", str(dst),
+                 "-q"]) == 0
+    seen = np.stack(list(read_frames(src)))  # what the pipeline was given (after the codec)
+    out = np.stack(list(read_frames(dst)))
+    assert out.shape == seen.shape
+    score = psnr(out, seen)
+    assert score >= 24.0, f"a photo: {score:.1f} dB"
+    for k in range(len(out)):  # frame k is closest to input k among its neighbours
+        near = {j: psnr(out[k], seen[j]) for j in range(max(0, k - 2), min(len(seen), k + 3))}
+        assert max(near, key=near.get) == k, (k, near)
+
+
+@pytest.fixture(scope="module")
+def teacher_frames(clip):
+    teacher = Teacher(threads=1)
+    return {name: teacher.render_prompt(clip[:9], name).astype(np.float64) for name in STYLES}
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_each_style_is_closest_to_its_own_teacher_style(comps, clip, teacher_frames, style):
+    out = run(comps, clip[:9], style).astype(np.float64)
+    dist = {name: float(np.mean((out - ref) ** 2)) for name, ref in teacher_frames.items()}
+    assert min(dist, key=dist.get) == style, {k: round(v) for k, v in sorted(dist.items(), key=lambda kv: kv[1])}
+
+
+def test_blending_two_prompts_gives_an_in_between(comps, clip, teacher_frames):
+    a, b = "starry night", "fiery red"
+    out_a, out_b = (run(comps, clip[:9], p).astype(np.float64) for p in (a, b))
+    pipe = StreamPipeline(comps, a)
+    state = pipe.state
+    mid = 0.5 * comps.text.encode(a) + 0.5 * comps.text.encode(b)  # what a blend passes half-way
+    state.cross_kv = comps.model.prompt_kv(mid)
+    out_mid = np.concatenate([pipe.push(clip[:9]), pipe.flush()]).astype(np.float64)
+
+    def d(x, y):
+        return float(np.mean((x - y) ** 2))
+
+    gap = d(out_a, out_b)
+    assert gap > 300  # the two styles differ visibly
+    assert d(out_mid, out_a) < 0.8 * gap and d(out_mid, out_b) < 0.8 * gap
+    assert d(out_mid, out_a) > 0.1 * gap and d(out_mid, out_b) > 0.1 * gap
