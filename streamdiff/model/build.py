@@ -123,6 +123,8 @@ def build_text_encoder(cfg: Config, device: torch.device, dtype: torch.dtype) ->
 
 def build_components(cfg: Config, device: torch.device | str | None = None) -> Components:
     device = resolve_device(cfg.runtime.device) if device is None else torch.device(device)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
     dtype = DTYPES[cfg.model.dtype]
     model = build_transformer(cfg, device)
     vae = build_streaming_vae(cfg, device, dtype)
