@@ -38,11 +38,11 @@ class Recipe:
     size: int = 256  # frames are made and styled at the demo's resolution
     clip_frames: int = 9  # 1 + 4*2: three latent frames
     clips_per_photo: int = 4
-    vae_steps: int = 2400
+    vae_steps: int = 2000
     vae_batch: int = 6
     vae_crop: int = 64
     vae_lr: float = 2e-3
-    dit_steps: int = 800
+    dit_steps: int = 3000
     dit_batch: int = 16
     dit_crop: int = 16  # latent pixels (x8 in the image)
     dit_lr: float = 1e-3
