@@ -16,15 +16,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# The preset carries its own service level (slo: in configs/*.yaml), so no flags are needed.
-# Another port: make run RUN_ARGS="--config tiny --port 8080".
-RUN_ARGS ?= --config tiny
+# `make run` serves the demo (a small model trained in this repo, configs/demo.yaml). Each preset
+# carries its own service level (slo: in configs/*.yaml), so no flags are needed.
+# Another port: make run RUN_ARGS="--config demo --port 8080".
+RUN_ARGS ?= --config demo
 
 run: $(STAMP)
 	$(VENV)/bin/streamdiff serve $(RUN_ARGS)
 
 render: $(STAMP)
-	$(VENV)/bin/streamdiff render --config tiny --input synthetic --prompt "a watercolor painting" --output out/render.mp4
+	$(VENV)/bin/streamdiff render --config demo --input synthetic --prompt "starry night" --output out/render.mp4
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

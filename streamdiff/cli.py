@@ -332,6 +332,22 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     done = sum(e.get("status") == "ok" for e in report["parts"])
     print(f"gpu-check: {done}/{len(parts)} parts ok in {report['elapsed_s']:.0f} s; wrote {out / 'gpu-check.json'} "
           f"and {out / 'gpu-check.md'}")
+
+
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    try:
+        from streamdiff.demo.train import Recipe, train_demo
+    except ImportError as exc:
+        raise CliError(f"{exc}") from None
+    recipe = Recipe()
+    if args.smoke:  # a few steps of every stage: checks the trainer, not the result
+        recipe = replace(recipe, clips_per_photo=1, vae_steps=2, dit_steps=2, vae_batch=2, dit_batch=2,
+                         checkpoint_every=1, photos=2)
+    out = train_demo(Path(args.work), Path(args.output), args.config, recipe, args.threads)
+    print(f"wrote the demo weights to {out} (work files in {args.work}; rerun to resume)")
     return 0
 
 
@@ -448,6 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     check.add_argument("--dry-run", action="store_true", help="print the parts, their estimates and what fits; run nothing")
     check.set_defaults(func=cmd_gpu_check)
+
+    train = sub.add_parser("train-demo", help="rebuild the demo model's weights from scratch (needs .[train])",
+                           description="Teacher renders, TAEHV, latents, DiT; resumable from --work. "
+                                       "See docs/demo.md.")
+    train.add_argument("--config", default="demo", help="the architecture to train (default demo)")
+    train.add_argument("--work", default="out/demo-train", help="work folder: data, checkpoints (resumable)")
+    train.add_argument("--output", default="out/demo-weights",
+                       help="where the safetensors go (configs/demo to replace the shipped ones)")
+    train.add_argument("--threads", type=int, default=1,
+                       help="torch / teacher threads (1 is fastest on a busy machine)")
+    train.add_argument("--smoke", action="store_true", help="two steps per stage on two photographs (tests)")
+    train.set_defaults(func=cmd_train_demo)
     return parser
 
 

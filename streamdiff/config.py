@@ -74,6 +74,13 @@ class VAEConfig:
     # False (StreamDiffusionV2's default): encode returns the raw posterior mean while decode
     # still un-normalizes (z * std + mean). True: encode normalizes too, (mu - mean) / std.
     normalize_latents: bool = False
+    # TAEHV (model/taehv.py): `kind: taehv` encodes and decodes with it; `decoder: taehv` keeps
+    # the Wan encoder and decodes with TAEHV. Widths (64, 64, 64) / (256, 128, 64, 64) are taew2_1.pth.
+    kind: Literal["wan", "taehv"] = "wan"
+    decoder: Literal["same", "taehv"] = "same"
+    taehv_encoder_widths: tuple[int, ...] = (64, 64, 64)
+    taehv_decoder_widths: tuple[int, ...] = (256, 128, 64, 64)
+    taehv_blocks: int = 3  # MemBlocks per stage (3 in taew2_1.pth)
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ class TextConfig:
     """Prompt encoder. `umt5`: transformers UMT5EncoderModel + tokenizer from local folders.
     `tiny`: a small built-in hashing encoder for the tiny preset (random weights, no files)."""
 
-    kind: Literal["tiny", "umt5"] = "tiny"
+    kind: Literal["tiny", "umt5", "styles"] = "tiny"  # styles: the demo's nine prompts (model/style_prompts.py)
     max_length: int = 512
     device: Literal["same", "cpu"] = "same"  # "cpu" keeps umT5 off the GPU (24 GB cards)
     offload_after_encode: bool = False  # move the encoder to CPU between prompts
@@ -99,7 +106,8 @@ class WeightsConfig:
 
     format: Literal["random", "diffusers", "wan", "sdv2"] = "random"
     transformer: str = ""
-    vae: str = ""  # diffusers vae/ folder or an original Wan2.1_VAE.pth / .safetensors
+    vae: str = ""  # diffusers vae/ folder or an original Wan2.1_VAE.pth / .safetensors (vae.kind=taehv: taew2_1.pth)
+    taehv: str = ""  # the TAEHV file (taew2_1.pth / .safetensors) when vae.decoder=taehv
     text_encoder: str = ""  # transformers folder of UMT5EncoderModel
     tokenizer: str = ""  # transformers tokenizer folder (defaults to text_encoder's)
     min_match: float = 0.99  # refuse a checkpoint matching fewer keys than this share
@@ -165,6 +173,9 @@ class RuntimeConfig:
     compile: bool = False
     cuda_graphs: bool = False
     row_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    # torch CPU threads for this process (0: torch's default, one per core). On a CPU shared with
+    # other busy processes, 1 thread is several times faster than 2 (no barrier waits).
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -209,6 +220,8 @@ class Config:
 
 _RANGES: dict[str, tuple[float, float]] = {
     "model.num_heads": (1, 256),
+    "vae.taehv_blocks": (1, 8),
+    "runtime.threads": (0, 1024),
     "model.head_dim": (8, 256),
     "model.num_layers": (1, 256),
     "cache.window": (1, 64),
@@ -263,6 +276,11 @@ def validate(cfg: Config) -> None:
     for name in ("width", "height"):
         if getattr(cfg.video, name) % 16:
             raise ConfigError(f"video.{name}={getattr(cfg.video, name)} must be a multiple of 16 (VAE 8x, patch 2x)")
+    enc_w, dec_w = cfg.vae.taehv_encoder_widths, cfg.vae.taehv_decoder_widths
+    if len(enc_w) != 3 or len(dec_w) != 4 or min(enc_w + dec_w) < 1:
+        raise ConfigError("vae.taehv_encoder_widths needs 3 and vae.taehv_decoder_widths 4 positive widths")
+    if cfg.vae.kind == "taehv" and cfg.vae.decoder == "taehv":
+        raise ConfigError("vae.decoder=taehv is for the Wan encoder; with vae.kind=taehv TAEHV already decodes")
     if len(cfg.vae.temperal_downsample) != len(cfg.vae.dim_mult) - 1:
         raise ConfigError("vae.temperal_downsample needs one entry fewer than vae.dim_mult")
     if cfg.weights.format != "random" and not cfg.weights.transformer:

@@ -101,8 +101,10 @@ def bench_config(settings: ModelBenchSettings) -> Config:
         needed = [("transformer", cfg.weights.transformer), ("vae", cfg.weights.vae)]
         if cfg.text.kind == "umt5":
             needed.append(("text_encoder", cfg.weights.text_encoder))
+        from streamdiff.model.loading import resolve_path
+
         for name, path in needed:
-            if not path or not Path(path).expanduser().exists():
+            if not path or not resolve_path(path).exists():
                 raise FileNotFoundError(
                     f"weights.{name} {path or '(empty)'} does not exist: point it at a local checkpoint "
                     f"(--set weights.{name}=PATH) or measure the architecture with --random-weights")

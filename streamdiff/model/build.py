@@ -16,7 +16,16 @@ from streamdiff.config import Config
 from streamdiff.model.attention import Attention, resolve_backend
 from streamdiff.model.dit_step import DiTStep
 from streamdiff.model.causal_wan import CausalWanModel
-from streamdiff.model.loading import load_into, load_vae, random_init_, read_transformer_state_dict
+from streamdiff.model.loading import (
+    load_into,
+    load_taehv,
+    load_vae,
+    random_init_,
+    read_transformer_state_dict,
+    resolve_path,
+)
+from streamdiff.model.style_prompts import PROMPT_NAMES, StylePromptEncoder
+from streamdiff.model.taehv import TAEHV, HybridVAE, StreamingTAEHV
 from streamdiff.model.text import PromptEncoder, build_prompt_encoder
 from streamdiff.model.vae import StreamingVAE, build_vae
 from streamdiff.sampling.noise_schedule import FlowMatchSchedule
@@ -67,10 +76,23 @@ class Components:
     step: DiTStep | None = None  # how full-model forwards run (runtime.compile / cuda_graphs); None: eager
 
 
-def build_components(cfg: Config, device: torch.device | str | None = None) -> Components:
-    device = resolve_device(cfg.runtime.device) if device is None else torch.device(device)
-    dtype = DTYPES[cfg.model.dtype]
-    model = build_transformer(cfg, device)
+def _taehv(cfg: Config, path: str, device: torch.device, dtype: torch.dtype) -> StreamingTAEHV:
+    if cfg.weights.format == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.weights.seed)
+            net = TAEHV.from_config(cfg.vae)
+    else:
+        net = load_taehv(path, cfg.vae, cfg.weights.min_match)
+    net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return StreamingTAEHV(net.channels_last_() if device.type == "cpu" else net)
+
+
+def build_streaming_vae(cfg: Config, device: torch.device, dtype: torch.dtype) -> StreamingVAE:
+    """The VAE the config asks for: Wan (`vae.kind: wan`), TAEHV both ways (`kind: taehv`,
+    weights.vae = the TAEHV file) or the Wan encoder with TAEHV decoding (`decoder: taehv`,
+    weights.taehv = the TAEHV file)."""
+    if cfg.vae.kind == "taehv":
+        return _taehv(cfg, cfg.weights.vae, device, dtype)
     if cfg.weights.format == "random":  # the configured architectures, random weights (tests, bench)
         vae_module = build_vae(cfg.vae, seed=cfg.weights.seed)
     elif cfg.weights.vae:
@@ -79,11 +101,39 @@ def build_components(cfg: Config, device: torch.device | str | None = None) -> C
         raise ValueError("weights.vae must name the Wan VAE (a diffusers vae/ folder or Wan2.1_VAE.pth)")
     if next(vae_module.parameters()).dtype != dtype:  # diffusers warns on every dtype cast, even a no-op
         vae_module = vae_module.to(dtype=dtype)
-    vae_module = vae_module.to(device=device).eval().requires_grad_(False)
-    text = build_prompt_encoder(cfg.text, cfg.weights, cfg.model.text_dim, device, dtype)
+    wan = StreamingVAE(vae_module.to(device=device).eval().requires_grad_(False), cfg.vae.normalize_latents)
+    if cfg.vae.decoder == "taehv":
+        if cfg.weights.format != "random" and not cfg.weights.taehv:
+            raise ValueError("vae.decoder=taehv needs weights.taehv (taew2_1.pth)")
+        return HybridVAE(wan, _taehv(cfg, cfg.weights.taehv, device, dtype))
+    return wan
+
+
+def build_text_encoder(cfg: Config, device: torch.device, dtype: torch.dtype) -> PromptEncoder:
+    """The prompt encoder; `text.kind: styles` reads the demo's prompt table (random: seeded)."""
+    if cfg.text.kind != "styles":
+        return build_prompt_encoder(cfg.text, cfg.weights, cfg.model.text_dim, device, dtype)
+    kwargs = dict(device=device, dtype=dtype, cache_size=cfg.text.cache_size)
+    if cfg.weights.format == "random" or not cfg.weights.text_encoder:
+        gen = torch.Generator().manual_seed(cfg.weights.seed)
+        table = torch.randn(len(PROMPT_NAMES), cfg.text.max_length, cfg.model.text_dim, generator=gen)
+        return StylePromptEncoder(table, **kwargs)
+    enc = StylePromptEncoder.from_file(resolve_path(cfg.weights.text_encoder), cfg.model.text_dim, **kwargs)
+    if enc.max_length != cfg.text.max_length:
+        raise ValueError(f"the prompt table has {enc.max_length} tokens, text.max_length={cfg.text.max_length}")
+    return enc
+
+
+def build_components(cfg: Config, device: torch.device | str | None = None) -> Components:
+    device = resolve_device(cfg.runtime.device) if device is None else torch.device(device)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    dtype = DTYPES[cfg.model.dtype]
+    model = build_transformer(cfg, device)
+    vae = build_streaming_vae(cfg, device, dtype)
+    text = build_text_encoder(cfg, device, dtype)
     schedule = FlowMatchSchedule(cfg.sampling.shift, cfg.sampling.num_train_timesteps)
-    return Components(cfg, device, dtype, model, StreamingVAE(vae_module, cfg.vae.normalize_latents), text, schedule,
-                      dit_step(cfg, model))
+    return Components(cfg, device, dtype, model, vae, text, schedule, dit_step(cfg, model))
 
 
 def dit_step(cfg: Config, model: CausalWanModel) -> DiTStep:

@@ -227,10 +227,21 @@ def _read_file(path: Path, trust_pickle: bool = False) -> StateDict:
     raise ValueError(f"{path}: unknown weights file type (expected .safetensors or one of {TORCH_SUFFIXES})")
 
 
+def resolve_path(path: str | Path) -> Path:
+    """A weights path as given, or — when relative and not found from the working directory —
+    relative to the configs folder (the demo preset ships its weights in configs/demo/)."""
+    from streamdiff.config import CONFIG_DIR
+
+    p = Path(path).expanduser()
+    if not p.exists() and not p.is_absolute() and (CONFIG_DIR / p).exists():
+        return CONFIG_DIR / p
+    return p
+
+
 def _require(path: str | Path, expected: str) -> Path:
     if not str(path):
         raise FileNotFoundError(f"no path given: expected {expected}")
-    p = Path(path).expanduser()
+    p = resolve_path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist: expected {expected}")
     return p
@@ -444,6 +455,32 @@ def load_vae(path: str | Path, config: dict | None = None, min_match: float = 0.
     report = load_into(vae, state, min_match=min_match, what="vae")
     log.info("%s", report)
     return vae.eval()
+
+
+def load_taehv(path: str | Path, vae_cfg, min_match: float = 0.99):
+    """TAEHV (model/taehv.py, fp32, CPU, eval) from a `taew2_1.pth` / .safetensors in the public
+    key layout, with the widths of `vae_cfg`. Refuses below `min_match` and on unexpected keys
+    beyond 1% (a Wan VAE or a DiT file matches nothing). A TGrow of the file with more output
+    channels than the model (older files grow time in the first stage too) keeps its last ones,
+    as the public loader does."""
+    from streamdiff.model.taehv import TAEHV, TGrow
+
+    p = _require(path, "a TAEHV file (taew2_1.pth or .safetensors)")
+    if p.is_dir():
+        raise FileNotFoundError(f"{p} is a folder: weights for TAEHV are one .pth / .safetensors file")
+    state = _strip_wrappers(_read_file(p))
+    net = TAEHV.from_config(vae_cfg)
+    targets = net.state_dict()
+    for i, layer in enumerate(net.decoder):
+        key = f"decoder.{i}.conv.weight"
+        if isinstance(layer, TGrow) and key in state and state.shape(key)[0] > targets[key].shape[0]:
+            rows = targets[key].shape[0]
+            state = StateDict({**state._entries, key: (_Tensors({key: state[key][-rows:]}), key)}, state.source)
+    report = load_into(net, state, min_match=min_match, what="taehv")
+    if report.n_unexpected > (1 - min_match) * max(1, report.expected):
+        raise WeightsMismatchError(f"{report.details()} — too many unexpected keys for TAEHV (from {p})", report)
+    log.info("%s", report)
+    return net.eval()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,10 +35,9 @@ from streamdiff.config import Config
 from streamdiff.engine.model_runner import MAX_LANES
 from streamdiff.engine.types import StreamOutput, StreamParams
 from streamdiff.engine.vae_batch import decode_many, encode_many
-from streamdiff.model.build import DTYPES, build_transformer, resolve_device
+from streamdiff.model.build import DTYPES, build_streaming_vae, build_text_encoder, build_transformer, resolve_device
 from streamdiff.model.causal_wan import CausalWanModel, CrossKV
-from streamdiff.model.text import build_prompt_encoder
-from streamdiff.model.vae import StreamingVAE, build_vae
+from streamdiff.model.vae import StreamingVAE
 from streamdiff.parallel.messages import Hop, RowMeta, StageInput, StageSpec, StepOut, split_rows
 from streamdiff.pipeline.frames import tensor_to_frames
 from streamdiff.pipeline.stream_state import (
@@ -104,7 +103,7 @@ class StageWorker:
         # 3. First stage: streams, slot table, prompt encoder, VAE encode. Last: VAE decode.
         self.vae = self._build_vae() if (spec.first or spec.last) else None
         if spec.first:
-            self.text = build_prompt_encoder(cfg.text, cfg.weights, cfg.model.text_dim, self.device, self.dtype)
+            self.text = build_text_encoder(cfg, self.device, self.dtype)
             self.slots = SlotTable.from_config(self.num_slots, cfg.cache, cfg.model.rope_max_seq_len)
             self.streams: dict[str, StreamState] = {}
             self._prompts: OrderedDict[str, tuple[CrossKV, torch.Tensor]] = OrderedDict()
@@ -120,16 +119,7 @@ class StageWorker:
     # -------------------------------------------------------------- set-up
 
     def _build_vae(self) -> StreamingVAE:
-        cfg = self.cfg
-        if cfg.weights.format == "random":
-            module = build_vae(cfg.vae, seed=cfg.weights.seed)
-        else:
-            from streamdiff.model.loading import load_vae
-
-            module = load_vae(cfg.weights.vae)
-        if next(module.parameters()).dtype != self.dtype:
-            module = module.to(dtype=self.dtype)
-        return StreamingVAE(module.to(device=self.device).eval().requires_grad_(False), cfg.vae.normalize_latents)
+        return build_streaming_vae(self.cfg, self.device, self.dtype)
 
     def info(self) -> dict:
         """What this stage holds (tests count parameters; the executor logs it)."""

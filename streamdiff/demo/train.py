@@ -1,0 +1,293 @@
+"""`streamdiff train-demo`: rebuild the demo model's weights from scratch on a CPU.
+
+Owns: the training recipe and its stages, each resumable from files in the work folder:
+  1. data: clips of the training photographs (data.py) and the teacher's rendering of every
+     frame in each of the eight styles (one .npy per photograph);
+  2. vae: the narrow TAEHV (configs/demo.yaml widths) trained to reconstruct source and styled
+     clips through the streaming path's frame grouping (checkpointed every few hundred steps);
+  3. latents: every clip and its eight stylings encoded once with the trained encoder;
+  4. dit: the small CausalWanModel and the prompt table trained as a v2v flow-matching model in
+     latent space (dit_train.py), checkpointed likewise;
+  5. export: safetensors files the runtime loads through its own loaders (configs/demo/).
+Does not own: the data (data.py), the DiT's training forward (dit_train.py), the runtime.
+
+Deterministic given the seed and thread count; step counts (not wall time) fix the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from streamdiff.config import Config, load_config
+from streamdiff.demo.data import TRAIN_PHOTOS, Teacher, load_photo, make_clip
+from streamdiff.model.style_prompts import PROMPT_NAMES
+from streamdiff.model.taehv import TAEHV, decode_latents, encode_frames
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    size: int = 256  # frames are made and styled at the demo's resolution
+    clip_frames: int = 9  # 1 + 4*2: three latent frames
+    clips_per_photo: int = 4
+    vae_steps: int = 2000
+    vae_batch: int = 6
+    vae_crop: int = 64
+    vae_lr: float = 2e-3
+    dit_steps: int = 3000
+    dit_batch: int = 16
+    dit_crop: int = 16  # latent pixels (x8 in the image)
+    dit_lr: float = 1e-3
+    checkpoint_every: int = 50
+    photos: int = len(TRAIN_PHOTOS)  # the first N training photographs (fewer only in smoke runs)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: data
+# ---------------------------------------------------------------------------------------------
+
+
+def photo_clips(name: str, index: int, recipe: Recipe) -> np.ndarray:
+    """The clips of one photograph: [clips, frames, size, size, 3] uint8 (seeded per photo)."""
+    photo = load_photo(name)
+    out = []
+    for c in range(recipe.clips_per_photo):
+        rng = np.random.default_rng([recipe.seed, index, c])
+        out.append(make_clip(photo, recipe.clip_frames, recipe.size, rng))
+    return np.stack(out)
+
+
+def stage_data(work: Path, recipe: Recipe, threads: int) -> list[Path]:
+    """One file per photograph: [clips, 9 prompts, frames, H, W, 3] uint8 (prompt 0: the input)."""
+    folder = work / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = TRAIN_PHOTOS[: recipe.photos]
+    files = [folder / f"{name}.npy" for name in names]
+    todo = [(i, name) for i, name in enumerate(names) if not files[i].exists()]
+    if todo:
+        teacher = Teacher(threads=threads)
+        for i, name in tqdm(todo, desc="data: teacher renders", unit="photo"):
+            clips = photo_clips(name, i, recipe)  # [C, n, H, W, 3]
+            rows = [np.stack([teacher.render_prompt(clip, prompt) for prompt in PROMPT_NAMES]) for clip in clips]
+            tmp = folder / f"{name}.tmp.npy"
+            np.save(tmp, np.stack(rows))  # [C, 9, n, H, W, 3]
+            tmp.replace(files[i])
+    return files
+
+
+def load_data(files: list[Path]) -> list[np.ndarray]:
+    """Memory-mapped [clips, prompts, frames, H, W, 3] arrays, one per photograph."""
+    return [np.load(f, mmap_mode="r") for f in files]
+
+
+def _clips_index(data: list[np.ndarray]) -> list[tuple[int, int]]:
+    return [(i, c) for i, arr in enumerate(data) for c in range(arr.shape[0])]
+
+
+def _to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [B, n, H, W, 3] -> [B, 3, n, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.array(frames)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+def _lr(step: int, total: int, peak: float, warmup: int = 20) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return float(peak * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))))
+
+
+def _resume(path: Path, modules: dict, opt: torch.optim.Optimizer) -> int:
+    if not path.exists():
+        return 0
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own work file
+    for name, module in modules.items():
+        if isinstance(module, torch.Tensor):
+            module.data.copy_(ckpt[name])
+        else:
+            module.load_state_dict(ckpt[name])
+    opt.load_state_dict(ckpt["opt"])
+    return int(ckpt["step"])
+
+
+def _checkpoint(path: Path, modules: dict, opt: torch.optim.Optimizer, step: int) -> None:
+    state = {name: (m.detach().clone() if isinstance(m, torch.Tensor) else m.state_dict()) for name, m in modules.items()}
+    _save_atomic({**state, "opt": opt.state_dict(), "step": step}, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: the TAEHV
+# ---------------------------------------------------------------------------------------------
+
+
+def vae_batch(data: list[np.ndarray], recipe: Recipe, gen: torch.Generator) -> torch.Tensor:
+    """A batch of 5-frame windows (a stream's first call: 1 + 4 frames), random crop and flip:
+    [B, 3, 5, crop, crop] in [-1, 1]. 2 in 5 windows are source clips, the rest styled ones."""
+    index = _clips_index(data)
+    out = []
+    for _ in range(recipe.vae_batch):
+        i, c = index[int(torch.randint(len(index), (1,), generator=gen))]
+        prompt = 0 if float(torch.rand(1, generator=gen)) < 0.4 else int(torch.randint(1, len(PROMPT_NAMES), (1,), generator=gen))
+        start = 4 * int(torch.randint((recipe.clip_frames - 1) // 4, (1,), generator=gen))
+        y, x = (int(torch.randint(recipe.size - recipe.vae_crop + 1, (1,), generator=gen)) for _ in range(2))
+        frames = data[i][c, prompt, start : start + 5, y : y + recipe.vae_crop, x : x + recipe.vae_crop]
+        if float(torch.rand(1, generator=gen)) < 0.5:
+            frames = frames[:, :, ::-1]
+        out.append(frames)
+    return _to_pixels(np.stack(out))
+
+
+def stage_vae(work: Path, cfg: Config, data: list[np.ndarray], recipe: Recipe) -> TAEHV:
+    path = work / "vae.ckpt"
+    torch.manual_seed(recipe.seed)
+    net = TAEHV.from_config(cfg.vae).channels_last_()
+    opt = torch.optim.AdamW(net.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    step = _resume(path, {"net": net}, opt)
+    n_enc, n_dec = TAEHV.num_memblocks(net.encoder), TAEHV.num_memblocks(net.decoder)
+    bar = tqdm(total=recipe.vae_steps, initial=step, desc="vae: TAEHV reconstruction", unit="step")
+    while step < recipe.vae_steps:
+        gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+        x = vae_batch(data, recipe, gen)  # [B, 3, 5, c, c]
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, recipe.vae_steps, recipe.vae_lr)
+        z = encode_frames(net, x, [None] * n_enc, first=True)  # [B, 16, 2, c/8, c/8]
+        # keep each latent channel near zero mean / unit variance (the DiT's noise scale)
+        mean, var = z.mean(dim=(0, 2, 3, 4)), z.var(dim=(0, 2, 3, 4))
+        reg = (mean.pow(2) + (var - 1).pow(2)).mean()
+        z_in = z + 0.02 * torch.randn(z.shape, generator=gen)  # a decoder that tolerates DiT error
+        y = decode_latents(net, z_in, [None] * n_dec, first=True)  # [B, 3, 5, c, c]
+        mse = F.mse_loss(y, x)
+        loss = mse + 0.05 * reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(psnr=f"{10 * np.log10(4 / max(mse.item(), 1e-10)):.1f}dB", reg=f"{reg.item():.3f}")
+        if step % recipe.checkpoint_every == 0 or step == recipe.vae_steps:
+            _checkpoint(path, {"net": net}, opt, step)
+    bar.close()
+    return net.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: latents
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def stage_latents(work: Path, net: TAEHV, data: list[np.ndarray]) -> torch.Tensor:
+    """Every clip in every prompt, encoded as a stream would be: [clips, 9, 16, F, h, w]."""
+    path = work / "latents.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    n_enc = TAEHV.num_memblocks(net.encoder)
+    out = []
+    for arr in tqdm(data, desc="latents: encode clips", unit="photo"):
+        for c in range(arr.shape[0]):
+            x = _to_pixels(arr[c])  # [9 prompts, 3, n, H, W]
+            out.append(encode_frames(net, x, [None] * n_enc, first=True))  # [9, 16, F, h, w]
+    latents = torch.stack(out)
+    _save_atomic(latents, path)
+    return latents
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 4: the DiT and the prompt table
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_dit(work: Path, cfg: Config, latents: torch.Tensor, recipe: Recipe):
+    from streamdiff.demo.dit_train import make_batch, train_forward
+    from streamdiff.model.causal_wan import CausalWanModel
+    from streamdiff.model.loading import random_init_
+    from streamdiff.sampling.noise_schedule import FlowMatchSchedule
+
+    path = work / "dit.ckpt"
+    model = CausalWanModel(cfg.model)
+    random_init_(model, recipe.seed)
+    with torch.no_grad():  # start at flow 0, i.e. x0 = x_t
+        model.proj_out.weight.zero_()
+        model.proj_out.bias.zero_()
+    gen = torch.Generator().manual_seed(recipe.seed)
+    table = torch.nn.Parameter(torch.randn(len(PROMPT_NAMES), cfg.text.max_length, cfg.model.text_dim, generator=gen))
+    params = list(model.parameters()) + [table]
+    opt = torch.optim.AdamW(params, lr=recipe.dit_lr, weight_decay=0.0)
+    step = _resume(path, {"model": model, "table": table}, opt)
+    schedule = FlowMatchSchedule(cfg.sampling.shift, cfg.sampling.num_train_timesteps)
+    bar = tqdm(total=recipe.dit_steps, initial=step, desc="dit: v2v flow matching", unit="step")
+    ema = None
+    while step < recipe.dit_steps:
+        gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + 7 + step)
+        b = make_batch(latents, table, schedule, recipe.dit_batch, recipe.dit_crop, gen)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, recipe.dit_steps, recipe.dit_lr)
+        flow = train_forward(model, b["x"], b["timestep"], b["text"], b["frame_pos"], b["chunk_ids"], b["offset"])
+        x0 = b["x"] - b["sigma"].view(-1, 1, 1, 1, 1) * flow  # [B, 16, F, c, c]
+        loss = F.mse_loss(x0, b["target"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.update(1)
+        bar.set_postfix(x0_mse=f"{ema:.4f}")
+        if step % recipe.checkpoint_every == 0 or step == recipe.dit_steps:
+            _checkpoint(path, {"model": model, "table": table}, opt, step)
+    bar.close()
+    return model.eval(), table.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 5: export, and the whole run
+# ---------------------------------------------------------------------------------------------
+
+
+def export(out_dir: Path, net: TAEHV, model, table: torch.Tensor, recipe: Recipe, seconds: float) -> None:
+    """The runtime's files: safetensors in the names its loaders read, and how they were made."""
+    from safetensors.torch import save_file
+
+    from streamdiff.model.style_prompts import TABLE_KEY
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    contiguous = lambda sd: {k: v.detach().contiguous() for k, v in sd.items()}  # noqa: E731
+    save_file(contiguous(net.to(memory_format=torch.contiguous_format).state_dict()), str(out_dir / "taehv.safetensors"))
+    save_file(contiguous(model.state_dict()), str(out_dir / "transformer.safetensors"))
+    save_file({TABLE_KEY: table.contiguous()}, str(out_dir / "prompts.safetensors"))
+    info = {"recipe": asdict(recipe), "prompts": list(PROMPT_NAMES), "train_seconds": round(seconds, 1),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def train_demo(work: Path, out_dir: Path, config: str = "demo", recipe: Recipe | None = None,
+               threads: int = 1) -> Path:
+    """Run (or resume) every stage; returns the folder with the exported weights."""
+    recipe = recipe or Recipe()
+    torch.set_num_threads(threads)
+    cfg = load_config(config)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    files = stage_data(work, recipe, threads)
+    data = load_data(files)
+    net = stage_vae(work, cfg, data, recipe)
+    latents = stage_latents(work, net, data)
+    model, table = stage_dit(work, cfg, latents, recipe)
+    export(out_dir, net, model, table, recipe, time.monotonic() - t0)
+    return out_dir
+
+
+__all__ = ["Recipe", "train_demo"]
