@@ -30,6 +30,15 @@ def _config_dir() -> Path:
 CONFIG_DIR = _config_dir()
 
 
+def resolve_path(path: str | Path) -> Path:
+    """A weights path as given, or — when relative and not found from the working directory —
+    relative to the configs folder (the demo preset ships its weights in configs/demo/)."""
+    p = Path(path).expanduser()
+    if not p.exists() and not p.is_absolute() and (CONFIG_DIR / p).exists():
+        return CONFIG_DIR / p
+    return p
+
+
 class ConfigError(ValueError):
     """A config key or value is wrong. The message names the dotted key."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from streamdiff.config import Config, ConfigError
+from streamdiff.config import Config, ConfigError, resolve_path
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi")
 
@@ -24,7 +24,7 @@ def check_weight_paths(cfg: Config) -> None:
         named.append(("weights.transformer", w.transformer))
     named += [("weights.vae", w.vae), ("weights.text_encoder", w.text_encoder), ("weights.tokenizer", w.tokenizer)]
     for key, path in named:
-        if path and not Path(path).expanduser().exists():
+        if path and not resolve_path(path).exists():
             raise FileNotFoundError(f"{key}={path} does not exist (config {cfg.name}; point it at local files "
                                     f"with --set {key}=PATH, or use --set weights.format=random to run without)")
 

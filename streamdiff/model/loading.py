@@ -41,7 +41,7 @@ from diffusers.loaders.single_file_utils import (
 )
 from safetensors import safe_open
 
-from streamdiff.config import ConfigError
+from streamdiff.config import ConfigError, resolve_path  # resolve_path: callers import it from here too
 
 log = logging.getLogger(__name__)
 
@@ -225,17 +225,6 @@ def _read_file(path: Path, trust_pickle: bool = False) -> StateDict:
         obj, where = _unwrap(_torch_load(path, trust_pickle), ("state_dict", "model", "module"), path)
         return StateDict.of(_Tensors(obj), f"{path}{where}")
     raise ValueError(f"{path}: unknown weights file type (expected .safetensors or one of {TORCH_SUFFIXES})")
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A weights path as given, or — when relative and not found from the working directory —
-    relative to the configs folder (the demo preset ships its weights in configs/demo/)."""
-    from streamdiff.config import CONFIG_DIR
-
-    p = Path(path).expanduser()
-    if not p.exists() and not p.is_absolute() and (CONFIG_DIR / p).exists():
-        return CONFIG_DIR / p
-    return p
 
 
 def _require(path: str | Path, expected: str) -> Path:

@@ -269,6 +269,7 @@ class HybridVAE(StreamingVAE):
         self._temporal_ratio = wan.temporal_ratio
         self._spatial_ratio = wan.spatial_ratio
         self.latents_mean, self.latents_std, self._stats = wan.latents_mean, wan.latents_std, wan._stats
+        self.normalize_latents = wan.normalize_latents
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
