@@ -78,7 +78,7 @@ async def _browser(pw):
 async def _make_run_flow() -> dict:
     from playwright.async_api import async_playwright
 
-    cfg = load_config("tiny")  # exactly what `make run` serves
+    cfg = load_config("demo")  # exactly what `make run` serves
     out: dict = {}
     with cpu_load():
         server = running_server(token=None, config=cfg, target_fps=None, deadline_ms=None, output_fps=None,
