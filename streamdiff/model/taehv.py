@@ -243,15 +243,6 @@ class StreamingTAEHV(StreamingVAE):
         state.device = x.device
         return x, first
 
-    def _check_decode(self, latents: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
-        z = self._check_tensor(latents, "latents", self.z_dim, f"z_dim={self.z_dim}", state)
-        b, _, m, h, w = z.shape
-        if m == 0:
-            raise ValueError("decode_chunk needs at least 1 latent frame, got 0")
-        self._check_shape(state, "dec_shape", (b, h, w), "latents (B, h, w)")
-        state.device = z.device
-        return z
-
 
 class HybridVAE(StreamingVAE):
     """`vae.decoder: taehv`: the Wan VAE encodes, TAEHV decodes (StreamDiffusionV2's `--use_taehv`).
@@ -273,7 +264,7 @@ class HybridVAE(StreamingVAE):
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
-        z = StreamingTAEHV._check_decode(self, latents, state)
+        z = self._check_decode(latents, state)
         first = state.decoded_latents == 0
         frames = decode_latents(self.taehv.net, z.to(self.taehv.dtype), state.dec_cache, first)
         state.decoded_latents += z.shape[2]

@@ -214,6 +214,16 @@ class StreamingVAE:
 
     # ------------------------------------------------------------------ decode
 
+    def _check_decode(self, latents: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
+        """Validate a decode call (before touching the cache); returns the latents to decode."""
+        z = self._check_tensor(latents, "latents", self.z_dim, f"z_dim={self.z_dim}", state)
+        b, _, m, h, w = z.shape
+        if m == 0:
+            raise ValueError("decode_chunk needs at least 1 latent frame, got 0")
+        self._check_shape(state, "dec_shape", (b, h, w), "latents (B, h, w)")
+        state.device = z.device
+        return z
+
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
         """normalized latents [B, z_dim, m, h, w] -> frames [B, 3, n, 8h, 8w] in [-1, 1].
@@ -222,12 +232,8 @@ class StreamingVAE:
         first latent gives 1 frame, every other latent 4 frames.
         """
         # 1. Validate.
-        z = self._check_tensor(latents, "latents", self.z_dim, f"z_dim={self.z_dim}", state)
-        b, _, m, h, w = z.shape
-        if m == 0:
-            raise ValueError("decode_chunk needs at least 1 latent frame, got 0")
-        self._check_shape(state, "dec_shape", (b, h, w), "latents (B, h, w)")
-        state.device = z.device
+        z = self._check_decode(latents, state)
+        m = z.shape[2]
 
         # 2. Un-normalize and decode latent by latent.
         mean, std = self._latent_stats(z.device, z.dtype)
