@@ -401,10 +401,11 @@ def startup_lines(cfg, settings: ServerSettings, host: str, port: int, expect: t
 def serve(cfg, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None) -> None:
     """Build the engine from `cfg` and run the gateway until interrupted."""
     from streamdiff.engine import AsyncEngine
+    from streamdiff.parallel import build_executor
 
     settings = settings or ServerSettings()
     enable_event_log(sys.stderr)
-    engine = AsyncEngine(cfg)
+    engine = AsyncEngine(cfg, executor_factory=build_executor)
     app = build_app(engine, settings)
 
     async def report(_app: web.Application) -> None:  # after build_app's start-up: the engine is warm

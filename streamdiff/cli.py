@@ -1,7 +1,7 @@
 """The `streamdiff` command line: render (offline, one stream through StreamPipeline), serve
 (the WebRTC gateway), control (change a live stream's parameters) and bench (model mode:
 the engine on synthetic clips, bench/model.py; end-to-end mode with --url: a running
-server, client/bench.py), plan (memory plan, engine/memory_plan.py) and gpu-check (every GPU
+server, client/bench.py), plan (memory plan, bench/memory_plan.py) and gpu-check (every GPU
 measurement in one budget, bench/gpu_check.py).
 
 Owns: argument parsing, turning known failures into one-line errors (exit 2, no traceback),
@@ -281,8 +281,8 @@ def _bench_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """streamdiff plan: the memory plan of a config from a meta-device build (engine/memory_plan.py)."""
-    from streamdiff.engine.memory_plan import GiB, format_plan, parse_bytes, plan_memory, write_plan_json
+    """streamdiff plan: the memory plan of a config from a meta-device build (bench/memory_plan.py)."""
+    from streamdiff.bench.memory_plan import GiB, format_plan, parse_bytes, plan_memory, write_plan_json
 
     try:
         sizes = [parse_bytes(x) for x in args.gpu_mem.split(",")] if args.gpu_mem else []

@@ -256,7 +256,7 @@ class CudaParts:
     def _planned_mb(self, part: Part) -> float:
         """streamdiff plan's device bytes for this combination, without the CUDA-context reserve
         (max_memory_allocated counts tensors only) and the text-embedding cache."""
-        from streamdiff.engine.memory_plan import plan_memory
+        from streamdiff.bench.memory_plan import plan_memory
 
         key = (part.width, part.height, part.steps)
         if key not in self._plans:

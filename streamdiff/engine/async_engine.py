@@ -133,6 +133,7 @@ class AsyncEngine:
         cfg: Config,
         executor: Executor | None = None,
         *,
+        executor_factory: Callable[[Config], Executor] | None = None,
         warmup: bool = True,
         inbox_frames: int = 8,
         output_queue_frames: int = 64,
@@ -141,6 +142,7 @@ class AsyncEngine:
     ):
         self.cfg = cfg
         self.executor = executor
+        self.executor_factory = executor_factory or local_executor  # run in a thread by start()
         self.warmup = warmup
         self.output_queue_frames = output_queue_frames
         self.idle_wait_s = idle_wait_s
@@ -163,7 +165,7 @@ class AsyncEngine:
             raise RuntimeError("AsyncEngine already started")
         self._loop = asyncio.get_running_loop()
         if self.executor is None:
-            self.executor = await asyncio.to_thread(build_executor, self.cfg)
+            self.executor = await asyncio.to_thread(self.executor_factory, self.cfg)
         core = EngineCore(self.cfg, self.executor, **self._core_kwargs)
         if self.warmup:
             self.warmup_ms = await asyncio.to_thread(core.warmup)
@@ -375,13 +377,14 @@ class AsyncEngine:
             queue.close(closed)
 
 
-def build_executor(cfg: Config) -> Executor:
-    """The executor the config asks for: local, or `parallel.num_stages` Ray pipeline stages."""
+def local_executor(cfg: Config) -> Executor:
+    """The default executor factory: one process, one ModelRunner. Pipeline stages are chosen
+    where the engine is composed (streamdiff.parallel.build_executor), so the engine never
+    imports `parallel`."""
     if cfg.parallel.num_stages > 1 or cfg.parallel.ray_address:
-        from streamdiff.parallel.ray_executor import RayExecutor
-
-        return RayExecutor(cfg)
+        raise ValueError(f"parallel.num_stages={cfg.parallel.num_stages} needs pipeline stages: build the engine "
+                         "with executor_factory=streamdiff.parallel.build_executor")
     return LocalExecutor.from_config(cfg)
 
 
-__all__ = ["AsyncEngine", "build_executor"]
+__all__ = ["AsyncEngine", "local_executor"]

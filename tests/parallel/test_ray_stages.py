@@ -112,7 +112,7 @@ def test_async_engine_serves_over_ray_stages(cfg4):
     import asyncio
 
     from streamdiff.engine import AsyncEngine
-    from streamdiff.engine.async_engine import build_executor
+    from streamdiff.parallel import build_executor
 
     cfg = with_overrides(cfg4, parallel={"num_stages": 2})
 

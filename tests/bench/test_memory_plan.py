@@ -16,7 +16,7 @@ import torch
 
 from streamdiff.cli import main
 from streamdiff.config import load_config
-from streamdiff.engine.memory_plan import GiB, LiveBytes, module_bytes, parse_bytes, plan_memory
+from streamdiff.bench.memory_plan import GiB, LiveBytes, module_bytes, parse_bytes, plan_memory
 from streamdiff.engine.model_runner import MAX_LANES
 from streamdiff.model.build import build_components
 from streamdiff.pipeline.frames import synthetic_clip

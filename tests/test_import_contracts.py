@@ -1,0 +1,58 @@
+"""The dependency rules of docs/architecture.md, checked mechanically:
+- import-linter's contracts in pyproject.toml over the `streamdiff/` package folder (direct and
+  indirect imports): the scheduler and config never import torch; only parallel/ (and the Ray
+  hop bench) import ray; nothing below the engine imports the engine, parallel or the
+  benchmarks; the engine never imports parallel (the executor is chosen where it is composed);
+- by reading the import statements of the folders mapped into the namespace, which
+  import-linter does not scan: kernels/ imports triton only inside functions and nothing above
+  the model; the core packages never import the web stack."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WEB = ("aiortc", "aiohttp", "av", "websockets", "streamdiff.server", "streamdiff.client")
+CORE = ["model", "cache", "sampling", "pipeline", "scheduler", "engine", "parallel"]
+
+
+def imports(path: Path, top_level_only: bool = False) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def hits(names: set[str], banned: tuple[str, ...]) -> set[str]:
+    return {n for n in names if any(n == b or n.startswith(b + ".") for b in banned)}
+
+
+def test_import_linter_contracts_hold():
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint), "--config", str(ROOT / "pyproject.toml")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "4 kept, 0 broken" in result.stdout
+
+
+def test_kernels_import_triton_lazily_and_nothing_above_the_model():
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        assert not hits(imports(path, top_level_only=True), ("triton",)), path.name
+        assert not hits(imports(path), ("streamdiff.engine", "streamdiff.parallel", "streamdiff.pipeline",
+                                        "streamdiff.bench", *WEB)), path.name
+
+
+def test_core_packages_never_import_the_web_stack():
+    files = [p for pkg in CORE for p in (ROOT / "streamdiff" / pkg).rglob("*.py")]
+    files.append(ROOT / "streamdiff" / "config.py")
+    assert len(files) > 30
+    offenders = {str(p.relative_to(ROOT)): sorted(hits(imports(p), WEB)) for p in files if hits(imports(p), WEB)}
+    assert not offenders
