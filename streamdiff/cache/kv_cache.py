@@ -35,9 +35,12 @@ class KVPool:
         device: torch.device | str,
         window: int = 6,
         scratch: bool = False,
+        track_frames: bool = False,
     ):
         """`scratch`: one more lane after the `num_slots` ones, which no stream ever holds: the
-        padding rows of a bucketed (compiled / graphed) forward write and read there."""
+        padding rows of a bucketed (compiled / graphed) forward write and read there.
+        `track_frames`: remember which stream frame each slot holds, per layer (`held_frames`;
+        LatentStream and tests). Serving leaves it off: it is a scatter per layer per forward."""
         if num_slots % window:
             raise ValueError(f"a pool of {num_slots} slots does not split into lanes of {window}")
         self.scratch_lane = num_slots // window if scratch else None
@@ -46,6 +49,7 @@ class KVPool:
         self._index = {layer: i for i, layer in enumerate(self.layers)}
         self.num_slots = num_slots
         self.window = window
+        self.track_frames = track_frames
         self.tokens_per_slot = tokens_per_slot
         n, lanes = len(self.layers), num_slots // window
         shape = (n, num_slots, tokens_per_slot, heads, head_dim)
@@ -101,7 +105,8 @@ class KVPool:
 
     def record_frames(self, layer: int, slots: torch.Tensor, frames: torch.Tensor) -> None:
         """Remember which stream frame each written slot now holds (slots, frames [B, F])."""
-        self.frames[self._index[layer]][slots.flatten()] = frames.flatten()
+        if self.track_frames:
+            self.frames[self._index[layer]][slots.flatten()] = frames.flatten()
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = self._index[layer]
@@ -132,6 +137,8 @@ class KVPool:
     def held_frames(self, layer: int, slots: list[int]) -> list[int | None]:
         """The stream frame index each of `slots` holds in `layer` (None: never written). Reads
         the device: for tests and inspection, never in a step."""
+        if not self.track_frames:
+            raise ValueError("this KV pool does not track frames (KVPool(..., track_frames=True))")
         held = self.frames[self._index[layer], torch.tensor(slots, device=self.k.device)].tolist()
         return [None if f < 0 else f for f in held]
 
@@ -179,10 +186,10 @@ class AttnBatch:
     ring_order: torch.Tensor  # [B, W] int64 window entries (padded with 0)
     ring_len: torch.Tensor  # [B] int64
     threshold: float = -1.0
-    window: int = 6
-    any_refresh: bool = False  # host-side summaries, so layers skip work without reading the device
-    any_choice: bool = False
-    swap_refresh: bool = False  # rolling: refresh by swapping after attention
+    # What each layer does, decided on the host so no layer reads the device to skip work:
+    test_before: bool = False  # sdv2: run the sink-refresh test before the write
+    choose: bool = False  # sdv2: pick the write slots per layer (choose_writes)
+    swap_after: bool = False  # rolling: the refresh swaps a sink with the new frame after attention
     table_full: bool = False  # every row attends to all M table entries (no padding)
 
     @staticmethod
@@ -198,6 +205,8 @@ class AttnBatch:
         width = window if static else max(len(p.attend_slots) for p in plans)
         sinks = max(max(len(p.sink_slots) for p in plans), 1)
         refresh = [p.refresh and threshold > -1 and len(p.sink_slots) == sinks for p in plans]
+        sdv2 = policy == "sdv2"
+        tests = (threshold > -1) if static else any(refresh)  # some row runs the refresh test
         # 1. One row of integers per plan: the fields side by side, padded to fixed widths.
         widths = {"write_slots": num_frames, "write_pos": num_frames, "slot_table": width, "slot_count": 1,
                   "frames": num_frames, "lane": 1, "sink_slots": sinks, "refresh": 1, "device_choice": 1,
@@ -229,10 +238,9 @@ class AttnBatch:
             ring_order=fields["ring_order"],
             ring_len=fields["ring_len"][:, 0],
             threshold=threshold,
-            window=window,
-            any_refresh=(threshold > -1) if static else any(refresh),
-            any_choice=(policy == "sdv2") if static else any(p.device_choice for p in plans),
-            swap_refresh=policy == "rolling" and ((threshold > -1) if static else any(refresh)),
+            test_before=sdv2 and tests,
+            choose=sdv2 and (static or tests or any(p.device_choice for p in plans)),
+            swap_after=not sdv2 and tests,
             table_full=False if static else all(len(p.attend_slots) == width for p in plans),
         )
 
@@ -336,5 +344,5 @@ def swap_refresh_(pool: KVPool, layer: int, batch: AttnBatch, written: torch.Ten
     last = chunk[:, -1]  # [B]
     dst = torch.cat([sink, last])  # [2B]
     src = torch.cat([torch.where(fires, last, sink), torch.where(fires, sink, last)])  # [2B]
-    for tensor in (k_pool, v_pool, pool.frames[i]):
+    for tensor in (k_pool, v_pool) + ((pool.frames[i],) if pool.track_frames else ()):
         tensor[dst] = tensor[src]

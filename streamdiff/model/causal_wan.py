@@ -269,9 +269,9 @@ class CausalWanModel(nn.Module):
         # 1. Where this layer writes: the plan's slots, or (sdv2, full window) its queue's choice,
         #    after the sink-refresh test against the cache as it is before the write.
         write_slots = batch.write_slots
-        if batch.any_choice or (batch.any_refresh and not batch.swap_refresh):
+        if batch.choose:
             sim = None
-            if batch.any_refresh and not batch.swap_refresh:
+            if batch.test_before:
                 sim = sink_similarity(k_pool, v_pool, batch.sink_slots, apply_rope_ref(k, *rope_q), v)  # [B, sinks]
             write_slots = choose_writes(pool, layer, batch, sim)  # [B, F]
         # 2. Write (RoPE fused), attend to every held slot of the row.
@@ -282,6 +282,6 @@ class CausalWanModel(nn.Module):
         pool.record_frames(layer, write_slots, batch.frames)
         out = self.attention.attend(q, k_pool, v_pool, batch)  # [B, N, H, D]
         # 3. rolling: the refresh swaps a sink with the frame just written, for later chunks.
-        if batch.swap_refresh:
+        if batch.swap_after:
             swap_refresh_(pool, layer, batch, write_slots)
         return attn.to_out[0](out.flatten(2).type_as(q))

@@ -60,8 +60,9 @@ class DiTStep:
             return self._compiled(x, timestep, cross, batch, pool)
         key = _signature(x, timestep, cross, batch)
         captured = self._graphs.get(key)
-        if captured is None:
+        if captured is None:  # this call runs for real while the graph is made (see _Captured)
             captured = self._graphs[key] = _Captured(self.model, x, timestep, cross, batch, pool)
+            return captured.first_out
         return captured.replay(x, timestep, cross, batch)
 
 
@@ -74,27 +75,26 @@ def _signature(x, timestep, cross, batch: AttnBatch) -> tuple:
 
 
 class _Captured:
-    """One CUDA graph of the forward over static inputs (same shapes, flags, pool)."""
+    """One CUDA graph of the forward over static inputs (same shapes, flags, pool).
+
+    The first call of a signature runs for real, eagerly, on the static buffers (on a side
+    stream: allocator and kernel warm-up) and its output is that call's result; the graph is
+    captured after it. Capturing records kernels without running them, so the pool is left
+    exactly as the real step left it and needs no copy."""
 
     def __init__(self, model, x, timestep, cross, batch: AttnBatch, pool: KVPool):
-        self.model, self.pool = model, pool
         self.x, self.timestep = x.clone(), timestep.clone()
         self.cross = {layer: (k.contiguous().clone(), v.contiguous().clone()) for layer, (k, v) in cross.items()}
         self.batch = AttnBatch(**{f.name: (v.clone() if isinstance(v := getattr(batch, f.name), torch.Tensor) else v)
                                   for f in fields(batch)})
-        # Warm up on a side stream (allocator and kernel selection), then capture. The warm-up
-        # forward changes the pool as a real step would, so it runs on copies of the pool state.
-        saved = {name: getattr(pool, name).clone() for name in pool.STATE}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            model(self.x, self.timestep, self.cross, self.batch, pool)
+            self.first_out = model(self.x, self.timestep, self.cross, self.batch, pool)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = model(self.x, self.timestep, self.cross, self.batch, pool)
-        for name, tensor in saved.items():  # capture does not run kernels; undo the warm-up
-            getattr(pool, name).copy_(tensor)
 
     def replay(self, x, timestep, cross, batch: AttnBatch) -> torch.Tensor:
         self.x.copy_(x)

@@ -433,8 +433,7 @@ class StageWorker:
         if key[0] == "prompt":
             return self._prompt_entry(key[1])[1]
         for state in self.streams.values():
-            lanes = [lane for lane in state.pipe if lane is not None]
-            lanes += [state.sequential.lane] if state.sequential is not None else []
+            lanes = state.chunks_in_flight()
             for cond_key, emb in [(state.cond_key, state.cond_emb)] + [(l.cond_key, l.cond_emb) for l in lanes]:
                 if cond_key == key:
                     return emb
@@ -446,9 +445,7 @@ class StageWorker:
         if self.spec.first:
             for state in self.streams.values():
                 seen.setdefault(id(state.cross_kv), (state.cond_key, state.cross_kv))
-                in_flight = [lane for lane in state.pipe if lane is not None]
-                in_flight += [state.sequential.lane] if state.sequential is not None else []
-                for lane in in_flight:  # chunks keep the condition they entered with
+                for lane in state.chunks_in_flight():  # chunks keep the condition they entered with
                     seen.setdefault(id(lane.cross_kv), (lane.cond_key, lane.cross_kv))
             for prompt, (kv, _) in self._prompts.items():
                 seen.setdefault(id(kv), (("prompt", prompt), kv))

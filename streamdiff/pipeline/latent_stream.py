@@ -82,7 +82,7 @@ class LatentStream:
         cfg = self.model.cfg
         window = self.cache.window
         self.pool = KVPool(self.model.layer_ids, window, (h // 2) * (w // 2), cfg.num_heads, cfg.head_dim,
-                           self.model.dtype, self.device, window)
+                           self.model.dtype, self.device, window, track_frames=True)
         self.slots = SlotTable.from_config(window, self.cache, cfg.rope_max_seq_len)
         self.slots.add_stream(_STREAM, 1)
         self._latent_hw = (h, w)

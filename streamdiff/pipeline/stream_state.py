@@ -193,7 +193,12 @@ class StreamState:
     @property
     def in_flight(self) -> bool:
         """True while a chunk sits in a lane (its output has not left yet)."""
-        return self.sequential is not None or any(lane is not None for lane in self.pipe)
+        return bool(self.chunks_in_flight())
+
+    def chunks_in_flight(self) -> list[Lane]:
+        """Every chunk not finished yet: those in the stream batch, then a first chunk's."""
+        lanes = [lane for lane in self.pipe if lane is not None]
+        return lanes + ([self.sequential.lane] if self.sequential is not None else [])
 
     def release(self) -> list[int]:
         """Give the stream's lanes back to the slot table and drop every cached tensor.

@@ -29,7 +29,7 @@ def test_rebase_rotation_equals_writing_at_the_shifted_index():
 def test_rolling_refresh_swaps_so_each_frame_is_held_once():
     """rolling: the least similar sink below the threshold swaps places with the frame just
     written; nothing is held twice, and similar sinks leave the pool unchanged."""
-    pool = KVPool([0], 6, 4, 1, 8, torch.float32, "cpu", window=6)
+    pool = KVPool([0], 6, 4, 1, 8, torch.float32, "cpu", window=6, track_frames=True)
     k, v = pool.layer(0)
     base = torch.randn(8)
     for slot, sign in ((0, 1.0), (1, 1.0), (2, -1.0), (3, 0.5)):  # sink 2 points the other way
@@ -60,7 +60,7 @@ def test_sink_similarity_gives_zero_for_an_empty_sink():
 
 
 def test_clear_slots_resets_the_lanes_queues_and_frames():
-    pool = KVPool([0, 1], 12, 1, 1, 2, torch.float32, "cpu", window=6)
+    pool = KVPool([0, 1], 12, 1, 1, 2, torch.float32, "cpu", window=6, track_frames=True)
     pool.q_len[:, 1] = 2
     pool.q_rot[:, 1] = 1
     pool.frames[:, 6:] = 5

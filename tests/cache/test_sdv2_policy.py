@@ -27,7 +27,7 @@ def scripted(rng: random.Random, ref: Sdv2LayerRef) -> list[float]:
 def test_sdv2_bookkeeping_matches_the_rules(threshold):
     rng = random.Random(int(threshold * 100) + 7)
     table = SlotTable(4 * W, W, S, 1024, policy="sdv2", refresh=threshold > -1, rebase_frame=50)
-    pool = KVPool(LAYERS, 4 * W, 1, 1, 2, torch.float32, "cpu", W)
+    pool = KVPool(LAYERS, 4 * W, 1, 1, 2, torch.float32, "cpu", W, track_frames=True)
     table.add_stream("a", 2)  # two lanes of one stream
     table.add_stream("b", 1)  # another stream, joining later
     rows_all = [("a", 0), ("a", 1), ("b", 0)]
@@ -52,7 +52,7 @@ def test_sdv2_bookkeeping_matches_the_rules(threshold):
                 sims = [scripted(rng, refs[row, layer]) for row in rows]
                 frames = [plan.frames for plan in plans]
                 expected = [refs[row, layer].chunk(f, s) for row, f, s in zip(rows, frames, sims)]
-                sim = torch.tensor(sims) if batch.any_refresh else None
+                sim = torch.tensor(sims) if batch.test_before else None
                 got = choose_writes(pool, layer, batch, sim)
                 pool.record_frames(layer, got, batch.frames)
                 for r, (row, plan) in enumerate(zip(rows, plans)):
@@ -72,14 +72,14 @@ def test_first_refresh_is_the_empty_sink_and_sinks_become_frames_0_1_6():
     """The reference's signature: chunk 1 sees sink 2 empty (similarity 0) and queues it, so
     chunk 5 (the first with a full window) overwrites sink 2, not ring entry 3."""
     table = SlotTable(W, W, S, 1024, policy="sdv2", refresh=True)
-    pool = KVPool([0], W, 1, 1, 2, torch.float32, "cpu", W)
+    pool = KVPool([0], W, 1, 1, 2, torch.float32, "cpu", W, track_frames=True)
     table.add_stream("s", 1)
     lane = table.lane("s", 0)
     for k in range(6):
         plan = lane.plan(2 if k == 0 else 1)
         batch = AttnBatch.from_plans([plan], "cpu", W, 0.2, "sdv2")
         held = pool.held_frames(0, lane.slots)
-        sim = torch.tensor([[0.0 if held[s] is None else 0.9 for s in range(S)]]) if batch.any_refresh else None
+        sim = torch.tensor([[0.0 if held[s] is None else 0.9 for s in range(S)]]) if batch.test_before else None
         pool.record_frames(0, choose_writes(pool, 0, batch, sim), batch.frames)
     assert pool.held_frames(0, lane.slots)[:S] == [0, 1, 6]
     assert pool.queue(0, lane.lane, lane.ring_order) == [3, 4, 5]
