@@ -56,13 +56,13 @@ def load_photo(name: str) -> np.ndarray:
 def make_clip(photo: np.ndarray, num_frames: int, size: int, rng: np.random.Generator,
               speed_px: float | None = None) -> np.ndarray:
     """A clip [n, size, size, 3] uint8 of a camera moving over `photo`: a linear pan (up to
-    `speed_px` output pixels per frame, default random up to 4), a zoom drift, a small rotation
+    `speed_px` output pixels per frame, default random up to 7), a zoom drift, a small rotation
     drift and a brightness drift, all smooth over the clip."""
     img = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255  # [1, 3, H, W]
     h, w = img.shape[2:]
     aspect = w / h
     # 1. Per-clip motion parameters (start and end of each drift).
-    speed = rng.uniform(0.5, 4.0) if speed_px is None else speed_px
+    speed = rng.uniform(0.5, 7.0) if speed_px is None else speed_px
     angle = rng.uniform(0, 2 * math.pi)
     zoom0 = rng.uniform(0.55, 0.95)  # fraction of the photo's short side seen
     zoom1 = zoom0 * rng.uniform(0.9, 1.1)

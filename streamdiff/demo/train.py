@@ -37,12 +37,13 @@ class Recipe:
     seed: int = 0
     size: int = 256  # frames are made and styled at the demo's resolution
     clip_frames: int = 9  # 1 + 4*2: three latent frames
-    clips_per_photo: int = 4
-    vae_steps: int = 2000
-    vae_batch: int = 6
+    clips_per_photo: int = 6
+    vae_steps: int = 5000
+    vae_batch: int = 8
     vae_crop: int = 64
-    vae_lr: float = 2e-3
-    dit_steps: int = 3000
+    vae_lr: float = 1.5e-3
+    vae_chroma_weight: float = 4.0  # extra loss on colour (RGB minus its grey); see stage_vae
+    dit_steps: int = 10000
     dit_batch: int = 16
     dit_crop: int = 16  # latent pixels (x8 in the image)
     dit_lr: float = 1e-3
@@ -67,7 +68,12 @@ def photo_clips(name: str, index: int, recipe: Recipe) -> np.ndarray:
     out = []
     for c in range(recipe.clips_per_photo):
         rng = np.random.default_rng([recipe.seed, index, c])
-        out.append(make_clip(photo, recipe.clip_frames, recipe.size, rng))
+        clip = make_clip(photo, recipe.clip_frames, recipe.size, rng)
+        if c % 2:  # every other clip in other colours (half the photographs are grey, the rest few
+            # hues): RGB channels permuted, each scaled by 0.65-1.15 (tints the grey ones)
+            gain = rng.uniform(0.65, 1.15, 3).astype(np.float32)
+            clip = np.clip(clip[..., rng.permutation(3)] * gain, 0, 255).round().astype(np.uint8)
+        out.append(clip)
     return np.stack(out)
 
 
@@ -133,43 +139,77 @@ def _checkpoint(path: Path, modules: dict, opt: torch.optim.Optimizer, step: int
 
 
 def vae_batch(data: list[np.ndarray], recipe: Recipe, gen: torch.Generator) -> torch.Tensor:
-    """A batch of 5-frame windows (a stream's first call: 1 + 4 frames), random crop and flip:
-    [B, 3, 5, crop, crop] in [-1, 1]. 2 in 5 windows are source clips, the rest styled ones."""
+    """A batch of whole clips as a stream's first call sees them (1 + 4k frames, so the later
+    latents run on the memory of earlier ones, as in streaming), random crop, mirror and time
+    reversal: [B, 3, n, crop, crop] in [-1, 1]. 2 in 5 clips are source clips, the rest styled."""
     index = _clips_index(data)
     out = []
     for _ in range(recipe.vae_batch):
         i, c = index[int(torch.randint(len(index), (1,), generator=gen))]
         prompt = 0 if float(torch.rand(1, generator=gen)) < 0.4 else int(torch.randint(1, len(PROMPT_NAMES), (1,), generator=gen))
-        start = 4 * int(torch.randint((recipe.clip_frames - 1) // 4, (1,), generator=gen))
         y, x = (int(torch.randint(recipe.size - recipe.vae_crop + 1, (1,), generator=gen)) for _ in range(2))
-        frames = data[i][c, prompt, start : start + 5, y : y + recipe.vae_crop, x : x + recipe.vae_crop]
+        frames = data[i][c, prompt, :, y : y + recipe.vae_crop, x : x + recipe.vae_crop]  # [n, crop, crop, 3]
         if float(torch.rand(1, generator=gen)) < 0.5:
             frames = frames[:, :, ::-1]
-        out.append(frames)
+        if float(torch.rand(1, generator=gen)) < 0.5:  # the camera moving the other way
+            frames = frames[::-1]
+        out.append(_recolour(frames, gen))
     return _to_pixels(np.stack(out))
+
+
+def _recolour(frames: np.ndarray, gen: torch.Generator) -> np.ndarray:
+    """Colour augmentation for the autoencoder: half the photographs are grey and the rest
+    cover few hues, so most clips get their RGB channels permuted and each channel a gain in
+    0.8-1.2 (the frames stay a plausible picture; an autoencoder's target is its input)."""
+    if float(torch.rand(1, generator=gen)) < 0.2:
+        return frames
+    perm = torch.randperm(3, generator=gen).tolist()
+    gain = (0.8 + 0.4 * torch.rand(3, generator=gen)).numpy()
+    return np.clip(frames[..., perm].astype(np.float32) * gain, 0, 255).astype(np.uint8)
+
+
+def init_taehv_(net: TAEHV) -> TAEHV:
+    """He-normal convolutions, and every MemBlock's last convolution at zero so that each block
+    starts as its skip path: a deep stack without normalisation then trains from step one
+    instead of waiting for its signal to grow through default-initialised layers."""
+    from streamdiff.model.taehv import MemBlock
+
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+    for m in net.modules():
+        if isinstance(m, MemBlock):
+            torch.nn.init.zeros_(m.conv[-1].weight)
+    return net
 
 
 def stage_vae(work: Path, cfg: Config, data: list[np.ndarray], recipe: Recipe) -> TAEHV:
     path = work / "vae.ckpt"
     torch.manual_seed(recipe.seed)
-    net = TAEHV.from_config(cfg.vae).channels_last_()
+    net = init_taehv_(TAEHV.from_config(cfg.vae)).channels_last_()
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     step = _resume(path, {"net": net}, opt)
     n_enc, n_dec = TAEHV.num_memblocks(net.encoder), TAEHV.num_memblocks(net.decoder)
     bar = tqdm(total=recipe.vae_steps, initial=step, desc="vae: TAEHV reconstruction", unit="step")
     while step < recipe.vae_steps:
         gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
-        x = vae_batch(data, recipe, gen)  # [B, 3, 5, c, c]
+        x = vae_batch(data, recipe, gen)  # [B, 3, n, c, c]
         for group in opt.param_groups:
             group["lr"] = _lr(step, recipe.vae_steps, recipe.vae_lr)
-        z = encode_frames(net, x, [None] * n_enc, first=True)  # [B, 16, 2, c/8, c/8]
+        z = encode_frames(net, x, [None] * n_enc, first=True)  # [B, 16, F, c/8, c/8]
         # keep each latent channel near zero mean / unit variance (the DiT's noise scale)
         mean, var = z.mean(dim=(0, 2, 3, 4)), z.var(dim=(0, 2, 3, 4))
         reg = (mean.pow(2) + (var - 1).pow(2)).mean()
         z_in = z + 0.02 * torch.randn(z.shape, generator=gen)  # a decoder that tolerates DiT error
-        y = decode_latents(net, z_in, [None] * n_dec, first=True)  # [B, 3, 5, c, c]
+        y = decode_latents(net, z_in, [None] * n_dec, first=True, clamp=False)  # [B, 3, n, c, c]
         mse = F.mse_loss(y, x)
-        loss = mse + 0.05 * reg
+        # Colour is a small part of the squared error, and a network that passes only grey
+        # levels is a stable early solution (it stayed grey for thousands of steps): weighting
+        # the colour difference (RGB minus its mean over channels) makes the encoder keep it.
+        chroma = F.mse_loss(y - y.mean(dim=1, keepdim=True), x - x.mean(dim=1, keepdim=True))
+        loss = mse + recipe.vae_chroma_weight * chroma + 0.05 * reg
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
