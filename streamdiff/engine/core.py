@@ -70,7 +70,7 @@ DEFAULT_DEADLINE_MS = 1000.0
 WARMUP_STREAM = "__warmup__"
 REFUSAL_HINT = ("what would help: fewer denoise steps, a smaller frame size (video.width/height), "
                 "another GPU, or a lower service level (serve --target-fps/--deadline-ms, or slo: in the config)")
-POOL_HINT = "what would help: a larger cache.max_streams, or another GPU"
+POOL_HINT = "what would help: a larger cache.max_streams or cache.pool_lanes, or another GPU"
 
 
 class AdmissionRefused(ValueError):
