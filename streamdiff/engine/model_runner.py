@@ -40,7 +40,7 @@ from streamdiff.cache.slots import SlotTable
 from streamdiff.config import Config
 from streamdiff.engine.conditions import CondLRU, ConditionKV
 from streamdiff.engine.stage_io import Hop, RowMeta, StageInput, StageSpec, StepOut, split_rows
-from streamdiff.engine.types import ChunkInput, StreamOutput, StreamParams, validate_changes
+from streamdiff.engine.types import ChunkInput, StreamOutput, StreamParams
 from streamdiff.engine.vae_batch import decode_many, encode_many
 from streamdiff.model.build import (
     DTYPES,
@@ -176,17 +176,6 @@ class ModelRunner:
         if self.pool is not None and lanes:
             window = self.cfg.cache.window
             self.pool.clear_slots([lane * window + i for lane in lanes for i in range(window)])
-
-    def update_stream(self, stream_id: str, changes: Mapping[str, object]) -> None:
-        """Live changes for direct users of a runner (the engine sends plan commands): a new
-        step count re-creates the stream; other changes apply from its next chunk on."""
-        changes = validate_changes(changes)
-        params = self.params[stream_id].with_changes(changes)
-        if params.steps != self.params[stream_id].steps:
-            self.remove_stream(stream_id)
-            self.add_stream(stream_id, params)
-            return
-        self._update(stream_id, params, tuple(changes))
 
     def _update(self, stream_id: str, params: StreamParams, changed) -> None:
         if stream_id not in self.params:
