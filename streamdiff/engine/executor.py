@@ -8,8 +8,8 @@ Does not own: scheduling, input buffers, output queues (core.py), the model math
 
 Contract: calls come from one thread (the engine loop), one at a time. `execute` first applies
 the plan's stream commands (new / finished / restarted / updated streams, on the KV lanes the
-scheduler allocated; a plan with no chunks carries only commands), then gets, for every planned chunk, its input frames; it returns an `EngineStepResult` (the
-scheduler's `StepResult` - step id, measured step_ms, end time - plus per-stream output frames).
+scheduler allocated; a plan with no chunks carries only commands), then gets, for every
+planned chunk, its input frames; it returns an `EngineStepResult` (the scheduler's `StepResult` - step id, measured step_ms, end time - plus per-stream output frames).
 """
 
 from __future__ import annotations

@@ -247,7 +247,8 @@ class ModelRunner:
         for stream_id, given in chunks.items():
             need = self.streams[stream_id].frames_needed
             if len(given.frames) != need:
-                raise ValueError(f"stream {stream_id!r}: chunk of {len(given.frames)} frames, its next chunk takes {need}")
+                raise ValueError(f"stream {stream_id!r}: chunk of {len(given.frames)} frames, "
+                                 f"its next chunk takes {need}")
         missing = {sid: c for sid, c in chunks.items() if sid not in latents}
         latents = {**latents, **(self._encode(missing) if missing else {})}
         for stream_id, given in chunks.items():
@@ -315,7 +316,8 @@ class ModelRunner:
         self.apply(msg.plan)
         if not self.spec.has_blocks:  # a VAE stage
             if self.spec.encodes:
-                msg.encoded.update(self._encode({s: c for s, c in msg.chunks.items() if s in self.params}))
+                latents = self._encode({s: c for s, c in msg.chunks.items() if s in self.params})
+                msg.encoded.update({s: lat.cpu() for s, lat in latents.items()})  # small; host hop
             else:
                 done = [d for d in msg.decode if d[0] in self.params]
                 msg.finished.update(self._decode([(s, x0.to(self.device), tag) for s, x0, tag in done]))
@@ -413,6 +415,7 @@ class ModelRunner:
         rows = [RowMeta(m.stream_id, m.j, m.t, m.finishes, m.cond) for m in hop.rows]
         if self.spec.decodes:
             return StepOut(hop.key, rows, flow.cpu(), self._decode(done), hop.stage_ms, plan=hop.plan)
+        done = [(sid, x0.cpu(), tag) for sid, x0, tag in done]  # latent-sized; host hop to the decode stage
         return StepOut(hop.key, rows, flow.cpu(), {}, hop.stage_ms, decode=done, plan=hop.plan)
 
     def _sync(self) -> None:

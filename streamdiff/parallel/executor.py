@@ -3,15 +3,15 @@
 Owns: turning a StepPlan into forwards through the stages (the step's stream-batch forward,
 then the denoise steps of first chunks, which depend on each other), carrying each forward's
 flows back to the first stage with the next message, the plan's stream commands (they ride
-in the step's first message and every stage applies them), per-stage timing fed to the `Rebalancer` and the block moves it asks for, and
-recovery when a stage fails (streams resume on a rebuilt pipeline with a fresh cache, or are
-closed with the reason). Micro-batches: the two independent forwards of a step (steady rows
+in the step's first message and every stage applies them), per-stage timing fed to the
+`Rebalancer` and the block moves it asks for, and recovery when a stage fails (streams resume
+on a rebuilt pipeline with a fresh cache, or are closed with the reason). Micro-batches: the two independent forwards of a step (steady rows
 and the first denoise step of first chunks) are in flight together, one stage apart.
 Does not own: where the stages run (a `Stages` transport: `InProcessStages` here, Ray actors
-in ray_executor.py) or the model math (stage.py).
+in ray_executor.py) or the model math (engine/model_runner.py, one runner per stage).
 
-Equality with LocalExecutor holds by construction: the first stage runs the same StreamState
-code as ModelRunner, the stages run the same blocks on the same slot plans, and flows are
+Equality with LocalExecutor holds by construction: every stage is the same ModelRunner with its
+stage spec, the first runs the same StreamState code, the stages run the same blocks on the same slot plans, and flows are
 applied before the stream's next forward. Only batched-VAE grouping may differ (per forward
 instead of per step), which changes float rounding only.
 """

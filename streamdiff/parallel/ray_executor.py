@@ -102,7 +102,10 @@ class RayStages:
             node = inp
             for k, actor in enumerate(self.actors):
                 node = actor.run.bind(node)
-                if self.nccl and k < len(self.actors) - 1:
+                # NCCL between stages that hold blocks (hidden states); VAE stages exchange
+                # latent-sized host tensors only.
+                blocks_both = k < len(self.actors) - 1 and self.specs[k].has_blocks and self.specs[k + 1].has_blocks
+                if self.nccl and blocks_both:
                     node = node.with_tensor_transport(transport="nccl")
         # A step keeps its micro-batches and one prepare forward in flight.
         in_flight = max(self.cfg.parallel.micro_batches, len(self.actors)) + 1
