@@ -289,6 +289,9 @@ def validate(cfg: Config) -> None:
         if not cfg.cache.window <= cfg.cache.rebase_frame < cfg.model.rope_max_seq_len:
             raise ConfigError(f"cache.rebase_frame={cfg.cache.rebase_frame} must lie in [cache.window, "
                               f"model.rope_max_seq_len={cfg.model.rope_max_seq_len})")
+    if 0 < cfg.cache.pool_lanes < cfg.sampling.steps:
+        raise ConfigError(f"cache.pool_lanes={cfg.cache.pool_lanes} cannot hold one stream of sampling.steps="
+                          f"{cfg.sampling.steps} (a lane per denoise step); 0 = 4 per stream")
     for name in ("width", "height"):
         if getattr(cfg.video, name) % 16:
             raise ConfigError(f"video.{name}={getattr(cfg.video, name)} must be a multiple of 16 (VAE 8x, patch 2x)")

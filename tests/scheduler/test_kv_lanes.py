@@ -48,3 +48,11 @@ def test_a_stream_readmitted_right_after_its_release_keeps_its_lanes():
     assert kv.alloc("t", 2) == (0, 1)  # another stream: lowest first
     with pytest.raises(ValueError, match="KV pool full"):
         kv.alloc("u", 5)
+
+
+def test_a_pool_smaller_than_one_stream_is_a_config_error():
+    from streamdiff.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="cache.pool_lanes=1 cannot hold one stream of sampling.steps=2"):
+        load_config("tiny", ["cache.pool_lanes=1", "sampling.steps=2"])
+    assert load_config("tiny", ["cache.pool_lanes=2", "sampling.steps=2"]).cache.pool_lanes == 2
