@@ -22,11 +22,12 @@ live changes become commands (new / finished / restarted / updated streams, coal
 no chunks. New and restarted streams carry the KV lanes the scheduler allocated.
 
 Live changes (`update_params`): prompt, prompt blend, seed, noise strength and the motion
-controller take effect at the stream's next chunk. A new
-step count changes the stream's lanes, so the stream is re-admitted to the scheduler with the
-new lane count and re-prepared: the chunks in flight (steps - 1 chunks of lag) are dropped
-(counted as dropped frames, cause "restart"), its KV lanes, VAE caches and motion state are
-reset, and its next chunk is a first chunk again (5 frames); frames already waiting are kept.
+controller take effect at the stream's next chunk (an `updated_streams` command). A new step
+count changes the stream's lanes, so the stream is re-admitted to the scheduler with the new
+lane count and re-prepared (a `restarted_streams` command): the chunks in flight (steps - 1
+chunks of lag) are dropped (counted as dropped frames, cause "restart"), its KV lanes, VAE
+caches and motion state are reset, and its next chunk is a first chunk again (5 frames);
+frames already waiting are kept.
 
 Admission (FrameScheduler.add_stream): an empty engine always admits (best effort when its own
 SLO cannot hold); a refusal protects a running stream and its reason ends with what would
