@@ -60,3 +60,35 @@ def test_rebalancer_keeps_the_split_when_a_vae_stage_is_the_bottleneck():
 
     assert feed(Rebalancer([2, 2], 1.25, 3, smoothing=1.0), floor_ms=0.0) == [3, 1]
     assert feed(Rebalancer([2, 2], 1.25, 3, smoothing=1.0), floor_ms=100.0) is None  # moving blocks cannot help
+
+
+def test_stream_commands_reach_every_stage(cfg_vae):
+    """Add, steps change and removal ride in the plans: every stage holds the stream on the
+    scheduler's lanes, and a removed stream's slots are zeroed on every DiT stage."""
+    from engine_helpers import RELAXED, Feeder, params
+    from stage_helpers import core_for
+    from streamdiff.pipeline.frames import synthetic_clip
+
+    stages = InProcessStages(cfg_vae, [2, 2], "cpu")
+    core, clock = core_for(cfg_vae, StagedExecutor(cfg_vae, stages))
+    for sid in ("a", "b"):
+        assert core.add_stream(sid, params(cfg_vae, sid, steps=2), RELAXED)
+    feeder = Feeder(core, clock, {sid: synthetic_clip(30, 64, 48, seed=i) for i, sid in enumerate("ab")})
+    for _ in range(3):
+        feeder.round()
+    core.update_params("a", steps=3)
+    feeder.round()
+    runners = [w.runner for w in stages.workers]
+    for r in runners:
+        assert set(r.params) == {"a", "b"} and r.params["a"].steps == 3
+    for r in runners[1:3]:  # the DiT stages know each stream's lanes
+        assert r.kv_lanes["a"] == core.scheduler.kv_lanes_of("a") and len(r.kv_lanes["a"]) == 3
+    assert runners[1].streams["a"].steps == 3 and not runners[2].streams  # StreamStates: first DiT stage only
+    lanes_b = core.scheduler.kv_lanes_of("b")
+    slots_b = [g * cfg_vae.cache.window + i for g in lanes_b for i in range(cfg_vae.cache.window)]
+    assert all(r.pool.k[:, slots_b].any() for r in runners[1:3])  # b's K/V was written on both
+    core.remove_stream("b")
+    for r in runners:
+        assert set(r.params) == {"a"}
+    for r in runners[1:3]:
+        assert not r.pool.k[:, slots_b].any() and not r.pool.v[:, slots_b].any()
