@@ -138,7 +138,10 @@ class CacheConfig:
     policy: Literal["sdv2", "rolling"] = "sdv2"
     refresh_threshold: float = 0.2
     rebase_frame: int = 50  # sdv2: a chunk starting at this RoPE index restarts at window - 1
-    max_streams: int = 4  # KV pool capacity in streams (each holds steps lanes x window slots)
+    max_streams: int = 4  # streams served at once
+    # KV pool lanes (a lane: window slots, one denoise step of one stream); the scheduler admits
+    # a stream only if its `steps` lanes are free. 0 = 4 per stream (steps can always grow live).
+    pool_lanes: int = 0
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,9 @@ class ParallelConfig:
     # Lane stride D: lane j of a stream's p-th forward holds chunk p - j*D (same frames as D = 1,
     # (steps-1)(D-1) chunks later). 0 = automatic: 1 while plans do not overlap.
     lane_stride: int = 0
+    # VAE encode and decode as pipeline stages of their own (own actors / GPUs), so the first and
+    # last DiT stages carry only blocks; num_stages still counts the DiT stages.
+    vae_stages: bool = False
 
 
 @dataclass(frozen=True)
@@ -238,6 +244,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "cache.refresh_threshold": (-1.0, 1.0),
     "cache.rebase_frame": (2, 1_000_000),
     "cache.max_streams": (1, 1024),
+    "cache.pool_lanes": (0, 4096),
     "sampling.steps": (1, 4),
     "sampling.noise_strength": (0.1, 1.0),
     "sampling.first_chunk_latents": (1, 8),
@@ -282,6 +289,9 @@ def validate(cfg: Config) -> None:
         if not cfg.cache.window <= cfg.cache.rebase_frame < cfg.model.rope_max_seq_len:
             raise ConfigError(f"cache.rebase_frame={cfg.cache.rebase_frame} must lie in [cache.window, "
                               f"model.rope_max_seq_len={cfg.model.rope_max_seq_len})")
+    if 0 < cfg.cache.pool_lanes < cfg.sampling.steps:
+        raise ConfigError(f"cache.pool_lanes={cfg.cache.pool_lanes} cannot hold one stream of sampling.steps="
+                          f"{cfg.sampling.steps} (a lane per denoise step); 0 = 4 per stream")
     for name in ("width", "height"):
         if getattr(cfg.video, name) % 16:
             raise ConfigError(f"video.{name}={getattr(cfg.video, name)} must be a multiple of 16 (VAE 8x, patch 2x)")

@@ -61,6 +61,15 @@ class LaneAllocator:
                                 f"{self.num_slots} free")
         return [self._free.pop() for _ in range(lanes)]
 
+    def take(self, lanes: list[int]) -> list[int]:
+        """Allocate exactly these lanes (the engine's scheduler chose them)."""
+        taken = [g for g in lanes if g in self._free]
+        if len(taken) != len(lanes) or len(set(lanes)) != len(lanes):
+            raise PoolFullError(f"KV lanes {list(lanes)} are not all free in this pool of {self.num_lanes} lanes")
+        for g in lanes:
+            self._free.remove(g)
+        return list(lanes)
+
     def release(self, lanes: list[int]) -> None:
         if set(lanes) & set(self._free) or len(self._free) + len(lanes) > self.num_lanes:
             raise RuntimeError("lane released twice")
@@ -262,10 +271,14 @@ class SlotTable:
             return Sdv2Lane(lane, slots, self.sinks, self.rope_len, self.refresh, self.rebase_frame)
         return RollingLane(lane, slots, self.sinks, self.rope_len, self.refresh)
 
-    def add_stream(self, stream_id: object, lanes: int) -> StreamSlots:
+    def add_stream(self, stream_id: object, lanes: int, lane_ids: list[int] | tuple[int, ...] | None = None) -> StreamSlots:
+        """Give the stream `lanes` lanes: the lowest free ones, or exactly `lane_ids`."""
         if stream_id in self.streams:
             raise KeyError(f"stream {stream_id!r} already has slots")
-        self.streams[stream_id] = StreamSlots([self._new_lane(g) for g in self.allocator.alloc(lanes)])
+        if lane_ids is not None and len(lane_ids) != lanes:
+            raise ValueError(f"stream {stream_id!r}: {len(lane_ids)} lane ids for {lanes} lanes")
+        got = self.allocator.alloc(lanes) if lane_ids is None else self.allocator.take(list(lane_ids))
+        self.streams[stream_id] = StreamSlots([self._new_lane(g) for g in got])
         return self.streams[stream_id]
 
     def remove_stream(self, stream_id: object) -> None:

@@ -16,12 +16,18 @@ One `step(now)`:
   4. scheduler.update(plan, result)              (cost model, lag and deadline bookkeeping)
   5. output frames -> the streams' output queues; metrics.
 
+Stream commands: the core decides, executors apply. Adding, removing, restarting a stream and
+live changes become commands (new / finished / restarted / updated streams, coalesced in
+`StreamCommands`) that ride in a plan; with nothing in flight they go at once, in a plan with
+no chunks. New and restarted streams carry the KV lanes the scheduler allocated.
+
 Live changes (`update_params`): prompt, prompt blend, seed, noise strength and the motion
-controller go straight to the executor (they take effect at the stream's next chunk). A new
-step count changes the stream's lanes, so the stream is re-admitted to the scheduler with the
-new lane count and re-prepared: the chunks in flight (steps - 1 chunks of lag) are dropped
-(counted as dropped frames, cause "restart"), its KV lanes, VAE caches and motion state are
-reset, and its next chunk is a first chunk again (5 frames); frames already waiting are kept.
+controller take effect at the stream's next chunk (an `updated_streams` command). A new step
+count changes the stream's lanes, so the stream is re-admitted to the scheduler with the new
+lane count and re-prepared (a `restarted_streams` command): the chunks in flight (steps - 1
+chunks of lag) are dropped (counted as dropped frames, cause "restart"), its KV lanes, VAE
+caches and motion state are reset, and its next chunk is a first chunk again (5 frames);
+frames already waiting are kept.
 
 Admission (FrameScheduler.add_stream): an empty engine always admits (best effort when its own
 SLO cannot hold); a refusal protects a running stream and its reason ends with what would
@@ -46,6 +52,7 @@ from streamdiff.engine.types import (
     FrameMeta,
     OutputFrame,
     StreamParams,
+    StreamCommands,
     StreamsLost,
     validate_changes,
 )
@@ -64,7 +71,7 @@ DEFAULT_DEADLINE_MS = 1000.0
 WARMUP_STREAM = "__warmup__"
 REFUSAL_HINT = ("what would help: fewer denoise steps, a smaller frame size (video.width/height), "
                 "another GPU, or a lower service level (serve --target-fps/--deadline-ms, or slo: in the config)")
-POOL_HINT = "what would help: a larger cache.max_streams, or another GPU"
+POOL_HINT = "what would help: a larger cache.max_streams or cache.pool_lanes, or another GPU"
 
 
 class AdmissionRefused(ValueError):
@@ -111,7 +118,8 @@ class EngineCore:
         self.width, self.height = cfg.video.width, cfg.video.height
         self.tokens_per_frame = (self.height // 16) * (self.width // 16)
         self.scheduler = scheduler or FrameScheduler(
-            OnlineCostModel(), max_streams=cfg.cache.max_streams, max_extra_frames=max_extra_frames
+            OnlineCostModel(), max_streams=cfg.cache.max_streams, max_extra_frames=max_extra_frames,
+            kv_lanes=cfg.cache.pool_lanes or None,
         )
         self.output_queue_frames = output_queue_frames
         self.metrics = metrics or EngineMetrics()
@@ -120,6 +128,7 @@ class EngineCore:
         self.closed: dict[str, str] = {}  # stream -> reason, for streams the engine closed itself
         self.wants_measure = False  # a stream was refused: re-measure the step once the engine is idle
         self.restarted: dict[str, str] = {}  # stream -> reason of its last restart after a failure
+        self._commands = StreamCommands()  # decided, not yet in a plan
 
     # ------------------------------------------------------------------ streams
 
@@ -150,7 +159,8 @@ class EngineCore:
             hint = POOL_HINT if "KV pool full" in admission.reason else REFUSAL_HINT
             return replace(admission, reason=f"{admission.reason}; {hint}")
         try:
-            self.executor.add_stream(stream_id, params)
+            self._commands.add(stream_id, params, self.scheduler.kv_lanes_of(stream_id))
+            self._flush()
         except BaseException:
             self.scheduler.remove_stream(stream_id)
             raise
@@ -182,7 +192,8 @@ class EngineCore:
         self.scheduler.remove_stream(stream_id)
         entry.frames.clear()
         entry.outputs.clear()
-        self.executor.remove_stream(stream_id)
+        self._commands.remove(stream_id)
+        self._flush()
         self.metrics.stream_removed(stream_id)
         self.restarted.pop(stream_id, None)
         return True
@@ -198,10 +209,16 @@ class EngineCore:
         new = entry.params.with_changes(changes)
         if new.steps != entry.params.steps:
             self._restart(stream_id, entry, new, self.clock() if now is None else now)
-        if changes:
-            self.executor.update_stream(stream_id, changes)
+        elif changes:
+            self._commands.update(stream_id, new, tuple(changes))
         entry.params = new
+        self._flush()
         return new
+
+    def _flush(self) -> None:
+        """Pending stream commands go to the executor now, in a plan with no chunks."""
+        if self._commands:
+            self.executor.execute(self._commands.plan(self.clock()), {})
 
     def _restart(self, stream_id: str, entry: _Stream, new: StreamParams, now: float) -> None:
         """Re-admit with the new lane count (or keep the old one and refuse), keeping waiting frames."""
@@ -214,6 +231,7 @@ class EngineCore:
             self._repush(stream_id, entry, waiting)
             raise AdmissionRefused(f"steps={new.steps} refused for stream {stream_id!r}: {admission.reason}")
         self._repush(stream_id, entry, waiting)
+        self._commands.restart(stream_id, new, self.scheduler.kv_lanes_of(stream_id))
         self.metrics.frames_dropped(stream_id, entry.consumed - entry.emitted, "restart")
         entry.consumed = entry.emitted = 0
 
@@ -233,6 +251,7 @@ class EngineCore:
                     pass
             self.remove_stream(stream_id)
             self.closed[stream_id] = lost.reason
+        self._flush()
 
     def take_closed(self) -> dict[str, str]:
         """Streams the engine closed on its own since the last call, with the reason."""
@@ -281,6 +300,8 @@ class EngineCore:
         plan = self.scheduler.schedule(now)
         if plan is None:
             return None
+        if self._commands:
+            plan = self._commands.attach(plan)
         # 2. Gather the planned frames; their buffers leave the core now.
         inputs: dict[str, ChunkInput] = {}
         for chunk in plan.chunks:

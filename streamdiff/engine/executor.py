@@ -1,14 +1,15 @@
 """Executors: where a StepPlan runs. The engine core talks only to this protocol.
 
-Owns: the `Executor` protocol (add / remove / update a stream's model-side state, execute one
-plan, report resources, shut down) and `LocalExecutor`, which runs a `ModelRunner` in this
+Owns: the `Executor` protocol (execute one plan, its stream commands included; report
+resources; shut down) and `LocalExecutor`, which runs a `ModelRunner` in this
 process and times each step. A Ray executor (parallel/) implements the same protocol with the
 runner split into pipeline stages.
 Does not own: scheduling, input buffers, output queues (core.py), the model math (model_runner.py).
 
-Contract: calls come from one thread (the engine loop), one at a time. `execute` gets the plan
-and, for every planned chunk, its input frames; it returns an `EngineStepResult` (the
-scheduler's `StepResult` - step id, measured step_ms, end time - plus per-stream output frames).
+Contract: calls come from one thread (the engine loop), one at a time. `execute` first applies
+the plan's stream commands (new / finished / restarted / updated streams, on the KV lanes the
+scheduler allocated; a plan with no chunks carries only commands), then gets, for every
+planned chunk, its input frames; it returns an `EngineStepResult` (the scheduler's `StepResult` - step id, measured step_ms, end time - plus per-stream output frames).
 """
 
 from __future__ import annotations
@@ -18,23 +19,15 @@ from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 from streamdiff.config import Config
-from streamdiff.engine.types import ChunkInput, EngineStepResult, StreamParams
+from streamdiff.engine.types import ChunkInput, EngineStepResult
 from streamdiff.scheduler.types import StepPlan
 
 
 @runtime_checkable
 class Executor(Protocol):
-    def add_stream(self, stream_id: str, params: StreamParams) -> None:
-        """Create the stream's model-side state (KV lanes, VAE caches, prompt K/V)."""
-
-    def remove_stream(self, stream_id: str) -> None:
-        """Free everything the stream holds. Unknown ids are ignored."""
-
-    def update_stream(self, stream_id: str, changes: Mapping[str, object]) -> None:
-        """Apply validated live changes (prompt, steps, seed, noise_strength, motion_aware)."""
-
     def execute(self, plan: StepPlan, inputs: Mapping[str, ChunkInput]) -> EngineStepResult:
-        """Run one step: every planned chunk, its frames in `inputs[stream_id]`."""
+        """Apply the plan's stream commands, then run every planned chunk, its frames in
+        `inputs[stream_id]`."""
 
     def resources(self) -> dict[str, int]:
         """Counters of what the executor holds (streams, free KV slots, ...)."""
@@ -57,15 +50,6 @@ class LocalExecutor:
 
         return cls(ModelRunner(build_components(cfg)), clock)
 
-    def add_stream(self, stream_id: str, params: StreamParams) -> None:
-        self.runner.add_stream(stream_id, params)
-
-    def remove_stream(self, stream_id: str) -> None:
-        self.runner.remove_stream(stream_id)
-
-    def update_stream(self, stream_id: str, changes: Mapping[str, object]) -> None:
-        self.runner.update_stream(stream_id, changes)
-
     def execute(self, plan: StepPlan, inputs: Mapping[str, ChunkInput]) -> EngineStepResult:
         t0 = time.perf_counter()
         outputs, forwards = self.runner.execute(plan, inputs)
@@ -76,7 +60,7 @@ class LocalExecutor:
         return self.runner.resources()
 
     def shutdown(self) -> None:
-        for stream_id in list(self.runner.streams):
+        for stream_id in list(self.runner.params):
             self.runner.remove_stream(stream_id)
 
 

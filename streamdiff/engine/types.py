@@ -4,6 +4,8 @@ Owns: `StreamParams` (what a stream may set live, with allowed ranges and the va
 names the field), `FrameMeta` (an input frame's id, pts and arrival), `ChunkInput` (what the
 core hands the executor per planned chunk), `StreamOutput` / `EngineStepResult` (what the
 executor hands back), `OutputFrame` (what a caller of `next_frame` gets).
+`StreamCommands`: the stream commands the core has decided and no executor has seen yet,
+coalesced per stream, until they ride in the next plan.
 Does not own: scheduling types (streamdiff.scheduler.types: `StepPlan`, `StepResult`, ...).
 """
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from streamdiff.config import Config
-from streamdiff.scheduler.types import StepResult
+from streamdiff.scheduler.types import COMMANDS_ONLY_STEP, StepPlan, StepResult, StreamStart, StreamUpdate
 
 MAX_SEED = 2**63 - 1
 MAX_BLEND_CHUNKS = 64
@@ -135,6 +137,60 @@ class EngineStepResult(StepResult):
     forwards: int = 0
 
 
+class StreamCommands:
+    """Commands for the executors, coalesced per stream until they ride in a plan: a stream
+    added and removed before any plan never reaches an executor; changes to a stream not yet
+    created (or re-created) fold into its start; a removal cancels its pending changes."""
+
+    def __init__(self):
+        self.new: dict[str, StreamStart] = {}
+        self.finished: list[str] = []
+        self.restarted: dict[str, StreamStart] = {}
+        self.updated: dict[str, StreamUpdate] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.new or self.finished or self.restarted or self.updated)
+
+    def add(self, stream_id: str, params: StreamParams, kv_lanes: tuple[int, ...]) -> None:
+        self.new[stream_id] = StreamStart(stream_id, params, tuple(kv_lanes))
+
+    def remove(self, stream_id: str) -> None:
+        self.restarted.pop(stream_id, None)
+        self.updated.pop(stream_id, None)
+        if self.new.pop(stream_id, None) is not None and stream_id not in self.finished:
+            return  # never reached an executor
+        if stream_id not in self.finished:
+            self.finished.append(stream_id)
+
+    def restart(self, stream_id: str, params: StreamParams, kv_lanes: tuple[int, ...]) -> None:
+        self.updated.pop(stream_id, None)
+        start = StreamStart(stream_id, params, tuple(kv_lanes))
+        if stream_id in self.new:
+            self.new[stream_id] = start
+        else:
+            self.restarted[stream_id] = start
+
+    def update(self, stream_id: str, params: StreamParams, changed) -> None:
+        for pending in (self.new, self.restarted):
+            if stream_id in pending:
+                pending[stream_id] = replace(pending[stream_id], params=params)
+                return
+        before = self.updated.get(stream_id)
+        names = tuple(dict.fromkeys((*(before.changed if before else ()), *changed)))
+        self.updated[stream_id] = StreamUpdate(stream_id, params, names)
+
+    def attach(self, plan: StepPlan) -> StepPlan:
+        """`plan` carrying every pending command; nothing is pending afterwards."""
+        plan = replace(plan, new_streams=tuple(self.new.values()), finished_streams=tuple(self.finished),
+                       restarted_streams=tuple(self.restarted.values()), updated_streams=tuple(self.updated.values()))
+        self.__init__()
+        return plan
+
+    def plan(self, now_s: float) -> StepPlan:
+        """A plan carrying the pending commands and no chunks."""
+        return self.attach(StepPlan(COMMANDS_ONLY_STEP, now_s, (), 0, 0, 0.0))
+
+
 @dataclass(frozen=True)
 class OutputFrame:
     """One output frame and where it came from (for latency measurement)."""
@@ -160,6 +216,7 @@ __all__ = [
     "PARAM_NAMES",
     "PARAM_RANGES",
     "StreamClosedError",
+    "StreamCommands",
     "StreamsLost",
     "StreamOutput",
     "StreamParams",

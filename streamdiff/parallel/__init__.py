@@ -2,9 +2,10 @@
 Ray hop micro-benchmark, that imports ray), plugged into the engine as its Executor."""
 def build_executor(cfg):
     """The executor the config asks for: the local one, or `parallel.num_stages` Ray pipeline
-    stages. The place that composes an engine passes this as `executor_factory` (the engine
-    itself never imports `parallel`)."""
-    if cfg.parallel.num_stages > 1 or cfg.parallel.ray_address:
+    stages (plus an encode and a decode stage with `parallel.vae_stages`). The place that
+    composes an engine passes this as `executor_factory` (the engine itself never imports
+    `parallel`)."""
+    if cfg.parallel.num_stages > 1 or cfg.parallel.ray_address or cfg.parallel.vae_stages:
         from streamdiff.parallel.ray_executor import RayExecutor
 
         return RayExecutor(cfg)

@@ -2,16 +2,16 @@
 
 Owns: turning a StepPlan into forwards through the stages (the step's stream-batch forward,
 then the denoise steps of first chunks, which depend on each other), carrying each forward's
-flows back to the first stage with the next message, stream add / remove / live changes on
-every stage, per-stage timing fed to the `Rebalancer` and the block moves it asks for, and
-recovery when a stage fails (streams resume on a rebuilt pipeline with a fresh cache, or are
-closed with the reason). Micro-batches: the two independent forwards of a step (steady rows
+flows back to the first stage with the next message, the plan's stream commands (they ride
+in the step's first message and every stage applies them), per-stage timing fed to the
+`Rebalancer` and the block moves it asks for, and recovery when a stage fails (streams resume
+on a rebuilt pipeline with a fresh cache, or are closed with the reason). Micro-batches: the two independent forwards of a step (steady rows
 and the first denoise step of first chunks) are in flight together, one stage apart.
 Does not own: where the stages run (a `Stages` transport: `InProcessStages` here, Ray actors
-in ray_executor.py) or the model math (stage.py).
+in ray_executor.py) or the model math (engine/model_runner.py, one runner per stage).
 
-Equality with LocalExecutor holds by construction: the first stage runs the same StreamState
-code as ModelRunner, the stages run the same blocks on the same slot plans, and flows are
+Equality with LocalExecutor holds by construction: every stage is the same ModelRunner with its
+stage spec, the first runs the same StreamState code, the stages run the same blocks on the same slot plans, and flows are
 applied before the stream's next forward. Only batched-VAE grouping may differ (per forward
 instead of per step), which changes float rounding only.
 """
@@ -24,14 +24,8 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from streamdiff.config import Config
-from streamdiff.engine.types import (
-    ChunkInput,
-    EngineStepResult,
-    StreamOutput,
-    StreamParams,
-    StreamsLost,
-    validate_changes,
-)
+from streamdiff.engine.types import ChunkInput, EngineStepResult, StreamOutput, StreamsLost
+from streamdiff.parallel.messages import stage_specs
 from streamdiff.parallel.partition import Rebalancer, StageSample, moves, ranges
 from streamdiff.parallel.stage import StageInput, StageSpec, StageWorker, StepOut
 from streamdiff.scheduler.types import StepPlan
@@ -62,7 +56,7 @@ class InProcessStages:
     Ray transport: same messages, no serialization)."""
 
     def __init__(self, cfg: Config, counts: list[int], device: str | None = None):
-        self.specs = [StageSpec(k, len(counts), r) for k, r in enumerate(ranges(counts))]
+        self.specs = stage_specs(ranges(counts), cfg.parallel.vae_stages)
         self.workers = [StageWorker(cfg, spec, device) for spec in self.specs]
 
     def submit(self, msg: StageInput) -> object:
@@ -93,7 +87,7 @@ class StagedExecutor:
         par = cfg.parallel
         self.rebalance_enabled = par.rebalance if rebalance is None else rebalance
         self.rebalancer = Rebalancer(self.counts, par.rebalance_threshold, par.rebalance_after_steps)
-        self.params: dict[str, StreamParams] = {}
+        self.params: dict[str, object] = {}  # the streams the stages hold (from the plans' commands)
         self._flows: list[tuple[tuple[int, int], object]] = []  # flows not yet at the first stage
         self.rebalances: list[tuple[list[int], list[int]]] = []  # (before, after) splits
         self.last_stage_ms: list[float] = []
@@ -103,59 +97,42 @@ class StagedExecutor:
         return len(self.stages.specs)
 
     @property
+    def dit_stages(self) -> list[int]:
+        """Indices of the stages that hold blocks (VAE stages hold none)."""
+        return [k for k, s in enumerate(self.stages.specs) if s.has_blocks]
+
+    @property
     def counts(self) -> list[int]:
-        return [s.block_range[1] - s.block_range[0] for s in self.stages.specs]
-
-    # -------------------------------------------------------------- streams
-
-    def add_stream(self, stream_id: str, params: StreamParams) -> None:
-        if stream_id in self.params:
-            raise KeyError(f"stream {stream_id!r} already exists")
-        added = []
-        try:
-            for k in range(self.num_stages):
-                self.stages.call(k, "add_stream", stream_id, params)
-                added.append(k)
-        except BaseException:
-            for k in added:
-                self.stages.call(k, "remove_stream", stream_id)
-            raise
-        self.params[stream_id] = params
-
-    def remove_stream(self, stream_id: str) -> None:
-        if self.params.pop(stream_id, None) is None:
-            return
-        held = self.stages.call(0, "remove_stream", stream_id)
-        for k in range(1, self.num_stages):
-            self.stages.call(k, "remove_stream", stream_id)
-            self.stages.call(k, "clear_slots", held)
-        idle = getattr(self.stages, "idle", None)
-        if not self.params and idle is not None:
-            idle()  # nothing flows until the next stream: let the transport rest
-    def update_stream(self, stream_id: str, changes: Mapping[str, object]) -> None:
-        changes = validate_changes(changes)
-        old = self.params[stream_id]
-        params = old.with_changes(changes)
-        self.params[stream_id] = params
-        if params.steps != old.steps:
-            held = self.stages.call(0, "restart_stream", stream_id, params)
-            for k in range(1, self.num_stages):
-                self.stages.call(k, "restart_stream", stream_id, params)
-                self.stages.call(k, "clear_slots", held)
-            return
-        self.stages.call(0, "update_stream", stream_id, params, changes)
+        return [self.stages.specs[k].num_blocks for k in self.dit_stages]
 
     # -------------------------------------------------------------- one step
 
+    def _track(self, plan: StepPlan) -> None:
+        """The streams the stages hold once they applied the plan's commands."""
+        for stream_id in plan.finished_streams:
+            self.params.pop(stream_id, None)
+        for start in (*plan.restarted_streams, *plan.new_streams):
+            self.params[start.stream_id] = start.params
+        for update in plan.updated_streams:
+            if update.stream_id in self.params:
+                self.params[update.stream_id] = update.params
+
     def execute(self, plan: StepPlan, inputs: Mapping[str, ChunkInput]) -> EngineStepResult:
         t0 = time.perf_counter()
+        if not plan.chunks and not (plan.new_streams or plan.restarted_streams or plan.updated_streams) \
+                and not any(sid in self.params for sid in plan.finished_streams):
+            return EngineStepResult(plan.step_id, 0.0, self.clock())  # nothing for the stages
+        self._track(plan)
         chunks = {c.stream_id: inputs[c.stream_id] for c in plan.chunks if c.stream_id in self.params}
         preparing = any(c.first for c in plan.chunks if c.stream_id in self.params)
         steady_rows = sum(c.lanes for c in plan.chunks if not c.first and c.stream_id in self.params)
         try:
-            outs = self._forwards(plan.step_id, chunks, preparing, self.micro_batches(steady_rows))
+            outs = self._forwards(plan, chunks, preparing, self.micro_batches(steady_rows))
         except StageFailure as exc:
             raise self._recover(exc) from exc
+        idle = getattr(self.stages, "idle", None)
+        if not self.params and plan.finished_streams and idle is not None:
+            idle()  # nothing flows until the next stream: let the transport rest
         # 1. Collect finished frames; every forward's flows go to the first stage next time.
         outputs: dict[str, StreamOutput] = {}
         for out in outs:
@@ -173,16 +150,19 @@ class StagedExecutor:
         want = self.cfg.parallel.micro_batches or self.num_stages
         return max(1, min(want, steady_rows))
 
-    def _forwards(self, step_id: int, chunks: dict[str, ChunkInput], preparing: bool, groups: int) -> list[StepOut]:
+    def _forwards(self, plan: StepPlan, chunks: dict[str, ChunkInput], preparing: bool, groups: int) -> list[StepOut]:
         """The step's forwards: the steady rows (the new chunks' encode rides on the first) in
         `groups` micro-batches, and when first chunks are in the plan their denoise steps, each
         needing the previous one's flows."""
         # 1. Rows of one step are independent: the micro-batches and the first prepare forward
         #    are all in flight, a stage apart. Results are taken in submission order (Ray
         #    counts an unread result as in flight).
+        step_id = plan.step_id
         flows = self._take_flows()
+        commands = plan if plan.has_commands else None  # every stage applies them before the forward
         handles = [self.stages.submit(StageInput(step_id, g, "steady", chunks if g == 0 else {},
-                                                 flows if g == 0 else [], group=g, groups=groups))
+                                                 flows if g == 0 else [], group=g, groups=groups,
+                                                 plan=commands if g == 0 else None))
                    for g in range(groups)]
         prepare = self.stages.submit(StageInput(step_id, groups, "prepare")) if preparing else None
         outs = []
@@ -217,19 +197,20 @@ class StagedExecutor:
         samples = [StageSample(sum(f[k]["total"] for f in ran), sum(f[k]["blocks"] for f in ran),
                                int(ran[0][k]["num_blocks"])) for k in range(self.num_stages)]
         self.last_stage_ms = [s.total_ms for s in samples]
-        self.rebalancer.observe(samples)
+        dit = self.dit_stages  # VAE stages hold no blocks: their time is a floor for any split
+        vae_ms = [samples[k].total_ms for k in range(self.num_stages) if k not in dit]
+        self.rebalancer.observe([samples[k] for k in dit], floor_ms=max(vae_ms, default=0.0))
         if self.rebalance_enabled and (target := self.rebalancer.proposal()) is not None:
             self.repartition(target)
 
     def repartition(self, target: list[int]) -> None:
         """Move blocks (weights, K/V, prompt K/V) between neighbours until the split is `target`.
         Streams keep going: nothing is in flight between steps, and every layer's K/V moves."""
-        before = self.counts
+        before, dit = self.counts, self.dit_stages
         for layer, src, dst in moves(before, target):
-            package = self.stages.call(src, "give_blocks", [layer])
-            self.stages.call(dst, "take_blocks", package)
-        specs = [StageSpec(k, self.num_stages, r) for k, r in enumerate(ranges(target))]
-        self.stages.specs[:] = specs
+            package = self.stages.call(dit[src], "give_blocks", [layer])
+            self.stages.call(dit[dst], "take_blocks", package)
+        self.stages.specs[:] = stage_specs(ranges(target), len(dit) < self.num_stages)
         self.rebalancer.reset(target)
         self.rebalances.append((before, list(target)))
         log.info("re-partitioned blocks %s -> %s (stage ms %s)", before, target,
@@ -238,20 +219,21 @@ class StagedExecutor:
     # -------------------------------------------------------------- faults
 
     def _recover(self, exc: StageFailure) -> StreamsLost:
-        """Rebuild the pipeline; streams resume on it with a fresh cache, or are closed."""
+        """Rebuild the pipeline with no stream on it; the engine core restarts the streams (a
+        restarted-streams command in its next plan: fresh cache), or they are closed."""
         ids = list(self.params)
         self._flows = []
+        self.params.clear()
         try:
             what = self.stages.recover()  # replaced dead stages; survivors keep their blocks
             for k in range(self.num_stages):
-                for stream_id in ids:
-                    self.stages.call(k, "remove_stream", stream_id)
                 self.stages.call(k, "clear_all")
-            for stream_id in ids:
-                for k in range(self.num_stages):
-                    self.stages.call(k, "add_stream", stream_id, self.params[stream_id])
         except Exception as again:  # the pipeline could not be rebuilt: close the streams
-            self.params.clear()
+            for k in range(self.num_stages):  # survivors forget them (best effort)
+                try:
+                    self.stages.call(k, "clear_all")
+                except Exception:
+                    log.debug("clear_all on stage %d", k, exc_info=True)
             return StreamsLost(ids, f"pipeline stage failed ({exc}) and could not be rebuilt ({again})", False)
         return StreamsLost(ids, f"pipeline stage failed ({exc}); {what}; streams restart with a fresh cache", True)
 
@@ -264,13 +246,12 @@ class StagedExecutor:
             "stages": self.num_stages,
             "pool_bytes": sum(i["pool_bytes"] for i in infos),
             "stage_streams": max(i["streams"] for i in infos),
-            "free_slots": self.stages.call(0, "free_slots"),
+            "free_slots": self.stages.call(self.dit_stages[0], "free_slots"),
             "pending_flows": len(self._flows),
         }
 
     def shutdown(self) -> None:
-        for stream_id in list(self.params):
-            self.remove_stream(stream_id)
+        self.params.clear()
         self.stages.shutdown()
 
 

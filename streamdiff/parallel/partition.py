@@ -6,6 +6,10 @@ serving and proposes a new split when the imbalance persists. Plain Python, no t
 Does not own: measuring (each stage times itself, parallel/stage.py) or moving the blocks and
 their K/V (the executor asks the stages to).
 
+VAE stages (`parallel.vae_stages`) hold no blocks: they are not split, but their time is a floor
+under any split's period, so the Rebalancer proposes a move only if it shortens the slowest
+stage of the whole pipeline (a VAE stage slower than every DiT stage makes moving blocks moot).
+
 Cost model: stage k spends `fixed_k` ms per step outside its blocks (the first stage: VAE
 encode and the patch embedding; the last: the head and VAE decode; every stage: messages) and
 `per_block_k` ms per block it holds (its device's speed: a slower or busier device has a larger
@@ -104,14 +108,18 @@ class Rebalancer:
         self.fixed_ms: list[float | None] = [None] * len(counts)
         self.per_block_ms: list[float | None] = [None] * len(counts)
         self.imbalanced_steps = 0
+        self.floor_ms = 0.0  # the slowest stage that holds no blocks (VAE stages)
 
     def reset(self, counts: Sequence[int]) -> None:
         """A new split is in place: forget the streak (the per-block costs stay valid)."""
         self.counts = list(counts)
         self.imbalanced_steps = 0
 
-    def observe(self, samples: Sequence[StageSample]) -> None:
+    def observe(self, samples: Sequence[StageSample], floor_ms: float = 0.0) -> None:
+        """One forward's per-stage times of the stages that hold blocks; `floor_ms`: the
+        slowest other stage (VAE stages), smoothed the same way."""
         a = self.smoothing
+        self.floor_ms = floor_ms if self.floor_ms == 0.0 else (1 - a) * self.floor_ms + a * floor_ms
         for k, s in enumerate(samples):
             fixed = max(s.total_ms - s.blocks_ms, 0.0)
             per_block = s.blocks_ms / max(s.num_blocks, 1)
@@ -131,7 +139,8 @@ class Rebalancer:
         if self.imbalanced_steps < self.after_steps or len(self.counts) < 2:
             return None
         target = balance(sum(self.counts), self.fixed_ms, self.per_block_ms)
-        now, then = max(self.predicted(self.counts)), max(self.predicted(target))
+        now = max(self.floor_ms, *self.predicted(self.counts))
+        then = max(self.floor_ms, *self.predicted(target))
         if target == self.counts or then > now * (1 - (self.threshold - 1) / 2):
             self.imbalanced_steps = 0
             return None

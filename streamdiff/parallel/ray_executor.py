@@ -34,7 +34,7 @@ from streamdiff.config import Config
 from streamdiff.parallel.executor import StagedExecutor, StageFailure
 from streamdiff.parallel.partition import even_split, ranges
 from streamdiff.engine.types import ChunkInput, StreamOutput
-from streamdiff.parallel.messages import Hop, StageInput, StageSpec, StepOut
+from streamdiff.parallel.messages import Hop, StageInput, StageSpec, StepOut, stage_specs
 from streamdiff.parallel.stage import StageWorker
 
 log = logging.getLogger(__name__)
@@ -65,14 +65,14 @@ class RayStages:
     """The `Stages` transport over Ray actors and one compiled graph."""
 
     def __init__(self, cfg: Config, counts: list[int], timeout_s: float | None = None):
-        self.started_ray = connect(cfg.parallel.ray_address, len(counts))
+        self.specs = stage_specs(ranges(counts), cfg.parallel.vae_stages)  # + encode / decode stages if asked
+        self.started_ray = connect(cfg.parallel.ray_address, len(self.specs))
         self.cfg = cfg
         self.timeout_s = timeout_s or cfg.parallel.step_timeout_s
-        self.specs = [StageSpec(k, len(counts), r) for k, r in enumerate(ranges(counts))]
         gpus = ray.cluster_resources().get("GPU", 0)
-        self.on_gpu = cfg.runtime.device != "cpu" and gpus >= len(counts)
+        self.on_gpu = cfg.runtime.device != "cpu" and gpus >= len(self.specs)
         if cfg.runtime.device == "cuda" and not self.on_gpu:
-            raise RuntimeError(f"runtime.device=cuda but the Ray cluster has {gpus:g} GPUs for {len(counts)} stages")
+            raise RuntimeError(f"runtime.device=cuda but the Ray cluster has {gpus:g} GPUs for {len(self.specs)} stages")
         transport = cfg.parallel.transport
         self.nccl = self.on_gpu and transport in ("auto", "nccl")
         if transport == "nccl" and not self.on_gpu:
@@ -102,7 +102,10 @@ class RayStages:
             node = inp
             for k, actor in enumerate(self.actors):
                 node = actor.run.bind(node)
-                if self.nccl and k < len(self.actors) - 1:
+                # NCCL between stages that hold blocks (hidden states); VAE stages exchange
+                # latent-sized host tensors only.
+                blocks_both = k < len(self.actors) - 1 and self.specs[k].has_blocks and self.specs[k + 1].has_blocks
+                if self.nccl and blocks_both:
                     node = node.with_tensor_transport(transport="nccl")
         # A step keeps its micro-batches and one prepare forward in flight.
         in_flight = max(self.cfg.parallel.micro_batches, len(self.actors)) + 1
@@ -191,10 +194,12 @@ def own(msg):
     if isinstance(msg, StepOut):
         finished = {sid: StreamOutput(np.array(o.frames), o.metas) for sid, o in msg.finished.items()}
         flows = None if msg.flows is None else msg.flows.clone()
-        return replace(msg, finished=finished, flows=flows)
+        decode = [(sid, x0.clone(), tag) for sid, x0, tag in msg.decode]
+        return replace(msg, finished=finished, flows=flows, decode=decode)
     if isinstance(msg, StageInput):
         chunks = {sid: ChunkInput(np.array(c.frames), c.metas) for sid, c in msg.chunks.items()}
-        return replace(msg, chunks=chunks, flows=[(key, f.clone()) for key, f in msg.flows])
+        return replace(msg, chunks=chunks, flows=[(key, f.clone()) for key, f in msg.flows],
+                       encoded={sid: lat.clone() for sid, lat in msg.encoded.items()})
     if isinstance(msg, Hop) and msg.hidden is not None and msg.hidden.device.type == "cpu":
         return replace(msg, hidden=msg.hidden.clone(), x=msg.x.clone(),
                        embs={k: e.clone() for k, e in msg.embs.items()})

@@ -73,7 +73,8 @@ class StreamState:
     """Per-stream state over a shared `SlotTable` (see the module docstring).
 
     The stream's lanes are allocated in `slots` under `stream_id` on construction and given
-    back by `release()`. `prompt_kv` turns a prompt into cross-attention K/V (default: encode
+    back by `release()` (`kv_lanes`: exactly these lanes, as the engine's scheduler allocated
+    them; None: the lowest free ones). `prompt_kv` turns a prompt into cross-attention K/V (default: encode
     with `comps.text` and project with the model); the engine passes a shared cache.
     """
 
@@ -91,6 +92,7 @@ class StreamState:
         motion_aware: bool | None = None,
         prompt_kv: Callable[[str], CrossKV] | None = None,
         stride: int = 1,
+        kv_lanes: tuple[int, ...] | None = None,
     ):
         cfg = comps.cfg
         self.comps = comps
@@ -119,7 +121,7 @@ class StreamState:
         self._emb: torch.Tensor | None = None  # text embeddings of the current K/V when blending
         # 2. VAE caches, motion, lanes; last, the stream's lanes in the slot table (one window
         #    per denoise step), so that nothing is left allocated if an earlier step fails.
-        self.vae_state = comps.vae.new_state()
+        self.vae_state = comps.vae.new_state() if comps.vae is not None else None  # None: a VAE stage holds it
         strength = cfg.sampling.noise_strength if noise_strength is None else noise_strength
         aware = cfg.sampling.motion_aware if motion_aware is None else motion_aware
         self.motion = MotionController(strength, aware)
@@ -129,7 +131,7 @@ class StreamState:
         self.pipe: list[Lane | None] = [None] * ((self.steps - 1) * stride + 1)  # position i: entered i forwards ago
         self.sequential: Row | None = None  # the next row of a chunk denoised step by step
         self.chunk_index = 0
-        slots.add_stream(stream_id, self.steps)
+        slots.add_stream(stream_id, self.steps, kv_lanes)
 
     # ------------------------------------------------------------------ controls
 
@@ -206,7 +208,8 @@ class StreamState:
         entry = self.slots.streams.get(self.stream_id)
         held = entry.all_slots() if entry is not None else []
         self.slots.remove_stream(self.stream_id)
-        self.vae_state.reset()
+        if self.vae_state is not None:
+            self.vae_state.reset()
         self.motion.reset()
         self.pipe = [None] * len(self.pipe)
         self.sequential = None

@@ -46,6 +46,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from streamdiff.scheduler.cost_model import OnlineCostModel, StepCostModel
+from streamdiff.scheduler.kv_lanes import KVLanes
 from streamdiff.scheduler.types import (
     Admission,
     PlannedChunk,
@@ -139,6 +140,8 @@ class FrameScheduler:
         ones are dropped (the default 3 absorbs one step of jitter without dropping).
     max_chunks_in_flight: chunks of one stream allowed in plans not yet updated (1 for a local
         executor; the number of pipeline stages for Ray).
+    kv_lanes: lanes in the KV pool (`cache.pool_lanes`; None: 4 per stream). A stream is
+        admitted only if its `lanes` are free; `kv_lanes_of` says which it holds.
     """
 
     def __init__(
@@ -147,6 +150,7 @@ class FrameScheduler:
         max_streams: int = 4,
         max_extra_frames: int = 3,
         max_chunks_in_flight: int = 1,
+        kv_lanes: int | None = None,
     ):
         if max_streams < 1 or max_extra_frames < 0 or max_chunks_in_flight < 1:
             raise ValueError("max_streams >= 1, max_extra_frames >= 0, max_chunks_in_flight >= 1")
@@ -155,6 +159,7 @@ class FrameScheduler:
         self.max_extra_frames = max_extra_frames
         self.max_chunks_in_flight = max_chunks_in_flight
         self.free_stream_slots = max_streams
+        self.kv = KVLanes(kv_lanes or 4 * max_streams)
         self.last_decision_us = 0.0  # wall time of the last schedule() call
         self._streams: dict[str, _Stream] = {}
         self._open: dict[int, list[tuple[_Stream, tuple[float, ...]]]] = {}  # step_id -> (stream, emitted arrivals)
@@ -193,6 +198,9 @@ class FrameScheduler:
             )
         if tokens_per_frame < 1 or lanes < 1 or first_chunk_latents < 1 or chunk_latents < 1:
             return self._refuse(stream_id, "tokens_per_frame, lanes and chunk latents must be >= 1")
+        if lanes > self.kv.free:
+            return self._refuse(stream_id, f"KV pool full: {lanes} lanes needed, {self.kv.free} of "
+                                           f"{self.kv.num_lanes} free (cache.pool_lanes)")
         vt_s = min((s.vt_s for s in self._streams.values()), default=0.0)
         new = _Stream(stream_id, slo, tokens_per_frame, lanes, first_chunk_latents, chunk_latents,
                       order=self._next_order, vt_s=vt_s)
@@ -218,6 +226,7 @@ class FrameScheduler:
         self._streams[stream_id] = new
         self._next_order += 1
         self.free_stream_slots -= 1
+        self.kv.alloc(stream_id, lanes)
         return Admission(stream_id, True, reason, step_ms, self.free_stream_slots, new.best_effort, fps, latency_ms)
 
     def estimate(self, tokens_per_frame: int, lanes: int, *, first_chunk_latents: int = 2,
@@ -237,6 +246,7 @@ class FrameScheduler:
             return []
         stream.removed = True  # plans in flight still name it; update() skips it
         self.free_stream_slots += 1
+        self.kv.release(stream_id)
         frame_ids = [frame_id for frame_id, _ in stream.pending]
         stream.pending.clear()
         return frame_ids
@@ -253,6 +263,10 @@ class FrameScheduler:
             dropped.append(stream.pending.popleft()[0])
         stream.dropped += len(dropped)
         return dropped
+
+    def kv_lanes_of(self, stream_id: str) -> tuple[int, ...]:
+        """The KV-pool lanes the stream holds (one per denoise step)."""
+        return self.kv.held[stream_id]
 
     def pending_frame_ids(self, stream_id: str) -> list[int]:
         return [frame_id for frame_id, _ in self._streams[stream_id].pending]

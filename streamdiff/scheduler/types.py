@@ -67,8 +67,36 @@ class PlannedChunk:
 
 
 @dataclass(frozen=True)
+class StreamStart:
+    """A stream whose model-side state an executor creates (new) or re-creates from scratch
+    (restarted: lanes, KV, VAE caches and motion dropped; its next chunk is a first chunk):
+    its live parameters (the engine's StreamParams, opaque here) and the KV-pool lanes the
+    scheduler allocated to it (one per denoise step)."""
+
+    stream_id: str
+    params: object
+    kv_lanes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StreamUpdate:
+    """A stream's live parameters changed (not its steps): `params` from its next chunk on;
+    `changed` names the fields that changed (a prompt change starts a blend or a swap)."""
+
+    stream_id: str
+    params: object
+    changed: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class StepPlan:
-    """One engine step: a single batched forward over the chunks listed, earliest due first."""
+    """One engine step: a single batched forward over the chunks listed, earliest due first.
+
+    The stream commands (vLLM's SchedulerOutput style): the engine core decides, every executor
+    applies them before the step's chunks, in this order: finished streams are dropped,
+    restarted streams release their old state, then restarted and new streams are created on
+    the KV lanes given, then live updates apply. A plan with no chunks carries commands only
+    (step_id -1: not a scheduler step)."""
 
     step_id: int
     start_s: float  # `now` when the plan was made
@@ -76,6 +104,14 @@ class StepPlan:
     rows: int  # total batch rows
     tokens: int  # total query tokens
     predicted_ms: float  # the cost model's (conservative) step time for this batch
+    new_streams: tuple[StreamStart, ...] = ()
+    finished_streams: tuple[str, ...] = ()
+    restarted_streams: tuple[StreamStart, ...] = ()
+    updated_streams: tuple[StreamUpdate, ...] = ()
+
+    @property
+    def has_commands(self) -> bool:
+        return bool(self.new_streams or self.finished_streams or self.restarted_streams or self.updated_streams)
 
     @property
     def stream_ids(self) -> tuple[str, ...]:
@@ -97,6 +133,9 @@ class StepResult:
     step_id: int
     step_ms: float
     end_s: float | None = None
+
+
+COMMANDS_ONLY_STEP = -1  # the step_id of a plan that carries stream commands and no chunks
 
 
 @dataclass(frozen=True)

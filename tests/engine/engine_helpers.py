@@ -77,16 +77,19 @@ class FakeExecutor:
         self.streams: dict[str, StreamParams] = {}
         self.executed = 0
 
-    def add_stream(self, stream_id, params):
-        self.streams[stream_id] = params
-
-    def remove_stream(self, stream_id):
-        self.streams.pop(stream_id, None)
-
-    def update_stream(self, stream_id, changes):
-        self.streams[stream_id] = self.streams[stream_id].with_changes(changes)
+    def apply(self, plan):
+        """The plan's stream commands, as every executor applies them."""
+        for sid in plan.finished_streams:
+            self.streams.pop(sid, None)
+        for start in (*plan.restarted_streams, *plan.new_streams):
+            self.streams[start.stream_id] = start.params
+        for update in plan.updated_streams:
+            self.streams[update.stream_id] = update.params
 
     def execute(self, plan, inputs):
+        self.apply(plan)
+        if not plan.chunks:  # commands only
+            return EngineStepResult(plan.step_id, 0.0, self.clock.t)
         self.executed += 1
         self.clock.t += self.step_ms / 1000.0
         outputs = {sid: StreamOutput(chunk.frames, chunk.metas) for sid, chunk in inputs.items()}

@@ -31,12 +31,14 @@ def ref(cfg4, comps4):
     return reference(cfg4, comps4)
 
 
-@pytest.mark.parametrize("counts", [[2, 2], [1, 2, 1]])
-def test_ray_stages_equal_local(cfg4, comps4, ref, counts):
-    stages = RayStages(cfg4, counts)
-    executor = StagedExecutor(cfg4, stages)
+@pytest.mark.parametrize("counts,vae_stages", [([2, 2], False), ([1, 2, 1], False), ([2, 2], True)])
+def test_ray_stages_equal_local(cfg4, comps4, ref, counts, vae_stages):
+    cfg = with_overrides(cfg4, parallel={"vae_stages": vae_stages})
+    stages = RayStages(cfg, counts)
+    executor = StagedExecutor(cfg, stages)
     try:
-        got = run_streams(cfg4, executor)
+        assert len(stages.actors) == len(counts) + (2 if vae_stages else 0)  # own actors for encode / decode
+        got = run_streams(cfg, executor)
         for sid in SPECS:
             assert got[sid].shape == ref[sid].shape and max_abs_diff(got[sid], ref[sid]) <= TOL, sid
         # Each actor holds only its own blocks (and the first / last their VAE half's module).

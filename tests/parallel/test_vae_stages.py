@@ -1,0 +1,94 @@
+"""VAE off the critical stage (`parallel.vae_stages`): encode and decode run as stages of their
+own, the DiT stages carry only blocks, and the output equals the local run."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine_helpers import max_abs_diff
+from stage_helpers import SPECS, TOL, reference, run_streams
+from streamdiff.config import with_overrides
+from streamdiff.parallel.executor import InProcessStages, StagedExecutor
+from streamdiff.parallel.messages import stage_specs
+from streamdiff.parallel.partition import Rebalancer, StageSample
+
+
+@pytest.fixture(scope="module")
+def ref(cfg4, comps4):
+    return reference(cfg4, comps4)
+
+
+@pytest.fixture(scope="module")
+def cfg_vae(cfg4):
+    return with_overrides(cfg4, parallel={"vae_stages": True})
+
+
+def test_specs_put_the_vae_halves_on_stages_of_their_own():
+    specs = stage_specs([(0, 2), (2, 4)], vae_stages=True)
+    assert [(s.index, s.block_range, s.first, s.last, s.vae) for s in specs] == [
+        (0, (0, 0), False, False, "encode"),
+        (1, (0, 2), True, False, "none"),
+        (2, (2, 4), False, True, "none"),
+        (3, (4, 4), False, False, "decode"),
+    ]
+    plain = stage_specs([(0, 2), (2, 4)])
+    assert [(s.first, s.last, s.vae) for s in plain] == [(True, False, "encode"), (False, True, "decode")]
+
+
+@pytest.mark.parametrize("counts", [[2, 2], [4]])
+def test_vae_stages_equal_local(cfg_vae, ref, counts):
+    stages = InProcessStages(cfg_vae, counts, "cpu")
+    infos = [w.info() for w in stages.workers]
+    assert [i["vae"] for i in infos] == ["encode"] + ["none"] * len(counts) + ["decode"]
+    assert [i["has_vae"] for i in infos] == [True] + [False] * len(counts) + [True]
+    assert infos[0]["dit_params"] == infos[-1]["dit_params"] == 0 and infos[1]["has_text"]
+    executor = StagedExecutor(cfg_vae, stages)
+    assert executor.counts == counts
+    got = run_streams(cfg_vae, executor)
+    for sid in SPECS:
+        assert got[sid].shape == ref[sid].shape and len(got[sid]) > 10, sid
+        assert max_abs_diff(got[sid], ref[sid]) <= TOL, sid
+    # Every stage was timed; the encode and decode stages ran no blocks.
+    assert len(executor.last_stage_ms) == len(counts) + 2 and min(executor.last_stage_ms) > 0
+
+
+def test_rebalancer_keeps_the_split_when_a_vae_stage_is_the_bottleneck():
+    def feed(reb, floor_ms):
+        for _ in range(3):  # stage 0: 10 ms per block, stage 1: 30 ms per block
+            reb.observe([StageSample(20.0, 20.0, 2), StageSample(60.0, 60.0, 2)], floor_ms=floor_ms)
+        return reb.proposal()
+
+    assert feed(Rebalancer([2, 2], 1.25, 3, smoothing=1.0), floor_ms=0.0) == [3, 1]
+    assert feed(Rebalancer([2, 2], 1.25, 3, smoothing=1.0), floor_ms=100.0) is None  # moving blocks cannot help
+
+
+def test_stream_commands_reach_every_stage(cfg_vae):
+    """Add, steps change and removal ride in the plans: every stage holds the stream on the
+    scheduler's lanes, and a removed stream's slots are zeroed on every DiT stage."""
+    from engine_helpers import RELAXED, Feeder, params
+    from stage_helpers import core_for
+    from streamdiff.pipeline.frames import synthetic_clip
+
+    stages = InProcessStages(cfg_vae, [2, 2], "cpu")
+    core, clock = core_for(cfg_vae, StagedExecutor(cfg_vae, stages))
+    for sid in ("a", "b"):
+        assert core.add_stream(sid, params(cfg_vae, sid, steps=2), RELAXED)
+    feeder = Feeder(core, clock, {sid: synthetic_clip(30, 64, 48, seed=i) for i, sid in enumerate("ab")})
+    for _ in range(3):
+        feeder.round()
+    core.update_params("a", steps=3)
+    feeder.round()
+    runners = [w.runner for w in stages.workers]
+    for r in runners:
+        assert set(r.params) == {"a", "b"} and r.params["a"].steps == 3
+    for r in runners[1:3]:  # the DiT stages know each stream's lanes
+        assert r.kv_lanes["a"] == core.scheduler.kv_lanes_of("a") and len(r.kv_lanes["a"]) == 3
+    assert runners[1].streams["a"].steps == 3 and not runners[2].streams  # StreamStates: first DiT stage only
+    lanes_b = core.scheduler.kv_lanes_of("b")
+    slots_b = [g * cfg_vae.cache.window + i for g in lanes_b for i in range(cfg_vae.cache.window)]
+    assert all(r.pool.k[:, slots_b].any() for r in runners[1:3])  # b's K/V was written on both
+    core.remove_stream("b")
+    for r in runners:
+        assert set(r.params) == {"a"}
+    for r in runners[1:3]:
+        assert not r.pool.k[:, slots_b].any() and not r.pool.v[:, slots_b].any()
