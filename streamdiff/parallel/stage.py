@@ -210,7 +210,7 @@ class StageWorker:
     def _new_state(self, stream_id: str, params: StreamParams) -> StreamState:
         return StreamState(self, stream_id, self.slots, params.prompt, params.steps, params.seed, self.width,
                            self.height, params.noise_strength, params.motion_aware, prompt_kv=self._prompt_kv,
-                           stride=lane_stride(self.cfg))
+                           stride=lane_stride(self.cfg, params.lane_stride))
 
     def _prompt_kv(self, prompt: str) -> CrossKV:
         return self._prompt_entry(prompt)[0]
