@@ -56,6 +56,9 @@ class StageInput:
     flows: list[tuple[tuple[int, int], torch.Tensor]] = field(default_factory=list)  # ((step, part), [B,...])
     group: int = 0  # steady forwards: this micro-batch of the step's rows ...
     groups: int = 1  # ... out of this many (contiguous, near-equal shares)
+    # Live changes (stream, its new params, whether the prompt changed), applied by the first
+    # stage before this forward's chunks start: they ride with the plan, never racing one in flight.
+    updates: list[tuple[str, object, bool]] = field(default_factory=list)
 
 
 @dataclass

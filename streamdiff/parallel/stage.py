@@ -272,8 +272,9 @@ class StageWorker:
         if hop.hidden is not None:
             hop.hidden = self._run_blocks(hop, cross)
         self._sync()
-        if self.extra_ms_per_block > 0 and hop.hidden is not None:
-            time.sleep(self.extra_ms_per_block * len(self.pool.layers) / 1000.0)
+        delay_ms = self.extra_ms_per_block + self.cfg.parallel.block_delay_ms  # drills: a slower device
+        if delay_ms > 0 and hop.hidden is not None:
+            time.sleep(delay_ms * len(self.pool.layers) / 1000.0)
         blocks_ms = (time.perf_counter() - t_blocks) * 1000.0
         out: Hop | StepOut = hop
         t_tail = time.perf_counter()
@@ -293,6 +294,9 @@ class StageWorker:
             for row, flow in zip(rows, flows.split(1)):
                 if self.streams.get(row.state.stream_id) is row.state:  # not removed / restarted meanwhile
                     row.state.apply_flow(row, flow.to(self.device))
+        for stream_id, params, prompt_changed in msg.updates:  # live changes, from this chunk on
+            if stream_id in self.streams:
+                self.streams[stream_id].apply_live(params, prompt_changed)
         # 2. New chunks: VAE encode (streams at the same point batched), noise, into lanes.
         planned = []
         for stream_id, given in msg.chunks.items():
