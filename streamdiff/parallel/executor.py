@@ -70,6 +70,7 @@ class StagedExecutor:
         self._flows: list[tuple[tuple[int, int], object]] = []  # flows not yet at the first stage
         self._updates: list[tuple[str, StreamParams, bool]] = []  # live changes for the next forward
         self._in_flight: deque[_Plan] = deque()
+        self.peak_in_flight = 0  # the most plans in flight at once so far
         self.rebalances: list[tuple[list[int], list[int]]] = []  # (before, after) splits
         self.last_stage_ms: list[float] = []
 
@@ -160,6 +161,7 @@ class StagedExecutor:
         except StageFailure as exc:
             raise self._recover(exc) from exc
         self._in_flight.append(_Plan(plan, t0, handles))
+        self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
 
     def collect(self) -> EngineStepResult:
         """The oldest plan's result. `step_ms` is the pipeline period it took: its slowest stage

@@ -1,0 +1,149 @@
+"""Plans in flight: pipeline stages with one plan per stage in flight and the automatic lane
+stride D = number of stages give the frames of the local executor at stride 1, frame for
+frame, with live prompt and seed changes, each chunk's output (steps - 1)(D - 1) chunks
+later; and a transport that advances one stage per tick (forward p at stage 1 while p + 1 is
+at stage 0), driven through EngineCore, equals the local stride-D run exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine_helpers import RELAXED, FakeClock, params
+from streamdiff.config import with_overrides
+from streamdiff.engine import EngineCore, LocalExecutor
+from streamdiff.parallel.executor import StagedExecutor, ThreadedStages, TickStages
+from streamdiff.pipeline.frames import synthetic_clip
+from streamdiff.scheduler import FixedCostModel, FrameScheduler, LinearLaw
+
+CHUNKS = 16
+PROMPT_AT, SEED_AT = 5, 8  # live changes before these chunks
+
+
+@pytest.fixture(scope="module")
+def cfg_auto(cfg4):
+    return with_overrides(cfg4, parallel={"lane_stride": 0})  # automatic: D = stages
+
+
+def drive(cfg, executor, steps: int) -> tuple[EngineCore, list, dict[int, int], int]:
+    """One stream through EngineCore: a chunk pushed before every `step()` (so the pipeline
+    fills), a prompt change before chunk PROMPT_AT and a seed change before chunk SEED_AT, then
+    drain. Returns (core, output frames, {entering chunk -> chunk emitted by its plan}, the
+    most plans seen in flight)."""
+    clock = FakeClock()
+    sched = FrameScheduler(FixedCostModel(LinearLaw(1.0, 0.1, 0.0)), max_streams=2)
+    core = EngineCore(cfg, executor, scheduler=sched, clock=clock)
+    assert core.add_stream("s", params(cfg, "a red fox", steps=steps, seed=7), RELAXED)
+    clip = synthetic_clip(5 + 4 * (CHUNKS - 1), 64, 48, seed=21)
+    outputs, emitted, depth_seen = [], {}, 0
+    reports = []
+    for c in range(CHUNKS):
+        if c == PROMPT_AT:
+            core.update_params("s", prompt="a blue whale")
+        if c == SEED_AT:
+            core.update_params("s", seed=1234)
+        frames = clip[:5] if c == 0 else clip[5 + 4 * (c - 1): 9 + 4 * (c - 1)]
+        first = 0 if c == 0 else 5 + 4 * (c - 1)
+        for i, frame in enumerate(frames):
+            core.push_frame("s", frame, pts=first + i)
+        report = core.step()
+        assert report is not None
+        depth_seen = max(depth_seen, core.plans_in_flight)
+        reports.append(report)
+        outputs += core.pop_outputs("s")
+        clock.t += 4 / 30
+    reports += core.drain()
+    outputs += core.pop_outputs("s")
+    for report in reports:
+        if report.result is None:
+            continue
+        out = report.result.outputs.get("s")
+        entering = _chunk_of(report.plan.chunks[0].frame_ids[0]) if report.plan.chunks else None
+        if out is not None:
+            emitted[entering] = _chunk_of(out.metas[0].pts)
+    return core, outputs, emitted, depth_seen
+
+
+def _chunk_of(frame_index: int) -> int:
+    return 0 if frame_index < 5 else 1 + (frame_index - 5) // 4
+
+
+def frames_of(outputs) -> np.ndarray:
+    return np.stack([o.frame for o in outputs])
+
+
+def local(comps):
+    """The local executor; the engine gives each stream its lane stride (params.lane_stride)."""
+    from streamdiff.engine.model_runner import ModelRunner
+
+    return LocalExecutor(ModelRunner(comps, 2))
+
+
+@pytest.mark.parametrize("steps,counts", [(1, [1, 1, 1, 1]), (2, [1, 1, 1, 1]), (4, [2, 2])])
+def test_stride_d_through_the_engine_equals_stride_one_later(cfg_auto, comps4, steps, counts):
+    stages = TickStages(cfg_auto, counts, "cpu")
+    executor = StagedExecutor(cfg_auto, stages)
+    core, got, emitted, depth_seen = drive(cfg_auto, executor, steps)
+    _, ref, ref_emitted, _ = drive(cfg_auto, local(comps4), steps)  # depth 1: stride 1
+    depth = len(counts)
+    assert core.params("s").lane_stride == depth  # chosen: as many as stages (the SLO is relaxed)
+    # 1. Frame for frame the video of stride 1 (each chunk keeps its prompt and seed), minus
+    #    the chunks still in the lag at the end.
+    assert len(got) == 5 + 4 * (CHUNKS - 1 - (steps - 1) * depth)
+    assert len(got) > 4 * SEED_AT  # the live changes are in what is compared
+    ref = ref[: len(got)]
+    assert [o.pts for o in got] == [o.pts for o in ref]
+    assert np.abs(frames_of(got).astype(int) - frames_of(ref).astype(int)).max() <= 1
+    # 2. Each chunk leaves with the plan of the chunk (steps - 1)·D later ((steps - 1)(D - 1)
+    #    chunks later than with stride 1).
+    for entering, out in emitted.items():
+        if entering:
+            assert out == entering - (steps - 1) * depth
+    for entering, out in ref_emitted.items():
+        if entering:
+            assert out == entering - (steps - 1)
+    # 3. The plans really overlapped: the pipeline was full, and some tick ran two forwards.
+    assert executor.peak_in_flight == depth and depth_seen == depth - 1
+    by_tick: dict[int, set] = {}
+    for tick, _, key in stages.trace:
+        by_tick.setdefault(tick, set()).add(key)
+    assert max(len(keys) for keys in by_tick.values()) >= 2
+
+
+@pytest.mark.parametrize("counts", [[2, 2], [1, 2, 1]])
+def test_tick_stages_equal_the_local_stride_d_run_exactly(cfg_auto, comps4, counts):
+    """Forward p at stage k + 1 while p + 1 is at stage k, through EngineCore: the same frames
+    as the local executor running the same stride D = stages (one stream: the VAE calls are
+    the same, so nothing may differ)."""
+    steps, depth = 2, len(counts)
+    _, got, _, _ = drive(cfg_auto, StagedExecutor(cfg_auto, TickStages(cfg_auto, counts, "cpu")), steps)
+    cfg_d = with_overrides(cfg_auto, parallel={"lane_stride": depth})
+    _, ref, _, _ = drive(cfg_d, local(comps4), steps)
+    assert len(got) == len(ref) > 20
+    assert np.array_equal(frames_of(got), frames_of(ref))
+
+
+def test_threaded_stages_equal_tick_stages(cfg_auto):
+    """A thread per stage (what the drill and the bench run) gives the same frames."""
+    _, ref, _, _ = drive(cfg_auto, StagedExecutor(cfg_auto, TickStages(cfg_auto, [2, 2], "cpu")), 2)
+    executor = StagedExecutor(cfg_auto, ThreadedStages(cfg_auto, [2, 2], "cpu"))
+    try:
+        _, got, _, _ = drive(cfg_auto, executor, 2)
+    finally:
+        executor.shutdown()
+    assert np.array_equal(frames_of(got), frames_of(ref))
+
+
+def test_latency_needs_pick_a_smaller_stride(cfg_auto):
+    """D = stages unless the stream's deadline needs less latency: a tight deadline gets the
+    largest D that keeps it."""
+    from streamdiff.scheduler import StreamSLO
+
+    sched = FrameScheduler(FixedCostModel(LinearLaw(20.0, 0.0, 0.0)), max_streams=3, pipeline_depth=4)
+    # 2 lanes at 30 fps: gathering + (D + 1) chunks of lag + 5 periods of 20 ms in flight.
+    loose = sched.add_stream("loose", StreamSLO(30.0, 5000.0), 12, 2, 0.0)
+    tight = sched.add_stream("tight", StreamSLO(30.0, 500.0), 12, 2, 0.0)
+    pinned = sched.add_stream("pinned", StreamSLO(30.0, 5000.0), 12, 2, 0.0, lane_stride=1)
+    assert loose.lane_stride == 4 and pinned.lane_stride == 1
+    assert 1 <= tight.lane_stride < 4
+    assert tight.expected_latency_ms <= 500.0 < loose.expected_latency_ms
