@@ -71,6 +71,7 @@ class StagedExecutor:
         self._updates: list[tuple[str, StreamParams, bool]] = []  # live changes for the next forward
         self._in_flight: deque[_Plan] = deque()
         self.peak_in_flight = 0  # the most plans in flight at once so far
+        self.stage_busy_ms = [0.0] * self.num_stages  # each stage's time running forwards, so far
         self.rebalances: list[tuple[list[int], list[int]]] = []  # (before, after) splits
         self.last_stage_ms: list[float] = []
 
@@ -274,6 +275,7 @@ class StagedExecutor:
         samples = [StageSample(sum(f[k]["total"] for f in ran), sum(f[k]["blocks"] for f in ran),
                                int(ran[0][k]["num_blocks"])) for k in range(self.num_stages)]
         self.last_stage_ms = [s.total_ms for s in samples]
+        self.stage_busy_ms = [busy + t for busy, t in zip(self.stage_busy_ms, self.last_stage_ms)]
         self.rebalancer.observe(samples)
         if self.rebalance_enabled and (target := self.rebalancer.proposal()) is not None:
             self.repartition(target)
