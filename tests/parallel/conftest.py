@@ -27,3 +27,11 @@ def comps4(cfg4):
     from streamdiff.model.build import build_components
 
     return build_components(cfg4)
+
+
+@pytest.fixture(scope="session")
+def cfg_auto(cfg4):
+    """cfg4 with the automatic lane stride (D = stages): plans overlap."""
+    from streamdiff.config import with_overrides
+
+    return with_overrides(cfg4, parallel={"lane_stride": 0})

@@ -9,75 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine_helpers import RELAXED, FakeClock, params
+from stage_helpers import CHUNKS, SEED_AT, drive, frames_of, local
 from streamdiff.config import with_overrides
-from streamdiff.engine import EngineCore, LocalExecutor
 from streamdiff.parallel.executor import StagedExecutor, ThreadedStages, TickStages
-from streamdiff.pipeline.frames import synthetic_clip
 from streamdiff.scheduler import FixedCostModel, FrameScheduler, LinearLaw
-
-CHUNKS = 16
-PROMPT_AT, SEED_AT = 5, 8  # live changes before these chunks
-
-
-@pytest.fixture(scope="module")
-def cfg_auto(cfg4):
-    return with_overrides(cfg4, parallel={"lane_stride": 0})  # automatic: D = stages
-
-
-def drive(cfg, executor, steps: int) -> tuple[EngineCore, list, dict[int, int], int]:
-    """One stream through EngineCore: a chunk pushed before every `step()` (so the pipeline
-    fills), a prompt change before chunk PROMPT_AT and a seed change before chunk SEED_AT, then
-    drain. Returns (core, output frames, {entering chunk -> chunk emitted by its plan}, the
-    most plans seen in flight)."""
-    clock = FakeClock()
-    sched = FrameScheduler(FixedCostModel(LinearLaw(1.0, 0.1, 0.0)), max_streams=2)
-    core = EngineCore(cfg, executor, scheduler=sched, clock=clock)
-    assert core.add_stream("s", params(cfg, "a red fox", steps=steps, seed=7), RELAXED)
-    clip = synthetic_clip(5 + 4 * (CHUNKS - 1), 64, 48, seed=21)
-    outputs, emitted, depth_seen = [], {}, 0
-    reports = []
-    for c in range(CHUNKS):
-        if c == PROMPT_AT:
-            core.update_params("s", prompt="a blue whale")
-        if c == SEED_AT:
-            core.update_params("s", seed=1234)
-        frames = clip[:5] if c == 0 else clip[5 + 4 * (c - 1): 9 + 4 * (c - 1)]
-        first = 0 if c == 0 else 5 + 4 * (c - 1)
-        for i, frame in enumerate(frames):
-            core.push_frame("s", frame, pts=first + i)
-        report = core.step()
-        assert report is not None
-        depth_seen = max(depth_seen, core.plans_in_flight)
-        reports.append(report)
-        outputs += core.pop_outputs("s")
-        clock.t += 4 / 30
-    reports += core.drain()
-    outputs += core.pop_outputs("s")
-    for report in reports:
-        if report.result is None:
-            continue
-        out = report.result.outputs.get("s")
-        entering = _chunk_of(report.plan.chunks[0].frame_ids[0]) if report.plan.chunks else None
-        if out is not None:
-            emitted[entering] = _chunk_of(out.metas[0].pts)
-    return core, outputs, emitted, depth_seen
-
-
-def _chunk_of(frame_index: int) -> int:
-    return 0 if frame_index < 5 else 1 + (frame_index - 5) // 4
-
-
-def frames_of(outputs) -> np.ndarray:
-    return np.stack([o.frame for o in outputs])
-
-
-def local(comps):
-    """The local executor; the engine gives each stream its lane stride (params.lane_stride)."""
-    from streamdiff.engine.model_runner import ModelRunner
-
-    return LocalExecutor(ModelRunner(comps, 2))
-
 
 @pytest.mark.parametrize("steps,counts", [(1, [1, 1, 1, 1]), (2, [1, 1, 1, 1]), (4, [2, 2])])
 def test_stride_d_through_the_engine_equals_stride_one_later(cfg_auto, comps4, steps, counts):
