@@ -297,10 +297,12 @@ class EngineCore:
 
     # ------------------------------------------------------------------ one step
 
-    def step(self, now: float | None = None) -> StepReport | None:
+    def step(self, now: float | None = None, block: bool = True) -> StepReport | None:
         """One turn of the loop (see the module docstring). Returns the report of the plan it
         collected; a plan submitted but not collected yet (the pipeline has room) gives a
-        report with `result` None; None when nothing was ready and nothing is in flight."""
+        report with `result` None; None when nothing was ready and nothing is in flight, or
+        (`block` False) when nothing new was ready and the oldest plan is not back yet: a live
+        loop then waits for input or the plan, whichever comes first, instead of for the plan."""
         now = self.clock() if now is None else now
         # 1. Decide and submit while the pipeline has room.
         submitted: StepPlan | None = None
@@ -325,6 +327,8 @@ class EngineCore:
         # 2. Collect the oldest when the pipeline is full or nothing new came.
         if submitted is not None and len(self._in_flight) < self.depth:
             return StepReport(submitted, None, {})
+        if submitted is None and not block and not getattr(self.executor, "ready", lambda: True)():
+            return None
         return self._collect()
 
     def drain(self) -> list[StepReport]:

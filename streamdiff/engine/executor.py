@@ -49,6 +49,9 @@ class Executor(Protocol):
     def collect(self) -> EngineStepResult:
         """Wait for the oldest plan in flight and return its result."""
 
+    def ready(self) -> bool:
+        """Whether `collect` would return without waiting (optional; absent means True)."""
+
     def execute(self, plan: StepPlan, inputs: Mapping[str, ChunkInput]) -> EngineStepResult:
         """submit + collect (nothing else in flight)."""
 

@@ -186,6 +186,13 @@ class StagedExecutor:
             step_ms = (time.perf_counter() - entry.t0) * 1000.0
         return EngineStepResult(entry.plan.step_id, step_ms, self.clock(), outputs=outputs, forwards=forwards)
 
+    def ready(self) -> bool:
+        """Whether the oldest plan's forwards are back (transports that cannot tell: True)."""
+        if not self._in_flight or self._in_flight[0].outs is not None:
+            return True
+        done = getattr(self.stages, "ready", None)
+        return done is None or all(done(h) for h in self._in_flight[0].handles)
+
     def execute(self, plan: StepPlan, inputs: Mapping[str, ChunkInput]) -> EngineStepResult:
         self._drain()
         self.submit(plan, inputs)

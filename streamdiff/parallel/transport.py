@@ -163,6 +163,9 @@ class ThreadedStages(InProcessStages):
         except TimeoutError as exc:
             raise StageFailure(f"a forward was not back within {self.timeout_s:g} s") from exc
 
+    def ready(self, handle: object) -> bool:
+        return handle.done()
+
     def call(self, index: int, method: str, *args) -> object:
         future: Future = Future()
         self._queues[index].put(("call", (method, args), future))
