@@ -299,6 +299,7 @@ def _bench_simulate(args: argparse.Namespace) -> int:
           f"hop {hop['hop_ms']:.2f} ms ({hop['source']})")
     columns = [("stages", "stages"), ("partition", "blocks per stage"), ("stage_ms", "stage ms"),
                ("micro_batches", "micro-batches"), ("step_ms", "step ms"), ("fps", "fps"), ("speedup", "speed-up"),
+               ("period_ms", "period ms"), ("fps_overlapped", "fps (D=S)"), ("speedup_overlapped", "speed-up (D=S)"),
                ("max_block_weights_gb_per_gpu", "block weights GB/GPU"), ("max_kv_gb_per_gpu", "KV GB/GPU")]
     print(benchreport.format_table(report["projection"], columns))
     if args.json:
