@@ -96,7 +96,8 @@ class ModelRunner:
     def _new_state(self, stream_id: str, params: StreamParams) -> StreamState:
         return StreamState(
             self.comps, stream_id, self.slots, params.prompt, params.steps, params.seed, self.width, self.height,
-            params.noise_strength, params.motion_aware, prompt_kv=self._prompt_kv, stride=lane_stride(self.comps.cfg, params.lane_stride),
+            params.noise_strength, params.motion_aware, prompt_kv=self._prompt_kv,
+            stride=lane_stride(self.comps.cfg, params.lane_stride),
         )
 
     def _prompt_kv(self, prompt: str) -> CrossKV:
