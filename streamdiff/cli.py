@@ -168,7 +168,7 @@ def _parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
 
 # Flags of one bench mode only (default None / False: not given).
 BENCH_MODEL_ONLY = ("config", "set", "steps", "resolution", "streams", "random_weights", "dtype", "peak_tflops",
-                    "simulate", "hop_ms", "compile", "cuda_graphs")
+                    "simulate", "hop_ms", "compile", "cuda_graphs", "stages", "ray")
 BENCH_E2E_ONLY = ("token", "fps", "size")
 
 
@@ -200,7 +200,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.simulate:
         if args.compile or args.cuda_graphs:
             raise CliError("--simulate measures eager steps; --compile / --cuda-graphs apply to model mode")
+        if args.ray:
+            raise CliError("--ray runs real stages (--stages without --simulate)")
         return _bench_simulate(args)
+    if args.ray and not args.stages:
+        raise CliError("--ray needs --stages LIST (the stage counts to run over Ray actors)")
     # 2. Model mode: check the flags, run every combination in this process, report.
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise CliError(f"--peak-tflops {args.peak_tflops:g} must be > 0")
@@ -221,6 +225,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         deadline_ms=args.deadline_ms, peak_tflops=args.peak_tflops, prompt=args.prompt, quiet=args.quiet,
         command=args.command_line, modes=modes_from_flags(args.compile, args.cuda_graphs),
     )
+    if args.stages:
+        return _bench_stages(args, settings)
     try:
         report = run_model_bench(settings)
     except ValueError as exc:  # e.g. --cuda-graphs without CUDA
@@ -233,6 +239,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"wrote {benchreport.write_json(report, args.json)}")
     if args.plot:
         print(f"wrote {benchreport.plot(plot_series(report), args.plot, title=report['command'], deadline_ms=settings.deadline_ms)}")
+    return 0
+
+
+def _bench_stages(args: argparse.Namespace, settings) -> int:
+    """Model mode over real pipeline stages (threads here, or Ray actors with --ray)."""
+    from streamdiff.bench import report as benchreport
+    from streamdiff.bench.stages import TABLE_COLUMNS, report_rows, run_stages_bench
+
+    if args.compile or args.cuda_graphs:
+        raise CliError("--stages runs eager stages; --compile / --cuda-graphs apply to one-process model mode")
+    stages = list(_parse_int_list("--stages", args.stages, 1, 64))
+    try:
+        report = run_stages_bench(settings, stages, args.ray)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(f"streamdiff bench, model mode over pipeline stages ({report['transport']}): {report['config']}; "
+          f"{settings.duration_s:g} s per combination, git {report['git_commit']}")
+    print(benchreport.format_table(report_rows(report), TABLE_COLUMNS))
+    if args.json:
+        print(f"wrote {benchreport.write_json(report, args.json)}")
     return 0
 
 
@@ -261,7 +287,7 @@ def _bench_simulate(args: argparse.Namespace) -> int:
     streams, *more = _parse_int_list("--streams", args.streams or "1", 1, 64)
     if more:
         raise CliError("--simulate takes one --streams value")
-    stages = list(_parse_int_list("--stages", args.stages, 1, 64))
+    stages = list(_parse_int_list("--stages", args.stages or "1,2,4,8", 1, 64))
     cfg = bench_config(ModelBenchSettings(config=args.config or "tiny", overrides=tuple(overrides),
                                           random_weights=args.random_weights, dtype=args.dtype))
     report = simulate(cfg, stages, streams, args.hop_ms)
@@ -273,6 +299,7 @@ def _bench_simulate(args: argparse.Namespace) -> int:
           f"hop {hop['hop_ms']:.2f} ms ({hop['source']})")
     columns = [("stages", "stages"), ("partition", "blocks per stage"), ("stage_ms", "stage ms"),
                ("micro_batches", "micro-batches"), ("step_ms", "step ms"), ("fps", "fps"), ("speedup", "speed-up"),
+               ("period_ms", "period ms"), ("fps_overlapped", "fps (D=S)"), ("speedup_overlapped", "speed-up (D=S)"),
                ("max_block_weights_gb_per_gpu", "block weights GB/GPU"), ("max_kv_gb_per_gpu", "KV GB/GPU")]
     print(benchreport.format_table(report["projection"], columns))
     if args.json:
@@ -427,7 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim = bench.add_argument_group("scaling projection")
     sim.add_argument("--simulate", action="store_true",
                      help="measure one device, project 1..N pipeline stages (uses --config/--set/--streams)")
-    sim.add_argument("--stages", default="1,2,4,8", metavar="LIST", help="stage counts to project")
+    model.add_argument("--stages", metavar="LIST",
+                       help="run real pipeline stages, one thread each (Ray actors with --ray), for each "
+                            "stage count, e.g. 1,2,4; with --simulate: the stage counts to project (default 1,2,4,8)")
+    model.add_argument("--ray", action="store_true", help="with --stages: the stages are Ray actors")
     sim.add_argument("--hop-ms", type=float, help="per-hop transport latency (default: measured with Ray here)")
     e2e = bench.add_argument_group("end-to-end mode")
     e2e.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8000 (selects end-to-end mode)")

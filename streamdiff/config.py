@@ -200,15 +200,19 @@ class ParallelConfig:
     rebalance: bool = True  # re-measure while serving and move blocks when stages drift apart
     rebalance_threshold: float = 1.25  # slowest / fastest stage time that counts as imbalance
     rebalance_after_steps: int = 50  # ... when it persists this many consecutive steps
-    micro_batches: int = 0  # a step's stream-batch rows in this many forwards in flight; 0 = one per stage
+    micro_batches: int = 0  # a plan's stream-batch rows in this many forwards; 0 = one if its streams overlap plans, else one per stage
     transport: Literal["auto", "nccl", "cpu"] = "auto"  # auto: NCCL between GPU actors
     step_timeout_s: float = 30.0  # a step not back by then counts as a failed stage
     # Lane stride D: lane j of a stream's p-th forward holds chunk p - j*D (same frames as D = 1,
-    # (steps-1)(D-1) chunks later). 0 = automatic: 1 while plans do not overlap.
+    # (steps-1)(D-1) chunks later); up to D of a stream's plans are in flight. 0 = automatic, per
+    # stream: the number of stages unless its SLO needs less latency (1 on one stage).
     lane_stride: int = 0
     # VAE encode and decode as pipeline stages of their own (own actors / GPUs), so the first and
     # last DiT stages carry only blocks; num_stages still counts the DiT stages.
     vae_stages: bool = False
+    # Drills on CPU: every stage sleeps this long per block per forward (whatever the rows), so
+    # a CPU machine can play GPU-bound stages. 0 = off.
+    block_delay_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -261,6 +265,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "parallel.rebalance_after_steps": (1, 1_000_000),
     "parallel.step_timeout_s": (0.1, 3600.0),
     "parallel.lane_stride": (0, 16),
+    "parallel.block_delay_ms": (0.0, 10000.0),
 }
 
 

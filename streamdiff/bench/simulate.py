@@ -13,7 +13,11 @@ Projection (S stages, m micro-batches of the step's rows, hop h ms):
   stage k time t_k = fixed_k + n_k * per_block   (fixed: encode on 0, decode on S-1)
   step = (sum_k t_k + (m - 1) * max_k t_k) / m + (S - 1) * h
 (each micro-batch takes t_k / m on stage k; the first goes through every stage, each later one
-leaves one slowest-stage slot after the previous). fps = frames per step / step.
+leaves one slowest-stage slot after the previous). fps = frames per step / step. That is the
+schedule of streams whose lane stride is 1. With plans in flight (lane stride D = S, the
+default: docs/scaling.md) one plan ends per pipeline period:
+  period = max_k t_k + h (S > 1),  fps_overlapped = frames per step / period,
+  latency (one plan through the stages) = sum_k t_k + (S - 1) * h.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def project(measured: dict, cfg: Config, num_stages: int, hop_ms: float, micro_b
     weights_gb = [n * measured["block_params"] * measured["bytes_per_param"] / 1e9 for n in counts]
     kv_gb = [n * kv_bytes_per_layer(cfg, measured["streams"]) / 1e9 for n in counts]
     fps = measured["frames_per_step"] / (step_ms / 1000.0)
+    period_ms = max(times) + (hop_ms if num_stages > 1 else 0.0)
     return {
         "stages": num_stages,
         "partition": counts,
@@ -83,6 +88,9 @@ def project(measured: dict, cfg: Config, num_stages: int, hop_ms: float, micro_b
         "micro_batches": m,
         "step_ms": step_ms,
         "fps": fps,
+        "period_ms": period_ms,
+        "fps_overlapped": measured["frames_per_step"] / (period_ms / 1000.0),
+        "plan_latency_ms": sum(times) + (num_stages - 1) * hop_ms,
         "max_block_weights_gb_per_gpu": max(weights_gb),
         "max_kv_gb_per_gpu": max(kv_gb),
     }
@@ -104,6 +112,7 @@ def simulate(cfg: Config, stage_counts: list[int], streams: int, hop_ms: float |
     base = next((r["fps"] for r in rows if r["stages"] == 1), None) or project(measured, cfg, 1, 0.0)["fps"]
     for r in rows:
         r["speedup"] = r["fps"] / base
+        r["speedup_overlapped"] = r["fps_overlapped"] / base
     return {"config": cfg.name, "resolution": f"{cfg.video.width}x{cfg.video.height}",
             "steps": cfg.sampling.steps, "measured": measured, "hop": hop, "projection": rows,
             "sdv2_reference": {"one_h100_480p_fps": SDV2_ONE_H100_480P_FPS, "four_h100_fps": SDV2_FOUR_H100_FPS}}

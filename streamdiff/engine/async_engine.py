@@ -11,8 +11,11 @@ Inbox: commands (add / update / remove / stats) run in the loop thread between s
 order they were sent, and resolve a future the caller awaits. Input frames wait per stream in
 a bounded deque (`inbox_frames`, newest kept; overflow counts as dropped input), so a slow step
 never lets input pile up. Loop: apply commands -> hand frames to the core -> one `core.step()`
--> post the step's output frames to the event loop; with nothing to do it sleeps on the inbox
+-> post the output frames waiting to the event loop; with nothing to do it sleeps on the inbox
 (after a refusal, once no stream runs, it first re-measures the step: EngineCore.measure).
+With plans in flight (pipeline stages) the step does not block on the oldest plan while no new
+chunk is ready (`step(block=False)`): the loop polls the inbox every PIPELINE_POLL_S instead,
+so a chunk that gets ready meanwhile enters the pipeline at once.
 
 Outputs: `next_frame(stream_id)` returns `OutputFrame`s in order: the frame, the input frame id
 and pts it was made from, arrival and output times (engine clock, `time.monotonic`). A queue
@@ -37,6 +40,7 @@ from streamdiff.engine.types import OutputFrame, StreamClosedError, StreamParams
 from streamdiff.scheduler import Admission, StreamSLO
 
 log = logging.getLogger(__name__)
+PIPELINE_POLL_S = 0.002  # how often the loop looks for a finished plan while plans are in flight
 
 
 class _Inbox:
@@ -305,7 +309,9 @@ class AsyncEngine:
         try:
             while True:
                 # 1. Control commands, in order.
-                commands, frames, overflow = self._inbox.take(0.0 if busy else self.idle_wait_s)
+                # (plans in flight: poll briefly, so new input enters the pipeline while they run)
+                wait_s = 0.0 if busy else (PIPELINE_POLL_S if core.plans_in_flight else self.idle_wait_s)
+                commands, frames, overflow = self._inbox.take(wait_s)
                 for fn, future in commands:
                     if not future.set_running_or_notify_cancel():
                         continue
@@ -324,7 +330,7 @@ class AsyncEngine:
                         core.push_frame(stream_id, frame, pts, now=arrival_s)
                     core.metrics.frames_dropped(stream_id, overflow.get(stream_id, 0), "input")
                 # 3. One step, then hand its outputs (and streams it had to close) to the event loop.
-                report = core.step()
+                report = core.step(block=False)
                 busy = report is not None
                 if not busy and core.wants_measure and not core.stream_ids:
                     core.measure()  # a refusal on stale numbers: measure again now that it is idle
@@ -333,9 +339,10 @@ class AsyncEngine:
                     for stream_id in closed:
                         self._inbox.forget(stream_id)
                     self._post(self._close_streams, closed)
-                if report is not None and report.delivered:
-                    batch = {sid: core.pop_outputs(sid) for sid in report.delivered}
-                    self._post(self._deliver, batch)
+                # (a command may have collected plans too: adding a stream drains the pipeline)
+                waiting = [sid for sid in core.stream_ids if core.output_frames_waiting(sid)]
+                if waiting:
+                    self._post(self._deliver, {sid: core.pop_outputs(sid) for sid in waiting})
         except BaseException as exc:  # pragma: no cover - surfaced to every waiter
             log.exception("engine loop failed")
             self._error = exc

@@ -1,4 +1,4 @@
-"""EngineCore: one engine step at a time — schedule -> execute -> update — for many streams.
+"""EngineCore: the engine loop's steps — schedule -> submit -> collect -> update — for many streams.
 
 Owns: the streams the engine serves (their live parameters and SLOs), the input frame buffers
 (payloads keyed by frame id; the scheduler decides which ids to keep, and the core frees the
@@ -10,16 +10,30 @@ or asyncio (async_engine.py). No torch here: a fake executor drives it in tests.
 Threading: not thread-safe; one thread owns it (AsyncEngine's loop thread, or a test).
 
 One `step(now)`:
-  1. plan = scheduler.schedule(now)              (None: no stream has a full chunk)
-  2. take the planned frames out of the buffers  -> ChunkInput per stream
-  3. result = executor.execute(plan, inputs)     (measured step_ms, output frames)
-  4. scheduler.update(plan, result)              (cost model, lag and deadline bookkeeping)
-  5. output frames -> the streams' output queues; metrics.
+  1. while fewer than `executor.depth` plans are in flight:
+       plan = scheduler.schedule(now)            (None: no stream has a full chunk)
+       take the planned frames out of the buffers -> ChunkInput per stream
+       executor.submit(plan, inputs)
+  2. when the pipeline is full, or nothing new was submitted, collect the OLDEST plan:
+       result = executor.collect()               (step_ms = the pipeline period, output frames)
+       scheduler.update(plan, result)            (cost model, lag and deadline bookkeeping)
+       output frames -> the streams' output queues; metrics.
+  A local executor has depth 1: every step submits one plan and collects it, as before plans
+  could overlap. Pipeline stages have depth = their number: plan p + 1 enters the first stage
+  while plan p is in the second. The scheduler lets a stream have at most D chunks in flight
+  (its lane stride, chosen at admission: `FrameScheduler.add_stream`), which is what keeps the
+  frames those of D = 1. Adding or removing a stream and a steps change drain the plans in
+  flight first (`drain`); live prompt / seed / noise changes do not (they ride with the
+  stream's next chunk). The executor drains what it must itself (first chunks, re-partitioning,
+  recovery).
 
 Stream commands: the core decides, executors apply. Adding, removing, restarting a stream and
 live changes become commands (new / finished / restarted / updated streams, coalesced in
-`StreamCommands`) that ride in a plan; with nothing in flight they go at once, in a plan with
-no chunks. New and restarted streams carry the KV lanes the scheduler allocated.
+`StreamCommands`) that ride in a plan: with nothing in flight they go at once, in a plan with
+no chunks (`_flush`); with plans in flight (only live changes can be decided then: adding,
+removing and restarting drain first) they ride with the next plan submitted, so a change
+applies from the chunk that plan starts on. New and restarted streams carry the KV lanes the
+scheduler allocated.
 
 Live changes (`update_params`): prompt, prompt blend, seed, noise strength and the motion
 controller take effect at the stream's next chunk (an `updated_streams` command). A new step
@@ -91,10 +105,11 @@ class _Stream:
 
 @dataclass(frozen=True)
 class StepReport:
-    """What one `step` did: the plan, the executor's result, frames delivered per stream."""
+    """What one `step` did: the plan collected, the executor's result, frames delivered per
+    stream (or a plan just submitted, with `result` None, while the pipeline fills)."""
 
     plan: StepPlan
-    result: EngineStepResult
+    result: EngineStepResult | None  # None: the plan was submitted and is still in flight
     delivered: dict[str, int]
 
 
@@ -117,10 +132,13 @@ class EngineCore:
         self.clock = clock
         self.width, self.height = cfg.video.width, cfg.video.height
         self.tokens_per_frame = (self.height // 16) * (self.width // 16)
+        self.depth = max(1, int(getattr(executor, "depth", 1)))  # plans in flight at most
         self.scheduler = scheduler or FrameScheduler(
             OnlineCostModel(), max_streams=cfg.cache.max_streams, max_extra_frames=max_extra_frames,
             kv_lanes=cfg.cache.pool_lanes or None,
         )
+        self.scheduler.pipeline_depth = self.depth
+        self._in_flight: deque[tuple[StepPlan, float]] = deque()  # (plan, submit time), oldest first
         self.output_queue_frames = output_queue_frames
         self.metrics = metrics or EngineMetrics()
         self._streams: dict[str, _Stream] = {}
@@ -129,6 +147,7 @@ class EngineCore:
         self.wants_measure = False  # a stream was refused: re-measure the step once the engine is idle
         self.restarted: dict[str, str] = {}  # stream -> reason of its last restart after a failure
         self._commands = StreamCommands()  # decided, not yet in a plan
+        self._done: EngineStepResult | None = None  # an execute-only executor's result until collected
 
     # ------------------------------------------------------------------ streams
 
@@ -147,17 +166,19 @@ class EngineCore:
         model-side state. Returns the Admission; a refused stream leaves no trace."""
         if not isinstance(stream_id, str) or not stream_id:
             raise ValueError(f"stream_id must be a non-empty string, got {stream_id!r}")
-        validate_changes(asdict(params))
+        validate_changes({k: v for k, v in asdict(params).items() if k != "lane_stride"})
         slo = slo or self.default_slo()
         now = self.clock() if now is None else now
         if stream_id in self._streams:
             return Admission(stream_id, False, f"stream {stream_id!r} is already admitted", 0.0,
                              self.scheduler.free_stream_slots)
-        admission = self._admit(stream_id, slo, params.steps, now)
+        self.drain()  # a new stream's first chunk and its state change what is in flight
+        admission = self._admit(stream_id, slo, params.steps, now, params.lane_stride)
         if not admission:
             self.wants_measure = True
             hint = POOL_HINT if "KV pool full" in admission.reason else REFUSAL_HINT
             return replace(admission, reason=f"{admission.reason}; {hint}")
+        params = replace(params, lane_stride=admission.lane_stride)
         try:
             self._commands.add(stream_id, params, self.scheduler.kv_lanes_of(stream_id))
             self._flush()
@@ -168,12 +189,14 @@ class EngineCore:
         self.metrics.stream_added(stream_id, now, slo.deadline_ms)
         return admission
 
-    def _admit(self, stream_id: str, slo: StreamSLO, steps: int, now: float) -> Admission:
+    def _admit(self, stream_id: str, slo: StreamSLO, steps: int, now: float, stride: int = 0) -> Admission:
+        """The scheduler's admission; the lane stride is `stride`, else `parallel.lane_stride`,
+        else (0) the scheduler's choice for this stream's SLO (D = depth unless it needs less latency)."""
         s = self.cfg.sampling
         return self.scheduler.add_stream(
             stream_id, slo, self.tokens_per_frame, steps, now,
             first_chunk_latents=s.first_chunk_latents, chunk_latents=s.chunk_latents,
-            input_fps=self.cfg.video.fps,
+            input_fps=self.cfg.video.fps, lane_stride=stride or self.cfg.parallel.lane_stride,
         )
 
     def expect(self, steps: int | None = None) -> tuple[float, float, float]:
@@ -186,9 +209,10 @@ class EngineCore:
     def remove_stream(self, stream_id: str) -> bool:
         """Forget the stream: scheduler entry, input buffers, output queue, model-side state
         (KV slots back to the pool, VAE caches dropped) and its metrics. False if unknown."""
-        entry = self._streams.pop(stream_id, None)
-        if entry is None:
+        if stream_id not in self._streams:
             return False
+        self.drain()
+        entry = self._streams.pop(stream_id)
         self.scheduler.remove_stream(stream_id)
         entry.frames.clear()
         entry.outputs.clear()
@@ -208,6 +232,7 @@ class EngineCore:
         entry = self._streams[stream_id]
         new = entry.params.with_changes(changes)
         if new.steps != entry.params.steps:
+            self.drain()
             self._restart(stream_id, entry, new, self.clock() if now is None else now)
         elif changes:
             self._commands.update(stream_id, new, tuple(changes))
@@ -216,16 +241,18 @@ class EngineCore:
         return new
 
     def _flush(self) -> None:
-        """Pending stream commands go to the executor now, in a plan with no chunks."""
-        if self._commands:
+        """Pending stream commands go to the executor now, in a plan with no chunks, when
+        nothing is in flight; otherwise they ride with the next plan submitted (`step`)."""
+        if self._commands and not self._in_flight:
             self.executor.execute(self._commands.plan(self.clock()), {})
 
     def _restart(self, stream_id: str, entry: _Stream, new: StreamParams, now: float) -> None:
         """Re-admit with the new lane count (or keep the old one and refuse), keeping waiting frames."""
         waiting = self.scheduler.remove_stream(stream_id)
-        admission = self._admit(stream_id, entry.slo, new.steps, now)
+        stride = entry.params.lane_stride  # a restart keeps the stream's stride
+        admission = self._admit(stream_id, entry.slo, new.steps, now, stride)
         if not admission:
-            if not self._admit(stream_id, entry.slo, entry.params.steps, now):
+            if not self._admit(stream_id, entry.slo, entry.params.steps, now, stride):
                 self.remove_stream(stream_id)
                 raise RuntimeError(f"stream {stream_id!r} could not be re-admitted and was removed: {admission.reason}")
             self._repush(stream_id, entry, waiting)
@@ -293,40 +320,94 @@ class EngineCore:
 
     # ------------------------------------------------------------------ one step
 
-    def step(self, now: float | None = None) -> StepReport | None:
-        """Run one engine step (see the module docstring); None when nothing is ready."""
+    def step(self, now: float | None = None, block: bool = True) -> StepReport | None:
+        """One turn of the loop (see the module docstring). Returns the report of the plan it
+        collected; a plan submitted but not collected yet (the pipeline has room) gives a
+        report with `result` None; None when nothing was ready and nothing is in flight, or
+        (`block` False) when nothing new was ready and the oldest plan is not back yet: a live
+        loop then waits for input or the plan, whichever comes first, instead of for the plan."""
         now = self.clock() if now is None else now
-        # 1. Decide.
-        plan = self.scheduler.schedule(now)
-        if plan is None:
+        # 1. Decide and submit while the pipeline has room.
+        submitted: StepPlan | None = None
+        while len(self._in_flight) < self.depth:
+            plan = self.scheduler.schedule(now)
+            if plan is None:
+                break
+            if self._commands:  # decided while plans were in flight: they ride with this one
+                plan = self._commands.attach(plan)
+            inputs = self._gather(plan)
+            t0 = self.clock()
+            try:
+                self._submit(plan, inputs)
+            except StreamsLost as lost:
+                self._in_flight.append((plan, t0))
+                return self._fail_in_flight(lost)
+            except BaseException:
+                self.scheduler.update(plan, EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock()))
+                raise
+            self._in_flight.append((plan, t0))
+            submitted = plan
+        if not self._in_flight:
             return None
-        if self._commands:
-            plan = self._commands.attach(plan)
-        # 2. Gather the planned frames; their buffers leave the core now.
+        # 2. Collect the oldest when the pipeline is full or nothing new came.
+        if submitted is not None and len(self._in_flight) < self.depth:
+            return StepReport(submitted, None, {})
+        if submitted is None and not block and not getattr(self.executor, "ready", lambda: True)():
+            return None
+        return self._collect()
+
+    def drain(self) -> list[StepReport]:
+        """Collect every plan in flight (oldest first), delivering their frames."""
+        reports = []
+        while self._in_flight:
+            reports.append(self._collect())
+        return reports
+
+    @property
+    def plans_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def _gather(self, plan: StepPlan) -> dict[str, ChunkInput]:
+        """The planned frames; their buffers leave the core now."""
         inputs: dict[str, ChunkInput] = {}
         for chunk in plan.chunks:
             entry = self._streams[chunk.stream_id]
             taken = [entry.frames.pop(frame_id) for frame_id in chunk.frame_ids]
             inputs[chunk.stream_id] = ChunkInput(np.stack([f for f, _ in taken]), tuple(m for _, m in taken))
             entry.consumed += len(taken)
-        # 3. Execute (on failure, close the plan so the scheduler stays consistent; streams an
-        #    executor lost are re-prepared on its rebuilt state, or closed with the reason).
-        t0 = self.clock()
+        return inputs
+
+    def _submit(self, plan: StepPlan, inputs: dict[str, ChunkInput]) -> None:
+        submit = getattr(self.executor, "submit", None)
+        if submit is not None:
+            submit(plan, inputs)
+        else:  # an executor with `execute` only: it runs now, collect hands the result over
+            self._done = self.executor.execute(plan, inputs)
+
+    def _collect(self) -> StepReport:
+        """Collect the oldest plan in flight: account it and deliver its frames (on failure,
+        close it so the scheduler stays consistent; streams an executor lost are re-prepared
+        on its rebuilt state, or closed with the reason)."""
+        plan, t0 = self._in_flight[0]
         try:
-            result = self.executor.execute(plan, inputs)
+            if getattr(self.executor, "submit", None) is not None:
+                result = self.executor.collect()
+            else:
+                result, self._done = self._done, None
         except StreamsLost as lost:
-            failed = EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock())
-            self.scheduler.update(plan, failed)
-            self._lost(lost, self.clock())
-            return StepReport(plan, failed, {})
+            return self._fail_in_flight(lost)
         except BaseException:
+            self._in_flight.popleft()
             self.scheduler.update(plan, EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock()))
             raise
+        self._in_flight.popleft()
+        if result.step_id != plan.step_id:
+            raise RuntimeError(f"executor returned step {result.step_id}, the oldest in flight is {plan.step_id}")
         end_s = result.end_s if result.end_s is not None else self.clock()
         result = replace(result, end_s=end_s)
-        # 4. Account.
+        # 1. Account.
         self.scheduler.update(plan, result)
-        # 5. Deliver.
+        # 2. Deliver.
         delivered: dict[str, int] = {}
         for stream_id, out in result.outputs.items():
             entry = self._streams.get(stream_id)
@@ -346,6 +427,18 @@ class EngineCore:
         self.metrics.step(plan.rows, len(plan.chunks), result.step_ms, self.scheduler.last_decision_us,
                           result.forwards)
         return StepReport(plan, result, delivered)
+
+    def _fail_in_flight(self, lost: StreamsLost) -> StepReport:
+        """Every plan in flight failed with the executor's pipeline: close them all, then restart
+        or close the streams it lost."""
+        failed = None
+        while self._in_flight:
+            plan, t0 = self._in_flight.popleft()
+            failed_result = EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock())
+            self.scheduler.update(plan, failed_result)
+            failed = failed or StepReport(plan, failed_result, {})
+        self._lost(lost, self.clock())
+        return failed
 
     # ------------------------------------------------------------------ frames out
 
@@ -373,7 +466,8 @@ class EngineCore:
         params = replace(params, steps=steps or params.steps)
         measured = self.scheduler
         try:
-            self.scheduler = FrameScheduler(FixedCostModel(LinearLaw(0.0, 0.0, 0.0)), max_streams=1)
+            self.scheduler = FrameScheduler(FixedCostModel(LinearLaw(0.0, 0.0, 0.0)), max_streams=1,
+                                            pipeline_depth=self.depth)
             self._dummy_stream(params, seed)
             self.scheduler = measured
             self._dummy_stream(params, seed)
@@ -422,6 +516,7 @@ class EngineCore:
         """Bookkeeping sizes (for leak checks and /healthz-style reporting)."""
         return {
             "streams": len(self._streams),
+            "plans_in_flight": len(self._in_flight),
             "waiting_frames": self.waiting_frames(),
             "output_frames": sum(len(e.outputs) for e in self._streams.values()),
             "scheduler_streams": len(self.scheduler.stream_ids),

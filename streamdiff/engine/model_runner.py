@@ -149,7 +149,7 @@ class ModelRunner:
             state = StreamState(
                 self.comps, stream_id, self.slots, params.prompt, params.steps, params.seed, self.width,
                 self.height, params.noise_strength, params.motion_aware, prompt_kv=self._prompt_kv,
-                stride=lane_stride(self.cfg), kv_lanes=kv_lanes,
+                stride=lane_stride(self.cfg, params.lane_stride), kv_lanes=kv_lanes,
             )
             self.streams[stream_id] = state
             kv_lanes = tuple(lane.lane for lane in self.slots.streams[stream_id].lanes)
@@ -275,7 +275,9 @@ class ModelRunner:
         finished: dict[str, tuple[torch.Tensor, tuple]] = {}  # stream -> (x0 of its finished chunk, tag)
 
         def run(rows: list[Row]) -> None:
-            for row, flow in zip(rows, forward_rows(self.model, self.pool, rows, self.cfg.cache, self.comps.step)):
+            flows = forward_rows(self.model, self.pool, rows, self.cfg.cache, self.comps.step)
+            self._drill_delay()
+            for row, flow in zip(rows, flows):
                 x0 = row.state.apply_flow(row, flow)
                 if x0 is not None:
                     if row.state.stream_id in finished:
@@ -332,8 +334,8 @@ class ModelRunner:
         if hop.hidden is not None:
             hop.hidden = self._run_blocks(hop, cross)
         self._sync()
-        if self.extra_ms_per_block > 0 and hop.hidden is not None:
-            time.sleep(self.extra_ms_per_block * len(self.pool.layers) / 1000.0)
+        if hop.hidden is not None:
+            self._drill_delay()
         blocks_ms = (time.perf_counter() - t_blocks) * 1000.0
         t_tail = time.perf_counter()
         out: Hop | StepOut = self._last(hop) if self.spec.last else hop
@@ -417,6 +419,13 @@ class ModelRunner:
             return StepOut(hop.key, rows, flow.cpu(), self._decode(done), hop.stage_ms, plan=hop.plan)
         done = [(sid, x0.cpu(), tag) for sid, x0, tag in done]  # latent-sized; host hop to the decode stage
         return StepOut(hop.key, rows, flow.cpu(), {}, hop.stage_ms, decode=done, plan=hop.plan)
+
+    def _drill_delay(self) -> None:
+        """Drills: a slower device. Sleep `extra_ms_per_block` (a stage's slowdown) plus
+        `parallel.block_delay_ms` per block of this runner, once per forward whatever its rows."""
+        delay_ms = self.extra_ms_per_block + self.cfg.parallel.block_delay_ms
+        if delay_ms > 0 and self.pool is not None:
+            time.sleep(delay_ms * len(self.pool.layers) / 1000.0)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -63,6 +63,9 @@ class StreamParams:
     noise_strength: float
     motion_aware: bool
     prompt_blend_chunks: int = 0
+    # Not a live parameter: the stream's lane stride D, set by the engine at admission
+    # (0: `parallel.lane_stride`, else 1). Lane j of its p-th forward holds chunk p - j·D.
+    lane_stride: int = 0
 
     @staticmethod
     def defaults(cfg: Config, prompt: str = "") -> "StreamParams":
@@ -73,7 +76,7 @@ class StreamParams:
         return replace(self, **validate_changes(changes))
 
 
-PARAM_NAMES = tuple(f.name for f in fields(StreamParams))
+PARAM_NAMES = tuple(f.name for f in fields(StreamParams) if f.name != "lane_stride")
 
 
 def validate_changes(changes: Mapping[str, object]) -> dict[str, object]:

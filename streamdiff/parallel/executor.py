@@ -1,81 +1,57 @@
-"""StagedExecutor: the engine's Executor over a chain of pipeline stages.
+"""StagedExecutor: the engine's Executor over a chain of pipeline stages, plans overlapping.
 
-Owns: turning a StepPlan into forwards through the stages (the step's stream-batch forward,
-then the denoise steps of first chunks, which depend on each other), carrying each forward's
-flows back to the first stage with the next message, the plan's stream commands (they ride
-in the step's first message and every stage applies them), per-stage timing fed to the
-`Rebalancer` and the block moves it asks for, and recovery when a stage fails (streams resume
-on a rebuilt pipeline with a fresh cache, or are closed with the reason). Micro-batches: the two independent forwards of a step (steady rows
-and the first denoise step of first chunks) are in flight together, one stage apart.
-Does not own: where the stages run (a `Stages` transport: `InProcessStages` here, Ray actors
-in ray_executor.py) or the model math (engine/model_runner.py, one runner per stage).
+Owns: turning a StepPlan into forwards through the stages, up to `depth` (= stages) plans in
+flight and collected oldest first; carrying each forward's flows back to the first stage with
+a later message (a stream has at most D chunks in flight, its lane stride, so the flows of its
+forward p are back before its forward p + D needs them); the plan's stream commands (they ride
+in the plan's first message and every stage applies them before that forward: live changes
+thus apply from the chunk that plan starts on, never racing a plan in flight); per-stage timing
+fed to the `Rebalancer` and the block moves it asks for (the forwards in flight are taken in
+first); and recovery when a stage fails (every plan in flight is lost; the stages are cleared
+and the engine core re-creates the streams as restarted, or closes them).
+A plan with first chunks, or with new / finished / restarted streams, first takes in the
+forwards in flight (the core drains before such commands anyway); a plan with first chunks
+then runs to the end at submit (their denoise steps need each other's flows).
+`micro_batches` > 1 splits a plan's rows into forwards one stage apart.
+Does not own: where the stages run (a `Stages` transport: in-process ones in transport.py, Ray
+actors in ray_executor.py) or the model math (engine/model_runner.py, one runner per stage).
 
 Equality with LocalExecutor holds by construction: every stage is the same ModelRunner with its
-stage spec, the first runs the same StreamState code, the stages run the same blocks on the same slot plans, and flows are
-applied before the stream's next forward. Only batched-VAE grouping may differ (per forward
-instead of per step), which changes float rounding only.
+stage spec, the first runs the same StreamState code, the stages run the same blocks on the
+same slot plans in the same order, and flows are applied before the lane they feed is needed.
+With a lane stride D > 1 the frames are those of D = 1, (steps - 1)(D - 1) chunks later. Only
+batched-VAE grouping may differ (per forward instead of per step), which changes float
+rounding only.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from dataclasses import dataclass
 
 from streamdiff.config import Config
-from streamdiff.engine.types import ChunkInput, EngineStepResult, StreamOutput, StreamsLost
+from streamdiff.engine.types import ChunkInput, EngineStepResult, StreamOutput, StreamParams, StreamsLost
 from streamdiff.parallel.messages import stage_specs
 from streamdiff.parallel.partition import Rebalancer, StageSample, moves, ranges
-from streamdiff.parallel.stage import StageInput, StageSpec, StageWorker, StepOut
+from streamdiff.parallel.stage import StageInput, StepOut
+from streamdiff.parallel.transport import InProcessStages, StageFailure, Stages, ThreadedStages, TickStages
 from streamdiff.scheduler.types import StepPlan
 
 log = logging.getLogger(__name__)
 
 
-class StageFailure(RuntimeError):
-    """A stage died, hung past the step timeout, or raised."""
+@dataclass(eq=False)
+class _Plan:
+    """A plan in flight: its forwards' handles until collected (then their outputs)."""
 
-
-class Stages(Protocol):
-    specs: list[StageSpec]
-
-    def submit(self, msg: StageInput) -> object: ...
-
-    def get(self, handle: object) -> StepOut: ...
-
-    def call(self, index: int, method: str, *args) -> object: ...
-
-    def recover(self) -> str: ...
-
-    def shutdown(self) -> None: ...
-
-
-class InProcessStages:
-    """StageWorkers called one after another in this process (tests, and a reference for the
-    Ray transport: same messages, no serialization)."""
-
-    def __init__(self, cfg: Config, counts: list[int], device: str | None = None):
-        self.specs = stage_specs(ranges(counts), cfg.parallel.vae_stages)
-        self.workers = [StageWorker(cfg, spec, device) for spec in self.specs]
-
-    def submit(self, msg: StageInput) -> object:
-        out = msg
-        for worker in self.workers:
-            out = worker.run(out)
-        return out
-
-    def get(self, handle: object) -> StepOut:
-        return handle
-
-    def call(self, index: int, method: str, *args) -> object:
-        return getattr(self.workers[index], method)(*args)
-
-    def recover(self) -> str:  # pragma: no cover - in-process stages do not die
-        raise StageFailure("in-process stages cannot be rebuilt")
-
-    def shutdown(self) -> None:
-        self.workers.clear()
+    plan: StepPlan
+    t0: float
+    handles: list
+    outs: list[StepOut] | None = None
+    wall_ms: float | None = None  # plans run to the end at submit (first chunks): their wall time
 
 
 class StagedExecutor:
@@ -87,14 +63,22 @@ class StagedExecutor:
         par = cfg.parallel
         self.rebalance_enabled = par.rebalance if rebalance is None else rebalance
         self.rebalancer = Rebalancer(self.counts, par.rebalance_threshold, par.rebalance_after_steps)
-        self.params: dict[str, object] = {}  # the streams the stages hold (from the plans' commands)
+        self.params: dict[str, StreamParams] = {}  # the streams the stages hold (from the plans' commands)
         self._flows: list[tuple[tuple[int, int], object]] = []  # flows not yet at the first stage
+        self._in_flight: deque[_Plan] = deque()
+        self.peak_in_flight = 0  # the most plans in flight at once so far
+        self.stage_busy_ms = [0.0] * self.num_stages  # each stage's time running forwards, so far
         self.rebalances: list[tuple[list[int], list[int]]] = []  # (before, after) splits
         self.last_stage_ms: list[float] = []
 
     @property
     def num_stages(self) -> int:
         return len(self.stages.specs)
+
+    @property
+    def depth(self) -> int:
+        """Plans in flight at most: one per stage (plan p + 1 enters stage 0 as p enters stage 1)."""
+        return self.num_stages
 
     @property
     def dit_stages(self) -> list[int]:
@@ -105,7 +89,7 @@ class StagedExecutor:
     def counts(self) -> list[int]:
         return [self.stages.specs[k].num_blocks for k in self.dit_stages]
 
-    # -------------------------------------------------------------- one step
+    # -------------------------------------------------------------- plans
 
     def _track(self, plan: StepPlan) -> None:
         """The streams the stages hold once they applied the plan's commands."""
@@ -117,53 +101,120 @@ class StagedExecutor:
             if update.stream_id in self.params:
                 self.params[update.stream_id] = update.params
 
-    def execute(self, plan: StepPlan, inputs: Mapping[str, ChunkInput]) -> EngineStepResult:
+    def submit(self, plan: StepPlan, inputs: Mapping[str, ChunkInput]) -> None:
+        """Start a plan's forwards. Steady plans just enter the pipeline (up to `depth` in
+        flight); a plan with first chunks first takes in every forward in flight, since its
+        denoise steps run one after another, each needing the previous one's flows."""
         t0 = time.perf_counter()
         if not plan.chunks and not (plan.new_streams or plan.restarted_streams or plan.updated_streams) \
                 and not any(sid in self.params for sid in plan.finished_streams):
-            return EngineStepResult(plan.step_id, 0.0, self.clock())  # nothing for the stages
-        self._track(plan)
-        chunks = {c.stream_id: inputs[c.stream_id] for c in plan.chunks if c.stream_id in self.params}
-        preparing = any(c.first for c in plan.chunks if c.stream_id in self.params)
-        steady_rows = sum(c.lanes for c in plan.chunks if not c.first and c.stream_id in self.params)
+            self._in_flight.append(_Plan(plan, t0, [], [], 0.0))  # nothing for the stages
+            return
         try:
-            outs = self._forwards(plan, chunks, preparing, self.micro_batches(steady_rows))
+            if plan.new_streams or plan.finished_streams or plan.restarted_streams:
+                self._fetch_all()  # a stream's state changes on every stage: nothing may be in flight
+            self._track(plan)
+            chunks = {c.stream_id: inputs[c.stream_id] for c in plan.chunks if c.stream_id in self.params}
+            preparing = any(c.first for c in plan.chunks if c.stream_id in self.params)
+            steady_rows = sum(c.lanes for c in plan.chunks if not c.first and c.stream_id in self.params)
+            overlapping = any(self.params[c.stream_id].lane_stride > 1 for c in plan.chunks
+                              if not c.first and c.stream_id in self.params)
+            groups = self.micro_batches(steady_rows, overlapping)
+            commands = plan if plan.has_commands else None  # every stage applies them before the forward
+            if preparing:
+                self._fetch_all()
+                outs = self._forwards(plan.step_id, chunks, True, groups, commands)
+                self._in_flight.append(_Plan(plan, t0, [], outs, (time.perf_counter() - t0) * 1000.0))
+                return
+            handles = self._submit_steady(plan.step_id, chunks, groups, commands)
+        except StageFailure as exc:
+            raise self._recover(exc) from exc
+        self._in_flight.append(_Plan(plan, t0, handles))
+        self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
+
+    def collect(self) -> EngineStepResult:
+        """The oldest plan's result. `step_ms` is the pipeline period it took: its slowest stage
+        (a plan run to the end at submit: its wall time)."""
+        if not self._in_flight:
+            raise RuntimeError("no plan in flight")
+        try:
+            entry = self._in_flight[0]
+            outs = self._fetch(entry)
+            self._in_flight.popleft()
+            # 1. Finished frames; every forward's flows went to `_flows` (the next forward takes them).
+            outputs: dict[str, StreamOutput] = {}
+            for out in outs:
+                outputs.update(out.finished)
+            forwards = sum(1 for out in outs if out.rows)
+            period_ms = self._observe(outs)
         except StageFailure as exc:
             raise self._recover(exc) from exc
         idle = getattr(self.stages, "idle", None)
-        if not self.params and plan.finished_streams and idle is not None:
+        if not self.params and not self._in_flight and entry.plan.finished_streams and idle is not None:
             idle()  # nothing flows until the next stream: let the transport rest
-        # 1. Collect finished frames; every forward's flows go to the first stage next time.
-        outputs: dict[str, StreamOutput] = {}
-        for out in outs:
-            outputs.update(out.finished)
-        forwards = sum(1 for out in outs if out.rows)
-        self._observe(outs)
-        step_ms = (time.perf_counter() - t0) * 1000.0
-        return EngineStepResult(plan.step_id, step_ms, self.clock(), outputs=outputs, forwards=forwards)
+        step_ms = entry.wall_ms if entry.wall_ms is not None or period_ms is None else period_ms
+        if step_ms is None:
+            step_ms = (time.perf_counter() - entry.t0) * 1000.0
+        return EngineStepResult(entry.plan.step_id, step_ms, self.clock(), outputs=outputs, forwards=forwards)
 
-    def micro_batches(self, steady_rows: int) -> int:
-        """Micro-batches for a step's stream-batch rows: `parallel.micro_batches` (0: one per
-        stage), at most one per row; 1 on a single stage."""
+    def ready(self) -> bool:
+        """Whether the oldest plan's forwards are back (transports that cannot tell: True)."""
+        if not self._in_flight or self._in_flight[0].outs is not None:
+            return True
+        done = getattr(self.stages, "ready", None)
+        return done is None or all(done(h) for h in self._in_flight[0].handles)
+
+    def execute(self, plan: StepPlan, inputs: Mapping[str, ChunkInput]) -> EngineStepResult:
+        if self._in_flight:
+            raise RuntimeError("execute with plans in flight: collect them first")
+        self.submit(plan, inputs)
+        return self.collect()
+
+    def _fetch(self, entry: _Plan) -> list[StepOut]:
+        """Read a plan's forwards (in submission order: Ray counts an unread result as in flight)."""
+        if entry.outs is None:
+            outs = []
+            for handle in entry.handles:
+                out = self.stages.get(handle)
+                self._flows.append((out.key, out.flows))
+                outs.append(out)
+            entry.outs = outs
+        return entry.outs
+
+    def _fetch_all(self) -> None:
+        """Take in every forward in flight (their plans stay to be collected)."""
+        for entry in self._in_flight:
+            self._fetch(entry)
+
+    def micro_batches(self, steady_rows: int, overlapping: bool = True) -> int:
+        """Forwards for a plan's stream-batch rows: `parallel.micro_batches`, at most one per
+        row, 1 on a single stage. 0 = automatic: one when the plan's streams overlap plans (a
+        lane stride > 1 keeps the stages busy, and every extra forward costs a pass through
+        each stage), one per stage when none does (stride-1 streams cannot overlap plans, so
+        their rows fill the pipeline instead)."""
         if self.num_stages == 1 or steady_rows <= 1:
             return 1
-        want = self.cfg.parallel.micro_batches or self.num_stages
+        want = self.cfg.parallel.micro_batches or (1 if overlapping else self.num_stages)
         return max(1, min(want, steady_rows))
 
-    def _forwards(self, plan: StepPlan, chunks: dict[str, ChunkInput], preparing: bool, groups: int) -> list[StepOut]:
-        """The step's forwards: the steady rows (the new chunks' encode rides on the first) in
+    def _submit_steady(self, step_id: int, chunks: dict[str, ChunkInput], groups: int,
+                       commands: StepPlan | None) -> list:
+        """The plan's steady rows in `groups` micro-batches, a stage apart; the first carries
+        the new chunks (their encode), the flows back so far and the plan's commands."""
+        flows = self._take_flows()
+        return [self.stages.submit(StageInput(step_id, g, "steady", chunks if g == 0 else {},
+                                              flows if g == 0 else [], group=g, groups=groups,
+                                              plan=commands if g == 0 else None))
+                for g in range(groups)]
+
+    def _forwards(self, step_id: int, chunks: dict[str, ChunkInput], preparing: bool, groups: int,
+                  commands: StepPlan | None) -> list[StepOut]:
+        """A plan run to the end: the steady rows (the new chunks' encode rides on the first) in
         `groups` micro-batches, and when first chunks are in the plan their denoise steps, each
         needing the previous one's flows."""
-        # 1. Rows of one step are independent: the micro-batches and the first prepare forward
-        #    are all in flight, a stage apart. Results are taken in submission order (Ray
-        #    counts an unread result as in flight).
-        step_id = plan.step_id
-        flows = self._take_flows()
-        commands = plan if plan.has_commands else None  # every stage applies them before the forward
-        handles = [self.stages.submit(StageInput(step_id, g, "steady", chunks if g == 0 else {},
-                                                 flows if g == 0 else [], group=g, groups=groups,
-                                                 plan=commands if g == 0 else None))
-                   for g in range(groups)]
+        # 1. Rows of one plan are independent: the micro-batches and the first prepare forward
+        #    are all in flight, a stage apart. Results are taken in submission order.
+        handles = self._submit_steady(step_id, chunks, groups, commands)
         prepare = self.stages.submit(StageInput(step_id, groups, "prepare")) if preparing else None
         outs = []
         for handle in handles:
@@ -189,23 +240,28 @@ class StagedExecutor:
 
     # -------------------------------------------------------------- balance
 
-    def _observe(self, outs: list[StepOut]) -> None:
-        """Each stage's time over the step's forwards that carried rows -> the rebalancer."""
+    def _observe(self, outs: list[StepOut]) -> float | None:
+        """Each stage's time over the plan's forwards that carried rows -> the rebalancer.
+        Returns the slowest stage's time (the pipeline period the plan took), None if no rows."""
         ran = [out.stage_ms for out in outs if out.rows and len(out.stage_ms) == self.num_stages]
         if not ran:
-            return
+            return None
         samples = [StageSample(sum(f[k]["total"] for f in ran), sum(f[k]["blocks"] for f in ran),
                                int(ran[0][k]["num_blocks"])) for k in range(self.num_stages)]
         self.last_stage_ms = [s.total_ms for s in samples]
+        self.stage_busy_ms = [busy + t for busy, t in zip(self.stage_busy_ms, self.last_stage_ms)]
         dit = self.dit_stages  # VAE stages hold no blocks: their time is a floor for any split
         vae_ms = [samples[k].total_ms for k in range(self.num_stages) if k not in dit]
         self.rebalancer.observe([samples[k] for k in dit], floor_ms=max(vae_ms, default=0.0))
         if self.rebalance_enabled and (target := self.rebalancer.proposal()) is not None:
             self.repartition(target)
+        return max(self.last_stage_ms)
 
     def repartition(self, target: list[int]) -> None:
         """Move blocks (weights, K/V, prompt K/V) between neighbours until the split is `target`.
-        Streams keep going: nothing is in flight between steps, and every layer's K/V moves."""
+        Streams keep going: the forwards in flight are taken in first (their plans stay to be
+        collected), and every layer's K/V moves."""
+        self._fetch_all()
         before, dit = self.counts, self.dit_stages
         for layer, src, dst in moves(before, target):
             package = self.stages.call(dit[src], "give_blocks", [layer])
@@ -219,10 +275,12 @@ class StagedExecutor:
     # -------------------------------------------------------------- faults
 
     def _recover(self, exc: StageFailure) -> StreamsLost:
-        """Rebuild the pipeline with no stream on it; the engine core restarts the streams (a
-        restarted-streams command in its next plan: fresh cache), or they are closed."""
+        """Rebuild the pipeline with no stream on it (every plan in flight is lost with it); the
+        engine core restarts the streams (a restarted-streams command in its next plan: fresh
+        cache), or they are closed."""
         ids = list(self.params)
         self._flows = []
+        self._in_flight.clear()
         self.params.clear()
         try:
             what = self.stages.recover()  # replaced dead stages; survivors keep their blocks
@@ -248,11 +306,17 @@ class StagedExecutor:
             "stage_streams": max(i["streams"] for i in infos),
             "free_slots": self.stages.call(self.dit_stages[0], "free_slots"),
             "pending_flows": len(self._flows),
+            "plans_in_flight": len(self._in_flight),
         }
 
     def shutdown(self) -> None:
+        try:
+            self._fetch_all()
+        except StageFailure:
+            log.warning("a stage failed while shutting down", exc_info=True)
+        self._in_flight.clear()
         self.params.clear()
         self.stages.shutdown()
 
 
-__all__ = ["InProcessStages", "StageFailure", "StagedExecutor", "Stages"]
+__all__ = ["InProcessStages", "StageFailure", "StagedExecutor", "Stages", "ThreadedStages", "TickStages"]

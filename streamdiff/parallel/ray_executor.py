@@ -5,7 +5,7 @@ HOST:PORT joins a cluster made with `ray start --head` / `ray start --address`),
 stage (`num_gpus=1` where the cluster has a GPU per stage, CPU actors otherwise) that builds
 ONLY its blocks, pool, and VAE half / prompt encoder (stage.py), the compiled graph
 input -> stage 0 -> ... -> stage S-1 -> output (NCCL between GPU actors, Ray's shared-memory
-channels between CPU actors), up to S executions in flight, and the fault path: a dead or hung
+channels between CPU actors), up to S plans in flight (one per stage), and the fault path: a dead or hung
 actor is found by ping, replaced by a fresh one with the same block range, and the graph is
 compiled again. This is the only module that imports ray.
 Does not own: what a step does (executor.py: `StagedExecutor` drives a `Stages` transport;
@@ -107,8 +107,8 @@ class RayStages:
                 blocks_both = k < len(self.actors) - 1 and self.specs[k].has_blocks and self.specs[k + 1].has_blocks
                 if self.nccl and blocks_both:
                     node = node.with_tensor_transport(transport="nccl")
-        # A step keeps its micro-batches and one prepare forward in flight.
-        in_flight = max(self.cfg.parallel.micro_batches, len(self.actors)) + 1
+        # Up to one plan per stage in flight, each in its micro-batches, plus a prepare forward.
+        in_flight = len(self.actors) * max(1, self.cfg.parallel.micro_batches) + 1
         self.dag = node.experimental_compile(_max_inflight_executions=in_flight)
 
     def _teardown(self) -> None:

@@ -275,7 +275,15 @@ class StreamState:
         if row.sequential:
             self.sequential = None if last else Row(self, row.j + 1, nxt, sequential=True)
         else:
-            self.pipe[row.j * self.stride] = nxt
+            # The chunk sits at position j·D unless later forwards entered since (plans in
+            # flight on pipeline stages): find it where it is now. A last lane may have left
+            # the pipe already; nothing follows it.
+            pos = next((i for i, held in enumerate(self.pipe) if held is lane), None)
+            if pos is not None:
+                self.pipe[pos] = nxt
+            elif not last:
+                raise RuntimeError(f"stream {self.stream_id!r}: chunk {lane.chunk} left lane {row.j} "
+                                   f"before its flow came back (more than {self.stride} chunks in flight)")
         return x0 if last else None
 
     def _renoise(self, x0: torch.Tensor, chunk: int, lane: int, t: int, seed: int) -> torch.Tensor:
@@ -356,10 +364,11 @@ def row_timesteps(timesteps: list, num_frames: int, device) -> torch.Tensor:
     return column[:, None].expand(-1, num_frames).contiguous()  # [B, F]
 
 
-def lane_stride(cfg: Config) -> int:
-    """The lane stride D of a stream (`parallel.lane_stride`; 0 = automatic, which is 1 while
-    one plan is in flight at a time: a larger D then only adds latency)."""
-    return cfg.parallel.lane_stride or 1
+def lane_stride(cfg: Config, chosen: int = 0) -> int:
+    """The lane stride D of a stream: `chosen` (the engine picks it per stream at admission),
+    else `parallel.lane_stride`, else 1 (one plan in flight at a time: a larger D then only
+    adds latency)."""
+    return chosen or cfg.parallel.lane_stride or 1
 
 
 def new_pool(model: CausalWanModel, num_slots: int, tokens_per_slot: int, cfg: Config, dtype, device,

@@ -36,6 +36,13 @@ running when a chunk gets ready, then its own); for a stream admitted best effor
 predicted when it joined. A refusal therefore only ever protects a stream already inside. The
 newcomer's own SLO decides only how it is admitted: with the SLO, or best effort (an empty
 server always admits its first stream) with the fps and latency it can expect.
+
+Plans in flight (pipeline stages): the executor keeps up to `pipeline_depth` plans in flight,
+so the cost model's step time is the pipeline *period* (slowest stage + hop), a plan ends
+`pipeline_depth` periods after it starts, and a stream may have D chunks in flight (its lane
+stride; its output leaves (lanes - 1)·D chunks after its entry). Admission reasons in periods:
+fps from one chunk per period (per depth/D periods when D < depth), latency from gathering +
+the lag + (depth + 1) periods. D is chosen per stream at admission (`_choose_stride`).
 """
 
 from __future__ import annotations
@@ -71,7 +78,9 @@ class _Stream:
     first_latents: int
     chunk_latents: int
     order: int  # admission order, the last tiebreak
-    vt_s: float  # fair-share clock: advances by (frames planned / target_fps)
+    stride: int = 1  # lane stride D: up to D chunks in flight, output (lanes - 1)·D chunks later
+    depth: int = 1  # pipeline depth it shares (plans in flight at most, stages)
+    vt_s: float = 0.0  # fair-share clock: advances by (frames planned / target_fps)
     pending: deque = field(default_factory=deque)  # (frame_id, arrival_s), oldest first
     lag: deque = field(default_factory=deque)  # arrival times of planned chunks not yet output
     prepared: bool = False  # its first chunk has been planned
@@ -106,18 +115,34 @@ class _Stream:
         """How often a steady chunk must be produced to sustain target_fps."""
         return 1000.0 * frames_for_latents(self.chunk_latents, first=False) / self.slo.target_fps
 
+    @property
+    def lag_chunks(self) -> int:
+        """Chunks between a chunk's entry and its output: (lanes - 1)·D."""
+        return (self.lanes - 1) * self.stride
+
     def floor_ms(self) -> float:
         """Latency no scheduler can avoid: gathering a chunk plus the stream-batch lag (the
-        oldest frame of chunk k is output once the newest frame of chunk k + lanes - 1 is in)."""
+        oldest frame of chunk k is output once the newest frame of chunk k + (lanes-1)·D is in)."""
         steady = frames_for_latents(self.chunk_latents, first=False)
         first = frames_for_latents(self.first_latents, first=True)
-        frames = max(self.lanes * steady - 1, first - 1)
+        frames = max((self.lag_chunks + 1) * steady - 1, first - 1)
         return 1000.0 * frames / self.slo.target_fps
 
+    def interval_ms(self, period_ms: float) -> float:
+        """How often it can get a chunk out with a pipeline period of `period_ms`: one per
+        period while D >= depth; a plan takes `depth` periods, so D chunks per depth periods."""
+        return period_ms * max(1.0, self.depth / self.stride)
+
+    def in_flight_ms(self, period_ms: float) -> float:
+        """A chunk's time from readiness to output beyond the lag: waiting for a plan (one
+        period) and the plan's way through `depth` stages."""
+        return (self.depth + 1) * period_ms
+
     def slo_step_ms(self) -> float:
-        """The longest step that keeps its SLO: one chunk per chunk period, and gathering + lag
-        + two steps within the deadline."""
-        return min(self.chunk_period_ms, (self.slo.deadline_ms - self.floor_ms()) / 2.0)
+        """The longest period that keeps its SLO: one chunk per chunk period, and gathering +
+        lag + the chunk's time in flight within the deadline."""
+        by_fps = self.chunk_period_ms / max(1.0, self.depth / self.stride)
+        return min(by_fps, (self.slo.deadline_ms - self.floor_ms()) / (self.depth + 1))
 
 
 @dataclass(slots=True)
@@ -138,8 +163,11 @@ class FrameScheduler:
     max_streams: KV-pool capacity in streams (`cache.max_streams`).
     max_extra_frames: input frames a stream may hold beyond what its next chunk needs; older
         ones are dropped (the default 3 absorbs one step of jitter without dropping).
-    max_chunks_in_flight: chunks of one stream allowed in plans not yet updated (1 for a local
-        executor; the number of pipeline stages for Ray).
+    max_chunks_in_flight: chunks of one stream allowed in plans not yet updated, at least
+        (a stream may always have its lane stride D in flight).
+    pipeline_depth: plans the executor keeps in flight (its stages; 1 for a local executor).
+        The cost model's step time is then the pipeline *period* (slowest stage + hop): a plan
+        ends `pipeline_depth` periods after it starts, one plan ends per period.
     kv_lanes: lanes in the KV pool (`cache.pool_lanes`; None: 4 per stream). A stream is
         admitted only if its `lanes` are free; `kv_lanes_of` says which it holds.
     """
@@ -151,9 +179,11 @@ class FrameScheduler:
         max_extra_frames: int = 3,
         max_chunks_in_flight: int = 1,
         kv_lanes: int | None = None,
+        pipeline_depth: int = 1,
     ):
-        if max_streams < 1 or max_extra_frames < 0 or max_chunks_in_flight < 1:
-            raise ValueError("max_streams >= 1, max_extra_frames >= 0, max_chunks_in_flight >= 1")
+        if max_streams < 1 or max_extra_frames < 0 or max_chunks_in_flight < 1 or pipeline_depth < 1:
+            raise ValueError("max_streams >= 1, max_extra_frames >= 0, max_chunks_in_flight >= 1, pipeline_depth >= 1")
+        self.pipeline_depth = pipeline_depth
         self.cost_model: StepCostModel = cost_model if cost_model is not None else OnlineCostModel()
         self.max_streams = max_streams
         self.max_extra_frames = max_extra_frames
@@ -183,12 +213,15 @@ class FrameScheduler:
         first_chunk_latents: int = 2,
         chunk_latents: int = 1,
         input_fps: float | None = None,
+        lane_stride: int = 0,
     ) -> Admission:
         """Admit the stream unless, batched with it, a running stream would get less than it was
         promised (see the module docstring) or no KV-pool stream slot is free. A newcomer whose
         own SLO cannot hold is admitted best effort; the Admission says what it can expect
-        (`input_fps`, default its target fps, caps the expected fps). `now` is accepted for
-        symmetry (admission is time-independent)."""
+        (`input_fps`, default its target fps, caps the expected fps) and its lane stride D:
+        `lane_stride`, or (0) the largest D <= pipeline_depth whose latency keeps its deadline
+        (the most fps a stream gets out of the stages), `pipeline_depth` if none does. `now` is
+        accepted for symmetry (admission is time-independent)."""
         if stream_id in self._streams:
             return self._refuse(stream_id, f"stream {stream_id!r} is already admitted")
         if self.free_stream_slots <= 0:
@@ -202,10 +235,13 @@ class FrameScheduler:
             return self._refuse(stream_id, f"KV pool full: {lanes} lanes needed, {self.kv.free} of "
                                            f"{self.kv.num_lanes} free (cache.pool_lanes)")
         vt_s = min((s.vt_s for s in self._streams.values()), default=0.0)
+        if lane_stride < 0:
+            return self._refuse(stream_id, f"lane_stride must be >= 0, got {lane_stride}")
         new = _Stream(stream_id, slo, tokens_per_frame, lanes, first_chunk_latents, chunk_latents,
-                      order=self._next_order, vt_s=vt_s)
+                      order=self._next_order, vt_s=vt_s, depth=self.pipeline_depth)
         streams = [new, *self._streams.values()]
         step_ms, batch = self._batch(streams)
+        new.stride = lane_stride or self._choose_stride(new, step_ms)
         # 1. Every running stream keeps what it was promised; else refuse (someone is inside).
         for s in streams[1:]:
             broken = self._breaks(s, step_ms, batch, newcomer=False)
@@ -227,13 +263,22 @@ class FrameScheduler:
         self._next_order += 1
         self.free_stream_slots -= 1
         self.kv.alloc(stream_id, lanes)
-        return Admission(stream_id, True, reason, step_ms, self.free_stream_slots, new.best_effort, fps, latency_ms)
+        return Admission(stream_id, True, reason, step_ms, self.free_stream_slots, new.best_effort, fps, latency_ms,
+                         new.stride)
+
+    def _choose_stride(self, s: _Stream, period_ms: float) -> int:
+        """The largest D <= depth whose latency keeps the deadline (1 when plans do not overlap)."""
+        for stride in range(self.pipeline_depth, 0, -1):
+            s.stride = stride
+            if s.floor_ms() + s.in_flight_ms(period_ms) <= s.slo.deadline_ms:
+                return stride
+        return self.pipeline_depth
 
     def estimate(self, tokens_per_frame: int, lanes: int, *, first_chunk_latents: int = 2,
                  chunk_latents: int = 1, input_fps: float = 30.0) -> tuple[float, float, float]:
         """(step ms, fps, latency ms) a stream joining now could expect, admitting nothing."""
         probe = _Stream("?", StreamSLO(input_fps, 1e9), tokens_per_frame, lanes, first_chunk_latents,
-                        chunk_latents, order=-1, vt_s=0.0)
+                        chunk_latents, order=-1, vt_s=0.0, stride=self.pipeline_depth, depth=self.pipeline_depth)
         probe.prepared = True  # the steady state, not the first chunk
         step_ms, _ = self._batch([probe, *self._streams.values()])
         return (step_ms, *self._expect(probe, step_ms, input_fps))
@@ -298,7 +343,7 @@ class FrameScheduler:
         rows = tokens = 0
         min_due_s = math.inf
         for c in candidates:
-            end_s = now + self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens) / 1000.0
+            end_s = now + self.pipeline_depth * self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens) / 1000.0
             if end_s <= min(min_due_s, c.due_s):
                 c.chosen = True
                 chosen.append(c)
@@ -306,7 +351,7 @@ class FrameScheduler:
         # 3. Then the late ones (they miss even alone, or did not fit), same order, as long as
         #    no on-time chunk is pushed past its due time. With no on-time chunk, all go.
         for c in (c for c in candidates if not c.chosen):
-            end_s = now + self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens) / 1000.0
+            end_s = now + self.pipeline_depth * self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens) / 1000.0
             if end_s <= min_due_s:
                 chosen.append(c)
                 rows, tokens = rows + c.rows, tokens + c.tokens
@@ -369,13 +414,15 @@ class FrameScheduler:
 
     @staticmethod
     def _expect(s: _Stream, step_ms: float, input_fps: float) -> tuple[float, float]:
-        """(fps, latency ms) a stream can expect with steps of `step_ms`: a chunk per step at
-        most, input at `input_fps` at most; latency = gathering a chunk + the stream-batch lag
-        (lanes - 1 chunk periods) + the step it waits for + its own."""
+        """(fps, latency ms) a stream can expect with a pipeline period of `step_ms`: a chunk per
+        `interval_ms` at most, input at `input_fps` at most; latency = gathering a chunk + the
+        stream-batch lag ((lanes - 1)·D chunk periods) + the period it waits for + `depth`
+        periods in flight (depth 1: the step it waits for + its own)."""
         steady = frames_for_latents(s.chunk_latents, first=False)
-        fps = min(input_fps, 1000.0 * steady / max(step_ms, 1e-6))
-        period_ms = max(1000.0 * steady / input_fps, step_ms)
-        latency_ms = 1000.0 * (steady - 1) / input_fps + (s.lanes - 1) * period_ms + 2.0 * step_ms
+        interval_ms = s.interval_ms(step_ms)
+        fps = min(input_fps, 1000.0 * steady / max(interval_ms, 1e-6))
+        period_ms = max(1000.0 * steady / input_fps, interval_ms)
+        latency_ms = 1000.0 * (steady - 1) / input_fps + s.lag_chunks * period_ms + s.in_flight_ms(step_ms)
         return fps, latency_ms
 
     def _breaks(self, s: _Stream, step_ms: float, batch: str, *, newcomer: bool) -> str | None:
@@ -388,14 +435,16 @@ class FrameScheduler:
                         f"down: a step batching {batch} is predicted at {step_ms:.1f} ms")
             return None
         slo = f"{who} ({s.slo.describe()})"
-        if step_ms > s.chunk_period_ms:
+        if s.interval_ms(step_ms) > s.chunk_period_ms:
             return (f"{slo} would fall below its target fps: it needs a chunk every "
-                    f"{s.chunk_period_ms:.1f} ms but a step batching {batch} is predicted at {step_ms:.1f} ms")
-        need_ms = s.floor_ms() + 2.0 * step_ms
+                    f"{s.chunk_period_ms:.1f} ms but a step batching {batch} is predicted at {step_ms:.1f} ms"
+                    + (f" (a chunk every {s.interval_ms(step_ms):.1f} ms with lane stride {s.stride} over "
+                       f"{s.depth} stages)" if s.depth > 1 else ""))
+        need_ms = s.floor_ms() + s.in_flight_ms(step_ms)
         if need_ms > s.slo.deadline_ms:
             return (f"{slo} would miss its deadline: {s.floor_ms():.1f} ms to gather frames at "
                     f"{s.slo.target_fps:g} fps with {s.lanes} lane{'s' if s.lanes > 1 else ''} "
-                    f"(stream-batch lag included) + 2 x {step_ms:.1f} ms steps ({batch}) = "
+                    f"(stream-batch lag included) + {s.depth + 1} x {step_ms:.1f} ms steps ({batch}) = "
                     f"{need_ms:.1f} ms > {s.slo.deadline_ms:g} ms")
         return None
 
@@ -404,11 +453,11 @@ class FrameScheduler:
         out = []
         for s in self._streams.values():
             need = s.need_frames
-            if len(s.pending) < need or s.in_plans >= self.max_chunks_in_flight:
+            if len(s.pending) < need or s.in_plans >= max(self.max_chunks_in_flight, s.stride):
                 continue
             # The step must end in time for the chunk it outputs: this one if it leaves at once,
             # else the oldest chunk in the lag if this step pushes it out, else this one (warm-up).
-            if s.prepared and s.lanes > 1 and len(s.lag) >= s.lanes - 1:
+            if s.prepared and s.lanes > 1 and len(s.lag) >= s.lag_chunks:
                 oldest_arrival_s = s.lag[0][0][0]  # (arrivals_s, frame_ids) of its oldest chunk
             else:
                 oldest_arrival_s = s.pending[0][1]
@@ -430,12 +479,12 @@ class FrameScheduler:
             arrivals_s = tuple(arrival_s for _, arrival_s in taken)
             first, latents = not s.prepared, s.next_latents
             # 2. Stream-batch lag: the first chunk (and every chunk with one lane) leaves now;
-            #    later ones enter the lag and push out the one `lanes - 1` chunks older.
+            #    later ones enter the lag and push out the one (lanes - 1)·D chunks older.
             if first or s.lanes == 1:
                 emitted_ids, emitted_arrivals = frame_ids, arrivals_s
             else:
                 s.lag.append((arrivals_s, frame_ids))
-                emitted_arrivals, emitted_ids = s.lag.popleft() if len(s.lag) > s.lanes - 1 else ((), ())
+                emitted_arrivals, emitted_ids = s.lag.popleft() if len(s.lag) > s.lag_chunks else ((), ())
             # 3. Bookkeeping: fair-share clock, counters, in-flight count.
             s.prepared = True
             s.vt_s += len(frame_ids) / s.slo.target_fps

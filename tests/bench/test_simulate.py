@@ -28,6 +28,9 @@ def test_stages_balance_the_vae_ends_and_pay_hops(cfg):
     assert two["partition"] == [17, 13] and two["stage_ms"] == [23.0, 22.0]
     assert two["step_ms"] == pytest.approx((23 + 22 + 23) / 2)  # 2 micro-batches
     assert project(MEASURED, cfg, 2, hop_ms=4.0)["step_ms"] == pytest.approx(two["step_ms"] + 4.0)
+    # plans in flight (lane stride D = stages): one plan per slowest stage + hop
+    assert project(MEASURED, cfg, 2, hop_ms=4.0)["period_ms"] == pytest.approx(23.0 + 4.0)
+    assert two["fps_overlapped"] == pytest.approx(4 / 0.023) and two["plan_latency_ms"] == pytest.approx(45.0)
     four = project(MEASURED, cfg, 4, hop_ms=0.0)
     assert sum(four["partition"]) == 30 and four["fps"] > two["fps"] > project(MEASURED, cfg, 1, 0.0)["fps"]
     assert four["max_block_weights_gb_per_gpu"] == pytest.approx(max(four["partition"]) * 1000 * 2 / 1e9)

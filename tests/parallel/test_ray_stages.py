@@ -12,7 +12,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from engine_helpers import RELAXED, Feeder, max_abs_diff, params  # noqa: E402
-from stage_helpers import SPECS, TOL, core_for, reference, run_streams  # noqa: E402
+from stage_helpers import SPECS, TOL, core_for, drive, frames_of, local, reference, run_streams  # noqa: E402
 from streamdiff.config import with_overrides  # noqa: E402
 from streamdiff.parallel.executor import StagedExecutor  # noqa: E402
 from streamdiff.parallel.ray_executor import RayStages  # noqa: E402
@@ -95,6 +95,59 @@ def test_killed_stage_is_replaced_and_streams_resume(cfg4):
         for _ in range(2):
             feeder.round(["n"])
         assert len(feeder.outputs["n"]) == 9
+    finally:
+        executor.shutdown()
+
+
+@pytest.mark.parametrize("counts", [[2, 2], [1, 2, 1]])
+def test_ray_stages_overlapping_plans_equal_local(cfg_auto, comps4, counts):
+    """One plan per stage in flight over actors (lane stride D = stages, chosen automatically):
+    the frames of the local executor at the same stride, with live prompt and seed changes."""
+    depth = len(counts)
+    executor = StagedExecutor(cfg_auto, RayStages(cfg_auto, counts))
+    try:
+        core, got, _, _ = drive(cfg_auto, executor, 2)
+        assert core.params("s").lane_stride == depth and executor.peak_in_flight == depth
+    finally:
+        executor.shutdown()
+    _, ref, _, _ = drive(with_overrides(cfg_auto, parallel={"lane_stride": depth}), local(comps4), 2)
+    assert len(got) == len(ref) > 20
+    assert max_abs_diff(frames_of(got), frames_of(ref)) <= TOL
+
+
+def test_killed_stage_with_plans_in_flight_recovers(cfg_auto):
+    """An actor killed while plans are in flight: every plan in flight is lost with it, the
+    actor is replaced, the stream restarts with a fresh cache and is served again."""
+    stages = RayStages(cfg_auto, [2, 2])
+    executor = StagedExecutor(cfg_auto, stages)
+    try:
+        core, clock = core_for(cfg_auto, executor)
+        assert core.add_stream("a", params(cfg_auto, "x", steps=2), RELAXED)
+        clip = synthetic_clip(200, 64, 48)
+        pos, outputs = 0, []
+
+        def one_step():
+            nonlocal pos
+            while core.waiting_frames("a") < 5:  # always a full chunk waiting (a first chunk takes 5)
+                core.push_frame("a", clip[pos % len(clip)], pts=pos)
+                pos += 1
+            core.step()
+            clock.t += 4 / 30
+            return core.pop_outputs("a") if "a" in core.stream_ids else []
+
+        outputs_after: list = []
+        while len(outputs) < 12 or executor.peak_in_flight < 2 or not core.plans_in_flight:
+            outputs += one_step()
+        old = stages.actors[1]
+        ray.kill(old)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 30.0 and not outputs_after:
+            got = one_step()
+            if "a" in core.restarted:
+                outputs_after += got
+        assert outputs_after, "the stream did not resume within 30 s"
+        assert "fresh cache" in core.restarted["a"] and "[1] replaced" in core.restarted["a"]
+        assert stages.actors[1] is not old and executor.resources()["plans_in_flight"] == core.plans_in_flight
     finally:
         executor.shutdown()
 
