@@ -33,16 +33,8 @@ RELAXED = StreamSLO(target_fps=1.0, deadline_ms=1e9)
 
 
 class _NullExecutor:
-    """Echoes inputs as outputs at once: isolates the core's and the scheduler's CPU time."""
-
-    def add_stream(self, stream_id, params):
-        pass
-
-    def remove_stream(self, stream_id):
-        pass
-
-    def update_stream(self, stream_id, changes):
-        pass
+    """Echoes inputs as outputs at once: isolates the core's and the scheduler's CPU time.
+    Stream commands ride in the plans; it has nothing to apply them to."""
 
     def execute(self, plan, inputs):
         outputs = {sid: StreamOutput(c.frames, c.metas) for sid, c in inputs.items()}
