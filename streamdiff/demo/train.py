@@ -43,7 +43,7 @@ class Recipe:
     vae_crop: int = 64
     vae_lr: float = 1.5e-3
     vae_chroma_weight: float = 4.0  # extra loss on colour (RGB minus its grey); see stage_vae
-    dit_steps: int = 10000
+    dit_steps: int = 4000
     dit_batch: int = 16
     dit_crop: int = 16  # latent pixels (x8 in the image)
     dit_lr: float = 1e-3
