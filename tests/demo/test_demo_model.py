@@ -4,7 +4,7 @@
 - `a photo` through `streamdiff render` gives the input back, and output frame k shows input
   frame k, not a frame of the chunk before or after (the camera moves 6 px a frame, so a lag or
   a swap of chunks would show);
-- styles are nearest the teacher's rendering of the same frames in their own style (4 of the 8
+- styles are nearest the teacher's rendering of the same frames in their own style (5 of the 8
   with the shipped weights; the issue asks all 8, see test_styles_follow_their_teacher);
 - blending two prompts' embeddings half-way gives a picture between the two styles.
 """
@@ -21,9 +21,9 @@ from streamdiff.model.style_prompts import PROMPT_NAMES
 from streamdiff.pipeline.stream_pipeline import StreamPipeline
 
 STYLES = PROMPT_NAMES[1:]
-# Issue 14 asks 24 dB. The shipped weights (a TAEHV trained 2000 steps on this busy 2-CPU
-# machine) measure ~15.4 dB on this clip, and within a chunk their frames smear (frame k is
-# sometimes closest to k - 1): docs/demo.md. These bars guard what the weights do deliver.
+# Issue 14 asks 24 dB. The shipped weights (trained on this busy 2-CPU machine; their TAEHV alone
+# gives 18.1 dB here) measure ~15.9 dB on this clip, and within a chunk their frames smear (frame
+# k is sometimes closest to k - 1): docs/demo.md. These bars guard what the weights do deliver.
 PHOTO_PSNR_DB = 14.0
 
 
@@ -80,8 +80,9 @@ def teacher_frames(clip):
 
 def test_styles_follow_their_teacher(comps, clip, teacher_frames):
     """Issue 14 asks every style to be nearest its own teacher rendering. The shipped weights get
-    4 of 8 there (sepia ink, fiery red, woodblock print, oil painting; the fine-texture styles
-    come out as blurred colour and land nearest oil painting or sepia ink): docs/demo.md. This
+    5 of 8 there (sepia ink, fiery red, woodblock print, watercolor sketch, oil painting; the
+    fine-texture styles come out as blurred colour: starry night lands nearest woodblock print,
+    stained glass nearest sepia ink, mosaic nearest oil painting): docs/demo.md. This
     guards that many, and that every style prompt changes the picture away from `a photo`."""
     photo = run(comps, clip[:9], "a photo").astype(np.float64)
     nearest = {}
@@ -91,7 +92,7 @@ def test_styles_follow_their_teacher(comps, clip, teacher_frames):
         nearest[style] = min(dist, key=dist.get)
         assert np.mean((out - photo) ** 2) > 100, f"{style} looks like a photo"
     hits = [s for s in STYLES if nearest[s] == s]
-    assert len(hits) >= 4, nearest
+    assert len(hits) >= 5, nearest
 
 
 def test_blending_two_prompts_gives_an_in_between(comps, clip, teacher_frames):
