@@ -26,13 +26,14 @@ import numpy as np
 
 from streamdiff.config import load_config
 from streamdiff.engine.core import EngineCore
+from streamdiff.engine.executor import RunsAtOnce
 from streamdiff.engine.types import EngineStepResult, StreamOutput, StreamParams
 from streamdiff.scheduler import FixedCostModel, FrameScheduler, LinearLaw, StreamSLO
 
 RELAXED = StreamSLO(target_fps=1.0, deadline_ms=1e9)
 
 
-class _NullExecutor:
+class _NullExecutor(RunsAtOnce):
     """Echoes inputs as outputs at once: isolates the core's and the scheduler's CPU time.
     Stream commands ride in the plans; it has nothing to apply them to."""
 

@@ -147,7 +147,6 @@ class EngineCore:
         self.wants_measure = False  # a stream was refused: re-measure the step once the engine is idle
         self.restarted: dict[str, str] = {}  # stream -> reason of its last restart after a failure
         self._commands = StreamCommands()  # decided, not yet in a plan
-        self._done: EngineStepResult | None = None  # an execute-only executor's result until collected
 
     # ------------------------------------------------------------------ streams
 
@@ -338,7 +337,7 @@ class EngineCore:
             inputs = self._gather(plan)
             t0 = self.clock()
             try:
-                self._submit(plan, inputs)
+                self.executor.submit(plan, inputs)
             except StreamsLost as lost:
                 self._in_flight.append((plan, t0))
                 return self._fail_in_flight(lost)
@@ -377,23 +376,13 @@ class EngineCore:
             entry.consumed += len(taken)
         return inputs
 
-    def _submit(self, plan: StepPlan, inputs: dict[str, ChunkInput]) -> None:
-        submit = getattr(self.executor, "submit", None)
-        if submit is not None:
-            submit(plan, inputs)
-        else:  # an executor with `execute` only: it runs now, collect hands the result over
-            self._done = self.executor.execute(plan, inputs)
-
     def _collect(self) -> StepReport:
         """Collect the oldest plan in flight: account it and deliver its frames (on failure,
         close it so the scheduler stays consistent; streams an executor lost are re-prepared
         on its rebuilt state, or closed with the reason)."""
         plan, t0 = self._in_flight[0]
         try:
-            if getattr(self.executor, "submit", None) is not None:
-                result = self.executor.collect()
-            else:
-                result, self._done = self._done, None
+            result = self.executor.collect()
         except StreamsLost as lost:
             return self._fail_in_flight(lost)
         except BaseException:

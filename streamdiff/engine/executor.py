@@ -56,6 +56,28 @@ class Executor(Protocol):
         """Release the model and the pool."""
 
 
+class RunsAtOnce:
+    """Depth 1 for an executor that runs a plan in one call (`execute`): `submit` runs it,
+    `collect` hands the result over. For fakes and measuring stubs; LocalExecutor times its own."""
+
+    depth = 1
+    _held: EngineStepResult | None = None
+
+    def execute(self, plan: StepPlan, inputs: Mapping[str, ChunkInput]) -> EngineStepResult:  # pragma: no cover
+        raise NotImplementedError
+
+    def submit(self, plan: StepPlan, inputs: Mapping[str, ChunkInput]) -> None:
+        if self._held is not None:
+            raise RuntimeError("depth 1: collect the plan in flight first")
+        self._held = self.execute(plan, inputs)
+
+    def collect(self) -> EngineStepResult:
+        held, self._held = self._held, None
+        if held is None:
+            raise RuntimeError("no plan in flight")
+        return held
+
+
 class LocalExecutor:
     """The ModelRunner in this process. `clock` is the engine's monotonic clock (end_s)."""
 
@@ -100,4 +122,4 @@ class LocalExecutor:
             self.runner.remove_stream(stream_id)
 
 
-__all__ = ["Executor", "LocalExecutor"]
+__all__ = ["Executor", "LocalExecutor", "RunsAtOnce"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from streamdiff.engine import EngineCore, EngineStepResult, LocalExecutor, StreamOutput, StreamParams
+from streamdiff.engine.executor import RunsAtOnce
 from streamdiff.scheduler import FixedCostModel, FrameScheduler, LinearLaw, StreamSLO
 
 W, H = 64, 48
@@ -68,7 +69,7 @@ class Feeder:
         return np.stack([o.frame for o in self.outputs[sid]])
 
 
-class FakeExecutor:
+class FakeExecutor(RunsAtOnce):
     """Echoes each chunk's input frames as its output after `step_ms` of fake time (one lane:
     no lag). Implements the Executor protocol."""
 
