@@ -94,11 +94,15 @@ class TGrow(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
+        s = self.stride
         y = self.conv(x)  # [N, s*C, H, W]
-        if self.stride == 1:
+        if s == 1:
             return y
-        y = torch.stack(y.chunk(self.stride, 1), 1).reshape(n * self.stride, c, h, w)  # [N*s, C, H, W]
-        return y.contiguous(memory_format=torch.channels_last)
+        if y.is_contiguous():  # NCHW: the channel groups are already the time steps, in order
+            return y.view(n * s, c, h, w)
+        # NHWC memory [N, H, W, s, C] -> [N, s, H, W, C]: one copy, and the result is channels_last
+        nhwc = y.permute(0, 2, 3, 1).reshape(n, h, w, s, c).permute(0, 3, 1, 2, 4).reshape(n * s, h, w, c)
+        return nhwc.permute(0, 3, 1, 2)
 
 
 class TAEHV(nn.Module):
@@ -152,7 +156,13 @@ def run_with_memory(seq: nn.Sequential, x: torch.Tensor, batch: int, memory: lis
     or None for a stream's first chunk: zeros); it is replaced by this chunk's last input."""
     k = 0
     x = x.contiguous(memory_format=torch.channels_last)
-    for layer in seq:
+    layers = list(seq)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.Upsample) and i + 1 < len(layers) and isinstance(layers[i + 1], TGrow):
+            # nearest upsampling commutes with TGrow's 1x1 conv: grow at the low resolution (4x
+            # fewer pixels through the conv and the time split), then upsample
+            layers[i], layers[i + 1] = layers[i + 1], layer
+    for layer in layers:
         if isinstance(layer, MemBlock):
             n, c, h, w = x.shape
             steps = n // batch
