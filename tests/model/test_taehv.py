@@ -185,3 +185,17 @@ def test_wan_encoder_with_taehv_decoder_streams_through_the_pipeline():
     out.append(pipe.flush())
     total = sum(len(o) for o in out)
     assert total == 13
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_tgrow_splits_channels_into_time_steps_in_either_memory_format(fmt):
+    """TGrow's output n*s + j is channel group j of input n's conv, whether the conv's output is
+    NCHW (a view) or channels-last (one copy, and the result stays channels-last)."""
+    torch.manual_seed(3)
+    grow = TGrow(5, 2)
+    x = torch.randn(3, 5, 4, 7).contiguous(memory_format=fmt)
+    y = grow.conv(x)
+    want = torch.stack(y.chunk(2, 1), 1).reshape(6, 5, 4, 7)
+    got = grow(x)
+    assert torch.equal(got, want)
+    assert got.is_contiguous(memory_format=fmt)
