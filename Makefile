@@ -28,7 +28,7 @@ render: $(STAMP)
 	$(VENV)/bin/streamdiff render --config demo --input synthetic --prompt "starry night" --output out/render.mp4
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=12 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) out

@@ -82,11 +82,13 @@ def test_killed_stage_is_replaced_and_streams_resume(cfg4):
         ray.kill(old)
         t0 = time.monotonic()
         resumed_s = None
-        while time.monotonic() - t0 < 15.0 and resumed_s is None:
+        # a liveness bound, not a speed one: replacing the actor (a new Ray worker loading its
+        # blocks) took over 15 s on a slow 2-CPU machine in the middle of the suite
+        while time.monotonic() - t0 < 90.0 and resumed_s is None:
             feeder.round()
             if len(feeder.outputs["a"]) > before and "a" in core.restarted:
                 resumed_s = time.monotonic() - t0
-        assert resumed_s is not None, "the stream did not resume within 15 s"
+        assert resumed_s is not None, "the stream did not resume within 90 s"
         assert "fresh cache" in core.restarted["a"] and "[1] replaced" in core.restarted["a"]
         assert stages.actors[1] is not old
         # A new stream works on the rebuilt pipeline.
