@@ -136,6 +136,7 @@ class TAEHV(nn.Module):
             *mem(d2), nn.Upsample(scale_factor=2), TGrow(d2, 2), _conv(d2, d3, bias=False),
             nn.ReLU(inplace=True), _conv(d3, 3),
         )
+        self.decoder_run_order = grow_before_upsampling(self.decoder)  # once; the modules are shared
 
     @classmethod
     def from_config(cls, cfg: VAEConfig) -> "TAEHV":
@@ -150,19 +151,24 @@ class TAEHV(nn.Module):
         return sum(isinstance(m, MemBlock) for m in seq)
 
 
-def run_with_memory(seq: nn.Sequential, x: torch.Tensor, batch: int, memory: list) -> torch.Tensor:
-    """Run `seq` over x [B*T, C, H, W] (batch-major, T steps per batch row), all steps of a layer
+def grow_before_upsampling(seq: nn.Sequential) -> tuple[nn.Module, ...]:
+    """`seq`'s layers with each `Upsample, TGrow` pair run as `TGrow, Upsample`: nearest
+    upsampling commutes with TGrow's 1x1 conv, so the conv and the time split see 4x fewer
+    pixels. Same modules (and parameter names), same result."""
+    layers = list(seq)
+    for i in range(len(layers) - 1):
+        if isinstance(layers[i], nn.Upsample) and isinstance(layers[i + 1], TGrow):
+            layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    return tuple(layers)
+
+
+def run_with_memory(seq, x: torch.Tensor, batch: int, memory: list) -> torch.Tensor:
+    """Run the layers `seq` over x [B*T, C, H, W] (batch-major, T steps per batch row), all steps of a layer
     at once. `memory[i]` is the i-th MemBlock's input at the step before this chunk ([B, C, H, W],
     or None for a stream's first chunk: zeros); it is replaced by this chunk's last input."""
     k = 0
     x = x.contiguous(memory_format=torch.channels_last)
-    layers = list(seq)
-    for i, layer in enumerate(layers):
-        if isinstance(layer, nn.Upsample) and i + 1 < len(layers) and isinstance(layers[i + 1], TGrow):
-            # nearest upsampling commutes with TGrow's 1x1 conv: grow at the low resolution (4x
-            # fewer pixels through the conv and the time split), then upsample
-            layers[i], layers[i + 1] = layers[i + 1], layer
-    for layer in layers:
+    for layer in seq:
         if isinstance(layer, MemBlock):
             n, c, h, w = x.shape
             steps = n // batch
@@ -197,7 +203,7 @@ def decode_latents(net: TAEHV, latents: torch.Tensor, memory: list, first: bool,
     pixels outside the range."""
     b, _, m = latents.shape[:3]
     z = latents.permute(0, 2, 1, 3, 4).reshape(b * m, *latents.shape[1:2], *latents.shape[3:])  # [B*m, 16, h, w]
-    x = run_with_memory(net.decoder, z, b, memory)  # [B*4m, 3, H, W]
+    x = run_with_memory(net.decoder_run_order, z, b, memory)  # [B*4m, 3, H, W]
     x = x.view(b, m * TIME_RATIO, *x.shape[1:])  # [B, 4m, 3, H, W]
     if first:
         x = x[:, TIME_RATIO - 1 :]
@@ -283,4 +289,4 @@ class HybridVAE(StreamingVAE):
 
 
 __all__ = ["HybridVAE", "MemBlock", "StreamingTAEHV", "TAEHV", "TGrow", "TPool", "decode_latents", "encode_frames",
-           "run_with_memory"]
+           "grow_before_upsampling", "run_with_memory"]
