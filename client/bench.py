@@ -43,7 +43,8 @@ from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
 from streamdiff.bench import report as benchreport
-from streamdiff.pipeline.frames import parse_size, synthetic_clip
+from streamdiff.config import parse_size
+from streamdiff.pipeline.frames import synthetic_clip
 from streamdiff.server.webrtc import configure_bitrates, enable_loopback_candidates
 from streamdiff.stamp import ID_MODULO, decode_id, encode_id
 

@@ -17,7 +17,7 @@ import shlex
 import sys
 import time
 
-from streamdiff.config import ConfigError, load_config
+from streamdiff.config import ConfigError, load_config, parse_size
 from streamdiff.preflight import check_device, check_output_path, check_weight_paths
 
 SYNTHETIC = "synthetic"  # --input synthetic: the built-in clip of moving shapes
@@ -28,8 +28,6 @@ class CliError(Exception):
 
 
 def _parse_size(text: str | None, flag: str = "--size") -> tuple[int, int] | None:
-    from streamdiff.pipeline.frames import parse_size
-
     if text is None:
         return None
     try:
@@ -49,20 +47,15 @@ def cmd_render(args: argparse.Namespace) -> int:
     check_weight_paths(cfg)
     check_device(cfg)
 
-    from tqdm import tqdm
-
-    from streamdiff.client.video_io import VideoInputError, VideoWriter, probe, read_frames
-    from streamdiff.model.build import build_components
-    from streamdiff.pipeline.frames import synthetic_clip
-    from streamdiff.pipeline.stream_pipeline import StreamPipeline
+    from streamdiff.client.video_io import VideoInputError, VideoWriter, probe, read_frames  # PyAV, no torch
 
     size = _parse_size(args.size)
 
-    # 1. Open the input (or make the synthetic clip) and settle the processing size.
+    # 1. Open the input and settle the processing size, still before the model code is imported
+    #    (seconds on a small CPU): a bad file is reported at once.
     if args.input == SYNTHETIC:
         width, height = size or (cfg.video.width, cfg.video.height)
         fps, total = cfg.video.fps, args.frames
-        frames_iter = iter(synthetic_clip(total, width, height, seed=cfg.sampling.seed))
     else:
         try:
             info = probe(args.input)
@@ -70,12 +63,22 @@ def cmd_render(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
         width, height = size or (info.width, info.height)
         fps, total = info.fps, info.frames
-        frames_iter = read_frames(args.input, size)
     if width % 16 or height % 16:
         raise CliError(
             f"frame size {width}x{height} cannot go through the VAE and patching: width and height must be "
             f"multiples of 16 (resize on the way in with --size, e.g. --size {width // 16 * 16}x{height // 16 * 16})"
         )
+
+    from tqdm import tqdm
+
+    from streamdiff.model.build import build_components
+    from streamdiff.pipeline.frames import synthetic_clip
+    from streamdiff.pipeline.stream_pipeline import StreamPipeline
+
+    if args.input == SYNTHETIC:
+        frames_iter = iter(synthetic_clip(total, width, height, seed=cfg.sampling.seed))
+    else:
+        frames_iter = read_frames(args.input, size)
 
     # 2. Build the model and the pipeline.
     t_build = time.perf_counter()

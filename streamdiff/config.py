@@ -482,6 +482,17 @@ def with_overrides(cfg: Config, **sections: dict) -> Config:
     return _build(Config, data)
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """A frame size "WxH" (as --size and --resolution take it) -> (width, height); ValueError
+    (naming the text) otherwise. Here, not beside the frame code, so that the CLI can check its
+    arguments before torch is imported."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{text!r} must look like 512x512 (width x height)") from None
+    return width, height
+
+
 def to_dict(cfg: Any) -> dict:
     def conv(v: Any) -> Any:
         if is_dataclass(v):
@@ -507,6 +518,7 @@ __all__ = [
     "WeightsConfig",
     "load_config",
     "parse_override",
+    "parse_size",
     "to_dict",
     "with_overrides",
 ]

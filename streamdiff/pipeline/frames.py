@@ -155,12 +155,4 @@ def synthetic_clip(num_frames: int, width: int, height: int, seed: int = 0) -> n
 
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """"WxH" -> (width, height); ValueError (naming the text) otherwise."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"{text!r} must look like 512x512 (width x height)") from None
-    return width, height
-
-__all__ = ["frames_to_tensor", "parse_size", "resize_frame", "synthetic_clip", "tensor_to_frames"]
+__all__ = ["frames_to_tensor", "resize_frame", "synthetic_clip", "tensor_to_frames"]
