@@ -139,9 +139,11 @@ function startFpsMeter() {
     const stats = await pc.getStats();
     stats.forEach((r) => {
       if (r.type === "inbound-rtp" && r.kind === "video") {
-        const fps = last ? (r.framesDecoded - last.frames) / ((r.timestamp - last.t) / 1000) : 0;
-        last = { frames: r.framesDecoded, t: r.timestamp };
-        $("overlay").textContent = `${fps.toFixed(1)} fps · latency ${$("overlay").dataset.latency || "–"}`;
+        // a rate needs two samples with frames: until then say "–", not a misleading 0.0
+        const fps = last && r.framesDecoded && r.timestamp > last.t
+          ? ((r.framesDecoded - last.frames) / ((r.timestamp - last.t) / 1000)).toFixed(1) : "–";
+        last = { frames: r.framesDecoded || 0, t: r.timestamp };
+        $("overlay").textContent = `${fps} fps · latency ${$("overlay").dataset.latency || "–"}`;
       }
     });
   }, 1000);

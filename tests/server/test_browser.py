@@ -94,6 +94,8 @@ async def _make_run_flow() -> dict:
                 await one.goto(url + "/")
                 await one.click("#start")
                 stats = await _until(lambda: _playing(one, "output"), 180)
+                # the overlay says "–" until it has a rate, then the received frame rate
+                out["overlay_playing"] = await _until(lambda: _overlay_rate(one), 30)
                 ARTIFACTS.mkdir(exist_ok=True)
                 await one.screenshot(path=str(ARTIFACTS / "browser.png"))
                 out["stats"], out["message"] = stats, await one.inner_text("#message")
@@ -131,6 +133,12 @@ async def _playing(page, video_id: str):
     return stats if stats and stats["time"] > 0.5 else None
 
 
+async def _overlay_rate(page):
+    text = await page.inner_text("#overlay")
+    rate = text.split(" fps")[0]
+    return text if " fps" in text and rate.replace(".", "", 1).isdigit() and float(rate) > 0 else None
+
+
 async def _message_with(page, text: str):
     message = await page.inner_text("#message")
     return message if text in message else None
@@ -143,6 +151,7 @@ def test_make_run_page_admits_under_load_retries_refused_users_and_frees_crashed
     assert (stats["width"], stats["height"]) == (256, 256)  # the preset's frame size
     assert stats["std"] > 5.0, stats  # a picture, not a blank or constant frame
     assert out["message"] == ""  # the status line cleared when frames arrived
+    assert out["overlay_playing"], "the overlay never showed a frame rate above 0"
     assert out["countdown"] and "busy" in out["countdown"], out
     assert out["overlay_after_stop"] == "–"
     assert out["second_admitted"] and out["second_stats"] is not None, out
