@@ -52,17 +52,30 @@ def compiled_gpu() -> None:
 
 @pytest.fixture(scope="session")
 def aot_reports() -> list[dict]:
-    """`python -m streamdiff.kernels.aot --json -`: every kernel compiled for sm_90 and sm_80 at
-    model shapes, with its resources and SASS counts; a skip where Triton's NVIDIA backend or
-    its bundled ptxas / cuobjdump is missing. Runs in a subprocess without TRITON_INTERPRET:
-    the interpreter patches triton.language in this one."""
+    """`python -m streamdiff.kernels.aot --capability N --json -`: every kernel compiled for
+    sm_90 and sm_80 at model shapes, with its resources and SASS counts; a skip where Triton's
+    NVIDIA backend or its bundled ptxas / cuobjdump is missing. One subprocess per capability,
+    side by side (the compiles are CPU-bound and independent), without TRITON_INTERPRET: the
+    interpreter patches triton.language in this one."""
     from streamdiff.kernels import aot
 
     if not aot.available():
         pytest.skip("Triton's NVIDIA backend / ptxas / cuobjdump is not available: cannot compile without a GPU")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "streamdiff.kernels.aot", "--json", "-"],
-                          capture_output=True, text=True, env=env, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"streamdiff.kernels.aot failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    procs = [subprocess.Popen([sys.executable, "-W", "ignore", "-m", "streamdiff.kernels.aot", "--capability",
+                               str(capability), "--json", "-"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for capability in (90, 80)]
+    reports = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=900)
+            if proc.returncode != 0:
+                raise RuntimeError(f"streamdiff.kernels.aot failed:\n{err[-4000:]}")
+            reports += json.loads(out.strip().splitlines()[-1])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return reports

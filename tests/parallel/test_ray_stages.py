@@ -31,8 +31,21 @@ def ref(cfg4, comps4):
     return reference(cfg4, comps4)
 
 
-@pytest.mark.parametrize("counts,vae_stages", [([2, 2], False), ([1, 2, 1], False), ([2, 2], True)])
-def test_ray_stages_equal_local(cfg4, comps4, ref, counts, vae_stages):
+def assert_actors_hold_only_their_blocks(stages: RayStages, comps4) -> None:
+    """Each actor holds only its own blocks (and the first / last their VAE half's module)."""
+    full = dict(comps4.model.named_parameters())
+    for k, (start, end) in enumerate(r.block_range for r in stages.specs):
+        info = stages.call(k, "info")
+        assert info["block_range"] == (start, end)
+        assert info["block_params"] == sum(p.numel() for n, p in full.items()
+                                           if n.startswith("blocks.") and start <= int(n.split(".")[1]) < end)
+        assert {int(n.split(".")[1]) for n in info["param_names"] if n.startswith("blocks.")} == set(range(start, end))
+
+
+# Three stages over Ray are covered with plans in flight (test_ray_stages_overlapping_plans_equal_local).
+@pytest.mark.parametrize("vae_stages", [False, True])
+def test_ray_stages_equal_local(cfg4, comps4, ref, vae_stages):
+    counts = [2, 2]
     cfg = with_overrides(cfg4, parallel={"vae_stages": vae_stages})
     stages = RayStages(cfg, counts)
     executor = StagedExecutor(cfg, stages)
@@ -41,14 +54,7 @@ def test_ray_stages_equal_local(cfg4, comps4, ref, counts, vae_stages):
         got = run_streams(cfg, executor)
         for sid in SPECS:
             assert got[sid].shape == ref[sid].shape and max_abs_diff(got[sid], ref[sid]) <= TOL, sid
-        # Each actor holds only its own blocks (and the first / last their VAE half's module).
-        full = dict(comps4.model.named_parameters())
-        for k, (start, end) in enumerate(r.block_range for r in stages.specs):
-            info = stages.call(k, "info")
-            assert info["block_range"] == (start, end)
-            assert info["block_params"] == sum(p.numel() for n, p in full.items()
-                                               if n.startswith("blocks.") and start <= int(n.split(".")[1]) < end)
-            assert {int(n.split(".")[1]) for n in info["param_names"] if n.startswith("blocks.")} == set(range(start, end))
+        assert_actors_hold_only_their_blocks(stages, comps4)
     finally:
         executor.shutdown()
 
@@ -108,10 +114,12 @@ def test_ray_stages_overlapping_plans_equal_local(cfg_auto, comps4, counts):
     """One plan per stage in flight over actors (lane stride D = stages, chosen automatically):
     the frames of the local executor at the same stride, with live prompt and seed changes."""
     depth = len(counts)
-    executor = StagedExecutor(cfg_auto, RayStages(cfg_auto, counts))
+    stages = RayStages(cfg_auto, counts)
+    executor = StagedExecutor(cfg_auto, stages)
     try:
         core, got, _, _ = drive(cfg_auto, executor, 2)
         assert core.params("s").lane_stride == depth and executor.peak_in_flight == depth
+        assert_actors_hold_only_their_blocks(stages, comps4)
     finally:
         executor.shutdown()
     _, ref, _, _ = drive(with_overrides(cfg_auto, parallel={"lane_stride": depth}), local(comps4), 2)
