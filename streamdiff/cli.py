@@ -373,9 +373,9 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CliError(f"{exc}") from None
     recipe = Recipe()
-    if args.smoke:  # a few steps of every stage: checks the trainer, not the result
+    if args.smoke:  # a few steps of every stage at 64x64: checks the trainer, not the result
         recipe = replace(recipe, clips_per_photo=1, vae_steps=2, dit_steps=2, vae_batch=2, dit_batch=2,
-                         checkpoint_every=1, photos=2)
+                         checkpoint_every=1, photos=2, size=64, vae_crop=32, dit_crop=4)
     out = train_demo(Path(args.work), Path(args.output), args.config, recipe, args.threads)
     print(f"wrote the demo weights to {out} (work files in {args.work}; rerun to resume)")
     return 0
@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the safetensors go (configs/demo to replace the shipped ones)")
     train.add_argument("--threads", type=int, default=1,
                        help="torch / teacher threads (1 is fastest on a busy machine)")
-    train.add_argument("--smoke", action="store_true", help="two steps per stage on two photographs (tests)")
+    train.add_argument("--smoke", action="store_true", help="two steps per stage on two photographs at 64x64 (tests)")
     train.set_defaults(func=cmd_train_demo)
     return parser
 
