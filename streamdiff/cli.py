@@ -516,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["streamdiff", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Kineto (torch's profiler, which bench uses for host time) prints "USDT: profiler_start /
+    # profiler_stop" lines on stderr for every profiled call at its default level; above its
+    # highest level it is quiet. Read once, when torch loads, so set before any command imports
+    # it; an explicit KINETO_LOG_LEVEL wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     try:
         return args.func(args)
     except (CliError, ConfigError, FileNotFoundError) as exc:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -168,3 +171,14 @@ def test_peak_table_lookup():
     assert peak_tflops_for("NVIDIA A100-SXM4-80GB", "cuda", None)[0] == 312.0
     assert peak_tflops_for("NVIDIA GeForce RTX 4090", "cuda", None)[0] is None
     assert peak_tflops_for("anything", "cpu", 2.5) == (2.5, "--peak-tflops")
+
+
+def test_bench_from_a_shell_prints_its_table_and_no_profiler_lines():
+    """The host time comes from torch's profiler, whose Kineto logs "USDT: profiler_start /
+    profiler_stop" on stderr for every profiled call unless quietened before torch loads."""
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-m", "streamdiff.cli", *BASE, "--steps", "1", "--streams", "1",
+                             "--duration", "0.5"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "profiler_st" not in result.stderr and "USDT" not in result.stderr, result.stderr
+    assert "64x48" in result.stdout
