@@ -112,6 +112,12 @@ function retryLater(seconds, reason) {
 // The status line clears once processed frames play.
 $("output").addEventListener("playing", () => { if (pc) say(""); });
 
+// The server centre-crops the camera to the model's frame shape: the preview shows that crop.
+$("output").addEventListener("resize", () => {
+  const v = $("output");
+  if (v.videoWidth && v.videoHeight) $("local").style.aspectRatio = `${v.videoWidth} / ${v.videoHeight}`;
+});
+
 function openControl() {
   // owner=1: this page holds the socket while it lives; if it drops (tab closed or crashed),
   // the server frees the stream within seconds.
@@ -157,6 +163,7 @@ function stop() {
   if (camera) camera.getTracks().forEach((t) => t.stop());
   pc = ws = camera = sessionId = fpsTimer = retryTimer = expect = null;
   $("output").srcObject = null;
+  $("local").style.aspectRatio = "";
   $("overlay").textContent = "–";
   delete $("overlay").dataset.latency;
   $("start").disabled = false;

@@ -96,6 +96,9 @@ async def _make_run_flow() -> dict:
                 stats = await _until(lambda: _playing(one, "output"), 180)
                 # the overlay says "–" until it has a rate, then the received frame rate
                 out["overlay_playing"] = await _until(lambda: _overlay_rate(one), 30)
+                out["preview_box"] = await one.evaluate(
+                    "() => [...document.querySelectorAll('#local, #output')].map(v => v.getBoundingClientRect())"
+                    ".map(r => [r.width, r.height])")
                 ARTIFACTS.mkdir(exist_ok=True)
                 await one.screenshot(path=str(ARTIFACTS / "browser.png"))
                 out["stats"], out["message"] = stats, await one.inner_text("#message")
@@ -152,6 +155,8 @@ def test_make_run_page_admits_under_load_retries_refused_users_and_frees_crashed
     assert stats["std"] > 5.0, stats  # a picture, not a blank or constant frame
     assert out["message"] == ""  # the status line cleared when frames arrived
     assert out["overlay_playing"], "the overlay never showed a frame rate above 0"
+    (lw, lh), (ow, oh) = out["preview_box"]  # the camera preview is cropped to the output's shape
+    assert lh > 0 and abs(lw / lh - ow / oh) < 0.02, out["preview_box"]
     assert out["countdown"] and "busy" in out["countdown"], out
     assert out["overlay_after_stop"] == "–"
     assert out["second_admitted"] and out["second_stats"] is not None, out
