@@ -229,10 +229,27 @@ class OutputTrack(MediaStreamTrack):
 # ---------------------------------------------------------------------- input
 
 
+def to_model_frame(frame: VideoFrame, width: int, height: int) -> np.ndarray:
+    """An incoming frame as the model takes it: centre-cropped to width:height (a 4:3 webcam
+    or a 16:9 OBS scene into a square model loses its sides instead of being squashed), then
+    scaled: uint8 [height, width, 3]. One swscale pass at the size that keeps the frame's
+    aspect, then a slice."""
+    fw, fh = frame.width, frame.height
+    if fw * height == fh * width:
+        return frame.to_ndarray(format="rgb24", width=width, height=height)
+    scale = max(width / fw, height / fh)
+    sw, sh = max(width, round(fw * scale)), max(height, round(fh * scale))
+    pixels = frame.to_ndarray(format="rgb24", width=sw, height=sh)  # [sh, sw, 3]
+    x0, y0 = (sw - width) // 2, (sh - height) // 2
+    return np.ascontiguousarray(pixels[y0 : y0 + height, x0 : x0 + width])
+
+
 class InputReader:
-    """Drains a remote video track; the pusher side hands only the newest frame, resized to
-    the engine's size, to `engine.push_frame`. Two tasks so a slow push never backs up recv.
-    With `stamp`, the pts pushed is `Stamped(frame.pts, id read from the pixels)`."""
+    """Drains a remote video track; the pusher side hands only the newest frame, centre-cropped
+    and scaled to the engine's size (`to_model_frame`), to `engine.push_frame`. Two tasks so a
+    slow push never backs up recv. With `stamp`, the pts pushed is `Stamped(frame.pts, id read
+    from the pixels)`; the id strip spans the sender's whole width, so it is read from the whole
+    frame scaled to the engine's size when a crop would cut it."""
 
     def __init__(self, track: MediaStreamTrack, engine, stream_id: str, width: int, height: int,
                  *, stamp: bool = False):
@@ -269,10 +286,12 @@ class InputReader:
                 if self.tasks[0].done():
                     return
                 continue
-            pixels = frame.to_ndarray(format="rgb24", width=self.width, height=self.height)  # [H, W, 3]
+            pixels = to_model_frame(frame, self.width, self.height)  # [H, W, 3]
             pts = frame.pts
             if self.stamp:
-                pts = Stamped(frame.pts, decode_id(pixels))
+                whole = pixels if frame.width * self.height == frame.height * self.width else \
+                    frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
+                pts = Stamped(frame.pts, decode_id(whole))
                 self.stamps_unread += pts.stamp_id is None
             try:
                 self.engine.push_frame(self.stream_id, pixels, pts)

@@ -1,0 +1,93 @@
+"""What the server hands the model from an incoming video track: frames of another shape are
+centre-cropped to the model's aspect, then scaled (a 4:3 webcam or a 16:9 OBS scene into the
+square demo keeps its proportions), and a stamped frame's id is still read when the crop cuts
+its strip."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+from av import VideoFrame
+
+from streamdiff.server.webrtc import InputReader, to_model_frame
+from streamdiff.stamp import encode_id
+
+
+def frame_of(pixels: np.ndarray) -> VideoFrame:
+    return VideoFrame.from_ndarray(pixels, format="rgb24")
+
+
+def bright_box(pixels: np.ndarray) -> tuple[int, int]:
+    """Width and height of the region brighter than mid-grey."""
+    ys, xs = np.nonzero(pixels.mean(axis=2) > 128)
+    return int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+
+
+def test_a_wider_frame_loses_its_sides_and_keeps_its_proportions():
+    src = np.zeros((480, 640, 3), np.uint8)
+    src[:, :80] = (255, 0, 0)  # only in the sides a square crop removes
+    src[:, 560:] = (0, 0, 255)
+    src[120:360, 200:440] = 255  # a white square, 240 x 240, in the middle
+    out = to_model_frame(frame_of(src), 256, 256)
+    assert out.shape == (256, 256, 3) and out.flags.c_contiguous
+    w, h = bright_box(out)
+    assert abs(w - h) <= 2 and abs(w - 128) <= 3, (w, h)  # 240 x 480/256 scale; squashing gives 96 x 128
+    inner = out[:, 1:-1]  # the first and last columns may blend the crop's edge (scaled by 0.53)
+    r, g, b = (inner[:, :, i].astype(int) for i in range(3))
+    assert not ((r - g > 60) | (b - g > 60)).any()  # nothing of the red or blue sides is left
+
+
+def test_a_taller_frame_loses_top_and_bottom_and_same_shape_is_only_scaled():
+    src = np.zeros((640, 480, 3), np.uint8)
+    src[240:400, 160:320] = 255
+    w, h = bright_box(to_model_frame(frame_of(src), 128, 128))
+    assert abs(w - h) <= 2 and abs(w - 43) <= 3, (w, h)
+    same = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    assert np.array_equal(to_model_frame(frame_of(same), 64, 48),
+                          frame_of(same).to_ndarray(format="rgb24", width=64, height=48))
+
+
+class OneFrame(MediaStreamTrack):
+    kind = "video"
+
+    def __init__(self, pixels: np.ndarray):
+        super().__init__()
+        self.pixels = pixels
+
+    async def recv(self) -> VideoFrame:
+        if self.pixels is None:
+            raise MediaStreamError
+        frame = frame_of(self.pixels)
+        frame.pts, self.pixels = 7, None
+        return frame
+
+
+class Engine:
+    def __init__(self):
+        self.pushed = []
+
+    def push_frame(self, stream_id, pixels, pts):
+        self.pushed.append((pixels, pts))
+
+
+def test_a_stamped_wider_frame_keeps_its_id_and_the_model_gets_the_crop():
+    src = np.full((480, 640, 3), 90, np.uint8)
+    stamped = encode_id(src, 4242)
+
+    async def run():
+        engine = Engine()
+        reader = InputReader(OneFrame(stamped), engine, "s", 64, 64, stamp=True)
+        for _ in range(200):
+            if engine.pushed:
+                break
+            await asyncio.sleep(0.05)
+        await reader.close()
+        return engine.pushed
+
+    (pixels, pts), = asyncio.run(run())
+    assert pixels.shape == (64, 64, 3)
+    assert pts.stamp_id == 4242 and pts.pts == 7
+    assert np.array_equal(pixels, to_model_frame(frame_of(stamped), 64, 64))
