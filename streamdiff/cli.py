@@ -115,10 +115,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
-    if args.stages is not None:
-        overrides.append(f"parallel.num_stages={args.stages}")
+    if args.stages is not None:  # Ray actors, as the flag says (a preset may use threads)
+        overrides += [f"parallel.num_stages={args.stages}", "parallel.backend=ray"]
     if args.ray_address:
-        overrides.append(f"parallel.ray_address={args.ray_address}")
+        overrides += [f"parallel.ray_address={args.ray_address}", "parallel.backend=ray"]
     cfg = load_config(args.config, overrides)
     check_weight_paths(cfg)  # before torch
     check_device(cfg)

@@ -192,9 +192,14 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Pipeline stages over Ray (streamdiff/parallel). num_stages 1 = the local executor."""
+    """Pipeline stages (streamdiff/parallel): Ray actors, or threads in this process. num_stages 1
+    without vae_stages = the local executor."""
 
     num_stages: int = 1
+    # ray: each stage an actor (its own process / GPU, on this machine or a cluster). threads: each
+    # stage a thread here, a queue between them: on one machine's CPU cores, with one torch thread
+    # each, VAE encode, DiT and VAE decode overlap with no OpenMP barrier between cores.
+    backend: Literal["ray", "threads"] = "ray"
     ray_address: str = ""  # "" starts a local Ray instance; "auto" or "HOST:PORT" joins a cluster
     partition: tuple[int, ...] = ()  # blocks per stage; () = from measured cost
     rebalance: bool = True  # re-measure while serving and move blocks when stages drift apart
@@ -316,6 +321,9 @@ def validate(cfg: Config) -> None:
                           or sum(par.partition) != cfg.model.num_layers):
         raise ConfigError(f"parallel.partition={list(par.partition)} must give each of the {par.num_stages} "
                           f"stages at least one block, {cfg.model.num_layers} blocks in all")
+    if par.backend == "threads" and par.ray_address:
+        raise ConfigError(f"parallel.backend=threads runs every stage in this process: parallel.ray_address="
+                          f"{par.ray_address!r} is for parallel.backend=ray")
     if cfg.runtime.compile and cfg.runtime.cuda_graphs:
         raise ConfigError("runtime.compile and runtime.cuda_graphs are alternatives: set one")
     if not cfg.runtime.row_buckets or min(cfg.runtime.row_buckets) < 1:

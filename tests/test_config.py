@@ -44,11 +44,18 @@ def test_yaml_file_with_preset_and_overrides(tmp_path):
         ("cache.sinks=6", "cache.sinks=6 must be smaller than cache.window=6"),
         ("weights.format=diffusers", "weights.transformer must name a path"),
         ("sampling.steps", "must look like section.key=value"),
+        ("parallel.backend=processes", "not one of"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config("tiny", [override])
+
+
+def test_threaded_stages_cannot_join_a_ray_cluster():
+    with pytest.raises(ConfigError, match="parallel.backend=threads runs every stage in this process"):
+        load_config("demo", ["parallel.ray_address=auto"])
+    assert load_config("demo", ["parallel.ray_address=auto", "parallel.backend=ray"]).parallel.backend == "ray"
 
 
 def test_unknown_preset_and_bad_yaml(tmp_path):

@@ -1,11 +1,18 @@
 """Pipeline stages: a DiT split into block ranges on Ray actors (the only package, beside the
 Ray hop micro-benchmark, that imports ray), plugged into the engine as its Executor."""
 def build_executor(cfg):
-    """The executor the config asks for: the local one, or `parallel.num_stages` Ray pipeline
-    stages (plus an encode and a decode stage with `parallel.vae_stages`). The place that
-    composes an engine passes this as `executor_factory` (the engine itself never imports
-    `parallel`)."""
-    if cfg.parallel.num_stages > 1 or cfg.parallel.ray_address or cfg.parallel.vae_stages:
+    """The executor the config asks for: the local one, or `parallel.num_stages` pipeline stages
+    (plus an encode and a decode stage with `parallel.vae_stages`) as Ray actors or, with
+    `parallel.backend: threads`, as threads in this process. The place that composes an engine
+    passes this as `executor_factory` (the engine itself never imports `parallel`)."""
+    par = cfg.parallel
+    if par.backend == "threads" and (par.num_stages > 1 or par.vae_stages):
+        from streamdiff.parallel.executor import StagedExecutor, ThreadedStages
+        from streamdiff.parallel.partition import even_split
+
+        counts = list(par.partition) if par.partition else even_split(cfg.model.num_layers, par.num_stages)
+        return StagedExecutor(cfg, ThreadedStages(cfg, counts))
+    if par.num_stages > 1 or par.ray_address or par.vae_stages:
         from streamdiff.parallel.ray_executor import RayExecutor
 
         return RayExecutor(cfg)

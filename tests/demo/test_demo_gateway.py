@@ -20,6 +20,7 @@ from av import VideoFrame
 from streamdiff.config import load_config
 from streamdiff.demo.data import HELD_OUT_PHOTO, load_photo, make_clip
 from streamdiff.engine import AsyncEngine
+from streamdiff.parallel import build_executor
 from streamdiff.server.app import ServerSettings, build_app
 from streamdiff.stamp import decode_id, encode_id, stamp_height
 
@@ -51,7 +52,7 @@ class ClipTrack(MediaStreamTrack):
 
 
 async def _roundtrip(clip: np.ndarray) -> list[np.ndarray]:
-    engine = AsyncEngine(load_config("demo"))
+    engine = AsyncEngine(load_config("demo"), executor_factory=build_executor)  # as `make run` serves it
     app = build_app(engine, ServerSettings(token=None, target_fps=0.05, deadline_ms=600_000.0, output_fps=15.0,
                                            ice_loopback=True))
     runner = web.AppRunner(app)

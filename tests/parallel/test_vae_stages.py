@@ -92,3 +92,24 @@ def test_stream_commands_reach_every_stage(cfg_vae):
         assert set(r.params) == {"a"}
     for r in runners[1:3]:
         assert not r.pool.k[:, slots_b].any() and not r.pool.v[:, slots_b].any()
+
+
+def test_threads_backend_runs_encode_dit_and_decode_on_threads_equal_to_local(cfg4, ref):
+    """`parallel.backend: threads` with `vae_stages` (the demo preset's executor): build_executor
+    gives a thread per stage, encode and decode included, and the frames of the local run."""
+    from streamdiff.parallel import build_executor
+    from streamdiff.parallel.transport import ThreadedStages
+
+    cfg = with_overrides(cfg4, parallel={"backend": "threads", "vae_stages": True})
+    executor = build_executor(cfg)
+    try:
+        assert isinstance(executor, StagedExecutor) and isinstance(executor.stages, ThreadedStages)
+        assert executor.counts == [4]
+        assert [w.info()["vae"] for w in executor.stages.workers] == ["encode", "none", "decode"]
+        got = run_streams(cfg, executor)
+        assert min(executor.stages.busy_s) > 0  # every stage ran on its own thread
+    finally:
+        executor.shutdown()
+    assert not any(t.is_alive() for t in executor.stages._threads)
+    for sid in SPECS:
+        assert got[sid].shape == ref[sid].shape and max_abs_diff(got[sid], ref[sid]) <= TOL, sid

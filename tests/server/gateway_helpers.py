@@ -15,6 +15,7 @@ from av import AudioFrame, VideoFrame
 
 from streamdiff.config import load_config
 from streamdiff.engine import AsyncEngine
+from streamdiff.parallel import build_executor
 from streamdiff.pipeline.frames import synthetic_clip
 from streamdiff.server.app import SESSIONS_KEY, ServerSettings, app_runner, build_app
 
@@ -30,8 +31,9 @@ def tiny_config(max_streams: int = 2):
 async def running_server(token: str | None = TOKEN, max_streams: int = 2, config=None, **settings):
     """Yields (base_url, app). Very loose CPU SLO (0.05 fps, 600 s deadline; warm-up timings on a
     busy CPU are noisy) so the engine admits several streams; `target_fps=None, deadline_ms=None`
-    gives the preset's own service level."""
-    engine = AsyncEngine(config if config is not None else tiny_config(max_streams))
+    gives the preset's own service level. The engine's executor is the one `streamdiff serve`
+    builds for the config (the demo preset's threads, the local one for the tiny preset)."""
+    engine = AsyncEngine(config if config is not None else tiny_config(max_streams), executor_factory=build_executor)
     settings = {"target_fps": 0.05, "deadline_ms": 600_000.0, "output_fps": 15.0, **settings}
     app = build_app(engine, ServerSettings(token=token, ice_loopback=True, **settings))
     runner = app_runner(app)
