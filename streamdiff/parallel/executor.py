@@ -54,6 +54,14 @@ class _Plan:
     wall_ms: float | None = None  # plans run to the end at submit (first chunks): their wall time
 
 
+def pipeline_period_ms(stage_ms: list[float], shared_cores: int | None = None) -> float:
+    """How often a pipeline of stages taking `stage_ms` each can take a new forward: its slowest
+    stage; when the stages share `shared_cores` CPU cores (threads on one CPU), no less than
+    their summed work spread over those cores."""
+    period = max(stage_ms)
+    return max(period, sum(stage_ms) / shared_cores) if shared_cores else period
+
+
 class StagedExecutor:
     def __init__(self, cfg: Config, stages: Stages, clock: Callable[[], float] = time.monotonic,
                  rebalance: bool | None = None):
@@ -242,7 +250,9 @@ class StagedExecutor:
 
     def _observe(self, outs: list[StepOut]) -> float | None:
         """Each stage's time over the plan's forwards that carried rows -> the rebalancer.
-        Returns the slowest stage's time (the pipeline period the plan took), None if no rows."""
+        Returns the pipeline period the plan took: its slowest stage's time, or for stages that
+        share a CPU's cores (`stages.shared_cores`) their summed time over those cores if that
+        is longer; None if no rows."""
         ran = [out.stage_ms for out in outs if out.rows and len(out.stage_ms) == self.num_stages]
         if not ran:
             return None
@@ -255,7 +265,7 @@ class StagedExecutor:
         self.rebalancer.observe([samples[k] for k in dit], floor_ms=max(vae_ms, default=0.0))
         if self.rebalance_enabled and (target := self.rebalancer.proposal()) is not None:
             self.repartition(target)
-        return max(self.last_stage_ms)
+        return pipeline_period_ms(self.last_stage_ms, getattr(self.stages, "shared_cores", None))
 
     def repartition(self, target: list[int]) -> None:
         """Move blocks (weights, K/V, prompt K/V) between neighbours until the split is `target`.
@@ -319,4 +329,5 @@ class StagedExecutor:
         self.stages.shutdown()
 
 
-__all__ = ["InProcessStages", "StageFailure", "StagedExecutor", "Stages", "ThreadedStages", "TickStages"]
+__all__ = ["InProcessStages", "StageFailure", "StagedExecutor", "Stages", "ThreadedStages", "TickStages",
+           "pipeline_period_ms"]

@@ -12,12 +12,15 @@ work (engine/model_runner.py behind stage.py's StageWorker).
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Protocol
+
+import torch
 
 from streamdiff.config import Config
 from streamdiff.parallel.messages import StageInput, StageSpec, StepOut, stage_specs
@@ -125,6 +128,12 @@ class ThreadedStages(InProcessStages):
     def __init__(self, cfg: Config, counts: list[int], device: str | None = None, timeout_s: float | None = None):
         super().__init__(cfg, counts, device)
         self.timeout_s = timeout_s or cfg.parallel.step_timeout_s
+        # On a CPU the stage threads share its cores: at most cores // (torch threads per op) run
+        # at once, so the pipeline's period is at least their summed work over that. None: each
+        # stage has a device of its own as far as this transport knows, or a drill's stages
+        # mostly sleep (parallel.block_delay_ms), which takes no core.
+        on_cpu = self.workers[0].runner.device.type == "cpu" and not cfg.parallel.block_delay_ms
+        self.shared_cores = max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads())) if on_cpu else None
         self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in self.workers]
         self.busy_s = [0.0] * len(self.workers)  # seconds each stage spent running forwards
         self._threads = [threading.Thread(target=self._loop, args=(k,), name=f"streamdiff-stage-{k}", daemon=True)

@@ -3,12 +3,15 @@ own, the DiT stages carry only blocks, and the output equals the local run."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from engine_helpers import max_abs_diff
 from stage_helpers import SPECS, TOL, reference, run_streams
 from streamdiff.config import with_overrides
-from streamdiff.parallel.executor import InProcessStages, StagedExecutor
+from streamdiff.parallel.executor import InProcessStages, StagedExecutor, pipeline_period_ms
 from streamdiff.parallel.messages import stage_specs
 from streamdiff.parallel.partition import Rebalancer, StageSample
 
@@ -106,6 +109,8 @@ def test_threads_backend_runs_encode_dit_and_decode_on_threads_equal_to_local(cf
         assert isinstance(executor, StagedExecutor) and isinstance(executor.stages, ThreadedStages)
         assert executor.counts == [4]
         assert [w.info()["vae"] for w in executor.stages.workers] == ["encode", "none", "decode"]
+        # the three threads share this CPU: the period the scheduler learns counts that
+        assert executor.stages.shared_cores == max(1, (os.cpu_count() or 1) // torch.get_num_threads())
         got = run_streams(cfg, executor)
         assert min(executor.stages.busy_s) > 0  # every stage ran on its own thread
     finally:
@@ -113,3 +118,10 @@ def test_threads_backend_runs_encode_dit_and_decode_on_threads_equal_to_local(cf
     assert not any(t.is_alive() for t in executor.stages._threads)
     for sid in SPECS:
         assert got[sid].shape == ref[sid].shape and max_abs_diff(got[sid], ref[sid]) <= TOL, sid
+
+
+def test_stages_sharing_cpu_cores_take_at_least_their_work_over_the_cores():
+    assert pipeline_period_ms([90.0, 60.0, 140.0]) == 140.0  # stages with a device each: the slowest
+    assert pipeline_period_ms([90.0, 60.0, 140.0], shared_cores=2) == 145.0  # three threads on 2 cores
+    assert pipeline_period_ms([90.0, 60.0, 140.0], shared_cores=4) == 140.0  # enough cores: the slowest
+    assert pipeline_period_ms([90.0, 60.0, 140.0], shared_cores=1) == 290.0  # one core: all of it
