@@ -229,14 +229,18 @@ class OutputTrack(MediaStreamTrack):
 # ---------------------------------------------------------------------- input
 
 
+def same_aspect(frame: VideoFrame, width: int, height: int) -> bool:
+    return frame.width * height == frame.height * width
+
+
 def to_model_frame(frame: VideoFrame, width: int, height: int) -> np.ndarray:
     """An incoming frame as the model takes it: centre-cropped to width:height (a 4:3 webcam
     or a 16:9 OBS scene into a square model loses its sides instead of being squashed), then
     scaled: uint8 [height, width, 3]. One swscale pass at the size that keeps the frame's
     aspect, then a slice."""
-    fw, fh = frame.width, frame.height
-    if fw * height == fh * width:
+    if same_aspect(frame, width, height):
         return frame.to_ndarray(format="rgb24", width=width, height=height)
+    fw, fh = frame.width, frame.height
     scale = max(width / fw, height / fh)
     sw, sh = max(width, round(fw * scale)), max(height, round(fh * scale))
     pixels = frame.to_ndarray(format="rgb24", width=sw, height=sh)  # [sh, sw, 3]
@@ -289,7 +293,7 @@ class InputReader:
             pixels = to_model_frame(frame, self.width, self.height)  # [H, W, 3]
             pts = frame.pts
             if self.stamp:
-                whole = pixels if frame.width * self.height == frame.height * self.width else \
+                whole = pixels if same_aspect(frame, self.width, self.height) else \
                     frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
                 pts = Stamped(frame.pts, decode_id(whole))
                 self.stamps_unread += pts.stamp_id is None

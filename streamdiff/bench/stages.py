@@ -39,10 +39,9 @@ WARMUP_MAX_STEPS = 400
 def build_staged(cfg: Config, stages: int, ray: bool):
     """A StagedExecutor over `stages` stages: Ray actors, or a thread per stage here."""
     from streamdiff.parallel.executor import StagedExecutor, ThreadedStages
-    from streamdiff.parallel.partition import even_split
+    from streamdiff.parallel.partition import initial_counts
 
-    counts = list(cfg.parallel.partition) if len(cfg.parallel.partition) == stages else \
-        even_split(cfg.model.num_layers, stages)
+    counts = initial_counts(cfg.parallel.partition, cfg.model.num_layers, stages)
     if ray:
         from streamdiff.parallel.ray_executor import RayStages
 

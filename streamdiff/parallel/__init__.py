@@ -8,10 +8,10 @@ def build_executor(cfg):
     par = cfg.parallel
     if par.backend == "threads" and (par.num_stages > 1 or par.vae_stages):
         from streamdiff.parallel.executor import StagedExecutor, ThreadedStages
-        from streamdiff.parallel.partition import even_split
+        from streamdiff.parallel.partition import initial_counts
 
-        counts = list(par.partition) if par.partition else even_split(cfg.model.num_layers, par.num_stages)
-        return StagedExecutor(cfg, ThreadedStages(cfg, counts))
+        return StagedExecutor(cfg, ThreadedStages(cfg, initial_counts(par.partition, cfg.model.num_layers,
+                                                                      par.num_stages)))
     if par.num_stages > 1 or par.ray_address or par.vae_stages:
         from streamdiff.parallel.ray_executor import RayExecutor
 

@@ -265,7 +265,7 @@ class StagedExecutor:
         self.rebalancer.observe([samples[k] for k in dit], floor_ms=max(vae_ms, default=0.0))
         if self.rebalance_enabled and (target := self.rebalancer.proposal()) is not None:
             self.repartition(target)
-        return pipeline_period_ms(self.last_stage_ms, getattr(self.stages, "shared_cores", None))
+        return pipeline_period_ms(self.last_stage_ms, self.stages.shared_cores)
 
     def repartition(self, target: list[int]) -> None:
         """Move blocks (weights, K/V, prompt K/V) between neighbours until the split is `target`.

@@ -33,6 +33,12 @@ def even_split(num_blocks: int, num_stages: int) -> list[int]:
     return [base + (1 if k < extra else 0) for k in range(num_stages)]
 
 
+def initial_counts(partition: Sequence[int], num_blocks: int, num_stages: int) -> list[int]:
+    """The split a pipeline starts from: `parallel.partition` when it names `num_stages` stages,
+    else even."""
+    return list(partition) if len(partition) == num_stages else even_split(num_blocks, num_stages)
+
+
 def ranges(counts: Sequence[int]) -> list[tuple[int, int]]:
     """Blocks per stage -> [start, end) per stage."""
     out, start = [], 0
@@ -147,4 +153,4 @@ class Rebalancer:
         return target
 
 
-__all__ = ["Rebalancer", "StageSample", "balance", "even_split", "moves", "ranges", "stage_times"]
+__all__ = ["Rebalancer", "StageSample", "balance", "even_split", "initial_counts", "moves", "ranges", "stage_times"]

@@ -32,7 +32,7 @@ from ray.dag import InputNode  # noqa: E402
 
 from streamdiff.config import Config
 from streamdiff.parallel.executor import StagedExecutor, StageFailure
-from streamdiff.parallel.partition import even_split, ranges
+from streamdiff.parallel.partition import initial_counts, ranges
 from streamdiff.engine.types import ChunkInput, StreamOutput
 from streamdiff.parallel.messages import Hop, StageInput, StageSpec, StepOut, stage_specs
 from streamdiff.parallel.stage import StageWorker
@@ -63,6 +63,8 @@ def connect(address: str, num_stages: int) -> bool:
 
 class RayStages:
     """The `Stages` transport over Ray actors and one compiled graph."""
+
+    shared_cores: int | None = None  # actors may sit on other machines: not counted here
 
     def __init__(self, cfg: Config, counts: list[int], timeout_s: float | None = None):
         self.specs = stage_specs(ranges(counts), cfg.parallel.vae_stages)  # + encode / decode stages if asked
@@ -226,7 +228,7 @@ class RayExecutor(StagedExecutor):
 
     def __init__(self, cfg: Config, clock=time.monotonic):
         par = cfg.parallel
-        counts = list(par.partition) or even_split(cfg.model.num_layers, par.num_stages)
+        counts = initial_counts(par.partition, cfg.model.num_layers, par.num_stages)
         super().__init__(cfg, RayStages(cfg, counts), clock)
 
 

@@ -34,6 +34,9 @@ class StageFailure(RuntimeError):
 
 class Stages(Protocol):
     specs: list[StageSpec]
+    # CPU cores the stages share (threads on one CPU), or None: each stage has a device of its
+    # own as far as the transport knows. The executor's pipeline period counts it.
+    shared_cores: int | None
 
     def submit(self, msg: StageInput) -> object: ...
 
@@ -49,6 +52,8 @@ class Stages(Protocol):
 class InProcessStages:
     """StageWorkers called one after another in this process (tests, and a reference for the
     Ray transport: same messages, no serialization). A forward runs every stage at submit."""
+
+    shared_cores: int | None = None  # one stage at a time: nothing overlaps
 
     def __init__(self, cfg: Config, counts: list[int], device: str | None = None):
         self.specs = stage_specs(ranges(counts), cfg.parallel.vae_stages)  # + encode / decode stages if asked
