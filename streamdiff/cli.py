@@ -238,11 +238,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"attention {report['attention_backend']}) on {report['device']}, torch {report['torch_version']}; "
           f"{settings.duration_s:g} s per combination, deadline {settings.deadline_ms:g} ms")
     print(benchreport.format_table(report_rows(report), TABLE_COLUMNS))
+    _bench_as_served(settings, report)
     if args.json:
         print(f"wrote {benchreport.write_json(report, args.json)}")
     if args.plot:
         print(f"wrote {benchreport.plot(plot_series(report), args.plot, title=report['command'], deadline_ms=settings.deadline_ms)}")
     return 0
+
+
+def _bench_as_served(settings, report: dict) -> None:
+    """A config that serves on threaded stages (the demo: VAE encode, DiT and VAE decode each on
+    a thread) is also measured that way, so the bench reports the rate `serve` gets as well as
+    the one-process step above; the run goes into the report as `served`."""
+    from streamdiff.bench.model import bench_config
+    from streamdiff.parallel import serves_on_threads
+
+    cfg = bench_config(settings)
+    if not serves_on_threads(cfg.parallel):
+        return
+    if settings.modes != ("eager",):
+        print("this config serves on threaded stages; they run eager, so they are measured only without "
+              "--compile / --cuda-graphs")
+        return
+    from streamdiff.bench import report as benchreport
+    from streamdiff.bench.stages import TABLE_COLUMNS, report_rows, run_stages_bench
+
+    served = run_stages_bench(settings, [cfg.parallel.num_stages])
+    report["served"] = served
+    layout = f"{cfg.parallel.num_stages} DiT stage(s)" + (" between a VAE encode and a VAE decode stage"
+                                                           if cfg.parallel.vae_stages else "")
+    print(f"as served (parallel.backend threads: {layout}, a thread each; "
+          f"--set parallel.vae_stages=false serves on one thread):")
+    columns = tuple(c for c in TABLE_COLUMNS if c[0] != "speedup")  # one layout: nothing to compare
+    print(benchreport.format_table(report_rows(served), columns))
 
 
 def _bench_stages(args: argparse.Namespace, settings) -> int:
@@ -428,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="measure fps, latency, jitter, memory and MFU: the model (default) or a server (--url)",
         description="Model mode (default): the engine and the model on synthetic clips in this process, no "
-                    "network, for every combination of --steps x --resolution x --streams. End-to-end mode "
+                    "network, for every combination of --steps x --resolution x --streams (a config that serves on "
+                    "threaded stages, like the demo, is measured through them too: 'as served'). End-to-end mode "
                     "(--url): sessions against a running `streamdiff serve`.")
     shared = bench.add_argument_group("both modes")
     shared.add_argument("--duration", type=float, default=10.0, help="measured seconds (per combination in model mode)")

@@ -1,12 +1,18 @@
 """Pipeline stages: a DiT split into block ranges on Ray actors (the only package, beside the
 Ray hop micro-benchmark, that imports ray), plugged into the engine as its Executor."""
+def serves_on_threads(par) -> bool:
+    """`parallel` asks for pipeline stages as threads in this process (`build_executor` builds
+    them; `streamdiff bench` measures them beside the one-process step)."""
+    return par.backend == "threads" and (par.num_stages > 1 or par.vae_stages)
+
+
 def build_executor(cfg):
     """The executor the config asks for: the local one, or `parallel.num_stages` pipeline stages
     (plus an encode and a decode stage with `parallel.vae_stages`) as Ray actors or, with
     `parallel.backend: threads`, as threads in this process. The place that composes an engine
     passes this as `executor_factory` (the engine itself never imports `parallel`)."""
     par = cfg.parallel
-    if par.backend == "threads" and (par.num_stages > 1 or par.vae_stages):
+    if serves_on_threads(par):
         from streamdiff.parallel.executor import StagedExecutor, ThreadedStages
         from streamdiff.parallel.partition import initial_counts
 

@@ -1,5 +1,6 @@
 """`streamdiff bench --stages`: real stages per stage count, one thread each, through the CLI
-(table + JSON with the documented keys), and its flag errors."""
+(table + JSON with the documented keys), and its flag errors; model mode on a config that serves
+on threaded stages also measures them (`served`)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,30 @@ def test_stages_bench_runs_real_stages_and_writes_the_documented_json(tmp_path, 
         assert len(r["stage_busy"]) == stages and all(0.0 < b <= 1.05 for b in r["stage_busy"])
         assert r["output_frames"] > 0 and r["latency_p50_ms"] <= r["latency_p99_ms"]
     assert one["speedup"] == 1.0
+
+
+def test_model_mode_also_measures_the_threaded_stages_a_config_serves_on(tmp_path, capsys):
+    small = ["--config", "tiny", "--set", "model.num_layers=2", "--set", "runtime.device=cpu", "--resolution", "32x32",
+             "--steps", "1", "--duration", "0.5", "-q"]
+    threads = ["--set", "parallel.backend=threads", "--set", "parallel.vae_stages=true", "--set", "parallel.lane_stride=2"]
+    out = tmp_path / "served.json"
+    assert main(["bench", *small, *threads, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["mode"] == "model" and len(report["results"]) == 1  # the one-process step, as before
+    served = report["served"]
+    assert served["mode"] == "stages" and served["transport"] == "threads"
+    (row,) = served["results"]
+    # the layout serve builds: encode, the DiT's 2 blocks, decode; two chunks in flight
+    assert row["stages"] == 1 and row["partition"] == [2] and len(row["stage_busy"]) == 3
+    assert row["lane_stride"] == 2 and row["plans_in_flight"] == 2
+    assert row["output_frames"] > 0 and all(0.0 < b <= 1.05 for b in row["stage_busy"])
+    assert "as served" in text and "speed-up" not in text
+
+    # a config that serves on one thread gets the one-process table only
+    plain = tmp_path / "plain.json"
+    assert main(["bench", *small, "--json", str(plain)]) == 0
+    assert "served" not in json.loads(plain.read_text()) and "as served" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, words", [
