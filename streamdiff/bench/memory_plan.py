@@ -3,8 +3,9 @@
 Owns: the byte counts of everything a serving process holds on the device, and how many
 streams fit a given device memory. Every count comes from building the real modules (or
 running the real code) on the `meta` device, so nothing is allocated and no weights are read:
-- weights: the DiT (whole, and per pipeline stage), the Wan VAE, the prompt encoder (umT5 from
-  its folder's config.json, or umT5-XXL's architecture when the folder is absent);
+- weights: the DiT (whole, and per pipeline stage), the VAE the config serves with (Wan, TAEHV,
+  or the Wan encoder with a TAEHV decoder), the prompt encoder (umT5 from its folder's
+  config.json, or umT5-XXL's architecture when the folder is absent; the tiny and styles tables);
 - KV pool: one lane = every layer's K and V for `cache.window` slots of T tokens; a stream
   holds MAX_LANES lanes in ModelRunner's pool (the lanes its steps use, in `kv_needed`);
 - prompt K/V: cross-attention K/V of one prompt (ModelRunner keeps streams + 4 of them);
@@ -182,8 +183,8 @@ def plan_memory(cfg: Config, device_type: str = "cuda", width: int | None = None
     text_weights, text_note = _text_weights(cfg, dtype)
     if text_note:
         notes.append(text_note)
-    placement = "cpu" if cfg.text.device == "cpu" or cfg.text.kind == "tiny" else (
-        "offloaded" if cfg.text.offload_after_encode else "device")  # the tiny encoder's tables stay on the CPU
+    placement = "cpu" if cfg.text.device == "cpu" or cfg.text.kind in ("tiny", "styles") else (
+        "offloaded" if cfg.text.offload_after_encode else "device")  # the tiny and styles tables stay on the CPU
 
     # 2. KV pool, prompt K/V, text cache.
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -200,7 +201,7 @@ def plan_memory(cfg: Config, device_type: str = "cuda", width: int | None = None
     return MemoryPlan(
         config=cfg.name, device_type=device_type, resolution=f"{width}x{height}", steps=steps, dtype=cfg.model.dtype,
         attention_backend=backend, tokens_per_frame=tokens, dit_weights=dit, stage_weights=stage_weights,
-        stage_blocks=stage_blocks, vae_weights=module_bytes(vae.vae), text_weights=text_weights,
+        stage_blocks=stage_blocks, vae_weights=sum(module_bytes(m) for m in _vae_modules(vae)), text_weights=text_weights,
         text_placement=placement, kv_lane=kv_lane, kv_stream=MAX_LANES * kv_lane, kv_needed=steps * kv_lane,
         prompt_kv=prompt_kv, text_cache=text_cache, vae_cache_stream=cache1,
         act_dit_fixed=max(2 * d1 - d2, 0), act_dit_row=d2 - d1, act_vae_fixed=max(2 * v1 - v2, 0),
@@ -258,13 +259,28 @@ def _stages(cfg: Config, model) -> tuple[list[int], list[int]]:
 
 
 def _meta_vae(cfg: Config, dtype: torch.dtype):
+    """The streaming VAE the config serves with (model/build.py `build_streaming_vae`'s three
+    cases: Wan, TAEHV both ways, Wan encoder + TAEHV decoder), on the meta device."""
+    from streamdiff.model.taehv import TAEHV, HybridVAE, StreamingTAEHV
     from streamdiff.model.vae import StreamingVAE, build_vae
 
+    def cast(module):
+        for t in [*module.parameters(), *module.buffers()]:  # (module.to(dtype) makes diffusers warn)
+            t.data = t.data.to(dtype)
+        return module
+
     with torch.device("meta"):
-        module = build_vae(cfg.vae)
-    for t in [*module.parameters(), *module.buffers()]:  # (module.to(dtype) makes diffusers warn)
-        t.data = t.data.to(dtype)
-    return StreamingVAE(module)
+        if cfg.vae.kind == "taehv":
+            return StreamingTAEHV(cast(TAEHV.from_config(cfg.vae)))
+        wan = StreamingVAE(cast(build_vae(cfg.vae)), cfg.vae.normalize_latents)
+        if cfg.vae.decoder == "taehv":
+            return HybridVAE(wan, StreamingTAEHV(cast(TAEHV.from_config(cfg.vae))))
+        return wan
+
+
+def _vae_modules(vae) -> list[torch.nn.Module]:
+    """Every module a streaming VAE keeps resident (the hybrid: the Wan VAE and the TAEHV)."""
+    return [vae.wan.vae, vae.taehv.net] if hasattr(vae, "taehv") else [vae.vae]
 
 
 def _text_weights(cfg: Config, dtype: torch.dtype) -> tuple[int, str]:
@@ -273,6 +289,10 @@ def _text_weights(cfg: Config, dtype: torch.dtype) -> tuple[int, str]:
 
         enc = TinyPromptEncoder(cfg.model.text_dim, max_length=cfg.text.max_length, seed=cfg.weights.seed)
         return sum(t.nbytes for t in vars(enc).values() if isinstance(t, torch.Tensor)), ""
+    if cfg.text.kind == "styles":  # the demo's prompt table: one [max_length, text_dim] row per prompt (fp32)
+        from streamdiff.model.style_prompts import PROMPT_NAMES
+
+        return len(PROMPT_NAMES) * cfg.text.max_length * cfg.model.text_dim * 4, ""
     from transformers import UMT5Config, UMT5EncoderModel
 
     folder = Path(cfg.weights.text_encoder).expanduser() if cfg.weights.text_encoder else None
@@ -325,7 +345,7 @@ def _vae_peak(vae, cfg: Config, streams: int, width: int, height: int) -> tuple[
 
         def existing(*inputs):
             cached = [t for t in state.enc_cache + state.dec_cache if isinstance(t, torch.Tensor)]
-            return [*vae.vae.parameters(), *vae.vae.buffers(), *cached, *inputs]
+            return [t for m in _vae_modules(vae) for t in (*m.parameters(), *m.buffers())] + [*cached, *inputs]
 
         with LiveBytes(existing(chunk)) as live:
             lat = vae.encode_chunk(chunk, state)

@@ -104,6 +104,28 @@ def test_activation_peak_of_a_real_steady_chunk(plan, steady):
     assert 0.9 * chunk_peak <= plan.activations(1) <= 1.1 * chunk_peak, (plan.activations(1), chunk_peak)
 
 
+@pytest.mark.parametrize("config, overrides", [
+    ("demo", ["video.width=64", "video.height=64"]),  # TAEHV both ways, the styles prompt table
+    ("tiny", ["video.width=64", "video.height=48", "vae.decoder=taehv"]),  # Wan encoder, TAEHV decoder
+])
+def test_taehv_and_the_styles_table_are_planned_as_built(config, overrides):
+    from streamdiff.model.taehv import HybridVAE
+
+    cfg = load_config(config, ["runtime.device=cpu", *overrides])
+    plan = plan_memory(cfg, "cpu")
+    comps = build_components(cfg)
+    pipe = StreamPipeline(comps, "starry night")
+    clip = synthetic_clip(9, cfg.video.width, cfg.video.height, seed=0)
+    pipe.push(clip[:5])
+    pipe.push(clip[5:9])
+    vae = comps.vae
+    resident = [vae.wan.vae, vae.taehv.net] if isinstance(vae, HybridVAE) else [vae.vae]
+    assert plan.vae_weights == sum(module_bytes(m) for m in resident)
+    assert plan.vae_cache_stream == pipe.state.vae_state.cache_bytes()
+    if cfg.text.kind == "styles":
+        assert plan.text_weights == comps.text.table.nbytes and plan.text_placement == "cpu"
+
+
 def test_split_stages_hold_their_blocks(cfg):
     two = plan_memory(load_config("tiny", [*OVERRIDES, "model.num_layers=4", "parallel.num_stages=2"]), "cpu")
     one = plan_memory(load_config("tiny", [*OVERRIDES, "model.num_layers=4"]), "cpu")
