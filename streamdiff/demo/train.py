@@ -313,6 +313,23 @@ def export(out_dir: Path, net: TAEHV, model, table: torch.Tensor, recipe: Recipe
     (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def claim_work(work: Path, recipe: Recipe) -> None:
+    """A work folder holds one recipe's stages (`recipe.json`): resuming it under another
+    recipe, or over files an older trainer left without one, would mix their outputs."""
+    path, mine = work / "recipe.json", asdict(recipe)
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        if theirs != mine:
+            key = next(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
+            raise ValueError(f"{work} holds a run of another recipe ({key}: {theirs.get(key)} there, "
+                             f"{mine.get(key)} now); resume it with that recipe or pass another --work")
+        return
+    if any(work.glob("*.ckpt")) or any(work.glob("*.pt")):
+        raise ValueError(f"{work} holds files of an older train-demo that recorded no recipe; pass another --work "
+                         f"(its data/ folder of teacher renders can be copied over to save that stage)")
+    path.write_text(json.dumps(mine, indent=2) + "\n")
+
+
 def train_demo(work: Path, out_dir: Path, config: str = "demo", recipe: Recipe | None = None,
                threads: int = 1) -> Path:
     """Run (or resume) every stage; returns the folder with the exported weights."""
@@ -320,6 +337,7 @@ def train_demo(work: Path, out_dir: Path, config: str = "demo", recipe: Recipe |
     torch.set_num_threads(threads)
     cfg = load_config(config)
     work.mkdir(parents=True, exist_ok=True)
+    claim_work(work, recipe)
     t0 = time.monotonic()
     files = stage_data(work, recipe, threads)
     data = load_data(files)
@@ -330,4 +348,4 @@ def train_demo(work: Path, out_dir: Path, config: str = "demo", recipe: Recipe |
     return out_dir
 
 
-__all__ = ["Recipe", "train_demo"]
+__all__ = ["Recipe", "claim_work", "train_demo"]

@@ -1,5 +1,6 @@
 """`streamdiff train-demo --smoke`: every stage runs a couple of steps, checkpoints, resumes, and
-the exported files load through the runtime's own loaders into a working pipeline."""
+the exported files load through the runtime's own loaders into a working pipeline; a work
+folder resumes only under the recipe that made it."""
 
 from __future__ import annotations
 
@@ -36,3 +37,25 @@ def test_smoke_run_exports_loadable_weights_and_resumes(tmp_path, capsys):
     frames = np.random.default_rng(0).integers(0, 255, (9, 64, 64, 3), dtype=np.uint8)
     pipe = StreamPipeline(comps, "mosaic")
     assert len(pipe.push(frames)) + len(pipe.flush()) == 9
+
+
+def test_a_work_folder_resumes_only_under_its_own_recipe(tmp_path, capsys):
+    from dataclasses import replace
+
+    from streamdiff.demo.train import Recipe, claim_work
+
+    recipe = Recipe(photos=2)
+    claim_work(tmp_path, recipe)
+    claim_work(tmp_path, recipe)  # the same recipe resumes
+    try:
+        claim_work(tmp_path, replace(recipe, dit_steps=10))
+    except ValueError as exc:
+        assert "dit_steps: 4000 there, 10 now" in str(exc)
+    else:
+        raise AssertionError("another recipe resumed the folder")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "vae.ckpt").write_bytes(b"")  # what an earlier trainer left, without recipe.json
+    assert main(["train-demo", "--smoke", "--work", str(old), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "recorded no recipe" in err and len(err.splitlines()) == 1
