@@ -280,7 +280,9 @@ def _meta_vae(cfg: Config, dtype: torch.dtype):
 
 def _vae_modules(vae) -> list[torch.nn.Module]:
     """Every module a streaming VAE keeps resident (the hybrid: the Wan VAE and the TAEHV)."""
-    return [vae.wan.vae, vae.taehv.net] if hasattr(vae, "taehv") else [vae.vae]
+    from streamdiff.model.taehv import HybridVAE
+
+    return [vae.wan.vae, vae.taehv.net] if isinstance(vae, HybridVAE) else [vae.vae]
 
 
 def _text_weights(cfg: Config, dtype: torch.dtype) -> tuple[int, str]:

@@ -1,5 +1,7 @@
 """Pipeline stages: a DiT split into block ranges on Ray actors (the only package, beside the
 Ray hop micro-benchmark, that imports ray), plugged into the engine as its Executor."""
+
+
 def serves_on_threads(par) -> bool:
     """`parallel` asks for pipeline stages as threads in this process (`build_executor` builds
     them; `streamdiff bench` measures them beside the one-process step)."""
