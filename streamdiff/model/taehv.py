@@ -136,7 +136,7 @@ class TAEHV(nn.Module):
             *mem(d2), nn.Upsample(scale_factor=2), TGrow(d2, 2), _conv(d2, d3, bias=False),
             nn.ReLU(inplace=True), _conv(d3, 3),
         )
-        self.decoder_run_order = grow_before_upsampling(self.decoder)  # once; the modules are shared
+        self.decoder_run_order = decoder_run_order(self.decoder)  # once; the modules are shared
 
     @classmethod
     def from_config(cls, cfg: VAEConfig) -> "TAEHV":
@@ -160,6 +160,60 @@ def grow_before_upsampling(seq: nn.Sequential) -> tuple[nn.Module, ...]:
         if isinstance(layers[i], nn.Upsample) and isinstance(layers[i + 1], TGrow):
             layers[i], layers[i + 1] = layers[i + 1], layers[i]
     return tuple(layers)
+
+
+class UpsampledConv:
+    """A nearest 2x `Upsample` followed by a 3x3 `conv` (stride 1, padding 1), run on a CPU as
+    four 2x2 convolutions of the low-resolution input, one per output phase, written
+    interleaved into the full-resolution output (channels-last). Output pixel (2i + a, 2j + b)
+    reads input rows i - 1..i (a = 0) or i..i + 1 (a = 1), the kernel's rows summed where two
+    of them land on the same input row, and the same for columns: the same products in another
+    order, 2.25x fewer multiply-adds and no upsampled copy of the input (the demo's full-size
+    decoder conv: 44 -> 22 ms a chunk, one thread). Elsewhere the two layers run as they are
+    (not measured on a GPU). Not a module: it only borrows `up` and `conv`."""
+
+    def __init__(self, up: nn.Upsample, conv: nn.Conv2d):
+        self.up, self.conv = up, conv
+
+    @staticmethod
+    def phase_kernels(weight: torch.Tensor) -> list[list[torch.Tensor]]:
+        """[Co, Ci, 3, 3] -> kernels[a][b] [Co, Ci, 2, 2] for output phase (a, b)."""
+
+        def fold(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+            w0, w1, w2 = w.unbind(dim)  # taps at offsets -1, 0, +1 of the upsampled map
+            return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
+
+        rows = fold(weight, 2)
+        return [[fold(rows[a], 3)[b] for b in range(2)] for a in range(2)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return self.conv(self.up(x))
+        n, _, h, w = x.shape
+        kernels = self.phase_kernels(self.conv.weight)
+        out = x.new_empty(n, h, 2, w, 2, self.conv.out_channels)  # NHWC, the phases interleaved
+        for a in range(2):
+            for b in range(2):
+                k = kernels[a][b].contiguous(memory_format=torch.channels_last)
+                y = F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), k, self.conv.bias)  # [N, Co, h, w]
+                out[:, :, a, :, b] = y.permute(0, 2, 3, 1)
+        return out.view(n, 2 * h, 2 * w, -1).permute(0, 3, 1, 2)  # [N, Co, 2h, 2w], channels-last
+
+
+def decoder_run_order(seq: nn.Sequential) -> tuple:
+    """How the decoder runs: `grow_before_upsampling`, then each `Upsample, 3x3 conv` pair as
+    one `UpsampledConv`. Same modules and parameter names; equal up to float rounding."""
+    layers = list(grow_before_upsampling(seq))
+    out = []
+    for layer in layers:
+        prev = out[-1] if out else None
+        if (isinstance(prev, nn.Upsample) and prev.scale_factor == 2 and prev.mode == "nearest"
+                and isinstance(layer, nn.Conv2d) and layer.kernel_size == (3, 3) and layer.stride == (1, 1)
+                and layer.padding == (1, 1) and layer.dilation == (1, 1) and layer.groups == 1):
+            out[-1] = UpsampledConv(prev, layer)
+        else:
+            out.append(layer)
+    return tuple(out)
 
 
 def run_with_memory(seq, x: torch.Tensor, batch: int, memory: list) -> torch.Tensor:
@@ -289,4 +343,4 @@ class HybridVAE(StreamingVAE):
 
 
 __all__ = ["HybridVAE", "MemBlock", "StreamingTAEHV", "TAEHV", "TGrow", "TPool", "decode_latents", "encode_frames",
-           "grow_before_upsampling", "run_with_memory"]
+           "UpsampledConv", "decoder_run_order", "grow_before_upsampling", "run_with_memory"]

@@ -199,3 +199,30 @@ def test_tgrow_splits_channels_into_time_steps_in_either_memory_format(fmt):
     got = grow(x)
     assert torch.equal(got, want)
     assert got.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_upsampled_conv_equals_upsampling_then_the_conv(bias, fmt):
+    """The decoder's `Upsample, 3x3 conv` pairs run on a CPU as four 2x2 phase convolutions of
+    the small input: the same output (and gradients, the trainer runs it) on odd sizes."""
+    from streamdiff.model.taehv import UpsampledConv, decoder_run_order
+
+    torch.manual_seed(4)
+    up, conv = nn.Upsample(scale_factor=2), nn.Conv2d(5, 7, 3, padding=1, bias=bias)
+    x = torch.randn(3, 5, 5, 9).contiguous(memory_format=fmt).requires_grad_(True)
+    want = conv(up(x))
+    got = UpsampledConv(up, conv)(x)
+    assert got.shape == want.shape == (3, 7, 10, 18) and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(want)
+    grads_want = torch.autograd.grad(want, [x, conv.weight], g)
+    grads_got = torch.autograd.grad(got, [x, conv.weight], g)
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    # every upsampling of the decoder is fused with its conv; the modules themselves are unchanged
+    net = TAEHV.from_config(NARROW)
+    order = decoder_run_order(net.decoder)
+    fused = [layer for layer in order if isinstance(layer, UpsampledConv)]
+    assert len(fused) == 3 and not any(isinstance(layer, nn.Upsample) for layer in order)
+    assert [f.conv for f in fused] == [net.decoder[i] for i in (8, 14, 20)]  # the public layout's convs
