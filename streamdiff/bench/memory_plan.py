@@ -109,11 +109,13 @@ class MemoryPlan:
     prompt_kv: int
     text_cache: int
     vae_cache_stream: int
+    vae_dec_cache_stream: int  # the decoder's share of vae_cache_stream (a VAE decode stage holds it)
     act_dit_fixed: int
     act_dit_row: int
     act_vae_fixed: int
     act_vae_stream: int
     reserve: int = DEFAULT_RESERVE_BYTES
+    vae_stages: bool = False  # parallel.vae_stages: VAE encode and decode on stages of their own
     notes: list[str] = field(default_factory=list)
 
     # ---------------------------------------------------------------- derived
@@ -197,13 +199,14 @@ def plan_memory(cfg: Config, device_type: str = "cuda", width: int | None = None
 
     # 3. Activations: one steady DiT forward at 1 and 2 rows; VAE at 1 and 2 streams.
     d1, d2 = (_dit_peak(cfg, model, cross, rows, tokens, dtype) for rows in (1, 2))
-    (v1, cache1), (v2, _) = (_vae_peak(vae, cfg, b, width, height) for b in (1, 2))
+    (v1, cache1, dec1), (v2, _, _) = (_vae_peak(vae, cfg, b, width, height) for b in (1, 2))
     return MemoryPlan(
         config=cfg.name, device_type=device_type, resolution=f"{width}x{height}", steps=steps, dtype=cfg.model.dtype,
         attention_backend=backend, tokens_per_frame=tokens, dit_weights=dit, stage_weights=stage_weights,
         stage_blocks=stage_blocks, vae_weights=sum(module_bytes(m) for m in _vae_modules(vae)), text_weights=text_weights,
         text_placement=placement, kv_lane=kv_lane, kv_stream=MAX_LANES * kv_lane, kv_needed=steps * kv_lane,
-        prompt_kv=prompt_kv, text_cache=text_cache, vae_cache_stream=cache1,
+        prompt_kv=prompt_kv, text_cache=text_cache, vae_cache_stream=cache1, vae_dec_cache_stream=dec1,
+        vae_stages=cfg.parallel.vae_stages,
         act_dit_fixed=max(2 * d1 - d2, 0), act_dit_row=d2 - d1, act_vae_fixed=max(2 * v1 - v2, 0),
         act_vae_stream=v2 - v1, reserve=reserve, notes=notes)
 
@@ -335,8 +338,9 @@ def _dit_peak(cfg: Config, model, cross, rows: int, tokens: int, dtype: torch.dt
     return live.peak
 
 
-def _vae_peak(vae, cfg: Config, streams: int, width: int, height: int) -> tuple[int, int]:
-    """(peak live bytes of a steady encode + decode of `streams` streams, cache bytes of one stream)."""
+def _vae_peak(vae, cfg: Config, streams: int, width: int, height: int) -> tuple[int, int, int]:
+    """(peak live bytes of a steady encode + decode of `streams` streams, cache bytes of one
+    stream, the decoder's share of them)."""
     state = vae.new_state()
     dtype = vae.dtype
     first = torch.zeros(streams, 3, 5, height, width, dtype=dtype, device="meta")
@@ -356,7 +360,8 @@ def _vae_peak(vae, cfg: Config, streams: int, width: int, height: int) -> tuple[
             out = vae.decode_chunk(lat, state)
             dec_peak = live.peak
             del out
-    return max(enc_peak, dec_peak), state.cache_bytes() // streams
+    dec_cache = sum(t.nbytes for t in state.dec_cache if isinstance(t, torch.Tensor))
+    return max(enc_peak, dec_peak), state.cache_bytes() // streams, dec_cache // streams
 
 
 # ---------------------------------------------------------------------------------- printing
@@ -404,7 +409,12 @@ def format_plan(plan: MemoryPlan, device_bytes: int) -> str:
                      f"{plan.steps} lane(s) a stream")
     else:
         lines.append(f"  fits: no stream (1 stream needs {g(plan.total(1))}; {n_steps} with {plan.steps}-lane pools)")
-    if len(plan.stage_blocks) > 1:
+    if plan.vae_stages:
+        enc_cache = plan.vae_cache_stream - plan.vae_dec_cache_stream
+        lines.insert(2 + (len(plan.stage_blocks) if len(plan.stage_blocks) > 1 else 0),  # after the weights lines
+                     f"    VAE stages: encode and decode each hold the VAE ({g(plan.vae_weights)}); VAE caches "
+                     f"{g(enc_cache)} per stream on the encode stage, {g(plan.vae_dec_cache_stream)} on the decode stage")
+    if len(plan.stage_blocks) > 1 or plan.vae_stages:
         lines.append("  note: the fit above is for the whole model on one device; a stage holds its blocks' "
                      "weights and KV only (lines above)")
     lines += [f"  note: {note}" for note in plan.notes]

@@ -16,7 +16,7 @@ import torch
 
 from streamdiff.cli import main
 from streamdiff.config import load_config
-from streamdiff.bench.memory_plan import GiB, LiveBytes, module_bytes, parse_bytes, plan_memory
+from streamdiff.bench.memory_plan import GiB, LiveBytes, format_plan, module_bytes, parse_bytes, plan_memory
 from streamdiff.engine.model_runner import MAX_LANES
 from streamdiff.model.build import build_components
 from streamdiff.pipeline.frames import synthetic_clip
@@ -122,8 +122,12 @@ def test_taehv_and_the_styles_table_are_planned_as_built(config, overrides):
     resident = [vae.wan.vae, vae.taehv.net] if isinstance(vae, HybridVAE) else [vae.vae]
     assert plan.vae_weights == sum(module_bytes(m) for m in resident)
     assert plan.vae_cache_stream == pipe.state.vae_state.cache_bytes()
+    assert plan.vae_dec_cache_stream == sum(t.nbytes for t in pipe.state.vae_state.dec_cache) > 0
     if cfg.text.kind == "styles":
         assert plan.text_weights == comps.text.table.nbytes and plan.text_placement == "cpu"
+    # the demo serves with VAE stages of their own: the plan says what each holds
+    text = format_plan(plan, GiB)
+    assert plan.vae_stages == cfg.parallel.vae_stages and ("VAE stages:" in text) == cfg.parallel.vae_stages
 
 
 def test_split_stages_hold_their_blocks(cfg):
