@@ -395,6 +395,10 @@ def format_plan(plan: MemoryPlan, device_bytes: int) -> str:
     if len(plan.stage_blocks) > 1:
         for k, (n, b) in enumerate(zip(plan.stage_blocks, plan.stage_weights)):
             lines.append(f"    stage {k}: {n} blocks, {g(b)} of DiT weights, KV {g(plan.kv_stream * n // sum(plan.stage_blocks))} per stream")
+    if plan.vae_stages:
+        enc_cache = plan.vae_cache_stream - plan.vae_dec_cache_stream
+        lines.append(f"    VAE stages: encode and decode each hold the VAE ({g(plan.vae_weights)}); VAE caches "
+                     f"{g(enc_cache)} per stream on the encode stage, {g(plan.vae_dec_cache_stream)} on the decode stage")
     lines += [
         f"  KV pool: {g(plan.kv_lane)} per lane; {g(plan.kv_stream)} per stream (4 lanes allocated), "
         f"{g(plan.kv_needed)} for {plan.steps} lane(s)",
@@ -409,11 +413,6 @@ def format_plan(plan: MemoryPlan, device_bytes: int) -> str:
                      f"{plan.steps} lane(s) a stream")
     else:
         lines.append(f"  fits: no stream (1 stream needs {g(plan.total(1))}; {n_steps} with {plan.steps}-lane pools)")
-    if plan.vae_stages:
-        enc_cache = plan.vae_cache_stream - plan.vae_dec_cache_stream
-        lines.insert(2 + (len(plan.stage_blocks) if len(plan.stage_blocks) > 1 else 0),  # after the weights lines
-                     f"    VAE stages: encode and decode each hold the VAE ({g(plan.vae_weights)}); VAE caches "
-                     f"{g(enc_cache)} per stream on the encode stage, {g(plan.vae_dec_cache_stream)} on the decode stage")
     if len(plan.stage_blocks) > 1 or plan.vae_stages:
         lines.append("  note: the fit above is for the whole model on one device; a stage holds its blocks' "
                      "weights and KV only (lines above)")

@@ -174,28 +174,42 @@ class UpsampledConv:
 
     def __init__(self, up: nn.Upsample, conv: nn.Conv2d):
         self.up, self.conv = up, conv
+        self._kernels: list[list[torch.Tensor]] | None = None
+        self._kernels_of: tuple | None = None  # (storage, version, dtype) of the weight they came from
 
     @staticmethod
     def phase_kernels(weight: torch.Tensor) -> list[list[torch.Tensor]]:
-        """[Co, Ci, 3, 3] -> kernels[a][b] [Co, Ci, 2, 2] for output phase (a, b)."""
+        """[Co, Ci, 3, 3] -> kernels[a][b] [Co, Ci, 2, 2] (channels-last) for output phase (a, b)."""
 
         def fold(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
             w0, w1, w2 = w.unbind(dim)  # taps at offsets -1, 0, +1 of the upsampled map
             return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
 
         rows = fold(weight, 2)
-        return [[fold(rows[a], 3)[b] for b in range(2)] for a in range(2)]
+        return [[fold(rows[a], 3)[b].contiguous(memory_format=torch.channels_last) for b in range(2)]
+                for a in range(2)]
+
+    def kernels(self) -> list[list[torch.Tensor]]:
+        """The phase kernels of the conv's current weight: made once per weight while serving
+        (about 0.3 ms each, every chunk otherwise); made every call while training, so that
+        gradients reach the weight."""
+        w = self.conv.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return self.phase_kernels(w)
+        key = (w.data_ptr(), w._version, w.dtype)  # an in-place load or optimizer step bumps _version
+        if self._kernels_of != key:
+            self._kernels, self._kernels_of = self.phase_kernels(w.detach()), key
+        return self._kernels
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return self.conv(self.up(x))
         n, _, h, w = x.shape
-        kernels = self.phase_kernels(self.conv.weight)
+        kernels = self.kernels()
         out = x.new_empty(n, h, 2, w, 2, self.conv.out_channels)  # NHWC, the phases interleaved
         for a in range(2):
             for b in range(2):
-                k = kernels[a][b].contiguous(memory_format=torch.channels_last)
-                y = F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), k, self.conv.bias)  # [N, Co, h, w]
+                y = F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), kernels[a][b], self.conv.bias)  # [N, Co, h, w]
                 out[:, :, a, :, b] = y.permute(0, 2, 3, 1)
         return out.view(n, 2 * h, 2 * w, -1).permute(0, 3, 1, 2)  # [N, Co, 2h, 2w], channels-last
 

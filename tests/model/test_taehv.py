@@ -220,6 +220,13 @@ def test_upsampled_conv_equals_upsampling_then_the_conv(bias, fmt):
     grads_got = torch.autograd.grad(got, [x, conv.weight], g)
     for a, b in zip(grads_got, grads_want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    # serving (no grad) keeps the kernels of a weight, and follows the weight when it is replaced
+    fused_pair = UpsampledConv(up, conv)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_pair(x), conv(up(x)), atol=1e-5, rtol=1e-5)
+        assert fused_pair.kernels() is fused_pair.kernels()
+        conv.weight.mul_(-2.0)  # an in-place load, as load_state_dict does
+        torch.testing.assert_close(fused_pair(x), conv(up(x)), atol=1e-5, rtol=1e-5)
     # every upsampling of the decoder is fused with its conv; the modules themselves are unchanged
     net = TAEHV.from_config(NARROW)
     order = decoder_run_order(net.decoder)
