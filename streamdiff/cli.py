@@ -400,10 +400,12 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
         from streamdiff.demo.train import Recipe, train_demo
     except ImportError as exc:
         raise CliError(f"{exc}") from None
+    if args.threads < 1:
+        raise CliError(f"--threads must be 1 or more, got {args.threads}")
     recipe = Recipe()
     if args.smoke:  # a few steps of every stage at 64x64: checks the trainer, not the result
-        recipe = replace(recipe, clips_per_photo=1, vae_steps=2, dit_steps=2, vae_batch=2, dit_batch=2,
-                         checkpoint_every=1, photos=2, size=64, vae_crop=32, dit_crop=4)
+        recipe = replace(recipe, clips_per_photo=1, vae_encoder_steps=2, vae_decoder_steps=2, dit_steps=2, vae_batch=2,
+                         dit_batch=2, checkpoint_every=1, photos=2, size=64, vae_crop=32, dit_crop=4)
     try:
         out = train_demo(Path(args.work), Path(args.output), args.config, recipe, args.threads)
     except ValueError as exc:  # a work folder of another recipe
@@ -537,8 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--work", default="out/demo-train", help="work folder: data, checkpoints (resumable)")
     train.add_argument("--output", default="out/demo-weights",
                        help="where the safetensors go (configs/demo to replace the shipped ones)")
-    train.add_argument("--threads", type=int, default=1,
-                       help="torch / teacher threads (1 is fastest on a busy machine)")
+    train.add_argument("--threads", type=int, default=2,
+                       help="2 (default): data to latents on two threads, then the TAEHV decoder and the DiT side by "
+                            "side on one each; 1: every stage in turn on one thread")
     train.add_argument("--smoke", action="store_true", help="two steps per stage on two photographs at 64x64 (tests)")
     train.set_defaults(func=cmd_train_demo)
     return parser

@@ -1,8 +1,8 @@
 """The demo through the gateway: an aiortc client sends a held-out photograph's clip to POST
 /offer with prompt `a photo` and frame-id stamps; every frame it gets back is the frame it sent
 with that id (compared below the stamp strip, after VP8 both ways), and the ids come back in
-the order they were sent. Issue 14 asks >= 20 dB; the shipped weights reach a little less (19.4 dB
-mean, docs/demo.md), so the bar here is what they deliver."""
+the order they were sent, at issue 14's >= 20 dB (every frame; the shipped weights give 21.4 dB
+mean, 20.9 the lowest, docs/demo.md)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from gateway_helpers import Collector  # noqa: E402
 SIZE = 256
 FRAMES = 120
 WANT = 24
-MEAN_PSNR_DB, MIN_PSNR_DB = 18.0, 17.0  # measured: mean 19.4, min 18.6
+MEAN_PSNR_DB = MIN_PSNR_DB = 20.0  # issue 14's bar; measured: mean 21.4, min 20.9 (23 frames)
 
 
 class ClipTrack(MediaStreamTrack):
@@ -101,4 +101,4 @@ def test_a_photo_comes_back_through_webrtc_in_order():
         scores.append(10 * np.log10(255.0**2 / max(mse, 1e-12)))
     assert len(ids) >= WANT // 2, f"only {len(ids)} stamped frames came back"
     assert ids == sorted(ids) and len(set(ids)) == len(ids), ids  # in order, each once
-    assert np.mean(scores) >= MEAN_PSNR_DB and min(scores) >= MIN_PSNR_DB, [round(s, 1) for s in scores]
+    assert np.mean(scores) >= MEAN_PSNR_DB and min(scores) >= MIN_PSNR_DB, (round(float(np.mean(scores)), 2), round(min(scores), 2), len(scores))

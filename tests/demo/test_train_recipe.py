@@ -1,13 +1,15 @@
 """The demo trainer's recipe pieces that a smoke run cannot show: the TAEHV initialisation starts
 every MemBlock as its skip path, the autoencoder's batches are whole streamed clips (1 + 4k
-frames, some played backwards), and every other training clip is recoloured."""
+frames, some played backwards), every other training clip is recoloured, the encoder's target
+(the scaled PCA code) groups frames as a stream's encoder does, and the decoder's block-mean
+term sees colour that a per-pixel loss barely weighs."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from streamdiff.demo.train import Recipe, init_taehv_, photo_clips, vae_batch
+from streamdiff.demo.train import Recipe, _blur8, init_taehv_, patch_rows, pca_code, photo_clips, stage_pca, vae_batch
 from streamdiff.model.taehv import TAEHV, MemBlock
 
 
@@ -49,3 +51,53 @@ def test_every_other_training_clip_is_recoloured():
     assert all(means[c, 0] > means[c, 2] for c in (0, 2))
     plain_order = [tuple(np.argsort(means[c])) for c in (0, 2)]
     assert any(tuple(np.argsort(means[c])) not in plain_order for c in (1, 3))
+
+
+def test_pca_code_reads_each_latent_pixels_own_frames_and_patch():
+    # a "PCA" that picks single patch entries: (time, y, x, RGB) -> column (t*64 + y*8 + x)*3 + c
+    picks = [(0, 0, 0, 0), (3, 7, 0, 2), (1, 2, 5, 1), (2, 6, 3, 0)]
+    basis = torch.zeros(768, len(picks))
+    for j, (t, y, x, c) in enumerate(picks):
+        basis[((t * 8 + y) * 8 + x) * 3 + c, j] = 1.0
+    var = torch.tensor([16.0, 1.0, 81.0, 0.0625])
+    pca = {"mean": torch.zeros(768), "basis": basis, "var": var}
+    clip = torch.rand(2, 3, 9, 16, 24) * 2 - 1  # [B, 3, 1 + 4*2, H, W]
+    code = pca_code(clip, pca, 0.5)  # [B, C, 3, 2, 3]
+    assert code.shape == (2, len(picks), 3, 2, 3)
+    for j, (t, y, x, c) in enumerate(picks):
+        gain = 0.5 / float(var[j]) ** 0.25  # 0.25, 0.5, 1/6, 1
+        for k in range(3):  # latent 0 is frame 0 alone (front-padded); latent k >= 1 is frames 4k-3..4k
+            frame = 0 if k == 0 else 4 * k - 3 + t
+            for i in range(2):
+                for w in range(3):
+                    assert torch.allclose(code[:, j, k, i, w], gain * clip[:, c, frame, 8 * i + y, 8 * w + x])
+
+
+def test_stage_pca_finds_the_training_patches_main_directions(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (2, 1, 9, 16, 16, 3)).astype(np.float32)
+    data = [np.clip(base + rng.normal(0, 20, (2, 3, 9, 16, 16, 3)), 0, 255).astype(np.uint8)]  # [clips, prompts, ...]
+    pca = stage_pca(tmp_path, data, 6)
+    assert (tmp_path / "pca.pt").exists()
+    assert torch.all(pca["var"][:-1] >= pca["var"][1:]) and torch.all(pca["var"] > 0)  # descending
+    assert torch.allclose(pca["basis"].T @ pca["basis"], torch.eye(6), atol=1e-4)  # orthonormal
+    rows = torch.cat([patch_rows(data[0][c, p]) for c in range(2) for p in range(3)])  # [N, 768]
+    assert rows.shape == (2 * 3 * 2 * 2 * 2, 768)
+    proj = (rows - pca["mean"]) @ pca["basis"]  # each component's variance over the patches is its eigenvalue
+    assert torch.allclose(proj.var(0, unbiased=False), pca["var"], rtol=1e-3)
+    assert torch.equal(stage_pca(tmp_path, [], 6)["var"], pca["var"])  # resumed from the file
+
+
+def test_block_means_weigh_colour_that_pixels_barely_do():
+    # a grey clip against the same clip with a faint colour cast plus strong grey noise: per
+    # pixel the noise dominates the error, in 8x8 block means the cast does
+    gen = torch.Generator().manual_seed(0)
+    grey = torch.rand(1, 1, 5, 16, 16, generator=gen).expand(1, 3, 5, 16, 16)
+    cast = torch.tensor([0.1, 0.0, -0.1]).view(1, 3, 1, 1, 1)
+    noise = 0.5 * torch.randn(1, 1, 5, 16, 16, generator=gen).expand(1, 3, 5, 16, 16)
+    err_pixels = torch.nn.functional.mse_loss(grey + noise, grey)
+    cast_pixels = torch.nn.functional.mse_loss(grey + cast, grey)
+    err_blocks = torch.nn.functional.mse_loss(_blur8(grey + noise), _blur8(grey))
+    cast_blocks = torch.nn.functional.mse_loss(_blur8(grey + cast), _blur8(grey))
+    assert _blur8(grey).shape == (1, 3, 5, 2, 2)
+    assert cast_pixels < 0.1 * err_pixels and cast_blocks > err_blocks

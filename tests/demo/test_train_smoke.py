@@ -1,10 +1,12 @@
 """`streamdiff train-demo --smoke`: every stage runs a couple of steps, checkpoints, resumes, and
-the exported files load through the runtime's own loaders into a working pipeline; a work
+the exported files load through the runtime's own loaders into a working pipeline; with two
+threads the decoder trains in a child process beside the DiT, to the same weights; a work
 folder resumes only under the recipe that made it."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import torch
@@ -17,12 +19,14 @@ from streamdiff.pipeline.stream_pipeline import StreamPipeline
 
 def test_smoke_run_exports_loadable_weights_and_resumes(tmp_path, capsys):
     work, out = tmp_path / "work", tmp_path / "out"
-    args = ["train-demo", "--smoke", "--work", str(work), "--output", str(out)]
+    args = ["train-demo", "--smoke", "--work", str(work), "--output", str(out), "--threads", "1"]  # every stage in turn
     assert main(args) == 0
     assert {p.name for p in out.iterdir()} >= {"taehv.safetensors", "transformer.safetensors", "prompts.safetensors",
                                                "training.json"}
     info = json.loads((out / "training.json").read_text())
-    assert info["recipe"]["vae_steps"] == 2 and info["recipe"]["dit_steps"] == 2
+    assert info["recipe"]["vae_encoder_steps"] == 2 and info["recipe"]["vae_decoder_steps"] == 2
+    assert info["recipe"]["dit_steps"] == 2
+    assert torch.load(work / "vae_encoder.ckpt", weights_only=False)["step"] == 2
     assert torch.load(work / "vae.ckpt", weights_only=False)["step"] == 2
     assert torch.load(work / "dit.ckpt", weights_only=False)["step"] == 2
     # every stage resumes from its files: a second run trains nothing and exports the same weights
@@ -37,6 +41,21 @@ def test_smoke_run_exports_loadable_weights_and_resumes(tmp_path, capsys):
     frames = np.random.default_rng(0).integers(0, 255, (9, 64, 64, 3), dtype=np.uint8)
     pipe = StreamPipeline(comps, "mosaic")
     assert len(pipe.push(frames)) + len(pipe.flush()) == 9
+
+
+def test_two_threads_train_the_decoder_beside_the_dit_to_the_same_weights(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["train-demo", "--smoke", "--work", str(work), "--output", str(out)]
+    assert main(args) == 0  # the default, 2 threads: data .. latents on both, then decoder | DiT on 1 each
+    assert torch.load(work / "vae.ckpt", weights_only=False)["step"] == 2  # the child's file
+    assert torch.load(work / "dit.ckpt", weights_only=False)["step"] == 2
+    beside = (out / "taehv.safetensors").read_bytes()
+    # the same decoder stage in this process, on one thread, from the same encoder and latents
+    shutil.copytree(work, tmp_path / "again", ignore=shutil.ignore_patterns("vae.ckpt"))
+    assert main(["train-demo", "--smoke", "--work", str(tmp_path / "again"), "--output", str(tmp_path / "out1"),
+                 "--threads", "1"]) == 0
+    assert (tmp_path / "out1" / "taehv.safetensors").read_bytes() == beside
+    assert (tmp_path / "out1" / "transformer.safetensors").read_bytes() == (out / "transformer.safetensors").read_bytes()
 
 
 def test_a_work_folder_resumes_only_under_its_own_recipe(tmp_path, capsys):
@@ -59,3 +78,10 @@ def test_a_work_folder_resumes_only_under_its_own_recipe(tmp_path, capsys):
     assert main(["train-demo", "--smoke", "--work", str(old), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "recorded no recipe" in err and len(err.splitlines()) == 1
+
+
+def test_threads_below_one_are_refused_in_one_line(tmp_path, capsys):
+    assert main(["train-demo", "--smoke", "--work", str(tmp_path / "w"), "--threads", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--threads must be 1 or more, got 0") and len(err.splitlines()) == 1
+    assert not (tmp_path / "w").exists()  # refused before anything was made
