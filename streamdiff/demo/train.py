@@ -135,6 +135,14 @@ def _resume(path: Path, modules: dict, opt: torch.optim.Optimizer) -> int:
     return int(ckpt["step"])
 
 
+def _descend(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor) -> None:
+    """One optimizer step on `loss`, gradients clipped to norm 1 (every stage's step)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def _steps_done(path: Path) -> int:
     """The step a stage's checkpoint file reached (0 when there is none)."""
     return int(torch.load(path, map_location="cpu", weights_only=False)["step"]) if path.exists() else 0
@@ -270,10 +278,7 @@ def stage_vae_encoder(work: Path, cfg: Config, data: list[np.ndarray], recipe: R
             group["lr"] = _lr(step, recipe.vae_encoder_steps, recipe.vae_lr)
         z = encode_frames(net, x, [None] * n_enc, first=True)  # [B, 16, F, c/8, c/8]
         loss = F.mse_loss(z, pca_code(x, pca, recipe.vae_code_scale))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _descend(opt, params, loss)
         step += 1
         bar.update(1)
         bar.set_postfix(code_mse=f"{loss.item():.4f}")
@@ -319,10 +324,7 @@ def stage_vae_decoder(work: Path, net: TAEHV, data: list[np.ndarray], recipe: Re
         mse = F.mse_loss(y, x)
         chroma = F.mse_loss(y - y.mean(dim=1, keepdim=True), x - x.mean(dim=1, keepdim=True))
         loss = mse + recipe.vae_chroma_weight * chroma + recipe.vae_lowpass_weight * F.mse_loss(_blur8(y), _blur8(x))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _descend(opt, params, loss)
         step += 1
         bar.update(1)
         bar.set_postfix(psnr=f"{10 * np.log10(4 / max(mse.item(), 1e-10)):.1f}dB")
@@ -387,10 +389,7 @@ def stage_dit(work: Path, cfg: Config, latents: torch.Tensor, recipe: Recipe):
         flow = train_forward(model, b["x"], b["timestep"], b["text"], b["frame_pos"], b["chunk_ids"], b["offset"])
         x0 = b["x"] - b["sigma"].view(-1, 1, 1, 1, 1) * flow  # [B, 16, F, c, c]
         loss = F.mse_loss(x0, b["target"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _descend(opt, params, loss)
         step += 1
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.update(1)
