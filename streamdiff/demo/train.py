@@ -205,12 +205,19 @@ def init_taehv_(net: TAEHV) -> TAEHV:
     return net
 
 
+def _patches(x: torch.Tensor) -> torch.Tensor:
+    """Frames [B, 3, 4m, H, W] -> every 4-frame 8x8 patch as one row [B, m, H/8, W/8, 768],
+    ordered (time, y, x, RGB): what one latent pixel stands for."""
+    b, _, n, h, w = x.shape
+    rows = x.reshape(b, 3, n // 4, 4, h // 8, 8, w // 8, 8).permute(0, 2, 4, 6, 3, 5, 7, 1)  # [B, m, h, w, 4, 8, 8, 3]
+    return rows.reshape(b, n // 4, h // 8, w // 8, 768)
+
+
 def patch_rows(frames: np.ndarray) -> torch.Tensor:
-    """uint8 clip [1 + 4k, H, W, 3] -> the 4-frame 8x8 patches of frames 1..4k, one row each
-    [k*H/8*W/8, 768] in [-1, 1], ordered (time, y, x, RGB): what one latent pixel stands for."""
+    """uint8 clip [1 + 4k, H, W, 3] -> the patches (`_patches`) of frames 1..4k, one row each
+    [k*H/8*W/8, 768] in [-1, 1]."""
     x = torch.from_numpy(np.ascontiguousarray(frames[1:])).float() / 127.5 - 1  # [4k, H, W, 3]
-    k, h, w = x.shape[0] // 4, x.shape[1] // 8, x.shape[2] // 8
-    return x.reshape(k, 4, h, 8, w, 8, 3).permute(0, 2, 4, 1, 3, 5, 6).reshape(-1, 768)
+    return _patches(x.permute(3, 0, 1, 2)[None]).reshape(-1, 768)
 
 
 def stage_pca(work: Path, data: list[np.ndarray], channels: int) -> dict:
@@ -244,9 +251,7 @@ def pca_code(x: torch.Tensor, pca: dict, scale: float) -> torch.Tensor:
     more as the picture does, while no channel is too small for them or too large for the
     decoder's soft clamp at +-3."""
     x = torch.cat([x[:, :, :1].expand(-1, -1, 3, -1, -1), x], 2)  # [B, 3, 4(1 + k), H, W]
-    b, _, n, h, w = x.shape
-    rows = x.reshape(b, 3, n // 4, 4, h // 8, 8, w // 8, 8).permute(0, 2, 4, 6, 3, 5, 7, 1)  # [B, 1+k, h, w, 4, 8, 8, 3]
-    code = ((rows.reshape(b, n // 4, h // 8, w // 8, 768) - pca["mean"]) @ pca["basis"]) * (scale / pca["var"].pow(0.25))
+    code = ((_patches(x) - pca["mean"]) @ pca["basis"]) * (scale / pca["var"].pow(0.25))  # [B, 1 + k, h, w, C]
     return code.permute(0, 4, 1, 2, 3)  # [B, C, 1 + k, h, w]
 
 
@@ -290,7 +295,7 @@ def stage_vae_encoder(work: Path, cfg: Config, data: list[np.ndarray], recipe: R
     return net.eval()
 
 
-def _blur8(x: torch.Tensor) -> torch.Tensor:
+def _block_means(x: torch.Tensor) -> torch.Tensor:
     """[B, 3, n, H, W] -> the mean of every 8x8 block of every frame [B, 3, n, H/8, W/8]."""
     return F.avg_pool3d(x, (1, 8, 8))
 
@@ -323,7 +328,8 @@ def stage_vae_decoder(work: Path, net: TAEHV, data: list[np.ndarray], recipe: Re
         y = decode_latents(net, z_in, [None] * n_dec, first=True, clamp=False)  # [B, 3, n, c, c]
         mse = F.mse_loss(y, x)
         chroma = F.mse_loss(y - y.mean(dim=1, keepdim=True), x - x.mean(dim=1, keepdim=True))
-        loss = mse + recipe.vae_chroma_weight * chroma + recipe.vae_lowpass_weight * F.mse_loss(_blur8(y), _blur8(x))
+        lowpass = F.mse_loss(_block_means(y), _block_means(x))
+        loss = mse + recipe.vae_chroma_weight * chroma + recipe.vae_lowpass_weight * lowpass
         _descend(opt, params, loss)
         step += 1
         bar.update(1)
@@ -488,12 +494,15 @@ def train_demo(work: Path, out_dir: Path, config: str = "demo", recipe: Recipe |
     pca = stage_pca(work, data, cfg.vae.z_dim)
     net = stage_vae_encoder(work, cfg, data, recipe, pca)
     latents = stage_latents(work, net, data)  # the encoder is final: the DiT's data
-    if threads >= 2:  # the DiT here, the decoder beside it
+    def dit():
+        return stage_dit(work, cfg, latents, recipe)
+
+    if threads < 2:
+        model, table = dit()
+    else:  # the DiT here, the decoder (unless it is done) beside it
         torch.set_num_threads(threads - threads // 2)
-    if threads >= 2 and _steps_done(work / "vae.ckpt") < recipe.vae_decoder_steps:
-        model, table = _decoder_beside(work, config, recipe, threads // 2, lambda: stage_dit(work, cfg, latents, recipe))
-    else:
-        model, table = stage_dit(work, cfg, latents, recipe)
+        done = _steps_done(work / "vae.ckpt") >= recipe.vae_decoder_steps
+        model, table = dit() if done else _decoder_beside(work, config, recipe, threads // 2, dit)
     net = stage_vae_decoder(work, net, data, recipe)  # trains here, or reads what the child finished
     export(out_dir, net, model, table, recipe, time.monotonic() - t0, threads)
     return out_dir

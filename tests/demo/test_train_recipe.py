@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from streamdiff.demo.train import Recipe, _blur8, init_taehv_, patch_rows, pca_code, photo_clips, stage_pca, vae_batch
+from streamdiff.demo.train import Recipe, _block_means, init_taehv_, patch_rows, pca_code, photo_clips, stage_pca, vae_batch
 from streamdiff.model.taehv import TAEHV, MemBlock
 
 
@@ -86,6 +86,11 @@ def test_stage_pca_finds_the_training_patches_main_directions(tmp_path):
     proj = (rows - pca["mean"]) @ pca["basis"]  # each component's variance over the patches is its eigenvalue
     assert torch.allclose(proj.var(0, unbiased=False), pca["var"], rtol=1e-3)
     assert torch.equal(stage_pca(tmp_path, [], 6)["var"], pca["var"])  # resumed from the file
+    # the encoder's target reads the patches in the order the components were fitted in
+    clip = data[0][1, 2]  # [9, 16, 16, 3]
+    code = pca_code(torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 127.5 - 1, pca, 1.0)  # [1, 6, 3, 2, 2]
+    want = ((patch_rows(clip) - pca["mean"]) @ pca["basis"]) / pca["var"].pow(0.25)  # [2*2*2, 6], latents 1..2
+    torch.testing.assert_close(code[0, :, 1:].permute(1, 2, 3, 0).reshape(-1, 6), want, atol=1e-4, rtol=1e-4)
 
 
 def test_block_means_weigh_colour_that_pixels_barely_do():
@@ -97,7 +102,7 @@ def test_block_means_weigh_colour_that_pixels_barely_do():
     noise = 0.5 * torch.randn(1, 1, 5, 16, 16, generator=gen).expand(1, 3, 5, 16, 16)
     err_pixels = torch.nn.functional.mse_loss(grey + noise, grey)
     cast_pixels = torch.nn.functional.mse_loss(grey + cast, grey)
-    err_blocks = torch.nn.functional.mse_loss(_blur8(grey + noise), _blur8(grey))
-    cast_blocks = torch.nn.functional.mse_loss(_blur8(grey + cast), _blur8(grey))
-    assert _blur8(grey).shape == (1, 3, 5, 2, 2)
+    err_blocks = torch.nn.functional.mse_loss(_block_means(grey + noise), _block_means(grey))
+    cast_blocks = torch.nn.functional.mse_loss(_block_means(grey + cast), _block_means(grey))
+    assert _block_means(grey).shape == (1, 3, 5, 2, 2)
     assert cast_pixels < 0.1 * err_pixels and cast_blocks > err_blocks
