@@ -540,8 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", default="out/demo-weights",
                        help="where the safetensors go (configs/demo to replace the shipped ones)")
     train.add_argument("--threads", type=int, default=2,
-                       help="2 (default): data to latents on two threads, then the TAEHV decoder and the DiT side by "
-                            "side on one each; 1: every stage in turn on one thread")
+                       help="2 (default): the teacher in two processes, TAEHV encoder and latents on two threads, then "
+                            "the TAEHV decoder and the DiT side by side on one each; 1: every stage in turn on one thread")
     train.add_argument("--smoke", action="store_true", help="two steps per stage on two photographs at 64x64 (tests)")
     train.set_defaults(func=cmd_train_demo)
     return parser

@@ -15,7 +15,7 @@ Owns: the training recipe and its stages, each resumable from files in the work 
   6. export: safetensors files the runtime loads through its own loaders (configs/demo/).
 Does not own: the data (data.py), the DiT's training forward (dit_train.py), the runtime.
 
-Deterministic given the seed and thread count; step counts (not wall time) fix the recipe.
+Deterministic given the seed and each stage's thread count; step counts (not wall time) fix the recipe.
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ class Recipe:
     clips_per_photo: int = 6
     vae_code_scale: float = 0.5  # the encoder's target: the PCA code, channel i x 0.5 / var_i^(1/4)
     vae_encoder_steps: int = 1500  # the encoder regressed onto that code (stage_vae_encoder)
-    vae_decoder_steps: int = 4000  # the decoder on the frozen code (stage_vae_decoder)
+    vae_decoder_steps: int = 3500  # the decoder on the frozen code (stage_vae_decoder)
     vae_batch: int = 8
     vae_crop: int = 64
     vae_lr: float = 1.5e-3
     vae_chroma_weight: float = 4.0  # extra loss on colour (RGB minus its grey); see stage_vae_decoder
     vae_lowpass_weight: float = 4.0  # extra loss on 8x8 block means; see stage_vae_decoder
-    dit_steps: int = 4000
+    dit_steps: int = 3500
     dit_batch: int = 16
     dit_crop: int = 16  # latent pixels (x8 in the image)
     dit_lr: float = 1e-3
@@ -84,21 +84,52 @@ def photo_clips(name: str, index: int, recipe: Recipe) -> np.ndarray:
     return np.stack(out)
 
 
+_teacher: Teacher | None = None  # a data worker's own teacher (one per process)
+
+
+def _start_worker() -> None:
+    global _teacher
+    torch.set_num_threads(1)
+    _teacher = Teacher(threads=1)
+
+
+def _render_photo(folder: Path, name: str, index: int, recipe: Recipe, teacher: Teacher | None = None) -> Path:
+    """One photograph's file: [clips, 9 prompts, frames, H, W, 3] uint8 (prompt 0: the input)."""
+    teacher = teacher or _teacher
+    clips = photo_clips(name, index, recipe)  # [C, n, H, W, 3]
+    rows = [np.stack([teacher.render_prompt(clip, prompt) for prompt in PROMPT_NAMES]) for clip in clips]
+    tmp, path = folder / f"{name}.tmp.npy", folder / f"{name}.npy"
+    np.save(tmp, np.stack(rows))  # [C, 9, n, H, W, 3]
+    tmp.replace(path)
+    return path
+
+
 def stage_data(work: Path, recipe: Recipe, threads: int) -> list[Path]:
-    """One file per photograph: [clips, 9 prompts, frames, H, W, 3] uint8 (prompt 0: the input)."""
+    """One file per photograph (`_render_photo`). With two or more threads the photographs are
+    rendered in that many spawned processes, one ONNX thread each: on 2 cores that is 93 ms a
+    frame per process against 63 ms for one process on two threads (docs/demo.md), and the
+    teacher's output does not depend on its thread count."""
     folder = work / "data"
     folder.mkdir(parents=True, exist_ok=True)
     names = TRAIN_PHOTOS[: recipe.photos]
     files = [folder / f"{name}.npy" for name in names]
     todo = [(i, name) for i, name in enumerate(names) if not files[i].exists()]
-    if todo:
-        teacher = Teacher(threads=threads)
-        for i, name in tqdm(todo, desc="data: teacher renders", unit="photo"):
-            clips = photo_clips(name, i, recipe)  # [C, n, H, W, 3]
-            rows = [np.stack([teacher.render_prompt(clip, prompt) for prompt in PROMPT_NAMES]) for clip in clips]
-            tmp = folder / f"{name}.tmp.npy"
-            np.save(tmp, np.stack(rows))  # [C, 9, n, H, W, 3]
-            tmp.replace(files[i])
+    bar = tqdm(total=len(todo), desc="data: teacher renders", unit="photo", disable=not todo)
+    if threads < 2 or len(todo) < 2:
+        teacher = Teacher(threads=threads) if todo else None
+        for i, name in todo:
+            _render_photo(folder, name, i, recipe, teacher)
+            bar.update(1)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(min(threads, len(todo)), multiprocessing.get_context("spawn"),
+                                 initializer=_start_worker) as pool:
+            for done in as_completed([pool.submit(_render_photo, folder, name, i, recipe) for i, name in todo]):
+                done.result()  # a worker's error stops the stage here, with its traceback
+                bar.update(1)
+    bar.close()
     return files
 
 
@@ -412,7 +443,8 @@ def stage_dit(work: Path, cfg: Config, latents: torch.Tensor, recipe: Recipe):
 
 
 def export(out_dir: Path, net: TAEHV, model, table: torch.Tensor, recipe: Recipe, seconds: float, threads: int) -> None:
-    """The runtime's files: safetensors in the names its loaders read, and how they were made."""
+    """The runtime's files: safetensors in the names its loaders read, and how they were made
+    (`train_seconds`: the wall time of every run on the work folder, interrupted ones too)."""
     from safetensors.torch import save_file
 
     from streamdiff.model.style_prompts import TABLE_KEY
@@ -425,6 +457,14 @@ def export(out_dir: Path, net: TAEHV, model, table: torch.Tensor, recipe: Recipe
     info = {"recipe": asdict(recipe), "prompts": list(PROMPT_NAMES), "train_seconds": round(seconds, 1),
             "threads": threads, "torch": torch.__version__}
     (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _add_seconds(work: Path, seconds: float) -> float:
+    """Add one invocation's wall time to the work folder's total (`seconds.json`); returns it."""
+    path = work / "seconds.json"
+    total = (json.loads(path.read_text())["train_seconds"] if path.exists() else 0.0) + seconds
+    path.write_text(json.dumps({"train_seconds": round(total, 1)}) + "\n")
+    return total
 
 
 def claim_work(work: Path, recipe: Recipe) -> None:
@@ -489,22 +529,26 @@ def train_demo(work: Path, out_dir: Path, config: str = "demo", recipe: Recipe |
     work.mkdir(parents=True, exist_ok=True)
     claim_work(work, recipe)
     t0 = time.monotonic()
-    files = stage_data(work, recipe, threads)
-    data = load_data(files)
-    pca = stage_pca(work, data, cfg.vae.z_dim)
-    net = stage_vae_encoder(work, cfg, data, recipe, pca)
-    latents = stage_latents(work, net, data)  # the encoder is final: the DiT's data
-    def dit():
-        return stage_dit(work, cfg, latents, recipe)
+    try:
+        files = stage_data(work, recipe, threads)
+        data = load_data(files)
+        pca = stage_pca(work, data, cfg.vae.z_dim)
+        net = stage_vae_encoder(work, cfg, data, recipe, pca)
+        latents = stage_latents(work, net, data)  # the encoder is final: the DiT's data
 
-    if threads < 2:
-        model, table = dit()
-    else:  # the DiT here, the decoder (unless it is done) beside it
-        torch.set_num_threads(threads - threads // 2)
-        done = _steps_done(work / "vae.ckpt") >= recipe.vae_decoder_steps
-        model, table = dit() if done else _decoder_beside(work, config, recipe, threads // 2, dit)
-    net = stage_vae_decoder(work, net, data, recipe)  # trains here, or reads what the child finished
-    export(out_dir, net, model, table, recipe, time.monotonic() - t0, threads)
+        def dit():
+            return stage_dit(work, cfg, latents, recipe)
+
+        if threads < 2:
+            model, table = dit()
+        else:  # the DiT here, the decoder (unless it is done) beside it
+            torch.set_num_threads(threads - threads // 2)
+            done = _steps_done(work / "vae.ckpt") >= recipe.vae_decoder_steps
+            model, table = dit() if done else _decoder_beside(work, config, recipe, threads // 2, dit)
+        net = stage_vae_decoder(work, net, data, recipe)  # trains here, or reads what the child finished
+    finally:  # an interrupted run's time counts too: the next one resumes its work
+        seconds = _add_seconds(work, time.monotonic() - t0)
+    export(out_dir, net, model, table, recipe, seconds, threads)
     return out_dir
 
 

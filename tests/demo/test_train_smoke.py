@@ -1,6 +1,7 @@
 """`streamdiff train-demo --smoke`: every stage runs a couple of steps, checkpoints, resumes, and
 the exported files load through the runtime's own loaders into a working pipeline; with two
-threads the decoder trains in a child process beside the DiT, to the same weights; a work
+threads the teacher renders in two processes and the decoder trains in a child process beside
+the DiT, to the same files and weights; the recorded training time adds up every run; a work
 folder resumes only under the recipe that made it."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from streamdiff.cli import main
 from streamdiff.config import load_config
+from streamdiff.demo.train import Recipe, stage_data
 from streamdiff.model.build import build_components
 from streamdiff.pipeline.stream_pipeline import StreamPipeline
 
@@ -29,10 +31,13 @@ def test_smoke_run_exports_loadable_weights_and_resumes(tmp_path, capsys):
     assert torch.load(work / "vae_encoder.ckpt", weights_only=False)["step"] == 2
     assert torch.load(work / "vae.ckpt", weights_only=False)["step"] == 2
     assert torch.load(work / "dit.ckpt", weights_only=False)["step"] == 2
-    # every stage resumes from its files: a second run trains nothing and exports the same weights
+    # every stage resumes from its files: a second run trains nothing and exports the same weights;
+    # the recorded training time is both runs'
     before = (out / "transformer.safetensors").read_bytes()
     assert main(args) == 0
     assert (out / "transformer.safetensors").read_bytes() == before
+    again = json.loads((out / "training.json").read_text())
+    assert again["train_seconds"] > info["train_seconds"] > 0
     cfg = load_config("demo", [f"weights.transformer={out / 'transformer.safetensors'}",
                                f"weights.vae={out / 'taehv.safetensors'}",
                                f"weights.text_encoder={out / 'prompts.safetensors'}",
@@ -49,6 +54,10 @@ def test_two_threads_train_the_decoder_beside_the_dit_to_the_same_weights(tmp_pa
     assert main(args) == 0  # the default, 2 threads: data .. latents on both, then decoder | DiT on 1 each
     assert torch.load(work / "vae.ckpt", weights_only=False)["step"] == 2  # the child's file
     assert torch.load(work / "dit.ckpt", weights_only=False)["step"] == 2
+    # the teacher rendered the photographs in two worker processes: the same files as one process
+    recipe = Recipe(**json.loads((out / "training.json").read_text())["recipe"])
+    one = stage_data(tmp_path / "one", recipe, threads=1)
+    assert [f.read_bytes() for f in one] == [(work / "data" / f.name).read_bytes() for f in one]
     beside = (out / "taehv.safetensors").read_bytes()
     # the same decoder stage in this process, on one thread, from the same encoder and latents
     shutil.copytree(work, tmp_path / "again", ignore=shutil.ignore_patterns("vae.ckpt"))
@@ -61,7 +70,7 @@ def test_two_threads_train_the_decoder_beside_the_dit_to_the_same_weights(tmp_pa
 def test_a_work_folder_resumes_only_under_its_own_recipe(tmp_path, capsys):
     from dataclasses import replace
 
-    from streamdiff.demo.train import Recipe, claim_work
+    from streamdiff.demo.train import claim_work
 
     recipe = Recipe(photos=2)
     claim_work(tmp_path, recipe)
@@ -69,7 +78,7 @@ def test_a_work_folder_resumes_only_under_its_own_recipe(tmp_path, capsys):
     try:
         claim_work(tmp_path, replace(recipe, dit_steps=10))
     except ValueError as exc:
-        assert "dit_steps: 4000 there, 10 now" in str(exc)
+        assert f"dit_steps: {recipe.dit_steps} there, 10 now" in str(exc)
     else:
         raise AssertionError("another recipe resumed the folder")
     old = tmp_path / "old"
