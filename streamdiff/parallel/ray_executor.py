@@ -121,6 +121,14 @@ class RayStages:
                 log.debug("compiled graph teardown", exc_info=True)
             self.dag = None
 
+    def _failed(self, why: str) -> StageFailure:
+        """Tear the graph down before the failure propagates: the caller then drops the refs of
+        steps in flight, and a ref deleted while its graph is still up tries to free its results
+        on channels a dead actor closed (an error Python can only print, from `__del__`); once
+        the graph is torn down a ref's deletion does nothing. The executor recovers next anyway."""
+        self._teardown()
+        return StageFailure(why)
+
     # -------------------------------------------------------------- Stages protocol
 
     def idle(self) -> None:
@@ -135,7 +143,7 @@ class RayStages:
                 self._compile()
             return self.dag.execute(msg)
         except Exception as exc:
-            raise StageFailure(f"submitting step {msg.step_id}: {type(exc).__name__}: {exc}") from exc
+            raise self._failed(f"submitting step {msg.step_id}: {type(exc).__name__}: {exc}") from exc
 
     def get(self, handle: object) -> StepOut:
         self._gets += 1
@@ -143,7 +151,7 @@ class RayStages:
         try:
             out = ray.get(handle, timeout=timeout_s)
         except Exception as exc:
-            raise StageFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise self._failed(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         return own(out)
 
     def call(self, index: int, method: str, *args) -> object:
