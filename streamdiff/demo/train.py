@@ -126,9 +126,14 @@ def stage_data(work: Path, recipe: Recipe, threads: int) -> list[Path]:
 
         with ProcessPoolExecutor(min(threads, len(todo)), multiprocessing.get_context("spawn"),
                                  initializer=_start_worker) as pool:
-            for done in as_completed([pool.submit(_render_photo, folder, name, i, recipe) for i, name in todo]):
-                done.result()  # a worker's error stops the stage here, with its traceback
-                bar.update(1)
+            futures = [pool.submit(_render_photo, folder, name, i, recipe) for i, name in todo]
+            try:
+                for done in as_completed(futures):
+                    done.result()  # a worker's error stops the stage here, with its traceback
+                    bar.update(1)
+            except BaseException:  # an error or Ctrl-C: photographs not yet started are not rendered
+                pool.shutdown(cancel_futures=True)
+                raise
     bar.close()
     return files
 
