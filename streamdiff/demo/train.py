@@ -520,8 +520,9 @@ def _decoder_beside(work: Path, config: str, recipe: Recipe, threads: int, run_d
 
 
 def train_demo(work: Path, out_dir: Path, config: str = "demo", recipe: Recipe | None = None,
-               threads: int = 1) -> Path:
-    """Run (or resume) every stage; returns the folder with the exported weights.
+               threads: int = 2) -> Path:
+    """Run (or resume) every stage; returns the folder with the exported weights. `threads`
+    defaults to 2, as `streamdiff train-demo --threads` does.
 
     With two or more threads, the TAEHV decoder and the DiT (which only share the frozen
     encoder's latents) train side by side, the decoder in a child process, each on half the
