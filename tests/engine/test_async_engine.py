@@ -39,27 +39,28 @@ def test_push_next_frame_round_trip_equals_the_pipeline(comps, cfg):
     async def main():
         engine = AsyncEngine(cfg, LocalExecutor(ModelRunner(comps)))
         await engine.start()
-        assert engine.warmup_ms is not None and engine.warmup_ms > 0
-        for sid in clips:
-            admission = await engine.add_stream(sid, f"prompt {sid}", steps=steps[sid], seed=7,
-                                                target_fps=7.5, deadline_ms=60_000)
-            assert admission, admission.reason
-        got = {sid: [] for sid in clips}
-        pos = 0
-        while pos < 17:
-            n = 5 if pos == 0 else 4
+        try:  # stopped on failure too: a leftover engine thread would fail the next tests
+            assert engine.warmup_ms is not None and engine.warmup_ms > 0
+            for sid in clips:  # a service level any CI machine meets: this test is not about admission
+                admission = await engine.add_stream(sid, f"prompt {sid}", steps=steps[sid], seed=7,
+                                                    target_fps=1.0, deadline_ms=60_000)
+                assert admission, admission.reason
+            got = {sid: [] for sid in clips}
+            pos = 0
+            while pos < 17:
+                n = 5 if pos == 0 else 4
+                for sid in clips:
+                    for i in range(pos, pos + n):
+                        engine.push_frame(sid, clips[sid][i], pts=1000 + i)
+                pos += n
+                await wait_consumed(engine)
+            expected = {sid: 17 - 4 * (steps[sid] - 1) for sid in clips}
             for sid in clips:
-                for i in range(pos, pos + n):
-                    engine.push_frame(sid, clips[sid][i], pts=1000 + i)
-            pos += n
-            await wait_consumed(engine)
-        expected = {sid: 17 - 4 * (steps[sid] - 1) for sid in clips}
-        for sid in clips:
-            for _ in range(expected[sid]):
-                got[sid].append(await engine.next_frame(sid, timeout=60))
-        snap = engine.metrics()
-        await engine.stop()
-        return got, snap
+                for _ in range(expected[sid]):
+                    got[sid].append(await engine.next_frame(sid, timeout=60))
+            return got, engine.metrics()
+        finally:
+            await engine.stop()
 
     got, snap = asyncio.run(main())
     for sid, clip in clips.items():
