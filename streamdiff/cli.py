@@ -405,7 +405,8 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     recipe = Recipe()
     if args.smoke:  # a few steps of every stage at 64x64: checks the trainer, not the result
         recipe = replace(recipe, clips_per_photo=1, vae_encoder_steps=2, vae_decoder_steps=2, dit_steps=2, vae_batch=2,
-                         dit_batch=2, checkpoint_every=1, photos=2, size=64, vae_crop=32, dit_crop=4)
+                         dit_batch=2, checkpoint_every=1, photos=2, size=64, vae_crop=32,
+                         vae_decoder_crop=32, dit_crop=4)
     try:
         out = train_demo(Path(args.work), Path(args.output), args.config, recipe, args.threads)
     except ValueError as exc:  # a work folder of another recipe

@@ -44,12 +44,14 @@ class Recipe:
     clips_per_photo: int = 6
     vae_code_scale: float = 0.5  # the encoder's target: the PCA code, channel i x 0.5 / var_i^(1/4)
     vae_encoder_steps: int = 1500  # the encoder regressed onto that code (stage_vae_encoder)
-    vae_decoder_steps: int = 3500  # the decoder on the frozen code (stage_vae_decoder)
+    vae_decoder_steps: int = 6000  # the decoder on the frozen code (stage_vae_decoder)
     vae_batch: int = 8
-    vae_crop: int = 64
+    vae_crop: int = 64  # the encoder's crops
+    vae_decoder_crop: int = 48  # the decoder's: 6000 steps at 48 px take the time of 3500 at 64, and gain more
     vae_lr: float = 1.5e-3
     vae_chroma_weight: float = 4.0  # extra loss on colour (RGB minus its grey); see stage_vae_decoder
     vae_lowpass_weight: float = 4.0  # extra loss on 8x8 block means; see stage_vae_decoder
+    vae_colour_fade: float = 0.5  # those two terms fade to zero over this fraction of the decoder's steps
     dit_steps: int = 3500
     dit_batch: int = 16
     dit_crop: int = 16  # latent pixels (x8 in the image)
@@ -194,17 +196,19 @@ def _checkpoint(path: Path, modules: dict, opt: torch.optim.Optimizer, step: int
 # ---------------------------------------------------------------------------------------------
 
 
-def vae_batch(data: list[np.ndarray], recipe: Recipe, gen: torch.Generator) -> torch.Tensor:
+def vae_batch(data: list[np.ndarray], recipe: Recipe, gen: torch.Generator, crop: int | None = None) -> torch.Tensor:
     """A batch of whole clips as a stream's first call sees them (1 + 4k frames, so the later
-    latents run on the memory of earlier ones, as in streaming), random crop, mirror and time
-    reversal: [B, 3, n, crop, crop] in [-1, 1]. 2 in 5 clips are source clips, the rest styled."""
+    latents run on the memory of earlier ones, as in streaming), random crop (`crop`, default
+    `recipe.vae_crop`), mirror and time reversal: [B, 3, n, crop, crop] in [-1, 1]. 2 in 5
+    clips are source clips, the rest styled."""
+    crop = crop or recipe.vae_crop
     index = _clips_index(data)
     out = []
     for _ in range(recipe.vae_batch):
         i, c = index[int(torch.randint(len(index), (1,), generator=gen))]
         prompt = 0 if float(torch.rand(1, generator=gen)) < 0.4 else int(torch.randint(1, len(PROMPT_NAMES), (1,), generator=gen))
-        y, x = (int(torch.randint(recipe.size - recipe.vae_crop + 1, (1,), generator=gen)) for _ in range(2))
-        frames = data[i][c, prompt, :, y : y + recipe.vae_crop, x : x + recipe.vae_crop]  # [n, crop, crop, 3]
+        y, x = (int(torch.randint(recipe.size - crop + 1, (1,), generator=gen)) for _ in range(2))
+        frames = data[i][c, prompt, :, y : y + crop, x : x + crop]  # [n, crop, crop, 3]
         if float(torch.rand(1, generator=gen)) < 0.5:
             frames = frames[:, :, ::-1]
         if float(torch.rand(1, generator=gen)) < 0.5:  # the camera moving the other way
@@ -336,6 +340,13 @@ def _block_means(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool3d(x, (1, 8, 8))
 
 
+def colour_factor(step: int, recipe: Recipe) -> float:
+    """The weight of the decoder's colour and block-mean terms at `step`: 1 at the start, falling
+    linearly to 0 at `vae_colour_fade` of the steps, then plain MSE (what PSNR measures)."""
+    end = recipe.vae_colour_fade * recipe.vae_decoder_steps
+    return max(0.0, 1.0 - step / end) if end > 0 else 0.0
+
+
 def stage_vae_decoder(work: Path, net: TAEHV, data: list[np.ndarray], recipe: Recipe, bar_position: int = 0) -> TAEHV:
     """The TAEHV decoder trained to rebuild whole streamed clips (1 + 4 + 4 frames, source and
     styled) from the frozen encoder's code, with a little noise on it so that it tolerates the
@@ -345,7 +356,10 @@ def stage_vae_decoder(work: Path, net: TAEHV, data: list[np.ndarray], recipe: Re
     `vae_lowpass_weight` x the MSE of the 8x8 block means. A fresh decoder on a fixed code
     learns colour last; the block means weigh it more (on the held-out clip after 500 steps of
     a 1000-step run, 40% of the colour energy came back without that term, 66% with it; after
-    750 steps 13.8 dB against 17.4 dB; docs/demo.md)."""
+    750 steps 13.8 dB against 17.4 dB; docs/demo.md). Both terms fade to zero over the first
+    `vae_colour_fade` of the steps (`colour_factor`): once colour is learnt they only pull away
+    from plain MSE. Crops of `vae_decoder_crop` pixels: smaller than the encoder's, so that the
+    stage takes more steps in the same time (docs/demo.md, eleventh session)."""
     path = work / "vae.ckpt"
     params = list(net.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.vae_lr, weight_decay=0.0)
@@ -355,7 +369,7 @@ def stage_vae_decoder(work: Path, net: TAEHV, data: list[np.ndarray], recipe: Re
                position=bar_position)
     while step < recipe.vae_decoder_steps:
         gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + 5_000_000 + step)
-        x = vae_batch(data, recipe, gen)  # [B, 3, n, c, c]
+        x = vae_batch(data, recipe, gen, recipe.vae_decoder_crop)  # [B, 3, n, c, c]
         for group in opt.param_groups:
             group["lr"] = _lr(step, recipe.vae_decoder_steps, recipe.vae_lr)
         with torch.no_grad():
@@ -365,7 +379,7 @@ def stage_vae_decoder(work: Path, net: TAEHV, data: list[np.ndarray], recipe: Re
         mse = F.mse_loss(y, x)
         chroma = F.mse_loss(y - y.mean(dim=1, keepdim=True), x - x.mean(dim=1, keepdim=True))
         lowpass = F.mse_loss(_block_means(y), _block_means(x))
-        loss = mse + recipe.vae_chroma_weight * chroma + recipe.vae_lowpass_weight * lowpass
+        loss = mse + colour_factor(step, recipe) * (recipe.vae_chroma_weight * chroma + recipe.vae_lowpass_weight * lowpass)
         _descend(opt, params, loss)
         step += 1
         bar.update(1)

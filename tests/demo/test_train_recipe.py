@@ -2,14 +2,14 @@
 every MemBlock as its skip path, the autoencoder's batches are whole streamed clips (1 + 4k
 frames, some played backwards), every other training clip is recoloured, the encoder's target
 (the scaled PCA code) groups frames as a stream's encoder does, and the decoder's block-mean
-term sees colour that a per-pixel loss barely weighs."""
+term sees colour that a per-pixel loss barely weighs, and fades out half way through."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from streamdiff.demo.train import Recipe, _block_means, init_taehv_, patch_rows, pca_code, photo_clips, stage_pca, vae_batch
+from streamdiff.demo.train import Recipe, _block_means, colour_factor, init_taehv_, patch_rows, pca_code, photo_clips, stage_pca, vae_batch
 from streamdiff.model.taehv import TAEHV, MemBlock
 
 
@@ -40,6 +40,8 @@ def test_vae_batches_are_whole_clips_some_backwards():
     backward = (order < 0).all(dim=1)
     assert bool((forward | backward).all())
     assert 10 < int(backward.sum()) < 54  # about half are played backwards
+    # the decoder's own crop size, from the same photographs
+    assert vae_batch(data, recipe, torch.Generator().manual_seed(0), crop=4).shape == (64, 3, 9, 4, 4)
 
 
 def test_every_other_training_clip_is_recoloured():
@@ -106,3 +108,12 @@ def test_block_means_weigh_colour_that_pixels_barely_do():
     cast_blocks = torch.nn.functional.mse_loss(_block_means(grey + cast), _block_means(grey))
     assert _block_means(grey).shape == (1, 3, 5, 2, 2)
     assert cast_pixels < 0.1 * err_pixels and cast_blocks > err_blocks
+
+
+def test_colour_terms_fade_out_half_way_through_the_decoder_stage():
+    recipe = Recipe(vae_decoder_steps=1000, vae_colour_fade=0.5)
+    weights = [colour_factor(step, recipe) for step in range(1000)]
+    assert weights[0] == 1.0 and abs(weights[250] - 0.5) < 1e-9
+    assert all(a >= b for a, b in zip(weights, weights[1:]))  # never grows back
+    assert weights[500] == 0.0 and max(weights[500:]) == 0.0  # plain MSE from half way
+    assert colour_factor(0, Recipe(vae_colour_fade=0.0)) == 0.0  # no fade: plain MSE throughout
