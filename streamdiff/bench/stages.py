@@ -36,30 +36,19 @@ from streamdiff.config import Config, with_overrides
 WARMUP_MAX_STEPS = 400
 
 
-def build_staged(cfg: Config, stages: int, ray: bool):
-    """A StagedExecutor over `stages` stages: Ray actors, or a thread per stage here."""
-    from streamdiff.parallel.executor import StagedExecutor, ThreadedStages
-    from streamdiff.parallel.partition import initial_counts
-
-    counts = initial_counts(cfg.parallel.partition, cfg.model.num_layers, stages)
-    if ray:
-        from streamdiff.parallel.ray_executor import RayStages
-
-        return StagedExecutor(cfg, RayStages(cfg, counts), rebalance=False), counts
-    return StagedExecutor(cfg, ThreadedStages(cfg, counts), rebalance=False), counts
-
-
 def run_stage_combination(cfg: Config, stages: int, steps: int, width: int, height: int, streams: int,
                           settings: ModelBenchSettings, ray: bool) -> dict:
     """Measure one (frame size, steps, streams, stages) combination (module docstring)."""
     from streamdiff.engine.core import EngineCore
     from streamdiff.engine.types import StreamParams
+    from streamdiff.parallel import staged_executor
     from streamdiff.pipeline.frames import synthetic_clip
     from streamdiff.scheduler import FixedCostModel, FrameScheduler, LinearLaw, StreamSLO
 
     cfg_c = with_overrides(cfg, video={"width": width, "height": height}, sampling={"steps": steps},
                            parallel={"num_stages": stages})
-    executor, counts = build_staged(cfg_c, stages, ray)
+    executor = staged_executor(cfg_c, ray=ray, rebalance=False)
+    counts = list(executor.counts)
     clock = time.monotonic
     sched = FrameScheduler(FixedCostModel(LinearLaw(1.0, 0.0, 0.0)), max_streams=streams)
     core = EngineCore(cfg_c, executor, scheduler=sched, clock=clock)
@@ -182,4 +171,4 @@ def report_rows(report: dict) -> list[dict]:
              "busy": "/".join(f"{100.0 * b:.0f}" for b in r["stage_busy"])} for r in report["results"]]
 
 
-__all__ = ["TABLE_COLUMNS", "build_staged", "report_rows", "run_stage_combination", "run_stages_bench"]
+__all__ = ["TABLE_COLUMNS", "report_rows", "run_stage_combination", "run_stages_bench"]

@@ -8,6 +8,21 @@ def serves_on_threads(par) -> bool:
     return par.backend == "threads" and (par.num_stages > 1 or par.vae_stages)
 
 
+def staged_executor(cfg, *, ray: bool, rebalance: bool = True):
+    """`parallel.num_stages` DiT stages split by `parallel.partition` (or evenly), as Ray actors
+    or as threads in this process, behind one StagedExecutor (its `counts` say the split)."""
+    from streamdiff.parallel.executor import StagedExecutor, ThreadedStages
+    from streamdiff.parallel.partition import initial_counts
+
+    par = cfg.parallel
+    counts = initial_counts(par.partition, cfg.model.num_layers, par.num_stages)
+    if ray:
+        from streamdiff.parallel.ray_executor import RayStages
+
+        return StagedExecutor(cfg, RayStages(cfg, counts), rebalance=rebalance)
+    return StagedExecutor(cfg, ThreadedStages(cfg, counts), rebalance=rebalance)
+
+
 def build_executor(cfg):
     """The executor the config asks for: the local one, or `parallel.num_stages` pipeline stages
     (plus an encode and a decode stage with `parallel.vae_stages`) as Ray actors or, with
@@ -15,11 +30,7 @@ def build_executor(cfg):
     passes this as `executor_factory` (the engine itself never imports `parallel`)."""
     par = cfg.parallel
     if serves_on_threads(par):
-        from streamdiff.parallel.executor import StagedExecutor, ThreadedStages
-        from streamdiff.parallel.partition import initial_counts
-
-        return StagedExecutor(cfg, ThreadedStages(cfg, initial_counts(par.partition, cfg.model.num_layers,
-                                                                      par.num_stages)))
+        return staged_executor(cfg, ray=False)
     if par.num_stages > 1 or par.ray_address or par.vae_stages:
         from streamdiff.parallel.ray_executor import RayExecutor
 
