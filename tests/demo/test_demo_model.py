@@ -21,10 +21,11 @@ from streamdiff.model.style_prompts import PROMPT_NAMES
 from streamdiff.pipeline.stream_pipeline import StreamPipeline
 
 STYLES = PROMPT_NAMES[1:]
-# Issue 14 asks 24 dB. The shipped weights (their TAEHV alone gives 19.5 dB on this clip) measure
-# 19.2 dB here through render's codec, and within a chunk two frames are still a hair (< 0.1 dB)
-# closer to k - 1 or k + 1 than to k: docs/demo.md. These bars guard what the weights do deliver.
-PHOTO_PSNR_DB = 17.5
+# Issue 14 asks 24 dB. The shipped weights (their TAEHV alone gives 20.9 dB on this clip) measure
+# 20.3 dB here through render's codec, and every frame is closer to input k than to k - 1 or
+# k + 1 by at least 1.65 dB: docs/demo.md. These bars guard what the weights do deliver.
+PHOTO_PSNR_DB = 19.0
+NEIGHBOUR_MARGIN_DB = 0.5
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -65,11 +66,11 @@ def test_a_photo_through_render_returns_the_input_frame_by_frame(tmp_path, clip)
     assert out.shape == seen.shape
     score = psnr(out, seen)
     assert score >= PHOTO_PSNR_DB, f"a photo: {score:.1f} dB"
-    for k in range(len(out)):  # frame k is closer to input k than to the frames a chunk away
+    for k in range(len(out)):  # frame k is input k, not k - 1 or k + 1 (lag, order)
         own = psnr(out[k], seen[k])
-        for j in (k - 4, k + 4):
+        for j in (k - 1, k + 1):
             if 0 <= j < len(seen):
-                assert own > psnr(out[k], seen[j]) + 0.5, (k, j, own, psnr(out[k], seen[j]))
+                assert own > psnr(out[k], seen[j]) + NEIGHBOUR_MARGIN_DB, (k, j, own, psnr(out[k], seen[j]))
 
 
 @pytest.fixture(scope="module")
