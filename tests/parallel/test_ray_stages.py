@@ -76,39 +76,6 @@ def test_ray_slow_stage_loses_blocks(cfg4, ref):
         executor.shutdown()
 
 
-def test_killed_stage_is_replaced_and_streams_resume(cfg4):
-    stages = RayStages(cfg4, [2, 2])
-    executor = StagedExecutor(cfg4, stages)
-    try:
-        core, clock = core_for(cfg4, executor)
-        assert core.add_stream("a", params(cfg4, "x", steps=2), RELAXED)
-        feeder = Feeder(core, clock, {"a": synthetic_clip(80, 64, 48)})
-        for _ in range(3):
-            feeder.round()
-        before = len(feeder.outputs["a"])
-        old = stages.actors[1]
-        ray.kill(old)
-        t0 = time.monotonic()
-        resumed_s = None
-        # a liveness bound, not a speed one: replacing the actor (a new Ray worker loading its
-        # blocks) took over 15 s on a slow 2-CPU machine in the middle of the suite
-        while time.monotonic() - t0 < 90.0 and resumed_s is None:
-            feeder.round()
-            if len(feeder.outputs["a"]) > before and "a" in core.restarted:
-                resumed_s = time.monotonic() - t0
-        assert resumed_s is not None, "the stream did not resume within 90 s"
-        assert "fresh cache" in core.restarted["a"] and "[1] replaced" in core.restarted["a"]
-        assert stages.actors[1] is not old
-        # A new stream works on the rebuilt pipeline.
-        assert core.add_stream("n", params(cfg4, "y", steps=1), RELAXED)
-        feeder.clips["n"], feeder.pos["n"], feeder.outputs["n"] = synthetic_clip(20, 64, 48, seed=5), 0, []
-        for _ in range(2):
-            feeder.round(["n"])
-        assert len(feeder.outputs["n"]) == 9
-    finally:
-        executor.shutdown()
-
-
 @pytest.mark.parametrize("counts", [[2, 2], [1, 2, 1]])
 def test_ray_stages_overlapping_plans_equal_local(cfg_auto, comps4, counts):
     """One plan per stage in flight over actors (lane stride D = stages, chosen automatically):
@@ -131,7 +98,8 @@ def test_ray_stages_overlapping_plans_equal_local(cfg_auto, comps4, counts):
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_killed_stage_with_plans_in_flight_recovers(cfg_auto):
     """An actor killed while plans are in flight: every plan in flight is lost with it, the
-    actor is replaced, the stream restarts with a fresh cache and is served again."""
+    actor is replaced, the stream restarts with a fresh cache and is served again, and a new
+    stream is served on the rebuilt pipeline."""
     stages = RayStages(cfg_auto, [2, 2])
     executor = StagedExecutor(cfg_auto, stages)
     try:
@@ -155,13 +123,22 @@ def test_killed_stage_with_plans_in_flight_recovers(cfg_auto):
         old = stages.actors[1]
         ray.kill(old)
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 30.0 and not outputs_after:
+        # a liveness bound, not a speed one: replacing the actor (a new Ray worker loading its
+        # blocks) took over 15 s on a slow 2-CPU machine in the middle of the suite
+        while time.monotonic() - t0 < 90.0 and not outputs_after:
             got = one_step()
             if "a" in core.restarted:
                 outputs_after += got
-        assert outputs_after, "the stream did not resume within 30 s"
+        assert outputs_after, "the stream did not resume within 90 s"
         assert "fresh cache" in core.restarted["a"] and "[1] replaced" in core.restarted["a"]
         assert stages.actors[1] is not old and executor.resources()["plans_in_flight"] == core.plans_in_flight
+        assert core.add_stream("n", params(cfg_auto, "y", steps=1), RELAXED)
+        feeder = Feeder(core, clock, {"n": synthetic_clip(60, 64, 48, seed=5)})
+        for _ in range(12):
+            if len(feeder.outputs["n"]) >= 9:
+                break
+            feeder.round()
+        assert len(feeder.outputs["n"]) >= 9, len(feeder.outputs["n"])
     finally:
         executor.shutdown()
 
