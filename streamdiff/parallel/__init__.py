@@ -8,19 +8,20 @@ def serves_on_threads(par) -> bool:
     return par.backend == "threads" and (par.num_stages > 1 or par.vae_stages)
 
 
-def staged_executor(cfg, *, ray: bool, rebalance: bool = True):
+def staged_executor(cfg, *, ray: bool, rebalance: bool | None = None):
     """`parallel.num_stages` DiT stages split by `parallel.partition` (or evenly), as Ray actors
-    or as threads in this process, behind one StagedExecutor (its `counts` say the split)."""
+    or as threads in this process, behind one StagedExecutor (its `counts` say the split; it
+    moves blocks off a slow stage while serving if `rebalance`, None: `parallel.rebalance`)."""
     from streamdiff.parallel.executor import StagedExecutor, ThreadedStages
     from streamdiff.parallel.partition import initial_counts
 
+    if ray:
+        from streamdiff.parallel.ray_executor import RayStages as transport
+    else:
+        transport = ThreadedStages
     par = cfg.parallel
     counts = initial_counts(par.partition, cfg.model.num_layers, par.num_stages)
-    if ray:
-        from streamdiff.parallel.ray_executor import RayStages
-
-        return StagedExecutor(cfg, RayStages(cfg, counts), rebalance=rebalance)
-    return StagedExecutor(cfg, ThreadedStages(cfg, counts), rebalance=rebalance)
+    return StagedExecutor(cfg, transport(cfg, counts), rebalance=rebalance)
 
 
 def build_executor(cfg):
@@ -32,9 +33,7 @@ def build_executor(cfg):
     if serves_on_threads(par):
         return staged_executor(cfg, ray=False)
     if par.num_stages > 1 or par.ray_address or par.vae_stages:
-        from streamdiff.parallel.ray_executor import RayExecutor
-
-        return RayExecutor(cfg)
+        return staged_executor(cfg, ray=True)
     from streamdiff.engine.executor import LocalExecutor
 
     return LocalExecutor.from_config(cfg)

@@ -1,4 +1,4 @@
-"""RayExecutor: pipeline stages as Ray actors, each forward one Ray Compiled Graph execution.
+"""RayStages: pipeline stages as Ray actors, each forward one Ray Compiled Graph execution.
 
 Owns: joining or starting Ray (`parallel.ray_address`: "" starts a local instance, "auto" or
 HOST:PORT joins a cluster made with `ray start --head` / `ray start --address`), one actor per
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-
 from dataclasses import replace
 
 # Before ray is imported: no native stack dump when the server is stopped with SIGTERM (Ray's
@@ -31,8 +29,8 @@ import ray  # noqa: E402
 from ray.dag import InputNode  # noqa: E402
 
 from streamdiff.config import Config
-from streamdiff.parallel.executor import StagedExecutor, StageFailure
-from streamdiff.parallel.partition import initial_counts, ranges
+from streamdiff.parallel.executor import StageFailure
+from streamdiff.parallel.partition import ranges
 from streamdiff.engine.types import ChunkInput, StreamOutput
 from streamdiff.parallel.messages import Hop, StageInput, StageSpec, StepOut, stage_specs
 from streamdiff.parallel.stage import StageWorker
@@ -230,14 +228,4 @@ class StageActor(StageWorker):
         return super().run(own(msg))
 
 
-class RayExecutor(StagedExecutor):
-    """The engine's Executor for `parallel.num_stages` stages on Ray: the split from
-    `parallel.partition` (or even), re-balanced from measurements while serving."""
-
-    def __init__(self, cfg: Config, clock=time.monotonic):
-        par = cfg.parallel
-        counts = initial_counts(par.partition, cfg.model.num_layers, par.num_stages)
-        super().__init__(cfg, RayStages(cfg, counts), clock)
-
-
-__all__ = ["RayExecutor", "RayStages", "StageActor", "connect"]
+__all__ = ["RayStages", "StageActor", "connect"]

@@ -108,6 +108,7 @@ def test_threads_backend_runs_encode_dit_and_decode_on_threads_equal_to_local(cf
     try:
         assert isinstance(executor, StagedExecutor) and isinstance(executor.stages, ThreadedStages)
         assert executor.counts == [4]
+        assert not executor.rebalance_enabled  # cfg4's `parallel.rebalance: false` holds
         assert [w.info()["vae"] for w in executor.stages.workers] == ["encode", "none", "decode"]
         # the three threads share this CPU: the period the scheduler learns counts that
         assert executor.stages.shared_cores == max(1, (os.cpu_count() or 1) // torch.get_num_threads())
