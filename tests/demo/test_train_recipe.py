@@ -40,8 +40,25 @@ def test_vae_batches_are_whole_clips_some_backwards():
     backward = (order < 0).all(dim=1)
     assert bool((forward | backward).all())
     assert 10 < int(backward.sum()) < 54  # about half are played backwards
-    # the decoder's own crop size, from the same photographs
-    assert vae_batch(data, recipe, torch.Generator().manual_seed(0), crop=4).shape == (64, 3, 9, 4, 4)
+
+
+def test_the_decoder_crop_reaches_every_position_of_the_picture():
+    """`vae_batch(..., crop=c)` cuts c-pixel windows anywhere in the picture (column 0 to
+    size - c), not only where the encoder's larger crop fits."""
+    recipe = Recipe(clips_per_photo=1, vae_batch=64, vae_crop=8, size=16, clip_frames=9)
+    # pixel value 12 x its column: a window's mean over its span gives its first column
+    # (both scale with the recolouring gain, and mirroring keeps them)
+    cols = (np.arange(16, dtype=np.uint8) * 12)[None, None, :, None]
+    data = [np.ascontiguousarray(np.broadcast_to(cols, (1, 9, 9, 16, 16, 3)))]
+    x = vae_batch(data, recipe, torch.Generator().manual_seed(0), crop=4)
+    assert x.shape == (64, 3, 9, 4, 4)
+    px = (x + 1) * 127.5  # back to pixel values
+    per_col = px.mean(dim=(2, 3))  # [B, 3, 4]: each channel's value per column of the window
+    span = per_col.amax(dim=2) - per_col.amin(dim=2)  # 3 columns x 12 x gain
+    first = (3 * per_col.mean(dim=2) / span - 1.5).mean(dim=1).round().long()
+    assert bool(((first >= 0) & (first <= 12)).all())
+    assert int(first.max()) > 8  # beyond where an 8-pixel crop can start
+    assert len(set(first.tolist())) >= 8  # positions spread over the picture
 
 
 def test_every_other_training_clip_is_recoloured():
