@@ -51,3 +51,36 @@ def index_checks_enabled(device_type: str) -> bool:
     if flag is not None:
         return flag == "1"
     return device_type == "cpu"
+
+
+def _hand_over_the_name() -> None:
+    """Put Hugging Face's `kernels` in sys.modules in place of this folder.
+
+    This folder is `streamdiff.kernels`. It is imported as a top-level `kernels` only when the
+    repository root is on sys.path, as `python -m ...` and `python -c` put it when run in the
+    checkout. That name belongs to Hugging Face's `kernels`, which transformers (≥ 5) depends on
+    and imports, so from the checkout `import kernels` must give what it gives anywhere else:
+    that package when installed, ModuleNotFoundError when not. The import system returns what
+    sys.modules holds once this file has run, so replacing the entry is enough."""
+    import sys
+    from importlib.machinery import PathFinder
+    from importlib.util import module_from_spec
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    elsewhere = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
+    spec = PathFinder.find_spec("kernels", elsewhere)
+    if spec is None or spec.loader is None:
+        del sys.modules[__name__]
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    module = module_from_spec(spec)
+    sys.modules[__name__] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[__name__]
+        raise
+
+
+if __name__ == "kernels":
+    _hand_over_the_name()

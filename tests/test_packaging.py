@@ -54,3 +54,37 @@ def test_readme_says_how_to_change_the_port_and_how_long_the_first_run_takes():
     readme = (ROOT / "README.md").read_text()
     assert "RUN_ARGS" in readme and "--port" in readme
     assert re.search(r"first `make run`[^\n]*(minute|seconds)", readme)
+
+
+def _import_kernels_from_the_checkout(*flags: str, pythonpath: str | None = None) -> subprocess.CompletedProcess:
+    """`python -c` run in the repository root: the root is first on sys.path, where the kernels/
+    folder lies under the name of Hugging Face's `kernels` (which transformers imports)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    code = "import kernels; print(getattr(kernels, 'MARK', kernels.__name__ + ' ' + str(kernels.__file__)))"
+    return subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_the_kernels_folder_does_not_shadow_an_installed_kernels_package(tmp_path):
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("from kernels.sub import MARK\n")
+    (other / "sub.py").write_text("MARK = 'the installed kernels'\n")
+    done = _import_kernels_from_the_checkout(pythonpath=str(other.parent))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "the installed kernels"
+
+
+def test_the_kernels_folder_is_no_top_level_package_where_none_is_installed():
+    done = _import_kernels_from_the_checkout("-S")  # no site-packages: no installed `kernels`
+    assert done.returncode != 0
+    assert "ModuleNotFoundError: No module named 'kernels'" in done.stderr
+
+
+def test_the_mapped_kernels_package_still_imports_from_the_checkout():
+    code = "import kernels, streamdiff.kernels as k; print(k.__name__, k.triton_available is not None)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "streamdiff.kernels True"
