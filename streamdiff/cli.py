@@ -397,7 +397,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     try:
-        from streamdiff.demo.train import Recipe, train_demo
+        from streamdiff.demo.train import Recipe, kernel_note, train_demo
     except ImportError as exc:
         raise CliError(f"{exc}") from None
     if args.threads < 1:
@@ -407,6 +407,13 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
         recipe = replace(recipe, clips_per_photo=1, vae_encoder_steps=2, vae_decoder_steps=2, dit_steps=2, vae_batch=2,
                          dit_batch=2, checkpoint_every=1, photos=2, size=64, vae_crop=32,
                          vae_decoder_crop=32, dit_crop=4)
+    if not args.smoke:  # the weights this rebuild stands beside: the config's own
+        from streamdiff.config import load_config, resolve_path
+
+        made = load_config(args.config).weights.transformer
+        note = kernel_note(resolve_path(made).parent / "training.json") if made else None
+        if note:
+            print(f"train-demo: {note}", file=sys.stderr)
     try:
         out = train_demo(Path(args.work), Path(args.output), args.config, recipe, args.threads)
     except ValueError as exc:  # a work folder of another recipe

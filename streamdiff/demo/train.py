@@ -474,8 +474,25 @@ def export(out_dir: Path, net: TAEHV, model, table: torch.Tensor, recipe: Recipe
     save_file(contiguous(model.state_dict()), str(out_dir / "transformer.safetensors"))
     save_file({TABLE_KEY: table.contiguous()}, str(out_dir / "prompts.safetensors"))
     info = {"recipe": asdict(recipe), "prompts": list(PROMPT_NAMES), "train_seconds": round(seconds, 1),
-            "threads": threads, "torch": torch.__version__}
+            "threads": threads, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def kernel_note(made_with: Path) -> str | None:
+    """Why a rebuild will not be byte-identical to the weights whose `training.json` is
+    `made_with`, where that is knowable before it starts: torch picks its CPU kernels by the
+    instruction set (AVX2, AVX512, …), their float sums differ in the last bits, and training
+    grows those into other weights that measure the same (docs/demo.md). None when the kernels
+    are the same, or the file says nothing about them."""
+    try:
+        theirs = json.loads(made_with.read_text()).get("cpu_capability")
+    except (OSError, ValueError):
+        return None
+    mine = torch.backends.cpu.get_cpu_capability()
+    if theirs is None or theirs == mine:
+        return None
+    return (f"this CPU runs torch's {mine} kernels and {made_with.parent} was made with {theirs} ones: expect "
+            f"weights that measure the same, not byte-identical ones (docs/demo.md)")
 
 
 def _add_seconds(work: Path, seconds: float) -> float:
@@ -572,4 +589,4 @@ def train_demo(work: Path, out_dir: Path, config: str = "demo", recipe: Recipe |
     return out_dir
 
 
-__all__ = ["Recipe", "claim_work", "train_demo"]
+__all__ = ["Recipe", "claim_work", "kernel_note", "train_demo"]

@@ -134,3 +134,18 @@ def test_colour_terms_fade_out_half_way_through_the_decoder_stage():
     assert all(a >= b for a, b in zip(weights, weights[1:]))  # never grows back
     assert weights[500] == 0.0 and max(weights[500:]) == 0.0  # plain MSE from half way
     assert colour_factor(0, Recipe(vae_colour_fade=0.0)) == 0.0  # no fade: plain MSE throughout
+
+
+def test_a_rebuild_on_other_cpu_kernels_says_it_will_not_be_byte_identical(tmp_path, monkeypatch):
+    from streamdiff.demo.train import kernel_note
+
+    made = tmp_path / "training.json"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    made.write_text('{"cpu_capability": "AVX2"}')
+    note = kernel_note(made)
+    assert "AVX512 kernels" in note and "AVX2 ones" in note and "not byte-identical" in note
+    made.write_text('{"cpu_capability": "AVX512"}')
+    assert kernel_note(made) is None  # the same kernels: nothing to say
+    made.write_text('{"torch": "2.13.0+cpu"}')
+    assert kernel_note(made) is None  # weights that did not record their kernels
+    assert kernel_note(tmp_path / "missing.json") is None

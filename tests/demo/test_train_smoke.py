@@ -28,6 +28,7 @@ def test_smoke_run_exports_loadable_weights_and_resumes(tmp_path, capsys):
     info = json.loads((out / "training.json").read_text())
     assert info["recipe"]["vae_encoder_steps"] == 2 and info["recipe"]["vae_decoder_steps"] == 2
     assert info["recipe"]["dit_steps"] == 2
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # the kernels that made them
     assert torch.load(work / "vae_encoder.ckpt", weights_only=False)["step"] == 2
     assert torch.load(work / "vae.ckpt", weights_only=False)["step"] == 2
     assert torch.load(work / "dit.ckpt", weights_only=False)["step"] == 2
