@@ -127,13 +127,16 @@ def test_block_means_weigh_colour_that_pixels_barely_do():
     assert cast_pixels < 0.1 * err_pixels and cast_blocks > err_blocks
 
 
-def test_colour_terms_fade_out_half_way_through_the_decoder_stage():
-    recipe = Recipe(vae_decoder_steps=1000, vae_colour_fade=0.5)
+def test_colour_terms_fade_to_their_floor_half_way_through_the_decoder_stage():
+    recipe = Recipe(vae_decoder_steps=1000, vae_colour_fade=0.5, vae_colour_floor=0.1)
     weights = [colour_factor(step, recipe) for step in range(1000)]
     assert weights[0] == 1.0 and abs(weights[250] - 0.5) < 1e-9
     assert all(a >= b for a, b in zip(weights, weights[1:]))  # never grows back
-    assert weights[500] == 0.0 and max(weights[500:]) == 0.0  # plain MSE from half way
-    assert colour_factor(0, Recipe(vae_colour_fade=0.0)) == 0.0  # no fade: plain MSE throughout
+    assert weights[450] == 0.1 and min(weights) == 0.1 and set(weights[500:]) == {0.1}  # the floor to the end
+    assert Recipe().vae_colour_floor > 0  # the shipped recipe keeps the colour terms on
+    none = Recipe(vae_decoder_steps=1000, vae_colour_fade=0.5, vae_colour_floor=0.0)
+    assert colour_factor(500, none) == 0.0  # no floor: plain MSE from half way
+    assert colour_factor(0, Recipe(vae_colour_fade=0.0, vae_colour_floor=0.0)) == 0.0  # plain MSE throughout
 
 
 def test_a_rebuild_on_other_cpu_kernels_says_it_will_not_be_byte_identical(tmp_path, monkeypatch):
