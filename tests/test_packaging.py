@@ -84,7 +84,10 @@ def test_the_kernels_folder_is_no_top_level_package_where_none_is_installed():
 
 
 def test_the_mapped_kernels_package_still_imports_from_the_checkout():
-    code = "import kernels, streamdiff.kernels as k; print(k.__name__, k.triton_available is not None)"
+    code = ("import kernels, streamdiff.kernels as k; "
+            "print(k.__name__, kernels is not k, hasattr(k, 'triton_available'), k.__file__)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "streamdiff.kernels True"
+    name, distinct, ours, path = done.stdout.split()
+    assert (name, distinct, ours) == ("streamdiff.kernels", "True", "True")  # our package, not the handed-over one
+    assert Path(path).resolve() == ROOT / "kernels" / "__init__.py"
