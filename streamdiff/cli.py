@@ -18,7 +18,7 @@ import sys
 import time
 
 from streamdiff.config import ConfigError, load_config, parse_size
-from streamdiff.preflight import check_device, check_output_path, check_weight_paths
+from streamdiff.preflight import check_device, check_listen, check_output_path, check_weight_paths, port_number
 
 SYNTHETIC = "synthetic"  # --input synthetic: the built-in clip of moving shapes
 
@@ -121,6 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides += [f"parallel.ray_address={args.ray_address}", "parallel.backend=ray"]
     cfg = load_config(args.config, overrides)
     check_weight_paths(cfg)  # before torch
+    check_listen(args.host, args.port)  # before the engine's warm-up, not after it
     check_device(cfg)
 
     from streamdiff.server.app import ServerSettings, serve
@@ -442,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the WebRTC gateway (browser, WHIP/WHEP for OBS, control, metrics)")
     serve.add_argument("--config", default="tiny", help="preset name (tiny, wan-1.3b, wan-14b) or a YAML file")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on session and control routes")
     serve.add_argument("--max-sessions", type=int, help="stream limit (default cache.max_streams)")
     serve.add_argument("--target-fps", type=float,

@@ -1,6 +1,7 @@
 """Checks the command line runs before it builds anything: the weight paths a config names, the
-output file's type, and the device a config asks for. One line each, in that order, so a typo
-in a path is reported before torch is even imported and before any device is probed.
+output file's type, the device a config asks for, and the address `serve` will listen on. One
+line each, so a typo in a path is reported before torch is even imported, and a port that is
+taken before the engine spends its warm-up.
 
 Owns: those checks and their messages. Does not own: loading (model/loading.py re-checks paths
 and formats as it reads) or the CLI's exit codes (cli.py turns these errors into exit 2).
@@ -9,6 +10,9 @@ No torch at import time; only `check_device` imports it.
 
 from __future__ import annotations
 
+import argparse
+import errno
+import socket
 from pathlib import Path
 
 from streamdiff.config import Config, ConfigError, resolve_path
@@ -46,3 +50,42 @@ def check_device(cfg: Config) -> None:
         raise ConfigError(f"config {cfg.name} asks for a GPU (runtime.device: cuda) and this machine has none "
                           f"that torch can use: add --set runtime.device=cpu (slow for real models), or use "
                           f"--config tiny")
+
+
+def check_listen(host: str, port: int) -> None:
+    """`serve` can listen on host:port: bound once and let go, as aiohttp will bind it (address
+    reuse on, so a socket still in TIME_WAIT from the last run does not count as taken)."""
+    where = f"{host}:{port}"
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            if hasattr(socket, "SO_REUSEADDR") and socket.SO_REUSEADDR and family != socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    why = (f"port {port} is in use (another server, perhaps an earlier streamdiff serve or "
+                           f"make run): stop it, or pick another port with --port N "
+                           f"(make run RUN_ARGS=\"--config demo --port N\")")
+                elif exc.errno == errno.EACCES:
+                    why = "permission denied (ports below 1024 need privileges; use --port 8000 or above)"
+                elif exc.errno == errno.EADDRNOTAVAIL:
+                    why = f"{host} is not an address of this machine (127.0.0.1: this machine only; 0.0.0.0: all)"
+                else:
+                    why = exc.strerror or str(exc)
+                raise ConfigError(f"cannot listen on {where}: {why}") from None
+
+
+def port_number(text: str) -> int:
+    """argparse type for --port: an integer in 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: use a number from 1 to 65535, e.g. --port 8080")
+    return port

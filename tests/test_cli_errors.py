@@ -46,3 +46,35 @@ def test_a_gpu_config_without_a_gpu_is_one_line():
         pytest.skip("this machine has a GPU")
     out, err = run("serve", "--config", "tiny", "--set", "runtime.device=cuda")
     assert out["rc"] == 2 and len(err.splitlines()) == 1 and "runtime.device=cpu" in err, err
+
+
+def test_a_port_in_use_is_one_line_before_the_engine_warms_up():
+    """A second `make run` used to warm the engine up, then die in a traceback from the bind."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out, err = run("serve", "--config", "tiny", "--port", str(port))
+    assert out == {"rc": 2, "torch": False}, err
+    assert len(err.splitlines()) == 1 and f"127.0.0.1:{port}" in err and "in use" in err and "--port" in err, err
+
+
+def test_a_port_a_socket_no_longer_holds_is_free_again():
+    """Address reuse, as aiohttp binds: the check refuses only a port something listens on."""
+    import socket
+
+    from streamdiff.preflight import check_listen
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    check_listen("127.0.0.1", port)  # raises if it were judged taken
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "eighty"])
+def test_a_port_out_of_range_is_refused_by_the_parser(port):
+    done = subprocess.run([sys.executable, "-m", "streamdiff.cli", "serve", "--port", port],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not a TCP port" in done.stderr and "1 to 65535" in done.stderr, done.stderr
