@@ -262,9 +262,10 @@ class SessionManager:
                 "seed": params.seed, "motion": params.motion_aware}
 
     def snapshot(self) -> dict:
-        """Counts for /healthz and /metrics, and the engine's frame size and rate (clients such
-        as the benchmark send frames at that size)."""
-        video = self.engine.cfg.video
+        """Counts for /healthz and /metrics, the engine's frame size and rate (clients such as
+        the benchmark send frames at that size), and the preset's stream parameters in the
+        control words (the page shows them and sends only what its user changed)."""
+        video, sampling = self.engine.cfg.video, self.engine.cfg.sampling
         return {
             "sessions": len(self.sessions),
             "streams": self.stream_count,
@@ -272,6 +273,8 @@ class SessionManager:
             "tasks": sum(sum(not t.done() for t in s.tasks) for s in self.sessions.values()),
             "video": {"width": video.width, "height": video.height, "fps": video.fps},
             "slo": {"target_fps": self.target_fps, "deadline_ms": self.deadline_ms},
+            "defaults": {"steps": sampling.steps, "noise": sampling.noise_strength, "seed": sampling.seed,
+                         "motion": sampling.motion_aware},
         }
 
 

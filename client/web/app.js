@@ -11,14 +11,37 @@ function say(text, isError = false) {
   $("message").className = isError ? "error" : "";
 }
 
+// Steps, noise, seed and motion start as the server's preset has them (/healthz "defaults");
+// only those the user has changed are sent, so an untouched page gets the preset's values
+// (a Wan preset's 2 steps at 0.8, the demo's own) even if /healthz could not be read.
+const FIELDS = {
+  steps: () => parseInt($("steps").value, 10),
+  noise: () => parseFloat($("noise").value),
+  seed: () => parseInt($("seed").value, 10),
+  motion: () => $("motion").checked,
+};
+const touched = new Set();
+for (const name of Object.keys(FIELDS)) {
+  for (const kind of ["input", "change"]) $(name).addEventListener(kind, () => touched.add(name));
+}
+
 function params() {
-  return {
-    prompt: $("prompt").value,
-    steps: parseInt($("steps").value, 10),
-    noise: parseFloat($("noise").value),
-    seed: parseInt($("seed").value, 10),
-    motion: $("motion").checked,
-  };
+  const out = { prompt: $("prompt").value };
+  for (const name of touched) out[name] = FIELDS[name]();
+  return out;
+}
+
+async function loadDefaults() {
+  try {
+    const health = await (await fetch("/healthz")).json();
+    for (const [name, value] of Object.entries(health.defaults || {})) {
+      if (!(name in FIELDS) || touched.has(name)) continue;
+      if (name === "motion") $(name).checked = Boolean(value);
+      else $(name).value = value;
+    }
+  } catch (err) {
+    // the fields keep the page's placeholders; untouched, they are not sent
+  }
 }
 
 function waitGathering(peer) {
@@ -171,6 +194,7 @@ function stop() {
   $("apply").disabled = true;
 }
 
+loadDefaults();
 $("start").onclick = start;
 $("stop").onclick = () => { stop(); say("stopped"); };
 $("apply").onclick = () => {

@@ -43,6 +43,10 @@ VIDEO_STATS_JS = """(id) => {
   const mean = sum / n;
   return { width: c.width, height: c.height, mean, std: Math.sqrt(sq / n - mean * mean), time: v.currentTime };
 }"""
+# The page's stream-parameter fields, as the user sees them.
+FIELDS_JS = """() => ({ steps: Number(document.getElementById("steps").value),
+  noise: Number(document.getElementById("noise").value), seed: Number(document.getElementById("seed").value),
+  motion: document.getElementById("motion").checked })"""
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--use-fake-device-for-media-stream",
         "--use-fake-ui-for-media-stream", "--autoplay-policy=no-user-gesture-required"]
@@ -92,6 +96,8 @@ async def _make_run_flow() -> dict:
                 # 1. The first user is admitted and sees frames; the status line clears.
                 one = await browser.new_page()
                 await one.goto(url + "/")
+                await one.wait_for_load_state("networkidle")  # the page has read /healthz's defaults
+                out["fields"] = await one.evaluate(FIELDS_JS)
                 await one.click("#start")
                 stats = await _until(lambda: _playing(one, "output"), 180)
                 # the overlay says "–" until it has a rate, then the received frame rate
@@ -104,6 +110,7 @@ async def _make_run_flow() -> dict:
                 out["stats"], out["message"] = stats, await one.inner_text("#message")
                 out["first_message"] = out["message"] if stats else await one.inner_text("#message")
                 first_id = next(iter(sessions.sessions), None)
+                out["first_params"] = await sessions.engine.params(first_id) if first_id else None
                 # 2. A second user is refused (one stream at a time here), with a countdown.
                 two = await browser.new_page()
                 await two.goto(url + "/")
@@ -161,6 +168,13 @@ def test_make_run_page_admits_under_load_retries_refused_users_and_frees_crashed
     assert out["overlay_after_stop"] == "–"
     assert out["second_admitted"] and out["second_stats"] is not None, out
     assert out["freed_after_crash"], "a crashed tab kept its stream"
+    # The page shows the preset's stream parameters and, untouched, the stream gets them (it sent
+    # its own 0.3 and motion-aware noise to every preset before).
+    s = load_config("demo").sampling
+    preset = {"steps": s.steps, "noise": s.noise_strength, "seed": s.seed, "motion": s.motion_aware}
+    assert out["fields"] == preset, out["fields"]
+    p = out["first_params"]
+    assert p is not None and (p.steps, p.noise_strength, p.seed, p.motion_aware) == tuple(preset.values()), p
 
 
 async def _viewer_flow() -> dict:

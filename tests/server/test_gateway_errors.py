@@ -100,7 +100,12 @@ def test_ws_unknown_session_and_auth():
                 async with http.get(f"{url}/ws?session=nope") as resp:
                     assert resp.status == 401
                 async with http.get(f"{url}/healthz") as resp:
-                    assert resp.status == 200 and (await resp.json())["ok"]
+                    health = await resp.json()
+                    assert resp.status == 200 and health["ok"]
+                # the preset's stream parameters, in the control words the page sends back
+                sampling = sessions_of(app).engine.cfg.sampling
+                assert health["defaults"] == {"steps": sampling.steps, "noise": sampling.noise_strength,
+                                              "seed": sampling.seed, "motion": sampling.motion_aware}
                 for page, marker in (("/", "app.js"), ("/viewer.html", "/whep/"), ("/app.js", "/offer")):
                     async with http.get(f"{url}{page}") as resp:
                         assert resp.status == 200 and marker in await resp.text()
