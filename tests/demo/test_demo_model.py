@@ -1,12 +1,14 @@
 """The shipped demo weights (configs/demo/) on a photograph NOT used in training (skimage's
-`coffee`), at the preset's defaults (1 step, noise 0.3, motion-aware noise on).
+`coffee`), at the preset's defaults (1 step, noise 0.2, motion-aware noise off).
 
 - `a photo` through `streamdiff render` gives the input back, and output frame k shows input
   frame k, not a frame of the chunk before or after (the camera moves 6 px a frame, so a lag or
   a swap of chunks would show);
 - styles are nearest the teacher's rendering of the same frames in their own style (5 of the 8
   with the shipped weights; the issue asks all 8, see test_styles_follow_their_teacher);
-- blending two prompts' embeddings half-way gives a picture between the two styles.
+- blending two prompts' embeddings half-way gives a picture between the two styles;
+- a still camera gets `a photo` at least as sharp as a moving one (the preset's strength does
+  not rise when nothing moves).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ STYLES = PROMPT_NAMES[1:]
 # frame is closer to input k than to k - 1 or k + 1 by at least 1.5 dB: docs/demo.md. These bars
 # guard what the weights do deliver.
 PHOTO_PSNR_DB = 19.0
+STILL_PHOTO_PSNR_DB = 21.0  # 21.7 with the shipped weights; 20.5 with the motion controller on
 NEIGHBOUR_MARGIN_DB = 0.5
 
 
@@ -71,6 +74,15 @@ def test_a_photo_through_render_returns_the_input_frame_by_frame(tmp_path, clip)
         for j in (k - 1, k + 1):
             if 0 <= j < len(seen):
                 assert own > psnr(out[k], seen[j]) + NEIGHBOUR_MARGIN_DB, (k, j, own, psnr(out[k], seen[j]))
+
+
+def test_a_still_camera_gets_a_photo_at_least_as_sharp(comps):
+    """With StreamDiffusionV2's motion-aware controller at this small strength a still camera got
+    strength 0.3 (moving: 0.2), and `a photo` lost 1.2 dB to the noise: 20.5 dB, against 21.7 at
+    the preset's fixed 0.2 (docs/demo.md). The zoom, rotation and light drifts stay; no pan."""
+    still = make_clip(load_photo(HELD_OUT_PHOTO), 17, 256, np.random.default_rng(2026), speed_px=0.0)
+    score = psnr(run(comps, still, "a photo"), still)
+    assert score >= STILL_PHOTO_PSNR_DB, f"a photo, still camera: {score:.2f} dB"
 
 
 @pytest.fixture(scope="module")
