@@ -507,7 +507,7 @@ def _add_seconds(work: Path, seconds: float) -> float:
     """Add one invocation's wall time to the work folder's total (`seconds.json`); returns it."""
     path = work / "seconds.json"
     total = (json.loads(path.read_text())["train_seconds"] if path.exists() else 0.0) + seconds
-    path.write_text(json.dumps({"train_seconds": round(total, 1)}) + "\n")
+    path.write_text(json.dumps({"train_seconds": total}) + "\n")  # unrounded: a resume can take under 0.05 s
     return total
 
 
