@@ -62,15 +62,14 @@ def check_listen(host: str, port: int) -> None:
         raise ConfigError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as sock:
-            if hasattr(socket, "SO_REUSEADDR") and socket.SO_REUSEADDR and family != socket.AF_UNIX:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(address)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     why = (f"port {port} is in use (another server, perhaps an earlier streamdiff serve or "
-                           f"make run): stop it, or pick another port with --port N "
-                           f"(make run RUN_ARGS=\"--config demo --port N\")")
+                           "make run): stop it, or pick another port with --port N "
+                           "(make run RUN_ARGS=\"--config demo --port N\")")
                 elif exc.errno == errno.EACCES:
                     why = "permission denied (ports below 1024 need privileges; use --port 8000 or above)"
                 elif exc.errno == errno.EADDRNOTAVAIL:
