@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from aiortc import RTCConfiguration, RTCPeerConnection
 
+from streamdiff.engine.types import StreamParams
 from streamdiff.server.webrtc import FanOut, InputReader, FrameQueue, cancel_tasks
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,13 @@ PARAM_ALIASES = {
     "motion_aware": "motion_aware",
     "blend": "prompt_blend_chunks",
 }
+
+
+def to_control_words(params: StreamParams) -> dict:
+    """A stream's parameters in the words a control message uses (the inverse of
+    `to_engine_params` for the fields the page shows)."""
+    return {"prompt": params.prompt, "steps": params.steps, "noise": params.noise_strength,
+            "seed": params.seed, "motion": params.motion_aware}
 
 
 def to_engine_params(message: dict) -> dict:
@@ -258,14 +266,15 @@ class SessionManager:
         if target is None or not target.has_stream:
             raise KeyError(key)
         params = await self.engine.update_params(target.id, **to_engine_params(message))
-        return {"prompt": params.prompt, "steps": params.steps, "noise": params.noise_strength,
-                "seed": params.seed, "motion": params.motion_aware}
+        return to_control_words(params)
 
     def snapshot(self) -> dict:
         """Counts for /healthz and /metrics, the engine's frame size and rate (clients such as
         the benchmark send frames at that size), and the preset's stream parameters in the
         control words (the page shows them and sends only what its user changed)."""
-        video, sampling = self.engine.cfg.video, self.engine.cfg.sampling
+        video = self.engine.cfg.video
+        defaults = to_control_words(StreamParams.defaults(self.engine.cfg))
+        del defaults["prompt"]  # the page's own field
         return {
             "sessions": len(self.sessions),
             "streams": self.stream_count,
@@ -273,8 +282,7 @@ class SessionManager:
             "tasks": sum(sum(not t.done() for t in s.tasks) for s in self.sessions.values()),
             "video": {"width": video.width, "height": video.height, "fps": video.fps},
             "slo": {"target_fps": self.target_fps, "deadline_ms": self.deadline_ms},
-            "defaults": {"steps": sampling.steps, "noise": sampling.noise_strength, "seed": sampling.seed,
-                         "motion": sampling.motion_aware},
+            "defaults": defaults,
         }
 
 

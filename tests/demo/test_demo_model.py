@@ -7,8 +7,8 @@
 - styles are nearest the teacher's rendering of the same frames in their own style (5 of the 8
   with the shipped weights; the issue asks all 8, see test_styles_follow_their_teacher);
 - blending two prompts' embeddings half-way gives a picture between the two styles;
-- a still camera gets `a photo` at least as sharp as a moving one (the preset's strength does
-  not rise when nothing moves).
+- a still camera gets `a photo` sharper than a moving one (the preset's strength does not rise
+  when nothing moves).
 """
 
 from __future__ import annotations
@@ -76,13 +76,16 @@ def test_a_photo_through_render_returns_the_input_frame_by_frame(tmp_path, clip)
                 assert own > psnr(out[k], seen[j]) + NEIGHBOUR_MARGIN_DB, (k, j, own, psnr(out[k], seen[j]))
 
 
-def test_a_still_camera_gets_a_photo_at_least_as_sharp(comps):
+def test_a_still_camera_gets_a_photo_sharper_than_a_moving_one(comps, clip):
     """With StreamDiffusionV2's motion-aware controller at this small strength a still camera got
-    strength 0.3 (moving: 0.2), and `a photo` lost 1.2 dB to the noise: 20.5 dB, against 21.7 at
-    the preset's fixed 0.2 (docs/demo.md). The zoom, rotation and light drifts stay; no pan."""
+    strength 0.3 (moving: 0.2), and `a photo` lost 1.2 dB to the noise: 20.5 dB, only 0.5 dB over
+    the moving clip, against 21.7 and 1.7 dB at the preset's fixed 0.2 (docs/demo.md). The zoom,
+    rotation and light drifts stay; no pan."""
     still = make_clip(load_photo(HELD_OUT_PHOTO), 17, 256, np.random.default_rng(2026), speed_px=0.0)
     score = psnr(run(comps, still, "a photo"), still)
+    moving = psnr(run(comps, clip, "a photo"), clip)
     assert score >= STILL_PHOTO_PSNR_DB, f"a photo, still camera: {score:.2f} dB"
+    assert score > moving + 1.0, (score, moving)  # the still picture keeps its detail
 
 
 @pytest.fixture(scope="module")
