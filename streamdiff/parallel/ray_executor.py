@@ -152,6 +152,24 @@ class RayStages:
             raise self._failed(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         return own(out)
 
+    def ready(self, handle: object) -> bool:
+        """Whether a forward's result is back, without waiting or handing it over. A
+        CompiledDAGRef's `get` may be called once, so this asks its graph to read results up to
+        the ref's index with a zero timeout (the first half of `get`; Ray documents 0 as "succeed
+        at once or time out"): a result that is back is kept in the graph's buffer for `get`,
+        one that is not leaves the graph's single output channel unread. On a Ray without that
+        method, or when the read fails (a dead actor), True: `get` then waits or reports it."""
+        read_until = getattr(self.dag, "_execute_until", None)
+        if read_until is None:
+            return True
+        try:
+            read_until(handle._execution_index, handle._channel_index, 0)
+        except ray.exceptions.RayChannelTimeoutError:
+            return False
+        except Exception:  # get() raises it as a StageFailure and recovers
+            return True
+        return True
+
     def call(self, index: int, method: str, *args) -> object:
         try:
             return ray.get(getattr(self.actors[index], method).remote(*args), timeout=self.timeout_s)

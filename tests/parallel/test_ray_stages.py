@@ -94,6 +94,52 @@ def test_ray_stages_overlapping_plans_equal_local(cfg_auto, comps4, counts):
     assert max_abs_diff(frames_of(got), frames_of(ref)) <= TOL
 
 
+def test_live_loop_does_not_wait_on_a_plan_in_the_actors(cfg_auto, comps4):
+    """A live loop steps with `block=False`: while the oldest plan is still in a stage actor
+    and no new chunk is ready, the step returns at once and leaves it in flight (it used to
+    wait for it: a camera stream over Ray got one chunk per plan latency), asking does not
+    take the result away, and a chunk that arrives meanwhile enters the pipeline. The frames
+    are the local executor's."""
+    stages = RayStages(cfg_auto, [2, 2])
+    executor = StagedExecutor(cfg_auto, stages)
+    clip = synthetic_clip(5 + 4 * 3, 64, 48, seed=21)
+    chunks = [clip[:5]] + [clip[5 + 4 * c: 9 + 4 * c] for c in range(3)]
+
+    def run(cfg, executor, live: bool):
+        core, clock = core_for(cfg, executor)
+        assert core.add_stream("s", params(cfg, "a red fox", steps=1, seed=7), RELAXED)
+        outputs, waited, pts = [], 0, 0
+        for frames in chunks:
+            for frame in frames:
+                core.push_frame("s", frame, pts=pts)
+                pts += 1
+            report = core.step(block=not live)
+            assert report is not None and report.plan.chunks  # the new chunk entered the pipeline
+            if live and core.plans_in_flight and not report.plan.chunks[0].first:  # a first chunk runs at submit
+                # nothing new: the step neither waits for the plan in the actors nor collects it
+                assert core.step(block=False) is None and core.plans_in_flight == 1
+                deadline = time.monotonic() + 120
+                while (polled := core.step(block=False)) is None:
+                    waited += 1
+                    assert time.monotonic() < deadline, "the plan never reported ready"
+                    time.sleep(0.005)
+                assert polled.result is not None and core.plans_in_flight == 0
+            outputs += core.pop_outputs("s")
+            clock.t += 4 / 30
+        core.drain()
+        return outputs + core.pop_outputs("s"), waited
+
+    try:
+        stages.call(1, "set_slowdown", 400.0)  # a forward spends 0.8 s in stage 1
+        got, waited = run(cfg_auto, executor, live=True)
+    finally:
+        executor.shutdown()
+    assert waited > 0
+    ref, _ = run(with_overrides(cfg_auto, parallel={"lane_stride": 2}), local(comps4), live=False)
+    assert len(got) == len(ref) > 0
+    assert max_abs_diff(frames_of(got), frames_of(ref)) <= TOL
+
+
 # a step's ref deleted after its actor died must not raise from __del__ (the graph is torn down first)
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_killed_stage_with_plans_in_flight_recovers(cfg_auto):
