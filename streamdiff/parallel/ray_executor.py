@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import replace
 
 # Before ray is imported: no native stack dump when the server is stopped with SIGTERM (Ray's
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 5.0
 FIRST_STEPS_TIMEOUT_S = 300.0  # the first forwards load kernels (Triton JIT, cuDNN autotune)
 FIRST_STEPS = 20
+TEARDOWN_TIMEOUT_S = 20.0  # Ray waits on a stage loop that missed its cancel without a bound
 ENV_PASSED = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES_OVERRIDE", "STREAMDIFF_CONFIG_DIR")
 
 
@@ -81,6 +83,8 @@ class RayStages:
         self._gets = 0
         self._wait_ready(self.actors)
         self.dag = None
+        self.stale = False  # a teardown timed out: replace every actor before the next graph
+        self.teardown_timeout_s = TEARDOWN_TIMEOUT_S
         self._compile()
 
     # -------------------------------------------------------------- actors and graph
@@ -112,12 +116,28 @@ class RayStages:
         self.dag = node.experimental_compile(_max_inflight_executions=in_flight)
 
     def _teardown(self) -> None:
-        if self.dag is not None:
+        """Tear the compiled graph down, waiting at most TEARDOWN_TIMEOUT_S: a stage whose
+        execution loop misses Ray's cancel (seen with the demo at 256x256 on CPU actors) makes
+        `teardown` wait for it forever. Then the actors are stale: every one is replaced before
+        the next graph is compiled (`submit`), so the server goes on instead of hanging."""
+        if self.dag is None:
+            return
+        dag, self.dag = self.dag, None
+        done = threading.Event()
+
+        def run() -> None:
             try:
-                self.dag.teardown()
+                dag.teardown()
             except Exception:  # a dead actor makes teardown complain; the graph is gone anyway
                 log.debug("compiled graph teardown", exc_info=True)
-            self.dag = None
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="streamdiff-ray-teardown", daemon=True).start()
+        if not done.wait(self.teardown_timeout_s):
+            log.warning("the stage graph did not tear down within %g s (a stage loop missed its cancel): "
+                        "replacing the stage actors before the next step", self.teardown_timeout_s)
+            self.stale = True
 
     def _failed(self, why: str) -> StageFailure:
         """Tear the graph down before the failure propagates: the caller then drops the refs of
@@ -137,6 +157,8 @@ class RayStages:
 
     def submit(self, msg: StageInput) -> object:
         try:
+            if self.stale:
+                self._replace_all()
             if self.dag is None:
                 self._compile()
             return self.dag.execute(msg)
@@ -181,6 +203,10 @@ class RayStages:
     def recover(self) -> str:
         """Replace dead or unresponsive actors (same block ranges) and compile the graph again."""
         self._teardown()
+        if self.stale:
+            self._replace_all()
+            self._compile()
+            return "stage graph did not tear down; every stage replaced"
         dead = []
         for k, actor in enumerate(self.actors):
             try:
@@ -197,6 +223,19 @@ class RayStages:
         self._compile()
         self._gets = 0  # replaced actors warm up again
         return f"stage{'s' if len(dead) != 1 else ''} {dead} replaced" if dead else "no stage died; graph rebuilt"
+
+    def _replace_all(self) -> None:
+        """Kill every stage actor and start fresh ones with the same specs (after a teardown
+        that did not finish, no actor's loop can be trusted to have stopped)."""
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+        self.actors = [self._spawn(spec) for spec in self.specs]
+        self._wait_ready(self.actors)
+        self._gets = 0
+        self.stale = False
 
     def actor(self, index: int):
         return self.actors[index]

@@ -140,6 +140,34 @@ def test_live_loop_does_not_wait_on_a_plan_in_the_actors(cfg_auto, comps4):
     assert max_abs_diff(frames_of(got), frames_of(ref)) <= TOL
 
 
+def test_a_teardown_that_hangs_is_bounded_and_the_stages_are_replaced(cfg4, ref):
+    """Ray's teardown waits without a bound on a stage loop that missed its cancel (the demo at
+    256x256 on CPU actors hung there forever when its warm-up removed its stream). Bounded:
+    `idle` returns after `teardown_timeout_s`, every actor is replaced before the next graph,
+    and streams are then served with the frames of the local executor."""
+    import threading
+
+    stages = RayStages(cfg4, [2, 2])
+    executor = StagedExecutor(cfg4, stages)
+    hang = threading.Event()
+    try:
+        stages.dag.teardown = lambda *args, **kwargs: hang.wait()  # a loop that never stops
+        stages.teardown_timeout_s = 1.0
+        old = list(stages.actors)
+        stages.idle()  # returns: before the bound it waited here forever
+        assert stages.dag is None and stages.stale
+        got = run_streams(cfg4, executor)
+        assert not stages.stale and all(new is not o for new, o in zip(stages.actors, old))
+        for actor in old:
+            with pytest.raises(ray.exceptions.RayActorError):
+                ray.get(actor.ping.remote(), timeout=30)
+        for sid in SPECS:
+            assert max_abs_diff(got[sid], ref[sid]) <= TOL, sid
+    finally:
+        hang.set()
+        executor.shutdown()
+
+
 # a step's ref deleted after its actor died must not raise from __del__ (the graph is torn down first)
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_killed_stage_with_plans_in_flight_recovers(cfg_auto):
