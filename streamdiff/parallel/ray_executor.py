@@ -119,8 +119,8 @@ class RayStages:
     def _teardown(self) -> None:
         """Tear the compiled graph down, waiting at most TEARDOWN_TIMEOUT_S: a stage whose
         execution loop misses Ray's cancel (seen with the demo at 256x256 on CPU actors) makes
-        `teardown` wait for it forever. Then the actors are stale: every one is replaced before
-        the next graph is compiled (`submit`), so the server goes on instead of hanging."""
+        `teardown` wait for it forever. Then the actors are stale: `recover` replaces every one
+        before the next graph (`submit` calls it), so the server goes on instead of hanging."""
         if self.dag is None:
             return
         dag, self.dag = self.dag, None
@@ -158,8 +158,8 @@ class RayStages:
 
     def submit(self, msg: StageInput) -> object:
         try:
-            if self.stale:
-                self._replace_all()
+            if self.stale:  # the last teardown did not end: fresh actors first
+                self.recover()
             if self.dag is None:
                 self._compile()
             return self.dag.execute(msg)
@@ -202,18 +202,11 @@ class RayStages:
             raise StageFailure(f"stage {index} {method}: {type(exc).__name__}") from exc
 
     def recover(self) -> str:
-        """Replace dead or unresponsive actors (same block ranges) and compile the graph again."""
+        """Replace dead or unresponsive actors (same block ranges) and compile the graph again;
+        after a teardown that did not end (`stale`), every actor: none can be trusted to have
+        stopped its loop."""
         self._teardown()
-        if self.stale:
-            self._replace_all()
-            self._compile()
-            return "stage graph did not tear down; every stage replaced"
-        dead = []
-        for k, actor in enumerate(self.actors):
-            try:
-                ray.get(actor.ping.remote(), timeout=PING_TIMEOUT_S)
-            except Exception:
-                dead.append(k)
+        dead = [k for k, actor in enumerate(self.actors) if self.stale or not self._answers(actor)]
         for k in dead:
             try:
                 ray.kill(self.actors[k])
@@ -221,22 +214,18 @@ class RayStages:
                 pass
             self.actors[k] = self._spawn(self.specs[k])
         self._wait_ready([self.actors[k] for k in dead])
+        self.stale = False
         self._compile()
         self._gets = 0  # replaced actors warm up again
         return f"stage{'s' if len(dead) != 1 else ''} {dead} replaced" if dead else "no stage died; graph rebuilt"
 
-    def _replace_all(self) -> None:
-        """Kill every stage actor and start fresh ones with the same specs (after a teardown
-        that did not finish, no actor's loop can be trusted to have stopped)."""
-        for actor in self.actors:
-            try:
-                ray.kill(actor)
-            except Exception:
-                pass
-        self.actors = [self._spawn(spec) for spec in self.specs]
-        self._wait_ready(self.actors)
-        self._gets = 0
-        self.stale = False
+    @staticmethod
+    def _answers(actor) -> bool:
+        try:
+            ray.get(actor.ping.remote(), timeout=PING_TIMEOUT_S)
+            return True
+        except Exception:
+            return False
 
     def actor(self, index: int):
         return self.actors[index]
