@@ -319,7 +319,9 @@ class ModelRunner:
         if not self.spec.has_blocks:  # a VAE stage
             if self.spec.encodes:
                 latents = self._encode({s: c for s, c in msg.chunks.items() if s in self.params})
-                msg.encoded.update({s: lat.cpu() for s, lat in latents.items()})  # small; host hop
+                # Own copies, on the host: a latent is a view into the encoder's larger output
+                # (4-8x its size), and a view pickles with all of its storage.
+                msg.encoded.update({s: lat.to("cpu", copy=True) for s, lat in latents.items()})
             else:
                 done = [d for d in msg.decode if d[0] in self.params]
                 msg.finished.update(self._decode([(s, x0.to(self.device), tag) for s, x0, tag in done]))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from streamdiff.cache.slots import WritePlan
+from streamdiff.config import Config
 from streamdiff.engine.types import ChunkInput, StreamOutput
 from streamdiff.scheduler.types import StepPlan
 
@@ -170,4 +171,34 @@ def split_rows(rows: list, groups: int) -> list[list]:
     return out
 
 
-__all__ = ["Hop", "RowMeta", "StageInput", "StageSpec", "StepOut", "VAE_ROLES", "split_rows", "stage_specs"]
+
+FRAMES_PER_LATENT = 4  # the VAE's time ratio (a stream's very first latent frame is 1 frame)
+PIXELS_PER_LATENT = 8  # its space ratio; a token is 2x2 latents (flops.SPATIAL_DOWN = 16)
+MAX_LANES = 4  # denoise steps per stream, 1..4, may grow live: a stream's rows in one forward
+MESSAGE_SLACK = 1 << 16  # the pickled rest: plans, frame metas, timings, dataclass framing
+
+
+def message_bytes(cfg: Config, hop_tensors: bool = True) -> int:
+    """An upper bound of one message's pickled size (`StageInput`, `Hop` or `StepOut`) under
+    `cfg`: every stream `cache.max_streams` allows in one forward at four denoise steps, a
+    stream's first chunk (the longest) for each, 4 bytes an element whatever the dtype, a new
+    prompt embedding per stream. `hop_tensors=False`: a hop's tensors travel another way (NCCL
+    between GPU stages) and only its metadata counts. A transport that must size its buffers up
+    front (Ray's channels) sizes them with it."""
+    s, v, m = cfg.sampling, cfg.video, cfg.model
+    latent_frames = max(s.first_chunk_latents, s.chunk_latents)
+    frames = max(1 + FRAMES_PER_LATENT * (s.first_chunk_latents - 1), FRAMES_PER_LATENT * s.chunk_latents)
+    streams = cfg.cache.max_streams
+    rows = streams * MAX_LANES
+    lh, lw = v.height // PIXELS_PER_LATENT, v.width // PIXELS_PER_LATENT
+    pixels = streams * frames * v.height * v.width * 3  # uint8 frames in (chunks) or out (finished)
+    latent = 4 * m.in_channels * latent_frames * lh * lw  # one stream's or one row's latents
+    hidden = 4 * latent_frames * (lh // 2) * (lw // 2) * m.dim  # one row's tokens
+    prompt = 4 * cfg.text.max_length * m.text_dim
+    stage_input = pixels + streams * latent + rows * latent  # frames, encoded latents, last flows
+    hop = (rows * (hidden + latent) + streams * prompt) if hop_tensors else 0
+    step_out = pixels + rows * latent + streams * latent  # finished frames, flows, x0 to decode
+    return max(stage_input, hop, step_out) + MESSAGE_SLACK
+
+
+__all__ = ["Hop", "RowMeta", "StageInput", "StageSpec", "StepOut", "VAE_ROLES", "message_bytes", "split_rows", "stage_specs"]

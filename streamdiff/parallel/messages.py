@@ -5,6 +5,6 @@ consumes them, whether it holds the whole model or one stage); this module names
 parallel package.
 """
 
-from streamdiff.engine.stage_io import Hop, RowMeta, StageInput, StageSpec, StepOut, split_rows, stage_specs
+from streamdiff.engine.stage_io import Hop, RowMeta, StageInput, StageSpec, StepOut, message_bytes, split_rows, stage_specs
 
-__all__ = ["Hop", "RowMeta", "StageInput", "StageSpec", "StepOut", "split_rows", "stage_specs"]
+__all__ = ["Hop", "RowMeta", "StageInput", "StageSpec", "StepOut", "message_bytes", "split_rows", "stage_specs"]

@@ -28,13 +28,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
-from ray.dag import InputNode  # noqa: E402
+from ray.dag import DAGContext, InputNode  # noqa: E402
 
 from streamdiff.config import Config
 from streamdiff.parallel.executor import StageFailure
 from streamdiff.parallel.partition import ranges
 from streamdiff.engine.types import ChunkInput, StreamOutput
-from streamdiff.parallel.messages import Hop, StageInput, StageSpec, StepOut, stage_specs
+from streamdiff.parallel.messages import Hop, StageInput, StageSpec, StepOut, message_bytes, stage_specs
 from streamdiff.parallel.stage import StageWorker
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,17 @@ def connect(address: str, num_stages: int) -> bool:
     return True
 
 
+def channel_bytes(cfg: Config, hop_tensors: bool = True) -> int:
+    """The size of every compiled-graph channel buffer: the largest message `cfg` can make
+    (`message_bytes`), never below Ray's default. No message may be larger. Ray grows a channel
+    for a larger message by switching its writer and readers to a new buffer, but a graph's
+    teardown closes the buffers the driver knew at compile time: a stage whose next read is on
+    a grown buffer never sees the cancel, and `teardown` waits for it without a bound (the demo
+    over Ray at 256x256 hung in warm-up that way; the one-stream first chunk with its latents
+    passed 1 MB)."""
+    return max(message_bytes(cfg, hop_tensors), int(DAGContext.get_current().buffer_size_bytes))
+
+
 class RayStages:
     """The `Stages` transport over Ray actors and one compiled graph."""
 
@@ -80,6 +91,8 @@ class RayStages:
         self.nccl = self.on_gpu and transport in ("auto", "nccl")
         if transport == "nccl" and not self.on_gpu:
             raise RuntimeError("parallel.transport=nccl needs one GPU per stage in the Ray cluster")
+        # Every channel sized for the largest message up front: see `channel_bytes`.
+        self.channel_bytes = channel_bytes(cfg, hop_tensors=not self.nccl)
         self.actors = [self._spawn(spec) for spec in self.specs]
         self._gets = 0
         self._wait_ready(self.actors)
@@ -94,7 +107,7 @@ class RayStages:
         threads = max(1, (os.cpu_count() or 1) // len(self.specs))
         options = {"num_gpus": 1} if self.on_gpu else {"num_cpus": 1}
         actor_cls = ray.remote(StageActor).options(**options, max_restarts=0)
-        return actor_cls.remote(self.cfg, spec, "cuda" if self.on_gpu else "cpu", threads)
+        return actor_cls.remote(self.cfg, spec, "cuda" if self.on_gpu else "cpu", threads, self.channel_bytes)
 
     def _wait_ready(self, actors) -> None:
         try:
@@ -114,7 +127,15 @@ class RayStages:
                     node = node.with_tensor_transport(transport="nccl")
         # Up to one plan per stage in flight, each in its micro-batches, plus a prepare forward.
         in_flight = len(self.actors) * max(1, self.cfg.parallel.micro_batches) + 1
-        self.dag = node.experimental_compile(_max_inflight_executions=in_flight)
+        ctx = DAGContext.get_current()  # this process writes the input channel: its size too
+        before, ctx.buffer_size_bytes = ctx.buffer_size_bytes, self.channel_bytes
+        try:
+            self.dag = node.experimental_compile(_max_inflight_executions=in_flight,
+                                                 _buffer_size_bytes=self.channel_bytes)
+        finally:
+            ctx.buffer_size_bytes = before
+        log.debug("stage graph compiled: %d channels x %d buffers of %.1f MB", len(self.actors) + 1, in_flight,
+                  self.channel_bytes / 1e6)
 
     def _teardown(self) -> None:
         """Tear the compiled graph down, waiting at most TEARDOWN_TIMEOUT_S: a stage whose
@@ -265,10 +286,13 @@ class StageActor(StageWorker):
     """A StageWorker with its torch thread count set for the host it shares; it owns every
     value it reads from the graph (see `own`)."""
 
-    def __init__(self, cfg: Config, spec: StageSpec, device: str, threads: int):
+    def __init__(self, cfg: Config, spec: StageSpec, device: str, threads: int, channel_bytes: int):
         import torch
 
         torch.set_num_threads(threads)
+        # The channels this actor writes are made here, at their writer, with this process's
+        # default size (Ray 2.60 does not pass the graph's size to them): see `channel_bytes`.
+        DAGContext.get_current().buffer_size_bytes = channel_bytes
         super().__init__(cfg, spec, device)
 
     def run(self, msg):

@@ -168,6 +168,45 @@ def test_a_teardown_that_hangs_is_bounded_and_the_stages_are_replaced(cfg4, ref)
         executor.shutdown()
 
 
+
+def test_messages_past_rays_default_channel_size_do_not_stall_teardown(cfg4):
+    """Frames of 256x192 through an encode stage: every message between the actors is larger
+    than Ray's default channel (1 MB). Ray grows a channel for such a message onto a new buffer
+    that a graph teardown does not close, and the stage reading it never stopped (the demo over
+    Ray hung in warm-up). With channels sized for the largest message, `idle` tears the graph
+    down within its bound, the actors stay, and the next stream is served."""
+    import pickle
+
+    w, h = 256, 192
+    cfg = with_overrides(cfg4, video={"width": w, "height": h}, parallel={"vae_stages": True})
+    stages = RayStages(cfg, [2, 2])
+    executor = StagedExecutor(cfg, stages)
+    try:
+        stages.teardown_timeout_s = 10.0
+        core, clock = core_for(cfg, executor)
+        sids = ["a", "b", "c"]
+        clips = {sid: synthetic_clip(5 + 4 * 5, w, h, seed=k) for k, sid in enumerate(sids)}
+        steady = sum(len(pickle.dumps(clips[sid][:4])) for sid in sids)
+        assert steady > 1_000_000  # every steady step's frames alone pass Ray's default
+        for k, sid in enumerate(sids):
+            assert core.add_stream(sid, params(cfg, "a red fox", steps=2, seed=k), RELAXED)
+        feeder = Feeder(core, clock, clips)
+        for _ in range(6):  # more steps than a channel has buffers: each buffer held one
+            feeder.round(sids)
+        assert all(len(feeder.frames(sid)) > 0 for sid in sids)
+        for sid in sids:
+            core.remove_stream(sid)
+        actors = list(stages.actors)
+        stages.idle()
+        assert stages.dag is None and not stages.stale  # the teardown ended within its bound
+        assert core.add_stream("d", params(cfg, "a blue whale", steps=1, seed=9), RELAXED)
+        feeder = Feeder(core, clock, {"d": synthetic_clip(5 + 4 * 3, w, h, seed=5)})
+        for _ in range(4):
+            feeder.round(["d"])
+        assert len(feeder.frames("d")) > 0 and stages.actors == actors
+    finally:
+        executor.shutdown()
+
 # a step's ref deleted after its actor died must not raise from __del__ (the graph is torn down first)
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_killed_stage_with_plans_in_flight_recovers(cfg_auto):

@@ -126,3 +126,45 @@ def test_stages_sharing_cpu_cores_take_at_least_their_work_over_the_cores():
     assert pipeline_period_ms([90.0, 60.0, 140.0], shared_cores=2) == 145.0  # three threads on 2 cores
     assert pipeline_period_ms([90.0, 60.0, 140.0], shared_cores=4) == 140.0  # enough cores: the slowest
     assert pipeline_period_ms([90.0, 60.0, 140.0], shared_cores=1) == 290.0  # one core: all of it
+
+
+def test_every_message_fits_the_bound_transports_size_their_buffers_with(cfg_vae):
+    """`message_bytes` bounds every message of a forward (Ray sizes its channels with it: a
+    larger message stalls a graph's teardown, test_ray_stages.py). The busiest case: every
+    stream the cache allows at four denoise steps, first chunks, a prompt blend, through
+    encode / DiT / DiT / decode stages. The encoded latents are sent as copies of their own,
+    not views that pickle the encoder's whole output with them."""
+    import pickle
+
+    from engine_helpers import RELAXED, Feeder, params
+    from stage_helpers import core_for
+    from streamdiff.parallel.messages import message_bytes
+    from streamdiff.pipeline.frames import synthetic_clip
+
+    stages = InProcessStages(cfg_vae, [2, 2])
+    sizes: dict[str, int] = {}
+    views: list[bool] = []  # per encoded latent sent: does it pickle more than itself?
+    for worker in stages.workers:
+        def run(msg, worker=worker, inner=worker.run):
+            out = inner(msg)
+            name = f"{type(out).__name__} from stage {worker.spec.index}"
+            sizes[name] = max(sizes.get(name, 0), len(pickle.dumps(out, protocol=5)))
+            if worker.spec.vae == "encode":
+                views.extend(lat.untyped_storage().nbytes() > lat.nbytes for lat in out.encoded.values())
+            return out
+        worker.run = run
+    core, clock = core_for(cfg_vae, StagedExecutor(cfg_vae, stages))
+    sids = [f"s{k}" for k in range(cfg_vae.cache.max_streams)]
+    clips = {sid: synthetic_clip(5 + 4 * 5, 64, 48, seed=k) for k, sid in enumerate(sids)}
+    for k, sid in enumerate(sids):
+        assert core.add_stream(sid, params(cfg_vae, "a red fox", steps=4, seed=k), RELAXED)
+    feeder = Feeder(core, clock, clips)
+    for r in range(6):
+        if r == 2:
+            core.update_params(sids[0], prompt="a blue whale", prompt_blend_chunks=2)
+        feeder.round(sids)
+    assert all(len(feeder.frames(sid)) > 0 for sid in sids)
+    bound = message_bytes(cfg_vae)
+    assert len(sizes) == 4 and max(sizes.values()) <= bound, (sizes, bound)
+    assert max(sizes.values()) > bound / 3, (sizes, bound)  # a bound, not a blanket: Ray allocates it per buffer
+    assert views and not any(views)
