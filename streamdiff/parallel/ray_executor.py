@@ -5,7 +5,8 @@ HOST:PORT joins a cluster made with `ray start --head` / `ray start --address`),
 stage (`num_gpus=1` where the cluster has a GPU per stage, CPU actors otherwise) that builds
 ONLY its blocks, pool, and VAE half / prompt encoder (stage.py), the compiled graph
 input -> stage 0 -> ... -> stage S-1 -> output (NCCL between GPU actors, Ray's shared-memory
-channels between CPU actors), up to S plans in flight (one per stage), and the fault path: a dead or hung
+channels between CPU actors, each sized for the largest message: `channel_bytes`), up to S plans
+in flight (one per stage), and the fault path: a dead or hung
 actor is found by ping, replaced by a fresh one with the same block range, and the graph is
 compiled again; a graph teardown that does not end within TEARDOWN_TIMEOUT_S gets every actor
 replaced. Whether a forward is back is asked without reading it (`ready`, for the live loop). This is the only module that imports ray.
@@ -139,8 +140,8 @@ class RayStages:
 
     def _teardown(self) -> None:
         """Tear the compiled graph down, waiting at most TEARDOWN_TIMEOUT_S: a stage whose
-        execution loop misses Ray's cancel (seen with the demo at 256x256 on CPU actors) makes
-        `teardown` wait for it forever. Then the actors are stale: `recover` replaces every one
+        execution loop misses Ray's cancel (the demo at 256x256 did, before `channel_bytes`)
+        makes `teardown` wait for it forever. Then the actors are stale: `recover` replaces every one
         before the next graph (`submit` calls it), so the server goes on instead of hanging."""
         if self.dag is None:
             return

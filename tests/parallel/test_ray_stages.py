@@ -142,7 +142,8 @@ def test_live_loop_does_not_wait_on_a_plan_in_the_actors(cfg_auto, comps4):
 
 def test_a_teardown_that_hangs_is_bounded_and_the_stages_are_replaced(cfg4, ref):
     """Ray's teardown waits without a bound on a stage loop that missed its cancel (the demo at
-    256x256 on CPU actors hung there forever when its warm-up removed its stream). Bounded:
+    256x256 on CPU actors hung there forever when its warm-up removed its stream, until the
+    channels were sized for its messages: the next test). Bounded:
     `idle` returns after `teardown_timeout_s`, every actor is replaced before the next graph,
     and streams are then served with the frames of the local executor."""
     import threading
