@@ -39,7 +39,8 @@ import torch
 from streamdiff.cache.slots import SlotTable
 from streamdiff.config import Config
 from streamdiff.engine.conditions import CondLRU, ConditionKV
-from streamdiff.engine.stage_io import Hop, RowMeta, StageInput, StageSpec, StepOut, split_rows
+# MAX_LANES: the pool has this many lanes per stream unless cache.pool_lanes says
+from streamdiff.engine.stage_io import MAX_LANES, Hop, RowMeta, StageInput, StageSpec, StepOut, split_rows
 from streamdiff.engine.types import ChunkInput, StreamOutput, StreamParams
 from streamdiff.engine.vae_batch import decode_many, encode_many
 from streamdiff.model.build import (
@@ -65,8 +66,6 @@ from streamdiff.pipeline.stream_state import (
 )
 from streamdiff.sampling.noise_schedule import FlowMatchSchedule
 from streamdiff.scheduler.types import StepPlan
-
-MAX_LANES = 4  # denoise steps 1..4: the pool has this many lanes per stream unless cache.pool_lanes says
 
 
 def stage_components(cfg: Config, spec: StageSpec, device: torch.device) -> Components:

@@ -3,8 +3,8 @@
 Owns: the stage spec (block range, first / last flags, VAE role), the chain of specs for a
 split (`stage_specs`, with or without VAE stages of their own), and the messages of one forward:
 executor -> first runner (`StageInput`), runner -> runner (`Hop`: the intermediate tensors),
-last runner -> executor (`StepOut`), per-row metadata (`RowMeta`), and how a step's rows split
-into micro-batches. Plain data (tensors, numpy arrays, slot plans): Ray pickles them between
+last runner -> executor (`StepOut`), per-row metadata (`RowMeta`), how a step's rows split
+into micro-batches, and an upper bound of a message's size for a config (`message_bytes`). Plain data (tensors, numpy arrays, slot plans): Ray pickles them between
 CPU actors and sends their tensors over NCCL between GPU actors.
 Does not own: producing or consuming them (model_runner.py; parallel/ drives the chain).
 
@@ -23,7 +23,11 @@ import torch
 from streamdiff.cache.slots import WritePlan
 from streamdiff.config import Config
 from streamdiff.engine.types import ChunkInput, StreamOutput
-from streamdiff.scheduler.types import StepPlan
+from streamdiff.model.flops import PATCH_VOLUME, tokens_per_frame
+from streamdiff.scheduler.types import VAE_TIME_STRIDE, StepPlan
+
+MAX_LANES = 4  # denoise steps 1..4, one lane (a row of a forward) each; steps may grow live
+MESSAGE_SLACK = 1 << 16  # a message's pickled rest: plans, frame metas, timings, framing
 
 VAE_ROLES = ("both", "encode", "decode", "none")
 
@@ -171,13 +175,6 @@ def split_rows(rows: list, groups: int) -> list[list]:
     return out
 
 
-
-FRAMES_PER_LATENT = 4  # the VAE's time ratio (a stream's very first latent frame is 1 frame)
-PIXELS_PER_LATENT = 8  # its space ratio; a token is 2x2 latents (flops.SPATIAL_DOWN = 16)
-MAX_LANES = 4  # denoise steps per stream, 1..4, may grow live: a stream's rows in one forward
-MESSAGE_SLACK = 1 << 16  # the pickled rest: plans, frame metas, timings, dataclass framing
-
-
 def message_bytes(cfg: Config, hop_tensors: bool = True) -> int:
     """An upper bound of one message's pickled size (`StageInput`, `Hop` or `StepOut`) under
     `cfg`: every stream `cache.max_streams` allows in one forward at four denoise steps, a
@@ -187,13 +184,13 @@ def message_bytes(cfg: Config, hop_tensors: bool = True) -> int:
     front (Ray's channels) sizes them with it."""
     s, v, m = cfg.sampling, cfg.video, cfg.model
     latent_frames = max(s.first_chunk_latents, s.chunk_latents)
-    frames = max(1 + FRAMES_PER_LATENT * (s.first_chunk_latents - 1), FRAMES_PER_LATENT * s.chunk_latents)
+    frames = max(1 + VAE_TIME_STRIDE * (s.first_chunk_latents - 1), VAE_TIME_STRIDE * s.chunk_latents)
     streams = cfg.cache.max_streams
     rows = streams * MAX_LANES
-    lh, lw = v.height // PIXELS_PER_LATENT, v.width // PIXELS_PER_LATENT
+    tokens = latent_frames * tokens_per_frame(v.width, v.height)  # one row's
     pixels = streams * frames * v.height * v.width * 3  # uint8 frames in (chunks) or out (finished)
-    latent = 4 * m.in_channels * latent_frames * lh * lw  # one stream's or one row's latents
-    hidden = 4 * latent_frames * (lh // 2) * (lw // 2) * m.dim  # one row's tokens
+    latent = 4 * m.in_channels * tokens * PATCH_VOLUME  # one stream's or one row's latents
+    hidden = 4 * tokens * m.dim
     prompt = 4 * cfg.text.max_length * m.text_dim
     stage_input = pixels + streams * latent + rows * latent  # frames, encoded latents, last flows
     hop = (rows * (hidden + latent) + streams * prompt) if hop_tensors else 0
@@ -201,4 +198,5 @@ def message_bytes(cfg: Config, hop_tensors: bool = True) -> int:
     return max(stage_input, hop, step_out) + MESSAGE_SLACK
 
 
-__all__ = ["Hop", "RowMeta", "StageInput", "StageSpec", "StepOut", "VAE_ROLES", "message_bytes", "split_rows", "stage_specs"]
+__all__ = ["MAX_LANES", "Hop", "RowMeta", "StageInput", "StageSpec", "StepOut", "VAE_ROLES", "message_bytes", "split_rows",
+           "stage_specs"]
