@@ -43,6 +43,7 @@ PING_TIMEOUT_S = 5.0
 FIRST_STEPS_TIMEOUT_S = 300.0  # the first forwards load kernels (Triton JIT, cuDNN autotune)
 FIRST_STEPS = 20
 TEARDOWN_TIMEOUT_S = 20.0  # Ray waits on a stage loop that missed its cancel without a bound
+CHANNEL_STORE_SHARE = 0.25  # of a node's object store, the most the stage channels take up front
 ENV_PASSED = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES_OVERRIDE", "STREAMDIFF_CONFIG_DIR")
 
 
@@ -63,15 +64,34 @@ def connect(address: str, num_stages: int) -> bool:
     return True
 
 
-def channel_bytes(cfg: Config, hop_tensors: bool = True) -> int:
+def channel_bytes(cfg: Config, buffers: int, store_bytes: float, hop_tensors: bool = True) -> int:
     """The size of every compiled-graph channel buffer: the largest message `cfg` can make
-    (`message_bytes`), never below Ray's default. No message may be larger. Ray grows a channel
-    for a larger message by switching its writer and readers to a new buffer, but a graph's
-    teardown closes the buffers the driver knew at compile time: a stage whose next read is on
-    a grown buffer never sees the cancel, and `teardown` waits for it without a bound (the demo
-    over Ray at 256x256 hung in warm-up that way; the one-stream first chunk with its latents
-    passed 1 MB)."""
-    return max(message_bytes(cfg, hop_tensors), int(DAGContext.get_current().buffer_size_bytes))
+    (`message_bytes`), never below Ray's default, and `buffers` of them (channels x executions
+    in flight) taking at most CHANNEL_STORE_SHARE of a node's object store (`store_bytes`; 0:
+    unknown, no cap). Why the largest message: Ray grows a channel for a larger one by switching
+    its writer and readers to a new buffer, but a graph's teardown closes the buffers the driver
+    knew at compile time, so a stage whose next read is on a grown buffer never sees the cancel
+    and `teardown` waits for it without a bound (the demo over Ray at 256x256 hung in warm-up
+    that way: a stream's first chunk with its latents passed 1 MB). Past the cap (many streams
+    of large frames) a large message may still grow a channel, and the teardown bound
+    (TEARDOWN_TIMEOUT_S, then fresh actors) is what remains: said once, as a warning."""
+    floor = int(DAGContext.get_current().buffer_size_bytes)
+    need = max(message_bytes(cfg, hop_tensors), floor)
+    if not store_bytes or need * buffers <= CHANNEL_STORE_SHARE * store_bytes:
+        return need
+    cap = max(floor, int(CHANNEL_STORE_SHARE * store_bytes / buffers))
+    log.warning("stage messages may reach %.0f MB (cache.max_streams=%d at %dx%d) but %d channel buffers of that "
+                "size would take over %d%% of Ray's object store: they hold %.0f MB each, and when the last "
+                "stream leaves the stages may need replacing (up to %g s)", need / 1e6, cfg.cache.max_streams,
+                cfg.video.width, cfg.video.height, buffers, CHANNEL_STORE_SHARE * 100, cap / 1e6, TEARDOWN_TIMEOUT_S)
+    return cap
+
+
+def object_store_bytes() -> float:
+    """The smallest object store of the cluster's live nodes (a channel's buffers live on its
+    writer's node); 0 when Ray does not say."""
+    sizes = [n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n.get("Alive")]
+    return min(sizes) if sizes else 0.0
 
 
 class RayStages:
@@ -92,8 +112,11 @@ class RayStages:
         self.nccl = self.on_gpu and transport in ("auto", "nccl")
         if transport == "nccl" and not self.on_gpu:
             raise RuntimeError("parallel.transport=nccl needs one GPU per stage in the Ray cluster")
+        # Up to one plan per stage in flight, each in its micro-batches, plus a prepare forward.
+        self.max_executions = len(self.specs) * max(1, cfg.parallel.micro_batches) + 1
         # Every channel sized for the largest message up front: see `channel_bytes`.
-        self.channel_bytes = channel_bytes(cfg, hop_tensors=not self.nccl)
+        self.channel_bytes = channel_bytes(cfg, (len(self.specs) + 1) * self.max_executions, object_store_bytes(),
+                                           hop_tensors=not self.nccl)
         self.actors = [self._spawn(spec) for spec in self.specs]
         self._gets = 0
         self._wait_ready(self.actors)
@@ -126,17 +149,15 @@ class RayStages:
                 blocks_both = k < len(self.actors) - 1 and self.specs[k].has_blocks and self.specs[k + 1].has_blocks
                 if self.nccl and blocks_both:
                     node = node.with_tensor_transport(transport="nccl")
-        # Up to one plan per stage in flight, each in its micro-batches, plus a prepare forward.
-        in_flight = len(self.actors) * max(1, self.cfg.parallel.micro_batches) + 1
         ctx = DAGContext.get_current()  # this process writes the input channel: its size too
         before, ctx.buffer_size_bytes = ctx.buffer_size_bytes, self.channel_bytes
         try:
-            self.dag = node.experimental_compile(_max_inflight_executions=in_flight,
+            self.dag = node.experimental_compile(_max_inflight_executions=self.max_executions,
                                                  _buffer_size_bytes=self.channel_bytes)
         finally:
             ctx.buffer_size_bytes = before
-        log.debug("stage graph compiled: %d channels x %d buffers of %.1f MB", len(self.actors) + 1, in_flight,
-                  self.channel_bytes / 1e6)
+        log.debug("stage graph compiled: %d channels x %d buffers of %.1f MB", len(self.actors) + 1,
+                  self.max_executions, self.channel_bytes / 1e6)
 
     def _teardown(self) -> None:
         """Tear the compiled graph down, waiting at most TEARDOWN_TIMEOUT_S: a stage whose

@@ -208,6 +208,24 @@ def test_messages_past_rays_default_channel_size_do_not_stall_teardown(cfg4):
     finally:
         executor.shutdown()
 
+
+def test_channels_hold_the_largest_message_within_their_share_of_the_object_store(cfg4, caplog):
+    """Channel buffers: the largest message the config can make, at least Ray's default, and
+    all of them at most CHANNEL_STORE_SHARE of the object store; past that (many streams of
+    large frames) smaller, with one warning that names the setting."""
+    from streamdiff.parallel.messages import message_bytes
+    from streamdiff.parallel.ray_executor import CHANNEL_STORE_SHARE, channel_bytes
+
+    assert channel_bytes(cfg4, 16, 1e12) == 1_000_000 > message_bytes(cfg4)  # small frames: Ray's default
+    big = with_overrides(cfg4, video={"width": 256, "height": 192}, cache={"max_streams": 64})
+    need = message_bytes(big)
+    with caplog.at_level("WARNING", logger="streamdiff.parallel.ray_executor"):
+        assert channel_bytes(big, 16, 16 * need / CHANNEL_STORE_SHARE) == need  # just fits
+        assert not caplog.records
+        capped = channel_bytes(big, 16, 16 * need)  # would take the whole store
+    assert 1_000_000 <= capped and 16 * capped <= CHANNEL_STORE_SHARE * 16 * need
+    assert len(caplog.records) == 1 and "cache.max_streams=64" in caplog.text
+
 # a step's ref deleted after its actor died must not raise from __del__ (the graph is torn down first)
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_killed_stage_with_plans_in_flight_recovers(cfg_auto):
