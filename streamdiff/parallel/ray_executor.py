@@ -43,7 +43,7 @@ PING_TIMEOUT_S = 5.0
 FIRST_STEPS_TIMEOUT_S = 300.0  # the first forwards load kernels (Triton JIT, cuDNN autotune)
 FIRST_STEPS = 20
 TEARDOWN_TIMEOUT_S = 20.0  # Ray waits on a stage loop that missed its cancel without a bound
-CHANNEL_STORE_SHARE = 0.25  # of a node's object store, the most the stage channels take up front
+CHANNEL_STORE_SHARE = 1 / 16  # of a node's object store (Ray: 30 % of memory), the most the channels take
 ENV_PASSED = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES_OVERRIDE", "STREAMDIFF_CONFIG_DIR")
 
 
@@ -81,7 +81,7 @@ def channel_bytes(cfg: Config, buffers: int, store_bytes: float, hop_tensors: bo
         return need
     cap = max(floor, int(CHANNEL_STORE_SHARE * store_bytes / buffers))
     log.warning("stage messages may reach %.0f MB (cache.max_streams=%d at %dx%d) but %d channel buffers of that "
-                "size would take over %d%% of Ray's object store: they hold %.0f MB each, and when the last "
+                "size would take over %g%% of Ray's object store: they hold %.0f MB each, and when the last "
                 "stream leaves the stages may need replacing (up to %g s)", need / 1e6, cfg.cache.max_streams,
                 cfg.video.width, cfg.video.height, buffers, CHANNEL_STORE_SHARE * 100, cap / 1e6, TEARDOWN_TIMEOUT_S)
     return cap
