@@ -169,7 +169,6 @@ def test_a_teardown_that_hangs_is_bounded_and_the_stages_are_replaced(cfg4, ref)
         executor.shutdown()
 
 
-
 def test_messages_past_rays_default_channel_size_do_not_stall_teardown(cfg4):
     """Frames of 256x192 through an encode stage: every message between the actors is larger
     than Ray's default channel (1 MB). Ray grows a channel for such a message onto a new buffer
@@ -225,6 +224,7 @@ def test_channels_hold_the_largest_message_within_their_share_of_the_object_stor
         capped = channel_bytes(big, 16, 16 * need)  # would take the whole store
     assert 1_000_000 <= capped and 16 * capped <= CHANNEL_STORE_SHARE * 16 * need
     assert len(caplog.records) == 1 and "cache.max_streams=64" in caplog.text
+
 
 # a step's ref deleted after its actor died must not raise from __del__ (the graph is torn down first)
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
