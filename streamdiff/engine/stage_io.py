@@ -179,9 +179,10 @@ def message_bytes(cfg: Config, hop_tensors: bool = True) -> int:
     """An upper bound of one message's pickled size (`StageInput`, `Hop` or `StepOut`) under
     `cfg`: every stream `cache.max_streams` allows in one forward at four denoise steps, a
     stream's first chunk (the longest) for each, 4 bytes an element whatever the dtype, a new
-    prompt embedding per stream. `hop_tensors=False`: a hop's tensors travel another way (NCCL
-    between GPU stages) and only its metadata counts. A transport that must size its buffers up
-    front (Ray's channels) sizes them with it."""
+    prompt embedding per stream. `hop_tensors=False`: a hop's device tensors travel another way
+    (NCCL between GPU stages) and do not count; its prompt embeddings still do (host tensors
+    with `text.device: cpu`, and Ray sends host tensors with the message). A transport that
+    must size its buffers up front (Ray's channels) sizes them with it."""
     s, v, m = cfg.sampling, cfg.video, cfg.model
     latent_frames = max(s.first_chunk_latents, s.chunk_latents)
     frames = max(1 + VAE_TIME_STRIDE * (s.first_chunk_latents - 1), VAE_TIME_STRIDE * s.chunk_latents)
@@ -193,7 +194,7 @@ def message_bytes(cfg: Config, hop_tensors: bool = True) -> int:
     hidden = 4 * tokens * m.dim
     prompt = 4 * cfg.text.max_length * m.text_dim
     stage_input = pixels + streams * latent + rows * latent  # frames, encoded latents, last flows
-    hop = (rows * (hidden + latent) + streams * prompt) if hop_tensors else 0
+    hop = (rows * (hidden + latent) if hop_tensors else 0) + streams * prompt
     step_out = pixels + rows * latent + streams * latent  # finished frames, flows, x0 to decode
     return max(stage_input, hop, step_out) + MESSAGE_SLACK
 
