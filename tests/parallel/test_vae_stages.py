@@ -133,9 +133,9 @@ def test_every_message_fits_the_bound_transports_size_their_buffers_with(cfg4, v
     """`message_bytes` bounds every message of a forward (Ray sizes its channels with it: a
     larger message stalls a graph's teardown, test_ray_stages.py). The busiest case: every
     stream the cache allows at four denoise steps, first chunks, a prompt blend, through
-    encode / DiT / DiT / decode stages or two DiT stages with the VAE halves. Every tensor sent is its own, not a view that pickles a
-    larger one with it (the encoded latents were views of the encoder's output, 4-8x their
-    size)."""
+    encode / DiT / DiT / decode stages or two DiT stages holding the VAE halves. Every tensor
+    sent is its own, not a view that pickles a larger one with it (the encoded latents were
+    views of the encoder's output, 4-8x their size)."""
     import dataclasses
     import pickle
 
