@@ -39,7 +39,6 @@ import torch
 from streamdiff.cache.slots import SlotTable
 from streamdiff.config import Config
 from streamdiff.engine.conditions import CondLRU, ConditionKV
-# MAX_LANES: the pool has this many lanes per stream unless cache.pool_lanes says
 from streamdiff.engine.stage_io import MAX_LANES, Hop, RowMeta, StageInput, StageSpec, StepOut, split_rows
 from streamdiff.engine.types import ChunkInput, StreamOutput, StreamParams
 from streamdiff.engine.vae_batch import decode_many, encode_many
@@ -92,6 +91,7 @@ class ModelRunner:
         self.tokens_per_frame = (self.height // 16) * (self.width // 16)
         self.max_streams = max_streams or cfg.cache.max_streams
         # 1. A pool for this runner's layers; the first stage's slot table hands out its lanes.
+        # MAX_LANES lanes a stream (steps can grow live) unless cache.pool_lanes says
         self.num_slots = (cfg.cache.pool_lanes or MAX_LANES * self.max_streams) * cfg.cache.window
         self.pool = (new_pool(self.model, self.num_slots, self.tokens_per_frame, cfg, self.dtype, self.device,
                               comps.step) if self.spec.has_blocks else None)

@@ -4,8 +4,9 @@ Owns: the stage spec (block range, first / last flags, VAE role), the chain of s
 split (`stage_specs`, with or without VAE stages of their own), and the messages of one forward:
 executor -> first runner (`StageInput`), runner -> runner (`Hop`: the intermediate tensors),
 last runner -> executor (`StepOut`), per-row metadata (`RowMeta`), how a step's rows split
-into micro-batches, and an upper bound of a message's size for a config (`message_bytes`). Plain data (tensors, numpy arrays, slot plans): Ray pickles them between
-CPU actors and sends their tensors over NCCL between GPU actors.
+into micro-batches, and an upper bound of a message's size for a config (`message_bytes`).
+Plain data (tensors, numpy arrays, slot plans): Ray pickles them between CPU actors and sends
+their tensors over NCCL between GPU actors.
 Does not own: producing or consuming them (model_runner.py; parallel/ drives the chain).
 
 The local executor is the one-stage case: `StageSpec.whole(num_blocks)` (first and last, both

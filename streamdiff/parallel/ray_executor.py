@@ -5,11 +5,12 @@ HOST:PORT joins a cluster made with `ray start --head` / `ray start --address`),
 stage (`num_gpus=1` where the cluster has a GPU per stage, CPU actors otherwise) that builds
 ONLY its blocks, pool, and VAE half / prompt encoder (stage.py), the compiled graph
 input -> stage 0 -> ... -> stage S-1 -> output (NCCL between GPU actors, Ray's shared-memory
-channels between CPU actors, each sized for the largest message: `channel_bytes`), up to S plans
-in flight (one per stage), and the fault path: a dead or hung
-actor is found by ping, replaced by a fresh one with the same block range, and the graph is
-compiled again; a graph teardown that does not end within TEARDOWN_TIMEOUT_S gets every actor
-replaced. Whether a forward is back is asked without reading it (`ready`, for the live loop). This is the only module that imports ray.
+channels between CPU actors, each sized for the largest message: `channel_bytes`), up to S
+plans in flight (one per stage), and the fault path: a dead or hung actor is found by ping,
+replaced by a fresh one with the same block range, and the graph is compiled again; a graph
+teardown that does not end within TEARDOWN_TIMEOUT_S gets every actor replaced. Whether a
+forward is back is asked without reading it (`ready`, for the live loop). This is the only
+module that imports ray.
 Does not own: what a step does (executor.py: `StagedExecutor` drives a `Stages` transport;
 this module provides `RayStages`).
 """
