@@ -141,8 +141,12 @@ class StagedExecutor:
         self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
 
     def collect(self) -> EngineStepResult:
-        """The oldest plan's result. `step_ms` is the pipeline period it took: its slowest stage
-        (a plan run to the end at submit: its wall time)."""
+        """The oldest plan's result. `step_ms` is the pipeline period it took: its slowest
+        stage's time, from the stages' own clocks. That holds for a plan run to the end at submit
+        (first chunks) too: its wall time is a latency (about its forwards times the stages'
+        sum), and the scheduler, which takes a plan to end `depth` periods after it starts,
+        would learn it as a period `depth` times too long. Its wall time only when no forward
+        carried rows (commands alone)."""
         if not self._in_flight:
             raise RuntimeError("no plan in flight")
         try:
@@ -160,7 +164,7 @@ class StagedExecutor:
         idle = getattr(self.stages, "idle", None)
         if not self.params and not self._in_flight and entry.plan.finished_streams and idle is not None:
             idle()  # nothing flows until the next stream: let the transport rest
-        step_ms = entry.wall_ms if entry.wall_ms is not None or period_ms is None else period_ms
+        step_ms = period_ms if period_ms is not None else entry.wall_ms
         if step_ms is None:
             step_ms = (time.perf_counter() - entry.t0) * 1000.0
         return EngineStepResult(entry.plan.step_id, step_ms, self.clock(), outputs=outputs, forwards=forwards)
@@ -249,13 +253,14 @@ class StagedExecutor:
     # -------------------------------------------------------------- balance
 
     def _observe(self, outs: list[StepOut]) -> float | None:
-        """Each stage's time over the plan's forwards that carried rows -> the rebalancer.
-        Returns the pipeline period the plan took: its slowest stage's time, or for stages that
-        share a CPU's cores (`stages.shared_cores`) their summed time over those cores if that
-        is longer; None if no rows."""
-        ran = [out.stage_ms for out in outs if out.rows and len(out.stage_ms) == self.num_stages]
-        if not ran:
+        """Each stage's time over the plan's forwards -> the rebalancer. Returns the pipeline
+        period the plan took: its slowest stage's time, or for stages that share a CPU's cores
+        (`stages.shared_cores`) their summed time over those cores if that is longer; None if no
+        forward carried rows."""
+        if not any(out.rows for out in outs):
             return None
+        # A first chunk's encode rides on a forward of its own (no rows): its time counts too.
+        ran = [out.stage_ms for out in outs if len(out.stage_ms) == self.num_stages]
         samples = [StageSample(sum(f[k]["total"] for f in ran), sum(f[k]["blocks"] for f in ran),
                                int(ran[0][k]["num_blocks"])) for k in range(self.num_stages)]
         self.last_stage_ms = [s.total_ms for s in samples]

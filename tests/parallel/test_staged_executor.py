@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from engine_helpers import max_abs_diff, params
+from engine_helpers import RELAXED, max_abs_diff, params
 from stage_helpers import SPECS, TOL, core_for, reference, run_streams
 from streamdiff.config import with_overrides
 from streamdiff.engine.types import StreamClosedError
 from streamdiff.parallel.executor import InProcessStages, StagedExecutor, StageFailure
+from streamdiff.pipeline.frames import synthetic_clip
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +155,37 @@ def test_closed_stream_reaches_async_waiters(cfg4):
             await engine.stop()
 
     asyncio.run(main())
+
+
+def test_a_first_chunk_teaches_the_cost_model_the_period_it_took_not_its_wall_time(cfg4):
+    """A plan with a first chunk runs to the end at submit, one stage after another, so its wall
+    time is about the stages' sum; the scheduler takes a plan to end `depth` periods after it
+    starts, so what it must learn is the slowest stage's time, like any plan's. A drill delay of
+    150 ms per block makes each stage's forward at least 300 ms, so a first chunk's wall time is
+    at least 600 ms, and its period about a steady plan's."""
+    import time
+
+    from streamdiff.parallel.executor import pipeline_period_ms
+
+    cfg = with_overrides(cfg4, parallel={"block_delay_ms": 150.0})
+    executor = StagedExecutor(cfg, InProcessStages(cfg, [2, 2], "cpu"))
+    core, clock = core_for(cfg, executor)
+    learnt = []
+    observe = core.scheduler.cost_model.observe
+    core.scheduler.cost_model.observe = lambda rows, tokens, ms: (learnt.append(ms), observe(rows, tokens, ms))
+    assert core.add_stream("s", params(cfg, "a red fox", steps=1), RELAXED)
+    clip = synthetic_clip(9, 64, 48, seed=5)
+    for frames in (clip[:5], clip[5:9]):
+        for frame in frames:
+            core.push_frame("s", frame)
+        t0 = time.perf_counter()
+        report = core.step()
+        while report.result is None:
+            report = core.step()
+        wall_ms = (time.perf_counter() - t0) * 1000.0
+        assert report.result.step_ms == pipeline_period_ms(executor.last_stage_ms)
+        if report.plan.chunks[0].first:
+            assert min(executor.last_stage_ms) >= 300.0 and wall_ms >= 600.0
+            assert report.result.step_ms < 0.75 * wall_ms
+        clock.t += 4 / 30
+    assert len(learnt) == 2 and max(learnt) < 1.5 * min(learnt), learnt  # first, then steady
