@@ -29,11 +29,12 @@ chunk's due time; (3) late chunks (they miss even alone, or did not fit) then jo
 order while they push no on-time chunk past its due time - all of them when none is on time.
 The scheduler is work-conserving: any ready chunk means a plan.
 
-Admission: with every stream batched in one step (unprepared ones with their first chunk),
-the predicted step must stay within what every RUNNING stream was promised: for a stream whose
-SLO held at admission, its chunk period and (deadline - gathering - lag) / 2 (two steps: the one
-running when a chunk gets ready, then its own); for a stream admitted best effort, the step
-predicted when it joined. A refusal therefore only ever protects a stream already inside. The
+Admission: with every stream batched in one step, the predicted step must stay within what
+every RUNNING stream was promised: for a stream whose SLO held at admission, its chunk period
+(fps is a rate, so this is judged on the steady step, every stream past its first chunk) and
+(deadline - gathering - lag) / 2 (two steps: the one running when a chunk gets ready, then its
+own; judged on the next step as it will run, unprepared streams with their bigger first chunk);
+for a stream admitted best effort, the steady step predicted when it joined. A refusal therefore only ever protects a stream already inside. The
 newcomer's own SLO decides only how it is admitted: with the SLO, or best effort (an empty
 server always admits its first stream) with the fps and latency it can expect.
 
@@ -240,21 +241,19 @@ class FrameScheduler:
         new = _Stream(stream_id, slo, tokens_per_frame, lanes, first_chunk_latents, chunk_latents,
                       order=self._next_order, vt_s=vt_s, depth=self.pipeline_depth)
         streams = [new, *self._streams.values()]
-        step_ms, batch = self._batch(streams)
+        step_ms, batch = self._batch(streams)  # the next step: first chunks where not prepared
+        steady = self._batch(streams, steady=True)  # every stream past its first chunk
         new.stride = lane_stride or self._choose_stride(new, step_ms)
         # 1. Every running stream keeps what it was promised; else refuse (someone is inside).
         for s in streams[1:]:
-            broken = self._breaks(s, step_ms, batch, newcomer=False)
+            broken = self._breaks(s, (step_ms, batch), steady, newcomer=False)
             if broken:
                 return self._refuse(stream_id, broken, step_ms)
-        # 2. The newcomer: with its SLO, or best effort with what it can expect.
-        own = self._breaks(new, step_ms, batch, newcomer=True)
+        # 2. The newcomer: with its SLO, or best effort with what it can expect (its steady state).
+        own = self._breaks(new, (step_ms, batch), steady, newcomer=True)
         new.best_effort = own is not None
-        new.promised_step_ms = max(step_ms, new.slo_step_ms()) if new.best_effort else new.slo_step_ms()
-        new.prepared = True  # what it can expect is its steady state, after the first chunk
-        steady_ms, _ = self._batch(streams)
-        new.prepared = False
-        fps, latency_ms = self._expect(new, steady_ms, input_fps or slo.target_fps)
+        new.promised_step_ms = max(steady[0], new.slo_step_ms()) if new.best_effort else new.slo_step_ms()
+        fps, latency_ms = self._expect(new, steady[0], input_fps or slo.target_fps)
         if new.best_effort:
             reason = f"admitted best effort ({own}); expect about {fps:.1f} fps and {latency_ms:.0f} ms latency"
         else:
@@ -279,8 +278,7 @@ class FrameScheduler:
         """(step ms, fps, latency ms) a stream joining now could expect, admitting nothing."""
         probe = _Stream("?", StreamSLO(input_fps, 1e9), tokens_per_frame, lanes, first_chunk_latents,
                         chunk_latents, order=-1, vt_s=0.0, stride=self.pipeline_depth, depth=self.pipeline_depth)
-        probe.prepared = True  # the steady state, not the first chunk
-        step_ms, _ = self._batch([probe, *self._streams.values()])
+        step_ms, _ = self._batch([probe, *self._streams.values()], steady=True)
         return (step_ms, *self._expect(probe, step_ms, input_fps))
 
     def remove_stream(self, stream_id: str) -> list[int]:
@@ -404,11 +402,12 @@ class FrameScheduler:
     def _refuse(self, stream_id: str, reason: str, step_ms: float = 0.0) -> Admission:
         return Admission(stream_id, False, reason, step_ms, self.free_stream_slots)
 
-    def _batch(self, streams: list[_Stream]) -> tuple[float, str]:
+    def _batch(self, streams: list[_Stream], steady: bool = False) -> tuple[float, str]:
         """Predicted ms of one step batching all `streams` (unprepared ones with their bigger
-        first chunk), and its description."""
+        first chunk unless `steady`: every one past it), and its description."""
         rows = sum(s.lanes for s in streams)
-        tokens = sum(s.lanes * s.next_latents * s.tokens_per_frame for s in streams)
+        tokens = sum(s.lanes * (s.chunk_latents if steady else s.next_latents) * s.tokens_per_frame
+                     for s in streams)
         n = len(streams)
         return self.cost_model.predict_ms(rows, tokens), f"{n} stream{'s' if n > 1 else ''} ({rows} rows, {tokens} tokens)"
 
@@ -425,21 +424,29 @@ class FrameScheduler:
         latency_ms = 1000.0 * (steady - 1) / input_fps + s.lag_chunks * period_ms + s.in_flight_ms(step_ms)
         return fps, latency_ms
 
-    def _breaks(self, s: _Stream, step_ms: float, batch: str, *, newcomer: bool) -> str | None:
-        """Why a step of `step_ms` breaks what stream `s` is owed (its SLO, or for a running
-        best-effort stream the step it was promised); None if it does not."""
+    def _breaks(self, s: _Stream, next_step: tuple[float, str], steady: tuple[float, str], *,
+                newcomer: bool) -> str | None:
+        """Why the batch breaks what stream `s` is owed (its SLO, or for a running best-effort
+        stream the step it was promised); None if it does not. Each promise is judged on the
+        step it is about: fps (a rate) and a best-effort stream's step (a period) on the
+        `steady` step, every stream past its first chunk; the deadline (a latency) on the
+        `next_step`, first chunks included, whose frames it also bounds. Each is (predicted
+        ms, description)."""
         who = "it" if newcomer else f"stream {s.stream_id!r}"
+        steady_ms, steady_batch = steady
         if not newcomer and s.best_effort:
-            if step_ms > s.promised_step_ms:
+            if steady_ms > s.promised_step_ms:
                 return (f"{who}, admitted best effort with steps of {s.promised_step_ms:.1f} ms, would slow "
-                        f"down: a step batching {batch} is predicted at {step_ms:.1f} ms")
+                        f"down: a step batching {steady_batch} is predicted at {steady_ms:.1f} ms")
             return None
         slo = f"{who} ({s.slo.describe()})"
-        if s.interval_ms(step_ms) > s.chunk_period_ms:
+        if s.interval_ms(steady_ms) > s.chunk_period_ms:
             return (f"{slo} would fall below its target fps: it needs a chunk every "
-                    f"{s.chunk_period_ms:.1f} ms but a step batching {batch} is predicted at {step_ms:.1f} ms"
-                    + (f" (a chunk every {s.interval_ms(step_ms):.1f} ms with lane stride {s.stride} over "
+                    f"{s.chunk_period_ms:.1f} ms but a step batching {steady_batch} is predicted at "
+                    f"{steady_ms:.1f} ms"
+                    + (f" (a chunk every {s.interval_ms(steady_ms):.1f} ms with lane stride {s.stride} over "
                        f"{s.depth} stages)" if s.depth > 1 else ""))
+        step_ms, batch = next_step
         need_ms = s.floor_ms() + s.in_flight_ms(step_ms)
         if need_ms > s.slo.deadline_ms:
             return (f"{slo} would miss its deadline: {s.floor_ms():.1f} ms to gather frames at "

@@ -129,3 +129,38 @@ def test_scheduler_package_never_imports_torch():
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_fps_is_judged_on_the_steady_step_and_the_deadline_on_the_next_one():
+    # 0.1 ms per token, 1500 tokens a latent frame: a steady chunk (1 latent) costs 150 ms, a
+    # first chunk (2 latents) 300 ms. 10 fps wants a chunk (4 frames) every 400 ms.
+    law = LinearLaw(base_ms=0.0, ms_per_row=0.0, ms_per_ktoken=100.0)
+    sched = _sched(law=law)
+    assert sched.add_stream("a", StreamSLO(10.0, 5000.0), tokens_per_frame=1500, lanes=1, now=0.0)
+    for i in range(5):
+        sched.push_frame("a", i, now=i / 10)
+    assert sched.schedule(now=0.5).chunks[0].first  # "a" is past its first chunk now
+    # The next step batches a's steady chunk with b's first: 450 ms, longer than a's chunk
+    # period once. Steady, both cost 300 ms: a keeps its 10 fps, so b is admitted.
+    adm = sched.add_stream("b", StreamSLO(10.0, 5000.0), tokens_per_frame=1500, lanes=1, now=0.5)
+    assert adm, adm.reason
+    assert "2 streams (2 rows, 4500 tokens) is predicted at 450.0 ms" in adm.reason
+    assert adm.expected_latency_ms == pytest.approx(300.0 + 2 * 300.0)  # its steady state
+    # A deadline bounds the frames of that next step too: 400 ms to gather a chunk + 2 x 450 ms
+    # steps = 1300 ms breaks a 1200 ms deadline, although 2 x 300 steady steps would keep it.
+    sched = _sched(law=law)
+    assert sched.add_stream("a", StreamSLO(10.0, 1200.0), tokens_per_frame=1500, lanes=1, now=0.0)
+    for i in range(5):
+        sched.push_frame("a", i, now=i / 10)
+    sched.schedule(now=0.5)
+    adm = sched.add_stream("b", StreamSLO(10.0, 5000.0), tokens_per_frame=1500, lanes=1, now=0.5)
+    assert not adm
+    assert "stream 'a' (10 fps, 1200 ms deadline) would miss its deadline" in adm.reason
+    assert "2 x 450.0 ms steps" in adm.reason
+    # And fps still refuses when the steady step itself is too long: a third stream makes it 450 ms.
+    sched = _sched(law=law)
+    for sid in ("a", "b"):
+        assert sched.add_stream(sid, StreamSLO(10.0, 5000.0), tokens_per_frame=1500, lanes=1, now=0.0)
+    adm = sched.add_stream("c", StreamSLO(1.0, 50000.0), tokens_per_frame=1500, lanes=1, now=0.0)
+    assert not adm and "would fall below its target fps" in adm.reason
+    assert "3 streams (3 rows, 4500 tokens) is predicted at 450.0 ms" in adm.reason
