@@ -34,9 +34,10 @@ every RUNNING stream was promised: for a stream whose SLO held at admission, its
 (fps is a rate, so this is judged on the steady step, every stream past its first chunk) and
 (deadline - gathering - lag) / 2 (two steps: the one running when a chunk gets ready, then its
 own; judged on the next step as it will run, unprepared streams with their bigger first chunk);
-for a stream admitted best effort, the steady step predicted when it joined. A refusal therefore only ever protects a stream already inside. The
-newcomer's own SLO decides only how it is admitted: with the SLO, or best effort (an empty
-server always admits its first stream) with the fps and latency it can expect.
+for a stream admitted best effort, the steady step predicted when it joined. A refusal
+therefore only ever protects a stream already inside. The newcomer's own SLO decides only how
+it is admitted: with the SLO, or best effort (an empty server always admits its first stream)
+with the fps and latency it can expect.
 
 Plans in flight (pipeline stages): the executor keeps up to `pipeline_depth` plans in flight,
 so the cost model's step time is the pipeline *period* (slowest stage + hop), a plan ends
