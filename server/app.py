@@ -64,6 +64,7 @@ from streamdiff.server.webrtc import (
     configure_bitrates,
     drain_track,
     enable_loopback_candidates,
+    retrieve_connect_errors,
 )
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def _expect_header(session) -> dict:
 async def _answer(session) -> str:
     answer = await session.pc.createAnswer()
     await session.pc.setLocalDescription(answer)
+    retrieve_connect_errors(session.pc)  # a peer that leaves mid-handshake is a normal end
     await wait_ice_gathering(session.pc)
     return session.pc.localDescription.sdp
 

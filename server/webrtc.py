@@ -343,6 +343,32 @@ async def drain_track(track: MediaStreamTrack) -> None:
         pass
 
 
+def retrieve_connect_errors(pc) -> None:
+    """aiortc sets a peer up in a task nobody awaits (`RTCPeerConnection.__connect`, started by
+    setLocalDescription and setRemoteDescription). A peer closed while it runs (a client that
+    leaves or is freed during the DTLS handshake) makes it raise InvalidStateError("RTCIceTransport
+    is closed") at its next transport, and asyncio logs the unretrieved exception as an error
+    with a traceback, for what is a normal end. Every such task of `pc` still running gets a
+    callback that takes its exception: debug level once the peer is closed (the session's own
+    line says why it ended), a warning if it is not."""
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        frame = getattr(coro, "cr_frame", None)  # None once finished
+        if getattr(coro, "__qualname__", "") == "RTCPeerConnection.__connect" and frame is not None \
+                and frame.f_locals.get("self") is pc:
+            task.add_done_callback(lambda t: _connect_ended(pc, t))
+
+
+def _connect_ended(pc, task: asyncio.Task) -> None:
+    exc = None if task.cancelled() else task.exception()
+    if exc is None:
+        return
+    if pc.connectionState == "closed":
+        log.debug("a peer closed while connecting: %r", exc)
+    else:
+        log.warning("setting up a peer failed: %r", exc)
+
+
 async def cancel_tasks(tasks) -> None:
     """Cancel and await `tasks` (the calling task, if among them, is left to finish)."""
     tasks = [task for task in tasks if task is not asyncio.current_task()]
