@@ -51,7 +51,7 @@ class _Plan:
     t0: float
     handles: list
     outs: list[StepOut] | None = None
-    wall_ms: float | None = None  # plans run to the end at submit (first chunks): their wall time
+    wall_ms: float | None = None  # a plan with nothing for the stages: 0 (its step took no time)
 
 
 def pipeline_period_ms(stage_ms: list[float], shared_cores: int | None = None) -> float:
@@ -132,7 +132,7 @@ class StagedExecutor:
             if preparing:
                 self._fetch_all()
                 outs = self._forwards(plan.step_id, chunks, True, groups, commands)
-                self._in_flight.append(_Plan(plan, t0, [], outs, (time.perf_counter() - t0) * 1000.0))
+                self._in_flight.append(_Plan(plan, t0, [], outs))
                 return
             handles = self._submit_steady(plan.step_id, chunks, groups, commands)
         except StageFailure as exc:

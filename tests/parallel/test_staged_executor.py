@@ -161,7 +161,7 @@ def test_a_first_chunk_teaches_the_cost_model_the_period_it_took_not_its_wall_ti
     """A plan with a first chunk runs to the end at submit, one stage after another, so its wall
     time is at least the stages' sum; the scheduler takes a plan to end `depth` periods after it
     starts, so what it must learn is the slowest stage's time, like any plan's (before: the wall
-    time, 731 ms against a 400 ms period with a drill delay)."""
+    time, 156 ms reported against a 69 ms period)."""
     from streamdiff.parallel.executor import pipeline_period_ms
 
     executor = StagedExecutor(cfg4, InProcessStages(cfg4, [2, 2], "cpu"))
