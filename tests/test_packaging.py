@@ -83,6 +83,29 @@ def test_the_kernels_folder_is_no_top_level_package_where_none_is_installed():
     assert "ModuleNotFoundError: No module named 'kernels'" in done.stderr
 
 
+def test_after_import_streamdiff_a_probe_for_kernels_sees_no_folder(tmp_path):
+    """transformers 5.x (before `kernels` became its dependency) asks find_spec("kernels") and
+    imports what it finds; in the checkout with no `kernels` installed that was our folder, and
+    every diffusers model failed to import. After `import streamdiff` the probe answers as it
+    would anywhere else: nothing (-S: no site-packages), or the installed package."""
+    probe = ("import streamdiff, importlib.util; spec = importlib.util.find_spec('kernels'); "
+             "print(spec.origin if spec else None); importlib.invalidate_caches(); "
+             "print(importlib.util.find_spec('kernels') is spec or importlib.util.find_spec('kernels'))")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    bare = subprocess.run([sys.executable, "-S", "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert bare.returncode == 0, bare.stderr[-2000:]
+    assert bare.stdout.split() == ["None", "True"]  # still hidden after the caches are dropped
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("MARK = 1\n")
+    env["PYTHONPATH"] = str(other.parent)
+    installed = subprocess.run([sys.executable, "-S", "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                               timeout=60, env=env)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    assert Path(installed.stdout.split()[0]) == other / "__init__.py"
+
+
 def test_the_mapped_kernels_package_still_imports_from_the_checkout():
     code = ("import kernels, streamdiff.kernels as k; "
             "print(k.__name__, kernels is not k, hasattr(k, 'triton_available'), k.__file__)")

@@ -353,14 +353,16 @@ def run_model_bench(settings: ModelBenchSettings) -> dict:
 
 
 def _git_commit() -> str | None:
+    """HEAD of the checkout; STREAMDIFF_COMMIT where the code came without its .git (a copy)."""
+    import os
     import subprocess
 
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+        out = None
+    return (out.stdout.strip() if out else "") or os.environ.get("STREAMDIFF_COMMIT") or None
 
 
 TABLE_COLUMNS = (

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from streamdiff.bench.gpu_check import EST_BUILD_S, Part, markdown, plan_parts, run_check, schedule
+from streamdiff.bench.gpu_check import EST_BUILD_S, Part, gpu_test_files, markdown, plan_parts, run_check, schedule
 from streamdiff.cli import main
 
 
@@ -43,6 +44,21 @@ def test_without_cuda_it_refuses_in_one_line(capsys):
     assert err.startswith("streamdiff: error:") and "CUDA" in err and "\n" not in err
 
 
+def test_the_gpu_tests_are_collected_from_their_own_files_alone(tmp_path):
+    """A GPU image without aiortc / av must still run the gpu tests: pytest gets only the files
+    that hold them, so the server's tests are never imported."""
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "test_offer.py").write_text("import aiortc_missing\n\ndef test_offer():\n    pass\n")
+    (tmp_path / "kernels").mkdir()
+    marked = tmp_path / "kernels" / "test_attention.py"
+    marked.write_text("import pytest\n\n@pytest.mark.gpu\ndef test_bf16():\n    pass\n")
+    (tmp_path / "test_whole_module.py").write_text("import pytest\n\npytestmark = pytest.mark.gpu\n")
+    assert gpu_test_files(tmp_path) == sorted([marked, tmp_path / "test_whole_module.py"])
+    real = {f.as_posix() for f in gpu_test_files(Path(__file__).parents[1])}
+    assert any(f.endswith("tests/kernels/test_sink_window_attention.py") for f in real)
+    assert not any("/server/" in f for f in real)
+
+
 class FakeClock:
     def __init__(self):
         self.now = 0.0
@@ -64,8 +80,11 @@ def test_runner_keeps_to_the_budget_and_reports(tmp_path):
              Part("bench", 140, 832, 480, 1, 1, "compiled")]
     ran = []
 
+    allowed = {}
+
     def execute(part, left_s):
         ran.append(part.name)
+        allowed[part.kind] = left_s
         clock.now += {"tests": 130, "bench": 30 if part.mode == "eager" else 150}[part.kind] + (
             EST_BUILD_S if len(ran) == 1 else 0)
         if part.kind == "tests":
@@ -81,6 +100,7 @@ def test_runner_keeps_to_the_budget_and_reports(tmp_path):
     # eager parts after it still do, the last compiled part does not.
     assert status[2:] == ["skipped", "ok", "ok", "skipped"]
     assert len(ran) == 4 and report["parts"][2]["reason"].startswith("budget")
+    assert allowed["tests"] == 1.5 * 100  # killed at 1.5 times its estimate, though more budget was left
     on_disk = json.loads((tmp_path / "gpu-check.json").read_text())
     assert on_disk["parts"] == json.loads(json.dumps(report["parts"]))
     md = (tmp_path / "gpu-check.md").read_text()
