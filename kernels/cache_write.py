@@ -273,3 +273,23 @@ def cache_write(
     launch = (triton.cdiv(tokens, block_t), batch * num_frames, heads)
     args, constexprs = kernel_args(k, v, k_pool, v_pool, slots, frame_pos, freqs_cos, freqs_sin, split, grid)
     kernel[launch](*args, **constexprs, BLOCK_T=block_t, num_warps=num_warps or 4)
+
+
+# ---------------------------------------------------------------------------------- torch.compile
+
+
+@torch.library.custom_op(
+    "streamdiff::cache_write", mutates_args=("k_pool", "v_pool"),
+    schema="(Tensor k, Tensor v, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots, Tensor frame_pos, "
+           "Tensor freqs_cos, Tensor freqs_sin, int[] split, int[] grid) -> ()")
+def cache_write_op(k, v, k_pool, v_pool, slots, frame_pos, freqs_cos, freqs_sin, split, grid) -> None:
+    """`cache_write` as one opaque op for torch.compile: Dynamo does not trace the launcher (its
+    lazy @triton.jit, value checks and launch arithmetic), and inductor calls it in place of a
+    graph node. The attention backend calls it while compiling, the launcher directly otherwise
+    (an op call costs ~11 us of host time)."""
+    cache_write(k, v, k_pool, v_pool, slots, frame_pos, freqs_cos, freqs_sin, tuple(split), tuple(grid))
+
+
+@cache_write_op.register_fake
+def _cache_write_fake(k, v, k_pool, v_pool, slots, frame_pos, freqs_cos, freqs_sin, split, grid) -> None:
+    return None

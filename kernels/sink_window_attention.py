@@ -353,3 +353,19 @@ def sink_window_attention(
             _CONFIG_CACHE[key] = (bm, bn, nw, ns)  # the first config that compiled
         return out
     raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------- torch.compile
+
+
+@torch.library.custom_op(
+    "streamdiff::sink_window_attention", mutates_args=(),
+    schema="(Tensor q, Tensor k_pool, Tensor v_pool, Tensor slot_table, Tensor slot_count) -> Tensor")
+def sink_window_attention_op(q, k_pool, v_pool, slot_table, slot_count) -> torch.Tensor:
+    """`sink_window_attention` as one opaque op for torch.compile (see cache_write_op)."""
+    return sink_window_attention(q, k_pool, v_pool, slot_table, slot_count)
+
+
+@sink_window_attention_op.register_fake
+def _sink_window_attention_fake(q, k_pool, v_pool, slot_table, slot_count) -> torch.Tensor:
+    return q.new_empty(q.shape)  # contiguous [B, N, H, D] in q's dtype, as the launcher returns

@@ -46,21 +46,26 @@ class Attention:
             raise ValueError(f"unknown attention backend {backend!r}")
         self.backend = backend
         if backend == "triton":
-            from streamdiff.kernels.cache_write import cache_write
-            from streamdiff.kernels.sink_window_attention import sink_window_attention
+            from streamdiff.kernels.cache_write import cache_write, cache_write_op
+            from streamdiff.kernels.sink_window_attention import sink_window_attention, sink_window_attention_op
 
             self._write, self._attend = cache_write, sink_window_attention
+            self._write_op, self._attend_op = cache_write_op, sink_window_attention_op  # under torch.compile
         else:
             self._write, self._attend = cache_write_ref, sink_window_attention_ref
 
     def write(self, k, v, k_pool, v_pool, write_slots, write_pos, freqs_cos, freqs_sin, split, grid) -> None:
         """k, v [B, F*T, H, D] -> pool slots write_slots [B, F] at RoPE indices write_pos [B, F]."""
+        if self.backend == "triton" and torch.compiler.is_compiling():
+            self._write_op(k, v, k_pool, v_pool, write_slots, write_pos, freqs_cos, freqs_sin, split, grid)
+            return
         self._write(k, v, k_pool, v_pool, write_slots, write_pos, freqs_cos, freqs_sin, split, grid)
 
     def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
         """q [B, N, H, D] attends to every slot of its row -> [B, N, H, D]."""
         if self.backend == "triton":
-            return self._attend(q, k_pool, v_pool, batch.slot_table, batch.slot_count)
+            attend = self._attend_op if torch.compiler.is_compiling() else self._attend
+            return attend(q, k_pool, v_pool, batch.slot_table, batch.slot_count)
         return self._attend(q, k_pool, v_pool, batch.slot_table, batch.slot_count, all_valid=batch.table_full)
 
     def cross(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

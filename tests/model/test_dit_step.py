@@ -52,19 +52,51 @@ def test_compiled_step_equals_eager_without_breaks_or_steady_recompiles():
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
+@pytest.mark.timeout(900)
+@torch.no_grad()
+def test_compiled_step_calls_the_triton_kernels_as_opaque_ops():
+    """The Triton backend under torch.compile (the interpreter here; CUDA on a GPU): Dynamo
+    does not trace the launchers (lazy @triton.jit, value checks, launch-config fallbacks; an
+    H200 run stopped at their `globals()`), it records one op per launch. No graph break, and
+    the frames are eager's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    size = SIZE + ["model.attention_backend=triton"]
+    clip = synthetic_clip(5 + 4 * 4, 32, 32, seed=4)
+    eager = run(build_components(load_config("tiny", size)), clip, 4)
+    comps = build_components(load_config("tiny", size + ["runtime.compile=true"]))
+    assert comps.step.mode == "compiled" and comps.model.attention.backend == "triton"
+    got = run(comps, clip, 4)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] > 0
+    for a, b in zip(eager, got):
+        assert a.shape == b.shape
+        if len(a):
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["runtime.cuda_graphs=true", "runtime.compile=true"])
 @torch.no_grad()
-def test_graphed_and_compiled_steps_equal_eager_on_cuda(mode):
-    """CUDA: replayed graphs (and the compiled step) give eager's frames, bf16 at 1 grey level
-    more than fp32 allows (kernels may pick other tile orders)."""
-    base = ["video.width=64", "video.height=64", "runtime.device=cuda", "model.dtype=bfloat16",
-            "model.attention_backend=torch"]
+def test_graphed_and_compiled_steps_are_as_accurate_as_eager_on_cuda(mode):
+    """CUDA, bf16: replayed graphs (and the compiled step) are as close to the fp32 frames as
+    eager bf16 is. Not equal to eager: padded row buckets pick other GEMM kernels, and the
+    rounding feeds the rolling cache for 12 chunks (an H200 saw up to 10-15 grey levels on a
+    few pixels, most within 1). A stale input or a wrong slot would be far off fp32."""
+    base = ["video.width=64", "video.height=64", "runtime.device=cuda", "model.attention_backend=torch"]
     clip = synthetic_clip(5 + 4 * 12, 64, 64, seed=5)
-    eager = run(build_components(load_config("tiny", base)), clip, 12)
-    got = run(build_components(load_config("tiny", base + [mode])), clip, 12)
-    for a, b in zip(eager, got):
-        assert a.shape == b.shape
-        if len(a):
-            assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+    ref = run(build_components(load_config("tiny", base + ["model.dtype=float32"])), clip, 12)
+    eager = run(build_components(load_config("tiny", base + ["model.dtype=bfloat16"])), clip, 12)
+    got = run(build_components(load_config("tiny", base + ["model.dtype=bfloat16", mode])), clip, 12)
+
+    def error(frames):  # mean and 99.9th-percentile absolute difference to fp32, grey levels
+        diff = np.concatenate([np.abs(a.astype(int) - r.astype(int)).ravel() for a, r in zip(frames, ref) if len(r)])
+        return diff.mean(), np.percentile(diff, 99.9)
+
+    (mean_e, tail_e), (mean_g, tail_g) = error(eager), error(got)
+    print(f"{mode}: vs fp32, eager bf16 mean {mean_e:.3f} p99.9 {tail_e:.1f}; {mode} mean {mean_g:.3f} p99.9 {tail_g:.1f}")
+    assert [a.shape for a in got] == [a.shape for a in eager]
+    assert mean_g <= 1.25 * mean_e + 0.1 and tail_g <= 1.5 * tail_e + 2, (mean_e, tail_e, mean_g, tail_g)
