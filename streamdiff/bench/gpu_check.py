@@ -9,14 +9,15 @@ kernels.py, the tests).
 
 Order: the headline number first (512x512, 1 step, 1 stream, eager: SDV2's 26.21 fps on one
 H100), correctness (the gpu tests), the other 1-step eager numbers (480p, 4 streams), the
-headline compiled and graph-captured, the kernel bench, 480p compiled and captured, steps 2-4
-eager, then every other compiled / captured combination. Budget: a part starts only if its estimate
+headline graph-captured, the kernel bench, 480p captured, the headline and 480p compiled
+(inductor takes minutes on the 1.3B), steps 2-4 eager, then every other captured / compiled
+combination. Budget: a part starts only if its estimate
 fits in what is left (a later, shorter part may still run); the bench combinations run in this
 process over one build of the model, each in its own try (a failing mode is recorded, the
 rest go on); tests and the kernel bench run as subprocesses killed at the budget or at 1.5 times
 their estimate, whichever comes first. The JSON
 and the markdown are rewritten after every part, so an interrupted check keeps what it had.
-Estimates are guesses for an H100-class GPU (no GPU has timed them yet); `--dry-run` prints them.
+Estimates are from one H200 run (see EST_*); `--dry-run` prints them.
 """
 
 from __future__ import annotations
@@ -37,12 +38,15 @@ SDV2_ONE_H100_FPS = {
 }
 RESOLUTIONS = ((512, 512), (832, 480))
 MODES = ("eager", "compiled", "graphs")
-# Estimated seconds (guesses until a GPU has run this; the report records the real ones).
-EST_BUILD_S = 60.0  # 1.3B random init on the CPU, VAE, to the GPU
-EST_WARMUP_S = 15.0  # engine warm-up, rehearsal, first frames, lanes filled
-EST_COMPILE_S = {"eager": 0.0, "compiled": 120.0, "graphs": 150.0}
-EST_TESTS_S = 180.0
-EST_KERNELS_S = 90.0
+# Estimated seconds, from the first run on one H200 (2026-12-04, docs/benchmarks.md): eager parts
+# took 18-42 s at 5 s measured, graph-captured ones 14-15 s, the tests 87 s (compile tests
+# failing early; their 3 then took 102 s alone), the kernel bench 9 s; the compiled 1.3B had not
+# finished 105 s after its build.
+EST_BUILD_S = 25.0  # 1.3B random init on the CPU, VAE, to the GPU
+EST_WARMUP_S = 20.0  # engine warm-up, rehearsal, first frames, lanes filled (4 streams: ~35)
+EST_COMPILE_S = {"eager": 0.0, "compiled": 180.0, "graphs": 10.0}
+EST_TESTS_S = 190.0
+EST_KERNELS_S = 15.0
 SUBPROCESS_CAP = 1.5  # the tests and the kernel bench are killed at this times their estimate
 
 
@@ -71,12 +75,13 @@ def plan_parts(duration_s: float) -> list[Part]:
                 for m in modes]
 
     r512, r480 = RESOLUTIONS
-    eager, fast = ("eager",), ("compiled", "graphs")
+    eager, fast = ("eager",), ("graphs", "compiled")
     # 1. The headline (SDV2's 26.21 fps), correctness, the other 1-step eager numbers.
     parts = bench(r512, 1, 1, eager) + [Part("tests", EST_TESTS_S)]
     parts += bench(r480, 1, 1, eager) + bench(r512, 1, 4, eager) + bench(r480, 1, 4, eager)
-    # 2. The headline compiled and captured, the kernels, 480p compiled and captured.
-    parts += bench(r512, 1, 1, fast) + [Part("kernels", EST_KERNELS_S)] + bench(r480, 1, 1, fast)
+    # 2. The headline captured (cheap: ~10 s over eager) and compiled (minutes), the kernels between.
+    parts += bench(r512, 1, 1, ("graphs",)) + [Part("kernels", EST_KERNELS_S)] + bench(r480, 1, 1, ("graphs",))
+    parts += bench(r512, 1, 1, ("compiled",)) + bench(r480, 1, 1, ("compiled",))
     # 3. Steps 2-4 eager (cheap), then every remaining compiled / captured combination.
     later = [(res, steps, streams) for steps in (2, 3, 4) for streams in (1, 4) for res in RESOLUTIONS]
     for res, steps, streams in later:
@@ -101,7 +106,7 @@ def schedule(parts: list[Part], budget_s: float, build_s: float = EST_BUILD_S) -
 
 
 def format_dry_run(parts: list[Part], budget_s: float) -> str:
-    lines = [f"streamdiff gpu-check plan (budget {budget_s:.0f} s; estimates are guesses until a GPU times them):"]
+    lines = [f"streamdiff gpu-check plan (budget {budget_s:.0f} s; estimates from one H200 run, EST_* in bench/gpu_check.py):"]
     used, built = 0.0, False
     for i, (part, fits) in enumerate(schedule(parts, budget_s), 1):
         extra = EST_BUILD_S if part.kind == "bench" and not built and fits else 0.0
