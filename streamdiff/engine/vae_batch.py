@@ -71,8 +71,10 @@ def _run_grouped(vae: StreamingVAE, items: list[tuple[torch.Tensor, VAEStreamSta
         states = [items[i][1] for i in group]
         scratch = vae.new_state()
         setattr(scratch, cache_attr, _stack([getattr(s, cache_attr) for s in states]))
-        for state in states:  # the stacked copy stands in for them: not every cache twice during the call
-            setattr(state, cache_attr, None)  # (a failed call leaves them empty: a failed step closes or re-prepares every stream)
+        # The stacked copy stands in for the streams' own caches: not every cache twice during
+        # the call. A failed call leaves them empty; a failed step closes or re-prepares every stream.
+        for state in states:
+            setattr(state, cache_attr, None)
         for name in _COUNTERS:
             setattr(scratch, name, getattr(states[0], name))
         before = {name: getattr(scratch, name) for name in _COUNTERS}
