@@ -100,7 +100,7 @@ def build_streaming_vae(cfg: Config, device: torch.device, dtype: torch.dtype) -
     else:
         raise ValueError("weights.vae must name the Wan VAE (a diffusers vae/ folder or Wan2.1_VAE.pth)")
     if next(vae_module.parameters()).dtype != dtype:  # diffusers warns on every dtype cast, even a no-op
-        vae_module = vae_module.to(dtype=dtype)
+        vae_module = _cast(vae_module, dtype)
     wan = StreamingVAE(vae_module.to(device=device).eval().requires_grad_(False), cfg.vae.normalize_latents)
     if cfg.vae.decoder == "taehv":
         if cfg.weights.format != "random" and not cfg.weights.taehv:
@@ -134,6 +134,21 @@ def build_components(cfg: Config, device: torch.device | str | None = None) -> C
     text = build_text_encoder(cfg, device, dtype)
     schedule = FlowMatchSchedule(cfg.sampling.shift, cfg.sampling.num_train_timesteps)
     return Components(cfg, device, dtype, model, vae, text, schedule, dit_step(cfg, model))
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """module.to(dtype) without diffusers' warning about modules to keep in float32 when the
+    model names none (AutoencoderKLWan: "... should be kept in float32: []" on every build)."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        return module.to(dtype=dtype)
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return module.to(dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def dit_step(cfg: Config, model: CausalWanModel) -> DiTStep:

@@ -207,3 +207,16 @@ def test_default_latent_scaling_is_the_references_raw_encode_and_unnormalizing_d
     # decode is the same in both modes: it un-normalizes what it is given
     torch.testing.assert_close(raw.decode_chunk(normalized, raw.new_state()),
                                svae.decode_chunk(normalized, svae.new_state()), atol=ATOL, rtol=0)
+
+
+def test_a_bf16_build_prints_no_diffusers_warning_about_float32_modules(caplog):
+    """The Wan VAE names no module to keep in float32, yet diffusers warned on every cast
+    ("... should be kept in float32: []"), in every GPU build's output."""
+    import logging
+
+    from streamdiff.model.build import build_components
+
+    with caplog.at_level(logging.WARNING):
+        comps = build_components(load_config("tiny", ["runtime.device=cpu", "model.dtype=bfloat16"]))
+    assert next(comps.vae.vae.parameters()).dtype == torch.bfloat16
+    assert not [r for r in caplog.records if "float32" in r.getMessage()]
