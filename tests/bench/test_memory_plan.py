@@ -166,3 +166,11 @@ def test_cli_plan_prints_and_refuses_bad_sizes(tmp_path, capsys):
     assert out.exists()
     assert main(["plan", "--gpu-mem", "lots"]) == 2
     assert "--gpu-mem" in capsys.readouterr().err
+
+
+def test_the_plan_says_what_it_leaves_out_under_cuda_graphs():
+    graphs = plan_memory(load_config("tiny", OVERRIDES + ["runtime.cuda_graphs=true"]), "cpu")
+    eager = plan_memory(load_config("tiny", OVERRIDES), "cpu")
+    assert any("cuda_graphs" in note and "not counted" in note for note in graphs.notes)
+    assert not any("cuda_graphs" in note for note in eager.notes)
+    assert graphs.total(2) == eager.total(2)  # a note, not a guess added to the sum
