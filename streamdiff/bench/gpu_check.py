@@ -40,13 +40,13 @@ RESOLUTIONS = ((512, 512), (832, 480))
 MODES = ("eager", "compiled", "graphs")
 # Estimated seconds, from the first run on one H200 (2026-12-04, docs/benchmarks.md): eager parts
 # took 18-42 s at 5 s measured, graph-captured ones 14-15 s, the tests 87 s (compile tests
-# failing early; their 3 then took 102 s alone), the kernel bench 9 s; the compiled 1.3B had not
-# finished 105 s after its build.
+# failing early; their 3 then took 102 s alone), the kernel bench 9 s (no tile sweep then); the
+# compiled 1.3B had not finished 105 s after its build.
 EST_BUILD_S = 25.0  # 1.3B random init on the CPU, VAE, to the GPU
 EST_WARMUP_S = 20.0  # engine warm-up, rehearsal, first frames, lanes filled (4 streams: ~35)
 EST_COMPILE_S = {"eager": 0.0, "compiled": 180.0, "graphs": 10.0}
 EST_TESTS_S = 190.0
-EST_KERNELS_S = 15.0
+EST_KERNELS_S = 40.0  # 9 s without --sweep; the sweep times each Triton tile as well
 SUBPROCESS_CAP = 1.5  # the tests and the kernel bench are killed at this times their estimate
 
 
@@ -245,7 +245,7 @@ class CudaParts:
                                      *files], "gpu-tests.log", left_s)
         if part.kind == "kernels":
             return self._subprocess([sys.executable, "-m", "streamdiff.bench.kernels", "--lanes", "1", "4",
-                                     "--streams", "1", "4"], "kernels.log", left_s)
+                                     "--streams", "1", "4", "--sweep"], "kernels.log", left_s)
         return self._bench(part)
 
     def _build(self) -> None:
