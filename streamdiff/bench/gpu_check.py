@@ -14,7 +14,8 @@ headline graph-captured, the kernel bench, 480p captured, the headline and 480p 
 combination. Budget: a part starts only if its estimate
 fits in what is left (a later, shorter part may still run); the bench combinations run in this
 process over one build of the model, each in its own try (a failing mode is recorded, the
-rest go on); tests and the kernel bench run as subprocesses killed at the budget or at 1.5 times
+rest go on; one still running when the budget ends is stopped by a signal and recorded as timed
+out); tests and the kernel bench run as subprocesses killed at the budget or at 1.5 times
 their estimate, whichever comes first. The JSON
 and the markdown are rewritten after every part, so an interrupted check keeps what it had.
 Estimates are from one H200 run (see EST_*); `--dry-run` prints them.
@@ -24,10 +25,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -140,6 +144,8 @@ def run_check(parts: list[Part], budget_s: float, out_dir: Path, execute: Callab
             t0 = clock()
             try:  # a subprocess part may overrun its estimate by half, never eat the whole budget
                 entry.update(execute(part, left if part.kind == "bench" else min(left, SUBPROCESS_CAP * part.est_s)))
+            except PartTimeout as exc:
+                entry.update(status="timed out", summary=str(exc))
             except Exception as exc:  # noqa: BLE001 - one failing part must not end the check
                 entry.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
             entry["wall_s"] = round(clock() - t0, 1)
@@ -148,6 +154,32 @@ def run_check(parts: list[Part], budget_s: float, out_dir: Path, execute: Callab
         report["elapsed_s"] = round(clock() - start, 1)
         write_report(report, out_dir)
     return report
+
+
+class PartTimeout(Exception):
+    """A part stopped at the end of the budget."""
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise PartTimeout in this (main) thread after `seconds`: a bench part runs in this process
+    (one build of the model), so only a signal stops one that overruns, such as an inductor
+    compile of the 1.3B that takes longer than the budget has left. Elsewhere than the main
+    thread, or without SIGALRM, the part runs unbounded."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise PartTimeout(f"stopped at the budget, {seconds:.0f} s in")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -179,7 +211,8 @@ def markdown(report: dict) -> str:
         sdv2_cell = f"{sdv2:.2f}" if sdv2 and e["streams"] == 1 else "-"
         r = e.get("result")
         if e.get("status") != "ok" or not r:
-            lines.append(f"{head} {e.get('status')}: {e.get('error', '')[:80]} | | {sdv2_cell} | | | | | | | |")
+            lines.append(f"{head} {e.get('status')}: {(e.get('error') or e.get('summary', ''))[:80]} | | {sdv2_cell} "
+                         "| | | | | | | |")
             continue
         c = r.get("compile") or {}
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}"
@@ -246,7 +279,8 @@ class CudaParts:
         if part.kind == "kernels":
             return self._subprocess([sys.executable, "-m", "streamdiff.bench.kernels", "--lanes", "1", "4",
                                      "--streams", "1", "4", "--sweep"], "kernels.log", left_s)
-        return self._bench(part)
+        with deadline(left_s):
+            return self._bench(part)
 
     def _build(self) -> None:
         from streamdiff.bench.device import device_name, peak_tflops_for
@@ -294,5 +328,5 @@ class CudaParts:
                 "log": str(log), "summary": tail[-1][:200] if tail else ""}
 
 
-__all__ = ["Part", "RESOLUTIONS", "SDV2_ONE_H100_FPS", "CudaParts", "format_dry_run", "gpu_test_files", "markdown", "plan_parts",
-           "run_check", "schedule"]
+__all__ = ["Part", "PartTimeout", "RESOLUTIONS", "SDV2_ONE_H100_FPS", "CudaParts", "deadline", "format_dry_run",
+           "gpu_test_files", "markdown", "plan_parts", "run_check", "schedule"]

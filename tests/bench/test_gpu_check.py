@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamdiff.bench.gpu_check import EST_BUILD_S, Part, gpu_test_files, markdown, plan_parts, run_check, schedule
+from streamdiff.bench import gpu_check
+from streamdiff.bench.gpu_check import (EST_BUILD_S, CudaParts, Part, gpu_test_files, markdown, plan_parts, run_check,
+                                        schedule)
 from streamdiff.cli import main
 
 
@@ -140,3 +142,29 @@ def test_cuda_parts_run_a_bench_part_and_a_subprocess_part(tmp_path):
         return  # the kernel bench would run for real
     kernels = execute(Part("kernels", 1), 100.0)  # no CUDA here: the kernel bench says so and exits 0
     assert (tmp_path / "kernels.log").exists() and kernels["returncode"] == 0
+
+
+def test_a_bench_part_that_overruns_the_budget_is_stopped_and_the_rest_go_on(tmp_path, monkeypatch):
+    """A bench part runs in-process (an inductor compile of the 1.3B took over 105 s on an
+    H200): at the end of what the budget has left it is stopped, recorded, and the check goes on."""
+    import time
+
+    parts = CudaParts("tiny", 1.0, tmp_path)
+    calls = []
+
+    def slow_bench(part):  # never returns by itself
+        calls.append(part.mode)
+        while part.mode == "compiled":
+            time.sleep(0.01)
+        return {"status": "ok", "result": _result(30.0)}
+
+    monkeypatch.setattr(parts, "_bench", slow_bench)
+    monkeypatch.setattr(gpu_check, "EST_BUILD_S", 0.0)
+    plan = [Part("bench", 0.1, 512, 512, 1, 1, "compiled"), Part("bench", 0.1, 512, 512, 1, 1, "eager")]
+    start = time.monotonic()
+    report = run_check(plan, 0.5, tmp_path, parts, {"config": "tiny"}, progress=lambda _: None)
+    assert time.monotonic() - start < 20  # not stuck in the first part
+    first, second = report["parts"]
+    assert first["status"] == "timed out" and "budget" in first["summary"]
+    assert calls == ["compiled"] and second["status"] == "skipped"  # the check went on to its end
+    assert "timed out: stopped at the budget" in (tmp_path / "gpu-check.md").read_text()
