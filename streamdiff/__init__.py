@@ -22,8 +22,8 @@ def _hide_the_kernels_folder() -> None:
     hook rather than a cache entry, because importlib.invalidate_caches() drops the cache entry
     of a relative sys.path item ('' under `python -c`)."""
     root = Path(__file__).resolve().parent.parent
-    if not (root / "kernels" / "__init__.py").is_file():  # an installed wheel: no such folder beside us
-        return
+    if not ((root / "pyproject.toml").is_file() and (root / "kernels" / "sink_window_attention.py").is_file()):
+        return  # installed (a wheel): the `kernels` beside us, if any, is Hugging Face's own
 
     class _WithoutKernels:
         def __init__(self, finder):

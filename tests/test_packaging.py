@@ -106,6 +106,24 @@ def test_after_import_streamdiff_a_probe_for_kernels_sees_no_folder(tmp_path):
     assert Path(installed.stdout.split()[0]) == other / "__init__.py"
 
 
+def test_an_installed_streamdiff_leaves_the_kernels_package_beside_it_alone(tmp_path):
+    """Installed from a wheel, streamdiff/ and Hugging Face's kernels/ are neighbours in
+    site-packages: only the checkout's own folder is hidden, never that package."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "streamdiff", site / "streamdiff", ignore=shutil.ignore_patterns("__pycache__"))
+    (site / "kernels").mkdir()
+    (site / "kernels" / "__init__.py").write_text("MARK = 'the installed kernels'\n")
+    code = "import streamdiff, kernels; print(kernels.MARK)"
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "the installed kernels"
+
+
 def test_the_mapped_kernels_package_still_imports_from_the_checkout():
     code = ("import kernels, streamdiff.kernels as k; "
             "print(k.__name__, kernels is not k, hasattr(k, 'triton_available'), k.__file__)")
