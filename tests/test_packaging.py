@@ -56,14 +56,16 @@ def test_readme_says_how_to_change_the_port_and_how_long_the_first_run_takes():
     assert re.search(r"first `make run`[^\n]*(minute|seconds)", readme)
 
 
-def _import_kernels_from_the_checkout(*flags: str, pythonpath: str | None = None) -> subprocess.CompletedProcess:
-    """`python -c` run in the repository root: the root is first on sys.path, where the kernels/
-    folder lies under the name of Hugging Face's `kernels` (which transformers imports)."""
+IMPORT_KERNELS = "import kernels; print(getattr(kernels, 'MARK', kernels.__name__ + ' ' + str(kernels.__file__)))"
+
+
+def _python(code: str, *flags: str, pythonpath: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -c code`, by default in the repository root: the root is first on sys.path, where
+    the kernels/ folder lies under the name of Hugging Face's `kernels` (which transformers imports)."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    code = "import kernels; print(getattr(kernels, 'MARK', kernels.__name__ + ' ' + str(kernels.__file__)))"
-    return subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, *flags, "-c", code], cwd=cwd, capture_output=True, text=True,
                           timeout=60, env=env)
 
 
@@ -72,13 +74,13 @@ def test_the_kernels_folder_does_not_shadow_an_installed_kernels_package(tmp_pat
     other.mkdir(parents=True)
     (other / "__init__.py").write_text("from kernels.sub import MARK\n")
     (other / "sub.py").write_text("MARK = 'the installed kernels'\n")
-    done = _import_kernels_from_the_checkout(pythonpath=str(other.parent))
+    done = _python(IMPORT_KERNELS, pythonpath=str(other.parent))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "the installed kernels"
 
 
 def test_the_kernels_folder_is_no_top_level_package_where_none_is_installed():
-    done = _import_kernels_from_the_checkout("-S")  # no site-packages: no installed `kernels`
+    done = _python(IMPORT_KERNELS, "-S")  # no site-packages: no installed `kernels`
     assert done.returncode != 0
     assert "ModuleNotFoundError: No module named 'kernels'" in done.stderr
 
@@ -91,17 +93,13 @@ def test_after_import_streamdiff_a_probe_for_kernels_sees_no_folder(tmp_path):
     probe = ("import streamdiff, importlib.util; spec = importlib.util.find_spec('kernels'); "
              "print(spec.origin if spec else None); importlib.invalidate_caches(); "
              "print(importlib.util.find_spec('kernels') is spec or importlib.util.find_spec('kernels'))")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    bare = subprocess.run([sys.executable, "-S", "-c", probe], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env=env)
+    bare = _python(probe, "-S")
     assert bare.returncode == 0, bare.stderr[-2000:]
     assert bare.stdout.split() == ["None", "True"]  # still hidden after the caches are dropped
     other = tmp_path / "site" / "kernels"
     other.mkdir(parents=True)
     (other / "__init__.py").write_text("MARK = 1\n")
-    env["PYTHONPATH"] = str(other.parent)
-    installed = subprocess.run([sys.executable, "-S", "-c", probe], cwd=ROOT, capture_output=True, text=True,
-                               timeout=60, env=env)
+    installed = _python(probe, "-S", pythonpath=str(other.parent))
     assert installed.returncode == 0, installed.stderr[-2000:]
     assert Path(installed.stdout.split()[0]) == other / "__init__.py"
 
@@ -115,11 +113,7 @@ def test_an_installed_streamdiff_leaves_the_kernels_package_beside_it_alone(tmp_
     shutil.copytree(ROOT / "streamdiff", site / "streamdiff", ignore=shutil.ignore_patterns("__pycache__"))
     (site / "kernels").mkdir()
     (site / "kernels" / "__init__.py").write_text("MARK = 'the installed kernels'\n")
-    code = "import streamdiff, kernels; print(kernels.MARK)"
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(site)
-    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60, env=env)
+    done = _python("import streamdiff, kernels; print(kernels.MARK)", "-S", pythonpath=str(site), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "the installed kernels"
 
@@ -127,7 +121,7 @@ def test_an_installed_streamdiff_leaves_the_kernels_package_beside_it_alone(tmp_
 def test_the_mapped_kernels_package_still_imports_from_the_checkout():
     code = ("import kernels, streamdiff.kernels as k; "
             "print(k.__name__, kernels is not k, hasattr(k, 'triton_available'), k.__file__)")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = _python(code)
     assert done.returncode == 0, done.stderr[-2000:]
     name, distinct, ours, path = done.stdout.split()
     assert (name, distinct, ours) == ("streamdiff.kernels", "True", "True")  # our package, not the handed-over one

@@ -242,7 +242,6 @@ def gpu_test_files(tests_dir: Path) -> list[Path]:
     return sorted(f for f in tests_dir.rglob("test_*.py") if "mark.gpu" in f.read_text())
 
 
-
 class CudaParts:
     """Executes parts on this machine's GPU: bench combinations in-process over one build.
     (Nothing here needs CUDA itself: tests run it on the CPU with the tiny preset.)"""
