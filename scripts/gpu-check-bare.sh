@@ -6,8 +6,8 @@
 # CUDA checks the setup before the budget starts, and gpu-check hands pytest only the files with
 # gpu tests (the server's aiortc / av are not needed). Everything it prints lands in OUT_DIR too.
 #
-#   scripts/gpu-check-bare.sh [BUDGET_S=600] [OUT_DIR=out/gpu-check]
-#   WHEELS=dir-of-wheels STREAMDIFF_COMMIT=abc1234 scripts/gpu-check-bare.sh 500 /tmp/out
+#   scripts/gpu-check-bare.sh [BUDGET_S=600] [OUT_DIR=out/gpu-check] [gpu-check options ...]
+#   WHEELS=dir-of-wheels STREAMDIFF_COMMIT=abc1234 scripts/gpu-check-bare.sh 500 /tmp/out --only VAE
 set -u
 BUDGET=${1:-600}
 OUT_DIR=$(realpath -m "${2:-out/gpu-check}")
@@ -34,7 +34,7 @@ timeout 150 python3 -m streamdiff.cli bench --config tiny --random-weights --dur
   --set "runtime.device=$DEVICE" 2>&1 | tr '\r' '\n' | grep -v "%|" | tail -4
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "preflight failed: nothing measured"; exit 6; }
 echo "== gpu-check, budget $BUDGET s ($(elapsed))"
-python3 -m streamdiff.cli gpu-check --out "$OUT_DIR" --budget-s "$BUDGET"
+python3 -m streamdiff.cli gpu-check --out "$OUT_DIR" --budget-s "$BUDGET" "${@:3}"
 rc=$?
 echo "== done, rc $rc ($(elapsed))"
 exit $rc

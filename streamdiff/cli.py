@@ -236,7 +236,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:  # e.g. --cuda-graphs without CUDA
         raise CliError(str(exc)) from None
     print(f"streamdiff bench, model mode: {report['config']} ({report['weights']} weights, {report['dtype']}, "
-          f"attention {report['attention_backend']}) on {report['device']}, torch {report['torch_version']}; "
+          f"attention {report['attention_backend']}{', VAE compiled' if report.get('vae_compiled') else ''}) "
+          f"on {report['device']}, torch {report['torch_version']}; "
           f"{settings.duration_s:g} s per combination, deadline {settings.deadline_ms:g} ms")
     print(benchreport.format_table(report_rows(report), TABLE_COLUMNS))
     _bench_as_served(settings, report)
@@ -377,6 +378,10 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     if args.budget_s <= 0 or args.duration <= 0:
         raise CliError("--budget-s and --duration must be > 0 seconds")
     parts = plan_parts(args.duration)
+    if args.only:  # a later session's second look: e.g. --only "VAE" --only "kernel"
+        parts = [p for p in parts if any(text.lower() in p.name.lower() for text in args.only)]
+        if not parts:
+            raise CliError(f"--only {' '.join(args.only)} matches no part (--dry-run lists them)")
     if args.dry_run:
         print(format_dry_run(parts, args.budget_s))
         return 0
@@ -538,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--duration", type=float, default=5.0, help="measured seconds per bench combination")
     check.add_argument("--config", default="wan-1.3b", help="architecture to bench with random weights")
     check.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    check.add_argument("--only", action="append", metavar="TEXT",
+                       help="run only the parts whose name contains TEXT (repeatable; case-insensitive)")
     check.add_argument("--dry-run", action="store_true", help="print the parts, their estimates and what fits; run nothing")
     check.set_defaults(func=cmd_gpu_check)
 

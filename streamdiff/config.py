@@ -179,11 +179,14 @@ class SLOConfig:
 class RuntimeConfig:
     """Where and how the DiT runs. `compile`: torch.compile(fullgraph) of the forward, one graph
     per row-count bucket (rows padded up to the next entry of `row_buckets`); `cuda_graphs`:
-    capture that forward per bucket as CUDA graphs and replay them (CUDA only)."""
+    capture that forward per bucket as CUDA graphs and replay them (CUDA only). `compile_vae`:
+    torch.compile(fullgraph) of the VAE's streaming encoder and decoder calls, beside any DiT
+    mode (model/vae.py `StreamingVAE.compile`)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     cuda_graphs: bool = False
+    compile_vae: bool = False
     row_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     # torch CPU threads for this process (0: torch's default, one per core). On a CPU shared with
     # other busy processes, 1 thread is several times faster than 2 (no barrier waits).

@@ -49,6 +49,11 @@ MODES = ("eager", "compiled", "graphs")
 EST_BUILD_S = 25.0  # 1.3B random init on the CPU, VAE, to the GPU
 EST_WARMUP_S = 20.0  # engine warm-up, rehearsal, first frames, lanes filled (4 streams: ~35)
 EST_COMPILE_S = {"eager": 0.0, "compiled": 180.0, "graphs": 10.0}
+EST_VAE_COMPILE_S = 150.0  # not measured: the Wan VAE's first-call and steady graphs (CPU: ~2 min for the tiny)
+# The VAE variants a bench part may swap in (`Part.vae`; "" is the config's own Wan VAE): the eager
+# step at 512x512 was encode 43 + DiT 94 + decode 63 ms on an H200, and graphs capture only the DiT.
+VAE_VARIANTS = {"compiled": {"runtime": {"compile_vae": True}},  # runtime.compile_vae
+                "taehv": {"vae": {"decoder": "taehv"}}}  # TAEHV decodes (StreamDiffusionV2's --use_taehv)
 EST_TESTS_S = 190.0
 EST_KERNELS_S = 40.0  # 9 s without --sweep; the sweep times each Triton tile as well
 SUBPROCESS_CAP = 1.5  # the tests and the kernel bench are killed at this times their estimate
@@ -63,28 +68,34 @@ class Part:
     steps: int = 0
     streams: int = 0
     mode: str = ""
+    vae: str = ""  # a key of VAE_VARIANTS, or "" for the config's VAE
 
     @property
     def name(self) -> str:
         if self.kind != "bench":
             return {"tests": "gpu-marked tests (pytest -m gpu)", "kernels": "kernel bench"}[self.kind]
-        return f"bench {self.width}x{self.height} steps {self.steps} streams {self.streams} {self.mode}"
+        vae = f" + VAE {self.vae}" if self.vae else ""
+        return f"bench {self.width}x{self.height} steps {self.steps} streams {self.streams} {self.mode}{vae}"
 
 
 def plan_parts(duration_s: float) -> list[Part]:
     """Every part in the order it runs (module docstring)."""
 
-    def bench(res, steps, streams, modes=MODES):
-        return [Part("bench", EST_WARMUP_S + duration_s + EST_COMPILE_S[m], res[0], res[1], steps, streams, m)
-                for m in modes]
+    def bench(res, steps, streams, modes=MODES, vae=""):
+        extra = EST_VAE_COMPILE_S if vae == "compiled" else 0.0
+        return [Part("bench", EST_WARMUP_S + duration_s + EST_COMPILE_S[m] + extra, res[0], res[1], steps, streams, m,
+                     vae) for m in modes]
 
     r512, r480 = RESOLUTIONS
     eager, fast = ("eager",), ("graphs", "compiled")
     # 1. The headline (SDV2's 26.21 fps), correctness, the other 1-step eager numbers.
     parts = bench(r512, 1, 1, eager) + [Part("tests", EST_TESTS_S)]
     parts += bench(r480, 1, 1, eager) + bench(r512, 1, 4, eager) + bench(r480, 1, 4, eager)
-    # 2. The headline captured (cheap: ~10 s over eager) and compiled (minutes), the kernels between.
-    parts += bench(r512, 1, 1, ("graphs",)) + [Part("kernels", EST_KERNELS_S)] + bench(r480, 1, 1, ("graphs",))
+    # 2. The headline captured (cheap: ~10 s over eager), then with TAEHV decoding (the VAE is half
+    #    the eager step), the kernels, 480p captured, the headline with the VAE compiled, then the
+    #    DiT compiled (minutes each).
+    parts += bench(r512, 1, 1, ("graphs",)) + bench(r512, 1, 1, ("graphs",), "taehv") + [Part("kernels", EST_KERNELS_S)]
+    parts += bench(r480, 1, 1, ("graphs",)) + bench(r512, 1, 1, ("graphs",), "compiled")
     parts += bench(r512, 1, 1, ("compiled",)) + bench(r480, 1, 1, ("compiled",))
     # 3. Steps 2-4 eager (cheap), then every remaining compiled / captured combination.
     later = [(res, steps, streams) for steps in (2, 3, 4) for streams in (1, 4) for res in RESOLUTIONS]
@@ -119,7 +130,7 @@ def format_dry_run(parts: list[Part], budget_s: float) -> str:
             built = built or part.kind == "bench"
         note = f" (+{extra:.0f} s model build)" if extra else ""
         state = f"at {used:5.0f} s" if fits else "skipped (budget)"
-        lines.append(f"{i:3d}. {part.name:<48} ~{part.est_s:4.0f} s{note:<22} {state}")
+        lines.append(f"{i:3d}. {part.name:<58} ~{part.est_s:4.0f} s{note:<22} {state}")
     return "\n".join(lines)
 
 
@@ -207,7 +218,8 @@ def markdown(report: dict) -> str:
         if e["kind"] != "bench" or e.get("status") == "skipped":
             continue
         sdv2 = SDV2_ONE_H100_FPS.get((e["width"], e["height"]), {}).get(e["steps"])
-        head = f"| {e['width']}x{e['height']} | {e['steps']} | {e['streams']} | {e['mode']} |"
+        vae = f" + VAE {e['vae']}" if e.get("vae") else ""
+        head = f"| {e['width']}x{e['height']} | {e['steps']} | {e['streams']} | {e['mode']}{vae} |"
         sdv2_cell = f"{sdv2:.2f}" if sdv2 and e["streams"] == 1 else "-"
         r = e.get("result")
         if e.get("status") != "ok" or not r:
@@ -254,6 +266,7 @@ class CudaParts:
         self.out_dir = out_dir
         self.comps = self.cfg = self.peak = None
         self._plans: dict = {}
+        self._vaes: dict = {}  # VAE_VARIANTS built so far
 
     def header(self) -> dict:
         import platform
@@ -295,12 +308,27 @@ class CudaParts:
 
         if self.comps is None:
             self._build()
-        result = run_combination(self.comps, self.cfg, part.steps, part.width, part.height, part.streams,
-                                 self.settings, self.peak, None, part.mode)
+        own = self.comps.vae
+        self.comps.vae = self._vae(part.vae) if part.vae else own
+        try:
+            result = run_combination(self.comps, self.cfg, part.steps, part.width, part.height, part.streams,
+                                     self.settings, self.peak, None, part.mode)
+        finally:
+            self.comps.vae = own
         result.pop("series", None)
-        if part.steps == 1 and self.comps.device.type == "cuda":  # the memory planner beside the measured peak
+        if part.steps == 1 and not part.vae and self.comps.device.type == "cuda":  # the planner beside the measured peak
             result["planned_peak_mb"] = self._planned_mb(part)
         return {"status": "ok", "result": result}
+
+    def _vae(self, name: str):
+        """A VAE variant beside the built one (random weights like it), built on first use."""
+        if name not in self._vaes:
+            from streamdiff.config import with_overrides
+            from streamdiff.model.build import build_streaming_vae
+
+            cfg = with_overrides(self.cfg, **VAE_VARIANTS[name])
+            self._vaes[name] = build_streaming_vae(cfg, self.comps.device, self.comps.dtype)
+        return self._vaes[name]
 
     def _planned_mb(self, part: Part) -> float:
         """streamdiff plan's device bytes for this combination, without the CUDA-context reserve

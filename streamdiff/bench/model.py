@@ -335,6 +335,7 @@ def run_model_bench(settings: ModelBenchSettings) -> dict:
         "random_weights": settings.random_weights,
         "dtype": cfg.model.dtype,
         "attention_backend": resolve_backend(cfg.model.attention_backend, comps.device),
+        "vae_compiled": cfg.runtime.compile_vae,
         "device": name,
         "device_type": comps.device.type,
         "torch_version": torch.__version__,

@@ -90,7 +90,14 @@ def _taehv(cfg: Config, path: str, device: torch.device, dtype: torch.dtype) -> 
 def build_streaming_vae(cfg: Config, device: torch.device, dtype: torch.dtype) -> StreamingVAE:
     """The VAE the config asks for: Wan (`vae.kind: wan`), TAEHV both ways (`kind: taehv`,
     weights.vae = the TAEHV file) or the Wan encoder with TAEHV decoding (`decoder: taehv`,
-    weights.taehv = the TAEHV file)."""
+    weights.taehv = the TAEHV file); its calls compiled with `runtime.compile_vae`."""
+    vae = _streaming_vae(cfg, device, dtype)
+    if cfg.runtime.compile_vae:
+        vae.compile()
+    return vae
+
+
+def _streaming_vae(cfg: Config, device: torch.device, dtype: torch.dtype) -> StreamingVAE:
     if cfg.vae.kind == "taehv":
         return _taehv(cfg, cfg.weights.vae, device, dtype)
     if cfg.weights.format == "random":  # the configured architectures, random weights (tests, bench)

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from streamdiff.config import VAEConfig
-from streamdiff.model.vae import StreamingVAE, VAEStreamState
+from streamdiff.model.vae import StreamingVAE, VAEStreamState, compiled
 
 TIME_RATIO = 4
 SPACE_RATIO = 8
@@ -196,6 +196,8 @@ class UpsampledConv:
         w = self.conv.weight
         if torch.is_grad_enabled() and w.requires_grad:
             return self.phase_kernels(w)
+        if torch.compiler.is_compiling():  # part of the compiled graph (Dynamo cannot trace the cache's data_ptr key)
+            return self.phase_kernels(w.detach())
         key = (w.data_ptr(), w._version, w.dtype)  # an in-place load or optimizer step bumps _version
         if self._kernels_of != key:
             self._kernels, self._kernels_of = self.phase_kernels(w.detach()), key
@@ -293,11 +295,18 @@ class StreamingTAEHV(StreamingVAE):
         self._num_decoder_convs = TAEHV.num_memblocks(net.decoder)
         self._temporal_ratio = TIME_RATIO
         self._spatial_ratio = SPACE_RATIO
+        self._encode, self._decode = encode_frames, decode_latents  # compiled by `compile()`
+
+    def compile(self) -> None:
+        """`runtime.compile_vae` for TAEHV: `encode_frames` and `decode_latents` (the whole
+        chunk, MemBlock memory included) through torch.compile(fullgraph=True); see
+        `StreamingVAE.compile`."""
+        self._encode, self._decode = compiled(encode_frames), compiled(decode_latents)
 
     @torch.no_grad()
     def encode_chunk(self, frames: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
         x, first = self._check_encode(frames, state)
-        latents = encode_frames(self.net, x, state.enc_cache, first)
+        latents = self._encode(self.net, x, state.enc_cache, first)
         state.encoded_frames += x.shape[2]
         state.encoded_latents += latents.shape[2]
         return latents
@@ -306,7 +315,7 @@ class StreamingTAEHV(StreamingVAE):
     def decode_chunk(self, latents: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
         z = self._check_decode(latents, state)
         first = state.decoded_latents == 0
-        frames = decode_latents(self.net, z, state.dec_cache, first)
+        frames = self._decode(self.net, z, state.dec_cache, first)
         state.decoded_latents += z.shape[2]
         state.decoded_frames += frames.shape[2]
         return frames
@@ -345,12 +354,19 @@ class HybridVAE(StreamingVAE):
         self._spatial_ratio = wan.spatial_ratio
         self.latents_mean, self.latents_std, self._stats = wan.latents_mean, wan.latents_std, wan._stats
         self.normalize_latents = wan.normalize_latents
+        self._encoder = wan._encoder
+
+    def compile(self) -> None:
+        """`runtime.compile_vae`: the Wan encoder's and TAEHV's decoder calls compiled."""
+        self.wan.compile()
+        self.taehv.compile()
+        self._encoder = self.wan._encoder
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
         z = self._check_decode(latents, state)
         first = state.decoded_latents == 0
-        frames = decode_latents(self.taehv.net, z.to(self.taehv.dtype), state.dec_cache, first)
+        frames = self.taehv._decode(self.taehv.net, z.to(self.taehv.dtype), state.dec_cache, first)
         state.decoded_latents += z.shape[2]
         state.decoded_frames += frames.shape[2]
         return frames.to(self.dtype)

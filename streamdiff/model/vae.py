@@ -54,6 +54,24 @@ def build_vae(cfg: VAEConfig, *, seed: int | None = None) -> AutoencoderKLWan:
     return vae.eval()
 
 
+# Graphs Dynamo may keep per compiled function before it gives up; with fullgraph=True it then
+# raises instead of running eager. One VAE call holds a graph per cache state (a stream's first
+# calls, then steady) and per batch class: the tiny Wan decoder kept 11 for batches 1-4
+# (tests/model/test_vae_compile.py), over Dynamo's default of 8.
+VAE_RECOMPILE_LIMIT = 64
+
+
+def compiled(fn):
+    """torch.compile(fullgraph=True) with automatic dynamic shapes: a call's first shapes are
+    compiled as constants; a dimension seen changing (the batch, when streams are grouped) is
+    compiled again as a symbol, so most batch sizes share a graph. Raises Dynamo's per-function
+    recompile limit to `VAE_RECOMPILE_LIMIT` (a process-wide setting; it only ever grows it)."""
+    dynamo = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, name, max(getattr(dynamo, name), VAE_RECOMPILE_LIMIT))
+    return torch.compile(fn, fullgraph=True, dynamic=None)
+
+
 def _count_causal_convs(module: torch.nn.Module) -> int:
     return sum(isinstance(m, WanCausalConv3d) for m in module.modules())
 
@@ -133,6 +151,19 @@ class StreamingVAE:
         self._temporal_ratio = 2 ** sum(bool(d) for d in vae.config.temperal_downsample)
         self._spatial_ratio = 2 ** (len(vae.config.dim_mult) - 1)
         self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._encoder, self._decoder = vae.encoder, vae.decoder  # compiled by `compile()`
+
+    def compile(self) -> None:
+        """`runtime.compile_vae`: run the encoder and decoder calls through
+        torch.compile(fullgraph=True). The per-stream caches stay plain lists that the compiled
+        call reads and refills, so a stream's state, the grouped calls (engine/vae_batch.py) and
+        the results are those of eager (inductor reorders float sums: ~1e-6). Dynamo keys a graph on the call's
+        shapes and on its cache's layout: a stream's first calls (cache empty, then partly
+        filled) each get one, then every steady call reuses the last; batch sizes after the
+        first share one graph with a symbolic batch. Measured on CPU (tests/model/test_vae_compile.py):
+        no graph break, nothing compiled once streaming is steady."""
+        self._encoder = compiled(self.vae.encoder)
+        self._decoder = compiled(self.vae.decoder)
 
     # ------------------------------------------------------------------ properties
 
@@ -199,7 +230,7 @@ class StreamingVAE:
         for group in groups:
             if group.shape[2] == 0:
                 continue
-            enc = self.vae.encoder(group, feat_cache=state.enc_cache, feat_idx=[0])  # [B, 2z, 1, h, w]
+            enc = self._encoder(group, feat_cache=state.enc_cache, feat_idx=[0])  # [B, 2z, 1, h, w]
             outs.append(self.vae.quant_conv(enc))  # [B, 2z, 1, h, w]  (1x1x1 conv, no temporal state)
         moments = torch.cat(outs, dim=2)  # [B, 2z, n_latent, h, w]
 
@@ -242,7 +273,7 @@ class StreamingVAE:
         for i in range(m):
             first = state.decoded_latents == 0
             zi = self.vae.post_quant_conv(z[:, :, i : i + 1])  # [B, z, 1, h, w]
-            out = self.vae.decoder(zi, feat_cache=state.dec_cache, feat_idx=[0], first_chunk=first)  # [B, 3, 1|4, H, W]
+            out = self._decoder(zi, feat_cache=state.dec_cache, feat_idx=[0], first_chunk=first)  # [B, 3, 1|4, H, W]
             outs.append(out)
             state.decoded_latents += 1
             state.decoded_frames += out.shape[2]
@@ -295,4 +326,4 @@ class StreamingVAE:
             )
 
 
-__all__ = ["StreamingVAE", "VAEStreamState", "build_vae"]
+__all__ = ["StreamingVAE", "VAEStreamState", "build_vae", "compiled"]

@@ -18,13 +18,29 @@ from streamdiff.cli import main
 
 def test_parts_cover_the_matrix_headline_first():
     parts = plan_parts(5.0)
-    bench = [(p.width, p.height, p.steps, p.streams, p.mode) for p in parts if p.kind == "bench"]
+    bench = [(p.width, p.height, p.steps, p.streams, p.mode) for p in parts if p.kind == "bench" and not p.vae]
     assert len(bench) == len(set(bench)) == 2 * 4 * 2 * 3  # sizes x steps x streams x modes, each once
     assert bench[0] == (512, 512, 1, 1, "eager")
     assert [p.kind for p in parts].count("tests") == 1 and [p.kind for p in parts].count("kernels") == 1
     assert parts[1].kind == "tests"  # correctness right after the headline number
     firsts = {m: next(i for i, b in enumerate(bench) if b[4] == m) for m in ("eager", "compiled", "graphs")}
     assert firsts["eager"] < firsts["graphs"] < firsts["compiled"]  # capture costs seconds, compiling minutes
+
+
+def test_the_vae_levers_run_on_the_captured_headline_before_the_compiled_dit():
+    """The VAE is half the eager step (H200: encode 43 + decode 63 of 210 ms) and graphs capture
+    only the DiT: TAEHV decoding and the compiled VAE are each measured once, on the headline
+    (512x512, 1 step, 1 stream, graphs), before the minutes-long compiled DiT parts."""
+    parts = plan_parts(5.0)
+    names = [p.name for p in parts]
+    variants = [p for p in parts if p.vae]
+    assert sorted(p.vae for p in variants) == sorted(gpu_check.VAE_VARIANTS)
+    assert all((p.width, p.height, p.steps, p.streams, p.mode) == (512, 512, 1, 1, "graphs") for p in variants)
+    first_compiled = names.index("bench 512x512 steps 1 streams 1 compiled")
+    assert all(names.index(p.name) < first_compiled for p in variants)
+    assert names.index("bench 512x512 steps 1 streams 1 graphs") < names.index(variants[0].name)
+    compiled = next(p for p in variants if p.vae == "compiled")
+    assert compiled.est_s > next(p for p in variants if p.vae == "taehv").est_s  # the compile is paid
 
 
 def test_dry_run_prints_estimates_within_the_budget(capsys):
@@ -36,6 +52,16 @@ def test_dry_run_prints_estimates_within_the_budget(capsys):
     assert "skipped (budget)" in out
     scheduled = schedule(plan_parts(5.0), 600)
     assert len(times) == sum(fits for _, fits in scheduled)
+
+
+def test_only_keeps_the_parts_named(capsys):
+    assert main(["gpu-check", "--dry-run", "--only", "vae", "--only", "KERNEL"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == 3 and "kernel bench" in lines[0] + lines[1] + lines[2]
+    assert all("VAE" in line or "kernel" in line for line in lines)
+    assert main(["gpu-check", "--dry-run", "--only", "nothing like it"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "matches no part" in err and "\n" not in err
 
 
 def test_without_cuda_it_refuses_in_one_line(capsys):
@@ -138,6 +164,17 @@ def test_cuda_parts_run_a_bench_part_and_a_subprocess_part(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert out["status"] == "ok" and out["result"]["output_frames"] > 0 and "series" not in out["result"]
+    own = execute.comps.vae
+    torch.set_num_threads(1)
+    try:  # a VAE variant: swapped in for its part only (TAEHV decoding; random weights like the rest)
+        taehv = execute(Part("bench", 1, 64, 48, 1, 1, "eager", "taehv"), 100.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert taehv["status"] == "ok" and taehv["result"]["output_frames"] > 0
+    assert execute.comps.vae is own and type(execute._vaes["taehv"]).__name__ == "HybridVAE"
+    assert "| eager + VAE taehv |" in markdown({"budget_s": 1, "parts": [{**vars(Part("bench", 1, 64, 48, 1, 1, "eager",
+                                                                                    "taehv")), "status": "ok",
+                                                                         "result": _result(9.0)}]})
     if torch.cuda.is_available():
         return  # the kernel bench would run for real
     kernels = execute(Part("kernels", 1), 100.0)  # no CUDA here: the kernel bench says so and exits 0
