@@ -215,9 +215,11 @@ def plan_memory(cfg: Config, device_type: str = "cuda", width: int | None = None
 
 
 def _planned_backend(cfg: Config, device_type: str) -> str:
+    """torch | triton | auto (CUDA: the Triton write, and attention by Triton or SDPA over a
+    gathered copy per shape, model/attention.py; planned with the copy, the larger)."""
     requested = cfg.model.attention_backend
     if requested == "auto":
-        return "triton" if device_type == "cuda" else "torch"
+        return "auto" if device_type == "cuda" else "torch"
     return requested
 
 
@@ -233,7 +235,7 @@ class _PlanAttention:
         self._write(k, v, k_pool, v_pool, write_slots, write_pos, freqs_cos, freqs_sin, split, grid)
 
     def attend(self, q, k_pool, v_pool, batch):
-        if self.backend != "torch":
+        if self.backend == "triton":
             return torch.empty_like(q)  # the kernels read the pool in place  # [B, N, H, D]
         b, _, heads, head_dim = q.shape
         index = batch.slot_table.long()  # steady state: every slot valid

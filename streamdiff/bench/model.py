@@ -111,6 +111,14 @@ def bench_config(settings: ModelBenchSettings) -> Config:
     return cfg
 
 
+def _backend_name(cfg: Config, device) -> str:
+    from streamdiff.model.attention import resolve_backend
+
+    backend = resolve_backend(cfg.model.attention_backend, device)
+    chooses = cfg.model.attention_backend == "auto" and backend == "triton"
+    return "triton write, triton or sdpa attend per shape" if chooses else backend
+
+
 # ---------------------------------------------------------------------------------- one combination
 
 
@@ -302,7 +310,6 @@ def run_model_bench(settings: ModelBenchSettings) -> dict:
     import torch
     from tqdm import tqdm
 
-    from streamdiff.model.attention import resolve_backend
     from streamdiff.model.build import build_components
 
     cfg = bench_config(settings)
@@ -334,7 +341,7 @@ def run_model_bench(settings: ModelBenchSettings) -> dict:
         "weights": cfg.weights.format,
         "random_weights": settings.random_weights,
         "dtype": cfg.model.dtype,
-        "attention_backend": resolve_backend(cfg.model.attention_backend, comps.device),
+        "attention_backend": _backend_name(cfg, comps.device),
         "vae_compiled": cfg.runtime.compile_vae,
         "device": name,
         "device_type": comps.device.type,

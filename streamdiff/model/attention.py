@@ -4,11 +4,19 @@ Owns: the choice of backend and the three calls the model makes per layer — wr
 K/V into the pool, attend over a row's slots, cross-attend to the prompt. CPU always has the
 torch path. Does not own: the ops themselves (streamdiff.kernels holds the torch oracles and the
 Triton kernels side by side).
+
+`auto` on CUDA writes with the Triton kernel (5-11x the torch path on an H200) and, per call
+shape, attends with whichever of the Triton kernel and SDPA over a gathered copy ran faster when
+it first met that shape (`AttendChoice`): on the H200 the kernel won 1.9x at 1024 tokens x 1 row
+and lost 0.57-0.81x at the other seven shapes measured (docs/benchmarks.md), so no fixed choice
+is the fastest.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +31,53 @@ log = logging.getLogger(__name__)
 BACKENDS = ("torch", "triton")  # fastest last; `auto` takes the fastest that runs here
 
 rope_angles = rope_angles_ref
+
+
+class AttendChoice:
+    """Per call shape, which attention path is faster here: both run on the shape's first call
+    (one untimed call each: Triton's JIT, cuDNN's plan), then `REPEATS` timed calls each; the
+    faster is kept for every later call of that shape (one shape serves every layer of a
+    forward). Only eager calls decide: under torch.compile or while a CUDA graph is captured a
+    shape not yet timed takes the kernel (a graph's first call runs eagerly first, so captured
+    graphs get the timed choice). `timer(fn) -> seconds` is injectable for tests."""
+
+    REPEATS = 3
+
+    def __init__(self, timer: Callable[[Callable[[], object]], float] | None = None):
+        self.kernel: dict[tuple, bool] = {}  # shape key -> the Triton kernel is the faster
+        self.timer = timer or _time_call
+
+    @staticmethod
+    def key(q: torch.Tensor, k_pool: torch.Tensor, batch: AttnBatch) -> tuple:
+        return (tuple(q.shape), q.dtype, tuple(k_pool.shape[1:]), tuple(batch.slot_table.shape), batch.table_full)
+
+    def use_kernel(self, key: tuple, kernel: Callable[[], torch.Tensor], sdpa: Callable[[], torch.Tensor]) -> bool:
+        known = self.kernel.get(key)
+        if known is not None:
+            return known
+        if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return True
+        kernel(), sdpa()  # warm: compile / plan outside the timing
+        t_kernel = min(self.timer(kernel) for _ in range(self.REPEATS))
+        t_sdpa = min(self.timer(sdpa) for _ in range(self.REPEATS))
+        self.kernel[key] = t_kernel <= t_sdpa
+        log.info("attention for q %s, %s slots of %s: %s (Triton %.3f ms, SDPA over a copy %.3f ms)", key[0],
+                 key[3][1], key[2][0], "Triton" if self.kernel[key] else "SDPA", 1e3 * t_kernel, 1e3 * t_sdpa)
+        return self.kernel[key]
+
+
+def _time_call(fn: Callable[[], object]) -> float:
+    """Seconds one call of fn takes on its device (CUDA events on the current stream; wall time elsewhere)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def resolve_backend(requested: str, device: torch.device | str) -> str:
@@ -41,10 +96,13 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
 
 
 class Attention:
-    def __init__(self, backend: str = "torch"):
+    """`choose` (with backend triton; `auto` on CUDA): attend per shape by `AttendChoice`."""
+
+    def __init__(self, backend: str = "torch", choose: bool = False, timer=None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}")
         self.backend = backend
+        self.choice = AttendChoice(timer) if choose and backend == "triton" else None
         if backend == "triton":
             from streamdiff.kernels.cache_write import cache_write, cache_write_op
             from streamdiff.kernels.sink_window_attention import sink_window_attention, sink_window_attention_op
@@ -64,9 +122,17 @@ class Attention:
     def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
         """q [B, N, H, D] attends to every slot of its row -> [B, N, H, D]."""
         if self.backend == "triton":
+            if self.choice is not None and not self.choice.use_kernel(
+                    AttendChoice.key(q, k_pool, batch), lambda: self._attend(q, k_pool, v_pool, batch.slot_table, batch.slot_count),
+                    lambda: self._sdpa(q, k_pool, v_pool, batch)):
+                return self._sdpa(q, k_pool, v_pool, batch)
             attend = self._attend_op if torch.compiler.is_compiling() else self._attend
             return attend(q, k_pool, v_pool, batch.slot_table, batch.slot_count)
-        return self._attend(q, k_pool, v_pool, batch.slot_table, batch.slot_count, all_valid=batch.table_full)
+        return self._sdpa(q, k_pool, v_pool, batch)
+
+    @staticmethod
+    def _sdpa(q, k_pool, v_pool, batch: AttnBatch) -> torch.Tensor:
+        return sink_window_attention_ref(q, k_pool, v_pool, batch.slot_table, batch.slot_count, all_valid=batch.table_full)
 
     def cross(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [B, N, H, D], prompt k/v [B, L, H, D] -> [B, N, H, D]. No mask (Wan attends to the

@@ -52,7 +52,8 @@ def build_transformer(
 ) -> CausalWanModel:
     """The DiT (or the part of it a stage holds) with its weights, on `device`, in eval mode."""
     backend = resolve_backend(cfg.model.attention_backend, device)
-    model = CausalWanModel(cfg.model, block_range, has_embed, has_head, Attention(backend))
+    choose = cfg.model.attention_backend == "auto" and backend == "triton"  # per shape, timed (model/attention.py)
+    model = CausalWanModel(cfg.model, block_range, has_embed, has_head, Attention(backend, choose))
     if cfg.weights.format == "random":
         random_init_(model, cfg.weights.seed)
     else:

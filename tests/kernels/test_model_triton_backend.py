@@ -63,3 +63,65 @@ def test_auto_takes_the_fastest_backend_that_runs(monkeypatch):
         resolve_backend("xformers", "cuda")
     with pytest.raises(ValueError, match="unknown attention backend"):
         Attention("xformers")
+
+
+@torch.no_grad()
+def test_auto_attends_per_shape_with_the_path_that_timed_faster():
+    """`auto` on CUDA: the Triton write, and per call shape the faster of the Triton attention
+    and SDPA over a gathered copy, timed once on the shape's first call. Here a scripted timer
+    makes every other new shape faster on SDPA: the stream's frames still equal the torch
+    backend's, each shape is timed once (not per layer or per call), and a shape decided for
+    SDPA never launches the kernel again."""
+    from streamdiff.model.attention import AttendChoice
+
+    cfg = ModelConfig()
+    torch_model = random_init_(CausalWanModel(cfg, attention=Attention("torch")), seed=3).eval()
+    att = Attention("triton", choose=True)
+    model = CausalWanModel(cfg, attention=att).eval()
+    model.load_state_dict(torch_model.state_dict())
+    launches, timing = [], [False]
+    launch = att._attend
+
+    def counted(q, k_pool, v_pool, table, count):
+        if not timing[0]:
+            launches.append((tuple(q.shape), tuple(table.shape)))
+        return launch(q, k_pool, v_pool, table, count)
+
+    att._attend = counted
+    timed = []
+
+    def timer(fn):  # the shape being decided is number len(att.choice.kernel); odd ones favour SDPA
+        timing[0] = True
+        before = len(launches)
+        real = att._attend
+        used = []
+        att._attend = lambda *a: used.append(1) or launch(*a)
+        try:
+            fn()
+        finally:
+            att._attend, timing[0] = real, False
+        assert len(launches) == before
+        timed.append(bool(used))
+        kernel_wins = len(att.choice.kernel) % 2 == 0
+        return 1.0 if bool(used) == kernel_wins else 2.0
+
+    att.choice.timer = timer
+    chunks = [torch.randn(1, 16, 2, 6, 10)] + [torch.randn(1, 16, 1, 6, 10) for _ in range(11)]
+    text = torch.randn(1, 10, cfg.text_dim)
+    torch.testing.assert_close(stream(model, chunks, text), stream(torch_model, chunks, text), atol=1e-4, rtol=0)
+    decided = att.choice.kernel
+    assert len(decided) >= 3 and set(decided.values()) == {True, False}  # the window's fill gives new shapes
+    assert len(timed) == 2 * AttendChoice.REPEATS * len(decided)  # once per shape, both paths
+    by_shape = {(key[0], key[3]): use for key, use in decided.items()}
+    for shape, use in by_shape.items():  # outside the timer: the one warm-up call, then only if chosen
+        n = launches.count(shape)
+        assert n > 2 if use else n == 1, (shape, use, n)
+
+
+def test_a_shape_met_first_while_compiling_or_capturing_takes_the_kernel_untimed(monkeypatch):
+    from streamdiff.model.attention import AttendChoice
+
+    choice = AttendChoice(timer=lambda fn: pytest.fail("timed while tracing"))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert choice.use_kernel(("shape",), lambda: None, lambda: None) is True
+    assert choice.kernel == {}  # not remembered: an eager call of that shape still times it
