@@ -28,11 +28,7 @@ def run(comps, clip, chunks):
 # AMD EPYC with the other core busy: more than the suite's 300 s default per test.
 @pytest.mark.timeout(900)
 @torch.no_grad()
-def test_compiled_step_equals_eager_without_breaks_or_steady_recompiles():
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
+def test_compiled_step_equals_eager_without_breaks_or_steady_recompiles(dynamo):
     clip = synthetic_clip(5 + 4 * 12, 32, 32, seed=2)
     eager = run(build_components(load_config("tiny", SIZE)), clip, 12)
     comps = build_components(load_config("tiny", SIZE + ["runtime.compile=true"]))
@@ -41,11 +37,11 @@ def test_compiled_step_equals_eager_without_breaks_or_steady_recompiles():
     got = [pipe.push(clip[:5])]
     for i in range(8):  # prepare, filling windows, first full-window chunks: graphs get built
         got.append(pipe.push(clip[5 + 4 * i : 9 + 4 * i]))
-    graphs_warm = counters["stats"]["unique_graphs"]
+    graphs_warm = dynamo["stats"]["unique_graphs"]
     for i in range(8, 12):  # steady state: nothing new is compiled
         got.append(pipe.push(clip[5 + 4 * i : 9 + 4 * i]))
-    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    assert graphs_warm > 0 and counters["stats"]["unique_graphs"] == graphs_warm
+    assert sum(dynamo["graph_break"].values()) == 0, dict(dynamo["graph_break"])
+    assert graphs_warm > 0 and dynamo["stats"]["unique_graphs"] == graphs_warm
     for a, b in zip(eager, got):
         assert a.shape == b.shape
         if len(a):
@@ -54,23 +50,19 @@ def test_compiled_step_equals_eager_without_breaks_or_steady_recompiles():
 
 @pytest.mark.timeout(900)
 @torch.no_grad()
-def test_compiled_step_calls_the_triton_kernels_as_opaque_ops():
+def test_compiled_step_calls_the_triton_kernels_as_opaque_ops(dynamo):
     """The Triton backend under torch.compile (the interpreter here; CUDA on a GPU): Dynamo
     does not trace the launchers (lazy @triton.jit, value checks, launch-config fallbacks; an
     H200 run stopped at their `globals()`), it records one op per launch. No graph break, and
     the frames are eager's."""
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
     size = SIZE + ["model.attention_backend=triton"]
     clip = synthetic_clip(5 + 4 * 4, 32, 32, seed=4)
     eager = run(build_components(load_config("tiny", size)), clip, 4)
     comps = build_components(load_config("tiny", size + ["runtime.compile=true"]))
     assert comps.step.mode == "compiled" and comps.model.attention.backend == "triton"
     got = run(comps, clip, 4)
-    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] > 0
+    assert sum(dynamo["graph_break"].values()) == 0, dict(dynamo["graph_break"])
+    assert dynamo["stats"]["unique_graphs"] > 0
     for a, b in zip(eager, got):
         assert a.shape == b.shape
         if len(a):
