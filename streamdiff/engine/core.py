@@ -83,6 +83,9 @@ from streamdiff.scheduler import (
 
 DEFAULT_DEADLINE_MS = 1000.0
 WARMUP_STREAM = "__warmup__"
+# Extra warm-up chunks with runtime.compile_vae: a stream's VAE calls change their cache layout
+# (each a graph) over its first chunks; the tiny Wan decoder's four layouts took four.
+COMPILED_VAE_WARMUP_CHUNKS = 4
 REFUSAL_HINT = ("what would help: fewer denoise steps, a smaller frame size (video.width/height), "
                 "another GPU, or a lower service level (serve --target-fps/--deadline-ms, or slo: in the config)")
 POOL_HINT = "what would help: a larger cache.max_streams or cache.pool_lanes, or another GPU"
@@ -492,8 +495,11 @@ class EngineCore:
         if not admission:
             raise RuntimeError(f"warm-up stream refused: {admission.reason}")
         rng = np.random.default_rng(seed)
+        # The prepare, then until the first lag output; with a compiled VAE on until its calls
+        # reach their steady cache, so that every graph a stream meets is compiled here.
+        chunks = 1 + params.steps + (COMPILED_VAE_WARMUP_CHUNKS if self.cfg.runtime.compile_vae else 0)
         try:
-            for chunk in range(1 + params.steps):  # the prepare, then until the first lag output
+            for chunk in range(chunks):
                 for _ in range(5 if chunk == 0 else 4):
                     self.push_frame(WARMUP_STREAM, rng.integers(0, 256, (self.height, self.width, 3), np.uint8))
                 if self.step() is None:

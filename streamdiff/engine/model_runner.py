@@ -110,7 +110,10 @@ class ModelRunner:
         self._steady: list[Row] = []  # rows of the chunks started, not yet in a forward
         self._groups: list[list[Row]] = []  # a step's steady rows in micro-batches
         self._preparing: list[StreamState] = []  # streams whose first chunk runs step by step
-        self.batch_vae = batch_vae  # one VAE call for streams whose caches are at the same point
+        # One VAE call for streams whose caches are at the same point; not with a compiled VAE:
+        # a group of a new size would compile its graphs mid-serving and stall every stream, while
+        # calls of one stream each meet only the first-call and steady graphs the warm-up compiled.
+        self.batch_vae = batch_vae and not cfg.runtime.compile_vae
         # 3. Optional per-phase timing of the last step; a drill slowdown per block.
         self.profile = profile
         self.last_phase_ms: dict[str, float] = {}

@@ -160,8 +160,10 @@ class StreamingVAE:
         the results are those of eager (inductor reorders float sums: ~1e-6). Dynamo keys a graph on the call's
         shapes and on its cache's layout: a stream's first calls (cache empty, then partly
         filled) each get one, then every steady call reuses the last; batch sizes after the
-        first share one graph with a symbolic batch. Measured on CPU (tests/model/test_vae_compile.py):
-        no graph break, nothing compiled once streaming is steady."""
+        first share one graph with a symbolic batch (the engine calls a compiled VAE per
+        stream, engine/model_runner.py, so that no new batch size compiles mid-serving).
+        Measured on CPU (tests/model/test_vae_compile.py): no graph break, nothing compiled once
+        streaming is steady."""
         self._encoder = compiled(self.vae.encoder)
         self._decoder = compiled(self.vae.decoder)
 

@@ -77,3 +77,43 @@ def test_compiled_taehv_groups_of_streams_equal_eager_and_stay_under_the_limit(d
     breaks, graphs = counts(dynamo)
     assert breaks == 0, dict(dynamo["graph_break"])
     assert 0 < graphs <= 2 * 32  # both calls stayed compiled: none reached the limit (it would raise)
+
+
+@pytest.mark.timeout(900)
+@torch.no_grad()
+def test_after_the_engine_warm_up_a_compiled_vae_compiles_nothing_for_streams(dynamo):
+    """The warm-up runs the dummy stream until its VAE calls are steady: the streams that come
+    after (two at once, each with its own calls) meet only graphs it compiled."""
+    from streamdiff.engine.core import EngineCore
+    from streamdiff.engine.executor import LocalExecutor
+    from streamdiff.engine.model_runner import ModelRunner
+    from streamdiff.engine.types import StreamParams
+
+    comps = build_components(load_config("tiny", SIZE + ["runtime.compile_vae=true"]))
+    core = EngineCore(comps.cfg, LocalExecutor(ModelRunner(comps)))
+    core.warmup()
+    warm = counts(dynamo)
+    assert warm[0] == 0 and warm[1] >= 2
+    clip = synthetic_clip(5 + 4 * 6, 32, 32, seed=5)
+    for sid in ("a", "b"):
+        assert core.add_stream(sid, StreamParams.defaults(comps.cfg, "a fox"))
+    sent = 0
+    for n in [5] + [4] * 6:
+        for sid in ("a", "b"):
+            for frame in clip[sent : sent + n]:
+                core.push_frame(sid, frame)
+        sent += n
+        while core.step() is not None:
+            pass
+    assert all(len(core.pop_outputs(sid)) > 0 for sid in ("a", "b"))
+    assert counts(dynamo) == warm
+
+
+def test_a_compiled_vae_serves_each_stream_with_its_own_calls():
+    """Grouped calls of a new size would compile new graphs while serving (tens of seconds on a
+    CPU, stalling every stream); with runtime.compile_vae the runner calls the VAE per stream,
+    so only a stream's first-call and steady graphs exist, compiled during the warm-up."""
+    from streamdiff.engine.model_runner import ModelRunner
+
+    assert ModelRunner(build_components(load_config("tiny", SIZE))).batch_vae
+    assert not ModelRunner(build_components(load_config("tiny", SIZE + ["runtime.compile_vae=true"]))).batch_vae
