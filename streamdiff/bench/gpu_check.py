@@ -309,9 +309,9 @@ class CudaParts:
         if self.comps is None:
             self._build()
         own = self.comps.vae
-        self.comps.vae = self._vae(part.vae) if part.vae else own
-        try:
-            result = run_combination(self.comps, self.cfg, part.steps, part.width, part.height, part.streams,
+        cfg, self.comps.vae = self._vae(part.vae) if part.vae else (self.cfg, own)
+        try:  # the part's config too: the runner and the warm-up follow runtime.compile_vae
+            result = run_combination(self.comps, cfg, part.steps, part.width, part.height, part.streams,
                                      self.settings, self.peak, None, part.mode)
         finally:
             self.comps.vae = own
@@ -321,13 +321,13 @@ class CudaParts:
         return {"status": "ok", "result": result}
 
     def _vae(self, name: str):
-        """A VAE variant beside the built one (random weights like it), built on first use."""
+        """(config, VAE) of a variant beside the built one (random weights like it), built on first use."""
         if name not in self._vaes:
             from streamdiff.config import with_overrides
             from streamdiff.model.build import build_streaming_vae
 
             cfg = with_overrides(self.cfg, **VAE_VARIANTS[name])
-            self._vaes[name] = build_streaming_vae(cfg, self.comps.device, self.comps.dtype)
+            self._vaes[name] = (cfg, build_streaming_vae(cfg, self.comps.device, self.comps.dtype))
         return self._vaes[name]
 
     def _planned_mb(self, part: Part) -> float:

@@ -171,7 +171,8 @@ def test_cuda_parts_run_a_bench_part_and_a_subprocess_part(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert taehv["status"] == "ok" and taehv["result"]["output_frames"] > 0
-    assert execute.comps.vae is own and type(execute._vaes["taehv"]).__name__ == "HybridVAE"
+    assert execute.comps.vae is own and type(execute._vaes["taehv"][1]).__name__ == "HybridVAE"
+    assert execute._vaes["taehv"][0].vae.decoder == "taehv"  # the part ran on its own config as well
     assert "| eager + VAE taehv |" in markdown({"budget_s": 1, "parts": [{**vars(Part("bench", 1, 64, 48, 1, 1, "eager",
                                                                                     "taehv")), "status": "ok",
                                                                          "result": _result(9.0)}]})
