@@ -57,7 +57,7 @@ def build_vae(cfg: VAEConfig, *, seed: int | None = None) -> AutoencoderKLWan:
 # Graphs Dynamo may keep per compiled function before it gives up; with fullgraph=True it then
 # raises instead of running eager. One VAE call holds a graph per cache state (a stream's first
 # calls, then steady) and per batch class: the tiny Wan decoder kept 11 for batches 1-4
-# (tests/model/test_vae_compile.py), over Dynamo's default of 8.
+# with grouped calls (docs/architecture.md), over Dynamo's default of 8.
 VAE_RECOMPILE_LIMIT = 64
 
 

@@ -1,8 +1,7 @@
 """runtime.compile_vae: the VAE's streaming encoder and decoder calls through
 torch.compile(fullgraph=True) give eager's frames, with no graph break and nothing compiled once
-a stream is steady; grouped calls of several streams (engine/vae_batch.py) stay within Dynamo's
-raised recompile limit. Tolerance: 1 grey level on frames, 1e-4 on latents (inductor fuses and
-reorders fp32 arithmetic)."""
+a stream is steady, and a server compiles them all during its warm-up. Tolerance: 1 grey level
+on frames, 1e-4 on latents (inductor fuses and reorders fp32 arithmetic)."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import pytest
 import torch
 
 from streamdiff.config import load_config
-from streamdiff.engine.vae_batch import decode_many, encode_many
 from streamdiff.model.build import build_components, build_streaming_vae
 from streamdiff.pipeline.frames import synthetic_clip
 from streamdiff.pipeline.stream_pipeline import StreamPipeline
@@ -51,32 +49,24 @@ def test_compiled_wan_vae_equals_eager_without_breaks_or_steady_recompiles(dynam
 
 @pytest.mark.timeout(900)
 @torch.no_grad()
-def test_compiled_taehv_groups_of_streams_equal_eager_and_stay_under_the_limit(dynamo):
-    """The demo's TAEHV, compiled, through the grouped calls: one stream, then two, then three
-    streams at the same point share one call each (batch 1, 2, 3); every stream's latents and
-    frames are those of its own eager calls."""
+def test_compiled_taehv_equals_eager_without_breaks_or_steady_recompiles(dynamo):
+    """The demo's TAEHV, compiled (its CPU `UpsampledConv` cached kernels by `data_ptr`, which
+    Dynamo cannot trace: a graph break before): a stream's latents and frames are its eager
+    calls', and once its memory is full nothing new is compiled."""
     cfg = load_config("demo", ["runtime.device=cpu"])
     eager = build_streaming_vae(cfg, torch.device("cpu"), torch.float32)
     comp = build_streaming_vae(load_config("demo", ["runtime.device=cpu", "runtime.compile_vae=true"]),
                                torch.device("cpu"), torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    for streams in (1, 2, 3):
-        clips = [torch.rand(1, 3, 13, 32, 32, generator=gen) * 2 - 1 for _ in range(streams)]
-        ref_states = [eager.new_state() for _ in range(streams)]
-        states = [comp.new_state() for _ in range(streams)]
-        for lo, hi in ((0, 1), (1, 5), (5, 9), (9, 13)):  # the first call, then 4 frames a call
-            chunk = [c[:, :, lo:hi] for c in clips]
-            want = [eager.encode_chunk(x, s) for x, s in zip(chunk, ref_states)]
-            got = encode_many(comp, list(zip(chunk, states)))
-            for w, g in zip(want, got):
-                assert torch.allclose(w, g, atol=1e-4), (streams, lo, (w - g).abs().max())
-            frames_want = [eager.decode_chunk(z, s) for z, s in zip(want, ref_states)]
-            frames_got = decode_many(comp, list(zip(got, states)))
-            for w, g in zip(frames_want, frames_got):
-                assert (w - g).abs().max() <= 2 / 255, (streams, lo, (w - g).abs().max())
-    breaks, graphs = counts(dynamo)
-    assert breaks == 0, dict(dynamo["graph_break"])
-    assert 0 < graphs <= 2 * 32  # both calls stayed compiled: none reached the limit (it would raise)
+    clip = torch.rand(1, 3, 17, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ref_state, state = eager.new_state(), comp.new_state()
+    for lo, hi in ((0, 1), (1, 5), (5, 9), (9, 13), (13, 17)):  # the first call, then 4 frames a call
+        if lo == 9:
+            warm = counts(dynamo)
+        want, got = eager.encode_chunk(clip[:, :, lo:hi], ref_state), comp.encode_chunk(clip[:, :, lo:hi], state)
+        assert torch.allclose(want, got, atol=1e-4), (lo, (want - got).abs().max())
+        frames_want, frames_got = eager.decode_chunk(want, ref_state), comp.decode_chunk(got, state)
+        assert (frames_want - frames_got).abs().max() <= 2 / 255, (lo, (frames_want - frames_got).abs().max())
+    assert warm[0] == 0 and warm[1] >= 2 and counts(dynamo) == warm, dict(dynamo["graph_break"])
 
 
 @pytest.mark.timeout(900)
