@@ -111,12 +111,9 @@ def bench_config(settings: ModelBenchSettings) -> Config:
     return cfg
 
 
-def _backend_name(cfg: Config, device) -> str:
-    from streamdiff.model.attention import resolve_backend
-
-    backend = resolve_backend(cfg.model.attention_backend, device)
-    chooses = cfg.model.attention_backend == "auto" and backend == "triton"
-    return "triton write, triton or sdpa attend per shape" if chooses else backend
+def _backend_name(attention) -> str:
+    """How the built model attends (model/attention.py `Attention`)."""
+    return "triton write, triton or sdpa attend per shape" if attention.choice else attention.backend
 
 
 # ---------------------------------------------------------------------------------- one combination
@@ -341,7 +338,7 @@ def run_model_bench(settings: ModelBenchSettings) -> dict:
         "weights": cfg.weights.format,
         "random_weights": settings.random_weights,
         "dtype": cfg.model.dtype,
-        "attention_backend": _backend_name(cfg, comps.device),
+        "attention_backend": _backend_name(comps.model.attention),
         "vae_compiled": cfg.runtime.compile_vae,
         "device": name,
         "device_type": comps.device.type,

@@ -51,10 +51,8 @@ class AttendChoice:
     def key(q: torch.Tensor, k_pool: torch.Tensor, batch: AttnBatch) -> tuple:
         return (tuple(q.shape), q.dtype, tuple(k_pool.shape[1:]), tuple(batch.slot_table.shape), batch.table_full)
 
-    def use_kernel(self, key: tuple, kernel: Callable[[], torch.Tensor], sdpa: Callable[[], torch.Tensor]) -> bool:
-        known = self.kernel.get(key)
-        if known is not None:
-            return known
+    def decide(self, key: tuple, kernel: Callable[[], torch.Tensor], sdpa: Callable[[], torch.Tensor]) -> bool:
+        """For a shape not in `self.kernel`: time both paths and remember the faster."""
         if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
             return True
         kernel(), sdpa()  # warm: compile / plan outside the timing
@@ -122,10 +120,15 @@ class Attention:
     def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
         """q [B, N, H, D] attends to every slot of its row -> [B, N, H, D]."""
         if self.backend == "triton":
-            if self.choice is not None and not self.choice.use_kernel(
-                    AttendChoice.key(q, k_pool, batch), lambda: self._attend(q, k_pool, v_pool, batch.slot_table, batch.slot_count),
-                    lambda: self._sdpa(q, k_pool, v_pool, batch)):
-                return self._sdpa(q, k_pool, v_pool, batch)
+            if self.choice is not None:
+                key = AttendChoice.key(q, k_pool, batch)
+                use_kernel = self.choice.kernel.get(key)
+                if use_kernel is None:
+                    use_kernel = self.choice.decide(
+                        key, lambda: self._attend(q, k_pool, v_pool, batch.slot_table, batch.slot_count),
+                        lambda: self._sdpa(q, k_pool, v_pool, batch))
+                if not use_kernel:
+                    return self._sdpa(q, k_pool, v_pool, batch)
             attend = self._attend_op if torch.compiler.is_compiling() else self._attend
             return attend(q, k_pool, v_pool, batch.slot_table, batch.slot_count)
         return self._sdpa(q, k_pool, v_pool, batch)

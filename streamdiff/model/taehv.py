@@ -354,13 +354,15 @@ class HybridVAE(StreamingVAE):
         self._spatial_ratio = wan.spatial_ratio
         self.latents_mean, self.latents_std, self._stats = wan.latents_mean, wan.latents_std, wan._stats
         self.normalize_latents = wan.normalize_latents
-        self._encoder = wan._encoder
+
+    @property
+    def _encoder(self):  # StreamingVAE.encode_chunk's call: the Wan half's, compiled or not
+        return self.wan._encoder
 
     def compile(self) -> None:
         """`runtime.compile_vae`: the Wan encoder's and TAEHV's decoder calls compiled."""
         self.wan.compile()
         self.taehv.compile()
-        self._encoder = self.wan._encoder
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor, state: VAEStreamState) -> torch.Tensor:

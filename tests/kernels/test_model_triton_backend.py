@@ -123,5 +123,5 @@ def test_a_shape_met_first_while_compiling_or_capturing_takes_the_kernel_untimed
 
     choice = AttendChoice(timer=lambda fn: pytest.fail("timed while tracing"))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert choice.use_kernel(("shape",), lambda: None, lambda: None) is True
+    assert choice.decide(("shape",), lambda: None, lambda: None) is True
     assert choice.kernel == {}  # not remembered: an eager call of that shape still times it
