@@ -6,7 +6,7 @@
 # Weights are not baked in: mount them at /models and point a config at them, e.g.
 #   docker run --gpus all -p 8000:8000 -v $PWD/models:/models:ro streamdiff \
 #     serve --host 0.0.0.0 --config /app/configs/wan-1.3b.yaml
-# Without arguments it serves the tiny preset on port 8000 (no weights needed).
+# Without arguments it serves the demo on port 8000 (a small trained model; its weights are in configs/demo).
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ARG TORCH_VERSION=2.13.0
@@ -37,4 +37,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=5).status != 200)"
 ENTRYPOINT ["streamdiff"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--config", "tiny"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--config", "demo"]

@@ -21,6 +21,11 @@ from streamdiff.config import ConfigError, load_config, parse_size
 from streamdiff.preflight import check_device, check_listen, check_output_path, check_weight_paths, port_number
 
 SYNTHETIC = "synthetic"  # --input synthetic: the built-in clip of moving shapes
+# The preset a command uses without --config: the demo, a small model trained in this repo that
+# restyles on a CPU. `tiny` (random weights, the tests' preset) would give a new user noise.
+DEFAULT_PRESET = "demo"
+CONFIG_HELP = f"preset name ({DEFAULT_PRESET}, tiny, wan-1.3b, wan-14b, ...) or a YAML file (default {DEFAULT_PRESET})"
+log = logging.getLogger("streamdiff")
 
 
 class CliError(Exception):
@@ -34,6 +39,14 @@ def _parse_size(text: str | None, flag: str = "--size") -> tuple[int, int] | Non
         return parse_size(text)
     except ValueError as exc:
         raise CliError(f"{flag} {exc}") from None
+
+
+def _say_if_random(cfg) -> None:
+    """One line before a random-weight model is built for a user: its picture is noise."""
+    if cfg.weights.format == "random":
+        log.warning("config %r has random weights (weights.format: random): the picture will be noise; "
+                    "--config %s is a small model trained to restyle, wan-1.3b / wan-14b need their checkpoints",
+                    cfg.name, DEFAULT_PRESET)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -81,6 +94,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         frames_iter = read_frames(args.input, size)
 
     # 2. Build the model and the pipeline.
+    _say_if_random(cfg)
     t_build = time.perf_counter()
     comps = build_components(cfg)
     pipe = StreamPipeline(comps, args.prompt, width=width, height=height)
@@ -123,6 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_weight_paths(cfg)  # before torch
     check_listen(args.host, args.port)  # before the engine's warm-up, not after it
     check_device(cfg)
+    _say_if_random(cfg)
 
     from streamdiff.server.app import ServerSettings, serve
 
@@ -213,7 +228,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise CliError(f"--peak-tflops {args.peak_tflops:g} must be > 0")
     if args.deadline_ms is None:  # the config's service level, so the miss rate means something there
-        args.deadline_ms = bench_deadline_ms(args.config or "tiny", args.set or ())
+        args.deadline_ms = bench_deadline_ms(args.config or DEFAULT_PRESET, args.set or ())
     steps = _parse_int_list("--steps", args.steps, 1, 4) if args.steps else None
     resolutions = _parse_resolutions(args.resolution) if args.resolution else None
     streams = _parse_int_list("--streams", args.streams or "1", 1, 64)
@@ -224,7 +239,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
 
     settings = ModelBenchSettings(
-        config=args.config or "tiny", overrides=tuple(args.set or ()), steps=steps, resolutions=resolutions,
+        config=args.config or DEFAULT_PRESET, overrides=tuple(args.set or ()), steps=steps, resolutions=resolutions,
         streams=streams, random_weights=args.random_weights, dtype=args.dtype, duration_s=args.duration,
         deadline_ms=args.deadline_ms, peak_tflops=args.peak_tflops, prompt=args.prompt, quiet=args.quiet,
         command=args.command_line, modes=modes_from_flags(args.compile, args.cuda_graphs),
@@ -321,7 +336,7 @@ def _bench_simulate(args: argparse.Namespace) -> int:
     if more:
         raise CliError("--simulate takes one --streams value")
     stages = list(_parse_int_list("--stages", args.stages or "1,2,4,8", 1, 64))
-    cfg = bench_config(ModelBenchSettings(config=args.config or "tiny", overrides=tuple(overrides),
+    cfg = bench_config(ModelBenchSettings(config=args.config or DEFAULT_PRESET, overrides=tuple(overrides),
                                           random_weights=args.random_weights, dtype=args.dtype))
     report = simulate(cfg, stages, streams, args.hop_ms)
     report["command"] = args.command_line
@@ -434,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     render = sub.add_parser("render", help="restyle a video file offline through the streaming pipeline")
-    render.add_argument("--config", default="tiny", help="preset name (tiny, wan-1.3b, wan-14b) or a YAML file")
+    render.add_argument("--config", default=DEFAULT_PRESET, help=CONFIG_HELP)
     render.add_argument("--input", required=True, help=f"a video file PyAV can read, or '{SYNTHETIC}'")
     render.add_argument("--prompt", required=True)
     render.add_argument("--output", required=True, help="output video path (.mp4)")
@@ -446,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.set_defaults(func=cmd_render)
 
     serve = sub.add_parser("serve", help="run the WebRTC gateway (browser, WHIP/WHEP for OBS, control, metrics)")
-    serve.add_argument("--config", default="tiny", help="preset name (tiny, wan-1.3b, wan-14b) or a YAML file")
+    serve.add_argument("--config", default=DEFAULT_PRESET, help=CONFIG_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on session and control routes")
@@ -488,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_argument("--plot", metavar="OUT.png", help="latency CDF and fps over time (matplotlib)")
     shared.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     model = bench.add_argument_group("model mode")
-    model.add_argument("--config", help="preset name (tiny, wan-1.3b, wan-14b) or a YAML file (default tiny)")
+    model.add_argument("--config", help=CONFIG_HELP)
     model.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. cache.window=8")
     model.add_argument("--steps", metavar="LIST", help="denoise steps to measure, e.g. 1,2,3,4 (default: the config's)")
     model.add_argument("--resolution", metavar="LIST",
@@ -521,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="memory plan: weights, KV pool, VAE caches, activations, streams that fit",
                           description="Counts every byte a serving process holds on the device from a meta-device "
                                       "build (nothing allocated, no weights read) and how many streams fit.")
-    plan.add_argument("--config", default="tiny", help="preset name (tiny, wan-1.3b, wan-14b) or a YAML file")
+    plan.add_argument("--config", default=DEFAULT_PRESET, help=CONFIG_HELP)
     plan.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. text.device=cpu")
     plan.add_argument("--gpu-mem", metavar="SIZE[,SIZE]",
                       help="device memory, e.g. 24GiB or 16GiB,24GiB,80GiB (default: this GPU's, else 24GiB)")

@@ -13,7 +13,7 @@ import pytest
 from streamdiff.client.video_io import VideoWriter
 from streamdiff.pipeline.frames import synthetic_clip
 
-SMALL = ["--set", "runtime.device=cpu"]
+SMALL = ["--config", "tiny", "--set", "runtime.device=cpu"]
 
 
 def run_cli(*args, timeout=300):
@@ -60,6 +60,9 @@ def test_render_keeps_frame_count_size_and_rate(clip_file, tmp_path):
     assert frames[0].shape == (48, 64, 3)
     assert fps == pytest.approx(24.0)
     assert np.std(frames[10]) > 1.0
+    # tiny has random weights: the user is told the picture is noise, and what to run instead
+    said = [line for line in result.stderr.splitlines() if "random weights" in line]
+    assert len(said) == 1 and "noise" in said[0] and "--config demo" in said[0], result.stderr
 
 
 def test_render_resizes_on_the_way_in(clip_file, tmp_path):

@@ -23,7 +23,7 @@ from streamdiff.bench.model import ModelBenchSettings, bench_config
 from streamdiff.model.flops import dit_flops_per_step
 
 DURATION_S = 2.0
-BASE = ["bench", "--resolution", "64x48", "--set", "runtime.device=cpu", "-q"]
+BASE = ["bench", "--config", "tiny", "--resolution", "64x48", "--set", "runtime.device=cpu", "-q"]
 
 
 def strict_json(path):
@@ -61,7 +61,7 @@ def test_every_combination_is_reported(run):
 def test_run_facts(run):
     report, _ = run
     assert report["mode"] == "model" and report["config"] == "tiny" and report["weights"] == "random"
-    assert report["command"].startswith("streamdiff bench --resolution 64x48")
+    assert report["command"].startswith("streamdiff bench --config tiny --resolution 64x48")
     assert "--steps 1,2" in report["command"]
     assert report["torch_version"] == torch.__version__
     assert report["device_type"] == "cpu" and report["device"].startswith("CPU")

@@ -13,7 +13,7 @@ from streamdiff.bench.modes import check_modes, device_busy_ms, host_ms_per_step
 from streamdiff.cli import main
 from streamdiff.model.dit_step import CompileStats, DiTStep
 
-ONE_LAYER = ["--resolution", "64x48", "--set", "runtime.device=cpu", "--set", "model.num_layers=1", "--steps", "1",
+ONE_LAYER = ["--config", "tiny", "--resolution", "64x48", "--set", "runtime.device=cpu", "--set", "model.num_layers=1", "--steps", "1",
              "--streams", "1", "-q"]
 
 

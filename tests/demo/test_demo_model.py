@@ -62,8 +62,8 @@ def test_a_photo_through_render_returns_the_input_frame_by_frame(tmp_path, clip)
     src, dst = tmp_path / "coffee.mp4", tmp_path / "out.mp4"
     with VideoWriter(src, 256, 256, 30.0) as writer:
         writer.write(clip)
-    assert main(["render", "--config", "demo", "--input", str(src), "--prompt", "a photo", "--output", str(dst),
-                 "-q"]) == 0
+    # No --config: the command's default preset is this demo (a new user's first render).
+    assert main(["render", "--input", str(src), "--prompt", "a photo", "--output", str(dst), "-q"]) == 0
     seen = np.stack(list(read_frames(src)))  # what the pipeline was given (after the codec)
     out = np.stack(list(read_frames(dst)))
     assert out.shape == seen.shape
