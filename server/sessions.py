@@ -270,10 +270,12 @@ class SessionManager:
 
     def snapshot(self) -> dict:
         """Counts for /healthz and /metrics, the engine's frame size and rate (clients such as
-        the benchmark send frames at that size), and the preset's stream parameters in the
-        control words (the page shows them and sends only what its user changed)."""
-        video = self.engine.cfg.video
-        defaults = to_control_words(StreamParams.defaults(self.engine.cfg))
+        the benchmark send frames at that size), the preset's stream parameters in the
+        control words (the page shows them and sends only what its user changed), and which
+        preset runs (the page says so when its weights are random: the picture is noise)."""
+        cfg = self.engine.cfg
+        video = cfg.video
+        defaults = to_control_words(StreamParams.defaults(cfg))
         del defaults["prompt"]  # the page's own field
         return {
             "sessions": len(self.sessions),
@@ -283,6 +285,7 @@ class SessionManager:
             "video": {"width": video.width, "height": video.height, "fps": video.fps},
             "slo": {"target_fps": self.target_fps, "deadline_ms": self.deadline_ms},
             "defaults": defaults,
+            "model": {"config": cfg.name, "random_weights": cfg.weights.format == "random"},
         }
 
 

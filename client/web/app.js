@@ -31,9 +31,20 @@ function params() {
   return out;
 }
 
+// The line under the controls describes the demo (what `make run` serves); another preset says
+// what it is, and one with random weights that its picture is noise.
+function describeModel(model) {
+  if (!model || model.config === "demo") return;
+  $("about").textContent = model.random_weights
+    ? `This server runs "${model.config}", which has random weights: the right-hand picture is noise ` +
+      "(every part of the system runs, with no trained model); make run serves the demo, a small trained model."
+    : `This server runs the "${model.config}" preset.`;
+}
+
 async function loadDefaults() {
   try {
     const health = await (await fetch("/healthz")).json();
+    describeModel(health.model);
     for (const [name, value] of Object.entries(health.defaults || {})) {
       if (!(name in FIELDS) || touched.has(name)) continue;
       if (name === "motion") $(name).checked = Boolean(value);

@@ -1,11 +1,12 @@
 """Headless Chromium (Debian's `chromium`, driven by Playwright through its executable path) with
-a fake camera, against the plain `make run` configuration (the tiny preset at its own size and
+a fake camera, against the plain `make run` configuration (the demo preset at its own size and
 service level, no SLO flags), warmed up while other processes load every CPU:
 
 - the first user is admitted, the output <video> shows decoded, non-blank frames and the status
   line clears once they play; a refused second user sees a countdown and is retried
   automatically; Stop resets the overlay; a tab that crashes frees its stream within seconds;
-- viewer.html says "waiting for stream KEY…" until it plays, and reconnects on its own.
+- viewer.html says "waiting for stream KEY…" until it plays, and reconnects on its own; the main
+  page of a random-weight (tiny) server says its picture is noise.
 Screenshots go to artifacts/. `.ci/run` installs chromium."""
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ async def _make_run_flow() -> dict:
                 await one.goto(url + "/")
                 await one.wait_for_load_state("networkidle")  # the page has read /healthz's defaults
                 out["fields"] = await one.evaluate(FIELDS_JS)
+                out["about"] = await one.inner_text("#about")
                 await one.click("#start")
                 stats = await _until(lambda: _playing(one, "output"), 180)
                 # the overlay says "–" until it has a rate, then the received frame rate
@@ -168,6 +170,7 @@ def test_make_run_page_admits_under_load_retries_refused_users_and_frees_crashed
     assert out["overlay_after_stop"] == "–"
     assert out["second_admitted"] and out["second_stats"] is not None, out
     assert out["freed_after_crash"], "a crashed tab kept its stream"
+    assert "the demo" in out["about"] and "noise" not in out["about"], out["about"]  # what make run serves
     # The page shows the preset's stream parameters and, untouched, the stream gets them (it sent
     # its own 0.3 and motion-aware noise to every preset before).
     s = load_config("demo").sampling
@@ -184,6 +187,12 @@ async def _viewer_flow() -> dict:
     async with running_server(token=None) as (url, app), aiohttp.ClientSession() as http, async_playwright() as pw:
         browser = await _browser(pw)
         try:
+            # The main page of a server with random weights (tiny) says its picture is noise.
+            main = await browser.new_page()
+            await main.goto(url + "/")
+            await main.wait_for_load_state("networkidle")
+            out["about"] = await main.inner_text("#about")
+            await main.close()
             page = await browser.new_page()
             await page.goto(url + "/viewer.html?key=cam")
             out["before"] = await page.inner_text("#status")
@@ -223,6 +232,7 @@ async def _visible_and_playing(page):
 def test_viewer_waits_for_the_stream_plays_it_and_reconnects_on_its_own():
     out = asyncio.run(_viewer_flow())
     assert out["before"] == "waiting for stream cam…"
+    assert '"tiny"' in out["about"] and "random weights" in out["about"] and "noise" in out["about"], out["about"]
     assert out["playing"] and out["status_hidden"]
     assert out["waiting_again"], "the viewer did not notice the stream ended"
     assert out["replaying"], "the viewer did not reconnect to the republished stream"
