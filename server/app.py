@@ -6,7 +6,7 @@ Owns: routes and their HTTP semantics (status codes, CORS, Bearer auth, content 
 
 Routes:
   GET  /, /viewer.html, /app.js          static client (client/web)
-  POST /offer                            JSON {sdp, type, prompt?, stamp?} -> {sdp, type, session}
+  POST /offer                            JSON {sdp, type, prompt?, stamp?} -> {sdp, type, session, expect, means?}
   POST /whip/{key}                       application/sdp -> 201 + Location /whip/{key}/{session}
                                          (`?stamp=1` on /offer and /whip: frame-id stamps, see sessions)
   DELETE|PATCH|OPTIONS /whip/{key}/{id}  end (200) | trickle (405) | CORS
@@ -170,8 +170,10 @@ async def offer(request: web.Request) -> web.Response:
         await sessions.close(session.id, "could not negotiate the offer")
         return web.json_response({"error": "could not negotiate the offer (the server log has the details)"},
                                  status=400)
-    return web.json_response({"sdp": answer_sdp, "type": "answer", "session": session.id,
-                              "expect": session.expect})
+    reply = {"sdp": answer_sdp, "type": "answer", "session": session.id, "expect": session.expect}
+    if (means := sessions.prompt_means(prompt)) is not None:
+        reply["means"] = means
+    return web.json_response(reply)
 
 
 # ---------------------------------------------------------------------- WHIP / WHEP

@@ -1,7 +1,8 @@
 """Live control of a stream: `PATCH /sessions/{id}/params` and the `/ws` WebSocket (params in,
 stats out each second), and freeing a browser page's session when its control socket drops.
 
-Owns: those two handlers and the control message format ({"type": "params" | "ping", ...}).
+Owns: those two handlers and the control message format ({"type": "params" | "ping", ...}; a
+params reply carries `means` where the model knows only a few prompts).
 Does not own: what the fields mean (server.sessions maps them to engine parameters) or routing
 (server.app).
 """
@@ -31,6 +32,13 @@ def _authorized(request: web.Request) -> bool:
 _unauthorized = unauthorized
 
 
+def _params_reply(sessions: SessionManager, params: dict) -> dict:
+    """The stream's parameters, and what the model makes of the prompt where it knows only a
+    few (`means`: the demo's nine names), so that a user sees why a free prompt changed nothing."""
+    means = sessions.prompt_means(params["prompt"])
+    return {"params": params} if means is None else {"params": params, "means": means}
+
+
 async def params_patch(request: web.Request) -> web.Response:
     sessions = request.app[SESSIONS_KEY]
     if not _authorized(request):
@@ -42,7 +50,7 @@ async def params_patch(request: web.Request) -> web.Response:
         return web.json_response({"error": "no such session"}, status=404)
     except (ValueError, TypeError) as exc:
         return web.json_response({"error": str(exc)}, status=400)
-    return web.json_response({"ok": True, "params": params})
+    return web.json_response({"ok": True, **_params_reply(sessions, params)})
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -110,7 +118,7 @@ async def _control_message(sessions: SessionManager, key: str, text: str) -> dic
     try:
         if "prompt" in message:
             check_prompt(message["prompt"])
-        return {"type": "params", "params": await sessions.update_params(key, message)}
+        return {"type": "params", **_params_reply(sessions, await sessions.update_params(key, message))}
     except KeyError:
         return {"type": "error", "error": "the session has ended"}
     except (ValueError, TypeError) as exc:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from aiortc import RTCConfiguration, RTCPeerConnection
 
 from streamdiff.engine.types import StreamParams
+from streamdiff.model.style_prompts import prompt_style
 from streamdiff.server.webrtc import FanOut, InputReader, FrameQueue, cancel_tasks
 
 log = logging.getLogger(__name__)
@@ -267,6 +268,11 @@ class SessionManager:
             raise KeyError(key)
         params = await self.engine.update_params(target.id, **to_engine_params(message))
         return to_control_words(params)
+
+    def prompt_means(self, prompt: str) -> str | None:
+        """What the served model makes of `prompt` when it knows a few prompts only (the demo's
+        nine names, `text.kind: styles`: "a claymation world" is `a photo`); None for free text."""
+        return prompt_style(prompt) if self.engine.cfg.text.kind == "styles" else None
 
     def snapshot(self) -> dict:
         """Counts for /healthz and /metrics, the engine's frame size and rate (clients such as

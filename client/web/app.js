@@ -41,6 +41,19 @@ function describeModel(model) {
     : `This server runs the "${model.config}" preset.`;
 }
 
+// What a model that knows only a few prompts (the demo's nine names) makes of the prompt sent:
+// the server's replies carry it as `means`; a prompt it does not know comes back as "a photo".
+function showMeans(prompt, means) {
+  if (!means) {
+    $("means").textContent = "";
+  } else if (prompt.toLowerCase().split(/\s+/).filter(Boolean).join(" ") === means) {
+    $("means").textContent = `style: ${means}`;
+  } else {
+    const unknown = means === "a photo" ? " (the model knows only the nine suggested prompts)" : "";
+    $("means").textContent = `the model reads "${prompt}" as: ${means}${unknown}`;
+  }
+}
+
 async function loadDefaults() {
   try {
     const health = await (await fetch("/healthz")).json();
@@ -115,6 +128,7 @@ async function start() {
   }
   sessionId = body.session;
   expect = body.expect || null;
+  showMeans($("prompt").value, body.means);
   await pc.setRemoteDescription({ type: "answer", sdp: body.sdp });
   openControl();
   startFpsMeter();
@@ -166,6 +180,7 @@ function openControl() {
       say(`control: ${msg.error}`, true);
     } else if (msg.type === "params") {
       say(`applied: ${msg.params.prompt} · steps ${msg.params.steps} · noise ${msg.params.noise} · seed ${msg.params.seed}`);
+      showMeans(msg.params.prompt, msg.means);
     } else if (msg.type === "closed") {
       say("the session ended", true);
     }
@@ -200,6 +215,7 @@ function stop() {
   $("local").style.aspectRatio = "";
   $("overlay").textContent = "–";
   delete $("overlay").dataset.latency;
+  showMeans("", null);
   $("start").disabled = false;
   $("stop").disabled = true;
   $("apply").disabled = true;

@@ -110,9 +110,14 @@ async def _make_run_flow() -> dict:
                 ARTIFACTS.mkdir(exist_ok=True)
                 await one.screenshot(path=str(ARTIFACTS / "browser.png"))
                 out["stats"], out["message"] = stats, await one.inner_text("#message")
+                out["means_first"] = await one.inner_text("#means")
                 out["first_message"] = out["message"] if stats else await one.inner_text("#message")
                 first_id = next(iter(sessions.sessions), None)
                 out["first_params"] = await sessions.engine.params(first_id) if first_id else None
+                # A prompt the demo does not know: the page says what the model makes of it.
+                await one.fill("#prompt", "a claymation world")
+                await one.click("#apply")
+                out["means_free"] = await _until(lambda: _text_with(one, "#means", "claymation"), 30)
                 # 2. A second user is refused (one stream at a time here), with a countdown.
                 two = await browser.new_page()
                 await two.goto(url + "/")
@@ -151,6 +156,11 @@ async def _overlay_rate(page):
     return text if " fps" in text and rate.replace(".", "", 1).isdigit() and float(rate) > 0 else None
 
 
+async def _text_with(page, selector: str, text: str):
+    said = await page.inner_text(selector)
+    return said if text in said else None
+
+
 async def _message_with(page, text: str):
     message = await page.inner_text("#message")
     return message if text in message else None
@@ -171,6 +181,8 @@ def test_make_run_page_admits_under_load_retries_refused_users_and_frees_crashed
     assert out["second_admitted"] and out["second_stats"] is not None, out
     assert out["freed_after_crash"], "a crashed tab kept its stream"
     assert "the demo" in out["about"] and "noise" not in out["about"], out["about"]  # what make run serves
+    assert out["means_first"] == "style: starry night", out["means_first"]  # the page's first prompt
+    assert out["means_free"] and "as: a photo" in out["means_free"], out["means_free"]
     # The page shows the preset's stream parameters and, untouched, the stream gets them (it sent
     # its own 0.3 and motion-aware noise to every preset before).
     s = load_config("demo").sampling

@@ -25,6 +25,7 @@ def test_control_cli_changes_params():
                     assert resp.status == 201
             reply = await send_params(url, "cam", {"prompt": "ink sketch", "steps": 3}, token=TOKEN)
             assert reply["type"] == "params" and reply["params"]["steps"] == 3
+            assert "means" not in reply  # tiny's prompt encoder reads free text
             code = await asyncio.to_thread(cli.main, ["control", "--url", url, "--session", "cam", "--token", TOKEN,
                                                       "--prompt", "watercolor", "--seed", "5"])
             assert code == 0
@@ -37,3 +38,28 @@ def test_control_cli_changes_params():
             await pub.close()
 
     asyncio.run(run())
+
+
+def test_the_demo_says_what_it_makes_of_a_prompt():
+    """The demo knows nine prompts: the replies say which one a prompt means, so a user who types
+    free text learns why the picture did not change ("a photo")."""
+    from streamdiff.config import load_config
+
+    async def run():
+        async with running_server(config=load_config("demo")) as (url, app):
+            pub, offer = await obs_like_offer()
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{url}/whip/cam", data=offer,
+                                     headers={**auth(), "Content-Type": "application/sdp"}) as resp:
+                    assert resp.status == 201
+                async with http.patch(f"{url}/sessions/cam/params", json={"prompt": "A claymation world"},
+                                      headers=auth()) as resp:
+                    patched = await resp.json()
+            by_ws = await send_params(url, "cam", {"prompt": "Starry  Night over my desk"}, token=TOKEN)
+            await pub.close()
+            return patched, by_ws
+
+    patched, by_ws = asyncio.run(run())
+    assert patched["ok"] and patched["params"]["prompt"] == "A claymation world", patched
+    assert patched["means"] == "a photo", patched
+    assert by_ws["type"] == "params" and by_ws["means"] == "starry night", by_ws
