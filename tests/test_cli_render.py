@@ -118,3 +118,18 @@ def test_bad_config_override_fails_cleanly(clip_file, tmp_path):
     assert result.returncode == 2
     assert "unknown config key 'cache.windw'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("prompt, said", [("a cyberpunk city", "'a photo'"), ("Starry night over my desk", "'starry night'"),
+                                          ("mosaic", None)])
+def test_render_says_what_the_demo_reads_a_prompt_as(tmp_path, prompt, said):
+    """The demo knows nine prompts; any other reads as one of them (mostly `a photo`): one line
+    says so, unless the prompt is one of the nine as written."""
+    result = run_cli("render", "--config", "demo", "--input", "synthetic", "--frames", "5", "--prompt", prompt,
+                     "--output", str(tmp_path / "o.mp4"), "-q")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "reads --prompt" in line]
+    if said is None:
+        assert lines == [], result.stderr
+    else:
+        assert len(lines) == 1 and said in lines[0] and "starry night, stained glass" in lines[0], result.stderr
