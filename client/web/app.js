@@ -50,7 +50,8 @@ function showMeans(prompt, means) {
     $("means").textContent = `style: ${means}`;
   } else {
     const unknown = means === "a photo" ? " (the model knows only the nine suggested prompts)" : "";
-    $("means").textContent = `the model reads "${prompt}" as: ${means}${unknown}`;
+    const what = prompt.trim() ? `"${prompt}"` : "an empty prompt";
+    $("means").textContent = `the model reads ${what} as: ${means}${unknown}`;
   }
 }
 
