@@ -144,6 +144,18 @@ class CacheConfig:
     pool_lanes: int = 0
 
 
+VAE_TIME_STRIDE = 4  # video frames per latent frame (the very first latent frame is 1 frame)
+
+
+def frames_for_latents(latents: int, first: bool) -> int:
+    """Video frames that make `latents` latent frames: 4 each, except the stream's very first
+    latent frame, which is 1 frame (so a 2-latent first chunk needs 5 frames). One definition
+    for the scheduler (torch-free) and the pipeline, which both import config."""
+    if first:
+        return 1 + VAE_TIME_STRIDE * (latents - 1)
+    return VAE_TIME_STRIDE * latents
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Flow-matching sampler for video-to-video."""

@@ -25,7 +25,7 @@ from streamdiff.cache.slots import WritePlan
 from streamdiff.config import Config
 from streamdiff.engine.types import ChunkInput, StreamOutput
 from streamdiff.model.flops import PATCH_VOLUME, tokens_per_frame
-from streamdiff.scheduler.types import VAE_TIME_STRIDE, StepPlan
+from streamdiff.scheduler.types import StepPlan, frames_for_latents
 
 MAX_LANES = 4  # denoise steps 1..4, one lane (a row of a forward) each; steps may grow live
 MESSAGE_SLACK = 1 << 16  # a message's pickled rest: plans, frame metas, timings, framing
@@ -186,7 +186,7 @@ def message_bytes(cfg: Config, hop_tensors: bool = True) -> int:
     must size its buffers up front (Ray's channels) sizes them with it."""
     s, v, m = cfg.sampling, cfg.video, cfg.model
     latent_frames = max(s.first_chunk_latents, s.chunk_latents)
-    frames = max(1 + VAE_TIME_STRIDE * (s.first_chunk_latents - 1), VAE_TIME_STRIDE * s.chunk_latents)
+    frames = max(frames_for_latents(s.first_chunk_latents, True), frames_for_latents(s.chunk_latents, False))
     streams = cfg.cache.max_streams
     rows = streams * MAX_LANES
     tokens = latent_frames * tokens_per_frame(v.width, v.height)  # one row's

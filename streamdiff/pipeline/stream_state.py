@@ -31,15 +31,13 @@ import torch
 
 from streamdiff.cache.kv_cache import AttnBatch, KVPool
 from streamdiff.cache.slots import SlotTable, WritePlan
-from streamdiff.config import CacheConfig, Config
+from streamdiff.config import CacheConfig, Config, frames_for_latents
 from streamdiff.model.build import Components
 from streamdiff.model.causal_wan import CausalWanModel, CrossKV
 from streamdiff.model.dit_step import DiTStep
 from streamdiff.pipeline.frames import frames_to_tensor, tensor_to_frames
 from streamdiff.sampling.motion import MotionController
 from streamdiff.sampling.noise_schedule import chunk_noise, strength_to_timestep, timesteps_for
-
-VAE_TIME_STRIDE = 4  # video frames per latent frame (the stream's very first latent: 1 frame)
 
 
 @dataclass
@@ -188,9 +186,8 @@ class StreamState:
     @property
     def frames_needed(self) -> int:
         """Video frames the next chunk takes: 1 + 4 (F-1) for the first chunk (5), then 4 F."""
-        if self.chunk_index == 0:
-            return 1 + VAE_TIME_STRIDE * (self.first_latents - 1)
-        return VAE_TIME_STRIDE * self.chunk_latents
+        first = self.chunk_index == 0
+        return frames_for_latents(self.first_latents if first else self.chunk_latents, first)
 
     @property
     def in_flight(self) -> bool:

@@ -14,15 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-VAE_TIME_STRIDE = 4  # video frames per latent frame (the very first latent frame is 1 frame)
-
-
-def frames_for_latents(latents: int, first: bool) -> int:
-    """Video frames that make `latents` latent frames: 4 each, except the stream's very first
-    latent frame, which is 1 frame (so a 2-latent first chunk needs 5 frames)."""
-    if first:
-        return 1 + VAE_TIME_STRIDE * (latents - 1)
-    return VAE_TIME_STRIDE * latents
+from streamdiff.config import VAE_TIME_STRIDE, frames_for_latents  # re-exported: the scheduler's callers use them
 
 
 @dataclass(frozen=True)
