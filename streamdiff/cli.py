@@ -96,9 +96,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     # 2. Build the model and the pipeline.
     _say_if_random(cfg)
     if cfg.text.kind == "styles":  # the demo knows nine prompts: say which one this is, if not literally
-        from streamdiff.model.style_prompts import PROMPT_NAMES, prompt_style
+        from streamdiff.model.style_prompts import PROMPT_NAMES, clean_prompt, prompt_style
 
-        if (means := prompt_style(args.prompt)) != " ".join(args.prompt.lower().split()):
+        if (means := prompt_style(args.prompt)) != clean_prompt(args.prompt):
             log.warning("the model reads --prompt %r as %r (it knows: %s)", args.prompt, means, ", ".join(PROMPT_NAMES))
     t_build = time.perf_counter()
     comps = build_components(cfg)

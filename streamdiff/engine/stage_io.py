@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 
 from streamdiff.cache.slots import WritePlan
-from streamdiff.config import Config
+from streamdiff.config import Config, frames_for_latents
 from streamdiff.engine.types import ChunkInput, StreamOutput
 from streamdiff.model.flops import PATCH_VOLUME, tokens_per_frame
-from streamdiff.scheduler.types import StepPlan, frames_for_latents
+from streamdiff.scheduler.types import StepPlan
 
 MAX_LANES = 4  # denoise steps 1..4, one lane (a row of a forward) each; steps may grow live
 MESSAGE_SLACK = 1 << 16  # a message's pickled rest: plans, frame metas, timings, framing

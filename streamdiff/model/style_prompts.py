@@ -36,9 +36,14 @@ DEFAULT_PROMPT = "a photo"
 TABLE_KEY = "prompt_table"  # [len(PROMPT_NAMES), max_length, text_dim] in the weights file
 
 
+def clean_prompt(prompt: str) -> str:
+    """A prompt as the names are looked up in it: lower case, runs of white space as one space."""
+    return " ".join(prompt.lower().split())
+
+
 def prompt_style(prompt: str) -> str:
     """The one of the nine names a prompt means: the earliest occurring, else `a photo`."""
-    text = " ".join(prompt.lower().split())
+    text = clean_prompt(prompt)
     found = [(text.find(name), name) for name in PROMPT_NAMES if name in text]
     return min(found)[1] if found else DEFAULT_PROMPT
 
@@ -72,4 +77,4 @@ class StylePromptEncoder(PromptEncoder):
         return self.table[PROMPT_NAMES.index(prompt_style(prompt))][None]  # [1, L, D]
 
 
-__all__ = ["DEFAULT_PROMPT", "PROMPT_NAMES", "STYLE_PROMPTS", "StylePromptEncoder", "TABLE_KEY", "prompt_style"]
+__all__ = ["DEFAULT_PROMPT", "PROMPT_NAMES", "STYLE_PROMPTS", "StylePromptEncoder", "TABLE_KEY", "clean_prompt", "prompt_style"]
