@@ -34,10 +34,24 @@ def check_weight_paths(cfg: Config) -> None:
 
 
 def check_output_path(path: str) -> None:
-    suffix = Path(path).suffix.lower()
+    """A video file type we can write, at a place we can write to (its folder is made if missing;
+    a file that was not there before is not left behind), before minutes of model work."""
+    out = Path(path)
+    suffix = out.suffix.lower()
     if suffix not in VIDEO_SUFFIXES:
         raise ConfigError(f"--output {path}: unknown video file type {suffix or '(none)'!r}; use one of "
                           f"{', '.join(VIDEO_SUFFIXES)}")
+    if out.is_dir():
+        raise ConfigError(f"--output {path} is a folder; name a video file in it, e.g. {out / ('render' + suffix)}")
+    existed = out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "ab"):  # appends nothing: an existing file is left as it is
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--output {path}: cannot write there ({exc.strerror or exc})") from None
+    if not existed:
+        out.unlink(missing_ok=True)
 
 
 def check_device(cfg: Config) -> None:

@@ -39,6 +39,32 @@ def test_errors_that_need_no_model_come_before_torch(args, words):
         assert word in err
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_the_model(tmp_path):
+    """Found by trying: an unwritable --output used to fail after the model was built, in a bare
+    OS error that did not name the path; a folder named like a video failed the same way."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out, err = run("render", "--input", "synthetic", "--prompt", "p", "--output", str(blocker / "o.mp4"))
+    assert out == {"rc": 2, "torch": False}, err
+    assert len(err.splitlines()) == 1 and f"--output {blocker / 'o.mp4'}: cannot write there" in err, err
+    folder = tmp_path / "clips.mp4"
+    folder.mkdir()
+    out, err = run("render", "--input", "synthetic", "--prompt", "p", "--output", str(folder))
+    assert out == {"rc": 2, "torch": False} and "is a folder" in err, err
+
+
+def test_the_output_check_leaves_no_file_behind_and_keeps_an_existing_one(tmp_path):
+    from streamdiff.preflight import check_output_path
+
+    fresh = tmp_path / "new" / "o.mp4"
+    check_output_path(str(fresh))
+    assert fresh.parent.is_dir() and not fresh.exists()
+    kept = tmp_path / "old.mp4"
+    kept.write_bytes(b"earlier render")
+    check_output_path(str(kept))
+    assert kept.read_bytes() == b"earlier render"
+
+
 def test_a_gpu_config_without_a_gpu_is_one_line():
     import torch
 
