@@ -18,7 +18,7 @@ import sys
 import time
 
 from streamdiff.config import ConfigError, load_config, parse_size
-from streamdiff.preflight import check_device, check_listen, check_output_path, check_weight_paths, port_number
+from streamdiff.preflight import check_device, check_listen, check_output_path, check_weight_paths, number_in, port_number
 
 SYNTHETIC = "synthetic"  # --input synthetic: the built-in clip of moving shapes
 # The preset a command uses without --config: the demo, a small model trained in this repo that
@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--output", required=True, help="output video path (.mp4)")
     render.add_argument("--steps", type=int, choices=[1, 2, 3, 4], help="denoise steps (overrides sampling.steps)")
     render.add_argument("--size", help="resize input to WxH on the way in (multiples of 16)")
-    render.add_argument("--frames", type=int, default=96, help=f"frame count of --input {SYNTHETIC}")
+    render.add_argument("--frames", type=number_in(int, 1, 100_000, "96"), default=96, help=f"frame count of --input {SYNTHETIC}")
     render.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. cache.window=8")
     render.add_argument("-q", "--quiet", action="store_true")
     render.set_defaults(func=cmd_render)
@@ -470,12 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on session and control routes")
-    serve.add_argument("--max-sessions", type=int, help="stream limit (default cache.max_streams)")
-    serve.add_argument("--target-fps", type=float,
+    serve.add_argument("--max-sessions", type=number_in(int, 1, 1024, "4"), help="stream limit (default cache.max_streams)")
+    serve.add_argument("--target-fps", type=number_in(float, 0.1, 240, "30"),
                        help="per-stream service level for admission (default: the config's slo, else video.fps)")
-    serve.add_argument("--deadline-ms", type=float,
+    serve.add_argument("--deadline-ms", type=number_in(float, 1, 3_600_000, "1000"),
                        help="per-frame deadline for admission (default: the config's slo.deadline_ms)")
-    serve.add_argument("--bitrate-kbps", type=float, default=4000, help="fixed video encoder bitrate")
+    serve.add_argument("--bitrate-kbps", type=number_in(float, 50, 100_000, "4000"), default=4000, help="fixed video encoder bitrate")
     serve.add_argument("--ice-loopback", action="store_true", help="also offer 127.0.0.1 ICE candidates")
     serve.add_argument("--stages", type=int, help="pipeline stages over Ray actors (parallel.num_stages)")
     serve.add_argument("--ray-address", help="join a Ray cluster ('auto' after `ray start`, or HOST:PORT)")
@@ -532,9 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--hop-ms", type=float, help="per-hop transport latency (default: measured with Ray here)")
     e2e = bench.add_argument_group("end-to-end mode")
     e2e.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8000 (selects end-to-end mode)")
-    e2e.add_argument("--sessions", type=int, default=1, help="concurrent sessions")
+    e2e.add_argument("--sessions", type=number_in(int, 1, 64, "2"), default=1, help="concurrent sessions")
     e2e.add_argument("--token", help="bearer token of the server")
-    e2e.add_argument("--fps", type=float, help="input frame rate sent per session")
+    e2e.add_argument("--fps", type=number_in(float, 0.1, 240, "30"), help="input frame rate sent per session")
     e2e.add_argument("--size", help="input frame size WxH, e.g. 256x256")
     bench.set_defaults(func=cmd_bench)
 
@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--work", default="out/demo-train", help="work folder: data, checkpoints (resumable)")
     train.add_argument("--output", default="out/demo-weights",
                        help="where the safetensors go (configs/demo to replace the shipped ones)")
-    train.add_argument("--threads", type=int, default=2,
+    train.add_argument("--threads", type=int, choices=[1, 2], default=2,
                        help="2 (default): the teacher in two processes, TAEHV encoder and latents on two threads, then "
                             "the TAEHV decoder and the DiT side by side on one each; 1: every stage in turn on one thread")
     train.add_argument("--smoke", action="store_true", help="two steps per stage on two photographs at 64x64 (tests)")

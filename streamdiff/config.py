@@ -513,6 +513,8 @@ def parse_size(text: str) -> tuple[int, int]:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"{text!r} must look like 512x512 (width x height)") from None
+    if width < 1 or height < 1:
+        raise ValueError(f"{text!r}: width and height must be positive")
     return width, height
 
 

@@ -102,3 +102,22 @@ def port_number(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: use a number from 1 to 65535, e.g. --port 8080")
     return port
+
+
+def number_in(kind: type, lo: float, hi: float, example: str):
+    """argparse type for a number flag: `kind` (int or float) in [lo, hi], refused in one line
+    that gives the range and an example, e.g. ``type=number_in(int, 1, 64, "4")``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or not lo <= value <= hi:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'} "
+                                             f"from {_plain(lo)} to {_plain(hi)}, e.g. {example}")
+        return value
+    return parse
+
+
+def _plain(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)

@@ -104,3 +104,33 @@ def test_a_port_out_of_range_is_refused_by_the_parser(port):
     done = subprocess.run([sys.executable, "-m", "streamdiff.cli", "serve", "--port", port],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "not a TCP port" in done.stderr and "1 to 65535" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["serve", "--max-sessions", "0"], ["--max-sessions", "'0' is not a whole number from 1 to 1024"]),
+    (["serve", "--target-fps", "-1"], ["--target-fps", "from 0.1 to 240"]),
+    (["serve", "--target-fps", "nan"], ["--target-fps", "'nan' is not a number"]),
+    (["serve", "--deadline-ms", "0"], ["--deadline-ms", "from 1 to 3600000"]),
+    (["serve", "--bitrate-kbps", "0"], ["--bitrate-kbps", "from 50 to 100000"]),
+    (["render", "--input", "synthetic", "--prompt", "p", "--output", "o.mp4", "--frames", "-3"], ["--frames"]),
+    (["bench", "--url", "http://127.0.0.1:9", "--sessions", "0"], ["--sessions"]),
+    (["bench", "--url", "http://127.0.0.1:9", "--fps", "0"], ["--fps"]),
+    (["train-demo", "--threads", "3"], ["--threads", "choose from 1, 2"]),
+])
+def test_numbers_out_of_range_are_refused_by_the_parser(args, words, capsys):
+    """Found by trying: these were taken as given: a server that admits no session (--max-sessions 0),
+    a service level of -1 fps, a render of -3 frames ending in a traceback."""
+    from streamdiff.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(args)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2, err
+    for word in words:
+        assert word in err, err
+
+
+@pytest.mark.parametrize("size", ["0x16", "16x-16"])
+def test_a_frame_size_must_be_positive(size):
+    out, err = run("render", "--input", "synthetic", "--prompt", "p", "--output", "o.mp4", f"--size={size}")
+    assert out == {"rc": 2, "torch": False} and "width and height must be positive" in err, err
