@@ -7,6 +7,7 @@ Owns: routes and their HTTP semantics (status codes, CORS, Bearer auth, content 
 Routes:
   GET  /, /viewer.html, /app.js          static client (client/web)
   POST /offer                            JSON {sdp, type, prompt?, stamp?} -> {sdp, type, session, expect, means?}
+                                         (OPTIONS /offer: the CORS preflight; every reply carries CORS)
   POST /whip/{key}                       application/sdp -> 201 + Location /whip/{key}/{session}
                                          (`?stamp=1` on /offer and /whip: frame-id stamps, see sessions)
   DELETE|PATCH|OPTIONS /whip/{key}/{id}  end (200) | trickle (405) | CORS
@@ -37,16 +38,25 @@ from streamdiff.server.http import (
     ENGINE_KEY,
     SESSIONS_KEY,
     SETTINGS_KEY,
+    add_cors,
     authorized,
-    check_prompt,
     check_stream_key,
     error,
     read_json_object,
+    quiet_malformed_requests,
     read_text,
     unauthorized,
 )
 from streamdiff.server.prom import exposition
-from streamdiff.server.sessions import ServerFull, SessionManager, enable_event_log, parse_flag, to_engine_params
+from streamdiff.server.sessions import (
+    ServerFull,
+    SessionManager,
+    StreamKeyTaken,
+    check_prompt,
+    enable_event_log,
+    parse_flag,
+    to_engine_params,
+)
 from streamdiff.server.sdp import (
     CodecError,
     SdpError,
@@ -147,7 +157,7 @@ async def offer(request: web.Request) -> web.Response:
         sdp, kind = body.get("sdp"), body.get("type", "offer")
         if kind != "offer" or not isinstance(sdp, str):
             raise SdpError("type must be 'offer' and sdp a string")
-        prompt = check_prompt(body.get("prompt") or "")
+        prompt = "" if body.get("prompt") is None else check_prompt(body["prompt"])
         stamp = parse_flag(body.get("stamp", request.query.get("stamp")))
         params = to_engine_params({k: v for k, v in body.items() if k not in ("sdp", "type", "prompt", "stamp")})
         check_offer_sdp(sdp)
@@ -200,10 +210,10 @@ async def whip_post(request: web.Request) -> web.Response:
         return _error(406, str(exc))
     except ValueError as exc:  # SdpError or a bad ?stamp=
         return _error(400, str(exc))
-    if sessions.publisher(key) is not None:
-        return _error(409, f"stream key {key!r} is already being published")
     try:
         session = await sessions.open("whip", key, stamp=stamp)
+    except StreamKeyTaken as exc:
+        return _error(409, str(exc))
     except ServerFull as exc:
         return _full(exc, settings)
     try:
@@ -252,6 +262,7 @@ async def whep_post(request: web.Request) -> web.Response:
 
 async def whep_head(request: web.Request) -> web.Response:
     """WHEP draft 04: HEAD on the endpoint answers 200 with the offer's content type."""
+    check_stream_key(request.match_info["key"])
     return web.Response(status=200, headers={**CORS, "Content-Type": "application/sdp"})
 
 
@@ -290,7 +301,8 @@ async def resource_patch(request: web.Request) -> web.Response:
 
 
 async def options(request: web.Request) -> web.Response:
-    return web.Response(status=204, headers={**CORS, "Accept-Post": "application/sdp"})
+    accepts = "application/json" if request.path == "/offer" else "application/sdp"
+    return web.Response(status=204, headers={**CORS, "Accept-Post": accepts})
 
 
 # ---------------------------------------------------------------------- ops
@@ -331,7 +343,9 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
     configure_bitrates(settings.bitrate_bps)
     if settings.ice_loopback:
         enable_loopback_candidates(True)
+    quiet_malformed_requests()
     app = web.Application(client_max_size=256 * 1024)
+    app.on_response_prepare.append(add_cors)
     app[ENGINE_KEY] = engine
     app[SETTINGS_KEY] = settings
     app[SESSIONS_KEY] = SessionManager(
@@ -362,6 +376,7 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
     r.add_get("/viewer.html", _static("viewer.html"))
     r.add_get("/app.js", _static("app.js"))
     r.add_post("/offer", offer)
+    r.add_route("OPTIONS", "/offer", options)
     for kind, post in (("whip", whip_post), ("whep", whep_post)):
         r.add_post(f"/{kind}/{{key}}", post)
         if kind == "whep":

@@ -17,7 +17,6 @@ from streamdiff.server.http import (
     SESSIONS_KEY,
     SETTINGS_KEY,
     authorized,
-    check_prompt,
     parse_json,
     read_json_object,
     unauthorized,
@@ -116,8 +115,6 @@ async def _control_message(sessions: SessionManager, key: str, text: str) -> dic
     if message.get("type") != "params":
         return {"type": "error", "error": f"unknown message type {message.get('type')!r} (known: params, ping)"}
     try:
-        if "prompt" in message:
-            check_prompt(message["prompt"])
         return {"type": "params", **_params_reply(sessions, await sessions.update_params(key, message))}
     except KeyError:
         return {"type": "error", "error": "the session has ended"}

@@ -3,8 +3,9 @@ keys and error responses that never carry Python exception text.
 
 Owns: reading a body (size cap, read timeout, UTF-8 only, charset parameter checked),
 parsing JSON (depth and size capped), the Bearer-token check (constant-time, scheme matched
-case-insensitively), the stream-key rule, and the CORS error response. Every refusal here is
-an aiohttp HTTP exception (a 4xx response), never a logged crash.
+case-insensitively), the stream-key rule, CORS on every response, and quiet logging of requests
+aiohttp cannot parse. Every refusal here is an aiohttp HTTP exception (a 4xx response), never a
+logged crash.
 Does not own: routes or what a body means (server.app), sessions (server.sessions).
 """
 
@@ -13,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import re
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 CORS = {
     "Access-Control-Allow-Origin": "*",
@@ -28,7 +31,6 @@ SESSIONS_KEY = web.AppKey("sessions", object)  # the SessionManager
 SETTINGS_KEY = web.AppKey("settings", object)  # the ServerSettings
 MAX_BODY_BYTES = 128 * 1024  # an SDP offer is a few kB; a JSON control message far less
 MAX_JSON_DEPTH = 16
-MAX_PROMPT_CHARS = 1000
 STREAM_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 UTF8_NAMES = {"utf-8", "utf8", "us-ascii", "ascii"}
 
@@ -131,9 +133,33 @@ def unauthorized() -> web.Response:
                  **{"WWW-Authenticate": 'Bearer realm="streamdiff"'})
 
 
-def check_prompt(prompt: object) -> str:
-    if not isinstance(prompt, str):
-        raise ValueError("prompt must be a string")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS}")
-    return prompt
+async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: every reply carries the CORS headers, so that a controller on
+    another origin can read a JSON answer (or error) as well as pass the preflight."""
+    for name, value in CORS.items():
+        response.headers.setdefault(name, value)
+
+
+class QuietMalformedRequests(logging.Filter):
+    """For the `aiohttp.server` logger. A request aiohttp cannot parse (a request line or header
+    over its limits, a bad Content-Length, an unknown HTTP version) is answered 400 by aiohttp,
+    which then logs it at ERROR with a traceback: a client's mistake that any client could use to
+    fill the log. Such a record becomes one INFO line (shown with -v) naming the client and why."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        client = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        why = " ".join(str(exc.message).split())[:160]
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args = "refused a malformed HTTP request from %s: %s", (client, why)
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
+def quiet_malformed_requests() -> None:
+    """Install QuietMalformedRequests on aiohttp's server logger (once)."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, QuietMalformedRequests) for f in logger.filters):
+        logger.addFilter(QuietMalformedRequests())

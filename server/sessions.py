@@ -61,15 +61,34 @@ def to_control_words(params: StreamParams) -> dict:
             "seed": params.seed, "motion": params.motion_aware}
 
 
+MAX_PROMPT_CHARS = 1000
+
+
+def check_prompt(prompt: object) -> str:
+    """A prompt as every route takes it: text of at most MAX_PROMPT_CHARS that UTF-8 can carry
+    (JSON can spell a lone surrogate, "\\udc80", which no tokenizer can encode); ValueError else."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"prompt has a character UTF-8 cannot carry at position {exc.start} "
+                         f"(a lone surrogate: {prompt[exc.start]!r})") from None
+    return prompt
+
+
 def to_engine_params(message: dict) -> dict:
-    """Control fields -> engine parameter names; ValueError on an unknown field."""
+    """Control fields -> engine parameter names; ValueError on an unknown field or a bad prompt
+    (the engine checks the other values' ranges)."""
     out = {}
     for key, value in message.items():
         if key == "type":
             continue
         if key not in PARAM_ALIASES:
             raise ValueError(f"unknown parameter {key!r} (known: {', '.join(sorted(PARAM_ALIASES))})")
-        out[PARAM_ALIASES[key]] = value
+        out[PARAM_ALIASES[key]] = check_prompt(value) if key == "prompt" else value
     return out
 
 
@@ -83,6 +102,10 @@ def parse_flag(value: object, name: str = "stamp") -> bool:
     if isinstance(value, str) and value.strip().lower() in ("1", "true", "on", "yes", "0", "false", "off", "no", ""):
         return value.strip().lower() in ("1", "true", "on", "yes")
     raise ValueError(f"{name} must be true or false (or 1/0), got {value!r}")
+
+
+class StreamKeyTaken(Exception):
+    """Another session publishes (or is being admitted to publish) this stream key; HTTP 409."""
 
 
 class ServerFull(Exception):
@@ -144,12 +167,17 @@ class SessionManager:
         self.ice_servers = list(ice_servers or [])
         self.connect_timeout_s = connect_timeout_s
         self.sessions: dict[str, Session] = {}
+        # stream sessions between their admission check and their entry in `sessions` (the
+        # engine's admission is awaited): session id -> stream key. Counted by the limit and
+        # the key check, so that requests arriving together cannot all pass them.
+        self._admitting: dict[str, str] = {}
 
     # ------------------------------------------------------------------ lookup
 
     @property
     def stream_count(self) -> int:
-        return sum(1 for s in self.sessions.values() if s.has_stream)
+        """Streams running or being admitted."""
+        return sum(1 for s in self.sessions.values() if s.has_stream) + len(self._admitting)
 
     def get(self, key: str) -> Session | None:
         """By session id, else the stream-owning session with that stream key."""
@@ -176,19 +204,22 @@ class SessionManager:
                    **params) -> Session:
         """Create a session and its peer; stream kinds ask the engine for admission first.
         `stamp`: the session carries frame-id stamps through (stream kinds only).
-        Raises ServerFull (503) when the limit is reached or the engine refuses."""
+        Raises StreamKeyTaken (409) when a stream kind's key is published already, ServerFull
+        (503) when the limit is reached or the engine refuses."""
         session_id = uuid.uuid4().hex[:16]
         owns_stream = kind in ("browser", "whip")
         admission = None
+        if owns_stream and stream_key is not None and (
+                self.publisher(stream_key) is not None or stream_key in self._admitting.values()):
+            events.info("refused %s session (stream key %s): the key is being published already", kind, stream_key)
+            raise StreamKeyTaken(f"stream key {stream_key!r} is already being published")
         if owns_stream and self.stream_count >= self.max_sessions:
             events.info("refused %s session (stream key %s): %d of %d streams already running (--max-sessions)",
                         kind, stream_key or "-", self.stream_count, self.max_sessions)
             n = self.max_sessions
             raise ServerFull(f"busy: {n} stream{'s' if n != 1 else ''} already running (--max-sessions)")
         if owns_stream:
-            admission = await self.engine.add_stream(
-                session_id, prompt, target_fps=self.target_fps, deadline_ms=self.deadline_ms, **params
-            )
+            admission = await self._admit(session_id, stream_key or session_id, prompt, params)
             if not admission:
                 events.info("refused %s session (stream key %s): %s", kind, stream_key or "-", admission.reason)
                 raise ServerFull(f"busy: {admission.reason}")
@@ -215,6 +246,26 @@ class SessionManager:
 
         session.tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session_id}"))
         return session
+
+    async def _admit(self, session_id: str, stream_key: str, prompt: str, params: dict):
+        """The engine's admission of a new stream, with the stream counted (and its key held)
+        while it is awaited. A request cancelled meanwhile gives back what the engine admitted."""
+        self._admitting[session_id] = stream_key
+        try:
+            return await self.engine.add_stream(
+                session_id, prompt, target_fps=self.target_fps, deadline_ms=self.deadline_ms, **params
+            )
+        except asyncio.CancelledError:
+            asyncio.ensure_future(self._give_back(session_id))
+            raise
+        finally:
+            del self._admitting[session_id]
+
+    async def _give_back(self, session_id: str) -> None:
+        try:
+            await self.engine.remove_stream(session_id)
+        except Exception:  # never admitted, or the engine stopped
+            log.debug("remove_stream %s after a cancelled admission failed", session_id, exc_info=True)
 
     async def _watchdog(self, session: Session) -> None:
         """A peer that answers but never connects (closed tab, blocked UDP) is freed after

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 
 import aiohttp
@@ -58,10 +59,26 @@ async def _hostile(caplog):
                 async with http.post(f"{url}/whip/{key}", data=offer, headers={**auth(), **SDP}) as r:
                     assert r.status == 400 and "stream key" in await r.text(), key
             assert sessions.sessions == {}
-            # 3. Prompt length is capped.
+            # 3. Prompt length is capped; a lone surrogate (valid JSON, not encodable text) and a
+            #    prompt that is not a string are refused in our words, not Python's.
             async with http.post(f"{url}/offer", json={"sdp": offer, "type": "offer", "prompt": "x" * 5000},
                                  headers=auth()) as r:
                 assert r.status == 400 and "at most 1000" in await r.text()
+            for prompt, words in (('"\\udc80 fox"', "a lone surrogate"), ("0", "prompt must be a string, got int"),
+                                  ("false", "prompt must be a string, got bool")):
+                body = '{"sdp": %s, "type": "offer", "prompt": %s}' % (json.dumps(offer), prompt)
+                async with http.post(f"{url}/offer", data=body, headers={**auth(), **JSON}) as r:
+                    text = await r.text()
+                    assert r.status == 400 and words in text and "codec" not in text, (prompt, text)
+            # 3b. Every reply carries CORS (a controller on another origin reads errors too), and
+            #     /offer answers the preflight.
+            async with http.options(f"{url}/offer") as r:
+                assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == "*"
+                assert r.headers["Accept-Post"] == "application/json"
+            async with http.patch(f"{url}/sessions/nobody/params", json={"seed": 1}, headers=auth()) as r:
+                assert r.status == 404 and r.headers["Access-Control-Allow-Origin"] == "*"
+            async with http.head(f"{url}/whep/bad%20key") as r:
+                assert r.status == 400
             # 4. Negotiation failures do not leak exception text.
             broken = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 H264/90000\r\n"
             async with http.post(f"{url}/whip/k", data=broken, headers={**auth(), **SDP}) as r:
@@ -92,7 +109,15 @@ async def _hostile(caplog):
             async with http.patch(f"{url}/whep/k/{session_id}", headers=auth()) as r:
                 assert r.status == 404
             assert session_id in sessions.sessions
-            # 7. WebSocket: binary frames and long prompts get error messages; the socket stays up.
+            # 7. PATCH takes the same prompt checks as /offer and /ws.
+            for prompt in ("z" * 5000, "\udc80"):
+                body = json.dumps({"prompt": prompt})  # ensure_ascii: the surrogate as an escape
+                async with http.patch(f"{url}/sessions/{session_id}/params", data=body,
+                                      headers={**auth(), **JSON}) as r:
+                    text = await r.text()
+                    assert r.status == 400 and ("at most 1000" in text or "lone surrogate" in text), text
+                    assert r.headers["Access-Control-Allow-Origin"] == "*"
+            # 7b. WebSocket: binary frames and long prompts get error messages; the socket stays up.
             async with http.ws_connect(f"{url}/ws?session={session_id}", headers=auth()) as ws:
                 async def reply():
                     while (msg := await ws.receive_json(timeout=30))["type"] == "stats":
@@ -103,6 +128,8 @@ async def _hostile(caplog):
                 assert "binary" in (await reply())["error"]
                 await ws.send_json({"type": "params", "prompt": "y" * 5000})
                 assert "at most 1000" in (await reply())["error"]
+                await ws.send_str('{"type": "params", "prompt": "\\udc80"}')
+                assert "a lone surrogate" in (await reply())["error"]
                 await ws.send_str("[" * 5000 + "]" * 5000)
                 assert "nested" in (await reply())["error"]
                 assert not ws.closed
@@ -121,10 +148,20 @@ async def _hostile(caplog):
                                b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
                                b"Content-Length: 1000\r\n\r\n{\"sdp\":")
         assert got.startswith(b"HTTP/1.1 408"), got[:80]
+        # 10. Requests aiohttp cannot parse are answered 400 and logged as one INFO line, not as
+        #     an ERROR with a traceback (any client could fill the log with them).
+        for raw in (b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+                    b"GET / HTTP/9.9\r\nHost: x\r\n\r\n"):
+            got = await _raw(port, raw)
+            assert got.startswith((b"HTTP/1.1 400", b"HTTP/1.0 400")), (raw[:40], got[:80])
 
 
 def test_hostile_inputs_get_4xx_and_nothing_crashes(caplog):
-    caplog.set_level(logging.ERROR)
+    caplog.set_level(logging.INFO)
     asyncio.run(_hostile(caplog))
     crashes = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not crashes, [r.getMessage() for r in crashes]
+    refused = [r.getMessage() for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(refused) >= 4 and all(m.startswith("refused a malformed HTTP request from ") for m in refused), refused

@@ -1,0 +1,114 @@
+"""Requests that arrive together (found by a fuzzing client): the session limit and a stream key's
+single publisher hold while the engine's admission is awaited, and a request cancelled during
+its admission leaves no engine stream behind."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiortc import RTCPeerConnection
+
+from gateway_helpers import SyntheticVideo, auth, obs_like_offer, running_server, sessions_of
+
+from streamdiff.server.http import ENGINE_KEY
+
+SDP = {"Content-Type": "application/sdp"}
+
+
+def slow_admission(engine, wait_s: float = 0.5, *, after: bool = False):
+    """Make the engine's admission take `wait_s` (before it, or after the engine admitted), so
+    that requests sent together are all in flight while one of them is being admitted."""
+    real = engine.add_stream
+
+    async def add_stream(*args, **kwargs):
+        if not after:
+            await asyncio.sleep(wait_s)
+        admission = await real(*args, **kwargs)
+        if after:
+            await asyncio.sleep(wait_s)
+        return admission
+
+    engine.add_stream = add_stream
+
+
+async def _browser_offer() -> tuple[RTCPeerConnection, str]:
+    pc = RTCPeerConnection()
+    pc.addTrack(SyntheticVideo())
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+async def _offers_together():
+    async with running_server(max_streams=4, max_sessions=2) as (url, app):
+        slow_admission(app[ENGINE_KEY])
+        peers = [await _browser_offer() for _ in range(4)]
+        async with aiohttp.ClientSession() as http:
+            async def post(sdp):
+                async with http.post(f"{url}/offer", json={"sdp": sdp, "type": "offer"}, headers=auth()) as r:
+                    return r.status, await r.text()
+
+            replies = await asyncio.gather(*(post(sdp) for _, sdp in peers))
+            streams = sessions_of(app).stream_count
+            engine_streams = (await app[ENGINE_KEY].stats())["streams"]
+        for pc, _ in peers:
+            await pc.close()
+    return replies, streams, engine_streams
+
+
+def test_offers_sent_together_do_not_pass_the_session_limit():
+    replies, streams, engine_streams = asyncio.run(_offers_together())
+    statuses = sorted(status for status, _ in replies)
+    assert statuses == [200, 200, 503, 503], replies
+    assert all("--max-sessions" in text for status, text in replies if status == 503), replies
+    assert streams == 2 and engine_streams == 2
+
+
+async def _one_key_twice():
+    async with running_server(max_streams=4) as (url, app):
+        slow_admission(app[ENGINE_KEY])
+        (pub1, offer1), (pub2, offer2) = await obs_like_offer(), await obs_like_offer()
+        async with aiohttp.ClientSession() as http:
+            async def post(sdp):
+                async with http.post(f"{url}/whip/cam", data=sdp, headers={**SDP, **auth()}) as r:
+                    return r.status, await r.text()
+
+            replies = await asyncio.gather(post(offer1), post(offer2))
+            publishers = [s for s in sessions_of(app).sessions.values() if s.kind == "whip"]
+        await pub1.close()
+        await pub2.close()
+    return replies, publishers
+
+
+def test_one_stream_key_published_twice_at_once_gets_one_publisher():
+    replies, publishers = asyncio.run(_one_key_twice())
+    assert sorted(status for status, _ in replies) == [201, 409], replies
+    assert any("'cam' is already being published" in text for status, text in replies if status == 409), replies
+    assert len(publishers) == 1
+
+
+async def _cancelled_admission():
+    async with running_server(max_streams=2) as (url, app):
+        engine, sessions = app[ENGINE_KEY], sessions_of(app)
+        slow_admission(engine, 1.0, after=True)
+        opening = asyncio.create_task(sessions.open("browser", None, "a fox"))
+        for _ in range(200):  # until the engine has admitted it (its admission then waits 1 s)
+            if (await engine.stats())["streams"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert sessions.stream_count == 1  # counted while it is admitted
+        opening.cancel()
+        try:
+            await opening
+        except asyncio.CancelledError:
+            pass
+        for _ in range(200):
+            if (await engine.stats())["streams"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        return (await engine.stats())["streams"], sessions.stream_count, dict(sessions.sessions)
+
+
+def test_a_request_cancelled_during_its_admission_leaves_no_engine_stream():
+    engine_streams, counted, sessions = asyncio.run(_cancelled_admission())
+    assert (engine_streams, counted, sessions) == (0, 0, {})
