@@ -23,6 +23,8 @@ from streamdiff.server.http import (
 )
 from streamdiff.server.sessions import SessionManager
 
+MAX_WAITING_PARAMS = 8  # params messages of one control socket waiting for the engine
+
 
 def _authorized(request: web.Request) -> bool:
     return authorized(request, request.app[SETTINGS_KEY].token)
@@ -77,17 +79,44 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             await ws.send_json({"type": "stats", **session.stats()})
             await asyncio.sleep(1.0)
 
+    # Params messages wait on the engine (a change lands between two steps), so they are applied
+    # in order from a bounded inbox by their own task: a ping or a bad message is answered at
+    # once, a client that sends faster than the engine steps is told so instead of queueing
+    # without end, and what is still waiting when the socket closes is dropped.
+    inbox: asyncio.Queue[dict] = asyncio.Queue(MAX_WAITING_PARAMS)
+
+    async def apply_params() -> None:
+        while True:
+            message = await inbox.get()
+            reply = await _apply_params(sessions, key, message)
+            if ws.closed:
+                return
+            try:
+                await ws.send_json(reply)
+            except ConnectionError:  # the socket went while the engine applied it
+                return
+
     stats_task = asyncio.create_task(push_stats())
+    params_task = asyncio.create_task(apply_params())
     try:
         async for msg in ws:
             if msg.type == WSMsgType.BINARY:
                 await ws.send_json({"type": "error", "error": "binary messages are not accepted: send JSON text"})
             elif msg.type == WSMsgType.TEXT:
-                await ws.send_json(await _control_message(sessions, key, msg.data))
+                message, reply = _read_control_message(msg.data)
+                if message is not None:
+                    try:
+                        inbox.put_nowait(message)
+                        continue
+                    except asyncio.QueueFull:
+                        reply = {"type": "error", "error": f"{MAX_WAITING_PARAMS} params messages are already "
+                                                           "waiting to be applied: wait for their replies"}
+                await ws.send_json(reply)
     except (ConnectionError, asyncio.CancelledError):
         pass
     finally:
         stats_task.cancel()
+        params_task.cancel()
         owner.control_sockets -= owns
         if owns and owner.kind == "browser" and owner.control_sockets == 0 and not owner.closed:
             grace_s = request.app[SETTINGS_KEY].control_grace_s
@@ -103,17 +132,22 @@ async def _free_orphan(sessions: SessionManager, session, grace_s: float) -> Non
         await sessions.close(session.id, "the page's control socket closed (tab closed or crashed)")
 
 
-async def _control_message(sessions: SessionManager, key: str, text: str) -> dict:
+def _read_control_message(text: str) -> tuple[dict | None, dict | None]:
+    """(a params message to apply, None) or (None, the reply: pong or an error)."""
     try:
         message = parse_json(text)
     except ValueError as exc:
-        return {"type": "error", "error": str(exc)}
+        return None, {"type": "error", "error": str(exc)}
     if not isinstance(message, dict):
-        return {"type": "error", "error": "a message must be a JSON object with a 'type'"}
+        return None, {"type": "error", "error": "a message must be a JSON object with a 'type'"}
     if message.get("type") == "ping":
-        return {"type": "pong"}
+        return None, {"type": "pong"}
     if message.get("type") != "params":
-        return {"type": "error", "error": f"unknown message type {message.get('type')!r} (known: params, ping)"}
+        return None, {"type": "error", "error": f"unknown message type {message.get('type')!r} (known: params, ping)"}
+    return message, None
+
+
+async def _apply_params(sessions: SessionManager, key: str, message: dict) -> dict:
     try:
         return {"type": "params", **_params_reply(sessions, await sessions.update_params(key, message))}
     except KeyError:

@@ -112,3 +112,45 @@ async def _cancelled_admission():
 def test_a_request_cancelled_during_its_admission_leaves_no_engine_stream():
     engine_streams, counted, sessions = asyncio.run(_cancelled_admission())
     assert (engine_streams, counted, sessions) == (0, 0, {})
+
+
+async def _params_burst():
+    async with running_server(max_streams=2) as (url, app):
+        engine = app[ENGINE_KEY]
+        real, applied = engine.update_params, []
+
+        async def slow_update(stream_id, **changes):  # a CPU step between two changes
+            await asyncio.sleep(0.3)
+            applied.append(changes)
+            return await real(stream_id, **changes)
+
+        engine.update_params = slow_update
+        session = await sessions_of(app).open("browser", None, "a fox")
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(f"{url}/ws?session={session.id}", headers=auth()) as ws:
+                for seed in range(20):
+                    await ws.send_json({"type": "params", "seed": seed})
+                await ws.send_json({"type": "ping"})
+                replies = []
+                while len(replies) < 13 or not any(r["type"] == "params" for r in replies):
+                    msg = await ws.receive_json(timeout=30)
+                    if msg["type"] != "stats":
+                        replies.append(msg)
+                # gone with most of the burst still waiting
+            for _ in range(20):
+                await asyncio.sleep(0.3)
+            return replies, len(applied)
+
+
+def test_a_burst_of_params_is_bounded_and_a_closed_socket_drops_what_waits():
+    """Found by a fuzzing client: every params message waited on the engine in the socket's
+    receive loop, so 150 quick changes took minutes, a ping behind them waited as long, and
+    closing the socket did not stop them."""
+    replies, applied = asyncio.run(_params_burst())
+    kinds = [r["type"] for r in replies]
+    refused = [r for r in replies if r["type"] == "error"]
+    assert "pong" in kinds and kinds.index("pong") < kinds.index("params"), kinds  # the ping did not wait
+    assert len(refused) >= 20 - 8 - 1 and all("already waiting" in r["error"] for r in refused), refused
+    params = [r for r in replies if r["type"] == "params"]
+    assert params[0]["params"]["seed"] == 0  # applied in order
+    assert applied <= 2 + 1, applied  # the rest was dropped with the socket (2: applied or started before it closed)
