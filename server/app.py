@@ -54,6 +54,7 @@ from streamdiff.server.sessions import (
     StreamKeyTaken,
     check_prompt,
     enable_event_log,
+    in_client_words,
     parse_flag,
     to_engine_params,
 )
@@ -168,8 +169,8 @@ async def offer(request: web.Request) -> web.Response:
         session = await sessions.open("browser", None, prompt, stamp=stamp, **params)
     except ServerFull as exc:
         return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": str(settings.retry_after_s)})
-    except ValueError as exc:  # a parameter out of range (the engine names it)
-        return web.json_response({"error": str(exc)}, status=400)
+    except ValueError as exc:  # a parameter out of range (the engine names it; we say it in the client's word)
+        return web.json_response({"error": str(in_client_words(exc, body))}, status=400)
     try:
         _wire_input(session, sessions, settings)
         await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))

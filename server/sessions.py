@@ -92,6 +92,17 @@ def to_engine_params(message: dict) -> dict:
     return out
 
 
+def in_client_words(exc: ValueError, message: dict) -> ValueError:
+    """The engine names a bad value by its own parameter name (`motion_aware must be ...`); say
+    it in the word the client sent (`motion must be ...`)."""
+    text = str(exc)
+    for word in message:
+        name = PARAM_ALIASES.get(word)
+        if name is not None and name != word and text.startswith(name):
+            return ValueError(word + text[len(name):])
+    return exc
+
+
 def parse_flag(value: object, name: str = "stamp") -> bool:
     """A boolean session option from JSON (true/false) or a query string (1/0, true/false,
     on/off, yes/no); None is False. ValueError names the option otherwise."""
@@ -317,7 +328,10 @@ class SessionManager:
         target = session.source if session.kind == "whep" else session
         if target is None or not target.has_stream:
             raise KeyError(key)
-        params = await self.engine.update_params(target.id, **to_engine_params(message))
+        try:
+            params = await self.engine.update_params(target.id, **to_engine_params(message))
+        except ValueError as exc:
+            raise in_client_words(exc, message) from None
         return to_control_words(params)
 
     def prompt_means(self, prompt: str) -> str | None:

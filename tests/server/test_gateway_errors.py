@@ -77,6 +77,12 @@ async def _errors():
                 assert "steps" in (await reply())["error"]
                 await ws.send_json({"type": "params", "colour": 3})
                 assert "colour" in (await reply())["error"]
+                # a bad value is named in the client's word, not the engine's (motion_aware, noise_strength)
+                await ws.send_json({"type": "params", "motion": "false"})
+                assert (await reply())["error"].startswith("motion must be true or false")
+                await ws.send_json({"type": "params", "noise": 7})
+                error = (await reply())["error"]
+                assert error.startswith("noise") and "noise_strength" not in error, error
                 await ws.send_json({"type": "params", "prompt": "a fox", "noise": 0.5, "seed": 7, "motion": False})
                 msg = await reply()
                 assert msg["type"] == "params" and msg["params"]["prompt"] == "a fox" and msg["params"]["seed"] == 7
