@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     try:
         return args.func(args)
-    except (CliError, ConfigError, FileNotFoundError) as exc:
+    except (CliError, ConfigError, FileNotFoundError) as exc:  # ConfigError: weights files that cannot be used too
         print(f"streamdiff: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -134,3 +134,30 @@ def test_numbers_out_of_range_are_refused_by_the_parser(args, words, capsys):
 def test_a_frame_size_must_be_positive(size):
     out, err = run("render", "--input", "synthetic", "--prompt", "p", "--output", "o.mp4", f"--size={size}")
     assert out == {"rc": 2, "torch": False} and "width and height must be positive" in err, err
+
+
+@pytest.mark.parametrize("key, damage, words", [
+    ("transformer", "cut", "is not a readable safetensors file"),
+    ("vae", "empty", "is not a readable safetensors file"),
+    ("text_encoder", "cut", "is not a readable safetensors file"),
+    ("vae", "swap", "taehv: 0/"),  # the DiT's file given as the VAE: its keys do not match
+])
+def test_a_broken_weights_file_is_one_line_naming_it(tmp_path, key, damage, words):
+    """Found by trying: the demo with a truncated or swapped weights file ended in a traceback."""
+    from streamdiff.config import load_config, resolve_path
+
+    weights = load_config("demo").weights
+    source = resolve_path(getattr(weights, key))
+    bad = tmp_path / f"{damage}.safetensors"
+    if damage == "cut":
+        bad.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    else:
+        bad.write_bytes(resolve_path(weights.transformer).read_bytes())
+    out, err = run("render", "--input", "synthetic", "--frames", "5", "--prompt", "a photo", "--output",
+                   str(tmp_path / "o.mp4"), "--set", f"weights.{key}={bad}")
+    assert out["rc"] == 2 and len(err.splitlines()) == 1 and err.startswith("streamdiff: error:"), err
+    assert words in err and (damage == "swap" or str(bad) in err), err
+    assert "other stages" not in err
+    assert not (tmp_path / "o.mp4").exists()

@@ -59,7 +59,16 @@ _INDEX = re.compile(r"\.\d+(?=\.|$)")
 MAX_KINDS = 10
 
 
-class WeightsMismatchError(ValueError):
+class WeightsError(ConfigError):
+    """A weights file the config names that cannot be used (a ConfigError, so a ValueError: the
+    CLI reports it in one line)."""
+
+
+class WeightsFileError(WeightsError):
+    """A weights file that cannot be read: truncated, empty, not the format its name says."""
+
+
+class WeightsMismatchError(WeightsError):
     """A checkpoint does not fit the module; `.report` says how (None for shape mismatches)."""
 
     def __init__(self, message: str, report: "LoadReport | None" = None):
@@ -74,7 +83,10 @@ class WeightsMismatchError(ValueError):
 
 class _Safetensors:
     def __init__(self, path: Path):
-        self.handle = safe_open(str(path), framework="pt", device="cpu")  # mmapped, read on get
+        try:
+            self.handle = safe_open(str(path), framework="pt", device="cpu")  # mmapped, read on get
+        except Exception as exc:  # safetensors' SafetensorError (truncated, empty, not safetensors), OSError
+            raise WeightsFileError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
 
     def keys(self) -> list[str]:
         return list(self.handle.keys())
@@ -84,6 +96,9 @@ class _Safetensors:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.handle.get_slice(key).get_shape())
+
+    def is_float(self, key: str) -> bool:
+        return self.handle.get_slice(key).get_dtype().startswith(("F", "BF"))  # F32, F16, BF16, F8_E4M3, ...
 
 
 class _Tensors:
@@ -98,6 +113,9 @@ class _Tensors:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key].shape)
+
+    def is_float(self, key: str) -> bool:
+        return self.tensors[key].is_floating_point()
 
 
 class StateDict(Mapping[str, torch.Tensor]):
@@ -128,6 +146,11 @@ class StateDict(Mapping[str, torch.Tensor]):
     def shape(self, key: str) -> tuple[int, ...]:
         reader, inner = self._entries[key]
         return reader.shape(inner)
+
+    def is_float(self, key: str) -> bool:
+        """From the file's header where it has one: nothing is read."""
+        reader, inner = self._entries[key]
+        return reader.is_float(inner)
 
     def renamed(self, new_to_old: Mapping[str, str]) -> "StateDict":
         return StateDict({new: self._entries[old] for new, old in new_to_old.items()}, self.source, self.config)
@@ -182,8 +205,14 @@ class UntrustedPickleError(ConfigError):
     """A .pt file needs full unpickling (it carries objects, not only tensors) and was not trusted."""
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     """torch.load on CPU, weights only (mmapped when the file format allows it)."""
+    not_readable = f"{path} is not a readable torch file"
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -192,6 +221,10 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # not objects in a good file: a broken one
+            lines = [line.strip() for line in str(exc).split("WeightsUnpickler error:")[-1].splitlines()]
+            raise WeightsFileError(f"{not_readable} (truncated or not a checkpoint: "
+                                   f"{next((line for line in lines if line), 'unreadable')[:120]})") from None
         if not trust_pickle:
             raise UntrustedPickleError(
                 f"{path} holds more than tensors and cannot be read with weights_only=True; full unpickling "
@@ -200,6 +233,8 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         log.warning("%s holds more than tensors (weights_only=True failed: %s); loading it with full "
                     "pickle, which runs code from the file: use only files you trust", path, str(exc).splitlines()[0])
         return torch.load(path, map_location="cpu", weights_only=False)
+    except (EOFError, OSError, RuntimeError) as exc:  # empty, truncated, not a torch file
+        raise WeightsFileError(f"{not_readable} ({_first_line(exc) if str(exc).strip() else 'it ends early'})") from None
 
 
 def _unwrap(obj: Any, wrappers: tuple[str, ...], path: Path) -> tuple[Mapping, str]:
@@ -214,7 +249,7 @@ def _unwrap(obj: Any, wrappers: tuple[str, ...], path: Path) -> tuple[Mapping, s
         obj = obj[key]
     if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         top = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
-        raise ValueError(f"{path}: found no dict of tensors under any of {wrappers} (top level: {top})")
+        raise WeightsFileError(f"{path}: found no dict of tensors under any of {wrappers} (top level: {top})")
     return obj, "".join(f"[{k!r}]" for k in chosen)
 
 
@@ -224,7 +259,7 @@ def _read_file(path: Path, trust_pickle: bool = False) -> StateDict:
     if path.suffix in TORCH_SUFFIXES:
         obj, where = _unwrap(_torch_load(path, trust_pickle), ("state_dict", "model", "module"), path)
         return StateDict.of(_Tensors(obj), f"{path}{where}")
-    raise ValueError(f"{path}: unknown weights file type (expected .safetensors or one of {TORCH_SUFFIXES})")
+    raise WeightsFileError(f"{path}: unknown weights file type (expected .safetensors or one of {TORCH_SUFFIXES})")
 
 
 def _require(path: str | Path, expected: str) -> Path:
@@ -375,6 +410,8 @@ def load_into(
     num_blocks = num_blocks if num_blocks is not None else _total_blocks(module)
 
     def for_other_stage(key: str) -> bool:
+        if not held_blocks and num_blocks is None:  # not a DiT (a VAE): no stage holds the rest
+            return False
         if m := _BLOCK.match(key):
             i = int(m.group(1))
             return i not in held_blocks and (num_blocks is None or i < num_blocks)
@@ -406,6 +443,10 @@ def load_into(
         lines = "; ".join(f"{k}: checkpoint {src} vs model {dst}" for k, src, dst in bad[:MAX_KINDS])
         more = f" (and {len(bad) - MAX_KINDS} more)" if len(bad) > MAX_KINDS else ""
         raise WeightsMismatchError(f"{what}: {len(bad)} shape mismatch(es): {lines}{more}")
+    is_float = state.is_float if isinstance(state, StateDict) else (lambda k: state[k].is_floating_point())
+    if ints := [k for k in matched if targets[k].is_floating_point() and not is_float(k)]:
+        raise WeightsMismatchError(f"{what}: {len(ints)} tensor(s) of {report.source or 'the checkpoint'} are not "
+                                   f"floating point (e.g. {ints[0]}); is this a weights file?")
 
     # 4. Copy one tensor at a time into the existing storage.
     for key in matched:

@@ -62,15 +62,27 @@ class StylePromptEncoder(PromptEncoder):
     def from_file(cls, path: str | Path, text_dim: int, **kwargs) -> "StylePromptEncoder":
         from safetensors.torch import load_file
 
+        from streamdiff.model.loading import WeightsFileError, WeightsMismatchError
+
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"weights.text_encoder={str(path)!r}: no prompt table file (text.kind=styles)")
-        tensors = load_file(str(p))
+        try:
+            tensors = load_file(str(p))
+        except Exception as exc:  # safetensors' SafetensorError: truncated, empty, not safetensors
+            why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise WeightsFileError(f"{p} is not a readable safetensors file ({why}); the prompt table is read "
+                                   f"from safetensors only") from None
         if TABLE_KEY not in tensors:
-            raise ValueError(f"{p} has no {TABLE_KEY!r} tensor (keys: {sorted(tensors)[:5]}); not a style prompt table")
+            raise WeightsMismatchError(f"{p} has no {TABLE_KEY!r} tensor (keys: {sorted(tensors)[:5]}); "
+                                       f"not a style prompt table")
         table = tensors[TABLE_KEY]
-        if table.shape[-1] != text_dim:
-            raise ValueError(f"{p}: prompt table width {table.shape[-1]} != model.text_dim={text_dim}")
+        if table.ndim != 3 or table.shape[0] != len(PROMPT_NAMES) or table.shape[-1] != text_dim:
+            raise WeightsMismatchError(f"{p}: prompt table is {list(table.shape)}, expected "
+                                       f"[{len(PROMPT_NAMES)}, L, {text_dim}] (model.text_dim={text_dim})")
+        if not table.is_floating_point():
+            raise WeightsMismatchError(f"{p}: prompt table is {str(table.dtype).removeprefix('torch.')}, "
+                                       f"not floating point")
         return cls(table, **kwargs)
 
     def _encode(self, prompt: str) -> torch.Tensor:

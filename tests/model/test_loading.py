@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from streamdiff.config import ModelConfig
 from streamdiff.model.causal_wan import CausalWanModel
 from streamdiff.model.loading import (
+    WeightsFileError,
     WeightsMismatchError,
     load_into,
     load_vae,
@@ -213,6 +214,61 @@ def test_shape_mismatch_names_key_and_shapes(source):
     with pytest.raises(ValueError, match=r"blocks\.1\.ffn\.net\.0\.proj\.weight: checkpoint \(96, 64\) vs model \(128, 64\)"):
         load_into(model, bad)
     assert torch.equal(model.patch_embedding.weight, before)
+
+
+def _broken_files(root, source_file):
+    """Files a user could point a config at by mistake, each with the words its error must say."""
+    whole = source_file.read_bytes()
+    (root / "cut.safetensors").write_bytes(whole[: len(whole) // 3])
+    (root / "empty.safetensors").write_bytes(b"")
+    (root / "pickle.safetensors").write_bytes((root / "wan.pth").read_bytes())
+    (root / "cut.pth").write_bytes((root / "wan.pth").read_bytes()[:300])
+    (root / "empty.pth").write_bytes(b"")
+    (root / "noise.pt").write_bytes(bytes(range(256)) * 8)
+    torch.save([1, 2, 3], root / "list.pt")
+    return [("wan", "cut.safetensors", "is not a readable safetensors file"),
+            ("wan", "empty.safetensors", "is not a readable safetensors file"),
+            ("wan", "pickle.safetensors", "is not a readable safetensors file"),
+            ("wan", "cut.pth", "is not a readable torch file"),
+            ("wan", "empty.pth", "is not a readable torch file"),
+            ("sdv2", "noise.pt", "is not a readable torch file (truncated or not a checkpoint"),
+            ("sdv2", "list.pt", "found no dict of tensors")]
+
+
+def test_broken_files_are_refused_in_one_line_that_names_them(tmp_path, source):
+    """Found by trying: a truncated or empty file ended in safetensors' or pickle's traceback,
+    which did not name the file, and random bytes in a .pt were taken for a pickle with objects
+    (the advice was to trust it)."""
+    _, _, root = source
+    for name in ("wan.pth", "wan.safetensors"):
+        (tmp_path / name).write_bytes((root / name).read_bytes())
+    for fmt, name, words in _broken_files(tmp_path, root / "wan.safetensors"):
+        with pytest.raises(WeightsFileError) as err:
+            load_into(fresh_model(), read_transformer_state_dict(fmt, tmp_path / name))
+        msg = str(err.value)
+        assert words in msg and str(tmp_path / name) in msg and "\n" not in msg, (name, msg)
+        assert "trust_pickle" not in msg, msg
+
+
+def test_integer_tensors_are_refused_before_anything_is_copied(tmp_path, source):
+    _, state, _ = source
+    save_file({k: v.to(torch.int64) for k, v in state.items()}, tmp_path / "ints.safetensors")
+    model = fresh_model()
+    before = model.proj_out.weight.clone()
+    with pytest.raises(WeightsMismatchError, match=r"69 tensor\(s\) of .*ints\.safetensors are not floating point"):
+        load_into(model, read_transformer_state_dict("wan", tmp_path / "ints.safetensors"))
+    assert torch.equal(model.proj_out.weight, before)
+
+
+def test_a_vae_sized_module_counts_no_keys_for_other_stages(source):
+    """A DiT file given as a VAE: its keys are unexpected, not "for other stages"."""
+    _, state, _ = source
+    vae_like = torch.nn.Module()
+    vae_like.encoder = torch.nn.Linear(2, 2)
+    with pytest.raises(WeightsMismatchError) as err:
+        load_into(vae_like, state, what="taehv")
+    assert err.value.report.skipped_for_stage == 0 and err.value.report.n_unexpected == len(state)
+    assert "other stages" not in str(err.value)
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "wan", "sdv2"])
