@@ -30,6 +30,8 @@ class VideoInfo:
 
 def probe(path: str | Path) -> VideoInfo:
     path = Path(path)
+    if path.is_dir():
+        raise VideoInputError(f"{path} is a folder: give a video file (or 'synthetic')")
     if not path.is_file():
         raise VideoInputError(f"input not found: {path}")
     try:

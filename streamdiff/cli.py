@@ -16,6 +16,7 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from streamdiff.config import ConfigError, load_config, parse_size
 from streamdiff.preflight import check_device, check_listen, check_output_path, check_weight_paths, number_in, port_number
@@ -52,6 +53,9 @@ def _say_if_random(cfg) -> None:
 def cmd_render(args: argparse.Namespace) -> int:
     # 0. Errors that need no model come first, before torch is imported: output type, paths,
     #    then the device.
+    if args.input != SYNTHETIC and Path(args.input).resolve() == Path(args.output).resolve():
+        raise CliError(f"--output {args.output} is the --input file: writing it would destroy the input; "
+                       f"name another output file")
     check_output_path(args.output)
     overrides = list(args.set or [])
     if args.steps is not None:
@@ -85,11 +89,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from streamdiff.model.build import build_components
-    from streamdiff.pipeline.frames import synthetic_clip
+    from streamdiff.pipeline.frames import synthetic_frames
     from streamdiff.pipeline.stream_pipeline import StreamPipeline
 
     if args.input == SYNTHETIC:
-        frames_iter = iter(synthetic_clip(total, width, height, seed=cfg.sampling.seed))
+        frames_iter = synthetic_frames(total, width, height, seed=cfg.sampling.seed)
     else:
         frames_iter = read_frames(args.input, size)
 
@@ -99,7 +103,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         from streamdiff.model.style_prompts import PROMPT_NAMES, clean_prompt, prompt_style
 
         if (means := prompt_style(args.prompt)) != clean_prompt(args.prompt):
-            log.warning("the model reads --prompt %r as %r (it knows: %s)", args.prompt, means, ", ".join(PROMPT_NAMES))
+            shown = args.prompt if len(args.prompt) <= 80 else args.prompt[:77] + "..."
+            log.warning("the model reads --prompt %r as %r (it knows: %s)", shown, means, ", ".join(PROMPT_NAMES))
     t_build = time.perf_counter()
     comps = build_components(cfg)
     pipe = StreamPipeline(comps, args.prompt, width=width, height=height)
@@ -121,6 +126,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         if frames_in == 0:
             raise CliError(f"{args.input} has no frames")
         writer.write(pipe.flush())
+    if args.input != SYNTHETIC and frames_in < total:
+        log.warning("%s ended after %d of the %d frames its container lists (cut short or damaged?); "
+                    "wrote those %d", args.input, frames_in, total, frames_in)
     run_s = time.perf_counter() - t_run
     if not args.quiet:
         print(

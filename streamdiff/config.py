@@ -39,6 +39,9 @@ def resolve_path(path: str | Path) -> Path:
     return p
 
 
+MAX_SEED = 2**63 - 1  # seeds: sampling.seed, weights.seed and a stream's live seed
+
+
 class ConfigError(ValueError):
     """A config key or value is wrong. The message names the dotted key."""
 
@@ -270,6 +273,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "cache.max_streams": (1, 1024),
     "cache.pool_lanes": (0, 4096),
     "sampling.steps": (1, 4),
+    "sampling.seed": (0, MAX_SEED),
+    "weights.seed": (0, MAX_SEED),
     "sampling.noise_strength": (0.1, 1.0),
     "sampling.first_chunk_latents": (1, 8),
     "sampling.chunk_latents": (1, 8),

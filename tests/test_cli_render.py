@@ -90,6 +90,7 @@ def test_render_synthetic_input(tmp_path):
     [
         (lambda d: d / "missing.mp4", "input not found"),
         (lambda d: (d / "notes.txt").write_text("hello") and d / "notes.txt", "is not a video PyAV can read"),
+        (lambda d: d, "is a folder: give a video file"),
     ],
 )
 def test_bad_inputs_fail_with_one_line(tmp_path, make_input, message):
@@ -133,3 +134,35 @@ def test_render_says_what_the_demo_reads_a_prompt_as(tmp_path, prompt, said):
         assert lines == [], result.stderr
     else:
         assert len(lines) == 1 and said in lines[0] and "starry night, stained glass" in lines[0], result.stderr
+
+
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(clip_file, tmp_path):
+    """Found by trying: --output equal to --input rendered over the input file."""
+    same = tmp_path / "mine.mp4"
+    same.write_bytes(clip_file.read_bytes())
+    result = run_cli_without_model("render", "--input", str(same), "--prompt", "x", "--output",
+                                   str(tmp_path / "." / "mine.mp4"), *SMALL)
+    assert result.returncode == 2 and "is the --input file" in result.stderr, result.stderr
+    assert same.read_bytes() == clip_file.read_bytes()
+
+
+def test_an_input_cut_short_is_rendered_with_a_warning(tmp_path):
+    """Found by trying: a cut mp4 (moov first, so it still opens) rendered a third of its frames
+    and said nothing."""
+    whole = tmp_path / "whole.mp4"
+    with av.open(str(whole), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("mpeg4", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for rgb in synthetic_clip(40, 64, 48, seed=3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    result = run_cli("render", "--input", str(cut), "--prompt", "x", "--output", str(tmp_path / "o.mp4"), "-q", *SMALL)
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "of the 40 frames its container lists" in line]
+    assert len(warned) == 1, result.stderr
+    written = len(read_back(tmp_path / "o.mp4")[0])
+    assert 0 < written < 40 and f"ended after {written} of the 40" in warned[0]

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
-from streamdiff.config import Config
+from streamdiff.config import MAX_SEED, Config
 from streamdiff.scheduler.types import COMMANDS_ONLY_STEP, StepPlan, StepResult, StreamStart, StreamUpdate
 
-MAX_SEED = 2**63 - 1
 MAX_BLEND_CHUNKS = 64
 
 # field -> (kind, low, high); the text of every ValueError comes from here.

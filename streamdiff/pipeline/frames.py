@@ -12,7 +12,7 @@ uint8 -> tensor -> uint8 is exact.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -111,6 +111,14 @@ def synthetic_clip(num_frames: int, width: int, height: int, seed: int = 0) -> n
     different colours and sizes bouncing around at different speeds (each at least 1 px per
     frame, so consecutive frames always differ). Same arguments -> same pixels.
     """
+    out = np.empty((max(num_frames, 0), max(height, 0), max(width, 0), 3), dtype=np.uint8)  # [n, H, W, 3]
+    for i, frame in enumerate(synthetic_frames(num_frames, width, height, seed)):
+        out[i] = frame
+    return out
+
+
+def synthetic_frames(num_frames: int, width: int, height: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """`synthetic_clip`'s frames [H, W, 3] uint8 one at a time (a long clip never sits in memory)."""
     if num_frames < 0 or width < 1 or height < 1:
         raise ValueError(f"synthetic_clip needs num_frames >= 0 and a positive size, got {num_frames}, {width}x{height}")
     rng = np.random.default_rng(seed)
@@ -138,7 +146,6 @@ def synthetic_clip(num_frames: int, width: int, height: int, seed: int = 0) -> n
         shapes.append((kind, size, color, pos))
 
     # 3. Paint frame by frame (memory stays one frame of float32 whatever the clip length).
-    out = np.empty((num_frames, height, width, 3), dtype=np.uint8)  # [n, H, W, 3]
     for i in range(num_frames):
         mix = 0.5 + 0.5 * np.sin(2 * np.pi * (diagonal + 0.02 * i))  # [H, W]
         frame = base_a + (base_b - base_a) * mix[..., None]  # [H, W, 3]
@@ -150,9 +157,8 @@ def synthetic_clip(num_frames: int, width: int, height: int, seed: int = 0) -> n
             else:
                 mask = (xx >= x0) & (xx < x0 + size) & (yy >= y0) & (yy < y0 + 0.7 * size)  # [H, W]
             frame[mask] = color
-        out[i] = np.clip(np.round(frame), 0, 255).astype(np.uint8)
-    return out
+        yield np.clip(np.round(frame), 0, 255).astype(np.uint8)
 
 
 
-__all__ = ["frames_to_tensor", "resize_frame", "synthetic_clip", "tensor_to_frames"]
+__all__ = ["frames_to_tensor", "resize_frame", "synthetic_clip", "synthetic_frames", "tensor_to_frames"]
