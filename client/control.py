@@ -11,10 +11,23 @@ import json
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 
+class ControlError(Exception):
+    """The change could not be made: a bad URL, no such session, a refused token or value.
+    One line, in the user's terms."""
+
+
 def ws_url(base_url: str, session: str, token: str | None = None) -> str:
-    """http(s)://host:port[/...] or ws(s)://... -> ws(s)://host:port/ws?session=...&token=..."""
+    """http(s)://host:port[/...] or ws(s)://... -> ws(s)://host:port/ws?session=...&token=...
+    ControlError for anything else (a missing scheme or host, a port out of range)."""
     parts = urlsplit(base_url)
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme or "ws")
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    try:
+        port_ok = parts.port is None or 1 <= parts.port <= 65535
+    except ValueError:  # not a number, or out of range
+        port_ok = False
+    if scheme is None or not parts.hostname or not port_ok:
+        raise ControlError(f"--url {base_url!r} is not a server address: use http://HOST:PORT, "
+                           f"e.g. http://127.0.0.1:8000")
     query = {"session": session, **({"token": token} if token else {})}
     return urlunsplit((scheme, parts.netloc, "/ws", urlencode(query), ""))
 
@@ -23,17 +36,35 @@ async def send_params(base_url: str, session: str, params: dict, token: str | No
                       timeout_s: float = 10.0) -> dict:
     """Send one `params` message and return the server's reply (skipping stats pushes)."""
     import websockets
+    from websockets.exceptions import InvalidStatus
 
+    url = ws_url(base_url, session, token)
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    async with websockets.connect(ws_url(base_url, session, token), additional_headers=headers) as ws:
-        await ws.send(json.dumps({"type": "params", **params}))
-        while True:
-            reply = json.loads(await asyncio.wait_for(ws.recv(), timeout_s))
-            if reply.get("type") != "stats":
-                return reply
+    try:
+        async with websockets.connect(url, additional_headers=headers, open_timeout=timeout_s) as ws:
+            await ws.send(json.dumps({"type": "params", **params}))
+            while True:
+                reply = json.loads(await asyncio.wait_for(ws.recv(), timeout_s))
+                if reply.get("type") != "stats":
+                    return reply
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        if status == 404:
+            raise ControlError(f"no session {session!r} on {base_url} (a session id, or the stream key of "
+                               f"an OBS stream; the server's console lists them)") from None
+        if status == 401:
+            raise ControlError(f"{base_url} wants a token: give --token" if not token
+                               else f"{base_url} refused the token") from None
+        raise ControlError(f"{base_url} answered HTTP {status} instead of a control socket") from None
+    except TimeoutError:
+        raise ControlError(f"{base_url} did not answer within {timeout_s:g} s") from None
 
 
 def run(base_url: str, session: str, params: dict, token: str | None = None) -> int:
     reply = asyncio.run(send_params(base_url, session, params, token))
+    if reply.get("type") == "error":
+        raise ControlError(f"the server refused the change: {reply.get('error')}")
+    if reply.get("type") == "closed":
+        raise ControlError(f"session {session!r} has ended")
     print(json.dumps(reply))
-    return 0 if reply.get("type") == "params" else 1
+    return 0

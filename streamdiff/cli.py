@@ -18,8 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-from streamdiff.config import ConfigError, load_config, parse_size
-from streamdiff.preflight import check_device, check_listen, check_output_path, check_weight_paths, number_in, port_number
+from streamdiff.config import MAX_SEED, ConfigError, load_config, parse_size
+from streamdiff.preflight import (
+    check_device,
+    check_listen,
+    check_output_path,
+    check_weight_paths,
+    number_in,
+    on_off,
+    port_number,
+)
 
 SYNTHETIC = "synthetic"  # --input synthetic: the built-in clip of moving shapes
 # The preset a command uses without --config: the demo, a small model trained in this repo that
@@ -163,7 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_control(args: argparse.Namespace) -> int:
-    from streamdiff.client.control import run
+    from streamdiff.client.control import ControlError, run
 
     params = {k: v for k, v in (("prompt", args.prompt), ("steps", args.steps), ("noise", args.noise),
                                 ("seed", args.seed), ("motion", args.motion)) if v is not None}
@@ -171,6 +179,8 @@ def cmd_control(args: argparse.Namespace) -> int:
         raise CliError("nothing to change: give --prompt, --steps, --noise, --seed or --motion")
     try:
         return run(args.url, args.session, params, args.token)
+    except ControlError as exc:
+        raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"cannot reach {args.url}: {exc}") from None
 
@@ -496,9 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     control.add_argument("--token")
     control.add_argument("--prompt")
     control.add_argument("--steps", type=int, choices=[1, 2, 3, 4])
-    control.add_argument("--noise", type=float, help="noise strength 0.1-1.0")
-    control.add_argument("--seed", type=int)
-    control.add_argument("--motion", type=lambda v: v.lower() in ("1", "true", "on", "yes"), help="motion-aware noise on/off")
+    control.add_argument("--noise", type=number_in(float, 0.1, 1.0, "0.3"), help="noise strength 0.1-1.0")
+    control.add_argument("--seed", type=number_in(int, 0, MAX_SEED, "7"))
+    control.add_argument("--motion", type=on_off, help="motion-aware noise: on or off (also true/false, 1/0, yes/no)")
     control.set_defaults(func=cmd_control)
     bench = sub.add_parser(
         "bench", help="measure fps, latency, jitter, memory and MFU: the model (default) or a server (--url)",

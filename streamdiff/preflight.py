@@ -119,5 +119,15 @@ def number_in(kind: type, lo: float, hi: float, example: str):
     return parse
 
 
+def on_off(text: str) -> bool:
+    """argparse type for an on/off flag value: on/off, true/false, 1/0, yes/no (any case)."""
+    word = text.strip().lower()
+    if word in ("on", "true", "1", "yes"):
+        return True
+    if word in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not on or off (also true/false, 1/0, yes/no)")
+
+
 def _plain(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else str(v)

@@ -3,16 +3,51 @@
 import asyncio
 
 import aiohttp
+import pytest
 
 from gateway_helpers import TOKEN, auth, obs_like_offer, running_server, sessions_of
 from streamdiff import cli
-from streamdiff.client.control import send_params, ws_url
+from streamdiff.client.control import ControlError, send_params, ws_url
 from streamdiff.server.app import ENGINE_KEY
 
 
 def test_ws_url():
     assert ws_url("http://h:8000", "abc") == "ws://h:8000/ws?session=abc"
     assert ws_url("https://h/x", "abc", "t") == "wss://h/ws?session=abc&token=t"
+    for bad in ("127.0.0.1:8000", "http://", "http://h:99999", "ftp://h", "not a url"):
+        with pytest.raises(ControlError, match="is not a server address"):
+            ws_url(bad, "abc")
+
+
+def test_control_cli_mistakes_are_one_line(capsys):
+    """Found by trying: an unknown session, a missing token and a refused value ended in a
+    websockets traceback or a raw JSON reply; `--motion maybe` was taken as off."""
+    async def run():
+        async with running_server() as (url, app):
+            pub, offer = await obs_like_offer()
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{url}/whip/cam", data=offer,
+                                     headers={**auth(), "Content-Type": "application/sdp"}) as resp:
+                    assert resp.status == 201
+            said = {}
+            for name, args in (("unknown", ["--session", "nosuch", "--token", TOKEN, "--seed", "1"]),
+                               ("no token", ["--session", "cam", "--seed", "1"]),
+                               ("refused", ["--session", "cam", "--token", TOKEN, "--prompt", "x" * 5000])):
+                code = await asyncio.to_thread(cli.main, ["control", "--url", url, *args])
+                said[name] = (code, capsys.readouterr().err.strip())
+            await pub.close()
+            return said
+
+    said = asyncio.run(run())
+    for name, words in (("unknown", "no session 'nosuch' on"), ("no token", "wants a token: give --token"),
+                        ("refused", "the server refused the change: prompt is 5000 characters long")):
+        code, err = said[name]
+        assert code == 2 and len(err.splitlines()) == 1 and err.startswith("streamdiff: error:"), (name, err)
+        assert words in err, (name, err)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["control", "--session", "s", "--motion", "maybe"])
+    assert "'maybe' is not on or off" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["control", "--session", "s", "--motion", "Off"]).motion is False
 
 
 def test_control_cli_changes_params():
