@@ -24,6 +24,8 @@ from streamdiff.preflight import (
     check_listen,
     check_output_path,
     check_weight_paths,
+    check_folder,
+    check_writable,
     number_in,
     on_off,
     port_number,
@@ -149,6 +151,9 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.token is not None and not args.token.strip():
+        raise CliError("--token is empty (an unset variable?): it would turn authentication off; give a token, "
+                       "or leave --token out to serve without one")
     overrides = list(args.set or [])
     if args.stages is not None:  # Ray actors, as the flag says (a preset may use threads)
         overrides += [f"parallel.num_stages={args.stages}", "parallel.backend=ray"]
@@ -216,10 +221,9 @@ BENCH_E2E_ONLY = ("token", "fps", "size")
 
 def cmd_bench(args: argparse.Namespace) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet torch.profiler (host_ms_per_step); before torch loads
-    if args.duration <= 0:
-        raise CliError(f"--duration {args.duration:g} must be > 0 seconds")
-    if args.deadline_ms is not None and args.deadline_ms <= 0:
-        raise CliError(f"--deadline-ms {args.deadline_ms:g} must be > 0")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:  # before minutes of measuring, not after
+            check_writable(path, flag)
 
     def given(names: tuple[str, ...]) -> list[str]:
         return [name for name in names if getattr(args, name) not in (None, False)]
@@ -248,8 +252,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.ray and not args.stages:
         raise CliError("--ray needs --stages LIST (the stage counts to run over Ray actors)")
     # 2. Model mode: check the flags, run every combination in this process, report.
-    if args.peak_tflops is not None and args.peak_tflops <= 0:
-        raise CliError(f"--peak-tflops {args.peak_tflops:g} must be > 0")
     if args.deadline_ms is None:  # the config's service level, so the miss rate means something there
         args.deadline_ms = bench_deadline_ms(args.config or DEFAULT_PRESET, args.set or ())
     steps = _parse_int_list("--steps", args.steps, 1, 4) if args.steps else None
@@ -380,6 +382,8 @@ def _bench_simulate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """streamdiff plan: the memory plan of a config from a meta-device build (bench/memory_plan.py)."""
+    if args.json:
+        check_writable(args.json, "--json")
     from streamdiff.bench.memory_plan import GiB, format_plan, parse_bytes, plan_memory, write_plan_json
 
     try:
@@ -413,8 +417,6 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
 
     from streamdiff.bench.gpu_check import CudaParts, format_dry_run, plan_parts, run_check
 
-    if args.budget_s <= 0 or args.duration <= 0:
-        raise CliError("--budget-s and --duration must be > 0 seconds")
     parts = plan_parts(args.duration)
     if args.only:  # a later session's second look: e.g. --only "VAE" --only "kernel"
         parts = [p for p in parts if any(text.lower() in p.name.lower() for text in args.only)]
@@ -440,12 +442,14 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from pathlib import Path
 
+    if args.threads < 1:
+        raise CliError(f"--threads must be 1 or more, got {args.threads}")
+    check_folder(args.work, "--work")  # before the teacher's renders and the training, not after
+    check_folder(args.output, "--output")
     try:
         from streamdiff.demo.train import Recipe, kernel_note, train_demo
     except ImportError as exc:
         raise CliError(f"{exc}") from None
-    if args.threads < 1:
-        raise CliError(f"--threads must be 1 or more, got {args.threads}")
     recipe = Recipe()
     if args.smoke:  # a few steps of every stage at 64x64: checks the trainer, not the result
         recipe = replace(recipe, clips_per_photo=1, vae_encoder_steps=2, vae_decoder_steps=2, dit_steps=2, vae_batch=2,
@@ -517,8 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "threaded stages, like the demo, is measured through them too: 'as served'). End-to-end mode "
                     "(--url): sessions against a running `streamdiff serve`.")
     shared = bench.add_argument_group("both modes")
-    shared.add_argument("--duration", type=float, default=10.0, help="measured seconds (per combination in model mode)")
-    shared.add_argument("--deadline-ms", type=float,
+    shared.add_argument("--duration", type=number_in(float, 0.1, 86400, "10"), default=10.0, help="measured seconds (per combination in model mode)")
+    shared.add_argument("--deadline-ms", type=number_in(float, 0.001, 1e12, "1000"),
                         help="per-frame deadline for the miss rate (default: the config's slo.deadline_ms; "
                              "with --url the server's)")
     shared.add_argument("--prompt", default="a watercolor painting")
@@ -535,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--random-weights", action="store_true",
                        help="random weights for the configured architecture (no checkpoint needed)")
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override model.dtype")
-    model.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs, none on CPU)")
+    model.add_argument("--peak-tflops", type=number_in(float, 0.001, 1_000_000, "989"), help="device peak for MFU (default: known GPUs, none on CPU)")
     model.add_argument("--compile", action="store_true",
                        help="also run every combination with the DiT forward under torch.compile (side by side)")
     model.add_argument("--cuda-graphs", action="store_true",
@@ -547,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run real pipeline stages, one thread each (Ray actors with --ray), for each "
                             "stage count, e.g. 1,2,4; with --simulate: the stage counts to project (default 1,2,4,8)")
     model.add_argument("--ray", action="store_true", help="with --stages: the stages are Ray actors")
-    sim.add_argument("--hop-ms", type=float, help="per-hop transport latency (default: measured with Ray here)")
+    sim.add_argument("--hop-ms", type=number_in(float, 0, 60_000, "0.5"), help="per-hop transport latency (default: measured with Ray here)")
     e2e = bench.add_argument_group("end-to-end mode")
     e2e.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8000 (selects end-to-end mode)")
     e2e.add_argument("--sessions", type=number_in(int, 1, 64, "2"), default=1, help="concurrent sessions")
@@ -577,8 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "kernel bench; writes gpu-check.json and gpu-check.md (with "
                                        "StreamDiffusionV2's figures beside ours).")
     check.add_argument("--out", default="out/gpu-check", help="output folder (default out/gpu-check)")
-    check.add_argument("--budget-s", type=float, default=600.0, help="stop starting parts past this (default 600)")
-    check.add_argument("--duration", type=float, default=5.0, help="measured seconds per bench combination")
+    check.add_argument("--budget-s", type=number_in(float, 1, 86400, "600"), default=600.0, help="stop starting parts past this (default 600)")
+    check.add_argument("--duration", type=number_in(float, 0.1, 3600, "5"), default=5.0, help="measured seconds per bench combination")
     check.add_argument("--config", default="wan-1.3b", help="architecture to bench with random weights")
     check.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     check.add_argument("--only", action="append", metavar="TEXT",
@@ -593,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--work", default="out/demo-train", help="work folder: data, checkpoints (resumable)")
     train.add_argument("--output", default="out/demo-weights",
                        help="where the safetensors go (configs/demo to replace the shipped ones)")
-    train.add_argument("--threads", type=int, choices=[1, 2], default=2,
+    train.add_argument("--threads", type=int, default=2,
                        help="2 (default): the teacher in two processes, TAEHV encoder and latents on two threads, then "
                             "the TAEHV decoder and the DiT side by side on one each; 1: every stage in turn on one thread")
     train.add_argument("--smoke", action="store_true", help="two steps per stage on two photographs at 64x64 (tests)")

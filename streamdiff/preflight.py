@@ -43,15 +43,35 @@ def check_output_path(path: str) -> None:
                           f"{', '.join(VIDEO_SUFFIXES)}")
     if out.is_dir():
         raise ConfigError(f"--output {path} is a folder; name a video file in it, e.g. {out / ('render' + suffix)}")
+    check_writable(path, "--output")
+
+
+def check_writable(path: str, flag: str) -> None:
+    """`flag`'s file can be written (its folder is made if missing; a file that was not there
+    before is not left behind), checked before the work whose result it will hold."""
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; name a file")
     existed = out.exists()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "ab"):  # appends nothing: an existing file is left as it is
             pass
     except OSError as exc:
-        raise ConfigError(f"--output {path}: cannot write there ({exc.strerror or exc})") from None
+        raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
     if not existed:
         out.unlink(missing_ok=True)
+
+
+def check_folder(path: str, flag: str) -> None:
+    """`flag` names a folder that exists or can be made (not a file)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; name a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot make that folder ({exc.strerror or exc})") from None
 
 
 def check_device(cfg: Config) -> None:

@@ -115,7 +115,6 @@ def test_a_port_out_of_range_is_refused_by_the_parser(port):
     (["render", "--input", "synthetic", "--prompt", "p", "--output", "o.mp4", "--frames", "-3"], ["--frames"]),
     (["bench", "--url", "http://127.0.0.1:9", "--sessions", "0"], ["--sessions"]),
     (["bench", "--url", "http://127.0.0.1:9", "--fps", "0"], ["--fps"]),
-    (["train-demo", "--threads", "3"], ["--threads", "choose from 1, 2"]),
 ])
 def test_numbers_out_of_range_are_refused_by_the_parser(args, words, capsys):
     """Found by trying: these were taken as given: a server that admits no session (--max-sessions 0),
@@ -161,3 +160,22 @@ def test_a_broken_weights_file_is_one_line_naming_it(tmp_path, key, damage, word
     assert words in err and (damage == "swap" or str(bad) in err), err
     assert "other stages" not in err
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_result_paths_are_checked_before_the_work(tmp_path):
+    """Found by trying: `bench --json FOLDER` failed after the whole benchmark, `train-demo
+    --output FILE` after every training stage (24-67 minutes), `serve --token ""` served with
+    authentication off."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for args, words in (
+        (["bench", "--config", "tiny", "--json", str(tmp_path)], f"--json {tmp_path} is a folder"),
+        (["bench", "--config", "tiny", "--plot", str(a_file / "p.png")], "--plot"),
+        (["plan", "--config", "tiny", "--json", str(tmp_path)], f"--json {tmp_path} is a folder"),
+        (["train-demo", "--smoke", "--work", str(a_file)], f"--work {a_file} is a file"),
+        (["train-demo", "--smoke", "--work", str(tmp_path / "w"), "--output", str(a_file)], f"--output {a_file} is a file"),
+        (["serve", "--config", "tiny", "--token", ""], "--token is empty"),
+    ):
+        out, err = run(*args)
+        assert out == {"rc": 2, "torch": False}, (args, err)
+        assert len(err.splitlines()) == 1 and words in err, (args, err)
