@@ -416,7 +416,10 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(names))})")
+            homes = [f"{prefix + '.' if prefix else ''}{name}.{key}" for name in sorted(names)
+                     if is_dataclass(hints[name]) and key in {f.name for f in fields(hints[name])}]
+            hint = f"; did you mean {' or '.join(homes)}?" if homes else ""
+            raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(names))}){hint}")
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         return cls(**kwargs)
@@ -435,12 +438,20 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder: give a YAML file or a preset name")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a config is a YAML file") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML: {getattr(exc, 'problem', None) or 'cannot parse'}{where}") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty: a config sets `preset: NAME` (demo, tiny, ...) and what it changes")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data

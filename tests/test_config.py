@@ -69,6 +69,28 @@ def test_unknown_preset_and_bad_yaml(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_config_files_a_user_gets_wrong_are_one_line(tmp_path):
+    """Found by trying: a non-UTF-8 file ended in a traceback, an empty one ran the built-in
+    defaults without a word, a folder was "not found", a YAML error took several lines."""
+    (tmp_path / "folder.yaml").mkdir()
+    (tmp_path / "latin1.yaml").write_bytes("preset: tiny\nname: caf\xe9\n".encode("latin-1"))
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "indent.yaml").write_text("video:\n  width: 256\n height: 3\n")
+    for name, words in (("folder.yaml", "is a folder"), ("latin1.yaml", "not UTF-8 text"), ("empty.yaml", "is empty"),
+                        ("indent.yaml", "not valid YAML: expected <block end>, but found '<block mapping start>' at line 3")):
+        with pytest.raises(ConfigError) as err:
+            load_config(tmp_path / name)
+        assert words in str(err.value) and "\n" not in str(err.value), (name, str(err.value))
+
+
+@pytest.mark.parametrize("override, home", [("noise_strength=0.3", "sampling.noise_strength"),
+                                            ("window=4", "cache.window"), ("sampling.window=4", None)])
+def test_a_key_in_the_wrong_section_says_where_it_lives(override, home):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert (f"did you mean {home}?" in str(err.value)) if home else ("did you mean" not in str(err.value))
+
+
 def test_with_overrides_round_trip():
     cfg = load_config("tiny")
     other = with_overrides(cfg, sampling={"steps": 4})
