@@ -486,6 +486,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def _weights_beside(data: dict, folder: Path) -> dict:
+    """A YAML file's relative weights paths that are not found from the working directory but
+    are beside the file are made absolute there, as a preset's are found in the configs folder
+    (`resolve_path`): a config and its weights can move together."""
+    weights = data.get("weights")
+    if not isinstance(weights, dict):
+        return data
+    moved = {}
+    for key, value in weights.items():
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            if not Path(value).expanduser().exists() and (folder / value).exists():
+                moved[key] = str((folder / value).resolve())
+    return {**data, "weights": {**weights, **moved}} if moved else data
+
+
 def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a config from a preset name (`tiny`), a YAML path, or None (defaults = tiny).
 
@@ -496,7 +511,7 @@ def load_config(source: str | Path | None = None, overrides: list[str] | tuple[s
     else:
         path = Path(source)
         if path.suffix in (".yaml", ".yml") or path.exists():
-            data = _read_yaml(path)
+            data = _weights_beside(_read_yaml(path), path.parent)
         else:
             data = {"preset": str(source)}
     data = _resolve(dict(data))

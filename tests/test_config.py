@@ -91,6 +91,20 @@ def test_a_key_in_the_wrong_section_says_where_it_lives(override, home):
     assert (f"did you mean {home}?" in str(err.value)) if home else ("did you mean" not in str(err.value))
 
 
+def test_a_config_files_relative_weights_are_found_beside_it(tmp_path, monkeypatch):
+    """Found by trying: a user's YAML beside its weights worked only when run from its folder."""
+    (tmp_path / "mine" / "w").mkdir(parents=True)
+    (tmp_path / "mine" / "w" / "t.safetensors").write_bytes(b"")
+    (tmp_path / "mine" / "my.yaml").write_text("preset: demo\nweights: {transformer: w/t.safetensors}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(tmp_path / "mine" / "my.yaml")
+    assert cfg.weights.transformer == str(tmp_path / "mine" / "w" / "t.safetensors")
+    assert cfg.weights.vae == "demo/taehv.safetensors"  # the preset's own, found in the configs folder
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "t.safetensors").write_bytes(b"")  # one from the working directory wins, as before
+    assert load_config(tmp_path / "mine" / "my.yaml").weights.transformer == "w/t.safetensors"
+
+
 def test_with_overrides_round_trip():
     cfg = load_config("tiny")
     other = with_overrides(cfg, sampling={"steps": 4})
