@@ -205,6 +205,8 @@ def _parse_int_list(flag: str, text: str, lo: int, hi: int) -> tuple[int, ...]:
 def _parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
     out = []
     for item in text.split(","):
+        if not item.strip():
+            raise CliError(f"--resolution {text!r} has an empty entry (a stray comma?), e.g. --resolution 512x512,832x480")
         size = _parse_size(item.strip(), "--resolution")
         if size is None or min(size) < 16 or size[0] % 16 or size[1] % 16:
             raise CliError(f"--resolution {item!r}: width and height must be multiples of 16 "
