@@ -19,16 +19,21 @@ def test_ws_url():
             ws_url(bad, "abc")
 
 
+async def publish(url: str, key: str):
+    """An OBS-like WHIP publisher on `key`; returns its peer (close it when done)."""
+    pub, offer = await obs_like_offer()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/whip/{key}", data=offer, headers={**auth(), "Content-Type": "application/sdp"}) as r:
+            assert r.status == 201, await r.text()
+    return pub
+
+
 def test_control_cli_mistakes_are_one_line(capsys):
     """Found by trying: an unknown session, a missing token and a refused value ended in a
     websockets traceback or a raw JSON reply; `--motion maybe` was taken as off."""
     async def run():
         async with running_server() as (url, app):
-            pub, offer = await obs_like_offer()
-            async with aiohttp.ClientSession() as http:
-                async with http.post(f"{url}/whip/cam", data=offer,
-                                     headers={**auth(), "Content-Type": "application/sdp"}) as resp:
-                    assert resp.status == 201
+            pub = await publish(url, "cam")
             said = {}
             for name, args in (("unknown", ["--session", "nosuch", "--token", TOKEN, "--seed", "1"]),
                                ("no token", ["--session", "cam", "--seed", "1"]),
@@ -53,11 +58,7 @@ def test_control_cli_mistakes_are_one_line(capsys):
 def test_control_cli_changes_params():
     async def run():
         async with running_server() as (url, app):
-            pub, offer = await obs_like_offer()
-            async with aiohttp.ClientSession() as http:
-                async with http.post(f"{url}/whip/cam", data=offer,
-                                     headers={**auth(), "Content-Type": "application/sdp"}) as resp:
-                    assert resp.status == 201
+            pub = await publish(url, "cam")
             reply = await send_params(url, "cam", {"prompt": "ink sketch", "steps": 3}, token=TOKEN)
             assert reply["type"] == "params" and reply["params"]["steps"] == 3
             assert "means" not in reply  # tiny's prompt encoder reads free text
@@ -82,11 +83,8 @@ def test_the_demo_says_what_it_makes_of_a_prompt():
 
     async def run():
         async with running_server(config=load_config("demo")) as (url, app):
-            pub, offer = await obs_like_offer()
+            pub = await publish(url, "cam")
             async with aiohttp.ClientSession() as http:
-                async with http.post(f"{url}/whip/cam", data=offer,
-                                     headers={**auth(), "Content-Type": "application/sdp"}) as resp:
-                    assert resp.status == 201
                 async with http.patch(f"{url}/sessions/cam/params", json={"prompt": "A claymation world"},
                                       headers=auth()) as resp:
                     patched = await resp.json()
