@@ -14,10 +14,25 @@ function say(text, isError = false) {
 // Steps, noise, seed and motion start as the server's preset has them (/healthz "defaults");
 // only those the user has changed are sent, so an untouched page gets the preset's values
 // (a Wan preset's 2 steps at 0.8, the demo's own) even if /healthz could not be read.
+// Each reader returns the value to send, or throws the sentence to show (nothing is sent then).
+function wholeNumber(name, lo, hi) {
+  const text = $(name).value.trim();
+  const range = hi === undefined ? `a whole number from ${lo} up` : `a whole number from ${lo} to ${hi}`;
+  if (text === "") throw `${name} is empty: enter ${range}`;
+  if (!/^\d+$/.test(text) || Number(text) < lo || (hi !== undefined && Number(text) > hi)) {
+    throw `${name} ${JSON.stringify(text)} is not ${range}`;
+  }
+  return Number(text);
+}
 const FIELDS = {
-  steps: () => parseInt($("steps").value, 10),
-  noise: () => parseFloat($("noise").value),
-  seed: () => parseInt($("seed").value, 10),
+  steps: () => wholeNumber("steps", 1, 4),
+  noise: () => {
+    const text = $("noise").value.trim();
+    const value = Number(text);
+    if (text === "" || !Number.isFinite(value) || value < 0.1 || value > 1) throw "noise must be a number from 0.1 to 1";
+    return value;
+  },
+  seed: () => wholeNumber("seed", 0),
   motion: () => $("motion").checked,
 };
 const touched = new Set();
@@ -83,58 +98,89 @@ function waitGathering(peer) {
   });
 }
 
+// Every Start and every Stop begins a new run; a start() that finds, after one of its awaits,
+// that its run is over (Stop pressed while the camera was being asked for, or Start again)
+// gives back what it got instead of streaming behind the user's back.
+let run = 0;
+
 async function start() {
+  const mine = ++run;
+  const over = () => mine !== run;
   $("start").disabled = true;
   $("stop").disabled = false;
+  let sent;
+  try {
+    sent = params();
+  } catch (problem) {
+    say(`${problem}; nothing was started`, true);
+    return stop();
+  }
   if (!camera) {
     say("asking for the camera…");
+    let got;
     try {
-      camera = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
+      got = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
     } catch (err) {
+      if (over()) return;
       say(`The camera was refused or is missing (${err.name}). Allow camera access for this page and try again.`, true);
       return stop();
     }
+    if (over()) return got.getTracks().forEach((t) => t.stop());
+    camera = got;
     $("local").srcObject = camera;
   }
-  pc = new RTCPeerConnection({ iceServers: [] });
-  camera.getTracks().forEach((t) => pc.addTrack(t, camera));
-  pc.addEventListener("track", (ev) => { $("output").srcObject = ev.streams[0] || new MediaStream([ev.track]); });
-  pc.addEventListener("connectionstatechange", () => {
-    if (pc && (pc.connectionState === "failed" || pc.connectionState === "disconnected")) {
-      say(`connection ${pc.connectionState}`, true);
+  const peer = new RTCPeerConnection({ iceServers: [] });
+  pc = peer;
+  camera.getTracks().forEach((t) => peer.addTrack(t, camera));
+  peer.addEventListener("track", (ev) => { $("output").srcObject = ev.streams[0] || new MediaStream([ev.track]); });
+  peer.addEventListener("connectionstatechange", () => {
+    if (pc !== peer) return;
+    if (peer.connectionState === "failed") {
+      end("The connection to the server failed");
+    } else if (peer.connectionState === "disconnected") {
+      say("the connection is interrupted; waiting for it to come back…", true);
     }
   });
-  await pc.setLocalDescription(await pc.createOffer());
-  await waitGathering(pc);
+  await peer.setLocalDescription(await peer.createOffer());
+  await waitGathering(peer);
+  if (over()) return peer.close();
   say("connecting…");
   const headers = { "Content-Type": "application/json" };
   if (token) headers.Authorization = `Bearer ${token}`;
   let resp;
   try {
-    resp = await fetch("/offer", { method: "POST", headers, body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer", ...params() }) });
+    resp = await fetch("/offer", { method: "POST", headers, body: JSON.stringify({ sdp: peer.localDescription.sdp, type: "offer", ...sent }) });
   } catch (err) {
-    say(`cannot reach the server: ${err}`, true);
+    if (over()) return peer.close();
+    say(`Cannot reach the StreamDiff server at ${location.host}: is it running?`, true);
     return stop();
   }
-  if (!pc) return; // stopped meanwhile
   const body = await resp.json().catch(() => ({}));
+  if (over()) return peer.close(); // the session it may have made ends with the peer
   if (resp.status === 503) {
-    pc.close();
+    peer.close();
     pc = null;
     return retryLater(parseInt(resp.headers.get("Retry-After") || "10", 10), body.error || "no free stream slot");
   }
   if (!resp.ok) {
-    say(`The server refused the session: ${body.error || resp.status}`, true);
+    say(`The server refused the session: ${body.error || `HTTP ${resp.status}`}`, true);
     return stop();
   }
   sessionId = body.session;
   expect = body.expect || null;
-  showMeans($("prompt").value, body.means);
-  await pc.setRemoteDescription({ type: "answer", sdp: body.sdp });
+  showMeans(sent.prompt, body.means);
+  await peer.setRemoteDescription({ type: "answer", sdp: body.sdp });
+  if (over()) return peer.close();
   openControl();
   startFpsMeter();
   $("apply").disabled = false;
   say(`streaming; the first frames take a moment${expectText()}`);
+}
+
+// The stream ended without the user: back to the start state, saying why and what to do.
+function end(why) {
+  stop();
+  say(`${why}. Press Start webcam to try again.`, true);
 }
 
 function expectText() {
@@ -147,7 +193,8 @@ function expectText() {
 function retryLater(seconds, reason) {
   let left = Math.max(1, seconds);
   const tick = () => {
-    say(`The server is busy: ${reason.replace(/^busy: /, "")}. Retrying in ${left} s…`, true);
+    const what = reason.replace(/^busy: /, "").replace(/ \(--max-sessions\)$/, "");
+    say(`The server is busy: ${what}. Retrying in ${left} s…`, true);
     if (left-- <= 0) {
       retryTimer = null;
       start();
@@ -172,20 +219,24 @@ function openControl() {
   // the server frees the stream within seconds.
   const q = new URLSearchParams({ session: sessionId, owner: "1" });
   if (token) q.set("token", token);
-  ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws?${q}`);
-  ws.onmessage = (ev) => {
+  const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws?${q}`);
+  ws = socket;
+  socket.onmessage = (ev) => {
     const msg = JSON.parse(ev.data);
     if (msg.type === "stats") {
       $("overlay").dataset.latency = msg.latency_ms == null ? "–" : `${Math.round(msg.latency_ms)} ms`;
     } else if (msg.type === "error") {
-      say(`control: ${msg.error}`, true);
+      say(`not applied: ${msg.error}`, true);
     } else if (msg.type === "params") {
-      say(`applied: ${msg.params.prompt} · steps ${msg.params.steps} · noise ${msg.params.noise} · seed ${msg.params.seed}`);
-      showMeans(msg.params.prompt, msg.means);
+      const p = msg.params;
+      const prompt = p.prompt.trim() ? `"${p.prompt}"` : "(empty prompt)";
+      say(`applied: ${prompt} · steps ${p.steps} · noise ${p.noise} · seed ${p.seed} · motion-aware ${p.motion ? "on" : "off"}`);
+      showMeans(p.prompt, msg.means);
     } else if (msg.type === "closed") {
-      say("the session ended", true);
+      end("The server ended this stream (it may have been stopped or restarted)");
     }
   };
+  socket.onclose = () => { if (ws === socket) end("The control connection to the server closed"); };
 }
 
 function startFpsMeter() {
@@ -206,9 +257,12 @@ function startFpsMeter() {
 }
 
 function stop() {
+  run++; // a start() still on its way gives up at its next step
   if (fpsTimer) clearInterval(fpsTimer);
   if (retryTimer) clearTimeout(retryTimer);
-  if (ws) ws.close();
+  const socket = ws;
+  ws = null; // before close(): its onclose then knows the page closed it
+  if (socket) socket.close();
   if (pc) pc.close(); // the server frees the session when the peer closes
   if (camera) camera.getTracks().forEach((t) => t.stop());
   pc = ws = camera = sessionId = fpsTimer = retryTimer = expect = null;
@@ -226,8 +280,18 @@ loadDefaults();
 $("start").onclick = start;
 $("stop").onclick = () => { stop(); say("stopped"); };
 $("apply").onclick = () => {
-  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "params", ...params() }));
+  if (!ws || ws.readyState !== WebSocket.OPEN) return say("not streaming: press Start webcam first", true);
+  try {
+    ws.send(JSON.stringify({ type: "params", ...params() }));
+  } catch (problem) {
+    say(`not applied: ${problem}`, true);
+  }
 };
-$("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter") $("apply").click(); });
+$("prompt").addEventListener("keydown", (ev) => {
+  if (ev.key !== "Enter") return;
+  if ($("apply").disabled) say("press Start webcam to stream with this prompt");
+  else $("apply").click();
+});
+say("Press Start webcam and allow the camera: your picture streams to the server and comes back restyled.");
 $("fullscreen").onclick = () => $("outpane").requestFullscreen();
 window.addEventListener("beforeunload", stop);

@@ -96,11 +96,13 @@ def validate_changes(changes: Mapping[str, object]) -> dict[str, object]:
         else:
             kind, lo, hi = PARAM_RANGES[name]
             ok_type = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+            # the seed's top (2**63 - 1) reads as noise in a message: "0 or more" says it
+            allowed = f"{lo:g} or more" if hi == MAX_SEED else f"{lo:g} to {hi:g}"
             if isinstance(value, bool) or not ok_type:
-                what = "a number" if kind is float else "an integer"
-                raise ValueError(f"{name} must be {what} in [{lo:g}, {hi:g}], got {value!r}")
+                what = "a number" if kind is float else "a whole number"
+                raise ValueError(f"{name} must be {what} from {allowed}, got {value!r}")
             if not lo <= value <= hi:
-                raise ValueError(f"{name}={value!r} is out of range: allowed [{lo:g}, {hi:g}]")
+                raise ValueError(f"{name}={value!r} is out of range: allowed {allowed}")
             out[name] = kind(value)
     return out
 

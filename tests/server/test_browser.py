@@ -248,3 +248,68 @@ def test_viewer_waits_for_the_stream_plays_it_and_reconnects_on_its_own():
     assert out["playing"] and out["status_hidden"]
     assert out["waiting_again"], "the viewer did not notice the stream ended"
     assert out["replaying"], "the viewer did not reconnect to the republished stream"
+
+
+# The camera prompt answered after 2.5 s, as a user reading it would.
+SLOW_CAMERA_JS = """(() => {
+  const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+  navigator.mediaDevices.getUserMedia = (c) => new Promise((ok, no) => setTimeout(() => real(c).then(ok, no), 2500));
+})();"""
+PAGE_STATE_JS = """() => ({ start: !document.getElementById("start").disabled, stop: !document.getElementById("stop").disabled,
+  camera: document.getElementById("local").srcObject !== null, message: document.getElementById("message").innerText })"""
+
+
+async def _page_follows_its_user_flow() -> dict:
+    """Found by a user trying the page: Stop pressed while the camera was still being asked for
+    left a hidden stream running (the page said "stopped"); Start, Stop, Start raced on one peer;
+    a stream the server ended left the page frozen with Start disabled."""
+    from playwright.async_api import async_playwright
+
+    out: dict = {}
+    async with running_server(token=None) as (url, app), async_playwright() as pw:
+        sessions = sessions_of(app)
+        browser = await _browser(pw)
+        try:
+            page = await browser.new_page()
+            await page.add_init_script(SLOW_CAMERA_JS)
+            await page.goto(url + "/")
+            await page.wait_for_load_state("networkidle")
+            # 1. Stop while the camera is being asked for: nothing streams afterwards.
+            await page.click("#start")
+            await page.wait_for_timeout(300)
+            await page.click("#stop")
+            await page.wait_for_timeout(5000)  # the camera arrives at 2.5 s; any offer would follow
+            out["after_early_stop"] = (await page.evaluate(PAGE_STATE_JS), len(sessions.sessions))
+            # 2. Start, Stop, Start: one session, streaming.
+            await page.click("#start")
+            await page.wait_for_timeout(100)
+            await page.click("#stop")
+            await page.click("#start")
+            out["restart_playing"] = await _until(lambda: _playing(page, "output"), 120)
+            out["restart_sessions"] = await _until(lambda: _async(lambda: len(sessions.sessions) == 1), 40)
+            # 3. Bad field values are refused on the page, and the stream goes on.
+            await page.fill("#seed", "1.5")
+            await page.click("#apply")
+            out["bad_seed"] = await page.inner_text("#message")
+            # 4. The server ends the stream: the page goes back to its start state and says why.
+            (session_id,) = list(sessions.sessions)
+            await sessions.close(session_id, "test: the server ends it")
+            out["after_server_end"] = await _until(
+                lambda: _async_state(page, lambda s: s["start"] and "Press Start webcam" in s["message"]), 30)
+        finally:
+            await browser.close()
+    return out
+
+
+async def _async_state(page, check):
+    state = await page.evaluate(PAGE_STATE_JS)
+    return state if check(state) else None
+
+
+def test_the_page_follows_stop_restart_and_a_stream_the_server_ends():
+    out = asyncio.run(_page_follows_its_user_flow())
+    state, sessions = out["after_early_stop"]
+    assert sessions == 0 and state["start"] and not state["stop"] and not state["camera"], out["after_early_stop"]
+    assert out["restart_playing"] and out["restart_sessions"], out
+    assert 'seed "1.5" is not a whole number' in out["bad_seed"], out["bad_seed"]
+    assert out["after_server_end"] and "The server ended this stream" in out["after_server_end"]["message"], out
