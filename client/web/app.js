@@ -11,10 +11,8 @@ function say(text, isError = false) {
   $("message").className = isError ? "error" : "";
 }
 
-// Steps, noise, seed and motion start as the server's preset has them (/healthz "defaults");
-// only those the user has changed are sent, so an untouched page gets the preset's values
-// (a Wan preset's 2 steps at 0.8, the demo's own) even if /healthz could not be read.
-// Each reader returns the value to send, or throws the sentence to show (nothing is sent then).
+// A field that must hold a whole number in [lo, hi] (no hi: lo or more): its value, or the
+// sentence to show is thrown (nothing is sent then).
 function wholeNumber(name, lo, hi) {
   const text = $(name).value.trim();
   const range = hi === undefined ? `a whole number from ${lo} up` : `a whole number from ${lo} to ${hi}`;
@@ -24,6 +22,10 @@ function wholeNumber(name, lo, hi) {
   }
   return Number(text);
 }
+// Steps, noise, seed and motion start as the server's preset has them (/healthz "defaults");
+// only those the user has changed are sent, so an untouched page gets the preset's values
+// (a Wan preset's 2 steps at 0.8, the demo's own) even if /healthz could not be read. Each
+// reader returns the value to send or throws what is wrong with it.
 const FIELDS = {
   steps: () => wholeNumber("steps", 1, 4),
   noise: () => {
