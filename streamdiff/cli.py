@@ -115,6 +115,14 @@ def cmd_render(args: argparse.Namespace) -> int:
         if (means := prompt_style(args.prompt)) != clean_prompt(args.prompt):
             shown = args.prompt if len(args.prompt) <= 80 else args.prompt[:77] + "..."
             log.warning("the model reads --prompt %r as %r (it knows: %s)", shown, means, ", ".join(PROMPT_NAMES))
+    from streamdiff.sampling.noise_schedule import renoised_above, strength_to_timestep
+
+    s = cfg.sampling
+    if (above := renoised_above(s.steps, s.noise_strength)) is not None:
+        log.warning("%d steps at noise %g: the first step is told t=%d and a later one re-noises to t=%d "
+                    "(StreamDiffusionV2's fixed list, made for noise 0.7-0.8), which blurs the picture; "
+                    "at this noise keep --steps 1", s.steps, s.noise_strength, strength_to_timestep(s.noise_strength),
+                    above)
     t_build = time.perf_counter()
     comps = build_components(cfg)
     pipe = StreamPipeline(comps, args.prompt, width=width, height=height)

@@ -39,6 +39,14 @@ def strength_to_timestep(strength: float | torch.Tensor) -> int | torch.Tensor:
     return int(1000 * strength) - 100
 
 
+def renoised_above(steps: int, strength: float) -> int | None:
+    """The first later-lane timestep above the first lane's (`strength_to_timestep`), or None.
+    Below strength ~0.6 a second step re-noises to more noise than the first step saw (the
+    fixed list is made for 0.7-0.8) and blurs the picture: worth a word to the user."""
+    first = strength_to_timestep(strength)
+    return next((t for t in timesteps_for(steps)[1:] if t > first), None)
+
+
 class FlowMatchSchedule:
     """The shifted flow-matching grid: sigma_i = shift*s / (1 + (shift-1)*s), s = 1 .. 1/N."""
 
