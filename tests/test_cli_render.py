@@ -180,3 +180,18 @@ def test_more_steps_than_the_noise_allows_are_named(tmp_path):
     assert result.returncode == 0, result.stderr
     said = [line for line in result.stderr.splitlines() if "re-noises" in line]
     assert len(said) == 1 and "t=100" in said[0] and "t=500" in said[0] and "--steps 1" in said[0], result.stderr
+
+
+def test_a_frame_size_that_cannot_fit_is_warned_about_before_the_run():
+    """Found by trying: `render --size 4096x4096` on the demo grew past 8 GB before its first frame
+    (the plan says 17 GiB) with no word; a size that fits says nothing."""
+    from streamdiff.bench.memory_plan import GiB
+    from streamdiff.cli import memory_warning
+    from streamdiff.config import load_config
+
+    cfg = load_config("demo")
+    said = memory_warning(cfg, 4096, 4096, available=8 * GiB)
+    assert said and said.startswith("4096x4096 needs about ") and "8.0 GiB is free" in said and "--size" in said, said
+    need = float(said.split("needs about ")[1].split(" GiB")[0])
+    assert 10 < need < 40, said  # the plan's count, not a guess
+    assert memory_warning(cfg, 4096, 4096, available=64 * GiB) is None
