@@ -1,7 +1,8 @@
 """Checks the command line runs before it builds anything: the weight paths a config names, the
-output file's type, the device a config asks for, and the address `serve` will listen on. One
-line each, so a typo in a path is reported before torch is even imported, and a port that is
-taken before the engine spends its warm-up.
+output file's type, that result files and folders can be written, the device a config asks for,
+and the address `serve` will listen on; and the argparse types of numbers and on/off values
+(ranges, no NaN). One line each, so a typo in a path is reported before torch is even imported,
+a port that is taken before the engine spends its warm-up, and a result path before the work.
 
 Owns: those checks and their messages. Does not own: loading (model/loading.py re-checks paths
 and formats as it reads) or the CLI's exit codes (cli.py turns these errors into exit 2).
@@ -34,8 +35,7 @@ def check_weight_paths(cfg: Config) -> None:
 
 
 def check_output_path(path: str) -> None:
-    """A video file type we can write, at a place we can write to (its folder is made if missing;
-    a file that was not there before is not left behind), before minutes of model work."""
+    """`render --output`: a video file type we can write, at a place `check_writable` accepts."""
     out = Path(path)
     suffix = out.suffix.lower()
     if suffix not in VIDEO_SUFFIXES:
