@@ -21,10 +21,10 @@ from pathlib import Path
 from streamdiff.config import MAX_SEED, ConfigError, load_config, parse_size
 from streamdiff.preflight import (
     check_device,
+    check_folder,
     check_listen,
     check_output_path,
     check_weight_paths,
-    check_folder,
     check_writable,
     number_in,
     on_off,
@@ -109,8 +109,11 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     # 2. Build the model and the pipeline (a frame far larger than the preset's is planned first:
     #    a CPU run that cannot fit would grow for minutes, then be killed).
-    if width * height > 4 * cfg.video.width * cfg.video.height and (said := memory_warning(cfg, width, height)):
-        log.warning("%s", said)
+    if width * height > 4 * cfg.video.width * cfg.video.height:
+        from streamdiff.bench.memory_plan import memory_warning
+
+        if said := memory_warning(cfg, width, height):
+            log.warning("%s", said)
     _say_if_random(cfg)
     if cfg.text.kind == "styles":  # the demo knows nine prompts: say which one this is, if not literally
         from streamdiff.model.style_prompts import PROMPT_NAMES, clean_prompt, prompt_style
@@ -159,35 +162,6 @@ def cmd_render(args: argparse.Namespace) -> int:
     if writer.frames_written != frames_in:
         raise CliError(f"internal: wrote {writer.frames_written} frames for {frames_in} in")
     return 0
-
-
-def available_bytes(device: str) -> int | None:
-    """Memory free for a run on `device`: the kernel's MemAvailable on CPU, the free device
-    memory on CUDA; None where it cannot be read."""
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
-    try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-        return kib * 1024
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def memory_warning(cfg, width: int, height: int, available: int | None = None) -> str | None:
-    """One line when one stream of `cfg` at width x height needs more memory than is free
-    (`streamdiff plan`'s count, the lanes its steps need only), else None."""
-    from streamdiff.bench.memory_plan import GiB, plan_memory
-
-    have = available if available is not None else available_bytes(cfg.runtime.device)
-    need = plan_memory(cfg, cfg.runtime.device, width, height).total(1, lanes_needed_only=True)
-    if have is None or need <= have:
-        return None
-    return (f"{width}x{height} needs about {need / GiB:.1f} GiB ({cfg.runtime.device}; streamdiff plan --resolution "
-            f"{width}x{height}) and {have / GiB:.1f} GiB is free: this run will likely run out of memory; "
-            f"a smaller --size (the preset's is {cfg.video.width}x{cfg.video.height}) fits")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -185,8 +185,7 @@ def test_more_steps_than_the_noise_allows_are_named(tmp_path):
 def test_a_frame_size_that_cannot_fit_is_warned_about_before_the_run():
     """Found by trying: `render --size 4096x4096` on the demo grew past 8 GB before its first frame
     (the plan says 17 GiB) with no word; a size that fits says nothing."""
-    from streamdiff.bench.memory_plan import GiB
-    from streamdiff.cli import memory_warning
+    from streamdiff.bench.memory_plan import GiB, memory_warning
     from streamdiff.config import load_config
 
     cfg = load_config("demo")

@@ -1,7 +1,8 @@
 """Memory plan of a config on one device: what `streamdiff plan` prints, from a meta-device build.
 
-Owns: the byte counts of everything a serving process holds on the device, and how many
-streams fit a given device memory. Every count comes from building the real modules (or
+Owns: the byte counts of everything a serving process holds on the device, how many
+streams fit a given device memory, and the one-line warning `render` gives when one stream at
+its frame size cannot fit the memory free now (`memory_warning`). Every count comes from building the real modules (or
 running the real code) on the `meta` device, so nothing is allocated and no weights are read:
 - weights: the DiT (whole, and per pipeline stage), the VAE the config serves with (Wan, TAEHV,
   or the Wan encoder with a TAEHV decoder), the prompt encoder (umT5 from its folder's
@@ -432,4 +433,34 @@ def write_plan_json(plan: MemoryPlan, device_bytes: int, path: str | Path) -> Pa
     return path
 
 
-__all__ = ["LiveBytes", "MemoryPlan", "format_plan", "module_bytes", "parse_bytes", "plan_memory", "write_plan_json"]
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory free for a run on `device`: the kernel's MemAvailable on CPU, the free device
+    memory on CUDA; None where it cannot be read."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def memory_warning(cfg: Config, width: int, height: int, available: int | None = None) -> str | None:
+    """One line when one stream of `cfg` at width x height needs more memory than is free
+    (`streamdiff plan`'s count, the lanes its steps need only), else None."""
+    have = available if available is not None else available_bytes(cfg.runtime.device)
+    need = plan_memory(cfg, cfg.runtime.device, width, height).total(1, lanes_needed_only=True)
+    if have is None or need <= have:
+        return None
+    return (f"{width}x{height} needs about {need / GiB:.1f} GiB ({cfg.runtime.device}; streamdiff plan --resolution "
+            f"{width}x{height}) and {have / GiB:.1f} GiB is free: this run will likely run out of memory; "
+            f"a smaller --size (the preset's is {cfg.video.width}x{cfg.video.height}) fits")
+
+
+__all__ = ["LiveBytes", "MemoryPlan", "available_bytes", "format_plan", "memory_warning", "module_bytes", "parse_bytes",
+           "plan_memory", "write_plan_json"]
