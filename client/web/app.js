@@ -157,12 +157,23 @@ async function start() {
     say(`Cannot reach the StreamDiff server at ${location.host}: is it running?`, true);
     return stop();
   }
-  const body = await resp.json().catch(() => ({}));
+  // JSON from the handler; a plain-text sentence from the body checks (too large, not JSON)
+  const raw = await resp.text().catch(() => "");
+  let body;
+  try {
+    body = JSON.parse(raw);
+  } catch {
+    body = { error: raw.trim() };
+  }
   if (over()) return peer.close(); // the session it may have made ends with the peer
   if (resp.status === 503) {
     peer.close();
     pc = null;
     return retryLater(parseInt(resp.headers.get("Retry-After") || "10", 10), body.error || "no free stream slot");
+  }
+  if (resp.status === 401) {
+    say("This server wants a token: open the page as /?token=YOUR_TOKEN (`streamdiff serve` prints that address).", true);
+    return stop();
   }
   if (!resp.ok) {
     say(`The server refused the session: ${body.error || `HTTP ${resp.status}`}`, true);

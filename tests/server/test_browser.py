@@ -313,3 +313,25 @@ def test_the_page_follows_stop_restart_and_a_stream_the_server_ends():
     assert out["restart_playing"] and out["restart_sessions"], out
     assert 'seed "1.5" is not a whole number' in out["bad_seed"], out["bad_seed"]
     assert out["after_server_end"] and "The server ended this stream" in out["after_server_end"]["message"], out
+
+
+async def _page_without_its_token() -> str:
+    from playwright.async_api import async_playwright
+
+    async with running_server() as (url, app), async_playwright() as pw:  # a server with a token
+        browser = await _browser(pw)
+        try:
+            page = await browser.new_page()
+            await page.goto(url + "/")  # no ?token=
+            await page.click("#start")
+            said = await _until(lambda: _message_with(page, "token"), 30)
+            assert not sessions_of(app).sessions
+            return said
+        finally:
+            await browser.close()
+
+
+def test_a_page_opened_without_the_servers_token_says_how_to_open_it():
+    """It said "The server refused the session: 401" (the reply's text went unread)."""
+    said = asyncio.run(_page_without_its_token())
+    assert said and "wants a token" in said and "?token=" in said, said
