@@ -107,28 +107,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     else:
         frames_iter = read_frames(args.input, size)
 
-    # 2. Build the model and the pipeline (a frame far larger than the preset's is planned first:
-    #    a CPU run that cannot fit would grow for minutes, then be killed).
-    if width * height > 4 * cfg.video.width * cfg.video.height:
-        from streamdiff.bench.memory_plan import memory_warning
-
-        if said := memory_warning(cfg, width, height):
-            log.warning("%s", said)
-    _say_if_random(cfg)
-    if cfg.text.kind == "styles":  # the demo knows nine prompts: say which one this is, if not literally
-        from streamdiff.model.style_prompts import PROMPT_NAMES, clean_prompt, prompt_style
-
-        if (means := prompt_style(args.prompt)) != clean_prompt(args.prompt):
-            shown = args.prompt if len(args.prompt) <= 80 else args.prompt[:77] + "..."
-            log.warning("the model reads --prompt %r as %r (it knows: %s)", shown, means, ", ".join(PROMPT_NAMES))
-    from streamdiff.sampling.noise_schedule import renoised_above, strength_to_timestep
-
-    s = cfg.sampling
-    if (above := renoised_above(s.steps, s.noise_strength)) is not None:
-        log.warning("%d steps at noise %g: the first step is told t=%d and a later one re-noises to t=%d "
-                    "(StreamDiffusionV2's fixed list, made for noise 0.7-0.8), which blurs the picture; "
-                    "at this noise keep --steps 1", s.steps, s.noise_strength, strength_to_timestep(s.noise_strength),
-                    above)
+    # 2. Build the model and the pipeline, after a word on anything that will disappoint.
+    _warn_before_render(cfg, args.prompt, width, height)
     t_build = time.perf_counter()
     comps = build_components(cfg)
     pipe = StreamPipeline(comps, args.prompt, width=width, height=height)
@@ -162,6 +142,32 @@ def cmd_render(args: argparse.Namespace) -> int:
     if writer.frames_written != frames_in:
         raise CliError(f"internal: wrote {writer.frames_written} frames for {frames_in} in")
     return 0
+
+
+def _warn_before_render(cfg, prompt: str, width: int, height: int) -> None:
+    """One warning line each: a frame far larger than the preset's that will not fit in memory
+    (planned: a CPU run that cannot fit grows for minutes, then is killed), random weights, a
+    prompt the demo reads as another, more steps than the noise strength allows."""
+    if width * height > 4 * cfg.video.width * cfg.video.height:
+        from streamdiff.bench.memory_plan import memory_warning
+
+        if said := memory_warning(cfg, width, height):
+            log.warning("%s", said)
+    _say_if_random(cfg)
+    if cfg.text.kind == "styles":  # the demo knows nine prompts: say which one this is, if not literally
+        from streamdiff.model.style_prompts import PROMPT_NAMES, clean_prompt, prompt_style
+
+        if (means := prompt_style(prompt)) != clean_prompt(prompt):
+            shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+            log.warning("the model reads --prompt %r as %r (it knows: %s)", shown, means, ", ".join(PROMPT_NAMES))
+    from streamdiff.sampling.noise_schedule import renoised_above, strength_to_timestep
+
+    s = cfg.sampling
+    if (above := renoised_above(s.steps, s.noise_strength)) is not None:
+        log.warning("%d steps at noise %g: the first step is told t=%d and a later one re-noises to t=%d "
+                    "(StreamDiffusionV2's fixed list, made for noise 0.7-0.8), which blurs the picture; "
+                    "at this noise keep --steps 1", s.steps, s.noise_strength, strength_to_timestep(s.noise_strength),
+                    above)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

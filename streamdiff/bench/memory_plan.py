@@ -2,8 +2,9 @@
 
 Owns: the byte counts of everything a serving process holds on the device, how many
 streams fit a given device memory, and the one-line warning `render` gives when one stream at
-its frame size cannot fit the memory free now (`memory_warning`). Every count comes from building the real modules (or
-running the real code) on the `meta` device, so nothing is allocated and no weights are read:
+its frame size cannot fit the memory free now (`memory_warning`). Every count comes from
+building the real modules (or running the real code) on the `meta` device, so nothing is
+allocated and no weights are read:
 - weights: the DiT (whole, and per pipeline stage), the VAE the config serves with (Wan, TAEHV,
   or the Wan encoder with a TAEHV decoder), the prompt encoder (umT5 from its folder's
   config.json, or umT5-XXL's architecture when the folder is absent; the tiny and styles tables);

@@ -86,7 +86,7 @@ class _Safetensors:
         try:
             self.handle = safe_open(str(path), framework="pt", device="cpu")  # mmapped, read on get
         except Exception as exc:  # safetensors' SafetensorError (truncated, empty, not safetensors), OSError
-            raise WeightsFileError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+            raise unreadable_safetensors(path, exc) from None
 
     def keys(self) -> list[str]:
         return list(self.handle.keys())
@@ -208,6 +208,11 @@ class UntrustedPickleError(ConfigError):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def unreadable_safetensors(path: str | Path, exc: BaseException) -> WeightsFileError:
+    """The error for a file safetensors cannot open (truncated, empty, another format)."""
+    return WeightsFileError(f"{path} is not a readable safetensors file ({_first_line(exc)})")
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:

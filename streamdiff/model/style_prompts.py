@@ -62,7 +62,7 @@ class StylePromptEncoder(PromptEncoder):
     def from_file(cls, path: str | Path, text_dim: int, **kwargs) -> "StylePromptEncoder":
         from safetensors.torch import load_file
 
-        from streamdiff.model.loading import WeightsFileError, WeightsMismatchError
+        from streamdiff.model.loading import WeightsFileError, WeightsMismatchError, unreadable_safetensors
 
         p = Path(path)
         if not p.is_file():
@@ -70,9 +70,8 @@ class StylePromptEncoder(PromptEncoder):
         try:
             tensors = load_file(str(p))
         except Exception as exc:  # safetensors' SafetensorError: truncated, empty, not safetensors
-            why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise WeightsFileError(f"{p} is not a readable safetensors file ({why}); the prompt table is read "
-                                   f"from safetensors only") from None
+            raise WeightsFileError(f"{unreadable_safetensors(p, exc)}; the prompt table is read from safetensors "
+                                   f"only") from None
         if TABLE_KEY not in tensors:
             raise WeightsMismatchError(f"{p} has no {TABLE_KEY!r} tensor (keys: {sorted(tensors)[:5]}); "
                                        f"not a style prompt table")

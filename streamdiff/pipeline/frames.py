@@ -111,16 +111,22 @@ def synthetic_clip(num_frames: int, width: int, height: int, seed: int = 0) -> n
     different colours and sizes bouncing around at different speeds (each at least 1 px per
     frame, so consecutive frames always differ). Same arguments -> same pixels.
     """
-    out = np.empty((max(num_frames, 0), max(height, 0), max(width, 0), 3), dtype=np.uint8)  # [n, H, W, 3]
-    for i, frame in enumerate(synthetic_frames(num_frames, width, height, seed)):
+    frames = synthetic_frames(num_frames, width, height, seed)  # checks the arguments
+    out = np.empty((num_frames, height, width, 3), dtype=np.uint8)  # [n, H, W, 3]
+    for i, frame in enumerate(frames):
         out[i] = frame
     return out
 
 
 def synthetic_frames(num_frames: int, width: int, height: int, seed: int = 0) -> Iterator[np.ndarray]:
-    """`synthetic_clip`'s frames [H, W, 3] uint8 one at a time (a long clip never sits in memory)."""
+    """`synthetic_clip`'s frames [H, W, 3] uint8 one at a time (a long clip never sits in memory);
+    bad arguments raise here, not at the first frame."""
     if num_frames < 0 or width < 1 or height < 1:
         raise ValueError(f"synthetic_clip needs num_frames >= 0 and a positive size, got {num_frames}, {width}x{height}")
+    return _paint(num_frames, width, height, seed)
+
+
+def _paint(num_frames: int, width: int, height: int, seed: int) -> Iterator[np.ndarray]:
     rng = np.random.default_rng(seed)
     scale = min(width, height)
     t = np.arange(num_frames, dtype=np.float64)  # [n]
