@@ -65,6 +65,7 @@ from streamdiff.server.sdp import (
     answer_simulcast,
     check_offer_sdp,
     prefer_h264,
+    require_directions,
     require_h264,
     wait_ice_gathering,
 )
@@ -99,6 +100,8 @@ class ServerSettings:
     ice_loopback: bool = False
     retry_after_s: int = 10
     connect_timeout_s: float = 30.0  # a peer that has not connected by then is freed
+    input_timeout_s: float = 30.0  # a stream session that sent no video for this long is freed
+    takeover_after_s: float = 5.0  # a publisher silent this long gives its key to a new one
     header_timeout_s: float = 10.0  # a connection whose request headers are not in by then is closed
     body_timeout_s: float = 10.0  # a request body not in by then gets 408
     control_grace_s: float = 3.0  # a page whose control socket closed (crashed tab) is freed after this
@@ -162,6 +165,8 @@ async def offer(request: web.Request) -> web.Response:
         stamp = parse_flag(body.get("stamp", request.query.get("stamp")))
         params = to_engine_params({k: v for k, v in body.items() if k not in ("sdp", "type", "prompt", "stamp")})
         check_offer_sdp(sdp)
+        require_directions(sdp, sends=True, receives=True, what="the page sends its camera and "
+                           "receives the restyled video (sendrecv); to publish only, use /whip/KEY, to watch, /whep/KEY")
         sdp, _ = accept_simulcast(sdp)
     except (ValueError, TypeError) as exc:  # our own checks: plain messages
         return web.json_response({"error": f"bad offer: {exc}"}, status=400)
@@ -205,6 +210,8 @@ async def whip_post(request: web.Request) -> web.Response:
     try:
         stamp = parse_flag(request.query.get("stamp"))
         check_offer_sdp(sdp)
+        require_directions(sdp, sends=True, receives=False, what="a WHIP publisher offers sendonly video "
+                           f"(to watch stream {key!r}, use /whep/{key})")
         require_h264(sdp)
         sdp, rids = accept_simulcast(sdp)
     except CodecError as exc:
@@ -236,6 +243,8 @@ async def whep_post(request: web.Request) -> web.Response:
     sdp = await _read_sdp_offer(request)
     try:
         kinds = check_offer_sdp(sdp)
+        require_directions(sdp, sends=False, receives=True, what=f"/whep/{key} plays a stream (a WHEP "
+                           f"player offers recvonly video); to publish, POST to /whip/{key}")
     except (SdpError, CodecError) as exc:
         return _error(400, str(exc))
     source = sessions.publisher(key) or sessions.get(key)
@@ -268,7 +277,8 @@ async def whep_head(request: web.Request) -> web.Response:
 
 
 def _sdp_created(location: str, sdp: str, session_id: str, extra: dict | None = None) -> web.Response:
-    return web.Response(status=201, text=sdp, content_type="application/sdp",
+    # body, not text=: aiohttp would add "; charset=utf-8", a parameter application/sdp does not define
+    return web.Response(status=201, body=sdp.encode(), content_type="application/sdp",
                         headers={**CORS, "Location": location, "X-Session-Id": session_id, **(extra or {})})
 
 
@@ -287,6 +297,10 @@ async def resource_delete(request: web.Request) -> web.Response:
         return _unauthorized()
     session = _resource(request)
     if session is None:
+        # OBS closes its peer before it sends DELETE: the close may have ended the session first
+        kind, key, reason = sessions.ended.get(request.match_info["id"], (None, None, None))
+        if (kind, key) == (request.path.split("/", 2)[1], request.match_info["key"]):
+            return _error(200, f"session ended already: {reason}")
         return _error(404, "no such session")
     await sessions.close(session.id, f"{session.kind.upper()} DELETE")
     return _error(200, "session ended")
@@ -302,8 +316,13 @@ async def resource_patch(request: web.Request) -> web.Response:
 
 
 async def options(request: web.Request) -> web.Response:
-    accepts = "application/json" if request.path == "/offer" else "application/sdp"
-    return web.Response(status=204, headers={**CORS, "Accept-Post": accepts})
+    """CORS preflight; endpoints that take a POST say what they accept (a session's resource
+    URL takes DELETE only)."""
+    if request.path == "/offer":
+        return web.Response(status=204, headers={**CORS, "Accept-Post": "application/json"})
+    if "id" in request.match_info or request.path.startswith("/sessions/"):
+        return web.Response(status=204, headers=CORS)
+    return web.Response(status=204, headers={**CORS, "Accept-Post": "application/sdp"})
 
 
 # ---------------------------------------------------------------------- ops
@@ -355,6 +374,8 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
         target_fps=settings.target_fps or cfg.slo.target_fps or cfg.video.fps,
         deadline_ms=settings.deadline_ms or cfg.slo.deadline_ms,
         connect_timeout_s=settings.connect_timeout_s,
+        input_timeout_s=settings.input_timeout_s,
+        takeover_after_s=settings.takeover_after_s,
     )
 
     async def on_startup(app: web.Application) -> None:

@@ -1,7 +1,8 @@
 """SDP for the gateway: checks before aiortc parses an offer, H.264 preference, simulcast
 offers and ICE gathering.
 
-Owns: `check_offer_sdp` (malformed, video present), `require_h264` (OBS's encoders), the
+Owns: `check_offer_sdp` (malformed, video present), `video_directions` (which way the offer's
+video goes: a WHIP offer must send it, a WHEP offer receive it), `require_h264` (OBS's encoders), the
 simulcast rules (one layer accepted, several refused: aiortc cannot receive simulcast),
 `prefer_h264` for WHEP answers, and `wait_ice_gathering` (no trickle: candidates go in the
 answer). Does not own: HTTP (server.app) or media tracks (server.webrtc).
@@ -40,6 +41,35 @@ def check_offer_sdp(sdp: str, *, need_video: bool = True) -> list[str]:
     if need_video and "video" not in kinds:
         raise CodecError("the offer has no video media section")
     return kinds
+
+
+DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+
+
+def video_directions(sdp: str) -> list[str]:
+    """The direction of each video m-section, as the offerer sees it: its own `a=` direction
+    attribute, else the session-level one, else sendrecv (RFC 8866)."""
+    default, sections = "sendrecv", []  # sections: [kind, direction or None]
+    for line in (line.strip() for line in sdp.splitlines()):
+        if line.startswith("m="):
+            sections.append([line[2:].split(" ", 1)[0], None])
+        elif line.startswith("a=") and line[2:] in DIRECTIONS:
+            if sections:
+                sections[-1][1] = line[2:]
+            else:
+                default = line[2:]
+    return [direction or default for kind, direction in sections if kind == "video"]
+
+
+def require_directions(sdp: str, *, sends: bool, receives: bool, what: str) -> None:
+    """SdpError unless some video section sends (`sends`) and some receives (`receives`), as
+    the offerer sees it. `what` completes the message: where the client should go instead."""
+    directions = video_directions(sdp)
+    said = "/".join(sorted(set(directions))) or "absent"
+    if sends and not any(d in ("sendonly", "sendrecv") for d in directions):
+        raise SdpError(f"the offer's video is {said}: it sends no video to restyle; {what}")
+    if receives and not any(d in ("recvonly", "sendrecv") for d in directions):
+        raise SdpError(f"the offer's video is {said}: it receives no video; {what}")
 
 
 def video_codecs(sdp: str) -> set[str]:

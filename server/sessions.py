@@ -15,6 +15,7 @@ each input frame and drawn into the output frame made from it (server.webrtc, st
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -152,6 +153,12 @@ class Session:
     expect: dict | None = None  # stream kinds: the fps and latency it was told to expect
     control_sockets: int = 0  # open /ws connections of the page that owns it (`?owner=1`)
 
+    def input_idle_s(self, now: float | None = None) -> float:
+        """Seconds since the latest input frame (since the session began if none came yet)."""
+        now = time.monotonic() if now is None else now
+        last = self.reader.last_frame_s if self.reader is not None else None
+        return now - max(self.created_s, last or 0.0)
+
     def stats(self) -> dict:
         out = {"session": self.id, "kind": self.kind, "stream_key": self.stream_key,
                "state": self.pc.connectionState, "uptime_s": round(time.monotonic() - self.created_s, 1)}
@@ -167,17 +174,29 @@ class Session:
 
 
 class SessionManager:
-    """Every live session; the only place that creates or frees engine streams."""
+    """Every live session; the only place that creates or frees engine streams.
+
+    Timeouts: a peer not connected `connect_timeout_s` after its answer is freed; a stream
+    session that received no video for `input_timeout_s` (a WHIP offer that sends nothing, a
+    publisher gone silent) is freed; a publisher silent for `takeover_after_s` gives its stream
+    key to a new publisher (OBS restarted after a crash: the old peer has not timed out yet)."""
+
+    ENDED_KEPT = 256  # recently ended sessions remembered, so that a late DELETE gets 200
 
     def __init__(self, engine, *, max_sessions: int, target_fps: float, deadline_ms: float,
-                 ice_servers: list | None = None, connect_timeout_s: float = 30.0):
+                 ice_servers: list | None = None, connect_timeout_s: float = 30.0,
+                 input_timeout_s: float = 30.0, takeover_after_s: float = 5.0):
         self.engine = engine
         self.max_sessions = max_sessions
         self.target_fps = target_fps
         self.deadline_ms = deadline_ms
         self.ice_servers = list(ice_servers or [])
         self.connect_timeout_s = connect_timeout_s
+        self.input_timeout_s = input_timeout_s
+        self.takeover_after_s = takeover_after_s
         self.sessions: dict[str, Session] = {}
+        # session id -> (kind, stream key, why it ended), oldest first, at most ENDED_KEPT
+        self.ended: collections.OrderedDict[str, tuple[str, str, str]] = collections.OrderedDict()
         # stream sessions between their admission check and their entry in `sessions` (the
         # engine's admission is awaited): session id -> stream key. Counted by the limit and
         # the key check, so that requests arriving together cannot all pass them.
@@ -220,10 +239,13 @@ class SessionManager:
         session_id = uuid.uuid4().hex[:16]
         owns_stream = kind in ("browser", "whip")
         admission = None
-        if owns_stream and stream_key is not None and (
-                self.publisher(stream_key) is not None or stream_key in self._admitting.values()):
-            events.info("refused %s session (stream key %s): the key is being published already", kind, stream_key)
-            raise StreamKeyTaken(f"stream key {stream_key!r} is already being published")
+        if owns_stream and stream_key is not None:
+            await self._take_over_silent(stream_key)
+            if self.publisher(stream_key) is not None or stream_key in self._admitting.values():
+                events.info("refused %s session (stream key %s): the key is being published already", kind, stream_key)
+                raise StreamKeyTaken(
+                    f"stream key {stream_key!r} is already being published; a publisher that stopped sending "
+                    f"video gives it up after {self.takeover_after_s:g} s")
         if owns_stream and self.stream_count >= self.max_sessions:
             events.info("refused %s session (stream key %s): %d of %d streams already running (--max-sessions)",
                         kind, stream_key or "-", self.stream_count, self.max_sessions)
@@ -258,6 +280,17 @@ class SessionManager:
         session.tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session_id}"))
         return session
 
+    async def _take_over_silent(self, stream_key: str) -> None:
+        """End the key's publisher if no video came from it for `takeover_after_s`: its peer
+        is gone (a crashed OBS) or sends nothing, and a new publisher wants the key now."""
+        held = self.publisher(stream_key)
+        if held is None:
+            return
+        idle = held.input_idle_s()
+        if idle >= self.takeover_after_s:
+            await self.close(held.id, f"a new publisher took stream key {stream_key} (no video from this one "
+                                      f"for {idle:.0f} s)")
+
     async def _admit(self, session_id: str, stream_key: str, prompt: str, params: dict):
         """The engine's admission of a new stream, with the stream counted (and its key held)
         while it is awaited. A request cancelled meanwhile gives back what the engine admitted."""
@@ -280,10 +313,18 @@ class SessionManager:
 
     async def _watchdog(self, session: Session) -> None:
         """A peer that answers but never connects (closed tab, blocked UDP) is freed after
-        `connect_timeout_s`; one that connected is freed by its state change."""
+        `connect_timeout_s`; one that connected is freed by its state change, or, for a stream
+        session, when no video came from it for `input_timeout_s` (it holds an engine stream)."""
         await asyncio.sleep(self.connect_timeout_s)
         if session.pc.connectionState != "connected":
             await self.close(session.id, f"never connected within {self.connect_timeout_s:g} s")
+            return
+        while session.has_stream and not session.closed:
+            idle = session.input_idle_s()
+            if idle >= self.input_timeout_s:
+                await self.close(session.id, f"no video arrived for {idle:.0f} s")
+                return
+            await asyncio.sleep(self.input_timeout_s - idle)
 
     async def close(self, session_id: str, reason: str = "closed") -> bool:
         """Free everything a session holds: tasks, input reader, subscribers, engine stream,
@@ -292,6 +333,9 @@ class SessionManager:
         if session is None or session.closed:
             return False
         session.closed = True
+        self.ended[session_id] = (session.kind, session.stream_key, reason)
+        while len(self.ended) > self.ENDED_KEPT:
+            self.ended.popitem(last=False)
         frames = f", {session.fanout.frames_out} frames out" if session.fanout is not None else ""
         events.info("session %s (%s) ended after %.0f s%s: %s", session_id, session.kind,
                     time.monotonic() - session.created_s, frames, reason)

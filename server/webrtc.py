@@ -262,6 +262,7 @@ class InputReader:
         self.stamp = stamp
         self.latest: VideoFrame | None = None
         self.frames_in = 0
+        self.last_frame_s: float | None = None  # time.monotonic() of the latest frame received
         self.frames_pushed = 0
         self.stamps_unread = 0  # stamped session: pushed frames without a readable id
         self._ready = asyncio.Event()
@@ -275,6 +276,7 @@ class InputReader:
             while True:
                 self.latest = await self.track.recv()
                 self.frames_in += 1
+                self.last_frame_s = time.monotonic()
                 self._ready.set()
         except MediaStreamError:
             pass

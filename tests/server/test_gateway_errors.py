@@ -4,7 +4,7 @@ import asyncio
 
 import aiohttp
 
-from gateway_helpers import answer, auth, obs_like_offer, running_server, sessions_of
+from gateway_helpers import answer, auth, obs_like_offer, running_server, sessions_of, viewer_offer
 
 SDP = {"Content-Type": "application/sdp"}
 VP8_ONLY_SDP = """v=0
@@ -43,8 +43,10 @@ async def _errors():
                 assert "H.264" in (text := await resp.text()) and "OBS" in text
             async with http.post(f"{url}/offer", json={"sdp": "garbage", "type": "offer"}, headers=auth()) as resp:
                 assert resp.status == 400
-            async with http.post(f"{url}/whep/nobody", data=offer, headers={**SDP, **auth()}) as resp:
+            view, view_offer, _ = await viewer_offer()
+            async with http.post(f"{url}/whep/nobody", data=view_offer, headers={**SDP, **auth()}) as resp:
                 assert resp.status == 404
+            await view.close()
             # the one admitted stream
             async with http.post(f"{url}/whip/k", data=offer, headers={**SDP, **auth()}) as resp:
                 assert resp.status == 201, await resp.text()

@@ -1,0 +1,162 @@
+"""What OBS and other WHIP/WHEP clients meet around a session's life (found by driving the
+gateway as OBS does): offers pointed at the wrong endpoint, a publisher that sends no video, a
+crashed OBS that publishes again to its key, and OBS's Stop (peer closed, then DELETE)."""
+
+import asyncio
+
+import aiohttp
+import pytest
+from aiortc import MediaStreamTrack, RTCPeerConnection
+
+from gateway_helpers import (SyntheticVideo, answer, auth, h264_only, obs_like_offer, running_server, sessions_of,
+                             viewer_offer)
+from streamdiff.server.app import ENGINE_KEY
+from streamdiff.server.sdp import SdpError, require_directions, video_directions
+from test_session_cycles import _until
+
+SDP = {"Content-Type": "application/sdp"}
+
+
+def test_video_directions_follow_the_section_then_the_session_default():
+    sdp = "v=0\na=recvonly\nm=audio 9 X 111\na=sendonly\nm=video 9 X 96\nm=video 9 X 97\na=inactive\n"
+    assert video_directions(sdp) == ["recvonly", "inactive"]  # the first takes the session's default
+    assert video_directions("v=0\nm=video 9 X 96\n") == ["sendrecv"]  # none said: sendrecv (RFC 8866)
+    require_directions(sdp, sends=False, receives=True, what="-")
+    with pytest.raises(SdpError, match="is inactive/recvonly: it sends no video to restyle; go elsewhere"):
+        require_directions(sdp, sends=True, receives=False, what="go elsewhere")
+
+
+class Paused(SyntheticVideo):
+    """Video that stops while `paused` is set: an encoder that sends nothing (a WHIP client
+    pointed at the wrong endpoint with a track, a crashed OBS whose peer has not timed out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.paused = asyncio.Event()
+
+    async def recv(self):
+        if self.paused.is_set():
+            await asyncio.Event().wait()  # never: the sender stops sending
+        return await super().recv()
+
+
+async def _publisher(track: MediaStreamTrack) -> tuple[RTCPeerConnection, str]:
+    pc = RTCPeerConnection()
+    h264_only(pc.addTransceiver(track, direction="sendonly"))
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+async def _wrong_endpoints():
+    async with running_server() as (url, app):
+        async with aiohttp.ClientSession() as http:
+            # A viewer (recvonly) pointed at the publishing endpoint: it was admitted and held the key.
+            view, view_sdp, _ = await viewer_offer()
+            async with http.post(f"{url}/whip/cam", data=view_sdp, headers={**SDP, **auth()}) as resp:
+                text = await resp.text()
+                assert resp.status == 400 and "sends no video" in text and "/whep/cam" in text, text
+            # A publisher (sendonly) pointed at the viewing endpoint of a live stream: it was
+            # answered recvonly and its video decoded for nothing.
+            pub, pub_sdp = await obs_like_offer()
+            async with http.post(f"{url}/whip/cam", data=pub_sdp, headers={**SDP, **auth()}) as resp:
+                assert resp.status == 201, await resp.text()
+                await answer(pub, await resp.text())
+            other, other_sdp = await obs_like_offer()
+            async with http.post(f"{url}/whep/cam", data=other_sdp, headers={**SDP, **auth()}) as resp:
+                text = await resp.text()
+                assert resp.status == 400 and "receives no video" in text and "/whip/cam" in text, text
+            # The page's endpoint needs video both ways.
+            async with http.post(f"{url}/offer", json={"sdp": pub_sdp, "type": "offer"}, headers=auth()) as resp:
+                error = (await resp.json())["error"]
+                assert resp.status == 400 and "receives no video" in error, error
+            assert [s.kind for s in sessions_of(app).sessions.values()] == ["whip"]
+            # The answer's content type is the bare media type (application/sdp defines no charset).
+            async with http.post(f"{url}/whep/cam", data=view_sdp, headers={**SDP, **auth()}) as resp:
+                assert resp.status == 201 and resp.headers["Content-Type"] == "application/sdp", resp.headers
+                location = resp.headers["Location"]
+            async with http.options(f"{url}{location}") as resp:  # a resource takes DELETE, not POST
+                assert resp.status == 204 and "Accept-Post" not in resp.headers
+        for pc in (view, pub, other):
+            await pc.close()
+
+
+def test_offers_at_the_wrong_endpoint_are_refused_in_one_line():
+    asyncio.run(_wrong_endpoints())
+
+
+async def _silent_publishers():
+    async with running_server(connect_timeout_s=2.0, input_timeout_s=2.0, takeover_after_s=1.0) as (url, app):
+        sessions = sessions_of(app)
+        async with aiohttp.ClientSession() as http:
+            # 1. A publisher that connects and never sends video is freed with its engine stream.
+            silent = Paused()
+            silent.paused.set()
+            pc, offer = await _publisher(silent)
+            async with http.post(f"{url}/whip/quiet", data=offer, headers={**SDP, **auth()}) as resp:
+                assert resp.status == 201, await resp.text()
+                quiet_id = resp.headers["X-Session-Id"]
+                await answer(pc, await resp.text())
+            await _until(lambda: sessions.sessions.get(quiet_id) is None or
+                         sessions.sessions[quiet_id].pc.connectionState == "connected", "connected")
+            await _until(lambda: quiet_id not in sessions.sessions, "the silent publisher freed")
+            assert sessions.ended[quiet_id][2].startswith("no video arrived for ")
+            assert (await app[ENGINE_KEY].stats())["streams"] == 0
+            await pc.close()
+            # 2. OBS publishes, then crashes (its video stops; its peer is not closed).
+            video = Paused()
+            first, offer = await _publisher(video)
+            async with http.post(f"{url}/whip/studio", data=offer, headers={**SDP, **auth()}) as resp:
+                assert resp.status == 201, await resp.text()
+                first_id = resp.headers["X-Session-Id"]
+                await answer(first, await resp.text())
+            await _until(lambda: sessions.sessions[first_id].reader is not None and
+                         sessions.sessions[first_id].reader.frames_in > 0, "video arrives")
+            # while its video arrives, the key is its own
+            second, offer = await _publisher(SyntheticVideo())
+            async with http.post(f"{url}/whip/studio", data=offer, headers={**SDP, **auth()}) as resp:
+                text = await resp.text()
+                assert resp.status == 409 and "gives it up after 1 s" in text, text
+            video.paused.set()
+            await _until(lambda: sessions.sessions[first_id].input_idle_s() >= 1.0, "the first publisher silent")
+            # OBS restarted: the same key is taken over at once (not after the old peer's timeout)
+            async with http.post(f"{url}/whip/studio", data=offer, headers={**SDP, **auth()}) as resp:
+                assert resp.status == 201, await resp.text()
+                second_id = resp.headers["X-Session-Id"]
+                await answer(second, await resp.text())
+            assert first_id not in sessions.sessions and "a new publisher took stream key studio" in \
+                sessions.ended[first_id][2]
+            assert sessions.publisher("studio").id == second_id
+            assert (await app[ENGINE_KEY].stats())["streams"] == 1
+        await first.close()
+        await second.close()
+
+
+def test_a_silent_publisher_is_freed_and_its_key_taken_over():
+    asyncio.run(_silent_publishers())
+
+
+async def _stop_like_obs():
+    async with running_server() as (url, app):
+        sessions = sessions_of(app)
+        async with aiohttp.ClientSession() as http:
+            pub, offer = await obs_like_offer()
+            async with http.post(f"{url}/whip/live", data=offer, headers={**SDP, **auth()}) as resp:
+                assert resp.status == 201, await resp.text()
+                location, sid = resp.headers["Location"], resp.headers["X-Session-Id"]
+                await answer(pub, await resp.text())
+            await _until(lambda: sessions.sessions[sid].pc.connectionState == "connected", "connected")
+            await pub.close()  # OBS's Stop: the peer first ...
+            await _until(lambda: sid not in sessions.sessions, "the close ends the session")
+            async with http.delete(f"{url}{location}", headers=auth()) as resp:  # ... then DELETE
+                text = await resp.text()
+                assert resp.status == 200 and text.startswith("session ended already: peer connection"), text
+            # only the resource it was: the same id under another key or kind, or an unknown id, is not found
+            for path in (f"/whip/other/{sid}", f"/whep/live/{sid}", "/whip/live/0123456789abcdef"):
+                async with http.delete(f"{url}{path}", headers=auth()) as resp:
+                    assert resp.status == 404, path
+            async with http.delete(f"{url}{location}") as resp:
+                assert resp.status == 401  # still needs the token
+
+
+def test_delete_after_the_peer_closed_is_answered_200():
+    asyncio.run(_stop_like_obs())
