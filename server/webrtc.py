@@ -95,7 +95,8 @@ class FrameQueue:
     when full, the oldest frame is dropped (latency stays bounded). Remembers when frames came,
     so the output track can pace at the rate they are produced."""
 
-    def __init__(self, maxlen: int = 8) -> None:
+    def __init__(self, maxlen: int = 8, clock=time.monotonic) -> None:
+        self.clock = clock  # tests pass a simulated one
         self.frames: collections.deque[np.ndarray] = collections.deque(maxlen=maxlen)
         self.arrivals_s: collections.deque[float] = collections.deque(maxlen=33)
         self.dropped = 0
@@ -106,7 +107,7 @@ class FrameQueue:
         if len(self.frames) == self.frames.maxlen:
             self.dropped += 1
         self.frames.append(frame)
-        self.arrivals_s.append(time.monotonic())
+        self.arrivals_s.append(self.clock())
         self._event.set()
 
     def close(self) -> None:
@@ -188,9 +189,10 @@ class OutputTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, slot: FrameQueue, max_fps: float):
+    def __init__(self, slot: FrameQueue, max_fps: float, *, sleep=asyncio.sleep):
         super().__init__()
         self.slot = slot
+        self.clock, self.sleep = slot.clock, sleep  # the queue's clock; tests pass simulated ones
         self.min_period_s = 1.0 / max(max_fps, 1e-3)
         self._start_s: float | None = None
         self._next_s = 0.0
@@ -206,20 +208,28 @@ class OutputTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError("track ended")
         # 1. Pace: the next frame leaves one period after the last one.
-        now = time.monotonic()
+        now = self.clock()
         if now < self._next_s:
-            await asyncio.sleep(self._next_s - now)
+            await self.sleep(self._next_s - now)
         # 2. The next output frame, oldest first.
+        waited = not self.slot.frames
         try:
             pixels = await self.slot.get()
         except MediaStreamError:
             self.stop()
             raise
-        now = time.monotonic()
+        now = self.clock()
         if self._start_s is None:
             self._start_s = now
-        self._next_s = max(self._next_s, now) + self._period_s()
-        # 3. Wrap with a monotonic-clock pts.
+        # 3. The next frame's time, on the grid of the last ones: scheduling from `now` made every
+        # late wake-up (the event loop, the encoder between two recv calls) a lasting delay, which
+        # grew by ~4 ms a second at 5 fps. The grid restarts when the frame had to be waited for
+        # (the queue ran dry: the output is in step with production) and never lags `now` by
+        # more than a period (after a stall, frames catch up one period early at most).
+        period = self._period_s()
+        base = now if waited else max(self._next_s, now - period)
+        self._next_s = base + period
+        # 4. Wrap with a monotonic-clock pts.
         frame = VideoFrame.from_ndarray(pixels, format="rgb24")
         frame.pts = int(round((now - self._start_s) * VIDEO_CLOCK_HZ))
         frame.time_base = VIDEO_TIME_BASE

@@ -49,3 +49,64 @@ def test_full_queue_drops_the_oldest():
         queue.put(frame(i))
     assert queue.dropped == 2
     assert [int(f[0, 0, 0]) for f in queue.frames] == [2, 3, 4]
+
+
+class SimulatedTime:
+    """A clock that moves only when the track sleeps (each sleep wakes `late_s` late, as an event
+    loop does) or when the consumer spends `encode_s` between two recv calls."""
+
+    def __init__(self, late_s: float):
+        self.now, self.late_s = 0.0, late_s
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds + self.late_s
+        await asyncio.sleep(0)
+
+
+async def _time_in_gateway(fps: float, bursts: int) -> list[float]:
+    """Bursts of 4 frames every 4/fps s (a chunked engine at `fps`); aiortc's sender calls recv,
+    encodes for 3 ms, calls again. Returns each frame's time from put to leaving the track."""
+    clock = SimulatedTime(late_s=0.001)
+    queue = FrameQueue(maxlen=8, clock=clock)
+    track = OutputTrack(queue, max_fps=30.0, sleep=clock.sleep)
+    put_s: dict[int, float] = {}
+    due = [4 / fps * b for b in range(bursts)]
+
+    def deliver() -> None:  # every burst whose time has come
+        while due and due[0] <= clock.now:
+            b = bursts - len(due)
+            for k in range(4):
+                put_s[4 * b + k] = due[0]
+                queue.put(frame(4 * b + k))
+            due.pop(0)
+
+    waits = []
+    while due or queue.frames:
+        deliver()
+        if not queue.frames and due:  # the sender waits for the engine: time passes to the next burst
+            clock.now = due[0]
+            deliver()
+        recv = asyncio.ensure_future(track.recv())
+        while not recv.done():  # frames keep coming while the track sleeps
+            await asyncio.sleep(0)
+            deliver()
+        out = recv.result()
+        waits.append(clock.now - put_s[int(out.to_ndarray(format="rgb24")[0, 0, 0])])
+        clock.now += 0.003  # the encoder
+    return waits
+
+
+def test_the_time_in_the_gateway_does_not_grow_at_a_low_frame_rate():
+    """Found by a one-hour soak at 5 fps: the glass-to-glass latency climbed ~4 ms a second while
+    the engine's stayed flat, because each frame was scheduled from when the track woke, so each
+    late wake-up stayed in the delay. Spreading a burst of 4 at 5 fps delays its last frame by 3
+    periods (0.6 s), and no more however long the stream runs."""
+    for fps in (5.0, 2.0):
+        waits = asyncio.run(_time_in_gateway(fps, bursts=60))  # 240 frames (ids < 256)
+        period = 1 / fps
+        settled, late = waits[60:140], waits[160:]  # the production rate is known after 33 frames
+        assert max(late) < 3 * period + 0.05, (fps, max(late))
+        assert abs(np.mean(late) - np.mean(settled)) < 0.02, (fps, np.mean(settled), np.mean(late))
