@@ -75,15 +75,16 @@ def check_folder(path: str, flag: str) -> None:
 
 
 def check_device(cfg: Config) -> None:
-    """A config that asks for CUDA needs a CUDA device here."""
-    if cfg.runtime.device != "cuda":
+    """A config that asks for CUDA needs a CUDA device here (not when its stages run on a Ray
+    cluster it joins: the cluster's GPUs are checked when the stages start)."""
+    if cfg.runtime.device != "cuda" or (cfg.parallel.backend == "ray" and cfg.parallel.ray_address):
         return
     import torch
 
     if not torch.cuda.is_available():
+        other = "" if cfg.name == "tiny" else ", or use --config tiny"
         raise ConfigError(f"config {cfg.name} asks for a GPU (runtime.device: cuda) and this machine has none "
-                          f"that torch can use: add --set runtime.device=cpu (slow for real models), or use "
-                          f"--config tiny")
+                          f"that torch can use: add --set runtime.device=cpu (slow for real models){other}")
 
 
 def check_listen(host: str, port: int) -> None:

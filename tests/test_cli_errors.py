@@ -74,6 +74,42 @@ def test_a_gpu_config_without_a_gpu_is_one_line():
     assert out["rc"] == 2 and len(err.splitlines()) == 1 and "runtime.device=cpu" in err, err
 
 
+def test_bench_with_a_gpu_config_without_a_gpu_is_one_line_before_torch():
+    """Found by following docs/benchmarks.md on a CPU: `bench --config wan-1.3b ...` (model mode,
+    --simulate) ended in a 19-line traceback after torch loaded; serve and render said it in one."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for args in (["--config", "wan-1.3b", "--random-weights", "--duration", "1"],
+                 ["--simulate", "--config", "wan-1.3b", "--random-weights", "--stages", "1,2"]):
+        out, err = run("bench", *args)
+        assert out["rc"] == 2 and len(err.splitlines()) == 1 and "runtime.device=cpu" in err, (args, err)
+    out, err = run("bench", "--config", "tiny", "--set", "runtime.device=cuda", "--duration", "1")
+    assert "--config tiny" not in err, err  # not the config already in use
+
+
+def test_a_ray_address_where_nothing_answers_is_one_line_not_ten_minutes():
+    """Found by following docs/scaling.md: `serve --ray-address HOST:PORT` with no head there sat in
+    ray.init for ten minutes, ignoring SIGTERM; 'auto' with no cluster was a 62-line traceback."""
+    import socket
+
+    from streamdiff.config import ConfigError
+    from streamdiff.parallel.ray_executor import check_reachable
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once closed
+    with pytest.raises(ConfigError, match=f"Ray cluster at 127.0.0.1:{port}: nothing answers there"):
+        check_reachable(f"127.0.0.1:{port}", timeout_s=2.0)
+    with pytest.raises(ConfigError, match="expected 'auto', HOST:PORT"):
+        check_reachable("my-cluster")
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        check_reachable(f"ray://127.0.0.1:{head.getsockname()[1]}")  # answers: no error
+
+
 def test_a_port_in_use_is_one_line_before_the_engine_warms_up():
     """A second `make run` used to warm the engine up, then die in a traceback from the bind."""
     import socket

@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gpu", action="store_true", help="GPU actors with NCCL (one GPU per stage)")
     args = parser.parse_args(argv)
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu needs CUDA GPUs (one per stage); this machine has none that torch can use")
     for size in args.bytes:
         r = measure_hop_ms(size, args.stages, args.repeats, args.gpu)
         print(f"{size / 1e6:8.3f} MB: {r['hop_ms']:7.2f} ms per hop ({r['transport']}; chain of 1: "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from dataclasses import replace
 
@@ -32,7 +33,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from ray.dag import DAGContext, InputNode  # noqa: E402
 
-from streamdiff.config import Config
+from streamdiff.config import Config, ConfigError
 from streamdiff.parallel.executor import StageFailure
 from streamdiff.parallel.partition import ranges
 from streamdiff.engine.types import ChunkInput, StreamOutput
@@ -48,6 +49,25 @@ CHANNEL_STORE_SHARE = 1 / 16  # of a node's object store (Ray: 30 % of memory), 
 ENV_PASSED = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES_OVERRIDE", "STREAMDIFF_CONFIG_DIR")
 
 
+class ClusterError(ConfigError):
+    """The Ray cluster cannot be joined or cannot run these stages (one line for the CLI)."""
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) answers TCP. Without this, `ray.init` on an address where
+    nothing listens retries for about ten minutes and ignores SIGTERM meanwhile."""
+    where = address.removeprefix("ray://")
+    host, sep, port = where.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterError(f"parallel.ray_address {address!r}: expected 'auto', HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(f"Ray cluster at {address}: nothing answers there ({exc.strerror or exc}); start its "
+                           f"head with `ray start --head --port {port}`, or leave out --ray-address to run the "
+                           f"stages in a local Ray") from None
+
+
 def connect(address: str, num_stages: int) -> bool:
     """Use the Ray instance this process already has, join `address`, or start a local one
     (True: this call started it, so shutting down may stop it). Ray's start-up notices are not
@@ -58,7 +78,15 @@ def connect(address: str, num_stages: int) -> bool:
     runtime_env = {"env_vars": env} if env else None
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, **quiet)
+        if address != "auto":
+            check_reachable(address)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, **quiet)
+        except ConnectionError as exc:  # "auto" with no cluster on this machine, a head that went away
+            why = "no Ray cluster runs on this machine" if address == "auto" else \
+                f"Ray cluster at {address}: {str(exc).splitlines()[0]}"
+            raise ClusterError(f"--ray-address {address}: {why} (start one with `ray start --head`, or leave out "
+                               f"--ray-address to run the stages in a local Ray)") from None
         return False
     cpus = max(os.cpu_count() or 1, num_stages + 1)
     ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, **quiet)
@@ -108,11 +136,14 @@ class RayStages:
         gpus = ray.cluster_resources().get("GPU", 0)
         self.on_gpu = cfg.runtime.device != "cpu" and gpus >= len(self.specs)
         if cfg.runtime.device == "cuda" and not self.on_gpu:
-            raise RuntimeError(f"runtime.device=cuda but the Ray cluster has {gpus:g} GPUs for {len(self.specs)} stages")
+            raise ClusterError(f"runtime.device=cuda but the Ray cluster has {gpus:g} GPUs for {len(self.specs)} "
+                               f"stages (one GPU per stage; --set runtime.device=cpu runs CPU actors)")
         transport = cfg.parallel.transport
         self.nccl = self.on_gpu and transport in ("auto", "nccl")
         if transport == "nccl" and not self.on_gpu:
-            raise RuntimeError("parallel.transport=nccl needs one GPU per stage in the Ray cluster")
+            raise ClusterError(f"parallel.transport=nccl needs one GPU per stage in the Ray cluster, which has "
+                               f"{gpus:g} for {len(self.specs)} stages (auto picks NCCL where it can, shared "
+                               f"memory otherwise)")
         # Up to one plan per stage in flight, each in its micro-batches, plus a prepare forward.
         self.max_executions = len(self.specs) * max(1, cfg.parallel.micro_batches) + 1
         # Every channel sized for the largest message up front: see `channel_bytes`.
