@@ -100,7 +100,7 @@ class ServerSettings:
     ice_loopback: bool = False
     retry_after_s: int = 10
     connect_timeout_s: float = 30.0  # a peer that has not connected by then is freed
-    input_timeout_s: float = 30.0  # a stream session that sent no video for this long is freed
+    input_timeout_s: float = 10.0  # a connected stream session that sent no video for this long is freed
     takeover_after_s: float = 5.0  # a publisher silent this long gives its key to a new one
     header_timeout_s: float = 10.0  # a connection whose request headers are not in by then is closed
     body_timeout_s: float = 10.0  # a request body not in by then gets 408

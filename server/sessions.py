@@ -149,15 +149,17 @@ class Session:
     source: "Session | None" = None  # whep: the session it plays
     tasks: list = field(default_factory=list)
     created_s: float = field(default_factory=time.monotonic)
+    connected_s: float | None = None  # when its peer first reached "connected"
     closed: bool = False
     expect: dict | None = None  # stream kinds: the fps and latency it was told to expect
     control_sockets: int = 0  # open /ws connections of the page that owns it (`?owner=1`)
 
     def input_idle_s(self, now: float | None = None) -> float:
-        """Seconds since the latest input frame (since the session began if none came yet)."""
+        """Seconds since the latest input frame (since the peer connected, or the session
+        began, if none came yet)."""
         now = time.monotonic() if now is None else now
         last = self.reader.last_frame_s if self.reader is not None else None
-        return now - max(self.created_s, last or 0.0)
+        return now - max(self.created_s, self.connected_s or 0.0, last or 0.0)
 
     def stats(self) -> dict:
         out = {"session": self.id, "kind": self.kind, "stream_key": self.stream_key,
@@ -185,7 +187,7 @@ class SessionManager:
 
     def __init__(self, engine, *, max_sessions: int, target_fps: float, deadline_ms: float,
                  ice_servers: list | None = None, connect_timeout_s: float = 30.0,
-                 input_timeout_s: float = 30.0, takeover_after_s: float = 5.0):
+                 input_timeout_s: float = 10.0, takeover_after_s: float = 5.0):
         self.engine = engine
         self.max_sessions = max_sessions
         self.target_fps = target_fps
@@ -250,7 +252,13 @@ class SessionManager:
             events.info("refused %s session (stream key %s): %d of %d streams already running (--max-sessions)",
                         kind, stream_key or "-", self.stream_count, self.max_sessions)
             n = self.max_sessions
-            raise ServerFull(f"busy: {n} stream{'s' if n != 1 else ''} already running (--max-sessions)")
+            connecting = len(self._admitting) + sum(1 for s in self.sessions.values()
+                                                    if s.has_stream and s.connected_s is None)
+            if not connecting:
+                raise ServerFull(f"busy: {n} stream{'s' if n != 1 else ''} already running (--max-sessions)")
+            raise ServerFull(f"busy: the {n} stream{'s' if n != 1 else ''} of --max-sessions are taken, {connecting} "
+                             f"by peers still connecting (one that never connects is freed "
+                             f"{self.connect_timeout_s:g} s after its offer)")
         if owns_stream:
             admission = await self._admit(session_id, stream_key or session_id, prompt, params)
             if not admission:
@@ -274,6 +282,8 @@ class SessionManager:
         @pc.on("connectionstatechange")
         async def _state() -> None:
             log.info("session %s (%s): %s", session_id, kind, pc.connectionState)
+            if pc.connectionState == "connected" and session.connected_s is None:
+                session.connected_s = time.monotonic()
             if pc.connectionState in ("failed", "closed"):
                 await self.close(session_id, f"peer connection {pc.connectionState}")
 
@@ -315,8 +325,10 @@ class SessionManager:
         """A peer that answers but never connects (closed tab, blocked UDP) is freed after
         `connect_timeout_s`; one that connected is freed by its state change, or, for a stream
         session, when no video came from it for `input_timeout_s` (it holds an engine stream)."""
-        await asyncio.sleep(self.connect_timeout_s)
-        if session.pc.connectionState != "connected":
+        deadline = session.created_s + self.connect_timeout_s
+        while session.connected_s is None and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.25, deadline - time.monotonic()))
+        if session.connected_s is None:
             await self.close(session.id, f"never connected within {self.connect_timeout_s:g} s")
             return
         while session.has_stream and not session.closed:

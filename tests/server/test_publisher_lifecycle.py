@@ -112,7 +112,7 @@ async def _silent_publishers():
             await _until(lambda: sessions.sessions[first_id].reader is not None and
                          sessions.sessions[first_id].reader.frames_in > 0, "video arrives")
             # while its video arrives, the key is its own
-            second, offer = await _publisher(SyntheticVideo())
+            second, offer = await _publisher(Paused())
             async with http.post(f"{url}/whip/studio", data=offer, headers={**SDP, **auth()}) as resp:
                 text = await resp.text()
                 assert resp.status == 409 and "gives it up after 1 s" in text, text
@@ -127,6 +127,14 @@ async def _silent_publishers():
                 sessions.ended[first_id][2]
             assert sessions.publisher("studio").id == second_id
             assert (await app[ENGINE_KEY].stats())["streams"] == 1
+            # 3. A publisher that streamed and vanished (no close, no DELETE) is freed once its
+            # video stops for input_timeout_s, not after ICE consent (about 30 s).
+            await _until(lambda: sessions.sessions[second_id].reader is not None and
+                         sessions.sessions[second_id].reader.frames_in > 0, "the second publisher's video")
+            second.getTransceivers()[0].sender.track.paused.set()
+            await _until(lambda: second_id not in sessions.sessions, "the vanished publisher freed", limit_s=20)
+            assert sessions.ended[second_id][2].startswith("no video arrived for 2 s")
+            assert (await app[ENGINE_KEY].stats())["streams"] == 0
         await first.close()
         await second.close()
 
@@ -160,3 +168,24 @@ async def _stop_like_obs():
 
 def test_delete_after_the_peer_closed_is_answered_200():
     asyncio.run(_stop_like_obs())
+
+
+async def _connecting():
+    async with running_server(max_sessions=1) as (url, app):
+        async with aiohttp.ClientSession() as http:
+            pub, offer = await obs_like_offer()
+            async with http.post(f"{url}/whip/a", data=offer, headers={**SDP, **auth()}) as resp:
+                assert resp.status == 201  # its answer is never used: the peer never connects
+            other, offer = await obs_like_offer()
+            async with http.post(f"{url}/whip/b", data=offer, headers={**SDP, **auth()}) as resp:
+                text = await resp.text()
+        for pc in (pub, other):
+            await pc.close()
+    return resp.status, text
+
+
+def test_a_refusal_says_when_the_streams_in_use_are_peers_still_connecting():
+    """Found by a probe: 30 offers abandoned before ICE were refused as 'busy: 4 streams already
+    running' while no stream ran; the slots come back at the connect timeout."""
+    status, text = asyncio.run(_connecting())
+    assert status == 503 and "1 by peers still connecting" in text and "freed 30 s after its offer" in text, text
