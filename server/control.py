@@ -72,8 +72,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     async def push_stats() -> None:
         while not ws.closed:
             session = sessions.get(key)
-            if session is None:
-                await ws.send_json({"type": "closed"})
+            if session is None:  # says why (no video for 10 s, the server shutting down, ...)
+                ended = sessions.ended.get(key)
+                await ws.send_json({"type": "closed", **({"reason": ended[2]} if ended else {})})
                 await ws.close()
                 return
             await ws.send_json({"type": "stats", **session.stats()})

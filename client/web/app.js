@@ -246,7 +246,8 @@ function openControl() {
       say(`applied: ${prompt} · steps ${p.steps} · noise ${p.noise} · seed ${p.seed} · motion-aware ${p.motion ? "on" : "off"}`);
       showMeans(p.prompt, msg.means);
     } else if (msg.type === "closed") {
-      end("The server ended this stream (it may have been stopped or restarted)");
+      end(msg.reason ? `The server ended this stream: ${msg.reason}`
+                     : "The server ended this stream (it may have been stopped or restarted)");
     }
   };
   socket.onclose = () => { if (ws === socket) end("The control connection to the server closed"); };

@@ -312,7 +312,9 @@ def test_the_page_follows_stop_restart_and_a_stream_the_server_ends():
     assert sessions == 0 and state["start"] and not state["stop"] and not state["camera"], out["after_early_stop"]
     assert out["restart_playing"] and out["restart_sessions"], out
     assert 'seed "1.5" is not a whole number' in out["bad_seed"], out["bad_seed"]
-    assert out["after_server_end"] and "The server ended this stream" in out["after_server_end"]["message"], out
+    # and why, in the server's words
+    assert out["after_server_end"] and "The server ended this stream: test: the server ends it" in \
+        out["after_server_end"]["message"], out
 
 
 async def _page_without_its_token() -> str:
