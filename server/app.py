@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -453,5 +455,35 @@ def serve(cfg, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettin
         expect = await engine.expect()
         print("\n".join(startup_lines(cfg, settings, host, port, expect)), flush=True)
 
+    app.on_startup.insert(0, _stop_on_signals)  # before the engine warms up
     app.on_startup.append(report)
-    web.run_app(app, host=host, port=port, print=None, keepalive_timeout=settings.header_timeout_s)
+    web.run_app(app, host=host, port=port, print=None, keepalive_timeout=settings.header_timeout_s,
+                handle_signals=False)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the loop is gone; threads still wind down
+        signal.signal(sig, _out_at_once)
+    print("streamdiff: stopped", file=sys.stderr, flush=True)
+
+
+def _out_at_once(*_) -> None:
+    os.write(2, b"streamdiff: interrupted\n")  # not print: it may hold stderr's lock (a signal mid-print)
+    os._exit(130)
+
+
+async def _stop_on_signals(_app: web.Application) -> None:
+    """SIGINT (Ctrl-C) or SIGTERM: a graceful stop (every session told, the engine stopped); a
+    second one while that runs: out at once, exit 130. aiohttp's own handlers stayed installed
+    during its cleanup, so a second Ctrl-C raised wherever the process was (exit 1 or -2, once a
+    C++ abort from a codec thread) and printed nothing."""
+    loop = asyncio.get_running_loop()
+    received = []
+
+    def on_signal(name: str) -> None:
+        received.append(name)
+        if len(received) == 1:
+            print(f"streamdiff: {name}: stopping (every session is told; press Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+            raise web.GracefulExit()
+        _out_at_once()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig.name)

@@ -349,7 +349,8 @@ class SessionManager:
         while len(self.ended) > self.ENDED_KEPT:
             self.ended.popitem(last=False)
         frames = f", {session.fanout.frames_out} frames out" if session.fanout is not None else ""
-        events.info("session %s (%s) ended after %.0f s%s: %s", session_id, session.kind,
+        key = f", key {session.stream_key}" if session.kind in ("whip", "whep") else ""
+        events.info("session %s (%s%s) ended after %.0f s%s: %s", session_id, session.kind, key,
                     time.monotonic() - session.created_s, frames, reason)
         # 1. Stop reading input and any helper tasks.
         if session.reader is not None:

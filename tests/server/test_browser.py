@@ -233,6 +233,50 @@ async def _viewer_flow() -> dict:
     return out
 
 
+async def _viewer_of_a_silent_stream() -> dict:
+    """A viewer answered by a publisher that sends nothing (a crashed OBS whose key a new
+    publisher is about to take over): its session never plays and its peer stays connected."""
+    from playwright.async_api import async_playwright
+
+    from test_publisher_lifecycle import Paused, _publisher
+
+    out: dict = {}
+    async with running_server(token=None, input_timeout_s=120.0) as (url, app), aiohttp.ClientSession() as http, \
+            async_playwright() as pw:
+        sessions = sessions_of(app)
+        silent = Paused()
+        silent.paused.set()
+        pub, offer = await _publisher(silent)
+        async with http.post(f"{url}/whip/cam", data=offer, headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 201, await r.text()
+            await answer(pub, await r.text())
+        browser = await _browser(pw)
+        try:
+            page = await browser.new_page()
+            await page.goto(url + "/viewer.html?key=cam")
+
+            def viewers() -> int:
+                return sum(s.kind == "whep" for s in sessions.sessions.values()) + \
+                    sum(kind == "whep" for kind, _, _ in sessions.ended.values())
+
+            out["first"] = await _until(lambda: _async(lambda: viewers() >= 1), 30)
+            out["asked_again"] = await _until(lambda: _async(lambda: viewers() >= 2), 30)
+            out["status"] = await page.inner_text("#status")
+        finally:
+            await browser.close()
+            await pub.close()
+    return out
+
+
+def test_a_viewer_whose_session_never_plays_asks_again():
+    """Found by a probe of OBS reconnects: a viewer that re-subscribed to a crashed publisher just
+    before a new one took its key waited ~17 s for Chrome's ICE timeout: the stall check skipped
+    sessions that had not played yet. Now an answered session gets 8 s for its first frame."""
+    out = asyncio.run(_viewer_of_a_silent_stream())
+    assert out["first"] and out["asked_again"], out
+    assert "waiting for stream cam" in out["status"], out
+
+
 async def _async_page_text(page, selector: str, text: str):
     return (await page.is_visible(selector)) and text in await page.inner_text(selector)
 

@@ -87,8 +87,8 @@ def test_simulcast_whep_and_the_console_lines():
     lines = out.getvalue().splitlines()
     assert any(re.search(r"session \w+ \(whip, key cam\) started, admitted .* expect about [\d.]+ fps", l) for l in lines), lines
     assert any("refused whip session (stream key other)" in l and "--max-sessions" in l for l in lines), lines
-    assert any(re.search(r"session \w+ \(whip\) ended after \d+ s.*: WHIP DELETE", l) for l in lines), lines
-    assert any(re.search(r"session \w+ \(whep\) ended", l) for l in lines), lines
+    assert any(re.search(r"session \w+ \(whip, key \w+\) ended after \d+ s.*: WHIP DELETE", l) for l in lines), lines
+    assert any(re.search(r"session \w+ \(whep, key \w+\) ended", l) for l in lines), lines
 
 
 def test_obs_docs_match_what_obs_does():

@@ -18,3 +18,44 @@ def test_startup_lines_show_the_measured_step_the_expectation_and_a_working_view
     assert "http://127.0.0.1:8011/?token=s3cret" in text
     plain = "\n".join(startup_lines(cfg, ServerSettings(target_fps=5.0), "127.0.0.1", 8000, (100.0, 30.0, 300.0)))
     assert "token" not in plain and "service level 5 fps" in plain
+
+
+SIGNALS_PROBE = """
+import asyncio, os, signal, sys
+from aiohttp import web
+from streamdiff.server.app import _stop_on_signals
+
+async def serving():
+    await _stop_on_signals(None)
+    os.kill(os.getpid(), signal.SIGINT)
+    await asyncio.sleep(5)
+    print("not stopped", flush=True)
+
+async def cleanup():  # as aiohttp's run_app runs its cleanup after the first signal
+    if sys.argv[1] == "twice":
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal while the stop is under way
+    await asyncio.sleep(1)
+    print("finished", flush=True)
+
+loop = asyncio.new_event_loop()
+try:
+    loop.run_until_complete(serving())
+except web.GracefulExit:
+    print("graceful", flush=True)
+loop.run_until_complete(cleanup())
+"""
+
+
+def test_a_second_signal_during_the_graceful_stop_ends_the_server_at_once():
+    """Found by pressing Ctrl-C twice: aiohttp's handlers stayed installed through its cleanup, so
+    the second one raised wherever the server was (exit 1 or -2 and nothing said; once a C++ abort
+    from a codec thread). Now the first starts a graceful stop and says so, a second exits 130."""
+    import subprocess
+    import sys
+
+    once = subprocess.run([sys.executable, "-c", SIGNALS_PROBE, "once"], capture_output=True, text=True, timeout=60)
+    assert once.returncode == 0 and once.stdout.split() == ["graceful", "finished"], (once.stdout, once.stderr)
+    assert "SIGINT: stopping" in once.stderr and "Ctrl-C again" in once.stderr, once.stderr
+    twice = subprocess.run([sys.executable, "-c", SIGNALS_PROBE, "twice"], capture_output=True, text=True, timeout=60)
+    assert twice.returncode == 130 and twice.stdout.split() == ["graceful"], (twice.returncode, twice.stdout)
+    assert twice.stderr.strip().endswith("streamdiff: interrupted"), twice.stderr
