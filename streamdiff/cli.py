@@ -265,7 +265,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if extra := given(BENCH_E2E_ONLY):
         hint = " (model mode takes --resolution)" if extra[0] == "size" else ""
         raise CliError(f"--{extra[0]} applies to end-to-end mode only (with --url){hint}")
-    check_device(load_config(args.config or DEFAULT_PRESET, list(args.set or ())))  # before torch's warm-up
+    # the checkpoints (unless --random-weights), then the device, before any warm-up
+    from streamdiff.bench.model import ModelBenchSettings, bench_config
+
+    check_device(bench_config(ModelBenchSettings(config=args.config or DEFAULT_PRESET, overrides=tuple(args.set or ()),
+                                                 random_weights=args.random_weights, dtype=args.dtype)))
     if args.simulate:
         if args.compile or args.cuda_graphs:
             raise CliError("--simulate measures eager steps; --compile / --cuda-graphs apply to model mode")
