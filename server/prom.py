@@ -62,21 +62,26 @@ class EngineCollector:
         # 3. Per stream (their labels are session ids: authorised scrapes only).
         if not self.per_stream:
             return
+        # `key`: the WHIP stream key ("" for a browser session), so an OBS user finds their
+        # stream without /sessions; the session id changes with every reconnect, the key does not.
         streams = snap.get("streams", {})
-        gauges = {key: GaugeMetricFamily(f"{PREFIX}_stream_{key}", f"per-stream {key}", labels=["stream"])
+        labels = ["stream", "key"]
+        gauges = {key: GaugeMetricFamily(f"{PREFIX}_stream_{key}", f"per-stream {key}", labels=labels)
                   for key in ("fps", "jitter_ms", "time_to_first_frame_ms", "frames_in", "frames_out",
                               "dropped_frames", "deadline_misses")}
         latency = HistogramMetricFamily(f"{PREFIX}_stream_latency_ms", "input arrival to output (ms)",
-                                        labels=["stream"])
+                                        labels=labels)
         for sid, s in streams.items():
+            session = self.sessions.sessions.get(sid)
+            values = [sid, session.stream_key if session is not None and session.kind == "whip" else ""]
             for key, family in gauges.items():
                 value = _num(s.get(key))
                 if value is not None:
-                    family.add_metric([sid], value)
+                    family.add_metric(values, value)
             hist = s.get("latency_hist")
             if hist:
                 buckets = [(str(le), float(n)) for le, n in hist["buckets"]] + [("+Inf", float(hist["count"]))]
-                latency.add_metric([sid], buckets, float(hist["sum"]))
+                latency.add_metric(values, buckets, float(hist["sum"]))
         yield from gauges.values()
         yield latency
 

@@ -137,7 +137,8 @@ async def _hostile(caplog):
             async with http.get(f"{url}/metrics") as r:
                 assert r.status == 200 and session_id not in await r.text()
             async with http.get(f"{url}/metrics", headers=auth()) as r:
-                assert session_id in await r.text()
+                text = await r.text()  # labelled with the session and its WHIP key
+                assert f'streamdiff_stream_frames_in{{key="k",stream="{session_id}"}}' in text, text
             async with http.delete(f"{url}{location}", headers=auth()) as r:
                 assert r.status == 200
         await pub.close()
