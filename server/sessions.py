@@ -59,7 +59,7 @@ def to_control_words(params: StreamParams) -> dict:
     """A stream's parameters in the words a control message uses (the inverse of
     `to_engine_params` for the fields the page shows)."""
     return {"prompt": params.prompt, "steps": params.steps, "noise": params.noise_strength,
-            "seed": params.seed, "motion": params.motion_aware}
+            "seed": params.seed, "motion": params.motion_aware, "blend": params.prompt_blend_chunks}
 
 
 MAX_PROMPT_CHARS = 1000

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from streamdiff.config import MAX_SEED, ConfigError, load_config, parse_size
+from streamdiff.config import MAX_BLEND_CHUNKS, MAX_SEED, ConfigError, load_config, parse_size
 from streamdiff.preflight import (
     check_device,
     check_folder,
@@ -199,9 +199,9 @@ def cmd_control(args: argparse.Namespace) -> int:
     from streamdiff.client.control import ControlError, run
 
     params = {k: v for k, v in (("prompt", args.prompt), ("steps", args.steps), ("noise", args.noise),
-                                ("seed", args.seed), ("motion", args.motion)) if v is not None}
+                                ("seed", args.seed), ("motion", args.motion), ("blend", args.blend)) if v is not None}
     if not params:
-        raise CliError("nothing to change: give --prompt, --steps, --noise, --seed or --motion")
+        raise CliError("nothing to change: give --prompt, --steps, --noise, --seed, --motion or --blend")
     try:
         return run(args.url, args.session, params, args.token)
     except ControlError as exc:
@@ -540,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     control.add_argument("--noise", type=number_in(float, 0.1, 1.0, "0.3"), help="noise strength 0.1-1.0")
     control.add_argument("--seed", type=number_in(int, 0, MAX_SEED, "7"))
     control.add_argument("--motion", type=on_off, help="motion-aware noise: on or off (also true/false, 1/0, yes/no)")
+    control.add_argument("--blend", type=number_in(int, 0, MAX_BLEND_CHUNKS, "8"),
+                         help="a prompt change fades in over this many chunks (0: at once)")
     control.set_defaults(func=cmd_control)
     bench = sub.add_parser(
         "bench", help="measure fps, latency, jitter, memory and MFU: the model (default) or a server (--url)",

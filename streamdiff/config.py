@@ -40,6 +40,7 @@ def resolve_path(path: str | Path) -> Path:
 
 
 MAX_SEED = 2**63 - 1  # seeds: sampling.seed, weights.seed and a stream's live seed
+MAX_BLEND_CHUNKS = 64  # a stream's live prompt blend: chunks a prompt change fades in over
 
 
 class ConfigError(ValueError):

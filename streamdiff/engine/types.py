@@ -16,10 +16,9 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
-from streamdiff.config import MAX_SEED, Config
+from streamdiff.config import MAX_BLEND_CHUNKS, MAX_SEED, Config
 from streamdiff.scheduler.types import COMMANDS_ONLY_STEP, StepPlan, StepResult, StreamStart, StreamUpdate
 
-MAX_BLEND_CHUNKS = 64
 
 # field -> (kind, low, high); the text of every ValueError comes from here.
 PARAM_RANGES: dict[str, tuple[type, float, float]] = {
@@ -96,8 +95,9 @@ def validate_changes(changes: Mapping[str, object]) -> dict[str, object]:
         else:
             kind, lo, hi = PARAM_RANGES[name]
             ok_type = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
-            # the seed's top (2**63 - 1) reads as noise in a message: "0 or more" says it
-            allowed = f"{lo:g} or more" if hi == MAX_SEED else f"{lo:g} to {hi:g}"
+            # whole numbers in full (the seed's top, 2**63 - 1, as the CLI says it; "0 or more"
+            # read wrong for 2**63, which is refused)
+            allowed = f"{lo} to {hi}" if kind is int else f"{lo:g} to {hi:g}"
             if isinstance(value, bool) or not ok_type:
                 what = "a number" if kind is float else "a whole number"
                 raise ValueError(f"{name} must be {what} from {allowed}, got {value!r}")

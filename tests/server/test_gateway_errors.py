@@ -85,9 +85,11 @@ async def _errors():
                 await ws.send_json({"type": "params", "noise": 7})
                 error = (await reply())["error"]
                 assert error.startswith("noise") and "noise_strength" not in error, error
-                await ws.send_json({"type": "params", "prompt": "a fox", "noise": 0.5, "seed": 7, "motion": False})
+                await ws.send_json({"type": "params", "prompt": "a fox", "noise": 0.5, "seed": 7, "motion": False,
+                                    "blend": 5})
                 msg = await reply()
                 assert msg["type"] == "params" and msg["params"]["prompt"] == "a fox" and msg["params"]["seed"] == 7
+                assert msg["params"]["blend"] == 5  # the reply names every field applied (blend was left out)
                 assert not ws.closed
             async with http.get(f"{url}/ws?session={session_id}&token=wrong") as resp:
                 assert resp.status == 401
@@ -113,7 +115,7 @@ def test_ws_unknown_session_and_auth():
                 # the preset's stream parameters, in the control words the page sends back
                 sampling = sessions_of(app).engine.cfg.sampling
                 assert health["defaults"] == {"steps": sampling.steps, "noise": sampling.noise_strength,
-                                              "seed": sampling.seed, "motion": sampling.motion_aware}
+                                              "seed": sampling.seed, "motion": sampling.motion_aware, "blend": 0}
                 for page, marker in (("/", "app.js"), ("/viewer.html", "/whep/"), ("/app.js", "/offer")):
                     async with http.get(f"{url}{page}") as resp:
                         assert resp.status == 200 and marker in await resp.text()
