@@ -35,7 +35,7 @@ def check_offer_sdp(sdp: str, *, need_video: bool = True) -> list[str]:
     lines = [line.strip() for line in sdp.strip().splitlines()]
     if not lines or lines[0] != "v=0":
         raise SdpError("malformed SDP: it must start with 'v=0'")
-    kinds = [line[2:].split(" ", 1)[0] for line in lines if line.startswith("m=")]
+    kinds = [kind for kind, _ in _media_sections(sdp)[1]]
     if not kinds:
         raise SdpError("malformed SDP: no media section ('m=' line)")
     if need_video and "video" not in kinds:
@@ -46,19 +46,35 @@ def check_offer_sdp(sdp: str, *, need_video: bool = True) -> list[str]:
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 
 
+def _media_sections(sdp: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The session-level lines and, per m-section, its kind and its lines (stripped; the m-line
+    first). The readers below take what they need from it."""
+    session: list[str] = []
+    sections: list[tuple[str, list[str]]] = []
+    for line in (line.strip() for line in sdp.splitlines()):
+        if line.startswith("m="):
+            sections.append((line[2:].split(" ", 1)[0], [line]))
+        elif sections:
+            sections[-1][1].append(line)
+        else:
+            session.append(line)
+    return session, sections
+
+
+def _video_lines(sdp: str) -> list[list[str]]:
+    return [lines for kind, lines in _media_sections(sdp)[1] if kind == "video"]
+
+
 def video_directions(sdp: str) -> list[str]:
     """The direction of each video m-section, as the offerer sees it: its own `a=` direction
     attribute, else the session-level one, else sendrecv (RFC 8866)."""
-    default, sections = "sendrecv", []  # sections: [kind, direction or None]
-    for line in (line.strip() for line in sdp.splitlines()):
-        if line.startswith("m="):
-            sections.append([line[2:].split(" ", 1)[0], None])
-        elif line.startswith("a=") and line[2:] in DIRECTIONS:
-            if sections:
-                sections[-1][1] = line[2:]
-            else:
-                default = line[2:]
-    return [direction or default for kind, direction in sections if kind == "video"]
+    session, sections = _media_sections(sdp)
+
+    def direction(lines: list[str], default: str) -> str:
+        return next((line[2:] for line in lines if line.startswith("a=") and line[2:] in DIRECTIONS), default)
+
+    default = direction(session, "sendrecv")
+    return [direction(lines, default) for kind, lines in sections if kind == "video"]
 
 
 def require_directions(sdp: str, *, sends: bool, receives: bool, what: str) -> None:
@@ -74,17 +90,8 @@ def require_directions(sdp: str, *, sends: bool, receives: bool, what: str) -> N
 
 def video_codecs(sdp: str) -> set[str]:
     """Codec names (upper case) offered in the video m-sections."""
-    names: set[str] = set()
-    in_video = False
-    for line in sdp.splitlines():
-        line = line.strip()
-        if line.startswith("m="):
-            in_video = line.startswith("m=video")
-        elif in_video and line.startswith("a=rtpmap:"):
-            parts = line.split(" ", 1)
-            if len(parts) == 2:
-                names.add(parts[1].split("/", 1)[0].upper())
-    return names
+    return {line.split(" ", 1)[1].split("/", 1)[0].upper() for lines in _video_lines(sdp) for line in lines
+            if line.startswith("a=rtpmap:") and " " in line}
 
 
 def require_h264(sdp: str) -> None:
@@ -100,16 +107,8 @@ SIMULCAST_HINT = (
 
 def simulcast_rids(sdp: str) -> list[str]:
     """The send rids (simulcast layers) of the video section; [] for a plain offer."""
-    rids, in_video = [], False
-    for line in sdp.splitlines():
-        line = line.strip()
-        if line.startswith("m="):
-            in_video = line.startswith("m=video")
-        elif in_video and line.startswith("a=rid:"):
-            parts = line[6:].split()
-            if len(parts) >= 2 and parts[1] == "send":
-                rids.append(parts[0])
-    return rids
+    rids = [line[6:].split() for lines in _video_lines(sdp) for line in lines if line.startswith("a=rid:")]
+    return [parts[0] for parts in rids if len(parts) >= 2 and parts[1] == "send"]
 
 
 def accept_simulcast(offer_sdp: str) -> tuple[str, list[str]]:
