@@ -284,11 +284,15 @@ def _sdp_created(location: str, sdp: str, session_id: str, extra: dict | None = 
                         headers={**CORS, "Location": location, "X-Session-Id": session_id, **(extra or {})})
 
 
+def _resource_kind(request: web.Request) -> str:
+    """"whip" or "whep": the first part of a /whip|whep/{key}/{id} URL."""
+    return request.path.split("/", 2)[1]
+
+
 def _resource(request: web.Request):
     """The session a /whip|whep/{key}/{id} URL names, of that kind and key; None otherwise."""
-    kind = request.path.split("/", 2)[1]
     session = request.app[SESSIONS_KEY].sessions.get(request.match_info["id"])
-    if session is None or session.kind != kind or session.stream_key != request.match_info["key"]:
+    if session is None or session.kind != _resource_kind(request) or session.stream_key != request.match_info["key"]:
         return None
     return session
 
@@ -300,10 +304,8 @@ async def resource_delete(request: web.Request) -> web.Response:
     session = _resource(request)
     if session is None:
         # OBS closes its peer before it sends DELETE: the close may have ended the session first
-        kind, key, reason = sessions.ended.get(request.match_info["id"], (None, None, None))
-        if (kind, key) == (request.path.split("/", 2)[1], request.match_info["key"]):
-            return _error(200, f"session ended already: {reason}")
-        return _error(404, "no such session")
+        reason = sessions.why_ended(request.match_info["id"], _resource_kind(request), request.match_info["key"])
+        return _error(200, f"session ended already: {reason}") if reason else _error(404, "no such session")
     await sessions.close(session.id, f"{session.kind.upper()} DELETE")
     return _error(200, "session ended")
 

@@ -73,8 +73,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         while not ws.closed:
             session = sessions.get(key)
             if session is None:  # says why (no video for 10 s, the server shutting down, ...)
-                ended = sessions.ended.get(key)
-                await ws.send_json({"type": "closed", **({"reason": ended[2]} if ended else {})})
+                reason = sessions.why_ended(key)
+                await ws.send_json({"type": "closed", **({"reason": reason} if reason else {})})
                 await ws.close()
                 return
             await ws.send_json({"type": "stats", **session.stats()})

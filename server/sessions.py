@@ -221,6 +221,15 @@ class SessionManager:
                 return session
         return None
 
+    def why_ended(self, session_id: str, kind: str | None = None, stream_key: str | None = None) -> str | None:
+        """Why a recently ended session ended (the console line's reason); None if it is not
+        among the last ENDED_KEPT, or not of that kind and key when they are given."""
+        ended = self.ended.get(session_id)
+        if ended is None or (kind is not None and ended[0] != kind) or \
+                (stream_key is not None and ended[1] != stream_key):
+            return None
+        return ended[2]
+
     def publisher(self, stream_key: str) -> Session | None:
         for session in self.sessions.values():
             if session.has_stream and session.stream_key == stream_key and not session.closed:

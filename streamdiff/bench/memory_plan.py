@@ -434,8 +434,6 @@ def write_plan_json(plan: MemoryPlan, device_bytes: int, path: str | Path) -> Pa
     return path
 
 
-
-
 def available_bytes(device: str) -> int | None:
     """Memory free for a run on `device`: the kernel's MemAvailable on CPU, the free device
     memory on CUDA; None where it cannot be read."""

@@ -125,6 +125,28 @@ async def obs_like_offer() -> tuple[RTCPeerConnection, str]:
     return pc, pc.localDescription.sdp
 
 
+class Paused(SyntheticVideo):
+    """Video that stops while `paused` is set: an encoder that sends nothing (a WHIP client
+    pointed at the wrong endpoint with a track, a crashed OBS whose peer has not timed out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.paused = asyncio.Event()
+
+    async def recv(self):
+        if self.paused.is_set():
+            await asyncio.Event().wait()  # never: the sender stops sending
+        return await super().recv()
+
+
+async def publisher_of(track: MediaStreamTrack) -> tuple[RTCPeerConnection, str]:
+    """A WHIP publisher of `track` alone: sendonly H.264 video, no audio, no trickle."""
+    pc = RTCPeerConnection()
+    h264_only(pc.addTransceiver(track, direction="sendonly"))
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
 async def viewer_offer() -> tuple[RTCPeerConnection, str, Collector]:
     pc = RTCPeerConnection()
     collector = Collector()

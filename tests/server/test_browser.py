@@ -238,7 +238,7 @@ async def _viewer_of_a_silent_stream() -> dict:
     publisher is about to take over): its session never plays and its peer stays connected."""
     from playwright.async_api import async_playwright
 
-    from test_publisher_lifecycle import Paused, _publisher
+    from gateway_helpers import Paused, publisher_of
 
     out: dict = {}
     async with running_server(token=None, input_timeout_s=120.0) as (url, app), aiohttp.ClientSession() as http, \
@@ -246,7 +246,7 @@ async def _viewer_of_a_silent_stream() -> dict:
         sessions = sessions_of(app)
         silent = Paused()
         silent.paused.set()
-        pub, offer = await _publisher(silent)
+        pub, offer = await publisher_of(silent)
         async with http.post(f"{url}/whip/cam", data=offer, headers={"Content-Type": "application/sdp"}) as r:
             assert r.status == 201, await r.text()
             await answer(pub, await r.text())

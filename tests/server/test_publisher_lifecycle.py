@@ -6,10 +6,9 @@ import asyncio
 
 import aiohttp
 import pytest
-from aiortc import MediaStreamTrack, RTCPeerConnection
 
-from gateway_helpers import (SyntheticVideo, answer, auth, h264_only, obs_like_offer, running_server, sessions_of,
-                             viewer_offer)
+from gateway_helpers import (Paused, answer, auth, obs_like_offer, publisher_of, running_server,
+                             sessions_of, viewer_offer)
 from streamdiff.server.app import ENGINE_KEY
 from streamdiff.server.sdp import SdpError, require_directions, video_directions
 from test_session_cycles import _until
@@ -24,27 +23,6 @@ def test_video_directions_follow_the_section_then_the_session_default():
     require_directions(sdp, sends=False, receives=True, what="-")
     with pytest.raises(SdpError, match="is inactive/recvonly: it sends no video to restyle; go elsewhere"):
         require_directions(sdp, sends=True, receives=False, what="go elsewhere")
-
-
-class Paused(SyntheticVideo):
-    """Video that stops while `paused` is set: an encoder that sends nothing (a WHIP client
-    pointed at the wrong endpoint with a track, a crashed OBS whose peer has not timed out)."""
-
-    def __init__(self):
-        super().__init__()
-        self.paused = asyncio.Event()
-
-    async def recv(self):
-        if self.paused.is_set():
-            await asyncio.Event().wait()  # never: the sender stops sending
-        return await super().recv()
-
-
-async def _publisher(track: MediaStreamTrack) -> tuple[RTCPeerConnection, str]:
-    pc = RTCPeerConnection()
-    h264_only(pc.addTransceiver(track, direction="sendonly"))
-    await pc.setLocalDescription(await pc.createOffer())
-    return pc, pc.localDescription.sdp
 
 
 async def _wrong_endpoints():
@@ -92,7 +70,7 @@ async def _silent_publishers():
             # 1. A publisher that connects and never sends video is freed with its engine stream.
             silent = Paused()
             silent.paused.set()
-            pc, offer = await _publisher(silent)
+            pc, offer = await publisher_of(silent)
             async with http.post(f"{url}/whip/quiet", data=offer, headers={**SDP, **auth()}) as resp:
                 assert resp.status == 201, await resp.text()
                 quiet_id = resp.headers["X-Session-Id"]
@@ -100,12 +78,12 @@ async def _silent_publishers():
             await _until(lambda: sessions.sessions.get(quiet_id) is None or
                          sessions.sessions[quiet_id].pc.connectionState == "connected", "connected")
             await _until(lambda: quiet_id not in sessions.sessions, "the silent publisher freed")
-            assert sessions.ended[quiet_id][2].startswith("no video arrived for ")
+            assert sessions.why_ended(quiet_id).startswith("no video arrived for ")
             assert (await app[ENGINE_KEY].stats())["streams"] == 0
             await pc.close()
             # 2. OBS publishes, then crashes (its video stops; its peer is not closed).
             video = Paused()
-            first, offer = await _publisher(video)
+            first, offer = await publisher_of(video)
             async with http.post(f"{url}/whip/studio", data=offer, headers={**SDP, **auth()}) as resp:
                 assert resp.status == 201, await resp.text()
                 first_id = resp.headers["X-Session-Id"]
@@ -113,7 +91,7 @@ async def _silent_publishers():
             await _until(lambda: sessions.sessions[first_id].reader is not None and
                          sessions.sessions[first_id].reader.frames_in > 0, "video arrives")
             # while its video arrives, the key is its own
-            second, offer = await _publisher(Paused())
+            second, offer = await publisher_of(Paused())
             async with http.post(f"{url}/whip/studio", data=offer, headers={**SDP, **auth()}) as resp:
                 text = await resp.text()
                 assert resp.status == 409 and "gives it up after 3 s" in text, text
@@ -125,7 +103,7 @@ async def _silent_publishers():
                 second_id = resp.headers["X-Session-Id"]
                 await answer(second, await resp.text())
             assert first_id not in sessions.sessions and "a new publisher took stream key studio" in \
-                sessions.ended[first_id][2]
+                sessions.why_ended(first_id)
             assert sessions.publisher("studio").id == second_id
             assert (await app[ENGINE_KEY].stats())["streams"] == 1
             # 3. A publisher that streamed and vanished (no close, no DELETE) is freed once its
@@ -134,7 +112,7 @@ async def _silent_publishers():
                          sessions.sessions[second_id].reader.frames_in > 0, "the second publisher's video")
             second.getTransceivers()[0].sender.track.paused.set()
             await _until(lambda: second_id not in sessions.sessions, "the vanished publisher freed", limit_s=20)
-            assert sessions.ended[second_id][2].startswith("no video arrived for ")
+            assert sessions.why_ended(second_id).startswith("no video arrived for ")
             assert (await app[ENGINE_KEY].stats())["streams"] == 0
         await first.close()
         await second.close()
