@@ -287,7 +287,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from streamdiff.bench import report as benchreport
     from streamdiff.bench.modes import modes_from_flags
     from streamdiff.bench.model import (
-        TABLE_COLUMNS, ModelBenchSettings, plot_series, report_rows, run_model_bench,
+        TABLE_COLUMNS, plot_series, report_rows, run_model_bench,
     )
 
     settings = ModelBenchSettings(
