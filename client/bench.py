@@ -32,6 +32,7 @@ import fractions
 import ipaddress
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -151,13 +152,25 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
-async def _probe(http: aiohttp.ClientSession, url: str) -> dict:
-    """GET /healthz: reachable and running; returns its body (it names the frame size)."""
-    try:
-        async with http.get(f"{url}/healthz") as resp:
-            body = await resp.json(content_type=None)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-        raise BenchError(f"cannot reach a StreamDiff server at {url}: {exc or type(exc).__name__}") from None
+async def _probe(http: aiohttp.ClientSession, url: str, warmup_wait_s: float = 600.0) -> dict:
+    """GET /healthz: reachable and running; returns its body (it names the frame size). A server
+    still warming up its model (it listens meanwhile) is waited for, up to `warmup_wait_s`."""
+    deadline = time.monotonic() + warmup_wait_s
+    said = False
+    while True:
+        try:
+            async with http.get(f"{url}/healthz") as resp:
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise BenchError(f"cannot reach a StreamDiff server at {url}: {exc or type(exc).__name__}") from None
+        if not (resp.status == 503 and isinstance(body, dict) and body.get("state") == "warming"):
+            break
+        if time.monotonic() > deadline:
+            raise BenchError(f"the server at {url} was still warming up its model after {warmup_wait_s:.0f} s")
+        if not said:
+            print(f"the server at {url} is warming up its model; waiting for it", file=sys.stderr, flush=True)
+            said = True
+        await asyncio.sleep(0.5)
     if resp.status != 200 or not isinstance(body, dict) or not body.get("ok"):
         raise BenchError(f"the server at {url} is not ready (/healthz answered {resp.status}: {body})")
     return body

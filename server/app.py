@@ -30,6 +30,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Awaitable, Callable
 
 from aiohttp import web
 from aiortc import RTCSessionDescription
@@ -50,6 +51,7 @@ from streamdiff.server.http import (
     unauthorized,
 )
 from streamdiff.server.prom import exposition
+from streamdiff.server.startup import START_KEY, EngineStart
 from streamdiff.server.sessions import (
     ServerFull,
     SessionManager,
@@ -101,6 +103,8 @@ class ServerSettings:
     bitrate_bps: int = 4_000_000
     ice_loopback: bool = False
     retry_after_s: int = 10
+    warmup_wait_s: float = 20.0  # an offer that comes during warm-up waits this long for the engine, then 503
+    warmup_retry_after_s: int = 5
     connect_timeout_s: float = 30.0  # a peer that has not connected by then is freed
     input_timeout_s: float = 10.0  # a connected stream session that sent no video for this long is freed
     takeover_after_s: float = 5.0  # a publisher silent this long gives its key to a new one
@@ -119,6 +123,17 @@ def _authorized(request: web.Request) -> bool:
 
 def _full(exc: ServerFull, settings: ServerSettings) -> web.Response:
     return _error(503, str(exc), **{"Retry-After": str(settings.retry_after_s)})
+
+
+async def _not_ready(request: web.Request) -> web.Response | None:
+    """None once the engine runs (waiting for a warm-up in progress, bounded); else a 503 that
+    says why, with a Retry-After while it still warms up."""
+    settings = request.app[SETTINGS_KEY]
+    why = await request.app[START_KEY].ready(settings.warmup_wait_s)
+    if why is None:
+        return None
+    log.info("refused %s %s: %s", request.method, request.path, why)
+    return _error(503, why, **{"Retry-After": str(settings.warmup_retry_after_s)})
 
 
 def _expect_header(session) -> dict:
@@ -172,6 +187,8 @@ async def offer(request: web.Request) -> web.Response:
         sdp, _ = accept_simulcast(sdp)
     except (ValueError, TypeError) as exc:  # our own checks: plain messages
         return web.json_response({"error": f"bad offer: {exc}"}, status=400)
+    if (refused := await _not_ready(request)) is not None:
+        return web.json_response({"error": refused.text.strip()}, status=503, headers=dict(refused.headers))
     try:
         session = await sessions.open("browser", None, prompt, stamp=stamp, **params)
     except ServerFull as exc:
@@ -220,6 +237,8 @@ async def whip_post(request: web.Request) -> web.Response:
         return _error(406, str(exc))
     except ValueError as exc:  # SdpError or a bad ?stamp=
         return _error(400, str(exc))
+    if (refused := await _not_ready(request)) is not None:
+        return refused
     try:
         session = await sessions.open("whip", key, stamp=stamp)
     except StreamKeyTaken as exc:
@@ -333,9 +352,12 @@ async def options(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE_KEY]
-    ok = engine.running
-    return web.json_response({"ok": ok, **request.app[SESSIONS_KEY].snapshot()}, status=200 if ok else 503)
+    """200 once the engine runs; 503 while it warms up ("state": "warming"), after a failed start
+    or while stopping. The body is the same either way (the page reads its defaults from it)."""
+    state = request.app[START_KEY].state
+    ok = state == "ready"
+    return web.json_response({"ok": ok, "state": state, **request.app[SESSIONS_KEY].snapshot()},
+                             status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -359,9 +381,12 @@ def _static(name: str):
 # ---------------------------------------------------------------------- app
 
 
-def build_app(engine, settings: ServerSettings | None = None, *, own_engine: bool = True) -> web.Application:
+def build_app(engine, settings: ServerSettings | None = None, *, own_engine: bool = True,
+              then: Callable[[], Awaitable[None]] | None = None) -> web.Application:
     """The gateway around `engine` (an AsyncEngine). With `own_engine`, the app starts the
-    engine on startup and stops it on cleanup; every peer is closed on shutdown either way."""
+    engine in the background from its startup (the port listens during warm-up; routes that need
+    the engine wait for it: server.startup), runs `then` once it is warm, and stops it on
+    cleanup; every peer is closed on shutdown either way."""
     settings = settings or ServerSettings()
     cfg = engine.cfg
     configure_bitrates(settings.bitrate_bps)
@@ -372,6 +397,7 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
     app.on_response_prepare.append(add_cors)
     app[ENGINE_KEY] = engine
     app[SETTINGS_KEY] = settings
+    app[START_KEY] = start = EngineStart(engine, own=own_engine)
     app[SESSIONS_KEY] = SessionManager(
         engine,
         max_sessions=settings.max_sessions or cfg.cache.max_streams,
@@ -383,13 +409,15 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
     )
 
     async def on_startup(app: web.Application) -> None:
-        if own_engine and not engine.running:
-            await engine.start()
+        start.begin(then)
 
     async def on_shutdown(app: web.Application) -> None:
         await app[SESSIONS_KEY].close_all()
 
     async def on_cleanup(app: web.Application) -> None:
+        if start.state == "warming":  # stopped during warm-up: the start ends at its next step
+            start.task.cancel()
+            await asyncio.wait([start.task])
         if own_engine:
             await engine.stop()
 
@@ -451,19 +479,35 @@ def serve(cfg, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettin
     settings = settings or ServerSettings()
     enable_event_log(sys.stderr)
     engine = AsyncEngine(cfg, executor_factory=build_executor)
-    app = build_app(engine, settings)
 
-    async def report(_app: web.Application) -> None:  # after build_app's start-up: the engine is warm
+    async def report() -> None:  # once the engine is warm
         expect = await engine.expect()
         print("\n".join(startup_lines(cfg, settings, host, port, expect)), flush=True)
 
+    app = build_app(engine, settings, then=report)
+    start = app[START_KEY]
+
+    async def announce(_app: web.Application) -> None:  # the port listens right after the start-up hooks
+        print(f"StreamDiff: warming up {cfg.name} on http://{host}:{port}/ (the page opens now; a stream "
+              f"starts once the model is warm)", flush=True)
+        start.task.add_done_callback(_stop_if_failed)
+
     app.on_startup.insert(0, _stop_on_signals)  # before the engine warms up
-    app.on_startup.append(report)
+    app.on_startup.append(announce)
     web.run_app(app, host=host, port=port, print=None, keepalive_timeout=settings.header_timeout_s,
                 handle_signals=False)
     for sig in (signal.SIGINT, signal.SIGTERM):  # the loop is gone; threads still wind down
         signal.signal(sig, _out_at_once)
+    if start.error is not None:  # the warm-up failed: the command fails with its error, as before
+        raise start.error
     print("streamdiff: stopped", file=sys.stderr, flush=True)
+
+
+def _stop_if_failed(task: asyncio.Task) -> None:
+    """The engine's start failed (weights, device memory, a Ray cluster...): stop serving; `serve`
+    raises the error once aiohttp has cleaned up."""
+    if not task.cancelled() and task.exception() is not None:
+        raise web.GracefulExit()  # a SystemExit: it leaves the event loop like a signal's
 
 
 def _out_at_once(*_) -> None:

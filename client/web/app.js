@@ -72,6 +72,12 @@ function showMeans(prompt, means) {
   }
 }
 
+// The server listens while its model warms up (a few seconds on a CPU, longer on a GPU that
+// compiles): the page says so until it is ready; a Start meanwhile waits for it.
+const FIRST_VISIT = "Press Start webcam and allow the camera: your picture streams to the server and comes back restyled.";
+const WARMING = "The server is still warming up its model: Start webcam works now, the stream begins once it is ready.";
+let warming = false;
+
 async function loadDefaults() {
   try {
     const health = await (await fetch("/healthz")).json();
@@ -80,6 +86,13 @@ async function loadDefaults() {
       if (!(name in FIELDS) || touched.has(name)) continue;
       if (name === "motion") $(name).checked = Boolean(value);
       else $(name).value = value;
+    }
+    warming = health.state === "warming";
+    if (warming) {
+      if (!pc && [FIRST_VISIT, ""].includes($("message").textContent)) say(WARMING);
+      setTimeout(loadDefaults, 1000);
+    } else if ($("message").textContent === WARMING) {
+      say(FIRST_VISIT);
     }
   } catch (err) {
     // the fields keep the page's placeholders; untouched, they are not sent
@@ -146,7 +159,7 @@ async function start() {
   await peer.setLocalDescription(await peer.createOffer());
   await waitGathering(peer);
   if (over()) return peer.close();
-  say("connecting…");
+  say(warming ? "connecting… (the server is still warming up its model)" : "connecting…");
   const headers = { "Content-Type": "application/json" };
   if (token) headers.Authorization = `Bearer ${token}`;
   let resp;
@@ -207,7 +220,8 @@ function retryLater(seconds, reason) {
   let left = Math.max(1, seconds);
   const tick = () => {
     const what = reason.replace(/^busy: /, "").replace(/ \(--max-sessions\)$/, "");
-    say(`The server is busy: ${what}. Retrying in ${left} s…`, true);
+    say(/warming up/.test(what) ? `The server is still warming up its model. Retrying in ${left} s…`
+      : `The server is busy: ${what}. Retrying in ${left} s…`, true);
     if (left-- <= 0) {
       retryTimer = null;
       start();
@@ -306,6 +320,6 @@ $("prompt").addEventListener("keydown", (ev) => {
   if ($("apply").disabled) say("press Start webcam to stream with this prompt");
   else $("apply").click();
 });
-say("Press Start webcam and allow the camera: your picture streams to the server and comes back restyled.");
+say(FIRST_VISIT);
 $("fullscreen").onclick = () => $("outpane").requestFullscreen();
 window.addEventListener("beforeunload", stop);

@@ -168,11 +168,24 @@ class AsyncEngine:
         if self._thread is not None:
             raise RuntimeError("AsyncEngine already started")
         self._loop = asyncio.get_running_loop()
-        if self.executor is None:
+        built = self.executor is None
+        if built:
             self.executor = await asyncio.to_thread(self.executor_factory, self.cfg)
-        core = EngineCore(self.cfg, self.executor, **self._core_kwargs)
-        if self.warmup:
-            self.warmup_ms = await asyncio.to_thread(core.warmup)
+        try:
+            core = EngineCore(self.cfg, self.executor, **self._core_kwargs)
+            if self.warmup:
+                work = asyncio.ensure_future(asyncio.to_thread(core.warmup))
+                try:
+                    self.warmup_ms = await asyncio.shield(work)
+                except asyncio.CancelledError:  # stopped during warm-up: a step cannot be cut short
+                    await asyncio.wait([work])
+                    raise
+        except BaseException:  # failed or cancelled: the executor (stage threads, actors) goes with it
+            executor = self.executor
+            if built:
+                self.executor = None
+            await asyncio.to_thread(executor.shutdown)
+            raise
         self._core = core
         self._thread = threading.Thread(target=self._run, name="streamdiff-engine", daemon=True)
         self._thread.start()

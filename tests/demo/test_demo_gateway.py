@@ -22,6 +22,7 @@ from streamdiff.demo.data import HELD_OUT_PHOTO, load_photo, make_clip
 from streamdiff.engine import AsyncEngine
 from streamdiff.parallel import build_executor
 from streamdiff.server.app import ServerSettings, build_app
+from streamdiff.server.startup import START_KEY
 from streamdiff.stamp import decode_id, encode_id, stamp_height
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
@@ -60,6 +61,7 @@ async def _roundtrip(clip: np.ndarray) -> list[np.ndarray]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    assert await app[START_KEY].ready(600) is None  # warm before the clip's clock starts
     pc = RTCPeerConnection()
     collector = Collector()
     try:

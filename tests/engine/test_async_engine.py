@@ -171,3 +171,55 @@ def test_stop_releases_a_waiting_reader(cfg):
 
     asyncio.run(main())
     assert not engine_threads()
+
+
+class _CountedExecutor(FakeExecutor):
+    def __init__(self):
+        super().__init__(FakeClock(), step_ms=1.0)
+        self.shutdowns = 0
+
+    def shutdown(self):
+        self.shutdowns += 1
+        super().shutdown()
+
+
+def test_a_failed_or_cancelled_warm_up_shuts_the_executor_down(cfg, monkeypatch):
+    """The gateway starts the engine in the background and cancels that start when the server
+    stops during warm-up (server.startup); a warm-up that fails (device memory) or is cancelled
+    must not leave the executor's stage threads or actors behind. A cancelled start waits for the
+    warm-up step in flight: it cannot be cut short in its thread."""
+    from streamdiff.engine.core import EngineCore
+
+    def failing(self, *a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(EngineCore, "warmup", failing)
+    built = []
+    engine = AsyncEngine(cfg, executor_factory=lambda c: built.append(_CountedExecutor()) or built[-1])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        asyncio.run(engine.start())
+    assert built[0].shutdowns == 1 and engine.executor is None and not engine.running
+
+    in_step = threading.Event()
+    finished = []
+
+    def slow(self, *a, **k):
+        in_step.set()
+        threading.Event().wait(0.5)
+        finished.append(True)
+        return 1.0
+
+    monkeypatch.setattr(EngineCore, "warmup", slow)
+    given = _CountedExecutor()
+    engine = AsyncEngine(cfg, given)
+
+    async def cancel_mid_warm_up():
+        task = asyncio.create_task(engine.start())
+        await asyncio.to_thread(in_step.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_mid_warm_up())
+    assert finished == [True] and given.shutdowns == 1 and not engine.running
+    assert not engine_threads()

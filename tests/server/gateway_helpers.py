@@ -18,6 +18,7 @@ from streamdiff.engine import AsyncEngine
 from streamdiff.parallel import build_executor
 from streamdiff.pipeline.frames import synthetic_clip
 from streamdiff.server.app import SESSIONS_KEY, ServerSettings, app_runner, build_app
+from streamdiff.server.startup import START_KEY
 
 WIDTH, HEIGHT = 64, 48
 TOKEN = "s3cret"
@@ -28,12 +29,16 @@ def tiny_config(max_streams: int = 2):
 
 
 @contextlib.asynccontextmanager
-async def running_server(token: str | None = TOKEN, max_streams: int = 2, config=None, **settings):
-    """Yields (base_url, app). Very loose CPU SLO (0.05 fps, 600 s deadline; warm-up timings on a
+async def running_server(token: str | None = TOKEN, max_streams: int = 2, config=None, warm: bool = True,
+                         engine: AsyncEngine | None = None, **settings):
+    """Yields (base_url, app), once the engine is warm (`warm=False`: at once, as `serve` listens).
+    Very loose CPU SLO (0.05 fps, 600 s deadline; warm-up timings on a
     busy CPU are noisy) so the engine admits several streams; `target_fps=None, deadline_ms=None`
     gives the preset's own service level. The engine's executor is the one `streamdiff serve`
-    builds for the config (the demo preset's threads, the local one for the tiny preset)."""
-    engine = AsyncEngine(config if config is not None else tiny_config(max_streams), executor_factory=build_executor)
+    builds for the config (the demo preset's threads, the local one for the tiny preset), unless
+    `engine` is given."""
+    if engine is None:
+        engine = AsyncEngine(config if config is not None else tiny_config(max_streams), executor_factory=build_executor)
     settings = {"target_fps": 0.05, "deadline_ms": 600_000.0, "output_fps": 15.0, **settings}
     app = build_app(engine, ServerSettings(token=token, ice_loopback=True, **settings))
     runner = app_runner(app)
@@ -41,6 +46,8 @@ async def running_server(token: str | None = TOKEN, max_streams: int = 2, config
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
+    if warm:
+        assert await app[START_KEY].ready(300) is None
     try:
         yield f"http://127.0.0.1:{port}", app
     finally:
