@@ -125,15 +125,17 @@ def _full(exc: ServerFull, settings: ServerSettings) -> web.Response:
     return _error(503, str(exc), **{"Retry-After": str(settings.retry_after_s)})
 
 
-async def _not_ready(request: web.Request) -> web.Response | None:
-    """None once the engine runs (waiting for a warm-up in progress, bounded); else a 503 that
-    says why, with a Retry-After while it still warms up."""
-    settings = request.app[SETTINGS_KEY]
-    why = await request.app[START_KEY].ready(settings.warmup_wait_s)
-    if why is None:
-        return None
-    log.info("refused %s %s: %s", request.method, request.path, why)
-    return _error(503, why, **{"Retry-After": str(settings.warmup_retry_after_s)})
+async def _not_ready(request: web.Request) -> str | None:
+    """None once the engine runs (waiting for a warm-up in progress, bounded); else why not, for
+    a 503 with `_retry_warm_up` headers."""
+    why = await request.app[START_KEY].ready(request.app[SETTINGS_KEY].warmup_wait_s)
+    if why is not None:
+        log.info("refused %s %s: %s", request.method, request.path, why)
+    return why
+
+
+def _retry_warm_up(request: web.Request) -> dict:
+    return {"Retry-After": str(request.app[SETTINGS_KEY].warmup_retry_after_s)}
 
 
 def _expect_header(session) -> dict:
@@ -187,8 +189,8 @@ async def offer(request: web.Request) -> web.Response:
         sdp, _ = accept_simulcast(sdp)
     except (ValueError, TypeError) as exc:  # our own checks: plain messages
         return web.json_response({"error": f"bad offer: {exc}"}, status=400)
-    if (refused := await _not_ready(request)) is not None:
-        return web.json_response({"error": refused.text.strip()}, status=503, headers=dict(refused.headers))
+    if (why := await _not_ready(request)) is not None:
+        return web.json_response({"error": why}, status=503, headers=_retry_warm_up(request))
     try:
         session = await sessions.open("browser", None, prompt, stamp=stamp, **params)
     except ServerFull as exc:
@@ -237,8 +239,8 @@ async def whip_post(request: web.Request) -> web.Response:
         return _error(406, str(exc))
     except ValueError as exc:  # SdpError or a bad ?stamp=
         return _error(400, str(exc))
-    if (refused := await _not_ready(request)) is not None:
-        return refused
+    if (why := await _not_ready(request)) is not None:
+        return _error(503, why, **_retry_warm_up(request))
     try:
         session = await sessions.open("whip", key, stamp=stamp)
     except StreamKeyTaken as exc:

@@ -58,7 +58,16 @@ async def _early_offer():
                 assert "still warming up" in await resp.text()
             await obs.close()
 
-            # A page's offer waits for the engine, then gets its answer and its frames.
+            # So is a page whose offer comes too early (it retries by itself, saying why).
+            pc = RTCPeerConnection()
+            pc.addTrack(SyntheticVideo())
+            await pc.setLocalDescription(await pc.createOffer())
+            async with http.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"] == "5"
+                assert "still warming up" in (await resp.json())["error"]
+            await pc.close()
+
+            # Given time, a page's offer waits for the engine, then gets its answer and its frames.
             app[SETTINGS_KEY].warmup_wait_s = 120.0
             pc = RTCPeerConnection()
             pc.addTrack(SyntheticVideo())
