@@ -249,15 +249,13 @@ class EngineCore:
             self.executor.execute(self._commands.plan(self.clock()), {})
 
     def _restart(self, stream_id: str, entry: _Stream, new: StreamParams, now: float) -> None:
-        """Re-admit with the new lane count (or keep the old one and refuse), keeping waiting frames."""
-        waiting = self.scheduler.remove_stream(stream_id)
-        stride = entry.params.lane_stride  # a restart keeps the stream's stride
-        admission = self._admit(stream_id, entry.slo, new.steps, now, stride)
+        """Re-admit with the new lane count, keeping waiting frames; refused, the stream runs on
+        untouched (the scheduler's restart is atomic) and AdmissionRefused says why."""
+        s = self.cfg.sampling
+        admission, waiting = self.scheduler.restart_stream(
+            stream_id, new.steps, now, first_chunk_latents=s.first_chunk_latents, chunk_latents=s.chunk_latents,
+            input_fps=self.cfg.video.fps)
         if not admission:
-            if not self._admit(stream_id, entry.slo, entry.params.steps, now, stride):
-                self.remove_stream(stream_id)
-                raise RuntimeError(f"stream {stream_id!r} could not be re-admitted and was removed: {admission.reason}")
-            self._repush(stream_id, entry, waiting)
             raise AdmissionRefused(f"steps={new.steps} refused for stream {stream_id!r}: {admission.reason}")
         self._repush(stream_id, entry, waiting)
         self._commands.restart(stream_id, new, self.scheduler.kv_lanes_of(stream_id))
@@ -276,7 +274,7 @@ class EngineCore:
                     self._restart(stream_id, entry, entry.params, now)
                     self.restarted[stream_id] = lost.reason
                     continue
-                except (AdmissionRefused, RuntimeError):
+                except AdmissionRefused:
                     pass
             self.remove_stream(stream_id)
             self.closed[stream_id] = lost.reason

@@ -282,6 +282,35 @@ class FrameScheduler:
         step_ms, _ = self._batch([probe, *self._streams.values()], steady=True)
         return (step_ms, *self._expect(probe, step_ms, input_fps))
 
+    def restart_stream(self, stream_id: str, lanes: int, now: float, *, first_chunk_latents: int = 2,
+                       chunk_latents: int = 1, input_fps: float | None = None) -> tuple[Admission, list[int]]:
+        """Re-admit a running stream with `lanes` (a step-count change, or model state an executor
+        lost), atomically. Admitted: it starts over (its next chunk is a first chunk), on the KV
+        lanes it held as far as they reach, with its stride; returns its pending frame ids for the
+        engine to push again. Refused: nothing changes, the stream runs on as it was (its pending
+        frames stay; []). Before, a refusal re-admitted the stream as a new one at its old lanes:
+        the scheduler then planned a first chunk for a stream whose model state was mid-stream (the
+        engine loop failed for every stream), or could not re-admit it at all and removed it."""
+        old = self._streams.get(stream_id)
+        if old is None:
+            return self._refuse(stream_id, f"stream {stream_id!r} is not admitted"), []
+        del self._streams[stream_id]
+        self.free_stream_slots += 1
+        self.kv.release(stream_id)
+        admission = self.add_stream(stream_id, old.slo, old.tokens_per_frame, lanes, now,
+                                    first_chunk_latents=first_chunk_latents, chunk_latents=chunk_latents,
+                                    input_fps=input_fps, lane_stride=old.stride)
+        if not admission:  # put it back as it was: its lanes are the ones just released
+            self._streams[stream_id] = old
+            self.free_stream_slots -= 1
+            self.kv.alloc(stream_id, old.lanes)
+            return admission, []
+        old.removed = True  # plans in flight still name the old entry; update() skips it
+        self._streams[stream_id].vt_s = old.vt_s
+        frame_ids = [frame_id for frame_id, _ in old.pending]
+        old.pending.clear()
+        return admission, frame_ids
+
     def remove_stream(self, stream_id: str) -> list[int]:
         """Forget the stream and free its KV-pool slot. Returns the ids of its pending input
         frames (the engine frees their buffers). Unknown ids are ignored (returns [])."""

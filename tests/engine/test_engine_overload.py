@@ -118,3 +118,38 @@ def test_a_steps_change_the_slo_cannot_take_is_refused_and_nothing_changes(cfg):
         core.push_frame("s", frame, pts=i)
     assert core.step() is not None  # the re-prepared stream takes its first chunk: frames 5..9
     assert [o.pts for o in core.pop_outputs("s")] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_a_refused_steps_change_leaves_a_running_stream_mid_stream(cfg):
+    """Found by a client that asked for 2 steps on a nearly full server: the refusal re-admitted
+    the stream as a new one, so the scheduler planned a 5-frame first chunk for a model that was
+    mid-stream, and the engine loop failed for every stream ("encode_chunk after a stream's first
+    call takes a multiple of 4 frames, got 5"). Now a refusal changes nothing; the real model
+    runner checks the chunk sizes."""
+    from streamdiff.engine import AdmissionRefused, LocalExecutor
+    from streamdiff.scheduler import FixedCostModel, FrameScheduler, LinearLaw
+
+    clock = FakeClock()
+    sched = FrameScheduler(FixedCostModel(LinearLaw(0.0, 40.0, 0.0)), max_streams=4)  # 40 ms per row
+    core = EngineCore(cfg, LocalExecutor.from_config(cfg), scheduler=sched, clock=clock)
+    assert core.add_stream("s", params(cfg, "x", steps=1), StreamSLO(FPS, 1000.0))
+    assert core.add_stream("o", params(cfg, "y", steps=1), StreamSLO(FPS, 1000.0))
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (H, W, 3), dtype=np.uint8) for _ in range(13)]
+    for i in range(9):
+        core.push_frame("s", frames[i], pts=i)
+    while core.step() is not None:  # the first chunk (5 frames), then one of 4
+        clock.t += 0.2
+    core.drain()
+    before = [o.pts for o in core.pop_outputs("s")]
+    planned = sched.stats("s").chunks_planned
+    with pytest.raises(AdmissionRefused, match="steps=3 refused"):
+        core.update_params("s", steps=3)
+    assert sched.stats("s").chunks_planned == planned and core.params("s").steps == 1
+    for i in range(9, 13):
+        core.push_frame("s", frames[i], pts=i)
+    assert core.step() is not None  # a 4-frame chunk, the model's next
+    core.drain()
+    after = [o.pts for o in core.pop_outputs("s")]
+    assert len(after) == 4 and before + after == sorted(set(before + after)), (before, after)
+    core.remove_stream("s"), core.remove_stream("o")
