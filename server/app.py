@@ -473,8 +473,9 @@ def startup_lines(cfg, settings: ServerSettings, host: str, port: int, expect: t
     ]
 
 
-def serve(cfg, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None) -> None:
-    """Build the engine from `cfg` and run the gateway until interrupted."""
+def serve(cfg, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None) -> int:
+    """Build the engine from `cfg` and run the gateway until interrupted (0) or until the engine
+    fails (1)."""
     from streamdiff.engine import AsyncEngine
     from streamdiff.parallel import build_executor
 
@@ -494,6 +495,13 @@ def serve(cfg, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettin
               f"starts once the model is warm)", flush=True)
         start.task.add_done_callback(_stop_if_failed)
 
+    failed: list[BaseException] = []
+
+    def engine_failed(exc: BaseException) -> None:  # every session has been told; nothing left to serve
+        failed.append(exc)
+        raise web.GracefulExit()
+
+    engine.add_failure_callback(engine_failed)
     app.on_startup.insert(0, _stop_on_signals)  # before the engine warms up
     app.on_startup.append(announce)
     web.run_app(app, host=host, port=port, print=None, keepalive_timeout=settings.header_timeout_s,
@@ -502,7 +510,11 @@ def serve(cfg, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettin
         signal.signal(sig, _out_at_once)
     if start.error is not None:  # the warm-up failed: the command fails with its error, as before
         raise start.error
+    if failed:  # its traceback is in the log above; exit 1 so that a supervisor restarts the server
+        print(f"streamdiff: error: the engine failed, so the server stopped: {failed[0]!r}", file=sys.stderr, flush=True)
+        return 1
     print("streamdiff: stopped", file=sys.stderr, flush=True)
+    return 0
 
 
 def _stop_if_failed(task: asyncio.Task) -> None:

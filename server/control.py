@@ -10,6 +10,7 @@ Does not own: what the fields mean (server.sessions maps them to engine paramete
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiohttp import WSMsgType, web
 
@@ -22,6 +23,9 @@ from streamdiff.server.http import (
     unauthorized,
 )
 from streamdiff.server.sessions import SessionManager
+
+log = logging.getLogger(__name__)
+CHANGE_FAILED = "the change could not be applied (the server log has the details)"
 
 MAX_WAITING_PARAMS = 8  # params messages of one control socket waiting for the engine
 
@@ -51,6 +55,9 @@ async def params_patch(request: web.Request) -> web.Response:
         return web.json_response({"error": "no such session"}, status=404)
     except (ValueError, TypeError) as exc:
         return web.json_response({"error": str(exc)}, status=400)
+    except Exception:  # noqa: BLE001 - one line to the client, the traceback to the log
+        log.exception("applying %s to session %s failed", body, request.match_info["id"])
+        return web.json_response({"error": CHANGE_FAILED}, status=500)
     return web.json_response({"ok": True, **_params_reply(sessions, params)})
 
 
@@ -155,3 +162,6 @@ async def _apply_params(sessions: SessionManager, key: str, message: dict) -> di
         return {"type": "error", "error": "the session has ended"}
     except (ValueError, TypeError) as exc:
         return {"type": "error", "error": str(exc)}
+    except Exception:  # noqa: BLE001 - the socket's params task must outlive it
+        log.exception("applying %s to session %s failed", message, key)
+        return {"type": "error", "error": CHANGE_FAILED}

@@ -302,7 +302,9 @@ class SessionManager:
             events.info("session %s (%s, key %s) started", session_id, kind, stream_key)
         self.sessions[session_id] = session
         if owns_stream:
-            session.fanout = FanOut(self.engine, session_id, stamp=session.stamp)
+            session.fanout = FanOut(self.engine, session_id, stamp=session.stamp,
+                                    on_end=lambda why: session.tasks.append(
+                                        asyncio.ensure_future(self.close(session_id, why))))
 
         @pc.on("connectionstatechange")
         async def _state() -> None:

@@ -133,12 +133,15 @@ class FrameQueue:
 class FanOut:
     """Pulls one engine stream's output frames and hands each to every subscriber slot.
     With `stamp`, each output frame gets the id of the input frame it was made from drawn in
-    (a copy; frames whose input had no readable id go out as they are)."""
+    (a copy; frames whose input had no readable id go out as they are). `on_end(reason)` is
+    called when the engine ends the stream itself (it could not be restarted, the engine loop
+    failed), not when `close()` stops the fan-out."""
 
-    def __init__(self, engine, stream_id: str, *, stamp: bool = False):
+    def __init__(self, engine, stream_id: str, *, stamp: bool = False, on_end=None):
         self.engine = engine
         self.stream_id = stream_id
         self.stamp = stamp
+        self.on_end = on_end
         self.slots: set[FrameQueue] = set()
         self.frames_out = 0
         self.last_latency_ms: float | None = None
@@ -168,6 +171,9 @@ class FanOut:
             raise
         except Exception as exc:  # StreamClosedError / KeyError: the stream is gone
             log.debug("fan-out %s ended: %s", self.stream_id, exc)
+            if self.on_end is not None:
+                cause = exc.__cause__
+                self.on_end(f"the engine failed: {cause}" if cause is not None else str(exc))
         finally:
             for slot in list(self.slots):
                 slot.close()

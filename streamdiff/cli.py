@@ -191,8 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token=args.token, max_sessions=args.max_sessions, target_fps=args.target_fps,
         deadline_ms=args.deadline_ms, bitrate_bps=int(args.bitrate_kbps * 1000), ice_loopback=args.ice_loopback,
     )
-    serve(cfg, host=args.host, port=args.port, settings=settings)
-    return 0
+    return serve(cfg, host=args.host, port=args.port, settings=settings)
 
 
 def cmd_control(args: argparse.Namespace) -> int:

@@ -158,6 +158,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._error: BaseException | None = None
+        self._failure_callbacks: list[Callable[[BaseException], None]] = []
         self.warmup_ms: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -395,6 +396,13 @@ class AsyncEngine:
             closed = StreamClosedError("the engine loop failed")
             closed.__cause__ = exc
             queue.close(closed)
+        for callback in list(self._failure_callbacks):
+            callback(exc)
+
+    def add_failure_callback(self, callback: Callable[[BaseException], None]) -> None:
+        """`callback(exc)` runs on the event loop when the engine loop fails (after every
+        waiting reader has been told): the server stops instead of serving nothing."""
+        self._failure_callbacks.append(callback)
 
 
 def local_executor(cfg: Config) -> Executor:

@@ -96,3 +96,42 @@ def test_the_demo_says_what_it_makes_of_a_prompt():
     assert patched["ok"] and patched["params"]["prompt"] == "A claymation world", patched
     assert patched["means"] == "a photo", patched
     assert by_ws["type"] == "params" and by_ws["means"] == "starry night", by_ws
+
+
+def test_a_change_that_fails_unexpectedly_is_one_line_and_the_socket_goes_on():
+    """Found by a probe: an unexpected error while applying a change answered PATCH with aiohttp's
+    bare 500 page and killed the control socket's params task (no reply ever again)."""
+
+    async def run():
+        async with running_server() as (url, app):
+            pub = await publish(url, "cam")
+            sessions = sessions_of(app)
+            real = sessions.update_params
+            calls = []
+
+            async def flaky(key, message):
+                calls.append(message)
+                if len(calls) <= 2:
+                    raise RuntimeError("something broke inside")
+                return await real(key, message)
+
+            sessions.update_params = flaky
+            async with aiohttp.ClientSession() as http:
+                async with http.patch(f"{url}/sessions/cam/params", json={"seed": 5}, headers=auth()) as resp:
+                    patched = (resp.status, await resp.json())
+                async with http.ws_connect(f"{url}/ws?session=cam", headers=auth()) as ws:
+                    replies = []
+                    for seed in (6, 7):
+                        await ws.send_json({"type": "params", "seed": seed})
+                        while True:
+                            reply = await ws.receive_json(timeout=30)
+                            if reply["type"] != "stats":
+                                replies.append(reply)
+                                break
+            await pub.close()
+            return patched, replies
+
+    patched, replies = asyncio.run(run())
+    assert patched == (500, {"error": "the change could not be applied (the server log has the details)"})
+    assert replies[0] == {"type": "error", "error": "the change could not be applied (the server log has the details)"}
+    assert replies[1]["type"] == "params" and replies[1]["params"]["seed"] == 7, replies

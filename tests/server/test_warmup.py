@@ -180,3 +180,71 @@ def test_the_end_to_end_bench_waits_for_a_warming_server(capsys):
     assert "still warming up its model after 0 s" in timed_out
     assert body["ok"] and body["state"] == "ready"
     assert "is warming up its model; waiting for it" in capsys.readouterr().err
+
+
+async def _engine_fails():
+    from gateway_helpers import auth, sessions_of
+    from streamdiff.server.app import ENGINE_KEY
+
+    async with running_server() as (url, app):
+        engine, sessions = app[ENGINE_KEY], sessions_of(app)
+        told = []
+        engine.add_failure_callback(told.append)
+        async with aiohttp.ClientSession() as http:
+            pc = RTCPeerConnection()
+            pc.addTrack(SyntheticVideo())
+            await pc.setLocalDescription(await pc.createOffer())
+            async with http.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"},
+                                 headers=auth()) as resp:
+                body = await resp.json()
+            await answer(pc, body["sdp"])
+            sid = body["session"]
+
+            def broken(*a, **k):
+                raise RuntimeError("device lost")
+
+            engine._core.step = broken  # the next step fails in the engine's thread
+            for _ in range(200):
+                if sid not in sessions.sessions:
+                    break
+                await asyncio.sleep(0.05)
+            await pc.close()
+            return sid in sessions.sessions, sessions.why_ended(sid), told
+
+
+def test_an_engine_that_fails_ends_every_session_saying_why():
+    """Found by a probe: after the engine loop failed, every session stayed "connected" with no
+    frames, and nobody was told. Now each session ends with the reason (the page shows it), and
+    the failure reaches the server (`streamdiff serve` then stops with exit 1)."""
+    still_open, why, told = asyncio.run(_engine_fails())
+    assert not still_open and why == "the engine failed: device lost"
+    assert len(told) == 1 and "device lost" in str(told[0])
+
+
+BROKEN_ENGINE_SERVE = """
+import sys, threading, time, urllib.request
+import streamdiff.engine
+from streamdiff.cli import main
+
+class Breaks(streamdiff.engine.AsyncEngine):
+    async def start(self):
+        await super().start()
+        def broken(*a, **k):
+            time.sleep(1.0)
+            raise RuntimeError("device lost")
+        self._core.step = broken
+
+streamdiff.engine.AsyncEngine = Breaks
+sys.exit(main(["serve", "--config", "tiny", "--port", "PORT"]))
+"""
+
+
+def test_serve_stops_with_exit_1_when_its_engine_fails():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([sys.executable, "-c", BROKEN_ENGINE_SERVE.replace("PORT", str(port))],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, (run.returncode, run.stderr[-2000:])
+    last = run.stderr.strip().splitlines()[-1]
+    assert last == "streamdiff: error: the engine failed, so the server stopped: RuntimeError('device lost')", last
