@@ -11,6 +11,7 @@ and the progress display. Does not own: any model or serving logic.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import shlex
@@ -80,20 +81,25 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     # 1. Open the input and settle the processing size, still before the model code is imported
     #    (seconds on a small CPU): a bad file is reported at once.
+    sample_aspect = None
     if args.input == SYNTHETIC:
         width, height = size or (cfg.video.width, cfg.video.height)
-        fps, total = cfg.video.fps, args.frames
+        fps, total = cfg.video.fps, args.frames or 96
     else:
         try:
             info = probe(args.input)
         except VideoInputError as exc:
             raise CliError(str(exc)) from None
         width, height = size or (info.width, info.height)
-        fps, total = info.fps, info.frames
+        fps, total = info.fps, min(info.frames, args.frames or info.frames) if info.frames else (args.frames or 0)
+        sample_aspect = None if size else info.sample_aspect  # a --size picks square pixels
+        if info.has_audio:
+            log.warning("%s has audio: render writes the video only", args.input)
     if width % 16 or height % 16:
+        hint = f"{max(16, width // 16 * 16)}x{max(16, height // 16 * 16)}"
         raise CliError(
             f"frame size {width}x{height} cannot go through the VAE and patching: width and height must be "
-            f"multiples of 16 (resize on the way in with --size, e.g. --size {width // 16 * 16}x{height // 16 * 16})"
+            f"multiples of 16 (resize on the way in with --size, e.g. --size {hint})"
         )
 
     from tqdm import tqdm
@@ -105,7 +111,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.input == SYNTHETIC:
         frames_iter = synthetic_frames(total, width, height, seed=cfg.sampling.seed)
     else:
-        frames_iter = read_frames(args.input, size)
+        frames_iter = itertools.islice(read_frames(args.input, (width, height)), args.frames)
 
     # 2. Build the model and the pipeline, after a word on anything that will disappoint.
     _warn_before_render(cfg, args.prompt, width, height)
@@ -117,7 +123,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     # 3. Stream the frames through, chunk by chunk, writing outputs as they come.
     frames_in = 0
     t_run = time.perf_counter()
-    with VideoWriter(args.output, width, height, fps) as writer, tqdm(
+    with VideoWriter(args.output, width, height, fps, sample_aspect=sample_aspect) as writer, tqdm(
         total=total or None, unit="frame", desc="render", disable=args.quiet
     ) as bar:
         try:
@@ -130,7 +136,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         if frames_in == 0:
             raise CliError(f"{args.input} has no frames")
         writer.write(pipe.flush())
-    if args.input != SYNTHETIC and frames_in < total:
+    if args.input != SYNTHETIC and frames_in < total and frames_in != args.frames:
         log.warning("%s ended after %d of the %d frames its container lists (cut short or damaged?); "
                     "wrote those %d", args.input, frames_in, total, frames_in)
     run_s = time.perf_counter() - t_run
@@ -508,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--output", required=True, help="output video path (.mp4)")
     render.add_argument("--steps", type=int, choices=[1, 2, 3, 4], help="denoise steps (overrides sampling.steps)")
     render.add_argument("--size", help="resize input to WxH on the way in (multiples of 16)")
-    render.add_argument("--frames", type=number_in(int, 1, 100_000, "96"), default=96, help=f"frame count of --input {SYNTHETIC}")
+    render.add_argument("--frames", type=number_in(int, 1, 100_000, "96"), default=None,
+                        help=f"render at most this many frames (default: all of a file; 96 of --input {SYNTHETIC})")
     render.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. cache.window=8")
     render.add_argument("-q", "--quiet", action="store_true")
     render.set_defaults(func=cmd_render)

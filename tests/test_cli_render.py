@@ -194,3 +194,29 @@ def test_a_frame_size_that_cannot_fit_is_warned_about_before_the_run():
     need = float(said.split("needs about ")[1].split(" GiB")[0])
     assert 10 < need < 40, said  # the plan's count, not a guess
     assert memory_warning(cfg, 4096, 4096, available=64 * GiB) is None
+
+
+def test_frames_caps_a_file_input_and_audio_is_named(clip_file, tmp_path):
+    """--frames was taken for the synthetic input only (a file rendered whole, without a word), and
+    a file's audio was dropped silently."""
+    with_audio = tmp_path / "talk.mp4"
+    with av.open(str(clip_file)) as src, av.open(str(with_audio), "w") as out:
+        video = out.add_stream("mpeg4", rate=24)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = out.add_stream("aac", rate=48000)
+        for frame in src.decode(video=0):
+            for packet in video.encode(frame.reformat(format="yuv420p")):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+        silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        silence.sample_rate = 48000
+        for packet in [*audio.encode(silence), *audio.encode(None)]:
+            out.mux(packet)
+    out = tmp_path / "five.mp4"
+    result = run_cli("render", "--input", str(with_audio), "--frames", "5", "--prompt", "x", "--output", str(out),
+                     "-q", *SMALL)
+    assert result.returncode == 0, result.stderr
+    assert len(read_back(out)[0]) == 5
+    assert "has audio: render writes the video only" in result.stderr
+    assert "cut short" not in result.stderr, result.stderr

@@ -88,5 +88,8 @@ class FlowMatchSchedule:
 def chunk_noise(shape: tuple[int, ...], seed: int, chunk_index: int, lane: int, device, dtype) -> torch.Tensor:
     """Gaussian noise that depends only on (seed, chunk, lane), so that batching order,
     other streams and the stream-batch lag never change a stream's result."""
-    gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + chunk_index * 17 + lane) % (2**63))
+    # torch's CPU generator keeps 32 bits of its seed: the seed's high half is folded into the low
+    # one (seeds below 2**32 are unchanged), so that seeds 2**32 apart do not draw the same noise.
+    folded = seed ^ (((seed >> 32) * 0x9E3779B1) & 0xFFFFFFFF)
+    gen = torch.Generator(device="cpu").manual_seed((folded * 1_000_003 + chunk_index * 17 + lane) % (2**63))
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)

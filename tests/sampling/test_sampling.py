@@ -51,6 +51,17 @@ def test_chunk_noise_depends_only_on_seed_chunk_and_lane():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_seeds_2_to_the_32_apart_draw_different_noise():
+    """Seeds go up to 2**63 - 1, but torch's CPU generator keeps 32 bits of its seed: seeds 0 and
+    2**32 (a probe found) drew the same noise, so the same picture."""
+    def noise(seed):
+        return chunk_noise((4, 4), seed=seed, chunk_index=3, lane=0, device="cpu", dtype=torch.float32)
+
+    for low in (0, 1, 123456789):
+        assert not torch.equal(noise(low), noise(low + 2**32)) and not torch.equal(noise(low), noise(low + 2**62))
+    assert not torch.equal(noise(2**63 - 1), noise(2**31 - 1))
+
+
 def test_motion_distance_formula():
     prev = torch.zeros(1, 3, 1, 4, 4)
     frames = torch.stack([torch.full((3, 4, 4), 0.05), torch.full((3, 4, 4), 0.15)], dim=1)[None]  # [1,3,2,4,4]

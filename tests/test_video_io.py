@@ -1,0 +1,125 @@
+"""Video files as a player shows them (client/video_io.py), from inputs a probe of `streamdiff
+render` fed it: a phone's rotated clip, a stream that changes resolution, a thumbnail stream
+before the video, anamorphic pixels, and an output that must not be replaced by a failed run."""
+
+from __future__ import annotations
+
+import struct
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from streamdiff.client.video_io import VideoWriter, probe, read_frames
+
+
+def _frame(w: int, h: int) -> np.ndarray:
+    """A picture whose orientation shows: a red block in the top-left corner on grey."""
+    rgb = np.full((h, w, 3), 128, np.uint8)
+    rgb[: h // 3, : w // 3] = (255, 0, 0)
+    return rgb
+
+
+def _write(path, frames, fps=15, codec="libx264", fmt=None, sar=None, **streams):
+    with av.open(str(path), "w", format=fmt) as out:
+        v = out.add_stream(codec, rate=fps)
+        v.height, v.width = frames[0].shape[:2]
+        v.pix_fmt = "yuv420p"
+        if sar:
+            v.codec_context.sample_aspect_ratio = sar
+        for rgb in frames:
+            for p in v.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                out.mux(p)
+        for p in v.encode(None):
+            out.mux(p)
+
+
+def _rotate_tkhd(path, degrees_clockwise: int) -> None:
+    """Set an mp4's track display matrix as a phone does for a portrait clip stored landscape."""
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd")
+    version = data[at + 4]
+    matrix = at + 8 + (16 if version == 1 else 8) + 8 + (8 if version == 1 else 4) + 16
+    one, minus = 0x00010000, 0xFFFF0000
+    a, b, c, d = {90: (0, one, minus, 0), 270: (0, minus, one, 0), 180: (minus, 0, 0, minus)}[degrees_clockwise]
+    data[matrix:matrix + 36] = struct.pack(">9I", a, b, 0, c, d, 0, 0, 0, 0x40000000)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("clockwise, turns", [(90, -1), (180, 2), (270, 1)])
+def test_a_rotated_clip_is_read_as_a_player_shows_it(tmp_path, clockwise, turns):
+    path = tmp_path / "phone.mp4"
+    stored = [_frame(64, 48)] * 3
+    _write(path, stored)
+    _rotate_tkhd(path, clockwise)
+    info = probe(path)
+    shown = np.rot90(stored[0], turns)
+    assert (info.width, info.height) == (shown.shape[1], shown.shape[0])
+    frames = list(read_frames(path, (info.width, info.height)))
+    assert len(frames) == 3 and frames[0].shape == shown.shape
+    assert np.abs(frames[1].astype(int) - shown).mean() < 6  # the red corner where a player puts it
+
+
+def test_a_stream_that_changes_resolution_keeps_one_size_with_a_warning(tmp_path, caplog):
+    def raw(w, h, n):
+        cc = av.CodecContext.create("libx264", "w")
+        cc.width, cc.height, cc.pix_fmt, cc.time_base = w, h, "yuv420p", Fraction(1, 15)
+        data = b""
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(_frame(w, h), format="rgb24").reformat(format="yuv420p")
+            frame.pts = i
+            data += b"".join(bytes(p) for p in cc.encode(frame))
+        return data + b"".join(bytes(p) for p in cc.encode(None))
+
+    path = tmp_path / "change.h264"
+    path.write_bytes(raw(64, 48, 4) + raw(96, 80, 4))
+    info = probe(path)
+    frames = list(read_frames(path, (info.width, info.height)))
+    assert [f.shape for f in frames] == [(48, 64, 3)] * 8
+    said = [r.getMessage() for r in caplog.records if "changes resolution" in r.getMessage()]
+    assert len(said) == 1 and "at frame 4 (96x80 after 64x48)" in said[0]
+
+
+def test_the_main_video_stream_is_read_not_a_thumbnail_before_it(tmp_path):
+    path = tmp_path / "two.mkv"
+    with av.open(str(path), "w") as out:
+        thumb = out.add_stream("mjpeg", rate=1)
+        thumb.width, thumb.height, thumb.pix_fmt = 32, 32, "yuvj420p"
+        main = out.add_stream("libx264", rate=15)
+        main.width, main.height, main.pix_fmt = 64, 48, "yuv420p"
+        for p in thumb.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")):
+            out.mux(p)
+        for _ in range(6):
+            for p in main.encode(av.VideoFrame.from_ndarray(_frame(64, 48), format="rgb24")):
+                out.mux(p)
+        for stream in (thumb, main):
+            for p in stream.encode(None):
+                out.mux(p)
+    info = probe(path)
+    assert (info.width, info.height) == (64, 48)
+    assert len(list(read_frames(path, (64, 48)))) == 6
+
+
+def test_probe_reports_anamorphic_pixels_and_audio(tmp_path):
+    path = tmp_path / "sar.mp4"
+    _write(path, [_frame(64, 48)] * 2, sar=Fraction(4, 3))
+    assert probe(path).sample_aspect == Fraction(4, 3) and not probe(path).has_audio
+    out = tmp_path / "kept.mp4"
+    with VideoWriter(out, 64, 48, 15, sample_aspect=Fraction(4, 3)) as writer:
+        writer.write([_frame(64, 48)] * 2)
+    assert probe(out).sample_aspect == Fraction(4, 3)
+
+
+def test_a_writer_that_fails_leaves_the_existing_output_as_it_was(tmp_path):
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"a good render from yesterday")
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(out, 64, 48, 15) as writer:
+            writer.write([_frame(64, 48)] * 3)
+            raise KeyboardInterrupt  # Ctrl-C, or a decode error, mid-render
+    assert out.read_bytes() == b"a good render from yesterday"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]  # no partial file left
+    with VideoWriter(out, 64, 48, 15) as writer:
+        writer.write([_frame(64, 48)] * 3)
+    assert probe(out).width == 64 and len(list(read_frames(out, (64, 48)))) == 3
