@@ -146,12 +146,17 @@ sys.exit(main(["serve", "--config", "tiny", "--port", "PORT"]))
 """
 
 
-def test_serve_listens_while_warming_and_a_failed_warm_up_ends_it_with_the_error_in_one_line():
+def _serve_patched(script: str) -> tuple[subprocess.CompletedProcess, int]:
+    """`streamdiff serve --config tiny` in a child whose engine `script` replaces, on a free port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run = subprocess.run([sys.executable, "-c", FAILING_SERVE.replace("PORT", str(port))],
-                         capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", script.replace("PORT", str(port))], capture_output=True, text=True,
+                          timeout=120), port
+
+
+def test_serve_listens_while_warming_and_a_failed_warm_up_ends_it_with_the_error_in_one_line():
+    run, port = _serve_patched(FAILING_SERVE)
     assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
     assert 'healthz 503 {"ok": false, "state": "warming"' in run.stdout, run.stdout
     assert f"warming up tiny on http://127.0.0.1:{port}/" in run.stdout
@@ -240,11 +245,7 @@ sys.exit(main(["serve", "--config", "tiny", "--port", "PORT"]))
 
 
 def test_serve_stops_with_exit_1_when_its_engine_fails():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run = subprocess.run([sys.executable, "-c", BROKEN_ENGINE_SERVE.replace("PORT", str(port))],
-                         capture_output=True, text=True, timeout=120)
+    run, _ = _serve_patched(BROKEN_ENGINE_SERVE)
     assert run.returncode == 1, (run.returncode, run.stderr[-2000:])
     last = run.stderr.strip().splitlines()[-1]
     assert last == "streamdiff: error: the engine failed, so the server stopped: RuntimeError('device lost')", last
