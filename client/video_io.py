@@ -7,6 +7,7 @@ the way in), and encoding frames to a video file. Does not own: what is done to 
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,19 +99,57 @@ def read_frames(path: str | Path, size: tuple[int, int] | None = None) -> Iterat
         raise VideoInputError(f"{path}: decoding failed ({exc.__class__.__name__}: {exc})") from exc
 
 
+def add_audio(video: str | Path, source: str | Path, out: str | Path, until_s: float | None = None) -> bool:
+    """Write `out`: `video`'s video stream and `source`'s first audio stream, both copied as they
+    are (no re-encoding), interleaved by time; the audio is shifted by the source video's start,
+    so that it stays in sync with frames that now start at 0, and ends at `until_s` (the video's
+    length, when fewer frames than the source's were rendered). False (and no `out`) when the
+    output's container cannot hold that audio codec (PCM in an .mp4, for one)."""
+    try:
+        with av.open(str(source)) as src, av.open(str(video)) as vid, av.open(str(out), "w") as dst:
+            a_in, v_in = src.streams.audio[0], vid.streams.video[0]
+            v_out, a_out = dst.add_stream_from_template(v_in), dst.add_stream_from_template(a_in)
+            src_video = _video_stream(src)
+            shift = float(src_video.start_time * src_video.time_base) if src_video.start_time else 0.0
+            lag = round(shift / a_in.time_base) if shift else 0
+
+            def timed(packets, stream, offset):
+                for packet in packets:
+                    if packet.dts is None:  # the demuxer's end-of-stream marker
+                        continue
+                    packet.pts, packet.dts = packet.pts - offset if packet.pts is not None else None, packet.dts - offset
+                    if stream is a_out and (packet.dts < 0 or (until_s is not None
+                                                               and packet.dts * packet.time_base >= until_s)):
+                        continue  # audio from before the first frame or after the last
+                    packet.stream = stream
+                    yield float(packet.dts * packet.time_base), stream is a_out, packet
+
+            for _, _, packet in heapq.merge(timed(vid.demux(v_in), v_out, 0), timed(src.demux(a_in), a_out, lag),
+                                            key=lambda item: item[:2]):
+                dst.mux(packet)
+    except (av.FFmpegError, ValueError) as exc:
+        log.debug("copying the audio into %s failed: %s", out, exc)
+        Path(out).unlink(missing_ok=True)
+        return False
+    return True
+
+
 class VideoWriter:
     """Encode uint8 RGB frames to a file (H.264 when the build has it, MPEG-4 otherwise). The file
     appears only when the writer closes without an error: until then it is a hidden partial file
     beside it, removed on an error or Ctrl-C, so a render that fails never replaces a good output
-    with a broken one. `sample_aspect`: the pixels' shape, for anamorphic input kept at its size."""
+    with a broken one. `sample_aspect`: the pixels' shape, for anamorphic input kept at its size.
+    `audio_from`: a file whose audio goes into the output as it is (`audio_kept` says if it could)."""
 
     def __init__(self, path: str | Path, width: int, height: int, fps: float, codec: str | None = None,
-                 sample_aspect: Fraction | None = None):
+                 sample_aspect: Fraction | None = None, audio_from: str | Path | None = None):
+        self.audio_from = audio_from
+        self.audio_kept = False
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.partial = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
         self.container = av.open(str(self.partial), mode="w")
-        rate = Fraction(fps).limit_denominator(1001)
+        rate = self.rate = Fraction(fps).limit_denominator(1001)
         codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
         self.stream = self.container.add_stream(codec, rate=rate)
         self.stream.width, self.stream.height = width, height
@@ -135,6 +174,11 @@ class VideoWriter:
         for packet in self.stream.encode(None):
             self.container.mux(packet)
         self.container.close()
+        if self.audio_from is not None:
+            with_audio = self.partial.with_name(f".{self.path.stem}.audio{self.path.suffix}")
+            self.audio_kept = add_audio(self.partial, self.audio_from, with_audio, self.frames_written / self.rate)
+            if self.audio_kept:
+                with_audio.replace(self.partial)
         self.partial.replace(self.path)
 
     def abort(self) -> None:

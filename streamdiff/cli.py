@@ -93,8 +93,6 @@ def cmd_render(args: argparse.Namespace) -> int:
         width, height = size or (info.width, info.height)
         fps, total = info.fps, min(info.frames, args.frames or info.frames) if info.frames else (args.frames or 0)
         sample_aspect = None if size else info.sample_aspect  # a --size picks square pixels
-        if info.has_audio:
-            log.warning("%s has audio: render writes the video only", args.input)
     if width % 16 or height % 16:
         hint = f"{max(16, width // 16 * 16)}x{max(16, height // 16 * 16)}"
         raise CliError(
@@ -123,7 +121,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     # 3. Stream the frames through, chunk by chunk, writing outputs as they come.
     frames_in = 0
     t_run = time.perf_counter()
-    with VideoWriter(args.output, width, height, fps, sample_aspect=sample_aspect) as writer, tqdm(
+    audio = args.input if args.input != SYNTHETIC and info.has_audio else None
+    with VideoWriter(args.output, width, height, fps, sample_aspect=sample_aspect, audio_from=audio) as writer, tqdm(
         total=total or None, unit="frame", desc="render", disable=args.quiet
     ) as bar:
         try:
@@ -139,6 +138,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.input != SYNTHETIC and frames_in < total and frames_in != args.frames:
         log.warning("%s ended after %d of the %d frames its container lists (cut short or damaged?); "
                     "wrote those %d", args.input, frames_in, total, frames_in)
+    if audio is not None and not writer.audio_kept:
+        log.warning("%s has audio that a %s file cannot hold as it is: the output has the video only (try --output "
+                    "with .mkv)", args.input, Path(args.output).suffix or "this")
     run_s = time.perf_counter() - t_run
     if not args.quiet:
         print(

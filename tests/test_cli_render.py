@@ -196,27 +196,51 @@ def test_a_frame_size_that_cannot_fit_is_warned_about_before_the_run():
     assert memory_warning(cfg, 4096, 4096, available=64 * GiB) is None
 
 
-def test_frames_caps_a_file_input_and_audio_is_named(clip_file, tmp_path):
-    """--frames was taken for the synthetic input only (a file rendered whole, without a word), and
-    a file's audio was dropped silently."""
-    with_audio = tmp_path / "talk.mp4"
-    with av.open(str(clip_file)) as src, av.open(str(with_audio), "w") as out:
+def _with_audio(clip_file, path, codec: str, sample_fmt: str) -> None:
+    """The clip with 0.5 s of quiet sound in `codec`."""
+    with av.open(str(clip_file)) as src, av.open(str(path), "w") as out:
         video = out.add_stream("mpeg4", rate=24)
         video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
-        audio = out.add_stream("aac", rate=48000)
+        audio = out.add_stream(codec, rate=48000, layout="mono")
         for frame in src.decode(video=0):
             for packet in video.encode(frame.reformat(format="yuv420p")):
                 out.mux(packet)
         for packet in video.encode(None):
             out.mux(packet)
-        silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        silence.sample_rate = 48000
-        for packet in [*audio.encode(silence), *audio.encode(None)]:
+        dtype = np.int16 if sample_fmt == "s16" else np.float32
+        for k in range(25):
+            sound = av.AudioFrame.from_ndarray(np.full((1, 960), 3, dtype), format=sample_fmt, layout="mono")
+            sound.sample_rate, sound.pts = 48000, k * 960
+            for packet in audio.encode(sound):
+                out.mux(packet)
+        for packet in audio.encode(None):
             out.mux(packet)
+
+
+def test_frames_caps_a_file_input_and_its_audio_comes_along(clip_file, tmp_path):
+    """--frames was taken for the synthetic input only (a file rendered whole, without a word), and
+    a file's audio was dropped silently. Now the audio is copied, cut where the frames end; where
+    the output's container cannot hold it, the user is told."""
+    talk = tmp_path / "talk.mp4"
+    _with_audio(clip_file, talk, "aac", "fltp")
     out = tmp_path / "five.mp4"
-    result = run_cli("render", "--input", str(with_audio), "--frames", "5", "--prompt", "x", "--output", str(out),
+    result = run_cli("render", "--input", str(talk), "--frames", "5", "--prompt", "x", "--output", str(out),
                      "-q", *SMALL)
     assert result.returncode == 0, result.stderr
     assert len(read_back(out)[0]) == 5
-    assert "has audio: render writes the video only" in result.stderr
-    assert "cut short" not in result.stderr, result.stderr
+    assert "cut short" not in result.stderr and "audio" not in result.stderr, result.stderr
+    with av.open(str(out)) as rendered:
+        sound = rendered.streams.audio[0]
+        assert sound.codec_context.name == "aac"
+        end = max(float((p.pts + p.duration) * p.time_base) for p in rendered.demux(sound) if p.pts is not None)
+    assert 5 / 24 - 0.05 < end < 5 / 24 + 0.05, end  # cut with the video, not the source's 0.5 s
+
+    opus = tmp_path / "opus.mkv"
+    _with_audio(clip_file, opus, "libopus", "s16")
+    result = run_cli("render", "--input", str(opus), "--prompt", "x", "--output", str(tmp_path / "o.avi"), "-q", *SMALL)
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if "has audio" in line]
+    assert len(said) == 1 and "a .avi file cannot hold" in said[0] and ".mkv" in said[0], result.stderr
+    with av.open(str(tmp_path / "o.avi")) as rendered:
+        assert not rendered.streams.audio and rendered.streams.video[0].frames in (0, 50)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["five.mp4", "o.avi", "opus.mkv", "talk.mp4"]
