@@ -7,6 +7,7 @@ the way in), and encoding frames to a video file. Does not own: what is done to 
 
 from __future__ import annotations
 
+import collections
 import heapq
 import logging
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ import numpy as np
 
 
 log = logging.getLogger(__name__)
+TIME_BASE = Fraction(1, 90_000)  # frame times of a written file that keeps its input's timing
+TIMED_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")  # containers with per-frame times (AVI has a fixed rate)
 
 
 class VideoInputError(ValueError):
@@ -72,15 +75,18 @@ def probe(path: str | Path) -> VideoInfo:
         raise VideoInputError(f"{path} is not a video PyAV can read ({exc.__class__.__name__})") from exc
 
 
-def read_frames(path: str | Path, size: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+def read_frames(path: str | Path, size: tuple[int, int] | None = None,
+                times: list | None = None) -> Iterator[np.ndarray]:
     """Yield frames [H, W, 3] uint8 as a player shows them (turned by the file's display rotation),
     resized to size=(width, height) if given, else to the first frame's size (a stream that
-    changes resolution midway, which H.264 allows, keeps one size, with a warning)."""
+    changes resolution midway, which H.264 allows, keeps one size, with a warning). `times`: each
+    frame's presentation time (seconds after the first frame; None if the file gives none) is
+    appended to it as the frame is yielded, for a writer that keeps a variable frame rate."""
     try:
         with av.open(str(path)) as container:
             stream = _video_stream(container)
             stream.thread_type = "AUTO"
-            target, first = size, None  # (width, height) as displayed; the first frame's stored size
+            target, first, start = size, None, None  # (width, height) as displayed; the first frame's stored size
             for n, frame in enumerate(container.decode(stream)):
                 turns = _rotation(frame) // 90
                 if first is None:
@@ -94,6 +100,10 @@ def read_frames(path: str | Path, size: tuple[int, int] | None = None) -> Iterat
                 if (frame.width, frame.height) != stored:
                     frame = frame.reformat(width=stored[0], height=stored[1])
                 rgb = frame.to_ndarray(format="rgb24")
+                if times is not None:
+                    t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
+                    start = t if start is None else start
+                    times.append(None if t is None or start is None else t - start)
                 yield np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
     except av.FFmpegError as exc:
         raise VideoInputError(f"{path}: decoding failed ({exc.__class__.__name__}: {exc})") from exc
@@ -115,14 +125,17 @@ def add_audio(video: str | Path, source: str | Path, out: str | Path, until_s: f
 
             def timed(packets, stream, offset):
                 for packet in packets:
-                    if packet.dts is None:  # the demuxer's end-of-stream marker
+                    if packet.size == 0 or (packet.dts is None and packet.pts is None):  # end-of-stream marker
                         continue
-                    packet.pts, packet.dts = packet.pts - offset if packet.pts is not None else None, packet.dts - offset
-                    if stream is a_out and (packet.dts < 0 or (until_s is not None
-                                                               and packet.dts * packet.time_base >= until_s)):
+                    if packet.pts is not None:
+                        packet.pts -= offset
+                    if packet.dts is not None:  # Matroska stores no dts: the muxer derives it
+                        packet.dts -= offset
+                    at = packet.dts if packet.dts is not None else packet.pts
+                    if stream is a_out and (at < 0 or (until_s is not None and at * packet.time_base >= until_s)):
                         continue  # audio from before the first frame or after the last
                     packet.stream = stream
-                    yield float(packet.dts * packet.time_base), stream is a_out, packet
+                    yield float(at * packet.time_base), stream is a_out, packet
 
             for _, _, packet in heapq.merge(timed(vid.demux(v_in), v_out, 0), timed(src.demux(a_in), a_out, lag),
                                             key=lambda item: item[:2]):
@@ -139,11 +152,18 @@ class VideoWriter:
     appears only when the writer closes without an error: until then it is a hidden partial file
     beside it, removed on an error or Ctrl-C, so a render that fails never replaces a good output
     with a broken one. `sample_aspect`: the pixels' shape, for anamorphic input kept at its size.
-    `audio_from`: a file whose audio goes into the output as it is (`audio_kept` says if it could)."""
+    `audio_from`: a file whose audio goes into the output as it is (`audio_kept` says if it could).
+    `times`: a deque the reader fills with input frame times; each frame written takes the next,
+    so a variable frame rate keeps its timing (and its audio its sync); a missing or non-increasing
+    time falls back to one frame period after the last. Only where the container has per-frame
+    times (`TIMED_SUFFIXES`); an AVI runs at the average rate."""
 
     def __init__(self, path: str | Path, width: int, height: int, fps: float, codec: str | None = None,
-                 sample_aspect: Fraction | None = None, audio_from: str | Path | None = None):
+                 sample_aspect: Fraction | None = None, audio_from: str | Path | None = None,
+                 times: collections.deque | None = None):
         self.audio_from = audio_from
+        self.times = times if self.path.suffix.lower() in TIMED_SUFFIXES else None
+        self._last_pts: int | None = None
         self.audio_kept = False
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +174,8 @@ class VideoWriter:
         self.stream = self.container.add_stream(codec, rate=rate)
         self.stream.width, self.stream.height = width, height
         self.stream.pix_fmt = "yuv420p"
+        if times is not None:
+            self.stream.codec_context.time_base = TIME_BASE
         if sample_aspect is not None:
             self.stream.codec_context.sample_aspect_ratio = sample_aspect
         if codec == "libx264":
@@ -165,9 +187,20 @@ class VideoWriter:
     def write(self, frames: np.ndarray) -> None:
         for rgb in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            if self.times is not None:
+                frame.pts, frame.time_base = self._next_pts(), TIME_BASE
             for packet in self.stream.encode(frame):
                 self.container.mux(packet)
             self.frames_written += 1
+
+    def _next_pts(self) -> int:
+        t = self.times.popleft() if self.times else None
+        step = round(1 / (self.rate * TIME_BASE))
+        pts = round(t / TIME_BASE) if t is not None else None
+        if self._last_pts is not None and (pts is None or pts <= self._last_pts):
+            pts = self._last_pts + step
+        self._last_pts = pts if pts is not None else 0
+        return self._last_pts
 
     def close(self) -> None:
         """Finish the file and put it in place."""
@@ -176,7 +209,9 @@ class VideoWriter:
         self.container.close()
         if self.audio_from is not None:
             with_audio = self.partial.with_name(f".{self.path.stem}.audio{self.path.suffix}")
-            self.audio_kept = add_audio(self.partial, self.audio_from, with_audio, self.frames_written / self.rate)
+            end_s = (float(self._last_pts * TIME_BASE + 1 / self.rate) if self._last_pts is not None
+                     else float(self.frames_written / self.rate))
+            self.audio_kept = add_audio(self.partial, self.audio_from, with_audio, end_s)
             if self.audio_kept:
                 with_audio.replace(self.partial)
         self.partial.replace(self.path)

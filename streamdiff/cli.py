@@ -11,6 +11,7 @@ and the progress display. Does not own: any model or serving logic.
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import logging
 import os
@@ -106,10 +107,12 @@ def cmd_render(args: argparse.Namespace) -> int:
     from streamdiff.pipeline.frames import synthetic_frames
     from streamdiff.pipeline.stream_pipeline import StreamPipeline
 
+    times = None
     if args.input == SYNTHETIC:
         frames_iter = synthetic_frames(total, width, height, seed=cfg.sampling.seed)
     else:
-        frames_iter = itertools.islice(read_frames(args.input, (width, height)), args.frames)
+        times = collections.deque()  # input frame times, for the writer (a variable frame rate stays so)
+        frames_iter = itertools.islice(read_frames(args.input, (width, height), times), args.frames)
 
     # 2. Build the model and the pipeline, after a word on anything that will disappoint.
     _warn_before_render(cfg, args.prompt, width, height)
@@ -122,7 +125,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     frames_in = 0
     t_run = time.perf_counter()
     audio = args.input if args.input != SYNTHETIC and info.has_audio else None
-    with VideoWriter(args.output, width, height, fps, sample_aspect=sample_aspect, audio_from=audio) as writer, tqdm(
+    with VideoWriter(args.output, width, height, fps, sample_aspect=sample_aspect, audio_from=audio,
+                     times=times) as writer, tqdm(
         total=total or None, unit="frame", desc="render", disable=args.quiet
     ) as bar:
         try:

@@ -123,3 +123,54 @@ def test_a_writer_that_fails_leaves_the_existing_output_as_it_was(tmp_path):
     with VideoWriter(out, 64, 48, 15) as writer:
         writer.write([_frame(64, 48)] * 3)
     assert probe(out).width == 64 and len(list(read_frames(out, (64, 48)))) == 3
+
+
+def _vfr(path, times, with_audio=False):
+    """A variable-frame-rate Matroska file: frames at `times` (seconds), optional 1 s of AAC."""
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("libx264", rate=15)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        v.codec_context.time_base = Fraction(1, 1000)
+        a = out.add_stream("aac", rate=48000, layout="mono") if with_audio else None  # before any packet
+        for t in times:
+            frame = av.VideoFrame.from_ndarray(_frame(64, 48), format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            for p in v.encode(frame):
+                out.mux(p)
+        for p in v.encode(None):
+            out.mux(p)
+        if a is not None:
+            for k in range(50):
+                sound = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="fltp", layout="mono")
+                sound.sample_rate, sound.pts = 48000, k * 960
+                for p in a.encode(sound):
+                    out.mux(p)
+            for p in a.encode(None):
+                out.mux(p)
+
+
+def _shown_times(path) -> list[float]:
+    with av.open(str(path)) as c:
+        return [round(float(f.pts * f.time_base), 3) for f in c.decode(c.streams.video[0])]
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_a_variable_frame_rate_keeps_its_timing_and_its_audio(tmp_path, suffix):
+    """A screen recording or a phone clip with gaps: the output ran at the average rate (a 4 s clip
+    came out 0.8 s long), which puts copied audio out of sync. The Matroska output also lost its
+    frames once audio was copied into it (its packets carry no dts)."""
+    import collections
+
+    src = tmp_path / "vfr.mkv"
+    shown = [0.0, 0.067, 0.133, 0.5, 0.567, 0.9, 0.933]
+    _vfr(src, shown, with_audio=True)
+    times = collections.deque()
+    out = tmp_path / f"out{suffix}"
+    with VideoWriter(out, 64, 48, probe(src).fps, times=times, audio_from=src) as writer:
+        for rgb in read_frames(src, (64, 48), times):
+            writer.write([rgb])
+    assert writer.audio_kept
+    assert _shown_times(out) == shown
+    with av.open(str(out)) as c:
+        ends = [float((p.pts + p.duration) * p.time_base) for p in c.demux(c.streams.audio[0]) if p.pts is not None]
+    assert 0.9 < max(ends) < 1.05  # cut where the last frame ends (0.933 + one average period)
