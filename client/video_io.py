@@ -162,7 +162,7 @@ class VideoWriter:
                  sample_aspect: Fraction | None = None, audio_from: str | Path | None = None,
                  times: collections.deque | None = None):
         self.audio_from = audio_from
-        self.times = times if self.path.suffix.lower() in TIMED_SUFFIXES else None
+        self.times = times if Path(path).suffix.lower() in TIMED_SUFFIXES else None
         self._last_pts: int | None = None
         self.audio_kept = False
         self.path = Path(path)
