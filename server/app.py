@@ -24,6 +24,7 @@ sessions only to an authorised scrape. Bodies, keys and timeouts: server.http.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -58,6 +59,7 @@ from streamdiff.server.sessions import (
     StreamKeyTaken,
     check_prompt,
     enable_event_log,
+    events,
     in_client_words,
     parse_flag,
     to_engine_params,
@@ -128,14 +130,35 @@ def _full(exc: ServerFull, settings: ServerSettings) -> web.Response:
 async def _not_ready(request: web.Request) -> str | None:
     """None once the engine runs (waiting for a warm-up in progress, bounded); else why not, for
     a 503 with `_retry_warm_up` headers."""
-    why = await request.app[START_KEY].ready(request.app[SETTINGS_KEY].warmup_wait_s)
-    if why is not None:
-        log.info("refused %s %s: %s", request.method, request.path, why)
-    return why
+    return await request.app[START_KEY].ready(request.app[SETTINGS_KEY].warmup_wait_s)
 
 
 def _retry_warm_up(request: web.Request) -> dict:
     return {"Retry-After": str(request.app[SETTINGS_KEY].warmup_retry_after_s)}
+
+
+LOGGED = web.RequestKey("refusal_logged", bool)  # SessionManager.open has logged this refusal
+
+
+async def log_refusal(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: one console line for every refused session offer, with the reason
+    the client was sent (OBS shows only "Failed to connect" and drops the body, docs/obs.md). The
+    session manager's own refusals (a key taken, the server full) say more and are logged there
+    (`request[LOGGED]`); a WHEP player's 404 while it waits for a publisher is not a refusal
+    (viewer.html retries on it)."""
+    if request.method != "POST" or response.status < 400 or request.get(LOGGED) or not isinstance(response, web.Response):
+        return
+    kind = "browser" if request.path == "/offer" else request.path.split("/")[1]
+    if kind not in ("browser", "whip", "whep") or (kind == "whep" and response.status == 404):
+        return
+    text = (response.text or "").strip()
+    if response.content_type == "application/json":
+        try:
+            text = json.loads(text).get("error", text)
+        except (ValueError, AttributeError):
+            pass
+    events.info("refused %s session (stream key %s): %d %s", kind, request.match_info.get("key", "-"),
+                response.status, text.splitlines()[0] if text else response.reason)
 
 
 def _expect_header(session) -> dict:
@@ -194,6 +217,7 @@ async def offer(request: web.Request) -> web.Response:
     try:
         session = await sessions.open("browser", None, prompt, stamp=stamp, **params)
     except ServerFull as exc:
+        request[LOGGED] = True
         return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": str(settings.retry_after_s)})
     except ValueError as exc:  # a parameter out of range (the engine names it; we say it in the client's word)
         return web.json_response({"error": str(in_client_words(exc, body))}, status=400)
@@ -244,8 +268,10 @@ async def whip_post(request: web.Request) -> web.Response:
     try:
         session = await sessions.open("whip", key, stamp=stamp)
     except StreamKeyTaken as exc:
+        request[LOGGED] = True
         return _error(409, str(exc))
     except ServerFull as exc:
+        request[LOGGED] = True
         return _full(exc, settings)
     try:
         _wire_input(session, sessions, settings)
@@ -276,6 +302,7 @@ async def whep_post(request: web.Request) -> web.Response:
     try:
         session = await sessions.open("whep", key)
     except ServerFull as exc:
+        request[LOGGED] = True
         return _full(exc, settings)
     try:
         session.source = source
@@ -397,6 +424,7 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
     quiet_malformed_requests()
     app = web.Application(client_max_size=256 * 1024)
     app.on_response_prepare.append(add_cors)
+    app.on_response_prepare.append(log_refusal)
     app[ENGINE_KEY] = engine
     app[SETTINGS_KEY] = settings
     app[START_KEY] = start = EngineStart(engine, own=own_engine)

@@ -43,6 +43,11 @@ async def _obs():
                 text = await r.text()
                 assert r.status == 400 and "Total Layers" in text and "simulcast" in text, text
             assert sessions_of(app).sessions == {}
+            # ... as are a wrong Content-Type and a missing token (OBS shows only "Failed to connect").
+            async with http.post(f"{url}/whip/cam", data=offer, headers={"Content-Type": "text/plain", **auth()}) as r:
+                assert r.status == 415
+            async with http.post(f"{url}/whip/cam", data=offer, headers=SDP) as r:
+                assert r.status == 401
             # 2. One layer: accepted, and the answer accepts that layer.
             async with http.post(f"{url}/whip/cam", data=_with_layers(offer, 1), headers={**SDP, **auth()}) as r:
                 assert r.status == 201, await r.text()
@@ -86,7 +91,14 @@ def test_simulcast_whep_and_the_console_lines():
         events.removeHandler(handler)
     lines = out.getvalue().splitlines()
     assert any(re.search(r"session \w+ \(whip, key cam\) started, admitted .* expect about [\d.]+ fps", l) for l in lines), lines
-    assert any("refused whip session (stream key other)" in l and "--max-sessions" in l for l in lines), lines
+    refused = [l for l in lines if "refused whip session" in l]
+    # every refusal once on the console, with the reason the client got (found by a probe: only
+    # the session manager's refusals were printed, not the SDP, codec, content-type or token ones)
+    assert sum("(stream key other)" in l and "--max-sessions" in l for l in refused) == 1, lines
+    assert sum("(stream key cam): 400" in l and "Total Layers" in l for l in refused) == 1, lines
+    assert sum("(stream key cam): 415 Content-Type must be application/sdp" in l for l in refused) == 1, lines
+    assert sum("(stream key cam): 401" in l for l in refused) == 1, lines
+    assert len(refused) == 4, refused
     assert any(re.search(r"session \w+ \(whip, key \w+\) ended after \d+ s.*: WHIP DELETE", l) for l in lines), lines
     assert any(re.search(r"session \w+ \(whep, key \w+\) ended", l) for l in lines), lines
 
