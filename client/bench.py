@@ -176,6 +176,10 @@ async def _probe(http: aiohttp.ClientSession, url: str, warmup_wait_s: float = 6
     return body
 
 
+class SessionRefused(BenchError):
+    """The server is full or its admission refused this session (503): the others still run."""
+
+
 async def _open_session(http: aiohttp.ClientSession, url: str, record: SessionRecord, clip: np.ndarray,
                         fps: float, prompt: str, token: str | None) -> RTCPeerConnection:
     """One peer: offer with `stamp`, answer, wait until connected."""
@@ -203,7 +207,8 @@ async def _open_session(http: aiohttp.ClientSession, url: str, record: SessionRe
             hint = f" (retry after {retry} s)" if retry else ""
             if status == 401:
                 hint = " (pass the server's token with --token)"
-            raise BenchError(f"the server refused {name}: HTTP {status}: {reason}{hint}")
+            raise (SessionRefused if status == 503 else BenchError)(
+                f"the server refused {name}: HTTP {status}: {reason}{hint}")
         body = json.loads(text)
         record.session_id = body.get("session")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type="answer"))
@@ -326,7 +331,9 @@ def format_report(report: dict) -> str:
     """The table printed at the end: one row per session and an aggregate row."""
     rows = [_row(str(s["session"]), s, (s["server"] or {}).get("latency_mean_ms")) for s in report["sessions"]]
     rows.append(_row("all", report["aggregate"], report["aggregate"]["server_latency_mean_ms"]))
-    head = (f"{report['url']}: {len(report['sessions'])} session(s), {report['width']}x{report['height']} "
+    refused = report.get("refused") or []
+    said = f" ({len(refused)} more refused: {refused[0]['reason']})" if refused else ""
+    head = (f"{report['url']}: {len(report['sessions'])} session(s){said}, {report['width']}x{report['height']} "
             f"at {report['fps_in']:g} fps in, {report['duration_s']:g} s, deadline {report['deadline_ms']:g} ms\n"
             "latency: glass to glass (sender's encoder in -> receiver's decoder out); "
             "server mean: the engine's own (arrival -> end of step)\n")
@@ -352,6 +359,7 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
         configure_bitrates(bitrate_bps)
     records = [SessionRecord(i) for i in range(sessions)]
     pcs: list[RTCPeerConnection] = []
+    refused: list[dict] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         # 1. Ask the server: running? which frame size?
         health = await _probe(http, url)
@@ -363,12 +371,20 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
             width, height = DEFAULT_SIZE
         clip = synthetic_clip(CLIP_FRAMES, width, height)  # [n, H, W, 3]
         try:
-            # 2. Open the sessions one by one (the server admits each on its own).
+            # 2. Open the sessions one by one (the server admits each on its own). A refused one
+            #    is reported as such; the admitted ones are measured (none admitted: an error).
             for record in records:
-                pcs.append(await _open_session(http, url, record, clip, fps, prompt, token))
+                try:
+                    pcs.append(await _open_session(http, url, record, clip, fps, prompt, token))
+                except SessionRefused as exc:
+                    refused.append({"session": record.index + 1, "reason": str(exc)})
+                    print(f"{exc}; measuring the others", file=sys.stderr, flush=True)
+            admitted = [r for r in records if r.index + 1 not in {x["session"] for x in refused}]
+            if not admitted:
+                raise BenchError(refused[0]["reason"])
             # 3. Measure, then read the server's own numbers while the streams still exist.
             t0_s = time.monotonic()
-            await _measure(records, duration_s, progress)
+            await _measure(admitted, duration_s, progress)
             server = await _server_metrics(http, url, token)
         finally:
             # 4. Close every peer (the server frees a session when its peer closes).
@@ -378,10 +394,10 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
                 for task in record.tasks:
                     task.cancel()
                 await asyncio.gather(*record.tasks, return_exceptions=True)
-    per_session = [session_report(r, fps, deadline_ms, t0_s, server.get(r.session_id)) for r in records]
+    per_session = [session_report(r, fps, deadline_ms, t0_s, server.get(r.session_id)) for r in admitted]
     report = {
         "mode": "end-to-end", "command": command, "url": url, "width": width, "height": height, "fps_in": fps, "duration_s": duration_s,
-        "deadline_ms": deadline_ms, "prompt": prompt, "sessions": per_session,
+        "deadline_ms": deadline_ms, "prompt": prompt, "sessions": per_session, "refused": refused,
         "aggregate": aggregate_report(per_session, fps, deadline_ms),
     }
     if json_path:

@@ -230,7 +230,7 @@ def _parse_int_list(flag: str, text: str, lo: int, hi: int) -> tuple[int, ...]:
     bad = [v for v in values if not lo <= v <= hi]
     if bad:
         raise CliError(f"{flag} {text!r}: {bad[0]} is out of range [{lo}, {hi}]")
-    return values
+    return tuple(dict.fromkeys(values))  # a value given twice is measured once
 
 
 def _parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
@@ -243,13 +243,14 @@ def _parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
             raise CliError(f"--resolution {item!r}: width and height must be multiples of 16 "
                            f"(VAE 8x, patch 2x), e.g. --resolution 512x512,832x480")
         out.append(size)
-    return tuple(out)
+    return tuple(dict.fromkeys(out))  # a size given twice is measured once
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")  # what matplotlib writes without extra packages
 # Flags of one bench mode only (default None / False: not given).
 BENCH_MODEL_ONLY = ("config", "set", "steps", "resolution", "streams", "random_weights", "dtype", "peak_tflops",
                     "simulate", "hop_ms", "compile", "cuda_graphs", "stages", "ray")
-BENCH_E2E_ONLY = ("token", "fps", "size")
+BENCH_E2E_ONLY = ("token", "fps", "size", "sessions")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -257,6 +258,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:  # before minutes of measuring, not after
             check_writable(path, flag)
+    if args.plot and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
+        raise CliError(f"--plot {args.plot}: the plot is an image: end the name with one of {', '.join(PLOT_SUFFIXES)}")
 
     def given(names: tuple[str, ...]) -> list[str]:
         return [name for name in names if getattr(args, name) not in (None, False)]
@@ -292,8 +295,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # 2. Model mode: check the flags, run every combination in this process, report.
     if args.deadline_ms is None:  # the config's service level, so the miss rate means something there
         args.deadline_ms = bench_deadline_ms(args.config or DEFAULT_PRESET, args.set or ())
-    steps = _parse_int_list("--steps", args.steps, 1, 4) if args.steps else None
-    resolutions = _parse_resolutions(args.resolution) if args.resolution else None
+    steps = _parse_int_list("--steps", args.steps, 1, 4) if args.steps is not None else None
+    resolutions = _parse_resolutions(args.resolution) if args.resolution is not None else None
     streams = _parse_int_list("--streams", args.streams or "1", 1, 64)
     from streamdiff.bench import report as benchreport
     from streamdiff.bench.modes import modes_from_flags
@@ -425,7 +428,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from streamdiff.bench.memory_plan import GiB, format_plan, parse_bytes, plan_memory, write_plan_json
 
     try:
-        sizes = [parse_bytes(x) for x in args.gpu_mem.split(",")] if args.gpu_mem else []
+        sizes = list(dict.fromkeys(parse_bytes(x) for x in args.gpu_mem.split(","))) if args.gpu_mem else []
     except ValueError as exc:
         raise CliError(f"--gpu-mem {exc}") from None
     if not sizes:
@@ -508,8 +511,16 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A flag argparse cannot take is one line, like every other error here (argparse printed its
+    usage block above it: 4-11 lines for `--duration nan`)."""
+
+    def error(self, message: str):
+        self.exit(2, f"streamdiff: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamdiff", description="Real-time streaming video diffusion")
+    parser = _Parser(prog="streamdiff", description="Real-time streaming video diffusion")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -595,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--hop-ms", type=number_in(float, 0, 60_000, "0.5"), help="per-hop transport latency (default: measured with Ray here)")
     e2e = bench.add_argument_group("end-to-end mode")
     e2e.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8000 (selects end-to-end mode)")
-    e2e.add_argument("--sessions", type=number_in(int, 1, 64, "2"), default=1, help="concurrent sessions")
+    e2e.add_argument("--sessions", type=number_in(int, 1, 64, "2"), help="concurrent sessions (default 1)")
     e2e.add_argument("--token", help="bearer token of the server")
     e2e.add_argument("--fps", type=number_in(float, 0.1, 240, "30"), help="input frame rate sent per session")
     e2e.add_argument("--size", help="input frame size WxH, e.g. 256x256")

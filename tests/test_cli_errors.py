@@ -208,3 +208,24 @@ def test_result_paths_are_checked_before_the_work(tmp_path):
         out, err = run(*args)
         assert out == {"rc": 2, "torch": False}, (args, err)
         assert len(err.splitlines()) == 1 and words in err, (args, err)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["bench", "--duration", "nan"], "argument --duration: 'nan' is not a number"),
+    (["bench", "--sessions", "0"], "argument --sessions"),
+    (["render", "--input", "x.mp4"], "the following arguments are required: --prompt, --output"),
+    (["bench", "--sessions", "3"], "--sessions applies to end-to-end mode only"),
+    (["bench", "--plot", "cdf.txt"], "--plot cdf.txt: the plot is an image"),
+    (["plan", "--gpu-mem", "24"], "--gpu-mem '24' is not a device's memory"),
+])
+def test_flag_mistakes_are_one_line_before_any_work(args, words, capsys):
+    """A probe: argparse printed its usage block (4-11 lines) above the error; --sessions without
+    --url was ignored; --plot with a name matplotlib cannot write failed after the whole run."""
+    from streamdiff.cli import main
+
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("streamdiff: error: ") and words in err[0], err

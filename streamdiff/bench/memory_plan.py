@@ -375,19 +375,23 @@ def _vae_peak(vae, cfg: Config, streams: int, width: int, height: int) -> tuple[
 
 
 def parse_bytes(text: str) -> int:
-    """'24GiB', '24GB' (taken as GiB, as cards are sold), '80G', '16384MiB', '1e9' -> bytes."""
+    """'24GiB', '24GB' (taken as GiB, as cards are sold), '80G', '16384MiB', '1e9' -> bytes; a
+    device's memory only (64 MiB to 16 TiB): '24' (24 bytes, a unit forgotten), '0' or '1e30GiB'
+    planned "no stream" or a billion streams before."""
     t = text.strip().lower().replace(" ", "")
     units = {"gib": GiB, "gb": GiB, "g": GiB, "mib": 2**20, "mb": 2**20, "m": 2**20, "b": 1}
-    for suffix, scale in units.items():
+    scale, number = 1, t
+    for suffix, unit in units.items():
         if t.endswith(suffix):
-            try:
-                return int(float(t[: -len(suffix)]) * scale)
-            except ValueError:
-                break
+            scale, number = unit, t[: -len(suffix)]
+            break
     try:
-        return int(float(t))
-    except ValueError:
+        n = int(float(number) * scale)
+    except (ValueError, OverflowError):
         raise ValueError(f"{text!r} is not a memory size (e.g. 24GiB, 16384MiB)") from None
+    if not 64 * 2**20 <= n <= 2**44:
+        raise ValueError(f"{text!r} is not a device's memory: 64 MiB to 16 TiB, with a unit (e.g. 24GiB, 80GB)")
+    return n
 
 
 def format_plan(plan: MemoryPlan, device_bytes: int) -> str:

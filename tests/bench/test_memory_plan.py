@@ -157,6 +157,13 @@ def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
 
 
+@pytest.mark.parametrize("text", ["24", "0", "1e30GiB", "nan", "infGiB", "20TiB", "12MiB"])
+def test_parse_bytes_refuses_what_no_device_has(text):
+    """A probe: '24' (a unit forgotten: 24 bytes) and '0' planned "no stream", '1e30GiB' a billion."""
+    with pytest.raises(ValueError, match="not a (device's memory|memory size)"):
+        parse_bytes(text)
+
+
 def test_cli_plan_prints_and_refuses_bad_sizes(tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["plan", "--config", "tiny", "--set", "video.width=64", "--set", "video.height=48", "--device", "cpu",

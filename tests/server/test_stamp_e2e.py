@@ -15,7 +15,7 @@ from aiortc import MediaStreamTrack
 from av import VideoFrame
 
 from gateway_helpers import HEIGHT, TOKEN, WIDTH, auth, obs_like_offer, running_server, sessions_of, tiny_config
-from streamdiff.client.bench import BenchError, run_e2e
+from streamdiff.client.bench import BenchError, format_report, run_e2e
 from streamdiff.engine import AsyncEngine
 from streamdiff.pipeline.frames import synthetic_clip
 from streamdiff.server.app import ENGINE_KEY
@@ -186,3 +186,24 @@ def test_bench_latencies_match_the_server_metrics():
 def test_bench_says_when_the_server_is_unreachable():
     with pytest.raises(BenchError, match="cannot reach a StreamDiff server at http://127.0.0.1:9"):
         asyncio.run(run_e2e("http://127.0.0.1:9", sessions=1, duration_s=1.0, progress=False, bitrate_bps=None))
+
+
+async def _bench_one_refused(tmp_path):
+    async with running_server(max_sessions=1) as (url, app):
+        report = await run_e2e(url, sessions=2, duration_s=2.0, fps=15.0, token=TOKEN, progress=False,
+                               bitrate_bps=None, json_path=str(tmp_path / "r.json"))
+    return report
+
+
+def test_a_refused_session_is_reported_and_the_others_measured(tmp_path, capsys):
+    """A probe: with --max-sessions 1, `bench --sessions 2` ended with "the server refused session
+    2" and no report: session 1's measurement and the JSON were thrown away."""
+    import json
+
+    report = asyncio.run(_bench_one_refused(tmp_path))
+    assert len(report["sessions"]) == 1 and report["sessions"][0]["frames_read"] > 0
+    assert [r["session"] for r in report["refused"]] == [2]
+    assert "HTTP 503" in report["refused"][0]["reason"]
+    assert json.loads((tmp_path / "r.json").read_text())["refused"] == report["refused"]
+    assert "1 more refused" in format_report(report)
+    assert "refused session 2" in capsys.readouterr().err
