@@ -114,7 +114,7 @@ def add_audio(video: str | Path, source: str | Path, out: str | Path, until_s: f
     are (no re-encoding), interleaved by time; the audio is shifted by the source video's start,
     so that it stays in sync with frames that now start at 0, and ends at `until_s` (the video's
     length, when fewer frames than the source's were rendered). False (and no `out`) when the
-    output's container cannot hold that audio codec (PCM in an .mp4, for one)."""
+    output's container cannot hold that audio codec (Opus in an .avi, for one)."""
     try:
         with av.open(str(source)) as src, av.open(str(video)) as vid, av.open(str(out), "w") as dst:
             a_in, v_in = src.streams.audio[0], vid.streams.video[0]
@@ -174,7 +174,7 @@ class VideoWriter:
         self.stream = self.container.add_stream(codec, rate=rate)
         self.stream.width, self.stream.height = width, height
         self.stream.pix_fmt = "yuv420p"
-        if times is not None:
+        if self.times is not None:
             self.stream.codec_context.time_base = TIME_BASE
         if sample_aspect is not None:
             self.stream.codec_context.sample_aspect_ratio = sample_aspect
