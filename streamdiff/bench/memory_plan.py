@@ -414,7 +414,8 @@ def format_plan(plan: MemoryPlan, device_bytes: int) -> str:
         f"  KV pool: {g(plan.kv_lane)} per lane; {g(plan.kv_stream)} per stream (4 lanes allocated), "
         f"{g(plan.kv_needed)} for {plan.steps} lane(s)",
         f"  per stream: VAE caches {g(plan.vae_cache_stream)}, prompt K/V {g(plan.prompt_kv)}",
-        f"  activations: {g(plan.activations(1))} at 1 stream (+{g(plan.act_dit_row * plan.steps)} DiT per stream)",
+        f"  activations: {g(plan.activations(1))} at 1 stream; each stream more adds {g(plan.act_dit_row * plan.steps)} "
+        f"to the DiT's phase and {g(plan.act_vae_stream)} to the VAE's (the phases run in turn: the larger counts)",
         f"  fixed: reserve {g(plan.reserve)}, text embedding cache {g(plan.text_cache)}, "
         f"{SPARE_PROMPTS} spare prompt K/V {g(SPARE_PROMPTS * plan.prompt_kv)}",
     ]

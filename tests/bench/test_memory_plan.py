@@ -181,3 +181,16 @@ def test_the_plan_says_what_it_leaves_out_under_cuda_graphs():
     assert any("cuda_graphs" in note and "not counted" in note for note in graphs.notes)
     assert not any("cuda_graphs" in note for note in eager.notes)
     assert graphs.total(2) == eager.total(2)  # a note, not a guess added to the sum
+
+
+def test_the_printed_parts_add_up_to_the_plan():
+    """A probe: the plan printed "+1.9 MiB DiT per stream" and left out the VAE's 45 MB a stream,
+    which "fits" counted, so the printed numbers did not add up to the streams that fit."""
+    plan = plan_memory(load_config("tiny"), "cpu", steps=1)
+    text = format_plan(plan, 24 * GiB)
+    per_stream_activations = plan.activations(3) - plan.activations(2)
+    assert per_stream_activations in (plan.act_dit_row * plan.steps, plan.act_vae_stream)
+    line = next(l for l in text.splitlines() if l.strip().startswith("activations:"))
+    mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731 - tiny's parts are all under 256 MiB
+    assert f"adds {mib(plan.act_dit_row * plan.steps)} to the DiT's phase and {mib(plan.act_vae_stream)} to the VAE's" in line
+    assert plan.act_vae_stream > 0
