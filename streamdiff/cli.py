@@ -269,6 +269,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if extra := given(BENCH_MODEL_ONLY):
             raise CliError(f"--{extra[0].replace('_', '-')} is a model-mode flag; end-to-end mode (--url) "
                            f"measures whatever the server runs")
+        _check_server_url(args.url)
         from streamdiff.client import bench as e2e
 
         try:
@@ -327,6 +328,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"wrote {benchreport.plot(plot_series(report), args.plot, title=report['command'], deadline_ms=settings.deadline_ms)}")
     return 0
+
+
+def _check_server_url(url: str) -> None:
+    """`--url` names a server, http(s)://HOST[:PORT] ("notaurl" was tried, and said "cannot reach
+    notaurl: notaurl/healthz")."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+    except ValueError:  # a port that is not a number
+        ok = False
+    if not ok:
+        raise CliError(f"--url {url!r} is not a server address: give http://HOST:PORT, e.g. --url http://127.0.0.1:8000")
 
 
 def _bench_as_served(settings, report: dict) -> None:

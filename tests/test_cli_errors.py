@@ -217,6 +217,8 @@ def test_result_paths_are_checked_before_the_work(tmp_path):
     (["bench", "--sessions", "3"], "--sessions applies to end-to-end mode only"),
     (["bench", "--plot", "cdf.txt"], "--plot cdf.txt: the plot is an image"),
     (["plan", "--gpu-mem", "24"], "--gpu-mem '24' is not a device's memory"),
+    (["bench", "--url", "notaurl"], "--url 'notaurl' is not a server address"),
+    (["bench", "--url", "http://h:port"], "is not a server address"),
 ])
 def test_flag_mistakes_are_one_line_before_any_work(args, words, capsys):
     """A probe: argparse printed its usage block (4-11 lines) above the error; --sessions without
