@@ -71,9 +71,10 @@ def arrival_gaps_s(times_s: Sequence[float]) -> list[float]:
 
 
 def jitter_ms(times_s: Sequence[float]) -> float:
+    """NaN ("-" in tables, null in JSON) with fewer than two gaps: a spread of one gap is not 0."""
     gaps = arrival_gaps_s(times_s)
     if len(gaps) < 2:
-        return 0.0
+        return math.nan
     mean = sum(gaps) / len(gaps)
     return 1000.0 * math.sqrt(sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1))
 
