@@ -43,6 +43,7 @@ def enable_event_log(stream=None) -> logging.Handler:
     events.propagate = False
     return handler
 
+
 def release_freed_memory() -> bool:
     """Hand memory that is free inside glibc's heaps back to the system (malloc_trim). A session
     frees hundreds of small buffers (codec frames, numpy arrays, aiortc packets) that glibc keeps
