@@ -359,6 +359,7 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
         configure_bitrates(bitrate_bps)
     records = [SessionRecord(i) for i in range(sessions)]
     pcs: list[RTCPeerConnection] = []
+    admitted: list[SessionRecord] = []
     refused: list[dict] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         # 1. Ask the server: running? which frame size?
@@ -376,10 +377,10 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
             for record in records:
                 try:
                     pcs.append(await _open_session(http, url, record, clip, fps, prompt, token))
+                    admitted.append(record)
                 except SessionRefused as exc:
                     refused.append({"session": record.index + 1, "reason": str(exc)})
                     print(f"{exc}; measuring the others", file=sys.stderr, flush=True)
-            admitted = [r for r in records if r.index + 1 not in {x["session"] for x in refused}]
             if not admitted:
                 raise BenchError(refused[0]["reason"])
             # 3. Measure, then read the server's own numbers while the streams still exist.

@@ -16,20 +16,29 @@ class ControlError(Exception):
     One line, in the user's terms."""
 
 
-def ws_url(base_url: str, session: str, token: str | None = None) -> str:
-    """http(s)://host:port[/...] or ws(s)://... -> ws(s)://host:port/ws?session=...&token=...
-    ControlError for anything else (a missing scheme or host, a port out of range)."""
-    parts = urlsplit(base_url)
-    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+WS_SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
+
+
+def server_address(url: str, schemes=WS_SCHEMES):
+    """`url` split (urlsplit) if it names a server: one of `schemes`, a host, a port in range;
+    ControlError otherwise (`streamdiff control` and `streamdiff bench --url` both check it)."""
+    parts = urlsplit(url)
     try:
         port_ok = parts.port is None or 1 <= parts.port <= 65535
     except ValueError:  # not a number, or out of range
         port_ok = False
-    if scheme is None or not parts.hostname or not port_ok:
-        raise ControlError(f"--url {base_url!r} is not a server address: use http://HOST:PORT, "
+    if parts.scheme not in schemes or not parts.hostname or not port_ok:
+        raise ControlError(f"--url {url!r} is not a server address: use http://HOST:PORT, "
                            f"e.g. http://127.0.0.1:8000")
+    return parts
+
+
+def ws_url(base_url: str, session: str, token: str | None = None) -> str:
+    """http(s)://host:port[/...] or ws(s)://... -> ws(s)://host:port/ws?session=...&token=...
+    ControlError for anything else (a missing scheme or host, a port out of range)."""
+    parts = server_address(base_url)
     query = {"session": session, **({"token": token} if token else {})}
-    return urlunsplit((scheme, parts.netloc, "/ws", urlencode(query), ""))
+    return urlunsplit((WS_SCHEMES[parts.scheme], parts.netloc, "/ws", urlencode(query), ""))
 
 
 async def send_params(base_url: str, session: str, params: dict, token: str | None = None,

@@ -34,7 +34,6 @@ class VideoInfo:
     height: int
     fps: float
     frames: int  # 0 when the container does not say
-    rotation: int = 0  # degrees counter-clockwise the player turns the stored picture (0, 90, 180, 270)
     sample_aspect: Fraction | None = None  # pixels that are not square (anamorphic video)
     has_audio: bool = False
 
@@ -46,6 +45,7 @@ def _video_stream(container):
 
 
 def _rotation(frame) -> int:
+    """Degrees counter-clockwise a player turns the stored picture (0, 90, 180, 270)."""
     return int(round(getattr(frame, "rotation", 0) or 0)) % 360
 
 
@@ -62,14 +62,11 @@ def probe(path: str | Path) -> VideoInfo:
             stream = _video_stream(container)
             rate = stream.average_rate or stream.guessed_rate or Fraction(30)
             width, height = stream.codec_context.width, stream.codec_context.height
-            rotation = 0
-            for frame in container.decode(stream):  # the display matrix rides on the frames
-                rotation = _rotation(frame)
-                break
-            if rotation in (90, 270):
+            first = next(container.decode(stream), None)  # the display matrix rides on the frames
+            if first is not None and _rotation(first) in (90, 270):
                 width, height = height, width
             sar = stream.sample_aspect_ratio
-            return VideoInfo(width, height, float(rate), stream.frames or 0, rotation,
+            return VideoInfo(width, height, float(rate), stream.frames or 0,
                              Fraction(sar) if sar and sar != 1 else None, bool(container.streams.audio))
     except av.FFmpegError as exc:
         raise VideoInputError(f"{path} is not a video PyAV can read ({exc.__class__.__name__})") from exc

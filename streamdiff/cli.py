@@ -92,7 +92,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         except VideoInputError as exc:
             raise CliError(str(exc)) from None
         width, height = size or (info.width, info.height)
-        fps, total = info.fps, min(info.frames, args.frames or info.frames) if info.frames else (args.frames or 0)
+        fps, total = info.fps, info.frames  # 0: the container does not say
+        if args.frames:
+            total = min(total, args.frames) if total else args.frames
         sample_aspect = None if size else info.sample_aspect  # a --size picks square pixels
     if width % 16 or height % 16:
         hint = f"{max(16, width // 16 * 16)}x{max(16, height // 16 * 16)}"
@@ -333,15 +335,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _check_server_url(url: str) -> None:
     """`--url` names a server, http(s)://HOST[:PORT] ("notaurl" was tried, and said "cannot reach
     notaurl: notaurl/healthz")."""
-    from urllib.parse import urlsplit
+    from streamdiff.client.control import ControlError, server_address
 
     try:
-        parts = urlsplit(url)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
-    except ValueError:  # a port that is not a number
-        ok = False
-    if not ok:
-        raise CliError(f"--url {url!r} is not a server address: give http://HOST:PORT, e.g. --url http://127.0.0.1:8000")
+        server_address(url, schemes=("http", "https"))
+    except ControlError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _bench_as_served(settings, report: dict) -> None:

@@ -191,22 +191,21 @@ class EngineCore:
         self.metrics.stream_added(stream_id, now, slo.deadline_ms)
         return admission
 
+    def _chunks(self) -> dict:
+        """A stream's chunk shape and input rate, as the scheduler's admission calls take them."""
+        s = self.cfg.sampling
+        return {"first_chunk_latents": s.first_chunk_latents, "chunk_latents": s.chunk_latents,
+                "input_fps": self.cfg.video.fps}
+
     def _admit(self, stream_id: str, slo: StreamSLO, steps: int, now: float, stride: int = 0) -> Admission:
         """The scheduler's admission; the lane stride is `stride`, else `parallel.lane_stride`,
         else (0) the scheduler's choice for this stream's SLO (D = depth unless it needs less latency)."""
-        s = self.cfg.sampling
-        return self.scheduler.add_stream(
-            stream_id, slo, self.tokens_per_frame, steps, now,
-            first_chunk_latents=s.first_chunk_latents, chunk_latents=s.chunk_latents,
-            input_fps=self.cfg.video.fps, lane_stride=stride or self.cfg.parallel.lane_stride,
-        )
+        return self.scheduler.add_stream(stream_id, slo, self.tokens_per_frame, steps, now, **self._chunks(),
+                                         lane_stride=stride or self.cfg.parallel.lane_stride)
 
     def expect(self, steps: int | None = None) -> tuple[float, float, float]:
         """(step ms, fps, latency ms) one more stream could expect now (the cost model's view)."""
-        s = self.cfg.sampling
-        return self.scheduler.estimate(self.tokens_per_frame, steps or s.steps,
-                                       first_chunk_latents=s.first_chunk_latents,
-                                       chunk_latents=s.chunk_latents, input_fps=self.cfg.video.fps)
+        return self.scheduler.estimate(self.tokens_per_frame, steps or self.cfg.sampling.steps, **self._chunks())
 
     def remove_stream(self, stream_id: str) -> bool:
         """Forget the stream: scheduler entry, input buffers, output queue, model-side state
@@ -251,10 +250,7 @@ class EngineCore:
     def _restart(self, stream_id: str, entry: _Stream, new: StreamParams, now: float) -> None:
         """Re-admit with the new lane count, keeping waiting frames; refused, the stream runs on
         untouched (the scheduler's restart is atomic) and AdmissionRefused says why."""
-        s = self.cfg.sampling
-        admission, waiting = self.scheduler.restart_stream(
-            stream_id, new.steps, now, first_chunk_latents=s.first_chunk_latents, chunk_latents=s.chunk_latents,
-            input_fps=self.cfg.video.fps)
+        admission, waiting = self.scheduler.restart_stream(stream_id, new.steps, now, **self._chunks())
         if not admission:
             raise AdmissionRefused(f"steps={new.steps} refused for stream {stream_id!r}: {admission.reason}")
         self._repush(stream_id, entry, waiting)
