@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 CHANGE_FAILED = "the change could not be applied (the server log has the details)"
 
 MAX_WAITING_PARAMS = 8  # params messages of one control socket waiting for the engine
+# A control message's size limit: far above any valid one (a prompt is at most 1000 characters),
+# so that a long prompt is answered with what is wrong; a larger message closes the socket (1009).
+MAX_MESSAGE_BYTES = 1 << 20
 
 
 def _authorized(request: web.Request) -> bool:
@@ -68,7 +71,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     key = request.query.get("session", "")
     if sessions.get(key) is None:
         return web.json_response({"error": f"no such session {key!r}"}, status=404)
-    ws = web.WebSocketResponse(heartbeat=10, max_msg_size=64 * 1024)
+    ws = web.WebSocketResponse(heartbeat=10, max_msg_size=MAX_MESSAGE_BYTES)
     await ws.prepare(request)
     owner = sessions.get(key)
     # `owner=1`: the page that made the session holds this socket for its lifetime (other
@@ -81,7 +84,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             session = sessions.get(key)
             if session is None:  # says why (no video for 10 s, the server shutting down, ...)
                 reason = sessions.why_ended(key)
-                await ws.send_json({"type": "closed", **({"reason": reason} if reason else {})})
+                # `server_stopping`: the page waits for the server to come back and starts again
+                await ws.send_json({"type": "closed", **({"reason": reason} if reason else {}),
+                                    **({"server_stopping": True} if sessions.stopping else {})})
                 await ws.close()
                 return
             await ws.send_json({"type": "stats", **session.stats()})

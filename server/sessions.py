@@ -185,7 +185,7 @@ class Session:
         if self.reader is not None:
             out.update(frames_in=self.reader.frames_in, frames_pushed=self.reader.frames_pushed)
         if self.fanout is not None:
-            out.update(frames_out=self.fanout.frames_out, latency_ms=self.fanout.last_latency_ms)
+            out.update(frames_out=self.fanout.frames_out, latency_ms=self.fanout.latency_ms)
         if self.expect is not None:
             out["expect"] = self.expect
         return out
@@ -220,6 +220,7 @@ class SessionManager:
         # engine's admission is awaited): session id -> stream key. Counted by the limit and
         # the key check, so that requests arriving together cannot all pass them.
         self._admitting: dict[str, str] = {}
+        self.stopping = False  # close_all ran: the server is going away (pages wait for it to return)
 
     # ------------------------------------------------------------------ lookup
 
@@ -412,6 +413,7 @@ class SessionManager:
         await asyncio.to_thread(release_freed_memory)
 
     async def close_all(self, reason: str = "server shutting down") -> None:
+        self.stopping = True
         for session_id in list(self.sessions):
             await self.close(session_id, reason)
         if self._trim is not None:

@@ -144,8 +144,17 @@ class FanOut:
         self.on_end = on_end
         self.slots: set[FrameQueue] = set()
         self.frames_out = 0
-        self.last_latency_ms: float | None = None
+        # the latest output frames' latencies: a chunk's first frame waited for the rest of the
+        # chunk to arrive, its last did not, so one frame alone says little
+        self._latencies_ms: collections.deque[float] = collections.deque(maxlen=self.LATENCY_FRAMES)
         self.task = asyncio.create_task(self._run(), name=f"fanout-{stream_id}")
+
+    LATENCY_FRAMES = 16
+
+    @property
+    def latency_ms(self) -> float | None:
+        """Mean latency (input arrival to output) of the latest LATENCY_FRAMES output frames."""
+        return sum(self._latencies_ms) / len(self._latencies_ms) if self._latencies_ms else None
 
     def subscribe(self) -> FrameQueue:
         slot = FrameQueue()
@@ -161,7 +170,7 @@ class FanOut:
             while True:
                 out = await self.engine.next_frame(self.stream_id)
                 self.frames_out += 1
-                self.last_latency_ms = out.latency_ms
+                self._latencies_ms.append(out.latency_ms)
                 frame = out.frame
                 if self.stamp and isinstance(out.pts, Stamped) and out.pts.stamp_id is not None:
                     frame = encode_id(frame, out.pts.stamp_id)

@@ -5,11 +5,35 @@
 const $ = (id) => document.getElementById(id);
 const token = new URLSearchParams(location.search).get("token");
 let pc = null, ws = null, camera = null, sessionId = null, fpsTimer = null, retryTimer = null, expect = null;
+let fadeTimer = null;
 
-function say(text, isError = false) {
+// The status line. `fadeS`: a passing note (a change applied) that clears itself after that many
+// seconds unless something else was said meanwhile.
+function say(text, isError = false, fadeS = 0) {
   $("message").textContent = text;
   $("message").className = isError ? "error" : "";
+  if (fadeTimer) clearTimeout(fadeTimer);
+  fadeTimer = fadeS ? setTimeout(() => { if ($("message").textContent === text) say(""); }, fadeS * 1000) : null;
 }
+
+// Start and Stop swap while a stream runs; the keyboard focus follows the button that is left
+// (a disabled button drops it to the page).
+function streaming(on) {
+  const lost = document.activeElement === $(on ? "start" : "stop");
+  $("start").disabled = on;
+  $("stop").disabled = !on;
+  if (lost) $(on ? "stop" : "start").focus();
+}
+
+// The prompt a user typed survives a reload.
+const PROMPT_KEY = "streamdiff.prompt";
+function keepPrompt(prompt) {
+  try { localStorage.setItem(PROMPT_KEY, prompt); } catch { /* storage off: nothing kept */ }
+}
+try {
+  const kept = localStorage.getItem(PROMPT_KEY);
+  if (kept !== null) $("prompt").value = kept;
+} catch { /* storage off */ }
 
 // A field that must hold a whole number in [lo, hi] (no hi: lo or more): its value, or the
 // sentence to show is thrown (nothing is sent then).
@@ -22,10 +46,10 @@ function wholeNumber(name, lo, hi) {
   }
   return Number(text);
 }
-// Steps, noise, seed and motion start as the server's preset has them (/healthz "defaults");
-// only those the user has changed are sent, so an untouched page gets the preset's values
-// (a Wan preset's 2 steps at 0.8, the demo's own) even if /healthz could not be read. Each
-// reader returns the value to send or throws what is wrong with it.
+// Steps, noise, seed, motion and blend show the server's preset (/healthz "defaults") and then
+// what the stream uses (each change's reply); the page itself holds no values, so it never shows
+// one that is not in use. Only those the user has changed are sent. Each reader returns the
+// value to send or throws what is wrong with it.
 const FIELDS = {
   steps: () => wholeNumber("steps", 1, 4),
   noise: () => {
@@ -36,10 +60,20 @@ const FIELDS = {
   },
   seed: () => wholeNumber("seed", 0),
   motion: () => $("motion").checked,
+  blend: () => wholeNumber("blend", 0, 64),
 };
 const touched = new Set();
 for (const name of Object.keys(FIELDS)) {
   for (const kind of ["input", "change"]) $(name).addEventListener(kind, () => touched.add(name));
+}
+
+// Untouched fields show `values` (control words: steps, noise, seed, motion, blend).
+function showValues(values) {
+  for (const [name, value] of Object.entries(values || {})) {
+    if (!(name in FIELDS) || touched.has(name)) continue;
+    if (name === "motion") $(name).checked = Boolean(value);
+    else $(name).value = value;
+  }
 }
 
 function params() {
@@ -82,11 +116,7 @@ async function loadDefaults() {
   try {
     const health = await (await fetch("/healthz")).json();
     describeModel(health.model);
-    for (const [name, value] of Object.entries(health.defaults || {})) {
-      if (!(name in FIELDS) || touched.has(name)) continue;
-      if (name === "motion") $(name).checked = Boolean(value);
-      else $(name).value = value;
-    }
+    showValues(health.defaults);
     warming = health.state === "warming";
     if (warming) {
       if (!pc && [FIRST_VISIT, ""].includes($("message").textContent)) say(WARMING);
@@ -95,7 +125,8 @@ async function loadDefaults() {
       say(FIRST_VISIT);
     }
   } catch (err) {
-    // the fields keep the page's placeholders; untouched, they are not sent
+    // not answered (the server restarting): the fields stay empty until it answers
+    setTimeout(loadDefaults, 2000);
   }
 }
 
@@ -121,8 +152,7 @@ let run = 0;
 async function start() {
   const mine = ++run;
   const over = () => mine !== run;
-  $("start").disabled = true;
-  $("stop").disabled = false;
+  streaming(true);
   let sent;
   try {
     sent = params();
@@ -148,6 +178,7 @@ async function start() {
   pc = peer;
   camera.getTracks().forEach((t) => peer.addTrack(t, camera));
   peer.addEventListener("track", (ev) => { $("output").srcObject = ev.streams[0] || new MediaStream([ev.track]); });
+  $("overlay").textContent = "–";
   peer.addEventListener("connectionstatechange", () => {
     if (pc !== peer) return;
     if (peer.connectionState === "failed") {
@@ -167,8 +198,7 @@ async function start() {
     resp = await fetch("/offer", { method: "POST", headers, body: JSON.stringify({ sdp: peer.localDescription.sdp, type: "offer", ...sent }) });
   } catch (err) {
     if (over()) return peer.close();
-    say(`Cannot reach the StreamDiff server at ${location.host}: is it running?`, true);
-    return stop();
+    return reconnect(`Cannot reach the StreamDiff server at ${location.host} (is it running?)`);
   }
   // JSON from the handler; a plain-text sentence from the body checks (too large, not JSON)
   const raw = await resp.text().catch(() => "");
@@ -194,6 +224,7 @@ async function start() {
   }
   sessionId = body.session;
   expect = body.expect || null;
+  keepPrompt(sent.prompt);
   showMeans(sent.prompt, body.means);
   await peer.setRemoteDescription({ type: "answer", sdp: body.sdp });
   if (over()) return peer.close();
@@ -207,6 +238,31 @@ async function start() {
 function end(why) {
   stop();
   say(`${why}. Press Start webcam to try again.`, true);
+}
+
+// The server went away (stopped, restarted, crashed) or cannot be reached: keep the camera, ask
+// /healthz every 2 s, and start again once it answers. Stop gives up.
+function reconnect(why) {
+  const keep = camera;
+  camera = null; // stop() leaves it running
+  stop();
+  camera = keep;
+  streaming(true); // Stop cancels the wait
+  const mine = run;
+  const poll = async () => {
+    retryTimer = null;
+    let up = false;
+    try {
+      const resp = await fetch("/healthz", { cache: "no-store" });
+      up = resp.ok || (await resp.json()).state === "warming"; // a Start waits for the warm-up
+    } catch { /* still down */ }
+    if (mine !== run) return;
+    if (up) return start();
+    say(`${why}. Reconnecting once the server answers (Stop gives up)…`, true);
+    retryTimer = setTimeout(poll, 2000);
+  };
+  say(`${why}. Reconnecting once the server answers (Stop gives up)…`, true);
+  retryTimer = setTimeout(poll, 1000);
 }
 
 function expectText() {
@@ -257,14 +313,20 @@ function openControl() {
     } else if (msg.type === "params") {
       const p = msg.params;
       const prompt = p.prompt.trim() ? `"${p.prompt}"` : "(empty prompt)";
-      say(`applied: ${prompt} · steps ${p.steps} · noise ${p.noise} · seed ${p.seed} · motion-aware ${p.motion ? "on" : "off"}`);
+      say(`applied: ${prompt} · steps ${p.steps} · noise ${p.noise} · seed ${p.seed} · motion-aware ${p.motion ? "on" : "off"}`,
+          false, 8);
+      showValues(p);
+      keepPrompt(p.prompt);
       showMeans(p.prompt, msg.means);
     } else if (msg.type === "closed") {
-      end(msg.reason ? `The server ended this stream: ${msg.reason}`
-                     : "The server ended this stream (it may have been stopped or restarted)");
+      const why = msg.reason ? `The server ended this stream: ${msg.reason}`
+                             : "The server ended this stream (it may have been stopped or restarted)";
+      if (msg.server_stopping) reconnect(why);
+      else end(why);
     }
   };
-  socket.onclose = () => { if (ws === socket) end("The control connection to the server closed"); };
+  // Closed without a word: the server stopped or crashed, or the network dropped.
+  socket.onclose = () => { if (ws === socket) reconnect("Lost the connection to the server"); };
 }
 
 function startFpsMeter() {
@@ -292,15 +354,17 @@ function stop() {
   ws = null; // before close(): its onclose then knows the page closed it
   if (socket) socket.close();
   if (pc) pc.close(); // the server frees the session when the peer closes
-  if (camera) camera.getTracks().forEach((t) => t.stop());
+  if (camera) {
+    camera.getTracks().forEach((t) => t.stop());
+    $("local").srcObject = null; // not a frozen last picture
+  }
   pc = ws = camera = sessionId = fpsTimer = retryTimer = expect = null;
   $("output").srcObject = null;
   $("local").style.aspectRatio = "";
-  $("overlay").textContent = "–";
+  $("overlay").textContent = "";
   delete $("overlay").dataset.latency;
   showMeans("", null);
-  $("start").disabled = false;
-  $("stop").disabled = true;
+  streaming(false);
   $("apply").disabled = true;
 }
 
@@ -315,11 +379,14 @@ $("apply").onclick = () => {
     say(`not applied: ${problem}`, true);
   }
 };
-$("prompt").addEventListener("keydown", (ev) => {
-  if (ev.key !== "Enter") return;
-  if ($("apply").disabled) say("press Start webcam to stream with this prompt");
-  else $("apply").click();
-});
+// Enter in a field applies it (Start applies them all).
+for (const id of ["prompt", ...Object.keys(FIELDS)]) {
+  $(id).addEventListener("keydown", (ev) => {
+    if (ev.key !== "Enter") return;
+    if ($("apply").disabled) say("press Start webcam to stream with these settings");
+    else $("apply").click();
+  });
+}
 say(FIRST_VISIT);
 $("fullscreen").onclick = () => $("outpane").requestFullscreen();
 window.addEventListener("beforeunload", stop);

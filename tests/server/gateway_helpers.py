@@ -30,8 +30,9 @@ def tiny_config(max_streams: int = 2):
 
 @contextlib.asynccontextmanager
 async def running_server(token: str | None = TOKEN, max_streams: int = 2, config=None, warm: bool = True,
-                         engine: AsyncEngine | None = None, **settings):
-    """Yields (base_url, app), once the engine is warm (`warm=False`: at once, as `serve` listens).
+                         engine: AsyncEngine | None = None, port: int = 0, **settings):
+    """Yields (base_url, app), once the engine is warm (`warm=False`: at once, as `serve` listens),
+    on `port` (0: a free one).
     Very loose CPU SLO (0.05 fps, 600 s deadline; warm-up timings on a
     busy CPU are noisy) so the engine admits several streams; `target_fps=None, deadline_ms=None`
     gives the preset's own service level. The engine's executor is the one `streamdiff serve`
@@ -43,7 +44,7 @@ async def running_server(token: str | None = TOKEN, max_streams: int = 2, config
     app = build_app(engine, ServerSettings(token=token, ice_loopback=True, **settings))
     runner = app_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     if warm:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from gateway_helpers import answer, obs_like_offer, running_server, sessions_of
+from gateway_helpers import answer, obs_like_offer, running_server, sessions_of, tiny_config
 
 from streamdiff.config import load_config
 
@@ -177,7 +177,7 @@ def test_make_run_page_admits_under_load_retries_refused_users_and_frees_crashed
     (lw, lh), (ow, oh) = out["preview_box"]  # the camera preview is cropped to the output's shape
     assert lh > 0 and abs(lw / lh - ow / oh) < 0.02, out["preview_box"]
     assert out["countdown"] and "busy" in out["countdown"], out
-    assert out["overlay_after_stop"] == "–"
+    assert out["overlay_after_stop"] == ""  # hidden while nothing streams
     assert out["second_admitted"] and out["second_stats"] is not None, out
     assert out["freed_after_crash"], "a crashed tab kept its stream"
     assert "the demo" in out["about"] and "noise" not in out["about"], out["about"]  # what make run serves
@@ -381,3 +381,92 @@ def test_a_page_opened_without_the_servers_token_says_how_to_open_it():
     """It said "The server refused the session: 401" (the reply's text went unread)."""
     said = asyncio.run(_page_without_its_token())
     assert said and "wants a token" in said and "?token=" in said, said
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+FOCUS_JS = "() => document.activeElement && document.activeElement.id"
+RAW_FIELDS_JS = """() => Object.fromEntries(["steps", "noise", "seed", "blend"].map(
+  (id) => [id, document.getElementById(id).value]))"""
+
+
+async def _async_value(page, js: str, check):
+    value = await page.evaluate(js)
+    return value if check(value) else None
+FULLSCREEN_JS = """() => { const r = document.getElementById("output").getBoundingClientRect();
+  return { element: document.fullscreenElement && document.fullscreenElement.id, width: r.width, height: r.height,
+           screen: [window.innerWidth, window.innerHeight] }; }"""
+
+
+async def _page_across_a_server_restart() -> dict:
+    """Found by a probe of the page: after a server restart the page said the control connection
+    had closed and stayed stopped (and "Cannot reach the server" stayed up once it was back);
+    Start and Stop dropped the keyboard focus to the page; Enter in a number field did nothing;
+    Fullscreen showed the 512 px picture in a corner of a black screen."""
+    from playwright.async_api import async_playwright
+
+    out: dict = {}
+    port = _free_port()
+    async with async_playwright() as pw:
+        browser = await _browser(pw)
+        try:
+            page = await browser.new_page()
+            async with running_server(token=None, port=port) as (url, app):
+                # /healthz unanswered: the fields show nothing rather than values not in use
+                await page.route("**/healthz", lambda route: route.abort())
+                await page.goto(url + "/")
+                await page.wait_for_timeout(500)
+                out["fields_unread"] = await page.evaluate(RAW_FIELDS_JS)
+                await page.unroute("**/healthz")
+                out["fields_read"] = await _until(
+                    lambda: _async_value(page, RAW_FIELDS_JS, lambda f: f["steps"] != ""), 10)
+                await page.focus("#start")
+                await page.keyboard.press("Enter")
+                out["focus_after_start"] = await page.evaluate(FOCUS_JS)
+                out["playing"] = await _until(lambda: _playing(page, "output"), 120)
+                await page.fill("#seed", "7")
+                await page.press("#seed", "Enter")
+                out["applied"] = await _until(lambda: _message_with(page, "seed 7"), 30)
+                await page.click("#fullscreen")
+                out["fullscreen"] = await _until(lambda: page.evaluate(FULLSCREEN_JS), 10)
+                await page.evaluate("() => document.exitFullscreen()")
+            # the server stops (its sessions are closed first, as on Ctrl-C) and comes back
+            out["waiting"] = await _until(lambda: _message_with(page, "Reconnecting once the server answers"), 30)
+            out["waiting_state"] = await page.evaluate(PAGE_STATE_JS)
+            async with running_server(token=None, port=port) as (url, app):
+                sessions = sessions_of(app)
+                out["replaying"] = await _until(lambda: _playing(page, "output"), 120)
+                out["seed_kept"] = [p.seed for p in [await sessions.engine.params(sid) for sid in sessions.sessions]]
+            out["waiting_again"] = await _until(lambda: _message_with(page, "Reconnecting"), 30)
+            await page.focus("#stop")
+            await page.keyboard.press("Enter")  # gives up waiting
+            out["focus_after_stop"] = await page.evaluate(FOCUS_JS)
+            await page.wait_for_timeout(3000)
+            out["after_stop"] = await page.evaluate(PAGE_STATE_JS)
+        finally:
+            await browser.close()
+    return out
+
+
+def test_the_page_waits_for_a_restarted_server_and_keeps_the_keyboard_focus():
+    out = asyncio.run(_page_across_a_server_restart())
+    assert out["fields_unread"] == {"steps": "", "noise": "", "seed": "", "blend": ""}, out
+    s = tiny_config().sampling  # what running_server serves; a live prompt change is not blended by default
+    assert out["fields_read"] == {"steps": str(s.steps), "noise": f"{s.noise_strength:g}", "seed": str(s.seed),
+                                  "blend": "0"}, out
+    assert out["focus_after_start"] == "stop", out
+    assert out["playing"] and out["applied"], out
+    full = out["fullscreen"]
+    assert full["element"] == "outpane" and full["height"] == full["screen"][1], full  # fills the screen's height
+    assert out["waiting"] and out["waiting_state"]["stop"] and out["waiting_state"]["camera"], out
+    assert out["replaying"], "the page did not start again once the server was back"
+    assert out["seed_kept"] == [7], out  # what the user changed comes along
+    assert out["focus_after_stop"] == "start", out
+    state = out["after_stop"]
+    assert state["start"] and not state["stop"] and not state["camera"] and state["message"] == "stopped", state
