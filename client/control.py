@@ -41,11 +41,15 @@ def ws_url(base_url: str, session: str, token: str | None = None) -> str:
     return urlunsplit((WS_SCHEMES[parts.scheme], parts.netloc, "/ws", urlencode(query), ""))
 
 
+# WebSocket close codes a server may send without a reason
+CLOSE_CODES = {1001: "going away", 1009: "message too big", 1011: "server error"}
+
+
 async def send_params(base_url: str, session: str, params: dict, token: str | None = None,
                       timeout_s: float = 10.0) -> dict:
     """Send one `params` message and return the server's reply (skipping stats pushes)."""
     import websockets
-    from websockets.exceptions import InvalidStatus
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
 
     url = ws_url(base_url, session, token)
     headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -67,6 +71,10 @@ async def send_params(base_url: str, session: str, params: dict, token: str | No
         raise ControlError(f"{base_url} answered HTTP {status} instead of a control socket") from None
     except TimeoutError:
         raise ControlError(f"{base_url} did not answer within {timeout_s:g} s") from None
+    except ConnectionClosed as exc:  # e.g. 1009: the message is over the server's size limit
+        said = exc.rcvd or exc.sent
+        why = f" ({said.code} {said.reason or CLOSE_CODES.get(said.code, '')})".replace(" )", ")") if said else ""
+        raise ControlError(f"{base_url} closed the control connection{why}") from None
 
 
 def run(base_url: str, session: str, params: dict, token: str | None = None) -> int:

@@ -37,7 +37,11 @@ def test_control_cli_mistakes_are_one_line(capsys):
             said = {}
             for name, args in (("unknown", ["--session", "nosuch", "--token", TOKEN, "--seed", "1"]),
                                ("no token", ["--session", "cam", "--seed", "1"]),
-                               ("refused", ["--session", "cam", "--token", TOKEN, "--prompt", "x" * 5000])):
+                               ("refused", ["--session", "cam", "--token", TOKEN, "--prompt", "x" * 5000]),
+                               # a probe's 100 kB prompt closed the socket (1009) and the CLI printed a
+                               # traceback; past the server's message limit it is still one line
+                               ("long", ["--session", "cam", "--token", TOKEN, "--prompt", "x" * 100_000]),
+                               ("too big", ["--session", "cam", "--token", TOKEN, "--prompt", "x" * 2_000_000])):
                 code = await asyncio.to_thread(cli.main, ["control", "--url", url, *args])
                 said[name] = (code, capsys.readouterr().err.strip())
             await pub.close()
@@ -45,7 +49,9 @@ def test_control_cli_mistakes_are_one_line(capsys):
 
     said = asyncio.run(run())
     for name, words in (("unknown", "no session 'nosuch' on"), ("no token", "wants a token: give --token"),
-                        ("refused", "the server refused the change: prompt is 5000 characters long")):
+                        ("refused", "the server refused the change: prompt is 5000 characters long"),
+                        ("long", "the server refused the change: prompt is 100000 characters long"),
+                        ("too big", "closed the control connection (1009 message too big)")):
         code, err = said[name]
         assert code == 2 and len(err.splitlines()) == 1 and err.startswith("streamdiff: error:"), (name, err)
         assert words in err, (name, err)
