@@ -267,6 +267,19 @@ _RANGES: dict[str, tuple[float, float]] = {
     "runtime.threads": (0, 1024),
     "model.head_dim": (8, 256),
     "model.num_layers": (1, 256),
+    "model.ffn_dim": (1, 1 << 20),
+    "model.in_channels": (1, 1024),
+    "model.out_channels": (1, 1024),
+    "model.text_dim": (1, 1 << 16),
+    "model.freq_dim": (2, 1 << 16),
+    "model.eps": (1e-12, 0.1),
+    "model.rope_max_seq_len": (2, 1 << 20),
+    "vae.base_dim": (1, 1024),
+    "vae.z_dim": (1, 1024),
+    "vae.num_res_blocks": (1, 16),
+    "text.max_length": (1, 1 << 16),
+    "text.cache_size": (0, 1 << 20),
+    "sampling.shift": (0.01, 1000.0),
     "cache.window": (1, 64),
     "cache.sinks": (0, 63),
     "cache.refresh_threshold": (-1.0, 1.0),
@@ -303,6 +316,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{dotted}={value!r} is out of range [{lo}, {hi}]")
     if cfg.model.head_dim % 2:
         raise ConfigError(f"model.head_dim={cfg.model.head_dim} must be even (RoPE pairs)")
+    if cfg.model.freq_dim % 2:
+        raise ConfigError(f"model.freq_dim={cfg.model.freq_dim} must be even (sine and cosine pairs)")
+    if not cfg.model.in_channels == cfg.model.out_channels == cfg.vae.z_dim:
+        raise ConfigError(f"model.in_channels={cfg.model.in_channels} and model.out_channels={cfg.model.out_channels} "
+                          f"must both be vae.z_dim={cfg.vae.z_dim} (the DiT denoises the VAE's latents)")
+    if not cfg.vae.dim_mult or min(cfg.vae.dim_mult) < 1:
+        raise ConfigError(f"vae.dim_mult={list(cfg.vae.dim_mult)} must list channel multipliers >= 1")
     if cfg.cache.sinks >= cfg.cache.window:
         raise ConfigError(f"cache.sinks={cfg.cache.sinks} must be smaller than cache.window={cfg.cache.window}")
     ring = cfg.cache.window - cfg.cache.sinks

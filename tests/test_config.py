@@ -45,6 +45,13 @@ def test_yaml_file_with_preset_and_overrides(tmp_path):
         ("weights.format=diffusers", "weights.transformer must name a path"),
         ("sampling.steps", "must look like section.key=value"),
         ("parallel.backend=processes", "not one of"),
+        # model sizes a probe gave `serve` (a traceback after warm-up, or a silently empty layer)
+        ("model.text_dim=-1", "model.text_dim=-1 is out of range"),
+        ("model.ffn_dim=0", "model.ffn_dim=0 is out of range"),
+        ("vae.num_res_blocks=0", "vae.num_res_blocks=0 is out of range"),
+        ("model.freq_dim=33", "model.freq_dim=33 must be even"),
+        ("vae.dim_mult=[]", "vae.dim_mult=[] must list"),
+        ("model.in_channels=8", "must both be vae.z_dim=16"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
