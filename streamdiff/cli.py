@@ -497,8 +497,9 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    if args.threads < 1:
-        raise CliError(f"--threads must be 1 or more, got {args.threads}")
+    from streamdiff.config import load_config, resolve_path
+
+    cfg = load_config(args.config)  # a wrong name fails here, before any folder is made
     check_folder(args.work, "--work")  # before the teacher's renders and the training, not after
     check_folder(args.output, "--output")
     try:
@@ -511,9 +512,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
                          dit_batch=2, checkpoint_every=1, photos=2, size=64, vae_crop=32,
                          vae_decoder_crop=32, dit_crop=4)
     if not args.smoke:  # the weights this rebuild stands beside: the config's own
-        from streamdiff.config import load_config, resolve_path
-
-        made = load_config(args.config).weights.transformer
+        made = cfg.weights.transformer
         note = kernel_note(resolve_path(made).parent / "training.json") if made else None
         if note:
             print(f"train-demo: {note}", file=sys.stderr)
@@ -663,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--work", default="out/demo-train", help="work folder: data, checkpoints (resumable)")
     train.add_argument("--output", default="out/demo-weights",
                        help="where the safetensors go (configs/demo to replace the shipped ones)")
-    train.add_argument("--threads", type=int, default=2,
+    train.add_argument("--threads", type=int, default=2, choices=(1, 2),
                        help="2 (default): the teacher in two processes, TAEHV encoder and latents on two threads, then "
                             "the TAEHV decoder and the DiT side by side on one each; 1: every stage in turn on one thread")
     train.add_argument("--smoke", action="store_true", help="two steps per stage on two photographs at 64x64 (tests)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import socket
 from pathlib import Path
 
@@ -64,14 +65,19 @@ def check_writable(path: str, flag: str) -> None:
 
 
 def check_folder(path: str, flag: str) -> None:
-    """`flag` names a folder that exists or can be made (not a file)."""
+    """`flag` names a folder that exists or can be made (not a file). Nothing is made here: a
+    run refused for another reason leaves no empty folder behind."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{flag} {path} is a file; name a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot make that folder ({exc.strerror or exc})") from None
+    parent = folder
+    while not parent.exists():  # the nearest folder that is there holds what would be made
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is a file, so that folder cannot be made")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        what = "is not writable" if parent == folder else f"cannot be made ({parent} is not writable)"
+        raise ConfigError(f"{flag} {path} {what}")
 
 
 def check_device(cfg: Config) -> None:

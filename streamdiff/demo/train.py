@@ -21,6 +21,8 @@ Deterministic given the seed and each stage's thread count; step counts (not wal
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,10 +92,21 @@ def photo_clips(name: str, index: int, recipe: Recipe) -> np.ndarray:
 _teacher: Teacher | None = None  # a data worker's own teacher (one per process)
 
 
+def _ignore_ctrl_c() -> None:
+    """In a child process: Ctrl-C reaches every process of the terminal's group; the parent
+    stops its children, so they print nothing of their own (18 tracebacks before)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _start_worker() -> None:
     global _teacher
+    _ignore_ctrl_c()
     torch.set_num_threads(1)
     _teacher = Teacher(threads=1)
+
+
+def _render_indexed(job: tuple[Path, str, int, Recipe]) -> Path:
+    return _render_photo(*job)
 
 
 def _render_photo(folder: Path, name: str, index: int, recipe: Recipe, teacher: Teacher | None = None) -> Path:
@@ -117,7 +130,11 @@ def stage_data(work: Path, recipe: Recipe, threads: int) -> list[Path]:
     names = TRAIN_PHOTOS[: recipe.photos]
     files = [folder / f"{name}.npy" for name in names]
     todo = [(i, name) for i, name in enumerate(names) if not files[i].exists()]
-    bar = tqdm(total=len(todo), desc="data: teacher renders", unit="photo", disable=not todo)
+    if todo and len(todo) < len(names):
+        print(f"data: resuming: {len(names) - len(todo)} of {len(names)} photographs were rendered "
+              f"by an earlier run ({folder})", file=sys.stderr)
+    bar = tqdm(total=len(names), initial=len(names) - len(todo), desc="data: teacher renders", unit="photo",
+               disable=not todo)
     if threads < 2 or len(todo) < 2:
         teacher = Teacher(threads=threads) if todo else None
         for i, name in todo:
@@ -125,18 +142,18 @@ def stage_data(work: Path, recipe: Recipe, threads: int) -> list[Path]:
             bar.update(1)
     else:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(min(threads, len(todo)), multiprocessing.get_context("spawn"),
-                                 initializer=_start_worker) as pool:
-            futures = [pool.submit(_render_photo, folder, name, i, recipe) for i, name in todo]
-            try:
-                for done in as_completed(futures):
-                    done.result()  # a worker's error stops the stage here, with its traceback
-                    bar.update(1)
-            except BaseException:  # an error or Ctrl-C: photographs not yet started are not rendered
-                pool.shutdown(cancel_futures=True)
-                raise
+        pool = multiprocessing.get_context("spawn").Pool(min(threads, len(todo)), initializer=_start_worker)
+        try:
+            jobs = [(folder, name, i, recipe) for i, name in todo]
+            for _ in pool.imap_unordered(_render_indexed, jobs):  # a worker's error is raised here
+                bar.update(1)
+            pool.close()
+        except BaseException:  # an error or Ctrl-C: stop the renders now (a finished photo is kept)
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
     bar.close()
     return files
 
@@ -531,6 +548,7 @@ def claim_work(work: Path, recipe: Recipe) -> None:
 def _decoder_process(work: str, config: str, recipe: Recipe, threads: int) -> None:
     """`stage_vae_decoder` in a child process (spawned: a fresh interpreter), from the work
     folder's finished encoder."""
+    _ignore_ctrl_c()  # the parent terminates this process on Ctrl-C
     torch.set_num_threads(threads)
     cfg = load_config(config)
     data = load_data(stage_data(Path(work), recipe, threads))  # the files are there: nothing to make

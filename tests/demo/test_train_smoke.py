@@ -6,10 +6,12 @@ folder resumes only under the recipe that made it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from streamdiff.cli import main
@@ -52,7 +54,7 @@ def test_smoke_run_exports_loadable_weights_and_resumes(tmp_path, capsys):
     assert len(pipe.push(frames)) + len(pipe.flush()) == 9
 
 
-def test_two_threads_train_the_decoder_beside_the_dit_to_the_same_weights(tmp_path):
+def test_two_threads_train_the_decoder_beside_the_dit_to_the_same_weights(tmp_path, capsys):
     work, out = tmp_path / "work", tmp_path / "out"
     args = ["train-demo", "--smoke", "--work", str(work), "--output", str(out)]
     assert main(args) == 0  # the default, 2 threads: data .. latents on both, then decoder | DiT on 1 each
@@ -62,6 +64,12 @@ def test_two_threads_train_the_decoder_beside_the_dit_to_the_same_weights(tmp_pa
     recipe = Recipe(**json.loads((out / "training.json").read_text())["recipe"])
     one = stage_data(tmp_path / "one", recipe, threads=1)
     assert [f.read_bytes() for f in one] == [(work / "data" / f.name).read_bytes() for f in one]
+    # a run stopped half way resumes, and says so (a probe saw a rerun render 16 of 19 in silence)
+    kept = one[0].read_bytes()
+    one[1].unlink()
+    capsys.readouterr()
+    assert stage_data(tmp_path / "one", recipe, threads=2) == one and one[0].read_bytes() == kept
+    assert "data: resuming: 1 of 2 photographs were rendered by an earlier run" in capsys.readouterr().err
     beside = (out / "taehv.safetensors").read_bytes()
     # the same decoder stage in this process, on one thread, from the same encoder and latents
     shutil.copytree(work, tmp_path / "again", ignore=shutil.ignore_patterns("vae.ckpt"))
@@ -93,8 +101,17 @@ def test_a_work_folder_resumes_only_under_its_own_recipe(tmp_path, capsys):
     assert "recorded no recipe" in err and len(err.splitlines()) == 1
 
 
-def test_threads_below_one_are_refused_in_one_line(tmp_path, capsys):
-    assert main(["train-demo", "--smoke", "--work", str(tmp_path / "w"), "--threads", "0"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.endswith("--threads must be 1 or more, got 0") and len(err.splitlines()) == 1
-    assert not (tmp_path / "w").exists()  # refused before anything was made
+def test_mistakes_are_refused_in_one_line_before_any_folder_is_made(tmp_path, capsys):
+    """A probe: `--threads 64` started 64 teacher processes on 2 cores (the help names 1 and 2);
+    `--config nosuch` and a bad `--output` left an empty --work folder behind."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for args, words in ((["--threads", "0"], "argument --threads: invalid choice: 0 (choose from 1, 2)"),
+                        (["--threads", "64"], "invalid choice: 64"),
+                        (["--config", "nosuch"], "nosuch"),
+                        (["--output", str(a_file)], f"--output {a_file} is a file")):
+        with pytest.raises(SystemExit) if "--threads" in args else contextlib.nullcontext():
+            assert main(["train-demo", "--smoke", "--work", str(tmp_path / "w"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, (args, err)
+        assert not (tmp_path / "w").exists(), args  # refused before anything was made
