@@ -484,11 +484,16 @@ def app_runner(app: web.Application) -> web.AppRunner:
     return web.AppRunner(app, keepalive_timeout=app[SETTINGS_KEY].header_timeout_s)
 
 
+def page_url(host: str, port: int) -> str:
+    """The address to open: an IPv6 host in brackets (http://[::1]:8000/)."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def startup_lines(cfg, settings: ServerSettings, host: str, port: int, expect: tuple[float, float, float]) -> list[str]:
     """What `serve` prints once the engine is warm: where to go, the service level, and what one
     stream can expect from the measured step."""
     step_ms, fps, latency_ms = expect
-    shown = f"http://{host}:{port}/"
+    shown = page_url(host, port)
     token = f"token={settings.token}" if settings.token else ""
     target = settings.target_fps or cfg.slo.target_fps or cfg.video.fps
     deadline = settings.deadline_ms or cfg.slo.deadline_ms
@@ -519,7 +524,7 @@ def serve(cfg, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettin
     start = app[START_KEY]
 
     async def announce(_app: web.Application) -> None:  # the port listens right after the start-up hooks
-        print(f"StreamDiff: warming up {cfg.name} on http://{host}:{port}/ (the page opens now; a stream "
+        print(f"StreamDiff: warming up {cfg.name} on {page_url(host, port)} (the page opens now; a stream "
               f"starts once the model is warm)", flush=True)
         start.task.add_done_callback(_stop_if_failed)
 

@@ -26,6 +26,7 @@ from streamdiff.preflight import (
     check_folder,
     check_listen,
     check_output_path,
+    check_reachable,
     check_weight_paths,
     check_writable,
     number_in,
@@ -193,9 +194,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides += [f"parallel.num_stages={args.stages}", "parallel.backend=ray"]
     if args.ray_address:
         overrides += [f"parallel.ray_address={args.ray_address}", "parallel.backend=ray"]
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:  # in the flag's words when the flag set it
+        said = f"parallel.num_stages={args.stages}"
+        if args.stages is None or not str(exc).startswith(said):
+            raise
+        raise ConfigError(f"--stages {args.stages}{str(exc)[len(said):]}") from None
     check_weight_paths(cfg)  # before torch
     check_listen(args.host, args.port)  # before the engine's warm-up, not after it
+    if cfg.parallel.ray_address not in ("", "auto"):
+        check_reachable(cfg.parallel.ray_address)
     check_device(cfg)
     _say_if_random(cfg)
 
@@ -282,6 +291,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if extra := given(BENCH_E2E_ONLY):
         hint = " (model mode takes --resolution)" if extra[0] == "size" else ""
         raise CliError(f"--{extra[0]} applies to end-to-end mode only (with --url){hint}")
+    # the lists before torch loads (a mistyped one failed after 1.5-4.7 s of imports)
+    steps = _parse_int_list("--steps", args.steps, 1, 4) if args.steps is not None else None
+    resolutions = _parse_resolutions(args.resolution) if args.resolution is not None else None
+    streams = _parse_int_list("--streams", args.streams or "1", 1, 64)
     # the checkpoints (unless --random-weights), then the device, before any warm-up
     from streamdiff.bench.model import ModelBenchSettings, bench_config
 
@@ -298,9 +311,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # 2. Model mode: check the flags, run every combination in this process, report.
     if args.deadline_ms is None:  # the config's service level, so the miss rate means something there
         args.deadline_ms = bench_deadline_ms(args.config or DEFAULT_PRESET, args.set or ())
-    steps = _parse_int_list("--steps", args.steps, 1, 4) if args.steps is not None else None
-    resolutions = _parse_resolutions(args.resolution) if args.resolution is not None else None
-    streams = _parse_int_list("--streams", args.streams or "1", 1, 64)
     from streamdiff.bench import report as benchreport
     from streamdiff.bench.modes import modes_from_flags
     from streamdiff.bench.model import (
@@ -631,7 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", default=DEFAULT_PRESET, help=CONFIG_HELP)
     plan.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. text.device=cpu")
     plan.add_argument("--gpu-mem", metavar="SIZE[,SIZE]",
-                      help="device memory, e.g. 24GiB or 16GiB,24GiB,80GiB (default: this GPU's, else 24GiB)")
+                      help="device memory, e.g. 24GiB or 16GiB,24GiB,80GiB; GB counts as GiB, as cards are sold "
+                           "(default: this GPU's, else 24GiB)")
     plan.add_argument("--resolution", metavar="WxH", help="frame size (default: the config's)")
     plan.add_argument("--steps", type=int, help="denoise steps 1-4 (default: the config's)")
     plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda",

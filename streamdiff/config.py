@@ -529,6 +529,9 @@ def load_config(source: str | Path | None = None, overrides: list[str] | tuple[s
     """
     if source is None:
         data: dict = {}
+    elif not str(source).strip():  # Path("") is the current folder
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"the config name is empty: give a preset ({', '.join(known)}) or a YAML file")
     else:
         path = Path(source)
         if path.suffix in (".yaml", ".yml") or path.exists():

@@ -120,6 +120,22 @@ def check_listen(host: str, port: int) -> None:
                 raise ConfigError(f"cannot listen on {where}: {why}") from None
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A Ray cluster's HOST:PORT (or ray://HOST:PORT) answers TCP: `serve` checks it before it
+    announces the page and warms up, and the Ray executor before `ray.init`, which on an address
+    where nothing listens retries for about ten minutes and ignores SIGTERM meanwhile."""
+    where = address.removeprefix("ray://")
+    host, sep, port = where.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"parallel.ray_address {address!r}: expected 'auto', HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"Ray cluster at {address}: nothing answers there ({exc.strerror or exc}); start its "
+                          f"head with `ray start --head --port {port}`, or leave out --ray-address to run the "
+                          f"stages in a local Ray") from None
+
+
 def port_number(text: str) -> int:
     """argparse type for --port: an integer in 1-65535."""
     try:

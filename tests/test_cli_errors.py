@@ -31,6 +31,12 @@ def run(*args: str, hide_gpus: bool = False) -> tuple[dict, str]:
       "--set", "weights.transformer=/nowhere/model.pt"], ["weights.transformer=/nowhere/model.pt does not exist"]),
     # a GPU preset whose files are missing: the paths are reported, not the missing GPU
     (["serve", "--config", "wan-1.3b"], ["does not exist", "weights.transformer"]),
+    # a probe: mistyped bench lists failed after torch's 1.5-4.7 s import
+    (["bench", "--config", "tiny", "--resolution", "10x"], ["--resolution '10x' must look like 512x512"]),
+    (["bench", "--config", "tiny", "--streams", "0"], ["--streams '0'"]),
+    (["bench", "--config", "tiny", "--steps", "9"], ["--steps"]),
+    # a probe: a wrong Ray address was found after "the page opens now" and the warm-up began
+    (["serve", "--config", "tiny", "--ray-address", "127.0.0.1:1"], ["Ray cluster at 127.0.0.1:1: nothing answers"]),
 ])
 def test_errors_that_need_no_model_come_before_torch(args, words):
     out, err = run(*args)
@@ -88,7 +94,7 @@ def test_a_ray_address_where_nothing_answers_is_one_line_not_ten_minutes():
     import socket
 
     from streamdiff.config import ConfigError
-    from streamdiff.parallel.ray_executor import check_reachable
+    from streamdiff.preflight import check_reachable
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -219,6 +225,10 @@ def test_result_paths_are_checked_before_the_work(tmp_path):
     (["plan", "--gpu-mem", "24"], "--gpu-mem '24' is not a device's memory"),
     (["bench", "--url", "notaurl"], "--url 'notaurl' is not a server address"),
     (["bench", "--url", "http://h:port"], "is not a server address"),
+    # a probe: the flag's value named by a config key the user never typed, and "config . is a folder"
+    (["serve", "--config", "tiny", "--stages", "99"], "--stages 99 is out of range"),
+    (["serve", "--config", "tiny", "--stages", "3"], "--stages 3 exceeds model.num_layers=2"),
+    (["serve", "--config", ""], "the config name is empty: give a preset (demo, tiny"),
 ])
 def test_flag_mistakes_are_one_line_before_any_work(args, words, capsys):
     """A probe: argparse printed its usage block (4-11 lines) above the error; --sessions without

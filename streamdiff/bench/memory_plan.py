@@ -375,11 +375,12 @@ def _vae_peak(vae, cfg: Config, streams: int, width: int, height: int) -> tuple[
 
 
 def parse_bytes(text: str) -> int:
-    """'24GiB', '24GB' (taken as GiB, as cards are sold), '80G', '16384MiB', '1e9' -> bytes; a
-    device's memory only (64 MiB to 16 TiB): '24' (24 bytes, a unit forgotten), '0' or '1e30GiB'
+    """'24GiB', '24GB' (taken as GiB, as cards are sold), '80G', '1TiB', '16384MiB', '1e9' -> bytes;
+    a device's memory only (64 MiB to 16 TiB): '24' (24 bytes, a unit forgotten), '0' or '1e30GiB'
     planned "no stream" or a billion streams before."""
     t = text.strip().lower().replace(" ", "")
-    units = {"gib": GiB, "gb": GiB, "g": GiB, "mib": 2**20, "mb": 2**20, "m": 2**20, "b": 1}
+    units = {"tib": 2**40, "tb": 2**40, "t": 2**40, "gib": GiB, "gb": GiB, "g": GiB,
+             "mib": 2**20, "mb": 2**20, "m": 2**20, "b": 1}
     scale, number = 1, t
     for suffix, unit in units.items():
         if t.endswith(suffix):

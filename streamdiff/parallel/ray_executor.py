@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 from dataclasses import replace
 
@@ -36,6 +35,7 @@ from ray.dag import DAGContext, InputNode  # noqa: E402
 from streamdiff.config import Config, ConfigError
 from streamdiff.parallel.executor import StageFailure
 from streamdiff.parallel.partition import ranges
+from streamdiff.preflight import check_reachable
 from streamdiff.engine.types import ChunkInput, StreamOutput
 from streamdiff.parallel.messages import Hop, StageInput, StageSpec, StepOut, message_bytes, stage_specs
 from streamdiff.parallel.stage import StageWorker
@@ -51,21 +51,6 @@ ENV_PASSED = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES_OVERRIDE", "STREAMDIFF_C
 
 class ClusterError(ConfigError):
     """The Ray cluster cannot be joined or cannot run these stages (one line for the CLI)."""
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """A HOST:PORT (or ray://HOST:PORT) answers TCP. Without this, `ray.init` on an address where
-    nothing listens retries for about ten minutes and ignores SIGTERM meanwhile."""
-    where = address.removeprefix("ray://")
-    host, sep, port = where.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ClusterError(f"parallel.ray_address {address!r}: expected 'auto', HOST:PORT or ray://HOST:PORT")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise ClusterError(f"Ray cluster at {address}: nothing answers there ({exc.strerror or exc}); start its "
-                           f"head with `ray start --head --port {port}`, or leave out --ray-address to run the "
-                           f"stages in a local Ray") from None
 
 
 def connect(address: str, num_stages: int) -> bool:

@@ -152,7 +152,8 @@ def test_wan_1_3b_weights_from_the_meta_build():
     assert 5.6e9 < p.text_weights / 2 < 5.8e9  # umT5-XXL encoder in bf16
 
 
-@pytest.mark.parametrize("text,value", [("24GiB", 24 * GiB), ("80G", 80 * GiB), ("16384MiB", 16 * GiB), ("1e9", 10**9)])
+@pytest.mark.parametrize("text,value", [("24GiB", 24 * GiB), ("80G", 80 * GiB), ("16384MiB", 16 * GiB), ("1e9", 10**9),
+                                        ("1TiB", 2**40), ("16TB", 2**44)])  # a probe: the range said 16 TiB, "1TiB" was refused
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
 
