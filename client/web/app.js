@@ -241,7 +241,9 @@ function end(why) {
 }
 
 // The server went away (stopped, restarted, crashed) or cannot be reached: keep the camera, ask
-// /healthz every 2 s, and start again once it answers. Stop gives up.
+// /healthz every 2 s, and start again once it answers (a restarting server answers while it
+// warms up). Stop gives up, and so does the page after RECONNECT_FOR_S, turning the camera off.
+const RECONNECT_FOR_S = 300;
 function reconnect(why) {
   const keep = camera;
   camera = null; // stop() leaves it running
@@ -249,6 +251,8 @@ function reconnect(why) {
   camera = keep;
   streaming(true); // Stop cancels the wait
   const mine = run;
+  const waiting = `${why}. Reconnecting once the server answers (Stop gives up)…`;
+  const until = Date.now() + RECONNECT_FOR_S * 1000;
   const poll = async () => {
     retryTimer = null;
     let up = false;
@@ -258,10 +262,11 @@ function reconnect(why) {
     } catch { /* still down */ }
     if (mine !== run) return;
     if (up) return start();
-    say(`${why}. Reconnecting once the server answers (Stop gives up)…`, true);
+    if (Date.now() > until) return end(`${why}, and it did not come back within ${RECONNECT_FOR_S / 60} minutes`);
+    say(waiting, true); // again: a Start that failed may have said something else
     retryTimer = setTimeout(poll, 2000);
   };
-  say(`${why}. Reconnecting once the server answers (Stop gives up)…`, true);
+  say(waiting, true);
   retryTimer = setTimeout(poll, 1000);
 }
 
