@@ -46,9 +46,11 @@ from streamdiff.server.http import (
     authorized,
     check_stream_key,
     error,
-    read_json_object,
+    expect_small_body,
     quiet_malformed_requests,
+    read_json_object,
     read_text,
+    shown_key,
     unauthorized,
 )
 from streamdiff.server.prom import exposition
@@ -148,6 +150,8 @@ async def log_refusal(request: web.Request, response: web.StreamResponse) -> Non
     (viewer.html retries on it)."""
     if request.method != "POST" or response.status < 400 or request.get(LOGGED) or not isinstance(response, web.Response):
         return
+    if request.match_info.http_exception is not None:  # no such route (POST /whip/, /whip/k/x): not an offer
+        return
     kind = "browser" if request.path == "/offer" else request.path.split("/")[1]
     if kind not in ("browser", "whip", "whep") or (kind == "whep" and response.status == 404):
         return
@@ -157,7 +161,7 @@ async def log_refusal(request: web.Request, response: web.StreamResponse) -> Non
             text = json.loads(text).get("error", text)
         except (ValueError, AttributeError):
             pass
-    events.info("refused %s session (stream key %s): %d %s", kind, request.match_info.get("key", "-"),
+    events.info("refused %s session (stream key %s): %d %s", kind, shown_key(request.match_info.get("key", "-")),
                 response.status, text.splitlines()[0] if text else response.reason)
 
 
@@ -372,7 +376,7 @@ async def options(request: web.Request) -> web.Response:
     URL takes DELETE only)."""
     if request.path == "/offer":
         return web.Response(status=204, headers={**CORS, "Accept-Post": "application/json"})
-    if "id" in request.match_info or request.path.startswith("/sessions/"):
+    if "id" in request.match_info or request.path.startswith("/sessions") or request.path in ("/healthz", "/metrics"):
         return web.Response(status=204, headers=CORS)
     return web.Response(status=204, headers={**CORS, "Accept-Post": "application/sdp"})
 
@@ -459,10 +463,10 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
     r.add_get("/index.html", _static("index.html"))
     r.add_get("/viewer.html", _static("viewer.html"))
     r.add_get("/app.js", _static("app.js"))
-    r.add_post("/offer", offer)
+    r.add_post("/offer", offer, expect_handler=expect_small_body)
     r.add_route("OPTIONS", "/offer", options)
     for kind, post in (("whip", whip_post), ("whep", whep_post)):
-        r.add_post(f"/{kind}/{{key}}", post)
+        r.add_post(f"/{kind}/{{key}}", post, expect_handler=expect_small_body)
         if kind == "whep":
             r.add_route("HEAD", f"/{kind}/{{key}}", whep_head)
         r.add_route("OPTIONS", f"/{kind}/{{key}}", options)
@@ -470,11 +474,11 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
         r.add_patch(f"/{kind}/{{key}}/{{id}}", resource_patch)
         r.add_route("OPTIONS", f"/{kind}/{{key}}/{{id}}", options)
     r.add_get("/ws", websocket)
-    r.add_patch("/sessions/{id}/params", params_patch)
+    r.add_patch("/sessions/{id}/params", params_patch, expect_handler=expect_small_body)
     r.add_route("OPTIONS", "/sessions/{id}/params", options)
-    r.add_get("/sessions", list_sessions)
-    r.add_get("/healthz", healthz)
-    r.add_get("/metrics", metrics)
+    for path, get in (("/sessions", list_sessions), ("/healthz", healthz), ("/metrics", metrics)):
+        r.add_get(path, get)
+        r.add_route("OPTIONS", path, options)  # a controller on another origin sends a token: preflighted
     return app
 
 

@@ -22,7 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 CORS = {
     "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
+    "Access-Control-Allow-Methods": "GET, HEAD, POST, DELETE, PATCH, OPTIONS",
     "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
     "Access-Control-Expose-Headers": "Location, Retry-After, X-Session-Id, X-StreamDiff-Expect",
 }
@@ -41,6 +41,12 @@ def error(status: int, text: str, **headers) -> web.Response:
 
 def _raise(cls: type[web.HTTPException], text: str) -> None:
     raise cls(text=text + "\n", headers=CORS)
+
+
+def shown_key(key: str) -> str:
+    """A stream key as a log line may show it: a key that breaks the rule (a newline would start
+    a forged line) is shown escaped and cut short."""
+    return key if STREAM_KEY.fullmatch(key) else ascii(key[:32]) + ("…" if len(key) > 32 else "")
 
 
 def check_stream_key(key: str) -> str:
@@ -71,6 +77,19 @@ async def read_text(request: web.Request, timeout_s: float, limit: int = MAX_BOD
         return b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError:
         _raise(web.HTTPBadRequest, "the body is not valid UTF-8")
+
+
+async def expect_small_body(request: web.Request) -> None:
+    """The routes' `Expect: 100-continue` handler: a body declared over MAX_BODY_BYTES is refused
+    (413) before the client sends it, instead of after "100 Continue"."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        _too_large(MAX_BODY_BYTES, request.content_length)
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        _raise(web.HTTPExpectationFailed, f"Expect: {expect[:40]!r} is not supported (only 100-continue)")
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the body's answer starts after it
 
 
 def _too_large(limit: int, size: int) -> None:
@@ -106,13 +125,23 @@ def parse_json(text: str) -> object:
 
 
 async def read_json_object(request: web.Request, timeout_s: float) -> dict:
-    """A JSON object body (400 with a plain message otherwise)."""
+    """A JSON object body. A refusal (400, 408, 413, 415) is JSON too, `{"error": "..."}`, as
+    every other answer of a JSON endpoint is (a client reads one format)."""
     try:
-        value = parse_json(await read_text(request, timeout_s))
-    except ValueError as exc:
-        _raise(web.HTTPBadRequest, str(exc))
-    if not isinstance(value, dict):
-        _raise(web.HTTPBadRequest, "the body must be a JSON object")
+        if request.content_type != "application/json":
+            _raise(web.HTTPUnsupportedMediaType, f"Content-Type must be application/json, not "
+                                                 f"{request.content_type[:60]!r}")
+        try:
+            value = parse_json(await read_text(request, timeout_s))
+        except ValueError as exc:
+            _raise(web.HTTPBadRequest, str(exc))
+        if not isinstance(value, dict):
+            _raise(web.HTTPBadRequest, "the body must be a JSON object")
+    except web.HTTPException as exc:
+        message = exc.text.strip()
+        exc.content_type = "application/json"
+        exc.text = json.dumps({"error": message}) + "\n"
+        raise
     return value
 
 

@@ -39,7 +39,7 @@ def check_offer_sdp(sdp: str, *, need_video: bool = True) -> list[str]:
     if not kinds:
         raise SdpError("malformed SDP: no media section ('m=' line)")
     if need_video and "video" not in kinds:
-        raise CodecError("the offer has no video media section")
+        raise SdpError("the offer has no video media section")
     return kinds
 
 

@@ -166,3 +166,67 @@ def test_hostile_inputs_get_4xx_and_nothing_crashes(caplog):
     assert not crashes, [r.getMessage() for r in crashes]
     refused = [r.getMessage() for r in caplog.records if r.name == "aiohttp.server"]
     assert len(refused) >= 4 and all(m.startswith("refused a malformed HTTP request from ") for m in refused), refused
+
+
+async def _one_format_and_honest_logs(caplog) -> dict:
+    out: dict = {}
+    async with running_server() as (url, app):
+        port = int(url.rsplit(":", 1)[1])
+        async with aiohttp.ClientSession() as http:
+            # a stream key with a newline cannot start a line of its own in the log
+            async with http.post(f"{url}/whip/a%0A07:21:00%20session%20x%20started", data="x", headers=SDP) as r:
+                out["forged"] = r.status
+            # no such route: not logged as a refused session
+            async with http.post(f"{url}/whip/k/abc", data="x", headers=SDP) as r:
+                out["no_route"] = r.status
+            # the JSON endpoints answer every refusal in JSON, and want JSON
+            answers = {}
+            for name, method, path, data, headers in (
+                    ("not json", "POST", "/offer", b"not json", JSON),
+                    ("text/plain", "POST", "/offer", b'{"sdp": "v=0", "type": "offer"}', {"Content-Type": "text/plain"}),
+                    ("no type", "POST", "/offer", b'{"sdp": "v=0", "type": "offer"}', {}),
+                    ("array", "PATCH", "/sessions/k/params", b"[1]", JSON),
+                    ("huge", "POST", "/offer", b"x" * 200_000, JSON)):
+                async with http.request(method, f"{url}{path}", data=data, headers={**auth(), **headers}) as r:
+                    answers[name] = (r.status, r.content_type, await r.json(content_type=None))
+            out["answers"] = answers
+            # a controller on another origin preflights a GET that carries the token
+            out["preflight"] = {}
+            for path in ("/sessions", "/metrics", "/healthz"):
+                async with http.options(f"{url}{path}", headers={"Origin": "http://elsewhere",
+                                                                 "Access-Control-Request-Method": "GET",
+                                                                 "Access-Control-Request-Headers": "authorization"}) as r:
+                    out["preflight"][path] = (r.status, r.headers.get("Access-Control-Allow-Methods", ""))
+            # a WHIP offer with audio only: a bad offer (400), not a codec it lacks (406)
+            audio_only = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+            async with http.post(f"{url}/whip/k", data=audio_only, headers={**auth(), **SDP}) as r:
+                out["audio_only"] = (r.status, await r.text())
+        # a body declared too large is refused before "100 Continue" invites it
+        out["expect"] = await _raw(port, b"POST /offer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                         b"Expect: 100-continue\r\nContent-Length: 999999999\r\n\r\n", wait_s=3.0)
+    return out
+
+
+def test_json_endpoints_answer_in_json_and_the_log_shows_what_clients_sent_escaped(caplog):
+    """Found by a probe of the HTTP surface: a stream key with %0A wrote a forged line into the
+    console (no token needed: the key is checked first); /offer and PATCH answered body errors in
+    plain text and took any Content-Type; OPTIONS on /sessions, /metrics and /healthz was 405, so
+    a page on another origin could not send its token; an audio-only WHIP offer got 406; a huge
+    body with Expect: 100-continue was invited before it was refused; a POST to no route was
+    logged as a refused session."""
+    caplog.set_level(logging.INFO)
+    out = asyncio.run(_one_format_and_honest_logs(caplog))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("streamdiff")]
+    refused = [line for line in lines if line.startswith("refused whip session")]
+    assert out["forged"] == 400 and out["no_route"] == 405
+    assert len(refused) == 2 and not any("\n" in line for line in lines), refused  # forged key, audio only
+    assert "(stream key 'a\\n07:21:00 session x started')" in refused[0], refused  # escaped
+    for name, (status, ctype, body) in out["answers"].items():
+        assert ctype == "application/json" and set(body) == {"error"}, (name, ctype, body)
+    assert out["answers"]["not json"][0] == 400 and out["answers"]["array"][0] == 400
+    assert out["answers"]["text/plain"][0] == 415 and "application/json" in out["answers"]["text/plain"][2]["error"]
+    assert out["answers"]["no type"][0] == 415 and out["answers"]["huge"][0] == 413
+    for path, (status, methods) in out["preflight"].items():
+        assert status == 204 and "GET" in methods, (path, status, methods)
+    assert out["audio_only"][0] == 400 and "no video" in out["audio_only"][1], out["audio_only"]
+    assert out["expect"].startswith(b"HTTP/1.1 413") and b"100 Continue" not in out["expect"], out["expect"][:80]
