@@ -73,16 +73,21 @@ def probe(path: str | Path) -> VideoInfo:
 
 
 def read_frames(path: str | Path, size: tuple[int, int] | None = None,
-                times: list | None = None) -> Iterator[np.ndarray]:
+                times: list | None = None, sample_aspect: Fraction | None = None) -> Iterator[np.ndarray]:
     """Yield frames [H, W, 3] uint8 as a player shows them (turned by the file's display rotation),
     resized to size=(width, height) if given, else to the first frame's size (a stream that
-    changes resolution midway, which H.264 allows, keeps one size, with a warning). `times`: each
-    frame's presentation time (seconds after the first frame; None if the file gives none) is
-    appended to it as the frame is yielded, for a writer that keeps a variable frame rate."""
+    changes resolution midway, which H.264 allows, keeps one size, with a warning). A frame whose
+    shown shape differs from the size's is centre-cropped to it first, never stretched (as the
+    server crops a camera): `sample_aspect` is the pixel shape the frames are for (None: square;
+    a file's own, to keep its anamorphic pixels). `times`: each frame's presentation time (seconds
+    after the first frame; None if the file gives none) is appended to it as the frame is yielded,
+    for a writer that keeps a variable frame rate."""
     try:
         with av.open(str(path)) as container:
             stream = _video_stream(container)
             stream.thread_type = "AUTO"
+            pixel_in = Fraction(stream.sample_aspect_ratio or 1) or Fraction(1)
+            pixel_out = Fraction(sample_aspect or 1)
             target, first, start = size, None, None  # (width, height) as displayed; the first frame's stored size
             for n, frame in enumerate(container.decode(stream)):
                 turns = _rotation(frame) // 90
@@ -95,7 +100,8 @@ def read_frames(path: str | Path, size: tuple[int, int] | None = None,
                     first = (frame.width, frame.height)
                 stored = target if turns % 2 == 0 else target[::-1]
                 if (frame.width, frame.height) != stored:
-                    frame = frame.reformat(width=stored[0], height=stored[1])
+                    out_pixel = pixel_out if turns % 2 == 0 else 1 / pixel_out  # as stored
+                    frame = _fit(frame, stored, stored[0] * out_pixel / stored[1], pixel_in)
                 rgb = frame.to_ndarray(format="rgb24")
                 if times is not None:
                     t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
@@ -104,6 +110,20 @@ def read_frames(path: str | Path, size: tuple[int, int] | None = None,
                 yield np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
     except av.FFmpegError as exc:
         raise VideoInputError(f"{path}: decoding failed ({exc.__class__.__name__}: {exc})") from exc
+
+
+def _fit(frame: av.VideoFrame, size: tuple[int, int], shape: Fraction, pixel: Fraction) -> av.VideoFrame:
+    """`frame` scaled to `size`, centre-cropped first to the shown shape (width / height) `shape`
+    when its own (its pixels' aspect `pixel`) differs by more than a pixel."""
+    w, h = frame.width, frame.height
+    have = w * pixel / h
+    if have > shape and (cut := w - round(h * shape / pixel)) > 1:  # too wide: cut the sides
+        rgb = frame.to_ndarray(format="rgb24")[:, cut // 2: cut // 2 + w - cut]
+    elif have < shape and (cut := h - round(w * pixel / shape)) > 1:  # too tall: cut top and bottom
+        rgb = frame.to_ndarray(format="rgb24")[cut // 2: cut // 2 + h - cut]
+    else:
+        return frame.reformat(width=size[0], height=size[1])
+    return av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(width=size[0], height=size[1])
 
 
 def add_audio(video: str | Path, source: str | Path, out: str | Path, until_s: float | None = None) -> bool:

@@ -40,11 +40,19 @@ def _authorized(request: web.Request) -> bool:
 _unauthorized = unauthorized
 
 
-def _params_reply(sessions: SessionManager, params: dict) -> dict:
-    """The stream's parameters, and what the model makes of the prompt where it knows only a
+def _params_reply(sessions: SessionManager, key: str, params: dict) -> dict:
+    """The stream's parameters, what it can expect (`expect`, renewed when steps change: more
+    steps cost fps and add latency), and what the model makes of the prompt where it knows only a
     few (`means`: the demo's nine names), so that a user sees why a free prompt changed nothing."""
-    means = sessions.prompt_means(params["prompt"])
-    return {"params": params} if means is None else {"params": params, "means": means}
+    reply = {"params": params}
+    session = sessions.get(key)
+    if session is not None and session.kind == "whep":
+        session = session.source
+    if session is not None and session.expect is not None:
+        reply["expect"] = session.expect
+    if (means := sessions.prompt_means(params["prompt"])) is not None:
+        reply["means"] = means
+    return reply
 
 
 async def params_patch(request: web.Request) -> web.Response:
@@ -61,7 +69,7 @@ async def params_patch(request: web.Request) -> web.Response:
     except Exception:  # noqa: BLE001 - one line to the client, the traceback to the log
         log.exception("applying %s to session %s failed", body, request.match_info["id"])
         return web.json_response({"error": CHANGE_FAILED}, status=500)
-    return web.json_response({"ok": True, **_params_reply(sessions, params)})
+    return web.json_response({"ok": True, **_params_reply(sessions, request.match_info["id"], params)})
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -162,7 +170,7 @@ def _read_control_message(text: str) -> tuple[dict | None, dict | None]:
 
 async def _apply_params(sessions: SessionManager, key: str, message: dict) -> dict:
     try:
-        return {"type": "params", **_params_reply(sessions, await sessions.update_params(key, message))}
+        return {"type": "params", **_params_reply(sessions, key, await sessions.update_params(key, message))}
     except KeyError:
         return {"type": "error", "error": "the session has ended"}
     except (ValueError, TypeError) as exc:

@@ -431,6 +431,8 @@ class SessionManager:
             params = await self.engine.update_params(target.id, **to_engine_params(message))
         except ValueError as exc:
             raise in_client_words(exc, message) from None
+        if "steps" in message:  # re-admitted with the new lane count: what it can expect now
+            target.expect = expectation(await self.engine.admission(target.id))
         return to_control_words(params)
 
     def prompt_means(self, prompt: str) -> str | None:

@@ -115,7 +115,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         frames_iter = synthetic_frames(total, width, height, seed=cfg.sampling.seed)
     else:
         times = collections.deque()  # input frame times, for the writer (a variable frame rate stays so)
-        frames_iter = itertools.islice(read_frames(args.input, (width, height), times), args.frames)
+        frames_iter = itertools.islice(read_frames(args.input, (width, height), times, sample_aspect), args.frames)
 
     # 2. Build the model and the pipeline, after a word on anything that will disappoint.
     _warn_before_render(cfg, args.prompt, width, height)

@@ -174,3 +174,29 @@ def test_a_variable_frame_rate_keeps_its_timing_and_its_audio(tmp_path, suffix):
     with av.open(str(out)) as c:
         ends = [float((p.pts + p.duration) * p.time_base) for p in c.demux(c.streams.audio[0]) if p.pts is not None]
     assert 0.9 < max(ends) < 1.05  # cut where the last frame ends (0.933 + one average period)
+
+
+def _bands(w: int, h: int, side: int) -> np.ndarray:
+    """Red columns `side` pixels wide at the left and right edges, green between."""
+    rgb = np.zeros((h, w, 3), np.uint8)
+    rgb[:, :, 1] = 255
+    rgb[:, :side], rgb[:, w - side:] = (255, 0, 0), (255, 0, 0)
+    return rgb
+
+
+def test_another_shape_is_centre_cropped_not_stretched(tmp_path):
+    """A probe: `render --size 256x256` of a 640x480 clip squashed a circle to 0.74 of its height
+    (the server crops a camera to the model's shape). The 64x48 clip's 8-pixel red sides fall
+    outside its centre 48x48 square; scaled instead, they would be a quarter of the frame. Square
+    pixels asked of a 4:3-pixel file (a 64x48 frame shown 85x48) cut more: still nothing red."""
+    path = tmp_path / "wide.mp4"
+    _write(path, [_bands(64, 48, 8)] * 3)
+    for frame in read_frames(path, (32, 32)):
+        assert frame.shape == (32, 32, 3)
+        assert frame[..., 0].mean() < 20 and frame[..., 1].mean() > 230, frame[..., 0].mean()
+    wide = tmp_path / "anamorphic.mp4"
+    _write(wide, [_bands(64, 48, 14)] * 3, sar=Fraction(4, 3))
+    for frame in read_frames(wide, (32, 32)):
+        assert frame[..., 0].mean() < 20, frame[..., 0].mean()
+    kept = list(read_frames(wide, (64, 48), sample_aspect=Fraction(4, 3)))  # its own shape: as it is
+    assert kept[0][:, :8, 0].mean() > 200

@@ -318,8 +318,9 @@ function openControl() {
     } else if (msg.type === "params") {
       const p = msg.params;
       const prompt = p.prompt.trim() ? `"${p.prompt}"` : "(empty prompt)";
-      say(`applied: ${prompt} · steps ${p.steps} · noise ${p.noise} · seed ${p.seed} · motion-aware ${p.motion ? "on" : "off"}`,
-          false, 8);
+      if (msg.expect) expect = msg.expect; // renewed by a steps change
+      say(`applied: ${prompt} · steps ${p.steps} · noise ${p.noise} · seed ${p.seed} · motion-aware ${p.motion ? "on" : "off"}` +
+          expectText(), false, 8);
       showValues(p);
       keepPrompt(p.prompt);
       showMeans(p.prompt, msg.means);

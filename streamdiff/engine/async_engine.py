@@ -290,6 +290,10 @@ class AsyncEngine:
     async def params(self, stream_id: str) -> StreamParams:
         return await self._call(lambda core: core.params(stream_id))
 
+    async def admission(self, stream_id: str) -> Admission:
+        """What the stream can expect now (its latest admission; a steps change re-admits)."""
+        return await self._call(lambda core: core.admission(stream_id))
+
     async def stats(self) -> dict:
         """Bookkeeping sizes from the loop thread (streams, waiting frames, pool slots, ...)."""
         return await self._call(lambda core: core.stats())

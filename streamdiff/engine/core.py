@@ -104,6 +104,7 @@ class _Stream:
     consumed: int = 0  # frames handed to the executor since the last (re)prepare
     emitted: int = 0  # frames output since the last (re)prepare
     out_index: int = 0  # frames output ever
+    admission: Admission | None = None  # the latest (re-)admission: what the stream can expect
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ class EngineCore:
         except BaseException:
             self.scheduler.remove_stream(stream_id)
             raise
-        self._streams[stream_id] = _Stream(params, slo, deque(maxlen=self.output_queue_frames))
+        self._streams[stream_id] = _Stream(params, slo, deque(maxlen=self.output_queue_frames), admission=admission)
         self.metrics.stream_added(stream_id, now, slo.deadline_ms)
         return admission
 
@@ -226,6 +227,11 @@ class EngineCore:
     def params(self, stream_id: str) -> StreamParams:
         return self._streams[stream_id].params
 
+    def admission(self, stream_id: str) -> Admission:
+        """The stream's latest admission (at its start, or when a steps change re-admitted it):
+        the fps and latency it can expect, and whether it runs best effort."""
+        return self._streams[stream_id].admission
+
     def update_params(self, stream_id: str, now: float | None = None, **changes: object) -> StreamParams:
         """Apply live changes (validated; ValueError names the field and its range). See the
         module docstring for what each does. Returns the stream's new parameters."""
@@ -253,6 +259,7 @@ class EngineCore:
         admission, waiting = self.scheduler.restart_stream(stream_id, new.steps, now, **self._chunks())
         if not admission:
             raise AdmissionRefused(f"steps={new.steps} refused for stream {stream_id!r}: {admission.reason}")
+        entry.admission = admission
         self._repush(stream_id, entry, waiting)
         self._commands.restart(stream_id, new, self.scheduler.kv_lanes_of(stream_id))
         self.metrics.frames_dropped(stream_id, entry.consumed - entry.emitted, "restart")

@@ -65,8 +65,12 @@ def test_control_cli_changes_params():
     async def run():
         async with running_server() as (url, app):
             pub = await publish(url, "cam")
+            before = sessions_of(app).publisher("cam").expect
             reply = await send_params(url, "cam", {"prompt": "ink sketch", "steps": 3}, token=TOKEN)
             assert reply["type"] == "params" and reply["params"]["steps"] == 3
+            # a probe: steps 3-4 stalled a stream with the reply still quoting the old expectation
+            assert before["latency_ms"] < reply["expect"]["latency_ms"], (before, reply["expect"])
+            assert sessions_of(app).publisher("cam").expect == reply["expect"]
             assert "means" not in reply  # tiny's prompt encoder reads free text
             code = await asyncio.to_thread(cli.main, ["control", "--url", url, "--session", "cam", "--token", TOKEN,
                                                       "--prompt", "watercolor", "--seed", "5"])
