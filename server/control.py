@@ -40,28 +40,13 @@ def _authorized(request: web.Request) -> bool:
 _unauthorized = unauthorized
 
 
-def _params_reply(sessions: SessionManager, key: str, params: dict) -> dict:
-    """The stream's parameters, what it can expect (`expect`, renewed when steps change: more
-    steps cost fps and add latency), and what the model makes of the prompt where it knows only a
-    few (`means`: the demo's nine names), so that a user sees why a free prompt changed nothing."""
-    reply = {"params": params}
-    session = sessions.get(key)
-    if session is not None and session.kind == "whep":
-        session = session.source
-    if session is not None and session.expect is not None:
-        reply["expect"] = session.expect
-    if (means := sessions.prompt_means(params["prompt"])) is not None:
-        reply["means"] = means
-    return reply
-
-
 async def params_patch(request: web.Request) -> web.Response:
     sessions = request.app[SESSIONS_KEY]
     if not _authorized(request):
         return _unauthorized()
     body = await read_json_object(request, request.app[SETTINGS_KEY].body_timeout_s)
     try:
-        params = await sessions.update_params(request.match_info["id"], body)
+        reply = await sessions.update_params(request.match_info["id"], body)
     except KeyError:
         return web.json_response({"error": "no such session"}, status=404)
     except (ValueError, TypeError) as exc:
@@ -69,7 +54,7 @@ async def params_patch(request: web.Request) -> web.Response:
     except Exception:  # noqa: BLE001 - one line to the client, the traceback to the log
         log.exception("applying %s to session %s failed", body, request.match_info["id"])
         return web.json_response({"error": CHANGE_FAILED}, status=500)
-    return web.json_response({"ok": True, **_params_reply(sessions, request.match_info["id"], params)})
+    return web.json_response({"ok": True, **reply})
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -170,7 +155,7 @@ def _read_control_message(text: str) -> tuple[dict | None, dict | None]:
 
 async def _apply_params(sessions: SessionManager, key: str, message: dict) -> dict:
     try:
-        return {"type": "params", **_params_reply(sessions, key, await sessions.update_params(key, message))}
+        return {"type": "params", **await sessions.update_params(key, message)}
     except KeyError:
         return {"type": "error", "error": "the session has ended"}
     except (ValueError, TypeError) as exc:

@@ -420,7 +420,10 @@ class SessionManager:
             await cancel_tasks([self._trim])
 
     async def update_params(self, key: str, message: dict) -> dict:
-        """Apply control fields to the session's stream (or, for whep, its source's)."""
+        """Apply control fields to the session's stream (or, for whep, its source's). The reply:
+        `params`, every field as now applied; `expect`, what the stream can expect (renewed when
+        steps change: more steps cost fps and add latency); `means`, what the model makes of the
+        prompt where it knows only a few (the demo's nine names: a free prompt changes nothing)."""
         session = self.get(key)
         if session is None:
             raise KeyError(key)
@@ -431,9 +434,14 @@ class SessionManager:
             params = await self.engine.update_params(target.id, **to_engine_params(message))
         except ValueError as exc:
             raise in_client_words(exc, message) from None
-        if "steps" in message:  # re-admitted with the new lane count: what it can expect now
+        if "steps" in message:  # re-admitted with the new lane count
             target.expect = expectation(await self.engine.admission(target.id))
-        return to_control_words(params)
+        reply = {"params": to_control_words(params)}
+        if target.expect is not None:
+            reply["expect"] = target.expect
+        if (means := self.prompt_means(params.prompt)) is not None:
+            reply["means"] = means
+        return reply
 
     def prompt_means(self, prompt: str) -> str | None:
         """What the served model makes of `prompt` when it knows a few prompts only (the demo's
