@@ -3,9 +3,10 @@
 # [gpu] extra is left out: flash-attn from the package index is a source build that needs nvcc,
 # and on CUDA the default attention backend is the Triton
 # kernel (triton comes with torch), so neither is needed.
-# Weights are not baked in: mount them at /models and point a config at them, e.g.
-#   docker run --gpus all -p 8000:8000 -v $PWD/models:/models:ro streamdiff \
-#     serve --host 0.0.0.0 --config /app/configs/wan-1.3b.yaml
+# Weights are not baked in. The presets name them as models/... from the working directory,
+# /models here, so mount the folder that holds them at /models/models, e.g.
+#   docker run --gpus all -p 8000:8000 -v $PWD/models:/models/models:ro streamdiff \
+#     serve --host 0.0.0.0 --config wan-1.3b
 # Without arguments it serves the demo on port 8000 (a small trained model; its weights are in configs/demo).
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 

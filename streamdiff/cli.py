@@ -99,6 +99,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         sample_aspect = None if size else info.sample_aspect  # a --size picks square pixels
     if width % 16 or height % 16:
         hint = f"{max(16, width // 16 * 16)}x{max(16, height // 16 * 16)}"
+        if size:
+            raise CliError(f"--size {width}x{height}: width and height must be multiples of 16 (the VAE and "
+                           f"patching), e.g. --size {hint}")
         raise CliError(
             f"frame size {width}x{height} cannot go through the VAE and patching: width and height must be "
             f"multiples of 16 (resize on the way in with --size, e.g. --size {hint})"
@@ -670,9 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Teacher renders, TAEHV, latents, DiT; resumable from --work. "
                                        "See docs/demo.md.")
     train.add_argument("--config", default="demo", help="the architecture to train (default demo)")
-    train.add_argument("--work", default="out/demo-train", help="work folder: data, checkpoints (resumable)")
+    train.add_argument("--work", default="out/demo-train",
+                       help="work folder: data, checkpoints (resumable; default out/demo-train)")
     train.add_argument("--output", default="out/demo-weights",
-                       help="where the safetensors go (configs/demo to replace the shipped ones)")
+                       help="where the safetensors go (default out/demo-weights; configs/demo to replace the shipped "
+                            "ones)")
     train.add_argument("--threads", type=int, default=2, choices=(1, 2),
                        help="2 (default): the teacher in two processes, TAEHV encoder and latents on two threads, then "
                             "the TAEHV decoder and the DiT side by side on one each; 1: every stage in turn on one thread")

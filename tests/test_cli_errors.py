@@ -220,6 +220,9 @@ def test_result_paths_are_checked_before_the_work(tmp_path):
     (["bench", "--duration", "nan"], "argument --duration: 'nan' is not a number"),
     (["bench", "--sessions", "0"], "argument --sessions"),
     (["render", "--input", "x.mp4"], "the following arguments are required: --prompt, --output"),
+    # a probe: a --size that was given was answered "resize on the way in with --size"
+    (["render", "--input", "synthetic", "--prompt", "p", "--output", "o.mp4", "--size", "100x100"],
+     "--size 100x100: width and height must be multiples of 16 (the VAE and patching), e.g. --size 96x96"),
     (["bench", "--sessions", "3"], "--sessions applies to end-to-end mode only"),
     (["bench", "--plot", "cdf.txt"], "--plot cdf.txt: the plot is an image"),
     (["plan", "--gpu-mem", "24"], "--gpu-mem '24' is not a device's memory"),
