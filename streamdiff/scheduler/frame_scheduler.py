@@ -216,6 +216,7 @@ class FrameScheduler:
         chunk_latents: int = 1,
         input_fps: float | None = None,
         lane_stride: int = 0,
+        judge_others: bool = True,
     ) -> Admission:
         """Admit the stream unless, batched with it, a running stream would get less than it was
         promised (see the module docstring) or no KV-pool stream slot is free. A newcomer whose
@@ -223,7 +224,10 @@ class FrameScheduler:
         (`input_fps`, default its target fps, caps the expected fps) and its lane stride D:
         `lane_stride`, or (0) the largest D <= pipeline_depth whose latency keeps its deadline
         (the most fps a stream gets out of the stages), `pipeline_depth` if none does. `now` is
-        accepted for symmetry (admission is time-independent)."""
+        accepted for symmetry (admission is time-independent). `judge_others=False` (a restart
+        that needs no more lanes than the stream held) skips the running streams' promises: it
+        asks for no more work than they were promised beside, whatever the cost model predicts
+        now."""
         if stream_id in self._streams:
             return self._refuse(stream_id, f"stream {stream_id!r} is already admitted")
         if self.free_stream_slots <= 0:
@@ -246,7 +250,7 @@ class FrameScheduler:
         steady = self._batch(streams, steady=True)  # every stream past its first chunk
         new.stride = lane_stride or self._choose_stride(new, step_ms)
         # 1. Every running stream keeps what it was promised; else refuse (someone is inside).
-        for s in streams[1:]:
+        for s in streams[1:] if judge_others else ():
             broken = self._breaks(s, (step_ms, batch), steady, newcomer=False)
             if broken:
                 return self._refuse(stream_id, broken, step_ms)
@@ -297,9 +301,11 @@ class FrameScheduler:
         del self._streams[stream_id]
         self.free_stream_slots += 1
         self.kv.release(stream_id)
+        # fewer steps (or the same, state lost) is never refused: a probe's 2 -> 1 was, when the
+        # cost model, measuring a loaded machine, predicted more than a neighbour was promised
         admission = self.add_stream(stream_id, old.slo, old.tokens_per_frame, lanes, now,
                                     first_chunk_latents=first_chunk_latents, chunk_latents=chunk_latents,
-                                    input_fps=input_fps, lane_stride=old.stride)
+                                    input_fps=input_fps, lane_stride=old.stride, judge_others=lanes > old.lanes)
         if not admission:  # put it back as it was: its lanes are the ones just released
             self._streams[stream_id] = old
             self.free_stream_slots -= 1

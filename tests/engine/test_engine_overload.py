@@ -120,6 +120,26 @@ def test_a_steps_change_the_slo_cannot_take_is_refused_and_nothing_changes(cfg):
     assert [o.pts for o in core.pop_outputs("s")] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
+def test_fewer_steps_are_never_refused_even_when_the_machine_slowed_down(cfg):
+    """Found by a soak on a loaded machine: 2 -> 1 steps was refused because the cost model, having
+    measured slow steps since, predicted more than a neighbour had been promised. Fewer lanes ask
+    for no more work than that promise was made beside; more lanes are still judged."""
+    from streamdiff.engine import AdmissionRefused
+    from streamdiff.scheduler import FixedCostModel, FrameScheduler, LinearLaw
+
+    clock = FakeClock()
+    cost = FixedCostModel(LinearLaw(0.0, 40.0, 0.0))  # 40 ms per row
+    sched = FrameScheduler(cost, max_streams=4)
+    core = EngineCore(cfg, FakeExecutor(clock, step_ms=40.0), scheduler=sched, clock=clock)
+    assert core.add_stream("s", params(cfg, "x", steps=2), StreamSLO(FPS, 1000.0))
+    assert core.add_stream("o", params(cfg, "y", steps=1), StreamSLO(FPS, 1000.0))
+    cost.law = LinearLaw(0.0, 400.0, 0.0)  # the machine got 10x slower: nobody's promise holds now
+    with pytest.raises(AdmissionRefused, match="steps=3 refused"):
+        core.update_params("s", steps=3)
+    assert core.update_params("s", steps=1).steps == 1  # was refused like steps=3
+    assert core.executor.streams["s"].steps == 1
+
+
 def test_a_refused_steps_change_leaves_a_running_stream_mid_stream(cfg):
     """Found by a client that asked for 2 steps on a nearly full server: the refusal re-admitted
     the stream as a new one, so the scheduler planned a 5-frame first chunk for a model that was
