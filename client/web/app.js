@@ -273,7 +273,7 @@ function reconnect(why) {
 function expectText() {
   if (!expect) return "";
   const how = expect.best_effort ? " (best effort: this machine cannot reach the service level)" : "";
-  return ` · expect about ${expect.fps} fps and ${(expect.latency_ms / 1000).toFixed(1)} s latency${how}`;
+  return ` · expect about ${Number(expect.fps).toFixed(1)} fps and ${(expect.latency_ms / 1000).toFixed(1)} s latency${how}`;
 }
 
 // A refused user waits and is retried automatically, with a countdown.
