@@ -18,6 +18,7 @@ import asyncio
 import collections
 import ctypes
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -118,6 +119,17 @@ def in_client_words(exc: ValueError, message: dict) -> ValueError:
         if name is not None and name != word and text.startswith(name):
             return ValueError(word + text[len(name):])
     return exc
+
+
+_STREAM_ID = re.compile(r"stream '([0-9a-f]{16})'")
+
+
+def without_other_ids(text: str, own: str) -> str:
+    """A refusal as its client reads it: the scheduler names the stream a change would slow down
+    by its session id, which the console line keeps but another client must not be told (those
+    ids open the session's routes); that stream is "another stream", the client's own "this
+    stream"."""
+    return _STREAM_ID.sub(lambda m: "this stream" if m.group(1) == own else "another stream", text)
 
 
 def parse_flag(value: object, name: str = "stamp") -> bool:
@@ -290,7 +302,7 @@ class SessionManager:
             admission = await self._admit(session_id, stream_key or session_id, prompt, params)
             if not admission:
                 events.info("refused %s session (stream key %s): %s", kind, stream_key or "-", admission.reason)
-                raise ServerFull(f"busy: {admission.reason}")
+                raise ServerFull(f"busy: {without_other_ids(admission.reason, session_id)}")
         pc = self.new_peer()
         session = Session(session_id, kind, stream_key or session_id, pc, prompt=prompt, has_stream=owns_stream,
                           stamp=stamp and owns_stream)
@@ -433,7 +445,7 @@ class SessionManager:
         try:
             params = await self.engine.update_params(target.id, **to_engine_params(message))
         except ValueError as exc:
-            raise in_client_words(exc, message) from None
+            raise ValueError(without_other_ids(str(in_client_words(exc, message)), target.id)) from None
         if "steps" in message:  # re-admitted with the new lane count
             target.expect = expectation(await self.engine.admission(target.id))
         reply = {"params": to_control_words(params)}

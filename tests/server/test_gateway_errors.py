@@ -124,3 +124,22 @@ def test_ws_unknown_session_and_auth():
                     assert "streamdiff_gateway_sessions" in await resp.text()
 
     asyncio.run(run())
+
+
+def test_a_refusal_tells_the_client_no_other_clients_session_id():
+    """Found by a soak: a 503 read "busy: stream '39fc751722604344', admitted best effort ..., would
+    slow down": another client's session id, which opens that session's routes. The console line
+    keeps it; the client reads "another stream". The reasons come from the real scheduler."""
+    import uuid
+
+    from streamdiff.scheduler import FixedCostModel, FrameScheduler, LinearLaw, StreamSLO
+    from streamdiff.server.sessions import without_other_ids
+
+    running, newcomer = uuid.uuid4().hex[:16], uuid.uuid4().hex[:16]
+    sched = FrameScheduler(FixedCostModel(LinearLaw(0.0, 40.0, 0.0)), max_streams=4)  # 40 ms per row
+    assert sched.add_stream(running, StreamSLO(30.0, 1000.0), 256, 1, 0.0)
+    refused = sched.add_stream(newcomer, StreamSLO(30.0, 1000.0), 256, 4, 0.0)  # 5 rows: too slow for 30 fps
+    assert not refused and running in refused.reason, refused.reason
+    told = without_other_ids(refused.reason, newcomer)
+    assert running not in told and "another stream" in told, told
+    assert without_other_ids(f"steps=2 refused for stream '{newcomer}': x", newcomer) == "steps=2 refused for this stream: x"
