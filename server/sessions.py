@@ -295,8 +295,12 @@ class SessionManager:
                                                     if s.has_stream and s.connected_s is None)
             if not connecting:
                 raise ServerFull(f"busy: {n} stream{'s' if n != 1 else ''} already running (--max-sessions)")
-            raise ServerFull(f"busy: the {n} stream{'s' if n != 1 else ''} of --max-sessions are taken, {connecting} "
-                             f"by peers still connecting (one that never connects is freed "
+            if n == 1:
+                taken = "the one stream is taken (--max-sessions) by a peer"
+            else:
+                taken = (f"the {n} streams are taken (--max-sessions), {connecting} of them by "
+                         f"{'a peer' if connecting == 1 else 'peers'}")
+            raise ServerFull(f"busy: {taken} still connecting (one that never connects is freed "
                              f"{self.connect_timeout_s:g} s after its offer)")
         if owns_stream:
             admission = await self._admit(session_id, stream_key or session_id, prompt, params)

@@ -82,11 +82,24 @@ function params() {
   return out;
 }
 
+// Before a start the page makes by itself (the server came back), a field the user left invalid
+// and never applied is let go: it shows the value in use instead of stopping the recovery.
+function dropInvalidFields() {
+  for (const name of [...touched]) {
+    try {
+      FIELDS[name]();
+    } catch {
+      touched.delete(name);
+    }
+  }
+}
+
 // The line under the controls describes the demo (what `make run` serves); another preset says
 // what it is, and one with random weights that its picture is noise.
+const DEMO_ABOUT = $("about").textContent;
 function describeModel(model) {
-  if (!model || model.config === "demo") return;
-  $("about").textContent = model.random_weights
+  if (!model) return;
+  $("about").textContent = model.config === "demo" ? DEMO_ABOUT : model.random_weights
     ? `This server runs "${model.config}", which has random weights: the right-hand picture is noise ` +
       "(every part of the system runs, with no trained model); make run serves the demo, a small trained model."
     : `This server runs the "${model.config}" preset.`;
@@ -215,7 +228,10 @@ async function start() {
     return retryLater(parseInt(resp.headers.get("Retry-After") || "10", 10), body.error || "no free stream slot");
   }
   if (resp.status === 401) {
-    say("This server wants a token: open the page as /?token=YOUR_TOKEN (`streamdiff serve` prints that address).", true);
+    say(token ? "The server refused this page's token (?token= in its address): it may have been restarted with " +
+                "another one. Open the page with the new token (`streamdiff serve` prints that address)."
+              : "This server wants a token: open the page as /?token=YOUR_TOKEN (`streamdiff serve` prints that address).",
+        true);
     return stop();
   }
   if (!resp.ok) {
@@ -258,7 +274,13 @@ function reconnect(why) {
     let up = false;
     try {
       const resp = await fetch("/healthz", { cache: "no-store" });
-      up = resp.ok || (await resp.json()).state === "warming"; // a Start waits for the warm-up
+      const health = await resp.json().catch(() => ({}));
+      up = resp.ok || health.state === "warming"; // a Start waits for the warm-up
+      if (up) { // it may have come back with another preset: the page says what runs now
+        dropInvalidFields();
+        describeModel(health.model);
+        showValues(health.defaults);
+      }
     } catch { /* still down */ }
     if (mine !== run) return;
     if (up) return start();
@@ -280,7 +302,7 @@ function expectText() {
 function retryLater(seconds, reason) {
   let left = Math.max(1, seconds);
   const tick = () => {
-    const what = reason.replace(/^busy: /, "").replace(/ \(--max-sessions\)$/, "");
+    const what = reason.replace(/^busy: /, "").replace(/ \(--max-sessions\)/g, ""); // a browser user has no flags
     say(/warming up/.test(what) ? `The server is still warming up its model. Retrying in ${left} s…`
       : `The server is busy: ${what}. Retrying in ${left} s…`, true);
     if (left-- <= 0) {
@@ -319,8 +341,9 @@ function openControl() {
       const p = msg.params;
       const prompt = p.prompt.trim() ? `"${p.prompt}"` : "(empty prompt)";
       if (msg.expect) expect = msg.expect; // renewed by a steps change
+      const blend = p.blend ? ` · blend over ${p.blend} chunks` : "";
       say(`applied: ${prompt} · steps ${p.steps} · noise ${p.noise} · seed ${p.seed} · motion-aware ${p.motion ? "on" : "off"}` +
-          expectText(), false, 8);
+          blend + expectText(), false, 8);
       showValues(p);
       keepPrompt(p.prompt);
       showMeans(p.prompt, msg.means);
@@ -375,7 +398,7 @@ function stop() {
 }
 
 loadDefaults();
-$("start").onclick = start;
+$("start").onclick = () => start();
 $("stop").onclick = () => { stop(); say("stopped"); };
 $("apply").onclick = () => {
   if (!ws || ws.readyState !== WebSocket.OPEN) return say("not streaming: press Start webcam first", true);

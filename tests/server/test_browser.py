@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 from gateway_helpers import answer, obs_like_offer, running_server, sessions_of, tiny_config
 
-from streamdiff.config import load_config
+from streamdiff.config import load_config, with_overrides
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -443,6 +443,16 @@ async def _page_across_a_server_restart() -> dict:
                 sessions = sessions_of(app)
                 out["replaying"] = await _until(lambda: _playing(page, "output"), 120)
                 out["seed_kept"] = [p.seed for p in [await sessions.engine.params(sid) for sid in sessions.sessions]]
+                await page.fill("#steps", "9")  # typed, never applied: must not end the next recovery
+            # it comes back with another preset: the page shows that preset's values, and the stream
+            # runs with them (untouched fields are not sent)
+            other = with_overrides(tiny_config(), sampling={"noise_strength": 0.45})
+            async with running_server(token=None, port=port, config=other) as (url, app):
+                sessions = sessions_of(app)
+                out["replaying_other"] = await _until(lambda: _playing(page, "output"), 120)
+                out["other_fields"] = await page.evaluate(RAW_FIELDS_JS)
+                out["other_params"] = [(p.steps, p.noise_strength, p.seed)
+                                       for p in [await sessions.engine.params(sid) for sid in sessions.sessions]]
             out["waiting_again"] = await _until(lambda: _message_with(page, "Reconnecting"), 30)
             await page.focus("#stop")
             await page.keyboard.press("Enter")  # gives up waiting
@@ -467,6 +477,10 @@ def test_the_page_waits_for_a_restarted_server_and_keeps_the_keyboard_focus():
     assert out["waiting"] and out["waiting_state"]["stop"] and out["waiting_state"]["camera"], out
     assert out["replaying"], "the page did not start again once the server was back"
     assert out["seed_kept"] == [7], out  # what the user changed comes along
+    steps = str(tiny_config().sampling.steps)
+    assert out["replaying_other"], "a field typed wrong and never applied ended the recovery"
+    assert out["other_fields"] == {"steps": steps, "noise": "0.45", "seed": "7", "blend": "0"}, out["other_fields"]
+    assert out["other_params"] == [(int(steps), 0.45, 7)], out["other_params"]
     assert out["focus_after_stop"] == "start", out
     state = out["after_stop"]
     assert state["start"] and not state["stop"] and not state["camera"] and state["message"] == "stopped", state
