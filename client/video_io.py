@@ -99,10 +99,10 @@ def read_frames(path: str | Path, size: tuple[int, int] | None = None,
                                 "%dx%d", path, n, frame.width, frame.height, *first, *target)
                     first = (frame.width, frame.height)
                 stored = target if turns % 2 == 0 else target[::-1]
-                if (frame.width, frame.height) != stored:
-                    out_pixel = pixel_out if turns % 2 == 0 else 1 / pixel_out  # as stored
-                    frame = _fit(frame, stored, stored[0] * out_pixel / stored[1], pixel_in)
-                rgb = frame.to_ndarray(format="rgb24")
+                if (frame.width, frame.height) == stored:
+                    rgb = frame.to_ndarray(format="rgb24")
+                else:  # the output's pixels as stored: a turned frame's are turned too
+                    rgb = to_model_frame(frame, *stored, pixel_in / (pixel_out if turns % 2 == 0 else 1 / pixel_out))
                 if times is not None:
                     t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
                     start = t if start is None else start
@@ -112,18 +112,25 @@ def read_frames(path: str | Path, size: tuple[int, int] | None = None,
         raise VideoInputError(f"{path}: decoding failed ({exc.__class__.__name__}: {exc})") from exc
 
 
-def _fit(frame: av.VideoFrame, size: tuple[int, int], shape: Fraction, pixel: Fraction) -> av.VideoFrame:
-    """`frame` scaled to `size`, centre-cropped first to the shown shape (width / height) `shape`
-    when its own (its pixels' aspect `pixel`) differs by more than a pixel."""
-    w, h = frame.width, frame.height
-    have = w * pixel / h
-    if have > shape and (cut := w - round(h * shape / pixel)) > 1:  # too wide: cut the sides
-        rgb = frame.to_ndarray(format="rgb24")[:, cut // 2: cut // 2 + w - cut]
-    elif have < shape and (cut := h - round(w * pixel / shape)) > 1:  # too tall: cut top and bottom
-        rgb = frame.to_ndarray(format="rgb24")[cut // 2: cut // 2 + h - cut]
-    else:
-        return frame.reformat(width=size[0], height=size[1])
-    return av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(width=size[0], height=size[1])
+def same_aspect(frame: av.VideoFrame, width: int, height: int, pixel: Fraction = Fraction(1)) -> bool:
+    """The frame, its pixels `pixel` times as wide as high, shows the shape width:height."""
+    return frame.width * pixel * height == frame.height * width
+
+
+def to_model_frame(frame: av.VideoFrame, width: int, height: int, pixel: Fraction = Fraction(1)) -> np.ndarray:
+    """A frame as the model takes it: centre-cropped to width:height (a 4:3 webcam or a 16:9 OBS
+    scene into a square model loses its sides instead of being squashed), then scaled: uint8
+    [height, width, 3]. `pixel`: how much wider than high the frame's pixels are against the
+    result's (anamorphic video). One swscale pass at the size that keeps the frame's shape,
+    then a slice. The server takes camera frames with it, `streamdiff render` file frames."""
+    if same_aspect(frame, width, height, pixel):
+        return frame.to_ndarray(format="rgb24", width=width, height=height)
+    shown_w, fh = frame.width * pixel, frame.height
+    scale = max(width / shown_w, height / fh)
+    sw, sh = max(width, round(shown_w * scale)), max(height, round(fh * scale))
+    pixels = frame.to_ndarray(format="rgb24", width=sw, height=sh)  # [sh, sw, 3]
+    x0, y0 = (sw - width) // 2, (sh - height) // 2
+    return np.ascontiguousarray(pixels[y0 : y0 + height, x0 : x0 + width])
 
 
 def add_audio(video: str | Path, source: str | Path, out: str | Path, until_s: float | None = None) -> bool:

@@ -27,6 +27,7 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame, VideoFrame
 
+from streamdiff.client.video_io import same_aspect, to_model_frame
 from streamdiff.stamp import decode_id, encode_id
 
 log = logging.getLogger(__name__)
@@ -252,25 +253,6 @@ class OutputTrack(MediaStreamTrack):
 
 
 # ---------------------------------------------------------------------- input
-
-
-def same_aspect(frame: VideoFrame, width: int, height: int) -> bool:
-    return frame.width * height == frame.height * width
-
-
-def to_model_frame(frame: VideoFrame, width: int, height: int) -> np.ndarray:
-    """An incoming frame as the model takes it: centre-cropped to width:height (a 4:3 webcam
-    or a 16:9 OBS scene into a square model loses its sides instead of being squashed), then
-    scaled: uint8 [height, width, 3]. One swscale pass at the size that keeps the frame's
-    aspect, then a slice."""
-    if same_aspect(frame, width, height):
-        return frame.to_ndarray(format="rgb24", width=width, height=height)
-    fw, fh = frame.width, frame.height
-    scale = max(width / fw, height / fh)
-    sw, sh = max(width, round(fw * scale)), max(height, round(fh * scale))
-    pixels = frame.to_ndarray(format="rgb24", width=sw, height=sh)  # [sh, sw, 3]
-    x0, y0 = (sw - width) // 2, (sh - height) // 2
-    return np.ascontiguousarray(pixels[y0 : y0 + height, x0 : x0 + width])
 
 
 class InputReader:

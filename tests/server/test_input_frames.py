@@ -12,7 +12,8 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
-from streamdiff.server.webrtc import InputReader, to_model_frame
+from streamdiff.client.video_io import to_model_frame
+from streamdiff.server.webrtc import InputReader
 from streamdiff.stamp import encode_id
 
 
