@@ -112,17 +112,18 @@ def read_frames(path: str | Path, size: tuple[int, int] | None = None,
         raise VideoInputError(f"{path}: decoding failed ({exc.__class__.__name__}: {exc})") from exc
 
 
-def same_aspect(frame: av.VideoFrame, width: int, height: int, pixel: Fraction = Fraction(1)) -> bool:
+def same_aspect(frame: av.VideoFrame, width: int, height: int, pixel: Fraction | int = 1) -> bool:
     """The frame, its pixels `pixel` times as wide as high, shows the shape width:height."""
     return frame.width * pixel * height == frame.height * width
 
 
-def to_model_frame(frame: av.VideoFrame, width: int, height: int, pixel: Fraction = Fraction(1)) -> np.ndarray:
+def to_model_frame(frame: av.VideoFrame, width: int, height: int, pixel: Fraction | int = 1) -> np.ndarray:
     """A frame as the model takes it: centre-cropped to width:height (a 4:3 webcam or a 16:9 OBS
     scene into a square model loses its sides instead of being squashed), then scaled: uint8
     [height, width, 3]. `pixel`: how much wider than high the frame's pixels are against the
     result's (anamorphic video). One swscale pass at the size that keeps the frame's shape,
-    then a slice. The server takes camera frames with it, `streamdiff render` file frames."""
+    then a slice. The server takes camera frames with it (square pixels: integer arithmetic per
+    frame), `streamdiff render` file frames."""
     if same_aspect(frame, width, height, pixel):
         return frame.to_ndarray(format="rgb24", width=width, height=height)
     shown_w, fh = frame.width * pixel, frame.height

@@ -376,9 +376,9 @@ async def options(request: web.Request) -> web.Response:
     URL takes DELETE only)."""
     if request.path == "/offer":
         return web.Response(status=204, headers={**CORS, "Accept-Post": "application/json"})
-    if "id" in request.match_info or request.path.startswith("/sessions") or request.path in ("/healthz", "/metrics"):
-        return web.Response(status=204, headers=CORS)
-    return web.Response(status=204, headers={**CORS, "Accept-Post": "application/sdp"})
+    if "key" in request.match_info and "id" not in request.match_info:  # /whip/KEY, /whep/KEY
+        return web.Response(status=204, headers={**CORS, "Accept-Post": "application/sdp"})
+    return web.Response(status=204, headers=CORS)
 
 
 # ---------------------------------------------------------------------- ops

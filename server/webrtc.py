@@ -138,6 +138,8 @@ class FanOut:
     called when the engine ends the stream itself (it could not be restarted, the engine loop
     failed), not when `close()` stops the fan-out."""
 
+    LATENCY_FRAMES = 16  # output frames the stats' mean latency is taken over
+
     def __init__(self, engine, stream_id: str, *, stamp: bool = False, on_end=None):
         self.engine = engine
         self.stream_id = stream_id
@@ -149,8 +151,6 @@ class FanOut:
         # chunk to arrive, its last did not, so one frame alone says little
         self._latencies_ms: collections.deque[float] = collections.deque(maxlen=self.LATENCY_FRAMES)
         self.task = asyncio.create_task(self._run(), name=f"fanout-{stream_id}")
-
-    LATENCY_FRAMES = 16
 
     @property
     def latency_ms(self) -> float | None:
