@@ -24,6 +24,15 @@ WIDTH, HEIGHT = 64, 48
 TOKEN = "s3cret"
 
 
+async def until(predicate, what: str, limit_s: float = 60.0) -> None:
+    """Poll `predicate` (not a timing assertion: the limit only turns a hang into a clear failure)."""
+    for _ in range(int(limit_s / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
 def tiny_config(max_streams: int = 2):
     return load_config("tiny", [f"video.width={WIDTH}", f"video.height={HEIGHT}", f"cache.max_streams={max_streams}"])
 

@@ -8,10 +8,9 @@ import aiohttp
 import pytest
 
 from gateway_helpers import (Paused, answer, auth, obs_like_offer, publisher_of, running_server,
-                             sessions_of, viewer_offer)
+                             sessions_of, until, viewer_offer)
 from streamdiff.server.app import ENGINE_KEY
 from streamdiff.server.sdp import SdpError, require_directions, video_directions
-from test_session_cycles import _until
 
 SDP = {"Content-Type": "application/sdp"}
 
@@ -75,9 +74,9 @@ async def _silent_publishers():
                 assert resp.status == 201, await resp.text()
                 quiet_id = resp.headers["X-Session-Id"]
                 await answer(pc, await resp.text())
-            await _until(lambda: sessions.sessions.get(quiet_id) is None or
+            await until(lambda: sessions.sessions.get(quiet_id) is None or
                          sessions.sessions[quiet_id].pc.connectionState == "connected", "connected")
-            await _until(lambda: quiet_id not in sessions.sessions, "the silent publisher freed")
+            await until(lambda: quiet_id not in sessions.sessions, "the silent publisher freed")
             assert sessions.why_ended(quiet_id).startswith("no video arrived for ")
             assert await _engine_streams(app, 0) == 0
             await pc.close()
@@ -88,7 +87,7 @@ async def _silent_publishers():
                 assert resp.status == 201, await resp.text()
                 first_id = resp.headers["X-Session-Id"]
                 await answer(first, await resp.text())
-            await _until(lambda: sessions.sessions[first_id].reader is not None and
+            await until(lambda: sessions.sessions[first_id].reader is not None and
                          sessions.sessions[first_id].reader.frames_in > 0, "video arrives")
             # while its video arrives, the key is its own
             second, offer = await publisher_of(Paused())
@@ -96,7 +95,7 @@ async def _silent_publishers():
                 text = await resp.text()
                 assert resp.status == 409 and "gives it up after 3 s" in text, text
             video.paused.set()
-            await _until(lambda: sessions.sessions[first_id].input_idle_s() >= 3.0, "the first publisher silent")
+            await until(lambda: sessions.sessions[first_id].input_idle_s() >= 3.0, "the first publisher silent")
             # OBS restarted: the same key is taken over at once (not after the old peer's timeout)
             async with http.post(f"{url}/whip/studio", data=offer, headers={**SDP, **auth()}) as resp:
                 assert resp.status == 201, await resp.text()
@@ -108,10 +107,10 @@ async def _silent_publishers():
             assert await _engine_streams(app, 1) == 1
             # 3. A publisher that streamed and vanished (no close, no DELETE) is freed once its
             # video stops for input_timeout_s, not after ICE consent (about 30 s).
-            await _until(lambda: sessions.sessions[second_id].reader is not None and
+            await until(lambda: sessions.sessions[second_id].reader is not None and
                          sessions.sessions[second_id].reader.frames_in > 0, "the second publisher's video")
             second.getTransceivers()[0].sender.track.paused.set()
-            await _until(lambda: second_id not in sessions.sessions, "the vanished publisher freed", limit_s=20)
+            await until(lambda: second_id not in sessions.sessions, "the vanished publisher freed", limit_s=20)
             assert sessions.why_ended(second_id).startswith("no video arrived for ")
             assert await _engine_streams(app, 0) == 0
         await first.close()
@@ -142,9 +141,9 @@ async def _stop_like_obs():
                 assert resp.status == 201, await resp.text()
                 location, sid = resp.headers["Location"], resp.headers["X-Session-Id"]
                 await answer(pub, await resp.text())
-            await _until(lambda: sessions.sessions[sid].pc.connectionState == "connected", "connected")
+            await until(lambda: sessions.sessions[sid].pc.connectionState == "connected", "connected")
             await pub.close()  # OBS's Stop: the peer first ...
-            await _until(lambda: sid not in sessions.sessions, "the close ends the session")
+            await until(lambda: sid not in sessions.sessions, "the close ends the session")
             async with http.delete(f"{url}{location}", headers=auth()) as resp:  # ... then DELETE
                 text = await resp.text()
                 assert resp.status == 200 and text.startswith("session ended already: peer connection"), text

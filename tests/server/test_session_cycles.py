@@ -7,20 +7,11 @@ import logging
 import aiohttp
 from aiortc import RTCPeerConnection
 
-from gateway_helpers import SyntheticVideo, answer, auth, obs_like_offer, running_server, sessions_of
+from gateway_helpers import SyntheticVideo, answer, auth, obs_like_offer, running_server, sessions_of, until
 from streamdiff.server.app import ENGINE_KEY
 
 CYCLES = 20
 OUR_TASKS = ("read-", "push-", "fanout-", "drain-", "watchdog-")
-
-
-async def _until(predicate, what: str, limit_s: float = 60.0) -> None:
-    """Poll (not a timing assertion: the limit only turns a hang into a clear failure)."""
-    for _ in range(int(limit_s / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"never happened: {what}")
 
 
 def _our_tasks() -> list[str]:
@@ -42,7 +33,7 @@ async def _cycles():
                         body = await resp.json()
                     sid = body["session"]
                     await answer(pc, body["sdp"])
-                    await _until(lambda: sid not in sessions.sessions or
+                    await until(lambda: sid not in sessions.sessions or
                                  sessions.sessions[sid].pc.connectionState == "connected", "connected")
                 else:  # OBS-like publisher that posts its offer and never uses the answer
                     pc, offer = await obs_like_offer()
@@ -51,8 +42,8 @@ async def _cycles():
                         assert resp.status == 201, await resp.text()
                         sid = resp.headers["X-Session-Id"]
                 await pc.close()
-                await _until(lambda: sid not in sessions.sessions, f"session {sid} freed (cycle {i})")
-            await _until(lambda: not _our_tasks(), "gateway tasks finished")
+                await until(lambda: sid not in sessions.sessions, f"session {sid} freed (cycle {i})")
+            await until(lambda: not _our_tasks(), "gateway tasks finished")
             assert sessions.sessions == {}
             assert (await app[ENGINE_KEY].stats())["streams"] == 0
             assert app[ENGINE_KEY].metrics()["streams"] == {}
