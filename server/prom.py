@@ -68,7 +68,10 @@ class EngineCollector:
         labels = ["stream", "key"]
         gauges = {key: GaugeMetricFamily(f"{PREFIX}_stream_{key}", f"per-stream {key}", labels=labels)
                   for key in ("fps", "jitter_ms", "time_to_first_frame_ms", "frames_in", "frames_out",
-                              "dropped_frames", "deadline_misses")}
+                              "dropped_frames", "frames_overwritten", "deadline_misses")}
+        by_cause = GaugeMetricFamily(f"{PREFIX}_stream_dropped_frames_by_cause",
+                                     "per-stream input frames that will never be output, by cause",
+                                     labels=[*labels, "cause"])
         latency = HistogramMetricFamily(f"{PREFIX}_stream_latency_ms", "input arrival to output (ms)",
                                         labels=labels)
         for sid, s in streams.items():
@@ -78,11 +81,14 @@ class EngineCollector:
                 value = _num(s.get(key))
                 if value is not None:
                     family.add_metric(values, value)
+            for cause, n in s.get("dropped_by_cause", {}).items():
+                by_cause.add_metric([*values, cause], float(n))
             hist = s.get("latency_hist")
             if hist:
                 buckets = [(str(le), float(n)) for le, n in hist["buckets"]] + [("+Inf", float(hist["count"]))]
                 latency.add_metric(values, buckets, float(hist["sum"]))
         yield from gauges.values()
+        yield by_cause
         yield latency
 
 

@@ -194,10 +194,13 @@ class Session:
                "state": self.pc.connectionState, "uptime_s": round(time.monotonic() - self.created_s, 1)}
         if self.stamp:
             out["stamp"] = True
-        if self.reader is not None:
-            out.update(frames_in=self.reader.frames_in, frames_pushed=self.reader.frames_pushed)
+        if self.reader is not None:  # received = pushed + superseded (+ the one about to be pushed)
+            out.update(frames_received=self.reader.frames_received, frames_superseded=self.reader.frames_superseded,
+                       frames_pushed=self.reader.frames_pushed)
         if self.fanout is not None:
             out.update(frames_out=self.fanout.frames_out, latency_ms=self.fanout.latency_ms)
+        if self.slot is not None:  # what this session's output track sent, and skipped falling behind
+            out.update(frames_sent=self.slot.sent, frames_skipped=self.slot.dropped)
         if self.expect is not None:
             out["expect"] = self.expect
         return out
@@ -321,7 +324,7 @@ class SessionManager:
         self.sessions[session_id] = session
         if owns_stream:
             session.fanout = FanOut(self.engine, session_id, stamp=session.stamp,
-                                    on_end=lambda why: session.tasks.append(
+                                    on_end=lambda why: None if session.closed else session.tasks.append(
                                         asyncio.ensure_future(self.close(session_id, why))))
 
         @pc.on("connectionstatechange")
@@ -397,6 +400,9 @@ class SessionManager:
         key = f", key {session.stream_key}" if session.kind in ("whip", "whep") else ""
         events.info("session %s (%s%s) ended after %.0f s%s: %s", session_id, session.kind, key,
                     time.monotonic() - session.created_s, frames, reason)
+        # 0. The engine stream goes first (its removal queued now, awaited below): the session has
+        #    left the list, so a new offer arriving meanwhile must not be refused on its account.
+        removal = asyncio.ensure_future(self.engine.remove_stream(session_id)) if session.has_stream else None
         # 1. Stop reading input and any helper tasks.
         if session.reader is not None:
             await session.reader.close()
@@ -408,10 +414,10 @@ class SessionManager:
             await session.fanout.close()
             for viewer in [v for v in self.sessions.values() if v.source is session]:
                 await self.close(viewer.id, f"its source {session.stream_key} ended")
-        # 3. The engine stream.
-        if session.has_stream:
+        # 3. The engine stream's removal, queued at step 0.
+        if removal is not None:
             try:
-                await self.engine.remove_stream(session_id)
+                await removal
             except Exception:  # engine stopped meanwhile
                 log.debug("remove_stream %s failed", session_id, exc_info=True)
         # 4. The peer (its connectionstatechange re-enters close(), which returns False).

@@ -100,7 +100,8 @@ class FrameQueue:
         self.clock = clock  # tests pass a simulated one
         self.frames: collections.deque[np.ndarray] = collections.deque(maxlen=maxlen)
         self.arrivals_s: collections.deque[float] = collections.deque(maxlen=33)
-        self.dropped = 0
+        self.dropped = 0  # frames pushed out unsent by newer ones (the viewer fell behind)
+        self.sent = 0  # frames the output track took
         self.closed = False
         self._event = asyncio.Event()
 
@@ -126,6 +127,7 @@ class FrameQueue:
             if self.closed:
                 raise MediaStreamError("stream ended")
             if self.frames:
+                self.sent += 1
                 return self.frames.popleft()
             self._event.clear()
             await self._event.wait()
@@ -268,7 +270,8 @@ class InputReader:
         self.width, self.height = width, height
         self.stamp = stamp
         self.latest: VideoFrame | None = None
-        self.frames_in = 0
+        self.frames_received = 0  # decoded from the peer
+        self.frames_superseded = 0  # received, then replaced by a newer one before it was pushed
         self.last_frame_s: float | None = None  # time.monotonic() of the latest frame received
         self.frames_pushed = 0
         self.stamps_unread = 0  # stamped session: pushed frames without a readable id
@@ -281,8 +284,10 @@ class InputReader:
     async def _read(self) -> None:
         try:
             while True:
-                self.latest = await self.track.recv()
-                self.frames_in += 1
+                frame = await self.track.recv()
+                self.frames_superseded += self.latest is not None
+                self.latest = frame
+                self.frames_received += 1
                 self.last_frame_s = time.monotonic()
                 self._ready.set()
         except MediaStreamError:
@@ -312,6 +317,8 @@ class InputReader:
                 return  # the stream was removed or the engine stopped
             self.frames_pushed += 1
             await asyncio.sleep(0)
+            if self.tasks[0].done() and self.latest is None:
+                return  # the track ended and its last frame is in
 
     async def close(self) -> None:
         await cancel_tasks(self.tasks)

@@ -13,6 +13,16 @@ Definitions:
 - jitter_ms: standard deviation of the time between a stream's consecutive output chunks over
   the recent window (0 = perfectly regular output cadence).
 - time_to_first_frame_ms: from `add_stream` to the end of the step that output its first frame.
+- frames_in: input frames handed to the engine for the stream (each counted once, on entry);
+  frames_out: frames the model output for it; dropped_frames: input frames that will never be
+  output, by cause: "input" (superseded by newer ones while waiting, in the engine's inbox or the
+  scheduler's queue), "restart" (inside the model when a steps change or a lost executor
+  re-prepared the stream), "removed" (waiting or inside the model when the stream was removed).
+  So frames_in = frames_out + dropped_frames + the frames the engine holds now (none once a
+  stream is removed: the totals add up exactly).
+- frames_overwritten: output frames overwritten in the stream's full output queue before anyone
+  read them (a reader slower than the engine). They are counted in frames_out, not in
+  dropped_frames: they were output.
 Thread-safety: every method takes one lock; `snapshot()` may be called from any thread.
 """
 
@@ -114,7 +124,8 @@ class StreamMetrics:
         self.last_output_s: float | None = None
         self.frames_in = 0
         self.frames_out = 0
-        self.dropped: dict[str, int] = {"input": 0, "output": 0, "restart": 0}
+        self.dropped: dict[str, int] = {"input": 0, "restart": 0, "removed": 0}
+        self.frames_overwritten = 0
         self.deadline_misses = 0
         self.latency_ms = Histogram()
         self.interval_ms = Histogram(window=256)
@@ -134,6 +145,7 @@ class StreamMetrics:
             "jitter_ms": self.interval_ms.stddev(),
             "dropped_frames": sum(self.dropped.values()),
             "dropped_by_cause": dict(self.dropped),
+            "frames_overwritten": self.frames_overwritten,
             "deadline_misses": self.deadline_misses,
             "deadline_ms": self.deadline_ms,
         }
@@ -152,7 +164,7 @@ class EngineMetrics:
         self.step_streams = Histogram(buckets=(1, 2, 4, 8, 16, 32, 64))
         self.decision_us = Histogram(buckets=(10, 25, 50, 100, 250, 500, 1000, 2500))
         self.totals = {"streams_added": 0, "streams_removed": 0, "frames_in": 0, "frames_out": 0,
-                       "dropped_frames": 0, "deadline_misses": 0}
+                       "dropped_frames": 0, "frames_overwritten": 0, "deadline_misses": 0}
         self.warmup_ms: float | None = None
         self.last_step: dict = {}
 
@@ -179,8 +191,8 @@ class EngineMetrics:
             self.totals["frames_in"] += n
 
     def frames_dropped(self, stream_id: str, n: int, cause: str = "input") -> None:
-        """cause: 'input' (older input frames dropped for newer ones), 'output' (output queue
-        full), 'restart' (chunks in flight dropped by a steps change), or any other label."""
+        """`n` input frames of the stream will never be output; cause: 'input', 'restart' or
+        'removed' (module docstring)."""
         if n <= 0:
             return
         with self._lock:
@@ -188,6 +200,16 @@ class EngineMetrics:
             if s is not None:
                 s.dropped[cause] = s.dropped.get(cause, 0) + n
             self.totals["dropped_frames"] += n
+
+    def frames_overwritten(self, stream_id: str, n: int) -> None:
+        """`n` output frames of the stream were overwritten unread (its output queue was full)."""
+        if n <= 0:
+            return
+        with self._lock:
+            s = self.streams.get(stream_id)
+            if s is not None:
+                s.frames_overwritten += n
+            self.totals["frames_overwritten"] += n
 
     def frames_out(self, stream_id: str, output_s: float, latencies_ms: list[float]) -> None:
         """A step ended at `output_s` and output these frames of the stream."""

@@ -346,7 +346,10 @@ class AsyncEngine:
                         continue
                     for frame, pts, arrival_s in items:
                         core.push_frame(stream_id, frame, pts, now=arrival_s)
-                    core.metrics.frames_dropped(stream_id, overflow.get(stream_id, 0), "input")
+                    superseded = overflow.get(stream_id, 0)  # came in, and a newer frame pushed them out
+                    if superseded:
+                        core.metrics.frame_in(stream_id, superseded)
+                        core.metrics.frames_dropped(stream_id, superseded, "input")
                 # 3. One step, then hand its outputs (and streams it had to close) to the event loop.
                 report = core.step(block=False)
                 busy = report is not None
@@ -386,8 +389,8 @@ class AsyncEngine:
             queue = self._outputs.get(stream_id)
             if queue is None:
                 continue
-            dropped = sum(queue.put(frame) for frame in frames)
-            self._core.metrics.frames_dropped(stream_id, dropped, "output")
+            overwritten = sum(queue.put(frame) for frame in frames)
+            self._core.metrics.frames_overwritten(stream_id, overwritten)
 
     def _close_streams(self, closed: dict[str, str]) -> None:
         for stream_id, reason in closed.items():

@@ -215,6 +215,8 @@ class EngineCore:
             return False
         self.drain()
         entry = self._streams.pop(stream_id)
+        # what it still held: frames waiting, and frames in the model's stream-batch lag
+        self.metrics.frames_dropped(stream_id, len(entry.frames) + entry.consumed - entry.emitted, "removed")
         self.scheduler.remove_stream(stream_id)
         entry.frames.clear()
         entry.outputs.clear()
@@ -409,7 +411,7 @@ class EngineCore:
             latencies_ms = []
             for frame, meta in zip(out.frames, out.metas):
                 if len(entry.outputs) == entry.outputs.maxlen:
-                    self.metrics.frames_dropped(stream_id, 1, "output")
+                    self.metrics.frames_overwritten(stream_id, 1)
                 item = OutputFrame(stream_id, frame, meta.frame_id, meta.pts, meta.arrival_s, end_s, entry.out_index)
                 entry.outputs.append(item)
                 entry.out_index += 1

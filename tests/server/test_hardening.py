@@ -139,6 +139,8 @@ async def _hostile(caplog):
             async with http.get(f"{url}/metrics", headers=auth()) as r:
                 text = await r.text()  # labelled with the session and its WHIP key
                 assert f'streamdiff_stream_frames_in{{key="k",stream="{session_id}"}}' in text, text
+                assert f'streamdiff_stream_dropped_frames_by_cause{{cause="input",key="k",stream="{session_id}"}}' \
+                    in text, text
             async with http.delete(f"{url}{location}", headers=auth()) as r:
                 assert r.status == 200
         await pub.close()

@@ -92,3 +92,39 @@ def test_a_stamped_wider_frame_keeps_its_id_and_the_model_gets_the_crop():
     assert pixels.shape == (64, 64, 3)
     assert pts.stamp_id == 4242 and pts.pts == 7
     assert np.array_equal(pixels, to_model_frame(frame_of(stamped), 64, 64))
+
+
+class Burst(MediaStreamTrack):
+    """`n` frames as fast as they are asked for, then the end of the track."""
+
+    kind = "video"
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.sent = n, 0
+
+    async def recv(self) -> VideoFrame:
+        if self.sent == self.n:
+            raise MediaStreamError
+        frame = frame_of(np.zeros((48, 64, 3), np.uint8))
+        frame.pts, self.sent = self.sent, self.sent + 1
+        return frame
+
+
+def test_every_received_frame_is_pushed_or_counted_as_superseded():
+    class SlowEngine(Engine):  # a push costs a little, so the reader gets ahead of the pusher
+        def push_frame(self, stream_id, pixels, pts):
+            import time
+            time.sleep(0.002)
+            super().push_frame(stream_id, pixels, pts)
+
+    async def run():
+        engine = SlowEngine()
+        reader = InputReader(Burst(50), engine, "s", 64, 48)
+        await asyncio.wait_for(asyncio.gather(*reader.tasks), 60)
+        return reader, engine.pushed
+
+    reader, pushed = asyncio.run(run())
+    assert reader.frames_received == 50 and reader.frames_pushed == len(pushed)
+    assert reader.frames_superseded > 0 and reader.frames_received == reader.frames_pushed + reader.frames_superseded
+    assert pushed[-1][1] == 49  # the newest frame always goes in

@@ -88,7 +88,7 @@ async def _silent_publishers():
                 first_id = resp.headers["X-Session-Id"]
                 await answer(first, await resp.text())
             await until(lambda: sessions.sessions[first_id].reader is not None and
-                         sessions.sessions[first_id].reader.frames_in > 0, "video arrives")
+                         sessions.sessions[first_id].reader.frames_received > 0, "video arrives")
             # while its video arrives, the key is its own
             second, offer = await publisher_of(Paused())
             async with http.post(f"{url}/whip/studio", data=offer, headers={**SDP, **auth()}) as resp:
@@ -108,7 +108,7 @@ async def _silent_publishers():
             # 3. A publisher that streamed and vanished (no close, no DELETE) is freed once its
             # video stops for input_timeout_s, not after ICE consent (about 30 s).
             await until(lambda: sessions.sessions[second_id].reader is not None and
-                         sessions.sessions[second_id].reader.frames_in > 0, "the second publisher's video")
+                         sessions.sessions[second_id].reader.frames_received > 0, "the second publisher's video")
             second.getTransceivers()[0].sender.track.paused.set()
             await until(lambda: second_id not in sessions.sessions, "the vanished publisher freed", limit_s=20)
             assert sessions.why_ended(second_id).startswith("no video arrived for ")

@@ -154,3 +154,38 @@ def test_a_burst_of_params_is_bounded_and_a_closed_socket_drops_what_waits():
     params = [r for r in replies if r["type"] == "params"]
     assert params[0]["params"]["seed"] == 0  # applied in order
     assert applied <= 2 + 1, applied  # the rest was dropped with the socket (2: applied or started before it closed)
+
+
+async def _offer_while_the_last_stream_closes():
+    async with running_server(max_streams=1) as (url, app):
+        sessions = sessions_of(app)
+        first = await sessions.open("browser", None, "a fox")
+        # The ending session's input reader takes its time to stop (a slow peer) while a new
+        # user's offer comes in.
+        let_go = asyncio.Event()
+
+        class SlowReader:
+            @staticmethod
+            async def close():
+                await let_go.wait()
+
+        assert first.reader is None  # no peer yet: this stand-in is its reader
+        first.reader = SlowReader()
+        closing = asyncio.ensure_future(sessions.close(first.id, "the user left"))
+        await asyncio.sleep(0)
+        pc, sdp = await _browser_offer()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/offer", json={"sdp": sdp, "type": "offer"}, headers=auth()) as r:
+                status, body = r.status, await r.text()
+        let_go.set()
+        await closing
+        await pc.close()
+        return status, body
+
+
+def test_an_offer_is_not_refused_for_a_stream_that_is_ending():
+    """Found by a probe: a session left the list at once but told the engine only after its
+    reader, tasks and fan-out had stopped, so an offer in between met a full engine and was
+    refused naming the stream that had just ended."""
+    status, body = asyncio.run(_offer_while_the_last_stream_closes())
+    assert status == 200, body
