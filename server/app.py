@@ -230,10 +230,9 @@ async def offer(request: web.Request) -> web.Response:
         await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         session.pc.addTrack(_output_track(session, session, settings, sessions.engine.cfg))
         answer_sdp = await _answer(session)
-    except Exception:
-        log.info("negotiating browser session %s failed", session.id, exc_info=True)
-        await sessions.close(session.id, "could not negotiate the offer")
-        return web.json_response({"error": "could not negotiate the offer (the server log has the details)"},
+    except Exception as exc:
+        await _negotiation_failed(sessions, session, exc)
+        return web.json_response({"error": "could not negotiate the offer (the server's console says why)"},
                                  status=400)
     reply = {"sdp": answer_sdp, "type": "answer", "session": session.id, "expect": session.expect}
     if (means := sessions.prompt_means(prompt)) is not None:
@@ -281,10 +280,9 @@ async def whip_post(request: web.Request) -> web.Response:
         _wire_input(session, sessions, settings)
         await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         answer_sdp = answer_simulcast(await _answer(session), rids)
-    except Exception:
-        log.info("negotiating WHIP session %s failed", session.id, exc_info=True)
-        await sessions.close(session.id, "could not negotiate the offer")
-        return _error(400, "could not negotiate the offer (the server log has the details)")
+    except Exception as exc:
+        await _negotiation_failed(sessions, session, exc)
+        return _error(400, "could not negotiate the offer (the server's console says why)")
     return _sdp_created(f"/whip/{key}/{session.id}", answer_sdp, session.id, _expect_header(session))
 
 
@@ -317,10 +315,9 @@ async def whep_post(request: web.Request) -> web.Response:
             session.pc.addTrack(SilenceTrack())
         prefer_h264(session.pc)
         answer_sdp = await _answer(session)
-    except Exception:
-        log.info("negotiating WHEP session %s failed", session.id, exc_info=True)
-        await sessions.close(session.id, "could not negotiate the offer")
-        return _error(400, "could not negotiate the offer (the server log has the details)")
+    except Exception as exc:
+        await _negotiation_failed(sessions, session, exc)
+        return _error(400, "could not negotiate the offer (the server's console says why)")
     return _sdp_created(f"/whep/{key}/{session.id}", answer_sdp, session.id)
 
 
@@ -328,6 +325,14 @@ async def whep_head(request: web.Request) -> web.Response:
     """WHEP draft 04: HEAD on the endpoint answers 200 with the offer's content type."""
     check_stream_key(request.match_info["key"])
     return web.Response(status=200, headers={**CORS, "Content-Type": "application/sdp"})
+
+
+async def _negotiation_failed(sessions: SessionManager, session, exc: Exception) -> None:
+    """End a session whose offer aiortc could not answer; the console line says why in one line
+    (the client gets a fixed sentence: no exception text in error bodies), -v adds the traceback."""
+    log.info("negotiating %s session %s failed", session.kind, session.id, exc_info=True)
+    why = " ".join(f"{type(exc).__name__}: {exc}".split())
+    await sessions.close(session.id, f"could not negotiate the offer: {why[:200]}")
 
 
 def _sdp_created(location: str, sdp: str, session_id: str, extra: dict | None = None) -> web.Response:

@@ -22,6 +22,7 @@ from streamdiff.server.http import (
     read_json_object,
     unauthorized,
 )
+from streamdiff.engine.types import short_repr
 from streamdiff.server.sessions import SessionManager
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ async def params_patch(request: web.Request) -> web.Response:
     if not _authorized(request):
         return _unauthorized()
     body = await read_json_object(request, request.app[SETTINGS_KEY].body_timeout_s)
+    if body.get("type", "params") != "params":  # the socket's message shape is welcome, another type is not
+        return web.json_response({"error": f"a params change has no type or type \"params\", got "
+                                           f"{short_repr(body['type'])}"}, status=400)
     try:
         reply = await sessions.update_params(request.match_info["id"], body)
     except KeyError:
@@ -63,7 +67,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return _unauthorized()
     key = request.query.get("session", "")
     if sessions.get(key) is None:
-        return web.json_response({"error": f"no such session {key!r}"}, status=404)
+        return web.json_response({"error": f"no such session {short_repr(key)}"}, status=404)
     ws = web.WebSocketResponse(heartbeat=10, max_msg_size=MAX_MESSAGE_BYTES)
     await ws.prepare(request)
     owner = sessions.get(key)
@@ -149,7 +153,7 @@ def _read_control_message(text: str) -> tuple[dict | None, dict | None]:
     if message.get("type") == "ping":
         return None, {"type": "pong"}
     if message.get("type") != "params":
-        return None, {"type": "error", "error": f"unknown message type {message.get('type')!r} (known: params, ping)"}
+        return None, {"type": "error", "error": f"unknown message type {short_repr(message.get('type'))} (known: params, ping)"}
     return message, None
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from aiortc import RTCConfiguration, RTCPeerConnection
 
-from streamdiff.engine.types import StreamParams
+from streamdiff.engine.types import StreamParams, short_repr
 from streamdiff.model.style_prompts import prompt_style
 from streamdiff.server.webrtc import FanOut, InputReader, FrameQueue, cancel_tasks
 
@@ -105,7 +105,7 @@ def to_engine_params(message: dict) -> dict:
         if key == "type":
             continue
         if key not in PARAM_ALIASES:
-            raise ValueError(f"unknown parameter {key!r} (known: {', '.join(sorted(PARAM_ALIASES))})")
+            raise ValueError(f"unknown parameter {short_repr(key)} (known: {', '.join(sorted(PARAM_ALIASES))})")
         out[PARAM_ALIASES[key]] = check_prompt(value) if key == "prompt" else value
     return out
 
@@ -141,7 +141,7 @@ def parse_flag(value: object, name: str = "stamp") -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("1", "true", "on", "yes", "0", "false", "off", "no", ""):
         return value.strip().lower() in ("1", "true", "on", "yes")
-    raise ValueError(f"{name} must be true or false (or 1/0), got {value!r}")
+    raise ValueError(f"{name} must be true or false (or 1/0), got {short_repr(value)}")
 
 
 class StreamKeyTaken(Exception):
@@ -315,8 +315,10 @@ class SessionManager:
                           stamp=stamp and owns_stream)
         if admission is not None:
             session.expect = expectation(admission)
-            how = "best effort" if admission.best_effort else f"at {self.target_fps:g} fps / {self.deadline_ms:g} ms"
-            events.info("session %s (%s%s) started, admitted %s: expect about %.1f fps and %.0f ms latency",
+            # best effort: the scheduler's reason says why ("admitted best effort: it ... would miss ...")
+            how = admission.reason if admission.best_effort else \
+                f"admitted at {self.target_fps:g} fps / {self.deadline_ms:g} ms"
+            events.info("session %s (%s%s) started, %s; expect about %.1f fps and %.0f ms latency",
                         session_id, kind, f", key {stream_key}" if stream_key else "", how,
                         admission.expected_fps, admission.expected_latency_ms)
         else:

@@ -188,22 +188,29 @@ def _warn_before_render(cfg, prompt: str, width: int, height: int) -> None:
                     above)
 
 
+def _config_with_stages(name: str, overrides: list[str], stages: int | None):
+    """The config with `--stages N` as parallel.num_stages; its errors said in the flag's words."""
+    if stages is None:
+        return load_config(name, overrides)
+    said = f"parallel.num_stages={stages}"
+    try:
+        return load_config(name, [*overrides, said])
+    except ConfigError as exc:
+        if not str(exc).startswith(said):
+            raise
+        raise ConfigError(f"--stages {stages}{str(exc)[len(said):]}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.token is not None and not args.token.strip():
         raise CliError("--token is empty (an unset variable?): it would turn authentication off; give a token, "
                        "or leave --token out to serve without one")
     overrides = list(args.set or [])
     if args.stages is not None:  # Ray actors, as the flag says (a preset may use threads)
-        overrides += [f"parallel.num_stages={args.stages}", "parallel.backend=ray"]
+        overrides += ["parallel.backend=ray"]
     if args.ray_address:
         overrides += [f"parallel.ray_address={args.ray_address}", "parallel.backend=ray"]
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as exc:  # in the flag's words when the flag set it
-        said = f"parallel.num_stages={args.stages}"
-        if args.stages is None or not str(exc).startswith(said):
-            raise
-        raise ConfigError(f"--stages {args.stages}{str(exc)[len(said):]}") from None
+    cfg = _config_with_stages(args.config, overrides, args.stages)
     check_weight_paths(cfg)  # before torch
     check_listen(args.host, args.port)  # before the engine's warm-up, not after it
     if cfg.parallel.ray_address not in ("", "auto"):
@@ -469,7 +476,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise CliError("--resolution takes one WxH")
     if args.steps is not None and not 1 <= args.steps <= 4:
         raise CliError(f"--steps {args.steps} must be 1-4")
-    cfg = load_config(args.config, args.set or [])
+    cfg = _config_with_stages(args.config, list(args.set or []), args.stages)
     plan = plan_memory(cfg, args.device, width, height, args.steps)
     for size in sizes:
         print(format_plan(plan, size))
@@ -648,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: this GPU's, else 24GiB)")
     plan.add_argument("--resolution", metavar="WxH", help="frame size (default: the config's)")
     plan.add_argument("--steps", type=int, help="denoise steps 1-4 (default: the config's)")
+    plan.add_argument("--stages", type=int, help="pipeline stages: plan one stage's share (parallel.num_stages)")
     plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                       help="plan for this device type's kernels (default cuda)")
     plan.add_argument("--json", metavar="OUT", help="write the plan (bytes) to OUT")

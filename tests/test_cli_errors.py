@@ -231,6 +231,7 @@ def test_result_paths_are_checked_before_the_work(tmp_path):
     # a probe: the flag's value named by a config key the user never typed, and "config . is a folder"
     (["serve", "--config", "tiny", "--stages", "99"], "--stages 99 is out of range"),
     (["serve", "--config", "tiny", "--stages", "3"], "--stages 3 exceeds model.num_layers=2"),
+    (["plan", "--config", "tiny", "--stages", "3"], "--stages 3 exceeds model.num_layers=2"),
     (["serve", "--config", ""], "the config name is empty: give a preset (demo, tiny"),
 ])
 def test_flag_mistakes_are_one_line_before_any_work(args, words, capsys):

@@ -406,7 +406,7 @@ def format_plan(plan: MemoryPlan, device_bytes: int) -> str:
              f"prompt encoder {g(plan.text_weights)} ({plan.text_placement})"]
     if len(plan.stage_blocks) > 1:
         for k, (n, b) in enumerate(zip(plan.stage_blocks, plan.stage_weights)):
-            lines.append(f"    stage {k}: {n} blocks, {g(b)} of DiT weights, KV {g(plan.kv_stream * n // sum(plan.stage_blocks))} per stream")
+            lines.append(f"    stage {k}: {n} block{'s' if n != 1 else ''}, {g(b)} of DiT weights, KV {g(plan.kv_stream * n // sum(plan.stage_blocks))} per stream")
     if plan.vae_stages:
         enc_cache = plan.vae_cache_stream - plan.vae_dec_cache_stream
         lines.append(f"    VAE stages: encode and decode each hold the VAE ({g(plan.vae_weights)}); VAE caches "

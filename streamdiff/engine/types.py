@@ -77,20 +77,30 @@ class StreamParams:
 PARAM_NAMES = tuple(f.name for f in fields(StreamParams) if f.name != "lane_stride")
 
 
+def short_repr(value: object, limit: int = 60) -> str:
+    """A client's value as an error message may quote it: `repr`, cut to about `limit`
+    characters (a fuzzing client's 100 kB string came back whole in the 400's body)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit
+        return f"a {type(value).__name__} too long to show"
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def validate_changes(changes: Mapping[str, object]) -> dict[str, object]:
     """Check live parameter changes; returns them normalised (ints as int, strength as float).
     Raises ValueError naming the field and its allowed range / type."""
     out: dict[str, object] = {}
     for name, value in changes.items():
         if name not in PARAM_NAMES:
-            raise ValueError(f"unknown stream parameter {name!r} (known: {', '.join(PARAM_NAMES)})")
+            raise ValueError(f"unknown stream parameter {short_repr(name)} (known: {', '.join(PARAM_NAMES)})")
         if name == "prompt":
             if not isinstance(value, str):
                 raise ValueError(f"prompt must be a string, got {type(value).__name__}")
             out[name] = value
         elif name == "motion_aware":
             if not isinstance(value, bool):
-                raise ValueError(f"motion_aware must be true or false, got {value!r}")
+                raise ValueError(f"motion_aware must be true or false, got {short_repr(value)}")
             out[name] = value
         else:
             kind, lo, hi = PARAM_RANGES[name]
@@ -100,9 +110,9 @@ def validate_changes(changes: Mapping[str, object]) -> dict[str, object]:
             allowed = f"{lo} to {hi}" if kind is int else f"{lo:g} to {hi:g}"
             if isinstance(value, bool) or not ok_type:
                 what = "a number" if kind is float else "a whole number"
-                raise ValueError(f"{name} must be {what} from {allowed}, got {value!r}")
+                raise ValueError(f"{name} must be {what} from {allowed}, got {short_repr(value)}")
             if not lo <= value <= hi:
-                raise ValueError(f"{name}={value!r} is out of range: allowed {allowed}")
+                raise ValueError(f"{name}={short_repr(value)} is out of range: allowed {allowed}")
             out[name] = kind(value)
     return out
 
@@ -224,5 +234,6 @@ __all__ = [
     "StreamsLost",
     "StreamOutput",
     "StreamParams",
+    "short_repr",
     "validate_changes",
 ]

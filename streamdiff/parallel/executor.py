@@ -307,7 +307,12 @@ class StagedExecutor:
                     self.stages.call(k, "clear_all")
                 except Exception:
                     log.debug("clear_all on stage %d", k, exc_info=True)
+            log.error("pipeline stage failed (%s) and could not be rebuilt (%s): %d stream%s closed",
+                      exc, again, len(ids), "" if len(ids) == 1 else "s")
             return StreamsLost(ids, f"pipeline stage failed ({exc}) and could not be rebuilt ({again})", False)
+        # one line of our own: a killed stage actor otherwise shows only Ray's noise
+        log.warning("pipeline stage failed (%s); %s; %d stream%s restart with a fresh cache",
+                    exc, what, len(ids), "" if len(ids) == 1 else "s")
         return StreamsLost(ids, f"pipeline stage failed ({exc}); {what}; streams restart with a fresh cache", True)
 
     # -------------------------------------------------------------- accounting

@@ -49,6 +49,20 @@ CHANNEL_STORE_SHARE = 1 / 16  # of a node's object store (Ray: 30 % of memory), 
 ENV_PASSED = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES_OVERRIDE", "STREAMDIFF_CONFIG_DIR")
 
 
+class _DeadActorCancel(logging.Filter):
+    """Ray's compiled graph logs "Error cancelling worker task" with two ActorDiedError
+    tracebacks when it tears down around a stage actor that died; the executor replaces that
+    stage and says so in one line of its own (`StagedExecutor._recover`), so this record is
+    not shown. Any other error of that logger still is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage() == "Error cancelling worker task" and isinstance(exc, ray.exceptions.ActorDiedError))
+
+
+logging.getLogger("ray.dag.compiled_dag_node").addFilter(_DeadActorCancel())
+
+
 class ClusterError(ConfigError):
     """The Ray cluster cannot be joined or cannot run these stages (one line for the CLI)."""
 

@@ -1,7 +1,8 @@
 """Step-time prediction for the frame scheduler: ms of one engine step from its batch shape.
 
 Owns: the law `step_ms ~ base_ms + ms_per_row * rows + ms_per_ktoken * tokens / 1000`, its
-online fit from measured steps (windowed least squares, pulled gently toward a prior) and the
+online fit from measured steps (windowed least squares, pulled gently toward a prior, every
+coefficient held >= 0 so that a bigger batch never costs less) and the
 safety margin added to every prediction the scheduler decides with.
 Does not own: measuring (the executor times the step and reports `StepResult.step_ms`), what a
 row or token is (the scheduler counts them), or which streams to batch. Pure Python, no torch.
@@ -173,7 +174,7 @@ class OnlineCostModel:
                 rhs[i] += z[i] * step_ms
                 for j in range(3):
                     gram[i][j] += z[i] * z[j]
-        theta_scaled = _solve3(gram, rhs)
+        theta_scaled = _solve_nonnegative(gram, rhs)
         theta = [t / s for t, s in zip(theta_scaled, scale)]
         self._fit = LinearLaw(*theta)
         # 3. Margin: a high quantile of the relative residuals (how much slower steps ran).
@@ -189,15 +190,42 @@ class OnlineCostModel:
             self._margin = self.prior_margin
 
 
-def _solve3(a: list[list[float]], b: list[float]) -> list[float]:
-    """Solve a 3x3 system by Gaussian elimination with partial pivoting (a, b are copied)."""
+def _solve_nonnegative(gram: list[list[float]], rhs: list[float]) -> list[float]:
+    """argmin over theta >= 0 of theta^T G theta - 2 rhs^T theta (the regularised least squares
+    of `_refit`; G is positive definite): no cost can be negative. Plain least squares gave
+    ms_per_row -722 from two-row steps of 900 ms and one-row steps of 1300 ms on a shared CPU,
+    so a batch of more streams was predicted at 0 ms and every newcomer was admitted. With three
+    unknowns every set of free coefficients is tried (the others held at 0); the best feasible
+    solution is the constrained optimum."""
+    best, best_value = [0.0, 0.0, 0.0], 0.0  # all held at 0: value 0
+    for mask in range(1, 8):
+        free = [i for i in range(3) if mask >> i & 1]
+        sub = [[gram[i][j] for j in free] for i in free]
+        try:
+            x = _solve(sub, [rhs[i] for i in free])
+        except ZeroDivisionError:
+            continue
+        if min(x) < 0.0:
+            continue
+        theta = [0.0, 0.0, 0.0]
+        for i, v in zip(free, x):
+            theta[i] = v
+        value = sum(theta[i] * gram[i][j] * theta[j] for i in range(3) for j in range(3)) \
+            - 2.0 * sum(r * t for r, t in zip(rhs, theta))
+        if value < best_value:
+            best, best_value = theta, value
+    return best
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Solve an n x n system by Gaussian elimination with partial pivoting (a, b are copied)."""
     m = [row[:] + [rhs] for row, rhs in zip(a, b)]
-    n = 3
+    n = len(b)
     # 1. Forward elimination.
     for col in range(n):
         pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
         if abs(m[pivot][col]) < 1e-12:
-            raise ZeroDivisionError("singular 3x3 system")
+            raise ZeroDivisionError("singular system")
         m[col], m[pivot] = m[pivot], m[col]
         for r in range(col + 1, n):
             f = m[r][col] / m[col][col]

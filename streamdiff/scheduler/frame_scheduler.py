@@ -32,8 +32,9 @@ The scheduler is work-conserving: any ready chunk means a plan.
 Admission: with every stream batched in one step, the predicted step must stay within what
 every RUNNING stream was promised: for a stream whose SLO held at admission, its chunk period
 (fps is a rate, so this is judged on the steady step, every stream past its first chunk) and
-(deadline - gathering - lag) / 2 (two steps: the one running when a chunk gets ready, then its
-own; judged on the next step as it will run, unprepared streams with their bigger first chunk);
+the longest step that keeps its latency (gathering at the rate frames arrive, the lag, then two
+steps: the one running when a chunk gets ready, then its own) within its deadline (judged on the
+next step as it will run, unprepared streams with their bigger first chunk);
 for a stream admitted best effort, the steady step predicted when it joined. A refusal
 therefore only ever protects a stream already inside. The newcomer's own SLO decides only how
 it is admitted: with the SLO, or best effort (an empty server always admits its first stream)
@@ -82,6 +83,7 @@ class _Stream:
     order: int  # admission order, the last tiebreak
     stride: int = 1  # lane stride D: up to D chunks in flight, output (lanes - 1)·D chunks later
     depth: int = 1  # pipeline depth it shares (plans in flight at most, stages)
+    input_fps: float = 0.0  # the rate its frames arrive at (0: its target fps)
     vt_s: float = 0.0  # fair-share clock: advances by (frames planned / target_fps)
     pending: deque = field(default_factory=deque)  # (frame_id, arrival_s), oldest first
     lag: deque = field(default_factory=deque)  # arrival times of planned chunks not yet output
@@ -122,13 +124,24 @@ class _Stream:
         """Chunks between a chunk's entry and its output: (lanes - 1)·D."""
         return (self.lanes - 1) * self.stride
 
-    def floor_ms(self) -> float:
-        """Latency no scheduler can avoid: gathering a chunk plus the stream-batch lag (the
-        oldest frame of chunk k is output once the newest frame of chunk k + (lanes-1)·D is in)."""
+    @property
+    def arrival_fps(self) -> float:
+        return self.input_fps or self.slo.target_fps
+
+    def latency_ms(self, period_ms: float, *, first_chunk: bool = True) -> float:
+        """The longest latency of its frames at a pipeline period of `period_ms`: gathering a
+        chunk at the rate frames arrive (the oldest frame waits for the newest), the stream-batch
+        lag (the oldest frame of chunk k is output once chunk k + (lanes-1)·D is in: each of those
+        chunks takes its gathering or its interval, whichever is longer), then the chunk's time
+        in flight. `first_chunk`: the first chunk's frames too (more of them, no lag); False
+        gives the steady state, what the stream's user sees."""
         steady = frames_for_latents(self.chunk_latents, first=False)
         first = frames_for_latents(self.first_latents, first=True)
-        frames = max((self.lag_chunks + 1) * steady - 1, first - 1)
-        return 1000.0 * frames / self.slo.target_fps
+        gather_ms, chunk_ms = 1000.0 * (steady - 1) / self.arrival_fps, 1000.0 * steady / self.arrival_fps
+        lagged_ms = gather_ms + self.lag_chunks * max(chunk_ms, self.interval_ms(period_ms))
+        if first_chunk:
+            lagged_ms = max(lagged_ms, 1000.0 * (first - 1) / self.arrival_fps)
+        return lagged_ms + self.in_flight_ms(period_ms)
 
     def interval_ms(self, period_ms: float) -> float:
         """How often it can get a chunk out with a pipeline period of `period_ms`: one per
@@ -141,10 +154,19 @@ class _Stream:
         return (self.depth + 1) * period_ms
 
     def slo_step_ms(self) -> float:
-        """The longest period that keeps its SLO: one chunk per chunk period, and gathering +
-        lag + the chunk's time in flight within the deadline."""
+        """The longest period that keeps its SLO: one chunk per chunk period, and
+        `latency_ms(period)` within the deadline (it grows with the period: solved piece by
+        piece, where the lag's chunks take their gathering, then where they take the interval)."""
         by_fps = self.chunk_period_ms / max(1.0, self.depth / self.stride)
-        return min(by_fps, (self.slo.deadline_ms - self.floor_ms()) / (self.depth + 1))
+        steady = frames_for_latents(self.chunk_latents, first=False)
+        first = frames_for_latents(self.first_latents, first=True)
+        a = 1000.0 * (steady - 1) / self.arrival_fps
+        g = 1000.0 * steady / self.arrival_fps
+        f = 1000.0 * (first - 1) / self.arrival_fps
+        k, lag, c, deadline = max(1.0, self.depth / self.stride), self.lag_chunks, self.depth + 1, self.slo.deadline_ms
+        by_gathering = (deadline - max(a + lag * g, f)) / c  # while k·p <= g
+        by_deadline = by_gathering if by_gathering * k <= g else min((deadline - a) / (lag * k + c), (deadline - f) / c)
+        return min(by_fps, by_deadline)
 
 
 @dataclass(slots=True)
@@ -244,7 +266,7 @@ class FrameScheduler:
         if lane_stride < 0:
             return self._refuse(stream_id, f"lane_stride must be >= 0, got {lane_stride}")
         new = _Stream(stream_id, slo, tokens_per_frame, lanes, first_chunk_latents, chunk_latents,
-                      order=self._next_order, vt_s=vt_s, depth=self.pipeline_depth)
+                      order=self._next_order, vt_s=vt_s, depth=self.pipeline_depth, input_fps=input_fps or 0.0)
         streams = [new, *self._streams.values()]
         step_ms, batch = self._batch(streams)  # the next step: first chunks where not prepared
         steady = self._batch(streams, steady=True)  # every stream past its first chunk
@@ -258,9 +280,9 @@ class FrameScheduler:
         own = self._breaks(new, (step_ms, batch), steady, newcomer=True)
         new.best_effort = own is not None
         new.promised_step_ms = max(steady[0], new.slo_step_ms()) if new.best_effort else new.slo_step_ms()
-        fps, latency_ms = self._expect(new, steady[0], input_fps or slo.target_fps)
+        fps, latency_ms = self._expect(new, steady[0])
         if new.best_effort:
-            reason = f"admitted best effort ({own}); expect about {fps:.1f} fps and {latency_ms:.0f} ms latency"
+            reason = f"admitted best effort: {own}"
         else:
             reason = f"admitted: a step batching {batch} is predicted at {step_ms:.1f} ms"
         self._streams[stream_id] = new
@@ -274,7 +296,7 @@ class FrameScheduler:
         """The largest D <= depth whose latency keeps the deadline (1 when plans do not overlap)."""
         for stride in range(self.pipeline_depth, 0, -1):
             s.stride = stride
-            if s.floor_ms() + s.in_flight_ms(period_ms) <= s.slo.deadline_ms:
+            if s.latency_ms(period_ms) <= s.slo.deadline_ms:
                 return stride
         return self.pipeline_depth
 
@@ -282,9 +304,10 @@ class FrameScheduler:
                  chunk_latents: int = 1, input_fps: float = 30.0) -> tuple[float, float, float]:
         """(step ms, fps, latency ms) a stream joining now could expect, admitting nothing."""
         probe = _Stream("?", StreamSLO(input_fps, 1e9), tokens_per_frame, lanes, first_chunk_latents,
-                        chunk_latents, order=-1, vt_s=0.0, stride=self.pipeline_depth, depth=self.pipeline_depth)
+                        chunk_latents, order=-1, vt_s=0.0, stride=self.pipeline_depth, depth=self.pipeline_depth,
+                        input_fps=input_fps)
         step_ms, _ = self._batch([probe, *self._streams.values()], steady=True)
-        return (step_ms, *self._expect(probe, step_ms, input_fps))
+        return (step_ms, *self._expect(probe, step_ms))
 
     def restart_stream(self, stream_id: str, lanes: int, now: float, *, first_chunk_latents: int = 2,
                        chunk_latents: int = 1, input_fps: float | None = None) -> tuple[Admission, list[int]]:
@@ -448,17 +471,13 @@ class FrameScheduler:
         return self.cost_model.predict_ms(rows, tokens), f"{n} stream{'s' if n > 1 else ''} ({rows} rows, {tokens} tokens)"
 
     @staticmethod
-    def _expect(s: _Stream, step_ms: float, input_fps: float) -> tuple[float, float]:
+    def _expect(s: _Stream, step_ms: float) -> tuple[float, float]:
         """(fps, latency ms) a stream can expect with a pipeline period of `step_ms`: a chunk per
-        `interval_ms` at most, input at `input_fps` at most; latency = gathering a chunk + the
-        stream-batch lag ((lanes - 1)·D chunk periods) + the period it waits for + `depth`
-        periods in flight (depth 1: the step it waits for + its own)."""
+        `interval_ms` at most, input at the rate frames arrive at most; latency as `latency_ms`
+        in the steady state (its deadline is judged on the same figure, first chunk included)."""
         steady = frames_for_latents(s.chunk_latents, first=False)
-        interval_ms = s.interval_ms(step_ms)
-        fps = min(input_fps, 1000.0 * steady / max(interval_ms, 1e-6))
-        period_ms = max(1000.0 * steady / input_fps, interval_ms)
-        latency_ms = 1000.0 * (steady - 1) / input_fps + s.lag_chunks * period_ms + s.in_flight_ms(step_ms)
-        return fps, latency_ms
+        fps = min(s.arrival_fps, 1000.0 * steady / max(s.interval_ms(step_ms), 1e-6))
+        return fps, s.latency_ms(step_ms, first_chunk=False)
 
     def _breaks(self, s: _Stream, next_step: tuple[float, str], steady: tuple[float, str], *,
                 newcomer: bool) -> str | None:
@@ -483,10 +502,11 @@ class FrameScheduler:
                     + (f" (a chunk every {s.interval_ms(steady_ms):.1f} ms with lane stride {s.stride} over "
                        f"{s.depth} stages)" if s.depth > 1 else ""))
         step_ms, batch = next_step
-        need_ms = s.floor_ms() + s.in_flight_ms(step_ms)
+        need_ms = s.latency_ms(step_ms)
         if need_ms > s.slo.deadline_ms:
-            return (f"{slo} would miss its deadline: {s.floor_ms():.1f} ms to gather frames at "
-                    f"{s.slo.target_fps:g} fps with {s.lanes} lane{'s' if s.lanes > 1 else ''} "
+            in_flight_ms = s.in_flight_ms(step_ms)
+            return (f"{slo} would miss its deadline: {need_ms - in_flight_ms:.1f} ms to gather frames at "
+                    f"{s.arrival_fps:g} fps with {s.lanes} lane{'s' if s.lanes > 1 else ''} "
                     f"(stream-batch lag included) + {s.depth + 1} x {step_ms:.1f} ms steps ({batch}) = "
                     f"{need_ms:.1f} ms > {s.slo.deadline_ms:g} ms")
         return None

@@ -174,6 +174,10 @@ def test_cli_plan_prints_and_refuses_bad_sizes(tmp_path, capsys):
     assert out.exists()
     assert main(["plan", "--gpu-mem", "lots"]) == 2
     assert "--gpu-mem" in capsys.readouterr().err
+    # --stages as serve and bench take it: each stage's share of the blocks
+    assert main(["plan", "--config", "tiny", "--device", "cpu", "--gpu-mem", "1GiB", "--stages", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "stage 0: 1 block, " in text and "stage 1: 1 block, " in text, text
 
 
 def test_the_plan_says_what_it_leaves_out_under_cuda_graphs():

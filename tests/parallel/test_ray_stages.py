@@ -322,3 +322,20 @@ def test_async_engine_serves_over_ray_stages(cfg4):
             await engine.stop()
 
     asyncio.run(main())
+
+
+def test_rays_dead_actor_cancel_traceback_is_not_shown_other_errors_are(caplog):
+    """Found by a probe: a killed stage actor printed Ray's "Error cancelling worker task" with
+    two ActorDiedError tracebacks; the executor's own line says what happened instead."""
+    import logging
+    import sys
+
+    logger = logging.getLogger("ray.dag.compiled_dag_node")
+    with caplog.at_level(logging.ERROR, logger=logger.name):
+        for exc in (ray.exceptions.ActorDiedError(), RuntimeError("channel broke")):
+            try:
+                raise exc
+            except Exception:
+                logger.error("Error cancelling worker task", exc_info=sys.exc_info())
+    shown = [r.exc_info[1] for r in caplog.records if r.name == logger.name]
+    assert [type(e).__name__ for e in shown] == ["RuntimeError"]

@@ -7,6 +7,8 @@ instead of per step, which only changes float rounding."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from engine_helpers import RELAXED, max_abs_diff, params
@@ -95,7 +97,7 @@ class FailingStages(InProcessStages):
 
 
 @pytest.mark.parametrize("rebuild", [True, False])
-def test_failed_stage_resumes_or_closes_streams(cfg4, rebuild):
+def test_failed_stage_resumes_or_closes_streams(cfg4, rebuild, caplog):
     from engine_helpers import RELAXED, Feeder
     from streamdiff.pipeline.frames import synthetic_clip
 
@@ -107,7 +109,11 @@ def test_failed_stage_resumes_or_closes_streams(cfg4, rebuild):
         feeder.round()
     before = len(feeder.outputs["a"])
     stages.fail = True
-    feeder.round()
+    with caplog.at_level(logging.WARNING, logger="streamdiff.parallel.executor"):
+        feeder.round()
+    said = [r.getMessage() for r in caplog.records if r.name == "streamdiff.parallel.executor"]
+    assert len(said) == 1 and "stage 1 died" in said[0], said  # one line of our own says what happened
+    assert ("stage [1] replaced; 1 stream restart" if rebuild else "could not be rebuilt") in said[0], said
     if rebuild:
         assert "fresh cache" in core.restarted["a"] and "a" in core.stream_ids
         for _ in range(3):

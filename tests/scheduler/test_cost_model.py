@@ -85,3 +85,24 @@ def test_bad_samples_are_ignored():
     model.observe(0, 0, 10.0)
     model.observe(2, 100, -1.0)
     assert model.samples == 0
+
+
+def test_no_coefficient_of_the_fit_goes_negative():
+    """Found by a probe (--stages 2, a shared CPU): one-row steps ran slower than two-row steps,
+    least squares gave ms_per_row = -722, a batch of 6 rows was predicted at 0 ms and every
+    newcomer was admitted with a promise of 0 ms steps."""
+    rng = random.Random(0)
+    model = OnlineCostModel(prior=LinearLaw(30.0, 4.0, 8.0))
+    samples = [(2, 32, rng.gauss(900.0, 40.0)) for _ in range(20)] + [(1, 16, rng.gauss(1300.0, 60.0)) for _ in range(12)]
+    for rows, tokens, step_ms in samples:
+        model.observe(rows, tokens, step_ms)
+    law = model.law
+    assert min(law.as_list()) >= 0.0, law
+    # more rows never cost less, and no batch is predicted below what such steps took
+    predictions = [model.mean_ms(rows, 16 * rows) for rows in (1, 2, 4, 6)]
+    assert predictions == sorted(predictions) and predictions[0] >= 850.0, predictions
+    # where plain least squares is feasible it is unchanged (the law of the first test)
+    free = OnlineCostModel(prior=LinearLaw(50.0, 10.0, 10.0), window=256)
+    for rows, tokens, step_ms in _noisy_samples(256, seed=0):
+        free.observe(rows, tokens, step_ms)
+    assert free.law.ms_per_row == pytest.approx(TRUE_LAW.ms_per_row, abs=0.15)

@@ -164,3 +164,49 @@ def test_fps_is_judged_on_the_steady_step_and_the_deadline_on_the_next_one():
     adm = sched.add_stream("c", StreamSLO(1.0, 50000.0), tokens_per_frame=1500, lanes=1, now=0.0)
     assert not adm and "would fall below its target fps" in adm.reason
     assert "3 streams (3 rows, 4500 tokens) is predicted at 450.0 ms" in adm.reason
+
+
+def test_the_verdict_and_the_expectation_use_the_same_latency():
+    """Found by a probe (--stages 2): "admitted best effort: expect about 3.5 fps and 5771 ms
+    latency" under a 2 fps / 8000 ms service level. The verdict timed the gathering of frames
+    at the service level's 2 fps, the expectation at the camera's 30. Both now take the rate
+    frames arrive at, and a lag chunk takes its interval when steps are slower than gathering."""
+    slo = StreamSLO(2.0, 8000.0)
+    for step_ms in range(100, 3001, 50):
+        sched = FrameScheduler(FixedCostModel(LinearLaw(step_ms / 2, 0.0, 0.0)), max_streams=2, pipeline_depth=2)
+        adm = sched.add_stream("cam", slo, tokens_per_frame=16, lanes=2, now=0.0, input_fps=30.0, lane_stride=2)
+        assert adm
+        step = step_ms / 2  # the pipeline period
+        # 3 frame intervals + 2 lag chunks of one period each + 3 periods in flight
+        assert adm.expected_latency_ms == pytest.approx(100.0 + 2 * max(4000 / 30, step) + 3 * step)
+        breaks = adm.expected_latency_ms > slo.deadline_ms or adm.expected_fps < slo.target_fps
+        assert adm.best_effort == breaks, (step_ms, adm.reason)
+    # the probe's step: within the service level, and admitted with it
+    sched = FrameScheduler(FixedCostModel(LinearLaw(1250.0, 0.0, 0.0)), max_streams=2, pipeline_depth=2)
+    adm = sched.add_stream("cam", slo, tokens_per_frame=16, lanes=2, now=0.0, input_fps=30.0, lane_stride=2)
+    assert not adm.best_effort and adm.expected_latency_ms == pytest.approx(6350.0)
+
+
+def test_the_promised_period_is_the_longest_that_keeps_the_slo():
+    """`slo_step_ms` solves latency_ms(period) <= deadline piece by piece; a bisection agrees."""
+    import random
+
+    from streamdiff.scheduler.frame_scheduler import _Stream
+
+    rng = random.Random(0)
+    for _ in range(300):
+        depth = rng.choice([1, 2, 3, 4])
+        s = _Stream("s", StreamSLO(rng.choice([1.0, 2.0, 7.5, 15.0, 30.0]), rng.uniform(100.0, 10_000.0)), 16,
+                    lanes=rng.randint(1, 4), first_latents=rng.choice([1, 2]), chunk_latents=rng.choice([1, 2]),
+                    order=0, stride=rng.randint(1, depth), depth=depth, input_fps=rng.choice([0.0, 10.0, 30.0, 60.0]))
+        by_fps = s.chunk_period_ms / max(1.0, s.depth / s.stride)
+        lo, hi = 0.0, by_fps
+        if s.latency_ms(0.0) > s.slo.deadline_ms:
+            hi = lo = (s.slo.deadline_ms - s.latency_ms(0.0)) / (s.depth + 1)  # negative: nothing holds
+        elif s.latency_ms(hi) > s.slo.deadline_ms:
+            for _ in range(100):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if s.latency_ms(mid) <= s.slo.deadline_ms else (lo, mid)
+        else:
+            lo = hi
+        assert s.slo_step_ms() == pytest.approx(lo, rel=1e-6, abs=1e-6), s
