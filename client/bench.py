@@ -47,7 +47,7 @@ from streamdiff.bench import report as benchreport
 from streamdiff.config import parse_size
 from streamdiff.pipeline.frames import synthetic_clip
 from streamdiff.server.webrtc import configure_bitrates, enable_loopback_candidates
-from streamdiff.stamp import ID_MODULO, decode_id, encode_id
+from streamdiff.stamp import ID_MODULO, MIN_HEIGHT as STAMP_MIN_HEIGHT, MIN_WIDTH as STAMP_MIN_WIDTH, decode_id, encode_id
 
 DEFAULT_SIZE = (256, 256)  # when the server does not say its frame size
 DEFAULT_FPS = 15.0
@@ -249,6 +249,19 @@ async def _server_metrics(http: aiohttp.ClientSession, url: str, token: str | No
     }
 
 
+async def _gateway_counts(http: aiohttp.ClientSession, url: str, token: str | None) -> dict[str, dict]:
+    """Per session id from GET /sessions: where the gateway lost frames (received from the peer,
+    superseded by a newer one before the engine, pushed; sent by the output track, skipped).
+    {} if unavailable (no token, an older server)."""
+    keys = ("frames_received", "frames_superseded", "frames_pushed", "frames_sent", "frames_skipped")
+    try:
+        async with http.get(f"{url}/sessions", headers=_headers(token)) as resp:
+            listed = await resp.json() if resp.status == 200 else []
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return {}
+    return {s["session"]: {k: s[k] for k in keys if k in s} for s in listed if isinstance(s, dict) and "session" in s}
+
+
 # ---------------------------------------------------------------------- measuring
 
 
@@ -370,6 +383,10 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
             deadline_ms = float((health.get("slo") or {}).get("deadline_ms") or 1000.0)
         if not width or not height:
             width, height = DEFAULT_SIZE
+        if width < STAMP_MIN_WIDTH or height < STAMP_MIN_HEIGHT:  # else every frame fails in the sender
+            said = "--size" if size else "the server's frame size"
+            raise BenchError(f"{said} {width}x{height}: bench stamps a frame id into every frame, which needs "
+                             f"at least {STAMP_MIN_WIDTH}x{STAMP_MIN_HEIGHT}")
         clip = synthetic_clip(CLIP_FRAMES, width, height)  # [n, H, W, 3]
         try:
             # 2. Open the sessions one by one (the server admits each on its own). A refused one
@@ -387,6 +404,8 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
             t0_s = time.monotonic()
             await _measure(admitted, duration_s, progress)
             server = await _server_metrics(http, url, token)
+            for sid, counts in (await _gateway_counts(http, url, token)).items():
+                server.setdefault(sid, {})["gateway"] = counts
         finally:
             # 4. Close every peer (the server frees a session when its peer closes).
             for pc in pcs:
@@ -395,6 +414,10 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
                 for task in record.tasks:
                     task.cancel()
                 await asyncio.gather(*record.tasks, return_exceptions=True)
+    if not any(r.arrivals_s for r in admitted):  # nothing to report: not a table of zeros and exit 0
+        sent = sum(len(r.sent_s) for r in admitted)
+        raise BenchError(f"no output frame came back in {duration_s:g} s ({sent} frames sent over "
+                         f"{len(admitted)} session{'s' if len(admitted) > 1 else ''}); the server's console says why")
     per_session = [session_report(r, fps, deadline_ms, t0_s, server.get(r.session_id)) for r in admitted]
     report = {
         "mode": "end-to-end", "command": command, "url": url, "width": width, "height": height, "fps_in": fps, "duration_s": duration_s,

@@ -177,6 +177,9 @@ def test_bench_latencies_match_the_server_metrics():
         #    before the sessions closed): the same frames counted, the same inequality.
         server = s["server"]
         assert server["frames_out"] >= s["frames_read"]
+        gateway = server["gateway"]  # where frames went at the gateway, from GET /sessions
+        assert gateway["frames_received"] >= gateway["frames_pushed"] + gateway["frames_superseded"] > 0
+        assert gateway["frames_sent"] >= s["frames_received"] > 0
         assert 0 < s["latency_ms"]["mean"] - server["latency_mean_ms"] < MARGIN_MS
         assert s["latency_ms"]["p50"] > 0 and s["latency_ms"]["max"] >= s["latency_ms"]["p99"]
     agg = report["aggregate"]
@@ -207,3 +210,30 @@ def test_a_refused_session_is_reported_and_the_others_measured(tmp_path, capsys)
     assert json.loads((tmp_path / "r.json").read_text())["refused"] == report["refused"]
     assert "1 more refused" in format_report(report)
     assert "refused session 2" in capsys.readouterr().err
+
+
+async def _bench_mistakes():
+    async with running_server() as (url, app):
+        errors = []
+        try:  # a frame too small for the id stamp: refused before any session opens
+            await run_e2e(url, sessions=1, duration_s=1.0, size=(16, 16), token=TOKEN, progress=False, bitrate_bps=None)
+        except BenchError as exc:
+            errors.append((str(exc), sessions_of(app).stream_count))
+
+        async def never(stream_id, timeout=None):  # an engine that outputs nothing
+            await asyncio.sleep(3600)
+
+        app[ENGINE_KEY].next_frame = never
+        try:
+            await run_e2e(url, sessions=1, duration_s=2.0, fps=15.0, token=TOKEN, progress=False, bitrate_bps=None)
+        except BenchError as exc:
+            errors.append((str(exc), None))
+    return errors
+
+
+def test_bench_fails_in_words_instead_of_reporting_nothing():
+    """A probe: `bench --size 8x8` ran its whole duration with every frame failing in the sender,
+    printed a table of zeros and exited 0."""
+    (small, streams), (nothing, _) = asyncio.run(_bench_mistakes())
+    assert small.startswith("--size 16x16: bench stamps a frame id") and streams == 0, small
+    assert nothing.startswith("no output frame came back in 2 s (") and "frames sent over 1 session)" in nothing, nothing
