@@ -206,7 +206,8 @@ class EngineCore:
 
     def expect(self, steps: int | None = None) -> tuple[float, float, float]:
         """(step ms, fps, latency ms) one more stream could expect now (the cost model's view)."""
-        return self.scheduler.estimate(self.tokens_per_frame, steps or self.cfg.sampling.steps, **self._chunks())
+        return self.scheduler.estimate(self.tokens_per_frame, steps or self.cfg.sampling.steps, **self._chunks(),
+                                       lane_stride=self.cfg.parallel.lane_stride)
 
     def remove_stream(self, stream_id: str) -> bool:
         """Forget the stream: scheduler entry, input buffers, output queue, model-side state

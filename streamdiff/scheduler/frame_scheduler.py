@@ -269,8 +269,8 @@ class FrameScheduler:
                       order=self._next_order, vt_s=vt_s, depth=self.pipeline_depth, input_fps=input_fps or 0.0)
         streams = [new, *self._streams.values()]
         step_ms, batch = self._batch(streams)  # the next step: first chunks where not prepared
-        steady = self._batch(streams, steady=True)  # every stream past its first chunk
         new.stride = lane_stride or self._choose_stride(new, step_ms)
+        steady = self._batch(streams, steady=True)  # every stream past its first chunk
         # 1. Every running stream keeps what it was promised; else refuse (someone is inside).
         for s in streams[1:] if judge_others else ():
             broken = self._breaks(s, (step_ms, batch), steady, newcomer=False)
@@ -301,11 +301,14 @@ class FrameScheduler:
         return self.pipeline_depth
 
     def estimate(self, tokens_per_frame: int, lanes: int, *, first_chunk_latents: int = 2,
-                 chunk_latents: int = 1, input_fps: float = 30.0) -> tuple[float, float, float]:
-        """(step ms, fps, latency ms) a stream joining now could expect, admitting nothing."""
+                 chunk_latents: int = 1, input_fps: float = 30.0, lane_stride: int = 0) -> tuple[float, float, float]:
+        """(step ms, fps, latency ms) a stream joining now could expect, admitting nothing; its
+        lane stride `lane_stride`, else (0) the pipeline depth (as `add_stream` gives a stream
+        with no latency to keep)."""
         probe = _Stream("?", StreamSLO(input_fps, 1e9), tokens_per_frame, lanes, first_chunk_latents,
-                        chunk_latents, order=-1, vt_s=0.0, stride=self.pipeline_depth, depth=self.pipeline_depth,
-                        input_fps=input_fps)
+                        chunk_latents, order=-1, vt_s=0.0, stride=min(lane_stride or self.pipeline_depth,
+                                                                      self.pipeline_depth),
+                        depth=self.pipeline_depth, input_fps=input_fps)
         step_ms, _ = self._batch([probe, *self._streams.values()], steady=True)
         return (step_ms, *self._expect(probe, step_ms))
 
