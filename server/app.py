@@ -101,6 +101,7 @@ if not WEB_DIR.is_dir():  # installed layout: streamdiff/server next to streamdi
 class ServerSettings:
     token: str | None = None
     max_sessions: int | None = None  # default: the engine's cache.max_streams
+    max_viewers: int = 16  # WHEP players at once, all streams together
     target_fps: float | None = None  # stream SLO; default the config's slo (else video.fps)
     deadline_ms: float | None = None  # default the config's slo.deadline_ms
     output_fps: float | None = None  # cap on output pacing; default video.fps (never the admission floor)
@@ -445,6 +446,7 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
         connect_timeout_s=settings.connect_timeout_s,
         input_timeout_s=settings.input_timeout_s,
         takeover_after_s=settings.takeover_after_s,
+        max_viewers=settings.max_viewers,
     )
 
     async def on_startup(app: web.Application) -> None:

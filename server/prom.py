@@ -40,7 +40,7 @@ class EngineCollector:
         snap = self.engine.metrics() or {}
         # 1. Gateway.
         gw = self.sessions.snapshot()
-        for key in ("sessions", "streams", "max_sessions"):
+        for key in ("sessions", "streams", "max_sessions", "viewers", "max_viewers"):
             g = GaugeMetricFamily(f"{PREFIX}_gateway_{key}", f"gateway {key}")
             g.add_metric([], gw[key])
             yield g

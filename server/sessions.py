@@ -218,9 +218,12 @@ class SessionManager:
 
     def __init__(self, engine, *, max_sessions: int, target_fps: float, deadline_ms: float,
                  ice_servers: list | None = None, connect_timeout_s: float = 30.0,
-                 input_timeout_s: float = 10.0, takeover_after_s: float = 5.0):
+                 input_timeout_s: float = 10.0, takeover_after_s: float = 5.0, max_viewers: int = 16):
         self.engine = engine
         self.max_sessions = max_sessions
+        # WHEP players, connected or not: each one's own encoder takes CPU from the model, and
+        # each peer holds sockets, so a flood of offers must not reach the process's fd limit
+        self.max_viewers = max_viewers
         self.target_fps = target_fps
         self.deadline_ms = deadline_ms
         self.ice_servers = list(ice_servers or [])
@@ -243,6 +246,10 @@ class SessionManager:
     def stream_count(self) -> int:
         """Streams running or being admitted."""
         return sum(1 for s in self.sessions.values() if s.has_stream) + len(self._admitting)
+
+    @property
+    def viewer_count(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.kind == "whep")
 
     def get(self, key: str) -> Session | None:
         """By session id, else the stream-owning session with that stream key."""
@@ -290,6 +297,11 @@ class SessionManager:
                 raise StreamKeyTaken(
                     f"stream key {stream_key!r} is already being published; a publisher that stopped sending "
                     f"video gives it up after {self.takeover_after_s:g} s")
+        if kind == "whep" and self.viewer_count >= self.max_viewers:
+            events.info("refused whep session (stream key %s): %d of %d viewers already watching (--max-viewers)",
+                        stream_key or "-", self.viewer_count, self.max_viewers)
+            raise ServerFull(f"busy: {self.max_viewers} viewer{'s' if self.max_viewers != 1 else ''} already "
+                             f"watching (--max-viewers)")
         if owns_stream and self.stream_count >= self.max_sessions:
             events.info("refused %s session (stream key %s): %d of %d streams already running (--max-sessions)",
                         kind, stream_key or "-", self.stream_count, self.max_sessions)
@@ -485,6 +497,8 @@ class SessionManager:
             "sessions": len(self.sessions),
             "streams": self.stream_count,
             "max_sessions": self.max_sessions,
+            "viewers": self.viewer_count,
+            "max_viewers": self.max_viewers,
             "tasks": sum(sum(not t.done() for t in s.tasks) for s in self.sessions.values()),
             "video": {"width": video.width, "height": video.height, "fps": video.fps},
             "slo": {"target_fps": self.target_fps, "deadline_ms": self.deadline_ms},

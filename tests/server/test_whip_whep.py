@@ -69,3 +69,43 @@ def test_whip_publish_whep_view_delete():
     assert all(px.shape == (HEIGHT, WIDTH, 3) for _, px in frames)
     pts = [p for p, _ in frames]
     assert all(b > a for a, b in zip(pts, pts[1:]))
+
+
+async def _viewers_over_the_limit():
+    async with running_server(max_viewers=2) as (url, app):
+        sessions = sessions_of(app)
+        sdp_headers = {**auth(), "Content-Type": "application/sdp"}
+        async with aiohttp.ClientSession() as http:
+            pub, offer = await obs_like_offer()
+            async with http.post(f"{url}/whip/studio", data=offer, headers=sdp_headers) as resp:
+                assert resp.status == 201, await resp.text()
+                await answer(pub, await resp.text())
+            peers, replies = [pub], []
+            for _ in range(3):  # never connected: offers alone count
+                view, voffer, _ = await viewer_offer()
+                peers.append(view)
+                async with http.post(f"{url}/whep/studio", data=voffer, headers=sdp_headers) as resp:
+                    replies.append((resp.status, await resp.text(), resp.headers.get("Retry-After"),
+                                    resp.headers.get("Location")))
+            async with http.get(f"{url}/healthz") as resp:
+                health = await resp.json()
+            async with http.delete(f"{url}{replies[0][3]}", headers=auth()) as resp:  # one leaves: room again
+                assert resp.status == 200
+            view, voffer, _ = await viewer_offer()
+            peers.append(view)
+            async with http.post(f"{url}/whep/studio", data=voffer, headers=sdp_headers) as resp:
+                again = resp.status
+            stream_alive = sessions.publisher("studio") is not None
+        for pc in peers:
+            await pc.close()
+    return replies, health, again, stream_alive
+
+
+def test_whep_viewers_are_bounded_and_the_publisher_is_untouched():
+    """Each WHEP player encodes on its own and holds sockets: a flood of offers was unbounded."""
+    replies, health, again, stream_alive = asyncio.run(_viewers_over_the_limit())
+    assert [status for status, *_ in replies] == [201, 201, 503]
+    status, text, retry_after, _ = replies[2]
+    assert "2 viewers already watching (--max-viewers)" in text and retry_after
+    assert (health["viewers"], health["max_viewers"], health["streams"]) == (2, 2, 1)
+    assert again == 201 and stream_alive
