@@ -97,11 +97,18 @@ if not WEB_DIR.is_dir():  # installed layout: streamdiff/server next to streamdi
 
 
 
+def default_max_viewers() -> int:
+    """Two WHEP players per CPU core, 2 to 16: each encodes its own copy of the output on the CPU
+    (a probe on 2 cores: about 6 % of a core each, and the stream fell from 30 to 22 fps with 4
+    players, to 10 with 16)."""
+    return min(16, max(2, 2 * (os.cpu_count() or 1)))
+
+
 @dataclass
 class ServerSettings:
     token: str | None = None
     max_sessions: int | None = None  # default: the engine's cache.max_streams
-    max_viewers: int = 16  # WHEP players at once, all streams together
+    max_viewers: int | None = None  # WHEP players at once, all streams together; default `default_max_viewers()`
     target_fps: float | None = None  # stream SLO; default the config's slo (else video.fps)
     deadline_ms: float | None = None  # default the config's slo.deadline_ms
     output_fps: float | None = None  # cap on output pacing; default video.fps (never the admission floor)
@@ -446,7 +453,7 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
         connect_timeout_s=settings.connect_timeout_s,
         input_timeout_s=settings.input_timeout_s,
         takeover_after_s=settings.takeover_after_s,
-        max_viewers=settings.max_viewers,
+        max_viewers=settings.max_viewers or default_max_viewers(),
     )
 
     async def on_startup(app: web.Application) -> None:

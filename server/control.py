@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 CHANGE_FAILED = "the change could not be applied (the server log has the details)"
 
 MAX_WAITING_PARAMS = 8  # params messages of one control socket waiting for the engine
+# Control sockets of one session (the page's own, a `streamdiff control`, a dashboard or two):
+# each holds a descriptor and two tasks, and a WHIP session's key is in every viewer's URL.
+MAX_SOCKETS_PER_SESSION = 8
 # A control message's size limit: far above any valid one (a prompt is at most 1000 characters),
 # so that a long prompt is answered with what is wrong; a larger message closes the socket (1009).
 MAX_MESSAGE_BYTES = 1 << 20
@@ -66,11 +69,23 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if not _authorized(request):
         return _unauthorized()
     key = request.query.get("session", "")
-    if sessions.get(key) is None:
+    owner = sessions.get(key)
+    if owner is None:
         return web.json_response({"error": f"no such session {short_repr(key)}"}, status=404)
+    if owner.sockets >= MAX_SOCKETS_PER_SESSION:  # counted from before the handshake: no burst gets past
+        log.info("refused a control socket for session %s: %d open already", owner.id, owner.sockets)
+        return web.json_response({"error": f"{MAX_SOCKETS_PER_SESSION} control connections to this session are "
+                                           f"open already"}, status=503)
+    owner.sockets += 1
+    try:
+        return await _control(request, sessions, key, owner)
+    finally:
+        owner.sockets -= 1
+
+
+async def _control(request: web.Request, sessions: SessionManager, key: str, owner) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=10, max_msg_size=MAX_MESSAGE_BYTES)
     await ws.prepare(request)
-    owner = sessions.get(key)
     # `owner=1`: the page that made the session holds this socket for its lifetime (other
     # controllers, e.g. `streamdiff control`, come and go without it).
     owns = request.query.get("owner") in ("1", "true")
@@ -130,6 +145,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         owner.control_sockets -= owns
         if owns and owner.kind == "browser" and owner.control_sockets == 0 and not owner.closed:
             grace_s = request.app[SETTINGS_KEY].control_grace_s
+            owner.tasks[:] = [t for t in owner.tasks if not t.done()]  # a page that reconnects often
             owner.tasks.append(asyncio.create_task(_free_orphan(sessions, owner, grace_s)))
     return ws
 

@@ -35,10 +35,40 @@ log = logging.getLogger(__name__)
 events = logging.getLogger("streamdiff.events")
 
 
+class RefusalBursts(logging.Filter):
+    """The console shows at most `burst` refusal lines ("refused ...") per `window_s`; the next
+    one shown says how many it left out. A probe's flood of offers printed 482 lines; a user's
+    refusal is still seen at once, every session start and end too."""
+
+    def __init__(self, burst: int = 5, window_s: float = 10.0, clock=time.monotonic):
+        super().__init__()
+        self.burst, self.window_s, self.clock = burst, window_s, clock
+        self._shown: collections.deque[float] = collections.deque()
+        self._hidden = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("refused "):
+            return True
+        now = self.clock()
+        while self._shown and self._shown[0] <= now - self.window_s:
+            self._shown.popleft()
+        if len(self._shown) >= self.burst:
+            self._hidden += 1
+            return False
+        self._shown.append(now)
+        if self._hidden:
+            n, self._hidden = self._hidden, 0
+            record.msg, record.args = f"{record.getMessage()} (and {n} more refusal{'s' if n > 1 else ''} " \
+                                      f"not shown since the line before)", ()
+        return True
+
+
 def enable_event_log(stream=None) -> logging.Handler:
-    """Print session events to `stream` (default stderr) at INFO, whatever the root level."""
+    """Print session events to `stream` (default stderr) at INFO, whatever the root level;
+    bursts of refusals are thinned (`RefusalBursts`)."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(RefusalBursts())
     events.addHandler(handler)
     events.setLevel(logging.INFO)
     events.propagate = False
@@ -181,6 +211,7 @@ class Session:
     closed: bool = False
     expect: dict | None = None  # stream kinds: the fps and latency it was told to expect
     control_sockets: int = 0  # open /ws connections of the page that owns it (`?owner=1`)
+    sockets: int = 0  # open /ws connections to it, any client's, handshakes included
 
     def input_idle_s(self, now: float | None = None) -> float:
         """Seconds since the latest input frame (since the peer connected, or the session

@@ -245,3 +245,50 @@ def test_json_endpoints_answer_in_json_and_the_log_shows_what_clients_sent_escap
         assert status == 204 and "GET" in methods, (path, status, methods)
     assert out["audio_only"][0] == 400 and "no video" in out["audio_only"][1], out["audio_only"]
     assert out["expect"].startswith(b"HTTP/1.1 413") and b"100 Continue" not in out["expect"], out["expect"][:80]
+
+
+def test_a_flood_of_refusals_is_thinned_on_the_console_and_counted():
+    from streamdiff.server.sessions import RefusalBursts
+
+    t = [0.0]
+    thin = RefusalBursts(burst=5, window_s=10.0, clock=lambda: t[0])
+
+    def shown(msg: str) -> str | None:
+        record = logging.LogRecord("streamdiff.events", logging.INFO, __file__, 1, msg, (), None)
+        return record.getMessage() if thin.filter(record) else None
+
+    lines = [shown(f"refused whep session (stream key k): {i}") for i in range(8)]
+    assert sum(line is not None for line in lines) == 5  # a burst of 8: the first 5 shown
+    assert shown("session abc (browser) started") is not None  # other events always pass
+    t[0] = 10.5
+    assert shown("refused whep session (stream key k): 8").endswith("(and 3 more refusals not shown since the line before)")
+    assert shown("refused whep session (stream key k): 9").endswith(": 9")
+
+
+async def _sockets_per_session():
+    async with running_server() as (url, app):
+        session = await sessions_of(app).open("browser", None, "a fox")
+        async with aiohttp.ClientSession() as http:
+            sockets = [await http.ws_connect(f"{url}/ws?session={session.id}", headers=auth()) for _ in range(8)]
+            async with http.get(f"{url}/ws?session={session.id}", headers={**auth(), "Connection": "Upgrade",
+                                "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as r:
+                ninth = (r.status, await r.text())
+            await sockets[0].close()
+            for _ in range(100):  # the server sees the close a moment later
+                if session.sockets < 8:
+                    break
+                await asyncio.sleep(0.05)
+            again = await http.ws_connect(f"{url}/ws?session={session.id}", headers=auth())
+            replaced = not again.closed
+            for ws in [*sockets[1:], again]:
+                await ws.close()
+    return ninth, replaced
+
+
+def test_control_sockets_of_one_session_are_bounded():
+    """A probe opened 3000 sockets to one WHIP key (it is in every viewer's URL): each held a
+    descriptor, two tasks and a stats message a second."""
+    (status, text), replaced = asyncio.run(_sockets_per_session())
+    assert status == 503 and "8 control connections to this session are open already" in text
+    assert replaced
