@@ -97,8 +97,10 @@ function dropInvalidFields() {
 // The line under the controls describes the demo (what `make run` serves); another preset says
 // what it is, and one with random weights that its picture is noise.
 const DEMO_ABOUT = $("about").textContent;
+let modelName = null; // the preset the server runs (/healthz `model`)
 function describeModel(model) {
   if (!model) return;
+  modelName = model.config;
   $("about").textContent = model.config === "demo" ? DEMO_ABOUT : model.random_weights
     ? `This server runs "${model.config}", which has random weights: the right-hand picture is noise ` +
       "(every part of the system runs, with no trained model); make run serves the demo, a small trained model."
@@ -240,6 +242,9 @@ async function start() {
   }
   sessionId = body.session;
   expect = body.expect || null;
+  // a viewer page plays this session's output by its id (a WHIP stream's is its key)
+  $("watch").href = `viewer.html?${new URLSearchParams({ key: sessionId, ...(token ? { token } : {}) })}`;
+  $("watch").hidden = false;
   keepPrompt(sent.prompt);
   showMeans(sent.prompt, body.means);
   await peer.setRemoteDescription({ type: "answer", sdp: body.sdp });
@@ -295,7 +300,9 @@ function reconnect(why) {
 function expectText() {
   if (!expect) return "";
   const how = expect.best_effort ? " (best effort: this machine cannot reach the service level)" : "";
-  return ` · expect about ${Number(expect.fps).toFixed(1)} fps and ${(expect.latency_ms / 1000).toFixed(1)} s latency${how}`;
+  // the latency promised is its oldest frame's (a chunk waits for its last frame): the overlay's
+  // mean over frames is shorter
+  return ` · expect about ${Number(expect.fps).toFixed(1)} fps and up to ${(expect.latency_ms / 1000).toFixed(1)} s latency${how}`;
 }
 
 // A refused user waits and is retried automatically, with a countdown.
@@ -342,8 +349,12 @@ function openControl() {
       const prompt = p.prompt.trim() ? `"${p.prompt}"` : "(empty prompt)";
       if (msg.expect) expect = msg.expect; // renewed by a steps change
       const blend = p.blend ? ` · blend over ${p.blend} chunks` : "";
+      // The demo learnt one step at noise 0.2 (docs/demo.md): a probe's user saw steps 2 and noise
+      // 0.8 turn the picture to coloured noise, with hints that promised more of the style.
+      const outside = modelName === "demo" && (p.steps > 1 || p.noise > 0.4)
+        ? " · the demo model is trained for 1 step and noise about 0.2: expect mostly noise" : "";
       say(`applied: ${prompt} · steps ${p.steps} · noise ${p.noise} · seed ${p.seed} · motion-aware ${p.motion ? "on" : "off"}` +
-          blend + expectText(), false, 8);
+          blend + expectText() + outside, false, outside ? 0 : 8);
       showValues(p);
       keepPrompt(p.prompt);
       showMeans(p.prompt, msg.means);
@@ -388,6 +399,7 @@ function stop() {
     $("local").srcObject = null; // not a frozen last picture
   }
   pc = ws = camera = sessionId = fpsTimer = retryTimer = expect = null;
+  $("watch").hidden = true;
   $("output").srcObject = null;
   $("local").style.aspectRatio = "";
   $("overlay").textContent = "";

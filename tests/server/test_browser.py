@@ -113,11 +113,16 @@ async def _make_run_flow() -> dict:
                 out["means_first"] = await one.inner_text("#means")
                 out["first_message"] = out["message"] if stats else await one.inner_text("#message")
                 first_id = next(iter(sessions.sessions), None)
+                out["watch"] = (await one.is_visible("#watch"), await one.get_attribute("#watch", "href"), first_id)
                 out["first_params"] = await sessions.engine.params(first_id) if first_id else None
                 # A prompt the demo does not know: the page says what the model makes of it.
                 await one.fill("#prompt", "a claymation world")
                 await one.click("#apply")
                 out["means_free"] = await _until(lambda: _text_with(one, "#means", "claymation"), 30)
+                # Noise far from what the demo learnt: the applied line says what to expect.
+                await one.fill("#noise", "0.8")
+                await one.click("#apply")
+                out["outside"] = await _until(lambda: _message_with(one, "trained for 1 step"), 30)
                 # 2. A second user is refused (one stream at a time here), with a countdown.
                 two = await browser.new_page()
                 await two.goto(url + "/")
@@ -127,6 +132,7 @@ async def _make_run_flow() -> dict:
                 # 3. The first user stops: overlay reset, and the second is admitted by itself.
                 await one.click("#stop")
                 out["overlay_after_stop"] = await one.inner_text("#overlay")
+                out["watch_after_stop"] = await one.is_visible("#watch")
                 out["second_admitted"] = await _until(
                     lambda: _async(lambda: any(sid != first_id for sid in sessions.sessions)), 60)
                 out["second_stats"] = await _until(lambda: _playing(two, "output"), 180)
@@ -183,6 +189,9 @@ def test_make_run_page_admits_under_load_retries_refused_users_and_frees_crashed
     assert "the demo" in out["about"] and "noise" not in out["about"], out["about"]  # what make run serves
     assert out["means_first"] == "style: starry night", out["means_first"]  # the page's first prompt
     assert out["means_free"] and "as: a photo" in out["means_free"], out["means_free"]
+    visible, href, first_id = out["watch"]  # the page links a viewer of its own output
+    assert visible and href == f"viewer.html?key={first_id}" and not out["watch_after_stop"], out["watch"]
+    assert out["outside"] and "noise 0.8" in out["outside"] and "expect mostly noise" in out["outside"], out["outside"]
     # The page shows the preset's stream parameters and, untouched, the stream gets them (it sent
     # its own 0.3 and motion-aware noise to every preset before).
     s = load_config("demo").sampling
@@ -205,6 +214,11 @@ async def _viewer_flow() -> dict:
             await main.wait_for_load_state("networkidle")
             out["about"] = await main.inner_text("#about")
             await main.close()
+            # A key the server can never play: the viewer says why instead of waiting for it.
+            bad = await browser.new_page()
+            await bad.goto(url + "/viewer.html?key=bad%20key!")
+            out["bad_key"] = await _until(lambda: _text_with(bad, "#status", "refused"), 30)
+            await bad.close()
             page = await browser.new_page()
             await page.goto(url + "/viewer.html?key=cam")
             out["before"] = await page.inner_text("#status")
@@ -288,6 +302,7 @@ async def _visible_and_playing(page):
 def test_viewer_waits_for_the_stream_plays_it_and_reconnects_on_its_own():
     out = asyncio.run(_viewer_flow())
     assert out["before"] == "waiting for stream cam…"
+    assert out["bad_key"] and "(400): a stream key is 1-64 characters" in out["bad_key"], out["bad_key"]
     assert '"tiny"' in out["about"] and "random weights" in out["about"] and "noise" in out["about"], out["about"]
     assert out["playing"] and out["status_hidden"]
     assert out["waiting_again"], "the viewer did not notice the stream ended"
