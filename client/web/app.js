@@ -244,7 +244,7 @@ async function start() {
   expect = body.expect || null;
   // a viewer page plays this session's output by its id (a WHIP stream's is its key)
   $("watch").href = `viewer.html?${new URLSearchParams({ key: sessionId, ...(token ? { token } : {}) })}`;
-  $("watch").hidden = false;
+  $("watching").hidden = false;
   keepPrompt(sent.prompt);
   showMeans(sent.prompt, body.means);
   await peer.setRemoteDescription({ type: "answer", sdp: body.sdp });
@@ -399,7 +399,7 @@ function stop() {
     $("local").srcObject = null; // not a frozen last picture
   }
   pc = ws = camera = sessionId = fpsTimer = retryTimer = expect = null;
-  $("watch").hidden = true;
+  $("watching").hidden = true;
   $("output").srcObject = null;
   $("local").style.aspectRatio = "";
   $("overlay").textContent = "";
