@@ -371,6 +371,7 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
     if bitrate_bps:
         configure_bitrates(bitrate_bps)
     records = [SessionRecord(i) for i in range(sessions)]
+    interrupted_after_s: float | None = None
     pcs: list[RTCPeerConnection] = []
     admitted: list[SessionRecord] = []
     refused: list[dict] = []
@@ -402,7 +403,15 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
                 raise BenchError(refused[0]["reason"])
             # 3. Measure, then read the server's own numbers while the streams still exist.
             t0_s = time.monotonic()
-            await _measure(admitted, duration_s, progress)
+            try:
+                await _measure(admitted, duration_s, progress)
+            except asyncio.CancelledError:  # Ctrl-C: report what was measured (a second one stops at once)
+                task = asyncio.current_task()
+                if task is None or task.uncancel() > 0:
+                    raise
+                interrupted_after_s = time.monotonic() - t0_s
+                if not any(r.arrivals_s for r in admitted):
+                    raise
             server = await _server_metrics(http, url, token)
             for sid, counts in (await _gateway_counts(http, url, token)).items():
                 server.setdefault(sid, {})["gateway"] = counts
@@ -419,8 +428,11 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
         raise BenchError(f"no output frame came back in {duration_s:g} s ({sent} frames sent over "
                          f"{len(admitted)} session{'s' if len(admitted) > 1 else ''}); the server's console says why")
     per_session = [session_report(r, fps, deadline_ms, t0_s, server.get(r.session_id)) for r in admitted]
+    if interrupted_after_s is not None:
+        duration_s = round(interrupted_after_s, 1)
     report = {
         "mode": "end-to-end", "command": command, "url": url, "width": width, "height": height, "fps_in": fps, "duration_s": duration_s,
+        "interrupted": interrupted_after_s is not None,
         "deadline_ms": deadline_ms, "prompt": prompt, "sessions": per_session, "refused": refused,
         "aggregate": aggregate_report(per_session, fps, deadline_ms),
     }
@@ -456,6 +468,10 @@ def run_from_args(args) -> int:
     for what, path in (("report", getattr(args, "json", None)), ("plot", getattr(args, "plot", None))):
         if path and not quiet:
             print(f"{what} written to {path}")
+    if report.get("interrupted"):
+        print(f"streamdiff: interrupted after {report['duration_s']:g} s: the numbers above cover that time",
+              file=sys.stderr)
+        return 130
     return 0
 
 

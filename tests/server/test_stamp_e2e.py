@@ -237,3 +237,27 @@ def test_bench_fails_in_words_instead_of_reporting_nothing():
     (small, streams), (nothing, _) = asyncio.run(_bench_mistakes())
     assert small.startswith("--size 16x16: bench stamps a frame id") and streams == 0, small
     assert nothing.startswith("no output frame came back in 2 s (") and "frames sent over 1 session)" in nothing, nothing
+
+
+async def _bench_cancelled_midway():
+    async with running_server() as (url, app):
+        run = asyncio.ensure_future(run_e2e(url, sessions=1, duration_s=60.0, fps=15.0, token=TOKEN,
+                                            progress=False, bitrate_bps=None))
+        for _ in range(600):  # until frames come back (the limit only turns a hang into a failure)
+            await asyncio.sleep(0.1)
+            metrics = app[ENGINE_KEY].metrics()["totals"]
+            if metrics["frames_out"] >= 12:
+                break
+        await asyncio.sleep(1.0)
+        run.cancel()  # what asyncio.run does on Ctrl-C
+        report = await run
+        streams = sessions_of(app).stream_count
+    return report, streams
+
+
+def test_an_interrupted_bench_reports_what_it_measured():
+    """A probe: Ctrl-C in a 30 s bench printed only "interrupted" and wrote nothing."""
+    report, streams = asyncio.run(_bench_cancelled_midway())
+    assert report["interrupted"] and 0 < report["duration_s"] < 60
+    assert report["sessions"][0]["frames_read"] > 0 and streams == 0
+    assert f"{report['duration_s']:g} s" in format_report(report)
