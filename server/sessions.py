@@ -331,8 +331,11 @@ class SessionManager:
         if kind == "whep" and self.viewer_count >= self.max_viewers:
             events.info("refused whep session (stream key %s): %d of %d viewers already watching (--max-viewers)",
                         stream_key or "-", self.viewer_count, self.max_viewers)
-            raise ServerFull(f"busy: {self.max_viewers} viewer{'s' if self.max_viewers != 1 else ''} already "
-                             f"watching (--max-viewers)")
+            n = self.max_viewers
+            connecting = sum(1 for s in self.sessions.values() if s.kind == "whep" and s.connected_s is None)
+            still = (f", {connecting} of them still connecting (one that never connects is freed "
+                     f"{self.connect_timeout_s:g} s after its offer)") if connecting else ""
+            raise ServerFull(f"busy: {n} viewer{'s' if n != 1 else ''} already watching (--max-viewers){still}")
         if owns_stream and self.stream_count >= self.max_sessions:
             events.info("refused %s session (stream key %s): %d of %d streams already running (--max-sessions)",
                         kind, stream_key or "-", self.stream_count, self.max_sessions)

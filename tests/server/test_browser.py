@@ -205,7 +205,8 @@ async def _viewer_flow() -> dict:
     from playwright.async_api import async_playwright
 
     out: dict = {}
-    async with running_server(token=None) as (url, app), aiohttp.ClientSession() as http, async_playwright() as pw:
+    async with running_server(token=None, max_viewers=1) as (url, app), aiohttp.ClientSession() as http, \
+            async_playwright() as pw:
         browser = await _browser(pw)
         try:
             # The main page of a server with random weights (tiny) says its picture is noise.
@@ -234,6 +235,11 @@ async def _viewer_flow() -> dict:
             out["playing"] = await _until(lambda: _playing(page, "v"), 120)
             out["status_hidden"] = await page.is_hidden("#status")
             await page.screenshot(path=str(ARTIFACTS / "viewer.png"))
+            # One viewer at most here: a second one says the server is full, not "waiting for stream".
+            second = await browser.new_page()
+            await second.goto(url + "/viewer.html?key=cam")
+            out["second_viewer"] = await _until(lambda: _text_with(second, "#status", "busy"), 30)
+            await second.close()
             async with http.delete(f"{url}{location}") as r:
                 assert r.status == 200
             await pub.close()
@@ -305,6 +311,7 @@ def test_viewer_waits_for_the_stream_plays_it_and_reconnects_on_its_own():
     assert out["bad_key"] and "(400): a stream key is 1-64 characters" in out["bad_key"], out["bad_key"]
     assert '"tiny"' in out["about"] and "random weights" in out["about"] and "noise" in out["about"], out["about"]
     assert out["playing"] and out["status_hidden"]
+    assert out["second_viewer"] and "1 viewer already watching" in out["second_viewer"], out["second_viewer"]
     assert out["waiting_again"], "the viewer did not notice the stream ended"
     assert out["replaying"], "the viewer did not reconnect to the republished stream"
 

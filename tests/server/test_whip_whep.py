@@ -106,6 +106,6 @@ def test_whep_viewers_are_bounded_and_the_publisher_is_untouched():
     replies, health, again, stream_alive = asyncio.run(_viewers_over_the_limit())
     assert [status for status, *_ in replies] == [201, 201, 503]
     status, text, retry_after, _ = replies[2]
-    assert "2 viewers already watching (--max-viewers)" in text and retry_after
+    assert "2 viewers already watching (--max-viewers), 2 of them still connecting" in text and retry_after
     assert (health["viewers"], health["max_viewers"], health["streams"]) == (2, 2, 1)
     assert again == 201 and stream_alive
