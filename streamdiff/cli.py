@@ -344,11 +344,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"on {report['device']}, torch {report['torch_version']}; "
           f"{settings.duration_s:g} s per combination, deadline {settings.deadline_ms:g} ms")
     print(benchreport.format_table(report_rows(report), TABLE_COLUMNS))
-    _bench_as_served(settings, report)
+    if not report["interrupted"]:
+        _bench_as_served(settings, report)
     if args.json:
         print(f"wrote {benchreport.write_json(report, args.json)}")
     if args.plot:
         print(f"wrote {benchreport.plot(plot_series(report), args.plot, title=report['command'], deadline_ms=settings.deadline_ms)}")
+    if report["interrupted"]:
+        print(f"streamdiff: interrupted: {len(report['results'])} of {report['combinations']} combinations measured "
+              f"(above)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -319,16 +319,21 @@ def run_model_bench(settings: ModelBenchSettings) -> dict:
     peak, peak_source = peak_tflops_for(name, comps.device.type, settings.peak_tflops)
     step_modes.check_modes(settings.modes, comps.device)
     results = []
-    for width, height in resolutions:
-        for steps in steps_list:
-            for streams in settings.streams:
-                for mode in settings.modes:
-                    desc = f"{cfg.name} {width}x{height} steps {steps} streams {streams} {mode}"
-                    with tqdm(total=settings.duration_s, desc=desc, unit="s", disable=settings.quiet,
-                              bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s{postfix}") as bar:
-                        bar.set_postfix_str("warm-up" if mode == "eager" else "compile + warm-up")
-                        results.append(run_combination(comps, cfg, steps, width, height, streams, settings, peak,
-                                                       bar, mode))
+    combinations = [(w, h, steps, streams, mode) for w, h in resolutions for steps in steps_list
+                    for streams in settings.streams for mode in settings.modes]
+    interrupted = False
+    try:
+        for width, height, steps, streams, mode in combinations:
+            desc = f"{cfg.name} {width}x{height} steps {steps} streams {streams} {mode}"
+            with tqdm(total=settings.duration_s, desc=desc, unit="s", disable=settings.quiet,
+                      bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s{postfix}") as bar:
+                bar.set_postfix_str("warm-up" if mode == "eager" else "compile + warm-up")
+                results.append(run_combination(comps, cfg, steps, width, height, streams, settings, peak,
+                                               bar, mode))
+    except KeyboardInterrupt:  # Ctrl-C: the combinations done so far are reported (none: interrupted)
+        if not results:
+            raise
+        interrupted = True
     return {
         "mode": "model",
         "command": settings.command,
@@ -354,6 +359,8 @@ def run_model_bench(settings: ModelBenchSettings) -> dict:
         "feeding": "throughput: every stream gets a full chunk of fresh frames right before every step, "
                    "arrival = push time; every step batches every stream",
         "results": results,
+        "interrupted": interrupted,
+        "combinations": len(combinations),
     }
 
 

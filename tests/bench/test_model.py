@@ -190,3 +190,24 @@ def test_bench_from_a_shell_prints_its_table_and_no_profiler_lines():
     assert result.returncode == 0, result.stderr
     assert "profiler_st" not in result.stderr and "USDT" not in result.stderr, result.stderr
     assert "64x48" in result.stdout
+
+
+def test_ctrl_c_reports_the_combinations_already_measured(tmp_path, capsys, monkeypatch):
+    """A probe: Ctrl-C in a long model bench printed only "interrupted", after minutes of runs."""
+    import streamdiff.bench.model as bench_model
+
+    real, calls = bench_model.run_combination, []
+
+    def second_is_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_model, "run_combination", second_is_interrupted)
+    argv = [*BASE, "--steps", "1,2", "--duration", "0.5", "--deadline-ms", "1e9", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 130
+    captured = capsys.readouterr()
+    report = strict_json(tmp_path / "r.json")
+    assert report["interrupted"] and len(report["results"]) == 1 and report["combinations"] == 2
+    assert "1 of 2 combinations measured" in captured.err and "steps" in captured.out
