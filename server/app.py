@@ -97,18 +97,11 @@ if not WEB_DIR.is_dir():  # installed layout: streamdiff/server next to streamdi
 
 
 
-def default_max_viewers() -> int:
-    """Two WHEP players per CPU core, 2 to 16: each encodes its own copy of the output on the CPU
-    (a probe on 2 cores: about 6 % of a core each, and the stream fell from 30 to 22 fps with 4
-    players, to 10 with 16)."""
-    return min(16, max(2, 2 * (os.cpu_count() or 1)))
-
-
 @dataclass
 class ServerSettings:
     token: str | None = None
     max_sessions: int | None = None  # default: the engine's cache.max_streams
-    max_viewers: int | None = None  # WHEP players at once, all streams together; default `default_max_viewers()`
+    max_viewers: int = 16  # WHEP players at once, all streams together (connected or connecting)
     target_fps: float | None = None  # stream SLO; default the config's slo (else video.fps)
     deadline_ms: float | None = None  # default the config's slo.deadline_ms
     output_fps: float | None = None  # cap on output pacing; default video.fps (never the admission floor)
@@ -201,6 +194,18 @@ def _wire_input(session, sessions: SessionManager, settings: ServerSettings) -> 
 def _output_track(session, source, settings: ServerSettings, cfg) -> OutputTrack:
     session.slot = source.fanout.subscribe()
     return OutputTrack(session.slot, settings.output_fps or cfg.video.fps)
+
+
+def _player_track(session, source, settings: ServerSettings, cfg):
+    """A WHEP player's video: packets of the stream's encoder shared by every player that
+    negotiated the same codec (the first codec of the answer, H.264 when offered); a codec we
+    do not encode ourselves gets an encoder of its own, as a browser's output does."""
+    video = [t for t in session.pc.getTransceivers() if t.kind == "video" and getattr(t, "_codecs", None)]
+    mime = video[0]._codecs[0].mimeType.lower() if video else ""
+    if mime not in ("video/h264", "video/vp8"):
+        return _output_track(session, source, settings, cfg)
+    session.player = source.fanout.player(mime, settings.output_fps or cfg.video.fps, settings.bitrate_bps)
+    return session.player
 
 
 # ---------------------------------------------------------------------- browser
@@ -318,10 +323,10 @@ async def whep_post(request: web.Request) -> web.Response:
         session.source = source
         _wire_input(session, sessions, settings)  # a viewer's own tracks (if any) are drained
         await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        session.pc.addTrack(_output_track(session, source, settings, sessions.engine.cfg))
+        prefer_h264(session.pc)
+        session.pc.addTrack(_player_track(session, source, settings, sessions.engine.cfg))
         if "audio" in kinds:  # WHEP players expect audio too: silence
             session.pc.addTrack(SilenceTrack())
-        prefer_h264(session.pc)
         answer_sdp = await _answer(session)
     except Exception as exc:
         await _negotiation_failed(sessions, session, exc)
@@ -453,7 +458,7 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
         connect_timeout_s=settings.connect_timeout_s,
         input_timeout_s=settings.input_timeout_s,
         takeover_after_s=settings.takeover_after_s,
-        max_viewers=settings.max_viewers or default_max_viewers(),
+        max_viewers=settings.max_viewers,
     )
 
     async def on_startup(app: web.Application) -> None:

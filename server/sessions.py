@@ -27,7 +27,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 
 from streamdiff.engine.types import StreamParams, short_repr
 from streamdiff.model.style_prompts import prompt_style
-from streamdiff.server.webrtc import FanOut, InputReader, FrameQueue, cancel_tasks
+from streamdiff.server.webrtc import FanOut, InputReader, FrameQueue, PlayerTrack, cancel_tasks
 
 log = logging.getLogger(__name__)
 # One line per session start, end and refusal. `enable_event_log` (called by `serve`) shows them
@@ -203,7 +203,8 @@ class Session:
     stamp: bool = False  # read input frame ids and draw them into the output (benchmark)
     reader: InputReader | None = None
     fanout: FanOut | None = None
-    slot: FrameQueue | None = None  # the subscription a whep/browser output track reads
+    slot: FrameQueue | None = None  # the subscription a browser's output track (or a whep player's own) reads
+    player: PlayerTrack | None = None  # whep: its track, fed by the stream's shared encoder
     source: "Session | None" = None  # whep: the session it plays
     tasks: list = field(default_factory=list)
     created_s: float = field(default_factory=time.monotonic)
@@ -232,6 +233,8 @@ class Session:
             out.update(frames_out=self.fanout.frames_out, latency_ms=self.fanout.latency_ms)
         if self.slot is not None:  # what this session's output track sent, and skipped falling behind
             out.update(frames_sent=self.slot.sent, frames_skipped=self.slot.dropped)
+        if self.player is not None:
+            out.update(frames_sent=self.player.sent, frames_skipped=self.player.skipped)
         if self.expect is not None:
             out["expect"] = self.expect
         return out
@@ -458,6 +461,8 @@ class SessionManager:
         # 2. Leave the source's fan-out (whep) / stop our own fan-out and its viewers.
         if session.source is not None and session.source.fanout is not None and session.slot is not None:
             session.source.fanout.unsubscribe(session.slot)
+        if session.player is not None:
+            session.player.stop()  # leaves the shared encoder (the last player closes it)
         if session.fanout is not None:
             await session.fanout.close()
             for viewer in [v for v in self.sessions.values() if v.source is session]:

@@ -581,9 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on session and control routes")
     serve.add_argument("--max-sessions", type=number_in(int, 1, 1024, "4"), help="stream limit (default cache.max_streams)")
-    serve.add_argument("--max-viewers", type=number_in(int, 1, 1024, "4"),
-                       help="WHEP players at once, all streams together (default: 2 per CPU core, 2 to 16; "
-                            "each one encodes its own copy on the CPU)")
+    serve.add_argument("--max-viewers", type=number_in(int, 1, 1024, "16"), default=16,
+                       help="WHEP players at once, all streams together (default 16)")
     serve.add_argument("--target-fps", type=number_in(float, 0.1, 240, "30"),
                        help="per-stream service level for admission (default: the config's slo, else video.fps)")
     serve.add_argument("--deadline-ms", type=number_in(float, 1, 3_600_000, "1000"),
