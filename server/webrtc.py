@@ -451,6 +451,8 @@ class SharedEncoder:
                     player.put(packet, packet.is_keyframe or key)
         except MediaStreamError:  # the stream ended
             pass
+        except Exception:  # noqa: BLE001 - its players end (viewer.html asks again); the log says why
+            log.exception("encoding %s for the WHEP players of %s failed", self.mime, self.fanout.stream_id)
         finally:
             for player in list(self.players):
                 player.end()

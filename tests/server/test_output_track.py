@@ -110,3 +110,26 @@ def test_the_time_in_the_gateway_does_not_grow_at_a_low_frame_rate():
         settled, late = waits[60:140], waits[160:]  # the production rate is known after 33 frames
         assert max(late) < 3 * period + 0.05, (fps, max(late))
         assert abs(np.mean(late) - np.mean(settled)) < 0.02, (fps, np.mean(settled), np.mean(late))
+
+
+def test_a_player_behind_skips_to_the_next_keyframe_and_asks_for_one():
+    from streamdiff.server.webrtc import PlayerTrack
+
+    class Encoder:
+        want_keyframe = False
+
+        def leave(self, player):
+            pass
+
+    player = PlayerTrack()
+    player.encoder = Encoder()
+    player.put("p0", keyframe=False)  # joined mid-GOP: nothing it could decode yet
+    assert player.skipped == 1 and not player._queue
+    for i in range(1, 1 + PlayerTrack.QUEUE_PACKETS):
+        player.put(f"p{i}", keyframe=i == 1)
+    assert len(player._queue) == PlayerTrack.QUEUE_PACKETS and not player.encoder.want_keyframe
+    player.put("late", keyframe=False)  # a full queue: the player is behind
+    assert player.encoder.want_keyframe and player.skipped == 1 + PlayerTrack.QUEUE_PACKETS + 1
+    player.put("key", keyframe=True)
+    got = asyncio.run(player.recv())
+    assert got == "key" and player.sent == 1
