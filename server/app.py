@@ -196,15 +196,19 @@ def _output_track(session, source, settings: ServerSettings, cfg) -> OutputTrack
     return OutputTrack(session.slot, settings.output_fps or cfg.video.fps)
 
 
-def _player_track(session, source, settings: ServerSettings, cfg):
+def _player_track(session, source, settings: ServerSettings, sessions: SessionManager):
     """A WHEP player's video: packets of the stream's encoder shared by every player that
     negotiated the same codec (the first codec of the answer, H.264 when offered); a codec we
     do not encode ourselves gets an encoder of its own, as a browser's output does."""
     video = [t for t in session.pc.getTransceivers() if t.kind == "video" and getattr(t, "_codecs", None)]
     mime = video[0]._codecs[0].mimeType.lower() if video else ""
+    cfg = sessions.engine.cfg
     if mime not in ("video/h264", "video/vp8"):
         return _output_track(session, source, settings, cfg)
     session.player = source.fanout.player(mime, settings.output_fps or cfg.video.fps, settings.bitrate_bps)
+    # a generic WHEP player would wait on a frozen picture: end its session (its peer closes)
+    session.player.on_failed = lambda: session.tasks.append(asyncio.ensure_future(
+        sessions.close(session.id, "the stream's encoder failed (the server's console says why)")))
     return session.player
 
 
@@ -324,7 +328,7 @@ async def whep_post(request: web.Request) -> web.Response:
         _wire_input(session, sessions, settings)  # a viewer's own tracks (if any) are drained
         await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         prefer_h264(session.pc)
-        session.pc.addTrack(_player_track(session, source, settings, sessions.engine.cfg))
+        session.pc.addTrack(_player_track(session, source, settings, sessions))
         if "audio" in kinds:  # WHEP players expect audio too: silence
             session.pc.addTrack(SilenceTrack())
         answer_sdp = await _answer(session)

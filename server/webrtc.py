@@ -355,6 +355,7 @@ class PlayerTrack(MediaStreamTrack):
     def __init__(self) -> None:
         super().__init__()
         self.encoder: SharedEncoder | None = None  # bound once the negotiated codec is known
+        self.on_failed = None  # called when its encoder fails (its session should end: a player waits on)
         self.sent = 0  # packets (frames) the sender took
         self.skipped = 0  # frames dropped while the player was behind, or before its first keyframe
         self._queue: collections.deque = collections.deque()
@@ -451,8 +452,11 @@ class SharedEncoder:
                     player.put(packet, packet.is_keyframe or key)
         except MediaStreamError:  # the stream ended
             pass
-        except Exception:  # noqa: BLE001 - its players end (viewer.html asks again); the log says why
+        except Exception:  # noqa: BLE001 - its players' sessions end (viewer.html asks again); the log says why
             log.exception("encoding %s for the WHEP players of %s failed", self.mime, self.fanout.stream_id)
+            for player in list(self.players):
+                if player.on_failed is not None:
+                    player.on_failed()
         finally:
             for player in list(self.players):
                 player.end()

@@ -167,3 +167,40 @@ def test_whep_players_share_one_encoder_per_codec():
     assert encoders == 1 and players == 3 and 0 < encoded <= frames_out  # once a frame, not 3 times
     assert codecs == ["video/h264", "video/vp8"]
     assert left == {}  # the last player out closed each encoder
+
+
+async def _encoder_fails():
+    async with running_server() as (url, app):
+        sessions = sessions_of(app)
+        sdp_headers = {**auth(), "Content-Type": "application/sdp"}
+        async with aiohttp.ClientSession() as http:
+            pub, offer = await obs_like_offer()
+            async with http.post(f"{url}/whip/studio", data=offer, headers=sdp_headers) as resp:
+                await answer(pub, await resp.text())
+            view, voffer, collector = await viewer_offer()
+            async with http.post(f"{url}/whep/studio", data=voffer, headers=sdp_headers) as resp:
+                viewer_id = resp.headers["X-Session-Id"]
+                await answer(view, await resp.text())
+            await asyncio.wait_for(collector.enough.wait(), 120)
+            encoder = sessions.publisher("studio").fanout.encoders["video/h264"]
+
+            def broken(*args, **kwargs):
+                raise RuntimeError("codec gone")
+
+            encoder._encode = broken
+            for _ in range(200):
+                if viewer_id not in sessions.sessions:
+                    break
+                await asyncio.sleep(0.05)
+            why = sessions.why_ended(viewer_id)
+            publisher_alive = sessions.publisher("studio") is not None
+        await view.close()
+        await pub.close()
+    return why, publisher_alive
+
+
+def test_a_failed_shared_encoder_ends_its_players_sessions():
+    """A probe forced the encoder to fail: its player stayed "connected" with no video and held
+    its --max-viewers place; a generic WHEP player would wait on a frozen picture."""
+    why, publisher_alive = asyncio.run(_encoder_fails())
+    assert why and why.startswith("the stream's encoder failed") and publisher_alive
