@@ -170,12 +170,11 @@ class FanOut:
         slot.close()
 
     def player(self, mime: str, max_fps: float, bitrate_bps: int) -> PlayerTrack:
-        """A WHEP player's track, fed by the stream's encoder for `mime` (made on first use,
-        closed when its last player leaves)."""
-        encoder = self.encoders.get(mime.lower())
+        """A WHEP player's track, fed by the stream's encoder for `mime` (lower case; made on
+        first use, closed when its last player leaves)."""
+        encoder = self.encoders.get(mime)
         if encoder is None:
-            encoder = self.encoders[mime.lower()] = SharedEncoder(self, mime, max_fps, bitrate_bps,
-                                                                  on_empty=self._encoder_idle)
+            encoder = self.encoders[mime] = SharedEncoder(self, mime, max_fps, bitrate_bps, on_empty=self._encoder_idle)
         player = PlayerTrack()
         encoder.join(player)
         return player
@@ -407,7 +406,7 @@ class SharedEncoder:
     KEYFRAME_EVERY_S = 2.0
 
     def __init__(self, fanout: "FanOut", mime: str, max_fps: float, bitrate_bps: int, on_empty=None):
-        self.fanout, self.mime, self.bitrate_bps = fanout, mime.lower(), bitrate_bps
+        self.fanout, self.mime, self.bitrate_bps = fanout, mime, bitrate_bps
         self.on_empty = on_empty
         self.slot = fanout.subscribe()
         self.track = OutputTrack(self.slot, max_fps)
@@ -431,9 +430,7 @@ class SharedEncoder:
 
     async def close(self) -> None:
         self.fanout.unsubscribe(self.slot)
-        await cancel_tasks([self.task])
-        for player in list(self.players):
-            player.end()
+        await cancel_tasks([self.task])  # its `finally` ends the players
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -449,7 +446,7 @@ class SharedEncoder:
                     continue
                 self.encoded += 1
                 for player in list(self.players):
-                    player.put(packet, packet.is_keyframe or key)
+                    player.put(packet, key)
         except MediaStreamError:  # the stream ended
             pass
         except Exception:  # noqa: BLE001 - its players' sessions end (viewer.html asks again); the log says why
@@ -474,7 +471,6 @@ class SharedEncoder:
             return None
         packet = av.Packet(data)
         packet.pts, packet.time_base = frame.pts, frame.time_base
-        packet.is_keyframe = keyframe
         return packet
 
 

@@ -128,6 +128,14 @@ class _Stream:
     def arrival_fps(self) -> float:
         return self.input_fps or self.slo.target_fps
 
+    def _gathering_ms(self) -> tuple[float, float, float]:
+        """At the rate frames arrive: a steady chunk's oldest frame waiting for its newest, a
+        steady chunk's whole gathering, and the first chunk's oldest frame waiting."""
+        steady = frames_for_latents(self.chunk_latents, first=False)
+        first = frames_for_latents(self.first_latents, first=True)
+        return (1000.0 * (steady - 1) / self.arrival_fps, 1000.0 * steady / self.arrival_fps,
+                1000.0 * (first - 1) / self.arrival_fps)
+
     def latency_ms(self, period_ms: float, *, first_chunk: bool = True) -> float:
         """The longest latency of its frames at a pipeline period of `period_ms`: gathering a
         chunk at the rate frames arrive (the oldest frame waits for the newest), the stream-batch
@@ -135,12 +143,10 @@ class _Stream:
         chunks takes its gathering or its interval, whichever is longer), then the chunk's time
         in flight. `first_chunk`: the first chunk's frames too (more of them, no lag); False
         gives the steady state, what the stream's user sees."""
-        steady = frames_for_latents(self.chunk_latents, first=False)
-        first = frames_for_latents(self.first_latents, first=True)
-        gather_ms, chunk_ms = 1000.0 * (steady - 1) / self.arrival_fps, 1000.0 * steady / self.arrival_fps
+        gather_ms, chunk_ms, first_ms = self._gathering_ms()
         lagged_ms = gather_ms + self.lag_chunks * max(chunk_ms, self.interval_ms(period_ms))
         if first_chunk:
-            lagged_ms = max(lagged_ms, 1000.0 * (first - 1) / self.arrival_fps)
+            lagged_ms = max(lagged_ms, first_ms)
         return lagged_ms + self.in_flight_ms(period_ms)
 
     def interval_ms(self, period_ms: float) -> float:
@@ -158,11 +164,7 @@ class _Stream:
         `latency_ms(period)` within the deadline (it grows with the period: solved piece by
         piece, where the lag's chunks take their gathering, then where they take the interval)."""
         by_fps = self.chunk_period_ms / max(1.0, self.depth / self.stride)
-        steady = frames_for_latents(self.chunk_latents, first=False)
-        first = frames_for_latents(self.first_latents, first=True)
-        a = 1000.0 * (steady - 1) / self.arrival_fps
-        g = 1000.0 * steady / self.arrival_fps
-        f = 1000.0 * (first - 1) / self.arrival_fps
+        a, g, f = self._gathering_ms()
         k, lag, c, deadline = max(1.0, self.depth / self.stride), self.lag_chunks, self.depth + 1, self.slo.deadline_ms
         by_gathering = (deadline - max(a + lag * g, f)) / c  # while k·p <= g
         by_deadline = by_gathering if by_gathering * k <= g else min((deadline - a) / (lag * k + c), (deadline - f) / c)
