@@ -80,7 +80,9 @@ from streamdiff.server.sdp import (
 from streamdiff.server.webrtc import (
     InputReader,
     OutputTrack,
+    PlayerTrack,
     SilenceTrack,
+    answer_keyframe_requests,
     configure_bitrates,
     drain_track,
     enable_loopback_candidates,
@@ -328,7 +330,10 @@ async def whep_post(request: web.Request) -> web.Response:
         _wire_input(session, sessions, settings)  # a viewer's own tracks (if any) are drained
         await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         prefer_h264(session.pc)
-        session.pc.addTrack(_player_track(session, source, settings, sessions))
+        track = _player_track(session, source, settings, sessions)
+        sender = session.pc.addTrack(track)
+        if isinstance(track, PlayerTrack):
+            answer_keyframe_requests(sender, track)
         if "audio" in kinds:  # WHEP players expect audio too: silence
             session.pc.addTrack(SilenceTrack())
         answer_sdp = await _answer(session)

@@ -234,7 +234,8 @@ class Session:
         if self.slot is not None:  # what this session's output track sent, and skipped falling behind
             out.update(frames_sent=self.slot.sent, frames_skipped=self.slot.dropped)
         if self.player is not None:
-            out.update(frames_sent=self.player.sent, frames_skipped=self.player.skipped)
+            out.update(frames_sent=self.player.sent, frames_skipped=self.player.skipped,
+                       keyframe_requests=self.player.keyframe_requests)
         if self.expect is not None:
             out["expect"] = self.expect
         return out

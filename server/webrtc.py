@@ -346,7 +346,9 @@ class InputReader:
 class PlayerTrack(MediaStreamTrack):
     """A WHEP player's video track: the packets of its stream's `SharedEncoder`, from a
     keyframe on (aiortc's sender packs an `av.Packet` as it is, with no encoder of its own). A
-    player that falls behind skips to the next keyframe (it asks for one)."""
+    player that falls behind skips to the next keyframe (it asks for one); a player's own
+    keyframe request (RTCP PLI or FIR, after lost packets) is passed on to the encoder
+    (`answer_keyframe_requests`)."""
 
     kind = "video"
     QUEUE_PACKETS = 8
@@ -357,6 +359,7 @@ class PlayerTrack(MediaStreamTrack):
         self.on_failed = None  # called when its encoder fails (its session should end: a player waits on)
         self.sent = 0  # packets (frames) the sender took
         self.skipped = 0  # frames dropped while the player was behind, or before its first keyframe
+        self.keyframe_requests = 0  # PLI / FIR from the player (it lost packets it cannot do without)
         self._queue: collections.deque = collections.deque()
         self._event = asyncio.Event()
         self._keyed = False  # a keyframe went out since the (re)start: the decoder can follow
@@ -375,6 +378,12 @@ class PlayerTrack(MediaStreamTrack):
         self._keyed = True
         self._queue.append(packet)
         self._event.set()
+
+    def request_keyframe(self) -> None:
+        """The player's decoder needs a keyframe (it asked with a PLI or FIR)."""
+        self.keyframe_requests += 1
+        if self.encoder is not None:
+            self.encoder.request_keyframe()
 
     def end(self) -> None:
         self._closed = True
@@ -400,10 +409,12 @@ class SharedEncoder:
     is encoded once and its packet goes to every `PlayerTrack` (a probe measured a player's own
     encoder at about 6 % of a 2-CPU machine's core, the stream losing 1.2 fps a player). Paced
     like a session's own output (`OutputTrack`); a keyframe when a player joins or falls behind,
-    and every KEYFRAME_EVERY_S (a player whose packets were lost recovers by then: the sender
-    passes packets through and cannot answer a player's keyframe request itself)."""
+    when a player asks for one (at most one such every KEYFRAME_ASKED_GAP_S: sixteen lossy
+    players must not make every frame a keyframe), and every KEYFRAME_EVERY_S for players that
+    never ask."""
 
     KEYFRAME_EVERY_S = 2.0
+    KEYFRAME_ASKED_GAP_S = 0.5
 
     def __init__(self, fanout: "FanOut", mime: str, max_fps: float, bitrate_bps: int, on_empty=None):
         self.fanout, self.mime, self.bitrate_bps = fanout, mime, bitrate_bps
@@ -413,6 +424,7 @@ class SharedEncoder:
         self.players: set[PlayerTrack] = set()
         self.encoded = 0  # frames encoded: one per frame, whatever the number of players
         self.want_keyframe = True
+        self._asked = False  # a player asked for a keyframe (granted once KEYFRAME_ASKED_GAP_S has passed)
         self._last_key_s = -float("inf")
         self._codec = None
         self.task = asyncio.create_task(self._run(), name=f"encode-{fanout.stream_id}")
@@ -421,6 +433,9 @@ class SharedEncoder:
         player.encoder = self
         self.players.add(player)
         self.want_keyframe = True
+
+    def request_keyframe(self) -> None:
+        self._asked = True
 
     def leave(self, player: PlayerTrack) -> None:
         self.players.discard(player)
@@ -438,9 +453,11 @@ class SharedEncoder:
             while True:
                 frame = await self.track.recv()
                 now = time.monotonic()
-                key = self.want_keyframe or now - self._last_key_s >= self.KEYFRAME_EVERY_S
+                since = now - self._last_key_s
+                key = (self.want_keyframe or since >= self.KEYFRAME_EVERY_S
+                       or (self._asked and since >= self.KEYFRAME_ASKED_GAP_S))
                 if key:
-                    self.want_keyframe, self._last_key_s = False, now
+                    self.want_keyframe, self._asked, self._last_key_s = False, False, now
                 packet = await loop.run_in_executor(None, self._encode, frame, key)
                 if packet is None:
                     continue
@@ -472,6 +489,13 @@ class SharedEncoder:
         packet = av.Packet(data)
         packet.pts, packet.time_base = frame.pts, frame.time_base
         return packet
+
+
+def answer_keyframe_requests(sender, player: PlayerTrack) -> None:
+    """Route the RTCP keyframe requests (PLI, FIR) that `sender` receives to `player`'s shared
+    encoder. aiortc's sender answers them by encoding its next frame as a keyframe, which a
+    sender of packets cannot do; its `_send_keyframe` is the one place it handles them."""
+    sender._send_keyframe = player.request_keyframe
 
 
 def _codec_context(mime: str, width: int, height: int, bitrate_bps: int):

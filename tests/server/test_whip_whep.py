@@ -204,3 +204,57 @@ def test_a_failed_shared_encoder_ends_its_players_sessions():
     its --max-viewers place; a generic WHEP player would wait on a frozen picture."""
     why, publisher_alive = asyncio.run(_encoder_fails())
     assert why and why.startswith("the stream's encoder failed") and publisher_alive
+
+
+async def _a_player_asks_for_a_keyframe():
+    async with running_server() as (url, app):
+        sessions = sessions_of(app)
+        sdp_headers = {**auth(), "Content-Type": "application/sdp"}
+        async with aiohttp.ClientSession() as http:
+            pub, offer = await obs_like_offer()
+            async with http.post(f"{url}/whip/studio", data=offer, headers=sdp_headers) as resp:
+                await answer(pub, await resp.text())
+            view, voffer, collector = await viewer_offer()
+            async with http.post(f"{url}/whep/studio", data=voffer, headers=sdp_headers) as resp:
+                viewer_id = resp.headers["X-Session-Id"]
+                await answer(view, await resp.text())
+            await asyncio.wait_for(collector.enough.wait(), 120)
+            encoder = sessions.publisher("studio").fanout.encoders["video/h264"]
+            encoder.KEYFRAME_EVERY_S = 1e9  # only asked-for keyframes from here on
+            keys, encode = [], encoder._encode
+
+            def recording(frame, keyframe):
+                keys.append(keyframe)
+                return encode(frame, keyframe)
+
+            encoder._encode = recording
+            await asyncio.sleep(1.0)
+            unasked = sum(keys)
+            server_sender = sessions.sessions[viewer_id].pc.getSenders()[0]
+            receiver = view.getReceivers()[0]
+            # what aiortc's receiver sends when its jitter buffer lost a frame's packets
+            await receiver._send_rtcp_pli(server_sender._ssrc)
+            for _ in range(100):
+                if any(keys[-3:]) or sum(keys) > unasked:
+                    break
+                await asyncio.sleep(0.05)
+            after_one = sum(keys) - unasked
+            for _ in range(10):  # a storm of requests over about one second
+                await receiver._send_rtcp_pli(server_sender._ssrc)
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
+            frames, storm = len(keys), sum(keys) - unasked - after_one
+            listed = {s["session"]: s for s in await (await http.get(f"{url}/sessions", headers=auth())).json()}
+        await view.close()
+        await pub.close()
+    return unasked, after_one, storm, frames, listed[viewer_id]
+
+
+def test_a_player_that_asks_for_a_keyframe_gets_one_soon():
+    """A probe dropped a WHEP player's packets: its decoder asked for a keyframe (RTCP PLI),
+    the shared encoder never heard it, and the picture stayed broken until the next periodic
+    keyframe. Requests are now answered, at most one keyframe every half second."""
+    unasked, after_one, storm, frames, listed = asyncio.run(_a_player_asks_for_a_keyframe())
+    assert unasked == 0 and after_one == 1, (unasked, after_one)
+    assert 1 <= storm <= 3 and frames > 3 * storm, (storm, frames)  # ten requests in a second: not ten keyframes
+    assert listed["keyframe_requests"] == 11, listed
