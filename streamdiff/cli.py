@@ -351,8 +351,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"wrote {benchreport.plot(plot_series(report), args.plot, title=report['command'], deadline_ms=settings.deadline_ms)}")
     if report["interrupted"]:
+        last = report["results"][-1]
+        cut = f", the last for {last['window_s']:.1f} of {settings.duration_s:g} s" if last["cut_short"] else ""
         print(f"streamdiff: interrupted: {len(report['results'])} of {report['combinations']} combinations measured "
-              f"(above)", file=sys.stderr)
+              f"(above{cut})", file=sys.stderr)
         return 130
     return 0
 

@@ -315,6 +315,8 @@ class CudaParts:
                                      self.settings, self.peak, None, part.mode)
         finally:
             self.comps.vae = own
+        if result["cut_short"]:  # Ctrl-C during its measurement: the check stops, as anywhere else
+            raise KeyboardInterrupt
         result.pop("series", None)
         if part.steps == 1 and not part.vae and self.comps.device.type == "cuda":  # the planner beside the measured peak
             result["planned_peak_mb"] = self._planned_mb(part)

@@ -223,28 +223,36 @@ def run_combination(comps, cfg: Config, steps: int, width: int, height: int, str
         bar.set_postfix_str("measuring")
     start_s = clock()
     end_s = start_s
-    while end_s - start_s < settings.duration_s:
-        feeder.feed(runner.frames_needed)
-        report = core.step()
-        if (report is None or report.result.forwards != 1 or len(report.plan.chunks) != streams
-                or any(c.first for c in report.plan.chunks)):
-            raise RuntimeError("internal: a measured step was not one steady forward over every stream")
-        end_s = report.result.end_s
-        step_ms.append(report.result.step_ms)
-        rows.append(report.plan.rows)
-        dit_flops += dit_forward_flops(cfg_c.model, report.plan.rows, cfg_c.sampling.chunk_latents, tokens,
-                                       window, cfg_c.text.max_length).total
-        for name, ms in runner.last_phase_ms.items():
-            phases.setdefault(name, []).append(ms)
-        for sid in sids:
-            outs = core.pop_outputs(sid)
-            if outs:
-                chunk_lat_ms.append((outs[0].output_s - max(o.arrival_s for o in outs)) * 1000.0)
-                frame_lat_ms.extend(o.latency_ms for o in outs)
-                times_s[sid].extend(o.output_s - start_s for o in outs)
-        if bar is not None:  # tqdm redraws at most every 0.1 s
-            bar.set_postfix_str(f"{sum(map(len, times_s.values())) / (end_s - start_s):.2f} fps", refresh=False)
-            bar.update(min(end_s - start_s, settings.duration_s) - bar.n)
+    cut_short = False  # Ctrl-C during the measurement: what was measured is reported
+    try:
+        while end_s - start_s < settings.duration_s:
+            feeder.feed(runner.frames_needed)
+            report = core.step()
+            if (report is None or report.result.forwards != 1 or len(report.plan.chunks) != streams
+                    or any(c.first for c in report.plan.chunks)):
+                raise RuntimeError("internal: a measured step was not one steady forward over every stream")
+            flops = dit_forward_flops(cfg_c.model, report.plan.rows, cfg_c.sampling.chunk_latents, tokens,
+                                      window, cfg_c.text.max_length).total
+            outs = {sid: core.pop_outputs(sid) for sid in sids}
+            # the step is counted whole or not at all (Ctrl-C may come anywhere above)
+            end_s = report.result.end_s
+            step_ms.append(report.result.step_ms)
+            rows.append(report.plan.rows)
+            dit_flops += flops
+            for name, ms in runner.last_phase_ms.items():
+                phases.setdefault(name, []).append(ms)
+            for sid, got in outs.items():
+                if got:
+                    chunk_lat_ms.append((got[0].output_s - max(o.arrival_s for o in got)) * 1000.0)
+                    frame_lat_ms.extend(o.latency_ms for o in got)
+                    times_s[sid].extend(o.output_s - start_s for o in got)
+            if bar is not None:  # tqdm redraws at most every 0.1 s
+                bar.set_postfix_str(f"{sum(map(len, times_s.values())) / (end_s - start_s):.2f} fps", refresh=False)
+                bar.update(min(end_s - start_s, settings.duration_s) - bar.n)
+    except KeyboardInterrupt:
+        if not frame_lat_ms:
+            raise
+        cut_short = True
     window_s = end_s - start_s
     peak_mb = read_peak_memory_mb(comps.device, memory_kind)
     compile_info = step_modes.compile_report(mode, compile_start, compile_before, step_modes.compile_stats())
@@ -255,7 +263,7 @@ def run_combination(comps, cfg: Config, steps: int, width: int, height: int, str
         for sid in sids:
             core.pop_outputs(sid)
 
-    host_ms = step_modes.host_ms_per_step(steady_step, comps.device)
+    host_ms = None if cut_short else step_modes.host_ms_per_step(steady_step, comps.device)
     step_modes.enter_mode(comps, "eager")
     core.executor.shutdown()
     del core, runner, feeder
@@ -274,7 +282,7 @@ def run_combination(comps, cfg: Config, steps: int, width: int, height: int, str
     return {
         "mode": mode, "steps": steps, "width": width, "height": height, "resolution": f"{width}x{height}", "streams": streams,
         "tokens_per_frame": tokens, "rows_per_forward": max(rows), "measured_steps": len(step_ms),
-        "window_s": window_s, "output_frames": frames,
+        "window_s": window_s, "output_frames": frames, "cut_short": cut_short,
         "fps": frames / window_s, "fps_per_stream": frames / window_s / streams,
         "fps_streams": [len(times_s[sid]) / window_s for sid in sids],
         "ttff_s": statistics.mean(ttff_s), "ttff_max_s": max(ttff_s), "ttff_streams_s": ttff_s,
@@ -330,7 +338,10 @@ def run_model_bench(settings: ModelBenchSettings) -> dict:
                 bar.set_postfix_str("warm-up" if mode == "eager" else "compile + warm-up")
                 results.append(run_combination(comps, cfg, steps, width, height, streams, settings, peak,
                                                bar, mode))
-    except KeyboardInterrupt:  # Ctrl-C: the combinations done so far are reported (none: interrupted)
+            if results[-1]["cut_short"]:  # Ctrl-C while it measured: reported up to there
+                interrupted = True
+                break
+    except KeyboardInterrupt:  # Ctrl-C elsewhere: the combinations done so far (none: interrupted)
         if not results:
             raise
         interrupted = True

@@ -9,8 +9,8 @@ and `host_ms_per_step`. Does not own: the measurement loop (model.py) or how a m
 compile (per combination, modes other than eager): `graph_breaks`, graph breaks traced while
 this combination ran (warm-up included; 0 is the target); `recompiles`, graphs compiled during
 the measured window (after warm-up: 0 in a steady state); `compile_s`, seconds dynamo spent
-compiling for this combination; `graphs`, graphs compiled in all; `cudagraph_skips`, graphs
-inductor ran without CUDA graphs (mode graphs); `break_reasons`, the most frequent reasons.
+compiling for this combination; `graphs`, graphs compiled in all (mode graphs compiles
+nothing: it captures the eager forward, `DiTStep`); `break_reasons`, the most frequent reasons.
 Each combination starts from `torch._dynamo.reset()`, so the compile cost of every shape is
 counted and dynamo's recompile limit is never reached across combinations.
 
@@ -62,7 +62,7 @@ def compile_report(mode: str, start: CompileStats, before_measure: CompileStats,
         return None
     total = end - start
     return {"graph_breaks": total.graph_breaks, "recompiles": (end - before_measure).graphs,
-            "compile_s": round(total.compile_s, 3), "graphs": total.graphs, "cudagraph_skips": total.cudagraph_skips,
+            "compile_s": round(total.compile_s, 3), "graphs": total.graphs,
             "break_reasons": graph_break_reasons() if total.graph_breaks else []}
 
 

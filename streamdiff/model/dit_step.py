@@ -117,11 +117,10 @@ class CompileStats:
     graph_breaks: int  # graph-break events while tracing (each one splits a graph)
     graphs: int  # graphs compiled (a recompilation adds one)
     compile_s: float  # seconds dynamo spent compiling frames (tracing + inductor)
-    cudagraph_skips: int  # graphs inductor ran without CUDA graphs
 
     def __sub__(self, other: CompileStats) -> CompileStats:
         return CompileStats(self.graph_breaks - other.graph_breaks, self.graphs - other.graphs,
-                            self.compile_s - other.compile_s, self.cudagraph_skips - other.cudagraph_skips)
+                            self.compile_s - other.compile_s)
 
 
 def compile_stats() -> CompileStats:
@@ -131,7 +130,6 @@ def compile_stats() -> CompileStats:
         graph_breaks=sum(counters["graph_break"].values()),
         graphs=counters["stats"]["unique_graphs"],
         compile_s=sum(compilation_time_metrics.get("_compile.compile_inner", [])),
-        cudagraph_skips=sum(counters["inductor"].get(k, 0) for k in ("cudagraph_skips",)),
     )
 
 

@@ -211,3 +211,26 @@ def test_ctrl_c_reports_the_combinations_already_measured(tmp_path, capsys, monk
     report = strict_json(tmp_path / "r.json")
     assert report["interrupted"] and len(report["results"]) == 1 and report["combinations"] == 2
     assert "1 of 2 combinations measured" in captured.err and "steps" in captured.out
+
+
+def test_ctrl_c_during_the_only_combination_reports_what_it_measured(tmp_path, capsys, monkeypatch):
+    """A probe: Ctrl-C in a one-combination bench (`--duration 60`) printed only "interrupted"."""
+    import streamdiff.model.flops as flops
+
+    real, calls = flops.dit_forward_flops, []
+
+    def third_step_interrupted(*args, **kwargs):  # called once per measured step, after the step
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flops, "dit_forward_flops", third_step_interrupted)
+    argv = [*BASE, "--steps", "1", "--duration", "60", "--deadline-ms", "1e9", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 130
+    captured = capsys.readouterr()
+    report = strict_json(tmp_path / "r.json")
+    (result,) = report["results"]
+    assert report["interrupted"] and result["cut_short"] and result["measured_steps"] == 2
+    assert 0 < result["window_s"] < 60 and result["output_frames"] > 0 and result["host_ms_per_step"] is None
+    assert "1 of 1 combinations measured (above, the last for" in captured.err and "64x48" in captured.out
