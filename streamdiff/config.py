@@ -168,6 +168,10 @@ class SamplingConfig:
     shift: float = 8.0
     num_train_timesteps: int = 1000
     noise_strength: float = 0.8  # s; the model is told t = 1000*s - 100
+    # The timestep a stream's first chunk is denoised from. "first_step": the step list's first
+    # (700), as StreamDiffusionV2's prepare does whatever s (the same as 1000*s - 100 at its
+    # default 0.8); "strength": 1000*s - 100, like every later chunk (the demo: trained so).
+    first_chunk_timestep: Literal["first_step", "strength"] = "first_step"
     motion_aware: bool = True
     seed: int = 0
     first_chunk_latents: int = 2  # latent frames in a stream's first chunk

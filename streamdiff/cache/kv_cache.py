@@ -150,6 +150,25 @@ class KVPool:
         return pending[::-1] + ring_order[rot:] + ring_order[:rot]
 
     @torch.no_grad()
+    def copy_lane_(self, src: int, dst: list[int]) -> None:
+        """Lanes `dst` become copies of lane `src` in every layer of this pool: K/V, queues and
+        frames held (sdv2: a stream's first chunk, prepared step by step, leaves the last step's
+        K/V in every lane of the stream, as StreamDiffusionV2's prepare does). In place: a
+        captured CUDA graph keeps reading the same memory."""
+        if not dst:
+            return
+        w, device = self.window, self.k.device
+        to = torch.tensor([g * w + i for g in dst for i in range(w)], device=device)
+        frm = torch.tensor([src * w + i for _ in dst for i in range(w)], device=device)
+        for name in ("k", "v", "frames"):
+            tensor = getattr(self, name)
+            tensor[:, to] = tensor[:, frm]
+        lanes, one = torch.tensor(dst, device=device), torch.tensor([src] * len(dst), device=device)
+        for name in ("q_stack", "q_len", "q_rot"):
+            tensor = getattr(self, name)
+            tensor[:, lanes] = tensor[:, one]
+
+    @torch.no_grad()
     def rebase_(self, slots: list[int], delta: int, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor, t_dim: int) -> None:
         """Rotate the stored keys of `slots` by -delta frames along the time axis of RoPE.
 

@@ -91,6 +91,7 @@ class WritePlan:
     device_choice: bool = False  # sdv2, full window: each layer picks its write slot from its queue
     sink_slots: list[int] = field(default_factory=list)  # pool slots of the lane's sinks
     ring_order: list[int] = field(default_factory=list)  # sdv2: the ring part of Q (window entries)
+    copy_lanes: tuple[int, list[int]] | None = None  # sdv2: (from, to) lanes copied before this forward
 
 
 class _Lane:

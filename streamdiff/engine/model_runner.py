@@ -55,7 +55,7 @@ from streamdiff.pipeline.frames import frames_to_tensor, tensor_to_frames
 from streamdiff.pipeline.stream_state import (
     Row,
     StreamState,
-    apply_rebases,
+    apply_plan_ops,
     attn_batch,
     forward_rows,
     lane_stride,
@@ -372,7 +372,7 @@ class ModelRunner:
         self._open[key] = rows
         # 4. Slot plans (and re-bases) for the rows; conditions later stages do not have yet.
         plans = plan_rows(rows)
-        apply_rebases(self.model, self.pool, plans)
+        apply_plan_ops(self.model, self.pool, plans)
         metas, embs = [], {}
         for row in rows:
             state, lane = row.state, row.lane
@@ -392,7 +392,7 @@ class ModelRunner:
     def _middle(self, hop: Hop) -> tuple[Hop, CrossKV | None]:
         if hop.hidden is None:
             return hop, None
-        apply_rebases(self.model, self.pool, hop.plans)
+        apply_plan_ops(self.model, self.pool, hop.plans)
         cross = [self.conditions.get(self.model, m.stream_id, m.cond, hop.embs, self.device, self.spec.index)
                  for m in hop.rows]
         hop.hidden = hop.hidden.to(self.device)

@@ -232,7 +232,10 @@ class StreamState:
         comps = self.comps
         self._advance_blend()
         strength = self.motion.update(pixels.float())
-        t0 = strength_to_timestep(strength)
+        if self.chunk_index == 0 and self.comps.cfg.sampling.first_chunk_timestep == "first_step":
+            t0 = self.timesteps[0]  # StreamDiffusionV2's prepare: the step list from its start
+        else:
+            t0 = strength_to_timestep(strength)
         noise = chunk_noise(tuple(latents.shape), self.seed, self.chunk_index, 0, comps.device, latents.dtype)
         x = comps.schedule.add_noise(latents, noise, strength)  # [1, 16, F, h, w]
         lane = Lane(x, t0, self.chunk_index, tag, self.cross_kv, self.cond_key, self.cond_emb, self.seed)
@@ -316,7 +319,7 @@ def forward_plans(model: CausalWanModel, pool: KVPool, plans: list[WritePlan], x
     With a compiled / graphed `step`, the rows are padded to the step's bucket with rows of the
     pool's scratch lane (zeros in, output dropped), so every row count up to a bucket runs the
     same graph."""
-    apply_rebases(model, pool, plans)
+    apply_plan_ops(model, pool, plans)
     if step is None or not step.pads:
         return model(x, timestep, cross, attn_batch(plans, pool, cache), pool)
     if pool.scratch_lane is None:
@@ -340,12 +343,32 @@ def attn_batch(plans: list[WritePlan], pool: KVPool, cache: CacheConfig, static:
 
 
 def plan_rows(rows: list[Row]) -> list[WritePlan]:
-    """Commit each row's slot plan for its chunk (one plan per row, in row order)."""
-    return [row.state.slots.lane(row.state.stream_id, row.j).plan(row.lane.x.shape[2]) for row in rows]
+    """Commit each row's slot plan for its chunk (one plan per row, in row order).
+
+    sdv2: the plan of a stream's first chunk after the prepared one (lane 0) also asks for the
+    last denoise step's lane to be copied into the other lanes first. StreamDiffusionV2 prepares
+    the first chunk step by step in one cache, each step overwriting the last, and then repeats
+    that cache for every lane, so every lane starts from the last step's K/V of frames 0-1 (its
+    sinks for as long as they are not refreshed)."""
+    plans = []
+    for row in rows:
+        state = row.state
+        slots = state.slots
+        plan = slots.lane(state.stream_id, row.j).plan(row.lane.x.shape[2])
+        if slots.policy == "sdv2" and state.steps > 1 and row.j == 0 and row.lane.chunk == 1:
+            last = slots.lane(state.stream_id, state.steps - 1).lane
+            plan.copy_lanes = (last, [slots.lane(state.stream_id, j).lane for j in range(state.steps - 1)])
+        plans.append(plan)
+    return plans
 
 
-def apply_rebases(model: CausalWanModel, pool: KVPool, plans: list[WritePlan]) -> None:
-    """Rotate the stored keys of every plan that re-bases its lane (rolling policy; this pool's layers)."""
+def apply_plan_ops(model: CausalWanModel, pool: KVPool, plans: list[WritePlan]) -> None:
+    """What the plans ask of the pool before their forward, on this pool's layers (every
+    pipeline stage runs it for its own): lane copies (sdv2, `plan_rows`), then the re-bases
+    that rotate a lane's stored keys (rolling)."""
+    for plan in plans:
+        if plan.copy_lanes is not None:
+            pool.copy_lane_(*plan.copy_lanes)
     for plan in plans:
         if plan.rebase_delta:
             freqs_cos, freqs_sin = model.rope_tables()
@@ -377,5 +400,5 @@ def new_pool(model: CausalWanModel, num_slots: int, tokens_per_slot: int, cfg: C
                   device, cfg.cache.window, scratch)
 
 
-__all__ = ["Lane", "Row", "StreamState", "apply_rebases", "attn_batch", "lane_stride", "forward_plans", "forward_rows", "new_pool",
+__all__ = ["Lane", "Row", "StreamState", "apply_plan_ops", "attn_batch", "lane_stride", "forward_plans", "forward_rows", "new_pool",
            "plan_rows", "row_timesteps"]

@@ -3,7 +3,9 @@
 Owns: the per-stream noise-strength controller of StreamDiffusionV2 (DESIGN §2):
   d = max over the chunk's frames of RMS(frame - previous frame) / 0.2, clamped to [0, 1]
   s = 0.9 * (s0 - 0.1 d) + 0.1 * s_prev
-with pixels in [-1, 1] and s0 the configured strength (0.8 by default).
+with pixels in [-1, 1] and s0 the configured strength (0.8 by default). A stream's first chunk
+is noised at s0 itself and s_prev starts at s0, as StreamDiffusionV2 does (it starts the
+controller from the second chunk, whose distance counts from the first chunk's last frame).
 Does not own: noising itself (noise_schedule.py).
 
 The strength stays on the frames' device as a 0-dim float64 tensor (float64 so that the
@@ -44,10 +46,10 @@ class MotionController:
     def update(self, frames: torch.Tensor) -> float | torch.Tensor:
         """Feed a chunk's frames [B, 3, n, H, W]; returns the strength for this chunk (a float
         when motion is off, else a 0-dim float64 tensor on the frames' device)."""
-        if self.enabled:
+        if self.enabled and self._last_frame is not None:
             d = motion_distance(frames, self._last_frame)
             self._strength = 0.9 * (self.base_strength - 0.1 * d) + 0.1 * self._strength
-        else:
+        else:  # off, or the stream's first chunk
             self._strength = self.base_strength
         self._last_frame = frames[:, :, -1:].detach().clone()
         return self._strength

@@ -81,3 +81,16 @@ def test_motion_controller_recurrence_and_off_switch():
     assert ctl.update(moving) == pytest.approx(0.9 * 0.8 + 0.1 * s)  # no motion inside or across
     off = MotionController(0.6, enabled=False)
     assert off.update(moving) == 0.6
+
+
+def test_a_streams_first_chunk_is_noised_at_the_configured_strength():
+    """A reviewer read StreamDiffusionV2: its first chunk is noised at s0 and the controller starts
+    at the second chunk, from the first chunk's last frame with s_prev = s0. Ours moved the first
+    chunk too (a moving clip: 0.737 instead of 0.8), and the gap carried on through s_prev."""
+    ctl = MotionController(base_strength=0.8, enabled=True)
+    ramp = torch.linspace(-1, 1, 5).reshape(1, 1, 5, 1, 1).expand(1, 3, 5, 4, 4)  # fast motion inside the chunk
+    assert ctl.update(ramp) == 0.8
+    later = torch.full((1, 3, 4, 4, 4), 0.9)  # 0.1 from the first chunk's last frame: d = 0.5
+    assert ctl.update(later) == pytest.approx(0.9 * (0.8 - 0.05) + 0.1 * 0.8)
+    ctl.reset()  # a restarted stream starts again at s0
+    assert ctl.update(ramp) == 0.8

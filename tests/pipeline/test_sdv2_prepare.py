@@ -1,0 +1,84 @@
+"""A stream's start as StreamDiffusionV2 makes it, with several denoise steps (stream batch).
+
+The reference prepares the first chunk in one cache: it is noised at the configured strength,
+denoised from the step list's first timestep, each step writing frames 0-1 over the last; then
+that cache is repeated for every lane. Later chunks are told 1000 s - 100 and go through the
+lanes, lane j at the step list's j-th timestep.
+
+The oracle here does that with `LatentStream`s, one per lane (a fresh stream that processes only
+the prepare's last step holds exactly that step's K/V, as every repeated lane does), the same
+noise (`chunk_noise` by chunk and lane) and the same VAE, and is compared with StreamPipeline.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streamdiff.config import load_config
+from streamdiff.model.build import build_components
+from streamdiff.pipeline import LatentStream
+from streamdiff.pipeline.frames import frames_to_tensor, synthetic_clip, tensor_to_frames
+from streamdiff.pipeline.stream_pipeline import StreamPipeline
+from streamdiff.sampling.noise_schedule import chunk_noise, strength_to_timestep, timesteps_for
+
+STRENGTH = 0.6  # off the reference's 0.8, where the first chunk's two timestep rules would agree
+
+
+@pytest.fixture(scope="module")
+def comps():
+    cfg = load_config("tiny", ["video.width=64", "video.height=48", "runtime.device=cpu",
+                               f"sampling.noise_strength={STRENGTH}", "sampling.motion_aware=false"])
+    return build_components(cfg)
+
+
+@torch.no_grad()
+def reference_start(comps, clip: np.ndarray, prompt: str, steps: int) -> np.ndarray:
+    schedule, seed, T = comps.schedule, comps.cfg.sampling.seed, timesteps_for(steps)
+    emb = comps.text.encode(prompt)
+    vae, vae_state = comps.vae, comps.vae.new_state()
+
+    def noise(x, chunk, lane):
+        return chunk_noise(tuple(x.shape), seed, chunk, lane, x.device, x.dtype)
+
+    def denoise(stream, x, t):
+        return schedule.flow_to_x0(x, stream.step(x, t, emb), schedule.sigma(t))
+
+    def renoise(x0, chunk, lane):
+        return schedule.add_noise(x0, noise(x0, chunk, lane), schedule.sigma(T[lane]))
+
+    out = []
+    chunks = [clip[:5]] + [clip[i : i + 4] for i in range(5, len(clip), 4)]
+    for k, frames in enumerate(chunks):
+        latents = vae.encode_chunk(frames_to_tensor(frames), vae_state)
+        x = schedule.add_noise(latents, noise(latents, k, 0), STRENGTH)
+        if k == 0:  # prepare: every step from T[0], one cache overwritten step by step
+            for j in range(steps):
+                x0 = denoise(LatentStream(comps.model, comps.cfg.cache), x, T[j])
+                if j < steps - 1:
+                    x = renoise(x0, 0, j + 1)
+            lanes = [LatentStream(comps.model, comps.cfg.cache) for _ in range(steps)]
+            for lane in lanes:  # the cache repeated for every lane: the last step's K/V
+                lane.step(x, T[-1], emb)
+        else:
+            t = strength_to_timestep(STRENGTH)
+            for j, lane in enumerate(lanes):
+                x0 = denoise(lane, x, t)
+                if j < steps - 1:
+                    x, t = renoise(x0, k, j + 1), T[j + 1]
+        out.append(tensor_to_frames(vae.decode_chunk(x0, vae_state)))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_a_stream_starts_as_streamdiffusionv2_starts_it(comps, steps):
+    """A reviewer read the reference: lane j kept step j's K/V of frames 0-1 here (its sinks for
+    the whole stream) where the reference repeats the last step's, and the first chunk was told
+    1000 s - 100 where the reference prepares from the step list's start."""
+    clip = synthetic_clip(5 + 4 * 8, 64, 48, seed=4)
+    pipe = StreamPipeline(comps, "a watercolor city", steps=steps)
+    ours = np.concatenate([pipe.push(clip), pipe.flush()])
+    theirs = reference_start(comps, clip, "a watercolor city", steps)
+    assert ours.shape == theirs.shape == clip.shape
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1  # batched vs one-row matmuls
