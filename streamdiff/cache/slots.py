@@ -141,6 +141,16 @@ class Sdv2Lane(_Lane):
     def full(self) -> bool:
         return self.filled == self.window
 
+    def peek(self, n: int) -> WritePlan:
+        """The plan the next chunk of `n` latent frames will get, without committing it: a
+        stand-in row that writes where that chunk will write (StreamDiffusionV2's stream batch
+        runs zero latents through lanes no chunk has reached yet; stream_state.py)."""
+        saved = (self.filled, self.next_pos, list(self.ring_order), self.frame, self.chunks)
+        try:
+            return self.plan(n)
+        finally:
+            self.filled, self.next_pos, self.ring_order, self.frame, self.chunks = saved
+
     def plan(self, n: int) -> WritePlan:
         """Plan a chunk of `n` latent frames and commit it to the bookkeeping."""
         # 1. RoPE start: a streamed chunk that starts at rebase_frame or later restarts at W - 1.

@@ -376,7 +376,7 @@ class ModelRunner:
         metas, embs = [], {}
         for row in rows:
             state, lane = row.state, row.lane
-            finishes = row.j == state.steps - 1
+            finishes = row.j == state.steps - 1 and not lane.filler
             metas.append(RowMeta(state.stream_id, row.j, lane.t, finishes, lane.cond_key,
                                  lane.tag if finishes else None))
             # Later stages keep each stream's recent conditions (CondLRU, same rule on every

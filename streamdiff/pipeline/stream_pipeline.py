@@ -118,7 +118,14 @@ class StreamPipeline:
     def _run_chunk(self, frames: np.ndarray) -> list[np.ndarray]:
         # 1. Encode the frames to latents and noise them with the motion-aware strength.
         lane = self.state.encode(frames)
-        # 2. The first chunk is prepared through every step at once (no lag).
+        # 2. The first chunk is prepared through every step at once (no lag). Without stream
+        #    batch, the stand-ins the stream batch runs through lanes 1.. before chunk 1 reaches
+        #    them run first, so that every lane sees what it sees in the stream batch.
+        if lane.chunk == 1 and not self.stream_batch:
+            fillers = self.state.filler_rows(lane)
+            while fillers:
+                nxt = (self.state.next_filler(row, flow) for row, flow in zip(fillers, self._forward(fillers)))
+                fillers = [row for row in nxt if row is not None]
         if lane.chunk == 0 or not self.stream_batch:
             row = self.state.start_sequential(lane)
             while True:

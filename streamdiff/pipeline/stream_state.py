@@ -55,6 +55,7 @@ class Lane:
     cond_key: tuple = ()
     cond_emb: torch.Tensor | None = None
     seed: int = 0
+    filler: bool = False  # sdv2: a stand-in in a lane no chunk has reached yet (`filler_rows`); never shown
 
 
 @dataclass
@@ -129,6 +130,7 @@ class StreamState:
         self.pipe: list[Lane | None] = [None] * ((self.steps - 1) * stride + 1)  # position i: entered i forwards ago
         self.sequential: Row | None = None  # the next row of a chunk denoised step by step
         self.chunk_index = 0
+        self.copy_due = False  # sdv2: the prepare is done; the next forward copies its last lane (`plan_rows`)
         slots.add_stream(stream_id, self.steps, kv_lanes)
 
     # ------------------------------------------------------------------ controls
@@ -196,7 +198,7 @@ class StreamState:
 
     def chunks_in_flight(self) -> list[Lane]:
         """Every chunk not finished yet: those in the stream batch, then a first chunk's."""
-        lanes = [lane for lane in self.pipe if lane is not None]
+        lanes = [lane for lane in self.pipe if lane is not None and not lane.filler]
         return lanes + ([self.sequential.lane] if self.sequential is not None else [])
 
     def release(self) -> list[int]:
@@ -210,6 +212,7 @@ class StreamState:
         self.motion.reset()
         self.pipe = [None] * len(self.pipe)
         self.sequential = None
+        self.copy_due = False
         self._blend = self._emb = None
         return held
 
@@ -257,8 +260,38 @@ class StreamState:
         sees its chunks in order, and each chunk keeps its own noise, prompt and seed, so the
         frames are those of stride 1, (steps - 1)(D - 1) chunks later."""
         self.pipe = [incoming] + self.pipe[:-1]
+        if incoming is not None and incoming.chunk == 1:
+            for row in self.filler_rows(incoming):
+                self.pipe[row.j * self.stride] = row.lane
         return [Row(self, j, self.pipe[j * self.stride]) for j in range(self.steps)
                 if self.pipe[j * self.stride] is not None]
+
+    def filler_rows(self, first: Lane) -> list[Row]:
+        """sdv2: StreamDiffusionV2's stream batch starts with zero latents in lanes 1.. (its row
+        buffer), which the DiT runs like chunks until the first streamed chunk reaches them:
+        each writes K/V where that chunk will (frame 2: the third sink, overwritten by it) and
+        runs the sink-refresh test, which can queue a refresh; its output moves on to the next
+        lane and is never shown. One row per lane 1..steps-1, at that lane's timestep, beside
+        the stream's first streamed chunk `first` (rows a stride D apart keep the frames of
+        D = 1). None under `rolling`, or with one step."""
+        if self.slots.policy != "sdv2" or self.steps == 1:
+            return []
+        zeros = torch.zeros_like(first.x)
+        return [Row(self, j, replace(first, x=zeros, t=self.timesteps[j], chunk=0, tag=None, filler=True))
+                for j in range(1, self.steps)]
+
+    def next_filler(self, row: Row, flow: torch.Tensor) -> Row | None:
+        """A filler row's output, re-noised, as the next lane's filler (None after the last lane)."""
+        if row.j == self.steps - 1:
+            return None
+        return Row(self, row.j + 1, self._next_lane(row, flow))
+
+    def _next_lane(self, row: Row, flow: torch.Tensor) -> Lane:
+        """The row's chunk after its step: x0 re-noised to the next lane's timestep."""
+        lane, schedule = row.lane, self.comps.schedule
+        x0 = schedule.flow_to_x0(lane.x, flow, schedule.sigma(lane.t))
+        t = self.timesteps[row.j + 1]
+        return replace(lane, x=self._renoise(x0, lane.chunk, row.j + 1, t, lane.seed), t=t)
 
     def apply_flow(self, row: Row, flow: torch.Tensor) -> torch.Tensor | None:
         """Step 4: x0 from the row's flow. At the last step the chunk is done: returns x0 [1, 16,
@@ -266,14 +299,13 @@ class StreamState:
         `self.sequential`), and None is returned."""
         schedule = self.comps.schedule
         lane = row.lane
-        x0 = schedule.flow_to_x0(lane.x, flow, schedule.sigma(lane.t))
         last = row.j == self.steps - 1
-        nxt = None
-        if not last:
-            t = self.timesteps[row.j + 1]
-            nxt = replace(lane, x=self._renoise(x0, lane.chunk, row.j + 1, t, lane.seed), t=t)
+        x0 = schedule.flow_to_x0(lane.x, flow, schedule.sigma(lane.t)) if last else None
+        nxt = None if last else self._next_lane(row, flow)
         if row.sequential:
             self.sequential = None if last else Row(self, row.j + 1, nxt, sequential=True)
+            if last and lane.chunk == 0 and self.steps > 1 and self.slots.policy == "sdv2":
+                self.copy_due = True  # the prepare is done
         else:
             # The chunk sits at position j·D unless later forwards entered since (plans in
             # flight on pipeline stages): find it where it is now. A last lane may have left
@@ -284,7 +316,7 @@ class StreamState:
             elif not last:
                 raise RuntimeError(f"stream {self.stream_id!r}: chunk {lane.chunk} left lane {row.j} "
                                    f"before its flow came back (more than {self.stride} chunks in flight)")
-        return x0 if last else None
+        return x0 if last and not lane.filler else None
 
     def _renoise(self, x0: torch.Tensor, chunk: int, lane: int, t: int, seed: int) -> torch.Tensor:
         noise = chunk_noise(tuple(x0.shape), seed, chunk, lane, x0.device, x0.dtype)
@@ -345,19 +377,22 @@ def attn_batch(plans: list[WritePlan], pool: KVPool, cache: CacheConfig, static:
 def plan_rows(rows: list[Row]) -> list[WritePlan]:
     """Commit each row's slot plan for its chunk (one plan per row, in row order).
 
-    sdv2: the plan of a stream's first chunk after the prepared one (lane 0) also asks for the
-    last denoise step's lane to be copied into the other lanes first. StreamDiffusionV2 prepares
-    the first chunk step by step in one cache, each step overwriting the last, and then repeats
-    that cache for every lane, so every lane starts from the last step's K/V of frames 0-1 (its
-    sinks for as long as they are not refreshed)."""
+    sdv2: the first plan of a stream after its prepare also asks for the last denoise step's
+    lane to be copied into the other lanes first. StreamDiffusionV2 prepares the first chunk
+    step by step in one cache, each step overwriting the last, and then repeats that cache for
+    every lane, so every lane starts from the last step's K/V of frames 0-1 (its sinks for as
+    long as they are not refreshed). A filler row writes where its lane's next chunk will,
+    without taking that place (`Sdv2Lane.peek`)."""
     plans = []
     for row in rows:
         state = row.state
-        slots = state.slots
-        plan = slots.lane(state.stream_id, row.j).plan(row.lane.x.shape[2])
-        if slots.policy == "sdv2" and state.steps > 1 and row.j == 0 and row.lane.chunk == 1:
-            last = slots.lane(state.stream_id, state.steps - 1).lane
-            plan.copy_lanes = (last, [slots.lane(state.stream_id, j).lane for j in range(state.steps - 1)])
+        lane = state.slots.lane(state.stream_id, row.j)
+        n = row.lane.x.shape[2]
+        plan = lane.peek(n) if row.lane.filler else lane.plan(n)
+        if state.copy_due:
+            state.copy_due = False
+            last = state.slots.lane(state.stream_id, state.steps - 1).lane
+            plan.copy_lanes = (last, [state.slots.lane(state.stream_id, j).lane for j in range(state.steps - 1)])
         plans.append(plan)
     return plans
 

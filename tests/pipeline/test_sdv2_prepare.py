@@ -2,15 +2,20 @@
 
 The reference prepares the first chunk in one cache: it is noised at the configured strength,
 denoised from the step list's first timestep, each step writing frames 0-1 over the last; then
-that cache is repeated for every lane. Later chunks are told 1000 s - 100 and go through the
-lanes, lane j at the step list's j-th timestep.
+that cache is repeated for every lane. Its row buffer starts as zeros, so until chunk 1 reaches
+lane j, lane j runs stand-ins ("fillers": zeros at its timestep, then what the lane before made
+of them), each written where chunk 1 will be written and tested for a sink refresh. Later chunks
+are told 1000 s - 100 and go through the lanes, lane j at the step list's j-th timestep.
 
 The oracle here does that with `LatentStream`s, one per lane (a fresh stream that processes only
-the prepare's last step holds exactly that step's K/V, as every repeated lane does), the same
-noise (`chunk_noise` by chunk and lane) and the same VAE, and is compared with StreamPipeline.
+the prepare's last step holds exactly that step's K/V, as every repeated lane does; a filler is
+a step whose slot bookkeeping is put back afterwards), the same noise (`chunk_noise` by chunk
+and lane) and the same VAE, and is compared with StreamPipeline, batched and not.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -48,6 +53,12 @@ def reference_start(comps, clip: np.ndarray, prompt: str, steps: int) -> np.ndar
     def renoise(x0, chunk, lane):
         return schedule.add_noise(x0, noise(x0, chunk, lane), schedule.sigma(T[lane]))
 
+    def filler(stream, x, t):  # writes where the lane's next chunk will, without taking its place
+        slots, chunks = copy.deepcopy(stream.slots), stream.chunks
+        x0 = denoise(stream, x, t)
+        stream.slots, stream.chunks = slots, chunks
+        return x0
+
     out = []
     chunks = [clip[:5]] + [clip[i : i + 4] for i in range(5, len(clip), 4)]
     for k, frames in enumerate(chunks):
@@ -61,6 +72,10 @@ def reference_start(comps, clip: np.ndarray, prompt: str, steps: int) -> np.ndar
             lanes = [LatentStream(comps.model, comps.cfg.cache) for _ in range(steps)]
             for lane in lanes:  # the cache repeated for every lane: the last step's K/V
                 lane.step(x, T[-1], emb)
+            fill = {j: torch.zeros_like(latents[:, :, :1]) for j in range(1, steps)}
+            while fill:  # forwards 1 .. steps-1: lanes chunk 1 has not reached run fillers
+                made = {j: filler(lanes[j], x, T[j]) for j, x in fill.items()}
+                fill = {j + 1: renoise(x0, 0, j + 1) for j, x0 in made.items() if j + 1 < steps}
         else:
             t = strength_to_timestep(STRENGTH)
             for j, lane in enumerate(lanes):
@@ -71,13 +86,15 @@ def reference_start(comps, clip: np.ndarray, prompt: str, steps: int) -> np.ndar
     return np.concatenate(out)
 
 
-@pytest.mark.parametrize("steps", [2, 3])
-def test_a_stream_starts_as_streamdiffusionv2_starts_it(comps, steps):
+@pytest.mark.parametrize("steps", [2, 3, 4])
+@pytest.mark.parametrize("stream_batch", [True, False])
+def test_a_stream_starts_as_streamdiffusionv2_starts_it(comps, steps, stream_batch):
     """A reviewer read the reference: lane j kept step j's K/V of frames 0-1 here (its sinks for
     the whole stream) where the reference repeats the last step's, and the first chunk was told
-    1000 s - 100 where the reference prepares from the step list's start."""
+    1000 s - 100 where the reference prepares from the step list's start. Then its own code, run
+    on CPU, showed the fillers: at 3 steps they queued one more sink refresh in one layer."""
     clip = synthetic_clip(5 + 4 * 8, 64, 48, seed=4)
-    pipe = StreamPipeline(comps, "a watercolor city", steps=steps)
+    pipe = StreamPipeline(comps, "a watercolor city", steps=steps, stream_batch=stream_batch)
     ours = np.concatenate([pipe.push(clip), pipe.flush()])
     theirs = reference_start(comps, clip, "a watercolor city", steps)
     assert ours.shape == theirs.shape == clip.shape
