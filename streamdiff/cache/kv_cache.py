@@ -24,6 +24,12 @@ from streamdiff.cache.slots import WritePlan
 
 
 class KVPool:
+    # Pending sink refreshes a lane's queue can hold beyond its window: refreshes queue up only
+    # while the window fills, at most one per one-frame chunk written then (window) and one per
+    # filler row (steps - 1 <= 3: stream_state.py); once full, a refresh is pushed and popped
+    # in the same chunk. (A threshold near 1 fires on every one: 4 steps at 0.85 overflowed.)
+    QUEUE_ROOM = 4
+
     def __init__(
         self,
         layers: range | list[int],
@@ -56,7 +62,7 @@ class KVPool:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, T, H, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, T, H, D]
         # sdv2 queues: Q = reversed(q_stack[:q_len]) + ring_order rotated by q_rot.
-        self.q_stack = torch.zeros(n, lanes, window, dtype=torch.int64, device=device)  # [L, G, W] entries
+        self.q_stack = torch.zeros(n, lanes, window + self.QUEUE_ROOM, dtype=torch.int64, device=device)  # [L, G, W+4] entries
         self.q_len = torch.zeros(n, lanes, dtype=torch.int64, device=device)  # [L, G]
         self.q_rot = torch.zeros(n, lanes, dtype=torch.int64, device=device)  # [L, G]
         self.frames = torch.full((n, num_slots), -1, dtype=torch.int64, device=device)  # [L, S] frame held
@@ -326,14 +332,14 @@ def choose_writes(pool: KVPool, layer: int, batch: AttnBatch, sim: torch.Tensor 
     Q's end, a sink does not). A refresh pushed and popped in the same chunk leaves Q as it was;
     one pushed while the window fills waits at Q's front. All on the device (torch.where)."""
     i = pool.layer_index(layer)
-    stack, qlen, rot = pool.q_stack[i], pool.q_len[i], pool.q_rot[i]  # [G, W], [G], [G]
+    stack, qlen, rot = pool.q_stack[i], pool.q_len[i], pool.q_rot[i]  # [G, W + QUEUE_ROOM], [G], [G]
     g = batch.lane  # [B]
     fires, worst = refresh_decision(batch, sim)
     plen, r = qlen[g], rot[g]  # [B]
     choice = batch.device_choice
     # 1. Filling rows: a refresh only queues the sink at Q's front.
     push = fires & ~choice
-    at = plen.clamp(max=pool.window - 1)
+    at = plen.clamp(max=stack.shape[1] - 1)
     stack[g, at] = torch.where(push, worst, stack[g, at])
     new_len = plen + push.long()
     # 2. Full rows: the refreshed sink, else the front of Q (pending sinks, then the ring).

@@ -271,13 +271,14 @@ class StreamState:
         buffer), which the DiT runs like chunks until the first streamed chunk reaches them:
         each writes K/V where that chunk will (frame 2: the third sink, overwritten by it) and
         runs the sink-refresh test, which can queue a refresh; its output moves on to the next
-        lane and is never shown. One row per lane 1..steps-1, at that lane's timestep, beside
+        lane and is never shown (re-noised with noise of its own: chunk index -1). One row per
+        lane 1..steps-1, at that lane's timestep, beside
         the stream's first streamed chunk `first` (rows a stride D apart keep the frames of
         D = 1). None under `rolling`, or with one step."""
         if self.slots.policy != "sdv2" or self.steps == 1:
             return []
         zeros = torch.zeros_like(first.x)
-        return [Row(self, j, replace(first, x=zeros, t=self.timesteps[j], chunk=0, tag=None, filler=True))
+        return [Row(self, j, replace(first, x=zeros, t=self.timesteps[j], chunk=-1, tag=None, filler=True))
                 for j in range(1, self.steps)]
 
     def next_filler(self, row: Row, flow: torch.Tensor) -> Row | None:

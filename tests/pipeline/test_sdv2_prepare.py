@@ -75,7 +75,7 @@ def reference_start(comps, clip: np.ndarray, prompt: str, steps: int) -> np.ndar
             fill = {j: torch.zeros_like(latents[:, :, :1]) for j in range(1, steps)}
             while fill:  # forwards 1 .. steps-1: lanes chunk 1 has not reached run fillers
                 made = {j: filler(lanes[j], x, T[j]) for j, x in fill.items()}
-                fill = {j + 1: renoise(x0, 0, j + 1) for j, x0 in made.items() if j + 1 < steps}
+                fill = {j + 1: renoise(x0, -1, j + 1) for j, x0 in made.items() if j + 1 < steps}
         else:
             t = strength_to_timestep(STRENGTH)
             for j, lane in enumerate(lanes):
@@ -99,3 +99,21 @@ def test_a_stream_starts_as_streamdiffusionv2_starts_it(comps, steps, stream_bat
     theirs = reference_start(comps, clip, "a watercolor city", steps)
     assert ours.shape == theirs.shape == clip.shape
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1  # batched vs one-row matmuls
+
+
+def test_fillers_with_a_refresh_that_fires_on_every_chunk(comps):
+    """With 4 steps the last lane runs 3 fillers while its window fills; at a threshold that
+    fires on every chunk its queue held more pending refreshes than the window (the reference's
+    is a list: ours ran out of room, IndexError, in a run against the reference's code)."""
+    from dataclasses import replace
+
+    from streamdiff.config import with_overrides
+
+    eager = replace(comps, cfg=with_overrides(comps.cfg, cache={"refresh_threshold": 0.95}))
+    clip = synthetic_clip(5 + 4 * 8, 64, 48, seed=5)
+    pipe = StreamPipeline(eager, "a watercolor city", steps=4)
+    ours = np.concatenate([pipe.push(clip), pipe.flush()])
+    theirs = reference_start(eager, clip, "a watercolor city", 4)
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+    lane = pipe.slots.lane(0, 3).lane
+    assert max(int(pipe.pool.q_len[i, lane]) for i in range(len(pipe.pool.layers))) > pipe.pool.window
