@@ -6,7 +6,9 @@ optional linear blend over a few chunks), seed, denoise steps and its lanes in a
 and the per-chunk steps, in order:
   1. `encode(frames)`: VAE-encode, motion-aware strength, noise -> the chunk's lane-0 `Lane`
      (split as `pixels` -> VAE -> `start_chunk` for callers that batch the VAE);
-  2. rows: `enter(lane)` (stream batch: lanes shift, one `Row` per occupied lane) or
+  2. rows: `enter(lane)` (stream batch: lanes shift, one `Row` per occupied lane; under `sdv2`
+     the first streamed chunk brings StreamDiffusionV2's fillers into the lanes it has not
+     reached, `filler_rows`) or
      `start_sequential(lane)` (a first chunk, or every chunk without stream batch: the denoise
      steps one after another, one `Row` at a time, next one in `state.sequential`);
   3. `forward_rows(model, pool, rows)`: one DiT forward over rows of ANY streams that write the
