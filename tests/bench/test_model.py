@@ -192,19 +192,24 @@ def test_bench_from_a_shell_prints_its_table_and_no_profiler_lines():
     assert "64x48" in result.stdout
 
 
+def _ctrl_c_on_call(n: int, real):
+    """`real`, except that its n-th call raises KeyboardInterrupt (Ctrl-C at that moment)."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
 def test_ctrl_c_reports_the_combinations_already_measured(tmp_path, capsys, monkeypatch):
     """A probe: Ctrl-C in a long model bench printed only "interrupted", after minutes of runs."""
     import streamdiff.bench.model as bench_model
 
-    real, calls = bench_model.run_combination, []
-
-    def second_is_interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(bench_model, "run_combination", second_is_interrupted)
+    monkeypatch.setattr(bench_model, "run_combination", _ctrl_c_on_call(2, bench_model.run_combination))
     argv = [*BASE, "--steps", "1,2", "--duration", "0.5", "--deadline-ms", "1e9", "--json", str(tmp_path / "r.json")]
     assert main(argv) == 130
     captured = capsys.readouterr()
@@ -217,15 +222,8 @@ def test_ctrl_c_during_the_only_combination_reports_what_it_measured(tmp_path, c
     """A probe: Ctrl-C in a one-combination bench (`--duration 60`) printed only "interrupted"."""
     import streamdiff.model.flops as flops
 
-    real, calls = flops.dit_forward_flops, []
-
-    def third_step_interrupted(*args, **kwargs):  # called once per measured step, after the step
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(flops, "dit_forward_flops", third_step_interrupted)
+    # called once per measured step, after the step: Ctrl-C during the third
+    monkeypatch.setattr(flops, "dit_forward_flops", _ctrl_c_on_call(3, flops.dit_forward_flops))
     argv = [*BASE, "--steps", "1", "--duration", "60", "--deadline-ms", "1e9", "--json", str(tmp_path / "r.json")]
     assert main(argv) == 130
     captured = capsys.readouterr()

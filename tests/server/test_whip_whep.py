@@ -169,19 +169,26 @@ def test_whep_players_share_one_encoder_per_codec():
     assert left == {}  # the last player out closed each encoder
 
 
+async def _publish_and_play(url: str, http):
+    """An OBS-like publisher on `studio` and one WHEP player of it, playing: (publisher peer,
+    player peer, the player's session id)."""
+    sdp_headers = {**auth(), "Content-Type": "application/sdp"}
+    pub, offer = await obs_like_offer()
+    async with http.post(f"{url}/whip/studio", data=offer, headers=sdp_headers) as resp:
+        await answer(pub, await resp.text())
+    view, voffer, collector = await viewer_offer()
+    async with http.post(f"{url}/whep/studio", data=voffer, headers=sdp_headers) as resp:
+        viewer_id = resp.headers["X-Session-Id"]
+        await answer(view, await resp.text())
+    await asyncio.wait_for(collector.enough.wait(), 120)
+    return pub, view, viewer_id
+
+
 async def _encoder_fails():
     async with running_server() as (url, app):
         sessions = sessions_of(app)
-        sdp_headers = {**auth(), "Content-Type": "application/sdp"}
         async with aiohttp.ClientSession() as http:
-            pub, offer = await obs_like_offer()
-            async with http.post(f"{url}/whip/studio", data=offer, headers=sdp_headers) as resp:
-                await answer(pub, await resp.text())
-            view, voffer, collector = await viewer_offer()
-            async with http.post(f"{url}/whep/studio", data=voffer, headers=sdp_headers) as resp:
-                viewer_id = resp.headers["X-Session-Id"]
-                await answer(view, await resp.text())
-            await asyncio.wait_for(collector.enough.wait(), 120)
+            pub, view, viewer_id = await _publish_and_play(url, http)
             encoder = sessions.publisher("studio").fanout.encoders["video/h264"]
 
             def broken(*args, **kwargs):
@@ -209,16 +216,8 @@ def test_a_failed_shared_encoder_ends_its_players_sessions():
 async def _a_player_asks_for_a_keyframe():
     async with running_server() as (url, app):
         sessions = sessions_of(app)
-        sdp_headers = {**auth(), "Content-Type": "application/sdp"}
         async with aiohttp.ClientSession() as http:
-            pub, offer = await obs_like_offer()
-            async with http.post(f"{url}/whip/studio", data=offer, headers=sdp_headers) as resp:
-                await answer(pub, await resp.text())
-            view, voffer, collector = await viewer_offer()
-            async with http.post(f"{url}/whep/studio", data=voffer, headers=sdp_headers) as resp:
-                viewer_id = resp.headers["X-Session-Id"]
-                await answer(view, await resp.text())
-            await asyncio.wait_for(collector.enough.wait(), 120)
+            pub, view, viewer_id = await _publish_and_play(url, http)
             encoder = sessions.publisher("studio").fanout.encoders["video/h264"]
             encoder.KEYFRAME_EVERY_S = 1e9  # only asked-for keyframes from here on
             keys, encode = [], encoder._encode
