@@ -274,9 +274,9 @@ class StreamState:
         each writes K/V where that chunk will (frame 2: the third sink, overwritten by it) and
         runs the sink-refresh test, which can queue a refresh; its output moves on to the next
         lane and is never shown (re-noised with noise of its own: chunk index -1). One row per
-        lane 1..steps-1, at that lane's timestep, beside
-        the stream's first streamed chunk `first` (rows a stride D apart keep the frames of
-        D = 1). None under `rolling`, or with one step."""
+        lane 1..steps-1, at that lane's timestep, beside the stream's first streamed chunk
+        `first` (placed a stride D apart, they keep the frames of D = 1). None under `rolling`,
+        or with one step."""
         if self.slots.policy != "sdv2" or self.steps == 1:
             return []
         zeros = torch.zeros_like(first.x)
