@@ -160,16 +160,18 @@ class KVPool:
         """Lanes `dst` become copies of lane `src` in every layer of this pool: K/V, queues and
         frames held (sdv2: a stream's first chunk, prepared step by step, leaves the last step's
         K/V in every lane of the stream, as StreamDiffusionV2's prepare does). In place: a
-        captured CUDA graph keeps reading the same memory."""
+        captured CUDA graph keeps reading the same memory; indices go up through pinned staging,
+        so the host never waits for the device."""
         if not dst:
             return
         w, device = self.window, self.k.device
-        to = torch.tensor([g * w + i for g in dst for i in range(w)], device=device)
-        frm = torch.tensor([src * w + i for _ in dst for i in range(w)], device=device)
+        to = STAGING.to_device(torch.tensor([g * w + i for g in dst for i in range(w)]), device)
+        frm = STAGING.to_device(torch.tensor([src * w + i for _ in dst for i in range(w)]), device)
         for name in ("k", "v", "frames"):
             tensor = getattr(self, name)
             tensor[:, to] = tensor[:, frm]
-        lanes, one = torch.tensor(dst, device=device), torch.tensor([src] * len(dst), device=device)
+        lanes = STAGING.to_device(torch.tensor(dst), device)
+        one = STAGING.to_device(torch.tensor([src] * len(dst)), device)
         for name in ("q_stack", "q_len", "q_rot"):
             tensor = getattr(self, name)
             tensor[:, lanes] = tensor[:, one]
@@ -182,7 +184,7 @@ class KVPool:
         them at index p - delta would have stored."""
         if not slots or delta == 0:
             return
-        index = torch.tensor(slots, device=self.k.device)
+        index = STAGING.to_device(torch.tensor(slots), self.k.device)
         cos = freqs_cos[delta, :t_dim:2].float()  # [t/2] cos(delta * w)
         sin = -freqs_sin[delta, 1:t_dim:2].float()  # [t/2] sin(-delta * w)
         k = self.k[:, index, :, :, :t_dim].float()  # [L, n, T, H, t]
