@@ -29,7 +29,7 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -84,6 +84,7 @@ from streamdiff.server.webrtc import (
     SilenceTrack,
     answer_keyframe_requests,
     configure_bitrates,
+    default_bitrate_bps,
     drain_track,
     enable_loopback_candidates,
     retrieve_connect_errors,
@@ -107,7 +108,7 @@ class ServerSettings:
     target_fps: float | None = None  # stream SLO; default the config's slo (else video.fps)
     deadline_ms: float | None = None  # default the config's slo.deadline_ms
     output_fps: float | None = None  # cap on output pacing; default video.fps (never the admission floor)
-    bitrate_bps: int = 4_000_000
+    bitrate_bps: int | None = None  # None: default_bitrate_bps of the config's frame size and fps
     ice_loopback: bool = False
     retry_after_s: int = 10
     warmup_wait_s: float = 20.0  # an offer that comes during warm-up waits this long for the engine, then 503
@@ -449,6 +450,8 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
     cleanup; every peer is closed on shutdown either way."""
     settings = settings or ServerSettings()
     cfg = engine.cfg
+    if settings.bitrate_bps is None:
+        settings = replace(settings, bitrate_bps=default_bitrate_bps(cfg.video.width, cfg.video.height, cfg.video.fps))
     configure_bitrates(settings.bitrate_bps)
     if settings.ice_loopback:
         enable_loopback_candidates(True)

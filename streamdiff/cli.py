@@ -222,7 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = ServerSettings(
         token=args.token, max_sessions=args.max_sessions, max_viewers=args.max_viewers, target_fps=args.target_fps,
-        deadline_ms=args.deadline_ms, bitrate_bps=int(args.bitrate_kbps * 1000), ice_loopback=args.ice_loopback,
+        deadline_ms=args.deadline_ms, bitrate_bps=None if args.bitrate_kbps is None else int(args.bitrate_kbps * 1000), ice_loopback=args.ice_loopback,
     )
     return serve(cfg, host=args.host, port=args.port, settings=settings)
 
@@ -589,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-stream service level for admission (default: the config's slo, else video.fps)")
     serve.add_argument("--deadline-ms", type=number_in(float, 1, 3_600_000, "1000"),
                        help="per-frame deadline for admission (default: the config's slo.deadline_ms)")
-    serve.add_argument("--bitrate-kbps", type=number_in(float, 50, 100_000, "4000"), default=4000, help="fixed video encoder bitrate")
+    serve.add_argument("--bitrate-kbps", type=number_in(float, 50, 100_000, "4000"),
+                       help="fixed video encoder bitrate (default: 1 bit a pixel a frame, 1000-4000: 2000 at 256x256)")
     serve.add_argument("--ice-loopback", action="store_true", help="also offer 127.0.0.1 ICE candidates")
     serve.add_argument("--stages", type=int, help="pipeline stages over Ray actors (parallel.num_stages)")
     serve.add_argument("--ray-address", help="join a Ray cluster ('auto' after `ray start`, or HOST:PORT)")

@@ -4,7 +4,7 @@ import asyncio
 
 import aiohttp
 
-from streamdiff.server.app import ENGINE_KEY
+from streamdiff.server.app import ENGINE_KEY, SETTINGS_KEY
 
 from gateway_helpers import HEIGHT, WIDTH, answer, auth, obs_like_offer, running_server, sessions_of, viewer_offer
 
@@ -211,6 +211,23 @@ def test_a_failed_shared_encoder_ends_its_players_sessions():
     its --max-viewers place; a generic WHEP player would wait on a frozen picture."""
     why, publisher_alive = asyncio.run(_encoder_fails())
     assert why and why.startswith("the stream's encoder failed") and publisher_alive
+
+
+def test_the_default_bitrate_follows_the_frame_size():
+    """A probe: at the old fixed 4 Mbit/s the demo's 256x256 H.264 sent so many packets that a
+    1 s loss burst outlasted aiortc's resend history (0.5 s of them) and froze WHEP players."""
+    from streamdiff.server.webrtc import default_bitrate_bps
+
+    assert default_bitrate_bps(256, 256, 30) == 1_966_080  # the demo: 1 bit a pixel a frame
+    assert default_bitrate_bps(512, 512, 30) == default_bitrate_bps(832, 480, 30) == 4_000_000
+    assert default_bitrate_bps(64, 48, 30) == 1_000_000
+
+    async def settings(**given):
+        async with running_server(warm=False, **given) as (_, app):
+            return app[SETTINGS_KEY].bitrate_bps
+
+    assert asyncio.run(settings()) == 1_000_000  # the tests' 64x48 tiny preset: the floor
+    assert asyncio.run(settings(bitrate_bps=750_000)) == 750_000  # --bitrate-kbps wins
 
 
 async def _a_player_asks_for_a_keyframe():
