@@ -205,15 +205,19 @@ def _ctrl_c_on_call(n: int, real):
     return wrapper
 
 
+def _interrupted_bench(argv: list[str], tmp_path, capsys):
+    """Run the model bench (a Ctrl-C set up by the caller): it must exit 130; (its JSON report,
+    what it printed)."""
+    assert main([*BASE, *argv, "--deadline-ms", "1e9", "--json", str(tmp_path / "r.json")]) == 130
+    return strict_json(tmp_path / "r.json"), capsys.readouterr()
+
+
 def test_ctrl_c_reports_the_combinations_already_measured(tmp_path, capsys, monkeypatch):
     """A probe: Ctrl-C in a long model bench printed only "interrupted", after minutes of runs."""
     import streamdiff.bench.model as bench_model
 
     monkeypatch.setattr(bench_model, "run_combination", _ctrl_c_on_call(2, bench_model.run_combination))
-    argv = [*BASE, "--steps", "1,2", "--duration", "0.5", "--deadline-ms", "1e9", "--json", str(tmp_path / "r.json")]
-    assert main(argv) == 130
-    captured = capsys.readouterr()
-    report = strict_json(tmp_path / "r.json")
+    report, captured = _interrupted_bench(["--steps", "1,2", "--duration", "0.5"], tmp_path, capsys)
     assert report["interrupted"] and len(report["results"]) == 1 and report["combinations"] == 2
     assert "1 of 2 combinations measured" in captured.err and "steps" in captured.out
 
@@ -224,10 +228,7 @@ def test_ctrl_c_during_the_only_combination_reports_what_it_measured(tmp_path, c
 
     # called once per measured step, after the step: Ctrl-C during the third
     monkeypatch.setattr(flops, "dit_forward_flops", _ctrl_c_on_call(3, flops.dit_forward_flops))
-    argv = [*BASE, "--steps", "1", "--duration", "60", "--deadline-ms", "1e9", "--json", str(tmp_path / "r.json")]
-    assert main(argv) == 130
-    captured = capsys.readouterr()
-    report = strict_json(tmp_path / "r.json")
+    report, captured = _interrupted_bench(["--steps", "1", "--duration", "60"], tmp_path, capsys)
     (result,) = report["results"]
     assert report["interrupted"] and result["cut_short"] and result["measured_steps"] == 2
     assert 0 < result["window_s"] < 60 and result["output_frames"] > 0 and result["host_ms_per_step"] is None

@@ -169,9 +169,9 @@ def test_whep_players_share_one_encoder_per_codec():
     assert left == {}  # the last player out closed each encoder
 
 
-async def _publish_and_play(url: str, http):
-    """An OBS-like publisher on `studio` and one WHEP player of it, playing: (publisher peer,
-    player peer, the player's session id)."""
+async def _publish_and_play(url: str, http, sessions):
+    """An OBS-like publisher on `studio` and one H.264 WHEP player of it, playing: (publisher
+    peer, player peer, the player's session id, the stream's shared H.264 encoder)."""
     sdp_headers = {**auth(), "Content-Type": "application/sdp"}
     pub, offer = await obs_like_offer()
     async with http.post(f"{url}/whip/studio", data=offer, headers=sdp_headers) as resp:
@@ -181,15 +181,14 @@ async def _publish_and_play(url: str, http):
         viewer_id = resp.headers["X-Session-Id"]
         await answer(view, await resp.text())
     await asyncio.wait_for(collector.enough.wait(), 120)
-    return pub, view, viewer_id
+    return pub, view, viewer_id, sessions.publisher("studio").fanout.encoders["video/h264"]
 
 
 async def _encoder_fails():
     async with running_server() as (url, app):
         sessions = sessions_of(app)
         async with aiohttp.ClientSession() as http:
-            pub, view, viewer_id = await _publish_and_play(url, http)
-            encoder = sessions.publisher("studio").fanout.encoders["video/h264"]
+            pub, view, viewer_id, encoder = await _publish_and_play(url, http, sessions)
 
             def broken(*args, **kwargs):
                 raise RuntimeError("codec gone")
@@ -234,8 +233,7 @@ async def _a_player_asks_for_a_keyframe():
     async with running_server() as (url, app):
         sessions = sessions_of(app)
         async with aiohttp.ClientSession() as http:
-            pub, view, viewer_id = await _publish_and_play(url, http)
-            encoder = sessions.publisher("studio").fanout.encoders["video/h264"]
+            pub, view, viewer_id, encoder = await _publish_and_play(url, http, sessions)
             encoder.KEYFRAME_EVERY_S = 1e9  # only asked-for keyframes from here on
             keys, encode = [], encoder._encode
 
