@@ -42,6 +42,9 @@ from streamdiff.sampling.motion import MotionController
 from streamdiff.sampling.noise_schedule import chunk_noise, strength_to_timestep, timesteps_for
 
 
+FILLER_CHUNK = -1  # the chunk index of StreamDiffusionV2's fillers (`StreamState.filler_rows`): their own noise
+
+
 @dataclass
 class Lane:
     """A chunk in flight: its latent at the noise level of timestep `t`. `tag` rides along
@@ -57,7 +60,11 @@ class Lane:
     cond_key: tuple = ()
     cond_emb: torch.Tensor | None = None
     seed: int = 0
-    filler: bool = False  # sdv2: a stand-in in a lane no chunk has reached yet (`filler_rows`); never shown
+
+    @property
+    def filler(self) -> bool:
+        """sdv2: a stand-in in a lane no chunk has reached yet (`filler_rows`); never shown."""
+        return self.chunk == FILLER_CHUNK
 
 
 @dataclass
@@ -273,14 +280,14 @@ class StreamState:
         buffer), which the DiT runs like chunks until the first streamed chunk reaches them:
         each writes K/V where that chunk will (frame 2: the third sink, overwritten by it) and
         runs the sink-refresh test, which can queue a refresh; its output moves on to the next
-        lane and is never shown (re-noised with noise of its own: chunk index -1). One row per
+        lane and is never shown (chunk index FILLER_CHUNK: noise of its own). One row per
         lane 1..steps-1, at that lane's timestep, beside the stream's first streamed chunk
         `first` (placed a stride D apart, they keep the frames of D = 1). None under `rolling`,
         or with one step."""
         if self.slots.policy != "sdv2" or self.steps == 1:
             return []
         zeros = torch.zeros_like(first.x)
-        return [Row(self, j, replace(first, x=zeros, t=self.timesteps[j], chunk=-1, tag=None, filler=True))
+        return [Row(self, j, replace(first, x=zeros, t=self.timesteps[j], chunk=FILLER_CHUNK, tag=None))
                 for j in range(1, self.steps)]
 
     def next_filler(self, row: Row, flow: torch.Tensor) -> Row | None:
