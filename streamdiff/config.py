@@ -119,10 +119,10 @@ class WeightsConfig:
 
     format: Literal["random", "diffusers", "wan", "sdv2"] = "random"
     transformer: str = ""
-    vae: str = ""  # diffusers vae/ folder or an original Wan2.1_VAE.pth / .safetensors (vae.kind=taehv: taew2_1.pth)
+    vae: str = ""  # diffusers vae/ folder, an original Wan2.1_VAE.pth / .safetensors or the Wan2.1 folder holding it (vae.kind=taehv: taew2_1.pth)
     taehv: str = ""  # the TAEHV file (taew2_1.pth / .safetensors) when vae.decoder=taehv
-    text_encoder: str = ""  # transformers folder of UMT5EncoderModel
-    tokenizer: str = ""  # transformers tokenizer folder (defaults to text_encoder's)
+    text_encoder: str = ""  # transformers UMT5EncoderModel folder, or an original Wan2.1 folder / its umT5 .pth
+    tokenizer: str = ""  # transformers tokenizer folder (default: beside text_encoder, or google/umt5-xxl/)
     min_match: float = 0.99  # refuse a checkpoint matching fewer keys than this share
     seed: int = 0  # for format=random
     trust_pickle: bool = False  # allow full unpickling of a .pt that weights_only=True refuses (runs its code)
@@ -374,7 +374,8 @@ def validate(cfg: Config) -> None:
     if not cfg.runtime.row_buckets or min(cfg.runtime.row_buckets) < 1:
         raise ConfigError(f"runtime.row_buckets={list(cfg.runtime.row_buckets)} must list row counts >= 1")
     if cfg.text.kind == "umt5" and not cfg.weights.text_encoder:
-        raise ConfigError("weights.text_encoder must name a folder when text.kind='umt5'")
+        raise ConfigError("weights.text_encoder must name a folder (or the original Wan umT5 file) when "
+                          "text.kind='umt5'")
 
 
 # ---------------------------------------------------------------------------------------------

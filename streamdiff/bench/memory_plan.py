@@ -307,9 +307,17 @@ def _text_weights(cfg: Config, dtype: torch.dtype) -> tuple[int, str]:
         return len(PROMPT_NAMES) * cfg.text.max_length * cfg.model.text_dim * 4, ""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    folder = Path(cfg.weights.text_encoder).expanduser() if cfg.weights.text_encoder else None
-    if folder is not None and (folder / "config.json").exists():
-        conf, note = UMT5Config.from_pretrained(folder), ""
+    from streamdiff.model.loading import wan_t5_config, wan_t5_file
+    from streamdiff.model.text import _resolve_encoder_source
+
+    try:
+        source = _resolve_encoder_source(cfg.weights.text_encoder)
+    except FileNotFoundError:
+        source = None
+    if source is not None and source.is_file():  # the original Wan file: the architecture from its shapes
+        conf, note = UMT5Config(**wan_t5_config(wan_t5_file(source))), ""
+    elif source is not None:
+        conf, note = UMT5Config.from_pretrained(source), ""
     else:
         conf, note = UMT5Config(**UMT5_XXL), "text encoder: umT5-XXL architecture assumed (no config.json found)"
     with torch.device("meta"):

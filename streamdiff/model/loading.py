@@ -6,7 +6,8 @@ an original Wan single file or folder (`.safetensors` / `.pth`, optional
 to diffusers' `WanTransformer3DModel` names with diffusers' own converters; loading any of them
 into a module whose names are a subset of diffusers' (a pipeline stage holds `blocks.{i}` of its
 range only) with a match report that refuses a checkpoint below `min_match`; reading the Wan
-VAE (diffusers `vae/` folder or original `Wan2.1_VAE.pth`); seeded random init (`format: random`).
+VAE (diffusers `vae/` folder or original `Wan2.1_VAE.pth`) and the umT5 text encoder in the
+original Wan layout (`models_t5_umt5-xxl-enc-bf16.pth`); seeded random init (`format: random`).
 Does not own: building the modules (causal_wan.py, vae.py, build.py), devices, or dtype policy
 beyond casting each loaded tensor to the dtype of the tensor it replaces. Never downloads.
 
@@ -468,7 +469,8 @@ def load_into(
 
 def load_vae(path: str | Path, config: dict | None = None, min_match: float = 0.99):
     """The Wan VAE (`AutoencoderKLWan`, fp32, CPU, eval) from a diffusers vae/ folder (or the
-    pipeline folder above it) or an original Wan2.1_VAE .pth / .safetensors. For an original file
+    pipeline folder above it) or an original Wan2.1_VAE .pth / .safetensors (or the original Wan2.1
+    folder holding `Wan2.1_VAE.pth`, as StreamDiffusionV2 reads it). For an original file
     `config` gives the architecture (default: diffusers' defaults, the real Wan2.1 VAE).
 
     Folder weights go through `load_into` too (rather than from_pretrained) so the same match
@@ -476,6 +478,8 @@ def load_vae(path: str | Path, config: dict | None = None, min_match: float = 0.
     from diffusers import AutoencoderKLWan
 
     p = _require(path, "a diffusers vae/ folder or an original Wan2.1_VAE.pth / .safetensors")
+    if p.is_dir() and (p / WAN_VAE_FILE).is_file() and not (p / "vae").is_dir():
+        p = p / WAN_VAE_FILE  # an original Wan2.1 folder
     if p.is_dir():
         folder = p / "vae" if (p / "vae").is_dir() else p
         state = _read_folder(folder, "diffusers VAE weights")
@@ -490,6 +494,106 @@ def load_vae(path: str | Path, config: dict | None = None, min_match: float = 0.
     report = load_into(vae, state, min_match=min_match, what="vae")
     log.info("%s", report)
     return vae.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The umT5 text encoder in the original Wan layout (models_t5_umt5-xxl-enc-bf16.pth)
+# ---------------------------------------------------------------------------------------------
+
+WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"  # in an original Wan2.1 folder, beside google/umt5-xxl/
+WAN_VAE_FILE = "Wan2.1_VAE.pth"
+# Inside block i: the original Wan T5 encoder's names -> transformers' UMT5EncoderModel's.
+# Wan's feed-forward is fc2(fc1(x) * gelu_tanh(gate(x))); transformers' gated-gelu is
+# wo(gelu_new(wi_0(x)) * wi_1(x)), so gate -> wi_0 and fc1 -> wi_1.
+_WAN_T5_BLOCK_NAMES = {
+    "norm1.weight": "layer.0.layer_norm.weight",
+    "attn.q.weight": "layer.0.SelfAttention.q.weight",
+    "attn.k.weight": "layer.0.SelfAttention.k.weight",
+    "attn.v.weight": "layer.0.SelfAttention.v.weight",
+    "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+    "norm2.weight": "layer.1.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+}
+_WAN_T5_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def find_wan_file(path: str | Path, name: str) -> Path | None:
+    """`path` itself when it is a file, `path/name` when `path` is a folder holding it, else None."""
+    p = resolve_path(path)
+    if p.is_file():
+        return p
+    return p / name if (p / name).is_file() else None
+
+
+def wan_t5_file(path: str | Path, trust_pickle: bool = False) -> StateDict:
+    """The original Wan umT5 encoder file's tensors (read lazily), in its own names."""
+    return _strip_wrappers(_read_file(resolve_path(path), trust_pickle))
+
+
+def wan_t5_config(state: Mapping[str, torch.Tensor]) -> dict:
+    """transformers `UMT5Config` arguments read off an original Wan T5 encoder's tensor shapes
+    (umT5-XXL: vocab 256384, d_model 4096, 24 layers, 64 heads of 64, d_ff 10240, 32 buckets)."""
+    shape = state.shape if isinstance(state, StateDict) else (lambda k: tuple(state[k].shape))
+    needed = ("token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight",
+              "blocks.0.pos_embedding.embedding.weight", "norm.weight")
+    if missing := [k for k in needed if k not in state]:
+        source = getattr(state, "source", "the file")
+        raise WeightsMismatchError(f"{source} is not an original Wan umT5 encoder (no {missing[0]}; expected "
+                                   f"{WAN_T5_FILE} from a Wan2.1 folder)")
+    vocab, d_model = shape("token_embedding.weight")
+    buckets, heads = shape("blocks.0.pos_embedding.embedding.weight")
+    layers = 1 + max(int(m.group(1)) for k in state if (m := _WAN_T5_BLOCK.match(k)))
+    return dict(vocab_size=vocab, d_model=d_model, d_kv=shape("blocks.0.attn.q.weight")[0] // heads,
+                d_ff=shape("blocks.0.ffn.fc1.weight")[0], num_layers=layers, num_heads=heads,
+                relative_attention_num_buckets=buckets, relative_attention_max_distance=128,
+                feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
+                is_encoder_decoder=False, use_cache=False)
+
+
+def wan_t5_to_umt5_names(state: StateDict) -> StateDict:
+    """The original Wan T5 encoder's state dict in `UMT5EncoderModel` names (unknown names kept,
+    so the match report counts them as unexpected)."""
+    new_to_old = {}
+    for old in state:
+        if old == "token_embedding.weight":  # tied: the encoder's embedding is the shared one
+            new_to_old["shared.weight"] = new_to_old["encoder.embed_tokens.weight"] = old
+        elif old == "norm.weight":
+            new_to_old["encoder.final_layer_norm.weight"] = old
+        elif (m := _WAN_T5_BLOCK.match(old)) and m.group(2) in _WAN_T5_BLOCK_NAMES:
+            new_to_old[f"encoder.block.{m.group(1)}.{_WAN_T5_BLOCK_NAMES[m.group(2)]}"] = old
+        else:
+            new_to_old[old] = old
+    return state.renamed(new_to_old)
+
+
+def load_wan_t5(path: str | Path, dtype: torch.dtype = torch.float32, min_match: float = 0.99,
+                trust_pickle: bool = False):
+    """transformers' `UMT5EncoderModel` (CPU, eval, `dtype`) from the original Wan umT5 encoder
+    file StreamDiffusionV2 reads (`models_t5_umt5-xxl-enc-bf16.pth`, or a Wan2.1 folder holding
+    it). The architecture comes from the file's shapes; the model is built on the meta device and
+    filled from the file, so a missing tensor is refused rather than left uninitialised."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    p = _require(path, f"an original Wan {WAN_T5_FILE} (or the Wan2.1 folder holding it)")
+    file = find_wan_file(p, WAN_T5_FILE)
+    if file is None:
+        raise FileNotFoundError(f"{p} has no {WAN_T5_FILE}: expected an original Wan2.1 folder or the file")
+    raw = wan_t5_file(file, trust_pickle)
+    config = UMT5Config(**wan_t5_config(raw))
+    state = wan_t5_to_umt5_names(raw)
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    if missing := [k for k in model.state_dict() if k not in state]:  # nothing would fill them
+        raise WeightsMismatchError(f"text encoder: {file} lacks {len(missing)} tensor(s) of a complete umT5 "
+                                   f"encoder of its own shapes: {', '.join(key_kinds(missing))}")
+    model = model.to(dtype=dtype).to_empty(device="cpu")
+    report = load_into(model, state, min_match=min_match, what="text encoder")
+    model.tie_weights()
+    log.info("%s", report)
+    return model.eval().requires_grad_(False)
 
 
 def load_taehv(path: str | Path, vae_cfg, min_match: float = 0.99):

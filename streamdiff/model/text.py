@@ -1,7 +1,7 @@
 """The prompt encoder: text prompt -> conditioning embeddings `[1, max_length, text_dim]`.
 
 Owns: turning a prompt string into the cross-attention context the DiT reads, the per-prompt
-LRU cache of those embeddings, loading the umT5 encoder and its tokenizer from local folders,
+LRU cache of those embeddings, loading the umT5 encoder and its tokenizer from local files,
 where the encoder lives (compute device, CPU, or offloaded between prompts), and the built-in
 tiny encoder of the tiny preset.
 Does not own: cross-attention K/V (the DiT computes and caches them from these embeddings),
@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from streamdiff.config import TextConfig, WeightsConfig
+from streamdiff.config import TextConfig, WeightsConfig, resolve_path
+from streamdiff.model.loading import WAN_T5_FILE, load_wan_t5
 
 _WEIGHT_FILES = (
     "model.safetensors",
@@ -137,35 +138,44 @@ class PromptEncoder:
 # ---------------------------------------------------------------------------------------------
 
 
-def _resolve_encoder_folder(folder: str | Path) -> Path:
-    """The folder holding config.json + weights; a diffusers root with text_encoder/ also works."""
-    if not str(folder):
-        raise FileNotFoundError("no text encoder folder given (set weights.text_encoder to a local "
-                                "UMT5EncoderModel folder with config.json and model.safetensors)")
-    path = Path(folder).expanduser()
+def _resolve_encoder_source(source: str | Path) -> Path:
+    """What holds the encoder: a transformers folder (config.json + weights; a diffusers root with
+    text_encoder/ also works), or the original Wan file `models_t5_umt5-xxl-enc-bf16.pth` (given
+    itself or as the Wan2.1 folder holding it, as StreamDiffusionV2 reads it)."""
+    expected = ("a transformers UMT5EncoderModel folder (config.json + model.safetensors) or an original "
+                f"Wan2.1 folder with {WAN_T5_FILE}")
+    if not str(source):
+        raise FileNotFoundError(f"no text encoder given (set weights.text_encoder to {expected})")
+    path = resolve_path(source)
+    if path.is_file():
+        return path  # an original Wan file; load_wan_t5 checks what it holds
     if not path.is_dir():
-        raise FileNotFoundError(f"text encoder folder not found: {path} (expected a transformers "
-                                f"UMT5EncoderModel folder with config.json and model.safetensors)")
+        raise FileNotFoundError(f"text encoder not found: {path} (expected {expected})")
     if not (path / "config.json").is_file() and (path / "text_encoder" / "config.json").is_file():
         path = path / "text_encoder"  # a diffusers pipeline folder
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"text encoder folder {path} has no config.json (expected a transformers "
-                                f"UMT5EncoderModel folder saved with save_pretrained)")
+        if (path / WAN_T5_FILE).is_file():
+            return path / WAN_T5_FILE
+        raise FileNotFoundError(f"text encoder folder {path} has neither config.json nor {WAN_T5_FILE} "
+                                f"(expected {expected})")
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         raise FileNotFoundError(f"text encoder folder {path} has no weights (expected one of "
                                 f"{', '.join(_WEIGHT_FILES)})")
     return path
 
 
-def _resolve_tokenizer_folder(tokenizer_folder: str | Path | None, encoder_folder: Path) -> Path:
-    """The tokenizer folder: the one given, else the encoder's, else its diffusers sibling tokenizer/."""
+def _resolve_tokenizer_folder(tokenizer_folder: str | Path | None, encoder: Path) -> Path:
+    """The tokenizer folder: the one given, else beside the encoder (its folder, a diffusers
+    sibling tokenizer/, or an original Wan2.1 folder's google/umt5-xxl/)."""
     if tokenizer_folder:
-        candidates = [Path(tokenizer_folder).expanduser()]
+        candidates = [resolve_path(tokenizer_folder)]
         if not candidates[0].is_dir():
             raise FileNotFoundError(f"tokenizer folder not found: {candidates[0]} (expected a transformers "
                                     f"tokenizer folder with {' or '.join(_TOKENIZER_FILES)})")
+    elif encoder.is_file():
+        candidates = [encoder.parent / "google" / "umt5-xxl", encoder.parent]
     else:
-        candidates = [encoder_folder, encoder_folder.parent / "tokenizer"]
+        candidates = [encoder, encoder.parent / "tokenizer"]
     for path in candidates:
         if any((path / name).is_file() for name in _TOKENIZER_FILES):
             return path
@@ -175,7 +185,12 @@ def _resolve_tokenizer_folder(tokenizer_folder: str | Path | None, encoder_folde
 
 
 class UMT5PromptEncoder(PromptEncoder):
-    """umT5 encoder + tokenizer loaded from local folders (`local_files_only`), as Wan2.1 uses them.
+    """umT5 encoder + tokenizer loaded from local files (`local_files_only`), as Wan2.1 uses them.
+
+    The encoder is a transformers folder (the Diffusers repository's text_encoder/) or the
+    original Wan file StreamDiffusionV2 reads, `models_t5_umt5-xxl-enc-bf16.pth` (the file or the
+    Wan2.1 folder holding it; its tokenizer then comes from the folder's google/umt5-xxl/):
+    the same weights in other names (`loading.load_wan_t5`).
 
     Placement: `encoder_device="same"` keeps the encoder on `device`; `"cpu"` keeps it on the
     CPU for good (the embeddings are then moved to `device`). `offload_after_encode` loads the
@@ -186,26 +201,30 @@ class UMT5PromptEncoder(PromptEncoder):
     def __init__(self, folder: str | Path, tokenizer_folder: str | Path | None = None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  max_length: int = 512, encoder_device: str = "same", offload_after_encode: bool = False,
-                 cache_size: int = 64, text_dim: int | None = None, min_match: float = 0.99) -> None:
+                 cache_size: int = 64, text_dim: int | None = None, min_match: float = 0.99,
+                 trust_pickle: bool = False) -> None:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         if encoder_device not in ("same", "cpu"):
             raise ValueError(f"text.device={encoder_device!r} must be 'same' or 'cpu'")
         # 1. find the files; every missing piece is a FileNotFoundError naming the path.
-        self.folder = _resolve_encoder_folder(folder)
+        self.folder = _resolve_encoder_source(folder)  # a folder, or an original Wan file
         self.tokenizer_folder = _resolve_tokenizer_folder(tokenizer_folder, self.folder)
         # 2. load the tokenizer and the encoder (CPU first), refusing a checkpoint that misses keys.
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_folder), local_files_only=True)
         self.tokenizer.padding_side = "right"  # the zero-padding rule keeps the first seq_len rows
         self.encoder_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
-        model, info = UMT5EncoderModel.from_pretrained(str(self.folder), local_files_only=True,
-                                                       dtype=self.encoder_dtype, output_loading_info=True)
-        total = max(len(model.state_dict()), 1)
-        matched = 1.0 - len(info["missing_keys"]) / total
-        if matched < min_match:
-            missing = sorted(info["missing_keys"])
-            raise ValueError(f"text encoder {self.folder}: only {matched:.1%} of {total} keys matched "
-                             f"(min {min_match:.0%}); missing e.g. {missing[:5]}")
+        if self.folder.is_file():
+            model = load_wan_t5(self.folder, self.encoder_dtype, min_match, trust_pickle)
+        else:
+            model, info = UMT5EncoderModel.from_pretrained(str(self.folder), local_files_only=True,
+                                                           dtype=self.encoder_dtype, output_loading_info=True)
+            total = max(len(model.state_dict()), 1)
+            matched = 1.0 - len(info["missing_keys"]) / total
+            if matched < min_match:
+                missing = sorted(info["missing_keys"])
+                raise ValueError(f"text encoder {self.folder}: only {matched:.1%} of {total} keys matched "
+                                 f"(min {min_match:.0%}); missing e.g. {missing[:5]}")
         self.model = model.eval().requires_grad_(False)
         d_model = int(model.config.d_model)
         if text_dim is not None and int(text_dim) != d_model:
@@ -307,7 +326,8 @@ def build_prompt_encoder(text_cfg: TextConfig, weights_cfg: WeightsConfig, text_
         return UMT5PromptEncoder(weights_cfg.text_encoder, weights_cfg.tokenizer or None, device=device, dtype=dtype,
                                  max_length=text_cfg.max_length, encoder_device=text_cfg.device,
                                  offload_after_encode=text_cfg.offload_after_encode,
-                                 cache_size=text_cfg.cache_size, text_dim=text_dim, min_match=weights_cfg.min_match)
+                                 cache_size=text_cfg.cache_size, text_dim=text_dim, min_match=weights_cfg.min_match,
+                                 trust_pickle=weights_cfg.trust_pickle)
     raise ValueError(f"text.kind={text_cfg.kind!r} is not one of ['tiny', 'umt5']")
 
 

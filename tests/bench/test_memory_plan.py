@@ -152,6 +152,28 @@ def test_wan_1_3b_weights_from_the_meta_build():
     assert 5.6e9 < p.text_weights / 2 < 5.8e9  # umT5-XXL encoder in bf16
 
 
+def test_the_original_wan_umt5_file_is_planned_from_its_shapes(tmp_path):
+    """weights.text_encoder naming an original Wan2.1 folder: the plan reads the encoder's size off
+    the umT5 file's tensor shapes, as the loader builds it (not umT5-XXL assumed)."""
+    from streamdiff.model.loading import load_wan_t5
+
+    vocab, dim, attn, ffn, heads = 300, 40, 48, 56, 6
+    sd = {"token_embedding.weight": torch.randn(vocab, dim), "norm.weight": torch.ones(dim)}
+    for i in range(3):
+        p = f"blocks.{i}."
+        sd |= {p + "norm1.weight": torch.ones(dim), p + "norm2.weight": torch.ones(dim),
+               **{p + f"attn.{n}.weight": torch.randn(attn, dim) for n in "qkv"}, p + "attn.o.weight": torch.randn(dim, attn),
+               p + "ffn.gate.0.weight": torch.randn(ffn, dim), p + "ffn.fc1.weight": torch.randn(ffn, dim),
+               p + "ffn.fc2.weight": torch.randn(dim, ffn), p + "pos_embedding.embedding.weight": torch.randn(32, heads)}
+    torch.save(sd, tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
+    cfg = load_config("wan-1.3b", [f"weights.text_encoder={tmp_path}"])
+    p = plan_memory(cfg, "cuda", steps=1)
+    built = load_wan_t5(tmp_path, torch.bfloat16)
+    params = sum(t.numel() for t in sd.values())  # the tied embedding counted once
+    assert sum(t.numel() for t in built.parameters()) == params
+    assert p.text_weights == 2 * params  # bf16; umT5-XXL assumed would be 11 GB
+
+
 @pytest.mark.parametrize("text,value", [("24GiB", 24 * GiB), ("80G", 80 * GiB), ("16384MiB", 16 * GiB), ("1e9", 10**9),
                                         ("1TiB", 2**40), ("16TB", 2**44)])  # a probe: the range said 16 TiB, "1TiB" was refused
 def test_parse_bytes(text, value):

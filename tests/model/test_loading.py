@@ -374,6 +374,8 @@ def test_vae_original_file(tmp_path, suffix):
     loaded = load_vae(path, config=config)
     x = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1  # [B, 3, T, H, W]
     assert torch.equal(_decode(loaded, x), _decode(vae, x))
+    if suffix == ".pth":  # the original Wan2.1 folder holding it, as StreamDiffusionV2 reads it
+        assert torch.equal(_decode(load_vae(tmp_path, config=config), x), _decode(vae, x))
 
 
 def test_vae_original_file_with_wrong_architecture_is_refused(tmp_path):

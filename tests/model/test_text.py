@@ -5,6 +5,7 @@ missing files, and the tiny built-in encoder."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -267,3 +268,115 @@ def test_prompt_clean_matches_diffusers():
 
     for p in ["  a\tcat \n on &amp;amp; a sofa  ", "", "neon &lt;city&gt;"]:
         assert prompt_clean(p) == diffusers_clean(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# umT5 from the original Wan file (models_t5_umt5-xxl-enc-bf16.pth), as StreamDiffusionV2 reads it
+# ---------------------------------------------------------------------------------------------
+
+WAN_HEADS, WAN_BUCKETS, WAN_LAYERS = 4, 8, 2
+
+
+@pytest.fixture(scope="module")
+def wan_t5_dir(umt5_dirs, tmp_path_factory):
+    """An original Wan2.1 folder's text part: random bf16 tensors in the Wan T5 encoder's names
+    (umT5: a relative position table in every block) and the tokenizer in google/umt5-xxl/."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("wan")
+    gen = torch.Generator().manual_seed(3)
+    vocab = len(json.loads((umt5_dirs / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
+    dim, attn, ffn = D_MODEL, 24, 40  # attention 24 wide = 4 heads of 6: not d_model / heads
+
+    def w(*shape, scale=None):
+        return (torch.randn(*shape, generator=gen) * (scale or shape[-1] ** -0.5)).to(torch.bfloat16)
+
+    sd = {"token_embedding.weight": w(vocab, dim, scale=1.0), "norm.weight": 1 + w(dim, scale=0.1)}
+    for i in range(WAN_LAYERS):
+        p = f"blocks.{i}."
+        sd |= {p + "norm1.weight": 1 + w(dim, scale=0.1), p + "norm2.weight": 1 + w(dim, scale=0.1),
+               p + "attn.q.weight": w(attn, dim), p + "attn.k.weight": w(attn, dim),
+               p + "attn.v.weight": w(attn, dim), p + "attn.o.weight": w(dim, attn),
+               p + "ffn.gate.0.weight": w(ffn, dim), p + "ffn.fc1.weight": w(ffn, dim),
+               p + "ffn.fc2.weight": w(dim, ffn), p + "pos_embedding.embedding.weight": w(WAN_BUCKETS, WAN_HEADS, scale=1.0)}
+    torch.save(sd, root / "models_t5_umt5-xxl-enc-bf16.pth")
+    shutil.copytree(umt5_dirs / "tokenizer", root / "google" / "umt5-xxl")
+    return root
+
+
+def _wan_t5_states(sd: dict, ids: torch.Tensor, mask: torch.Tensor, max_dist: int = 128) -> torch.Tensor:
+    """The Wan T5 encoder written out from its description, on the file's tensors in fp32:
+    RMS norms, unscaled attention with a per-block bidirectional relative-position bias,
+    and a tanh-GELU-gated feed-forward. [1, L] ids -> [1, L, D]."""
+    sd = {k: v.float() for k, v in sd.items()}
+    L = ids.shape[1]
+
+    def rms(x, weight):
+        return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def bucket(rel):  # key position minus query position -> bucket index
+        half = WAN_BUCKETS // 2
+        exact = half // 2
+        far = rel.abs().clamp(min=1).float()
+        log_bucket = exact + (torch.log(far / exact) / math.log(max_dist / exact) * (half - exact)).long()
+        near_or_far = torch.where(rel.abs() < exact, rel.abs(), log_bucket.clamp(max=half - 1))
+        return near_or_far + half * (rel > 0).long()
+
+    rel = torch.arange(L)[None, :] - torch.arange(L)[:, None]  # [L, L]
+    x = sd["token_embedding.weight"][ids[0]]  # [L, D]
+    for i in range(WAN_LAYERS):
+        p = f"blocks.{i}."
+        h = rms(x, sd[p + "norm1.weight"])
+        q, k, v = ((h @ sd[p + f"attn.{n}.weight"].T).view(L, WAN_HEADS, -1).transpose(0, 1) for n in "qkv")
+        bias = sd[p + "pos_embedding.embedding.weight"][bucket(rel)].permute(2, 0, 1)  # [H, L, L]
+        scores = (q @ k.transpose(1, 2) + bias).masked_fill(mask[0].view(1, 1, L) == 0, float("-inf"))
+        x = x + (scores.softmax(-1) @ v).transpose(0, 1).reshape(L, -1) @ sd[p + "attn.o.weight"].T
+        h = rms(x, sd[p + "norm2.weight"])
+        g = h @ sd[p + "ffn.gate.0.weight"].T
+        g = 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
+        x = x + ((h @ sd[p + "ffn.fc1.weight"].T) * g) @ sd[p + "ffn.fc2.weight"].T
+    return rms(x, sd["norm.weight"])[None]
+
+
+def test_umt5_reads_the_original_wan_file_and_folder(wan_t5_dir):
+    """The Wan2.1 folder StreamDiffusionV2 reads (or its T5 file): same embeddings as the Wan T5
+    encoder computes on that file, its tokenizer taken from google/umt5-xxl/."""
+    enc = UMT5PromptEncoder(wan_t5_dir, max_length=MAX_LEN)
+    assert enc.tokenizer_folder == wan_t5_dir / "google" / "umt5-xxl"
+    assert enc.text_dim == D_MODEL
+    prompt = "a watercolor painting of mountains at dawn"
+    ids, mask = enc.tokenize(prompt_clean(prompt))
+    seq_len = int(mask.sum())
+    sd = torch.load(wan_t5_dir / "models_t5_umt5-xxl-enc-bf16.pth", weights_only=True)
+    ref = _wan_t5_states(sd, ids, mask)
+    ref[:, seq_len:] = 0
+    emb = enc.encode(prompt)
+    torch.testing.assert_close(emb, ref, rtol=1e-4, atol=1e-5)
+    assert emb[0, :seq_len].abs().sum(-1).min() > 0 and 3 < seq_len < MAX_LEN
+    other = enc.encode("a dog running through the snow")
+    assert (other - emb).abs().max() > 0.1  # prompts differ: the weights are really used
+    by_file = UMT5PromptEncoder(wan_t5_dir / "models_t5_umt5-xxl-enc-bf16.pth", max_length=MAX_LEN)
+    torch.testing.assert_close(by_file.encode(prompt), emb, rtol=0, atol=0)
+
+    weights = WeightsConfig(text_encoder=str(wan_t5_dir))  # as a config names it
+    built = build_prompt_encoder(TextConfig(kind="umt5", max_length=MAX_LEN), weights, D_MODEL, "cpu", torch.float32)
+    torch.testing.assert_close(built.encode(prompt), emb, rtol=0, atol=0)
+
+
+def test_umt5_refuses_a_wan_file_that_is_not_a_complete_umt5_encoder(wan_t5_dir, tmp_path):
+    from streamdiff.model.loading import WeightsError
+
+    sd = torch.load(wan_t5_dir / "models_t5_umt5-xxl-enc-bf16.pth", weights_only=True)
+    tok = wan_t5_dir / "google" / "umt5-xxl"
+    shared = {k: v for k, v in sd.items() if ".pos_embedding." not in k}  # plain T5: one shared table
+    shared["pos_embedding.embedding.weight"] = sd["blocks.0.pos_embedding.embedding.weight"]
+    torch.save(shared, tmp_path / "t5.pth")
+    with pytest.raises(WeightsError, match="not an original Wan umT5 encoder"):
+        UMT5PromptEncoder(tmp_path / "t5.pth", tok, max_length=MAX_LEN)
+    torch.save({k: v for k, v in sd.items() if k != "blocks.1.ffn.fc2.weight"}, tmp_path / "cut.pth")
+    with pytest.raises(WeightsError, match=r"lacks 1 tensor.*DenseReluDense\.wo\.weight"):
+        UMT5PromptEncoder(tmp_path / "cut.pth", tok, max_length=MAX_LEN, min_match=0.9)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="models_t5_umt5-xxl-enc-bf16.pth"):
+        UMT5PromptEncoder(empty, tok, max_length=MAX_LEN)
