@@ -1,9 +1,18 @@
-"""Check that StreamDiff's stream batch computes what StreamDiffusionV2's own code computes.
+"""Check that StreamDiff computes what StreamDiffusionV2's own code computes, part by part.
 
-What it checks: StreamDiff's `StreamPipeline` (cache policy `sdv2`) against StreamDiffusionV2's
-`CausalStreamInferencePipeline` and `CausalWanModel`, denoised latent by denoised latent: the
-prepared first chunk, then `--calls` streamed chunks through every lane of the stream batch, the
-adaptive sink refresh at each `--thresholds` value and the RoPE restart at latent frame 50 included.
+What it checks (`--parts`, all three by default):
+- dit: StreamDiff's `StreamPipeline` (cache policy `sdv2`) against StreamDiffusionV2's
+  `CausalStreamInferencePipeline` and `CausalWanModel`, denoised latent by denoised latent: the
+  prepared first chunk, then `--calls` streamed chunks through every lane of the stream batch, the
+  adaptive sink refresh at each `--thresholds` value and the RoPE restart at latent frame 50 included.
+- vae: StreamDiff's `StreamingVAE` against its Wan VAE (`WanVAE_` through `WanVAEWrapper`'s
+  `stream_encode` and the module's `stream_decode`, which `stream_decode_to_pixel` calls after a
+  bf16 cast), a random VAE of its class saved as `Wan2.1_VAE.pth` and read by `load_vae`; 25
+  frames in its call sizes (encode 5, 4, 4, ... frames; decode 2, 1, 1, ... latents); raw and
+  normalised latents, and the pixels.
+- text: `load_wan_t5` against its umT5 `T5Encoder`, a random one saved in bf16 as
+  `models_t5_umt5-xxl-enc-bf16.pth`; the states of 341 real tokens of 512, padding zeroed as its
+  `WanTextEncoder` does.
 
 How: on CPU in fp32, a tiny random DiT (2 layers, 2 heads of 128) is built as the reference's
 `CausalWanModel`, saved in the reference's `model.pt` format and loaded by StreamDiff's `sdv2`
@@ -16,25 +25,29 @@ streamed chunk has not reached. The reference is driven as streamv2v/inference.p
 Nothing of StreamDiffusionV2 is copied here: it is imported from the folder given as --sdv2 (a
 checkout or an unpacked wheel: the folder holding its `models` and `streamv2v` packages). It needs
 torch and diffusers, which StreamDiff needs too; ftfy, regex, einops and transformers, which its
-modules import but this run never uses, get stand-ins where they are not installed.
+modules import but this run never uses, get stand-ins where they are not installed, except
+einops, which its VAE uses: `--parts vae` needs it installed (pip install einops).
 
 Usage, from the StreamDiff repository root, with StreamDiff installed (pip install -e .):
-    python scripts/compare_with_sdv2.py --sdv2 PATH [--steps 2 3 4] [--thresholds -1 0.2 0.85]
-        [--calls 60] [--tol 1e-4] [--json OUT]
+    python scripts/compare_with_sdv2.py --sdv2 PATH [--parts dit vae text] [--steps 2 3 4]
+        [--thresholds -1 0.2 0.85] [--calls 60] [--tol 1e-4] [--json OUT]
 
-Result: one line per (steps, threshold) with the largest |x0_reference - x0_streamdiff| over every
+Result, vae and text: one line per quantity with its largest difference, OK or FAIL (--tol).
+Result, dit: one line per (steps, threshold) with the largest |x0_reference - x0_streamdiff| over every
 chunk and lane, and OK, or the first (call, lane) beyond --tol (call 0: the prepared chunk; call c:
 the c-th streamed chunk entering lane 0, lane j then holding chunk c - j). Where StreamDiff does
 what the reference does, the two agree to about 2e-5 (StreamDiff's fp32 RoPE and x0 against the
 reference's fp64); beyond 1e-4 is a real difference in what StreamDiff computes, and the first
 (call, lane) says where it starts. Exit status: 0 when every case is within --tol, 1 when one is
-not, 2 on a usage error (PATH holding no StreamDiffusionV2, streamdiff not importable).
+not, 2 on a usage error (PATH holding no StreamDiffusionV2, streamdiff not importable, einops
+missing for the vae part). --json holds the dit part's differences.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import math
 import sys
@@ -64,6 +77,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sdv2", type=Path, required=True, metavar="PATH",
                     help="the folder holding StreamDiffusionV2's models/ and streamv2v/")
+    ap.add_argument("--parts", nargs="+", default=["dit", "vae", "text"], choices=["dit", "vae", "text"])
     ap.add_argument("--steps", type=int, nargs="+", default=[2, 3, 4], choices=[1, 2, 3, 4])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[-1.0, 0.2, 0.85], help="sink refresh thresholds")
     ap.add_argument("--calls", type=int, default=60, help="streamed chunks after the prepared one")
@@ -101,13 +115,16 @@ def prompt_embeds() -> torch.Tensor:
 
 # ------------------------------------------------------------------------------- the reference
 
-def import_reference(path: Path) -> types.SimpleNamespace:
+def import_reference(path: Path, parts: list[str]) -> types.SimpleNamespace:
     """StreamDiffusionV2's classes from `path`; exits with status 2 where they are not there."""
     if not (path / "models" / "wan" / "causal_stream_inference.py").is_file() or not (path / "streamv2v").is_dir():
         usage_error(f"--sdv2 {path}: no StreamDiffusionV2 there (models/wan/causal_stream_inference.py "
                     f"and streamv2v/ expected)")
+    if "vae" in parts and importlib.util.find_spec("einops") is None:
+        usage_error("--parts vae: StreamDiffusionV2's VAE uses einops, which is not installed (pip install einops)")
     import diffusers.models.modeling_utils  # noqa: F401  before the stand-ins: diffusers probes these packages
-    for name in ("ftfy", "regex", "einops", "transformers"):
+    import transformers  # noqa: F401  StreamDiff's text encoder needs the real one (a dependency of StreamDiff)
+    for name in ("ftfy", "regex", "einops"):
         install_stand_in(name)
     sys.path.insert(0, str(path.resolve()))
     try:
@@ -115,6 +132,8 @@ def import_reference(path: Path) -> types.SimpleNamespace:
         stream_inference = importlib.import_module("models.wan.causal_stream_inference")
         flow_match = importlib.import_module("models.wan.flow_match")
         wan_wrapper = importlib.import_module("models.wan.wan_wrapper")
+        wan_vae = importlib.import_module("models.wan.wan_base.modules.vae")
+        wan_t5 = importlib.import_module("models.wan.wan_base.modules.t5")
     except Exception as e:  # whatever fails here, PATH is no usable reference
         usage_error(f"--sdv2 {path}: importing StreamDiffusionV2 failed: {type(e).__name__}: {e}")
     if not Path(causal_model.__file__).resolve().is_relative_to(path.resolve()):
@@ -125,6 +144,9 @@ def import_reference(path: Path) -> types.SimpleNamespace:
         pipeline_module=stream_inference,
         FlowMatchScheduler=flow_match.FlowMatchScheduler,
         Wrapper=wan_wrapper.CausalWanDiffusionWrapper,
+        VAEWrapper=wan_wrapper.WanVAEWrapper,
+        WanVAE=wan_vae.WanVAE_,
+        T5Encoder=wan_t5.T5Encoder,
     )
 
 
@@ -348,6 +370,106 @@ def record_x0(pipe) -> dict[tuple[int, int], torch.Tensor]:
     return x0s
 
 
+# ------------------------------------------------------------------------------- the VAE and the text encoder
+
+VAE_DIM, VAE_FRAMES, VAE_H, VAE_W = 16, 25, 64, 96
+T5_DIMS = dict(vocab=500, dim=64, dim_attn=64, dim_ffn=96, num_heads=4, num_layers=3, num_buckets=32)
+
+
+def randomise_(module: torch.nn.Module, seed: int) -> None:
+    """Norm scales away from 1 and biases away from 0, so that a mis-mapped tensor shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def test_video() -> torch.Tensor:
+    """[1, 3, T, H, W] in [-1, 1] on the uint8 grid, as StreamPipeline hands frames to the VAE: moving waves and noise."""
+    from streamdiff.pipeline.frames import frames_to_tensor
+
+    gen = torch.Generator().manual_seed(5)
+    t = torch.arange(VAE_FRAMES, dtype=torch.float32).view(-1, 1, 1)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, VAE_H), torch.linspace(0, 1, VAE_W), indexing="ij")
+    waves = [0.7 * torch.sin(6.28 * (xx * (1.5 + c) - 0.04 * t) + 3 * yy + c) * torch.cos(6.28 * (yy + 0.03 * t))
+             for c in range(3)]
+    video = torch.stack(waves, -1) + 0.15 * torch.randn(VAE_FRAMES, VAE_H, VAE_W, 3, generator=gen)  # [T, H, W, 3]
+    return frames_to_tensor(((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy())
+
+
+@torch.no_grad()
+def compare_vae(ref, folder: Path) -> list[tuple[str, float]]:
+    from streamdiff.model.loading import load_vae
+    from streamdiff.model.vae import StreamingVAE
+
+    torch.manual_seed(0)
+    model = ref.WanVAE(dim=VAE_DIM, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                       temperal_downsample=[False, True, True], dropout=0.0).eval().requires_grad_(False)
+    randomise_(model, 3)
+    torch.save(model.state_dict(), folder / "Wan2.1_VAE.pth")
+    # WanVAEWrapper without its __init__ (which reads a fixed path): its module, mean and std.
+    wrapper = ref.VAEWrapper.__new__(ref.VAEWrapper)
+    torch.nn.Module.__init__(wrapper)
+    ours_module = load_vae(folder / "Wan2.1_VAE.pth", config=dict(base_dim=VAE_DIM, num_res_blocks=2))
+    wrapper.model = model
+    wrapper.mean = torch.tensor(ours_module.config.latents_mean)  # diffusers' numbers: the wrapper hard-codes the same
+    wrapper.std = torch.tensor(ours_module.config.latents_std)
+    video = test_video()
+    encode_sizes = [5] + [4] * ((VAE_FRAMES - 5) // 4)
+    bounds = np.cumsum([0] + encode_sizes)
+    lines, raw = [], None
+    for scaled in (False, True):
+        model.first_encode, model.first_decode = True, True  # a new stream, as streamv2v/inference.py starts one
+        ours, state = StreamingVAE(ours_module, normalize_latents=scaled), None
+        state = ours.new_state()
+        theirs, mine = [], []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            theirs.append(wrapper.stream_encode(video[:, :, a:b], is_scale=scaled))
+            mine.append(ours.encode_chunk(video[:, :, a:b], state))
+        theirs, mine = torch.cat(theirs, 2), torch.cat(mine, 2)
+        lines.append((f"vae encode, is_scale={scaled} against normalize_latents: {str(scaled).lower()}",
+                      (theirs - mine).abs().max().item()))
+        # decode its latents: the first call 2 latents, then 1 a call (its stream_decode_to_pixel without the bf16 cast)
+        decode_sizes = [2] + [1] * (theirs.shape[2] - 2)
+        ends = np.cumsum([0] + decode_sizes)
+        scale = [wrapper.mean, 1.0 / wrapper.std]
+        state = ours.new_state()
+        pix_theirs = torch.cat([model.stream_decode(theirs[:, :, a:b], scale).float().clamp(-1, 1)
+                                for a, b in zip(ends[:-1], ends[1:])], 2)
+        pix_mine = torch.cat([ours.decode_chunk(theirs[:, :, a:b], state) for a, b in zip(ends[:-1], ends[1:])], 2)
+        frames = f"{pix_theirs.shape[2]} frames against {pix_mine.shape[2]}"
+        diff = (pix_theirs - pix_mine).abs().max().item() if pix_theirs.shape == pix_mine.shape else math.inf
+        lines.append((f"vae decode of those latents, pixels ({frames})", diff))
+    return lines
+
+
+@torch.no_grad()
+def compare_text(ref, folder: Path) -> list[tuple[str, float]]:
+    from streamdiff.model.loading import load_wan_t5
+
+    torch.manual_seed(0)
+    theirs = ref.T5Encoder(**T5_DIMS, shared_pos=False, dropout=0.1).eval()
+    state = {k: v.to(torch.bfloat16) for k, v in theirs.state_dict().items()}
+    torch.save(state, folder / "models_t5_umt5-xxl-enc-bf16.pth")
+    theirs.load_state_dict(state)  # the bf16 file into its fp32 model, as its WanTextEncoder loads it
+    mine = load_wan_t5(folder, torch.float32)
+    ids = torch.randint(2, T5_DIMS["vocab"], (1, TEXT_LEN), generator=torch.Generator().manual_seed(8))
+    real = 341
+    mask = (torch.arange(TEXT_LEN) < real).long()[None]
+    ids[0, real:] = 0
+    a, b = theirs(ids, mask), mine(ids, mask).last_hidden_state
+    a[:, real:] = 0  # WanTextEncoder zeroes the padding; so does UMT5PromptEncoder
+    b[:, real:] = 0
+    return [("text encoder states, umT5 from the original Wan file", (a - b).abs().max().item())]
+
+
+def part_line(name: str, diff: float, tol: float) -> str:
+    return f"{name}: largest difference {diff:.2e}  {'OK' if diff <= tol else 'FAIL'}"
+
+
 # ------------------------------------------------------------------------------- comparison
 
 def compare(ref_x0: dict, sd_x0: dict, tol: float) -> dict:
@@ -385,25 +507,33 @@ def main() -> int:
         import streamdiff  # before the reference's stand-ins are installed
     except ImportError as e:
         usage_error(f"streamdiff is not importable ({e}): install it (pip install -e .) or run in its environment")
-    ref = import_reference(args.sdv2)
+    ref = import_reference(args.sdv2, args.parts)
     dist_info = next(args.sdv2.glob("streamdiffusionv2-*.dist-info"), None)
     version = f" {dist_info.name.removesuffix('.dist-info').split('-')[1]}" if dist_info else ""
     print(f"streamdiff {Path(streamdiff.__file__).parent} vs StreamDiffusionV2{version} {args.sdv2}; "
-          f"{args.calls} calls, tol {args.tol:g}")
-    model, emb = build_reference_model(ref), prompt_embeds()
-    cases = []
+          f"parts {' '.join(args.parts)}, tol {args.tol:g}")
+    ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = save_reference_checkpoint(ref, model, Path(tmp))
-        for steps in args.steps:
-            for threshold in args.thresholds:
-                ref_x0 = ReferenceRun(ref, model, steps, threshold, emb).run(args.calls)
-                sd_x0 = run_streamdiff(checkpoint, steps, threshold, emb, args.calls)
-                result = compare(ref_x0, sd_x0, args.tol)
-                print(summary_line(steps, threshold, result), flush=True)
-                cases.append((steps, threshold, result))
-    if args.json:
-        args.json.write_text(json.dumps(as_json(cases, args), indent=1))
-    return 0 if all(result["first_beyond_tol"] is None for _, _, result in cases) else 1
+        for part, fn in (("vae", compare_vae), ("text", compare_text)):
+            if part in args.parts:
+                for name, diff in fn(ref, Path(tmp)):
+                    print(part_line(name, diff, args.tol), flush=True)
+                    ok &= diff <= args.tol
+        if "dit" in args.parts:
+            model, emb = build_reference_model(ref), prompt_embeds()
+            checkpoint = save_reference_checkpoint(ref, model, Path(tmp))
+            cases = []
+            for steps in args.steps:
+                for threshold in args.thresholds:
+                    ref_x0 = ReferenceRun(ref, model, steps, threshold, emb).run(args.calls)
+                    sd_x0 = run_streamdiff(checkpoint, steps, threshold, emb, args.calls)
+                    result = compare(ref_x0, sd_x0, args.tol)
+                    print(summary_line(steps, threshold, result), flush=True)
+                    cases.append((steps, threshold, result))
+                    ok &= result["first_beyond_tol"] is None
+            if args.json:
+                args.json.write_text(json.dumps(as_json(cases, args), indent=1))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
