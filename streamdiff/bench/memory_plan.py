@@ -308,10 +308,10 @@ def _text_weights(cfg: Config, dtype: torch.dtype) -> tuple[int, str]:
     from transformers import UMT5Config, UMT5EncoderModel
 
     from streamdiff.model.loading import wan_t5_config, wan_t5_file
-    from streamdiff.model.text import _resolve_encoder_source
+    from streamdiff.model.text import find_text_encoder
 
     try:
-        source = _resolve_encoder_source(cfg.weights.text_encoder)
+        source = find_text_encoder(cfg.weights.text_encoder)
     except FileNotFoundError:
         source = None
     if source is not None and source.is_file():  # the original Wan file: the architecture from its shapes

@@ -138,7 +138,7 @@ class PromptEncoder:
 # ---------------------------------------------------------------------------------------------
 
 
-def _resolve_encoder_source(source: str | Path) -> Path:
+def find_text_encoder(source: str | Path) -> Path:
     """What holds the encoder: a transformers folder (config.json + weights; a diffusers root with
     text_encoder/ also works), or the original Wan file `models_t5_umt5-xxl-enc-bf16.pth` (given
     itself or as the Wan2.1 folder holding it, as StreamDiffusionV2 reads it)."""
@@ -198,7 +198,7 @@ class UMT5PromptEncoder(PromptEncoder):
     The encoder runs in `dtype`, except float16 runs in bfloat16 (T5 overflows in fp16).
     """
 
-    def __init__(self, folder: str | Path, tokenizer_folder: str | Path | None = None, *,
+    def __init__(self, source: str | Path, tokenizer_folder: str | Path | None = None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  max_length: int = 512, encoder_device: str = "same", offload_after_encode: bool = False,
                  cache_size: int = 64, text_dim: int | None = None, min_match: float = 0.99,
@@ -208,27 +208,27 @@ class UMT5PromptEncoder(PromptEncoder):
         if encoder_device not in ("same", "cpu"):
             raise ValueError(f"text.device={encoder_device!r} must be 'same' or 'cpu'")
         # 1. find the files; every missing piece is a FileNotFoundError naming the path.
-        self.folder = _resolve_encoder_source(folder)  # a folder, or an original Wan file
-        self.tokenizer_folder = _resolve_tokenizer_folder(tokenizer_folder, self.folder)
+        self.source = find_text_encoder(source)  # a folder, or an original Wan file
+        self.tokenizer_folder = _resolve_tokenizer_folder(tokenizer_folder, self.source)
         # 2. load the tokenizer and the encoder (CPU first), refusing a checkpoint that misses keys.
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_folder), local_files_only=True)
         self.tokenizer.padding_side = "right"  # the zero-padding rule keeps the first seq_len rows
         self.encoder_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
-        if self.folder.is_file():
-            model = load_wan_t5(self.folder, self.encoder_dtype, min_match, trust_pickle)
+        if self.source.is_file():
+            model = load_wan_t5(self.source, self.encoder_dtype, min_match, trust_pickle)
         else:
-            model, info = UMT5EncoderModel.from_pretrained(str(self.folder), local_files_only=True,
+            model, info = UMT5EncoderModel.from_pretrained(str(self.source), local_files_only=True,
                                                            dtype=self.encoder_dtype, output_loading_info=True)
             total = max(len(model.state_dict()), 1)
             matched = 1.0 - len(info["missing_keys"]) / total
             if matched < min_match:
                 missing = sorted(info["missing_keys"])
-                raise ValueError(f"text encoder {self.folder}: only {matched:.1%} of {total} keys matched "
+                raise ValueError(f"text encoder {self.source}: only {matched:.1%} of {total} keys matched "
                                  f"(min {min_match:.0%}); missing e.g. {missing[:5]}")
         self.model = model.eval().requires_grad_(False)
         d_model = int(model.config.d_model)
         if text_dim is not None and int(text_dim) != d_model:
-            raise ValueError(f"text encoder {self.folder} has d_model={d_model} but model.text_dim={text_dim}")
+            raise ValueError(f"text encoder {self.source} has d_model={d_model} but model.text_dim={text_dim}")
         super().__init__(d_model, max_length, device, dtype, cache_size)
         # 3. placement.
         self.offload_after_encode = bool(offload_after_encode) and encoder_device == "same"
@@ -336,6 +336,7 @@ __all__ = [
     "TinyPromptEncoder",
     "UMT5PromptEncoder",
     "build_prompt_encoder",
+    "find_text_encoder",
     "prompt_clean",
     "zero_pad_states",
 ]
