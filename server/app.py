@@ -112,6 +112,7 @@ class ServerSettings:
     ice_loopback: bool = False
     retry_after_s: int = 10
     warmup_wait_s: float = 20.0  # an offer that comes during warm-up waits this long for the engine, then 503
+    whip_warmup_wait_s: float = 5.0  # a WHIP POST waits at most this: OBS abandons one after 8 s
     warmup_retry_after_s: int = 5
     connect_timeout_s: float = 30.0  # a peer that has not connected by then is freed
     input_timeout_s: float = 10.0  # a connected stream session that sent no video for this long is freed
@@ -133,10 +134,30 @@ def _full(exc: ServerFull, settings: ServerSettings) -> web.Response:
     return _error(503, str(exc), **{"Retry-After": str(settings.retry_after_s)})
 
 
-async def _not_ready(request: web.Request) -> str | None:
-    """None once the engine runs (waiting for a warm-up in progress, bounded); else why not, for
-    a 503 with `_retry_warm_up` headers."""
-    return await request.app[START_KEY].ready(request.app[SETTINGS_KEY].warmup_wait_s)
+async def _not_ready(request: web.Request, wait_s: float | None = None) -> str | None:
+    """None once the engine runs (waiting for a warm-up in progress, at most `wait_s`, default
+    `warmup_wait_s`); else why not, for a 503 with `_retry_warm_up` headers."""
+    settings = request.app[SETTINGS_KEY]
+    return await request.app[START_KEY].ready(settings.warmup_wait_s if wait_s is None else wait_s)
+
+
+def _client_gone(request: web.Request) -> bool:
+    """The client closed its connection (gave up waiting): an answer would reach nobody."""
+    return request.transport is None or request.transport.is_closing()
+
+
+def _left_during_warm_up(request: web.Request, kind: str) -> web.Response:
+    """The client gave up while its offer waited for the engine: no session is opened (one would
+    hold its place, and a publisher's key, until it timed out). The response reaches nobody."""
+    request[LOGGED] = True
+    log.info("a %s offer's client left while the model warmed up; no session opened", kind)
+    return _error(408, "the client left while the model warmed up")
+
+
+async def _close_if_client_gone(request: web.Request, sessions: SessionManager, session) -> None:
+    """After negotiating: a client that left meanwhile never gets its answer; free its session now."""
+    if _client_gone(request):
+        await sessions.close(session.id, "the client left before its answer was sent")
 
 
 def _retry_warm_up(request: web.Request) -> dict:
@@ -238,6 +259,8 @@ async def offer(request: web.Request) -> web.Response:
         return web.json_response({"error": f"bad offer: {exc}"}, status=400)
     if (why := await _not_ready(request)) is not None:
         return web.json_response({"error": why}, status=503, headers=_retry_warm_up(request))
+    if _client_gone(request):
+        return _left_during_warm_up(request, "page")
     try:
         session = await sessions.open("browser", None, prompt, stamp=stamp, **params)
     except ServerFull as exc:
@@ -254,6 +277,7 @@ async def offer(request: web.Request) -> web.Response:
         await _negotiation_failed(sessions, session, exc)
         return web.json_response({"error": "could not negotiate the offer (the server's console says why)"},
                                  status=400)
+    await _close_if_client_gone(request, sessions, session)
     reply = {"sdp": answer_sdp, "type": "answer", "session": session.id, "expect": session.expect}
     if (means := sessions.prompt_means(prompt)) is not None:
         reply["means"] = means
@@ -286,8 +310,10 @@ async def whip_post(request: web.Request) -> web.Response:
         return _error(406, str(exc))
     except ValueError as exc:  # SdpError or a bad ?stamp=
         return _error(400, str(exc))
-    if (why := await _not_ready(request)) is not None:
+    if (why := await _not_ready(request, min(settings.warmup_wait_s, settings.whip_warmup_wait_s))) is not None:
         return _error(503, why, **_retry_warm_up(request))
+    if _client_gone(request):
+        return _left_during_warm_up(request, "WHIP")
     try:
         session = await sessions.open("whip", key, stamp=stamp)
     except StreamKeyTaken as exc:
@@ -303,6 +329,7 @@ async def whip_post(request: web.Request) -> web.Response:
     except Exception as exc:
         await _negotiation_failed(sessions, session, exc)
         return _error(400, "could not negotiate the offer (the server's console says why)")
+    await _close_if_client_gone(request, sessions, session)
     return _sdp_created(f"/whip/{key}/{session.id}", answer_sdp, session.id, _expect_header(session))
 
 
@@ -341,6 +368,7 @@ async def whep_post(request: web.Request) -> web.Response:
     except Exception as exc:
         await _negotiation_failed(sessions, session, exc)
         return _error(400, "could not negotiate the offer (the server's console says why)")
+    await _close_if_client_gone(request, sessions, session)
     return _sdp_created(f"/whep/{key}/{session.id}", answer_sdp, session.id)
 
 

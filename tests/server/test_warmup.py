@@ -110,6 +110,55 @@ async def _failed_start():
             assert status == 503 and health["state"] == "failed"
 
 
+async def _clients_that_cannot_wait(caplog):
+    """OBS gives up a WHIP POST after 8 s: WHIP is told to come back sooner than a page waits.
+    A client that gives up while its offer waits gets no session: before, the held offer went on
+    once the model was warm and opened one, which held the publisher's key (a second Start got
+    409) and a place until it timed out."""
+    from streamdiff.server.app import SESSIONS_KEY
+
+    engine = GatedEngine()
+    async with running_server(token=None, warm=False, engine=engine, warmup_wait_s=60.0,
+                              whip_warmup_wait_s=0.3) as (url, app):
+        async with aiohttp.ClientSession() as http:
+            obs, sdp = await obs_like_offer()
+            async with http.post(f"{url}/whip/soon", data=sdp, headers={"Content-Type": "application/sdp"},
+                                 timeout=aiohttp.ClientTimeout(total=8)) as resp:  # OBS's curl timeout
+                assert resp.status == 503 and resp.headers["Retry-After"] == "5"  # a page would still be waiting
+            await obs.close()
+
+            app[SETTINGS_KEY].whip_warmup_wait_s = 60.0
+            pc = RTCPeerConnection()
+            pc.addTrack(SyntheticVideo())
+            await pc.setLocalDescription(await pc.createOffer())
+            obs, sdp = await obs_like_offer()
+            gave_up = aiohttp.ClientTimeout(total=0.5)
+            for path, kwargs in ((f"{url}/offer", {"json": {"sdp": pc.localDescription.sdp, "type": "offer"}}),
+                                 (f"{url}/whip/gone", {"data": sdp, "headers": {"Content-Type": "application/sdp"}})):
+                try:
+                    async with http.post(path, timeout=gave_up, **kwargs) as resp:
+                        raise AssertionError(f"{path} answered {resp.status} during the warm-up")
+                except asyncio.TimeoutError:
+                    pass
+            engine.gate.set()
+            for _ in range(200):  # the held requests go on once the model is warm
+                if caplog.text.count("left while the model warmed up; no session opened") >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert "a page offer's client left while the model warmed up" in caplog.text
+            assert "a WHIP offer's client left while the model warmed up" in caplog.text
+            assert app[SESSIONS_KEY].snapshot()["sessions"] == 0
+            async with http.post(f"{url}/whip/gone", data=sdp, headers={"Content-Type": "application/sdp"}) as resp:
+                assert resp.status == 201  # the key is free: OBS's second Start publishes
+            await obs.close()
+            await pc.close()
+
+
+def test_a_client_that_cannot_wait_for_the_warm_up_is_answered_in_time_or_leaves_nothing(caplog):
+    caplog.set_level("INFO", logger="streamdiff.server")
+    asyncio.run(_clients_that_cannot_wait(caplog))
+
+
 def test_the_port_answers_during_warm_up_and_an_early_offer_waits_for_the_engine():
     asyncio.run(_early_offer())
 
