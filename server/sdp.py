@@ -94,9 +94,39 @@ def video_codecs(sdp: str) -> set[str]:
             if line.startswith("a=rtpmap:") and " " in line}
 
 
+def h264_profile_level_ids(sdp: str) -> list[str]:
+    """The profile-level-id of each H.264 payload type offered for video (42e01f where an
+    fmtp line leaves it out, as aiortc and browsers read it), lower case."""
+    ids = []
+    for lines in _video_lines(sdp):
+        rtpmaps = [line[9:].split() for line in lines if line.startswith("a=rtpmap:")]
+        h264 = [parts[0] for parts in rtpmaps if len(parts) == 2 and parts[1].upper().startswith("H264/")]
+        fmtp = {}
+        for line in lines:
+            if line.startswith("a=fmtp:") and " " in line:
+                pt, params = line[7:].split(" ", 1)
+                fmtp[pt] = dict(p.strip().split("=", 1) for p in params.split(";") if "=" in p)
+        ids += [fmtp.get(pt, {}).get("profile-level-id", "42e01f").lower() for pt in h264]
+    return ids
+
+
 def require_h264(sdp: str) -> None:
+    """CodecError (406) unless the offer's video has H.264 in a profile aiortc receives:
+    Constrained Baseline or Baseline (profile_idc 0x42). FFmpeg's libx264 defaults to High."""
     if "H264" not in video_codecs(sdp):
         raise CodecError(H264_HINT)
+    ids = h264_profile_level_ids(sdp)
+    if not any(i.startswith("42") for i in ids):
+        names = {"4d": "Main", "58": "Extended", "64": "High", "6e": "High 10", "7a": "High 4:2:2", "f4": "High 4:4:4"}
+        offered = ", ".join(sorted({f"{names.get(i[:2], 'profile_idc 0x' + i[:2])} ({i})" for i in ids}))
+        raise CodecError(H264_PROFILE_HINT.format(offered=offered))
+
+
+H264_PROFILE_HINT = (
+    "the offer's H.264 is {offered} only: StreamDiff's WHIP endpoint receives Constrained Baseline or "
+    "Baseline H.264. In OBS set the x264 profile to baseline (Settings -> Output -> Streaming); with "
+    "FFmpeg add -profile:v baseline."
+)
 
 
 SIMULCAST_HINT = (

@@ -27,7 +27,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 
 from streamdiff.engine.types import StreamParams, short_repr
 from streamdiff.model.style_prompts import prompt_style
-from streamdiff.server.webrtc import FanOut, InputReader, FrameQueue, PlayerTrack, cancel_tasks
+from streamdiff.server.webrtc import FanOut, InputReader, FrameQueue, PlayerTrack, cancel_tasks, stop_consent_checks
 
 log = logging.getLogger(__name__)
 # One line per session start, end and refusal. `enable_event_log` (called by `serve`) shows them
@@ -384,6 +384,8 @@ class SessionManager:
             log.info("session %s (%s): %s", session_id, kind, pc.connectionState)
             if pc.connectionState == "connected" and session.connected_s is None:
                 session.connected_s = time.monotonic()
+                if kind == "whip":  # FFmpeg's publisher stops answering consent checks once connected
+                    stop_consent_checks(pc)
             if pc.connectionState in ("failed", "closed"):
                 await self.close(session_id, f"peer connection {pc.connectionState}")
 

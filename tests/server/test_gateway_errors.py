@@ -41,6 +41,12 @@ async def _errors():
             async with http.post(f"{url}/whip/k", data=VP8_ONLY_SDP, headers={**SDP, **auth()}) as resp:
                 assert resp.status == 406
                 assert "H.264" in (text := await resp.text()) and "OBS" in text
+            # H.264 in High profile only (FFmpeg's libx264 default): 406 saying which profile to pick,
+            # where aiortc's failed negotiation gave a 400 that said nothing.
+            high = VP8_ONLY_SDP.replace("VP8/90000", "H264/90000\na=fmtp:96 packetization-mode=1;profile-level-id=64001f")
+            async with http.post(f"{url}/whip/k", data=high, headers={**SDP, **auth()}) as resp:
+                assert resp.status == 406
+                assert "High (64001f)" in (text := await resp.text()) and "-profile:v baseline" in text
             async with http.post(f"{url}/offer", json={"sdp": "garbage", "type": "offer"}, headers=auth()) as resp:
                 assert resp.status == 400
             view, view_offer, _ = await viewer_offer()

@@ -272,3 +272,37 @@ def test_a_player_that_asks_for_a_keyframe_gets_one_soon():
     assert unasked == 0 and after_one == 1, (unasked, after_one)
     assert 1 <= storm <= 3 and frames > 3 * storm, (storm, frames)  # ten requests in a second: not ten keyframes
     assert listed["keyframe_requests"] == 11, listed
+
+
+async def _a_publisher_that_stops_answering_consent_checks():
+    """FFmpeg's WHIP muxer answers STUN only during its handshake. aioice closes a connection
+    after 6 unanswered consent checks (RFC 7675), so every FFmpeg publish ended ~30 s in; a
+    publisher's session keeps going while its video comes (checks every 0.1 s here)."""
+    async with running_server() as (url, app):
+        sessions = sessions_of(app)
+        async with aiohttp.ClientSession() as http:
+            pub, offer = await obs_like_offer()
+            async with http.post(f"{url}/whip/ffmpeg", data=offer,
+                                 headers={**auth(), "Content-Type": "application/sdp"}) as resp:
+                assert resp.status == 201, await resp.text()
+                await answer(pub, await resp.text())
+            publisher = sessions.publisher("ffmpeg")
+            for _ in range(600):
+                if publisher.reader.frames_pushed > 0:
+                    break
+                await asyncio.sleep(0.05)
+            for transceiver in pub.getTransceivers():  # from now on the publisher ignores STUN requests
+                transceiver.sender.transport.transport._connection.request_received = lambda *args: None
+            pushed = publisher.reader.frames_pushed
+            await asyncio.sleep(6.0)  # 6 checks of 0.1 s, each timing out after aioice's 0.5 s RTO
+            assert not publisher.closed and sessions.publisher("ffmpeg") is publisher, sessions.why_ended(publisher.id)
+            assert pub.connectionState == "connected"
+            assert publisher.reader.frames_pushed > pushed  # its video still reaches the model
+        await pub.close()
+
+
+def test_a_publisher_that_stops_answering_consent_checks_keeps_publishing(monkeypatch):
+    import aioice.ice
+
+    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.1)
+    asyncio.run(_a_publisher_that_stops_answering_consent_checks())
