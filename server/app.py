@@ -364,6 +364,8 @@ async def whep_post(request: web.Request) -> web.Response:
             answer_keyframe_requests(sender, track)
         if "audio" in kinds:  # WHEP players expect audio too: silence
             session.pc.addTrack(SilenceTrack())
+        for transceiver in session.pc.getTransceivers():  # WHEP answers sendonly, even to a sendrecv offer
+            transceiver.direction = "sendonly"
         answer_sdp = await _answer(session)
     except Exception as exc:
         await _negotiation_failed(sessions, session, exc)
@@ -423,8 +425,9 @@ async def resource_patch(request: web.Request) -> web.Response:
         return _unauthorized()
     if _resource(request) is None:
         return _error(404, "no such session")
-    return _error(405, "trickle ICE and ICE restarts are not supported: send one offer with all "
-                  "candidates (OBS does this by default)", Allow="DELETE, OPTIONS")
+    return _error(405, "trickle ICE and ICE restarts are not supported: the answer holds all of the server's "
+                  "candidates and yours are learnt from your connectivity checks, so none need sending "
+                  "(OBS 30.2+ sends none and connects)", Allow="DELETE, OPTIONS")
 
 
 async def options(request: web.Request) -> web.Response:

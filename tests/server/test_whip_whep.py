@@ -306,3 +306,63 @@ def test_a_publisher_that_stops_answering_consent_checks_keeps_publishing(monkey
 
     monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.1)
     asyncio.run(_a_publisher_that_stops_answering_consent_checks())
+
+
+async def _a_sendrecv_player():
+    """A WHEP player whose offer is sendrecv gets a sendonly answer (the WHEP draft's rule; it was
+    answered sendrecv) and plays."""
+    from aiortc import RTCPeerConnection
+
+    from streamdiff.server.sdp import video_directions
+
+    async with running_server() as (url, app):
+        async with aiohttp.ClientSession() as http:
+            sdp_headers = {**auth(), "Content-Type": "application/sdp"}
+            pub, offer = await obs_like_offer()
+            async with http.post(f"{url}/whip/studio", data=offer, headers=sdp_headers) as resp:
+                await answer(pub, await resp.text())
+            view = RTCPeerConnection()
+            view.addTransceiver("video", direction="sendrecv")
+            got = asyncio.Event()
+            view.on("track", lambda track: asyncio.ensure_future(track.recv()).add_done_callback(lambda _: got.set()))
+            await view.setLocalDescription(await view.createOffer())
+            assert video_directions(view.localDescription.sdp) == ["sendrecv"]
+            async with http.post(f"{url}/whep/studio", data=view.localDescription.sdp, headers=sdp_headers) as resp:
+                assert resp.status == 201, await resp.text()
+                answer_sdp = await resp.text()
+            assert video_directions(answer_sdp) == ["sendonly"]
+            await answer(view, answer_sdp)
+            await asyncio.wait_for(got.wait(), 120)
+        await pub.close()
+        await view.close()
+
+
+def test_a_whep_offer_that_is_sendrecv_is_answered_sendonly():
+    asyncio.run(_a_sendrecv_player())
+
+
+async def _an_offer_without_candidates():
+    """OBS 30.2+ sends its WHIP offer with no candidates (it trickles none either): the server
+    learns the publisher's address from its connectivity checks, and the stream runs."""
+    async with running_server() as (url, app):
+        sessions = sessions_of(app)
+        async with aiohttp.ClientSession() as http:
+            pub, offer = await obs_like_offer()
+            bare = "".join(line for line in offer.splitlines(keepends=True)
+                           if not line.startswith(("a=candidate:", "a=end-of-candidates")))
+            assert "a=candidate:" in offer and "a=candidate:" not in bare
+            async with http.post(f"{url}/whip/obs32", data=bare,
+                                 headers={**auth(), "Content-Type": "application/sdp"}) as resp:
+                assert resp.status == 201, await resp.text()
+                await answer(pub, await resp.text())
+            publisher = sessions.publisher("obs32")
+            for _ in range(1200):
+                if publisher.reader.frames_pushed > 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert publisher.reader.frames_pushed > 0
+        await pub.close()
+
+
+def test_a_whip_offer_without_candidates_connects():
+    asyncio.run(_an_offer_without_candidates())
