@@ -10,11 +10,17 @@ and the progress display. Does not own: any model or serving logic.
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# Nothing is ever downloaded: Hugging Face libraries stay offline in this process, whatever a
+# weights folder's config says (set before any of them is imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import argparse  # noqa: E402
 import collections
 import itertools
 import logging
-import os
 import shlex
 import sys
 import time

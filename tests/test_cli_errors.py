@@ -197,6 +197,20 @@ def test_a_broken_weights_file_is_one_line_naming_it(tmp_path, key, damage, word
     assert not (tmp_path / "o.mp4").exists()
 
 
+@pytest.mark.parametrize("setting, words", [
+    ("text.max_length=5", "text.max_length=5, but the prompt table"),  # was a ValueError traceback
+    ("weights.text_encoder=", "text.kind=styles needs weights.text_encoder"),  # was random styles, silently
+    ("model.num_layers=3", "has 4 blocks but the model has 3"),  # was loaded at "100 %", one block unused
+])
+def test_settings_the_demo_weights_cannot_serve_are_one_line(tmp_path, setting, words):
+    """Found by a CLI probe: each of these ended in a traceback or ran with the wrong weights."""
+    out, err = run("render", "--input", "synthetic", "--frames", "5", "--prompt", "a photo", "--output",
+                   str(tmp_path / "o.mp4"), "--set", setting)
+    assert out["rc"] == 2 and len(err.splitlines()) == 1 and err.startswith("streamdiff: error:"), err
+    assert words in err, err
+    assert not (tmp_path / "o.mp4").exists()
+
+
 def test_result_paths_are_checked_before_the_work(tmp_path):
     """Found by trying: `bench --json FOLDER` failed after the whole benchmark, `train-demo
     --output FILE` after every training stage (24-67 minutes), `serve --token ""` served with

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from streamdiff.config import Config
+from streamdiff.config import Config, ConfigError
 from streamdiff.model.attention import Attention, resolve_backend
 from streamdiff.model.dit_step import DiTStep
 from streamdiff.model.causal_wan import CausalWanModel
@@ -106,13 +106,14 @@ def _streaming_vae(cfg: Config, device: torch.device, dtype: torch.dtype) -> Str
     elif cfg.weights.vae:
         vae_module = load_vae(cfg.weights.vae)
     else:
-        raise ValueError("weights.vae must name the Wan VAE (a diffusers vae/ folder or Wan2.1_VAE.pth)")
+        raise ConfigError(f"weights.vae must name the Wan VAE (a diffusers vae/ folder, Wan2.1_VAE.pth or the "
+                          f"Wan2.1 folder holding it) when weights.format={cfg.weights.format}: --set weights.vae=PATH")
     if next(vae_module.parameters()).dtype != dtype:  # diffusers warns on every dtype cast, even a no-op
         vae_module = _cast(vae_module, dtype)
     wan = StreamingVAE(vae_module.to(device=device).eval().requires_grad_(False), cfg.vae.normalize_latents)
     if cfg.vae.decoder == "taehv":
         if cfg.weights.format != "random" and not cfg.weights.taehv:
-            raise ValueError("vae.decoder=taehv needs weights.taehv (taew2_1.pth)")
+            raise ConfigError("vae.decoder=taehv needs weights.taehv (taew2_1.pth): --set weights.taehv=PATH")
         return HybridVAE(wan, _taehv(cfg, cfg.weights.taehv, device, dtype))
     return wan
 
@@ -122,13 +123,18 @@ def build_text_encoder(cfg: Config, device: torch.device, dtype: torch.dtype) ->
     if cfg.text.kind != "styles":
         return build_prompt_encoder(cfg.text, cfg.weights, cfg.model.text_dim, device, dtype)
     kwargs = dict(device=device, dtype=dtype, cache_size=cfg.text.cache_size)
-    if cfg.weights.format == "random" or not cfg.weights.text_encoder:
+    if cfg.weights.format != "random" and not cfg.weights.text_encoder:  # a random table: random styles
+        raise ConfigError("text.kind=styles needs weights.text_encoder, the prompt table (the demo's: "
+                          "demo/prompts.safetensors)")
+    if cfg.weights.format == "random":
         gen = torch.Generator().manual_seed(cfg.weights.seed)
         table = torch.randn(len(PROMPT_NAMES), cfg.text.max_length, cfg.model.text_dim, generator=gen)
         return StylePromptEncoder(table, **kwargs)
     enc = StylePromptEncoder.from_file(resolve_path(cfg.weights.text_encoder), cfg.model.text_dim, **kwargs)
     if enc.max_length != cfg.text.max_length:
-        raise ValueError(f"the prompt table has {enc.max_length} tokens, text.max_length={cfg.text.max_length}")
+        raise ConfigError(f"text.max_length={cfg.text.max_length}, but the prompt table "
+                          f"{cfg.weights.text_encoder} has {enc.max_length} tokens a prompt: leave text.max_length "
+                          f"at {enc.max_length}")
     return enc
 
 

@@ -277,13 +277,26 @@ def _require(path: str | Path, expected: str) -> Path:
     return p
 
 
+def _read_json_object(path: Path) -> dict:
+    """A JSON file holding an object; WeightsFileError (one line) for anything else."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise WeightsFileError(f"{path} is not readable JSON ({_first_line(exc)})") from None
+    if not isinstance(value, dict):
+        raise WeightsFileError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def _read_folder(folder: Path, expected: str) -> StateDict:
     """A diffusers model folder: config.json + single or sharded safetensors (or a .bin)."""
     config_path = folder / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    config = _read_json_object(config_path) if config_path.is_file() else None
     index_path = folder / DIFFUSERS_INDEX
     if index_path.is_file():
-        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+        weight_map = _read_json_object(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise WeightsFileError(f"{index_path} has no weight_map of tensor names to shard files")
         readers = {}
         for name in sorted(set(weight_map.values())):
             readers[name] = _Safetensors(_require(folder / name, f"a shard listed in {index_path}"))
@@ -438,11 +451,22 @@ def load_into(
     report = LoadReport(what, len(matched), len(targets), len(missing), len(unexpected), key_kinds(missing),
                         key_kinds(unexpected), skipped, str(getattr(state, "source", "")))
 
-    # 3. Refuse a checkpoint that does not fit.
+    # 3. Refuse a checkpoint that does not fit: too few of the module's keys, blocks the model
+    #    does not have (a bigger model), or more unexpected keys than min_match allows missing ones.
     if report.ratio < min_match:
         raise WeightsMismatchError(
             f"{report.details()} — below min_match={min_match} (from {report.source or 'a state dict'}); "
             "is this the right format and model size?", report)
+    beyond = sorted({i for k in unexpected if (m := _BLOCK.match(k)) and num_blocks is not None
+                     and (i := int(m.group(1))) >= num_blocks})
+    if beyond:
+        raise WeightsMismatchError(
+            f"{what}: {report.source or 'the checkpoint'} has {beyond[-1] + 1} blocks but the model has "
+            f"{num_blocks} (model.num_layers={num_blocks}): a checkpoint of a bigger model?", report)
+    if report.n_unexpected > (1 - min_match) * max(1, report.expected):
+        raise WeightsMismatchError(
+            f"{report.details()} — more unexpected keys than min_match={min_match} allows (from "
+            f"{report.source or 'a state dict'}); is this the right format and model?", report)
     shape_of = state.shape if isinstance(state, StateDict) else (lambda k: tuple(state[k].shape))
     bad = [(k, shape_of(k), tuple(targets[k].shape)) for k in matched if shape_of(k) != tuple(targets[k].shape)]
     if bad:
@@ -459,6 +483,9 @@ def load_into(
         targets[key].copy_(state[key])
     if missing:
         log.warning("%s left at init: %s", what, ", ".join(report.missing))
+    if unexpected:
+        log.warning("%s: %d unexpected key(s) of %s ignored: %s", what, len(unexpected),
+                    report.source or "the checkpoint", ", ".join(report.unexpected))
     return report
 
 
@@ -485,7 +512,10 @@ def load_vae(path: str | Path, config: dict | None = None, min_match: float = 0.
         state = _read_folder(folder, "diffusers VAE weights")
         if state.config is None:
             raise FileNotFoundError(f"{folder} has no config.json: expected a diffusers vae/ folder")
-        vae = AutoencoderKLWan.from_config(state.config)
+        try:
+            vae = AutoencoderKLWan.from_config(state.config)
+        except (TypeError, ValueError, RuntimeError) as exc:  # a config.json of other or impossible sizes
+            raise WeightsFileError(f"{folder / 'config.json'} does not describe a Wan VAE ({_first_line(exc)})") from None
     else:
         state = _strip_wrappers(_read_file(p))
         if any(k.startswith(("encoder.conv1.", "encoder.downsamples.", "decoder.upsamples.")) for k in state):
@@ -616,8 +646,6 @@ def load_taehv(path: str | Path, vae_cfg, min_match: float = 0.99):
             rows = targets[key].shape[0]
             state = StateDict({**state._entries, key: (_Tensors({key: state[key][-rows:]}), key)}, state.source)
     report = load_into(net, state, min_match=min_match, what="taehv")
-    if report.n_unexpected > (1 - min_match) * max(1, report.expected):
-        raise WeightsMismatchError(f"{report.details()} — too many unexpected keys for TAEHV (from {p})", report)
     log.info("%s", report)
     return net.eval()
 

@@ -191,18 +191,31 @@ def test_missing_keys_refused_with_counts_and_kinds(tmp_path, source):
     assert torch.equal(model.proj_out.weight, state["proj_out.weight"])
 
 
-def test_unexpected_keys_reported(source):
+def test_unexpected_keys_reported_and_beyond_min_match_refused(source, caplog):
     _, state, _ = source
     extra = dict(state)
     extra["blocks.0.attn1.extra.weight"] = torch.ones(3)
     extra["blocks.1.attn1.extra.weight"] = torch.ones(3)
-    extra["blocks.7.attn1.to_q.weight"] = torch.ones(3)  # beyond num_layers=2: not another stage's
     extra["img_emb.proj.0.weight"] = torch.ones(3)
-    report = load_into(fresh_model(), extra)
-    assert report.matched == 69 and report.n_unexpected == 4 and report.skipped_for_stage == 0
+    # 3 unexpected of 69 keys: more than the 1 % default min_match allows (a probe: 50 unrelated
+    # keys loaded with no word but an INFO line)
+    with pytest.raises(WeightsMismatchError, match="more unexpected keys than min_match=0.99 allows"):
+        load_into(fresh_model(), extra)
+    report = load_into(fresh_model(), extra, min_match=0.95)
+    assert report.matched == 69 and report.n_unexpected == 3 and report.skipped_for_stage == 0
     assert "blocks.*.attn1.extra.weight (2 keys)" in report.unexpected
-    assert "blocks.*.attn1.to_q.weight (1 key)" in report.unexpected
-    assert str(report) == "transformer: 69/69 keys matched (100.0%), 4 unexpected"
+    assert str(report) == "transformer: 69/69 keys matched (100.0%), 3 unexpected"
+    assert "3 unexpected key(s)" in caplog.text and "img_emb.proj.*.weight (1 key)" in caplog.text  # a warning
+
+
+def test_a_checkpoint_of_a_bigger_model_is_refused(source):
+    """Blocks beyond model.num_layers are not another stage's: the file is of a bigger model
+    (a probe: the demo's 4 blocks with 4-7 added, or num_layers=3 against 4, loaded at "100 %")."""
+    _, state, _ = source
+    extra = dict(state)
+    extra["blocks.7.attn1.to_q.weight"] = torch.ones(3)  # beyond num_layers=2
+    with pytest.raises(WeightsMismatchError, match=r"has 8 blocks but the model has 2 \(model.num_layers=2\)"):
+        load_into(fresh_model(), extra, min_match=0.5)
 
 
 def test_shape_mismatch_names_key_and_shapes(source):
@@ -376,6 +389,30 @@ def test_vae_original_file(tmp_path, suffix):
     assert torch.equal(_decode(loaded, x), _decode(vae, x))
     if suffix == ".pth":  # the original Wan2.1 folder holding it, as StreamDiffusionV2 reads it
         assert torch.equal(_decode(load_vae(tmp_path, config=config), x), _decode(vae, x))
+
+
+@pytest.mark.parametrize("config, words", [
+    ("{not json", "is not readable JSON"),
+    ("[1, 2]", "holds a JSON list, not an object"),  # diffusers took it for a Hub repository name
+    ('{"base_dim": -1}', "does not describe a Wan VAE"),
+])
+def test_a_vae_folder_with_a_broken_config_is_one_error_naming_it(tmp_path, config, words):
+    """Found by a CLI probe: tracebacks (JSONDecodeError, RuntimeError), and for a list diffusers
+    tried to reach huggingface.co."""
+    from streamdiff.model.loading import WeightsFileError
+
+    vae = random_init_(AutoencoderKLWan(base_dim=4, num_res_blocks=2), seed=4)
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text(config)
+    with pytest.raises(WeightsFileError, match=words) as err:
+        load_vae(folder)
+    assert str(folder / "config.json") in str(err.value)
+    (folder / "config.json").write_text(json.dumps(dict(vae.config)))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(WeightsFileError, match="has no weight_map"):  # was a KeyError
+        load_vae(folder)
 
 
 def test_vae_original_file_with_wrong_architecture_is_refused(tmp_path):
