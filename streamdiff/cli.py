@@ -22,7 +22,9 @@ import collections
 import itertools
 import logging
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -278,6 +280,10 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")  # what matplotlib wri
 BENCH_MODEL_ONLY = ("config", "set", "steps", "resolution", "streams", "random_weights", "dtype", "peak_tflops",
                     "simulate", "hop_ms", "compile", "cuda_graphs", "stages", "ray")
 BENCH_E2E_ONLY = ("token", "fps", "size", "sessions")
+# --simulate times one step of each part and projects stage counts: these would do nothing there
+BENCH_NOT_SIMULATED = ("duration", "deadline_ms", "prompt", "plot")
+BENCH_DURATION_S = 10.0
+BENCH_PROMPT = "a watercolor painting"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -290,6 +296,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     def given(names: tuple[str, ...]) -> list[str]:
         return [name for name in names if getattr(args, name) not in (None, False)]
+
+    # flags the chosen mode would ignore are refused (a CLI probe found five taken and dropped)
+    if args.simulate and (extra := given(BENCH_NOT_SIMULATED)):
+        raise CliError(f"--{extra[0].replace('_', '-')} does not apply to --simulate, which times one step of each "
+                       f"part and projects the stage counts (docs/scaling.md)")
+    if args.hop_ms is not None and not args.simulate:
+        raise CliError("--hop-ms is the per-hop latency --simulate projects with: add --simulate")
+    if args.stages and args.plot and not args.simulate:
+        raise CliError("--plot draws one-process model mode (latency CDF, fps over time); --stages reports a table")
+    args.duration = BENCH_DURATION_S if args.duration is None else args.duration
+    args.prompt = BENCH_PROMPT if args.prompt is None else args.prompt
 
     # 1. End-to-end mode: a running server, measured by the client load generator.
     if args.url:
@@ -350,12 +367,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"on {report['device']}, torch {report['torch_version']}; "
           f"{settings.duration_s:g} s per combination, deadline {settings.deadline_ms:g} ms")
     print(benchreport.format_table(report_rows(report), TABLE_COLUMNS))
+    served_cut = False
     if not report["interrupted"]:
-        _bench_as_served(settings, report)
+        try:
+            _bench_as_served(settings, report)
+        except KeyboardInterrupt:  # what was measured (the one-process table) is still written below
+            served_cut = report["interrupted"] = True
+            report.pop("served", None)
     if args.json:
         print(f"wrote {benchreport.write_json(report, args.json)}")
     if args.plot:
         print(f"wrote {benchreport.plot(plot_series(report), args.plot, title=report['command'], deadline_ms=settings.deadline_ms)}")
+    if served_cut:
+        print(f"streamdiff: interrupted during the as-served run: all {report['combinations']} one-process "
+              f"combinations measured (above), the as-served ones not", file=sys.stderr)
+        return 130
     if report["interrupted"]:
         last = report["results"][-1]
         cut = f", the last for {last['window_s']:.1f} of {settings.duration_s:g} s" if last["cut_short"] else ""
@@ -505,6 +531,7 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
 
     from streamdiff.bench.gpu_check import CudaParts, format_dry_run, plan_parts, run_check
 
+    load_config(args.config, list(args.set or ()))  # a wrong preset or --set fails now, not inside every part on the GPU
     parts = plan_parts(args.duration)
     if args.only:  # a later session's second look: e.g. --only "VAE" --only "kernel"
         parts = [p for p in parts if any(text.lower() in p.name.lower() for text in args.only)]
@@ -522,8 +549,10 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     header = dict(execute.header(), command=args.command_line)
     report = run_check(parts, args.budget_s, out, execute, header)
     done = sum(e.get("status") == "ok" for e in report["parts"])
+    failed = [e["part"] for e in report["parts"] if e.get("status") not in ("ok", "skipped")]
     print(f"gpu-check: {done}/{len(parts)} parts ok in {report['elapsed_s']:.0f} s; wrote {out / 'gpu-check.json'} "
-          f"and {out / 'gpu-check.md'}")
+          f"and {out / 'gpu-check.md'}" + (f"; not ok: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0  # parts the budget left out (skipped) are not failures
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
@@ -622,11 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "threaded stages, like the demo, is measured through them too: 'as served'). End-to-end mode "
                     "(--url): sessions against a running `streamdiff serve`.")
     shared = bench.add_argument_group("both modes")
-    shared.add_argument("--duration", type=number_in(float, 0.1, 86400, "10"), default=10.0, help="measured seconds (per combination in model mode)")
+    shared.add_argument("--duration", type=number_in(float, 0.1, 86400, "10"),
+                        help=f"measured seconds (per combination in model mode; default {BENCH_DURATION_S:g})")
     shared.add_argument("--deadline-ms", type=number_in(float, 0.001, 1e12, "1000"),
                         help="per-frame deadline for the miss rate (default: the config's slo.deadline_ms; "
                              "with --url the server's)")
-    shared.add_argument("--prompt", default="a watercolor painting")
+    shared.add_argument("--prompt", help=f"the streams' prompt (default {BENCH_PROMPT!r})")
     shared.add_argument("--json", metavar="OUT", help="write every number, the command and the device to OUT")
     shared.add_argument("--plot", metavar="OUT.png", help="latency CDF and fps over time (matplotlib)")
     shared.add_argument("-q", "--quiet", action="store_true", help="no progress display")
@@ -710,6 +740,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, a service manager) taken as Ctrl-C is: what a command leaves
+    behind on Ctrl-C (a render's hidden partial file removed, bench's report of what it
+    measured) it leaves on SIGTERM too; before, the process died where it stood."""
+
+
+def _terminate_as_interrupt(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["streamdiff", *(sys.argv[1:] if argv is None else argv)])
@@ -719,14 +759,23 @@ def main(argv: list[str] | None = None) -> int:
     # highest level it is quiet. Read once, when torch loads, so set before any command imports
     # it; an explicit KINETO_LOG_LEVEL wins.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    # serve stops on SIGTERM by its own handler (server.app); every other command as on Ctrl-C
+    own = args.func is not cmd_serve and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if own else None
     try:
         return args.func(args)
     except (CliError, ConfigError, FileNotFoundError) as exc:  # ConfigError: weights files that cannot be used too
         print(f"streamdiff: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("streamdiff: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("streamdiff: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if own:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -239,6 +239,11 @@ def test_result_paths_are_checked_before_the_work(tmp_path):
      "--size 100x100: width and height must be multiples of 16 (the VAE and patching), e.g. --size 96x96"),
     (["bench", "--sessions", "3"], "--sessions applies to end-to-end mode only"),
     (["bench", "--plot", "cdf.txt"], "--plot cdf.txt: the plot is an image"),
+    # a CLI probe: taken and ignored
+    (["bench", "--simulate", "--duration", "5"], "--duration does not apply to --simulate"),
+    (["bench", "--simulate", "--plot", "p.png"], "--plot does not apply to --simulate"),
+    (["bench", "--hop-ms", "1"], "--hop-ms is the per-hop latency --simulate projects with"),
+    (["bench", "--stages", "1,2", "--plot", "p.png"], "--plot draws one-process model mode"),
     (["plan", "--gpu-mem", "24"], "--gpu-mem '24' is not a device's memory"),
     (["bench", "--url", "notaurl"], "--url 'notaurl' is not a server address"),
     (["bench", "--url", "http://h:port"], "is not a server address"),
@@ -259,3 +264,26 @@ def test_flag_mistakes_are_one_line_before_any_work(args, words, capsys):
         code = exc.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("streamdiff: error: ") and words in err[0], err
+
+
+def test_sigterm_during_a_render_removes_its_partial_file(tmp_path):
+    """A CLI probe: `timeout` (SIGTERM) in the middle of a render left the hidden partial file
+    behind; SIGTERM now ends a render as Ctrl-C does (exit 143)."""
+    import signal
+    import time
+
+    out = tmp_path / "o.mp4"
+    partial = tmp_path / ".o.partial.mp4"
+    proc = subprocess.Popen([sys.executable, "-c", PROBE, "render", "--config", "tiny", "--input", "synthetic",
+                             "--frames", "2000", "--prompt", "p", "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    deadline = time.monotonic() + 240
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert partial.exists(), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert json.loads(stdout.strip().splitlines()[-1])["rc"] == 143, stderr
+    assert "streamdiff: terminated (SIGTERM)" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -64,6 +64,38 @@ def test_only_keeps_the_parts_named(capsys):
     assert "matches no part" in err and "\n" not in err
 
 
+def test_a_wrong_preset_or_setting_is_refused_before_the_gpu(capsys):
+    """A CLI probe: `--config nope` and `--set foo=1` passed --dry-run and would have failed inside
+    every part on the lent GPU."""
+    assert main(["gpu-check", "--dry-run", "--set", "foo=1"]) == 2
+    assert "foo" in capsys.readouterr().err
+    assert main(["gpu-check", "--dry-run", "--config", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_the_exit_status_says_whether_every_part_ran(tmp_path, monkeypatch, capsys):
+    """Exit 1 when a part failed or timed out (it was always 0); parts the budget skipped are not failures."""
+    import streamdiff.bench.gpu_check as gpu_check
+
+    class NoGpu:
+        def __init__(self, *args):
+            pass
+
+        def header(self):
+            return {}
+
+    statuses = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "CudaParts", NoGpu)
+    monkeypatch.setattr(gpu_check, "run_check", lambda parts, budget, out, execute, header: {
+        "elapsed_s": 1.0, "parts": [{"part": p.name, "status": s} for p, s in zip(parts, statuses)]})
+    for said, rc in ((["ok", "skipped"], 0), (["ok", "failed"], 1), (["timed out", "ok"], 1)):
+        statuses[:] = said
+        assert main(["gpu-check", "--out", str(tmp_path), "--only", "kernel", "--only", "VAE"]) == rc
+        out = capsys.readouterr().out
+        assert ("not ok:" in out) == (rc == 1), out
+
+
 def test_without_cuda_it_refuses_in_one_line(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

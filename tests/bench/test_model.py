@@ -233,3 +233,17 @@ def test_ctrl_c_during_the_only_combination_reports_what_it_measured(tmp_path, c
     assert report["interrupted"] and result["cut_short"] and result["measured_steps"] == 2
     assert 0 < result["window_s"] < 60 and result["output_frames"] > 0 and result["host_ms_per_step"] is None
     assert "1 of 1 combinations measured (above, the last for" in captured.err and "64x48" in captured.out
+
+
+def test_ctrl_c_during_the_as_served_run_still_writes_what_was_measured(tmp_path, capsys, monkeypatch):
+    """A CLI probe: Ctrl-C during the demo's as-served pass printed a bare "interrupted" and wrote
+    no --json, though the one-process table was complete."""
+    import streamdiff.bench.stages as stages
+
+    monkeypatch.setattr(stages, "run_stages_bench", _ctrl_c_on_call(1, stages.run_stages_bench))
+    argv = ["bench", "--config", "demo", "--resolution", "64x64", "--duration", "0.3", "-q", "--deadline-ms", "1e9",
+            "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 130
+    report = strict_json(tmp_path / "r.json")
+    assert report["interrupted"] and len(report["results"]) == report["combinations"] == 1 and "served" not in report
+    assert "interrupted during the as-served run: all 1 one-process combinations measured" in capsys.readouterr().err
