@@ -429,8 +429,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}={value!r} must be a number")
         return float(value)
     if tp is str:
+        if isinstance(value, int) and not isinstance(value, bool):  # YAML read a name like 2024 as a number
+            return str(value)
         if not isinstance(value, str):
-            raise ConfigError(f"{path}={value!r} must be a string")
+            raise ConfigError(f"{path}={value!r} must be a string (quote it)")
         return value
     raise ConfigError(f"{path}: unsupported type {tp}")
 
@@ -507,8 +509,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} has an empty key part")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse value ({exc})") from exc
+    except yaml.YAMLError as exc:  # one line: YAML's message spans several, with a caret drawing
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"override {text!r}: cannot parse the value as YAML ({problem}); quote it") from None
     return parts, value
 
 

@@ -118,3 +118,12 @@ def test_with_overrides_round_trip():
     assert other.sampling.steps == 4 and cfg.sampling.steps == 2
     assert load_config(None) == cfg  # defaults are the tiny preset
     assert to_dict(other)["sampling"]["steps"] == 4
+
+
+def test_a_name_yaml_reads_as_a_number_is_a_string_and_a_bad_value_is_one_line():
+    """A CLI probe: `--set weights.vae=2024` (a folder named 2024) was refused as "must be a
+    string"; an unparseable value printed YAML's 7-9-line message."""
+    assert load_config("tiny", ["weights.vae=2024"]).weights.vae == "2024"
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["weights.vae=[x"])
+    assert "\n" not in str(err.value) and "cannot parse the value as YAML" in str(err.value)
