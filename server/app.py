@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -87,6 +88,7 @@ from streamdiff.server.webrtc import (
     default_bitrate_bps,
     drain_track,
     enable_loopback_candidates,
+    on_rtcp,
     retrieve_connect_errors,
 )
 
@@ -116,6 +118,7 @@ class ServerSettings:
     warmup_retry_after_s: int = 5
     connect_timeout_s: float = 30.0  # a peer that has not connected by then is freed
     input_timeout_s: float = 10.0  # a connected stream session that sent no video for this long is freed
+    player_timeout_s: float = 10.0  # a WHEP player whose RTCP reports stop for this long is freed
     takeover_after_s: float = 5.0  # a publisher silent this long gives its key to a new one
     header_timeout_s: float = 10.0  # a connection whose request headers are not in by then is closed
     body_timeout_s: float = 10.0  # a request body not in by then gets 408
@@ -360,6 +363,7 @@ async def whep_post(request: web.Request) -> web.Response:
         prefer_h264(session.pc)
         track = _player_track(session, source, settings, sessions)
         sender = session.pc.addTrack(track)
+        on_rtcp(sender, lambda: setattr(session, "rtcp_s", time.monotonic()))
         if isinstance(track, PlayerTrack):
             answer_keyframe_requests(sender, track)
         if "audio" in kinds:  # WHEP players expect audio too: silence
@@ -502,6 +506,7 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
         input_timeout_s=settings.input_timeout_s,
         takeover_after_s=settings.takeover_after_s,
         max_viewers=settings.max_viewers,
+        player_timeout_s=settings.player_timeout_s,
     )
 
     async def on_startup(app: web.Application) -> None:

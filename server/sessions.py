@@ -209,6 +209,7 @@ class Session:
     tasks: list = field(default_factory=list)
     created_s: float = field(default_factory=time.monotonic)
     connected_s: float | None = None  # when its peer first reached "connected"
+    rtcp_s: float | None = None  # whep: when its player's latest RTCP packet came (None: none yet)
     closed: bool = False
     expect: dict | None = None  # stream kinds: the fps and latency it was told to expect
     control_sockets: int = 0  # open /ws connections of the page that owns it (`?owner=1`)
@@ -247,13 +248,16 @@ class SessionManager:
     Timeouts: a peer not connected `connect_timeout_s` after its answer is freed; a stream
     session that received no video for `input_timeout_s` (a WHIP offer that sends nothing, a
     publisher gone silent) is freed; a publisher silent for `takeover_after_s` gives its stream
-    key to a new publisher (OBS restarted after a crash: the old peer has not timed out yet)."""
+    key to a new publisher (OBS restarted after a crash: the old peer has not timed out yet); a
+    WHEP player whose RTCP reports stop for `player_timeout_s` is freed (a killed player was sent
+    video and held its place until ICE consent expired, 30 s)."""
 
     ENDED_KEPT = 256  # recently ended sessions remembered, so that a late DELETE gets 200
 
     def __init__(self, engine, *, max_sessions: int, target_fps: float, deadline_ms: float,
                  ice_servers: list | None = None, connect_timeout_s: float = 30.0,
-                 input_timeout_s: float = 10.0, takeover_after_s: float = 5.0, max_viewers: int = 16):
+                 input_timeout_s: float = 10.0, takeover_after_s: float = 5.0, max_viewers: int = 16,
+                 player_timeout_s: float = 10.0):
         self.engine = engine
         self.max_sessions = max_sessions
         # WHEP players, connected or not: each one's own encoder takes CPU from the model, and
@@ -264,6 +268,7 @@ class SessionManager:
         self.ice_servers = list(ice_servers or [])
         self.connect_timeout_s = connect_timeout_s
         self.input_timeout_s = input_timeout_s
+        self.player_timeout_s = player_timeout_s
         self.takeover_after_s = takeover_after_s
         self.sessions: dict[str, Session] = {}
         self._trim: asyncio.Task | None = None  # release_freed_memory, a little after a session ends
@@ -439,6 +444,12 @@ class SessionManager:
                 await self.close(session.id, f"no video arrived for {idle:.0f} s")
                 return
             await asyncio.sleep(self.input_timeout_s - idle)
+        while session.kind == "whep" and not session.closed:  # judged only once its player has reported
+            silent = 0.0 if session.rtcp_s is None else time.monotonic() - session.rtcp_s
+            if silent >= self.player_timeout_s:
+                await self.close(session.id, f"its player sent no RTCP report for {silent:.0f} s (gone)")
+                return
+            await asyncio.sleep(min(1.0, self.player_timeout_s - silent))
 
     async def close(self, session_id: str, reason: str = "closed") -> bool:
         """Free everything a session holds: tasks, input reader, subscribers, engine stream,

@@ -457,6 +457,7 @@ class SharedEncoder:
         self._asked = False  # a player asked for a keyframe (granted once KEYFRAME_ASKED_GAP_S has passed)
         self._last_key_s = -float("inf")
         self._codec = None
+        self._closed = False
         self.task = asyncio.create_task(self._run(), name=f"encode-{fanout.stream_id}")
 
     def join(self, player: PlayerTrack) -> None:
@@ -504,6 +505,12 @@ class SharedEncoder:
         finally:
             for player in list(self.players):
                 player.end()
+            # Free the codec now: it is reachable only through this encoder, whose references run in
+            # cycles (on_empty -> FanOut, players -> encoder), so it waited for the cycle collector,
+            # each libx264 context keeping its 4 threads (a soak: 10 players gone, 20 threads left).
+            self._closed = True
+            self._codec, self.on_empty = None, None
+            self.players.clear()
 
     def _encode(self, frame: VideoFrame, keyframe: bool):
         """One frame -> one packet (pts and time base the frame's), in an executor thread."""
@@ -511,14 +518,30 @@ class SharedEncoder:
 
         frame = frame.reformat(format="yuv420p")
         frame.pict_type = av.video.frame.PictureType.I if keyframe else av.video.frame.PictureType.NONE
-        if self._codec is None:
-            self._codec = _codec_context(self.mime, frame.width, frame.height, self.bitrate_bps)
-        data = b"".join(bytes(p) for p in self._codec.encode(frame))
+        codec = self._codec  # held here: `_run` may drop the encoder's reference while this thread encodes
+        if self._closed:
+            return None
+        if codec is None:
+            codec = self._codec = _codec_context(self.mime, frame.width, frame.height, self.bitrate_bps)
+        data = b"".join(bytes(p) for p in codec.encode(frame))
         if not data:
             return None
         packet = av.Packet(data)
         packet.pts, packet.time_base = frame.pts, frame.time_base
         return packet
+
+
+def on_rtcp(sender, callback) -> None:
+    """Call `callback()` whenever `sender` receives an RTCP packet from its peer (receiver reports,
+    NACKs, keyframe requests): the sign a player is still there. aiortc's DTLS transport hands
+    each packet to its recipient's `_handle_rtcp_packet`, which is wrapped here."""
+    handle = sender._handle_rtcp_packet
+
+    async def heard(packet) -> None:
+        callback()
+        await handle(packet)
+
+    sender._handle_rtcp_packet = heard
 
 
 def answer_keyframe_requests(sender, player: PlayerTrack) -> None:

@@ -366,3 +366,79 @@ async def _an_offer_without_candidates():
 
 def test_a_whip_offer_without_candidates_connects():
     asyncio.run(_an_offer_without_candidates())
+
+
+async def _players_come_and_go():
+    """Live codec contexts (PyAV) after each of four players came and went, the collector off."""
+    import gc
+
+    import av
+
+    async with running_server() as (url, app):
+        sessions = sessions_of(app)
+        sdp_headers = {**auth(), "Content-Type": "application/sdp"}
+        async with aiohttp.ClientSession() as http:
+            pub, offer = await obs_like_offer()
+            async with http.post(f"{url}/whip/studio", data=offer, headers=sdp_headers) as resp:
+                await answer(pub, await resp.text())
+            fanout = sessions.publisher("studio").fanout
+            counts = []
+            gc.disable()  # as between the collector's runs on a busy server: only reference counts free
+            try:
+                for _ in range(4):
+                    view, voffer, collector = await viewer_offer()
+                    async with http.post(f"{url}/whep/studio", data=voffer, headers=sdp_headers) as resp:
+                        await answer(view, await resp.text())
+                    await asyncio.wait_for(collector.enough.wait(), 120)
+                    await view.close()
+                    for _ in range(400):
+                        if not fanout.encoders and not sessions.viewer_count:
+                            break
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.5)
+                    counts.append(sum(isinstance(o, av.CodecContext) for o in gc.get_objects()))
+            finally:
+                gc.enable()
+        await pub.close()
+    return counts
+
+
+def test_a_player_that_leaves_takes_its_encoder_with_it():
+    """A soak probe: each WHEP player that came and went left its shared encoder's libx264
+    context (and, at 256x256, its threads: 10 players took a server from 18 to 38) until Python's
+    cycle collector happened to run."""
+    counts = asyncio.run(_players_come_and_go())
+    assert counts[-1] == counts[0], counts  # it grew by one a player
+
+
+async def _a_player_that_goes_silent():
+    async with running_server(player_timeout_s=1.5) as (url, app):
+        sessions = sessions_of(app)
+        async with aiohttp.ClientSession() as http:
+            pub, view, viewer_id, _ = await _publish_and_play(url, http, sessions)
+            player = sessions.sessions[viewer_id]
+            await asyncio.sleep(3.0)  # longer than the timeout: a player that reports stays
+            assert not player.closed and player.rtcp_s is not None
+
+            async def muted(packets):
+                return None
+
+            for transceiver in view.getTransceivers():  # as if killed: its reports stop
+                transceiver.receiver._send_rtcp = muted
+            for _ in range(120):
+                if player.closed:
+                    break
+                await asyncio.sleep(0.05)
+            why = sessions.why_ended(viewer_id)
+            publisher_alive = not sessions.publisher("studio").closed
+        await pub.close()
+        await view.close()
+    return why, publisher_alive
+
+
+def test_a_player_whose_reports_stop_is_freed_soon():
+    """A soak probe: a WHEP player killed with kill -9 was sent video and held its place among
+    the viewers for 32 s, until ICE consent expired."""
+    why, publisher_alive = asyncio.run(_a_player_that_goes_silent())
+    assert why is not None and "sent no RTCP report" in why, why
+    assert publisher_alive
