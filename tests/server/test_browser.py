@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -205,8 +206,8 @@ async def _viewer_flow() -> dict:
     from playwright.async_api import async_playwright
 
     out: dict = {}
-    async with running_server(token=None, max_viewers=1) as (url, app), aiohttp.ClientSession() as http, \
-            async_playwright() as pw:
+    async with running_server(token=None, max_viewers=1, player_timeout_s=2.0) as (url, app), \
+            aiohttp.ClientSession() as http, async_playwright() as pw:
         browser = await _browser(pw)
         try:
             # The main page of a server with random weights (tiny) says its picture is noise.
@@ -234,6 +235,13 @@ async def _viewer_flow() -> dict:
             pub, location = await publish()
             out["playing"] = await _until(lambda: _playing(page, "v"), 120)
             out["status_hidden"] = await page.is_hidden("#status")
+            # Chromium's RTCP reports keep its player alive past player_timeout_s (2 s here).
+            sessions = sessions_of(app)
+            watching = [s.id for s in sessions.sessions.values() if s.kind == "whep"]
+            await asyncio.sleep(6.0)
+            player = sessions.sessions.get(watching[0]) if len(watching) == 1 else None
+            heard_recently = player is not None and player.rtcp_s is not None and time.monotonic() - player.rtcp_s < 2.0
+            out["kept"] = (heard_recently, sessions.why_ended(watching[0]) if watching else None)
             await page.screenshot(path=str(ARTIFACTS / "viewer.png"))
             # One viewer at most here: a second one says the server is full, not "waiting for stream".
             second = await browser.new_page()
@@ -307,6 +315,7 @@ async def _visible_and_playing(page):
 
 def test_viewer_waits_for_the_stream_plays_it_and_reconnects_on_its_own():
     out = asyncio.run(_viewer_flow())
+    assert out["kept"][0], out["kept"]  # a browser player reports (RTCP): not taken for a killed one
     assert out["before"] == "waiting for stream cam…"
     assert out["bad_key"] and "(400): a stream key is 1-64 characters" in out["bad_key"], out["bad_key"]
     assert '"tiny"' in out["about"] and "random weights" in out["about"] and "noise" in out["about"], out["about"]
