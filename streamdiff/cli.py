@@ -189,11 +189,11 @@ def _warn_before_render(cfg, prompt: str, width: int, height: int) -> None:
     from streamdiff.sampling.noise_schedule import renoised_above, strength_to_timestep
 
     s = cfg.sampling
-    if (above := renoised_above(s.steps, s.noise_strength)) is not None:
+    if (above := renoised_above(s.steps, s.noise_strength, s.timesteps)) is not None:
         log.warning("%d steps at noise %g: the first step is told t=%d and a later one re-noises to t=%d "
-                    "(StreamDiffusionV2's fixed list, made for noise 0.7-0.8), which blurs the picture; "
-                    "at this noise keep --steps 1", s.steps, s.noise_strength, strength_to_timestep(s.noise_strength),
-                    above)
+                    "(sampling.timesteps %s; StreamDiffusionV2's list is made for noise 0.7-0.8), which blurs "
+                    "the picture; at this noise keep --steps 1", s.steps, s.noise_strength,
+                    strength_to_timestep(s.noise_strength), above, list(s.timesteps))
 
 
 def _config_with_stages(name: str, overrides: list[str], stages: int | None):

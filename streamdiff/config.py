@@ -164,7 +164,12 @@ def frames_for_latents(latents: int, first: bool) -> int:
 class SamplingConfig:
     """Flow-matching sampler for video-to-video."""
 
-    steps: int = 2  # denoise steps 1..4 (the timestep lists are fixed by the model)
+    steps: int = 2  # denoise steps 1..4: lane j runs at timesteps[j] (lane 0 at the strength's)
+    # The lanes' timesteps, the first `steps` used: StreamDiffusionV2's list, which its 1.3B/14B
+    # were distilled at. The first entry is lane 0's nominal value (the noise strength sets it per
+    # chunk, and the first chunk's with first_chunk_timestep: first_step); a preset trained at a
+    # low strength lists lower ones (the demo: docs/demo.md, "More steps").
+    timesteps: tuple[int, ...] = (700, 500, 400, 200)
     shift: float = 8.0
     num_train_timesteps: int = 1000
     noise_strength: float = 0.8  # s; the model is told t = 1000*s - 100
@@ -373,6 +378,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("runtime.compile and runtime.cuda_graphs are alternatives: set one")
     if not cfg.runtime.row_buckets or min(cfg.runtime.row_buckets) < 1:
         raise ConfigError(f"runtime.row_buckets={list(cfg.runtime.row_buckets)} must list row counts >= 1")
+    ts = cfg.sampling.timesteps
+    if len(ts) < 4 or not all(0 < t < cfg.sampling.num_train_timesteps for t in ts) or list(ts) != sorted(set(ts), reverse=True):
+        raise ConfigError(f"sampling.timesteps={list(ts)} must list at least 4 timesteps (one a step, up to 4 steps), "
+                          f"strictly descending, each between 1 and {cfg.sampling.num_train_timesteps - 1}")
     if cfg.text.kind == "umt5" and not cfg.weights.text_encoder:
         raise ConfigError("weights.text_encoder must name a folder (or the original Wan umT5 file) when "
                           "text.kind='umt5'")

@@ -27,7 +27,7 @@ from streamdiff.model.loading import (
 from streamdiff.model.style_prompts import PROMPT_NAMES, StylePromptEncoder
 from streamdiff.model.taehv import TAEHV, HybridVAE, StreamingTAEHV
 from streamdiff.model.text import PromptEncoder, build_prompt_encoder
-from streamdiff.model.vae import StreamingVAE, build_vae
+from streamdiff.model.vae import StreamingVAE, build_vae, vae_kwargs
 from streamdiff.sampling.noise_schedule import FlowMatchSchedule
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def _streaming_vae(cfg: Config, device: torch.device, dtype: torch.dtype) -> Str
     if cfg.weights.format == "random":  # the configured architectures, random weights (tests, bench)
         vae_module = build_vae(cfg.vae, seed=cfg.weights.seed)
     elif cfg.weights.vae:
-        vae_module = load_vae(cfg.weights.vae)
+        vae_module = load_vae(cfg.weights.vae, config=vae_kwargs(cfg.vae))  # an original .pth's architecture
     else:
         raise ConfigError(f"weights.vae must name the Wan VAE (a diffusers vae/ folder, Wan2.1_VAE.pth or the "
                           f"Wan2.1 folder holding it) when weights.format={cfg.weights.format}: --set weights.vae=PATH")

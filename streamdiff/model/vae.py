@@ -30,21 +30,23 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from streamdiff.config import VAEConfig
 
 
+def vae_kwargs(cfg: VAEConfig) -> dict:
+    """`AutoencoderKLWan` arguments of the architecture `cfg` describes (for a random build, and
+    for an original Wan2.1_VAE.pth, which carries no config of its own)."""
+    kwargs = dict(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
+                  num_res_blocks=cfg.num_res_blocks, temperal_downsample=list(cfg.temperal_downsample))
+    if cfg.z_dim != 16:  # diffusers' default statistics have 16 entries
+        kwargs.update(latents_mean=[0.0] * cfg.z_dim, latents_std=[1.0] * cfg.z_dim)
+    return kwargs
+
+
 def build_vae(cfg: VAEConfig, *, seed: int | None = None) -> AutoencoderKLWan:
     """A randomly initialized `AutoencoderKLWan` with the architecture of `cfg` (fp32, CPU, eval).
 
     `seed` makes the init repeatable without touching the global RNG; None uses the global RNG.
     The latent statistics are diffusers' defaults (the real Wan2.1 values).
     """
-    kwargs = dict(
-        base_dim=cfg.base_dim,
-        z_dim=cfg.z_dim,
-        dim_mult=list(cfg.dim_mult),
-        num_res_blocks=cfg.num_res_blocks,
-        temperal_downsample=list(cfg.temperal_downsample),
-    )
-    if cfg.z_dim != 16:  # diffusers' default statistics have 16 entries
-        kwargs.update(latents_mean=[0.0] * cfg.z_dim, latents_std=[1.0] * cfg.z_dim)
+    kwargs = vae_kwargs(cfg)
     if seed is None:
         vae = AutoencoderKLWan(**kwargs)
     else:
@@ -328,4 +330,4 @@ class StreamingVAE:
             )
 
 
-__all__ = ["StreamingVAE", "VAEStreamState", "build_vae", "compiled"]
+__all__ = ["StreamingVAE", "VAEStreamState", "build_vae", "compiled", "vae_kwargs"]

@@ -108,7 +108,7 @@ class StreamState:
         self.stream_id = stream_id
         self.slots = slots
         self.steps = steps or cfg.sampling.steps
-        self.timesteps = timesteps_for(self.steps)
+        self.timesteps = timesteps_for(self.steps, cfg.sampling.timesteps)
         self.seed = cfg.sampling.seed if seed is None else seed
         self.width = width or cfg.video.width
         self.height = height or cfg.video.height

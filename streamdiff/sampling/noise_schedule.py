@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import torch
 
-# Denoise-step timesteps per step count (DESIGN §2). The first entry is the nominal first-lane
-# timestep for the default strength 0.8; the motion controller replaces it per chunk.
-TIMESTEP_LISTS: dict[int, tuple[int, ...]] = {
-    1: (700,),
-    2: (700, 500),
-    3: (700, 500, 400),
-    4: (700, 500, 400, 200),
-}
+# StreamDiffusionV2's denoise-step timesteps (DESIGN §2), which its models were distilled at; a
+# config may list its own (`sampling.timesteps`). The first entry is the nominal first-lane
+# timestep for the default strength 0.8; the noise strength replaces it per chunk.
+DEFAULT_TIMESTEPS: tuple[int, ...] = (700, 500, 400, 200)
+MAX_STEPS = 4
 
 
-def timesteps_for(steps: int) -> tuple[int, ...]:
-    if steps not in TIMESTEP_LISTS:
-        raise ValueError(f"steps={steps} is not supported (allowed: 1-4)")
-    return TIMESTEP_LISTS[steps]
+def timesteps_for(steps: int, timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS) -> tuple[int, ...]:
+    """The lanes' timesteps for `steps` denoise steps: the first `steps` of `timesteps`."""
+    if not 1 <= steps <= min(MAX_STEPS, len(timesteps)):
+        raise ValueError(f"steps={steps} is not supported (allowed: 1-{MAX_STEPS})")
+    return tuple(timesteps[:steps])
 
 
 def strength_to_timestep(strength: float | torch.Tensor) -> int | torch.Tensor:
@@ -39,12 +37,12 @@ def strength_to_timestep(strength: float | torch.Tensor) -> int | torch.Tensor:
     return int(1000 * strength) - 100
 
 
-def renoised_above(steps: int, strength: float) -> int | None:
+def renoised_above(steps: int, strength: float, timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS) -> int | None:
     """The first later-lane timestep above the first lane's (`strength_to_timestep`), or None.
-    Below strength ~0.6 a second step re-noises to more noise than the first step saw (the
-    fixed list is made for 0.7-0.8) and blurs the picture: worth a word to the user."""
+    Below strength ~0.6 a second step of StreamDiffusionV2's list re-noises to more noise than
+    the first step saw (the list is made for 0.7-0.8) and blurs the picture: worth a word to the user."""
     first = strength_to_timestep(strength)
-    return next((t for t in timesteps_for(steps)[1:] if t > first), None)
+    return next((t for t in timesteps_for(steps, timesteps)[1:] if t > first), None)
 
 
 class FlowMatchSchedule:

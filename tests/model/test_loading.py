@@ -415,6 +415,24 @@ def test_a_vae_folder_with_a_broken_config_is_one_error_naming_it(tmp_path, conf
         load_vae(folder)
 
 
+def test_an_original_vae_file_is_built_with_the_configs_architecture(tmp_path):
+    """An original Wan2.1_VAE.pth has no config of its own: the config's `vae` section says its
+    sizes (it was built with diffusers' defaults, the 96-wide real VAE, whatever the config said;
+    two helpers comparing with StreamDiffusionV2 had to patch this for a small VAE)."""
+    import torch
+
+    from streamdiff.config import load_config
+    from streamdiff.model.build import build_streaming_vae
+
+    vae = random_init_(AutoencoderKLWan(base_dim=8, num_res_blocks=2), seed=4).eval()
+    torch.save({vae_to_wan_name(k): v for k, v in vae.state_dict().items()}, tmp_path / "Wan2.1_VAE.pth")
+    cfg = load_config("tiny", ["vae.base_dim=8", "vae.num_res_blocks=2", "vae.dim_mult=[1,2,4,4]",
+                               "weights.format=wan", f"weights.transformer={tmp_path}", f"weights.vae={tmp_path}"])
+    streaming = build_streaming_vae(cfg, torch.device("cpu"), torch.float32)
+    x = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert torch.equal(_decode(streaming.vae, x), _decode(vae, x))
+
+
 def test_vae_original_file_with_wrong_architecture_is_refused(tmp_path):
     vae = random_init_(AutoencoderKLWan(base_dim=4, num_res_blocks=2), seed=4)
     torch.save({vae_to_wan_name(k): v for k, v in vae.state_dict().items()}, tmp_path / "vae.pth")
