@@ -169,17 +169,22 @@ def test_an_input_cut_short_is_rendered_with_a_warning(tmp_path):
 
 
 def test_more_steps_than_the_noise_allows_are_named(tmp_path):
-    """At the demo's noise 0.2 the first step is t=100 and a second re-noises to t=500 (the fixed
-    list is made for 0.7-0.8): the picture blurs, which the user is told in one line."""
+    """At noise 0.2 the first step is t=100, and with StreamDiffusionV2's list a second re-noises to
+    t=500 (the list is made for 0.7-0.8): the picture blurs, which the user is told in one line.
+    The demo's own list (every later step below its first) says nothing."""
     from streamdiff.sampling.noise_schedule import renoised_above
 
     assert renoised_above(1, 0.2) is None and renoised_above(2, 0.2) == 500 and renoised_above(4, 0.55) == 500
     assert renoised_above(4, 0.8) is None and renoised_above(2, 0.62) is None
-    result = run_cli("render", "--input", "synthetic", "--frames", "5", "--prompt", "a photo", "--steps", "2",
-                     "--output", str(tmp_path / "o.mp4"), "-q")
-    assert result.returncode == 0, result.stderr
-    said = [line for line in result.stderr.splitlines() if "re-noises" in line]
-    assert len(said) == 1 and "t=100" in said[0] and "t=500" in said[0] and "--steps 1" in said[0], result.stderr
+    assert renoised_above(4, 0.2, (100, 30, 15, 5)) is None
+    for extra, warned in ((["--set", "sampling.timesteps=[700,500,400,200]"], True), ([], False)):
+        result = run_cli("render", "--input", "synthetic", "--frames", "5", "--prompt", "a photo", "--steps", "2",
+                         "--output", str(tmp_path / "o.mp4"), "-q", *extra)
+        assert result.returncode == 0, result.stderr
+        said = [line for line in result.stderr.splitlines() if "re-noises" in line]
+        assert len(said) == int(warned), result.stderr
+        if warned:
+            assert "t=100" in said[0] and "t=500" in said[0] and "--steps 1" in said[0], result.stderr
 
 
 def test_a_frame_size_that_cannot_fit_is_warned_about_before_the_run():

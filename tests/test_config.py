@@ -127,3 +127,10 @@ def test_a_name_yaml_reads_as_a_number_is_a_string_and_a_bad_value_is_one_line()
     with pytest.raises(ConfigError) as err:
         load_config("tiny", ["weights.vae=[x"])
     assert "\n" not in str(err.value) and "cannot parse the value as YAML" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["[700,500,400]", "[700,500,500,200]", "[200,400,500,700]", "[1000,500,400,200]"])
+def test_sampling_timesteps_must_be_four_descending_timesteps(value):
+    with pytest.raises(ConfigError, match="sampling.timesteps"):
+        load_config("tiny", [f"sampling.timesteps={value}"])
+    assert load_config("tiny", ["sampling.timesteps=[100,30,15,5]"]).sampling.timesteps == (100, 30, 15, 5)

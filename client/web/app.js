@@ -349,10 +349,11 @@ function openControl() {
       const prompt = p.prompt.trim() ? `"${p.prompt}"` : "(empty prompt)";
       if (msg.expect) expect = msg.expect; // renewed by a steps change
       const blend = p.blend ? ` · blend over ${p.blend} chunks` : "";
-      // The demo learnt one step at noise 0.2 (docs/demo.md): a probe's user saw steps 2 and noise
-      // 0.8 turn the picture to coloured noise, with hints that promised more of the style.
-      const outside = modelName === "demo" && (p.steps > 1 || p.noise > 0.4)
-        ? " · the demo model is trained for 1 step and noise about 0.2: expect mostly noise" : "";
+      // The demo learnt noise about 0.2 (docs/demo.md): a probe's user saw noise 0.8 turn the
+      // picture to coloured noise, with hints that promised more of the style. (Its steps 2-4 keep
+      // the picture: its own timestep list, configs/demo.yaml.)
+      const outside = modelName === "demo" && p.noise > 0.4
+        ? " · the demo model is trained for noise about 0.2: expect mostly noise" : "";
       say(`applied: ${prompt} · steps ${p.steps} · noise ${p.noise} · seed ${p.seed} · motion-aware ${p.motion ? "on" : "off"}` +
           blend + expectText() + outside, false, outside ? 0 : 8);
       showValues(p);

@@ -123,7 +123,7 @@ async def _make_run_flow() -> dict:
                 # Noise far from what the demo learnt: the applied line says what to expect.
                 await one.fill("#noise", "0.8")
                 await one.click("#apply")
-                out["outside"] = await _until(lambda: _message_with(one, "trained for 1 step"), 30)
+                out["outside"] = await _until(lambda: _message_with(one, "trained for noise about 0.2"), 30)
                 # 2. A second user is refused (one stream at a time here), with a countdown.
                 two = await browser.new_page()
                 await two.goto(url + "/")
