@@ -350,7 +350,8 @@ async def whep_post(request: web.Request) -> web.Response:
         return _error(400, str(exc))
     source = sessions.publisher(key) or sessions.get(key)
     if source is None or source.fanout is None:
-        return _error(404, f"no stream {key!r} is live (start publishing first; viewers retry by themselves)")
+        return _error(404, f"no stream {key!r} is live (start publishing first; viewers retry by themselves)",
+                      **{"Retry-After": "2"})  # players that honour it come back in 2 s (viewer.html does)
     try:
         session = await sessions.open("whep", key)
     except ServerFull as exc:

@@ -51,7 +51,7 @@ async def _errors():
                 assert resp.status == 400
             view, view_offer, _ = await viewer_offer()
             async with http.post(f"{url}/whep/nobody", data=view_offer, headers={**SDP, **auth()}) as resp:
-                assert resp.status == 404
+                assert resp.status == 404 and resp.headers["Retry-After"] == "2"  # not live yet: come back
             await view.close()
             # the one admitted stream
             async with http.post(f"{url}/whip/k", data=offer, headers={**SDP, **auth()}) as resp:
