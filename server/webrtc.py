@@ -93,7 +93,7 @@ def stop_consent_checks(pc) -> int:
     """End aioice's consent-freshness checks (RFC 7675) on `pc`'s connected ICE transports, so
     that a peer which stops answering them is not cut off; returns how many were stopped.
 
-    For WHIP publishers: FFmpeg's WHIP muxer (7.1, 8.0) answers STUN only during its handshake,
+    For WHIP publishers: FFmpeg's WHIP muxer (8.0) answers STUN only during its handshake,
     so aioice, which closes a connection after 6 unanswered checks, ended every FFmpeg publish
     about 30 s in. Consent guards against sending media to a peer that no longer wants it; to a
     publisher we send only RTCP, and a publisher that stops sending video is freed by the
