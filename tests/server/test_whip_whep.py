@@ -274,6 +274,20 @@ def test_a_player_that_asks_for_a_keyframe_gets_one_soon():
     assert listed["keyframe_requests"] == 11, listed
 
 
+async def _publish_until_frames(url, http, sessions, key: str, pub, offer: str):
+    """POST `offer` (made by the peer `pub`) to /whip/KEY, answer `pub`, and wait until its first
+    frames reach the model; its session."""
+    async with http.post(f"{url}/whip/{key}", data=offer, headers={**auth(), "Content-Type": "application/sdp"}) as resp:
+        assert resp.status == 201, await resp.text()
+        await answer(pub, await resp.text())
+    publisher = sessions.publisher(key)
+    for _ in range(1200):
+        if publisher.reader.frames_pushed > 0:
+            break
+        await asyncio.sleep(0.05)
+    return publisher
+
+
 async def _a_publisher_that_stops_answering_consent_checks():
     """FFmpeg's WHIP muxer answers STUN only during its handshake. aioice closes a connection
     after 6 unanswered consent checks (RFC 7675), so every FFmpeg publish ended ~30 s in; a
@@ -282,15 +296,7 @@ async def _a_publisher_that_stops_answering_consent_checks():
         sessions = sessions_of(app)
         async with aiohttp.ClientSession() as http:
             pub, offer = await obs_like_offer()
-            async with http.post(f"{url}/whip/ffmpeg", data=offer,
-                                 headers={**auth(), "Content-Type": "application/sdp"}) as resp:
-                assert resp.status == 201, await resp.text()
-                await answer(pub, await resp.text())
-            publisher = sessions.publisher("ffmpeg")
-            for _ in range(600):
-                if publisher.reader.frames_pushed > 0:
-                    break
-                await asyncio.sleep(0.05)
+            publisher = await _publish_until_frames(url, http, sessions, "ffmpeg", pub, offer)
             for transceiver in pub.getTransceivers():  # from now on the publisher ignores STUN requests
                 transceiver.sender.transport.transport._connection.request_received = lambda *args: None
             pushed = publisher.reader.frames_pushed
@@ -351,15 +357,7 @@ async def _an_offer_without_candidates():
             bare = "".join(line for line in offer.splitlines(keepends=True)
                            if not line.startswith(("a=candidate:", "a=end-of-candidates")))
             assert "a=candidate:" in offer and "a=candidate:" not in bare
-            async with http.post(f"{url}/whip/obs32", data=bare,
-                                 headers={**auth(), "Content-Type": "application/sdp"}) as resp:
-                assert resp.status == 201, await resp.text()
-                await answer(pub, await resp.text())
-            publisher = sessions.publisher("obs32")
-            for _ in range(1200):
-                if publisher.reader.frames_pushed > 0:
-                    break
-                await asyncio.sleep(0.05)
+            publisher = await _publish_until_frames(url, http, sessions, "obs32", pub, bare)
             assert publisher.reader.frames_pushed > 0
         await pub.close()
 
