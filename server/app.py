@@ -40,6 +40,7 @@ from aiortc import RTCSessionDescription
 from streamdiff.server.control import params_patch, websocket
 from streamdiff.server.http import (
     CORS,
+    AccessLog,
     ENGINE_KEY,
     SESSIONS_KEY,
     SETTINGS_KEY,
@@ -50,6 +51,7 @@ from streamdiff.server.http import (
     expect_small_body,
     quiet_malformed_requests,
     read_json_object,
+    printable,
     read_text,
     shown_key,
     unauthorized,
@@ -190,7 +192,7 @@ async def log_refusal(request: web.Request, response: web.StreamResponse) -> Non
         except (ValueError, AttributeError):
             pass
     events.info("refused %s session (stream key %s): %d %s", kind, shown_key(request.match_info.get("key", "-")),
-                response.status, text.splitlines()[0] if text else response.reason)
+                response.status, printable(text.splitlines()[0]) if text else response.reason)
 
 
 def _expect_header(session) -> dict:
@@ -553,7 +555,7 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
 def app_runner(app: web.Application) -> web.AppRunner:
     """An AppRunner with the settings' header timeout (aiohttp closes a connection whose request
     headers are not complete within its keep-alive timeout)."""
-    return web.AppRunner(app, keepalive_timeout=app[SETTINGS_KEY].header_timeout_s)
+    return web.AppRunner(app, keepalive_timeout=app[SETTINGS_KEY].header_timeout_s, access_log_class=AccessLog)
 
 
 def page_url(host: str, port: int) -> str:
@@ -610,7 +612,7 @@ def serve(cfg, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettin
     app.on_startup.insert(0, _stop_on_signals)  # before the engine warms up
     app.on_startup.append(announce)
     web.run_app(app, host=host, port=port, print=None, keepalive_timeout=settings.header_timeout_s,
-                handle_signals=False)
+                handle_signals=False, access_log_class=AccessLog)
     for sig in (signal.SIGINT, signal.SIGTERM):  # the loop is gone; threads still wind down
         signal.signal(sig, _out_at_once)
     if start.error is not None:  # the warm-up failed: the command fails with its error, as before

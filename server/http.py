@@ -18,6 +18,7 @@ import logging
 import re
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
 CORS = {
@@ -41,6 +42,15 @@ def error(status: int, text: str, **headers) -> web.Response:
 
 def _raise(cls: type[web.HTTPException], text: str) -> None:
     raise cls(text=text + "\n", headers=CORS)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` as a console line may show it: control characters (newlines, ANSI escapes that
+    would recolour or retitle the operator's terminal) escaped."""
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def shown_key(key: str) -> str:
@@ -151,10 +161,12 @@ def authorized(request: web.Request, token: str | None) -> bool:
         return True
     expected = token.encode()
     scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected):
+    # surrogateescape: a header byte that is not UTF-8 arrives as a lone surrogate, which .encode()
+    # refused with a UnicodeEncodeError (a 500 and a traceback for one bad byte, a security probe)
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), expected):
         return True
     query = request.query.get("token")
-    return query is not None and hmac.compare_digest(query.encode(), expected)
+    return query is not None and hmac.compare_digest(query.encode("utf-8", "surrogateescape"), expected)
 
 
 def unauthorized() -> web.Response:
@@ -180,11 +192,29 @@ class QuietMalformedRequests(logging.Filter):
         if not isinstance(exc, HttpProcessingError):
             return True
         client = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-        why = " ".join(str(exc.message).split())[:160]
+        why = printable(redact_token(" ".join(str(exc.message).split())[:160]))
         record.levelno, record.levelname = logging.INFO, "INFO"
         record.msg, record.args = "refused a malformed HTTP request from %s: %s", (client, why)
         record.exc_info = record.exc_text = None
         return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
+_TOKEN_PARAM = re.compile(r"(?i)([?&]token=)[^&#\s]*")
+
+
+def redact_token(text: str) -> str:
+    """`text` with every `token=` query value replaced by `…` (request lines in logs)."""
+    return _TOKEN_PARAM.sub(r"\1…", text)
+
+
+class AccessLog(AbstractAccessLogger):
+    """aiohttp's access log (shown with -v) without the `?token=` the page, viewer.html and
+    /ws URLs carry: a security probe found every page load's token in the log."""
+
+    def log(self, request, response, time: float) -> None:
+        major, minor = request.version
+        self.logger.info('%s "%s %s HTTP/%d.%d" %d %.3f s', request.remote, request.method,
+                         printable(redact_token(request.path_qs)), major, minor, response.status, time)
 
 
 def quiet_malformed_requests() -> None:

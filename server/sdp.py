@@ -11,6 +11,7 @@ answer). Does not own: HTTP (server.app) or media tracks (server.webrtc).
 from __future__ import annotations
 
 import asyncio
+import re
 
 from aiortc import RTCPeerConnection
 
@@ -107,7 +108,7 @@ def h264_profile_level_ids(sdp: str) -> list[str]:
                 pt, params = line[7:].split(" ", 1)
                 fmtp[pt] = dict(p.strip().split("=", 1) for p in params.split(";") if "=" in p)
         ids += [fmtp.get(pt, {}).get("profile-level-id", "42e01f").lower() for pt in h264]
-    return ids
+    return [i if re.fullmatch(r"[0-9a-f]{6}", i) else "unreadable" for i in ids]  # never echo raw bytes
 
 
 def require_h264(sdp: str) -> None:
@@ -118,7 +119,8 @@ def require_h264(sdp: str) -> None:
     ids = h264_profile_level_ids(sdp)
     if not any(i.startswith("42") for i in ids):
         names = {"4d": "Main", "58": "Extended", "64": "High", "6e": "High 10", "7a": "High 4:2:2", "f4": "High 4:4:4"}
-        offered = ", ".join(sorted({f"{names.get(i[:2], 'profile_idc 0x' + i[:2])} ({i})" for i in ids}))
+        offered = ", ".join(sorted({"an unreadable profile-level-id" if i == "unreadable"
+                                    else f"{names.get(i[:2], 'profile_idc 0x' + i[:2])} ({i})" for i in ids}))
         raise CodecError(H264_PROFILE_HINT.format(offered=offered))
 
 

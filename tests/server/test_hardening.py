@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 
 import aiohttp
 
@@ -292,3 +293,40 @@ def test_control_sockets_of_one_session_are_bounded():
     (status, text), replaced = asyncio.run(_sockets_per_session())
     assert status == 503 and "8 control connections to this session are open already" in text
     assert replaced
+
+
+async def _what_a_security_probe_tried(caplog) -> dict:
+    out: dict = {}
+    async with running_server() as (url, app):  # a token is set (gateway_helpers.TOKEN)
+        port = int(url.rsplit(":", 1)[1])
+        # one byte that is not UTF-8 in the Authorization header: 401, not a 500 with a traceback
+        out["bad_byte"] = await _raw(port, b"GET /sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\r\n"
+                                           b"Connection: close\r\n\r\n", wait_s=3.0)
+        async with aiohttp.ClientSession() as http:
+            # terminal escapes in an offer's H.264 profile: not echoed to the client or the console
+            pub, offer = await obs_like_offer()
+            hostile = re.sub(r"profile-level-id=42[0-9a-f]{4}", "profile-level-id=64\x1b]0;owned\x07\x1b[31m", offer)
+            assert hostile != offer
+            async with http.post(f"{url}/whip/k", data=hostile, headers={**auth(), **SDP}) as r:
+                out["escape"] = (r.status, await r.text())
+            await pub.close()
+            # the page's, viewer.html's and /ws's ?token= stays out of the access log (-v)
+            async with http.get(f"{url}/?token={TOKEN}") as r:
+                out["page"] = r.status
+    return out
+
+
+def test_what_a_security_probe_tried_is_refused_without_leaks(caplog):
+    """A security probe: a non-UTF-8 byte in Authorization gave a 500 and a 20-line traceback (no
+    token needed); an H.264 profile-level-id was copied raw into the 406 and the console line, ESC
+    sequences included (recolouring or retitling the operator's terminal); with -v the access log
+    printed every page load's ?token=."""
+    caplog.set_level(logging.INFO)
+    out = asyncio.run(_what_a_security_probe_tried(caplog))
+    assert out["bad_byte"].startswith(b"HTTP/1.1 401"), out["bad_byte"][:60]
+    status, text = out["escape"]
+    assert status == 406 and "\x1b" not in text and "unreadable profile-level-id" in text, text
+    assert out["page"] == 200
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "\x1b" not in logged and "Traceback" not in caplog.text
+    assert TOKEN not in logged and "token=…" in logged  # the access log line, redacted
