@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Awaitable, Callable
+from urllib.parse import urlencode
 
 from aiohttp import web
 from aiortc import RTCSessionDescription
@@ -46,6 +47,7 @@ from streamdiff.server.http import (
     SETTINGS_KEY,
     add_cors,
     authorized,
+    authorized_to_watch,
     check_stream_key,
     error,
     expect_small_body,
@@ -53,8 +55,10 @@ from streamdiff.server.http import (
     read_json_object,
     printable,
     read_text,
+    same_origin_control,
     shown_key,
     unauthorized,
+    watch_token,
 )
 from streamdiff.server.prom import exposition
 from streamdiff.server.startup import START_KEY, EngineStart
@@ -133,6 +137,17 @@ _unauthorized = unauthorized
 
 def _authorized(request: web.Request) -> bool:
     return authorized(request, request.app[SETTINGS_KEY].token)
+
+
+def _may_watch(request: web.Request) -> bool:
+    """A WHEP route: the server's token or the watch token of the URL's stream key."""
+    return authorized_to_watch(request, request.app[SETTINGS_KEY].token, request.match_info["key"])
+
+
+def watch_path(settings: ServerSettings, key: str) -> str:
+    """The viewer page of stream `key`, with its watch token when the server has a token."""
+    query = {"key": key, **({"token": watch_token(settings.token, key)} if settings.token else {})}
+    return "/viewer.html?" + urlencode(query)
 
 
 def _full(exc: ServerFull, settings: ServerSettings) -> web.Response:
@@ -283,7 +298,8 @@ async def offer(request: web.Request) -> web.Response:
         return web.json_response({"error": "could not negotiate the offer (the server's console says why)"},
                                  status=400)
     await _close_if_client_gone(request, sessions, session)
-    reply = {"sdp": answer_sdp, "type": "answer", "session": session.id, "expect": session.expect}
+    reply = {"sdp": answer_sdp, "type": "answer", "session": session.id, "expect": session.expect,
+             "watch": watch_path(settings, session.id)}  # the page's "watch it elsewhere" link
     if (means := sessions.prompt_means(prompt)) is not None:
         reply["means"] = means
     return web.json_response(reply)
@@ -335,13 +351,15 @@ async def whip_post(request: web.Request) -> web.Response:
         await _negotiation_failed(sessions, session, exc)
         return _error(400, "could not negotiate the offer (the server's console says why)")
     await _close_if_client_gone(request, sessions, session)
+    if settings.token:  # where to watch it: the link carries a token that plays this stream and nothing else
+        events.info("stream key %s: watch it at %s", key, watch_path(settings, key))
     return _sdp_created(f"/whip/{key}/{session.id}", answer_sdp, session.id, _expect_header(session))
 
 
 async def whep_post(request: web.Request) -> web.Response:
     sessions, settings = request.app[SESSIONS_KEY], request.app[SETTINGS_KEY]
     key = check_stream_key(request.match_info["key"])
-    if not _authorized(request):
+    if not _may_watch(request):
         return _unauthorized()
     sdp = await _read_sdp_offer(request)
     try:
@@ -416,7 +434,7 @@ def _resource(request: web.Request):
 
 async def resource_delete(request: web.Request) -> web.Response:
     sessions = request.app[SESSIONS_KEY]
-    if not _authorized(request):
+    if not (_may_watch(request) if _resource_kind(request) == "whep" else _authorized(request)):
         return _unauthorized()
     session = _resource(request)
     if session is None:
@@ -428,7 +446,7 @@ async def resource_delete(request: web.Request) -> web.Response:
 
 
 async def resource_patch(request: web.Request) -> web.Response:
-    if not _authorized(request):
+    if not (_may_watch(request) if _resource_kind(request) == "whep" else _authorized(request)):
         return _unauthorized()
     if _resource(request) is None:
         return _error(404, "no such session")
@@ -467,7 +485,9 @@ async def metrics(request: web.Request) -> web.Response:
 async def list_sessions(request: web.Request) -> web.Response:
     if not _authorized(request):
         return _unauthorized()
-    return web.json_response([s.stats() for s in request.app[SESSIONS_KEY].sessions.values()])
+    settings = request.app[SETTINGS_KEY]
+    return web.json_response([{**s.stats(), **({"watch": watch_path(settings, s.stream_key)} if s.has_stream else {})}
+                              for s in request.app[SESSIONS_KEY].sessions.values()])
 
 
 def _static(name: str):
@@ -494,7 +514,7 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
     if settings.ice_loopback:
         enable_loopback_candidates(True)
     quiet_malformed_requests()
-    app = web.Application(client_max_size=256 * 1024)
+    app = web.Application(client_max_size=256 * 1024, middlewares=[same_origin_control])
     app.on_response_prepare.append(add_cors)
     app.on_response_prepare.append(log_refusal)
     app[ENGINE_KEY] = engine

@@ -155,18 +155,67 @@ async def read_json_object(request: web.Request, timeout_s: float) -> dict:
     return value
 
 
+def _presented(request: web.Request) -> list[bytes]:
+    """The tokens a request carries: `Authorization: Bearer T` (scheme in any case), `?token=T`.
+    surrogateescape: a header byte that is not UTF-8 arrives as a lone surrogate, which .encode()
+    refused with a UnicodeEncodeError (a 500 and a traceback for one bad byte, a security probe)."""
+    given = []
+    scheme, _, bearer = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer":
+        given.append(bearer.strip().encode("utf-8", "surrogateescape"))
+    if (query := request.query.get("token")) is not None:
+        given.append(query.encode("utf-8", "surrogateescape"))
+    return given
+
+
 def authorized(request: web.Request, token: str | None) -> bool:
-    """`Authorization: Bearer T` (scheme in any case) or `?token=T`, compared in constant time."""
-    if not token:
+    """The request carries the server's token (compared in constant time); any request when
+    the server has none."""
+    return not token or any(hmac.compare_digest(g, token.encode()) for g in _presented(request))
+
+
+def watch_token(token: str, key: str) -> str:
+    """A token that plays stream `key` over WHEP and does nothing else, derived from the server's
+    token: a viewer link can carry it without giving its holders control of every stream (a
+    security probe: the viewer URL's token let anyone change, end or replace any stream)."""
+    return hmac.new(token.encode(), f"watch:{key}".encode(), "sha256").hexdigest()[:32]
+
+
+def authorized_to_watch(request: web.Request, token: str | None, key: str) -> bool:
+    """The server's token, or the watch token of stream `key`."""
+    if authorized(request, token):
         return True
-    expected = token.encode()
-    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
-    # surrogateescape: a header byte that is not UTF-8 arrives as a lone surrogate, which .encode()
-    # refused with a UnicodeEncodeError (a 500 and a traceback for one bad byte, a security probe)
-    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), expected):
-        return True
-    query = request.query.get("token")
-    return query is not None and hmac.compare_digest(query.encode("utf-8", "surrogateescape"), expected)
+    expected = watch_token(token, key).encode()
+    return any(hmac.compare_digest(g, expected) for g in _presented(request))
+
+
+# Routes that control the server or a stream, or open one with the page's own offer. WHIP and
+# WHEP stay open to other origins (a browser-based publisher or player on its own site).
+CONTROL_PATHS = re.compile(r"/(offer|ws|sessions(/[^/]+/params)?)")
+
+
+def foreign_origin(request: web.Request) -> str | None:
+    """The request's `Origin` when it is not this server's own (host and port as the client
+    addressed it); None for a same-origin request or a client that sends no Origin (curl,
+    `streamdiff control`, OBS)."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return None
+    scheme, sep, rest = origin.partition("://")
+    return None if sep and rest.rstrip("/") == request.host and scheme in ("http", "https") else origin
+
+
+@web.middleware
+async def same_origin_control(request: web.Request, handler):
+    """Without a token anyone who can reach the server may control it, but not any web page the
+    user happens to visit: a page on another origin gets 403 from the control routes (a security
+    probe drove a token-less server's /sessions, /ws and params from https://evil.example: every
+    reply allowed any origin). With a token the token decides (a controller elsewhere sends it)."""
+    if (request.method != "OPTIONS" and not request.app[SETTINGS_KEY].token
+            and CONTROL_PATHS.fullmatch(request.path) and (origin := foreign_origin(request)) is not None):
+        return error(403, f"a page on another origin ({printable(origin)[:80]}) may not use {request.path} of a "
+                          f"server without a token; start it with --token TOKEN to allow controllers elsewhere")
+    return await handler(request)
 
 
 def unauthorized() -> web.Response:

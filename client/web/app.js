@@ -242,8 +242,10 @@ async function start() {
   }
   sessionId = body.session;
   expect = body.expect || null;
-  // a viewer page plays this session's output by its id (a WHIP stream's is its key)
-  $("watch").href = `viewer.html?${new URLSearchParams({ key: sessionId, ...(token ? { token } : {}) })}`;
+  // a viewer page plays this session's output by its id (a WHIP stream's is its key); the server
+  // gives the link, with a token that plays this stream and nothing else (never the page's own,
+  // which controls every stream)
+  $("watch").href = (body.watch || `/viewer.html?key=${encodeURIComponent(sessionId)}`).replace(/^\//, "");
   $("watching").hidden = false;
   keepPrompt(sent.prompt);
   showMeans(sent.prompt, body.means);

@@ -330,3 +330,100 @@ def test_what_a_security_probe_tried_is_refused_without_leaks(caplog):
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "\x1b" not in logged and "Traceback" not in caplog.text
     assert TOKEN not in logged and "token=…" in logged  # the access log line, redacted
+
+
+async def _other_origins() -> dict:
+    out: dict = {}
+    evil = {"Origin": "https://evil.example"}
+    for token in (None, TOKEN):
+        async with running_server(token=token) as (url, app), aiohttp.ClientSession() as http:
+            here = {"Origin": url}
+            got = out[token] = {}
+            for name, headers in (("foreign", evil), ("same", here), ("none", {})):
+                async with http.get(f"{url}/sessions", headers={**auth(token), **headers}) as r:
+                    got[f"sessions {name}"] = r.status
+            async with http.patch(f"{url}/sessions/k/params", json={"prompt": "x"}, headers={**auth(token), **evil}) as r:
+                got["params foreign"] = r.status
+            try:
+                async with http.ws_connect(f"{url}/ws?session=k", headers={**auth(token), **evil}):
+                    got["ws foreign"] = 101
+            except aiohttp.WSServerHandshakeError as exc:
+                got["ws foreign"] = exc.status
+            pub, offer = await obs_like_offer()  # WHIP stays open to other origins (web publishers)
+            async with http.post(f"{url}/whip/web", data=offer, headers={**auth(token), **SDP, **evil}) as r:
+                got["whip foreign"] = r.status
+            await pub.close()
+    return out
+
+
+def test_a_page_on_another_origin_cannot_control_a_server_without_a_token():
+    """A security probe: with no token (make run's default) every reply allowed any origin and
+    /ws took any Origin, so any web page the user visited could list the streams, change their
+    prompts or end them on 127.0.0.1:8000."""
+    out = asyncio.run(_other_origins())
+    open_server, with_token = out[None], out[TOKEN]
+    assert open_server["sessions foreign"] == 403 and open_server["params foreign"] == 403
+    assert open_server["ws foreign"] == 403
+    assert open_server["sessions same"] == 200 and open_server["sessions none"] == 200  # the page, curl
+    assert open_server["whip foreign"] == 201
+    assert with_token["sessions foreign"] == 200 and with_token["ws foreign"] in (101, 404)  # the token decides
+
+
+async def _a_watch_token(caplog) -> dict:
+    from gateway_helpers import viewer_offer
+
+    from streamdiff.server.http import watch_token
+
+    out: dict = {}
+    async with running_server() as (url, app), aiohttp.ClientSession() as http:  # token: TOKEN
+        pub, offer = await obs_like_offer()
+        async with http.post(f"{url}/whip/studio", data=offer, headers={**auth(), **SDP}) as r:
+            assert r.status == 201, await r.text()
+            publisher_url = r.headers["Location"]
+            await answer(pub, await r.text())
+        watch = watch_token(TOKEN, "studio")
+        async with http.get(f"{url}/sessions", headers=auth()) as r:
+            out["listed"] = [s.get("watch") for s in await r.json()]
+        view, voffer, _ = await viewer_offer()
+        async with http.post(f"{url}/whep/studio", data=voffer, headers={**auth(watch), **SDP}) as r:
+            out["plays"] = r.status
+            viewer_url = r.headers.get("Location")
+            if r.status == 201:
+                await answer(view, await r.text())
+        other, ooffer, _ = await viewer_offer()
+        async with http.post(f"{url}/whep/other", data=ooffer, headers={**auth(watch), **SDP}) as r:
+            out["other key"] = r.status
+        await other.close()
+        # what the viewer URL's token must not do
+        async with http.get(f"{url}/sessions", headers=auth(watch)) as r:
+            out["list"] = r.status
+        async with http.patch(f"{url}/sessions/studio/params", json={"prompt": "x"}, headers=auth(watch)) as r:
+            out["params"] = r.status
+        async with http.delete(f"{url}{publisher_url}", headers=auth(watch)) as r:
+            out["end publisher"] = r.status
+        try:
+            async with http.ws_connect(f"{url}/ws?session=studio&token={watch}"):
+                out["ws"] = 101
+        except aiohttp.WSServerHandshakeError as exc:
+            out["ws"] = exc.status
+        async with http.delete(f"{url}{viewer_url}", headers=auth(watch)) as r:  # its own player: yes
+            out["end own player"] = r.status
+        await view.close()
+        await pub.close()
+    return out
+
+
+def test_a_viewer_link_carries_a_token_that_only_watches(caplog):
+    """A security probe: the viewer URL (the page's "watch it elsewhere" link, OBS's Browser
+    Source) carried the server's token, which let anyone holding it change, end or replace every
+    stream. It now carries a watch token: WHEP for its own stream key, nothing else."""
+    caplog.set_level(logging.INFO)
+    out = asyncio.run(_a_watch_token(caplog))
+    from streamdiff.server.http import watch_token
+
+    link = f"/viewer.html?key=studio&token={watch_token(TOKEN, 'studio')}"
+    assert link in out["listed"] and f"stream key studio: watch it at {link}" in caplog.text
+    assert TOKEN not in caplog.text
+    assert out["plays"] == 201 and out["end own player"] == 200
+    assert out["other key"] == 401
+    assert (out["list"], out["params"], out["end publisher"], out["ws"]) == (401, 401, 401, 401), out
