@@ -45,6 +45,7 @@ from streamdiff.server.http import (
     ENGINE_KEY,
     SESSIONS_KEY,
     SETTINGS_KEY,
+    STREAM_KEY,
     add_cors,
     authorized,
     authorized_to_watch,
@@ -270,7 +271,13 @@ async def offer(request: web.Request) -> web.Response:
             raise SdpError("type must be 'offer' and sdp a string")
         prompt = "" if body.get("prompt") is None else check_prompt(body["prompt"])
         stamp = parse_flag(body.get("stamp", request.query.get("stamp")))
-        params = to_engine_params({k: v for k, v in body.items() if k not in ("sdp", "type", "prompt", "stamp")})
+        # `key`: the page's own stream key, the same across its reconnects and Stops, so that a
+        # viewer of its output keeps playing (a probe: each reconnect made a new id, and an open
+        # viewer waited for the old one for ever); without one the session's id is its key
+        key = body.get("key")
+        if key is not None and not (isinstance(key, str) and STREAM_KEY.fullmatch(key)):
+            raise SdpError("key must be 1-64 characters: letters, digits, '-' and '_'")
+        params = to_engine_params({k: v for k, v in body.items() if k not in ("sdp", "type", "prompt", "stamp", "key")})
         check_offer_sdp(sdp)
         require_directions(sdp, sends=True, receives=True, what="the page sends its camera and "
                            "receives the restyled video (sendrecv); to publish only, use /whip/KEY, to watch, /whep/KEY")
@@ -282,7 +289,10 @@ async def offer(request: web.Request) -> web.Response:
     if _client_gone(request):
         return _left_during_warm_up(request, "page")
     try:
-        session = await sessions.open("browser", None, prompt, stamp=stamp, **params)
+        session = await sessions.open("browser", key, prompt, stamp=stamp, **params)
+    except StreamKeyTaken as exc:  # the page's own previous session, not yet freed: it retries
+        request[LOGGED] = True
+        return web.json_response({"error": str(exc)}, status=409, headers={"Retry-After": "3"})
     except ServerFull as exc:
         request[LOGGED] = True
         return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": str(settings.retry_after_s)})
@@ -299,7 +309,7 @@ async def offer(request: web.Request) -> web.Response:
                                  status=400)
     await _close_if_client_gone(request, sessions, session)
     reply = {"sdp": answer_sdp, "type": "answer", "session": session.id, "expect": session.expect,
-             "watch": watch_path(settings, session.id)}  # the page's "watch it elsewhere" link
+             "watch": watch_path(settings, session.stream_key)}  # the page's "watch it elsewhere" link
     if (means := sessions.prompt_means(prompt)) is not None:
         reply["means"] = means
     return web.json_response(reply)

@@ -110,10 +110,17 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
     # without end, and what is still waiting when the socket closes is dropped.
     inbox: asyncio.Queue[dict] = asyncio.Queue(MAX_WAITING_PARAMS)
 
+    async def with_params_in_use(reply: dict) -> dict:
+        """A refused params message's reply also says what runs (a probe: a burst's refusals left
+        the page showing values its stream did not use)."""
+        if reply.get("type") == "error" and (now := await sessions.current_params(key)) is not None:
+            reply["params"] = now
+        return reply
+
     async def apply_params() -> None:
         while True:
             message = await inbox.get()
-            reply = await _apply_params(sessions, key, message)
+            reply = await with_params_in_use(await _apply_params(sessions, key, message))
             if ws.closed:
                 return
             try:
@@ -134,8 +141,9 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
                         inbox.put_nowait(message)
                         continue
                     except asyncio.QueueFull:
-                        reply = {"type": "error", "error": f"{MAX_WAITING_PARAMS} params messages are already "
-                                                           "waiting to be applied: wait for their replies"}
+                        reply = await with_params_in_use({
+                            "type": "error", "error": f"{MAX_WAITING_PARAMS} params messages are already "
+                                                      "waiting to be applied: wait for their replies"})
                 await ws.send_json(reply)
     except (ConnectionError, asyncio.CancelledError):
         pass

@@ -186,10 +186,12 @@ class ServerFull(Exception):
         self.retry_after_s = retry_after_s
 
 
-def expectation(admission) -> dict:
-    """What an admitted stream can expect, for the answer to the client."""
+def expectation(admission, target_fps: float, deadline_ms: float) -> dict:
+    """What an admitted stream can expect, for the answer to the client; `service` is the level
+    it was admitted for (the page names it when the stream is best effort: a probe's user read
+    "5.1 fps, best effort" as meeting a level the page never showed)."""
     return {"fps": round(admission.expected_fps, 2), "latency_ms": round(admission.expected_latency_ms),
-            "best_effort": admission.best_effort}
+            "best_effort": admission.best_effort, "service": f"{target_fps:g} fps within {deadline_ms / 1000:g} s"}
 
 
 @dataclass
@@ -369,7 +371,7 @@ class SessionManager:
         session = Session(session_id, kind, stream_key or session_id, pc, prompt=prompt, has_stream=owns_stream,
                           stamp=stamp and owns_stream)
         if admission is not None:
-            session.expect = expectation(admission)
+            session.expect = expectation(admission, self.target_fps, self.deadline_ms)
             # best effort: the scheduler's reason says why ("admitted best effort: it ... would miss ...")
             how = admission.reason if admission.best_effort else \
                 f"admitted at {self.target_fps:g} fps / {self.deadline_ms:g} ms"
@@ -524,13 +526,26 @@ class SessionManager:
         except ValueError as exc:
             raise ValueError(without_other_ids(str(in_client_words(exc, message)), target.id)) from None
         if "steps" in message:  # re-admitted with the new lane count
-            target.expect = expectation(await self.engine.admission(target.id))
+            target.expect = expectation(await self.engine.admission(target.id), self.target_fps, self.deadline_ms)
         reply = {"params": to_control_words(params)}
         if target.expect is not None:
             reply["expect"] = target.expect
         if (means := self.prompt_means(params.prompt)) is not None:
             reply["means"] = means
         return reply
+
+    async def current_params(self, key: str) -> dict | None:
+        """The params the session's stream (a whep session's source's) runs now, in control
+        words; None when it has none. A refused change's reply carries them, so that a page
+        shows what is in use, not what it failed to apply."""
+        session = self.get(key)
+        target = session.source if session is not None and session.kind == "whep" else session
+        if target is None or not target.has_stream or target.closed:
+            return None
+        try:
+            return to_control_words(await self.engine.params(target.id))
+        except (KeyError, ValueError):  # the stream left the engine meanwhile
+            return None
 
     def prompt_means(self, prompt: str) -> str | None:
         """What the served model makes of `prompt` when it knows a few prompts only (the demo's

@@ -6,6 +6,11 @@ const $ = (id) => document.getElementById(id);
 const token = new URLSearchParams(location.search).get("token");
 let pc = null, ws = null, camera = null, sessionId = null, fpsTimer = null, retryTimer = null, expect = null;
 let fadeTimer = null;
+// This tab's stream key: the same across its reconnects, Stops and reloads (sessionStorage), so a
+// viewer of its output ("watch it elsewhere", an OBS source) keeps playing it.
+const PAGE_KEY = sessionStorage.getItem("streamdiff.key") ||
+  `page-${Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("")}`;
+sessionStorage.setItem("streamdiff.key", PAGE_KEY);
 
 // The status line. `fadeS`: a passing note (a change applied) that clears itself after that many
 // seconds unless something else was said meanwhile.
@@ -58,7 +63,8 @@ const FIELDS = {
     if (text === "" || !Number.isFinite(value) || value < 0.1 || value > 1) throw "noise must be a number from 0.1 to 1";
     return value;
   },
-  seed: () => wholeNumber("seed", 0),
+  // a page's numbers are exact up to 2^53 - 1 only: a larger seed was sent rounded (…993 ran as …992)
+  seed: () => wholeNumber("seed", 0, Number.MAX_SAFE_INTEGER),
   motion: () => $("motion").checked,
   blend: () => wholeNumber("blend", 0, 64),
 };
@@ -188,6 +194,11 @@ async function start() {
     if (over()) return got.getTracks().forEach((t) => t.stop());
     camera = got;
     $("local").srcObject = camera;
+    // unplugged, or its permission taken back: say so now (the picture froze for 10 s, then the
+    // server ended the stream for want of video)
+    got.getVideoTracks().forEach((t) => t.addEventListener("ended", () => {
+      if (camera === got) end("Your camera stopped (unplugged, or its permission was taken back)");
+    }));
   }
   const peer = new RTCPeerConnection({ iceServers: [] });
   pc = peer;
@@ -196,8 +207,8 @@ async function start() {
   $("overlay").textContent = "–";
   peer.addEventListener("connectionstatechange", () => {
     if (pc !== peer) return;
-    if (peer.connectionState === "failed") {
-      end("The connection to the server failed");
+    if (peer.connectionState === "failed") { // the network went away: come back when it does
+      reconnect("The connection to the server failed");
     } else if (peer.connectionState === "disconnected") {
       say("the connection is interrupted; waiting for it to come back…", true);
     }
@@ -210,7 +221,7 @@ async function start() {
   if (token) headers.Authorization = `Bearer ${token}`;
   let resp;
   try {
-    resp = await fetch("/offer", { method: "POST", headers, body: JSON.stringify({ sdp: peer.localDescription.sdp, type: "offer", ...sent }) });
+    resp = await fetch("/offer", { method: "POST", headers, body: JSON.stringify({ sdp: peer.localDescription.sdp, type: "offer", key: PAGE_KEY, ...sent }) });
   } catch (err) {
     if (over()) return peer.close();
     return reconnect(`Cannot reach the StreamDiff server at ${location.host} (is it running?)`);
@@ -229,6 +240,11 @@ async function start() {
     pc = null;
     return retryLater(parseInt(resp.headers.get("Retry-After") || "10", 10), body.error || "no free stream slot");
   }
+  if (resp.status === 409) { // this tab's previous stream (a dropped connection) is not freed yet
+    peer.close();
+    pc = null;
+    return retryLater(parseInt(resp.headers.get("Retry-After") || "3", 10), "this page's previous stream is still ending");
+  }
   if (resp.status === 401) {
     say(token ? "The server refused this page's token (?token= in its address): it may have been restarted with " +
                 "another one. Open the page with the new token (`streamdiff serve` prints that address)."
@@ -245,7 +261,7 @@ async function start() {
   // a viewer page plays this session's output by its id (a WHIP stream's is its key); the server
   // gives the link, with a token that plays this stream and nothing else (never the page's own,
   // which controls every stream)
-  $("watch").href = (body.watch || `/viewer.html?key=${encodeURIComponent(sessionId)}`).replace(/^\//, "");
+  $("watch").href = (body.watch || `/viewer.html?key=${encodeURIComponent(PAGE_KEY)}`).replace(/^\//, "");
   $("watching").hidden = false;
   keepPrompt(sent.prompt);
   showMeans(sent.prompt, body.means);
@@ -301,7 +317,8 @@ function reconnect(why) {
 
 function expectText() {
   if (!expect) return "";
-  const how = expect.best_effort ? " (best effort: this machine cannot reach the service level)" : "";
+  const level = expect.service ? ` of ${expect.service}` : "";
+  const how = expect.best_effort ? ` (best effort: this machine cannot reach the service level${level})` : "";
   // the latency promised is its oldest frame's (a chunk waits for its last frame): the overlay's
   // mean over frames is shorter
   return ` · expect about ${Number(expect.fps).toFixed(1)} fps and up to ${(expect.latency_ms / 1000).toFixed(1)} s latency${how}`;
@@ -346,6 +363,10 @@ function openControl() {
       $("overlay").dataset.latency = msg.latency_ms == null ? "–" : `${Math.round(msg.latency_ms)} ms`;
     } else if (msg.type === "error") {
       say(`not applied: ${msg.error}`, true);
+      if (msg.params) { // a refused change: the fields show what the stream uses
+        for (const name of Object.keys(msg.params)) touched.delete(name);
+        showValues(msg.params);
+      }
     } else if (msg.type === "params") {
       const p = msg.params;
       const prompt = p.prompt.trim() ? `"${p.prompt}"` : "(empty prompt)";

@@ -114,7 +114,8 @@ async def _make_run_flow() -> dict:
                 out["means_first"] = await one.inner_text("#means")
                 out["first_message"] = out["message"] if stats else await one.inner_text("#message")
                 first_id = next(iter(sessions.sessions), None)
-                out["watch"] = (await one.is_visible("#watch"), await one.get_attribute("#watch", "href"), first_id)
+                first_key = sessions.sessions[first_id].stream_key if first_id else None  # the tab's own key
+                out["watch"] = (await one.is_visible("#watch"), await one.get_attribute("#watch", "href"), first_key)
                 out["first_params"] = await sessions.engine.params(first_id) if first_id else None
                 # A prompt the demo does not know: the page says what the model makes of it.
                 await one.fill("#prompt", "a claymation world")
@@ -190,8 +191,9 @@ def test_make_run_page_admits_under_load_retries_refused_users_and_frees_crashed
     assert "the demo" in out["about"] and "noise" not in out["about"], out["about"]  # what make run serves
     assert out["means_first"] == "style: starry night", out["means_first"]  # the page's first prompt
     assert out["means_free"] and "as: a photo" in out["means_free"], out["means_free"]
-    visible, href, first_id = out["watch"]  # the page links a viewer of its own output
-    assert visible and href == f"viewer.html?key={first_id}" and not out["watch_after_stop"], out["watch"]
+    visible, href, first_key = out["watch"]  # the page links a viewer of its own output, by the tab's key
+    assert visible and first_key.startswith("page-") and href == f"viewer.html?key={first_key}", out["watch"]
+    assert not out["watch_after_stop"], out["watch"]
     assert out["outside"] and "noise 0.8" in out["outside"] and "expect mostly noise" in out["outside"], out["outside"]
     # The page shows the preset's stream parameters and, untouched, the stream gets them (it sent
     # its own 0.3 and motion-aware noise to every preset before).
@@ -371,6 +373,15 @@ async def _page_follows_its_user_flow() -> dict:
             await sessions.close(session_id, "test: the server ends it")
             out["after_server_end"] = await _until(
                 lambda: _async_state(page, lambda s: s["start"] and "Press Start webcam" in s["message"]), 30)
+            # 5. The camera goes (unplugged, permission taken back): said at once, the stream freed.
+            await page.fill("#seed", "3")  # step 3 left it invalid: Start would refuse
+            await page.click("#start")
+            out["streaming_again"] = await _until(lambda: _async(lambda: len(sessions.sessions) == 1), 120)
+            await page.evaluate("() => document.getElementById('local').srcObject.getVideoTracks()[0]"
+                                ".dispatchEvent(new Event('ended'))")
+            out["camera_gone"] = await _until(
+                lambda: _async_state(page, lambda s: s["start"] and "Your camera stopped" in s["message"]), 30)
+            out["freed_after_camera"] = await _until(lambda: _async(lambda: not sessions.sessions), 30)
         finally:
             await browser.close()
     return out
@@ -390,6 +401,9 @@ def test_the_page_follows_stop_restart_and_a_stream_the_server_ends():
     # and why, in the server's words
     assert out["after_server_end"] and "The server ended this stream: test: the server ends it" in \
         out["after_server_end"]["message"], out
+    # a page probe: a camera unplugged mid-stream froze the picture for 10 s with no word
+    assert out["streaming_again"] and out["camera_gone"] and not out["camera_gone"]["camera"], out
+    assert out["freed_after_camera"], "the stream outlived its camera"
 
 
 async def _page_without_its_token() -> str:

@@ -145,3 +145,18 @@ def test_a_change_that_fails_unexpectedly_is_one_line_and_the_socket_goes_on():
     assert patched == (500, {"error": "the change could not be applied (the server log has the details)"})
     assert replies[0] == {"type": "error", "error": "the change could not be applied (the server log has the details)"}
     assert replies[1]["type"] == "params" and replies[1]["params"]["seed"] == 7, replies
+
+
+def test_a_refused_change_says_what_the_stream_uses():
+    """A page probe: a burst's refused changes left the page showing values its stream did not
+    use. A refusal's reply carries the params in use, so a page can put its fields back."""
+    async def run():
+        async with running_server() as (url, app):
+            pub = await publish(url, "cam")
+            refused = await send_params(url, "cam", {"steps": 9, "seed": 5}, token=TOKEN)
+            await pub.close()
+            return refused
+
+    refused = asyncio.run(run())
+    assert refused["type"] == "error" and "steps" in refused["error"], refused
+    assert refused["params"]["steps"] in (1, 2, 3, 4) and refused["params"]["seed"] != 5, refused

@@ -83,3 +83,54 @@ async def _orphans():
 
 def test_a_page_whose_control_socket_drops_is_freed_and_other_controllers_do_not_count():
     asyncio.run(_orphans())
+
+
+async def _a_page_with_its_own_key():
+    from gateway_helpers import viewer_offer
+
+    out = {}
+    async with running_server() as (url, app), aiohttp.ClientSession() as http:
+        sessions = sessions_of(app)
+
+        async def page_offer():
+            pc = RTCPeerConnection()
+            pc.addTrack(SyntheticVideo())
+            await pc.setLocalDescription(await pc.createOffer())
+            async with http.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer",
+                                                       "key": "page-1a2b"}, headers=auth()) as resp:
+                return pc, resp.status, await resp.json(), resp.headers.get("Retry-After")
+
+        first, status, body, _ = await page_offer()
+        await answer(first, body["sdp"])
+        out["first"] = (status, body["watch"].startswith("/viewer.html?key=page-1a2b&token="))
+        view, voffer, collector = await viewer_offer()  # a viewer of the page's stream, by its key
+        async with http.post(f"{url}/whep/page-1a2b", data=voffer, headers={**auth(), "Content-Type": "application/sdp"}) as r:
+            out["viewer"] = r.status
+            await answer(view, await r.text())
+        await asyncio.wait_for(collector.enough.wait(), 120)
+        second, status, body2, retry = await page_offer()  # the same tab while its stream is live
+        out["taken"] = (status, retry)
+        await second.close()
+        await first.close()  # the page reconnects: its old session ends, the key comes free
+        for _ in range(200):
+            if sessions.publisher("page-1a2b") is None:
+                break
+            await asyncio.sleep(0.05)
+        third, status, body3, _ = await page_offer()
+        out["again"] = (status, body3.get("watch") == body["watch"])
+        await third.close()
+        async with http.post(f"{url}/offer", json={"sdp": "v=0", "type": "offer", "key": "bad key"}, headers=auth()) as r:
+            out["bad key"] = (r.status, (await r.json())["error"])
+        await view.close()
+    return out
+
+
+def test_a_page_streams_under_its_own_key_across_reconnects():
+    """A page probe: every reconnect made a new session id, and an open viewer of the page's
+    output (its watch link, an OBS source) waited for the old id for ever. The page sends a key
+    of its own, the same across its reconnects: its viewer link stays valid."""
+    out = asyncio.run(_a_page_with_its_own_key())
+    assert out["first"] == (200, True) and out["viewer"] == 201
+    assert out["taken"] == (409, "3")  # still live: the page retries in 3 s
+    assert out["again"] == (200, True)
+    assert out["bad key"][0] == 400 and "key must be" in out["bad key"][1]
