@@ -263,7 +263,7 @@ def _player_track(session, source, settings: ServerSettings, sessions: SessionMa
 async def offer(request: web.Request) -> web.Response:
     sessions, settings = request.app[SESSIONS_KEY], request.app[SETTINGS_KEY]
     if not _authorized(request):
-        return _unauthorized()
+        return _unauthorized(json_body=True)
     body = await read_json_object(request, settings.body_timeout_s)
     try:
         sdp, kind = body.get("sdp"), body.get("type", "offer")
@@ -332,6 +332,8 @@ async def whip_post(request: web.Request) -> web.Response:
     sdp = await _read_sdp_offer(request)
     try:
         stamp = parse_flag(request.query.get("stamp"))
+        # the stream's first prompt, in the WHIP URL (OBS has no other field for it): ?prompt=...
+        prompt = check_prompt(request.query.get("prompt", ""))
         check_offer_sdp(sdp)
         require_directions(sdp, sends=True, receives=False, what="a WHIP publisher offers sendonly video "
                            f"(to watch stream {key!r}, use /whep/{key})")
@@ -346,7 +348,7 @@ async def whip_post(request: web.Request) -> web.Response:
     if _client_gone(request):
         return _left_during_warm_up(request, "WHIP")
     try:
-        session = await sessions.open("whip", key, stamp=stamp)
+        session = await sessions.open("whip", key, prompt, stamp=stamp)
     except StreamKeyTaken as exc:
         request[LOGGED] = True
         return _error(409, str(exc))
@@ -589,8 +591,20 @@ def app_runner(app: web.Application) -> web.AppRunner:
 
 
 def page_url(host: str, port: int) -> str:
-    """The address to open: an IPv6 host in brackets (http://[::1]:8000/)."""
+    """The address to open: an IPv6 host in brackets (http://[::1]:8000/). A server on every
+    interface (0.0.0.0, ::) is opened on this machine as localhost: a browser gives the camera
+    to a page on localhost or https only, and 0.0.0.0 is no address to open."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def _say(text: str) -> None:
+    """print() that survives a closed stdout (`serve | head -1`: a BrokenPipeError traceback,
+    after which the server ignored SIGINT and SIGTERM): later lines go nowhere."""
+    try:
+        print(text, flush=True)
+    except (BrokenPipeError, OSError):
+        sys.stdout = open(os.devnull, "w")
 
 
 def startup_lines(cfg, settings: ServerSettings, host: str, port: int, expect: tuple[float, float, float]) -> list[str]:
@@ -622,14 +636,14 @@ def serve(cfg, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettin
 
     async def report() -> None:  # once the engine is warm
         expect = await engine.expect()
-        print("\n".join(startup_lines(cfg, settings, host, port, expect)), flush=True)
+        _say("\n".join(startup_lines(cfg, settings, host, port, expect)))
 
     app = build_app(engine, settings, then=report)
     start = app[START_KEY]
 
     async def announce(_app: web.Application) -> None:  # the port listens right after the start-up hooks
-        print(f"StreamDiff: warming up {cfg.name} on {page_url(host, port)} (the page opens now; a stream "
-              f"starts once the model is warm)", flush=True)
+        _say(f"StreamDiff: warming up {cfg.name} on {page_url(host, port)} (the page opens now; a stream "
+             f"starts once the model is warm)")
         start.task.add_done_callback(_stop_if_failed)
 
     failed: list[BaseException] = []

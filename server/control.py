@@ -47,7 +47,7 @@ _unauthorized = unauthorized
 async def params_patch(request: web.Request) -> web.Response:
     sessions = request.app[SESSIONS_KEY]
     if not _authorized(request):
-        return _unauthorized()
+        return _unauthorized(json_body=True)
     body = await read_json_object(request, request.app[SETTINGS_KEY].body_timeout_s)
     if body.get("type", "params") != "params":  # the socket's message shape is welcome, another type is not
         return web.json_response({"error": f"a params change has no type or type \"params\", got "

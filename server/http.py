@@ -218,9 +218,16 @@ async def same_origin_control(request: web.Request, handler):
     return await handler(request)
 
 
-def unauthorized() -> web.Response:
-    return error(401, "missing or wrong Bearer token (Authorization: Bearer <token>)",
-                 **{"WWW-Authenticate": 'Bearer realm="streamdiff"'})
+UNAUTHORIZED = "missing or wrong Bearer token (Authorization: Bearer <token>)"
+
+
+def unauthorized(json_body: bool = False) -> web.Response:
+    """401; `json_body` for the JSON endpoints (/offer, params), which answer every refusal as
+    {"error": ...}."""
+    headers = {**CORS, "WWW-Authenticate": 'Bearer realm="streamdiff"'}
+    if json_body:
+        return web.json_response({"error": UNAUTHORIZED}, status=401, headers=headers)
+    return error(401, UNAUTHORIZED, **headers)
 
 
 async def add_cors(request: web.Request, response: web.StreamResponse) -> None:

@@ -633,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     control = sub.add_parser("control", help="change a live stream's prompt / steps / noise / seed")
-    control.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    control.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default http://127.0.0.1:8000)")
     control.add_argument("--session", required=True, help="session id, or the WHIP stream key of an OBS stream")
     control.add_argument("--token")
     control.add_argument("--prompt")

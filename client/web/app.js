@@ -181,6 +181,12 @@ async function start() {
     say(`${problem}; nothing was started`, true);
     return stop();
   }
+  if (!camera && !window.isSecureContext) { // the browser hides the camera: say why, not "refused"
+    say(`This browser gives the camera only to pages on https or on localhost, and this page is ${location.origin}. ` +
+        "Open it on the server's machine (http://localhost:PORT/), through an SSH tunnel " +
+        "(ssh -L 8000:127.0.0.1:8000 SERVER), or behind an https proxy.", true);
+    return stop();
+  }
   if (!camera) {
     say("asking for the camera…");
     let got;

@@ -422,6 +422,33 @@ async def _page_without_its_token() -> str:
             await browser.close()
 
 
+async def _page_from_another_machine() -> str:
+    from playwright.async_api import async_playwright
+
+    async with running_server(token=None) as (url, app), async_playwright() as pw:
+        port = url.rsplit(":", 1)[1]
+        # as a machine on the network sees it: a plain-http address that is not localhost
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                           args=[*ARGS, "--host-resolver-rules=MAP streamdiff.test 127.0.0.1"])
+        try:
+            page = await browser.new_page()
+            await page.goto(f"http://streamdiff.test:{port}/")
+            await page.click("#start")
+            said = await _until(lambda: _message_with(page, "https"), 30)
+            assert not sessions_of(app).sessions
+            return said
+        finally:
+            await browser.close()
+
+
+def test_a_page_on_plain_http_from_another_machine_says_why_there_is_no_camera():
+    """A docs walkthrough: `--host 0.0.0.0` serves other machines, but there the page said "The
+    camera was refused or is missing (TypeError)": a browser gives the camera only to https or
+    localhost pages."""
+    said = asyncio.run(_page_from_another_machine())
+    assert said and "localhost" in said and "ssh -L" in said, said
+
+
 def test_a_page_opened_without_the_servers_token_says_how_to_open_it():
     """It said "The server refused the session: 401" (the reply's text went unread)."""
     said = asyncio.run(_page_without_its_token())

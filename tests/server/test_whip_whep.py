@@ -440,3 +440,33 @@ def test_a_player_whose_reports_stop_is_freed_soon():
     why, publisher_alive = asyncio.run(_a_player_that_goes_silent())
     assert why is not None and "sent no RTCP report" in why, why
     assert publisher_alive
+
+
+async def _whip_with_a_prompt():
+    async with running_server() as (url, app), aiohttp.ClientSession() as http:
+        sessions = sessions_of(app)
+        pub, offer = await obs_like_offer()
+        async with http.post(f"{url}/whip/studio?prompt=starry%20night", data=offer,
+                             headers={**auth(), "Content-Type": "application/sdp"}) as resp:
+            assert resp.status == 201, await resp.text()
+            await answer(pub, await resp.text())
+        params = await sessions.engine.params(sessions.publisher("studio").id)
+        bad_pub, bad_offer = await obs_like_offer()
+        async with http.post(f"{url}/whip/other?prompt={'x' * 1200}", data=bad_offer,
+                             headers={**auth(), "Content-Type": "application/sdp"}) as resp:
+            too_long = (resp.status, await resp.text())
+        await bad_pub.close()
+        async with http.post(f"{url}/offer", json={"sdp": "v=0", "type": "offer"}) as resp:  # no token
+            unauthorized = (resp.status, resp.content_type, await resp.json())
+        await pub.close()
+    return params.prompt, too_long, unauthorized
+
+
+def test_a_whip_url_can_carry_the_streams_first_prompt():
+    """A docs walkthrough: an OBS stream always began with the empty prompt (the demo's `a
+    photo`): OBS has no field for one. `?prompt=` on the WHIP URL sets it. And the JSON endpoints'
+    401 is JSON too (it was the one refusal in plain text)."""
+    prompt, too_long, unauthorized = asyncio.run(_whip_with_a_prompt())
+    assert prompt == "starry night"
+    assert too_long[0] == 400 and "prompt" in too_long[1]
+    assert unauthorized[0] == 401 and unauthorized[1] == "application/json" and "Bearer" in unauthorized[2]["error"]
