@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from gateway_helpers import answer, obs_like_offer, running_server, sessions_of, tiny_config
+from gateway_helpers import TOKEN, answer, obs_like_offer, running_server, sessions_of, tiny_config
 
 from streamdiff.config import load_config, with_overrides
 
@@ -406,35 +406,21 @@ def test_the_page_follows_stop_restart_and_a_stream_the_server_ends():
     assert out["freed_after_camera"], "the stream outlived its camera"
 
 
-async def _page_without_its_token() -> str:
+async def _what_start_says(word: str, *, token: str | None, host: str | None = None) -> str:
+    """Open the page (as `host`, resolved to this machine, when given: a plain-http address that is
+    not localhost, as another machine on the network sees the server), press Start, and return the
+    message that has `word` in it; no session may have been made."""
     from playwright.async_api import async_playwright
 
-    async with running_server() as (url, app), async_playwright() as pw:  # a server with a token
-        browser = await _browser(pw)
-        try:
-            page = await browser.new_page()
-            await page.goto(url + "/")  # no ?token=
-            await page.click("#start")
-            said = await _until(lambda: _message_with(page, "token"), 30)
-            assert not sessions_of(app).sessions
-            return said
-        finally:
-            await browser.close()
-
-
-async def _page_from_another_machine() -> str:
-    from playwright.async_api import async_playwright
-
-    async with running_server(token=None) as (url, app), async_playwright() as pw:
+    async with running_server(token=token) as (url, app), async_playwright() as pw:
         port = url.rsplit(":", 1)[1]
-        # as a machine on the network sees it: a plain-http address that is not localhost
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                           args=[*ARGS, "--host-resolver-rules=MAP streamdiff.test 127.0.0.1"])
+        rules = [f"--host-resolver-rules=MAP {host} 127.0.0.1"] if host else []
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[*ARGS, *rules])
         try:
             page = await browser.new_page()
-            await page.goto(f"http://streamdiff.test:{port}/")
+            await page.goto(f"http://{host}:{port}/" if host else url + "/")  # no ?token=
             await page.click("#start")
-            said = await _until(lambda: _message_with(page, "https"), 30)
+            said = await _until(lambda: _message_with(page, word), 30)
             assert not sessions_of(app).sessions
             return said
         finally:
@@ -445,13 +431,13 @@ def test_a_page_on_plain_http_from_another_machine_says_why_there_is_no_camera()
     """A docs walkthrough: `--host 0.0.0.0` serves other machines, but there the page said "The
     camera was refused or is missing (TypeError)": a browser gives the camera only to https or
     localhost pages."""
-    said = asyncio.run(_page_from_another_machine())
+    said = asyncio.run(_what_start_says("https", token=None, host="streamdiff.test"))
     assert said and "localhost" in said and "ssh -L" in said, said
 
 
 def test_a_page_opened_without_the_servers_token_says_how_to_open_it():
     """It said "The server refused the session: 401" (the reply's text went unread)."""
-    said = asyncio.run(_page_without_its_token())
+    said = asyncio.run(_what_start_says("token", token=TOKEN))  # a server with a token
     assert said and "wants a token" in said and "?token=" in said, said
 
 
