@@ -8,9 +8,13 @@ let pc = null, ws = null, camera = null, sessionId = null, fpsTimer = null, retr
 let fadeTimer = null;
 // This tab's stream key: the same across its reconnects, Stops and reloads (sessionStorage), so a
 // viewer of its output ("watch it elsewhere", an OBS source) keeps playing it.
-const PAGE_KEY = sessionStorage.getItem("streamdiff.key") ||
-  `page-${Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("")}`;
-sessionStorage.setItem("streamdiff.key", PAGE_KEY);
+function newPageKey() {
+  const key = `page-${Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("")}`;
+  sessionStorage.setItem("streamdiff.key", key);
+  return key;
+}
+let PAGE_KEY = sessionStorage.getItem("streamdiff.key") || newPageKey();
+let keyTaken = 0; // 409s in a row: a duplicated tab copies sessionStorage, and with it the key
 
 // The status line. `fadeS`: a passing note (a change applied) that clears itself after that many
 // seconds unless something else was said meanwhile.
@@ -249,8 +253,10 @@ async function start() {
   if (resp.status === 409) { // this tab's previous stream (a dropped connection) is not freed yet
     peer.close();
     pc = null;
+    if (++keyTaken >= 3) { PAGE_KEY = newPageKey(); keyTaken = 0; } // another tab has it (a duplicated tab)
     return retryLater(parseInt(resp.headers.get("Retry-After") || "3", 10), "this page's previous stream is still ending");
   }
+  keyTaken = 0;
   if (resp.status === 401) {
     say(token ? "The server refused this page's token (?token= in its address): it may have been restarted with " +
                 "another one. Open the page with the new token (`streamdiff serve` prints that address)."
