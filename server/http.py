@@ -202,7 +202,10 @@ def foreign_origin(request: web.Request) -> str | None:
     if origin is None:
         return None
     scheme, sep, rest = origin.partition("://")
-    return None if sep and rest.rstrip("/") == request.host and scheme in ("http", "https") else origin
+    # behind an https proxy the page's origin is the proxy's: the Host it forwards, or the
+    # X-Forwarded-Host it adds (nginx: proxy_set_header Host $host), names it
+    hosts = {request.host, *(h.strip() for h in request.headers.get("X-Forwarded-Host", "").split(",")[:1])}
+    return None if sep and scheme in ("http", "https") and rest.rstrip("/") in hosts - {""} else origin
 
 
 @web.middleware

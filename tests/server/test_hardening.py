@@ -339,7 +339,8 @@ async def _other_origins() -> dict:
         async with running_server(token=token) as (url, app), aiohttp.ClientSession() as http:
             here = {"Origin": url}
             got = out[token] = {}
-            for name, headers in (("foreign", evil), ("same", here), ("none", {})):
+            proxied = {"Origin": "https://streams.example", "X-Forwarded-Host": "streams.example"}
+            for name, headers in (("foreign", evil), ("same", here), ("none", {}), ("proxied", proxied)):
                 async with http.get(f"{url}/sessions", headers={**auth(token), **headers}) as r:
                     got[f"sessions {name}"] = r.status
             async with http.patch(f"{url}/sessions/k/params", json={"prompt": "x"}, headers={**auth(token), **evil}) as r:
@@ -365,6 +366,7 @@ def test_a_page_on_another_origin_cannot_control_a_server_without_a_token():
     assert open_server["sessions foreign"] == 403 and open_server["params foreign"] == 403
     assert open_server["ws foreign"] == 403
     assert open_server["sessions same"] == 200 and open_server["sessions none"] == 200  # the page, curl
+    assert open_server["sessions proxied"] == 200  # the page behind an https proxy that says its host
     assert open_server["whip foreign"] == 201
     assert with_token["sessions foreign"] == 200 and with_token["ws foreign"] in (101, 404)  # the token decides
 
