@@ -542,3 +542,35 @@ def test_the_page_waits_for_a_restarted_server_and_keeps_the_keyboard_focus():
     assert out["focus_after_stop"] == "start", out
     state = out["after_stop"]
     assert state["start"] and not state["stop"] and not state["camera"] and state["message"] == "stopped", state
+
+
+async def _on_a_phone() -> dict:
+    from playwright.async_api import async_playwright
+
+    out = {}
+    async with running_server(token=None) as (url, app), async_playwright() as pw:
+        browser = await _browser(pw)
+        try:
+            for width, height in ((375, 667), (320, 568)):
+                context = await browser.new_context(viewport={"width": width, "height": height}, is_mobile=True,
+                                                    has_touch=True)
+                page = await context.new_page()
+                await page.goto(url + "/")
+                await page.click("#start")
+                await _until(lambda: _playing(page, "output"), 120)
+                out[width] = (height, await page.locator("#output").bounding_box(),
+                              await page.locator("#prompt").bounding_box())
+                await page.screenshot(path=str(ARTIFACTS / f"phone_{width}.png"))
+                await context.close()
+        finally:
+            await browser.close()
+    return out
+
+
+def test_on_a_phone_the_restyled_picture_is_on_the_first_screen():
+    """A page probe: at 375 x 667 the controls, the about text and the status line filled the first
+    screen, and the restyled picture began 110 px above its bottom (at 320 x 568 below it)."""
+    for width, (height, output, prompt) in asyncio.run(_on_a_phone()).items():
+        assert output["y"] + output["height"] <= height, (width, output)  # all of it, without scrolling
+        assert output["width"] >= 0.9 * (width - 24), (width, output)  # as wide as the screen allows
+        assert prompt["y"] > output["y"], (width, prompt, output)  # the controls follow it
