@@ -3,8 +3,10 @@ keys and error responses that never carry Python exception text.
 
 Owns: reading a body (size cap, read timeout, UTF-8 only, charset parameter checked),
 parsing JSON (depth and size capped), the Bearer-token check (constant-time, scheme matched
-case-insensitively), the stream-key rule, CORS on every response, and quiet logging of requests
-aiohttp cannot parse. Every refusal here is an aiohttp HTTP exception (a 4xx response), never a
+case-insensitively) and a stream's watch token (WHEP only), the same-origin rule for the control
+routes of a server without a token, the stream-key rule, CORS on every response, console text
+without control characters, and quiet, token-free logging of requests (the access log, and those
+aiohttp cannot parse). Every refusal here is an aiohttp HTTP exception (a 4xx response), never a
 logged crash.
 Does not own: routes or what a body means (server.app), sessions (server.sessions).
 """
