@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import torch
 
-# StreamDiffusionV2's denoise-step timesteps (DESIGN §2), which its models were distilled at; a
-# config may list its own (`sampling.timesteps`). The first entry is the nominal first-lane
-# timestep for the default strength 0.8; the noise strength replaces it per chunk.
-DEFAULT_TIMESTEPS: tuple[int, ...] = (700, 500, 400, 200)
+from streamdiff.config import SamplingConfig
+
+# StreamDiffusionV2's denoise-step timesteps (DESIGN §2), which its models were distilled at: the
+# config's default (`sampling.timesteps`, where a preset may list its own). The first entry is the
+# nominal first-lane timestep for the default strength 0.8; the noise strength replaces it per chunk.
+DEFAULT_TIMESTEPS: tuple[int, ...] = SamplingConfig.timesteps
 MAX_STEPS = 4
 
 
