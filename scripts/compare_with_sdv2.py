@@ -423,7 +423,7 @@ def compare_vae(ref, folder: Path) -> list[tuple[str, float]]:
     lines, raw = [], None
     for scaled in (False, True):
         model.first_encode, model.first_decode = True, True  # a new stream, as streamv2v/inference.py starts one
-        ours, state = StreamingVAE(ours_module, normalize_latents=scaled), None
+        ours = StreamingVAE(ours_module, normalize_latents=scaled)
         state = ours.new_state()
         theirs, mine = [], []
         for a, b in zip(bounds[:-1], bounds[1:]):

@@ -436,6 +436,12 @@ def _resource_kind(request: web.Request) -> str:
     return request.path.split("/", 2)[1]
 
 
+def _may_use_resource(request: web.Request) -> bool:
+    """A /whip|whep/{key}/{id} URL: the server's token, or for a player's resource its stream's
+    watch token."""
+    return _may_watch(request) if _resource_kind(request) == "whep" else _authorized(request)
+
+
 def _resource(request: web.Request):
     """The session a /whip|whep/{key}/{id} URL names, of that kind and key; None otherwise."""
     session = request.app[SESSIONS_KEY].sessions.get(request.match_info["id"])
@@ -446,7 +452,7 @@ def _resource(request: web.Request):
 
 async def resource_delete(request: web.Request) -> web.Response:
     sessions = request.app[SESSIONS_KEY]
-    if not (_may_watch(request) if _resource_kind(request) == "whep" else _authorized(request)):
+    if not _may_use_resource(request):
         return _unauthorized()
     session = _resource(request)
     if session is None:
@@ -458,7 +464,7 @@ async def resource_delete(request: web.Request) -> web.Response:
 
 
 async def resource_patch(request: web.Request) -> web.Response:
-    if not (_may_watch(request) if _resource_kind(request) == "whep" else _authorized(request)):
+    if not _may_use_resource(request):
         return _unauthorized()
     if _resource(request) is None:
         return _error(404, "no such session")

@@ -89,9 +89,9 @@ def enable_loopback_candidates(enabled: bool = True) -> None:
     aioice.ice.get_host_addresses = with_loopback
 
 
-def stop_consent_checks(pc) -> int:
+def stop_consent_checks(pc) -> None:
     """End aioice's consent-freshness checks (RFC 7675) on `pc`'s connected ICE transports, so
-    that a peer which stops answering them is not cut off; returns how many were stopped.
+    that a peer which stops answering them is not cut off.
 
     For WHIP publishers: FFmpeg's WHIP muxer (8.0) answers STUN only during its handshake,
     so aioice, which closes a connection after 6 unanswered checks, ended every FFmpeg publish
@@ -99,15 +99,11 @@ def stop_consent_checks(pc) -> int:
     publisher we send only RTCP, and a publisher that stops sending video is freed by the
     session's own input timeout. aioice has no option for this: the check runs as the task
     `Connection._query_consent_task`, started on connect, which is cancelled here."""
-    tasks = set()
-    for transceiver in pc.getTransceivers():  # bundled: usually one ICE transport for all
+    for transceiver in pc.getTransceivers():  # bundled: one ICE transport for all (cancelling twice is harmless)
         ice = transceiver.receiver.transport.transport  # RTCDtlsTransport -> RTCIceTransport
         task = getattr(getattr(ice, "_connection", None), "_query_consent_task", None)
-        if task is not None and not task.done():
-            tasks.add(task)
-    for task in tasks:
-        task.cancel()
-    return len(tasks)
+        if task is not None:
+            task.cancel()
 
 
 # ---------------------------------------------------------------------- output
