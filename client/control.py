@@ -47,7 +47,8 @@ CLOSE_CODES = {1001: "going away", 1009: "message too big", 1011: "server error"
 
 async def send_params(base_url: str, session: str, params: dict, token: str | None = None,
                       timeout_s: float = 10.0) -> dict:
-    """Send one `params` message and return the server's reply (skipping stats pushes)."""
+    """Send one `params` message and return the server's reply (skipping stats pushes and changes
+    other controllers made meanwhile, `elsewhere`)."""
     import websockets
     from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -58,7 +59,7 @@ async def send_params(base_url: str, session: str, params: dict, token: str | No
             await ws.send(json.dumps({"type": "params", **params}))
             while True:
                 reply = json.loads(await asyncio.wait_for(ws.recv(), timeout_s))
-                if reply.get("type") != "stats":
+                if reply.get("type") != "stats" and not reply.get("elsewhere"):
                     return reply
     except InvalidStatus as exc:
         status = exc.response.status_code

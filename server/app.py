@@ -52,6 +52,7 @@ from streamdiff.server.http import (
     check_stream_key,
     error,
     expect_small_body,
+    known_host_only,
     quiet_malformed_requests,
     read_json_object,
     printable,
@@ -112,6 +113,7 @@ if not WEB_DIR.is_dir():  # installed layout: streamdiff/server next to streamdi
 @dataclass
 class ServerSettings:
     token: str | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides IP addresses and localhost (no token: DNS rebinding)
     max_sessions: int | None = None  # default: the engine's cache.max_streams
     max_viewers: int = 16  # WHEP players at once, all streams together (connected or connecting)
     target_fps: float | None = None  # stream SLO; default the config's slo (else video.fps)
@@ -532,7 +534,7 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
     if settings.ice_loopback:
         enable_loopback_candidates(True)
     quiet_malformed_requests()
-    app = web.Application(client_max_size=256 * 1024, middlewares=[same_origin_control])
+    app = web.Application(client_max_size=256 * 1024, middlewares=[known_host_only, same_origin_control])
     app.on_response_prepare.append(add_cors)
     app.on_response_prepare.append(log_refusal)
     app[ENGINE_KEY] = engine

@@ -2,7 +2,9 @@
 stats out each second), and freeing a browser page's session when its control socket drops.
 
 Owns: those two handlers and the control message format ({"type": "params" | "ping", ...}; a
-params reply carries `means` where the model knows only a few prompts).
+params reply carries `means` where the model knows only a few prompts; a change another
+controller made is pushed to every other control socket of the stream as a params message with
+`elsewhere: true`).
 Does not own: what the fields mean (server.sessions maps them to engine parameters) or routing
 (server.app).
 """
@@ -91,7 +93,13 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
     owns = request.query.get("owner") in ("1", "true")
     owner.control_sockets += owns
 
+    # Changes this socket's client has been told of (its own replies, or pushed): a change another
+    # controller makes (`streamdiff control`, a second tab, a dashboard) is pushed with the next
+    # stats, so that the page shows what its stream runs (it kept showing its own last values).
+    told = sessions.params_changes(key) or 0
+
     async def push_stats() -> None:
+        nonlocal told
         while not ws.closed:
             session = sessions.get(key)
             if session is None:  # says why (no video for 10 s, the server shutting down, ...)
@@ -101,6 +109,9 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
                                     **({"server_stopping": True} if sessions.stopping else {})})
                 await ws.close()
                 return
+            if (changes := sessions.params_changes(key) or 0) > told and (now := await sessions.params_now(key)):
+                told = max(told, changes)  # this socket's own change may have landed meanwhile
+                await ws.send_json({"type": "params", "elsewhere": True, **now})
             await ws.send_json({"type": "stats", **session.stats()})
             await asyncio.sleep(1.0)
 
@@ -118,9 +129,13 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
         return reply
 
     async def apply_params() -> None:
+        nonlocal told
         while True:
             message = await inbox.get()
-            reply = await with_params_in_use(await _apply_params(sessions, key, message))
+            reply = await _apply_params(sessions, key, message)
+            if reply.get("type") == "params":  # the count as of this reply (no await since the change)
+                told = sessions.params_changes(key) or told
+            reply = await with_params_in_use(reply)
             if ws.closed:
                 return
             try:

@@ -4,7 +4,7 @@ keys and error responses that never carry Python exception text.
 Owns: reading a body (size cap, read timeout, UTF-8 only, charset parameter checked),
 parsing JSON (depth and size capped), the Bearer-token check (constant-time, scheme matched
 case-insensitively) and a stream's watch token (WHEP only), the same-origin rule for the control
-routes of a server without a token, the stream-key rule, CORS on every response, console text
+routes of a server without a token and its Host rule (DNS rebinding), the stream-key rule, CORS on every response, console text
 without control characters, and quiet, token-free logging of requests (the access log, and those
 aiohttp cannot parse). Every refusal here is an aiohttp HTTP exception (a 4xx response), never a
 logged crash.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -220,6 +221,48 @@ async def same_origin_control(request: web.Request, handler):
             and CONTROL_PATHS.fullmatch(request.path) and (origin := foreign_origin(request)) is not None):
         return error(403, f"a page on another origin ({printable(origin)[:80]}) may not use {request.path} of a "
                           f"server without a token; start it with --token TOKEN to allow controllers elsewhere")
+    return await handler(request)
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port or an IPv6 literal's brackets, lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def known_host(host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a Host header names this server as a browser may legitimately address it: an IP
+    address, `localhost` (or a name under `.localhost`, which browsers resolve to loopback), or a
+    name the operator allowed (`--allow-host`; `*` allows any). A request without a Host header
+    (HTTP/1.0) comes from no browser."""
+    if host is None:
+        return True
+    name = host_name(host)
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return (name == "localhost" or name.endswith(".localhost") or "*" in allowed
+            or name.rstrip(".") in {a.lower().rstrip(".") for a in allowed})
+
+
+@web.middleware
+async def known_host_only(request: web.Request, handler):
+    """Without a token, only requests that address the server by an IP address, `localhost` or an
+    allowed name are answered (403 otherwise). DNS rebinding: a web page the user visits can point
+    its own name at 127.0.0.1, and its requests are then same-origin to it (the Origin rule above
+    passes them): it could open streams, change or end them, and read `/sessions`. Its Host is the
+    page's name, which no one allowed. With a token the token decides."""
+    settings = request.app[SETTINGS_KEY]
+    if request.method != "OPTIONS" and not settings.token:
+        host = request.headers.get("Host")
+        if not known_host(host, settings.allowed_hosts):
+            name = printable(host_name(host))[:80]
+            return error(403, f"this server answers to its IP address or localhost, not {name!r}: start it with "
+                              f"--allow-host {name} (a proxy that passes its own name on) or --token TOKEN")
     return await handler(request)
 
 

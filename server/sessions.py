@@ -216,6 +216,7 @@ class Session:
     expect: dict | None = None  # stream kinds: the fps and latency it was told to expect
     control_sockets: int = 0  # open /ws connections of the page that owns it (`?owner=1`)
     sockets: int = 0  # open /ws connections to it, any client's, handshakes included
+    params_changes: int = 0  # stream kinds: changes applied so far (control sockets push others' to their client)
 
     def input_idle_s(self, now: float | None = None) -> float:
         """Seconds since the latest input frame (since the peer connected, or the session
@@ -527,6 +528,10 @@ class SessionManager:
             raise ValueError(without_other_ids(str(in_client_words(exc, message)), target.id)) from None
         if "steps" in message:  # re-admitted with the new lane count
             target.expect = expectation(await self.engine.admission(target.id), self.target_fps, self.deadline_ms)
+        target.params_changes += 1  # no await from here to the caller: it learns this count with the reply
+        return self._params_reply(target, params)
+
+    def _params_reply(self, target: Session, params) -> dict:
         reply = {"params": to_control_words(params)}
         if target.expect is not None:
             reply["expect"] = target.expect
@@ -534,18 +539,34 @@ class SessionManager:
             reply["means"] = means
         return reply
 
+    def params_changes(self, key: str) -> int | None:
+        """How many changes the session's stream (a whep session's source's) has taken; None when
+        it has none. A control socket compares it with the count it last told its client of."""
+        target = self._stream_session(key)
+        return None if target is None else target.params_changes
+
+    def _stream_session(self, key: str) -> Session | None:
+        """The live session whose engine stream `key` controls: itself, or a whep session's source."""
+        session = self.get(key)
+        target = session.source if session is not None and session.kind == "whep" else session
+        return None if target is None or not target.has_stream or target.closed else target
+
+    async def params_now(self, key: str) -> dict | None:
+        """What a change's reply says (params, expect, means), for a change another controller
+        made; None when the session's stream has gone."""
+        if (target := self._stream_session(key)) is None:
+            return None
+        try:
+            return self._params_reply(target, await self.engine.params(target.id))
+        except (KeyError, ValueError):  # the stream left the engine meanwhile
+            return None
+
     async def current_params(self, key: str) -> dict | None:
         """The params the session's stream (a whep session's source's) runs now, in control
         words; None when it has none. A refused change's reply carries them, so that a page
         shows what is in use, not what it failed to apply."""
-        session = self.get(key)
-        target = session.source if session is not None and session.kind == "whep" else session
-        if target is None or not target.has_stream or target.closed:
-            return None
-        try:
-            return to_control_words(await self.engine.params(target.id))
-        except (KeyError, ValueError):  # the stream left the engine meanwhile
-            return None
+        now = await self.params_now(key)
+        return None if now is None else now["params"]
 
     def prompt_means(self, prompt: str) -> str | None:
         """What the served model makes of `prompt` when it knows a few prompts only (the demo's

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from streamdiff.config import MAX_BLEND_CHUNKS, MAX_SEED, ConfigError, load_config, parse_size
 from streamdiff.preflight import (
+    allowed_hosts,
     check_device,
     check_folder,
     check_listen,
@@ -37,6 +38,7 @@ from streamdiff.preflight import (
     check_reachable,
     check_weight_paths,
     check_writable,
+    host_name_arg,
     number_in,
     on_off,
     port_number,
@@ -229,7 +231,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from streamdiff.server.app import ServerSettings, serve
 
     settings = ServerSettings(
-        token=args.token, max_sessions=args.max_sessions, max_viewers=args.max_viewers, target_fps=args.target_fps,
+        token=args.token, allowed_hosts=allowed_hosts(args.host, args.allow_host), max_sessions=args.max_sessions, max_viewers=args.max_viewers, target_fps=args.target_fps,
         deadline_ms=args.deadline_ms, bitrate_bps=None if args.bitrate_kbps is None else int(args.bitrate_kbps * 1000), ice_loopback=args.ice_loopback,
     )
     return serve(cfg, host=args.host, port=args.port, settings=settings)
@@ -617,6 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on session and control routes")
+    serve.add_argument("--allow-host", action="append", type=host_name_arg, metavar="NAME",
+                       help="without --token, answer requests addressed to NAME too (a proxy that passes its own host "
+                            "name on; '*' any): a server on loopback answers only to an IP address or localhost "
+                            "(DNS rebinding), one on --host 0.0.0.0 to any name unless this is given")
     serve.add_argument("--max-sessions", type=number_in(int, 1, 1024, "4"), help="stream limit (default cache.max_streams)")
     serve.add_argument("--max-viewers", type=number_in(int, 1, 1024, "16"), default=16,
                        help="WHEP players at once, all streams together (default 16)")

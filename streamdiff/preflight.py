@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -120,6 +122,24 @@ def check_listen(host: str, port: int) -> None:
                 raise ConfigError(f"cannot listen on {where}: {why}") from None
 
 
+def loopback_only(host: str) -> bool:
+    """Whether `--host` binds loopback addresses only (127.0.0.1, localhost, ::1): then only this
+    machine's browsers reach the server, by an IP address or localhost, and `serve` refuses other
+    Host names (DNS rebinding) unless `--allow-host` names them."""
+    try:
+        addresses = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(address[4][0].split("%")[0]).is_loopback for address in addresses)
+
+
+def allowed_hosts(bind: str, allow: list[str] | None) -> tuple[str, ...]:
+    """The Host names `serve` answers to without a token, besides IP addresses and localhost:
+    those given with --allow-host; else none when it binds loopback only (DNS rebinding), any
+    (`*`) when it binds the network (the names other machines use for it are not known here)."""
+    return tuple(allow) if allow else () if loopback_only(bind) else ("*",)
+
+
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """A Ray cluster's HOST:PORT (or ray://HOST:PORT) answers TCP: `serve` checks it before it
     announces the page and warms up, and the Ray executor before `ray.init`, which on an address
@@ -145,6 +165,17 @@ def port_number(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: use a number from 1 to 65535, e.g. --port 8080")
     return port
+
+
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?", re.I)
+
+
+def host_name_arg(text: str) -> str:
+    """argparse type for --allow-host: a DNS name (no port, no scheme) or '*'."""
+    if text != "*" and not _HOST_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a host name: give the name alone, e.g. "
+                                         f"--allow-host video.example.org (no scheme, port or path), or '*'")
+    return text
 
 
 def number_in(kind: type, lo: float, hi: float, example: str):

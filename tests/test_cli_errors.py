@@ -150,6 +150,7 @@ def test_a_port_out_of_range_is_refused_by_the_parser(port):
     (["render", "--input", "synthetic", "--prompt", "p", "--output", "o.mp4", "--frames", "-3"], ["--frames"]),
     (["bench", "--url", "http://127.0.0.1:9", "--sessions", "0"], ["--sessions"]),
     (["bench", "--url", "http://127.0.0.1:9", "--fps", "0"], ["--fps"]),
+    (["serve", "--allow-host", "https://video.example.org:8443"], ["--allow-host", "not a host name", "no scheme, port"]),
 ])
 def test_numbers_out_of_range_are_refused_by_the_parser(args, words, capsys):
     """Found by trying: these were taken as given: a server that admits no session (--max-sessions 0),

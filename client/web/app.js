@@ -73,6 +73,9 @@ const FIELDS = {
   blend: () => wholeNumber("blend", 0, 64),
 };
 const touched = new Set();
+// The prompt the stream runs, as far as the page knows: a change made elsewhere replaces the
+// prompt field only while it still holds this (not while its user is typing another).
+let promptInUse = null;
 for (const name of Object.keys(FIELDS)) {
   for (const kind of ["input", "change"]) $(name).addEventListener(kind, () => touched.add(name));
 }
@@ -275,6 +278,7 @@ async function start() {
   // which controls every stream)
   $("watch").href = (body.watch || `/viewer.html?key=${encodeURIComponent(PAGE_KEY)}`).replace(/^\//, "");
   $("watching").hidden = false;
+  promptInUse = sent.prompt;
   keepPrompt(sent.prompt);
   showMeans(sent.prompt, body.means);
   await peer.setRemoteDescription({ type: "answer", sdp: body.sdp });
@@ -389,9 +393,14 @@ function openControl() {
       // the picture: its own timestep list, configs/demo.yaml.)
       const outside = modelName === "demo" && p.noise > 0.4
         ? " · the demo model is trained for noise about 0.2: expect mostly noise" : "";
-      say(`applied: ${prompt} · steps ${p.steps} · noise ${p.noise} · seed ${p.seed} · motion-aware ${p.motion ? "on" : "off"}` +
+      // `elsewhere`: another controller (`streamdiff control`, a second tab) changed this stream;
+      // the fields follow it, except what the user is editing here
+      const head = msg.elsewhere ? "changed by another controller" : "applied";
+      say(`${head}: ${prompt} · steps ${p.steps} · noise ${p.noise} · seed ${p.seed} · motion-aware ${p.motion ? "on" : "off"}` +
           blend + expectText() + outside, false, outside ? 0 : 8);
       showValues(p);
+      if (msg.elsewhere && $("prompt").value === promptInUse) $("prompt").value = p.prompt;
+      promptInUse = p.prompt;
       keepPrompt(p.prompt);
       showMeans(p.prompt, msg.means);
     } else if (msg.type === "closed") {

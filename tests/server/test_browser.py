@@ -364,6 +364,13 @@ async def _page_follows_its_user_flow() -> dict:
             await page.click("#start")
             out["restart_playing"] = await _until(lambda: _playing(page, "output"), 120)
             out["restart_sessions"] = await _until(lambda: _async(lambda: len(sessions.sessions) == 1), 40)
+            # 2b. Another controller (`streamdiff control`) changes the stream: the page follows it.
+            from streamdiff.client.control import send_params
+
+            await send_params(url, next(iter(sessions.sessions)), {"prompt": "changed elsewhere", "seed": 77})
+            out["elsewhere"] = await _until(lambda: _async_value(
+                page, "() => [document.getElementById('prompt').value, document.getElementById('seed').value, "
+                      "document.getElementById('message').textContent]", lambda v: v[0] == "changed elsewhere"), 20)
             # 3. Bad field values are refused on the page, and the stream goes on.
             await page.fill("#seed", "1.5")
             await page.click("#apply")
@@ -397,6 +404,9 @@ def test_the_page_follows_stop_restart_and_a_stream_the_server_ends():
     state, sessions = out["after_early_stop"]
     assert sessions == 0 and state["start"] and not state["stop"] and not state["camera"], out["after_early_stop"]
     assert out["restart_playing"] and out["restart_sessions"], out
+    # a change another controller made shows on the page (it kept showing its own last values)
+    assert out["elsewhere"] and out["elsewhere"][1] == "77", out
+    assert out["elsewhere"][2].startswith('changed by another controller: "changed elsewhere"'), out["elsewhere"]
     assert 'seed "1.5" is not a whole number' in out["bad_seed"], out["bad_seed"]
     # and why, in the server's words
     assert out["after_server_end"] and "The server ended this stream: test: the server ends it" in \
@@ -412,7 +422,9 @@ async def _what_start_says(word: str, *, token: str | None, host: str | None = N
     message that has `word` in it; no session may have been made."""
     from playwright.async_api import async_playwright
 
-    async with running_server(token=token) as (url, app), async_playwright() as pw:
+    # a server for other machines (--host 0.0.0.0) answers to any name they use for it
+    async with running_server(token=token, allowed_hosts=("*",) if host else ()) as (url, app), \
+            async_playwright() as pw:
         port = url.rsplit(":", 1)[1]
         rules = [f"--host-resolver-rules=MAP {host} 127.0.0.1"] if host else []
         browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[*ARGS, *rules])

@@ -162,3 +162,44 @@ def test_a_refused_change_says_what_the_stream_uses():
     refused = asyncio.run(run())
     assert refused["type"] == "error" and "steps" in refused["error"], refused
     assert refused["params"]["steps"] in (1, 2, 3, 4) and refused["params"]["seed"] != 5, refused
+
+
+def test_a_change_made_elsewhere_is_pushed_to_the_other_controllers():
+    """Found by a probe: a change made by `streamdiff control` (or a second tab) never reached the
+    page, which went on showing its own last values while its stream ran others. Every other
+    control socket of the stream now gets it, marked `elsewhere`; the one that made it only its
+    reply."""
+
+    async def run():
+        async with running_server() as (url, app), aiohttp.ClientSession() as http:
+            pub = await publish(url, "cam")
+            async with http.ws_connect(f"{url}/ws?session=cam", headers=auth()) as page, \
+                    http.ws_connect(f"{url}/ws?session=cam", headers=auth()) as other:
+
+                async def messages(ws, seconds: float) -> list[dict]:
+                    got = []
+                    try:
+                        async with asyncio.timeout(seconds):
+                            async for msg in ws:
+                                got.append(msg.json())
+                    except TimeoutError:
+                        pass
+                    return [m for m in got if m["type"] != "stats"]
+
+                await page.send_json({"type": "params", "prompt": "ink sketch", "seed": 11})
+                on_page, on_other = await asyncio.gather(messages(page, 3.0), messages(other, 3.0))
+                code = await asyncio.to_thread(cli.main, ["control", "--url", url, "--session", "cam", "--token", TOKEN,
+                                                          "--steps", "2"])
+                later_page, later_other = await asyncio.gather(messages(page, 3.0), messages(other, 3.0))
+            await pub.close()
+            return on_page, on_other, code, later_page, later_other
+
+    on_page, on_other, code, later_page, later_other = asyncio.run(run())
+    assert [m.get("elsewhere") for m in on_page] == [None], on_page  # its own reply, nothing pushed back
+    assert on_page[0]["params"]["prompt"] == "ink sketch"
+    assert len(on_other) == 1 and on_other[0]["elsewhere"] is True, on_other
+    assert (on_other[0]["params"]["prompt"], on_other[0]["params"]["seed"]) == ("ink sketch", 11)
+    assert code == 0
+    for pushed in (later_page, later_other):
+        assert len(pushed) == 1 and pushed[0]["elsewhere"] and pushed[0]["params"]["steps"] == 2, pushed
+        assert pushed[0]["params"]["prompt"] == "ink sketch" and "expect" in pushed[0]  # steps renew it

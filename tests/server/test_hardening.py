@@ -371,6 +371,54 @@ def test_a_page_on_another_origin_cannot_control_a_server_without_a_token():
     assert with_token["sessions foreign"] == 200 and with_token["ws foreign"] in (101, 404)  # the token decides
 
 
+async def _rebound_names() -> dict:
+    out: dict = {}
+    for token, allowed in ((None, ()), (None, ("video.example.org",)), (TOKEN, ())):
+        async with running_server(token=token, allowed_hosts=allowed) as (url, app), aiohttp.ClientSession() as http:
+            port = url.rsplit(":", 1)[1]
+            got = out[(token, allowed)] = {}
+            for name in ("evil.example", "video.example.org", "localhost", "app.localhost", "[::1]", "127.0.0.1"):
+                host = f"{name}:{port}"  # what a browser sends once the page's name points at 127.0.0.1
+                same = {"Host": host, "Origin": f"http://{host}"}
+                async with http.get(f"{url}/sessions", headers={**auth(token), **same}) as r:
+                    got[f"sessions {name}"] = (r.status, await r.text())
+                async with http.get(f"{url}/", headers=same) as r:
+                    got[f"page {name}"] = r.status
+    return out
+
+
+def test_a_page_that_rebinds_its_name_to_the_server_is_refused():
+    """DNS rebinding: a web page the user visits points its own name at 127.0.0.1, and its requests
+    to http://its-name:8000 are same-origin (the Origin rule lets them through): with no token it
+    could open, change and end streams and read /sessions. Without a token the server answers only
+    to an IP address, localhost, or a name the operator allowed."""
+    out = asyncio.run(_rebound_names())
+    plain, allowed, with_token = out[(None, ())], out[(None, ("video.example.org",))], out[(TOKEN, ())]
+    status, text = plain["sessions evil.example"]
+    assert status == 403 and "--allow-host evil.example" in text, text
+    assert plain["page evil.example"] == 403 and plain["sessions video.example.org"][0] == 403
+    for name in ("localhost", "app.localhost", "[::1]", "127.0.0.1"):
+        assert plain[f"sessions {name}"][0] == 200 and plain[f"page {name}"] == 200, name
+    assert allowed["sessions video.example.org"][0] == 200 and allowed["page video.example.org"] == 200
+    assert allowed["sessions evil.example"][0] == 403
+    assert with_token["sessions evil.example"][0] == 200  # the token decides
+
+
+def test_host_names_the_rule_knows():
+    from streamdiff.preflight import allowed_hosts
+    from streamdiff.server.http import host_name, known_host
+
+    # `serve` on loopback answers to IP addresses and localhost only; on the network to any name
+    assert allowed_hosts("127.0.0.1", None) == () and allowed_hosts("localhost", None) == ()
+    assert allowed_hosts("0.0.0.0", None) == ("*",) and allowed_hosts("0.0.0.0", ["a.example"]) == ("a.example",)
+
+    assert host_name("[::1]:8000") == "::1" and host_name("Example.ORG:80") == "example.org"
+    assert host_name("example.org") == "example.org" and host_name("::1") == "::1"
+    assert known_host("10.0.0.7:8000", ()) and known_host("localhost", ()) and known_host(None, ())
+    assert not known_host("localhost.evil.example:8000", ()) and not known_host("10.0.0.7.evil.example", ())
+    assert known_host("Video.Example.org.:8000", ("video.example.org",)) and known_host("anything", ("*",))
+
+
 async def _a_watch_token(caplog) -> dict:
     from gateway_helpers import viewer_offer
 

@@ -181,7 +181,8 @@ class Failing(streamdiff.engine.AsyncEngine):
 streamdiff.engine.AsyncEngine = Failing
 
 def probe():
-    for _ in range(100):
+    end = time.monotonic() + 60  # until the port listens: on a loaded machine the imports take seconds
+    while time.monotonic() < end:
         try:
             urllib.request.urlopen("http://127.0.0.1:PORT/healthz", timeout=1)
         except urllib.error.HTTPError as exc:
