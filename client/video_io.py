@@ -22,6 +22,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 TIME_BASE = Fraction(1, 90_000)  # frame times of a written file that keeps its input's timing
 TIMED_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")  # containers with per-frame times (AVI has a fixed rate)
+DTS_LENGTH_SUFFIXES = (".mp4", ".m4v", ".mov")  # their length is the last dts + its duration (Matroska: pts)
 
 
 class VideoInputError(ValueError):
@@ -89,7 +90,7 @@ def read_frames(path: str | Path, size: tuple[int, int] | None = None,
             pixel_in = Fraction(stream.sample_aspect_ratio or 1) or Fraction(1)
             pixel_out = Fraction(sample_aspect or 1)
             target, first, start = size, None, None  # (width, height) as displayed; the first frame's stored size
-            for n, frame in enumerate(container.decode(stream)):
+            for n, frame in enumerate(_decode_skipping_damage(container, stream, path)):
                 turns = _rotation(frame) // 90
                 if first is None:
                     first = (frame.width, frame.height)
@@ -110,6 +111,23 @@ def read_frames(path: str | Path, size: tuple[int, int] | None = None,
                 yield np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
     except av.FFmpegError as exc:
         raise VideoInputError(f"{path}: decoding failed ({exc.__class__.__name__}: {exc})") from exc
+
+
+def _decode_skipping_damage(container, stream, path) -> Iterator[av.VideoFrame]:
+    """The stream's frames, packet by packet: a packet the decoder calls invalid (a damaged
+    stretch of a camera's or a download's file, which players step over) is skipped, with one
+    warning at the end, instead of ending the render and discarding what it had done."""
+    damaged = 0
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.InvalidDataError:
+            damaged += 1
+            continue
+        yield from frames
+    if damaged:
+        log.warning("%s: %d damaged packet(s) could not be decoded and were skipped (their frames are missing)",
+                    path, damaged)
 
 
 def same_aspect(frame: av.VideoFrame, width: int, height: int, pixel: Fraction | int = 1) -> bool:
@@ -189,6 +207,8 @@ class VideoWriter:
         self.audio_from = audio_from
         self.times = times if Path(path).suffix.lower() in TIMED_SUFFIXES else None
         self._last_pts: int | None = None
+        self._held = None  # the latest timed MP4/MOV packet: the last one's duration is set at close
+        self._first_dts: int | None = None
         self.audio_kept = False
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,8 +235,22 @@ class VideoWriter:
             if self.times is not None:
                 frame.pts, frame.time_base = self._next_pts(), TIME_BASE
             for packet in self.stream.encode(frame):
-                self.container.mux(packet)
+                self._mux(packet)
             self.frames_written += 1
+
+    def _mux(self, packet) -> None:
+        """Mux; a timed stream's packets one late, so that the last can be given the duration that
+        makes the video end where its last frame does. An MP4 takes its length from the last dts
+        plus that packet's duration; with B-frames and uneven gaps the dts run behind the times
+        (an animated GIF's MP4 said 0.98 s, its last frame starting at 1.2 s)."""
+        if self.times is None or self.path.suffix.lower() not in DTS_LENGTH_SUFFIXES:
+            self.container.mux(packet)
+            return
+        if self._first_dts is None and packet.dts is not None:
+            self._first_dts = packet.dts
+        if self._held is not None:
+            self.container.mux(self._held)
+        self._held = packet
 
     def _next_pts(self) -> int:
         t = self.times.popleft() if self.times else None
@@ -230,7 +264,13 @@ class VideoWriter:
     def close(self) -> None:
         """Finish the file and put it in place."""
         for packet in self.stream.encode(None):
-            self.container.mux(packet)
+            self._mux(packet)
+        if self._held is not None:  # the last frame lasts one frame period after its time
+            last, ends = self._held, self._last_pts + round(1 / (self.rate * TIME_BASE))
+            if last.dts is not None and self._first_dts is not None:
+                last.duration = max(last.duration or 0, ends - (last.dts - self._first_dts))
+            self.container.mux(last)
+            self._held = None
         self.container.close()
         if self.audio_from is not None:
             with_audio = self.partial.with_name(f".{self.path.stem}.audio{self.path.suffix}")

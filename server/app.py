@@ -126,6 +126,7 @@ class ServerSettings:
     whip_warmup_wait_s: float = 5.0  # a WHIP POST waits at most this: OBS abandons one after 8 s
     warmup_retry_after_s: int = 5
     connect_timeout_s: float = 30.0  # a peer that has not connected by then is freed
+    replace_pending_after_s: float = 10.0  # ...or, when a newcomer would be refused, by then
     input_timeout_s: float = 10.0  # a connected stream session that sent no video for this long is freed
     player_timeout_s: float = 10.0  # a WHEP player whose RTCP reports stop for this long is freed
     takeover_after_s: float = 5.0  # a publisher silent this long gives its key to a new one
@@ -546,6 +547,7 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
         target_fps=settings.target_fps or cfg.slo.target_fps or cfg.video.fps,
         deadline_ms=settings.deadline_ms or cfg.slo.deadline_ms,
         connect_timeout_s=settings.connect_timeout_s,
+        replace_pending_after_s=settings.replace_pending_after_s,
         input_timeout_s=settings.input_timeout_s,
         takeover_after_s=settings.takeover_after_s,
         max_viewers=settings.max_viewers,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from aiortc import RTCConfiguration, RTCPeerConnection
 
+from streamdiff.engine import AdmissionRefused
 from streamdiff.engine.types import StreamParams, short_repr
 from streamdiff.model.style_prompts import prompt_style
 from streamdiff.server.webrtc import FanOut, InputReader, FrameQueue, PlayerTrack, cancel_tasks, stop_consent_checks
@@ -253,14 +254,16 @@ class SessionManager:
     publisher gone silent) is freed; a publisher silent for `takeover_after_s` gives its stream
     key to a new publisher (OBS restarted after a crash: the old peer has not timed out yet); a
     WHEP player whose RTCP reports stop for `player_timeout_s` is freed (a killed player was sent
-    video and held its place until ICE consent expired, 30 s)."""
+    video and held its place until ICE consent expired, 30 s). A stream session whose peer has
+    not connected `replace_pending_after_s` after its offer gives its place to a newcomer that
+    would otherwise be refused (`_replace_pending`)."""
 
     ENDED_KEPT = 256  # recently ended sessions remembered, so that a late DELETE gets 200
 
     def __init__(self, engine, *, max_sessions: int, target_fps: float, deadline_ms: float,
                  ice_servers: list | None = None, connect_timeout_s: float = 30.0,
                  input_timeout_s: float = 10.0, takeover_after_s: float = 5.0, max_viewers: int = 16,
-                 player_timeout_s: float = 10.0):
+                 player_timeout_s: float = 10.0, replace_pending_after_s: float = 10.0):
         self.engine = engine
         self.max_sessions = max_sessions
         # WHEP players, connected or not: each one's own encoder takes CPU from the model, and
@@ -273,6 +276,7 @@ class SessionManager:
         self.input_timeout_s = input_timeout_s
         self.player_timeout_s = player_timeout_s
         self.takeover_after_s = takeover_after_s
+        self.replace_pending_after_s = replace_pending_after_s
         self.sessions: dict[str, Session] = {}
         self._trim: asyncio.Task | None = None  # release_freed_memory, a little after a session ends
         # session id -> (kind, stream key, why it ended), oldest first, at most ENDED_KEPT
@@ -349,6 +353,8 @@ class SessionManager:
                      f"{self.connect_timeout_s:g} s after its offer)") if connecting else ""
             raise ServerFull(f"busy: {n} viewer{'s' if n != 1 else ''} already watching (--max-viewers){still}")
         if owns_stream and self.stream_count >= self.max_sessions:
+            await self._replace_pending(kind, stream_key)
+        if owns_stream and self.stream_count >= self.max_sessions:
             events.info("refused %s session (stream key %s): %d of %d streams already running (--max-sessions)",
                         kind, stream_key or "-", self.stream_count, self.max_sessions)
             n = self.max_sessions
@@ -361,10 +367,12 @@ class SessionManager:
             else:
                 taken = (f"the {n} streams are taken (--max-sessions), {connecting} of them by "
                          f"{'a peer' if connecting == 1 else 'peers'}")
-            raise ServerFull(f"busy: {taken} still connecting (one that never connects is freed "
-                             f"{self.connect_timeout_s:g} s after its offer)")
+            raise ServerFull(f"busy: {taken} still connecting (one that has not connected "
+                             f"{self.replace_pending_after_s:g} s after its offer gives its place to a new one)")
         if owns_stream:
             admission = await self._admit(session_id, stream_key or session_id, prompt, params)
+            while not admission and await self._replace_pending(kind, stream_key):
+                admission = await self._admit(session_id, stream_key or session_id, prompt, params)
             if not admission:
                 events.info("refused %s session (stream key %s): %s", kind, stream_key or "-", admission.reason)
                 raise ServerFull(f"busy: {without_other_ids(admission.reason, session_id)}")
@@ -399,6 +407,24 @@ class SessionManager:
 
         session.tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session_id}"))
         return session
+
+    async def _replace_pending(self, kind: str, stream_key: str | None) -> bool:
+        """A newcomer would be refused (the session limit, or the engine's admission): end the
+        oldest stream session whose peer has not connected `replace_pending_after_s` after its
+        offer, and say whether one was ended. Such a peer has sent no frame and may never send
+        one (a tab closed while connecting, blocked UDP, a client that posts offers and leaves):
+        held for `connect_timeout_s`, one such offer at 4 denoise steps kept every other user
+        out for 30 s, and `max_sessions` of them the whole server. A peer still connecting
+        within the time an ICE handshake takes keeps its place."""
+        now = time.monotonic()
+        pending = [s for s in self.sessions.values() if s.has_stream and not s.closed and s.connected_s is None
+                   and now - s.created_s >= self.replace_pending_after_s]
+        if not pending:
+            return False
+        oldest = min(pending, key=lambda s: s.created_s)
+        await self.close(oldest.id, f"a new {kind} session (stream key {stream_key or '-'}) took its place: "
+                                    f"not connected {now - oldest.created_s:.0f} s after its offer")
+        return True
 
     async def _take_over_silent(self, stream_key: str) -> None:
         """End the key's publisher if no video came from it for `takeover_after_s`: its peer
@@ -524,6 +550,10 @@ class SessionManager:
             raise KeyError(key)
         try:
             params = await self.engine.update_params(target.id, **to_engine_params(message))
+        except AdmissionRefused as exc:  # the console says so, as it does for a refused offer
+            key = f", key {target.stream_key}" if target.kind == "whip" or target.stream_key != target.id else ""
+            events.info("refused a change of session %s (%s%s): %s", target.id, target.kind, key, exc)
+            raise ValueError(without_other_ids(str(in_client_words(exc, message)), target.id)) from None
         except ValueError as exc:
             raise ValueError(without_other_ids(str(in_client_words(exc, message)), target.id)) from None
         if "steps" in message:  # re-admitted with the new lane count

@@ -200,3 +200,49 @@ def test_another_shape_is_centre_cropped_not_stretched(tmp_path):
         assert frame[..., 0].mean() < 20, frame[..., 0].mean()
     kept = list(read_frames(wide, (64, 48), sample_aspect=Fraction(4, 3)))  # its own shape: as it is
     assert kept[0][:, :8, 0].mean() > 200
+
+
+def test_a_damaged_packet_is_skipped_not_fatal(tmp_path, caplog):
+    """A probe: one bad packet in a 40-frame clip (players step over it; 35 frames decode) ended
+    `render` with 'decoding failed' after 13 frames, the work thrown away. The frames around it
+    still come, in order, with their times; one warning says what was skipped."""
+    import collections
+
+    clean, bad = tmp_path / "clean.ts", tmp_path / "bad.ts"  # MPEG-TS: parameter sets in-band, remuxed as they are
+    _write(clean, [np.roll(_frame(64, 48), 3 * k, axis=1) for k in range(20)])
+    with av.open(str(clean)) as src, av.open(str(bad), "w") as dst:
+        stream = src.streams.video[0]
+        out = dst.add_stream_from_template(stream)
+        for n, packet in enumerate(p for p in src.demux(stream) if p.dts is not None):
+            if n == 10:  # garbage where a P-frame was, at that frame's time
+                damaged = av.Packet(b"\x00\x00\x00\x01\x65" + bytes(range(7, 250)) * 2)
+                damaged.pts, damaged.dts, damaged.time_base = packet.pts, packet.dts, packet.time_base
+                packet = damaged
+            packet.stream = out
+            dst.mux(packet)
+    with pytest.raises(av.InvalidDataError), av.open(str(bad)) as c:  # what a plain decode does
+        list(c.decode(c.streams.video[0]))
+    times = collections.deque()
+    with caplog.at_level("WARNING", logger="streamdiff.client.video_io"):
+        frames = list(read_frames(bad, (64, 48), times))
+    assert len(frames) == 19 and frames[0].shape == (48, 64, 3)
+    assert list(times) == sorted(times) and len(times) == len(frames)
+    assert "damaged packet" in caplog.text
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov", ".mkv"])
+def test_uneven_times_give_the_length_the_frames_take(tmp_path, suffix):
+    """A probe: an animated GIF (frames at 0 .. 1.2 s) rendered to an MP4 that said it was 0.98 s
+    long (its length came from the last dts, which B-frames put behind the times), so a player
+    that keeps to the length cuts the last frames. The length is the last frame's time plus one
+    average period (as the audio is cut), in every container."""
+    import collections
+
+    shown = [0.0, 0.1, 0.2, 0.5, 0.6, 0.7, 1.2]
+    rate = Fraction(50, 9)
+    out = tmp_path / f"out{suffix}"
+    with VideoWriter(out, 64, 48, float(rate), times=collections.deque(shown)) as writer:
+        writer.write(np.stack([np.roll(_frame(64, 48), 5 * k, axis=1) for k in range(len(shown))]))
+    assert _shown_times(out) == shown
+    with av.open(str(out)) as c:
+        assert c.duration / 1e6 == pytest.approx(1.2 + 1 / rate, abs=0.01)
