@@ -174,12 +174,16 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def _warn_before_render(cfg, prompt: str, width: int, height: int) -> None:
     """One warning line each: a frame far larger than the preset's that will not fit in memory
-    (planned: a CPU run that cannot fit grows for minutes, then is killed), random weights, a
+    (planned: a CPU run that cannot fit grows for minutes, then is killed; refused when it needs
+    more than the machine has), random weights, a
     prompt the demo reads as another, more steps than the noise strength allows."""
     if width * height > 4 * cfg.video.width * cfg.video.height:
-        from streamdiff.bench.memory_plan import memory_warning
+        from streamdiff.bench.memory_plan import memory_verdict
 
-        if said := memory_warning(cfg, width, height):
+        if verdict := memory_verdict(cfg, width, height):
+            fatal, said = verdict
+            if fatal:
+                raise CliError(said)
             log.warning("%s", said)
     _say_if_random(cfg)
     if cfg.text.kind == "styles":  # the demo knows nine prompts: say which one this is, if not literally

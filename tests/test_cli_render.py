@@ -189,16 +189,21 @@ def test_more_steps_than_the_noise_allows_are_named(tmp_path):
 
 def test_a_frame_size_that_cannot_fit_is_warned_about_before_the_run():
     """Found by trying: `render --size 4096x4096` on the demo grew past 8 GB before its first frame
-    (the plan says 17 GiB) with no word; a size that fits says nothing."""
-    from streamdiff.bench.memory_plan import GiB, memory_warning
+    (the plan says 17 GiB) with no word; a size that fits says nothing. A probe: an 8K clip was
+    warned about, then killed for memory minutes later (exit 137, no line): more than the machine
+    has at all is refused."""
+    from streamdiff.bench.memory_plan import GiB, memory_verdict
     from streamdiff.config import load_config
 
     cfg = load_config("demo")
-    said = memory_warning(cfg, 4096, 4096, available=8 * GiB)
-    assert said and said.startswith("4096x4096 needs about ") and "8.0 GiB is free" in said and "--size" in said, said
+    fatal, said = memory_verdict(cfg, 4096, 4096, available=8 * GiB, total=64 * GiB)
+    assert not fatal and said.startswith("4096x4096 needs about ") and "8.0 GiB is free" in said, said
+    assert "--size" in said and "likely run out" in said, said
     need = float(said.split("needs about ")[1].split(" GiB")[0])
     assert 10 < need < 40, said  # the plan's count, not a guess
-    assert memory_warning(cfg, 4096, 4096, available=64 * GiB) is None
+    assert memory_verdict(cfg, 4096, 4096, available=64 * GiB) is None
+    fatal, said = memory_verdict(cfg, 4096, 4096, available=6 * GiB, total=8 * GiB)
+    assert fatal and "this machine has 8.0 GiB in all" in said and "cannot fit" in said, said
 
 
 def _with_audio(clip_file, path, codec: str, sample_fmt: str) -> None:

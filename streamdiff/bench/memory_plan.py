@@ -448,32 +448,43 @@ def write_plan_json(plan: MemoryPlan, device_bytes: int, path: str | Path) -> Pa
     return path
 
 
-def available_bytes(device: str) -> int | None:
-    """Memory free for a run on `device`: the kernel's MemAvailable on CPU, the free device
-    memory on CUDA; None where it cannot be read."""
+def available_bytes(device: str, total: bool = False) -> int | None:
+    """Memory free for a run on `device` (`total`: all of it): the kernel's MemAvailable
+    (MemTotal) on CPU, the free (total) device memory on CUDA; None where it cannot be read."""
     if device == "cuda":
         import torch
 
-        return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+        return torch.cuda.mem_get_info()[int(total)] if torch.cuda.is_available() else None
+    field = "MemTotal:" if total else "MemAvailable:"
     try:
         with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+            kib = next(int(line.split()[1]) for line in f if line.startswith(field))
         return kib * 1024
     except (OSError, StopIteration, ValueError):
         return None
 
 
-def memory_warning(cfg: Config, width: int, height: int, available: int | None = None) -> str | None:
-    """One line when one stream of `cfg` at width x height needs more memory than is free
-    (`streamdiff plan`'s count, the lanes its steps need only), else None."""
-    have = available if available is not None else available_bytes(cfg.runtime.device)
-    need = plan_memory(cfg, cfg.runtime.device, width, height).total(1, lanes_needed_only=True)
+def memory_verdict(cfg: Config, width: int, height: int, available: int | None = None,
+                   total: int | None = None) -> tuple[bool, str] | None:
+    """(fatal, one line) when one stream of `cfg` at width x height needs more memory than is
+    free (`streamdiff plan`'s count, the lanes its steps need only), else None. Fatal when it
+    needs more than the machine (or device) has at all: such a CPU run grows for minutes and is
+    then killed without a word (a probe: 7680x4320 needed 26.2 GiB on a 24 GB machine)."""
+    device = cfg.runtime.device
+    if device == "auto":  # as the run will resolve it
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    have = available if available is not None else available_bytes(device)
+    need = plan_memory(cfg, device, width, height).total(1, lanes_needed_only=True)
     if have is None or need <= have:
         return None
-    return (f"{width}x{height} needs about {need / GiB:.1f} GiB ({cfg.runtime.device}; streamdiff plan --resolution "
-            f"{width}x{height}) and {have / GiB:.1f} GiB is free: this run will likely run out of memory; "
-            f"a smaller --size (the preset's is {cfg.video.width}x{cfg.video.height}) fits")
+    whole = total if total is not None else available_bytes(device, total=True)
+    fatal = whole is not None and need > whole
+    said = (f"{have / GiB:.1f} GiB is free" if not fatal else
+            f"this {'machine' if device == 'cpu' else 'device'} has {whole / GiB:.1f} GiB in all")
+    return fatal, (f"{width}x{height} needs about {need / GiB:.1f} GiB ({device}; streamdiff plan --resolution "
+                   f"{width}x{height}) and {said}: this run {'cannot fit' if fatal else 'will likely run out of memory'}; "
+                   f"a smaller --size (the preset's is {cfg.video.width}x{cfg.video.height}) fits")
 
 
-__all__ = ["LiveBytes", "MemoryPlan", "available_bytes", "format_plan", "memory_warning", "module_bytes", "parse_bytes",
+__all__ = ["LiveBytes", "MemoryPlan", "available_bytes", "format_plan", "memory_verdict", "module_bytes", "parse_bytes",
            "plan_memory", "write_plan_json"]
