@@ -27,6 +27,8 @@ from dataclasses import replace
 # usage-stats notice.
 os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Read once, when ray loads: a join's connect attempt waits this long, not 30 s (see `connect`).
+os.environ.setdefault("RAY_py_gcs_connect_timeout_s", "10")
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
@@ -79,6 +81,11 @@ def connect(address: str, num_stages: int) -> bool:
     if address:
         if address != "auto":
             check_reachable(address)
+        # Joining retries NUM_REDIS_GET_RETRIES (20) times, each waiting py_gcs_connect_timeout_s
+        # (30 s) plus pubsub timeouts: a port that answers TCP but is no Ray head (the dashboard's
+        # 8265, another service) held the server ~14 minutes, deaf to SIGTERM. Bounded here, to
+        # about 20 s (one attempt), unless the user set Ray's own variables.
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "1")  # read at the call: one attempt
         try:
             ray.init(address=address, runtime_env=runtime_env, **quiet)
         except ConnectionError as exc:  # "auto" with no cluster on this machine, a head that went away

@@ -176,6 +176,8 @@ class ThreadedStages(InProcessStages):
             return handle.result(timeout=self.timeout_s)
         except TimeoutError as exc:
             raise StageFailure(f"a forward was not back within {self.timeout_s:g} s") from exc
+        except Exception as exc:  # a stage raised: the executor's fault path, as over Ray (not the engine loop's end)
+            raise StageFailure(f"{type(exc).__name__}: {exc}") from exc
 
     def ready(self, handle: object) -> bool:
         return handle.done()

@@ -191,3 +191,37 @@ def test_a_first_chunk_teaches_the_cost_model_the_period_it_took_not_its_wall_ti
         clock.t += 4 / 30
     assert [first for first, _ in reported] == [True, False]
     assert learnt == [ms for _, ms in reported]
+
+
+def test_a_stage_thread_that_raises_closes_the_streams_not_the_engine(cfg4, caplog):
+    """Threads backend: an error raised inside a stage is a StageFailure like a Ray stage's (one
+    line, the streams closed with the reason), not an exception that ends the engine loop."""
+    from engine_helpers import Feeder
+    from streamdiff.parallel.executor import ThreadedStages
+
+    stages = ThreadedStages(cfg4, [2, 2], "cpu")
+    try:
+        core, clock = core_for(cfg4, StagedExecutor(cfg4, stages))
+        assert core.add_stream("a", params(cfg4, "x", steps=2), RELAXED)
+        feeder = Feeder(core, clock, {"a": synthetic_clip(60, 64, 48)})
+        for _ in range(3):
+            feeder.round()
+        real = stages.workers[1].run
+
+        def boom(msg):
+            raise RuntimeError("illegal memory access")
+
+        stages.workers[1].run = boom
+        with caplog.at_level(logging.WARNING, logger="streamdiff.parallel.executor"):
+            feeder.round()
+        said = [r.getMessage() for r in caplog.records if r.name == "streamdiff.parallel.executor"]
+        assert len(said) == 1 and "illegal memory access" in said[0], said
+        assert core.stream_ids == [] and "illegal memory access" in core.take_closed()["a"]
+        stages.workers[1].run = real  # the engine goes on: a new stream is served
+        assert core.add_stream("n", params(cfg4, "y", steps=1), RELAXED)
+        feeder.clips["n"], feeder.pos["n"], feeder.outputs["n"] = synthetic_clip(20, 64, 48, seed=5), 0, []
+        for _ in range(2):
+            feeder.round(["n"])
+        assert len(feeder.outputs["n"]) == 9
+    finally:
+        stages.shutdown()
