@@ -109,6 +109,40 @@ def test_a_ray_address_where_nothing_answers_is_one_line_not_ten_minutes():
         check_reachable(f"ray://127.0.0.1:{head.getsockname()[1]}")  # answers: no error
 
 
+JOIN_NOT_A_HEAD = """
+import socket, sys, threading, time
+from streamdiff.parallel.ray_executor import ClusterError, connect
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+def accept():  # answers TCP, speaks no Ray (a dashboard port, another service)
+    while True:
+        conn, _ = server.accept()
+        conn.recv(1024)
+        conn.close()
+threading.Thread(target=accept, daemon=True).start()
+t0 = time.monotonic()
+try:
+    connect(f"127.0.0.1:{server.getsockname()[1]}", 2)
+except ClusterError as exc:
+    print(round(time.monotonic() - t0), exc)
+"""
+
+
+def test_joining_a_port_that_answers_but_is_no_ray_head_ends_in_seconds_and_says_what_may_help():
+    """A stage probe: an address where something answers TCP but no Ray head (the reachability
+    check passes) retried for 14 minutes, deaf to SIGTERM; and joining a `ray start --head`
+    cluster by HOST:PORT failed as "Failed to connect" while the cause, Ray >= 2.59's token
+    authentication, was only in a hidden warning."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # the timeout is the bound (it was 14 minutes), not a timing
+    done = subprocess.run([sys.executable, "-c", JOIN_NOT_A_HEAD], capture_output=True, text=True, timeout=300,
+                          env=env)
+    _, _, said = done.stdout.strip().partition(" ")
+    assert said.startswith("--ray-address 127.0.0.1:") and "Failed to connect" in said, done.stdout + done.stderr
+    assert "RAY_AUTH_MODE=token" in said and len(said.splitlines()) == 1, said
+
+
 def test_a_port_in_use_is_one_line_before_the_engine_warms_up():
     """A second `make run` used to warm the engine up, then die in a traceback from the bind."""
     import socket

@@ -91,6 +91,12 @@ def connect(address: str, num_stages: int) -> bool:
         except ConnectionError as exc:  # "auto" with no cluster on this machine, a head that went away
             why = "no Ray cluster runs on this machine" if address == "auto" else \
                 f"Ray cluster at {address}: {str(exc).splitlines()[0]}"
+            if address != "auto" and os.environ.get("RAY_AUTH_MODE") != "token":
+                # Ray >= 2.59's `ray start --head` turns token authentication on; a driver joining a
+                # HOST:PORT sends no token unless told to, and Ray says why only in a warning
+                # (InvalidAuthToken), which the quiet logging above hides ("auto" finds it by itself)
+                why += ("; if the cluster uses Ray token authentication (`ray start`'s default since Ray 2.59), "
+                        "set RAY_AUTH_MODE=token here (the token: ~/.ray/auth_token or RAY_AUTH_TOKEN)")
             raise ClusterError(f"--ray-address {address}: {why} (start one with `ray start --head`, or leave out "
                                f"--ray-address to run the stages in a local Ray)") from None
         return False
