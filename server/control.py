@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiohttp import WSMsgType, web
 
@@ -92,6 +93,8 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
     # controllers, e.g. `streamdiff control`, come and go without it).
     owns = request.query.get("owner") in ("1", "true")
     owner.control_sockets += owns
+    if owns:
+        owner.page_left_s = None
 
     # Changes this socket's client has been told of (its own replies, or pushed): a change another
     # controller makes (`streamdiff control`, a second tab, a dashboard) is pushed with the next
@@ -167,6 +170,7 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
         params_task.cancel()
         owner.control_sockets -= owns
         if owns and owner.kind == "browser" and owner.control_sockets == 0 and not owner.closed:
+            owner.page_left_s = time.monotonic()  # the tab, should it come back with its key, takes it at once
             grace_s = request.app[SETTINGS_KEY].control_grace_s
             owner.tasks[:] = [t for t in owner.tasks if not t.done()]  # a page that reconnects often
             owner.tasks.append(asyncio.create_task(_free_orphan(sessions, owner, grace_s)))

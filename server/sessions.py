@@ -216,6 +216,7 @@ class Session:
     closed: bool = False
     expect: dict | None = None  # stream kinds: the fps and latency it was told to expect
     control_sockets: int = 0  # open /ws connections of the page that owns it (`?owner=1`)
+    page_left_s: float | None = None  # browser: when its page's last owner socket closed (None: open, or never)
     sockets: int = 0  # open /ws connections to it, any client's, handshakes included
     params_changes: int = 0  # stream kinds: changes applied so far (control sockets push others' to their client)
 
@@ -428,9 +429,17 @@ class SessionManager:
 
     async def _take_over_silent(self, stream_key: str) -> None:
         """End the key's publisher if no video came from it for `takeover_after_s`: its peer
-        is gone (a crashed OBS) or sends nothing, and a new publisher wants the key now."""
+        is gone (a crashed OBS) or sends nothing, and a new publisher wants the key now. A
+        browser session whose page's control socket has closed is ended at once: the page's
+        key is its tab's, so this is that tab come back (a reload, a reconnect), which waited
+        out 409s before (a probe: three of them, and the page then took a new key, breaking its
+        viewer link)."""
         held = self.publisher(stream_key)
         if held is None:
+            return
+        if held.kind == "browser" and held.page_left_s is not None and held.control_sockets == 0:
+            await self.close(held.id, f"its page came back (stream key {stream_key}; its control socket had "
+                                      f"closed {time.monotonic() - held.page_left_s:.0f} s before)")
             return
         idle = held.input_idle_s()
         if idle >= self.takeover_after_s:

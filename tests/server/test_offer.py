@@ -111,6 +111,18 @@ async def _a_page_with_its_own_key():
         second, status, body2, retry = await page_offer()  # the same tab while its stream is live
         out["taken"] = (status, retry)
         await second.close()
+        # its page holds the control socket: a duplicated tab (the same key) is still refused
+        async with http.ws_connect(f"{url}/ws?session={body['session']}&owner=1", headers=auth()):
+            await asyncio.sleep(0.2)
+            duplicate, status, _, _ = await page_offer()
+            out["duplicate"] = status
+            await duplicate.close()
+        # the socket closed (the tab reloaded, or lost its connection): the tab that comes back with
+        # its key takes it at once instead of waiting out 409s (a probe: three, then a new key)
+        back, status, body_back, _ = await page_offer()
+        out["back"] = (status, [why for kind, key, why in sessions.ended.values()
+                                if (kind, key) == ("browser", "page-1a2b")])
+        await back.close()
         await first.close()  # the page reconnects: its old session ends, the key comes free
         for _ in range(200):
             if sessions.publisher("page-1a2b") is None:
@@ -132,5 +144,8 @@ def test_a_page_streams_under_its_own_key_across_reconnects():
     out = asyncio.run(_a_page_with_its_own_key())
     assert out["first"] == (200, True) and out["viewer"] == 201
     assert out["taken"] == (409, "3")  # still live: the page retries in 3 s
+    assert out["duplicate"] == 409
+    status, ended = out["back"]
+    assert status == 200 and len(ended) == 1 and ended[0].startswith("its page came back"), out["back"]
     assert out["again"] == (200, True)
     assert out["bad key"][0] == 400 and "key must be" in out["bad key"][1]
