@@ -346,12 +346,14 @@ class SessionManager:
                     f"stream key {stream_key!r} is already being published; a publisher that stopped sending "
                     f"video gives it up after {self.takeover_after_s:g} s")
         if kind == "whep" and self.viewer_count >= self.max_viewers:
+            await self._replace_pending(kind, stream_key, viewers=True)
+        if kind == "whep" and self.viewer_count >= self.max_viewers:
             events.info("refused whep session (stream key %s): %d of %d viewers already watching (--max-viewers)",
                         stream_key or "-", self.viewer_count, self.max_viewers)
             n = self.max_viewers
             connecting = sum(1 for s in self.sessions.values() if s.kind == "whep" and s.connected_s is None)
-            still = (f", {connecting} of them still connecting (one that never connects is freed "
-                     f"{self.connect_timeout_s:g} s after its offer)") if connecting else ""
+            still = (f", {connecting} of them still connecting (one that has not connected "
+                     f"{self.replace_pending_after_s:g} s after its offer gives its place to a new one)") if connecting else ""
             raise ServerFull(f"busy: {n} viewer{'s' if n != 1 else ''} already watching (--max-viewers){still}")
         if owns_stream and self.stream_count >= self.max_sessions:
             await self._replace_pending(kind, stream_key)
@@ -409,17 +411,18 @@ class SessionManager:
         session.tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session_id}"))
         return session
 
-    async def _replace_pending(self, kind: str, stream_key: str | None) -> bool:
-        """A newcomer would be refused (the session limit, or the engine's admission): end the
-        oldest stream session whose peer has not connected `replace_pending_after_s` after its
-        offer, and say whether one was ended. Such a peer has sent no frame and may never send
-        one (a tab closed while connecting, blocked UDP, a client that posts offers and leaves):
-        held for `connect_timeout_s`, one such offer at 4 denoise steps kept every other user
-        out for 30 s, and `max_sessions` of them the whole server. A peer still connecting
-        within the time an ICE handshake takes keeps its place."""
+    async def _replace_pending(self, kind: str, stream_key: str | None, viewers: bool = False) -> bool:
+        """A newcomer would be refused (the session limit, or the engine's admission; `viewers`:
+        the viewer limit): end the oldest stream session (WHEP session) whose peer has not
+        connected `replace_pending_after_s` after its offer, and say whether one was ended. Such
+        a peer has sent no frame and may never send one (a tab closed while connecting, blocked
+        UDP, a client that posts offers and leaves): held for `connect_timeout_s`, one such offer
+        at 4 denoise steps kept every other user out for 30 s, and `max_sessions` of them the
+        whole server. A peer still connecting within the time an ICE handshake takes keeps its
+        place."""
         now = time.monotonic()
-        pending = [s for s in self.sessions.values() if s.has_stream and not s.closed and s.connected_s is None
-                   and now - s.created_s >= self.replace_pending_after_s]
+        pending = [s for s in self.sessions.values() if (s.kind == "whep" if viewers else s.has_stream)
+                   and not s.closed and s.connected_s is None and now - s.created_s >= self.replace_pending_after_s]
         if not pending:
             return False
         oldest = min(pending, key=lambda s: s.created_s)

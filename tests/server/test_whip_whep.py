@@ -95,20 +95,32 @@ async def _viewers_over_the_limit():
             peers.append(view)
             async with http.post(f"{url}/whep/studio", data=voffer, headers=sdp_headers) as resp:
                 again = resp.status
+            # both places held by players that never connected, for longer than replace_pending_after_s:
+            # a newcomer takes the oldest one's (abandoned offers held every place for 30 s)
+            for session in sessions.sessions.values():
+                if session.kind == "whep":
+                    session.created_s -= 20.0 + (session.id == replies[1][3].rsplit("/", 1)[1])
+            view, voffer, _ = await viewer_offer()
+            peers.append(view)
+            async with http.post(f"{url}/whep/studio", data=voffer, headers=sdp_headers) as resp:
+                replaced = (resp.status, [why for _, _, why in sessions.ended.values() if "took its place" in why],
+                            replies[1][3].rsplit("/", 1)[1] in sessions.ended)
             stream_alive = sessions.publisher("studio") is not None
         for pc in peers:
             await pc.close()
-    return replies, health, again, stream_alive
+    return replies, health, again, replaced, stream_alive
 
 
 def test_whep_viewers_are_bounded_and_the_publisher_is_untouched():
     """Each WHEP player encodes on its own and holds sockets: a flood of offers was unbounded."""
-    replies, health, again, stream_alive = asyncio.run(_viewers_over_the_limit())
+    replies, health, again, replaced, stream_alive = asyncio.run(_viewers_over_the_limit())
     assert [status for status, *_ in replies] == [201, 201, 503]
     status, text, retry_after, _ = replies[2]
     assert "2 viewers already watching (--max-viewers), 2 of them still connecting" in text and retry_after
     assert (health["viewers"], health["max_viewers"], health["streams"]) == (2, 2, 1)
     assert again == 201 and stream_alive
+    status, why, oldest_ended = replaced
+    assert status == 201 and len(why) == 1 and oldest_ended, replaced
 
 
 async def _players_share_an_encoder():
