@@ -1,4 +1,4 @@
-"""StreamDiff: a real-time streaming video-diffusion server (module map: docs/architecture.md).
+"""StreamDiff: a real-time streaming video-diffusion server (module map: the README's Layout; how it works: docs/architecture.md).
 
 Importing the package hides the checkout's `kernels/` folder (our `streamdiff.kernels`) from
 top-level imports, so that `kernels` means Hugging Face's package, installed or not, as it does

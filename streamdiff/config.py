@@ -229,7 +229,7 @@ class ParallelConfig:
     # each, VAE encode, DiT and VAE decode overlap with no OpenMP barrier between cores.
     backend: Literal["ray", "threads"] = "ray"
     ray_address: str = ""  # "" starts a local Ray instance; "auto" or "HOST:PORT" joins a cluster
-    partition: tuple[int, ...] = ()  # blocks per stage; () = from measured cost
+    partition: tuple[int, ...] = ()  # blocks per stage; () = even, then rebalanced from measured cost
     rebalance: bool = True  # re-measure while serving and move blocks when stages drift apart
     rebalance_threshold: float = 1.25  # slowest / fastest stage time that counts as imbalance
     rebalance_after_steps: int = 50  # ... when it persists this many consecutive steps
