@@ -3,9 +3,10 @@
   indirect imports): the scheduler and config never import torch; only parallel/ (and the Ray
   hop bench) import ray; nothing below the engine imports the engine, parallel or the
   benchmarks; the engine never imports parallel (the executor is chosen where it is composed);
+  parallel and the demo never import the benchmarks;
 - by reading the import statements of the folders mapped into the namespace, which
   import-linter does not scan: kernels/ imports triton only inside functions and nothing above
-  the model; the core packages never import the web stack."""
+  the model; the core packages never import the web stack; server/ never imports the benchmarks."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_import_linter_contracts_hold():
     result = subprocess.run([str(lint), "--config", str(ROOT / "pyproject.toml")], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "4 kept, 0 broken" in result.stdout
+    assert "5 kept, 0 broken" in result.stdout
 
 
 def test_kernels_import_triton_lazily_and_nothing_above_the_model():
@@ -56,3 +57,11 @@ def test_core_packages_never_import_the_web_stack():
     assert len(files) > 30
     offenders = {str(p.relative_to(ROOT)): sorted(hits(imports(p), WEB)) for p in files if hits(imports(p), WEB)}
     assert not offenders
+
+
+def test_the_server_never_imports_the_benchmarks():
+    """bench is the top layer beside cli.py: the server is composed without it (client/bench.py, the
+    end-to-end load generator, is its one user outside the package)."""
+    files = sorted((ROOT / "server").glob("*.py"))
+    assert len(files) > 5
+    assert not {p.name: sorted(hits(imports(p), ("streamdiff.bench",))) for p in files if hits(imports(p), ("streamdiff.bench",))}
