@@ -48,6 +48,7 @@ SYNTHETIC = "synthetic"  # --input synthetic: the built-in clip of moving shapes
 # The preset a command uses without --config: the demo, a small model trained in this repo that
 # restyles on a CPU. `tiny` (random weights, the tests' preset) would give a new user noise.
 DEFAULT_PRESET = "demo"
+TOKEN_ENV = "STREAMDIFF_TOKEN"  # the token's default for serve, control and bench --url
 CONFIG_HELP = f"preset name ({DEFAULT_PRESET}, tiny, wan-1.3b, wan-14b, ...) or a YAML file (default {DEFAULT_PRESET})"
 log = logging.getLogger("streamdiff")
 
@@ -622,7 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=DEFAULT_PRESET, help=CONFIG_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
-    serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on session and control routes")
+    serve.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
+                       help=f"require 'Authorization: Bearer TOKEN' on session and control routes (default: "
+                            f"${TOKEN_ENV}, which other users of this machine cannot read in `ps` as they can a flag)")
     serve.add_argument("--allow-host", action="append", type=host_name_arg, metavar="NAME",
                        help="without --token, answer requests addressed to NAME too (a proxy that passes its own host "
                             "name on; '*' any): a server on loopback answers only to an IP address or localhost "
@@ -645,7 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     control = sub.add_parser("control", help="change a live stream's prompt / steps / noise / seed")
     control.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default http://127.0.0.1:8000)")
     control.add_argument("--session", required=True, help="session id, or the WHIP stream key of an OBS stream")
-    control.add_argument("--token")
+    control.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
+                         help=f"the server's token (default: ${TOKEN_ENV})")
     control.add_argument("--prompt")
     control.add_argument("--steps", type=int, choices=[1, 2, 3, 4])
     control.add_argument("--noise", type=number_in(float, 0.1, 1.0, "0.3"), help="noise strength 0.1-1.0")
@@ -696,7 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2e = bench.add_argument_group("end-to-end mode")
     e2e.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8000 (selects end-to-end mode)")
     e2e.add_argument("--sessions", type=number_in(int, 1, 64, "2"), help="concurrent sessions (default 1)")
-    e2e.add_argument("--token", help="bearer token of the server")
+    e2e.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
+                     help=f"bearer token of the server (default: ${TOKEN_ENV})")
     e2e.add_argument("--fps", type=number_in(float, 0.1, 240, "30"), help="input frame rate sent per session")
     e2e.add_argument("--size", help="input frame size WxH, e.g. 256x256")
     bench.set_defaults(func=cmd_bench)

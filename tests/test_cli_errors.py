@@ -322,3 +322,18 @@ def test_sigterm_during_a_render_removes_its_partial_file(tmp_path):
     assert json.loads(stdout.strip().splitlines()[-1])["rc"] == 143, stderr
     assert "streamdiff: terminated (SIGTERM)" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_token_may_come_from_the_environment(monkeypatch):
+    """`--token` shows in `ps` to every user of the machine; STREAMDIFF_TOKEN does not. A flag
+    still wins, and an empty variable is no token."""
+    from streamdiff.cli import build_parser
+
+    monkeypatch.setenv("STREAMDIFF_TOKEN", "s3cret")
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).token == "s3cret"
+    assert parser.parse_args(["control", "--session", "k", "--seed", "1"]).token == "s3cret"
+    assert parser.parse_args(["bench", "--url", "http://127.0.0.1:8000"]).token == "s3cret"
+    assert parser.parse_args(["serve", "--token", "flag"]).token == "flag"
+    monkeypatch.setenv("STREAMDIFF_TOKEN", "")
+    assert build_parser().parse_args(["serve"]).token is None
