@@ -35,8 +35,11 @@ every RUNNING stream was promised: for a stream whose SLO held at admission, its
 the longest step that keeps its latency (gathering at the rate frames arrive, the lag, then two
 steps: the one running when a chunk gets ready, then its own) within its deadline (judged on the
 next step as it will run, unprepared streams with their bigger first chunk);
-for a stream admitted best effort, the steady step predicted when it joined. A refusal
-therefore only ever protects a stream already inside. The newcomer's own SLO decides only how
+for a stream admitted best effort, no longer steady step than the batch it joined beside
+(rows, tokens), nor than its own SLO's longest step, whichever is longer: both judged by the
+cost model as it predicts now, like every other promise (a promise kept as the milliseconds one
+model state predicted locked the server once a later fit predicted more for the same batch).
+A refusal therefore only ever protects a stream already inside. The newcomer's own SLO decides only how
 it is admitted: with the SLO, or best effort (an empty server always admits its first stream)
 with the fps and latency it can expect.
 
@@ -102,6 +105,7 @@ class _Stream:
     max_latency_ms: float = 0.0
     best_effort: bool = False  # admitted although its own SLO could not hold
     promised_step_ms: float = math.inf  # the longest step it was promised at admission
+    promised_batch: tuple[int, int] = (0, 0)  # best effort: the steady batch (rows, tokens) it joined beside
 
     @property
     def need_frames(self) -> int:
@@ -282,6 +286,7 @@ class FrameScheduler:
         own = self._breaks(new, (step_ms, batch), steady, newcomer=True)
         new.best_effort = own is not None
         new.promised_step_ms = max(steady[0], new.slo_step_ms()) if new.best_effort else new.slo_step_ms()
+        new.promised_batch = self._shape(streams, steady=True)
         fps, latency_ms = self._expect(new, steady[0])
         if new.best_effort:
             reason = f"admitted best effort: {own}"
@@ -466,12 +471,18 @@ class FrameScheduler:
     def _refuse(self, stream_id: str, reason: str, step_ms: float = 0.0) -> Admission:
         return Admission(stream_id, False, reason, step_ms, self.free_stream_slots)
 
-    def _batch(self, streams: list[_Stream], steady: bool = False) -> tuple[float, str]:
-        """Predicted ms of one step batching all `streams` (unprepared ones with their bigger
-        first chunk unless `steady`: every one past it), and its description."""
+    @staticmethod
+    def _shape(streams: list[_Stream], steady: bool = False) -> tuple[int, int]:
+        """(rows, tokens) of one step batching all `streams` (see `_batch`)."""
         rows = sum(s.lanes for s in streams)
         tokens = sum(s.lanes * (s.chunk_latents if steady else s.next_latents) * s.tokens_per_frame
                      for s in streams)
+        return rows, tokens
+
+    def _batch(self, streams: list[_Stream], steady: bool = False) -> tuple[float, str]:
+        """Predicted ms of one step batching all `streams` (unprepared ones with their bigger
+        first chunk unless `steady`: every one past it), and its description."""
+        rows, tokens = self._shape(streams, steady)
         n = len(streams)
         return self.cost_model.predict_ms(rows, tokens), f"{n} stream{'s' if n > 1 else ''} ({rows} rows, {tokens} tokens)"
 
@@ -495,8 +506,12 @@ class FrameScheduler:
         who = "it" if newcomer else f"stream {s.stream_id!r}"
         steady_ms, steady_batch = steady
         if not newcomer and s.best_effort:
-            if steady_ms > s.promised_step_ms:
-                return (f"{who}, admitted best effort with steps of {s.promised_step_ms:.1f} ms, would slow "
+            # Its promise, re-predicted now: the batch it joined beside, or its SLO's longest step.
+            # Compared with a step predicted by the same model, so a refit that predicts more for
+            # every batch (a busier machine, a wider margin) refuses only what adds work to it.
+            promise_ms = max(self.cost_model.predict_ms(*s.promised_batch), s.slo_step_ms())
+            if steady_ms > promise_ms:
+                return (f"{who}, admitted best effort with steps of {promise_ms:.1f} ms, would slow "
                         f"down: a step batching {steady_batch} is predicted at {steady_ms:.1f} ms")
             return None
         slo = f"{who} ({s.slo.describe()})"
