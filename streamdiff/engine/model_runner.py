@@ -106,6 +106,9 @@ class ModelRunner:
         self._prompt_cache_size = self.max_streams + 4
         self.conditions = ConditionKV()  # later stages: prompt K/V by condition key
         self._sent: dict[str, CondLRU] = {}  # first stage: the condition keys later stages hold
+        # first stage: the blend embeddings of those keys (a block move to a later stage must be
+        # able to project every condition it holds, finished blends included: `sent_embeddings`)
+        self._sent_blends: dict[tuple, torch.Tensor] = {}
         self._open: dict[tuple[int, int], list[Row]] = {}  # first stage: forwards whose flows are out
         self._steady: list[Row] = []  # rows of the chunks started, not yet in a forward
         self._groups: list[list[Row]] = []  # a step's steady rows in micro-batches
@@ -172,6 +175,8 @@ class ModelRunner:
             state.release()
         self._vae_states.pop(stream_id, None)
         self._sent.pop(stream_id, None)
+        for key in [k for k in self._sent_blends if k[1] == stream_id]:
+            del self._sent_blends[key]
         self.conditions.release(stream_id)
         self._preparing = [s for s in self._preparing if s.stream_id != stream_id]
         self._steady = [r for r in self._steady if r.state.stream_id != stream_id]
@@ -194,6 +199,7 @@ class ModelRunner:
             self.pool.clear()
         self._open.clear()
         self._sent.clear()
+        self._sent_blends.clear()
         self.conditions.clear()
 
     def _prompt_kv(self, prompt: str) -> CrossKV:
@@ -211,6 +217,13 @@ class ModelRunner:
         else:
             self._prompt_cache.move_to_end(prompt)
         return entry
+
+    def sent_embeddings(self) -> dict[tuple, torch.Tensor]:
+        """First stage: the text embedding of every condition later stages hold (a finished
+        blend or a prompt this stage's prompt cache dropped included), so a stage that takes
+        blocks can project their prompt K/V."""
+        keys = dict.fromkeys(k for lru in self._sent.values() for k in lru.keys)
+        return {k: self._sent_blends[k] if k[0] == "blend" else self._prompt_entry(k[1])[1] for k in keys}
 
     def frames_needed(self, stream_id: str) -> int:
         return self.streams[stream_id].frames_needed
@@ -381,9 +394,14 @@ class ModelRunner:
                                  lane.tag if finishes else None))
             # Later stages keep each stream's recent conditions (CondLRU, same rule on every
             # stage, fed rows in the same order): send an embedding only when they lack it.
-            if not self.spec.last and not self._sent.setdefault(state.stream_id, CondLRU()).use(lane.cond_key):
+            sent = self._sent.setdefault(state.stream_id, CondLRU())
+            if not self.spec.last and not sent.use(lane.cond_key):
                 embs[lane.cond_key] = (lane.cond_emb if lane.cond_emb is not None
                                        else self._prompt_entry(lane.cond_key[1])[1])
+                if lane.cond_emb is not None:
+                    self._sent_blends[lane.cond_key] = lane.cond_emb
+                for old in sent.evicted:
+                    self._sent_blends.pop(old, None)
         x = torch.cat([row.lane.x for row in rows])  # [B, 16, F, h, w]
         hidden = self.model.embed(x)  # [B, F*T, dim]
         hop = Hop(key, metas, hidden, x, tuple(x.shape[2:]), plans, embs, msg.stage_ms, msg.plan)

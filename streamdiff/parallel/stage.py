@@ -82,7 +82,11 @@ class StageWorker:
             del model.blocks[str(i)]
         model.block_range = (layers[-1] + 1, end) if layers[0] == start else (start, layers[0])
         self._sync_spec()
-        return {"layers": layers, "state": state, "pool": pool_state, "cond": cond}
+        # The first stage lacks the K/V of conditions only later stages still hold (a finished
+        # blend, a prompt its cache dropped): the receiver projects those from their embeddings.
+        embs = ({k: e.cpu() for k, e in self.runner.sent_embeddings().items() if k not in cond}
+                if self.spec.first else {})
+        return {"layers": layers, "state": state, "pool": pool_state, "cond": cond, "embs": embs}
 
     def take_blocks(self, package: dict) -> None:
         """Receive blocks from a neighbour (the other half of `give_blocks`)."""
@@ -101,7 +105,8 @@ class StageWorker:
         for key, kv in self._cross_kvs():
             moved = package["cond"].get(key)
             if moved is None:  # a condition no row has carried downstream yet: project it here
-                fresh = r.model.prompt_kv(self._emb_for(key))
+                emb = package.get("embs", {}).get(key)
+                fresh = r.model.prompt_kv(emb.to(r.device) if emb is not None else self._emb_for(key))
                 moved = {i: fresh[i] for i in layers}
             for i in layers:
                 k, v = moved[i]

@@ -109,7 +109,8 @@ class TickStages(InProcessStages):
             msg, handle = self._at[k]
             self._at[k] = None
             out = self.workers[k].run(msg)
-            self.trace.append((self.ticks, k, out.key))
+            key = out.key if hasattr(out, "key") else (out.step_id, out.part)  # an encode stage passes a StageInput on
+            self.trace.append((self.ticks, k, key))
             if k + 1 < len(self.workers):
                 self._at[k + 1] = (out, handle)
             else:
