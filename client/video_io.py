@@ -118,16 +118,18 @@ def _decode_skipping_damage(container, stream, path) -> Iterator[av.VideoFrame]:
     stretch of a camera's or a download's file, which players step over) is skipped, with one
     warning at the end, instead of ending the render and discarding what it had done."""
     damaged = 0
-    for packet in container.demux(stream):
-        try:
-            frames = packet.decode()
-        except av.InvalidDataError:
-            damaged += 1
-            continue
-        yield from frames
-    if damaged:
-        log.warning("%s: %d damaged packet(s) could not be decoded and were skipped (their frames are missing)",
-                    path, damaged)
+    try:
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.InvalidDataError:
+                damaged += 1
+                continue
+            yield from frames
+    finally:  # said also when the reader stops early (--frames, an interrupted render)
+        if damaged:
+            log.warning("%s: %d damaged packet(s) could not be decoded and were skipped (their frames are missing)",
+                        path, damaged)
 
 
 def same_aspect(frame: av.VideoFrame, width: int, height: int, pixel: Fraction | int = 1) -> bool:

@@ -135,9 +135,9 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
         nonlocal told
         while True:
             message = await inbox.get()
-            reply = await _apply_params(sessions, key, message)
-            if reply.get("type") == "params":  # the count as of this reply (no await since the change)
-                told = sessions.params_changes(key) or told
+            reply, count = await _apply_params(sessions, key, message)
+            if count is not None:  # the count as of this change (later ones are pushed)
+                told = max(told, count)
             reply = await with_params_in_use(reply)
             if ws.closed:
                 return
@@ -200,13 +200,15 @@ def _read_control_message(text: str) -> tuple[dict | None, dict | None]:
     return message, None
 
 
-async def _apply_params(sessions: SessionManager, key: str, message: dict) -> dict:
+async def _apply_params(sessions: SessionManager, key: str, message: dict) -> tuple[dict, int | None]:
+    """The reply, and the stream's change count as of this change (None: refused)."""
     try:
-        return {"type": "params", **await sessions.update_params(key, message)}
+        reply, count = await sessions.apply_change(key, message)
+        return {"type": "params", **reply}, count
     except KeyError:
-        return {"type": "error", "error": "the session has ended"}
+        return {"type": "error", "error": "the session has ended"}, None
     except (ValueError, TypeError) as exc:
-        return {"type": "error", "error": str(exc)}
+        return {"type": "error", "error": str(exc)}, None
     except Exception:  # noqa: BLE001 - the socket's params task must outlive it
         log.exception("applying %s to session %s failed", message, key)
-        return {"type": "error", "error": CHANGE_FAILED}
+        return {"type": "error", "error": CHANGE_FAILED}, None

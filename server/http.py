@@ -239,14 +239,14 @@ def known_host(host: str | None, allowed: tuple[str, ...]) -> bool:
     (HTTP/1.0) comes from no browser."""
     if host is None:
         return True
-    name = host_name(host)
+    name = host_name(host).rstrip(".")  # a fully qualified `localhost.` is localhost too
     try:
         ipaddress.ip_address(name)
         return True
     except ValueError:
         pass
     return (name == "localhost" or name.endswith(".localhost") or "*" in allowed
-            or name.rstrip(".") in {a.lower().rstrip(".") for a in allowed})
+            or name in {a.lower().rstrip(".") for a in allowed})
 
 
 @web.middleware

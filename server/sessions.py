@@ -345,19 +345,17 @@ class SessionManager:
                 raise StreamKeyTaken(
                     f"stream key {stream_key!r} is already being published; a publisher that stopped sending "
                     f"video gives it up after {self.takeover_after_s:g} s")
-        if kind == "whep" and self.viewer_count >= self.max_viewers:
-            await self._replace_pending(kind, stream_key, viewers=True)
-        if kind == "whep" and self.viewer_count >= self.max_viewers:
+        # Full: a place held by a peer that never connected goes to the newcomer (`_replace_pending`)
+        if (kind == "whep" and self.viewer_count >= self.max_viewers
+                and not await self._replace_pending(kind, stream_key, viewers=True)):
             events.info("refused whep session (stream key %s): %d of %d viewers already watching (--max-viewers)",
                         stream_key or "-", self.viewer_count, self.max_viewers)
             n = self.max_viewers
             connecting = sum(1 for s in self.sessions.values() if s.kind == "whep" and s.connected_s is None)
-            still = (f", {connecting} of them still connecting (one that has not connected "
-                     f"{self.replace_pending_after_s:g} s after its offer gives its place to a new one)") if connecting else ""
+            still = f", {connecting} of them still connecting ({self._pending_rule})" if connecting else ""
             raise ServerFull(f"busy: {n} viewer{'s' if n != 1 else ''} already watching (--max-viewers){still}")
-        if owns_stream and self.stream_count >= self.max_sessions:
-            await self._replace_pending(kind, stream_key)
-        if owns_stream and self.stream_count >= self.max_sessions:
+        if (owns_stream and self.stream_count >= self.max_sessions
+                and not await self._replace_pending(kind, stream_key)):
             events.info("refused %s session (stream key %s): %d of %d streams already running (--max-sessions)",
                         kind, stream_key or "-", self.stream_count, self.max_sessions)
             n = self.max_sessions
@@ -370,8 +368,7 @@ class SessionManager:
             else:
                 taken = (f"the {n} streams are taken (--max-sessions), {connecting} of them by "
                          f"{'a peer' if connecting == 1 else 'peers'}")
-            raise ServerFull(f"busy: {taken} still connecting (one that has not connected "
-                             f"{self.replace_pending_after_s:g} s after its offer gives its place to a new one)")
+            raise ServerFull(f"busy: {taken} still connecting ({self._pending_rule})")
         if owns_stream:
             admission = await self._admit(session_id, stream_key or session_id, prompt, params)
             while not admission and await self._replace_pending(kind, stream_key):
@@ -410,6 +407,10 @@ class SessionManager:
 
         session.tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session_id}"))
         return session
+
+    @property
+    def _pending_rule(self) -> str:
+        return f"one that has not connected {self.replace_pending_after_s:g} s after its offer gives its place to a new one"
 
     async def _replace_pending(self, kind: str, stream_key: str | None, viewers: bool = False) -> bool:
         """A newcomer would be refused (the session limit, or the engine's admission; `viewers`:
@@ -550,15 +551,14 @@ class SessionManager:
             await cancel_tasks([self._trim])
 
     async def update_params(self, key: str, message: dict) -> dict:
+        return (await self.apply_change(key, message))[0]
+
+    async def apply_change(self, key: str, message: dict) -> tuple[dict, int]:
         """Apply control fields to the session's stream (or, for whep, its source's). The reply:
         `params`, every field as now applied; `expect`, what the stream can expect (renewed when
         steps change: more steps cost fps and add latency); `means`, what the model makes of the
         prompt where it knows only a few (the demo's nine names: a free prompt changes nothing)."""
-        session = self.get(key)
-        if session is None:
-            raise KeyError(key)
-        target = session.source if session.kind == "whep" else session
-        if target is None or not target.has_stream:
+        if (target := self._stream_session(key)) is None:
             raise KeyError(key)
         try:
             params = await self.engine.update_params(target.id, **to_engine_params(message))
@@ -568,10 +568,14 @@ class SessionManager:
             raise ValueError(without_other_ids(str(in_client_words(exc, message)), target.id)) from None
         except ValueError as exc:
             raise ValueError(without_other_ids(str(in_client_words(exc, message)), target.id)) from None
+        # Counted as the engine applied it, before the await below: a change another controller
+        # makes during that await counts after this one, so this caller's control socket (told
+        # `count`, the reply's params predating that change) still gets that one pushed.
+        target.params_changes += 1
+        count = target.params_changes
         if "steps" in message:  # re-admitted with the new lane count
             target.expect = expectation(await self.engine.admission(target.id), self.target_fps, self.deadline_ms)
-        target.params_changes += 1  # no await from here to the caller: it learns this count with the reply
-        return self._params_reply(target, params)
+        return self._params_reply(target, params), count
 
     def _params_reply(self, target: Session, params) -> dict:
         reply = {"params": to_control_words(params)}

@@ -73,9 +73,14 @@ const FIELDS = {
   blend: () => wholeNumber("blend", 0, 64),
 };
 const touched = new Set();
-// The prompt the stream runs, as far as the page knows: a change made elsewhere replaces the
-// prompt field only while it still holds this (not while its user is typing another).
-let promptInUse = null;
+// What the stream runs, as far as the page knows (control words, the prompt included): a change
+// made elsewhere replaces a field only while it still holds this (not while its user is typing
+// another), a field the user once changed included (else its next Apply would undo the change).
+let inUse = {};
+function holdsInUse(name) {
+  if (!(name in inUse)) return false;
+  return name === "motion" ? $(name).checked === Boolean(inUse[name]) : $(name).value.trim() === String(inUse[name]);
+}
 for (const name of Object.keys(FIELDS)) {
   for (const kind of ["input", "change"]) $(name).addEventListener(kind, () => touched.add(name));
 }
@@ -278,7 +283,7 @@ async function start() {
   // which controls every stream)
   $("watch").href = (body.watch || `/viewer.html?key=${encodeURIComponent(PAGE_KEY)}`).replace(/^\//, "");
   $("watching").hidden = false;
-  promptInUse = sent.prompt;
+  inUse = { ...sent }; // what the offer asked for (the fields it left out: the preset's, shown already)
   keepPrompt(sent.prompt);
   showMeans(sent.prompt, body.means);
   await peer.setRemoteDescription({ type: "answer", sdp: body.sdp });
@@ -398,9 +403,12 @@ function openControl() {
       const head = msg.elsewhere ? "changed by another controller" : "applied";
       say(`${head}: ${prompt} · steps ${p.steps} · noise ${p.noise} · seed ${p.seed} · motion-aware ${p.motion ? "on" : "off"}` +
           blend + expectText() + outside, false, outside ? 0 : 8);
+      if (msg.elsewhere) {
+        for (const name of [...touched]) if (holdsInUse(name)) touched.delete(name);
+        if ($("prompt").value === inUse.prompt) $("prompt").value = p.prompt;
+      }
       showValues(p);
-      if (msg.elsewhere && $("prompt").value === promptInUse) $("prompt").value = p.prompt;
-      promptInUse = p.prompt;
+      inUse = { ...p };
       keepPrompt(p.prompt);
       showMeans(p.prompt, msg.means);
     } else if (msg.type === "closed") {

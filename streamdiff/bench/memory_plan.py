@@ -2,7 +2,7 @@
 
 Owns: the byte counts of everything a serving process holds on the device, how many
 streams fit a given device memory, and the one-line warning `render` gives when one stream at
-its frame size cannot fit the memory free now (`memory_warning`). Every count comes from
+its frame size cannot fit the memory free now, or the machine's at all (`memory_verdict`). Every count comes from
 building the real modules (or running the real code) on the `meta` device, so nothing is
 allocated and no weights are read:
 - weights: the DiT (whole, and per pipeline stage), the VAE the config serves with (Wan, TAEHV,

@@ -85,7 +85,9 @@ def connect(address: str, num_stages: int) -> bool:
         # (30 s) plus pubsub timeouts: a port that answers TCP but is no Ray head (the dashboard's
         # 8265, another service) held the server ~14 minutes, deaf to SIGTERM. Bounded here, to
         # about 20 s (one attempt), unless the user set Ray's own variables.
-        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "1")  # read at the call: one attempt
+        ours = "RAY_gcs_server_port_wait_time_s" not in os.environ
+        if ours:  # read at the call: one attempt (and only for this join: a later one gets Ray's own)
+            os.environ["RAY_gcs_server_port_wait_time_s"] = "1"
         try:
             ray.init(address=address, runtime_env=runtime_env, **quiet)
         except ConnectionError as exc:  # "auto" with no cluster on this machine, a head that went away
@@ -99,6 +101,9 @@ def connect(address: str, num_stages: int) -> bool:
                         "set RAY_AUTH_MODE=token here (the token: ~/.ray/auth_token or RAY_AUTH_TOKEN)")
             raise ClusterError(f"--ray-address {address}: {why} (start one with `ray start --head`, or leave out "
                                f"--ray-address to run the stages in a local Ray)") from None
+        finally:
+            if ours:
+                os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
         return False
     cpus = max(os.cpu_count() or 1, num_stages + 1)
     ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, **quiet)

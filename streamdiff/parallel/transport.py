@@ -184,9 +184,15 @@ class ThreadedStages(InProcessStages):
         return handle.done()
 
     def call(self, index: int, method: str, *args) -> object:
+        """`method` on stage `index`'s worker, in its thread after what it is running: StageFailure
+        when it is not back within `timeout_s` (a stage stuck in a forward would otherwise hold
+        the engine's recovery, which clears every stage, for ever)."""
         future: Future = Future()
         self._queues[index].put(("call", (method, args), future))
-        return future.result()
+        try:
+            return future.result(timeout=self.timeout_s)
+        except TimeoutError as exc:
+            raise StageFailure(f"stage {index} did not answer {method} within {self.timeout_s:g} s") from exc
 
     def shutdown(self) -> None:
         for inbox in self._queues:

@@ -104,7 +104,6 @@ class _Stream:
     last_latency_ms: float = 0.0
     max_latency_ms: float = 0.0
     best_effort: bool = False  # admitted although its own SLO could not hold
-    promised_step_ms: float = math.inf  # the longest step it was promised at admission
     promised_batch: tuple[int, int] = (0, 0)  # best effort: the steady batch (rows, tokens) it joined beside
 
     @property
@@ -285,7 +284,6 @@ class FrameScheduler:
         # 2. The newcomer: with its SLO, or best effort with what it can expect (its steady state).
         own = self._breaks(new, (step_ms, batch), steady, newcomer=True)
         new.best_effort = own is not None
-        new.promised_step_ms = max(steady[0], new.slo_step_ms()) if new.best_effort else new.slo_step_ms()
         new.promised_batch = self._shape(streams, steady=True)
         fps, latency_ms = self._expect(new, steady[0])
         if new.best_effort:

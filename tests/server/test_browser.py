@@ -364,9 +364,13 @@ async def _page_follows_its_user_flow() -> dict:
             await page.click("#start")
             out["restart_playing"] = await _until(lambda: _playing(page, "output"), 120)
             out["restart_sessions"] = await _until(lambda: _async(lambda: len(sessions.sessions) == 1), 40)
-            # 2b. Another controller (`streamdiff control`) changes the stream: the page follows it.
+            # 2b. Another controller (`streamdiff control`) changes the stream: the page follows it,
+            # a field its user once applied included (its next Apply would have undone the change).
             from streamdiff.client.control import send_params
 
+            await page.fill("#seed", "5")
+            await page.click("#apply")
+            out["own_seed"] = await _until(lambda: _message_with(page, "seed 5"), 30)
             await send_params(url, next(iter(sessions.sessions)), {"prompt": "changed elsewhere", "seed": 77})
             out["elsewhere"] = await _until(lambda: _async_value(
                 page, "() => [document.getElementById('prompt').value, document.getElementById('seed').value, "
@@ -405,7 +409,7 @@ def test_the_page_follows_stop_restart_and_a_stream_the_server_ends():
     assert sessions == 0 and state["start"] and not state["stop"] and not state["camera"], out["after_early_stop"]
     assert out["restart_playing"] and out["restart_sessions"], out
     # a change another controller made shows on the page (it kept showing its own last values)
-    assert out["elsewhere"] and out["elsewhere"][1] == "77", out
+    assert out["own_seed"] and out["elsewhere"] and out["elsewhere"][1] == "77", out
     assert out["elsewhere"][2].startswith('changed by another controller: "changed elsewhere"'), out["elsewhere"]
     assert 'seed "1.5" is not a whole number' in out["bad_seed"], out["bad_seed"]
     # and why, in the server's words

@@ -116,7 +116,7 @@ def test_a_change_that_fails_unexpectedly_is_one_line_and_the_socket_goes_on():
         async with running_server() as (url, app):
             pub = await publish(url, "cam")
             sessions = sessions_of(app)
-            real = sessions.update_params
+            real = sessions.apply_change  # update_params (PATCH) goes through it too
             calls = []
 
             async def flaky(key, message):
@@ -125,7 +125,7 @@ def test_a_change_that_fails_unexpectedly_is_one_line_and_the_socket_goes_on():
                     raise RuntimeError("something broke inside")
                 return await real(key, message)
 
-            sessions.update_params = flaky
+            sessions.apply_change = flaky
             async with aiohttp.ClientSession() as http:
                 async with http.patch(f"{url}/sessions/cam/params", json={"seed": 5}, headers=auth()) as resp:
                     patched = (resp.status, await resp.json())
@@ -203,3 +203,41 @@ def test_a_change_made_elsewhere_is_pushed_to_the_other_controllers():
     for pushed in (later_page, later_other):
         assert len(pushed) == 1 and pushed[0]["elsewhere"] and pushed[0]["params"]["steps"] == 2, pushed
         assert pushed[0]["params"]["prompt"] == "ink sketch" and "expect" in pushed[0]  # steps renew it
+
+
+def test_a_change_landing_while_a_steps_change_is_readmitted_is_still_pushed():
+    """A steps change awaits the engine's admission after the engine applied it: a change another
+    controller made meanwhile was counted before it, so the steps change's socket took it as told
+    (its reply's params predate it) and never got it pushed: its page showed the old prompt."""
+
+    async def run():
+        async with running_server() as (url, app), aiohttp.ClientSession() as http:
+            engine = app[ENGINE_KEY]
+            pub = await publish(url, "cam")
+            real = engine.admission
+            other_sent = asyncio.Event()
+
+            async def slow_admission(stream_id):
+                await other_sent.wait()
+                await asyncio.sleep(0.5)  # the other change lands meanwhile
+                return await real(stream_id)
+
+            engine.admission = slow_admission
+            async with http.ws_connect(f"{url}/ws?session=cam", headers=auth()) as page, \
+                    http.ws_connect(f"{url}/ws?session=cam", headers=auth()) as other:
+                await page.send_json({"type": "params", "steps": 2})
+                await asyncio.sleep(0.3)
+                await other.send_json({"type": "params", "prompt": "changed meanwhile"})
+                other_sent.set()
+                got = []
+                try:
+                    async with asyncio.timeout(4.0):
+                        async for msg in page:
+                            got.append(msg.json())
+                except TimeoutError:
+                    pass
+            await pub.close()
+            return [m for m in got if m["type"] == "params"]
+
+    on_page = asyncio.run(run())
+    assert on_page and on_page[-1]["params"]["prompt"] == "changed meanwhile", on_page

@@ -417,6 +417,8 @@ def test_host_names_the_rule_knows():
     assert known_host("10.0.0.7:8000", ()) and known_host("localhost", ()) and known_host(None, ())
     assert not known_host("localhost.evil.example:8000", ()) and not known_host("10.0.0.7.evil.example", ())
     assert known_host("Video.Example.org.:8000", ("video.example.org",)) and known_host("anything", ("*",))
+    assert known_host("localhost.:8000", ()) and known_host("App.Localhost.", ())  # the trailing dot, as for allowed names
+    assert not known_host("evil.example.:8000", ()) and not known_host("", ())
 
 
 async def _a_watch_token(caplog) -> dict:
