@@ -225,3 +225,26 @@ def test_a_stage_thread_that_raises_closes_the_streams_not_the_engine(cfg4, capl
         assert len(feeder.outputs["n"]) == 9
     finally:
         stages.shutdown()
+
+
+def test_a_stage_thread_stuck_in_a_forward_fails_the_calls_behind_it(cfg4):
+    """A review: after a forward timed out the recovery asks every stage to clear its streams, and
+    that call waited behind the stuck forward without a bound: the engine thread froze for good."""
+    import threading
+
+    from streamdiff.parallel.executor import ThreadedStages
+    from streamdiff.parallel.messages import StageInput
+    from streamdiff.parallel.transport import StageFailure
+
+    stages = ThreadedStages(cfg4, [2, 2], "cpu", timeout_s=0.5)
+    release = threading.Event()
+    stages.workers[1].run = lambda msg: release.wait(30)  # stuck until released
+    try:
+        handle = stages.submit(StageInput(0, 0, "steady", {}, []))
+        with pytest.raises(StageFailure, match="not back within 0.5 s"):
+            stages.get(handle)
+        with pytest.raises(StageFailure, match="stage 1 did not answer clear_all within 0.5 s"):
+            stages.call(1, "clear_all")
+    finally:
+        release.set()
+        stages.shutdown()
