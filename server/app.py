@@ -490,8 +490,9 @@ async def options(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 once the engine runs; 503 while it warms up ("state": "warming"), after a failed start
-    or while stopping. The body is the same either way (the page reads its defaults from it)."""
+    """200 once the engine runs; 503 while it warms up ("state": "warming") or after a failed
+    start. The body is the same either way (the page reads its defaults from it). A stopping
+    server has closed its listener already: a check is refused, not answered."""
     state = request.app[START_KEY].state
     ok = state == "ready"
     return web.json_response({"ok": ok, "state": state, **request.app[SESSIONS_KEY].snapshot()},

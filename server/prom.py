@@ -62,8 +62,10 @@ class EngineCollector:
         # 3. Per stream (their labels are session ids: authorised scrapes only).
         if not self.per_stream:
             return
-        # `key`: the WHIP stream key ("" for a browser session), so an OBS user finds their
-        # stream without /sessions; the session id changes with every reconnect, the key does not.
+        # `key`: the stream key (a WHIP key, or the page's own `page-...` key; "" for a session
+        # with none), so an OBS user finds their stream without /sessions; the session id
+        # changes with every reconnect, the key does not. A stream still being admitted has no
+        # session yet: its key is the one it is admitted under (not "" for its first scrape).
         streams = snap.get("streams", {})
         labels = ["stream", "key"]
         gauges = {key: GaugeMetricFamily(f"{PREFIX}_stream_{key}", f"per-stream {key}", labels=labels)
@@ -76,7 +78,8 @@ class EngineCollector:
                                         labels=labels)
         for sid, s in streams.items():
             session = self.sessions.sessions.get(sid)
-            values = [sid, session.stream_key if session is not None and session.kind == "whip" else ""]
+            key = session.stream_key if session is not None else self.sessions.admitting_key(sid)
+            values = [sid, "" if key in (None, sid) else key]
             for key, family in gauges.items():
                 value = _num(s.get(key))
                 if value is not None:

@@ -309,6 +309,10 @@ class SessionManager:
                 return session
         return None
 
+    def admitting_key(self, session_id: str) -> str | None:
+        """The stream key a stream session being admitted (not in `sessions` yet) holds."""
+        return self._admitting.get(session_id)
+
     def why_ended(self, session_id: str, kind: str | None = None, stream_key: str | None = None) -> str | None:
         """Why a recently ended session ended (the console line's reason); None if it is not
         among the last ENDED_KEPT, or not of that kind and key when they are given."""

@@ -306,7 +306,7 @@ class AsyncEngine:
         """The metrics snapshot (thread-safe; see streamdiff.metrics)."""
         if self._core is None:
             return {}
-        return self._core.metrics.snapshot()
+        return self._core.served_metrics.snapshot()  # never a re-measure's scratch (EngineCore.measure)
 
     # ------------------------------------------------------------------ plumbing
 

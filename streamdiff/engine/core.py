@@ -144,7 +144,11 @@ class EngineCore:
         self.scheduler.pipeline_depth = self.depth
         self._in_flight: deque[tuple[StepPlan, float]] = deque()  # (plan, submit time), oldest first
         self.output_queue_frames = output_queue_frames
-        self.metrics = metrics or EngineMetrics()
+        # `metrics` counts into `served_metrics`, except while measure() runs its dummy stream (a
+        # scratch object then); readers such as /metrics read `served_metrics`, which never sees
+        # the dummy (a probe: a scrape during a re-measure saw every counter reset and then jump
+        # back, and a "__warmup__" stream)
+        self.metrics = self.served_metrics = metrics or EngineMetrics()
         self._streams: dict[str, _Stream] = {}
         self._next_frame_id = 0
         self.closed: dict[str, str] = {}  # stream -> reason, for streams the engine closed itself
@@ -473,7 +477,7 @@ class EngineCore:
         if mark is not None:  # serving steps replace the warm-up's (a busy start is not for ever)
             mark()
         warmup_ms = (time.perf_counter() - t0) * 1000.0
-        self.metrics = EngineMetrics()
+        self.metrics = self.served_metrics = EngineMetrics()
         self.metrics.warmup_ms = warmup_ms
         return warmup_ms
 
@@ -486,7 +490,7 @@ class EngineCore:
         reset = getattr(self.scheduler.cost_model, "reset", None)
         if reset is not None:
             reset()
-        metrics, self.metrics = self.metrics, EngineMetrics()  # the dummy stream is not served
+        metrics, self.metrics = self.metrics, EngineMetrics()  # the dummy stream is not served (nor shown)
         params = StreamParams.defaults(self.cfg, prompt="warm-up")
         try:
             self._dummy_stream(params, seed)
