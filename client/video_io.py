@@ -226,7 +226,9 @@ class VideoWriter:
         if sample_aspect is not None:
             self.stream.codec_context.sample_aspect_ratio = sample_aspect
         if codec == "libx264":
-            self.stream.options = {"crf": "18", "preset": "veryfast"}
+            # AVI keeps no presentation times: with B-frames its frames were read back with their
+            # times out of order (a probe: 0.126, 0.502, 0.377, ...)
+            self.stream.options = {"crf": "18", "preset": "veryfast", **({"bf": "0"} if self.path.suffix.lower() == ".avi" else {})}
         else:
             self.stream.bit_rate = 8_000_000
         self.frames_written = 0
