@@ -50,20 +50,32 @@ def check_output_path(path: str) -> None:
 
 
 def check_writable(path: str, flag: str) -> None:
-    """`flag`'s file can be written (its folder is made if missing; a file that was not there
-    before is not left behind), checked before the work whose result it will hold."""
+    """`flag`'s file can be written, checked before the work whose result it will hold: its
+    folder is made if missing to try, and neither a file nor a folder that was not there before
+    is left behind (the writer makes its folder when it writes; a probe found a failed render's
+    `out/new/deep` left empty)."""
     out = Path(path)
     if out.is_dir():
         raise ConfigError(f"{flag} {path} is a folder; name a file")
     existed = out.exists()
+    made = [p for p in out.absolute().parents if not p.exists()]  # deepest first
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "ab"):  # appends nothing: an existing file is left as it is
             pass
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
-    if not existed:
-        out.unlink(missing_ok=True)
+    finally:
+        if not existed:
+            try:
+                out.unlink(missing_ok=True)
+            except OSError:  # a path through a file: nothing was made
+                pass
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not made after all, or something else wrote into it meanwhile
+                break
 
 
 def check_folder(path: str, flag: str) -> None:

@@ -61,11 +61,15 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_model(tmp_path):
 
 
 def test_the_output_check_leaves_no_file_behind_and_keeps_an_existing_one(tmp_path):
+    """Nor a folder it made (a probe: a failed render to out/new/deep/x.mp4 left out/new/deep)."""
     from streamdiff.preflight import check_output_path
 
-    fresh = tmp_path / "new" / "o.mp4"
+    fresh = tmp_path / "new" / "deep" / "o.mp4"
     check_output_path(str(fresh))
-    assert fresh.parent.is_dir() and not fresh.exists()
+    assert not fresh.exists() and not (tmp_path / "new").exists()
+    (tmp_path / "have").mkdir()
+    check_output_path(str(tmp_path / "have" / "sub" / "o.mp4"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["have"] and not any((tmp_path / "have").iterdir())
     kept = tmp_path / "old.mp4"
     kept.write_bytes(b"earlier render")
     check_output_path(str(kept))
