@@ -686,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override model.dtype")
     model.add_argument("--peak-tflops", type=number_in(float, 0.001, 1_000_000, "989"), help="device peak for MFU (default: known GPUs, none on CPU)")
     model.add_argument("--compile", action="store_true",
-                       help="also run every combination with the DiT forward under torch.compile (side by side)")
+                       help="also run every combination with the DiT blocks under torch.compile (side by side)")
     model.add_argument("--cuda-graphs", action="store_true",
                        help="also run every combination compiled with CUDA graphs (CUDA only)")
     sim = bench.add_argument_group("scaling projection")

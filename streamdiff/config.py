@@ -202,8 +202,9 @@ class SLOConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Where and how the DiT runs. `compile`: torch.compile(fullgraph) of the forward, one graph
-    per row-count bucket (rows padded up to the next entry of `row_buckets`); `cuda_graphs`:
+    """Where and how the DiT runs. `compile`: torch.compile(fullgraph) of one DiT block that
+    every layer runs (regional: the compile time does not grow with the depth), one graph per
+    row-count bucket (rows padded up to the next entry of `row_buckets`); `cuda_graphs`:
     capture that forward per bucket as CUDA graphs and replay them (CUDA only). `compile_vae`:
     torch.compile(fullgraph) of the VAE's streaming encoder and decoder calls, beside any DiT
     mode (model/vae.py `StreamingVAE.compile`)."""

@@ -10,7 +10,7 @@ kernels.py, the tests).
 Order: the headline number first (512x512, 1 step, 1 stream, eager: SDV2's 26.21 fps on one
 H100), correctness (the gpu tests), the other 1-step eager numbers (480p, 4 streams), the
 headline graph-captured, the kernel bench, 480p captured, the headline and 480p compiled
-(inductor takes minutes on the 1.3B), steps 2-4 eager, then every other captured / compiled
+(one block's graph since regional compilation), steps 2-4 eager, then every other captured / compiled
 combination. Budget: a part starts only if its estimate
 fits in what is left (a later, shorter part may still run); the bench combinations run in this
 process over one build of the model, each in its own try (a failing mode is recorded, the
@@ -45,10 +45,12 @@ MODES = ("eager", "compiled", "graphs")
 # Estimated seconds, from the first run on one H200 (2026-12-04, docs/benchmarks.md): eager parts
 # took 18-42 s at 5 s measured, graph-captured ones 14-15 s, the tests 87 s (compile tests
 # failing early; their 3 then took 102 s alone), the kernel bench 9 s (no tile sweep then); the
-# compiled 1.3B had not finished 105 s after its build.
+# compiled 1.3B had not finished 105 s after its build (the whole 30-block forward then; now one
+# block is compiled and every layer runs it, which on a CPU took the time of the 1-2 block forward:
+# the estimate below is a guess until a GPU measures it).
 EST_BUILD_S = 25.0  # 1.3B random init on the CPU, VAE, to the GPU
 EST_WARMUP_S = 20.0  # engine warm-up, rehearsal, first frames, lanes filled (4 streams: ~35)
-EST_COMPILE_S = {"eager": 0.0, "compiled": 180.0, "graphs": 10.0}
+EST_COMPILE_S = {"eager": 0.0, "compiled": 60.0, "graphs": 10.0}
 EST_VAE_COMPILE_S = 150.0  # not measured: the Wan VAE's first-call and steady graphs (CPU: ~2 min for the tiny)
 # The VAE variants a bench part may swap in (`Part.vae`; "" is the config's own Wan VAE): the eager
 # step at 512x512 was encode 43 + DiT 94 + decode 63 ms on an H200, and graphs capture only the DiT.

@@ -46,7 +46,7 @@ Per combination (definitions):
   VAE included). Peak: device.PEAK_BF16_TFLOPS by device name, or `peak_tflops`; None
   on CPU.
 - step split: median ms of VAE encode / DiT / VAE decode (ModelRunner.last_phase_ms).
-- mode (`modes`): eager, compiled (torch.compile of the DiT forward) or graphs (compiled with
+- mode (`modes`): eager, compiled (torch.compile of the DiT blocks, one graph all layers run) or graphs (compiled with
   CUDA graphs); every combination runs in every mode asked, side by side. `compile` and
   `host_ms_per_step`: see bench/modes.py.
 """

@@ -23,6 +23,26 @@ import torch.nn.functional as F
 from streamdiff.cache.slots import WritePlan
 
 
+@dataclass(frozen=True)
+class PoolLayer:
+    """One layer of a KVPool: views of its tensors, updated in place by the block that runs the
+    layer. Passing these (and not the pool and a layer index) keeps a compiled block free of the
+    index: Dynamo would guard on the int and compile the block once per layer."""
+
+    k: torch.Tensor  # [S, T, H, D]
+    v: torch.Tensor  # [S, T, H, D]
+    q_stack: torch.Tensor  # [G, W + QUEUE_ROOM] sdv2 pending sink refreshes per lane
+    q_len: torch.Tensor  # [G]
+    q_rot: torch.Tensor  # [G]
+    frames: torch.Tensor | None  # [S] stream frame held per slot (track_frames), else None
+    window: int
+
+    def record_frames(self, slots: torch.Tensor, frames: torch.Tensor) -> None:
+        """Remember which stream frame each written slot now holds (slots, frames [B, F])."""
+        if self.frames is not None:
+            self.frames[slots.flatten()] = frames.flatten()
+
+
 class KVPool:
     # Pending sink refreshes a lane's queue can hold beyond its window: refreshes queue up only
     # while the window fills, at most one per one-frame chunk written then (window) and one per
@@ -66,6 +86,7 @@ class KVPool:
         self.q_len = torch.zeros(n, lanes, dtype=torch.int64, device=device)  # [L, G]
         self.q_rot = torch.zeros(n, lanes, dtype=torch.int64, device=device)  # [L, G]
         self.frames = torch.full((n, num_slots), -1, dtype=torch.int64, device=device)  # [L, S] frame held
+        self._views: dict[int, PoolLayer] = {}  # layer -> its views (made on first use; the tensors never move but in _set_layers)
 
     STATE = ("k", "v", "q_stack", "q_len", "q_rot", "frames")
 
@@ -99,6 +120,7 @@ class KVPool:
     def _set_layers(self, layers: list[int]) -> None:
         self.layers = list(layers)
         self._index = {layer: i for i, layer in enumerate(self.layers)}
+        self._views: dict[int, PoolLayer] = {}
 
     def scratch_plan(self, n: int, sinks: int) -> WritePlan:
         """A padding row: writes `n` frames into the scratch lane, attends to it, never refreshes."""
@@ -109,14 +131,18 @@ class KVPool:
     def layer_index(self, layer: int) -> int:
         return self._index[layer]
 
-    def record_frames(self, layer: int, slots: torch.Tensor, frames: torch.Tensor) -> None:
-        """Remember which stream frame each written slot now holds (slots, frames [B, F])."""
-        if self.track_frames:
-            self.frames[self._index[layer]][slots.flatten()] = frames.flatten()
+    def at(self, layer: int) -> PoolLayer:
+        """`layer`'s views (the same object every call until layers move between stages)."""
+        view = self._views.get(layer)
+        if view is None:
+            i = self._index[layer]
+            view = self._views[layer] = PoolLayer(self.k[i], self.v[i], self.q_stack[i], self.q_len[i], self.q_rot[i],
+                                                  self.frames[i] if self.track_frames else None, self.window)
+        return view
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        i = self._index[layer]
-        return self.k[i], self.v[i]
+        view = self.at(layer)
+        return view.k, view.v
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
@@ -326,15 +352,14 @@ def refresh_decision(batch: AttnBatch, sim: torch.Tensor | None) -> tuple[torch.
 
 
 @torch.no_grad()
-def choose_writes(pool: KVPool, layer: int, batch: AttnBatch, sim: torch.Tensor | None) -> torch.Tensor:
+def choose_writes(pool: PoolLayer, batch: AttnBatch, sim: torch.Tensor | None) -> torch.Tensor:
     """sdv2, one layer: the write slots [B, F] of this chunk, and the layer's queues updated.
 
     Per row (StreamDiffusionV2's order): if the refresh fires, the least similar sink goes to
     the front of Q; a full window then pops Q's front as its target (a ring entry goes back to
     Q's end, a sink does not). A refresh pushed and popped in the same chunk leaves Q as it was;
     one pushed while the window fills waits at Q's front. All on the device (torch.where)."""
-    i = pool.layer_index(layer)
-    stack, qlen, rot = pool.q_stack[i], pool.q_len[i], pool.q_rot[i]  # [G, W + QUEUE_ROOM], [G], [G]
+    stack, qlen, rot = pool.q_stack, pool.q_len, pool.q_rot  # [G, W + QUEUE_ROOM], [G], [G]
     g = batch.lane  # [B]
     fires, worst = refresh_decision(batch, sim)
     plen, r = qlen[g], rot[g]  # [B]
@@ -357,13 +382,12 @@ def choose_writes(pool: KVPool, layer: int, batch: AttnBatch, sim: torch.Tensor 
 
 
 @torch.no_grad()
-def swap_refresh_(pool: KVPool, layer: int, batch: AttnBatch, written: torch.Tensor) -> None:
+def swap_refresh_(pool: PoolLayer, batch: AttnBatch, written: torch.Tensor) -> None:
     """rolling, one layer, after attention: where a row's least similar sink is below the
     threshold, that sink and the chunk's last frame (slot written[:, -1]) swap places, so the
     new frame becomes a sink and the old sink frame lives on in the ring until it is evicted.
     Each frame stays in exactly one slot."""
-    k_pool, v_pool = pool.layer(layer)
-    i = pool.layer_index(layer)
+    k_pool, v_pool = pool.k, pool.v
     chunk = written.long()  # [B, F]
     sim = sink_similarity(k_pool, v_pool, batch.sink_slots, k_pool[chunk].flatten(1, 2), v_pool[chunk].flatten(1, 2))
     fires, worst = refresh_decision(batch, sim)
@@ -371,5 +395,5 @@ def swap_refresh_(pool: KVPool, layer: int, batch: AttnBatch, written: torch.Ten
     last = chunk[:, -1]  # [B]
     dst = torch.cat([sink, last])  # [2B]
     src = torch.cat([torch.where(fires, last, sink), torch.where(fires, sink, last)])  # [2B]
-    for tensor in (k_pool, v_pool) + ((pool.frames[i],) if pool.track_frames else ()):
+    for tensor in (k_pool, v_pool) + ((pool.frames,) if pool.frames is not None else ()):
         tensor[dst] = tensor[src]

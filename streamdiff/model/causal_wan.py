@@ -25,7 +25,7 @@ from diffusers.models.transformers.transformer_wan import (
     WanTransformerBlock,
 )
 
-from streamdiff.cache.kv_cache import AttnBatch, KVPool, choose_writes, sink_similarity, swap_refresh_
+from streamdiff.cache.kv_cache import AttnBatch, KVPool, PoolLayer, choose_writes, sink_similarity, swap_refresh_
 from streamdiff.config import ModelConfig
 from streamdiff.model.attention import Attention, rope_angles
 from streamdiff.kernels.cache_write import apply_rope_ref
@@ -172,13 +172,17 @@ class CausalWanModel(nn.Module):
         batch: AttnBatch,
         pool: KVPool,
         grid: tuple[int, int],
+        block_fn=None,
     ) -> torch.Tensor:
         """Run this model's blocks over hidden [B, F*T, dim]; writes this chunk's K/V into the pool
-        (the cache policy's per-layer slot choice and sink refresh travel in `batch`)."""
+        (the cache policy's per-layer slot choice and sink refresh travel in `batch`). `block_fn`:
+        what runs one block (`run_block`'s signature; model/dit_step.py passes a compiled one)."""
+        block_fn = block_fn or self.run_block
         freqs_cos, freqs_sin = self.rope_tables()
         cos_q, sin_q = rope_angles(freqs_cos, freqs_sin, self.rope_split, batch.write_pos, grid)  # [B, F*T, D]
         for layer, block in self._blocks():
-            hidden = self._block(block, layer, hidden, tproj, cross_kv[layer], batch, pool, grid, (cos_q, sin_q))
+            hidden = block_fn(block, pool.at(layer), hidden, tproj, cross_kv[layer], batch, grid, (cos_q, sin_q),
+                              (freqs_cos, freqs_sin))
         return hidden
 
     def head(self, hidden: torch.Tensor, temb: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -200,34 +204,39 @@ class CausalWanModel(nn.Module):
         cross_kv: CrossKV,
         batch: AttnBatch,
         pool: KVPool,
+        block_fn=None,
     ) -> torch.Tensor:
         """Full model (embed + all blocks + head) on one chunk per row: x [B, C, F, h, w],
-        timestep [B, F] -> flow [B, C, F, h, w] (fp32)."""
+        timestep [B, F] -> flow [B, C, F, h, w] (fp32). `block_fn`: see `run_blocks`."""
         if not (self.has_embed and self.has_head):
             raise RuntimeError("forward() needs the embeddings and the head; a stage calls run_blocks()")
         _, _, frames, height, width = x.shape
         grid = (height // PATCH[1], width // PATCH[2])
         temb, tproj = self.time_embedding(timestep)
         hidden = self.embed(x)
-        hidden = self.run_blocks(hidden, tproj, cross_kv, batch, pool, grid)
+        hidden = self.run_blocks(hidden, tproj, cross_kv, batch, pool, grid, block_fn)
         return self.head(hidden, temb, (frames, height, width)).float()
 
     # ------------------------------------------------------------------ one block
 
-    def _block(
+    def run_block(
         self,
         block: WanTransformerBlock,
-        layer: int,
+        pool: PoolLayer,
         x: torch.Tensor,
         tproj: torch.Tensor,
         cross_kv: tuple[torch.Tensor, torch.Tensor],
         batch: AttnBatch,
-        pool: KVPool,
         grid: tuple[int, int],
         rope_q: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """diffusers' WanTransformerBlock.forward with per-frame modulation, cached self-attention
-        and cached cross-attention K/V. Same operations in the same precision."""
+        and cached cross-attention K/V. Same operations in the same precision.
+
+        Everything per layer comes in as arguments (the block's weights, its pool views, its
+        prompt K/V): nothing here knows which layer it runs, so one compiled `run_block` serves
+        them all (regional compilation, model/dit_step.py)."""
         b, n, dim = x.shape
         frames = batch.num_frames
         mod = (block.scale_shift_table.unsqueeze(0) + tproj.float()).unsqueeze(3)  # [B, F, 6, 1, dim]
@@ -236,7 +245,7 @@ class CausalWanModel(nn.Module):
 
         # 1. Self-attention over the cache (this chunk's K/V written first).
         h = (block.norm1(xs.float()) * (1 + scale) + shift).type_as(x).view(b, n, dim)
-        attn_out = self._self_attention(block.attn1, layer, h, batch, pool, grid, rope_q)  # [B, N, dim]
+        attn_out = self._self_attention(block.attn1, pool, h, batch, grid, rope_q, rope)  # [B, N, dim]
         xs = (xs.float() + attn_out.view_as(xs) * gate).type_as(x)
 
         # 2. Cross-attention to the prompt.
@@ -255,17 +264,17 @@ class CausalWanModel(nn.Module):
     def _self_attention(
         self,
         attn: nn.Module,
-        layer: int,
+        pool: PoolLayer,
         h: torch.Tensor,
         batch: AttnBatch,
-        pool: KVPool,
         grid: tuple[int, int],
         rope_q: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))  # [B, N, H, D]
         k = attn.norm_k(attn.to_k(h)).unflatten(2, (attn.heads, -1))  # [B, N, H, D]
         v = attn.to_v(h).unflatten(2, (attn.heads, -1))  # [B, N, H, D]
-        k_pool, v_pool = pool.layer(layer)
+        k_pool, v_pool = pool.k, pool.v
         # 1. Where this layer writes: the plan's slots, or (sdv2, full window) its queue's choice,
         #    after the sink-refresh test against the cache as it is before the write.
         write_slots = batch.write_slots
@@ -273,15 +282,13 @@ class CausalWanModel(nn.Module):
             sim = None
             if batch.test_before:
                 sim = sink_similarity(k_pool, v_pool, batch.sink_slots, apply_rope_ref(k, *rope_q), v)  # [B, sinks]
-            write_slots = choose_writes(pool, layer, batch, sim)  # [B, F]
+            write_slots = choose_writes(pool, batch, sim)  # [B, F]
         # 2. Write (RoPE fused), attend to every held slot of the row.
         q = apply_rope_ref(q, *rope_q)
-        freqs_cos, freqs_sin = self.rope_tables()
-        self.attention.write(k, v, k_pool, v_pool, write_slots, batch.write_pos, freqs_cos, freqs_sin,
-                             self.rope_split, grid)
-        pool.record_frames(layer, write_slots, batch.frames)
+        self.attention.write(k, v, k_pool, v_pool, write_slots, batch.write_pos, *rope, self.rope_split, grid)
+        pool.record_frames(write_slots, batch.frames)
         out = self.attention.attend(q, k_pool, v_pool, batch)  # [B, N, H, D]
         # 3. rolling: the refresh swaps a sink with the frame just written, for later chunks.
         if batch.swap_after:
-            swap_refresh_(pool, layer, batch, write_slots)
+            swap_refresh_(pool, batch, write_slots)
         return attn.to_out[0](out.flatten(2).type_as(q))

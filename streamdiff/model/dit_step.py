@@ -2,10 +2,17 @@
 and what torch._dynamo reports about it.
 
 Owns: the row-count buckets (a forward's rows are padded up to the next bucket so that a
-compiled graph or a captured CUDA graph serves every count up to it), the compiled callable
-(`torch.compile(fullgraph=True, dynamic=False)`: one graph per bucket and chunk size, no graph
-breaks), and, for `cuda_graphs`, one `torch.cuda.CUDAGraph` per input signature captured over
-static input buffers and replayed after copying the step's inputs into them.
+compiled graph or a captured CUDA graph serves every count up to it), the compiled block
+(`torch.compile(fullgraph=True, dynamic=False)` of `CausalWanModel.run_block`: one graph per
+bucket, chunk size and cache-policy flags, no graph breaks), and, for `cuda_graphs`, one
+`torch.cuda.CUDAGraph` per input signature captured over static input buffers and replayed after
+copying the step's inputs into them.
+
+Regional compilation: the blocks are compiled, not the whole forward. Every block has the same
+code and shapes and gets its layer's weights, pool views and prompt K/V as arguments, so Dynamo
+traces and inductor compiles one block once and every layer runs that graph: the compile time
+does not grow with the depth (the whole 30-block forward of the 1.3B compiled for minutes, once per
+bucket). The embeddings and the head (a few small ops) run eagerly around them.
 Does not own: padding the rows' slot plans (pipeline/stream_state.py pads with the pool's
 scratch lane, which no stream ever holds), the model, or the pool.
 
@@ -37,7 +44,8 @@ class DiTStep:
         self.buckets = tuple(sorted(buckets))
         self._compiled = None
         if mode == "compiled":
-            self._compiled = torch.compile(model.forward, fullgraph=True, dynamic=False)
+            raise_recompile_limit(DIT_RECOMPILE_LIMIT)
+            self._compiled = torch.compile(model.run_block, fullgraph=True, dynamic=False)
         self._graphs: dict[tuple, _Captured] = {}
 
     @property
@@ -57,13 +65,26 @@ class DiTStep:
         if self.mode == "eager":
             return self.model(x, timestep, cross, batch, pool)
         if self.mode == "compiled":
-            return self._compiled(x, timestep, cross, batch, pool)
+            return self.model(x, timestep, cross, batch, pool, self._compiled)
         key = _signature(x, timestep, cross, batch)
         captured = self._graphs.get(key)
         if captured is None:  # this call runs for real while the graph is made (see _Captured)
             captured = self._graphs[key] = _Captured(self.model, x, timestep, cross, batch, pool)
             return captured.first_out
         return captured.replay(x, timestep, cross, batch)
+
+
+# One compiled block serves every bucket x chunk size x cache-policy flags (sdv2's choose and
+# refresh test, rolling's swap) that a server meets, each a graph: more than Dynamo's default of 8
+# for one function (steps 1-4 and 4 buckets already make 8), past which it would raise (fullgraph).
+DIT_RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit(limit: int) -> None:
+    """Raise Dynamo's per-function recompile limit to `limit` (process-wide; only ever grows it)."""
+    dynamo = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, name, max(getattr(dynamo, name), limit))
 
 
 def _signature(x, timestep, cross, batch: AttnBatch) -> tuple:
@@ -140,4 +161,5 @@ def graph_break_reasons(limit: int = 5) -> list[str]:
     return [f"{n}x {reason.splitlines()[0][:200]}" for reason, n in counters["graph_break"].most_common(limit)]
 
 
-__all__ = ["DEFAULT_BUCKETS", "STEP_MODES", "CompileStats", "DiTStep", "compile_stats", "graph_break_reasons"]
+__all__ = ["DEFAULT_BUCKETS", "DIT_RECOMPILE_LIMIT", "STEP_MODES", "CompileStats", "DiTStep", "compile_stats",
+           "graph_break_reasons", "raise_recompile_limit"]

@@ -28,6 +28,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from streamdiff.config import VAEConfig
+from streamdiff.model.dit_step import raise_recompile_limit
 
 
 def vae_kwargs(cfg: VAEConfig) -> dict:
@@ -68,9 +69,7 @@ def compiled(fn):
     compiled as constants; a dimension seen changing (the batch, when streams are grouped) is
     compiled again as a symbol, so most batch sizes share a graph. Raises Dynamo's per-function
     recompile limit to `VAE_RECOMPILE_LIMIT` (a process-wide setting; it only ever grows it)."""
-    dynamo = torch._dynamo.config
-    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo, name, max(getattr(dynamo, name), VAE_RECOMPILE_LIMIT))
+    raise_recompile_limit(VAE_RECOMPILE_LIMIT)
     return torch.compile(fn, fullgraph=True, dynamic=None)
 
 

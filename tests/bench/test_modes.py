@@ -69,8 +69,15 @@ def test_modes_from_flags_and_checks():
         check_modes(("fast",), torch.device("cpu"))
 
 
+class _OneBlock(torch.nn.Linear):
+    """What DiTStep needs of a model: parameters and a `run_block` to compile."""
+
+    def run_block(self, block, pool, x, *rest):
+        return block(x)
+
+
 def test_step_modes_and_stats_arithmetic():
-    model = torch.nn.Linear(4, 4)
+    model = _OneBlock(4, 4)
     assert DiTStep(model, "compiled").pads and not DiTStep(model, "eager").pads
     assert DiTStep(model, "compiled", (1, 4, 16)).bucket(5) == 16 and DiTStep(model, "eager", (2,)).bucket(3) == 3
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):

@@ -40,13 +40,13 @@ def test_rolling_refresh_swaps_so_each_frame_is_held_once():
     plan = WritePlan([4], [4], [0, 1, 2, 3, 4], lane=0, frames=[4], refresh=True, sink_slots=[0, 1, 2])
     batch = AttnBatch.from_plans([plan], "cpu", 6, 0.2, "rolling")
     old_sink = k[2].clone()
-    swap_refresh_(pool, 0, batch, batch.write_slots)
+    swap_refresh_(pool.at(0), batch, batch.write_slots)
     torch.testing.assert_close(k[2], base.expand(4, 1, 8))
     torch.testing.assert_close(k[4], old_sink)  # the old sink frame lives on in the ring slot
     assert pool.held_frames(0, [0, 1, 2, 3, 4]) == [0, 1, 4, 3, 2]
     k[4], v[4] = base, base  # the next frame written there: every sink is similar now
     before = k.clone()
-    swap_refresh_(pool, 0, batch, batch.write_slots)
+    swap_refresh_(pool.at(0), batch, batch.write_slots)
     assert torch.equal(k, before)
 
 

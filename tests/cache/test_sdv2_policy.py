@@ -53,8 +53,8 @@ def test_sdv2_bookkeeping_matches_the_rules(threshold):
                 frames = [plan.frames for plan in plans]
                 expected = [refs[row, layer].chunk(f, s) for row, f, s in zip(rows, frames, sims)]
                 sim = torch.tensor(sims) if batch.test_before else None
-                got = choose_writes(pool, layer, batch, sim)
-                pool.record_frames(layer, got, batch.frames)
+                got = choose_writes(pool.at(layer), batch, sim)
+                pool.at(layer).record_frames(got, batch.frames)
                 for r, (row, plan) in enumerate(zip(rows, plans)):
                     ref = refs[row, layer]
                     base = plan.lane * W
@@ -80,7 +80,7 @@ def test_first_refresh_is_the_empty_sink_and_sinks_become_frames_0_1_6():
         batch = AttnBatch.from_plans([plan], "cpu", W, 0.2, "sdv2")
         held = pool.held_frames(0, lane.slots)
         sim = torch.tensor([[0.0 if held[s] is None else 0.9 for s in range(S)]]) if batch.test_before else None
-        pool.record_frames(0, choose_writes(pool, 0, batch, sim), batch.frames)
+        pool.at(0).record_frames(choose_writes(pool.at(0), batch, sim), batch.frames)
     assert pool.held_frames(0, lane.slots)[:S] == [0, 1, 6]
     assert pool.queue(0, lane.lane, lane.ring_order) == [3, 4, 5]
 

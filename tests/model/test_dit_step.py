@@ -1,5 +1,6 @@
-"""runtime.compile: the DiT forward compiled with torch.compile(fullgraph=True) per row-count
-bucket equals eager, with no graph breaks and no recompilation once streaming is steady.
+"""runtime.compile: the DiT blocks compiled with torch.compile(fullgraph=True) per row-count
+bucket (one block's graph for every layer) equal eager, with no graph breaks and no
+recompilation once streaming is steady.
 Tolerance: 1 grey level on output frames (inductor fuses and reorders fp32 arithmetic)."""
 
 from __future__ import annotations
@@ -63,6 +64,30 @@ def test_compiled_step_calls_the_triton_kernels_as_opaque_ops(dynamo):
     got = run(comps, clip, 4)
     assert sum(dynamo["graph_break"].values()) == 0, dict(dynamo["graph_break"])
     assert dynamo["stats"]["unique_graphs"] > 0
+    for a, b in zip(eager, got):
+        assert a.shape == b.shape
+        if len(a):
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+@pytest.mark.timeout(900)
+@torch.no_grad()
+def test_one_compiled_block_serves_every_layer(dynamo):
+    """Regional compilation: the same stream through a 1-layer and a 3-layer model compiles the
+    same graphs (one block's, whatever the depth; a layer index reaching the compiled block
+    would triple them, or run into Dynamo's recompile limit), and the 3-layer frames are eager's."""
+    clip = synthetic_clip(5 + 4 * 3, 32, 32, seed=3)
+    graphs = {}
+    for layers in (1, 3):
+        size = SIZE + [f"model.num_layers={layers}"]
+        torch._dynamo.reset()
+        dynamo.clear()
+        comps = build_components(load_config("tiny", size + ["runtime.compile=true"]))
+        got = run(comps, clip, 3)
+        graphs[layers] = dynamo["stats"]["unique_graphs"]
+        assert sum(dynamo["graph_break"].values()) == 0, dict(dynamo["graph_break"])
+    eager = run(build_components(load_config("tiny", size)), clip, 3)
+    assert graphs[1] > 0 and graphs[3] == graphs[1], graphs
     for a, b in zip(eager, got):
         assert a.shape == b.shape
         if len(a):
