@@ -141,7 +141,10 @@ class EngineCore:
             OnlineCostModel(), max_streams=cfg.cache.max_streams, max_extra_frames=max_extra_frames,
             kv_lanes=cfg.cache.pool_lanes or None,
         )
-        self.scheduler.pipeline_depth = self.depth
+        # The scheduler reasons in periods: a plan's way through takes `period_depth` of them
+        # (the stages; fewer when stage threads share fewer CPU cores).
+        self.period_depth = max(1, min(self.depth, int(getattr(executor, "period_depth", self.depth))))
+        self.scheduler.pipeline_depth, self.scheduler.period_depth = self.depth, self.period_depth
         self._in_flight: deque[tuple[StepPlan, float]] = deque()  # (plan, submit time), oldest first
         self.output_queue_frames = output_queue_frames
         # `metrics` counts into `served_metrics`, except while measure() runs its dummy stream (a
@@ -467,7 +470,7 @@ class EngineCore:
         measured = self.scheduler
         try:
             self.scheduler = FrameScheduler(FixedCostModel(LinearLaw(0.0, 0.0, 0.0)), max_streams=1,
-                                            pipeline_depth=self.depth)
+                                            pipeline_depth=self.depth, period_depth=self.period_depth)
             self._dummy_stream(params, seed)
             self.scheduler = measured
             self._dummy_stream(params, seed)

@@ -329,7 +329,7 @@ class ModelRunner:
     @torch.no_grad()
     def run(self, msg: StageInput | Hop | StepOut) -> StageInput | Hop | StepOut:
         """This stage's share of one forward (see the module docstring)."""
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         self.apply(msg.plan)
         if not self.spec.has_blocks:  # a VAE stage
             if self.spec.encodes:
@@ -343,7 +343,7 @@ class ModelRunner:
                 msg.decode = []
             total_ms = (time.perf_counter() - t0) * 1000.0
             msg.stage_ms.append({"total": total_ms, "blocks": 0.0, "fixed": total_ms, "head": total_ms,
-                                 "tail": 0.0, "num_blocks": 0})
+                                 "tail": 0.0, "num_blocks": 0, "cpu": (time.thread_time() - cpu0) * 1000.0})
             return msg
         hop, cross = self._first(msg) if self.spec.first else self._middle(msg)
         head_ms = (time.perf_counter() - t0) * 1000.0
@@ -360,7 +360,8 @@ class ModelRunner:
         tail_ms = (time.perf_counter() - t_tail) * 1000.0
         total_ms = (time.perf_counter() - t0) * 1000.0
         out.stage_ms.append({"total": total_ms, "blocks": blocks_ms, "fixed": total_ms - blocks_ms,
-                             "head": head_ms, "tail": tail_ms, "num_blocks": len(self.pool.layers)})
+                             "head": head_ms, "tail": tail_ms, "num_blocks": len(self.pool.layers),
+                             "cpu": (time.thread_time() - cpu0) * 1000.0})
         return out
 
     def _first(self, msg: StageInput) -> tuple[Hop, CrossKV | None]:

@@ -138,10 +138,16 @@ def build_text_encoder(cfg: Config, device: torch.device, dtype: torch.dtype) ->
     return enc
 
 
-def build_components(cfg: Config, device: torch.device | str | None = None) -> Components:
-    device = resolve_device(cfg.runtime.device) if device is None else torch.device(device)
+def apply_threads(cfg: Config) -> None:
+    """`runtime.threads` (0: torch's default) for this process: whatever builds the model in this
+    process applies it first, one engine's components or every in-process pipeline stage's."""
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
+
+
+def build_components(cfg: Config, device: torch.device | str | None = None) -> Components:
+    device = resolve_device(cfg.runtime.device) if device is None else torch.device(device)
+    apply_threads(cfg)
     dtype = DTYPES[cfg.model.dtype]
     model = build_transformer(cfg, device)
     vae = build_streaming_vae(cfg, device, dtype)

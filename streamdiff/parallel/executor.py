@@ -62,6 +62,12 @@ def pipeline_period_ms(stage_ms: list[float], shared_cores: int | None = None) -
     return max(period, sum(stage_ms) / shared_cores) if shared_cores else period
 
 
+def cpu_period_ms(stage_cpu_ms: list[float], free_cores: float) -> float:
+    """The period of stages that share a CPU, from their CPU time: their summed work over the
+    cores they had (`free_cores`), no less than the busiest stage's (one thread, one core)."""
+    return max(max(stage_cpu_ms), sum(stage_cpu_ms) / free_cores)
+
+
 class StagedExecutor:
     def __init__(self, cfg: Config, stages: Stages, clock: Callable[[], float] = time.monotonic,
                  rebalance: bool | None = None):
@@ -87,6 +93,18 @@ class StagedExecutor:
     def depth(self) -> int:
         """Plans in flight at most: one per stage (plan p + 1 enters stage 0 as p enters stage 1)."""
         return self.num_stages
+
+    @property
+    def period_depth(self) -> int:
+        """The periods a plan's way through the stages takes, as the scheduler reasons (a plan
+        ends `period_depth` periods after it starts): the stages, or for stages that share a
+        CPU's cores the cores, when fewer. There the period is the plans' CPU work over the
+        cores (`cpu_period_ms`, `pipeline_period_ms`), and a plan alone in the pipeline takes its
+        whole work on one core at a time, cores x period, not stages x period: with 3 stage
+        threads on 2 cores, 2 plans in flight keep both cores busy and a stream of lane stride
+        2 gets a chunk every period (served demo: 30 fps out of 30, told 12.5 with 3 / 2 periods)."""
+        shared = self.stages.shared_cores
+        return max(1, min(self.num_stages, shared)) if shared else self.num_stages
 
     @property
     def dit_stages(self) -> list[int]:
@@ -254,9 +272,10 @@ class StagedExecutor:
 
     def _observe(self, outs: list[StepOut]) -> float | None:
         """Each stage's time over the plan's forwards -> the rebalancer. Returns the pipeline
-        period the plan took: its slowest stage's time, or for stages that share a CPU's cores
-        (`stages.shared_cores`) their summed time over those cores if that is longer; None if no
-        forward carried rows."""
+        period the plan took: its slowest stage's time; for stages that share a CPU's cores
+        (`stages.shared_cores`), their CPU time over the cores they had (`free_cores`, where the
+        transport measures it: `cpu_period_ms`), else their summed wall time over those cores if
+        that is longer; None if no forward carried rows."""
         if not any(out.rows for out in outs):
             return None
         # A first chunk's encode rides on a forward of its own (no rows): its time counts too.
@@ -270,6 +289,12 @@ class StagedExecutor:
         self.rebalancer.observe([samples[k] for k in dit], floor_ms=max(vae_ms, default=0.0))
         if self.rebalance_enabled and (target := self.rebalancer.proposal()) is not None:
             self.repartition(target)
+        # Stages sharing a CPU: their wall time counts every wait for a core, and the sum over the
+        # cores counts those waits again (a 3-chunk plan read 740 ms where plans ended every 190-230).
+        # Their CPU time over the cores they had is the period, where the transport can say.
+        free = self.stages.free_cores() if self.stages.shared_cores and hasattr(self.stages, "free_cores") else None
+        if free is not None and all("cpu" in f[k] for f in ran for k in range(self.num_stages)):
+            return cpu_period_ms([sum(f[k]["cpu"] for f in ran) for k in range(self.num_stages)], free)
         return pipeline_period_ms(self.last_stage_ms, self.stages.shared_cores)
 
     def repartition(self, target: list[int]) -> None:
@@ -340,4 +365,4 @@ class StagedExecutor:
 
 
 __all__ = ["InProcessStages", "StageFailure", "StagedExecutor", "Stages", "ThreadedStages", "TickStages",
-           "pipeline_period_ms"]
+           "cpu_period_ms", "pipeline_period_ms"]

@@ -5,7 +5,8 @@ Owns: `Stages` (submit a forward's first message, get its last stage's output in
 order, call a stage's method, recover, shut down), `StageFailure`, and the in-process
 transports: `InProcessStages` (every stage runs at submit: a reference), `TickStages` (one
 stage per tick, the pipelined schedule made deterministic, for tests) and `ThreadedStages`
-(a thread per stage with queues between them: stages really overlap; drills and the bench).
+(a thread per stage with queues between them: stages really overlap; the served demo, drills
+and the bench), and `CoreMeter` (how many CPU cores threaded stages had to themselves lately).
 Does not own: what a plan does (executor.py), Ray actors (ray_executor.py), the stage's model
 work (engine/model_runner.py behind stage.py's StageWorker).
 """
@@ -18,11 +19,12 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from streamdiff.config import Config
+from streamdiff.model.build import apply_threads
 from streamdiff.parallel.messages import StageInput, StageSpec, StepOut, stage_specs
 from streamdiff.parallel.partition import ranges
 from streamdiff.parallel.stage import StageWorker
@@ -56,6 +58,10 @@ class InProcessStages:
     shared_cores: int | None = None  # one stage at a time: nothing overlaps
 
     def __init__(self, cfg: Config, counts: list[int], device: str | None = None):
+        # This process's torch threads (runtime.threads), as a one-process engine sets them: the
+        # served demo's stage threads ran with torch's default (one per core, OpenMP barriers)
+        # where its config asks for one each.
+        apply_threads(cfg)
         self.specs = stage_specs(ranges(counts), cfg.parallel.vae_stages)  # + encode / decode stages if asked
         self.workers = [StageWorker(cfg, spec, device) for spec in self.specs]
 
@@ -125,6 +131,63 @@ class TickStages(InProcessStages):
         return handle.out
 
 
+def _proc_busy_s() -> float | None:
+    """Seconds every core of this machine has spent busy since boot (/proc/stat's first line:
+    all but idle and iowait), or None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def threads_cpu_s(threads: list[threading.Thread]) -> float:
+    """The CPU seconds `threads` have used (their per-thread CPU clocks; Linux). A thread that
+    ended (or has not started) no longer counts."""
+    total = 0.0
+    for thread in threads:
+        if not thread.is_alive():  # a joined thread's id may already name another thread
+            continue
+        try:
+            total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        except (AttributeError, OSError, TypeError):
+            pass
+    return total
+
+
+class CoreMeter:
+    """The CPU cores some threads (the stages) can count on: the machine's `cores` less what
+    everything else kept busy over the last `window_s` (other processes, and this process's other
+    threads: the server's codecs), i.e. the machine's busy time (/proc/stat) less the threads'
+    own CPU time (`threads_cpu`). Where /proc/stat or per-thread clocks are missing, or before
+    `min_s` of history, `free()` is None."""
+
+    def __init__(self, cores: int, threads_cpu: Callable[[], float], window_s: float = 3.0, min_s: float = 1.0,
+                 busy_s: Callable[[], float | None] = _proc_busy_s, clock: Callable[[], float] = time.monotonic):
+        self.cores, self.window_s, self.min_s = cores, window_s, min_s
+        self._threads_cpu, self._busy_s, self._clock = threads_cpu, busy_s, clock
+        self._samples: deque[tuple[float, float, float]] = deque()  # (time, machine busy s, threads' CPU s)
+        self.ok = busy_s() is not None
+
+    def free(self) -> float | None:
+        """Cores left to the threads (0.25 at least), over the window up to now."""
+        if not self.ok:
+            return None
+        now, busy = self._clock(), self._busy_s()
+        if busy is None:
+            return None
+        self._samples.append((now, busy, self._threads_cpu()))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
+            self._samples.popleft()
+        t0, busy0, mine0 = self._samples[0]
+        if now - t0 < self.min_s:
+            return None
+        others = max(0.0, (busy - busy0) - (self._samples[-1][2] - mine0)) / (now - t0)
+        return max(0.25, min(float(self.cores), self.cores - others))
+
+
 class ThreadedStages(InProcessStages):
     """In-process stages that really overlap: a thread per stage, a queue in front of each.
     A forward's output goes to the next stage's queue; control calls queue on their stage's
@@ -146,6 +209,18 @@ class ThreadedStages(InProcessStages):
                          for k in range(len(self.workers))]
         for thread in self._threads:
             thread.start()
+        # The cores the stages can count on (shared cores only): the executor's period divides the
+        # stages' CPU time by it instead of their wall time (which counts every wait for a core).
+        # A stage's CPU time is its thread's (`ModelRunner.run`): with more torch threads per op
+        # the work runs on pool threads too, uncounted, so the meter is for one thread a stage.
+        one_thread = torch.get_num_threads() == 1
+        per_thread = hasattr(time, "pthread_getcpuclockid")
+        self.meter = (CoreMeter(self.shared_cores, lambda: threads_cpu_s(self._threads))
+                      if self.shared_cores and one_thread and per_thread else None)
+
+    def free_cores(self) -> float | None:
+        """Cores the stage threads had to themselves lately (CoreMeter), or None: unknown."""
+        return self.meter.free() if self.meter is not None else None
 
     def _loop(self, k: int) -> None:
         worker, inbox = self.workers[k], self._queues[k]
@@ -202,4 +277,4 @@ class ThreadedStages(InProcessStages):
         super().shutdown()
 
 
-__all__ = ["InProcessStages", "StageFailure", "Stages", "ThreadedStages", "TickStages"]
+__all__ = ["CoreMeter", "InProcessStages", "StageFailure", "Stages", "ThreadedStages", "TickStages", "threads_cpu_s"]

@@ -45,7 +45,8 @@ with the fps and latency it can expect.
 
 Plans in flight (pipeline stages): the executor keeps up to `pipeline_depth` plans in flight,
 so the cost model's step time is the pipeline *period* (slowest stage + hop), a plan ends
-`pipeline_depth` periods after it starts, and a stream may have D chunks in flight (its lane
+depth = `period_depth` periods after it starts (the stages; the cores when stage threads share
+fewer CPU cores), and a stream may have D <= `pipeline_depth` chunks in flight (its lane
 stride; its output leaves (lanes - 1)·D chunks after its entry). Admission reasons in periods:
 fps from one chunk per period (per depth/D periods when D < depth), latency from gathering +
 the lag + (depth + 1) periods. D is chosen per stream at admission (`_choose_stride`).
@@ -85,7 +86,7 @@ class _Stream:
     chunk_latents: int
     order: int  # admission order, the last tiebreak
     stride: int = 1  # lane stride D: up to D chunks in flight, output (lanes - 1)·D chunks later
-    depth: int = 1  # pipeline depth it shares (plans in flight at most, stages)
+    depth: int = 1  # periods a plan's way through takes (the scheduler's `periods_through`: the stages, or fewer shared cores)
     input_fps: float = 0.0  # the rate its frames arrive at (0: its target fps)
     vt_s: float = 0.0  # fair-share clock: advances by (frames planned / target_fps)
     pending: deque = field(default_factory=deque)  # (frame_id, arrival_s), oldest first
@@ -194,9 +195,12 @@ class FrameScheduler:
         ones are dropped (the default 3 absorbs one step of jitter without dropping).
     max_chunks_in_flight: chunks of one stream allowed in plans not yet updated, at least
         (a stream may always have its lane stride D in flight).
-    pipeline_depth: plans the executor keeps in flight (its stages; 1 for a local executor).
+    pipeline_depth: plans the executor keeps in flight (its stages; 1 for a local executor);
+        a stream's lane stride D is at most this.
         The cost model's step time is then the pipeline *period* (slowest stage + hop): a plan
-        ends `pipeline_depth` periods after it starts, one plan ends per period.
+        ends `period_depth` periods after it starts, one plan ends per period.
+    period_depth: periods a plan's way through takes (None: `pipeline_depth`); fewer when
+        stage threads share fewer CPU cores than there are stages (the executor's `period_depth`).
     kv_lanes: lanes in the KV pool (`cache.pool_lanes`; None: 4 per stream). A stream is
         admitted only if its `lanes` are free; `kv_lanes_of` says which it holds.
     """
@@ -209,10 +213,12 @@ class FrameScheduler:
         max_chunks_in_flight: int = 1,
         kv_lanes: int | None = None,
         pipeline_depth: int = 1,
+        period_depth: int | None = None,
     ):
         if max_streams < 1 or max_extra_frames < 0 or max_chunks_in_flight < 1 or pipeline_depth < 1:
             raise ValueError("max_streams >= 1, max_extra_frames >= 0, max_chunks_in_flight >= 1, pipeline_depth >= 1")
         self.pipeline_depth = pipeline_depth
+        self.period_depth = period_depth
         self.cost_model: StepCostModel = cost_model if cost_model is not None else OnlineCostModel()
         self.max_streams = max_streams
         self.max_extra_frames = max_extra_frames
@@ -226,6 +232,11 @@ class FrameScheduler:
         self._next_order = 0
 
     # -- streams -------------------------------------------------------------------------
+
+    @property
+    def periods_through(self) -> int:
+        """Periods a plan takes from its start to its end (`period_depth`, else `pipeline_depth`)."""
+        return max(1, min(self.period_depth or self.pipeline_depth, self.pipeline_depth))
 
     @property
     def stream_ids(self) -> list[str]:
@@ -271,7 +282,7 @@ class FrameScheduler:
         if lane_stride < 0:
             return self._refuse(stream_id, f"lane_stride must be >= 0, got {lane_stride}")
         new = _Stream(stream_id, slo, tokens_per_frame, lanes, first_chunk_latents, chunk_latents,
-                      order=self._next_order, vt_s=vt_s, depth=self.pipeline_depth, input_fps=input_fps or 0.0)
+                      order=self._next_order, vt_s=vt_s, depth=self.periods_through, input_fps=input_fps or 0.0)
         streams = [new, *self._streams.values()]
         step_ms, batch = self._batch(streams)  # the next step: first chunks where not prepared
         new.stride = lane_stride or self._choose_stride(new, step_ms)
@@ -313,7 +324,7 @@ class FrameScheduler:
         probe = _Stream("?", StreamSLO(input_fps, 1e9), tokens_per_frame, lanes, first_chunk_latents,
                         chunk_latents, order=-1, vt_s=0.0, stride=min(lane_stride or self.pipeline_depth,
                                                                       self.pipeline_depth),
-                        depth=self.pipeline_depth, input_fps=input_fps)
+                        depth=self.periods_through, input_fps=input_fps)
         step_ms, _ = self._batch([probe, *self._streams.values()], steady=True)
         return (step_ms, *self._expect(probe, step_ms))
 
@@ -408,7 +419,7 @@ class FrameScheduler:
         rows = tokens = 0
         min_due_s = math.inf
         for c in candidates:
-            end_s = now + self.pipeline_depth * self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens) / 1000.0
+            end_s = now + self.periods_through * self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens) / 1000.0
             if end_s <= min(min_due_s, c.due_s):
                 c.chosen = True
                 chosen.append(c)
@@ -416,7 +427,7 @@ class FrameScheduler:
         # 3. Then the late ones (they miss even alone, or did not fit), same order, as long as
         #    no on-time chunk is pushed past its due time. With no on-time chunk, all go.
         for c in (c for c in candidates if not c.chosen):
-            end_s = now + self.pipeline_depth * self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens) / 1000.0
+            end_s = now + self.periods_through * self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens) / 1000.0
             if end_s <= min_due_s:
                 chosen.append(c)
                 rows, tokens = rows + c.rows, tokens + c.tokens

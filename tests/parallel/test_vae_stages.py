@@ -4,6 +4,8 @@ own, the DiT stages carry only blocks, and the output equals the local run."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ import torch
 from engine_helpers import max_abs_diff
 from stage_helpers import SPECS, TOL, reference, run_streams
 from streamdiff.config import with_overrides
-from streamdiff.parallel.executor import InProcessStages, StagedExecutor, pipeline_period_ms
+from streamdiff.parallel.executor import InProcessStages, StagedExecutor, cpu_period_ms, pipeline_period_ms
+from streamdiff.parallel.transport import CoreMeter, threads_cpu_s
 from streamdiff.parallel.messages import stage_specs
 from streamdiff.parallel.partition import Rebalancer, StageSample
 
@@ -185,3 +188,101 @@ def test_every_message_fits_the_bound_transports_size_their_buffers_with(cfg4, v
     assert len(sizes) == len(stages.workers) and max(sizes.values()) <= bound, (sizes, bound)
     assert max(sizes.values()) > bound / 3, (sizes, bound)  # a bound, not a blanket: Ray allocates it per buffer
     assert not views, views[:5]
+
+
+def test_stages_sharing_cpu_cores_from_their_cpu_time_and_the_cores_they_had():
+    assert cpu_period_ms([60.0, 25.0, 50.0], free_cores=2.0) == 67.5  # the work over two cores
+    assert cpu_period_ms([60.0, 25.0, 50.0], free_cores=1.35) == pytest.approx(100.0)  # others took 0.65
+    assert cpu_period_ms([60.0, 5.0, 5.0], free_cores=2.0) == 60.0  # one thread, one core at most
+
+
+def test_core_meter_counts_what_everything_else_kept_busy():
+    """Cores left to the threads = cores less (machine busy time less the threads' CPU time) per
+    second, over a sliding window; nothing before `min_s`; never below 0.25."""
+    t = {"now": 0.0, "busy": 100.0, "mine": 10.0}
+    meter = CoreMeter(2, lambda: t["mine"], window_s=3.0, min_s=1.0, busy_s=lambda: t["busy"], clock=lambda: t["now"])
+    assert meter.free() is None  # no history yet
+
+    def tick(seconds, busy_cores, mine_cores):
+        t["now"] += seconds
+        t["busy"] += seconds * busy_cores
+        t["mine"] += seconds * mine_cores
+
+    tick(0.5, 2.0, 2.0)
+    assert meter.free() is None  # half a second: too short to tell
+    tick(0.5, 2.0, 1.5)  # another process took half a core for half a second
+    assert meter.free() == pytest.approx(2.0 - 0.25)
+    for _ in range(8):
+        tick(1.0, 2.0, 1.0)  # now it holds a whole core
+    assert meter.free() == pytest.approx(1.0)  # the window forgot the idle start
+    for _ in range(8):
+        tick(1.0, 2.0, 0.0)  # the machine is taken
+    assert meter.free() == 0.25
+    assert CoreMeter(2, lambda: 0.0, busy_s=lambda: None).free() is None  # no /proc/stat
+
+
+def test_threads_cpu_clock_counts_a_busy_thread_and_forgets_an_ended_one():
+    if not hasattr(time, "pthread_getcpuclockid"):
+        pytest.skip("no per-thread CPU clocks on this platform")  # not Linux
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            sum(range(1000))
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        first = threads_cpu_s([thread])
+        end = time.monotonic() + 5.0
+        while threads_cpu_s([thread]) < first + 0.05 and time.monotonic() < end:
+            time.sleep(0.01)
+        assert threads_cpu_s([thread]) >= first + 0.05
+    finally:
+        stop.set()
+        thread.join()
+    assert threads_cpu_s([thread]) == 0.0
+
+
+def test_threaded_stages_run_at_the_configured_torch_threads_and_reason_over_the_cores(cfg4):
+    """`runtime.threads` holds for in-process stages as for a one-process engine (the served demo's
+    stage threads ran at torch's default, one per core, where its config says one each), and with
+    stage threads sharing the cores the scheduler's depth is the cores when fewer than the stages."""
+    from streamdiff.parallel import build_executor
+
+    before = torch.get_num_threads()
+    cfg = with_overrides(cfg4, parallel={"backend": "threads", "vae_stages": True}, runtime={"threads": 1})
+    torch.set_num_threads(2)
+    executor = build_executor(cfg)
+    try:
+        assert torch.get_num_threads() == 1
+        cores = os.cpu_count() or 1
+        assert executor.stages.shared_cores == cores
+        assert executor.period_depth == min(3, cores) and executor.depth == 3
+        assert (executor.stages.meter is not None) == hasattr(time, "pthread_getcpuclockid")
+    finally:
+        executor.shutdown()
+        torch.set_num_threads(before)
+
+
+def test_executor_takes_the_period_from_cpu_time_where_the_transport_measures_the_cores(cfg_vae):
+    """Stages on shared cores: the period the scheduler learns is the plan's stage CPU time over
+    the cores they had (wall time counts every wait for a core); the wall-time rule where the
+    transport cannot measure the cores. The engine reasons over `period_depth`."""
+    from streamdiff.engine.core import EngineCore
+    from streamdiff.engine.stage_io import StepOut
+
+    executor = StagedExecutor(cfg_vae, InProcessStages(cfg_vae, [4]), rebalance=False)
+    wall, cpu = [90.0, 60.0, 140.0], [50.0, 40.0, 70.0]
+    out = StepOut((0, 0), ["a row"], None, {}, [{"total": w, "blocks": w if k == 1 else 0.0, "num_blocks": 4 if k == 1 else 0,
+                                                 "cpu": c} for k, (w, c) in enumerate(zip(wall, cpu))])
+    assert executor._observe([out]) == 140.0  # devices of their own: the slowest stage
+    executor.stages.shared_cores = 2
+    assert executor._observe([out]) == pipeline_period_ms(wall, 2) == 145.0
+    assert executor.period_depth == 2 and executor.depth == 3
+    executor.stages.free_cores = lambda: 1.6
+    assert executor._observe([out]) == cpu_period_ms(cpu, 1.6) == 100.0
+    executor.stages.free_cores = lambda: None  # not measured yet
+    assert executor._observe([out]) == 145.0
+    core = EngineCore(cfg_vae, executor)
+    assert core.depth == core.scheduler.pipeline_depth == 3 and core.scheduler.periods_through == 2
