@@ -131,16 +131,40 @@ class TickStages(InProcessStages):
         return handle.out
 
 
-def _proc_busy_s() -> float | None:
-    """Seconds every core of this machine has spent busy since boot (/proc/stat's first line:
-    all but idle and iowait), or None where there is no /proc/stat."""
+def usable_cpus() -> set[int] | None:
+    """The CPUs this process may run on (its affinity: a container's cpuset, `taskset`), or None
+    where the platform cannot say."""
     try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def usable_cores() -> int:
+    """How many CPU cores this process may use: its affinity set, else os.cpu_count()."""
+    cpus = usable_cpus()
+    return len(cpus) if cpus else (os.cpu_count() or 1)
+
+
+def proc_busy_s(cpus: set[int] | None = None, stat: str | None = None) -> float | None:
+    """Seconds the CPUs `cpus` (None: all of them) have spent busy since boot, from /proc/stat
+    (or its text `stat`): every field but idle and iowait. None where there is no /proc/stat."""
+    if stat is None:
+        try:
+            with open("/proc/stat") as f:
+                stat = f.read()
+        except OSError:
+            return None
+    ticks = 0
+    for line in stat.splitlines():
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu"):
+            continue
+        if (name == "cpu") != (cpus is None) or (cpus is not None and int(name[3:]) not in cpus):
+            continue
+        fields = [int(v) for v in rest.split()]
+        ticks += sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def threads_cpu_s(threads: list[threading.Thread]) -> float:
@@ -160,12 +184,15 @@ def threads_cpu_s(threads: list[threading.Thread]) -> float:
 class CoreMeter:
     """The CPU cores some threads (the stages) can count on: the machine's `cores` less what
     everything else kept busy over the last `window_s` (other processes, and this process's other
-    threads: the server's codecs), i.e. the machine's busy time (/proc/stat) less the threads'
-    own CPU time (`threads_cpu`). Where /proc/stat or per-thread clocks are missing, or before
+    threads: the server's codecs), i.e. the busy time of the CPUs this process may use
+    (/proc/stat, its affinity's lines) less the threads' own CPU time (`threads_cpu`). Where /proc/stat or per-thread clocks are missing, or before
     `min_s` of history, `free()` is None."""
 
     def __init__(self, cores: int, threads_cpu: Callable[[], float], window_s: float = 3.0, min_s: float = 1.0,
-                 busy_s: Callable[[], float | None] = _proc_busy_s, clock: Callable[[], float] = time.monotonic):
+                 busy_s: Callable[[], float | None] | None = None, clock: Callable[[], float] = time.monotonic):
+        if busy_s is None:  # the CPUs this process may use (a cpuset's), not the whole machine's
+            cpus = usable_cpus()
+            busy_s = lambda: proc_busy_s(cpus)  # noqa: E731
         self.cores, self.window_s, self.min_s = cores, window_s, min_s
         self._threads_cpu, self._busy_s, self._clock = threads_cpu, busy_s, clock
         self._samples: deque[tuple[float, float, float]] = deque()  # (time, machine busy s, threads' CPU s)
@@ -202,7 +229,7 @@ class ThreadedStages(InProcessStages):
         # stage has a device of its own as far as this transport knows, or a drill's stages
         # mostly sleep (parallel.block_delay_ms), which takes no core.
         on_cpu = self.workers[0].runner.device.type == "cpu" and not cfg.parallel.block_delay_ms
-        self.shared_cores = max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads())) if on_cpu else None
+        self.shared_cores = max(1, usable_cores() // max(1, torch.get_num_threads())) if on_cpu else None
         self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in self.workers]
         self.busy_s = [0.0] * len(self.workers)  # seconds each stage spent running forwards
         self._threads = [threading.Thread(target=self._loop, args=(k,), name=f"streamdiff-stage-{k}", daemon=True)
@@ -277,4 +304,5 @@ class ThreadedStages(InProcessStages):
         super().shutdown()
 
 
-__all__ = ["CoreMeter", "InProcessStages", "StageFailure", "Stages", "ThreadedStages", "TickStages", "threads_cpu_s"]
+__all__ = ["CoreMeter", "InProcessStages", "StageFailure", "Stages", "ThreadedStages", "TickStages", "proc_busy_s",
+           "threads_cpu_s", "usable_cores", "usable_cpus"]

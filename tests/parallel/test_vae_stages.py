@@ -14,7 +14,7 @@ from engine_helpers import max_abs_diff
 from stage_helpers import SPECS, TOL, reference, run_streams
 from streamdiff.config import with_overrides
 from streamdiff.parallel.executor import InProcessStages, StagedExecutor, cpu_period_ms, pipeline_period_ms
-from streamdiff.parallel.transport import CoreMeter, threads_cpu_s
+from streamdiff.parallel.transport import CoreMeter, proc_busy_s, threads_cpu_s, usable_cores
 from streamdiff.parallel.messages import stage_specs
 from streamdiff.parallel.partition import Rebalancer, StageSample
 
@@ -114,7 +114,7 @@ def test_threads_backend_runs_encode_dit_and_decode_on_threads_equal_to_local(cf
         assert not executor.rebalance_enabled  # cfg4's `parallel.rebalance: false` holds
         assert [w.info()["vae"] for w in executor.stages.workers] == ["encode", "none", "decode"]
         # the three threads share this CPU: the period the scheduler learns counts that
-        assert executor.stages.shared_cores == max(1, (os.cpu_count() or 1) // torch.get_num_threads())
+        assert executor.stages.shared_cores == max(1, usable_cores() // torch.get_num_threads())
         got = run_streams(cfg, executor)
         assert min(executor.stages.busy_s) > 0  # every stage ran on its own thread
     finally:
@@ -221,6 +221,21 @@ def test_core_meter_counts_what_everything_else_kept_busy():
     assert CoreMeter(2, lambda: 0.0, busy_s=lambda: None).free() is None  # no /proc/stat
 
 
+def test_busy_time_counts_the_cpus_this_process_may_use():
+    """A container's cpuset or `taskset`: the load on CPUs the stages cannot run on is not theirs
+    to lose. Busy = every field but idle and iowait, in clock ticks."""
+    stat = ("cpu  400 0 200 1000 100 0 0 0 0 0\n"
+            "cpu0 100 0 50 300 50 0 0 0 0 0\n"
+            "cpu1 300 0 150 700 50 0 0 0 0 0\n"
+            "intr 12345\n")
+    hz = os.sysconf("SC_CLK_TCK")
+    assert proc_busy_s(None, stat) == pytest.approx(600 / hz)
+    assert proc_busy_s({0}, stat) == pytest.approx(150 / hz)
+    assert proc_busy_s({0, 1}, stat) == pytest.approx(600 / hz)
+    if os.path.exists("/proc/stat"):
+        assert proc_busy_s() > 0
+
+
 def test_threads_cpu_clock_counts_a_busy_thread_and_forgets_an_ended_one():
     if not hasattr(time, "pthread_getcpuclockid"):
         pytest.skip("no per-thread CPU clocks on this platform")  # not Linux
@@ -256,7 +271,7 @@ def test_threaded_stages_run_at_the_configured_torch_threads_and_reason_over_the
     executor = build_executor(cfg)
     try:
         assert torch.get_num_threads() == 1
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         assert executor.stages.shared_cores == cores
         assert executor.period_depth == min(3, cores) and executor.depth == 3
         assert (executor.stages.meter is not None) == hasattr(time, "pthread_getcpuclockid")
