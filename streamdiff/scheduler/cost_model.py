@@ -1,6 +1,8 @@
 """Step-time prediction for the frame scheduler: ms of one engine step from its batch shape.
 
-Owns: the law `step_ms ~ base_ms + ms_per_row * rows + ms_per_ktoken * tokens / 1000`, its
+Owns: the law `step_ms ~ base_ms + ms_per_row * rows + ms_per_ktoken * tokens / 1000 +
+ms_per_chunk * chunks` (a chunk: one stream's new frames in the step, which the VAE encodes and
+decodes once whatever its denoise steps, where each step is a row), its
 online fit from measured steps (windowed least squares, pulled gently toward a prior, every
 coefficient held >= 0 so that a bigger batch never costs less) and the
 safety margin added to every prediction the scheduler decides with.
@@ -19,7 +21,8 @@ them; `reset()` forgets everything (the engine re-measures on an idle engine aft
 So predictions follow the step times observed now, not a busy start.
 
 Why a prior pull: when every stream has the same frame size, tokens = rows x constant, so rows
-and tokens are collinear and plain least squares is singular. A weak ridge term toward the
+and tokens are collinear and plain least squares is singular (and while every stream runs one
+step, chunks = rows too). A weak ridge term toward the
 prior (`prior_strength`, a small fraction of one sample in scaled units) splits the cost between
 the two as the prior does in that one direction, while the data decide all they can see.
 """
@@ -33,26 +36,28 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class LinearLaw:
-    """step_ms = base_ms + ms_per_row * rows + ms_per_ktoken * tokens / 1000."""
+    """step_ms = base_ms + ms_per_row * rows + ms_per_ktoken * tokens / 1000 + ms_per_chunk * chunks."""
 
     base_ms: float
     ms_per_row: float
     ms_per_ktoken: float
+    ms_per_chunk: float = 0.0
 
-    def predict_ms(self, rows: int, tokens: int) -> float:
-        return self.base_ms + self.ms_per_row * rows + self.ms_per_ktoken * tokens / 1000.0
+    def predict_ms(self, rows: int, tokens: int, chunks: int = 0) -> float:
+        return self.base_ms + self.ms_per_row * rows + self.ms_per_ktoken * tokens / 1000.0 + self.ms_per_chunk * chunks
 
     def as_list(self) -> list[float]:
-        return [self.base_ms, self.ms_per_row, self.ms_per_ktoken]
+        return [self.base_ms, self.ms_per_row, self.ms_per_ktoken, self.ms_per_chunk]
 
 
 class StepCostModel(Protocol):
     """What the scheduler needs from a cost model."""
 
-    def predict_ms(self, rows: int, tokens: int) -> float:
-        """Conservative (margin included) step time for a batch of `rows` rows, `tokens` tokens."""
+    def predict_ms(self, rows: int, tokens: int, chunks: int = 0) -> float:
+        """Conservative (margin included) step time for a batch of `rows` rows, `tokens` tokens,
+        `chunks` streams' chunks."""
 
-    def observe(self, rows: int, tokens: int, step_ms: float) -> None:
+    def observe(self, rows: int, tokens: int, step_ms: float, chunks: int = 0) -> None:
         """Learn from one measured step."""
 
 
@@ -65,20 +70,23 @@ class FixedCostModel:
         self.margin = margin
         self.samples = 0
 
-    def predict_ms(self, rows: int, tokens: int) -> float:
-        return max(0.0, self.law.predict_ms(rows, tokens)) * (1.0 + self.margin)
+    def predict_ms(self, rows: int, tokens: int, chunks: int = 0) -> float:
+        return max(0.0, self.law.predict_ms(rows, tokens, chunks)) * (1.0 + self.margin)
 
-    def observe(self, rows: int, tokens: int, step_ms: float) -> None:
+    def observe(self, rows: int, tokens: int, step_ms: float, chunks: int = 0) -> None:
         self.samples += 1
 
 
 # A deliberately pessimistic default prior (roughly a 1.3B DiT step at 512x512 on a mid-range
 # GPU). The engine should pass its own prior or `observe` a few profile steps before admitting.
-DEFAULT_PRIOR = LinearLaw(base_ms=30.0, ms_per_row=4.0, ms_per_ktoken=8.0)
+# Its chunk cost as much as a row: the only split of a row's cost between its DiT step and its
+# chunk's VAE that 1-step streams (rows = chunks) leave to the prior (an H200 at 512x512: VAE
+# 106 ms a chunk, DiT 94 a row; the CPU demo: about 90 and 25).
+DEFAULT_PRIOR = LinearLaw(base_ms=30.0, ms_per_row=4.0, ms_per_ktoken=8.0, ms_per_chunk=4.0)
 
 
 class OnlineCostModel:
-    """Windowed, prior-regularised least squares over (1, rows, ktokens) -> step_ms."""
+    """Windowed, prior-regularised least squares over (1, rows, ktokens, chunks) -> step_ms."""
 
     def __init__(
         self,
@@ -98,7 +106,7 @@ class OnlineCostModel:
         self.quantile = quantile
         self.min_margin = min_margin
         self.prior_strength = prior_strength
-        self._window: deque[tuple[int, int, float]] = deque(maxlen=window)  # (rows, tokens, step_ms)
+        self._window: deque[tuple[int, int, int, float]] = deque(maxlen=window)  # (rows, tokens, chunks, step_ms)
         self._fit = prior
         self._margin = prior_margin
         self._provisional = 0  # the oldest samples in the window that newer ones will replace
@@ -123,22 +131,22 @@ class OnlineCostModel:
         """Relative margin added to predictions now."""
         return self._margin if self.calibrated else self.prior_margin
 
-    def mean_ms(self, rows: int, tokens: int) -> float:
+    def mean_ms(self, rows: int, tokens: int, chunks: int = 0) -> float:
         """The fitted law without margin (the prior before `min_samples`)."""
         law = self._fit if self.calibrated else self.prior
-        return max(0.0, law.predict_ms(rows, tokens))
+        return max(0.0, law.predict_ms(rows, tokens, chunks))
 
-    def predict_ms(self, rows: int, tokens: int) -> float:
+    def predict_ms(self, rows: int, tokens: int, chunks: int = 0) -> float:
         if not self.calibrated:
             # Few samples: never below the prior, and never below what was already seen.
-            mean_ms = max(self.prior.predict_ms(rows, tokens), self._fit.predict_ms(rows, tokens))
+            mean_ms = max(self.prior.predict_ms(rows, tokens, chunks), self._fit.predict_ms(rows, tokens, chunks))
             return max(0.0, mean_ms) * (1.0 + self.prior_margin)
-        return self.mean_ms(rows, tokens) * (1.0 + self._margin)
+        return self.mean_ms(rows, tokens, chunks) * (1.0 + self._margin)
 
-    def observe(self, rows: int, tokens: int, step_ms: float) -> None:
+    def observe(self, rows: int, tokens: int, step_ms: float, chunks: int = 0) -> None:
         if step_ms < 0 or rows <= 0:
             return
-        self._window.append((rows, tokens, float(step_ms)))
+        self._window.append((rows, tokens, chunks, float(step_ms)))
         self._provisional = min(self._provisional, len(self._window) - 1)  # the window may have rolled
         if self._provisional and len(self._window) - self._provisional >= self.min_samples:
             for _ in range(self._provisional):
@@ -161,18 +169,18 @@ class OnlineCostModel:
     def _refit(self) -> None:
         samples = self._window
         # 1. Scale features to about [0, 1] so the prior pull weighs each coefficient alike.
-        scale = [1.0, float(max(1, max(r for r, _, _ in samples))),
-                 max(1e-3, max(t for _, t, _ in samples) / 1000.0)]
+        scale = [1.0, float(max(1, max(r for r, _, _, _ in samples))),
+                 max(1e-3, max(t for _, t, _, _ in samples) / 1000.0), float(max(1, max(c for _, _, c, _ in samples)))]
         prior_scaled = [p * s for p, s in zip(self.prior.as_list(), scale)]
         # 2. Normal equations (Z^T Z + lam I) theta = Z^T y + lam theta_prior, in scaled units.
-        lam = self.prior_strength
-        gram = [[lam if i == j else 0.0 for j in range(3)] for i in range(3)]
+        lam, n = self.prior_strength, len(scale)
+        gram = [[lam if i == j else 0.0 for j in range(n)] for i in range(n)]
         rhs = [lam * p for p in prior_scaled]
-        for rows, tokens, step_ms in samples:
-            z = (1.0, rows / scale[1], tokens / 1000.0 / scale[2])
-            for i in range(3):
+        for rows, tokens, chunks, step_ms in samples:
+            z = (1.0, rows / scale[1], tokens / 1000.0 / scale[2], chunks / scale[3])
+            for i in range(n):
                 rhs[i] += z[i] * step_ms
-                for j in range(3):
+                for j in range(n):
                     gram[i][j] += z[i] * z[j]
         theta_scaled = _solve_nonnegative(gram, rhs)
         theta = [t / s for t, s in zip(theta_scaled, scale)]
@@ -180,8 +188,8 @@ class OnlineCostModel:
         # 3. Margin: a high quantile of the relative residuals (how much slower steps ran).
         rel = sorted(
             (step_ms - m) / m
-            for rows, tokens, step_ms in samples
-            if (m := self._fit.predict_ms(rows, tokens)) > 1e-9
+            for rows, tokens, chunks, step_ms in samples
+            if (m := self._fit.predict_ms(rows, tokens, chunks)) > 1e-9
         )
         if rel:
             k = min(len(rel) - 1, int(self.quantile * len(rel)))
@@ -194,12 +202,13 @@ def _solve_nonnegative(gram: list[list[float]], rhs: list[float]) -> list[float]
     """argmin over theta >= 0 of theta^T G theta - 2 rhs^T theta (the regularised least squares
     of `_refit`; G is positive definite): no cost can be negative. Plain least squares gave
     ms_per_row -722 from two-row steps of 900 ms and one-row steps of 1300 ms on a shared CPU,
-    so a batch of more streams was predicted at 0 ms and every newcomer was admitted. With three
+    so a batch of more streams was predicted at 0 ms and every newcomer was admitted. With four
     unknowns every set of free coefficients is tried (the others held at 0); the best feasible
     solution is the constrained optimum."""
-    best, best_value = [0.0, 0.0, 0.0], 0.0  # all held at 0: value 0
-    for mask in range(1, 8):
-        free = [i for i in range(3) if mask >> i & 1]
+    n = len(rhs)
+    best, best_value = [0.0] * n, 0.0  # all held at 0: value 0
+    for mask in range(1, 1 << n):
+        free = [i for i in range(n) if mask >> i & 1]
         sub = [[gram[i][j] for j in free] for i in free]
         try:
             x = _solve(sub, [rhs[i] for i in free])
@@ -207,10 +216,10 @@ def _solve_nonnegative(gram: list[list[float]], rhs: list[float]) -> list[float]
             continue
         if min(x) < 0.0:
             continue
-        theta = [0.0, 0.0, 0.0]
+        theta = [0.0] * n
         for i, v in zip(free, x):
             theta[i] = v
-        value = sum(theta[i] * gram[i][j] * theta[j] for i in range(3) for j in range(3)) \
+        value = sum(theta[i] * gram[i][j] * theta[j] for i in range(n) for j in range(n)) \
             - 2.0 * sum(r * t for r, t in zip(rhs, theta))
         if value < best_value:
             best, best_value = theta, value

@@ -105,7 +105,7 @@ class _Stream:
     last_latency_ms: float = 0.0
     max_latency_ms: float = 0.0
     best_effort: bool = False  # admitted although its own SLO could not hold
-    promised_batch: tuple[int, int] = (0, 0)  # best effort: the steady batch (rows, tokens) it joined beside
+    promised_batch: tuple[int, int, int] = (0, 0, 0)  # best effort: the steady batch (rows, tokens, chunks) it joined beside
 
     @property
     def need_frames(self) -> int:
@@ -419,7 +419,8 @@ class FrameScheduler:
         rows = tokens = 0
         min_due_s = math.inf
         for c in candidates:
-            end_s = now + self.periods_through * self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens) / 1000.0
+            end_s = now + self.periods_through * self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens,
+                                                                            len(chosen) + 1) / 1000.0
             if end_s <= min(min_due_s, c.due_s):
                 c.chosen = True
                 chosen.append(c)
@@ -427,7 +428,8 @@ class FrameScheduler:
         # 3. Then the late ones (they miss even alone, or did not fit), same order, as long as
         #    no on-time chunk is pushed past its due time. With no on-time chunk, all go.
         for c in (c for c in candidates if not c.chosen):
-            end_s = now + self.periods_through * self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens) / 1000.0
+            end_s = now + self.periods_through * self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens,
+                                                                            len(chosen) + 1) / 1000.0
             if end_s <= min_due_s:
                 chosen.append(c)
                 rows, tokens = rows + c.rows, tokens + c.tokens
@@ -445,7 +447,7 @@ class FrameScheduler:
         if opened is None:
             raise KeyError(f"step {plan.step_id} is unknown or was already updated")
         end_s = result.end_s if result.end_s is not None else plan.start_s + result.step_ms / 1000.0
-        self.cost_model.observe(plan.rows, plan.tokens, result.step_ms)
+        self.cost_model.observe(plan.rows, plan.tokens, result.step_ms, len(plan.chunks))
         for stream, emitted_arrivals_s in opened:
             # 1. Release the stream's in-flight count, even if it was removed meanwhile.
             stream.in_plans -= 1
@@ -481,19 +483,19 @@ class FrameScheduler:
         return Admission(stream_id, False, reason, step_ms, self.free_stream_slots)
 
     @staticmethod
-    def _shape(streams: list[_Stream], steady: bool = False) -> tuple[int, int]:
-        """(rows, tokens) of one step batching all `streams` (see `_batch`)."""
+    def _shape(streams: list[_Stream], steady: bool = False) -> tuple[int, int, int]:
+        """(rows, tokens, chunks) of one step batching all `streams` (see `_batch`): a chunk of
+        each, a row per lane."""
         rows = sum(s.lanes for s in streams)
         tokens = sum(s.lanes * (s.chunk_latents if steady else s.next_latents) * s.tokens_per_frame
                      for s in streams)
-        return rows, tokens
+        return rows, tokens, len(streams)
 
     def _batch(self, streams: list[_Stream], steady: bool = False) -> tuple[float, str]:
         """Predicted ms of one step batching all `streams` (unprepared ones with their bigger
         first chunk unless `steady`: every one past it), and its description."""
-        rows, tokens = self._shape(streams, steady)
-        n = len(streams)
-        return self.cost_model.predict_ms(rows, tokens), f"{n} stream{'s' if n > 1 else ''} ({rows} rows, {tokens} tokens)"
+        rows, tokens, n = self._shape(streams, steady)
+        return self.cost_model.predict_ms(rows, tokens, n), f"{n} stream{'s' if n > 1 else ''} ({rows} rows, {tokens} tokens)"
 
     @staticmethod
     def _expect(s: _Stream, step_ms: float) -> tuple[float, float]:
@@ -588,5 +590,5 @@ class FrameScheduler:
                                        c.due_s, emitted_ids))
             opened.append((s, emitted_arrivals))
         self._open[step_id] = opened
-        predicted_ms = self.cost_model.predict_ms(rows, tokens)
+        predicted_ms = self.cost_model.predict_ms(rows, tokens, len(chunks))
         return StepPlan(step_id, now, tuple(chunks), rows, tokens, predicted_ms)

@@ -106,3 +106,27 @@ def test_no_coefficient_of_the_fit_goes_negative():
     for rows, tokens, step_ms in _noisy_samples(256, seed=0):
         free.observe(rows, tokens, step_ms)
     assert free.law.ms_per_row == pytest.approx(TRUE_LAW.ms_per_row, abs=0.15)
+
+
+def test_a_chunk_costs_once_whatever_its_denoise_steps():
+    """A stream's chunk is encoded and decoded once, its rows (one per denoise step) each run
+    the DiT: from streams of 1 and 3 steps the law tells the two apart, and predicts a 3-step
+    stream's plans at what they cost (the served demo: about 100 ms a 1-step row, 35 a row of a
+    3-step stream), where a law in rows alone is off for one or the other."""
+    law = LinearLaw(base_ms=5.0, ms_per_row=25.0, ms_per_ktoken=0.0, ms_per_chunk=75.0)
+    model = OnlineCostModel()
+    rng = random.Random(7)
+    for _ in range(120):
+        streams, steps = rng.randint(1, 4), rng.choice([1, 3])
+        rows, chunks = streams * steps, streams
+        model.observe(rows, 256 * rows, law.predict_ms(rows, 256 * rows, chunks) + rng.gauss(0, 2.0), chunks)
+    for rows, chunks in ((1, 1), (4, 4), (3, 1), (9, 3), (7, 3)):
+        assert model.mean_ms(rows, 256 * rows, chunks) == pytest.approx(law.predict_ms(rows, 256 * rows, chunks), rel=0.05)
+    # 1-step streams only (rows = chunks): the prior splits a row's cost between its DiT step and
+    # its chunk, so a 3-step newcomer is predicted under 3 x a 1-step stream, over 1 x.
+    ones = OnlineCostModel()
+    for _ in range(120):
+        n = rng.randint(1, 4)
+        ones.observe(n, 256 * n, law.predict_ms(n, 256 * n, n) + rng.gauss(0, 2.0), n)
+    one, three = ones.mean_ms(1, 256, 1), ones.mean_ms(3, 768, 1)
+    assert one * 1.2 < three < one * 2.9
