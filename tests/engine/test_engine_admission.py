@@ -49,7 +49,7 @@ def test_refusal_then_idle_measures_again_and_admits_on_fresh_numbers(cfg):
     core.remove_stream("a")
     assert core.measure() is True
     model = core.scheduler.cost_model
-    assert all(ms == 40.0 for _, _, ms in model._window)  # the stale samples are gone
+    assert all(ms == 40.0 for *_, ms in model._window)  # the stale samples are gone
     step_ms, fps, _ = core.expect()
     assert step_ms < 100.0 and fps >= 2.0
     for sid in ("a", "b", "c"):
@@ -64,7 +64,7 @@ def test_serving_steps_replace_the_warm_up_samples(cfg):
     assert model.samples == 4  # warm-up samples still count until enough new ones
     for _ in range(model.min_samples - 1):
         model.observe(2, 100, 40.0)
-    assert model.samples == model.min_samples and all(ms == 40.0 for _, _, ms in model._window)
+    assert model.samples == model.min_samples and all(ms == 40.0 for *_, ms in model._window)
 
 
 def test_async_engine_measures_when_idle_after_a_refusal(cfg):
