@@ -71,8 +71,7 @@ class KVPool:
             raise ValueError(f"a pool of {num_slots} slots does not split into lanes of {window}")
         self.scratch_lane = num_slots // window if scratch else None
         num_slots += window if scratch else 0
-        self.layers = list(layers)
-        self._index = {layer: i for i, layer in enumerate(self.layers)}
+        self._set_layers(layers)
         self.num_slots = num_slots
         self.window = window
         self.track_frames = track_frames
@@ -86,7 +85,6 @@ class KVPool:
         self.q_len = torch.zeros(n, lanes, dtype=torch.int64, device=device)  # [L, G]
         self.q_rot = torch.zeros(n, lanes, dtype=torch.int64, device=device)  # [L, G]
         self.frames = torch.full((n, num_slots), -1, dtype=torch.int64, device=device)  # [L, S] frame held
-        self._views: dict[int, PoolLayer] = {}  # layer -> its views (made on first use; the tensors never move but in _set_layers)
 
     STATE = ("k", "v", "q_stack", "q_len", "q_rot", "frames")
 
@@ -120,16 +118,13 @@ class KVPool:
     def _set_layers(self, layers: list[int]) -> None:
         self.layers = list(layers)
         self._index = {layer: i for i, layer in enumerate(self.layers)}
-        self._views: dict[int, PoolLayer] = {}
+        self._views: dict[int, PoolLayer] = {}  # layer -> its views, made on first use (the tensors move only with layers)
 
     def scratch_plan(self, n: int, sinks: int) -> WritePlan:
         """A padding row: writes `n` frames into the scratch lane, attends to it, never refreshes."""
         base = self.scratch_lane * self.window
         return WritePlan(list(range(base, base + n)), list(range(n)), [base], self.scratch_lane, [-1] * n,
                          sink_slots=[base + i for i in range(sinks)])
-
-    def layer_index(self, layer: int) -> int:
-        return self._index[layer]
 
     def at(self, layer: int) -> PoolLayer:
         """`layer`'s views (the same object every call until layers move between stages)."""
@@ -139,10 +134,6 @@ class KVPool:
             view = self._views[layer] = PoolLayer(self.k[i], self.v[i], self.q_stack[i], self.q_len[i], self.q_rot[i],
                                                   self.frames[i] if self.track_frames else None, self.window)
         return view
-
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        view = self.at(layer)
-        return view.k, view.v
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

@@ -143,7 +143,7 @@ class EngineCore:
         )
         # The scheduler reasons in periods: a plan's way through takes `period_depth` of them
         # (the stages; fewer when stage threads share fewer CPU cores).
-        self.period_depth = max(1, min(self.depth, int(getattr(executor, "period_depth", self.depth))))
+        self.period_depth = int(getattr(executor, "period_depth", self.depth))  # bounded by the scheduler
         self.scheduler.pipeline_depth, self.scheduler.period_depth = self.depth, self.period_depth
         self._in_flight: deque[tuple[StepPlan, float]] = deque()  # (plan, submit time), oldest first
         self.output_queue_frames = output_queue_frames

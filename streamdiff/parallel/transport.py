@@ -158,9 +158,9 @@ def proc_busy_s(cpus: set[int] | None = None, stat: str | None = None) -> float 
     ticks = 0
     for line in stat.splitlines():
         name, _, rest = line.partition(" ")
-        if not name.startswith("cpu"):
-            continue
-        if (name == "cpu") != (cpus is None) or (cpus is not None and int(name[3:]) not in cpus):
+        number = name[3:]
+        wanted = name == "cpu" if cpus is None else (name.startswith("cpu") and number.isdigit() and int(number) in cpus)
+        if not wanted:
             continue
         fields = [int(v) for v in rest.split()]
         ticks += sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)

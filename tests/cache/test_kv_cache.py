@@ -18,8 +18,8 @@ def test_rebase_rotation_equals_writing_at_the_shifted_index():
     v = torch.randn(1, 12, 2, 32)
     a = KVPool([0], 4, 12, 2, 32, torch.float32, "cpu", window=4)
     b = KVPool([0], 4, 12, 2, 32, torch.float32, "cpu", window=4)
-    cache_write_ref(k, v, *a.layer(0), torch.tensor([[2]]), torch.tensor([[40]]), cos, sin, split, (3, 4))
-    cache_write_ref(k, v, *b.layer(0), torch.tensor([[2]]), torch.tensor([[40 - 33]]), cos, sin, split, (3, 4))
+    cache_write_ref(k, v, a.at(0).k, a.at(0).v, torch.tensor([[2]]), torch.tensor([[40]]), cos, sin, split, (3, 4))
+    cache_write_ref(k, v, b.at(0).k, b.at(0).v, torch.tensor([[2]]), torch.tensor([[40 - 33]]), cos, sin, split, (3, 4))
     assert not torch.allclose(a.k, b.k)
     a.rebase_([2], 33, cos, sin, rope.t_dim)
     torch.testing.assert_close(a.k, b.k, atol=1e-5, rtol=0)
@@ -30,7 +30,7 @@ def test_rolling_refresh_swaps_so_each_frame_is_held_once():
     """rolling: the least similar sink below the threshold swaps places with the frame just
     written; nothing is held twice, and similar sinks leave the pool unchanged."""
     pool = KVPool([0], 6, 4, 1, 8, torch.float32, "cpu", window=6, track_frames=True)
-    k, v = pool.layer(0)
+    k, v = pool.at(0).k, pool.at(0).v
     base = torch.randn(8)
     for slot, sign in ((0, 1.0), (1, 1.0), (2, -1.0), (3, 0.5)):  # sink 2 points the other way
         k[slot] = sign * base + 0.01 * torch.randn(4, 1, 8)

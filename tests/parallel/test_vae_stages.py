@@ -237,8 +237,9 @@ def test_busy_time_counts_the_cpus_this_process_may_use():
 
 
 def test_threads_cpu_clock_counts_a_busy_thread_and_forgets_an_ended_one():
-    if not hasattr(time, "pthread_getcpuclockid"):
-        pytest.skip("no per-thread CPU clocks on this platform")  # not Linux
+    """Where the platform has per-thread CPU clocks (Linux) a busy thread's time grows; where it
+    has none the threads count nothing (and ThreadedStages keeps no meter: the wall-time rule)."""
+    clocks = hasattr(time, "pthread_getcpuclockid")
     stop = threading.Event()
 
     def spin():
@@ -252,7 +253,10 @@ def test_threads_cpu_clock_counts_a_busy_thread_and_forgets_an_ended_one():
         end = time.monotonic() + 5.0
         while threads_cpu_s([thread]) < first + 0.05 and time.monotonic() < end:
             time.sleep(0.01)
-        assert threads_cpu_s([thread]) >= first + 0.05
+        if clocks:
+            assert threads_cpu_s([thread]) >= first + 0.05
+        else:
+            assert threads_cpu_s([thread]) == first == 0.0
     finally:
         stop.set()
         thread.join()
