@@ -62,10 +62,11 @@ def pipeline_period_ms(stage_ms: list[float], shared_cores: int | None = None) -
     return max(period, sum(stage_ms) / shared_cores) if shared_cores else period
 
 
-def cpu_period_ms(stage_cpu_ms: list[float], free_cores: float) -> float:
-    """The period of stages that share a CPU, from their CPU time: their summed work over the
-    cores they had (`free_cores`), no less than the busiest stage's (one thread, one core)."""
-    return max(max(stage_cpu_ms), sum(stage_cpu_ms) / free_cores)
+def cpu_period_ms(stage_cpu_ms: list[float], free_cores: float, helper_ms: float = 0.0) -> float:
+    """The period of stages that share a CPU, from their CPU time: their summed work and their
+    helpers' for the plan (`helper_ms`: the codecs' of its chunks) over the cores they had
+    (`free_cores`), no less than the busiest stage's (one thread, one core)."""
+    return max(max(stage_cpu_ms), (sum(stage_cpu_ms) + helper_ms) / free_cores)
 
 
 class StagedExecutor:
@@ -82,6 +83,7 @@ class StagedExecutor:
         self._in_flight: deque[_Plan] = deque()
         self.peak_in_flight = 0  # the most plans in flight at once so far
         self.stage_busy_ms = [0.0] * self.num_stages  # each stage's time running forwards, so far
+        self.chunks_done = 0  # streams' chunks through the stages, so far (the core meter's count)
         self.rebalances: list[tuple[list[int], list[int]]] = []  # (before, after) splits
         self.last_stage_ms: list[float] = []
 
@@ -176,7 +178,7 @@ class StagedExecutor:
             for out in outs:
                 outputs.update(out.finished)
             forwards = sum(1 for out in outs if out.rows)
-            period_ms = self._observe(outs)
+            period_ms = self._observe(outs, len(entry.plan.chunks))
         except StageFailure as exc:
             raise self._recover(exc) from exc
         idle = getattr(self.stages, "idle", None)
@@ -270,14 +272,15 @@ class StagedExecutor:
 
     # -------------------------------------------------------------- balance
 
-    def _observe(self, outs: list[StepOut]) -> float | None:
+    def _observe(self, outs: list[StepOut], chunks: int = 0) -> float | None:
         """Each stage's time over the plan's forwards -> the rebalancer. Returns the pipeline
         period the plan took: its slowest stage's time; for stages that share a CPU's cores
-        (`stages.shared_cores`), their CPU time over the cores they had (`free_cores`, where the
-        transport measures it: `cpu_period_ms`), else their summed wall time over those cores if
-        that is longer; None if no forward carried rows."""
+        (`stages.shared_cores`), their CPU time and their helpers' for the plan's `chunks` over
+        the cores they had (`core_share`, where the transport measures it: `cpu_period_ms`), else
+        their summed wall time over those cores if that is longer; None if no forward carried rows."""
         if not any(out.rows for out in outs):
             return None
+        self.chunks_done += chunks
         # A first chunk's encode rides on a forward of its own (no rows): its time counts too.
         ran = [out.stage_ms for out in outs if len(out.stage_ms) == self.num_stages]
         samples = [StageSample(sum(f[k]["total"] for f in ran), sum(f[k]["blocks"] for f in ran),
@@ -291,10 +294,12 @@ class StagedExecutor:
             self.repartition(target)
         # Stages sharing a CPU: their wall time counts every wait for a core, and the sum over the
         # cores counts those waits again (a 3-chunk plan read 740 ms where plans ended every 190-230).
-        # Their CPU time over the cores they had is the period, where the transport can say.
-        free = getattr(self.stages, "free_cores", lambda: None)()
-        if free is not None:
-            return cpu_period_ms([sum(f[k]["cpu"] for f in ran) for k in range(self.num_stages)], free)
+        # Their CPU time over the cores they had is the period, where the transport can say; the
+        # codecs' time goes with the chunks that caused it (a newcomer's grows the period by its own).
+        share = getattr(self.stages, "core_share", lambda chunks_done: None)(self.chunks_done)
+        if share is not None:
+            return cpu_period_ms([sum(f[k]["cpu"] for f in ran) for k in range(self.num_stages)], share.free,
+                                 share.helper_ms_per_chunk * chunks)
         return pipeline_period_ms(self.last_stage_ms, self.stages.shared_cores)
 
     def repartition(self, target: list[int]) -> None:

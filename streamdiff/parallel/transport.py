@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from concurrent.futures import Future
 from typing import Callable, Protocol
 
@@ -181,38 +182,58 @@ def threads_cpu_s(threads: list[threading.Thread]) -> float:
     return total
 
 
+@dataclass(frozen=True)
+class CoreShare:
+    """What the stage threads of a CPU process had lately (CoreMeter). `free`: the cores left to
+    this process (the machine's less other processes' busy time). `helper_ms_per_chunk`: the
+    process's CPU time outside the stage threads (a server's codecs, the engine loop) per chunk
+    done: work that grows with the chunks a plan carries, so a newcomer's share is predicted
+    with its chunks instead of being taken from the cores as if it stayed what it was."""
+
+    free: float
+    helper_ms_per_chunk: float
+
+
 class CoreMeter:
-    """The CPU cores some threads (the stages) can count on: the machine's `cores` less what
-    everything else kept busy over the last `window_s` (other processes, and this process's other
-    threads: the server's codecs), i.e. the busy time of the CPUs this process may use
-    (/proc/stat, its affinity's lines) less the threads' own CPU time (`threads_cpu`). Where /proc/stat or per-thread clocks are missing, or before
-    `min_s` of history, `free()` is None."""
+    """The CPU cores some threads (the stages) can count on, over the last `window_s`: the busy
+    time of the CPUs this process may use (/proc/stat, its affinity's lines) less this process's
+    CPU time is what other processes took; the process's CPU time less the threads' own
+    (`threads_cpu`) is its helpers' (codecs, the engine loop), counted per chunk done. Where
+    /proc/stat or per-thread clocks are missing, or before `min_s` of history, None."""
 
     def __init__(self, cores: int, threads_cpu: Callable[[], float], window_s: float = 3.0, min_s: float = 1.0,
-                 busy_s: Callable[[], float | None] | None = None, clock: Callable[[], float] = time.monotonic):
+                 busy_s: Callable[[], float | None] | None = None, clock: Callable[[], float] = time.monotonic,
+                 process_cpu: Callable[[], float] = time.process_time):
         if busy_s is None:  # the CPUs this process may use (a cpuset's), not the whole machine's
             cpus = usable_cpus()
             busy_s = lambda: proc_busy_s(cpus)  # noqa: E731
         self.cores, self.window_s, self.min_s = cores, window_s, min_s
-        self._threads_cpu, self._busy_s, self._clock = threads_cpu, busy_s, clock
-        self._samples: deque[tuple[float, float, float]] = deque()  # (time, machine busy s, threads' CPU s)
+        self._threads_cpu, self._busy_s, self._clock, self._process_cpu = threads_cpu, busy_s, clock, process_cpu
+        # (time, machine busy s, process CPU s, threads' CPU s, chunks done)
+        self._samples: deque[tuple[float, float, float, float, int]] = deque()
         self.ok = busy_s() is not None
 
-    def free(self) -> float | None:
-        """Cores left to the threads (0.25 at least), over the window up to now."""
+    def share(self, chunks_done: int = 0) -> CoreShare | None:
+        """The window up to now; `chunks_done`: the chunks the threads finished so far (a count
+        that only grows). Free cores are 0.25 at least. With no chunk done in the window the
+        helpers' time counts as taken cores, as other processes' does."""
         if not self.ok:
             return None
         now, busy = self._clock(), self._busy_s()
         if busy is None:
             return None
-        self._samples.append((now, busy, self._threads_cpu()))
+        self._samples.append((now, busy, self._process_cpu(), self._threads_cpu(), chunks_done))
         while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
             self._samples.popleft()
-        t0, busy0, mine0 = self._samples[0]
-        if now - t0 < self.min_s:
+        (t0, busy0, process0, mine0, chunks0), (_, _, process, mine, chunks) = self._samples[0], self._samples[-1]
+        seconds = now - t0
+        if seconds < self.min_s:
             return None
-        others = max(0.0, (busy - busy0) - (self._samples[-1][2] - mine0)) / (now - t0)
-        return max(0.25, min(float(self.cores), self.cores - others))
+        helpers = max(0.0, (process - process0) - (mine - mine0))
+        others = max(0.0, (busy - busy0) - max(process - process0, mine - mine0)) / seconds
+        if chunks > chunks0:
+            return CoreShare(max(0.25, min(float(self.cores), self.cores - others)), 1000.0 * helpers / (chunks - chunks0))
+        return CoreShare(max(0.25, min(float(self.cores), self.cores - others - helpers / seconds)), 0.0)
 
 
 class ThreadedStages(InProcessStages):
@@ -245,9 +266,10 @@ class ThreadedStages(InProcessStages):
         self.meter = (CoreMeter(self.shared_cores, lambda: threads_cpu_s(self._threads))
                       if self.shared_cores and one_thread and per_thread else None)
 
-    def free_cores(self) -> float | None:
-        """Cores the stage threads had to themselves lately (CoreMeter), or None: unknown."""
-        return self.meter.free() if self.meter is not None else None
+    def core_share(self, chunks_done: int) -> CoreShare | None:
+        """The cores the stage threads had lately and their helpers' CPU per chunk (CoreMeter),
+        or None: unknown."""
+        return self.meter.share(chunks_done) if self.meter is not None else None
 
     def _loop(self, k: int) -> None:
         worker, inbox = self.workers[k], self._queues[k]
@@ -304,5 +326,5 @@ class ThreadedStages(InProcessStages):
         super().shutdown()
 
 
-__all__ = ["CoreMeter", "InProcessStages", "StageFailure", "Stages", "ThreadedStages", "TickStages", "proc_busy_s",
+__all__ = ["CoreMeter", "CoreShare", "InProcessStages", "StageFailure", "Stages", "ThreadedStages", "TickStages", "proc_busy_s",
            "threads_cpu_s", "usable_cores", "usable_cpus"]

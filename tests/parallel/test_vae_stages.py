@@ -14,7 +14,7 @@ from engine_helpers import max_abs_diff
 from stage_helpers import SPECS, TOL, reference, run_streams
 from streamdiff.config import with_overrides
 from streamdiff.parallel.executor import InProcessStages, StagedExecutor, cpu_period_ms, pipeline_period_ms
-from streamdiff.parallel.transport import CoreMeter, proc_busy_s, threads_cpu_s, usable_cores
+from streamdiff.parallel.transport import CoreMeter, CoreShare, proc_busy_s, threads_cpu_s, usable_cores
 from streamdiff.parallel.messages import stage_specs
 from streamdiff.parallel.partition import Rebalancer, StageSample
 
@@ -194,31 +194,45 @@ def test_stages_sharing_cpu_cores_from_their_cpu_time_and_the_cores_they_had():
     assert cpu_period_ms([60.0, 25.0, 50.0], free_cores=2.0) == 67.5  # the work over two cores
     assert cpu_period_ms([60.0, 25.0, 50.0], free_cores=1.35) == pytest.approx(100.0)  # others took 0.65
     assert cpu_period_ms([60.0, 5.0, 5.0], free_cores=2.0) == 60.0  # one thread, one core at most
+    assert cpu_period_ms([60.0, 25.0, 50.0], free_cores=2.0, helper_ms=15.0) == 75.0  # and the codecs' work
 
 
 def test_core_meter_counts_what_everything_else_kept_busy():
-    """Cores left to the threads = cores less (machine busy time less the threads' CPU time) per
-    second, over a sliding window; nothing before `min_s`; never below 0.25."""
-    t = {"now": 0.0, "busy": 100.0, "mine": 10.0}
-    meter = CoreMeter(2, lambda: t["mine"], window_s=3.0, min_s=1.0, busy_s=lambda: t["busy"], clock=lambda: t["now"])
-    assert meter.free() is None  # no history yet
+    """Cores left to the process = cores less (machine busy time less the process's CPU time) per
+    second, over a sliding window; the process's CPU time outside the threads (codecs) is counted
+    per chunk done, or as taken cores while no chunk is done; nothing before `min_s`; never
+    below 0.25."""
+    t = {"now": 0.0, "busy": 100.0, "process": 30.0, "mine": 10.0}
+    meter = CoreMeter(2, lambda: t["mine"], window_s=3.0, min_s=1.0, busy_s=lambda: t["busy"],
+                      clock=lambda: t["now"], process_cpu=lambda: t["process"])
+    assert meter.share() is None  # no history yet
 
-    def tick(seconds, busy_cores, mine_cores):
+    def tick(seconds, busy_cores, mine_cores, helper_cores=0.0):
         t["now"] += seconds
         t["busy"] += seconds * busy_cores
         t["mine"] += seconds * mine_cores
+        t["process"] += seconds * (mine_cores + helper_cores)
 
     tick(0.5, 2.0, 2.0)
-    assert meter.free() is None  # half a second: too short to tell
+    assert meter.share() is None  # half a second: too short to tell
     tick(0.5, 2.0, 1.5)  # another process took half a core for half a second
-    assert meter.free() == pytest.approx(2.0 - 0.25)
+    assert meter.share() == CoreShare(2.0 - 0.25, 0.0)
     for _ in range(8):
         tick(1.0, 2.0, 1.0)  # now it holds a whole core
-    assert meter.free() == pytest.approx(1.0)  # the window forgot the idle start
+    assert meter.share().free == pytest.approx(1.0)  # the window forgot the idle start
+    for _ in range(8):
+        tick(1.0, 2.0, 1.4, helper_cores=0.4)  # this process's codecs take 0.4 of a core, no chunk done
+    assert meter.share(chunks_done=0).free == pytest.approx(2.0 - 0.2 - 0.4)
+    done = 0
+    for _ in range(8):
+        tick(1.0, 2.0, 1.4, helper_cores=0.4)
+        done += 20  # 20 chunks a second: 20 ms of codec CPU each
+        share = meter.share(chunks_done=done)
+    assert share.free == pytest.approx(2.0 - 0.2) and share.helper_ms_per_chunk == pytest.approx(20.0)
     for _ in range(8):
         tick(1.0, 2.0, 0.0)  # the machine is taken
-    assert meter.free() == 0.25
-    assert CoreMeter(2, lambda: 0.0, busy_s=lambda: None).free() is None  # no /proc/stat
+    assert meter.share(done).free == 0.25
+    assert CoreMeter(2, lambda: 0.0, busy_s=lambda: None).share() is None  # no /proc/stat
 
 
 def test_busy_time_counts_the_cpus_this_process_may_use():
@@ -299,9 +313,14 @@ def test_executor_takes_the_period_from_cpu_time_where_the_transport_measures_th
     executor.stages.shared_cores = 2
     assert executor._observe([out]) == pipeline_period_ms(wall, 2) == 145.0
     assert executor.period_depth == 2 and executor.depth == 3
-    executor.stages.free_cores = lambda: 1.6
-    assert executor._observe([out]) == cpu_period_ms(cpu, 1.6) == 100.0
-    executor.stages.free_cores = lambda: None  # not measured yet
+    seen = []
+    executor.stages.core_share = lambda chunks_done: seen.append(chunks_done) or CoreShare(1.6, 0.0)
+    assert executor._observe([out], chunks=2) == cpu_period_ms(cpu, 1.6) == 100.0
+    # the codecs' 12 ms a chunk go with the plan's chunks: a plan of 3 takes 36 ms more work
+    executor.stages.core_share = lambda chunks_done: seen.append(chunks_done) or CoreShare(1.6, 12.0)
+    assert executor._observe([out], chunks=3) == cpu_period_ms(cpu, 1.6, 36.0) == pytest.approx(122.5)
+    assert seen == [2, 5]  # the meter is told the chunks done so far
+    executor.stages.core_share = lambda chunks_done: None  # not measured yet
     assert executor._observe([out]) == 145.0
     core = EngineCore(cfg_vae, executor)
     assert core.depth == core.scheduler.pipeline_depth == 3 and core.scheduler.periods_through == 2
