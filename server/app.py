@@ -83,7 +83,7 @@ from streamdiff.server.sdp import (
     check_offer_sdp,
     prefer_h264,
     require_directions,
-    require_h264,
+    require_video_codec,
     wait_ice_gathering,
 )
 from streamdiff.server.webrtc import (
@@ -182,6 +182,30 @@ async def _close_if_client_gone(request: web.Request, sessions: SessionManager, 
     """After negotiating: a client that left meanwhile never gets its answer; free its session now."""
     if _client_gone(request):
         await sessions.close(session.id, "the client left before its answer was sent")
+
+
+async def _refused_by_aiortc(request: web.Request, kind: str, sdp: str) -> str | None:
+    """Why aiortc cannot take the offer (its exception, in one line for the console), tried on a
+    peer of its own before the offer gets a place; None: it takes it. An offer that can never work
+    was admitted first, then failed: on a busy server it got 503 and Retry-After (a client that
+    obeys retried for ever), and it could evict a connecting session before it failed (a probe:
+    no ICE credentials, `a=setup:bogus`). The client gets a fixed sentence, the console the why."""
+    pc = request.app[SESSIONS_KEY].new_peer()
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+    except Exception as exc:
+        log.info("a %s offer aiortc cannot take", kind, exc_info=True)
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        request[LOGGED] = True
+        events.info("refused %s session (stream key %s): 400 could not negotiate the offer: %s", kind,
+                    shown_key(request.match_info.get("key", "-")), printable(why))
+        return why
+    finally:
+        await pc.close()
+    return None
+
+
+NOT_NEGOTIABLE = "could not negotiate the offer (the server's console says why)"
 
 
 def _retry_warm_up(request: web.Request) -> dict:
@@ -287,6 +311,8 @@ async def offer(request: web.Request) -> web.Response:
         sdp, _ = accept_simulcast(sdp)
     except (ValueError, TypeError) as exc:  # our own checks: plain messages
         return web.json_response({"error": f"bad offer: {exc}"}, status=400)
+    if await _refused_by_aiortc(request, "browser", sdp) is not None:
+        return web.json_response({"error": NOT_NEGOTIABLE}, status=400)
     if (why := await _not_ready(request)) is not None:
         return web.json_response({"error": why}, status=503, headers=_retry_warm_up(request))
     if _client_gone(request):
@@ -308,8 +334,7 @@ async def offer(request: web.Request) -> web.Response:
         answer_sdp = await _answer(session)
     except Exception as exc:
         await _negotiation_failed(sessions, session, exc)
-        return web.json_response({"error": "could not negotiate the offer (the server's console says why)"},
-                                 status=400)
+        return web.json_response({"error": NOT_NEGOTIABLE}, status=400)
     await _close_if_client_gone(request, sessions, session)
     reply = {"sdp": answer_sdp, "type": "answer", "session": session.id, "expect": session.expect,
              "watch": watch_path(settings, session.stream_key)}  # the page's "watch it elsewhere" link
@@ -340,12 +365,14 @@ async def whip_post(request: web.Request) -> web.Response:
         check_offer_sdp(sdp)
         require_directions(sdp, sends=True, receives=False, what="a WHIP publisher offers sendonly video "
                            f"(to watch stream {key!r}, use /whep/{key})")
-        require_h264(sdp)
+        require_video_codec(sdp)
         sdp, rids = accept_simulcast(sdp)
     except CodecError as exc:
         return _error(406, str(exc))
     except ValueError as exc:  # SdpError or a bad ?stamp=
         return _error(400, str(exc))
+    if await _refused_by_aiortc(request, "whip", sdp) is not None:
+        return _error(400, NOT_NEGOTIABLE)
     if (why := await _not_ready(request, min(settings.warmup_wait_s, settings.whip_warmup_wait_s))) is not None:
         return _error(503, why, **_retry_warm_up(request))
     if _client_gone(request):
@@ -364,7 +391,7 @@ async def whip_post(request: web.Request) -> web.Response:
         answer_sdp = answer_simulcast(await _answer(session), rids)
     except Exception as exc:
         await _negotiation_failed(sessions, session, exc)
-        return _error(400, "could not negotiate the offer (the server's console says why)")
+        return _error(400, NOT_NEGOTIABLE)
     await _close_if_client_gone(request, sessions, session)
     if settings.token:  # where to watch it: the link carries a token that plays this stream and nothing else
         events.info("stream key %s: watch it at %s", key, watch_path(settings, key))
@@ -381,8 +408,13 @@ async def whep_post(request: web.Request) -> web.Response:
         kinds = check_offer_sdp(sdp)
         require_directions(sdp, sends=False, receives=True, what=f"/whep/{key} plays a stream (a WHEP "
                            f"player offers recvonly video); to publish, POST to /whip/{key}")
-    except (SdpError, CodecError) as exc:
+        require_video_codec(sdp, player=True)
+    except CodecError as exc:
+        return _error(406, str(exc))
+    except SdpError as exc:
         return _error(400, str(exc))
+    if await _refused_by_aiortc(request, "whep", sdp) is not None:
+        return _error(400, NOT_NEGOTIABLE)
     source = sessions.publisher(key) or sessions.get(key)
     if source is None or source.fanout is None:
         return _error(404, f"no stream {key!r} is live (start publishing first; viewers retry by themselves)",
@@ -398,20 +430,34 @@ async def whep_post(request: web.Request) -> web.Response:
         await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         prefer_h264(session.pc)
         track = _player_track(session, source, settings, sessions)
-        sender = session.pc.addTrack(track)
+        sender = _send_on(session.pc, track)
         on_rtcp(sender, lambda: setattr(session, "rtcp_s", time.monotonic()))
         if isinstance(track, PlayerTrack):
             answer_keyframe_requests(sender, track)
         if "audio" in kinds:  # WHEP players expect audio too: silence
-            session.pc.addTrack(SilenceTrack())
+            _send_on(session.pc, SilenceTrack())
         for transceiver in session.pc.getTransceivers():  # WHEP answers sendonly, even to a sendrecv offer
-            transceiver.direction = "sendonly"
+            transceiver.direction = "sendonly" if transceiver.sender.track is not None else "inactive"
         answer_sdp = await _answer(session)
     except Exception as exc:
         await _negotiation_failed(sessions, session, exc)
-        return _error(400, "could not negotiate the offer (the server's console says why)")
+        return _error(400, NOT_NEGOTIABLE)
     await _close_if_client_gone(request, sessions, session)
     return _sdp_created(f"/whep/{key}/{session.id}", answer_sdp, session.id)
+
+
+def _send_on(pc, track):
+    """Send `track` on the first transceiver of its kind that the player receives on (its offer
+    says recvonly or sendrecv), else on the first of its kind (aiortc's addTrack: a player
+    offering [sendonly, recvonly] video got its stream on the section it does not receive, and
+    no picture). Returns the sender."""
+    ours = [t for t in pc.getTransceivers() if t.kind == track.kind and t.sender.track is None]
+    # aiortc keeps the offer's direction as seen from our side: the player's recvonly is our sendonly
+    receiving = [t for t in ours if getattr(t, "_offerDirection", None) in ("sendonly", "sendrecv")]
+    if not receiving:
+        return pc.addTrack(track)
+    receiving[0].sender.replaceTrack(track)
+    return receiving[0].sender
 
 
 async def whep_head(request: web.Request) -> web.Response:
@@ -464,6 +510,15 @@ async def resource_delete(request: web.Request) -> web.Response:
         return _error(200, f"session ended already: {reason}") if reason else _error(404, "no such session")
     await sessions.close(session.id, f"{session.kind.upper()} DELETE")
     return _error(200, "session ended")
+
+
+async def resource_other(request: web.Request) -> web.Response:
+    """Every method on a session's resource URL but DELETE and OPTIONS: 405, whose Allow says
+    the same as PATCH's (aiohttp's own 405 listed PATCH, which is always refused)."""
+    if request.method == "PATCH":
+        return await resource_patch(request)
+    request[LOGGED] = True  # a POST here is no offer: not a refused session
+    return _error(405, "a session's URL takes DELETE (ends the session) and OPTIONS only", Allow="DELETE, OPTIONS")
 
 
 async def resource_patch(request: web.Request) -> web.Response:
@@ -584,8 +639,8 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
             r.add_route("HEAD", f"/{kind}/{{key}}", whep_head)
         r.add_route("OPTIONS", f"/{kind}/{{key}}", options)
         r.add_delete(f"/{kind}/{{key}}/{{id}}", resource_delete)
-        r.add_patch(f"/{kind}/{{key}}/{{id}}", resource_patch)
         r.add_route("OPTIONS", f"/{kind}/{{key}}/{{id}}", options)
+        r.add_route("*", f"/{kind}/{{key}}/{{id}}", resource_other)  # PATCH (trickle ICE): 405 too
     r.add_get("/ws", websocket)
     r.add_patch("/sessions/{id}/params", params_patch, expect_handler=expect_small_body)
     r.add_route("OPTIONS", "/sessions/{id}/params", options)

@@ -2,8 +2,8 @@
 offers and ICE gathering.
 
 Owns: `check_offer_sdp` (malformed, video present), `video_directions` (which way the offer's
-video goes: a WHIP offer must send it, a WHEP offer receive it), `require_h264` (OBS's encoders), the
-simulcast rules (one layer accepted, several refused: aiortc cannot receive simulcast),
+video goes: a WHIP offer must send it, a WHEP offer receive it), `require_video_codec` (a codec
+aiortc can receive or send: OBS's encoders, players), the simulcast rules (one layer accepted, several refused: aiortc cannot receive simulcast),
 `prefer_h264` for WHEP answers, and `wait_ice_gathering` (no trickle: candidates go in the
 answer). Does not own: HTTP (server.app) or media tracks (server.webrtc).
 """
@@ -25,7 +25,7 @@ class CodecError(ValueError):
 
 
 H264_HINT = (
-    "the offer has no H.264 video: StreamDiff's WHIP endpoint takes H.264 only. In OBS open "
+    "the offer has no H.264 video: StreamDiff's WHIP endpoint takes H.264 (or VP8). In OBS open "
     "Settings -> Output (Output Mode: Advanced) -> Streaming and pick an H.264 video encoder "
     "(x264, NVENC H.264, QuickSync H.264 or Apple VT H.264), not AV1 or HEVC."
 )
@@ -95,10 +95,11 @@ def video_codecs(sdp: str) -> set[str]:
             if line.startswith("a=rtpmap:") and " " in line}
 
 
-def h264_profile_level_ids(sdp: str) -> list[str]:
-    """The profile-level-id of each H.264 payload type offered for video (42e01f where an
-    fmtp line leaves it out, as aiortc and browsers read it), lower case."""
-    ids = []
+def h264_payloads(sdp: str) -> list[tuple[str, str]]:
+    """(profile-level-id, packetization-mode) of each H.264 payload type offered for video, as
+    aiortc reads them: 42e01f where an fmtp line leaves the profile out, mode 0 where it leaves
+    the mode out; lower case, "unreadable" for a profile that is not 6 hex digits."""
+    payloads = []
     for lines in _video_lines(sdp):
         rtpmaps = [line[9:].split() for line in lines if line.startswith("a=rtpmap:")]
         h264 = [parts[0] for parts in rtpmaps if len(parts) == 2 and parts[1].upper().startswith("H264/")]
@@ -107,27 +108,63 @@ def h264_profile_level_ids(sdp: str) -> list[str]:
             if line.startswith("a=fmtp:") and " " in line:
                 pt, params = line[7:].split(" ", 1)
                 fmtp[pt] = dict(p.strip().split("=", 1) for p in params.split(";") if "=" in p)
-        ids += [fmtp.get(pt, {}).get("profile-level-id", "42e01f").lower() for pt in h264]
-    return [i if re.fullmatch(r"[0-9a-f]{6}", i) else "unreadable" for i in ids]  # never echo raw bytes
+        for pt in h264:
+            profile = fmtp.get(pt, {}).get("profile-level-id", "42e01f").lower()
+            mode = fmtp.get(pt, {}).get("packetization-mode", "0").strip()
+            payloads.append((profile if re.fullmatch(r"[0-9a-f]{6}", profile) else "unreadable",  # never echo raw bytes
+                             mode if mode in ("0", "1", "2") else "unreadable"))
+    return payloads
 
 
-def require_h264(sdp: str) -> None:
-    """CodecError (406) unless the offer's video has H.264 in a profile aiortc receives:
-    Constrained Baseline or Baseline (profile_idc 0x42). FFmpeg's libx264 defaults to High."""
-    if "H264" not in video_codecs(sdp):
-        raise CodecError(H264_HINT)
-    ids = h264_profile_level_ids(sdp)
-    if not any(i.startswith("42") for i in ids):
-        names = {"4d": "Main", "58": "Extended", "64": "High", "6e": "High 10", "7a": "High 4:2:2", "f4": "High 4:4:4"}
-        offered = ", ".join(sorted({"an unreadable profile-level-id" if i == "unreadable"
-                                    else f"{names.get(i[:2], 'profile_idc 0x' + i[:2])} ({i})" for i in ids}))
-        raise CodecError(H264_PROFILE_HINT.format(offered=offered))
+def h264_profile_level_ids(sdp: str) -> list[str]:
+    """The profile-level-id of each H.264 payload type offered for video (`h264_payloads`)."""
+    return [profile for profile, _ in h264_payloads(sdp)]
+
+
+# Video codecs besides the media ones an offer lists (retransmission, redundancy, FEC)
+_HELPER_CODECS = {"RTX", "RED", "ULPFEC", "FLEXFEC-03", "FLEXFEC"}
+_PROFILE_NAMES = {"4d": "Main", "58": "Extended", "64": "High", "6e": "High 10", "7a": "High 4:2:2", "f4": "High 4:4:4"}
+
+
+def require_video_codec(sdp: str, *, player: bool = False) -> None:
+    """CodecError (406) unless the offer's video has a codec aiortc can use: VP8, or H.264 in
+    Constrained Baseline or Baseline profile (profile_idc 0x42; FFmpeg's libx264 defaults to High)
+    with packetization-mode 1 (aiortc's only one; mode 0 is what an fmtp line without it means).
+    `player`: the offer is a WHEP player's (the message speaks to it, not to OBS's encoder)."""
+    names = video_codecs(sdp)
+    if "VP8" in names:
+        return
+    payloads = h264_payloads(sdp)
+    if any(profile.startswith("42") and mode == "1" for profile, mode in payloads):
+        return
+    if not payloads:
+        if not player:
+            raise CodecError(H264_HINT)
+        offered = ", ".join(sorted(n if re.fullmatch(r"[A-Z0-9-]{1,20}", n) else "an unreadable codec"
+                                   for n in names - _HELPER_CODECS)) or "no codec"
+        raise CodecError(PLAYER_CODEC_HINT.format(offered=offered))
+    if any(profile.startswith("42") for profile, _ in payloads):
+        raise CodecError(H264_MODE_HINT.format(who="player" if player else "publisher"))
+    offered = ", ".join(sorted({"an unreadable profile-level-id" if profile == "unreadable"
+                                else f"{_PROFILE_NAMES.get(profile[:2], 'profile_idc 0x' + profile[:2])} ({profile})"
+                                for profile, _ in payloads}))
+    raise CodecError((PLAYER_PROFILE_HINT if player else H264_PROFILE_HINT).format(offered=offered))
 
 
 H264_PROFILE_HINT = (
     "the offer's H.264 is {offered} only: StreamDiff's WHIP endpoint receives Constrained Baseline or "
-    "Baseline H.264. In OBS set the x264 profile to baseline (Settings -> Output -> Streaming); with "
-    "FFmpeg add -profile:v baseline."
+    "Baseline H.264 (or VP8). In OBS set the x264 profile to baseline (Settings -> Output -> Streaming); "
+    "with FFmpeg add -profile:v baseline."
+)
+PLAYER_PROFILE_HINT = (
+    "the player's H.264 is {offered} only: StreamDiff plays Constrained Baseline or Baseline H.264, or VP8"
+)
+PLAYER_CODEC_HINT = (
+    "the player offers {offered} video only: StreamDiff plays H.264 (Constrained Baseline or Baseline) or VP8"
+)
+H264_MODE_HINT = (
+    "the {who}'s H.264 offers packetization-mode 0 only (or no packetization-mode, which means 0): "
+    "StreamDiff's WebRTC stack takes packetization-mode=1 (non-interleaved), or VP8"
 )
 
 

@@ -286,6 +286,11 @@ class SessionManager:
         # engine's admission is awaited): session id -> stream key. Counted by the limit and
         # the key check, so that requests arriving together cannot all pass them.
         self._admitting: dict[str, str] = {}
+        # One open at a time, from its key and limit checks to its entry in `sessions`: a check
+        # passed, then an await (a pending session's close, the engine's admission) let another
+        # request pass the same check (a probe: two publishers on one key, streams over
+        # --max-sessions, viewers over --max-viewers, all with offers arriving together).
+        self._opening = asyncio.Lock()
         self.stopping = False  # close_all ran: the server is going away (pages wait for it to return)
 
     # ------------------------------------------------------------------ lookup
@@ -338,7 +343,11 @@ class SessionManager:
         """Create a session and its peer; stream kinds ask the engine for admission first.
         `stamp`: the session carries frame-id stamps through (stream kinds only).
         Raises StreamKeyTaken (409) when a stream kind's key is published already, ServerFull
-        (503) when the limit is reached or the engine refuses."""
+        (503) when the limit is reached or the engine refuses. Opens run one at a time."""
+        async with self._opening:
+            return await self._open(kind, stream_key, prompt, stamp=stamp, **params)
+
+    async def _open(self, kind: str, stream_key: str | None, prompt: str, *, stamp: bool, **params) -> Session:
         session_id = uuid.uuid4().hex[:16]
         owns_stream = kind in ("browser", "whip")
         admission = None

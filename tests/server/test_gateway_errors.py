@@ -1,4 +1,4 @@
-"""Gateway failure paths: auth, content type, malformed SDP, no H.264, server full, /ws garbage."""
+"""Gateway failure paths: auth, content type, malformed SDP, no usable codec, server full, /ws garbage."""
 
 import asyncio
 
@@ -38,7 +38,8 @@ async def _errors():
                 assert resp.status == 415
             async with http.post(f"{url}/whip/k", data="hello there", headers={**SDP, **auth()}) as resp:
                 assert resp.status == 400 and "malformed SDP" in await resp.text()
-            async with http.post(f"{url}/whip/k", data=VP8_ONLY_SDP, headers={**SDP, **auth()}) as resp:
+            av1 = VP8_ONLY_SDP.replace("VP8/90000", "AV1/90000")  # OBS with an AV1 encoder picked
+            async with http.post(f"{url}/whip/k", data=av1, headers={**SDP, **auth()}) as resp:
                 assert resp.status == 406
                 assert "H.264" in (text := await resp.text()) and "OBS" in text
             # H.264 in High profile only (FFmpeg's libx264 default): 406 saying which profile to pick,

@@ -219,6 +219,11 @@ async def _bench_mistakes():
             await run_e2e(url, sessions=1, duration_s=1.0, size=(16, 16), token=TOKEN, progress=False, bitrate_bps=None)
         except BenchError as exc:
             errors.append((str(exc), sessions_of(app).stream_count))
+        try:  # a frame too large to make a clip of in memory (100000x100000 asked for 1.6 TiB)
+            await run_e2e(url, sessions=1, duration_s=1.0, size=(100_000, 100_000), token=TOKEN, progress=False,
+                          bitrate_bps=None)
+        except BenchError as exc:
+            errors.append((str(exc), sessions_of(app).stream_count))
 
         async def never(stream_id, timeout=None):  # an engine that outputs nothing
             await asyncio.sleep(3600)
@@ -234,8 +239,9 @@ async def _bench_mistakes():
 def test_bench_fails_in_words_instead_of_reporting_nothing():
     """A probe: `bench --size 8x8` ran its whole duration with every frame failing in the sender,
     printed a table of zeros and exited 0."""
-    (small, streams), (nothing, _) = asyncio.run(_bench_mistakes())
+    (small, streams), (large, large_streams), (nothing, _) = asyncio.run(_bench_mistakes())
     assert small.startswith("--size 16x16: bench stamps a frame id") and streams == 0, small
+    assert large.startswith("--size 100000x100000: bench sends frames of at most 3840x2160") and not large_streams
     assert nothing.startswith("no output frame came back in 2 s (") and "frames sent over 1 session)" in nothing, nothing
 
 

@@ -1,0 +1,201 @@
+"""What the gateway makes of offers a probe sent (RFC 9725 WHIP, the WHEP draft): offers sent
+together while the server is full pass no limit, an offer aiortc cannot take is refused before it
+is given a place, the codecs aiortc can use are taken and the others refused with 406, a player's
+stream goes on the section it receives on, and a session's URL answers other methods with one Allow."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiortc import RTCPeerConnection
+
+from gateway_helpers import Collector, SyntheticVideo, answer, auth, obs_like_offer, running_server, sessions_of, until
+
+SDP = {"Content-Type": "application/sdp"}
+
+
+async def _post(http, url, path, sdp):
+    async with http.post(f"{url}{path}", data=sdp, headers={**SDP, **auth()}) as resp:
+        return resp.status, await resp.text(), resp.headers
+
+
+async def _together_when_full():
+    """A full server holding an offer that never connected (its place goes to a newcomer): two
+    offers at once on one key, on two keys, and three players at once. The holder's close is
+    awaited while the second request ran its checks: both passed them."""
+    async with running_server(max_sessions=1, max_viewers=2, replace_pending_after_s=0.3) as (url, app):
+        sessions = sessions_of(app)
+        async with aiohttp.ClientSession() as http:
+            results = {}
+            for mode in ("one key", "two keys"):
+                holder, offer = await obs_like_offer()
+                await holder.close()  # never connects
+                status, _, _ = await _post(http, url, "/whip/holder", offer)
+                assert status == 201
+                await asyncio.sleep(0.4)
+                keys = ("dup", "dup") if mode == "one key" else ("k1", "k2")
+                statuses = await asyncio.gather(*[_post(http, url, f"/whip/{k}", offer) for k in keys])
+                results[mode] = (sorted(s for s, _, _ in statuses), sessions.stream_count)
+                for session in list(sessions.sessions.values()):
+                    await sessions.close(session.id, "next case")
+            # players: two that never connect hold the two places of a live (never connected) stream
+            publisher, offer = await obs_like_offer()
+            await publisher.close()
+            assert (await _post(http, url, "/whip/live", offer))[0] == 201
+            player = RTCPeerConnection()
+            player.addTransceiver("video", direction="recvonly")
+            await player.setLocalDescription(await player.createOffer())
+            view = player.localDescription.sdp
+            await player.close()
+            assert [(await _post(http, url, "/whep/live", view))[0] for _ in range(2)] == [201, 201]
+            await asyncio.sleep(0.4)
+            statuses = await asyncio.gather(*[_post(http, url, "/whep/live", view) for _ in range(3)])
+            results["players"] = (sorted(s for s, _, _ in statuses), sessions.viewer_count)
+    return results
+
+
+def test_offers_sent_together_to_a_full_server_pass_no_limit():
+    results = asyncio.run(_together_when_full())
+    assert results["one key"] == ([201, 409], 1)  # one publisher for the key, not two
+    assert results["two keys"] == ([201, 503], 1)  # --max-sessions 1 holds
+    assert results["players"] == ([201, 201, 503], 2)  # --max-viewers 2 holds
+
+
+NO_ICE = ("a=ice-ufrag:", "a=ice-pwd:")
+
+
+async def _unusable_offer_on_a_full_server():
+    async with running_server(max_sessions=1, replace_pending_after_s=0.2) as (url, app):
+        sessions = sessions_of(app)
+        async with aiohttp.ClientSession() as http:
+            holder, offer = await obs_like_offer()
+            await holder.close()
+            assert (await _post(http, url, "/whip/holder", offer))[0] == 201
+            await asyncio.sleep(0.3)  # the holder would give its place to a newcomer now
+            broken = "".join(line for line in offer.splitlines(keepends=True) if not line.startswith(NO_ICE))
+            status, text, headers = await _post(http, url, "/whip/broken", broken)
+            keys = [s.stream_key for s in sessions.sessions.values()]
+            ended = list(sessions.ended.values())
+    return status, text, headers, keys, ended
+
+
+def test_an_offer_aiortc_cannot_take_is_refused_before_it_takes_a_place():
+    """No ICE credentials: 400, not 503 with Retry-After (a client that obeys it retried for
+    ever), and the session waiting to connect keeps its place (it was evicted for an offer that
+    then failed)."""
+    status, text, headers, keys, ended = asyncio.run(_unusable_offer_on_a_full_server())
+    assert status == 400 and "could not negotiate" in text and "Retry-After" not in headers, (status, text)
+    assert keys == ["holder"] and not ended
+
+
+def _with_h264(offer: str, fmtp: str | None) -> str:
+    """An OBS-like offer whose H.264 payloads carry `fmtp` (None: no fmtp line at all)."""
+    out = []
+    for line in offer.splitlines(keepends=True):
+        if line.startswith("a=fmtp:") and "profile-level-id" in line:
+            if fmtp is not None:
+                out.append(line.split(" ", 1)[0] + " " + fmtp + "\r\n")
+            continue
+        out.append(line)
+    return "".join(out)
+
+
+async def _codecs():
+    async with running_server(max_sessions=4, max_streams=2) as (url, app):
+        sessions = sessions_of(app)
+        async with aiohttp.ClientSession() as http:
+            _, offer = await obs_like_offer()
+            mode0 = await _post(http, url, "/whip/m0", _with_h264(offer, "packetization-mode=0;profile-level-id=42e01f"))
+            no_fmtp = await _post(http, url, "/whip/nofmtp", _with_h264(offer, None))
+            # a browser-like publisher: VP8 only (aiortc's default offer lists VP8 first)
+            pub = RTCPeerConnection()
+            vp8 = [c for c in pub.addTransceiver(SyntheticVideo(), direction="sendonly").sender.getCapabilities("video").codecs
+                   if c.mimeType in ("video/VP8", "video/rtx")]
+            pub.getTransceivers()[0].setCodecPreferences(vp8)
+            await pub.setLocalDescription(await pub.createOffer())
+            status, sdp, _ = await _post(http, url, "/whip/vp8", pub.localDescription.sdp)
+            await answer(pub, sdp)
+            session = next(s for s in sessions.sessions.values() if s.stream_key == "vp8")
+            await until(lambda: session.reader is not None and session.reader.frames_received >= 3, "VP8 frames arrive")
+            # players that offer no codec aiortc can send
+            av1 = offer.replace("a=sendonly", "a=recvonly")
+            for line in offer.splitlines():
+                if line.startswith("a=rtpmap:") and "H264/" in line:
+                    av1 = av1.replace(line, line.replace("H264/", "AV1/"))
+            player_av1 = await _post(http, url, "/whep/vp8", av1)
+            high = _with_h264(offer, "packetization-mode=1;profile-level-id=640c1f").replace("a=sendonly", "a=recvonly")
+            player_high = await _post(http, url, "/whep/vp8", high)
+            await pub.close()
+    return mode0, no_fmtp, status, player_av1, player_high
+
+
+def test_codecs_aiortc_can_use_are_taken_and_the_others_refused_with_406():
+    """H.264 in packetization-mode 0 (what an fmtp line without it means) passed the profile check
+    and then failed in aiortc with a 400 that said nothing; a VP8 publisher was refused although
+    aiortc receives it; a player offering AV1 or High-profile H.264 only got a bare 400."""
+    mode0, no_fmtp, vp8_status, player_av1, player_high = asyncio.run(_codecs())
+    for status, text, _ in (mode0, no_fmtp):
+        assert status == 406 and "packetization-mode=1" in text, (status, text)
+    assert vp8_status == 201
+    assert player_av1[0] == 406 and "AV1" in player_av1[1] and "VP8" in player_av1[1], player_av1
+    assert player_high[0] == 406 and "High (640c1f)" in player_high[1], player_high
+
+
+async def _player_with_two_video_sections():
+    async with running_server() as (url, app):
+        async with aiohttp.ClientSession() as http:
+            pub, offer = await obs_like_offer()
+            status, sdp, _ = await _post(http, url, "/whip/two", offer)
+            assert status == 201
+            await answer(pub, sdp)
+            player, collector = RTCPeerConnection(), Collector()
+            player.addTransceiver("video", direction="sendonly")  # a camera it sends nowhere
+            player.addTransceiver("video", direction="recvonly")
+
+            @player.on("track")
+            def _track(track):
+                if track.kind == "video" and track is player.getTransceivers()[1].receiver.track:
+                    collector.attach(track, want=3)
+
+            await player.setLocalDescription(await player.createOffer())
+            status, sdp, _ = await _post(http, url, "/whep/two", player.localDescription.sdp)
+            directions = [line[2:] for line in sdp.splitlines() if line in ("a=sendonly", "a=inactive", "a=recvonly",
+                                                                            "a=sendrecv")]
+            await answer(player, sdp)
+            await asyncio.wait_for(collector.enough.wait(), 60)
+            await player.close()
+            await pub.close()
+    return status, directions, len(collector.frames)
+
+
+def test_a_players_stream_goes_on_the_section_it_receives_on():
+    """A WHEP offer [sendonly, recvonly]: the stream went on the first section (aiortc's addTrack
+    takes the first of a kind), which the player does not receive on, and every section was
+    answered sendonly: connected, no picture."""
+    status, directions, frames = asyncio.run(_player_with_two_video_sections())
+    assert status == 201
+    assert directions == ["inactive", "sendonly"], directions
+    assert frames >= 3
+
+
+async def _resource_methods():
+    async with running_server() as (url, app):
+        async with aiohttp.ClientSession() as http:
+            pub, offer = await obs_like_offer()
+            _, _, headers = await _post(http, url, "/whip/m", offer)
+            location = headers["Location"]
+            allows = []
+            for method in ("GET", "PUT", "PATCH"):
+                async with http.request(method, f"{url}{location}", headers=auth()) as resp:
+                    allows.append((resp.status, resp.headers.get("Allow")))
+            async with http.delete(f"{url}{location}", headers=auth()) as resp:
+                deleted = resp.status
+            await pub.close()
+    return allows, deleted
+
+
+def test_a_sessions_url_answers_other_methods_with_one_allow():
+    allows, deleted = asyncio.run(_resource_methods())
+    assert allows == [(405, "DELETE, OPTIONS")] * 3  # GET said "DELETE,OPTIONS,PATCH", PATCH "DELETE, OPTIONS"
+    assert deleted == 200
