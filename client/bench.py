@@ -53,6 +53,9 @@ DEFAULT_SIZE = (256, 256)  # when the server does not say its frame size
 DEFAULT_FPS = 15.0
 CLIENT_BITRATE_BPS = 2_000_000  # the clients' encoder bitrate, pinned (see server.webrtc)
 CLIP_FRAMES = 60
+# The largest frame bench sends (4K UHD): its clip of CLIP_FRAMES frames is made in memory first
+# (1.5 GB here; a probe's 8192x8192 asked for 12 GiB and 100000x100000 for 1.6 TiB, a traceback)
+MAX_SEND_PIXELS = 3840 * 2160
 CONNECT_TIMEOUT_S = 20.0
 VIDEO_CLOCK_HZ = 90_000
 
@@ -388,6 +391,10 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
             said = "--size" if size else "the server's frame size"
             raise BenchError(f"{said} {width}x{height}: bench stamps a frame id into every frame, which needs "
                              f"at least {STAMP_MIN_WIDTH}x{STAMP_MIN_HEIGHT}")
+        if width * height > MAX_SEND_PIXELS:  # the server scales every frame to its model's size anyway
+            said = "--size" if size else "the server's frame size"
+            raise BenchError(f"{said} {width}x{height}: bench sends frames of at most 3840x2160 pixels "
+                             f"({MAX_SEND_PIXELS:,} in all; its clip is made in memory first)")
         clip = synthetic_clip(CLIP_FRAMES, width, height)  # [n, H, W, 3]
         try:
             # 2. Open the sessions one by one (the server admits each on its own). A refused one

@@ -177,8 +177,10 @@ def add_audio(video: str | Path, source: str | Path, out: str | Path, until_s: f
                     if packet.dts is not None:  # Matroska stores no dts: the muxer derives it
                         packet.dts -= offset
                     at = packet.dts if packet.dts is not None else packet.pts
-                    if stream is a_out and (at < 0 or (until_s is not None and at * packet.time_base >= until_s)):
-                        continue  # audio from before the first frame or after the last
+                    if stream is a_out and until_s is not None and at * packet.time_base >= until_s:
+                        return  # audio after the last frame: not read at all (30 minutes took a second)
+                    if stream is a_out and at < 0:
+                        continue  # audio from before the first frame
                     packet.stream = stream
                     yield float(at * packet.time_base), stream is a_out, packet
 
@@ -189,6 +191,9 @@ def add_audio(video: str | Path, source: str | Path, out: str | Path, until_s: f
         log.debug("copying the audio into %s failed: %s", out, exc)
         Path(out).unlink(missing_ok=True)
         return False
+    except BaseException:  # Ctrl-C, SIGTERM: no half-copied file left behind
+        Path(out).unlink(missing_ok=True)
+        raise
     return True
 
 
@@ -215,6 +220,7 @@ class VideoWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.partial = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        self.with_audio = self.path.with_name(f".{self.path.stem}.audio{self.path.suffix}")  # close() copies audio in
         self.container = av.open(str(self.partial), mode="w")
         rate = self.rate = Fraction(fps).limit_denominator(1001)
         codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
@@ -277,7 +283,7 @@ class VideoWriter:
             self._held = None
         self.container.close()
         if self.audio_from is not None:
-            with_audio = self.partial.with_name(f".{self.path.stem}.audio{self.path.suffix}")
+            with_audio = self.with_audio
             end_s = (float(self._last_pts * TIME_BASE + 1 / self.rate) if self._last_pts is not None
                      else float(self.frames_written / self.rate))
             self.audio_kept = add_audio(self.partial, self.audio_from, with_audio, end_s)
@@ -286,18 +292,23 @@ class VideoWriter:
         self.partial.replace(self.path)
 
     def abort(self) -> None:
-        """Drop the partial file; an existing file at `path` stays as it was."""
+        """Drop the partial files; an existing file at `path` stays as it was."""
         try:
             self.container.close()
         except Exception:  # noqa: BLE001 - a half-written file is removed either way
             pass
         self.partial.unlink(missing_ok=True)
+        self.with_audio.unlink(missing_ok=True)
 
     def __enter__(self) -> "VideoWriter":
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:  # an error or Ctrl-C while finishing (the audio copy): nothing half-done stays
+            self.abort()
+            raise

@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from streamdiff.config import MAX_BLEND_CHUNKS, MAX_SEED, ConfigError, load_config, parse_size
+from streamdiff.config import MAX_BLEND_CHUNKS, MAX_FRAME_SIDE, MAX_SEED, ConfigError, load_config, parse_size
 from streamdiff.preflight import (
     allowed_hosts,
     check_device,
@@ -108,6 +108,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         if args.frames:
             total = min(total, args.frames) if total else args.frames
         sample_aspect = None if size else info.sample_aspect  # a --size picks square pixels
+    if max(width, height) > MAX_FRAME_SIDE:  # (a --size was checked as it was read)
+        raise CliError(f"{args.input}'s frames are {width}x{height}: at most {MAX_FRAME_SIDE} pixels a side "
+                       f"are taken (resize on the way in with --size)")
     if width % 16 or height % 16:
         hint = f"{max(16, width // 16 * 16)}x{max(16, height // 16 * 16)}"
         if size:
@@ -156,7 +159,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         if frames_in == 0:
             raise CliError(f"{args.input} has no frames")
         writer.write(pipe.flush())
-    if args.input != SYNTHETIC and frames_in < total and frames_in != args.frames:
+    # the container's own count only (a probe: an intact Matroska file, which lists none, rendered
+    # with --frames 50 was "cut short" at its 30 frames)
+    if args.input != SYNTHETIC and info.frames and frames_in < min(total, info.frames):
         log.warning("%s ended after %d of the %d frames its container lists (cut short or damaged?); "
                     "wrote those %d", args.input, frames_in, total, frames_in)
     if audio is not None and not writer.audio_kept:
@@ -334,7 +339,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # the lists before torch loads (a mistyped one failed after 1.5-4.7 s of imports)
     steps = _parse_int_list("--steps", args.steps, 1, 4) if args.steps is not None else None
     resolutions = _parse_resolutions(args.resolution) if args.resolution is not None else None
-    streams = _parse_int_list("--streams", args.streams or "1", 1, 64)
+    streams = _parse_int_list("--streams", "1" if args.streams is None else args.streams, 1, 64)
     # the checkpoints (unless --random-weights), then the device, before any warm-up
     from streamdiff.bench.model import ModelBenchSettings, bench_config
 
@@ -388,13 +393,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if served_cut:
         print(f"streamdiff: interrupted during the as-served run: all {report['combinations']} one-process "
               f"combinations measured (above), the as-served ones not", file=sys.stderr)
-        return 130
+        return _interrupted_code()
     if report["interrupted"]:
         last = report["results"][-1]
         cut = f", the last for {last['window_s']:.1f} of {settings.duration_s:g} s" if last["cut_short"] else ""
         print(f"streamdiff: interrupted: {len(report['results'])} of {report['combinations']} combinations measured "
               f"(above{cut})", file=sys.stderr)
-        return 130
+        return _interrupted_code()
     return 0
 
 
@@ -478,7 +483,7 @@ def _bench_simulate(args: argparse.Namespace) -> int:
         if more:
             raise CliError("--simulate takes one --steps value")
         overrides.append(f"sampling.steps={steps}")
-    streams, *more = _parse_int_list("--streams", args.streams or "1", 1, 64)
+    streams, *more = _parse_int_list("--streams", "1" if args.streams is None else args.streams, 1, 64)
     if more:
         raise CliError("--simulate takes one --streams value")
     stages = list(_parse_int_list("--stages", args.stages or "1,2,4,8", 1, 64))
@@ -610,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--config", default=DEFAULT_PRESET, help=CONFIG_HELP)
     render.add_argument("--input", required=True, help=f"a video file PyAV can read, or '{SYNTHETIC}'")
     render.add_argument("--prompt", required=True)
-    render.add_argument("--output", required=True, help="output video path (.mp4)")
+    render.add_argument("--output", required=True, help="output video path (.mp4, .mkv, .mov or .avi; the input's audio is copied in where the container holds it)")
     render.add_argument("--steps", type=int, choices=[1, 2, 3, 4], help="denoise steps (overrides sampling.steps)")
     render.add_argument("--size", help="resize input to WxH on the way in (multiples of 16)")
     render.add_argument("--frames", type=number_in(int, 1, 100_000, "96"), default=None,
@@ -761,8 +766,18 @@ class Terminated(KeyboardInterrupt):
     measured) it leaves on SIGTERM too; before, the process died where it stood."""
 
 
+_TERMINATED = threading.Event()  # this run's interrupt was SIGTERM's
+
+
 def _terminate_as_interrupt(signum, frame) -> None:
+    _TERMINATED.set()
     raise Terminated()
+
+
+def _interrupted_code() -> int:
+    """For a command that reports what it did before it was stopped: 143 after SIGTERM, 130 after
+    Ctrl-C, the codes a shell gives a process each signal ends (bench said 130 after SIGTERM)."""
+    return 143 if _TERMINATED.is_set() else 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -776,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     # serve stops on SIGTERM by its own handler (server.app); every other command as on Ctrl-C
     own = args.func is not cmd_serve and threading.current_thread() is threading.main_thread()
+    _TERMINATED.clear()
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if own else None
     try:
         return args.func(args)

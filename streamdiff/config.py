@@ -271,6 +271,8 @@ class Config:
 # Validation of cross-field rules (types are checked while parsing)
 # ---------------------------------------------------------------------------------------------
 
+MAX_FRAME_SIDE = 8192  # pixels: the longest frame side any command takes (video.width/height, --size, --resolution)
+
 _RANGES: dict[str, tuple[float, float]] = {
     "model.num_heads": (1, 256),
     "vae.taehv_blocks": (1, 8),
@@ -302,8 +304,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "sampling.noise_strength": (0.1, 1.0),
     "sampling.first_chunk_latents": (1, 8),
     "sampling.chunk_latents": (1, 8),
-    "video.width": (16, 8192),
-    "video.height": (16, 8192),
+    "video.width": (16, MAX_FRAME_SIDE),
+    "video.height": (16, MAX_FRAME_SIDE),
     "video.fps": (1, 240),
     "slo.target_fps": (0, 240),
     "slo.deadline_ms": (1, 3_600_000),
@@ -363,6 +365,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("vae.decoder=taehv is for the Wan encoder; with vae.kind=taehv TAEHV already decodes")
     if len(cfg.vae.temperal_downsample) != len(cfg.vae.dim_mult) - 1:
         raise ConfigError("vae.temperal_downsample needs one entry fewer than vae.dim_mult")
+    # The streaming path is built on Wan 2.1's compression, 8x in space (a halving after every
+    # stage but the last) and 4x in time (two of those halvings in time too): another passed here
+    # and failed mid-render with a shape error.
+    if len(cfg.vae.dim_mult) != 4 or sum(bool(t) for t in cfg.vae.temperal_downsample) != 2:
+        raise ConfigError(f"vae.dim_mult={list(cfg.vae.dim_mult)} and vae.temperal_downsample="
+                          f"{list(cfg.vae.temperal_downsample)} must compress 8x in space and 4x in time as "
+                          "Wan 2.1's VAE does: 4 stages (dim_mult) and 2 of the 3 halvings in time too")
     if cfg.weights.format != "random" and not cfg.weights.transformer:
         raise ConfigError(f"weights.transformer must name a path when weights.format={cfg.weights.format!r}")
     par = cfg.parallel
@@ -588,6 +597,8 @@ def parse_size(text: str) -> tuple[int, int]:
         raise ValueError(f"{text!r} must look like 512x512 (width x height)") from None
     if width < 1 or height < 1:
         raise ValueError(f"{text!r}: width and height must be positive")
+    if max(width, height) > MAX_FRAME_SIDE:
+        raise ValueError(f"{text!r}: width and height must be at most {MAX_FRAME_SIDE}")
     return width, height
 
 
@@ -614,6 +625,7 @@ __all__ = [
     "VAEConfig",
     "VideoConfig",
     "WeightsConfig",
+    "MAX_FRAME_SIDE",
     "load_config",
     "parse_override",
     "parse_size",

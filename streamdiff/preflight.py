@@ -17,6 +17,7 @@ import ipaddress
 import os
 import re
 import socket
+import tempfile
 from pathlib import Path
 
 from streamdiff.config import Config, ConfigError, resolve_path
@@ -57,6 +58,8 @@ def check_writable(path: str, flag: str) -> None:
     out = Path(path)
     if out.is_dir():
         raise ConfigError(f"{flag} {path} is a folder; name a file")
+    if (there := _nearest_existing(out.parent)) is not None and not there.is_dir():  # said "File exists"
+        raise ConfigError(f"{flag} {path}: {there} is a file, so nothing can be written under it")
     existed = out.exists()
     made = [p for p in out.absolute().parents if not p.exists()]  # deepest first
     try:
@@ -79,19 +82,37 @@ def check_writable(path: str, flag: str) -> None:
 
 
 def check_folder(path: str, flag: str) -> None:
-    """`flag` names a folder that exists or can be made (not a file). Nothing is made here: a
-    run refused for another reason leaves no empty folder behind."""
+    """`flag` names a folder that exists or can be made (not a file) and written in. Nothing is
+    left here: a run refused for another reason leaves no empty folder behind."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{flag} {path} is a file; name a folder")
-    parent = folder
-    while not parent.exists():  # the nearest folder that is there holds what would be made
-        parent = parent.parent
-    if not parent.is_dir():
+    parent = _nearest_existing(folder)  # the nearest folder that is there holds what would be made
+    if parent is not None and not parent.is_dir():
         raise ConfigError(f"{flag} {path}: {parent} is a file, so that folder cannot be made")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        what = "is not writable" if parent == folder else f"cannot be made ({parent} is not writable)"
-        raise ConfigError(f"{flag} {path} {what}")
+    # Tried, not judged from permission bits: as root os.access passed /proc/x, and train-demo
+    # failed there after its whole training (a probe). What the try makes is removed again.
+    made = [p for p in folder.absolute().parents if not p.exists()][::-1] + ([] if folder.exists() else [folder])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".streamdiff-write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+    finally:
+        for made_folder in reversed(made):  # deepest first
+            try:
+                made_folder.rmdir()
+            except OSError:
+                break
+
+
+def _nearest_existing(path: Path) -> Path | None:
+    """`path` or its nearest ancestor that exists (a file or a folder); None if none does."""
+    for candidate in (path, *path.absolute().parents):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def check_device(cfg: Config) -> None:

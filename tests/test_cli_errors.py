@@ -35,6 +35,7 @@ def run(*args: str, hide_gpus: bool = False) -> tuple[dict, str]:
     (["bench", "--config", "tiny", "--resolution", "10x"], ["--resolution '10x' must look like 512x512"]),
     (["bench", "--config", "tiny", "--streams", "0"], ["--streams '0'"]),
     (["bench", "--config", "tiny", "--steps", "9"], ["--steps"]),
+    (["bench", "--config", "tiny", "--streams", ""], ["--streams '' must be a comma-separated list"]),  # was 1
     # a probe: a wrong Ray address was found after "the page opens now" and the warm-up began
     (["serve", "--config", "tiny", "--ray-address", "127.0.0.1:1"], ["Ray cluster at 127.0.0.1:1: nothing answers"]),
 ])
@@ -53,7 +54,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_model(tmp_path):
     blocker.write_text("not a folder")
     out, err = run("render", "--input", "synthetic", "--prompt", "p", "--output", str(blocker / "o.mp4"))
     assert out == {"rc": 2, "torch": False}, err
-    assert len(err.splitlines()) == 1 and f"--output {blocker / 'o.mp4'}: cannot write there" in err, err
+    assert len(err.splitlines()) == 1 and f"--output {blocker / 'o.mp4'}: {blocker} is a file" in err, err
     folder = tmp_path / "clips.mp4"
     folder.mkdir()
     out, err = run("render", "--input", "synthetic", "--prompt", "p", "--output", str(folder))
@@ -263,6 +264,11 @@ def test_result_paths_are_checked_before_the_work(tmp_path):
         (["plan", "--config", "tiny", "--json", str(tmp_path)], f"--json {tmp_path} is a folder"),
         (["train-demo", "--smoke", "--work", str(a_file)], f"--work {a_file} is a file"),
         (["train-demo", "--smoke", "--work", str(tmp_path / "w"), "--output", str(a_file)], f"--output {a_file} is a file"),
+        # a probe: "cannot write there (File exists)" for a path through a file
+        (["bench", "--config", "tiny", "--json", str(a_file / "r.json")], f"{a_file} is a file, so nothing can be written"),
+        # a probe: as root, permission bits said yes to /proc (train-demo failed after its training)
+        (["train-demo", "--smoke", "--work", str(tmp_path / "w"), "--output", "/proc/streamdiff-out"],
+         "--output /proc/streamdiff-out: cannot write there"),
         (["serve", "--config", "tiny", "--token", ""], "--token is empty"),
     ):
         out, err = run(*args)

@@ -113,6 +113,21 @@ def test_size_the_vae_cannot_take_fails_cleanly(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_frame_too_wide_is_refused_in_the_words_of_the_input(tmp_path):
+    """A probe: a file 8320 pixels wide was refused as "video.width=8320 is out of range", a key
+    the user never set, while --size 16384x16 rendered and --size 16400x16 was refused."""
+    wide = tmp_path / "wide.mkv"
+    with VideoWriter(wide, 8208, 16, 10.0) as writer:
+        writer.write(np.zeros((2, 16, 8208, 3), np.uint8))
+    result = run_cli_without_model("render", "--input", str(wide), "--prompt", "x", "--output",
+                                   str(tmp_path / "o.mp4"), *SMALL)
+    assert result.returncode == 2 and "8208x16" in result.stderr and "--size" in result.stderr, result.stderr
+    assert "video.width" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    result = run_cli_without_model("render", "--input", "synthetic", "--size", "16384x16", "--prompt", "x",
+                                   "--output", str(tmp_path / "o.mp4"), *SMALL)
+    assert result.returncode == 2 and "'16384x16': width and height must be at most 8192" in result.stderr, result.stderr
+
+
 def test_bad_config_override_fails_cleanly(clip_file, tmp_path):
     result = run_cli("render", "--input", str(clip_file), "--prompt", "x", "--output", str(tmp_path / "o.mp4"),
                      "--set", "cache.windw=4")
@@ -166,6 +181,21 @@ def test_an_input_cut_short_is_rendered_with_a_warning(tmp_path):
     assert len(warned) == 1, result.stderr
     written = len(read_back(tmp_path / "o.mp4")[0])
     assert 0 < written < 40 and f"ended after {written} of the 40" in warned[0]
+
+
+def test_frames_beyond_an_intact_file_without_a_frame_count_is_no_warning(tmp_path):
+    """A probe: a whole Matroska file (OBS records them; the container lists no frame count)
+    rendered with --frames 50 was "cut short or damaged" at its 30 frames."""
+    mkv = tmp_path / "rec.mkv"
+    with VideoWriter(mkv, 64, 48, 24.0) as writer:
+        writer.write(synthetic_clip(30, 64, 48, seed=3))
+    with av.open(str(mkv)) as container:
+        assert container.streams.video[0].frames == 0  # the case: no count in the container
+    out = tmp_path / "o.mp4"
+    result = run_cli("render", "--input", str(mkv), "--frames", "50", "--prompt", "x", "--output", str(out), "-q", *SMALL)
+    assert result.returncode == 0, result.stderr
+    assert "cut short" not in result.stderr, result.stderr
+    assert len(read_back(out)[0]) == 30
 
 
 def test_more_steps_than_the_noise_allows_are_named(tmp_path):

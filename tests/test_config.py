@@ -51,12 +51,23 @@ def test_yaml_file_with_preset_and_overrides(tmp_path):
         ("vae.num_res_blocks=0", "vae.num_res_blocks=0 is out of range"),
         ("model.freq_dim=33", "model.freq_dim=33 must be even"),
         ("vae.dim_mult=[]", "vae.dim_mult=[] must list"),
+        # VAE shapes that passed and failed mid-render with a shape error (a probe)
+        ("vae.temperal_downsample=[true,true,true]", "must compress 8x in space and 4x in time"),
+        ("vae.temperal_downsample=[false,false,false]", "must compress 8x in space and 4x in time"),
         ("model.in_channels=8", "must both be vae.z_dim=16"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config("tiny", [override])
+
+
+def test_a_vae_of_another_compression_is_refused_in_one_line():
+    for overrides in (["vae.dim_mult=[1]", "vae.temperal_downsample=[]"],
+                      ["vae.dim_mult=[1,1,1,1,1]", "vae.temperal_downsample=[false,true,true,true]"]):
+        with pytest.raises(ConfigError, match="must compress 8x in space and 4x in time"):
+            load_config("tiny", overrides)
+    assert load_config("tiny", ["vae.temperal_downsample=[true,true,false]"]).vae.temperal_downsample == (True, True, False)
 
 
 def test_threaded_stages_cannot_join_a_ray_cluster():

@@ -176,6 +176,31 @@ def test_a_variable_frame_rate_keeps_its_timing_and_its_audio(tmp_path, suffix):
     assert 0.9 < max(ends) < 1.05  # cut where the last frame ends (0.933 + one average period)
 
 
+def test_an_interrupt_while_the_audio_is_copied_leaves_no_file(tmp_path, monkeypatch):
+    """A probe: Ctrl-C (or SIGTERM) while `close()` copied the source's audio in left the hidden
+    partial file and the half-copied `.audio` file behind, the second one looking complete."""
+    from streamdiff.client import video_io
+
+    src = tmp_path / "vfr.mkv"
+    _vfr(src, [0.0, 0.067, 0.133, 0.2], with_audio=True)
+    out = tmp_path / "out.mkv"
+    out.write_bytes(b"a good render from yesterday")
+    real_merge = video_io.heapq.merge
+
+    def interrupted(*args, **kwargs):
+        for k, item in enumerate(real_merge(*args, **kwargs)):
+            if k == 3:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(video_io.heapq, "merge", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(out, 64, 48, 15, audio_from=src) as writer:
+            writer.write([_frame(64, 48)] * 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mkv", "vfr.mkv"]
+    assert out.read_bytes() == b"a good render from yesterday"
+
+
 def _bands(w: int, h: int, side: int) -> np.ndarray:
     """Red columns `side` pixels wide at the left and right edges, green between."""
     rgb = np.zeros((h, w, 3), np.uint8)
