@@ -163,8 +163,8 @@ PLAYER_CODEC_HINT = (
     "the player offers {offered} video only: StreamDiff plays H.264 (Constrained Baseline or Baseline) or VP8"
 )
 H264_MODE_HINT = (
-    "the {who}'s H.264 offers packetization-mode 0 only (or no packetization-mode, which means 0): "
-    "StreamDiff's WebRTC stack takes packetization-mode=1 (non-interleaved), or VP8"
+    "the {who}'s H.264 offers no packetization-mode=1 (an fmtp line without one means mode 0): "
+    "StreamDiff's WebRTC stack takes packetization-mode=1 (non-interleaved) H.264, or VP8"
 )
 
 
