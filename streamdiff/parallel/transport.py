@@ -18,8 +18,8 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
