@@ -220,8 +220,10 @@ async def log_refusal(request: web.Request, response: web.StreamResponse) -> Non
     the client was sent (OBS shows only "Failed to connect" and drops the body, docs/obs.md). The
     session manager's own refusals (a key taken, the server full) say more and are logged there
     (`request[LOGGED]`); a WHEP player's 404 while it waits for a publisher is not a refusal
-    (viewer.html retries on it)."""
+    (viewer.html retries on it), nor is an answer to a client that has left."""
     if request.method != "POST" or response.status < 400 or request.get(LOGGED) or not isinstance(response, web.Response):
+        return
+    if _client_gone(request):  # an answer that reaches nobody (the client left half way through its body)
         return
     if request.match_info.http_exception is not None:  # no such route (POST /whip/, /whip/k/x): not an offer
         return

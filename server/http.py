@@ -38,6 +38,8 @@ MAX_JSON_DEPTH = 16
 STREAM_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 UTF8_NAMES = {"utf-8", "utf8", "us-ascii", "ascii"}
 
+log = logging.getLogger(__name__)
+
 
 def error(status: int, text: str, **headers) -> web.Response:
     return web.Response(status=status, text=text + "\n", headers={**CORS, **headers})
@@ -86,6 +88,9 @@ async def read_text(request: web.Request, timeout_s: float, limit: int = MAX_BOD
                 chunks.append(chunk)
     except TimeoutError:
         _raise(web.HTTPRequestTimeout, f"the body did not arrive within {timeout_s:g} s")
+    except ConnectionResetError:  # the client left half way through its body (aiohttp: "Connection lost")
+        log.debug("%s %s: the client left while it sent its body", request.method, request.path)
+        _raise(web.HTTPBadRequest, "the client left while it sent its body")  # reaches nobody; logged as no refusal
     try:
         return b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError:

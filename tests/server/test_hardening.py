@@ -480,3 +480,29 @@ def test_a_viewer_link_carries_a_token_that_only_watches(caplog):
     assert out["plays"] == 201 and out["end own player"] == 200
     assert out["other key"] == 401
     assert (out["list"], out["params"], out["end publisher"], out["ws"]) == (401, 401, 401, 401), out
+
+
+async def _bodies_cut_short(caplog) -> dict:
+    async with running_server(token=None) as (url, app):
+        port = int(url.rsplit(":", 1)[1])
+        for path, kind in (("/whip/halfbody", "application/sdp"), ("/whep/halfbody", "application/sdp"),
+                           ("/offer", "application/json")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {kind}\r\n"
+                         f"Content-Length: 2000\r\n\r\n".encode() + b"v=0\r\n" * 40)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.transport.abort()  # gone half way through its body
+        await asyncio.sleep(0.5)
+        health = sessions_of(app).snapshot()
+    lines = [(r.levelno, r.name, r.getMessage()) for r in caplog.records]
+    return {"errors": [line for line in lines if line[0] >= logging.ERROR],
+            "refused": [line for line in lines if line[2].startswith("refused")], "sessions": health["sessions"]}
+
+
+def test_a_client_that_leaves_half_way_through_its_body_is_no_error(caplog):
+    """A churn probe: each one logged an ERROR with a traceback ("Connection lost") and a console
+    refusal line "500 500 Internal Server Error"."""
+    caplog.set_level(logging.INFO)
+    out = asyncio.run(_bodies_cut_short(caplog))
+    assert out == {"errors": [], "refused": [], "sessions": 0}, out
