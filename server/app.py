@@ -342,6 +342,10 @@ async def offer(request: web.Request) -> web.Response:
              "watch": watch_path(settings, session.stream_key)}  # the page's "watch it elsewhere" link
     if (means := sessions.prompt_means(prompt)) is not None:
         reply["means"] = means
+    # what the stream runs (control words): the page shows it in the fields the offer left out,
+    # which could hold a value from before (a refused change, another controller's, then Stop and Start)
+    if (now := await sessions.current_params(session.id)) is not None:
+        reply["params"] = now
     return web.json_response(reply)
 
 

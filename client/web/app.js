@@ -283,7 +283,10 @@ async function start() {
   // which controls every stream)
   $("watch").href = (body.watch || `/viewer.html?key=${encodeURIComponent(PAGE_KEY)}`).replace(/^\//, "");
   $("watching").hidden = false;
-  inUse = { ...sent }; // what the offer asked for (the fields it left out: the preset's, shown already)
+  // what the stream runs: the fields the offer left out show it (a field could still hold a value
+  // from before, a refused change's or another controller's, after Stop and Start)
+  inUse = body.params ? { ...body.params } : { ...sent };
+  showValues(inUse);
   keepPrompt(sent.prompt);
   showMeans(sent.prompt, body.means);
   await peer.setRemoteDescription({ type: "answer", sdp: body.sdp });

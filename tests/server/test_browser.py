@@ -25,6 +25,7 @@ import pytest
 from gateway_helpers import TOKEN, answer, obs_like_offer, running_server, sessions_of, tiny_config
 
 from streamdiff.config import load_config, with_overrides
+from streamdiff.server.http import ENGINE_KEY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -371,7 +372,8 @@ async def _page_follows_its_user_flow() -> dict:
             await page.fill("#seed", "5")
             await page.click("#apply")
             out["own_seed"] = await _until(lambda: _message_with(page, "seed 5"), 30)
-            await send_params(url, next(iter(sessions.sessions)), {"prompt": "changed elsewhere", "seed": 77})
+            await send_params(url, next(iter(sessions.sessions)), {"prompt": "changed elsewhere", "seed": 77,
+                                                                   "noise": 0.55})
             out["elsewhere"] = await _until(lambda: _async_value(
                 page, "() => [document.getElementById('prompt').value, document.getElementById('seed').value, "
                       "document.getElementById('message').textContent]", lambda v: v[0] == "changed elsewhere"), 20)
@@ -388,6 +390,10 @@ async def _page_follows_its_user_flow() -> dict:
             await page.fill("#seed", "3")  # step 3 left it invalid: Start would refuse
             await page.click("#start")
             out["streaming_again"] = await _until(lambda: _async(lambda: len(sessions.sessions) == 1), 120)
+            # the noise field followed the other controller (0.55); the new stream runs the preset's
+            preset_noise = str(app[ENGINE_KEY].cfg.sampling.noise_strength)
+            out["noise_after_restart"] = await _until(lambda: _async_value(
+                page, "() => document.getElementById('noise').value", lambda v: v == preset_noise), 30)
             await page.evaluate("() => document.getElementById('local').srcObject.getVideoTracks()[0]"
                                 ".dispatchEvent(new Event('ended'))")
             out["camera_gone"] = await _until(
@@ -418,6 +424,9 @@ def test_the_page_follows_stop_restart_and_a_stream_the_server_ends():
     # a page probe: a camera unplugged mid-stream froze the picture for 10 s with no word
     assert out["streaming_again"] and out["camera_gone"] and not out["camera_gone"]["camera"], out
     assert out["freed_after_camera"], "the stream outlived its camera"
+    # a page probe: after Stop and Start a field showed another controller's value the new stream
+    # did not use (the offer sent only the fields its user had changed)
+    assert out["noise_after_restart"], out
 
 
 async def _what_start_says(word: str, *, token: str | None, host: str | None = None) -> str:

@@ -7,6 +7,8 @@ from aiortc import RTCPeerConnection
 
 from gateway_helpers import HEIGHT, WIDTH, Collector, SyntheticVideo, answer, auth, running_server, sessions_of
 
+from streamdiff.server.http import ENGINE_KEY
+
 
 async def _offer_roundtrip():
     async with running_server() as (url, app):
@@ -21,9 +23,13 @@ async def _offer_roundtrip():
         await pc.setLocalDescription(await pc.createOffer())
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer",
-                                                       "prompt": "a cat"}, headers=auth()) as resp:
+                                                       "prompt": "a cat", "seed": 7}, headers=auth()) as resp:
                 assert resp.status == 200, await resp.text()
                 body = await resp.json()
+            # what the stream runs, in control words: the page shows it in the fields it did not send
+            sampling = app[ENGINE_KEY].cfg.sampling
+            assert body["params"] == {"prompt": "a cat", "steps": sampling.steps, "noise": sampling.noise_strength,
+                                      "seed": 7, "motion": sampling.motion_aware, "blend": 0}, body
             await answer(pc, body["sdp"])
             await asyncio.wait_for(collector.enough.wait(), 120)
             session = sessions_of(app).sessions[body["session"]]
