@@ -135,7 +135,9 @@ def parse_json(text: str) -> object:
         value = json.loads(text)
     except RecursionError:
         raise ValueError("the JSON is nested too deeply") from None
-    except ValueError:
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):  # valid JSON, over Python's 4300-digit limit
+            raise ValueError("a number in the JSON has more digits than any value takes") from None
         raise ValueError("the body is not valid JSON") from None
     if not _depth_ok(value, MAX_JSON_DEPTH):
         raise ValueError(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep")

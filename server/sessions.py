@@ -219,6 +219,7 @@ class Session:
     page_left_s: float | None = None  # browser: when its page's last owner socket closed (None: open, or never)
     sockets: int = 0  # open /ws connections to it, any client's, handshakes included
     params_changes: int = 0  # stream kinds: changes applied so far (control sockets push others' to their client)
+    params_applied: dict | None = None  # the params (control words) after the last change applied, if any
 
     def input_idle_s(self, now: float | None = None) -> float:
         """Seconds since the latest input frame (since the peer connected, or the session
@@ -584,7 +585,12 @@ class SessionManager:
         # Counted as the engine applied it, before the await below: a change another controller
         # makes during that await counts after this one, so this caller's control socket (told
         # `count`, the reply's params predating that change) still gets that one pushed.
-        target.params_changes += 1
+        # A change that changed nothing (an empty PATCH, an Apply of what runs) is not pushed to
+        # the other controllers as "changed by another controller" (a page probe)
+        words = to_control_words(params)
+        if message and words != target.params_applied:
+            target.params_changes += 1
+        target.params_applied = words
         count = target.params_changes
         if "steps" in message:  # re-admitted with the new lane count
             target.expect = expectation(await self.engine.admission(target.id), self.target_fps, self.deadline_ms)

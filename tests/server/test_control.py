@@ -189,19 +189,24 @@ def test_a_change_made_elsewhere_is_pushed_to_the_other_controllers():
                 await page.send_json({"type": "params", "prompt": "ink sketch", "seed": 11})
                 on_page, on_other = await asyncio.gather(messages(page, 3.0), messages(other, 3.0))
                 code = await asyncio.to_thread(cli.main, ["control", "--url", url, "--session", "cam", "--token", TOKEN,
-                                                          "--steps", "2"])
+                                                          "--steps", "3"])  # the preset runs 2
                 later_page, later_other = await asyncio.gather(messages(page, 3.0), messages(other, 3.0))
+                # changes that change nothing (an empty PATCH, an Apply of what runs): nothing pushed
+                await send_params(url, "cam", {}, token=TOKEN)
+                await send_params(url, "cam", {"prompt": "ink sketch", "steps": 3}, token=TOKEN)
+                no_ops = await messages(other, 3.0)
             await pub.close()
-            return on_page, on_other, code, later_page, later_other
+            return on_page, on_other, code, later_page, later_other, no_ops
 
-    on_page, on_other, code, later_page, later_other = asyncio.run(run())
+    on_page, on_other, code, later_page, later_other, no_ops = asyncio.run(run())
+    assert no_ops == [], no_ops
     assert [m.get("elsewhere") for m in on_page] == [None], on_page  # its own reply, nothing pushed back
     assert on_page[0]["params"]["prompt"] == "ink sketch"
     assert len(on_other) == 1 and on_other[0]["elsewhere"] is True, on_other
     assert (on_other[0]["params"]["prompt"], on_other[0]["params"]["seed"]) == ("ink sketch", 11)
     assert code == 0
     for pushed in (later_page, later_other):
-        assert len(pushed) == 1 and pushed[0]["elsewhere"] and pushed[0]["params"]["steps"] == 2, pushed
+        assert len(pushed) == 1 and pushed[0]["elsewhere"] and pushed[0]["params"]["steps"] == 3, pushed
         assert pushed[0]["params"]["prompt"] == "ink sketch" and "expect" in pushed[0]  # steps renew it
 
 

@@ -54,6 +54,11 @@ async def _hostile(caplog):
             async with http.post(f"{url}/offer", data=b"not json", headers={**auth(), **JSON}) as r:
                 text = await r.text()
                 assert r.status == 400 and "not valid JSON" in text and "Expecting value" not in text
+            # valid JSON with a 5000-digit number (past Python's int limit) was called invalid JSON
+            async with http.patch(f"{url}/sessions/k/params", data='{"seed": %s}' % ("9" * 5000),
+                                  headers={**auth(), **JSON}) as r:
+                text = await r.text()
+                assert r.status == 400 and "more digits than any value takes" in text, text
             # 2. Stream keys: letters, digits, - and _, 1-64 characters, checked before anything is made.
             pub, offer = await obs_like_offer()
             for key in ("bad%20key", "a" * 65, "%C3%A9t%C3%A9", "x.y"):
