@@ -511,9 +511,13 @@ class FrameScheduler:
         """Why the batch breaks what stream `s` is owed (its SLO, or for a running best-effort
         stream the step it was promised); None if it does not. Each promise is judged on the
         step it is about: fps (a rate) and a best-effort stream's step (a period) on the
-        `steady` step, every stream past its first chunk; the deadline (a latency) on the
-        `next_step`, first chunks included, whose frames it also bounds. Each is (predicted
-        ms, description)."""
+        `steady` step, every stream past its first chunk; a running stream's deadline (a
+        latency) on the `next_step`, first chunks included, whose frames it also bounds; the
+        newcomer's on the steady state, what it is told to expect (`_expect`): its own first
+        chunk is its time to first frame, and judged on it, it was called best effort while told
+        figures within the service level (a page probe: "expect about 2.2 fps and up to 5.6 s
+        latency (best effort: ... cannot reach ... 2 fps within 8 s)"). Each is (predicted ms,
+        description)."""
         who = "it" if newcomer else f"stream {s.stream_id!r}"
         steady_ms, steady_batch = steady
         if not newcomer and s.best_effort:
@@ -532,8 +536,8 @@ class FrameScheduler:
                     f"{steady_ms:.1f} ms"
                     + (f" (a chunk every {s.interval_ms(steady_ms):.1f} ms with lane stride {s.stride} over "
                        f"{s.depth} stages)" if s.depth > 1 else ""))
-        step_ms, batch = next_step
-        need_ms = s.latency_ms(step_ms)
+        step_ms, batch = steady if newcomer else next_step
+        need_ms = s.latency_ms(step_ms, first_chunk=not newcomer)
         if need_ms > s.slo.deadline_ms:
             in_flight_ms = s.in_flight_ms(step_ms)
             return (f"{slo} would miss its deadline: {need_ms - in_flight_ms:.1f} ms to gather frames at "

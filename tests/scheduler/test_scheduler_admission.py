@@ -224,6 +224,17 @@ def test_the_verdict_and_the_expectation_use_the_same_latency():
     sched = FrameScheduler(FixedCostModel(LinearLaw(1250.0, 0.0, 0.0)), max_streams=2, pipeline_depth=2)
     adm = sched.add_stream("cam", slo, tokens_per_frame=16, lanes=2, now=0.0, input_fps=30.0, lane_stride=2)
     assert not adm.best_effort and adm.expected_latency_ms == pytest.approx(6350.0)
+    # A page probe: a first chunk twice a steady one's size (a slow machine, 768x768) was judged on
+    # its own step, "best effort" while told 2.2 fps and 5.5 s under 2 fps / 8 s. The newcomer is
+    # judged on what it is told; its first chunk is its time to first frame.
+    for ms_per_ktoken in range(300, 1301, 20):
+        for depth in (1, 2):
+            sched = FrameScheduler(FixedCostModel(LinearLaw(0.0, 0.0, float(ms_per_ktoken))), max_streams=4,
+                                   pipeline_depth=depth)
+            adm = sched.add_stream("cam", slo, tokens_per_frame=2304, lanes=1, now=0.0, first_chunk_latents=2,
+                                   chunk_latents=1, input_fps=30.0)
+            breaks = adm.expected_latency_ms > slo.deadline_ms or adm.expected_fps < slo.target_fps
+            assert adm and adm.best_effort == breaks, (ms_per_ktoken, depth, adm.reason)
 
 
 def test_the_promised_period_is_the_longest_that_keeps_the_slo():
