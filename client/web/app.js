@@ -85,6 +85,14 @@ for (const name of Object.keys(FIELDS)) {
   for (const kind of ["input", "change"]) $(name).addEventListener(kind, () => touched.add(name));
 }
 
+// A control message. Seeds go up to 2^63 - 1 (`streamdiff control` may set one) and a page's numbers
+// are exact up to 2^53 only: a larger seed keeps its text where the browser gives it (JSON.parse's
+// source text), so the page does not show 9007199254740992 for a stream running 9007199254740993.
+function parseMessage(text) {
+  return JSON.parse(text, (key, value, context) =>
+    key === "seed" && typeof value === "number" && !Number.isSafeInteger(value) && context?.source ? context.source : value);
+}
+
 // Untouched fields show `values` (control words: steps, noise, seed, motion, blend).
 function showValues(values) {
   for (const [name, value] of Object.entries(values || {})) {
@@ -262,7 +270,8 @@ async function start() {
     peer.close();
     pc = null;
     if (++keyTaken >= 3) { PAGE_KEY = newPageKey(); keyTaken = 0; } // another tab has it (a duplicated tab)
-    return retryLater(parseInt(resp.headers.get("Retry-After") || "3", 10), "this page's previous stream is still ending");
+    return retryLater(parseInt(resp.headers.get("Retry-After") || "3", 10),
+                      "this page's stream is still in use (its previous stream ending, or another tab of this page)");
   }
   keyTaken = 0;
   if (resp.status === 401) {
@@ -382,7 +391,7 @@ function openControl() {
   const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws?${q}`);
   ws = socket;
   socket.onmessage = (ev) => {
-    const msg = JSON.parse(ev.data);
+    const msg = parseMessage(ev.data);
     if (msg.type === "stats") {
       $("overlay").dataset.latency = msg.latency_ms == null ? "–" : `${Math.round(msg.latency_ms)} ms`;
     } else if (msg.type === "error") {
