@@ -383,9 +383,30 @@ $("output").addEventListener("resize", () => {
   if (v.videoWidth && v.videoHeight) $("local").style.aspectRatio = `${v.videoWidth} / ${v.videoHeight}`;
 });
 
+// The server's count of this page's frames (each stats message): a camera that sends nothing (a
+// frozen device, a track another app took) showed a steady "0.0 fps" and no word until the server
+// ended the stream for want of video (a page probe). Said after 3 s without a frame.
+let input = { frames: null, since: 0, warned: false };
+function noteInput(frames) {
+  if (frames === undefined) return;
+  const now = Date.now();
+  if (frames !== input.frames) {
+    if (input.warned) say("your camera's video arrives again", false, 4);
+    input = { frames, since: now, warned: false };
+    return;
+  }
+  const idle = Math.round((now - input.since) / 1000);
+  if (idle >= 3 && frames > 0) { // (from its first frame on: connecting takes its own time)
+    say(`The server has had no video from your camera for ${idle} s (is another app using it?); it ends a ` +
+        "stream that sends none for a few seconds", true);
+    input.warned = true;
+  }
+}
+
 function openControl() {
   // owner=1: this page holds the socket while it lives; if it drops (tab closed or crashed),
   // the server frees the stream within seconds.
+  input = { frames: null, since: Date.now(), warned: false };
   const q = new URLSearchParams({ session: sessionId, owner: "1" });
   if (token) q.set("token", token);
   const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws?${q}`);
@@ -394,6 +415,7 @@ function openControl() {
     const msg = parseMessage(ev.data);
     if (msg.type === "stats") {
       $("overlay").dataset.latency = msg.latency_ms == null ? "–" : `${Math.round(msg.latency_ms)} ms`;
+      noteInput(msg.frames_received);
     } else if (msg.type === "error") {
       say(`not applied: ${msg.error}`, true);
       if (msg.params) { // a refused change: the fields show what the stream uses

@@ -395,6 +395,12 @@ async def _page_follows_its_user_flow() -> dict:
             preset_noise = str(app[ENGINE_KEY].cfg.sampling.noise_strength)
             out["noise_after_restart"] = await _until(lambda: _async_value(
                 page, "() => document.getElementById('noise').value", lambda v: v == preset_noise), 30)
+            # 5a. The camera sends nothing (a frozen device): said after a few seconds, not only
+            #     when the server ends the stream for want of video
+            await _until(lambda: _async(lambda: any((s.reader is not None and s.reader.frames_received > 0)
+                                                    for s in sessions.sessions.values())), 60)
+            await page.evaluate("() => pc.getSenders().find((s) => s.track && s.track.kind === 'video').replaceTrack(null)")
+            out["no_video_said"] = await _until(lambda: _message_with(page, "no video from your camera"), 30)
             await page.evaluate("() => document.getElementById('local').srcObject.getVideoTracks()[0]"
                                 ".dispatchEvent(new Event('ended'))")
             out["camera_gone"] = await _until(
@@ -429,6 +435,8 @@ def test_the_page_follows_stop_restart_and_a_stream_the_server_ends():
     # a page probe: after Stop and Start a field showed another controller's value the new stream
     # did not use (the offer sent only the fields its user had changed)
     assert out["noise_after_restart"], out
+    # a page probe: a camera that sent nothing showed "0.0 fps" and no word for 10 s
+    assert out["no_video_said"], out
 
 
 async def _what_start_says(word: str, *, token: str | None, host: str | None = None) -> str:
