@@ -47,6 +47,8 @@ PING_TIMEOUT_S = 5.0
 FIRST_STEPS_TIMEOUT_S = 300.0  # the first forwards load kernels (Triton JIT, cuDNN autotune)
 FIRST_STEPS = 20
 TEARDOWN_TIMEOUT_S = 20.0  # Ray waits on a stage loop that missed its cancel without a bound
+# A graph with no stream for this long is torn down (`RayStages.idle`)
+IDLE_TEARDOWN_S = 30.0
 CHANNEL_STORE_SHARE = 1 / 16  # of a node's object store (Ray: 30 % of memory), the most the channels take
 ENV_PASSED = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES_OVERRIDE", "STREAMDIFF_CONFIG_DIR")
 
@@ -172,6 +174,11 @@ class RayStages:
         self.dag = None
         self.stale = False  # a teardown timed out: replace every actor before the next graph
         self.teardown_timeout_s = TEARDOWN_TIMEOUT_S
+        self.idle_teardown_s = IDLE_TEARDOWN_S
+        self.compiles = 0  # graphs compiled so far (each one leaks Ray's channel buffers: `idle`)
+        self._lock = threading.RLock()  # the graph: submits against an idle teardown's timer
+        self._idle_gen = 0  # bumped by every idle and submit: a timer of an older one does nothing
+        self._idle_timer: threading.Timer | None = None
         self._compile()
 
     # -------------------------------------------------------------- actors and graph
@@ -203,6 +210,7 @@ class RayStages:
         try:
             self.dag = node.experimental_compile(_max_inflight_executions=self.max_executions,
                                                  _buffer_size_bytes=self.channel_bytes)
+            self.compiles += 1
         finally:
             ctx.buffer_size_bytes = before
         log.debug("stage graph compiled: %d channels x %d buffers of %.1f MB", len(self.actors) + 1,
@@ -243,20 +251,47 @@ class RayStages:
     # -------------------------------------------------------------- Stages protocol
 
     def idle(self) -> None:
-        """No stream is left: tear the compiled graph down. Its actors' read loops poll their
-        channels and would keep a core busy each while nothing flows; the next submit
-        compiles it again."""
-        self._teardown()
+        """No stream is left: the compiled graph is torn down `idle_teardown_s` later unless a
+        step comes first (0: at once); the next submit then compiles it again. Its actors' read
+        loops poll their channels, a core each, while nothing flows (4 CPU actors of the demo:
+        1.8 cores), so an idle graph is not kept for ever; nor torn down at once, since every
+        compile leaks (Ray 2.60: the channels' shared memory stays mapped in this process, 32 MB
+        a compile for the demo over 2 stages, and their named semaphores stay in /dev/shm), and
+        a server whose streams come and go (a page reconnecting, OBS restarting, a probe's churn:
+        +172 MB a loop of 7 streams) compiled at every one."""
+        with self._lock:
+            self._idle_gen += 1
+            self._cancel_idle_timer()
+            if self.idle_teardown_s <= 0:
+                self._teardown()
+                return
+            gen = self._idle_gen
+            self._idle_timer = threading.Timer(self.idle_teardown_s, self._teardown_if_still_idle, args=(gen,))
+            self._idle_timer.daemon = True
+            self._idle_timer.start()
+
+    def _teardown_if_still_idle(self, gen: int) -> None:
+        with self._lock:
+            if gen == self._idle_gen:
+                self._teardown()
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
     def submit(self, msg: StageInput) -> object:
-        try:
-            if self.stale:  # the last teardown did not end: fresh actors first
-                self.recover()
-            if self.dag is None:
-                self._compile()
-            return self.dag.execute(msg)
-        except Exception as exc:
-            raise self._failed(f"submitting step {msg.step_id}: {type(exc).__name__}: {exc}") from exc
+        with self._lock:
+            self._idle_gen += 1
+            self._cancel_idle_timer()
+            try:
+                if self.stale:  # the last teardown did not end: fresh actors first
+                    self.recover()
+                if self.dag is None:
+                    self._compile()
+                return self.dag.execute(msg)
+            except Exception as exc:
+                raise self._failed(f"submitting step {msg.step_id}: {type(exc).__name__}: {exc}") from exc
 
     def get(self, handle: object) -> StepOut:
         self._gets += 1
@@ -297,19 +332,20 @@ class RayStages:
         """Replace dead or unresponsive actors (same block ranges) and compile the graph again;
         after a teardown that did not end (`stale`), every actor: none can be trusted to have
         stopped its loop."""
-        self._teardown()
-        dead = [k for k, actor in enumerate(self.actors) if self.stale or not self._answers(actor)]
-        for k in dead:
-            try:
-                ray.kill(self.actors[k])
-            except Exception:
-                pass
-            self.actors[k] = self._spawn(self.specs[k])
-        self._wait_ready([self.actors[k] for k in dead])
-        self.stale = False
-        self._compile()
-        self._gets = 0  # replaced actors warm up again
-        return f"stage{'s' if len(dead) != 1 else ''} {dead} replaced" if dead else "no stage died; graph rebuilt"
+        with self._lock:  # not under an idle teardown (its timer thread)
+            self._teardown()
+            dead = [k for k, actor in enumerate(self.actors) if self.stale or not self._answers(actor)]
+            for k in dead:
+                try:
+                    ray.kill(self.actors[k])
+                except Exception:
+                    pass
+                self.actors[k] = self._spawn(self.specs[k])
+            self._wait_ready([self.actors[k] for k in dead])
+            self.stale = False
+            self._compile()
+            self._gets = 0  # replaced actors warm up again
+            return f"stage{'s' if len(dead) != 1 else ''} {dead} replaced" if dead else "no stage died; graph rebuilt"
 
     @staticmethod
     def _answers(actor) -> bool:
@@ -323,7 +359,10 @@ class RayStages:
         return self.actors[index]
 
     def shutdown(self) -> None:
-        self._teardown()
+        with self._lock:
+            self._idle_gen += 1
+            self._cancel_idle_timer()
+            self._teardown()
         for actor in self.actors:
             try:
                 ray.kill(actor)

@@ -154,6 +154,7 @@ def test_a_teardown_that_hangs_is_bounded_and_the_stages_are_replaced(cfg4, ref)
     try:
         stages.dag.teardown = lambda *args, **kwargs: hang.wait()  # a loop that never stops
         stages.teardown_timeout_s = 1.0
+        stages.idle_teardown_s = 0  # torn down as soon as idle
         old = list(stages.actors)
         stages.idle()  # returns: before the bound it waited here forever
         assert stages.dag is None and stages.stale
@@ -197,13 +198,28 @@ def test_messages_past_rays_default_channel_size_do_not_stall_teardown(cfg4):
         for sid in sids:
             core.remove_stream(sid)
         actors = list(stages.actors)
+        # Streams that come and go within `idle_teardown_s` keep the compiled graph: every compile
+        # leaks Ray's channel buffers (a churn probe: +172 MB of the server a loop of 7 streams).
+        stages.idle_teardown_s = 3.0
+        graph, compiles = stages.dag, stages.compiles
+        stages.idle()  # (as the executor does once no stream is left)
+        assert stages.dag is graph  # kept while the next stream may come
+        assert core.add_stream("e", params(cfg, "a blue whale", steps=1, seed=8), RELAXED)
+        feeder = Feeder(core, clock, {"e": synthetic_clip(5 + 4 * 2, w, h, seed=4)})
+        for _ in range(3):
+            feeder.round(["e"])
+        assert len(feeder.frames("e")) > 0 and stages.dag is graph and stages.compiles == compiles
+        core.remove_stream("e")
         stages.idle()
+        deadline = time.monotonic() + 60
+        while stages.dag is not None and time.monotonic() < deadline:  # torn down once idle that long
+            time.sleep(0.1)
         assert stages.dag is None and not stages.stale  # the teardown ended within its bound
         assert core.add_stream("d", params(cfg, "a blue whale", steps=1, seed=9), RELAXED)
         feeder = Feeder(core, clock, {"d": synthetic_clip(5 + 4 * 3, w, h, seed=5)})
         for _ in range(4):
             feeder.round(["d"])
-        assert len(feeder.frames("d")) > 0 and stages.actors == actors
+        assert len(feeder.frames("d")) > 0 and stages.actors == actors and stages.compiles == compiles + 1
     finally:
         executor.shutdown()
 
