@@ -320,9 +320,15 @@ def test_async_engine_serves_over_ray_stages(cfg4):
                 engine.push_frame("s", frame)
             outs = [await engine.next_frame("s", timeout=60) for _ in range(5)]
             assert [o.frame.shape for o in outs] == [(48, 64, 3)] * 5 and outs[0].frame_id < outs[-1].frame_id
-            # Idle: no stream left, the graph is torn down and the actors use (almost) no CPU.
-            await engine.remove_stream("s")
+            # Idle: no stream left, the graph is torn down (after `idle_teardown_s`, 30 s when
+            # serving) and the actors use (almost) no CPU.
             stages = engine.executor.stages
+            stages.idle_teardown_s = 1.0
+            await engine.remove_stream("s")
+            for _ in range(300):  # the limit only turns a hang into a failure
+                if stages.dag is None:
+                    break
+                await asyncio.sleep(0.1)
             assert stages.dag is None
             pids = [ray.get(a.__ray_call__.remote(lambda self: __import__("os").getpid())) for a in stages.actors]
             before = [_cpu_s(pid) for pid in pids]
