@@ -20,11 +20,16 @@ async def _post(http, url, path, sdp):
         return resp.status, await resp.text(), resp.headers
 
 
+REPLACEABLE_S = 2.0
+
+
 async def _together_when_full():
     """A full server holding an offer that never connected (its place goes to a newcomer): two
     offers at once on one key, on two keys, and three players at once. The holder's close is
     awaited while the second request ran its checks: both passed them."""
-    async with running_server(max_sessions=1, max_viewers=2, replace_pending_after_s=0.3) as (url, app):
+    # (newcomers that have not connected by then are replaceable too: the requests sent together
+    # must all be in well within it, also on a slow machine)
+    async with running_server(max_sessions=1, max_viewers=2, replace_pending_after_s=REPLACEABLE_S) as (url, app):
         sessions = sessions_of(app)
         async with aiohttp.ClientSession() as http:
             results = {}
@@ -33,7 +38,7 @@ async def _together_when_full():
                 await holder.close()  # never connects
                 status, _, _ = await _post(http, url, "/whip/holder", offer)
                 assert status == 201
-                await asyncio.sleep(0.4)
+                await asyncio.sleep(REPLACEABLE_S + 0.1)
                 keys = ("dup", "dup") if mode == "one key" else ("k1", "k2")
                 statuses = await asyncio.gather(*[_post(http, url, f"/whip/{k}", offer) for k in keys])
                 results[mode] = (sorted(s for s, _, _ in statuses), sessions.stream_count)
@@ -49,7 +54,7 @@ async def _together_when_full():
             view = player.localDescription.sdp
             await player.close()
             assert [(await _post(http, url, "/whep/live", view))[0] for _ in range(2)] == [201, 201]
-            await asyncio.sleep(0.4)
+            await asyncio.sleep(REPLACEABLE_S + 0.1)
             statuses = await asyncio.gather(*[_post(http, url, "/whep/live", view) for _ in range(3)])
             results["players"] = (sorted(s for s, _, _ in statuses), sessions.viewer_count)
     return results
