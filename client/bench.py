@@ -387,12 +387,11 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
             deadline_ms = float((health.get("slo") or {}).get("deadline_ms") or 1000.0)
         if not width or not height:
             width, height = DEFAULT_SIZE
+        said = "--size" if size else "the server's frame size"
         if width < STAMP_MIN_WIDTH or height < STAMP_MIN_HEIGHT:  # else every frame fails in the sender
-            said = "--size" if size else "the server's frame size"
             raise BenchError(f"{said} {width}x{height}: bench stamps a frame id into every frame, which needs "
                              f"at least {STAMP_MIN_WIDTH}x{STAMP_MIN_HEIGHT}")
         if width * height > MAX_SEND_PIXELS:  # the server scales every frame to its model's size anyway
-            said = "--size" if size else "the server's frame size"
             raise BenchError(f"{said} {width}x{height}: bench sends frames of at most 3840x2160 pixels "
                              f"({MAX_SEND_PIXELS:,} in all; its clip is made in memory first)")
         clip = synthetic_clip(CLIP_FRAMES, width, height)  # [n, H, W, 3]

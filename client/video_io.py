@@ -283,12 +283,11 @@ class VideoWriter:
             self._held = None
         self.container.close()
         if self.audio_from is not None:
-            with_audio = self.with_audio
             end_s = (float(self._last_pts * TIME_BASE + 1 / self.rate) if self._last_pts is not None
                      else float(self.frames_written / self.rate))
-            self.audio_kept = add_audio(self.partial, self.audio_from, with_audio, end_s)
+            self.audio_kept = add_audio(self.partial, self.audio_from, self.with_audio, end_s)
             if self.audio_kept:
-                with_audio.replace(self.partial)
+                self.with_audio.replace(self.partial)
         self.partial.replace(self.path)
 
     def abort(self) -> None:

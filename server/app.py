@@ -419,12 +419,12 @@ async def whep_post(request: web.Request) -> web.Response:
         return _error(406, str(exc))
     except SdpError as exc:
         return _error(400, str(exc))
-    if await _refused_by_aiortc(request, "whep", sdp) is not None:
-        return _error(400, NOT_NEGOTIABLE)
     source = sessions.publisher(key) or sessions.get(key)
-    if source is None or source.fanout is None:
+    if source is None or source.fanout is None:  # (before the trial peer: viewer.html asks every 2 s)
         return _error(404, f"no stream {key!r} is live (start publishing first; viewers retry by themselves)",
                       **{"Retry-After": "2"})  # players that honour it come back in 2 s (viewer.html does)
+    if await _refused_by_aiortc(request, "whep", sdp) is not None:
+        return _error(400, NOT_NEGOTIABLE)
     try:
         session = await sessions.open("whep", key)
     except ServerFull as exc:

@@ -116,11 +116,6 @@ def h264_payloads(sdp: str) -> list[tuple[str, str]]:
     return payloads
 
 
-def h264_profile_level_ids(sdp: str) -> list[str]:
-    """The profile-level-id of each H.264 payload type offered for video (`h264_payloads`)."""
-    return [profile for profile, _ in h264_payloads(sdp)]
-
-
 # Video codecs besides the media ones an offer lists (retransmission, redundancy, FEC)
 _HELPER_CODECS = {"RTX", "RED", "ULPFEC", "FLEXFEC-03", "FLEXFEC"}
 _PROFILE_NAMES = {"4d": "Main", "58": "Extended", "64": "High", "6e": "High 10", "7a": "High 4:2:2", "f4": "High 4:4:4"}

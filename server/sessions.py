@@ -285,7 +285,7 @@ class SessionManager:
         self.ended: collections.OrderedDict[str, tuple[str, str, str]] = collections.OrderedDict()
         # stream sessions between their admission check and their entry in `sessions` (the
         # engine's admission is awaited): session id -> stream key. Counted by the limit and
-        # the key check, so that requests arriving together cannot all pass them.
+        # the key check (and shown by /metrics) while `_opening` holds the next request back.
         self._admitting: dict[str, str] = {}
         # One open at a time, from its key and limit checks to its entry in `sessions`: a check
         # passed, then an await (a pending session's close, the engine's admission) let another

@@ -161,7 +161,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         writer.write(pipe.flush())
     # the container's own count only (a probe: an intact Matroska file, which lists none, rendered
     # with --frames 50 was "cut short" at its 30 frames)
-    if args.input != SYNTHETIC and info.frames and frames_in < min(total, info.frames):
+    if args.input != SYNTHETIC and info.frames and frames_in < total:
         log.warning("%s ended after %d of the %d frames its container lists (cut short or damaged?); "
                     "wrote those %d", args.input, frames_in, total, frames_in)
     if audio is not None and not writer.audio_kept:

@@ -12,6 +12,7 @@ No torch at import time; only `check_device` imports it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import ipaddress
 import os
@@ -61,24 +62,13 @@ def check_writable(path: str, flag: str) -> None:
     if (there := _nearest_existing(out.parent)) is not None and not there.is_dir():  # said "File exists"
         raise ConfigError(f"{flag} {path}: {there} is a file, so nothing can be written under it")
     existed = out.exists()
-    made = [p for p in out.absolute().parents if not p.exists()]  # deepest first
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "ab"):  # appends nothing: an existing file is left as it is
-            pass
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
-    finally:
-        if not existed:
-            try:
-                out.unlink(missing_ok=True)
-            except OSError:  # a path through a file: nothing was made
+    with _tried_in(out.parent, flag, path):
+        try:
+            with open(out, "ab"):  # appends nothing: an existing file is left as it is
                 pass
-        for folder in made:
-            try:
-                folder.rmdir()
-            except OSError:  # not made after all, or something else wrote into it meanwhile
-                break
+        finally:
+            if not existed:
+                out.unlink(missing_ok=True)
 
 
 def check_folder(path: str, flag: str) -> None:
@@ -91,16 +81,25 @@ def check_folder(path: str, flag: str) -> None:
     if parent is not None and not parent.is_dir():
         raise ConfigError(f"{flag} {path}: {parent} is a file, so that folder cannot be made")
     # Tried, not judged from permission bits: as root os.access passed /proc/x, and train-demo
-    # failed there after its whole training (a probe). What the try makes is removed again.
-    made = [p for p in folder.absolute().parents if not p.exists()][::-1] + ([] if folder.exists() else [folder])
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
+    # failed there after its whole training (a probe).
+    with _tried_in(folder, flag, path):
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".streamdiff-write-check-"):
             pass
+
+
+@contextlib.contextmanager
+def _tried_in(folder: Path, flag: str, path: str):
+    """Make `folder` and its missing parents for a write tried in it; an OSError (there or in
+    the block) is `flag`'s one-line ConfigError; every folder made is removed again, deepest
+    first (stopping at one that something else wrote into meanwhile)."""
+    made = [p for p in (folder.absolute(), *folder.absolute().parents) if not p.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        yield
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
     finally:
-        for made_folder in reversed(made):  # deepest first
+        for made_folder in made:
             try:
                 made_folder.rmdir()
             except OSError:
