@@ -14,7 +14,19 @@ function newPageKey() {
   return key;
 }
 let PAGE_KEY = sessionStorage.getItem("streamdiff.key") || newPageKey();
-let keyTaken = 0; // 409s in a row: a duplicated tab copies sessionStorage, and with it the key
+let keyTaken = 0; // 409s in a row: the key held by a tab this page cannot ask (below)
+// A duplicated tab copies sessionStorage, and with it the key; a reloaded one comes back to it. The
+// two differ in one thing: the tab the key came from is still open. So a page asks its open tabs
+// whether one holds its key, and takes a key of its own if one answers (a reload gets no answer).
+const KEYS = "BroadcastChannel" in window ? new BroadcastChannel("streamdiff.keys") : null;
+if (KEYS) {
+  KEYS.onmessage = (ev) => {
+    const msg = ev.data || {};
+    if (msg.holds === PAGE_KEY) KEYS.postMessage({ held: PAGE_KEY }); // another tab opened with this tab's key
+    else if (msg.held === PAGE_KEY) { PAGE_KEY = newPageKey(); keyTaken = 0; } // this page is that tab
+  };
+  KEYS.postMessage({ holds: PAGE_KEY });
+}
 
 // The status line. `fadeS`: a passing note (a change applied) that clears itself after that many
 // seconds unless something else was said meanwhile.
@@ -269,7 +281,7 @@ async function start() {
   if (resp.status === 409) { // this tab's previous stream (a dropped connection) is not freed yet
     peer.close();
     pc = null;
-    if (++keyTaken >= 3) { PAGE_KEY = newPageKey(); keyTaken = 0; } // another tab has it (a duplicated tab)
+    if (++keyTaken >= 3) { PAGE_KEY = newPageKey(); keyTaken = 0; } // another tab has it (not one this page can ask)
     return retryLater(parseInt(resp.headers.get("Retry-After") || "3", 10),
                       "this page's stream is still in use (its previous stream ending, or another tab of this page)");
   }

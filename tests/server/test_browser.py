@@ -348,7 +348,8 @@ async def _page_follows_its_user_flow() -> dict:
         sessions = sessions_of(app)
         browser = await _browser(pw)
         try:
-            page = await browser.new_page()
+            context = await browser.new_context()  # a second tab of it below
+            page = await context.new_page()
             await page.add_init_script(SLOW_CAMERA_JS)
             await page.goto(url + "/")
             await page.wait_for_load_state("networkidle")
@@ -365,6 +366,20 @@ async def _page_follows_its_user_flow() -> dict:
             await page.click("#start")
             out["restart_playing"] = await _until(lambda: _playing(page, "output"), 120)
             out["restart_sessions"] = await _until(lambda: _async(lambda: len(sessions.sessions) == 1), 40)
+            # 2a. A duplicated tab copies sessionStorage, the stream key with it: it takes a key of
+            # its own at once (it waited through three 409s, ~9 s), and keeps that one on a reload.
+            key_js = "() => sessionStorage.getItem('streamdiff.key')"
+            key = await page.evaluate(key_js)
+            dup = await context.new_page()
+            await dup.add_init_script(f"""if (!sessionStorage.getItem("test.copied")) {{
+              sessionStorage.setItem("test.copied", "1"); sessionStorage.setItem("streamdiff.key", {key!r}); }}""")
+            await dup.goto(url + "/")
+            dup_key = await _until(lambda: _async_value(dup, key_js, lambda v: v != key), 5)
+            await dup.reload()
+            await dup.wait_for_timeout(500)
+            out["duplicate"] = (key, await page.evaluate(key_js), dup_key, await dup.evaluate(key_js),
+                                [s.stream_key for s in sessions.sessions.values()])
+            await dup.close()
             # 2b. Another controller (`streamdiff control`) changes the stream: the page follows it,
             # a field its user once applied included (its next Apply would have undone the change).
             from streamdiff.client.control import send_params
@@ -421,6 +436,9 @@ def test_the_page_follows_stop_restart_and_a_stream_the_server_ends():
     state, sessions = out["after_early_stop"]
     assert sessions == 0 and state["start"] and not state["stop"] and not state["camera"], out["after_early_stop"]
     assert out["restart_playing"] and out["restart_sessions"], out
+    key, key_after, dup_key, dup_key_reloaded, streams = out["duplicate"]
+    assert key and key_after == key and streams == [key], out["duplicate"]  # the first tab keeps its key
+    assert dup_key and dup_key != key and dup_key_reloaded == dup_key, out["duplicate"]
     # a change another controller made shows on the page (it kept showing its own last values)
     assert out["own_seed"] and out["elsewhere"] and out["elsewhere"][1] == "9007199254740993", out
     assert "seed 9007199254740993" in out["elsewhere"][2], out["elsewhere"]
