@@ -219,7 +219,7 @@ class Session:
     page_left_s: float | None = None  # browser: when its page's last owner socket closed (None: open, or never)
     sockets: int = 0  # open /ws connections to it, any client's, handshakes included
     params_changes: int = 0  # stream kinds: changes applied so far (control sockets push others' to their client)
-    params_applied: dict | None = None  # the params (control words) after the last change applied, if any
+    params_applied: dict | None = None  # the params (control words) as of its last change (before its first)
 
     def input_idle_s(self, now: float | None = None) -> float:
         """Seconds since the latest input frame (since the peer connected, or the session
@@ -574,6 +574,8 @@ class SessionManager:
         prompt where it knows only a few (the demo's nine names: a free prompt changes nothing)."""
         if (target := self._stream_session(key)) is None:
             raise KeyError(key)
+        if message and target.params_applied is None:  # its first change: what it ran until now
+            target.params_applied = to_control_words(await self.engine.params(target.id))
         try:
             params = await self.engine.update_params(target.id, **to_engine_params(message))
         except AdmissionRefused as exc:  # the console says so, as it does for a refused offer

@@ -186,6 +186,9 @@ def test_a_change_made_elsewhere_is_pushed_to_the_other_controllers():
                         pass
                     return [m for m in got if m["type"] != "stats"]
 
+                # a stream's first change that changes nothing (an empty PATCH): nothing pushed
+                await send_params(url, "cam", {}, token=TOKEN)
+                first_no_op = await messages(other, 2.0)
                 await page.send_json({"type": "params", "prompt": "ink sketch", "seed": 11})
                 on_page, on_other = await asyncio.gather(messages(page, 3.0), messages(other, 3.0))
                 code = await asyncio.to_thread(cli.main, ["control", "--url", url, "--session", "cam", "--token", TOKEN,
@@ -196,7 +199,7 @@ def test_a_change_made_elsewhere_is_pushed_to_the_other_controllers():
                 await send_params(url, "cam", {"prompt": "ink sketch", "steps": 3}, token=TOKEN)
                 no_ops = await messages(other, 3.0)
             await pub.close()
-            return on_page, on_other, code, later_page, later_other, no_ops
+            return on_page, on_other, code, later_page, later_other, first_no_op + no_ops
 
     on_page, on_other, code, later_page, later_other, no_ops = asyncio.run(run())
     assert no_ops == [], no_ops
