@@ -17,12 +17,15 @@ from streamdiff.model.attention import Attention, resolve_backend
 from streamdiff.model.dit_step import DiTStep
 from streamdiff.model.causal_wan import CausalWanModel
 from streamdiff.model.loading import (
-    load_into,
+    WeightsMismatchError,
+    check_fit,
+    copy_into,
     load_taehv,
     load_vae,
     random_init_,
     read_transformer_state_dict,
     resolve_path,
+    transformer_config_disagreements,
 )
 from streamdiff.model.style_prompts import PROMPT_NAMES, StylePromptEncoder
 from streamdiff.model.taehv import TAEHV, HybridVAE, StreamingTAEHV
@@ -53,16 +56,31 @@ def build_transformer(
     """The DiT (or the part of it a stage holds) with its weights, on `device`, in eval mode."""
     backend = resolve_backend(cfg.model.attention_backend, device)
     choose = cfg.model.attention_backend == "auto" and backend == "triton"  # per shape, timed (model/attention.py)
-    model = CausalWanModel(cfg.model, block_range, has_embed, has_head, Attention(backend, choose))
+    dtype = DTYPES[cfg.model.dtype]
+
+    def new_model() -> CausalWanModel:
+        return CausalWanModel(cfg.model, block_range, has_embed, has_head, Attention(backend, choose))
+
     if cfg.weights.format == "random":
-        random_init_(model, cfg.weights.seed)
-    else:
-        state = read_transformer_state_dict(cfg.weights.format, cfg.weights.transformer,
-                                            trust_pickle=cfg.weights.trust_pickle)
-        report = load_into(model, state, min_match=cfg.weights.min_match, what="transformer")
-        log.info("%s", report)
-    model.cast_(DTYPES[cfg.model.dtype]).to(device).eval().requires_grad_(False)
-    return model
+        model = random_init_(new_model(), cfg.weights.seed).cast_(dtype).to(device)
+        return model.eval().requires_grad_(False)
+    # The file is read and checked against a model on the meta device before any storage is made:
+    # a wrong file is refused at once (the 14B in fp32 is 56 GB of host memory), and the model is
+    # made in its own dtype on its device, filled from the file one tensor at a time.
+    state = read_transformer_state_dict(cfg.weights.format, cfg.weights.transformer,
+                                        trust_pickle=cfg.weights.trust_pickle)
+    if said := transformer_config_disagreements(state.config, cfg.model):
+        raise WeightsMismatchError(f"transformer: the config.json of {state.source} is another architecture than "
+                                   f"the config's model: {'; '.join(said)}")
+    with torch.device("meta"):
+        model = new_model()
+    report = check_fit(model, state, min_match=cfg.weights.min_match, what="transformer")
+    model.cast_(dtype).materialize_(device)
+    copy_into(model, state, report)
+    if report.missing_keys:  # within min_match: seeded values, not what the storage held
+        random_init_(model, cfg.weights.seed, only=set(report.missing_keys))
+    log.info("%s", report)
+    return model.eval().requires_grad_(False)
 
 
 @dataclass

@@ -112,6 +112,14 @@ class CausalWanModel(nn.Module):
             self._dtype = next(p.dtype for n, p in self.named_parameters() if "blocks" in n and p.ndim == 2)
         return self._dtype
 
+    def materialize_(self, device: torch.device | str) -> "CausalWanModel":
+        """A model built on the meta device (to be filled from a checkpoint) gets storage on
+        `device`, uninitialised, in the dtypes it has (cast_ works on meta); the RoPE tables,
+        computed at construction and never saved, are computed again."""
+        self.to_empty(device=device)
+        self.rope = WanRotaryPosEmbed(self.cfg.head_dim, PATCH, self.cfg.rope_max_seq_len).to(device)
+        return self
+
     def _apply(self, fn, recurse=True):
         self._dtype = None
         self._rope_tables = None

@@ -241,6 +241,9 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (EOFError, OSError, RuntimeError) as exc:  # empty, truncated, not a torch file
         raise WeightsFileError(f"{not_readable} ({_first_line(exc) if str(exc).strip() else 'it ends early'})") from None
+    except Exception as exc:  # other bytes read as pickle opcodes: KeyError, IndexError, struct.error, ...
+        raise WeightsFileError(f"{not_readable} (not a checkpoint: pickle failed with "
+                               f"{type(exc).__name__} {_first_line(exc)})") from None
 
 
 def _unwrap(obj: Any, wrappers: tuple[str, ...], path: Path) -> tuple[Mapping, str]:
@@ -300,6 +303,11 @@ def _read_folder(folder: Path, expected: str) -> StateDict:
         readers = {}
         for name in sorted(set(weight_map.values())):
             readers[name] = _Safetensors(_require(folder / name, f"a shard listed in {index_path}"))
+        held = {name: set(reader.keys()) for name, reader in readers.items()}
+        if wrong := [(key, name) for key, name in weight_map.items() if key not in held[name]]:
+            key, name = wrong[0]  # a half-updated download: the shards of one version, the index of another
+            raise WeightsFileError(f"{index_path} maps {key} to {name}, which does not hold it"
+                                   + (f" ({len(wrong) - 1} more such tensors)" if len(wrong) > 1 else ""))
         entries = {key: (readers[name], key) for key, name in weight_map.items()}
         return StateDict(entries, f"{folder} ({len(readers)} shards)", config)
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("diffusion_pytorch_model*.bin"))
@@ -346,6 +354,46 @@ def read_transformer_state_dict(
     return _to_diffusers_transformer_names(_strip_wrappers(state))
 
 
+# A transformer folder's config.json: diffusers' names (WanTransformer3DModel) or the original
+# Wan's (WanModel), each against the config's `model:` field.
+_DIFFUSERS_FIELDS = {"num_attention_heads": "num_heads", "attention_head_dim": "head_dim", "ffn_dim": "ffn_dim",
+                     "num_layers": "num_layers", "in_channels": "in_channels", "out_channels": "out_channels",
+                     "text_dim": "text_dim", "freq_dim": "freq_dim", "eps": "eps",
+                     "cross_attn_norm": "cross_attn_norm", "rope_max_seq_len": "rope_max_seq_len"}
+_WAN_FIELDS = {"num_heads": "num_heads", "ffn_dim": "ffn_dim", "num_layers": "num_layers", "in_dim": "in_channels",
+               "out_dim": "out_channels", "text_dim": "text_dim", "freq_dim": "freq_dim", "eps": "eps",
+               "cross_attn_norm": "cross_attn_norm"}
+# Values the model has no setting for: another one is another architecture.
+_FIXED = {"patch_size": [1, 2, 2], "qk_norm": ("rms_norm_across_heads", True), "model_type": "t2v",
+          "image_dim": None, "added_kv_proj_dim": None}
+
+
+def transformer_config_disagreements(config: Mapping | None, model_cfg) -> list[str]:
+    """Where a transformer folder's config.json and the config's `model:` (a ModelConfig)
+    disagree, each said with the `--set` that follows the file; [] without a config.json. Shapes
+    cannot tell heads from head width (a 12 x 128 model and a 24 x 64 one hold the same tensors),
+    nor the eps or RoPE length: only the file's config can."""
+    if not config:
+        return []
+    wan = config.get("_class_name") == "WanModel" or ("dim" in config and "num_attention_heads" not in config)
+    said = []
+    for name, field_name in (_WAN_FIELDS if wan else _DIFFUSERS_FIELDS).items():
+        if name not in config:
+            continue
+        ours, theirs = getattr(model_cfg, field_name), config[name]
+        same = (isinstance(theirs, (int, float)) and not isinstance(theirs, bool) and abs(float(theirs) - ours)
+                <= 1e-9 * max(1.0, abs(ours))) if field_name == "eps" else theirs == ours
+        if not same:
+            said.append(f"{name}={theirs!r} (model.{field_name}={ours!r}: --set model.{field_name}={theirs})")
+    if wan and "dim" in config and config["dim"] != model_cfg.num_heads * model_cfg.head_dim:
+        said.append(f"dim={config['dim']!r} (model.num_heads x model.head_dim = {model_cfg.num_heads} x "
+                    f"{model_cfg.head_dim})")
+    for name, allowed in _FIXED.items():
+        if name in config and config[name] not in (allowed if isinstance(allowed, tuple) else (allowed,)):
+            said.append(f"{name}={config[name]!r} (this model takes {allowed if not isinstance(allowed, tuple) else allowed[0]!r})")
+    return said
+
+
 def _read_sdv2(path: Path, prefer: str, trust_pickle: bool) -> StateDict:
     if prefer not in ("generator", "generator_ema"):
         raise ValueError(f"prefer={prefer!r}: expected 'generator' or 'generator_ema'")
@@ -379,6 +427,8 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     skipped_for_stage: int = 0  # checkpoint keys of blocks / embeddings this module does not hold
     source: str = ""
+    matched_keys: list[str] = field(default_factory=list, repr=False)  # what a copy takes from the checkpoint
+    missing_keys: list[str] = field(default_factory=list, repr=False)  # the module's tensors it does not fill
 
     @property
     def ratio(self) -> float:
@@ -422,6 +472,34 @@ def load_into(
     Raises WeightsMismatchError (a ValueError) below `min_match` or on any shape mismatch;
     nothing is copied then.
     """
+    report = check_fit(module, state, min_match, what, num_blocks)
+    copy_into(module, state, report)
+    return report
+
+
+@torch.no_grad()
+def copy_into(module: nn.Module, state: Mapping[str, torch.Tensor], report: LoadReport) -> None:
+    """The copy `check_fit` allowed: its matched tensors, one at a time, into the module's storage."""
+    targets = module.state_dict()
+    for key in report.matched_keys:
+        targets[key].copy_(state[key])
+    if report.n_missing:
+        log.warning("%s left at init: %s", report.what, ", ".join(report.missing))
+    if report.n_unexpected:
+        log.warning("%s: %d unexpected key(s) of %s ignored: %s", report.what, report.n_unexpected,
+                    report.source or "the checkpoint", ", ".join(report.unexpected))
+
+
+def check_fit(
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    min_match: float = 0.99,
+    what: str = "transformer",
+    num_blocks: int | None = None,
+) -> LoadReport:
+    """`load_into`'s checks, without the copy: the module may be on the meta device, and of the
+    checkpoint only names, shapes and dtypes are read (a file's header). Raises
+    WeightsMismatchError where `load_into` would; the report lists what a copy takes."""
     # 1. The module's persistent tensors and which blocks / groups it holds.
     targets = module.state_dict()  # name -> detached tensor sharing the module's storage
     held_blocks = {int(m.group(1)) for k in targets if (m := _BLOCK.match(k))}
@@ -449,7 +527,7 @@ def load_into(
     matched_set = set(matched)
     missing = [k for k in targets if k not in matched_set]
     report = LoadReport(what, len(matched), len(targets), len(missing), len(unexpected), key_kinds(missing),
-                        key_kinds(unexpected), skipped, str(getattr(state, "source", "")))
+                        key_kinds(unexpected), skipped, str(getattr(state, "source", "")), matched, missing)
 
     # 3. Refuse a checkpoint that does not fit: too few of the module's keys, blocks the model
     #    does not have (a bigger model), or more unexpected keys than min_match allows missing ones.
@@ -477,15 +555,6 @@ def load_into(
     if ints := [k for k in matched if targets[k].is_floating_point() and not is_float(k)]:
         raise WeightsMismatchError(f"{what}: {len(ints)} tensor(s) of {report.source or 'the checkpoint'} are not "
                                    f"floating point (e.g. {ints[0]}); is this a weights file?")
-
-    # 4. Copy one tensor at a time into the existing storage.
-    for key in matched:
-        targets[key].copy_(state[key])
-    if missing:
-        log.warning("%s left at init: %s", what, ", ".join(report.missing))
-    if unexpected:
-        log.warning("%s: %d unexpected key(s) of %s ignored: %s", what, len(unexpected),
-                    report.source or "the checkpoint", ", ".join(report.unexpected))
     return report
 
 
@@ -674,11 +743,13 @@ def _random_values(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
 
 
 @torch.no_grad()
-def random_init_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Deterministic init in place. Each parameter's values depend only on (seed, its name,
-    its shape), drawn on CPU in fp32: a stage holding blocks 10..19 gets exactly the tensors
-    the whole model would, on any device or dtype."""
+def random_init_(module: nn.Module, seed: int = 0, only: set[str] | None = None) -> nn.Module:
+    """Deterministic init in place (of the parameters named in `only`, when given). Each
+    parameter's values depend only on (seed, its name, its shape), drawn on CPU in fp32: a stage
+    holding blocks 10..19 gets exactly the tensors the whole model would, on any device or dtype."""
     for name, param in module.named_parameters():
+        if only is not None and name not in only:
+            continue
         gen = torch.Generator().manual_seed(_param_seed(seed, name))
         param.copy_(_random_values(name, tuple(param.shape), gen))
     return module

@@ -139,6 +139,23 @@ def test_diffusers_folder_offers_config_and_shards(source):
     assert sd.config["num_layers"] == 2 and sd.config["_class_name"] == "WanTransformer3DModel"
 
 
+def test_an_index_naming_the_wrong_shard_is_one_error_naming_both(tmp_path, source):
+    """A probe: an index mapping a tensor to a shard that lacks it (a half-updated download) ended
+    in safetensors' traceback at load."""
+    import shutil
+
+    _, _, root = source
+    shutil.copytree(root / "sharded", tmp_path / "t")
+    index = tmp_path / "t" / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shards = sorted(set(data["weight_map"].values()))
+    key = next(k for k, v in data["weight_map"].items() if v == shards[0])
+    data["weight_map"][key] = shards[1]
+    index.write_text(json.dumps(data))
+    with pytest.raises(WeightsFileError, match=rf"maps {re.escape(key)} to {re.escape(shards[1])}, which does not hold it"):
+        read_transformer_state_dict("diffusers", tmp_path / "t")
+
+
 def test_sdv2_prefers_generator_and_can_pick_ema(tmp_path, source, inputs):
     model, state, _ = source
     other = to_wan_names({k: v + 1 for k, v in state.items()})
@@ -239,7 +256,14 @@ def _broken_files(root, source_file):
     (root / "empty.pth").write_bytes(b"")
     (root / "noise.pt").write_bytes(bytes(range(256)) * 8)
     torch.save([1, 2, 3], root / "list.pt")
-    return [("wan", "cut.safetensors", "is not a readable safetensors file"),
+    # text saved under a checkpoint's name (a probe: KeyError, IndexError, struct.error and
+    # UnicodeDecodeError tracebacks from inside pickle)
+    for name, text in (("hello.pt", "hello"), ("abc.pth", "abc"), ("notes.pt", "Quick notes"), ("x.pth", "Xyz"),
+                       ("u.pt", "Upload me")):
+        (root / name).write_text(text)
+    return [*((fmt, name, "is not a readable torch file") for fmt, name in
+              (("sdv2", "hello.pt"), ("wan", "abc.pth"), ("sdv2", "notes.pt"), ("wan", "x.pth"), ("sdv2", "u.pt"))),
+            ("wan", "cut.safetensors", "is not a readable safetensors file"),
             ("wan", "empty.safetensors", "is not a readable safetensors file"),
             ("wan", "pickle.safetensors", "is not a readable safetensors file"),
             ("wan", "cut.pth", "is not a readable torch file"),
@@ -491,3 +515,81 @@ def test_latent_stream_from_an_sdv2_checkpoint(source):
         x = torch.randn(1, 16, 2 if c == 0 else 1, 8, 8, generator=g)
         torch.testing.assert_close(loaded.step(x, 700 - 20 * c, text), direct.step(x, 700 - 20 * c, text))
     assert loaded.held_frames() == direct.held_frames()
+
+
+def _tiny_cfg(root, fmt: str, rel: str, *more: str):
+    from streamdiff.config import load_config
+
+    return load_config("tiny", ["model.num_heads=2", "model.head_dim=32", "model.ffn_dim=128", "model.num_layers=2",
+                                "model.text_dim=32", f"weights.format={fmt}", f"weights.transformer={root / rel}",
+                                "runtime.device=cpu", *more])
+
+
+def test_a_wrong_file_for_the_1_3b_is_refused_before_the_model_is_made(source):
+    """A probe: the DiT was made in full (the 1.3B in fp32: 5.8 GB and 15 s here; the 14B would
+    be 56 GB) before its file was looked at, so a wrong file cost a whole model's memory."""
+    import subprocess
+    import sys
+    import textwrap
+
+    _, _, root = source
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from streamdiff.config import load_config
+        from streamdiff.model.build import build_transformer
+        cfg = load_config("wan-1.3b", ["runtime.device=cpu", "weights.format=wan",
+                                       "weights.transformer={root / 'wan.safetensors'}"])
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            build_transformer(cfg, torch.device("cpu"))
+        except ValueError as exc:
+            print("refused:", str(exc)[:80])
+        print("grew_mb", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300).stdout
+    assert "refused: transformer:" in out, out
+    assert int(out.split("grew_mb")[1]) < 300, out  # the 1.3B's fp32 weights are 5.7 GB
+
+
+def test_a_folder_whose_config_is_another_architecture_is_refused_naming_the_field(tmp_path, source):
+    """A probe: a diffusers folder's config.json was read and never compared: a 2 x 32 checkpoint
+    ran as 4 x 16 heads (the same tensors) at 100% matched, its output silently wrong."""
+    from streamdiff.model.build import build_transformer
+
+    _, _, root = source
+    cfg = _tiny_cfg(root, "diffusers", "pipe", "model.num_heads=4", "model.head_dim=16")
+    with pytest.raises(WeightsMismatchError) as err:
+        build_transformer(cfg, torch.device("cpu"))
+    msg = str(err.value)
+    assert "num_attention_heads=2 (model.num_heads=4: --set model.num_heads=2)" in msg, msg
+    assert "attention_head_dim=32 (model.head_dim=16: --set model.head_dim=32)" in msg and "\n" not in msg, msg
+    # an original Wan folder's config.json (WanModel names): a 14B's against the 2 x 32 model
+    import shutil
+
+    shutil.copytree(root / "wan_folder", tmp_path / "wan")
+    (tmp_path / "wan" / "config.json").write_text(json.dumps(
+        {"_class_name": "WanModel", "dim": 5120, "num_heads": 40, "ffn_dim": 13824, "num_layers": 40,
+         "in_dim": 16, "out_dim": 16, "freq_dim": 256, "eps": 1e-6, "model_type": "t2v"}))
+    with pytest.raises(WeightsMismatchError, match=r"num_heads=40 .*ffn_dim=13824 .*num_layers=40 .*dim=5120"):
+        build_transformer(_tiny_cfg(tmp_path, "wan", "wan"), torch.device("cpu"))
+    # the same folder with its own architecture's config loads
+    (tmp_path / "wan" / "config.json").write_text(json.dumps(
+        {"_class_name": "WanModel", "dim": 64, "num_heads": 2, "ffn_dim": 128, "num_layers": 2, "in_dim": 16,
+         "out_dim": 16, "freq_dim": 256, "eps": 1e-6, "model_type": "t2v"}))
+    build_transformer(_tiny_cfg(tmp_path, "wan", "wan"), torch.device("cpu"))
+
+
+def test_tensors_a_file_lacks_within_min_match_are_seeded_not_left_as_they_were(tmp_path, source):
+    """The model is made on the meta device and filled from the file: what the file lacks (allowed
+    by a lower weights.min_match) gets the seeded init, the same in every build."""
+    from streamdiff.model.build import build_transformer
+
+    _, state, _ = source
+    save_file({k: v for k, v in state.items() if "norm_k" not in k}, tmp_path / "lacks.safetensors")
+    cfg = _tiny_cfg(tmp_path, "wan", "lacks.safetensors", "weights.min_match=0.9", "weights.seed=3")
+    a, b = build_transformer(cfg, torch.device("cpu")), build_transformer(cfg, torch.device("cpu"))
+    seeded = random_init_(CausalWanModel(cfg.model), 3)
+    for name in ("blocks.0.attn1.norm_k.weight", "blocks.1.attn2.norm_k.weight"):
+        got = a.state_dict()[name]
+        assert torch.equal(got, b.state_dict()[name]) and torch.equal(got, seeded.state_dict()[name]), name
+    torch.testing.assert_close(a.state_dict()["proj_out.weight"], state["proj_out.weight"])
