@@ -32,7 +32,8 @@ def check_weight_paths(cfg: Config) -> None:
     named = []
     if w.format != "random":
         named.append(("weights.transformer", w.transformer))
-    named += [("weights.vae", w.vae), ("weights.text_encoder", w.text_encoder), ("weights.tokenizer", w.tokenizer)]
+    named += [("weights.vae", w.vae), ("weights.taehv", w.taehv), ("weights.text_encoder", w.text_encoder),
+              ("weights.tokenizer", w.tokenizer)]
     for key, path in named:
         if path and not resolve_path(path).exists():
             raise FileNotFoundError(f"{key}={path} does not exist (config {cfg.name}; point it at local files "

@@ -31,6 +31,10 @@ def run(*args: str, hide_gpus: bool = False) -> tuple[dict, str]:
       "--set", "weights.transformer=/nowhere/model.pt"], ["weights.transformer=/nowhere/model.pt does not exist"]),
     # a GPU preset whose files are missing: the paths are reported, not the missing GPU
     (["serve", "--config", "wan-1.3b"], ["does not exist", "weights.transformer"]),
+    # a probe: a missing TAEHV file was found after the DiT and the Wan VAE were built
+    (["render", "--config", "tiny", "--input", "synthetic", "--prompt", "p", "--output", "o.mp4", "--set",
+      "vae.decoder=taehv", "--set", "weights.taehv=/nowhere/taew2_1.pth"],
+     ["weights.taehv=/nowhere/taew2_1.pth does not exist"]),
     # a probe: mistyped bench lists failed after torch's 1.5-4.7 s import
     (["bench", "--config", "tiny", "--resolution", "10x"], ["--resolution '10x' must look like 512x512"]),
     (["bench", "--config", "tiny", "--streams", "0"], ["--streams '0'"]),

@@ -111,6 +111,10 @@ def build_streaming_vae(cfg: Config, device: torch.device, dtype: torch.dtype) -
     weights.vae = the TAEHV file) or the Wan encoder with TAEHV decoding (`decoder: taehv`,
     weights.taehv = the TAEHV file); its calls compiled with `runtime.compile_vae`."""
     vae = _streaming_vae(cfg, device, dtype)
+    if vae.z_dim != cfg.model.in_channels or vae.z_dim != cfg.model.out_channels:
+        raise ConfigError(f"the VAE ({cfg.weights.vae or cfg.vae.kind}) has {vae.z_dim} latent channels but the DiT "
+                          f"takes model.in_channels={cfg.model.in_channels}, out_channels={cfg.model.out_channels}: "
+                          f"a VAE of another model?")
     if cfg.runtime.compile_vae:
         vae.compile()
     return vae

@@ -206,14 +206,14 @@ class UntrustedPickleError(ConfigError):
     """A .pt file needs full unpickling (it carries objects, not only tensors) and was not trusted."""
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def unreadable_safetensors(path: str | Path, exc: BaseException) -> WeightsFileError:
     """The error for a file safetensors cannot open (truncated, empty, another format)."""
-    return WeightsFileError(f"{path} is not a readable safetensors file ({_first_line(exc)})")
+    return WeightsFileError(f"{path} is not a readable safetensors file ({first_line(exc)})")
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
@@ -240,10 +240,10 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
                     "pickle, which runs code from the file: use only files you trust", path, str(exc).splitlines()[0])
         return torch.load(path, map_location="cpu", weights_only=False)
     except (EOFError, OSError, RuntimeError) as exc:  # empty, truncated, not a torch file
-        raise WeightsFileError(f"{not_readable} ({_first_line(exc) if str(exc).strip() else 'it ends early'})") from None
+        raise WeightsFileError(f"{not_readable} ({first_line(exc) if str(exc).strip() else 'it ends early'})") from None
     except Exception as exc:  # other bytes read as pickle opcodes: KeyError, IndexError, struct.error, ...
         raise WeightsFileError(f"{not_readable} (not a checkpoint: pickle failed with "
-                               f"{type(exc).__name__} {_first_line(exc)})") from None
+                               f"{type(exc).__name__} {first_line(exc)})") from None
 
 
 def _unwrap(obj: Any, wrappers: tuple[str, ...], path: Path) -> tuple[Mapping, str]:
@@ -285,7 +285,7 @@ def _read_json_object(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
     except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise WeightsFileError(f"{path} is not readable JSON ({_first_line(exc)})") from None
+        raise WeightsFileError(f"{path} is not readable JSON ({first_line(exc)})") from None
     if not isinstance(value, dict):
         raise WeightsFileError(f"{path} holds a JSON {type(value).__name__}, not an object")
     return value
@@ -581,10 +581,17 @@ def load_vae(path: str | Path, config: dict | None = None, min_match: float = 0.
         state = _read_folder(folder, "diffusers VAE weights")
         if state.config is None:
             raise FileNotFoundError(f"{folder} has no config.json: expected a diffusers vae/ folder")
+        kind = state.config.get("_class_name", "AutoencoderKLWan")
+        if kind != "AutoencoderKLWan":  # another model's folder (the transformer/ beside vae/, ...)
+            raise WeightsFileError(f"{folder / 'config.json'} describes a {kind}, not the Wan VAE "
+                                   f"(AutoencoderKLWan): expected the vae/ folder")
+        if state.config.get("patch_size") is not None:
+            raise WeightsFileError(f"{folder} is the Wan2.2 VAE (patch_size={state.config['patch_size']}); "
+                                   f"StreamDiff runs Wan2.1 models and their VAE (patch_size none)")
         try:
             vae = AutoencoderKLWan.from_config(state.config)
         except (TypeError, ValueError, RuntimeError) as exc:  # a config.json of other or impossible sizes
-            raise WeightsFileError(f"{folder / 'config.json'} does not describe a Wan VAE ({_first_line(exc)})") from None
+            raise WeightsFileError(f"{folder / 'config.json'} does not describe a Wan VAE ({first_line(exc)})") from None
     else:
         state = _strip_wrappers(_read_file(p))
         if any(k.startswith(("encoder.conv1.", "encoder.downsamples.", "decoder.upsamples.")) for k in state):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -33,7 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from streamdiff.config import TextConfig, WeightsConfig, resolve_path
-from streamdiff.model.loading import WAN_T5_FILE, load_wan_t5
+from streamdiff.model.loading import WAN_T5_FILE, WeightsFileError, WeightsMismatchError, first_line, load_wan_t5
+
+log = logging.getLogger(__name__)
 
 _WEIGHT_FILES = (
     "model.safetensors",
@@ -211,24 +214,46 @@ class UMT5PromptEncoder(PromptEncoder):
         self.source = find_text_encoder(source)  # a folder, or an original Wan file
         self.tokenizer_folder = _resolve_tokenizer_folder(tokenizer_folder, self.source)
         # 2. load the tokenizer and the encoder (CPU first), refusing a checkpoint that misses keys.
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_folder), local_files_only=True)
+        # transformers' own errors (a broken config.json or tokenizer.json, a truncated safetensors)
+        # are said in one line naming the folder, as the other loaders' are
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_folder), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - OSError, ValueError, KeyError, TypeError, ... from the files
+            raise WeightsFileError(f"tokenizer folder {self.tokenizer_folder} cannot be read "
+                                   f"({type(exc).__name__}: {first_line(exc)})") from None
+        if self.tokenizer.pad_token_id is None:  # every prompt is padded to max_length
+            raise WeightsFileError(f"the tokenizer in {self.tokenizer_folder} has no padding token (is its "
+                                   f"tokenizer_config.json / special_tokens_map.json missing?)")
         self.tokenizer.padding_side = "right"  # the zero-padding rule keeps the first seq_len rows
         self.encoder_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
         if self.source.is_file():
             model = load_wan_t5(self.source, self.encoder_dtype, min_match, trust_pickle)
         else:
-            model, info = UMT5EncoderModel.from_pretrained(str(self.source), local_files_only=True,
-                                                           dtype=self.encoder_dtype, output_loading_info=True)
+            try:
+                model, info = UMT5EncoderModel.from_pretrained(str(self.source), local_files_only=True,
+                                                               dtype=self.encoder_dtype, output_loading_info=True)
+            except Exception as exc:  # noqa: BLE001 - as above
+                raise WeightsFileError(f"text encoder {self.source} cannot be read "
+                                       f"({type(exc).__name__}: {first_line(exc)})") from None
             total = max(len(model.state_dict()), 1)
             matched = 1.0 - len(info["missing_keys"]) / total
+            log.info("text encoder: %d/%d keys matched (%.1f%%), %d unexpected", total - len(info["missing_keys"]),
+                     total, 100 * matched, len(info.get("unexpected_keys", ())))
             if matched < min_match:
                 missing = sorted(info["missing_keys"])
-                raise ValueError(f"text encoder {self.source}: only {matched:.1%} of {total} keys matched "
-                                 f"(min {min_match:.0%}); missing e.g. {missing[:5]}")
+                raise WeightsMismatchError(f"text encoder {self.source}: only {matched:.1%} of {total} keys matched "
+                                           f"(min {min_match:.0%}); missing e.g. {missing[:5]}")
         self.model = model.eval().requires_grad_(False)
         d_model = int(model.config.d_model)
         if text_dim is not None and int(text_dim) != d_model:
-            raise ValueError(f"text encoder {self.source} has d_model={d_model} but model.text_dim={text_dim}")
+            raise WeightsMismatchError(f"text encoder {self.source} has d_model={d_model} but model.text_dim={text_dim}")
+        # a tokenizer of another model: ids past the embedding table crash the first prompt, and a
+        # much smaller vocabulary (T5's 32k with umT5's 256k) gives other embeddings without a word
+        tokens, vocab = len(self.tokenizer), int(model.config.vocab_size)
+        if not 0.9 * vocab <= tokens <= vocab:
+            raise WeightsMismatchError(
+                f"the tokenizer in {self.tokenizer_folder} has {tokens} tokens but the text encoder {self.source} "
+                f"embeds {vocab}: not this encoder's tokenizer (umT5-XXL's has 256300 for 256384; set weights.tokenizer)")
         super().__init__(d_model, max_length, device, dtype, cache_size)
         # 3. placement.
         self.offload_after_encode = bool(offload_after_encode) and encoder_device == "same"

@@ -366,6 +366,31 @@ def test_vae_diffusers_folder(tmp_path):
         load_vae(tmp_path / "nope")
 
 
+def test_a_vae_folder_of_another_model_is_refused_and_a_vae_of_other_latents_at_build(tmp_path, source):
+    """A probe: the transformer folder given as weights.vae built a default 96-wide VAE and was
+    refused as "0/194 ... 69 for other stages"; the Wan2.2 VAE was a bare ValueError; a VAE of 32
+    latent channels loaded and the first chunk failed in a convolution."""
+    from streamdiff.config import ConfigError, load_config
+    from streamdiff.model.build import build_streaming_vae
+
+    _, _, root = source
+    with pytest.raises(WeightsFileError, match="describes a WanTransformer3DModel, not the Wan VAE"):
+        load_vae(root / "pipe" / "transformer")
+    AutoencoderKLWan(base_dim=4, num_res_blocks=1, z_dim=32, latents_mean=[0.0] * 32,
+                     latents_std=[1.0] * 32).save_pretrained(tmp_path / "z32")
+    folder = tmp_path / "wan22"
+    AutoencoderKLWan(base_dim=4, num_res_blocks=1).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "patch_size": 2}))
+    with pytest.raises(WeightsFileError, match=r"is the Wan2\.2 VAE \(patch_size=2\)"):
+        load_vae(folder)
+    cfg = load_config("tiny", ["weights.format=wan", f"weights.vae={tmp_path / 'z32'}", "vae.num_res_blocks=1",
+                               f"weights.transformer={root / 'wan.safetensors'}",
+                               "runtime.device=cpu"])
+    with pytest.raises(ConfigError, match="has 32 latent channels but the DiT takes model.in_channels=16"):
+        build_streaming_vae(cfg, torch.device("cpu"), torch.float32)
+
+
 def _resnet_to_wan(rest: str) -> str:
     for a, b in (("norm1.gamma", "residual.0.gamma"), ("conv1.", "residual.2."), ("norm2.gamma", "residual.3.gamma"),
                  ("conv2.", "residual.6."), ("conv_shortcut.", "shortcut.")):

@@ -148,6 +148,54 @@ def test_umt5_missing_files_name_the_path(umt5_dirs, tmp_path):
         UMT5PromptEncoder(umt5_dirs / "text_encoder", tmp_path / "tok")
 
 
+def _broken_text_folders(umt5_dirs, root):
+    """A copy of the encoder and tokenizer folders with one thing broken, and the words its
+    error must say."""
+    import shutil
+
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    def copy(name: str):
+        folder = root / name
+        shutil.copytree(umt5_dirs / "text_encoder", folder / "text_encoder")
+        shutil.copytree(umt5_dirs / "tokenizer", folder / "tokenizer")
+        return folder
+
+    cases = []
+    (copy("config") / "text_encoder" / "config.json").write_text("{ not json")
+    cases.append(("config", "cannot be read"))
+    weights = copy("cut") / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    cases.append(("cut", "cannot be read"))
+    for f in (copy("tokjson") / "tokenizer").glob("*.json"):
+        f.write_text("{}" if f.name == "tokenizer.json" else f.read_text())
+    cases.append(("tokjson", "tokenizer folder"))
+    nopad = copy("nopad")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        (nopad / "tokenizer" / name).unlink(missing_ok=True)
+    cases.append(("nopad", "no padding token"))
+    small = copy("vocab")
+    cfg = UMT5Config(vocab_size=29, d_model=D_MODEL, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                     relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    UMT5EncoderModel(cfg).save_pretrained(str(small / "text_encoder"))
+    cases.append(("vocab", "not this encoder's tokenizer"))
+    return cases
+
+
+def test_umt5_broken_folders_are_one_line_errors_naming_them(umt5_dirs, tmp_path):
+    """A probe: transformers' own errors (a broken config.json, a truncated safetensors, a broken
+    tokenizer.json) were tracebacks; a tokenizer without its config loaded and failed at the first
+    prompt; a tokenizer of another vocabulary crashed the first prompt (IndexError) or, smaller,
+    gave other embeddings without a word."""
+    from streamdiff.config import ConfigError
+
+    for name, words in _broken_text_folders(umt5_dirs, tmp_path):
+        with pytest.raises(ConfigError) as err:
+            UMT5PromptEncoder(tmp_path / name / "text_encoder", max_length=MAX_LEN)
+        msg = str(err.value)
+        assert words in msg and str(tmp_path / name) in msg and "\n" not in msg, (name, msg)
+
+
 def test_umt5_finds_diffusers_layout_tokenizer(umt5_dirs):
     """No tokenizer folder given: the encoder's sibling tokenizer/ (diffusers layout) is used,
     and a diffusers root folder works as the encoder folder."""
