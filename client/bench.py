@@ -32,6 +32,7 @@ import fractions
 import ipaddress
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -460,16 +461,44 @@ def _parse_size(text: str | None) -> tuple[int, int] | None:
         raise BenchError(f"--size {exc}") from None
 
 
+async def _sigterm_as_ctrl_c(coro, terminated: list[bool]):
+    """Await `coro` with SIGTERM handled as asyncio handles Ctrl-C: the main task is cancelled,
+    so the measurement reports what it has and every peer is closed. (The CLI's SIGTERM handler
+    raises wherever the loop is; inside aiortc's tasks that left asyncio.run waiting for ever.)"""
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def cancel() -> None:
+        terminated.append(True)
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, cancel)
+    except (NotImplementedError, RuntimeError, ValueError):  # no signals here (Windows, another thread)
+        return await coro
+    try:
+        return await coro
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_from_args(args) -> int:
-    """`streamdiff bench --url ...`: run, print the table (and where files went); 0 or BenchError."""
+    """`streamdiff bench --url ...`: run, print the table (and where files went); 0 or BenchError.
+    Interrupted (Ctrl-C, SIGTERM): the table of what was measured, exit 130 / 143."""
     quiet = bool(getattr(args, "quiet", False))
-    report = asyncio.run(run_e2e(
-        args.url, int(getattr(args, "sessions", 1) or 1), float(getattr(args, "duration", 30.0) or 30.0),
-        fps=float(getattr(args, "fps", None) or DEFAULT_FPS), size=_parse_size(getattr(args, "size", None)),
-        prompt=getattr(args, "prompt", None) or "", token=getattr(args, "token", None),
-        deadline_ms=getattr(args, "deadline_ms", None), json_path=getattr(args, "json", None),
-        plot_path=getattr(args, "plot", None), progress=not quiet, command=getattr(args, "command_line", None),
-    ))
+    terminated: list[bool] = []
+    try:
+        report = asyncio.run(_sigterm_as_ctrl_c(run_e2e(
+            args.url, int(getattr(args, "sessions", 1) or 1), float(getattr(args, "duration", 30.0) or 30.0),
+            fps=float(getattr(args, "fps", None) or DEFAULT_FPS), size=_parse_size(getattr(args, "size", None)),
+            prompt=getattr(args, "prompt", None) or "", token=getattr(args, "token", None),
+            deadline_ms=getattr(args, "deadline_ms", None), json_path=getattr(args, "json", None),
+            plot_path=getattr(args, "plot", None), progress=not quiet, command=getattr(args, "command_line", None),
+        ), terminated))
+    except asyncio.CancelledError:  # SIGTERM before anything was measured (or a second one)
+        print("streamdiff: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     print(format_report(report))
     for what, path in (("report", getattr(args, "json", None)), ("plot", getattr(args, "plot", None))):
         if path and not quiet:
@@ -477,7 +506,7 @@ def run_from_args(args) -> int:
     if report.get("interrupted"):
         print(f"streamdiff: interrupted after {report['duration_s']:g} s: the numbers above cover that time",
               file=sys.stderr)
-        return 130
+        return 143 if terminated else 130
     return 0
 
 

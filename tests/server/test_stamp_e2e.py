@@ -245,25 +245,46 @@ def test_bench_fails_in_words_instead_of_reporting_nothing():
     assert nothing.startswith("no output frame came back in 2 s (") and "frames sent over 1 session)" in nothing, nothing
 
 
-async def _bench_cancelled_midway():
+async def _bench_terminated_midway(tmp_path):
+    """`streamdiff bench --url` in a child, sent SIGTERM (`timeout`, a service manager) once frames
+    flow; Ctrl-C takes the same way (asyncio cancels the main task on SIGINT)."""
+    import os
+    import signal
+    import sys
+
     async with running_server() as (url, app):
-        run = asyncio.ensure_future(run_e2e(url, sessions=1, duration_s=60.0, fps=15.0, token=TOKEN,
-                                            progress=False, bitrate_bps=None))
-        for _ in range(600):  # until frames come back (the limit only turns a hang into a failure)
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streamdiff.cli", "bench", "--url", url, "--token", TOKEN, "--duration", "60",
+            "--fps", "15", "-q", "--json", str(tmp_path / "r.json"), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        for _ in range(1200):  # until frames come back (the limit only turns a hang into a failure)
             await asyncio.sleep(0.1)
-            metrics = app[ENGINE_KEY].metrics()["totals"]
-            if metrics["frames_out"] >= 12:
+            if app[ENGINE_KEY].metrics()["totals"]["frames_out"] >= 12:
                 break
         await asyncio.sleep(1.0)
-        run.cancel()  # what asyncio.run does on Ctrl-C
-        report = await run
+        child.send_signal(signal.SIGTERM)
+        try:  # it hung for minutes: the CLI's SIGTERM handler raised inside aiortc's tasks
+            out, err = await asyncio.wait_for(child.communicate(), 60)
+        except TimeoutError:
+            child.kill()
+            await child.wait()
+            raise
+        for _ in range(100):
+            if not sessions_of(app).stream_count:
+                break
+            await asyncio.sleep(0.1)
         streams = sessions_of(app).stream_count
-    return report, streams
+    return child.returncode, out.decode(), err.decode(), streams
 
 
-def test_an_interrupted_bench_reports_what_it_measured():
-    """A probe: Ctrl-C in a 30 s bench printed only "interrupted" and wrote nothing."""
-    report, streams = asyncio.run(_bench_cancelled_midway())
-    assert report["interrupted"] and 0 < report["duration_s"] < 60
-    assert report["sessions"][0]["frames_read"] > 0 and streams == 0
-    assert f"{report['duration_s']:g} s" in format_report(report)
+def test_a_terminated_bench_reports_what_it_measured(tmp_path):
+    """A probe: Ctrl-C in a 30 s bench printed only "interrupted" and wrote nothing; SIGTERM left
+    the bench waiting for ever (no table, no report)."""
+    import json
+
+    code, out, err, streams = asyncio.run(_bench_terminated_midway(tmp_path))
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert code == 143, (code, err)
+    assert report["interrupted"] and 0 < report["duration_s"] < 60 and report["sessions"][0]["frames_read"] > 0
+    assert f"{report['duration_s']:g} s" in out and "interrupted after" in err, (out, err)
+    assert streams == 0  # its session was closed on the server
