@@ -116,3 +116,30 @@ def test_plot_draws_the_deadline_and_the_default_deadline_is_the_configs(tmp_pat
     assert "deadline 8000 ms" in [t.get_text() for t in cdf.get_legend().get_texts()]
     assert bench_deadline_ms("tiny", ()) == 8000.0  # the CPU preset's service level
     assert bench_deadline_ms("tiny", ["slo.deadline_ms=500"]) == 500.0
+
+
+def _record(sent_s, received):
+    from streamdiff.client.bench import SessionRecord
+
+    record = SessionRecord(0, sent_s=list(sent_s))
+    record.received = list(received)
+    record.arrivals_s = [t for t, _ in received]
+    return record
+
+
+def test_end_to_end_fps_is_not_raised_by_the_start_up_queue_draining():
+    """A probe: a 4 s run at 10 fps reported 13.7 fps: the frames queued while the first chunk was
+    made came out faster than they were sent, and fps counted that drain as throughput."""
+    from streamdiff.client.bench import delivered_fps
+
+    sent = [i / 10 for i in range(40)]  # 10 fps for 4 s
+    # latency falls from 1.5 s to 0.6 s over the first 12 frames, then holds: every frame returns
+    latency = [1.5 - 0.075 * min(i, 12) for i in range(40)]
+    draining = _record(sent, [(sent[i] + latency[i], i) for i in range(40)])
+    assert br.fps(draining.arrivals_s) > 11  # the arrival span alone
+    assert delivered_fps(draining) == pytest.approx(10.0)
+    # a server falling behind (latency growing, one frame in two returned): the arrival span
+    behind = _record(sent, [(sent[i] + 0.5 + 0.05 * i, i) for i in range(0, 40, 2)])
+    assert delivered_fps(behind) == pytest.approx(19 / (behind.arrivals_s[-1] - behind.arrivals_s[0]))
+    assert delivered_fps(behind) < 5
+    assert delivered_fps(_record(sent, [(1.0, 0)])) == 0.0
