@@ -169,9 +169,14 @@ async def _probe(http: aiohttp.ClientSession, url: str, warmup_wait_s: float = 6
     while True:
         try:
             async with http.get(f"{url}/healthz") as resp:
-                body = await resp.json(content_type=None)
+                text = await resp.text()
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise BenchError(f"cannot reach a StreamDiff server at {url}: {exc or type(exc).__name__}") from None
+        try:
+            body = json.loads(text)
+        except ValueError:  # something else answers there (it said "Expecting value: line 1 column 1")
+            raise BenchError(f"{url} answers, but not as a StreamDiff server: /healthz gave HTTP {resp.status} "
+                             f"{short(text)}") from None
         if not (resp.status == 503 and isinstance(body, dict) and body.get("state") == "warming"):
             break
         if time.monotonic() > deadline:
@@ -183,6 +188,12 @@ async def _probe(http: aiohttp.ClientSession, url: str, warmup_wait_s: float = 6
     if resp.status != 200 or not isinstance(body, dict) or not body.get("ok"):
         raise BenchError(f"the server at {url} is not ready (/healthz answered {resp.status}: {body})")
     return body
+
+
+def short(text: str, limit: int = 80) -> str:
+    """A reply's text for a one-line message: first line, cut, quoted."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return repr(line[:limit] + ("..." if len(line) > limit else "")) if line else "an empty body"
 
 
 class SessionRefused(BenchError):
@@ -218,7 +229,13 @@ async def _open_session(http: aiohttp.ClientSession, url: str, record: SessionRe
                 hint = " (pass the server's token with --token)"
             raise (SessionRefused if status == 503 else BenchError)(
                 f"the server refused {name}: HTTP {status}: {reason}{hint}")
-        body = json.loads(text)
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("sdp"), str):  # a probe: KeyError traceback
+            raise BenchError(f"{url}/offer answered {name}'s offer without an SDP answer "
+                             f"({short(text)}): is {url} a StreamDiff server?")
         record.session_id = body.get("session")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type="answer"))
         # Wait for ICE + DTLS.
@@ -452,7 +469,10 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
     if interrupted_after_s is not None:
         duration_s = round(interrupted_after_s, 1)
     report = {
-        "mode": "end-to-end", "command": command, "url": url, "width": width, "height": height, "fps_in": fps, "duration_s": duration_s,
+        "mode": "end-to-end", "command": command, "url": url,
+        # what was measured: the server's model and service level as it says them (/healthz)
+        "server": {key: health.get(key) for key in ("model", "video", "slo", "defaults") if key in health},
+        "width": width, "height": height, "fps_in": fps, "duration_s": duration_s,
         "interrupted": interrupted_after_s is not None,
         "deadline_ms": deadline_ms, "prompt": prompt, "sessions": per_session, "refused": refused,
         "aggregate": aggregate_report(per_session, fps, deadline_ms),

@@ -382,7 +382,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     served_cut = False
     if not report["interrupted"]:
         try:
-            _bench_as_served(settings, report)
+            served_cut = report["interrupted"] = _bench_as_served(settings, report)
         except KeyboardInterrupt:  # what was measured (the one-process table) is still written below
             served_cut = report["interrupted"] = True
             report.pop("served", None)
@@ -391,8 +391,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"wrote {benchreport.plot(plot_series(report), args.plot, title=report['command'], deadline_ms=settings.deadline_ms)}")
     if served_cut:
+        served = report.get("served")
+        part = (f"{len(served['results'])} of {served['combinations']} as-served ones" if served else "the as-served ones not")
         print(f"streamdiff: interrupted during the as-served run: all {report['combinations']} one-process "
-              f"combinations measured (above), the as-served ones not", file=sys.stderr)
+              f"combinations measured (above), {part}", file=sys.stderr)
         return _interrupted_code()
     if report["interrupted"]:
         last = report["results"][-1]
@@ -414,20 +416,21 @@ def _check_server_url(url: str) -> None:
         raise CliError(str(exc)) from None
 
 
-def _bench_as_served(settings, report: dict) -> None:
+def _bench_as_served(settings, report: dict) -> bool:
     """A config that serves on threaded stages (the demo: VAE encode, DiT and VAE decode each on
     a thread) is also measured that way, so the bench reports the rate `serve` gets as well as
-    the one-process step above; the run goes into the report as `served`."""
+    the one-process step above; the run goes into the report as `served`. True: it was
+    interrupted after some of its combinations."""
     from streamdiff.bench.model import bench_config
     from streamdiff.parallel import serves_on_threads
 
     cfg = bench_config(settings)
     if not serves_on_threads(cfg.parallel):
-        return
+        return False
     if settings.modes != ("eager",):
         print("this config serves on threaded stages; they run eager, so they are measured only without "
               "--compile / --cuda-graphs")
-        return
+        return False
     from streamdiff.bench import report as benchreport
     from streamdiff.bench.stages import TABLE_COLUMNS, report_rows, run_stages_bench
 
@@ -439,6 +442,7 @@ def _bench_as_served(settings, report: dict) -> None:
           f"--set parallel.vae_stages=false serves on one thread):")
     columns = tuple(c for c in TABLE_COLUMNS if c[0] != "speedup")  # one layout: nothing to compare
     print(benchreport.format_table(report_rows(served), columns))
+    return served["interrupted"]
 
 
 def _bench_stages(args: argparse.Namespace, settings) -> int:
@@ -458,6 +462,10 @@ def _bench_stages(args: argparse.Namespace, settings) -> int:
     print(benchreport.format_table(report_rows(report), TABLE_COLUMNS))
     if args.json:
         print(f"wrote {benchreport.write_json(report, args.json)}")
+    if report["interrupted"]:
+        print(f"streamdiff: interrupted: {len(report['results'])} of {report['combinations']} combinations "
+              f"measured (above)", file=sys.stderr)
+        return _interrupted_code()
     return 0
 
 

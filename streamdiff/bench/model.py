@@ -318,6 +318,7 @@ def run_model_bench(settings: ModelBenchSettings) -> dict:
     from streamdiff.model.build import build_components
 
     cfg = bench_config(settings)
+    commit = _git_commit()  # the code that runs (read at the start: a commit made meanwhile is not it)
     resolutions = settings.resolutions or ((cfg.video.width, cfg.video.height),)
     steps_list = settings.steps or (cfg.sampling.steps,)
     t0 = time.perf_counter()
@@ -360,7 +361,7 @@ def run_model_bench(settings: ModelBenchSettings) -> dict:
         "device_type": comps.device.type,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
-        "git_commit": _git_commit(),
+        "git_commit": commit,
         "peak_tflops": peak,
         "peak_tflops_source": peak_source,
         "duration_s": settings.duration_s,

@@ -127,7 +127,9 @@ def run_stages_bench(settings: ModelBenchSettings, stage_counts: list[int], ray:
 
     import torch
 
+    from streamdiff.bench.device import device_name
     from streamdiff.bench.model import _git_commit
+    from streamdiff.model.build import resolve_device
 
     cfg = bench_config(settings)
     resolutions = settings.resolutions or ((cfg.video.width, cfg.video.height),)
@@ -135,24 +137,32 @@ def run_stages_bench(settings: ModelBenchSettings, stage_counts: list[int], ray:
     for stages in stage_counts:
         if stages > cfg.model.num_layers:
             raise ValueError(f"--stages {stages}: the model has only {cfg.model.num_layers} blocks")
-    results = []
-    for width, height in resolutions:
-        for steps in steps_list:
-            for streams in settings.streams:
-                base = None
-                for stages in stage_counts:
-                    if not settings.quiet:
-                        print(f"  {cfg.name} {width}x{height} steps {steps} streams {streams}: {stages} stage(s) ...",
-                              flush=True)
-                    r = run_stage_combination(cfg, stages, steps, width, height, streams, settings, ray)
-                    base = base or r["fps"]
-                    r["speedup"] = r["fps"] / base
-                    results.append(r)
+    commit = _git_commit()  # the code that runs (read at the start: a commit made meanwhile is not it)
+    results, interrupted = [], False
+    try:
+        for width, height in resolutions:
+            for steps in steps_list:
+                for streams in settings.streams:
+                    base = None
+                    for stages in stage_counts:
+                        if not settings.quiet:
+                            print(f"  {cfg.name} {width}x{height} steps {steps} streams {streams}: {stages} "
+                                  f"stage(s) ...", flush=True)
+                        r = run_stage_combination(cfg, stages, steps, width, height, streams, settings, ray)
+                        base = base or r["fps"]
+                        r["speedup"] = r["fps"] / base
+                        results.append(r)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the combinations measured so far (a probe: none were shown)
+        if not results:
+            raise
+        interrupted = True
     return {
         "mode": "stages", "command": settings.command, "config": cfg.name, "overrides": list(settings.overrides),
-        "transport": "ray" if ray else "threads", "device": cfg.runtime.device,
+        "transport": "ray" if ray else "threads", "device": device_name(resolve_device(cfg.runtime.device)),
+        "interrupted": interrupted,
+        "combinations": len(resolutions) * len(steps_list) * len(settings.streams) * len(stage_counts),
         "torch_version": torch.__version__, "python_version": platform.python_version(),
-        "git_commit": _git_commit(), "duration_s": settings.duration_s, "deadline_ms": settings.deadline_ms,
+        "git_commit": commit, "duration_s": settings.duration_s, "deadline_ms": settings.deadline_ms,
         "feeding": "throughput: every stream gets a full chunk of fresh frames whenever it has none waiting, "
                    "arrival = push time; lane stride automatic (= stages) unless parallel.lane_stride is set",
         "results": results,

@@ -20,7 +20,8 @@ def test_stages_bench_runs_real_stages_and_writes_the_documented_json(tmp_path, 
     table = capsys.readouterr().out
     assert "stage busy %" in table and "speed-up" in table
     report = json.loads(out.read_text())
-    assert report["mode"] == "stages" and report["transport"] == "threads"
+    assert report["mode"] == "stages" and report["transport"] == "threads" and not report["interrupted"]
+    assert report["device"].startswith("CPU "), report["device"]  # a probe: "auto", the config's word
     one, two = report["results"]
     for r, stages in ((one, 1), (two, 2)):
         assert {"stages", "fps", "latency_p50_ms", "latency_p99_ms"} <= set(r)
@@ -30,6 +31,31 @@ def test_stages_bench_runs_real_stages_and_writes_the_documented_json(tmp_path, 
         assert len(r["stage_busy"]) == stages and all(0.0 < b <= 1.05 for b in r["stage_busy"])
         assert r["output_frames"] > 0 and r["latency_p50_ms"] <= r["latency_p99_ms"]
     assert one["speedup"] == 1.0
+
+
+def test_ctrl_c_reports_the_stage_counts_already_measured(tmp_path, capsys, monkeypatch):
+    """A probe: Ctrl-C (or SIGTERM) in the second stage count printed only "interrupted": the
+    first one's numbers, minutes of Ray start-up and measuring, were lost."""
+    import streamdiff.bench.stages as stages
+
+    real, calls = stages.run_stage_combination, []
+
+    def second_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "run_stage_combination", second_interrupted)
+    out = tmp_path / "stages.json"
+    rc = main(["bench", "--config", "tiny", "--set", "model.num_layers=2", "--set", "runtime.device=cpu",
+               "--resolution", "32x32", "--steps", "1", "--stages", "1,2", "--duration", "0.3", "-q",
+               "--json", str(out)])
+    assert rc == 130
+    report = json.loads(out.read_text())
+    assert report["interrupted"] and len(report["results"]) == 1 and report["combinations"] == 2
+    captured = capsys.readouterr()
+    assert "1 of 2 combinations measured" in captured.err and "stage busy %" in captured.out
 
 
 def test_model_mode_also_measures_the_threaded_stages_a_config_serves_on(tmp_path, capsys):

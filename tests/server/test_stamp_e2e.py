@@ -162,6 +162,7 @@ async def _bench_against_test_server():
 def test_bench_latencies_match_the_server_metrics():
     report, served = asyncio.run(_bench_against_test_server())
     assert (report["width"], report["height"]) == (WIDTH, HEIGHT)  # the size came from /healthz
+    assert report["server"]["model"]["config"] == "tiny"  # a probe: the report did not say what was measured
     assert len(report["sessions"]) == 2
     for s in report["sessions"]:
         ids, client_ms = s["samples"]["ids"], s["samples"]["latency_ms"]
@@ -189,6 +190,45 @@ def test_bench_latencies_match_the_server_metrics():
 def test_bench_says_when_the_server_is_unreachable():
     with pytest.raises(BenchError, match="cannot reach a StreamDiff server at http://127.0.0.1:9"):
         asyncio.run(run_e2e("http://127.0.0.1:9", sessions=1, duration_s=1.0, progress=False, bitrate_bps=None))
+
+
+async def _bench_against(routes) -> str:
+    from aiohttp import web
+
+    app = web.Application()
+    app.add_routes(routes)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        await run_e2e(f"http://127.0.0.1:{port}", sessions=1, duration_s=1.0, progress=False, bitrate_bps=None)
+    except BenchError as exc:
+        return str(exc)
+    finally:
+        await runner.cleanup()
+    raise AssertionError("the bench ran against a server that is not StreamDiff")
+
+
+def test_bench_says_when_something_else_answers():
+    """A probe: a service that is not StreamDiff was "cannot reach ... Expecting value: line 1
+    column 1", and one answering /healthz with {"ok": true} ended in a KeyError traceback."""
+    from aiohttp import web
+
+    async def text(request):
+        return web.Response(text="<html>hello</html>", status=404)
+
+    async def ok(request):
+        return web.json_response({"ok": True})
+
+    async def no_sdp(request):
+        return web.json_response({"hello": "world"})
+
+    said = asyncio.run(_bench_against([web.get("/healthz", text)]))
+    assert "answers, but not as a StreamDiff server: /healthz gave HTTP 404 '<html>hello</html>'" in said, said
+    said = asyncio.run(_bench_against([web.get("/healthz", ok), web.post("/offer", no_sdp)]))
+    assert "/offer answered session 1's offer without an SDP answer" in said and "StreamDiff server?" in said, said
 
 
 async def _bench_one_refused(tmp_path):
