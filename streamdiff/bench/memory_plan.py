@@ -141,13 +141,53 @@ class MemoryPlan:
 
     def max_streams(self, device_bytes: int, lanes_needed_only: bool = False) -> int:
         """The most streams whose total fits `device_bytes` (total grows with streams)."""
-        lo, hi = 0, 1
-        while self.total(hi, lanes_needed_only) <= device_bytes and hi < 2**30:
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:  # total(lo) fits (or lo == 0), total(hi) does not
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.total(mid, lanes_needed_only) <= device_bytes else (lo, mid)
-        return lo
+        return _largest(lambda n: self.total(n, lanes_needed_only) <= device_bytes)
+
+    # ---------------------------------------------------------------- one device a stage
+    @property
+    def split(self) -> bool:
+        """Stages on devices of their own (parallel.num_stages > 1 or VAE stages)."""
+        return len(self.stage_blocks) > 1 or self.vae_stages
+
+    def devices(self) -> list[str]:
+        """The names of the devices a split model runs on, in order (`device_total`'s keys)."""
+        dit = [f"stage {k}" for k in range(len(self.stage_blocks))]
+        return ["VAE encode", *dit, "VAE decode"] if self.vae_stages else dit
+
+    def device_total(self, device: str, streams: int, lanes_needed_only: bool = False) -> int:
+        """What one device of a split model holds with `streams` streams (model_runner's
+        stage_components): a DiT stage its blocks' weights, KV and prompt K/V; the first also the
+        prompt encoder and its cache; the VAE (all of it, and the caches of its half) on the first
+        and last DiT stages, or on VAE stages of their own. Activations: a block's forward peaks
+        alike on every stage (the DiT phase), the VAE's phase where the VAE runs."""
+        enc_cache = self.vae_cache_stream - self.vae_dec_cache_stream
+        dit_act = self.act_dit_fixed + self.act_dit_row * streams * self.steps
+        vae_act = self.act_vae_fixed + self.act_vae_stream * streams
+        if device.startswith("VAE"):
+            cache = enc_cache if device == "VAE encode" else self.vae_dec_cache_stream
+            return self.reserve + self.vae_weights + streams * cache + vae_act
+        k = int(device.split()[1])
+        share = self.stage_blocks[k] / sum(self.stage_blocks)
+        first, last = k == 0, k == len(self.stage_blocks) - 1
+        kv = self.kv_needed if lanes_needed_only else self.kv_stream
+        total = self.reserve + self.stage_weights[k] + round(share * (SPARE_PROMPTS + streams) * self.prompt_kv)
+        total += streams * round(share * kv)
+        if first:
+            total += (self.text_weights if self.text_placement != "cpu" else 0) + self.text_cache
+        holds_vae = not self.vae_stages and (first or last)
+        if holds_vae:
+            total += self.vae_weights + streams * ((enc_cache if first else 0) + (self.vae_dec_cache_stream if last else 0))
+        return total + (max(dit_act, vae_act) if holds_vae else dit_act)
+
+    def max_streams_split(self, device_bytes: int, lanes_needed_only: bool = False) -> tuple[int, str]:
+        """The most streams every device of a split model (each of `device_bytes`) holds, and the
+        device that limits it (the one fullest at one stream more)."""
+        def fits(n: int) -> bool:
+            return all(self.device_total(d, n, lanes_needed_only) <= device_bytes for d in self.devices())
+
+        n = _largest(fits)
+        tightest = max(self.devices(), key=lambda d: self.device_total(d, n + 1, lanes_needed_only))
+        return n, tightest
 
     def to_dict(self, device_bytes: int | None = None) -> dict:
         out = asdict(self)
@@ -156,7 +196,23 @@ class MemoryPlan:
         if device_bytes is not None:
             out.update(device_bytes=device_bytes, max_streams=self.max_streams(device_bytes),
                        max_streams_steps_lanes=self.max_streams(device_bytes, True))
+            if self.split:  # one device a stage, each of device_bytes
+                n, tightest = self.max_streams_split(device_bytes)
+                out.update(max_streams_split=n, max_streams_split_steps_lanes=self.max_streams_split(device_bytes, True)[0],
+                           split_limited_by=tightest,
+                           device_totals_1={d: self.device_total(d, 1) for d in self.devices()})
         return out
+
+
+def _largest(fits) -> int:
+    """The largest n >= 0 with fits(n), for a `fits` true up to some n and false after it."""
+    lo, hi = 0, 1
+    while fits(hi) and hi < 2**30:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # fits(lo) (or lo == 0), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 # ---------------------------------------------------------------------------------- building
@@ -428,15 +484,23 @@ def format_plan(plan: MemoryPlan, device_bytes: int) -> str:
         f"  fixed: reserve {g(plan.reserve)}, text embedding cache {g(plan.text_cache)}, "
         f"{SPARE_PROMPTS} spare prompt K/V {g(SPARE_PROMPTS * plan.prompt_kv)}",
     ]
+    if plan.split:  # the answer a user with one device a stage asks for
+        n, tightest = plan.max_streams_split(device_bytes)
+        n_steps = plan.max_streams_split(device_bytes, True)[0]
+        used = ", ".join(f"{d} {g(plan.device_total(d, max(n, 1)))}" for d in plan.devices())
+        if n:
+            lines.append(f"  fits, one {device_bytes / GiB:.1f} GiB device a stage: {n} stream(s) ({used}); {tightest} "
+                         f"is the fullest; {n_steps} if the pool held only {plan.steps} lane(s) a stream")
+        else:
+            lines.append(f"  fits, one {device_bytes / GiB:.1f} GiB device a stage: no stream (1 stream needs {used}); "
+                         f"{n_steps} with {plan.steps}-lane pools")
     n, n_steps = plan.max_streams(device_bytes), plan.max_streams(device_bytes, True)
+    whole = "  the whole model on one device: " if plan.split else "  fits: "
     if n:
-        lines.append(f"  fits: {n} stream(s) ({g(plan.total(n))} used); {n_steps} if the pool held only "
+        lines.append(f"{whole}{n} stream(s) ({g(plan.total(n))} used); {n_steps} if the pool held only "
                      f"{plan.steps} lane(s) a stream")
     else:
-        lines.append(f"  fits: no stream (1 stream needs {g(plan.total(1))}; {n_steps} with {plan.steps}-lane pools)")
-    if len(plan.stage_blocks) > 1 or plan.vae_stages:
-        lines.append("  note: the fit above is for the whole model on one device; a stage holds its blocks' "
-                     "weights and KV only (lines above)")
+        lines.append(f"{whole}no stream (1 stream needs {g(plan.total(1))}; {n_steps} with {plan.steps}-lane pools)")
     lines += [f"  note: {note}" for note in plan.notes]
     return "\n".join(lines)
 

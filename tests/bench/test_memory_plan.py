@@ -138,6 +138,42 @@ def test_split_stages_hold_their_blocks(cfg):
     assert max(two.stage_weights) < one.dit_weights
 
 
+def test_one_device_a_stage_holds_what_its_stage_builds():
+    """A probe: `plan --config wan-14b-4gpu` printed each stage's share, then answered for the
+    whole model on one device ("no stream" on 24 GiB cards, where each stage fits one). A device
+    of a split model is planned with what model_runner builds on it."""
+    from streamdiff.engine.model_runner import ModelRunner, stage_components
+    from streamdiff.engine.stage_io import StageSpec
+
+    cfg = load_config("tiny", [*OVERRIDES, "model.num_layers=3", "parallel.num_stages=2", "parallel.partition=[1,2]"])
+    plan = plan_memory(cfg, "cpu")
+    assert plan.split and plan.devices() == ["stage 0", "stage 1"]
+    streams = 3
+    for k, blocks in enumerate(((0, 1), (1, 3))):
+        comps = stage_components(cfg, StageSpec(k, 2, blocks), torch.device("cpu"))
+        runner = ModelRunner(comps, max_streams=streams, spec=StageSpec(k, 2, blocks))
+        weights = module_bytes(comps.model) + module_bytes(comps.vae.vae)  # both ends hold the VAE
+        weights += sum(t.nbytes for t in vars(comps.text).values() if isinstance(t, torch.Tensor)) if comps.text else 0
+        assert plan.stage_weights[k] == module_bytes(comps.model)
+        kv = runner.pool.k.nbytes + runner.pool.v.nbytes
+        held = plan.device_total(f"stage {k}", streams) - plan.device_total(f"stage {k}", 0)
+        # a stream more: its KV lanes here, its share of prompt K/V, its VAE half's caches, activations
+        per_stream = (kv // streams + round(plan.prompt_kv * (blocks[1] - blocks[0]) / 3)
+                      + (plan.vae_cache_stream - plan.vae_dec_cache_stream if k == 0 else plan.vae_dec_cache_stream))
+        assert held >= streams * per_stream
+        fixed = plan.device_total(f"stage {k}", 0)
+        assert fixed >= plan.reserve + weights - (plan.text_weights if plan.text_placement == "cpu" and k == 0 else 0)
+    whole = plan_memory(load_config("tiny", [*OVERRIDES, "model.num_layers=3"]), "cpu")
+    for n in (1, 4):
+        assert all(plan.device_total(d, n) < whole.total(n) for d in plan.devices())
+    n, tightest = plan.max_streams_split(whole.total(2))
+    assert n >= 2 and all(plan.device_total(d, n) <= whole.total(2) for d in plan.devices())
+    assert any(plan.device_total(d, n + 1) > whole.total(2) for d in plan.devices()) and tightest in plan.devices()
+    text = format_plan(plan, whole.total(2))
+    assert f"fits, one {whole.total(2) / GiB:.1f} GiB device a stage: {n} stream(s)" in text, text
+    assert "the whole model on one device: 2 stream(s)" in text, text
+
+
 def test_fit_arithmetic(plan):
     n = plan.max_streams(2 * GiB)
     assert plan.total(n) <= 2 * GiB < plan.total(n + 1)
