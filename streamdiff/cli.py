@@ -576,7 +576,6 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
-    from dataclasses import replace
     from pathlib import Path
 
     from streamdiff.config import load_config, resolve_path
@@ -585,14 +584,18 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     check_folder(args.work, "--work")  # before the teacher's renders and the training, not after
     check_folder(args.output, "--output")
     try:
-        from streamdiff.demo.train import Recipe, kernel_note, train_demo
+        from streamdiff.demo.data import require_training_extras
+        from streamdiff.demo.train import Recipe, check_trainable, kernel_note, train_demo
+
+        require_training_extras()  # a probe: missing, the data stage's workers failed and restarted for ever
     except ImportError as exc:
         raise CliError(f"{exc}") from None
-    recipe = Recipe()
-    if args.smoke:  # a few steps of every stage at 64x64: checks the trainer, not the result
-        recipe = replace(recipe, clips_per_photo=1, vae_encoder_steps=2, vae_decoder_steps=2, dit_steps=2, vae_batch=2,
-                         dit_batch=2, checkpoint_every=1, photos=2, size=64, vae_crop=32,
-                         vae_decoder_crop=32, dit_crop=4)
+    try:
+        check_trainable(cfg)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    # --smoke: a few steps of every stage at 64x64: checks the trainer, not the result
+    recipe = Recipe.smoke() if args.smoke else Recipe()
     if not args.smoke:  # the weights this rebuild stands beside: the config's own
         made = cfg.weights.transformer
         note = kernel_note(resolve_path(made).parent / "training.json") if made else None
@@ -600,7 +603,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
             print(f"train-demo: {note}", file=sys.stderr)
     try:
         out = train_demo(Path(args.work), Path(args.output), args.config, recipe, args.threads)
-    except ValueError as exc:  # a work folder of another recipe
+    except ValueError as exc:  # a work folder of another run, a damaged file, a stage's process that died
         raise CliError(str(exc)) from None
     print(f"wrote the demo weights to {out} (work files in {args.work}; rerun to resume)")
     return 0

