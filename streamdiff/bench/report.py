@@ -177,7 +177,7 @@ def plot(series: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, 
     ax_fps.set(xlabel="time (s)", ylabel="fps (per chunk)", title="delivered fps")
     for ax in (ax_cdf, ax_fps):
         ax.grid(alpha=0.3)
-        if series or deadline_ms is not None:
+        if ax.get_legend_handles_labels()[1]:  # a series of one burst draws no fps line (matplotlib warned)
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)

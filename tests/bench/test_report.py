@@ -88,6 +88,12 @@ def test_plot_writes_a_png(tmp_path):
     path = br.plot(series, tmp_path / "p" / "plot.png", title="t")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    # a probe: a series of one burst (no fps line) printed matplotlib's "No artists with labels" warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        br.plot({"burst": {"latency_ms": [5.0], "times_s": [1.0, 1.0]}}, tmp_path / "burst.png")
 
 
 def test_fps_over_time_is_chunk_level_not_one_second_bins():
