@@ -187,7 +187,7 @@ def _sleeping_grandchild() -> None:
 def _parent_of_a_grandchild(pids) -> None:
     import multiprocessing
 
-    child = multiprocessing.get_context("spawn").Process(target=_sleeping_grandchild)
+    child = multiprocessing.get_context("fork").Process(target=_sleeping_grandchild)
     child.start()
     pids.put(child.pid)
     child.join()
@@ -207,7 +207,7 @@ def test_a_stage_process_ends_when_train_demo_is_killed():
     import multiprocessing
     import signal
 
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork")  # the stages' processes are spawned; the watch is the same
     pids = ctx.Queue()
     parent = ctx.Process(target=_parent_of_a_grandchild, args=(pids,))
     parent.start()
