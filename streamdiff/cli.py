@@ -540,7 +540,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for size in sizes:
         print(format_plan(plan, size))
     if args.json:
-        print(f"wrote {write_plan_json(plan, sizes[0], args.json)}")
+        print(f"wrote {write_plan_json(plan, sizes, args.json)}")
     return 0
 
 

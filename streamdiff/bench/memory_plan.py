@@ -505,10 +505,18 @@ def format_plan(plan: MemoryPlan, device_bytes: int) -> str:
     return "\n".join(lines)
 
 
-def write_plan_json(plan: MemoryPlan, device_bytes: int, path: str | Path) -> Path:
+def write_plan_json(plan: MemoryPlan, device_bytes: int | list[int], path: str | Path) -> Path:
+    """The plan and its fit on the first device size; with several sizes (`--gpu-mem 16GB,80GB`)
+    every size's fit too, under `fits` (a probe: the file held the first size's only)."""
+    sizes = device_bytes if isinstance(device_bytes, list) else [device_bytes]
+    out = plan.to_dict(sizes[0])
+    if len(sizes) > 1:
+        keys = ("device_bytes", "max_streams", "max_streams_steps_lanes", "max_streams_split",
+                "max_streams_split_steps_lanes", "split_limited_by")
+        out["fits"] = [{k: v for k, v in plan.to_dict(size).items() if k in keys} for size in sizes]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(plan.to_dict(device_bytes), indent=2))
+    path.write_text(json.dumps(out, indent=2))
     return path
 
 

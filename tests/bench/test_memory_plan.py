@@ -9,6 +9,7 @@ real steady chunk (encode, one forward of 2 rows, decode) against the plan's, sa
 from __future__ import annotations
 
 import gc
+import json
 
 import numpy as np
 import pytest
@@ -229,7 +230,9 @@ def test_cli_plan_prints_and_refuses_bad_sizes(tmp_path, capsys):
                  "--gpu-mem", "1GiB,2GiB", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert text.count("memory plan: tiny at 64x48") == 2 and "fits:" in text
-    assert out.exists()
+    written = json.loads(out.read_text())  # a probe: the file held the first size's fit only
+    assert [f["device_bytes"] for f in written["fits"]] == [GiB, 2 * GiB]
+    assert written["fits"][0]["max_streams"] == written["max_streams"] <= written["fits"][1]["max_streams"]
     assert main(["plan", "--gpu-mem", "lots"]) == 2
     assert "--gpu-mem" in capsys.readouterr().err
     # --stages as serve and bench take it: each stage's share of the blocks
