@@ -154,16 +154,21 @@ def to_model_frame(frame: av.VideoFrame, width: int, height: int, pixel: Fractio
     return np.ascontiguousarray(pixels[y0 : y0 + height, x0 : x0 + width])
 
 
-def add_audio(video: str | Path, source: str | Path, out: str | Path, until_s: float | None = None) -> bool:
+def add_audio(video: str | Path, source: str | Path, out: str | Path, until_s: float | None = None,
+              rate: Fraction | None = None) -> bool:
     """Write `out`: `video`'s video stream and `source`'s first audio stream, both copied as they
     are (no re-encoding), interleaved by time; the audio is shifted by the source video's start,
     so that it stays in sync with frames that now start at 0, and ends at `until_s` (the video's
     length, when fewer frames than the source's were rendered). False (and no `out`) when the
-    output's container cannot hold that audio codec (Opus in an .avi, for one)."""
+    output's container cannot hold that audio codec (Opus in an .avi, for one). `rate`: the
+    video's frame rate (default: its stream's average rate), which a copied stream does not keep
+    by itself (a probe: an .mkv with audio said 30000 fps, from the writer's 1/90000 time base)."""
     try:
         with av.open(str(source)) as src, av.open(str(video)) as vid, av.open(str(out), "w") as dst:
             a_in, v_in = src.streams.audio[0], vid.streams.video[0]
             v_out, a_out = dst.add_stream_from_template(v_in), dst.add_stream_from_template(a_in)
+            if rate or v_in.average_rate:
+                v_out.codec_context.framerate = rate or v_in.average_rate
             src_video = _video_stream(src)
             shift = float(src_video.start_time * src_video.time_base) if src_video.start_time else 0.0
             lag = round(shift / a_in.time_base) if shift else 0
@@ -198,8 +203,8 @@ def add_audio(video: str | Path, source: str | Path, out: str | Path, until_s: f
 
 
 class VideoWriter:
-    """Encode uint8 RGB frames to a file (H.264 when the build has it, MPEG-4 otherwise). The file
-    appears only when the writer closes without an error: until then it is a hidden partial file
+    """Encode uint8 RGB frames to a file (H.264 when the build has it, MPEG-4 otherwise and in an
+    .avi). The file appears only when the writer closes without an error: until then it is a hidden partial file
     beside it, removed on an error or Ctrl-C, so a render that fails never replaces a good output
     with a broken one. `sample_aspect`: the pixels' shape, for anamorphic input kept at its size.
     `audio_from`: a file whose audio goes into the output as it is (`audio_kept` says if it could).
@@ -223,7 +228,10 @@ class VideoWriter:
         self.with_audio = self.path.with_name(f".{self.path.stem}.audio{self.path.suffix}")  # close() copies audio in
         self.container = av.open(str(self.partial), mode="w")
         rate = self.rate = Fraction(fps).limit_denominator(1001)
-        codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
+        # H.264 in an AVI is read back one frame period late (FFmpeg's guess without presentation
+        # times): an AVI gets MPEG-4 Part 2, the codec the container was made for
+        avi = self.path.suffix.lower() == ".avi"
+        codec = codec or ("libx264" if "libx264" in av.codecs_available and not avi else "mpeg4")
         self.stream = self.container.add_stream(codec, rate=rate)
         self.stream.width, self.stream.height = width, height
         self.stream.pix_fmt = "yuv420p"
@@ -285,7 +293,7 @@ class VideoWriter:
         if self.audio_from is not None:
             end_s = (float(self._last_pts * TIME_BASE + 1 / self.rate) if self._last_pts is not None
                      else float(self.frames_written / self.rate))
-            self.audio_kept = add_audio(self.partial, self.audio_from, self.with_audio, end_s)
+            self.audio_kept = add_audio(self.partial, self.audio_from, self.with_audio, end_s, self.rate)
             if self.audio_kept:
                 self.with_audio.replace(self.partial)
         self.partial.replace(self.path)

@@ -88,6 +88,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     check_weight_paths(cfg)
     check_device(cfg)
 
+    import av
+
     from streamdiff.client.video_io import VideoInputError, VideoWriter, probe, read_frames  # PyAV, no torch
 
     size = _parse_size(args.size)
@@ -145,20 +147,23 @@ def cmd_render(args: argparse.Namespace) -> int:
     frames_in = 0
     t_run = time.perf_counter()
     audio = args.input if args.input != SYNTHETIC and info.has_audio else None
-    with VideoWriter(args.output, width, height, fps, sample_aspect=sample_aspect, audio_from=audio,
-                     times=times) as writer, tqdm(
-        total=total or None, unit="frame", desc="render", disable=args.quiet
-    ) as bar:
-        try:
-            for frame in frames_iter:
-                writer.write(pipe.push(frame[None]))
-                frames_in += 1
-                bar.update(1)
-        except VideoInputError as exc:
-            raise CliError(str(exc)) from None
-        if frames_in == 0:
-            raise CliError(f"{args.input} has no frames")
-        writer.write(pipe.flush())
+    try:
+        with VideoWriter(args.output, width, height, fps, sample_aspect=sample_aspect, audio_from=audio,
+                         times=times) as writer, tqdm(
+            total=total or None, unit="frame", desc="render", disable=args.quiet
+        ) as bar:
+            try:
+                for frame in frames_iter:
+                    writer.write(pipe.push(frame[None]))
+                    frames_in += 1
+                    bar.update(1)
+            except VideoInputError as exc:
+                raise CliError(str(exc)) from None
+            if frames_in == 0:
+                raise CliError(f"{args.input} has no frames")
+            writer.write(pipe.flush())
+    except av.FFmpegError as exc:  # the encoder or muxer refused (a probe: 30000 fps into an .avi); nothing is left
+        raise CliError(f"writing {args.output} failed: {exc} (the input's frame rate: {fps:g} fps)") from None
     # the container's own count only (a probe: an intact Matroska file, which lists none, rendered
     # with --frames 50 was "cut short" at its 30 frames)
     if args.input != SYNTHETIC and info.frames and frames_in < total:

@@ -372,3 +372,20 @@ def test_the_token_may_come_from_the_environment(monkeypatch):
     assert parser.parse_args(["serve", "--token", "flag"]).token == "flag"
     monkeypatch.setenv("STREAMDIFF_TOKEN", "")
     assert build_parser().parse_args(["serve"]).token is None
+
+
+def test_a_file_the_muxer_refuses_is_one_line_and_leaves_nothing(tmp_path, here, monkeypatch):
+    """A probe: an .avi render of a file claiming 30000 fps ended in FFmpeg's traceback from the
+    writer's close (its partial file was removed)."""
+    import av
+
+    from streamdiff.client import video_io
+
+    def refuse(self):  # as the muxer does in close(), after every frame was written
+        raise av.error.ArgumentError(22, "Invalid argument", str(self.partial))
+
+    monkeypatch.setattr(video_io.VideoWriter, "close", refuse)
+    out = tmp_path / "o.avi"
+    rc, err = here("render", "--input", "synthetic", "--frames", "5", "--prompt", "a photo", "--output", str(out), "-q")
+    assert rc == 2 and len(err.splitlines()) == 1 and f"writing {out} failed: " in err, err
+    assert list(tmp_path.iterdir()) == []  # no output, no partial file
