@@ -40,8 +40,9 @@ class VideoInfo:
 
 
 def _video_stream(container):
-    """The stream a player shows: FFmpeg's best video stream (the largest, not a cover picture
-    or a thumbnail that happens to come first)."""
+    """The stream a player shows: FFmpeg's best video stream, as ffplay picks it (a default one
+    first; an attached cover picture or thumbnail last, even when it comes first). Of two
+    ordinary streams that is not the larger one: the file's own choice wins, as in a player."""
     return container.streams.best("video") or container.streams.video[0]
 
 
