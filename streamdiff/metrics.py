@@ -186,8 +186,11 @@ class EngineMetrics:
                 self.streams[stream_id].deadline_ms = deadline_ms
 
     def frame_in(self, stream_id: str, n: int = 1) -> None:
+        """`n` input frames of the stream entered the engine (the totals count them also for a
+        stream already removed: frames that were still on their way in)."""
         with self._lock:
-            self.streams[stream_id].frames_in += n
+            if (s := self.streams.get(stream_id)) is not None:
+                s.frames_in += n
             self.totals["frames_in"] += n
 
     def frames_dropped(self, stream_id: str, n: int, cause: str = "input") -> None:

@@ -69,10 +69,11 @@ class _Inbox:
                 self._overflow[stream_id] = self._overflow.get(stream_id, 0) + 1
             self._cond.notify()
 
-    def forget(self, stream_id: str) -> None:
+    def forget(self, stream_id: str) -> int:
+        """Drop the stream's waiting frames; returns how many frames came in for it since the loop
+        last took them (those waiting and those they pushed out), which the engine never saw."""
         with self._cond:
-            self._frames.pop(stream_id, None)
-            self._overflow.pop(stream_id, None)
+            return len(self._frames.pop(stream_id, ())) + self._overflow.pop(stream_id, 0)
 
     def take(self, timeout: float) -> tuple[list, dict[str, deque], dict[str, int]]:
         """Everything queued now; waits up to `timeout` s if nothing is."""
@@ -91,6 +92,14 @@ class _Inbox:
                     future.set_exception(exc)
             self._commands.clear()
             self._frames.clear()
+
+
+def _count_unseen(core: EngineCore, stream_id: str, n: int) -> None:
+    """Input frames of a stream that was removed before the loop took them: they came in (frames_in)
+    and will never be output (dropped, "removed"), so the totals still add up."""
+    if n:
+        core.metrics.frame_in(stream_id, n)
+        core.metrics.frames_dropped(stream_id, n, "removed")
 
 
 class _OutputQueue:
@@ -284,8 +293,13 @@ class AsyncEngine:
         if queue is None:
             return False
         queue.close(StreamClosedError(f"stream {stream_id!r} was removed"))
-        self._inbox.forget(stream_id)
-        return await self._call(lambda core: core.remove_stream(stream_id))
+        unseen = self._inbox.forget(stream_id)
+
+        def remove(core: EngineCore) -> bool:
+            _count_unseen(core, stream_id, unseen)  # before its metrics go (a probe: 25 of 30 frames uncounted)
+            return core.remove_stream(stream_id)
+
+        return await self._call(remove)
 
     async def params(self, stream_id: str) -> StreamParams:
         return await self._call(lambda core: core.params(stream_id))
@@ -342,7 +356,8 @@ class AsyncEngine:
                 # 2. Input frames (streams removed meanwhile are skipped).
                 known = set(core.stream_ids)
                 for stream_id, items in frames.items():
-                    if stream_id not in known:
+                    if stream_id not in known:  # came in, and never will: counted in the totals
+                        _count_unseen(core, stream_id, len(items) + overflow.get(stream_id, 0))
                         continue
                     for frame, pts, arrival_s in items:
                         core.push_frame(stream_id, frame, pts, now=arrival_s)
@@ -358,7 +373,7 @@ class AsyncEngine:
                 closed = core.take_closed()
                 if closed:
                     for stream_id in closed:
-                        self._inbox.forget(stream_id)
+                        _count_unseen(core, stream_id, self._inbox.forget(stream_id))
                     self._post(self._close_streams, closed)
                 # (a command may have collected plans too: adding a stream drains the pipeline)
                 waiting = [sid for sid in core.stream_ids if core.output_frames_waiting(sid)]

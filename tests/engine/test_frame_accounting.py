@@ -86,3 +86,28 @@ def test_a_burst_into_the_async_engine_counts_every_frame_in(cfg):
     s, totals = asyncio.run(run())
     assert s["frames_in"] == 40 and s["dropped_by_cause"]["input"] > 0
     assert totals["frames_in"] == 40 and totals["frames_in"] == totals["frames_out"] + totals["dropped_frames"]
+
+
+def test_frames_still_on_their_way_in_when_a_stream_is_removed_are_counted(cfg):
+    """A probe: frames pushed while the loop was busy, then the stream removed, were counted
+    nowhere (30 pushed, frames_in 5): neither in nor dropped, so the totals no longer said what
+    came in. They count as in and dropped ("removed"), whichever side of the loop they were on."""
+    async def run():
+        engine = AsyncEngine(cfg)
+        await engine.start()
+        try:
+            totals = []
+            for sid in ("a", "b"):
+                assert await engine.add_stream(sid, "x", steps=1, target_fps=1.0, deadline_ms=1e6)
+                frame = np.zeros((cfg.video.height, cfg.video.width, 3), np.uint8)
+                for i in range(30):  # in one turn of the event loop: none has reached the engine yet
+                    engine.push_frame(sid, frame, i)
+                await engine.remove_stream(sid)
+                totals.append(dict(engine.metrics()["totals"]))
+            return totals
+        finally:
+            await engine.stop()
+
+    for k, totals in enumerate(asyncio.run(run())):
+        assert totals["frames_in"] == 30 * (k + 1), totals
+        assert totals["frames_in"] == totals["frames_out"] + totals["dropped_frames"], totals
