@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from streamdiff.config import Config, load_config
 from streamdiff.demo.data import TRAIN_PHOTOS, Teacher, load_photo, make_clip
+from streamdiff.model.loading import first_line
 from streamdiff.model.style_prompts import PROMPT_NAMES
 from streamdiff.model.taehv import TAEHV, decode_latents, encode_frames
 
@@ -92,12 +93,7 @@ def _load_work(path: Path, weights_only: bool = False):
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # noqa: BLE001 - RuntimeError, OSError, EOFError, UnpicklingError, ...
-        raise WorkError(f"{path} is damaged ({_first_line(exc)}); delete it and rerun to redo that stage") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
+        raise WorkError(f"{path} is damaged ({first_line(exc)}); delete it and rerun to redo that stage") from None
 
 
 def _exit_with_parent() -> None:
@@ -217,7 +213,7 @@ def load_data(files: list[Path]) -> list[np.ndarray]:
         try:
             out.append(np.load(f, mmap_mode="r"))
         except (ValueError, OSError) as exc:
-            raise WorkError(f"{f} is damaged ({_first_line(exc)}); delete it and rerun to render it again") from None
+            raise WorkError(f"{f} is damaged ({first_line(exc)}); delete it and rerun to render it again") from None
     return out
 
 
@@ -597,7 +593,7 @@ def _add_seconds(work: Path, seconds: float) -> float:
     try:
         before = float(json.loads(path.read_text())["train_seconds"]) if path.exists() else 0.0
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"train-demo: {path} is damaged ({_first_line(exc)}); the wall-time total starts again",
+        print(f"train-demo: {path} is damaged ({first_line(exc)}); the wall-time total starts again",
               file=sys.stderr)
         before = 0.0
     total = before + seconds
@@ -614,22 +610,12 @@ def architecture(cfg: Config) -> dict:
             "sampling": {"shift": cfg.sampling.shift, "num_train_timesteps": cfg.sampling.num_train_timesteps}}
 
 
-def _differs(mine: dict, theirs: dict, prefix: str = "") -> str | None:
-    """The first key (dotted) where two JSON-like dicts differ, None when they are equal."""
-    for key in sorted(set(mine) | set(theirs)):
-        a, b = mine.get(key), theirs.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            if (inner := _differs(a, b, f"{prefix}{key}.")) is not None:
-                return inner
-        elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
-            return f"{prefix}{key}"
-    return None
-
-
-def _dig(d: dict, dotted: str):
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A JSON object's leaves by dotted key ({"a": {"b": 1}} -> {"a.b": 1})."""
+    out = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 # Stages whose result depends on --threads (they run on all of them); data does not (the teacher),
@@ -647,7 +633,7 @@ def claim_threads(work: Path, threads: int) -> int:
     try:
         theirs = int(json.loads(path.read_text())["threads"]) if path.exists() else None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise WorkError(f"{path} is damaged ({_first_line(exc)}); pass another --work") from None
+        raise WorkError(f"{path} is damaged ({first_line(exc)}); pass another --work") from None
     begun = any((work / name).exists() for name in THREADED_STAGES)
     if theirs is not None and theirs != threads and begun:
         if (work / THREADED_DONE).exists():
@@ -665,21 +651,24 @@ def claim_work(work: Path, recipe: Recipe, arch: dict | None = None) -> None:
     would mix two runs' outputs into weights neither would make (a probe: --config with 3 heads
     of 32 resumed a run of 2 heads of 48, the same shapes, to rc 0)."""
     path = work / "recipe.json"
-    mine = {**asdict(recipe), **({"architecture": arch} if arch is not None else {})}
+    # as JSON holds it (tuples become lists), so that it compares equal to what was written
+    mine = json.loads(json.dumps({**asdict(recipe), **({"architecture": arch} if arch is not None else {})}))
     if path.exists():
         try:
             theirs = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise WorkError(f"{path} is damaged ({_first_line(exc)}); it records which run the folder holds: "
+            raise WorkError(f"{path} is damaged ({first_line(exc)}); it records which run the folder holds: "
                             f"pass another --work") from None
         # a folder of an earlier trainer recorded the recipe only: what it lacks is taken as this run's
         theirs = {**{k: v for k, v in mine.items() if k == "architecture"}, **theirs}
-        if (key := _differs(mine, theirs)) is not None:
+        ours, recorded = _flat(mine), _flat(theirs)
+        key = next((k for k in sorted(ours.keys() | recorded.keys()) if ours.get(k) != recorded.get(k)), None)
+        if key is not None:
             smoke = asdict(Recipe.smoke())
             what = ("a --smoke run" if all(theirs.get(k) == v for k, v in smoke.items()) else
                     "a full run (this one is --smoke)" if all(mine.get(k) == v for k, v in smoke.items()) else
                     "a run of another config" if key.startswith("architecture.") else "a run of another recipe")
-            raise WorkError(f"{work} holds {what} ({key}: {_dig(theirs, key)} there, {_dig(mine, key)} now); "
+            raise WorkError(f"{work} holds {what} ({key}: {recorded.get(key)} there, {ours.get(key)} now); "
                             f"pass another --work")
         if theirs != mine:
             path.write_text(json.dumps(mine, indent=2) + "\n")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import re
 import zlib
@@ -363,9 +364,9 @@ _DIFFUSERS_FIELDS = {"num_attention_heads": "num_heads", "attention_head_dim": "
 _WAN_FIELDS = {"num_heads": "num_heads", "ffn_dim": "ffn_dim", "num_layers": "num_layers", "in_dim": "in_channels",
                "out_dim": "out_channels", "text_dim": "text_dim", "freq_dim": "freq_dim", "eps": "eps",
                "cross_attn_norm": "cross_attn_norm"}
-# Values the model has no setting for: another one is another architecture.
-_FIXED = {"patch_size": [1, 2, 2], "qk_norm": ("rms_norm_across_heads", True), "model_type": "t2v",
-          "image_dim": None, "added_kv_proj_dim": None}
+# Values the model has no setting for (the first is what it takes): another one is another architecture.
+_FIXED = {"patch_size": ([1, 2, 2],), "qk_norm": ("rms_norm_across_heads", True), "model_type": ("t2v",),
+          "image_dim": (None,), "added_kv_proj_dim": (None,)}
 
 
 def transformer_config_disagreements(config: Mapping | None, model_cfg) -> list[str]:
@@ -381,16 +382,16 @@ def transformer_config_disagreements(config: Mapping | None, model_cfg) -> list[
         if name not in config:
             continue
         ours, theirs = getattr(model_cfg, field_name), config[name]
-        same = (isinstance(theirs, (int, float)) and not isinstance(theirs, bool) and abs(float(theirs) - ours)
-                <= 1e-9 * max(1.0, abs(ours))) if field_name == "eps" else theirs == ours
-        if not same:
+        if field_name == "eps" and isinstance(theirs, float):  # written as 1e-06 or 0.000001
+            theirs = ours if math.isclose(theirs, ours, rel_tol=1e-9) else theirs
+        if theirs != ours:
             said.append(f"{name}={theirs!r} (model.{field_name}={ours!r}: --set model.{field_name}={theirs})")
     if wan and "dim" in config and config["dim"] != model_cfg.num_heads * model_cfg.head_dim:
         said.append(f"dim={config['dim']!r} (model.num_heads x model.head_dim = {model_cfg.num_heads} x "
                     f"{model_cfg.head_dim})")
     for name, allowed in _FIXED.items():
-        if name in config and config[name] not in (allowed if isinstance(allowed, tuple) else (allowed,)):
-            said.append(f"{name}={config[name]!r} (this model takes {allowed if not isinstance(allowed, tuple) else allowed[0]!r})")
+        if name in config and config[name] not in allowed:
+            said.append(f"{name}={config[name]!r} (this model takes {allowed[0]!r})")
     return said
 
 
