@@ -9,6 +9,7 @@ Routes:
   POST /offer                            JSON {sdp, type, prompt?, stamp?} -> {sdp, type, session, expect, means?}
                                          (OPTIONS /offer: the CORS preflight; every reply carries CORS)
   POST /whip/{key}                       application/sdp -> 201 + Location /whip/{key}/{session}
+                                         (/whip/{key}/ the same; /whip, /whip/: 404 saying the key is missing)
                                          (`?stamp=1` on /offer and /whip: frame-id stamps, see sessions)
   DELETE|PATCH|OPTIONS /whip/{key}/{id}  end (200) | trickle (405) | CORS
   POST /whep/{key}, DELETE|PATCH /whep/{key}/{id}   the same for playback of stream `key`
@@ -37,6 +38,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 from aiortc import RTCSessionDescription
+from aiortc import sdp as aiortc_sdp
 
 from streamdiff.server.control import params_patch, websocket
 from streamdiff.server.http import (
@@ -81,6 +83,7 @@ from streamdiff.server.sdp import (
     accept_simulcast,
     answer_simulcast,
     check_offer_sdp,
+    directions_per_section,
     prefer_h264,
     require_directions,
     require_video_codec,
@@ -193,6 +196,9 @@ async def _refused_by_aiortc(request: web.Request, kind: str, sdp: str) -> str |
     pc = request.app[SESSIONS_KEY].new_peer()
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        answer = await pc.createAnswer()  # (its own checks: a probe's offers failed only here)
+        if (got := _sections(answer.sdp)) != (offered := _sections(sdp)):  # as setLocalDescription checks
+            raise ValueError(f"the answer's media sections {got} do not match the offer's {offered}")
     except Exception as exc:
         log.info("a %s offer aiortc cannot take", kind, exc_info=True)
         why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
@@ -203,6 +209,12 @@ async def _refused_by_aiortc(request: web.Request, kind: str, sdp: str) -> str |
     finally:
         await pc.close()
     return None
+
+
+def _sections(sdp: str) -> list[tuple[str, str]]:
+    """(kind, mid) of each media section, as aiortc pairs an answer with its offer."""
+    parsed = aiortc_sdp.SessionDescription.parse(sdp)
+    return [(media.kind, media.rtp.muxId) for media in parsed.media]
 
 
 NOT_NEGOTIABLE = "could not negotiate the offer (the server's console says why)"
@@ -310,7 +322,7 @@ async def offer(request: web.Request) -> web.Response:
         check_offer_sdp(sdp)
         require_directions(sdp, sends=True, receives=True, what="the page sends its camera and "
                            "receives the restyled video (sendrecv); to publish only, use /whip/KEY, to watch, /whep/KEY")
-        sdp, _ = accept_simulcast(sdp)
+        sdp, _ = accept_simulcast(directions_per_section(sdp))
     except (ValueError, TypeError) as exc:  # our own checks: plain messages
         return web.json_response({"error": f"bad offer: {exc}"}, status=400)
     if await _refused_by_aiortc(request, "browser", sdp) is not None:
@@ -372,7 +384,7 @@ async def whip_post(request: web.Request) -> web.Response:
         require_directions(sdp, sends=True, receives=False, what="a WHIP publisher offers sendonly video "
                            f"(to watch stream {key!r}, use /whep/{key})")
         require_video_codec(sdp)
-        sdp, rids = accept_simulcast(sdp)
+        sdp, rids = accept_simulcast(directions_per_section(sdp))
     except CodecError as exc:
         return _error(406, str(exc))
     except ValueError as exc:  # SdpError or a bad ?stamp=
@@ -404,6 +416,15 @@ async def whip_post(request: web.Request) -> web.Response:
     return _sdp_created(f"/whip/{key}/{session.id}", answer_sdp, session.id, _expect_header(session))
 
 
+async def no_stream_key(request: web.Request) -> web.Response:
+    """POST /whip or /whep with no key: a URL without its stream key (OBS drops the body and
+    says "Failed to connect"; `log_refusal` prints this line on the console)."""
+    kind = request.path.strip("/")
+    what = "your stream key, any name you choose" if kind == "whip" else "the key of the stream to play"
+    return _error(404, f"no stream key in the URL: {kind.upper()} URLs are /{kind}/KEY, KEY {what} "
+                       "(letters, digits, '-' and '_')")
+
+
 async def whep_post(request: web.Request) -> web.Response:
     sessions, settings = request.app[SESSIONS_KEY], request.app[SETTINGS_KEY]
     key = check_stream_key(request.match_info["key"])
@@ -415,6 +436,7 @@ async def whep_post(request: web.Request) -> web.Response:
         require_directions(sdp, sends=False, receives=True, what=f"/whep/{key} plays a stream (a WHEP "
                            f"player offers recvonly video); to publish, POST to /whip/{key}")
         require_video_codec(sdp, player=True)
+        sdp = directions_per_section(sdp)
     except CodecError as exc:
         return _error(406, str(exc))
     except SdpError as exc:
@@ -640,10 +662,13 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
     r.add_post("/offer", offer, expect_handler=expect_small_body)
     r.add_route("OPTIONS", "/offer", options)
     for kind, post in (("whip", whip_post), ("whep", whep_post)):
-        r.add_post(f"/{kind}/{{key}}", post, expect_handler=expect_small_body)
-        if kind == "whep":
-            r.add_route("HEAD", f"/{kind}/{{key}}", whep_head)
-        r.add_route("OPTIONS", f"/{kind}/{{key}}", options)
+        for endpoint in (f"/{kind}/{{key}}", f"/{kind}/{{key}}/"):  # a URL pasted with its slash works too
+            r.add_post(endpoint, post, expect_handler=expect_small_body)
+            if kind == "whep":
+                r.add_route("HEAD", endpoint, whep_head)
+            r.add_route("OPTIONS", endpoint, options)
+        for keyless in (f"/{kind}", f"/{kind}/"):
+            r.add_post(keyless, no_stream_key)
         r.add_delete(f"/{kind}/{{key}}/{{id}}", resource_delete)
         r.add_route("OPTIONS", f"/{kind}/{{key}}/{{id}}", options)
         r.add_route("*", f"/{kind}/{{key}}/{{id}}", resource_other)  # PATCH (trickle ICE): 405 too

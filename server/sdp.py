@@ -41,6 +41,10 @@ def check_offer_sdp(sdp: str, *, need_video: bool = True) -> list[str]:
         raise SdpError("malformed SDP: no media section ('m=' line)")
     if need_video and "video" not in kinds:
         raise SdpError("the offer has no video media section")
+    mids = [line[6:] for _, lines in _media_sections(sdp)[1] for line in lines if line.startswith("a=mid:")]
+    if (twice := next((mid for k, mid in enumerate(mids) if mid in mids[:k]), None)) is not None:
+        # aiortc took it, then failed at its answer (a probe): the offer had a place by then
+        raise SdpError(f"malformed SDP: a=mid:{twice} names two media sections (each needs its own)")
     return kinds
 
 
@@ -76,6 +80,22 @@ def video_directions(sdp: str) -> list[str]:
 
     default = direction(session, "sendrecv")
     return [direction(lines, default) for kind, lines in sections if kind == "video"]
+
+
+def directions_per_section(sdp: str) -> str:
+    """The offer with a session-level direction attribute (RFC 8866 allows one) written into each
+    m-section that has none of its own, and removed from the session: aiortc reads directions per
+    section only and failed on such an offer at its answer (`None is not in list`, a probe)."""
+    session, sections = _media_sections(sdp)
+    said = [line for line in session if line.startswith("a=") and line[2:] in DIRECTIONS]
+    if not said:
+        return sdp
+    eol = "\r\n" if "\r\n" in sdp else "\n"
+    out = [line for line in session if line not in said and line]
+    for _, lines in sections:
+        own = any(line.startswith("a=") and line[2:] in DIRECTIONS for line in lines)
+        out += [line for line in lines if line] + ([] if own else [said[0]])
+    return eol.join(out) + eol
 
 
 def require_directions(sdp: str, *, sends: bool, receives: bool, what: str) -> None:

@@ -48,10 +48,16 @@ async def _obs():
                 assert r.status == 415
             async with http.post(f"{url}/whip/cam", data=offer, headers=SDP) as r:
                 assert r.status == 401
-            # 2. One layer: accepted, and the answer accepts that layer.
-            async with http.post(f"{url}/whip/cam", data=_with_layers(offer, 1), headers={**SDP, **auth()}) as r:
+            # ... and a server URL without its stream key (a probe: aiohttp's bare 404, no console line)
+            async with http.post(f"{url}/whip/", data=offer, headers={**SDP, **auth()}) as r:
+                text = await r.text()
+                assert r.status == 404 and "no stream key in the URL" in text and "/whip/KEY" in text, text
+            # 2. One layer: accepted, and the answer accepts that layer (the URL pasted with a
+            #    trailing slash is the same endpoint: it was a bare 404).
+            async with http.post(f"{url}/whip/cam/", data=_with_layers(offer, 1), headers={**SDP, **auth()}) as r:
                 assert r.status == 201, await r.text()
                 answer_sdp, location = await r.text(), r.headers["Location"]
+                assert location == f"/whip/cam/{r.headers['X-Session-Id']}", location
                 assert "X-StreamDiff-Expect" in r.headers
             video = _video_section(answer_sdp)
             assert "a=rid:0 recv" in video and "a=simulcast:recv 0" in video
@@ -98,7 +104,8 @@ def test_simulcast_whep_and_the_console_lines():
     assert sum("(stream key cam): 400" in l and "Total Layers" in l for l in refused) == 1, lines
     assert sum("(stream key cam): 415 Content-Type must be application/sdp" in l for l in refused) == 1, lines
     assert sum("(stream key cam): 401" in l for l in refused) == 1, lines
-    assert len(refused) == 4, refused
+    assert sum("(stream key -): 404 no stream key in the URL" in l for l in refused) == 1, lines
+    assert len(refused) == 5, refused
     assert any(re.search(r"session \w+ \(whip, key \w+\) ended after \d+ s.*: WHIP DELETE", l) for l in lines), lines
     assert any(re.search(r"session \w+ \(whep, key \w+\) ended", l) for l in lines), lines
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 from aiortc import RTCPeerConnection
 
 from gateway_helpers import Collector, SyntheticVideo, answer, auth, obs_like_offer, running_server, sessions_of, until
@@ -70,7 +71,16 @@ def test_offers_sent_together_to_a_full_server_pass_no_limit():
 NO_ICE = ("a=ice-ufrag:", "a=ice-pwd:")
 
 
-async def _unusable_offer_on_a_full_server():
+def _without_ice(offer: str) -> str:
+    return "".join(line for line in offer.splitlines(keepends=True) if not line.startswith(NO_ICE))
+
+
+def _one_mid_twice(offer: str) -> str:
+    """Both media sections under a=mid:0 (a probe: aiortc took it, then failed at its answer)."""
+    return offer.replace("a=mid:1", "a=mid:0")
+
+
+async def _unusable_offer_on_a_full_server(damage):
     async with running_server(max_sessions=1, replace_pending_after_s=0.2) as (url, app):
         sessions = sessions_of(app)
         async with aiohttp.ClientSession() as http:
@@ -78,20 +88,48 @@ async def _unusable_offer_on_a_full_server():
             await holder.close()
             assert (await _post(http, url, "/whip/holder", offer))[0] == 201
             await asyncio.sleep(0.3)  # the holder would give its place to a newcomer now
-            broken = "".join(line for line in offer.splitlines(keepends=True) if not line.startswith(NO_ICE))
-            status, text, headers = await _post(http, url, "/whip/broken", broken)
+            assert "a=mid:1" in offer
+            status, text, headers = await _post(http, url, "/whip/broken", damage(offer))
             keys = [s.stream_key for s in sessions.sessions.values()]
             ended = list(sessions.ended.values())
     return status, text, headers, keys, ended
 
 
-def test_an_offer_aiortc_cannot_take_is_refused_before_it_takes_a_place():
-    """No ICE credentials: 400, not 503 with Retry-After (a client that obeys it retried for
-    ever), and the session waiting to connect keeps its place (it was evicted for an offer that
-    then failed)."""
-    status, text, headers, keys, ended = asyncio.run(_unusable_offer_on_a_full_server())
-    assert status == 400 and "could not negotiate" in text and "Retry-After" not in headers, (status, text)
+@pytest.mark.parametrize("damage, said", [(_without_ice, "could not negotiate"),
+                                          (_one_mid_twice, "a=mid:0 names two media sections")])
+def test_an_offer_aiortc_cannot_take_is_refused_before_it_takes_a_place(damage, said):
+    """No ICE credentials, one mid for two sections: 400, not 503 with Retry-After (a client that
+    obeys it retried for ever), and the session waiting to connect keeps its place (it was evicted
+    for an offer that then failed)."""
+    status, text, headers, keys, ended = asyncio.run(_unusable_offer_on_a_full_server(damage))
+    assert status == 400 and said in text and "Retry-After" not in headers, (status, text)
     assert keys == ["holder"] and not ended
+
+
+async def _publisher_with_a_session_level_direction():
+    async with running_server() as (url, app):
+        sessions = sessions_of(app)
+        async with aiohttp.ClientSession() as http:
+            pub, offer = await obs_like_offer()
+            assert offer.count("a=sendonly") == 2 and "\r\nt=0 0\r\n" in offer
+            # the same offer with its direction said once for the session (RFC 8866 allows it)
+            moved = offer.replace("a=sendonly\r\n", "").replace("\r\nt=0 0\r\n", "\r\nt=0 0\r\na=sendonly\r\n")
+            status, text, headers = await _post(http, url, "/whip/session-level", moved)
+            assert status == 201, text
+            await answer(pub, text)
+            sid = headers["X-Session-Id"]
+            await until(lambda: sessions.sessions[sid].reader is not None and
+                        sessions.sessions[sid].reader.frames_received > 0, "its video arrives")
+            await pub.close()
+    return text
+
+
+def test_a_direction_said_once_for_the_whole_offer_is_taken():
+    """A probe: an offer whose a=sendonly is at session level (valid SDP) passed our direction
+    check, then failed in aiortc at its answer (`None is not in list`): a place taken, and 503 with
+    Retry-After on a busy server. The direction now goes into each section for aiortc."""
+    answer_sdp = asyncio.run(_publisher_with_a_session_level_direction())
+    assert answer_sdp.count("a=recvonly") == 2, answer_sdp
 
 
 def _with_h264(offer: str, fmtp: str | None) -> str:
