@@ -18,26 +18,6 @@ print(json.dumps({"rc": rc, "torch": "torch" in sys.modules}))
 """
 
 
-@pytest.fixture
-def here(capsys):
-    """`streamdiff ARGS` in this process, for errors that come after the model is built (a child
-    would pay Python's and torch's start-up, ~3 s a case): (exit code, stderr). The torch thread
-    count a config applies is put back."""
-    import torch
-
-    from streamdiff.cli import main
-
-    threads = torch.get_num_threads()
-
-    def call(*args: str) -> tuple[int, str]:
-        capsys.readouterr()
-        rc = main(list(args))
-        return rc, capsys.readouterr().err.strip()
-
-    yield call
-    torch.set_num_threads(threads)
-
-
 def run(*args: str, hide_gpus: bool = False) -> tuple[dict, str]:
     """`streamdiff ARGS` in a child; `hide_gpus`: as on a machine without CUDA devices."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", **({"CUDA_VISIBLE_DEVICES": ""} if hide_gpus else {}))
@@ -241,7 +221,7 @@ def test_a_frame_size_must_be_positive(size):
     ("text_encoder", "cut", "is not a readable safetensors file"),
     ("vae", "swap", "taehv: 0/"),  # the DiT's file given as the VAE: its keys do not match
 ])
-def test_a_broken_weights_file_is_one_line_naming_it(tmp_path, key, damage, words, here):
+def test_a_broken_weights_file_is_one_line_naming_it(tmp_path, key, damage, words, cli_here):
     """Found by trying: the demo with a truncated or swapped weights file ended in a traceback."""
     from streamdiff.config import load_config, resolve_path
 
@@ -254,7 +234,7 @@ def test_a_broken_weights_file_is_one_line_naming_it(tmp_path, key, damage, word
         bad.write_bytes(b"")
     else:
         bad.write_bytes(resolve_path(weights.transformer).read_bytes())
-    rc, err = here("render", "--input", "synthetic", "--frames", "5", "--prompt", "a photo", "--output",
+    rc, _, err = cli_here("render", "--input", "synthetic", "--frames", "5", "--prompt", "a photo", "--output",
                    str(tmp_path / "o.mp4"), "--set", f"weights.{key}={bad}")
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("streamdiff: error:"), err
     assert words in err and (damage == "swap" or str(bad) in err), err
@@ -267,9 +247,9 @@ def test_a_broken_weights_file_is_one_line_naming_it(tmp_path, key, damage, word
     ("weights.text_encoder=", "text.kind=styles needs weights.text_encoder"),  # was random styles, silently
     ("model.num_layers=3", "has 4 blocks but the model has 3"),  # was loaded at "100 %", one block unused
 ])
-def test_settings_the_demo_weights_cannot_serve_are_one_line(tmp_path, setting, words, here):
+def test_settings_the_demo_weights_cannot_serve_are_one_line(tmp_path, setting, words, cli_here):
     """Found by a CLI probe: each of these ended in a traceback or ran with the wrong weights."""
-    rc, err = here("render", "--input", "synthetic", "--frames", "5", "--prompt", "a photo", "--output",
+    rc, _, err = cli_here("render", "--input", "synthetic", "--frames", "5", "--prompt", "a photo", "--output",
                    str(tmp_path / "o.mp4"), "--set", setting)
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("streamdiff: error:"), err
     assert words in err, err
@@ -374,7 +354,7 @@ def test_the_token_may_come_from_the_environment(monkeypatch):
     assert build_parser().parse_args(["serve"]).token is None
 
 
-def test_a_file_the_muxer_refuses_is_one_line_and_leaves_nothing(tmp_path, here, monkeypatch):
+def test_a_file_the_muxer_refuses_is_one_line_and_leaves_nothing(tmp_path, cli_here, monkeypatch):
     """A probe: an .avi render of a file claiming 30000 fps ended in FFmpeg's traceback from the
     writer's close (its partial file was removed)."""
     import av
@@ -386,6 +366,6 @@ def test_a_file_the_muxer_refuses_is_one_line_and_leaves_nothing(tmp_path, here,
 
     monkeypatch.setattr(video_io.VideoWriter, "close", refuse)
     out = tmp_path / "o.avi"
-    rc, err = here("render", "--input", "synthetic", "--frames", "5", "--prompt", "a photo", "--output", str(out), "-q")
+    rc, _, err = cli_here("render", "--input", "synthetic", "--frames", "5", "--prompt", "a photo", "--output", str(out), "-q")
     assert rc == 2 and len(err.splitlines()) == 1 and f"writing {out} failed: " in err, err
     assert list(tmp_path.iterdir()) == []  # no output, no partial file

@@ -1,4 +1,6 @@
-"""`streamdiff render` end to end, in a subprocess as a user runs it."""
+"""`streamdiff render` end to end: once in a subprocess as a user runs it (its stderr as a shell
+shows it), the other cases in this process (`cli_here`: a child pays 3-5 s of start-up each),
+and errors that must come before the model loads in a child without the model packages."""
 
 from __future__ import annotations
 
@@ -65,23 +67,21 @@ def test_render_keeps_frame_count_size_and_rate(clip_file, tmp_path):
     assert len(said) == 1 and "noise" in said[0] and "--config demo" in said[0], result.stderr
 
 
-def test_render_resizes_on_the_way_in(clip_file, tmp_path):
+def test_render_resizes_on_the_way_in(clip_file, tmp_path, cli_here):
     out = tmp_path / "small.mp4"
-    result = run_cli(
-        "render", "--input", str(clip_file), "--prompt", "x", "--output", str(out), "--size", "32x32", "--steps", "1",
-        *SMALL,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "wrote 50 frames 32x32" in result.stdout
+    rc, said, err = cli_here("render", "--input", str(clip_file), "--prompt", "x", "--output", str(out), "--size",
+                             "32x32", "--steps", "1", *SMALL)
+    assert rc == 0, err
+    assert "wrote 50 frames 32x32" in said
     frames, _ = read_back(out)
     assert len(frames) == 50 and frames[0].shape == (32, 32, 3)
 
 
-def test_render_synthetic_input(tmp_path):
+def test_render_synthetic_input(tmp_path, cli_here):
     out = tmp_path / "syn.mp4"
-    result = run_cli("render", "--input", "synthetic", "--frames", "13", "--prompt", "x", "--output", str(out),
-                     "--size", "48x32", *SMALL)
-    assert result.returncode == 0, result.stderr
+    rc, _, err = cli_here("render", "--input", "synthetic", "--frames", "13", "--prompt", "x", "--output", str(out),
+                          "--size", "48x32", *SMALL)
+    assert rc == 0, err
     assert len(read_back(out)[0]) == 13
 
 
@@ -128,33 +128,22 @@ def test_a_frame_too_wide_is_refused_in_the_words_of_the_input(tmp_path):
     assert result.returncode == 2 and "'16384x16': width and height must be at most 8192" in result.stderr, result.stderr
 
 
-def test_bad_config_override_fails_cleanly(clip_file, tmp_path):
-    result = run_cli("render", "--input", str(clip_file), "--prompt", "x", "--output", str(tmp_path / "o.mp4"),
-                     "--set", "cache.windw=4")
-    assert result.returncode == 2
-    assert "unknown config key 'cache.windw'" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_bad_config_override_fails_cleanly(clip_file, tmp_path, cli_here):
+    rc, _, err = cli_here("render", "--input", str(clip_file), "--prompt", "x", "--output", str(tmp_path / "o.mp4"),
+                          "--set", "cache.windw=4")
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "unknown config key 'cache.windw'" in err
 
 
 @pytest.mark.parametrize("prompt, said", [("a cyberpunk city", "'a photo'"), ("Starry night over my desk", "'starry night'"),
                                           ("mosaic", None)])
-def test_render_says_what_the_demo_reads_a_prompt_as(tmp_path, prompt, said, capsys, caplog):
+def test_render_says_what_the_demo_reads_a_prompt_as(tmp_path, prompt, said, cli_here):
     """The demo knows nine prompts; any other reads as one of them (mostly `a photo`): one line
-    says so, unless the prompt is one of the nine as written. (In this process: a child pays
-    Python's and torch's start-up, ~3 s a case; the torch thread count the demo sets is put back.)"""
-    import torch
-
-    from streamdiff.cli import main
-
-    threads = torch.get_num_threads()
-    try:
-        rc = main(["render", "--config", "demo", "--input", "synthetic", "--frames", "5", "--prompt", prompt,
-                   "--output", str(tmp_path / "o.mp4"), "-q"])
-    finally:
-        torch.set_num_threads(threads)
-    err = capsys.readouterr().err
+    says so, unless the prompt is one of the nine as written."""
+    rc, _, err = cli_here("render", "--config", "demo", "--input", "synthetic", "--frames", "5", "--prompt", prompt,
+                          "--output", str(tmp_path / "o.mp4"), "-q")
     assert rc == 0, err
-    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "reads --prompt" in r.getMessage()]
+    lines = [line for line in err.splitlines() if line.startswith("WARNING") and "reads --prompt" in line]
     if said is None:
         assert lines == [], err
     else:
@@ -171,7 +160,7 @@ def test_an_output_that_is_the_input_is_refused_and_the_input_kept(clip_file, tm
     assert same.read_bytes() == clip_file.read_bytes()
 
 
-def test_an_input_cut_short_is_rendered_with_a_warning(tmp_path):
+def test_an_input_cut_short_is_rendered_with_a_warning(tmp_path, cli_here):
     """Found by trying: a cut mp4 (moov first, so it still opens) rendered a third of its frames
     and said nothing."""
     whole = tmp_path / "whole.mp4"
@@ -185,15 +174,16 @@ def test_an_input_cut_short_is_rendered_with_a_warning(tmp_path):
             container.mux(packet)
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    result = run_cli("render", "--input", str(cut), "--prompt", "x", "--output", str(tmp_path / "o.mp4"), "-q", *SMALL)
-    assert result.returncode == 0, result.stderr
-    warned = [line for line in result.stderr.splitlines() if "of the 40 frames its container lists" in line]
-    assert len(warned) == 1, result.stderr
+    rc, _, err = cli_here("render", "--input", str(cut), "--prompt", "x", "--output", str(tmp_path / "o.mp4"), "-q",
+                          *SMALL)
+    assert rc == 0, err
+    warned = [line for line in err.splitlines() if "of the 40 frames its container lists" in line]
+    assert len(warned) == 1, err
     written = len(read_back(tmp_path / "o.mp4")[0])
     assert 0 < written < 40 and f"ended after {written} of the 40" in warned[0]
 
 
-def test_frames_beyond_an_intact_file_without_a_frame_count_is_no_warning(tmp_path):
+def test_frames_beyond_an_intact_file_without_a_frame_count_is_no_warning(tmp_path, cli_here):
     """A probe: a whole Matroska file (OBS records them; the container lists no frame count)
     rendered with --frames 50 was "cut short or damaged" at its 30 frames."""
     mkv = tmp_path / "rec.mkv"
@@ -202,13 +192,14 @@ def test_frames_beyond_an_intact_file_without_a_frame_count_is_no_warning(tmp_pa
     with av.open(str(mkv)) as container:
         assert container.streams.video[0].frames == 0  # the case: no count in the container
     out = tmp_path / "o.mp4"
-    result = run_cli("render", "--input", str(mkv), "--frames", "50", "--prompt", "x", "--output", str(out), "-q", *SMALL)
-    assert result.returncode == 0, result.stderr
-    assert "cut short" not in result.stderr, result.stderr
+    rc, _, err = cli_here("render", "--input", str(mkv), "--frames", "50", "--prompt", "x", "--output", str(out), "-q",
+                          *SMALL)
+    assert rc == 0, err
+    assert "cut short" not in err, err
     assert len(read_back(out)[0]) == 30
 
 
-def test_more_steps_than_the_noise_allows_are_named(tmp_path):
+def test_more_steps_than_the_noise_allows_are_named(tmp_path, cli_here):
     """At noise 0.2 the first step is t=100, and with StreamDiffusionV2's list a second re-noises to
     t=500 (the list is made for 0.7-0.8): the picture blurs, which the user is told in one line.
     The demo's own list (every later step below its first) says nothing."""
@@ -218,13 +209,13 @@ def test_more_steps_than_the_noise_allows_are_named(tmp_path):
     assert renoised_above(4, 0.8) is None and renoised_above(2, 0.62) is None
     assert renoised_above(4, 0.2, (100, 30, 15, 5)) is None
     for extra, warned in ((["--set", "sampling.timesteps=[700,500,400,200]"], True), ([], False)):
-        result = run_cli("render", "--input", "synthetic", "--frames", "5", "--prompt", "a photo", "--steps", "2",
-                         "--output", str(tmp_path / "o.mp4"), "-q", *extra)
-        assert result.returncode == 0, result.stderr
-        said = [line for line in result.stderr.splitlines() if "re-noises" in line]
-        assert len(said) == int(warned), result.stderr
+        rc, _, err = cli_here("render", "--input", "synthetic", "--frames", "5", "--prompt", "a photo", "--steps", "2",
+                              "--output", str(tmp_path / "o.mp4"), "-q", *extra)
+        assert rc == 0, err
+        said = [line for line in err.splitlines() if "re-noises" in line]
+        assert len(said) == int(warned), err
         if warned:
-            assert "t=100" in said[0] and "t=500" in said[0] and "--steps 1" in said[0], result.stderr
+            assert "t=100" in said[0] and "t=500" in said[0] and "--steps 1" in said[0], err
 
 
 def test_a_frame_size_that_cannot_fit_is_warned_about_before_the_run():
@@ -267,18 +258,18 @@ def _with_audio(clip_file, path, codec: str, sample_fmt: str) -> None:
             out.mux(packet)
 
 
-def test_frames_caps_a_file_input_and_its_audio_comes_along(clip_file, tmp_path):
+def test_frames_caps_a_file_input_and_its_audio_comes_along(clip_file, tmp_path, cli_here):
     """--frames was taken for the synthetic input only (a file rendered whole, without a word), and
     a file's audio was dropped silently. Now the audio is copied, cut where the frames end; where
     the output's container cannot hold it, the user is told."""
     talk = tmp_path / "talk.mp4"
     _with_audio(clip_file, talk, "aac", "fltp")
     out = tmp_path / "five.mp4"
-    result = run_cli("render", "--input", str(talk), "--frames", "5", "--prompt", "x", "--output", str(out),
-                     "-q", *SMALL)
-    assert result.returncode == 0, result.stderr
+    rc, _, err = cli_here("render", "--input", str(talk), "--frames", "5", "--prompt", "x", "--output", str(out), "-q",
+                          *SMALL)
+    assert rc == 0, err
     assert len(read_back(out)[0]) == 5
-    assert "cut short" not in result.stderr and "audio" not in result.stderr, result.stderr
+    assert "cut short" not in err and "audio" not in err, err
     with av.open(str(out)) as rendered:
         sound = rendered.streams.audio[0]
         assert sound.codec_context.name == "aac"
@@ -287,10 +278,11 @@ def test_frames_caps_a_file_input_and_its_audio_comes_along(clip_file, tmp_path)
 
     opus = tmp_path / "opus.mkv"
     _with_audio(clip_file, opus, "libopus", "s16")
-    result = run_cli("render", "--input", str(opus), "--prompt", "x", "--output", str(tmp_path / "o.avi"), "-q", *SMALL)
-    assert result.returncode == 0, result.stderr
-    said = [line for line in result.stderr.splitlines() if "has audio" in line]
-    assert len(said) == 1 and "a .avi file cannot hold" in said[0] and ".mkv" in said[0], result.stderr
+    rc, _, err = cli_here("render", "--input", str(opus), "--prompt", "x", "--output", str(tmp_path / "o.avi"), "-q",
+                          *SMALL)
+    assert rc == 0, err
+    said = [line for line in err.splitlines() if "has audio" in line]
+    assert len(said) == 1 and "a .avi file cannot hold" in said[0] and ".mkv" in said[0], err
     with av.open(str(tmp_path / "o.avi")) as rendered:
         assert not rendered.streams.audio and rendered.streams.video[0].frames in (0, 50)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["five.mp4", "o.avi", "opus.mkv", "talk.mp4"]
