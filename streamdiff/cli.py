@@ -11,6 +11,7 @@ and the progress display. Does not own: any model or serving logic.
 from __future__ import annotations
 
 import os
+import re
 
 # Nothing is ever downloaded: Hugging Face libraries stay offline in this process, whatever a
 # weights folder's config says (set before any of them is imported).
@@ -236,6 +237,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray_address:
         overrides += [f"parallel.ray_address={args.ray_address}", "parallel.backend=ray"]
     cfg = _config_with_stages(args.config, overrides, args.stages)
+    if args.max_sessions is not None and args.max_sessions > cfg.cache.max_streams:  # (a probe: the pool said no)
+        raise CliError(f"--max-sessions {args.max_sessions}: the KV cache holds cache.max_streams="
+                       f"{cfg.cache.max_streams} streams; add --set cache.max_streams={args.max_sessions} (more "
+                       f"memory: streamdiff plan) or give --max-sessions {cfg.cache.max_streams} or fewer")
     check_weight_paths(cfg)  # before torch
     check_listen(args.host, args.port)  # before the engine's warm-up, not after it
     if cfg.parallel.ray_address not in ("", "auto"):
@@ -502,6 +507,8 @@ def _bench_simulate(args: argparse.Namespace) -> int:
     stages = list(_parse_int_list("--stages", args.stages or "1,2,4,8", 1, 64))
     cfg = bench_config(ModelBenchSettings(config=args.config or DEFAULT_PRESET, overrides=tuple(overrides),
                                           random_weights=args.random_weights, dtype=args.dtype))
+    if args.stages and (more := [s for s in stages if s > cfg.model.num_layers]):  # the default list is cut to fit
+        raise CliError(f"--stages {more[0]}: the model has only {cfg.model.num_layers} blocks")
     report = simulate(cfg, stages, streams, args.hop_ms)
     report["command"] = args.command_line
     m, hop = report["measured"], report["hop"]
@@ -796,6 +803,22 @@ def _interrupted_code() -> int:
     return 143 if _TERMINATED.is_set() else 130
 
 
+def _out_of_memory(exc: BaseException) -> str | None:
+    """One line for an allocation that failed (torch's CPU allocator, CUDA's OutOfMemoryError,
+    Python's MemoryError), else None. A probe: model.* settings of 100 GB ended in a 29-line
+    traceback; `streamdiff plan` says what settings need before a run."""
+    text = str(exc)
+    if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "DefaultCPUAllocator" in text):
+        return None
+    tried = re.search(r"tried to allocate ([\d.]+) ?(\w+)", text, re.IGNORECASE)
+    size = tried and (f"{float(tried[1]) / 2**30:.1f} GiB" if tried[2] == "bytes" else f"{tried[1]} {tried[2]}")
+    what = f" (one tensor of {size})" if tried else ""
+    return (f"out of memory{what}: these settings need more memory than this "
+            f"{'GPU' if 'CUDA' in text else 'machine'} has; `streamdiff plan` with the same --config and --set "
+            "says how much they need")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["streamdiff", *(sys.argv[1:] if argv is None else argv)])
@@ -814,6 +837,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, ConfigError, FileNotFoundError) as exc:  # ConfigError: weights files that cannot be used too
         print(f"streamdiff: error: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        if (said := _out_of_memory(exc)) is None:
+            raise
+        print(f"streamdiff: error: {said}", file=sys.stderr)
+        return 1
     except Terminated:
         print("streamdiff: terminated (SIGTERM)", file=sys.stderr)
         return 143

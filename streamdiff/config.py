@@ -12,6 +12,7 @@ and bad values raise `ConfigError` with the dotted path of the offending key.
 from __future__ import annotations
 
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -292,6 +293,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "text.max_length": (1, 1 << 16),
     "text.cache_size": (0, 1 << 20),
     "sampling.shift": (0.01, 1000.0),
+    "sampling.num_train_timesteps": (5, 100_000),  # (a probe: 10^6 was an 8 TB table, 0 named timesteps)
     "cache.window": (1, 64),
     "cache.sinks": (0, 63),
     "cache.refresh_threshold": (-1.0, 1.0),
@@ -345,6 +347,13 @@ def validate(cfg: Config) -> None:
         )
     if cfg.sampling.first_chunk_latents > cfg.cache.window:
         raise ConfigError(f"sampling.first_chunk_latents must be at most cache.window={cfg.cache.window}")
+    rope = cfg.model.rope_max_seq_len  # RoPE positions in time and on each side of the patch grid
+    if (side := max(cfg.video.width, cfg.video.height) // 16) > rope:
+        raise ConfigError(f"model.rope_max_seq_len={rope} is shorter than the frame's {side} patches a side "
+                          f"({cfg.video.width}x{cfg.video.height}, 16 pixels a patch)")
+    if cfg.cache.policy == "rolling" and cfg.cache.window + 1 > rope:
+        raise ConfigError(f"model.rope_max_seq_len={rope} must be more than cache.window={cfg.cache.window} "
+                          "(cache.policy=rolling)")
     if cfg.cache.policy == "sdv2":
         if cfg.sampling.chunk_latents != 1:
             raise ConfigError("cache.policy=sdv2 streams one latent frame per chunk: set sampling.chunk_latents=1 "
@@ -484,13 +493,51 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _Yaml(yaml.SafeLoader):
+    """YAML for configs: a key given twice is an error (the last one silently won), and numbers
+    are read as YAML 1.2 reads them: 0640 is 640 and 4:16 a string (YAML 1.1, PyYAML's
+    default, made them octal 416 and base-60 256 without a word: a probe's --set video.width)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                mark = key_node.start_mark
+                raise ConfigError(f"{mark.name}: {key!r} is given twice (line {mark.line + 1}): say it once")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node).replace("_", "")
+        return int(text, 0) if text.lstrip("+-")[:2] in ("0x", "0o") else int(text, 10)
+
+
+_Yaml.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
+    r"^(?:[-+]?[0-9][0-9_]*|[-+]?0x[0-9a-fA-F_]+|[-+]?0o[0-7_]+)$"), list("-+0123456789"))
+_Yaml.add_constructor("tag:yaml.org,2002:int", _Yaml.construct_yaml_int)
+
+
+def _load_yaml(text: str, name: str) -> Any:
+    """`text` read with `_Yaml`; `name` (the file, or the --set) is what its errors say."""
+    loader = _Yaml(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> dict:
     if path.is_dir():
         raise ConfigError(f"config {path} is a folder: give a YAML file or a preset name")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _load_yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a config is a YAML file") from None
     except yaml.YAMLError as exc:
@@ -527,7 +574,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"override {text!r} has an empty key part")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw, f"--set {text}") if raw.strip() else ""
     except yaml.YAMLError as exc:  # one line: YAML's message spans several, with a caret drawing
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"override {text!r}: cannot parse the value as YAML ({problem}); quote it") from None
@@ -573,6 +620,8 @@ def load_config(source: str | Path | None = None, overrides: list[str] | tuple[s
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            value = _merge(node[parts[-1]], value)  # a section's other keys stay (they fell to the defaults)
         node[parts[-1]] = value
     return _build(Config, data)
 

@@ -115,10 +115,29 @@ def _nearest_existing(path: Path) -> Path | None:
     return None
 
 
+def _on_cpu(device: str) -> bool:
+    if device != "auto":
+        return device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def check_device(cfg: Config) -> None:
-    """A config that asks for CUDA needs a CUDA device here (not when its stages run on a Ray
-    cluster it joins: the cluster's GPUs are checked when the stages start)."""
-    if cfg.runtime.device != "cuda" or (cfg.parallel.backend == "ray" and cfg.parallel.ray_address):
+    """A config that asks for CUDA, or for what runs on CUDA only (CUDA graphs, the Triton
+    attention), needs a CUDA device here (not when its stages run on a Ray cluster it joins: the
+    cluster's GPUs are checked when the stages start)."""
+    if cfg.parallel.backend == "ray" and cfg.parallel.ray_address:
+        return
+    gpu_only = cfg.runtime.cuda_graphs or cfg.model.attention_backend == "triton"
+    if gpu_only and _on_cpu(cfg.runtime.device):  # (a probe: each was a traceback from the model build)
+        if cfg.runtime.cuda_graphs:
+            raise ConfigError("runtime.cuda_graphs replays CUDA graphs: it needs runtime.device=cuda (on a CPU "
+                              "leave it out, or try runtime.compile=true)")
+        if cfg.model.attention_backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("model.attention_backend=triton runs Triton kernels on a GPU: on a CPU use "
+                              "model.attention_backend=torch (or auto)")
+    if cfg.runtime.device != "cuda":
         return
     import torch
 

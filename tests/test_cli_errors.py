@@ -40,6 +40,12 @@ def run(*args: str, hide_gpus: bool = False) -> tuple[dict, str]:
     (["bench", "--config", "tiny", "--streams", "0"], ["--streams '0'"]),
     (["bench", "--config", "tiny", "--steps", "9"], ["--steps"]),
     (["bench", "--config", "tiny", "--streams", ""], ["--streams '' must be a comma-separated list"]),  # was 1
+    # a probe: the pool of 4 streams turned the second of --max-sessions 8 away
+    (["serve", "--config", "tiny", "--max-sessions", "8"], ["--max-sessions 8: the KV cache holds cache.max_streams=4",
+                                                            "--set cache.max_streams=8"]),
+    # a probe: both were tracebacks from the model build
+    (["render", "--config", "tiny", "--input", "synthetic", "--prompt", "p", "--output", "o.mp4", "--set",
+      "runtime.device=cpu", "--set", "runtime.cuda_graphs=true"], ["runtime.cuda_graphs", "needs runtime.device=cuda"]),
     # a probe: a wrong Ray address was found after "the page opens now" and the warm-up began
     (["serve", "--config", "tiny", "--ray-address", "127.0.0.1:1"], ["Ray cluster at 127.0.0.1:1: nothing answers"]),
 ])
@@ -369,3 +375,32 @@ def test_a_file_the_muxer_refuses_is_one_line_and_leaves_nothing(tmp_path, cli_h
     rc, _, err = cli_here("render", "--input", "synthetic", "--frames", "5", "--prompt", "a photo", "--output", str(out), "-q")
     assert rc == 2 and len(err.splitlines()) == 1 and f"writing {out} failed: " in err, err
     assert list(tmp_path.iterdir()) == []  # no output, no partial file
+
+
+def test_what_runs_on_a_gpu_only_is_one_line_on_a_cpu(cli_here, monkeypatch, tmp_path):
+    """A probe: the Triton attention, CUDA graphs on a machine without CUDA (runtime.device auto)
+    and `bench --simulate --stages` past the model's blocks were tracebacks or an empty table."""
+    import torch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (the tests' own interpreter mode)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    render = ("render", "--config", "tiny", "--input", "synthetic", "--frames", "5", "--prompt", "p", "--output",
+              str(tmp_path / "o.mp4"), "--set")
+    for setting, words in (("model.attention_backend=triton", "runs Triton kernels on a GPU"),
+                           ("runtime.cuda_graphs=true", "needs runtime.device=cuda")):
+        rc, _, err = cli_here(*render, setting)
+        assert rc == 2 and err.splitlines()[-1].startswith("streamdiff: error:") and words in err, err
+    rc, out, err = cli_here("bench", "--config", "tiny", "--simulate", "--stages", "1,3")
+    assert rc == 2 and "--stages 3: the model has only 2 blocks" in err and not out, (out, err)
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_model_larger_than_the_machine_is_refused_before_it_is_made(cli_here, monkeypatch, tmp_path):
+    """A probe: model.num_heads=64, head_dim=256 grew for minutes and was killed (exit 137, no word)."""
+    from streamdiff.model import build
+
+    monkeypatch.setattr(build, "available_bytes", lambda device, total=False: 2**16)  # a 64 KiB machine
+    rc, _, err = cli_here("render", "--config", "tiny", "--input", "synthetic", "--frames", "5", "--prompt", "p",
+                          "--output", str(tmp_path / "o.mp4"), "-q")
+    assert rc == 2 and "the DiT:" in err and "this machine has 0.0 GiB in all" in err, err
+    assert not (tmp_path / "o.mp4").exists()

@@ -55,6 +55,13 @@ def test_yaml_file_with_preset_and_overrides(tmp_path):
         ("vae.temperal_downsample=[true,true,true]", "must compress 8x in space and 4x in time"),
         ("vae.temperal_downsample=[false,false,false]", "must compress 8x in space and 4x in time"),
         ("model.in_channels=8", "must both be vae.z_dim=16"),
+        # a probe: an 8 TB schedule table (a traceback), and 0 blamed sampling.timesteps
+        ("sampling.num_train_timesteps=1000000", "sampling.num_train_timesteps=1000000 is out of range"),
+        ("sampling.num_train_timesteps=0", "sampling.num_train_timesteps=0 is out of range"),
+        # a probe: RoPE tables too short for the frame or the window failed mid-render
+        ("model.rope_max_seq_len=8", "model.rope_max_seq_len=8 is shorter than the frame's 16 patches a side"),
+        # YAML 1.1 read 4:16 as 256 (base 60) without a word
+        ("video.width=4:16", "video.width='4:16' must be an integer"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -145,3 +152,32 @@ def test_sampling_timesteps_must_be_four_descending_timesteps(value):
     with pytest.raises(ConfigError, match="sampling.timesteps"):
         load_config("tiny", [f"sampling.timesteps={value}"])
     assert load_config("tiny", ["sampling.timesteps=[100,30,15,5]"]).sampling.timesteps == (100, 30, 15, 5)
+
+
+def test_a_rolling_window_needs_a_longer_rope_table():
+    with pytest.raises(ConfigError, match="model.rope_max_seq_len=6 must be more than cache.window=6"):
+        load_config("tiny", ["cache.policy=rolling", "model.rope_max_seq_len=6", "video.width=64", "video.height=64"])
+    assert load_config("tiny", ["cache.policy=rolling", "model.rope_max_seq_len=7", "video.width=64",
+                                "video.height=64"]).model.rope_max_seq_len == 7
+
+
+def test_a_section_given_as_a_mapping_changes_only_what_it_names():
+    """A probe: --set 'model={num_layers: 30}' on wan-1.3b replaced the whole section, the preset's
+    heads, widths and dtype fell to the defaults (a 6 MiB model planned in float32), silently."""
+    base = load_config("wan-1.3b")
+    cfg = load_config("wan-1.3b", ["model={num_layers: 12}"])
+    assert cfg.model.num_layers == 12
+    assert dataclasses.replace(cfg.model, num_layers=base.model.num_layers) == base.model
+
+
+def test_numbers_read_as_written_and_a_key_given_twice_is_refused(tmp_path):
+    """A probe: YAML 1.1 read --set video.width=0640 as octal (416) and a seed 012345 as 5349; a
+    file's second `model:` dropped its first without a word."""
+    cfg = load_config("tiny", ["video.width=0640", "sampling.seed=012345", "weights.seed=0x10"])
+    assert (cfg.video.width, cfg.sampling.seed, cfg.weights.seed) == (640, 12345, 16)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("preset: tiny\nmodel: {num_layers: 3}\nmodel: {num_heads: 4}\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: 'model' is given twice \(line 3\)"):
+        load_config(twice)
+    with pytest.raises(ConfigError, match="'a' is given twice"):
+        load_config("tiny", ["model={a: 1, a: 2}"])

@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from streamdiff.config import Config, with_overrides
+from streamdiff.model.build import available_bytes
 
 GiB = 2**30
 DEFAULT_RESERVE_BYTES = GiB
@@ -518,22 +519,6 @@ def write_plan_json(plan: MemoryPlan, device_bytes: int | list[int], path: str |
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     return path
-
-
-def available_bytes(device: str, total: bool = False) -> int | None:
-    """Memory free for a run on `device` (`total`: all of it): the kernel's MemAvailable
-    (MemTotal) on CPU, the free (total) device memory on CUDA; None where it cannot be read."""
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.mem_get_info()[int(total)] if torch.cuda.is_available() else None
-    field = "MemTotal:" if total else "MemAvailable:"
-    try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith(field))
-        return kib * 1024
-    except (OSError, StopIteration, ValueError):
-        return None
 
 
 def memory_verdict(cfg: Config, width: int, height: int, available: int | None = None,

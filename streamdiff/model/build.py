@@ -46,6 +46,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def available_bytes(device: str, total: bool = False) -> int | None:
+    """Memory free for a run on `device` (`total`: all of it): the kernel's MemAvailable
+    (MemTotal) on CPU, the free (total) device memory on CUDA; None where it cannot be read."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[int(total)] if torch.cuda.is_available() else None
+    field = "MemTotal:" if total else "MemAvailable:"
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith(field))
+        return kib * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_room(shape: torch.nn.Module, bytes_per_param: int, device: torch.device, what: str) -> None:
+    """ConfigError when `shape` (a model on the meta device) at `bytes_per_param` cannot fit in
+    all of `device`'s memory: such a model grew for minutes and was then killed without a word
+    (a probe: model.num_heads=64, head_dim=256 on a 24 GB machine, exit 137)."""
+    params = sum(p.numel() for p in shape.parameters())
+    need, whole = params * bytes_per_param, available_bytes(device.type, total=True)
+    if whole is not None and need > whole:
+        raise ConfigError(f"{what}: {params / 1e9:.2f} B parameters need {need / 2**30:.1f} GiB and this "
+                          f"{'machine' if device.type == 'cpu' else 'device'} has {whole / 2**30:.1f} GiB in all "
+                          f"(model.* settings; streamdiff plan)")
+
+
 def build_transformer(
     cfg: Config,
     device: torch.device,
@@ -61,9 +87,14 @@ def build_transformer(
     def new_model() -> CausalWanModel:
         return CausalWanModel(cfg.model, block_range, has_embed, has_head, Attention(backend, choose))
 
-    if cfg.weights.format == "random":
+    with torch.device("meta"):
+        shape = new_model()
+    if cfg.weights.format == "random":  # made in fp32 on the host, then cast and moved
+        check_room(shape, 4, torch.device("cpu"), "the DiT")
+        check_room(shape, dtype.itemsize, device, "the DiT")
         model = random_init_(new_model(), cfg.weights.seed).cast_(dtype).to(device)
         return model.eval().requires_grad_(False)
+    check_room(shape, dtype.itemsize, device, "the DiT")
     # The file is read and checked against a model on the meta device before any storage is made:
     # a wrong file is refused at once (the 14B in fp32 is 56 GB of host memory), and the model is
     # made in its own dtype on its device, filled from the file one tensor at a time.
@@ -72,8 +103,7 @@ def build_transformer(
     if said := transformer_config_disagreements(state.config, cfg.model):
         raise WeightsMismatchError(f"transformer: the config.json of {state.source} is another architecture than "
                                    f"the config's model: {'; '.join(said)}")
-    with torch.device("meta"):
-        model = new_model()
+    model = shape
     report = check_fit(model, state, min_match=cfg.weights.min_match, what="transformer")
     model.cast_(dtype).materialize_(device)
     copy_into(model, state, report)
