@@ -404,3 +404,19 @@ def test_a_model_larger_than_the_machine_is_refused_before_it_is_made(cli_here, 
                           "--output", str(tmp_path / "o.mp4"), "-q")
     assert rc == 2 and "the DiT:" in err and "this machine has 0.0 GiB in all" in err, err
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_an_allocation_that_fails_is_one_line(cli_here, monkeypatch, tmp_path):
+    """What the probe's 8 TB noise-schedule table ended in: a traceback of torch's CPU allocator."""
+    from streamdiff.sampling import noise_schedule
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 8000008000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(noise_schedule.FlowMatchSchedule, "__init__", refuse)
+    rc, _, err = cli_here("render", "--config", "tiny", "--input", "synthetic", "--frames", "5", "--prompt", "p",
+                          "--output", str(tmp_path / "o.mp4"), "-q")
+    said = err.splitlines()[-1]
+    assert rc == 1 and said.startswith("streamdiff: error: out of memory (one tensor of 7450.6 GiB)"), err
+    assert "streamdiff plan" in said and not (tmp_path / "o.mp4").exists()
