@@ -56,9 +56,13 @@ def test_a_second_signal_during_the_graceful_stop_ends_the_server_at_once():
     import subprocess
     import sys
 
-    once = subprocess.run([sys.executable, "-c", SIGNALS_PROBE, "once"], capture_output=True, text=True, timeout=60)
+    # (side by side: each child spends most of its time importing the server)
+    children = {case: subprocess.Popen([sys.executable, "-c", SIGNALS_PROBE, case], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True) for case in ("once", "twice")}
+    done = {case: child.communicate(timeout=60) for case, child in children.items()}
+    once, twice = (subprocess.CompletedProcess(children[case].args, children[case].returncode, *done[case])
+                   for case in ("once", "twice"))
     assert once.returncode == 0 and once.stdout.split() == ["graceful", "finished"], (once.stdout, once.stderr)
     assert "SIGINT: stopping" in once.stderr and "Ctrl-C again" in once.stderr, once.stderr
-    twice = subprocess.run([sys.executable, "-c", SIGNALS_PROBE, "twice"], capture_output=True, text=True, timeout=60)
     assert twice.returncode == 130 and twice.stdout.split() == ["graceful"], (twice.returncode, twice.stdout)
     assert twice.stderr.strip().endswith("streamdiff: interrupted"), twice.stderr
