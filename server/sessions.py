@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from aiortc import RTCConfiguration, RTCPeerConnection
 
 from streamdiff.engine import AdmissionRefused
-from streamdiff.engine.types import StreamParams, short_repr
+from streamdiff.engine.types import StreamParams, StreamsLost, short_repr
 from streamdiff.model.style_prompts import prompt_style
 from streamdiff.server.webrtc import FanOut, InputReader, FrameQueue, PlayerTrack, cancel_tasks, stop_consent_checks
 
@@ -475,6 +475,9 @@ class SessionManager:
         except asyncio.CancelledError:
             asyncio.ensure_future(self._give_back(session_id))
             raise
+        except StreamsLost as lost:  # the pipeline failed twice while admitting it: say so, not 500
+            events.info("refused a session (stream key %s): %s", stream_key, lost.reason)
+            raise ServerFull(f"busy: the model pipeline failed while admitting this stream ({lost.reason})") from None
         finally:
             del self._admitting[session_id]
 

@@ -191,7 +191,16 @@ class EngineCore:
         params = replace(params, lane_stride=admission.lane_stride)
         try:
             self._commands.add(stream_id, params, self.scheduler.kv_lanes_of(stream_id))
-            self._flush()
+            try:
+                self._flush()
+            except StreamsLost as lost:  # a stage died while no plan ran (a probe: the offer got 500)
+                if not lost.resumed:
+                    raise
+                # the pipeline was rebuilt with no stream on it: the others restart, this one is
+                # added again (its command went with the failed plan); a second failure propagates
+                self._lost(lost, now)
+                self._commands.add(stream_id, params, self.scheduler.kv_lanes_of(stream_id))
+                self._flush()
         except BaseException:
             self.scheduler.remove_stream(stream_id)
             raise

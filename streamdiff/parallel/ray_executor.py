@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import replace
 
 # Before ray is imported: no native stack dump when the server is stopped with SIGTERM (Ray's
@@ -44,6 +45,7 @@ from streamdiff.parallel.stage import StageWorker
 
 log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 5.0
+CPU_WAIT_S = 10.0  # for the CPUs a stage actor needs to be free before it is refused
 FIRST_STEPS_TIMEOUT_S = 300.0  # the first forwards load kernels (Triton JIT, cuDNN autotune)
 FIRST_STEPS = 20
 TEARDOWN_TIMEOUT_S = 20.0  # Ray waits on a stage loop that missed its cancel without a bound
@@ -157,6 +159,15 @@ class RayStages:
         if cfg.runtime.device == "cuda" and not self.on_gpu:
             raise ClusterError(f"runtime.device=cuda but the Ray cluster has {gpus:g} GPUs for {len(self.specs)} "
                                f"stages (one GPU per stage; --set runtime.device=cpu runs CPU actors)")
+        if not self.on_gpu:  # a CPU actor a stage: pending actors waited 5 minutes without a word (a probe)
+            deadline = time.monotonic() + CPU_WAIT_S  # (actors just killed give theirs back a moment later)
+            while (free := ray.available_resources().get("CPU", 0)) < len(self.specs) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            cpus = ray.cluster_resources().get("CPU", 0)
+            if free < len(self.specs):
+                raise ClusterError(f"the Ray cluster has {free:g} of its {cpus:g} CPUs free for {len(self.specs)} "
+                                   f"stages (one CPU each): `ray status` shows what holds them; start the cluster "
+                                   f"with more (ray start --num-cpus N) or serve fewer stages")
         transport = cfg.parallel.transport
         self.nccl = self.on_gpu and transport in ("auto", "nccl")
         if transport == "nccl" and not self.on_gpu:
@@ -287,7 +298,11 @@ class RayStages:
             try:
                 if self.stale:  # the last teardown did not end: fresh actors first
                     self.recover()
-                if self.dag is None:
+                if self.dag is None:  # (compiled here only: a graph never run whose actor then
+                    # died aborted the whole process inside Ray, a probe's second kill while idle)
+                    if dead := self._replace(every=False):
+                        log.warning("pipeline stage%s %s died while no stream ran: replaced",
+                                    "s" if len(dead) > 1 else "", dead)
                     self._compile()
                 return self.dag.execute(msg)
             except Exception as exc:
@@ -329,23 +344,27 @@ class RayStages:
             raise StageFailure(f"stage {index} {method}: {type(exc).__name__}") from exc
 
     def recover(self) -> str:
-        """Replace dead or unresponsive actors (same block ranges) and compile the graph again;
-        after a teardown that did not end (`stale`), every actor: none can be trusted to have
-        stopped its loop."""
+        """Tear the graph down and replace dead or unresponsive actors (same block ranges); after
+        a teardown that did not end (`stale`), every actor: none can be trusted to have stopped
+        its loop. The next `submit` compiles the graph."""
         with self._lock:  # not under an idle teardown (its timer thread)
             self._teardown()
-            dead = [k for k, actor in enumerate(self.actors) if self.stale or not self._answers(actor)]
-            for k in dead:
-                try:
-                    ray.kill(self.actors[k])
-                except Exception:
-                    pass
-                self.actors[k] = self._spawn(self.specs[k])
-            self._wait_ready([self.actors[k] for k in dead])
+            dead = self._replace(every=self.stale)
             self.stale = False
-            self._compile()
             self._gets = 0  # replaced actors warm up again
             return f"stage{'s' if len(dead) != 1 else ''} {dead} replaced" if dead else "no stage died; graph rebuilt"
+
+    def _replace(self, every: bool) -> list[int]:
+        """Replace the actors that do not answer (`every`: all of them); their indices."""
+        dead = [k for k, actor in enumerate(self.actors) if every or not self._answers(actor)]
+        for k in dead:
+            try:
+                ray.kill(self.actors[k])
+            except Exception:
+                pass
+            self.actors[k] = self._spawn(self.specs[k])
+        self._wait_ready([self.actors[k] for k in dead])
+        return dead
 
     @staticmethod
     def _answers(actor) -> bool:

@@ -291,6 +291,64 @@ def test_killed_stage_with_plans_in_flight_recovers(cfg_auto):
         executor.shutdown()
 
 
+def test_stages_that_die_while_no_stream_runs_are_replaced_for_the_next_stream(cfg4, caplog):
+    """A Ray probe: a stage killed while no stream ran made the next offer fail (StreamsLost out
+    of add_stream: HTTP 500), and a second kill then aborted the whole server inside Ray (the
+    rebuilt graph had never run). Now the stream being added is added again on the rebuilt
+    pipeline, a rebuilt graph is compiled by the step that runs it, and an actor that died
+    while no graph was up is replaced before the next one."""
+    stages = RayStages(cfg4, [2, 2])
+    executor = StagedExecutor(cfg4, stages)
+    core, clock = core_for(cfg4, executor)
+
+    def serve(sid: str, seed: int) -> None:
+        assert core.add_stream(sid, params(cfg4, "x", steps=1, seed=seed), RELAXED)
+        feeder = Feeder(core, clock, {sid: synthetic_clip(5 + 4 * 3, 64, 48, seed=seed)})
+        for _ in range(4):
+            feeder.round([sid])
+        assert len(feeder.frames(sid)) > 0, sid
+        core.remove_stream(sid)
+
+    def kill(k: int) -> None:
+        old = stages.actors[k]
+        ray.kill(old)  # (asynchronous: a ping sent at once may still be answered)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                ray.get(old.ping.remote(), timeout=5)
+            except ray.exceptions.RayActorError:
+                return
+            time.sleep(0.1)
+        pytest.fail("the killed actor still answers")
+
+    try:
+        serve("a", 1)
+        kill(1)  # the graph is still up (kept for idle_teardown_s)
+        serve("b", 2)
+        assert "b" not in core.restarted and "b" not in core.closed
+        stages.recover()  # as a failed step leaves it: no graph until a step runs one
+        assert stages.dag is None
+        kill(0)
+        stages.idle_teardown_s = 0
+        with caplog.at_level("WARNING", logger="streamdiff.parallel.ray_executor"):
+            serve("c", 3)
+        assert "pipeline stage [0] died while no stream ran: replaced" in caplog.text, caplog.text
+    finally:
+        executor.shutdown()
+
+
+def test_a_cluster_without_a_cpu_for_every_stage_is_one_line(cfg4, monkeypatch):
+    """A Ray probe: a cluster with too few CPUs left the stage actors pending and the server
+    'warming up' for 5 minutes without a word."""
+    from streamdiff.parallel import ray_executor
+    from streamdiff.parallel.ray_executor import ClusterError
+
+    monkeypatch.setattr(ray_executor, "CPU_WAIT_S", 0.5)
+    cfg = with_overrides(cfg4, parallel={"vae_stages": True})
+    with pytest.raises(ClusterError, match=r"the Ray cluster has 4 of its 4 CPUs free for 6 stages \(one CPU each\)"):
+        RayStages(cfg, [1, 1, 1, 1])
+
+
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
     import os

@@ -242,3 +242,28 @@ def test_a_sessions_url_answers_other_methods_with_one_allow():
     allows, deleted = asyncio.run(_resource_methods())
     assert allows == [(405, "DELETE, OPTIONS")] * 3  # GET said "DELETE,OPTIONS,PATCH", PATCH "DELETE, OPTIONS"
     assert deleted == 200
+
+
+async def _admitted_while_the_pipeline_fails():
+    from streamdiff.engine.types import StreamsLost
+    from streamdiff.server.http import ENGINE_KEY
+
+    async with running_server() as (url, app):
+        engine = app[ENGINE_KEY]
+
+        async def fails(session_id, *args, **kwargs):  # a stage died twice while the stream was added
+            raise StreamsLost([session_id], "pipeline stage failed (test); stage [1] replaced", True)
+
+        engine.add_stream = fails
+        pub, offer = await obs_like_offer()
+        async with aiohttp.ClientSession() as http:
+            status, text, headers = await _post(http, url, "/whip/cam", offer)
+        await pub.close()
+        return status, text, headers, len(sessions_of(app).sessions)
+
+
+def test_a_pipeline_that_fails_while_a_stream_is_admitted_is_503_not_500():
+    """A Ray probe: the offer that met a dead stage got 500 Internal Server Error."""
+    status, text, headers, sessions = asyncio.run(_admitted_while_the_pipeline_fails())
+    assert status == 503 and "the model pipeline failed while admitting this stream" in text, (status, text)
+    assert "Retry-After" in headers and sessions == 0
