@@ -179,8 +179,17 @@ class AsyncEngine:
             raise RuntimeError("AsyncEngine already started")
         self._loop = asyncio.get_running_loop()
         built = self.executor is None
-        if built:
-            self.executor = await asyncio.to_thread(self.executor_factory, self.cfg)
+        if built:  # (a stop meanwhile waits for the build and shuts down what it made: a probe's
+            # SIGTERM during `serve --stages`'s start left Ray actors and a compiled graph to
+            # Ray's exit hook, which waited 60 s on them and exited 1)
+            build = asyncio.ensure_future(asyncio.to_thread(self.executor_factory, self.cfg))
+            try:
+                self.executor = await asyncio.shield(build)
+            except asyncio.CancelledError:
+                await asyncio.wait([build])
+                if not build.cancelled() and build.exception() is None:
+                    await asyncio.to_thread(build.result().shutdown)
+                raise
         try:
             core = EngineCore(self.cfg, self.executor, **self._core_kwargs)
             if self.warmup:

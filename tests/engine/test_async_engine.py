@@ -223,3 +223,26 @@ def test_a_failed_or_cancelled_warm_up_shuts_the_executor_down(cfg, monkeypatch)
     asyncio.run(cancel_mid_warm_up())
     assert finished == [True] and given.shutdowns == 1 and not engine.running
     assert not engine_threads()
+
+    # Cancelled while the executor is being built (a Ray probe: SIGTERM during `serve --stages`'s
+    # start left its actors and compiled graph to Ray's exit hook: 60 s, exit 1): the build is
+    # waited for and what it made shut down.
+    building, made = threading.Event(), []
+
+    def slow_build(c):
+        building.set()
+        threading.Event().wait(0.5)
+        made.append(_CountedExecutor())
+        return made[-1]
+
+    engine = AsyncEngine(cfg, executor_factory=slow_build)
+
+    async def cancel_mid_build():
+        task = asyncio.create_task(engine.start())
+        await asyncio.to_thread(building.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_mid_build())
+    assert len(made) == 1 and made[0].shutdowns == 1 and engine.executor is None and not engine.running
