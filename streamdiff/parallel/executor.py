@@ -190,8 +190,14 @@ class StagedExecutor:
         return EngineStepResult(entry.plan.step_id, step_ms, self.clock(), outputs=outputs, forwards=forwards)
 
     def ready(self) -> bool:
-        """Whether the oldest plan's forwards are back (transports that cannot tell: True)."""
+        """Whether the oldest plan's forwards are back (transports that cannot tell: True); True
+        too once it is overdue (parallel.step_timeout_s): `collect` then waits with the
+        transport's bound and reports the stage that stopped answering. (A Ray probe: with the
+        cluster gone, a channel never had data, the live loop only ever asked `ready`, and the
+        streams froze without a word until Ray ended the process.)"""
         if not self._in_flight or self._in_flight[0].outs is not None:
+            return True
+        if time.perf_counter() - self._in_flight[0].t0 > self.cfg.parallel.step_timeout_s:
             return True
         done = getattr(self.stages, "ready", None)
         return done is None or all(done(h) for h in self._in_flight[0].handles)

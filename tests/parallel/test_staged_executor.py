@@ -130,6 +130,49 @@ def test_failed_stage_resumes_or_closes_streams(cfg4, rebuild, caplog):
     assert len(feeder.outputs["n"]) == 9
 
 
+class SilentStages(InProcessStages):
+    """Stages that stop answering (a Ray cluster gone: its channels never get data): `ready`
+    says no for ever, `get` fails when its bound passes (as Ray's and the threads' do)."""
+
+    silent = False
+
+    def ready(self, handle):
+        return not self.silent
+
+    def get(self, handle):
+        if self.silent:
+            raise StageFailure("a forward was not back within 0.3 s")
+        return handle
+
+    def recover(self):
+        raise RuntimeError("the Ray cluster is gone")
+
+
+def test_a_stage_that_stops_answering_is_noticed_by_the_live_loop(cfg4):
+    """The live loop steps with block=False and collects only what is `ready` (a Ray probe: with
+    the cluster stopped the streams froze without a word, step_timeout_s never fired): a plan
+    overdue by parallel.step_timeout_s is collected, so its failure closes the streams."""
+    import time
+
+    cfg = with_overrides(cfg4, parallel={"step_timeout_s": 0.3})
+    stages = SilentStages(cfg, [2, 2], "cpu")
+    core, clock = core_for(cfg, StagedExecutor(cfg, stages))
+    assert core.add_stream("a", params(cfg, "x", steps=1), RELAXED)
+    clip = synthetic_clip(40, 64, 48)
+    for k in range(9):  # a first chunk (run at submit) and a steady one
+        core.push_frame("a", clip[k], pts=k)
+        core.step(block=False)
+    stages.silent = True
+    deadline, k = time.monotonic() + 10, 9
+    while "a" in core.stream_ids and time.monotonic() < deadline:
+        core.push_frame("a", clip[k % len(clip)], pts=k)  # the camera goes on
+        core.step(block=False)  # as AsyncEngine's loop does
+        time.sleep(0.02)
+        k += 1
+    assert core.stream_ids == [], "the stream stayed on a pipeline that no longer answers"
+    assert "not back within" in core.take_closed()["a"]
+
+
 def test_closed_stream_reaches_async_waiters(cfg4):
     """Through AsyncEngine: a stage fails and cannot be rebuilt; the stream's waiting
     next_frame raises StreamClosedError carrying the reason, and the engine keeps running."""
