@@ -103,10 +103,11 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
 
     async def push_stats() -> None:
         nonlocal told
+        last_id = owner.id  # the session the key named last (a socket opened by stream key follows it)
         while not ws.closed:
             session = sessions.get(key)
             if session is None:  # says why (no video for 10 s, the server shutting down, ...)
-                reason = sessions.why_ended(key)
+                reason = sessions.why_ended(last_id)  # (by key it never matched: a bare "closed", a probe)
                 # `server_stopping`: the page waits for the server to come back and starts again
                 await ws.send_json({"type": "closed", **({"reason": reason} if reason else {}),
                                     **({"server_stopping": True} if sessions.stopping else {})})
@@ -116,6 +117,7 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
                 told = max(told, changes)  # this socket's own change may have landed meanwhile
                 await ws.send_json({"type": "params", "elsewhere": True, **now})
             await ws.send_json({"type": "stats", **session.stats()})
+            last_id = session.id
             await asyncio.sleep(1.0)
 
     # Params messages wait on the engine (a change lands between two steps), so they are applied
@@ -158,10 +160,13 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
                     try:
                         inbox.put_nowait(message)
                         continue
-                    except asyncio.QueueFull:
-                        reply = await with_params_in_use({
-                            "type": "error", "error": f"{MAX_WAITING_PARAMS} params messages are already "
-                                                      "waiting to be applied: wait for their replies"})
+                    except asyncio.QueueFull:  # answered at once: what runs as of the last change
+                        # (asking the engine here held the read loop a step a refusal: a probe's
+                        # burst of 40 had its ping answered 26 s late)
+                        reply = {"type": "error", "error": f"{MAX_WAITING_PARAMS} params messages are already "
+                                                           "waiting to be applied: wait for their replies"}
+                        if (known := sessions.params_known(key)) is not None:
+                            reply["params"] = known
                 await ws.send_json(reply)
     except (ConnectionError, asyncio.CancelledError):
         pass
@@ -189,8 +194,8 @@ def _read_control_message(text: str) -> tuple[dict | None, dict | None]:
     """(a params message to apply, None) or (None, the reply: pong or an error)."""
     try:
         message = parse_json(text)
-    except ValueError as exc:
-        return None, {"type": "error", "error": str(exc)}
+    except ValueError as exc:  # (a socket has messages, not bodies)
+        return None, {"type": "error", "error": str(exc).replace("the body", "the message")}
     if not isinstance(message, dict):
         return None, {"type": "error", "error": "a message must be a JSON object with a 'type'"}
     if message.get("type") == "ping":

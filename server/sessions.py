@@ -638,6 +638,12 @@ class SessionManager:
         now = await self.params_now(key)
         return None if now is None else now["params"]
 
+    def params_known(self, key: str) -> dict | None:
+        """The params as of the stream's last change, without asking the engine (None before its
+        first change, or when it has no stream): for replies that must not wait on a step."""
+        target = self._stream_session(key)
+        return None if target is None or target.params_applied is None else dict(target.params_applied)
+
     def prompt_means(self, prompt: str) -> str | None:
         """What the served model makes of `prompt` when it knows a few prompts only (the demo's
         nine names, `text.kind: styles`: "a claymation world" is `a photo`); None for free text."""

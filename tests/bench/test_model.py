@@ -1,6 +1,6 @@
 """`streamdiff bench` model mode on the tiny preset, through the CLI entry point in-process.
 
-One short run (steps 1,2 x streams 1,2 at 64x48, 2 s each) writes the JSON and the plot that
+One short run (steps 1,2 x streams 1,2 at 64x48, 1 s each) writes the JSON and the plot that
 most tests read; a second, shorter one checks the deadline and the MFU arithmetic. Values are
 checked for consistency with each other and with the FLOP count, never against timings.
 """
@@ -22,7 +22,7 @@ from streamdiff.bench.device import peak_tflops_for
 from streamdiff.bench.model import ModelBenchSettings, bench_config
 from streamdiff.model.flops import dit_flops_per_step
 
-DURATION_S = 2.0
+DURATION_S = 1.0
 BASE = ["bench", "--config", "tiny", "--resolution", "64x48", "--set", "runtime.device=cpu", "-q"]
 
 

@@ -331,7 +331,7 @@ def test_viewer_waits_for_the_stream_plays_it_and_reconnects_on_its_own():
 # The camera prompt answered after 2.5 s, as a user reading it would.
 SLOW_CAMERA_JS = """(() => {
   const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
-  navigator.mediaDevices.getUserMedia = (c) => new Promise((ok, no) => setTimeout(() => real(c).then(ok, no), 2500));
+  navigator.mediaDevices.getUserMedia = (c) => new Promise((ok, no) => setTimeout(() => real(c).then(ok, no), 1200));
 })();"""
 PAGE_STATE_JS = """() => ({ start: !document.getElementById("start").disabled, stop: !document.getElementById("stop").disabled,
   camera: document.getElementById("local").srcObject !== null, message: document.getElementById("message").innerText })"""
@@ -357,7 +357,7 @@ async def _page_follows_its_user_flow() -> dict:
             await page.click("#start")
             await page.wait_for_timeout(300)
             await page.click("#stop")
-            await page.wait_for_timeout(5000)  # the camera arrives at 2.5 s; any offer would follow
+            await page.wait_for_timeout(3000)  # the camera arrives at 1.2 s; any offer would follow
             out["after_early_stop"] = (await page.evaluate(PAGE_STATE_JS), len(sessions.sessions))
             # 2. Start, Stop, Start: one session, streaming.
             await page.click("#start")

@@ -249,3 +249,30 @@ def test_a_change_landing_while_a_steps_change_is_readmitted_is_still_pushed():
 
     on_page = asyncio.run(run())
     assert on_page and on_page[-1]["params"]["prompt"] == "changed meanwhile", on_page
+
+
+async def _sockets_of_a_stream_that_ends():
+    async with running_server() as (url, app):
+        sessions = sessions_of(app)
+        session = await sessions.open("browser", "studio", "a fox")
+        got = {}
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(f"{url}/ws?session={session.id}", headers=auth()) as by_id, \
+                    http.ws_connect(f"{url}/ws?session=studio", headers=auth()) as by_key:
+                await by_key.send_str("{")  # (a probe: "the body is not valid JSON" on a socket)
+                while (msg := await by_key.receive_json(timeout=30))["type"] == "stats":
+                    pass
+                got["bad"] = msg
+                await sessions.close(session.id, "test: the stream ends")
+                for name, ws in (("id", by_id), ("key", by_key)):
+                    while (msg := await ws.receive_json(timeout=30))["type"] != "closed":
+                        pass
+                    got[name] = msg
+        return got
+
+
+def test_a_socket_opened_by_stream_key_is_told_why_its_stream_ended():
+    """A control probe: by key the closing message had no reason (looked up by key, kept by id)."""
+    got = asyncio.run(_sockets_of_a_stream_that_ends())
+    assert got["id"].get("reason") == got["key"].get("reason") == "test: the stream ends", got
+    assert got["bad"] == {"type": "error", "error": "the message is not valid JSON"}, got["bad"]

@@ -125,6 +125,13 @@ async def _params_burst():
             return await real(stream_id, **changes)
 
         engine.update_params = slow_update
+        real_params = engine.params
+
+        async def slow_params(stream_id):  # every engine call waits for a step to end
+            await asyncio.sleep(0.3)
+            return await real_params(stream_id)
+
+        engine.params = slow_params
         session = await sessions_of(app).open("browser", None, "a fox")
         async with aiohttp.ClientSession() as http:
             async with http.ws_connect(f"{url}/ws?session={session.id}", headers=auth()) as ws:
@@ -145,7 +152,8 @@ async def _params_burst():
 def test_a_burst_of_params_is_bounded_and_a_closed_socket_drops_what_waits():
     """Found by a fuzzing client: every params message waited on the engine in the socket's
     receive loop, so 150 quick changes took minutes, a ping behind them waited as long, and
-    closing the socket did not stop them."""
+    closing the socket did not stop them. A control probe: the refusals of a burst still asked
+    the engine for the params in use, one step each, and a ping behind 40 waited 26 s."""
     replies, applied = asyncio.run(_params_burst())
     kinds = [r["type"] for r in replies]
     refused = [r for r in replies if r["type"] == "error"]
