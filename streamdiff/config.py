@@ -502,6 +502,8 @@ class _Yaml(yaml.SafeLoader):
         seen: set = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):  # (SafeLoader's own error says so)
+                continue
             if key in seen:
                 mark = key_node.start_mark
                 raise ConfigError(f"{mark.name}: {key!r} is given twice (line {mark.line + 1}): say it once")
