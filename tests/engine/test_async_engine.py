@@ -213,14 +213,14 @@ def test_a_failed_or_cancelled_warm_up_shuts_the_executor_down(cfg, monkeypatch)
     given = _CountedExecutor()
     engine = AsyncEngine(cfg, given)
 
-    async def cancel_mid_warm_up():
+    async def cancel_start_once(event: threading.Event):
         task = asyncio.create_task(engine.start())
-        await asyncio.to_thread(in_step.wait, 10)
+        await asyncio.to_thread(event.wait, 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    asyncio.run(cancel_mid_warm_up())
+    asyncio.run(cancel_start_once(in_step))
     assert finished == [True] and given.shutdowns == 1 and not engine.running
     assert not engine_threads()
 
@@ -236,13 +236,5 @@ def test_a_failed_or_cancelled_warm_up_shuts_the_executor_down(cfg, monkeypatch)
         return made[-1]
 
     engine = AsyncEngine(cfg, executor_factory=slow_build)
-
-    async def cancel_mid_build():
-        task = asyncio.create_task(engine.start())
-        await asyncio.to_thread(building.wait, 10)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(cancel_mid_build())
+    asyncio.run(cancel_start_once(building))
     assert len(made) == 1 and made[0].shutdowns == 1 and engine.executor is None and not engine.running
