@@ -20,6 +20,9 @@ Definitions:
   re-prepared the stream), "removed" (waiting or inside the model when the stream was removed).
   So frames_in = frames_out + dropped_frames + the frames the engine holds now (none once a
   stream is removed: the totals add up exactly).
+- pipeline_failures: times the executor's pipeline failed (a stage actor died, a step was not back
+  within parallel.step_timeout_s); _unrecovered: of those, the ones it could not be rebuilt
+  after (its streams were closed instead of restarted).
 - frames_overwritten: output frames overwritten in the stream's full output queue before anyone
   read them (a reader slower than the engine). They are counted in frames_out, not in
   dropped_frames: they were output.
@@ -164,7 +167,8 @@ class EngineMetrics:
         self.step_streams = Histogram(buckets=(1, 2, 4, 8, 16, 32, 64))
         self.decision_us = Histogram(buckets=(10, 25, 50, 100, 250, 500, 1000, 2500))
         self.totals = {"streams_added": 0, "streams_removed": 0, "frames_in": 0, "frames_out": 0,
-                       "dropped_frames": 0, "frames_overwritten": 0, "deadline_misses": 0}
+                       "dropped_frames": 0, "frames_overwritten": 0, "deadline_misses": 0,
+                       "pipeline_failures": 0, "pipeline_failures_unrecovered": 0}
         self.warmup_ms: float | None = None
         self.last_step: dict = {}
 
@@ -179,6 +183,13 @@ class EngineMetrics:
         with self._lock:
             if self.streams.pop(stream_id, None) is not None:
                 self.totals["streams_removed"] += 1
+
+    def pipeline_failed(self, recovered: bool) -> None:
+        """The executor's pipeline failed (a stage died or stopped answering); `recovered`: it
+        was rebuilt and its streams restart, else they were closed."""
+        with self._lock:
+            self.totals["pipeline_failures"] += 1
+            self.totals["pipeline_failures_unrecovered"] += not recovered
 
     def set_deadline(self, stream_id: str, deadline_ms: float) -> None:
         with self._lock:

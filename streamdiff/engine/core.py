@@ -287,6 +287,7 @@ class EngineCore:
     def _lost(self, lost: StreamsLost, now: float) -> None:
         """The executor lost these streams' model state: restart them like a step-count change
         (their chunks in flight are dropped, next chunk is a first chunk), or close them."""
+        self.metrics.pipeline_failed(lost.resumed)
         for stream_id in lost.stream_ids:
             entry = self._streams.get(stream_id)
             if entry is None:

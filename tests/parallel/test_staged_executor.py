@@ -114,6 +114,8 @@ def test_failed_stage_resumes_or_closes_streams(cfg4, rebuild, caplog):
     said = [r.getMessage() for r in caplog.records if r.name == "streamdiff.parallel.executor"]
     assert len(said) == 1 and "stage 1 died" in said[0], said  # one line of our own says what happened
     assert ("stage [1] replaced; 1 stream restart" if rebuild else "could not be rebuilt") in said[0], said
+    totals = core.metrics.snapshot()["totals"]  # (a Ray probe: /metrics counted no failure at all)
+    assert (totals["pipeline_failures"], totals["pipeline_failures_unrecovered"]) == (1, 0 if rebuild else 1)
     if rebuild:
         assert "fresh cache" in core.restarted["a"] and "a" in core.stream_ids
         for _ in range(3):
