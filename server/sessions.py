@@ -137,6 +137,9 @@ def to_engine_params(message: dict) -> dict:
             continue
         if key not in PARAM_ALIASES:
             raise ValueError(f"unknown parameter {short_repr(key)} (known: {', '.join(sorted(PARAM_ALIASES))})")
+        if PARAM_ALIASES[key] in out:  # (a probe: noise and noise_strength together, the later won silently)
+            both = [k for k in message if PARAM_ALIASES.get(k) == PARAM_ALIASES[key]]
+            raise ValueError(f"{' and '.join(both)} name the same parameter: give one")
         out[PARAM_ALIASES[key]] = check_prompt(value) if key == "prompt" else value
     return out
 

@@ -276,3 +276,15 @@ def test_a_socket_opened_by_stream_key_is_told_why_its_stream_ended():
     got = asyncio.run(_sockets_of_a_stream_that_ends())
     assert got["id"].get("reason") == got["key"].get("reason") == "test: the stream ends", got
     assert got["bad"] == {"type": "error", "error": "the message is not valid JSON"}, got["bad"]
+
+
+def test_two_names_of_one_parameter_in_one_message_are_refused():
+    """A control probe: {"noise": 0.3, "noise_strength": 0.9} ran 0.9 without a word."""
+    from streamdiff.server.sessions import to_engine_params
+
+    assert to_engine_params({"type": "params", "noise": 0.3, "motion": True}) == {"noise_strength": 0.3,
+                                                                                  "motion_aware": True}
+    for message, said in (({"noise": 0.3, "noise_strength": 0.9}, "noise and noise_strength"),
+                          ({"motion_aware": False, "motion": True}, "motion_aware and motion")):
+        with pytest.raises(ValueError, match=f"{said} name the same parameter: give one"):
+            to_engine_params(message)
