@@ -70,7 +70,7 @@ async def params_patch(request: web.Request) -> web.Response:
 async def websocket(request: web.Request) -> web.StreamResponse:
     sessions = request.app[SESSIONS_KEY]
     if not _authorized(request):
-        return _unauthorized()
+        return _unauthorized(json_body=True)  # (as its 404 and 503: JSON, a probe)
     key = request.query.get("session", "")
     owner = sessions.get(key)
     if owner is None:

@@ -257,6 +257,8 @@ async def _sockets_of_a_stream_that_ends():
         session = await sessions.open("browser", "studio", "a fox")
         got = {}
         async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/ws?session=studio") as r:  # no token: JSON as its 404 (a probe)
+                got["401"] = (r.status, r.content_type, "error" in await r.json())
             async with http.ws_connect(f"{url}/ws?session={session.id}", headers=auth()) as by_id, \
                     http.ws_connect(f"{url}/ws?session=studio", headers=auth()) as by_key:
                 await by_key.send_str("{")  # (a probe: "the body is not valid JSON" on a socket)
@@ -276,6 +278,7 @@ def test_a_socket_opened_by_stream_key_is_told_why_its_stream_ended():
     got = asyncio.run(_sockets_of_a_stream_that_ends())
     assert got["id"].get("reason") == got["key"].get("reason") == "test: the stream ends", got
     assert got["bad"] == {"type": "error", "error": "the message is not valid JSON"}, got["bad"]
+    assert got["401"] == (401, "application/json", True), got["401"]
 
 
 def test_two_names_of_one_parameter_in_one_message_are_refused():
