@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from streamdiff.scheduler.cost_model import OnlineCostModel, StepCostModel
 from streamdiff.scheduler.kv_lanes import KVLanes
@@ -275,6 +275,10 @@ class FrameScheduler:
             )
         if tokens_per_frame < 1 or lanes < 1 or first_chunk_latents < 1 or chunk_latents < 1:
             return self._refuse(stream_id, "tokens_per_frame, lanes and chunk latents must be >= 1")
+        if lanes > self.kv.num_lanes:  # (a probe: "KV pool full" and Retry-After on an empty server)
+            return replace(self._refuse(stream_id, f"{lanes} denoise steps need {lanes} KV lanes and the pool has "
+                                                   f"{self.kv.num_lanes} in all (cache.pool_lanes): at most "
+                                                   f"{self.kv.num_lanes} steps fit"), lasting=True)
         if lanes > self.kv.free:
             return self._refuse(stream_id, f"KV pool full: {lanes} lanes needed, {self.kv.free} of "
                                            f"{self.kv.num_lanes} free (cache.pool_lanes)")

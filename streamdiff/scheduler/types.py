@@ -143,6 +143,7 @@ class Admission:
     expected_fps: float = 0.0  # output frames per second it can expect (throughput, capped at input fps)
     expected_latency_ms: float = 0.0  # about how long a frame takes from arrival to output
     lane_stride: int = 1  # its lane stride D: chunks of it in flight at once (pipeline stages)
+    lasting: bool = False  # refused whatever other streams do (more lanes than the pool has): no retry helps
 
     def __bool__(self) -> bool:
         return self.admitted

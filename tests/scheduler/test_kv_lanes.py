@@ -56,3 +56,16 @@ def test_a_pool_smaller_than_one_stream_is_a_config_error():
     with pytest.raises(ConfigError, match="cache.pool_lanes=1 cannot hold one stream of sampling.steps=2"):
         load_config("tiny", ["cache.pool_lanes=1", "sampling.steps=2"])
     assert load_config("tiny", ["cache.pool_lanes=2", "sampling.steps=2"]).cache.pool_lanes == 2
+
+
+def test_more_steps_than_the_whole_pool_has_lanes_is_a_lasting_refusal():
+    """A probe: a first stream asking 4 steps of a 3-lane pool was told "KV pool full" with
+    Retry-After on an empty server (and a running stream's steps change the same)."""
+    sched = FrameScheduler(FixedCostModel(LinearLaw(1.0, 0.0, 0.0)), max_streams=2, kv_lanes=3)
+    refused = sched.add_stream("a", SLO, 12, lanes=4, now=0.0)
+    assert not refused and refused.lasting and "full" not in refused.reason, refused
+    assert "the pool has 3 in all (cache.pool_lanes): at most 3 steps fit" in refused.reason, refused
+    busy = sched.add_stream("b", SLO, 12, lanes=3, now=0.0) and sched.add_stream("c", SLO, 12, lanes=1, now=0.0)
+    assert not busy and not busy.lasting and "KV pool full" in busy.reason  # the others leaving would help
+    admission, _ = sched.restart_stream("b", 4, now=0.0)
+    assert not admission and admission.lasting and sched.kv_lanes_of("b") == (0, 1, 2)  # left as it was

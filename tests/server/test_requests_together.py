@@ -9,7 +9,7 @@ import asyncio
 import aiohttp
 from aiortc import RTCPeerConnection
 
-from gateway_helpers import SyntheticVideo, auth, obs_like_offer, running_server, sessions_of
+from gateway_helpers import SyntheticVideo, auth, obs_like_offer, running_server, sessions_of, tiny_config
 
 from streamdiff.server.http import ENGINE_KEY
 
@@ -197,3 +197,24 @@ def test_an_offer_is_not_refused_for_a_stream_that_is_ending():
     refused naming the stream that had just ended."""
     status, body = asyncio.run(_offer_while_the_last_stream_closes())
     assert status == 200, body
+
+
+async def _more_steps_than_the_pool_holds():
+    from streamdiff.config import with_overrides
+
+    config = with_overrides(tiny_config(), cache={"pool_lanes": 3})
+    async with running_server(config=config) as (url, app):
+        pc, sdp = await _browser_offer()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/offer", json={"sdp": sdp, "type": "offer", "steps": 4},
+                                 headers=auth()) as r:
+                said = (r.status, (await r.json())["error"], "Retry-After" in r.headers)
+        await pc.close()
+        return said, len(sessions_of(app).sessions)
+
+
+def test_more_steps_than_the_kv_pool_holds_is_a_400_that_says_what_fits():
+    """An admission probe: on an empty server it was 503 "KV pool full" with Retry-After."""
+    (status, error, retry), sessions = asyncio.run(_more_steps_than_the_pool_holds())
+    assert status == 400 and not retry and sessions == 0, (status, error, retry)
+    assert "at most 3 steps fit" in error and "full" not in error, error
