@@ -390,9 +390,9 @@ class SessionManager:
             admission = await self._admit(session_id, stream_key or session_id, prompt, params)
             while not admission and await self._replace_pending(kind, stream_key):
                 admission = await self._admit(session_id, stream_key or session_id, prompt, params)
-            if not admission and admission.lasting:  # never takeable here: 400 (the gateway's console line), no retry
-                raise ValueError(without_other_ids(admission.reason, session_id))
             if not admission:
+                if admission.lasting:  # never takeable here: 400 (the gateway's console line), no retry
+                    raise ValueError(without_other_ids(admission.reason, session_id))
                 events.info("refused %s session (stream key %s): %s", kind, stream_key or "-", admission.reason)
                 raise ServerFull(f"busy: {without_other_ids(admission.reason, session_id)}")
         pc = self.new_peer()

@@ -184,9 +184,9 @@ class EngineCore:
                              self.scheduler.free_stream_slots)
         self.drain()  # a new stream's first chunk and its state change what is in flight
         admission = self._admit(stream_id, slo, params.steps, now, params.lane_stride)
-        if not admission and admission.lasting:  # no measure or hint helps: its reason says what fits
-            return admission
         if not admission:
+            if admission.lasting:  # no measure or hint helps: its reason says what fits
+                return admission
             self.wants_measure = True
             hint = POOL_HINT if "KV pool full" in admission.reason else REFUSAL_HINT
             return replace(admission, reason=f"{admission.reason}; {hint}")

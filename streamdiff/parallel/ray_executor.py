@@ -352,7 +352,7 @@ class RayStages:
             dead = self._replace(every=self.stale)
             self.stale = False
             self._gets = 0  # replaced actors warm up again
-            return f"stage{'s' if len(dead) != 1 else ''} {dead} replaced" if dead else "no stage died; graph rebuilt"
+            return f"stage{'s' if len(dead) != 1 else ''} {dead} replaced" if dead else "no stage died; the graph is compiled again"
 
     def _replace(self, every: bool) -> list[int]:
         """Replace the actors that do not answer (`every`: all of them); their indices."""

@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from streamdiff.scheduler.cost_model import OnlineCostModel, StepCostModel
 from streamdiff.scheduler.kv_lanes import KVLanes
@@ -276,9 +276,9 @@ class FrameScheduler:
         if tokens_per_frame < 1 or lanes < 1 or first_chunk_latents < 1 or chunk_latents < 1:
             return self._refuse(stream_id, "tokens_per_frame, lanes and chunk latents must be >= 1")
         if lanes > self.kv.num_lanes:  # (a probe: "KV pool full" and Retry-After on an empty server)
-            return replace(self._refuse(stream_id, f"{lanes} denoise steps need {lanes} KV lanes and the pool has "
-                                                   f"{self.kv.num_lanes} in all (cache.pool_lanes): at most "
-                                                   f"{self.kv.num_lanes} steps fit"), lasting=True)
+            return self._refuse(stream_id, f"{lanes} denoise steps need {lanes} KV lanes and the pool has "
+                                           f"{self.kv.num_lanes} in all (cache.pool_lanes): at most "
+                                           f"{self.kv.num_lanes} steps fit", lasting=True)
         if lanes > self.kv.free:
             return self._refuse(stream_id, f"KV pool full: {lanes} lanes needed, {self.kv.free} of "
                                            f"{self.kv.num_lanes} free (cache.pool_lanes)")
@@ -483,8 +483,8 @@ class FrameScheduler:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _refuse(self, stream_id: str, reason: str, step_ms: float = 0.0) -> Admission:
-        return Admission(stream_id, False, reason, step_ms, self.free_stream_slots)
+    def _refuse(self, stream_id: str, reason: str, step_ms: float = 0.0, lasting: bool = False) -> Admission:
+        return Admission(stream_id, False, reason, step_ms, self.free_stream_slots, lasting=lasting)
 
     @staticmethod
     def _shape(streams: list[_Stream], steady: bool = False) -> tuple[int, int, int]:
