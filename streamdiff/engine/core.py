@@ -470,10 +470,10 @@ class EngineCore:
 
     def warmup(self, steps: int | None = None, seed: int = 0) -> float:
         """Run a dummy stream at the configured frame size through a prepare and `steps`
-        stream-batch steps, twice: the first pass makes weights, kernels and buffers resident
-        (its first-call times are not shown to the cost model), the second is measured by the
-        scheduler's cost model like any step. Returns the warm-up time in ms. Call before any
-        stream is added; the engine's metrics start afresh afterwards."""
+        stream-batch steps: once to make weights, kernels and buffers resident (its first-call
+        times are not shown to the cost model), then measured by the scheduler's cost model like
+        any step, at `steps` and at a second step count (`_measured_passes`). Returns the warm-up
+        time in ms. Call before any stream is added; the engine's metrics start afresh afterwards."""
         if self._streams:
             raise RuntimeError("warmup() must run before any stream is added")
         t0 = time.perf_counter()
@@ -485,7 +485,7 @@ class EngineCore:
                                             pipeline_depth=self.depth, period_depth=self.period_depth)
             self._dummy_stream(params, seed)
             self.scheduler = measured
-            self._dummy_stream(params, seed)
+            self._measured_passes(params, seed)
         finally:
             self.scheduler = measured
         mark = getattr(self.scheduler.cost_model, "mark_provisional", None)
@@ -506,12 +506,23 @@ class EngineCore:
         if reset is not None:
             reset()
         metrics, self.metrics = self.metrics, EngineMetrics()  # the dummy stream is not served (nor shown)
-        params = StreamParams.defaults(self.cfg, prompt="warm-up")
         try:
-            self._dummy_stream(params, seed)
+            self._measured_passes(StreamParams.defaults(self.cfg, prompt="warm-up"), seed)
         finally:
             self.metrics = metrics
         return True
+
+    def _measured_passes(self, params: StreamParams, seed: int) -> None:
+        """The dummy stream measured at `params.steps`, then at a second step count (2 after 1,
+        else 1) where the KV pool has the lanes. One stream at one step count has as many rows
+        as chunks in every step, so the cost model could not tell a row's cost (the DiT, per
+        denoise step) from a chunk's (the VAE, once a chunk): its prior split them, and a
+        stream asking other steps than the preset's was told the wrong fps (a probe: steps 1
+        on the tiny preset told 8.2 fps, got 4.2). Steps of both kinds let the fit see both."""
+        self._dummy_stream(params, seed)
+        other = 2 if params.steps == 1 else 1
+        if other <= self.scheduler.kv.num_lanes:
+            self._dummy_stream(replace(params, steps=other), seed)
 
     def _dummy_stream(self, params: StreamParams, seed: int) -> None:
         admission = self.add_stream(WARMUP_STREAM, params, StreamSLO(1e-3, 1e12))

@@ -92,3 +92,46 @@ def test_presets_carry_their_service_level():
     assert (tiny.slo.target_fps, tiny.slo.deadline_ms) == (2.0, 8000.0)
     gpu = load_config("wan-1.3b")
     assert gpu.slo.target_fps == 0.0  # video.fps
+
+
+class _LawExecutor(FakeExecutor):
+    """Steps that cost `chunk_ms` a chunk (the VAE) and `row_ms` a row (the DiT, per denoise
+    step), as a CPU demo does (about 90 and 25)."""
+
+    def __init__(self, clock, row_ms: float, chunk_ms: float):
+        super().__init__(clock, 0.0)
+        self.row_ms, self.chunk_ms = row_ms, chunk_ms
+
+    def execute(self, plan, inputs):
+        self.step_ms = self.row_ms * plan.rows + self.chunk_ms * len(plan.chunks)
+        return super().execute(plan, inputs)
+
+
+def test_warm_up_tells_a_stream_of_other_steps_what_it_gets(cfg):
+    """One stream at the preset's steps has as many rows as chunks in every step: a warm-up at
+    that step count alone leaves the split of a step's cost between rows and chunks to the
+    prior, and a stream asking other steps is told the wrong figure (a probe: steps 1 on the
+    tiny preset told 8.2 fps, got 4.2)."""
+    row_ms, chunk_ms = 120.0, 700.0
+    clock = FakeClock()
+    core = EngineCore(cfg, _LawExecutor(clock, row_ms, chunk_ms), scheduler=FrameScheduler(OnlineCostModel()),
+                      clock=clock)
+    core.warmup()
+    margin = core.scheduler.cost_model.margin
+    for steps in (1, 2, 3, 4):
+        step_ms, _, _ = core.expect(steps)
+        truth = (row_ms * steps + chunk_ms) * (1 + margin)
+        assert abs(step_ms - truth) < 0.05 * truth, (steps, step_ms, truth)
+
+
+def test_warm_up_of_a_one_step_preset_measures_two_steps_where_the_pool_has_the_lanes(cfg):
+    from dataclasses import replace
+
+    for lanes, measured in ((2, {1, 2}), (1, {1})):
+        one = replace(cfg, sampling=replace(cfg.sampling, steps=1), cache=replace(cfg.cache, pool_lanes=lanes))
+        clock = FakeClock()
+        core = EngineCore(one, _LawExecutor(clock, 100.0, 500.0), clock=clock)
+        core.warmup()
+        model = core.scheduler.cost_model
+        assert {rows - chunks for rows, _, chunks, _ in model._window} == {s - 1 for s in measured}, lanes
+        assert core.add_stream("a", params(one, "x"), SLO)

@@ -137,7 +137,8 @@ def test_warmup_runs_the_model_path_and_leaves_nothing_behind(comps, cfg):
     empty = bookkeeping(core)
     warmup_ms = core.warmup()
     assert warmup_ms > 0 and core.metrics.warmup_ms == warmup_ms
-    assert core.scheduler.cost_model.samples == 1 + cfg.sampling.steps  # the prepare + every lane
+    # the prepare + every lane, at the preset's steps and at one step (where rows = chunks)
+    assert core.scheduler.cost_model.samples == (1 + cfg.sampling.steps) + (1 + 1)
     assert bookkeeping(core) == empty
     assert core.add_stream("s", params(cfg, "x"), RELAXED)
     with pytest.raises(RuntimeError, match="before any stream"):
