@@ -100,6 +100,11 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
     # controller makes (`streamdiff control`, a second tab, a dashboard) is pushed with the next
     # stats, so that the page shows what its stream runs (it kept showing its own last values).
     told = sessions.params_changes(key) or 0
+    # This socket's own change is counted when the engine applied it, before its reply is made
+    # (a steps change then waits for the re-admission): meanwhile the count is not pushed back to
+    # it as another controller's (a page probe: every steps change said "changed by another
+    # controller" and the page forgot which fields its user had set).
+    applying = False
 
     async def push_stats() -> None:
         nonlocal told
@@ -113,7 +118,8 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
                                     **({"server_stopping": True} if sessions.stopping else {})})
                 await ws.close()
                 return
-            if (changes := sessions.params_changes(key) or 0) > told and (now := await sessions.params_now(key)):
+            if not applying and (changes := sessions.params_changes(key) or 0) > told \
+                    and (now := await sessions.params_now(key)):
                 told = max(told, changes)  # this socket's own change may have landed meanwhile
                 await ws.send_json({"type": "params", "elsewhere": True, **now})
             await ws.send_json({"type": "stats", **session.stats()})
@@ -134,10 +140,14 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
         return reply
 
     async def apply_params() -> None:
-        nonlocal told
+        nonlocal told, applying
         while True:
             message = await inbox.get()
-            reply, count = await _apply_params(sessions, key, message)
+            applying = True
+            try:
+                reply, count = await _apply_params(sessions, key, message)
+            finally:
+                applying = False
             if count is not None:  # the count as of this change (later ones are pushed)
                 told = max(told, count)
             reply = await with_params_in_use(reply)

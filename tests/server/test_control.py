@@ -291,3 +291,43 @@ def test_two_names_of_one_parameter_in_one_message_are_refused():
                           ({"motion_aware": False, "motion": True}, "motion_aware and motion")):
         with pytest.raises(ValueError, match=f"{said} name the same parameter: give one"):
             to_engine_params(message)
+
+
+def test_a_steps_change_is_not_pushed_back_to_the_socket_that_made_it():
+    """A page probe: every steps change from the page said "changed by another controller": the
+    change is counted when the engine applies it, and while its reply waited for the stream's
+    re-admission the socket's stats tick pushed the count back to it as another's (and the page
+    then forgot which fields its user had set). Another controller still gets it pushed."""
+    async def run():
+        async with running_server() as (url, app):
+            engine = app[ENGINE_KEY]
+            admission = engine.admission
+
+            async def slow_admission(stream_id):  # the re-admission spans a stats tick
+                await asyncio.sleep(1.5)
+                return await admission(stream_id)
+
+            engine.admission = slow_admission
+            pub = await publish(url, "cam")
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(f"{url}/ws?session=cam", headers=auth()) as page, \
+                        http.ws_connect(f"{url}/ws?session=cam", headers=auth()) as other:
+
+                    async def messages(ws, seconds: float) -> list[dict]:
+                        got = []
+                        try:
+                            async with asyncio.timeout(seconds):
+                                async for msg in ws:
+                                    got.append(msg.json())
+                        except TimeoutError:
+                            pass
+                        return [m for m in got if m["type"] != "stats"]
+
+                    await page.send_json({"type": "params", "steps": 3})  # the preset runs 2
+                    on_page, on_other = await asyncio.gather(messages(page, 4.0), messages(other, 4.0))
+            await pub.close()
+            return on_page, on_other
+
+    on_page, on_other = asyncio.run(run())
+    assert [(m["type"], m.get("elsewhere"), m["params"]["steps"]) for m in on_page] == [("params", None, 3)], on_page
+    assert [(m.get("elsewhere"), m["params"]["steps"]) for m in on_other] == [(True, 3)], on_other
