@@ -226,7 +226,14 @@ async function start() {
       got = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
     } catch (err) {
       if (over()) return;
-      say(`The camera was refused or is missing (${err.name}). Allow camera access for this page and try again.`, true);
+      // each cause its own advice (a probe: a machine without a camera was told to allow access)
+      const why = {
+        NotAllowedError: "The camera was refused. Allow camera access for this page and try again.",
+        NotFoundError: "No camera was found. Connect one (or enable it) and try again.",
+        NotReadableError: "The camera is in use by another program or failed to start. Close the other " +
+          "program (a video call, OBS's own capture) and try again.",
+      }[err.name] || "The camera could not be opened. Check it and this page's camera permission, and try again.";
+      say(`${why} (${err.name})`, true);
       return stop();
     }
     if (over()) return got.getTracks().forEach((t) => t.stop());
@@ -387,7 +394,11 @@ function retryLater(seconds, reason) {
 }
 
 // The status line clears once processed frames play.
-$("output").addEventListener("playing", () => { if (pc) say(""); });
+// Fullscreen has a picture to show from then on (a probe: pressed before Start it showed black).
+$("output").addEventListener("playing", () => {
+  if (pc) say("");
+  $("fullscreen").disabled = false;
+});
 
 // The server centre-crops the camera to the model's frame shape: the preview shows that crop.
 $("output").addEventListener("resize", () => {
@@ -500,6 +511,7 @@ function stop() {
   pc = ws = camera = sessionId = fpsTimer = retryTimer = expect = null;
   $("watching").hidden = true;
   $("output").srcObject = null;
+  $("fullscreen").disabled = true;
   $("local").style.aspectRatio = "";
   $("overlay").textContent = "";
   delete $("overlay").dataset.latency;

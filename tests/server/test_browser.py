@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -299,6 +300,45 @@ async def _viewer_of_a_silent_stream() -> dict:
     return out
 
 
+async def _viewer_of_a_slow_stream(step_s: float, watch_s: float) -> dict:
+    """A viewer of a stream whose steps take `step_s`: its frames come in bursts that far apart."""
+    from playwright.async_api import async_playwright
+
+    from gateway_helpers import tiny_config
+
+    cfg = tiny_config()
+    cfg = replace(cfg, parallel=replace(cfg.parallel, block_delay_ms=1000.0 * step_s / cfg.model.num_layers))
+    out: dict = {}
+    async with running_server(token=None, config=cfg) as (url, app), aiohttp.ClientSession() as http, \
+            async_playwright() as pw:
+        sessions = sessions_of(app)
+        pub, offer = await obs_like_offer()
+        async with http.post(f"{url}/whip/cam", data=offer, headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 201, await r.text()
+            await answer(pub, await r.text())
+        browser = await _browser(pw)
+        try:
+            page = await browser.new_page()
+            await page.goto(url + "/viewer.html?key=cam")
+            out["playing"] = await _until(lambda: _playing(page, "v"), 120)
+            await asyncio.sleep(watch_s)
+            out["viewers"] = sum(s.kind == "whep" for s in sessions.sessions.values()) + \
+                sum(kind == "whep" for kind, _, _ in sessions.ended.values())
+        finally:
+            await browser.close()
+            await pub.close()
+    return out
+
+
+def test_a_viewer_of_a_slow_stream_learns_its_bursts_instead_of_reconnecting_for_ever():
+    """A page probe: a viewer of a stream at 2.5 s a step took each pause between its bursts of
+    frames for a stopped stream before it had learnt any gap, and reconnected every 4-7 s (with
+    --max-viewers 1 giving its place away each time). After at most one such reconnect it waits."""
+    out = asyncio.run(_viewer_of_a_slow_stream(step_s=2.5, watch_s=20.0))
+    assert out["playing"], out
+    assert out["viewers"] <= 2, out
+
+
 def test_a_viewer_whose_session_never_plays_asks_again():
     """Found by a probe of OBS reconnects: a viewer that re-subscribed to a crashed publisher just
     before a new one took its key waited ~17 s for Chrome's ICE timeout: the stall check skipped
@@ -457,7 +497,7 @@ def test_the_page_follows_stop_restart_and_a_stream_the_server_ends():
     assert out["no_video_said"], out
 
 
-async def _what_start_says(word: str, *, token: str | None, host: str | None = None) -> str:
+async def _what_start_says(word: str, *, token: str | None, host: str | None = None, camera: bool = True) -> str:
     """Open the page (as `host`, resolved to this machine, when given: a plain-http address that is
     not localhost, as another machine on the network sees the server), press Start, and return the
     message that has `word` in it; no session may have been made."""
@@ -468,7 +508,8 @@ async def _what_start_says(word: str, *, token: str | None, host: str | None = N
             async_playwright() as pw:
         port = url.rsplit(":", 1)[1]
         rules = [f"--host-resolver-rules=MAP {host} 127.0.0.1"] if host else []
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[*ARGS, *rules])
+        args = ARGS if camera else [a for a in ARGS if a != "--use-fake-device-for-media-stream"]
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[*args, *rules])
         try:
             page = await browser.new_page()
             await page.goto(f"http://{host}:{port}/" if host else url + "/")  # no ?token=
@@ -486,6 +527,13 @@ def test_a_page_on_plain_http_from_another_machine_says_why_there_is_no_camera()
     localhost pages."""
     said = asyncio.run(_what_start_says("https", token=None, host="streamdiff.test"))
     assert said and "localhost" in said and "ssh -L" in said, said
+
+
+def test_a_machine_without_a_camera_is_told_none_was_found():
+    """A page probe: a machine with no camera was told "The camera was refused or is missing
+    (NotFoundError). Allow camera access for this page", though nothing had been refused."""
+    said = asyncio.run(_what_start_says("No camera", token=None, camera=False))
+    assert said and said.startswith("No camera was found") and "Allow" not in said, said
 
 
 def test_a_page_opened_without_the_servers_token_says_how_to_open_it():
@@ -537,6 +585,7 @@ async def _page_across_a_server_restart() -> dict:
                 await page.unroute("**/healthz")
                 out["fields_read"] = await _until(
                     lambda: _async_value(page, RAW_FIELDS_JS, lambda f: f["steps"] != ""), 10)
+                out["fullscreen_before_start"] = await page.is_disabled("#fullscreen")  # (it showed black)
                 await page.focus("#start")
                 await page.keyboard.press("Enter")
                 out["focus_after_start"] = await page.evaluate(FOCUS_JS)
@@ -583,6 +632,7 @@ def test_the_page_waits_for_a_restarted_server_and_keeps_the_keyboard_focus():
                                   "blend": "0"}, out
     assert out["focus_after_start"] == "stop", out
     assert out["playing"] and out["applied"], out
+    assert out["fullscreen_before_start"], out
     full = out["fullscreen"]
     assert full["element"] == "outpane" and full["height"] == full["screen"][1], full  # fills the screen's height
     assert out["waiting"] and out["waiting_state"]["stop"] and out["waiting_state"]["camera"], out
