@@ -365,27 +365,24 @@ class SessionManager:
         # Full: a place held by a peer that never connected goes to the newcomer (`_replace_pending`)
         if (kind == "whep" and self.viewer_count >= self.max_viewers
                 and not await self._replace_pending(kind, stream_key, viewers=True)):
-            events.info("refused whep session (stream key %s): %d of %d viewers already watching (--max-viewers)",
-                        stream_key or "-", self.viewer_count, self.max_viewers)
             n = self.max_viewers
             connecting = sum(1 for s in self.sessions.values() if s.kind == "whep" and s.connected_s is None)
             still = f", {connecting} of them still connecting ({self._pending_rule})" if connecting else ""
-            raise ServerFull(f"busy: {n} viewer{'s' if n != 1 else ''} already watching (--max-viewers){still}")
+            raise self._full(kind, stream_key,
+                             f"{n} viewer{'s' if n != 1 else ''} already watching (--max-viewers){still}")
         if (owns_stream and self.stream_count >= self.max_sessions
                 and not await self._replace_pending(kind, stream_key)):
-            events.info("refused %s session (stream key %s): %d of %d streams already running (--max-sessions)",
-                        kind, stream_key or "-", self.stream_count, self.max_sessions)
             n = self.max_sessions
             connecting = len(self._admitting) + sum(1 for s in self.sessions.values()
                                                     if s.has_stream and s.connected_s is None)
             if not connecting:
-                raise ServerFull(f"busy: {n} stream{'s' if n != 1 else ''} already running (--max-sessions)")
+                raise self._full(kind, stream_key, f"{n} stream{'s' if n != 1 else ''} already running (--max-sessions)")
             if n == 1:
                 taken = "the one stream is taken (--max-sessions) by a peer"
             else:
                 taken = (f"the {n} streams are taken (--max-sessions), {connecting} of them by "
                          f"{'a peer' if connecting == 1 else 'peers'}")
-            raise ServerFull(f"busy: {taken} still connecting ({self._pending_rule})")
+            raise self._full(kind, stream_key, f"{taken} still connecting ({self._pending_rule})")
         if owns_stream:
             admission = await self._admit(session_id, stream_key or session_id, prompt, params)
             while not admission and await self._replace_pending(kind, stream_key):
@@ -426,6 +423,13 @@ class SessionManager:
 
         session.tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session_id}"))
         return session
+
+    @staticmethod
+    def _full(kind: str, stream_key: str | None, why: str) -> ServerFull:
+        """A place refused: the console says what the client is told (a probe: the console said
+        "4 of 4 streams already running" while the client heard that 3 were still connecting)."""
+        events.info("refused %s session (stream key %s): %s", kind, stream_key or "-", why)
+        return ServerFull(f"busy: {why}")
 
     @property
     def _pending_rule(self) -> str:

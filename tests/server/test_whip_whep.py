@@ -1,6 +1,7 @@
 """OBS-shaped WHIP publisher, a WHEP viewer of its output, control over REST, DELETE."""
 
 import asyncio
+import logging
 
 import aiohttp
 
@@ -111,12 +112,16 @@ async def _viewers_over_the_limit():
     return replies, health, again, replaced, stream_alive
 
 
-def test_whep_viewers_are_bounded_and_the_publisher_is_untouched():
+def test_whep_viewers_are_bounded_and_the_publisher_is_untouched(caplog):
     """Each WHEP player encodes on its own and holds sockets: a flood of offers was unbounded."""
-    replies, health, again, replaced, stream_alive = asyncio.run(_viewers_over_the_limit())
+    with caplog.at_level(logging.INFO, logger="streamdiff.events"):
+        replies, health, again, replaced, stream_alive = asyncio.run(_viewers_over_the_limit())
     assert [status for status, *_ in replies] == [201, 201, 503]
     status, text, retry_after, _ = replies[2]
     assert "2 viewers already watching (--max-viewers), 2 of them still connecting" in text and retry_after
+    # the console says what the client is told (a probe: it left out the peers still connecting)
+    assert any(r.getMessage().startswith("refused whep session (stream key studio): 2 viewers already watching "
+                                         "(--max-viewers), 2 of them still connecting") for r in caplog.records)
     assert (health["viewers"], health["max_viewers"], health["streams"]) == (2, 2, 1)
     assert again == 201 and stream_alive
     status, why, oldest_ended = replaced
