@@ -164,12 +164,20 @@ function showMeans(prompt, means) {
 const FIRST_VISIT = "Press Start webcam and allow the camera: your picture streams to the server and comes back restyled.";
 const WARMING = "The server is still warming up its model: Start webcam works now, the stream begins once it is ready.";
 let warming = false;
+let frameShape = ""; // the model's frame shape (/healthz `video`): the camera preview's crop
 
 async function loadDefaults() {
   try {
     const health = await (await fetch("/healthz")).json();
     describeModel(health.model);
     showValues(health.defaults);
+    // the preview is cropped to the model's frame shape from the start, not once output plays
+    // (a page probe: "your camera, as the model is given it" showed the whole 4:3 picture
+    // while connecting, busy or reconnecting)
+    if (health.video && health.video.width && health.video.height) {
+      frameShape = `${health.video.width} / ${health.video.height}`;
+      if (!$("output").videoWidth) $("local").style.aspectRatio = frameShape;
+    }
     warming = health.state === "warming";
     if (warming) {
       if (!pc && [FIRST_VISIT, ""].includes($("message").textContent)) say(WARMING);
@@ -512,7 +520,7 @@ function stop() {
   $("watching").hidden = true;
   $("output").srcObject = null;
   $("fullscreen").disabled = true;
-  $("local").style.aspectRatio = "";
+  $("local").style.aspectRatio = frameShape;
   $("overlay").textContent = "";
   delete $("overlay").dataset.latency;
   showMeans("", null);

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from gateway_helpers import TOKEN, answer, obs_like_offer, running_server, sessions_of, tiny_config
+from gateway_helpers import HEIGHT, TOKEN, WIDTH, answer, obs_like_offer, running_server, sessions_of, tiny_config
 
 from streamdiff.config import load_config, with_overrides
 from streamdiff.server.http import ENGINE_KEY
@@ -586,6 +586,7 @@ async def _page_across_a_server_restart() -> dict:
                 out["fields_read"] = await _until(
                     lambda: _async_value(page, RAW_FIELDS_JS, lambda f: f["steps"] != ""), 10)
                 out["fullscreen_before_start"] = await page.is_disabled("#fullscreen")  # (it showed black)
+                out["preview_shape"] = await page.evaluate("() => document.getElementById('local').style.aspectRatio")
                 await page.focus("#start")
                 await page.keyboard.press("Enter")
                 out["focus_after_start"] = await page.evaluate(FOCUS_JS)
@@ -633,6 +634,8 @@ def test_the_page_waits_for_a_restarted_server_and_keeps_the_keyboard_focus():
     assert out["focus_after_start"] == "stop", out
     assert out["playing"] and out["applied"], out
     assert out["fullscreen_before_start"], out
+    # the camera preview is cropped to the model's frame before any output plays (a page probe)
+    assert out["preview_shape"] == f"{WIDTH} / {HEIGHT}", out["preview_shape"]
     full = out["fullscreen"]
     assert full["element"] == "outpane" and full["height"] == full["screen"][1], full  # fills the screen's height
     assert out["waiting"] and out["waiting_state"]["stop"] and out["waiting_state"]["camera"], out
