@@ -64,6 +64,7 @@ from streamdiff.engine.types import (
     ChunkInput,
     EngineStepResult,
     FrameMeta,
+    PARAM_RANGES,
     OutputFrame,
     StreamParams,
     StreamCommands,
@@ -468,24 +469,31 @@ class EngineCore:
 
     # ------------------------------------------------------------------ warm-up, stats
 
-    def warmup(self, steps: int | None = None, seed: int = 0) -> float:
-        """Run a dummy stream at the configured frame size through a prepare and `steps`
-        stream-batch steps: once to make weights, kernels and buffers resident (its first-call
-        times are not shown to the cost model), then measured by the scheduler's cost model like
-        any step, at `steps` and at a second step count (`_measured_passes`). Returns the warm-up
-        time in ms. Call before any stream is added; the engine's metrics start afresh afterwards."""
+    def warmup(self, steps: int | None = None, seed: int = 0, every_shape: bool = True) -> float:
+        """Run dummy streams at the configured frame size through their prepare and stream-batch
+        steps: first to make weights, kernels and buffers resident and, with a compiled or
+        graphed DiT, to build the graph of every batch shape streams can make (`_shape_mixes`);
+        none of those times is shown to the cost model. Then the dummy stream at `steps` and at
+        a second step count, measured by the scheduler's cost model like any step
+        (`_measured_passes`). `every_shape=False` (a benchmark of one batch shape): the dummy
+        stream at `steps` only, resident then measured. Returns the warm-up time in ms. Call
+        before any stream is added; the engine's metrics start afresh afterwards."""
         if self._streams:
             raise RuntimeError("warmup() must run before any stream is added")
         t0 = time.perf_counter()
         params = StreamParams.defaults(self.cfg, prompt="warm-up")
         params = replace(params, steps=steps or params.steps)
         measured = self.scheduler
+        counts = self._step_counts(params.steps) if every_shape else (params.steps,)
         try:
-            self.scheduler = FrameScheduler(FixedCostModel(LinearLaw(0.0, 0.0, 0.0)), max_streams=1,
+            self.scheduler = FrameScheduler(FixedCostModel(LinearLaw(0.0, 0.0, 0.0)),
+                                            max_streams=measured.max_streams, kv_lanes=measured.kv.num_lanes,
                                             pipeline_depth=self.depth, period_depth=self.period_depth)
-            self._dummy_stream(params, seed)
+            mixes = [(n,) for n in counts] + (self._shape_mixes(counts) if every_shape else [])
+            for mix in mixes:
+                self._dummy_streams([replace(params, steps=n) for n in mix], seed)
             self.scheduler = measured
-            self._measured_passes(params, seed)
+            self._measured_passes(params, counts, seed)
         finally:
             self.scheduler = measured
         mark = getattr(self.scheduler.cost_model, "mark_provisional", None)
@@ -498,7 +506,7 @@ class EngineCore:
 
     def measure(self, seed: int = 0) -> bool:
         """Re-measure the step on an idle engine (after a refusal): forget the cost model's
-        samples and run the dummy stream once, measured. False (nothing done) while streams run."""
+        samples and run the measured passes again. False (nothing done) while streams run."""
         self.wants_measure = False
         if self._streams:
             return False
@@ -506,40 +514,98 @@ class EngineCore:
         if reset is not None:
             reset()
         metrics, self.metrics = self.metrics, EngineMetrics()  # the dummy stream is not served (nor shown)
+        params = StreamParams.defaults(self.cfg, prompt="warm-up")
         try:
-            self._measured_passes(StreamParams.defaults(self.cfg, prompt="warm-up"), seed)
+            self._measured_passes(params, self._step_counts(params.steps), seed)
         finally:
             self.metrics = metrics
         return True
 
-    def _measured_passes(self, params: StreamParams, seed: int) -> None:
-        """The dummy stream measured at `params.steps`, then at a second step count (2 after 1,
-        else 1) where the KV pool has the lanes. One stream at one step count has as many rows
-        as chunks in every step, so the cost model could not tell a row's cost (the DiT, per
-        denoise step) from a chunk's (the VAE, once a chunk): its prior split them, and a
-        stream asking other steps than the preset's was told the wrong fps (a probe: steps 1
-        on the tiny preset told 8.2 fps, got 4.2). Steps of both kinds let the fit see both."""
-        self._dummy_stream(params, seed)
-        other = 2 if params.steps == 1 else 1
-        if other <= self.scheduler.kv.num_lanes:
-            self._dummy_stream(replace(params, steps=other), seed)
+    def _step_counts(self, steps: int) -> tuple[int, ...]:
+        """`steps`, and a second step count (2 after 1, else 1) where the KV pool has the lanes.
+        One stream at one step count has as many rows as chunks in every step, so the cost model
+        could not tell a row's cost (the DiT, per denoise step) from a chunk's (the VAE, once a
+        chunk): its prior split them, and a stream asking other steps than the preset's was told
+        the wrong fps (a probe: steps 1 on the tiny preset told 8.2 fps, got 4.2)."""
+        other = 2 if steps == 1 else 1
+        return (steps, other) if other <= self.scheduler.kv.num_lanes else (steps,)
 
-    def _dummy_stream(self, params: StreamParams, seed: int) -> None:
-        admission = self.add_stream(WARMUP_STREAM, params, StreamSLO(1e-3, 1e12))
-        if not admission:
-            raise RuntimeError(f"warm-up stream refused: {admission.reason}")
-        rng = np.random.default_rng(seed)
-        # The prepare, then until the first lag output; with a compiled VAE on until its calls
-        # reach their steady cache, so that every graph a stream meets is compiled here.
-        chunks = 1 + params.steps + (COMPILED_VAE_WARMUP_CHUNKS if self.cfg.runtime.compile_vae else 0)
+    def _measured_passes(self, params: StreamParams, counts: tuple[int, ...], seed: int) -> None:
+        """The dummy stream at each step count, measured; the cost model's fit of them then
+        becomes its prior (`calibrate_prior`), so that what serving steps cannot tell apart (while
+        every stream runs the same steps, rows and chunks rise together) stays split as measured
+        here once the warm-up's samples are replaced."""
+        for n in counts:
+            self._dummy_streams([replace(params, steps=n)], seed)
+        calibrate = getattr(self.scheduler.cost_model, "calibrate_prior", None)
+        if calibrate is not None:
+            calibrate()
+
+    def _shape_mixes(self, counts: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Step counts of dummy streams joining together that, beside one stream at each of
+        `counts`, make every batch shape streams can make: a compiled or graphed DiT has one
+        graph per rows bucket (`runtime.row_buckets`) and latent frames (a first chunk's forward
+        has 2, batching the streams that join in one step; later ones 1, every lane of every
+        stream). A shape first met while serving was compiled then, and every stream stalled
+        for it (a probe: 11-31 s on the tiny preset when a second stream joined). Empty for an
+        eager DiT, which has no graphs."""
+        rt = self.cfg.runtime
+        if not (rt.compile or rt.cuda_graphs):
+            return []
+        buckets = sorted(rt.row_buckets)
+
+        def bucket(rows: int) -> int:  # as model/dit_step.py's DiTStep.bucket
+            return next((b for b in buckets if b >= rows), rows)
+
+        def padded_to(most: int) -> list[int]:
+            """A row count for each bucket that 1..`most` rows pad to (past the largest bucket
+            rows run unpadded, a graph per count: those are not built here)."""
+            return [b for b in buckets if b < most] + ([most] if bucket(most) in buckets else [])
+
+        most_steps = int(PARAM_RANGES["steps"][2])
+        streams = min(self.scheduler.max_streams, self.scheduler.kv.num_lanes)
+        max_rows = min(self.scheduler.kv.num_lanes, most_steps * self.scheduler.max_streams)
+        steady = {bucket(n) for n in counts}
+        first = {bucket(1)}
+        mixes: list[tuple[int, ...]] = []
+        for rows in padded_to(max_rows):
+            if bucket(rows) in steady:
+                continue
+            mix = (most_steps,) * (rows // most_steps) + ((rows % most_steps,) if rows % most_steps else ())
+            mixes.append(mix)
+            steady.add(bucket(rows))
+            first.add(bucket(len(mix)))
+        for joining in padded_to(streams):
+            if bucket(joining) not in first:
+                mixes.append((1,) * joining)
+                first.add(bucket(joining))
+        return mixes
+
+    def _dummy_streams(self, params: list[StreamParams], seed: int) -> None:
+        """Dummy streams joining in one step, fed until each has had its prepare and its lanes'
+        first outputs; then removed."""
+        ids = [WARMUP_STREAM if i == 0 else f"{WARMUP_STREAM}{i}" for i in range(len(params))]
+        added = []
         try:
+            for sid, p in zip(ids, params):
+                admission = self.add_stream(sid, p, StreamSLO(1e-3, 1e12))
+                if not admission:
+                    raise RuntimeError(f"warm-up stream refused: {admission.reason}")
+                added.append(sid)
+            rng = np.random.default_rng(seed)
+            # The prepare, then until the first lag output; with a compiled VAE on until its calls
+            # reach their steady cache, so that every graph a stream meets is compiled here.
+            steps = max(p.steps for p in params)
+            chunks = 1 + steps + (COMPILED_VAE_WARMUP_CHUNKS if self.cfg.runtime.compile_vae else 0)
             for chunk in range(chunks):
-                for _ in range(5 if chunk == 0 else 4):
-                    self.push_frame(WARMUP_STREAM, rng.integers(0, 256, (self.height, self.width, 3), np.uint8))
+                for sid in ids:
+                    for _ in range(5 if chunk == 0 else 4):
+                        self.push_frame(sid, rng.integers(0, 256, (self.height, self.width, 3), np.uint8))
                 if self.step() is None:
                     raise RuntimeError("warm-up step was not scheduled")
         finally:
-            self.remove_stream(WARMUP_STREAM)
+            for sid in added:
+                self.remove_stream(sid)
 
     def stats(self) -> dict:
         """Bookkeeping sizes (for leak checks and /healthz-style reporting)."""

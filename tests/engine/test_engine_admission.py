@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
+
 from engine_helpers import FakeClock, FakeExecutor, params
 from streamdiff.config import load_config
 from streamdiff.engine import AsyncEngine, EngineCore
@@ -135,3 +137,28 @@ def test_warm_up_of_a_one_step_preset_measures_two_steps_where_the_pool_has_the_
         model = core.scheduler.cost_model
         assert {rows - chunks for rows, _, chunks, _ in model._window} == {s - 1 for s in measured}, lanes
         assert core.add_stream("a", params(one, "x"), SLO)
+
+
+def test_a_steps_change_after_serving_is_told_what_it_gets(cfg):
+    """Serving one stream at one step count replaces the warm-up's samples with steps whose rows
+    and chunks rise together, which cannot tell their costs apart: the warm-up's fit is the
+    prior they are pulled toward, not a GPU's (a page probe: steps 3 told 1.5 fps while 9 played)."""
+    row_ms, chunk_ms = 120.0, 700.0
+    clock = FakeClock()
+    core = EngineCore(cfg, _LawExecutor(clock, row_ms, chunk_ms), scheduler=FrameScheduler(OnlineCostModel()),
+                      clock=clock)
+    core.warmup()
+    assert core.add_stream("a", params(cfg, "x", steps=1), SLO)
+    frame = np.zeros((core.height, core.width, 3), np.uint8)
+    model = core.scheduler.cost_model
+    for chunk in range(3 * model.min_samples):
+        for _ in range(5 if chunk == 0 else 4):
+            core.push_frame("a", frame)
+        clock.t += 4 / 30
+        while core.step() is not None:
+            pass
+    assert all(rows == chunks == 1 for rows, _, chunks, _ in model._window)  # the warm-up's are gone
+    core.update_params("a", steps=3)
+    predicted = core.admission("a").predicted_step_ms
+    truth = (3 * row_ms + chunk_ms) * (1 + model.margin)
+    assert abs(predicted - truth) < 0.05 * truth, (predicted, truth)
