@@ -237,7 +237,7 @@ class StreamState:
 
     def pixels(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 frames [n, H, W, 3] -> [1, 3, n, H, W] in [-1, 1] on the model's device/dtype."""
-        return frames_to_tensor(frames).to(self.comps.device, self.comps.dtype)
+        return frames_to_tensor(frames, self.comps.device, self.comps.dtype)  # scaled on the device
 
     def start_chunk(self, pixels: torch.Tensor, latents: torch.Tensor, tag: object = None) -> Lane:
         """The chunk's VAE latents [1, 16, F, h, w] -> noised with the motion-aware strength."""

@@ -46,3 +46,32 @@ def test_steady_engine_steps_make_no_host_reads(comps, cfg, threshold):
     assert len(feeder.reports) > steady  # steps really ran inside the mode
     got = {sid: len(feeder.frames(sid)) for sid in clips}
     assert all(n > 0 for n in got.values())
+
+
+def test_each_chunks_frames_go_to_the_device_once_as_uint8(comps, cfg, monkeypatch):
+    """A probe of the GPU hot path: every chunk's frames were scaled to float32 on the host (four
+    times the bytes over PCIe) and uploaded twice, once for the VAE and once for the motion
+    estimate. They go once, as uint8, and are scaled on the device."""
+    import streamdiff.engine.model_runner as model_runner
+    import streamdiff.pipeline.stream_state as stream_state
+
+    calls: list[object] = []
+    real = model_runner.frames_to_tensor
+
+    def counted(frames, device=None, dtype=torch.float32):
+        calls.append(device)
+        return real(frames, device, dtype)
+
+    monkeypatch.setattr(model_runner, "frames_to_tensor", counted)
+    monkeypatch.setattr(stream_state, "frames_to_tensor", counted)
+    clock = FakeClock()
+    core = model_core(comps, clock)
+    clips = {sid: synthetic_clip(29, 64, 48, seed=i) for i, sid in enumerate(("a", "b"))}
+    for sid, steps in (("a", 2), ("b", 1)):
+        assert core.add_stream(sid, params(cfg, sid, steps=steps), RELAXED)
+    feeder = Feeder(core, clock, clips)
+    for _ in range(5):
+        feeder.round()
+    chunks = sum(len(report.plan.chunks) for report in feeder.reports)
+    assert chunks >= 8 and len(calls) == chunks, (chunks, len(calls))
+    assert all(device is not None for device in calls), calls  # scaled where the model runs
