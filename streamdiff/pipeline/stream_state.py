@@ -420,11 +420,25 @@ def apply_plan_ops(model: CausalWanModel, pool: KVPool, plans: list[WritePlan]) 
             pool.rebase_(plan.rebase_slots, plan.rebase_delta, freqs_cos, freqs_sin, model.rope.t_dim)
 
 
+# Integer row timesteps -> their [B, F] tensor on the device, made once: the rows of steady
+# forwards repeat a few patterns, and each new tensor was a host-to-device copy in the middle of
+# the step (on CUDA the host then waits for the work queued before it). Readers never write it.
+_TIMESTEP_TENSORS: dict[tuple, torch.Tensor] = {}
+_TIMESTEP_TENSORS_MAX = 256
+
+
 def row_timesteps(timesteps: list, num_frames: int, device) -> torch.Tensor:
     """Per-row timesteps (ints, or 0-dim tensors for motion-aware first lanes, which stay on the
-    device) -> [B, F] float32 (every frame of a row at its lane's timestep)."""
+    device) -> [B, F] float32 (every frame of a row at its lane's timestep). Not to be written:
+    an all-int pattern's tensor is shared by every forward with that pattern."""
     if all(not isinstance(t, torch.Tensor) for t in timesteps):
-        return torch.tensor([[t] * num_frames for t in timesteps], device=device, dtype=torch.float32)
+        key = (tuple(timesteps), num_frames, torch.device(device))
+        if (known := _TIMESTEP_TENSORS.get(key)) is None:
+            if len(_TIMESTEP_TENSORS) >= _TIMESTEP_TENSORS_MAX:
+                _TIMESTEP_TENSORS.clear()
+            known = _TIMESTEP_TENSORS[key] = torch.tensor([[t] * num_frames for t in timesteps], device=device,
+                                                          dtype=torch.float32)
+        return known
     column = torch.stack([torch.as_tensor(t, dtype=torch.float32, device=device).reshape(()) for t in timesteps])
     return column[:, None].expand(-1, num_frames).contiguous()  # [B, F]
 

@@ -92,4 +92,9 @@ def chunk_noise(shape: tuple[int, ...], seed: int, chunk_index: int, lane: int, 
     # one (seeds below 2**32 are unchanged), so that seeds 2**32 apart do not draw the same noise.
     folded = seed ^ (((seed >> 32) * 0x9E3779B1) & 0xFFFFFFFF)
     gen = torch.Generator(device="cpu").manual_seed((folded * 1_000_003 + chunk_index * 17 + lane) % (2**63))
-    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if torch.device(device).type == "cuda":
+        # drawn on the host (the same noise on every device), copied without the host waiting for
+        # the work queued before it (a pageable copy does): it is drawn in the middle of a step
+        noise = noise.pin_memory().to(device=device, non_blocking=True)
+    return noise.to(device=device, dtype=dtype)

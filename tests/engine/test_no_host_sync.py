@@ -75,3 +75,17 @@ def test_each_chunks_frames_go_to_the_device_once_as_uint8(comps, cfg, monkeypat
     chunks = sum(len(report.plan.chunks) for report in feeder.reports)
     assert chunks >= 8 and len(calls) == chunks, (chunks, len(calls))
     assert all(device is not None for device in calls), calls  # scaled where the model runs
+
+
+def test_a_steady_forwards_row_timesteps_are_not_made_again():
+    """Each forward built its [B, F] timesteps with torch.tensor: a host-to-device copy in the
+    middle of a step (a probe of the GPU hot path). A pattern of integer timesteps is made once."""
+    from streamdiff.pipeline.stream_state import row_timesteps
+
+    first = row_timesteps([700, 500, 700], 2, "cpu")
+    assert first.tolist() == [[700.0, 700.0], [500.0, 500.0], [700.0, 700.0]]
+    assert row_timesteps([700, 500, 700], 2, "cpu") is first
+    assert row_timesteps([700, 500], 2, "cpu").tolist() == [[700.0, 700.0], [500.0, 500.0]]
+    assert row_timesteps([700, 500, 700], 1, "cpu").shape == (3, 1)
+    lane = torch.tensor(612.0)  # a motion-aware first lane's timestep stays a device tensor
+    assert row_timesteps([lane, 500], 2, "cpu").tolist() == [[612.0, 612.0], [500.0, 500.0]]

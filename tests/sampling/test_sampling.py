@@ -51,6 +51,20 @@ def test_chunk_noise_depends_only_on_seed_chunk_and_lane():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_chunk_noise_on_cuda_is_the_hosts_noise_copied_without_a_wait():
+    """On CUDA the noise goes through pinned memory with a non-blocking copy: the same values as
+    the host's, in the dtype asked for, and nothing waits on the host meanwhile."""
+    torch.cuda.set_sync_debug_mode("error")  # a pageable host-to-device copy would raise
+    try:
+        got = chunk_noise((16, 2, 8, 8), seed=5, chunk_index=7, lane=1, device="cuda", dtype=torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    host = chunk_noise((16, 2, 8, 8), seed=5, chunk_index=7, lane=1, device="cpu", dtype=torch.bfloat16)
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), host)
+
+
 def test_seeds_2_to_the_32_apart_draw_different_noise():
     """Seeds go up to 2**63 - 1, but torch's CPU generator keeps 32 bits of its seed: seeds 0 and
     2**32 (a probe found) drew the same noise, so the same picture."""
