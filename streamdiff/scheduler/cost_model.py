@@ -1,8 +1,11 @@
 """Step-time prediction for the frame scheduler: ms of one engine step from its batch shape.
 
 Owns: the law `step_ms ~ base_ms + ms_per_row * rows + ms_per_ktoken * tokens / 1000 +
-ms_per_chunk * chunks` (a chunk: one stream's new frames in the step, which the VAE encodes and
-decodes once whatever its denoise steps, where each step is a row), its
+ms_per_chunk * chunks + ms_per_first * firsts` (a chunk: one stream's new frames in the step,
+which the VAE encodes and decodes once whatever its denoise steps, where each step is a row; a
+first: a stream's first chunk, which costs more than its tokens say: a frame more to encode and
+decode, its prompt, its lanes set up; measured on the CPU demo at 280 ms against 130-170 for a
+later chunk, and fitted as tokens it made the law steep in rows), its
 online fit from measured steps (windowed least squares, pulled gently toward a prior, every
 coefficient held >= 0 so that a bigger batch never costs less) and the
 safety margin added to every prediction the scheduler decides with.
@@ -22,9 +25,10 @@ So predictions follow the step times observed now, not a busy start. The warm-up
 step counts, and `calibrate_prior()` makes their fit the prior: what serving steps cannot tell
 apart (below) then stays split as this machine measured it, not as the default prior guesses.
 
-Why a prior pull: when every stream has the same frame size, tokens = rows x constant, so rows
-and tokens are collinear and plain least squares is singular (and while every stream runs one
-step, chunks = rows too). A weak ridge term toward the
+Why a prior pull: when every stream has the same frame size, tokens = rows x constant in steady
+steps, so rows and tokens are collinear and plain least squares is singular (while every stream
+runs one step, chunks = rows too, and a first chunk's extra tokens come with its extra `firsts`).
+A weak ridge term toward the
 prior (`prior_strength`, a small fraction of one sample in scaled units) splits the cost between
 the two as the prior does in that one direction, while the data decide all they can see.
 """
@@ -38,28 +42,31 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class LinearLaw:
-    """step_ms = base_ms + ms_per_row * rows + ms_per_ktoken * tokens / 1000 + ms_per_chunk * chunks."""
+    """step_ms = base_ms + ms_per_row * rows + ms_per_ktoken * tokens / 1000 + ms_per_chunk * chunks
+    + ms_per_first * firsts."""
 
     base_ms: float
     ms_per_row: float
     ms_per_ktoken: float
     ms_per_chunk: float = 0.0
+    ms_per_first: float = 0.0
 
-    def predict_ms(self, rows: int, tokens: int, chunks: int = 0) -> float:
-        return self.base_ms + self.ms_per_row * rows + self.ms_per_ktoken * tokens / 1000.0 + self.ms_per_chunk * chunks
+    def predict_ms(self, rows: int, tokens: int, chunks: int = 0, firsts: int = 0) -> float:
+        return (self.base_ms + self.ms_per_row * rows + self.ms_per_ktoken * tokens / 1000.0
+                + self.ms_per_chunk * chunks + self.ms_per_first * firsts)
 
     def as_list(self) -> list[float]:
-        return [self.base_ms, self.ms_per_row, self.ms_per_ktoken, self.ms_per_chunk]
+        return [self.base_ms, self.ms_per_row, self.ms_per_ktoken, self.ms_per_chunk, self.ms_per_first]
 
 
 class StepCostModel(Protocol):
     """What the scheduler needs from a cost model."""
 
-    def predict_ms(self, rows: int, tokens: int, chunks: int = 0) -> float:
+    def predict_ms(self, rows: int, tokens: int, chunks: int = 0, firsts: int = 0) -> float:
         """Conservative (margin included) step time for a batch of `rows` rows, `tokens` tokens,
-        `chunks` streams' chunks."""
+        `chunks` streams' chunks, `firsts` of them streams' first chunks."""
 
-    def observe(self, rows: int, tokens: int, step_ms: float, chunks: int = 0) -> None:
+    def observe(self, rows: int, tokens: int, step_ms: float, chunks: int = 0, firsts: int = 0) -> None:
         """Learn from one measured step."""
 
 
@@ -72,10 +79,10 @@ class FixedCostModel:
         self.margin = margin
         self.samples = 0
 
-    def predict_ms(self, rows: int, tokens: int, chunks: int = 0) -> float:
-        return max(0.0, self.law.predict_ms(rows, tokens, chunks)) * (1.0 + self.margin)
+    def predict_ms(self, rows: int, tokens: int, chunks: int = 0, firsts: int = 0) -> float:
+        return max(0.0, self.law.predict_ms(rows, tokens, chunks, firsts)) * (1.0 + self.margin)
 
-    def observe(self, rows: int, tokens: int, step_ms: float, chunks: int = 0) -> None:
+    def observe(self, rows: int, tokens: int, step_ms: float, chunks: int = 0, firsts: int = 0) -> None:
         self.samples += 1
 
 
@@ -84,11 +91,13 @@ class FixedCostModel:
 # Its chunk cost as much as a row: the only split of a row's cost between its DiT step and its
 # chunk's VAE that 1-step streams (rows = chunks) leave to the prior (an H200 at 512x512: VAE
 # 106 ms a chunk, DiT 94 a row; the CPU demo: about 90 and 25).
-DEFAULT_PRIOR = LinearLaw(base_ms=30.0, ms_per_row=4.0, ms_per_ktoken=8.0, ms_per_chunk=4.0)
+# A first chunk as much again as a chunk (its extra frame, prompt and lanes: a guess the warm-up
+# replaces, `calibrate_prior`).
+DEFAULT_PRIOR = LinearLaw(base_ms=30.0, ms_per_row=4.0, ms_per_ktoken=8.0, ms_per_chunk=4.0, ms_per_first=4.0)
 
 
 class OnlineCostModel:
-    """Windowed, prior-regularised least squares over (1, rows, ktokens, chunks) -> step_ms."""
+    """Windowed, prior-regularised least squares over (1, rows, ktokens, chunks, firsts) -> step_ms."""
 
     def __init__(
         self,
@@ -108,7 +117,8 @@ class OnlineCostModel:
         self.quantile = quantile
         self.min_margin = min_margin
         self.prior_strength = prior_strength
-        self._window: deque[tuple[int, int, int, float]] = deque(maxlen=window)  # (rows, tokens, chunks, step_ms)
+        # (rows, tokens, chunks, firsts, step_ms)
+        self._window: deque[tuple[int, int, int, int, float]] = deque(maxlen=window)
         self._fit = prior
         self._margin = prior_margin
         self._provisional = 0  # the oldest samples in the window that newer ones will replace
@@ -133,22 +143,23 @@ class OnlineCostModel:
         """Relative margin added to predictions now."""
         return self._margin if self.calibrated else self.prior_margin
 
-    def mean_ms(self, rows: int, tokens: int, chunks: int = 0) -> float:
+    def mean_ms(self, rows: int, tokens: int, chunks: int = 0, firsts: int = 0) -> float:
         """The fitted law without margin (the prior before `min_samples`)."""
         law = self._fit if self.calibrated else self.prior
-        return max(0.0, law.predict_ms(rows, tokens, chunks))
+        return max(0.0, law.predict_ms(rows, tokens, chunks, firsts))
 
-    def predict_ms(self, rows: int, tokens: int, chunks: int = 0) -> float:
+    def predict_ms(self, rows: int, tokens: int, chunks: int = 0, firsts: int = 0) -> float:
         if not self.calibrated:
             # Few samples: never below the prior, and never below what was already seen.
-            mean_ms = max(self.prior.predict_ms(rows, tokens, chunks), self._fit.predict_ms(rows, tokens, chunks))
+            mean_ms = max(self.prior.predict_ms(rows, tokens, chunks, firsts),
+                          self._fit.predict_ms(rows, tokens, chunks, firsts))
             return max(0.0, mean_ms) * (1.0 + self.prior_margin)
-        return self.mean_ms(rows, tokens, chunks) * (1.0 + self._margin)
+        return self.mean_ms(rows, tokens, chunks, firsts) * (1.0 + self._margin)
 
-    def observe(self, rows: int, tokens: int, step_ms: float, chunks: int = 0) -> None:
+    def observe(self, rows: int, tokens: int, step_ms: float, chunks: int = 0, firsts: int = 0) -> None:
         if step_ms < 0 or rows <= 0:
             return
-        self._window.append((rows, tokens, chunks, float(step_ms)))
+        self._window.append((rows, tokens, chunks, firsts, float(step_ms)))
         self._provisional = min(self._provisional, len(self._window) - 1)  # the window may have rolled
         if self._provisional and len(self._window) - self._provisional >= self.min_samples:
             for _ in range(self._provisional):
@@ -179,15 +190,16 @@ class OnlineCostModel:
     def _refit(self) -> None:
         samples = self._window
         # 1. Scale features to about [0, 1] so the prior pull weighs each coefficient alike.
-        scale = [1.0, float(max(1, max(r for r, _, _, _ in samples))),
-                 max(1e-3, max(t for _, t, _, _ in samples) / 1000.0), float(max(1, max(c for _, _, c, _ in samples)))]
+        scale = [1.0, float(max(1, max(r for r, _, _, _, _ in samples))),
+                 max(1e-3, max(t for _, t, _, _, _ in samples) / 1000.0),
+                 float(max(1, max(c for _, _, c, _, _ in samples))), float(max(1, max(f for *_, f, _ in samples)))]
         prior_scaled = [p * s for p, s in zip(self.prior.as_list(), scale)]
         # 2. Normal equations (Z^T Z + lam I) theta = Z^T y + lam theta_prior, in scaled units.
         lam, n = self.prior_strength, len(scale)
         gram = [[lam if i == j else 0.0 for j in range(n)] for i in range(n)]
         rhs = [lam * p for p in prior_scaled]
-        for rows, tokens, chunks, step_ms in samples:
-            z = (1.0, rows / scale[1], tokens / 1000.0 / scale[2], chunks / scale[3])
+        for rows, tokens, chunks, firsts, step_ms in samples:
+            z = (1.0, rows / scale[1], tokens / 1000.0 / scale[2], chunks / scale[3], firsts / scale[4])
             for i in range(n):
                 rhs[i] += z[i] * step_ms
                 for j in range(n):
@@ -198,8 +210,8 @@ class OnlineCostModel:
         # 3. Margin: a high quantile of the relative residuals (how much slower steps ran).
         rel = sorted(
             (step_ms - m) / m
-            for rows, tokens, chunks, step_ms in samples
-            if (m := self._fit.predict_ms(rows, tokens, chunks)) > 1e-9
+            for rows, tokens, chunks, firsts, step_ms in samples
+            if (m := self._fit.predict_ms(rows, tokens, chunks, firsts)) > 1e-9
         )
         if rel:
             k = min(len(rel) - 1, int(self.quantile * len(rel)))
@@ -212,7 +224,7 @@ def _solve_nonnegative(gram: list[list[float]], rhs: list[float]) -> list[float]
     """argmin over theta >= 0 of theta^T G theta - 2 rhs^T theta (the regularised least squares
     of `_refit`; G is positive definite): no cost can be negative. Plain least squares gave
     ms_per_row -722 from two-row steps of 900 ms and one-row steps of 1300 ms on a shared CPU,
-    so a batch of more streams was predicted at 0 ms and every newcomer was admitted. With four
+    so a batch of more streams was predicted at 0 ms and every newcomer was admitted. With five
     unknowns every set of free coefficients is tried (the others held at 0); the best feasible
     solution is the constrained optimum."""
     n = len(rhs)

@@ -420,23 +420,26 @@ class FrameScheduler:
         # 2. On time first: earliest deadline first, add a chunk while the predicted step still
         #    ends before its due time and before every chunk already in.
         chosen: list[_Candidate] = []
-        rows = tokens = 0
+        rows = tokens = firsts = 0
         min_due_s = math.inf
         for c in candidates:
+            first = int(not c.stream.prepared)
             end_s = now + self.periods_through * self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens,
-                                                                            len(chosen) + 1) / 1000.0
+                                                                            len(chosen) + 1, firsts + first) / 1000.0
             if end_s <= min(min_due_s, c.due_s):
                 c.chosen = True
                 chosen.append(c)
                 rows, tokens, min_due_s = rows + c.rows, tokens + c.tokens, min(min_due_s, c.due_s)
+                firsts += first
         # 3. Then the late ones (they miss even alone, or did not fit), same order, as long as
         #    no on-time chunk is pushed past its due time. With no on-time chunk, all go.
         for c in (c for c in candidates if not c.chosen):
+            first = int(not c.stream.prepared)
             end_s = now + self.periods_through * self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens,
-                                                                            len(chosen) + 1) / 1000.0
+                                                                            len(chosen) + 1, firsts + first) / 1000.0
             if end_s <= min_due_s:
                 chosen.append(c)
-                rows, tokens = rows + c.rows, tokens + c.tokens
+                rows, tokens, firsts = rows + c.rows, tokens + c.tokens, firsts + first
         chosen.sort(key=lambda c: c.due_s)
         plan = self._commit(chosen, now, rows, tokens)
         self.last_decision_us = (time.perf_counter() - t0) * 1e6
@@ -451,7 +454,8 @@ class FrameScheduler:
         if opened is None:
             raise KeyError(f"step {plan.step_id} is unknown or was already updated")
         end_s = result.end_s if result.end_s is not None else plan.start_s + result.step_ms / 1000.0
-        self.cost_model.observe(plan.rows, plan.tokens, result.step_ms, len(plan.chunks))
+        self.cost_model.observe(plan.rows, plan.tokens, result.step_ms, len(plan.chunks),
+                                sum(c.first for c in plan.chunks))
         for stream, emitted_arrivals_s in opened:
             # 1. Release the stream's in-flight count, even if it was removed meanwhile.
             stream.in_plans -= 1
@@ -487,19 +491,21 @@ class FrameScheduler:
         return Admission(stream_id, False, reason, step_ms, self.free_stream_slots, lasting=lasting)
 
     @staticmethod
-    def _shape(streams: list[_Stream], steady: bool = False) -> tuple[int, int, int]:
-        """(rows, tokens, chunks) of one step batching all `streams` (see `_batch`): a chunk of
-        each, a row per lane."""
+    def _shape(streams: list[_Stream], steady: bool = False) -> tuple[int, int, int, int]:
+        """(rows, tokens, chunks, firsts) of one step batching all `streams` (see `_batch`): a
+        chunk of each, a row per lane; the unprepared ones' first chunks unless `steady`."""
         rows = sum(s.lanes for s in streams)
         tokens = sum(s.lanes * (s.chunk_latents if steady else s.next_latents) * s.tokens_per_frame
                      for s in streams)
-        return rows, tokens, len(streams)
+        firsts = 0 if steady else sum(not s.prepared for s in streams)
+        return rows, tokens, len(streams), firsts
 
     def _batch(self, streams: list[_Stream], steady: bool = False) -> tuple[float, str]:
         """Predicted ms of one step batching all `streams` (unprepared ones with their bigger
         first chunk unless `steady`: every one past it), and its description."""
-        rows, tokens, n = self._shape(streams, steady)
-        return self.cost_model.predict_ms(rows, tokens, n), f"{n} stream{'s' if n > 1 else ''} ({rows} rows, {tokens} tokens)"
+        rows, tokens, n, firsts = self._shape(streams, steady)
+        return (self.cost_model.predict_ms(rows, tokens, n, firsts),
+                f"{n} stream{'s' if n > 1 else ''} ({rows} rows, {tokens} tokens)")
 
     @staticmethod
     def _expect(s: _Stream, step_ms: float) -> tuple[float, float]:
@@ -598,5 +604,5 @@ class FrameScheduler:
                                        c.due_s, emitted_ids))
             opened.append((s, emitted_arrivals))
         self._open[step_id] = opened
-        predicted_ms = self.cost_model.predict_ms(rows, tokens, len(chunks))
+        predicted_ms = self.cost_model.predict_ms(rows, tokens, len(chunks), sum(c.first for c in chunks))
         return StepPlan(step_id, now, tuple(chunks), rows, tokens, predicted_ms)

@@ -98,14 +98,16 @@ def test_presets_carry_their_service_level():
 
 class _LawExecutor(FakeExecutor):
     """Steps that cost `chunk_ms` a chunk (the VAE) and `row_ms` a row (the DiT, per denoise
-    step), as a CPU demo does (about 90 and 25)."""
+    step), as a CPU demo does (about 90 and 25), and `first_ms` more for a stream's first chunk
+    (the demo: about 280 ms for a first chunk's step against 130-170 for a later one's)."""
 
-    def __init__(self, clock, row_ms: float, chunk_ms: float):
+    def __init__(self, clock, row_ms: float, chunk_ms: float, first_ms: float = 0.0):
         super().__init__(clock, 0.0)
-        self.row_ms, self.chunk_ms = row_ms, chunk_ms
+        self.row_ms, self.chunk_ms, self.first_ms = row_ms, chunk_ms, first_ms
 
     def execute(self, plan, inputs):
-        self.step_ms = self.row_ms * plan.rows + self.chunk_ms * len(plan.chunks)
+        self.step_ms = (self.row_ms * plan.rows + self.chunk_ms * len(plan.chunks)
+                        + self.first_ms * sum(c.first for c in plan.chunks))
         return super().execute(plan, inputs)
 
 
@@ -116,7 +118,7 @@ def test_warm_up_tells_a_stream_of_other_steps_what_it_gets(cfg):
     tiny preset told 8.2 fps, got 4.2)."""
     row_ms, chunk_ms = 120.0, 700.0
     clock = FakeClock()
-    core = EngineCore(cfg, _LawExecutor(clock, row_ms, chunk_ms), scheduler=FrameScheduler(OnlineCostModel()),
+    core = EngineCore(cfg, _LawExecutor(clock, row_ms, chunk_ms, 900.0), scheduler=FrameScheduler(OnlineCostModel()),
                       clock=clock)
     core.warmup()
     margin = core.scheduler.cost_model.margin
@@ -135,17 +137,18 @@ def test_warm_up_of_a_one_step_preset_measures_two_steps_where_the_pool_has_the_
         core = EngineCore(one, _LawExecutor(clock, 100.0, 500.0), clock=clock)
         core.warmup()
         model = core.scheduler.cost_model
-        assert {rows - chunks for rows, _, chunks, _ in model._window} == {s - 1 for s in measured}, lanes
+        assert {rows - chunks for rows, _, chunks, _, _ in model._window} == {s - 1 for s in measured}, lanes
         assert core.add_stream("a", params(one, "x"), SLO)
 
 
 def test_a_steps_change_after_serving_is_told_what_it_gets(cfg):
     """Serving one stream at one step count replaces the warm-up's samples with steps whose rows
     and chunks rise together, which cannot tell their costs apart: the warm-up's fit is the
-    prior they are pulled toward, not a GPU's (a page probe: steps 3 told 1.5 fps while 9 played)."""
-    row_ms, chunk_ms = 120.0, 700.0
+    prior they are pulled toward, not a GPU's (a page probe: steps 3 told 1.5 fps while 9 played).
+    And a first chunk's own cost is not taken for its extra tokens' (which made rows dear)."""
+    row_ms, chunk_ms, first_ms = 120.0, 700.0, 900.0
     clock = FakeClock()
-    core = EngineCore(cfg, _LawExecutor(clock, row_ms, chunk_ms), scheduler=FrameScheduler(OnlineCostModel()),
+    core = EngineCore(cfg, _LawExecutor(clock, row_ms, chunk_ms, first_ms), scheduler=FrameScheduler(OnlineCostModel()),
                       clock=clock)
     core.warmup()
     assert core.add_stream("a", params(cfg, "x", steps=1), SLO)
@@ -157,8 +160,11 @@ def test_a_steps_change_after_serving_is_told_what_it_gets(cfg):
         clock.t += 4 / 30
         while core.step() is not None:
             pass
-    assert all(rows == chunks == 1 for rows, _, chunks, _ in model._window)  # the warm-up's are gone
+    assert all(rows == chunks == 1 for rows, _, chunks, _, _ in model._window)  # the warm-up's are gone
     core.update_params("a", steps=3)
-    predicted = core.admission("a").predicted_step_ms
-    truth = (3 * row_ms + chunk_ms) * (1 + model.margin)
+    predicted = core.admission("a").predicted_step_ms  # its first chunk again, 3 rows
+    truth = (3 * row_ms + chunk_ms + first_ms) * (1 + model.margin)
     assert abs(predicted - truth) < 0.05 * truth, (predicted, truth)
+    steady = model.predict_ms(3, 3 * core.tokens_per_frame * cfg.sampling.chunk_latents, 1)
+    truth = (3 * row_ms + chunk_ms) * (1 + model.margin)
+    assert abs(steady - truth) < 0.05 * truth, (steady, truth)

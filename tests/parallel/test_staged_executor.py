@@ -219,7 +219,8 @@ def test_a_first_chunk_teaches_the_cost_model_the_period_it_took_not_its_wall_ti
     core, clock = core_for(cfg4, executor)
     learnt = []
     observe = core.scheduler.cost_model.observe
-    core.scheduler.cost_model.observe = lambda rows, tokens, ms, chunks=0: (learnt.append(ms), observe(rows, tokens, ms, chunks))
+    core.scheduler.cost_model.observe = lambda rows, tokens, ms, chunks=0, firsts=0: (
+        learnt.append(ms), observe(rows, tokens, ms, chunks, firsts))
     assert core.add_stream("s", params(cfg4, "a red fox", steps=1), RELAXED)
     clip = synthetic_clip(9, 64, 48, seed=5)
     reported = []
