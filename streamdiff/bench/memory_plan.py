@@ -245,8 +245,10 @@ def plan_memory(cfg: Config, device_type: str = "cuda", width: int | None = None
     if text_note:
         notes.append(text_note)
     if cfg.runtime.cuda_graphs:
-        notes.append("runtime.cuda_graphs: captured graphs keep a memory pool of their own, not counted here "
-                     "(1.3B, 1 stream, on an H200: +6.7 GiB at 512x512, +10 GiB at 832x480)")
+        notes.append("runtime.cuda_graphs: captured graphs keep one memory pool, not counted here: about the "
+                     "intermediates of the largest (a serving warm-up captures every rows bucket the KV pool "
+                     "allows); with a pool per graph, a 1.3B stream's graphs took +6.7 GiB at 512x512 on an H200, "
+                     "+10 GiB at 832x480")
     placement = "cpu" if cfg.text.device == "cpu" or cfg.text.kind in ("tiny", "styles") else (
         "offloaded" if cfg.text.offload_after_encode else "device")  # the tiny and styles tables stay on the CPU
 
