@@ -578,8 +578,9 @@ async def healthz(request: web.Request) -> web.Response:
     server has closed its listener already: a check is refused, not answered."""
     state = request.app[START_KEY].state
     ok = state == "ready"
-    return web.json_response({"ok": ok, "state": state, **request.app[SESSIONS_KEY].snapshot()},
-                             status=200 if ok else 503)
+    # `token_required`: the page says at once how to open it, not after asking for the camera
+    return web.json_response({"ok": ok, "state": state, "token_required": bool(request.app[SETTINGS_KEY].token),
+                              **request.app[SESSIONS_KEY].snapshot()}, status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -164,6 +164,7 @@ function showMeans(prompt, means) {
 const FIRST_VISIT = "Press Start webcam and allow the camera: your picture streams to the server and comes back restyled.";
 const WARMING = "The server is still warming up its model: Start webcam works now, the stream begins once it is ready.";
 let warming = false;
+const NEEDS_TOKEN = "This server wants a token: open the page as /?token=YOUR_TOKEN (`streamdiff serve` prints that address).";
 let frameShape = ""; // the model's frame shape (/healthz `video`): the camera preview's crop
 
 async function loadDefaults() {
@@ -179,7 +180,10 @@ async function loadDefaults() {
       if (!$("output").videoWidth) $("local").style.aspectRatio = frameShape;
     }
     warming = health.state === "warming";
-    if (warming) {
+    if (health.token_required && !token) { // said on load, before the camera is asked for (a page probe)
+      if (!pc && [FIRST_VISIT, WARMING, ""].includes($("message").textContent)) say(NEEDS_TOKEN, true);
+      if (warming) setTimeout(loadDefaults, 1000);
+    } else if (warming) {
       if (!pc && [FIRST_VISIT, ""].includes($("message").textContent)) say(WARMING);
       setTimeout(loadDefaults, 1000);
     } else if ($("message").textContent === WARMING) {
@@ -304,8 +308,7 @@ async function start() {
   if (resp.status === 401) {
     say(token ? "The server refused this page's token (?token= in its address): it may have been restarted with " +
                 "another one. Open the page with the new token (`streamdiff serve` prints that address)."
-              : "This server wants a token: open the page as /?token=YOUR_TOKEN (`streamdiff serve` prints that address).",
-        true);
+              : NEEDS_TOKEN, true);
     return stop();
   }
   if (!resp.ok) {

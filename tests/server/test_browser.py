@@ -497,10 +497,11 @@ def test_the_page_follows_stop_restart_and_a_stream_the_server_ends():
     assert out["no_video_said"], out
 
 
-async def _what_start_says(word: str, *, token: str | None, host: str | None = None, camera: bool = True) -> str:
+async def _what_start_says(word: str, *, token: str | None, host: str | None = None, camera: bool = True,
+                           press: bool = True) -> str:
     """Open the page (as `host`, resolved to this machine, when given: a plain-http address that is
-    not localhost, as another machine on the network sees the server), press Start, and return the
-    message that has `word` in it; no session may have been made."""
+    not localhost, as another machine on the network sees the server), press Start (unless not
+    `press`), and return the message that has `word` in it; no session may have been made."""
     from playwright.async_api import async_playwright
 
     # a server for other machines (--host 0.0.0.0) answers to any name they use for it
@@ -513,7 +514,8 @@ async def _what_start_says(word: str, *, token: str | None, host: str | None = N
         try:
             page = await browser.new_page()
             await page.goto(f"http://{host}:{port}/" if host else url + "/")  # no ?token=
-            await page.click("#start")
+            if press:
+                await page.click("#start")
             said = await _until(lambda: _message_with(page, word), 30)
             assert not sessions_of(app).sessions
             return said
@@ -540,6 +542,9 @@ def test_a_page_opened_without_the_servers_token_says_how_to_open_it():
     """It said "The server refused the session: 401" (the reply's text went unread)."""
     said = asyncio.run(_what_start_says("token", token=TOKEN))  # a server with a token
     assert said and "wants a token" in said and "?token=" in said, said
+    # said on load, before Start asks for the camera (a page probe: only after it)
+    said = asyncio.run(_what_start_says("token", token=TOKEN, press=False))
+    assert said and "wants a token" in said and "?token=" in said, said
 
 
 def _free_port() -> int:
@@ -548,6 +553,36 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+async def _viewer_across_a_server_restart() -> dict:
+    from playwright.async_api import async_playwright
+
+    out: dict = {}
+    port = _free_port()
+    async with async_playwright() as pw:
+        browser = await _browser(pw)
+        try:
+            page = await browser.new_page()
+            async with running_server(token=None, port=port) as (url, app):
+                await page.goto(url + "/viewer.html?key=cam")
+                out["live"] = await _until(lambda: _async_page_text(page, "#status", "waiting for stream cam"), 30)
+            out["down"] = await _until(lambda: _async_page_text(page, "#status", "does not answer"), 30)
+            out["down_text"] = await page.inner_text("#status")
+            async with running_server(token=None, port=port) as (url, app):
+                out["back"] = await _until(lambda: _async_page_text(page, "#status", "waiting for stream cam"), 30)
+        finally:
+            await browser.close()
+    return out
+
+
+def test_a_viewer_says_when_the_server_does_not_answer():
+    """A page probe: with the server stopped the viewer said "waiting for stream KEY…", as before
+    any stream existed; it says the server does not answer, and waits for the stream again once
+    it does."""
+    out = asyncio.run(_viewer_across_a_server_restart())
+    assert out["live"] and out["down"] and out["back"], out
+    assert out["down_text"].startswith("the server at 127.0.0.1:"), out["down_text"]
 
 
 FOCUS_JS = "() => document.activeElement && document.activeElement.id"
