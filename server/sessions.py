@@ -183,11 +183,8 @@ class StreamKeyTaken(Exception):
 
 
 class ServerFull(Exception):
-    """No room for another stream (session limit or engine admission); HTTP 503."""
-
-    def __init__(self, reason: str, retry_after_s: int = 5):
-        super().__init__(reason)
-        self.retry_after_s = retry_after_s
+    """No room for another stream (session limit or engine admission); HTTP 503 with the server's
+    Retry-After (`ServerSettings.retry_after_s`, its one owner)."""
 
 
 def expectation(admission, target_fps: float, deadline_ms: float) -> dict:
