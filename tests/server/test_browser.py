@@ -265,6 +265,21 @@ async def _viewer_flow() -> dict:
     return out
 
 
+async def _whip(http, url: str, publisher) -> object:
+    """Publish `publisher` (its peer and offer) on key cam over WHIP; returns the peer."""
+    pub, offer = publisher
+    async with http.post(f"{url}/whip/cam", data=offer, headers={"Content-Type": "application/sdp"}) as r:
+        assert r.status == 201, await r.text()
+        await answer(pub, await r.text())
+    return pub
+
+
+def _viewers_seen(sessions) -> int:
+    """WHEP sessions made so far, live and ended."""
+    return sum(s.kind == "whep" for s in sessions.sessions.values()) + \
+        sum(kind == "whep" for kind, _, _ in sessions.ended.values())
+
+
 async def _viewer_of_a_silent_stream() -> dict:
     """A viewer answered by a publisher that sends nothing (a crashed OBS whose key a new
     publisher is about to take over): its session never plays and its peer stays connected."""
@@ -278,21 +293,14 @@ async def _viewer_of_a_silent_stream() -> dict:
         sessions = sessions_of(app)
         silent = Paused()
         silent.paused.set()
-        pub, offer = await publisher_of(silent)
-        async with http.post(f"{url}/whip/cam", data=offer, headers={"Content-Type": "application/sdp"}) as r:
-            assert r.status == 201, await r.text()
-            await answer(pub, await r.text())
+        pub = await _whip(http, url, await publisher_of(silent))
         browser = await _browser(pw)
         try:
             page = await browser.new_page()
             await page.goto(url + "/viewer.html?key=cam")
 
-            def viewers() -> int:
-                return sum(s.kind == "whep" for s in sessions.sessions.values()) + \
-                    sum(kind == "whep" for kind, _, _ in sessions.ended.values())
-
-            out["first"] = await _until(lambda: _async(lambda: viewers() >= 1), 30)
-            out["asked_again"] = await _until(lambda: _async(lambda: viewers() >= 2), 30)
+            out["first"] = await _until(lambda: _async(lambda: _viewers_seen(sessions) >= 1), 30)
+            out["asked_again"] = await _until(lambda: _async(lambda: _viewers_seen(sessions) >= 2), 30)
             out["status"] = await page.inner_text("#status")
         finally:
             await browser.close()
@@ -312,18 +320,14 @@ async def _viewer_of_a_slow_stream(step_s: float, watch_s: float) -> dict:
     async with running_server(token=None, config=cfg) as (url, app), aiohttp.ClientSession() as http, \
             async_playwright() as pw:
         sessions = sessions_of(app)
-        pub, offer = await obs_like_offer()
-        async with http.post(f"{url}/whip/cam", data=offer, headers={"Content-Type": "application/sdp"}) as r:
-            assert r.status == 201, await r.text()
-            await answer(pub, await r.text())
+        pub = await _whip(http, url, await obs_like_offer())
         browser = await _browser(pw)
         try:
             page = await browser.new_page()
             await page.goto(url + "/viewer.html?key=cam")
             out["playing"] = await _until(lambda: _playing(page, "v"), 120)
             await asyncio.sleep(watch_s)
-            out["viewers"] = sum(s.kind == "whep" for s in sessions.sessions.values()) + \
-                sum(kind == "whep" for kind, _, _ in sessions.ended.values())
+            out["viewers"] = _viewers_seen(sessions)
         finally:
             await browser.close()
             await pub.close()
@@ -555,24 +559,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def _viewer_across_a_server_restart() -> dict:
+@contextlib.asynccontextmanager
+async def _a_page():
+    """A page of a fresh headless Chromium (closed after)."""
     from playwright.async_api import async_playwright
 
-    out: dict = {}
-    port = _free_port()
     async with async_playwright() as pw:
         browser = await _browser(pw)
         try:
-            page = await browser.new_page()
-            async with running_server(token=None, port=port) as (url, app):
-                await page.goto(url + "/viewer.html?key=cam")
-                out["live"] = await _until(lambda: _async_page_text(page, "#status", "waiting for stream cam"), 30)
-            out["down"] = await _until(lambda: _async_page_text(page, "#status", "does not answer"), 30)
-            out["down_text"] = await page.inner_text("#status")
-            async with running_server(token=None, port=port) as (url, app):
-                out["back"] = await _until(lambda: _async_page_text(page, "#status", "waiting for stream cam"), 30)
+            yield await browser.new_page()
         finally:
             await browser.close()
+
+
+async def _viewer_across_a_server_restart() -> dict:
+    out: dict = {}
+    port = _free_port()
+    async with _a_page() as page:
+        async with running_server(token=None, port=port) as (url, app):
+            await page.goto(url + "/viewer.html?key=cam")
+            out["live"] = await _until(lambda: _async_page_text(page, "#status", "waiting for stream cam"), 30)
+        out["down"] = await _until(lambda: _async_page_text(page, "#status", "does not answer"), 30)
+        out["down_text"] = await page.inner_text("#status")
+        async with running_server(token=None, port=port) as (url, app):
+            out["back"] = await _until(lambda: _async_page_text(page, "#status", "waiting for stream cam"), 30)
     return out
 
 

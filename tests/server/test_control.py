@@ -28,6 +28,18 @@ async def publish(url: str, key: str):
     return pub
 
 
+async def _messages(ws, seconds: float) -> list[dict]:
+    """What a control socket is sent within `seconds`, stats left out."""
+    got = []
+    try:
+        async with asyncio.timeout(seconds):
+            async for msg in ws:
+                got.append(msg.json())
+    except TimeoutError:
+        pass
+    return [m for m in got if m["type"] != "stats"]
+
+
 def test_control_cli_mistakes_are_one_line(capsys):
     """Found by trying: an unknown session, a missing token and a refused value ended in a
     websockets traceback or a raw JSON reply; `--motion maybe` was taken as off."""
@@ -176,28 +188,18 @@ def test_a_change_made_elsewhere_is_pushed_to_the_other_controllers():
             async with http.ws_connect(f"{url}/ws?session=cam", headers=auth()) as page, \
                     http.ws_connect(f"{url}/ws?session=cam", headers=auth()) as other:
 
-                async def messages(ws, seconds: float) -> list[dict]:
-                    got = []
-                    try:
-                        async with asyncio.timeout(seconds):
-                            async for msg in ws:
-                                got.append(msg.json())
-                    except TimeoutError:
-                        pass
-                    return [m for m in got if m["type"] != "stats"]
-
                 # a stream's first change that changes nothing (an empty PATCH): nothing pushed
                 await send_params(url, "cam", {}, token=TOKEN)
-                first_no_op = await messages(other, 2.0)
+                first_no_op = await _messages(other, 2.0)
                 await page.send_json({"type": "params", "prompt": "ink sketch", "seed": 11})
-                on_page, on_other = await asyncio.gather(messages(page, 3.0), messages(other, 3.0))
+                on_page, on_other = await asyncio.gather(_messages(page, 3.0), _messages(other, 3.0))
                 code = await asyncio.to_thread(cli.main, ["control", "--url", url, "--session", "cam", "--token", TOKEN,
                                                           "--steps", "3"])  # the preset runs 2
-                later_page, later_other = await asyncio.gather(messages(page, 3.0), messages(other, 3.0))
+                later_page, later_other = await asyncio.gather(_messages(page, 3.0), _messages(other, 3.0))
                 # changes that change nothing (an empty PATCH, an Apply of what runs): nothing pushed
                 await send_params(url, "cam", {}, token=TOKEN)
                 await send_params(url, "cam", {"prompt": "ink sketch", "steps": 3}, token=TOKEN)
-                no_ops = await messages(other, 3.0)
+                no_ops = await _messages(other, 3.0)
             await pub.close()
             return on_page, on_other, code, later_page, later_other, first_no_op + no_ops
 
@@ -313,18 +315,8 @@ def test_a_steps_change_is_not_pushed_back_to_the_socket_that_made_it():
                 async with http.ws_connect(f"{url}/ws?session=cam", headers=auth()) as page, \
                         http.ws_connect(f"{url}/ws?session=cam", headers=auth()) as other:
 
-                    async def messages(ws, seconds: float) -> list[dict]:
-                        got = []
-                        try:
-                            async with asyncio.timeout(seconds):
-                                async for msg in ws:
-                                    got.append(msg.json())
-                        except TimeoutError:
-                            pass
-                        return [m for m in got if m["type"] != "stats"]
-
                     await page.send_json({"type": "params", "steps": 3})  # the preset runs 2
-                    on_page, on_other = await asyncio.gather(messages(page, 4.0), messages(other, 4.0))
+                    on_page, on_other = await asyncio.gather(_messages(page, 4.0), _messages(other, 4.0))
             await pub.close()
             return on_page, on_other
 
