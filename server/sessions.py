@@ -604,7 +604,12 @@ class SessionManager:
         target.params_applied = words
         count = target.params_changes
         if "steps" in message:  # re-admitted with the new lane count
-            target.expect = expectation(await self.engine.admission(target.id), self.target_fps, self.deadline_ms)
+            admission = await self.engine.admission(target.id)
+            target.expect = expectation(admission, self.target_fps, self.deadline_ms)
+            # the console says it as for a start (a probe: only the control reply said it)
+            events.info("session %s (%s) now runs %d steps; expect about %.1f fps and %.0f ms latency%s", target.id,
+                        target.kind, params.steps, admission.expected_fps, admission.expected_latency_ms,
+                        " (best effort)" if admission.best_effort else "")
         return self._params_reply(target, params), count
 
     def _params_reply(self, target: Session, params) -> dict:

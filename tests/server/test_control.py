@@ -1,6 +1,7 @@
 """`streamdiff control` and client.control against a live server (websockets package)."""
 
 import asyncio
+import logging
 
 import aiohttp
 import pytest
@@ -295,7 +296,7 @@ def test_two_names_of_one_parameter_in_one_message_are_refused():
             to_engine_params(message)
 
 
-def test_a_steps_change_is_not_pushed_back_to_the_socket_that_made_it():
+def test_a_steps_change_is_not_pushed_back_to_the_socket_that_made_it(caplog):
     """A page probe: every steps change from the page said "changed by another controller": the
     change is counted when the engine applies it, and while its reply waited for the stream's
     re-admission the socket's stats tick pushed the count back to it as another's (and the page
@@ -320,6 +321,10 @@ def test_a_steps_change_is_not_pushed_back_to_the_socket_that_made_it():
             await pub.close()
             return on_page, on_other
 
-    on_page, on_other = asyncio.run(run())
+    with caplog.at_level(logging.INFO, logger="streamdiff.events"):
+        on_page, on_other = asyncio.run(run())
     assert [(m["type"], m.get("elsewhere"), m["params"]["steps"]) for m in on_page] == [("params", None, 3)], on_page
+    # the console says what the stream now expects, as for a start (a probe: only the reply did)
+    assert any("now runs 3 steps; expect about " in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
     assert [(m.get("elsewhere"), m["params"]["steps"]) for m in on_other] == [(True, 3)], on_other
