@@ -172,12 +172,8 @@ async function loadDefaults() {
     const health = await (await fetch("/healthz")).json();
     describeModel(health.model);
     showValues(health.defaults);
-    // the preview is cropped to the model's frame shape from the start, not once output plays
-    // (a page probe: "your camera, as the model is given it" showed the whole 4:3 picture
-    // while connecting, busy or reconnecting)
     if (health.video && health.video.width && health.video.height) {
       frameShape = `${health.video.width} / ${health.video.height}`;
-      if (!$("output").videoWidth) $("local").style.aspectRatio = frameShape;
     }
     warming = health.state === "warming";
     if (health.token_required && !token) { // said on load, before the camera is asked for (a page probe)
@@ -251,6 +247,10 @@ async function start() {
     if (over()) return got.getTracks().forEach((t) => t.stop());
     camera = got;
     $("local").srcObject = camera;
+    // cropped to the model's frame shape from the first picture, not once output plays (a page
+    // probe: "your camera, as the model is given it" showed the whole 4:3 picture while
+    // connecting, busy or reconnecting)
+    if (!$("output").videoWidth) $("local").style.aspectRatio = frameShape;
     // unplugged, or its permission taken back: say so now (the picture froze for 10 s, then the
     // server ended the stream for want of video)
     got.getVideoTracks().forEach((t) => t.addEventListener("ended", () => {
@@ -523,7 +523,7 @@ function stop() {
   $("watching").hidden = true;
   $("output").srcObject = null;
   $("fullscreen").disabled = true;
-  $("local").style.aspectRatio = frameShape;
+  $("local").style.aspectRatio = "";
   $("overlay").textContent = "";
   delete $("overlay").dataset.latency;
   showMeans("", null);

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from gateway_helpers import HEIGHT, TOKEN, WIDTH, answer, obs_like_offer, running_server, sessions_of, tiny_config
+from gateway_helpers import TOKEN, answer, obs_like_offer, running_server, sessions_of, tiny_config
 
 from streamdiff.config import load_config, with_overrides
 from streamdiff.server.http import ENGINE_KEY
@@ -131,6 +131,7 @@ async def _make_run_flow() -> dict:
                 await two.goto(url + "/")
                 await two.click("#start")
                 out["countdown"] = await _until(lambda: _message_with(two, "Retrying in"), 60)
+                out["busy_preview"] = await two.evaluate("() => document.getElementById('local').style.aspectRatio")
                 await two.screenshot(path=str(ARTIFACTS / "browser-refused.png"))
                 # 3. The first user stops: overlay reset, and the second is admitted by itself.
                 await one.click("#stop")
@@ -186,6 +187,9 @@ def test_make_run_page_admits_under_load_retries_refused_users_and_frees_crashed
     (lw, lh), (ow, oh) = out["preview_box"]  # the camera preview is cropped to the output's shape
     assert lh > 0 and abs(lw / lh - ow / oh) < 0.02, out["preview_box"]
     assert out["countdown"] and "busy" in out["countdown"], out
+    # while busy, the camera preview is already cropped to the model's frame (a page probe: 4:3
+    # until output played)
+    assert out["busy_preview"] == "256 / 256", out["busy_preview"]
     assert out["overlay_after_stop"] == ""  # hidden while nothing streams
     assert out["second_admitted"] and out["second_stats"] is not None, out
     assert out["freed_after_crash"], "a crashed tab kept its stream"
@@ -593,7 +597,6 @@ async def _page_across_a_server_restart() -> dict:
                 out["fields_read"] = await _until(
                     lambda: _async_value(page, RAW_FIELDS_JS, lambda f: f["steps"] != ""), 10)
                 out["fullscreen_before_start"] = await page.is_disabled("#fullscreen")  # (it showed black)
-                out["preview_shape"] = await page.evaluate("() => document.getElementById('local').style.aspectRatio")
                 await page.focus("#start")
                 await page.keyboard.press("Enter")
                 out["focus_after_start"] = await page.evaluate(FOCUS_JS)
@@ -648,8 +651,6 @@ def test_the_page_waits_for_a_restarted_server_and_keeps_the_keyboard_focus():
     assert out["focus_after_start"] == "stop", out
     assert out["playing"] and out["applied"], out
     assert out["fullscreen_before_start"], out
-    # the camera preview is cropped to the model's frame before any output plays (a page probe)
-    assert out["preview_shape"] == f"{WIDTH} / {HEIGHT}", out["preview_shape"]
     full = out["fullscreen"]
     assert full["element"] == "outpane" and full["height"] == full["screen"][1], full  # fills the screen's height
     assert out["waiting"] and out["waiting_state"]["stop"] and out["waiting_state"]["camera"], out
