@@ -27,7 +27,8 @@ exec > >(tee -a "$OUT_DIR/console.log") 2>&1
 t0=$(date +%s)
 elapsed() { echo "$(($(date +%s) - t0)) s"; }
 echo "== $(date -u +%FT%TZ) $(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
-python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" || exit 2
+python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" 2>/dev/null \
+  || { echo "gpu-check-bare: $(command -v python3 || echo python3) cannot import torch and triton (the GPU image must have both)" >&2; exit 2; }
 site=$(mktemp -d) pkg=$(mktemp -d)
 if [ -n "${WHEELS:-}" ]; then  # named: its wheels or nothing (a folder left out of `carry` arrives empty or missing)
   ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "WHEELS=$WHEELS holds no .whl here (not carried?)"; exit 3; }
