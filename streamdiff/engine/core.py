@@ -489,7 +489,11 @@ class EngineCore:
             self.scheduler = FrameScheduler(FixedCostModel(LinearLaw(0.0, 0.0, 0.0)),
                                             max_streams=measured.max_streams, kv_lanes=measured.kv.num_lanes,
                                             pipeline_depth=self.depth, period_depth=self.period_depth)
-            mixes = [(n,) for n in counts] + (self._shape_mixes(counts) if every_shape else [])
+            # resident: the preset's steps; with graphs to build, every shape (an eager DiT's first
+            # call at the second step count costs no more than its later ones: measured at once)
+            graphs = self.cfg.runtime.compile or self.cfg.runtime.cuda_graphs
+            mixes = [(n,) for n in (counts if graphs else counts[:1])] + \
+                (self._shape_mixes(counts) if every_shape else [])
             for mix in mixes:
                 self._dummy_streams([replace(params, steps=n) for n in mix], seed)
             self.scheduler = measured
