@@ -220,6 +220,13 @@ class RuntimeConfig:
     threads: int = 0
 
 
+def padded_rows(rows: int, buckets: tuple[int, ...]) -> int:
+    """The rows a forward of `rows` rows runs at under `runtime.row_buckets`: the smallest bucket
+    that holds them, or `rows` itself past the largest (one rule for the DiT step that pads and
+    the engine's warm-up that builds each bucket's graph)."""
+    return min((b for b in buckets if b >= rows), default=rows)
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """Pipeline stages (streamdiff/parallel): Ray actors, or threads in this process. num_stages 1

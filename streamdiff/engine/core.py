@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from streamdiff.config import Config
+from streamdiff.config import Config, padded_rows
 from streamdiff.engine.executor import Executor
 from streamdiff.engine.types import (
     ChunkInput,
@@ -558,8 +558,8 @@ class EngineCore:
             return []
         buckets = sorted(rt.row_buckets)
 
-        def bucket(rows: int) -> int:  # as model/dit_step.py's DiTStep.bucket
-            return next((b for b in buckets if b >= rows), rows)
+        def bucket(rows: int) -> int:
+            return padded_rows(rows, rt.row_buckets)
 
         def padded_to(most: int) -> list[int]:
             """A row count for each bucket that 1..`most` rows pad to (past the largest bucket

@@ -28,6 +28,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from streamdiff.cache.kv_cache import AttnBatch, KVPool
+from streamdiff.config import padded_rows
 
 STEP_MODES = ("eager", "compiled", "graphs")
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -60,7 +61,7 @@ class DiTStep:
         return self.mode != "eager"
 
     def bucket(self, rows: int) -> int:
-        return next((b for b in self.buckets if b >= rows), rows)
+        return padded_rows(rows, self.buckets)
 
     def reset(self) -> None:
         """Forget captured graphs (after the pool's tensors were reallocated)."""
