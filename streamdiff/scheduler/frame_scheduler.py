@@ -183,6 +183,7 @@ class _Candidate:
     rows: int
     tokens: int
     due_s: float
+    first: int = 0  # 1 for the stream's first chunk (the cost model's `firsts`)
     key: tuple = ()
     chosen: bool = False
 
@@ -423,23 +424,21 @@ class FrameScheduler:
         rows = tokens = firsts = 0
         min_due_s = math.inf
         for c in candidates:
-            first = int(not c.stream.prepared)
             end_s = now + self.periods_through * self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens,
-                                                                            len(chosen) + 1, firsts + first) / 1000.0
+                                                                            len(chosen) + 1, firsts + c.first) / 1000.0
             if end_s <= min(min_due_s, c.due_s):
                 c.chosen = True
                 chosen.append(c)
                 rows, tokens, min_due_s = rows + c.rows, tokens + c.tokens, min(min_due_s, c.due_s)
-                firsts += first
+                firsts += c.first
         # 3. Then the late ones (they miss even alone, or did not fit), same order, as long as
         #    no on-time chunk is pushed past its due time. With no on-time chunk, all go.
         for c in (c for c in candidates if not c.chosen):
-            first = int(not c.stream.prepared)
             end_s = now + self.periods_through * self.cost_model.predict_ms(rows + c.rows, tokens + c.tokens,
-                                                                            len(chosen) + 1, firsts + first) / 1000.0
+                                                                            len(chosen) + 1, firsts + c.first) / 1000.0
             if end_s <= min_due_s:
                 chosen.append(c)
-                rows, tokens, firsts = rows + c.rows, tokens + c.tokens, firsts + first
+                rows, tokens, firsts = rows + c.rows, tokens + c.tokens, firsts + c.first
         chosen.sort(key=lambda c: c.due_s)
         plan = self._commit(chosen, now, rows, tokens)
         self.last_decision_us = (time.perf_counter() - t0) * 1e6
@@ -570,7 +569,7 @@ class FrameScheduler:
             else:
                 oldest_arrival_s = s.pending[0][1]
             due_s = oldest_arrival_s + s.slo.deadline_ms / 1000.0
-            out.append(_Candidate(s, s.lanes, s.lanes * s.next_latents * s.tokens_per_frame, due_s))
+            out.append(_Candidate(s, s.lanes, s.lanes * s.next_latents * s.tokens_per_frame, due_s, int(not s.prepared)))
         return out
 
     def _commit(self, chosen: list[_Candidate], now: float, rows: int, tokens: int) -> StepPlan:
