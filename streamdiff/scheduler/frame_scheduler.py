@@ -569,7 +569,8 @@ class FrameScheduler:
             else:
                 oldest_arrival_s = s.pending[0][1]
             due_s = oldest_arrival_s + s.slo.deadline_ms / 1000.0
-            out.append(_Candidate(s, s.lanes, s.lanes * s.next_latents * s.tokens_per_frame, due_s, int(not s.prepared)))
+            out.append(_Candidate(s, s.lanes, s.lanes * s.next_latents * s.tokens_per_frame, due_s,
+                                  int(not s.prepared)))
         return out
 
     def _commit(self, chosen: list[_Candidate], now: float, rows: int, tokens: int) -> StepPlan:
