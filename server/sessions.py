@@ -192,7 +192,8 @@ def expectation(admission, target_fps: float, deadline_ms: float) -> dict:
     it was admitted for (the page names it when the stream is best effort: a probe's user read
     "5.1 fps, best effort" as meeting a level the page never showed)."""
     return {"fps": round(admission.expected_fps, 2), "latency_ms": round(admission.expected_latency_ms),
-            "best_effort": admission.best_effort, "service": f"{target_fps:g} fps within {deadline_ms / 1000:g} s"}
+            "best_effort": admission.best_effort, "service": f"{target_fps:g} fps within {deadline_ms / 1000:g} s",
+            "streams": admission.streams}
 
 
 @dataclass
@@ -214,7 +215,7 @@ class Session:
     connected_s: float | None = None  # when its peer first reached "connected"
     rtcp_s: float | None = None  # whep: when its player's latest RTCP packet came (None: none yet)
     closed: bool = False
-    expect: dict | None = None  # stream kinds: the fps and latency it was told to expect
+    expect: dict | None = None  # stream kinds: the fps and latency it can expect (renewed as streams come and go)
     control_sockets: int = 0  # open /ws connections of the page that owns it (`?owner=1`)
     page_left_s: float | None = None  # browser: when its page's last owner socket closed (None: open, or never)
     sockets: int = 0  # open /ws connections to it, any client's, handshakes included
@@ -293,6 +294,8 @@ class SessionManager:
         # --max-sessions, viewers over --max-viewers, all with offers arriving together).
         self._opening = asyncio.Lock()
         self.stopping = False  # close_all ran: the server is going away (pages wait for it to return)
+        self._renewing: asyncio.Task | None = None  # `_renew_expectations`, one at a time
+        self._renew_again = False  # a stream came or went while it ran
 
     # ------------------------------------------------------------------ lookup
 
@@ -404,6 +407,7 @@ class SessionManager:
             events.info("session %s (%s, key %s) started", session_id, kind, stream_key)
         self.sessions[session_id] = session
         if owns_stream:
+            self._renew_expectations()
             session.fanout = FanOut(self.engine, session_id, stamp=session.stamp,
                                     on_end=lambda why: None if session.closed else session.tasks.append(
                                         asyncio.ensure_future(self.close(session_id, why))))
@@ -552,6 +556,8 @@ class SessionManager:
                 await removal
             except Exception:  # engine stopped meanwhile
                 log.debug("remove_stream %s failed", session_id, exc_info=True)
+        if removal is not None:
+            self._renew_expectations()
         # 4. The peer (its connectionstatechange re-enters close(), which returns False).
         await session.pc.close()
         # 5. What it freed goes back to the system once its last buffers are gone (one trim for a
@@ -570,8 +576,29 @@ class SessionManager:
         self.stopping = True
         for session_id in list(self.sessions):
             await self.close(session_id, reason)
-        if self._trim is not None:
-            await cancel_tasks([self._trim])
+        await cancel_tasks([t for t in (self._trim, self._renewing) if t is not None])
+
+    def _renew_expectations(self) -> None:
+        """A stream came, went or changed its steps: what every stream can expect is asked of the
+        engine in the background (coalesced) and kept in its `expect`, which each stats message
+        carries; a stream told 30 fps alone got 10 beside two newcomers and still read 30."""
+        self._renew_again = True
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.ensure_future(self._renew())
+
+    async def _renew(self) -> None:
+        while self._renew_again and not self.stopping:
+            self._renew_again = False
+            try:
+                outlooks = await self.engine.outlooks()
+            except Exception:  # the engine stopped (the server is going away)
+                log.debug("renewing the streams' expectations failed", exc_info=True)
+                return
+            for session_id, (fps, latency_ms) in outlooks.items():
+                session = self.sessions.get(session_id)
+                if session is not None and session.expect is not None:
+                    session.expect = {**session.expect, "fps": round(fps, 2), "latency_ms": round(latency_ms),
+                                      "streams": len(outlooks)}
 
     async def update_params(self, key: str, message: dict) -> dict:
         return (await self.apply_change(key, message))[0]
@@ -610,6 +637,7 @@ class SessionManager:
             events.info("session %s (%s) now runs %d steps; expect about %.1f fps and %.0f ms latency%s", target.id,
                         target.kind, params.steps, admission.expected_fps, admission.expected_latency_ms,
                         " (best effort)" if admission.best_effort else "")
+            self._renew_expectations()  # the others' share changed too
         return self._params_reply(target, params), count
 
     def _params_reply(self, target: Session, params) -> dict:

@@ -437,6 +437,20 @@ function noteInput(frames) {
   }
 }
 
+// What the stream can expect is renewed as other streams join or leave the server (each stats
+// message carries it): the page says so when the number of streams it shares with changes (a
+// probe's stream, told 30 fps alone, got 10 beside two newcomers with nothing said).
+function noteShare(renewed) {
+  if (!renewed) return;
+  const before = expect;
+  expect = renewed;
+  if (!before || before.streams === renewed.streams || !renewed.streams) return;
+  if ($("message").className === "error") return; // a warning stays until it is resolved
+  const n = renewed.streams;
+  say(`${n === 1 ? "this stream runs alone on the server now" : `${n} streams share the server now`}${expectText()}`,
+      false, 8);
+}
+
 function openControl() {
   // owner=1: this page holds the socket while it lives; if it drops (tab closed or crashed),
   // the server frees the stream within seconds.
@@ -450,6 +464,7 @@ function openControl() {
     if (msg.type === "stats") {
       $("overlay").dataset.latency = msg.latency_ms == null ? "–" : `${Math.round(msg.latency_ms)} ms`;
       noteInput(msg.frames_received);
+      noteShare(msg.expect);
     } else if (msg.type === "error") {
       say(`not applied: ${msg.error}`, true);
       if (msg.params) { // a refused change: the fields show what the stream uses

@@ -325,6 +325,10 @@ class AsyncEngine:
         """(step ms, fps, latency ms) one more stream could expect now."""
         return await self._call(lambda core: core.expect(steps))
 
+    async def outlooks(self) -> dict[str, tuple[float, float]]:
+        """(fps, latency ms) each stream can expect beside the streams served now."""
+        return await self._call(lambda core: core.outlooks())
+
     def metrics(self) -> dict:
         """The metrics snapshot (thread-safe; see streamdiff.metrics)."""
         if self._core is None:

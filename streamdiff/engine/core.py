@@ -228,6 +228,11 @@ class EngineCore:
         return self.scheduler.estimate(self.tokens_per_frame, steps or self.cfg.sampling.steps, **self._chunks(),
                                        lane_stride=self.cfg.parallel.lane_stride)
 
+    def outlooks(self) -> dict[str, tuple[float, float]]:
+        """(fps, latency ms) each stream can expect beside the streams served now (the cost
+        model's view; at admission it was told the same beside the streams then)."""
+        return self.scheduler.outlooks()
+
     def remove_stream(self, stream_id: str) -> bool:
         """Forget the stream: scheduler entry, input buffers, output queue, model-side state
         (KV slots back to the pool, VAE caches dropped) and its metrics. False if unknown."""

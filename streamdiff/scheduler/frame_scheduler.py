@@ -311,7 +311,7 @@ class FrameScheduler:
         self.free_stream_slots -= 1
         self.kv.alloc(stream_id, lanes)
         return Admission(stream_id, True, reason, step_ms, self.free_stream_slots, new.best_effort, fps, latency_ms,
-                         new.stride)
+                         new.stride, streams=len(self._streams))
 
     def _choose_stride(self, s: _Stream, period_ms: float) -> int:
         """The largest D <= depth whose latency keeps the deadline (1 when plans do not overlap)."""
@@ -332,6 +332,13 @@ class FrameScheduler:
                         depth=self.periods_through, input_fps=input_fps)
         step_ms, _ = self._batch([probe, *self._streams.values()], steady=True)
         return (step_ms, *self._expect(probe, step_ms))
+
+    def outlooks(self) -> dict[str, tuple[float, float]]:
+        """(fps, latency ms) each admitted stream can expect beside the streams admitted now, every
+        one past its first chunk: what it was told at admission, renewed as others join or leave
+        (a probe: a stream told 30 fps alone got 10 beside two more and was never told)."""
+        step_ms, _ = self._batch(list(self._streams.values()), steady=True)
+        return {stream_id: self._expect(s, step_ms) for stream_id, s in self._streams.items()}
 
     def restart_stream(self, stream_id: str, lanes: int, now: float, *, first_chunk_latents: int = 2,
                        chunk_latents: int = 1, input_fps: float | None = None) -> tuple[Admission, list[int]]:

@@ -144,6 +144,7 @@ class Admission:
     expected_latency_ms: float = 0.0  # about how long a frame takes from arrival to output
     lane_stride: int = 1  # its lane stride D: chunks of it in flight at once (pipeline stages)
     lasting: bool = False  # refused whatever other streams do (more lanes than the pool has): no retry helps
+    streams: int = 0  # streams admitted with it (itself included): what its expected figures assume
 
     def __bool__(self) -> bool:
         return self.admitted

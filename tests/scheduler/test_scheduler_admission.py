@@ -325,3 +325,23 @@ def test_the_estimate_before_a_stream_is_what_its_admission_then_says():
     adm = sched.add_stream("first", StreamSLO(2.0, 8000.0), tokens_per_frame=16, lanes=1, now=0.0,
                            input_fps=30.0, lane_stride=2)
     assert (adm.expected_fps, adm.expected_latency_ms) == pytest.approx((fps, latency_ms))
+
+
+def test_what_a_stream_can_expect_is_renewed_as_others_join_and_leave():
+    """A probe: a 1-step stream told 30 fps alone got 10 beside two more and was never told. A
+    running stream's outlook is what a newcomer beside the same streams is told, and a stream
+    alone again gets back what it was told alone."""
+    law = LinearLaw(base_ms=20.0, ms_per_row=100.0, ms_per_ktoken=0.0)
+    sched = FrameScheduler(FixedCostModel(law), max_streams=4)
+    slo = StreamSLO(0.5, 60_000.0)
+    alone = sched.add_stream("a", slo, tokens_per_frame=16, lanes=1, now=0.0, input_fps=30.0)
+    assert alone.streams == 1
+    assert sched.outlooks()["a"] == pytest.approx((alone.expected_fps, alone.expected_latency_ms))
+    second = sched.add_stream("b", slo, tokens_per_frame=16, lanes=2, now=0.0, input_fps=30.0)
+    assert second.streams == 2
+    beside = sched.outlooks()
+    assert beside["b"] == pytest.approx((second.expected_fps, second.expected_latency_ms))
+    # 3 rows a step instead of 1: 320 ms instead of 120, a chunk of 4 frames a step
+    assert beside["a"] == pytest.approx((4000.0 / 320.0, alone.expected_latency_ms + 2 * 200.0))
+    sched.remove_stream("b")
+    assert sched.outlooks() == {"a": pytest.approx((alone.expected_fps, alone.expected_latency_ms))}

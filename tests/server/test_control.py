@@ -29,6 +29,17 @@ async def publish(url: str, key: str):
     return pub
 
 
+async def _stats_expect(url: str, key: str, streams: int) -> dict:
+    """The `expect` of the first stats message on `key`'s control socket that says `streams`."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}/ws?session={key}", headers=auth()) as ws:
+        async with asyncio.timeout(60):  # a hang's bound, not a timing assertion
+            async for msg in ws:
+                got = msg.json()
+                if got["type"] == "stats" and got.get("expect", {}).get("streams") == streams:
+                    return got["expect"]
+    raise AssertionError(f"the control socket closed before its stats said {streams} streams")
+
+
 async def _messages(ws, seconds: float) -> list[dict]:
     """What a control socket is sent within `seconds`, stats left out."""
     got = []
@@ -85,6 +96,17 @@ def test_control_cli_changes_params():
             assert before["latency_ms"] < reply["expect"]["latency_ms"], (before, reply["expect"])
             assert sessions_of(app).publisher("cam").expect == reply["expect"]
             assert "means" not in reply  # tiny's prompt encoder reads free text
+            # A probe: a stream told 30 fps alone got 10 beside newcomers and was never told. Its
+            # stats (each second, to every control socket) carry what it can expect now.
+            alone = reply["expect"]
+            assert alone["streams"] == 1, alone
+            other = await publish(url, "cam2")
+            beside = await _stats_expect(url, "cam", streams=2)
+            assert beside["latency_ms"] > alone["latency_ms"], (alone, beside)
+            assert beside["fps"] <= alone["fps"] and beside["service"] == alone["service"], (alone, beside)
+            await sessions_of(app).close(sessions_of(app).publisher("cam2").id)
+            await other.close()
+            assert await _stats_expect(url, "cam", streams=1) == alone
             code = await asyncio.to_thread(cli.main, ["control", "--url", url, "--session", "cam", "--token", TOKEN,
                                                       "--prompt", "watercolor", "--seed", "5"])
             assert code == 0
