@@ -64,6 +64,7 @@ from streamdiff.server.http import (
     unauthorized,
     watch_token,
 )
+from streamdiff.preflight import loopback_only
 from streamdiff.server.prom import exposition
 from streamdiff.server.startup import START_KEY, EngineStart
 from streamdiff.server.sessions import (
@@ -719,6 +720,12 @@ def startup_lines(cfg, settings: ServerSettings, host: str, port: int, expect: t
         f"(service level {target:g} fps, {deadline:g} ms; a first stream is always admitted)",
         f"  OBS: WHIP {shown}whip/<key>{'  (Bearer token ' + settings.token + ')' if settings.token else ''}; "
         f"viewer {shown}viewer.html?key=<key>{'&' + token if token else ''}",
+        # a probe: served on the network with no token, any Host is answered (the names other
+        # machines use are not known here), so nothing but this line stands between its streams
+        # and anyone on the network, or a web page its users visit (DNS rebinding)
+        *([f"  no --token: anyone who can reach port {port} (or a web page its users open, through DNS "
+           f"rebinding) may open, change and end streams; give --token TOKEN (or STREAMDIFF_TOKEN)"]
+          if not settings.token and not loopback_only(host) else []),
     ]
 
 

@@ -49,12 +49,14 @@ def _raise(cls: type[web.HTTPException], text: str) -> None:
     raise cls(text=text + "\n", headers=CORS)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def printable(text: str) -> str:
-    """`text` as a console line may show it: control characters (newlines, ANSI escapes that
-    would recolour or retitle the operator's terminal) escaped."""
+    """`text` as a console line or a reply may show it: control characters (newlines, ANSI escapes
+    that would recolour or retitle the operator's terminal) escaped, and lone surrogates (a header's
+    bytes that are not UTF-8, as aiohttp decodes them: a probe's Host of 0xff 0xfe made every reply
+    quoting it fail to encode, a 500 and a traceback on the console per request)."""
     return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
@@ -310,12 +312,16 @@ class QuietMalformedRequests(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(logging.INFO)
 
 
-_TOKEN_PARAM = re.compile(r"(?i)([?&]token=)[^&#\s]*")
+# `token=` as a query spells it, percent-encoded letters included (aiohttp decodes `%74oken` to the
+# same parameter), and a Bearer credential (an Authorization header aiohttp could not parse)
+_TOKEN_PARAM = re.compile(r"(?i)([?&](?:t|%74)(?:o|%6f)(?:k|%6b)(?:e|%65)(?:n|%6e)(?:=|%3d))[^&#\s]*")
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\"]+")
 
 
 def redact_token(text: str) -> str:
-    """`text` with every `token=` query value replaced by `…` (request lines in logs)."""
-    return _TOKEN_PARAM.sub(r"\1…", text)
+    """`text` with every `token=` query value and Bearer credential replaced by `…` (request
+    lines and refused requests in logs)."""
+    return _BEARER.sub(r"\1…", _TOKEN_PARAM.sub(r"\1…", text))
 
 
 class AccessLog(AbstractAccessLogger):

@@ -319,6 +319,12 @@ async def _what_a_security_probe_tried(caplog) -> dict:
             # the page's, viewer.html's and /ws's ?token= stays out of the access log (-v)
             async with http.get(f"{url}/?token={TOKEN}") as r:
                 out["page"] = r.status
+            # the same spelt with a percent-encoded letter (aiohttp reads it as the token)
+            async with http.get(f"{url}/sessions?%74oken={TOKEN}") as r:
+                out["encoded"] = r.status
+        # a Bearer header aiohttp cannot parse: its refusal line (-v) quoted the credential
+        out["bad bearer"] = await _raw(port, b"GET /sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
+                                       TOKEN.encode() + b"\x01\r\nConnection: close\r\n\r\n", wait_s=3.0)
     return out
 
 
@@ -332,7 +338,7 @@ def test_what_a_security_probe_tried_is_refused_without_leaks(caplog):
     assert out["bad_byte"].startswith(b"HTTP/1.1 401"), out["bad_byte"][:60]
     status, text = out["escape"]
     assert status == 406 and "\x1b" not in text and "unreadable profile-level-id" in text, text
-    assert out["page"] == 200
+    assert out["page"] == 200 and out["encoded"] == 200 and out["bad bearer"].startswith((b"HTTP/1.1 400", b"HTTP/1.0 400"))
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "\x1b" not in logged and "Traceback" not in caplog.text
     assert TOKEN not in logged and "token=…" in logged  # the access log line, redacted
@@ -390,6 +396,10 @@ async def _rebound_names() -> dict:
                     got[f"sessions {name}"] = (r.status, await r.text())
                 async with http.get(f"{url}/", headers=same) as r:
                     got[f"page {name}"] = r.status
+            # bytes that are not UTF-8 in Host or Origin: a probe got a 500 and a traceback per request
+            for name, header in (("host", b"Host: \xff\xfe"), ("origin", b"Host: localhost\r\nOrigin: http://\xff")):
+                got[f"bad byte {name}"] = await _raw(int(port), b"GET /sessions HTTP/1.1\r\n" + header +
+                                                     b"\r\nConnection: close\r\n\r\n", wait_s=3.0)
     return out
 
 
@@ -408,6 +418,9 @@ def test_a_page_that_rebinds_its_name_to_the_server_is_refused():
     assert allowed["sessions video.example.org"][0] == 200 and allowed["page video.example.org"] == 200
     assert allowed["sessions evil.example"][0] == 403
     assert with_token["sessions evil.example"][0] == 200  # the token decides
+    for name in ("host", "origin"):
+        got = plain[f"bad byte {name}"]
+        assert got.startswith(b"HTTP/1.1 403") and b"\\udcff" in got, got[:300]
 
 
 def test_host_names_the_rule_knows():

@@ -18,6 +18,11 @@ def test_startup_lines_show_the_measured_step_the_expectation_and_a_working_view
     assert "http://127.0.0.1:8011/?token=s3cret" in text
     plain = "\n".join(startup_lines(cfg, ServerSettings(target_fps=5.0), "127.0.0.1", 8000, (100.0, 30.0, 300.0)))
     assert "token" not in plain and "service level 5 fps" in plain
+    # a probe: on the network without a token any Host is answered; the console says what that opens
+    lan = "\n".join(startup_lines(cfg, ServerSettings(), "0.0.0.0", 8000, (100.0, 30.0, 300.0)))
+    assert "no --token: anyone who can reach port 8000" in lan and "DNS rebinding" in lan, lan
+    assert "no --token" not in "\n".join(startup_lines(cfg, ServerSettings(token="t"), "0.0.0.0", 8000,
+                                                         (100.0, 30.0, 300.0)))
     # a probe: `--host ::1` printed http://::1:8000/, which no browser opens
     v6 = "\n".join(startup_lines(cfg, ServerSettings(), "::1", 8000, (100.0, 30.0, 300.0)))
     assert "on http://[::1]:8000/" in v6 and "viewer http://[::1]:8000/viewer.html" in v6
