@@ -26,7 +26,7 @@ from streamdiff.server.http import (
     unauthorized,
 )
 from streamdiff.engine.types import short_repr
-from streamdiff.server.sessions import SessionManager
+from streamdiff.server.sessions import ServerFull, SessionManager
 
 log = logging.getLogger(__name__)
 CHANGE_FAILED = "the change could not be applied (the server log has the details)"
@@ -59,6 +59,9 @@ async def params_patch(request: web.Request) -> web.Response:
         reply = await sessions.update_params(request.match_info["id"], body)
     except KeyError:
         return web.json_response({"error": "no such session"}, status=404)
+    except ServerFull as exc:  # more steps than the other streams leave room for now
+        return web.json_response({"error": str(exc)}, status=503,
+                                 headers={"Retry-After": str(request.app[SETTINGS_KEY].retry_after_s)})
     except (ValueError, TypeError) as exc:
         return web.json_response({"error": str(exc)}, status=400)
     except Exception:  # noqa: BLE001 - one line to the client, the traceback to the log
@@ -145,7 +148,7 @@ async def _control(request: web.Request, sessions: SessionManager, key: str, own
             message = await inbox.get()
             applying = True
             try:
-                reply, count = await _apply_params(sessions, key, message)
+                reply, count = await _apply_params(sessions, key, message, request.app[SETTINGS_KEY].retry_after_s)
             finally:
                 applying = False
             if count is not None:  # the count as of this change (later ones are pushed)
@@ -215,13 +218,16 @@ def _read_control_message(text: str) -> tuple[dict | None, dict | None]:
     return message, None
 
 
-async def _apply_params(sessions: SessionManager, key: str, message: dict) -> tuple[dict, int | None]:
+async def _apply_params(sessions: SessionManager, key: str, message: dict,
+                        retry_after_s: int) -> tuple[dict, int | None]:
     """The reply, and the stream's change count as of this change (None: refused)."""
     try:
         reply, count = await sessions.apply_change(key, message)
         return {"type": "params", **reply}, count
     except KeyError:
         return {"type": "error", "error": "the session has ended"}, None
+    except ServerFull as exc:  # no room for now: the same change may pass later
+        return {"type": "error", "error": str(exc), "retry_after_s": retry_after_s}, None
     except (ValueError, TypeError) as exc:
         return {"type": "error", "error": str(exc)}, None
     except Exception:  # noqa: BLE001 - the socket's params task must outlive it

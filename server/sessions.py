@@ -183,8 +183,9 @@ class StreamKeyTaken(Exception):
 
 
 class ServerFull(Exception):
-    """No room for another stream (session limit or engine admission); HTTP 503 with the server's
-    Retry-After (`ServerSettings.retry_after_s`, its one owner)."""
+    """No room for another stream (session limit or engine admission), or for a running stream's
+    bigger step count; HTTP 503 with the server's Retry-After (`ServerSettings.retry_after_s`, its
+    one owner), `retry_after_s` in a control socket's error."""
 
 
 def expectation(admission, target_fps: float, deadline_ms: float) -> dict:
@@ -617,7 +618,10 @@ class SessionManager:
         except AdmissionRefused as exc:  # the console says so, as it does for a refused offer
             key = f", key {target.stream_key}" if target.kind == "whip" or target.stream_key != target.id else ""
             events.info("refused a change of session %s (%s%s): %s", target.id, target.kind, key, exc)
-            raise ValueError(without_other_ids(str(in_client_words(exc, message)), target.id)) from None
+            why = without_other_ids(str(in_client_words(exc, message)), target.id)
+            # room that other streams hold is a 503 with Retry-After, as for a new stream (a probe:
+            # a 400 told a client it sent a bad value); more steps than the pool has lanes, a 400
+            raise (ValueError if exc.lasting else ServerFull)(why) from None
         except ValueError as exc:
             raise ValueError(without_other_ids(str(in_client_words(exc, message)), target.id)) from None
         # Counted as the engine applied it, before the await below: a change another controller

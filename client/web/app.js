@@ -466,7 +466,8 @@ function openControl() {
       noteInput(msg.frames_received);
       noteShare(msg.expect);
     } else if (msg.type === "error") {
-      say(`not applied: ${msg.error}`, true);
+      // retry_after_s: other streams hold the room more steps need for now (the same may pass later)
+      say(`not applied: ${msg.error}${msg.retry_after_s ? ` (try again in ${msg.retry_after_s} s or more)` : ""}`, true);
       if (msg.params) { // a refused change: the fields show what the stream uses
         for (const name of Object.keys(msg.params)) touched.delete(name);
         showValues(msg.params);

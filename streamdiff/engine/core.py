@@ -93,7 +93,13 @@ POOL_HINT = "what would help: a larger cache.max_streams or cache.pool_lanes, or
 
 
 class AdmissionRefused(ValueError):
-    """A live change (a larger step count) would break an SLO; nothing was changed."""
+    """A live change (a larger step count) would break an SLO; nothing was changed. `lasting`:
+    refused whatever the other streams do (more steps than the KV pool has lanes), so retrying
+    later cannot help."""
+
+    def __init__(self, message: str, *, lasting: bool = False):
+        super().__init__(message)
+        self.lasting = lasting
 
 
 @dataclass(eq=False)
@@ -285,7 +291,8 @@ class EngineCore:
         untouched (the scheduler's restart is atomic) and AdmissionRefused says why."""
         admission, waiting = self.scheduler.restart_stream(stream_id, new.steps, now, **self._chunks())
         if not admission:
-            raise AdmissionRefused(f"steps={new.steps} refused for stream {stream_id!r}: {admission.reason}")
+            raise AdmissionRefused(f"steps={new.steps} refused for stream {stream_id!r}: {admission.reason}",
+                                   lasting=admission.lasting)
         entry.admission = admission
         self._repush(stream_id, entry, waiting)
         self._commands.restart(stream_id, new, self.scheduler.kv_lanes_of(stream_id))

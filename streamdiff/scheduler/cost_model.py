@@ -27,7 +27,9 @@ apart (below) then stays split as this machine measured it, not as the default p
 
 Why a prior pull: when every stream has the same frame size, tokens = rows x constant in steady
 steps, so rows and tokens are collinear and plain least squares is singular (while every stream
-runs one step, chunks = rows too, and a first chunk's extra tokens come with its extra `firsts`).
+runs one step, chunks = rows too). A first chunk's cost is not in that fit: the steps without
+one fit the rest, and `ms_per_first` is the median of what steps with first chunks took beyond
+it (`_first_ms`), so that a rare, slow first step sets neither it nor the cost of a token.
 A weak ridge term toward the
 prior (`prior_strength`, a small fraction of one sample in scaled units) splits the cost between
 the two as the prior does in that one direction, while the data decide all they can see.
@@ -188,26 +190,16 @@ class OnlineCostModel:
     # -- fitting -------------------------------------------------------------------------
 
     def _refit(self) -> None:
-        samples = self._window
-        # 1. Scale features to about [0, 1] so the prior pull weighs each coefficient alike.
-        scale = [1.0, float(max(1, max(r for r, _, _, _, _ in samples))),
-                 max(1e-3, max(t for _, t, _, _, _ in samples) / 1000.0),
-                 float(max(1, max(c for _, _, c, _, _ in samples))), float(max(1, max(f for *_, f, _ in samples)))]
-        prior_scaled = [p * s for p, s in zip(self.prior.as_list(), scale)]
-        # 2. Normal equations (Z^T Z + lam I) theta = Z^T y + lam theta_prior, in scaled units.
-        lam, n = self.prior_strength, len(scale)
-        gram = [[lam if i == j else 0.0 for j in range(n)] for i in range(n)]
-        rhs = [lam * p for p in prior_scaled]
-        for rows, tokens, chunks, firsts, step_ms in samples:
-            z = (1.0, rows / scale[1], tokens / 1000.0 / scale[2], chunks / scale[3], firsts / scale[4])
-            for i in range(n):
-                rhs[i] += z[i] * step_ms
-                for j in range(n):
-                    gram[i][j] += z[i] * z[j]
-        theta_scaled = _solve_nonnegative(gram, rhs)
-        theta = [t / s for t, s in zip(theta_scaled, scale)]
-        self._fit = LinearLaw(*theta)
-        # 3. Margin: a high quantile of the relative residuals (how much slower steps ran).
+        """Steps with no first chunk fit the law's other coefficients; a first chunk's cost is what
+        steps with first chunks took beyond that law. Fitted together (one least squares) the
+        rare first-chunk steps, often slow once on a busy machine, decided `ms_per_first` alone
+        and, being the only steps with more tokens, `ms_per_ktoken` too (a probe: one 1.5 s first
+        step among 127 of 120-400 ms made a two-stream step 3.1 s and refused newcomers for 50 s)."""
+        samples = list(self._window)
+        steady = [s for s in samples if s[3] == 0] or samples  # (before any: the first steps as they are)
+        self._fit = self._fit_steady(steady)
+        self._fit = LinearLaw(*self._fit.as_list()[:4], ms_per_first=self._first_ms(samples))
+        # Margin: a high quantile of the relative residuals (how much slower steps ran).
         rel = sorted(
             (step_ms - m) / m
             for rows, tokens, chunks, firsts, step_ms in samples
@@ -219,12 +211,42 @@ class OnlineCostModel:
         else:
             self._margin = self.prior_margin
 
+    def _fit_steady(self, samples: list[tuple[int, int, int, int, float]]) -> LinearLaw:
+        """base, row, ktoken and chunk costs (first-chunk cost 0) from `samples`."""
+        # 1. Scale features to about [0, 1] so the prior pull weighs each coefficient alike.
+        scale = [1.0, float(max(1, max(r for r, _, _, _, _ in samples))),
+                 max(1e-3, max(t for _, t, _, _, _ in samples) / 1000.0),
+                 float(max(1, max(c for _, _, c, _, _ in samples)))]
+        prior_scaled = [p * s for p, s in zip(self.prior.as_list()[:4], scale)]
+        # 2. Normal equations (Z^T Z + lam I) theta = Z^T y + lam theta_prior, in scaled units.
+        lam, n = self.prior_strength, len(scale)
+        gram = [[lam if i == j else 0.0 for j in range(n)] for i in range(n)]
+        rhs = [lam * p for p in prior_scaled]
+        for rows, tokens, chunks, _, step_ms in samples:
+            z = (1.0, rows / scale[1], tokens / 1000.0 / scale[2], chunks / scale[3])
+            for i in range(n):
+                rhs[i] += z[i] * step_ms
+                for j in range(n):
+                    gram[i][j] += z[i] * z[j]
+        theta_scaled = _solve_nonnegative(gram, rhs)
+        return LinearLaw(*[t / s for t, s in zip(theta_scaled, scale)])
+
+    def _first_ms(self, samples: list[tuple[int, int, int, int, float]]) -> float:
+        """A first chunk's cost beyond the fitted law: the median of what each step with first
+        chunks took beyond it (per first chunk), the prior's figure counted as one more: one slow
+        first step moves it half way, not all the way, and two agree against an outlier."""
+        extra = [(step_ms - self._fit.predict_ms(rows, tokens, chunks)) / firsts
+                 for rows, tokens, chunks, firsts, step_ms in samples if firsts > 0]
+        values = sorted([self.prior.ms_per_first, *extra])
+        mid = len(values) // 2
+        return max(0.0, values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2.0)
+
 
 def _solve_nonnegative(gram: list[list[float]], rhs: list[float]) -> list[float]:
     """argmin over theta >= 0 of theta^T G theta - 2 rhs^T theta (the regularised least squares
-    of `_refit`; G is positive definite): no cost can be negative. Plain least squares gave
+    of `_fit_steady`; G is positive definite): no cost can be negative. Plain least squares gave
     ms_per_row -722 from two-row steps of 900 ms and one-row steps of 1300 ms on a shared CPU,
-    so a batch of more streams was predicted at 0 ms and every newcomer was admitted. With five
+    so a batch of more streams was predicted at 0 ms and every newcomer was admitted. With four
     unknowns every set of free coefficients is tried (the others held at 0); the best feasible
     solution is the constrained optimum."""
     n = len(rhs)

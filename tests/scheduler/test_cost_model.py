@@ -130,3 +130,28 @@ def test_a_chunk_costs_once_whatever_its_denoise_steps():
         ones.observe(n, 256 * n, law.predict_ms(n, 256 * n, n) + rng.gauss(0, 2.0), n)
     one, three = ones.mean_ms(1, 256, 1), ones.mean_ms(3, 768, 1)
     assert one * 1.2 < three < one * 2.9
+
+
+def test_one_slow_first_chunk_neither_sets_the_first_chunk_cost_nor_the_token_cost():
+    """A probe: one first-chunk step of 1.5 s on a busy CPU among 127 steps of 120-400 ms was the
+    only sample with more tokens and a first chunk, so it set both coefficients (0 ms base, 867
+    ms/ktoken, 1055 ms a first chunk): a two-stream step was predicted at 3.1 s and newcomers were
+    refused for 50 s while the real steps took 220-440 ms. Steps with first chunks now only measure
+    a first chunk's extra cost, and the median with the prior's figure holds off one outlier."""
+    prior = LinearLaw(base_ms=40.0, ms_per_row=30.0, ms_per_ktoken=60.0, ms_per_chunk=30.0, ms_per_first=150.0)
+
+    def served(extra_firsts: list[float]) -> OnlineCostModel:
+        model, rng = OnlineCostModel(prior=prior), random.Random(11)
+        for _ in range(127):
+            model.observe(1, 256, rng.choice([120.0, 150.0, 180.0, 200.0, 250.0, 300.0, 400.0]), 1)
+        for step_ms in extra_firsts:
+            model.observe(1, 512, step_ms, 1, 1)
+        return model
+
+    plain, slow = served([]), served([1500.0])
+    assert slow.law.as_list()[:4] == pytest.approx(plain.law.as_list()[:4], rel=0.05)
+    beyond = 1500.0 - slow.law.predict_ms(1, 512, 1)
+    assert slow.law.ms_per_first == pytest.approx((prior.ms_per_first + beyond) / 2, rel=0.01)
+    # a second, ordinary first chunk outvotes the slow one
+    both = served([1500.0, slow.law.predict_ms(1, 512, 1) + 160.0])
+    assert both.law.ms_per_first == pytest.approx(160.0, rel=0.1)
