@@ -176,7 +176,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     run_s = time.perf_counter() - t_run
     if not args.quiet:
         print(
-            f"wrote {writer.frames_written} frames {width}x{height} @ {fps:g} fps to {args.output} "
+            f"wrote {writer.frames_written} frame{'s' if writer.frames_written != 1 else ''} {width}x{height} @ {fps:g} fps to {args.output} "
             f"({frames_in / run_s:.2f} frames/s; model build {build_s:.1f} s)"
         )
     if writer.frames_written != frames_in:
@@ -633,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="streamdiff", description="Real-time streaming video diffusion")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # name -> its parser (main names a command's own flags' errors)
 
     render = sub.add_parser("render", help="restyle a video file offline through the streaming pipeline")
     render.add_argument("--config", default=DEFAULT_PRESET, help=CONFIG_HELP)
@@ -820,7 +821,10 @@ def _out_of_memory(exc: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command's parser, whose --help lists its flags (a probe: "see: streamdiff --help")
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     args.command_line = shlex.join(["streamdiff", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Kineto (torch's profiler, which bench uses for host time) prints "USDT: profiler_start /

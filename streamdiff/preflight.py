@@ -44,11 +44,12 @@ def check_output_path(path: str) -> None:
     """`render --output`: a video file type we can write, at a place `check_writable` accepts."""
     out = Path(path)
     suffix = out.suffix.lower()
+    if out.is_dir():  # (a CLI probe: a folder without a suffix was told its file type is unknown)
+        raise ConfigError(f"--output {path} is a folder; name a video file in it, e.g. "
+                          f"{out / ('render' + (suffix if suffix in VIDEO_SUFFIXES else '.mp4'))}")
     if suffix not in VIDEO_SUFFIXES:
         raise ConfigError(f"--output {path}: unknown video file type {suffix or '(none)'!r}; use one of "
                           f"{', '.join(VIDEO_SUFFIXES)}")
-    if out.is_dir():
-        raise ConfigError(f"--output {path} is a folder; name a video file in it, e.g. {out / ('render' + suffix)}")
     check_writable(path, "--output")
 
 

@@ -69,6 +69,22 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_model(tmp_path):
     folder.mkdir()
     out, err = run("render", "--input", "synthetic", "--prompt", "p", "--output", str(folder))
     assert out == {"rc": 2, "torch": False} and "is a folder" in err, err
+    # a CLI probe: a folder without a suffix was told "unknown video file type '(none)'"
+    from streamdiff.config import ConfigError
+    from streamdiff.preflight import check_output_path
+
+    with pytest.raises(ConfigError, match=f"is a folder; name a video file in it, e.g. {tmp_path / 'render.mp4'}"):
+        check_output_path(str(tmp_path))
+
+
+def test_a_flag_a_command_does_not_take_points_at_that_commands_help(capsys):
+    """A CLI probe: `render ... --bogus` said "(see: streamdiff --help)", which lists no render flag."""
+    from streamdiff.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["render", "--input", "synthetic", "--prompt", "p", "--output", "o.mp4", "--bogus"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err == "streamdiff: error: unrecognized arguments: --bogus (see: streamdiff render --help)"
 
 
 def test_the_output_check_leaves_no_file_behind_and_keeps_an_existing_one(tmp_path):

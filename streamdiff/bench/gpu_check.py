@@ -317,7 +317,7 @@ class CudaParts:
                                      self.settings, self.peak, None, part.mode)
         finally:
             self.comps.vae = own
-        if result["cut_short"]:  # Ctrl-C during its measurement: the check stops, as anywhere else
+        if result["stopped"]:  # Ctrl-C during its measurement or after: the check stops, as anywhere else
             raise KeyboardInterrupt
         result.pop("series", None)
         if part.steps == 1 and not part.vae and self.comps.device.type == "cuda":  # the planner beside the measured peak

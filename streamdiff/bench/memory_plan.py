@@ -244,6 +244,10 @@ def plan_memory(cfg: Config, device_type: str = "cuda", width: int | None = None
     text_weights, text_note = _text_weights(cfg, dtype)
     if text_note:
         notes.append(text_note)
+    # a CLI probe: the demo "fits 526 streams" while the preset serves 4, and nothing said so
+    notes.append(f"the config serves at most {cfg.cache.max_streams} stream{'s' if cfg.cache.max_streams != 1 else ''} "
+                 f"(cache.max_streams, `--set cache.max_streams=N` to change): the fits above are what this memory "
+                 f"would hold")
     if cfg.runtime.cuda_graphs:
         notes.append("runtime.cuda_graphs: captured graphs keep one memory pool, not counted here: about the "
                      "intermediates of the largest (a serving warm-up captures every rows bucket the KV pool "

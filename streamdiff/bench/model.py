@@ -263,9 +263,21 @@ def run_combination(comps, cfg: Config, steps: int, width: int, height: int, str
         for sid in sids:
             core.pop_outputs(sid)
 
-    host_ms = None if cut_short else step_modes.host_ms_per_step(steady_step, comps.device)
-    step_modes.enter_mode(comps, "eager")
-    core.executor.shutdown()
+    # Ctrl-C from here on stops the run after this combination, whose measurement is whole (a probe:
+    # one in the host-time profile or the shutdown lost the finished measurement, the whole run)
+    stopped, host_ms = cut_short, None
+    if not cut_short:
+        try:
+            host_ms = step_modes.host_ms_per_step(steady_step, comps.device)
+        except KeyboardInterrupt:
+            stopped = True
+    try:
+        step_modes.enter_mode(comps, "eager")
+        core.executor.shutdown()
+    except KeyboardInterrupt:
+        stopped = True
+        step_modes.enter_mode(comps, "eager")
+        core.executor.shutdown()  # (idempotent: its threads end whatever the first call did)
     del core, runner, feeder
     gc.collect()
     if comps.device.type == "cuda":
@@ -282,7 +294,7 @@ def run_combination(comps, cfg: Config, steps: int, width: int, height: int, str
     return {
         "mode": mode, "steps": steps, "width": width, "height": height, "resolution": f"{width}x{height}", "streams": streams,
         "tokens_per_frame": tokens, "rows_per_forward": max(rows), "measured_steps": len(step_ms),
-        "window_s": window_s, "output_frames": frames, "cut_short": cut_short,
+        "window_s": window_s, "output_frames": frames, "cut_short": cut_short, "stopped": stopped,
         "fps": frames / window_s, "fps_per_stream": frames / window_s / streams,
         "fps_streams": [len(times_s[sid]) / window_s for sid in sids],
         "ttff_s": statistics.mean(ttff_s), "ttff_max_s": max(ttff_s), "ttff_streams_s": ttff_s,
@@ -339,7 +351,7 @@ def run_model_bench(settings: ModelBenchSettings) -> dict:
                 bar.set_postfix_str("warm-up" if mode == "eager" else "compile + warm-up")
                 results.append(run_combination(comps, cfg, steps, width, height, streams, settings, peak,
                                                bar, mode))
-            if results[-1]["cut_short"]:  # Ctrl-C while it measured: reported up to there
+            if results[-1]["stopped"]:  # Ctrl-C while it measured (reported up to there) or after
                 interrupted = True
                 break
     except KeyboardInterrupt:  # Ctrl-C elsewhere: the combinations done so far (none: interrupted)

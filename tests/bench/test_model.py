@@ -247,3 +247,16 @@ def test_ctrl_c_during_the_as_served_run_still_writes_what_was_measured(tmp_path
     report = strict_json(tmp_path / "r.json")
     assert report["interrupted"] and len(report["results"]) == report["combinations"] == 1 and "served" not in report
     assert "interrupted during the as-served run: all 1 one-process combinations measured" in capsys.readouterr().err
+
+
+def test_ctrl_c_just_after_a_measurement_keeps_it(tmp_path, capsys, monkeypatch):
+    """A CLI probe: Ctrl-C while the finished combination's host time was profiled (after its bar
+    reached the end, before its row) lost the measurement: the whole run when it was the only one."""
+    from streamdiff.bench import modes
+
+    monkeypatch.setattr(modes, "host_ms_per_step", _ctrl_c_on_call(1, modes.host_ms_per_step))
+    report, captured = _interrupted_bench(["--steps", "1,2", "--duration", "0.5"], tmp_path, capsys)
+    (result,) = report["results"]
+    assert report["interrupted"] and not result["cut_short"] and result["host_ms_per_step"] is None
+    assert 0.5 <= result["window_s"] and result["output_frames"] > 0
+    assert "1 of 2 combinations measured" in captured.err and "64x48" in captured.out
