@@ -325,7 +325,7 @@ class EngineCore:
 
     def _repush(self, stream_id: str, entry: _Stream, frame_ids: list[int]) -> None:
         for frame_id in frame_ids:
-            dropped = self.scheduler.push_frame(stream_id, frame_id, entry.frames[frame_id][1].arrival_s)
+            dropped = self.scheduler.push_frame(stream_id, frame_id, entry.frames[frame_id][1].arrival_s, again=True)
             self._free(stream_id, entry, dropped)
 
     # ------------------------------------------------------------------ frames in

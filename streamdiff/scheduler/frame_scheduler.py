@@ -54,6 +54,7 @@ the lag + (depth + 1) periods. D is chosen per stream at admission (`_choose_str
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -72,6 +73,9 @@ from streamdiff.scheduler.types import (
 )
 
 FAIR_LAG_CHUNKS = 2  # a stream idle for a while is owed at most this many chunks of priority
+ARRIVALS_KEPT = 16  # a stream's input rate is measured over its latest frames' arrivals ...
+ARRIVALS_MEASURED = 8  # ... once this many came
+ARRIVAL_GAP_S = 1.0  # a longer gap between two (a paused camera) counts as this long
 
 
 @dataclass(eq=False, slots=True)
@@ -87,7 +91,9 @@ class _Stream:
     order: int  # admission order, the last tiebreak
     stride: int = 1  # lane stride D: up to D chunks in flight, output (lanes - 1)·D chunks later
     depth: int = 1  # periods a plan's way through takes (the scheduler's `periods_through`: the stages, or fewer shared cores)
-    input_fps: float = 0.0  # the rate its frames arrive at (0: its target fps)
+    input_fps: float = 0.0  # the rate its frames arrive at (0: its target fps), until measured
+    arrivals: deque = field(default_factory=lambda: deque(maxlen=ARRIVALS_KEPT))  # its latest frames' arrival times
+    measured_fps: float = 0.0  # the rate its frames arrived at lately (0: too few yet)
     vt_s: float = 0.0  # fair-share clock: advances by (frames planned / target_fps)
     pending: deque = field(default_factory=deque)  # (frame_id, arrival_s), oldest first
     lag: deque = field(default_factory=deque)  # arrival times of planned chunks not yet output
@@ -105,7 +111,8 @@ class _Stream:
     last_latency_ms: float = 0.0
     max_latency_ms: float = 0.0
     best_effort: bool = False  # admitted although its own SLO could not hold
-    promised_batch: tuple[int, int, int] = (0, 0, 0)  # best effort: the steady batch (rows, tokens, chunks) it joined beside
+    # best effort: the steady batch (rows, tokens, chunks, firsts) it joined beside
+    promised_batch: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     @property
     def need_frames(self) -> int:
@@ -130,7 +137,19 @@ class _Stream:
 
     @property
     def arrival_fps(self) -> float:
-        return self.input_fps or self.slo.target_fps
+        """The rate its frames arrive at: measured once enough came (a probe's clients sent 10-15
+        fps and were told figures for 30, the preset's `video.fps`), at least its target fps (the
+        service level assumes that much input: a slower camera is its own limit, not the others')."""
+        return max(self.measured_fps or self.input_fps, self.slo.target_fps)
+
+    def arrived(self, now: float) -> None:
+        """An input frame arrived at `now`: the measured rate follows."""
+        times = self.arrivals
+        times.append(now)
+        if len(times) >= ARRIVALS_MEASURED:
+            span = sum(min(b - a, ARRIVAL_GAP_S) for a, b in zip(times, itertools.islice(times, 1, None)))
+            if span > 0:
+                self.measured_fps = (len(times) - 1) / span
 
     def _gathering_ms(self) -> tuple[float, float, float]:
         """At the rate frames arrive: a steady chunk's oldest frame waiting for its newest, a
@@ -359,14 +378,16 @@ class FrameScheduler:
         # cost model, measuring a loaded machine, predicted more than a neighbour was promised
         admission = self.add_stream(stream_id, old.slo, old.tokens_per_frame, lanes, now,
                                     first_chunk_latents=first_chunk_latents, chunk_latents=chunk_latents,
-                                    input_fps=input_fps, lane_stride=old.stride, judge_others=lanes > old.lanes)
+                                    input_fps=old.measured_fps or input_fps,  # (its input, as measured)
+                                    lane_stride=old.stride, judge_others=lanes > old.lanes)
         if not admission:  # put it back as it was: its lanes are the ones just released
             self._streams[stream_id] = old
             self.free_stream_slots -= 1
             self.kv.alloc(stream_id, old.lanes)
             return admission, []
         old.removed = True  # plans in flight still name the old entry; update() skips it
-        self._streams[stream_id].vt_s = old.vt_s
+        new = self._streams[stream_id]
+        new.vt_s, new.arrivals, new.measured_fps = old.vt_s, old.arrivals, old.measured_fps
         frame_ids = [frame_id for frame_id, _ in old.pending]
         old.pending.clear()
         return admission, frame_ids
@@ -384,11 +405,15 @@ class FrameScheduler:
         stream.pending.clear()
         return frame_ids
 
-    def push_frame(self, stream_id: str, frame_id: int, now: float) -> list[int]:
-        """Record an input frame's arrival. Keeps only the newest `need + max_extra_frames`
-        pending frames; returns the ids dropped now (oldest first) so the engine frees them."""
+    def push_frame(self, stream_id: str, frame_id: int, now: float, *, again: bool = False) -> list[int]:
+        """Record an input frame's arrival at `now`. Keeps only the newest `need +
+        max_extra_frames` pending frames; returns the ids dropped now (oldest first) so the engine
+        frees them. `again`: a frame pushed before (a restarted stream's waiting frames), whose
+        arrival is not counted twice in the stream's input rate."""
         stream = self._streams[stream_id]
         stream.pushed += 1
+        if not again:
+            stream.arrived(now)
         stream.pending.append((frame_id, now))
         dropped: list[int] = []
         keep = stream.need_frames + self.max_extra_frames

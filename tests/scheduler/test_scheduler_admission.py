@@ -345,3 +345,28 @@ def test_what_a_stream_can_expect_is_renewed_as_others_join_and_leave():
     assert beside["a"] == pytest.approx((4000.0 / 320.0, alone.expected_latency_ms + 2 * 200.0))
     sched.remove_stream("b")
     assert sched.outlooks() == {"a": pytest.approx((alone.expected_fps, alone.expected_latency_ms))}
+
+
+def test_what_a_stream_is_told_follows_the_rate_its_frames_arrive_at():
+    """A probe's clients sent 10-15 fps and were told (and judged on) figures for 30, the preset's
+    video.fps: a chunk of 4 frames gathers in 300 ms at 10 fps, not 100. The rate is measured over
+    the latest frames (a paused camera's gap counts 1 s at most), at least the target fps."""
+    law = LinearLaw(base_ms=20.0, ms_per_row=20.0, ms_per_ktoken=0.0)
+    sched = FrameScheduler(FixedCostModel(law), max_streams=4)
+    told = sched.add_stream("a", StreamSLO(2.0, 60_000.0), tokens_per_frame=16, lanes=1, now=0.0, input_fps=30.0)
+    assert told.expected_fps == pytest.approx(30.0)
+    for i in range(16):
+        sched.push_frame("a", i, 0.1 * i)
+    fps, latency_ms = sched.outlooks()["a"]
+    assert fps == pytest.approx(10.0) and latency_ms == pytest.approx(told.expected_latency_ms + 200.0)
+    # a camera paused for 20 s: the gap counts 1 s (15 frames in 2.4 s, 6.25 fps), not 20
+    for i in range(16, 24):
+        sched.push_frame("a", i, 20.0 + 0.1 * (i - 16))
+    assert sched.outlooks()["a"][0] == pytest.approx(15 / 2.4)
+    # a 1 fps camera is judged at the 2 fps its service level assumes
+    for i in range(24, 40):
+        sched.push_frame("a", i, 30.0 + (i - 24))
+    assert sched.outlooks()["a"][0] == pytest.approx(2.0)
+    # a steps change keeps the measured rate in what it is told
+    restarted, _ = sched.restart_stream("a", 1, now=50.0, input_fps=30.0)
+    assert restarted.expected_fps == pytest.approx(2.0)
