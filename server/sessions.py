@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import logging
 import re
@@ -295,8 +296,8 @@ class SessionManager:
         # --max-sessions, viewers over --max-viewers, all with offers arriving together).
         self._opening = asyncio.Lock()
         self.stopping = False  # close_all ran: the server is going away (pages wait for it to return)
-        self._renewing: asyncio.Task | None = None  # `_renew_expectations`, one at a time
-        self._renew_again = False  # a stream came or went while it ran
+        self._renewing: asyncio.Task | None = None  # `_renew`, while stream sessions exist
+        self._renew_now = asyncio.Event()  # a stream came, went or changed steps
 
     # ------------------------------------------------------------------ lookup
 
@@ -579,17 +580,21 @@ class SessionManager:
             await self.close(session_id, reason)
         await cancel_tasks([t for t in (self._trim, self._renewing) if t is not None])
 
+    RENEW_EVERY_S = 5.0
+
     def _renew_expectations(self) -> None:
         """A stream came, went or changed its steps: what every stream can expect is asked of the
-        engine in the background (coalesced) and kept in its `expect`, which each stats message
-        carries; a stream told 30 fps alone got 10 beside two newcomers and still read 30."""
-        self._renew_again = True
+        engine now, and every RENEW_EVERY_S while streams run (their input rates are measured as
+        their frames arrive, the cost model learns), and kept in its `expect`, which each stats
+        message carries (a probe: a stream told 30 fps alone got 10 beside two newcomers and still
+        read 30)."""
+        self._renew_now.set()
         if self._renewing is None or self._renewing.done():
             self._renewing = asyncio.ensure_future(self._renew())
 
     async def _renew(self) -> None:
-        while self._renew_again and not self.stopping:
-            self._renew_again = False
+        while not self.stopping and any(s.has_stream for s in self.sessions.values()):
+            self._renew_now.clear()
             try:
                 outlooks = await self.engine.outlooks()
             except Exception:  # the engine stopped (the server is going away)
@@ -600,6 +605,8 @@ class SessionManager:
                 if session is not None and session.expect is not None:
                     session.expect = {**session.expect, "fps": round(fps, 2), "latency_ms": round(latency_ms),
                                       "streams": len(outlooks)}
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._renew_now.wait(), self.RENEW_EVERY_S)
 
     async def update_params(self, key: str, message: dict) -> dict:
         return (await self.apply_change(key, message))[0]

@@ -16,7 +16,10 @@ Two models share one protocol (`predict_ms`, `observe`):
 - `FixedCostModel`: a known law that never learns (tests, benchmarks, a pinned calibration).
 - `OnlineCostModel`: starts from a conservative prior (prior law x (1 + prior_margin)) and,
   once `min_samples` steps were measured, predicts the fitted law x (1 + margin), where the
-  margin is a high quantile (default p95) of the relative residuals of the recent window.
+  margin is a high quantile (default p95) of the relative residuals of the latest
+  `margin_window` steps. The fit weighs the window's samples by age (half as much every
+  `half_life` steps): after a burst of slow steps (a busy machine) predictions come back down
+  within tens of steps, not once the burst has left the whole window.
 
 Provisional samples: steps measured at warm-up (often on a busy machine) are marked with
 `mark_provisional()` and dropped as soon as `min_samples` steps measured while serving replace
@@ -110,15 +113,21 @@ class OnlineCostModel:
         quantile: float = 0.95,
         min_margin: float = 0.05,
         prior_strength: float = 1e-3,
+        margin_window: int = 32,
+        half_life: float = 32.0,
     ):
-        if window < 3 or min_samples < 1 or not 0.0 < quantile <= 1.0 or not prior_strength > 0:
-            raise ValueError("window >= 3, min_samples >= 1, 0 < quantile <= 1, prior_strength > 0")
+        if (window < 3 or min_samples < 1 or not 0.0 < quantile <= 1.0 or not prior_strength > 0
+                or margin_window < 1 or not half_life > 0):
+            raise ValueError("window >= 3, min_samples >= 1, 0 < quantile <= 1, prior_strength > 0, "
+                             "margin_window >= 1, half_life > 0")
         self.prior = prior
         self.min_samples = min_samples
         self.prior_margin = prior_margin
         self.quantile = quantile
         self.min_margin = min_margin
         self.prior_strength = prior_strength
+        self.margin_window = margin_window
+        self.half_life = half_life  # steps after which a sample weighs half in the fit
         # (rows, tokens, chunks, firsts, step_ms)
         self._window: deque[tuple[int, int, int, int, float]] = deque(maxlen=window)
         self._fit = prior
@@ -199,10 +208,13 @@ class OnlineCostModel:
         steady = [s for s in samples if s[3] == 0] or samples  # (before any: the first steps as they are)
         self._fit = self._fit_steady(steady)
         self._fit = LinearLaw(*self._fit.as_list()[:4], ms_per_first=self._first_ms(samples))
-        # Margin: a high quantile of the relative residuals (how much slower steps ran).
+        # Margin: a high quantile of the latest steps' relative residuals (how much slower they ran).
+        # Over the whole window, a burst of slow steps (a busy machine for 12 s) set it for as long
+        # as they stayed in the window, and the more so as the fit came back down: a probe's
+        # two-stream step was predicted at 1 s for 46 s after the burst while steps took 90 ms.
         rel = sorted(
             (step_ms - m) / m
-            for rows, tokens, chunks, firsts, step_ms in samples
+            for rows, tokens, chunks, firsts, step_ms in samples[-self.margin_window:]
             if (m := self._fit.predict_ms(rows, tokens, chunks, firsts)) > 1e-9
         )
         if rel:
@@ -212,7 +224,8 @@ class OnlineCostModel:
             self._margin = self.prior_margin
 
     def _fit_steady(self, samples: list[tuple[int, int, int, int, float]]) -> LinearLaw:
-        """base, row, ktoken and chunk costs (first-chunk cost 0) from `samples`."""
+        """base, row, ktoken and chunk costs (first-chunk cost 0) from `samples` (oldest first),
+        each weighed by its age."""
         # 1. Scale features to about [0, 1] so the prior pull weighs each coefficient alike.
         scale = [1.0, float(max(1, max(r for r, _, _, _, _ in samples))),
                  max(1e-3, max(t for _, t, _, _, _ in samples) / 1000.0),
@@ -222,12 +235,14 @@ class OnlineCostModel:
         lam, n = self.prior_strength, len(scale)
         gram = [[lam if i == j else 0.0 for j in range(n)] for i in range(n)]
         rhs = [lam * p for p in prior_scaled]
-        for rows, tokens, chunks, _, step_ms in samples:
+        decay = 0.5 ** (1.0 / self.half_life)
+        for age, (rows, tokens, chunks, _, step_ms) in enumerate(reversed(samples)):
+            w = decay ** age
             z = (1.0, rows / scale[1], tokens / 1000.0 / scale[2], chunks / scale[3])
             for i in range(n):
-                rhs[i] += z[i] * step_ms
+                rhs[i] += w * z[i] * step_ms
                 for j in range(n):
-                    gram[i][j] += z[i] * z[j]
+                    gram[i][j] += w * z[i] * z[j]
         theta_scaled = _solve_nonnegative(gram, rhs)
         return LinearLaw(*[t / s for t, s in zip(theta_scaled, scale)])
 

@@ -155,3 +155,22 @@ def test_one_slow_first_chunk_neither_sets_the_first_chunk_cost_nor_the_token_co
     # a second, ordinary first chunk outvotes the slow one
     both = served([1500.0, slow.law.predict_ms(1, 512, 1) + 160.0])
     assert both.law.ms_per_first == pytest.approx(160.0, rel=0.1)
+
+
+def test_after_a_burst_of_slow_steps_predictions_come_back_within_tens_of_steps():
+    """A probe: two busy loops on the server's CPUs for 12 s made one stream's steps 315-416 ms; 46 s
+    after they ended (steps back at 90 ms) a two-stream step was still predicted at 1 s, and newcomers
+    at a 2 s deadline were refused: the margin (p95 of the window's residuals) grew as the fit came
+    down, and the fit held the burst until it left the 128-step window."""
+    rng = random.Random(3)
+    model = OnlineCostModel(prior=LinearLaw(20.0, 30.0, 20.0, 20.0, 100.0))
+    for _ in range(30):
+        model.observe(1, 384, rng.uniform(75.0, 95.0), 1)
+    calm_ms = model.predict_ms(2, 768, 2)
+    for _ in range(45):  # the busy machine
+        model.observe(1, 384, rng.choice([250.0, 330.0, 380.0, 450.0, 550.0, 600.0]), 1)
+    busy_ms = model.predict_ms(2, 768, 2)
+    assert busy_ms > 4 * calm_ms  # while it lasts, the prediction follows it
+    for _ in range(45):  # 18 s of calm at 2.5 steps a second: the burst is still in the window
+        model.observe(1, 384, rng.uniform(75.0, 90.0), 1)
+    assert model.predict_ms(2, 768, 2) < 2.5 * calm_ms < busy_ms / 2

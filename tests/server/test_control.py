@@ -6,7 +6,7 @@ import logging
 import aiohttp
 import pytest
 
-from gateway_helpers import TOKEN, auth, obs_like_offer, running_server, sessions_of
+from gateway_helpers import TOKEN, auth, obs_like_offer, running_server, sessions_of, until
 from streamdiff import cli
 from streamdiff.client.control import ControlError, send_params, ws_url
 from streamdiff.server.app import ENGINE_KEY
@@ -107,6 +107,13 @@ def test_control_cli_changes_params():
             await sessions_of(app).close(sessions_of(app).publisher("cam2").id)
             await other.close()
             assert await _stats_expect(url, "cam", streams=1) == alone
+            # and every few seconds while streams run (input rates are measured as frames arrive)
+            sessions, asked = sessions_of(app), []
+            outlooks = sessions.engine.outlooks
+            sessions.engine.outlooks = lambda: asked.append(1) or outlooks()
+            sessions.RENEW_EVERY_S = 0.1
+            sessions._renew_expectations()
+            await until(lambda: len(asked) >= 3, "renewed every RENEW_EVERY_S")
             code = await asyncio.to_thread(cli.main, ["control", "--url", url, "--session", "cam", "--token", TOKEN,
                                                       "--prompt", "watercolor", "--seed", "5"])
             assert code == 0
