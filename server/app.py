@@ -6,7 +6,8 @@ Owns: routes and their HTTP semantics (status codes, CORS, Bearer auth, content 
 
 Routes:
   GET  /, /viewer.html, /app.js          static client (client/web)
-  POST /offer                            JSON {sdp, type, prompt?, stamp?} -> {sdp, type, session, expect, means?}
+  POST /offer                            JSON {sdp, type, prompt?, stamp?, key?, input_fps?, params...}
+                                         -> {sdp, type, session, expect, means?}
                                          (OPTIONS /offer: the CORS preflight; every reply carries CORS)
   POST /whip/{key}                       application/sdp -> 201 + Location /whip/{key}/{session}
                                          (/whip/{key}/ the same; /whip, /whip/: 404 saying the key is missing)
@@ -64,6 +65,7 @@ from streamdiff.server.http import (
     unauthorized,
     watch_token,
 )
+from streamdiff.engine.types import short_repr
 from streamdiff.preflight import loopback_only
 from streamdiff.server.prom import exposition
 from streamdiff.server.startup import START_KEY, EngineStart
@@ -319,7 +321,17 @@ async def offer(request: web.Request) -> web.Response:
         key = body.get("key")
         if key is not None and not (isinstance(key, str) and STREAM_KEY.fullmatch(key)):
             raise SdpError("key must be 1-64 characters: letters, digits, '-' and '_'")
-        params = to_engine_params({k: v for k, v in body.items() if k not in ("sdp", "type", "prompt", "stamp", "key")})
+        # `input_fps`: the rate the page's camera sends at, so that what the stream is told assumes
+        # it until its frames' rate is measured (a probe: a 15 fps camera was told 30 fps, video.fps)
+        input_fps = body.get("input_fps")
+        if input_fps is not None and not (isinstance(input_fps, (int, float)) and not isinstance(input_fps, bool)
+                                          and 1 <= input_fps <= 240):
+            raise SdpError(f"input_fps must be a number from 1 to 240 (the camera's frame rate), got "
+                           f"{short_repr(input_fps)}")
+        params = to_engine_params({k: v for k, v in body.items()
+                                   if k not in ("sdp", "type", "prompt", "stamp", "key", "input_fps")})
+        if input_fps is not None:
+            params["input_fps"] = float(input_fps)
         check_offer_sdp(sdp)
         require_directions(sdp, sends=True, receives=True, what="the page sends its camera and "
                            "receives the restyled video (sendrecv); to publish only, use /whip/KEY, to watch, /whep/KEY")

@@ -278,7 +278,11 @@ async function start() {
   if (token) headers.Authorization = `Bearer ${token}`;
   let resp;
   try {
-    resp = await fetch("/offer", { method: "POST", headers, body: JSON.stringify({ sdp: peer.localDescription.sdp, type: "offer", key: PAGE_KEY, ...sent }) });
+    // input_fps: what the camera sends at, so that what the page is told to expect assumes it (the
+    // server measures it once frames come; a 15 fps camera was told 30 fps until then)
+    const rate = camera.getVideoTracks()[0]?.getSettings().frameRate;
+    const input = rate >= 1 && rate <= 240 ? { input_fps: rate } : {};
+    resp = await fetch("/offer", { method: "POST", headers, body: JSON.stringify({ sdp: peer.localDescription.sdp, type: "offer", key: PAGE_KEY, ...sent, ...input }) });
   } catch (err) {
     if (over()) return peer.close();
     return reconnect(`Cannot reach the StreamDiff server at ${location.host} (is it running?)`);

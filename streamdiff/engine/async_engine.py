@@ -243,12 +243,15 @@ class AsyncEngine:
         slo: StreamSLO | None = None,
         target_fps: float | None = None,
         deadline_ms: float | None = None,
+        input_fps: float | None = None,
         **params: object,
     ) -> Admission:
         """Ask to serve a stream. `params`: steps, seed, noise_strength, motion_aware,
         prompt_blend_chunks (defaults from the config). SLO: `slo`, or target_fps and
-        deadline_ms (defaults: the config's `slo:`, target fps 0 meaning video.fps). Returns the
-        Admission (falsy if refused; it says what the stream can expect when admitted)."""
+        deadline_ms (defaults: the config's `slo:`, target fps 0 meaning video.fps). `input_fps`:
+        the rate its frames will arrive at, if the client said (default video.fps; measured once
+        they come). Returns the Admission (falsy if refused; it says what the stream can expect
+        when admitted)."""
         full = StreamParams.defaults(self.cfg, prompt).with_changes({"prompt": prompt, **params})
         if slo is None:
             default = StreamSLO(self.cfg.slo.target_fps or self.cfg.video.fps, self.cfg.slo.deadline_ms)
@@ -257,7 +260,7 @@ class AsyncEngine:
             raise KeyError(f"stream {stream_id!r} already exists")
         self._outputs[stream_id] = _OutputQueue(self.output_queue_frames)
         try:
-            admission = await self._call(lambda core: core.add_stream(stream_id, full, slo))
+            admission = await self._call(lambda core: core.add_stream(stream_id, full, slo, input_fps=input_fps))
         except BaseException:
             self._outputs.pop(stream_id, None)
             raise

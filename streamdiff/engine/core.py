@@ -178,9 +178,10 @@ class EngineCore:
         return StreamSLO(slo.target_fps or self.cfg.video.fps, slo.deadline_ms)
 
     def add_stream(self, stream_id: str, params: StreamParams, slo: StreamSLO | None = None,
-                   now: float | None = None) -> Admission:
+                   now: float | None = None, input_fps: float | None = None) -> Admission:
         """Admit a stream (the scheduler checks every SLO and the KV pool) and create its
-        model-side state. Returns the Admission; a refused stream leaves no trace."""
+        model-side state; `input_fps`: the rate its frames will arrive at (default video.fps).
+        Returns the Admission; a refused stream leaves no trace."""
         if not isinstance(stream_id, str) or not stream_id:
             raise ValueError(f"stream_id must be a non-empty string, got {stream_id!r}")
         validate_changes({k: v for k, v in asdict(params).items() if k != "lane_stride"})
@@ -190,7 +191,7 @@ class EngineCore:
             return Admission(stream_id, False, f"stream {stream_id!r} is already admitted", 0.0,
                              self.scheduler.free_stream_slots)
         self.drain()  # a new stream's first chunk and its state change what is in flight
-        admission = self._admit(stream_id, slo, params.steps, now, params.lane_stride)
+        admission = self._admit(stream_id, slo, params.steps, now, params.lane_stride, input_fps)
         if not admission:
             if admission.lasting:  # no measure or hint helps: its reason says what fits
                 return admission
@@ -223,10 +224,12 @@ class EngineCore:
         return {"first_chunk_latents": s.first_chunk_latents, "chunk_latents": s.chunk_latents,
                 "input_fps": self.cfg.video.fps}
 
-    def _admit(self, stream_id: str, slo: StreamSLO, steps: int, now: float, stride: int = 0) -> Admission:
+    def _admit(self, stream_id: str, slo: StreamSLO, steps: int, now: float, stride: int = 0,
+               input_fps: float | None = None) -> Admission:
         """The scheduler's admission; the lane stride is `stride`, else `parallel.lane_stride`,
         else (0) the scheduler's choice for this stream's SLO (D = depth unless it needs less latency)."""
-        return self.scheduler.add_stream(stream_id, slo, self.tokens_per_frame, steps, now, **self._chunks(),
+        return self.scheduler.add_stream(stream_id, slo, self.tokens_per_frame, steps, now,
+                                         **{**self._chunks(), **({"input_fps": input_fps} if input_fps else {})},
                                          lane_stride=stride or self.cfg.parallel.lane_stride)
 
     def expect(self, steps: int | None = None) -> tuple[float, float, float]:

@@ -65,10 +65,13 @@ async def _orphans():
         pc.addTrack(SyntheticVideo())
         await pc.setLocalDescription(await pc.createOffer())
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"},
-                                 headers=auth()) as resp:
+            offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
+            async with http.post(f"{url}/offer", json={**offer, "input_fps": True}, headers=auth()) as resp:
+                assert resp.status == 400 and "input_fps must be a number from 1 to 240" in (await resp.json())["error"]
+            # the page says its camera's rate: what it is told assumes it (a probe: 15 fps told 30)
+            async with http.post(f"{url}/offer", json={**offer, "input_fps": 7.5}, headers=auth()) as resp:
                 body = await resp.json()
-                assert resp.status == 200 and body["expect"]["fps"] > 0, body
+                assert resp.status == 200 and 0 < body["expect"]["fps"] <= 7.5, body
             await answer(pc, body["sdp"])
             sid = body["session"]
             # Another controller (`streamdiff control`) comes and goes: the stream stays.
