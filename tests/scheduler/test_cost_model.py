@@ -150,11 +150,13 @@ def test_one_slow_first_chunk_neither_sets_the_first_chunk_cost_nor_the_token_co
 
     plain, slow = served([]), served([1500.0])
     assert slow.law.as_list()[:4] == pytest.approx(plain.law.as_list()[:4], rel=0.05)
-    beyond = 1500.0 - slow.law.predict_ms(1, 512, 1)
-    assert slow.law.ms_per_first == pytest.approx((prior.ms_per_first + beyond) / 2, rel=0.01)
+    # the prior's figure (at the speed the steps show) and the slow step's: half way
+    beyond, usual = 1500.0 - slow.law.predict_ms(1, 512, 1), plain.law.ms_per_first
+    assert usual < beyond / 2
+    assert slow.law.ms_per_first == pytest.approx((usual + beyond) / 2, rel=0.01)
     # a second, ordinary first chunk outvotes the slow one
-    both = served([1500.0, slow.law.predict_ms(1, 512, 1) + 160.0])
-    assert both.law.ms_per_first == pytest.approx(160.0, rel=0.1)
+    both = served([1500.0, slow.law.predict_ms(1, 512, 1) + 0.9 * usual])
+    assert both.law.ms_per_first == pytest.approx(usual, rel=0.01)
 
 
 def test_after_a_burst_of_slow_steps_predictions_come_back_within_tens_of_steps():
@@ -174,3 +176,19 @@ def test_after_a_burst_of_slow_steps_predictions_come_back_within_tens_of_steps(
     for _ in range(45):  # 18 s of calm at 2.5 steps a second: the burst is still in the window
         model.observe(1, 384, rng.uniform(75.0, 90.0), 1)
     assert model.predict_ms(2, 768, 2) < 2.5 * calm_ms < busy_ms / 2
+
+
+def test_steps_of_one_shape_scale_the_prior_instead_of_zeroing_its_marginal_costs():
+    """Steps of one shape (one stream) say how fast this machine runs, not how a step's cost splits
+    between its base, rows, tokens and chunks: that split stays the prior's. Pulled toward the prior
+    itself, steps faster than it drove the row, token and chunk costs to 0 (a CI run: a second
+    stream was predicted to cost nothing and the first stream's figures did not move)."""
+    prior = LinearLaw(base_ms=20.0, ms_per_row=30.0, ms_per_ktoken=60.0, ms_per_chunk=30.0, ms_per_first=50.0)
+    for speed in (0.4, 2.5):
+        model, rng = OnlineCostModel(prior=prior), random.Random(5)
+        for _ in range(100):
+            model.observe(1, 256, speed * prior.predict_ms(1, 256, 1) * rng.uniform(0.97, 1.03), 1)
+        for rows, tokens, chunks in ((1, 256, 1), (2, 512, 2), (4, 1024, 4), (3, 768, 1)):
+            assert model.mean_ms(rows, tokens, chunks) == pytest.approx(speed * prior.predict_ms(rows, tokens, chunks),
+                                                                        rel=0.05), (speed, rows)
+        assert model.law.ms_per_first == pytest.approx(speed * prior.ms_per_first, rel=0.05)

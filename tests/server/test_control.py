@@ -102,7 +102,9 @@ def test_control_cli_changes_params():
             assert alone["streams"] == 1, alone
             other = await publish(url, "cam2")
             beside = await _stats_expect(url, "cam", streams=2)
-            assert beside["latency_ms"] > alone["latency_ms"], (alone, beside)
+            # (not strictly more: the tiny preset's rows cost next to nothing, and a warm-up on a
+            # quiet machine may measure a second row at no cost at all)
+            assert beside["latency_ms"] >= alone["latency_ms"], (alone, beside)
             assert beside["fps"] <= alone["fps"] and beside["service"] == alone["service"], (alone, beside)
             await sessions_of(app).close(sessions_of(app).publisher("cam2").id)
             await other.close()
