@@ -228,8 +228,10 @@ class EngineCore:
                input_fps: float | None = None) -> Admission:
         """The scheduler's admission; the lane stride is `stride`, else `parallel.lane_stride`,
         else (0) the scheduler's choice for this stream's SLO (D = depth unless it needs less latency)."""
-        return self.scheduler.add_stream(stream_id, slo, self.tokens_per_frame, steps, now,
-                                         **{**self._chunks(), **({"input_fps": input_fps} if input_fps else {})},
+        chunks = self._chunks()
+        if input_fps:  # what the client said its camera sends (else video.fps)
+            chunks["input_fps"] = input_fps
+        return self.scheduler.add_stream(stream_id, slo, self.tokens_per_frame, steps, now, **chunks,
                                          lane_stride=stride or self.cfg.parallel.lane_stride)
 
     def expect(self, steps: int | None = None) -> tuple[float, float, float]:

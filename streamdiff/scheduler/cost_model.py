@@ -42,7 +42,7 @@ direction, while the data decide all they can see.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 
@@ -134,7 +134,6 @@ class OnlineCostModel:
         self._fit = prior
         self._margin = prior_margin
         self._provisional = 0  # the oldest samples in the window that newer ones will replace
-        self._speed = 1.0  # the samples' steps over the prior's (`_speed_of`)
 
     # -- what the scheduler calls --------------------------------------------------------
 
@@ -196,7 +195,7 @@ class OnlineCostModel:
         """Forget every sample: predictions fall back to the prior until new steps are observed."""
         self._window.clear()
         self._provisional = 0
-        self._fit, self._margin, self._speed = self.prior, self.prior_margin, 1.0
+        self._fit, self._margin = self.prior, self.prior_margin
 
     # -- fitting -------------------------------------------------------------------------
 
@@ -208,9 +207,11 @@ class OnlineCostModel:
         step among 127 of 120-400 ms made a two-stream step 3.1 s and refused newcomers for 50 s)."""
         samples = list(self._window)
         steady = [s for s in samples if s[3] == 0] or samples  # (before any: the first steps as they are)
-        self._speed = self._speed_of(steady)
-        self._fit = self._fit_steady(steady)
-        self._fit = LinearLaw(*self._fit.as_list()[:4], ms_per_first=self._first_ms(samples))
+        decay = 0.5 ** (1.0 / self.half_life)
+        weights = [decay ** age for age in range(len(steady) - 1, -1, -1)]  # oldest first
+        speed = self._speed_of(steady, weights)
+        law = self._fit_steady(steady, weights, speed)
+        self._fit = replace(law, ms_per_first=self._first_ms(samples, law, speed))
         # Margin: a high quantile of the latest steps' relative residuals (how much slower they ran).
         # Over the whole window, a burst of slow steps (a busy machine for 12 s) set it for as long
         # as they stayed in the window, and the more so as the fit came back down: a probe's
@@ -226,24 +227,23 @@ class OnlineCostModel:
         else:
             self._margin = self.prior_margin
 
-    def _fit_steady(self, samples: list[tuple[int, int, int, int, float]]) -> LinearLaw:
-        """base, row, ktoken and chunk costs (first-chunk cost 0) from `samples` (oldest first),
-        each weighed by its age."""
+    def _fit_steady(self, samples: list[tuple[int, int, int, int, float]], weights: list[float],
+                    speed: float) -> LinearLaw:
+        """base, row, ktoken and chunk costs (first-chunk cost 0) from `samples`, each weighed by
+        its weight (its age)."""
         # 1. Scale features to about [0, 1] so the prior pull weighs each coefficient alike. The
-        #    pull is toward the prior at the speed the samples show (`_speed`): steps of one shape
+        #    pull is toward the prior at the speed the samples show (`speed`): steps of one shape
         #    pulled toward the prior itself, faster than it, took the row and token costs to 0
         #    (a second stream predicted free) and put it all in the base.
         scale = [1.0, float(max(1, max(r for r, _, _, _, _ in samples))),
                  max(1e-3, max(t for _, t, _, _, _ in samples) / 1000.0),
                  float(max(1, max(c for _, _, c, _, _ in samples)))]
-        prior_scaled = [p * self._speed * s for p, s in zip(self.prior.as_list()[:4], scale)]
+        prior_scaled = [p * speed * s for p, s in zip(self.prior.as_list()[:4], scale)]
         # 2. Normal equations (Z^T Z + lam I) theta = Z^T y + lam theta_prior, in scaled units.
         lam, n = self.prior_strength, len(scale)
         gram = [[lam if i == j else 0.0 for j in range(n)] for i in range(n)]
         rhs = [lam * p for p in prior_scaled]
-        decay = 0.5 ** (1.0 / self.half_life)
-        for age, (rows, tokens, chunks, _, step_ms) in enumerate(reversed(samples)):
-            w = decay ** age
+        for w, (rows, tokens, chunks, _, step_ms) in zip(weights, samples):
             z = (1.0, rows / scale[1], tokens / 1000.0 / scale[2], chunks / scale[3])
             for i in range(n):
                 rhs[i] += w * z[i] * step_ms
@@ -252,23 +252,22 @@ class OnlineCostModel:
         theta_scaled = _solve_nonnegative(gram, rhs)
         return LinearLaw(*[t / s for t, s in zip(theta_scaled, scale)])
 
-    def _speed_of(self, samples: list[tuple[int, int, int, int, float]]) -> float:
-        """How many times the prior's steady law these steps took (weighed by age as the fit): the
-        prior's split of a step's cost, at the speed this machine runs now."""
-        decay, took, said = 0.5 ** (1.0 / self.half_life), 0.0, 0.0
-        for age, (rows, tokens, chunks, _, step_ms) in enumerate(reversed(samples)):
-            w = decay ** age
-            took += w * step_ms
-            said += w * self.prior.predict_ms(rows, tokens, chunks)
+    def _speed_of(self, samples: list[tuple[int, int, int, int, float]], weights: list[float]) -> float:
+        """How many times the prior's steady law these steps took (weighed as the fit weighs them):
+        the prior's split of a step's cost, at the speed this machine runs now."""
+        took = sum(w * step_ms for w, (*_, step_ms) in zip(weights, samples))
+        said = sum(w * self.prior.predict_ms(rows, tokens, chunks)
+                   for w, (rows, tokens, chunks, _, _) in zip(weights, samples))
         return took / said if said > 1e-9 else 1.0
 
-    def _first_ms(self, samples: list[tuple[int, int, int, int, float]]) -> float:
-        """A first chunk's cost beyond the fitted law: the median of what each step with first
-        chunks took beyond it (per first chunk), the prior's figure counted as one more: one slow
-        first step moves it half way, not all the way, and two agree against an outlier."""
-        extra = [(step_ms - self._fit.predict_ms(rows, tokens, chunks)) / firsts
+    def _first_ms(self, samples: list[tuple[int, int, int, int, float]], law: LinearLaw, speed: float) -> float:
+        """A first chunk's cost beyond the steady `law`: the median of what each step with first
+        chunks took beyond it (per first chunk), the prior's figure (at `speed`) counted as one
+        more: one slow first step moves it half way, not all the way, and two agree against an
+        outlier."""
+        extra = [(step_ms - law.predict_ms(rows, tokens, chunks)) / firsts
                  for rows, tokens, chunks, firsts, step_ms in samples if firsts > 0]
-        values = sorted([self.prior.ms_per_first * self._speed, *extra])
+        values = sorted([self.prior.ms_per_first * speed, *extra])
         mid = len(values) // 2
         return max(0.0, values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2.0)
 
