@@ -464,6 +464,7 @@ function openControl() {
   const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws?${q}`);
   ws = socket;
   socket.onmessage = (ev) => {
+    if (ws !== socket) return; // the page stopped or replaced this socket
     const msg = parseMessage(ev.data);
     if (msg.type === "stats") {
       $("overlay").dataset.latency = msg.latency_ms == null ? "–" : `${Math.round(msg.latency_ms)} ms`;
@@ -513,8 +514,10 @@ function openControl() {
 function startFpsMeter() {
   let last = null;
   fpsTimer = setInterval(async () => {
-    if (!pc) return;
-    const stats = await pc.getStats();
+    const peer = pc;
+    if (!peer) return;
+    const stats = await peer.getStats();
+    if (peer !== pc) return; // stopped (or restarted) while the reading was on its way
     stats.forEach((r) => {
       if (r.type === "inbound-rtp" && r.kind === "video") {
         // a rate needs two samples with frames: until then say "–", not a misleading 0.0

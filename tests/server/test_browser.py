@@ -133,8 +133,15 @@ async def _make_run_flow() -> dict:
                 out["countdown"] = await _until(lambda: _message_with(two, "Retrying in"), 60)
                 out["busy_preview"] = await two.evaluate("() => document.getElementById('local').style.aspectRatio")
                 await two.screenshot(path=str(ARTIFACTS / "browser-refused.png"))
-                # 3. The first user stops: overlay reset, and the second is admitted by itself.
+                # 3. The first user stops: overlay reset, and the second is admitted by itself. A
+                # frame-rate reading still awaited when Stop is pressed must not write the overlay
+                # again (a CI run saw "15.0 fps · latency –" after Stop): its reading is held back
+                # until after the click.
+                await one.evaluate(SLOW_STATS_JS)
+                await _until(lambda: one.evaluate("() => window.statsHeld > 0"), 5, 0.05)
                 await one.click("#stop")
+                await one.evaluate("() => window.releaseStats()")
+                await asyncio.sleep(0.3)
                 out["overlay_after_stop"] = await one.inner_text("#overlay")
                 out["watch_after_stop"] = await one.is_visible("#watch")
                 out["second_admitted"] = await _until(
@@ -149,6 +156,21 @@ async def _make_run_flow() -> dict:
     finally:
         await server.__aexit__(None, None, None)
     return out
+
+
+# The page's next getStats() answers only once released: a reading that is on its way when the
+# user presses Stop.
+SLOW_STATS_JS = """() => {
+  const real = RTCPeerConnection.prototype.getStats;
+  const held = [];
+  window.statsHeld = 0;
+  window.releaseStats = () => { RTCPeerConnection.prototype.getStats = real; held.forEach((go) => go()); };
+  RTCPeerConnection.prototype.getStats = function (...args) {
+    const answer = real.apply(this, args);
+    window.statsHeld += 1;
+    return new Promise((resolve) => held.push(() => resolve(answer)));
+  };
+}"""
 
 
 async def _async(fn):
