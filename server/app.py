@@ -41,7 +41,7 @@ from aiohttp import web
 from aiortc import RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
 
-from streamdiff.server.control import params_patch, websocket
+from streamdiff.server.control import params_patch, session_delete, websocket
 from streamdiff.server.http import (
     CORS,
     AccessLog,
@@ -689,6 +689,8 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
     r.add_get("/ws", websocket)
     r.add_patch("/sessions/{id}/params", params_patch, expect_handler=expect_small_body)
     r.add_route("OPTIONS", "/sessions/{id}/params", options)
+    r.add_delete("/sessions/{id}", session_delete)
+    r.add_route("OPTIONS", "/sessions/{id}", options)
     for path, get in (("/sessions", list_sessions), ("/healthz", healthz), ("/metrics", metrics)):
         r.add_get(path, get)
         r.add_route("OPTIONS", path, options)  # a controller on another origin sends a token: preflighted

@@ -1,5 +1,6 @@
-"""Live control of a stream: `PATCH /sessions/{id}/params` and the `/ws` WebSocket (params in,
-stats out each second), and freeing a browser page's session when its control socket drops.
+"""Live control of a stream: `PATCH /sessions/{id}/params`, `DELETE /sessions/{id}` and the `/ws`
+WebSocket (params in, stats out each second), and freeing a browser page's session when its control
+socket drops.
 
 Owns: those two handlers and the control message format ({"type": "params" | "ping", ...}; a
 params reply carries `means` where the model knows only a few prompts; a change another
@@ -68,6 +69,22 @@ async def params_patch(request: web.Request) -> web.Response:
         log.exception("applying %s to session %s failed", body, request.match_info["id"])
         return web.json_response({"error": CHANGE_FAILED}, status=500)
     return web.json_response({"ok": True, **reply})
+
+
+async def session_delete(request: web.Request) -> web.Response:
+    """`DELETE /sessions/{id}`: ends the session now. The page sends it on Stop: a peer that never
+    connected (Stop pressed while its offer was answered) tells the server nothing, and its session
+    held the tab's stream key and a place for 30 s (a page probe)."""
+    sessions = request.app[SESSIONS_KEY]
+    if not _authorized(request):
+        return _unauthorized(json_body=True)
+    session_id = request.match_info["id"]
+    if session_id not in sessions.sessions:
+        if (reason := sessions.why_ended(session_id)) is not None:  # (the peer's close may have come first)
+            return web.json_response({"ok": True, "ended_already": reason})
+        return web.json_response({"error": f"no such session {short_repr(session_id)}"}, status=404)
+    await sessions.close(session_id, "its client ended it (DELETE /sessions)")
+    return web.json_response({"ok": True})
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:

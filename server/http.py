@@ -203,7 +203,7 @@ def authorized_to_watch(request: web.Request, token: str | None, key: str) -> bo
 
 # Routes that control the server or a stream, or open one with the page's own offer. WHIP and
 # WHEP stay open to other origins (a browser-based publisher or player on its own site).
-CONTROL_PATHS = re.compile(r"/(offer|ws|sessions(/[^/]+/params)?)")
+CONTROL_PATHS = re.compile(r"/(offer|ws|sessions(/[^/]+(/params)?)?)")
 
 
 def foreign_origin(request: web.Request) -> str | None:

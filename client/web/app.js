@@ -19,13 +19,16 @@ let keyTaken = 0; // 409s in a row: the key held by a tab this page cannot ask (
 // two differ in one thing: the tab the key came from is still open. So a page asks its open tabs
 // whether one holds its key, and takes a key of its own if one answers (a reload gets no answer).
 const KEYS = "BroadcastChannel" in window ? new BroadcastChannel("streamdiff.keys") : null;
+// An answer names the page that asked: two copies open at once each answer the other, and the
+// tab they were copied from, hearing those answers, took a new key while it streamed (a page probe).
+const ASKER = crypto.getRandomValues(new Uint32Array(2)).join("-");
 if (KEYS) {
   KEYS.onmessage = (ev) => {
     const msg = ev.data || {};
-    if (msg.holds === PAGE_KEY) KEYS.postMessage({ held: PAGE_KEY }); // another tab opened with this tab's key
-    else if (msg.held === PAGE_KEY) { PAGE_KEY = newPageKey(); keyTaken = 0; } // this page is that tab
+    if (msg.holds === PAGE_KEY) KEYS.postMessage({ held: PAGE_KEY, to: msg.from }); // opened with this tab's key
+    else if (msg.held === PAGE_KEY && msg.to === ASKER) { PAGE_KEY = newPageKey(); keyTaken = 0; } // this page is that tab
   };
-  KEYS.postMessage({ holds: PAGE_KEY });
+  KEYS.postMessage({ holds: PAGE_KEY, from: ASKER });
 }
 
 // The status line. `fadeS`: a passing note (a change applied) that clears itself after that many
@@ -171,7 +174,9 @@ async function loadDefaults() {
   try {
     const health = await (await fetch("/healthz")).json();
     describeModel(health.model);
-    showValues(health.defaults);
+    // once a stream started the fields show what it runs (an answer that came late, or one of the
+    // warm-up's polls, put the preset's values back over another controller's change: a page probe)
+    if (!pc) showValues(health.defaults);
     if (health.video && health.video.width && health.video.height) {
       frameShape = `${health.video.width} / ${health.video.height}`;
     }
@@ -295,7 +300,10 @@ async function start() {
   } catch {
     body = { error: raw.trim() };
   }
-  if (over()) return peer.close(); // the session it may have made ends with the peer
+  if (over()) { // stopped meanwhile: a peer that never connected tells the server nothing
+    if (resp.ok && body.session) endSession(body.session);
+    return peer.close();
+  }
   if (resp.status === 503) {
     peer.close();
     pc = null;
@@ -340,6 +348,14 @@ async function start() {
   say(`streaming; the first frames take a moment${expectText()}`);
 }
 
+// The server ends the session now (Stop, or a start given up after its offer was answered): a page
+// probe's Stop while the offer was on its way left a session holding the tab's key and a place for
+// 30 s, and Start again waited on a 409. keepalive: sent even as the tab closes.
+function endSession(id) {
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  fetch(`/sessions/${encodeURIComponent(id)}`, { method: "DELETE", headers, keepalive: true }).catch(() => {});
+}
+
 // The stream ended without the user: back to the start state, saying why and what to do.
 function end(why) {
   stop();
@@ -365,6 +381,7 @@ function reconnect(why) {
     try {
       const resp = await fetch("/healthz", { cache: "no-store" });
       const health = await resp.json().catch(() => ({}));
+      if (mine !== run) return; // Stop (or Start) meanwhile: what it found is not for the page now
       up = resp.ok || health.state === "warming"; // a Start waits for the warm-up
       if (up) { // it may have come back with another preset: the page says what runs now
         dropInvalidFields();
@@ -537,7 +554,8 @@ function stop() {
   const socket = ws;
   ws = null; // before close(): its onclose then knows the page closed it
   if (socket) socket.close();
-  if (pc) pc.close(); // the server frees the session when the peer closes
+  if (sessionId) endSession(sessionId);
+  if (pc) pc.close();
   if (camera) {
     camera.getTracks().forEach((t) => t.stop());
     $("local").srcObject = null; // not a frozen last picture

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -284,10 +285,38 @@ async def _viewer_flow() -> dict:
                 lambda: _async_page_text(page, "#status", "waiting for stream cam"), 30)
             pub, location = await publish()
             out["replaying"] = await _until(lambda: _visible_and_playing(page), 120)
+            # An attempt given up while its answer was being applied (the stall check's retry after
+            # 8 s without a frame, called here at once) fails late on its closed peer: the newer,
+            # playing one goes on (it was torn down and a third one made: a page probe).
+            await page.close(run_before_unload=True)
+            await _until(lambda: _async(lambda: not any(s.kind == "whep" for s in sessions.sessions.values())), 10, 0.1)
+            late = await browser.new_page()
+            await late.add_init_script(HOLD_FIRST_ANSWER_JS)
+            await late.goto(url + "/viewer.html?key=cam")
+            await _until(lambda: late.evaluate("() => window.answers >= 1"), 30, 0.1)
+            await late.evaluate("() => retry(100)")
+            out["second_attempt"] = await _until(lambda: _visible_and_playing(late), 60)
+            await late.evaluate("() => window.releaseAnswer()")
+            await late.wait_for_timeout(1000)
+            out["after_late_failure"] = (bool(await _visible_and_playing(late)), await late.evaluate("() => window.deletes"),
+                                         sum(s.kind == "whep" for s in sessions.sessions.values()))
             await pub.close()
         finally:
             await browser.close()
     return out
+
+
+# The first answer a viewer gets is applied only once released (a busy device); DELETEs are counted.
+HOLD_FIRST_ANSWER_JS = """(() => {
+  const real = RTCPeerConnection.prototype.setRemoteDescription;
+  window.answers = 0; window.deletes = 0;
+  RTCPeerConnection.prototype.setRemoteDescription = function (...args) {
+    if (++window.answers > 1) return real.apply(this, args);
+    return new Promise((ok, no) => { window.releaseAnswer = () => real.apply(this, args).then(ok, no); });
+  };
+  const realFetch = window.fetch.bind(window);
+  window.fetch = (url, opts) => { if (opts && opts.method === "DELETE") window.deletes += 1; return realFetch(url, opts); };
+})();"""
 
 
 async def _whip(http, url: str, publisher) -> object:
@@ -394,12 +423,35 @@ def test_viewer_waits_for_the_stream_plays_it_and_reconnects_on_its_own():
     assert out["second_viewer"] and "1 viewer already watching" in out["second_viewer"], out["second_viewer"]
     assert out["waiting_again"], "the viewer did not notice the stream ended"
     assert out["replaying"], "the viewer did not reconnect to the republished stream"
+    # the given-up attempt's session was ended by its retry (1 DELETE); the playing one was not
+    assert out["second_attempt"] and out["after_late_failure"] == (True, 1, 1), out["after_late_failure"]
 
 
 # The camera prompt answered after 2.5 s, as a user reading it would.
 SLOW_CAMERA_JS = """(() => {
   const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
   navigator.mediaDevices.getUserMedia = (c) => new Promise((ok, no) => setTimeout(() => real(c).then(ok, no), 1200));
+})();"""
+# Every fetch whose URL has one of `window.holdFetch`'s strings is sent, and its answer held until
+# `window.release(string)`: a request on its way while the user acts.
+HOLD_FETCH_JS = """(() => {
+  const real = window.fetch.bind(window);
+  window.held = {}; window.heldCount = {};
+  window.holdFetch = window.holdFetch || [];
+  window.release = (tag) => { (window.held[tag] || []).forEach((go) => go()); window.held[tag] = []; };
+  window.fetch = (url, opts) => {
+    const tag = window.holdFetch.find((t) => String(url).includes(t));
+    if (!tag) return real(url, opts);
+    const answer = real(url, opts);
+    window.heldCount[tag] = (window.heldCount[tag] || 0) + 1;
+    return new Promise((ok, no) => { (window.held[tag] = window.held[tag] || []).push(() => answer.then(ok, no)); });
+  };
+})();"""
+# A tab busy elsewhere: its page hears the other tabs' answers about its stream key 1 s late.
+SLOW_KEY_ANSWERS_JS = """(() => {
+  const d = Object.getOwnPropertyDescriptor(BroadcastChannel.prototype, "onmessage");
+  Object.defineProperty(BroadcastChannel.prototype, "onmessage", { configurable: true, get() { return d.get.call(this); },
+    set(fn) { d.set.call(this, (ev) => (ev.data && ev.data.held) ? setTimeout(() => fn(ev), 1000) : fn(ev)); } });
 })();"""
 PAGE_STATE_JS = """() => ({ start: !document.getElementById("start").disabled, stop: !document.getElementById("stop").disabled,
   camera: document.getElementById("local").srcObject !== null, message: document.getElementById("message").innerText })"""
@@ -418,7 +470,7 @@ async def _page_follows_its_user_flow() -> dict:
         try:
             context = await browser.new_context()  # a second tab of it below
             page = await context.new_page()
-            await page.add_init_script(SLOW_CAMERA_JS)
+            await page.add_init_script(SLOW_CAMERA_JS + HOLD_FETCH_JS)
             await page.goto(url + "/")
             await page.wait_for_load_state("networkidle")
             # 1. Stop while the camera is being asked for: nothing streams afterwards.
@@ -427,6 +479,16 @@ async def _page_follows_its_user_flow() -> dict:
             await page.click("#stop")
             await page.wait_for_timeout(3000)  # the camera arrives at 1.2 s; any offer would follow
             out["after_early_stop"] = (await page.evaluate(PAGE_STATE_JS), len(sessions.sessions))
+            # 1b. Stop while the offer's answer is on its way (the server has made the session, its
+            #     peer never connects): the session ends with the Stop (it held the tab's key and a
+            #     place for 30 s, and Start again waited on a 409).
+            await page.evaluate("() => { window.holdFetch = ['/offer']; }")
+            await page.click("#start")
+            await _until(lambda: page.evaluate("() => (window.heldCount['/offer'] || 0) > 0"), 30, 0.1)
+            out["made_before_stop"] = await _until(lambda: _async(lambda: len(sessions.sessions)), 30, 0.1)
+            await page.click("#stop")
+            await page.evaluate("() => { window.holdFetch = []; window.release('/offer'); }")
+            out["freed_on_stop"] = await _until(lambda: _async(lambda: not sessions.sessions), 5, 0.1)
             # 2. Start, Stop, Start: one session, streaming.
             await page.click("#start")
             await page.wait_for_timeout(100)
@@ -438,16 +500,24 @@ async def _page_follows_its_user_flow() -> dict:
             # its own at once (it waited through three 409s, ~9 s), and keeps that one on a reload.
             key_js = "() => sessionStorage.getItem('streamdiff.key')"
             key = await page.evaluate(key_js)
+            # Two copies open at once (the first one slow to hear answers) answer each other: the tab
+            # they came from kept streaming on its key but had taken a new one (a page probe).
+            copied = f"""if (!sessionStorage.getItem("test.copied")) {{
+              sessionStorage.setItem("test.copied", "1"); sessionStorage.setItem("streamdiff.key", {key!r}); }}"""
             dup = await context.new_page()
-            await dup.add_init_script(f"""if (!sessionStorage.getItem("test.copied")) {{
-              sessionStorage.setItem("test.copied", "1"); sessionStorage.setItem("streamdiff.key", {key!r}); }}""")
+            await dup.add_init_script(SLOW_KEY_ANSWERS_JS + copied)
             await dup.goto(url + "/")
+            dup2 = await context.new_page()
+            await dup2.add_init_script(copied)
+            await dup2.goto(url + "/")
             dup_key = await _until(lambda: _async_value(dup, key_js, lambda v: v != key), 5)
+            dup2_key = await _until(lambda: _async_value(dup2, key_js, lambda v: v != key), 5)
             await dup.reload()
             await dup.wait_for_timeout(500)
             out["duplicate"] = (key, await page.evaluate(key_js), dup_key, await dup.evaluate(key_js),
-                                [s.stream_key for s in sessions.sessions.values()])
+                                [s.stream_key for s in sessions.sessions.values()], dup2_key)
             await dup.close()
+            await dup2.close()
             # 2b. Another controller (`streamdiff control`) changes the stream: the page follows it,
             # a field its user once applied included (its next Apply would have undone the change).
             from streamdiff.client.control import send_params
@@ -489,6 +559,21 @@ async def _page_follows_its_user_flow() -> dict:
             out["camera_gone"] = await _until(
                 lambda: _async_state(page, lambda s: s["start"] and "Your camera stopped" in s["message"]), 30)
             out["freed_after_camera"] = await _until(lambda: _async(lambda: not sessions.sessions), 30)
+            # 6. The page's first /healthz answers after a stream began and another controller
+            #    changed it: the fields keep what the stream runs (the preset's values came back).
+            late = await context.new_page()
+            await late.add_init_script("window.holdFetch = ['/healthz'];" + HOLD_FETCH_JS)
+            await late.goto(url + "/")
+            await _until(lambda: late.evaluate("() => (window.heldCount['/healthz'] || 0) > 0"), 10, 0.1)
+            await late.evaluate("() => { window.holdFetch = []; }")
+            await late.click("#start")
+            await _until(lambda: late.evaluate("() => ws !== null && ws.readyState === WebSocket.OPEN"), 60, 0.2)
+            await send_params(url, next(iter(sessions.sessions)), {"noise": 0.55})
+            noise_js = "() => document.getElementById('noise').value"
+            await _until(lambda: _async_value(late, noise_js, lambda v: v == "0.55"), 20, 0.2)
+            await late.evaluate("() => window.release('/healthz')")
+            await late.wait_for_timeout(500)
+            out["noise_after_late_defaults"] = await late.evaluate(noise_js)
         finally:
             await browser.close()
     return out
@@ -503,10 +588,12 @@ def test_the_page_follows_stop_restart_and_a_stream_the_server_ends():
     out = asyncio.run(_page_follows_its_user_flow())
     state, sessions = out["after_early_stop"]
     assert sessions == 0 and state["start"] and not state["stop"] and not state["camera"], out["after_early_stop"]
+    assert out["made_before_stop"] == 1 and out["freed_on_stop"], out  # within 5 s, not the server's 30
     assert out["restart_playing"] and out["restart_sessions"], out
-    key, key_after, dup_key, dup_key_reloaded, streams = out["duplicate"]
+    key, key_after, dup_key, dup_key_reloaded, streams, dup2_key = out["duplicate"]
     assert key and key_after == key and streams == [key], out["duplicate"]  # the first tab keeps its key
     assert dup_key and dup_key != key and dup_key_reloaded == dup_key, out["duplicate"]
+    assert dup2_key and dup2_key not in (key, dup_key), out["duplicate"]
     # a change another controller made shows on the page (it kept showing its own last values)
     assert out["own_seed"] and out["elsewhere"] and out["elsewhere"][1] == "9007199254740993", out
     assert "seed 9007199254740993" in out["elsewhere"][2], out["elsewhere"]
@@ -523,6 +610,7 @@ def test_the_page_follows_stop_restart_and_a_stream_the_server_ends():
     assert out["noise_after_restart"], out
     # a page probe: a camera that sent nothing showed "0.0 fps" and no word for 10 s
     assert out["no_video_said"], out
+    assert out["noise_after_late_defaults"] == "0.55", out["noise_after_late_defaults"]
 
 
 async def _what_start_says(word: str, *, token: str | None, host: str | None = None, camera: bool = True,
@@ -654,11 +742,26 @@ async def _page_across_a_server_restart() -> dict:
                 out["other_params"] = [(p.steps, p.noise_strength, p.seed)
                                        for p in [await sessions.engine.params(sid) for sid in sessions.sessions]]
             out["waiting_again"] = await _until(lambda: _message_with(page, "Reconnecting"), 30)
+            # a check of the server on its way when the user gives up answers after it: what it
+            # says is not for the page any more (it put the preset's values over a field typed since)
+            held, release = asyncio.Event(), asyncio.Event()
+
+            async def answer_late(route):
+                held.set()
+                await release.wait()
+                await route.fulfill(status=200, content_type="application/json", body=json.dumps(
+                    {"ok": True, "state": "ready", "defaults": {"steps": 3, "noise": 0.5}}))
+
+            await page.route("**/healthz", answer_late)
+            await asyncio.wait_for(held.wait(), 10)
             await page.focus("#stop")
             await page.keyboard.press("Enter")  # gives up waiting
             out["focus_after_stop"] = await page.evaluate(FOCUS_JS)
+            await page.fill("#steps", "9")
+            release.set()
             await page.wait_for_timeout(3000)
             out["after_stop"] = await page.evaluate(PAGE_STATE_JS)
+            out["steps_after_stop"] = await page.input_value("#steps")
         finally:
             await browser.close()
     return out
@@ -687,6 +790,7 @@ def test_the_page_waits_for_a_restarted_server_and_keeps_the_keyboard_focus():
     assert out["other_fields"] == {"steps": steps, "noise": "0.45", "seed": "7", "blend": "0"}, out["other_fields"]
     assert out["other_params"] == [(int(steps), 0.45, 7)], out["other_params"]
     assert out["focus_after_stop"] == "start", out
+    assert out["steps_after_stop"] == "9", out  # (an answer that came after Stop had reset it)
     state = out["after_stop"]
     assert state["start"] and not state["stop"] and not state["camera"] and state["message"] == "stopped", state
 

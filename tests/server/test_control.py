@@ -299,18 +299,30 @@ async def _sockets_of_a_stream_that_ends():
                 while (msg := await by_key.receive_json(timeout=30))["type"] == "stats":
                     pass
                 got["bad"] = msg
-                await sessions.close(session.id, "test: the stream ends")
+                # DELETE /sessions/{id} ends it (the page sends it on Stop), with the token only
+                async with http.delete(f"{url}/sessions/{session.id}") as r:
+                    got["delete 401"] = r.status
+                async with http.delete(f"{url}/sessions/nosuch", headers=auth()) as r:
+                    got["delete 404"] = (r.status, await r.json())
+                async with http.delete(f"{url}/sessions/{session.id}", headers=auth()) as r:
+                    got["delete"] = (r.status, await r.json(), session.id in sessions.sessions)
                 for name, ws in (("id", by_id), ("key", by_key)):
                     while (msg := await ws.receive_json(timeout=30))["type"] != "closed":
                         pass
                     got[name] = msg
+                async with http.delete(f"{url}/sessions/{session.id}", headers=auth()) as r:  # its peer's close came first
+                    got["delete again"] = (r.status, await r.json())
         return got
 
 
 def test_a_socket_opened_by_stream_key_is_told_why_its_stream_ended():
     """A control probe: by key the closing message had no reason (looked up by key, kept by id)."""
     got = asyncio.run(_sockets_of_a_stream_that_ends())
-    assert got["id"].get("reason") == got["key"].get("reason") == "test: the stream ends", got
+    ended = "its client ended it (DELETE /sessions)"
+    assert got["id"].get("reason") == got["key"].get("reason") == ended, got
+    assert got["delete 401"] == 401 and got["delete 404"] == (404, {"error": "no such session 'nosuch'"}), got
+    assert got["delete"] == (200, {"ok": True}, False), got["delete"]
+    assert got["delete again"] == (200, {"ok": True, "ended_already": ended}), got["delete again"]
     assert got["bad"] == {"type": "error", "error": "the message is not valid JSON"}, got["bad"]
     assert got["401"] == (401, "application/json", True), got["401"]
 

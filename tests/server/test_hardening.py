@@ -357,6 +357,8 @@ async def _other_origins() -> dict:
                     got[f"sessions {name}"] = r.status
             async with http.patch(f"{url}/sessions/k/params", json={"prompt": "x"}, headers={**auth(token), **evil}) as r:
                 got["params foreign"] = r.status
+            async with http.delete(f"{url}/sessions/k", headers={**auth(token), **evil}) as r:
+                got["delete foreign"] = r.status
             try:
                 async with http.ws_connect(f"{url}/ws?session=k", headers={**auth(token), **evil}):
                     got["ws foreign"] = 101
@@ -376,6 +378,7 @@ def test_a_page_on_another_origin_cannot_control_a_server_without_a_token():
     out = asyncio.run(_other_origins())
     open_server, with_token = out[None], out[TOKEN]
     assert open_server["sessions foreign"] == 403 and open_server["params foreign"] == 403
+    assert open_server["delete foreign"] == 403 and with_token["delete foreign"] == 404  # (k is no session)
     assert open_server["ws foreign"] == 403
     assert open_server["sessions same"] == 200 and open_server["sessions none"] == 200  # the page, curl
     assert open_server["sessions proxied"] == 200  # the page behind an https proxy that says its host
