@@ -350,7 +350,7 @@ async function start() {
 
 // The server ends the session now (Stop, or a start given up after its offer was answered): a page
 // probe's Stop while the offer was on its way left a session holding the tab's key and a place for
-// 30 s, and Start again waited on a 409. keepalive: sent even as the tab closes.
+// 30 s, and Start again waited on a 409. keepalive: it goes out even if the page is left at once.
 function endSession(id) {
   const headers = token ? { Authorization: `Bearer ${token}` } : {};
   fetch(`/sessions/${encodeURIComponent(id)}`, { method: "DELETE", headers, keepalive: true }).catch(() => {});
