@@ -360,6 +360,8 @@ async def offer(request: web.Request) -> web.Response:
         session.pc.addTrack(_output_track(session, session, settings, sessions.engine.cfg))
         answer_sdp = await _answer(session)
     except Exception as exc:
+        if session.closed:  # (its peer closed under it)
+            return _ended_json(sessions, session, settings)
         await _negotiation_failed(sessions, session, exc)
         return web.json_response({"error": NOT_NEGOTIABLE}, status=400)
     await _close_if_client_gone(request, sessions, session)
@@ -371,7 +373,14 @@ async def offer(request: web.Request) -> web.Response:
     # which could hold a value from before (a refused change, another controller's, then Stop and Start)
     if (now := await sessions.current_params(session.id)) is not None:
         reply["params"] = now
+    if session.closed:
+        return _ended_json(sessions, session, settings)
     return web.json_response(reply)
+
+
+def _ended_json(sessions: SessionManager, session, settings: ServerSettings) -> web.Response:
+    return web.json_response({"error": _ended_meanwhile(sessions, session)}, status=503,
+                             headers={"Retry-After": str(settings.retry_after_s)})
 
 
 # ---------------------------------------------------------------------- WHIP / WHEP
@@ -421,9 +430,13 @@ async def whip_post(request: web.Request) -> web.Response:
         await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         answer_sdp = answer_simulcast(await _answer(session), rids)
     except Exception as exc:
+        if session.closed:  # (its peer closed under it)
+            return _error(503, _ended_meanwhile(sessions, session), **{"Retry-After": str(settings.retry_after_s)})
         await _negotiation_failed(sessions, session, exc)
         return _error(400, NOT_NEGOTIABLE)
     await _close_if_client_gone(request, sessions, session)
+    if (why := _ended_meanwhile(sessions, session)) is not None:
+        return _error(503, why, **{"Retry-After": str(settings.retry_after_s)})
     if settings.token:  # where to watch it: the link carries a token that plays this stream and nothing else
         events.info("stream key %s: watch it at %s", key, watch_path(settings, key))
     return _sdp_created(f"/whip/{key}/{session.id}", answer_sdp, session.id, _expect_header(session))
@@ -454,10 +467,8 @@ async def whep_post(request: web.Request) -> web.Response:
         return _error(406, str(exc))
     except SdpError as exc:
         return _error(400, str(exc))
-    source = sessions.publisher(key) or sessions.get(key)
-    if source is None or source.fanout is None:  # (before the trial peer: viewer.html asks every 2 s)
-        return _error(404, f"no stream {key!r} is live (start publishing first; viewers retry by themselves)",
-                      **{"Retry-After": "2"})  # players that honour it come back in 2 s (viewer.html does)
+    if _live(sessions, key) is None:  # (before the trial peer: viewer.html asks every 2 s)
+        return _not_live(key)
     if await _refused_by_aiortc(request, "whep", sdp) is not None:
         return _error(400, NOT_NEGOTIABLE)
     try:
@@ -465,6 +476,13 @@ async def whep_post(request: web.Request) -> web.Response:
     except ServerFull as exc:
         request[LOGGED] = True
         return _full(exc, settings)
+    # The source as it is now: the one found before those awaits may have ended, or been replaced
+    # by a new publisher of the key (a probe: a viewer attached to an ended source got 201 and held
+    # its --max-viewers place, its player's reports keeping it alive, with no frame to show).
+    source = _live(sessions, key)
+    if source is None:
+        await sessions.close(session.id, f"stream {key} ended before the viewer was answered")
+        return _not_live(key)
     try:
         session.source = source
         _wire_input(session, sessions, settings)  # a viewer's own tracks (if any) are drained
@@ -481,10 +499,25 @@ async def whep_post(request: web.Request) -> web.Response:
             transceiver.direction = "sendonly" if transceiver.sender.track is not None else "inactive"
         answer_sdp = await _answer(session)
     except Exception as exc:
+        if session.closed:  # (its source ended, its peer closed under it)
+            return _error(503, _ended_meanwhile(sessions, session), **{"Retry-After": "2"})
         await _negotiation_failed(sessions, session, exc)
         return _error(400, NOT_NEGOTIABLE)
     await _close_if_client_gone(request, sessions, session)
+    if (why := _ended_meanwhile(sessions, session)) is not None:
+        return _error(503, why, **{"Retry-After": "2"})
     return _sdp_created(f"/whep/{key}/{session.id}", answer_sdp, session.id)
+
+
+def _live(sessions: SessionManager, key: str):
+    """The stream a viewer of `key` plays (a WHIP key's publisher, or a session by id); None if none is live."""
+    source = sessions.publisher(key) or sessions.get(key)
+    return source if source is not None and source.fanout is not None and not source.closed else None
+
+
+def _not_live(key: str) -> web.Response:
+    return _error(404, f"no stream {key!r} is live (start publishing first; viewers retry by themselves)",
+                  **{"Retry-After": "2"})  # players that honour it come back in 2 s (viewer.html does)
 
 
 def _send_on(pc, track):
@@ -505,6 +538,16 @@ async def whep_head(request: web.Request) -> web.Response:
     """WHEP draft 04: HEAD on the endpoint answers 200 with the offer's content type."""
     check_stream_key(request.match_info["key"])
     return web.Response(status=200, headers={**CORS, "Content-Type": "application/sdp"})
+
+
+def _ended_meanwhile(sessions: SessionManager, session) -> str | None:
+    """Why a session ended while its offer was answered (a Stop's DELETE, a takeover of its key, its
+    source ending, the server stopping), for a 503 with Retry-After; None while it lives. A probe:
+    such a session got 400 "could not negotiate" (a page does not retry that; a viewer waited 30 s),
+    or 200 with an answer for a session that was gone."""
+    if not session.closed:
+        return None
+    return f"the session ended while its offer was answered ({sessions.why_ended(session.id) or 'closed'}); try again"
 
 
 async def _negotiation_failed(sessions: SessionManager, session, exc: Exception) -> None:

@@ -394,6 +394,11 @@ class SessionManager:
                     raise ValueError(without_other_ids(admission.reason, session_id))
                 events.info("refused %s session (stream key %s): %s", kind, stream_key or "-", admission.reason)
                 raise ServerFull(f"busy: {without_other_ids(admission.reason, session_id)}")
+        if self.stopping:  # close_all ran while this offer waited (for its turn, its admission)
+            if admission is not None:
+                await self._give_back(session_id)
+            events.info("refused %s session (stream key %s): the server is stopping", kind, stream_key or "-")
+            raise ServerFull("the server is stopping")
         pc = self.new_peer()
         session = Session(session_id, kind, stream_key or session_id, pc, prompt=prompt, has_stream=owns_stream,
                           stamp=stamp and owns_stream)
