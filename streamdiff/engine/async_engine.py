@@ -162,6 +162,11 @@ class AsyncEngine:
         self._core_kwargs = dict(core_kwargs, output_queue_frames=output_queue_frames)
         self._inbox = _Inbox(inbox_frames)
         self._outputs: dict[str, _OutputQueue] = {}
+        # The same queues as the loop thread knows them (set and read on that thread only, by the
+        # add and remove commands and the loop): outputs and closes go to the queue of the stream
+        # that made them, not to whatever queue its id names when they arrive (a probe: a stream
+        # removed and added again under its id got the removed one's last frames).
+        self._thread_queues: dict[str, _OutputQueue] = {}
         self._core: EngineCore | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -221,6 +226,7 @@ class AsyncEngine:
         for queue in self._outputs.values():
             queue.close(StreamClosedError("engine stopped"))
         self._outputs.clear()
+        self._thread_queues.clear()  # (the thread has ended)
 
     async def __aenter__(self) -> "AsyncEngine":
         await self.start()
@@ -258,15 +264,42 @@ class AsyncEngine:
             slo = StreamSLO(target_fps or default.target_fps, deadline_ms or default.deadline_ms)
         if stream_id in self._outputs:
             raise KeyError(f"stream {stream_id!r} already exists")
-        self._outputs[stream_id] = _OutputQueue(self.output_queue_frames)
-        try:
-            admission = await self._call(lambda core: core.add_stream(stream_id, full, slo, input_fps=input_fps))
+        self._check_running()
+        queue = self._outputs[stream_id] = _OutputQueue(self.output_queue_frames)
+
+        def add(core: EngineCore) -> Admission:
+            admission = core.add_stream(stream_id, full, slo, input_fps=input_fps)
+            if admission:
+                self._thread_queues[stream_id] = queue
+            return admission
+
+        command = self._inbox.command(add)
+        try:  # (shielded: a command the loop has begun cannot be taken back)
+            admission = await asyncio.shield(asyncio.wrap_future(command))
+        except asyncio.CancelledError:  # the caller gave up: what the add does is undone after it
+            self._drop(stream_id, queue)
+            self._inbox.command(self._remover(stream_id, 0))
+            raise
         except BaseException:
-            self._outputs.pop(stream_id, None)
+            self._drop(stream_id, queue)
             raise
         if not admission:
-            self._outputs.pop(stream_id, None)
+            self._drop(stream_id, queue)
         return admission
+
+    def _drop(self, stream_id: str, queue: _OutputQueue) -> None:
+        """Forget `queue`, not another one its id names now (a refused add's clean-up took the
+        queue of a later add of the same id: a probe)."""
+        if self._outputs.get(stream_id) is queue:
+            del self._outputs[stream_id]
+
+    def _remover(self, stream_id: str, unseen: int) -> Callable[[EngineCore], bool]:
+        def remove(core: EngineCore) -> bool:
+            _count_unseen(core, stream_id, unseen)  # before its metrics go (a probe: 25 of 30 frames uncounted)
+            self._thread_queues.pop(stream_id, None)
+            return core.remove_stream(stream_id)
+
+        return remove
 
     def push_frame(self, stream_id: str, frame: np.ndarray, pts: object = None) -> None:
         """Hand over one input frame [H, W, 3] uint8 (do not modify it afterwards). Never
@@ -305,13 +338,11 @@ class AsyncEngine:
         if queue is None:
             return False
         queue.close(StreamClosedError(f"stream {stream_id!r} was removed"))
-        unseen = self._inbox.forget(stream_id)
-
-        def remove(core: EngineCore) -> bool:
-            _count_unseen(core, stream_id, unseen)  # before its metrics go (a probe: 25 of 30 frames uncounted)
-            return core.remove_stream(stream_id)
-
-        return await self._call(remove)
+        self._check_running()
+        command = self._inbox.command(self._remover(stream_id, self._inbox.forget(stream_id)))
+        # shielded: a caller cancelled meanwhile (a handler whose client left) must not take the
+        # removal back, its queue being gone already (the stream stayed admitted for good: a probe)
+        return await asyncio.shield(asyncio.wrap_future(command))
 
     async def params(self, stream_id: str) -> StreamParams:
         return await self._call(lambda core: core.params(stream_id))
@@ -390,11 +421,13 @@ class AsyncEngine:
                 if closed:
                     for stream_id in closed:
                         _count_unseen(core, stream_id, self._inbox.forget(stream_id))
-                    self._post(self._close_streams, closed)
+                    self._post(self._close_streams, [(sid, self._thread_queues.pop(sid, None), why)
+                                                     for sid, why in closed.items()])
                 # (a command may have collected plans too: adding a stream drains the pipeline)
                 waiting = [sid for sid in core.stream_ids if core.output_frames_waiting(sid)]
                 if waiting:
-                    self._post(self._deliver, {sid: core.pop_outputs(sid) for sid in waiting})
+                    self._post(self._deliver, [(sid, self._thread_queues.get(sid), core.pop_outputs(sid))
+                                               for sid in waiting])
         except BaseException as exc:  # pragma: no cover - surfaced to every waiter
             log.exception("engine loop failed")
             self._error = exc
@@ -415,18 +448,17 @@ class AsyncEngine:
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
             pass
 
-    def _deliver(self, batch: dict[str, list[OutputFrame]]) -> None:
-        for stream_id, frames in batch.items():
-            queue = self._outputs.get(stream_id)
-            if queue is None:
+    def _deliver(self, batch: list[tuple[str, _OutputQueue | None, list[OutputFrame]]]) -> None:
+        for stream_id, queue, frames in batch:
+            if queue is None or self._outputs.get(stream_id) is not queue:  # removed meanwhile
                 continue
             overwritten = sum(queue.put(frame) for frame in frames)
             self._core.metrics.frames_overwritten(stream_id, overwritten)
 
-    def _close_streams(self, closed: dict[str, str]) -> None:
-        for stream_id, reason in closed.items():
-            queue = self._outputs.pop(stream_id, None)
-            if queue is not None:
+    def _close_streams(self, closed: list[tuple[str, _OutputQueue | None, str]]) -> None:
+        for stream_id, queue, reason in closed:
+            if queue is not None and self._outputs.get(stream_id) is queue:
+                del self._outputs[stream_id]
                 queue.close(StreamClosedError(f"stream {stream_id!r} was closed: {reason}"))
 
     def _fail(self, exc: BaseException) -> None:

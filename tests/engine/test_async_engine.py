@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -238,3 +239,76 @@ def test_a_failed_or_cancelled_warm_up_shuts_the_executor_down(cfg, monkeypatch)
     engine = AsyncEngine(cfg, executor_factory=slow_build)
     asyncio.run(cancel_start_once(building))
     assert len(made) == 1 and made[0].shutdowns == 1 and engine.executor is None and not engine.running
+
+
+class _SlowExecutor(FakeExecutor):
+    """Steps (with chunks) and command-only plans that take real time: calls land mid-step."""
+
+    def __init__(self, step_s: float, command_s: float = 0.0):
+        super().__init__(FakeClock(), step_ms=1.0)
+        self.step_s, self.command_s = step_s, command_s
+
+    def execute(self, plan, inputs):
+        time.sleep(self.step_s if plan.chunks else self.command_s)
+        return super().execute(plan, inputs)
+
+
+def test_cancelled_refused_and_repeated_calls_on_one_id_keep_the_engine_consistent(cfg):
+    """An engine probe: a remove_stream or add_stream whose caller was cancelled mid-step left the
+    stream admitted with no output queue (its id could never be removed or added again, its KV lane
+    held); a refused add dropped the queue of a later add of the same id; a stream removed and added
+    again under its id got the removed one's last frames."""
+    relaxed = {"target_fps": 1.0, "deadline_ms": 1e6}
+    frame = np.zeros((48, 64, 3), np.uint8)
+
+    async def main():
+        got = {}
+        engine = AsyncEngine(cfg, _SlowExecutor(step_s=0.05, command_s=0.03), warmup=False)
+        await engine.start()
+        try:
+            # 1. A remove cancelled while a step runs still removes; the id comes back.
+            assert await engine.add_stream("a", "p", steps=1, **relaxed)
+            for i in range(5):
+                engine.push_frame("a", frame, pts=i)
+            await asyncio.sleep(0.01)  # (the loop is in a 50 ms step)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(engine.remove_stream("a"), 0.005)
+            await asyncio.sleep(0.1)
+            got["after cancelled remove"] = (await engine.stats())["streams"]
+            got["added again"] = bool(await engine.add_stream("a", "p", steps=1, **relaxed))
+            assert await engine.remove_stream("a")
+            # 2. An add cancelled while its command runs (30 ms) is undone after it.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(engine.add_stream("b", "p", steps=1, **relaxed), 0.01)
+            await asyncio.sleep(0.1)
+            got["after cancelled add"] = ((await engine.stats())["streams"], await engine.remove_stream("b"),
+                                          bool(await engine.add_stream("b", "p", steps=1, **relaxed)))
+            # 3. With the pool full, an add that will be refused, its remove, a removal that makes
+            #    room and a second add of the same id, all at once: the second add's stream works.
+            for sid in ("c", "d", "e"):
+                assert await engine.add_stream(sid, "p", steps=1, **relaxed)
+            first = asyncio.ensure_future(engine.add_stream("x", "p", steps=1, **relaxed))
+            await asyncio.sleep(0)
+            results = await asyncio.gather(first, engine.remove_stream("x"), engine.remove_stream("c"),
+                                           engine.add_stream("x", "p", steps=1, **relaxed))
+            got["refused then admitted"] = [bool(r) for r in results]
+            for _ in range(5):  # (a first chunk; push_frame raised KeyError: its queue was gone)
+                engine.push_frame("x", frame, pts="x")
+            got["x served"] = (await engine.next_frame("x", timeout=30)).pts
+            # 4. Removed and added again while its chunk is in a step: only the new stream's frames.
+            for i in range(5):
+                engine.push_frame("d", frame, pts=("old", i))
+            await asyncio.sleep(0.01)
+            assert all(await asyncio.gather(engine.remove_stream("d"), engine.add_stream("d", "p", steps=1, **relaxed)))
+            for i in range(5):
+                engine.push_frame("d", frame, pts=("new", i))
+            got["d again"] = [(await engine.next_frame("d", timeout=30)).pts[0] for _ in range(5)]
+        finally:
+            await asyncio.wait_for(engine.stop(), 30)
+        return got
+
+    got = asyncio.run(main())
+    assert got["after cancelled remove"] == 0 and got["added again"], got
+    assert got["after cancelled add"] == (0, False, True), got
+    assert got["refused then admitted"] == [False, False, True, True] and got["x served"] == "x", got
+    assert got["d again"] == ["new"] * 5, got
