@@ -298,7 +298,8 @@ async def _viewer_flow() -> dict:
             out["second_attempt"] = await _until(lambda: _visible_and_playing(late), 60)
             await late.evaluate("() => window.releaseAnswer()")
             await late.wait_for_timeout(1000)
-            out["after_late_failure"] = (bool(await _visible_and_playing(late)), await late.evaluate("() => window.deletes"),
+            out["after_late_failure"] = (bool(await _visible_and_playing(late)),
+                                         await late.evaluate("() => window.deletes"),
                                          sum(s.kind == "whep" for s in sessions.sessions.values()))
             await pub.close()
         finally:

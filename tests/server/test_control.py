@@ -310,7 +310,8 @@ async def _sockets_of_a_stream_that_ends():
                     while (msg := await ws.receive_json(timeout=30))["type"] != "closed":
                         pass
                     got[name] = msg
-                async with http.delete(f"{url}/sessions/{session.id}", headers=auth()) as r:  # its peer's close came first
+                # (once more: as when its peer's close came first)
+                async with http.delete(f"{url}/sessions/{session.id}", headers=auth()) as r:
                     got["delete again"] = (r.status, await r.json())
         return got
 
