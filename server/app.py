@@ -16,6 +16,7 @@ Routes:
   POST /whep/{key}, DELETE|PATCH /whep/{key}/{id}   the same for playback of stream `key`
   GET  /ws?session=ID                    control WebSocket (params in, stats out each second)
   PATCH /sessions/{id}/params            JSON params (id: session id or stream key)
+  DELETE /sessions/{id}                  end the session now (the page's Stop)
   GET  /sessions, /healthz, /metrics
   HEAD /whep/{key}                       200, Content-Type application/sdp (WHEP draft 04)
 Auth: with a token set, every session and control route needs `Authorization: Bearer T`
@@ -360,8 +361,8 @@ async def offer(request: web.Request) -> web.Response:
         session.pc.addTrack(_output_track(session, session, settings, sessions.engine.cfg))
         answer_sdp = await _answer(session)
     except Exception as exc:
-        if session.closed:  # (its peer closed under it)
-            return _ended_json(sessions, session, settings)
+        if (ended := _ended_meanwhile(sessions, session, settings.retry_after_s, json_body=True)) is not None:
+            return ended  # (its peer closed under it)
         await _negotiation_failed(sessions, session, exc)
         return web.json_response({"error": NOT_NEGOTIABLE}, status=400)
     await _close_if_client_gone(request, sessions, session)
@@ -373,14 +374,7 @@ async def offer(request: web.Request) -> web.Response:
     # which could hold a value from before (a refused change, another controller's, then Stop and Start)
     if (now := await sessions.current_params(session.id)) is not None:
         reply["params"] = now
-    if session.closed:
-        return _ended_json(sessions, session, settings)
-    return web.json_response(reply)
-
-
-def _ended_json(sessions: SessionManager, session, settings: ServerSettings) -> web.Response:
-    return web.json_response({"error": _ended_meanwhile(sessions, session)}, status=503,
-                             headers={"Retry-After": str(settings.retry_after_s)})
+    return _ended_meanwhile(sessions, session, settings.retry_after_s, json_body=True) or web.json_response(reply)
 
 
 # ---------------------------------------------------------------------- WHIP / WHEP
@@ -430,13 +424,13 @@ async def whip_post(request: web.Request) -> web.Response:
         await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         answer_sdp = answer_simulcast(await _answer(session), rids)
     except Exception as exc:
-        if session.closed:  # (its peer closed under it)
-            return _error(503, _ended_meanwhile(sessions, session), **{"Retry-After": str(settings.retry_after_s)})
+        if (ended := _ended_meanwhile(sessions, session, settings.retry_after_s)) is not None:
+            return ended  # (its peer closed under it)
         await _negotiation_failed(sessions, session, exc)
         return _error(400, NOT_NEGOTIABLE)
     await _close_if_client_gone(request, sessions, session)
-    if (why := _ended_meanwhile(sessions, session)) is not None:
-        return _error(503, why, **{"Retry-After": str(settings.retry_after_s)})
+    if (ended := _ended_meanwhile(sessions, session, settings.retry_after_s)) is not None:
+        return ended
     if settings.token:  # where to watch it: the link carries a token that plays this stream and nothing else
         events.info("stream key %s: watch it at %s", key, watch_path(settings, key))
     return _sdp_created(f"/whip/{key}/{session.id}", answer_sdp, session.id, _expect_header(session))
@@ -499,14 +493,12 @@ async def whep_post(request: web.Request) -> web.Response:
             transceiver.direction = "sendonly" if transceiver.sender.track is not None else "inactive"
         answer_sdp = await _answer(session)
     except Exception as exc:
-        if session.closed:  # (its source ended, its peer closed under it)
-            return _error(503, _ended_meanwhile(sessions, session), **{"Retry-After": "2"})
+        if (ended := _ended_meanwhile(sessions, session, 2)) is not None:
+            return ended  # (its source ended, its peer closed under it)
         await _negotiation_failed(sessions, session, exc)
         return _error(400, NOT_NEGOTIABLE)
     await _close_if_client_gone(request, sessions, session)
-    if (why := _ended_meanwhile(sessions, session)) is not None:
-        return _error(503, why, **{"Retry-After": "2"})
-    return _sdp_created(f"/whep/{key}/{session.id}", answer_sdp, session.id)
+    return _ended_meanwhile(sessions, session, 2) or _sdp_created(f"/whep/{key}/{session.id}", answer_sdp, session.id)
 
 
 def _live(sessions: SessionManager, key: str):
@@ -540,14 +532,17 @@ async def whep_head(request: web.Request) -> web.Response:
     return web.Response(status=200, headers={**CORS, "Content-Type": "application/sdp"})
 
 
-def _ended_meanwhile(sessions: SessionManager, session) -> str | None:
-    """Why a session ended while its offer was answered (a Stop's DELETE, a takeover of its key, its
-    source ending, the server stopping), for a 503 with Retry-After; None while it lives. A probe:
-    such a session got 400 "could not negotiate" (a page does not retry that; a viewer waited 30 s),
-    or 200 with an answer for a session that was gone."""
+def _ended_meanwhile(sessions: SessionManager, session, retry_after_s: int, *,
+                     json_body: bool = False) -> web.Response | None:
+    """A 503 with Retry-After saying why, if the session ended while its offer was answered (a
+    Stop's DELETE, a takeover of its key, its source ending, the server stopping); None while it
+    lives. A probe: such a session got 400 "could not negotiate" (a page does not retry that; a
+    viewer waited 30 s), or 200 with an answer for a session that was gone."""
     if not session.closed:
         return None
-    return f"the session ended while its offer was answered ({sessions.why_ended(session.id) or 'closed'}); try again"
+    why = f"the session ended while its offer was answered ({sessions.why_ended(session.id) or 'closed'}); try again"
+    headers = {"Retry-After": str(retry_after_s)}
+    return web.json_response({"error": why}, status=503, headers=headers) if json_body else _error(503, why, **headers)
 
 
 async def _negotiation_failed(sessions: SessionManager, session, exc: Exception) -> None:

@@ -87,9 +87,8 @@ async def _overtaken() -> dict:
             viewer, offer, _ = await viewer_offer()
             peers.append(viewer)
             v = asyncio.create_task(http.post(f"{url}/whep/A", data=offer, headers={**SDP, **auth()}))
-            await viewer_waits.entered.wait()
+            await viewer_waits.entered.wait()  # (it has looked its source up)
             viewer_waits.release.set()
-            await asyncio.sleep(0.2)  # (it is in line behind B's open; the order is not the point)
             async with http.delete(f"{url}{where_a}", headers=auth()) as r:
                 assert r.status == 200
             admission.release.set()
@@ -127,6 +126,7 @@ async def _overtaken() -> dict:
         finally:
             for gate in Gate.made:
                 gate.release.set()
+            Gate.made.clear()
             for pc in peers:
                 await pc.close()
     return out
