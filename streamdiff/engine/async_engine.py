@@ -287,11 +287,13 @@ class AsyncEngine:
             self._drop(stream_id, queue)
         return admission
 
-    def _drop(self, stream_id: str, queue: _OutputQueue) -> None:
+    def _drop(self, stream_id: str, queue: _OutputQueue) -> bool:
         """Forget `queue`, not another one its id names now (a refused add's clean-up took the
-        queue of a later add of the same id: a probe)."""
-        if self._outputs.get(stream_id) is queue:
-            del self._outputs[stream_id]
+        queue of a later add of the same id: a probe). False if the id names another or none."""
+        if self._outputs.get(stream_id) is not queue:
+            return False
+        del self._outputs[stream_id]
+        return True
 
     def _remover(self, stream_id: str, unseen: int) -> Callable[[EngineCore], bool]:
         def remove(core: EngineCore) -> bool:
@@ -457,8 +459,7 @@ class AsyncEngine:
 
     def _close_streams(self, closed: list[tuple[str, _OutputQueue | None, str]]) -> None:
         for stream_id, queue, reason in closed:
-            if queue is not None and self._outputs.get(stream_id) is queue:
-                del self._outputs[stream_id]
+            if queue is not None and self._drop(stream_id, queue):
                 queue.close(StreamClosedError(f"stream {stream_id!r} was closed: {reason}"))
 
     def _fail(self, exc: BaseException) -> None:
