@@ -62,6 +62,9 @@ def build_vae(cfg: VAEConfig, *, seed: int | None = None) -> AutoencoderKLWan:
 # calls, then steady) and per batch class: the tiny Wan decoder kept 11 for batches 1-4
 # with grouped calls (docs/architecture.md), over Dynamo's default of 8.
 VAE_RECOMPILE_LIMIT = 64
+# torch.compile's backend for the VAE calls (tests of Dynamo's part, graphs and breaks, may trace
+# with "aot_eager" instead of paying inductor's C++ compile of every kernel on a CPU)
+VAE_COMPILE_BACKEND = "inductor"
 
 
 def compiled(fn):
@@ -70,7 +73,7 @@ def compiled(fn):
     compiled again as a symbol, so most batch sizes share a graph. Raises Dynamo's per-function
     recompile limit to `VAE_RECOMPILE_LIMIT` (a process-wide setting; it only ever grows it)."""
     raise_recompile_limit(VAE_RECOMPILE_LIMIT)
-    return torch.compile(fn, fullgraph=True, dynamic=None)
+    return torch.compile(fn, fullgraph=True, dynamic=None, backend=VAE_COMPILE_BACKEND)
 
 
 def _count_causal_convs(module: torch.nn.Module) -> int:

@@ -1,7 +1,12 @@
 """runtime.compile_vae: the VAE's streaming encoder and decoder calls through
 torch.compile(fullgraph=True) give eager's frames, with no graph break and nothing compiled once
 a stream is steady, and a server compiles them all during its warm-up. Tolerance: 1 grey level
-on frames, 1e-4 on latents (inductor fuses and reorders fp32 arithmetic)."""
+on frames, 1e-4 on latents (inductor fuses and reorders fp32 arithmetic).
+
+The demo's TAEHV goes through inductor, as a server compiles it. The tiny Wan VAE's tests are of
+Dynamo's part (its graphs, breaks and recompiles, the traced calls' results) and trace with the
+"aot_eager" backend: inductor's C++ compile of the Wan VAE's 113 CPU kernels took 80-110 s of a
+cold suite, for a lowering that `streamdiff gpu-check`'s compiled-VAE part runs on a GPU."""
 
 from __future__ import annotations
 
@@ -17,6 +22,15 @@ from streamdiff.pipeline.stream_pipeline import StreamPipeline
 SIZE = ["video.width=32", "video.height=32", "runtime.device=cpu"]
 
 
+@pytest.fixture
+def traced(dynamo, monkeypatch):
+    """`dynamo`, with the VAE's calls traced by aot_eager instead of compiled by inductor."""
+    import streamdiff.model.vae as vae
+
+    monkeypatch.setattr(vae, "VAE_COMPILE_BACKEND", "aot_eager")
+    return dynamo
+
+
 def push_all(pipe, clip, pushes):
     outs = [pipe.push(clip[:5])]
     for i in range(pushes):
@@ -28,20 +42,17 @@ def counts(dynamo) -> tuple[int, int]:
     return sum(dynamo["graph_break"].values()), dynamo["stats"]["unique_graphs"]
 
 
-# A cold inductor compile of the VAE's first-call and steady graphs takes minutes on a 2-CPU
-# machine (the DiT's compile test took 5.4 min once, cold, with the other core busy).
-@pytest.mark.timeout(900)
 @torch.no_grad()
-def test_compiled_wan_vae_equals_eager_without_breaks_or_steady_recompiles(dynamo):
+def test_compiled_wan_vae_equals_eager_without_breaks_or_steady_recompiles(traced):
     clip = synthetic_clip(5 + 4 * 8, 32, 32, seed=3)
     eager = push_all(StreamPipeline(build_components(load_config("tiny", SIZE)), "a fox"), clip, 8)
     comps = build_components(load_config("tiny", SIZE + ["runtime.compile_vae=true"]))
     assert comps.step.mode == "eager"  # the DiT as configured; only the VAE calls are compiled
     pipe = StreamPipeline(comps, "a fox")
     got = push_all(pipe, clip, 5)  # a stream's first calls: one graph per cache state
-    breaks, warm = counts(dynamo)
+    breaks, warm = counts(traced)
     got += [pipe.push(clip[5 + 4 * i : 9 + 4 * i]) for i in range(5, 8)]  # steady: nothing new is compiled
-    assert breaks == 0 and counts(dynamo) == (0, warm), dict(dynamo["graph_break"])
+    assert breaks == 0 and counts(traced) == (0, warm), dict(traced["graph_break"])
     assert warm >= 2  # the encoder and the decoder each became a graph
     assert [a.shape for a in eager] == [b.shape for b in got] and sum(map(len, got)) > 0
     assert max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(eager, got) if len(a)) <= 1
@@ -69,9 +80,8 @@ def test_compiled_taehv_equals_eager_without_breaks_or_steady_recompiles(dynamo)
     assert warm[0] == 0 and warm[1] >= 2 and counts(dynamo) == warm, dict(dynamo["graph_break"])
 
 
-@pytest.mark.timeout(900)
 @torch.no_grad()
-def test_after_the_engine_warm_up_a_compiled_vae_compiles_nothing_for_streams(dynamo):
+def test_after_the_engine_warm_up_a_compiled_vae_compiles_nothing_for_streams(traced):
     """The warm-up runs the dummy stream until its VAE calls are steady: the streams that come
     after (two at once, each with its own calls) meet only graphs it compiled."""
     from streamdiff.engine.core import EngineCore
@@ -82,7 +92,7 @@ def test_after_the_engine_warm_up_a_compiled_vae_compiles_nothing_for_streams(dy
     comps = build_components(load_config("tiny", SIZE + ["runtime.compile_vae=true"]))
     core = EngineCore(comps.cfg, LocalExecutor(ModelRunner(comps)))
     core.warmup()
-    warm = counts(dynamo)
+    warm = counts(traced)
     assert warm[0] == 0 and warm[1] >= 2
     clip = synthetic_clip(5 + 4 * 6, 32, 32, seed=5)
     for sid in ("a", "b"):
@@ -96,7 +106,7 @@ def test_after_the_engine_warm_up_a_compiled_vae_compiles_nothing_for_streams(dy
         while core.step() is not None:
             pass
     assert all(len(core.pop_outputs(sid)) > 0 for sid in ("a", "b"))
-    assert counts(dynamo) == warm
+    assert counts(traced) == warm
 
 
 def test_a_compiled_vae_serves_each_stream_with_its_own_calls():
