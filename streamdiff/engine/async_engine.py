@@ -317,7 +317,9 @@ class AsyncEngine:
 
     async def next_frame(self, stream_id: str, timeout: float | None = None) -> OutputFrame:
         """The stream's next output frame (waits for it). Raises StreamClosedError when the
-        stream is removed or the engine stops, asyncio.TimeoutError after `timeout` s."""
+        stream is removed or closed, or the engine stops, while the call waits, and on every
+        call once the engine loop has failed; asyncio.TimeoutError after `timeout` s; KeyError
+        for a stream not served (never added, or removed, closed or stopped before the call)."""
         queue = self._outputs.get(stream_id)
         if queue is None:
             raise KeyError(f"unknown stream {stream_id!r}")
