@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import heapq
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -39,6 +40,12 @@ class VideoInfo:
     has_audio: bool = False
 
 
+def _local(path: str | Path) -> str:
+    """A file's name as FFmpeg opens it as a file: absolute, so that a name with a colon
+    (`12:30.mp4`, `take2:final.mkv`) is not read as a protocol (`12:` refused, a probe)."""
+    return str(Path(path).absolute())
+
+
 def _video_stream(container):
     """The stream a player shows: FFmpeg's best video stream, as ffplay picks it (a default one
     first; an attached cover picture or thumbnail last, even when it comes first). Of two
@@ -47,8 +54,54 @@ def _video_stream(container):
 
 
 def _rotation(frame) -> int:
-    """Degrees counter-clockwise a player turns the stored picture (0, 90, 180, 270)."""
+    """The display matrix's angle: degrees counter-clockwise (0-359; 180 for a mirrored picture too)."""
     return int(round(getattr(frame, "rotation", 0) or 0)) % 360
+
+
+def _display_matrix(frame) -> np.ndarray | None:
+    for data in frame.side_data:
+        if getattr(data.type, "name", "") == "DISPLAYMATRIX" and len(bytes(data)) == 36:
+            return np.frombuffer(bytes(data), dtype=np.int32)
+    return None
+
+
+# How a picture is turned and flipped as stored, to be shown (FFmpeg's names, its transpose filter's)
+_SHOWN = {
+    "clock": lambda rgb: np.rot90(rgb, -1),
+    "cclock": lambda rgb: np.rot90(rgb, 1),
+    "cclock_flip": lambda rgb: rgb.transpose(1, 0, 2),  # the main diagonal
+    "clock_flip": lambda rgb: np.rot90(rgb, -1)[::-1],  # the other diagonal
+    "hflip": lambda rgb: rgb[:, ::-1],
+    "vflip": lambda rgb: rgb[::-1],
+}
+
+
+def _orientation(frame) -> tuple[str, ...]:
+    """What a player does to the stored picture to show it, as FFmpeg's autorotate reads the
+    display matrix (ffplay, ffmpeg): its angle, to the nearest quarter turn, and its mirroring,
+    which the angle alone does not say (a left-right mirrored clip reads as 180 degrees: a probe
+    got it upside down)."""
+    if (m := _display_matrix(frame)) is None:
+        return ()
+    quarter = round(((-_rotation(frame)) % 360) / 90) % 4  # clockwise, as FFmpeg turns it
+    if quarter == 1:
+        return ("cclock_flip",) if m[3] > 0 else ("clock",)
+    if quarter == 2:
+        return tuple(op for op, flipped in (("hflip", m[0] < 0), ("vflip", m[4] < 0)) if flipped)
+    if quarter == 3:
+        return ("clock_flip",) if m[3] < 0 else ("cclock",)
+    return ("vflip",) if m[4] < 0 else ()
+
+
+def _turned(ops: tuple[str, ...]) -> bool:
+    """The shown picture is the stored one's height wide."""
+    return any(op in ("clock", "cclock", "cclock_flip", "clock_flip") for op in ops)
+
+
+def _shown(rgb: np.ndarray, ops: tuple[str, ...]) -> np.ndarray:
+    for op in ops:
+        rgb = _SHOWN[op](rgb)
+    return np.ascontiguousarray(rgb) if ops else rgb
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -58,14 +111,14 @@ def probe(path: str | Path) -> VideoInfo:
     if not path.is_file():
         raise VideoInputError(f"input not found: {path}")
     try:
-        with av.open(str(path)) as container:
+        with av.open(_local(path)) as container:
             if not container.streams.video:
                 raise VideoInputError(f"{path} has no video stream")
             stream = _video_stream(container)
             rate = stream.average_rate or stream.guessed_rate or Fraction(30)
             width, height = stream.codec_context.width, stream.codec_context.height
             first = next(container.decode(stream), None)  # the display matrix rides on the frames
-            if first is not None and _rotation(first) in (90, 270):
+            if first is not None and _turned(_orientation(first)):
                 width, height = height, width
             sar = stream.sample_aspect_ratio
             return VideoInfo(width, height, float(rate), stream.frames or 0,
@@ -85,33 +138,72 @@ def read_frames(path: str | Path, size: tuple[int, int] | None = None,
     after the first frame; None if the file gives none) is appended to it as the frame is yielded,
     for a writer that keeps a variable frame rate."""
     try:
-        with av.open(str(path)) as container:
+        with av.open(_local(path)) as container:
             stream = _video_stream(container)
             stream.thread_type = "AUTO"
             pixel_in = Fraction(stream.sample_aspect_ratio or 1) or Fraction(1)
             pixel_out = Fraction(sample_aspect or 1)
-            target, first, start = size, None, None  # (width, height) as displayed; the first frame's stored size
+            target, first = size, None  # (width, height) as displayed; the first frame's stored size
+            start = end = None  # the first frame's time, the end of the last one's (s)
+            rate = stream.average_rate or stream.guessed_rate or Fraction(30)
+            n = -1
             for n, frame in enumerate(_decode_skipping_damage(container, stream, path)):
-                turns = _rotation(frame) // 90
+                ops = _orientation(frame)
+                turned = _turned(ops)
                 if first is None:
                     first = (frame.width, frame.height)
-                    target = target or (first if turns % 2 == 0 else first[::-1])
+                    target = target or (first[::-1] if turned else first)
                 elif (frame.width, frame.height) != first:
                     log.warning("%s changes resolution at frame %d (%dx%d after %dx%d); every frame is scaled to "
                                 "%dx%d", path, n, frame.width, frame.height, *first, *target)
                     first = (frame.width, frame.height)
-                stored = target if turns % 2 == 0 else target[::-1]
+                stored = target[::-1] if turned else target
                 if (frame.width, frame.height) == stored:
                     rgb = frame.to_ndarray(format="rgb24")
                 else:  # the output's pixels as stored: a turned frame's are turned too
-                    rgb = to_model_frame(frame, *stored, pixel_in / (pixel_out if turns % 2 == 0 else 1 / pixel_out))
+                    rgb = to_model_frame(frame, *stored, pixel_in / (1 / pixel_out if turned else pixel_out))
+                t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
+                start = t if start is None else start
+                end = None if t is None else t + float((frame.duration or 0) * frame.time_base or 1 / rate)
                 if times is not None:
-                    t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
-                    start = t if start is None else start
                     times.append(None if t is None or start is None else t - start)
-                yield np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+                yield _shown(rgb, ops)
+            else:  # read to its end (not stopped by --frames): did the file hold what it says?
+                _say_if_cut_short(path, container, stream, n + 1, None if start is None or end is None else end - start)
     except av.FFmpegError as exc:
         raise VideoInputError(f"{path}: decoding failed ({exc.__class__.__name__}: {exc})") from exc
+
+
+def _listed_seconds(container, stream) -> float:
+    """How long the container says the video stream lasts (0: it does not say): the stream's
+    duration, a Matroska track's DURATION tag (OBS's and FFmpeg's recordings), or the file's
+    where it holds nothing else."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if m := re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d+)?)", stream.metadata.get("DURATION", "").strip()):
+        return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+    return container.duration / av.time_base if container.duration and len(container.streams) == 1 else 0.0
+
+
+def _say_if_cut_short(path, container, stream, frames: int, seconds: float | None) -> None:
+    """One warning when the video ended well before its container says it lasts (a cut or
+    damaged file). Its length decides where it is known: a Matroska file lists no frame count
+    (one with damage inside rendered 1 of 40 frames without a word) and a trimmed MP4 lists the
+    frames its edit list hides (31 shown of 40 was a false alarm); else the frame count."""
+    listed_s, listed = _listed_seconds(container, stream), stream.frames or 0
+    rate = float(stream.average_rate or stream.guessed_rate or 30)
+    if listed_s and seconds is not None:
+        short = seconds < listed_s - max(2 / rate, 0.02 * listed_s)
+    else:
+        short = bool(listed) and frames < listed
+    if not short:
+        return
+    if listed and frames < listed:
+        log.warning("%s ended after %d of the %d frames its container lists (cut short or damaged?)",
+                    path, frames, listed)
+    else:
+        log.warning("%s ended after %.2f s (%d frame%s) of the %.2f s its container lists (cut short or damaged?)",
+                    path, seconds, frames, "" if frames == 1 else "s", listed_s)
 
 
 def _decode_skipping_damage(container, stream, path) -> Iterator[av.VideoFrame]:
@@ -165,7 +257,7 @@ def add_audio(video: str | Path, source: str | Path, out: str | Path, until_s: f
     video's frame rate (default: its stream's average rate), which a copied stream does not keep
     by itself (a probe: an .mkv with audio said 30000 fps, from the writer's 1/90000 time base)."""
     try:
-        with av.open(str(source)) as src, av.open(str(video)) as vid, av.open(str(out), "w") as dst:
+        with av.open(_local(source)) as src, av.open(_local(video)) as vid, av.open(_local(out), "w") as dst:
             a_in, v_in = src.streams.audio[0], vid.streams.video[0]
             v_out, a_out = dst.add_stream_from_template(v_in), dst.add_stream_from_template(a_in)
             if rate or v_in.average_rate:
@@ -175,6 +267,7 @@ def add_audio(video: str | Path, source: str | Path, out: str | Path, until_s: f
             lag = round(shift / a_in.time_base) if shift else 0
 
             def timed(packets, stream, offset):
+                before = None  # the audio packet just before the first frame
                 for packet in packets:
                     if packet.size == 0 or (packet.dts is None and packet.pts is None):  # end-of-stream marker
                         continue
@@ -185,10 +278,14 @@ def add_audio(video: str | Path, source: str | Path, out: str | Path, until_s: f
                     at = packet.dts if packet.dts is not None else packet.pts
                     if stream is a_out and until_s is not None and at * packet.time_base >= until_s:
                         return  # audio after the last frame: not read at all (30 minutes took a second)
-                    if stream is a_out and at < 0:
-                        continue  # audio from before the first frame
-                    packet.stream = stream
-                    yield float(at * packet.time_base), stream is a_out, packet
+                    if stream is a_out and at < 0:  # audio from before the first frame: only the
+                        before = packet  # last packet stays, which the decoder needs to start (AAC's
+                        continue  # priming, Opus's pre-skip: dropped, a probe heard the start faded)
+                    for out in (before, packet) if before is not None else (packet,):
+                        out.stream = stream
+                        at = out.dts if out.dts is not None else out.pts
+                        yield float(at * out.time_base), stream is a_out, out
+                    before = None
 
             for _, _, packet in heapq.merge(timed(vid.demux(v_in), v_out, 0), timed(src.demux(a_in), a_out, lag),
                                             key=lambda item: item[:2]):
@@ -224,10 +321,17 @@ class VideoWriter:
         self._first_dts: int | None = None
         self.audio_kept = False
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.partial = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
         self.with_audio = self.path.with_name(f".{self.path.stem}.audio{self.path.suffix}")  # close() copies audio in
-        self.container = av.open(str(self.partial), mode="w")
+        # the folders this writer makes, deepest first: an error or Ctrl-C takes them away again
+        # (a probe: a render that failed, or was stopped, left `out/new/deep` behind, empty)
+        self.made = [folder for folder in self.path.absolute().parents if not folder.exists()]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.container = av.open(_local(self.partial), mode="w")
+        except BaseException:
+            self._remove_made_folders()
+            raise
         rate = self.rate = Fraction(fps).limit_denominator(1001)
         # H.264 in an AVI is read back one frame period late (FFmpeg's guess without presentation
         # times): an AVI gets MPEG-4 Part 2, the codec the container was made for
@@ -307,6 +411,14 @@ class VideoWriter:
             pass
         self.partial.unlink(missing_ok=True)
         self.with_audio.unlink(missing_ok=True)
+        self._remove_made_folders()
+
+    def _remove_made_folders(self) -> None:
+        for folder in self.made:
+            try:
+                folder.rmdir()  # only while empty: something else put there stays, with its folders
+            except OSError:
+                return
 
     def __enter__(self) -> "VideoWriter":
         return self

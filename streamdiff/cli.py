@@ -165,11 +165,6 @@ def cmd_render(args: argparse.Namespace) -> int:
             writer.write(pipe.flush())
     except av.FFmpegError as exc:  # the encoder or muxer refused (a probe: 30000 fps into an .avi); nothing is left
         raise CliError(f"writing {args.output} failed: {exc} (the input's frame rate: {fps:g} fps)") from None
-    # the container's own count only (a probe: an intact Matroska file, which lists none, rendered
-    # with --frames 50 was "cut short" at its 30 frames)
-    if args.input != SYNTHETIC and info.frames and frames_in < total:
-        log.warning("%s ended after %d of the %d frames its container lists (cut short or damaged?); "
-                    "wrote those %d", args.input, frames_in, total, frames_in)
     if audio is not None and not writer.audio_kept:
         log.warning("%s has audio that a %s file cannot hold as it is: the output has the video only (try --output "
                     "with .mkv)", args.input, Path(args.output).suffix or "this")

@@ -35,16 +35,20 @@ def _write(path, frames, fps=15, codec="libx264", fmt=None, sar=None, **streams)
             out.mux(p)
 
 
-def _rotate_tkhd(path, degrees_clockwise: int) -> None:
-    """Set an mp4's track display matrix as a phone does for a portrait clip stored landscape."""
+def _set_tkhd(path, a: int, b: int, c: int, d: int) -> None:
+    """Set an mp4's track display matrix [a b; c d] (each -1, 0 or 1), as a phone does."""
     data = bytearray(path.read_bytes())
     at = data.find(b"tkhd")
     version = data[at + 4]
     matrix = at + 8 + (16 if version == 1 else 8) + 8 + (8 if version == 1 else 4) + 16
-    one, minus = 0x00010000, 0xFFFF0000
-    a, b, c, d = {90: (0, one, minus, 0), 270: (0, minus, one, 0), 180: (minus, 0, 0, minus)}[degrees_clockwise]
+    a, b, c, d = ((v * 0x00010000) & 0xFFFFFFFF for v in (a, b, c, d))
     data[matrix:matrix + 36] = struct.pack(">9I", a, b, 0, c, d, 0, 0, 0, 0x40000000)
     path.write_bytes(bytes(data))
+
+
+def _rotate_tkhd(path, degrees_clockwise: int) -> None:
+    """A portrait clip stored landscape, as a phone writes it."""
+    _set_tkhd(path, *{90: (0, 1, -1, 0), 270: (0, -1, 1, 0), 180: (-1, 0, 0, -1)}[degrees_clockwise])
 
 
 @pytest.mark.parametrize("clockwise, turns", [(90, -1), (180, 2), (270, 1)])
@@ -59,6 +63,52 @@ def test_a_rotated_clip_is_read_as_a_player_shows_it(tmp_path, clockwise, turns)
     frames = list(read_frames(path, (info.width, info.height)))
     assert len(frames) == 3 and frames[0].shape == shown.shape
     assert np.abs(frames[1].astype(int) - shown).mean() < 6  # the red corner where a player puts it
+
+
+@pytest.mark.parametrize("matrix, shown", [
+    ((-1, 0, 0, 1), lambda rgb: rgb[:, ::-1]),  # mirrored left-right (a front camera's): its angle reads 180
+    ((1, 0, 0, -1), lambda rgb: rgb[::-1]),  # mirrored top-bottom
+    ((0, 1, 1, 0), lambda rgb: rgb.transpose(1, 0, 2)),  # turned a quarter and mirrored: the diagonal
+], ids=["left-right", "top-bottom", "diagonal"])
+def test_a_mirrored_clip_is_read_as_a_player_shows_it(tmp_path, matrix, shown):
+    """A probe: a display matrix that mirrors the picture was read by its angle alone, and a
+    left-right mirror (180 degrees by that angle) came out upside down. As FFmpeg's autorotate
+    (ffplay, ffmpeg) reads it: the same frames as the unmarked file's, mirrored."""
+    plain, marked = tmp_path / "plain.mp4", tmp_path / "marked.mp4"
+    stored = [np.roll(_frame(64, 48), 5 * k, axis=1) for k in range(3)]
+    _write(plain, stored)
+    _write(marked, stored)
+    _set_tkhd(marked, *matrix)
+    want = [shown(rgb) for rgb in read_frames(plain)]
+    info = probe(marked)
+    assert (info.width, info.height) == (want[0].shape[1], want[0].shape[0])
+    got = list(read_frames(marked))
+    assert len(got) == 3 and all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
+def test_names_with_a_colon_are_files(tmp_path, monkeypatch):
+    """A probe: `12:30.mp4` was opened as the protocol `12:` (refused as input: "not a video
+    PyAV can read"; as output it failed after the whole render)."""
+    monkeypatch.chdir(tmp_path)
+    with VideoWriter("12:30.mp4", 64, 48, 15) as writer:
+        writer.write([_frame(64, 48)] * 4)
+    assert (tmp_path / "12:30.mp4").is_file() and probe("12:30.mp4").frames == 4
+    assert len(list(read_frames("12:30.mp4"))) == 4
+
+
+def test_a_writer_that_fails_takes_away_the_folders_it_made(tmp_path):
+    """A probe: a render that failed (an input with no frames) or was stopped left the folders
+    of its --output behind, empty. A folder something else was put in meanwhile stays."""
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(tmp_path / "new" / "deep" / "o.mp4", 64, 48, 15) as writer:
+            writer.write([_frame(64, 48)] * 2)
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(tmp_path / "new" / "deep" / "o.mp4", 64, 48, 15) as writer:
+            (tmp_path / "new" / "notes.txt").write_text("mine")
+            raise KeyboardInterrupt
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["notes.txt"]
 
 
 def test_a_stream_that_changes_resolution_keeps_one_size_with_a_warning(tmp_path, caplog):
@@ -149,6 +199,51 @@ def _vfr(path, times, with_audio=False):
                 out.mux(p)
 
 
+def _with_tone(path, codec: str) -> None:
+    """Six frames and half a second of a 440 Hz tone from t = 0 (its encoder's first packet
+    starts before 0: AAC's priming, Opus's pre-skip)."""
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("libx264", rate=15)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        a = out.add_stream(codec, rate=48000, layout="mono")
+        size = a.codec_context.frame_size or 960
+        for k in range(6):
+            for p in v.encode(av.VideoFrame.from_ndarray(_frame(64, 48), format="rgb24")):
+                out.mux(p)
+        for p in v.encode(None):
+            out.mux(p)
+        for k in range(24000 // size):
+            t = np.arange(k * size, (k + 1) * size) / 48000
+            sound = av.AudioFrame.from_ndarray((0.1 * np.sin(2 * np.pi * 440 * t))[None].astype(np.float32),
+                                               format="fltp", layout="mono")
+            sound.sample_rate, sound.pts = 48000, k * size
+            for p in a.encode(sound):
+                out.mux(p)
+        for p in a.encode(None):
+            out.mux(p)
+
+
+def _first_samples(path, n: int = 2048) -> np.ndarray:
+    with av.open(str(path)) as c:
+        got = np.concatenate([f.to_ndarray()[0] for f in c.decode(c.streams.audio[0])])
+    return got[:n]
+
+
+@pytest.mark.parametrize("codec, suffix", [("aac", ".mp4"), ("libopus", ".mkv")])
+def test_copied_audio_keeps_the_packet_its_decoder_starts_with(tmp_path, codec, suffix):
+    """A probe: the packet before t = 0 (AAC's priming, Opus's pre-skip) was dropped as audio
+    from before the first frame, and the output's first 20 ms decoded faded (AAC) or began 21 ms
+    late (Opus). The output's sound is the input's from its first sample."""
+    src, out = tmp_path / f"talk{suffix}", tmp_path / f"out{suffix}"
+    _with_tone(src, codec)
+    with VideoWriter(out, 64, 48, 15, audio_from=src) as writer:
+        writer.write([_frame(64, 48)] * 6)
+    assert writer.audio_kept
+    want, got = _first_samples(src), _first_samples(out)
+    assert np.sqrt(np.mean(want ** 2)) > 0.05  # the tone is there from the start
+    assert np.abs(got - want).max() < 1e-3, np.abs(got - want).max()
+
+
 def _shown_times(path) -> list[float]:
     with av.open(str(path)) as c:
         return [round(float(f.pts * f.time_base), 3) for f in c.decode(c.streams.video[0])]
@@ -230,6 +325,45 @@ def test_another_shape_is_centre_cropped_not_stretched(tmp_path):
         assert frame[..., 0].mean() < 20, frame[..., 0].mean()
     kept = list(read_frames(wide, (64, 48), sample_aspect=Fraction(4, 3)))  # its own shape: as it is
     assert kept[0][:, :8, 0].mean() > 200
+
+
+def test_a_damaged_matroska_file_is_said_to_end_early_and_a_trimmed_mp4_is_not(tmp_path, caplog):
+    """Probes: a Matroska file (no frame count in it) with damage inside rendered 1 of its 40
+    frames without a word; an MP4 trimmed without re-encoding (an edit list hides its first
+    frames, which it still counts) was "cut short or damaged?" with every frame there. The
+    length the container gives decides: the first is said, the second is not."""
+    from streamdiff.pipeline.frames import synthetic_clip
+
+    whole, bad = tmp_path / "rec.mkv", tmp_path / "bad.mkv"
+    with VideoWriter(whole, 64, 48, 24.0) as writer:
+        writer.write(synthetic_clip(40, 64, 48, seed=3))
+    data = bytearray(whole.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 300] = np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    bad.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="streamdiff.client.video_io"):
+        assert len(list(read_frames(whole))) == 40 and not caplog.records
+        shown = len(list(read_frames(bad)))
+    assert 0 < shown < 40 and len(caplog.records) == 1, caplog.text
+    assert f"({shown} frames) of the 1.67 s its container lists (cut short or damaged?)" in caplog.text
+
+    caplog.clear()
+    mp4, trimmed = tmp_path / "whole.mp4", tmp_path / "trimmed.mp4"
+    with VideoWriter(mp4, 64, 48, 24.0) as writer:
+        writer.write(synthetic_clip(40, 64, 48, seed=3))
+    with av.open(str(mp4)) as src, av.open(str(trimmed), "w") as dst:  # `ffmpeg -ss ... -c copy`
+        stream = src.streams.video[0]
+        out = dst.add_stream_from_template(stream)
+        cut = 9 * round(1 / (stream.average_rate * stream.time_base))  # nine frames before t = 0
+        for packet in src.demux(stream):
+            if packet.size:
+                packet.pts, packet.dts, packet.stream = packet.pts - cut, packet.dts - cut, out
+                dst.mux(packet)
+    with av.open(str(trimmed)) as c:
+        assert c.streams.video[0].frames == 40  # the case: it counts the hidden frames
+    with caplog.at_level("WARNING", logger="streamdiff.client.video_io"):
+        assert len(list(read_frames(trimmed))) == 31
+    assert not caplog.records, caplog.text
 
 
 def test_a_damaged_packet_is_skipped_not_fatal(tmp_path, caplog):
