@@ -23,7 +23,10 @@ Definitions specific to this mode:
   start the frames queued while the first chunk was made come out faster than the camera sends
   (a 4 s run at 10 fps said 13.7 fps), which is a queue draining, not throughput; a server
   falling behind stretches the arrival span instead. So it never exceeds the input rate.
-- freezes: gaps between received frames over 3 periods of the input frame rate.
+- freezes: gaps between received frames over 3 periods of the input frame rate, the quiet time
+  from the last frame received to the end of the run included (a server that went away).
+- stopped: a session that received nothing for the end of the run, longer than 3 s and than 3
+  of its own longest gaps before (the server ended it or went away): said, and exit code 1.
 - time to first frame: from POST /offer to the first frame received.
 - The sender paces like a camera: frame n leaves at start + n / fps; when the sender falls more
   than a period behind, the schedule restarts from now (frames are skipped, never bursted).
@@ -88,6 +91,7 @@ class SessionRecord:
     arrivals_s: list[float] = field(default_factory=list)  # every received frame
     unreadable: int = 0
     tasks: list = field(default_factory=list)
+    connection: str = "new"  # the peer connection's state when the measuring ended
 
     def unwrap(self, low: int) -> int | None:
         """The newest id sent whose low 20 bits are `low`; None if it is not a plausible
@@ -317,8 +321,23 @@ def delivered_fps(record: SessionRecord) -> float:
     return (n - 1) / span if n > 1 and span > 0 else 0.0
 
 
-def session_report(record: SessionRecord, fps_in: float, deadline_ms: float, t0_s: float, server: dict | None) -> dict:
-    """One session's numbers (see the module docstring and streamdiff.bench.report)."""
+STOPPED_MIN_S = 3.0  # quiet at the end for longer than this (and 3 of the session's longest gaps): stopped
+
+
+def stopped_after_s(record: SessionRecord, t0_s: float, end_s: float) -> float | None:
+    """When the session's last frame came (seconds into the run), if it received nothing after
+    it for the rest of the run by the module docstring's rule; else None."""
+    if not record.arrivals_s:
+        return None
+    quiet_s = end_s - record.arrivals_s[-1]
+    longest = max(benchreport.arrival_gaps_s(record.arrivals_s), default=0.0)
+    return record.arrivals_s[-1] - t0_s if quiet_s > max(STOPPED_MIN_S, 3 * longest) else None
+
+
+def session_report(record: SessionRecord, fps_in: float, deadline_ms: float, t0_s: float, server: dict | None,
+                   end_s: float | None = None) -> dict:
+    """One session's numbers (see the module docstring and streamdiff.bench.report). `end_s`:
+    when the measuring ended (the quiet time after the last frame counts as a gap)."""
     latency_ms = [1000.0 * (t - record.sent_s[i]) for t, i in record.received]
     newest = record.received[-1][1] if record.received else -1
     returned = len({i for _, i in record.received})
@@ -334,7 +353,10 @@ def session_report(record: SessionRecord, fps_in: float, deadline_ms: float, t0_
         "in_flight": len(record.sent_s) - (newest + 1),
         "fps": delivered_fps(record),
         "jitter_ms": benchreport.jitter_ms(record.arrivals_s),
-        "freezes": benchreport.freezes(record.arrivals_s, 1.0 / fps_in),
+        "freezes": benchreport.freezes(record.arrivals_s + ([end_s] if end_s is not None and record.arrivals_s else []),
+                                       1.0 / fps_in),
+        "stopped_after_s": None if end_s is None else stopped_after_s(record, t0_s, end_s),
+        "connection": record.connection,
         "latency_ms": benchreport.latency_summary(latency_ms, deadline_ms),
         "ids_considered": newest + 1,
         "dropped": dropped,
@@ -450,6 +472,9 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
                 interrupted_after_s = time.monotonic() - t0_s
                 if not any(r.arrivals_s for r in admitted):
                     raise
+            end_s = time.monotonic()
+            for record, pc in zip(admitted, pcs):
+                record.connection = pc.connectionState
             server = await _server_metrics(http, url, token)
             for sid, counts in (await _gateway_counts(http, url, token)).items():
                 server.setdefault(sid, {})["gateway"] = counts
@@ -465,7 +490,7 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
         sent = sum(len(r.sent_s) for r in admitted)
         raise BenchError(f"no output frame came back in {duration_s:g} s ({sent} frames sent over "
                          f"{len(admitted)} session{'s' if len(admitted) > 1 else ''}); the server's console says why")
-    per_session = [session_report(r, fps, deadline_ms, t0_s, server.get(r.session_id)) for r in admitted]
+    per_session = [session_report(r, fps, deadline_ms, t0_s, server.get(r.session_id), end_s) for r in admitted]
     if interrupted_after_s is not None:
         duration_s = round(interrupted_after_s, 1)
     report = {
@@ -541,7 +566,13 @@ def run_from_args(args) -> int:
         print(f"streamdiff: interrupted after {report['duration_s']:g} s: the numbers above cover that time",
               file=sys.stderr)
         return 143 if terminated else 130
-    return 0
+    stopped = [s for s in report["sessions"] if s.get("stopped_after_s") is not None]
+    for s in stopped:  # a server that went away mid-run is no clean run (a probe: exit 0, "0 freezes")
+        state = "" if s["connection"] == "connected" else f"; its connection is {s['connection']}"
+        print(f"streamdiff: session {s['session']} received no frame after {s['stopped_after_s']:.1f} s of the "
+              f"{report['duration_s']:g} s run (the server ended it or went away{state}): its numbers cover that time",
+              file=sys.stderr)
+    return 1 if stopped else 0
 
 
 __all__ = ["BenchError", "format_report", "run_e2e", "run_from_args"]

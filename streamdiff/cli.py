@@ -298,13 +298,28 @@ BENCH_MODEL_ONLY = ("config", "set", "steps", "resolution", "streams", "random_w
                     "simulate", "hop_ms", "compile", "cuda_graphs", "stages", "ray")
 BENCH_E2E_ONLY = ("token", "fps", "size", "sessions")
 # --simulate times one step of each part and projects stage counts: these would do nothing there
-BENCH_NOT_SIMULATED = ("duration", "deadline_ms", "prompt", "plot")
+BENCH_NOT_SIMULATED = ("duration", "deadline_ms", "prompt", "plot", "peak_tflops")
 BENCH_DURATION_S = 10.0
 BENCH_PROMPT = "a watercolor painting"
 
 
+def _refuse_writing_over_inputs(args: argparse.Namespace) -> None:
+    """--json and --plot write files: not one over the other, nor over the --config file (a probe:
+    `--config my.yaml --json my.yaml` replaced the config with the report and exited 0)."""
+    def same(a: str, b: str) -> bool:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+    if args.json and args.plot and same(args.json, args.plot):
+        raise CliError(f"--json and --plot both name {args.plot}: give each its own file")
+    config = args.config if args.config and Path(args.config).expanduser().is_file() else None
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and config and same(path, config):
+            raise CliError(f"{flag} {path} is the --config file: the report would replace it; name another file")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet torch.profiler (host_ms_per_step); before torch loads
+    _refuse_writing_over_inputs(args)
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:  # before minutes of measuring, not after
             check_writable(path, flag)
@@ -322,6 +337,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError("--hop-ms is the per-hop latency --simulate projects with: add --simulate")
     if args.stages and args.plot and not args.simulate:
         raise CliError("--plot draws one-process model mode (latency CDF, fps over time); --stages reports a table")
+    if args.stages and args.peak_tflops is not None and not args.simulate:
+        raise CliError("--peak-tflops gives one-process model mode its MFU column; --stages reports no MFU")
     args.duration = BENCH_DURATION_S if args.duration is None else args.duration
     args.prompt = BENCH_PROMPT if args.prompt is None else args.prompt
 
@@ -331,6 +348,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise CliError(f"--{extra[0].replace('_', '-')} is a model-mode flag; end-to-end mode (--url) "
                            f"measures whatever the server runs")
         _check_server_url(args.url)
+        args.token = args.token or os.environ.get(TOKEN_ENV) or None  # (model mode ignores the variable)
         from streamdiff.client import bench as e2e
 
         try:
@@ -724,8 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     e2e = bench.add_argument_group("end-to-end mode")
     e2e.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8000 (selects end-to-end mode)")
     e2e.add_argument("--sessions", type=number_in(int, 1, 64, "2"), help="concurrent sessions (default 1)")
-    e2e.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
-                     help=f"bearer token of the server (default: ${TOKEN_ENV})")
+    e2e.add_argument("--token", help=f"bearer token of the server (default: ${TOKEN_ENV})")
     e2e.add_argument("--fps", type=number_in(float, 0.1, 240, "30"), help="input frame rate sent per session")
     e2e.add_argument("--size", help="input frame size WxH, e.g. 256x256")
     bench.set_defaults(func=cmd_bench)

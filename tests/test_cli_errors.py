@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -316,6 +317,9 @@ def test_result_paths_are_checked_before_the_work(tmp_path):
     (["bench", "--simulate", "--plot", "p.png"], "--plot does not apply to --simulate"),
     (["bench", "--hop-ms", "1"], "--hop-ms is the per-hop latency --simulate projects with"),
     (["bench", "--stages", "1,2", "--plot", "p.png"], "--plot draws one-process model mode"),
+    (["bench", "--simulate", "--peak-tflops", "5"], "--peak-tflops does not apply to --simulate"),
+    (["bench", "--stages", "1", "--peak-tflops", "5"], "--peak-tflops gives one-process model mode its MFU"),
+    (["bench", "--json", "r.png", "--plot", "./r.png"], "--json and --plot both name ./r.png"),
     (["plan", "--gpu-mem", "24"], "--gpu-mem '24' is not a device's memory"),
     (["bench", "--url", "notaurl"], "--url 'notaurl' is not a server address"),
     (["bench", "--url", "http://h:port"], "is not a server address"),
@@ -336,6 +340,31 @@ def test_flag_mistakes_are_one_line_before_any_work(args, words, capsys):
         code = exc.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("streamdiff: error: ") and words in err[0], err
+
+
+def test_the_token_variable_is_for_end_to_end_mode_only(monkeypatch, capsys):
+    """A bench probe: with STREAMDIFF_TOKEN exported (as the README says, for serve and bench
+    --url) every model-mode and --simulate bench was refused: "--token applies to end-to-end
+    mode only". The variable is read where a token is used; a --token given is still refused."""
+    from streamdiff.cli import main
+
+    monkeypatch.setenv("STREAMDIFF_TOKEN", "s3cret")
+    assert main(["bench", "--steps", "9"]) == 2  # past the mode's checks: its own mistake is named
+    err = capsys.readouterr().err
+    assert "--steps" in err and "--token" not in err, err
+    assert main(["bench", "--token", "x", "--steps", "1"]) == 2
+    assert "--token applies to end-to-end mode only" in capsys.readouterr().err
+
+
+def test_a_report_never_replaces_the_config_it_measured(tmp_path, capsys):
+    """A bench probe: `--config my.yaml --json my.yaml` replaced the config with the report."""
+    from streamdiff.cli import main
+
+    mine = tmp_path / "my.yaml"
+    mine.write_text((Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text())
+    before = mine.read_text()
+    assert main(["bench", "--config", str(mine), "--json", str(tmp_path / "." / "my.yaml")]) == 2
+    assert "is the --config file" in capsys.readouterr().err and mine.read_text() == before
 
 
 def test_sigterm_during_a_render_removes_its_partial_file(tmp_path):
@@ -366,12 +395,19 @@ def test_the_token_may_come_from_the_environment(monkeypatch):
     still wins, and an empty variable is no token."""
     from streamdiff.cli import build_parser
 
+    from streamdiff.cli import main
+    from streamdiff.client import bench
+
     monkeypatch.setenv("STREAMDIFF_TOKEN", "s3cret")
     parser = build_parser()
     assert parser.parse_args(["serve"]).token == "s3cret"
     assert parser.parse_args(["control", "--session", "k", "--seed", "1"]).token == "s3cret"
-    assert parser.parse_args(["bench", "--url", "http://127.0.0.1:8000"]).token == "s3cret"
     assert parser.parse_args(["serve", "--token", "flag"]).token == "flag"
+    used = []  # bench reads it in end-to-end mode only (model mode takes no token)
+    monkeypatch.setattr(bench, "run_from_args", lambda args: used.append(args.token) or 0)
+    assert main(["bench", "--url", "http://127.0.0.1:8000"]) == 0
+    assert main(["bench", "--url", "http://127.0.0.1:8000", "--token", "flag"]) == 0
+    assert used == ["s3cret", "flag"]
     monkeypatch.setenv("STREAMDIFF_TOKEN", "")
     assert build_parser().parse_args(["serve"]).token is None
 

@@ -65,3 +65,23 @@ def test_the_server_never_imports_the_benchmarks():
     files = sorted((ROOT / "server").glob("*.py"))
     assert len(files) > 5
     assert not {p.name: sorted(hits(imports(p), ("streamdiff.bench",))) for p in files if hits(imports(p), ("streamdiff.bench",))}
+
+
+def test_ray_loads_after_the_environment_ray_executor_sets():
+    """`parallel/ray_executor.py` sets Ray's environment (among it: no native stack dump when the
+    process is stopped with SIGTERM) before it imports ray; a module that imports ray at its top
+    imports ray_executor first (a probe: `bench --simulate` stopped with SIGTERM printed Ray's
+    six-line crash dump and exited 134, its hop bench having loaded ray first)."""
+    for folder in ("streamdiff", "server", "client"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name == "ray_executor.py":
+                continue
+            order = []
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.Import):
+                    order += [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    order.append(node.module)
+            ray_at = next((k for k, name in enumerate(order) if name == "ray" or name.startswith("ray.")), None)
+            if ray_at is not None:
+                assert "streamdiff.parallel.ray_executor" in order[:ray_at], path

@@ -15,11 +15,12 @@ from __future__ import annotations
 import statistics
 import time
 
-import ray
-import torch
-from ray.dag import InputNode
+# ray_executor first: it sets Ray's environment (no native stack dump on SIGTERM) before ray loads
+from streamdiff.parallel.ray_executor import connect  # isort: skip
 
-from streamdiff.parallel.ray_executor import connect
+import ray  # noqa: E402
+import torch  # noqa: E402
+from ray.dag import InputNode  # noqa: E402
 
 GET_TIMEOUT_S = 60.0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import replace
@@ -69,6 +70,19 @@ class _DeadActorCancel(logging.Filter):
 logging.getLogger("ray.dag.compiled_dag_node").addFilter(_DeadActorCancel())
 
 
+def _init_ray(**kwargs) -> None:
+    """ray.init, keeping this process's SIGTERM handler: Ray's own (sys.exit) replaced the CLI's,
+    so a bench over Ray actors stopped with SIGTERM exited 1 without the report of what it had
+    measured, which Ctrl-C prints (a probe)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        ray.init(**kwargs)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 class ClusterError(ConfigError):
     """The Ray cluster cannot be joined or cannot run these stages (one line for the CLI)."""
 
@@ -93,7 +107,7 @@ def connect(address: str, num_stages: int) -> bool:
         if ours:  # read at the call: one attempt (and only for this join: a later one gets Ray's own)
             os.environ["RAY_gcs_server_port_wait_time_s"] = "1"
         try:
-            ray.init(address=address, runtime_env=runtime_env, **quiet)
+            _init_ray(address=address, runtime_env=runtime_env, **quiet)
         except ConnectionError as exc:  # "auto" with no cluster on this machine, a head that went away
             why = "no Ray cluster runs on this machine" if address == "auto" else \
                 f"Ray cluster at {address}: {str(exc).splitlines()[0]}"
@@ -110,7 +124,7 @@ def connect(address: str, num_stages: int) -> bool:
                 os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
         return False
     cpus = max(os.cpu_count() or 1, num_stages + 1)
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, **quiet)
+    _init_ray(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, **quiet)
     return True
 
 

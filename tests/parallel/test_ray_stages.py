@@ -419,3 +419,22 @@ def test_rays_dead_actor_cancel_traceback_is_not_shown_other_errors_are(caplog):
                 logger.error("Error cancelling worker task", exc_info=sys.exc_info())
     shown = [r.exc_info[1] for r in caplog.records if r.name == logger.name]
     assert [type(e).__name__ for e in shown] == ["RuntimeError"]
+
+
+def test_starting_ray_keeps_this_processes_sigterm_handler():
+    """ray.init puts its own SIGTERM handler (sys.exit) in place, even when Ray is up already: a
+    bench over Ray actors stopped with SIGTERM exited 1 with nothing, where Ctrl-C reports what
+    was measured (a probe). The CLI's handler stays."""
+    import signal
+
+    from streamdiff.parallel.ray_executor import _init_ray
+
+    def mine(signum, frame):
+        raise AssertionError("not called here")
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        _init_ray(ignore_reinit_error=True)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)

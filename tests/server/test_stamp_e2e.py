@@ -185,6 +185,46 @@ def test_bench_latencies_match_the_server_metrics():
         assert s["latency_ms"]["p50"] > 0 and s["latency_ms"]["max"] >= s["latency_ms"]["p99"]
     agg = report["aggregate"]
     assert agg["latency_ms"]["count"] == sum(s["frames_read"] for s in report["sessions"])
+    assert all(s["stopped_after_s"] is None for s in report["sessions"])  # served to the end
+
+
+async def _bench_whose_session_the_server_ends():
+    async with running_server() as (url, app):
+        sessions = sessions_of(app)
+
+        async def end_it_once_frames_flow() -> None:
+            while app[ENGINE_KEY].metrics()["totals"]["frames_out"] < 8:
+                await asyncio.sleep(0.05)
+            (session_id,) = list(sessions.sessions)
+            await sessions.close(session_id, "the test ended it (a server that went away)")
+
+        ender = asyncio.create_task(end_it_once_frames_flow())
+        report = await run_e2e(url, sessions=1, duration_s=7.0, fps=15.0, token=TOKEN, progress=False,
+                               bitrate_bps=None)
+        await ender
+    return report
+
+
+def test_a_session_the_server_ends_midway_is_said_and_the_run_fails(monkeypatch, capsys):
+    """A probe: the server stopped 8 s into a 15 s bench; the report said 15 s, 10 fps, 0 freezes,
+    and the bench exited 0. The quiet end counts as a freeze, the session says when its last frame
+    came, and the CLI says so and exits 1."""
+    import argparse
+
+    from streamdiff.client import bench
+
+    report = asyncio.run(_bench_whose_session_the_server_ends())
+    (s,) = report["sessions"]
+    assert s["frames_read"] > 0 and s["freezes"] >= 1, s
+    assert s["stopped_after_s"] is not None and 0 < s["stopped_after_s"] < 7.0 - bench.STOPPED_MIN_S, s
+
+    async def measured(*args, **kwargs):
+        return report
+
+    monkeypatch.setattr(bench, "run_e2e", measured)
+    code = bench.run_from_args(argparse.Namespace(url="http://127.0.0.1:8000", quiet=True))
+    err = capsys.readouterr().err
+    assert code == 1 and f"session 1 received no frame after {s['stopped_after_s']:.1f} s of the 7 s run" in err, err
 
 
 def test_bench_says_when_the_server_is_unreachable():
