@@ -84,5 +84,8 @@ def run(base_url: str, session: str, params: dict, token: str | None = None) -> 
         raise ControlError(f"the server refused the change: {reply.get('error')}")
     if reply.get("type") == "closed":
         raise ControlError(f"session {session!r} has ended")
-    print(json.dumps(reply))
+    try:  # the prompt as the user wrote it (a probe: 水彩画 came back as \u6c34\u5f69\u753b)
+        print(json.dumps(reply, ensure_ascii=False))
+    except UnicodeEncodeError:  # a terminal or file that cannot show it: escaped
+        print(json.dumps(reply))
     return 0

@@ -546,6 +546,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from streamdiff.bench.memory_plan import GiB, format_plan, parse_bytes, plan_memory, write_plan_json
 
     try:
+        if args.gpu_mem is not None and not args.gpu_mem.strip():  # an unset variable, not the default
+            raise ValueError("is empty: give a size such as 80GiB")
         sizes = list(dict.fromkeys(parse_bytes(x) for x in args.gpu_mem.split(","))) if args.gpu_mem else []
     except ValueError as exc:
         raise CliError(f"--gpu-mem {exc}") from None
@@ -606,6 +608,9 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from streamdiff.config import load_config, resolve_path
 
     cfg = load_config(args.config)  # a wrong name fails here, before any folder is made
+    for flag, folder in (("--work", args.work), ("--output", args.output)):
+        if not folder.strip():  # an unset variable (a probe: "" filled the current folder)
+            raise CliError(f"{flag} is empty: name a folder")
     check_folder(args.work, "--work")  # before the teacher's renders and the training, not after
     check_folder(args.output, "--output")
     try:

@@ -321,6 +321,7 @@ def test_result_paths_are_checked_before_the_work(tmp_path):
     (["bench", "--stages", "1", "--peak-tflops", "5"], "--peak-tflops gives one-process model mode its MFU"),
     (["bench", "--json", "r.png", "--plot", "./r.png"], "--json and --plot both name ./r.png"),
     (["plan", "--gpu-mem", "24"], "--gpu-mem '24' is not a device's memory"),
+    (["plan", "--gpu-mem", ""], "--gpu-mem is empty"),  # a probe: the default size, silently
     (["bench", "--url", "notaurl"], "--url 'notaurl' is not a server address"),
     (["bench", "--url", "http://h:port"], "is not a server address"),
     # a probe: the flag's value named by a config key the user never typed, and "config . is a folder"

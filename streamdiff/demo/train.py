@@ -20,6 +20,7 @@ Deterministic given the seed and each stage's thread count; step counts (not wal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -141,6 +142,23 @@ def _ignore_ctrl_c() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def _children_deaf_to_ctrl_c():
+    """Processes started inside it are born ignoring Ctrl-C (an ignored signal stays ignored
+    across exec, and Python then leaves it so). A spawned child imports torch and the model code
+    for seconds before its own `_ignore_ctrl_c` runs; a Ctrl-C in that time printed a traceback
+    from its imports (a probe: ~30 lines before "interrupted"). The parent is deaf only while
+    it starts them (milliseconds)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _start_worker() -> None:
     _ignore_ctrl_c()
     _exit_with_parent()
@@ -191,7 +209,8 @@ def stage_data(work: Path, recipe: Recipe, threads: int) -> list[Path]:
     else:
         import multiprocessing
 
-        pool = multiprocessing.get_context("spawn").Pool(min(threads, len(todo)), initializer=_start_worker)
+        with _children_deaf_to_ctrl_c():
+            pool = multiprocessing.get_context("spawn").Pool(min(threads, len(todo)), initializer=_start_worker)
         try:
             jobs = [(folder, name, i, recipe) for i, name in todo]
             for _ in pool.imap_unordered(_render_indexed, jobs):  # a worker's error is raised here
@@ -212,7 +231,7 @@ def load_data(files: list[Path]) -> list[np.ndarray]:
     for f in files:
         try:
             out.append(np.load(f, mmap_mode="r"))
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty file (a disk that filled)
             raise WorkError(f"{f} is damaged ({first_line(exc)}); delete it and rerun to render it again") from None
     return out
 
@@ -561,11 +580,19 @@ def export(out_dir: Path, net: TAEHV, model, table: torch.Tensor, recipe: Recipe
         save_file(contiguous(model.state_dict()), str(tmp["transformer.safetensors"]))
         save_file({TABLE_KEY: table.contiguous()}, str(tmp["prompts.safetensors"]))
         tmp["training.json"].write_text(json.dumps(info, indent=2) + "\n")
+        for path in tmp.values():  # safetensors writes 0600; the shipped files are 0644 (a server
+            path.chmod(0o666 & ~_umask())  # run as another user could not read a rebuild: a probe)
         for name, path in tmp.items():
             path.replace(out_dir / name)
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def kernel_note(made_with: Path) -> str | None:
@@ -725,7 +752,8 @@ def _decoder_beside(work: Path, config: str, recipe: Recipe, threads: int, run_d
 
     child = multiprocessing.get_context("spawn").Process(
         target=_decoder_process, args=(str(work), config, recipe, threads), name="train-demo: TAEHV decoder")
-    child.start()
+    with _children_deaf_to_ctrl_c():
+        child.start()
     try:
         out = run_dit()
         child.join()

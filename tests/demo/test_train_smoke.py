@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -68,6 +69,17 @@ def test_smoke_run_exports_loadable_weights_and_resumes(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert f"{ckpt} is damaged" in err and "delete it and rerun" in err and len(err.splitlines()) == 1, err
     assert not list(work.glob("*.tmp")) and not list(out.glob(".*.tmp"))  # nothing half-written left
+    # a probe: safetensors wrote 0600 files (a server run as another user could not read them)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~umask}
+    # a probe: an empty teacher-render file (a disk that filled) was an EOFError traceback
+    ckpt.unlink()
+    empty = sorted((work / "data").glob("*.npy"))[0]
+    empty.write_bytes(b"")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{empty} is damaged" in err and len(err.splitlines()) == 1, err
 
 
 def test_two_threads_train_the_decoder_beside_the_dit_to_the_same_weights(tmp_path, capsys):
@@ -155,7 +167,9 @@ def test_mistakes_are_refused_in_one_line_before_any_folder_is_made(tmp_path, ca
                         (["--config", "nosuch"], "nosuch"),
                         # a probe: tiny trained for its whole run into weights no config loads
                         (["--config", "tiny"], "train-demo trains a demo-kind model"),
-                        (["--output", str(a_file)], f"--output {a_file} is a file")):
+                        (["--output", str(a_file)], f"--output {a_file} is a file"),
+                        # a probe: an unset variable's "" filled the current folder
+                        (["--work", ""], "--work is empty"), (["--output", ""], "--output is empty")):
         with pytest.raises(SystemExit) if "--threads" in args else contextlib.nullcontext():
             assert main(["train-demo", "--smoke", "--work", str(tmp_path / "w"), *args]) == 2
         err = capsys.readouterr().err.strip()
@@ -223,3 +237,21 @@ def test_a_stage_process_ends_when_train_demo_is_killed():
     else:
         os.kill(grandchild, signal.SIGKILL)
         raise AssertionError("the child of a killed train-demo went on")
+
+
+def test_the_trainers_processes_are_born_deaf_to_ctrl_c():
+    """A probe: Ctrl-C in a terminal during the data stage printed a 30-line traceback from a
+    worker still importing torch (it ignores Ctrl-C only once its initializer runs). A child
+    the trainer starts ignores Ctrl-C from its first instruction; the trainer still hears it."""
+    import multiprocessing
+    import signal
+
+    from streamdiff.demo.train import _children_deaf_to_ctrl_c
+
+    before = signal.getsignal(signal.SIGINT)
+    with _children_deaf_to_ctrl_c():
+        child = multiprocessing.get_context("spawn").Process(target=signal.raise_signal, args=(signal.SIGINT,))
+        child.start()
+    child.join(60)
+    assert child.exitcode == 0  # its own Ctrl-C did nothing (a KeyboardInterrupt: exit code 1)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -85,7 +85,7 @@ def test_control_cli_mistakes_are_one_line(capsys):
     assert cli.build_parser().parse_args(["control", "--session", "s", "--motion", "Off"]).motion is False
 
 
-def test_control_cli_changes_params():
+def test_control_cli_changes_params(capsys):
     async def run():
         async with running_server() as (url, app):
             pub = await publish(url, "cam")
@@ -117,11 +117,13 @@ def test_control_cli_changes_params():
             sessions._renew_expectations()
             await until(lambda: len(asked) >= 3, "renewed every RENEW_EVERY_S")
             code = await asyncio.to_thread(cli.main, ["control", "--url", url, "--session", "cam", "--token", TOKEN,
-                                                      "--prompt", "watercolor", "--seed", "5"])
+                                                      "--prompt", "watercolor 水彩画", "--seed", "5"])
             assert code == 0
             publisher = sessions_of(app).publisher("cam")
             params = await app[ENGINE_KEY].params(publisher.id)
-            assert (params.prompt, params.seed, params.steps) == ("watercolor", 5, 3)
+            assert (params.prompt, params.seed, params.steps) == ("watercolor 水彩画", 5, 3)
+            # the reply shows the prompt as typed (a probe: \u6c34\u5f69\u753b)
+            assert '"prompt": "watercolor 水彩画"' in capsys.readouterr().out
             async with aiohttp.ClientSession() as http:
                 async with http.get(f"{url}/sessions", headers=auth()) as resp:
                     assert [s["stream_key"] for s in await resp.json()] == ["cam"]
