@@ -262,19 +262,27 @@ class EngineCore:
         self.restarted.pop(stream_id, None)
         return True
 
+    def _stream(self, stream_id: str) -> _Stream:
+        """The stream's entry; KeyError naming it for a stream not (or no longer) served (a
+        caller whose stream was removed meanwhile got KeyError('<id>'), its bare id)."""
+        try:
+            return self._streams[stream_id]
+        except KeyError:
+            raise KeyError(f"unknown stream {stream_id!r}") from None
+
     def params(self, stream_id: str) -> StreamParams:
-        return self._streams[stream_id].params
+        return self._stream(stream_id).params
 
     def admission(self, stream_id: str) -> Admission:
         """The stream's latest admission (at its start, or when a steps change re-admitted it):
         the fps and latency it can expect, and whether it runs best effort."""
-        return self._streams[stream_id].admission
+        return self._stream(stream_id).admission
 
     def update_params(self, stream_id: str, now: float | None = None, **changes: object) -> StreamParams:
         """Apply live changes (validated; ValueError names the field and its range). See the
         module docstring for what each does. Returns the stream's new parameters."""
         changes = validate_changes(changes)
-        entry = self._streams[stream_id]
+        entry = self._stream(stream_id)
         new = entry.params.with_changes(changes)
         if new.steps != entry.params.steps:
             self.drain()
@@ -338,7 +346,7 @@ class EngineCore:
     def push_frame(self, stream_id: str, frame: np.ndarray, pts: object = None, now: float | None = None) -> int:
         """Hand the engine one input frame [H, W, 3] uint8 (kept by reference: do not modify it
         afterwards). Older waiting frames may be dropped. Returns the frame id."""
-        entry = self._streams[stream_id]
+        entry = self._stream(stream_id)
         if not isinstance(frame, np.ndarray) or frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
             got = f"{frame.dtype} {list(frame.shape)}" if isinstance(frame, np.ndarray) else type(frame).__name__
             raise ValueError(f"frame must be uint8 [{self.height}, {self.width}, 3], got {got}")
@@ -358,7 +366,7 @@ class EngineCore:
     def waiting_frames(self, stream_id: str | None = None) -> int:
         """Input frame payloads held (one stream, or all)."""
         if stream_id is not None:
-            return len(self._streams[stream_id].frames)
+            return len(self._stream(stream_id).frames)
         return sum(len(e.frames) for e in self._streams.values())
 
     # ------------------------------------------------------------------ one step
@@ -477,12 +485,12 @@ class EngineCore:
 
     def pop_outputs(self, stream_id: str, limit: int | None = None) -> list[OutputFrame]:
         """Take up to `limit` (default all) output frames of the stream, oldest first."""
-        queue = self._streams[stream_id].outputs
+        queue = self._stream(stream_id).outputs
         n = len(queue) if limit is None else min(limit, len(queue))
         return [queue.popleft() for _ in range(n)]
 
     def output_frames_waiting(self, stream_id: str) -> int:
-        return len(self._streams[stream_id].outputs)
+        return len(self._stream(stream_id).outputs)
 
     # ------------------------------------------------------------------ warm-up, stats
 
