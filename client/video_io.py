@@ -60,8 +60,8 @@ def _rotation(frame) -> int:
 
 def _display_matrix(frame) -> np.ndarray | None:
     for data in frame.side_data:
-        if getattr(data.type, "name", "") == "DISPLAYMATRIX" and len(bytes(data)) == 36:
-            return np.frombuffer(bytes(data), dtype=np.int32)
+        if getattr(data.type, "name", "") == "DISPLAYMATRIX" and len(raw := bytes(data)) == 36:
+            return np.frombuffer(raw, dtype=np.int32)
     return None
 
 
