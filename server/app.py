@@ -771,7 +771,11 @@ def startup_lines(cfg, settings: ServerSettings, host: str, port: int, expect: t
         f"  measured step {step_ms:.0f} ms: one stream can expect about {fps:.1f} fps and {latency_ms:.0f} ms latency "
         f"(service level {target:g} fps, {deadline:g} ms; a first stream is always admitted)",
         f"  OBS: WHIP {shown}whip/<key>{'  (Bearer token ' + settings.token + ')' if settings.token else ''}; "
-        f"viewer {shown}viewer.html?key=<key>{'&' + token if token else ''}",
+        f"viewer {shown}viewer.html?key=<key>{'&' + token if token else ''}"
+        # a docs probe: this link holds the server's token; the one to share plays one stream only
+        + (" (holds the server's token; to share one stream, use its play-only link: on the console or the "
+           "page when it starts, or `watch` in /sessions)"
+           if token else ""),
         # a probe: served on the network with no token, any Host is answered (the names other
         # machines use are not known here), so nothing but this line stands between its streams
         # and anyone on the network, or a web page its users visit (DNS rebinding)

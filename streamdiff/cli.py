@@ -735,10 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--compile", action="store_true",
                        help="also run every combination with the DiT blocks under torch.compile (side by side)")
     model.add_argument("--cuda-graphs", action="store_true",
-                       help="also run every combination compiled with CUDA graphs (CUDA only)")
+                       help="also run every combination as replayed CUDA graphs of the eager forward "
+                            "(CUDA only; --compile is the compiled mode)")
     sim = bench.add_argument_group("scaling projection")
     sim.add_argument("--simulate", action="store_true",
-                     help="measure one device, project 1..N pipeline stages (uses --config/--set/--streams)")
+                     help="measure one device, project 1..N pipeline stages (uses the model-mode options and --json)")
     model.add_argument("--stages", metavar="LIST",
                        help="run real pipeline stages, one thread each (Ray actors with --ray), for each "
                             "stage count, e.g. 1,2,4; with --simulate: the stage counts to project (default 1,2,4,8)")
@@ -748,7 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8000 (selects end-to-end mode)")
     e2e.add_argument("--sessions", type=number_in(int, 1, 64, "2"), help="concurrent sessions (default 1)")
     e2e.add_argument("--token", help=f"bearer token of the server (default: ${TOKEN_ENV})")
-    e2e.add_argument("--fps", type=number_in(float, 0.1, 240, "30"), help="input frame rate sent per session")
+    e2e.add_argument("--fps", type=number_in(float, 0.1, 240, "30"),
+                     help="input frame rate sent per session (default 15)")
     e2e.add_argument("--size", help="input frame size WxH, e.g. 256x256")
     bench.set_defaults(func=cmd_bench)
 
@@ -776,8 +778,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "StreamDiffusionV2's figures beside ours).")
     check.add_argument("--out", default="out/gpu-check", help="output folder (default out/gpu-check)")
     check.add_argument("--budget-s", type=number_in(float, 1, 86400, "600"), default=600.0, help="stop starting parts past this (default 600)")
-    check.add_argument("--duration", type=number_in(float, 0.1, 3600, "5"), default=5.0, help="measured seconds per bench combination")
-    check.add_argument("--config", default="wan-1.3b", help="architecture to bench with random weights")
+    check.add_argument("--duration", type=number_in(float, 0.1, 3600, "5"), default=5.0,
+                       help="measured seconds per bench combination (default 5)")
+    check.add_argument("--config", default="wan-1.3b",
+                       help="architecture to bench with random weights (default wan-1.3b)")
     check.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     check.add_argument("--only", action="append", metavar="TEXT",
                        help="run only the parts whose name contains TEXT (repeatable; case-insensitive)")
@@ -869,6 +873,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("streamdiff: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output has gone (`streamdiff plan | head`): stop as a shell tool does,
+        # quietly with SIGPIPE's status; stdout pointed at /dev/null so the flush at exit is quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     finally:
         if own:
             signal.signal(signal.SIGTERM, previous)

@@ -473,3 +473,16 @@ def test_an_allocation_that_fails_is_one_line(cli_here, monkeypatch, tmp_path):
     said = err.splitlines()[-1]
     assert rc == 1 and said.startswith("streamdiff: error: out of memory (one tensor of 7450.6 GiB)"), err
     assert "streamdiff plan" in said and not (tmp_path / "o.mp4").exists()
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
+    """A docs probe: `streamdiff gpu-check --dry-run | head` ended in a BrokenPipeError traceback once
+    `head` had its lines (and Python's own "Exception ignored" on the flush at exit)."""
+    read, write = os.pipe()
+    os.close(read)  # a reader that has gone: every write fails (as once `head` has its lines)
+    try:
+        done = subprocess.run([sys.executable, "-m", "streamdiff.cli", "gpu-check", "--dry-run"],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == "", done.stderr

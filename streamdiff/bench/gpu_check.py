@@ -131,7 +131,7 @@ def format_dry_run(parts: list[Part], budget_s: float) -> str:
             used += part.est_s + extra
             built = built or part.kind == "bench"
         note = f" (+{extra:.0f} s model build)" if extra else ""
-        state = f"at {used:5.0f} s" if fits else "skipped (budget)"
+        state = f"done by {used:5.0f} s" if fits else "skipped (budget)"
         lines.append(f"{i:3d}. {part.name:<58} ~{part.est_s:4.0f} s{note:<22} {state}")
     return "\n".join(lines)
 

@@ -47,7 +47,7 @@ def test_dry_run_prints_estimates_within_the_budget(capsys):
     assert main(["gpu-check", "--dry-run", "--budget-s", "600"]) == 0
     out = capsys.readouterr().out
     assert "bench 512x512 steps 1 streams 1 eager" in out.splitlines()[1]
-    times = [float(t) for t in re.findall(r"at\s+(\d+) s", out)]
+    times = [float(t) for t in re.findall(r"done by\s+(\d+) s", out)]
     assert times == sorted(times) and 0 < times[-1] <= 600
     assert "skipped (budget)" in out
     scheduled = schedule(plan_parts(5.0), 600)

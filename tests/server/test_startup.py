@@ -15,6 +15,8 @@ def test_startup_lines_show_the_measured_step_the_expectation_and_a_working_view
     assert "measured step 412 ms" in text and "about 9.7 fps" in text and "1650 ms latency" in text
     assert "service level 2 fps, 8000 ms" in text  # the preset's own, no flags given
     assert "viewer http://127.0.0.1:8011/viewer.html?key=<key>&token=s3cret" in text
+    # that link controls every stream; the console says which link plays one stream and nothing else
+    assert "to share one stream, use its play-only link" in text and "`watch` in /sessions" in text
     assert "http://127.0.0.1:8011/?token=s3cret" in text
     plain = "\n".join(startup_lines(cfg, ServerSettings(target_fps=5.0), "127.0.0.1", 8000, (100.0, 30.0, 300.0)))
     assert "token" not in plain and "service level 5 fps" in plain
