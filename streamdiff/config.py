@@ -22,10 +22,15 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 def _config_dir() -> Path:
-    """Presets live in the project's configs/ folder; an installed copy (Docker) sets
-    STREAMDIFF_CONFIG_DIR."""
+    """Presets live in the project's configs/ folder, which an install (`pip install .`, not -e)
+    carries inside the package as streamdiff/configs (pyproject.toml's package-dir); a folder of
+    one's own: STREAMDIFF_CONFIG_DIR. An install probe: a plain `pip install` found no preset."""
     env = os.environ.get("STREAMDIFF_CONFIG_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    installed = here / "configs"
+    return installed if installed.is_dir() else here.parent / "configs"
 
 
 CONFIG_DIR = _config_dir()
@@ -570,6 +575,9 @@ def _resolve(data: dict, seen: tuple[str, ...] = ()) -> dict:
     path = CONFIG_DIR / f"{preset}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        if not known:  # say where it looked: an empty list said nothing
+            raise ConfigError(f"unknown preset {preset!r}: no presets in {CONFIG_DIR} (set STREAMDIFF_CONFIG_DIR "
+                              "to a folder of presets, or give a YAML file)")
         raise ConfigError(f"unknown preset {preset!r} (known: {', '.join(known)})")
     return _merge(_resolve(_read_yaml(path), seen + (preset,)), data)
 

@@ -83,9 +83,15 @@ def test_threaded_stages_cannot_join_a_ray_cluster():
     assert load_config("demo", ["parallel.ray_address=auto", "parallel.backend=ray"]).parallel.backend == "ray"
 
 
-def test_unknown_preset_and_bad_yaml(tmp_path):
+def test_unknown_preset_and_bad_yaml(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="unknown preset 'huge'.*tiny"):
         load_config("huge")
+    # a folder with no presets (an install probe saw "(known: )"): say where it looked and the way out
+    import streamdiff.config as config
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    with pytest.raises(ConfigError, match=f"unknown preset 'demo': no presets in {tmp_path} .*STREAMDIFF_CONFIG_DIR"):
+        load_config("demo")
+    monkeypatch.undo()
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

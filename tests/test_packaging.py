@@ -4,11 +4,13 @@ no Docker on the test machines)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +21,7 @@ def test_building_the_wheel_prints_no_setuptools_warnings(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for folder in ("streamdiff", "kernels", "server", "client"):
+    for folder in ("streamdiff", "kernels", "server", "client", "configs"):
         shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path / "wheel"
     out.mkdir()
@@ -33,6 +35,22 @@ def test_building_the_wheel_prints_no_setuptools_warnings(tmp_path):
     wheel = next(out.glob("*.whl"))
     listing = subprocess.run([sys.executable, "-m", "zipfile", "-l", str(wheel)], capture_output=True, text=True).stdout
     assert "streamdiff/client/web/viewer.html" in listing and "streamdiff/client/web/app.js" in listing
+    # An install probe: a plain `pip install .` found no preset ("unknown preset 'demo' (known: )"),
+    # the demo's weights were not in the wheel. The wheel unpacked as pip installs it, imported
+    # from another folder: the demo preset loads with its weights from inside the package.
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = ("import json; from streamdiff.config import CONFIG_DIR, load_config, resolve_path; "
+             "cfg = load_config('demo'); print(json.dumps([str(CONFIG_DIR), str(resolve_path(cfg.weights.transformer)), "
+             "str(resolve_path(cfg.weights.vae)), [p for p in ('tiny', 'wan-1.3b') if load_config(p)]]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "STREAMDIFF_CONFIG_DIR")}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(env, PYTHONPATH=str(site)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    config_dir, transformer, vae, others = json.loads(done.stdout)
+    assert Path(config_dir) == site / "streamdiff" / "configs" and others == ["tiny", "wan-1.3b"]
+    for weights in (transformer, vae):
+        assert Path(weights).is_file() and Path(weights).is_relative_to(site), weights
 
 
 def test_dockerfile_builds_without_nvcc_and_serves():
