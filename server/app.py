@@ -67,7 +67,8 @@ from streamdiff.server.http import (
     watch_token,
 )
 from streamdiff.engine.types import short_repr
-from streamdiff.preflight import loopback_only
+from streamdiff.config import ConfigError
+from streamdiff.preflight import LISTEN_ERRNOS, cannot_listen, loopback_only
 from streamdiff.server.prom import exposition
 from streamdiff.server.startup import START_KEY, EngineStart
 from streamdiff.server.sessions import (
@@ -816,8 +817,13 @@ def serve(cfg, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettin
     engine.add_failure_callback(engine_failed)
     app.on_startup.insert(0, _stop_on_signals)  # before the engine warms up
     app.on_startup.append(announce)
-    web.run_app(app, host=host, port=port, print=None, keepalive_timeout=settings.header_timeout_s,
-                handle_signals=False, access_log_class=AccessLog)
+    try:
+        web.run_app(app, host=host, port=port, print=None, keepalive_timeout=settings.header_timeout_s,
+                    handle_signals=False, access_log_class=AccessLog)
+    except OSError as exc:  # `check_listen` passed, then another server bound the port first
+        if exc.errno not in LISTEN_ERRNOS:
+            raise
+        raise ConfigError(cannot_listen(host, port, exc)) from None
     for sig in (signal.SIGINT, signal.SIGTERM):  # the loop is gone; threads still wind down
         signal.signal(sig, _out_at_once)
     if start.error is not None:  # the warm-up failed: the command fails with its error, as before

@@ -151,7 +151,6 @@ def check_device(cfg: Config) -> None:
 def check_listen(host: str, port: int) -> None:
     """`serve` can listen on host:port: bound once and let go, as aiohttp will bind it (address
     reuse on, so a socket still in TIME_WAIT from the last run does not count as taken)."""
-    where = f"{host}:{port}"
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -162,17 +161,26 @@ def check_listen(host: str, port: int) -> None:
             try:
                 sock.bind(address)
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    why = (f"port {port} is in use (another server, perhaps an earlier streamdiff serve or "
-                           "make run): stop it, or pick another port with --port N "
-                           "(make run RUN_ARGS=\"--config demo --port N\")")
-                elif exc.errno == errno.EACCES:
-                    why = "permission denied (ports below 1024 need privileges; use --port 8000 or above)"
-                elif exc.errno == errno.EADDRNOTAVAIL:
-                    why = f"{host} is not an address of this machine (127.0.0.1: this machine only; 0.0.0.0: all)"
-                else:
-                    why = exc.strerror or str(exc)
-                raise ConfigError(f"cannot listen on {where}: {why}") from None
+                raise ConfigError(cannot_listen(host, port, exc)) from None
+
+
+LISTEN_ERRNOS = (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> str:
+    """One line for a failed bind: by `check_listen`, or by the server itself when another one
+    took the port between that check and its bind (two started seconds apart: an install probe)."""
+    if exc.errno == errno.EADDRINUSE:
+        why = (f"port {port} is in use (another server, perhaps an earlier streamdiff serve or "
+               "make run): stop it, or pick another port with --port N "
+               "(make run RUN_ARGS=\"--config demo --port N\")")
+    elif exc.errno == errno.EACCES:
+        why = "permission denied (ports below 1024 need privileges; use --port 8000 or above)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = f"{host} is not an address of this machine (127.0.0.1: this machine only; 0.0.0.0: all)"
+    else:
+        why = exc.strerror or str(exc)
+    return f"cannot listen on {host}:{port}: {why}"
 
 
 def loopback_only(host: str) -> bool:

@@ -486,3 +486,25 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
     finally:
         os.close(write)
     assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
+TAKEN_MEANWHILE = """
+import socket, sys
+from streamdiff.cli import main
+import streamdiff.cli as cli
+holder = socket.socket()
+holder.bind(("127.0.0.1", 0))
+holder.listen()
+port = holder.getsockname()[1]
+cli.check_listen = lambda host, port: None  # as if another server bound the port after the check
+sys.exit(main(["serve", "--config", "tiny", "--port", str(port)]))
+"""
+
+
+def test_a_port_taken_between_the_check_and_the_bind_is_one_line():
+    """An install probe: a second server started seconds after the first passed the port check
+    (the first had not bound yet) and ended 13 s later in aiohttp's bind traceback."""
+    done = subprocess.run([sys.executable, "-c", TAKEN_MEANWHILE], capture_output=True, text=True, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert last.startswith("streamdiff: error: cannot listen on 127.0.0.1:") and "is in use" in last, last
