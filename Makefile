@@ -9,8 +9,17 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
+# A .venv whose python no longer runs (its python removed or upgraded away), is older than the
+# project needs, or has no pip (what a failed `python3 -m venv` leaves) is made again.
+VENV_OK := $(shell "$(PY)" -c 'import sys, pip; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1 && echo yes)
+ifneq ($(VENV_OK),yes)
+$(shell rm -f "$(STAMP)")
+endif
+
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+	  { echo "StreamDiff needs Python 3.10 or newer; python3 here is $$(python3 --version 2>&1)" >&2; exit 1; }
+	test "$(VENV_OK)" = yes || { rm -rf "$(VENV)" && python3 -m venv "$(VENV)"; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"

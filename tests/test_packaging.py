@@ -144,3 +144,33 @@ def test_the_mapped_kernels_package_still_imports_from_the_checkout():
     name, distinct, ours, path = done.stdout.split()
     assert (name, distinct, ours) == ("streamdiff.kernels", "True", "True")  # our package, not the handed-over one
     assert Path(path).resolve() == ROOT / "kernels" / "__init__.py"
+
+
+def _make(folder: Path, *args: str, path: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **({"PATH": path} if path else {}))
+    return subprocess.run(["make", "-C", str(folder), *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_make_sets_up_a_venv_again_when_its_python_is_gone_and_names_a_python_too_old(tmp_path):
+    """An install probe: with .venv's python removed, `make run` failed on "exec: .venv/bin/python:
+    not found" every time until `make clean`; with python3 3.9 it failed in pip's conflict message."""
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").symlink_to(sys.executable)  # a working venv python (this one has pip)
+    (tmp_path / ".venv" / ".installed").touch()
+    os.utime(tmp_path / "pyproject.toml", (1, 1))  # older than the stamp: set up already
+    assert "Nothing to be done" in _make(tmp_path, "-n", "setup").stdout
+    (bin_dir / "python").unlink()
+    (bin_dir / "python").symlink_to(tmp_path / "gone")  # its python removed
+    plan = _make(tmp_path, "-n", "setup").stdout
+    assert 'rm -rf ".venv" && python3 -m venv ".venv"' in plan and "pip install" in plan, plan
+    # a python3 older than the project's floor: said first, nothing made
+    fake = tmp_path / "old"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'Python 3.9.2' && exit 0\nexit 1\n")
+    (fake / "python3").chmod(0o755)
+    done = _make(tmp_path, "setup", path=f"{fake}:{os.environ['PATH']}")
+    assert done.returncode != 0 and "StreamDiff needs Python 3.10 or newer; python3 here is Python 3.9.2" in done.stderr
+    assert not (tmp_path / ".venv" / ".installed").exists() and (bin_dir / "python").is_symlink()
