@@ -847,16 +847,24 @@ def _out_at_once(*_) -> None:
     os._exit(130)
 
 
+SAME_SIGTERM_S = 1.0
+
+
 async def _stop_on_signals(_app: web.Application) -> None:
     """SIGINT (Ctrl-C) or SIGTERM: a graceful stop (every session told, the engine stopped); a
     second one while that runs: out at once, exit 130. aiohttp's own handlers stayed installed
     during its cleanup, so a second Ctrl-C raised wherever the process was (exit 1 or -2, once a
-    C++ abort from a codec thread) and printed nothing."""
+    C++ abort from a codec thread) and printed nothing. A SIGTERM within `SAME_SIGTERM_S` of a
+    first SIGTERM is that one again, not a second request: `timeout` signals its process group and
+    make passes SIGTERM on to its child, so `timeout 12 make run` delivered one stop twice."""
     loop = asyncio.get_running_loop()
-    received = []
+    received: list[tuple[str, float]] = []
 
     def on_signal(name: str) -> None:
-        received.append(name)
+        now = time.monotonic()
+        if received and name == received[0][0] == "SIGTERM" and now - received[0][1] < SAME_SIGTERM_S:
+            return
+        received.append((name, now))
         if len(received) == 1:
             print(f"streamdiff: {name}: stopping (every session is told; press Ctrl-C again to stop at once)",
                   file=sys.stderr, flush=True)
