@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_building_the_wheel_prints_no_setuptools_warnings(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     for folder in ("streamdiff", "kernels", "server", "client", "configs"):
         shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -35,6 +35,7 @@ def test_building_the_wheel_prints_no_setuptools_warnings(tmp_path):
     wheel = next(out.glob("*.whl"))
     listing = subprocess.run([sys.executable, "-m", "zipfile", "-l", str(wheel)], capture_output=True, text=True).stdout
     assert "streamdiff/client/web/viewer.html" in listing and "streamdiff/client/web/app.js" in listing
+    assert ".dist-info/licenses/LICENSE" in listing  # the licence pyproject names (an install probe: no file)
     # An install probe: a plain `pip install .` found no preset ("unknown preset 'demo' (known: )"),
     # the demo's weights were not in the wheel. The wheel unpacked as pip installs it, imported
     # from another folder: the demo preset loads with its weights from inside the package.
