@@ -647,9 +647,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"streamdiff: error: {message} (see: {self.prog} --help)\n")
 
 
+def _version() -> str:
+    """The installed package's version (an install probe: `streamdiff --version` did not exist)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("streamdiff")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="streamdiff", description="Real-time streaming video diffusion")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-V", "--version", action="version", version=f"streamdiff {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = sub.choices  # name -> its parser (main names a command's own flags' errors)
 

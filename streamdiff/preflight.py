@@ -154,6 +154,10 @@ def check_listen(host: str, port: int) -> None:
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
+        if "://" in host or host.endswith("/"):  # a URL pasted where an address goes (an install probe)
+            bare = host.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+            raise ConfigError(f"--host {host}: give the address alone, without scheme, port or path "
+                              f"(--host {bare or '127.0.0.1'} --port {port})") from None
         raise ConfigError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as sock:

@@ -508,3 +508,23 @@ def test_a_port_taken_between_the_check_and_the_bind_is_one_line():
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert last.startswith("streamdiff: error: cannot listen on 127.0.0.1:") and "is in use" in last, last
+
+
+def test_a_url_given_as_host_is_told_to_drop_its_scheme_and_the_version_is_printed(capsys):
+    """An install probe: `--host http://127.0.0.1` said "not an address of this machine" (it is one,
+    without its scheme), and `streamdiff --version` was an error."""
+    from streamdiff.config import ConfigError
+    from streamdiff.preflight import check_listen
+
+    for given in ("http://127.0.0.1", "https://127.0.0.1:8000/"):
+        with pytest.raises(ConfigError, match=r"without scheme, port or path \(--host 127\.0\.0\.1 --port 8011\)"):
+            check_listen(given, 8011)
+    with pytest.raises(ConfigError, match="not an address of this machine"):
+        check_listen("nothing.invalid", 8011)
+    from importlib.metadata import version
+
+    from streamdiff.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"streamdiff {version('streamdiff')}"
