@@ -384,6 +384,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("vae.taehv_encoder_widths needs 3 and vae.taehv_decoder_widths 4 positive widths")
     if cfg.vae.kind == "taehv" and cfg.vae.decoder == "taehv":
         raise ConfigError("vae.decoder=taehv is for the Wan encoder; with vae.kind=taehv TAEHV already decodes")
+    if cfg.vae.kind == "taehv" and cfg.vae.normalize_latents:  # a TAEHV probe: it was taken and ignored
+        raise ConfigError("vae.normalize_latents is for the Wan encoder; TAEHV's latents are always the "
+                          "normalised ones (vae.kind=taehv)")
     if len(cfg.vae.temperal_downsample) != len(cfg.vae.dim_mult) - 1:
         raise ConfigError("vae.temperal_downsample needs one entry fewer than vae.dim_mult")
     # The streaming path is built on Wan 2.1's compression, 8x in space (a halving after every

@@ -187,3 +187,14 @@ def test_numbers_read_as_written_and_a_key_given_twice_is_refused(tmp_path):
         load_config(twice)
     with pytest.raises(ConfigError, match="'a' is given twice"):
         load_config("tiny", ["model={a: 1, a: 2}"])
+
+
+def test_a_taehv_setting_that_would_do_nothing_is_refused():
+    """A TAEHV probe: `vae.normalize_latents=true` with `vae.kind=taehv` was accepted and ignored
+    (TAEHV's latents are the normalised ones whatever it says)."""
+    with pytest.raises(ConfigError, match="vae.normalize_latents is for the Wan encoder"):
+        load_config("demo", ["vae.normalize_latents=true"])
+    with pytest.raises(ConfigError, match="with vae.kind=taehv TAEHV already decodes"):
+        load_config("demo", ["vae.decoder=taehv"])
+    hybrid = load_config("tiny", ["vae.decoder=taehv", "vae.normalize_latents=true"])  # the Wan encoder's own
+    assert hybrid.vae.normalize_latents and hybrid.vae.decoder == "taehv"
