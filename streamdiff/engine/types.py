@@ -154,13 +154,20 @@ class EngineStepResult(StepResult):
 class StreamCommands:
     """Commands for the executors, coalesced per stream until they ride in a plan: a stream
     added and removed before any plan never reaches an executor; changes to a stream not yet
-    created (or re-created) fold into its start; a removal cancels its pending changes."""
+    created (or re-created) fold into its start; a removal cancels its pending changes.
+
+    Changes to a running stream fold only where applying the fold once equals applying them in
+    turn: into a pending change that changes no prompt (its fields are all set again by the later
+    one). After a prompt change the next change is kept apart, in order: a prompt change starts a
+    swap or a blend from what conditions the stream then, so a swap then a blend, a blend then
+    the blend length alone, or a swap then the blend length, folded, blended from the prompt
+    before them (a fuzzer, with plans in flight; the local executor sends each change at once)."""
 
     def __init__(self):
         self.new: dict[str, StreamStart] = {}
         self.finished: list[str] = []
         self.restarted: dict[str, StreamStart] = {}
-        self.updated: dict[str, StreamUpdate] = {}
+        self.updated: list[StreamUpdate] = []  # in the order they were made; a stream may have several
 
     def __bool__(self) -> bool:
         return bool(self.new or self.finished or self.restarted or self.updated)
@@ -168,16 +175,19 @@ class StreamCommands:
     def add(self, stream_id: str, params: StreamParams, kv_lanes: tuple[int, ...]) -> None:
         self.new[stream_id] = StreamStart(stream_id, params, tuple(kv_lanes))
 
+    def _drop_updates(self, stream_id: str) -> None:
+        self.updated = [update for update in self.updated if update.stream_id != stream_id]
+
     def remove(self, stream_id: str) -> None:
         self.restarted.pop(stream_id, None)
-        self.updated.pop(stream_id, None)
+        self._drop_updates(stream_id)
         if self.new.pop(stream_id, None) is not None and stream_id not in self.finished:
             return  # never reached an executor
         if stream_id not in self.finished:
             self.finished.append(stream_id)
 
     def restart(self, stream_id: str, params: StreamParams, kv_lanes: tuple[int, ...]) -> None:
-        self.updated.pop(stream_id, None)
+        self._drop_updates(stream_id)
         start = StreamStart(stream_id, params, tuple(kv_lanes))
         if stream_id in self.new:
             self.new[stream_id] = start
@@ -189,14 +199,17 @@ class StreamCommands:
             if stream_id in pending:
                 pending[stream_id] = replace(pending[stream_id], params=params)
                 return
-        before = self.updated.get(stream_id)
-        names = tuple(dict.fromkeys((*(before.changed if before else ()), *changed)))
-        self.updated[stream_id] = StreamUpdate(stream_id, params, names)
+        at = next((i for i in range(len(self.updated) - 1, -1, -1) if self.updated[i].stream_id == stream_id), None)
+        if at is not None and "prompt" not in self.updated[at].changed:
+            names = tuple(dict.fromkeys((*self.updated[at].changed, *changed)))
+            self.updated[at] = StreamUpdate(stream_id, params, names)
+        else:
+            self.updated.append(StreamUpdate(stream_id, params, tuple(changed)))
 
     def attach(self, plan: StepPlan) -> StepPlan:
         """`plan` carrying every pending command; nothing is pending afterwards."""
         plan = replace(plan, new_streams=tuple(self.new.values()), finished_streams=tuple(self.finished),
-                       restarted_streams=tuple(self.restarted.values()), updated_streams=tuple(self.updated.values()))
+                       restarted_streams=tuple(self.restarted.values()), updated_streams=tuple(self.updated))
         self.__init__()
         return plan
 

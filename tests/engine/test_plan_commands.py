@@ -21,13 +21,28 @@ def test_commands_coalesce_until_a_plan_takes_them(cfg):
     cmds.remove("y")
     cmds.add("y", b, (2, 3))  # removed then added again: finished first, then new
     cmds.update("y", b.with_changes({"seed": 7}), ("seed",))  # folds into its start
-    cmds.update("z", a.with_changes({"prompt": "p"}), ("prompt",))
-    cmds.update("z", a.with_changes({"prompt": "p", "seed": 3}), ("seed",))
+    cmds.update("z", a.with_changes({"seed": 2}), ("seed",))
+    cmds.update("z", a.with_changes({"prompt": "p", "seed": 2}), ("prompt",))  # folds: sets all the first set
+    cmds.update("z", a.with_changes({"prompt": "p", "seed": 3}), ("seed",))  # after a prompt change: kept apart
+    cmds.update("z", a.with_changes({"prompt": "p", "seed": 4}), ("seed",))  # folds into the seed change
     plan = cmds.plan(0.0)
     assert not cmds and plan.step_id == -1 and plan.chunks == ()
     assert plan.finished_streams == ("y",)
     assert [(s.stream_id, s.params.seed, s.kv_lanes) for s in plan.new_streams] == [("y", 7, (2, 3))]
-    assert [(u.stream_id, u.changed, u.params.seed) for u in plan.updated_streams] == [("z", ("prompt", "seed"), 3)]
+    assert [(u.stream_id, u.changed, u.params.seed) for u in plan.updated_streams] == [
+        ("z", ("seed", "prompt"), 2), ("z", ("seed",), 4)]
+    # a prompt change then its blend length: two changes in turn (folded, the blend would start
+    # from the prompt before the first; the runner applies them in order)
+    cmds.update("z", a.with_changes({"prompt": "q"}), ("prompt",))
+    cmds.update("z", a.with_changes({"prompt": "q", "prompt_blend_chunks": 4}), ("prompt_blend_chunks",))
+    cmds.update("w", b.with_changes({"prompt": "r"}), ("prompt",))
+    cmds.update("z", a.with_changes({"prompt": "s", "prompt_blend_chunks": 4}), ("prompt",))
+    plan = cmds.plan(0.0)
+    assert [(u.stream_id, u.changed) for u in plan.updated_streams] == [
+        ("z", ("prompt",)), ("z", ("prompt_blend_chunks", "prompt")), ("w", ("prompt",))]
+    cmds.remove("z")  # a removal cancels every pending change of the stream, not the others'
+    cmds.update("w", b.with_changes({"seed": 5}), ("seed",))
+    assert [(u.stream_id, u.changed) for u in cmds.plan(0.0).updated_streams] == [("w", ("seed",))]
     cmds.update("z", a, ("seed",))
     cmds.restart("z", a.with_changes({"steps": 3}), (4, 5, 6))  # a restart replaces pending updates
     plan = cmds.attach(StepPlan(9, 0.0, (), 0, 0, 0.0))

@@ -43,9 +43,17 @@ IN_FLIGHT = {  # long blends with many chunks in flight, re-adds in the round of
         ("upd", "a", {"prompt": "a red fox", "prompt_blend_chunks": 12})],
     3: [("rm", "b"), ("add", "b", "a neon night", 2, 2), ("add", "c", "a red fox", 1, 4)],
     4: [("upd", "b", {"prompt": "a blue whale", "prompt_blend_chunks": 3})],
+    # two changes of one stream before its next chunk (a fuzzer: while plans were in flight they
+    # were folded into one, so a swap then a blend blended from the prompt before the swap, a
+    # blend then the slider at 0 swapped at once, a swap then the slider blended)
+    5: [("upd", "b", {"prompt": "a pencil drawing"}), ("upd", "b", {"prompt": "a red fox", "prompt_blend_chunks": 4})],
     6: [("upd", "a", {"prompt": "a charcoal sketch"})],
     7: [("upd", "a", {"prompt": "a neon night", "prompt_blend_chunks": 10})],
+    8: [("upd", "c", {"prompt": "a blue whale", "prompt_blend_chunks": 4}), ("upd", "c", {"prompt_blend_chunks": 0}),
+        ("upd", "c", {"seed": 11})],
     9: [("upd", "b", {"steps": 3}), ("upd", "c", {"prompt": "a pencil drawing", "prompt_blend_chunks": 9})],
+    10: [("upd", "a", {"prompt": "a watercolor city"}), ("upd", "a", {"prompt_blend_chunks": 6}),
+         ("upd", "a", {"noise_strength": 0.5})],
     12: [("rm", "c"), ("add", "c", "a pencil drawing", 4, 9)],
     13: [("upd", "c", {"prompt": "a blue whale", "prompt_blend_chunks": 9})],
 }
