@@ -19,6 +19,9 @@ endif
 $(STAMP): pyproject.toml
 	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
 	  { echo "StreamDiff needs Python 3.10 or newer; python3 here is $$(python3 --version 2>&1)" >&2; exit 1; }
+	@# (a folder of one's own given as VENV= is never removed: said instead)
+	@test "$(VENV_OK)" = yes || [ "$(VENV)" = .venv ] || [ ! -e "$(VENV)" ] || \
+	  { echo "$(VENV) has no working python 3.10+ with pip: repair it, or remove it to let make set it up" >&2; exit 1; }
 	test "$(VENV_OK)" = yes || { rm -rf "$(VENV)" && python3 -m venv "$(VENV)"; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -167,6 +167,12 @@ def test_make_sets_up_a_venv_again_when_its_python_is_gone_and_names_a_python_to
     (bin_dir / "python").symlink_to(tmp_path / "gone")  # its python removed
     plan = _make(tmp_path, "-n", "setup").stdout
     assert 'rm -rf ".venv" && python3 -m venv ".venv"' in plan and "pip install" in plan, plan
+    # a broken environment of one's own, given as VENV=, is said, never removed
+    own = tmp_path / "mine"
+    (own / "bin").mkdir(parents=True)
+    done = _make(tmp_path, "setup", "VENV=mine")
+    assert done.returncode != 0 and "mine has no working python 3.10+ with pip" in done.stderr, done.stderr
+    assert own.is_dir()
     # a python3 older than the project's floor: said first, nothing made
     fake = tmp_path / "old"
     fake.mkdir()
