@@ -37,7 +37,14 @@ from streamdiff.engine.types import ChunkInput, EngineStepResult, StreamOutput, 
 from streamdiff.parallel.messages import stage_specs
 from streamdiff.parallel.partition import Rebalancer, StageSample, moves, ranges
 from streamdiff.parallel.stage import StageInput, StepOut
-from streamdiff.parallel.transport import InProcessStages, StageFailure, Stages, ThreadedStages, TickStages
+from streamdiff.parallel.transport import (
+    InProcessStages,
+    StageFailure,
+    Stages,
+    StreamsNotRestarted,
+    ThreadedStages,
+    TickStages,
+)
 from streamdiff.scheduler.types import StepPlan
 
 log = logging.getLogger(__name__)
@@ -343,8 +350,12 @@ class StagedExecutor:
                     self.stages.call(k, "clear_all")
                 except Exception:
                     log.debug("clear_all on stage %d", k, exc_info=True)
+            plural = "" if len(ids) == 1 else "s"
+            if isinstance(again, StreamsNotRestarted):  # the stages serve again; their streams end
+                log.error("pipeline stage failed (%s); %s: %d stream%s closed", exc, again, len(ids), plural)
+                return StreamsLost(ids, f"pipeline stage failed ({exc}); start the stream again", False)
             log.error("pipeline stage failed (%s) and could not be rebuilt (%s): %d stream%s closed",
-                      exc, again, len(ids), "" if len(ids) == 1 else "s")
+                      exc, again, len(ids), plural)
             return StreamsLost(ids, f"pipeline stage failed ({exc}) and could not be rebuilt ({again})", False)
         # one line of our own: a killed stage actor otherwise shows only Ray's noise
         log.warning("pipeline stage failed (%s); %s; %d stream%s restart with a fresh cache",

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -33,6 +34,11 @@ from streamdiff.parallel.stage import StageWorker
 
 class StageFailure(RuntimeError):
     """A stage died, hung past the step timeout, or raised."""
+
+
+class StreamsNotRestarted(StageFailure):
+    """From `recover`: the stages serve again, but the streams they held are closed, not
+    restarted (in-process stages: an error raised in a forward could come back at once)."""
 
 
 class Stages(Protocol):
@@ -78,8 +84,8 @@ class InProcessStages:
     def call(self, index: int, method: str, *args) -> object:
         return getattr(self.workers[index], method)(*args)
 
-    def recover(self) -> str:  # pragma: no cover - in-process stages do not die
-        raise StageFailure("in-process stages cannot be rebuilt")
+    def recover(self) -> str:
+        raise StreamsNotRestarted("streams on in-process stages are closed, not restarted: start them again")
 
     def shutdown(self) -> None:
         self.workers.clear()
@@ -253,10 +259,11 @@ class ThreadedStages(InProcessStages):
         self.shared_cores = max(1, usable_cores() // max(1, torch.get_num_threads())) if on_cpu else None
         self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in self.workers]
         self.busy_s = [0.0] * len(self.workers)  # seconds each stage spent running forwards
-        self._threads = [threading.Thread(target=self._loop, args=(k,), name=f"streamdiff-stage-{k}", daemon=True)
-                         for k in range(len(self.workers))]
-        for thread in self._threads:
-            thread.start()
+        self._threads: list[threading.Thread] = [None] * len(self.workers)  # type: ignore[list-item]
+        self._ended: list[BaseException | None] = [None] * len(self.workers)  # why a stage's thread ended
+        self._stopping = False
+        for k in range(len(self.workers)):
+            self._start(k)
         # The cores the stages can count on (shared cores only): the executor's period divides the
         # stages' CPU time by it instead of their wall time (which counts every wait for a core).
         # A stage's CPU time is its thread's (`ModelRunner.run`): with more torch threads per op
@@ -271,7 +278,43 @@ class ThreadedStages(InProcessStages):
         or None: unknown."""
         return self.meter.share(chunks_done) if self.meter is not None else None
 
+    def _start(self, k: int) -> None:
+        self._ended[k] = None
+        self._threads[k] = threading.Thread(target=self._loop, args=(k,), name=f"streamdiff-stage-{k}", daemon=True)
+        self._threads[k].start()
+
+    def _dead(self) -> str | None:
+        """Why a stage's thread is gone, if one is (a fault probe: a stage thread that ended
+        left the engine waiting `timeout_s` on every forward and call, then closing every new
+        stream, while /healthz said ready)."""
+        for k, thread in enumerate(self._threads):
+            if not self._stopping and not thread.is_alive():
+                why = self._ended[k]
+                return f"stage {k}'s thread ended" + (f" ({type(why).__name__}: {why})" if why is not None else "")
+        return None
+
+    def _wait(self, future: Future, deadline: float, late: str) -> object:
+        """The future's result by `deadline` (monotonic), failing at once if a stage's thread is gone."""
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return future.result(timeout=max(0.0, min(left, self.POLL_S)))
+            except FutureTimeout:
+                if (dead := self._dead()) is not None:
+                    raise StageFailure(dead) from None
+                if left <= self.POLL_S:
+                    raise StageFailure(late) from None
+
+    POLL_S = 0.5  # how often a wait looks at the stage threads
+
     def _loop(self, k: int) -> None:
+        try:
+            self._serve(k)
+        except BaseException as exc:  # the loop itself failed (forwards and calls are caught below)
+            self._ended[k] = exc
+            raise
+
+    def _serve(self, k: int) -> None:
         worker, inbox = self.workers[k], self._queues[k]
         while (item := inbox.get()) is not None:
             kind, payload, future = item
@@ -293,14 +336,16 @@ class ThreadedStages(InProcessStages):
 
     def submit(self, msg: StageInput) -> object:
         future: Future = Future()
+        future.deadline = time.monotonic() + self.timeout_s  # from its submission (a fault probe: the
+        # live loop collects a plan overdue by timeout_s, and a wait of timeout_s more made it twice)
         self._queues[0].put(("run", msg, future))
         return future
 
     def get(self, handle: object) -> StepOut:
         try:
-            return handle.result(timeout=self.timeout_s)
-        except TimeoutError as exc:
-            raise StageFailure(f"a forward was not back within {self.timeout_s:g} s") from exc
+            return self._wait(handle, handle.deadline, f"a forward was not back within {self.timeout_s:g} s")
+        except StageFailure:
+            raise
         except Exception as exc:  # a stage raised: the executor's fault path, as over Ray (not the engine loop's end)
             raise StageFailure(f"{type(exc).__name__}: {exc}") from exc
 
@@ -313,12 +358,31 @@ class ThreadedStages(InProcessStages):
         the engine's recovery, which clears every stage, for ever)."""
         future: Future = Future()
         self._queues[index].put(("call", (method, args), future))
-        try:
-            return future.result(timeout=self.timeout_s)
-        except TimeoutError as exc:
-            raise StageFailure(f"stage {index} did not answer {method} within {self.timeout_s:g} s") from exc
+        return self._wait(future, time.monotonic() + self.timeout_s,
+                          f"stage {index} did not answer {method} within {self.timeout_s:g} s")
+
+    def recover(self) -> str:
+        """A stage thread that ended is started again on a fresh queue (what waited in the old one
+        fails); the streams are closed, not restarted, as after any in-process stage failure."""
+        restarted = []
+        for k, thread in enumerate(self._threads):
+            if thread.is_alive():
+                continue
+            old, self._queues[k] = self._queues[k], queue.SimpleQueue()
+            while True:
+                try:
+                    item = old.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, tuple) and len(item) == 3 and isinstance(item[2], Future):
+                    item[2].set_exception(StageFailure(f"stage {k}'s thread ended"))
+            self._start(k)
+            restarted.append(k)
+        what = f"stage thread {', '.join(map(str, restarted))} started again; " if restarted else ""
+        raise StreamsNotRestarted(f"{what}streams on in-process stages are closed, not restarted: start them again")
 
     def shutdown(self) -> None:
+        self._stopping = True
         for inbox in self._queues:
             inbox.put(None)
         for thread in self._threads:
@@ -326,5 +390,5 @@ class ThreadedStages(InProcessStages):
         super().shutdown()
 
 
-__all__ = ["CoreMeter", "CoreShare", "InProcessStages", "StageFailure", "Stages", "ThreadedStages", "TickStages", "proc_busy_s",
-           "threads_cpu_s", "usable_cores", "usable_cpus"]
+__all__ = ["CoreMeter", "CoreShare", "InProcessStages", "StageFailure", "Stages", "StreamsNotRestarted", "ThreadedStages",
+           "TickStages", "proc_busy_s", "threads_cpu_s", "usable_cores", "usable_cpus"]

@@ -8,6 +8,7 @@ instead of per step, which only changes float rounding."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
@@ -293,4 +294,44 @@ def test_a_stage_thread_stuck_in_a_forward_fails_the_calls_behind_it(cfg4):
             stages.call(1, "clear_all")
     finally:
         release.set()
+        stages.shutdown()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread killed on purpose
+def test_a_stage_thread_that_ends_is_noticed_at_once_and_started_again(cfg4, caplog):
+    """A fault probe: a stage thread that ended (its loop raised) left the engine waiting the step
+    timeout (30 s) on every forward and call, closing every new stream after it, while /healthz
+    said ready. Now the wait fails as soon as the thread is seen gone, the streams are closed
+    with the reason, the thread is started again and the next stream is served."""
+    from engine_helpers import Feeder
+    from streamdiff.parallel.executor import ThreadedStages
+
+    stages = ThreadedStages(cfg4, [2, 2], "cpu", timeout_s=120)
+    try:
+        core, clock = core_for(cfg4, StagedExecutor(cfg4, stages))
+        assert core.add_stream("a", params(cfg4, "x", steps=1), RELAXED)
+        feeder = Feeder(core, clock, {"a": synthetic_clip(60, 64, 48)})
+        feeder.round()
+        stages._queues[1].put("not a message")  # stage 1's loop fails on it and its thread ends
+        stages._threads[1].join(timeout=10)
+        assert not stages._threads[1].is_alive()
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="streamdiff.parallel.executor"):
+            for _ in range(3):
+                if not core.stream_ids:
+                    break
+                feeder.round()
+        assert time.monotonic() - t0 < 60  # not the 120 s timeout
+        said = [r.getMessage() for r in caplog.records if r.name == "streamdiff.parallel.executor"]
+        assert len(said) == 1 and "stage 1's thread ended (ValueError" in said[0], said
+        assert "stage thread 1 started again" in said[0] and "1 stream closed" in said[0], said
+        reason = core.take_closed()["a"]
+        assert "stage 1's thread ended" in reason and reason.endswith("start the stream again"), reason
+        assert core.stream_ids == [] and stages._threads[1].is_alive()
+        assert core.add_stream("n", params(cfg4, "y", steps=1), RELAXED)  # served on the restarted thread
+        feeder.clips["n"], feeder.pos["n"], feeder.outputs["n"] = synthetic_clip(20, 64, 48, seed=5), 0, []
+        for _ in range(2):
+            feeder.round(["n"])
+        assert len(feeder.outputs["n"]) == 9
+    finally:
         stages.shutdown()
