@@ -26,7 +26,7 @@ from streamdiff.server.http import (
     read_json_object,
     unauthorized,
 )
-from streamdiff.engine.types import short_repr
+from streamdiff.engine.types import StreamClosedError, short_repr
 from streamdiff.server.sessions import ServerFull, SessionManager
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ async def params_patch(request: web.Request) -> web.Response:
                                  headers={"Retry-After": str(request.app[SETTINGS_KEY].retry_after_s)})
     except (ValueError, TypeError) as exc:
         return web.json_response({"error": str(exc)}, status=400)
+    except StreamClosedError as exc:  # the pipeline failed under the change: the session ends with the reason
+        return web.json_response({"error": f"the change was not applied: {exc}"}, status=410)
     except Exception:  # noqa: BLE001 - one line to the client, the traceback to the log
         log.exception("applying %s to session %s failed", body, request.match_info["id"])
         return web.json_response({"error": CHANGE_FAILED}, status=500)
@@ -247,6 +249,8 @@ async def _apply_params(sessions: SessionManager, key: str, message: dict,
         return {"type": "error", "error": str(exc), "retry_after_s": retry_after_s}, None
     except (ValueError, TypeError) as exc:
         return {"type": "error", "error": str(exc)}, None
+    except StreamClosedError as exc:  # the session's end (with this reason) follows on the socket
+        return {"type": "error", "error": f"the change was not applied: {exc}"}, None
     except Exception:  # noqa: BLE001 - the socket's params task must outlive it
         log.exception("applying %s to session %s failed", message, key)
         return {"type": "error", "error": CHANGE_FAILED}, None

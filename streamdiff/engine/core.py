@@ -67,6 +67,7 @@ from streamdiff.engine.types import (
     PARAM_RANGES,
     OutputFrame,
     StreamParams,
+    StreamClosedError,
     StreamCommands,
     StreamsLost,
     validate_changes,
@@ -257,7 +258,7 @@ class EngineCore:
         entry.frames.clear()
         entry.outputs.clear()
         self._commands.remove(stream_id)
-        self._flush()
+        self._flush_or_lose()
         self.metrics.stream_removed(stream_id)
         self.restarted.pop(stream_id, None)
         return True
@@ -290,7 +291,9 @@ class EngineCore:
         elif changes:
             self._commands.update(stream_id, new, tuple(changes))
         entry.params = new
-        self._flush()
+        self._flush_or_lose(now)
+        if stream_id in self.closed:  # the change went to a pipeline that failed under it
+            raise StreamClosedError(f"stream {stream_id!r} was closed: {self.closed[stream_id]}")
         return new
 
     def _flush(self) -> None:
@@ -298,6 +301,16 @@ class EngineCore:
         nothing is in flight; otherwise they ride with the next plan submitted (`step`)."""
         if self._commands and not self._in_flight:
             self.executor.execute(self._commands.plan(self.clock()), {})
+
+    def _flush_or_lose(self, now: float | None = None) -> None:
+        """`_flush`; a stage that fails under it loses its streams as in a step (restarted or
+        closed, `_lost`). A fault probe: a prompt change whose plan failed raised out of
+        `update_params`, the executor forgot the streams and the core kept them: frozen, their
+        sessions "connected" until the client left."""
+        try:
+            self._flush()
+        except StreamsLost as lost:
+            self._lost(lost, self.clock() if now is None else now)
 
     def _restart(self, stream_id: str, entry: _Stream, new: StreamParams, now: float) -> None:
         """Re-admit with the new lane count, keeping waiting frames; refused, the stream runs on

@@ -335,3 +335,42 @@ def test_a_stage_thread_that_ends_is_noticed_at_once_and_started_again(cfg4, cap
         assert len(feeder.outputs["n"]) == 9
     finally:
         stages.shutdown()
+
+
+def test_a_change_whose_plan_fails_closes_the_stream_instead_of_leaving_it_frozen(cfg4):
+    """A fault probe: a prompt change sent while nothing was in flight went at once in a plan of
+    its own; its stage failed (the prompt encoder raised), the executor forgot the stream and the
+    error left `update_params` before the core did: the stream stayed listed and froze, its
+    session "connected" until the client left. Now it is closed with the reason, as in a step."""
+    from engine_helpers import Feeder
+    from streamdiff.engine.types import StreamClosedError
+    from streamdiff.parallel.executor import ThreadedStages
+
+    stages = ThreadedStages(cfg4, [2, 2], "cpu")
+    try:
+        core, clock = core_for(cfg4, StagedExecutor(cfg4, stages))
+        for sid in ("a", "b"):
+            assert core.add_stream(sid, params(cfg4, "x", steps=1), RELAXED)
+        feeder = Feeder(core, clock, {"a": synthetic_clip(60, 64, 48), "b": synthetic_clip(60, 64, 48, seed=3)})
+        feeder.round()
+        core.drain()
+        assert core.plans_in_flight == 0  # the change goes at once, in a plan of its own
+        real = stages.workers[0].run
+
+        def boom(msg):
+            raise RuntimeError("the prompt encoder failed")
+
+        stages.workers[0].run = boom
+        with pytest.raises(StreamClosedError, match="the prompt encoder failed"):
+            core.update_params("a", prompt="a red fox")
+        assert core.stream_ids == []  # both: the stage held them
+        closed = core.take_closed()
+        assert set(closed) == {"a", "b"} and all("the prompt encoder failed" in why for why in closed.values())
+        stages.workers[0].run = real
+        assert core.add_stream("n", params(cfg4, "y", steps=1), RELAXED)
+        feeder.clips["n"], feeder.pos["n"], feeder.outputs["n"] = synthetic_clip(20, 64, 48, seed=5), 0, []
+        for _ in range(2):
+            feeder.round(["n"])
+        assert len(feeder.outputs["n"]) == 9
+    finally:
+        stages.shutdown()
