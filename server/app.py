@@ -277,14 +277,23 @@ def _wire_input(session, sessions: SessionManager, settings: ServerSettings) -> 
     def _on_track(track) -> None:
         if track.kind == "video" and session.reader is None:
             session.reader = InputReader(track, sessions.engine, session.id, cfg.video.width, cfg.video.height,
-                                         stamp=session.stamp)
+                                         stamp=session.stamp, on_fail=_ender(session, sessions))
         else:
             session.tasks.append(asyncio.create_task(drain_track(track), name=f"drain-{session.id}"))
 
 
-def _output_track(session, source, settings: ServerSettings, cfg) -> OutputTrack:
+def _ender(session, sessions: SessionManager) -> Callable[[str], None]:
+    """A callback that ends `session` with a reason, from a track or a reader that cannot go on
+    (a fault probe: their errors froze the picture and held the place until the client left)."""
+    def end(why: str) -> None:
+        if not session.closed:
+            session.tasks.append(asyncio.ensure_future(sessions.close(session.id, why)))
+    return end
+
+
+def _output_track(session, source, settings: ServerSettings, cfg, sessions: SessionManager) -> OutputTrack:
     session.slot = source.fanout.subscribe()
-    return OutputTrack(session.slot, settings.output_fps or cfg.video.fps)
+    return OutputTrack(session.slot, settings.output_fps or cfg.video.fps, on_fail=_ender(session, sessions))
 
 
 def _player_track(session, source, settings: ServerSettings, sessions: SessionManager):
@@ -295,11 +304,11 @@ def _player_track(session, source, settings: ServerSettings, sessions: SessionMa
     mime = video[0]._codecs[0].mimeType.lower() if video else ""
     cfg = sessions.engine.cfg
     if mime not in ("video/h264", "video/vp8"):
-        return _output_track(session, source, settings, cfg)
+        return _output_track(session, source, settings, cfg, sessions)
     session.player = source.fanout.player(mime, settings.output_fps or cfg.video.fps, settings.bitrate_bps)
     # a generic WHEP player would wait on a frozen picture: end its session (its peer closes)
-    session.player.on_failed = lambda: session.tasks.append(asyncio.ensure_future(
-        sessions.close(session.id, "the stream's encoder failed (the server's console says why)")))
+    session.player.on_failed = lambda: _ender(session, sessions)(
+        "the stream's encoder failed (the server's console says why)")
     return session.player
 
 
@@ -359,7 +368,7 @@ async def offer(request: web.Request) -> web.Response:
     try:
         _wire_input(session, sessions, settings)
         await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        session.pc.addTrack(_output_track(session, session, settings, sessions.engine.cfg))
+        session.pc.addTrack(_output_track(session, session, settings, sessions.engine.cfg, sessions))
         answer_sdp = await _answer(session)
     except Exception as exc:
         if (ended := _ended_meanwhile(sessions, session, settings.retry_after_s, json_body=True)) is not None:

@@ -20,7 +20,7 @@ import collections
 import fractions
 import logging
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 from aiortc import MediaStreamTrack
@@ -252,9 +252,11 @@ class OutputTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, slot: FrameQueue, max_fps: float, *, sleep=asyncio.sleep):
+    def __init__(self, slot: FrameQueue, max_fps: float, *, sleep=asyncio.sleep,
+                 on_fail: Callable[[str], None] | None = None):
         super().__init__()
         self.slot = slot
+        self.on_fail = on_fail  # called with the reason when a frame cannot be made (the track ends)
         self.clock, self.sleep = slot.clock, sleep  # the queue's clock; tests pass simulated ones
         self.min_period_s = 1.0 / max(max_fps, 1e-3)
         self._start_s: float | None = None
@@ -293,7 +295,15 @@ class OutputTrack(MediaStreamTrack):
         base = now if waited else max(self._next_s, now - period)
         self._next_s = base + period
         # 4. Wrap with a monotonic-clock pts.
-        frame = VideoFrame.from_ndarray(pixels, format="rgb24")
+        try:
+            frame = VideoFrame.from_ndarray(pixels, format="rgb24")
+        except Exception as exc:  # a fault probe: aiortc's sender logged it and stopped, the picture froze
+            why = f"an output frame could not be made ({type(exc).__name__}: {exc})"
+            log.error("%s; the track ends", why)
+            self.stop()
+            if self.on_fail is not None:
+                self.on_fail(why)
+            raise MediaStreamError(why) from exc
         frame.pts = int(round((now - self._start_s) * VIDEO_CLOCK_HZ))
         frame.time_base = VIDEO_TIME_BASE
         return frame
@@ -309,9 +319,14 @@ class InputReader:
     from the pixels)`; the id strip spans the sender's whole width, so it is read from the whole
     frame scaled to the engine's size when a crop would cut it."""
 
+    BAD_FRAMES_S = 2.0  # frames that cannot be read for this long end the session
+
     def __init__(self, track: MediaStreamTrack, engine, stream_id: str, width: int, height: int,
-                 *, stamp: bool = False):
+                 *, stamp: bool = False, on_fail: Callable[[str], None] | None = None):
         self.track, self.engine, self.stream_id = track, engine, stream_id
+        self.on_fail = on_fail  # called with the reason when the input cannot go on (the session ends)
+        self.frames_unreadable = 0
+        self._bad_since: float | None = None
         self.width, self.height = width, height
         self.stamp = stamp
         self.latest: VideoFrame | None = None
@@ -341,6 +356,45 @@ class InputReader:
             self._ready.set()
 
     async def _push(self) -> None:
+        try:
+            await self._push_frames()
+        except Exception as exc:  # noqa: BLE001 - a fault probe: the task ended without a word, the
+            # session stayed "connected" (its frames still arrived, so no input timeout) on a frozen picture
+            why = f"its input stopped ({type(exc).__name__}: {exc})"
+            log.error("stream %s: %s", self.stream_id, why)
+            log.debug("stream %s: its input stopped", self.stream_id, exc_info=True)
+            self._fail(why)
+
+    def _fail(self, why: str) -> None:
+        if self.on_fail is not None:
+            self.on_fail(why)
+
+    def _readable(self, frame: VideoFrame):
+        """(pixels, pts) of a frame, or None when it cannot be read: skipped with a line on the
+        console the first time; unreadable frames for `BAD_FRAMES_S` end the session."""
+        try:
+            pixels = to_model_frame(frame, self.width, self.height)  # [H, W, 3]
+            pts = frame.pts
+            if self.stamp:
+                whole = pixels if same_aspect(frame, self.width, self.height) else \
+                    frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
+                pts = Stamped(frame.pts, decode_id(whole))
+                self.stamps_unread += pts.stamp_id is None
+        except Exception as exc:  # noqa: BLE001 - one frame the model cannot take
+            now = time.monotonic()
+            if self.frames_unreadable == 0:
+                log.warning("stream %s: a video frame could not be read (%s: %s); skipped", self.stream_id,
+                            type(exc).__name__, exc)
+            self.frames_unreadable += 1
+            self._bad_since = now if self._bad_since is None else self._bad_since
+            if now - self._bad_since >= self.BAD_FRAMES_S:
+                raise RuntimeError(f"no video frame could be read for {now - self._bad_since:.0f} s: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            return None
+        self._bad_since = None
+        return pixels, pts
+
+    async def _push_frames(self) -> None:
         while True:
             await self._ready.wait()
             self._ready.clear()
@@ -349,13 +403,9 @@ class InputReader:
                 if self.tasks[0].done():
                     return
                 continue
-            pixels = to_model_frame(frame, self.width, self.height)  # [H, W, 3]
-            pts = frame.pts
-            if self.stamp:
-                whole = pixels if same_aspect(frame, self.width, self.height) else \
-                    frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
-                pts = Stamped(frame.pts, decode_id(whole))
-                self.stamps_unread += pts.stamp_id is None
+            if (read := self._readable(frame)) is None:
+                continue
+            pixels, pts = read
             try:
                 self.engine.push_frame(self.stream_id, pixels, pts)
             except (KeyError, RuntimeError):

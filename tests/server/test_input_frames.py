@@ -128,3 +128,43 @@ def test_every_received_frame_is_pushed_or_counted_as_superseded():
     assert reader.frames_received == 50 and reader.frames_pushed == len(pushed)
     assert reader.frames_superseded > 0 and reader.frames_received == reader.frames_pushed + reader.frames_superseded
     assert pushed[-1][1] == 49  # the newest frame always goes in
+
+
+def test_unreadable_frames_are_skipped_then_end_the_session_with_a_reason(monkeypatch, caplog):
+    """A fault probe: a frame that could not be converted ended the reader's push task without a
+    word; frames kept arriving (no input timeout), so the session stayed "connected" on a frozen
+    picture until the client left. One bad frame is skipped with a console line; frames that
+    cannot be read for `BAD_FRAMES_S` end the session with the reason."""
+    import logging
+
+    import streamdiff.server.webrtc as webrtc
+
+    real = webrtc.to_model_frame
+    bad = {3, 4}  # two bad frames in a row among good ones: skipped
+
+    class Slow(Burst):
+        async def recv(self):
+            await asyncio.sleep(0.01)
+            return await super().recv()
+
+    def flaky(frame, width, height):
+        if frame.pts in bad or frame.pts >= 20:  # from frame 20 on, none can be read
+            raise ValueError("odd pixel format")
+        return real(frame, width, height)
+
+    monkeypatch.setattr(webrtc, "to_model_frame", flaky)
+    monkeypatch.setattr(InputReader, "BAD_FRAMES_S", 0.2)
+
+    async def run():
+        engine, ended = Engine(), []
+        reader = InputReader(Slow(200), engine, "s", 64, 48, on_fail=ended.append)
+        await asyncio.wait_for(asyncio.gather(*reader.tasks, return_exceptions=True), 60)
+        return reader, engine.pushed, ended
+
+    with caplog.at_level(logging.WARNING, logger="streamdiff.server.webrtc"):
+        reader, pushed, ended = asyncio.run(run())
+    pts = [p for _, p in pushed]
+    assert pts[:3] == [0, 1, 2] and 3 not in pts and 4 not in pts and 5 in pts and max(pts) == 19
+    assert len(ended) == 1 and "no video frame could be read for" in ended[0] and "odd pixel format" in ended[0]
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("could not be read" in s and "skipped" in s for s in said) == 1, said  # once, not per frame

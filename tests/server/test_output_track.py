@@ -133,3 +133,28 @@ def test_a_player_behind_skips_to_the_next_keyframe_and_asks_for_one():
     player.put("key", keyframe=True)
     got = asyncio.run(player.recv())
     assert got == "key" and player.sent == 1
+
+
+def test_a_frame_that_cannot_be_made_ends_the_track_and_says_why():
+    """A fault probe: an exception making the output frame went to aiortc's sender, which logged
+    it and stopped sending: the picture froze, the session stayed "connected" and held its place.
+    Now the track ends (as a track end, which the sender takes quietly) and `on_fail` gets the
+    reason, which the server turns into the session's end."""
+    from aiortc.mediastreams import MediaStreamError
+
+    async def run():
+        queue, ended = FrameQueue(maxlen=4), []
+        track = OutputTrack(queue, max_fps=100.0, on_fail=ended.append)
+        queue.put(frame(1))
+        first = await track.recv()
+        queue.put(np.zeros((16, 16), np.uint8))  # not rgb24: VideoFrame.from_ndarray refuses it
+        try:
+            await track.recv()
+        except MediaStreamError as exc:
+            return first, ended, track.readyState, str(exc)
+        return first, ended, track.readyState, None
+
+    first, ended, state, said = asyncio.run(run())
+    assert int(first.to_ndarray(format="rgb24")[0, 0, 0]) == 1
+    assert said is not None and ended == [said] and said.startswith("an output frame could not be made")
+    assert state == "ended"
