@@ -270,6 +270,19 @@ class OutputTrack(MediaStreamTrack):
         return period
 
     async def recv(self) -> VideoFrame:
+        try:
+            return await self._next()
+        except (MediaStreamError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a fault probe: aiortc's sender logged it and stopped, the picture froze
+            why = f"an output frame could not be made ({type(exc).__name__}: {exc})"
+            log.error("%s; the track ends", why)
+            self.stop()
+            if self.on_fail is not None:
+                self.on_fail(why)
+            raise MediaStreamError(why) from exc
+
+    async def _next(self) -> VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError("track ended")
         # 1. Pace: the next frame leaves one period after the last one.
@@ -295,15 +308,7 @@ class OutputTrack(MediaStreamTrack):
         base = now if waited else max(self._next_s, now - period)
         self._next_s = base + period
         # 4. Wrap with a monotonic-clock pts.
-        try:
-            frame = VideoFrame.from_ndarray(pixels, format="rgb24")
-        except Exception as exc:  # a fault probe: aiortc's sender logged it and stopped, the picture froze
-            why = f"an output frame could not be made ({type(exc).__name__}: {exc})"
-            log.error("%s; the track ends", why)
-            self.stop()
-            if self.on_fail is not None:
-                self.on_fail(why)
-            raise MediaStreamError(why) from exc
+        frame = VideoFrame.from_ndarray(pixels, format="rgb24")
         frame.pts = int(round((now - self._start_s) * VIDEO_CLOCK_HZ))
         frame.time_base = VIDEO_TIME_BASE
         return frame
