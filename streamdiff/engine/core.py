@@ -407,7 +407,8 @@ class EngineCore:
                 self._in_flight.append((plan, t0))
                 return self._fail_in_flight(lost)
             except BaseException:
-                self.scheduler.update(plan, EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock()))
+                self.scheduler.update(plan, EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock(),
+                                                             failed=True))
                 raise
             self._in_flight.append((plan, t0))
             submitted = plan
@@ -452,7 +453,8 @@ class EngineCore:
             return self._fail_in_flight(lost)
         except BaseException:
             self._in_flight.popleft()
-            self.scheduler.update(plan, EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock()))
+            self.scheduler.update(plan, EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock(),
+                                                         failed=True))
             raise
         self._in_flight.popleft()
         if result.step_id != plan.step_id:
@@ -488,7 +490,7 @@ class EngineCore:
         failed = None
         while self._in_flight:
             plan, t0 = self._in_flight.popleft()
-            failed_result = EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock())
+            failed_result = EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock(), failed=True)
             self.scheduler.update(plan, failed_result)
             failed = failed or StepReport(plan, failed_result, {})
         self._lost(lost, self.clock())

@@ -350,7 +350,9 @@ class ThreadedStages(InProcessStages):
             raise StageFailure(f"{type(exc).__name__}: {exc}") from exc
 
     def ready(self, handle: object) -> bool:
-        return handle.done()
+        """Back, or never coming back: a stage thread that ended makes the live loop collect the
+        forward now (`get` then fails at once) instead of once it is overdue."""
+        return handle.done() or self._dead() is not None
 
     def call(self, index: int, method: str, *args) -> object:
         """`method` on stage `index`'s worker, in its thread after what it is running: StageFailure
@@ -390,5 +392,5 @@ class ThreadedStages(InProcessStages):
         super().shutdown()
 
 
-__all__ = ["CoreMeter", "CoreShare", "InProcessStages", "StageFailure", "Stages", "StreamsNotRestarted", "ThreadedStages",
-           "TickStages", "proc_busy_s", "threads_cpu_s", "usable_cores", "usable_cpus"]
+__all__ = ["CoreMeter", "CoreShare", "InProcessStages", "StageFailure", "Stages", "StreamsNotRestarted",
+           "ThreadedStages", "TickStages", "proc_busy_s", "threads_cpu_s", "usable_cores", "usable_cpus"]

@@ -485,8 +485,9 @@ class FrameScheduler:
         if opened is None:
             raise KeyError(f"step {plan.step_id} is unknown or was already updated")
         end_s = result.end_s if result.end_s is not None else plan.start_s + result.step_ms / 1000.0
-        self.cost_model.observe(plan.rows, plan.tokens, result.step_ms, len(plan.chunks),
-                                sum(c.first for c in plan.chunks))
+        if not result.failed:
+            self.cost_model.observe(plan.rows, plan.tokens, result.step_ms, len(plan.chunks),
+                                    sum(c.first for c in plan.chunks))
         for stream, emitted_arrivals_s in opened:
             # 1. Release the stream's in-flight count, even if it was removed meanwhile.
             stream.in_plans -= 1

@@ -118,13 +118,17 @@ class StepPlan:
 class StepResult:
     """What the executor measured for one StepPlan.
 
-    step_ms: wall time of the step (the cost model learns from it).
+    step_ms: wall time of the step (the cost model learns from it, unless `failed`).
     end_s: clock time at the end of the step; None means start_s + step_ms.
+    failed: the step was lost with a failed pipeline: its time says nothing of a step's cost
+    (a fault probe: a stage that timed out taught the model a 30 s step, and the next stream was
+    told to expect 0.1 fps).
     """
 
     step_id: int
     step_ms: float
     end_s: float | None = None
+    failed: bool = False
 
 
 COMMANDS_ONLY_STEP = -1  # the step_id of a plan that carries stream commands and no chunks

@@ -315,6 +315,13 @@ def test_a_stage_thread_that_ends_is_noticed_at_once_and_started_again(cfg4, cap
         stages._queues[1].put("not a message")  # stage 1's loop fails on it and its thread ends
         stages._threads[1].join(timeout=10)
         assert not stages._threads[1].is_alive()
+        from streamdiff.parallel.messages import StageInput
+        from streamdiff.parallel.transport import StageFailure
+
+        lost = stages.submit(StageInput(0, 0, "steady", {}, []))  # never back: stage 1 is gone
+        assert stages.ready(lost)  # so the live loop collects it now, not once it is overdue
+        with pytest.raises(StageFailure, match="stage 1's thread ended"):
+            stages.get(lost)
         t0 = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="streamdiff.parallel.executor"):
             for _ in range(3):

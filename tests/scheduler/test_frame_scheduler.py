@@ -255,3 +255,20 @@ def test_nothing_ready_gives_no_plan():
     _push(sched, "s", 4, 0.0, 30.0)  # a first chunk needs 5
     assert sched.schedule(0.2) is None
     assert sched.stats("s").waiting_frames == 4
+
+
+def test_a_failed_step_teaches_the_cost_model_nothing():
+    """A fault probe: a step lost with a stage that timed out (30 s) was observed like any step,
+    and the next stream was told to expect 0.1 fps. Its plan is closed all the same."""
+    cost = FixedCostModel(LinearLaw(50.0, 0.0, 0.0))
+    sched = FrameScheduler(cost, max_streams=4)
+    assert sched.add_stream("s", StreamSLO(30.0, 1000.0), tokens_per_frame=64, lanes=1, now=0.0)
+    _push(sched, "s", 5, 0.0, 30.0)
+    plan = sched.schedule(4 / 30)
+    sched.update(plan, StepResult(plan.step_id, 30_000.0, 30.0, failed=True))
+    assert cost.samples == 0
+    _push(sched, "s", 4, 30.0, 30.0, first_id=5)
+    plan = sched.schedule(30.2)
+    assert plan is not None and plan.stream_ids == ("s",)  # the failed plan no longer holds the stream
+    sched.update(plan, StepResult(plan.step_id, 50.0))
+    assert cost.samples == 1
