@@ -240,6 +240,15 @@ def test_a_first_chunk_teaches_the_cost_model_the_period_it_took_not_its_wall_ti
     assert learnt == [ms for _, ms in reported]
 
 
+def assert_a_new_stream_is_served(core, feeder, cfg4) -> None:
+    """After a stage failure the engine goes on: a new stream gets its first two chunks' frames."""
+    assert core.add_stream("n", params(cfg4, "y", steps=1), RELAXED)
+    feeder.clips["n"], feeder.pos["n"], feeder.outputs["n"] = synthetic_clip(20, 64, 48, seed=5), 0, []
+    for _ in range(2):
+        feeder.round(["n"])
+    assert len(feeder.outputs["n"]) == 9
+
+
 def test_a_stage_thread_that_raises_closes_the_streams_not_the_engine(cfg4, caplog):
     """Threads backend: an error raised inside a stage is a StageFailure like a Ray stage's (one
     line, the streams closed with the reason), not an exception that ends the engine loop."""
@@ -265,11 +274,7 @@ def test_a_stage_thread_that_raises_closes_the_streams_not_the_engine(cfg4, capl
         assert len(said) == 1 and "illegal memory access" in said[0], said
         assert core.stream_ids == [] and "illegal memory access" in core.take_closed()["a"]
         stages.workers[1].run = real  # the engine goes on: a new stream is served
-        assert core.add_stream("n", params(cfg4, "y", steps=1), RELAXED)
-        feeder.clips["n"], feeder.pos["n"], feeder.outputs["n"] = synthetic_clip(20, 64, 48, seed=5), 0, []
-        for _ in range(2):
-            feeder.round(["n"])
-        assert len(feeder.outputs["n"]) == 9
+        assert_a_new_stream_is_served(core, feeder, cfg4)
     finally:
         stages.shutdown()
 
@@ -335,11 +340,7 @@ def test_a_stage_thread_that_ends_is_noticed_at_once_and_started_again(cfg4, cap
         reason = core.take_closed()["a"]
         assert "stage 1's thread ended" in reason and reason.endswith("start the stream again"), reason
         assert core.stream_ids == [] and stages._threads[1].is_alive()
-        assert core.add_stream("n", params(cfg4, "y", steps=1), RELAXED)  # served on the restarted thread
-        feeder.clips["n"], feeder.pos["n"], feeder.outputs["n"] = synthetic_clip(20, 64, 48, seed=5), 0, []
-        for _ in range(2):
-            feeder.round(["n"])
-        assert len(feeder.outputs["n"]) == 9
+        assert_a_new_stream_is_served(core, feeder, cfg4)  # on the restarted thread
     finally:
         stages.shutdown()
 
@@ -374,10 +375,6 @@ def test_a_change_whose_plan_fails_closes_the_stream_instead_of_leaving_it_froze
         closed = core.take_closed()
         assert set(closed) == {"a", "b"} and all("the prompt encoder failed" in why for why in closed.values())
         stages.workers[0].run = real
-        assert core.add_stream("n", params(cfg4, "y", steps=1), RELAXED)
-        feeder.clips["n"], feeder.pos["n"], feeder.outputs["n"] = synthetic_clip(20, 64, 48, seed=5), 0, []
-        for _ in range(2):
-            feeder.round(["n"])
-        assert len(feeder.outputs["n"]) == 9
+        assert_a_new_stream_is_served(core, feeder, cfg4)
     finally:
         stages.shutdown()
