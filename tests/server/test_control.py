@@ -374,3 +374,37 @@ def test_a_steps_change_is_not_pushed_back_to_the_socket_that_made_it(caplog):
     assert any("now runs 3 steps; expect about " in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
     assert [(m.get("elsewhere"), m["params"]["steps"]) for m in on_other] == [(True, 3)], on_other
+
+
+def test_a_change_the_failed_pipeline_took_down_says_so_without_a_traceback(caplog):
+    """A fault probe: a prompt change whose plan failed answered PATCH with the generic 500 and a
+    traceback in the log, the stream frozen behind it. The stream is closed now (its session ends
+    with the reason); the PATCH says 410 and why, the control socket an error with the same."""
+    import logging
+
+    from streamdiff.engine.types import StreamClosedError
+
+    async def run():
+        async with running_server() as (url, app):
+            pub = await publish(url, "cam")
+            sessions = sessions_of(app)
+
+            async def closed_under_it(key, message):
+                raise StreamClosedError("stream 'cam' was closed: pipeline stage failed (boom); start the stream again")
+
+            sessions.apply_change = closed_under_it
+            async with aiohttp.ClientSession() as http:
+                async with http.patch(f"{url}/sessions/cam/params", json={"prompt": "x"}, headers=auth()) as resp:
+                    patched = (resp.status, await resp.json())
+                async with http.ws_connect(f"{url}/ws?session=cam", headers=auth()) as ws:
+                    await ws.send_json({"type": "params", "prompt": "y"})
+                    while (reply := await ws.receive_json(timeout=30))["type"] == "stats":
+                        pass
+            await pub.close()
+            return patched, reply
+
+    with caplog.at_level(logging.ERROR, logger="streamdiff.server.control"):
+        patched, reply = asyncio.run(run())
+    assert patched[0] == 410 and patched[1]["error"].startswith("the change was not applied: stream 'cam' was closed")
+    assert reply["type"] == "error" and "start the stream again" in reply["error"], reply
+    assert not [r for r in caplog.records if r.name == "streamdiff.server.control"]  # no traceback
