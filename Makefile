@@ -11,13 +11,15 @@ setup: $(STAMP)
 
 # A .venv whose python no longer runs (its python removed or upgraded away), is older than the
 # project needs, or has no pip (what a failed `python3 -m venv` leaves) is made again.
-VENV_OK := $(shell "$(PY)" -c 'import sys, pip; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1 && echo yes)
+# pyproject's requires-python
+NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 10))
+VENV_OK := $(shell "$(PY)" -c 'import pip; $(NEW_ENOUGH)' >/dev/null 2>&1 && echo yes)
 ifneq ($(VENV_OK),yes)
 $(shell rm -f "$(STAMP)")
 endif
 
 $(STAMP): pyproject.toml
-	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+	@python3 -c '$(NEW_ENOUGH)' || \
 	  { echo "StreamDiff needs Python 3.10 or newer; python3 here is $$(python3 --version 2>&1)" >&2; exit 1; }
 	@# (a folder of one's own given as VENV= is never removed: said instead)
 	@test "$(VENV_OK)" = yes || [ "$(VENV)" = .venv ] || [ ! -e "$(VENV)" ] || \

@@ -27,6 +27,7 @@ sessions only to an authorised scrape. Bodies, keys and timeouts: server.http.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -277,23 +278,16 @@ def _wire_input(session, sessions: SessionManager, settings: ServerSettings) -> 
     def _on_track(track) -> None:
         if track.kind == "video" and session.reader is None:
             session.reader = InputReader(track, sessions.engine, session.id, cfg.video.width, cfg.video.height,
-                                         stamp=session.stamp, on_fail=_ender(session, sessions))
+                                         stamp=session.stamp, on_fail=functools.partial(sessions.end_soon, session))
         else:
             session.tasks.append(asyncio.create_task(drain_track(track), name=f"drain-{session.id}"))
 
 
-def _ender(session, sessions: SessionManager) -> Callable[[str], None]:
-    """A callback that ends `session` with a reason, from a track or a reader that cannot go on
-    (a fault probe: their errors froze the picture and held the place until the client left)."""
-    def end(why: str) -> None:
-        if not session.closed:
-            session.tasks.append(asyncio.ensure_future(sessions.close(session.id, why)))
-    return end
-
-
 def _output_track(session, source, settings: ServerSettings, cfg, sessions: SessionManager) -> OutputTrack:
     session.slot = source.fanout.subscribe()
-    return OutputTrack(session.slot, settings.output_fps or cfg.video.fps, on_fail=_ender(session, sessions))
+    # (a fault probe: errors of a track or reader froze the picture and held the place)
+    return OutputTrack(session.slot, settings.output_fps or cfg.video.fps,
+                       on_fail=functools.partial(sessions.end_soon, session))
 
 
 def _player_track(session, source, settings: ServerSettings, sessions: SessionManager):
@@ -307,8 +301,8 @@ def _player_track(session, source, settings: ServerSettings, sessions: SessionMa
         return _output_track(session, source, settings, cfg, sessions)
     session.player = source.fanout.player(mime, settings.output_fps or cfg.video.fps, settings.bitrate_bps)
     # a generic WHEP player would wait on a frozen picture: end its session (its peer closes)
-    session.player.on_failed = lambda: _ender(session, sessions)(
-        "the stream's encoder failed (the server's console says why)")
+    session.player.on_failed = functools.partial(
+        sessions.end_soon, session, "the stream's encoder failed (the server's console says why)")
     return session.player
 
 

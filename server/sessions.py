@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import functools
 import logging
 import re
 import time
@@ -416,8 +417,7 @@ class SessionManager:
         if owns_stream:
             self._renew_expectations()
             session.fanout = FanOut(self.engine, session_id, stamp=session.stamp,
-                                    on_end=lambda why: None if session.closed else session.tasks.append(
-                                        asyncio.ensure_future(self.close(session_id, why))))
+                                    on_end=functools.partial(self.end_soon, session))
 
         @pc.on("connectionstatechange")
         async def _state() -> None:
@@ -526,6 +526,12 @@ class SessionManager:
                 await self.close(session.id, f"its player sent no RTCP report for {silent:.0f} s (gone)")
                 return
             await asyncio.sleep(min(1.0, self.player_timeout_s - silent))
+
+    def end_soon(self, session: Session, why: str) -> None:
+        """End `session` with `why` from a callback that cannot await (its output's end, a track
+        or reader that cannot go on, a player's failed encoder); nothing once it is closed."""
+        if not session.closed:
+            session.tasks.append(asyncio.ensure_future(self.close(session.id, why)))
 
     async def close(self, session_id: str, reason: str = "closed") -> bool:
         """Free everything a session holds: tasks, input reader, subscribers, engine stream,

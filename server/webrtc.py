@@ -368,11 +368,8 @@ class InputReader:
             why = f"its input stopped ({type(exc).__name__}: {exc})"
             log.error("stream %s: %s", self.stream_id, why)
             log.debug("stream %s: its input stopped", self.stream_id, exc_info=True)
-            self._fail(why)
-
-    def _fail(self, why: str) -> None:
-        if self.on_fail is not None:
-            self.on_fail(why)
+            if self.on_fail is not None:
+                self.on_fail(why)
 
     def _readable(self, frame: VideoFrame):
         """(pixels, pts) of a frame, or None when it cannot be read: skipped with a line on the

@@ -407,8 +407,7 @@ class EngineCore:
                 self._in_flight.append((plan, t0))
                 return self._fail_in_flight(lost)
             except BaseException:
-                self.scheduler.update(plan, EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock(),
-                                                             failed=True))
+                self.scheduler.update(plan, self._failed(plan, t0))
                 raise
             self._in_flight.append((plan, t0))
             submitted = plan
@@ -453,8 +452,7 @@ class EngineCore:
             return self._fail_in_flight(lost)
         except BaseException:
             self._in_flight.popleft()
-            self.scheduler.update(plan, EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock(),
-                                                         failed=True))
+            self.scheduler.update(plan, self._failed(plan, t0))
             raise
         self._in_flight.popleft()
         if result.step_id != plan.step_id:
@@ -484,13 +482,17 @@ class EngineCore:
                           result.forwards)
         return StepReport(plan, result, delivered)
 
+    def _failed(self, plan: StepPlan, t0: float) -> EngineStepResult:
+        """The result of a plan lost with a failure: it closes the plan, and teaches nothing."""
+        return EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock(), failed=True)
+
     def _fail_in_flight(self, lost: StreamsLost) -> StepReport:
         """Every plan in flight failed with the executor's pipeline: close them all, then restart
         or close the streams it lost."""
         failed = None
         while self._in_flight:
             plan, t0 = self._in_flight.popleft()
-            failed_result = EngineStepResult(plan.step_id, (self.clock() - t0) * 1000.0, self.clock(), failed=True)
+            failed_result = self._failed(plan, t0)
             self.scheduler.update(plan, failed_result)
             failed = failed or StepReport(plan, failed_result, {})
         self._lost(lost, self.clock())

@@ -248,6 +248,8 @@ class ThreadedStages(InProcessStages):
     thread too, so they run between forwards in submission order. (torch releases the GIL in
     its kernels, and drills' sleeps release it too.)"""
 
+    POLL_S = 0.5  # how often a wait looks at the stage threads
+
     def __init__(self, cfg: Config, counts: list[int], device: str | None = None, timeout_s: float | None = None):
         super().__init__(cfg, counts, device)
         self.timeout_s = timeout_s or cfg.parallel.step_timeout_s
@@ -287,8 +289,10 @@ class ThreadedStages(InProcessStages):
         """Why a stage's thread is gone, if one is (a fault probe: a stage thread that ended
         left the engine waiting `timeout_s` on every forward and call, then closing every new
         stream, while /healthz said ready)."""
+        if self._stopping:
+            return None
         for k, thread in enumerate(self._threads):
-            if not self._stopping and not thread.is_alive():
+            if not thread.is_alive():
                 why = self._ended[k]
                 return f"stage {k}'s thread ended" + (f" ({type(why).__name__}: {why})" if why is not None else "")
         return None
@@ -304,8 +308,6 @@ class ThreadedStages(InProcessStages):
                     raise StageFailure(dead) from None
                 if left <= self.POLL_S:
                     raise StageFailure(late) from None
-
-    POLL_S = 0.5  # how often a wait looks at the stage threads
 
     def _loop(self, k: int) -> None:
         try:
