@@ -373,6 +373,14 @@ def validate(cfg: Config) -> None:
         if not cfg.cache.window <= cfg.cache.rebase_frame < cfg.model.rope_max_seq_len:
             raise ConfigError(f"cache.rebase_frame={cfg.cache.rebase_frame} must lie in [cache.window, "
                               f"model.rope_max_seq_len={cfg.model.rope_max_seq_len})")
+        # While the window fills, the reference queues the ring entry one ahead of each chunk it
+        # writes (cache/slots.py, Sdv2Lane.plan); a window with none to queue stopped every stream
+        # at the chunk after it filled (a review).
+        first, window, sinks = cfg.sampling.first_chunk_latents, cfg.cache.window, cfg.cache.sinks
+        if not (sinks <= 2 * first - 1 < window or max(first + 1, sinks) <= window - 1):
+            raise ConfigError(f"cache.policy=sdv2: cache.window={window} with cache.sinks={sinks} and a first chunk "
+                              f"of {first} latent frames leaves no ring entry to overwrite once the window is "
+                              "full: make the window larger or use cache.policy=rolling")
     if 0 < cfg.cache.pool_lanes < cfg.sampling.steps:
         raise ConfigError(f"cache.pool_lanes={cfg.cache.pool_lanes} cannot hold one stream of sampling.steps="
                           f"{cfg.sampling.steps} (a lane per denoise step); 0 = 4 per stream")

@@ -101,3 +101,35 @@ def test_sdv2_config_refuses_multi_frame_chunks():
 
     with pytest.raises(ConfigError, match="chunk_latents"):
         load_config("tiny", ["sampling.chunk_latents=2"])
+
+
+def test_sdv2_config_accepts_exactly_the_windows_a_lane_can_stream():
+    """A window whose filling queues no ring entry passed the config and stopped every stream at
+    the chunk after the window filled (a review: window 3, sinks 1, "engine loop failed"). The
+    config's rule against the lane itself, every small window, sink count and first chunk."""
+    from streamdiff.cache.slots import Sdv2Lane
+    from streamdiff.config import ConfigError, load_config
+
+    checked = refused = 0
+    for window in range(2, 10):
+        for sinks in range(1, window):
+            for first in range(1, min(window, 8) + 1):  # the config allows first chunks of 1-8
+                sets = [f"cache.window={window}", f"cache.sinks={sinks}", f"sampling.first_chunk_latents={first}",
+                        f"cache.rebase_frame={max(window, 10)}"]
+                try:
+                    load_config("tiny", sets)
+                    accepted = True
+                except ConfigError as e:
+                    assert "no ring entry" in str(e), str(e)
+                    accepted = False
+                lane = Sdv2Lane(0, list(range(window)), sinks, 64, refresh=False, rebase_frame=max(window, 10))
+                try:
+                    for n in [first] + [1] * (2 * window):
+                        lane.plan(n)
+                    streams = True
+                except ValueError:
+                    streams = False
+                assert accepted == streams, (window, sinks, first)
+                checked += 1
+                refused += not accepted
+    assert refused > 5 and checked - refused > 5
