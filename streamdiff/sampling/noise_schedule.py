@@ -32,11 +32,14 @@ def timesteps_for(steps: int, timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS) ->
 
 
 def strength_to_timestep(strength: float | torch.Tensor) -> int | torch.Tensor:
-    """The timestep the model is told for an input noised with strength s: int(1000 s) - 100.
-    A tensor strength gives a 0-dim int64 tensor on its device (no host read)."""
+    """The timestep the model is told for an input noised with strength s: int(1000 s) - 100,
+    never below 0. A tensor strength gives a 0-dim int64 tensor on its device (no host read).
+    StreamDiffusionV2 has no floor: below s = 0.1, which motion-aware noise reaches from a
+    strength of 0.2 or less when the camera moves, it told the model a negative timestep while
+    the sigma it converts with stops at the grid's smallest (a review)."""
     if isinstance(strength, torch.Tensor):
-        return (1000 * strength).floor().long() - 100
-    return int(1000 * strength) - 100
+        return ((1000 * strength).floor().long() - 100).clamp(min=0)
+    return max(0, int(1000 * strength) - 100)
 
 
 def renoised_above(steps: int, strength: float, timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS) -> int | None:

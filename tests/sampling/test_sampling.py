@@ -108,3 +108,16 @@ def test_a_streams_first_chunk_is_noised_at_the_configured_strength():
     assert ctl.update(later) == pytest.approx(0.9 * (0.8 - 0.05) + 0.1 * 0.8)
     ctl.reset()  # a restarted stream starts again at s0
     assert ctl.update(ramp) == 0.8
+
+
+def test_a_weak_strength_the_camera_moves_is_told_timestep_0_not_below():
+    """Noise 0.1 (the page's least) with motion-aware noise on and a moving camera: the controller
+    goes under 0.1 and the model was told timesteps down to -100 (a review). Float and tensor
+    strengths (the device path) agree, at and above the floor too."""
+    ctl = MotionController(base_strength=0.1, enabled=True)
+    strengths = [ctl.update(torch.full((1, 3, 4, 4, 4), float(i % 2))) for i in range(6)]
+    assert min(strengths) < 0.05
+    for s in strengths + [0.1, 0.15, 0.8]:
+        told = strength_to_timestep(s)
+        assert told == max(0, int(1000 * s) - 100) and told >= 0
+        assert int(strength_to_timestep(torch.tensor(s, dtype=torch.float64))) == told
