@@ -370,3 +370,14 @@ def test_what_a_stream_is_told_follows_the_rate_its_frames_arrive_at():
     # a steps change keeps the measured rate in what it is told
     restarted, _ = sched.restart_stream("a", 1, now=50.0, input_fps=30.0)
     assert restarted.expected_fps == pytest.approx(2.0)
+
+
+def test_a_steps_change_before_the_rate_is_measured_keeps_the_declared_rate():
+    """A stream declared a 10 fps camera; a steps change before 8 of its frames arrived was told
+    30 fps (the engine's video.fps, passed to every restart) instead (a review)."""
+    sched = FrameScheduler(FixedCostModel(LinearLaw(10.0, 1.0, 0.0)), max_streams=4)
+    told = sched.add_stream("a", StreamSLO(2.0, 8000.0), tokens_per_frame=12, lanes=2, now=0.0, input_fps=10.0)
+    assert told.expected_fps == pytest.approx(10.0)
+    restarted, _ = sched.restart_stream("a", 1, now=1.0, input_fps=30.0)
+    assert restarted.expected_fps == pytest.approx(10.0)
+    assert sched.outlooks()["a"][0] == pytest.approx(10.0)
