@@ -54,7 +54,6 @@ class StreamPipeline:
         stride = lane_stride(cfg) if stride is None else stride
         self.state = StreamState(comps, 0, self.slots, prompt, steps, seed, width, height, stride=stride)
         self._pending: list[np.ndarray] = []
-        self._trim_last = 0  # padded frames to drop from the final chunk's output
 
     # ------------------------------------------------------------------ controls
 
@@ -94,17 +93,16 @@ class StreamPipeline:
         """End of input: pad the trailing frames with the last one to fill a chunk, drain the
         lanes, and drop the padded frames' outputs. Returns the remaining output frames."""
         out: list[np.ndarray] = []
+        pad = 0  # padded frames to drop from the final chunk's output (this flush's only)
         if self._pending:
-            real = len(self._pending)
-            pad = self.state.frames_needed - real
+            pad = self.state.frames_needed - len(self._pending)
             chunk = np.stack(self._pending + [self._pending[-1]] * pad)
             self._pending = []
-            self._trim_last = pad
             out.extend(self._run_chunk(chunk))
         while self.state.in_flight:
             out.extend(self._step(None))
-        if self._trim_last and out:
-            out = out[: len(out) - self._trim_last]
+        if pad and out:
+            out = out[: len(out) - pad]
         return self._stack(out)
 
     def _stack(self, frames: list[np.ndarray]) -> np.ndarray:

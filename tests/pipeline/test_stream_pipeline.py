@@ -59,6 +59,16 @@ def test_lag_frames_come_out_only_after_later_chunks(comps):
     assert len(pipe.flush()) == 8
 
 
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_flush_pads_only_its_own_chunk(comps, steps):
+    """Frames pushed after a flush come out one for one: the second flush dropped the first
+    one's padding again (7 in, then 8 in gave 6 out; a review)."""
+    pipe = StreamPipeline(comps, "x", steps=steps)
+    clip = synthetic_clip(15, 64, 48)
+    assert len(pipe.push(clip[:7])) + len(pipe.flush()) == 7
+    assert len(pipe.push(clip[7:15])) + len(pipe.flush()) == 8
+
 def test_seed_and_prompt_change_the_output_and_runs_repeat(comps):
     clip = synthetic_clip(13, 64, 48, seed=3)
     a, _ = render(comps, clip)
