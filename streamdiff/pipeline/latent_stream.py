@@ -111,8 +111,10 @@ class LatentStream:
         emb = prompt_embeds if prompt_embeds.ndim == 3 else prompt_embeds[None]
         if emb.ndim != 3 or emb.shape[0] != 1 or emb.shape[-1] != self.model.cfg.text_dim:
             raise ValueError(f"prompt_embeds must be [1, L, {self.model.cfg.text_dim}], got {list(prompt_embeds.shape)}")
-        if self._prompt is None or not (self._prompt[0] is emb or torch.equal(self._prompt[0], emb)):
-            self._prompt = (emb, self.model.prompt_kv(emb.to(self.device)))
+        # A copy is compared, not the caller's tensor: one changed in place between steps kept the
+        # old prompt's K/V (a review).
+        if self._prompt is None or not torch.equal(self._prompt[0], emb):
+            self._prompt = (emb.detach().clone(), self.model.prompt_kv(emb.to(self.device)))
         return self._prompt[1]
 
     # ------------------------------------------------------------------ inspection

@@ -153,3 +153,23 @@ def test_latent_stream_refuses_bad_input():
         stream.step(torch.zeros(1, 16, 2, 8, 12), [700, 600, 500], torch.zeros(1, 4, 32))
     with pytest.raises(ValueError, match="prompt_embeds"):
         stream.step(torch.zeros(1, 16, 2, 8, 12), 700, torch.zeros(1, 4, 31))
+
+
+def test_latent_stream_sees_a_prompt_changed_in_place():
+    """A caller that refills one embedding tensor between steps gets the new prompt's output,
+    as if it had passed a new tensor (it kept the old prompt's K/V; a review)."""
+    torch.manual_seed(0)
+    model = CausalWanModel(ModelConfig()).eval()
+    latents = [torch.randn(1, 16, 2, *LATENT_HW), torch.randn(1, 16, 1, *LATENT_HW)]
+    p1, p2 = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
+    fresh = LatentStream(model)
+    fresh.step(latents[0], 700, p1)
+    want = fresh.step(latents[1], 700, p2)
+    stream, buffer = LatentStream(model), p1.clone()
+    stream.step(latents[0], 700, buffer)
+    buffer.copy_(p2)
+    got = stream.step(latents[1], 700, buffer)
+    assert torch.allclose(got, want, atol=ATOL)
+    kept = LatentStream(model)
+    kept.step(latents[0], 700, p1)
+    assert not torch.allclose(got, kept.step(latents[1], 700, p1), atol=1e-3)  # the prompt matters here
