@@ -542,9 +542,7 @@ class EngineCore:
             self._measured_passes(params, counts, seed)
         finally:
             self.scheduler = measured
-        mark = getattr(self.scheduler.cost_model, "mark_provisional", None)
-        if mark is not None:  # serving steps replace the warm-up's (a busy start is not for ever)
-            mark()
+        self._measured_provisional()
         warmup_ms = (time.perf_counter() - t0) * 1000.0
         self.metrics = self.served_metrics = EngineMetrics()
         self.metrics.warmup_ms = warmup_ms
@@ -565,7 +563,15 @@ class EngineCore:
             self._measured_passes(params, self._step_counts(params.steps), seed)
         finally:
             self.metrics = metrics
+        self._measured_provisional()
         return True
+
+    def _measured_provisional(self) -> None:
+        """Serving steps replace the measured passes' samples (a busy start, or a re-measure on a
+        busy machine, is not for ever: a re-measure's samples stayed for the whole window)."""
+        mark = getattr(self.scheduler.cost_model, "mark_provisional", None)
+        if mark is not None:
+            mark()
 
     def _step_counts(self, steps: int) -> tuple[int, ...]:
         """`steps`, and a second step count (2 after 1, else 1) where the KV pool has the lanes.

@@ -69,6 +69,18 @@ def test_serving_steps_replace_the_warm_up_samples(cfg):
     assert model.samples == model.min_samples and all(ms == 40.0 for *_, ms in model._window)
 
 
+def test_serving_steps_replace_a_re_measures_samples_too(cfg):
+    """A re-measure on a machine busy for a moment is not for ever either: its samples went
+    only when the window rolled over (128 steps), the warm-up's after 8 (a review)."""
+    core = _stale_core(cfg, step_ms=40.0)
+    assert core.measure() is True
+    model = core.scheduler.cost_model
+    measured = model.samples
+    assert measured >= 2
+    for _ in range(model.min_samples):
+        model.observe(2, 100, 55.0)
+    assert model.samples == model.min_samples and all(ms == 55.0 for *_, ms in model._window)
+
 def test_async_engine_measures_when_idle_after_a_refusal(cfg):
     async def run():
         core_kwargs = {}
