@@ -15,6 +15,7 @@ A pipeline stage holding layers [i, j) creates a pool for exactly those layers.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -293,27 +294,42 @@ class HostStaging:
     """Small host -> device copies through pinned buffers that are reused round-robin (CUDA);
     on a CPU device the host tensor is used as it is. Before a buffer is refilled, the copy that
     last read it must be done: an event wait that never blocks in practice (4 buffers, one
-    forward apart) and reads nothing back from the device."""
+    forward apart) and reads nothing back from the device. Each thread has a ring of its own:
+    pipeline stages on threads of one process build their attention batches at once, and a
+    shared ring handed one buffer to two of them (a review; the copies are asynchronous, so one
+    stage's indices could reach the device as the other's)."""
 
     def __init__(self, buffers: int = 4):
-        self._ring: list[tuple[torch.Tensor, object] | None] = [None] * buffers
-        self._next = 0
+        self.buffers = buffers
+        self._local = threading.local()
 
     def to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
         if device.type != "cuda":
             return host.to(device)
-        i, self._next = self._next, (self._next + 1) % len(self._ring)
-        entry = self._ring[i]
-        if entry is None or entry[0].numel() < host.numel():
-            entry = (torch.empty(max(host.numel(), 4096), dtype=host.dtype, pin_memory=True), torch.cuda.Event())
-            self._ring[i] = entry
+        staged, done = self._staged(host)
+        out = staged.to(device, non_blocking=True)
+        done.record()
+        return out
+
+    def _staged(self, host: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """`host` copied into this thread's next buffer, once the copy that last read it is done."""
+        local = self._local
+        if not hasattr(local, "ring"):
+            local.ring, local.next = [None] * self.buffers, 0
+        i = local.next
+        local.next = (i + 1) % self.buffers
+        entry = local.ring[i]
+        if entry is None or entry[0].numel() < host.numel() or entry[0].dtype != host.dtype:
+            entry = local.ring[i] = self._new_buffer(max(host.numel(), 4096), host.dtype)
         buf, done = entry
         done.synchronize()
         staged = buf[: host.numel()].view(host.shape)
         staged.copy_(host)
-        out = staged.to(device, non_blocking=True)
-        done.record()
-        return out
+        return staged, done
+
+    @staticmethod
+    def _new_buffer(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, object]:
+        return torch.empty(numel, dtype=dtype, pin_memory=True), torch.cuda.Event()
 
 
 STAGING = HostStaging()

@@ -75,3 +75,42 @@ def test_clear_slots_zeroes_only_those_slots():
     pool.clear_slots([1, 4])
     assert pool.k[:, [1, 4]].abs().sum() == 0 and pool.v[:, [1, 4]].abs().sum() == 0
     assert (pool.k[:, [0, 2, 3, 5]] != 0).all() and (pool.v[:, [0, 2, 3, 5]] != 0).all()
+
+
+def test_host_staging_never_hands_one_buffer_to_two_threads():
+    """Pipeline stages on threads of one process stage their index copies at once; a ring shared
+    by them handed one pinned buffer to two threads (a review). The staged path with plain host
+    buffers and a no-op event (a CPU has neither pinned memory nor CUDA events)."""
+    import threading
+
+    from streamdiff.cache.kv_cache import HostStaging
+
+    class Event:
+        def synchronize(self):
+            pass
+
+    class CpuStaging(HostStaging):
+        @staticmethod
+        def _new_buffer(numel, dtype):
+            return torch.empty(numel, dtype=dtype), Event()
+
+    staging = CpuStaging()
+    used: dict[int, set[int]] = {0: set(), 1: set()}
+    start = threading.Barrier(2)
+
+    def stage(who: int) -> None:
+        start.wait()
+        for i in range(200):
+            host = torch.full((3 + i % 5,), 1000 * who + i)
+            staged, _ = staging._staged(host)
+            assert torch.equal(staged, host)
+            used[who].add(staged.untyped_storage().data_ptr())
+
+    threads = [threading.Thread(target=stage, args=(who,)) for who in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(used[0]) == len(used[1]) == staging.buffers and not used[0] & used[1]
+    floats = staging._staged(torch.tensor([0.5, 1.5]))[0]  # a buffer is never reused for another dtype
+    assert floats.dtype == torch.float32 and floats.tolist() == [0.5, 1.5]
