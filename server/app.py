@@ -57,6 +57,7 @@ from streamdiff.server.http import (
     check_stream_key,
     error,
     expect_small_body,
+    forwarded_prefix,
     known_host_only,
     quiet_malformed_requests,
     read_json_object,
@@ -437,7 +438,8 @@ async def whip_post(request: web.Request) -> web.Response:
         return ended
     if settings.token:  # where to watch it: the link carries a token that plays this stream and nothing else
         events.info("stream key %s: watch it at %s", key, watch_path(settings, key))
-    return _sdp_created(f"/whip/{key}/{session.id}", answer_sdp, session.id, _expect_header(session))
+    return _sdp_created(f"{forwarded_prefix(request)}/whip/{key}/{session.id}", answer_sdp, session.id,
+                        _expect_header(session))
 
 
 async def no_stream_key(request: web.Request) -> web.Response:
@@ -502,7 +504,8 @@ async def whep_post(request: web.Request) -> web.Response:
         await _negotiation_failed(sessions, session, exc)
         return _error(400, NOT_NEGOTIABLE)
     await _close_if_client_gone(request, sessions, session)
-    return _ended_meanwhile(sessions, session, 2) or _sdp_created(f"/whep/{key}/{session.id}", answer_sdp, session.id)
+    location = f"{forwarded_prefix(request)}/whep/{key}/{session.id}"
+    return _ended_meanwhile(sessions, session, 2) or _sdp_created(location, answer_sdp, session.id)
 
 
 def _live(sessions: SessionManager, key: str):
@@ -647,7 +650,9 @@ async def list_sessions(request: web.Request) -> web.Response:
     if not _authorized(request):
         return _unauthorized()
     settings = request.app[SETTINGS_KEY]
-    return web.json_response([{**s.stats(), **({"watch": watch_path(settings, s.stream_key)} if s.has_stream else {})}
+    prefix = forwarded_prefix(request)  # (behind a proxy's sub-path the link goes through it)
+    return web.json_response([{**s.stats(), **({"watch": prefix + watch_path(settings, s.stream_key)}
+                                                if s.has_stream else {})}
                               for s in request.app[SESSIONS_KEY].sessions.values()])
 
 

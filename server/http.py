@@ -214,10 +214,37 @@ def foreign_origin(request: web.Request) -> str | None:
     if origin is None:
         return None
     scheme, sep, rest = origin.partition("://")
-    # behind an https proxy the page's origin is the proxy's: the Host it forwards, or the
-    # X-Forwarded-Host it adds (nginx: proxy_set_header Host $host), names it
-    hosts = {request.host, *(h.strip() for h in request.headers.get("X-Forwarded-Host", "").split(",")[:1])}
-    return None if sep and scheme in ("http", "https") and rest.rstrip("/") in hosts - {""} else origin
+    # behind an https proxy the page's origin is the proxy's: the Host it forwards, or the host it
+    # names in X-Forwarded-Host or Forwarded (nginx: proxy_set_header Host $http_host; its $host
+    # drops a port other than 443, which the page's origin has)
+    hosts = {h.lower() for h in (request.host, *forwarded_hosts(request))}
+    return None if sep and scheme in ("http", "https") and rest.rstrip("/").lower() in hosts - {""} else origin
+
+
+def forwarded_hosts(request: web.Request) -> list[str]:
+    """The host a proxy says the client addressed: the first X-Forwarded-Host, and the first
+    element's `host=` of RFC 7239's Forwarded."""
+    hosts = [request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()]
+    for pair in request.headers.get("Forwarded", "").split(",")[0].split(";"):
+        name, _, value = pair.strip().partition("=")
+        if name.lower() == "host":
+            hosts.append(value.strip().strip('"'))
+    return [h for h in hosts if h]
+
+
+def proxied(request: web.Request) -> bool:
+    """A proxy passed the request on (it said so in one of the usual headers)."""
+    return any(h in request.headers for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host",
+                                              "Forwarded", "Via"))
+
+
+def forwarded_prefix(request: web.Request) -> str:
+    """The path a proxy serves this server under (`X-Forwarded-Prefix: /streamdiff`: nginx's
+    `location /streamdiff/` with proxy_set_header, Traefik's StripPrefix), so that the addresses
+    the server hands out (a WHIP or WHEP resource, a viewer link) resolve through the proxy; ''
+    when there is none or it is not a plain path (it only shapes this client's own answer)."""
+    prefix = request.headers.get("X-Forwarded-Prefix", "").split(",")[0].strip().rstrip("/")
+    return prefix if re.fullmatch(r"(/[A-Za-z0-9._~%-]+)*", prefix) and len(prefix) <= 200 else ""
 
 
 @web.middleware
@@ -228,8 +255,13 @@ async def same_origin_control(request: web.Request, handler):
     reply allowed any origin). With a token the token decides (a controller elsewhere sends it)."""
     if (request.method != "OPTIONS" and not request.app[SETTINGS_KEY].token
             and CONTROL_PATHS.fullmatch(request.path) and (origin := foreign_origin(request)) is not None):
+        # behind a proxy, the likely cause is a host passed on without the page's port (a probe:
+        # nginx's `proxy_set_header Host $host` on a proxy at :8443)
+        hint = ("; behind a proxy, have it pass the page's host and port on (nginx: proxy_set_header "
+                "X-Forwarded-Host $http_host)" if proxied(request) else "")
         return error(403, f"a page on another origin ({printable(origin)[:80]}) may not use {request.path} of a "
-                          f"server without a token; start it with --token TOKEN to allow controllers elsewhere")
+                          f"server without a token; start it with --token TOKEN to allow controllers elsewhere"
+                          + hint)
     return await handler(request)
 
 

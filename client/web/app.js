@@ -172,7 +172,7 @@ let frameShape = ""; // the model's frame shape (/healthz `video`): the camera p
 
 async function loadDefaults() {
   try {
-    const health = await (await fetch("/healthz")).json();
+    const health = await (await fetch("healthz")).json();
     describeModel(health.model);
     // once a stream started the fields show what it runs (an answer that came late, or one of the
     // warm-up's polls, put the preset's values back over another controller's change: a page probe)
@@ -287,7 +287,7 @@ async function start() {
     // server measures it once frames come; a 15 fps camera was told 30 fps until then)
     const rate = camera.getVideoTracks()[0]?.getSettings().frameRate;
     const input = rate >= 1 && rate <= 240 ? { input_fps: rate } : {};
-    resp = await fetch("/offer", { method: "POST", headers, body: JSON.stringify({ sdp: peer.localDescription.sdp, type: "offer", key: PAGE_KEY, ...sent, ...input }) });
+    resp = await fetch("offer", { method: "POST", headers, body: JSON.stringify({ sdp: peer.localDescription.sdp, type: "offer", key: PAGE_KEY, ...sent, ...input }) });
   } catch (err) {
     if (over()) return peer.close();
     return reconnect(`Cannot reach the StreamDiff server at ${location.host} (is it running?)`);
@@ -353,7 +353,7 @@ async function start() {
 // 30 s, and Start again waited on a 409. keepalive: it goes out even if the page is left at once.
 function endSession(id) {
   const headers = token ? { Authorization: `Bearer ${token}` } : {};
-  fetch(`/sessions/${encodeURIComponent(id)}`, { method: "DELETE", headers, keepalive: true }).catch(() => {});
+  fetch(`sessions/${encodeURIComponent(id)}`, { method: "DELETE", headers, keepalive: true }).catch(() => {});
 }
 
 // The stream ended without the user: back to the start state, saying why and what to do.
@@ -379,7 +379,7 @@ function reconnect(why) {
     retryTimer = null;
     let up = false;
     try {
-      const resp = await fetch("/healthz", { cache: "no-store" });
+      const resp = await fetch("healthz", { cache: "no-store" });
       const health = await resp.json().catch(() => ({}));
       if (mine !== run) return; // Stop (or Start) meanwhile: what it found is not for the page now
       up = resp.ok || health.state === "warming"; // a Start waits for the warm-up
@@ -472,16 +472,28 @@ function noteShare(renewed) {
       false, 8);
 }
 
-function openControl() {
+// Control sockets opened again in a row for one stream (a message on one resets the count).
+let controlReopens = 0;
+const CONTROL_SILENT_S = 8; // stats come every second: a socket silent this long is stalled
+
+function openControl(reopen = false) {
   // owner=1: this page holds the socket while it lives; if it drops (tab closed or crashed),
   // the server frees the stream within seconds.
-  input = { frames: null, since: Date.now(), warned: false };
+  if (!reopen) {
+    input = { frames: null, since: Date.now(), warned: false };
+    controlReopens = 0;
+  }
   const q = new URLSearchParams({ session: sessionId, owner: "1" });
   if (token) q.set("token", token);
-  const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws?${q}`);
+  // relative to the page, as every address it uses: a proxy may serve it under a path of its own
+  const socket = new WebSocket(new URL(`ws?${q}`, location.href.replace(/^http/, "ws")));
   ws = socket;
+  let opened = false, heard = Date.now();
+  socket.onopen = () => { opened = true; heard = Date.now(); };
   socket.onmessage = (ev) => {
     if (ws !== socket) return; // the page stopped or replaced this socket
+    heard = Date.now();
+    controlReopens = 0;
     const msg = parseMessage(ev.data);
     if (msg.type === "stats") {
       $("overlay").dataset.latency = msg.latency_ms == null ? "–" : `${Math.round(msg.latency_ms)} ms`;
@@ -524,8 +536,40 @@ function openControl() {
       else end(why);
     }
   };
-  // Closed without a word: the server stopped or crashed, or the network dropped.
-  socket.onclose = () => { if (ws === socket) reconnect("Lost the connection to the server"); };
+  // Closed without a word: the server stopped or crashed, the network dropped, or a proxy in
+  // front dropped the socket (its timeouts, its reload) while the video played on. A proxy probe:
+  // every such drop ended the stream and started another, and a proxy that passes no WebSocket
+  // upgrade made a new stream every second for 5 minutes, saying only "Lost the connection".
+  const lost = async () => {
+    clearInterval(watchdog);
+    if (ws !== socket) return;
+    // the video still plays: the server keeps the stream a few seconds for its page's socket
+    if (opened && pc && pc.connectionState === "connected" && controlReopens++ < 5) return openControl(true);
+    if (!opened && !reopen) { // this stream's first socket never opened: does the server answer?
+      let up = false;
+      try {
+        up = (await fetch("healthz", { cache: "no-store" })).ok;
+      } catch { /* it does not */ }
+      if (ws !== socket) return;
+      if (up) {
+        return end("The control connection (WebSocket /ws) could not be opened, though the server answers. " +
+                   "Behind a proxy, it must pass WebSocket upgrades on (nginx: proxy_http_version 1.1; " +
+                   "proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\")");
+      }
+    }
+    reconnect("Lost the connection to the server");
+  };
+  // A socket a proxy holds open without passing anything on is replaced (a probe: a stalled one
+  // froze the overlay, and Apply got no answer and no word).
+  const watchdog = setInterval(() => {
+    if (ws !== socket) return clearInterval(watchdog);
+    if (opened && Date.now() - heard > CONTROL_SILENT_S * 1000) {
+      socket.onclose = null;
+      socket.close();
+      lost();
+    }
+  }, 1000);
+  socket.onclose = lost;
 }
 
 function startFpsMeter() {
