@@ -439,7 +439,10 @@ def row_timesteps(timesteps: list, num_frames: int, device) -> torch.Tensor:
             known = _TIMESTEP_TENSORS[key] = torch.tensor([[t] * num_frames for t in timesteps], device=device,
                                                           dtype=torch.float32)
         return known
-    column = torch.stack([torch.as_tensor(t, dtype=torch.float32, device=device).reshape(()) for t in timesteps])
+    # a motion-aware first lane beside integer lanes (steps >= 2): the integers' values come from
+    # the same made-once tensors (a review: each was a new host-to-device copy every forward)
+    column = torch.stack([t.to(device=device, dtype=torch.float32).reshape(()) if isinstance(t, torch.Tensor)
+                          else row_timesteps([t], 1, device).reshape(()) for t in timesteps])
     return column[:, None].expand(-1, num_frames).contiguous()  # [B, F]
 
 

@@ -89,3 +89,22 @@ def test_a_steady_forwards_row_timesteps_are_not_made_again():
     assert row_timesteps([700, 500, 700], 1, "cpu").shape == (3, 1)
     lane = torch.tensor(612.0)  # a motion-aware first lane's timestep stays a device tensor
     assert row_timesteps([lane, 500], 2, "cpu").tolist() == [[612.0, 612.0], [500.0, 500.0]]
+
+
+def test_a_motion_aware_lane_beside_integer_lanes_copies_nothing_from_the_host_per_forward(monkeypatch):
+    """Steps 2 with motion-aware noise (the 1.3B preset's defaults): the first lane's timestep is a
+    device tensor, the second an integer, and every forward made that integer's tensor anew from
+    the host (on CUDA a blocking copy: the host waits for the queued work; a review)."""
+    from streamdiff.pipeline.stream_state import row_timesteps
+
+    first_lane = torch.tensor(650, dtype=torch.int64)
+    want = torch.tensor([[650.0, 650.0], [500.0, 500.0]])
+    assert torch.equal(row_timesteps([first_lane, 500], 2, "cpu"), want)  # the integer's tensor made once
+    made = []
+    for name in ("tensor", "as_tensor", "full", "scalar_tensor"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **k: made.append(_name) or _real(*a, **k))
+    lanes = [first_lane + 10 * i for i in range(3)]  # (device arithmetic: no host value)
+    outs = [row_timesteps([lane, 500], 2, "cpu") for lane in lanes]
+    assert made == [], made
+    assert [o[:, 0].tolist() for o in outs] == [[650.0 + 10 * i, 500.0] for i in range(3)]
