@@ -536,6 +536,14 @@ def check_fit(
         raise WeightsMismatchError(
             f"{report.details()} — below min_match={min_match} (from {report.source or 'a state dict'}); "
             "is this the right format and model size?", report)
+    # A DiT's embeddings, time modulation and output head are a few keys of hundreds: a file that
+    # lacks them passed the ratio and streamed noise from a random head (a review: a 1.3B file
+    # without proj_out, scale_shift_table and patch_embedding.bias matched 99.5%).
+    if held_blocks and (outside := [k for k in missing if not _BLOCK.match(k)]):
+        raise WeightsMismatchError(
+            f"{what}: {report.source or 'the checkpoint'} lacks {', '.join(key_kinds(outside))}, outside the "
+            "blocks (embeddings and output head are never left at random init); is it a complete checkpoint?",
+            report)
     beyond = sorted({i for k in unexpected if (m := _BLOCK.match(k)) and num_blocks is not None
                      and (i := int(m.group(1))) >= num_blocks})
     if beyond:

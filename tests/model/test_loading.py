@@ -615,3 +615,15 @@ def test_tensors_a_file_lacks_within_min_match_are_seeded_not_left_as_they_were(
         got = a.state_dict()[name]
         assert torch.equal(got, b.state_dict()[name]) and torch.equal(got, seeded.state_dict()[name]), name
     torch.testing.assert_close(a.state_dict()["proj_out.weight"], state["proj_out.weight"])
+
+
+@pytest.mark.parametrize("lacks", ["proj_out.", "patch_embedding.bias", "scale_shift_table"])
+def test_a_file_without_the_head_or_embeddings_is_refused_whatever_its_ratio(tmp_path, source, lacks):
+    """A review: a 1.3B file without its output head (proj_out, scale_shift_table) and
+    patch_embedding.bias matched 821/825 (99.5%) and streamed noise from a random head."""
+    _, state, _ = source
+    save_file({k: v for k, v in state.items() if not k.startswith(lacks)}, tmp_path / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(dict(TINY)))
+    sd = read_transformer_state_dict("diffusers", tmp_path)
+    with pytest.raises(WeightsMismatchError, match=f"lacks {re.escape(lacks)}.*outside the blocks"):
+        load_into(fresh_model(), sd, min_match=0.5)
