@@ -92,8 +92,11 @@ class CausalWanModel(nn.Module):
         return (self.rope.t_dim, self.rope.h_dim, self.rope.w_dim)
 
     def cast_(self, dtype: torch.dtype) -> "CausalWanModel":
-        """Cast to `dtype`, keeping the modules diffusers keeps in fp32 in fp32."""
+        """Cast to `dtype`, keeping the modules diffusers keeps in fp32 in fp32, and the RoPE
+        tables as computed (a cast rounded them through bf16: cos^2 + sin^2 - 1 up to 5e-3)."""
         self.to(dtype)
+        device = self.rope.freqs_cos.device
+        self.rope = WanRotaryPosEmbed(self.cfg.head_dim, PATCH, self.cfg.rope_max_seq_len).to(device)
         for name, module in self.named_modules():
             if name.split(".")[-1] in FP32_MODULES:
                 module.float()

@@ -190,3 +190,14 @@ def test_rows_of_different_streams_in_one_batch_match_separate_runs():
         got[1].append(b)
     for sid in (0, 1):
         torch.testing.assert_close(torch.cat(got[sid], 2), torch.cat(alone[sid], 2), atol=ATOL, rtol=0)
+
+
+def test_a_cast_keeps_the_rope_tables_as_computed():
+    """A review: cast_ to bf16 rounded the RoPE tables of a model that had them (the random-weights
+    build) through bf16, cos^2 + sin^2 - 1 up to 5e-3; a loaded model's are computed afresh."""
+    model = CausalWanModel(ModelConfig(num_heads=2, head_dim=128, ffn_dim=64, num_layers=1))
+    cos, sin = (t.clone() for t in model.rope_tables())
+    model.cast_(torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    after = model.rope_tables()
+    assert after[0].dtype == torch.float32 and torch.equal(after[0], cos) and torch.equal(after[1], sin)
