@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from streamdiff.config import Config
 from streamdiff.engine.types import ChunkInput, EngineStepResult, StreamOutput, StreamParams, StreamsLost
+from streamdiff.model.loading import first_line
 from streamdiff.parallel.messages import stage_specs
 from streamdiff.parallel.partition import Rebalancer, StageSample, moves, ranges
 from streamdiff.parallel.stage import StageInput, StepOut
@@ -321,10 +322,26 @@ class StagedExecutor:
         collected), and every layer's K/V moves."""
         self._fetch_all()
         before, dit = self.counts, self.dit_stages
-        for layer, src, dst in moves(before, target):
-            package = self.stages.call(dit[src], "give_blocks", [layer])
-            self.stages.call(dit[dst], "take_blocks", package)
-        self.stages.specs[:] = stage_specs(ranges(target), len(dit) < self.num_stages)
+        counts = list(before)  # the split as moved so far: the specs follow each move
+        try:
+            for layer, src, dst in moves(before, target):
+                package = self.stages.call(dit[src], "give_blocks", [layer])
+                try:
+                    self.stages.call(dit[dst], "take_blocks", package)
+                except Exception:
+                    self.stages.call(dit[src], "take_blocks", package)  # the donor takes it back
+                    raise
+                counts[src], counts[dst] = counts[src] - 1, counts[dst] + 1
+                self.stages.specs[:] = stage_specs(ranges(counts), len(dit) < self.num_stages)
+        except StageFailure:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a review: one (the receiving GPU out of memory) ended
+            # every stream and the server, and the block it carried was held by no stage
+            self.rebalancer.reset(counts)
+            self.rebalance_enabled = False
+            log.warning("moving blocks %s -> %s stopped at %s (%s: %s); the split stays, rebalancing is off",
+                        before, list(target), counts, type(exc).__name__, first_line(exc))
+            return
         self.rebalancer.reset(target)
         self.rebalances.append((before, list(target)))
         log.info("re-partitioned blocks %s -> %s (stage ms %s)", before, target,

@@ -78,6 +78,25 @@ def test_a_slow_stage_loses_blocks(cfg4, ref):
     assert executor.rebalances[0][0] == [2, 2]
 
 
+def test_a_block_move_that_fails_leaves_every_block_held_and_the_streams_served(cfg4, ref, caplog):
+    """A review: a block move the receiving stage refused (its GPU out of memory) escaped the
+    engine step (AsyncEngine's loop, every session and the server ended) with the block it
+    carried held by neither stage. The donor takes it back, the split stays, rebalancing is off."""
+    cfg = with_overrides(cfg4, parallel={"rebalance": True, "rebalance_after_steps": 3, "rebalance_threshold": 1.5})
+    stages = InProcessStages(cfg, [2, 2], "cpu")
+    stages.workers[1].set_slowdown(150.0)  # blocks would move to stage 0, which refuses them
+
+    def out_of_memory(package):
+        raise RuntimeError("CUDA out of memory (simulated)\nmore lines")
+
+    stages.workers[0].take_blocks = out_of_memory
+    executor = StagedExecutor(cfg, stages)
+    with caplog.at_level(logging.WARNING):
+        assert_equal(run_streams(cfg, executor), ref)
+    assert [w.runner.model.block_range for w in stages.workers] == [(0, 2), (2, 4)]
+    assert executor.counts == [2, 2] and not executor.rebalances and not executor.rebalance_enabled
+    assert "stopped at [2, 2] (RuntimeError: CUDA out of memory (simulated)); the split stays" in caplog.text
+
 class FailingStages(InProcessStages):
     """In-process stages whose next step fails once; `recover` rebuilds or gives up."""
 
