@@ -264,6 +264,11 @@ class ThreadedStages(InProcessStages):
         self._threads: list[threading.Thread] = [None] * len(self.workers)  # type: ignore[list-item]
         self._ended: list[BaseException | None] = [None] * len(self.workers)  # why a stage's thread ended
         self._stopping = False
+        # Forwards carry the recovery count they were submitted in: one that timed out runs on in
+        # its stage (a thread cannot be stopped) and was handed on to the next stage after the
+        # recovery had cleared it, writing K/V and prompt K/V the next stream on those lanes read
+        # (a review: 14 grey levels off). Every stage drops a forward from before a recovery.
+        self._epoch = 0
         for k in range(len(self.workers)):
             self._start(k)
         # The cores the stages can count on (shared cores only): the executor's period divides the
@@ -320,6 +325,10 @@ class ThreadedStages(InProcessStages):
         worker, inbox = self.workers[k], self._queues[k]
         while (item := inbox.get()) is not None:
             kind, payload, future = item
+            if kind == "run" and future.epoch != self._epoch:
+                if not future.done():
+                    future.set_exception(StageFailure("a forward from before the stages were recovered"))
+                continue
             try:
                 if kind == "call":
                     method, args = payload
@@ -340,6 +349,7 @@ class ThreadedStages(InProcessStages):
         future: Future = Future()
         future.deadline = time.monotonic() + self.timeout_s  # from its submission (a fault probe: the
         # live loop collects a plan overdue by timeout_s, and a wait of timeout_s more made it twice)
+        future.epoch = self._epoch
         self._queues[0].put(("run", msg, future))
         return future
 
@@ -367,7 +377,9 @@ class ThreadedStages(InProcessStages):
 
     def recover(self) -> str:
         """A stage thread that ended is started again on a fresh queue (what waited in the old one
-        fails); the streams are closed, not restarted, as after any in-process stage failure."""
+        fails); the streams are closed, not restarted, as after any in-process stage failure.
+        Forwards still running or queued are dropped by every stage (`_epoch`)."""
+        self._epoch += 1
         restarted = []
         for k, thread in enumerate(self._threads):
             if thread.is_alive():

@@ -7,6 +7,7 @@ instead of per step, which only changes float rounding."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -320,6 +321,53 @@ def test_a_stage_thread_stuck_in_a_forward_fails_the_calls_behind_it(cfg4):
         release.set()
         stages.shutdown()
 
+
+def _new_stream_after_a_timeout(cfg4, timed_out: bool):
+    """A stream "n" served on threaded stages, after (`timed_out`) a stream whose forward with a
+    new prompt's embedding outlived the step timeout in a slow stage 0: (what stage 1 still held
+    once the late forward had drained, n's frames)."""
+    from engine_helpers import Feeder
+    from streamdiff.parallel.executor import ThreadedStages
+
+    stages = ThreadedStages(cfg4, [2, 2], "cpu", timeout_s=1.0)
+    held = None
+    try:
+        core, clock = core_for(cfg4, StagedExecutor(cfg4, stages))
+        if timed_out:
+            assert core.add_stream("a", params(cfg4, "x", steps=2), RELAXED)
+            feeder = Feeder(core, clock, {"a": synthetic_clip(60, 64, 48)})
+            feeder.round()
+            core.update_params("a", prompt="a new prompt")  # its embedding rides with the next forward
+            stages.workers[0].set_slowdown(1000.0)  # 2 s a forward against the 1 s timeout
+            feeder.round()
+            assert "a" in core.take_closed()
+            stages.workers[0].set_slowdown(0.0)
+            deadline = time.monotonic() + 30  # the late forward leaves stage 0 (not a timing check)
+            while time.monotonic() < deadline:
+                with contextlib.suppress(StageFailure):  # (a call waits behind the late forward)
+                    if not stages.call(0, "info")["streams"]:
+                        break
+                time.sleep(0.2)
+            time.sleep(1.0)  # and would reach stage 1
+            info = stages.call(1, "info")
+            held = (info["streams"], info["cond_keys"], int(stages.workers[1].runner.pool.k.abs().sum() > 0))
+        assert core.add_stream("n", params(cfg4, "y", steps=2), RELAXED)
+        feeder = Feeder(core, clock, {"n": synthetic_clip(40, 64, 48, seed=5)})
+        for _ in range(9):
+            feeder.round(["n"])
+        return held, feeder.frames("n")
+    finally:
+        stages.shutdown()
+
+
+def test_a_forward_that_outlived_its_timeout_leaves_nothing_for_the_next_stream(cfg4):
+    """A review: a forward that timed out in a slow (live) stage ran on, and stage 1 ran it after
+    the recovery had cleared it: K/V, a prompt and a stream stayed there, and the next stream on
+    those lanes came out 14 grey levels off. Every stage now drops a forward from before a recovery."""
+    held, after = _new_stream_after_a_timeout(cfg4, True)
+    _, clean = _new_stream_after_a_timeout(cfg4, False)
+    assert held == (0, 0, 0), held
+    assert len(after) > 10 and max_abs_diff(after, clean) <= TOL
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread killed on purpose
 def test_a_stage_thread_that_ends_is_noticed_at_once_and_started_again(cfg4, caplog):
