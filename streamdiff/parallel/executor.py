@@ -162,6 +162,7 @@ class StagedExecutor:
                 outs = self._forwards(plan.step_id, chunks, True, groups, commands)
                 self._in_flight.append(_Plan(plan, t0, [], outs))
                 return
+            self._make_room(groups)
             handles = self._submit_steady(plan.step_id, chunks, groups, commands)
         except StageFailure as exc:
             raise self._recover(exc) from exc
@@ -226,6 +227,19 @@ class StagedExecutor:
                 outs.append(out)
             entry.outs = outs
         return entry.outs
+
+    def _make_room(self, forwards: int) -> None:
+        """Take in the oldest plans' forwards until `forwards` more fit the transport's bound
+        (`max_executions`: Ray's compiled graph refuses one past it, a stage failure that restarts
+        every stream). A Ray fuzzer: stride-1 plans go in one micro-batch per stage and up to
+        `depth` plans are in flight, stages^2 forwards where the graph held stages + 1."""
+        cap = getattr(self.stages, "max_executions", None)
+        if cap is None:
+            return
+        for entry in self._in_flight:
+            if sum(len(e.handles) for e in self._in_flight if e.outs is None) + forwards <= cap:
+                return
+            self._fetch(entry)
 
     def _fetch_all(self) -> None:
         """Take in every forward in flight (their plans stay to be collected)."""

@@ -46,6 +46,8 @@ class Stages(Protocol):
     # CPU cores the stages share (threads on one CPU), or None: each stage has a device of its
     # own as far as the transport knows. The executor's pipeline period counts it.
     shared_cores: int | None
+    # Forwards the transport holds in flight at most (Ray's compiled graph), or None: no bound.
+    max_executions: int | None
 
     def submit(self, msg: StageInput) -> object: ...
 
@@ -63,6 +65,7 @@ class InProcessStages:
     Ray transport: same messages, no serialization). A forward runs every stage at submit."""
 
     shared_cores: int | None = None  # one stage at a time: nothing overlaps
+    max_executions: int | None = None
 
     def __init__(self, cfg: Config, counts: list[int], device: str | None = None):
         # This process's torch threads (runtime.threads), as a one-process engine sets them: the

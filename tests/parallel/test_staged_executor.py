@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from engine_helpers import RELAXED, max_abs_diff, params
+from engine_helpers import RELAXED, Feeder, max_abs_diff, params
 from stage_helpers import SPECS, TOL, core_for, reference, run_streams
 from streamdiff.config import with_overrides
 from streamdiff.engine.types import StreamClosedError
@@ -97,6 +97,64 @@ def test_a_block_move_that_fails_leaves_every_block_held_and_the_streams_served(
     assert [w.runner.model.block_range for w in stages.workers] == [(0, 2), (2, 4)]
     assert executor.counts == [2, 2] and not executor.rebalances and not executor.rebalance_enabled
     assert "stopped at [2, 2] (RuntimeError: CUDA out of memory (simulated)); the split stays" in caplog.text
+
+class BoundedStages(InProcessStages):
+    """In-process stages that hold at most `max_executions` forwards unread, as Ray's compiled
+    graph does (one past it raised RayCgraphCapacityExceeded there: a stage failure)."""
+
+    max_executions = 3  # Ray's for 2 stages
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.unread = self.most = 0
+
+    def submit(self, msg):
+        self.unread += 1
+        self.most = max(self.most, self.unread)
+        assert self.unread <= self.max_executions, "a forward past the transport's bound"
+        return super().submit(msg)
+
+    def get(self, handle):
+        self.unread -= 1
+        return super().get(handle)
+
+    def ready(self, handle) -> bool:
+        return False  # as a forward on its way: the core keeps its plans in flight up to depth
+
+
+def _staggered(cfg, executor, rounds: int = 6) -> dict:
+    """Two 2-step streams, each stepped once after its own chunk (as the live loop steps when
+    their frames come apart): plans of both are in flight together."""
+    core, clock = core_for(cfg, executor)
+    feeder = Feeder(core, clock, {sid: synthetic_clip(5 + 4 * rounds, 64, 48, seed=seed)
+                                  for sid, seed in (("a", 11), ("b", 12))})
+    for sid, seed in (("a", 1), ("b", 2)):
+        assert core.add_stream(sid, params(cfg, f"prompt {sid}", steps=2, seed=seed), RELAXED)
+    for _ in range(rounds):
+        for sid in ("a", "b"):
+            feeder.feed(sid)
+            if (report := core.step()) is not None:
+                feeder.reports.append(report)
+            clock.t += 1 / 30
+        clock.t += 4 / 30
+    feeder.drain()
+    assert not core.take_closed() and not core.restarted
+    return {sid: feeder.frames(sid) for sid in ("a", "b")}
+
+
+def test_plans_in_flight_stay_within_the_transports_bound_on_forwards(cfg4, comps4):
+    """A Ray fuzzer: at lane stride 1 a plan goes in one micro-batch per stage and up to `depth`
+    plans are in flight, stages^2 forwards where Ray's graph holds stages + 1: the one past it
+    failed the stages, and every stream restarted with a fresh cache (131 grey levels off)."""
+    from streamdiff.engine import LocalExecutor
+    from streamdiff.engine.model_runner import ModelRunner
+
+    stages = BoundedStages(cfg4, [2, 2], "cpu")
+    got = _staggered(cfg4, StagedExecutor(cfg4, stages))
+    want = _staggered(cfg4, LocalExecutor(ModelRunner(comps4, 4)))
+    assert 2 <= stages.most <= stages.max_executions  # (4 without the bound)
+    for sid in want:
+        assert len(got[sid]) == len(want[sid]) > 10 and max_abs_diff(got[sid], want[sid]) <= TOL, sid
 
 class FailingStages(InProcessStages):
     """In-process stages whose next step fails once; `recover` rebuilds or gives up."""
