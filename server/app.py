@@ -295,8 +295,10 @@ def _player_track(session, source, settings: ServerSettings, sessions: SessionMa
     """A WHEP player's video: packets of the stream's encoder shared by every player that
     negotiated the same codec (the first codec of the answer, H.264 when offered); a codec we
     do not encode ourselves gets an encoder of its own, as a browser's output does."""
-    video = [t for t in session.pc.getTransceivers() if t.kind == "video" and getattr(t, "_codecs", None)]
-    mime = video[0]._codecs[0].mimeType.lower() if video else ""
+    # the codec of the section the stream goes out on (`_send_on`), not of the first video section:
+    # a player offering [sendonly VP8, recvonly H.264] was sent VP8 on its H.264 section (a review)
+    section = _send_section(session.pc, "video")
+    mime = section._codecs[0].mimeType.lower() if section is not None and getattr(section, "_codecs", None) else ""
     cfg = sessions.engine.cfg
     if mime not in ("video/h264", "video/vp8"):
         return _output_track(session, source, settings, cfg, sessions)
@@ -524,13 +526,23 @@ def _send_on(pc, track):
     says recvonly or sendrecv), else on the first of its kind (aiortc's addTrack: a player
     offering [sendonly, recvonly] video got its stream on the section it does not receive, and
     no picture). Returns the sender."""
-    ours = [t for t in pc.getTransceivers() if t.kind == track.kind and t.sender.track is None]
-    # aiortc keeps the offer's direction as seen from our side: the player's recvonly is our sendonly
-    receiving = [t for t in ours if getattr(t, "_offerDirection", None) in ("sendonly", "sendrecv")]
-    if not receiving:
+    section = _send_section(pc, track.kind)
+    if section is None or not _receives(section):
         return pc.addTrack(track)
-    receiving[0].sender.replaceTrack(track)
-    return receiving[0].sender
+    section.sender.replaceTrack(track)
+    return section.sender
+
+
+def _receives(transceiver) -> bool:
+    # aiortc keeps the offer's direction as seen from our side: the player's recvonly is our sendonly
+    return getattr(transceiver, "_offerDirection", None) in ("sendonly", "sendrecv")
+
+
+def _send_section(pc, kind: str):
+    """The transceiver a track of `kind` goes out on: the first one the player receives on, else
+    the first of its kind with no track (where aiortc's addTrack puts it); None: a new one."""
+    ours = [t for t in pc.getTransceivers() if t.kind == kind and t.sender.track is None]
+    return next((t for t in ours if _receives(t)), ours[0] if ours else None)
 
 
 async def whep_head(request: web.Request) -> web.Response:

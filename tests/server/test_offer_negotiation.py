@@ -9,7 +9,7 @@ import asyncio
 
 import aiohttp
 import pytest
-from aiortc import RTCPeerConnection
+from aiortc import RTCPeerConnection, RTCRtpSender
 
 from gateway_helpers import Collector, SyntheticVideo, answer, auth, obs_like_offer, running_server, sessions_of, until
 
@@ -185,7 +185,13 @@ def test_codecs_aiortc_can_use_are_taken_and_the_others_refused_with_406():
     assert player_high[0] == 406 and "High (640c1f)" in player_high[1], player_high
 
 
-async def _player_with_two_video_sections():
+def _only(transceiver, mime: str | None) -> None:
+    if mime is not None:
+        transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
+                                         if c.mimeType in (mime, "video/rtx")])
+
+
+async def _player_with_two_video_sections(sends: str | None, receives: str | None):
     async with running_server() as (url, app):
         async with aiohttp.ClientSession() as http:
             pub, offer = await obs_like_offer()
@@ -193,8 +199,8 @@ async def _player_with_two_video_sections():
             assert status == 201
             await answer(pub, sdp)
             player, collector = RTCPeerConnection(), Collector()
-            player.addTransceiver("video", direction="sendonly")  # a camera it sends nowhere
-            player.addTransceiver("video", direction="recvonly")
+            _only(player.addTransceiver("video", direction="sendonly"), sends)  # a camera it sends nowhere
+            _only(player.addTransceiver("video", direction="recvonly"), receives)
 
             @player.on("track")
             def _track(track):
@@ -212,11 +218,13 @@ async def _player_with_two_video_sections():
     return status, directions, len(collector.frames)
 
 
-def test_a_players_stream_goes_on_the_section_it_receives_on():
+@pytest.mark.parametrize("sends, receives", [(None, None), ("video/VP8", "video/H264"), ("video/H264", "video/VP8")])
+def test_a_players_stream_goes_on_the_section_it_receives_on(sends, receives):
     """A WHEP offer [sendonly, recvonly]: the stream went on the first section (aiortc's addTrack
     takes the first of a kind), which the player does not receive on, and every section was
-    answered sendonly: connected, no picture."""
-    status, directions, frames = asyncio.run(_player_with_two_video_sections())
+    answered sendonly: connected, no picture. And in the codec of that section, not of the first
+    (a review: VP8 packets went out on the H.264 section and the player decoded nothing)."""
+    status, directions, frames = asyncio.run(_player_with_two_video_sections(sends, receives))
     assert status == 201
     assert directions == ["inactive", "sendonly"], directions
     assert frames >= 3
