@@ -186,7 +186,15 @@ class FanOut:
         """Mean latency (input arrival to output) of the latest LATENCY_FRAMES output frames."""
         return sum(self._latencies_ms) / len(self._latencies_ms) if self._latencies_ms else None
 
+    def _check_live(self) -> None:
+        """A subscriber or player of a fan-out that ended (`close()`, or the engine ended the
+        stream) would wait for ever, and a player's encoder task with it (a review: a source that
+        ended while a player's offer was answered left an encoder running on it)."""
+        if self.task.done():
+            raise RuntimeError(f"stream {self.stream_id} ended")
+
     def subscribe(self) -> FrameQueue:
+        self._check_live()
         slot = FrameQueue()
         self.slots.add(slot)
         return slot
@@ -198,6 +206,7 @@ class FanOut:
     def player(self, mime: str, max_fps: float, bitrate_bps: int) -> PlayerTrack:
         """A WHEP player's track, fed by the stream's encoder for `mime` (lower case; made on
         first use, closed when its last player leaves)."""
+        self._check_live()
         encoder = self.encoders.get(mime)
         if encoder is None:
             encoder = self.encoders[mime] = SharedEncoder(self, mime, max_fps, bitrate_bps, on_empty=self._encoder_idle)

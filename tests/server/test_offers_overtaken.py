@@ -146,3 +146,58 @@ def test_offers_overtaken_by_an_end_or_a_shutdown_are_refused_and_leave_nothing(
     assert status == 503 and "the server is stopping" in said, out["during shutdown"]
     assert out["after shutdown"] == (0, 0), out["after shutdown"]
 
+
+
+async def _source_ends_while_a_player_negotiates() -> dict:
+    out: dict = {}
+    async with running_server() as (url, app), aiohttp.ClientSession() as http:
+        sessions = sessions_of(app)
+        peers = []
+        try:
+            pub, offer = await obs_like_offer()
+            peers.append(pub)
+            async with http.post(f"{url}/whip/src", data=offer, headers={**SDP, **auth()}) as r:
+                assert r.status == 201, await r.text()
+                await answer(pub, await r.text())
+            source = sessions.publisher("src")
+            real_new_peer, made = sessions.new_peer, [0]
+
+            def new_peer():  # the session's peer (after the trial one): its source ends as the
+                pc = real_new_peer()  # negotiation's last await ends (a browser's mDNS candidates)
+                made[0] += 1
+                if made[0] == 2:
+                    real = pc.setRemoteDescription
+
+                    async def negotiated(description):
+                        await real(description)
+                        await sessions.close(source.id, "the publisher left (test)")
+
+                    pc.setRemoteDescription = negotiated
+                    sessions.new_peer = real_new_peer
+                return pc
+
+            sessions.new_peer = new_peer
+            viewer, offer, _ = await viewer_offer()
+            peers.append(viewer)
+            async with http.post(f"{url}/whep/src", data=offer, headers={**SDP, **auth()}) as r:
+                out["viewer"] = (r.status, (await r.text()).strip())
+            await asyncio.sleep(0.5)
+            out["encoders"] = dict(source.fanout.encoders)
+            out["encoding"] = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("encode-")]
+            out["sessions"] = len(sessions.sessions)
+        finally:
+            for gate in Gate.made:
+                gate.release.set()
+            Gate.made.clear()
+            for pc in peers:
+                await pc.close()
+    return out
+
+
+def test_a_player_whose_source_ends_while_it_negotiates_leaves_no_encoder():
+    """A review: the source's session ended while a player's offer was in setRemoteDescription; the
+    player got its 503, but an encoder was made on the ended fan-out, and its task ran for ever."""
+    out = asyncio.run(_source_ends_while_a_player_negotiates())
+    status, said = out["viewer"]
+    assert status == 503 and "ended" in said, out["viewer"]
+    assert out["encoders"] == {} and out["encoding"] == [] and out["sessions"] == 0, out
