@@ -19,6 +19,7 @@ import asyncio
 import collections
 import fractions
 import logging
+import threading
 import time
 from typing import Callable, NamedTuple
 
@@ -515,6 +516,7 @@ class SharedEncoder:
         self._last_key_s = -float("inf")
         self._codec = None
         self._closed = False
+        self._codec_lock = threading.Lock()  # `_encode`'s thread makes the codec while `_run` may end
         self.task = asyncio.create_task(self._run(), name=f"encode-{fanout.stream_id}")
 
     def join(self, player: PlayerTrack) -> None:
@@ -565,8 +567,9 @@ class SharedEncoder:
             # Free the codec now: it is reachable only through this encoder, whose references run in
             # cycles (on_empty -> FanOut, players -> encoder), so it waited for the cycle collector,
             # each libx264 context keeping its 4 threads (a soak: 10 players gone, 20 threads left).
-            self._closed = True
-            self._codec, self.on_empty = None, None
+            with self._codec_lock:
+                self._closed = True
+                self._codec, self.on_empty = None, None
             self.players.clear()
 
     def _encode(self, frame: VideoFrame, keyframe: bool):
@@ -578,8 +581,13 @@ class SharedEncoder:
         codec = self._codec  # held here: `_run` may drop the encoder's reference while this thread encodes
         if self._closed:
             return None
-        if codec is None:
-            codec = self._codec = _codec_context(self.mime, frame.width, frame.height, self.bitrate_bps)
+        if codec is None:  # made outside the lock (it takes a moment), kept only if still open: an
+            # encoder closed meanwhile kept the new codec and its libx264 threads (a review)
+            made = _codec_context(self.mime, frame.width, frame.height, self.bitrate_bps)
+            with self._codec_lock:
+                if self._closed:
+                    return None
+                codec = self._codec = made
         data = b"".join(bytes(p) for p in codec.encode(frame))
         if not data:
             return None

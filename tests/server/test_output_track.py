@@ -158,3 +158,50 @@ def test_a_frame_that_cannot_be_made_ends_the_track_and_says_why():
     assert int(first.to_ndarray(format="rgb24")[0, 0, 0]) == 1
     assert said is not None and ended == [said] and said.startswith("an output frame could not be made")
     assert state == "ended"
+
+
+async def _closed_while_its_codec_is_made(monkeypatch) -> tuple[object, object]:
+    import threading
+    from types import SimpleNamespace
+
+    from streamdiff.server import webrtc
+
+    making, go, encoded = threading.Event(), threading.Event(), threading.Event()
+    real_context, real_encode = webrtc._codec_context, webrtc.SharedEncoder._encode
+
+    def slow_context(*args):
+        making.set()
+        go.wait(10)  # making a libx264 context takes a moment
+        return real_context(*args)
+
+    def encode(self, *args):
+        try:
+            return real_encode(self, *args)
+        finally:
+            encoded.set()
+
+    monkeypatch.setattr(webrtc, "_codec_context", slow_context)
+    monkeypatch.setattr(webrtc.SharedEncoder, "_encode", encode)
+
+    class OneFrame:
+        async def next_frame(self, stream_id):
+            if not getattr(self, "sent", False):
+                self.sent = True
+                return SimpleNamespace(frame=np.zeros((48, 64, 3), np.uint8), latency_ms=1.0, pts=None)
+            await asyncio.Event().wait()
+
+    fanout = webrtc.FanOut(OneFrame(), "s")
+    encoder = fanout.player("video/h264", 30.0, 1_000_000).encoder
+    await asyncio.get_running_loop().run_in_executor(None, making.wait, 10)
+    await encoder.close()  # its last player left while the first frame's codec was being made
+    go.set()
+    await asyncio.get_running_loop().run_in_executor(None, encoded.wait, 10)
+    await fanout.close()
+    return encoder._codec, encoded.is_set()
+
+
+def test_an_encoder_closed_while_its_codec_is_made_keeps_no_codec(monkeypatch):
+    """A review: the codec made in the executor thread was assigned after `_run`'s end had cleared
+    it, and the closed encoder kept the libx264 context and its threads until a cycle collection."""
+    codec, encoded = asyncio.run(_closed_while_its_codec_is_made(monkeypatch))
+    assert encoded and codec is None
