@@ -312,15 +312,14 @@ class HostStaging:
         return out
 
     def _staged(self, host: torch.Tensor) -> tuple[torch.Tensor, object]:
-        """`host` copied into this thread's next buffer, once the copy that last read it is done."""
-        local = self._local
-        if not hasattr(local, "ring"):
-            local.ring, local.next = [None] * self.buffers, 0
-        i = local.next
-        local.next = (i + 1) % self.buffers
-        entry = local.ring[i]
-        if entry is None or entry[0].numel() < host.numel() or entry[0].dtype != host.dtype:
-            entry = local.ring[i] = self._new_buffer(max(host.numel(), 4096), host.dtype)
+        """`host` copied into this thread's next buffer of its dtype (index tensors and uint8
+        frames keep rings of their own), once the copy that last read it is done."""
+        rings = self._local.__dict__.setdefault("rings", {})
+        ring, i = rings.get(host.dtype, ([None] * self.buffers, 0))
+        rings[host.dtype] = (ring, (i + 1) % self.buffers)
+        entry = ring[i]
+        if entry is None or entry[0].numel() < host.numel():
+            entry = ring[i] = self._new_buffer(max(host.numel(), 4096), host.dtype)
         buf, done = entry
         done.synchronize()
         staged = buf[: host.numel()].view(host.shape)

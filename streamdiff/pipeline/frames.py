@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from streamdiff.cache.kv_cache import STAGING
+
 
 def _as_frame_stack(frames: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     """[n, H, W, 3] or [H, W, 3] uint8 array, or a list of [H, W, 3] -> contiguous [n, H, W, 3] uint8."""
@@ -43,9 +45,12 @@ def frames_to_tensor(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """uint8 frames [n, H, W, 3] (or one [H, W, 3], or a list of them) -> [1, 3, n, H, W] in [-1, 1]."""
+    """uint8 frames [n, H, W, 3] (or one [H, W, 3], or a list of them) -> [1, 3, n, H, W] in [-1, 1].
+    To a CUDA device through pinned staging buffers, without a wait: a copy from pageable memory
+    made the host wait for the work queued on the device, once a chunk (a review)."""
     arr = _as_frame_stack(frames)  # [n, H, W, 3] uint8
-    x = torch.from_numpy(arr).to(device=device)  # [n, H, W, 3] uint8
+    host = torch.from_numpy(arr)
+    x = STAGING.to_device(host, torch.device(device)) if device is not None else host  # [n, H, W, 3] uint8
     x = x.permute(3, 0, 1, 2).unsqueeze(0)  # [1, 3, n, H, W] uint8
     return (x.to(torch.float32) / 127.5 - 1.0).to(dtype)  # [1, 3, n, H, W]
 

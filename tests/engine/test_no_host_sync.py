@@ -108,3 +108,48 @@ def test_a_motion_aware_lane_beside_integer_lanes_copies_nothing_from_the_host_p
     outs = [row_timesteps([lane, 500], 2, "cpu") for lane in lanes]
     assert made == [], made
     assert [o[:, 0].tolist() for o in outs] == [[650.0 + 10 * i, 500.0] for i in range(3)]
+
+
+def test_frames_go_to_a_cuda_device_through_the_pinned_staging(monkeypatch):
+    """A review: each chunk's frames were copied to the GPU from pageable memory, a copy after
+    which the host waits for the work queued on the device. They go through the pinned staging
+    buffers without a wait (`HostStaging`), as uint8; here a stand-in records what is staged."""
+    import numpy as np
+
+    import streamdiff.pipeline.frames as frames
+
+    staged = []
+
+    class Staging:
+        def to_device(self, host, device):
+            staged.append((host.dtype, tuple(host.shape), device.type))
+            return host  # (no CUDA here: the host tensor stands for the device copy)
+
+    monkeypatch.setattr(frames, "STAGING", Staging())
+    clip = np.full((5, 16, 16, 3), 255, np.uint8)
+    x = frames.frames_to_tensor(clip, "cuda", torch.float32)
+    assert staged == [(torch.uint8, (5, 16, 16, 3), "cuda")]
+    assert x.shape == (1, 3, 5, 16, 16) and float(x.min()) == 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_frames_and_mixed_timesteps_reach_cuda_without_a_wait():
+    """The two host-to-device copies a review found on the hot path, on the device: a chunk's
+    frames and a motion-aware lane's timesteps beside integer lanes; the same values as on the host."""
+    import numpy as np
+
+    from streamdiff.pipeline.frames import frames_to_tensor
+    from streamdiff.pipeline.stream_state import row_timesteps
+
+    clip = np.random.default_rng(3).integers(0, 256, (5, 48, 64, 3), dtype=np.uint8)
+    lane = torch.tensor(640, dtype=torch.int64, device="cuda")
+    row_timesteps([lane, 500], 2, "cuda")  # the integer's tensor is made once, before
+    torch.cuda.set_sync_debug_mode("error")  # a pageable host-to-device copy would raise
+    try:
+        x = frames_to_tensor(clip, "cuda", torch.bfloat16)
+        t = row_timesteps([lane + 10, 500], 2, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(x.cpu(), frames_to_tensor(clip, "cpu", torch.bfloat16))
+    assert t.tolist() == [[650.0, 650.0], [500.0, 500.0]]
