@@ -716,7 +716,7 @@ def load_taehv(path: str | Path, vae_cfg, min_match: float = 0.99):
     key layout, with the widths of `vae_cfg`. Refuses below `min_match` and on unexpected keys
     beyond 1% (a Wan VAE or a DiT file matches nothing). A TGrow of the file with more output
     channels than the model (older files grow time in the first stage too) keeps its last ones,
-    as the public loader does."""
+    as the public loader does. A file lacking any tensor is refused (all of them are the picture's)."""
     from streamdiff.model.taehv import TAEHV, TGrow
 
     p = _require(path, "a TAEHV file (taew2_1.pth or .safetensors)")
@@ -731,6 +731,11 @@ def load_taehv(path: str | Path, vae_cfg, min_match: float = 0.99):
             rows = targets[key].shape[0]
             state = StateDict({**state._entries, key: (_Tensors({key: state[key][-rows:]}), key)}, state.source)
     report = load_into(net, state, min_match=min_match, what="taehv")
+    # Every tensor is a convolution the picture goes through: one the file lacks, left at its
+    # init, passed the ratio (127 of 128) and garbled every frame.
+    if report.n_missing:
+        raise WeightsMismatchError(f"taehv: {p} lacks {report.n_missing} of the {report.expected} tensors "
+                                   f"({', '.join(report.missing)}); is it a complete TAEHV file?", report)
     log.info("%s", report)
     return net.eval()
 

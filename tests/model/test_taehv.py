@@ -166,6 +166,11 @@ def test_wrong_files_are_refused(tmp_path):
         load_taehv(tmp_path / "extra.safetensors", NARROW)
     with pytest.raises(FileNotFoundError):
         load_taehv(tmp_path / "missing.pth", VAEConfig())
+    # one tensor of 128 missing passed the 99% rule and was left at its init (garbled frames)
+    lacking = {k: v for k, v in narrow.items() if k != "decoder.7.conv.weight"}
+    save_file(lacking, str(tmp_path / "lacking.safetensors"))
+    with pytest.raises(WeightsMismatchError, match=r"lacks 1 of the 128 tensors \(decoder.\*.conv.weight \(1 key\)"):
+        load_taehv(tmp_path / "lacking.safetensors", NARROW)
 
 
 def test_wan_encoder_with_taehv_decoder_streams_through_the_pipeline():
