@@ -186,9 +186,6 @@ async def _source_ends_while_a_player_negotiates() -> dict:
             out["encoding"] = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("encode-")]
             out["sessions"] = len(sessions.sessions)
         finally:
-            for gate in Gate.made:
-                gate.release.set()
-            Gate.made.clear()
             for pc in peers:
                 await pc.close()
     return out
