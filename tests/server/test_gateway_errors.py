@@ -123,7 +123,7 @@ def test_ws_unknown_session_and_auth():
                 sampling = sessions_of(app).engine.cfg.sampling
                 assert health["defaults"] == {"steps": sampling.steps, "noise": sampling.noise_strength,
                                               "seed": sampling.seed, "motion": sampling.motion_aware, "blend": 0}
-                for page, marker in (("/", "app.js"), ("/viewer.html", "/whep/"), ("/app.js", "/offer")):
+                for page, marker in (("/", "app.js"), ("/viewer.html", "`whep/"), ("/app.js", "fetch(\"offer\"")):
                     async with http.get(f"{url}{page}") as resp:
                         assert resp.status == 200 and marker in await resp.text()
                 async with http.get(f"{url}/metrics") as resp:
