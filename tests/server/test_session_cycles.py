@@ -19,7 +19,7 @@ def _our_tasks() -> list[str]:
 
 
 async def _cycles():
-    async with running_server(connect_timeout_s=1.0) as (url, app):
+    async with running_server(connect_timeout_s=2.0) as (url, app):  # (1 s: a loaded CI once took longer to answer)
         sessions = sessions_of(app)
         async with aiohttp.ClientSession() as http:
             for i in range(CYCLES):
