@@ -233,7 +233,7 @@ class StagedExecutor:
         (`max_executions`: Ray's compiled graph refuses one past it, a stage failure that restarts
         every stream). A Ray fuzzer: stride-1 plans go in one micro-batch per stage and up to
         `depth` plans are in flight, stages^2 forwards where the graph held stages + 1."""
-        cap = getattr(self.stages, "max_executions", None)
+        cap = self.stages.max_executions
         if cap is None:
             return
         for entry in self._in_flight:

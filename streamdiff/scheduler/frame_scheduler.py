@@ -378,7 +378,7 @@ class FrameScheduler:
         # cost model, measuring a loaded machine, predicted more than a neighbour was promised
         admission = self.add_stream(stream_id, old.slo, old.tokens_per_frame, lanes, now,
                                     first_chunk_latents=first_chunk_latents, chunk_latents=chunk_latents,
-                                    input_fps=old.measured_fps or old.input_fps or input_fps,  # as measured, or declared
+                                    input_fps=old.measured_fps or old.input_fps or input_fps,  # measured or declared
                                     lane_stride=old.stride, judge_others=lanes > old.lanes)
         if not admission:  # put it back as it was: its lanes are the ones just released
             self._streams[stream_id] = old

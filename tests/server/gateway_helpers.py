@@ -127,8 +127,9 @@ class Collector:
                     self.enough.set()
 
 
-def h264_only(transceiver) -> None:
-    codecs = [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType in ("video/H264", "video/rtx")]
+def codec_only(transceiver, mime: str = "video/H264") -> None:
+    """The transceiver offers `mime` alone (and rtx)."""
+    codecs = [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType in (mime, "video/rtx")]
     transceiver.setCodecPreferences(codecs)
 
 
@@ -136,7 +137,7 @@ async def obs_like_offer() -> tuple[RTCPeerConnection, str]:
     """A WHIP publisher shaped like OBS: sendonly H.264 video + Opus audio, no trickle."""
     pc = RTCPeerConnection()
     video = pc.addTransceiver(SyntheticVideo(), direction="sendonly")
-    h264_only(video)
+    codec_only(video)
     pc.addTransceiver(Silence(), direction="sendonly")
     await pc.setLocalDescription(await pc.createOffer())  # aiortc gathers all candidates here
     return pc, pc.localDescription.sdp
@@ -159,7 +160,7 @@ class Paused(SyntheticVideo):
 async def publisher_of(track: MediaStreamTrack) -> tuple[RTCPeerConnection, str]:
     """A WHIP publisher of `track` alone: sendonly H.264 video, no audio, no trickle."""
     pc = RTCPeerConnection()
-    h264_only(pc.addTransceiver(track, direction="sendonly"))
+    codec_only(pc.addTransceiver(track, direction="sendonly"))
     await pc.setLocalDescription(await pc.createOffer())
     return pc, pc.localDescription.sdp
 

@@ -9,9 +9,10 @@ import asyncio
 
 import aiohttp
 import pytest
-from aiortc import RTCPeerConnection, RTCRtpSender
+from aiortc import RTCPeerConnection
 
-from gateway_helpers import Collector, SyntheticVideo, answer, auth, obs_like_offer, running_server, sessions_of, until
+from gateway_helpers import (Collector, SyntheticVideo, answer, auth, codec_only, obs_like_offer, running_server,
+                             sessions_of, until)
 
 SDP = {"Content-Type": "application/sdp"}
 
@@ -185,12 +186,6 @@ def test_codecs_aiortc_can_use_are_taken_and_the_others_refused_with_406():
     assert player_high[0] == 406 and "High (640c1f)" in player_high[1], player_high
 
 
-def _only(transceiver, mime: str | None) -> None:
-    if mime is not None:
-        transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
-                                         if c.mimeType in (mime, "video/rtx")])
-
-
 async def _player_with_two_video_sections(sends: str | None, receives: str | None):
     async with running_server() as (url, app):
         async with aiohttp.ClientSession() as http:
@@ -199,8 +194,11 @@ async def _player_with_two_video_sections(sends: str | None, receives: str | Non
             assert status == 201
             await answer(pub, sdp)
             player, collector = RTCPeerConnection(), Collector()
-            _only(player.addTransceiver("video", direction="sendonly"), sends)  # a camera it sends nowhere
-            _only(player.addTransceiver("video", direction="recvonly"), receives)
+            # sendonly: a camera it sends nowhere
+            for direction, mime in (("sendonly", sends), ("recvonly", receives)):
+                transceiver = player.addTransceiver("video", direction=direction)
+                if mime is not None:
+                    codec_only(transceiver, mime)
 
             @player.on("track")
             def _track(track):

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from gateway_helpers import auth, obs_like_offer, running_server, sessions_of, viewer_offer
-from test_browser import CHROMIUM, _browser, _playing, _until
+from test_browser import CHROMIUM, _async, _browser, _message_with, _playing, _until
 
 SDP = {"Content-Type": "application/sdp"}
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -182,47 +182,38 @@ async def _page_behind_a_proxy() -> dict:
                 # the proxy holds the socket open and passes nothing: the page replaces it, and a
                 # change applied then is answered
                 held = proxy.freeze_sockets()
-                out["replaced"] = await _until(lambda: _now(bool(proxy.sockets) and not proxy.sockets & held), 30)
+                out["replaced"] = await _until(
+                    lambda: _async(lambda: bool(proxy.sockets) and not proxy.sockets & held), 30)
                 await page.fill("#prompt", "through the proxy")
                 await page.click("#apply")
-                out["applied"] = await _until(lambda: _said(page, "applied"), 30)
+                out["applied"] = await _until(lambda: _message_with(page, "applied"), 30)
                 played = (await _playing(page, "output") or {}).get("time", 0)
-                out["still_playing"] = await _until(
-                    lambda: _async_later(page, played), 30)
+                out["still_playing"] = await _until(lambda: _played_past(page, played + 1.0), 30)
                 # the viewer link, under the proxy's path, plays the stream through WHEP
                 href = await page.get_attribute("#watch", "href")
                 viewer = await browser.new_page()
                 await viewer.goto(f"{front}/{href}")
                 out["viewer"] = await _until(lambda: _playing(viewer, "v"), 90)
                 await page.click("#stop")
-                out["freed"] = await _until(lambda: _now(not sessions.sessions), 15)
+                out["freed"] = await _until(lambda: _async(lambda: not sessions.sessions), 15)
             # a proxy without the WebSocket lines: the page says what it lacks, after one offer
             blocked = Proxy(url, websockets=False)
             async with blocked.serving() as front:
                 page = await browser.new_page()
                 await page.goto(front + "/")
                 await page.click("#start")
-                out["blocked"] = await _until(lambda: _said(page, "WebSocket"), 60)
+                out["blocked"] = await _until(lambda: _message_with(page, "WebSocket"), 60)
                 await asyncio.sleep(3.0)
                 out["blocked_offers"] = blocked.offers
-                out["blocked_freed"] = await _until(lambda: _now(not sessions.sessions), 15)
+                out["blocked_freed"] = await _until(lambda: _async(lambda: not sessions.sessions), 15)
         finally:
             await browser.close()
     return out
 
 
-async def _async_later(page, played: float):
+async def _played_past(page, time_s: float):
     stats = await _playing(page, "output")
-    return stats if stats and stats["time"] > played + 1.0 else None
-
-
-async def _now(value):
-    return value
-
-
-async def _said(page, word: str):
-    text = await page.inner_text("#message")
-    return text if word in text else None
+    return stats if stats and stats["time"] > time_s else None
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
