@@ -186,7 +186,8 @@ def test_the_trainers_forward_on_the_shipped_weights_is_what_the_pipeline_serves
     assert psnr(trained, served) > 60.0
     # and the comparison can tell: told a timestep 100 higher, the same clip comes out 33 dB away
     with torch.no_grad():
-        other = xt - comps.schedule.sigma(t + 100) * train_forward(
-            comps.model, xt, torch.full((1, f), t + 100), comps.text.encode("a photo"), torch.arange(f)[None], chunk_ids)
+        flow = train_forward(comps.model, xt, torch.full((1, f), t + 100), comps.text.encode("a photo"),
+                             torch.arange(f)[None], chunk_ids)
+        other = xt - comps.schedule.sigma(t + 100) * flow
         wrong = tensor_to_frames(decode_latents(net, other, [None] * TAEHV.num_memblocks(net.decoder), first=True))
     assert psnr(wrong, served) < 50.0
