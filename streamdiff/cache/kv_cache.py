@@ -182,14 +182,16 @@ class KVPool:
         so the host never waits for the device."""
         if not dst:
             return
-        w, device = self.window, self.k.device
-        to = STAGING.to_device(torch.tensor([g * w + i for g in dst for i in range(w)]), device)
-        frm = STAGING.to_device(torch.tensor([src * w + i for _ in dst for i in range(w)]), device)
+        w, n = self.window, len(dst) * self.window
+        # one upload for the four index lists: four took four of a staging ring's buffers, and
+        # the attention batch's upload in the same step then waited for the forward before (a review)
+        idx = STAGING.to_device(torch.tensor([g * w + i for g in dst for i in range(w)]
+                                             + [src * w + i for _ in dst for i in range(w)]
+                                             + dst + [src] * len(dst)), self.k.device)
+        to, frm, lanes, one = idx[:n], idx[n:2 * n], idx[2 * n:2 * n + len(dst)], idx[2 * n + len(dst):]
         for name in ("k", "v", "frames"):
             tensor = getattr(self, name)
             tensor[:, to] = tensor[:, frm]
-        lanes = STAGING.to_device(torch.tensor(dst), device)
-        one = STAGING.to_device(torch.tensor([src] * len(dst)), device)
         for name in ("q_stack", "q_len", "q_rot"):
             tensor = getattr(self, name)
             tensor[:, lanes] = tensor[:, one]
@@ -293,11 +295,12 @@ class AttnBatch:
 class HostStaging:
     """Small host -> device copies through pinned buffers that are reused round-robin (CUDA);
     on a CPU device the host tensor is used as it is. Before a buffer is refilled, the copy that
-    last read it must be done: an event wait that never blocks in practice (4 buffers, one
-    forward apart) and reads nothing back from the device. Each thread has a ring of its own:
-    pipeline stages on threads of one process build their attention batches at once, and a
-    shared ring handed one buffer to two of them (a review; the copies are asynchronous, so one
-    stage's indices could reach the device as the other's)."""
+    last read it must be done: an event wait that never blocks in practice (4 buffers of a
+    dtype; a forward stages at most three index copies: its attention batch, a restart's
+    re-base, sdv2's lane copy) and reads nothing back from the device. Each thread has a ring
+    of its own: pipeline stages on threads of one process build their attention batches at
+    once, and a shared ring handed one buffer to two of them (a review; the copies are
+    asynchronous, so one stage's indices could reach the device as the other's)."""
 
     def __init__(self, buffers: int = 4):
         self.buffers = buffers

@@ -6,8 +6,8 @@ interpolation; no cv2 / PIL / av here, DESIGN §3 keeps av in server/ and client
 `synthetic_clip`, a deterministic clip of moving shapes used by `make run` and the tests.
 Does not own: video files or WebRTC tracks (server/, cli), or the VAE itself (model/vae.py).
 
-Mapping: x = u / 127.5 - 1 and back u = round((x + 1) * 127.5) clamped to [0, 255], so
-uint8 -> tensor -> uint8 is exact.
+Mapping: x = u * (1 / 127.5) - 1 (in float32, the same bits on every device) and back
+u = round((x + 1) * 127.5) clamped to [0, 255], so uint8 -> tensor -> uint8 is exact.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def _as_frame_stack(frames: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+_INV_127_5 = float(np.float32(1.0 / 127.5))  # what a float32 kernel multiplies by
+
+
 def frames_to_tensor(
     frames: np.ndarray | Sequence[np.ndarray],
     device: torch.device | str | None = None,
@@ -52,7 +55,9 @@ def frames_to_tensor(
     host = torch.from_numpy(arr)
     x = STAGING.to_device(host, torch.device(device)) if device is not None else host  # [n, H, W, 3] uint8
     x = x.permute(3, 0, 1, 2).unsqueeze(0)  # [1, 3, n, H, W] uint8
-    return (x.to(torch.float32) / 127.5 - 1.0).to(dtype)  # [1, 3, n, H, W]
+    # times the float32 reciprocal, not a division: CUDA divides by a scalar that way, the CPU does
+    # not, and the two differed by one bf16 step at u = 127 (a review); this is the same on both
+    return (x.to(torch.float32) * _INV_127_5 - 1.0).to(dtype)  # [1, 3, n, H, W]
 
 
 def tensor_to_frames(x: torch.Tensor) -> np.ndarray:

@@ -114,3 +114,35 @@ def test_host_staging_never_hands_one_buffer_to_two_threads():
     assert len(used[0]) == len(used[1]) == staging.buffers and not used[0] & used[1]
     floats = staging._staged(torch.tensor([0.5, 1.5]))[0]  # a buffer is never reused for another dtype
     assert floats.dtype == torch.float32 and floats.tolist() == [0.5, 1.5]
+
+
+def test_copy_lane_copies_every_state_of_the_lane_in_one_upload(monkeypatch):
+    """sdv2's prepare leaves the last step's K/V in every lane of a new stream (`copy_lane_`).
+    Its index lists go up in one staged upload: four took four of a staging ring's four buffers,
+    and the attention batch's upload in the same step then waited on the forward before (a review)."""
+    import streamdiff.cache.kv_cache as kv_cache
+
+    uploads = []
+
+    class Counting:
+        def to_device(self, host, device):
+            uploads.append(host.clone())
+            return host.to(device)
+
+    monkeypatch.setattr(kv_cache, "STAGING", Counting())
+    pool = KVPool([3, 5], 12, 2, 1, 4, torch.float32, "cpu", window=3)  # lanes of 3 slots: 0..3
+    for name in KVPool.STATE:
+        tensor = getattr(pool, name)
+        tensor.copy_(torch.randint(0, 50, tensor.shape).to(tensor.dtype))
+    before = {name: getattr(pool, name).clone() for name in KVPool.STATE}
+    pool.copy_lane_(2, [0, 3])
+    assert len(uploads) == 1
+    lane = {0: slice(0, 3), 2: slice(6, 9), 3: slice(9, 12)}
+    for name in ("k", "v", "frames"):
+        t, b = getattr(pool, name), before[name]
+        for dst in (0, 3):
+            assert torch.equal(t[:, lane[dst]], b[:, lane[2]]), name
+        assert torch.equal(t[:, lane[2]], b[:, lane[2]]) and torch.equal(t[:, 3:6], b[:, 3:6]), name
+    for name in ("q_stack", "q_len", "q_rot"):
+        t, b = getattr(pool, name), before[name]
+        assert torch.equal(t[:, [0, 3]], b[:, [2, 2]]) and torch.equal(t[:, [1, 2]], b[:, [1, 2]]), name

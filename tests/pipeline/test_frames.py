@@ -26,6 +26,19 @@ def test_uint8_round_trip_is_exact_for_every_value():
     np.testing.assert_array_equal(tensor_to_frames(x.to(torch.bfloat16)), tensor_to_frames(x.to(torch.bfloat16)[0]))
 
 
+def test_the_mapping_is_the_one_a_cuda_kernel_computes():
+    """CUDA divides a tensor by a scalar as a product with its float32 reciprocal; the CPU divides.
+    The frames' mapping is written as that product, so both give the same bits: with a division the
+    CPU's bf16 input differed from a GPU's at u = 127 (a review of the gpu test that compares them)."""
+    u = torch.arange(256, dtype=torch.uint8)
+    clip = u.view(1, 16, 16, 1).expand(1, 16, 16, 3).numpy()
+    recip = (torch.tensor(1.0) / torch.tensor(127.5)).item()  # float32 1/127.5, as a CUDA kernel holds it
+    cuda_like = u.view(16, 16).to(torch.float32) * torch.tensor(recip, dtype=torch.float32) - 1.0
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = frames_to_tensor(clip, dtype=dtype)[0, 0, 0]
+        assert torch.equal(got, cuda_like.to(dtype)), dtype
+
+
 def test_layout_and_value_mapping():
     clip = np.zeros((2, 4, 5, 3), dtype=np.uint8)
     clip[1, 2, 3] = (255, 0, 51)
