@@ -21,7 +21,8 @@ Routes:
   HEAD /whep/{key}                       200, Content-Type application/sdp (WHEP draft 04)
 Auth: with a token set, every session and control route needs `Authorization: Bearer T`
 (`?token=T` is accepted too: browsers cannot set headers on WebSockets); /metrics names
-sessions only to an authorised scrape. Bodies, keys and timeouts: server.http.
+sessions only to an authorised scrape (without a token: not to a page on another origin).
+Bodies, keys and timeouts: server.http.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from streamdiff.server.http import (
     check_stream_key,
     error,
     expect_small_body,
+    foreign_origin,
     forwarded_prefix,
     known_host_only,
     quiet_malformed_requests,
@@ -654,7 +656,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = exposition(request.app[ENGINE_KEY], request.app[SESSIONS_KEY], per_stream=_authorized(request))
+    # Per-stream series name stream keys and session ids: not to a page on another origin of a
+    # server without a token (any site the operator visited read them, then ended OBS's stream with
+    # a WHIP DELETE: a probe); the totals stay readable to a dashboard anywhere.
+    token = request.app[SETTINGS_KEY].token
+    per_stream = _authorized(request) and (bool(token) or foreign_origin(request) is None)
+    body = exposition(request.app[ENGINE_KEY], request.app[SESSIONS_KEY], per_stream=per_stream)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

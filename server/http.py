@@ -4,10 +4,10 @@ keys and error responses that never carry Python exception text.
 Owns: reading a body (size cap, read timeout, UTF-8 only, charset parameter checked),
 parsing JSON (depth and size capped), the Bearer-token check (constant-time, scheme matched
 case-insensitively) and a stream's watch token (WHEP only), the same-origin rule for the control
-routes of a server without a token and its Host rule (DNS rebinding), the stream-key rule, CORS on every response, console text
-without control characters, and quiet, token-free logging of requests (the access log, and those
-aiohttp cannot parse). Every refusal here is an aiohttp HTTP exception (a 4xx response), never a
-logged crash.
+routes of a server without a token and its Host rule (DNS rebinding; a proxy's forwarded host
+too), the stream-key rule, CORS on every response, console text without control characters,
+and quiet, token-free logging of requests (the access log, and those aiohttp cannot parse).
+Every refusal here is an aiohttp HTTP exception (a 4xx response), never a logged crash.
 Does not own: routes or what a body means (server.app), sessions (server.sessions).
 """
 
@@ -204,6 +204,7 @@ def authorized_to_watch(request: web.Request, token: str | None, key: str) -> bo
 # Routes that control the server or a stream, or open one with the page's own offer. WHIP and
 # WHEP stay open to other origins (a browser-based publisher or player on its own site).
 CONTROL_PATHS = re.compile(r"/(offer|ws|sessions(/[^/]+(/params)?)?)")
+CONTROL_JSON = re.compile(r"/(offer|sessions/[^/]+/params)")  # the ones that answer {"error": ...}
 
 
 def foreign_origin(request: web.Request) -> str | None:
@@ -221,14 +222,33 @@ def foreign_origin(request: web.Request) -> str | None:
     return None if sep and scheme in ("http", "https") and rest.rstrip("/").lower() in hosts - {""} else origin
 
 
+# one `name=value` of RFC 7239's Forwarded: a token, then a token or a quoted string (a value a
+# proxy left unquoted though it should not be, `host=a.example:8443`, is taken as it is)
+_FORWARDED_PAIR = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)=("(?:[^"\\]|\\.)*"|[^\s;,"]*)\s*([;,]|$)')
+
+
+def _forwarded_first_element(header: str) -> dict[str, str]:
+    """The first element of a Forwarded header as {name: value}; {} when it is malformed (an
+    unterminated quote, a name given twice: a probe's `host=x;host=evil.example` had both trusted)."""
+    pairs: dict[str, str] = {}
+    pos = 0
+    while pos < len(header):
+        m = _FORWARDED_PAIR.match(header, pos)
+        if m is None or m.group(1).lower() in pairs:
+            return {}
+        value = m.group(2)
+        pairs[m.group(1).lower()] = re.sub(r"\\(.)", r"\1", value[1:-1]) if value.startswith('"') else value
+        if m.group(3) != ";":
+            break
+        pos = m.end()
+    return pairs
+
+
 def forwarded_hosts(request: web.Request) -> list[str]:
     """The host a proxy says the client addressed: the first X-Forwarded-Host, and the first
     element's `host=` of RFC 7239's Forwarded."""
-    hosts = [request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()]
-    for pair in request.headers.get("Forwarded", "").split(",")[0].split(";"):
-        name, _, value = pair.strip().partition("=")
-        if name.lower() == "host":
-            hosts.append(value.strip().strip('"'))
+    hosts = [request.headers.get("X-Forwarded-Host", "").split(",")[0].strip(),
+             _forwarded_first_element(request.headers.get("Forwarded", "")).get("host", "").strip()]
     return [h for h in hosts if h]
 
 
@@ -244,7 +264,19 @@ def forwarded_prefix(request: web.Request) -> str:
     the server hands out (a WHIP or WHEP resource, a viewer link) resolve through the proxy; ''
     when there is none or it is not a plain path (it only shapes this client's own answer)."""
     prefix = request.headers.get("X-Forwarded-Prefix", "").split(",")[0].strip().rstrip("/")
-    return prefix if re.fullmatch(r"(/[A-Za-z0-9._~%-]+)*", prefix) and len(prefix) <= 200 else ""
+    if re.fullmatch(r"(/[A-Za-z0-9._~%-]+)*", prefix) and len(prefix) <= 200:
+        return prefix
+    # refused: said once a value (a probe: `/ström` was dropped without a word, and OBS's DELETE
+    # then went outside the proxy's path)
+    if prefix not in _REFUSED_PREFIXES and len(_REFUSED_PREFIXES) < 32:
+        _REFUSED_PREFIXES.add(prefix)
+        log.warning("X-Forwarded-Prefix %r is not used: a plain path of at most 200 characters is (letters, "
+                    "digits and . _ ~ %% -, percent-encode the rest); addresses handed out stay at the root",
+                    printable(prefix)[:80])
+    return ""
+
+
+_REFUSED_PREFIXES: set[str] = set()
 
 
 @web.middleware
@@ -254,15 +286,37 @@ async def same_origin_control(request: web.Request, handler):
     probe drove a token-less server's /sessions, /ws and params from https://evil.example: every
     reply allowed any origin). With a token the token decides (a controller elsewhere sends it)."""
     if (request.method != "OPTIONS" and not request.app[SETTINGS_KEY].token
-            and CONTROL_PATHS.fullmatch(request.path) and (origin := foreign_origin(request)) is not None):
-        # behind a proxy, the likely cause is a host passed on without the page's port (a probe:
-        # nginx's `proxy_set_header Host $host` on a proxy at :8443)
-        hint = ("; behind a proxy, have it pass the page's host and port on (nginx: proxy_set_header "
-                "X-Forwarded-Host $http_host)" if proxied(request) else "")
-        return error(403, f"a page on another origin ({printable(origin)[:80]}) may not use {request.path} of a "
-                          f"server without a token; start it with --token TOKEN to allow controllers elsewhere"
-                          + hint)
+            and _control_route(request) and (origin := foreign_origin(request)) is not None):
+        text = (f"a page on another origin ({printable(origin)[:80]}) may not use {request.path} of a server "
+                f"without a token; start it with --token TOKEN to allow controllers elsewhere")
+        text += _proxy_hint(request, origin)
+        if CONTROL_JSON.fullmatch(request.match_info.route.resource.canonical):
+            return web.json_response({"error": text}, status=403, headers=CORS)  # (its answers are all JSON)
+        return error(403, text)
     return await handler(request)
+
+
+def _control_route(request: web.Request) -> bool:
+    """Whether the request was routed to a control route. By the route, not the path: the path is
+    decoded, and `DELETE /sessions/a%2Fb` reached the session route as `/sessions/a/b`, which the
+    pattern did not take for a control path (a probe)."""
+    resource = request.match_info.route.resource
+    return resource is not None and CONTROL_PATHS.fullmatch(resource.canonical) is not None
+
+
+def _proxy_hint(request: web.Request, origin: str) -> str:
+    """Behind a proxy, the likely cause of a refusal is a host passed on without the page's port
+    (a probe: nginx's `proxy_set_header Host $host` on a proxy at :8443). Said only when the
+    proxy passed no host, or one that differs from the page's only by its port: a page elsewhere
+    reaching a well set up proxy is told nothing about the proxy."""
+    if not proxied(request):
+        return ""
+    page = host_name(origin.partition("://")[2].rstrip("/"))
+    said = [request.host, *forwarded_hosts(request)]
+    if forwarded_hosts(request) and not any(host_name(h) == page for h in said):
+        return ""
+    return (f"; behind a proxy, have it pass the page's host and port on (nginx: proxy_set_header X-Forwarded-Host "
+            f"$http_host): it said {printable(', '.join(said))[:120]}")
 
 
 def host_name(host: str) -> str:
@@ -304,6 +358,16 @@ async def known_host_only(request: web.Request, handler):
             name = printable(host_name(host))[:80]
             return error(403, f"this server answers to its IP address or localhost, not {name!r}: start it with "
                               f"--allow-host {name} (a proxy that passes its own name on) or --token TOKEN")
+        # Behind a proxy the Host is the proxy's upstream address, and the name the page used comes in
+        # X-Forwarded-Host or Forwarded, which the Origin rule trusts: a rebinding page reached the
+        # control routes through a proxy block without a server_name (a probe). That name is held to
+        # the same rule.
+        for forwarded in forwarded_hosts(request):
+            if not known_host(forwarded, settings.allowed_hosts):
+                name = printable(host_name(forwarded))[:80]
+                return error(403, f"this server answers to its IP address or localhost, not {name!r} (the name a "
+                                  f"proxy passed on): start it with --allow-host {name} (the proxy's public name) "
+                                  f"or --token TOKEN")
     return await handler(request)
 
 

@@ -348,7 +348,8 @@ async def _other_origins() -> dict:
     out: dict = {}
     evil = {"Origin": "https://evil.example"}
     for token in (None, TOKEN):
-        async with running_server(token=token) as (url, app), aiohttp.ClientSession() as http:
+        async with running_server(token=token, allowed_hosts=("streams.example",)) as (url, app), \
+                aiohttp.ClientSession() as http:
             here = {"Origin": url}
             got = out[token] = {}
             proxied = {"Origin": "https://streams.example", "X-Forwarded-Host": "streams.example"}

@@ -113,7 +113,8 @@ class Proxy:
 
 async def _resources_under_a_prefix() -> dict:
     out: dict = {}
-    async with running_server(token=None, max_streams=6) as (url, app), aiohttp.ClientSession() as http:
+    async with running_server(token=None, max_streams=6, allowed_hosts=("video.example",)) as (url, app), \
+            aiohttp.ClientSession() as http:
         for name, prefix in (("proxied", "/streamdiff"), ("nested", "/apps/video/"), ("bad", "/a b"),
                              ("scheme", "https://evil.example"), ("none", None)):
             headers = {**SDP, **({"X-Forwarded-Prefix": prefix} if prefix is not None else {})}
@@ -127,23 +128,47 @@ async def _resources_under_a_prefix() -> dict:
             await pub.close()
         async with http.get(f"{url}/sessions", headers={"X-Forwarded-Prefix": "/streamdiff"}) as r:
             out["watch"] = [s.get("watch") for s in await r.json() if s["kind"] == "whip"]  # (players have none)
+        # /metrics names the streams (keys, session ids) to a scrape, not to a page elsewhere
+        for name, headers in (("scrape", {}), ("foreign page", {"Origin": "https://evil.example"})):
+            async with http.get(f"{url}/metrics", headers=headers) as r:
+                out[f"metrics {name}"] = (r.status, await r.text())
         # a proxy at :8443 that passes the host without its port (nginx's $host) is told what to pass
         page = {"Origin": "https://video.example:8443", "X-Forwarded-For": "10.0.0.7"}
         for name, headers in (("port dropped", {**page, "X-Forwarded-Host": "video.example"}),
                               ("host and port", {**page, "X-Forwarded-Host": "video.example:8443"}),
                               ("rfc 7239", {"Origin": "https://video.example:8443",
                                             "Forwarded": 'for=10.0.0.7;host="video.example:8443";proto=https'}),
-                              ("foreign", {"Origin": "https://evil.example"})):
+                              ("foreign", {"Origin": "https://evil.example"}),
+                              ("foreign via the proxy", {"Origin": "https://evil.example",
+                                                         "X-Forwarded-Host": "video.example:8443"})):
             async with http.get(f"{url}/sessions", headers=headers) as r:
                 out[f"origin {name}"] = (r.status, await r.text())
+        # DNS rebinding through a proxy block that answers any name: the Host is the upstream's, the
+        # page's own name comes in X-Forwarded-Host or Forwarded (a probe: it reached every control route)
+        rebound = {"Origin": "http://rebind.evil.example:8080"}
+        for name, headers in (("x-forwarded-host", {"X-Forwarded-Host": "rebind.evil.example:8080"}),
+                              ("forwarded", {"Forwarded": 'for=10.0.0.7;host="rebind.evil.example:8080"'}),
+                              ("forwarded twice", {"Forwarded": 'host="video.example:8443";host=rebind.evil.example'})):
+            async with http.get(f"{url}/sessions", headers={**rebound, **headers}) as r:
+                out[f"rebound {name}"] = (r.status, await r.text())
+        # the Origin rule goes by the route, not the decoded path: /sessions/a%2Fb is the session route
+        async with http.delete(f"{url}/sessions/a%2Fb", headers={"Origin": "https://evil.example"}) as r:
+            out["encoded slash"] = (r.status, await r.text())
+        async with http.post(f"{url}/offer", json={}, headers={"Origin": "https://evil.example"}) as r:
+            out["offer foreign"] = (r.status, r.content_type, await r.text())
     return out
 
 
-def test_the_addresses_the_server_hands_out_go_through_the_proxys_prefix():
+def test_the_addresses_the_server_hands_out_go_through_the_proxys_prefix(caplog):
     """A proxy probe: under `location /streamdiff/` WHIP/WHEP answered `Location: /whip/KEY/ID`,
     outside the proxy's path, so OBS's DELETE at the end and a player's went nowhere; the viewer
-    links of /sessions too. The prefix is taken only as a plain path."""
+    links of /sessions too. The prefix is taken only as a plain path; one that is not is said once.
+    And what a proxy passes on widens nothing (a probe of the headers): its forwarded host meets the
+    Host rule, /metrics keeps stream keys from pages elsewhere."""
+    caplog.set_level("WARNING", logger="streamdiff.server.http")
     out = asyncio.run(_resources_under_a_prefix())
+    refused = [r.getMessage() for r in caplog.records if "X-Forwarded-Prefix" in r.getMessage()]
+    assert sum("'/a b'" in m for m in refused) == 1 and sum("evil.example" in m for m in refused) == 1, refused
     for kind in ("whip", "whep"):
         status, location = out[f"{kind} proxied"]
         assert status == 201 and location.startswith(f"/streamdiff/{kind}/cam-"), out[f"{kind} proxied"]
@@ -156,6 +181,22 @@ def test_the_addresses_the_server_hands_out_go_through_the_proxys_prefix():
     assert out["origin host and port"][0] == 200 and out["origin rfc 7239"][0] == 200, out
     status, text = out["origin foreign"]
     assert status == 403 and "behind a proxy" not in text, text  # a page elsewhere, no proxy involved
+    status, text = out["origin foreign via the proxy"]  # a page elsewhere, through a well set up proxy
+    assert status == 403 and "behind a proxy" not in text, text
+    for name in ("x-forwarded-host", "forwarded"):
+        status, text = out[f"rebound {name}"]
+        assert status == 403 and "--allow-host rebind.evil.example" in text and "proxy" in text, (name, status, text)
+    status, text = out["rebound forwarded twice"]  # a malformed Forwarded (host twice) names no host at all
+    assert status == 403 and "another origin" in text, text
+    status, text = out["encoded slash"]
+    assert status == 403 and "another origin" in text, text
+    status, kind, text = out["offer foreign"]
+    assert status == 403 and kind == "application/json" and "another origin" in text, (status, kind, text)
+    status, scrape = out["metrics scrape"]
+    assert status == 200 and 'key="cam-' in scrape, scrape[-400:]
+    status, foreign = out["metrics foreign page"]
+    assert status == 200 and "key=" not in foreign and "stream=" not in foreign, foreign[-400:]
+    assert "streamdiff_" in foreign  # the totals stay readable
 
 
 async def _page_behind_a_proxy() -> dict:
