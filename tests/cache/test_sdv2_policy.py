@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from streamdiff.cache.kv_cache import AttnBatch, KVPool, choose_writes
-from streamdiff.cache.slots import SlotTable
+from streamdiff.cache.slots import Sdv2Lane, SlotTable
 
 from sdv2_reference import Sdv2LayerRef, rope_starts
 
@@ -133,3 +133,15 @@ def test_sdv2_config_accepts_exactly_the_windows_a_lane_can_stream():
                 checked += 1
                 refused += not accepted
     assert refused > 5 and checked - refused > 5
+
+
+def test_a_peek_leaves_the_lane_as_it_was():
+    """A filler row peeks at the plan the lane's next chunk will get; the peek must not commit
+    anything, or the real chunk then plans from a queue the look-ahead already changed. (With
+    the default window, sinks and first chunk the ring entry is deduplicated: 1 sink shows it.)"""
+    lane = Sdv2Lane(0, list(range(W)), 1, 100)
+    lane.plan(1)
+    before = (lane.filled, lane.next_pos, list(lane.ring_order), lane.frame, lane.chunks)
+    peeked = lane.peek(1)
+    assert (lane.filled, lane.next_pos, list(lane.ring_order), lane.frame, lane.chunks) == before
+    assert lane.plan(1).ring_order == peeked.ring_order

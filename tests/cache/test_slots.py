@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamdiff.cache.slots import PoolFullError, RollingLane, SlotTable
+from streamdiff.cache.slots import LaneAllocator, PoolFullError, RollingLane, SlotTable
 
 
 def test_sinks_fill_first_then_ring_overwrites_oldest():
@@ -77,3 +77,19 @@ def test_pool_release_returns_to_full_after_many_cycles():
         table.add_stream(i, lanes=4)
     with pytest.raises(PoolFullError, match="need 24 slots, 0 of 48 free"):
         table.add_stream("late", lanes=4)
+
+
+def test_a_lane_is_never_handed_to_two_streams():
+    """Two streams on one KV lane overwrite each other's cache. A lane released twice raises
+    (it would sit twice on the free list), and taking the same lane twice is refused before the
+    free list changes (no lane leaks)."""
+    alloc = LaneAllocator(4 * 6, 6)  # 4 lanes of 6 slots
+    lanes = alloc.alloc(2)
+    alloc.release(lanes)
+    with pytest.raises(RuntimeError, match="lane released twice"):
+        alloc.release(lanes)
+    assert sorted(alloc.alloc(4)) == [0, 1, 2, 3]
+    alloc.release([0, 1, 2, 3])
+    with pytest.raises(PoolFullError):
+        alloc.take([1, 1])
+    assert alloc.free == 4 * 6

@@ -154,3 +154,20 @@ def test_a_lost_pipeline_fails_every_plan_in_flight_and_restarts_streams():
     assert core.scheduler.stats("s").chunks_planned == 0  # re-admitted afresh
     push_chunk(core, "s", first=True)  # next chunk is a first chunk again
     assert core.step().plan.chunks[0].first
+
+
+def test_a_removed_stream_forgets_its_restart():
+    """`restarted` (a stream's reason for its last restart after a failure) keeps only live
+    streams: it would grow with every session that ever saw a pipeline failure, and a new stream
+    reusing the id would read as restarted."""
+    core, ex, _ = make(3)
+    core.add_stream("s", params(core.cfg, "p", steps=1), RELAXED)
+    push_chunk(core, "s", first=True)
+    core.step()
+    push_chunk(core, "s")
+    core.step()
+    ex.fail_next_collect = True
+    core.step()  # the pipeline is lost: "s" restarts
+    assert "s" in core.restarted
+    core.remove_stream("s")
+    assert "s" not in core.restarted

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
 from engine_helpers import FakeClock, FakeExecutor, params
 from streamdiff.config import load_config
 from streamdiff.engine import AsyncEngine, EngineCore
-from streamdiff.scheduler import FrameScheduler, OnlineCostModel, StreamSLO
+from streamdiff.scheduler import FixedCostModel, FrameScheduler, LinearLaw, OnlineCostModel, StreamSLO
 
 SLO = StreamSLO(2.0, 8000.0)  # the tiny preset's CPU service level
 
@@ -180,3 +181,43 @@ def test_a_steps_change_after_serving_is_told_what_it_gets(cfg):
     steady = model.predict_ms(3, 3 * core.tokens_per_frame * cfg.sampling.chunk_latents, 1)
     truth = (3 * row_ms + chunk_ms) * (1 + model.margin)
     assert abs(steady - truth) < 0.05 * truth, (steady, truth)
+
+
+def test_more_steps_than_the_pool_has_lanes_is_refused_without_a_re_measure(cfg):
+    """A refusal no other stream caused (more steps than the whole KV pool has lanes) asks for no
+    re-measure of the idle engine (a dummy-stream run for nothing) and gets no generic "what would
+    help" hint: its reason already says what fits."""
+    clock = FakeClock()
+    sched = FrameScheduler(FixedCostModel(LinearLaw(1.0, 0.1, 0.0)), max_streams=2, kv_lanes=2)
+    core = EngineCore(cfg, FakeExecutor(clock, 10.0), scheduler=sched, clock=clock)
+    admission = core.add_stream("a", params(cfg, "x", steps=3), SLO)
+    assert not admission and admission.lasting
+    assert not core.wants_measure
+    assert "what would help" not in admission.reason
+
+
+class _FailsOnNewStream(FakeExecutor):
+    """Fails applying a new stream's command (a device lost while the stream is created)."""
+
+    def __init__(self, clock, step_ms: float):
+        super().__init__(clock, step_ms)
+        self.fail = True
+
+    def execute(self, plan, inputs):
+        if self.fail and plan.new_streams:
+            raise RuntimeError("device lost while creating the stream")
+        return super().execute(plan, inputs)
+
+
+def test_an_add_whose_command_fails_leaves_the_scheduler_as_it_was(cfg):
+    """A stream the executor failed to create leaves no trace: the scheduler holds no phantom
+    stream (its stream slot and KV lanes), so the same id can be added again."""
+    clock = FakeClock()
+    executor = _FailsOnNewStream(clock, 10.0)
+    core = EngineCore(cfg, executor, clock=clock)
+    free = core.scheduler.free_stream_slots
+    with pytest.raises(RuntimeError, match="device lost"):
+        core.add_stream("a", params(cfg, "x"), SLO)
+    assert core.scheduler.stream_ids == [] and core.scheduler.free_stream_slots == free
+    executor.fail = False
+    assert core.add_stream("a", params(cfg, "x"), SLO)

@@ -4,12 +4,14 @@ the scheduler allocated."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from engine_helpers import RELAXED, FakeClock, model_core, params
+from engine_helpers import RELAXED, H, W, FakeClock, model_core, params
 from streamdiff.config import with_overrides
-from streamdiff.engine.types import StreamCommands
-from streamdiff.scheduler.types import StepPlan
+from streamdiff.engine.model_runner import ModelRunner
+from streamdiff.engine.types import ChunkInput, FrameMeta, StreamCommands
+from streamdiff.scheduler.types import PlannedChunk, StepPlan
 
 
 def test_commands_coalesce_until_a_plan_takes_them(cfg):
@@ -99,3 +101,41 @@ def test_engine_lanes_are_the_schedulers_and_admission_counts_pool_lanes(cfg):
     assert runner.streams["a"].steps == 3
     assert tuple(lane.lane for lane in runner.slots.streams["a"].lanes) == core.scheduler.kv_lanes_of("a")
     assert core.scheduler.kv_lanes_of("a")[:2] == (0, 1)  # it kept its lanes and took one more
+
+
+def test_a_seed_change_during_a_prompt_blend_does_not_restart_it(comps, cfg):
+    """A live change that is not a prompt change (seed, noise) leaves a prompt blend in progress
+    alone: re-applying the prompt would restart the blend (it lasts longer than asked) or, with no
+    blend, encode the prompt again on every seed or noise change."""
+    runner = ModelRunner(comps, max_streams=2)
+    cmds = StreamCommands()
+    p = params(cfg, "a red car", steps=1)
+    cmds.add("s", p, (0,))
+    runner.execute(cmds.plan(0.0), {})
+    state = runner.streams["s"]
+    blend = p.with_changes({"prompt": "a blue house", "prompt_blend_chunks": 2})
+    cmds.update("s", blend, ("prompt", "prompt_blend_chunks"))
+    runner.execute(cmds.plan(0.0), {})
+    state._advance_blend()  # chunk 1 of 2 (what start_chunk does)
+    cmds.update("s", blend.with_changes({"seed": 5}), ("seed",))
+    runner.execute(cmds.plan(0.0), {})
+    state._advance_blend()  # chunk 2 of 2: the blend is done
+    assert state._blend is None and state.cond_key == ("prompt", "a blue house")
+    assert state.seed == 5
+
+
+def test_a_chunk_of_the_wrong_size_is_refused_before_it_reaches_the_stream(comps, cfg):
+    """A chunk whose frame count is not what the stream's next chunk takes (5 first, then 4) is
+    refused before the VAE and the stream's state see it."""
+    runner = ModelRunner(comps, max_streams=2)
+    cmds = StreamCommands()
+    cmds.add("s", params(cfg, "x", steps=1), (0,))
+    runner.execute(cmds.plan(0.0), {})
+    frames = np.zeros((4, H, W, 3), np.uint8)  # [4, H, W, 3]: a first chunk takes 5
+    metas = tuple(FrameMeta(i, i, 0.0) for i in range(4))
+    chunk = PlannedChunk("s", (0, 1, 2, 3), lanes=1, first=True, latents=2, tokens=0, due_s=1.0,
+                         emit_frame_ids=(0, 1, 2, 3))
+    plan = StepPlan(0, 0.0, (chunk,), rows=1, tokens=0, predicted_ms=1.0)
+    with pytest.raises(ValueError, match="its next chunk takes 5"):
+        runner.execute(plan, {"s": ChunkInput(frames, metas)})
+    assert runner.streams["s"].chunk_index == 0

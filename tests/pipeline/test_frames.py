@@ -102,3 +102,13 @@ def test_resize_frame():
     ramp = np.broadcast_to(np.linspace(0, 255, 64).astype(np.uint8)[None, :, None], (8, 64, 3)).copy()
     small = resize_frame(ramp, 16, 4)[0, :, 0].astype(int)
     assert (np.diff(small) > 0).all() and small[0] < 20 and small[-1] > 235
+
+
+def test_shrinking_averages_fine_detail_away():
+    """A webcam frame shrunk to the model's size is antialiased ("bilinear with antialiasing when
+    shrinking"): random texture shrunk 4x keeps a std of about 12, about 38 without antialiasing."""
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # [H, W, 3]
+    small = resize_frame(frame, 16, 16)  # [16, 16, 3]
+    assert small.shape == (16, 16, 3)
+    assert small.astype(float).std() < 20.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from streamdiff.config import with_overrides
 from streamdiff.model.build import build_components
@@ -17,6 +18,12 @@ def comps():
 
     cfg = load_config("tiny", ["video.width=64", "video.height=48", "runtime.device=cpu"])
     return build_components(cfg)
+
+
+@pytest.fixture(scope="module")
+def rolling(comps):
+    """The same components under cache.policy=rolling."""
+    return type(comps)(**{**comps.__dict__, "cfg": with_overrides(comps.cfg, cache={"policy": "rolling"})})
 
 
 def render(comps, clip, prompt="a watercolor city", chunked=(7, 3, 11, 30), **kw):
@@ -143,3 +150,45 @@ def test_golden_slice_of_the_tiny_model(comps):
     got = out[[0, 4, 8], 20, 30:34].astype(int).tolist()
     assert np.abs(np.array(got) - np.array(golden)).max() <= 1, got
 
+
+
+def test_a_rolling_stream_batch_equals_sequential_denoising(rolling):
+    """cache.policy=rolling with more than one denoise step streams through the stream batch
+    (its lanes have no sdv2 filler rows) and gives what running the steps one after another gives."""
+    clip = synthetic_clip(17, 64, 48, seed=3)
+    batched, _ = render(rolling, clip, prompt="x", chunked=(17,), steps=2)
+    sequential, _ = render(rolling, clip, prompt="x", chunked=(17,), steps=2, stream_batch=False)
+    assert batched.shape == clip.shape
+    assert np.abs(batched.astype(int) - sequential.astype(int)).max() <= 1
+
+
+def test_rolling_lanes_keep_their_own_steps_kv_of_the_first_chunk(rolling):
+    """Under `rolling` lane j keeps step j's K/V (docs/architecture.md); only sdv2 copies the
+    last step's K/V into every lane after the first chunk's prepare."""
+    pipe = StreamPipeline(rolling, "x", steps=2)
+    pipe.push(synthetic_clip(9, 64, 48, seed=3))  # the prepare, then one stream-batch forward
+    s0 = pipe.slots.lane(0, 0).slots[0]
+    s1 = pipe.slots.lane(0, 1).slots[0]
+    assert not torch.equal(pipe.pool.k[:, s0], pipe.pool.k[:, s1])  # frame 0 as step 0 saw it vs step 1
+
+
+def test_a_blend_started_mid_blend_continues_from_the_current_mix(comps):
+    """A prompt change during a blend starts from what conditions the stream now (the blend's
+    current mix), not from the unfinished blend's target: no visible jump."""
+    pipe = StreamPipeline(comps, "a red car", steps=1)
+    clip = synthetic_clip(13, 64, 48, seed=7)
+    pipe.state.set_prompt("a blue house", blend_chunks=4)
+    pipe.push(clip[:9])  # two chunks of four into the blend
+    mix = pipe.state.cond_emb.clone()  # [1, L, D]: 0.5 red car + 0.5 blue house
+    pipe.state.set_prompt("a green tree", blend_chunks=4)
+    pipe.push(clip[9:13])
+    target = comps.text.encode("a green tree")  # [1, L, D]
+    torch.testing.assert_close(pipe.state.cond_emb, 0.75 * mix + 0.25 * target, atol=1e-5, rtol=0)
+
+
+def test_a_chunk_carries_its_streams_seed(comps):
+    """A chunk is re-noised between denoise steps with its stream's seed (the Lane carries it):
+    with steps >= 2 two streams of different seeds differ in every step's noise, not only the first."""
+    pipe = StreamPipeline(comps, "x", steps=2, seed=7)
+    lane = pipe.state.encode(synthetic_clip(5, 64, 48))
+    assert lane.seed == 7

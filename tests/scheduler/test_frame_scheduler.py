@@ -272,3 +272,112 @@ def test_a_failed_step_teaches_the_cost_model_nothing():
     assert plan is not None and plan.stream_ids == ("s",)  # the failed plan no longer holds the stream
     sched.update(plan, StepResult(plan.step_id, 50.0))
     assert cost.samples == 1
+
+
+def test_plan_chunks_are_listed_earliest_due_first_even_when_fair_share_orders_them_otherwise():
+    """StepPlan documents its chunks as earliest due first (the order its consumers read them in);
+    the fair-share handicap may rank the candidates otherwise, so the plan is sorted again."""
+    sched = FrameScheduler(FixedCostModel(CHEAP), max_streams=4)
+    assert sched.add_stream("a", StreamSLO(10.0, 10_000.0), tokens_per_frame=12, lanes=1, now=0.0)  # slow target
+    assert sched.add_stream("b", StreamSLO(30.0, 10_000.0), tokens_per_frame=12, lanes=1, now=0.0)
+    _push(sched, "a", 5, 0.0, 100.0)
+    _push(sched, "b", 5, 0.0, 100.0, first_id=100)
+    plan = sched.schedule(0.1)
+    assert set(plan.stream_ids) == {"a", "b"}
+    sched.update(plan, StepResult(plan.step_id, 1.0, 0.2))
+    # a's frames are older (due earlier), but a is ahead in fair share: its first chunk moved its
+    # clock 0.5 s (5 frames at 10 fps), b's 0.167 s.
+    _push(sched, "a", 4, 1.0, 100.0, first_id=10)
+    _push(sched, "b", 4, 1.1, 100.0, first_id=110)
+    plan = sched.schedule(1.2)
+    assert set(plan.stream_ids) == {"a", "b"}
+    dues = [c.due_s for c in plan.chunks]
+    assert dues == sorted(dues), plan.chunks
+
+
+def test_the_step_that_pushes_a_lagged_chunk_out_is_due_by_that_chunks_deadline():
+    """With 2 lanes a chunk's output leaves with the next chunk: that step must hurry for the
+    older chunk (its oldest frame's deadline), not the new one, or EDF ranks a stream whose output
+    is about to leave too low."""
+    deadline_ms = 5_000.0
+    sched = FrameScheduler(FixedCostModel(LinearLaw(1.0, 0.1, 0.0)), max_streams=2)
+    assert sched.add_stream("a", StreamSLO(30.0, deadline_ms), tokens_per_frame=12, lanes=2, now=0.0)
+    plans, starts = [], []
+    frame_id = 0
+    for n in (5, 4, 4):  # the first chunk, then two steady ones, at 30 fps
+        t0 = frame_id / 30
+        _push(sched, "a", n, t0, 30.0, first_id=frame_id)
+        frame_id += n
+        now = frame_id / 30
+        plan = sched.schedule(now)
+        sched.update(plan, StepResult(plan.step_id, 1.0, now + 0.001))
+        plans.append(plan.chunks[0])
+        starts.append(t0)
+    assert plans[0].emit_frame_ids == (0, 1, 2, 3, 4)  # prepared: leaves at once
+    assert plans[1].emit_frame_ids == ()  # enters the lag
+    assert plans[2].emit_frame_ids == plans[1].frame_ids  # pushes chunk 2 out ...
+    assert plans[2].due_s == pytest.approx(starts[1] + deadline_ms / 1000.0)  # ... due by chunk 2's deadline
+
+
+def test_a_stream_back_from_a_pause_is_owed_at_most_fair_lag_chunks_of_priority():
+    """A stream that idled (a paused camera) comes back behind in fair share; it may catch up
+    FAIR_LAG_CHUNKS chunks, not take every step until its clock catches up while the stream
+    that kept running starves."""
+    # Admitted while cheap; then one chunk per step fits on time (6 s step, 10 s deadline), two do not.
+    sched = FrameScheduler(FixedCostModel(LinearLaw(0.0, 1.0, 0.0)), max_streams=2, max_extra_frames=0)
+    slo = StreamSLO(30.0, 10_000.0)
+    assert sched.add_stream("a", slo, tokens_per_frame=12, lanes=1, now=0.0)
+    assert sched.add_stream("b", slo, tokens_per_frame=12, lanes=1, now=0.0)
+    sched.cost_model = FixedCostModel(LinearLaw(0.0, 6000.0, 0.0))
+    t, frame_id = 0.0, 0
+
+    def push(stream_id, n):
+        nonlocal frame_id
+        _push(sched, stream_id, n, t, 1e9, first_id=frame_id)  # n frames at once
+        frame_id += n
+
+    def step():
+        nonlocal t
+        plan = sched.schedule(t)
+        t += plan.predicted_ms / 1000.0
+        sched.update(plan, StepResult(plan.step_id, plan.predicted_ms, t))
+        return plan
+
+    push("a", 5)
+    push("b", 5)
+    while sched.stats("a").chunks_planned < 1 or sched.stats("b").chunks_planned < 1:
+        step()
+    for _ in range(20):  # b runs alone for 20 chunks while a's camera is paused
+        push("b", 4)
+        step()
+    order = []
+    for _ in range(10):  # both send again
+        push("a", 4)
+        push("b", 4)
+        order += step().stream_ids
+    assert order.count("b") >= 3, order
+
+
+def test_a_stream_one_chunk_ahead_yields_to_one_due_less_than_a_chunk_period_later():
+    """The fair-share handicap is counted in chunk periods: a stream one chunk ahead of another
+    is treated as due one chunk period (4 frames) later, not one frame period, so it yields a step
+    to the other when that one is due less than a chunk period after it."""
+    sched = FrameScheduler(FixedCostModel(LinearLaw(1.0, 0.1, 0.0)), max_streams=2, max_extra_frames=0)
+    slo = StreamSLO(30.0, 1500.0)  # a chunk period of 133 ms
+    assert sched.add_stream("a", slo, tokens_per_frame=12, lanes=1, now=0.0)
+    assert sched.add_stream("b", slo, tokens_per_frame=12, lanes=1, now=0.0)
+
+    def step(now):
+        plan = sched.schedule(now)
+        sched.update(plan, StepResult(plan.step_id, 1.0, now + 0.001))
+        return plan
+
+    _push(sched, "a", 5, 0.0, 1e9)  # frames arriving at once
+    _push(sched, "b", 5, 0.0, 1e9, first_id=100)
+    assert set(step(0.0).stream_ids) == {"a", "b"}
+    _push(sched, "a", 4, 0.2, 1e9, first_id=10)
+    assert step(0.2).stream_ids == ("a",)  # a is now one chunk ahead of b
+    sched.cost_model = FixedCostModel(LinearLaw(0.0, 1000.0, 0.0))  # 1 s a row: one chunk fits on time
+    _push(sched, "a", 4, 1.0, 1e9, first_id=20)
+    _push(sched, "b", 4, 1.05, 1e9, first_id=110)  # b due 50 ms after a: less than a's 133 ms handicap
+    assert step(1.05).stream_ids == ("b",)

@@ -69,3 +69,18 @@ def test_more_steps_than_the_whole_pool_has_lanes_is_a_lasting_refusal():
     assert not busy and not busy.lasting and "KV pool full" in busy.reason  # the others leaving would help
     admission, _ = sched.restart_stream("b", 4, now=0.0)
     assert not admission and admission.lasting and sched.kv_lanes_of("b") == (0, 1, 2)  # left as it was
+
+
+def test_a_refused_restart_leaves_the_stream_slots_as_they_were():
+    """A steps change the pool cannot take is refused and the stream keeps running as it was:
+    it still holds its stream slot, so the server never admits more than cache.max_streams."""
+    sched = _sched(kv_lanes=8, max_streams=2)
+    assert sched.add_stream("a", SLO, 12, lanes=1, now=0.0)
+    assert sched.free_stream_slots == 1
+    admission, waiting = sched.restart_stream("a", 9, now=1.0)  # more lanes than the pool has
+    assert not admission and waiting == []
+    assert sched.free_stream_slots == 1
+    assert sched.add_stream("b", SLO, 12, lanes=1, now=2.0)
+    refused = sched.add_stream("c", SLO, 12, lanes=1, now=3.0)
+    assert not refused and "stream slots" in refused.reason
+    assert sched.stream_ids == ["a", "b"]

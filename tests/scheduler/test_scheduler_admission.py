@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from streamdiff.scheduler import FixedCostModel, FrameScheduler, LinearLaw, StreamSLO
+from streamdiff.scheduler import FixedCostModel, FrameScheduler, LinearLaw, StepResult, StreamSLO
 
 # 40 ms per step plus 10 ms per row: 1 stream of 1 lane = 50 ms, 4 streams = 80 ms.
 COST = LinearLaw(base_ms=40.0, ms_per_row=10.0, ms_per_ktoken=0.0)
@@ -381,3 +381,58 @@ def test_a_steps_change_before_the_rate_is_measured_keeps_the_declared_rate():
     restarted, _ = sched.restart_stream("a", 1, now=1.0, input_fps=30.0)
     assert restarted.expected_fps == pytest.approx(10.0)
     assert sched.outlooks()["a"][0] == pytest.approx(10.0)
+
+
+def test_a_newcomer_whose_steady_latency_keeps_its_deadline_is_admitted_with_its_slo():
+    """A newcomer is judged on its steady state, what it is then told to expect; its bigger first
+    chunk is only its time to first frame. Judged on the first chunk it was called best effort
+    while told a latency within its deadline."""
+    sched = _sched(max_streams=2, law=LinearLaw(10.0, 0.0, 0.0))
+    # 30 fps, 10 ms steps: steady, 3 frame intervals (100 ms) + 2 steps = 120 ms; the first
+    # chunk, 4 intervals (133 ms) + 2 steps = 153 ms. The deadline lies between the two.
+    adm = sched.add_stream("a", StreamSLO(30.0, 140.0), tokens_per_frame=12, lanes=1, now=0.0, input_fps=30.0)
+    assert adm and not adm.best_effort, adm.reason
+    assert adm.expected_latency_ms == pytest.approx(120.0)
+
+
+def test_a_stream_no_stride_can_serve_in_time_gets_the_full_pipeline_depth():
+    """The lane stride is the largest D <= pipeline_depth whose latency keeps the deadline, and
+    the full depth when none does: a best-effort stream then gets the most fps out of the stages."""
+    sched = FrameScheduler(FixedCostModel(LinearLaw(10.0, 1.0, 0.0)), max_streams=2, pipeline_depth=3)
+    adm = sched.add_stream("a", StreamSLO(30.0, 1.0), tokens_per_frame=12, lanes=2, now=0.0)  # 1 ms: unreachable
+    assert adm and adm.best_effort
+    assert adm.lane_stride == 3
+
+
+def test_a_freshly_admitted_stream_is_told_what_its_admission_said():
+    """A running stream's outlook is judged on the steady step (every stream past its first
+    chunk), as at its admission: streams not yet past their bigger first chunk do not make it
+    look worse than it was told a moment before (a law with a per-token cost shows it)."""
+    sched = _sched(max_streams=4, law=LinearLaw(20.0, 100.0, 50.0))
+    adm = sched.add_stream("a", StreamSLO(0.5, 60_000.0), tokens_per_frame=16, lanes=1, now=0.0, input_fps=30.0)
+    assert adm
+    assert sched.outlooks()["a"] == pytest.approx((adm.expected_fps, adm.expected_latency_ms))
+
+
+def test_frames_pushed_again_after_a_restart_do_not_change_the_measured_rate():
+    """A restarted stream's waiting frames are pushed again with their old arrival times;
+    counted twice (duplicate, out-of-order times) they would inflate the measured input rate and
+    the fps the stream is told."""
+    sched = _sched(max_streams=2, law=LinearLaw(1.0, 0.1, 0.0))
+    assert sched.add_stream("a", StreamSLO(5.0, 1e6), tokens_per_frame=12, lanes=1, now=0.0)
+    frame_id = 0
+    for n in (5, 4, 3):  # 12 frames at 10 fps; the last 3 wait
+        for _ in range(n):
+            sched.push_frame("a", frame_id, 0.1 * frame_id)
+            frame_id += 1
+        if n != 3:
+            now = 0.1 * frame_id
+            plan = sched.schedule(now)
+            sched.update(plan, StepResult(plan.step_id, 1.0, now))
+    fps_before = sched.outlooks()["a"][0]
+    assert fps_before == pytest.approx(10.0)
+    admission, waiting = sched.restart_stream("a", 1, now=1.2)
+    assert admission and waiting == [9, 10, 11]
+    for frame_id in waiting:  # as EngineCore pushes them again
+        sched.push_frame("a", frame_id, 0.1 * frame_id, again=True)
+    assert sched.outlooks()["a"][0] == pytest.approx(fps_before)
