@@ -62,6 +62,9 @@ def test_yaml_file_with_preset_and_overrides(tmp_path):
         ("model.rope_max_seq_len=8", "model.rope_max_seq_len=8 is shorter than the frame's 16 patches a side"),
         # YAML 1.1 read 4:16 as 256 (base 60) without a word
         ("video.width=4:16", "video.width='4:16' must be an integer"),
+        # YAML's true is no count; a rebase frame equal to the RoPE table's length is past its end (a review)
+        ("sampling.steps=true", "sampling.steps=True must be an integer"),
+        ("cache.rebase_frame=1024", "cache.rebase_frame=1024 must lie in"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -165,6 +168,22 @@ def test_a_rolling_window_needs_a_longer_rope_table():
         load_config("tiny", ["cache.policy=rolling", "model.rope_max_seq_len=6", "video.width=64", "video.height=64"])
     assert load_config("tiny", ["cache.policy=rolling", "model.rope_max_seq_len=7", "video.width=64",
                                 "video.height=64"]).model.rope_max_seq_len == 7
+
+
+def test_rules_between_settings_hold_at_their_edges():
+    """Rules that tie settings together, at their edges (a review): a lane pool of exactly one
+    stream's lanes is taken; a partition must add up to the model's blocks; compile and CUDA graphs
+    are alternatives; the first chunk fits the rolling window; a frame's longer side, not its
+    shorter, must fit the RoPE table. A setting taken past its edge fails mid-render instead."""
+    assert load_config("tiny", ["cache.pool_lanes=2"]).cache.pool_lanes == 2  # tiny runs 2 steps
+    for overrides, message in (
+            (["parallel.num_stages=2", "parallel.partition=[1,2]"], "blocks in all"),
+            (["runtime.compile=true", "runtime.cuda_graphs=true"], "alternatives"),
+            (["cache.policy=rolling", "sampling.first_chunk_latents=7"],
+             "first_chunk_latents must be at most cache.window=6"),
+            (["model.rope_max_seq_len=8", "video.height=64"], "shorter than the frame's 16 patches a side")):
+        with pytest.raises(ConfigError, match=message):
+            load_config("tiny", overrides)
 
 
 def test_a_section_given_as_a_mapping_changes_only_what_it_names():

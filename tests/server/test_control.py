@@ -210,6 +210,61 @@ def test_a_refused_change_says_what_the_stream_uses():
     assert refused["params"]["steps"] in (1, 2, 3, 4) and refused["params"]["seed"] != 5, refused
 
 
+def test_control_sockets_keep_or_end_their_streams_as_they_should_and_are_told_the_server_stops():
+    """What a stream's control sockets do to it (a review): a page's own socket may say owner=true
+    as well as owner=1; when it drops and comes back within the grace (a network blip) the stream
+    stays; a controller saying owner=1 on a WHIP key does not end OBS's stream when it leaves; a
+    refusal in a burst of changes carries the params the stream runs (the page puts its fields
+    back); and when the server stops, the socket is told so (the page waits for it to come back
+    instead of reading the end as its stream's)."""
+
+    async def run():
+        async with running_server(control_grace_s=0.5) as (url, app), aiohttp.ClientSession() as http:
+            sessions = sessions_of(app)
+            engine = app[ENGINE_KEY]
+            obs = await sessions.open("whip", "obs")
+            page = await sessions.open("browser", None, "a fox")
+            async with http.ws_connect(f"{url}/ws?session=obs&owner=1", headers=auth()):
+                await until(lambda: obs.sockets == 1, "the controller's socket is counted", 10)
+            own = f"{url}/ws?session={page.id}&owner=true"
+            async with http.ws_connect(own, headers=auth()):
+                await until(lambda: page.control_sockets == 1, "the page's socket is counted", 10)
+            await until(lambda: obs.sockets == 0 and page.control_sockets == 0, "both ends are seen", 10)
+            async with http.ws_connect(own, headers=auth()) as ws:
+                await until(lambda: page.control_sockets == 1, "the page's socket comes back", 10)
+                await asyncio.sleep(0.7)  # past the grace
+                alive = {"whip stream": obs.id in sessions.sessions, "page's stream": page.id in sessions.sessions}
+                assert alive == {"whip stream": True, "page's stream": True}, alive
+
+                async def reply():
+                    while (msg := await ws.receive_json(timeout=30))["type"] == "stats":
+                        pass
+                    return msg
+
+                await ws.send_json({"type": "params", "seed": 123})
+                assert (await reply())["type"] == "params"  # a first change: the stream runs seed 123
+                real = engine.update_params
+
+                async def slow_update(stream_id, **changes):
+                    await asyncio.sleep(0.3)
+                    return await real(stream_id, **changes)
+
+                engine.update_params = slow_update
+                for seed in range(12):
+                    await ws.send_json({"type": "params", "seed": seed})
+                while not ((refused := await reply())["type"] == "error" and "already waiting" in refused["error"]):
+                    pass
+                engine.update_params = real
+                await sessions.close_all()
+                while (closed := await reply())["type"] != "closed":
+                    pass
+        return refused, closed
+
+    refused, closed = asyncio.run(run())
+    assert refused["params"]["seed"] == 123, refused
+    assert closed.get("server_stopping") is True and closed["reason"] == "server shutting down", closed
+
+
 def test_a_change_made_elsewhere_is_pushed_to_the_other_controllers():
     """Found by a probe: a change made by `streamdiff control` (or a second tab) never reached the
     page, which went on showing its own last values while its stream ran others. Every other

@@ -10,8 +10,12 @@ import logging
 import re
 
 import aiohttp
+import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from gateway_helpers import TOKEN, answer, auth, obs_like_offer, running_server, sessions_of
+from streamdiff.server.http import MAX_BODY_BYTES, MAX_JSON_DEPTH, foreign_origin, parse_json
+from streamdiff.server.sessions import MAX_PROMPT_CHARS, check_prompt, parse_flag
 
 SDP = {"Content-Type": "application/sdp"}
 JSON = {"Content-Type": "application/json"}
@@ -48,6 +52,18 @@ async def _hostile(caplog):
                     assert r.status == 415 and "charset" in await r.text(), path
                 async with method(f"{url}{path}", data=b"[" * 300_000, headers={**auth(), "Content-Type": ctype}) as r:
                     assert r.status in (400, 413), path
+
+            async def two_bytes_over_the_limit():  # a chunked body (no Content-Length): the limit holds too
+                yield b'{"seed": 1, "pad": "' + b"x" * (MAX_BODY_BYTES - 20)
+                yield b'"}'
+
+            async with http.patch(f"{url}/sessions/k/params", data=two_bytes_over_the_limit(),
+                                  headers={**auth(), **JSON}) as r:
+                assert r.status == 413
+            # an ASCII charset is UTF-8: the body is read and parsed (k is no session)
+            async with http.patch(f"{url}/sessions/k/params", data=b'{"seed": 1}',
+                                  headers={**auth(), "Content-Type": "application/json; charset=us-ascii"}) as r:
+                assert r.status == 404, await r.text()
             for depth in (50, 5000):
                 async with http.post(f"{url}/offer", data="[" * depth + "]" * depth, headers={**auth(), **JSON}) as r:
                     assert r.status == 400 and "nested" in await r.text()
@@ -254,6 +270,27 @@ def test_json_endpoints_answer_in_json_and_the_log_shows_what_clients_sent_escap
     assert out["expect"].startswith(b"HTTP/1.1 413") and b"100 Continue" not in out["expect"], out["expect"][:80]
 
 
+def test_the_prompt_and_json_nesting_limits_take_exactly_the_limit():
+    """A prompt of exactly 1000 characters and JSON nested exactly 16 levels are taken, one more is
+    refused: a client that sizes its input to the documented limit must not be refused (a review)."""
+    assert check_prompt("x" * MAX_PROMPT_CHARS) == "x" * MAX_PROMPT_CHARS
+    with pytest.raises(ValueError, match="at most 1000"):
+        check_prompt("x" * (MAX_PROMPT_CHARS + 1))
+    assert parse_json("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH)
+    with pytest.raises(ValueError, match="nested more than 16 levels"):
+        parse_json("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1))
+
+
+def test_a_flag_is_true_or_false_and_other_numbers_are_refused():
+    """`stamp` takes true/false, 1/0 and their words; 2, -1 or 0.5 are refused rather than read as
+    true, so a client's mistake is told, not silently turned on (a review)."""
+    assert parse_flag(1) is True and parse_flag(0) is False
+    assert parse_flag("yes") is True and parse_flag(None) is False
+    for bad in (2, -1, "maybe", 0.5):
+        with pytest.raises(ValueError, match="stamp must be true or false"):
+            parse_flag(bad)
+
+
 def test_a_flood_of_refusals_is_thinned_on_the_console_and_counted():
     from streamdiff.server.sessions import RefusalBursts
 
@@ -442,6 +479,20 @@ def test_host_names_the_rule_knows():
     assert known_host("Video.Example.org.:8000", ("video.example.org",)) and known_host("anything", ("*",))
     assert known_host("localhost.:8000", ()) and known_host("App.Localhost.", ())  # the trailing dot, as for allowed names
     assert not known_host("evil.example.:8000", ()) and not known_host("", ())
+
+
+def test_an_origin_of_another_scheme_is_foreign_even_with_the_servers_host():
+    """Only an http or https page on the server's own host and port is same-origin: an origin of
+    another scheme naming that host (an extension's, an app shell's) is held to the foreign-origin
+    rule, not let by as the server's own (a review)."""
+
+    def origin(value):
+        headers = {"Host": "127.0.0.1:8000", "Origin": value}
+        return foreign_origin(make_mocked_request("GET", "/sessions", headers=headers))
+
+    assert origin("http://127.0.0.1:8000") is None and origin("https://127.0.0.1:8000/") is None
+    assert origin("ftp://127.0.0.1:8000") == "ftp://127.0.0.1:8000"
+    assert origin("chrome-extension://127.0.0.1:8000") == "chrome-extension://127.0.0.1:8000"
 
 
 async def _a_watch_token(caplog) -> dict:

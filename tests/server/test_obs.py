@@ -13,6 +13,7 @@ import aiohttp
 from aiortc import RTCPeerConnection
 
 from gateway_helpers import answer, auth, obs_like_offer, running_server, sessions_of
+from streamdiff.server.sdp import answer_simulcast, simulcast_rids
 from streamdiff.server.sessions import enable_event_log, events
 
 SDP = {"Content-Type": "application/sdp"}
@@ -108,6 +109,20 @@ def test_simulcast_whep_and_the_console_lines():
     assert len(refused) == 5, refused
     assert any(re.search(r"session \w+ \(whip, key \w+\) ended after \d+ s.*: WHIP DELETE", l) for l in lines), lines
     assert any(re.search(r"session \w+ \(whep, key \w+\) ended", l) for l in lines), lines
+
+
+def test_simulcast_layers_are_the_rids_sent_and_the_answer_takes_them_on_the_video_section():
+    """Only `a=rid:X send` lines are layers the publisher sends (rids it would receive are not,
+    or a one-layer offer reads as two and is refused naming Total Layers); and the answer accepts
+    the layer on the video section even when video is the offer's last section, as OBS orders
+    them (a review)."""
+    offer = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rid:h recv\r\na=rid:l recv\r\na=rid:q send\r\n"
+    assert simulcast_rids(offer) == ["q"]
+    answer_sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\n"
+    lines = answer_simulcast(answer_sdp, ["q"]).split("\r\n")
+    video = lines.index("m=video 9 UDP/TLS/RTP/SAVPF 96")
+    assert "a=rid:q recv" in lines[video:] and "a=simulcast:recv q" in lines[video:], lines
+    assert "a=rid:q recv" not in lines[:video], lines
 
 
 def test_obs_docs_match_what_obs_does():

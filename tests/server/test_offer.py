@@ -66,8 +66,10 @@ async def _orphans():
         await pc.setLocalDescription(await pc.createOffer())
         async with aiohttp.ClientSession() as http:
             offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
-            async with http.post(f"{url}/offer", json={**offer, "input_fps": True}, headers=auth()) as resp:
-                assert resp.status == 400 and "input_fps must be a number from 1 to 240" in (await resp.json())["error"]
+            for rate in (True, 0):  # a camera rate of 0 never reaches the engine's admission
+                async with http.post(f"{url}/offer", json={**offer, "input_fps": rate}, headers=auth()) as resp:
+                    error = (await resp.json())["error"]
+                    assert resp.status == 400 and "input_fps must be a number from 1 to 240" in error, (rate, error)
             # the page says its camera's rate: what it is told assumes it (a probe: 15 fps told 30)
             async with http.post(f"{url}/offer", json={**offer, "input_fps": 7.5}, headers=auth()) as resp:
                 body = await resp.json()

@@ -13,6 +13,7 @@ from aiortc import RTCPeerConnection
 
 from gateway_helpers import (Collector, SyntheticVideo, answer, auth, codec_only, obs_like_offer, running_server,
                              sessions_of, until)
+from streamdiff.server.sdp import directions_per_section
 
 SDP = {"Content-Type": "application/sdp"}
 
@@ -133,6 +134,18 @@ def test_a_direction_said_once_for_the_whole_offer_is_taken():
     assert answer_sdp.count("a=recvonly") == 2, answer_sdp
 
 
+def test_a_sections_own_direction_wins_over_the_session_level_one():
+    """A section that says its own direction keeps it alone when the session-level one is written
+    into the others: aiortc takes the last direction a section lists, so the session's would win
+    and a recvonly section would be answered as one that sends (a review)."""
+    offer = ("v=0\r\na=sendonly\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n"
+             "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=recvonly\r\n")
+    lines = directions_per_section(offer).split("\r\n")
+    audio, video = lines.index("m=audio 9 UDP/TLS/RTP/SAVPF 111"), lines.index("m=video 9 UDP/TLS/RTP/SAVPF 96")
+    assert "a=sendonly" not in lines[:audio] and "a=sendonly" in lines[audio:video], lines
+    assert [line for line in lines[video:] if line in ("a=sendonly", "a=recvonly")] == ["a=recvonly"], lines
+
+
 def _with_h264(offer: str, fmtp: str | None) -> str:
     """An OBS-like offer whose H.264 payloads carry `fmtp` (None: no fmtp line at all)."""
     out = []
@@ -238,16 +251,22 @@ async def _resource_methods():
             for method in ("GET", "PUT", "PATCH"):
                 async with http.request(method, f"{url}{location}", headers=auth()) as resp:
                     allows.append((resp.status, resp.headers.get("Allow")))
+            # a preflight advertises Accept-Post where a POST is taken: the endpoint, not a session's URL
+            accept_post = []
+            for path in ("/whip/m", location):
+                async with http.options(f"{url}{path}") as resp:
+                    accept_post.append((resp.status, resp.headers.get("Accept-Post")))
             async with http.delete(f"{url}{location}", headers=auth()) as resp:
                 deleted = resp.status
             await pub.close()
-    return allows, deleted
+    return allows, deleted, accept_post
 
 
 def test_a_sessions_url_answers_other_methods_with_one_allow():
-    allows, deleted = asyncio.run(_resource_methods())
+    allows, deleted, accept_post = asyncio.run(_resource_methods())
     assert allows == [(405, "DELETE, OPTIONS")] * 3  # GET said "DELETE,OPTIONS,PATCH", PATCH "DELETE, OPTIONS"
     assert deleted == 200
+    assert accept_post == [(204, "application/sdp"), (204, None)]
 
 
 async def _admitted_while_the_pipeline_fails():

@@ -108,3 +108,24 @@ def test_a_connected_stream_keeps_its_place():
     first, second, keys = asyncio.run(_connected_kept())
     assert (first, second) == (201, 503)
     assert keys == ["live"]
+
+
+async def _two_pending():
+    settings = {"max_streams": 4, "max_sessions": 2, "replace_pending_after_s": 5, "connect_timeout_s": 60}
+    async with running_server(**settings) as (_, app):
+        sessions = sessions_of(app)
+        old = await sessions.open("whip", "old")
+        young = await sessions.open("whip", "young")
+        old.created_s -= 20
+        young.created_s -= 10  # both past the rule, neither connected nor timed out
+        new = await sessions.open("whip", "new")
+        keys = sorted(s.stream_key for s in sessions.sessions.values())
+        for session in (old, young, new):
+            await sessions.close(session.id)
+    return keys
+
+
+def test_the_oldest_offer_that_never_connected_gives_its_place_first():
+    """Of two offers that never connected, the one waiting longest gives its place to a newcomer:
+    it is the likeliest to be abandoned, and the younger may still connect (a review)."""
+    assert asyncio.run(_two_pending()) == ["new", "young"]

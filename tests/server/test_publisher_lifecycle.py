@@ -11,6 +11,7 @@ from gateway_helpers import (Paused, answer, auth, obs_like_offer, publisher_of,
                              sessions_of, until, viewer_offer)
 from streamdiff.server.app import ENGINE_KEY
 from streamdiff.server.sdp import SdpError, require_directions, video_directions
+from streamdiff.server.sessions import SessionManager
 
 SDP = {"Content-Type": "application/sdp"}
 
@@ -142,6 +143,9 @@ async def _stop_like_obs():
                 location, sid = resp.headers["Location"], resp.headers["X-Session-Id"]
                 await answer(pub, await resp.text())
             await until(lambda: sessions.sessions[sid].pc.connectionState == "connected", "connected")
+            # its id under another key's URL ends nothing: the key in the URL must be the session's own
+            async with http.delete(f"{url}/whip/other/{sid}", headers=auth()) as resp:
+                assert resp.status == 404 and sid in sessions.sessions
             await pub.close()  # OBS's Stop: the peer first ...
             await until(lambda: sid not in sessions.sessions, "the close ends the session")
             async with http.delete(f"{url}{location}", headers=auth()) as resp:  # ... then DELETE
@@ -157,6 +161,26 @@ async def _stop_like_obs():
 
 def test_delete_after_the_peer_closed_is_answered_200():
     asyncio.run(_stop_like_obs())
+
+
+async def _ends_remembered() -> list:
+    # a WHEP session holds no engine stream: no engine is needed
+    sessions = SessionManager(object(), max_sessions=1, target_fps=1.0, deadline_ms=1000.0)
+    sessions.ENDED_KEPT = 2
+    ids = []
+    for n in (1, 2, 3):
+        session = await sessions.open("whep", "k")
+        ids.append(session.id)
+        await sessions.close(session.id, f"reason {n}")
+    await sessions.close_all()
+    return [sessions.why_ended(i) for i in ids]
+
+
+def test_the_oldest_ended_session_is_forgotten_first():
+    """The server remembers why the last sessions ended (a late DELETE is answered 200 with the
+    reason, a socket is told why); once full, the oldest end goes, not the one that just happened
+    (a review)."""
+    assert asyncio.run(_ends_remembered()) == [None, "reason 2", "reason 3"]
 
 
 async def _connecting():

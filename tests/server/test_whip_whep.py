@@ -107,15 +107,20 @@ async def _viewers_over_the_limit():
                 replaced = (resp.status, [why for _, _, why in sessions.ended.values() if "took its place" in why],
                             replies[1][3].rsplit("/", 1)[1] in sessions.ended)
             stream_alive = sessions.publisher("studio") is not None
+            # a player waiting for a stream not live yet (viewer.html asks every 2 s)
+            view, voffer, _ = await viewer_offer()
+            peers.append(view)
+            async with http.post(f"{url}/whep/later", data=voffer, headers=sdp_headers) as resp:
+                waiting = resp.status
         for pc in peers:
             await pc.close()
-    return replies, health, again, replaced, stream_alive
+    return replies, health, again, replaced, stream_alive, waiting
 
 
 def test_whep_viewers_are_bounded_and_the_publisher_is_untouched(caplog):
     """Each WHEP player encodes on its own and holds sockets: a flood of offers was unbounded."""
     with caplog.at_level(logging.INFO, logger="streamdiff.events"):
-        replies, health, again, replaced, stream_alive = asyncio.run(_viewers_over_the_limit())
+        replies, health, again, replaced, stream_alive, waiting = asyncio.run(_viewers_over_the_limit())
     assert [status for status, *_ in replies] == [201, 201, 503]
     status, text, retry_after, _ = replies[2]
     assert "2 viewers already watching (--max-viewers), 2 of them still connecting" in text and retry_after
@@ -126,6 +131,8 @@ def test_whep_viewers_are_bounded_and_the_publisher_is_untouched(caplog):
     assert again == 201 and stream_alive
     status, why, oldest_ended = replaced
     assert status == 201 and len(why) == 1 and oldest_ended, replaced
+    # a player waiting for its publisher is told 404 without a console line each time it asks
+    assert waiting == 404 and not any("(stream key later)" in r.getMessage() for r in caplog.records)
 
 
 async def _players_share_an_encoder():
