@@ -18,11 +18,18 @@ Definitions specific to this mode:
   as unreadable, like frames without a readable code).
 - dropped: ids sent but never returned, counting only ids up to the newest id returned (ids
   after it may still be in flight: the tail is left out).
-- fps: frames received after the first, over the longer of two spans: the one they arrived over
-  and the one their input frames were sent over. In a steady state the two are equal; at the
-  start the frames queued while the first chunk was made come out faster than the camera sends
-  (a 4 s run at 10 fps said 13.7 fps), which is a queue draining, not throughput; a server
-  falling behind stretches the arrival span instead. So it never exceeds the input rate.
+- warm-up: the first `warmup_s` seconds of the run (default 2) are sent and received but not
+  measured: the first chunk comes back late and the frames queued meanwhile drain faster than
+  the camera sends (a review: a clean run said 9.46 fps at 10 in, one freeze, 67 ms of jitter,
+  all of it the start). Latency counts the frames whose input was sent after it; fps, jitter and
+  freezes the frames that arrived after it; dropped the ids sent after it. Time to first frame
+  is its own number.
+- fps: frames that arrived in the measured window over its length (the same window for every
+  session, so the sessions' fps add up to the run's). Without a window (a run interrupted in its
+  warm-up) frames after the first over the longer of two spans, the arrival one and the one their
+  inputs were sent over, so a draining start-up queue is not throughput.
+- unreadable: frames that came back without a readable id; counted apart (said on the console),
+  neither as dropped nor in latency.
 - freezes: gaps between received frames over 3 periods of the input frame rate, the quiet time
   from the last frame received to the end of the run included (a server that went away).
 - stopped: a session that received nothing for the end of the run, longer than 3 s and than 3
@@ -35,6 +42,7 @@ Definitions specific to this mode:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import fractions
 import ipaddress
@@ -66,6 +74,7 @@ CLIP_FRAMES = 60
 # (1.5 GB here; a probe's 8192x8192 asked for 12 GiB and 100000x100000 for 1.6 TiB, a traceback)
 MAX_SEND_PIXELS = 3840 * 2160
 CONNECT_TIMEOUT_S = 20.0
+DEFAULT_WARMUP_S = 2.0  # unmeasured seconds at the start (the module docstring)
 VIDEO_CLOCK_HZ = 90_000
 
 TABLE_COLUMNS = [
@@ -89,7 +98,7 @@ class SessionRecord:
     sent_s: list[float] = field(default_factory=list)  # [id] -> when it went to the encoder
     received: list[tuple[float, int]] = field(default_factory=list)  # (arrival, id) read back
     arrivals_s: list[float] = field(default_factory=list)  # every received frame
-    unreadable: int = 0
+    unreadable_s: list[float] = field(default_factory=list)  # arrivals without a readable id
     tasks: list = field(default_factory=list)
     connection: str = "new"  # the peer connection's state when the measuring ended
 
@@ -143,7 +152,7 @@ async def _receive(track: MediaStreamTrack, record: SessionRecord) -> None:
             low = decode_id(frame.to_ndarray(format="rgb24"))
             full = None if low is None else record.unwrap(low)
             if full is None:
-                record.unreadable += 1
+                record.unreadable_s.append(arrival_s)
             else:
                 record.received.append((arrival_s, full))
 
@@ -335,41 +344,51 @@ def stopped_after_s(record: SessionRecord, t0_s: float, end_s: float) -> float |
 
 
 def session_report(record: SessionRecord, fps_in: float, deadline_ms: float, t0_s: float, server: dict | None,
-                   end_s: float | None = None) -> dict:
+                   end_s: float | None = None, from_s: float | None = None) -> dict:
     """One session's numbers (see the module docstring and streamdiff.bench.report). `end_s`:
-    when the measuring ended (the quiet time after the last frame counts as a gap)."""
-    latency_ms = [1000.0 * (t - record.sent_s[i]) for t, i in record.received]
-    newest = record.received[-1][1] if record.received else -1
-    returned = len({i for _, i in record.received})
-    dropped = newest + 1 - returned
+    when the measuring ended (the quiet time after the last frame counts as a gap); `from_s`:
+    when the warm-up ended (None: every frame is measured)."""
+    start = -math.inf if from_s is None else from_s
+    first_id = bisect.bisect_left(record.sent_s, start)  # the first id sent in the window
+    received = [(t, i) for t, i in record.received if i >= first_id]
+    arrivals = [t for t in record.arrivals_s if t >= start]
+    latency_ms = [1000.0 * (t - record.sent_s[i]) for t, i in received]
+    newest = received[-1][1] if received else first_id - 1
+    considered = newest + 1 - first_id
+    unreadable = sum(t >= start for t in record.unreadable_s)
+    dropped = max(0, considered - len({i for _, i in received}) - unreadable)
     first = record.arrivals_s[0] if record.arrivals_s else None
+    if end_s is not None and from_s is not None and end_s > from_s:
+        fps = len(arrivals) / (end_s - from_s)
+    else:
+        fps = delivered_fps(SessionRecord(record.index, sent_s=record.sent_s, received=received, arrivals_s=arrivals))
     return {
         "session": record.index + 1,
         "session_id": record.session_id,
         "frames_sent": len(record.sent_s),
         "frames_received": len(record.arrivals_s),
-        "frames_read": len(record.received),
-        "unreadable": record.unreadable,
+        "frames_read": len(received),
+        "unreadable": unreadable,
         "in_flight": len(record.sent_s) - (newest + 1),
-        "fps": delivered_fps(record),
-        "jitter_ms": benchreport.jitter_ms(record.arrivals_s),
-        "freezes": benchreport.freezes(record.arrivals_s + ([end_s] if end_s is not None and record.arrivals_s else []),
-                                       1.0 / fps_in),
+        "fps": fps,
+        "jitter_ms": benchreport.jitter_ms(arrivals),
+        "freezes": benchreport.freezes(arrivals + ([end_s] if end_s is not None and arrivals else []), 1.0 / fps_in),
         "stopped_after_s": None if end_s is None else stopped_after_s(record, t0_s, end_s),
         "connection": record.connection,
         "latency_ms": benchreport.latency_summary(latency_ms, deadline_ms),
-        "ids_considered": newest + 1,
+        "ids_considered": considered,
         "dropped": dropped,
-        "dropped_share": dropped / (newest + 1) if newest >= 0 else math.nan,
+        "dropped_share": dropped / considered if considered > 0 else math.nan,
         "time_to_first_frame_ms": None if first is None else 1000.0 * (first - record.offer_s),
         "server": server,
-        "samples": {"ids": [i for _, i in record.received], "latency_ms": latency_ms,
-                    "times_s": [t - t0_s for t, _ in record.received]},
+        "samples": {"ids": [i for _, i in received], "latency_ms": latency_ms,
+                    "times_s": [t - t0_s for t, _ in received]},
     }
 
 
 def aggregate_report(sessions: list[dict], fps_in: float, deadline_ms: float) -> dict:
-    """All sessions together: latencies pooled, fps summed, drops and freezes summed."""
+    """All sessions together: latencies pooled, fps summed (one window for all), drops and freezes
+    summed, the first frame the slowest session's."""
     latency_ms = [v for s in sessions for v in s["samples"]["latency_ms"]]
     considered = sum(s["ids_considered"] for s in sessions)
     dropped = sum(s["dropped"] for s in sessions)
@@ -406,7 +425,9 @@ def format_report(report: dict) -> str:
     head = (f"{report['url']}: {len(report['sessions'])} session(s){said}, {report['width']}x{report['height']} "
             f"at {report['fps_in']:g} fps in, {report['duration_s']:g} s, deadline {report['deadline_ms']:g} ms\n"
             "latency: glass to glass (sender's encoder in -> receiver's decoder out); "
-            "server mean: the engine's own (arrival -> end of step)\n")
+            "server mean: the engine's own (arrival -> end of step)\n"
+            + (f"measured after a warm-up of {report['warmup_s']:g} s (first frame: from the offer; "
+               "'all': the slowest session's)\n" if report.get("warmup_s") else ""))
     return head + benchreport.format_table(rows, TABLE_COLUMNS)
 
 
@@ -414,14 +435,16 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
                   size: tuple[int, int] | None = None, prompt: str = "", token: str | None = None,
                   deadline_ms: float | None = None, json_path: str | None = None, plot_path: str | None = None,
                   progress: bool = True, bitrate_bps: int | None = CLIENT_BITRATE_BPS,
-                  command: str | None = None) -> dict:
+                  command: str | None = None, warmup_s: float = DEFAULT_WARMUP_S) -> dict:
     """Run `sessions` stamped sessions against the server at `url` for `duration_s` and return
     the report (also written to `json_path`, plotted to `plot_path`). `size` (width, height):
     default the server's frame size from /healthz, else 256x256. `deadline_ms`: default the
     server's service level (/healthz `slo`), else 1000 ms. `bitrate_bps` pins this
-    process's encoders (None: leave aiortc's settings alone). Raises BenchError."""
-    if sessions < 1 or duration_s <= 0 or fps <= 0:
-        raise BenchError(f"need sessions >= 1, duration > 0 and fps > 0 (got {sessions}, {duration_s}, {fps})")
+    process's encoders (None: leave aiortc's settings alone). `warmup_s`: run this long first,
+    unmeasured (the module docstring). Raises BenchError."""
+    if sessions < 1 or duration_s <= 0 or fps <= 0 or warmup_s < 0:
+        raise BenchError(f"need sessions >= 1, duration > 0, fps > 0 and warm-up >= 0 (got {sessions}, {duration_s}, "
+                         f"{fps}, {warmup_s})")
     url = url.rstrip("/")
     if _is_loopback(url):
         enable_loopback_candidates(True)  # aioice leaves 127.0.0.1 out; the server side needs --ice-loopback
@@ -464,7 +487,7 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
             # 3. Measure, then read the server's own numbers while the streams still exist.
             t0_s = time.monotonic()
             try:
-                await _measure(admitted, duration_s, progress)
+                await _measure(admitted, warmup_s + duration_s, progress)
             except asyncio.CancelledError:  # Ctrl-C: report what was measured (a second one stops at once)
                 task = asyncio.current_task()
                 if task is None or task.uncancel() > 0:
@@ -488,16 +511,25 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
                 await asyncio.gather(*record.tasks, return_exceptions=True)
     if not any(r.arrivals_s for r in admitted):  # nothing to report: not a table of zeros and exit 0
         sent = sum(len(r.sent_s) for r in admitted)
-        raise BenchError(f"no output frame came back in {duration_s:g} s ({sent} frames sent over "
+        raise BenchError(f"no output frame came back in {warmup_s + duration_s:g} s ({sent} frames sent over "
                          f"{len(admitted)} session{'s' if len(admitted) > 1 else ''}); the server's console says why")
-    per_session = [session_report(r, fps, deadline_ms, t0_s, server.get(r.session_id), end_s) for r in admitted]
+    # the measured window starts after the warm-up (a run interrupted in its warm-up, or less than
+    # a second after it, measures it all)
+    from_s = t0_s + warmup_s if warmup_s and end_s - t0_s - warmup_s >= min(1.0, duration_s) else None
+    per_session = [session_report(r, fps, deadline_ms, t0_s, server.get(r.session_id), end_s, from_s)
+                   for r in admitted]
+    for s in per_session:
+        if s["unreadable"]:
+            print(f"session {s['session']}: {s['unreadable']} frame(s) came back without a readable id (counted "
+                  "neither as dropped nor in latency)", file=sys.stderr, flush=True)
     if interrupted_after_s is not None:
-        duration_s = round(interrupted_after_s, 1)
+        duration_s = round(interrupted_after_s - (warmup_s if from_s is not None else 0.0), 1)
     report = {
         "mode": "end-to-end", "command": command, "url": url,
         # what was measured: the server's model and service level as it says them (/healthz)
         "server": {key: health.get(key) for key in ("model", "video", "slo", "defaults") if key in health},
         "width": width, "height": height, "fps_in": fps, "duration_s": duration_s,
+        "warmup_s": warmup_s if from_s is not None else 0.0,
         "interrupted": interrupted_after_s is not None,
         "deadline_ms": deadline_ms, "prompt": prompt, "sessions": per_session, "refused": refused,
         "aggregate": aggregate_report(per_session, fps, deadline_ms),
@@ -554,6 +586,7 @@ def run_from_args(args) -> int:
             prompt=getattr(args, "prompt", None) or "", token=getattr(args, "token", None),
             deadline_ms=getattr(args, "deadline_ms", None), json_path=getattr(args, "json", None),
             plot_path=getattr(args, "plot", None), progress=not quiet, command=getattr(args, "command_line", None),
+            warmup_s=float(DEFAULT_WARMUP_S if getattr(args, "warmup", None) is None else args.warmup),
         ), terminated))
     except asyncio.CancelledError:  # SIGTERM before anything was measured (or a second one)
         print("streamdiff: terminated (SIGTERM)", file=sys.stderr)
@@ -569,8 +602,9 @@ def run_from_args(args) -> int:
     stopped = [s for s in report["sessions"] if s.get("stopped_after_s") is not None]
     for s in stopped:  # a server that went away mid-run is no clean run (a probe: exit 0, "0 freezes")
         state = "" if s["connection"] == "connected" else f"; its connection is {s['connection']}"
+        run_s = report["duration_s"] + report.get("warmup_s", 0.0)  # (stopped_after_s counts from the start)
         print(f"streamdiff: session {s['session']} received no frame after {s['stopped_after_s']:.1f} s of the "
-              f"{report['duration_s']:g} s run (the server ended it or went away{state}): its numbers cover that time",
+              f"{run_s:g} s run (the server ended it or went away{state}): its numbers cover that time",
               file=sys.stderr)
     return 1 if stopped else 0
 

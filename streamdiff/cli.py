@@ -296,7 +296,7 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")  # what matplotlib wri
 # Flags of one bench mode only (default None / False: not given).
 BENCH_MODEL_ONLY = ("config", "set", "steps", "resolution", "streams", "random_weights", "dtype", "peak_tflops",
                     "simulate", "hop_ms", "compile", "cuda_graphs", "stages", "ray")
-BENCH_E2E_ONLY = ("token", "fps", "size", "sessions")
+BENCH_E2E_ONLY = ("token", "fps", "size", "sessions", "warmup")
 # --simulate times one step of each part and projects stage counts: these would do nothing there
 BENCH_NOT_SIMULATED = ("duration", "deadline_ms", "prompt", "plot", "peak_tflops")
 BENCH_DURATION_S = 10.0
@@ -763,6 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--fps", type=number_in(float, 0.1, 240, "30"),
                      help="input frame rate sent per session (default 15)")
     e2e.add_argument("--size", help="input frame size WxH, e.g. 256x256")
+    e2e.add_argument("--warmup", type=number_in(float, 0, 3600, "2"),
+                     help="seconds sent before the measured --duration, left out of the numbers (default 2)")
     bench.set_defaults(func=cmd_bench)
 
     plan = sub.add_parser("plan", help="memory plan: weights, KV pool, VAE caches, activations, streams that fit",

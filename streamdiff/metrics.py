@@ -103,12 +103,19 @@ class RateMeter:
 
     def add(self, t: float, n: int = 1) -> None:
         self.events.append((t, n))
-        while self.events and self.events[0][0] < t - self.window_s:
+        self._prune(t)
+
+    def _prune(self, now: float) -> None:
+        while self.events and self.events[0][0] < now - self.window_s:
             self.events.popleft()
 
-    def rate(self) -> float:
+    def rate(self, now: float | None = None) -> float:
         """n per second between the first and last event in the window (the first event's n
-        is the start, not counted); 0 with fewer than two events."""
+        is the start, not counted); 0 with fewer than two events. `now`: the window ends there,
+        so a stream whose output stopped falls to 0 within `window_s` (pruned only on `add`, a
+        stalled stream's rate on /metrics stayed at its last value for ever: a review)."""
+        if now is not None:
+            self._prune(now)
         if len(self.events) < 2:
             return 0.0
         span = self.events[-1][0] - self.events[0][0]
@@ -134,13 +141,13 @@ class StreamMetrics:
         self.interval_ms = Histogram(window=256)
         self.fps = RateMeter()
 
-    def snapshot(self) -> dict:
+    def snapshot(self, now_s: float | None = None) -> dict:
         ttff = None if self.first_output_s is None else (self.first_output_s - self.added_s) * 1000.0
         lat = self.latency_ms
         return {
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
-            "fps": self.fps.rate(),
+            "fps": self.fps.rate(now_s),
             "time_to_first_frame_ms": ttff,
             "latency_ms": {"p50": lat.quantile(0.5), "p90": lat.quantile(0.9), "p99": lat.quantile(0.99),
                            "max": lat.max if lat.count else math.nan},
@@ -273,10 +280,11 @@ class EngineMetrics:
 
     # -- reading -------------------------------------------------------------------------
 
-    def snapshot(self) -> dict:
+    def snapshot(self, now_s: float | None = None) -> dict:
+        """`now_s`: the engine clock's now (the streams' fps end there)."""
         with self._lock:
             return {
-                "streams": {sid: s.snapshot() for sid, s in self.streams.items()},
+                "streams": {sid: s.snapshot(now_s) for sid, s in self.streams.items()},
                 "steps": self.steps,
                 "forwards": self.forwards,
                 "step_ms": self.step_ms.snapshot(),

@@ -11,7 +11,9 @@ Definitions (the same in both modes):
 - jitter_ms: standard deviation of the time between consecutive output frames of a stream,
   counting only gaps between bursts (a chunk's frames leaving in one burst are one arrival).
 - freezes: gaps between consecutive output arrivals longer than 3 frame periods.
-- fps: output frames / (last output - first output) of the measured window.
+- fps (`fps`): output frames after the first / (last output - first output); the modes say
+  which frames and window they use (the end-to-end one: frames in its measured window over the
+  window's length).
 - fps over time (the plot): chunk-level rates, each burst's frames over the time since the
   previous burst, drawn at the burst; 1-second bins would swing (8 -> 0 -> 4) whenever chunks
   of a few frames arrive less than once a second.

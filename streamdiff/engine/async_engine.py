@@ -371,7 +371,8 @@ class AsyncEngine:
         """The metrics snapshot (thread-safe; see streamdiff.metrics)."""
         if self._core is None:
             return {}
-        return self._core.served_metrics.snapshot()  # never a re-measure's scratch (EngineCore.measure)
+        core = self._core  # (never a re-measure's scratch metrics: EngineCore.measure)
+        return core.served_metrics.snapshot(core.clock())
 
     # ------------------------------------------------------------------ plumbing
 

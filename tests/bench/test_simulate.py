@@ -66,3 +66,24 @@ def test_cli_simulate_refuses_lists_it_cannot_use():
 
     assert main(["bench", "--simulate", "--streams", "1,2"]) == 2
     assert main(["bench", "--simulate", "--url", "http://127.0.0.1:9"]) == 2
+
+
+def test_the_measured_step_attends_to_full_kv_windows(monkeypatch):
+    """The projection is built on one measured engine step; it must be the steady step, every lane
+    attending to a whole window. Two warm-up rounds left the lanes 4 and 3 of 6 full, and a DiT
+    whose attention grows with the cache then read a short step (a review)."""
+    import streamdiff.bench.engine as bench_engine
+    from streamdiff.model.build import build_components
+
+    filled_at_step = []
+
+    class Core(bench_engine.EngineCore):
+        def step(self, *args, **kwargs):
+            lanes = [lane for s in self.executor.runner.slots.streams.values() for lane in s.lanes]
+            filled_at_step.append([lane.filled for lane in lanes])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(bench_engine, "EngineCore", Core)
+    cfg = load_config("tiny", ["sampling.steps=2"])
+    bench_engine.engine_fps(build_components(cfg), 2, 1)  # one measured round: the last steps
+    assert set(filled_at_step[-1]) == {cfg.cache.window}, filled_at_step

@@ -31,6 +31,20 @@ def test_rate_meter_counts_over_its_window():
         r.add(i * 0.5, 4)  # 4 frames every 0.5 s = 8 fps
     assert r.rate() == pytest.approx(8.0)
     assert len(r.events) == 5  # only the last 2 s are kept
+    # output stops: the rate read at a later time falls to 0 within the window, not held for ever
+    assert r.rate(now=4.6) == pytest.approx(8.0)
+    assert r.rate(now=7.0) == 0.0
+
+
+def test_a_stalled_streams_fps_falls_to_zero_in_the_snapshot():
+    """A stream whose output stopped (a stalled pipeline, a paused camera) must not go on showing
+    its last frame rate on /metrics and the page (a review: it said 16 fps a minute later)."""
+    m = EngineMetrics()
+    m.stream_added("s", 0.0, 1000.0)
+    for i in range(20):
+        m.frames_out("s", 0.25 * i, [100.0] * 4)  # a chunk of 4 every 0.25 s: 16 fps
+    assert m.snapshot(now_s=4.9)["streams"]["s"]["fps"] == pytest.approx(16.0)
+    assert m.snapshot(now_s=65.0)["streams"]["s"]["fps"] == 0.0
 
 
 def test_stream_metrics_latency_jitter_ttff_and_drops():

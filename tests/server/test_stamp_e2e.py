@@ -154,8 +154,8 @@ async def _bench_against_test_server():
             return out
 
         engine.next_frame = spy
-        report = await run_e2e(url, sessions=2, duration_s=6.0, fps=15.0, token=TOKEN, prompt="a cat",
-                               progress=False, bitrate_bps=None)
+        report = await run_e2e(url, sessions=2, duration_s=4.0, fps=15.0, token=TOKEN, prompt="a cat",
+                               progress=False, bitrate_bps=None)  # (after the default warm-up of 2 s)
     return report, served
 
 
@@ -200,7 +200,7 @@ async def _bench_whose_session_the_server_ends():
 
         ender = asyncio.create_task(end_it_once_frames_flow())
         report = await run_e2e(url, sessions=1, duration_s=7.0, fps=15.0, token=TOKEN, progress=False,
-                               bitrate_bps=None)
+                               bitrate_bps=None, warmup_s=0.0)
         await ender
     return report
 
@@ -274,7 +274,7 @@ def test_bench_says_when_something_else_answers():
 async def _bench_one_refused(tmp_path):
     async with running_server(max_sessions=1) as (url, app):
         report = await run_e2e(url, sessions=2, duration_s=2.0, fps=15.0, token=TOKEN, progress=False,
-                               bitrate_bps=None, json_path=str(tmp_path / "r.json"))
+                               bitrate_bps=None, json_path=str(tmp_path / "r.json"), warmup_s=0.0)
     return report
 
 
@@ -310,7 +310,8 @@ async def _bench_mistakes():
 
         app[ENGINE_KEY].next_frame = never
         try:
-            await run_e2e(url, sessions=1, duration_s=2.0, fps=15.0, token=TOKEN, progress=False, bitrate_bps=None)
+            await run_e2e(url, sessions=1, duration_s=2.0, fps=15.0, token=TOKEN, progress=False, bitrate_bps=None,
+                          warmup_s=0.0)
         except BenchError as exc:
             errors.append((str(exc), None))
     return errors
