@@ -201,3 +201,30 @@ def test_a_cast_keeps_the_rope_tables_as_computed():
     assert model.dtype == torch.bfloat16
     after = model.rope_tables()
     assert after[0].dtype == torch.float32 and torch.equal(after[0], cos) and torch.equal(after[1], sin)
+
+
+def test_a_cast_keeps_the_modules_diffusers_keeps_in_fp32():
+    """After cast_(bf16) every module diffusers keeps in fp32 (WanTransformer3DModel's
+    _keep_in_fp32_modules: the time embedder, the norms with weights, ...) still holds fp32
+    parameters, so a bf16 run matches diffusers' bf16 model; the blocks' linears are bf16."""
+    model = CausalWanModel(ModelConfig(num_heads=2, head_dim=32, ffn_dim=64, num_layers=2, text_dim=32))
+    model.cast_(torch.bfloat16)
+    keep = WanTransformer3DModel._keep_in_fp32_modules
+    kept = [name for name, _ in model.named_parameters() if any(part in keep for part in name.split("."))]
+    assert any(".norm2." in name for name in kept), kept  # the cross-attention norm's affine weights
+    for name, p in model.named_parameters():
+        if name in kept:
+            assert p.dtype == torch.float32, name
+        elif name.startswith("blocks.") and p.ndim == 2:
+            assert p.dtype == torch.bfloat16, name
+
+
+def test_a_bf16_model_embeds_timesteps_in_bf16():
+    """The time embedder stays fp32 after cast_(bf16) while time_proj is bf16: its output is cast
+    to the blocks' dtype, or every bf16 forward fails on an fp32 input to a bf16 linear."""
+    model = CausalWanModel(ModelConfig(num_heads=2, head_dim=32, ffn_dim=64, num_layers=1, text_dim=32)).eval()
+    model.cast_(torch.bfloat16)
+    with torch.no_grad():
+        temb, tproj = model.time_embedding(torch.tensor([[700.0, 500.0]]))  # [B=1, F=2] timesteps
+    assert temb.dtype == tproj.dtype == torch.bfloat16
+    assert tproj.shape == (1, 2, 6, model.cfg.dim)  # [B, F, 6 modulation vectors, dim]

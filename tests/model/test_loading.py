@@ -17,7 +17,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from safetensors.torch import save_file
 
-from streamdiff.config import ModelConfig
+from streamdiff.config import ModelConfig, load_config
 from streamdiff.model.causal_wan import CausalWanModel
 from streamdiff.model.loading import (
     WeightsFileError,
@@ -26,6 +26,7 @@ from streamdiff.model.loading import (
     load_vae,
     random_init_,
     read_transformer_state_dict,
+    transformer_config_disagreements,
 )
 
 TINY = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, text_dim=32, in_channels=16,
@@ -225,14 +226,35 @@ def test_unexpected_keys_reported_and_beyond_min_match_refused(source, caplog):
     assert "3 unexpected key(s)" in caplog.text and "img_emb.proj.*.weight (1 key)" in caplog.text  # a warning
 
 
-def test_a_checkpoint_of_a_bigger_model_is_refused(source):
+@pytest.mark.parametrize("block", [2, 7])  # 2: one block more than num_layers=2, the first beyond it
+def test_a_checkpoint_of_a_bigger_model_is_refused(source, block):
     """Blocks beyond model.num_layers are not another stage's: the file is of a bigger model
     (a probe: the demo's 4 blocks with 4-7 added, or num_layers=3 against 4, loaded at "100 %")."""
     _, state, _ = source
     extra = dict(state)
-    extra["blocks.7.attn1.to_q.weight"] = torch.ones(3)  # beyond num_layers=2
-    with pytest.raises(WeightsMismatchError, match=r"has 8 blocks but the model has 2 \(model.num_layers=2\)"):
+    extra[f"blocks.{block}.attn1.to_q.weight"] = torch.ones(3)  # beyond num_layers=2
+    with pytest.raises(WeightsMismatchError,
+                       match=rf"has {block + 1} blocks but the model has 2 \(model.num_layers=2\)"):
         load_into(fresh_model(), extra, min_match=0.5)
+
+
+class _Params(torch.nn.Module):
+    """A module of `n` two-element parameters: n keys, for match ratios of exact percentages."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.p = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(2)) for _ in range(n)])
+
+
+def test_min_match_loads_a_file_at_exactly_the_ratio_and_refuses_one_below_it():
+    """weights.min_match=0.99 means 99 % of the keys loads and anything less is refused: a user
+    who lowered it to admit a file that lacks a known share of keys gets exactly that."""
+    keys = list(_Params(200).state_dict())
+    at = {k: torch.ones(2) for k in keys[2:]}  # 198/200 = 99.0 %
+    assert load_into(_Params(200), at).matched == 198
+    below = {k: torch.ones(2) for k in keys[3:]}  # 197/200 = 98.5 %
+    with pytest.raises(WeightsMismatchError, match="below min_match=0.99"):
+        load_into(_Params(200), below)
 
 
 def test_shape_mismatch_names_key_and_shapes(source):
@@ -306,6 +328,55 @@ def test_a_vae_sized_module_counts_no_keys_for_other_stages(source):
         load_into(vae_like, state, what="taehv")
     assert err.value.report.skipped_for_stage == 0 and err.value.report.n_unexpected == len(state)
     assert "other stages" not in str(err.value)
+
+
+def test_stacked_wrapper_prefixes_are_all_stripped(tmp_path, source):
+    """A generator saved from a DDP-wrapped trainer has keys "module.model.<name>": every
+    leading wrapper prefix is stripped, not only the first (else nothing matches)."""
+    _, state, _ = source
+    path = tmp_path / "ddp.pt"
+    torch.save({"generator": {"module.model." + k: v for k, v in to_wan_names(state).items()}}, path)
+    assert set(read_transformer_state_dict("sdv2", path)) == set(state)
+
+
+def test_state_dicts_nested_in_several_wrapper_dicts_are_found(tmp_path, source):
+    """A trainer's checkpoint may nest the generator, {"model": {"generator": {...}}}: the
+    reader descends through the wrapper dicts to the tensors."""
+    _, state, _ = source
+    path = tmp_path / "nested.pt"
+    torch.save({"model": {"generator": {"model." + k: v for k, v in to_wan_names(state).items()}}}, path)
+    assert set(read_transformer_state_dict("sdv2", path)) == set(state)
+
+
+def test_diffusers_names_with_one_original_looking_key_are_not_converted(tmp_path, source):
+    """A diffusers-named file with one stray key that looks original-Wan ("head.*") stays
+    diffusers: diffusers' Wan converter is not idempotent and would rename the real keys."""
+    _, state, _ = source
+    save_file({**state, "head.extra": torch.ones(3)}, tmp_path / "diffusion_pytorch_model.safetensors")
+    sd = read_transformer_state_dict("diffusers", tmp_path)
+    assert set(state) <= set(sd)
+    report = load_into(fresh_model(), sd, min_match=0.9)
+    assert report.matched == len(state) and report.n_unexpected == 1
+
+
+def test_two_keys_that_strip_to_one_name_are_refused_naming_both(tmp_path, source):
+    """"model.X" and "X" in one file are ambiguous (which one loads would depend on dict order):
+    refused, not silently resolved."""
+    _, state, _ = source
+    save_file({**state, "model.proj_out.bias": state["proj_out.bias"] + 1}, tmp_path / "twice.safetensors")
+    with pytest.raises(WeightsMismatchError, match="both become 'proj_out.bias'"):
+        read_transformer_state_dict("wan", tmp_path / "twice.safetensors")
+
+
+def test_a_bf16_safetensors_file_loads_cast_to_the_models_dtype(tmp_path, source):
+    """Many Wan checkpoints ship in bf16 ("BF16" in the safetensors header): they are weights,
+    copied into the fp32 model as the bf16 values."""
+    _, state, _ = source
+    save_file({k: v.to(torch.bfloat16) for k, v in to_wan_names(state).items()}, tmp_path / "bf16.safetensors")
+    model = fresh_model()
+    report = load_into(model, read_transformer_state_dict("wan", tmp_path / "bf16.safetensors"))
+    assert report.matched == len(state) and model.proj_out.weight.dtype == torch.float32
+    assert torch.equal(model.proj_out.weight, state["proj_out.weight"].to(torch.bfloat16).float())
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "wan", "sdv2"])
@@ -599,6 +670,17 @@ def test_a_folder_whose_config_is_another_architecture_is_refused_naming_the_fie
         {"_class_name": "WanModel", "dim": 64, "num_heads": 2, "ffn_dim": 128, "num_layers": 2, "in_dim": 16,
          "out_dim": 16, "freq_dim": 256, "eps": 1e-6, "model_type": "t2v"}))
     build_transformer(_tiny_cfg(tmp_path, "wan", "wan"), torch.device("cpu"))
+
+
+def test_a_config_of_another_model_type_or_patch_size_is_reported():
+    """A transformer folder of another architecture that `model:` has no setting for (an i2v
+    model, another patch size) is reported, so that build_transformer refuses it instead of
+    loading its tensors into the t2v model."""
+    model_cfg = load_config("wan-1.3b").model
+    said = transformer_config_disagreements({"model_type": "i2v", "patch_size": [1, 4, 4]}, model_cfg)
+    assert any(s.startswith("model_type='i2v'") for s in said), said
+    assert any(s.startswith("patch_size=[1, 4, 4]") for s in said), said
+    assert transformer_config_disagreements({"model_type": "t2v", "patch_size": [1, 2, 2]}, model_cfg) == []
 
 
 def test_tensors_a_file_lacks_within_min_match_are_seeded_not_left_as_they_were(tmp_path, source):

@@ -15,7 +15,7 @@ import torch.nn as nn
 from streamdiff.config import VAEConfig, load_config
 from streamdiff.engine.vae_batch import decode_many, encode_many
 from streamdiff.model.loading import WeightsMismatchError, load_taehv
-from streamdiff.model.taehv import TAEHV, MemBlock, StreamingTAEHV, TGrow, TPool
+from streamdiff.model.taehv import TAEHV, Clamp, MemBlock, StreamingTAEHV, TGrow, TPool
 from streamdiff.model.vae import build_vae
 
 NARROW = VAEConfig(kind="taehv", taehv_encoder_widths=(8, 8, 16), taehv_decoder_widths=(16, 8, 8, 8))
@@ -82,6 +82,7 @@ def test_streaming_encode_and_decode_equal_the_whole_clip(sizes):
     ref = _ref_encode(net, x)
     assert ref.shape == (1, 16, 4, H // 8, W // 8) and ref.abs().max() > 0.1
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert (state.encoded_frames, state.encoded_latents) == (13, 4)  # as StreamingVAE counts them
     # decode latent by latent (and two at once) = the whole clip, frame counts 1 then 4 per latent
     state = sv.new_state()
     parts = [sv.decode_chunk(ref[:, :, :1], state), sv.decode_chunk(ref[:, :, 1:3], state),
@@ -117,6 +118,14 @@ def test_chunk_rules_are_checked_before_the_memory_changes():
         sv.encode_chunk(_clip(3, 0), state)
     with pytest.raises(ValueError, match="multiples of 8"):
         sv.encode_chunk(torch.zeros(1, 3, 4, 20, 48), state)
+
+
+def test_the_decoders_input_clamp_is_the_public_soft_clamp():
+    """The public TAEHV squashes latents with tanh(x / 3) * 3 before decoding; the streaming
+    oracle above runs the module's own Clamp, so only this pins the formula the real
+    taew2_1.pth weights were trained with."""
+    x = torch.tensor([-6.0, -1.0, 0.0, 0.5, 3.0, 9.0])
+    torch.testing.assert_close(Clamp()(x), torch.tanh(x / 3) * 3)
 
 
 OFFICIAL_KEYS = [  # names in the public taew2_1.pth (encoder/decoder nn.Sequential indices)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from streamdiff.config import TextConfig, WeightsConfig
+from streamdiff.model.loading import WeightsMismatchError
 from streamdiff.model.text import (
     PromptEncoder,
     TinyPromptEncoder,
@@ -208,6 +209,26 @@ def test_umt5_finds_diffusers_layout_tokenizer(umt5_dirs):
 def test_umt5_text_dim_mismatch_is_refused(umt5_dirs):
     with pytest.raises(ValueError, match="d_model=32"):
         _umt5(umt5_dirs, text_dim=4096)
+
+
+def test_umt5_refuses_a_tokenizer_with_a_much_smaller_vocabulary_than_the_encoder(umt5_dirs, tmp_path):
+    """Another model's tokenizer (T5's 32k tokens with umT5's 256k-row embedding table) gives
+    embeddings without a word of error: refused, as a tokenizer with too many tokens is."""
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    tokens = len(AutoTokenizer.from_pretrained(str(umt5_dirs / "tokenizer"), local_files_only=True))
+    cfg = UMT5Config(vocab_size=tokens * 8, d_model=D_MODEL, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                     relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    UMT5EncoderModel(cfg).eval().save_pretrained(str(tmp_path / "text_encoder"))
+    with pytest.raises(WeightsMismatchError, match="not this encoder's tokenizer"):
+        UMT5PromptEncoder(tmp_path / "text_encoder", umt5_dirs / "tokenizer", max_length=MAX_LEN)
+
+
+def test_umt5_asked_for_fp16_runs_the_encoder_in_bf16_and_returns_fp16(umt5_dirs):
+    """T5 encoders overflow in fp16: model.dtype=float16 runs umT5 in bf16 and casts the result."""
+    enc = _umt5(umt5_dirs, dtype=torch.float16)
+    assert next(enc.model.parameters()).dtype == torch.bfloat16
+    assert enc.encode("a cat").dtype == torch.float16
 
 
 def test_umt5_cpu_placement_returns_requested_device_and_dtype(umt5_dirs):

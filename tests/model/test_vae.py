@@ -135,6 +135,17 @@ def test_reset_starts_a_new_stream_and_releases_the_cache(svae):
     torch.testing.assert_close(again, first, atol=0, rtol=0)
 
 
+def test_reset_forgets_the_device_so_a_state_refused_on_another_device_is_accepted_again(svae):
+    """A state used on another device is refused with "reset() the state"; reset() must forget
+    the device its caches were on, or that state would be refused forever after the VAE moved."""
+    state = svae.new_state()
+    svae.encode_chunk(_clip(1, seed=11), state)
+    state.device = torch.device("meta")  # as if its caches were made on another device
+    state.reset()
+    assert state.device is None
+    svae.encode_chunk(_clip(1, seed=11), state)  # a first chunk again, accepted
+
+
 def test_other_float_dtypes_are_cast_to_the_module_dtype(svae):
     x = _clip(5, seed=9)
     z32, _ = _encode_in(svae, x, [5])

@@ -6,7 +6,16 @@ import itertools
 
 import pytest
 
-from streamdiff.parallel.partition import Rebalancer, StageSample, balance, even_split, moves, ranges, stage_times
+from streamdiff.parallel.partition import (
+    Rebalancer,
+    StageSample,
+    balance,
+    even_split,
+    initial_counts,
+    moves,
+    ranges,
+    stage_times,
+)
 
 
 def brute_force(num_blocks, fixed, per_block):
@@ -69,3 +78,20 @@ def test_rebalancer_needs_a_persistent_imbalance():
     assert reb.proposal() == [3, 1]
     reb.reset([3, 1])
     assert reb.proposal() is None
+
+
+def test_rebalancer_moves_no_blocks_for_a_small_gain():
+    """A new split is proposed only when it shortens the slowest stage by at least
+    (threshold - 1) / 2 (12.5 % at 1.25): each move ships weights and K/V mid-stream."""
+    reb = Rebalancer([4, 2], threshold=1.25, after_steps=5)
+    for _ in range(10):  # stage 0: 4 blocks of 1 ms; stage 1: 0.9 ms fixed + 2 blocks of 1 ms
+        reb.observe([StageSample(4.0, 4.0, 4), StageSample(2.9, 2.0, 2)])
+    assert reb.imbalanced_steps >= 5  # 4 / 2.9 = 1.38: imbalanced
+    assert reb.proposal() is None  # [3, 3] takes 3.9 ms instead of 4: a 2.5 % gain
+
+
+def test_initial_counts_follow_a_partition_that_names_every_stage():
+    """parallel.partition is the split a pipeline starts from; one for another number of stages
+    falls back to the even split."""
+    assert initial_counts([3, 1], 4, 2) == [3, 1]
+    assert initial_counts([3, 1], 4, 3) == [2, 1, 1]

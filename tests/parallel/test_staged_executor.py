@@ -103,6 +103,22 @@ def test_a_block_move_that_fails_leaves_every_block_held_and_the_streams_served(
     assert executor.counts == [2, 2] and not executor.rebalances and not executor.rebalance_enabled
     assert "stopped at [2, 2] (RuntimeError: CUDA out of memory (simulated)); the split stays" in caplog.text
 
+def test_a_stage_refuses_to_give_away_its_last_block_or_take_blocks_not_next_to_its_range(cfg4):
+    """A DiT stage with no blocks breaks the chain, and one holding blocks not adjacent to its
+    range would claim blocks it lacks: both moves are refused before anything changes."""
+    stages = InProcessStages(cfg4, [1, 2, 1], "cpu")  # [0, 1), [1, 3), [3, 4)
+    first, middle, last = stages.workers
+    with pytest.raises(ValueError, match="cannot give"):
+        middle.give_blocks([1, 2])
+    assert middle.info()["block_range"] == (1, 3)
+    package = middle.give_blocks([1])  # the middle stage now holds [2, 3)
+    with pytest.raises(ValueError, match="not adjacent"):
+        last.take_blocks(package)  # block 1 is not next to [3, 4)
+    assert last.info()["block_range"] == (3, 4)
+    first.take_blocks(package)  # where it belongs
+    assert first.info()["block_range"] == (0, 2)
+
+
 class BoundedStages(InProcessStages):
     """In-process stages that hold at most `max_executions` forwards unread, as Ray's compiled
     graph does (one past it raised RayCgraphCapacityExceeded there: a stage failure)."""

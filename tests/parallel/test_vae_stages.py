@@ -12,10 +12,12 @@ import torch
 
 from engine_helpers import max_abs_diff
 from stage_helpers import SPECS, TOL, reference, run_streams
-from streamdiff.config import with_overrides
+from streamdiff.config import load_config, with_overrides
+from streamdiff.engine.stage_io import MAX_LANES
+from streamdiff.model.flops import tokens_per_frame
 from streamdiff.parallel.executor import InProcessStages, StagedExecutor, cpu_period_ms, pipeline_period_ms
 from streamdiff.parallel.transport import CoreMeter, CoreShare, proc_busy_s, threads_cpu_s, usable_cores
-from streamdiff.parallel.messages import stage_specs
+from streamdiff.parallel.messages import StageSpec, message_bytes, stage_specs
 from streamdiff.parallel.partition import Rebalancer, StageSample
 
 
@@ -39,6 +41,35 @@ def test_specs_put_the_vae_halves_on_stages_of_their_own():
     ]
     plain = stage_specs([(0, 2), (2, 4)])
     assert [(s.first, s.last, s.vae) for s in plain] == [(True, False, "encode"), (False, True, "decode")]
+
+
+def test_a_first_or_last_dit_stage_without_blocks_is_refused():
+    """The first DiT stage holds the patch embedding and the last the head: neither may have an
+    empty block range (a middle stage may)."""
+    with pytest.raises(ValueError, match="need blocks"):
+        StageSpec(0, 2, (0, 0))
+    with pytest.raises(ValueError, match="need blocks"):
+        StageSpec(1, 2, (4, 4))
+    StageSpec(1, 3, (2, 2), False, False, "none")
+
+
+def test_the_message_bound_holds_a_hop_of_first_chunks():
+    """A stream's first chunk (sampling.first_chunk_latents) is longer than the steady chunk: the
+    bound Ray sizes its channels with holds a hop of first-chunk hidden states for every row."""
+    cfg = load_config("tiny", ["video.width=64", "video.height=48", "model.num_heads=32"])  # a wide model
+    s, v = cfg.sampling, cfg.video
+    assert s.first_chunk_latents > s.chunk_latents
+    rows = cfg.cache.max_streams * MAX_LANES
+    hidden = 4 * s.first_chunk_latents * tokens_per_frame(v.width, v.height) * cfg.model.dim  # one row's, fp32
+    assert message_bytes(cfg) >= rows * hidden
+
+
+def test_the_message_bound_holds_a_new_prompt_embedding_for_every_stream():
+    """A hop carries a new prompt embedding per stream (host tensors travel with the message even
+    when hidden states go over NCCL): umT5-sized embeddings dominate such a hop."""
+    cfg = load_config("tiny", ["video.width=64", "video.height=48", "model.text_dim=4096", "text.max_length=512"])
+    prompt = 4 * cfg.text.max_length * cfg.model.text_dim  # one [max_length, text_dim] fp32 embedding
+    assert message_bytes(cfg, hop_tensors=False) >= cfg.cache.max_streams * prompt
 
 
 @pytest.mark.parametrize("counts", [[2, 2], [4]])
@@ -144,7 +175,6 @@ def test_every_message_fits_the_bound_transports_size_their_buffers_with(cfg4, v
 
     from engine_helpers import RELAXED, Feeder, params
     from stage_helpers import core_for
-    from streamdiff.parallel.messages import message_bytes
     from streamdiff.pipeline.frames import synthetic_clip
 
     cfg = with_overrides(cfg4, parallel={"vae_stages": vae_stages})

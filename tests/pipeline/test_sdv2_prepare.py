@@ -16,12 +16,14 @@ and lane) and the same VAE, and is compared with StreamPipeline, batched and not
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from streamdiff.config import load_config
+import streamdiff.model.causal_wan as causal_wan
+from streamdiff.config import load_config, with_overrides
 from streamdiff.model.build import build_components
 from streamdiff.pipeline import LatentStream
 from streamdiff.pipeline.frames import frames_to_tensor, synthetic_clip, tensor_to_frames
@@ -105,10 +107,6 @@ def test_fillers_with_a_refresh_that_fires_on_every_chunk(comps):
     """With 4 steps the last lane runs 3 fillers while its window fills; at a threshold that
     fires on every chunk its queue held more pending refreshes than the window (the reference's
     is a list: ours ran out of room, IndexError, in a run against the reference's code)."""
-    from dataclasses import replace
-
-    from streamdiff.config import with_overrides
-
     eager = replace(comps, cfg=with_overrides(comps.cfg, cache={"refresh_threshold": 0.95}))
     clip = synthetic_clip(5 + 4 * 8, 64, 48, seed=5)
     pipe = StreamPipeline(eager, "a watercolor city", steps=4)
@@ -117,3 +115,30 @@ def test_fillers_with_a_refresh_that_fires_on_every_chunk(comps):
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
     lane = pipe.slots.lane(0, 3).lane
     assert max(int(pipe.pool.q_len[i, lane]) for i in range(len(pipe.pool.layers))) > pipe.pool.window
+
+
+def test_the_sink_refresh_test_compares_the_keys_as_they_are_written(comps, monkeypatch):
+    """StreamDiffusionV2 compares a new chunk's keys with the sinks in the space the cache holds
+    them: with RoPE at their absolute frame index, i.e. exactly the keys then written into the
+    pool. Other keys change the similarity, hence which sink is refreshed and when."""
+    eager = replace(comps, cfg=with_overrides(comps.cfg, cache={"refresh_threshold": 0.99}))
+    tested, pairs = [], []
+    real_similarity, attention = causal_wan.sink_similarity, comps.model.attention
+    real_write = attention.write
+
+    def similarity_spy(k_pool, v_pool, sink_slots, k_new, v_new):
+        tested.append(k_new.detach().clone())  # [B, N, H, D]
+        return real_similarity(k_pool, v_pool, sink_slots, k_new, v_new)
+
+    def write_spy(k, v, k_pool, v_pool, write_slots, *rest):
+        real_write(k, v, k_pool, v_pool, write_slots, *rest)
+        if tested:  # this layer ran the refresh test just before its write
+            pairs.append((tested.pop(), k_pool[write_slots].flatten(1, 2).clone()))  # both [B, N, H, D]
+
+    monkeypatch.setattr(causal_wan, "sink_similarity", similarity_spy)
+    monkeypatch.setattr(attention, "write", write_spy)
+    pipe = StreamPipeline(eager, "a cat")
+    pipe.push(synthetic_clip(5 + 4 * 8, 64, 48, seed=6))
+    assert pairs, "the sdv2 refresh test never ran"
+    for k_new, written in pairs:
+        torch.testing.assert_close(k_new, written, atol=1e-4, rtol=1e-4)
