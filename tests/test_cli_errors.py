@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -528,3 +529,20 @@ def test_a_url_given_as_host_is_told_to_drop_its_scheme_and_the_version_is_print
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"streamdiff {version('streamdiff')}"
+
+
+def test_serve_hands_the_session_limit_and_the_bitrate_to_the_server_as_given(monkeypatch):
+    """`--max-sessions` equal to the KV pool's size is taken, and `--bitrate-kbps 1500` is 1.5 Mbit/s
+    (a review): refusing a limit the pool holds, or a bitrate off by a factor of 1000, would
+    change what an operator asked for without a word."""
+    from streamdiff.cli import main
+    from streamdiff.server import app
+
+    with socket.socket() as sock:  # a port free now (serve checks it before it would start)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    got = []
+    monkeypatch.setattr(app, "serve", lambda cfg, host, port, settings: got.append(settings) or 0)
+    assert main(["serve", "--config", "tiny", "--port", str(port), "--max-sessions", "4",
+                 "--bitrate-kbps", "1500", "--max-viewers", "3"]) == 0
+    assert [(s.max_sessions, s.bitrate_bps, s.max_viewers) for s in got] == [(4, 1_500_000, 3)]

@@ -12,6 +12,7 @@ import pytest
 
 from engine_helpers import FakeClock, FakeExecutor, max_abs_diff
 from streamdiff.engine import AsyncEngine, LocalExecutor, StreamClosedError
+from streamdiff.engine.async_engine import _Inbox
 from streamdiff.pipeline.frames import synthetic_clip
 from streamdiff.pipeline.stream_pipeline import StreamPipeline
 
@@ -312,3 +313,56 @@ def test_cancelled_refused_and_repeated_calls_on_one_id_keep_the_engine_consiste
     assert got["after cancelled add"] == (0, False, True), got
     assert got["refused then admitted"] == [False, False, True, True] and got["x served"] == "x", got
     assert got["d again"] == ["new"] * 5, got
+
+
+def test_a_full_output_queue_keeps_the_newest_frames_and_counts_the_overwritten(cfg):
+    """A reader that falls behind gets the newest `output_queue_frames` frames, no more and no
+    fewer, and the frames it never saw are counted as overwritten (a review): a queue one longer
+    would add a frame of latency to every lagging viewer and its count would not match."""
+
+    async def main():
+        async with fake_engine(cfg, output_queue_frames=2) as engine:
+            assert await engine.add_stream("s", "a cat", steps=1)
+            for chunk in (range(5), range(5, 9)):  # two chunks, handed over one after the other
+                for i in chunk:
+                    engine.push_frame("s", np.zeros((48, 64, 3), np.uint8), pts=i)
+                for _ in range(2000):
+                    if engine.metrics()["streams"]["s"]["frames_out"] == chunk[-1] + 1:
+                        break
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(0.02)  # the outputs are handed over on the event loop
+            got = [(await engine.next_frame("s", timeout=1)).pts for _ in range(2)]
+            with pytest.raises(asyncio.TimeoutError):  # nothing older was kept behind them
+                await engine.next_frame("s", timeout=0.05)
+            return got, engine.metrics()["streams"]["s"]["frames_overwritten"]
+
+    got, overwritten = asyncio.run(main())
+    assert got == [7, 8] and overwritten == 7
+
+
+def test_next_frame_gives_up_after_its_timeout(cfg):
+    """`next_frame(timeout=...)` raises TimeoutError on time when no frame comes (a review): a
+    handler polling a stalled stream must get control back instead of waiting forever."""
+
+    async def main():
+        async with fake_engine(cfg) as engine:
+            assert await engine.add_stream("s", "a cat")
+            t0 = time.monotonic()
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(engine.next_frame("s", timeout=0.05), 2.0)
+            return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 1.0
+
+
+def test_the_inbox_keeps_the_newest_inbox_frames_of_a_stream_and_counts_the_rest():
+    """Under overload a stream's inbox holds exactly `inbox_frames` frames, the newest, and says
+    how many were pushed out (a review): holding one fewer would drop input a step could still
+    have used, and the dropped-input count would be off by one."""
+    inbox = _Inbox(frames_per_stream=3)
+    for i in range(5):
+        inbox.frame("s", (None, i, 0.0))
+    inbox.frame("t", (None, 0, 0.0))
+    commands, frames, overflow = inbox.take(0)
+    assert commands == [] and [pts for _, pts, _ in frames["s"]] == [2, 3, 4] and len(frames["t"]) == 1
+    assert overflow == {"s": 2}

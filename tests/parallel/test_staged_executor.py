@@ -524,3 +524,40 @@ def test_a_change_whose_plan_fails_closes_the_stream_instead_of_leaving_it_froze
         assert_a_new_stream_is_served(core, feeder, cfg4)
     finally:
         stages.shutdown()
+
+
+def test_a_plan_never_goes_in_more_micro_batches_than_it_has_rows(cfg4):
+    """`parallel.micro_batches` above a plan's stream rows gives one forward a row, no more (a
+    review): each forward beyond that is an empty pass through every stage, time the streams
+    wait for and nothing comes of."""
+    cfg = with_overrides(cfg4, parallel={"micro_batches": 4})
+    executor = StagedExecutor(cfg, InProcessStages(cfg, [2, 2], "cpu"))
+    try:
+        assert [executor.micro_batches(rows) for rows in (1, 2, 3, 4, 6)] == [1, 2, 3, 4, 4]
+    finally:
+        executor.shutdown()
+
+
+def test_a_stuck_forward_fails_its_timeout_after_submission_even_when_collected_late(cfg4):
+    """The live loop collects a plan some time after submitting it: a stuck forward must still
+    fail `timeout_s` after it went in (a review), or the streams freeze for up to twice the
+    configured step timeout before the engine recovers."""
+    import threading
+
+    from streamdiff.parallel.executor import ThreadedStages
+    from streamdiff.parallel.messages import StageInput
+    from streamdiff.parallel.transport import StageFailure
+
+    stages = ThreadedStages(cfg4, [2, 2], "cpu", timeout_s=1.0)
+    release = threading.Event()
+    stages.workers[1].run = lambda msg: release.wait(30)  # stuck until released
+    try:
+        t0 = time.monotonic()
+        handle = stages.submit(StageInput(0, 0, "steady", {}, []))
+        time.sleep(0.6)  # the loop did other work before it collected the plan
+        with pytest.raises(StageFailure, match="not back within 1 s"):
+            stages.get(handle)
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        release.set()
+        stages.shutdown()

@@ -265,6 +265,19 @@ def test_core_meter_counts_what_everything_else_kept_busy():
     assert CoreMeter(2, lambda: 0.0, busy_s=lambda: None).share() is None  # no /proc/stat
 
 
+def test_core_meter_never_says_fewer_than_a_quarter_core_while_chunks_get_done():
+    """A machine another process keeps busy still leaves the stages 0.25 of a core in the meter's
+    eyes, also while chunks get done (a review): the stages' period is their CPU time over the
+    free cores, and zero of them would make it infinite, refusing every stream."""
+    t = {"now": 0.0, "busy": 0.0, "process": 0.0, "mine": 0.0}
+    meter = CoreMeter(2, lambda: t["mine"], window_s=3.0, min_s=1.0, busy_s=lambda: t["busy"],
+                      clock=lambda: t["now"], process_cpu=lambda: t["process"])
+    meter.share(chunks_done=0)
+    t["now"], t["busy"] = 2.0, 2.0 * 3.0  # 3 busy cores' worth of others' work on a 2-core share
+    share = meter.share(chunks_done=10)
+    assert share.free == 0.25 and share.helper_ms_per_chunk == 0.0
+
+
 def test_busy_time_counts_the_cpus_this_process_may_use():
     """A container's cpuset or `taskset`: the load on CPUs the stages cannot run on is not theirs
     to lose. Busy = every field but idle and iowait, in clock ticks."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
+from aiortc.mediastreams import MediaStreamError
 
-from streamdiff.server.webrtc import FrameQueue, OutputTrack
+from streamdiff.server.webrtc import FanOut, FrameQueue, OutputTrack
 
 
 def frame(i: int) -> np.ndarray:
@@ -205,3 +208,58 @@ def test_an_encoder_closed_while_its_codec_is_made_keeps_no_codec(monkeypatch):
     it, and the closed encoder kept the libx264 context and its threads until a cycle collection."""
     codec, encoded = asyncio.run(_closed_while_its_codec_is_made(monkeypatch))
     assert encoded and codec is None
+
+
+class _FramesOnDemand:
+    """An engine stand-in whose stream outputs the frames a test hands it, when it hands them."""
+
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    async def next_frame(self, stream_id):
+        return SimpleNamespace(frame=await self.queue.get(), latency_ms=1.0, pts=None)
+
+
+async def _a_second_player_joins():
+    engine = _FramesOnDemand()
+    fanout = FanOut(engine, "s")
+    try:
+        first = fanout.player("video/h264", 100.0, 1_000_000)
+        for i in range(2):  # the first player is served: its keyframe, then a frame that is not one
+            engine.queue.put_nowait(np.full((48, 64, 3), 40 * i, np.uint8))
+            await asyncio.wait_for(first.recv(), 5)
+        second = fanout.player("video/h264", 100.0, 1_000_000)
+        assert second.encoder is first.encoder  # (one encoder for both)
+        engine.queue.put_nowait(np.full((48, 64, 3), 120, np.uint8))
+        got = await asyncio.wait_for(second.recv(), 1.0)
+        return got, second.skipped
+    finally:
+        await fanout.close()
+
+
+def test_a_player_joining_a_running_stream_gets_a_keyframe_at_once():
+    """A WHEP viewer that joins a stream others already watch gets a keyframe with the next frame
+    (a review): otherwise it could decode nothing and showed no picture until the periodic
+    keyframe, up to KEYFRAME_EVERY_S later."""
+    got, skipped = asyncio.run(_a_second_player_joins())
+    assert got is not None and skipped == 0
+
+
+def test_unsubscribing_ends_the_reader_of_the_slot():
+    """A slot taken off the fan-out is closed: its reader (an output track) ends instead of
+    waiting for ever for frames that will not come (a review)."""
+
+    async def run():
+        fanout = FanOut(_FramesOnDemand(), "s")
+        try:
+            slot = fanout.subscribe()
+            reader = asyncio.create_task(slot.get())
+            await asyncio.sleep(0.01)
+            fanout.unsubscribe(slot)
+            with pytest.raises(MediaStreamError):
+                await asyncio.wait_for(reader, 1.0)
+            return fanout.slots
+        finally:
+            await fanout.close()
+
+    assert asyncio.run(run()) == set()
