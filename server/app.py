@@ -121,7 +121,6 @@ if not WEB_DIR.is_dir():  # installed layout: streamdiff/server next to streamdi
     WEB_DIR = Path(streamdiff.client.__file__).resolve().parent / "web"
 
 
-
 @dataclass
 class ServerSettings:
     token: str | None = None

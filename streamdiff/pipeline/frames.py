@@ -176,5 +176,4 @@ def _paint(num_frames: int, width: int, height: int, seed: int) -> Iterator[np.n
         yield np.clip(np.round(frame), 0, 255).astype(np.uint8)
 
 
-
 __all__ = ["frames_to_tensor", "resize_frame", "synthetic_clip", "synthetic_frames", "tensor_to_frames"]

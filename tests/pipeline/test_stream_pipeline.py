@@ -66,7 +66,6 @@ def test_lag_frames_come_out_only_after_later_chunks(comps):
     assert len(pipe.flush()) == 8
 
 
-
 @pytest.mark.parametrize("steps", [1, 2])
 def test_a_flush_pads_only_its_own_chunk(comps, steps):
     """Frames pushed after a flush come out one for one: the second flush dropped the first
@@ -149,7 +148,6 @@ def test_golden_slice_of_the_tiny_model(comps):
     ]
     got = out[[0, 4, 8], 20, 30:34].astype(int).tolist()
     assert np.abs(np.array(got) - np.array(golden)).max() <= 1, got
-
 
 
 def test_a_rolling_stream_batch_equals_sequential_denoising(rolling):
