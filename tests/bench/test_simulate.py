@@ -84,6 +84,6 @@ def test_the_measured_step_attends_to_full_kv_windows(monkeypatch):
             return super().step(*args, **kwargs)
 
     monkeypatch.setattr(bench_engine, "EngineCore", Core)
-    cfg = load_config("tiny", ["sampling.steps=2"])
+    cfg = load_config("tiny", ["sampling.steps=2", "video.width=32", "video.height=32"])
     bench_engine.engine_fps(build_components(cfg), 2, 1)  # one measured round: the last steps
     assert set(filled_at_step[-1]) == {cfg.cache.window}, filled_at_step
