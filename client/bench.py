@@ -347,7 +347,7 @@ def session_report(record: SessionRecord, fps_in: float, deadline_ms: float, t0_
                    end_s: float | None = None, from_s: float | None = None) -> dict:
     """One session's numbers (see the module docstring and streamdiff.bench.report). `end_s`:
     when the measuring ended (the quiet time after the last frame counts as a gap); `from_s`:
-    when the warm-up ended (None: every frame is measured)."""
+    when the warm-up ended (None: every frame is measured; given, `end_s` is too)."""
     start = -math.inf if from_s is None else from_s
     first_id = bisect.bisect_left(record.sent_s, start)  # the first id sent in the window
     received = [(t, i) for t, i in record.received if i >= first_id]
@@ -358,10 +358,8 @@ def session_report(record: SessionRecord, fps_in: float, deadline_ms: float, t0_
     unreadable = sum(t >= start for t in record.unreadable_s)
     dropped = max(0, considered - len({i for _, i in received}) - unreadable)
     first = record.arrivals_s[0] if record.arrivals_s else None
-    if end_s is not None and from_s is not None and end_s > from_s:
-        fps = len(arrivals) / (end_s - from_s)
-    else:
-        fps = delivered_fps(SessionRecord(record.index, sent_s=record.sent_s, received=received, arrivals_s=arrivals))
+    # in a window: arrivals over its length (run_e2e sets one only with room after the warm-up)
+    fps = delivered_fps(record) if from_s is None else len(arrivals) / (end_s - from_s)
     return {
         "session": record.index + 1,
         "session_id": record.session_id,

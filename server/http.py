@@ -312,8 +312,9 @@ def _proxy_hint(request: web.Request, origin: str) -> str:
     if not proxied(request):
         return ""
     page = host_name(origin.partition("://")[2].rstrip("/"))
-    said = [request.host, *forwarded_hosts(request)]
-    if forwarded_hosts(request) and not any(host_name(h) == page for h in said):
+    forwarded = forwarded_hosts(request)
+    said = [request.host, *forwarded]
+    if forwarded and not any(host_name(h) == page for h in said):
         return ""
     return (f"; behind a proxy, have it pass the page's host and port on (nginx: proxy_set_header X-Forwarded-Host "
             f"$http_host): it said {printable(', '.join(said))[:120]}")
@@ -353,21 +354,16 @@ async def known_host_only(request: web.Request, handler):
     page's name, which no one allowed. With a token the token decides."""
     settings = request.app[SETTINGS_KEY]
     if request.method != "OPTIONS" and not settings.token:
-        host = request.headers.get("Host")
-        if not known_host(host, settings.allowed_hosts):
-            name = printable(host_name(host))[:80]
-            return error(403, f"this server answers to its IP address or localhost, not {name!r}: start it with "
-                              f"--allow-host {name} (a proxy that passes its own name on) or --token TOKEN")
         # Behind a proxy the Host is the proxy's upstream address, and the name the page used comes in
         # X-Forwarded-Host or Forwarded, which the Origin rule trusts: a rebinding page reached the
         # control routes through a proxy block without a server_name (a probe). That name is held to
         # the same rule.
-        for forwarded in forwarded_hosts(request):
-            if not known_host(forwarded, settings.allowed_hosts):
-                name = printable(host_name(forwarded))[:80]
-                return error(403, f"this server answers to its IP address or localhost, not {name!r} (the name a "
-                                  f"proxy passed on): start it with --allow-host {name} (the proxy's public name) "
-                                  f"or --token TOKEN")
+        host = request.headers.get("Host")
+        for given, how in ((host, ""), *((f, " (the name a proxy passed on)") for f in forwarded_hosts(request))):
+            if not known_host(given, settings.allowed_hosts):
+                name = printable(host_name(given))[:80]
+                return error(403, f"this server answers to its IP address or localhost, not {name!r}{how}: start "
+                                  f"it with --allow-host {name} (a proxy's public name) or --token TOKEN")
     return await handler(request)
 
 
