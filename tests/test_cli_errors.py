@@ -167,8 +167,11 @@ def test_joining_a_port_that_answers_but_is_no_ray_head_ends_in_seconds_and_says
     check passes) retried for 14 minutes, deaf to SIGTERM; and joining a `ray start --head`
     cluster by HOST:PORT failed as "Failed to connect" while the cause, Ray >= 2.59's token
     authentication, was only in a hidden warning."""
-    # one connect attempt of 3 s instead of the 10 s serve sets (the one-line refusal is the point)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "RAY_py_gcs_connect_timeout_s": "3"}
+    # One connect attempt of 1 s instead of the 10 s serve sets (the one-line refusal is the point), and
+    # Ray's GCS client waits 1 s, not its default 5 s, for its RPC channel and again for its pubsub
+    # channel before that attempt (gcs_rpc_server_connect_timeout_s: 10 of the 14 s the join took).
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "RAY_py_gcs_connect_timeout_s": "1",
+           "RAY_gcs_rpc_server_connect_timeout_s": "1"}
     # the timeout is the bound (it was 14 minutes), not a timing
     done = subprocess.run([sys.executable, "-c", JOIN_NOT_A_HEAD], capture_output=True, text=True, timeout=300,
                           env=env)
