@@ -19,6 +19,7 @@ SDP = {"Content-Type": "application/sdp"}
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "content-length", "host"}
 WS_HANDSHAKE = {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-accept"}
+GRACE_S = 1.0  # the server's grace for a page's control socket (control_grace_s; 3 s by default)
 
 
 class Proxy:
@@ -203,7 +204,7 @@ async def _page_behind_a_proxy() -> dict:
     from playwright.async_api import async_playwright
 
     out: dict = {}
-    async with running_server(token=None) as (url, app), async_playwright() as pw:
+    async with running_server(token=None, control_grace_s=GRACE_S) as (url, app), async_playwright() as pw:
         sessions = sessions_of(app)
         browser = await _browser(pw)
         try:
@@ -217,7 +218,7 @@ async def _page_behind_a_proxy() -> dict:
                 # the proxy drops the control socket (its timeout, its reload): the same stream
                 # plays on, the page opening its socket again
                 out["dropped"] = await proxy.drop_sockets()
-                await asyncio.sleep(4.0)  # past the server's 3 s grace for a page's socket
+                await asyncio.sleep(GRACE_S + 0.5)  # past the server's grace for a page's socket
                 out["after_drops"] = (list(sessions.sessions), proxy.offers, len(proxy.sockets),
                                       await page.inner_text("#message"))
                 # the proxy holds the socket open and passes nothing: the page replaces it, and a
@@ -244,7 +245,7 @@ async def _page_behind_a_proxy() -> dict:
                 await page.goto(front + "/")
                 await page.click("#start")
                 out["blocked"] = await _until(lambda: _message_with(page, "WebSocket"), 60)
-                await asyncio.sleep(3.0)
+                await asyncio.sleep(2.0)  # the page that retried made an offer a second
                 out["blocked_offers"] = blocked.offers
                 out["blocked_freed"] = await _until(lambda: _async(lambda: not sessions.sessions), 15)
         finally:

@@ -64,7 +64,8 @@ def test_offers_at_the_wrong_endpoint_are_refused_in_one_line():
 
 async def _silent_publishers():
     # takeover well before the input timeout, so the silent first publisher is still there to take over
-    async with running_server(connect_timeout_s=10.0, input_timeout_s=6.0, takeover_after_s=3.0) as (url, app):
+    # (2 s between them for the new publisher's POST); both short, as each phase waits them out
+    async with running_server(connect_timeout_s=10.0, input_timeout_s=4.0, takeover_after_s=2.0) as (url, app):
         sessions = sessions_of(app)
         async with aiohttp.ClientSession() as http:
             # 1. A publisher that connects and never sends video is freed with its engine stream.
@@ -94,9 +95,9 @@ async def _silent_publishers():
             second, offer = await publisher_of(Paused())
             async with http.post(f"{url}/whip/studio", data=offer, headers={**SDP, **auth()}) as resp:
                 text = await resp.text()
-                assert resp.status == 409 and "gives it up after 3 s" in text, text
+                assert resp.status == 409 and "gives it up after 2 s" in text, text
             video.paused.set()
-            await until(lambda: sessions.sessions[first_id].input_idle_s() >= 3.0, "the first publisher silent")
+            await until(lambda: sessions.sessions[first_id].input_idle_s() >= 2.0, "the first publisher silent")
             # OBS restarted: the same key is taken over at once (not after the old peer's timeout)
             async with http.post(f"{url}/whip/studio", data=offer, headers={**SDP, **auth()}) as resp:
                 assert resp.status == 201, await resp.text()
