@@ -314,9 +314,10 @@ def test_a_change_landing_while_a_steps_change_is_readmitted_is_still_pushed():
             engine = app[ENGINE_KEY]
             pub = await publish(url, "cam")
             real = engine.admission
-            other_sent = asyncio.Event()
+            other_sent, slowed = asyncio.Event(), []
 
-            async def slow_admission(stream_id):
+            async def slow_admission(stream_id):  # (a plain assignment: a renamed method is not patched)
+                slowed.append(stream_id)
                 await other_sent.wait()
                 await asyncio.sleep(0.5)  # the other change lands meanwhile
                 return await real(stream_id)
@@ -336,9 +337,10 @@ def test_a_change_landing_while_a_steps_change_is_readmitted_is_still_pushed():
                 except TimeoutError:
                     pass
             await pub.close()
-            return [m for m in got if m["type"] == "params"]
+            return [m for m in got if m["type"] == "params"], slowed
 
-    on_page = asyncio.run(run())
+    on_page, slowed = asyncio.run(run())
+    assert slowed, "the steps change's re-admission was not slowed: the test made no overlap"
     assert on_page and on_page[-1]["params"]["prompt"] == "changed meanwhile", on_page
 
 
@@ -405,9 +407,10 @@ def test_a_steps_change_is_not_pushed_back_to_the_socket_that_made_it(caplog):
     async def run():
         async with running_server() as (url, app):
             engine = app[ENGINE_KEY]
-            admission = engine.admission
+            admission, slowed = engine.admission, []
 
             async def slow_admission(stream_id):  # the re-admission spans a stats tick
+                slowed.append(stream_id)  # (a plain assignment: a renamed method is not patched)
                 await asyncio.sleep(1.5)
                 return await admission(stream_id)
 
@@ -420,10 +423,11 @@ def test_a_steps_change_is_not_pushed_back_to_the_socket_that_made_it(caplog):
                     await page.send_json({"type": "params", "steps": 3})  # the preset runs 2
                     on_page, on_other = await asyncio.gather(_messages(page, 4.0), _messages(other, 4.0))
             await pub.close()
-            return on_page, on_other
+            return on_page, on_other, slowed
 
     with caplog.at_level(logging.INFO, logger="streamdiff.events"):
-        on_page, on_other = asyncio.run(run())
+        on_page, on_other, slowed = asyncio.run(run())
+    assert slowed, "the re-admission was not slowed: no stats tick fell within the change"
     assert [(m["type"], m.get("elsewhere"), m["params"]["steps"]) for m in on_page] == [("params", None, 3)], on_page
     # the console says what the stream now expects, as for a start (a probe: only the reply did)
     assert any("now runs 3 steps; expect about " in r.getMessage() for r in caplog.records), \
