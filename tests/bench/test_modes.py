@@ -104,7 +104,8 @@ def test_compile_with_simulate_is_refused(capsys):
 def test_bench_compile_reports_both_modes_side_by_side(tmp_path):
     """The compiled DiT runs through the engine on CPU; the JSON holds both modes' numbers."""
     out = tmp_path / "r.json"
-    assert main(["bench", *ONE_LAYER, "--duration", "0.2", "--compile", "--json", str(out)]) == 0  # a few steady steps a mode
+    # (0.2 s: a few steady steps a mode)
+    assert main(["bench", *ONE_LAYER, "--duration", "0.2", "--compile", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["modes"] == ["eager", "compiled"]
     eager, compiled = report["results"]

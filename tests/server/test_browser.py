@@ -437,7 +437,8 @@ SLOW_CAMERA_JS = """(() => {
   const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
   window.cameraAsked = 0; window.cameraGiven = 0;
   navigator.mediaDevices.getUserMedia = (c) => { window.cameraAsked += 1;
-    return new Promise((ok, no) => setTimeout(() => real(c).then((got) => { window.cameraGiven += 1; ok(got); }, no), 1200)); };
+    return new Promise((ok, no) => setTimeout(
+      () => real(c).then((got) => { window.cameraGiven += 1; ok(got); }, no), 1200)); };
 })();"""
 # Every fetch whose URL path has one of `window.holdFetch`'s strings is sent, and its answer held
 # until `window.release(string)`: a request on its way while the user acts. (The page's addresses
@@ -459,9 +460,13 @@ HOLD_FETCH_JS = """(() => {
 # A tab busy elsewhere: its page hears the other tabs' answers about its stream key 1 s late.
 SLOW_KEY_ANSWERS_JS = """(() => {
   const d = Object.getOwnPropertyDescriptor(BroadcastChannel.prototype, "onmessage");
+  const slowed = (fn) => (ev) => {
+    if (!(ev.data && ev.data.held)) return fn(ev);
+    window.answersSlowed = (window.answersSlowed || 0) + 1;
+    setTimeout(() => fn(ev), 1000);
+  };
   Object.defineProperty(BroadcastChannel.prototype, "onmessage", { configurable: true, get() { return d.get.call(this); },
-    set(fn) { d.set.call(this, (ev) => (ev.data && ev.data.held) ? (window.answersSlowed = (window.answersSlowed || 0) + 1,
-                                                                    setTimeout(() => fn(ev), 1000)) : fn(ev)); } });
+    set(fn) { d.set.call(this, slowed(fn)); } });
 })();"""
 PAGE_STATE_JS = """() => ({ start: !document.getElementById("start").disabled, stop: !document.getElementById("stop").disabled,
   camera: document.getElementById("local").srcObject !== null, message: document.getElementById("message").innerText })"""
