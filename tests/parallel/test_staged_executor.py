@@ -103,6 +103,7 @@ def test_a_block_move_that_fails_leaves_every_block_held_and_the_streams_served(
     assert executor.counts == [2, 2] and not executor.rebalances and not executor.rebalance_enabled
     assert "stopped at [2, 2] (RuntimeError: CUDA out of memory (simulated)); the split stays" in caplog.text
 
+
 def test_a_stage_refuses_to_give_away_its_last_block_or_take_blocks_not_next_to_its_range(cfg4):
     """A DiT stage with no blocks breaks the chain, and one holding blocks not adjacent to its
     range would claim blocks it lacks: both moves are refused before anything changes."""
@@ -176,6 +177,7 @@ def test_plans_in_flight_stay_within_the_transports_bound_on_forwards(cfg4, comp
     assert 2 <= stages.most <= stages.max_executions  # (4 without the bound)
     for sid in want:
         assert len(got[sid]) == len(want[sid]) > 10 and max_abs_diff(got[sid], want[sid]) <= TOL, sid
+
 
 class FailingStages(InProcessStages):
     """In-process stages whose next step fails once; `recover` rebuilds or gives up."""
@@ -554,10 +556,10 @@ def test_a_stuck_forward_fails_its_timeout_after_submission_even_when_collected_
     try:
         t0 = time.monotonic()
         handle = stages.submit(StageInput(0, 0, "steady", {}, []))
-        time.sleep(0.6)  # the loop did other work before it collected the plan
+        time.sleep(0.9)  # the loop did other work before it collected the plan
         with pytest.raises(StageFailure, match="not back within 1 s"):
             stages.get(handle)
-        assert time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 < 1.7  # (counted from the collection: 1.9 s at least)
     finally:
         release.set()
         stages.shutdown()

@@ -75,6 +75,7 @@ def test_a_flush_pads_only_its_own_chunk(comps, steps):
     assert len(pipe.push(clip[:7])) + len(pipe.flush()) == 7
     assert len(pipe.push(clip[7:15])) + len(pipe.flush()) == 8
 
+
 def test_seed_and_prompt_change_the_output_and_runs_repeat(comps):
     clip = synthetic_clip(13, 64, 48, seed=3)
     a, _ = render(comps, clip)
