@@ -11,6 +11,7 @@ and bad values raise `ConfigError` with the dotted path of the offending key.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import types
@@ -497,6 +498,9 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         if key not in names:
             homes = [f"{prefix + '.' if prefix else ''}{name}.{key}" for name in sorted(names)
                      if is_dataclass(hints[name]) and key in {f.name for f in fields(hints[name])}]
+            if not homes:  # a typo of a key of its own section
+                homes = [f"{prefix + '.' if prefix else ''}{name}"
+                         for name in difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.75)]
             hint = f"; did you mean {' or '.join(homes)}?" if homes else ""
             raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(names))}){hint}")
         kwargs[key] = _coerce(value, hints[key], path)

@@ -118,8 +118,10 @@ def test_config_files_a_user_gets_wrong_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("override, home", [("noise_strength=0.3", "sampling.noise_strength"),
-                                            ("window=4", "cache.window"), ("sampling.window=4", None)])
-def test_a_key_in_the_wrong_section_says_where_it_lives(override, home):
+                                            ("window=4", "cache.window"), ("sampling.window=4", None),
+                                            ("cache.windw=4", "cache.window"), ("sampling.step=2", "sampling.steps"),
+                                            ("cach.window=4", "cache"), ("video.size=4", None)])
+def test_a_key_in_the_wrong_section_or_mistyped_says_which_it_may_be(override, home):
     with pytest.raises(ConfigError) as err:
         load_config("tiny", [override])
     assert (f"did you mean {home}?" in str(err.value)) if home else ("did you mean" not in str(err.value))
