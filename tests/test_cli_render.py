@@ -155,7 +155,7 @@ def test_an_output_that_is_the_input_is_refused_and_the_input_kept(clip_file, tm
     same = tmp_path / "mine.mp4"
     same.write_bytes(clip_file.read_bytes())
     result = run_cli_without_model("render", "--input", str(same), "--prompt", "x", "--output",
-                                   str(tmp_path / "." / "mine.mp4"), *SMALL)
+                                   f"{tmp_path}/./mine.mp4", *SMALL)  # another spelling (pathlib drops a "." part)
     assert result.returncode == 2 and "is the --input file" in result.stderr, result.stderr
     assert same.read_bytes() == clip_file.read_bytes()
 
@@ -286,3 +286,33 @@ def test_frames_caps_a_file_input_and_its_audio_comes_along(clip_file, tmp_path,
     with av.open(str(tmp_path / "o.avi")) as rendered:
         assert not rendered.streams.audio and rendered.streams.video[0].frames in (0, 50)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["five.mp4", "o.avi", "opus.mkv", "talk.mp4"]
+
+
+def test_part_of_an_anamorphic_file_at_a_size_counts_its_frames_and_has_square_pixels(tmp_path, cli_here, monkeypatch):
+    """`--frames 5 --size 32x32` of 8 frames with 4:3 pixels: the progress bar's total is the 5
+    frames the render takes, and it ends full (the mutation probe found the total untested); the
+    output's pixels are square, as a --size picks (4:3 ones a player would stretch)."""
+    from fractions import Fraction
+
+    import tqdm
+
+    src = tmp_path / "anamorphic.mp4"
+    with VideoWriter(src, 64, 48, 24.0, sample_aspect=Fraction(4, 3)) as writer:
+        writer.write(synthetic_clip(8, 64, 48, seed=3))
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def close(self):
+            bars.append((self.total, self.n))
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    out = tmp_path / "o.mp4"
+    rc, _, err = cli_here("render", "--input", str(src), "--frames", "5", "--size", "32x32", "--prompt", "x",
+                          "--output", str(out), *SMALL)
+    assert rc == 0, err
+    assert set(bars) == {(5, 5)}, err  # (tqdm closes a bar twice: on exit and when it is collected)
+    assert len(read_back(out)[0]) == 5
+    with av.open(str(out)) as container:
+        sar = container.streams.video[0].sample_aspect_ratio
+    assert not sar or sar == 1, sar

@@ -148,3 +148,36 @@ def test_checksum_refuses_flipped_bits_and_random_words():
         for _ in range(trials)
     )
     assert accepted < 4 * trials / 256  # expected ~7.8; without a checksum every one would pass
+
+
+def test_only_the_middle_of_each_cell_is_read():
+    """Cell edges are where coding blurs and rings: each cell is read from its middle half, so
+    a code whose every cell has its outer rows turned the other way still reads."""
+    frame = synthetic_clip(1, 256, 256)[0]
+    stamped = encode_id(frame, 0x5A5A5)
+    xs, ys = _edges(256, 256)
+    for r, c in [*SYNC, *DATA_CELLS]:
+        cell = stamped[ys[r] : ys[r + 1], xs[c] : xs[c + 1]]
+        rows = (ys[r + 1] - ys[r]) // 4
+        cell[:rows] = 255 - cell[:rows]
+        cell[-rows:] = 255 - cell[-rows:]
+    assert decode_id(stamped) == 0x5A5A5
+
+
+def test_a_code_that_is_not_clear_is_refused_not_guessed():
+    """Two checks come before the CRC: the sync cells must differ by MIN_CONTRAST grey levels, and
+    every data cell must lie clearly on one side of the midpoint."""
+    background = synthetic_clip(1, 64, 48)[0]
+    stamped = encode_id(background, 12345)
+    faint = (stamped[:stamp_height(48)].astype(np.float32) / 255 * 60 + 100).astype(np.uint8)  # 100 / 160
+    faded = stamped.copy()
+    faded[:stamp_height(48)] = faint
+    assert decode_id(faded) is None
+    xs, ys = _edges(64, 48)
+    bits = {rc: int(stamped[ys[rc[0]], xs[rc[1]], 0] > 127) for rc in DATA_CELLS}
+    r, c = next(rc for rc, bit in bits.items() if bit == 0)
+    grey = stamped.copy()
+    grey[ys[r] : ys[r + 1], xs[c] : xs[c + 1]] = 120  # nearer black than white, but not clearly
+    assert decode_id(grey) is None
+    grey[ys[r] : ys[r + 1], xs[c] : xs[c + 1]] = 40  # clearly black: read
+    assert decode_id(grey) == 12345

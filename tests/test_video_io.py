@@ -424,3 +424,25 @@ def test_an_avi_is_read_back_with_its_frames_times_in_order(tmp_path):
     with av.open(str(tmp_path / "o.avi")) as container:
         times = [frame.time for frame in container.decode(video=0)]
     assert times == pytest.approx([k / 8 for k in range(24)]), times
+
+
+def test_frame_times_count_from_the_first_frame(tmp_path):
+    """A clip cut from a longer recording starts at its cut (1 s here): the times the writer takes
+    count from the first frame, so the output starts with a frame, not a second of nothing."""
+    src = tmp_path / "cut.mkv"
+    shown = [1.0, 1.067, 1.133, 1.5, 1.567]
+    _vfr(src, shown)
+    times = []
+    assert len(list(read_frames(src, (64, 48), times))) == 5
+    assert times == pytest.approx([t - 1.0 for t in shown], abs=1e-3)
+
+
+def test_a_repeated_or_missing_time_takes_one_period_after_the_last(tmp_path):
+    """The writer's fallback: a frame whose time is missing or not after the last one's is shown
+    one frame period after it (two frames at one time would be one the muxer refuses)."""
+    import collections
+
+    out = tmp_path / "o.mkv"
+    with VideoWriter(out, 64, 48, 10.0, times=collections.deque([0.0, 0.1, 0.1, None, 0.5])) as writer:
+        writer.write(np.stack([np.roll(_frame(64, 48), 5 * k, axis=1) for k in range(5)]))
+    assert _shown_times(out) == [0.0, 0.1, 0.2, 0.3, 0.5]

@@ -65,6 +65,7 @@ def test_format_table_aligns_and_shows_missing_values():
     text = br.format_table(rows, [("a", "A"), ("b", "B col")])
     lines = text.splitlines()
     assert lines[0].split() == ["A", "B", "col"]
+    assert lines[0] == "    A  B col"  # headers right-aligned over their numbers
     assert lines[2].split() == ["1.23", "x"] and lines[3].split() == ["-", "-"] and lines[4].split() == ["10.00", "-"]
     assert len({len(line) for line in lines}) == 1  # every line padded to the same width
 
@@ -105,6 +106,17 @@ def test_fps_over_time_is_chunk_level_not_one_second_bins():
     rates = br.chunk_fps_series(times)
     assert len(rates) == 9 and all(abs(v - 4 / 0.6) < 1e-2 for _, v in rates)
     assert rates[0][0] == 0.6 and br.chunk_fps_series([]) == []
+
+
+def test_fps_over_time_counts_each_chunks_own_frames():
+    """A stream's first chunk may carry more frames than the later ones (5, then 4 in the tiny
+    preset): each point is its own burst's frames over the time since the previous burst, and a
+    burst is frames each less than BURST_GAP_S after the one before it."""
+    times = [0.0] * 5 + [0.5 + 0.0006 * i for i in range(4)] + [1.0 + 0.0006 * i for i in range(4)]
+    rates = br.chunk_fps_series(times)
+    assert [t for t, _ in rates] == pytest.approx([0.5, 1.0])
+    assert [v for _, v in rates] == pytest.approx([8.0, 8.0])
+    assert br.arrival_gaps_s(times) == pytest.approx([0.5, 0.5 - 0.0018])
 
 
 def test_plot_draws_the_deadline_and_the_default_deadline_is_the_configs(tmp_path, monkeypatch):
@@ -173,3 +185,97 @@ def test_end_to_end_numbers_leave_the_warm_up_out():
     assert s["fps"] == pytest.approx(10.0, abs=0.2)  # frames arrived in the window over its length
     assert s["freezes"] == 0 and s["jitter_ms"] < 1.0
     assert s["dropped"] == 0 and s["unreadable"] == 8  # ids 27, 37, ..., 97: apart, not dropped
+
+
+def test_end_to_end_ids_unwrap_past_2_pow_20_and_never_count_twice():
+    """The stamp carries ids modulo 2**20 (9.7 hours at 30 fps): a read id is the newest one sent
+    with those low bits, and one not after the last id read is refused (output is in order)."""
+    from streamdiff.client.bench import SessionRecord
+    from streamdiff.stamp import ID_MODULO
+
+    record = SessionRecord(0, sent_s=[0.0] * (ID_MODULO + 10))  # ids 0 .. 2**20 + 9 sent
+    assert record.unwrap(5) == ID_MODULO + 5
+    assert record.unwrap(ID_MODULO - 1) == ID_MODULO - 1
+    record.received.append((1.0, ID_MODULO + 5))
+    assert record.unwrap(5) is None  # the same frame again
+    assert record.unwrap(4) is None and record.unwrap(6) == ID_MODULO + 6
+    assert record.unwrap(10) is None  # not sent yet
+
+
+def test_end_to_end_session_numbers_on_a_hand_made_run():
+    """One session at 10 fps in: time to first frame from the offer, fps over the window, the quiet
+    end as a freeze, an id that never came back counted as dropped (only up to the newest id back),
+    and a quiet end that is a slow server's cadence, not a stopped session."""
+    from streamdiff.client.bench import session_report
+
+    sent = [i / 10 for i in range(40)]
+    back = [(sent[i] + 0.5, i) for i in range(36) if i != 24]  # id 24 lost; 36-39 still in flight
+    record = _record(sent, back)
+    record.offer_s = -0.25
+    s = session_report(record, 10.0, 1000.0, 0.0, None, end_s=4.5, from_s=1.0)
+    assert s["time_to_first_frame_ms"] == pytest.approx(750.0)  # from the offer, not the first frame sent
+    assert s["fps"] == pytest.approx(len([t for t, _ in back if t >= 1.0]) / 3.5)
+    assert s["freezes"] == 1  # the 0.5 s of quiet at the end (the lost id's 0.2 s gap is none)
+    assert (s["ids_considered"], s["dropped"], s["in_flight"]) == (26, 1, 4)  # ids 10 .. 35
+    assert s["dropped_share"] == pytest.approx(1 / 26)
+    assert s["latency_ms"]["count"] == 25 and s["samples"]["ids"][0] == 10
+    # a server that outputs a chunk every 2 s: 3.5 s of quiet at the end is its cadence
+    slow = _record(sent, [(t, i) for t, i in back if i % 20 == 0])
+    assert session_report(slow, 10.0, 1000.0, 0.0, None, end_s=slow.arrivals_s[-1] + 3.5)["stopped_after_s"] is None
+    gone = session_report(slow, 10.0, 1000.0, 0.0, None, end_s=slow.arrivals_s[-1] + 6.5)
+    assert gone["stopped_after_s"] == pytest.approx(slow.arrivals_s[-1])
+
+
+def test_end_to_end_sessions_add_up_in_the_aggregate_and_the_table():
+    """Sessions' fps add up (one window for all), the first frame is the slowest session's, the
+    server's mean latency is weighted by its frames, and the table shows dropped frames in %."""
+    from streamdiff.client.bench import TABLE_COLUMNS, aggregate_report, format_report, session_report
+
+    sessions = []
+    for k, (lost, late_s, offer_s, server) in enumerate([(10, 0.3, -0.1, (100.0, 30)), (20, 0.45, -0.6, (400.0, 10))]):
+        sent = [i / 10 for i in range(30)]
+        record = _record(sent, [(sent[i] + late_s, i) for i in range(30) if i != lost])
+        record.index, record.offer_s = k, offer_s
+        sessions.append(session_report(record, 10.0, 1000.0, 0.0,
+                                        {"latency_mean_ms": server[0], "frames_out": server[1]}, 3.2, 1.0))
+    agg = aggregate_report(sessions, 10.0, 1000.0)
+    assert agg["fps"] == pytest.approx(sessions[0]["fps"] + sessions[1]["fps"]) and sessions[1]["fps"] > 0
+    assert agg["time_to_first_frame_ms"] == pytest.approx(1050.0)  # session 2: offer 0.6 s before its first send
+    assert agg["server_latency_mean_ms"] == pytest.approx((100.0 * 30 + 400.0 * 10) / 40)
+    assert agg["dropped"] == 2 and agg["dropped_share"] == pytest.approx(2 / 40)
+    report = {"url": "http://h:1", "sessions": sessions, "aggregate": agg, "width": 64, "height": 48,
+              "fps_in": 10.0, "duration_s": 2.2, "deadline_ms": 1000.0}
+    column = [key for key, _ in TABLE_COLUMNS].index("dropped_pct")
+    rows = format_report(report).splitlines()[-3:]
+    assert [row.split()[column] for row in rows] == ["5.00", "5.00", "5.00"]
+
+
+def test_end_to_end_sender_paces_like_a_camera_and_skips_instead_of_bursting(monkeypatch):
+    """Frame n leaves at start + n / fps, stamped with its id; a sender more than a period late
+    restarts its schedule from now (the frames it missed are skipped, not sent in a burst)."""
+    import asyncio
+    import types
+
+    from streamdiff.client import bench
+    from streamdiff.pipeline.frames import synthetic_clip
+    from streamdiff.stamp import decode_id
+
+    clock = [100.0]
+
+    async def sleep(seconds):
+        clock[0] += seconds
+
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(bench, "asyncio", types.SimpleNamespace(sleep=sleep))
+    record = bench.SessionRecord(0)
+    track = bench.StampedClip(synthetic_clip(2, 64, 48), 10.0, record)
+
+    async def send(n):
+        return [await track.recv() for _ in range(n)]
+
+    frames = asyncio.run(send(3))
+    clock[0] += 0.35  # the sender stalled for more than a period
+    frames += asyncio.run(send(2))
+    assert record.sent_s == pytest.approx([100.0, 100.1, 100.2, 100.55, 100.65])
+    assert [decode_id(f.to_ndarray(format="rgb24")) for f in frames] == [0, 1, 2, 3, 4]
+    assert [f.pts for f in frames] == [round(t * bench.VIDEO_CLOCK_HZ) for t in record.sent_s]

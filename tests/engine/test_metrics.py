@@ -69,3 +69,29 @@ def test_stream_metrics_latency_jitter_ttff_and_drops():
     m.stream_removed("s")
     totals = m.snapshot()["totals"]
     assert m.snapshot()["streams"] == {} and totals["frames_out"] == 6 and totals["streams_removed"] == 1
+
+
+def test_totals_add_up_across_removal_failures_and_warm_up():
+    """The totals the server exports: frames still on their way in when a stream is removed are
+    counted, a stream removed twice once, an unrecovered pipeline failure apart from a recovered
+    one, a frame exactly at its deadline is no miss, and warm-up steps are forgotten."""
+    m = EngineMetrics()
+    m.stream_added("s", 0.0, deadline_ms=100.0)
+    m.frame_in("s", 3)
+    m.frames_out("s", 1.0, [100.0, 100.5])  # at the deadline, then over it
+    m.step(rows=2, streams=1, step_ms=30.0, decision_us=5.0, forwards=3)
+    m.reset_steps()
+    m.stream_removed("s")
+    m.stream_removed("s")
+    m.frame_in("s", 2)  # arrived after the removal
+    for recovered in (True, True, False):
+        m.pipeline_failed(recovered)
+    snap = m.snapshot()
+    assert (snap["steps"], snap["forwards"], snap["step_ms"]["count"], snap["last_step"]) == (0, 0, 0, {})
+    totals = snap["totals"]
+    assert (totals["frames_in"], totals["deadline_misses"], totals["streams_removed"]) == (5, 1, 1)
+    assert (totals["pipeline_failures"], totals["pipeline_failures_unrecovered"]) == (3, 1)
+    intervals = Histogram()
+    intervals.observe(200.0)
+    intervals.observe(400.0)
+    assert intervals.stddev() == pytest.approx(141.42, abs=0.01)  # the sample's, as bench.report's jitter

@@ -15,7 +15,7 @@ from streamdiff.server.app import ENGINE_KEY
 def test_ws_url():
     assert ws_url("http://h:8000", "abc") == "ws://h:8000/ws?session=abc"
     assert ws_url("https://h/x", "abc", "t") == "wss://h/ws?session=abc&token=t"
-    for bad in ("127.0.0.1:8000", "http://", "http://h:99999", "ftp://h", "not a url"):
+    for bad in ("127.0.0.1:8000", "http://", "http://h:99999", "http://h:0", "ftp://h", "not a url"):
         with pytest.raises(ControlError, match="is not a server address"):
             ws_url(bad, "abc")
 
@@ -130,6 +130,58 @@ def test_control_cli_changes_params(capsys):
             await pub.close()
 
     asyncio.run(run())
+
+
+def test_control_cli_sends_zero_and_off_and_says_what_it_could_not_reach(capsys, monkeypatch):
+    """`--seed 0`, `--blend 0` and `--motion off` are changes like any other (not "nothing to
+    change"); a server that is not there, or a session that ended, is one line."""
+    from streamdiff.client import control
+
+    sent = []
+    monkeypatch.setattr(control, "run", lambda url, session, params, token: sent.append(params) or 0)
+    assert cli.main(["control", "--session", "s", "--seed", "0", "--blend", "0", "--motion", "off"]) == 0
+    assert sent == [{"seed": 0, "motion": False, "blend": 0}]
+    monkeypatch.undo()
+    assert cli.main(["control", "--url", "http://127.0.0.1:9", "--session", "s", "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("streamdiff: error: cannot reach http://127.0.0.1:9") and len(err.splitlines()) == 1, err
+
+    async def ended(*args):
+        return {"type": "closed", "reason": "the publisher left"}
+
+    monkeypatch.setattr(control, "send_params", ended)
+    assert cli.main(["control", "--session", "cam", "--seed", "1"]) == 2
+    assert "session 'cam' has ended" in capsys.readouterr().err
+
+
+def test_control_waits_for_its_own_reply_past_stats_and_changes_made_elsewhere():
+    """A control socket is also sent stats and other controllers' changes (`elsewhere`): the reply
+    to this change is the first message that is neither."""
+    from aiohttp import web
+
+    async def socket(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        change = await ws.receive_json()
+        await ws.send_json({"type": "stats", "fps": 1.0})
+        await ws.send_json({"type": "params", "elsewhere": True, "params": {"seed": 9}})
+        await ws.send_json({"type": "params", "params": {"seed": change["seed"]}})
+        await ws.close()
+        return ws
+
+    async def run():
+        app = web.Application()
+        app.router.add_get("/ws", socket)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            return await send_params(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", "s", {"seed": 3})
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(run()) == {"type": "params", "params": {"seed": 3}}
 
 
 def test_the_demo_says_what_it_makes_of_a_prompt():

@@ -163,6 +163,8 @@ def test_bench_latencies_match_the_server_metrics():
     report, served = asyncio.run(_bench_against_test_server())
     assert (report["width"], report["height"]) == (WIDTH, HEIGHT)  # the size came from /healthz
     assert report["server"]["model"]["config"] == "tiny"  # a probe: the report did not say what was measured
+    # the default warm-up was left out, and the deadline is the server's own (gateway_helpers' loose SLO)
+    assert report["warmup_s"] == 2.0 and report["deadline_ms"] == 600_000.0
     assert len(report["sessions"]) == 2
     for s in report["sessions"]:
         ids, client_ms = s["samples"]["ids"], s["samples"]["latency_ms"]
