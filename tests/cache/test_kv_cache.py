@@ -68,6 +68,20 @@ def test_clear_slots_resets_the_lanes_queues_and_frames():
     assert pool.q_len.abs().sum() == 0 and pool.q_rot.abs().sum() == 0 and (pool.frames == -1).all()
 
 
+def test_clear_slots_resets_the_queues_of_every_lane_it_is_given():
+    """A leaving stream's lanes are cleared in one call (every denoise step's lane): a lane whose
+    sdv2 queue kept a pending refresh or its rotation would make the next stream given that lane
+    write other slots than a fresh stream does. Lanes not given keep their queues."""
+    pool = KVPool([0, 1], 18, 1, 1, 2, torch.float32, "cpu", window=6)
+    pool.q_stack[:] = 4
+    pool.q_len[:] = 2
+    pool.q_rot[:] = 1
+    pool.clear_slots(list(range(6, 18)))  # lanes 1 and 2
+    for name in ("q_stack", "q_len", "q_rot"):
+        tensor = getattr(pool, name)
+        assert tensor[:, 1:].abs().sum() == 0 and (tensor[:, 0] != 0).all(), name
+
+
 def test_clear_slots_zeroes_only_those_slots():
     pool = KVPool([3, 4], 6, 2, 1, 4, torch.float32, "cpu", window=6)
     pool.k.normal_()
@@ -146,3 +160,9 @@ def test_copy_lane_copies_every_state_of_the_lane_in_one_upload(monkeypatch):
     for name in ("q_stack", "q_len", "q_rot"):
         t, b = getattr(pool, name), before[name]
         assert torch.equal(t[:, [0, 3]], b[:, [2, 2]]) and torch.equal(t[:, [1, 2]], b[:, [1, 2]]), name
+
+
+def test_nbytes_counts_the_keys_and_the_values():
+    """The engine's `pool_bytes` (metrics, leak checks): the K and the V tensors, every layer and slot."""
+    pool = KVPool([0, 1], 12, 4, 2, 8, torch.bfloat16, "cpu", window=6)
+    assert pool.nbytes() == pool.k.nbytes + pool.v.nbytes == 2 * (2 * 12 * 4 * 2 * 8) * 2

@@ -93,3 +93,17 @@ def test_a_lane_is_never_handed_to_two_streams():
     with pytest.raises(PoolFullError):
         alloc.take([1, 1])
     assert alloc.free == 4 * 6
+
+
+def test_a_stream_gets_exactly_the_lanes_the_scheduler_chose():
+    """The engine's scheduler picks a stream's KV lanes (`kv_lanes`), and the engine zeroes those
+    lanes when the stream leaves: the slot table must hand out exactly them, not the lowest free
+    ones, or a leaving stream would zero another stream's cache and keep its own."""
+    table = SlotTable(num_slots=24, window=6, sinks=3, rope_len=1024)
+    chosen = table.add_stream("a", 2, lane_ids=[3, 1])
+    assert [lane.lane for lane in chosen.lanes] == [3, 1]
+    assert chosen.all_slots() == list(range(18, 24)) + list(range(6, 12))
+    assert sorted(lane.lane for lane in table.add_stream("b", 2).lanes) == [0, 2]
+    table.remove_stream("b")
+    with pytest.raises(PoolFullError):
+        table.add_stream("c", 1, lane_ids=[1])  # held by "a"

@@ -65,3 +65,10 @@ def test_chunks_keep_the_prompt_they_entered_with(comps):
     # the 4 frames out now are the previous chunk's (entered before the change): identical
     assert len(out_a) == 4 and np.array_equal(out_a, out_b)
     assert not np.array_equal(a.flush(), b.flush())  # the new chunk did change
+
+
+def test_lag_chunks_counts_the_stride(comps):
+    """A chunk leaves (steps - 1)·D chunks after it entered (stride 1: steps - 1; no stream batch: 0)."""
+    lags = [StreamPipeline(comps, "x", steps=s, stride=d).lag_chunks for s, d in ((1, 3), (2, 1), (2, 3), (4, 2))]
+    assert lags == [0, 1, 3, 6]
+    assert StreamPipeline(comps, "x", steps=4, stride=2, stream_batch=False).lag_chunks == 0

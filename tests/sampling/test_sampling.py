@@ -9,6 +9,7 @@ from streamdiff.sampling.motion import MotionController, motion_distance
 from streamdiff.sampling.noise_schedule import (
     FlowMatchSchedule,
     chunk_noise,
+    renoised_above,
     strength_to_timestep,
     timesteps_for,
 )
@@ -121,3 +122,33 @@ def test_a_weak_strength_the_camera_moves_is_told_timestep_0_not_below():
         told = strength_to_timestep(s)
         assert told == max(0, int(1000 * s) - 100) and told >= 0
         assert int(strength_to_timestep(torch.tensor(s, dtype=torch.float64))) == told
+
+
+def test_a_motion_aware_strength_is_told_the_timestep_a_float_strength_is():
+    """Motion-aware noise keeps the strength on the device (a float64 tensor); the timestep the
+    model is told must still be StreamDiffusionV2's int(1000 s) - 100, truncated as the float path
+    truncates, never rounded up (0.7999 is told 699, not 700)."""
+    for s in (0.7386, 0.7999, 0.1234):
+        told = strength_to_timestep(torch.tensor(s, dtype=torch.float64))
+        assert int(told) == strength_to_timestep(s) == int(1000 * s) - 100, s
+
+
+def test_only_a_later_step_above_the_first_is_said_to_renoise():
+    """`streamdiff render` warns when a later step re-noises to MORE noise than the first step
+    saw; a later step at the first step's own timestep (noise 0.6, 2 steps: 500 and 500) does not
+    blur and is not worth the warning."""
+    assert renoised_above(2, 0.6) is None
+    assert renoised_above(3, 0.5) == 500  # the first is told 400: 500 is above it
+    assert renoised_above(3, 0.6, (700, 500, 450)) is None
+
+
+def test_the_grid_runs_from_sigma_1_to_its_smallest_step_never_to_0():
+    """The training grid is s = 1, 1 - 1/N, .. 1/N (linspace(1, 0, N + 1) without its 0): a first
+    lane told t = 0 (noise 0.1 or less under motion) still converts its flow with the grid's
+    smallest sigma, 8 s / (1 + 7 s) at s = 1/1000, not with 0 (which throws the model's output
+    away), and t = 1000 is pure noise."""
+    sched = FlowMatchSchedule(shift=8.0, num_train_timesteps=1000)
+    smallest = 8 * 0.001 / (1 + 7 * 0.001)
+    assert sched.sigma(1000) == pytest.approx(1.0, abs=1e-12)
+    assert sched.sigma(0) == pytest.approx(smallest, abs=1e-12)
+    assert float(sched.sigma(torch.tensor(0))) == pytest.approx(smallest, abs=1e-12)
