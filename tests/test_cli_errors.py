@@ -103,6 +103,7 @@ def test_the_output_check_leaves_no_file_behind_and_keeps_an_existing_one(tmp_pa
     kept.write_bytes(b"earlier render")
     check_output_path(str(kept))
     assert kept.read_bytes() == b"earlier render"
+    check_output_path(str(tmp_path / "CLIP.MP4"))  # a suffix in capitals names the same file type
 
 
 def test_a_gpu_config_without_a_gpu_is_one_line():
@@ -136,6 +137,9 @@ def test_a_ray_address_where_nothing_answers_is_one_line_not_ten_minutes():
         check_reachable(f"127.0.0.1:{port}", timeout_s=2.0)
     with pytest.raises(ConfigError, match="expected 'auto', HOST:PORT"):
         check_reachable("my-cluster")
+    for address in ("10.0.0.7:port", "[::1]"):  # one line, not a ValueError's traceback
+        with pytest.raises(ConfigError, match="expected 'auto', HOST:PORT"):
+            check_reachable(address)
     with socket.socket() as head:
         head.bind(("127.0.0.1", 0))
         head.listen()
@@ -203,6 +207,16 @@ def test_a_port_a_socket_no_longer_holds_is_free_again():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     check_listen("127.0.0.1", port)  # raises if it were judged taken
+    # the last run's connections keep its port in TIME_WAIT for a minute: not taken either
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            conn, _ = server.accept()
+            conn.close()  # the server's side closes first: its end waits in TIME_WAIT
+    check_listen("127.0.0.1", port)
 
 
 @pytest.mark.parametrize("port", ["0", "65536", "eighty"])
@@ -234,6 +248,14 @@ def test_numbers_out_of_range_are_refused_by_the_parser(args, words, capsys):
     assert exit_.value.code == 2, err
     for word in words:
         assert word in err, err
+
+
+def test_allow_host_takes_names_and_any():
+    """`--allow-host '*'` answers to any Host name, as the message for a wrong name offers."""
+    from streamdiff.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--allow-host", "*", "--allow-host", "video.example.org"])
+    assert args.allow_host == ["*", "video.example.org"]
 
 
 @pytest.mark.parametrize("size", ["0x16", "16x-16"])
@@ -454,6 +476,28 @@ def test_what_runs_on_a_gpu_only_is_one_line_on_a_cpu(cli_here, monkeypatch, tmp
     rc, out, err = cli_here("bench", "--config", "tiny", "--simulate", "--stages", "1,3")
     assert rc == 2 and "--stages 3: the model has only 2 blocks" in err and not out, (out, err)
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_gpu_config_that_joins_a_ray_cluster_is_not_refused_for_this_machines_gpu(monkeypatch):
+    """The stages of a config that joins a Ray cluster run on the cluster's GPUs (checked when they
+    start): a CPU-only machine may start `serve --ray-address`. The Triton attention runs on a CPU
+    in Triton's interpreter (TRITON_INTERPRET=1)."""
+    import torch
+
+    from streamdiff.config import ConfigError, load_config
+    from streamdiff.preflight import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cuda = ["runtime.device=cuda", "parallel.backend=ray"]
+    check_device(load_config("tiny", [*cuda, "parallel.ray_address=10.0.0.7:6379"]))
+    with pytest.raises(ConfigError, match="asks for a GPU"):
+        check_device(load_config("tiny", cuda))
+    triton = load_config("tiny", ["runtime.device=cpu", "model.attention_backend=triton"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_device(triton)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="runs Triton kernels on a GPU"):
+        check_device(triton)
 
 
 def test_a_model_larger_than_the_machine_is_refused_before_it_is_made(cli_here, monkeypatch, tmp_path):

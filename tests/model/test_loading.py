@@ -257,6 +257,18 @@ def test_min_match_loads_a_file_at_exactly_the_ratio_and_refuses_one_below_it():
         load_into(_Params(200), below)
 
 
+def test_unexpected_keys_load_up_to_the_share_min_match_leaves_and_are_refused_beyond_it():
+    """weights.min_match=0.99 allows unexpected keys as it allows missing ones: 1 % of the
+    module's keys (2 of 200) loads, one more is refused."""
+    keys = list(_Params(200).state_dict())
+    full = {k: torch.ones(2) for k in keys}
+    at = {**full, **{f"other.{i}.weight": torch.ones(2) for i in range(2)}}
+    assert load_into(_Params(200), at).n_unexpected == 2
+    beyond = {**full, **{f"other.{i}.weight": torch.ones(2) for i in range(3)}}
+    with pytest.raises(WeightsMismatchError, match="more unexpected keys than min_match=0.99 allows"):
+        load_into(_Params(200), beyond)
+
+
 def test_shape_mismatch_names_key_and_shapes(source):
     _, state, _ = source
     bad = dict(state)
@@ -681,6 +693,15 @@ def test_a_config_of_another_model_type_or_patch_size_is_reported():
     assert any(s.startswith("model_type='i2v'") for s in said), said
     assert any(s.startswith("patch_size=[1, 4, 4]") for s in said), said
     assert transformer_config_disagreements({"model_type": "t2v", "patch_size": [1, 2, 2]}, model_cfg) == []
+
+
+def test_an_original_wan_config_without_its_class_name_is_compared_in_wan_names():
+    """An original Wan config.json that lost its `_class_name` (dim, num_heads) is still read in
+    Wan's names: 24 heads of 64 hold the same tensors as 12 of 128, only the file's config tells."""
+    model_cfg = load_config("wan-1.3b").model
+    config = {"dim": 1536, "num_heads": 24, "ffn_dim": 8960, "num_layers": 30}
+    said = transformer_config_disagreements(config, model_cfg)
+    assert said == ["num_heads=24 (model.num_heads=12: --set model.num_heads=24)"], said
 
 
 def test_tensors_a_file_lacks_within_min_match_are_seeded_not_left_as_they_were(tmp_path, source):

@@ -78,6 +78,11 @@ def test_rebalancer_needs_a_persistent_imbalance():
     assert reb.proposal() == [3, 1]
     reb.reset([3, 1])
     assert reb.proposal() is None
+    for _ in range(3):
+        reb.observe(slow)  # a streak on [3, 1] (15 vs 20 ms)
+    reb.reset([3, 1])  # as after a move: the streak starts again
+    reb.observe([StageSample(30.0, 30.0, 3), StageSample(10.0, 10.0, 1)])  # one forward that favours [2, 2]
+    assert reb.proposal() is None  # no blocks move on one forward's word
 
 
 def test_rebalancer_moves_no_blocks_for_a_small_gain():
@@ -88,6 +93,25 @@ def test_rebalancer_moves_no_blocks_for_a_small_gain():
         reb.observe([StageSample(4.0, 4.0, 4), StageSample(2.9, 2.0, 2)])
     assert reb.imbalanced_steps >= 5  # 4 / 2.9 = 1.38: imbalanced
     assert reb.proposal() is None  # [3, 3] takes 3.9 ms instead of 4: a 2.5 % gain
+    assert reb.imbalanced_steps == 0  # the refused split waits for a new streak, not the next forward
+
+
+def test_rebalancer_moves_blocks_for_a_gain_of_half_the_threshold_over_one():
+    """At threshold 1.25 a split that shortens the slowest stage by 20 % (above 12.5 %) is
+    proposed."""
+    reb = Rebalancer([5, 1], threshold=1.25, after_steps=3, smoothing=1.0)
+    for _ in range(3):  # stage 0: 5 blocks of 1 ms; stage 1: 2 ms fixed + 1 block of 1 ms
+        reb.observe([StageSample(5.0, 5.0, 5), StageSample(3.0, 1.0, 1)])
+    assert reb.proposal() == [4, 2]  # 4 ms instead of 5
+
+
+def test_balance_of_equal_stages_is_the_even_split():
+    """Ties go to the earlier stage, as the even split's remainder does: stages of equal cost
+    started evenly are already balanced (no blocks move)."""
+    for blocks, stages in [(3, 2), (7, 3), (30, 4)]:
+        assert balance(blocks, [0.0] * stages, [1.0] * stages) == even_split(blocks, stages)
+    with pytest.raises(ValueError):
+        balance(4, [0.0, 0.0], [1.0])
 
 
 def test_initial_counts_follow_a_partition_that_names_every_stage():
@@ -95,3 +119,4 @@ def test_initial_counts_follow_a_partition_that_names_every_stage():
     falls back to the even split."""
     assert initial_counts([3, 1], 4, 2) == [3, 1]
     assert initial_counts([3, 1], 4, 3) == [2, 1, 1]
+    assert initial_counts([2, 1, 1], 4, 2) == [2, 2]

@@ -241,6 +241,7 @@ def test_channels_hold_the_largest_message_within_their_share_of_the_object_stor
         capped = channel_bytes(big, 16, 16 * need)  # would take the whole store
     assert 1_000_000 <= capped and 16 * capped <= CHANNEL_STORE_SHARE * 16 * need
     assert len(caplog.records) == 1 and "cache.max_streams=64" in caplog.text
+    assert channel_bytes(big, 16, 16e6) == 1_000_000  # a store too small for a share: never below Ray's default
 
 
 # a step's ref deleted after its actor died must not raise from __del__ (the graph is torn down first)

@@ -60,6 +60,9 @@ def test_moving_blocks_mid_stream_keeps_outputs(cfg4, ref):
         if r in splits:
             executor.repartition(splits[r])
             assert executor.counts == splits[r]
+            # every condition's prompt K/V moved with its blocks: none left behind on the donor
+            held = {w.runner.model.block_range: [set(kv) for _, kv in w._cross_kvs()] for w in executor.stages.workers}
+            assert all(layers and all(kv == set(range(*blocks)) for kv in layers) for blocks, layers in held.items())
 
     executor = StagedExecutor(cfg4, InProcessStages(cfg4, [2, 2], "cpu"))
     assert_equal(run_streams(cfg4, executor, between=between), ref)
@@ -341,6 +344,20 @@ def test_a_first_chunk_teaches_the_cost_model_the_period_it_took_not_its_wall_ti
     assert learnt == [ms for _, ms in reported]
 
 
+def test_a_first_chunks_encode_forward_counts_in_the_plans_stage_times(cfg4):
+    """A first chunk's encode rides on a forward of its own, with no rows: its stages' time is
+    part of the plan's, in the period and in what the rebalancer sees."""
+    from streamdiff.engine.stage_io import StepOut
+
+    executor = StagedExecutor(cfg4, InProcessStages(cfg4, [2, 2], "cpu"), rebalance=False)
+
+    def out(rows, stage_ms):
+        return StepOut((0, 0), rows, None, {}, [{"total": t, "blocks": t, "num_blocks": 2, "cpu": t} for t in stage_ms])
+
+    assert executor._observe([out([], [30.0, 5.0]), out(["a row"], [20.0, 40.0])]) == 50.0
+    assert executor.last_stage_ms == [50.0, 45.0]
+
+
 def assert_a_new_stream_is_served(core, feeder, cfg4) -> None:
     """After a stage failure the engine goes on: a new stream gets its first two chunks' frames."""
     assert core.add_stream("n", params(cfg4, "y", steps=1), RELAXED)
@@ -536,6 +553,9 @@ def test_a_plan_never_goes_in_more_micro_batches_than_it_has_rows(cfg4):
     executor = StagedExecutor(cfg, InProcessStages(cfg, [2, 2], "cpu"))
     try:
         assert [executor.micro_batches(rows) for rows in (1, 2, 3, 4, 6)] == [1, 2, 3, 4, 4]
+        # 0 (automatic): streams that overlap plans go in one forward, stride-1 streams one per stage
+        auto = StagedExecutor(cfg4, executor.stages)
+        assert [auto.micro_batches(4, overlapping) for overlapping in (True, False)] == [1, 2]
     finally:
         executor.shutdown()
 

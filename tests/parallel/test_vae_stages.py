@@ -341,6 +341,35 @@ def test_threaded_stages_run_at_the_configured_torch_threads_and_reason_over_the
         torch.set_num_threads(before)
 
 
+def test_executor_moves_no_blocks_while_a_vae_stage_is_the_slowest(cfg_vae):
+    """The executor gives the rebalancer the VAE stages' time as a floor: DiT stages 2x apart
+    behind a slower decode stage keep their split (a move mid-stream would not shorten the period)."""
+    from streamdiff.engine.stage_io import StepOut
+
+    cfg = with_overrides(cfg_vae, parallel={"rebalance": True, "rebalance_after_steps": 2})
+    executor = StagedExecutor(cfg, InProcessStages(cfg, [2, 2]))
+    wall = [5.0, 20.0, 40.0, 90.0]  # encode, DiT 10 ms a block, DiT 20 ms a block, decode
+    dit = (1, 2)
+    out = StepOut((0, 0), ["a row"], None, {}, [{"total": w, "blocks": w if k in dit else 0.0,
+                                                 "num_blocks": 2 if k in dit else 0, "cpu": w}
+                                                for k, w in enumerate(wall)])
+    for _ in range(4):
+        assert executor._observe([out]) == 90.0
+    assert executor.counts == [2, 2] and not executor.rebalances
+
+
+def test_drill_stages_that_sleep_per_block_are_not_held_to_the_shared_cores(cfg4):
+    """With parallel.block_delay_ms the stages mostly sleep, as GPU-bound stages wait (a drill of
+    `bench --stages`): no core is shared, and the period is their wall time, not CPU over cores."""
+    from streamdiff.parallel.transport import ThreadedStages
+
+    drill = ThreadedStages(with_overrides(cfg4, parallel={"block_delay_ms": 1.0}), [2, 2], "cpu")
+    try:
+        assert drill.shared_cores is None and drill.meter is None
+    finally:
+        drill.shutdown()
+
+
 def test_executor_takes_the_period_from_cpu_time_where_the_transport_measures_the_cores(cfg_vae):
     """Stages on shared cores: the period the scheduler learns is the plan's stage CPU time over
     the cores they had (wall time counts every wait for a core); the wall-time rule where the

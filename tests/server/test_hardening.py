@@ -481,6 +481,18 @@ def test_host_names_the_rule_knows():
     assert not known_host("evil.example.:8000", ()) and not known_host("", ())
 
 
+def test_a_name_that_binds_loopback_and_the_network_answers_to_any_name(monkeypatch):
+    """`--host NAME` resolving to 127.0.0.1 and a LAN address binds the network too: other machines
+    reach it by names not known here, so it is not held to the loopback rule."""
+    import socket
+
+    from streamdiff.preflight import allowed_hosts
+
+    both = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, 0)) for ip in ("127.0.0.1", "192.168.1.5")]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: both)
+    assert allowed_hosts("studio", None) == ("*",)
+
+
 def test_an_origin_of_another_scheme_is_foreign_even_with_the_servers_host():
     """Only an http or https page on the server's own host and port is same-origin: an origin of
     another scheme naming that host (an extension's, an app shell's) is held to the foreign-origin
