@@ -169,6 +169,7 @@ def test_runner_keeps_to_the_budget_and_reports(tmp_path):
     assert "| 10.0 (9.0) |" in row  # measured peak beside the memory plan
     assert "| 832x480 | 1 | 1 | eager | 20.00 | 20.00 | 20.47 |" in md
     assert "pytest crashed" in md and "Not run (budget)" in md
+    assert "| 512x512 | 1 | 1 | compiled |" not in md and "skipped" not in md  # skipped parts are no table rows
 
 
 def test_markdown_names_failures_and_leaves_sdv2_out_for_several_streams():
@@ -238,3 +239,45 @@ def test_a_bench_part_that_overruns_the_budget_is_stopped_and_the_rest_go_on(tmp
     assert first["status"] == "timed out" and "budget" in first["summary"]
     assert calls == ["compiled"] and second["status"] == "skipped"  # the check went on to its end
     assert "timed out: stopped at the budget" in (tmp_path / "gpu-check.md").read_text()
+
+
+def test_a_part_that_ends_in_time_leaves_no_alarm_behind():
+    """The budget's alarm is cancelled when a part ends before it: it must not stop a later part."""
+    import signal
+    import time
+
+    before = signal.getsignal(signal.SIGALRM)
+    with gpu_check.deadline(0.2):
+        pass
+    time.sleep(0.4)  # a PartTimeout here would stop whatever runs next
+    assert signal.getsignal(signal.SIGALRM) is before
+
+
+def test_subprocess_parts_run_compiled_and_report_their_exit_status(tmp_path, monkeypatch):
+    """The gpu tests and the kernel bench run without TRITON_INTERPRET (inherited, it would run
+    the interpreter and skip every compiled test), only the files with gpu tests, killed at the
+    time given; a non-zero exit is a failed part, its last line the summary, stderr in the log."""
+    import subprocess
+
+    calls = []
+
+    def fake_run(argv, **kwargs):
+        calls.append((argv, kwargs))
+        return subprocess.CompletedProcess(argv, 1, "...F\n\n1 failed, 3 passed\n", "Traceback ...\n")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
+    out = CudaParts("tiny", 1.0, tmp_path)(Part("tests", 100), 150.0)
+    (argv, kwargs), = calls
+    assert "TRITON_INTERPRET" not in kwargs["env"] and kwargs["timeout"] == 150.0
+    files = [str(f) for f in gpu_test_files(Path("tests"))]
+    assert argv[1:] == ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files]
+    assert out["status"] == "failed" and out["returncode"] == 1 and out["summary"] == "1 failed, 3 passed"
+    assert "Traceback" in (tmp_path / "gpu-tests.log").read_text()
+
+
+def test_the_plan_pays_the_model_build_once_and_fills_the_budget_exactly():
+    """--dry-run's plan is what run_check does: the model build before the first bench part only."""
+    parts = [Part("bench", 20, 512, 512, 1, 1, "eager"), Part("tests", 100), Part("bench", 20, 832, 480, 1, 1, "eager")]
+    assert [fits for _, fits in schedule(parts, EST_BUILD_S + 140)] == [True, True, True]
+    assert [fits for _, fits in schedule(parts, EST_BUILD_S + 139)] == [True, True, False]

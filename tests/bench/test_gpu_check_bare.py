@@ -38,8 +38,26 @@ def test_setup_and_startup_are_paid_out_of_the_budget(tmp_path):
     done = _run(tmp_path, "560", str(out), "--only", "steps 1 streams 1 graphs", "--only", "kernel",
                 "--only", "512x512 steps 1 streams 1 compiled")
     assert done.returncode == 0, done.stdout + done.stderr
-    left = int(re.search(r"gpu-check, budget (\d+) s of 560", done.stdout).group(1))
+    left, spent = map(int, re.search(r"gpu-check, budget (\d+) s of 560 \((\d+) s\)", done.stdout).groups())
     assert left <= 560 - 15  # the exit margin at least
+    assert left + spent + 15 in (560, 561), done.stdout  # the setup's seconds (a clock tick apart) are paid too
     plan = re.search(rf"plan \(budget {left} s;", done.stdout)
     assert plan, done.stdout  # --dry-run on the CPU: the plan for what is left
     assert (out / "console.log").read_text().count("== done, rc 0") == 1
+
+
+def test_a_missing_torch_is_said_in_the_console_log_after_earlier_runs(tmp_path):
+    """stderr lands in OUT_DIR/console.log too (the record a lease leaves), appended to what an
+    earlier run into the same folder wrote."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text("#!/bin/sh\nexit 1\n")  # an image whose python has no torch
+    (bin_dir / "python3").chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "console.log").write_text("== an earlier run\n")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    done = subprocess.run(["bash", str(SCRIPT), "560", str(out)], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    log = (out / "console.log").read_text()
+    assert log.startswith("== an earlier run\n") and "cannot import torch and triton" in log, log

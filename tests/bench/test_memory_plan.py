@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from streamdiff.pipeline.stream_pipeline import StreamPipeline
 
 OVERRIDES = ["video.width=64", "video.height=48", "runtime.device=cpu", "sampling.steps=2",
              "model.attention_backend=torch"]
+ACTIVATIONS = ("act_dit_fixed", "act_dit_row", "act_vae_fixed", "act_vae_stream")
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +141,11 @@ def test_split_stages_hold_their_blocks(cfg):
     assert max(two.stage_weights) < one.dit_weights
 
 
+def _share(plan, device: str, streams: int, *fields: str) -> int:
+    """The bytes the plan's `fields` add to what `device` holds with `streams` streams."""
+    return plan.device_total(device, streams) - replace(plan, **dict.fromkeys(fields, 0)).device_total(device, streams)
+
+
 def test_one_device_a_stage_holds_what_its_stage_builds():
     """A probe: `plan --config wan-14b-4gpu` printed each stage's share, then answered for the
     whole model on one device ("no stream" on 24 GiB cards, where each stage fits one). A device
@@ -164,6 +171,16 @@ def test_one_device_a_stage_holds_what_its_stage_builds():
         assert held >= streams * per_stream
         fixed = plan.device_total(f"stage {k}", 0)
         assert fixed >= plan.reserve + weights - (plan.text_weights if plan.text_placement == "cpu" and k == 0 else 0)
+        # each part exactly: its blocks' KV lanes, its end's VAE caches, the VAE's activations at both ends
+        assert _share(plan, f"stage {k}", streams, "kv_stream") == kv
+        assert _share(plan, f"stage {k}", streams, *ACTIVATIONS) == plan.activations(streams)
+        caches = plan.vae_cache_stream - plan.vae_dec_cache_stream if k == 0 else plan.vae_dec_cache_stream
+        assert _share(plan, f"stage {k}", streams, "vae_cache_stream", "vae_dec_cache_stream") == streams * caches
+        if k == 0:  # the runner keeps streams + 4 prompts' K/V of its blocks
+            for i in range(streams + 6):
+                runner._prompt_kv(f"prompt {i}")
+            held = sum(k_.nbytes + v_.nbytes for cross, _ in runner._prompt_cache.values() for k_, v_ in cross.values())
+            assert _share(plan, "stage 0", streams, "prompt_kv") == held
     whole = plan_memory(load_config("tiny", [*OVERRIDES, "model.num_layers=3"]), "cpu")
     for n in (1, 4):
         assert all(plan.device_total(d, n) < whole.total(n) for d in plan.devices())
@@ -211,8 +228,9 @@ def test_the_original_wan_umt5_file_is_planned_from_its_shapes(tmp_path):
     assert p.text_weights == 2 * params  # bf16; umT5-XXL assumed would be 11 GB
 
 
+# a probe: the range said 16 TiB, "1TiB" was refused; GB and MB count as GiB and MiB, as cards are sold
 @pytest.mark.parametrize("text,value", [("24GiB", 24 * GiB), ("80G", 80 * GiB), ("16384MiB", 16 * GiB), ("1e9", 10**9),
-                                        ("1TiB", 2**40), ("16TB", 2**44)])  # a probe: the range said 16 TiB, "1TiB" was refused
+                                        ("1TiB", 2**40), ("16TB", 2**44), ("24GB", 24 * GiB), ("16384MB", 16 * GiB)])
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
 
@@ -260,3 +278,86 @@ def test_the_printed_parts_add_up_to_the_plan():
     mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731 - tiny's parts are all under 256 MiB
     assert f"adds {mib(plan.act_dit_row * plan.steps)} to the DiT's phase and {mib(plan.act_vae_stream)} to the VAE's" in line
     assert plan.act_vae_stream > 0
+    n, n_steps = plan.max_streams(24 * GiB), plan.max_streams(24 * GiB, lanes_needed_only=True)
+    assert n < n_steps and f"fits: {n} stream(s) " in text and f"; {n_steps} if the pool held only 1 lane(s)" in text
+
+
+def test_the_prompt_kv_planned_is_what_the_runner_keeps(plan, steady):
+    """ModelRunner keeps the prompt K/V of max_streams + 4 prompts: the plan counts a stream's
+    (per stream) and the spare ones (fixed)."""
+    from streamdiff.engine.model_runner import ModelRunner
+
+    comps, *_ = steady
+    runner = ModelRunner(comps, max_streams=2)
+    for i in range(8):
+        runner._prompt_kv(f"prompt {i}")
+    held = sum(k.nbytes + v.nbytes for cross, _ in runner._prompt_cache.values() for k, v in cross.values())
+    assert len(runner._prompt_cache) == 2 + 4
+    assert plan.total(2) - replace(plan, prompt_kv=0).total(2) == held
+
+
+def test_the_activations_planned_for_a_stream_run_a_row_per_step(plan, steady):
+    """A stream's DiT forward has a row per denoise step (the stream batch): at 2 steps, one
+    stream's DiT phase is the measured forward of 2 rows."""
+    *_, dit_peak = steady
+    dit_phase = replace(plan, act_vae_fixed=0, act_vae_stream=0).activations(1)
+    assert abs(dit_phase - dit_peak) <= 0.02 * dit_peak, (dit_phase, dit_peak)
+
+
+def test_auto_attention_is_planned_with_the_gathered_copy():
+    """`auto` on CUDA attends by Triton or by SDPA over a gathered window per shape: the plan
+    takes the copy (the larger); only `triton` reads the pool in place."""
+    plans = {b: plan_memory(load_config("tiny", [*OVERRIDES[:-1], f"model.attention_backend={b}"]), "cuda")
+             for b in ("auto", "torch", "triton")}
+    assert plans["auto"].attention_backend == "auto"
+    assert plans["auto"].act_dit_row == plans["torch"].act_dit_row > plans["triton"].act_dit_row
+
+
+def test_a_prompt_encoder_on_the_cpu_is_not_on_the_device(plan):
+    """text.device=cpu keeps umT5 off the device; offloaded after encoding, it must still fit
+    while it encodes (on the first stage of a split model)."""
+    placed = {p: replace(plan, text_placement=p, text_weights=5 * GiB, stage_blocks=[1, 1],
+                         stage_weights=[plan.dit_weights // 2] * 2) for p in ("device", "offloaded", "cpu")}
+    assert placed["device"].total(1) == placed["offloaded"].total(1) == placed["cpu"].total(1) + 5 * GiB
+    for d, held in (("stage 0", 5 * GiB), ("stage 1", 0)):
+        assert placed["offloaded"].device_total(d, 1) - placed["cpu"].device_total(d, 1) == held
+
+
+def test_vae_stages_hold_their_half_of_the_caches_and_the_vae_activations(plan):
+    """parallel.vae_stages: VAE encode and decode each on a device of their own, holding the
+    VAE, their half of a stream's caches and the VAE's activations; the DiT stage none of it."""
+    split = replace(plan, vae_stages=True)
+    assert split.devices() == ["VAE encode", "stage 0", "VAE decode"]
+    enc = plan.vae_cache_stream - plan.vae_dec_cache_stream
+    assert enc > 0 and plan.vae_dec_cache_stream > 0
+    vae_act, dec = plan.act_vae_fixed + 3 * plan.act_vae_stream, plan.vae_dec_cache_stream
+    for d, cache, act in (("VAE encode", enc, vae_act), ("stage 0", 0, 0), ("VAE decode", dec, vae_act)):
+        assert _share(split, d, 3, "vae_cache_stream", "vae_dec_cache_stream") == 3 * cache, d
+        assert _share(split, d, 3, "act_vae_fixed", "act_vae_stream") == act, d
+
+
+def test_no_stream_says_what_one_stream_needs(plan):
+    """Where nothing fits, the line gives one stream's need (on every device of a split model),
+    not the empty model's."""
+    split = replace(plan, reserve=0, stage_blocks=[1, 1], stage_weights=[plan.dit_weights // 2] * 2)
+    text = format_plan(split, 2**20)
+    mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731 - tiny's parts are all under 256 MiB
+    one = {d: mib(split.device_total(d, 1)) for d in split.devices()}
+    assert one["stage 0"] != mib(split.device_total("stage 0", 0))
+    assert f"no stream (1 stream needs stage 0 {one['stage 0']}, stage 1 {one['stage 1']});" in text, text
+    assert f"no stream (1 stream needs {mib(split.total(1))};" in text, text
+
+
+def test_the_verdict_counts_the_lanes_a_render_holds_and_refuses_only_past_the_whole(monkeypatch):
+    """`render` runs one stream with a lane per denoise step (StreamPipeline's pool): a size that
+    fits those says nothing. Past what is free on a machine whose total is unknown, it warns and
+    does not refuse."""
+    import streamdiff.bench.memory_plan as memory_plan
+    from streamdiff.bench.memory_plan import memory_verdict
+
+    cfg = load_config("tiny", OVERRIDES)
+    need = plan_memory(cfg, "cpu").total(1, lanes_needed_only=True)
+    assert memory_verdict(cfg, 64, 48, available=need, total=need) is None
+    monkeypatch.setattr(memory_plan, "available_bytes", lambda device, total=False: None)
+    fatal, said = memory_verdict(cfg, 64, 48, available=need - 1)
+    assert not fatal and "will likely run out of memory" in said, said

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -97,6 +98,7 @@ def test_ttff_jitter_memory_and_deadline(run):
     for r in run[0]["results"]:
         assert r["ttff_s"] > 0 and len(r["ttff_streams_s"]) == r["streams"]
         assert r["ttff_max_s"] == max(r["ttff_streams_s"])
+        assert r["ttff_s"] == pytest.approx(statistics.mean(r["ttff_streams_s"]))  # streams averaged
         assert r["jitter_ms"] >= 0 and math.isfinite(r["jitter_ms"])
         assert r["peak_memory_mb"] > 0
         assert r["peak_memory_kind"] in ("cpu_peak_rss_since_reset", "cpu_process_lifetime_peak_rss")
@@ -131,8 +133,34 @@ def test_tiny_deadline_misses_everything_and_peak_gives_mfu(tmp_path, capsys):
     assert r["chunk_latency_ms"]["deadline_miss_rate"] == 1.0
     assert r["mfu"] == pytest.approx(r["dit_tflops_per_s"] / 0.5)
     assert 0 < r["mfu_wall"] < r["mfu"]  # the window also holds the VAE
+    assert r["mfu_wall"] == pytest.approx(r["dit_flops_per_step"] * r["measured_steps"] / r["window_s"] / 1e12 / 0.5)
     table = capsys.readouterr().out
     assert "64x48" in table and "MFU %" in table
+
+
+def test_the_measured_steps_attend_to_full_kv_windows(tmp_path, monkeypatch):
+    """The steady warm-up waits for every lane of every stream (at 2 steps the second lane fills a
+    chunk after the first): from the first measured step on, every row attends to a whole window."""
+    import streamdiff.engine.core as engine_core
+    import streamdiff.model.flops as flops
+
+    measuring, filled = [], []
+    tokens_per_frame = flops.tokens_per_frame
+
+    class Core(engine_core.EngineCore):
+        def step(self, *args, **kwargs):
+            if measuring:
+                filled.append({lane.filled for s in self.executor.runner.slots.streams.values() for lane in s.lanes})
+            return super().step(*args, **kwargs)
+
+    def measure(*args):  # the bench reads it just before its measurement starts
+        measuring.append(True)
+        return tokens_per_frame(*args)
+
+    monkeypatch.setattr(engine_core, "EngineCore", Core)
+    monkeypatch.setattr(flops, "tokens_per_frame", measure)
+    assert main([*BASE, "--steps", "2", "--duration", "0.2", "--json", str(tmp_path / "r.json")]) == 0
+    assert measuring == [True] and filled and filled[0] == {load_config("tiny").cache.window}, filled
 
 
 @pytest.mark.parametrize(

@@ -80,10 +80,15 @@ def test_the_measured_step_attends_to_full_kv_windows(monkeypatch):
     class Core(bench_engine.EngineCore):
         def step(self, *args, **kwargs):
             lanes = [lane for s in self.executor.runner.slots.streams.values() for lane in s.lanes]
-            filled_at_step.append([lane.filled for lane in lanes])
-            return super().step(*args, **kwargs)
+            filled = {lane.filled for lane in lanes}
+            report = super().step(*args, **kwargs)
+            filled_at_step.append((filled, report is None))  # a round ends with a step that has nothing to do
+            return report
 
     monkeypatch.setattr(bench_engine, "EngineCore", Core)
     cfg = load_config("tiny", ["sampling.steps=2", "video.width=32", "video.height=32"])
-    bench_engine.engine_fps(build_components(cfg), 2, 1)  # one measured round: the last steps
-    assert set(filled_at_step[-1]) == {cfg.cache.window}, filled_at_step
+    result = bench_engine.engine_fps(build_components(cfg), 2, 1)  # one measured round: the last steps
+    ends = [i for i, (_, idle) in enumerate(filled_at_step) if idle]
+    measured = filled_at_step[ends[-2] + 1 : ends[-1]]  # every step of it, the first included
+    assert measured and all(filled == {cfg.cache.window} for filled, _ in measured), filled_at_step
+    assert result["per_stream_fps"] * 2 == pytest.approx(result["aggregate_fps"])

@@ -30,7 +30,7 @@ def test_stages_bench_runs_real_stages_and_writes_the_documented_json(tmp_path, 
         assert r["lane_stride"] == stages and r["plans_in_flight"] == stages
         assert len(r["stage_busy"]) == stages and all(0.0 < b <= 1.05 for b in r["stage_busy"])
         assert r["output_frames"] > 0 and r["latency_p50_ms"] <= r["latency_p99_ms"]
-    assert one["speedup"] == 1.0
+    assert one["speedup"] == 1.0 and two["speedup"] == pytest.approx(two["fps"] / one["fps"])
 
 
 def test_ctrl_c_reports_the_stage_counts_already_measured(tmp_path, capsys, monkeypatch):

@@ -155,6 +155,7 @@ def _bad_calls(device):
         "negative_slot": (with_(slots=torch.tensor([[-1], [3]], **i32)), "out of range"),
         "slot_written_twice": (with_(slots=torch.tensor([[2], [2]], **i32)), "twice"),
         "frame_pos_past_table": (with_(frame_pos=torch.tensor([[0], [64]], device=device)), "frame_pos"),
+        "negative_frame_pos": (with_(frame_pos=torch.tensor([[-1], [0]], device=device)), "frame_pos"),
         "split_not_head_dim": (with_(split=(12, 10, 8)), "split"),
         "odd_split": (with_(split=(11, 11, 10)), "split"),
     }
@@ -182,6 +183,13 @@ def test_bad_slot_with_checks_off_writes_nothing(device, monkeypatch):
     for pool in pools:
         assert pool[1].abs().sum() > 0  # slot 0 of the inner pool written
         assert pool[0].abs().sum() == 0 and pool[2:].abs().sum() == 0
+    for pool in pools:
+        pool.zero_()
+    slots = torch.tensor([[-1, 2]], dtype=torch.int32, device=device)  # -1: the slot tables' padding
+    cache_write(k, v, *inner, slots, torch.tensor([[0, 1]], device=device), freqs_cos, freqs_sin, split, (3, 4))
+    for pool in pools:
+        assert pool[3].abs().sum() > 0  # slot 2 of the inner pool written, slot 0 not
+        assert pool[:3].abs().sum() == 0 and pool[4].abs().sum() == 0
 
 
 # ------------------------------------------------------------------ compiled (GPU) and AOT

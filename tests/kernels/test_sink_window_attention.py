@@ -70,8 +70,9 @@ def test_matches_ref_for_cache_states(state, tokens, device):
     check(q, k_pool, v_pool, *make_table(rows, device))
 
 
-def test_block_multiple_tokens_take_the_unmasked_path(device):
-    k_pool, v_pool = make_pool(6, 16, device=device)
+@pytest.mark.parametrize("tokens", [16, 32])  # a slot of one 16-key block; of two (Wan: 1024 tokens, 64-key blocks)
+def test_block_multiple_tokens_take_the_unmasked_path(tokens, device):
+    k_pool, v_pool = make_pool(6, tokens, device=device)
     q = torch.randn(2, 32, 2, 32, device=device)  # [B, N, H, D]
     check(q, k_pool, v_pool, *make_table([[0, 1, 2, 5], [3, 4]], device))
 
@@ -104,6 +105,23 @@ def test_head_dims(head_dim, device):
     k_pool, v_pool = make_pool(5, 12, heads=1, head_dim=head_dim, device=device)
     q = torch.randn(2, 12, 1, head_dim, device=device)  # [B, N, H, D]
     check(q, k_pool, v_pool, *make_table([[0, 1, 4], [2, 3]], device))
+
+
+def test_the_tile_columns_past_the_head_dim_are_never_read(device):
+    """Head dim 48 runs in a 64-wide tile: the pools here are views of a wider buffer whose
+    columns past the head dim hold NaN, which a read would spread to the output."""
+    buffer = torch.full((2, 5, 12, 1, 64), float("nan"), device=device)  # [K/V, S, T, H, 64]
+    buffer[..., :48] = torch.randn(2, 5, 12, 1, 48, device=device)
+    q = torch.randn(2, 12, 1, 48, device=device)  # [B, N, H, D]
+    check(q, buffer[0, ..., :48], buffer[1, ..., :48], *make_table([[0, 1, 4], [2, 3]], device))
+
+
+def test_gpu_tiles_are_128_queries_when_they_fill_every_sm_once():
+    """The tile rule of `_launch_configs` (device-free): 128-query tiles when they give every SM
+    a program (8 warps above head dim 64), else 64-query tiles first."""
+    assert gpu_configs(128, 132, 132)[0] == (128, 64, 8, 3)
+    assert gpu_configs(64, 132, 132)[0] == (128, 64, 4, 3)
+    assert gpu_configs(128, 131, 132)[0] == (64, 64, 4, 3)
 
 
 def test_non_contiguous_q_and_pools(device):
