@@ -152,3 +152,46 @@ def test_a_rebuild_on_other_cpu_kernels_says_it_will_not_be_byte_identical(tmp_p
     made.write_text('{"torch": "2.13.0+cpu"}')
     assert kernel_note(made) is None  # weights that did not record their kernels
     assert kernel_note(tmp_path / "missing.json") is None
+
+
+def test_vae_batches_mix_source_and_styled_clips_mirrored_and_recoloured():
+    """2 in 5 clips of a batch are source clips, the rest styled; half are mirrored; 4 in 5 get
+    their channels permuted and scaled."""
+    recipe = Recipe(clips_per_photo=1, vae_batch=400, vae_crop=8, size=16, clip_frames=9)
+    ramp = 40 + 10 * np.arange(16, dtype=np.uint8)  # 40 .. 190: times 1.2 at most still a pixel value
+    data = np.empty((1, 9, 9, 16, 16, 3), np.uint8)  # grey frames
+    data[0, 0] = ramp[None, None, :, None]  # the source varies along x
+    data[0, 1:] = ramp[None, None, :, None, None]  # the styled prompts along y
+    x = vae_batch([data], recipe, torch.Generator().manual_seed(0))  # [B, 3, 9, 8, 8]
+    dx = (x[..., 1:] - x[..., :-1]).mean(dim=(1, 2, 3, 4))  # [B]
+    dy = (x[..., 1:, :] - x[..., :-1, :]).mean(dim=(1, 2, 3, 4))
+    source = dx.abs() > 0.01
+    assert bool((source ^ (dy.abs() > 0.01)).all())  # each clip is one prompt's
+    assert 0.3 < float(source.float().mean()) < 0.5
+    assert 0.35 < float((dx[source] < 0).float().mean()) < 0.65  # mirrored: x runs the other way
+    recoloured = (x - x.mean(dim=1, keepdim=True)).abs().amax(dim=(1, 2, 3, 4)) > 0.01  # channels differ
+    assert 0.7 < float(recoloured.float().mean()) < 0.9
+
+
+def test_every_photograph_gets_camera_motions_of_its_own():
+    """The clips are seeded by (seed, photograph, clip): two photographs do not share one set of
+    pans and zooms, and the same index always makes the same clips (a rebuild's data)."""
+    recipe = Recipe(clips_per_photo=2, clip_frames=3, size=32)
+    first = photo_clips("chelsea", 0, recipe)
+    assert np.array_equal(photo_clips("chelsea", 0, recipe), first)
+    assert not np.array_equal(photo_clips("chelsea", 1, recipe), first)
+
+
+def test_clips_of_a_wide_photograph_keep_square_pixels():
+    """make_clip scales x and y alike: on a photograph twice as wide as high, one output pixel
+    covers as many photograph pixels across as down."""
+    from streamdiff.demo.data import make_clip
+
+    photo = np.zeros((100, 200, 3), np.uint8)
+    photo[..., 0] = np.arange(200)[None, :]  # red: the photograph's column
+    photo[..., 1] = 2 * np.arange(100)[:, None]  # green: twice its row
+    for seed in range(3):
+        clip = make_clip(photo, 2, 64, np.random.default_rng(seed), speed_px=0).astype(np.float32)
+        across = np.abs(np.diff(clip[0, :, :, 0], axis=1)).mean()  # photograph columns per output pixel
+        down = np.abs(np.diff(clip[0, :, :, 1], axis=0)).mean() / 2  # photograph rows per output pixel
+        assert 0.8 < across / down < 1.25, (seed, across, down)

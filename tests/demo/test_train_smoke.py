@@ -99,8 +99,8 @@ def test_two_threads_train_the_decoder_beside_the_dit_to_the_same_weights(tmp_pa
     assert stage_data(tmp_path / "one", recipe, threads=2) == one and one[0].read_bytes() == kept
     assert "data: resuming: 1 of 2 photographs were rendered by an earlier run" in capsys.readouterr().err
     beside = (out / "taehv.safetensors").read_bytes()
-    # the same decoder stage in this process, on one thread, from the same encoder and latents
-    shutil.copytree(work, tmp_path / "again", ignore=shutil.ignore_patterns("vae.ckpt"))
+    # the same decoder and DiT stages in this process, on one thread, from the same encoder and latents
+    shutil.copytree(work, tmp_path / "again", ignore=shutil.ignore_patterns("vae.ckpt", "dit.ckpt"))
     assert main(["train-demo", "--smoke", "--work", str(tmp_path / "again"), "--output", str(tmp_path / "out1"),
                  "--threads", "1"]) == 0
     assert (tmp_path / "out1" / "taehv.safetensors").read_bytes() == beside
@@ -255,3 +255,150 @@ def test_the_trainers_processes_are_born_deaf_to_ctrl_c():
     child.join(60)
     assert child.exitcode == 0  # its own Ctrl-C did nothing (a KeyboardInterrupt: exit code 1)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_stage_stopped_half_way_resumes_to_the_weights_of_a_run_that_never_stopped(tmp_path, monkeypatch):
+    """A resumed stage takes its weights, the prompt table, the optimizer's moments and its step
+    from the checkpoint: Ctrl-C and a rerun finish to the same DiT as one uninterrupted run."""
+    from dataclasses import replace
+
+    from streamdiff.demo import train
+
+    cfg = load_config("demo")
+    recipe = replace(Recipe.smoke(), dit_steps=4)
+    latents = torch.randn(2, 9, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "cut").mkdir()
+    model, table = train.stage_dit(tmp_path / "whole", cfg, latents, recipe)
+    descend, steps = train._descend, []
+
+    def ctrl_c_in_the_third_step(*args):  # the first step moves only the zeroed output layer
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        descend(*args)
+
+    monkeypatch.setattr(train, "_descend", ctrl_c_in_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.stage_dit(tmp_path / "cut", cfg, latents, recipe)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "cut" / "dit.ckpt", weights_only=False)["step"] == 2
+    resumed, resumed_table = train.stage_dit(tmp_path / "cut", cfg, latents, recipe)
+    assert torch.equal(resumed_table, table)
+    for (name, want), got in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(got, want), name
+
+
+def test_an_export_that_fails_half_way_leaves_the_previous_files_as_they_were(tmp_path, monkeypatch):
+    """The four files are written under names of their own and renamed together: a disk that
+    fills during the export leaves the last export whole (with --output configs/demo, the shipped
+    weights) and no temporary file."""
+    import safetensors.torch
+
+    from streamdiff.demo.train import export
+    from streamdiff.model.taehv import TAEHV
+
+    out = tmp_path / "out"
+    torch.manual_seed(0)
+    export(out, TAEHV(16, (8, 16, 16), (16, 16, 8, 8)), torch.nn.Linear(2, 2), torch.zeros(9, 4, 32), Recipe.smoke(),
+           1.0, 1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"taehv.safetensors", "transformer.safetensors", "prompts.safetensors", "training.json"}
+    save = safetensors.torch.save_file
+
+    def disk_full_at_the_dit(tensors, path, *args, **kwargs):
+        if "transformer" in str(path):
+            raise OSError(28, "No space left on device")
+        return save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_at_the_dit)
+    torch.manual_seed(1)
+    with pytest.raises(OSError, match="No space left"):
+        export(out, TAEHV(16, (8, 16, 16), (16, 16, 8, 8)), torch.nn.Linear(2, 2), torch.ones(9, 4, 32),
+               Recipe.smoke(), 2.0, 1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_rerun_records_the_threads_that_made_the_weights_and_a_failed_runs_time(tmp_path, capsys):
+    """training.json's `threads` is the count the encoder was made with, not the last run's (the
+    threaded stages done, --threads 2 finishes a --threads 1 folder); a run that stops on an
+    error adds its time to `train_seconds` too."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["train-demo", "--smoke", "--work", str(work), "--output", str(out)]
+    assert main([*args, "--threads", "1"]) == 0
+    assert main([*args, "--threads", "2"]) == 0  # every stage done: nothing trains, the same files export
+    assert json.loads((out / "training.json").read_text())["threads"] == 1
+    total = json.loads((work / "seconds.json").read_text())["train_seconds"]
+    (work / "dit.ckpt").write_bytes(b"")  # damaged: the run stops at the DiT stage
+    assert main([*args, "--threads", "1"]) == 2
+    assert "dit.ckpt is damaged" in capsys.readouterr().err
+    assert json.loads((work / "seconds.json").read_text())["train_seconds"] > total
+
+
+def test_the_recorded_architecture_holds_the_timesteps_and_prompt_length_not_runtime_settings(tmp_path):
+    """A work folder is refused to a config that trains other timesteps (the schedule's shift and
+    length) or another prompt length; the DiT's dtype and attention backend (inference choices)
+    resume it."""
+    from streamdiff.demo.train import WorkError, architecture, claim_work
+
+    recipe = Recipe(photos=2)
+    claim_work(tmp_path, recipe, architecture(load_config("demo")))
+    claim_work(tmp_path, recipe, architecture(load_config("demo", ["model.dtype=bfloat16",
+                                                                   "model.attention_backend=torch"])))
+    for override, key in (("sampling.shift=3.0", "architecture.sampling.shift"),
+                          ("sampling.num_train_timesteps=500", "architecture.sampling.num_train_timesteps"),
+                          ("text.max_length=8", "architecture.text_max_length")):
+        with pytest.raises(WorkError, match=f"holds a run of another config \\({key}: "):
+            claim_work(tmp_path, recipe, architecture(load_config("demo", [override])))
+
+
+def test_a_work_folder_says_which_run_it_holds_and_takes_an_older_trainers_record(tmp_path):
+    """A --smoke run over a full run's folder is told so; a folder whose recipe.json an earlier
+    trainer wrote without the architecture resumes; stage files without any recipe.json,
+    checkpoints or not, are refused."""
+    from dataclasses import asdict
+
+    from streamdiff.demo.train import WorkError, architecture, claim_work
+
+    demo = architecture(load_config("demo"))
+    full, older, bare = tmp_path / "full", tmp_path / "older", tmp_path / "bare"
+    for folder in (full, older, bare):
+        folder.mkdir()
+    claim_work(full, Recipe(), demo)
+    with pytest.raises(WorkError, match=r"holds a full run \(this one is --smoke\)"):
+        claim_work(full, Recipe.smoke(), demo)
+    (older / "recipe.json").write_text(json.dumps(asdict(Recipe.smoke())))
+    claim_work(older, Recipe.smoke(), demo)  # resumes
+    (bare / "pca.pt").write_bytes(b"")
+    with pytest.raises(WorkError, match="recorded no recipe"):
+        claim_work(bare, Recipe.smoke(), demo)
+
+
+def test_every_training_step_draws_a_new_batch(tmp_path, monkeypatch):
+    """Each step of the encoder and DiT stages trains on a batch of its own (seeded by the step,
+    so a resumed run draws the ones it would have), not one batch over and over."""
+    from dataclasses import replace
+
+    from streamdiff.demo import dit_train, train
+
+    cfg = load_config("demo")
+    recipe = replace(Recipe.smoke(), vae_encoder_steps=3, dit_steps=3)
+    seen = {"vae": [], "dit": []}
+    vae_batch, make_batch = train.vae_batch, dit_train.make_batch
+
+    def spy(make, stage):
+        def made(*args):
+            batch = make(*args)
+            seen[stage].append(batch if stage == "vae" else batch["x"])
+            return batch
+        return made
+
+    monkeypatch.setattr(train, "vae_batch", spy(vae_batch, "vae"))
+    monkeypatch.setattr(dit_train, "make_batch", spy(make_batch, "dit"))
+    data = [np.random.default_rng(0).integers(0, 255, (1, 9, 9, 64, 64, 3), dtype=np.uint8)]
+    pca = {"mean": torch.zeros(768), "basis": torch.linalg.qr(torch.randn(768, 16))[0], "var": torch.ones(16)}
+    train.stage_vae_encoder(tmp_path, cfg, data, recipe, pca)
+    train.stage_dit(tmp_path, cfg, torch.randn(2, 9, 16, 3, 8, 8), recipe)
+    for stage, batches in seen.items():
+        assert len(batches) == 3, stage
+        assert not any(torch.equal(a, b) for i, a in enumerate(batches) for b in batches[i + 1:]), stage
