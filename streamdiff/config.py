@@ -496,10 +496,11 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            homes = [f"{prefix + '.' if prefix else ''}{name}.{key}" for name in sorted(names)
+            section = f"{prefix}." if prefix else ""
+            homes = [f"{section}{name}.{key}" for name in sorted(names)
                      if is_dataclass(hints[name]) and key in {f.name for f in fields(hints[name])}]
             if not homes:  # a typo of a key of its own section
-                homes = [f"{prefix + '.' if prefix else ''}{name}"
+                homes = [section + name
                          for name in difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.75)]
             hint = f"; did you mean {' or '.join(homes)}?" if homes else ""
             raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(names))}){hint}")

@@ -141,6 +141,15 @@ def test_split_stages_hold_their_blocks(cfg):
     assert max(two.stage_weights) < one.dit_weights
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"  # as format_plan prints it (tiny's parts are all under 256 MiB)
+
+
+def _prompt_kv_bytes(runner) -> int:
+    """The bytes of the prompt K/V a runner keeps (every prompt in its cache, every layer)."""
+    return sum(k.nbytes + v.nbytes for cross, _ in runner._prompt_cache.values() for k, v in cross.values())
+
+
 def _share(plan, device: str, streams: int, *fields: str) -> int:
     """The bytes the plan's `fields` add to what `device` holds with `streams` streams."""
     return plan.device_total(device, streams) - replace(plan, **dict.fromkeys(fields, 0)).device_total(device, streams)
@@ -179,8 +188,7 @@ def test_one_device_a_stage_holds_what_its_stage_builds():
         if k == 0:  # the runner keeps streams + 4 prompts' K/V of its blocks
             for i in range(streams + 6):
                 runner._prompt_kv(f"prompt {i}")
-            held = sum(k_.nbytes + v_.nbytes for cross, _ in runner._prompt_cache.values() for k_, v_ in cross.values())
-            assert _share(plan, "stage 0", streams, "prompt_kv") == held
+            assert _share(plan, "stage 0", streams, "prompt_kv") == _prompt_kv_bytes(runner)
     whole = plan_memory(load_config("tiny", [*OVERRIDES, "model.num_layers=3"]), "cpu")
     for n in (1, 4):
         assert all(plan.device_total(d, n) < whole.total(n) for d in plan.devices())
@@ -275,8 +283,8 @@ def test_the_printed_parts_add_up_to_the_plan():
     per_stream_activations = plan.activations(3) - plan.activations(2)
     assert per_stream_activations in (plan.act_dit_row * plan.steps, plan.act_vae_stream)
     line = next(l for l in text.splitlines() if l.strip().startswith("activations:"))
-    mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731 - tiny's parts are all under 256 MiB
-    assert f"adds {mib(plan.act_dit_row * plan.steps)} to the DiT's phase and {mib(plan.act_vae_stream)} to the VAE's" in line
+    dit, vae = _mib(plan.act_dit_row * plan.steps), _mib(plan.act_vae_stream)
+    assert f"adds {dit} to the DiT's phase and {vae} to the VAE's" in line
     assert plan.act_vae_stream > 0
     n, n_steps = plan.max_streams(24 * GiB), plan.max_streams(24 * GiB, lanes_needed_only=True)
     assert n < n_steps and f"fits: {n} stream(s) " in text and f"; {n_steps} if the pool held only 1 lane(s)" in text
@@ -291,9 +299,8 @@ def test_the_prompt_kv_planned_is_what_the_runner_keeps(plan, steady):
     runner = ModelRunner(comps, max_streams=2)
     for i in range(8):
         runner._prompt_kv(f"prompt {i}")
-    held = sum(k.nbytes + v.nbytes for cross, _ in runner._prompt_cache.values() for k, v in cross.values())
     assert len(runner._prompt_cache) == 2 + 4
-    assert plan.total(2) - replace(plan, prompt_kv=0).total(2) == held
+    assert plan.total(2) - replace(plan, prompt_kv=0).total(2) == _prompt_kv_bytes(runner)
 
 
 def test_the_activations_planned_for_a_stream_run_a_row_per_step(plan, steady):
@@ -341,11 +348,10 @@ def test_no_stream_says_what_one_stream_needs(plan):
     not the empty model's."""
     split = replace(plan, reserve=0, stage_blocks=[1, 1], stage_weights=[plan.dit_weights // 2] * 2)
     text = format_plan(split, 2**20)
-    mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731 - tiny's parts are all under 256 MiB
-    one = {d: mib(split.device_total(d, 1)) for d in split.devices()}
-    assert one["stage 0"] != mib(split.device_total("stage 0", 0))
+    one = {d: _mib(split.device_total(d, 1)) for d in split.devices()}
+    assert one["stage 0"] != _mib(split.device_total("stage 0", 0))
     assert f"no stream (1 stream needs stage 0 {one['stage 0']}, stage 1 {one['stage 1']});" in text, text
-    assert f"no stream (1 stream needs {mib(split.total(1))};" in text, text
+    assert f"no stream (1 stream needs {_mib(split.total(1))};" in text, text
 
 
 def test_the_verdict_counts_the_lanes_a_render_holds_and_refuses_only_past_the_whole(monkeypatch):

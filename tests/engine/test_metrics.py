@@ -91,7 +91,11 @@ def test_totals_add_up_across_removal_failures_and_warm_up():
     totals = snap["totals"]
     assert (totals["frames_in"], totals["deadline_misses"], totals["streams_removed"]) == (5, 1, 1)
     assert (totals["pipeline_failures"], totals["pipeline_failures_unrecovered"]) == (3, 1)
+
+
+def test_the_spread_of_a_histogram_is_the_samples():
+    """Jitter on /metrics is the sample standard deviation (n - 1), as bench.report's."""
     intervals = Histogram()
     intervals.observe(200.0)
     intervals.observe(400.0)
-    assert intervals.stddev() == pytest.approx(141.42, abs=0.01)  # the sample's, as bench.report's jitter
+    assert intervals.stddev() == pytest.approx(141.42, abs=0.01)  # 100 * sqrt(2); over n: 100
