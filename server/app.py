@@ -94,8 +94,10 @@ from streamdiff.server.sdp import (
     check_offer_sdp,
     directions_per_section,
     prefer_h264,
+    reject_sections,
     require_directions,
     require_video_codec,
+    stand_in_for_unknown_audio,
     wait_ice_gathering,
 )
 from streamdiff.server.webrtc import (
@@ -409,6 +411,7 @@ async def whip_post(request: web.Request) -> web.Response:
                            f"(to watch stream {key!r}, use /whep/{key})")
         require_video_codec(sdp)
         sdp, rids = accept_simulcast(directions_per_section(sdp))
+        sdp, rejected = stand_in_for_unknown_audio(sdp)
     except CodecError as exc:
         return _error(406, str(exc))
     except ValueError as exc:  # SdpError or a bad ?stamp=
@@ -430,7 +433,7 @@ async def whip_post(request: web.Request) -> web.Response:
     try:
         _wire_input(session, sessions, settings)
         await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        answer_sdp = answer_simulcast(await _answer(session), rids)
+        answer_sdp = reject_sections(answer_simulcast(await _answer(session), rids), rejected)
     except Exception as exc:
         if (ended := _ended_meanwhile(sessions, session, settings.retry_after_s)) is not None:
             return ended  # (its peer closed under it)
@@ -465,7 +468,7 @@ async def whep_post(request: web.Request) -> web.Response:
         require_directions(sdp, sends=False, receives=True, what=f"/whep/{key} plays a stream (a WHEP "
                            f"player offers recvonly video); to publish, POST to /whip/{key}")
         require_video_codec(sdp, player=True)
-        sdp = directions_per_section(sdp)
+        sdp, rejected = stand_in_for_unknown_audio(directions_per_section(sdp))
     except CodecError as exc:
         return _error(406, str(exc))
     except SdpError as exc:
@@ -496,11 +499,11 @@ async def whep_post(request: web.Request) -> web.Response:
         on_rtcp(sender, lambda: setattr(session, "rtcp_s", time.monotonic()))
         if isinstance(track, PlayerTrack):
             answer_keyframe_requests(sender, track)
-        if "audio" in kinds:  # WHEP players expect audio too: silence
+        if kinds.count("audio") > len(rejected):  # WHEP players expect audio too: silence
             _send_on(session.pc, SilenceTrack())
         for transceiver in session.pc.getTransceivers():  # WHEP answers sendonly, even to a sendrecv offer
             transceiver.direction = "sendonly" if transceiver.sender.track is not None else "inactive"
-        answer_sdp = await _answer(session)
+        answer_sdp = reject_sections(await _answer(session), rejected)
     except Exception as exc:
         if (ended := _ended_meanwhile(sessions, session, 2)) is not None:
             return ended  # (its source ended, its peer closed under it)

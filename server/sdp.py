@@ -4,8 +4,9 @@ offers and ICE gathering.
 Owns: `check_offer_sdp` (malformed, video present), `video_directions` (which way the offer's
 video goes: a WHIP offer must send it, a WHEP offer receive it), `require_video_codec` (a codec
 aiortc can receive or send: OBS's encoders, players), the simulcast rules (one layer accepted, several refused: aiortc cannot receive simulcast),
-`prefer_h264` for WHEP answers, and `wait_ice_gathering` (no trickle: candidates go in the
-answer). Does not own: HTTP (server.app) or media tracks (server.webrtc).
+`prefer_h264` for WHEP answers, audio sections with no codec aiortc has (rejected in the answer,
+RFC 3264, not the whole offer), and `wait_ice_gathering` (no trickle: candidates go in the answer).
+Does not own: HTTP (server.app) or media tracks (server.webrtc).
 """
 
 from __future__ import annotations
@@ -224,6 +225,63 @@ def answer_simulcast(answer_sdp: str, rids: list[str]) -> str:
         out.append(line)
     if in_video:
         out += [f"a=rid:{rid} recv" for rid in rids] + [f"a=simulcast:recv {';'.join(rids)}"]
+    return eol.join(out) + eol
+
+
+def stand_in_for_unknown_audio(sdp: str) -> tuple[str, list[str]]:
+    """RFC 3264: an offered section with no codec in common is rejected in the answer (port 0), the
+    others are answered. aiortc refused the whole offer instead ("Failed to set remote audio
+    description send parameters": a probe's publisher offering AAC audio, which the server ignores
+    anyway, was refused 400, as was a player offering it). Each audio section with no codec aiortc has
+    goes to aiortc inactive, PCMU standing in for its codecs; returns that offer and the mids whose
+    sections `reject_sections` rejects in the answer."""
+    from aiortc.codecs import CODECS
+    from aiortc.rtcpeerconnection import find_common_codecs
+    from aiortc.sdp import SessionDescription
+
+    try:
+        parsed = SessionDescription.parse(sdp).media
+    except Exception:  # noqa: BLE001 - malformed: the trial peer says why
+        return sdp, []
+    session, sections = _media_sections(sdp)
+    if len(parsed) != len(sections):
+        return sdp, []
+    out, rejected = [line for line in session if line], []
+    for media, (kind, lines) in zip(parsed, sections):
+        if kind == "audio" and media.rtp.muxId and not find_common_codecs(CODECS["audio"], media.rtp.codecs):
+            rejected.append(media.rtp.muxId)
+            lines = [" ".join(lines[0].split()[:3] + ["0"])] + [
+                line for line in lines[1:] if not line.startswith(("a=rtpmap:", "a=fmtp:", "a=rtcp-fb:"))
+                and line[2:] not in DIRECTIONS] + ["a=rtpmap:0 PCMU/8000", "a=inactive"]
+        out += [line for line in lines if line]
+    if not rejected:
+        return sdp, []
+    eol = "\r\n" if "\r\n" in sdp else "\n"
+    return eol.join(out) + eol, rejected
+
+
+def reject_sections(answer_sdp: str, mids: list[str]) -> str:
+    """The answer with the sections of `mids` rejected (RFC 3264: port 0, inactive; RFC 8843: out
+    of the BUNDLE group)."""
+    if not mids:
+        return answer_sdp
+    eol = "\r\n" if "\r\n" in answer_sdp else "\n"
+    session, sections = _media_sections(answer_sdp)
+    out = []
+    for line in session:
+        if line.startswith("a=group:BUNDLE"):
+            line = " ".join(item for item in line.split(" ") if item not in mids)
+        if line:
+            out.append(line)
+    for _, lines in sections:
+        if next((line[6:] for line in lines if line.startswith("a=mid:")), None) in mids:
+            m = lines[0].split()  # (as a browser rejects one: its other lines kept, no candidates or stream)
+            kept = [line for line in lines[1:]
+                    if not line.startswith(("a=candidate:", "a=end-of-candidates", "a=ssrc", "a=msid:"))]
+            lines = [" ".join([m[0], "0", *m[2:]]), *(
+                "a=inactive" if line[2:] in DIRECTIONS else "c=IN IP4 0.0.0.0" if line.startswith("c=") else line
+                for line in kept)]
+        out += [line for line in lines if line]
     return eol.join(out) + eol
 
 

@@ -158,6 +158,23 @@ def _with_h264(offer: str, fmtp: str | None) -> str:
     return "".join(out)
 
 
+def _audio_only_in(offer: str, codec: str) -> str:
+    """An OBS-like offer (audio its last section) whose audio offers `codec` alone, as payload type 96."""
+    head, audio = offer.split("m=audio", 1)
+    m_line, rest = audio.split("\r\n", 1)
+    lines = [line for line in rest.split("\r\n") if not line.startswith("a=rtpmap:")]
+    return head + "m=audio" + " ".join(m_line.split(" ")[:3] + ["96"]) + "\r\n" + f"a=rtpmap:96 {codec}\r\n" + \
+        "\r\n".join(lines)
+
+
+def _sections(sdp: str) -> dict[str, list[str]]:
+    """kind -> lines of an answer's section of that kind (its m-line first), and the BUNDLE group's mids."""
+    out = {"bundle": next(line for line in sdp.splitlines() if line.startswith("a=group:BUNDLE")).split()[1:]}
+    for part in sdp.split("\r\nm=")[1:]:
+        out[part.split(" ", 1)[0]] = ("m=" + part).splitlines()
+    return out
+
+
 async def _codecs():
     async with running_server(max_sessions=4, max_streams=2) as (url, app):
         sessions = sessions_of(app)
@@ -183,20 +200,35 @@ async def _codecs():
             player_av1 = await _post(http, url, "/whep/vp8", av1)
             high = _with_h264(offer, "packetization-mode=1;profile-level-id=640c1f").replace("a=sendonly", "a=recvonly")
             player_high = await _post(http, url, "/whep/vp8", high)
+            # audio in a codec aiortc does not have (AAC): the audio section is rejected, not the offer
+            aac = await _post(http, url, "/whip/aac", _audio_only_in(offer, "MP4A-LATM/90000"))
+            aac_player = await _post(http, url, "/whep/vp8", _audio_only_in(offer, "MP4A-LATM/90000").replace(
+                "a=sendonly", "a=recvonly"))
             await pub.close()
-    return mode0, no_fmtp, status, player_av1, player_high
+    return mode0, no_fmtp, status, player_av1, player_high, aac, aac_player
 
 
 def test_codecs_aiortc_can_use_are_taken_and_the_others_refused_with_406():
     """H.264 in packetization-mode 0 (what an fmtp line without it means) passed the profile check
     and then failed in aiortc with a 400 that said nothing; a VP8 publisher was refused although
     aiortc receives it; a player offering AV1 or High-profile H.264 only got a bare 400."""
-    mode0, no_fmtp, vp8_status, player_av1, player_high = asyncio.run(_codecs())
+    mode0, no_fmtp, vp8_status, player_av1, player_high, aac, aac_player = asyncio.run(_codecs())
     for status, text, _ in (mode0, no_fmtp):
         assert status == 406 and "packetization-mode=1" in text, (status, text)
     assert vp8_status == 201
     assert player_av1[0] == 406 and "AV1" in player_av1[1] and "VP8" in player_av1[1], player_av1
     assert player_high[0] == 406 and "High (640c1f)" in player_high[1], player_high
+    # Audio with no codec in common: RFC 3264 rejects that section (port 0), the video is answered.
+    # aiortc refused the whole offer with 400 (a probe: a publisher's stream refused for its audio).
+    for (status, sdp, _), video in ((aac, "a=recvonly"), (aac_player, "a=sendonly")):
+        assert status == 201, (status, sdp)
+        sections = _sections(sdp)
+        audio = sections["audio"]
+        assert audio[0].split()[1] == "0" and "a=inactive" in audio, audio
+        assert not any(line.startswith("a=candidate:") for line in audio), audio
+        mid = next(line[6:] for line in audio if line.startswith("a=mid:"))
+        assert mid not in sections["bundle"] and sections["bundle"], sections["bundle"]
+        assert video in sections["video"] and sections["video"][0].split()[1] != "0", sections["video"]
 
 
 async def _player_with_two_video_sections(sends: str | None, receives: str | None):
