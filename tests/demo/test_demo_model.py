@@ -191,3 +191,35 @@ def test_the_trainers_forward_on_the_shipped_weights_is_what_the_pipeline_serves
         other = xt - comps.schedule.sigma(t + 100) * flow
         wrong = tensor_to_frames(decode_latents(net, other, [None] * TAEHV.num_memblocks(net.decoder), first=True))
     assert psnr(wrong, served) < 50.0
+
+
+def test_a_prompt_means_the_earliest_of_the_nine_names_it_names():
+    """How the demo reads any prompt (and what `render` says it read): case and runs of white
+    space do not matter, the name that occurs first in the prompt wins (not the first in the
+    list), and a prompt naming none of them is `a photo`."""
+    from streamdiff.model.style_prompts import DEFAULT_PROMPT, prompt_style
+
+    assert prompt_style("A MOSAIC of the starry night") == "mosaic"
+    assert prompt_style("an oil painting, then a Watercolor\n  sketch") == "oil painting"
+    assert prompt_style("Starry  night\tover my desk") == "starry night"
+    assert prompt_style("a cyberpunk city") == DEFAULT_PROMPT
+
+
+def test_a_prompt_table_of_another_width_or_not_of_floats_is_refused(tmp_path):
+    """A table made for another model width, or holding integers, was taken as it was: a
+    traceback at the first prompt, or styles of garbage."""
+    import torch
+    from safetensors.torch import save_file
+
+    from streamdiff.model.loading import WeightsMismatchError
+    from streamdiff.model.style_prompts import TABLE_KEY, StylePromptEncoder
+
+    table = torch.randn(len(PROMPT_NAMES), 4, 16)
+    for name, tensor, words in (("wide", table[..., :8], "model.text_dim=16"),
+                                ("ints", table.int(), "not floating point"), ("good", table, None)):
+        save_file({TABLE_KEY: tensor.contiguous()}, str(tmp_path / f"{name}.safetensors"))
+        if words is not None:
+            with pytest.raises(WeightsMismatchError, match=words):
+                StylePromptEncoder.from_file(tmp_path / f"{name}.safetensors", 16)
+    enc = StylePromptEncoder.from_file(tmp_path / "good.safetensors", 16)
+    torch.testing.assert_close(enc.encode("Fiery red!"), table[PROMPT_NAMES.index("fiery red")][None], rtol=0, atol=0)

@@ -57,8 +57,11 @@ def test_auto_takes_the_fastest_backend_that_runs(monkeypatch):
     monkeypatch.setattr(attention, "triton_available", lambda: True)
     assert resolve_backend("auto", "cuda") == "triton"
     assert resolve_backend("auto", "cpu") == "torch"  # Triton's interpreter is a test tool, not fast
+    assert resolve_backend("torch", "cuda") == "torch"  # asked for by name: kept, even where Triton runs
     monkeypatch.setattr(attention, "triton_available", lambda: False)
     assert resolve_backend("auto", "cuda") == "torch"
+    with pytest.raises(ValueError, match="attention_backend=triton needs Triton"):  # not a silent fallback
+        resolve_backend("triton", "cuda")
     with pytest.raises(ValueError, match="unknown attention backend 'xformers'"):
         resolve_backend("xformers", "cuda")
     with pytest.raises(ValueError, match="unknown attention backend"):
@@ -125,3 +128,22 @@ def test_a_shape_met_first_while_compiling_or_capturing_takes_the_kernel_untimed
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert choice.decide(("shape",), lambda: None, lambda: None) is True
     assert choice.kernel == {}  # not remembered: an eager call of that shape still times it
+
+
+def test_a_shape_takes_the_path_of_the_fastest_of_its_timed_calls():
+    """Each path is timed REPEATS times and its fastest call counts, so one slow call (a GC
+    pause, another process on the GPU) does not send a shape to the slower path for the rest
+    of the server's life."""
+    from streamdiff.model.attention import AttendChoice
+
+    def kernel():
+        return None
+
+    def sdpa():
+        return None
+
+    times = {kernel: iter([1.0, 9.0, 1.0]), sdpa: iter([2.0, 2.0, 2.0])}  # the kernel's second call stalled
+    choice = AttendChoice(timer=lambda fn: next(times[fn]))
+    key = ((1, 30, 2, 8), torch.float32, (15, 2, 8), (1, 6), True)  # q, dtype, a K pool slot, slot table, full
+    assert choice.decide(key, kernel, sdpa) is True
+    assert choice.kernel == {key: True}

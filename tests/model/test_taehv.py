@@ -88,6 +88,7 @@ def test_streaming_encode_and_decode_equal_the_whole_clip(sizes):
     parts = [sv.decode_chunk(ref[:, :, :1], state), sv.decode_chunk(ref[:, :, 1:3], state),
              sv.decode_chunk(ref[:, :, 3:], state)]
     assert [p.shape[2] for p in parts] == [1, 8, 4]
+    assert (state.decoded_latents, state.decoded_frames) == (4, 13)
     expected = _ref_decode(net, ref)
     assert expected.shape == x.shape and expected.std() > 0.02 and expected.abs().max() < 1
     torch.testing.assert_close(torch.cat(parts, dim=2), expected, atol=1e-5, rtol=0)
@@ -110,14 +111,22 @@ def test_two_streams_batched_equal_separate_calls():
 
 def test_chunk_rules_are_checked_before_the_memory_changes():
     sv = StreamingTAEHV(_seeded(NARROW))
+    x = _clip(9, 0)
     state = sv.new_state()
     with pytest.raises(ValueError, match="1 \\+ 4k"):
-        sv.encode_chunk(_clip(4, 0), state)
-    sv.encode_chunk(_clip(5, 0), state)
+        sv.encode_chunk(x[:, :, :4], state)
+    first = sv.encode_chunk(x[:, :, :5], state)
     with pytest.raises(ValueError, match="multiple of 4"):
-        sv.encode_chunk(_clip(3, 0), state)
+        sv.encode_chunk(x[:, :, 5:8], state)
     with pytest.raises(ValueError, match="multiples of 8"):
         sv.encode_chunk(torch.zeros(1, 3, 4, 20, 48), state)
+    with pytest.raises(ValueError, match="multiple of 4 frames, got 0"):  # was a traceback that emptied the memory
+        sv.encode_chunk(x[:, :, 5:5], state)
+    with pytest.raises(ValueError, match="differ from this stream's earlier calls"):  # another batch of streams
+        sv.encode_chunk(torch.zeros(2, 3, 4, H, W), state)
+    # the refused calls left the memory as it was: the stream still equals one whole-clip pass
+    rest = sv.encode_chunk(x[:, :, 5:], state)
+    torch.testing.assert_close(torch.cat([first, rest], 2), _ref_encode(sv.net, x), atol=1e-5, rtol=0)
 
 
 def test_the_decoders_input_clamp_is_the_public_soft_clamp():
@@ -126,6 +135,21 @@ def test_the_decoders_input_clamp_is_the_public_soft_clamp():
     taew2_1.pth weights were trained with."""
     x = torch.tensor([-6.0, -1.0, 0.0, 0.5, 3.0, 9.0])
     torch.testing.assert_close(Clamp()(x), torch.tanh(x / 3) * 3)
+
+
+def test_a_memblock_convolves_its_input_before_its_memory():
+    """The public TAEHV's MemBlock convolves cat([x, past]): the first half of its first conv's
+    input channels sees this step, the second half the step before. The oracles above call the
+    block itself, and random weights fit either order, so only this pins the order the real
+    taew2_1.pth weights were trained with."""
+    torch.manual_seed(5)
+    block = MemBlock(3, 3)
+    with torch.no_grad():
+        block.conv[0].weight[:, 3:] = 0  # what the memory is convolved with
+    x, memory = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
+    out = block(x, memory)
+    assert torch.equal(out, block(x, torch.randn_like(memory)))
+    assert not torch.equal(out, block(torch.randn_like(x), memory))
 
 
 OFFICIAL_KEYS = [  # names in the public taew2_1.pth (encoder/decoder nn.Sequential indices)

@@ -4,6 +4,7 @@ missing files, and the tiny built-in encoder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -132,6 +133,10 @@ def test_umt5_cache_calls_model_once_and_evicts_lru(umt5_dirs):
     assert len(calls) == 4
     info = enc.cache_info()
     assert info == {"hits": 4, "misses": 4, "size": 2, "capacity": 2}
+    uncached = _umt5(umt5_dirs, cache_size=0)  # text.cache_size=0: each prompt encoded afresh
+    emb = uncached.encode("a cat")
+    torch.testing.assert_close(emb, a1, rtol=0, atol=0)
+    assert not emb.is_inference() and uncached.cache_info()["size"] == 0  # a normal tensor, as with the cache
 
 
 def test_umt5_missing_files_name_the_path(umt5_dirs, tmp_path):
@@ -154,6 +159,7 @@ def _broken_text_folders(umt5_dirs, root):
     error must say."""
     import shutil
 
+    from safetensors.torch import load_file, save_file
     from transformers import UMT5Config, UMT5EncoderModel
 
     def copy(name: str):
@@ -180,6 +186,11 @@ def _broken_text_folders(umt5_dirs, root):
                      relative_attention_num_buckets=8, relative_attention_max_distance=16)
     UMT5EncoderModel(cfg).save_pretrained(str(small / "text_encoder"))
     cases.append(("vocab", "not this encoder's tokenizer"))
+    lacking = copy("lacking") / "text_encoder" / "model.safetensors"  # a tensor short: random weights, no word
+    tensors = load_file(str(lacking))
+    del tensors["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
+    save_file(tensors, str(lacking), metadata={"format": "pt"})
+    cases.append(("lacking", "keys matched"))
     return cases
 
 
@@ -280,6 +291,13 @@ def test_build_prompt_encoder_umt5(umt5_dirs):
     assert isinstance(enc, UMT5PromptEncoder) and enc.cache_size == 3
     ref, _ = _reference(umt5_dirs, "neon lights", MAX_LEN)
     torch.testing.assert_close(enc.encode("neon lights"), ref, rtol=0, atol=0)
+    # text.device=cpu keeps umT5 off the model's device (`meta` stands in for a GPU), and
+    # text.offload_after_encode reaches the encoder: a 24 GB card relies on both
+    kept = build_prompt_encoder(dataclasses.replace(text, device="cpu"), weights, D_MODEL, "meta", torch.float32)
+    assert kept.encoder_device.type == "cpu" and kept.encode("neon lights").device.type == "meta"
+    offloaded = build_prompt_encoder(dataclasses.replace(text, offload_after_encode=True), weights, D_MODEL, "cpu",
+                                     torch.float32)
+    assert offloaded.offload_after_encode and offloaded.encoder_device.type == "cpu"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +315,10 @@ def test_tiny_deterministic_distinct_and_zero_padded():
     assert torch.all(cat[0, n:] == 0) and torch.all(cat[0, :n].abs().sum(-1) > 0)
     dog = a.encode("A dog, on a sofa")
     assert (cat - dog)[0, :n].abs().max() > 0.1
-    assert not torch.equal(cat, a.encode("sofa a on , cat A"))  # word order matters
+    reordered = a.encode("sofa a on , cat A")
+    assert not torch.equal(cat, reordered)  # word order matters
+    # and not only through where each word's row sits: cross-attention (no mask) sees the rows as a set
+    assert not torch.allclose(cat[0].sum(0), reordered[0].sum(0), atol=1e-3)
     other_seed = TinyPromptEncoder(32, max_length=64, seed=4).encode("A cat, on a sofa")
     assert not torch.equal(cat, other_seed)
     # Mixing: changing one word changes every real token's embedding, not only its own.

@@ -133,6 +133,9 @@ def test_reset_starts_a_new_stream_and_releases_the_cache(svae):
     assert all(c is None for c in state.enc_cache + state.dec_cache)
     again, _ = _encode_in(svae, x, [1, 4], state)  # a first call is allowed again and gives the same latents
     torch.testing.assert_close(again, first, atol=0, rtol=0)
+    decoding = svae.new_state()  # the decoder's caches count too (the memory plan, the engine's stats)
+    svae.decode_chunk(first, decoding)
+    assert decoding.cache_bytes() == sum(t.nbytes for t in decoding.dec_cache if isinstance(t, torch.Tensor)) > 0
 
 
 def test_reset_forgets_the_device_so_a_state_refused_on_another_device_is_accepted_again(svae):
@@ -182,6 +185,9 @@ def test_bad_inputs_raise_and_leave_the_state_intact(svae):
         svae.decode_chunk(torch.zeros(1, 8, 1, 4, 6), state)
     with pytest.raises(ValueError, match="at least 1 latent frame"):
         svae.decode_chunk(torch.zeros(1, 16, 0, 4, 6), state)
+    svae.decode_chunk(torch.zeros(1, 16, 1, 4, 6), state)
+    with pytest.raises(ValueError, match="latents .* differ from this stream's earlier calls"):
+        svae.decode_chunk(torch.zeros(2, 16, 1, 4, 6), state)  # another batch size mid-stream
     # The refused calls changed nothing: finishing the stream still matches the reference.
     rest = svae.encode_chunk(x[:, :, 1:9], state)
     ref = _reference_encode(svae, x)
