@@ -50,7 +50,7 @@ async def send_params(base_url: str, session: str, params: dict, token: str | No
     """Send one `params` message and return the server's reply (skipping stats pushes and changes
     other controllers made meanwhile, `elsewhere`)."""
     import websockets
-    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
     url = ws_url(base_url, session, token)
     headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -70,6 +70,8 @@ async def send_params(base_url: str, session: str, params: dict, token: str | No
             raise ControlError(f"{base_url} wants a token: give --token" if not token
                                else f"{base_url} refused the token") from None
         raise ControlError(f"{base_url} answered HTTP {status} instead of a control socket") from None
+    except InvalidHandshake as exc:  # not HTTP/1.1, or nothing (a probe: `python -m http.server` gave a traceback)
+        raise ControlError(f"{base_url} answers, but not as a StreamDiff server: {exc}") from None
     except TimeoutError:
         raise ControlError(f"{base_url} did not answer within {timeout_s:g} s") from None
     except ConnectionClosed as exc:  # e.g. 1009: the message is over the server's size limit

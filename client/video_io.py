@@ -105,10 +105,15 @@ def _shown(rgb: np.ndarray, ops: tuple[str, ...]) -> np.ndarray:
 
 
 def probe(path: str | Path) -> VideoInfo:
+    given = str(path)  # as typed: Path makes "" the folder "." and drops a URL's second slash (a probe)
     path = Path(path)
+    if not given.strip():
+        raise VideoInputError("--input is empty (an unset variable?): give a video file (or 'synthetic')")
     if path.is_dir():
         raise VideoInputError(f"{path} is a folder: give a video file (or 'synthetic')")
     if not path.is_file():
+        if "://" in given:
+            raise VideoInputError(f"{given} is a URL: render reads local files; download it first")
         raise VideoInputError(f"input not found: {path}")
     try:
         with av.open(_local(path)) as container:

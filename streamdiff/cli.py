@@ -267,6 +267,15 @@ def cmd_control(args: argparse.Namespace) -> int:
         raise CliError(f"cannot reach {args.url}: {exc}") from None
 
 
+def _refuse_empty(args: argparse.Namespace, *names: str) -> None:
+    """A flag given an empty value, as an unset variable gives one (`--url "$SERVER"`), is refused,
+    not taken as left out (a probe: bench --url "" measured the demo model, --json "" wrote nothing)."""
+    for name in names:
+        if (value := getattr(args, name)) is not None and not value.strip():
+            flag = "--" + name.replace("_", "-")
+            raise CliError(f"{flag} is empty (an unset variable?): give it a value, or leave the flag out")
+
+
 def _parse_int_list(flag: str, text: str, lo: int, hi: int) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -319,6 +328,7 @@ def _refuse_writing_over_inputs(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet torch.profiler (host_ms_per_step); before torch loads
+    _refuse_empty(args, "url", "config", "json", "plot")
     _refuse_writing_over_inputs(args)
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:  # before minutes of measuring, not after
@@ -541,6 +551,7 @@ def _bench_simulate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """streamdiff plan: the memory plan of a config from a meta-device build (bench/memory_plan.py)."""
+    _refuse_empty(args, "json")
     if args.json:
         check_writable(args.json, "--json")
     from streamdiff.bench.memory_plan import GiB, format_plan, parse_bytes, plan_memory, write_plan_json
@@ -578,6 +589,7 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
 
     from streamdiff.bench.gpu_check import CudaParts, format_dry_run, plan_parts, run_check
 
+    _refuse_empty(args, "out")
     load_config(args.config, list(args.set or ()))  # a wrong preset or --set fails now, not inside every part on the GPU
     parts = plan_parts(args.duration)
     if args.only:  # a later session's second look: e.g. --only "VAE" --only "kernel"

@@ -359,6 +359,12 @@ def test_result_paths_are_checked_before_the_work(tmp_path):
     (["serve", "--config", "tiny", "--stages", "3"], "--stages 3 exceeds model.num_layers=2"),
     (["plan", "--config", "tiny", "--stages", "3"], "--stages 3 exceeds model.num_layers=2"),
     (["serve", "--config", ""], "the config name is empty: give a preset (demo, tiny"),
+    # a probe: an empty value (an unset variable) was taken as left out: --url "" measured the demo model in
+    # model mode, --config "" the demo, --json "" wrote no report
+    (["bench", "--url", ""], "--url is empty (an unset variable?)"),
+    (["bench", "--config", ""], "--config is empty"),
+    (["bench", "--json", ""], "--json is empty"),
+    (["plan", "--config", "tiny", "--json", " "], "--json is empty"),
 ])
 def test_flag_mistakes_are_one_line_before_any_work(args, words, capsys):
     """A probe: argparse printed its usage block (4-11 lines) above the error; --sessions without

@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from streamdiff.client.video_io import VideoWriter, probe, read_frames
+from streamdiff.client.video_io import VideoInputError, VideoWriter, probe, read_frames
 
 
 def _frame(w: int, h: int) -> np.ndarray:
@@ -94,6 +94,15 @@ def test_names_with_a_colon_are_files(tmp_path, monkeypatch):
         writer.write([_frame(64, 48)] * 4)
     assert (tmp_path / "12:30.mp4").is_file() and probe("12:30.mp4").frames == 4
     assert len(list(read_frames("12:30.mp4"))) == 4
+
+
+def test_a_url_or_an_empty_name_is_said_as_typed():
+    """A CLI probe: `--input http://host/clip.mp4` was "input not found: http:/host/clip.mp4" (one
+    slash dropped) and `--input ""` (an unset variable) ". is a folder"."""
+    with pytest.raises(VideoInputError, match=r"^http://127\.0\.0\.1:9/x\.mp4 is a URL: render reads local files"):
+        probe("http://127.0.0.1:9/x.mp4")
+    with pytest.raises(VideoInputError, match=r"^--input is empty"):
+        probe("")
 
 
 def test_a_writer_that_fails_takes_away_the_folders_it_made(tmp_path):

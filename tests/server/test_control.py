@@ -2,6 +2,8 @@
 
 import asyncio
 import logging
+import socket
+import threading
 
 import aiohttp
 import pytest
@@ -145,6 +147,16 @@ def test_control_cli_sends_zero_and_off_and_says_what_it_could_not_reach(capsys,
     assert cli.main(["control", "--url", "http://127.0.0.1:9", "--session", "s", "--seed", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("streamdiff: error: cannot reach http://127.0.0.1:9") and len(err.splitlines()) == 1, err
+    # a probe: a server that is not ours (`python -m http.server` answers in HTTP/1.0) gave a websockets traceback
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        threading.Thread(target=lambda: other.accept()[0].sendall(b"HTTP/1.0 404 File not found\r\n\r\n"),
+                         daemon=True).start()
+        assert cli.main(["control", "--url", f"http://127.0.0.1:{other.getsockname()[1]}", "--session", "s",
+                         "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "answers, but not as a StreamDiff server" in err and len(err.splitlines()) == 1, err
 
     async def ended(*args):
         return {"type": "closed", "reason": "the publisher left"}
