@@ -479,7 +479,8 @@ async def run_e2e(url: str, sessions: int = 1, duration_s: float = 30.0, *, fps:
                     admitted.append(record)
                 except SessionRefused as exc:
                     refused.append({"session": record.index + 1, "reason": str(exc)})
-                    print(f"{exc}; measuring the others", file=sys.stderr, flush=True)
+                    if len(records) > 1:  # (one session refused is the error itself: said once, below)
+                        print(f"{exc}; measuring the others", file=sys.stderr, flush=True)
             if not admitted:
                 raise BenchError(refused[0]["reason"])
             # 3. Measure, then read the server's own numbers while the streams still exist.

@@ -631,6 +631,7 @@ class SessionManager:
             raise KeyError(key)
         if message and target.params_applied is None:  # its first change: what it ran until now
             target.params_applied = to_control_words(await self.engine.params(target.id))
+        steps_before = (target.params_applied or {}).get("steps")
         try:
             params = await self.engine.update_params(target.id, **to_engine_params(message))
         except AdmissionRefused as exc:  # the console says so, as it does for a refused offer
@@ -652,7 +653,9 @@ class SessionManager:
             target.params_changes += 1
         target.params_applied = words
         count = target.params_changes
-        if "steps" in message:  # re-admitted with the new lane count
+        # re-admitted with the new lane count; a page sends its steps field with every Apply once
+        # its user set it, and each prompt change logged "now runs N steps" again (a probe)
+        if "steps" in message and params.steps != steps_before:
             admission = await self.engine.admission(target.id)
             target.expect = expectation(admission, self.target_fps, self.deadline_ms)
             # the console says it as for a start (a probe: only the control reply said it)

@@ -355,8 +355,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # 1. End-to-end mode: a running server, measured by the client load generator.
     if args.url:
         if extra := given(BENCH_MODEL_ONLY):
+            # (a probe: `--url ... --streams 3` from model mode, and no word of the flag that opens 3 streams)
             raise CliError(f"--{extra[0].replace('_', '-')} is a model-mode flag; end-to-end mode (--url) "
-                           f"measures whatever the server runs")
+                           f"measures whatever the server runs"
+                           + ("; --sessions N opens N streams on it" if extra[0] == "streams" else ""))
         _check_server_url(args.url)
         args.token = args.token or os.environ.get(TOKEN_ENV) or None  # (model mode ignores the variable)
         from streamdiff.client import bench as e2e

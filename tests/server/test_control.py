@@ -87,7 +87,7 @@ def test_control_cli_mistakes_are_one_line(capsys):
     assert cli.build_parser().parse_args(["control", "--session", "s", "--motion", "Off"]).motion is False
 
 
-def test_control_cli_changes_params(capsys):
+def test_control_cli_changes_params(capsys, caplog):
     async def run():
         async with running_server() as (url, app):
             pub = await publish(url, "cam")
@@ -118,8 +118,10 @@ def test_control_cli_changes_params(capsys):
             sessions.RENEW_EVERY_S = 0.1
             sessions._renew_expectations()
             await until(lambda: len(asked) >= 3, "renewed every RENEW_EVERY_S")
+            # the steps it runs sent again (a page sends its steps field with every Apply once its user set it)
             code = await asyncio.to_thread(cli.main, ["control", "--url", url, "--session", "cam", "--token", TOKEN,
-                                                      "--prompt", "watercolor 水彩画", "--seed", "5"])
+                                                      "--prompt", "watercolor 水彩画", "--seed", "5",
+                                                      "--steps", "3"])
             assert code == 0
             publisher = sessions_of(app).publisher("cam")
             params = await app[ENGINE_KEY].params(publisher.id)
@@ -131,7 +133,11 @@ def test_control_cli_changes_params(capsys):
                     assert [s["stream_key"] for s in await resp.json()] == ["cam"]
             await pub.close()
 
-    asyncio.run(run())
+    with caplog.at_level(logging.INFO, logger="streamdiff.events"):
+        asyncio.run(run())
+    # a page probe: each prompt change from a page whose steps field was set said "now runs 3 steps" again
+    assert sum("now runs 3 steps" in r.getMessage() for r in caplog.records) == 1, \
+        [r.getMessage() for r in caplog.records]
 
 
 def test_control_cli_sends_zero_and_off_and_says_what_it_could_not_reach(capsys, monkeypatch):
@@ -389,7 +395,7 @@ def test_a_change_landing_while_a_steps_change_is_readmitted_is_still_pushed():
             engine.admission = slow_admission
             async with http.ws_connect(f"{url}/ws?session=cam", headers=auth()) as page, \
                     http.ws_connect(f"{url}/ws?session=cam", headers=auth()) as other:
-                await page.send_json({"type": "params", "steps": 2})
+                await page.send_json({"type": "params", "steps": 3})  # the preset runs 2
                 await asyncio.sleep(0.3)
                 await other.send_json({"type": "params", "prompt": "changed meanwhile"})
                 other_sent.set()

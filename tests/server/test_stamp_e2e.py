@@ -253,7 +253,7 @@ async def _bench_against(routes) -> str:
     raise AssertionError("the bench ran against a server that is not StreamDiff")
 
 
-def test_bench_says_when_something_else_answers():
+def test_bench_says_when_something_else_answers(capsys):
     """A probe: a service that is not StreamDiff was "cannot reach ... Expecting value: line 1
     column 1", and one answering /healthz with {"ok": true} ended in a KeyError traceback."""
     from aiohttp import web
@@ -267,10 +267,18 @@ def test_bench_says_when_something_else_answers():
     async def no_sdp(request):
         return web.json_response({"hello": "world"})
 
+    async def full(request):
+        return web.json_response({"error": "busy: 4 streams already running"}, status=503,
+                                 headers={"Retry-After": "10"})
+
     said = asyncio.run(_bench_against([web.get("/healthz", text)]))
     assert "answers, but not as a StreamDiff server: /healthz gave HTTP 404 '<html>hello</html>'" in said, said
     said = asyncio.run(_bench_against([web.get("/healthz", ok), web.post("/offer", no_sdp)]))
     assert "/offer answered session 1's offer without an SDP answer" in said and "StreamDiff server?" in said, said
+    # A probe: `--sessions 1` refused by a full server said so twice, first "...; measuring the others"
+    said = asyncio.run(_bench_against([web.get("/healthz", ok), web.post("/offer", full)]))
+    assert said == "the server refused session 1: HTTP 503: busy: 4 streams already running (retry after 10 s)", said
+    assert "measuring the others" not in capsys.readouterr().err
 
 
 async def _bench_one_refused(tmp_path):
