@@ -515,9 +515,9 @@ class EngineCore:
         """Run dummy streams at the configured frame size through their prepare and stream-batch
         steps: first to make weights, kernels and buffers resident and, with a compiled or
         graphed DiT, to build the graph of every batch shape streams can make (`_shape_mixes`);
-        none of those times is shown to the cost model. Then the dummy stream at `steps` and at
-        a second step count, measured by the scheduler's cost model like any step
-        (`_measured_passes`). `every_shape=False` (a benchmark of one batch shape): the dummy
+        none of those times is shown to the cost model. Then the dummy stream at `steps`, at
+        a second step count, and two of them together, measured by the scheduler's cost model
+        like any step (`_measured_mixes`). `every_shape=False` (a benchmark of one batch shape): the dummy
         stream at `steps` only, resident then measured. Returns the warm-up time in ms. Call
         before any stream is added; the engine's metrics start afresh afterwards."""
         if self._streams:
@@ -526,7 +526,8 @@ class EngineCore:
         params = StreamParams.defaults(self.cfg, prompt="warm-up")
         params = replace(params, steps=steps or params.steps)
         measured = self.scheduler
-        counts = self._step_counts(params.steps) if every_shape else (params.steps,)
+        passes = self._measured_mixes(params.steps) if every_shape else [(params.steps,)]
+        counts = tuple(mix[0] for mix in passes if len(mix) == 1)
         try:
             self.scheduler = FrameScheduler(FixedCostModel(LinearLaw(0.0, 0.0, 0.0)),
                                             max_streams=measured.max_streams, kv_lanes=measured.kv.num_lanes,
@@ -539,7 +540,7 @@ class EngineCore:
             for mix in mixes:
                 self._dummy_streams([replace(params, steps=n) for n in mix], seed)
             self.scheduler = measured
-            self._measured_passes(params, counts, seed)
+            self._measured_passes(params, passes, seed)
         finally:
             self.scheduler = measured
         self._measured_provisional()
@@ -560,7 +561,7 @@ class EngineCore:
         metrics, self.metrics = self.metrics, EngineMetrics()  # the dummy stream is not served (nor shown)
         params = StreamParams.defaults(self.cfg, prompt="warm-up")
         try:
-            self._measured_passes(params, self._step_counts(params.steps), seed)
+            self._measured_passes(params, self._measured_mixes(params.steps), seed)
         finally:
             self.metrics = metrics
         self._measured_provisional()
@@ -573,22 +574,31 @@ class EngineCore:
         if mark is not None:
             mark()
 
-    def _step_counts(self, steps: int) -> tuple[int, ...]:
-        """`steps`, and a second step count (2 after 1, else 1) where the KV pool has the lanes.
-        One stream at one step count has as many rows as chunks in every step, so the cost model
-        could not tell a row's cost (the DiT, per denoise step) from a chunk's (the VAE, once a
-        chunk): its prior split them, and a stream asking other steps than the preset's was told
-        the wrong fps (a probe: steps 1 on the tiny preset told 8.2 fps, got 4.2)."""
+    def _measured_mixes(self, steps: int) -> list[tuple[int, ...]]:
+        """The dummy streams measured at warm-up, each mix a pass of streams joining together (their
+        step counts): one stream at `steps`; one at a second step count (2 after 1, else 1); two
+        at `steps` together; each where the KV pool and the stream limit have room. One stream at
+        one step count has as many rows as chunks in every step, so the cost model could not tell
+        a row's cost (the DiT, per denoise step) from a chunk's (the VAE, once a chunk): its prior
+        split them, and a stream asking other steps than the preset's was told the wrong fps (a
+        probe: steps 1 on the tiny preset told 8.2 fps, got 4.2). And every step of one stream
+        has one chunk, so the step's fixed cost and a chunk's stood together: the prior put most
+        of it in the fixed cost, and streams joining together were told what one alone gets (a
+        probe: four demo users told 30 fps got 10-15, six told 30 under a 12 fps SLO got 8.4)."""
+        lanes = self.scheduler.kv.num_lanes
         other = 2 if steps == 1 else 1
-        return (steps, other) if other <= self.scheduler.kv.num_lanes else (steps,)
+        mixes = [(steps,)] + ([(other,)] if other <= lanes else [])
+        if self.scheduler.max_streams >= 2 and 2 * steps <= lanes:
+            mixes.append((steps, steps))
+        return mixes
 
-    def _measured_passes(self, params: StreamParams, counts: tuple[int, ...], seed: int) -> None:
-        """The dummy stream at each step count, measured; the cost model's fit of them then
-        becomes its prior (`calibrate_prior`), so that what serving steps cannot tell apart (while
-        every stream runs the same steps, rows and chunks rise together) stays split as measured
-        here once the warm-up's samples are replaced."""
-        for n in counts:
-            self._dummy_streams([replace(params, steps=n)], seed)
+    def _measured_passes(self, params: StreamParams, mixes: list[tuple[int, ...]], seed: int) -> None:
+        """Each mix of dummy streams, measured; the cost model's fit of them then becomes its prior
+        (`calibrate_prior`), so that what serving steps cannot tell apart (while every stream runs
+        the same steps, rows and chunks rise together) stays split as measured here once the
+        warm-up's samples are replaced."""
+        for mix in mixes:
+            self._dummy_streams([replace(params, steps=n) for n in mix], seed)
         calibrate = getattr(self.scheduler.cost_model, "calibrate_prior", None)
         if calibrate is not None:
             calibrate()

@@ -25,8 +25,9 @@ Provisional samples: steps measured at warm-up (often on a busy machine) are mar
 `mark_provisional()` and dropped as soon as `min_samples` steps measured while serving replace
 them; `reset()` forgets everything (the engine re-measures on an idle engine after a refusal).
 So predictions follow the step times observed now, not a busy start. The warm-up measures two
-step counts, and `calibrate_prior()` makes their fit the prior: what serving steps cannot tell
-apart (below) then stays split as this machine measured it, not as the default prior guesses.
+step counts and two streams together, and `calibrate_prior()` makes their fit the prior: what
+serving steps cannot tell apart (below) then stays split as this machine measured it, not as
+the default prior guesses.
 
 Why a prior pull: when every stream has the same frame size, tokens = rows x constant in steady
 steps, so rows and tokens are collinear and plain least squares is singular (while every stream
@@ -185,9 +186,10 @@ class OnlineCostModel:
 
     def calibrate_prior(self) -> None:
         """The fit of the samples so far becomes the prior (the engine's warm-up measured steps
-        of two batch shapes): a fit pulls toward its prior only where its samples cannot tell
+        of three batch shapes): a fit pulls toward its prior only where its samples cannot tell
         the coefficients apart, which while every stream runs the same steps is a row's cost
-        against a chunk's; the default prior split those as a GPU does, not as this machine."""
+        against a chunk's, and while one stream runs a step's fixed cost against a chunk's; the
+        default prior split those as a GPU does, not as this machine."""
         if self._window:
             self.prior = self._fit
 
