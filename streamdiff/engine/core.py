@@ -577,7 +577,8 @@ class EngineCore:
     def _measured_mixes(self, steps: int) -> list[tuple[int, ...]]:
         """The dummy streams measured at warm-up, each mix a pass of streams joining together (their
         step counts): one stream at `steps`; one at a second step count (2 after 1, else 1); two
-        at `steps` together; each where the KV pool and the stream limit have room. One stream at
+        at one step together (the cheapest third shape); each where the KV pool and the stream
+        limit have room. One stream at
         one step count has as many rows as chunks in every step, so the cost model could not tell
         a row's cost (the DiT, per denoise step) from a chunk's (the VAE, once a chunk): its prior
         split them, and a stream asking other steps than the preset's was told the wrong fps (a
@@ -588,8 +589,8 @@ class EngineCore:
         lanes = self.scheduler.kv.num_lanes
         other = 2 if steps == 1 else 1
         mixes = [(steps,)] + ([(other,)] if other <= lanes else [])
-        if self.scheduler.max_streams >= 2 and 2 * steps <= lanes:
-            mixes.append((steps, steps))
+        if self.scheduler.max_streams >= 2 and 2 <= lanes:
+            mixes.append((1, 1))
         return mixes
 
     def _measured_passes(self, params: StreamParams, mixes: list[tuple[int, ...]], seed: int) -> None:

@@ -141,8 +141,8 @@ def test_warmup_runs_the_model_path_and_leaves_nothing_behind(comps, cfg):
     warmup_ms = core.warmup()
     assert warmup_ms > 0 and core.metrics.warmup_ms == warmup_ms
     # the prepare + every lane, at the preset's steps, at one step (where rows = chunks), and two
-    # streams at the preset's steps together (a step's fixed cost against a chunk's)
-    assert core.scheduler.cost_model.samples == (1 + cfg.sampling.steps) + (1 + 1) + (1 + cfg.sampling.steps)
+    # streams at one step together (a step's fixed cost against a chunk's)
+    assert core.scheduler.cost_model.samples == (1 + cfg.sampling.steps) + (1 + 1) + (1 + 1)
     assert bookkeeping(core) == empty
     assert core.add_stream("s", params(cfg, "x"), RELAXED)
     with pytest.raises(RuntimeError, match="before any stream"):
