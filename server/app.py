@@ -142,6 +142,7 @@ class ServerSettings:
     replace_pending_after_s: float = 10.0  # ...or, when a newcomer would be refused, by then
     input_timeout_s: float = 10.0  # a connected stream session that sent no video for this long is freed
     player_timeout_s: float = 10.0  # a WHEP player whose RTCP reports stop for this long is freed
+    player_grace_s: float = 15.0  # a WHEP player whose source ended waits this long for the key's next publisher
     takeover_after_s: float = 5.0  # a publisher silent this long gives its key to a new one
     header_timeout_s: float = 10.0  # a connection whose request headers are not in by then is closed
     body_timeout_s: float = 10.0  # a request body not in by then gets 408
@@ -718,6 +719,7 @@ def build_app(engine, settings: ServerSettings | None = None, *, own_engine: boo
         takeover_after_s=settings.takeover_after_s,
         max_viewers=settings.max_viewers,
         player_timeout_s=settings.player_timeout_s,
+        player_grace_s=settings.player_grace_s,
     )
 
     async def on_startup(app: web.Application) -> None:

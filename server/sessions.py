@@ -7,7 +7,8 @@ mapping from control messages (`prompt`, `steps`, `noise`, `seed`, `motion`) to 
 parameters. Does not own: HTTP (server.app) or media details (server.webrtc).
 
 Kinds: "browser" (POST /offer: input and output on one peer), "whip" (publish only: input),
-"whep" (play only: subscribes to another session's output; holds no engine stream).
+"whep" (play only: subscribes to another session's output; holds no engine stream; when that
+session ends, it waits `player_grace_s` for the next publisher of its stream key).
 Option `stamp` (browser and whip): the frame-id stamp of the end-to-end benchmark is read from
 each input frame and drawn into the output frame made from it (server.webrtc, streamdiff.stamp).
 """
@@ -212,7 +213,8 @@ class Session:
     fanout: FanOut | None = None
     slot: FrameQueue | None = None  # the subscription a browser's output track (or a whep player's own) reads
     player: PlayerTrack | None = None  # whep: its track, fed by the stream's shared encoder
-    source: "Session | None" = None  # whep: the session it plays
+    source: "Session | None" = None  # whep: the session it plays (None while it waits for a publisher)
+    waiting_s: float | None = None  # whep: when its source ended; it waits `player_grace_s` for the key's next
     tasks: list = field(default_factory=list)
     created_s: float = field(default_factory=time.monotonic)
     connected_s: float | None = None  # when its peer first reached "connected"
@@ -249,6 +251,8 @@ class Session:
                        keyframe_requests=self.player.keyframe_requests)
         if self.expect is not None:
             out["expect"] = self.expect
+        if self.waiting_s is not None:
+            out["waiting_for_publisher_s"] = round(time.monotonic() - self.waiting_s, 1)
         return out
 
 
@@ -262,14 +266,18 @@ class SessionManager:
     WHEP player whose RTCP reports stop for `player_timeout_s` is freed (a killed player was sent
     video and held its place until ICE consent expired, 30 s). A stream session whose peer has
     not connected `replace_pending_after_s` after its offer gives its place to a newcomer that
-    would otherwise be refused (`_replace_pending`)."""
+    would otherwise be refused (`_replace_pending`). A WHEP player whose source ends waits
+    `player_grace_s` for a new publisher of its stream key (OBS reconnecting, or stopped and
+    started again), its peer kept, and plays that one once its peer connects; else it is freed
+    (`_wait_for_publisher`, `_resume_players`)."""
 
     ENDED_KEPT = 256  # recently ended sessions remembered, so that a late DELETE gets 200
 
     def __init__(self, engine, *, max_sessions: int, target_fps: float, deadline_ms: float,
                  ice_servers: list | None = None, connect_timeout_s: float = 30.0,
                  input_timeout_s: float = 10.0, takeover_after_s: float = 5.0, max_viewers: int = 16,
-                 player_timeout_s: float = 10.0, replace_pending_after_s: float = 10.0):
+                 player_timeout_s: float = 10.0, replace_pending_after_s: float = 10.0,
+                 player_grace_s: float = 15.0):
         self.engine = engine
         self.max_sessions = max_sessions
         # WHEP players, connected or not: each one's own encoder takes CPU from the model, and
@@ -281,6 +289,7 @@ class SessionManager:
         self.connect_timeout_s = connect_timeout_s
         self.input_timeout_s = input_timeout_s
         self.player_timeout_s = player_timeout_s
+        self.player_grace_s = player_grace_s
         self.takeover_after_s = takeover_after_s
         self.replace_pending_after_s = replace_pending_after_s
         self.sessions: dict[str, Session] = {}
@@ -426,6 +435,8 @@ class SessionManager:
                 session.connected_s = time.monotonic()
                 if kind == "whip":  # FFmpeg's publisher stops answering consent checks once connected
                     stop_consent_checks(pc)
+                if owns_stream:
+                    self._resume_players(session)
             if pc.connectionState in ("failed", "closed"):
                 await self.close(session_id, f"peer connection {pc.connectionState}")
 
@@ -521,6 +532,14 @@ class SessionManager:
                 return
             await asyncio.sleep(self.input_timeout_s - idle)
         while session.kind == "whep" and not session.closed:  # judged only once its player has reported
+            if session.waiting_s is not None:  # its source ended: sent nothing, it need not report
+                left = session.waiting_s + self.player_grace_s - time.monotonic()
+                if left <= 0:
+                    await self.close(session.id, f"its source {session.stream_key} ended and no publisher took "
+                                                 f"the key within {self.player_grace_s:g} s")
+                    return
+                await asyncio.sleep(min(1.0, left))
+                continue
             silent = 0.0 if session.rtcp_s is None else time.monotonic() - session.rtcp_s
             if silent >= self.player_timeout_s:
                 await self.close(session.id, f"its player sent no RTCP report for {silent:.0f} s (gone)")
@@ -560,9 +579,12 @@ class SessionManager:
         if session.player is not None:
             session.player.stop()  # leaves the shared encoder (the last player closes it)
         if session.fanout is not None:
+            viewers = [v for v in self.sessions.values() if v.source is session]
+            waiting = [v for v in viewers if self._wait_for_publisher(v, session)]  # (before the await below)
             await session.fanout.close()
-            for viewer in [v for v in self.sessions.values() if v.source is session]:
-                await self.close(viewer.id, f"its source {session.stream_key} ended")
+            for viewer in viewers:
+                if viewer not in waiting:
+                    await self.close(viewer.id, f"its source {session.stream_key} ended")
         # 3. The engine stream's removal, queued at step 0.
         if removal is not None:
             try:
@@ -578,6 +600,40 @@ class SessionManager:
         if self._trim is None or self._trim.done():
             self._trim = asyncio.ensure_future(self._release_memory_later())
         return True
+
+    def _wait_for_publisher(self, viewer: Session, source: Session) -> bool:
+        """`source` ends: its WHEP player `viewer` waits `player_grace_s` for the next publisher of
+        its stream key (OBS reconnecting after a network drop takes the key over, or its Stop and
+        Start), keeping its peer and its RTP stream, off the source's encoder (`FanOut.release`);
+        the watchdog frees it when none comes. A generic WHEP player lost the stream at each
+        reconnect and had to be restarted by hand. False (the viewer ends with the source): no
+        grace, the server stopping, a player with its own output track or not answered yet, or a
+        source played by its session id (no publisher takes that again)."""
+        if (self.player_grace_s <= 0 or self.stopping or viewer.closed or viewer.player is None
+                or source.stream_key == source.id):
+            return False
+        viewer.source, viewer.waiting_s = None, time.monotonic()
+        source.fanout.release(viewer.player)
+        events.info("session %s (whep, key %s) waits up to %g s for a new publisher: its source %s ended",
+                    viewer.id, viewer.stream_key, self.player_grace_s, source.id)
+        return True
+
+    def _resume_players(self, source: Session) -> None:
+        """`source`, a new publisher of a key whose players wait (`_wait_for_publisher`), has
+        connected: each plays it from its next keyframe, with the codec it negotiated."""
+        for viewer in [v for v in self.sessions.values() if v.waiting_s is not None
+                       and v.stream_key == source.stream_key and not v.closed]:
+            if source.closed or self.publisher(source.stream_key) is not source:
+                return
+            try:
+                source.fanout.player(*viewer.player.wants, track=viewer.player)
+            except RuntimeError:  # its fan-out ended (the engine ended the stream): its close follows
+                return
+            # its reports are judged from now on (a player may send none while it gets no video)
+            viewer.source, viewer.waiting_s = source, None
+            viewer.rtcp_s = None if viewer.rtcp_s is None else time.monotonic()
+            events.info("session %s (whep, key %s) plays again: the key's new publisher is session %s",
+                        viewer.id, viewer.stream_key, source.id)
 
     TRIM_AFTER_S = 2.0
 

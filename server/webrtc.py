@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Callable, NamedTuple
 
+import av
 import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
@@ -204,16 +205,26 @@ class FanOut:
         self.slots.discard(slot)
         slot.close()
 
-    def player(self, mime: str, max_fps: float, bitrate_bps: int) -> PlayerTrack:
+    def player(self, mime: str, max_fps: float, bitrate_bps: int, track: PlayerTrack | None = None) -> PlayerTrack:
         """A WHEP player's track, fed by the stream's encoder for `mime` (lower case; made on
-        first use, closed when its last player leaves)."""
+        first use, closed when its last player leaves). `track`: a player released by another
+        stream's fan-out (`release`), which plays this stream from its next keyframe on."""
         self._check_live()
         encoder = self.encoders.get(mime)
         if encoder is None:
             encoder = self.encoders[mime] = SharedEncoder(self, mime, max_fps, bitrate_bps, on_empty=self._encoder_idle)
-        player = PlayerTrack()
+        player = PlayerTrack() if track is None else track
+        player.wants = (mime, max_fps, bitrate_bps)
         encoder.join(player)
         return player
+
+    @staticmethod
+    def release(player: PlayerTrack) -> None:
+        """Take `player` off its encoder without ending its track: its peer's sender waits for
+        packets, which another stream's encoder may give it (`player(..., track=player)`)."""
+        if player.encoder is not None:
+            player.encoder.leave(player, end=False)
+        player.detach()
 
     def _encoder_idle(self, encoder: "SharedEncoder") -> None:
         if self.encoders.get(encoder.mime) is encoder:
@@ -436,7 +447,10 @@ class PlayerTrack(MediaStreamTrack):
     keyframe on (aiortc's sender packs an `av.Packet` as it is, with no encoder of its own). A
     player that falls behind skips to the next keyframe (it asks for one); a player's own
     keyframe request (RTCP PLI or FIR, after lost packets) is passed on to the encoder
-    (`answer_keyframe_requests`)."""
+    (`answer_keyframe_requests`). Released from its stream's encoder (`FanOut.release`: the
+    stream ended, its session waits for the key's next publisher) the track stays live and sends
+    nothing; joined to another stream's encoder of its codec, it plays on from that one's next
+    keyframe, its pts after those it sent (`put`), the sender's RTP stream the same one."""
 
     kind = "video"
     QUEUE_PACKETS = 8
@@ -452,6 +466,14 @@ class PlayerTrack(MediaStreamTrack):
         self._event = asyncio.Event()
         self._keyed = False  # a keyframe went out since the (re)start: the decoder can follow
         self._closed = False
+        self.wants: tuple | None = None  # (mime, max_fps, bitrate_bps): the encoder it negotiated
+        # Its RTP timestamps must not jump back when it moves to another stream's encoder (whose pts
+        # begin at 0): the first packet from there is put after the last one it got, as far after as
+        # the time between them, and its pts shifted by as much from then on.
+        self._last_pts: int | None = None
+        self._last_s = 0.0
+        self._offset = 0
+        self._moved = False  # released: the next encoder's first packet sets `_offset`
 
     def put(self, packet, keyframe: bool) -> None:
         if len(self._queue) >= self.QUEUE_PACKETS:  # behind: what is queued cannot be decoded alone
@@ -464,8 +486,25 @@ class PlayerTrack(MediaStreamTrack):
             self.skipped += 1
             return
         self._keyed = True
+        now = time.monotonic()
+        if self._moved:
+            self._moved = False
+            if self._last_pts is not None:
+                self._offset = self._last_pts + max(1, int((now - self._last_s) / packet.time_base)) - packet.pts
+        if self._offset:  # (the packet is shared with the encoder's other players: a copy)
+            shifted = av.Packet(bytes(packet))
+            shifted.pts, shifted.time_base = packet.pts + self._offset, packet.time_base
+            packet = shifted
+        self._last_pts, self._last_s = packet.pts, now
         self._queue.append(packet)
         self._event.set()
+
+    def detach(self) -> None:
+        """Off its encoder (`FanOut.release`), its track still live: from the next encoder's first
+        keyframe on, with its pts after the last ones sent."""
+        self.encoder = None
+        self._keyed = False
+        self._moved = True
 
     def request_keyframe(self) -> None:
         """The player's decoder needs a keyframe (it asked with a PLI or FIR)."""
@@ -489,6 +528,7 @@ class PlayerTrack(MediaStreamTrack):
     def stop(self) -> None:
         if self.encoder is not None:
             self.encoder.leave(self)
+        self.end()  # (released, it has no encoder to end it: its sender would wait on)
         super().stop()
 
 
@@ -527,9 +567,10 @@ class SharedEncoder:
     def request_keyframe(self) -> None:
         self._asked = True
 
-    def leave(self, player: PlayerTrack) -> None:
+    def leave(self, player: PlayerTrack, end: bool = True) -> None:
         self.players.discard(player)
-        player.end()
+        if end:
+            player.end()
         if not self.players and self.on_empty is not None:
             self.on_empty(self)
 

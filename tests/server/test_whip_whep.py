@@ -7,7 +7,10 @@ import aiohttp
 
 from streamdiff.server.app import ENGINE_KEY, SETTINGS_KEY
 
-from gateway_helpers import HEIGHT, WIDTH, answer, auth, obs_like_offer, running_server, sessions_of, viewer_offer
+from gateway_helpers import (HEIGHT, WIDTH, answer, auth, obs_like_offer, running_server, sessions_of, until,
+                             viewer_offer)
+
+SDP = {"Content-Type": "application/sdp"}
 
 
 async def _whip_whep():
@@ -195,7 +198,8 @@ def test_whep_players_share_one_encoder_per_codec():
 
 async def _publish_and_play(url: str, http, sessions):
     """An OBS-like publisher on `studio` and one H.264 WHEP player of it, playing: (publisher
-    peer, player peer, the player's session id, the stream's shared H.264 encoder)."""
+    peer, player peer, the player's session id, the stream's shared H.264 encoder, the player's
+    frames)."""
     sdp_headers = {**auth(), "Content-Type": "application/sdp"}
     pub, offer = await obs_like_offer()
     async with http.post(f"{url}/whip/studio", data=offer, headers=sdp_headers) as resp:
@@ -205,14 +209,14 @@ async def _publish_and_play(url: str, http, sessions):
         viewer_id = resp.headers["X-Session-Id"]
         await answer(view, await resp.text())
     await asyncio.wait_for(collector.enough.wait(), 120)
-    return pub, view, viewer_id, sessions.publisher("studio").fanout.encoders["video/h264"]
+    return pub, view, viewer_id, sessions.publisher("studio").fanout.encoders["video/h264"], collector
 
 
 async def _encoder_fails():
     async with running_server() as (url, app):
         sessions = sessions_of(app)
         async with aiohttp.ClientSession() as http:
-            pub, view, viewer_id, encoder = await _publish_and_play(url, http, sessions)
+            pub, view, viewer_id, encoder, _ = await _publish_and_play(url, http, sessions)
 
             def broken(*args, **kwargs):
                 raise RuntimeError("codec gone")
@@ -257,7 +261,7 @@ async def _a_player_asks_for_a_keyframe():
     async with running_server() as (url, app):
         sessions = sessions_of(app)
         async with aiohttp.ClientSession() as http:
-            pub, view, viewer_id, encoder = await _publish_and_play(url, http, sessions)
+            pub, view, viewer_id, encoder, _ = await _publish_and_play(url, http, sessions)
             encoder.KEYFRAME_EVERY_S = 1e9  # only asked-for keyframes from here on
             keys, encode = [], encoder._encode
 
@@ -296,6 +300,56 @@ def test_a_player_that_asks_for_a_keyframe_gets_one_soon():
     assert unasked == 0 and after_one == 1, (unasked, after_one)
     assert 1 <= storm <= 3 and frames > 3 * storm, (storm, frames)  # ten requests in a second: not ten keyframes
     assert listed["keyframe_requests"] == 11, listed
+
+
+async def _a_player_across_a_reconnect():
+    async with running_server() as (url, app):
+        sessions = sessions_of(app)
+        async with aiohttp.ClientSession() as http:
+            pub, view, viewer_id, _, collector = await _publish_and_play(url, http, sessions)
+            player, first = sessions.sessions[viewer_id], sessions.publisher("studio")
+            sent, take = [], player.player.recv
+
+            async def taken():  # the pts of each packet its RTP sender takes (its RTP timestamp, less an origin)
+                packet = await take()
+                sent.append(packet.pts)
+                return packet
+
+            player.player.recv = taken
+            await until(lambda: sent, "a packet of the first publisher's stream sent")
+            await pub.close()  # OBS's network drops (or its Stop); it publishes to the key again
+            await until(lambda: first.closed and (player.closed or player.source is None), "the source ends")
+            assert not player.closed, sessions.why_ended(viewer_id)  # its session waits for the key's next publisher
+            assert player.stats()["waiting_for_publisher_s"] >= 0  # (/sessions says so)
+            collector.want = len(collector.frames) + 6  # frames decoded from the next publisher's stream
+            collector.enough.clear()
+            again, offer = await obs_like_offer()
+            async with http.post(f"{url}/whip/studio", data=offer, headers={**auth(), **SDP}) as resp:
+                await answer(again, await resp.text())
+            await asyncio.wait_for(collector.enough.wait(), 120)
+            second = sessions.publisher("studio")
+            resumed = (player.source is second, sorted(second.fanout.encoders))
+            sent_then = list(sent)
+            await again.close()  # and now it does not come back: the player is freed after the grace
+            await until(lambda: second.closed and (player.closed or player.source is None), "the source ends")
+            player.waiting_s -= sessions.player_grace_s  # (as if it had waited that long)
+            await until(lambda: player.closed, "the player freed")
+            left = (sessions.sessions, first.fanout.encoders, second.fanout.encoders,
+                    [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith(("encode-", "fanout-"))])
+            why = sessions.why_ended(viewer_id)
+        await view.close()
+    return resumed, sent_then, left, why
+
+
+def test_a_player_plays_on_when_its_key_is_published_again():
+    """A generic WHEP player (OBS's WHEP source, ffplay) lost the stream at every reconnect of
+    its publisher ("its source ended") and had to be restarted by hand. It now keeps its session
+    and plays the key's next publisher, on the same RTP stream; none within the grace frees it."""
+    resumed, pts, left, why = asyncio.run(_a_player_across_a_reconnect())
+    assert resumed == (True, ["video/h264"]), resumed  # (the codec it negotiated)
+    assert len(pts) >= 6 and all(b > a for a, b in zip(pts, pts[1:])), pts  # the new encoder's after the last sent
+    assert left == ({}, {}, {}, []), left
+    assert why == "its source studio ended and no publisher took the key within 15 s", why
 
 
 async def _publish_until_frames(url, http, sessions, key: str, pub, offer: str):
@@ -437,7 +491,7 @@ async def _a_player_that_goes_silent():
     async with running_server(player_timeout_s=1.5) as (url, app):
         sessions = sessions_of(app)
         async with aiohttp.ClientSession() as http:
-            pub, view, viewer_id, _ = await _publish_and_play(url, http, sessions)
+            pub, view, viewer_id, _, _ = await _publish_and_play(url, http, sessions)
             player = sessions.sessions[viewer_id]
             await asyncio.sleep(3.0)  # longer than the timeout: a player that reports stays
             assert not player.closed and player.rtcp_s is not None
