@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fractions
 from types import SimpleNamespace
 
 import numpy as np
@@ -124,18 +125,22 @@ def test_a_player_behind_skips_to_the_next_keyframe_and_asks_for_one():
         def leave(self, player):
             pass
 
+    def packet(pts: int) -> SimpleNamespace:  # (what the track reads of an av.Packet)
+        return SimpleNamespace(pts=pts, time_base=fractions.Fraction(1, 30))
+
     player = PlayerTrack()
     player.encoder = Encoder()
-    player.put("p0", keyframe=False)  # joined mid-GOP: nothing it could decode yet
+    player.put(packet(0), keyframe=False)  # joined mid-GOP: nothing it could decode yet
     assert player.skipped == 1 and not player._queue
     for i in range(1, 1 + PlayerTrack.QUEUE_PACKETS):
-        player.put(f"p{i}", keyframe=i == 1)
+        player.put(packet(i), keyframe=i == 1)
     assert len(player._queue) == PlayerTrack.QUEUE_PACKETS and not player.encoder.want_keyframe
-    player.put("late", keyframe=False)  # a full queue: the player is behind
+    player.put(packet(9), keyframe=False)  # a full queue: the player is behind
     assert player.encoder.want_keyframe and player.skipped == 1 + PlayerTrack.QUEUE_PACKETS + 1
-    player.put("key", keyframe=True)
+    key = packet(10)
+    player.put(key, keyframe=True)
     got = asyncio.run(player.recv())
-    assert got == "key" and player.sent == 1
+    assert got is key and player.sent == 1
 
 
 def test_a_frame_that_cannot_be_made_ends_the_track_and_says_why():
