@@ -621,10 +621,10 @@ class SessionManager:
     def _resume_players(self, source: Session) -> None:
         """`source`, a new publisher of a key whose players wait (`_wait_for_publisher`), has
         connected: each plays it from its next keyframe, with the codec it negotiated."""
+        if source.closed or self.publisher(source.stream_key) is not source:
+            return
         for viewer in [v for v in self.sessions.values() if v.waiting_s is not None
                        and v.stream_key == source.stream_key and not v.closed]:
-            if source.closed or self.publisher(source.stream_key) is not source:
-                return
             try:
                 source.fanout.player(*viewer.player.wants, track=viewer.player)
             except RuntimeError:  # its fan-out ended (the engine ended the stream): its close follows

@@ -515,10 +515,10 @@ class EngineCore:
         """Run dummy streams at the configured frame size through their prepare and stream-batch
         steps: first to make weights, kernels and buffers resident and, with a compiled or
         graphed DiT, to build the graph of every batch shape streams can make (`_shape_mixes`);
-        none of those times is shown to the cost model. Then the dummy stream at `steps`, at
-        a second step count, and two of them together, measured by the scheduler's cost model
-        like any step (`_measured_mixes`). `every_shape=False` (a benchmark of one batch shape): the dummy
-        stream at `steps` only, resident then measured. Returns the warm-up time in ms. Call
+        none of those times is shown to the cost model. Then the dummy stream at `steps`, at a
+        second step count, and two of them together, measured by the scheduler's cost model like
+        any step (`_measured_mixes`). `every_shape=False` (a benchmark of one batch shape): the
+        dummy stream at `steps` only, resident then measured. Returns the warm-up time in ms. Call
         before any stream is added; the engine's metrics start afresh afterwards."""
         if self._streams:
             raise RuntimeError("warmup() must run before any stream is added")
@@ -576,16 +576,16 @@ class EngineCore:
 
     def _measured_mixes(self, steps: int) -> list[tuple[int, ...]]:
         """The dummy streams measured at warm-up, each mix a pass of streams joining together (their
-        step counts): one stream at `steps`; one at a second step count (2 after 1, else 1); two
-        at one step together (the cheapest third shape); each where the KV pool and the stream
-        limit have room. One stream at
-        one step count has as many rows as chunks in every step, so the cost model could not tell
-        a row's cost (the DiT, per denoise step) from a chunk's (the VAE, once a chunk): its prior
-        split them, and a stream asking other steps than the preset's was told the wrong fps (a
-        probe: steps 1 on the tiny preset told 8.2 fps, got 4.2). And every step of one stream
-        has one chunk, so the step's fixed cost and a chunk's stood together: the prior put most
-        of it in the fixed cost, and streams joining together were told what one alone gets (a
-        probe: four demo users told 30 fps got 10-15, six told 30 under a 12 fps SLO got 8.4)."""
+        step counts): one stream at `steps`; one at a second step count (2 after 1, else 1); two at
+        one step together (the cheapest third shape); each where the KV pool and the stream limit
+        have room. One stream at one step count has as many rows as chunks in every step, so the
+        cost model could not tell a row's cost (the DiT, per denoise step) from a chunk's (the VAE,
+        once a chunk): its prior split them, and a stream asking other steps than the preset's was
+        told the wrong fps (a probe: steps 1 on the tiny preset told 8.2 fps, got 4.2). And every
+        step of one stream has one chunk, so the step's fixed cost and a chunk's stood together: the
+        prior put most of it in the fixed cost, and streams joining together were told what one
+        alone gets (a probe: four demo users told 30 fps got 10-15, six told 30 under a 12 fps SLO
+        got 8.4)."""
         lanes = self.scheduler.kv.num_lanes
         other = 2 if steps == 1 else 1
         mixes = [(steps,)] + ([(other,)] if other <= lanes else [])
