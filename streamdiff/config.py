@@ -101,6 +101,10 @@ class VAEConfig:
     taehv_encoder_widths: tuple[int, ...] = (64, 64, 64)
     taehv_decoder_widths: tuple[int, ...] = (256, 128, 64, 64)
     taehv_blocks: int = 3  # MemBlocks per stage (3 in taew2_1.pth)
+    # vae.kind=taehv: the DiT works on the TAEHV's latents times this (encode multiplies, decode
+    # divides; diffusers' `scaling_factor`). 1 for taew2_1.pth, whose latents are the Wan DiT's
+    # already; the demo's own code is small beside the noise, and 2 keeps its detail (docs/demo.md).
+    latent_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -290,6 +294,7 @@ MAX_FRAME_SIDE = 8192  # pixels: the longest frame side any command takes (video
 _RANGES: dict[str, tuple[float, float]] = {
     "model.num_heads": (1, 256),
     "vae.taehv_blocks": (1, 8),
+    "vae.latent_scale": (1e-3, 1e3),
     "runtime.threads": (0, 1024),
     "model.head_dim": (8, 256),
     "model.num_layers": (1, 256),
@@ -396,6 +401,9 @@ def validate(cfg: Config) -> None:
     if cfg.vae.kind == "taehv" and cfg.vae.normalize_latents:  # a TAEHV probe: it was taken and ignored
         raise ConfigError("vae.normalize_latents is for the Wan encoder; TAEHV's latents are always the "
                           "normalised ones (vae.kind=taehv)")
+    if cfg.vae.kind != "taehv" and cfg.vae.latent_scale != 1:
+        raise ConfigError(f"vae.latent_scale={cfg.vae.latent_scale:g} is for vae.kind=taehv; the Wan VAE scales its "
+                          "own latents (vae.normalize_latents)")
     if len(cfg.vae.temperal_downsample) != len(cfg.vae.dim_mult) - 1:
         raise ConfigError("vae.temperal_downsample needs one entry fewer than vae.dim_mult")
     # The streaming path is built on Wan 2.1's compression, 8x in space (a halving after every

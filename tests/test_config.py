@@ -219,3 +219,11 @@ def test_a_taehv_setting_that_would_do_nothing_is_refused():
         load_config("demo", ["vae.decoder=taehv"])
     hybrid = load_config("tiny", ["vae.decoder=taehv", "vae.normalize_latents=true"])  # the Wan encoder's own
     assert hybrid.vae.normalize_latents and hybrid.vae.decoder == "taehv"
+    # the TAEHV's latent scale: the Wan VAE (and the Wan encoder a TAEHV decodes for) has its own
+    with pytest.raises(ConfigError, match="vae.latent_scale=2 is for vae.kind=taehv"):
+        load_config("tiny", ["vae.latent_scale=2"])
+    with pytest.raises(ConfigError, match="vae.latent_scale=2 is for vae.kind=taehv"):
+        load_config("tiny", ["vae.decoder=taehv", "vae.latent_scale=2"])
+    with pytest.raises(ConfigError, match=r"vae.latent_scale=0.0 is out of range"):
+        load_config("demo", ["vae.latent_scale=0"])
+    assert load_config("tiny", ["vae.kind=taehv", "vae.latent_scale=3"]).vae.latent_scale == 3

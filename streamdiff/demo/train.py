@@ -399,7 +399,8 @@ def stage_vae_encoder(work: Path, cfg: Config, data: list[np.ndarray], recipe: R
     reached 18.1 dB on the held-out clip, while a linear code of the same 16 numbers (this PCA)
     gives 23.0 dB, and a linear read-out of that TAEHV's latents only 18.4: its encoder was the
     limit (docs/demo.md). Regressed onto the PCA code, the encoder reaches a code the PCA basis
-    reads back at about 22 dB in 1500 steps."""
+    reads back at about 22 dB in 1500 steps. (In 4500 it reads 22.8, but the decoder then trained
+    on it decodes 0.9-1.7 dB worse: docs/demo.md, "The encoder's steps".)"""
     path = work / "vae_encoder.ckpt"
     net = _vae_net(cfg, recipe)
     params = list(net.encoder.parameters())
@@ -515,12 +516,16 @@ def stage_latents(work: Path, net: TAEHV, data: list[np.ndarray]) -> torch.Tenso
 
 
 def stage_dit(work: Path, cfg: Config, latents: torch.Tensor, recipe: Recipe):
+    """The DiT and the prompt table on the encoder's latents times `vae.latent_scale`, the
+    latents a stream's DiT is given (`StreamingTAEHV`)."""
     from streamdiff.demo.dit_train import make_batch, train_forward
     from streamdiff.model.causal_wan import CausalWanModel
     from streamdiff.model.loading import random_init_
     from streamdiff.sampling.noise_schedule import FlowMatchSchedule
 
     path = work / "dit.ckpt"
+    if cfg.vae.latent_scale != 1:
+        latents = latents * cfg.vae.latent_scale
     model = CausalWanModel(cfg.model)
     random_init_(model, recipe.seed)
     with torch.no_grad():  # start at flow 0, i.e. x0 = x_t

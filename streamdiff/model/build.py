@@ -133,7 +133,7 @@ def _taehv(cfg: Config, path: str, device: torch.device, dtype: torch.dtype) -> 
     else:
         net = load_taehv(path, cfg.vae, cfg.weights.min_match)
     net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return StreamingTAEHV(net.channels_last_() if device.type == "cpu" else net)
+    return StreamingTAEHV(net.channels_last_() if device.type == "cpu" else net, cfg.vae.latent_scale)
 
 
 def build_streaming_vae(cfg: Config, device: torch.device, dtype: torch.dtype) -> StreamingVAE:

@@ -284,11 +284,14 @@ def decode_latents(net: TAEHV, latents: torch.Tensor, memory: list, first: bool,
 class StreamingTAEHV(StreamingVAE):
     """`StreamingVAE`'s interface over TAEHV: the same call rules (first encode 1 + 4k frames,
     later 4k; decode any number of latents), the same `VAEStreamState` (one cache entry per
-    MemBlock: its last input, batch first), so the pipeline, engine and stages use either."""
+    MemBlock: its last input, batch first), so the pipeline, engine and stages use either.
+    `latent_scale` (config `vae.latent_scale`): the DiT's latents are the TAEHV's times it."""
 
-    def __init__(self, net: TAEHV):  # noqa: D107 - no Wan module: set the fields StreamingVAE reads
+    def __init__(self, net: TAEHV, latent_scale: float = 1.0):  # noqa: D107
+        # no Wan module: the fields StreamingVAE reads are set here
         self.vae = net.eval()
         self.net = net
+        self.latent_scale = float(latent_scale)
         self.z_dim = net.latent_channels
         self.in_channels = 3
         self._num_encoder_convs = TAEHV.num_memblocks(net.encoder)
@@ -307,6 +310,8 @@ class StreamingTAEHV(StreamingVAE):
     def encode_chunk(self, frames: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
         x, first = self._check_encode(frames, state)
         latents = self._encode(self.net, x, state.enc_cache, first)
+        if self.latent_scale != 1:
+            latents = latents * self.latent_scale
         state.encoded_frames += x.shape[2]
         state.encoded_latents += latents.shape[2]
         return latents
@@ -315,7 +320,7 @@ class StreamingTAEHV(StreamingVAE):
     def decode_chunk(self, latents: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
         z = self._check_decode(latents, state)
         first = state.decoded_latents == 0
-        frames = self._decode(self.net, z, state.dec_cache, first)
+        frames = self._decode(self.net, z / self.latent_scale if self.latent_scale != 1 else z, state.dec_cache, first)
         state.decoded_latents += z.shape[2]
         state.decoded_frames += frames.shape[2]
         return frames

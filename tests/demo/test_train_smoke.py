@@ -347,7 +347,8 @@ def test_the_recorded_architecture_holds_the_timesteps_and_prompt_length_not_run
                                                                    "model.attention_backend=torch"])))
     for override, key in (("sampling.shift=3.0", "architecture.sampling.shift"),
                           ("sampling.num_train_timesteps=500", "architecture.sampling.num_train_timesteps"),
-                          ("text.max_length=8", "architecture.text_max_length")):
+                          ("text.max_length=8", "architecture.text_max_length"),
+                          ("vae.latent_scale=3", "architecture.vae.latent_scale")):
         with pytest.raises(WorkError, match=f"holds a run of another config \\({key}: "):
             claim_work(tmp_path, recipe, architecture(load_config("demo", [override])))
 
@@ -402,3 +403,25 @@ def test_every_training_step_draws_a_new_batch(tmp_path, monkeypatch):
     for stage, batches in seen.items():
         assert len(batches) == 3, stage
         assert not any(torch.equal(a, b) for i, a in enumerate(batches) for b in batches[i + 1:]), stage
+
+
+def test_the_dit_trains_on_the_latents_a_stream_gives_it(tmp_path, monkeypatch):
+    """The latents stage keeps the encoder's code as it is (the decoder's input); the DiT's
+    batches come from that code times `vae.latent_scale`, as StreamingTAEHV hands it over."""
+    from dataclasses import replace
+
+    from streamdiff.demo import dit_train, train
+
+    make_batch, given = dit_train.make_batch, []
+
+    def spy(latents, *args):
+        given.append(latents)
+        return make_batch(latents, *args)
+
+    monkeypatch.setattr(dit_train, "make_batch", spy)
+    latents = torch.randn(2, 9, 16, 3, 8, 8)
+    for scale in (2.0, 1.0):
+        cfg = load_config("demo", [f"vae.latent_scale={scale}"])
+        (tmp_path / str(scale)).mkdir()
+        train.stage_dit(tmp_path / str(scale), cfg, latents, replace(Recipe.smoke(), dit_steps=1))
+        assert torch.equal(given[-1], latents * scale)

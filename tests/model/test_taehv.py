@@ -109,6 +109,29 @@ def test_two_streams_batched_equal_separate_calls():
         torch.testing.assert_close(f, sv.decode_chunk(z, sv.new_state()), atol=1e-5, rtol=0)
 
 
+def test_latent_scale_is_what_the_dit_gets_and_decoding_takes_it_off():
+    """`vae.latent_scale` (diffusers' scaling_factor): a stream's latents are the TAEHV's times
+    the scale, and decoding those gives the frames the unscaled wrapper gives, chunk by chunk."""
+    from streamdiff.model.build import build_streaming_vae
+
+    cfgs = [load_config("tiny", ["vae.kind=taehv", f"vae.latent_scale={k}", "vae.taehv_encoder_widths=[8,8,16]",
+                                 "vae.taehv_decoder_widths=[16,8,8,8]", "vae.taehv_blocks=1"]) for k in (1, 2.5)]
+    plain, scaled = (build_streaming_vae(c, torch.device("cpu"), torch.float32) for c in cfgs)
+    assert scaled.latent_scale == 2.5
+    x = _clip(9, 4)
+    states = {id(v): (v.new_state(), v.new_state()) for v in (plain, scaled)}
+    lat = {}
+    for v in (plain, scaled):
+        enc, _ = states[id(v)]
+        lat[id(v)] = [v.encode_chunk(x[:, :, :5], enc), v.encode_chunk(x[:, :, 5:], enc)]
+    for a, b in zip(lat[id(plain)], lat[id(scaled)]):
+        assert a.abs().mean() > 1e-3
+        torch.testing.assert_close(b, 2.5 * a, atol=1e-5, rtol=1e-5)
+    for a, b in zip(lat[id(plain)], lat[id(scaled)]):
+        torch.testing.assert_close(scaled.decode_chunk(b, states[id(scaled)][1]),
+                                   plain.decode_chunk(a, states[id(plain)][1]), atol=1e-5, rtol=0)
+
+
 def test_chunk_rules_are_checked_before_the_memory_changes():
     sv = StreamingTAEHV(_seeded(NARROW))
     x = _clip(9, 0)
