@@ -4,7 +4,7 @@
 - `a photo` through `streamdiff render` gives the input back, and output frame k shows input
   frame k, not a frame of the chunk before or after (the camera moves 6 px a frame, so a lag or
   a swap of chunks would show);
-- styles are nearest the teacher's rendering of the same frames in their own style (5 of the 8
+- styles are nearest the teacher's rendering of the same frames in their own style (6 of the 8
   with the shipped weights; the issue asks all 8, see test_styles_follow_their_teacher);
 - blending two prompts' embeddings half-way gives a picture between the two styles;
 - a still camera gets `a photo` sharper than a moving one (the preset's strength does not rise
@@ -23,12 +23,12 @@ from streamdiff.model.style_prompts import PROMPT_NAMES
 from streamdiff.pipeline.stream_pipeline import StreamPipeline
 
 STYLES = PROMPT_NAMES[1:]
-# Issue 14 asks 24 dB. The shipped weights measure 20.4 dB here through render's codec, and every
-# frame is closer to input k than to k - 1 or k + 1 by at least 1.5 dB: docs/demo.md. These bars
-# guard what the weights do deliver.
-PHOTO_PSNR_DB = 19.0
-STILL_PHOTO_PSNR_DB = 21.0  # 21.7 with the shipped weights; 20.5 with the motion controller on
-NEIGHBOUR_MARGIN_DB = 0.5
+# Issue 14 asks 24 dB. The shipped weights measure 20.9 dB here through render's codec, and every
+# frame is closer to input k than to k - 1 or k + 1 by at least 2.1 dB: docs/demo.md. These bars
+# guard what the weights do deliver (the DiT on the code x1, before vae.latent_scale: 20.4 / 1.5).
+PHOTO_PSNR_DB = 20.0
+STILL_PHOTO_PSNR_DB = 22.0  # 22.5 with the shipped weights; 21.7 on the code x1, 20.5 with the motion controller on
+NEIGHBOUR_MARGIN_DB = 1.0
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -79,7 +79,8 @@ def test_a_photo_through_render_returns_the_input_frame_by_frame(tmp_path, clip)
 def test_a_still_camera_gets_a_photo_sharper_than_a_moving_one(comps, clip):
     """With StreamDiffusionV2's motion-aware controller at this small strength a still camera got
     strength 0.3 (moving: 0.2), and `a photo` lost 1.2 dB to the noise: 20.5 dB, only 0.5 dB over
-    the moving clip, against 21.7 and 1.7 dB at the preset's fixed 0.2 (docs/demo.md). The zoom,
+    the moving clip, against 21.7 and 1.7 dB at the preset's fixed 0.2 (docs/demo.md; 22.5 and
+    2.0 dB since the DiT works on the code x2). The zoom,
     rotation and light drifts stay; no pan."""
     still = make_clip(load_photo(HELD_OUT_PHOTO), 17, 256, np.random.default_rng(2026), speed_px=0.0)
     score = psnr(run(comps, still, "a photo"), still)
@@ -96,9 +97,9 @@ def teacher_frames(clip):
 
 def test_styles_follow_their_teacher(comps, clip, teacher_frames):
     """Issue 14 asks every style to be nearest its own teacher rendering. The shipped weights get
-    5 of 8 there (sepia ink, fiery red, woodblock print, watercolor sketch, oil painting; the
-    fine-texture styles miss: starry night lands nearest woodblock print, stained glass nearest
-    sepia ink, mosaic nearest oil painting): docs/demo.md. This
+    6 of 8 there (starry night, sepia ink, fiery red, woodblock print, watercolor sketch, oil
+    painting; two fine-texture styles miss: stained glass lands nearest sepia ink, mosaic nearest
+    oil painting): docs/demo.md. This
     guards that many, and that every style prompt changes the picture away from `a photo`."""
     photo = run(comps, clip[:9], "a photo").astype(np.float64)
     nearest = {}
@@ -108,7 +109,7 @@ def test_styles_follow_their_teacher(comps, clip, teacher_frames):
         nearest[style] = min(dist, key=dist.get)
         assert np.mean((out - photo) ** 2) > 100, f"{style} looks like a photo"
     hits = [s for s in STYLES if nearest[s] == s]
-    assert len(hits) >= 5, nearest
+    assert len(hits) >= 6, nearest
 
 
 def test_blending_two_prompts_gives_an_in_between(comps, clip, teacher_frames):
@@ -159,17 +160,16 @@ def test_the_trainers_forward_on_the_shipped_weights_is_what_the_pipeline_serves
     import torch
 
     from streamdiff.demo.dit_train import train_forward
-    from streamdiff.model.taehv import TAEHV, decode_latents, encode_frames
     from streamdiff.pipeline.frames import tensor_to_frames
     from streamdiff.sampling.noise_schedule import chunk_noise, strength_to_timestep
 
     cfg = comps.cfg.sampling
     assert cfg.steps == 1 and not cfg.motion_aware and cfg.first_chunk_timestep == "strength"
     served = run(comps, clip, "a photo")
-    net, s = comps.vae.net, cfg.noise_strength
+    vae, s = comps.vae, cfg.noise_strength  # its calls scale the latents (vae.latent_scale)
     x = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
     with torch.no_grad():
-        z = encode_frames(net, x, [None] * TAEHV.num_memblocks(net.encoder), first=True)  # [1, 16, F, h, w]
+        z = vae.encode_chunk(x, vae.new_state())  # [1, 16, F, h, w]
         f = z.shape[2]
         first = comps.cfg.sampling.first_chunk_latents
         shapes = [first] + [1] * (f - first)
@@ -181,7 +181,7 @@ def test_the_trainers_forward_on_the_shipped_weights_is_what_the_pipeline_serves
         flow = train_forward(comps.model, xt, torch.full((1, f), t), comps.text.encode("a photo"),
                              torch.arange(f)[None], chunk_ids)
         x0 = xt - comps.schedule.sigma(t) * flow
-        trained = tensor_to_frames(decode_latents(net, x0, [None] * TAEHV.num_memblocks(net.decoder), first=True))
+        trained = tensor_to_frames(vae.decode_chunk(x0, vae.new_state()))
     assert trained.shape == served.shape
     assert psnr(trained, served) > 60.0
     # and the comparison can tell: told a timestep 100 higher, the same clip comes out 33 dB away
@@ -189,7 +189,7 @@ def test_the_trainers_forward_on_the_shipped_weights_is_what_the_pipeline_serves
         flow = train_forward(comps.model, xt, torch.full((1, f), t + 100), comps.text.encode("a photo"),
                              torch.arange(f)[None], chunk_ids)
         other = xt - comps.schedule.sigma(t + 100) * flow
-        wrong = tensor_to_frames(decode_latents(net, other, [None] * TAEHV.num_memblocks(net.decoder), first=True))
+        wrong = tensor_to_frames(vae.decode_chunk(other, vae.new_state()))
     assert psnr(wrong, served) < 50.0
 
 
