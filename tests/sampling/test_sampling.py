@@ -121,7 +121,7 @@ def test_a_weak_strength_the_camera_moves_is_told_timestep_0_not_below():
     for s in strengths + [0.1, 0.15, 0.8]:
         told = strength_to_timestep(s)
         assert told == max(0, int(1000 * s) - 100) and told >= 0
-        assert int(strength_to_timestep(torch.tensor(s, dtype=torch.float64))) == told
+        assert int(strength_to_timestep(torch.as_tensor(float(s), dtype=torch.float64))) == told
 
 
 def test_a_motion_aware_strength_is_told_the_timestep_a_float_strength_is():
