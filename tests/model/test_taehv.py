@@ -119,17 +119,13 @@ def test_latent_scale_is_what_the_dit_gets_and_decoding_takes_it_off():
     plain, scaled = (build_streaming_vae(c, torch.device("cpu"), torch.float32) for c in cfgs)
     assert scaled.latent_scale == 2.5
     x = _clip(9, 4)
-    states = {id(v): (v.new_state(), v.new_state()) for v in (plain, scaled)}
-    lat = {}
-    for v in (plain, scaled):
-        enc, _ = states[id(v)]
-        lat[id(v)] = [v.encode_chunk(x[:, :, :5], enc), v.encode_chunk(x[:, :, 5:], enc)]
-    for a, b in zip(lat[id(plain)], lat[id(scaled)]):
-        assert a.abs().mean() > 1e-3
-        torch.testing.assert_close(b, 2.5 * a, atol=1e-5, rtol=1e-5)
-    for a, b in zip(lat[id(plain)], lat[id(scaled)]):
-        torch.testing.assert_close(scaled.decode_chunk(b, states[id(scaled)][1]),
-                                   plain.decode_chunk(a, states[id(plain)][1]), atol=1e-5, rtol=0)
+    enc_plain, enc_scaled, dec_plain, dec_scaled = (v.new_state() for v in (plain, scaled, plain, scaled))
+    for part in (x[:, :, :5], x[:, :, 5:]):
+        z, z_scaled = plain.encode_chunk(part, enc_plain), scaled.encode_chunk(part, enc_scaled)
+        assert z.abs().mean() > 1e-3
+        torch.testing.assert_close(z_scaled, 2.5 * z, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scaled.decode_chunk(z_scaled, dec_scaled), plain.decode_chunk(z, dec_plain),
+                                   atol=1e-5, rtol=0)
 
 
 def test_chunk_rules_are_checked_before_the_memory_changes():
