@@ -23,12 +23,12 @@ from streamdiff.model.style_prompts import PROMPT_NAMES
 from streamdiff.pipeline.stream_pipeline import StreamPipeline
 
 STYLES = PROMPT_NAMES[1:]
-# Issue 14 asks 24 dB. The shipped weights measure 20.9 dB here through render's codec, and every
-# frame is closer to input k than to k - 1 or k + 1 by at least 2.1 dB: docs/demo.md. These bars
-# guard what the weights do deliver (the DiT on the code x1, before vae.latent_scale: 20.4 / 1.5).
-PHOTO_PSNR_DB = 20.0
-STILL_PHOTO_PSNR_DB = 22.0  # 22.5 with the shipped weights; 21.7 on the code x1, 20.5 with the motion controller on
-NEIGHBOUR_MARGIN_DB = 1.0
+# Issue 14 asks 24 dB. The shipped weights measure 22.1 dB here through render's codec, and every
+# frame is closer to input k than to k - 1 or k + 1 by at least 4.0 dB: docs/demo.md. These bars
+# guard what the weights do deliver (the narrower decoder before them: 20.9 / 2.2).
+PHOTO_PSNR_DB = 21.0
+STILL_PHOTO_PSNR_DB = 22.3  # 22.7 with the shipped weights; 22.5 with the narrower decoder, 21.7 on the code x1
+NEIGHBOUR_MARGIN_DB = 2.0
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -80,13 +80,13 @@ def test_a_still_camera_gets_a_photo_sharper_than_a_moving_one(comps, clip):
     """With StreamDiffusionV2's motion-aware controller at this small strength a still camera got
     strength 0.3 (moving: 0.2), and `a photo` lost 1.2 dB to the noise: 20.5 dB, only 0.5 dB over
     the moving clip, against 21.7 and 1.7 dB at the preset's fixed 0.2 (docs/demo.md; 22.5 and
-    2.0 dB since the DiT works on the code x2). The zoom,
-    rotation and light drifts stay; no pan."""
+    2.0 dB since the DiT works on the code x2; 22.7 and 1.2 with the wider decoder, which sharpens
+    the moving picture most). The zoom, rotation and light drifts stay; no pan."""
     still = make_clip(load_photo(HELD_OUT_PHOTO), 17, 256, np.random.default_rng(2026), speed_px=0.0)
     score = psnr(run(comps, still, "a photo"), still)
     moving = psnr(run(comps, clip, "a photo"), clip)
     assert score >= STILL_PHOTO_PSNR_DB, f"a photo, still camera: {score:.2f} dB"
-    assert score > moving + 1.0, (score, moving)  # the still picture keeps its detail
+    assert score > moving + 0.8, (score, moving)  # the still picture keeps its detail
 
 
 @pytest.fixture(scope="module")
