@@ -59,7 +59,9 @@ def _rotation(frame) -> int:
 
 
 def _display_matrix(frame) -> np.ndarray | None:
-    for data in frame.side_data:
+    side = frame.side_data
+    for entry in side:  # PyAV up to 18.1.0 iterates the side data itself, 18.1.1 its types (a Mapping's keys)
+        data = entry if hasattr(entry, "type") else side[entry]
         if getattr(data.type, "name", "") == "DISPLAYMATRIX" and len(raw := bytes(data)) == 36:
             return np.frombuffer(raw, dtype=np.int32)
     return None
