@@ -22,7 +22,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 TIME_BASE = Fraction(1, 90_000)  # frame times of a written file that keeps its input's timing
-TIMED_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")  # containers with per-frame times (AVI has a fixed rate)
+TIMED_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm")  # containers with per-frame times (AVI: a fixed rate)
 DTS_LENGTH_SUFFIXES = (".mp4", ".m4v", ".mov")  # their length is the last dts + its duration (Matroska: pts)
 
 
@@ -343,6 +343,8 @@ class VideoWriter:
         # H.264 in an AVI is read back one frame period late (FFmpeg's guess without presentation
         # times): an AVI gets MPEG-4 Part 2, the codec the container was made for
         avi = self.path.suffix.lower() == ".avi"
+        if codec is None and self.path.suffix.lower() == ".webm":  # WebM holds VP8, VP9 or AV1 only
+            codec = "libvpx-vp9" if "libvpx-vp9" in av.codecs_available else "libvpx"
         codec = codec or ("libx264" if "libx264" in av.codecs_available and not avi else "mpeg4")
         self.stream = self.container.add_stream(codec, rate=rate)
         self.stream.width, self.stream.height = width, height
@@ -355,6 +357,8 @@ class VideoWriter:
             # AVI keeps no presentation times: with B-frames its frames were read back with their
             # times out of order (a probe: 0.126, 0.502, 0.377, ...)
             self.stream.options = {"crf": "18", "preset": "veryfast", **({"bf": "0"} if self.path.suffix.lower() == ".avi" else {})}
+        elif codec in ("libvpx-vp9", "libvpx"):  # constant quality near x264's crf 18; cpu-used 4: a 640x480
+            self.stream.options = {"crf": "20", "b": "0", "cpu-used": "4", "row-mt": "1"}  # render keeps pace
         else:
             self.stream.bit_rate = 8_000_000
         self.frames_written = 0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from streamdiff.config import Config, ConfigError, resolve_path
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm")
 
 
 def check_weight_paths(cfg: Config) -> None:

@@ -212,7 +212,7 @@ def _with_tone(path, codec: str) -> None:
     """Six frames and half a second of a 440 Hz tone from t = 0 (its encoder's first packet
     starts before 0: AAC's priming, Opus's pre-skip)."""
     with av.open(str(path), "w") as out:
-        v = out.add_stream("libx264", rate=15)
+        v = out.add_stream("libvpx-vp9" if str(path).endswith(".webm") else "libx264", rate=15)
         v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
         a = out.add_stream(codec, rate=48000, layout="mono")
         size = a.codec_context.frame_size or 960
@@ -238,7 +238,7 @@ def _first_samples(path, n: int = 2048) -> np.ndarray:
     return got[:n]
 
 
-@pytest.mark.parametrize("codec, suffix", [("aac", ".mp4"), ("libopus", ".mkv")])
+@pytest.mark.parametrize("codec, suffix", [("aac", ".mp4"), ("libopus", ".mkv"), ("libopus", ".webm")])
 def test_copied_audio_keeps_the_packet_its_decoder_starts_with(tmp_path, codec, suffix):
     """A probe: the packet before t = 0 (AAC's priming, Opus's pre-skip) was dropped as audio
     from before the first frame, and the output's first 20 ms decoded faded (AAC) or began 21 ms
@@ -283,6 +283,31 @@ def test_a_variable_frame_rate_keeps_its_timing_and_its_audio(tmp_path, suffix):
     with av.open(str(out)) as c:
         ends = [float((p.pts + p.duration) * p.time_base) for p in c.demux(c.streams.audio[0]) if p.pts is not None]
     assert 0.9 < max(ends) < 1.05  # cut where the last frame ends (0.933 + one average period)
+
+
+def test_a_webm_output_is_vp9_keeps_the_timing_and_leaves_out_audio_it_cannot_hold(tmp_path):
+    """`render --output x.webm` (what a browser plays and records) was refused: the writer asked
+    for H.264, which WebM cannot hold. It gets VP9, per-frame times like Matroska, and an AAC
+    track, which WebM cannot hold either, is left out (the CLI then says to use .mkv)."""
+    import collections
+
+    src = tmp_path / "vfr.mkv"
+    shown = [0.0, 0.067, 0.133, 0.5, 0.567, 0.9, 0.933]
+    _vfr(src, shown, with_audio=True)  # AAC
+    times = collections.deque()
+    out = tmp_path / "out.webm"
+    with VideoWriter(out, 64, 48, probe(src).fps, times=times, audio_from=src) as writer:
+        for rgb in read_frames(src, (64, 48), times):
+            writer.write([rgb])
+    assert not writer.audio_kept
+    assert _shown_times(out) == shown
+    with av.open(str(out)) as c:
+        assert c.format.name.startswith("matroska") and c.streams.video[0].codec_context.name == "vp9"
+        assert not c.streams.audio
+    got = np.stack(list(read_frames(out)))
+    want = np.stack(list(read_frames(src, (64, 48))))
+    assert 10 * np.log10(255**2 / np.mean((got.astype(float) - want) ** 2)) > 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.webm", "vfr.mkv"]
 
 
 def test_an_interrupt_while_the_audio_is_copied_leaves_no_file(tmp_path, monkeypatch):
