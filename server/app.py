@@ -394,7 +394,8 @@ async def offer(request: web.Request) -> web.Response:
 async def _read_sdp_offer(request: web.Request) -> str:
     if request.content_type != "application/sdp":
         raise web.HTTPUnsupportedMediaType(text="Content-Type must be application/sdp\n", headers=CORS)
-    return await read_text(request, request.app[SETTINGS_KEY].body_timeout_s)
+    # a byte-order mark before "v=0" (an offer a Windows editor saved, sent with curl --data-binary @file)
+    return (await read_text(request, request.app[SETTINGS_KEY].body_timeout_s)).removeprefix("\ufeff")
 
 
 async def whip_post(request: web.Request) -> web.Response:

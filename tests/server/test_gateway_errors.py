@@ -54,8 +54,9 @@ async def _errors():
             async with http.post(f"{url}/whep/nobody", data=view_offer, headers={**SDP, **auth()}) as resp:
                 assert resp.status == 404 and resp.headers["Retry-After"] == "2"  # not live yet: come back
             await view.close()
-            # the one admitted stream
-            async with http.post(f"{url}/whip/k", data=offer, headers={**SDP, **auth()}) as resp:
+            # the one admitted stream, its offer read from a file that a Windows editor saved with a
+            # UTF-8 byte-order mark (a probe: refused as "malformed SDP: it must start with 'v=0'")
+            async with http.post(f"{url}/whip/k", data=("\ufeff" + offer).encode(), headers={**SDP, **auth()}) as resp:
                 assert resp.status == 201, await resp.text()
                 session_id = resp.headers["X-Session-Id"]
                 await answer(pub, await resp.text())
