@@ -15,6 +15,7 @@ import asyncio
 import re
 
 from aiortc import RTCPeerConnection
+from aiortc import sdp as aiortc_sdp
 
 
 class SdpError(ValueError):
@@ -46,7 +47,36 @@ def check_offer_sdp(sdp: str, *, need_video: bool = True) -> list[str]:
     if (twice := next((mid for k, mid in enumerate(mids) if mid in mids[:k]), None)) is not None:
         # aiortc took it, then failed at its answer (a probe): the offer had a place by then
         raise SdpError(f"malformed SDP: a=mid:{twice} names two media sections (each needs its own)")
+    if (bad := unreadable_line(sdp)) is not None:
+        number, line = bad
+        shown = "".join(c if c.isprintable() else "?" for c in line)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise SdpError(f"malformed SDP: line {number} cannot be read: {shown!r}")
     return kinds
+
+
+def unreadable_line(sdp: str) -> tuple[int, str] | None:
+    """(1-based number, text) of the first line aiortc's SDP parser fails on, found as the
+    shortest prefix of the offer it cannot parse; None when it parses the whole offer. A probe: an
+    `a=fingerprint` without its value, an `a=rtpmap` without a clock rate, an `m=` line with a
+    payload type of 300 were refused as "could not negotiate the offer" and a ValueError on the
+    console that named no line. Most attributes are read line by line; an `a=fmtp` before its
+    payload's `a=rtpmap` would be named instead of the line at fault (browsers and OBS write the
+    rtpmap first)."""
+    def parses(text: str) -> bool:
+        try:
+            aiortc_sdp.SessionDescription.parse(text)
+        except Exception:  # noqa: BLE001 - any failure of the parser is the offer's
+            return False
+        return True
+
+    if parses(sdp):
+        return None
+    lines = sdp.splitlines()
+    for k in range(1, len(lines) + 1):
+        if not parses("\r\n".join(lines[:k]) + "\r\n"):
+            return k, lines[k - 1]
+    return None  # only the whole fails (a later line undoes an earlier one): aiortc's own words then
 
 
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")

@@ -38,6 +38,15 @@ async def _errors():
                 assert resp.status == 415
             async with http.post(f"{url}/whip/k", data="hello there", headers={**SDP, **auth()}) as resp:
                 assert resp.status == 400 and "malformed SDP" in await resp.text()
+            # a line aiortc cannot read is named (a probe: "could not negotiate the offer", and a
+            # ValueError on the console that named no line)
+            for damaged, line in ((VP8_ONLY_SDP.replace("VP8/90000", "VP8"), "line 9 cannot be read: 'a=rtpmap:96 VP8'"),
+                                  (VP8_ONLY_SDP.replace("SAVPF 96", "SAVPF 300"), "line 5 cannot be read: 'm=video 9")):
+                async with http.post(f"{url}/whip/k", data=damaged, headers={**SDP, **auth()}) as resp:
+                    assert resp.status == 400 and f"malformed SDP: {line}" in await resp.text()
+                sendrecv = damaged.replace("a=sendonly", "a=sendrecv")
+                async with http.post(f"{url}/offer", json={"sdp": sendrecv, "type": "offer"}, headers=auth()) as resp:
+                    assert resp.status == 400 and f"malformed SDP: {line}" in (await resp.json())["error"]
             av1 = VP8_ONLY_SDP.replace("VP8/90000", "AV1/90000")  # OBS with an AV1 encoder picked
             async with http.post(f"{url}/whip/k", data=av1, headers={**SDP, **auth()}) as resp:
                 assert resp.status == 406
