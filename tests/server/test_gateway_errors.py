@@ -40,10 +40,13 @@ async def _errors():
                 assert resp.status == 400 and "malformed SDP" in await resp.text()
             # a line aiortc cannot read is named (a probe: "could not negotiate the offer", and a
             # ValueError on the console that named no line)
-            for damaged, line in ((VP8_ONLY_SDP.replace("VP8/90000", "VP8"), "line 9 cannot be read: 'a=rtpmap:96 VP8'"),
-                                  (VP8_ONLY_SDP.replace("SAVPF 96", "SAVPF 300"), "line 5 cannot be read: 'm=video 9"),
-                                  (VP8_ONLY_SDP.replace("a=rtpmap:96 VP8/90000", "a=fmtp:96 max-fr=30"),
-                                   "line 9 ('a=fmtp:96 max-fr=30') is for payload type 96, which no a=rtpmap line defines")):
+            unread = (
+                (VP8_ONLY_SDP.replace("VP8/90000", "VP8"), "line 9 cannot be read: 'a=rtpmap:96 VP8'"),
+                (VP8_ONLY_SDP.replace("SAVPF 96", "SAVPF 300"), "line 5 cannot be read: 'm=video 9"),
+                (VP8_ONLY_SDP.replace("a=rtpmap:96 VP8/90000", "a=fmtp:96 max-fr=30"),
+                 "line 9 ('a=fmtp:96 max-fr=30') is for payload type 96, which no a=rtpmap line defines"),
+            )
+            for damaged, line in unread:
                 async with http.post(f"{url}/whip/k", data=damaged, headers={**SDP, **auth()}) as resp:
                     assert resp.status == 400 and f"malformed SDP: {line}" in await resp.text()
                 sendrecv = damaged.replace("a=sendonly", "a=sendrecv")
