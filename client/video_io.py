@@ -38,6 +38,7 @@ class VideoInfo:
     frames: int  # 0 when the container does not say
     sample_aspect: Fraction | None = None  # pixels that are not square (anamorphic video)
     has_audio: bool = False
+    seconds: float = 0.0  # how long the container says the video lasts (0: it does not say)
 
 
 def _local(path: str | Path) -> str:
@@ -129,7 +130,8 @@ def probe(path: str | Path) -> VideoInfo:
                 width, height = height, width
             sar = stream.sample_aspect_ratio
             return VideoInfo(width, height, float(rate), stream.frames or 0,
-                             Fraction(sar) if sar and sar != 1 else None, bool(container.streams.audio))
+                             Fraction(sar) if sar and sar != 1 else None, bool(container.streams.audio),
+                             _listed_seconds(container, stream))
     except av.FFmpegError as exc:
         raise VideoInputError(f"{path} is not a video PyAV can read ({exc.__class__.__name__})") from exc
 

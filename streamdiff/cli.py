@@ -107,7 +107,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         except VideoInputError as exc:
             raise CliError(str(exc)) from None
         width, height = size or (info.width, info.height)
-        fps, total = info.fps, info.frames  # 0: the container does not say
+        # 0: the container does not say; a Matroska file (OBS's recordings) says its length only
+        fps, total = info.fps, info.frames or round(info.seconds * info.fps)
         if args.frames:
             total = min(total, args.frames) if total else args.frames
         sample_aspect = None if size else info.sample_aspect  # a --size picks square pixels
@@ -162,6 +163,9 @@ def cmd_render(args: argparse.Namespace) -> int:
                 raise CliError(str(exc)) from None
             if frames_in == 0:
                 raise CliError(f"{args.input} has no frames")
+            if bar.total != frames_in:  # the length was the container's estimate (a variable frame rate)
+                bar.total = frames_in
+                bar.refresh()
             writer.write(pipe.flush())
     except av.FFmpegError as exc:  # the encoder or muxer refused (a probe: 30000 fps into an .avi); nothing is left
         raise CliError(f"writing {args.output} failed: {exc} (the input's frame rate: {fps:g} fps)") from None

@@ -316,3 +316,31 @@ def test_part_of_an_anamorphic_file_at_a_size_counts_its_frames_and_has_square_p
     with av.open(str(out)) as container:
         sar = container.streams.video[0].sample_aspect_ratio
     assert not sar or sar == 1, sar
+
+
+def test_a_matroska_recording_gets_a_progress_bar_with_its_length(tmp_path, cli_here, monkeypatch):
+    """An .mkv (OBS's recording format) or .webm lists no frame count, only its length: the bar
+    had no total, so a long render showed no ETA. Its total is the length times the frame rate,
+    set before the first frame, and it ends full."""
+    import tqdm
+
+    src = tmp_path / "recording.mkv"
+    with VideoWriter(src, 64, 48, 24.0) as writer:
+        writer.write(synthetic_clip(9, 64, 48, seed=4))
+    with av.open(str(src)) as container:
+        assert not container.streams.video[0].frames  # the container does not count them
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(("start", self.total))
+
+        def close(self):
+            bars.append((self.total, self.n))
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    rc, _, err = cli_here("render", "--input", str(src), "--prompt", "x", "--output", str(tmp_path / "o.mp4"), *SMALL)
+    assert rc == 0, err
+    assert bars[0] == ("start", 9) and set(bars[1:]) == {(9, 9)}, bars
