@@ -59,14 +59,18 @@ def check_offer_sdp(sdp: str, *, need_video: bool = True) -> list[str]:
     return kinds
 
 
+BISECTED_LINES = 1000  # an offer is 50-300 lines; a longer one that fails gets aiortc's own words
+
+
 def unreadable_line(sdp: str) -> tuple[int, str] | None:
-    """(1-based number, text) of the first line aiortc's SDP parser fails on, found as the
-    shortest prefix of the offer it cannot parse; None when it parses the whole offer. A probe: an
-    `a=fingerprint` without its value, an `a=rtpmap` without a clock rate, an `m=` line with a
-    payload type of 300 were refused as "could not negotiate the offer" and a ValueError on the
-    console that named no line. Most attributes are read line by line; an `a=fmtp` before its
-    payload's `a=rtpmap` would be named instead of the line at fault (browsers and OBS write the
-    rtpmap first)."""
+    """(1-based number, text) of the line aiortc's SDP parser fails on: the end of the shortest
+    prefix of the offer it cannot parse, found by bisection (a line-by-line search parsed a
+    6000-line offer 6000 times, 39 s of the event loop); None when it parses the whole offer. A
+    probe: an `a=fingerprint` without its value, an `a=rtpmap` without a clock rate, an `m=` line
+    with a payload type of 300 were refused as "could not negotiate the offer" and a ValueError on
+    the console that named no line. Most attributes are read line by line; an `a=fmtp` before its
+    payload's `a=rtpmap` could be named instead of the line at fault (browsers and OBS write the
+    rtpmap first). Over `BISECTED_LINES` lines, None (the search would hold the event loop)."""
     def parses(text: str) -> bool:
         try:
             aiortc_sdp.SessionDescription.parse(text)
@@ -77,10 +81,16 @@ def unreadable_line(sdp: str) -> tuple[int, str] | None:
     if parses(sdp):
         return None
     lines = sdp.splitlines()
-    for k in range(1, len(lines) + 1):
-        if not parses("\r\n".join(lines[:k]) + "\r\n"):
-            return k, lines[k - 1]
-    return None  # only the whole fails (a later line undoes an earlier one): aiortc's own words then
+    if len(lines) > BISECTED_LINES:  # each parse of a long offer can take aiortc 0.3 s (its a=ssrc lines)
+        return None
+    good, bad = 0, len(lines)  # a prefix of `good` lines parses (none: nothing to fail), of `bad` does not
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if parses("\r\n".join(lines[:mid]) + "\r\n"):
+            good = mid
+        else:
+            bad = mid
+    return bad, lines[bad - 1]
 
 
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
