@@ -360,7 +360,8 @@ class VideoWriter:
             # times out of order (a probe: 0.126, 0.502, 0.377, ...)
             self.stream.options = {"crf": "18", "preset": "veryfast", **({"bf": "0"} if self.path.suffix.lower() == ".avi" else {})}
         elif codec in ("libvpx-vp9", "libvpx"):  # constant quality near x264's crf 18; cpu-used 4: a 640x480
-            self.stream.options = {"crf": "20", "b": "0", "cpu-used": "4", "row-mt": "1"}  # render keeps pace
+            self.stream.options = {"crf": "20", "b": "0", "cpu-used": "4",  # render keeps pace
+                                   **({"row-mt": "1"} if codec == "libvpx-vp9" else {})}
         else:
             self.stream.bit_rate = 8_000_000
         self.frames_written = 0
