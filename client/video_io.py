@@ -344,8 +344,9 @@ class VideoWriter:
         rate = self.rate = Fraction(fps).limit_denominator(1001)
         # H.264 in an AVI is read back one frame period late (FFmpeg's guess without presentation
         # times): an AVI gets MPEG-4 Part 2, the codec the container was made for
-        avi = self.path.suffix.lower() == ".avi"
-        if codec is None and self.path.suffix.lower() == ".webm":  # WebM holds VP8, VP9 or AV1 only
+        suffix = self.path.suffix.lower()
+        avi = suffix == ".avi"
+        if codec is None and suffix == ".webm":  # WebM holds VP8, VP9 or AV1 only
             codec = "libvpx-vp9" if "libvpx-vp9" in av.codecs_available else "libvpx"
         codec = codec or ("libx264" if "libx264" in av.codecs_available and not avi else "mpeg4")
         self.stream = self.container.add_stream(codec, rate=rate)
@@ -358,7 +359,7 @@ class VideoWriter:
         if codec == "libx264":
             # AVI keeps no presentation times: with B-frames its frames were read back with their
             # times out of order (a probe: 0.126, 0.502, 0.377, ...)
-            self.stream.options = {"crf": "18", "preset": "veryfast", **({"bf": "0"} if self.path.suffix.lower() == ".avi" else {})}
+            self.stream.options = {"crf": "18", "preset": "veryfast", **({"bf": "0"} if avi else {})}
         elif codec in ("libvpx-vp9", "libvpx"):  # constant quality near x264's crf 18; cpu-used 4: a 640x480
             self.stream.options = {"crf": "20", "b": "0", "cpu-used": "4",  # render keeps pace
                                    **({"row-mt": "1"} if codec == "libvpx-vp9" else {})}
