@@ -49,12 +49,10 @@ def check_offer_sdp(sdp: str, *, need_video: bool = True) -> list[str]:
         raise SdpError(f"malformed SDP: a=mid:{twice} names two media sections (each needs its own)")
     if (bad := unreadable_line(sdp)) is not None:
         number, line = bad
-        shown = "".join(c if c.isprintable() else "?" for c in line)
-        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        shown = line if len(line) <= 80 else line[:77] + "..."  # (shown with !r: control characters escaped)
         pt = re.match(r"a=fmtp:(\S+)", line)
         if pt and not re.search(rf"^a=rtpmap:{re.escape(pt.group(1))}\s", sdp, re.MULTILINE):
-            raise SdpError(f"malformed SDP: line {number} ({shown!r}) is for payload type {pt.group(1)}, which no "
-                           f"a=rtpmap line defines")
+            raise SdpError(f"malformed SDP: line {number} ({shown!r}) is for a payload type no a=rtpmap line defines")
         raise SdpError(f"malformed SDP: line {number} cannot be read: {shown!r}")
     return kinds
 

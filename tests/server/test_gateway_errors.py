@@ -44,7 +44,7 @@ async def _errors():
                 (VP8_ONLY_SDP.replace("VP8/90000", "VP8"), "line 9 cannot be read: 'a=rtpmap:96 VP8'"),
                 (VP8_ONLY_SDP.replace("SAVPF 96", "SAVPF 300"), "line 5 cannot be read: 'm=video 9"),
                 (VP8_ONLY_SDP.replace("a=rtpmap:96 VP8/90000", "a=fmtp:96 max-fr=30"),
-                 "line 9 ('a=fmtp:96 max-fr=30') is for payload type 96, which no a=rtpmap line defines"),
+                 "line 9 ('a=fmtp:96 max-fr=30') is for a payload type no a=rtpmap line defines"),
             )
             for damaged, line in unread:
                 async with http.post(f"{url}/whip/k", data=damaged, headers={**SDP, **auth()}) as resp:
