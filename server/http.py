@@ -154,7 +154,9 @@ async def read_json_object(request: web.Request, timeout_s: float) -> dict:
             _raise(web.HTTPUnsupportedMediaType, f"Content-Type must be application/json, not "
                                                  f"{request.content_type[:60]!r}")
         try:
-            value = parse_json(await read_text(request, timeout_s))
+            # a byte-order mark (a file saved by a Windows editor, sent with curl -d @file.json):
+            # RFC 8259 lets a parser ignore it, and Python's json refuses it
+            value = parse_json((await read_text(request, timeout_s)).removeprefix("\ufeff"))
         except ValueError as exc:
             _raise(web.HTTPBadRequest, str(exc))
         if not isinstance(value, dict):

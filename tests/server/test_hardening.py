@@ -64,6 +64,11 @@ async def _hostile(caplog):
             async with http.patch(f"{url}/sessions/k/params", data=b'{"seed": 1}',
                                   headers={**auth(), "Content-Type": "application/json; charset=us-ascii"}) as r:
                 assert r.status == 404, await r.text()
+            # so is one saved with a UTF-8 byte-order mark (curl -d @params.json from a Windows
+            # editor's file; a probe: 400 "not valid JSON")
+            async with http.patch(f"{url}/sessions/k/params", data=b'\xef\xbb\xbf{"seed": 1}',
+                                  headers={**auth(), **JSON}) as r:
+                assert r.status == 404, await r.text()
             for depth in (50, 5000):
                 async with http.post(f"{url}/offer", data="[" * depth + "]" * depth, headers={**auth(), **JSON}) as r:
                     assert r.status == 400 and "nested" in await r.text()
