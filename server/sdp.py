@@ -47,6 +47,11 @@ def check_offer_sdp(sdp: str, *, need_video: bool = True) -> list[str]:
     if (twice := next((mid for k, mid in enumerate(mids) if mid in mids[:k]), None)) is not None:
         # aiortc took it, then failed at its answer (a probe): the offer had a place by then
         raise SdpError(f"malformed SDP: a=mid:{twice} names two media sections (each needs its own)")
+    if (ssrcs := sum(line.startswith("a=ssrc:") for line in lines)) > MAX_SSRC_LINES:
+        # aiortc's parser takes time growing with their square (0.36 s a parse at 6000, a 119 kB
+        # offer), and every stream's frames wait on the event loop meanwhile
+        raise SdpError(f"malformed SDP: {ssrcs} a=ssrc lines (at most "
+                       f"{MAX_SSRC_LINES} are taken; a browser or OBS sends a few)")
     if (bad := unreadable_line(sdp)) is not None:
         number, line = bad
         shown = line if len(line) <= 80 else line[:77] + "..."  # (shown with !r: control characters escaped)
@@ -57,6 +62,7 @@ def check_offer_sdp(sdp: str, *, need_video: bool = True) -> list[str]:
     return kinds
 
 
+MAX_SSRC_LINES = 256  # simulcast with RTX from a browser: about 12
 BISECTED_LINES = 1000  # an offer is 50-300 lines; a longer one that fails gets aiortc's own words
 
 

@@ -36,3 +36,14 @@ def test_a_readable_offer_is_parsed_once_and_a_very_long_broken_one_is_not_searc
     parses.clear()
     offer = HEAD + "a=ssrc:1 cname:x\r\n" * sdp.BISECTED_LINES + "a=rtpmap:96 VP8\r\n"
     assert sdp.unreadable_line(offer) is None and len(parses) == 1
+
+
+def test_an_offer_with_hundreds_of_ssrc_lines_is_refused_before_aiortc_parses_it(parses):
+    """aiortc's parser is quadratic in distinct a=ssrc lines (0.36 s a parse at 6000, an offer
+    under the body limit, twice or more an offer, the event loop held): refused in one line."""
+    many = HEAD + "a=mid:0\r\n" + "".join(f"a=ssrc:{i} cname:x\r\n" for i in range(sdp.MAX_SSRC_LINES + 1))
+    with pytest.raises(sdp.SdpError, match=f"{sdp.MAX_SSRC_LINES + 1} a=ssrc lines"):
+        sdp.check_offer_sdp(many)
+    assert parses == []
+    enough = HEAD + "a=mid:0\r\n" + "".join(f"a=ssrc:{i} cname:x\r\n" for i in range(sdp.MAX_SSRC_LINES))
+    assert sdp.check_offer_sdp(enough) == ["video"] and len(parses) == 1
