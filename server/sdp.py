@@ -38,15 +38,17 @@ def check_offer_sdp(sdp: str, *, need_video: bool = True) -> list[str]:
     lines = [line.strip() for line in sdp.strip().splitlines()]
     if not lines or lines[0] != "v=0":
         raise SdpError("malformed SDP: it must start with 'v=0'")
-    kinds = [kind for kind, _ in _media_sections(sdp)[1]]
+    sections = _media_sections(sdp)[1]
+    kinds = [kind for kind, _ in sections]
     if not kinds:
         raise SdpError("malformed SDP: no media section ('m=' line)")
     if need_video and "video" not in kinds:
         raise SdpError("the offer has no video media section")
-    mids = [line[6:] for _, lines in _media_sections(sdp)[1] for line in lines if line.startswith("a=mid:")]
-    if (twice := next((mid for k, mid in enumerate(mids) if mid in mids[:k]), None)) is not None:
-        # aiortc took it, then failed at its answer (a probe): the offer had a place by then
-        raise SdpError(f"malformed SDP: a=mid:{twice} names two media sections (each needs its own)")
+    seen: set[str] = set()
+    for mid in (line[6:] for _, section in sections for line in section if line.startswith("a=mid:")):
+        if mid in seen:  # aiortc took it, then failed at its answer (a probe): the offer had a place by then
+            raise SdpError(f"malformed SDP: a=mid:{mid} names two media sections (each needs its own)")
+        seen.add(mid)
     if (ssrcs := sum(line.startswith("a=ssrc:") for line in lines)) > MAX_SSRC_LINES:
         # aiortc's parser takes time growing with their square (0.36 s a parse at 6000, a 119 kB
         # offer), and every stream's frames wait on the event loop meanwhile
