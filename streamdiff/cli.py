@@ -686,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--config", default=DEFAULT_PRESET, help=CONFIG_HELP)
     render.add_argument("--input", required=True, help=f"a video file PyAV can read, or '{SYNTHETIC}'")
     render.add_argument("--prompt", required=True)
-    render.add_argument("--output", required=True, help="output video path (.mp4, .mkv, .mov or .avi; the input's audio is copied in where the container holds it)")
+    render.add_argument("--output", required=True, help="output video path (.mp4, .mkv, .mov, .avi or .webm; the input's audio is copied in where the container holds it)")
     render.add_argument("--steps", type=int, choices=[1, 2, 3, 4], help="denoise steps (overrides sampling.steps)")
     render.add_argument("--size", help="resize input to WxH on the way in (multiples of 16)")
     render.add_argument("--frames", type=number_in(int, 1, 100_000, "96"), default=None,
